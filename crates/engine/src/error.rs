@@ -1,0 +1,32 @@
+//! The engine's one error type.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong inside the engine. Callers map it to their own surface (HTTP status, CLI
+/// exit code) in exactly one place.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// An MLX operation failed (shape mismatch, out of memory, unsupported op on this device, …).
+    #[error("MLX: {0}")]
+    Mlx(#[from] mlx_rs::error::Exception),
+    /// A file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The model directory or its configuration is not something this engine can run.
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    /// The model's files are inconsistent (missing or unexpected tensors, bad shapes, bad JSON).
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// The caller's request cannot be served as given (empty prompt, context overflow, bad parameter).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+/// Shorthand for results of this crate.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;

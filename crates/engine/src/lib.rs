@@ -1,0 +1,11 @@
+//! Jemma's in-process Gemma 4 engine on MLX (`mlx-rs`).
+//!
+//! The same code runs on Metal on an Apple-Silicon Mac and on MLX's CPU backend elsewhere (used here for
+//! correctness tests). This crate knows nothing of HTTP or UI: the gateway and the app drive it through the
+//! types it exports.
+#![deny(missing_docs)]
+
+pub mod device;
+pub mod error;
+
+pub use error::{EngineError, Result};

@@ -1,0 +1,73 @@
+# shellcheck shell=bash
+# Shared helpers for Jemma's scripts: sourced, never run. Keeps the setup/test/run scripts short and gives
+# every stage the same progress and timing lines, which CI logs rely on ("== stage: NAME (12.3 s)").
+
+set -euo pipefail
+
+JEMMA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# Everything the scripts download or build lives here (git-ignored), so a fresh clone starts clean and
+# `rm -rf .deps` is a full reset. It is not under target/ so that `cargo clean` keeps the slow C builds.
+JEMMA_DEPS=${JEMMA_DEPS:-$JEMMA_ROOT/.deps}
+JEMMA_VENV=${JEMMA_VENV:-$JEMMA_ROOT/.venv}
+export JEMMA_ROOT JEMMA_DEPS JEMMA_VENV
+export PATH="$HOME/.cargo/bin:$PATH"
+
+log() { printf '\033[1;34m[jemma]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[1;31m[jemma] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# stage NAME CMD...: run CMD and print a timing line whatever the outcome, so a failed CI run still shows
+# where its time went.
+STAGE_SUMMARY=()
+stage() {
+  local name=$1; shift
+  local t0 t1 rc=0
+  t0=$(date +%s.%N)
+  log "stage: $name"
+  "$@" || rc=$?
+  t1=$(date +%s.%N)
+  local dt; dt=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.1f", b-a}')
+  if [ "$rc" -eq 0 ]; then
+    printf '== stage: %-28s %8s s  ok\n' "$name" "$dt" >&2
+    STAGE_SUMMARY+=("$(printf '%-28s %8s s  ok' "$name" "$dt")")
+  else
+    printf '== stage: %-28s %8s s  FAILED (exit %d)\n' "$name" "$dt" "$rc" >&2
+    STAGE_SUMMARY+=("$(printf '%-28s %8s s  FAILED' "$name" "$dt")")
+    print_summary
+    exit "$rc"
+  fi
+}
+print_summary() {
+  [ "${#STAGE_SUMMARY[@]}" -gt 0 ] || return 0
+  echo "== stage timings ==" >&2
+  printf '   %s\n' "${STAGE_SUMMARY[@]}" >&2
+}
+
+is_linux_x86_64() { [ "$(uname -s)" = Linux ] && [ "$(uname -m)" = x86_64 ]; }
+is_macos() { [ "$(uname -s)" = Darwin ]; }
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# apt_ensure PKG...: install the Debian packages that are missing; a no-op (no apt-get update) when all are
+# present, which keeps repeated runs fast.
+apt_ensure() {
+  local missing=()
+  local p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+  done
+  [ "${#missing[@]}" -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "missing packages (${missing[*]}) and no apt-get: install them by hand"
+  log "apt-get install ${missing[*]}"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# cargo_install_ensure BIN CRATE VERSION [extra cargo-install args]: install a pinned tool once.
+cargo_install_ensure() {
+  local bin=$1 crate=$2 version=$3; shift 3
+  if command -v "$bin" >/dev/null && "$bin" --version 2>/dev/null | grep -q "$version"; then return 0; fi
+  log "cargo install $crate@$version (one-time, a few minutes on 2 cores)"
+  cargo install --quiet --locked "$crate" --version "$version" "$@"
+}
+
+venv_python() { echo "$JEMMA_VENV/bin/python"; }

@@ -1,0 +1,37 @@
+//! `jemma`: the headless gateway and engine (servers, launchd, tests). The menu-bar app embeds the same
+//! crates; this binary is what runs without a UI.
+
+mod doctor;
+
+use clap::{Parser, Subcommand};
+
+/// Jemma serves Google's Gemma 4 models locally and exposes them as an OpenAI-compatible API.
+#[derive(Parser)]
+#[command(name = "jemma", version, about, long_about = None)]
+struct Cli {
+    /// Log filter (tracing's EnvFilter syntax), e.g. `info` or `jemma=debug`. Also read from RUST_LOG.
+    #[arg(long, global = true, env = "JEMMA_LOG", default_value = "info")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check this machine: chip, memory, disk, MLX device and compute dtype, and which tiers it can hold.
+    Doctor(doctor::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Doctor(args) => doctor::run(args),
+    }
+}
