@@ -5,7 +5,10 @@
 //! types it exports.
 #![deny(missing_docs)]
 
+pub mod cache;
 pub mod device;
 pub mod error;
+pub mod models;
+pub mod nn;
 
 pub use error::{EngineError, Result};

@@ -1,0 +1,305 @@
+//! KV caches, replicating mlx-lm's `KVCache` and `RotatingKVCache` exactly.
+//!
+//! Exactness matters beyond the attended set: the order of keys in the buffer is the summation order of the
+//! attention softmax, so the rotating cache keeps mlx-lm's concat/in-place/rotate layout step for step.
+
+use mlx_rs::{
+    Array,
+    ops::{self, indexing::TryIndexMutOp, indexing::TryIndexOp},
+};
+
+use crate::Result;
+
+/// Buffers grow in steps of this many positions (mlx-lm's `step`).
+const STEP: i32 = 256;
+
+fn zeros_like_heads(like: &Array, len: i32) -> Result<Array> {
+    let s = like.shape();
+    Ok(ops::zeros_dtype(&[s[0], s[1], len, s[3]], like.dtype())?)
+}
+
+fn slice_len(a: &Array, start: i32, end: i32) -> Result<Array> {
+    Ok(a.try_index((.., .., start..end, ..))?)
+}
+
+/// Growing cache for full-attention layers.
+#[derive(Debug, Default)]
+pub struct KvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    /// Number of positions stored.
+    pub offset: i32,
+}
+
+impl KvCache {
+    /// Appends (B, heads, L, D) keys/values and returns everything cached so far.
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        let prev = self.offset;
+        let l = k.shape()[2];
+        let need_grow = match &self.keys {
+            None => true,
+            Some(keys) => prev + l > keys.shape()[2],
+        };
+        if need_grow {
+            let n_steps = (STEP + l - 1) / STEP;
+            let new_k = zeros_like_heads(k, n_steps * STEP)?;
+            let new_v = zeros_like_heads(v, n_steps * STEP)?;
+            match (self.keys.take(), self.values.take()) {
+                (Some(mut keys), Some(mut values)) => {
+                    if prev % STEP != 0 {
+                        keys = slice_len(&keys, 0, prev)?;
+                        values = slice_len(&values, 0, prev)?;
+                    }
+                    self.keys = Some(ops::concatenate(&[keys, new_k], 2)?);
+                    self.values = Some(ops::concatenate(&[values, new_v], 2)?);
+                }
+                _ => {
+                    self.keys = Some(new_k);
+                    self.values = Some(new_v);
+                }
+            }
+        }
+        self.offset += l;
+        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        keys.try_index_mut((.., .., prev..self.offset, ..), k)?;
+        values.try_index_mut((.., .., prev..self.offset, ..), v)?;
+        Ok((slice_len(keys, 0, self.offset)?, slice_len(values, 0, self.offset)?))
+    }
+
+    /// Arrays to evaluate after a prefill chunk.
+    pub fn state(&self) -> Vec<&Array> {
+        self.keys.iter().chain(self.values.iter()).collect()
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        self.state().iter().map(|a| a.nbytes()).sum()
+    }
+}
+
+/// Sliding-window cache (`RotatingKVCache(max_size=window, keep=0)`).
+#[derive(Debug)]
+pub struct RotatingKvCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    /// Number of positions seen (not stored).
+    pub offset: i32,
+    /// Window length.
+    pub max_size: i32,
+    idx: i32,
+}
+
+impl RotatingKvCache {
+    /// An empty cache for a window of `max_size` positions.
+    pub fn new(max_size: i32) -> Self {
+        Self {
+            keys: None,
+            values: None,
+            offset: 0,
+            max_size,
+            idx: 0,
+        }
+    }
+
+    fn trim(trim_size: i32, v: &Array, append: Option<&Array>) -> Result<Array> {
+        let mut parts: Vec<Array> = Vec::with_capacity(2);
+        if trim_size > 0 {
+            parts.push(v.try_index((.., .., trim_size.., ..))?);
+        } else {
+            parts.push(v.clone());
+        }
+        if let Some(a) = append {
+            parts.push(a.clone());
+        }
+        Ok(ops::concatenate(&parts, 2)?)
+    }
+
+    fn temporal_order(&self, v: &Array) -> Result<Array> {
+        let len = v.shape()[2];
+        if self.idx == len {
+            Ok(v.clone())
+        } else if self.idx < self.offset {
+            Ok(ops::concatenate(
+                &[v.try_index((.., .., self.idx.., ..))?, slice_len(v, 0, self.idx)?],
+                2,
+            )?)
+        } else {
+            slice_len(v, 0, self.idx)
+        }
+    }
+
+    fn update_concat(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        match (self.keys.take(), self.values.take()) {
+            (Some(keys), Some(values)) => {
+                let keys = self.temporal_order(&keys)?;
+                let values = self.temporal_order(&values)?;
+                self.idx = keys.shape()[2];
+                // Keep max_size - 1 old positions so every new token sees a full window.
+                let trim_size = self.idx - self.max_size + 1;
+                self.keys = Some(Self::trim(trim_size, &keys, Some(k))?);
+                self.values = Some(Self::trim(trim_size, &values, Some(v))?);
+            }
+            _ => {
+                self.keys = Some(k.clone());
+                self.values = Some(v.clone());
+            }
+        }
+        self.offset += k.shape()[2];
+        let keys = self.keys.clone().unwrap();
+        self.idx = keys.shape()[2];
+        Ok((keys, self.values.clone().unwrap()))
+    }
+
+    fn update_in_place(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        let s = k.shape()[2];
+        let prev = self.offset;
+        let grow = match &self.keys {
+            None => true,
+            Some(keys) => prev >= keys.shape()[2] && keys.shape()[2] < self.max_size,
+        };
+        if grow {
+            let new_size = STEP.min(self.max_size - prev);
+            let new_k = zeros_like_heads(k, new_size)?;
+            let new_v = zeros_like_heads(v, new_size)?;
+            match (self.keys.take(), self.values.take()) {
+                (Some(keys), Some(values)) => {
+                    self.keys = Some(ops::concatenate(&[keys, new_k], 2)?);
+                    self.values = Some(ops::concatenate(&[values, new_v], 2)?);
+                }
+                _ => {
+                    self.keys = Some(new_k);
+                    self.values = Some(new_v);
+                }
+            }
+            self.idx = prev;
+        }
+        let len = self.keys.as_ref().unwrap().shape()[2];
+        let trim_size = len - self.max_size;
+        if trim_size > 0 {
+            self.keys = Some(Self::trim(trim_size, self.keys.as_ref().unwrap(), None)?);
+            self.values = Some(Self::trim(trim_size, self.values.as_ref().unwrap(), None)?);
+            self.idx = self.max_size;
+        }
+        if self.idx == self.max_size {
+            self.idx = 0;
+        }
+        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        keys.try_index_mut((.., .., self.idx..self.idx + s, ..), k)?;
+        values.try_index_mut((.., .., self.idx..self.idx + s, ..), v)?;
+        self.offset += s;
+        self.idx += s;
+        let len = keys.shape()[2];
+        if self.offset < len {
+            Ok((slice_len(keys, 0, self.offset)?, slice_len(values, 0, self.offset)?))
+        } else {
+            Ok((keys.clone(), values.clone()))
+        }
+    }
+
+    /// Adds (B, heads, L, D) keys/values and returns what the new queries attend over.
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        if k.shape()[2] == 1 {
+            self.update_in_place(k, v)
+        } else {
+            self.update_concat(k, v)
+        }
+    }
+
+    /// Arrays to evaluate after a prefill chunk.
+    pub fn state(&self) -> Vec<&Array> {
+        self.keys.iter().chain(self.values.iter()).collect()
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        self.state().iter().map(|a| a.nbytes()).sum()
+    }
+}
+
+/// The cache of one non-shared layer.
+#[derive(Debug)]
+pub enum LayerCache {
+    /// Full attention.
+    Full(KvCache),
+    /// Sliding window.
+    Rotating(RotatingKvCache),
+}
+
+impl LayerCache {
+    /// Positions seen so far.
+    pub fn offset(&self) -> i32 {
+        match self {
+            LayerCache::Full(c) => c.offset,
+            LayerCache::Rotating(c) => c.offset,
+        }
+    }
+
+    /// Adds keys/values; returns the attended keys/values.
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
+        match self {
+            LayerCache::Full(c) => c.update_and_fetch(k, v),
+            LayerCache::Rotating(c) => c.update_and_fetch(k, v),
+        }
+    }
+
+    /// Arrays to evaluate.
+    pub fn state(&self) -> Vec<&Array> {
+        match self {
+            LayerCache::Full(c) => c.state(),
+            LayerCache::Rotating(c) => c.state(),
+        }
+    }
+
+    /// Bytes held.
+    pub fn nbytes(&self) -> usize {
+        match self {
+            LayerCache::Full(c) => c.nbytes(),
+            LayerCache::Rotating(c) => c.nbytes(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pos_array(start: i32, len: i32) -> Array {
+        // (1, 1, len, 1) holding the absolute positions, so the cache layout can be read back.
+        let v: Vec<f32> = (start..start + len).map(|x| x as f32).collect();
+        Array::from_slice(&v, &[1, 1, len, 1])
+    }
+
+    fn read(a: &Array) -> Vec<f32> {
+        a.as_slice::<f32>().to_vec()
+    }
+
+    #[test]
+    fn full_cache_appends_across_step_boundaries() {
+        let mut c = KvCache::default();
+        let (k, _) = c.update_and_fetch(&pos_array(0, 300), &pos_array(0, 300)).unwrap();
+        assert_eq!(k.shape()[2], 300);
+        let (k, _) = c.update_and_fetch(&pos_array(300, 1), &pos_array(300, 1)).unwrap();
+        assert_eq!(read(&k.flatten(None, None).unwrap()), (0..301).map(|x| x as f32).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn rotating_cache_keeps_the_window_in_mlx_lm_layout() {
+        let w = 4;
+        let mut c = RotatingKvCache::new(w);
+        // prefill chunk longer than the window: kept whole
+        let (k, _) = c.update_and_fetch(&pos_array(0, 6), &pos_array(0, 6)).unwrap();
+        assert_eq!(read(&k), vec![0., 1., 2., 3., 4., 5.]);
+        // second chunk: w-1 old positions in temporal order, then the new ones
+        let (k, _) = c.update_and_fetch(&pos_array(6, 2), &pos_array(6, 2)).unwrap();
+        assert_eq!(read(&k), vec![3., 4., 5., 6., 7.]);
+        // decode: trimmed to the window, then rotating in place
+        let (k, _) = c.update_and_fetch(&pos_array(8, 1), &pos_array(8, 1)).unwrap();
+        assert_eq!(read(&k), vec![8., 5., 6., 7.]);
+        let (k, _) = c.update_and_fetch(&pos_array(9, 1), &pos_array(9, 1)).unwrap();
+        assert_eq!(read(&k), vec![8., 9., 6., 7.]);
+        assert_eq!(c.offset, 10);
+        // a multi-token chunk after decode restores temporal order first
+        let (k, _) = c.update_and_fetch(&pos_array(10, 2), &pos_array(10, 2)).unwrap();
+        assert_eq!(read(&k), vec![7., 8., 9., 10., 11.]);
+    }
+}

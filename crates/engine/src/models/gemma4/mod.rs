@@ -1,0 +1,165 @@
+//! Gemma 4 (text): configuration, weights and the decoder.
+
+pub mod config;
+pub mod model;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use mlx_rs::{Array, Dtype, ops};
+
+pub use config::ModelConfig;
+pub use model::{Cache, Gemma4};
+
+use crate::nn::WeightStore;
+use crate::{EngineError, Result};
+
+/// What loading found, for logs and `/health`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LoadReport {
+    /// Tensors read from the checkpoint.
+    pub tensors: usize,
+    /// Bytes of all tensors as stored.
+    pub bytes: u64,
+    /// Tensors deliberately not used, by reason.
+    pub skipped: BTreeMap<String, usize>,
+    /// Activation dtype.
+    pub dtype: String,
+    /// Whether any layer is quantized.
+    pub quantized: bool,
+}
+
+/// The safetensors files of a checkpoint: the shards named by `model.safetensors.index.json`, else every
+/// `*.safetensors` file except references and adapters.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let index = dir.join("model.safetensors.index.json");
+    if index.exists() {
+        let s = std::fs::read_to_string(&index).map_err(|source| EngineError::Io {
+            path: index.clone(),
+            source,
+        })?;
+        let v: serde_json::Value = serde_json::from_str(&s)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", index.display())))?;
+        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
+            EngineError::InvalidModel(format!("{} has no weight_map", index.display()))
+        })?;
+        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        files.sort();
+        files.dedup();
+        return Ok(files.into_iter().map(|f| dir.join(f)).collect());
+    }
+    let mut files = vec![];
+    let rd = std::fs::read_dir(dir).map_err(|source| EngineError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".safetensors") && name.starts_with("model") {
+            files.push(e.path());
+        }
+    }
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::InvalidModel(format!(
+            "no model*.safetensors in {}",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+/// mlx-lm's sanitize rules, on canonical keys: drop rotary caches and clip ranges, drop the K/V projections
+/// of KV-shared layers, split HF's fused `experts.gate_up_proj`, rename `experts.down_proj`.
+fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightStore) -> Result<()> {
+    let first_shared = cfg.text.num_hidden_layers - cfg.text.num_kv_shared_layers;
+    for (key, v) in raw {
+        let Some(k) = config::canonical_key(&key) else {
+            store.skip("vision/audio tower (text-only engine)");
+            continue;
+        };
+        if ["self_attn.rotary_emb", "input_max", "input_min", "output_max", "output_min"]
+            .iter()
+            .any(|s| k.contains(s))
+        {
+            store.skip("rotary cache / activation clip range");
+            continue;
+        }
+        if [".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.k_norm"]
+            .iter()
+            .any(|s| k.contains(s))
+        {
+            let layer = k
+                .strip_prefix("layers.")
+                .and_then(|r| r.split('.').next())
+                .and_then(|n| n.parse::<usize>().ok());
+            if layer.is_some_and(|l| l >= first_shared) {
+                store.skip("K/V projection of a KV-shared layer");
+                continue;
+            }
+        }
+        if let Some(base) = k.strip_suffix(".experts.gate_up_proj") {
+            let parts = ops::split_equal(&v, 2, -2)?;
+            let mut it = parts.into_iter();
+            let (gate, up) = (it.next().unwrap(), it.next().unwrap());
+            store.insert(format!("{base}.experts.switch_glu.gate_proj.weight"), gate);
+            store.insert(format!("{base}.experts.switch_glu.up_proj.weight"), up);
+            continue;
+        }
+        if let Some(base) = k.strip_suffix(".experts.down_proj") {
+            store.insert(format!("{base}.experts.switch_glu.down_proj.weight"), v);
+            continue;
+        }
+        store.insert(k, v);
+    }
+    Ok(())
+}
+
+/// Loads a Gemma 4 checkpoint directory. `compute_dtype`: None keeps the checkpoint's dtype (mlx-lm's
+/// behaviour), Some(dt) casts float weights and activations to `dt`.
+pub fn load(dir: &Path, compute_dtype: Option<Dtype>) -> Result<(Gemma4, ModelConfig, LoadReport)> {
+    let cfg = ModelConfig::load(dir)?;
+    let files = weight_files(dir)?;
+    let mut raw = HashMap::new();
+    let mut bytes = 0u64;
+    for f in &files {
+        let t = Array::load_safetensors(f)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", f.display())))?;
+        for (k, v) in t {
+            bytes += v.nbytes() as u64;
+            if raw.insert(k.clone(), v).is_some() {
+                return Err(EngineError::InvalidModel(format!("tensor {k} appears in two shards")));
+            }
+        }
+    }
+    let n_tensors = raw.len();
+    let mut store = WeightStore::new(HashMap::new(), cfg.quantization.clone(), compute_dtype);
+    sanitize(raw, &cfg, &mut store)?;
+    let quantized = store.has("embed_tokens.scales")
+        || store.names().iter().any(|n| n.ends_with(".scales"));
+    // mlx-lm's activation dtype is the embedding output's: the weight's, or the scales' when quantized.
+    let dtype = match compute_dtype {
+        Some(dt) => dt,
+        None => {
+            let probe = if store.has("embed_tokens.scales") {
+                "embed_tokens.scales"
+            } else {
+                "embed_tokens.weight"
+            };
+            store.peek_dtype(probe).unwrap_or(Dtype::Float32)
+        }
+    };
+    let model = Gemma4::load(&cfg, &mut store, dtype)?;
+    let skipped = store.finish()?;
+    Ok((
+        model,
+        cfg,
+        LoadReport {
+            tensors: n_tensors,
+            bytes,
+            skipped,
+            dtype: format!("{dtype:?}").to_lowercase(),
+            quantized,
+        },
+    ))
+}

@@ -1,0 +1,697 @@
+//! The Gemma 4 text decoder, following mlx-lm's `gemma4_text.py` operation for operation.
+//!
+//! Field names follow the checkpoint keys. Every float constant is created in the activation dtype (see
+//! [`crate::nn::scalar`]) so bf16 runs round exactly as mlx-lm does.
+
+use mlx_rs::{
+    Array, Dtype,
+    fast::{self, ScaledDotProductAttentionMask},
+    ops::{
+        self,
+        indexing::{TryIndexOp, take_along_axis},
+    },
+};
+
+use super::config::{LayerSpec, LayerType, ModelConfig, TextConfig};
+use crate::cache::{KvCache, LayerCache, RotatingKvCache};
+use crate::nn::{Embedding, Linear, SwitchLinear, WeightStore, scalar};
+use crate::{EngineError, Result};
+
+/// Constants of one activation dtype, built once.
+struct Consts {
+    half: Array,
+    one: Array,
+    gelu_c: Array,
+    gelu_k: Array,
+    three: Array,
+}
+
+impl Consts {
+    fn new(dt: Dtype) -> Result<Self> {
+        Ok(Self {
+            half: scalar(0.5, dt)?,
+            one: scalar(1.0, dt)?,
+            gelu_c: scalar((2.0f64 / std::f64::consts::PI).sqrt() as f32, dt)?,
+            gelu_k: scalar(0.044715, dt)?,
+            three: scalar(3.0, dt)?,
+        })
+    }
+
+    /// `nn.gelu_approx`: `0.5 x (1 + tanh(√(2/π) (x + 0.044715 x³)))`, in mlx's evaluation order, with `x³`
+    /// as `power(x, 3)` (not `x·x·x`, which rounds differently in bf16).
+    fn gelu_approx(&self, x: &Array) -> Result<Array> {
+        let cube = ops::power(x, &self.three)?;
+        let inner = ops::add(x, ops::multiply(&self.gelu_k, &cube)?)?;
+        let t = ops::tanh(ops::multiply(&self.gelu_c, &inner)?)?;
+        Ok(ops::multiply(ops::multiply(&self.half, x)?, ops::add(&self.one, &t)?)?)
+    }
+}
+
+struct Rope {
+    dims: i32,
+    base: Option<f32>,
+    freqs: Option<Array>,
+    traditional: bool,
+}
+
+impl Rope {
+    fn new(spec: &LayerSpec, traditional: bool) -> Result<Self> {
+        let dims = spec.head_dim as i32;
+        if spec.rope.rope_type == "proportional" {
+            // mlx-lm ProportionalRoPE: the first partial_rotary_factor share of frequency pairs rotates, with
+            // exponents over the FULL head dim; the rest get infinite periods (identity).
+            let rotated = (spec.head_dim as f32 * spec.rope.partial_rotary_factor) as i32;
+            let exps = ops::divide(
+                Array::arange::<_, f32>(0, rotated, 2)?,
+                Array::from_f32(dims as f32),
+            )?;
+            let f = ops::multiply(
+                Array::from_f32(spec.rope.factor),
+                ops::power(Array::from_f32(spec.rope.rope_theta), &exps)?,
+            )?;
+            let inf = ops::full::<f32>(&[(dims - rotated) / 2], Array::from_f32(f32::INFINITY))?;
+            Ok(Self {
+                dims,
+                base: None,
+                freqs: Some(ops::concatenate(&[f, inf], 0)?),
+                traditional,
+            })
+        } else {
+            Ok(Self {
+                dims,
+                base: Some(spec.rope.rope_theta),
+                freqs: None,
+                traditional,
+            })
+        }
+    }
+
+    fn apply(&self, x: &Array, offset: i32) -> Result<Array> {
+        Ok(fast::rope(
+            x,
+            self.dims,
+            self.traditional,
+            self.base,
+            1.0,
+            offset,
+            self.freqs.as_ref(),
+        )?)
+    }
+}
+
+struct Attention {
+    q_proj: Linear,
+    k_proj: Option<Linear>,
+    v_proj: Option<Linear>,
+    o_proj: Linear,
+    q_norm: Array,
+    k_norm: Option<Array>,
+    rope: Rope,
+    n_heads: i32,
+    n_kv_heads: i32,
+    head_dim: i32,
+    eps: f32,
+}
+
+/// Attention mask for one layer type.
+#[derive(Clone)]
+enum Mask {
+    None,
+    Causal,
+    Array(Array),
+}
+
+impl Attention {
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: Option<&mut LayerCache>,
+        shared: Option<&(Array, Array, i32)>,
+    ) -> Result<(Array, (Array, Array, i32))> {
+        let (b, l) = (x.shape()[0], x.shape()[1]);
+        let q = self
+            .q_proj
+            .forward(x)?
+            .reshape(&[b, l, self.n_heads, self.head_dim])?;
+        let q = fast::rms_norm(&q, Some(&self.q_norm), self.eps)?;
+        let (keys, values, offset) = if let Some((k, v, off)) = shared {
+            (k.clone(), v.clone(), *off)
+        } else {
+            let k_proj = self.k_proj.as_ref().ok_or_else(|| {
+                EngineError::InvalidModel("a KV-sharing layer has no K/V source".into())
+            })?;
+            let shape = [b, l, self.n_kv_heads, self.head_dim];
+            let k = k_proj.forward(x)?.reshape(&shape)?;
+            // attention_k_eq_v: V starts from the raw K projection.
+            let v = match &self.v_proj {
+                Some(p) => p.forward(x)?.reshape(&shape)?,
+                None => k.clone(),
+            };
+            let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0);
+            let k = fast::rms_norm(&k, self.k_norm.as_ref(), self.eps)?;
+            let k = self.rope.apply(&k.transpose_axes(&[0, 2, 1, 3])?, offset)?;
+            let v = fast::rms_norm(&v, None, self.eps)?.transpose_axes(&[0, 2, 1, 3])?;
+            let (k, v) = match cache {
+                Some(c) => c.update_and_fetch(&k, &v)?,
+                None => (k, v),
+            };
+            (k, v, offset)
+        };
+        let q = self.rope.apply(&q.transpose_axes(&[0, 2, 1, 3])?, offset)?;
+        let out = match mask {
+            Mask::None => {
+                fast::scaled_dot_product_attention(&q, &keys, &values, 1.0, None, None)?
+            }
+            Mask::Causal => fast::scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                1.0,
+                ScaledDotProductAttentionMask::Causal,
+                None,
+            )?,
+            Mask::Array(m) => fast::scaled_dot_product_attention(
+                &q,
+                &keys,
+                &values,
+                1.0,
+                ScaledDotProductAttentionMask::Array(m),
+                None,
+            )?,
+        };
+        let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+        Ok((self.o_proj.forward(&out)?, (keys, values, offset)))
+    }
+}
+
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+impl Mlp {
+    fn forward(&self, x: &Array, c: &Consts) -> Result<Array> {
+        let g = c.gelu_approx(&self.gate_proj.forward(x)?)?;
+        let h = ops::multiply(&g, self.up_proj.forward(x)?)?;
+        self.down_proj.forward(&h)
+    }
+}
+
+struct Router {
+    proj: Linear,
+    norm_weight: Array,
+    per_expert_scale: Array,
+    top_k: i32,
+    n_experts: i32,
+}
+
+struct Experts {
+    gate_proj: SwitchLinear,
+    up_proj: SwitchLinear,
+    down_proj: SwitchLinear,
+}
+
+struct MoeBlock {
+    router: Router,
+    experts: Experts,
+    post_feedforward_layernorm_1: Array,
+    post_feedforward_layernorm_2: Array,
+    pre_feedforward_layernorm_2: Array,
+}
+
+impl MoeBlock {
+    fn route(&self, x: &Array, eps: f32) -> Result<(Array, Array)> {
+        let r = &self.router;
+        let xn = fast::rms_norm(x, Some(&r.norm_weight), eps)?;
+        let scores = r.proj.forward(&xn)?;
+        let k = r.top_k;
+        // Unsorted top-k in argpartition order, as mlx-lm (the order only changes the expert sum order).
+        let idx = ops::argpartition_axis(&scores, r.n_experts - k, -1)?
+            .try_index((mlx_rs::ops::indexing::Ellipsis, (r.n_experts - k)..))?;
+        let w = take_along_axis(&scores, &idx, -1)?;
+        let w = ops::softmax_axis(&w, -1, None)?;
+        let w = ops::multiply(&w, r.per_expert_scale.take_axis(&idx, 0)?)?;
+        Ok((idx, w))
+    }
+
+    fn experts(&self, x: &Array, idx: &Array, w: &Array, c: &Consts) -> Result<Array> {
+        let xs = ops::expand_dims_axes(x, &[-2, -3])?; // (B, L, 1, 1, H)
+        let e = &self.experts;
+        let do_sort = idx.size() >= 64;
+        let y = if do_sort {
+            // mlx-lm _gather_sort/_scatter_unsort: group tokens by expert for better kernel locality.
+            let shape = idx.shape().to_vec();
+            let k = shape[shape.len() - 1];
+            let flat = idx.flatten(None, None)?;
+            let order = ops::argsort_axis(&flat, 0)?;
+            let inv_order = ops::argsort_axis(&order, 0)?;
+            let rows = ops::floor_divide(&order, Array::from_int(k).as_dtype(order.dtype())?)?;
+            let xs = xs.flatten(0, -3)?.take_axis(&rows, 0)?;
+            let sidx = flat.take_axis(&order, 0)?;
+            let up = e.up_proj.forward(&xs, &sidx, true)?;
+            let gate = e.gate_proj.forward(&xs, &sidx, true)?;
+            let h = ops::multiply(c.gelu_approx(&gate)?, &up)?;
+            let y = e.down_proj.forward(&h, &sidx, true)?;
+            let y = y.take_axis(&inv_order, 0)?;
+            ops::unflatten(&y, 0, &shape)?
+        } else {
+            let up = e.up_proj.forward(&xs, idx, false)?;
+            let gate = e.gate_proj.forward(&xs, idx, false)?;
+            let h = ops::multiply(c.gelu_approx(&gate)?, &up)?;
+            e.down_proj.forward(&h, idx, false)?
+        };
+        let y = y.squeeze_axes(&[-2])?; // (B, L, k, H)
+        let wy = ops::multiply(ops::expand_dims(w, -1)?, &y)?;
+        Ok(wy.sum_axis(-2, None)?)
+    }
+}
+
+struct PerLayerInput {
+    gate: Linear,
+    projection: Linear,
+    post_norm: Array,
+}
+
+struct DecoderLayer {
+    spec: LayerSpec,
+    self_attn: Attention,
+    mlp: Mlp,
+    moe: Option<MoeBlock>,
+    input_layernorm: Array,
+    post_attention_layernorm: Array,
+    pre_feedforward_layernorm: Array,
+    post_feedforward_layernorm: Array,
+    per_layer: Option<PerLayerInput>,
+    layer_scalar: Array,
+}
+
+impl DecoderLayer {
+    fn forward(
+        &self,
+        x: &Array,
+        mask: &Mask,
+        cache: Option<&mut LayerCache>,
+        shared: Option<&(Array, Array, i32)>,
+        per_layer_input: Option<&Array>,
+        eps: f32,
+        c: &Consts,
+    ) -> Result<(Array, (Array, Array, i32))> {
+        let h = fast::rms_norm(x, Some(&self.input_layernorm), eps)?;
+        let (h, kv) = self.self_attn.forward(&h, mask, cache, shared)?;
+        let h = fast::rms_norm(&h, Some(&self.post_attention_layernorm), eps)?;
+        let h = ops::add(x, &h)?;
+        let residual = h.clone();
+        let ff = if let Some(moe) = &self.moe {
+            let h1 = fast::rms_norm(&h, Some(&self.pre_feedforward_layernorm), eps)?;
+            let h1 = self.mlp.forward(&h1, c)?;
+            let h1 = fast::rms_norm(&h1, Some(&moe.post_feedforward_layernorm_1), eps)?;
+            // The router sees the un-normalised residual stream.
+            let (idx, w) = moe.route(&h, eps)?;
+            let h2 = fast::rms_norm(&h, Some(&moe.pre_feedforward_layernorm_2), eps)?;
+            let h2 = moe.experts(&h2, &idx, &w, c)?;
+            let h2 = fast::rms_norm(&h2, Some(&moe.post_feedforward_layernorm_2), eps)?;
+            ops::add(&h1, &h2)?
+        } else {
+            let h1 = fast::rms_norm(&h, Some(&self.pre_feedforward_layernorm), eps)?;
+            self.mlp.forward(&h1, c)?
+        };
+        let ff = fast::rms_norm(&ff, Some(&self.post_feedforward_layernorm), eps)?;
+        let mut h = ops::add(&residual, &ff)?;
+        if let (Some(p), Some(pli)) = (&self.per_layer, per_layer_input) {
+            let g = c.gelu_approx(&p.gate.forward(&h)?)?;
+            let g = ops::multiply(&g, pli)?;
+            let g = p.projection.forward(&g)?;
+            let g = fast::rms_norm(&g, Some(&p.post_norm), eps)?;
+            h = ops::add(&h, &g)?;
+        }
+        Ok((ops::multiply(&h, &self.layer_scalar)?, kv))
+    }
+}
+
+struct Ple {
+    embed_tokens_per_layer: Embedding,
+    per_layer_model_projection: Linear,
+    per_layer_projection_norm: Array,
+    embed_scale: Array,
+    projection_scale: Array,
+    input_scale: Array,
+}
+
+/// A loaded Gemma 4 text model.
+pub struct Gemma4 {
+    cfg: TextConfig,
+    dtype: Dtype,
+    embed_tokens: Embedding,
+    embed_scale: Array,
+    ple: Option<Ple>,
+    layers: Vec<DecoderLayer>,
+    norm: Array,
+    lm_head: Option<Linear>,
+    softcap: Option<Array>,
+    consts: Consts,
+    first_of_type: [Option<usize>; 2],
+}
+
+/// One decoding session's caches (one per non-shared layer).
+pub struct Cache {
+    /// Per non-shared layer.
+    pub layers: Vec<LayerCache>,
+}
+
+impl Cache {
+    /// Positions processed so far.
+    pub fn offset(&self) -> i32 {
+        self.layers.first().map(|c| c.offset()).unwrap_or(0)
+    }
+
+    /// Arrays to evaluate after a prefill chunk.
+    pub fn state(&self) -> Vec<&Array> {
+        self.layers.iter().flat_map(|c| c.state()).collect()
+    }
+
+    /// Bytes held by all layers.
+    pub fn nbytes(&self) -> usize {
+        self.layers.iter().map(|c| c.nbytes()).sum()
+    }
+}
+
+fn mlx_causal_mask(n: i32, offset: i32, window: Option<i32>) -> Result<Array> {
+    // mlx-lm create_causal_mask: query i (absolute offset+i) sees key j if j <= offset+i and, with a window,
+    // offset+i < j + window.
+    let rinds = Array::arange::<_, i32>(0, offset + n, 1)?.reshape(&[1, -1])?;
+    let linds = Array::arange::<_, i32>(offset, offset + n, 1)?.reshape(&[-1, 1])?;
+    let mut mask = linds.ge(&rinds)?;
+    if let Some(w) = window {
+        mask = mask.logical_and(&linds.lt(ops::add(&rinds, Array::from_int(w))?)?)?;
+    }
+    Ok(mask)
+}
+
+impl Gemma4 {
+    /// Builds the model from a checkpoint's tensors, consuming every one of them.
+    pub fn load(config: &ModelConfig, store: &mut WeightStore, dtype: Dtype) -> Result<Self> {
+        let c = &config.text;
+        let specs = c.layer_specs()?;
+        let h = c.hidden_size;
+        let n = c.num_hidden_layers;
+        let eps_dt = dtype;
+        let ple_dim = c.ple_dim();
+        let embed_tokens = store.embedding("embed_tokens", c.vocab_size, h)?;
+        let ple = if ple_dim > 0 {
+            Some(Ple {
+                embed_tokens_per_layer: store.embedding(
+                    "embed_tokens_per_layer",
+                    c.vocab_size_per_layer_input,
+                    n * ple_dim,
+                )?,
+                per_layer_model_projection: store.linear(
+                    "per_layer_model_projection",
+                    n * ple_dim,
+                    h,
+                )?,
+                per_layer_projection_norm: store
+                    .take("per_layer_projection_norm.weight", &[ple_dim as i32])?,
+                embed_scale: scalar((ple_dim as f64).sqrt() as f32, eps_dt)?,
+                projection_scale: scalar((h as f64).powf(-0.5) as f32, eps_dt)?,
+                input_scale: scalar(2f64.powf(-0.5) as f32, eps_dt)?,
+            })
+        } else {
+            None
+        };
+        let hs = [h as i32];
+        let mut layers = Vec::with_capacity(n);
+        for (i, spec) in specs.iter().enumerate() {
+            let p = format!("layers.{i}");
+            let hd = spec.head_dim;
+            let nh = c.num_attention_heads;
+            let nkv = spec.n_kv_heads;
+            let (k_proj, v_proj, k_norm) = if spec.has_kv {
+                (
+                    Some(store.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?),
+                    if spec.k_eq_v {
+                        None
+                    } else {
+                        Some(store.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?)
+                    },
+                    Some(store.take(&format!("{p}.self_attn.k_norm.weight"), &[hd as i32])?),
+                )
+            } else {
+                (None, None, None)
+            };
+            let self_attn = Attention {
+                q_proj: store.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+                k_proj,
+                v_proj,
+                o_proj: store.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+                q_norm: store.take(&format!("{p}.self_attn.q_norm.weight"), &[hd as i32])?,
+                k_norm,
+                rope: Rope::new(spec, c.rope_traditional)?,
+                n_heads: nh as i32,
+                n_kv_heads: nkv as i32,
+                head_dim: hd as i32,
+                eps: c.rms_norm_eps,
+            };
+            let im = spec.intermediate_size;
+            let mlp = Mlp {
+                gate_proj: store.linear(&format!("{p}.mlp.gate_proj"), im, h)?,
+                up_proj: store.linear(&format!("{p}.mlp.up_proj"), im, h)?,
+                down_proj: store.linear(&format!("{p}.mlp.down_proj"), h, im)?,
+            };
+            let moe = if c.enable_moe_block {
+                let e = c.num_experts.unwrap_or(0);
+                let mi = c.moe_intermediate_size.unwrap_or(0);
+                let top_k = c.top_k_experts.unwrap_or(0);
+                if top_k == 0 || top_k > e {
+                    return Err(EngineError::InvalidModel(format!(
+                        "top_k_experts {top_k} must be in 1..={e}"
+                    )));
+                }
+                let scale = store.take(&format!("{p}.router.scale"), &hs)?;
+                // mlx-lm: rms_norm weight = scale * H**-0.5 (a weak scalar, so in the weight's dtype).
+                let root = scalar((h as f64).powf(-0.5) as f32, scale.dtype())?;
+                Some(MoeBlock {
+                    router: Router {
+                        proj: store.linear(&format!("{p}.router.proj"), e, h)?,
+                        norm_weight: ops::multiply(&scale, &root)?,
+                        per_expert_scale: store
+                            .take(&format!("{p}.router.per_expert_scale"), &[e as i32])?,
+                        top_k: top_k as i32,
+                        n_experts: e as i32,
+                    },
+                    experts: Experts {
+                        gate_proj: store.switch_linear(
+                            &format!("{p}.experts.switch_glu.gate_proj"),
+                            e,
+                            mi,
+                            h,
+                        )?,
+                        up_proj: store.switch_linear(
+                            &format!("{p}.experts.switch_glu.up_proj"),
+                            e,
+                            mi,
+                            h,
+                        )?,
+                        down_proj: store.switch_linear(
+                            &format!("{p}.experts.switch_glu.down_proj"),
+                            e,
+                            h,
+                            mi,
+                        )?,
+                    },
+                    post_feedforward_layernorm_1: store
+                        .take(&format!("{p}.post_feedforward_layernorm_1.weight"), &hs)?,
+                    post_feedforward_layernorm_2: store
+                        .take(&format!("{p}.post_feedforward_layernorm_2.weight"), &hs)?,
+                    pre_feedforward_layernorm_2: store
+                        .take(&format!("{p}.pre_feedforward_layernorm_2.weight"), &hs)?,
+                })
+            } else {
+                None
+            };
+            let per_layer = if ple_dim > 0 {
+                Some(PerLayerInput {
+                    gate: store.linear(&format!("{p}.per_layer_input_gate"), ple_dim, h)?,
+                    projection: store.linear(&format!("{p}.per_layer_projection"), h, ple_dim)?,
+                    post_norm: store.take(&format!("{p}.post_per_layer_input_norm.weight"), &hs)?,
+                })
+            } else {
+                None
+            };
+            layers.push(DecoderLayer {
+                spec: spec.clone(),
+                self_attn,
+                mlp,
+                moe,
+                input_layernorm: store.take(&format!("{p}.input_layernorm.weight"), &hs)?,
+                post_attention_layernorm: store
+                    .take(&format!("{p}.post_attention_layernorm.weight"), &hs)?,
+                pre_feedforward_layernorm: store
+                    .take(&format!("{p}.pre_feedforward_layernorm.weight"), &hs)?,
+                post_feedforward_layernorm: store
+                    .take(&format!("{p}.post_feedforward_layernorm.weight"), &hs)?,
+                per_layer,
+                layer_scalar: store.take(&format!("{p}.layer_scalar"), &[1])?,
+            });
+        }
+        let norm = store.take("norm.weight", &hs)?;
+        let lm_head = if c.tie_word_embeddings {
+            None
+        } else {
+            Some(store.linear("lm_head", c.vocab_size, h)?)
+        };
+        let mut first_of_type = [None, None];
+        for (i, s) in specs.iter().enumerate() {
+            let t = s.layer_type as usize;
+            if first_of_type[t].is_none() {
+                first_of_type[t] = Some(i);
+            }
+        }
+        Ok(Self {
+            cfg: c.clone(),
+            dtype,
+            embed_tokens,
+            embed_scale: scalar((h as f64).sqrt() as f32, eps_dt)?,
+            ple,
+            layers,
+            norm,
+            lm_head,
+            softcap: match c.final_logit_softcapping {
+                Some(s) => Some(scalar(s, eps_dt)?),
+                None => None,
+            },
+            consts: Consts::new(dtype)?,
+            first_of_type,
+        })
+    }
+
+    /// The text configuration.
+    pub fn config(&self) -> &TextConfig {
+        &self.cfg
+    }
+
+    /// Activation dtype.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// Fresh caches: a growing cache per full layer, a rotating one per sliding layer, none for shared
+    /// layers (mlx-lm `make_cache`).
+    pub fn new_cache(&self) -> Cache {
+        Cache {
+            layers: self
+                .layers
+                .iter()
+                .filter(|l| l.spec.has_kv)
+                .map(|l| match l.spec.layer_type {
+                    LayerType::Full => LayerCache::Full(KvCache::default()),
+                    LayerType::Sliding => {
+                        LayerCache::Rotating(RotatingKvCache::new(self.cfg.sliding_window as i32))
+                    }
+                })
+                .collect(),
+        }
+    }
+
+    fn mask_for(&self, t: LayerType, n: i32, cache: &Cache) -> Result<Mask> {
+        let Some(first) = self.first_of_type[t as usize] else {
+            return Ok(Mask::None);
+        };
+        let c = cache.layers.get(first).ok_or_else(|| {
+            EngineError::InvalidModel("the first layer of a type has no cache".into())
+        })?;
+        if n == 1 {
+            return Ok(Mask::None);
+        }
+        Ok(match c {
+            LayerCache::Full(_) => Mask::Causal,
+            LayerCache::Rotating(r) => {
+                let w = self.cfg.sliding_window as i32;
+                let offset = (r.max_size - 1).min(r.offset);
+                if offset + n > w {
+                    Mask::Array(mlx_causal_mask(n, offset, Some(w))?)
+                } else {
+                    Mask::Causal
+                }
+            }
+        })
+    }
+
+    /// Runs the decoder over `ids` (shape (1, L), int32) and returns the final hidden states (1, L, H),
+    /// advancing `cache`.
+    pub fn forward_hidden(&self, ids: &Array, cache: &mut Cache) -> Result<Array> {
+        let emb = self.embed_tokens.forward(ids)?;
+        let emb = if emb.dtype() != self.dtype {
+            emb.as_dtype(self.dtype)?
+        } else {
+            emb
+        };
+        let mut h = ops::multiply(&emb, &self.embed_scale)?;
+        let (b, l) = (ids.shape()[0], ids.shape()[1]);
+        let n_layers = self.layers.len() as i32;
+        let per_layer_inputs = match &self.ple {
+            Some(p) => {
+                let pd = self.cfg.ple_dim() as i32;
+                let t = p.embed_tokens_per_layer.forward(ids)?;
+                let t = ops::multiply(&t, &p.embed_scale)?.reshape(&[b, l, n_layers, pd])?;
+                // The projection reads the *scaled* token embedding.
+                let proj = p.per_layer_model_projection.forward(&h)?;
+                let proj = ops::multiply(&proj, &p.projection_scale)?.reshape(&[b, l, n_layers, pd])?;
+                let proj = fast::rms_norm(&proj, Some(&p.per_layer_projection_norm), self.cfg.rms_norm_eps)?;
+                Some(ops::multiply(ops::add(&proj, &t)?, &p.input_scale)?)
+            }
+            None => None,
+        };
+        let masks = [
+            self.mask_for(LayerType::Sliding, l, cache)?,
+            self.mask_for(LayerType::Full, l, cache)?,
+        ];
+        let mut kvs: Vec<Option<(Array, Array, i32)>> = vec![None; self.layers.len()];
+        let mut cache_iter = cache.layers.iter_mut();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let pli = match &per_layer_inputs {
+                Some(p) => Some(p.try_index((.., .., i as i32, ..))?),
+                None => None,
+            };
+            let mask = &masks[layer.spec.layer_type as usize];
+            let (c, shared) = if layer.spec.has_kv {
+                (cache_iter.next(), None)
+            } else {
+                (None, kvs[layer.spec.kv_source].as_ref())
+            };
+            let (out, kv) = layer.forward(
+                &h,
+                mask,
+                c,
+                shared,
+                pli.as_ref(),
+                self.cfg.rms_norm_eps,
+                &self.consts,
+            )?;
+            h = out;
+            kvs[i] = Some(kv);
+        }
+        Ok(fast::rms_norm(&h, Some(&self.norm), self.cfg.rms_norm_eps)?)
+    }
+
+    /// Logits (…, V) for final hidden states: tied or untied head, then the soft cap.
+    pub fn logits(&self, h: &Array) -> Result<Array> {
+        let out = match &self.lm_head {
+            Some(head) => head.forward(h)?,
+            None => self.embed_tokens.as_linear(h)?,
+        };
+        match &self.softcap {
+            Some(cap) => Ok(ops::multiply(ops::tanh(ops::divide(&out, cap)?)?, cap)?),
+            None => Ok(out),
+        }
+    }
+
+    /// Logits of the last position only (1, V): the decoding step's output.
+    pub fn forward_last_logits(&self, ids: &Array, cache: &mut Cache) -> Result<Array> {
+        let h = self.forward_hidden(ids, cache)?;
+        let l = h.shape()[1];
+        let last = h.try_index((.., l - 1, ..))?;
+        self.logits(&last)
+    }
+}

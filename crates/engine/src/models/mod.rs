@@ -1,0 +1,3 @@
+//! Model architectures (files named after the architecture, fields after checkpoint keys).
+
+pub mod gemma4;

@@ -1,0 +1,82 @@
+//! Parity of the Rust Gemma 4 against mlx-lm on the project's fixture models (scripts/fixtures.sh makes
+//! them, with mlx-lm's logits and greedy continuations as the reference).
+
+use std::path::PathBuf;
+
+use jemma_engine::models::gemma4;
+use mlx_rs::{Array, Dtype};
+
+fn fixture(name: &str) -> PathBuf {
+    let root = std::env::var("JEMMA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
+    let dir = root.join(name);
+    assert!(
+        dir.join("reference.json").exists(),
+        "fixture {} missing: run scripts/fixtures.sh",
+        dir.display()
+    );
+    dir
+}
+
+struct Reference {
+    prompts: Vec<(String, Vec<i32>, Vec<i32>)>,
+    logits: std::collections::HashMap<String, Array>,
+}
+
+fn reference(dir: &PathBuf) -> Reference {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let mut prompts = vec![];
+    for (name, p) in meta["prompts"].as_object().unwrap() {
+        let ids = p["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+        let greedy = p["greedy"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+        prompts.push((name.clone(), ids, greedy));
+    }
+    let logits = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    Reference { prompts, logits }
+}
+
+fn max_abs_diff(a: &Array, b: &Array) -> f32 {
+    let d = mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap();
+    d.item_cast::<f32>()
+}
+
+fn check_logits(name: &str) {
+    let dir = fixture(name);
+    let (model, _, report) = gemma4::load(&dir, None).unwrap();
+    assert_eq!(report.dtype, "float32");
+    let r = reference(&dir);
+    for (p, ids, _) in &r.prompts {
+        let mut cache = model.new_cache();
+        let x = Array::from_slice(ids, &[1, ids.len() as i32]);
+        let logits = model.forward_last_logits(&x, &mut cache).unwrap().reshape(&[-1]).unwrap();
+        let want = &r.logits[&format!("{p}.logits")];
+        let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
+        eprintln!("{name}/{p}: max |Δlogit| = {d:.3e}");
+        assert!(d <= 1e-4, "{name}/{p}: max |Δlogit| = {d}");
+        // The comparison itself must be able to fail: another prompt's logits are far off.
+        let other = r.logits.iter().find(|(k, _)| **k != format!("{p}.logits")).unwrap().1;
+        assert!(max_abs_diff(&logits, other) > 1e-2, "reference logits do not depend on the prompt");
+    }
+}
+
+#[test]
+fn tiny_dense_logits_match_mlx_lm() {
+    check_logits("tiny");
+}
+
+#[test]
+fn moe_logits_match_mlx_lm() {
+    check_logits("moe");
+}
+
+#[test]
+fn tiny_q4_logits_match_mlx_lm() {
+    check_logits("tiny-q4");
+}
+
+#[test]
+fn moe_q4_logits_match_mlx_lm() {
+    check_logits("moe-q4");
+}

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Generates the test fixtures (small random Gemma 4 models + mlx-lm references) into fixtures/ (git-ignored).
+# Regenerated when scripts/fixtures/ or the Python requirements change; otherwise a no-op.
+. "$(dirname "$0")/lib.sh"
+cd "$JEMMA_ROOT"
+PY=$(venv_python)
+[ -x "$PY" ] || bash scripts/setup-python.sh
+OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
+want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$want" ]; then
+  exit 0
+fi
+rm -rf "$OUT"
+mkdir -p "$OUT"
+gen() { "$PY" scripts/fixtures/gen_gemma4.py "$@"; }
+log "generating fixture models in $OUT"
+gen model "$OUT/tiny" --preset tiny
+gen model "$OUT/moe" --preset moe
+gen quantize "$OUT/tiny" "$OUT/tiny-q4" --bits 4 --group-size 32 2>/dev/null
+gen quantize "$OUT/moe" "$OUT/moe-q4" --bits 4 --group-size 32 2>/dev/null
+for m in tiny moe tiny-q4 moe-q4; do
+  gen reference "$OUT/$m"
+done
+echo "$want" >"$OUT/.stamp"
+du -sh "$OUT" >&2
