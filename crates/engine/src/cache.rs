@@ -63,7 +63,10 @@ impl KvCache {
         let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
         keys.try_index_mut((.., .., prev..self.offset, ..), k)?;
         values.try_index_mut((.., .., prev..self.offset, ..), v)?;
-        Ok((slice_len(keys, 0, self.offset)?, slice_len(values, 0, self.offset)?))
+        Ok((
+            slice_len(keys, 0, self.offset)?,
+            slice_len(values, 0, self.offset)?,
+        ))
     }
 
     /// Arrays to evaluate after a prefill chunk.
@@ -120,7 +123,10 @@ impl RotatingKvCache {
             Ok(v.clone())
         } else if self.idx < self.offset {
             Ok(ops::concatenate(
-                &[v.try_index((.., .., self.idx.., ..))?, slice_len(v, 0, self.idx)?],
+                &[
+                    v.try_index((.., .., self.idx.., ..))?,
+                    slice_len(v, 0, self.idx)?,
+                ],
                 2,
             )?)
         } else {
@@ -190,7 +196,10 @@ impl RotatingKvCache {
         self.idx += s;
         let len = keys.shape()[2];
         if self.offset < len {
-            Ok((slice_len(keys, 0, self.offset)?, slice_len(values, 0, self.offset)?))
+            Ok((
+                slice_len(keys, 0, self.offset)?,
+                slice_len(values, 0, self.offset)?,
+            ))
         } else {
             Ok((keys.clone(), values.clone()))
         }
@@ -276,10 +285,17 @@ mod tests {
     #[test]
     fn full_cache_appends_across_step_boundaries() {
         let mut c = KvCache::default();
-        let (k, _) = c.update_and_fetch(&pos_array(0, 300), &pos_array(0, 300)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(0, 300), &pos_array(0, 300))
+            .unwrap();
         assert_eq!(k.shape()[2], 300);
-        let (k, _) = c.update_and_fetch(&pos_array(300, 1), &pos_array(300, 1)).unwrap();
-        assert_eq!(read(&k.flatten(None, None).unwrap()), (0..301).map(|x| x as f32).collect::<Vec<_>>());
+        let (k, _) = c
+            .update_and_fetch(&pos_array(300, 1), &pos_array(300, 1))
+            .unwrap();
+        assert_eq!(
+            read(&k.flatten(None, None).unwrap()),
+            (0..301).map(|x| x as f32).collect::<Vec<_>>()
+        );
     }
 
     #[test]
@@ -287,19 +303,29 @@ mod tests {
         let w = 4;
         let mut c = RotatingKvCache::new(w);
         // prefill chunk longer than the window: kept whole
-        let (k, _) = c.update_and_fetch(&pos_array(0, 6), &pos_array(0, 6)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(0, 6), &pos_array(0, 6))
+            .unwrap();
         assert_eq!(read(&k), vec![0., 1., 2., 3., 4., 5.]);
         // second chunk: w-1 old positions in temporal order, then the new ones
-        let (k, _) = c.update_and_fetch(&pos_array(6, 2), &pos_array(6, 2)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(6, 2), &pos_array(6, 2))
+            .unwrap();
         assert_eq!(read(&k), vec![3., 4., 5., 6., 7.]);
         // decode: trimmed to the window, then rotating in place
-        let (k, _) = c.update_and_fetch(&pos_array(8, 1), &pos_array(8, 1)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(8, 1), &pos_array(8, 1))
+            .unwrap();
         assert_eq!(read(&k), vec![8., 5., 6., 7.]);
-        let (k, _) = c.update_and_fetch(&pos_array(9, 1), &pos_array(9, 1)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(9, 1), &pos_array(9, 1))
+            .unwrap();
         assert_eq!(read(&k), vec![8., 9., 6., 7.]);
         assert_eq!(c.offset, 10);
         // a multi-token chunk after decode restores temporal order first
-        let (k, _) = c.update_and_fetch(&pos_array(10, 2), &pos_array(10, 2)).unwrap();
+        let (k, _) = c
+            .update_and_fetch(&pos_array(10, 2), &pos_array(10, 2))
+            .unwrap();
         assert_eq!(read(&k), vec![7., 8., 9., 10., 11.]);
     }
 }

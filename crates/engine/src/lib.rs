@@ -8,7 +8,9 @@
 pub mod cache;
 pub mod device;
 pub mod error;
+pub mod generate;
 pub mod models;
 pub mod nn;
+pub mod sample;
 
 pub use error::{EngineError, Result};

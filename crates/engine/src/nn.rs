@@ -136,7 +136,11 @@ pub struct WeightStore {
 
 impl WeightStore {
     /// Wraps loaded tensors.
-    pub fn new(tensors: HashMap<String, Array>, quant: Quantization, compute_dtype: Option<Dtype>) -> Self {
+    pub fn new(
+        tensors: HashMap<String, Array>,
+        quant: Quantization,
+        compute_dtype: Option<Dtype>,
+    ) -> Self {
         Self {
             tensors,
             quant,
@@ -197,7 +201,13 @@ impl WeightStore {
         self.cast(a)
     }
 
-    fn quant_params(&self, path: &str, in_dims: i32, packed_cols: i32, scale_cols: i32) -> Result<QuantParams> {
+    fn quant_params(
+        &self,
+        path: &str,
+        in_dims: i32,
+        packed_cols: i32,
+        scale_cols: i32,
+    ) -> Result<QuantParams> {
         if let Some(p) = self.quant.overrides.get(path) {
             return Ok(*p);
         }
@@ -218,9 +228,9 @@ impl WeightStore {
             .tensors
             .remove(&format!("{path}.weight"))
             .ok_or_else(|| EngineError::InvalidModel(format!("missing tensor {path}.weight")))?;
-        let scales = self.remove(&format!("{path}.scales")).ok_or_else(|| {
-            EngineError::InvalidModel(format!("missing tensor {path}.scales"))
-        })?;
+        let scales = self
+            .remove(&format!("{path}.scales"))
+            .ok_or_else(|| EngineError::InvalidModel(format!("missing tensor {path}.scales")))?;
         let biases = self.remove(&format!("{path}.biases")).ok_or_else(|| {
             EngineError::InvalidModel(format!(
                 "missing tensor {path}.biases (only affine quantization is supported)"
@@ -264,9 +274,16 @@ impl WeightStore {
     /// A linear layer at `path` with logical weight (out, in), quantized if the checkpoint has scales.
     pub fn linear(&mut self, path: &str, out: usize, inp: usize) -> Result<Linear> {
         if self.has(&format!("{path}.scales")) {
-            Ok(Linear::Quantized(self.take_quant(path, &[out as i32], inp as i32)?))
+            Ok(Linear::Quantized(self.take_quant(
+                path,
+                &[out as i32],
+                inp as i32,
+            )?))
         } else {
-            Ok(Linear::Dense(self.take(&format!("{path}.weight"), &[out as i32, inp as i32])?))
+            Ok(Linear::Dense(self.take(
+                &format!("{path}.weight"),
+                &[out as i32, inp as i32],
+            )?))
         }
     }
 
@@ -276,7 +293,13 @@ impl WeightStore {
     }
 
     /// A stack of expert matrices (E, out, in) at `path`.
-    pub fn switch_linear(&mut self, path: &str, e: usize, out: usize, inp: usize) -> Result<SwitchLinear> {
+    pub fn switch_linear(
+        &mut self,
+        path: &str,
+        e: usize,
+        out: usize,
+        inp: usize,
+    ) -> Result<SwitchLinear> {
         if self.has(&format!("{path}.scales")) {
             Ok(SwitchLinear::Quantized(self.take_quant(
                 path,

@@ -3,6 +3,9 @@
 
 use std::path::PathBuf;
 
+use std::ops::ControlFlow;
+
+use jemma_engine::generate::{DEFAULT_PREFILL_STEP, GenerateOptions, generate};
 use jemma_engine::models::gemma4;
 use mlx_rs::{Array, Dtype};
 
@@ -26,11 +29,22 @@ struct Reference {
 
 fn reference(dir: &PathBuf) -> Reference {
     let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
     let mut prompts = vec![];
     for (name, p) in meta["prompts"].as_object().unwrap() {
-        let ids = p["ids"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
-        let greedy = p["greedy"].as_array().unwrap().iter().map(|x| x.as_i64().unwrap() as i32).collect();
+        let ids = p["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect();
+        let greedy = p["greedy"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_i64().unwrap() as i32)
+            .collect();
         prompts.push((name.clone(), ids, greedy));
     }
     let logits = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
@@ -38,7 +52,10 @@ fn reference(dir: &PathBuf) -> Reference {
 }
 
 fn max_abs_diff(a: &Array, b: &Array) -> f32 {
-    let d = mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap()).unwrap().max(None).unwrap();
+    let d = mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap())
+        .unwrap()
+        .max(None)
+        .unwrap();
     d.item_cast::<f32>()
 }
 
@@ -50,14 +67,26 @@ fn check_logits(name: &str) {
     for (p, ids, _) in &r.prompts {
         let mut cache = model.new_cache();
         let x = Array::from_slice(ids, &[1, ids.len() as i32]);
-        let logits = model.forward_last_logits(&x, &mut cache).unwrap().reshape(&[-1]).unwrap();
+        let logits = model
+            .forward_last_logits(&x, &mut cache)
+            .unwrap()
+            .reshape(&[-1])
+            .unwrap();
         let want = &r.logits[&format!("{p}.logits")];
         let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
         eprintln!("{name}/{p}: max |Δlogit| = {d:.3e}");
         assert!(d <= 1e-4, "{name}/{p}: max |Δlogit| = {d}");
         // The comparison itself must be able to fail: another prompt's logits are far off.
-        let other = r.logits.iter().find(|(k, _)| **k != format!("{p}.logits")).unwrap().1;
-        assert!(max_abs_diff(&logits, other) > 1e-2, "reference logits do not depend on the prompt");
+        let other = r
+            .logits
+            .iter()
+            .find(|(k, _)| **k != format!("{p}.logits"))
+            .unwrap()
+            .1;
+        assert!(
+            max_abs_diff(&logits, other) > 1e-2,
+            "reference logits do not depend on the prompt"
+        );
     }
 }
 
@@ -79,4 +108,43 @@ fn tiny_q4_logits_match_mlx_lm() {
 #[test]
 fn moe_q4_logits_match_mlx_lm() {
     check_logits("moe-q4");
+}
+
+fn check_greedy(name: &str, prefill_step: usize) {
+    let dir = fixture(name);
+    let (model, _, _) = gemma4::load(&dir, None).unwrap();
+    let r = reference(&dir);
+    for (p, ids, want) in &r.prompts {
+        let prompt: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+        let opts = GenerateOptions {
+            max_tokens: want.len(),
+            prefill_step,
+            ..Default::default()
+        };
+        let mut got = vec![];
+        let stats = generate(&model, &prompt, &opts, |s| {
+            got.push(s.token as i32);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        assert_eq!(stats.completion_tokens, want.len());
+        assert_eq!(&got, want, "{name}/{p} (prefill step {prefill_step})");
+    }
+}
+
+#[test]
+fn greedy_64_tokens_match_mlx_lm_for_every_variant() {
+    // The long prompt (41 tokens) plus 64 decoded tokens runs far past the 16-token sliding window and
+    // through the KV-shared layers.
+    for name in ["tiny", "moe", "tiny-q4", "moe-q4"] {
+        check_greedy(name, DEFAULT_PREFILL_STEP);
+    }
+}
+
+#[test]
+fn chunked_prefill_gives_the_same_tokens() {
+    // 7-token chunks exercise the rotating cache's concat path across window boundaries.
+    for name in ["tiny", "moe"] {
+        check_greedy(name, 7);
+    }
 }

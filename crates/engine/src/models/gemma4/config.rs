@@ -342,7 +342,8 @@ impl TextConfig {
                 || self.moe_intermediate_size.is_none())
         {
             return Err(EngineError::InvalidModel(
-                "enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size".into(),
+                "enable_moe_block needs num_experts, top_k_experts and moe_intermediate_size"
+                    .into(),
             ));
         }
         Ok(out)
@@ -390,9 +391,8 @@ fn parse_quantization(v: Option<&Value>) -> Result<Quantization> {
                     )));
                 }
             }
-            let p: QuantParams = serde_json::from_value(v.clone()).map_err(|e| {
-                EngineError::InvalidModel(format!("quantization entry {k}: {e}"))
-            })?;
+            let p: QuantParams = serde_json::from_value(v.clone())
+                .map_err(|e| EngineError::InvalidModel(format!("quantization entry {k}: {e}")))?;
             q.overrides.insert(canonical_key(k).unwrap_or_default(), p);
         }
     }
@@ -436,7 +436,10 @@ impl ModelConfig {
             .to_string();
         let (mut text_value, quant_value) = match model_type.as_str() {
             "gemma4" | "gemma4_unified" => {
-                let mut t = v.get("text_config").cloned().unwrap_or(Value::Object(Default::default()));
+                let mut t = v
+                    .get("text_config")
+                    .cloned()
+                    .unwrap_or(Value::Object(Default::default()));
                 // mlx-lm: the wrapper's vocab_size (default 262144) always overrides text_config's.
                 let vocab = v.get("vocab_size").cloned().unwrap_or(Value::from(262144));
                 if let Value::Object(m) = &mut t {
@@ -466,11 +469,15 @@ impl ModelConfig {
             .map_err(|e| EngineError::InvalidModel(format!("config.json: {e}")))?;
         if text.hidden_size == 0 || text.num_hidden_layers == 0 || text.vocab_size == 0 {
             return Err(EngineError::InvalidModel(
-                "config.json: hidden_size, num_hidden_layers and vocab_size must be positive".into(),
+                "config.json: hidden_size, num_hidden_layers and vocab_size must be positive"
+                    .into(),
             ));
         }
         text.layer_specs()?;
-        let eos = ids_of(v.get("eos_token_id").or_else(|| text_value.get("eos_token_id")));
+        let eos = ids_of(
+            v.get("eos_token_id")
+                .or_else(|| text_value.get("eos_token_id")),
+        );
         Ok(Self {
             model_type,
             text,
@@ -509,8 +516,14 @@ mod tests {
         assert_eq!(s[4].head_dim, 512);
         assert_eq!(s[3].head_dim, 256);
         assert!(s[14].has_kv && !s[15].has_kv);
-        assert_eq!(s[15].kv_source, 13, "shared sliding layers read the last non-shared sliding layer");
-        assert_eq!(s[19].kv_source, 14, "shared full layers read the last non-shared full layer");
+        assert_eq!(
+            s[15].kv_source, 13,
+            "shared sliding layers read the last non-shared sliding layer"
+        );
+        assert_eq!(
+            s[19].kv_source, 14,
+            "shared full layers read the last non-shared full layer"
+        );
         assert_eq!(s[20].intermediate_size, 2 * s[0].intermediate_size);
         assert_eq!(s[4].rope.rope_type, "proportional");
     }
@@ -540,21 +553,44 @@ mod tests {
             "quantization": {"group_size": 64, "bits": 4, "mode": "affine",
                 "language_model.model.layers.0.router.proj": {"group_size": 64, "bits": 8}}});
         let c = ModelConfig::from_value(&v).unwrap();
-        assert_eq!(c.quantization.default, Some(QuantParams { group_size: 64, bits: 4 }));
+        assert_eq!(
+            c.quantization.default,
+            Some(QuantParams {
+                group_size: 64,
+                bits: 4
+            })
+        );
         assert_eq!(
             c.quantization.overrides.get("layers.0.router.proj"),
-            Some(&QuantParams { group_size: 64, bits: 8 })
+            Some(&QuantParams {
+                group_size: 64,
+                bits: 8
+            })
         );
         let bad = json!({"model_type": "gemma4_text", "quantization": {"group_size": 32, "bits": 4, "mode": "mxfp4"}});
-        assert!(ModelConfig::from_value(&bad).unwrap_err().to_string().contains("mxfp4"));
+        assert!(
+            ModelConfig::from_value(&bad)
+                .unwrap_err()
+                .to_string()
+                .contains("mxfp4")
+        );
     }
 
     #[test]
     fn canonical_keys() {
-        assert_eq!(canonical_key("model.language_model.layers.3.mlp.up_proj.weight").unwrap(), "layers.3.mlp.up_proj.weight");
-        assert_eq!(canonical_key("language_model.model.embed_tokens.scales").unwrap(), "embed_tokens.scales");
+        assert_eq!(
+            canonical_key("model.language_model.layers.3.mlp.up_proj.weight").unwrap(),
+            "layers.3.mlp.up_proj.weight"
+        );
+        assert_eq!(
+            canonical_key("language_model.model.embed_tokens.scales").unwrap(),
+            "embed_tokens.scales"
+        );
         assert_eq!(canonical_key("model.norm.weight").unwrap(), "norm.weight");
-        assert_eq!(canonical_key("language_model.lm_head.weight").unwrap(), "lm_head.weight");
+        assert_eq!(
+            canonical_key("language_model.lm_head.weight").unwrap(),
+            "lm_head.weight"
+        );
         assert!(canonical_key("model.vision_tower.encoder.x").is_none());
         assert!(canonical_key("audio_tower.x").is_none());
     }

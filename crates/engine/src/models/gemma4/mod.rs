@@ -40,10 +40,16 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         })?;
         let v: serde_json::Value = serde_json::from_str(&s)
             .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", index.display())))?;
-        let map = v.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| {
-            EngineError::InvalidModel(format!("{} has no weight_map", index.display()))
-        })?;
-        let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| {
+                EngineError::InvalidModel(format!("{} has no weight_map", index.display()))
+            })?;
+        let mut files: Vec<String> = map
+            .values()
+            .filter_map(|f| f.as_str().map(String::from))
+            .collect();
         files.sort();
         files.dedup();
         return Ok(files.into_iter().map(|f| dir.join(f)).collect());
@@ -78,16 +84,26 @@ fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightSt
             store.skip("vision/audio tower (text-only engine)");
             continue;
         };
-        if ["self_attn.rotary_emb", "input_max", "input_min", "output_max", "output_min"]
-            .iter()
-            .any(|s| k.contains(s))
+        if [
+            "self_attn.rotary_emb",
+            "input_max",
+            "input_min",
+            "output_max",
+            "output_min",
+        ]
+        .iter()
+        .any(|s| k.contains(s))
         {
             store.skip("rotary cache / activation clip range");
             continue;
         }
-        if [".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.k_norm"]
-            .iter()
-            .any(|s| k.contains(s))
+        if [
+            ".self_attn.k_proj",
+            ".self_attn.v_proj",
+            ".self_attn.k_norm",
+        ]
+        .iter()
+        .any(|s| k.contains(s))
         {
             let layer = k
                 .strip_prefix("layers.")
@@ -128,15 +144,17 @@ pub fn load(dir: &Path, compute_dtype: Option<Dtype>) -> Result<(Gemma4, ModelCo
         for (k, v) in t {
             bytes += v.nbytes() as u64;
             if raw.insert(k.clone(), v).is_some() {
-                return Err(EngineError::InvalidModel(format!("tensor {k} appears in two shards")));
+                return Err(EngineError::InvalidModel(format!(
+                    "tensor {k} appears in two shards"
+                )));
             }
         }
     }
     let n_tensors = raw.len();
     let mut store = WeightStore::new(HashMap::new(), cfg.quantization.clone(), compute_dtype);
     sanitize(raw, &cfg, &mut store)?;
-    let quantized = store.has("embed_tokens.scales")
-        || store.names().iter().any(|n| n.ends_with(".scales"));
+    let quantized =
+        store.has("embed_tokens.scales") || store.names().iter().any(|n| n.ends_with(".scales"));
     // mlx-lm's activation dtype is the embedding output's: the weight's, or the scales' when quantized.
     let dtype = match compute_dtype {
         Some(dt) => dt,

@@ -43,7 +43,10 @@ impl Consts {
         let cube = ops::power(x, &self.three)?;
         let inner = ops::add(x, ops::multiply(&self.gelu_k, &cube)?)?;
         let t = ops::tanh(ops::multiply(&self.gelu_c, &inner)?)?;
-        Ok(ops::multiply(ops::multiply(&self.half, x)?, ops::add(&self.one, &t)?)?)
+        Ok(ops::multiply(
+            ops::multiply(&self.half, x)?,
+            ops::add(&self.one, &t)?,
+        )?)
     }
 }
 
@@ -160,9 +163,7 @@ impl Attention {
         };
         let q = self.rope.apply(&q.transpose_axes(&[0, 2, 1, 3])?, offset)?;
         let out = match mask {
-            Mask::None => {
-                fast::scaled_dot_product_attention(&q, &keys, &values, 1.0, None, None)?
-            }
+            Mask::None => fast::scaled_dot_product_attention(&q, &keys, &values, 1.0, None, None)?,
             Mask::Causal => fast::scaled_dot_product_attention(
                 &q,
                 &keys,
@@ -637,8 +638,13 @@ impl Gemma4 {
                 let t = ops::multiply(&t, &p.embed_scale)?.reshape(&[b, l, n_layers, pd])?;
                 // The projection reads the *scaled* token embedding.
                 let proj = p.per_layer_model_projection.forward(&h)?;
-                let proj = ops::multiply(&proj, &p.projection_scale)?.reshape(&[b, l, n_layers, pd])?;
-                let proj = fast::rms_norm(&proj, Some(&p.per_layer_projection_norm), self.cfg.rms_norm_eps)?;
+                let proj =
+                    ops::multiply(&proj, &p.projection_scale)?.reshape(&[b, l, n_layers, pd])?;
+                let proj = fast::rms_norm(
+                    &proj,
+                    Some(&p.per_layer_projection_norm),
+                    self.cfg.rms_norm_eps,
+                )?;
                 Some(ops::multiply(ops::add(&proj, &t)?, &p.input_scale)?)
             }
             None => None,

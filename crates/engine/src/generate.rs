@@ -1,0 +1,245 @@
+//! The token loop, shaped like mlx-lm's `generate_step`: the prompt (all but its last token) is prefilled in
+//! chunks evaluating only the caches, then each step's graph is built and queued (`async_eval`) before the
+//! previous token is read back, so the host never leaves the device idle.
+
+use std::ops::ControlFlow;
+use std::time::{Duration, Instant};
+
+use mlx_rs::{
+    Array, Dtype,
+    ops::{self, argpartition_axis, indexing::TryIndexOp},
+    transforms::{async_eval, eval},
+};
+use serde::Serialize;
+
+use crate::models::gemma4::{Cache, Gemma4};
+use crate::sample::{Sampler, SamplingParams, log_softmax};
+use crate::{EngineError, Result};
+
+/// mlx-lm's default prefill chunk.
+pub const DEFAULT_PREFILL_STEP: usize = 2048;
+
+/// Options of one generation.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Upper bound on generated tokens.
+    pub max_tokens: usize,
+    /// Tokens that end generation (not emitted).
+    pub stop_tokens: Vec<u32>,
+    /// Return this many top log-probabilities per token (0 = only the chosen token's when `logprobs`).
+    pub top_logprobs: usize,
+    /// Return log-probabilities at all.
+    pub logprobs: bool,
+    /// Prefill chunk length.
+    pub prefill_step: usize,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        Self {
+            sampling: SamplingParams::default(),
+            max_tokens: 256,
+            stop_tokens: vec![],
+            top_logprobs: 0,
+            logprobs: false,
+            prefill_step: DEFAULT_PREFILL_STEP,
+        }
+    }
+}
+
+/// Log-probability information of one generated token.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenLogprobs {
+    /// log p of the chosen token.
+    pub logprob: f32,
+    /// The most likely alternatives (id, log p), best first.
+    pub top: Vec<(u32, f32)>,
+}
+
+/// One generated token.
+#[derive(Debug, Clone)]
+pub struct Step {
+    /// Token id.
+    pub token: u32,
+    /// Log-probabilities, when asked for.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// A stop token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The caller stopped it (client gone, cancel).
+    Cancelled,
+}
+
+/// Counts and timings of one generation.
+#[derive(Debug, Clone, Serialize)]
+pub struct GenerationStats {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens (stop token excluded).
+    pub completion_tokens: usize,
+    /// Time to process the prompt and produce the first token.
+    pub prefill_time: Duration,
+    /// Time for the remaining tokens.
+    pub decode_time: Duration,
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// The stop token that ended it, if any.
+    pub stop_token: Option<u32>,
+}
+
+impl GenerationStats {
+    /// Prompt tokens per second.
+    pub fn prefill_tps(&self) -> f64 {
+        self.prompt_tokens as f64 / self.prefill_time.as_secs_f64().max(1e-9)
+    }
+
+    /// Generated tokens per second after the first.
+    pub fn decode_tps(&self) -> f64 {
+        let n = self.completion_tokens.saturating_sub(1);
+        if n == 0 {
+            return 0.0;
+        }
+        n as f64 / self.decode_time.as_secs_f64().max(1e-9)
+    }
+}
+
+struct Pending {
+    token: Array,
+    logprobs: Array,
+}
+
+fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
+    let flat = lp.reshape(&[-1])?.as_dtype(Dtype::Float32)?;
+    let chosen = flat.try_index(token as i32)?.item_cast::<f32>();
+    let mut out = vec![];
+    if top > 0 {
+        let v = flat.shape()[0];
+        let k = (top as i32).min(v);
+        let idx = argpartition_axis(ops::negative(&flat)?, k - 1, 0)?.try_index(..k)?;
+        let vals = flat.take_axis(&idx, 0)?;
+        let idx: Vec<u32> = idx.as_dtype(Dtype::Uint32)?.as_slice::<u32>().to_vec();
+        let vals: Vec<f32> = vals.as_slice::<f32>().to_vec();
+        out = idx.into_iter().zip(vals).collect();
+        out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+    }
+    Ok(TokenLogprobs {
+        logprob: chosen,
+        top: out,
+    })
+}
+
+/// Generates from `prompt` with `model`, calling `on_step` for each token; `on_step` returning
+/// `ControlFlow::Break` stops (cancel or stop string), which is reported as `Cancelled` unless the callback
+/// says otherwise via `stop_as`.
+pub fn generate(
+    model: &Gemma4,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    mut on_step: impl FnMut(&Step) -> ControlFlow<FinishReason>,
+) -> Result<GenerationStats> {
+    if prompt.is_empty() {
+        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    }
+    let vocab = model.config().vocab_size;
+    if let Some(bad) = prompt.iter().find(|t| **t as usize >= vocab) {
+        return Err(EngineError::InvalidRequest(format!(
+            "token id {bad} is outside the vocabulary ({vocab})"
+        )));
+    }
+    let mut sampler = Sampler::new(opts.sampling.clone(), vocab, model.dtype())?;
+    let t0 = Instant::now();
+    let mut cache: Cache = model.new_cache();
+    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+    let step_len = opts.prefill_step.max(1);
+    let mut done = 0usize;
+    while ids.len() - done > 1 {
+        let n = step_len.min(ids.len() - done - 1);
+        let chunk = Array::from_slice(&ids[done..done + n], &[1, n as i32]);
+        // Only the caches are needed from prefill chunks: the LM head never runs for them.
+        model.forward_hidden(&chunk, &mut cache)?;
+        eval(cache.state())?;
+        done += n;
+        mlx_rs::memory::clear_cache()?;
+    }
+    let mut history = Array::from_slice(&ids, &[ids.len() as i32]);
+    let mut step = |input: &Array, history: &Array| -> Result<Pending> {
+        let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut cache)?;
+        let logits = sampler.process(&logits, Some(history))?;
+        let logprobs = log_softmax(&logits)?;
+        let token = sampler.sample(&logprobs)?;
+        Ok(Pending { token, logprobs })
+    };
+    let last = Array::from_slice(&ids[ids.len() - 1..], &[1]);
+    let mut cur = step(&last, &history)?;
+    async_eval([&cur.token, &cur.logprobs])?;
+    let mut stats = GenerationStats {
+        prompt_tokens: prompt.len(),
+        completion_tokens: 0,
+        prefill_time: Duration::ZERO,
+        decode_time: Duration::ZERO,
+        finish_reason: FinishReason::Length,
+        stop_token: None,
+    };
+    let mut t_first = None;
+    let mut n = 0usize;
+    loop {
+        let next = if n + 1 < opts.max_tokens {
+            // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
+            let tok = cur.token.as_dtype(Dtype::Int32)?.reshape(&[1])?;
+            history = ops::concatenate(&[&history, &tok], 0)?;
+            let p = step(&tok, &history)?;
+            async_eval([&p.token, &p.logprobs])?;
+            Some(p)
+        } else {
+            None
+        };
+        if opts.max_tokens == 0 {
+            break;
+        }
+        let token = cur
+            .token
+            .reshape(&[-1])?
+            .as_dtype(Dtype::Uint32)?
+            .item_exact::<u32>();
+        if t_first.is_none() {
+            t_first = Some(Instant::now());
+            stats.prefill_time = t0.elapsed();
+        }
+        if opts.stop_tokens.contains(&token) {
+            stats.finish_reason = FinishReason::Stop;
+            stats.stop_token = Some(token);
+            break;
+        }
+        let logprobs = if opts.logprobs {
+            Some(read_logprobs(&cur.logprobs, token, opts.top_logprobs)?)
+        } else {
+            None
+        };
+        stats.completion_tokens += 1;
+        if let ControlFlow::Break(reason) = on_step(&Step { token, logprobs }) {
+            stats.finish_reason = reason;
+            break;
+        }
+        n += 1;
+        if n % 256 == 0 {
+            mlx_rs::memory::clear_cache()?;
+        }
+        match next {
+            Some(p) => cur = p,
+            None => break,
+        }
+    }
+    if let Some(t) = t_first {
+        stats.decode_time = t.elapsed();
+    }
+    Ok(stats)
+}
