@@ -2,6 +2,8 @@
 //! crates; this binary is what runs without a UI.
 
 mod doctor;
+mod generate_cmd;
+mod serve;
 
 use clap::{Parser, Subcommand};
 
@@ -20,6 +22,10 @@ struct Cli {
 enum Command {
     /// Check this machine: chip, memory, disk, MLX device and compute dtype, and which tiers it can hold.
     Doctor(doctor::Args),
+    /// Run the OpenAI-compatible gateway (default 127.0.0.1:8080) with the configured tiers.
+    Serve(serve::Args),
+    /// Generate text with the in-process MLX engine (prints JSON with --json: tokens, text, tok/s, memory).
+    Generate(generate_cmd::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -33,5 +39,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Doctor(args) => doctor::run(args),
+        Command::Generate(args) => generate_cmd::run(args),
+        Command::Serve(args) => serve::run(args),
     }
 }

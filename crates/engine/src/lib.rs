@@ -11,6 +11,10 @@ pub mod error;
 pub mod generate;
 pub mod models;
 pub mod nn;
+pub mod runtime;
 pub mod sample;
+pub mod template;
+pub mod tokenizer;
+pub mod tools;
 
 pub use error::{EngineError, Result};

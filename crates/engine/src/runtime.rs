@@ -1,0 +1,639 @@
+//! The engine host: the model lives on its own thread (MLX arrays and streams are not meant to hop between
+//! threads), requests arrive over a bounded queue, events stream back over a bounded channel, and a dropped
+//! receiver cancels the request at the next token.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use mlx_rs::Dtype;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
+use crate::generate::{FinishReason, GenerateOptions, GenerationStats, TokenLogprobs, generate};
+use crate::models::gemma4::{self, Gemma4, LoadReport};
+use crate::template::{ChatTemplate, RenderRequest};
+use crate::tokenizer::Tokenizer;
+use crate::tools::{Event as ParseEvent, OutputParser, ToolCall};
+use crate::{EngineError, Result};
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// Raw text, tokenized with the tokenizer's special-token rules (BOS added unless present).
+    Text(String),
+    /// Token ids as given.
+    Ids(Vec<u32>),
+    /// OpenAI-style messages rendered with the model's own chat template.
+    Chat {
+        /// Messages (role, content, tool_calls, …).
+        messages: Vec<Value>,
+        /// OpenAI `tools` array.
+        tools: Option<Vec<Value>>,
+        /// Thinking mode for templates that support it.
+        enable_thinking: Option<bool>,
+    },
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Input.
+    pub prompt: Prompt,
+    /// Sampling, length and logprob options.
+    pub options: GenerateOptions,
+    /// Strings that end generation; the matched text is not returned.
+    pub stop: Vec<String>,
+    /// Parse Gemma 4 tool calls and thinking out of the text (chat requests).
+    pub parse_output: bool,
+}
+
+/// A token's text and log-probabilities, for OpenAI `logprobs`.
+#[derive(Debug, Clone, Serialize)]
+pub struct TokenInfo {
+    /// Token id.
+    pub id: u32,
+    /// Decoded text of this token (may be empty while a character is incomplete).
+    pub text: String,
+    /// Log-probabilities.
+    pub logprobs: Option<TokenLogprobs>,
+}
+
+/// What the engine sends back for a request.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// The prompt was accepted (after template and tokenizer).
+    Started {
+        /// Prompt length in tokens.
+        prompt_tokens: usize,
+    },
+    /// Visible answer text.
+    Content(String),
+    /// Thinking text (Gemma 4 thought channel).
+    Reasoning(String),
+    /// A complete tool call.
+    ToolCall(ToolCall),
+    /// Per-token details (only when logprobs were asked for).
+    Tokens(Vec<TokenInfo>),
+    /// Finished.
+    Done(Summary),
+    /// Failed; nothing more follows.
+    Error(String),
+}
+
+/// Final statistics of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Token counts and timings.
+    pub stats: GenerationStats,
+    /// Whether any tool call was emitted (OpenAI finish_reason "tool_calls").
+    pub tool_calls: bool,
+    /// MLX memory after the request.
+    pub memory: MlxMemory,
+    /// Prefill tokens/s.
+    pub prefill_tps: f64,
+    /// Decode tokens/s.
+    pub decode_tps: f64,
+}
+
+/// Life-cycle of the engine host.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EngineState {
+    /// Loading weights.
+    Loading,
+    /// Serving.
+    Ready,
+    /// Loading failed.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Live figures for `/health`, `/metrics` and the tray.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineStatus {
+    /// State.
+    #[serde(flatten)]
+    pub state: EngineState,
+    /// Model directory.
+    pub model_dir: PathBuf,
+    /// Model name (directory name).
+    pub model: String,
+    /// Load report, once loaded.
+    pub load: Option<LoadReport>,
+    /// Requests completed.
+    pub requests: u64,
+    /// Tokens generated in total.
+    pub generated_tokens: u64,
+    /// Decode speed of the last request.
+    pub last_decode_tps: f64,
+    /// Prefill speed of the last request.
+    pub last_prefill_tps: f64,
+    /// Requests waiting or running.
+    pub queued: usize,
+    /// MLX memory.
+    pub memory: MlxMemory,
+    /// Device.
+    pub device: DeviceKind,
+    /// Context length the model supports.
+    pub context_length: usize,
+}
+
+/// Settings of an engine host.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Model directory (HF layout).
+    pub model_dir: PathBuf,
+    /// Activation dtype: None = per-device default (f32 on CPU, checkpoint dtype on GPU).
+    pub dtype: Option<Dtype>,
+    /// Requests that may wait for the model thread before submissions are refused.
+    pub queue_capacity: usize,
+    /// Events buffered per request before the model thread waits for the consumer.
+    pub event_buffer: usize,
+}
+
+impl EngineConfig {
+    /// Defaults for a model directory.
+    pub fn new(model_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            model_dir: model_dir.into(),
+            dtype: None,
+            queue_capacity: 16,
+            event_buffer: 64,
+        }
+    }
+}
+
+struct Job {
+    request: Request,
+    events: mpsc::Sender<Event>,
+}
+
+/// A cheap, clonable handle to the engine thread.
+#[derive(Clone)]
+pub struct Engine {
+    jobs: mpsc::Sender<Job>,
+    status: Arc<Mutex<EngineStatus>>,
+    event_buffer: usize,
+}
+
+/// Submitting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full: try later (HTTP 429).
+    #[error("the model queue is full")]
+    QueueFull,
+    /// The engine is not serving (still loading, failed, or shut down).
+    #[error("the engine is not available: {0}")]
+    Unavailable(String),
+}
+
+impl Engine {
+    /// Starts the engine thread; the model loads in the background (see [`Engine::status`]).
+    pub fn start(config: EngineConfig) -> Result<Self> {
+        let device = select_device()?;
+        let status = Arc::new(Mutex::new(EngineStatus {
+            state: EngineState::Loading,
+            model: config
+                .model_dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            model_dir: config.model_dir.clone(),
+            load: None,
+            requests: 0,
+            generated_tokens: 0,
+            last_decode_tps: 0.0,
+            last_prefill_tps: 0.0,
+            queued: 0,
+            memory: MlxMemory::default(),
+            device,
+            context_length: 0,
+        }));
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name("jemma-mlx".into())
+            .spawn(move || engine_thread(config, device, rx, st))
+            .map_err(|e| {
+                EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
+            })?;
+        Ok(Self {
+            jobs: tx,
+            status,
+            event_buffer: 64,
+        })
+    }
+
+    /// A snapshot of the engine's state and figures (never blocks on the model thread).
+    pub fn status(&self) -> EngineStatus {
+        let mut s = self
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
+        s
+    }
+
+    /// Queues a request; events arrive on the returned receiver. Dropping it cancels the request.
+    pub fn submit(
+        &self,
+        request: Request,
+    ) -> std::result::Result<mpsc::Receiver<Event>, SubmitError> {
+        match &self.status().state {
+            EngineState::Ready => {}
+            EngineState::Loading => {
+                return Err(SubmitError::Unavailable("model is loading".into()));
+            }
+            EngineState::Failed { error } => return Err(SubmitError::Unavailable(error.clone())),
+        }
+        let (etx, erx) = mpsc::channel(self.event_buffer);
+        self.jobs
+            .try_send(Job {
+                request,
+                events: etx,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => {
+                    SubmitError::Unavailable("engine thread stopped".into())
+                }
+            })?;
+        Ok(erx)
+    }
+
+    /// Waits (blocking) until the model is loaded or failed; for CLIs and tests.
+    pub fn wait_ready(&self) -> Result<()> {
+        loop {
+            match self.status().state {
+                EngineState::Ready => return Ok(()),
+                EngineState::Failed { error } => return Err(EngineError::InvalidModel(error)),
+                EngineState::Loading => std::thread::sleep(std::time::Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// A model with its tokenizer and chat template: everything needed to turn a [`Prompt`] into tokens and
+/// tokens into text. Used by the engine thread and by `jemma generate`.
+pub struct ModelBundle {
+    /// The decoder.
+    pub model: Gemma4,
+    /// Its tokenizer and stop ids.
+    pub tokenizer: Tokenizer,
+    /// Its chat template, if it ships one.
+    pub template: Option<ChatTemplate>,
+    /// What loading found.
+    pub report: LoadReport,
+}
+
+/// The activation dtype the engine uses by default on `device`: float32 on MLX's CPU backend (bf16 is
+/// several times slower there), the checkpoint's own dtype on the GPU.
+pub fn default_dtype(device: DeviceKind) -> Option<Dtype> {
+    match device {
+        DeviceKind::Cpu => Some(Dtype::Float32),
+        DeviceKind::Gpu => None,
+    }
+}
+
+impl ModelBundle {
+    /// Loads a model directory. `dtype` None keeps the checkpoint's dtype (mlx-lm's behaviour).
+    pub fn load(dir: &Path, dtype: Option<Dtype>) -> Result<Self> {
+        let (model, cfg, report) = gemma4::load(dir, dtype)?;
+        let tokenizer = Tokenizer::from_model_dir(dir, &cfg.eos_token_ids)?;
+        let template = ChatTemplate::from_model_dir(dir)
+            .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?;
+        Ok(Self {
+            model,
+            tokenizer,
+            template,
+            report,
+        })
+    }
+
+    /// Context length in tokens.
+    pub fn context_length(&self) -> usize {
+        self.model.config().max_position_embeddings
+    }
+
+    /// Token ids of a prompt: chat messages through the model's template (which writes `<bos>`), text with
+    /// a BOS prepended unless it starts with one, ids as given.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
+        Ok(match prompt {
+            Prompt::Ids(ids) => ids.clone(),
+            Prompt::Text(t) => {
+                let bos = self.tokenizer.bos_token.as_deref();
+                let mut ids = self.tokenizer.encode(t, false)?;
+                if let Some(b) = bos.filter(|b| !t.starts_with(b)) {
+                    if let Some(id) = self.tokenizer.token_id(b) {
+                        ids.insert(0, id);
+                    }
+                }
+                ids
+            }
+            Prompt::Chat {
+                messages,
+                tools,
+                enable_thinking,
+            } => {
+                let tpl = self.template.as_ref().ok_or_else(|| {
+                    EngineError::InvalidRequest("this model has no chat template".into())
+                })?;
+                // A trailing assistant message is a prefix to continue (a gateway fallback resuming a stream
+                // another tier started): render the conversation before it with the generation prompt, then
+                // append its text verbatim.
+                let (messages, prefix) = match messages.split_last() {
+                    Some((last, rest))
+                        if last.get("role").and_then(Value::as_str) == Some("assistant")
+                            && last.get("tool_calls").is_none()
+                            && !rest.is_empty() =>
+                    {
+                        let text = last.get("content").and_then(Value::as_str).unwrap_or("");
+                        (rest, text)
+                    }
+                    _ => (messages.as_slice(), ""),
+                };
+                let text = tpl
+                    .render(&RenderRequest {
+                        messages,
+                        tools: tools.as_deref(),
+                        add_generation_prompt: true,
+                        enable_thinking: *enable_thinking,
+                        extra: None,
+                    })
+                    .map_err(|e| {
+                        if e.is_client_error() {
+                            EngineError::InvalidRequest(e.to_string())
+                        } else {
+                            EngineError::InvalidModel(format!("chat template: {e}"))
+                        }
+                    })?;
+                self.tokenizer.encode(&format!("{text}{prefix}"), false)?
+            }
+        })
+    }
+}
+
+fn engine_thread(
+    config: EngineConfig,
+    device: DeviceKind,
+    mut jobs: mpsc::Receiver<Job>,
+    status: Arc<Mutex<EngineStatus>>,
+) {
+    mlx_rs::Device::set_default(&device.device());
+    let set = |f: &dyn Fn(&mut EngineStatus)| {
+        if let Ok(mut s) = status.lock() {
+            f(&mut s);
+        }
+    };
+    let loaded = match ModelBundle::load(&config.model_dir, config.dtype.or(default_dtype(device)))
+    {
+        Ok(l) => {
+            let report = l.report.clone();
+            tracing::info!(model = %config.model_dir.display(), tensors = report.tensors, dtype = %report.dtype, "model loaded");
+            let ctx = l.context_length();
+            set(&|s| {
+                s.state = EngineState::Ready;
+                s.load = Some(report.clone());
+                s.context_length = ctx;
+                s.memory = mlx_memory();
+            });
+            l
+        }
+        Err(e) => {
+            tracing::error!(model = %config.model_dir.display(), error = %e, "model failed to load");
+            let msg = e.to_string();
+            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+            return;
+        }
+    };
+    while let Some(job) = jobs.blocking_recv() {
+        let started = Instant::now();
+        let result = run_job(&loaded, &job);
+        match result {
+            Ok(summary) => {
+                let st = &summary.stats;
+                tracing::info!(
+                    prompt_tokens = st.prompt_tokens,
+                    completion_tokens = st.completion_tokens,
+                    prefill_tps = format!("{:.1}", summary.prefill_tps),
+                    decode_tps = format!("{:.1}", summary.decode_tps),
+                    finish = ?st.finish_reason,
+                    ms = started.elapsed().as_millis() as u64,
+                    "request done"
+                );
+                set(&|s| {
+                    s.requests += 1;
+                    s.generated_tokens += summary.stats.completion_tokens as u64;
+                    s.last_decode_tps = summary.decode_tps;
+                    s.last_prefill_tps = summary.prefill_tps;
+                    s.memory = summary.memory;
+                });
+                let _ = job.events.blocking_send(Event::Done(summary));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request failed");
+                let _ = job.events.blocking_send(Event::Error(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Holds back text that might be the start of a stop string, and cuts at a complete one.
+struct StopMatcher {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopMatcher {
+    /// Returns (text safe to emit, whether a stop string was hit).
+    fn push(&mut self, text: &str) -> (String, bool) {
+        if self.stops.is_empty() {
+            return (text.to_string(), false);
+        }
+        self.held.push_str(text);
+        if let Some(pos) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..pos].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest suffix that is a proper prefix of some stop string.
+        let mut keep = 0;
+        for s in &self.stops {
+            for (i, _) in s.char_indices().skip(1) {
+                if self.held.ends_with(&s[..i]) {
+                    keep = keep.max(i);
+                }
+            }
+        }
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
+}
+
+fn run_job(l: &ModelBundle, job: &Job) -> Result<Summary> {
+    let req = &job.request;
+    let ids = l.prompt_ids(&req.prompt)?;
+    let ctx = l.context_length();
+    if ids.len() + req.options.max_tokens > ctx {
+        return Err(EngineError::InvalidRequest(format!(
+            "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {ctx} tokens",
+            ids.len(),
+            req.options.max_tokens
+        )));
+    }
+    if job
+        .events
+        .blocking_send(Event::Started {
+            prompt_tokens: ids.len(),
+        })
+        .is_err()
+    {
+        return Err(EngineError::InvalidRequest("client went away".into()));
+    }
+    let mut opts = req.options.clone();
+    if opts.stop_tokens.is_empty() {
+        opts.stop_tokens = l.tokenizer.eos_ids.clone();
+    }
+    let mut decoder = l.tokenizer.stream();
+    let mut parser = req.parse_output.then(OutputParser::new);
+    let mut stops = StopMatcher {
+        stops: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
+        held: String::new(),
+    };
+    let mut tool_calls = false;
+    let mut failed: Option<EngineError> = None;
+    let events = &job.events;
+    let emit = |text: &str, tool_calls: &mut bool, parser: &mut Option<OutputParser>| -> bool {
+        let parsed = match parser {
+            Some(p) => p.push(text),
+            None => vec![ParseEvent::Content(text.to_string())],
+        };
+        for ev in parsed {
+            let out = match ev {
+                ParseEvent::Content(c) if c.is_empty() => continue,
+                ParseEvent::Content(c) => Event::Content(c),
+                ParseEvent::Reasoning(r) => Event::Reasoning(r),
+                ParseEvent::ToolCall(tc) => {
+                    *tool_calls = true;
+                    Event::ToolCall(tc)
+                }
+                ParseEvent::ToolCallError(e) => {
+                    tracing::warn!(error = %e.error, "unparseable tool call passed through as text");
+                    Event::Content(e.raw)
+                }
+            };
+            if events.blocking_send(out).is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    let stats = generate(&l.model, &ids, &opts, |step| {
+        if events.is_closed() {
+            return ControlFlow::Break(FinishReason::Cancelled);
+        }
+        let piece = match decoder.push(step.token) {
+            Ok(p) => p,
+            Err(e) => {
+                failed = Some(e);
+                return ControlFlow::Break(FinishReason::Cancelled);
+            }
+        };
+        if opts.logprobs
+            && events
+                .blocking_send(Event::Tokens(vec![TokenInfo {
+                    id: step.token,
+                    text: piece.clone(),
+                    logprobs: step.logprobs.clone(),
+                }]))
+                .is_err()
+        {
+            return ControlFlow::Break(FinishReason::Cancelled);
+        }
+        let (text, hit) = stops.push(&piece);
+        if !text.is_empty() && !emit(&text, &mut tool_calls, &mut parser) {
+            return ControlFlow::Break(FinishReason::Cancelled);
+        }
+        if hit {
+            ControlFlow::Break(FinishReason::Stop)
+        } else {
+            ControlFlow::Continue(())
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    if stats.finish_reason != FinishReason::Cancelled {
+        let mut tail = decoder.finish()?;
+        if stats.finish_reason != FinishReason::Stop || stats.stop_token.is_some() {
+            tail.push_str(&stops.finish());
+        }
+        if !tail.is_empty() {
+            emit(&tail, &mut tool_calls, &mut parser);
+        }
+        if let Some(p) = parser.take() {
+            for ev in p.finish() {
+                let out = match ev {
+                    ParseEvent::Content(c) => Event::Content(c),
+                    ParseEvent::Reasoning(r) => Event::Reasoning(r),
+                    ParseEvent::ToolCall(tc) => {
+                        tool_calls = true;
+                        Event::ToolCall(tc)
+                    }
+                    ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+                };
+                let _ = events.blocking_send(out);
+            }
+        }
+    }
+    Ok(Summary {
+        prefill_tps: stats.prefill_tps(),
+        decode_tps: stats.decode_tps(),
+        stats,
+        tool_calls,
+        memory: mlx_memory(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StopMatcher;
+
+    #[test]
+    fn stop_strings_across_pieces() {
+        let mut m = StopMatcher {
+            stops: vec!["END".into(), "\n\n".into()],
+            held: String::new(),
+        };
+        let mut out = String::new();
+        let mut hit = false;
+        for p in ["Hello E", "N", "o", " wor", "ld\n", "\nmore"] {
+            let (t, h) = m.push(p);
+            out.push_str(&t);
+            if h {
+                hit = true;
+                break;
+            }
+        }
+        assert!(hit);
+        assert_eq!(out, "Hello ENo world");
+    }
+}

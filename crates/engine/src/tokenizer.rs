@@ -1,0 +1,171 @@
+//! Tokenizer (`tokenizer.json` through the `tokenizers` crate), stop ids, and a streaming decoder that never
+//! splits a UTF-8 character.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::{EngineError, Result};
+
+/// A model's tokenizer plus the ids that end generation.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// Stop ids: generation_config.json's `eos_token_id` (else config.json's), plus the tokenizer's eos token.
+    pub eos_ids: Vec<u32>,
+    /// The BOS token string, if the tokenizer has one.
+    pub bos_token: Option<String>,
+}
+
+fn read_json(path: &Path) -> Result<Option<Value>> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    let s = std::fs::read_to_string(path).map_err(|source| EngineError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    serde_json::from_str(&s)
+        .map(Some)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))
+}
+
+/// A special-token field of tokenizer_config.json: a string or `{ "content": … }`.
+pub fn token_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
+        _ => None,
+    }
+}
+
+fn ids(v: Option<&Value>) -> Vec<u32> {
+    match v {
+        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|x| x.as_u64().map(|x| x as u32))
+            .collect(),
+        _ => vec![],
+    }
+}
+
+impl Tokenizer {
+    /// Loads `tokenizer.json` (+ tokenizer_config.json, generation_config.json) from a model directory.
+    /// `config_eos` are the stop ids of config.json, used when generation_config.json has none.
+    pub fn from_model_dir(dir: &Path, config_eos: &[u32]) -> Result<Self> {
+        let path = dir.join("tokenizer.json");
+        if !path.exists() {
+            return Err(EngineError::InvalidModel(format!(
+                "{} is missing (only tokenizer.json tokenizers are supported)",
+                path.display()
+            )));
+        }
+        let inner = tokenizers::Tokenizer::from_file(&path)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+        let tcfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
+        let gen_cfg = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
+        let mut eos_ids = ids(gen_cfg.get("eos_token_id"));
+        if eos_ids.is_empty() {
+            eos_ids = config_eos.to_vec();
+        }
+        if let Some(eos) = token_string(tcfg.get("eos_token")) {
+            if let Some(id) = inner.token_to_id(&eos) {
+                if !eos_ids.contains(&id) {
+                    eos_ids.push(id);
+                }
+            }
+        }
+        Ok(Self {
+            inner,
+            eos_ids,
+            bos_token: token_string(tcfg.get("bos_token")),
+        })
+    }
+
+    /// Token ids of `text`. Chat prompts are rendered by the template, which writes `<bos>` itself, so
+    /// `add_special_tokens` is false for them (as mlx-lm does).
+    pub fn encode(&self, text: &str, add_special_tokens: bool) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, add_special_tokens)
+            .map_err(|e| EngineError::InvalidRequest(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Text of `ids`, special tokens kept (the output parser needs them).
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| EngineError::InvalidModel(format!("tokenizer: {e}")))
+    }
+
+    /// Vocabulary size including added tokens.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// The id of a token string, if it is a single token.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// A streaming decoder for one generation.
+    pub fn stream(&self) -> StreamDecoder<'_> {
+        StreamDecoder {
+            tok: self,
+            ids: vec![],
+            prefix: 0,
+            read: 0,
+        }
+    }
+}
+
+/// Incremental detokenizer (the prefix/read-offset scheme of text-generation-inference): decodes a short
+/// window of recent ids and emits only the new, complete text; a token that ends inside a multi-byte
+/// character (byte-fallback tokens) is held until the character completes.
+pub struct StreamDecoder<'a> {
+    tok: &'a Tokenizer,
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl StreamDecoder<'_> {
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, id: u32) -> Result<String> {
+        self.ids.push(id);
+        let prefix_text = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = self.tok.decode(&self.ids[self.prefix..])?;
+        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
+            // Decoding a window can differ from the prefix in more than an append (e.g. a leading space
+            // rule); emit from the first differing char boundary of the longer text.
+            let start = if new_text.starts_with(&prefix_text) {
+                prefix_text.len()
+            } else {
+                let mut i = prefix_text.len().min(new_text.len());
+                while !new_text.is_char_boundary(i) {
+                    i -= 1;
+                }
+                i
+            };
+            let out = new_text[start..].to_string();
+            self.prefix = self.read;
+            self.read = self.ids.len();
+            Ok(out)
+        } else {
+            Ok(String::new())
+        }
+    }
+
+    /// Flushes whatever is held back (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> Result<String> {
+        if self.read >= self.ids.len() {
+            return Ok(String::new());
+        }
+        let prefix_text = self.tok.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = self.tok.decode(&self.ids[self.prefix..])?;
+        self.prefix = self.ids.len();
+        self.read = self.ids.len();
+        Ok(new_text.get(prefix_text.len()..).unwrap_or("").to_string())
+    }
+}

@@ -1,0 +1,85 @@
+//! The one mapping from errors to HTTP: OpenAI's `{"error": {"message", "type", "param", "code"}}` with the
+//! right status (400, 404, 413, 429 + Retry-After, 503, 504).
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use jemma_router::RouterError;
+use serde_json::{Value, json};
+
+/// An error answer.
+#[derive(Debug)]
+pub struct ApiError(pub RouterError);
+
+impl From<RouterError> for ApiError {
+    fn from(e: RouterError) -> Self {
+        Self(e)
+    }
+}
+
+impl ApiError {
+    /// Status, OpenAI error type and code.
+    pub fn parts(&self) -> (StatusCode, &'static str, &'static str) {
+        match &self.0 {
+            RouterError::InvalidRequest { .. } => (
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                "invalid_request",
+            ),
+            RouterError::TooLarge(_) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "request_too_large",
+            ),
+            RouterError::UnknownModel(_) => (
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+            ),
+            RouterError::Busy { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "tier_busy",
+            ),
+            RouterError::AllTiersDown { .. } => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "service_unavailable",
+                "all_tiers_down",
+            ),
+            RouterError::Timeout(_) => (StatusCode::GATEWAY_TIMEOUT, "timeout", "upstream_timeout"),
+            RouterError::Config(_) => (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "server_error",
+                "configuration",
+            ),
+        }
+    }
+
+    /// The JSON body.
+    pub fn body(&self) -> Value {
+        let (_, ty, code) = self.parts();
+        let param = match &self.0 {
+            RouterError::InvalidRequest { param, .. } => json!(param),
+            RouterError::UnknownModel(_) => json!("model"),
+            _ => Value::Null,
+        };
+        let mut err =
+            json!({"message": self.0.to_string(), "type": ty, "param": param, "code": code});
+        if let RouterError::AllTiersDown { fallback } = &self.0 {
+            err["fallback"] = json!(fallback);
+        }
+        json!({ "error": err })
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, _, _) = self.parts();
+        let mut r = (status, axum::Json(self.body())).into_response();
+        if let RouterError::Busy { retry_after_secs } = &self.0 {
+            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
+}

@@ -1,0 +1,254 @@
+//! HTTP handlers: thin adapters between axum and the tier router.
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use jemma_router::RouterError;
+use jemma_router::api::{ChatCompletionRequest, Routing, Usage};
+use jemma_router::backend::Chunk;
+use jemma_router::classify::Tier;
+use jemma_router::route::{Output, model_entry};
+use serde_json::{Value, json};
+
+use crate::{ApiError, AppState, sse};
+
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub(crate) fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+}
+
+pub(crate) fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
+
+/// Reads and parses the body ourselves so that oversize and malformed bodies get OpenAI-shaped errors.
+async fn parse_body(state: &AppState, body: Body) -> Result<ChatCompletionRequest, ApiError> {
+    let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
+        ApiError(RouterError::TooLarge(format!(
+            "request body exceeds {} bytes",
+            state.max_body_bytes
+        )))
+    })?;
+    serde_json::from_slice::<ChatCompletionRequest>(&bytes).map_err(|e| {
+        ApiError(RouterError::InvalidRequest {
+            message: format!("invalid JSON body: {e}"),
+            param: None,
+        })
+    })
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
+    match chat_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn chat_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let req = parse_body(&state, body).await?.validate(&state.limits)?;
+    let stream = req.stream;
+    let include_usage = req.include_usage;
+    let model = req.requested_model.clone();
+    let mut rx = state.router.chat(req)?;
+    if stream {
+        // Wait for the first output before committing to a 200: failures that happen before any token
+        // (no tier, busy, bad request) still get their proper status.
+        let first = loop {
+            match rx.recv().await {
+                Some(Output::Waiting) => break Some(Output::Waiting),
+                Some(o) => break Some(o),
+                None => break None,
+            }
+        };
+        return match first {
+            Some(Output::Error(e)) => Err(ApiError(e)),
+            None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
+            Some(first) => Ok(sse::stream_response(
+                state.keep_alive,
+                model,
+                include_usage,
+                first,
+                rx,
+            )),
+        };
+    }
+    let mut content = String::new();
+    let mut reasoning = String::new();
+    let mut tool_calls: Vec<Value> = vec![];
+    let mut logprobs: Vec<Value> = vec![];
+    let mut end: Option<(String, Usage, Routing)> = None;
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(Chunk::Content(c)) => content.push_str(&c),
+            Output::Chunk(Chunk::Reasoning(r)) => reasoning.push_str(&r),
+            Output::Chunk(Chunk::ToolCall { name, arguments }) => tool_calls.push(json!({
+                "id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}
+            })),
+            Output::Chunk(Chunk::Logprobs(l)) => logprobs.extend(l),
+            Output::Chunk(_) | Output::Waiting => {}
+            Output::End { finish_reason, usage, routing } => {
+                end = Some((finish_reason, usage, routing));
+                break;
+            }
+            Output::Error(e) => return Err(ApiError(e)),
+        }
+    }
+    let (finish_reason, usage, routing) = end.ok_or_else(|| {
+        ApiError(RouterError::AllTiersDown {
+            fallback: vec!["answer incomplete".into()],
+        })
+    })?;
+    let mut message = json!({"role": "assistant", "content": if content.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(content) }});
+    if !reasoning.is_empty() {
+        message["reasoning_content"] = json!(reasoning);
+    }
+    if !tool_calls.is_empty() {
+        message["tool_calls"] = json!(tool_calls);
+    }
+    let tier = routing.tier.clone();
+    let body = json!({
+        "id": completion_id(),
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": routing.model,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "finish_reason": finish_reason,
+            "logprobs": if logprobs.is_empty() { Value::Null } else { json!({"content": logprobs}) },
+        }],
+        "usage": usage,
+        "_routing": routing,
+    });
+    let mut r = (StatusCode::OK, axum::Json(body)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&tier) {
+        r.headers_mut().insert("x-jemma-tier", v);
+    }
+    Ok(r)
+}
+
+/// `GET /v1/models`.
+pub async fn models(State(state): State<AppState>) -> Response {
+    let data: Vec<Value> = state.router.status().iter().map(model_entry).collect();
+    axum::Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// `GET /v1/models/{id}`.
+pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+    match state.router.status().iter().find(|s| s.tier.as_str() == id) {
+        Some(s) => axum::Json(model_entry(s)).into_response(),
+        None => ApiError(RouterError::UnknownModel(id)).into_response(),
+    }
+}
+
+/// `GET /health`: per-tier state, breaker, model, last error, tok/s.
+pub async fn health(State(state): State<AppState>) -> Response {
+    let tiers = state.router.status();
+    let ready = tiers
+        .iter()
+        .filter(|t| t.enabled && t.backend.state == "ready" && t.breaker.state == "closed")
+        .count();
+    let status = if ready == tiers.len() && ready > 0 {
+        "ok"
+    } else if ready > 0 {
+        "degraded"
+    } else if tiers.iter().any(|t| t.backend.state == "loading") {
+        "starting"
+    } else {
+        "down"
+    };
+    let map: serde_json::Map<String, Value> = tiers
+        .iter()
+        .map(|t| {
+            (
+                t.tier.to_string(),
+                serde_json::to_value(t).unwrap_or(Value::Null),
+            )
+        })
+        .collect();
+    let code = if ready > 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, axum::Json(json!({"status": status, "tiers": map}))).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    // Refresh gauges that are derived from state rather than events.
+    for t in state.router.status() {
+        metrics::gauge!("jemma_tier_enabled", "tier" => t.tier.as_str()).set(if t.enabled {
+            1.0
+        } else {
+            0.0
+        });
+        metrics::gauge!("jemma_tier_in_flight", "tier" => t.tier.as_str()).set(t.in_flight as f64);
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `POST /admin/tiers/{tier}` with `{"enabled": bool, "warm_up": bool}`: the tray's heavy toggle.
+pub async fn set_tier(
+    State(state): State<AppState>,
+    Path(tier): Path<String>,
+    body: Body,
+) -> Response {
+    let tier: Tier = match tier.parse() {
+        Ok(t) => t,
+        Err(_) => return ApiError(RouterError::UnknownModel(tier)).into_response(),
+    };
+    let v: Value = match to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+    {
+        Some(v) => v,
+        None => {
+            return ApiError(RouterError::InvalidRequest {
+                message: "expected {\"enabled\": bool}".into(),
+                param: None,
+            })
+            .into_response();
+        }
+    };
+    let Some(enabled) = v.get("enabled").and_then(Value::as_bool) else {
+        return ApiError(RouterError::InvalidRequest {
+            message: "enabled must be a boolean".into(),
+            param: Some("enabled".into()),
+        })
+        .into_response();
+    };
+    if let Err(e) = state.router.set_enabled(tier, enabled) {
+        return ApiError(e).into_response();
+    }
+    if enabled && v.get("warm_up").and_then(Value::as_bool).unwrap_or(false) {
+        let r = state.router.clone();
+        tokio::spawn(async move {
+            let ok = r.warm_up(tier).await.unwrap_or(false);
+            tracing::info!(%tier, ok, "warm-up finished");
+        });
+    }
+    axum::Json(json!({"tier": tier, "enabled": enabled})).into_response()
+}
+
+/// Unknown paths: OpenAI-style 404.
+pub async fn not_found() -> Response {
+    let body = json!({"error": {"message": "unknown endpoint", "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+}

@@ -1,0 +1,96 @@
+//! Jemma's OpenAI-compatible HTTP gateway. The app, the CLI and the tests all build it with [`router`] and
+//! run it with [`serve`]; handlers are thin: parse, validate, hand to [`jemma_router::route::TierRouter`],
+//! and shape its output as JSON or server-sent events.
+#![deny(missing_docs)]
+
+mod error;
+mod handlers;
+mod sse;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::{get, post};
+use jemma_router::api::Limits;
+use jemma_router::route::TierRouter;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub use error::ApiError;
+
+/// Shared state of the HTTP layer.
+#[derive(Clone)]
+pub struct AppState {
+    /// Routing and tiers.
+    pub router: Arc<TierRouter>,
+    /// Request limits.
+    pub limits: Limits,
+    /// Largest body accepted.
+    pub max_body_bytes: usize,
+    /// SSE keep-alive interval.
+    pub keep_alive: Duration,
+    metrics: PrometheusHandle,
+}
+
+/// The process-wide Prometheus recorder (a `metrics` recorder can be installed once per process; tests
+/// start several gateways in one).
+fn prometheus() -> PrometheusHandle {
+    static H: OnceLock<PrometheusHandle> = OnceLock::new();
+    H.get_or_init(|| {
+        let recorder = PrometheusBuilder::new()
+            .set_buckets(&[
+                0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+                300.0,
+            ])
+            .expect("static buckets")
+            .build_recorder();
+        let handle = recorder.handle();
+        // Another recorder may already be installed by an embedding app; then ours just renders empty.
+        let _ = metrics::set_global_recorder(recorder);
+        handle
+    })
+    .clone()
+}
+
+impl AppState {
+    /// State over a configured router.
+    pub fn new(
+        router: Arc<TierRouter>,
+        limits: Limits,
+        max_body_bytes: usize,
+        keep_alive: Duration,
+    ) -> Self {
+        Self {
+            router,
+            limits,
+            max_body_bytes,
+            keep_alive,
+            metrics: prometheus(),
+        }
+    }
+}
+
+/// The gateway's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(handlers::chat_completions))
+        .route("/v1/models", get(handlers::models))
+        .route("/v1/models/{id}", get(handlers::model))
+        .route("/health", get(handlers::health))
+        .route("/metrics", get(handlers::metrics))
+        .route("/admin/tiers/{tier}", post(handlers::set_tier))
+        .fallback(handlers::not_found)
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves; in-flight requests (and streams) drain first.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}

@@ -1,0 +1,649 @@
+//! The tier trait and its two kinds: `local` (the in-process MLX engine) and `openai` (any OpenAI-compatible
+//! upstream over HTTP: the Cloud Run heavy tier, a llama.cpp or vLLM server, another Jemma).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{ChatRequest, Usage};
+
+/// One piece of an answer, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Chunk {
+    /// The backend accepted the prompt.
+    Started {
+        /// Prompt tokens, when known.
+        prompt_tokens: u64,
+    },
+    /// Answer text.
+    Content(String),
+    /// Thinking text.
+    Reasoning(String),
+    /// A complete tool call.
+    ToolCall {
+        /// Function name.
+        name: String,
+        /// JSON-string arguments.
+        arguments: String,
+    },
+    /// OpenAI `logprobs.content` entries for the tokens just sent.
+    Logprobs(Vec<Value>),
+    /// The end.
+    Done {
+        /// `stop`, `length`, `tool_calls`.
+        finish_reason: String,
+        /// Token counts.
+        usage: Usage,
+        /// Decode tokens/s, when the backend knows it.
+        decode_tps: Option<f64>,
+    },
+}
+
+/// How a backend failed. Only some failures are the tier's fault (they feed its breaker and trigger
+/// fallback); a bad request is the client's and goes straight back.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum BackendError {
+    /// The request cannot be served as given by this model (template error, context overflow, …).
+    #[error("{0}")]
+    BadRequest(String),
+    /// The tier is busy (queue full).
+    #[error("tier busy: {0}")]
+    Busy(String),
+    /// The tier cannot serve now (loading, failed, unreachable, auth rejected).
+    #[error("tier unavailable: {0}")]
+    Unavailable(String),
+    /// No answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The upstream answered with an error status.
+    #[error("upstream error {status}: {message}")]
+    Upstream {
+        /// HTTP status.
+        status: u16,
+        /// Its message.
+        message: String,
+    },
+    /// The answer broke off mid-way.
+    #[error("stream broken: {0}")]
+    Broken(String),
+}
+
+impl BackendError {
+    /// Whether the failure is the tier's (counts against its breaker, tries the next tier).
+    pub fn is_tier_failure(&self) -> bool {
+        !matches!(self, BackendError::BadRequest(_))
+    }
+}
+
+/// Stream of chunks from a backend; dropping it cancels the work.
+pub type ChunkStream = mpsc::Receiver<Result<Chunk, BackendError>>;
+
+/// A backend's own view of its health.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct BackendHealth {
+    /// `ready`, `loading`, `failed`, `unknown`, `waking`.
+    pub state: String,
+    /// Model served.
+    pub model: String,
+    /// Whether weights are in memory (local) / the upstream answered recently (remote).
+    pub model_loaded: bool,
+    /// Last decode speed.
+    pub tokens_per_second: f64,
+    /// Last error, if any.
+    pub last_error: Option<String>,
+    /// Context length, when known.
+    pub context_length: Option<usize>,
+    /// Extra figures (memory, queue).
+    pub details: Value,
+}
+
+/// A tier's engine: local or remote, one interface.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Model id this backend serves.
+    fn model(&self) -> String;
+    /// Starts an answer. `continuation` is assistant text already sent to the client by another tier: the
+    /// backend continues it rather than starting over.
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError>;
+    /// Current health (cheap, never blocks on generation).
+    fn health(&self) -> BackendHealth;
+}
+
+/// Messages with the continuation appended as a trailing assistant turn.
+pub fn with_continuation(messages: &[Value], continuation: Option<&str>) -> Vec<Value> {
+    let mut m = messages.to_vec();
+    if let Some(c) = continuation.filter(|c| !c.is_empty()) {
+        m.push(json!({"role": "assistant", "content": c}));
+    }
+    m
+}
+
+/// The in-process MLX engine as a tier.
+pub struct LocalBackend {
+    engine: jemma_engine::runtime::Engine,
+    default_max_tokens: u32,
+}
+
+impl LocalBackend {
+    /// Wraps a started engine.
+    pub fn new(engine: jemma_engine::runtime::Engine, default_max_tokens: u32) -> Self {
+        Self {
+            engine,
+            default_max_tokens,
+        }
+    }
+}
+
+fn logprob_entry(tok: &jemma_engine::runtime::TokenInfo) -> Option<Value> {
+    let lp = tok.logprobs.as_ref()?;
+    Some(json!({
+        "token": tok.text,
+        "logprob": lp.logprob,
+        "bytes": tok.text.as_bytes(),
+        "top_logprobs": lp.top.iter().map(|(id, p)| json!({"token": format!("<{id}>"), "logprob": p})).collect::<Vec<_>>(),
+    }))
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn model(&self) -> String {
+        self.engine.status().model
+    }
+
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
+        use jemma_engine::generate::GenerateOptions;
+        use jemma_engine::runtime::{Event, Prompt, Request, SubmitError};
+        use jemma_engine::sample::SamplingParams;
+        let sampling = SamplingParams {
+            temperature: req.temperature.unwrap_or(0.0),
+            top_p: req.top_p.unwrap_or(1.0),
+            top_k: req.top_k.unwrap_or(0),
+            min_p: req.min_p.unwrap_or(0.0),
+            repetition_penalty: req.repetition_penalty,
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+            logit_bias: req.logit_bias.clone(),
+            seed: req.seed,
+            ..Default::default()
+        };
+        let request = Request {
+            prompt: Prompt::Chat {
+                messages: with_continuation(&req.messages, continuation),
+                tools: req.tools.clone(),
+                enable_thinking: req.enable_thinking,
+            },
+            options: GenerateOptions {
+                sampling,
+                max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
+                logprobs: req.logprobs,
+                top_logprobs: req.top_logprobs as usize,
+                ..Default::default()
+            },
+            stop: req.stop.clone(),
+            parse_output: true,
+        };
+        let mut events = self.engine.submit(request).map_err(|e| match e {
+            SubmitError::QueueFull => BackendError::Busy(e.to_string()),
+            SubmitError::Unavailable(m) => BackendError::Unavailable(m),
+        })?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut prompt_tokens = 0u64;
+            while let Some(ev) = events.recv().await {
+                let out = match ev {
+                    Event::Started { prompt_tokens: p } => {
+                        prompt_tokens = p as u64;
+                        Ok(Chunk::Started { prompt_tokens })
+                    }
+                    Event::Content(c) => Ok(Chunk::Content(c)),
+                    Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+                    Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+                        name: tc.name,
+                        arguments: tc.arguments.to_string(),
+                    }),
+                    Event::Tokens(toks) => Ok(Chunk::Logprobs(
+                        toks.iter().filter_map(logprob_entry).collect(),
+                    )),
+                    Event::Done(s) => {
+                        let finish = if s.tool_calls {
+                            "tool_calls"
+                        } else {
+                            match s.stats.finish_reason {
+                                jemma_engine::generate::FinishReason::Length => "length",
+                                _ => "stop",
+                            }
+                        };
+                        let completion = s.stats.completion_tokens as u64;
+                        Ok(Chunk::Done {
+                            finish_reason: finish.into(),
+                            usage: Usage {
+                                prompt_tokens,
+                                completion_tokens: completion,
+                                total_tokens: prompt_tokens + completion,
+                            },
+                            decode_tps: Some(s.decode_tps),
+                        })
+                    }
+                    Event::Error(e) => Err(classify_engine_error(&e)),
+                };
+                if tx.send(out).await.is_err() {
+                    // The consumer is gone: dropping `events` cancels the generation.
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> BackendHealth {
+        use jemma_engine::runtime::EngineState;
+        let s = self.engine.status();
+        let (state, err) = match &s.state {
+            EngineState::Loading => ("loading", None),
+            EngineState::Ready => ("ready", None),
+            EngineState::Failed { error } => ("failed", Some(error.clone())),
+        };
+        BackendHealth {
+            state: state.into(),
+            model: s.model.clone(),
+            model_loaded: matches!(s.state, EngineState::Ready),
+            tokens_per_second: s.last_decode_tps,
+            last_error: err,
+            context_length: (s.context_length > 0).then_some(s.context_length),
+            details: json!({
+                "engine": "mlx",
+                "device": s.device,
+                "requests": s.requests,
+                "generated_tokens": s.generated_tokens,
+                "queued": s.queued,
+                "mlx_active_bytes": s.memory.active_bytes,
+                "mlx_peak_bytes": s.memory.peak_bytes,
+                "dtype": s.load.as_ref().map(|l| l.dtype.clone()),
+            }),
+        }
+    }
+}
+
+fn classify_engine_error(msg: &str) -> BackendError {
+    // The engine reports request problems as "invalid request: …"; anything else is the tier's failure.
+    if let Some(m) = msg.strip_prefix("invalid request: ") {
+        BackendError::BadRequest(m.to_string())
+    } else {
+        BackendError::Broken(msg.to_string())
+    }
+}
+
+/// Settings of an OpenAI-compatible upstream.
+#[derive(Debug, Clone)]
+pub struct OpenAiConfig {
+    /// Base URL (with or without `/v1`).
+    pub url: String,
+    /// Bearer key.
+    pub api_key: Option<String>,
+    /// Model name to send upstream.
+    pub model: String,
+    /// Connect timeout.
+    pub connect_timeout: Duration,
+    /// Default max tokens.
+    pub default_max_tokens: u32,
+}
+
+/// Any OpenAI-compatible server as a tier.
+pub struct OpenAiBackend {
+    cfg: OpenAiConfig,
+    client: reqwest::Client,
+    health: Arc<std::sync::Mutex<BackendHealth>>,
+}
+
+impl OpenAiBackend {
+    /// Builds the client.
+    pub fn new(cfg: OpenAiConfig) -> Result<Self, BackendError> {
+        let client = reqwest::Client::builder()
+            .connect_timeout(cfg.connect_timeout)
+            .build()
+            .map_err(|e| BackendError::Unavailable(format!("HTTP client: {e}")))?;
+        let health = BackendHealth {
+            state: "unknown".into(),
+            model: cfg.model.clone(),
+            ..Default::default()
+        };
+        Ok(Self {
+            cfg,
+            client,
+            health: Arc::new(std::sync::Mutex::new(health)),
+        })
+    }
+
+    fn endpoint(&self) -> String {
+        let base = self.cfg.url.trim_end_matches('/');
+        if base.ends_with("/v1") {
+            format!("{base}/chat/completions")
+        } else {
+            format!("{base}/v1/chat/completions")
+        }
+    }
+
+    fn body(&self, req: &ChatRequest, continuation: Option<&str>) -> Value {
+        let mut b = json!({
+            "model": self.cfg.model,
+            "messages": with_continuation(&req.messages, continuation),
+            "stream": true,
+            "stream_options": {"include_usage": true},
+            "max_tokens": req.max_tokens.unwrap_or(self.cfg.default_max_tokens),
+        });
+        let o = b.as_object_mut().expect("object literal");
+        let mut put = |k: &str, v: Value| {
+            if !v.is_null() {
+                o.insert(k.into(), v);
+            }
+        };
+        put("temperature", json!(req.temperature));
+        put("top_p", json!(req.top_p));
+        put("top_k", json!(req.top_k));
+        put("min_p", json!(req.min_p));
+        put("seed", json!(req.seed));
+        put("presence_penalty", json!(req.presence_penalty));
+        put("frequency_penalty", json!(req.frequency_penalty));
+        put("repetition_penalty", json!(req.repetition_penalty));
+        put("tools", json!(req.tools));
+        put("tool_choice", json!(req.tool_choice));
+        if !req.stop.is_empty() {
+            put("stop", json!(req.stop));
+        }
+        if req.logprobs {
+            put("logprobs", json!(true));
+            put("top_logprobs", json!(req.top_logprobs));
+        }
+        if !req.logit_bias.is_empty() {
+            put(
+                "logit_bias",
+                Value::Object(
+                    req.logit_bias
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), json!(v)))
+                        .collect(),
+                ),
+            );
+        }
+        if req.json_mode {
+            put("response_format", json!({"type": "json_object"}));
+        }
+        if let Some(t) = req.enable_thinking {
+            put("chat_template_kwargs", json!({"enable_thinking": t}));
+        }
+        b
+    }
+
+    fn note(&self, state: &str, err: Option<String>) {
+        if let Ok(mut h) = self.health.lock() {
+            h.state = state.into();
+            h.model_loaded = state == "ready";
+            if err.is_some() {
+                h.last_error = err;
+            }
+        }
+    }
+}
+
+/// Incremental server-sent-events parser: bytes in, `data:` payloads out.
+#[derive(Default)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    data: String,
+}
+
+impl SseParser {
+    /// Feeds bytes; returns complete event payloads.
+    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
+        self.buf.extend_from_slice(bytes);
+        let mut out = vec![];
+        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buf.drain(..=pos).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if !self.data.is_empty() {
+                    out.push(std::mem::take(&mut self.data));
+                }
+            } else if let Some(d) = line.strip_prefix("data:") {
+                if !self.data.is_empty() {
+                    self.data.push('\n');
+                }
+                self.data.push_str(d.strip_prefix(' ').unwrap_or(d));
+            }
+        }
+        out
+    }
+}
+
+#[async_trait]
+impl Backend for OpenAiBackend {
+    fn model(&self) -> String {
+        self.cfg.model.clone()
+    }
+
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
+        let mut rb = self
+            .client
+            .post(self.endpoint())
+            .json(&self.body(req, continuation));
+        if let Some(k) = &self.cfg.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = rb.send().await.map_err(|e| {
+            let err = if e.is_timeout() {
+                BackendError::Timeout(e.to_string())
+            } else {
+                BackendError::Unavailable(format!("cannot reach {}: {e}", self.cfg.url))
+            };
+            self.note("unreachable", Some(err.to_string()));
+            err
+        })?;
+        let status = resp.status();
+        if !status.is_success() {
+            let text = resp.text().await.unwrap_or_default();
+            let message = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .map(String::from)
+                })
+                .unwrap_or(text);
+            let err = match status.as_u16() {
+                400 | 404 | 413 | 422 => BackendError::BadRequest(message),
+                429 => BackendError::Busy(message),
+                401 | 403 => BackendError::Unavailable(format!(
+                    "upstream rejected the key ({status}): {message}"
+                )),
+                s => BackendError::Upstream { status: s, message },
+            };
+            self.note("error", Some(err.to_string()));
+            return Err(err);
+        }
+        self.note("ready", None);
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let mut body = resp.bytes_stream();
+            let mut sse = SseParser::default();
+            // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
+            let mut calls: Vec<(String, String)> = vec![];
+            let mut finish: Option<String> = None;
+            let mut usage = Usage::default();
+            let mut started = false;
+            loop {
+                let bytes = match body.next().await {
+                    Some(Ok(b)) => b,
+                    Some(Err(e)) => {
+                        let _ = tx.send(Err(BackendError::Broken(e.to_string()))).await;
+                        return;
+                    }
+                    None => {
+                        let _ = tx
+                            .send(Err(BackendError::Broken(
+                                "upstream closed the stream before [DONE]".into(),
+                            )))
+                            .await;
+                        return;
+                    }
+                };
+                for data in sse.push(&bytes) {
+                    if data.trim() == "[DONE]" {
+                        for (name, arguments) in calls.drain(..) {
+                            if tx
+                                .send(Ok(Chunk::ToolCall { name, arguments }))
+                                .await
+                                .is_err()
+                            {
+                                return;
+                            }
+                        }
+                        let decode_tps = None;
+                        let _ = tx
+                            .send(Ok(Chunk::Done {
+                                finish_reason: finish.clone().unwrap_or_else(|| "stop".into()),
+                                usage,
+                                decode_tps,
+                            }))
+                            .await;
+                        return;
+                    }
+                    let Ok(v) = serde_json::from_str::<Value>(&data) else {
+                        let _ = tx
+                            .send(Err(BackendError::Broken(format!(
+                                "bad SSE payload: {data}"
+                            ))))
+                            .await;
+                        return;
+                    };
+                    if let Some(err) = v.get("error") {
+                        let _ = tx
+                            .send(Err(BackendError::Upstream {
+                                status: 500,
+                                message: err
+                                    .get("message")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or("error")
+                                    .to_string(),
+                            }))
+                            .await;
+                        return;
+                    }
+                    if !started {
+                        started = true;
+                        if tx
+                            .send(Ok(Chunk::Started { prompt_tokens: 0 }))
+                            .await
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
+                        if let Ok(u) = serde_json::from_value::<Usage>(u.clone()) {
+                            usage = u;
+                        }
+                    }
+                    let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+                        continue;
+                    };
+                    if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+                        finish = Some(f.to_string());
+                    }
+                    let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
+                    let mut out = vec![];
+                    for key in ["reasoning_content", "reasoning"] {
+                        if let Some(r) = delta
+                            .get(key)
+                            .and_then(Value::as_str)
+                            .filter(|s| !s.is_empty())
+                        {
+                            out.push(Chunk::Reasoning(r.to_string()));
+                            break;
+                        }
+                    }
+                    if let Some(c) = delta
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .filter(|s| !s.is_empty())
+                    {
+                        out.push(Chunk::Content(c.to_string()));
+                    }
+                    if let Some(Value::Array(tcs)) = delta.get("tool_calls") {
+                        for tc in tcs {
+                            let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                            while calls.len() <= i {
+                                calls.push((String::new(), String::new()));
+                            }
+                            if let Some(f) = tc.get("function") {
+                                if let Some(n) = f.get("name").and_then(Value::as_str) {
+                                    calls[i].0.push_str(n);
+                                }
+                                if let Some(a) = f.get("arguments").and_then(Value::as_str) {
+                                    calls[i].1.push_str(a);
+                                }
+                            }
+                        }
+                    }
+                    if let Some(lp) = choice
+                        .pointer("/logprobs/content")
+                        .and_then(Value::as_array)
+                    {
+                        out.push(Chunk::Logprobs(lp.clone()));
+                    }
+                    for c in out {
+                        if tx.send(Ok(c)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> BackendHealth {
+        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sse_parser_handles_split_lines_and_multiline_data() {
+        let mut p = SseParser::default();
+        assert!(p.push(b"data: {\"a\"").is_empty());
+        assert_eq!(
+            p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\r\n\r\n"),
+            vec!["{\"a\":1}", "[DONE]"]
+        );
+        assert_eq!(p.push(b"data: x\ndata: y\n\n"), vec!["x\ny"]);
+    }
+
+    #[test]
+    fn continuation_is_an_assistant_turn() {
+        let m = vec![json!({"role": "user", "content": "hi"})];
+        assert_eq!(with_continuation(&m, None).len(), 1);
+        let c = with_continuation(&m, Some("Hel"));
+        assert_eq!(c[1], json!({"role": "assistant", "content": "Hel"}));
+    }
+}

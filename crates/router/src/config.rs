@@ -1,0 +1,307 @@
+//! `jemma.toml`: server, limits, classifier, breaker and tier settings. Every key has a default, so an empty
+//! file is valid; `JEMMA_*` environment variables override the file (see [`Config::apply_env`]).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::RouterError;
+use crate::api::Limits;
+use crate::breaker::BreakerConfig;
+use crate::classify::{ClassifierConfig, Tier};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Listening address and timeouts.
+    pub server: ServerConfig,
+    /// Request limits.
+    pub limits: Limits,
+    /// Routing heuristics.
+    pub classifier: ClassifierConfig,
+    /// Circuit breaker defaults for every tier.
+    pub breaker: BreakerConfig,
+    /// Tiers by name (`fast`, `primary`, `heavy`).
+    pub tiers: BTreeMap<Tier, TierConfig>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Bind address (loopback by default: exposure is an explicit choice).
+    pub host: String,
+    /// Port.
+    pub port: u16,
+    /// Largest request body in bytes (413 above).
+    pub max_body_bytes: usize,
+    /// Interval of SSE keep-alive comments while waiting for a tier.
+    pub keep_alive_secs: f64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_body_bytes: 32 << 20,
+            keep_alive_secs: 10.0,
+        }
+    }
+}
+
+/// The engine behind a tier.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TierKind {
+    /// In-process MLX engine.
+    #[default]
+    Local,
+    /// OpenAI-compatible HTTP upstream.
+    Openai,
+}
+
+/// `[tiers.NAME]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TierConfig {
+    /// `local` or `openai`.
+    pub kind: TierKind,
+    /// Local: model directory. OpenAI: model name sent upstream.
+    pub model: String,
+    /// OpenAI: base URL.
+    pub url: Option<String>,
+    /// OpenAI: bearer key: a literal, `env:VAR`, or `keyring:SERVICE/ACCOUNT` (resolved by the host app).
+    pub api_key: Option<String>,
+    /// Whether the tier takes requests (the heavy toggle).
+    pub enabled: bool,
+    /// Requests running at once on this tier.
+    pub max_concurrency: usize,
+    /// Requests waiting for a slot before the tier reports busy (429 / fallback).
+    pub max_queue: usize,
+    /// Time allowed until the first token (long for a cold cloud tier).
+    pub first_token_timeout_secs: f64,
+    /// Time allowed between two chunks once streaming.
+    pub idle_timeout_secs: f64,
+    /// `max_tokens` when the client sets none.
+    pub default_max_tokens: u32,
+    /// Model ids that select this tier, besides its name.
+    pub aliases: Vec<String>,
+    /// Per-tier breaker settings (default: `[breaker]`).
+    pub breaker: Option<BreakerConfig>,
+}
+
+impl Default for TierConfig {
+    fn default() -> Self {
+        Self {
+            kind: TierKind::Local,
+            model: String::new(),
+            url: None,
+            api_key: None,
+            enabled: true,
+            max_concurrency: 1,
+            max_queue: 16,
+            first_token_timeout_secs: 120.0,
+            idle_timeout_secs: 60.0,
+            default_max_tokens: 1024,
+            aliases: vec![],
+            breaker: None,
+        }
+    }
+}
+
+impl Config {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<Self, RouterError> {
+        let s = std::fs::read_to_string(path)
+            .map_err(|e| RouterError::Config(format!("{}: {e}", path.display())))?;
+        Self::parse(&s).map_err(|e| RouterError::Config(format!("{}: {e}", path.display())))
+    }
+
+    /// Parses TOML text.
+    pub fn parse(s: &str) -> Result<Self, RouterError> {
+        let c: Config = toml::from_str(s).map_err(|e| RouterError::Config(e.to_string()))?;
+        c.check()?;
+        Ok(c)
+    }
+
+    /// Consistency checks that serde cannot express.
+    pub fn check(&self) -> Result<(), RouterError> {
+        for (t, c) in &self.tiers {
+            match c.kind {
+                TierKind::Local if c.model.is_empty() => {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: a local tier needs model = \"<model dir>\""
+                    )));
+                }
+                TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: an openai tier needs url"
+                    )));
+                }
+                _ => {}
+            }
+            if c.max_concurrency == 0 {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: max_concurrency must be >= 1"
+                )));
+            }
+            if !(c.first_token_timeout_secs > 0.0 && c.idle_timeout_secs > 0.0) {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: timeouts must be positive"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies environment overrides: `JEMMA_HOST`, `JEMMA_PORT`, and per tier `JEMMA_<TIER>_MODEL`,
+    /// `_URL`, `_API_KEY`, `_ENABLED`, `_KIND` (e.g. `JEMMA_HEAVY_URL`).
+    pub fn apply_env(&mut self, get: impl Fn(&str) -> Option<String>) -> Result<(), RouterError> {
+        if let Some(h) = get("JEMMA_HOST") {
+            self.server.host = h;
+        }
+        if let Some(p) = get("JEMMA_PORT") {
+            self.server.port = p
+                .parse()
+                .map_err(|_| RouterError::Config(format!("JEMMA_PORT={p} is not a port")))?;
+        }
+        for t in Tier::ALL {
+            let up = t.as_str().to_uppercase();
+            let var = |k: &str| get(&format!("JEMMA_{up}_{k}"));
+            let any = ["MODEL", "URL", "API_KEY", "ENABLED", "KIND"]
+                .iter()
+                .any(|k| var(k).is_some());
+            if !any {
+                continue;
+            }
+            let c = self.tiers.entry(t).or_default();
+            if let Some(v) = var("KIND") {
+                c.kind = match v.as_str() {
+                    "local" => TierKind::Local,
+                    "openai" => TierKind::Openai,
+                    _ => {
+                        return Err(RouterError::Config(format!(
+                            "JEMMA_{up}_KIND={v}: expected local or openai"
+                        )));
+                    }
+                };
+            }
+            if let Some(v) = var("MODEL") {
+                c.model = v;
+            }
+            if let Some(v) = var("URL") {
+                c.url = Some(v);
+                if var("KIND").is_none() {
+                    c.kind = TierKind::Openai;
+                }
+            }
+            if let Some(v) = var("API_KEY") {
+                c.api_key = Some(v);
+            }
+            if let Some(v) = var("ENABLED") {
+                c.enabled = matches!(v.as_str(), "1" | "true" | "yes" | "on");
+            }
+        }
+        self.check()
+    }
+}
+
+/// Resolves a secret reference: `env:VAR`, `keyring:…` through `keyring` (the app's keychain), else the
+/// literal value.
+pub fn resolve_secret(
+    value: &str,
+    keyring: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, RouterError> {
+    if let Some(var) = value.strip_prefix("env:") {
+        std::env::var(var)
+            .map_err(|_| RouterError::Config(format!("environment variable {var} is not set")))
+    } else if let Some(k) = value.strip_prefix("keyring:") {
+        keyring(k).ok_or_else(|| RouterError::Config(format!("no keychain entry {k}")))
+    } else {
+        Ok(value.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.server.host, "127.0.0.1");
+        assert_eq!(c.server.port, 8080);
+        assert_eq!(c.breaker.failure_threshold, 3);
+        assert!(c.tiers.is_empty());
+    }
+
+    #[test]
+    fn tiers_parse_and_are_checked() {
+        let c = Config::parse(
+            r#"
+[tiers.fast]
+model = "/models/e2b"
+[tiers.heavy]
+kind = "openai"
+url = "https://heavy.example/v1"
+api_key = "env:HEAVY_API_KEY"
+enabled = false
+first_token_timeout_secs = 600
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.tiers[&Tier::Heavy].kind, TierKind::Openai);
+        assert!(!c.tiers[&Tier::Heavy].enabled);
+        assert_eq!(c.tiers[&Tier::Fast].kind, TierKind::Local);
+        assert!(
+            Config::parse("[tiers.heavy]\nkind = \"openai\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("url")
+        );
+        assert!(
+            Config::parse("[tiers.fast]\nkind = \"local\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("model")
+        );
+        assert!(
+            Config::parse("[server]\nprot = 1\n").is_err(),
+            "typos are errors"
+        );
+        assert!(
+            Config::parse("[tiers.huge]\nmodel = \"x\"\n").is_err(),
+            "unknown tier names are errors"
+        );
+    }
+
+    #[test]
+    fn env_overrides() {
+        let mut c = Config::default();
+        let env = |k: &str| match k {
+            "JEMMA_PORT" => Some("9000".to_string()),
+            "JEMMA_HEAVY_URL" => Some("http://127.0.0.1:9001".to_string()),
+            "JEMMA_HEAVY_ENABLED" => Some("false".to_string()),
+            _ => None,
+        };
+        c.apply_env(env).unwrap();
+        assert_eq!(c.server.port, 9000);
+        assert_eq!(c.tiers[&Tier::Heavy].kind, TierKind::Openai);
+        assert!(!c.tiers[&Tier::Heavy].enabled);
+    }
+
+    #[test]
+    fn secrets() {
+        let kr = |k: &str| (k == "jemma/heavy").then(|| "from-keychain".to_string());
+        assert_eq!(resolve_secret("literal", &kr).unwrap(), "literal");
+        assert_eq!(
+            resolve_secret("keyring:jemma/heavy", &kr).unwrap(),
+            "from-keychain"
+        );
+        assert!(resolve_secret("keyring:nope", &kr).is_err());
+        assert!(resolve_secret("env:JEMMA_SURELY_UNSET_VAR", &kr).is_err());
+    }
+}

@@ -1,0 +1,49 @@
+//! Routing for Jemma's gateway: OpenAI request types and validation, the tier trait with its local and
+//! OpenAI-compatible backends, the classifier, per-tier circuit breakers and the fallback path.
+//!
+//! Nothing here knows HTTP servers: the gateway crate maps [`RouterError`] to responses in one place.
+#![deny(missing_docs)]
+
+pub mod api;
+pub mod backend;
+pub mod breaker;
+pub mod classify;
+pub mod config;
+pub mod route;
+
+/// Everything routing can refuse or fail with.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum RouterError {
+    /// Malformed or out-of-range request (HTTP 400).
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending field.
+        param: Option<String>,
+    },
+    /// Request or part of it too large (HTTP 413).
+    #[error("{0}")]
+    TooLarge(String),
+    /// `model` names nothing this gateway serves (HTTP 404).
+    #[error("model {0:?} does not exist; use auto, fast, primary, heavy or a served model id")]
+    UnknownModel(String),
+    /// Every eligible tier is at its queue limit (HTTP 429).
+    #[error("all eligible tiers are busy; retry after {retry_after_secs} s")]
+    Busy {
+        /// Suggested wait.
+        retry_after_secs: u64,
+    },
+    /// No tier in the chain could answer (HTTP 503).
+    #[error("no tier could answer ({})", fallback.join("; "))]
+    AllTiersDown {
+        /// What was tried.
+        fallback: Vec<String>,
+    },
+    /// The upstream did not answer in time (HTTP 504).
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
+    /// Bad configuration (startup error).
+    #[error("configuration: {0}")]
+    Config(String),
+}

@@ -1,0 +1,530 @@
+//! The tier registry and the request path: classify, walk the fallback chain past disabled tiers and open
+//! breakers, enforce per-tier concurrency and timeouts, and keep one uninterrupted answer for the client even
+//! when a tier fails mid-stream (the next tier continues from the text already sent).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde_json::{Value, json};
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::RouterError;
+use crate::api::{ChatRequest, Routing, Usage};
+use crate::backend::{Backend, BackendError, BackendHealth, Chunk};
+use crate::breaker::{BreakerConfig, BreakerSnapshot, CircuitBreaker};
+use crate::classify::{
+    Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Rule, Tier, fallback_chain,
+};
+
+/// What the client receives, in order: answer pieces, then exactly one `End` (or an `Error` when nothing
+/// could answer).
+#[derive(Debug, Clone)]
+pub enum Output {
+    /// A piece of the answer.
+    Chunk(Chunk),
+    /// Still waiting for a tier (SSE keep-alive opportunity).
+    Waiting,
+    /// The answer is complete.
+    End {
+        /// Finish reason.
+        finish_reason: String,
+        /// Token usage (prompt of the answering tier, completion over all tiers).
+        usage: Usage,
+        /// Routing metadata.
+        routing: Routing,
+    },
+    /// No tier could answer.
+    Error(RouterError),
+}
+
+/// Per-tier settings the router needs.
+#[derive(Debug, Clone)]
+pub struct TierSettings {
+    /// Takes requests.
+    pub enabled: bool,
+    /// Parallel requests.
+    pub max_concurrency: usize,
+    /// Waiting requests before "busy".
+    pub max_queue: usize,
+    /// Time to first token.
+    pub first_token_timeout: Duration,
+    /// Time between chunks.
+    pub idle_timeout: Duration,
+    /// Breaker settings.
+    pub breaker: BreakerConfig,
+    /// Model ids that select this tier.
+    pub aliases: Vec<String>,
+}
+
+struct TierSlot {
+    tier: Tier,
+    backend: Arc<dyn Backend>,
+    breaker: CircuitBreaker,
+    enabled: AtomicBool,
+    waking: AtomicBool,
+    slots: Arc<Semaphore>,
+    queue: Arc<Semaphore>,
+    settings: TierSettings,
+}
+
+/// Snapshot of one tier for `/health`, `/v1/models` and the tray.
+#[derive(Debug, Clone, Serialize)]
+pub struct TierStatus {
+    /// Tier name.
+    pub tier: Tier,
+    /// Whether it takes requests.
+    pub enabled: bool,
+    /// Waking from a cold start (warm-up in flight).
+    pub waking: bool,
+    /// Breaker.
+    pub breaker: BreakerSnapshot,
+    /// Backend's own health.
+    pub backend: BackendHealth,
+    /// Requests running now.
+    pub in_flight: usize,
+}
+
+/// The tier registry and request router.
+pub struct TierRouter {
+    tiers: BTreeMap<Tier, Arc<TierSlot>>,
+    classifier: Classifier,
+}
+
+fn elapsed_ms(t: Instant) -> u64 {
+    t.elapsed().as_millis() as u64
+}
+
+impl TierRouter {
+    /// Builds a router over configured backends.
+    pub fn new(
+        classifier: ClassifierConfig,
+        tiers: Vec<(Tier, Arc<dyn Backend>, TierSettings)>,
+    ) -> Self {
+        let mut map = BTreeMap::new();
+        let mut cc = classifier;
+        for (tier, backend, settings) in tiers {
+            for a in &settings.aliases {
+                cc.model_aliases.insert(a.clone(), tier);
+            }
+            cc.model_aliases.entry(backend.model()).or_insert(tier);
+            let breaker = CircuitBreaker::new(settings.breaker.clone());
+            let t = tier;
+            breaker.on_transition(Box::new(move |from, to| {
+                tracing::warn!(tier = %t, from, to, "circuit breaker transition");
+                metrics::counter!("jemma_breaker_transitions_total", "tier" => t.as_str(), "to" => to.to_string()).increment(1);
+            }));
+            map.insert(
+                tier,
+                Arc::new(TierSlot {
+                    tier,
+                    enabled: AtomicBool::new(settings.enabled),
+                    waking: AtomicBool::new(false),
+                    slots: Arc::new(Semaphore::new(settings.max_concurrency)),
+                    queue: Arc::new(Semaphore::new(
+                        settings.max_concurrency + settings.max_queue,
+                    )),
+                    backend,
+                    breaker,
+                    settings,
+                }),
+            );
+        }
+        Self {
+            tiers: map,
+            classifier: Classifier::new(cc),
+        }
+    }
+
+    /// Configured tiers.
+    pub fn tiers(&self) -> Vec<Tier> {
+        self.tiers.keys().copied().collect()
+    }
+
+    /// Status of every tier (cheap; never waits on a generation).
+    pub fn status(&self) -> Vec<TierStatus> {
+        self.tiers
+            .values()
+            .map(|s| {
+                let snap = s.breaker.snapshot();
+                metrics::gauge!("jemma_breaker_open", "tier" => s.tier.as_str())
+                    .set(if snap.state == "closed" { 0.0 } else { 1.0 });
+                TierStatus {
+                    tier: s.tier,
+                    enabled: s.enabled.load(Ordering::Relaxed),
+                    waking: s.waking.load(Ordering::Relaxed),
+                    breaker: snap,
+                    backend: s.backend.health(),
+                    in_flight: s.settings.max_concurrency - s.slots.available_permits(),
+                }
+            })
+            .collect()
+    }
+
+    /// Turns a tier on or off (the tray's heavy toggle). Turning it on resets its breaker.
+    pub fn set_enabled(&self, tier: Tier, on: bool) -> Result<(), RouterError> {
+        let s = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?;
+        let was = s.enabled.swap(on, Ordering::SeqCst);
+        if on && !was {
+            s.breaker.reset();
+        }
+        tracing::info!(%tier, enabled = on, "tier toggled");
+        Ok(())
+    }
+
+    /// Sends a one-token request so a cold tier (Cloud Run scale-to-zero) starts now; marks it `waking`
+    /// until it answers. Returns whether it answered.
+    pub async fn warm_up(&self, tier: Tier) -> Result<bool, RouterError> {
+        let s = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?
+            .clone();
+        s.waking.store(true, Ordering::SeqCst);
+        let req = ChatRequest {
+            requested_model: tier.to_string(),
+            messages: vec![json!({"role": "user", "content": "ping"})],
+            tools: None,
+            tool_choice: None,
+            max_tokens: Some(1),
+            temperature: Some(0.0),
+            top_p: None,
+            top_k: None,
+            min_p: None,
+            stop: vec![],
+            seed: None,
+            presence_penalty: None,
+            frequency_penalty: None,
+            repetition_penalty: None,
+            logit_bias: vec![],
+            logprobs: false,
+            top_logprobs: 0,
+            json_mode: false,
+            enable_thinking: Some(false),
+            stream: true,
+            include_usage: false,
+            has_images: false,
+            text: "ping".into(),
+            last_user: "ping".into(),
+            prompt_tokens_estimate: 1,
+        };
+        let ok = match s.backend.start(&req, None).await {
+            Ok(mut rx) => {
+                let deadline = tokio::time::sleep(s.settings.first_token_timeout);
+                tokio::pin!(deadline);
+                let mut ok = false;
+                loop {
+                    tokio::select! {
+                        _ = &mut deadline => break,
+                        c = rx.recv() => match c {
+                            Some(Ok(Chunk::Done { .. })) => { ok = true; break }
+                            Some(Ok(_)) => {}
+                            _ => break,
+                        }
+                    }
+                }
+                ok
+            }
+            Err(_) => false,
+        };
+        s.waking.store(false, Ordering::SeqCst);
+        Ok(ok)
+    }
+
+    /// Routes a request. The returned receiver yields the answer; dropping it cancels the work (and does
+    /// not count against any breaker).
+    pub fn chat(self: &Arc<Self>, req: ChatRequest) -> Result<mpsc::Receiver<Output>, RouterError> {
+        let decision = self
+            .classifier
+            .classify(&ClassifyInput {
+                model: Some(req.requested_model.as_str()),
+                text: &req.text,
+                last_user: &req.last_user,
+                prompt_tokens: req.prompt_tokens_estimate,
+                has_images: req.has_images,
+                has_tools: req.tools.is_some(),
+                max_tokens: req.max_tokens,
+            })
+            .map_err(|e| match e {
+                ClassifyError::UnknownModel(m) => RouterError::UnknownModel(m),
+            })?;
+        // An explicitly named tier that is not configured is a client error; an automatic choice walks down
+        // to what exists.
+        let explicit = decision.rule == Rule::ExplicitTier;
+        if explicit && !self.tiers.contains_key(&decision.tier) {
+            return Err(RouterError::UnknownModel(req.requested_model.clone()));
+        }
+        let chain: Vec<Tier> = fallback_chain(decision.tier)
+            .into_iter()
+            .filter(|t| self.tiers.contains_key(t))
+            .collect();
+        let chain = if chain.is_empty() {
+            // e.g. auto chose fast but only heavy exists: try whatever is configured, largest first.
+            self.tiers.keys().rev().copied().collect()
+        } else {
+            chain
+        };
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        tokio::spawn(async move {
+            me.drive(req, decision.tier, decision.reason, chain, tx)
+                .await;
+        });
+        Ok(rx)
+    }
+
+    async fn drive(
+        &self,
+        req: ChatRequest,
+        first: Tier,
+        reason: String,
+        chain: Vec<Tier>,
+        tx: mpsc::Sender<Output>,
+    ) {
+        let t0 = Instant::now();
+        let mut fallback: Vec<String> = vec![];
+        let mut sent = String::new();
+        let mut completion_tokens = 0u64;
+        let mut ttft: Option<u64> = None;
+        let mut busy_only = true;
+        let mut last_err: Option<BackendError> = None;
+        for (i, tier) in chain.iter().enumerate() {
+            let slot = &self.tiers[tier];
+            let next = chain.get(i + 1).map(|t| t.as_str()).unwrap_or("none");
+            let hop = |why: &str| format!("{}→{}: {}", tier.as_str(), next, why);
+            if !slot.enabled.load(Ordering::Relaxed) {
+                fallback.push(hop("disabled"));
+                continue;
+            }
+            let Ok(_queued) = slot.queue.clone().try_acquire_owned() else {
+                fallback.push(hop("queue full"));
+                continue;
+            };
+            let permit = match slot.breaker.try_acquire() {
+                Ok(p) => p,
+                Err(_) => {
+                    busy_only = false;
+                    fallback.push(hop("breaker open"));
+                    continue;
+                }
+            };
+            // Wait for a run slot, telling the client we are alive.
+            let run = loop {
+                tokio::select! {
+                    p = slot.slots.clone().acquire_owned() => break p,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                        if tx.send(Output::Waiting).await.is_err() { return; }
+                    }
+                }
+            };
+            let Ok(_run) = run else { return };
+            busy_only = false;
+            let started = Instant::now();
+            let cont = (!sent.is_empty()).then_some(sent.as_str());
+            let stream = tokio::time::timeout(
+                slot.settings.first_token_timeout,
+                slot.backend.start(&req, cont),
+            )
+            .await;
+            let mut rx = match stream {
+                Ok(Ok(rx)) => rx,
+                Ok(Err(e)) => {
+                    if !e.is_tier_failure() {
+                        permit.success();
+                        let _ = tx
+                            .send(Output::Error(RouterError::InvalidRequest {
+                                message: e.to_string(),
+                                param: None,
+                            }))
+                            .await;
+                        return;
+                    }
+                    if matches!(e, BackendError::Busy(_)) {
+                        drop(permit);
+                    } else {
+                        permit.failure();
+                    }
+                    metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
+                        .increment(1);
+                    fallback.push(hop(&e.to_string()));
+                    last_err = Some(e);
+                    continue;
+                }
+                Err(_) => {
+                    permit.failure();
+                    metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
+                        .increment(1);
+                    let e =
+                        BackendError::Timeout("no response before the first-token timeout".into());
+                    fallback.push(hop(&e.to_string()));
+                    last_err = Some(e);
+                    continue;
+                }
+            };
+            let mut prompt_tokens = 0u64;
+            let mut got_token = false;
+            let mut tier_tokens = 0u64;
+            let outcome: Result<(String, Usage, Option<f64>), BackendError> = loop {
+                let limit = if got_token {
+                    slot.settings.idle_timeout
+                } else {
+                    slot.settings.first_token_timeout
+                };
+                let next = tokio::select! {
+                    r = tokio::time::timeout(limit, rx.recv()) => r,
+                    _ = tx.closed() => {
+                        // Client gone: drop the backend stream (cancels the engine) and the permit unresolved.
+                        return;
+                    }
+                };
+                let item = match next {
+                    Err(_) => {
+                        break Err(BackendError::Timeout(format!(
+                            "no data for {:.0} s",
+                            limit.as_secs_f64()
+                        )));
+                    }
+                    Ok(None) => {
+                        break Err(BackendError::Broken(
+                            "backend ended without finishing".into(),
+                        ));
+                    }
+                    Ok(Some(Err(e))) => break Err(e),
+                    Ok(Some(Ok(c))) => c,
+                };
+                match item {
+                    Chunk::Started { prompt_tokens: p } => {
+                        prompt_tokens = p;
+                        continue;
+                    }
+                    Chunk::Done {
+                        finish_reason,
+                        usage,
+                        decode_tps,
+                    } => {
+                        if usage.prompt_tokens > 0 {
+                            prompt_tokens = usage.prompt_tokens;
+                        }
+                        tier_tokens = usage.completion_tokens.max(tier_tokens);
+                        break Ok((finish_reason, usage, decode_tps));
+                    }
+                    Chunk::Content(ref c) => {
+                        got_token = true;
+                        tier_tokens += 1;
+                        sent.push_str(c);
+                    }
+                    Chunk::Reasoning(_) | Chunk::ToolCall { .. } => {
+                        got_token = true;
+                    }
+                    Chunk::Logprobs(_) => {}
+                }
+                if ttft.is_none() && got_token {
+                    ttft = Some(elapsed_ms(t0));
+                }
+                if tx.send(Output::Chunk(item)).await.is_err() {
+                    return;
+                }
+            };
+            match outcome {
+                Ok((finish_reason, usage, tps)) => {
+                    permit.success();
+                    completion_tokens += usage.completion_tokens.max(tier_tokens);
+                    let latency = elapsed_ms(t0);
+                    metrics::counter!("jemma_requests_total", "tier" => tier.as_str(), "status" => "ok").increment(1);
+                    metrics::histogram!("jemma_request_duration_seconds", "tier" => tier.as_str())
+                        .record(latency as f64 / 1000.0);
+                    metrics::counter!("jemma_completion_tokens_total", "tier" => tier.as_str())
+                        .increment(usage.completion_tokens);
+                    metrics::counter!("jemma_prompt_tokens_total", "tier" => tier.as_str())
+                        .increment(prompt_tokens);
+                    if let Some(t) = tps {
+                        metrics::gauge!("jemma_tokens_per_second", "tier" => tier.as_str()).set(t);
+                    }
+                    if let Some(t) = ttft {
+                        metrics::histogram!("jemma_time_to_first_token_seconds", "tier" => tier.as_str()).record(t as f64 / 1000.0);
+                    }
+                    let _ = started;
+                    let routing = Routing {
+                        tier: tier.to_string(),
+                        model: slot.backend.model(),
+                        reason: reason.clone(),
+                        latency_ms: latency,
+                        ttft_ms: ttft,
+                        prompt_tokens,
+                        completion_tokens,
+                        fallback: fallback.clone(),
+                        tokens_per_second: tps,
+                    };
+                    let usage = Usage {
+                        prompt_tokens,
+                        completion_tokens,
+                        total_tokens: prompt_tokens + completion_tokens,
+                    };
+                    let _ = tx
+                        .send(Output::End {
+                            finish_reason,
+                            usage,
+                            routing,
+                        })
+                        .await;
+                    return;
+                }
+                Err(e) => {
+                    if !e.is_tier_failure() {
+                        permit.success();
+                        let _ = tx
+                            .send(Output::Error(RouterError::InvalidRequest {
+                                message: e.to_string(),
+                                param: None,
+                            }))
+                            .await;
+                        return;
+                    }
+                    permit.failure();
+                    completion_tokens += tier_tokens;
+                    metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
+                        .increment(1);
+                    let why = if sent.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{e} after {} chars; continued", sent.chars().count())
+                    };
+                    tracing::warn!(%tier, error = %e, "tier failed, falling back");
+                    fallback.push(hop(&why));
+                    last_err = Some(e);
+                }
+            }
+        }
+        let _ = first;
+        metrics::counter!("jemma_requests_total", "tier" => "none", "status" => "error")
+            .increment(1);
+        let err = if busy_only && last_err.is_none() {
+            RouterError::Busy {
+                retry_after_secs: 1,
+            }
+        } else {
+            match last_err {
+                Some(BackendError::Timeout(m)) if chain.len() == 1 => RouterError::Timeout(m),
+                _ => RouterError::AllTiersDown { fallback },
+            }
+        };
+        let _ = tx.send(Output::Error(err)).await;
+    }
+}
+
+/// `/v1/models` entry for a tier.
+pub fn model_entry(s: &TierStatus) -> Value {
+    json!({
+        "id": s.tier.as_str(),
+        "object": "model",
+        "owned_by": "jemma",
+        "created": 0,
+        "root": s.backend.model,
+        "state": if !s.enabled { "disabled" } else if s.breaker.state != "closed" { "breaker_open" } else { s.backend.state.as_str() },
+    })
+}

@@ -1,0 +1,193 @@
+//! `jemma generate`: one generation on the in-process MLX engine, for scripts, benchmarks and parity checks.
+//! The JSON output (`--json`) is an interface other tools rely on:
+//! `{"tokens":[…],"text":…,"prefill_tps":…,"decode_tps":…,"peak_memory_bytes":…}` (plus extra fields).
+
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use jemma_engine::device::{mlx_info, select_device};
+use jemma_engine::generate::{GenerateOptions, generate};
+use jemma_engine::runtime::{ModelBundle, Prompt, default_dtype};
+use jemma_engine::sample::SamplingParams;
+use mlx_rs::{Array, Dtype};
+
+/// Arguments of `jemma generate`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// Prompt text.
+    #[arg(
+        long,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids (no template, no BOS added).
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// Wrap --prompt as a user message in the model's chat template.
+    #[arg(long)]
+    chat: bool,
+    /// Maximum tokens to generate.
+    #[arg(long, default_value_t = 64)]
+    max_tokens: usize,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temp: f32,
+    /// Nucleus sampling mass.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Top-k sampling (0 = off).
+    #[arg(long, default_value_t = 0)]
+    top_k: i32,
+    /// Random seed.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Activation dtype: auto (per device: float32 on CPU, checkpoint dtype on GPU), checkpoint (as mlx-lm),
+    /// float32, bfloat16, float16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Prefill chunk length (mlx-lm's prefill_step_size).
+    #[arg(long, default_value_t = jemma_engine::generate::DEFAULT_PREFILL_STEP)]
+    prefill_step: usize,
+    /// Write the prompt's last-position logits (float32, tensor `logits`) to this safetensors file.
+    #[arg(long)]
+    logits_out: Option<PathBuf>,
+    /// Keep going past end-of-sequence tokens (benchmarks want exactly --max-tokens).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Print one JSON object.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_dtype(s: &str) -> anyhow::Result<Option<Option<Dtype>>> {
+    Ok(match s {
+        "auto" => None,
+        "checkpoint" => Some(None),
+        "float32" | "f32" => Some(Some(Dtype::Float32)),
+        "bfloat16" | "bf16" => Some(Some(Dtype::Bfloat16)),
+        "float16" | "f16" => Some(Some(Dtype::Float16)),
+        other => bail!("unknown dtype {other:?}"),
+    })
+}
+
+/// Peak resident set size of this process in bytes.
+pub fn peak_rss_bytes() -> u64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) } != 0 {
+        return 0;
+    }
+    // Linux reports kilobytes, macOS bytes.
+    if cfg!(target_os = "macos") {
+        ru.ru_maxrss as u64
+    } else {
+        ru.ru_maxrss as u64 * 1024
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device = select_device()?;
+    mlx_rs::Device::set_default(&device.device());
+    let dtype = match parse_dtype(&args.dtype)? {
+        None => default_dtype(device),
+        Some(d) => d,
+    };
+    let bundle = ModelBundle::load(&args.model, dtype)
+        .with_context(|| format!("loading {}", args.model.display()))?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (Some(_), Some(_)) => bail!("give --prompt or --prompt-ids, not both"),
+        (_, Some(ids)) => Prompt::Ids(ids.clone()),
+        (Some(p), None) if args.chat => Prompt::Chat {
+            messages: vec![serde_json::json!({"role": "user", "content": p})],
+            tools: None,
+            enable_thinking: None,
+        },
+        (Some(p), None) => Prompt::Text(p.clone()),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let ids = bundle.prompt_ids(&prompt)?;
+    if let Some(path) = &args.logits_out {
+        let mut cache = bundle.model.new_cache();
+        let x = Array::from_slice(
+            &ids.iter().map(|&t| t as i32).collect::<Vec<_>>(),
+            &[1, ids.len() as i32],
+        );
+        let logits = bundle
+            .model
+            .forward_last_logits(&x, &mut cache)?
+            .reshape(&[-1])?
+            .as_dtype(Dtype::Float32)?;
+        Array::save_safetensors([("logits", &logits)], None, path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    mlx_rs::memory::reset_peak_memory()?;
+    let opts = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: args.temp,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            seed: args.seed,
+            ..Default::default()
+        },
+        max_tokens: args.max_tokens,
+        stop_tokens: if args.ignore_eos {
+            vec![]
+        } else {
+            bundle.tokenizer.eos_ids.clone()
+        },
+        prefill_step: args.prefill_step,
+        ..Default::default()
+    };
+    let mut tokens = vec![];
+    let mut text = String::new();
+    let mut decoder = bundle.tokenizer.stream();
+    let stats = generate(&bundle.model, &ids, &opts, |s| {
+        tokens.push(s.token);
+        if let Ok(p) = decoder.push(s.token) {
+            if !args.json {
+                print!("{p}");
+                use std::io::Write;
+                let _ = std::io::stdout().flush();
+            }
+            text.push_str(&p);
+        }
+        ControlFlow::Continue(())
+    })?;
+    text.push_str(&decoder.finish()?);
+    let peak = mlx_rs::memory::peak_memory()? as u64;
+    if args.json {
+        let info = mlx_info()?;
+        let out = serde_json::json!({
+            "tokens": tokens,
+            "text": text,
+            "prompt_tokens": stats.prompt_tokens,
+            "prefill_tps": stats.prefill_tps(),
+            "decode_tps": stats.decode_tps(),
+            "prefill_s": stats.prefill_time.as_secs_f64(),
+            "decode_s": stats.decode_time.as_secs_f64(),
+            "finish_reason": stats.finish_reason,
+            "peak_memory_bytes": peak,
+            "peak_rss_bytes": peak_rss_bytes(),
+            "dtype": bundle.report.dtype,
+            "device": info.device,
+        });
+        println!("{out}");
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} tokens, {:.1} tok/s decode; peak MLX memory {:.1} MiB; {}]",
+            stats.prompt_tokens,
+            stats.prefill_tps(),
+            stats.completion_tokens,
+            stats.decode_tps(),
+            peak as f64 / (1 << 20) as f64,
+            bundle.report.dtype
+        );
+    }
+    Ok(())
+}
