@@ -230,7 +230,7 @@ pub fn generate(
             break;
         }
         n += 1;
-        if n % 256 == 0 {
+        if n.is_multiple_of(256) {
             mlx_rs::memory::clear_cache()?;
         }
         match next {

@@ -330,10 +330,10 @@ impl ModelBundle {
             Prompt::Text(t) => {
                 let bos = self.tokenizer.bos_token.as_deref();
                 let mut ids = self.tokenizer.encode(t, false)?;
-                if let Some(b) = bos.filter(|b| !t.starts_with(b)) {
-                    if let Some(id) = self.tokenizer.token_id(b) {
-                        ids.insert(0, id);
-                    }
+                if let Some(b) = bos.filter(|b| !t.starts_with(b))
+                    && let Some(id) = self.tokenizer.token_id(b)
+                {
+                    ids.insert(0, id);
                 }
                 ids
             }

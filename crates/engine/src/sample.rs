@@ -78,10 +78,10 @@ impl SamplingParams {
         if !(0.0..=1.0).contains(&self.min_p) {
             return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
         }
-        if let Some(r) = self.repetition_penalty {
-            if !(r.is_finite() && r > 0.0) {
-                return bad(format!("repetition_penalty must be > 0, got {r}"));
-            }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return bad(format!("repetition_penalty must be > 0, got {r}"));
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),

@@ -68,12 +68,11 @@ impl Tokenizer {
         if eos_ids.is_empty() {
             eos_ids = config_eos.to_vec();
         }
-        if let Some(eos) = token_string(tcfg.get("eos_token")) {
-            if let Some(id) = inner.token_to_id(&eos) {
-                if !eos_ids.contains(&id) {
-                    eos_ids.push(id);
-                }
-            }
+        if let Some(eos) = token_string(tcfg.get("eos_token"))
+            && let Some(id) = inner.token_to_id(&eos)
+            && !eos_ids.contains(&id)
+        {
+            eos_ids.push(id);
         }
         Ok(Self {
             inner,

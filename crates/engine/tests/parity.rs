@@ -27,7 +27,7 @@ struct Reference {
     logits: std::collections::HashMap<String, Array>,
 }
 
-fn reference(dir: &PathBuf) -> Reference {
+fn reference(dir: &std::path::Path) -> Reference {
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();

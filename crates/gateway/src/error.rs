@@ -75,10 +75,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.parts();
         let mut r = (status, axum::Json(self.body())).into_response();
-        if let RouterError::Busy { retry_after_secs } = &self.0 {
-            if let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string()) {
-                r.headers_mut().insert(header::RETRY_AFTER, v);
-            }
+        if let RouterError::Busy { retry_after_secs } = &self.0
+            && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+        {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
         }
         r
     }

@@ -61,14 +61,7 @@ async fn chat_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
     if stream {
         // Wait for the first output before committing to a 200: failures that happen before any token
         // (no tier, busy, bad request) still get their proper status.
-        let first = loop {
-            match rx.recv().await {
-                Some(Output::Waiting) => break Some(Output::Waiting),
-                Some(o) => break Some(o),
-                None => break None,
-            }
-        };
-        return match first {
+        return match rx.recv().await {
             Some(Output::Error(e)) => Err(ApiError(e)),
             None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
             Some(first) => Ok(sse::stream_response(

@@ -323,10 +323,10 @@ impl ChatCompletionRequest {
                 "messages",
             ));
         }
-        if let Some(n) = self.n {
-            if n != 1 {
-                return Err(invalid("only n=1 is supported", "n"));
-            }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(invalid("only n=1 is supported", "n"));
         }
         let mut has_images = false;
         let mut text = String::new();
@@ -413,46 +413,46 @@ impl ChatCompletionRequest {
                 ));
             }
         }
-        if let Some(t) = self.temperature {
-            if !(t.is_finite() && (0.0..=2.0).contains(&t)) {
-                return Err(invalid(
-                    "temperature must be between 0 and 2",
-                    "temperature",
-                ));
-            }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            return Err(invalid(
+                "temperature must be between 0 and 2",
+                "temperature",
+            ));
         }
-        if let Some(p) = self.top_p {
-            if !(p.is_finite() && p > 0.0 && p <= 1.0) {
-                return Err(invalid("top_p must be in (0, 1]", "top_p"));
-            }
+        if let Some(p) = self.top_p
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(invalid("top_p must be in (0, 1]", "top_p"));
         }
-        if let Some(k) = self.top_k {
-            if k < 0 {
-                return Err(invalid("top_k must be >= 0", "top_k"));
-            }
+        if let Some(k) = self.top_k
+            && k < 0
+        {
+            return Err(invalid("top_k must be >= 0", "top_k"));
         }
-        if let Some(p) = self.min_p {
-            if !(p.is_finite() && (0.0..=1.0).contains(&p)) {
-                return Err(invalid("min_p must be in [0, 1]", "min_p"));
-            }
+        if let Some(p) = self.min_p
+            && !(p.is_finite() && (0.0..=1.0).contains(&p))
+        {
+            return Err(invalid("min_p must be in [0, 1]", "min_p"));
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
             ("frequency_penalty", self.frequency_penalty),
         ] {
-            if let Some(v) = v {
-                if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
-                    return Err(invalid(format!("{name} must be between -2 and 2"), name));
-                }
+            if let Some(v) = v
+                && !(v.is_finite() && (-2.0..=2.0).contains(&v))
+            {
+                return Err(invalid(format!("{name} must be between -2 and 2"), name));
             }
         }
-        if let Some(r) = self.repetition_penalty {
-            if !(r.is_finite() && r > 0.0) {
-                return Err(invalid(
-                    "repetition_penalty must be > 0",
-                    "repetition_penalty",
-                ));
-            }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(invalid(
+                "repetition_penalty must be > 0",
+                "repetition_penalty",
+            ));
         }
         let stop = self.stop.map(|s| s.to_vec()).unwrap_or_default();
         if stop.len() > limits.max_stop {

@@ -556,10 +556,10 @@ impl Backend for OpenAiBackend {
                             return;
                         }
                     }
-                    if let Some(u) = v.get("usage").filter(|u| !u.is_null()) {
-                        if let Ok(u) = serde_json::from_value::<Usage>(u.clone()) {
-                            usage = u;
-                        }
+                    if let Some(u) = v.get("usage").filter(|u| !u.is_null())
+                        && let Ok(u) = serde_json::from_value::<Usage>(u.clone())
+                    {
+                        usage = u;
                     }
                     let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
                         continue;

@@ -319,7 +319,7 @@ impl TextConfig {
                     )));
                 }
             }
-            if self.num_attention_heads % n_kv_heads != 0 {
+            if !self.num_attention_heads.is_multiple_of(n_kv_heads) {
                 return Err(EngineError::InvalidModel(format!(
                     "{} attention heads are not a multiple of {n_kv_heads} KV heads",
                     self.num_attention_heads
@@ -384,12 +384,12 @@ fn parse_quantization(v: Option<&Value>) -> Result<Quantization> {
     }
     for (k, v) in m {
         if let Value::Object(o) = v {
-            if let Some(mode) = o.get("mode").and_then(Value::as_str) {
-                if mode != "affine" {
-                    return Err(EngineError::Unsupported(format!(
-                        "quantization mode {mode:?} for {k} (this engine runs affine MLX quantization)"
-                    )));
-                }
+            if let Some(mode) = o.get("mode").and_then(Value::as_str)
+                && mode != "affine"
+            {
+                return Err(EngineError::Unsupported(format!(
+                    "quantization mode {mode:?} for {k} (this engine runs affine MLX quantization)"
+                )));
             }
             let p: QuantParams = serde_json::from_value(v.clone())
                 .map_err(|e| EngineError::InvalidModel(format!("quantization entry {k}: {e}")))?;
