@@ -1,0 +1,277 @@
+//! Routing behaviour with scripted backends (the backends are not what these tests are about: the fallback
+//! chain, breakers, continuation and cancellation are).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use jemma_router::RouterError;
+use jemma_router::api::{ChatCompletionRequest, ChatRequest, Limits, Usage};
+use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream};
+use jemma_router::breaker::BreakerConfig;
+use jemma_router::classify::{ClassifierConfig, Tier};
+use jemma_router::route::{Output, TierRouter, TierSettings};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+/// What a scripted backend does on each call.
+#[derive(Clone)]
+enum Script {
+    /// Answer with these pieces.
+    Answer(Vec<&'static str>),
+    /// Fail before any token.
+    Fail,
+    /// Emit these pieces, then break.
+    BreakAfter(Vec<&'static str>),
+    /// Never answer.
+    Hang,
+}
+
+struct Scripted {
+    name: &'static str,
+    script: Mutex<Script>,
+    calls: AtomicUsize,
+    continuations: Mutex<Vec<Option<String>>>,
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    fn new(name: &'static str, script: Script) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            script: Mutex::new(script),
+            calls: AtomicUsize::new(0),
+            continuations: Mutex::new(vec![]),
+            cancelled: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+    fn set(&self, s: Script) {
+        *self.script.lock().unwrap() = s;
+    }
+}
+
+#[async_trait]
+impl Backend for Scripted {
+    fn model(&self) -> String {
+        self.name.into()
+    }
+    async fn start(&self, _req: &ChatRequest, continuation: Option<&str>) -> Result<ChunkStream, BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.continuations.lock().unwrap().push(continuation.map(String::from));
+        let script = self.script.lock().unwrap().clone();
+        if let Script::Fail = script {
+            return Err(BackendError::Upstream { status: 500, message: "boom".into() });
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let cancelled = self.cancelled.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Chunk::Started { prompt_tokens: 3 })).await;
+            match script {
+                Script::Answer(pieces) => {
+                    for p in &pieces {
+                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
+                    }
+                    let n = pieces.len() as u64;
+                    let _ = tx
+                        .send(Ok(Chunk::Done {
+                            finish_reason: "stop".into(),
+                            usage: Usage { prompt_tokens: 3, completion_tokens: n, total_tokens: 3 + n },
+                            decode_tps: Some(10.0),
+                        }))
+                        .await;
+                }
+                Script::BreakAfter(pieces) => {
+                    for p in pieces {
+                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
+                    }
+                    let _ = tx.send(Err(BackendError::Broken("connection reset".into()))).await;
+                }
+                Script::Hang => {
+                    tx.closed().await;
+                    cancelled.fetch_add(1, Ordering::SeqCst);
+                }
+                Script::Fail => unreachable!(),
+            }
+        });
+        Ok(rx)
+    }
+    fn health(&self) -> BackendHealth {
+        BackendHealth { state: "ready".into(), model: self.name.into(), model_loaded: true, ..Default::default() }
+    }
+}
+
+fn settings(first_token_ms: u64) -> TierSettings {
+    TierSettings {
+        enabled: true,
+        max_concurrency: 2,
+        max_queue: 4,
+        first_token_timeout: Duration::from_millis(first_token_ms),
+        idle_timeout: Duration::from_millis(first_token_ms),
+        breaker: BreakerConfig { failure_threshold: 3, window_secs: 30.0, cooldown_secs: 0.3 },
+        aliases: vec![],
+    }
+}
+
+fn request(model: &str, text: &str) -> ChatRequest {
+    ChatCompletionRequest {
+        model: Some(model.into()),
+        messages: vec![json!({"role": "user", "content": text})],
+        ..Default::default()
+    }
+    .validate(&Limits::default())
+    .unwrap()
+}
+
+struct Answer {
+    text: String,
+    routing: Option<jemma_router::api::Routing>,
+    error: Option<RouterError>,
+}
+
+async fn collect(mut rx: mpsc::Receiver<Output>) -> Answer {
+    let mut a = Answer { text: String::new(), routing: None, error: None };
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(Chunk::Content(c)) => a.text.push_str(&c),
+            Output::End { routing, .. } => a.routing = Some(routing),
+            Output::Error(e) => a.error = Some(e),
+            _ => {}
+        }
+    }
+    a
+}
+
+fn router(tiers: Vec<(Tier, Arc<Scripted>, TierSettings)>) -> Arc<TierRouter> {
+    Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        tiers.into_iter().map(|(t, b, s)| (t, b as Arc<dyn Backend>, s)).collect(),
+    ))
+}
+
+#[tokio::test]
+async fn explicit_tier_answers_with_routing_metadata() {
+    let fast = Scripted::new("e2b", Script::Answer(vec!["Hi", "!"]));
+    let r = router(vec![(Tier::Fast, fast.clone(), settings(1000))]);
+    let a = collect(r.chat(request("fast", "hello")).unwrap()).await;
+    assert_eq!(a.text, "Hi!");
+    let routing = a.routing.unwrap();
+    assert_eq!((routing.tier.as_str(), routing.model.as_str()), ("fast", "e2b"));
+    assert_eq!(routing.completion_tokens, 2);
+    assert!(routing.fallback.is_empty());
+}
+
+#[tokio::test]
+async fn heavy_failure_before_first_token_falls_back_transparently() {
+    let heavy = Scripted::new("26b", Script::Fail);
+    let primary = Scripted::new("e4b", Script::Answer(vec!["fine"]));
+    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(1000)), (Tier::Primary, primary.clone(), settings(1000))]);
+    let a = collect(r.chat(request("heavy", "analyze this")).unwrap()).await;
+    assert_eq!(a.text, "fine");
+    let routing = a.routing.unwrap();
+    assert_eq!(routing.tier, "primary");
+    assert_eq!(routing.fallback.len(), 1);
+    assert!(routing.fallback[0].starts_with("heavy→primary"), "{:?}", routing.fallback);
+}
+
+#[tokio::test]
+async fn mid_stream_failure_continues_on_the_next_tier_from_the_sent_text() {
+    let primary = Scripted::new("e4b", Script::BreakAfter(vec!["The answer ", "is "]));
+    let fast = Scripted::new("e2b", Script::Answer(vec!["42."]));
+    let r = router(vec![(Tier::Primary, primary.clone(), settings(1000)), (Tier::Fast, fast.clone(), settings(1000))]);
+    let a = collect(r.chat(request("primary", "question")).unwrap()).await;
+    assert_eq!(a.text, "The answer is 42.", "one uninterrupted answer");
+    assert_eq!(fast.continuations.lock().unwrap()[0].as_deref(), Some("The answer is "));
+    let routing = a.routing.unwrap();
+    assert_eq!(routing.tier, "fast");
+    assert!(routing.fallback[0].contains("continued"), "{:?}", routing.fallback);
+    assert_eq!(routing.completion_tokens, 3, "tokens of both tiers are counted");
+}
+
+#[tokio::test]
+async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
+    let heavy = Scripted::new("26b", Script::Fail);
+    let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
+    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(1000)), (Tier::Primary, primary.clone(), settings(1000))]);
+    for _ in 0..3 {
+        let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
+        assert_eq!(a.text, "ok");
+    }
+    assert_eq!(heavy.calls.load(Ordering::SeqCst), 3);
+    let st = r.status().into_iter().find(|s| s.tier == Tier::Heavy).unwrap();
+    assert_eq!(st.breaker.state, "open");
+    // While open, heavy is skipped without being called.
+    let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
+    assert_eq!(heavy.calls.load(Ordering::SeqCst), 3);
+    assert!(a.routing.unwrap().fallback[0].contains("breaker open"));
+    // After the cooldown one probe goes through; success closes the breaker.
+    heavy.set(Script::Answer(vec!["back"]));
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
+    assert_eq!(a.text, "back");
+    let st = r.status().into_iter().find(|s| s.tier == Tier::Heavy).unwrap();
+    assert_eq!(st.breaker.state, "closed");
+}
+
+#[tokio::test]
+async fn disabled_tier_is_skipped_and_everything_down_is_503() {
+    let heavy = Scripted::new("26b", Script::Answer(vec!["never"]));
+    let primary = Scripted::new("e4b", Script::Fail);
+    let fast = Scripted::new("e2b", Script::Fail);
+    let r = router(vec![
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+        (Tier::Fast, fast.clone(), settings(1000)),
+    ]);
+    r.set_enabled(Tier::Heavy, false).unwrap();
+    let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
+    assert_eq!(heavy.calls.load(Ordering::SeqCst), 0);
+    match a.error {
+        Some(RouterError::AllTiersDown { fallback }) => {
+            assert_eq!(fallback.len(), 3, "{fallback:?}");
+            assert!(fallback[0].contains("disabled"));
+        }
+        other => panic!("expected AllTiersDown, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn first_token_timeout_falls_back_and_cancels_the_hung_tier() {
+    let heavy = Scripted::new("26b", Script::Hang);
+    let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
+    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(150)), (Tier::Primary, primary, settings(1000))]);
+    let a = tokio::time::timeout(Duration::from_secs(5), collect(r.chat(request("heavy", "x")).unwrap()))
+        .await
+        .expect("no request may hang");
+    assert_eq!(a.text, "ok");
+    assert!(a.routing.unwrap().fallback[0].contains("timed out"));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(heavy.cancelled.load(Ordering::SeqCst), 1, "the hung backend's stream was dropped");
+}
+
+#[tokio::test]
+async fn client_disconnect_cancels_without_tripping_the_breaker() {
+    let fast = Scripted::new("e2b", Script::Hang);
+    let r = router(vec![(Tier::Fast, fast.clone(), settings(60_000))]);
+    for _ in 0..4 {
+        let rx = r.chat(request("fast", "x")).unwrap();
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        drop(rx);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(fast.cancelled.load(Ordering::SeqCst), 4);
+    let st = r.status().into_iter().next().unwrap();
+    assert_eq!(st.breaker.state, "closed", "cancellations are not failures");
+    assert_eq!(st.in_flight, 0);
+}
+
+#[tokio::test]
+async fn unknown_model_and_unconfigured_explicit_tier_are_404s() {
+    let fast = Scripted::new("e2b", Script::Answer(vec!["x"]));
+    let r = router(vec![(Tier::Fast, fast, settings(1000))]);
+    assert!(matches!(r.chat(request("gpt-4", "x")), Err(RouterError::UnknownModel(_))));
+    assert!(matches!(r.chat(request("heavy", "x")), Err(RouterError::UnknownModel(_))));
+    // the model id of a backend selects its tier
+    let a = collect(r.chat(request("e2b", "x")).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+}
