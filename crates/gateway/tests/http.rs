@@ -1,0 +1,216 @@
+//! Handler tests with `oneshot`: status codes, OpenAI error shapes, SSE framing, models/health/metrics.
+//! A scripted backend stands in for the engines (they are not what these tests are about).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use axum::body::{Body, to_bytes};
+use axum::http::{Request, StatusCode};
+use jemma_gateway::{AppState, router};
+use jemma_router::api::{ChatRequest, Limits, Usage};
+use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream};
+use jemma_router::breaker::BreakerConfig;
+use jemma_router::classify::{ClassifierConfig, Tier};
+use jemma_router::route::{TierRouter, TierSettings};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tower::ServiceExt;
+
+struct Echo {
+    hang: bool,
+}
+
+#[async_trait]
+impl Backend for Echo {
+    fn model(&self) -> String {
+        "echo".into()
+    }
+    async fn start(&self, req: &ChatRequest, _c: Option<&str>) -> Result<ChunkStream, BackendError> {
+        let (tx, rx) = mpsc::channel(8);
+        let text = req.last_user.clone();
+        let hang = self.hang;
+        tokio::spawn(async move {
+            let _ = tx.send(Ok(Chunk::Started { prompt_tokens: 5 })).await;
+            if hang {
+                tx.closed().await;
+                return;
+            }
+            for w in text.split_inclusive(' ') {
+                let _ = tx.send(Ok(Chunk::Content(w.to_string()))).await;
+            }
+            let _ = tx
+                .send(Ok(Chunk::ToolCall { name: "lookup".into(), arguments: "{\"q\":1}".into() }))
+                .await;
+            let _ = tx
+                .send(Ok(Chunk::Done {
+                    finish_reason: "tool_calls".into(),
+                    usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 },
+                    decode_tps: Some(99.0),
+                }))
+                .await;
+        });
+        Ok(rx)
+    }
+    fn health(&self) -> BackendHealth {
+        BackendHealth { state: "ready".into(), model: "echo".into(), model_loaded: true, ..Default::default() }
+    }
+}
+
+fn app(hang: bool, queue: usize) -> axum::Router {
+    let settings = TierSettings {
+        enabled: true,
+        max_concurrency: 1,
+        max_queue: queue,
+        first_token_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        breaker: BreakerConfig::default(),
+        aliases: vec![],
+    };
+    let r = Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        vec![(Tier::Fast, Arc::new(Echo { hang }) as Arc<dyn Backend>, settings.clone()), (Tier::Primary, Arc::new(Echo { hang }) as Arc<dyn Backend>, settings)],
+    ));
+    router(AppState::new(r, Limits::default(), 64 * 1024, Duration::from_secs(1)))
+}
+
+async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap();
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+fn error_of(body: &str) -> Value {
+    let v: Value = serde_json::from_str(body).unwrap();
+    let e = v["error"].clone();
+    for k in ["message", "type", "param", "code"] {
+        assert!(e.get(k).is_some(), "error lacks {k}: {body}");
+    }
+    e
+}
+
+#[tokio::test]
+async fn chat_json_has_message_tool_calls_usage_and_routing() {
+    let a = app(false, 4);
+    let (st, h, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"fast","messages":[{"role":"user","content":"hello there"}]}"#).await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    assert_eq!(h["x-jemma-tier"], "fast");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["object"], "chat.completion");
+    assert_eq!(v["choices"][0]["message"]["content"], "hello there");
+    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "lookup");
+    assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(v["usage"]["total_tokens"], 7);
+    assert_eq!(v["_routing"]["tier"], "fast");
+    assert_eq!(v["_routing"]["reason"], "explicit tier");
+}
+
+#[tokio::test]
+async fn chat_stream_is_openai_sse() {
+    let a = app(false, 4);
+    let (st, h, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"primary","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"a b"}]}"#,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert_eq!(*events.last().unwrap(), "[DONE]");
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, "a b");
+    let fin = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "tool_calls");
+    assert_eq!(fin["_routing"]["tier"], "primary");
+    assert_eq!(fin["usage"]["completion_tokens"], 2);
+    assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup"));
+    let usage_only = chunks.last().unwrap();
+    assert_eq!(usage_only["choices"], json!([]));
+    assert_eq!(usage_only["usage"]["total_tokens"], 7);
+}
+
+#[tokio::test]
+async fn bad_input_gets_openai_errors() {
+    let a = app(false, 4);
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", "{not json").await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["type"], "invalid_request_error");
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[]}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "messages");
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"temperature":9}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "temperature");
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"wizard","content":"x"}]}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    assert_eq!(error_of(&body)["param"], "messages[0].role");
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#).await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+    assert_eq!(error_of(&body)["code"], "model_not_found");
+    let big = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(70 * 1024));
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", &big).await;
+    assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
+    error_of(&body);
+    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x"}}]}]}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    let (st, _, _) = call(&a, "GET", "/v2/nothing", "").await;
+    assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn full_queue_is_429_with_retry_after() {
+    let a = app(true, 0);
+    // One request occupies each tier's only slot (hanging); the next finds no room anywhere.
+    let a1 = a.clone();
+    let a2 = a.clone();
+    let h1 = tokio::spawn(async move { call(&a1, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await });
+    let h2 = tokio::spawn(async move { call(&a2, "POST", "/v1/chat/completions", r#"{"model":"fast","messages":[{"role":"user","content":"x"}]}"#).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (st, h, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(h.contains_key("retry-after"));
+    assert_eq!(error_of(&body)["type"], "rate_limit_error");
+    h1.abort();
+    h2.abort();
+}
+
+#[tokio::test]
+async fn models_health_metrics_and_tier_toggle() {
+    let a = app(false, 4);
+    let (st, _, body) = call(&a, "GET", "/v1/models", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, vec!["fast", "primary"]);
+    let (st, _, body) = call(&a, "GET", "/health", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["status"], "ok");
+    assert_eq!(v["tiers"]["fast"]["breaker"]["state"], "closed");
+    let (st, _, _) = call(&a, "POST", "/admin/tiers/fast", r#"{"enabled":false}"#).await;
+    assert_eq!(st, StatusCode::OK);
+    let (_, _, body) = call(&a, "GET", "/health", "").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["tiers"]["fast"]["enabled"], false);
+    assert_eq!(v["status"], "degraded");
+    let (st, _, _) = call(&a, "POST", "/admin/tiers/fast", r#"{"enabled":"yes"}"#).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST);
+    call(&a, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await;
+    let (st, _, body) = call(&a, "GET", "/metrics", "").await;
+    assert_eq!(st, StatusCode::OK);
+    for name in ["jemma_requests_total", "jemma_request_duration_seconds", "jemma_tier_enabled", "jemma_completion_tokens_total"] {
+        assert!(body.contains(name), "metrics lack {name}:\n{body}");
+    }
+}
