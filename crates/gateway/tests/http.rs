@@ -26,7 +26,11 @@ impl Backend for Echo {
     fn model(&self) -> String {
         "echo".into()
     }
-    async fn start(&self, req: &ChatRequest, _c: Option<&str>) -> Result<ChunkStream, BackendError> {
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        _c: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
         let (tx, rx) = mpsc::channel(8);
         let text = req.last_user.clone();
         let hang = self.hang;
@@ -40,12 +44,19 @@ impl Backend for Echo {
                 let _ = tx.send(Ok(Chunk::Content(w.to_string()))).await;
             }
             let _ = tx
-                .send(Ok(Chunk::ToolCall { name: "lookup".into(), arguments: "{\"q\":1}".into() }))
+                .send(Ok(Chunk::ToolCall {
+                    name: "lookup".into(),
+                    arguments: "{\"q\":1}".into(),
+                }))
                 .await;
             let _ = tx
                 .send(Ok(Chunk::Done {
                     finish_reason: "tool_calls".into(),
-                    usage: Usage { prompt_tokens: 5, completion_tokens: 2, total_tokens: 7 },
+                    usage: Usage {
+                        prompt_tokens: 5,
+                        completion_tokens: 2,
+                        total_tokens: 7,
+                    },
                     decode_tps: Some(99.0),
                 }))
                 .await;
@@ -53,7 +64,12 @@ impl Backend for Echo {
         Ok(rx)
     }
     fn health(&self) -> BackendHealth {
-        BackendHealth { state: "ready".into(), model: "echo".into(), model_loaded: true, ..Default::default() }
+        BackendHealth {
+            state: "ready".into(),
+            model: "echo".into(),
+            model_loaded: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -69,12 +85,33 @@ fn app(hang: bool, queue: usize) -> axum::Router {
     };
     let r = Arc::new(TierRouter::new(
         ClassifierConfig::default(),
-        vec![(Tier::Fast, Arc::new(Echo { hang }) as Arc<dyn Backend>, settings.clone()), (Tier::Primary, Arc::new(Echo { hang }) as Arc<dyn Backend>, settings)],
+        vec![
+            (
+                Tier::Fast,
+                Arc::new(Echo { hang }) as Arc<dyn Backend>,
+                settings.clone(),
+            ),
+            (
+                Tier::Primary,
+                Arc::new(Echo { hang }) as Arc<dyn Backend>,
+                settings,
+            ),
+        ],
     ));
-    router(AppState::new(r, Limits::default(), 64 * 1024, Duration::from_secs(1)))
+    router(AppState::new(
+        r,
+        Limits::default(),
+        64 * 1024,
+        Duration::from_secs(1),
+    ))
 }
 
-async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> (StatusCode, axum::http::HeaderMap, String) {
+async fn call(
+    app: &axum::Router,
+    method: &str,
+    uri: &str,
+    body: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
     let req = Request::builder()
         .method(method)
         .uri(uri)
@@ -85,7 +122,11 @@ async fn call(app: &axum::Router, method: &str, uri: &str, body: &str) -> (Statu
     let status = resp.status();
     let headers = resp.headers().clone();
     let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-    (status, headers, String::from_utf8_lossy(&bytes).into_owned())
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
 }
 
 fn error_of(body: &str) -> Value {
@@ -100,13 +141,22 @@ fn error_of(body: &str) -> Value {
 #[tokio::test]
 async fn chat_json_has_message_tool_calls_usage_and_routing() {
     let a = app(false, 4);
-    let (st, h, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"fast","messages":[{"role":"user","content":"hello there"}]}"#).await;
+    let (st, h, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"fast","messages":[{"role":"user","content":"hello there"}]}"#,
+    )
+    .await;
     assert_eq!(st, StatusCode::OK, "{body}");
     assert_eq!(h["x-jemma-tier"], "fast");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["object"], "chat.completion");
     assert_eq!(v["choices"][0]["message"]["content"], "hello there");
-    assert_eq!(v["choices"][0]["message"]["tool_calls"][0]["function"]["name"], "lookup");
+    assert_eq!(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["name"],
+        "lookup"
+    );
     assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(v["usage"]["total_tokens"], 7);
     assert_eq!(v["_routing"]["tier"], "fast");
@@ -124,18 +174,39 @@ async fn chat_stream_is_openai_sse() {
     )
     .await;
     assert_eq!(st, StatusCode::OK);
-    assert!(h["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-    let events: Vec<&str> = body.lines().filter_map(|l| l.strip_prefix("data: ")).collect();
+    assert!(
+        h["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream")
+    );
+    let events: Vec<&str> = body
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .collect();
     assert_eq!(*events.last().unwrap(), "[DONE]");
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).unwrap()).collect();
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
-    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
     assert_eq!(text, "a b");
-    let fin = chunks.iter().find(|c| c["choices"][0]["finish_reason"].is_string()).unwrap();
+    let fin = chunks
+        .iter()
+        .find(|c| c["choices"][0]["finish_reason"].is_string())
+        .unwrap();
     assert_eq!(fin["choices"][0]["finish_reason"], "tool_calls");
     assert_eq!(fin["_routing"]["tier"], "primary");
     assert_eq!(fin["usage"]["completion_tokens"], 2);
-    assert!(chunks.iter().any(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup"));
+    assert!(
+        chunks
+            .iter()
+            .any(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup")
+    );
     let usage_only = chunks.last().unwrap();
     assert_eq!(usage_only["choices"], json!([]));
     assert_eq!(usage_only["usage"]["total_tokens"], 7);
@@ -150,16 +221,37 @@ async fn bad_input_gets_openai_errors() {
     let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[]}"#).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "messages");
-    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":"x"}],"temperature":9}"#).await;
+    let (st, _, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"user","content":"x"}],"temperature":9}"#,
+    )
+    .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "temperature");
-    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"wizard","content":"x"}]}"#).await;
+    let (st, _, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"messages":[{"role":"wizard","content":"x"}]}"#,
+    )
+    .await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
     assert_eq!(error_of(&body)["param"], "messages[0].role");
-    let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#).await;
+    let (st, _, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"gpt-9","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
     assert_eq!(st, StatusCode::NOT_FOUND);
     assert_eq!(error_of(&body)["code"], "model_not_found");
-    let big = format!(r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(70 * 1024));
+    let big = format!(
+        r#"{{"messages":[{{"role":"user","content":"{}"}}]}}"#,
+        "x".repeat(70 * 1024)
+    );
     let (st, _, body) = call(&a, "POST", "/v1/chat/completions", &big).await;
     assert_eq!(st, StatusCode::PAYLOAD_TOO_LARGE);
     error_of(&body);
@@ -175,10 +267,32 @@ async fn full_queue_is_429_with_retry_after() {
     // One request occupies each tier's only slot (hanging); the next finds no room anywhere.
     let a1 = a.clone();
     let a2 = a.clone();
-    let h1 = tokio::spawn(async move { call(&a1, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await });
-    let h2 = tokio::spawn(async move { call(&a2, "POST", "/v1/chat/completions", r#"{"model":"fast","messages":[{"role":"user","content":"x"}]}"#).await });
+    let h1 = tokio::spawn(async move {
+        call(
+            &a1,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .await
+    });
+    let h2 = tokio::spawn(async move {
+        call(
+            &a2,
+            "POST",
+            "/v1/chat/completions",
+            r#"{"model":"fast","messages":[{"role":"user","content":"x"}]}"#,
+        )
+        .await
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (st, h, body) = call(&a, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await;
+    let (st, h, body) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
     assert_eq!(st, StatusCode::TOO_MANY_REQUESTS, "{body}");
     assert!(h.contains_key("retry-after"));
     assert_eq!(error_of(&body)["type"], "rate_limit_error");
@@ -192,7 +306,12 @@ async fn models_health_metrics_and_tier_toggle() {
     let (st, _, body) = call(&a, "GET", "/v1/models", "").await;
     assert_eq!(st, StatusCode::OK);
     let v: Value = serde_json::from_str(&body).unwrap();
-    let ids: Vec<&str> = v["data"].as_array().unwrap().iter().map(|m| m["id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
     assert_eq!(ids, vec!["fast", "primary"]);
     let (st, _, body) = call(&a, "GET", "/health", "").await;
     assert_eq!(st, StatusCode::OK);
@@ -207,10 +326,21 @@ async fn models_health_metrics_and_tier_toggle() {
     assert_eq!(v["status"], "degraded");
     let (st, _, _) = call(&a, "POST", "/admin/tiers/fast", r#"{"enabled":"yes"}"#).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
-    call(&a, "POST", "/v1/chat/completions", r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#).await;
+    call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"primary","messages":[{"role":"user","content":"x"}]}"#,
+    )
+    .await;
     let (st, _, body) = call(&a, "GET", "/metrics", "").await;
     assert_eq!(st, StatusCode::OK);
-    for name in ["jemma_requests_total", "jemma_request_duration_seconds", "jemma_tier_enabled", "jemma_completion_tokens_total"] {
+    for name in [
+        "jemma_requests_total",
+        "jemma_request_duration_seconds",
+        "jemma_tier_enabled",
+        "jemma_completion_tokens_total",
+    ] {
         assert!(body.contains(name), "metrics lack {name}:\n{body}");
     }
 }

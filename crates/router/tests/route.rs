@@ -56,12 +56,22 @@ impl Backend for Scripted {
     fn model(&self) -> String {
         self.name.into()
     }
-    async fn start(&self, _req: &ChatRequest, continuation: Option<&str>) -> Result<ChunkStream, BackendError> {
+    async fn start(
+        &self,
+        _req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.continuations.lock().unwrap().push(continuation.map(String::from));
+        self.continuations
+            .lock()
+            .unwrap()
+            .push(continuation.map(String::from));
         let script = self.script.lock().unwrap().clone();
         if let Script::Fail = script {
-            return Err(BackendError::Upstream { status: 500, message: "boom".into() });
+            return Err(BackendError::Upstream {
+                status: 500,
+                message: "boom".into(),
+            });
         }
         let (tx, rx) = mpsc::channel(8);
         let cancelled = self.cancelled.clone();
@@ -76,7 +86,11 @@ impl Backend for Scripted {
                     let _ = tx
                         .send(Ok(Chunk::Done {
                             finish_reason: "stop".into(),
-                            usage: Usage { prompt_tokens: 3, completion_tokens: n, total_tokens: 3 + n },
+                            usage: Usage {
+                                prompt_tokens: 3,
+                                completion_tokens: n,
+                                total_tokens: 3 + n,
+                            },
                             decode_tps: Some(10.0),
                         }))
                         .await;
@@ -85,7 +99,9 @@ impl Backend for Scripted {
                     for p in pieces {
                         let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
                     }
-                    let _ = tx.send(Err(BackendError::Broken("connection reset".into()))).await;
+                    let _ = tx
+                        .send(Err(BackendError::Broken("connection reset".into())))
+                        .await;
                 }
                 Script::Hang => {
                     tx.closed().await;
@@ -97,7 +113,12 @@ impl Backend for Scripted {
         Ok(rx)
     }
     fn health(&self) -> BackendHealth {
-        BackendHealth { state: "ready".into(), model: self.name.into(), model_loaded: true, ..Default::default() }
+        BackendHealth {
+            state: "ready".into(),
+            model: self.name.into(),
+            model_loaded: true,
+            ..Default::default()
+        }
     }
 }
 
@@ -108,7 +129,11 @@ fn settings(first_token_ms: u64) -> TierSettings {
         max_queue: 4,
         first_token_timeout: Duration::from_millis(first_token_ms),
         idle_timeout: Duration::from_millis(first_token_ms),
-        breaker: BreakerConfig { failure_threshold: 3, window_secs: 30.0, cooldown_secs: 0.3 },
+        breaker: BreakerConfig {
+            failure_threshold: 3,
+            window_secs: 30.0,
+            cooldown_secs: 0.3,
+        },
         aliases: vec![],
     }
 }
@@ -130,7 +155,11 @@ struct Answer {
 }
 
 async fn collect(mut rx: mpsc::Receiver<Output>) -> Answer {
-    let mut a = Answer { text: String::new(), routing: None, error: None };
+    let mut a = Answer {
+        text: String::new(),
+        routing: None,
+        error: None,
+    };
     while let Some(o) = rx.recv().await {
         match o {
             Output::Chunk(Chunk::Content(c)) => a.text.push_str(&c),
@@ -145,7 +174,10 @@ async fn collect(mut rx: mpsc::Receiver<Output>) -> Answer {
 fn router(tiers: Vec<(Tier, Arc<Scripted>, TierSettings)>) -> Arc<TierRouter> {
     Arc::new(TierRouter::new(
         ClassifierConfig::default(),
-        tiers.into_iter().map(|(t, b, s)| (t, b as Arc<dyn Backend>, s)).collect(),
+        tiers
+            .into_iter()
+            .map(|(t, b, s)| (t, b as Arc<dyn Backend>, s))
+            .collect(),
     ))
 }
 
@@ -156,7 +188,10 @@ async fn explicit_tier_answers_with_routing_metadata() {
     let a = collect(r.chat(request("fast", "hello")).unwrap()).await;
     assert_eq!(a.text, "Hi!");
     let routing = a.routing.unwrap();
-    assert_eq!((routing.tier.as_str(), routing.model.as_str()), ("fast", "e2b"));
+    assert_eq!(
+        (routing.tier.as_str(), routing.model.as_str()),
+        ("fast", "e2b")
+    );
     assert_eq!(routing.completion_tokens, 2);
     assert!(routing.fallback.is_empty());
 }
@@ -165,40 +200,67 @@ async fn explicit_tier_answers_with_routing_metadata() {
 async fn heavy_failure_before_first_token_falls_back_transparently() {
     let heavy = Scripted::new("26b", Script::Fail);
     let primary = Scripted::new("e4b", Script::Answer(vec!["fine"]));
-    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(1000)), (Tier::Primary, primary.clone(), settings(1000))]);
+    let r = router(vec![
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
     let a = collect(r.chat(request("heavy", "analyze this")).unwrap()).await;
     assert_eq!(a.text, "fine");
     let routing = a.routing.unwrap();
     assert_eq!(routing.tier, "primary");
     assert_eq!(routing.fallback.len(), 1);
-    assert!(routing.fallback[0].starts_with("heavy→primary"), "{:?}", routing.fallback);
+    assert!(
+        routing.fallback[0].starts_with("heavy→primary"),
+        "{:?}",
+        routing.fallback
+    );
 }
 
 #[tokio::test]
 async fn mid_stream_failure_continues_on_the_next_tier_from_the_sent_text() {
     let primary = Scripted::new("e4b", Script::BreakAfter(vec!["The answer ", "is "]));
     let fast = Scripted::new("e2b", Script::Answer(vec!["42."]));
-    let r = router(vec![(Tier::Primary, primary.clone(), settings(1000)), (Tier::Fast, fast.clone(), settings(1000))]);
+    let r = router(vec![
+        (Tier::Primary, primary.clone(), settings(1000)),
+        (Tier::Fast, fast.clone(), settings(1000)),
+    ]);
     let a = collect(r.chat(request("primary", "question")).unwrap()).await;
     assert_eq!(a.text, "The answer is 42.", "one uninterrupted answer");
-    assert_eq!(fast.continuations.lock().unwrap()[0].as_deref(), Some("The answer is "));
+    assert_eq!(
+        fast.continuations.lock().unwrap()[0].as_deref(),
+        Some("The answer is ")
+    );
     let routing = a.routing.unwrap();
     assert_eq!(routing.tier, "fast");
-    assert!(routing.fallback[0].contains("continued"), "{:?}", routing.fallback);
-    assert_eq!(routing.completion_tokens, 3, "tokens of both tiers are counted");
+    assert!(
+        routing.fallback[0].contains("continued"),
+        "{:?}",
+        routing.fallback
+    );
+    assert_eq!(
+        routing.completion_tokens, 3,
+        "tokens of both tiers are counted"
+    );
 }
 
 #[tokio::test]
 async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
     let heavy = Scripted::new("26b", Script::Fail);
     let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
-    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(1000)), (Tier::Primary, primary.clone(), settings(1000))]);
+    let r = router(vec![
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
     for _ in 0..3 {
         let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
         assert_eq!(a.text, "ok");
     }
     assert_eq!(heavy.calls.load(Ordering::SeqCst), 3);
-    let st = r.status().into_iter().find(|s| s.tier == Tier::Heavy).unwrap();
+    let st = r
+        .status()
+        .into_iter()
+        .find(|s| s.tier == Tier::Heavy)
+        .unwrap();
     assert_eq!(st.breaker.state, "open");
     // While open, heavy is skipped without being called.
     let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
@@ -209,7 +271,11 @@ async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
     tokio::time::sleep(Duration::from_millis(350)).await;
     let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
     assert_eq!(a.text, "back");
-    let st = r.status().into_iter().find(|s| s.tier == Tier::Heavy).unwrap();
+    let st = r
+        .status()
+        .into_iter()
+        .find(|s| s.tier == Tier::Heavy)
+        .unwrap();
     assert_eq!(st.breaker.state, "closed");
 }
 
@@ -239,14 +305,24 @@ async fn disabled_tier_is_skipped_and_everything_down_is_503() {
 async fn first_token_timeout_falls_back_and_cancels_the_hung_tier() {
     let heavy = Scripted::new("26b", Script::Hang);
     let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
-    let r = router(vec![(Tier::Heavy, heavy.clone(), settings(150)), (Tier::Primary, primary, settings(1000))]);
-    let a = tokio::time::timeout(Duration::from_secs(5), collect(r.chat(request("heavy", "x")).unwrap()))
-        .await
-        .expect("no request may hang");
+    let r = router(vec![
+        (Tier::Heavy, heavy.clone(), settings(150)),
+        (Tier::Primary, primary, settings(1000)),
+    ]);
+    let a = tokio::time::timeout(
+        Duration::from_secs(5),
+        collect(r.chat(request("heavy", "x")).unwrap()),
+    )
+    .await
+    .expect("no request may hang");
     assert_eq!(a.text, "ok");
     assert!(a.routing.unwrap().fallback[0].contains("timed out"));
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(heavy.cancelled.load(Ordering::SeqCst), 1, "the hung backend's stream was dropped");
+    assert_eq!(
+        heavy.cancelled.load(Ordering::SeqCst),
+        1,
+        "the hung backend's stream was dropped"
+    );
 }
 
 #[tokio::test]
@@ -269,8 +345,14 @@ async fn client_disconnect_cancels_without_tripping_the_breaker() {
 async fn unknown_model_and_unconfigured_explicit_tier_are_404s() {
     let fast = Scripted::new("e2b", Script::Answer(vec!["x"]));
     let r = router(vec![(Tier::Fast, fast, settings(1000))]);
-    assert!(matches!(r.chat(request("gpt-4", "x")), Err(RouterError::UnknownModel(_))));
-    assert!(matches!(r.chat(request("heavy", "x")), Err(RouterError::UnknownModel(_))));
+    assert!(matches!(
+        r.chat(request("gpt-4", "x")),
+        Err(RouterError::UnknownModel(_))
+    ));
+    assert!(matches!(
+        r.chat(request("heavy", "x")),
+        Err(RouterError::UnknownModel(_))
+    ));
     // the model id of a backend selects its tier
     let a = collect(r.chat(request("e2b", "x")).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "fast");

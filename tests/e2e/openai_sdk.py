@@ -1,0 +1,98 @@
+"""Drives a running Jemma gateway with the unmodified OpenAI Python SDK.
+
+Usage: python openai_sdk.py BASE_URL   (the gateway has fast/primary local tiers and a heavy openai tier)
+Exits non-zero on the first failed check; prints one line per check.
+"""
+import json
+import sys
+
+import openai
+from openai import OpenAI
+
+base = sys.argv[1]
+client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
+passed = 0
+
+
+def check(name, cond, detail=""):
+    global passed
+    if not cond:
+        print(f"FAIL {name}: {detail}")
+        sys.exit(1)
+    passed += 1
+    print(f"ok   {name}")
+
+
+models = client.models.list()
+ids = sorted(m.id for m in models.data)
+check("models.list has the tiers", ids == ["fast", "heavy", "primary"], ids)
+
+r = client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "Hello!"}], max_tokens=8)
+routing = r.model_extra["_routing"]
+check("chat: one choice with text", len(r.choices) == 1 and isinstance(r.choices[0].message.content, str))
+check("chat: usage counts", r.usage.completion_tokens >= 1 and r.usage.prompt_tokens > 3, r.usage)
+check("chat: greeting routed to fast", routing["tier"] == "fast" and "greeting" in routing["reason"], routing)
+check("chat: routing carries latency", routing["latency_ms"] >= 0 and routing["model"], routing)
+
+r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Summarize the text"}],
+                                   max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
+r2 = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Summarize the text"}],
+                                    max_tokens=6, temperature=0.8, top_p=0.9, seed=7)
+check("seeded sampling is reproducible", r.choices[0].message.content == r2.choices[0].message.content)
+check("length finish", r.choices[0].finish_reason in ("length", "stop"), r.choices[0].finish_reason)
+
+stream = client.chat.completions.create(model="primary", stream=True, stream_options={"include_usage": True},
+                                        messages=[{"role": "user", "content": "Write code for a loop"}], max_tokens=10)
+text, finish, routing, usage = "", None, None, None
+for chunk in stream:
+    if chunk.choices:
+        d = chunk.choices[0].delta
+        text += d.content or ""
+        finish = chunk.choices[0].finish_reason or finish
+        if chunk.model_extra.get("_routing"):
+            routing = chunk.model_extra["_routing"]
+    if chunk.usage:
+        usage = chunk.usage
+check("stream: text arrives", len(text) > 0, repr(text))
+check("stream: finish_reason", finish in ("length", "stop"), finish)
+check("stream: routing in final chunk", routing and routing["tier"] == "primary", routing)
+check("stream: usage chunk", usage is not None and usage.completion_tokens >= 1, usage)
+
+tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city",
+          "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+msgs = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function",
+     "function": {"name": "get_weather", "arguments": json.dumps({"city": "Paris"})}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": json.dumps({"temperature": 21})},
+]
+r = client.chat.completions.create(model="fast", messages=msgs, tools=tools, max_tokens=5)
+check("tools: conversation with calls and results renders and answers", r.choices[0].finish_reason is not None)
+
+r = client.chat.completions.create(model="fast", messages=[{"role": "user", "content": [
+    {"type": "text", "text": "What is this?"},
+    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}], max_tokens=3)
+check("image parts are accepted", r.model_extra["_routing"]["tier"] == "fast")
+
+r = client.chat.completions.create(model="heavy", messages=[{"role": "user", "content": "Analyze this in depth"}],
+                                   max_tokens=6)
+check("heavy tier answers through the upstream", r.model_extra["_routing"]["tier"] == "heavy", r.model_extra)
+
+r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], max_tokens=4,
+                                   logprobs=True, top_logprobs=3)
+lp = r.choices[0].logprobs.content
+check("logprobs", len(lp) >= 1 and len(lp[0].top_logprobs) == 3 and lp[0].logprob <= 0, lp)
+
+try:
+    client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], temperature=7)
+    check("bad temperature rejected", False)
+except openai.BadRequestError as e:
+    check("bad temperature → 400 with param", e.body["param"] == "temperature", e.body)
+
+try:
+    client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "x"}])
+    check("unknown model rejected", False)
+except openai.NotFoundError as e:
+    check("unknown model → 404", e.body["code"] == "model_not_found", e.body)
+
+print(f"{passed} passed, 0 failed")

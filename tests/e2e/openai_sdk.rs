@@ -1,0 +1,37 @@
+//! The OpenAI Python SDK against the gateway: local tiers on the MLX engine, the heavy tier through a second
+//! `jemma serve` upstream.
+
+use std::process::Command;
+
+use crate::support::{Server, fixture, python, root};
+
+#[test]
+fn openai_python_sdk_drives_the_gateway() {
+    let tiny = fixture("tiny");
+    let upstream = Server::start(&["--model", tiny.to_str().unwrap()], None);
+    let config = format!(
+        r#"
+[tiers.fast]
+model = "{m}"
+[tiers.primary]
+model = "{m}"
+[tiers.heavy]
+kind = "openai"
+url = "{u}"
+model = "fast"
+first_token_timeout_secs = 60
+"#,
+        m = tiny.display(),
+        u = upstream.url
+    );
+    let gw = Server::start(&[], Some(&config));
+    let out = Command::new(python())
+        .arg(root().join("tests/e2e/openai_sdk.py"))
+        .arg(&gw.url)
+        .output()
+        .expect("run python");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "OpenAI SDK checks failed");
+    assert!(stdout.contains(" passed, 0 failed"));
+}

@@ -1,0 +1,127 @@
+//! Process and fixture helpers shared by the end-to-end tests.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(name: &str) -> PathBuf {
+    let dir = std::env::var("JEMMA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join("fixtures"))
+        .join(name);
+    assert!(
+        dir.join("config.json").exists(),
+        "fixture {} missing: run scripts/fixtures.sh",
+        dir.display()
+    );
+    dir
+}
+
+pub fn python() -> PathBuf {
+    let venv = std::env::var("JEMMA_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".venv"));
+    let py = venv.join("bin/python");
+    assert!(py.exists(), "{} missing: run scripts/setup", py.display());
+    py
+}
+
+/// A `jemma serve` child process, killed on drop.
+pub struct Server {
+    pub child: Child,
+    pub url: String,
+    pub _config: Option<tempfile::NamedTempFile>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Server {
+    /// Starts `jemma serve --port 0 <args>` and waits for its "listening on" line and a ready /health.
+    pub fn start(args: &[&str], config: Option<&str>) -> Server {
+        let cfg = config.map(|c| {
+            use std::io::Write;
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(c.as_bytes()).unwrap();
+            f
+        });
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_jemma"));
+        cmd.arg("serve").arg("--port").arg("0").args(args);
+        if let Some(f) = &cfg {
+            cmd.arg("--config").arg(f.path());
+        }
+        let mut child = cmd
+            .env("JEMMA_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn jemma serve");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let url = line
+            .trim()
+            .rsplit(' ')
+            .next()
+            .filter(|u| u.starts_with("http://"))
+            .unwrap_or_else(|| panic!("unexpected first line from jemma serve: {line:?}"))
+            .to_string();
+        let s = Server {
+            child,
+            url,
+            _config: cfg,
+        };
+        s.wait_ready(Duration::from_secs(60));
+        s
+    }
+
+    pub fn wait_ready(&self, limit: Duration) {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(r) = ureq_get(&format!("{}/health", self.url)) {
+                if r.0 == 200 {
+                    return;
+                }
+            }
+            assert!(t0.elapsed() < limit, "{} did not become ready", self.url);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// Minimal blocking GET (status, body) over loopback without pulling an HTTP client into the test.
+pub fn ureq_get(url: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (host, path) = rest
+        .split_once('/')
+        .map(|(h, p)| (h, format!("/{p}")))
+        .unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
