@@ -87,10 +87,8 @@ impl Server {
     pub fn wait_ready(&self, limit: Duration) {
         let t0 = Instant::now();
         loop {
-            if let Ok(r) = ureq_get(&format!("{}/health", self.url)) {
-                if r.0 == 200 {
-                    return;
-                }
+            if let Ok((200, _)) = ureq_get(&format!("{}/health", self.url)) {
+                return;
             }
             assert!(t0.elapsed() < limit, "{} did not become ready", self.url);
             std::thread::sleep(Duration::from_millis(100));
