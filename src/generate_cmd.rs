@@ -64,7 +64,7 @@ pub struct Args {
     json: bool,
 }
 
-fn parse_dtype(s: &str) -> anyhow::Result<Option<Option<Dtype>>> {
+pub fn parse_dtype(s: &str) -> anyhow::Result<Option<Option<Dtype>>> {
     Ok(match s {
         "auto" => None,
         "checkpoint" => Some(None),

@@ -1,6 +1,7 @@
 //! `jemma`: the headless gateway and engine (servers, launchd, tests). The menu-bar app embeds the same
 //! crates; this binary is what runs without a UI.
 
+mod bench_cmd;
 mod doctor;
 mod generate_cmd;
 mod serve;
@@ -24,6 +25,8 @@ enum Command {
     Doctor(doctor::Args),
     /// Run the OpenAI-compatible gateway (default 127.0.0.1:8080) with the configured tiers.
     Serve(serve::Args),
+    /// Measure the engine's prefill and decode speed on a model directory.
+    Bench(bench_cmd::Args),
     /// Generate text with the in-process MLX engine (prints JSON with --json: tokens, text, tok/s, memory).
     Generate(generate_cmd::Args),
 }
@@ -41,5 +44,6 @@ fn main() -> anyhow::Result<()> {
         Command::Doctor(args) => doctor::run(args),
         Command::Generate(args) => generate_cmd::run(args),
         Command::Serve(args) => serve::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
     }
 }

@@ -83,6 +83,14 @@ r = client.chat.completions.create(model="primary", messages=[{"role": "user", "
 lp = r.choices[0].logprobs.content
 check("logprobs", len(lp) >= 1 and len(lp[0].top_logprobs) == 3 and lp[0].logprob <= 0, lp)
 
+c = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0)
+check("completions: plain prompt", isinstance(c.choices[0].text, str) and c.usage.completion_tokens >= 1
+      and c.model_extra["_routing"]["tier"] == "fast", c)
+chunks = list(client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                        stream=True))
+check("completions: stream matches non-stream", "".join(ch.choices[0].text for ch in chunks if ch.choices)
+      == c.choices[0].text)
+
 try:
     client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], temperature=7)
     check("bad temperature rejected", False)

@@ -5,7 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
-use jemma_router::api::{ChatCompletionRequest, Routing, Usage};
+use jemma_router::api::{ChatCompletionRequest, CompletionRequest, Routing, Usage};
 use jemma_router::backend::Chunk;
 use jemma_router::classify::Tier;
 use jemma_router::route::{Output, model_entry};
@@ -126,6 +126,71 @@ async fn chat_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
         r.headers_mut().insert("x-jemma-tier", v);
     }
     Ok(r)
+}
+
+/// `POST /v1/completions`: a plain prompt, no chat template.
+pub async fn completions(State(state): State<AppState>, body: Body) -> Response {
+    match completions_inner(state, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn completions_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
+    let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
+        ApiError(RouterError::TooLarge(format!(
+            "request body exceeds {} bytes",
+            state.max_body_bytes
+        )))
+    })?;
+    let req: CompletionRequest = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError(RouterError::InvalidRequest {
+            message: format!("invalid JSON body: {e}"),
+            param: None,
+        })
+    })?;
+    let req = req.validate(&state.limits)?;
+    let stream = req.stream;
+    let mut rx = state.router.chat(req)?;
+    if stream {
+        return match rx.recv().await {
+            Some(Output::Error(e)) => Err(ApiError(e)),
+            None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
+            Some(first) => Ok(sse::completion_stream(state.keep_alive, first, rx)),
+        };
+    }
+    let mut text = String::new();
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(Chunk::Content(c)) => text.push_str(&c),
+            Output::End {
+                finish_reason,
+                usage,
+                routing,
+            } => {
+                let tier = routing.tier.clone();
+                let body = json!({
+                    "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+                    "object": "text_completion",
+                    "created": now_secs(),
+                    "model": routing.model,
+                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": null}],
+                    "usage": usage,
+                    "_routing": routing,
+                });
+                let mut r = (StatusCode::OK, axum::Json(body)).into_response();
+                if let Ok(v) = HeaderValue::from_str(&tier) {
+                    r.headers_mut().insert("x-jemma-tier", v);
+                }
+                return Ok(r);
+            }
+            Output::Error(e) => return Err(ApiError(e)),
+            _ => {}
+        }
+    }
+    Err(ApiError(RouterError::AllTiersDown {
+        fallback: vec!["answer incomplete".into()],
+    }))
 }
 
 /// `GET /v1/models`.

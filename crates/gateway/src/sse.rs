@@ -138,3 +138,59 @@ pub fn stream_response(
         .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
         .into_response()
 }
+
+/// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason`, `usage` and
+/// `_routing`, then `[DONE]`.
+pub fn completion_stream(
+    keep_alive: Duration,
+    first: Output,
+    mut rx: mpsc::Receiver<Output>,
+) -> Response {
+    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+        let created = now_secs();
+        let chunk = |text: &str, finish: Option<&str>, model: &str| {
+            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
+        };
+        let mut next = Some(first);
+        loop {
+            let o = match next.take() {
+                Some(o) => o,
+                None => match rx.recv().await {
+                    Some(o) => o,
+                    None => return,
+                },
+            };
+            let ev = match o {
+                Output::Waiting => Event::default().comment("waiting for a tier"),
+                Output::Chunk(Chunk::Content(c)) => data(&chunk(&c, None, "")),
+                Output::Chunk(_) => continue,
+                Output::End {
+                    finish_reason,
+                    usage,
+                    routing,
+                } => {
+                    let mut c = chunk("", Some(&finish_reason), &routing.model);
+                    c["usage"] = json!(usage);
+                    c["_routing"] = json!(routing);
+                    let _ = tx.send(Ok(data(&c))).await;
+                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                    return;
+                }
+                Output::Error(e) => {
+                    let _ = tx.send(Ok(data(&ApiError(e).body()))).await;
+                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+                    return;
+                }
+            };
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
+        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
+        .into_response()
+}

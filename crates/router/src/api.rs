@@ -170,6 +170,9 @@ pub struct ChatRequest {
     pub last_user: String,
     /// Rough prompt length in tokens (4 chars/token) for routing before the tokenizer runs.
     pub prompt_tokens_estimate: usize,
+    /// `/v1/completions`: a plain prompt, no chat template (messages then hold it as one user turn for
+    /// backends that only speak chat).
+    pub raw_prompt: Option<String>,
 }
 
 fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
@@ -545,6 +548,7 @@ impl ChatCompletionRequest {
             text,
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,
+            raw_prompt: None,
         })
     }
 }
@@ -603,4 +607,84 @@ pub struct Routing {
     /// Decode speed of the answering tier, when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+}
+
+/// `POST /v1/completions` body (legacy plain-prompt API).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+pub struct CompletionRequest {
+    /// Tier, model id or `auto`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// The prompt (one string, or a one-element list).
+    pub prompt: Value,
+    /// Upper bound of generated tokens (OpenAI's default for this API is 16).
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Top-k.
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop: Option<Stop>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Presence penalty.
+    #[serde(default)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    #[serde(default)]
+    pub frequency_penalty: Option<f32>,
+    /// Stream as SSE.
+    #[serde(default)]
+    pub stream: bool,
+    /// Number of completions (only 1).
+    #[serde(default)]
+    pub n: Option<u32>,
+}
+
+impl CompletionRequest {
+    /// Validates through the chat path (same limits and checks) and marks the prompt as raw.
+    pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
+        let prompt = match &self.prompt {
+            Value::String(s) => s.clone(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_string()
+            }
+            Value::Array(_) => {
+                return Err(invalid(
+                    "only one prompt per request is supported",
+                    "prompt",
+                ));
+            }
+            _ => return Err(invalid("prompt must be a string", "prompt")),
+        };
+        if prompt.is_empty() {
+            return Err(invalid("prompt must not be empty", "prompt"));
+        }
+        let chat = ChatCompletionRequest {
+            model: self.model,
+            messages: vec![serde_json::json!({"role": "user", "content": prompt.clone()})],
+            max_tokens: Some(self.max_tokens.unwrap_or(16)),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            stop: self.stop,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            stream: self.stream,
+            n: self.n,
+            ..Default::default()
+        };
+        let mut r = chat.validate(limits)?;
+        r.raw_prompt = Some(prompt);
+        Ok(r)
+    }
 }

@@ -178,12 +178,16 @@ impl Backend for LocalBackend {
             seed: req.seed,
             ..Default::default()
         };
-        let request = Request {
-            prompt: Prompt::Chat {
+        let prompt = match &req.raw_prompt {
+            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Prompt::Chat {
                 messages: with_continuation(&req.messages, continuation),
                 tools: req.tools.clone(),
                 enable_thinking: req.enable_thinking,
             },
+        };
+        let request = Request {
+            prompt,
             options: GenerateOptions {
                 sampling,
                 max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
@@ -192,7 +196,7 @@ impl Backend for LocalBackend {
                 ..Default::default()
             },
             stop: req.stop.clone(),
-            parse_output: true,
+            parse_output: req.raw_prompt.is_none(),
         };
         let mut events = self.engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),

@@ -212,6 +212,7 @@ impl TierRouter {
             text: "ping".into(),
             last_user: "ping".into(),
             prompt_tokens_estimate: 1,
+            raw_prompt: None,
         };
         let ok = match s.backend.start(&req, None).await {
             Ok(mut rx) => {
