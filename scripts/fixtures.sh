@@ -21,5 +21,9 @@ gen quantize "$OUT/moe" "$OUT/moe-q4" --bits 4 --group-size 32 2>/dev/null
 for m in tiny moe tiny-q4 moe-q4; do
   gen reference "$OUT/$m"
 done
+for m in tiny moe; do
+  gen reference "$OUT/$m" --kv-bits 8
+  gen reference "$OUT/$m" --kv-bits 4
+done
 echo "$want" >"$OUT/.stamp"
 du -sh "$OUT" >&2

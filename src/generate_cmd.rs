@@ -56,6 +56,16 @@ pub struct Args {
     /// Write the prompt's last-position logits (float32, tensor `logits`) to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
+    /// Quantize the full-attention KV caches to this many bits (4 or 8) once they hold
+    /// --quantized-kv-start positions.
+    #[arg(long)]
+    kv_bits: Option<i32>,
+    /// Group size of KV quantization.
+    #[arg(long, default_value_t = 64)]
+    kv_group_size: i32,
+    /// Context length from which the KV cache is quantized.
+    #[arg(long, default_value_t = 5000)]
+    quantized_kv_start: usize,
     /// Keep going past end-of-sequence tokens (benchmarks want exactly --max-tokens).
     #[arg(long)]
     ignore_eos: bool,
@@ -141,6 +151,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             bundle.tokenizer.eos_ids.clone()
         },
         prefill_step: args.prefill_step,
+        kv_quant: args
+            .kv_bits
+            .map(|bits| jemma_engine::models::gemma4::KvQuant {
+                bits,
+                group_size: args.kv_group_size,
+                start: args.quantized_kv_start,
+            }),
         ..Default::default()
     };
     let mut tokens = vec![];

@@ -80,6 +80,159 @@ impl KvCache {
     }
 }
 
+/// A quantized tensor as MLX stores it: packed uint32 values, per-group scales and biases.
+#[derive(Debug, Clone)]
+pub struct QTensor {
+    /// Packed values.
+    pub w: Array,
+    /// Scales.
+    pub scales: Array,
+    /// Biases.
+    pub biases: Array,
+}
+
+impl QTensor {
+    fn quantize(x: &Array, group_size: i32, bits: i32) -> Result<Self> {
+        let (w, scales, biases) = ops::quantize(x, group_size, bits)?;
+        Ok(Self { w, scales, biases })
+    }
+
+    fn map(&self, f: impl Fn(&Array) -> Result<Array>) -> Result<Self> {
+        Ok(Self {
+            w: f(&self.w)?,
+            scales: f(&self.scales)?,
+            biases: f(&self.biases)?,
+        })
+    }
+
+    fn parts(&self) -> [&Array; 3] {
+        [&self.w, &self.scales, &self.biases]
+    }
+}
+
+/// Full-attention cache with MLX-quantized keys and values (`QuantizedKVCache`): what `kv_bits` turns the
+/// growing caches into once the context passes `quantized_kv_start`. Sliding-window caches stay in full
+/// precision: they are bounded by the window (and mlx-lm cannot quantize them either).
+#[derive(Debug)]
+pub struct QuantizedKvCache {
+    keys: Option<QTensor>,
+    values: Option<QTensor>,
+    /// Positions stored.
+    pub offset: i32,
+    /// Quantization group size.
+    pub group_size: i32,
+    /// Bits per element.
+    pub bits: i32,
+}
+
+impl QuantizedKvCache {
+    /// Quantizes what a full-precision cache holds (its whole buffer, as mlx-lm's `to_quantized`).
+    pub fn from_full(c: &KvCache, group_size: i32, bits: i32) -> Result<Self> {
+        Ok(Self {
+            keys: c
+                .keys
+                .as_ref()
+                .map(|k| QTensor::quantize(k, group_size, bits))
+                .transpose()?,
+            values: c
+                .values
+                .as_ref()
+                .map(|v| QTensor::quantize(v, group_size, bits))
+                .transpose()?,
+            offset: c.offset,
+            group_size,
+            bits,
+        })
+    }
+
+    /// Appends (B, heads, L, D) keys/values; returns the quantized contents.
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(QTensor, QTensor)> {
+        let s = k.shape();
+        let (b, h, l, kd) = (s[0], s[1], s[2], s[3]);
+        let vd = v.shape()[3];
+        let prev = self.offset;
+        let cap = self.keys.as_ref().map(|q| q.w.shape()[2]).unwrap_or(0);
+        if self.keys.is_none() || prev + l > cap {
+            let el_per_int = 32 / self.bits;
+            let new_steps = (STEP + l - 1) / STEP * STEP;
+            let init = |dim: i32, like: &Array| -> Result<QTensor> {
+                Ok(QTensor {
+                    w: ops::zeros_dtype(
+                        &[b, h, new_steps, dim / el_per_int],
+                        mlx_rs::Dtype::Uint32,
+                    )?,
+                    scales: ops::zeros_dtype(
+                        &[b, h, new_steps, dim / self.group_size],
+                        like.dtype(),
+                    )?,
+                    biases: ops::zeros_dtype(
+                        &[b, h, new_steps, dim / self.group_size],
+                        like.dtype(),
+                    )?,
+                })
+            };
+            let expand = |q: &QTensor| -> Result<QTensor> {
+                let q = if prev % STEP != 0 {
+                    q.map(|x| slice_len(x, 0, prev))?
+                } else {
+                    q.clone()
+                };
+                q.map(|x| {
+                    let sh = x.shape();
+                    let z = ops::zeros_dtype(&[sh[0], sh[1], new_steps, sh[3]], x.dtype())?;
+                    Ok(ops::concatenate(&[x.clone(), z], 2)?)
+                })
+            };
+            match (self.keys.take(), self.values.take()) {
+                (Some(kq), Some(vq)) => {
+                    self.keys = Some(expand(&kq)?);
+                    self.values = Some(expand(&vq)?);
+                }
+                _ => {
+                    self.keys = Some(init(kd, k)?);
+                    self.values = Some(init(vd, v)?);
+                }
+            }
+        }
+        self.offset += l;
+        let kq = QTensor::quantize(k, self.group_size, self.bits)?;
+        let vq = QTensor::quantize(v, self.group_size, self.bits)?;
+        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        for (dst, src) in [
+            (&mut keys.w, &kq.w),
+            (&mut keys.scales, &kq.scales),
+            (&mut keys.biases, &kq.biases),
+        ] {
+            dst.try_index_mut((.., .., prev..self.offset, ..), src)?;
+        }
+        for (dst, src) in [
+            (&mut values.w, &vq.w),
+            (&mut values.scales, &vq.scales),
+            (&mut values.biases, &vq.biases),
+        ] {
+            dst.try_index_mut((.., .., prev..self.offset, ..), src)?;
+        }
+        let off = self.offset;
+        if keys.w.shape()[2] == off {
+            Ok((keys.clone(), values.clone()))
+        } else {
+            Ok((
+                keys.map(|x| slice_len(x, 0, off))?,
+                values.map(|x| slice_len(x, 0, off))?,
+            ))
+        }
+    }
+
+    /// Arrays to evaluate.
+    pub fn state(&self) -> Vec<&Array> {
+        self.keys
+            .iter()
+            .chain(self.values.iter())
+            .flat_map(|q| q.parts())
+            .collect()
+    }
+}
+
 /// Sliding-window cache (`RotatingKVCache(max_size=window, keep=0)`).
 #[derive(Debug)]
 pub struct RotatingKvCache {
@@ -225,11 +378,22 @@ impl RotatingKvCache {
     }
 }
 
+/// Keys and values as a layer attends over them.
+#[derive(Debug, Clone)]
+pub enum Kv {
+    /// Full precision.
+    Plain(Array, Array),
+    /// MLX-quantized (group size, bits).
+    Quantized(QTensor, QTensor, i32, i32),
+}
+
 /// The cache of one non-shared layer.
 #[derive(Debug)]
 pub enum LayerCache {
     /// Full attention.
     Full(KvCache),
+    /// Full attention, quantized (`kv_bits`).
+    Quantized(QuantizedKvCache),
     /// Sliding window.
     Rotating(RotatingKvCache),
 }
@@ -239,32 +403,52 @@ impl LayerCache {
     pub fn offset(&self) -> i32 {
         match self {
             LayerCache::Full(c) => c.offset,
+            LayerCache::Quantized(c) => c.offset,
             LayerCache::Rotating(c) => c.offset,
         }
     }
 
     /// Adds keys/values; returns the attended keys/values.
-    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
-        match self {
-            LayerCache::Full(c) => c.update_and_fetch(k, v),
-            LayerCache::Rotating(c) => c.update_and_fetch(k, v),
+    pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<Kv> {
+        Ok(match self {
+            LayerCache::Full(c) => {
+                let (k, v) = c.update_and_fetch(k, v)?;
+                Kv::Plain(k, v)
+            }
+            LayerCache::Quantized(c) => {
+                let (k, v) = c.update_and_fetch(k, v)?;
+                Kv::Quantized(k, v, c.group_size, c.bits)
+            }
+            LayerCache::Rotating(c) => {
+                let (k, v) = c.update_and_fetch(k, v)?;
+                Kv::Plain(k, v)
+            }
+        })
+    }
+
+    /// Turns a full-attention cache into a quantized one once it holds `start` positions (mlx-lm's
+    /// `maybe_quantize_kv_cache`); other kinds are left as they are.
+    pub fn maybe_quantize(&mut self, group_size: i32, bits: i32, start: i32) -> Result<()> {
+        if let LayerCache::Full(c) = self {
+            if c.offset >= start {
+                *self = LayerCache::Quantized(QuantizedKvCache::from_full(c, group_size, bits)?);
+            }
         }
+        Ok(())
     }
 
     /// Arrays to evaluate.
     pub fn state(&self) -> Vec<&Array> {
         match self {
             LayerCache::Full(c) => c.state(),
+            LayerCache::Quantized(c) => c.state(),
             LayerCache::Rotating(c) => c.state(),
         }
     }
 
     /// Bytes held.
     pub fn nbytes(&self) -> usize {
-        match self {
-            LayerCache::Full(c) => c.nbytes(),
-            LayerCache::Rotating(c) => c.nbytes(),
-        }
+        self.state().iter().map(|a| a.nbytes()).sum()
     }
 }
 

@@ -12,7 +12,7 @@ use mlx_rs::{
 };
 use serde::Serialize;
 
-use crate::models::gemma4::{Cache, Gemma4};
+use crate::models::gemma4::{Cache, Gemma4, KvQuant};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
@@ -34,6 +34,8 @@ pub struct GenerateOptions {
     pub logprobs: bool,
     /// Prefill chunk length.
     pub prefill_step: usize,
+    /// KV-cache quantization of the full-attention layers (None = full precision).
+    pub kv_quant: Option<KvQuant>,
 }
 
 impl Default for GenerateOptions {
@@ -45,6 +47,7 @@ impl Default for GenerateOptions {
             top_logprobs: 0,
             logprobs: false,
             prefill_step: DEFAULT_PREFILL_STEP,
+            kv_quant: None,
         }
     }
 }
@@ -156,6 +159,18 @@ pub fn generate(
         )));
     }
     let mut sampler = Sampler::new(opts.sampling.clone(), vocab, model.dtype())?;
+    if let Some(q) = opts.kv_quant {
+        let dims: Vec<usize> = model.full_attention_head_dims();
+        if !matches!(q.bits, 2 | 3 | 4 | 5 | 6 | 8)
+            || q.group_size <= 0
+            || dims.iter().any(|d| d % q.group_size as usize != 0)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "kv_bits {} with group size {} does not fit head dims {dims:?}",
+                q.bits, q.group_size
+            )));
+        }
+    }
     let t0 = Instant::now();
     let mut cache: Cache = model.new_cache();
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
@@ -166,6 +181,7 @@ pub fn generate(
         let chunk = Array::from_slice(&ids[done..done + n], &[1, n as i32]);
         // Only the caches are needed from prefill chunks: the LM head never runs for them.
         model.forward_hidden(&chunk, &mut cache)?;
+        cache.maybe_quantize(opts.kv_quant)?;
         eval(cache.state())?;
         done += n;
         mlx_rs::memory::clear_cache()?;
@@ -174,6 +190,7 @@ pub fn generate(
     let mut step = |input: &Array, history: &Array| -> Result<Pending> {
         let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut cache)?;
         let logits = sampler.process(&logits, Some(history))?;
+        cache.maybe_quantize(opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
         let token = sampler.sample(&logprobs)?;
         Ok(Pending { token, logprobs })

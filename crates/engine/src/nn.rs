@@ -181,7 +181,12 @@ impl WeightStore {
 
     fn cast(&self, a: Array) -> Result<Array> {
         match self.compute_dtype {
-            Some(dt) if a.dtype().is_float() && a.dtype() != dt => Ok(a.as_dtype(dt)?),
+            Some(dt) if a.dtype().is_float() && a.dtype() != dt => {
+                // Materialise now so the checkpoint-dtype copy is freed at load, not at the first request.
+                let c = a.as_dtype(dt)?;
+                c.eval()?;
+                Ok(c)
+            }
             _ => Ok(a),
         }
     }

@@ -104,7 +104,10 @@ pub struct Summary {
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum EngineState {
     /// Loading weights.
-    Loading,
+    Loading {
+        /// Share of weight bytes read (0 to 1).
+        progress: f32,
+    },
     /// Serving.
     Ready,
     /// Loading failed.
@@ -198,7 +201,7 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Self> {
         let device = select_device()?;
         let status = Arc::new(Mutex::new(EngineStatus {
-            state: EngineState::Loading,
+            state: EngineState::Loading { progress: 0.0 },
             model: config
                 .model_dir
                 .file_name()
@@ -248,7 +251,7 @@ impl Engine {
     ) -> std::result::Result<mpsc::Receiver<Event>, SubmitError> {
         match &self.status().state {
             EngineState::Ready => {}
-            EngineState::Loading => {
+            EngineState::Loading { .. } => {
                 return Err(SubmitError::Unavailable("model is loading".into()));
             }
             EngineState::Failed { error } => return Err(SubmitError::Unavailable(error.clone())),
@@ -274,7 +277,9 @@ impl Engine {
             match self.status().state {
                 EngineState::Ready => return Ok(()),
                 EngineState::Failed { error } => return Err(EngineError::InvalidModel(error)),
-                EngineState::Loading => std::thread::sleep(std::time::Duration::from_millis(20)),
+                EngineState::Loading { .. } => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
             }
         }
     }
@@ -305,7 +310,16 @@ pub fn default_dtype(device: DeviceKind) -> Option<Dtype> {
 impl ModelBundle {
     /// Loads a model directory. `dtype` None keeps the checkpoint's dtype (mlx-lm's behaviour).
     pub fn load(dir: &Path, dtype: Option<Dtype>) -> Result<Self> {
-        let (model, cfg, report) = gemma4::load(dir, dtype)?;
+        Self::load_with_progress(dir, dtype, &mut |_| {})
+    }
+
+    /// [`ModelBundle::load`] with a progress callback (share of weight bytes read).
+    pub fn load_with_progress(
+        dir: &Path,
+        dtype: Option<Dtype>,
+        progress: &mut dyn FnMut(f32),
+    ) -> Result<Self> {
+        let (model, cfg, report) = gemma4::load_with_progress(dir, dtype, progress)?;
         let tokenizer = Tokenizer::from_model_dir(dir, &cfg.eos_token_ids)?;
         let template = ChatTemplate::from_model_dir(dir)
             .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?;

@@ -218,7 +218,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "ok"
     } else if ready > 0 {
         "degraded"
-    } else if tiers.iter().any(|t| t.backend.state == "loading") {
+    } else if tiers.iter().any(|t| t.backend.state.starts_with("loading")) {
         "starting"
     } else {
         "down"

@@ -130,6 +130,7 @@ pub fn with_continuation(messages: &[Value], continuation: Option<&str>) -> Vec<
 pub struct LocalBackend {
     engine: jemma_engine::runtime::Engine,
     default_max_tokens: u32,
+    kv_quant: Option<jemma_engine::models::gemma4::KvQuant>,
 }
 
 impl LocalBackend {
@@ -138,7 +139,14 @@ impl LocalBackend {
         Self {
             engine,
             default_max_tokens,
+            kv_quant: None,
         }
+    }
+
+    /// Quantizes the full-attention KV caches of every request (`kv_bits`).
+    pub fn with_kv_quant(mut self, q: Option<jemma_engine::models::gemma4::KvQuant>) -> Self {
+        self.kv_quant = q;
+        self
     }
 }
 
@@ -193,6 +201,7 @@ impl Backend for LocalBackend {
                 max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
                 logprobs: req.logprobs,
                 top_logprobs: req.top_logprobs as usize,
+                kv_quant: self.kv_quant,
                 ..Default::default()
             },
             stop: req.stop.clone(),
@@ -255,12 +264,14 @@ impl Backend for LocalBackend {
         use jemma_engine::runtime::EngineState;
         let s = self.engine.status();
         let (state, err) = match &s.state {
-            EngineState::Loading => ("loading", None),
-            EngineState::Ready => ("ready", None),
-            EngineState::Failed { error } => ("failed", Some(error.clone())),
+            EngineState::Loading { progress } => {
+                (format!("loading {:.0}%", progress * 100.0), None)
+            }
+            EngineState::Ready => ("ready".to_string(), None),
+            EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
         };
         BackendHealth {
-            state: state.into(),
+            state,
             model: s.model.clone(),
             model_loaded: matches!(s.state, EngineState::Ready),
             tokens_per_second: s.last_decode_tps,

@@ -91,6 +91,12 @@ pub struct TierConfig {
     pub aliases: Vec<String>,
     /// Per-tier breaker settings (default: `[breaker]`).
     pub breaker: Option<BreakerConfig>,
+    /// Local: quantize the full-attention KV caches to this many bits (4 or 8; None = full precision).
+    pub kv_bits: Option<i32>,
+    /// Local: KV quantization group size.
+    pub kv_group_size: i32,
+    /// Local: context length from which the KV cache is quantized.
+    pub quantized_kv_start: usize,
 }
 
 impl Default for TierConfig {
@@ -108,6 +114,9 @@ impl Default for TierConfig {
             default_max_tokens: 1024,
             aliases: vec![],
             breaker: None,
+            kv_bits: None,
+            kv_group_size: 64,
+            quantized_kv_start: 5000,
         }
     }
 }

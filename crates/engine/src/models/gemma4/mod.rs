@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use mlx_rs::{Array, Dtype, ops};
 
 pub use config::ModelConfig;
-pub use model::{Cache, Gemma4};
+pub use model::{Cache, Gemma4, KvQuant};
 
 use crate::nn::WeightStore;
 use crate::{EngineError, Result};
@@ -134,13 +134,33 @@ fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightSt
 /// Loads a Gemma 4 checkpoint directory. `compute_dtype`: None keeps the checkpoint's dtype (mlx-lm's
 /// behaviour), Some(dt) casts float weights and activations to `dt`.
 pub fn load(dir: &Path, compute_dtype: Option<Dtype>) -> Result<(Gemma4, ModelConfig, LoadReport)> {
+    load_with_progress(dir, compute_dtype, &mut |_| {})
+}
+
+/// [`load`], reporting the share of weight bytes read so far (0.0 to 1.0). Weights are read from disk here,
+/// not lazily on the first request, so "ready" means ready.
+pub fn load_with_progress(
+    dir: &Path,
+    compute_dtype: Option<Dtype>,
+    progress: &mut dyn FnMut(f32),
+) -> Result<(Gemma4, ModelConfig, LoadReport)> {
     let cfg = ModelConfig::load(dir)?;
     let files = weight_files(dir)?;
+    let total: u64 = files
+        .iter()
+        .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+        .sum::<u64>()
+        .max(1);
     let mut raw = HashMap::new();
     let mut bytes = 0u64;
+    let mut read = 0u64;
+    progress(0.0);
     for f in &files {
         let t = Array::load_safetensors(f)
             .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", f.display())))?;
+        mlx_rs::transforms::eval(t.values())?;
+        read += std::fs::metadata(f).map(|m| m.len()).unwrap_or(0);
+        progress((read as f64 / total as f64).min(1.0) as f32);
         for (k, v) in t {
             bytes += v.nbytes() as u64;
             if raw.insert(k.clone(), v).is_some() {

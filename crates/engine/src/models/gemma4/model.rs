@@ -13,7 +13,7 @@ use mlx_rs::{
 };
 
 use super::config::{LayerSpec, LayerType, ModelConfig, TextConfig};
-use crate::cache::{KvCache, LayerCache, RotatingKvCache};
+use crate::cache::{Kv, KvCache, LayerCache, QTensor, RotatingKvCache};
 use crate::nn::{Embedding, Linear, SwitchLinear, WeightStore, scalar};
 use crate::{EngineError, Result};
 
@@ -130,16 +130,16 @@ impl Attention {
         x: &Array,
         mask: &Mask,
         cache: Option<&mut LayerCache>,
-        shared: Option<&(Array, Array, i32)>,
-    ) -> Result<(Array, (Array, Array, i32))> {
+        shared: Option<&(Kv, i32)>,
+    ) -> Result<(Array, (Kv, i32))> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let q = self
             .q_proj
             .forward(x)?
             .reshape(&[b, l, self.n_heads, self.head_dim])?;
         let q = fast::rms_norm(&q, Some(&self.q_norm), self.eps)?;
-        let (keys, values, offset) = if let Some((k, v, off)) = shared {
-            (k.clone(), v.clone(), *off)
+        let (kv, offset) = if let Some((kv, off)) = shared {
+            (kv.clone(), *off)
         } else {
             let k_proj = self.k_proj.as_ref().ok_or_else(|| {
                 EngineError::InvalidModel("a KV-sharing layer has no K/V source".into())
@@ -155,13 +155,21 @@ impl Attention {
             let k = fast::rms_norm(&k, self.k_norm.as_ref(), self.eps)?;
             let k = self.rope.apply(&k.transpose_axes(&[0, 2, 1, 3])?, offset)?;
             let v = fast::rms_norm(&v, None, self.eps)?.transpose_axes(&[0, 2, 1, 3])?;
-            let (k, v) = match cache {
+            let kv = match cache {
                 Some(c) => c.update_and_fetch(&k, &v)?,
-                None => (k, v),
+                None => Kv::Plain(k, v),
             };
-            (k, v, offset)
+            (kv, offset)
         };
         let q = self.rope.apply(&q.transpose_axes(&[0, 2, 1, 3])?, offset)?;
+        let (keys, values) = match &kv {
+            Kv::Plain(k, v) => (k, v),
+            Kv::Quantized(k, v, gs, bits) => {
+                let out = quantized_sdpa(&q, k, v, mask, *gs, *bits)?;
+                let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
+                return Ok((self.o_proj.forward(&out)?, (kv, offset)));
+            }
+        };
         let out = match mask {
             Mask::None => fast::scaled_dot_product_attention(&q, &keys, &values, 1.0, None, None)?,
             Mask::Causal => fast::scaled_dot_product_attention(
@@ -182,8 +190,65 @@ impl Attention {
             )?,
         };
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
-        Ok((self.o_proj.forward(&out)?, (keys, values, offset)))
+        Ok((self.o_proj.forward(&out)?, (kv, offset)))
     }
+}
+
+/// Attention over quantized keys/values, as mlx-lm's `quantized_scaled_dot_product_attention` (scale 1.0).
+fn quantized_sdpa(
+    q: &Array,
+    k: &QTensor,
+    v: &QTensor,
+    mask: &Mask,
+    gs: i32,
+    bits: i32,
+) -> Result<Array> {
+    let s = q.shape();
+    let (b, n_q, l, d) = (s[0], s[1], s[2], s[3]);
+    let n_kv = k.w.shape()[1];
+    let rep = n_q / n_kv;
+    let expand = |t: &QTensor| -> Result<QTensor> {
+        if rep > 1 {
+            Ok(QTensor {
+                w: t.w.expand_dims(-3)?,
+                scales: t.scales.expand_dims(-3)?,
+                biases: t.biases.expand_dims(-3)?,
+            })
+        } else {
+            Ok(t.clone())
+        }
+    };
+    let (k, v) = (expand(k)?, expand(v)?);
+    let q = if rep > 1 {
+        q.reshape(&[b, n_kv, rep, l, d])?
+    } else {
+        q.clone()
+    };
+    let mut scores = ops::quantized_matmul(&q, &k.w, &k.scales, &k.biases, true, gs, bits)?;
+    let kl = *scores.shape().last().unwrap_or(&0);
+    let bool_mask = match mask {
+        Mask::None => None,
+        Mask::Causal => {
+            let qi = Array::arange::<_, i32>(kl - l, kl, 1)?.reshape(&[-1, 1])?;
+            let ki = Array::arange::<_, i32>(0, kl, 1)?.reshape(&[1, -1])?;
+            Some(qi.ge(&ki)?)
+        }
+        Mask::Array(m) => Some(m.clone()),
+    };
+    if let Some(m) = bool_mask {
+        let min = scalar(
+            scores.dtype().finfo_min().unwrap_or(f64::MIN) as f32,
+            scores.dtype(),
+        )?;
+        scores = ops::select(&m, &scores, &min)?;
+    }
+    let scores = ops::softmax_axis(&scores, -1, true)?;
+    let out = ops::quantized_matmul(&scores, &v.w, &v.scales, &v.biases, false, gs, bits)?;
+    Ok(if rep > 1 {
+        out.reshape(&[b, n_q, l, d])?
+    } else {
+        out
+    })
 }
 
 struct Mlp {
@@ -296,11 +361,11 @@ impl DecoderLayer {
         x: &Array,
         mask: &Mask,
         cache: Option<&mut LayerCache>,
-        shared: Option<&(Array, Array, i32)>,
+        shared: Option<&(Kv, i32)>,
         per_layer_input: Option<&Array>,
         eps: f32,
         c: &Consts,
-    ) -> Result<(Array, (Array, Array, i32))> {
+    ) -> Result<(Array, (Kv, i32))> {
         let h = fast::rms_norm(x, Some(&self.input_layernorm), eps)?;
         let (h, kv) = self.self_attn.forward(&h, mask, cache, shared)?;
         let h = fast::rms_norm(&h, Some(&self.post_attention_layernorm), eps)?;
@@ -357,6 +422,17 @@ pub struct Gemma4 {
     first_of_type: [Option<usize>; 2],
 }
 
+/// KV-cache quantization settings (mlx-lm's `kv_bits`, `kv_group_size`, `quantized_kv_start`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvQuant {
+    /// 4 or 8.
+    pub bits: i32,
+    /// Elements per scale/bias group (must divide the head dimension).
+    pub group_size: i32,
+    /// Quantize once a cache holds this many positions.
+    pub start: usize,
+}
+
 /// One decoding session's caches (one per non-shared layer).
 pub struct Cache {
     /// Per non-shared layer.
@@ -377,6 +453,16 @@ impl Cache {
     /// Bytes held by all layers.
     pub fn nbytes(&self) -> usize {
         self.layers.iter().map(|c| c.nbytes()).sum()
+    }
+
+    /// Quantizes the full-attention caches that hold at least `start` positions (`kv_bits`).
+    pub fn maybe_quantize(&mut self, kv: Option<KvQuant>) -> Result<()> {
+        if let Some(q) = kv {
+            for c in &mut self.layers {
+                c.maybe_quantize(q.group_size, q.bits, q.start as i32)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -569,6 +655,15 @@ impl Gemma4 {
         })
     }
 
+    /// Head dimensions of the full-attention layers that own a cache (what `kv_bits` quantizes).
+    pub fn full_attention_head_dims(&self) -> Vec<usize> {
+        self.layers
+            .iter()
+            .filter(|l| l.spec.has_kv && l.spec.layer_type == LayerType::Full)
+            .map(|l| l.spec.head_dim)
+            .collect()
+    }
+
     /// The text configuration.
     pub fn config(&self) -> &TextConfig {
         &self.cfg
@@ -608,7 +703,7 @@ impl Gemma4 {
             return Ok(Mask::None);
         }
         Ok(match c {
-            LayerCache::Full(_) => Mask::Causal,
+            LayerCache::Full(_) | LayerCache::Quantized(_) => Mask::Causal,
             LayerCache::Rotating(r) => {
                 let w = self.cfg.sliding_window as i32;
                 let offset = (r.max_size - 1).min(r.offset);
@@ -655,7 +750,7 @@ impl Gemma4 {
             self.mask_for(LayerType::Sliding, l, cache)?,
             self.mask_for(LayerType::Full, l, cache)?,
         ];
-        let mut kvs: Vec<Option<(Array, Array, i32)>> = vec![None; self.layers.len()];
+        let mut kvs: Vec<Option<(Kv, i32)>> = vec![None; self.layers.len()];
         let mut cache_iter = cache.layers.iter_mut();
         for (i, layer) in self.layers.iter().enumerate() {
             let pli = match &per_layer_inputs {
