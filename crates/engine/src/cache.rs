@@ -429,10 +429,10 @@ impl LayerCache {
     /// Turns a full-attention cache into a quantized one once it holds `start` positions (mlx-lm's
     /// `maybe_quantize_kv_cache`); other kinds are left as they are.
     pub fn maybe_quantize(&mut self, group_size: i32, bits: i32, start: i32) -> Result<()> {
-        if let LayerCache::Full(c) = self {
-            if c.offset >= start {
-                *self = LayerCache::Quantized(QuantizedKvCache::from_full(c, group_size, bits)?);
-            }
+        if let LayerCache::Full(c) = self
+            && c.offset >= start
+        {
+            *self = LayerCache::Quantized(QuantizedKvCache::from_full(c, group_size, bits)?);
         }
         Ok(())
     }

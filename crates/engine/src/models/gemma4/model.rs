@@ -171,19 +171,19 @@ impl Attention {
             }
         };
         let out = match mask {
-            Mask::None => fast::scaled_dot_product_attention(&q, &keys, &values, 1.0, None, None)?,
+            Mask::None => fast::scaled_dot_product_attention(&q, keys, values, 1.0, None, None)?,
             Mask::Causal => fast::scaled_dot_product_attention(
                 &q,
-                &keys,
-                &values,
+                keys,
+                values,
                 1.0,
                 ScaledDotProductAttentionMask::Causal,
                 None,
             )?,
             Mask::Array(m) => fast::scaled_dot_product_attention(
                 &q,
-                &keys,
-                &values,
+                keys,
+                values,
                 1.0,
                 ScaledDotProductAttentionMask::Array(m),
                 None,
