@@ -1,0 +1,129 @@
+//! The `jemma` CLI as scripts use it: `generate --json` and `--logits-out` against the mlx-lm reference,
+//! `doctor --json`.
+
+use std::process::Command;
+
+use serde_json::Value;
+
+use crate::support::fixture;
+
+fn jemma(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
+        .args(args)
+        .env("JEMMA_LOG", "warn")
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn generate_json_and_logits_out_match_the_reference() {
+    let dir = fixture("tiny");
+    let meta: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let p = &meta["prompts"]["long"];
+    let ids: Vec<String> = p["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+    let want: Vec<u64> = p["greedy"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let logits = tmp.path().join("logits.safetensors");
+    let (ok, stdout, stderr) = jemma(&[
+        "generate",
+        "--model",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        &want.len().to_string(),
+        "--ignore-eos",
+        "--dtype",
+        "checkpoint",
+        "--logits-out",
+        logits.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(stdout.trim()).unwrap();
+    let got: Vec<u64> = v["tokens"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect();
+    assert_eq!(got, want);
+    for k in ["text", "prefill_tps", "decode_tps", "peak_memory_bytes"] {
+        assert!(v.get(k).is_some(), "missing {k} in {v}");
+    }
+    assert!(v["decode_tps"].as_f64().unwrap() > 0.0);
+    // --logits-out: float32 tensor `logits`, equal to mlx-lm's (compared in Python-free form: raw bytes)
+    let bytes = std::fs::read(&logits).unwrap();
+    let reference = std::fs::read(dir.join("reference.safetensors")).unwrap();
+    let ours = tensor_f32(&bytes, "logits");
+    let theirs = tensor_f32(&reference, "long.logits");
+    assert_eq!(ours.len(), theirs.len());
+    let max = ours
+        .iter()
+        .zip(&theirs)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(max <= 1e-4, "max |Δlogit| {max}");
+}
+
+/// Reads one float32 tensor from a safetensors file (8-byte header length, JSON header, data).
+fn tensor_f32(buf: &[u8], name: &str) -> Vec<f32> {
+    let n = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&buf[8..8 + n]).unwrap();
+    let t = &header[name];
+    assert_eq!(t["dtype"], "F32", "{name}: {t}");
+    let off = t["data_offsets"].as_array().unwrap();
+    let (a, b) = (
+        off[0].as_u64().unwrap() as usize,
+        off[1].as_u64().unwrap() as usize,
+    );
+    buf[8 + n + a..8 + n + b]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn doctor_reports_the_cpu_device_and_float32() {
+    let (ok, stdout, stderr) = jemma(&["doctor", "--json"]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["mlx"]["device"], "cpu");
+    assert_eq!(v["mlx"]["compute_dtype"], "float32");
+    assert!(v["total_memory_bytes"].as_u64().unwrap() > 0);
+}
+
+#[test]
+fn bad_model_directory_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    std::fs::write(tmp.path().join("config.json"), r#"{"model_type": "llama"}"#).unwrap();
+    let (ok, _, stderr) = jemma(&[
+        "generate",
+        "--model",
+        tmp.path().to_str().unwrap(),
+        "--prompt",
+        "hi",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("llama") && stderr.contains("Gemma 4"),
+        "{stderr}"
+    );
+}
