@@ -105,6 +105,19 @@ pub fn mlx_memory() -> MlxMemory {
     }
 }
 
+/// Resident set size of this process in bytes (0 if the OS will not say).
+pub fn process_rss_bytes() -> u64 {
+    use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+    let pid = Pid::from_u32(std::process::id());
+    let mut sys = System::new();
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        true,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    sys.process(pid).map(|p| p.memory()).unwrap_or(0)
+}
+
 /// A summary of the MLX runtime for `jemma doctor` and `/health`.
 #[derive(Debug, Clone, Serialize)]
 pub struct MlxInfo {

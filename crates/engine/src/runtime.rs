@@ -141,6 +141,8 @@ pub struct EngineStatus {
     pub queued: usize,
     /// MLX memory.
     pub memory: MlxMemory,
+    /// Resident memory of the whole process.
+    pub process_rss_bytes: u64,
     /// Device.
     pub device: DeviceKind,
     /// Context length the model supports.
@@ -215,6 +217,7 @@ impl Engine {
             last_prefill_tps: 0.0,
             queued: 0,
             memory: MlxMemory::default(),
+            process_rss_bytes: 0,
             device,
             context_length: 0,
         }));
@@ -241,6 +244,7 @@ impl Engine {
             .map(|s| s.clone())
             .unwrap_or_else(|e| e.into_inner().clone());
         s.queued = self.jobs.max_capacity() - self.jobs.capacity();
+        s.process_rss_bytes = crate::device::process_rss_bytes();
         s
     }
 

@@ -285,6 +285,7 @@ impl Backend for LocalBackend {
                 "queued": s.queued,
                 "mlx_active_bytes": s.memory.active_bytes,
                 "mlx_peak_bytes": s.memory.peak_bytes,
+                "process_rss_bytes": s.process_rss_bytes,
                 "dtype": s.load.as_ref().map(|l| l.dtype.clone()),
             }),
         }
