@@ -83,6 +83,18 @@ r = client.chat.completions.create(model="primary", messages=[{"role": "user", "
 lp = r.choices[0].logprobs.content
 check("logprobs", len(lp) >= 1 and len(lp[0].top_logprobs) == 3 and lp[0].logprob <= 0, lp)
 
+complete = 0
+for seed in range(6):
+    r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "JSON please"}],
+                                       response_format={"type": "json_object"}, max_tokens=48, temperature=1,
+                                       seed=seed)
+    text = r.choices[0].message.content
+    check(f"json mode (seed {seed}): output starts an object", text.lstrip().startswith("{"), text)
+    if r.choices[0].finish_reason == "stop":
+        check(f"json mode (seed {seed}): complete output parses", isinstance(json.loads(text), dict), text)
+        complete += 1
+check("json mode: some answers complete", complete >= 1, complete)
+
 c = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0)
 check("completions: plain prompt", isinstance(c.choices[0].text, str) and c.usage.completion_tokens >= 1
       and c.model_extra["_routing"]["tier"] == "fast", c)

@@ -3,6 +3,7 @@
 //! previous token is read back, so the host never leaves the device idle.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use mlx_rs::{
@@ -12,6 +13,7 @@ use mlx_rs::{
 };
 use serde::Serialize;
 
+use crate::constrain::{JsonRecognizer, TokenBytes};
 use crate::models::gemma4::{Cache, Gemma4, KvQuant};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
@@ -20,7 +22,7 @@ use crate::{EngineError, Result};
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
 
 /// Options of one generation.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct GenerateOptions {
     /// Sampling parameters.
     pub sampling: SamplingParams,
@@ -36,6 +38,23 @@ pub struct GenerateOptions {
     pub prefill_step: usize,
     /// KV-cache quantization of the full-attention layers (None = full precision).
     pub kv_quant: Option<KvQuant>,
+    /// JSON mode: constrain the output to one JSON object (token texts of the model's vocabulary).
+    pub json: Option<Arc<TokenBytes>>,
+}
+
+impl std::fmt::Debug for GenerateOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GenerateOptions")
+            .field("sampling", &self.sampling)
+            .field("max_tokens", &self.max_tokens)
+            .field("stop_tokens", &self.stop_tokens)
+            .field("logprobs", &self.logprobs)
+            .field("top_logprobs", &self.top_logprobs)
+            .field("prefill_step", &self.prefill_step)
+            .field("kv_quant", &self.kv_quant)
+            .field("json", &self.json.is_some())
+            .finish()
+    }
 }
 
 impl Default for GenerateOptions {
@@ -48,6 +67,7 @@ impl Default for GenerateOptions {
             logprobs: false,
             prefill_step: DEFAULT_PREFILL_STEP,
             kv_quant: None,
+            json: None,
         }
     }
 }
@@ -187,16 +207,29 @@ pub fn generate(
         mlx_rs::memory::clear_cache()?;
     }
     let mut history = Array::from_slice(&ids, &[ids.len() as i32]);
-    let mut step = |input: &Array, history: &Array| -> Result<Pending> {
+    let dtype = model.dtype();
+    let mut step = |input: &Array, history: &Array, mask: Option<Vec<f32>>| -> Result<Pending> {
         let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut cache)?;
-        let logits = sampler.process(&logits, Some(history))?;
+        let mut logits = sampler.process(&logits, Some(history))?;
+        if let Some(m) = mask {
+            let n = m.len() as i32;
+            logits = ops::add(&logits, Array::from_slice(&m, &[1, n]).as_dtype(dtype)?)?;
+        }
         cache.maybe_quantize(opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
         let token = sampler.sample(&logprobs)?;
         Ok(Pending { token, logprobs })
     };
+    // JSON mode needs each token on the host before the next step's mask exists, so it runs unpipelined.
+    let mut json = opts
+        .json
+        .as_ref()
+        .map(|t| (t.clone(), JsonRecognizer::new()));
+    let json_mask = |j: &Option<(Arc<TokenBytes>, JsonRecognizer)>| {
+        j.as_ref().map(|(t, r)| t.mask(r, &opts.stop_tokens))
+    };
     let last = Array::from_slice(&ids[ids.len() - 1..], &[1]);
-    let mut cur = step(&last, &history)?;
+    let mut cur = step(&last, &history, json_mask(&json))?;
     async_eval([&cur.token, &cur.logprobs])?;
     let mut stats = GenerationStats {
         prompt_tokens: prompt.len(),
@@ -209,11 +242,11 @@ pub fn generate(
     let mut t_first = None;
     let mut n = 0usize;
     loop {
-        let next = if n + 1 < opts.max_tokens {
+        let next = if json.is_none() && n + 1 < opts.max_tokens {
             // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
             let tok = cur.token.as_dtype(Dtype::Int32)?.reshape(&[1])?;
             history = ops::concatenate(&[&history, &tok], 0)?;
-            let p = step(&tok, &history)?;
+            let p = step(&tok, &history, None)?;
             async_eval([&p.token, &p.logprobs])?;
             Some(p)
         } else {
@@ -247,6 +280,19 @@ pub fn generate(
             break;
         }
         n += 1;
+        let next = match &mut json {
+            Some((bytes, rec)) if n < opts.max_tokens => {
+                if let Some(b) = bytes.get(token) {
+                    rec.feed_all(b);
+                }
+                let tok = Array::from_slice(&[token as i32], &[1]);
+                history = ops::concatenate(&[&history, &tok], 0)?;
+                let p = step(&tok, &history, json_mask(&json))?;
+                async_eval([&p.token, &p.logprobs])?;
+                Some(p)
+            }
+            _ => next,
+        };
         if n.is_multiple_of(256) {
             mlx_rs::memory::clear_cache()?;
         }

@@ -6,6 +6,7 @@
 #![deny(missing_docs)]
 
 pub mod cache;
+pub mod constrain;
 pub mod device;
 pub mod error;
 pub mod generate;

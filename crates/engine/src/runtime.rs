@@ -49,6 +49,8 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Parse Gemma 4 tool calls and thinking out of the text (chat requests).
     pub parse_output: bool,
+    /// Constrain the output to one JSON object (`response_format: json_object`).
+    pub json_mode: bool,
 }
 
 /// A token's text and log-probabilities, for OpenAI `logprobs`.
@@ -300,6 +302,7 @@ pub struct ModelBundle {
     pub template: Option<ChatTemplate>,
     /// What loading found.
     pub report: LoadReport,
+    json_tokens: std::sync::OnceLock<Arc<crate::constrain::TokenBytes>>,
 }
 
 /// The activation dtype the engine uses by default on `device`: float32 on MLX's CPU backend (bf16 is
@@ -332,7 +335,20 @@ impl ModelBundle {
             tokenizer,
             template,
             report,
+            json_tokens: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The vocabulary as bytes for JSON mode (built on first use, then kept).
+    pub fn json_tokens(&self) -> Arc<crate::constrain::TokenBytes> {
+        self.json_tokens
+            .get_or_init(|| {
+                Arc::new(crate::constrain::TokenBytes::new(
+                    &self.tokenizer,
+                    self.model.config().vocab_size,
+                ))
+            })
+            .clone()
     }
 
     /// Context length in tokens.
@@ -529,6 +545,9 @@ fn run_job(l: &ModelBundle, job: &Job) -> Result<Summary> {
     let mut opts = req.options.clone();
     if opts.stop_tokens.is_empty() {
         opts.stop_tokens = l.tokenizer.eos_ids.clone();
+    }
+    if req.json_mode {
+        opts.json = Some(l.json_tokens());
     }
     let mut decoder = l.tokenizer.stream();
     let mut parser = req.parse_output.then(OutputParser::new);

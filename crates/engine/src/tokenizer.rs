@@ -10,6 +10,7 @@ use crate::{EngineError, Result};
 /// A model's tokenizer plus the ids that end generation.
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
+    special: std::collections::HashSet<u32>,
     /// Stop ids: generation_config.json's `eos_token_id` (else config.json's), plus the tokenizer's eos token.
     pub eos_ids: Vec<u32>,
     /// The BOS token string, if the tokenizer has one.
@@ -74,8 +75,15 @@ impl Tokenizer {
         {
             eos_ids.push(id);
         }
+        let special = inner
+            .get_added_tokens_decoder()
+            .into_iter()
+            .filter(|(_, t)| t.special)
+            .map(|(id, _)| id)
+            .collect();
         Ok(Self {
             inner,
+            special,
             eos_ids,
             bos_token: token_string(tcfg.get("bos_token")),
         })
@@ -101,6 +109,16 @@ impl Tokenizer {
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
+    }
+
+    /// The vocabulary string of a token id (SentencePiece form: `▁` for spaces, `<0xNN>` for bytes).
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
+    /// Whether a token is a special (control) token.
+    pub fn is_special(&self, id: u32) -> bool {
+        self.special.contains(&id)
     }
 
     /// The id of a token string, if it is a single token.

@@ -201,3 +201,49 @@ fn quantized_kv_cache_matches_mlx_lm_greedy() {
         );
     }
 }
+
+#[test]
+fn json_mode_output_is_always_a_json_object_prefix() {
+    use jemma_engine::constrain::{JsonRecognizer, TokenBytes};
+    use jemma_engine::tokenizer::Tokenizer;
+    let dir = fixture("tiny");
+    let (model, cfg, _) = gemma4::load(&dir, None).unwrap();
+    let tok = Tokenizer::from_model_dir(&dir, &cfg.eos_token_ids).unwrap();
+    let bytes = std::sync::Arc::new(TokenBytes::new(&tok, cfg.text.vocab_size));
+    let mut finished = 0;
+    for seed in 0..6u64 {
+        let opts = GenerateOptions {
+            max_tokens: 48,
+            stop_tokens: tok.eos_ids.clone(),
+            json: Some(bytes.clone()),
+            sampling: jemma_engine::sample::SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut out = vec![];
+        let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
+            out.extend_from_slice(
+                bytes
+                    .get(s.token)
+                    .expect("JSON mode never emits special tokens"),
+            );
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        let mut r = JsonRecognizer::new();
+        assert!(
+            r.feed_all(&out),
+            "not a JSON prefix: {:?}",
+            String::from_utf8_lossy(&out)
+        );
+        if stats.stop_token.is_some() {
+            finished += 1;
+            let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+            assert!(v.is_object());
+        }
+    }
+    eprintln!("{finished}/6 JSON objects completed within 48 tokens");
+}

@@ -205,7 +205,8 @@ impl Backend for LocalBackend {
                 ..Default::default()
             },
             stop: req.stop.clone(),
-            parse_output: req.raw_prompt.is_none(),
+            parse_output: req.raw_prompt.is_none() && !req.json_mode,
+            json_mode: req.json_mode,
         };
         let mut events = self.engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
