@@ -240,6 +240,15 @@ impl TierRouter {
     /// Routes a request. The returned receiver yields the answer; dropping it cancels the work (and does
     /// not count against any breaker).
     pub fn chat(self: &Arc<Self>, req: ChatRequest) -> Result<mpsc::Receiver<Output>, RouterError> {
+        self.route(req).map(|(_, rx)| rx)
+    }
+
+    /// [`TierRouter::chat`], also returning the tier the classifier chose first (the answer's `_routing`
+    /// says which tier finally answered).
+    pub fn route(
+        self: &Arc<Self>,
+        req: ChatRequest,
+    ) -> Result<(Tier, mpsc::Receiver<Output>), RouterError> {
         let decision = self
             .classifier
             .classify(&ClassifyInput {
@@ -272,11 +281,12 @@ impl TierRouter {
         };
         let (tx, rx) = mpsc::channel(64);
         let me = self.clone();
+        let first = chain.first().copied().unwrap_or(decision.tier);
         tokio::spawn(async move {
             me.drive(req, decision.tier, decision.reason, chain, tx)
                 .await;
         });
-        Ok(rx)
+        Ok((first, rx))
     }
 
     async fn drive(
