@@ -128,7 +128,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.limits.clone(),
             cfg.server.max_body_bytes,
             Duration::from_secs_f64(cfg.server.keep_alive_secs),
-        );
+        )
+        .with_cors_origins(cfg.server.cors_origins.clone());
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

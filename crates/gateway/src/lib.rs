@@ -29,6 +29,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// SSE keep-alive interval.
     pub keep_alive: Duration,
+    /// Browser origins allowed by CORS.
+    pub cors_origins: Vec<String>,
     metrics: PrometheusHandle,
 }
 
@@ -65,13 +67,31 @@ impl AppState {
             limits,
             max_body_bytes,
             keep_alive,
+            cors_origins: vec!["tauri://localhost".into(), "http://tauri.localhost".into()],
             metrics: prometheus(),
         }
+    }
+
+    /// Replaces the CORS origin list.
+    pub fn with_cors_origins(mut self, origins: Vec<String>) -> Self {
+        self.cors_origins = origins;
+        self
     }
 }
 
 /// The gateway's routes.
 pub fn router(state: AppState) -> Router {
+    use axum::http::{HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let origins: Vec<HeaderValue> = state
+        .cors_origins
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    let cors = CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION]);
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
@@ -81,6 +101,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
         .fallback(handlers::not_found)
+        .layer(cors)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
 }

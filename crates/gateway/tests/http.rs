@@ -344,3 +344,33 @@ async fn models_health_metrics_and_tier_toggle() {
         assert!(body.contains(name), "metrics lack {name}:\n{body}");
     }
 }
+
+#[tokio::test]
+async fn cors_allows_only_the_apps_origin() {
+    let a = app(false, 4);
+    let preflight = |origin: &str| {
+        Request::builder()
+            .method("OPTIONS")
+            .uri("/v1/chat/completions")
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let r = a
+        .clone()
+        .oneshot(preflight("tauri://localhost"))
+        .await
+        .unwrap();
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "tauri://localhost"
+    );
+    let r = a
+        .clone()
+        .oneshot(preflight("https://evil.example"))
+        .await
+        .unwrap();
+    assert!(!r.headers().contains_key("access-control-allow-origin"));
+}

@@ -39,6 +39,9 @@ pub struct ServerConfig {
     pub max_body_bytes: usize,
     /// Interval of SSE keep-alive comments while waiting for a tier.
     pub keep_alive_secs: f64,
+    /// Browser origins allowed to call the API (CORS): the app's own webview by default. Other local apps
+    /// are not browsers and need no CORS.
+    pub cors_origins: Vec<String>,
 }
 
 impl Default for ServerConfig {
@@ -48,6 +51,7 @@ impl Default for ServerConfig {
             port: 8080,
             max_body_bytes: 32 << 20,
             keep_alive_secs: 10.0,
+            cors_origins: vec!["tauri://localhost".into(), "http://tauri.localhost".into()],
         }
     }
 }
