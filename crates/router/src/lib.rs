@@ -10,6 +10,7 @@ pub mod breaker;
 pub mod classify;
 pub mod config;
 pub mod route;
+pub mod setup;
 
 /// Everything routing can refuse or fail with.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]
