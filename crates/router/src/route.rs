@@ -65,6 +65,7 @@ struct TierSlot {
     breaker: CircuitBreaker,
     enabled: AtomicBool,
     waking: AtomicBool,
+    served: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
     queue: Arc<Semaphore>,
     settings: TierSettings,
@@ -85,6 +86,8 @@ pub struct TierStatus {
     pub backend: BackendHealth,
     /// Requests running now.
     pub in_flight: usize,
+    /// Requests this tier answered since start.
+    pub served: u64,
 }
 
 /// The tier registry and request router.
@@ -122,6 +125,7 @@ impl TierRouter {
                     tier,
                     enabled: AtomicBool::new(settings.enabled),
                     waking: AtomicBool::new(false),
+                    served: std::sync::atomic::AtomicU64::new(0),
                     slots: Arc::new(Semaphore::new(settings.max_concurrency)),
                     queue: Arc::new(Semaphore::new(
                         settings.max_concurrency + settings.max_queue,
@@ -158,6 +162,7 @@ impl TierRouter {
                     breaker: snap,
                     backend: s.backend.health(),
                     in_flight: s.settings.max_concurrency - s.slots.available_permits(),
+                    served: s.served.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -444,6 +449,7 @@ impl TierRouter {
             match outcome {
                 Ok((finish_reason, usage, tps)) => {
                     permit.success();
+                    slot.served.fetch_add(1, Ordering::Relaxed);
                     completion_tokens += usage.completion_tokens.max(tier_tokens);
                     let latency = elapsed_ms(t0);
                     metrics::counter!("jemma_requests_total", "tier" => tier.as_str(), "status" => "ok").increment(1);

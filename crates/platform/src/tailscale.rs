@@ -1,0 +1,697 @@
+//! Tailscale status and exposure of the gateway on the tailnet, by running the `tailscale` CLI.
+//!
+//! The CLI rather than a client library or the LocalAPI socket: it is the interface Tailscale keeps stable
+//! across the Homebrew, standalone and App Store builds on macOS (whose LocalAPI sockets live in different
+//! places), and every step Jemma takes is a command the user can read in an error, re-run or undo by hand
+//! (`tailscale serve --https=443 off`).
+//!
+//! Every command runs with stdin closed and a time limit ([`DEFAULT_TIMEOUT`]); a command that overruns is
+//! killed and reported as [`Error::Timeout`]. Failures are returned, never swallowed: a non-zero exit is
+//! [`Error::Command`] with the CLI's own message, unreadable output is [`Error::Parse`].
+
+use std::ffi::OsString;
+use std::io::Read;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize, Serializer};
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+/// Environment variable naming the `tailscale` binary to use, ahead of any search.
+pub const CLI_ENV: &str = "JEMMA_TAILSCALE_CLI";
+
+/// The CLI inside the macOS app (standalone and App Store builds), which is not on `PATH` unless the user
+/// installed the shell integration. launchd agents also start with a bare `PATH`, so this is often the only
+/// way the headless gateway finds it.
+pub const MACOS_APP_CLI: &str = "/Applications/Tailscale.app/Contents/MacOS/Tailscale";
+
+/// Time limit for one CLI command. Status answers in milliseconds; `serve` can block waiting for the user to
+/// enable HTTPS on the tailnet, and a menu click must not hang on that.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The HTTPS port Jemma is served on. 443 so the URL needs no port, and because `tailscale serve` only
+/// obtains certificates for 443, 8443 and 10000.
+const HTTPS_PORT: &str = "443";
+
+/// Finds the `tailscale` CLI: [`CLI_ENV`], then `tailscale` on `PATH`, then [`MACOS_APP_CLI`].
+///
+/// `None` when none exists, or when [`CLI_ENV`] names a missing file; [`Tailscale::detect`] says which.
+pub fn find_cli() -> Option<PathBuf> {
+    locate(
+        std::env::var_os(CLI_ENV),
+        std::env::var_os("PATH"),
+        Path::new(MACOS_APP_CLI),
+    )
+    .ok()
+}
+
+/// [`find_cli`] with its inputs passed in, so tests need not touch the process environment.
+fn locate(
+    override_path: Option<OsString>,
+    path_var: Option<OsString>,
+    app_cli: &Path,
+) -> Result<PathBuf> {
+    // An explicit override that is wrong is an error, not a reason to quietly pick another binary.
+    if let Some(p) = override_path.filter(|p| !p.is_empty()) {
+        let p = PathBuf::from(p);
+        return if p.is_file() {
+            Ok(p)
+        } else {
+            Err(Error::NotInstalled(format!(
+                "{CLI_ENV} is set to {}, which does not exist",
+                p.display()
+            )))
+        };
+    }
+    let exe = format!("tailscale{}", std::env::consts::EXE_SUFFIX);
+    if let Some(found) = path_var
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(&exe))
+        .find(|p| is_executable(p))
+    {
+        return Ok(found);
+    }
+    if is_executable(app_cli) {
+        return Ok(app_cli.to_path_buf());
+    }
+    Err(Error::NotInstalled(format!(
+        "Tailscale is not installed (no `tailscale` on PATH, no {}): install it from \
+         https://tailscale.com/download, or set {CLI_ENV} to the tailscale binary",
+        app_cli.display()
+    )))
+}
+
+#[cfg(unix)]
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    p.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+#[cfg(not(unix))]
+fn is_executable(p: &Path) -> bool {
+    p.is_file()
+}
+
+/// The state of the local `tailscaled`, as `BackendState` in `tailscale status --json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendState {
+    /// `NoState`: the daemon has not loaded its state yet.
+    NoState,
+    /// `NeedsLogin`: not logged in to a tailnet.
+    NeedsLogin,
+    /// `NeedsMachineAuth`: logged in, waiting for an admin to approve the device.
+    NeedsMachineAuth,
+    /// `Stopped`: logged in, disconnected by the user (`tailscale down`).
+    Stopped,
+    /// `Starting`: connecting.
+    Starting,
+    /// `Running`: connected.
+    Running,
+    /// A state this version does not know, kept verbatim.
+    Other(String),
+}
+
+impl BackendState {
+    /// Tailscale's own spelling, as in the JSON.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::NoState => "NoState",
+            Self::NeedsLogin => "NeedsLogin",
+            Self::NeedsMachineAuth => "NeedsMachineAuth",
+            Self::Stopped => "Stopped",
+            Self::Starting => "Starting",
+            Self::Running => "Running",
+            Self::Other(s) => s,
+        }
+    }
+
+    /// Words for a menu item ("needs login").
+    pub fn describe(&self) -> &str {
+        match self {
+            Self::NoState => "not started",
+            Self::NeedsLogin => "needs login",
+            Self::NeedsMachineAuth => "waiting for approval",
+            Self::Stopped => "stopped",
+            Self::Starting => "starting",
+            Self::Running => "running",
+            Self::Other(s) => s,
+        }
+    }
+}
+
+impl From<&str> for BackendState {
+    fn from(s: &str) -> Self {
+        match s {
+            "NoState" => Self::NoState,
+            "NeedsLogin" => Self::NeedsLogin,
+            "NeedsMachineAuth" => Self::NeedsMachineAuth,
+            "Stopped" => Self::Stopped,
+            "Starting" => Self::Starting,
+            "Running" => Self::Running,
+            other => Self::Other(other.to_string()),
+        }
+    }
+}
+
+// As Tailscale's string, so /health shows the same word `tailscale status --json` does.
+impl Serialize for BackendState {
+    fn serialize<S: Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl std::fmt::Display for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.describe())
+    }
+}
+
+/// What Jemma shows about this machine on the tailnet (tray menu, `/health`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// The daemon's state.
+    pub backend_state: BackendState,
+    /// The Tailscale version (`Version`), when reported.
+    pub version: Option<String>,
+    /// This machine's name (`Self.HostName`).
+    pub host_name: Option<String>,
+    /// This machine's MagicDNS name without the trailing dot (`Self.DNSName`); `None` when logged out or
+    /// MagicDNS is off.
+    pub dns_name: Option<String>,
+    /// This machine's tailnet addresses (`Self.TailscaleIPs`), IPv4 first as Tailscale lists them.
+    pub ips: Vec<IpAddr>,
+    /// The tailnet's name (`CurrentTailnet.Name`).
+    pub tailnet: Option<String>,
+    /// The tailnet's MagicDNS suffix (`MagicDNSSuffix`).
+    pub magic_dns_suffix: Option<String>,
+    /// Whether the coordination server sees this machine online (`Self.Online`).
+    pub online: bool,
+    /// The login URL while a login is in progress (`AuthURL`).
+    pub auth_url: Option<String>,
+}
+
+impl Status {
+    /// Parses the output of `tailscale status --json`.
+    pub fn from_json(json: &str) -> Result<Self> {
+        let raw: RawStatus = serde_json::from_str(json).map_err(|e| Error::Parse {
+            cmd: "tailscale status --json".into(),
+            message: e.to_string(),
+        })?;
+        let me = raw.self_node.unwrap_or_default();
+        // Self.TailscaleIPs is the documented place; older versions only filled the top-level copy.
+        let ips = me
+            .tailscale_ips
+            .filter(|v| !v.is_empty())
+            .or(raw.tailscale_ips)
+            .unwrap_or_default()
+            .iter()
+            .map(|s| {
+                s.parse::<IpAddr>().map_err(|e| Error::Parse {
+                    cmd: "tailscale status --json".into(),
+                    message: format!("TailscaleIPs entry {s:?}: {e}"),
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let tailnet = raw.current_tailnet.unwrap_or_default();
+        Ok(Status {
+            backend_state: BackendState::from(raw.backend_state.as_str()),
+            version: non_empty(raw.version),
+            host_name: non_empty(me.host_name),
+            // DNS names come fully qualified ("mac-mini.tail1234.ts.net."); URLs and certificates use them
+            // without the root dot.
+            dns_name: non_empty(me.dns_name.map(|d| d.trim_end_matches('.').to_string())),
+            ips,
+            tailnet: non_empty(tailnet.name),
+            magic_dns_suffix: non_empty(raw.magic_dns_suffix.or(tailnet.magic_dns_suffix)),
+            online: me.online.unwrap_or(false),
+            auth_url: non_empty(raw.auth_url),
+        })
+    }
+
+    /// Whether the daemon is connected to a tailnet.
+    pub fn is_running(&self) -> bool {
+        self.backend_state == BackendState::Running
+    }
+
+    /// The first IPv4 address, else the first address.
+    pub fn primary_ip(&self) -> Option<IpAddr> {
+        self.ips
+            .iter()
+            .find(|ip| ip.is_ipv4())
+            .or(self.ips.first())
+            .copied()
+    }
+
+    /// The URL `tailscale serve` makes this machine reachable at, when it has a MagicDNS name.
+    pub fn https_url(&self) -> Option<String> {
+        self.dns_name.as_ref().map(|d| format!("https://{d}"))
+    }
+
+    /// One line for a menu item: `Tailscale: running · mac-mini.tail1234.ts.net (100.75.223.113)`.
+    pub fn summary(&self) -> String {
+        let mut s = format!("Tailscale: {}", self.backend_state);
+        if self.is_running() && !self.online {
+            s.push_str(", offline");
+        }
+        // Names and addresses only mean something while connected; a stopped node still reports its old
+        // ones, which would suggest it is reachable there.
+        if self.is_running() {
+            let name = self.dns_name.as_deref().or(self.host_name.as_deref());
+            match (name, self.primary_ip()) {
+                (Some(n), Some(ip)) => s.push_str(&format!(" · {n} ({ip})")),
+                (Some(n), None) => s.push_str(&format!(" · {n}")),
+                (None, Some(ip)) => s.push_str(&format!(" · {ip}")),
+                (None, None) => {}
+            }
+        }
+        s
+    }
+}
+
+fn non_empty(s: Option<String>) -> Option<String> {
+    s.filter(|s| !s.is_empty())
+}
+
+/// The subset of `ipnstate.Status` Jemma reads; unknown fields are ignored so new CLI versions parse.
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct RawStatus {
+    backend_state: String,
+    #[serde(default)]
+    version: Option<String>,
+    #[serde(default, rename = "AuthURL")]
+    auth_url: Option<String>,
+    #[serde(default, rename = "TailscaleIPs")]
+    tailscale_ips: Option<Vec<String>>,
+    #[serde(default, rename = "Self")]
+    self_node: Option<RawNode>,
+    #[serde(default, rename = "MagicDNSSuffix")]
+    magic_dns_suffix: Option<String>,
+    #[serde(default)]
+    current_tailnet: Option<RawTailnet>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawNode {
+    #[serde(default)]
+    host_name: Option<String>,
+    #[serde(default, rename = "DNSName")]
+    dns_name: Option<String>,
+    #[serde(default, rename = "TailscaleIPs")]
+    tailscale_ips: Option<Vec<String>>,
+    #[serde(default)]
+    online: Option<bool>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase")]
+struct RawTailnet {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default, rename = "MagicDNSSuffix")]
+    magic_dns_suffix: Option<String>,
+}
+
+/// Where the gateway is reachable after [`Tailscale::expose`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServeInfo {
+    /// `https://<MagicDNS name>`, valid from any device on the tailnet.
+    pub url: String,
+    /// The MagicDNS name the certificate is for.
+    pub dns_name: String,
+    /// The local port being proxied to.
+    pub port: u16,
+}
+
+/// Whether a `tailscale serve status --json` document proxies anything to `127.0.0.1:<port>` or
+/// `localhost:<port>`.
+///
+/// Lenient with shapes, since the serve config has changed across releases: it looks at `TCP.*.TCPForward`,
+/// `Web.*.Handlers.*.Proxy`, and recurses into `Services` and `Foreground` (sessions started without
+/// `--bg`); anything else is ignored. Empty output (nothing served, on some versions) is `false`.
+pub fn serve_status_exposes(json: &str, port: u16) -> Result<bool> {
+    if json.trim().is_empty() {
+        return Ok(false);
+    }
+    let v: Value = serde_json::from_str(json).map_err(|e| Error::Parse {
+        cmd: "tailscale serve status --json".into(),
+        message: e.to_string(),
+    })?;
+    if !v.is_object() && !v.is_null() {
+        return Err(Error::Parse {
+            cmd: "tailscale serve status --json".into(),
+            message: "expected a JSON object".into(),
+        });
+    }
+    Ok(config_proxies_to(&v, port))
+}
+
+fn config_proxies_to(config: &Value, port: u16) -> bool {
+    let values = |key: &str| {
+        config
+            .get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|m| m.values())
+    };
+    let tcp = values("TCP").any(|h| {
+        h.get("TCPForward")
+            .and_then(Value::as_str)
+            .is_some_and(|t| target_is_local_port(t, port))
+    });
+    let web = values("Web").any(|site| {
+        site.get("Handlers")
+            .and_then(Value::as_object)
+            .is_some_and(|hs| {
+                hs.values().any(|h| {
+                    h.get("Proxy")
+                        .and_then(Value::as_str)
+                        .is_some_and(|t| target_is_local_port(t, port))
+                })
+            })
+    });
+    tcp || web
+        || values("Services").any(|c| config_proxies_to(c, port))
+        || values("Foreground").any(|c| config_proxies_to(c, port))
+}
+
+/// `http://127.0.0.1:8080`, `localhost:8080/v1`, `8080` (the CLI's shorthand) and `[::1]:8080` all count.
+fn target_is_local_port(target: &str, port: u16) -> bool {
+    let (scheme, rest) = match target.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, target),
+    };
+    let hostport = rest.split('/').next().unwrap_or("");
+    if let Ok(p) = hostport.parse::<u16>() {
+        return p == port;
+    }
+    let (host, p) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(':') => (h, p.parse::<u16>().ok()),
+        _ => (hostport, None),
+    };
+    let p = p.or(match scheme {
+        Some("http") => Some(80),
+        Some("https" | "https+insecure") => Some(443),
+        _ => None,
+    });
+    matches!(host, "127.0.0.1" | "localhost" | "[::1]") && p == Some(port)
+}
+
+/// A handle on the `tailscale` CLI.
+#[derive(Debug, Clone)]
+pub struct Tailscale {
+    cli: PathBuf,
+    timeout: Duration,
+}
+
+impl Tailscale {
+    /// Uses the CLI at `cli`. Nothing is checked until a command runs; a missing file is then
+    /// [`Error::NotInstalled`].
+    pub fn new(cli: impl Into<PathBuf>) -> Self {
+        Self {
+            cli: cli.into(),
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    /// Finds the CLI as [`find_cli`] does, with a message saying how to install it when it is missing.
+    pub fn detect() -> Result<Self> {
+        locate(
+            std::env::var_os(CLI_ENV),
+            std::env::var_os("PATH"),
+            Path::new(MACOS_APP_CLI),
+        )
+        .map(Self::new)
+    }
+
+    /// Replaces the per-command time limit ([`DEFAULT_TIMEOUT`]).
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The CLI this handle runs.
+    pub fn cli(&self) -> &Path {
+        &self.cli
+    }
+
+    /// `tailscale status --json`, parsed.
+    pub fn status(&self) -> Result<Status> {
+        Status::from_json(&self.run(&["status", "--json"])?)
+    }
+
+    /// Serves `http://127.0.0.1:<port>` on the tailnet over HTTPS (443) with
+    /// `tailscale serve --bg --https=443 http://127.0.0.1:<port>`, and returns the URL.
+    ///
+    /// `--bg` makes the config persistent: it survives Jemma quitting and reboots until [`Self::unexpose`].
+    /// The gateway must be bound to 127.0.0.1 (or all interfaces) for the proxy to reach it. Checks the
+    /// status first so a disconnected or MagicDNS-less tailnet gives an actionable error instead of the
+    /// CLI's.
+    pub fn expose(&self, port: u16) -> Result<ServeInfo> {
+        let status = self.status()?;
+        if !status.is_running() {
+            return Err(Error::Unavailable(format!(
+                "Tailscale is {}: connect this Mac to a tailnet (Tailscale app, or `tailscale up`) before \
+                 exposing Jemma",
+                status.backend_state
+            )));
+        }
+        let Some(dns_name) = status.dns_name else {
+            return Err(Error::Unavailable(
+                "this machine has no MagicDNS name: enable MagicDNS and HTTPS certificates on the DNS page \
+                 of the Tailscale admin console"
+                    .into(),
+            ));
+        };
+        let target = format!("http://127.0.0.1:{port}");
+        let https = format!("--https={HTTPS_PORT}");
+        self.run(&["serve", "--bg", &https, &target])?;
+        Ok(ServeInfo {
+            url: format!("https://{dns_name}"),
+            dns_name,
+            port,
+        })
+    }
+
+    /// Stops serving HTTPS on 443: `tailscale serve --https=443 off`.
+    pub fn unexpose(&self) -> Result<()> {
+        let https = format!("--https={HTTPS_PORT}");
+        self.run(&["serve", &https, "off"]).map(drop)
+    }
+
+    /// Whether `tailscale serve status --json` shows a handler proxying to this port on localhost.
+    pub fn is_exposed(&self, port: u16) -> Result<bool> {
+        serve_status_exposes(&self.run(&["serve", "status", "--json"])?, port)
+    }
+
+    /// Runs the CLI with `args` under the time limit; returns stdout on success.
+    fn run(&self, args: &[&str]) -> Result<String> {
+        let cmd = std::iter::once(self.cli.display().to_string())
+            .chain(args.iter().map(|a| a.to_string()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mut child = Command::new(&self.cli)
+            .args(args)
+            // Never let the CLI wait on a prompt.
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Error::NotInstalled(format!(
+                    "Tailscale CLI not found at {}: install Tailscale from https://tailscale.com/download, \
+                     or set {CLI_ENV}",
+                    self.cli.display()
+                )),
+                _ => Error::Io {
+                    cmd: cmd.clone(),
+                    source: e,
+                },
+            })?;
+
+        // Pipes are drained on threads while we wait: a large `status --json` (many peers) would otherwise
+        // fill the pipe and block the CLI until it hit the timeout.
+        let (done_tx, done_rx) = mpsc::channel();
+        let stdout = capture(child.stdout.take(), done_tx.clone());
+        let stderr = capture(child.stderr.take(), done_tx);
+
+        let deadline = Instant::now() + self.timeout;
+        let status = match wait_until(&mut child, deadline) {
+            Ok(Some(status)) => status,
+            Ok(None) => {
+                // Reader threads are left to finish on their own: a grandchild may still hold the pipes.
+                let _ = child.kill();
+                let _ = child.wait();
+                let mut output = snapshot(&stderr);
+                if output.is_empty() {
+                    output = snapshot(&stdout);
+                }
+                return Err(Error::Timeout {
+                    cmd,
+                    after: self.timeout,
+                    output,
+                });
+            }
+            Err(source) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(Error::Io { cmd, source });
+            }
+        };
+        // The process has exited; wait (within the same deadline, plus a moment) for its pipes to close.
+        let grace = deadline.max(Instant::now()) + Duration::from_millis(200);
+        for _ in 0..2 {
+            let left = grace.saturating_duration_since(Instant::now());
+            if done_rx.recv_timeout(left).is_err() {
+                break;
+            }
+        }
+        let out = String::from_utf8_lossy(&lock(&stdout)).into_owned();
+        if status.success() {
+            return Ok(out);
+        }
+        let mut message = snapshot(&stderr);
+        if message.is_empty() {
+            message = out.trim().to_string();
+        }
+        Err(Error::Command {
+            cmd,
+            code: status.code(),
+            stderr: message,
+        })
+    }
+}
+
+type Buffer = Arc<Mutex<Vec<u8>>>;
+
+fn capture<R: Read + Send + 'static>(pipe: Option<R>, done: mpsc::Sender<()>) -> Buffer {
+    let buf = Buffer::default();
+    let Some(mut pipe) = pipe else {
+        let _ = done.send(());
+        return buf;
+    };
+    let sink = buf.clone();
+    thread::spawn(move || {
+        let mut chunk = [0u8; 8192];
+        loop {
+            match pipe.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => lock(&sink).extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+        }
+        let _ = done.send(());
+    });
+    buf
+}
+
+fn lock(buf: &Buffer) -> std::sync::MutexGuard<'_, Vec<u8>> {
+    // A reader thread cannot panic while holding the lock, but a poisoned buffer is still usable bytes.
+    buf.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn snapshot(buf: &Buffer) -> String {
+    String::from_utf8_lossy(&lock(buf)).trim().to_string()
+}
+
+/// Polls for exit until `deadline`; `Ok(None)` when the process is still running then.
+fn wait_until(
+    child: &mut std::process::Child,
+    deadline: Instant,
+) -> std::io::Result<Option<ExitStatus>> {
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Ok(None);
+        }
+        // Short polls: status answers in a few milliseconds and a menu is waiting on it.
+        thread::sleep((deadline - now).min(Duration::from_millis(10)));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_wins_and_a_missing_override_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let cli = dir.path().join("ts");
+        std::fs::write(&cli, "").unwrap();
+        let found = locate(Some(cli.clone().into()), None, Path::new("/nonexistent")).unwrap();
+        assert_eq!(found, cli);
+
+        let missing = dir.path().join("nope");
+        let err = locate(Some(missing.into()), None, Path::new("/nonexistent")).unwrap_err();
+        assert!(
+            matches!(&err, Error::NotInstalled(m) if m.contains(CLI_ENV)),
+            "{err}"
+        );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn path_search_needs_an_executable_then_falls_back_to_the_app_bundle() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir(&bin).unwrap();
+        let ts = bin.join("tailscale");
+        std::fs::write(&ts, "#!/bin/sh\n").unwrap();
+        let app = dir.path().join("Tailscale");
+        std::fs::write(&app, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&app, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = std::env::join_paths([dir.path().join("empty"), bin.clone()]).unwrap();
+
+        // Not executable yet: skipped in favour of the app bundle.
+        assert_eq!(locate(None, Some(path.clone()), &app).unwrap(), app);
+        std::fs::set_permissions(&ts, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(locate(None, Some(path), &app).unwrap(), ts);
+        // An empty override counts as unset.
+        assert_eq!(locate(Some("".into()), None, &app).unwrap(), app);
+
+        let err = locate(None, None, &dir.path().join("missing")).unwrap_err();
+        assert!(
+            matches!(&err, Error::NotInstalled(m) if m.contains("tailscale.com/download")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_targets() {
+        for t in [
+            "http://127.0.0.1:8080",
+            "http://localhost:8080/",
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "8080",
+            "http://[::1]:8080/v1",
+        ] {
+            assert!(target_is_local_port(t, 8080), "{t}");
+        }
+        for t in [
+            "http://127.0.0.1:8081",
+            "http://10.0.0.2:8080",
+            "https://example.com:8080",
+            "http://127.0.0.1",
+            "",
+            "text:hello",
+        ] {
+            assert!(!target_is_local_port(t, 8080), "{t}");
+        }
+        assert!(target_is_local_port("http://127.0.0.1", 80));
+    }
+}

@@ -1,0 +1,181 @@
+//! The app's backend: the same gateway and engines as `jemma serve`, hosted on Tauri's tokio runtime, plus
+//! the settings file. Everything the tray and commands show comes from cheap snapshots of this.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jemma_router::classify::Tier;
+use jemma_router::config::{Config, TierConfig, TierKind};
+use jemma_router::route::TierRouter;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+/// User settings (non-secret; secrets live in the OS keychain). Saved as JSON in the app's config dir.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Settings {
+    /// The heavy tier's OpenAI-compatible URL (the Cloud Run service).
+    pub heavy_url: String,
+    /// Model directory per local tier.
+    pub models: Models,
+    /// Unload an idle model after this many seconds; -1 = never.
+    pub keep_alive: i64,
+}
+
+/// Model per local tier.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Models {
+    /// Fast tier (Gemma 4 E2B).
+    pub fast: String,
+    /// Primary tier (Gemma 4 E4B).
+    pub primary: String,
+}
+
+/// The running gateway and what the UI needs around it.
+pub struct Core {
+    /// Tiers and routing.
+    pub router: Arc<TierRouter>,
+    /// Where the gateway listens.
+    pub url: String,
+    /// Its port.
+    pub port: u16,
+    shutdown: watch::Sender<bool>,
+    served: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    settings_path: PathBuf,
+    /// Current settings.
+    pub settings: Mutex<Settings>,
+}
+
+/// Keychain service name for the app's secrets.
+pub const KEYCHAIN_SERVICE: &str = "ai.jemma";
+
+fn load_settings(path: &PathBuf) -> Settings {
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or(Settings {
+            keep_alive: 300,
+            ..Default::default()
+        })
+}
+
+/// The configuration the app serves: `JEMMA_CONFIG` (or `jemma.toml` in the app's config dir) with the
+/// Settings window's choices applied on top.
+pub fn effective_config(
+    config_dir: &std::path::Path,
+    settings: &Settings,
+) -> anyhow::Result<Config> {
+    let path = std::env::var_os("JEMMA_CONFIG")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| config_dir.join("jemma.toml"));
+    let mut cfg = if path.exists() {
+        Config::load(&path)?
+    } else {
+        Config::default()
+    };
+    for (tier, model) in [
+        (Tier::Fast, &settings.models.fast),
+        (Tier::Primary, &settings.models.primary),
+    ] {
+        if !model.is_empty() {
+            cfg.tiers.insert(
+                tier,
+                TierConfig {
+                    kind: TierKind::Local,
+                    model: model.clone(),
+                    ..Default::default()
+                },
+            );
+        }
+    }
+    if !settings.heavy_url.is_empty() {
+        let enabled = cfg
+            .tiers
+            .get(&Tier::Heavy)
+            .map(|t| t.enabled)
+            .unwrap_or(false);
+        cfg.tiers.insert(
+            Tier::Heavy,
+            TierConfig {
+                kind: TierKind::Openai,
+                url: Some(settings.heavy_url.clone()),
+                api_key: Some(format!("keyring:{KEYCHAIN_SERVICE}/heavy_api_key")),
+                model: "gemma-4-26b-a4b".into(),
+                enabled,
+                first_token_timeout_secs: 600.0,
+                ..Default::default()
+            },
+        );
+    }
+    cfg.apply_env(|k| std::env::var(k).ok())?;
+    Ok(cfg)
+}
+
+impl Core {
+    /// Loads settings, builds the tiers and starts the gateway.
+    pub async fn start(config_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config_dir).ok();
+        let settings_path = config_dir.join("settings.json");
+        let settings = load_settings(&settings_path);
+        let cfg = effective_config(&config_dir, &settings)?;
+        let router = if cfg.tiers.is_empty() {
+            // No models yet: the gateway still runs (and says so) so the UI can guide the user.
+            Arc::new(TierRouter::new(cfg.classifier.clone(), vec![]))
+        } else {
+            jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?
+        };
+        let state = jemma_gateway::AppState::new(
+            router.clone(),
+            cfg.limits.clone(),
+            cfg.server.max_body_bytes,
+            Duration::from_secs_f64(cfg.server.keep_alive_secs),
+        )
+        .with_cors_origins(cfg.server.cors_origins.clone());
+        let listener =
+            tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
+        let addr = listener.local_addr()?;
+        let (tx, mut rx) = watch::channel(false);
+        let served = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = rx.wait_for(|v| *v).await;
+            };
+            if let Err(e) =
+                jemma_gateway::serve(listener, jemma_gateway::router(state), shutdown).await
+            {
+                tracing::error!(error = %e, "gateway stopped");
+            }
+        });
+        tracing::info!(%addr, tiers = ?cfg.tiers.keys().collect::<Vec<_>>(), "gateway listening");
+        Ok(Arc::new(Self {
+            router,
+            url: format!("http://{addr}"),
+            port: addr.port(),
+            shutdown: tx,
+            served: Mutex::new(Some(served)),
+            settings_path,
+            settings: Mutex::new(settings),
+        }))
+    }
+
+    /// Saves new settings (applied at the next start: models and URLs change which engines run).
+    pub fn save_settings(&self, s: Settings) -> anyhow::Result<()> {
+        std::fs::write(&self.settings_path, serde_json::to_string_pretty(&s)?)?;
+        if let Ok(mut cur) = self.settings.lock() {
+            *cur = s;
+        }
+        Ok(())
+    }
+
+    /// Stops accepting requests and waits (bounded) for in-flight ones and open streams to finish.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.shutdown.send(true);
+        let handle = self.served.lock().ok().and_then(|mut h| h.take());
+        if let Some(h) = handle
+            && tokio::time::timeout(grace, h).await.is_err()
+        {
+            tracing::warn!("in-flight requests still running after {grace:?}; quitting anyway");
+        }
+    }
+}

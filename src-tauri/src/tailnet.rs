@@ -1,0 +1,24 @@
+//! "Expose on tailnet": `tailscale serve` for the gateway port, through jemma-platform. Failures (no CLI,
+//! logged out, no MagicDNS) are shown in the tray line, never swallowed.
+
+use jemma_platform::tailscale::Tailscale;
+
+/// The tray's Tailscale line.
+pub fn status_line() -> String {
+    match Tailscale::detect().and_then(|t| t.status()) {
+        Ok(s) => s.summary(),
+        Err(e) => format!("Tailscale: {e}"),
+    }
+}
+
+/// Exposes or withdraws the gateway; returns the new status line.
+pub fn set_exposed(on: bool, port: u16) -> Result<String, String> {
+    let t = Tailscale::detect().map_err(|e| e.to_string())?;
+    if on {
+        let info = t.expose(port).map_err(|e| e.to_string())?;
+        Ok(format!("Tailscale: serving {}", info.url))
+    } else {
+        t.unexpose().map_err(|e| e.to_string())?;
+        Ok(status_line())
+    }
+}

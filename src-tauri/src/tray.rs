@@ -1,0 +1,294 @@
+//! The menu-bar icon and its menu, refreshed about once a second from cheap snapshots (router status,
+//! sysinfo); clicking never blocks on a generation.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jemma_router::classify::Tier;
+use jemma_router::route::TierStatus;
+use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
+use tauri::menu::{CheckMenuItem, Menu, MenuItem, PredefinedMenuItem};
+use tauri::tray::TrayIconBuilder;
+use tauri::{AppHandle, Wry};
+use tauri_plugin_autostart::ManagerExt;
+use tauri_plugin_clipboard_manager::ClipboardExt;
+
+use crate::core::Core;
+
+/// Handles to the menu items that change.
+#[derive(Clone)]
+pub struct TrayItems {
+    tiers: Vec<(Tier, MenuItem<Wry>)>,
+    memory: MenuItem<Wry>,
+    requests: MenuItem<Wry>,
+    heavy: CheckMenuItem<Wry>,
+    autostart: CheckMenuItem<Wry>,
+    tailnet: CheckMenuItem<Wry>,
+    tailscale: MenuItem<Wry>,
+}
+
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// One line per tier: state, model, last tok/s.
+pub fn tier_line(s: &TierStatus) -> String {
+    let state = if !s.enabled {
+        "disabled".to_string()
+    } else if s.waking {
+        "waking…".to_string()
+    } else if s.breaker.state != "closed" {
+        "breaker open".to_string()
+    } else if s.backend.state == "failed" || s.backend.state == "error" {
+        "error".to_string()
+    } else {
+        s.backend.state.clone()
+    };
+    let model = std::path::Path::new(&s.backend.model)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| s.backend.model.clone());
+    let tps = if s.backend.tokens_per_second > 0.0 {
+        format!(" · {:.1} tok/s", s.backend.tokens_per_second)
+    } else {
+        String::new()
+    };
+    let name = match s.tier {
+        Tier::Fast => "Fast",
+        Tier::Primary => "Primary",
+        Tier::Heavy => "Heavy",
+    };
+    format!("{name} · {state} · {model}{tps}")
+}
+
+/// Builds the tray and starts its refresh loop.
+pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
+    let status = core.router.status();
+    let mut tiers = vec![];
+    for s in &status {
+        tiers.push((
+            s.tier,
+            MenuItem::with_id(
+                app,
+                format!("tier-{}", s.tier),
+                tier_line(s),
+                false,
+                None::<&str>,
+            )?,
+        ));
+    }
+    let url = MenuItem::with_id(
+        app,
+        "url",
+        format!("Gateway: {} (click to copy)", core.url),
+        true,
+        None::<&str>,
+    )?;
+    let memory = MenuItem::with_id(app, "memory", "Memory: …", false, None::<&str>)?;
+    let requests = MenuItem::with_id(app, "requests", "Requests served: 0", false, None::<&str>)?;
+    let heavy_on = status.iter().any(|s| s.tier == Tier::Heavy && s.enabled);
+    let heavy = CheckMenuItem::with_id(
+        app,
+        "heavy",
+        "Heavy tier",
+        status.iter().any(|s| s.tier == Tier::Heavy),
+        heavy_on,
+        None::<&str>,
+    )?;
+    let autostart_on = app.autolaunch().is_enabled().unwrap_or(false);
+    let autostart = CheckMenuItem::with_id(
+        app,
+        "autostart",
+        "Launch at login",
+        true,
+        autostart_on,
+        None::<&str>,
+    )?;
+    let tailnet = CheckMenuItem::with_id(
+        app,
+        "tailnet",
+        "Expose on tailnet",
+        true,
+        false,
+        None::<&str>,
+    )?;
+    let tailscale = MenuItem::with_id(
+        app,
+        "tailscale",
+        "Tailscale: checking…",
+        false,
+        None::<&str>,
+    )?;
+    let chat = MenuItem::with_id(app, "chat", "Open Chat", true, None::<&str>)?;
+    let settings = MenuItem::with_id(app, "settings", "Settings…", true, None::<&str>)?;
+    let quit = MenuItem::with_id(app, "quit", "Quit Jemma", true, None::<&str>)?;
+    let sep = || PredefinedMenuItem::separator(app);
+    let mut items: Vec<&dyn tauri::menu::IsMenuItem<Wry>> = vec![];
+    for (_, t) in &tiers {
+        items.push(t);
+    }
+    let (s1, s2, s3) = (sep()?, sep()?, sep()?);
+    items.extend([
+        &s1 as &dyn tauri::menu::IsMenuItem<Wry>,
+        &memory,
+        &requests,
+        &url,
+        &s2,
+        &heavy,
+        &autostart,
+        &tailnet,
+        &tailscale,
+        &s3,
+        &chat,
+        &settings,
+        &quit,
+    ]);
+    let menu = Menu::with_items(app, &items)?;
+    let handles = TrayItems {
+        tiers,
+        memory,
+        requests,
+        heavy,
+        autostart,
+        tailnet,
+        tailscale,
+    };
+    let ts = handles.tailscale.clone();
+    tauri::async_runtime::spawn_blocking(move || {
+        let _ = ts.set_text(crate::tailnet::status_line());
+    });
+    let icon = if cfg!(target_os = "macos") {
+        tauri::image::Image::from_bytes(include_bytes!("../../icons/tray-template.png"))?
+    } else {
+        tauri::image::Image::from_bytes(include_bytes!("../../icons/tray.png"))?
+    };
+    let h = handles.clone();
+    let c = core.clone();
+    TrayIconBuilder::with_id("jemma")
+        .icon(icon)
+        .icon_as_template(cfg!(target_os = "macos"))
+        .tooltip("Jemma")
+        .menu(&menu)
+        .show_menu_on_left_click(true)
+        .on_menu_event(move |app, event| on_menu(app, event.id().as_ref(), &c, &h))
+        .build(app)?;
+    let app2 = app.clone();
+    tauri::async_runtime::spawn(async move {
+        let mut sys = System::new();
+        loop {
+            refresh(&app2, &core, &handles, &mut sys);
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    Ok(())
+}
+
+fn refresh(app: &AppHandle, core: &Core, h: &TrayItems, sys: &mut System) {
+    let status = core.router.status();
+    for (tier, item) in &h.tiers {
+        if let Some(s) = status.iter().find(|s| s.tier == *tier) {
+            let _ = item.set_text(tier_line(s));
+        }
+    }
+    if let Some(s) = status.iter().find(|s| s.tier == Tier::Heavy) {
+        let _ = h.heavy.set_checked(s.enabled);
+        let _ = h.heavy.set_text(if s.waking {
+            "Heavy tier (waking…)"
+        } else {
+            "Heavy tier"
+        });
+    }
+    sys.refresh_memory();
+    let pid = Pid::from_u32(std::process::id());
+    sys.refresh_processes_specifics(
+        ProcessesToUpdate::Some(&[pid]),
+        true,
+        ProcessRefreshKind::nothing().with_memory(),
+    );
+    let rss = sys.process(pid).map(|p| p.memory()).unwrap_or(0);
+    // Local tiers sharing one engine report the same figures: count each model once.
+    let mut mlx = std::collections::BTreeMap::new();
+    let mut served = 0u64;
+    for s in &status {
+        if let Some(a) = s
+            .backend
+            .details
+            .get("mlx_active_bytes")
+            .and_then(|v| v.as_u64())
+        {
+            mlx.insert(s.backend.model.clone(), a);
+        }
+        served += s.served;
+    }
+    let _ = h.memory.set_text(format!(
+        "Memory: {:.1}/{:.1} GB · app {:.0} MB · MLX {:.0} MB",
+        gib(sys.used_memory()),
+        gib(sys.total_memory()),
+        rss as f64 / 1e6,
+        mlx.values().sum::<u64>() as f64 / 1e6
+    ));
+    let _ = h.requests.set_text(format!("Requests served: {served}"));
+    let _ = h
+        .autostart
+        .set_checked(app.autolaunch().is_enabled().unwrap_or(false));
+}
+
+fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
+    match id {
+        "url" => {
+            if let Err(e) = app.clipboard().write_text(core.url.clone()) {
+                tracing::warn!(error = %e, "copying the gateway URL failed");
+            }
+        }
+        "heavy" => {
+            let on = h.heavy.is_checked().unwrap_or(false);
+            if let Err(e) = core.router.set_enabled(Tier::Heavy, on) {
+                tracing::warn!(error = %e, "heavy toggle failed");
+                return;
+            }
+            if on {
+                // Turning the cloud tier on wakes it now, so the first real request does not pay the cold start.
+                let r = core.router.clone();
+                tauri::async_runtime::spawn(async move {
+                    let ok = r.warm_up(Tier::Heavy).await.unwrap_or(false);
+                    tracing::info!(ok, "heavy tier warm-up finished");
+                });
+            }
+        }
+        "autostart" => {
+            let al = app.autolaunch();
+            let want = h.autostart.is_checked().unwrap_or(false);
+            let r = if want { al.enable() } else { al.disable() };
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "launch-at-login change failed");
+            }
+        }
+        "tailnet" => {
+            let want = h.tailnet.is_checked().unwrap_or(false);
+            let item = h.tailscale.clone();
+            let toggle = h.tailnet.clone();
+            let port = core.port;
+            tauri::async_runtime::spawn_blocking(move || {
+                let text = match crate::tailnet::set_exposed(want, port) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = toggle.set_checked(!want);
+                        format!("Tailscale: {e}")
+                    }
+                };
+                let _ = item.set_text(text);
+            });
+        }
+        "chat" => crate::open_window(app, "chat"),
+        "settings" => crate::open_window(app, "settings"),
+        "quit" => {
+            let app = app.clone();
+            let core = core.clone();
+            tauri::async_runtime::spawn(async move {
+                core.shutdown(Duration::from_secs(10)).await;
+                app.exit(0);
+            });
+        }
+        _ => {}
+    }
+}
