@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The menu-bar app's end-to-end test on Linux: builds jemma-app, then runs tests/app/e2e_app.py in a fresh
+# Xvfb display and D-Bus session with an unlocked gnome-keyring and an isolated HOME. Needs the apt packages
+# and tauri-driver that scripts/setup installs (--app).
+. "$(dirname "$0")/lib.sh"
+cd "$JEMMA_ROOT"
+cargo build --locked -p jemma-app
+bash scripts/fixtures.sh
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+mkdir -p "$WORK/home"
+cat >"$WORK/jemma.toml" <<TOML
+[tiers.fast]
+model = "$JEMMA_ROOT/fixtures/tiny"
+[tiers.primary]
+model = "$JEMMA_ROOT/fixtures/tiny"
+[tiers.heavy]
+kind = "openai"
+url = "http://127.0.0.1:9"
+model = "gemma-4-26b-a4b"
+enabled = false
+TOML
+export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=$JEMMA_ROOT/docs/screenshots
+export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/no-tailscale
+PY=$(venv_python)
+# HOME is isolated so the autostart entry and the keyring live in the temp dir.
+HOME=$WORK/home xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '
+  export XDG_DATA_HOME=$HOME/.local/share
+  printf jemma | gnome-keyring-daemon --unlock --components=secrets >/dev/null
+  exec "$0" tests/app/e2e_app.py' "$PY"

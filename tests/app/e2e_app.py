@@ -1,0 +1,149 @@
+"""End-to-end test of the menu-bar app on Linux: the real Tauri window under Xvfb driven through
+tauri-driver + WebKitWebDriver, the tray read and clicked over D-Bus (StatusNotifierItem + dbusmenu), the
+keychain through gnome-keyring's Secret Service. Run by scripts/test-app.sh (which sets up Xvfb, the D-Bus
+session, an unlocked keyring, an isolated HOME and the config).
+
+Env: APP (binary), SHOTS (screenshot dir), JEMMA_CONFIG, HOME, JEMMA_PORT=0.
+"""
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+import urllib.request
+
+from selenium import webdriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.options import ArgOptions
+from selenium.webdriver.support.ui import WebDriverWait
+
+sys.path.insert(0, os.path.dirname(__file__))
+from sni import Tray  # noqa: E402
+
+APP = os.environ["APP"]
+SHOTS = pathlib.Path(os.environ.get("SHOTS", "."))
+HOME = pathlib.Path(os.environ["HOME"])
+passed = 0
+
+
+def check(name, cond, detail=""):
+    global passed
+    if not cond:
+        print(f"FAIL {name}: {detail}", flush=True)
+        raise SystemExit(1)
+    passed += 1
+    print(f"ok   {name}", flush=True)
+
+
+def get(url):
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def wait_for(what, fn, timeout=30):
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.3)
+    raise SystemExit(f"FAIL timed out waiting for {what}")
+
+
+tray = Tray()
+driver_proc = subprocess.Popen(["tauri-driver", "--port", "4444"], stdout=sys.stdout, stderr=sys.stderr)
+time.sleep(2)
+opts = ArgOptions()
+opts.set_capability("browserName", "wry")
+opts.set_capability("tauri:options", {"application": APP})
+d = None
+try:
+    d = webdriver.Remote(command_executor="http://127.0.0.1:4444", options=opts)
+    invoke = lambda cmd, args=None: d.execute_async_script(  # noqa: E731
+        "const cb = arguments[arguments.length - 1];"
+        "window.__TAURI__.core.invoke(arguments[0], arguments[1] || {}).then(v => cb({ok: v}), e => cb({err: String(e)}));",
+        cmd, args or {})
+    gw = invoke("gateway_url")["ok"]
+    check("gateway_url command", gw.startswith("http://127.0.0.1:"), gw)
+    status, health = get(f"{gw}/health")
+    check("the app's gateway serves /health", status == 200 and health["tiers"]["fast"]["backend"]["state"] == "ready", health)
+
+    # --- chat: a streamed reply from the fixture model with its routing badge
+    WebDriverWait(d, 20).until(lambda d: d.find_element(By.ID, "prompt").is_displayed())
+    d.execute_script("const s = document.getElementById('tier'); s.value = 'fast'; s.dispatchEvent(new Event('change'));")
+    box = d.find_element(By.ID, "prompt")
+    box.send_keys("Hello Jemma, write a short greeting.")
+    d.find_element(By.ID, "send").click()
+    badge = WebDriverWait(d, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing-badge"))[0]
+    routing = json.loads(badge.get_attribute("data-routing"))
+    check("chat: reply streamed with a routing badge", routing["tier"] == "fast" and routing["completion_tokens"] >= 1, routing)
+    reply = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
+    check("chat: badge shows tier and latency", "fast" in badge.text and "ms" in badge.text, badge.text)
+    check("chat: reply text present", len(reply.strip()) > 0, reply)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    d.save_screenshot(str(SHOTS / "chat-window.png"))
+
+    # --- tray: labels, live tok/s, requests served
+    labels = wait_for("tray tier lines with tok/s", lambda: (lambda l: l if any("tok/s" in x for x in l) else None)(tray.labels()))
+    for want in ["Fast · ready", "Primary · ready", "Heavy · disabled", "Heavy tier", "Launch at login",
+                 "Expose on tailnet", "Open Chat", "Settings…", "Quit Jemma"]:
+        check(f"tray has {want!r}", any(l.startswith(want) for l in labels), labels)
+    check("tray: requests served counts the chat", any(l.startswith("Requests served: ") and l != "Requests served: 0" for l in labels), labels)
+    check("tray: memory line", any(l.startswith("Memory: ") and "GB" in l for l in labels), labels)
+    check("tray: tailscale line surfaces the missing CLI", any(l.startswith("Tailscale:") for l in labels), labels)
+    (SHOTS / "tray-menu.txt").write_text("\n".join(labels) + "\n")
+
+    # --- heavy toggle changes the gateway's /health
+    check("heavy starts disabled", get(f"{gw}/health")[1]["tiers"]["heavy"]["enabled"] is False)
+    tray.click("Heavy tier")
+    wait_for("heavy enabled in /health", lambda: get(f"{gw}/health")[1]["tiers"]["heavy"]["enabled"])
+    check("tray toggle enabled the heavy tier", True)
+    tray.click("Heavy tier")
+    wait_for("heavy disabled again", lambda: get(f"{gw}/health")[1]["tiers"]["heavy"]["enabled"] is False)
+    check("tray toggle disabled it again", True)
+
+    # --- launch at login writes the XDG autostart entry (isolated HOME)
+    desktop = HOME / ".config" / "autostart" / "Jemma.desktop"
+    check("no autostart entry yet", not desktop.exists())
+    tray.click("Launch at login")
+    wait_for("autostart entry", desktop.exists)
+    text = desktop.read_text()
+    check("autostart entry launches the app hidden", "--hidden" in text and APP.split("/")[-1] in text, text)
+    tray.click("Launch at login")
+    wait_for("autostart entry removed", lambda: not desktop.exists())
+    check("launch at login can be turned off", True)
+
+    # --- keychain: store a secret through the app and read it back from the Secret Service
+    r = invoke("set_secret", {"name": "heavy_api_key", "value": "sk-e2e-secret-123"})
+    check("set_secret", "err" not in r, r)
+    s = invoke("get_settings")["ok"]
+    check("get_settings reports the stored secret (not its value)", s["secrets"]["heavy_api_key"] is True
+          and "sk-e2e" not in json.dumps(s), s)
+    out = subprocess.run(["secret-tool", "lookup", "service", "ai.jemma", "username", "heavy_api_key"],
+                         capture_output=True, text=True)
+    check("the secret is in the OS keychain", out.stdout.strip() == "sk-e2e-secret-123", out)
+    r = invoke("set_secret", {"name": "Bad Name!", "value": "x"})
+    check("invalid secret names are refused", "err" in r, r)
+    invoke("set_secret", {"name": "heavy_api_key", "value": ""})
+    check("empty value deletes the secret", invoke("get_settings")["ok"]["secrets"]["heavy_api_key"] is False)
+
+    # --- the settings page renders inside the app's webview with the keychain state (screenshot); the
+    # tray's Settings… item opens it as its own window, which WebKitWebDriver does not list, so the page is
+    # loaded in the chat webview here.
+    invoke("set_secret", {"name": "hf_token", "value": "hf_e2e"})
+    d.execute_script("window.location.href = 'settings.html'")
+    WebDriverWait(d, 15).until(lambda d: d.find_element(By.ID, "save").is_displayed())
+    WebDriverWait(d, 15).until(lambda d: "stored" in d.find_element(By.ID, "hf-token-state").text)
+    check("settings page shows stored secrets without their values",
+          "hf_e2e" not in d.page_source, d.find_element(By.ID, "hf-token-state").text)
+    d.save_screenshot(str(SHOTS / "settings-window.png"))
+    print(f"{passed} passed, 0 failed", flush=True)
+finally:
+    if d is not None:
+        d.quit()
+    driver_proc.terminate()
+    driver_proc.wait()
