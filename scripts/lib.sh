@@ -65,7 +65,8 @@ apt_ensure() {
 # cargo_install_ensure BIN CRATE VERSION [extra cargo-install args]: install a pinned tool once.
 cargo_install_ensure() {
   local bin=$1 crate=$2 version=$3; shift 3
-  if command -v "$bin" >/dev/null && "$bin" --version 2>/dev/null | grep -q "$version"; then return 0; fi
+  # `cargo install --list` knows the installed version even for tools without --version (tauri-driver).
+  if command -v "$bin" >/dev/null && cargo install --list 2>/dev/null | grep -q "^$crate v$version:"; then return 0; fi
   log "cargo install $crate@$version (one-time, a few minutes on 2 cores)"
   cargo install --quiet --locked "$crate" --version "$version" "$@"
 }

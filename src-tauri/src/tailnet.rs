@@ -3,11 +3,23 @@
 
 use jemma_platform::tailscale::Tailscale;
 
-/// The tray's Tailscale line.
+/// The tray's Tailscale line (menu items must stay short: the full error goes to the log).
 pub fn status_line() -> String {
     match Tailscale::detect().and_then(|t| t.status()) {
         Ok(s) => s.summary(),
-        Err(e) => format!("Tailscale: {e}"),
+        Err(e) => {
+            tracing::info!(error = %e, "tailscale status");
+            let msg = e.to_string();
+            let short: String = msg
+                .split([':', '('])
+                .next()
+                .unwrap_or(&msg)
+                .trim()
+                .chars()
+                .take(60)
+                .collect();
+            format!("Tailscale: {short}")
+        }
     }
 }
 
