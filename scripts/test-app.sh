@@ -20,8 +20,21 @@ url = "http://127.0.0.1:9"
 model = "gemma-4-26b-a4b"
 enabled = false
 TOML
+# A stand-in `tailscale` CLI (the real one cannot be installed here): answers `status --json` with a recorded
+# status and records the arguments of every call, so the test can check what "Expose on tailnet" ran.
+cat >"$WORK/tailscale" <<SH
+#!/bin/sh
+echo "\$*" >>"$WORK/tailscale.calls"
+case "\$1" in
+  status) cat "$JEMMA_ROOT/crates/platform/tests/data/status-running.json" ;;
+  serve) exit 0 ;;
+  *) echo "unexpected: \$*" >&2; exit 2 ;;
+esac
+SH
+chmod +x "$WORK/tailscale"
 export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=$JEMMA_ROOT/docs/screenshots
-export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/no-tailscale
+export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
+export TAILSCALE_CALLS=$WORK/tailscale.calls
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.
 HOME=$WORK/home xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '

@@ -94,7 +94,7 @@ try:
         check(f"tray has {want!r}", any(l.startswith(want) for l in labels), labels)
     check("tray: requests served counts the chat", any(l.startswith("Requests served: ") and l != "Requests served: 0" for l in labels), labels)
     check("tray: memory line", any(l.startswith("Memory: ") and "GB" in l for l in labels), labels)
-    check("tray: tailscale line surfaces the missing CLI", any(l.startswith("Tailscale:") for l in labels), labels)
+    check("tray: tailscale status from the CLI", any(l.startswith("Tailscale: running") and "mac-mini" in l for l in labels), labels)
     (SHOTS / "tray-menu.txt").write_text("\n".join(labels) + "\n")
 
     # --- heavy toggle changes the gateway's /health
@@ -116,6 +116,17 @@ try:
     tray.click("Launch at login")
     wait_for("autostart entry removed", lambda: not desktop.exists())
     check("launch at login can be turned off", True)
+
+    # --- expose on tailnet runs `tailscale serve` for the gateway port, and undoes it
+    port = gw.rsplit(":", 1)[1]
+    calls = pathlib.Path(os.environ["TAILSCALE_CALLS"])
+    tray.click("Expose on tailnet")
+    wait_for("tailscale serve", lambda: calls.exists() and f"serve --bg --https=443 http://127.0.0.1:{port}" in calls.read_text())
+    wait_for("serving line", lambda: any(l.startswith("Tailscale: serving https://mac-mini.tail1234.ts.net") for l in tray.labels()))
+    check("expose on tailnet ran tailscale serve and shows the URL", True)
+    tray.click("Expose on tailnet")
+    wait_for("tailscale serve off", lambda: "serve --https=443 off" in calls.read_text())
+    check("turning it off runs tailscale serve off", True)
 
     # --- keychain: store a secret through the app and read it back from the Secret Service
     r = invoke("set_secret", {"name": "heavy_api_key", "value": "sk-e2e-secret-123"})

@@ -39,17 +39,6 @@ pub fn token_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64().map(|x| x as u32))
-            .collect(),
-        _ => vec![],
-    }
-}
-
 impl Tokenizer {
     /// Loads `tokenizer.json` (+ tokenizer_config.json, generation_config.json) from a model directory.
     /// `config_eos` are the stop ids of config.json, used when generation_config.json has none.
@@ -65,7 +54,7 @@ impl Tokenizer {
             .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
         let tcfg = read_json(&dir.join("tokenizer_config.json"))?.unwrap_or(Value::Null);
         let gen_cfg = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
-        let mut eos_ids = ids(gen_cfg.get("eos_token_id"));
+        let mut eos_ids = crate::models::gemma4::config::ids_of(gen_cfg.get("eos_token_id"));
         if eos_ids.is_empty() {
             eos_ids = config_eos.to_vec();
         }

@@ -96,6 +96,13 @@ pub struct TierRouter {
     classifier: Classifier,
 }
 
+fn client_error(e: &BackendError) -> RouterError {
+    RouterError::InvalidRequest {
+        message: e.to_string(),
+        param: None,
+    }
+}
+
 fn elapsed_ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
@@ -351,13 +358,9 @@ impl TierRouter {
                 Ok(Ok(rx)) => rx,
                 Ok(Err(e)) => {
                     if !e.is_tier_failure() {
+                        // The client's request, not the tier, is at fault: no fallback, no breaker count.
                         permit.success();
-                        let _ = tx
-                            .send(Output::Error(RouterError::InvalidRequest {
-                                message: e.to_string(),
-                                param: None,
-                            }))
-                            .await;
+                        let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
                     if matches!(e, BackendError::Busy(_)) {
@@ -493,13 +496,9 @@ impl TierRouter {
                 }
                 Err(e) => {
                     if !e.is_tier_failure() {
+                        // The client's request, not the tier, is at fault: no fallback, no breaker count.
                         permit.success();
-                        let _ = tx
-                            .send(Output::Error(RouterError::InvalidRequest {
-                                message: e.to_string(),
-                                param: None,
-                            }))
-                            .await;
+                        let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
                     permit.failure();

@@ -350,7 +350,8 @@ impl TextConfig {
     }
 }
 
-fn ids_of(v: Option<&Value>) -> Vec<u32> {
+/// Token ids from a JSON field that may hold one id or a list (`eos_token_id`).
+pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
     match v {
         Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
         Some(Value::Array(a)) => a
