@@ -4,6 +4,7 @@
 mod bench_cmd;
 mod doctor;
 mod generate_cmd;
+mod keys;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +26,8 @@ enum Command {
     Doctor(doctor::Args),
     /// Run the OpenAI-compatible gateway (default 127.0.0.1:8080) with the configured tiers.
     Serve(serve::Args),
+    /// Manage API keys for callers that are not on this machine (tailnet, LAN).
+    Keys(keys::Args),
     /// Measure the engine's prefill and decode speed on a model directory.
     Bench(bench_cmd::Args),
     /// Generate text with the in-process MLX engine (prints JSON with --json: tokens, text, tok/s, memory).
@@ -45,5 +48,6 @@ fn main() -> anyhow::Result<()> {
         Command::Generate(args) => generate_cmd::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Keys(args) => keys::run(args),
     }
 }

@@ -61,7 +61,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             cfg.server.max_body_bytes,
             Duration::from_secs_f64(cfg.server.keep_alive_secs),
         )
-        .with_cors_origins(cfg.server.cors_origins.clone());
+        .with_cors_origins(cfg.server.cors_origins.clone())
+        .with_access(crate::keys::access_policy(&cfg)?);
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

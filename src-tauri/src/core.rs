@@ -132,7 +132,8 @@ impl Core {
             cfg.server.max_body_bytes,
             Duration::from_secs_f64(cfg.server.keep_alive_secs),
         )
-        .with_cors_origins(cfg.server.cors_origins.clone());
+        .with_cors_origins(cfg.server.cors_origins.clone())
+        .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?);
         let listener =
             tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
         let addr = listener.local_addr()?;

@@ -127,3 +127,49 @@ fn bad_model_directory_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[test]
+fn keys_are_created_listed_revoked_and_required_for_an_exposed_bind() {
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("keys.json");
+    let f = file.to_str().unwrap();
+    let tiny = fixture("tiny");
+    // No key yet: binding all interfaces is refused with a clear message.
+    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
+        .args([
+            "serve",
+            "--model",
+            tiny.to_str().unwrap(),
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "0",
+        ])
+        .env("JEMMA_KEYS_FILE", f)
+        .env("JEMMA_LOG", "warn")
+        .output()
+        .unwrap();
+    let (ok, stderr) = (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(!ok);
+    assert!(stderr.contains("jemma keys create"), "{stderr}");
+    let (ok, key, _) = jemma(&["keys", "--file", f, "create", "--name", "laptop"]);
+    assert!(ok);
+    let key = key.trim().to_string();
+    assert!(key.starts_with("jm-") && key.len() > 40, "{key}");
+    assert!(
+        !std::fs::read_to_string(&file).unwrap().contains(&key),
+        "only the hash is stored"
+    );
+    let (ok, list, _) = jemma(&["keys", "--file", f, "list"]);
+    assert!(
+        ok && list.contains("laptop") && !list.contains(&key),
+        "{list}"
+    );
+    let (ok, _, _) = jemma(&["keys", "--file", f, "revoke", "laptop"]);
+    assert!(ok);
+    let (ok, _, stderr) = jemma(&["keys", "--file", f, "revoke", "laptop"]);
+    assert!(!ok && stderr.contains("no key"), "{stderr}");
+}

@@ -25,6 +25,11 @@ impl ApiError {
                 "invalid_request_error",
                 "invalid_request",
             ),
+            RouterError::RateLimited { .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "rate_limit_exceeded",
+            ),
             RouterError::TooLarge(_) => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
@@ -75,7 +80,8 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.parts();
         let mut r = (status, axum::Json(self.body())).into_response();
-        if let RouterError::Busy { retry_after_secs } = &self.0
+        if let RouterError::Busy { retry_after_secs }
+        | RouterError::RateLimited { retry_after_secs } = &self.0
             && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
         {
             r.headers_mut().insert(header::RETRY_AFTER, v);

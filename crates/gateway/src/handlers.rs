@@ -11,6 +11,7 @@ use jemma_router::classify::Tier;
 use jemma_router::route::{Output, model_entry};
 use serde_json::{Value, json};
 
+use crate::auth::Caller;
 use crate::{ApiError, AppState, sse};
 
 pub(crate) fn now_secs() -> u64 {
@@ -44,16 +45,25 @@ async fn parse_body(state: &AppState, body: Body) -> Result<ChatCompletionReques
     })
 }
 
+fn caller_of(c: Option<axum::Extension<Caller>>) -> Caller {
+    c.map(|e| e.0).unwrap_or(Caller::Loopback)
+}
+
 /// `POST /v1/chat/completions`.
-pub async fn chat_completions(State(state): State<AppState>, body: Body) -> Response {
-    match chat_inner(state, body).await {
+pub async fn chat_completions(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Body,
+) -> Response {
+    match chat_inner(state, caller_of(caller), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Response, ApiError> {
     let req = parse_body(&state, body).await?.validate(&state.limits)?;
+    state.charge(&caller, req.has_images)?;
     let stream = req.stream;
     let include_usage = req.include_usage;
     let model = req.requested_model.clone();
@@ -129,14 +139,22 @@ async fn chat_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
 }
 
 /// `POST /v1/completions`: a plain prompt, no chat template.
-pub async fn completions(State(state): State<AppState>, body: Body) -> Response {
-    match completions_inner(state, body).await {
+pub async fn completions(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Body,
+) -> Response {
+    match completions_inner(state, caller_of(caller), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn completions_inner(state: AppState, body: Body) -> Result<Response, ApiError> {
+async fn completions_inner(
+    state: AppState,
+    caller: Caller,
+    body: Body,
+) -> Result<Response, ApiError> {
     let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
         ApiError(RouterError::TooLarge(format!(
             "request body exceeds {} bytes",
@@ -150,6 +168,7 @@ async fn completions_inner(state: AppState, body: Body) -> Result<Response, ApiE
         })
     })?;
     let req = req.validate(&state.limits)?;
+    state.charge(&caller, false)?;
     let stream = req.stream;
     let mut rx = state.router.chat(req)?;
     if stream {

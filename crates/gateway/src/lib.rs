@@ -3,6 +3,7 @@
 //! and shape its output as JSON or server-sent events.
 #![deny(missing_docs)]
 
+pub mod auth;
 mod error;
 mod handlers;
 mod sse;
@@ -31,6 +32,9 @@ pub struct AppState {
     pub keep_alive: Duration,
     /// Browser origins allowed by CORS.
     pub cors_origins: Vec<String>,
+    /// Keys and rate limits.
+    pub access: auth::AccessPolicy,
+    limiters: Arc<auth::Limiters>,
     metrics: PrometheusHandle,
 }
 
@@ -68,8 +72,30 @@ impl AppState {
             max_body_bytes,
             keep_alive,
             cors_origins: vec!["tauri://localhost".into(), "http://tauri.localhost".into()],
+            limiters: Arc::new(auth::Limiters::new(&auth::AccessPolicy::default())),
+            access: auth::AccessPolicy::default(),
             metrics: prometheus(),
         }
+    }
+
+    /// Replaces the key/rate-limit policy.
+    pub fn with_access(mut self, access: auth::AccessPolicy) -> Self {
+        self.limiters = Arc::new(auth::Limiters::new(&access));
+        self.access = access;
+        self
+    }
+
+    /// Charges one request to the caller's rate budget.
+    pub(crate) fn charge(
+        &self,
+        caller: &auth::Caller,
+        media: bool,
+    ) -> Result<(), jemma_router::RouterError> {
+        self.limiters
+            .check(caller, media)
+            .map_err(|wait| jemma_router::RouterError::RateLimited {
+                retry_after_secs: wait.as_secs_f64().ceil().max(1.0) as u64,
+            })
     }
 
     /// Replaces the CORS origin list.
@@ -106,6 +132,10 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
         .fallback(handlers::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::guard,
+        ))
         .layer(cors)
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)

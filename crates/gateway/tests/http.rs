@@ -374,3 +374,151 @@ async fn cors_allows_only_the_apps_origin() {
         .unwrap();
     assert!(!r.headers().contains_key("access-control-allow-origin"));
 }
+
+fn app_with_access(access: jemma_gateway::auth::AccessPolicy) -> axum::Router {
+    let settings = TierSettings {
+        enabled: true,
+        max_concurrency: 4,
+        max_queue: 4,
+        first_token_timeout: Duration::from_secs(30),
+        idle_timeout: Duration::from_secs(30),
+        breaker: BreakerConfig::default(),
+        aliases: vec![],
+    };
+    let r = Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        vec![(
+            Tier::Fast,
+            Arc::new(Echo { hang: false }) as Arc<dyn Backend>,
+            settings,
+        )],
+    ));
+    router(
+        AppState::new(r, Limits::default(), 64 * 1024, Duration::from_secs(1)).with_access(access),
+    )
+}
+
+async fn call_from(
+    app: &axum::Router,
+    peer: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
+    let mut b = Request::builder()
+        .method("POST")
+        .uri("/v1/chat/completions")
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let mut req = b.body(Body::from(body.to_string())).unwrap();
+    let addr: std::net::SocketAddr = peer.parse().unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(addr));
+    let resp = app.clone().oneshot(req).await.unwrap();
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+    (
+        status,
+        headers,
+        String::from_utf8_lossy(&bytes).into_owned(),
+    )
+}
+
+const CHAT: &str = r#"{"model":"fast","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[tokio::test]
+async fn remote_callers_need_a_valid_key_and_loopback_is_exempt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut store = jemma_gateway::auth::KeyStore::load(&path).unwrap();
+    let (_, key) = store.create("laptop").unwrap();
+    let raw = std::fs::read_to_string(&path).unwrap();
+    assert!(!raw.contains(&key), "the key file holds only hashes");
+    let access = jemma_gateway::auth::AccessPolicy {
+        keys: Arc::new(std::sync::Mutex::new(
+            jemma_gateway::auth::KeyStore::load(&path).unwrap(),
+        )),
+        ..Default::default()
+    };
+    let a = app_with_access(access);
+    let (st, _, _) = call_from(&a, "127.0.0.1:5000", &[], CHAT).await;
+    assert_eq!(st, StatusCode::OK, "loopback is exempt");
+    let (st, h, body) = call_from(&a, "100.64.0.7:5000", &[], CHAT).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["www-authenticate"], "Bearer");
+    assert_eq!(error_of(&body)["code"], "invalid_api_key");
+    let (st, _, _) = call_from(
+        &a,
+        "100.64.0.7:5000",
+        &[("authorization", "Bearer jm-wrong")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let bearer = format!("Bearer {key}");
+    let (st, _, _) = call_from(&a, "100.64.0.7:5000", &[("authorization", &bearer)], CHAT).await;
+    assert_eq!(st, StatusCode::OK, "a valid key is accepted");
+    // tailscale serve proxies from 127.0.0.1 with identity headers: that is a remote caller.
+    let (st, _, _) = call_from(
+        &a,
+        "127.0.0.1:5000",
+        &[("tailscale-user-login", "alice@example.com")],
+        CHAT,
+    )
+    .await;
+    assert_eq!(
+        st,
+        StatusCode::UNAUTHORIZED,
+        "proxied requests are never exempt"
+    );
+    // revoking takes effect for a reloaded store
+    let mut store = jemma_gateway::auth::KeyStore::load(&path).unwrap();
+    assert!(store.revoke("laptop").unwrap());
+    assert!(store.verify(&key).is_none());
+}
+
+#[tokio::test]
+async fn remote_rate_limits_answer_429_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.json");
+    let mut store = jemma_gateway::auth::KeyStore::load(&path).unwrap();
+    let (_, key) = store.create("phone").unwrap();
+    let access = jemma_gateway::auth::AccessPolicy {
+        keys: Arc::new(std::sync::Mutex::new(store)),
+        text_per_minute: 3,
+        media_per_minute: 1,
+        ..Default::default()
+    };
+    let a = app_with_access(access);
+    let bearer = format!("Bearer {key}");
+    let auth = [("authorization", bearer.as_str())];
+    for _ in 0..3 {
+        assert_eq!(
+            call_from(&a, "100.64.0.9:1", &auth, CHAT).await.0,
+            StatusCode::OK
+        );
+    }
+    let (st, h, body) = call_from(&a, "100.64.0.9:1", &auth, CHAT).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
+    assert_eq!(error_of(&body)["code"], "rate_limit_exceeded");
+    let image = r#"{"model":"fast","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]}]}"#;
+    assert_eq!(
+        call_from(&a, "100.64.0.9:1", &auth, image).await.0,
+        StatusCode::OK,
+        "media has its own budget"
+    );
+    assert_eq!(
+        call_from(&a, "100.64.0.9:1", &auth, image).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // loopback callers are not limited by default
+    for _ in 0..5 {
+        assert_eq!(
+            call_from(&a, "127.0.0.1:1", &[], CHAT).await.0,
+            StatusCode::OK
+        );
+    }
+}

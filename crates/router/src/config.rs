@@ -25,6 +25,52 @@ pub struct Config {
     pub breaker: BreakerConfig,
     /// Tiers by name (`fast`, `primary`, `heavy`).
     pub tiers: BTreeMap<Tier, TierConfig>,
+    /// Who may call the gateway.
+    pub auth: AuthConfig,
+    /// Per-caller request budgets.
+    pub rate_limits: RateLimitConfig,
+}
+
+/// `[auth]`: API keys for everyone who is not a loopback caller.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Local processes need no key (like Ollama). Requests proxied by `tailscale serve` are never exempt.
+    pub exempt_loopback: bool,
+    /// Key file (hashed keys; `jemma keys create` writes it). Default: `$JEMMA_KEYS_FILE` or
+    /// `~/.config/jemma/keys.json`.
+    pub keys_file: Option<String>,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        Self {
+            exempt_loopback: true,
+            keys_file: None,
+        }
+    }
+}
+
+/// `[rate_limits]`: per key (or IP) budgets, as the seed: 30 text and 10 media requests a minute.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Text requests per minute per caller (0 = unlimited).
+    pub text_per_minute: u32,
+    /// Requests with images per minute per caller (0 = unlimited).
+    pub media_per_minute: u32,
+    /// Also limit loopback callers.
+    pub limit_loopback: bool,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            text_per_minute: 30,
+            media_per_minute: 10,
+            limit_loopback: false,
+        }
+    }
 }
 
 /// `[server]`.

@@ -35,6 +35,12 @@ pub enum RouterError {
         /// Suggested wait.
         retry_after_secs: u64,
     },
+    /// The caller used up its request budget (HTTP 429).
+    #[error("rate limit exceeded; retry after {retry_after_secs} s")]
+    RateLimited {
+        /// When the next request is allowed.
+        retry_after_secs: u64,
+    },
     /// No tier in the chain could answer (HTTP 503).
     #[error("no tier could answer ({})", fallback.join("; "))]
     AllTiersDown {

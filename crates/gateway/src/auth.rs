@@ -1,0 +1,305 @@
+//! Who may call the gateway: API keys (stored hashed, compared in constant time) for anyone who is not a
+//! loopback caller, and per-caller rate limits (governor) for text and media requests.
+//!
+//! A request proxied by `tailscale serve` arrives from 127.0.0.1 but carries Tailscale's identity headers (or
+//! `X-Forwarded-For`); it is treated as remote, so exposing the gateway on the tailnet never bypasses keys.
+
+use std::net::{IpAddr, SocketAddr};
+use std::num::NonZeroU32;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::AppState;
+
+/// One stored key: never the key itself, only its SHA-256 (keys are 256 random bits, so a plain hash is as
+/// strong as a slow KDF would be, and verification stays cheap per request).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StoredKey {
+    /// Short public id (shown in lists and logs).
+    pub id: String,
+    /// Owner's label.
+    pub name: String,
+    /// Hex SHA-256 of the key.
+    pub sha256: String,
+    /// Creation time (seconds since the epoch).
+    pub created: u64,
+}
+
+/// The key file (JSON, 0600).
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct KeyStore {
+    /// Keys.
+    pub keys: Vec<StoredKey>,
+    #[serde(skip)]
+    path: Option<PathBuf>,
+}
+
+fn sha256_hex(s: &str) -> String {
+    let d = Sha256::digest(s.as_bytes());
+    d.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+impl KeyStore {
+    /// The default location: `$JEMMA_KEYS_FILE`, else `<config dir>/jemma/keys.json`.
+    pub fn default_path() -> PathBuf {
+        if let Some(p) = std::env::var_os("JEMMA_KEYS_FILE") {
+            return PathBuf::from(p);
+        }
+        let base = std::env::var_os("XDG_CONFIG_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))
+            .unwrap_or_else(|| PathBuf::from("."));
+        base.join("jemma").join("keys.json")
+    }
+
+    /// Loads a key file (a missing file is an empty store).
+    pub fn load(path: &Path) -> std::io::Result<Self> {
+        let mut s: KeyStore = match std::fs::read_to_string(path) {
+            Ok(t) => serde_json::from_str(&t).map_err(std::io::Error::other)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyStore::default(),
+            Err(e) => return Err(e),
+        };
+        s.path = Some(path.to_path_buf());
+        Ok(s)
+    }
+
+    fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let tmp = path.with_extension("json.tmp");
+        std::fs::write(
+            &tmp,
+            serde_json::to_string_pretty(self).map_err(std::io::Error::other)?,
+        )?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        }
+        std::fs::rename(tmp, path)
+    }
+
+    /// Creates a key; returns (id, the plain key — shown once, never stored).
+    pub fn create(&mut self, name: &str) -> std::io::Result<(String, String)> {
+        let mut raw = [0u8; 32];
+        getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
+        let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let key = format!("jm-{secret}");
+        let id = key[3..11].to_string();
+        let created = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        self.keys.push(StoredKey {
+            id: id.clone(),
+            name: name.to_string(),
+            sha256: sha256_hex(&key),
+            created,
+        });
+        self.save()?;
+        Ok((id, key))
+    }
+
+    /// Removes a key by id or name; returns whether one was removed.
+    pub fn revoke(&mut self, id_or_name: &str) -> std::io::Result<bool> {
+        let before = self.keys.len();
+        self.keys
+            .retain(|k| k.id != id_or_name && k.name != id_or_name);
+        let removed = self.keys.len() != before;
+        if removed {
+            self.save()?;
+        }
+        Ok(removed)
+    }
+
+    /// The id of the key `presented` matches, comparing every stored hash in constant time.
+    pub fn verify(&self, presented: &str) -> Option<String> {
+        let h = sha256_hex(presented);
+        let mut found = None;
+        for k in &self.keys {
+            // No early exit: timing does not reveal which (or whether a) key matched.
+            if bool::from(k.sha256.as_bytes().ct_eq(h.as_bytes())) {
+                found = Some(k.id.clone());
+            }
+        }
+        found
+    }
+}
+
+/// `[auth]` and `[rate_limits]` as the HTTP layer uses them.
+#[derive(Debug, Clone)]
+pub struct AccessPolicy {
+    /// Loopback callers need no key.
+    pub exempt_loopback: bool,
+    /// Valid keys.
+    pub keys: Arc<Mutex<KeyStore>>,
+    /// Text requests per minute per caller (0 = unlimited).
+    pub text_per_minute: u32,
+    /// Media requests (with images) per minute per caller (0 = unlimited).
+    pub media_per_minute: u32,
+    /// Apply rate limits to loopback callers too.
+    pub limit_loopback: bool,
+}
+
+impl AccessPolicy {
+    /// From `[auth]` and `[rate_limits]`, loading the key file.
+    pub fn from_config(cfg: &jemma_router::config::Config) -> std::io::Result<Self> {
+        let path = cfg
+            .auth
+            .keys_file
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(KeyStore::default_path);
+        Ok(Self {
+            exempt_loopback: cfg.auth.exempt_loopback,
+            keys: Arc::new(Mutex::new(KeyStore::load(&path)?)),
+            text_per_minute: cfg.rate_limits.text_per_minute,
+            media_per_minute: cfg.rate_limits.media_per_minute,
+            limit_loopback: cfg.rate_limits.limit_loopback,
+        })
+    }
+
+    /// Whether any key exists.
+    pub fn has_keys(&self) -> bool {
+        self.keys
+            .lock()
+            .map(|k| !k.keys.is_empty())
+            .unwrap_or(false)
+    }
+}
+
+impl Default for AccessPolicy {
+    fn default() -> Self {
+        Self {
+            exempt_loopback: true,
+            keys: Arc::new(Mutex::new(KeyStore::default())),
+            text_per_minute: 30,
+            media_per_minute: 10,
+            limit_loopback: false,
+        }
+    }
+}
+
+/// Who is calling, as decided by [`guard`]; handlers read it from the request extensions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Caller {
+    /// A local process (exempt when configured).
+    Loopback,
+    /// A remote caller with a valid key.
+    Key(String),
+    /// A remote caller allowed without a key (loopback exemption off and no keys required is not possible:
+    /// this is only used for remote IPs when keys are not enforced, which the server refuses to start with).
+    Ip(IpAddr),
+}
+
+/// Per-caller limiters.
+pub struct Limiters {
+    text: Option<DefaultKeyedRateLimiter<Caller>>,
+    media: Option<DefaultKeyedRateLimiter<Caller>>,
+    limit_loopback: bool,
+}
+
+impl Limiters {
+    /// Limiters for a policy.
+    pub fn new(p: &AccessPolicy) -> Self {
+        let mk = |n: u32| NonZeroU32::new(n).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        Self {
+            text: mk(p.text_per_minute),
+            media: mk(p.media_per_minute),
+            limit_loopback: p.limit_loopback,
+        }
+    }
+
+    /// Takes one request from the caller's budget; Err(wait) when over.
+    pub fn check(&self, caller: &Caller, media: bool) -> Result<(), Duration> {
+        if *caller == Caller::Loopback && !self.limit_loopback {
+            return Ok(());
+        }
+        let l = if media { &self.media } else { &self.text };
+        match l {
+            Some(l) => l.check_key(caller).map_err(|nu| {
+                nu.wait_time_from(governor::clock::Clock::now(
+                    &governor::clock::DefaultClock::default(),
+                ))
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
+fn is_proxied(h: &HeaderMap) -> bool {
+    [
+        "tailscale-user-login",
+        "tailscale-user-name",
+        "x-forwarded-for",
+        "forwarded",
+    ]
+    .iter()
+    .any(|k| h.contains_key(*k))
+}
+
+fn unauthorized(msg: &str) -> Response {
+    let body = json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+    let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
+    r.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    r
+}
+
+/// Middleware: decides the [`Caller`]; remote callers need a valid `Authorization: Bearer` key. `/health`
+/// stays open (probes), everything else is guarded.
+pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    // No peer address means an in-process call (tests, the app's own router): treat as loopback.
+    let loopback = peer.is_none_or(|ip| ip.is_loopback()) && !is_proxied(req.headers());
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+        .map(String::from);
+    let caller = if loopback && st.access.exempt_loopback {
+        Caller::Loopback
+    } else if req.uri().path() == "/health" {
+        Caller::Ip(peer.unwrap_or(IpAddr::from([127, 0, 0, 1])))
+    } else {
+        let Some(key) = bearer else {
+            return unauthorized(
+                "an API key is required (Authorization: Bearer …); create one with `jemma keys create`",
+            );
+        };
+        let id = st.access.keys.lock().ok().and_then(|k| k.verify(&key));
+        match id {
+            Some(id) => Caller::Key(id),
+            None => {
+                tracing::warn!(peer = ?peer, "rejected request with an invalid API key");
+                return unauthorized("invalid API key");
+            }
+        }
+    };
+    req.extensions_mut().insert(caller);
+    next.run(req).await
+}
