@@ -2,6 +2,7 @@
 //! a second `jemma serve` as the OpenAI-compatible upstream of the heavy tier, fault-injecting upstreams,
 //! and the unmodified OpenAI Python SDK as the client.
 
+mod chaos;
 mod cli;
 mod faults;
 mod openai_sdk;

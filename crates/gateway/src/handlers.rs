@@ -229,10 +229,13 @@ pub async fn model(State(state): State<AppState>, Path(id): Path<String>) -> Res
 /// `GET /health`: per-tier state, breaker, model, last error, tok/s.
 pub async fn health(State(state): State<AppState>) -> Response {
     let tiers = state.router.status();
-    let ready = tiers
-        .iter()
-        .filter(|t| t.enabled && t.backend.state == "ready" && t.breaker.state == "closed")
-        .count();
+    // A remote tier not contacted yet is "unknown": it can serve until it fails (its breaker says so).
+    let serving = |t: &&jemma_router::route::TierStatus| {
+        t.enabled
+            && t.breaker.state == "closed"
+            && (t.backend.state == "ready" || t.backend.state == "unknown")
+    };
+    let ready = tiers.iter().filter(serving).count();
     let status = if ready == tiers.len() && ready > 0 {
         "ok"
     } else if ready > 0 {
