@@ -270,3 +270,82 @@ idle_timeout_secs = 2
         assert_eq!(routing["tier"], "primary");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_logs_health_or_metrics() {
+    // The heavy upstream wants a bearer key; the gateway reads it from the environment. A caller also presents
+    // a (wrong) API key. Neither may appear in debug logs, /health or /metrics.
+    const HEAVY_KEY: &str = "sk-heavy-0123456789-secret";
+    const CALLER_KEY: &str = "jm-caller-key-that-must-not-leak";
+    let (up_url, up) = start_upstream().await;
+    up.mode.store(FAIL_500, Ordering::SeqCst);
+    let tiny = fixture("tiny");
+    let config = format!(
+        "[tiers.primary]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{up_url}\"\napi_key = \"env:JEMMA_TEST_HEAVY_KEY\"\n",
+        tiny.display()
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let log = tmp.path().join("gateway.log");
+    let (log2, cfg2) = (log.clone(), config.clone());
+    let gw = tokio::task::spawn_blocking(move || {
+        Server::start_with(
+            &[],
+            Some(&cfg2),
+            &[("JEMMA_TEST_HEAVY_KEY", HEAVY_KEY), ("JEMMA_LOG", "debug")],
+            Some(&log2),
+        )
+    })
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    for _ in 0..3 {
+        let r = client
+            .post(format!("{}/v1/chat/completions", gw.url))
+            .bearer_auth(CALLER_KEY)
+            .header("x-forwarded-for", "100.64.0.5")
+            .json(&json!({"model": "heavy", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status(),
+            401,
+            "a proxied caller with a wrong key is refused"
+        );
+        let (_, routing) = ask(&client, &gw.url, false).await;
+        assert_eq!(routing["tier"], "primary");
+    }
+    let health = client
+        .get(format!("{}/health", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metrics = client
+        .get(format!("{}/metrics", gw.url))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    drop(gw);
+    let logs = std::fs::read_to_string(&log).unwrap();
+    assert!(logs.len() > 200, "debug logs were captured");
+    for (what, text) in [
+        ("logs", &logs),
+        ("/health", &health),
+        ("/metrics", &metrics),
+    ] {
+        assert!(
+            !text.contains(HEAVY_KEY),
+            "the upstream key leaked into {what}"
+        );
+        assert!(
+            !text.contains(CALLER_KEY),
+            "the caller's key leaked into {what}"
+        );
+    }
+}

@@ -48,6 +48,16 @@ impl Drop for Server {
 impl Server {
     /// Starts `jemma serve --port 0 <args>` and waits for its "listening on" line and a ready /health.
     pub fn start(args: &[&str], config: Option<&str>) -> Server {
+        Self::start_with(args, config, &[], None)
+    }
+
+    /// [`Server::start`] with extra environment variables and, optionally, stderr captured to a file.
+    pub fn start_with(
+        args: &[&str],
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        stderr_to: Option<&std::path::Path>,
+    ) -> Server {
         let cfg = config.map(|c| {
             use std::io::Write;
             let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -59,10 +69,17 @@ impl Server {
         if let Some(f) = &cfg {
             cmd.arg("--config").arg(f.path());
         }
+        cmd.env("JEMMA_LOG", "warn");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let stderr = match stderr_to {
+            Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
+            None => Stdio::inherit(),
+        };
         let mut child = cmd
-            .env("JEMMA_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn jemma serve");
         let stdout = child.stdout.take().unwrap();
@@ -87,8 +104,22 @@ impl Server {
     pub fn wait_ready(&self, limit: Duration) {
         let t0 = Instant::now();
         loop {
-            if let Ok((200, _)) = ureq_get(&format!("{}/health", self.url)) {
-                return;
+            // Ready = serving and no local model still loading (a remote tier alone can make /health 200).
+            if let Ok((200, body)) = ureq_get(&format!("{}/health", self.url)) {
+                let loading = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v["tiers"].as_object().cloned())
+                    .map(|t| {
+                        t.values().any(|t| {
+                            t["backend"]["state"]
+                                .as_str()
+                                .is_some_and(|s| s.starts_with("loading"))
+                        })
+                    })
+                    .unwrap_or(true);
+                if !loading {
+                    return;
+                }
             }
             assert!(t0.elapsed() < limit, "{} did not become ready", self.url);
             std::thread::sleep(Duration::from_millis(100));

@@ -137,7 +137,12 @@ pub fn router(state: AppState) -> Router {
             auth::guard,
         ))
         .layer(cors)
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        // A clean 429/503 is an answer, not a server fault: keep it out of error-level logs.
+        .layer(
+            tower_http::trace::TraceLayer::new_for_http().on_failure(
+                tower_http::trace::DefaultOnFailure::new().level(tracing::Level::DEBUG),
+            ),
+        )
         .with_state(state)
 }
 
