@@ -14,8 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod runtime;
 pub mod sample;
-pub mod template;
 pub mod tokenizer;
-pub mod tools;
 
 pub use error::{EngineError, Result};
+pub use jemma_chat::{template, tools};

@@ -1,0 +1,7 @@
+//! Gemma 4's chat formats, shared by every engine (MLX in-process, llama.cpp) and free of any tensor
+//! library: rendering the model's own chat template, and parsing its output into content, reasoning and tool
+//! calls. Kept separate so the fuzz targets and the llama.cpp engine use them without linking MLX.
+#![deny(missing_docs)]
+
+pub mod template;
+pub mod tools;
