@@ -9,7 +9,10 @@ pub mod backend;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+#[cfg(feature = "local")]
+pub mod local;
 pub mod route;
+#[cfg(feature = "local")]
 pub mod setup;
 
 /// Everything routing can refuse or fail with.

@@ -9,8 +9,9 @@ use std::time::Duration;
 use jemma_engine::runtime::{Engine, EngineConfig};
 
 use crate::RouterError;
-use crate::backend::{Backend, LocalBackend, OpenAiBackend, OpenAiConfig};
+use crate::backend::{Backend, OpenAiBackend, OpenAiConfig};
 use crate::config::{Config, TierConfig, TierKind, resolve_secret};
+use crate::local::LocalBackend;
 use crate::route::{TierRouter, TierSettings};
 
 /// Router settings of one configured tier.

@@ -1,0 +1,185 @@
+//! The in-process MLX engine as a tier (feature `local`, on by default; off for builds that must not link
+//! MLX, such as the fuzz targets).
+
+use async_trait::async_trait;
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::api::{ChatRequest, Usage};
+use crate::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream, with_continuation};
+
+/// The in-process MLX engine as a tier.
+pub struct LocalBackend {
+    engine: jemma_engine::runtime::Engine,
+    default_max_tokens: u32,
+    kv_quant: Option<jemma_engine::models::gemma4::KvQuant>,
+}
+
+impl LocalBackend {
+    /// Wraps a started engine.
+    pub fn new(engine: jemma_engine::runtime::Engine, default_max_tokens: u32) -> Self {
+        Self {
+            engine,
+            default_max_tokens,
+            kv_quant: None,
+        }
+    }
+
+    /// Quantizes the full-attention KV caches of every request (`kv_bits`).
+    pub fn with_kv_quant(mut self, q: Option<jemma_engine::models::gemma4::KvQuant>) -> Self {
+        self.kv_quant = q;
+        self
+    }
+}
+
+fn logprob_entry(tok: &jemma_engine::runtime::TokenInfo) -> Option<Value> {
+    let lp = tok.logprobs.as_ref()?;
+    Some(json!({
+        "token": tok.text,
+        "logprob": lp.logprob,
+        "bytes": tok.text.as_bytes(),
+        "top_logprobs": lp.top.iter().map(|(id, p)| json!({"token": format!("<{id}>"), "logprob": p})).collect::<Vec<_>>(),
+    }))
+}
+
+#[async_trait]
+impl Backend for LocalBackend {
+    fn model(&self) -> String {
+        self.engine.status().model
+    }
+
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
+        use jemma_engine::generate::GenerateOptions;
+        use jemma_engine::runtime::{Event, Prompt, Request, SubmitError};
+        use jemma_engine::sample::SamplingParams;
+        let sampling = SamplingParams {
+            temperature: req.temperature.unwrap_or(0.0),
+            top_p: req.top_p.unwrap_or(1.0),
+            top_k: req.top_k.unwrap_or(0),
+            min_p: req.min_p.unwrap_or(0.0),
+            repetition_penalty: req.repetition_penalty,
+            presence_penalty: req.presence_penalty.unwrap_or(0.0),
+            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+            logit_bias: req.logit_bias.clone(),
+            seed: req.seed,
+            ..Default::default()
+        };
+        let prompt = match &req.raw_prompt {
+            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Prompt::Chat {
+                messages: with_continuation(&req.messages, continuation),
+                tools: req.tools.clone(),
+                enable_thinking: req.enable_thinking,
+            },
+        };
+        let request = Request {
+            prompt,
+            options: GenerateOptions {
+                sampling,
+                max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
+                logprobs: req.logprobs,
+                top_logprobs: req.top_logprobs as usize,
+                kv_quant: self.kv_quant,
+                ..Default::default()
+            },
+            stop: req.stop.clone(),
+            parse_output: req.raw_prompt.is_none() && !req.json_mode,
+            json_mode: req.json_mode,
+        };
+        let mut events = self.engine.submit(request).map_err(|e| match e {
+            SubmitError::QueueFull => BackendError::Busy(e.to_string()),
+            SubmitError::Unavailable(m) => BackendError::Unavailable(m),
+        })?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut prompt_tokens = 0u64;
+            while let Some(ev) = events.recv().await {
+                let out = match ev {
+                    Event::Started { prompt_tokens: p } => {
+                        prompt_tokens = p as u64;
+                        Ok(Chunk::Started { prompt_tokens })
+                    }
+                    Event::Content(c) => Ok(Chunk::Content(c)),
+                    Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+                    Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+                        name: tc.name,
+                        arguments: tc.arguments.to_string(),
+                    }),
+                    Event::Tokens(toks) => Ok(Chunk::Logprobs(
+                        toks.iter().filter_map(logprob_entry).collect(),
+                    )),
+                    Event::Done(s) => {
+                        let finish = if s.tool_calls {
+                            "tool_calls"
+                        } else {
+                            match s.stats.finish_reason {
+                                jemma_engine::generate::FinishReason::Length => "length",
+                                _ => "stop",
+                            }
+                        };
+                        let completion = s.stats.completion_tokens as u64;
+                        Ok(Chunk::Done {
+                            finish_reason: finish.into(),
+                            usage: Usage {
+                                prompt_tokens,
+                                completion_tokens: completion,
+                                total_tokens: prompt_tokens + completion,
+                            },
+                            decode_tps: Some(s.decode_tps),
+                        })
+                    }
+                    Event::Error(e) => Err(classify_engine_error(&e)),
+                };
+                if tx.send(out).await.is_err() {
+                    // The consumer is gone: dropping `events` cancels the generation.
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> BackendHealth {
+        use jemma_engine::runtime::EngineState;
+        let s = self.engine.status();
+        let (state, err) = match &s.state {
+            EngineState::Loading { progress } => {
+                (format!("loading {:.0}%", progress * 100.0), None)
+            }
+            EngineState::Ready => ("ready".to_string(), None),
+            EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
+        };
+        BackendHealth {
+            state,
+            model: s.model.clone(),
+            model_loaded: matches!(s.state, EngineState::Ready),
+            tokens_per_second: s.last_decode_tps,
+            last_error: err,
+            context_length: (s.context_length > 0).then_some(s.context_length),
+            details: json!({
+                "engine": "mlx",
+                "device": s.device,
+                "requests": s.requests,
+                "generated_tokens": s.generated_tokens,
+                "queued": s.queued,
+                "mlx_active_bytes": s.memory.active_bytes,
+                "mlx_peak_bytes": s.memory.peak_bytes,
+                "process_rss_bytes": s.process_rss_bytes,
+                "dtype": s.load.as_ref().map(|l| l.dtype.clone()),
+            }),
+        }
+    }
+}
+
+fn classify_engine_error(msg: &str) -> BackendError {
+    // The engine reports request problems as "invalid request: …"; anything else is the tier's failure.
+    if let Some(m) = msg.strip_prefix("invalid request: ") {
+        BackendError::BadRequest(m.to_string())
+    } else {
+        BackendError::Broken(msg.to_string())
+    }
+}
