@@ -154,6 +154,12 @@ pub struct AccessPolicy {
     pub media_per_minute: u32,
     /// Apply rate limits to loopback callers too.
     pub limit_loopback: bool,
+    /// Text requests per caller per UTC day (0 = unlimited).
+    pub daily_text: u32,
+    /// Media requests per caller per UTC day (0 = unlimited).
+    pub daily_media: u32,
+    /// Where daily counts persist, so a restart does not reset them.
+    pub quota_file: Option<PathBuf>,
 }
 
 impl AccessPolicy {
@@ -171,6 +177,15 @@ impl AccessPolicy {
             text_per_minute: cfg.rate_limits.text_per_minute,
             media_per_minute: cfg.rate_limits.media_per_minute,
             limit_loopback: cfg.rate_limits.limit_loopback,
+            daily_text: cfg.rate_limits.daily_text,
+            daily_media: cfg.rate_limits.daily_media,
+            quota_file: Some(
+                cfg.rate_limits
+                    .quota_file
+                    .as_ref()
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| KeyStore::default_path().with_file_name("quotas.json")),
+            ),
         })
     }
 
@@ -191,6 +206,9 @@ impl Default for AccessPolicy {
             text_per_minute: 30,
             media_per_minute: 10,
             limit_loopback: false,
+            daily_text: 0,
+            daily_media: 0,
+            quota_file: None,
         }
     }
 }
@@ -212,6 +230,84 @@ pub struct Limiters {
     text: Option<DefaultKeyedRateLimiter<Caller>>,
     media: Option<DefaultKeyedRateLimiter<Caller>>,
     limit_loopback: bool,
+    daily: DailyQuota,
+}
+
+/// Daily request counts per caller, persisted as JSON (atomic rewrite on each counted request: remote callers
+/// are rate-limited to a few per minute, so this is cheap).
+struct DailyQuota {
+    text: u32,
+    media: u32,
+    path: Option<PathBuf>,
+    state: Mutex<QuotaFile>,
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct QuotaFile {
+    /// Days since the Unix epoch (UTC) the counts belong to.
+    day: u64,
+    /// Caller → (text, media) requests today.
+    used: std::collections::BTreeMap<String, (u32, u32)>,
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+impl DailyQuota {
+    fn new(p: &AccessPolicy) -> Self {
+        let state = p
+            .quota_file
+            .as_ref()
+            .and_then(|f| std::fs::read_to_string(f).ok())
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default();
+        Self {
+            text: p.daily_text,
+            media: p.daily_media,
+            path: p.quota_file.clone(),
+            state: Mutex::new(state),
+        }
+    }
+
+    fn charge(&self, caller: &Caller, media: bool) -> Result<(), Duration> {
+        let limit = if media { self.media } else { self.text };
+        if limit == 0 {
+            return Ok(());
+        }
+        let who = match caller {
+            Caller::Loopback => return Ok(()),
+            Caller::Key(id) => format!("key:{id}"),
+            Caller::Ip(ip) => format!("ip:{ip}"),
+        };
+        let now = now_secs();
+        let today = now / 86_400;
+        let mut st = self.state.lock().map_err(|_| Duration::from_secs(60))?;
+        if st.day != today {
+            st.day = today;
+            st.used.clear();
+        }
+        let e = st.used.entry(who).or_default();
+        let used = if media { &mut e.1 } else { &mut e.0 };
+        if *used >= limit {
+            return Err(Duration::from_secs((today + 1) * 86_400 - now));
+        }
+        *used += 1;
+        if let Some(path) = &self.path {
+            let tmp = path.with_extension("json.tmp");
+            let ok = serde_json::to_string(&*st)
+                .ok()
+                .and_then(|j| std::fs::write(&tmp, j).ok())
+                .and_then(|_| std::fs::rename(&tmp, path).ok());
+            if ok.is_none() {
+                tracing::warn!(path = %path.display(), "cannot persist daily quotas");
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Limiters {
@@ -222,6 +318,7 @@ impl Limiters {
             text: mk(p.text_per_minute),
             media: mk(p.media_per_minute),
             limit_loopback: p.limit_loopback,
+            daily: DailyQuota::new(p),
         }
     }
 
@@ -231,14 +328,14 @@ impl Limiters {
             return Ok(());
         }
         let l = if media { &self.media } else { &self.text };
-        match l {
-            Some(l) => l.check_key(caller).map_err(|nu| {
+        if let Some(l) = l {
+            l.check_key(caller).map_err(|nu| {
                 nu.wait_time_from(governor::clock::Clock::now(
                     &governor::clock::DefaultClock::default(),
                 ))
-            }),
-            None => Ok(()),
+            })?;
         }
+        self.daily.charge(caller, media)
     }
 }
 

@@ -82,6 +82,7 @@ fn app(hang: bool, queue: usize) -> axum::Router {
         idle_timeout: Duration::from_secs(30),
         breaker: BreakerConfig::default(),
         aliases: vec![],
+        max_tokens: None,
     };
     let r = Arc::new(TierRouter::new(
         ClassifierConfig::default(),
@@ -384,6 +385,7 @@ fn app_with_access(access: jemma_gateway::auth::AccessPolicy) -> axum::Router {
         idle_timeout: Duration::from_secs(30),
         breaker: BreakerConfig::default(),
         aliases: vec![],
+        max_tokens: None,
     };
     let r = Arc::new(TierRouter::new(
         ClassifierConfig::default(),
@@ -521,4 +523,43 @@ async fn remote_rate_limits_answer_429_with_retry_after() {
             StatusCode::OK
         );
     }
+}
+
+#[tokio::test]
+async fn daily_quotas_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = jemma_gateway::auth::KeyStore::load(&dir.path().join("keys.json")).unwrap();
+    let (_, key) = store.create("tablet").unwrap();
+    let quota_file = dir.path().join("quotas.json");
+    let policy = |store: jemma_gateway::auth::KeyStore| jemma_gateway::auth::AccessPolicy {
+        keys: Arc::new(std::sync::Mutex::new(store)),
+        daily_text: 2,
+        quota_file: Some(quota_file.clone()),
+        ..Default::default()
+    };
+    let bearer = format!("Bearer {key}");
+    let auth = [("authorization", bearer.as_str())];
+    let a = app_with_access(policy(store.clone()));
+    assert_eq!(
+        call_from(&a, "100.64.0.3:1", &auth, CHAT).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call_from(&a, "100.64.0.3:1", &auth, CHAT).await.0,
+        StatusCode::OK
+    );
+    let (st, h, _) = call_from(&a, "100.64.0.3:1", &auth, CHAT).await;
+    assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
+    assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() <= 86_400);
+    // A restarted gateway (new state, same file) still counts today's requests.
+    let b = app_with_access(policy(store));
+    assert_eq!(
+        call_from(&b, "100.64.0.3:1", &auth, CHAT).await.0,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert!(
+        std::fs::read_to_string(&quota_file)
+            .unwrap()
+            .contains("key:")
+    );
 }

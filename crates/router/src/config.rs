@@ -61,6 +61,12 @@ pub struct RateLimitConfig {
     pub media_per_minute: u32,
     /// Also limit loopback callers.
     pub limit_loopback: bool,
+    /// Text requests per caller per UTC day (0 = off; the seed used 100).
+    pub daily_text: u32,
+    /// Media requests per caller per UTC day (0 = off; the seed used 20).
+    pub daily_media: u32,
+    /// Where daily counts persist (default: next to the key file, `quotas.json`).
+    pub quota_file: Option<String>,
 }
 
 impl Default for RateLimitConfig {
@@ -69,6 +75,9 @@ impl Default for RateLimitConfig {
             text_per_minute: 30,
             media_per_minute: 10,
             limit_loopback: false,
+            daily_text: 0,
+            daily_media: 0,
+            quota_file: None,
         }
     }
 }
@@ -141,6 +150,8 @@ pub struct TierConfig {
     pub aliases: Vec<String>,
     /// Per-tier breaker settings (default: `[breaker]`).
     pub breaker: Option<BreakerConfig>,
+    /// Largest max_tokens this tier accepts (None: only `[limits] max_tokens_ceiling`).
+    pub max_tokens_ceiling: Option<u32>,
     /// Local: quantize the full-attention KV caches to this many bits (4 or 8; None = full precision).
     pub kv_bits: Option<i32>,
     /// Local: KV quantization group size.
@@ -164,6 +175,7 @@ impl Default for TierConfig {
             default_max_tokens: 1024,
             aliases: vec![],
             breaker: None,
+            max_tokens_ceiling: None,
             kv_bits: None,
             kv_group_size: 64,
             quantized_kv_start: 5000,

@@ -57,6 +57,9 @@ pub struct TierSettings {
     pub breaker: BreakerConfig,
     /// Model ids that select this tier.
     pub aliases: Vec<String>,
+    /// Largest `max_tokens` this tier accepts: an explicit request above it is a 400; on a fallback the
+    /// request is clamped to it.
+    pub max_tokens: Option<u32>,
 }
 
 struct TierSlot {
@@ -281,6 +284,21 @@ impl TierRouter {
         if explicit && !self.tiers.contains_key(&decision.tier) {
             return Err(RouterError::UnknownModel(req.requested_model.clone()));
         }
+        if explicit
+            && let (Some(c), Some(m)) = (
+                self.tiers[&decision.tier].settings.max_tokens,
+                req.max_tokens,
+            )
+            && m > c
+        {
+            return Err(RouterError::InvalidRequest {
+                message: format!(
+                    "max_tokens {m} exceeds the {} tier's limit of {c}",
+                    decision.tier
+                ),
+                param: Some("max_tokens".into()),
+            });
+        }
         let chain: Vec<Tier> = fallback_chain(decision.tier)
             .into_iter()
             .filter(|t| self.tiers.contains_key(t))
@@ -349,9 +367,20 @@ impl TierRouter {
             busy_only = false;
             let started = Instant::now();
             let cont = (!sent.is_empty()).then_some(sent.as_str());
+            let clamped;
+            let req_t = match slot.settings.max_tokens {
+                Some(c) if req.max_tokens.is_none_or(|m| m > c) => {
+                    clamped = ChatRequest {
+                        max_tokens: Some(c),
+                        ..req.clone()
+                    };
+                    &clamped
+                }
+                _ => &req,
+            };
             let stream = tokio::time::timeout(
                 slot.settings.first_token_timeout,
-                slot.backend.start(&req, cont),
+                slot.backend.start(req_t, cont),
             )
             .await;
             let mut rx = match stream {

@@ -24,6 +24,7 @@ pub fn settings(c: &TierConfig, cfg: &Config) -> TierSettings {
         idle_timeout: Duration::from_secs_f64(c.idle_timeout_secs),
         breaker: c.breaker.clone().unwrap_or_else(|| cfg.breaker.clone()),
         aliases: c.aliases.clone(),
+        max_tokens: c.max_tokens_ceiling,
     }
 }
 

@@ -135,6 +135,7 @@ fn settings(first_token_ms: u64) -> TierSettings {
             cooldown_secs: 0.3,
         },
         aliases: vec![],
+        max_tokens: None,
     }
 }
 
@@ -356,4 +357,65 @@ async fn unknown_model_and_unconfigured_explicit_tier_are_404s() {
     // the model id of a backend selects its tier
     let a = collect(r.chat(request("e2b", "x")).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "fast");
+}
+
+#[tokio::test]
+async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
+    struct Capture(Mutex<Vec<Option<u32>>>);
+    #[async_trait]
+    impl Backend for Capture {
+        fn model(&self) -> String {
+            "cap".into()
+        }
+        async fn start(
+            &self,
+            req: &ChatRequest,
+            _c: Option<&str>,
+        ) -> Result<ChunkStream, BackendError> {
+            self.0.lock().unwrap().push(req.max_tokens);
+            let (tx, rx) = mpsc::channel(4);
+            tokio::spawn(async move {
+                let _ = tx
+                    .send(Ok(Chunk::Done {
+                        finish_reason: "stop".into(),
+                        usage: Usage::default(),
+                        decode_tps: None,
+                    }))
+                    .await;
+            });
+            Ok(rx)
+        }
+        fn health(&self) -> BackendHealth {
+            BackendHealth::default()
+        }
+    }
+    let heavy = Scripted::new("26b", Script::Fail);
+    let fast = Arc::new(Capture(Mutex::new(vec![])));
+    let mut small = settings(1000);
+    small.max_tokens = Some(64);
+    let r = Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        vec![
+            (Tier::Heavy, heavy as Arc<dyn Backend>, settings(1000)),
+            (Tier::Fast, fast.clone() as Arc<dyn Backend>, small),
+        ],
+    ));
+    let mut req = request("fast", "x");
+    req.max_tokens = Some(500);
+    match r.chat(req) {
+        Err(RouterError::InvalidRequest { param, message }) => {
+            assert_eq!(param.as_deref(), Some("max_tokens"));
+            assert!(message.contains("64"), "{message}");
+        }
+        other => panic!("expected a 400, got {:?}", other.map(|_| ())),
+    }
+    let mut req = request("heavy", "x");
+    req.max_tokens = Some(500);
+    let a = collect(r.chat(req).unwrap()).await;
+    assert!(a.routing.is_some());
+    assert_eq!(
+        fast.0.lock().unwrap().as_slice(),
+        &[Some(64)],
+        "the fallback tier got the clamped value"
+    );
 }
