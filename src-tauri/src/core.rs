@@ -37,6 +37,8 @@ pub struct Models {
 pub struct Core {
     /// Tiers and routing.
     pub router: Arc<TierRouter>,
+    /// The gateway's API keys (shared with its auth layer: a key created here is valid at once).
+    pub keys: Arc<std::sync::Mutex<jemma_gateway::auth::KeyStore>>,
     /// Where the gateway listens.
     pub url: String,
     /// Its port.
@@ -134,6 +136,7 @@ impl Core {
         )
         .with_cors_origins(cfg.server.cors_origins.clone())
         .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?);
+        let keys = state.access.keys.clone();
         let listener =
             tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
         let addr = listener.local_addr()?;
@@ -151,6 +154,7 @@ impl Core {
         tracing::info!(%addr, tiers = ?cfg.tiers.keys().collect::<Vec<_>>(), "gateway listening");
         Ok(Arc::new(Self {
             router,
+            keys,
             url: format!("http://{addr}"),
             port: addr.port(),
             shutdown: tx,
@@ -158,6 +162,22 @@ impl Core {
             settings_path,
             settings: Mutex::new(settings),
         }))
+    }
+
+    /// Makes sure tailnet callers can authenticate: when no API key exists yet, creates one and keeps the plain
+    /// key in the OS keychain (`gateway_api_key`) so the user can copy it to their devices; returns whether a
+    /// key was created.
+    pub fn ensure_remote_key(&self) -> anyhow::Result<bool> {
+        let mut store = self
+            .keys
+            .lock()
+            .map_err(|_| anyhow::anyhow!("key store poisoned"))?;
+        if !store.keys.is_empty() {
+            return Ok(false);
+        }
+        let (_, key) = store.create("jemma-app")?;
+        jemma_platform::secrets::Secrets::new(KEYCHAIN_SERVICE).set("gateway_api_key", &key)?;
+        Ok(true)
     }
 
     /// Saves new settings (applied at the next start: models and URLs change which engines run).

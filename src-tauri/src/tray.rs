@@ -268,9 +268,19 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
             let item = h.tailscale.clone();
             let toggle = h.tailnet.clone();
             let port = core.port;
+            let core = core.clone();
             tauri::async_runtime::spawn_blocking(move || {
+                // Tailnet callers are remote callers: they need a key, so exposing provisions one.
+                let key_note = match want.then(|| core.ensure_remote_key()) {
+                    Some(Ok(true)) => " · API key in keychain (gateway_api_key)",
+                    Some(Err(e)) => {
+                        tracing::warn!(error = %e, "could not create an API key for tailnet callers");
+                        " · no API key: run jemma keys create"
+                    }
+                    _ => "",
+                };
                 let text = match crate::tailnet::set_exposed(want, port) {
-                    Ok(t) => t,
+                    Ok(t) => format!("{t}{key_note}"),
                     Err(e) => {
                         let _ = toggle.set_checked(!want);
                         format!("Tailscale: {e}")

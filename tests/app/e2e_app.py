@@ -124,6 +124,19 @@ try:
     wait_for("tailscale serve", lambda: calls.exists() and f"serve --bg --https=443 http://127.0.0.1:{port}" in calls.read_text())
     wait_for("serving line", lambda: any(l.startswith("Tailscale: serving https://mac-mini.tail1234.ts.net") for l in tray.labels()))
     check("expose on tailnet ran tailscale serve and shows the URL", True)
+    key = subprocess.run(["secret-tool", "lookup", "service", "ai.jemma", "username", "gateway_api_key"],
+                         capture_output=True, text=True).stdout.strip()
+    check("exposing provisioned an API key into the keychain", key.startswith("jm-"), key)
+    req = urllib.request.Request(f"{gw}/v1/models", headers={"X-Forwarded-For": "100.64.0.9"})
+    try:
+        urllib.request.urlopen(req, timeout=5)
+        check("tailnet-proxied calls need the key", False)
+    except urllib.error.HTTPError as e:
+        check("tailnet-proxied calls without the key get 401", e.code == 401, e.code)
+    req = urllib.request.Request(f"{gw}/v1/models", headers={"X-Forwarded-For": "100.64.0.9",
+                                                             "Authorization": f"Bearer {key}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        check("the provisioned key is accepted at once", r.status == 200)
     tray.click("Expose on tailnet")
     wait_for("tailscale serve off", lambda: "serve --https=443 off" in calls.read_text())
     check("turning it off runs tailscale serve off", True)
