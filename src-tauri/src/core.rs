@@ -92,6 +92,12 @@ pub fn effective_config(
             );
         }
     }
+    // The Settings window's keep-alive applies to every local tier (0 means "use the config's").
+    if settings.keep_alive != 0 {
+        for t in cfg.tiers.values_mut().filter(|t| t.kind == TierKind::Local) {
+            t.keep_alive_secs = settings.keep_alive;
+        }
+    }
     if !settings.heavy_url.is_empty() {
         let enabled = cfg
             .tiers

@@ -41,6 +41,8 @@ pub fn tier_line(s: &TierStatus) -> String {
         "breaker open".to_string()
     } else if s.backend.state == "failed" || s.backend.state == "error" {
         "error".to_string()
+    } else if s.backend.state == "unloaded" {
+        "idle-unloaded".to_string()
     } else {
         s.backend.state.clone()
     };

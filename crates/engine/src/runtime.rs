@@ -112,6 +112,8 @@ pub enum EngineState {
     },
     /// Serving.
     Ready,
+    /// Weights released after the idle keep-alive; the next request reloads them.
+    Unloaded,
     /// Loading failed.
     Failed {
         /// Why.
@@ -162,6 +164,8 @@ pub struct EngineConfig {
     pub queue_capacity: usize,
     /// Events buffered per request before the model thread waits for the consumer.
     pub event_buffer: usize,
+    /// Release the weights after this long without a request (None = keep them loaded).
+    pub keep_alive: Option<std::time::Duration>,
 }
 
 impl EngineConfig {
@@ -172,6 +176,7 @@ impl EngineConfig {
             dtype: None,
             queue_capacity: 16,
             event_buffer: 64,
+            keep_alive: None,
         }
     }
 }
@@ -256,7 +261,7 @@ impl Engine {
         request: Request,
     ) -> std::result::Result<mpsc::Receiver<Event>, SubmitError> {
         match &self.status().state {
-            EngineState::Ready => {}
+            EngineState::Ready | EngineState::Unloaded => {}
             EngineState::Loading { .. } => {
                 return Err(SubmitError::Unavailable("model is loading".into()));
             }
@@ -281,7 +286,7 @@ impl Engine {
     pub fn wait_ready(&self) -> Result<()> {
         loop {
             match self.status().state {
-                EngineState::Ready => return Ok(()),
+                EngineState::Ready | EngineState::Unloaded => return Ok(()),
                 EngineState::Failed { error } => return Err(EngineError::InvalidModel(error)),
                 EngineState::Loading { .. } => {
                     std::thread::sleep(std::time::Duration::from_millis(20))
@@ -426,30 +431,80 @@ fn engine_thread(
             f(&mut s);
         }
     };
-    let loaded = match ModelBundle::load(&config.model_dir, config.dtype.or(default_dtype(device)))
-    {
-        Ok(l) => {
-            let report = l.report.clone();
-            tracing::info!(model = %config.model_dir.display(), tensors = report.tensors, dtype = %report.dtype, "model loaded");
-            let ctx = l.context_length();
-            set(&|s| {
-                s.state = EngineState::Ready;
-                s.load = Some(report.clone());
-                s.context_length = ctx;
-                s.memory = mlx_memory();
-            });
-            l
-        }
-        Err(e) => {
-            tracing::error!(model = %config.model_dir.display(), error = %e, "model failed to load");
-            let msg = e.to_string();
-            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
-            return;
+    let load = |set: &dyn Fn(&dyn Fn(&mut EngineStatus))| -> Option<ModelBundle> {
+        let mut progress = |p: f32| set(&|s| s.state = EngineState::Loading { progress: p });
+        match ModelBundle::load_with_progress(
+            &config.model_dir,
+            config.dtype.or(default_dtype(device)),
+            &mut progress,
+        ) {
+            Ok(l) => {
+                let report = l.report.clone();
+                tracing::info!(model = %config.model_dir.display(), tensors = report.tensors, dtype = %report.dtype, "model loaded");
+                let ctx = l.context_length();
+                set(&|s| {
+                    s.state = EngineState::Ready;
+                    s.load = Some(report.clone());
+                    s.context_length = ctx;
+                    s.memory = mlx_memory();
+                });
+                Some(l)
+            }
+            Err(e) => {
+                tracing::error!(model = %config.model_dir.display(), error = %e, "model failed to load");
+                let msg = e.to_string();
+                set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+                None
+            }
         }
     };
-    while let Some(job) = jobs.blocking_recv() {
+    let Some(first) = load(&set) else { return };
+    let mut loaded = Some(first);
+    loop {
+        let job = match (&loaded, config.keep_alive) {
+            (Some(_), Some(keep)) => {
+                // Idle timer: poll the queue until a job arrives or the keep-alive runs out.
+                let idle_since = Instant::now();
+                loop {
+                    match jobs.try_recv() {
+                        Ok(j) => break Some(j),
+                        Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                        Err(mpsc::error::TryRecvError::Empty) if idle_since.elapsed() >= keep => {
+                            loaded = None;
+                            let _ = mlx_rs::memory::clear_cache();
+                            tracing::info!(model = %config.model_dir.display(), idle_s = keep.as_secs_f64(), "idle: model unloaded");
+                            set(&|s| {
+                                s.state = EngineState::Unloaded;
+                                s.memory = mlx_memory();
+                            });
+                            break jobs.blocking_recv();
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            std::thread::sleep(std::time::Duration::from_millis(20))
+                        }
+                    }
+                }
+            }
+            _ => jobs.blocking_recv(),
+        };
+        let Some(job) = job else { break };
+        if loaded.is_none() {
+            // Transparent reload on the first request after an idle unload.
+            match load(&set) {
+                Some(l) => loaded = Some(l),
+                None => {
+                    let _ = job
+                        .events
+                        .blocking_send(Event::Error("the model failed to reload".into()));
+                    continue;
+                }
+            }
+        }
+        let Some(bundle) = loaded.as_ref() else {
+            continue;
+        };
         let started = Instant::now();
-        let result = run_job(&loaded, &job);
+        let result = run_job(bundle, &job);
         match result {
             Ok(summary) => {
                 let st = &summary.stats;

@@ -233,7 +233,7 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let serving = |t: &&jemma_router::route::TierStatus| {
         t.enabled
             && t.breaker.state == "closed"
-            && (t.backend.state == "ready" || t.backend.state == "unknown")
+            && matches!(t.backend.state.as_str(), "ready" | "unknown" | "unloaded")
     };
     let ready = tiers.iter().filter(serving).count();
     let status = if ready == tiers.len() && ready > 0 {

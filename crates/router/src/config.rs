@@ -152,6 +152,9 @@ pub struct TierConfig {
     pub breaker: Option<BreakerConfig>,
     /// Largest max_tokens this tier accepts (None: only `[limits] max_tokens_ceiling`).
     pub max_tokens_ceiling: Option<u32>,
+    /// Local: release the model after this many idle seconds and reload it on the next request (Ollama's
+    /// keep-alive; -1 = never).
+    pub keep_alive_secs: i64,
     /// Local: quantize the full-attention KV caches to this many bits (4 or 8; None = full precision).
     pub kv_bits: Option<i32>,
     /// Local: KV quantization group size.
@@ -176,6 +179,7 @@ impl Default for TierConfig {
             aliases: vec![],
             breaker: None,
             max_tokens_ceiling: None,
+            keep_alive_secs: 300,
             kv_bits: None,
             kv_group_size: 64,
             quantized_kv_start: 5000,

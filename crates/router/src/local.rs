@@ -151,6 +151,8 @@ impl Backend for LocalBackend {
                 (format!("loading {:.0}%", progress * 100.0), None)
             }
             EngineState::Ready => ("ready".to_string(), None),
+            // Still serving: the next request reloads the weights (health counts it as available).
+            EngineState::Unloaded => ("unloaded".to_string(), None),
             EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
         };
         BackendHealth {

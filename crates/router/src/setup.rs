@@ -45,6 +45,8 @@ pub fn build_router(
                 } else {
                     let mut ec = EngineConfig::new(&dir);
                     ec.queue_capacity = c.max_queue.max(1);
+                    ec.keep_alive = (c.keep_alive_secs >= 0)
+                        .then(|| Duration::from_secs(c.keep_alive_secs as u64));
                     let engine = Engine::start(ec).map_err(|e| {
                         RouterError::Config(format!("tier {tier}: starting the engine: {e}"))
                     })?;
