@@ -419,6 +419,9 @@ impl ModelBundle {
     }
 }
 
+/// Applies an update to the shared status.
+type StatusSetter<'a> = dyn Fn(&dyn Fn(&mut EngineStatus)) + 'a;
+
 fn engine_thread(
     config: EngineConfig,
     device: DeviceKind,
@@ -431,7 +434,7 @@ fn engine_thread(
             f(&mut s);
         }
     };
-    let load = |set: &dyn Fn(&dyn Fn(&mut EngineStatus))| -> Option<ModelBundle> {
+    let load = |set: &StatusSetter<'_>| -> Option<ModelBundle> {
         let mut progress = |p: f32| set(&|s| s.state = EngineState::Loading { progress: p });
         match ModelBundle::load_with_progress(
             &config.model_dir,
