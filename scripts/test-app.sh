@@ -32,7 +32,8 @@ case "\$1" in
 esac
 SH
 chmod +x "$WORK/tailscale"
-export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=$JEMMA_ROOT/docs/screenshots
+# Screenshots go to a temp dir; JEMMA_SHOTS=docs/screenshots refreshes the ones the README shows.
+export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
 export TAILSCALE_CALLS=$WORK/tailscale.calls
 PY=$(venv_python)
