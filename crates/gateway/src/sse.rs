@@ -39,97 +39,62 @@ fn data(v: &Value) -> Event {
     Event::default().data(v.to_string())
 }
 
-/// Turns router output into an SSE response. `first` was already received by the handler.
-pub fn stream_response(
+/// What a stream's renderer makes of one router output.
+enum Step {
+    /// Send these events and go on.
+    Send(Vec<Event>),
+    /// Nothing to send for this output.
+    Skip,
+    /// Send these events, then `[DONE]`, and stop.
+    End(Vec<Event>),
+}
+
+/// The shared SSE loop: `prelude` first, then each router output through `render`; waiting becomes a
+/// keep-alive comment, errors (and an early end) an OpenAI error event; always closed by `[DONE]`. A client
+/// that goes away stops the loop, which drops `rx` and so cancels routing and the engine.
+fn pump<F>(
     keep_alive: Duration,
-    model: String,
-    include_usage: bool,
+    prelude: Vec<Event>,
     first: Output,
     mut rx: mpsc::Receiver<Output>,
-) -> Response {
+    mut render: F,
+) -> Response
+where
+    F: FnMut(Output) -> Step + Send + 'static,
+{
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
-        let mut ctx = Ctx {
-            id: completion_id(),
-            created: now_secs(),
-            model,
-            tool_index: 0,
-        };
-        if tx
-            .send(Ok(data(
-                &ctx.chunk(json!({"role": "assistant", "content": ""}), None),
-            )))
-            .await
-            .is_err()
-        {
-            return;
+        for ev in prelude {
+            if tx.send(Ok(ev)).await.is_err() {
+                return;
+            }
         }
         let mut next = Some(first);
         loop {
             let o = match next.take() {
                 Some(o) => o,
-                None => match rx.recv().await {
-                    Some(o) => o,
-                    None => {
-                        let err = ApiError(jemma_router::RouterError::AllTiersDown {
-                            fallback: vec!["stream ended early".into()],
-                        });
-                        let _ = tx.send(Ok(data(&err.body()))).await;
-                        let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                        return;
-                    }
+                None => rx.recv().await.unwrap_or_else(|| {
+                    Output::Error(jemma_router::RouterError::AllTiersDown {
+                        fallback: vec!["stream ended early".into()],
+                    })
+                }),
+            };
+            let (events, end) = match o {
+                Output::Waiting => (vec![Event::default().comment("waiting for a tier")], false),
+                Output::Error(e) => (vec![data(&ApiError(e).body())], true),
+                other => match render(other) {
+                    Step::Send(v) => (v, false),
+                    Step::Skip => continue,
+                    Step::End(v) => (v, true),
                 },
             };
-            let ev = match o {
-                Output::Waiting => Event::default().comment("waiting for a tier"),
-                Output::Chunk(Chunk::Content(c)) => data(&ctx.chunk(json!({"content": c}), None)),
-                Output::Chunk(Chunk::Reasoning(r)) => {
-                    data(&ctx.chunk(json!({"reasoning_content": r}), None))
-                }
-                Output::Chunk(Chunk::ToolCall { name, arguments }) => {
-                    let i = ctx.tool_index;
-                    ctx.tool_index += 1;
-                    data(&ctx.chunk(
-                        json!({"tool_calls": [{"index": i, "id": call_id(), "type": "function",
-                            "function": {"name": name, "arguments": arguments}}]}),
-                        None,
-                    ))
-                }
-                Output::Chunk(Chunk::Logprobs(l)) => {
-                    let mut c = ctx.chunk(json!({}), None);
-                    c["choices"][0]["logprobs"] = json!({"content": l});
-                    data(&c)
-                }
-                Output::Chunk(Chunk::Started { .. }) | Output::Chunk(Chunk::Done { .. }) => {
-                    continue;
-                }
-                Output::End {
-                    finish_reason,
-                    usage,
-                    routing,
-                } => {
-                    ctx.model = routing.model.clone();
-                    let mut c = ctx.chunk(json!({}), Some(&finish_reason));
-                    c["usage"] = json!(usage);
-                    c["_routing"] = json!(routing);
-                    let _ = tx.send(Ok(data(&c))).await;
-                    if include_usage {
-                        let mut u = ctx.chunk(json!({}), None);
-                        u["choices"] = json!([]);
-                        u["usage"] = json!(usage);
-                        let _ = tx.send(Ok(data(&u))).await;
-                    }
-                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
+            for ev in events {
+                if tx.send(Ok(ev)).await.is_err() {
                     return;
                 }
-                Output::Error(e) => {
-                    let _ = tx.send(Ok(data(&ApiError(e).body()))).await;
-                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                    return;
-                }
-            };
-            if tx.send(Ok(ev)).await.is_err() {
-                // Client disconnected: dropping `rx` cancels routing and the engine.
+            }
+            if end {
+                let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
                 return;
             }
         }
@@ -139,58 +104,91 @@ pub fn stream_response(
         .into_response()
 }
 
+/// Turns router output into a chat-completion SSE response. `first` was already received by the handler.
+pub fn stream_response(
+    keep_alive: Duration,
+    model: String,
+    include_usage: bool,
+    first: Output,
+    rx: mpsc::Receiver<Output>,
+) -> Response {
+    let mut ctx = Ctx {
+        id: completion_id(),
+        created: now_secs(),
+        model,
+        tool_index: 0,
+    };
+    let prelude = vec![data(
+        &ctx.chunk(json!({"role": "assistant", "content": ""}), None),
+    )];
+    pump(keep_alive, prelude, first, rx, move |o| match o {
+        Output::Chunk(Chunk::Content(c)) => {
+            Step::Send(vec![data(&ctx.chunk(json!({"content": c}), None))])
+        }
+        Output::Chunk(Chunk::Reasoning(r)) => Step::Send(vec![data(
+            &ctx.chunk(json!({"reasoning_content": r}), None),
+        )]),
+        Output::Chunk(Chunk::ToolCall { name, arguments }) => {
+            let i = ctx.tool_index;
+            ctx.tool_index += 1;
+            Step::Send(vec![data(&ctx.chunk(
+                json!({"tool_calls": [{"index": i, "id": call_id(), "type": "function",
+                    "function": {"name": name, "arguments": arguments}}]}),
+                None,
+            ))])
+        }
+        Output::Chunk(Chunk::Logprobs(l)) => {
+            let mut c = ctx.chunk(json!({}), None);
+            c["choices"][0]["logprobs"] = json!({"content": l});
+            Step::Send(vec![data(&c)])
+        }
+        Output::End {
+            finish_reason,
+            usage,
+            routing,
+        } => {
+            ctx.model = routing.model.clone();
+            let mut c = ctx.chunk(json!({}), Some(&finish_reason));
+            c["usage"] = json!(usage);
+            c["_routing"] = json!(routing);
+            let mut v = vec![data(&c)];
+            if include_usage {
+                let mut u = ctx.chunk(json!({}), None);
+                u["choices"] = json!([]);
+                u["usage"] = json!(usage);
+                v.push(data(&u));
+            }
+            Step::End(v)
+        }
+        _ => Step::Skip,
+    })
+}
+
 /// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason`, `usage` and
 /// `_routing`, then `[DONE]`.
 pub fn completion_stream(
     keep_alive: Duration,
     first: Output,
-    mut rx: mpsc::Receiver<Output>,
+    rx: mpsc::Receiver<Output>,
 ) -> Response {
-    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
-        let created = now_secs();
-        let chunk = |text: &str, finish: Option<&str>, model: &str| {
-            json!({"id": id, "object": "text_completion", "created": created, "model": model,
-                   "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
-        };
-        let mut next = Some(first);
-        loop {
-            let o = match next.take() {
-                Some(o) => o,
-                None => match rx.recv().await {
-                    Some(o) => o,
-                    None => return,
-                },
-            };
-            let ev = match o {
-                Output::Waiting => Event::default().comment("waiting for a tier"),
-                Output::Chunk(Chunk::Content(c)) => data(&chunk(&c, None, "")),
-                Output::Chunk(_) => continue,
-                Output::End {
-                    finish_reason,
-                    usage,
-                    routing,
-                } => {
-                    let mut c = chunk("", Some(&finish_reason), &routing.model);
-                    c["usage"] = json!(usage);
-                    c["_routing"] = json!(routing);
-                    let _ = tx.send(Ok(data(&c))).await;
-                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                    return;
-                }
-                Output::Error(e) => {
-                    let _ = tx.send(Ok(data(&ApiError(e).body()))).await;
-                    let _ = tx.send(Ok(Event::default().data("[DONE]"))).await;
-                    return;
-                }
-            };
-            if tx.send(Ok(ev)).await.is_err() {
-                return;
-            }
+    let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
+    let created = now_secs();
+    let chunk = move |text: &str, finish: Option<&str>, model: &str| {
+        json!({"id": id, "object": "text_completion", "created": created, "model": model,
+               "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
+    };
+    pump(keep_alive, vec![], first, rx, move |o| match o {
+        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&chunk(&c, None, ""))]),
+        Output::End {
+            finish_reason,
+            usage,
+            routing,
+        } => {
+            let mut c = chunk("", Some(&finish_reason), &routing.model);
+            c["usage"] = json!(usage);
+            c["_routing"] = json!(routing);
+            Step::End(vec![data(&c)])
         }
-    });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
-        .keep_alive(KeepAlive::new().interval(keep_alive).text("keep-alive"))
-        .into_response()
+        _ => Step::Skip,
+    })
 }

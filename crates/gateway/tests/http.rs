@@ -73,32 +73,30 @@ impl Backend for Echo {
     }
 }
 
-fn app(hang: bool, queue: usize) -> axum::Router {
-    let settings = TierSettings {
+fn settings(max_concurrency: usize, max_queue: usize) -> TierSettings {
+    TierSettings {
         enabled: true,
-        max_concurrency: 1,
-        max_queue: queue,
+        max_concurrency,
+        max_queue,
         first_token_timeout: Duration::from_secs(30),
         idle_timeout: Duration::from_secs(30),
         breaker: BreakerConfig::default(),
         aliases: vec![],
         max_tokens: None,
-    };
-    let r = Arc::new(TierRouter::new(
-        ClassifierConfig::default(),
-        vec![
+    }
+}
+
+fn app(hang: bool, queue: usize) -> axum::Router {
+    let tiers = [Tier::Fast, Tier::Primary]
+        .map(|t| {
             (
-                Tier::Fast,
+                t,
                 Arc::new(Echo { hang }) as Arc<dyn Backend>,
-                settings.clone(),
-            ),
-            (
-                Tier::Primary,
-                Arc::new(Echo { hang }) as Arc<dyn Backend>,
-                settings,
-            ),
-        ],
-    ));
+                settings(1, queue),
+            )
+        })
+        .to_vec();
+    let r = Arc::new(TierRouter::new(ClassifierConfig::default(), tiers));
     router(AppState::new(
         r,
         Limits::default(),
@@ -377,24 +375,12 @@ async fn cors_allows_only_the_apps_origin() {
 }
 
 fn app_with_access(access: jemma_gateway::auth::AccessPolicy) -> axum::Router {
-    let settings = TierSettings {
-        enabled: true,
-        max_concurrency: 4,
-        max_queue: 4,
-        first_token_timeout: Duration::from_secs(30),
-        idle_timeout: Duration::from_secs(30),
-        breaker: BreakerConfig::default(),
-        aliases: vec![],
-        max_tokens: None,
-    };
-    let r = Arc::new(TierRouter::new(
-        ClassifierConfig::default(),
-        vec![(
-            Tier::Fast,
-            Arc::new(Echo { hang: false }) as Arc<dyn Backend>,
-            settings,
-        )],
-    ));
+    let tiers = vec![(
+        Tier::Fast,
+        Arc::new(Echo { hang: false }) as Arc<dyn Backend>,
+        settings(4, 4),
+    )];
+    let r = Arc::new(TierRouter::new(ClassifierConfig::default(), tiers));
     router(
         AppState::new(r, Limits::default(), 64 * 1024, Duration::from_secs(1)).with_access(access),
     )
