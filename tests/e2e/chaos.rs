@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::support::Server;
+use crate::support::{Server, get_text, sse_answer};
 
 /// A small deterministic PRNG (xorshift64*): the fault sequence is reproducible from the seed.
 #[derive(Clone)]
@@ -38,12 +38,6 @@ struct Chaos {
     down: Arc<AtomicBool>,
 }
 
-fn chunk(content: &str) -> String {
-    let v = json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "chaos",
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]});
-    format!("data: {v}\n\n")
-}
-
 async fn chat(axum::extract::State(c): axum::extract::State<Chaos>) -> Response {
     let roll = c.rng.pct();
     if c.down.load(Ordering::Relaxed) || roll < 10 {
@@ -53,33 +47,11 @@ async fn chat(axum::extract::State(c): axum::extract::State<Chaos>) -> Response 
         tokio::time::sleep(Duration::from_secs(3600)).await;
     }
     let drop_mid = roll < 20;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(8);
-    tokio::spawn(async move {
-        for w in ["All ", "good ", "here."] {
-            if tx.send(Ok(chunk(w))).await.is_err() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            if drop_mid {
-                let _ = tx
-                    .send(Err(std::io::Error::other("upstream crashed")))
-                    .await;
-                return;
-            }
-        }
-        let fin = json!({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "chaos",
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}});
-        let _ = tx
-            .send(Ok(format!("data: {fin}\n\ndata: [DONE]\n\n")))
-            .await;
-    });
-    Response::builder()
-        .header("content-type", "text/event-stream")
-        .body(axum::body::Body::from_stream(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
-        ))
-        .unwrap()
+    sse_answer(
+        &["All ", "good ", "here."],
+        Duration::from_millis(2),
+        drop_mid.then_some(1),
+    )
 }
 
 /// Starts a chaotic upstream that also "restarts" (answers 500 for a while, as if down) every few seconds.
@@ -243,14 +215,7 @@ async fn chaos_every_request_ends_cleanly() {
         w.await.unwrap();
     }
     let wall = t0.elapsed();
-    let metrics = client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client, &format!("{}/metrics", gw.url)).await;
     let transitions: f64 = metrics
         .lines()
         .filter(|l| l.starts_with("jemma_breaker_transitions_total"))

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
-use crate::support::{Server, fixture};
+use crate::support::{Server, fixture, get_text, sse_answer};
 
 const OK: u8 = 0;
 const FAIL_500: u8 = 1;
@@ -20,12 +20,6 @@ const DROP_MID_STREAM: u8 = 3;
 struct Upstream {
     mode: Arc<AtomicU8>,
     hits: Arc<AtomicUsize>,
-}
-
-fn sse_chunk(content: &str) -> String {
-    let v = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "heavy-sim",
-        "choices": [{"index": 0, "delta": {"content": content}, "finish_reason": null}]});
-    format!("data: {v}\n\n")
 }
 
 async fn upstream_chat(axum::extract::State(u): axum::extract::State<Upstream>) -> Response {
@@ -40,31 +34,11 @@ async fn upstream_chat(axum::extract::State(u): axum::extract::State<Upstream>) 
             tokio::time::sleep(Duration::from_secs(3600)).await;
             unreachable!()
         }
-        mode => {
-            let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(8);
-            tokio::spawn(async move {
-                let _ = tx.send(Ok(sse_chunk("Partial "))).await;
-                let _ = tx.send(Ok(sse_chunk("answer "))).await;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                if mode == DROP_MID_STREAM {
-                    // An abrupt end: the body stream errors, the connection is torn down.
-                    let _ = tx.send(Err(std::io::Error::other("GPU preempted"))).await;
-                    return;
-                }
-                let fin = json!({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "heavy-sim",
-                    "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 4, "completion_tokens": 2, "total_tokens": 6}});
-                let _ = tx
-                    .send(Ok(format!("data: {fin}\n\ndata: [DONE]\n\n")))
-                    .await;
-            });
-            Response::builder()
-                .header("content-type", "text/event-stream")
-                .body(axum::body::Body::from_stream(
-                    tokio_stream::wrappers::ReceiverStream::new(rx),
-                ))
-                .unwrap()
-        }
+        mode => sse_answer(
+            &["Partial ", "answer "],
+            Duration::from_millis(25),
+            (mode == DROP_MID_STREAM).then_some(2),
+        ),
     }
 }
 
@@ -206,14 +180,7 @@ idle_timeout_secs = 2
         3,
         "an open breaker sends nothing upstream"
     );
-    let metrics = client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&client, &format!("{}/metrics", gw.url)).await;
     assert!(
         metrics.contains("jemma_breaker_transitions_total"),
         "transitions are counted"
@@ -315,22 +282,8 @@ async fn secrets_never_reach_logs_health_or_metrics() {
         let (_, routing) = ask(&client, &gw.url, false).await;
         assert_eq!(routing["tier"], "primary");
     }
-    let health = client
-        .get(format!("{}/health", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let metrics = client
-        .get(format!("{}/metrics", gw.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let health = get_text(&client, &format!("{}/health", gw.url)).await;
+    let metrics = get_text(&client, &format!("{}/metrics", gw.url)).await;
     drop(gw);
     let logs = std::fs::read_to_string(&log).unwrap();
     assert!(logs.len() > 200, "debug logs were captured");

@@ -154,3 +154,57 @@ pub fn ureq_get(url: &str) -> std::io::Result<(u16, String)> {
         .unwrap_or_default();
     Ok((status, body))
 }
+
+/// A simulated upstream's streamed answer in OpenAI SSE form: `pieces` as content deltas (`pause` after each),
+/// then a final chunk with usage and `[DONE]` — or, with `drop_after`, an abrupt error after that many pieces
+/// (the connection is torn down mid-stream).
+pub fn sse_answer(
+    pieces: &'static [&'static str],
+    pause: std::time::Duration,
+    drop_after: Option<usize>,
+) -> axum::response::Response {
+    use serde_json::json;
+    let chunk = |delta: serde_json::Value, finish: Option<&str>| {
+        json!({"id": "sim", "object": "chat.completion.chunk", "created": 0, "model": "sim",
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<String, std::io::Error>>(8);
+    tokio::spawn(async move {
+        for (i, p) in pieces.iter().enumerate() {
+            if tx
+                .send(Ok(format!(
+                    "data: {}\n\n",
+                    chunk(json!({"content": p}), None)
+                )))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            tokio::time::sleep(pause).await;
+            if drop_after == Some(i + 1) {
+                let _ = tx
+                    .send(Err(std::io::Error::other("upstream crashed")))
+                    .await;
+                return;
+            }
+        }
+        let mut fin = chunk(json!({}), Some("stop"));
+        let n = pieces.len();
+        fin["usage"] = json!({"prompt_tokens": 3, "completion_tokens": n, "total_tokens": 3 + n});
+        let _ = tx
+            .send(Ok(format!("data: {fin}\n\ndata: [DONE]\n\n")))
+            .await;
+    });
+    axum::response::Response::builder()
+        .header("content-type", "text/event-stream")
+        .body(axum::body::Body::from_stream(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        ))
+        .unwrap()
+}
+
+/// GET a URL's body as text (test helper; panics on transport errors).
+pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
