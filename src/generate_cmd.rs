@@ -192,6 +192,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "peak_rss_bytes": peak_rss_bytes(),
             "dtype": bundle.report.dtype,
             "device": info.device,
+            // What the engine host would have predicted for this request (compared in tests/e2e/cli.rs).
+            "footprint_estimate": jemma_engine::footprint::estimate(
+                &args.model,
+                dtype.map(jemma_engine::footprint::dtype_bytes),
+                Some(stats.prompt_tokens + stats.completion_tokens),
+                args.prefill_step,
+                Some(jemma_engine::generate::DEFAULT_ATTENTION_BUDGET),
+            )?,
         });
         println!("{out}");
     } else {

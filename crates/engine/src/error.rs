@@ -23,6 +23,9 @@ pub enum EngineError {
     /// The model's files are inconsistent (missing or unexpected tensors, bad shapes, bad JSON).
     #[error("invalid model: {0}")]
     InvalidModel(String),
+    /// The model does not fit the memory this process may use (nothing was loaded).
+    #[error("insufficient memory: {0}")]
+    InsufficientMemory(String),
     /// The caller's request cannot be served as given (empty prompt, context overflow, bad parameter).
     #[error("invalid request: {0}")]
     InvalidRequest(String),

@@ -21,6 +21,32 @@ use crate::{EngineError, Result};
 /// mlx-lm's default prefill chunk.
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
 
+/// Default cap on one prefill chunk's attention scores (see [`prefill_chunk`]).
+pub const DEFAULT_ATTENTION_BUDGET: u64 = 512 << 20;
+
+/// Length of the next prefill chunk: `step` tokens, fewer when the chunk's attention scores (`heads` ×
+/// chunk × keys × `elem` bytes, keys = `done` + chunk) would exceed `budget`. Without this a 2048-token chunk
+/// at the end of a 128k context materialises ~4 GB of scores on a 16 GB Mac; shorter chunks give the same
+/// result (prefill is exact under any chunking) with bounded memory. Never below 16 tokens.
+pub fn prefill_chunk(
+    done: usize,
+    remaining: usize,
+    step: usize,
+    heads: usize,
+    elem: u64,
+    budget: Option<u64>,
+) -> usize {
+    let mut n = step.max(1).min(remaining.max(1));
+    if let Some(b) = budget {
+        // Largest t with t * (done + t) <= x.
+        let x = (b / (heads.max(1) as u64 * elem.max(1))) as f64;
+        let d = done as f64;
+        let t = ((-d + (d * d + 4.0 * x).sqrt()) / 2.0).floor() as usize;
+        n = n.min(t.max(16));
+    }
+    n
+}
+
 /// Options of one generation.
 #[derive(Clone)]
 pub struct GenerateOptions {
@@ -36,6 +62,8 @@ pub struct GenerateOptions {
     pub logprobs: bool,
     /// Prefill chunk length.
     pub prefill_step: usize,
+    /// Cap on one prefill chunk's attention scores in bytes (None = always `prefill_step`).
+    pub attention_budget: Option<u64>,
     /// KV-cache quantization of the full-attention layers (None = full precision).
     pub kv_quant: Option<KvQuant>,
     /// JSON mode: constrain the output to one JSON object (token texts of the model's vocabulary).
@@ -51,6 +79,7 @@ impl std::fmt::Debug for GenerateOptions {
             .field("logprobs", &self.logprobs)
             .field("top_logprobs", &self.top_logprobs)
             .field("prefill_step", &self.prefill_step)
+            .field("attention_budget", &self.attention_budget)
             .field("kv_quant", &self.kv_quant)
             .field("json", &self.json.is_some())
             .finish()
@@ -66,6 +95,7 @@ impl Default for GenerateOptions {
             top_logprobs: 0,
             logprobs: false,
             prefill_step: DEFAULT_PREFILL_STEP,
+            attention_budget: Some(DEFAULT_ATTENTION_BUDGET),
             kv_quant: None,
             json: None,
         }
@@ -194,10 +224,18 @@ pub fn generate(
     let t0 = Instant::now();
     let mut cache: Cache = model.new_cache();
     let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let step_len = opts.prefill_step.max(1);
+    let heads = model.config().num_attention_heads;
+    let elem = crate::footprint::dtype_bytes(model.dtype());
     let mut done = 0usize;
     while ids.len() - done > 1 {
-        let n = step_len.min(ids.len() - done - 1);
+        let n = prefill_chunk(
+            done,
+            ids.len() - done - 1,
+            opts.prefill_step,
+            heads,
+            elem,
+            opts.attention_budget,
+        );
         let chunk = Array::from_slice(&ids[done..done + n], &[1, n as i32]);
         // Only the caches are needed from prefill chunks: the LM head never runs for them.
         model.forward_hidden(&chunk, &mut cache)?;

@@ -13,6 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
+use crate::memory::MemoryGovernor;
 use crate::generate::{FinishReason, GenerateOptions, GenerationStats, TokenLogprobs, generate};
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::template::{ChatTemplate, RenderRequest};
@@ -149,8 +150,12 @@ pub struct EngineStatus {
     pub process_rss_bytes: u64,
     /// Device.
     pub device: DeviceKind,
-    /// Context length the model supports.
+    /// Context length served (the configured one, else the model's).
     pub context_length: usize,
+    /// Estimated footprint of the model at that context (once estimated).
+    pub footprint: Option<crate::footprint::Footprint>,
+    /// The last load problem (e.g. a refusal for lack of memory); cleared by a successful load.
+    pub last_error: Option<String>,
 }
 
 /// Settings of an engine host.
@@ -166,6 +171,13 @@ pub struct EngineConfig {
     pub event_buffer: usize,
     /// Release the weights after this long without a request (None = keep them loaded).
     pub keep_alive: Option<std::time::Duration>,
+    /// Load at start (true) or at the first request (false).
+    pub preload: bool,
+    /// Serve at most this many tokens of context (None = the model's maximum); also what the memory
+    /// estimate is made for.
+    pub context_length: Option<usize>,
+    /// The process-wide memory budget this engine reserves its footprint from (None = no check).
+    pub memory: Option<Arc<MemoryGovernor>>,
 }
 
 impl EngineConfig {
@@ -177,6 +189,9 @@ impl EngineConfig {
             queue_capacity: 16,
             event_buffer: 64,
             keep_alive: None,
+            preload: true,
+            context_length: None,
+            memory: None,
         }
     }
 }
@@ -210,7 +225,11 @@ impl Engine {
     pub fn start(config: EngineConfig) -> Result<Self> {
         let device = select_device()?;
         let status = Arc::new(Mutex::new(EngineStatus {
-            state: EngineState::Loading { progress: 0.0 },
+            state: if config.preload {
+                EngineState::Loading { progress: 0.0 }
+            } else {
+                EngineState::Unloaded
+            },
             model: config
                 .model_dir
                 .file_name()
@@ -227,6 +246,8 @@ impl Engine {
             process_rss_bytes: 0,
             device,
             context_length: 0,
+            footprint: None,
+            last_error: None,
         }));
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let st = status.clone();
@@ -434,80 +455,153 @@ fn engine_thread(
             f(&mut s);
         }
     };
-    let load = |set: &StatusSetter<'_>| -> Option<ModelBundle> {
-        let mut progress = |p: f32| set(&|s| s.state = EngineState::Loading { progress: p });
-        match ModelBundle::load_with_progress(
+    let dtype = config.dtype.or(default_dtype(device));
+    let name = config.model_dir.display().to_string();
+    let memory = config.memory.as_ref().map(|g| g.register(&name));
+    let load = |set: &StatusSetter<'_>| -> Result<ModelBundle> {
+        // Estimate and reserve before reading a byte: refusing is better than swapping the machine to death.
+        let elem = match dtype {
+            Some(d) => Some(crate::footprint::dtype_bytes(d)),
+            None => None,
+        };
+        let fp = crate::footprint::estimate(
             &config.model_dir,
-            config.dtype.or(default_dtype(device)),
-            &mut progress,
-        ) {
+            elem,
+            config.context_length,
+            crate::generate::DEFAULT_PREFILL_STEP,
+            Some(crate::generate::DEFAULT_ATTENTION_BUDGET),
+        )?;
+        set(&|s| {
+            s.footprint = Some(fp);
+            s.context_length = fp.context_length;
+        });
+        if let Some(h) = &memory {
+            h.reserve(fp.total_bytes(), &format!("model {name}"))
+                .map_err(|e| EngineError::InsufficientMemory(e.0))?;
+        }
+        set(&|s| s.state = EngineState::Loading { progress: 0.0 });
+        let mut progress = |p: f32| set(&|s| s.state = EngineState::Loading { progress: p });
+        let loaded = ModelBundle::load_with_progress(&config.model_dir, dtype, &mut progress);
+        if loaded.is_err()
+            && let Some(h) = &memory
+        {
+            h.release();
+        }
+        loaded
+    };
+    let try_load = |set: &StatusSetter<'_>, first: bool| -> Option<ModelBundle> {
+        match load(set) {
             Ok(l) => {
                 let report = l.report.clone();
-                tracing::info!(model = %config.model_dir.display(), tensors = report.tensors, dtype = %report.dtype, "model loaded");
-                let ctx = l.context_length();
+                tracing::info!(model = %name, tensors = report.tensors, dtype = %report.dtype, "model loaded");
+                let ctx = config
+                    .context_length
+                    .map_or(l.context_length(), |c| c.min(l.context_length()));
                 set(&|s| {
                     s.state = EngineState::Ready;
                     s.load = Some(report.clone());
                     s.context_length = ctx;
                     s.memory = mlx_memory();
+                    s.last_error = None;
                 });
                 Some(l)
             }
             Err(e) => {
-                tracing::error!(model = %config.model_dir.display(), error = %e, "model failed to load");
+                tracing::error!(model = %name, error = %e, "model failed to load");
                 let msg = e.to_string();
-                set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+                // A refusal for memory is retried at the next request (memory may have been freed by
+                // then); a broken model directory stays failed.
+                let retry = matches!(e, EngineError::InsufficientMemory(_)) || !first;
+                set(&|s| {
+                    s.last_error = Some(msg.clone());
+                    s.state = if retry {
+                        EngineState::Unloaded
+                    } else {
+                        EngineState::Failed {
+                            error: msg.clone(),
+                        }
+                    };
+                });
                 None
             }
         }
     };
-    let Some(first) = load(&set) else { return };
-    let mut loaded = Some(first);
+    let unload = |loaded: &mut Option<ModelBundle>, why: &str| {
+        *loaded = None;
+        let _ = mlx_rs::memory::clear_cache();
+        if let Some(h) = &memory {
+            h.release();
+        }
+        tracing::info!(model = %name, why, "model unloaded");
+        set(&|s| {
+            s.state = EngineState::Unloaded;
+            s.memory = mlx_memory();
+        });
+    };
+    let mut loaded = None;
+    if config.preload {
+        loaded = try_load(&set, true);
+        if loaded.is_none()
+            && matches!(
+                status.lock().map(|s| s.state.clone()),
+                Ok(EngineState::Failed { .. })
+            )
+        {
+            return;
+        }
+    }
     loop {
-        let job = match (&loaded, config.keep_alive) {
-            (Some(_), Some(keep)) => {
-                // Idle timer: poll the queue until a job arrives or the keep-alive runs out.
-                let idle_since = Instant::now();
-                loop {
-                    match jobs.try_recv() {
-                        Ok(j) => break Some(j),
-                        Err(mpsc::error::TryRecvError::Disconnected) => break None,
-                        Err(mpsc::error::TryRecvError::Empty) if idle_since.elapsed() >= keep => {
-                            loaded = None;
-                            let _ = mlx_rs::memory::clear_cache();
-                            tracing::info!(model = %config.model_dir.display(), idle_s = keep.as_secs_f64(), "idle: model unloaded");
-                            set(&|s| {
-                                s.state = EngineState::Unloaded;
-                                s.memory = mlx_memory();
-                            });
+        let watch = config.keep_alive.is_some() || memory.is_some();
+        let job = if loaded.is_some() && watch {
+            // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
+            let idle_since = Instant::now();
+            if let Some(h) = &memory {
+                h.set_idle(true);
+            }
+            loop {
+                match jobs.try_recv() {
+                    Ok(j) => break Some(j),
+                    Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        let expired = config.keep_alive.is_some_and(|k| idle_since.elapsed() >= k);
+                        let pressed = memory.as_ref().is_some_and(|h| h.unload_requested());
+                        if expired || pressed {
+                            unload(
+                                &mut loaded,
+                                if pressed { "memory pressure" } else { "idle keep-alive" },
+                            );
                             break jobs.blocking_recv();
                         }
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            std::thread::sleep(std::time::Duration::from_millis(20))
-                        }
+                        std::thread::sleep(std::time::Duration::from_millis(25))
                     }
                 }
             }
-            _ => jobs.blocking_recv(),
+        } else {
+            jobs.blocking_recv()
         };
         let Some(job) = job else { break };
+        if let Some(h) = &memory {
+            h.set_idle(false);
+        }
         if loaded.is_none() {
-            // Transparent reload on the first request after an idle unload.
-            match load(&set) {
-                Some(l) => loaded = Some(l),
-                None => {
-                    let _ = job
-                        .events
-                        .blocking_send(Event::Error("the model failed to reload".into()));
-                    continue;
-                }
+            // Lazy first load, or a transparent reload after an unload.
+            loaded = try_load(&set, false);
+            if loaded.is_none() {
+                let why = status
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_error.clone())
+                    .unwrap_or_else(|| "the model failed to load".into());
+                let _ = job.events.blocking_send(Event::Error(why));
+                continue;
             }
         }
         let Some(bundle) = loaded.as_ref() else {
             continue;
         };
         let started = Instant::now();
-        let result = run_job(bundle, &job);
+        let ctx = status.lock().map(|s| s.context_length).unwrap_or(0);
+        let result = run_job(bundle, &job, ctx);
         match result {
             Ok(summary) => {
                 let st = &summary.stats;
@@ -534,6 +628,9 @@ fn engine_thread(
                 let _ = job.events.blocking_send(Event::Error(e.to_string()));
             }
         }
+    }
+    if let Some(h) = &memory {
+        h.release();
     }
 }
 
@@ -580,10 +677,10 @@ impl StopMatcher {
     }
 }
 
-fn run_job(l: &ModelBundle, job: &Job) -> Result<Summary> {
+fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
     let req = &job.request;
     let ids = l.prompt_ids(&req.prompt)?;
-    let ctx = l.context_length();
+    let ctx = if ctx == 0 { l.context_length() } else { ctx };
     if ids.len() + req.options.max_tokens > ctx {
         return Err(EngineError::InvalidRequest(format!(
             "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {ctx} tokens",

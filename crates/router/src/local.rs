@@ -152,7 +152,7 @@ impl Backend for LocalBackend {
             }
             EngineState::Ready => ("ready".to_string(), None),
             // Still serving: the next request reloads the weights (health counts it as available).
-            EngineState::Unloaded => ("unloaded".to_string(), None),
+            EngineState::Unloaded => ("unloaded".to_string(), s.last_error.clone()),
             EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
         };
         BackendHealth {
@@ -172,6 +172,7 @@ impl Backend for LocalBackend {
                 "mlx_peak_bytes": s.memory.peak_bytes,
                 "process_rss_bytes": s.process_rss_bytes,
                 "dtype": s.load.as_ref().map(|l| l.dtype.clone()),
+                "footprint": s.footprint,
             }),
         }
     }

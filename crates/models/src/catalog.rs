@@ -1,0 +1,174 @@
+//! `models.toml`: the default checkpoint of every tier, with sizes and memory needs.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ModelsError, Result};
+
+/// The catalog shipped in the binary.
+pub const BUILTIN: &str = include_str!("../models.toml");
+
+/// Checkpoint format, which decides the engine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Format {
+    /// MLX safetensors directory (config.json, tokenizer, shards): the MLX engine.
+    Mlx,
+    /// One GGUF file: the llama.cpp engine.
+    Gguf,
+}
+
+/// One catalog entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// One line for humans.
+    #[serde(default)]
+    pub description: String,
+    /// The tier it is meant for (`fast`, `primary`, `heavy`).
+    pub tier: String,
+    /// Format.
+    pub format: Format,
+    /// Hugging Face repo id.
+    pub repo: String,
+    /// Branch, tag or commit.
+    #[serde(default = "main")]
+    pub revision: String,
+    /// GGUF: the file in the repo.
+    #[serde(default)]
+    pub file: Option<String>,
+    /// Approximate download size (the Hub's own figures are used once asked).
+    #[serde(default)]
+    pub download_bytes: u64,
+    /// Approximate memory when serving.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// Free memory recommended before loading.
+    #[serde(default)]
+    pub min_free_bytes: u64,
+    /// Needs a discrete GPU (the heavy tier: Cloud Run).
+    #[serde(default)]
+    pub gpu_only: bool,
+}
+
+fn main() -> String {
+    "main".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct File {
+    #[serde(default)]
+    models: BTreeMap<String, Entry>,
+}
+
+/// Entries by name.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    /// Entries by name.
+    pub models: BTreeMap<String, Entry>,
+}
+
+impl Catalog {
+    /// The built-in catalog.
+    pub fn builtin() -> Self {
+        Self::parse(BUILTIN).expect("the built-in catalog parses (tested)")
+    }
+
+    /// Parses catalog TOML.
+    pub fn parse(s: &str) -> Result<Self> {
+        let f: File = toml::from_str(s).map_err(|e| ModelsError::Catalog(e.to_string()))?;
+        for (name, e) in &f.models {
+            if e.format == Format::Gguf && e.file.is_none() {
+                return Err(ModelsError::Catalog(format!(
+                    "models.{name}: a gguf entry needs file = \"….gguf\""
+                )));
+            }
+            if !e.repo.contains('/') {
+                return Err(ModelsError::Catalog(format!(
+                    "models.{name}: repo must be owner/name"
+                )));
+            }
+        }
+        Ok(Self { models: f.models })
+    }
+
+    /// The built-in catalog with a user file's entries added or replacing built-in ones by name.
+    pub fn with_overrides(path: Option<&Path>) -> Result<Self> {
+        let mut c = Self::builtin();
+        if let Some(p) = path.filter(|p| p.exists()) {
+            let s = std::fs::read_to_string(p).map_err(|source| ModelsError::Io {
+                path: p.to_path_buf(),
+                source,
+            })?;
+            let user =
+                Self::parse(&s).map_err(|e| ModelsError::Catalog(format!("{}: {e}", p.display())))?;
+            c.models.extend(user.models);
+        }
+        Ok(c)
+    }
+
+    /// The user catalog's default place: `$JEMMA_CATALOG`, else `~/.config/jemma/models.toml`.
+    pub fn user_path() -> Option<std::path::PathBuf> {
+        if let Ok(p) = std::env::var("JEMMA_CATALOG") {
+            return Some(p.into());
+        }
+        std::env::var_os("HOME").map(|h| Path::new(&h).join(".config/jemma/models.toml"))
+    }
+
+    /// An entry by name.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.models.get(name)
+    }
+
+    /// The default entry of a tier for a format.
+    pub fn for_tier(&self, tier: &str, format: Format) -> Option<(&String, &Entry)> {
+        self.models
+            .iter()
+            .find(|(_, e)| e.tier == tier && e.format == format)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_has_every_tier() {
+        let c = Catalog::builtin();
+        assert_eq!(
+            c.for_tier("fast", Format::Mlx).unwrap().1.repo,
+            "mlx-community/gemma-4-E2B-it-4bit"
+        );
+        assert!(c.for_tier("primary", Format::Mlx).is_some());
+        let (_, heavy) = c.for_tier("heavy", Format::Gguf).unwrap();
+        assert_eq!(heavy.repo, "unsloth/gemma-4-26B-A4B-it-GGUF");
+        assert!(heavy.file.as_deref().unwrap().contains("UD-Q4_K_XL"));
+        assert!(heavy.gpu_only);
+        for e in c.models.values() {
+            assert!(e.download_bytes > 0 && e.memory_bytes > 0 && e.min_free_bytes >= e.memory_bytes);
+        }
+    }
+
+    #[test]
+    fn user_entries_override_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("models.toml");
+        std::fs::write(
+            &p,
+            "[models.gemma-4-e2b]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"me/my-e2b\"\n\
+             [models.extra]\ntier = \"primary\"\nformat = \"gguf\"\nrepo = \"me/x\"\nfile = \"x.gguf\"\n",
+        )
+        .unwrap();
+        let c = Catalog::with_overrides(Some(&p)).unwrap();
+        assert_eq!(c.get("gemma-4-e2b").unwrap().repo, "me/my-e2b");
+        assert_eq!(c.get("extra").unwrap().revision, "main");
+        assert!(c.get("gemma-4-e4b").is_some(), "built-ins stay");
+        std::fs::write(&p, "[models.bad]\ntier = \"fast\"\nformat = \"gguf\"\nrepo = \"a/b\"\n").unwrap();
+        assert!(Catalog::with_overrides(Some(&p)).unwrap_err().to_string().contains("file"));
+        std::fs::write(&p, "[models.bad]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"a/b\"\ntypo = 1\n").unwrap();
+        assert!(Catalog::with_overrides(Some(&p)).is_err());
+    }
+}
