@@ -16,6 +16,7 @@ gen() { "$PY" scripts/fixtures/gen_gemma4.py "$@"; }
 log "generating fixture models in $OUT"
 gen model "$OUT/tiny" --preset tiny
 gen model "$OUT/moe" --preset moe
+gen model "$OUT/small" --preset small
 gen quantize "$OUT/tiny" "$OUT/tiny-q4" --bits 4 --group-size 32 2>/dev/null
 gen quantize "$OUT/moe" "$OUT/moe-q4" --bits 4 --group-size 32 2>/dev/null
 for m in tiny moe tiny-q4 moe-q4; do

@@ -1,7 +1,11 @@
-//! `jemma doctor`: what this machine is and what it can run.
+//! `jemma doctor`: what this machine is, what it can run, and a configuration to start from.
 
+use std::path::PathBuf;
+
+use jemma_models::Catalog;
+use jemma_models::hardware::{Hardware, Recommendation, recommend};
+use jemma_models::hub::{Hub, HubConfig, Selection, default_cache_dir};
 use serde::Serialize;
-use sysinfo::System;
 
 /// Arguments of `jemma doctor`.
 #[derive(clap::Args)]
@@ -9,55 +13,95 @@ pub struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Also estimate the memory this model directory needs when served (weights, KV cache, activations).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Context length for the estimate (default: the model's maximum).
+    #[arg(long)]
+    context: Option<usize>,
 }
 
 #[derive(Serialize)]
 struct Report {
-    os: String,
-    arch: &'static str,
-    cpu: String,
-    cpu_cores: usize,
-    total_memory_bytes: u64,
-    available_memory_bytes: u64,
+    hardware: Hardware,
     mlx: Option<jemma_engine::device::MlxInfo>,
     mlx_error: Option<String>,
+    hf_cache: PathBuf,
+    downloaded: Vec<String>,
+    recommendation: Recommendation,
+    footprint: Option<jemma_engine::footprint::Footprint>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let mut sys = System::new();
-    sys.refresh_memory();
-    sys.refresh_cpu_all();
-    let cpu = sys
-        .cpus()
-        .first()
-        .map(|c| c.brand().trim().to_string())
-        .unwrap_or_default();
+    let cache = default_cache_dir();
+    let hw = Hardware::detect(&cache);
     let (mlx, mlx_error) = match jemma_engine::device::mlx_info() {
         Ok(info) => (Some(info), None),
         Err(e) => (None, Some(e.to_string())),
     };
+    let catalog = Catalog::with_overrides(Catalog::user_path().as_deref())?;
+    let metal = mlx.as_ref().is_some_and(|m| m.metal_available);
+    let recommendation = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
+    // The cache lookup needs no network; the client only reads the directory layout.
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let hub = rt.block_on(async {
+        Hub::new(HubConfig {
+            cache_dir: Some(cache.clone()),
+            ..Default::default()
+        })
+    })?;
+    let downloaded = catalog
+        .models
+        .iter()
+        .filter(|(_, e)| hub.cached(&e.repo, &e.revision, &Selection::of(e)).is_some())
+        .map(|(n, _)| n.clone())
+        .collect();
+    let footprint = match &args.model {
+        Some(dir) => {
+            let dtype = mlx.as_ref().and_then(|m| {
+                jemma_engine::runtime::default_dtype(m.device).map(jemma_engine::footprint::dtype_bytes)
+            });
+            Some(jemma_engine::footprint::estimate(
+                dir,
+                dtype,
+                args.context,
+                jemma_engine::generate::DEFAULT_PREFILL_STEP,
+                Some(jemma_engine::generate::DEFAULT_ATTENTION_BUDGET),
+            )?)
+        }
+        None => None,
+    };
     let report = Report {
-        os: System::long_os_version().unwrap_or_else(|| std::env::consts::OS.to_string()),
-        arch: std::env::consts::ARCH,
-        cpu,
-        cpu_cores: sys.cpus().len(),
-        total_memory_bytes: sys.total_memory(),
-        available_memory_bytes: sys.available_memory(),
+        hardware: hw,
         mlx,
         mlx_error,
+        hf_cache: cache,
+        downloaded,
+        recommendation,
+        footprint,
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
     }
     let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-    println!("os           {} ({})", report.os, report.arch);
-    println!("cpu          {} ({} cores)", report.cpu, report.cpu_cores);
+    let h = &report.hardware;
+    println!("os           {} ({})", h.os, h.arch);
+    println!(
+        "chip         {} ({} cores{})",
+        h.chip,
+        h.cores,
+        if h.apple_silicon { ", Apple Silicon" } else { "" }
+    );
     println!(
         "memory       {:.1} GiB total, {:.1} GiB available",
-        gib(report.total_memory_bytes),
-        gib(report.available_memory_bytes)
+        gib(h.total_memory_bytes),
+        gib(h.available_memory_bytes)
     );
+    match h.disk_free_bytes {
+        Some(d) => println!("disk         {:.1} GiB free for {}", gib(d), report.hf_cache.display()),
+        None => println!("disk         unknown ({})", report.hf_cache.display()),
+    }
     match (&report.mlx, &report.mlx_error) {
         (Some(m), _) => {
             println!(
@@ -73,5 +117,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, Some(e)) => println!("mlx          unavailable: {e}"),
         (None, None) => {}
     }
+    println!();
+    println!("models (catalog: {} entries)", catalog.models.len());
+    for f in &report.recommendation.fits {
+        let mark = if !f.fits {
+            "no "
+        } else if f.preferred {
+            "yes"
+        } else {
+            "ok "
+        };
+        let have = if report.downloaded.contains(&f.model) { " [downloaded]" } else { "" };
+        println!("  {mark} {:<18} {:<8} {}{have}", f.model, f.tier, f.reason);
+    }
+    if let Some(fp) = &report.footprint {
+        println!();
+        println!("footprint    {}", fp.describe());
+    }
+    println!();
+    println!("recommended jemma.toml (models are downloaded at the first `jemma serve`, or now with `jemma pull`):");
+    print!("{}", report.recommendation.config_toml);
     Ok(())
 }

@@ -5,6 +5,7 @@ mod bench_cmd;
 mod doctor;
 mod generate_cmd;
 mod keys;
+mod pull;
 mod serve;
 
 use clap::{Parser, Subcommand};
@@ -26,6 +27,8 @@ enum Command {
     Doctor(doctor::Args),
     /// Run the OpenAI-compatible gateway (default 127.0.0.1:8080) with the configured tiers.
     Serve(serve::Args),
+    /// Download models (catalog names or Hugging Face repos) into the Hugging Face cache.
+    Pull(pull::Args),
     /// Manage API keys for callers that are not on this machine (tailnet, LAN).
     Keys(keys::Args),
     /// Measure the engine's prefill and decode speed on a model directory.
@@ -49,5 +52,6 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Keys(args) => keys::run(args),
+        Command::Pull(args) => pull::run(args),
     }
 }

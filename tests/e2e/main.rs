@@ -5,5 +5,8 @@
 mod chaos;
 mod cli;
 mod faults;
+#[path = "../../crates/models/tests/fake_hub/mod.rs"]
+mod fake_hub;
+mod models;
 mod openai_sdk;
 mod support;

@@ -58,6 +58,18 @@ impl Server {
         env: &[(&str, &str)],
         stderr_to: Option<&std::path::Path>,
     ) -> Server {
+        let s = Self::spawn_with(args, config, env, stderr_to);
+        s.wait_ready(Duration::from_secs(60));
+        s
+    }
+
+    /// Starts `jemma serve` and returns once it listens, without waiting for its models.
+    pub fn spawn_with(
+        args: &[&str],
+        config: Option<&str>,
+        env: &[(&str, &str)],
+        stderr_to: Option<&std::path::Path>,
+    ) -> Server {
         let cfg = config.map(|c| {
             use std::io::Write;
             let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -92,13 +104,11 @@ impl Server {
             .filter(|u| u.starts_with("http://"))
             .unwrap_or_else(|| panic!("unexpected first line from jemma serve: {line:?}"))
             .to_string();
-        let s = Server {
+        Server {
             child,
             url,
             _config: cfg,
-        };
-        s.wait_ready(Duration::from_secs(60));
-        s
+        }
     }
 
     pub fn wait_ready(&self, limit: Duration) {

@@ -173,6 +173,8 @@ pub struct EngineConfig {
     pub keep_alive: Option<std::time::Duration>,
     /// Load at start (true) or at the first request (false).
     pub preload: bool,
+    /// Name shown for the model (default: the directory's name).
+    pub name: Option<String>,
     /// Serve at most this many tokens of context (None = the model's maximum); also what the memory
     /// estimate is made for.
     pub context_length: Option<usize>,
@@ -190,6 +192,7 @@ impl EngineConfig {
             event_buffer: 64,
             keep_alive: None,
             preload: true,
+            name: None,
             context_length: None,
             memory: None,
         }
@@ -207,6 +210,8 @@ pub struct Engine {
     jobs: mpsc::Sender<Job>,
     status: Arc<Mutex<EngineStatus>>,
     event_buffer: usize,
+    /// Becomes true when the engine thread has ended (its memory is released).
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// Submitting failed.
@@ -230,11 +235,13 @@ impl Engine {
             } else {
                 EngineState::Unloaded
             },
-            model: config
-                .model_dir
-                .file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            model: config.name.clone().unwrap_or_else(|| {
+                config
+                    .model_dir
+                    .file_name()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default()
+            }),
             model_dir: config.model_dir.clone(),
             load: None,
             requests: 0,
@@ -251,9 +258,13 @@ impl Engine {
         }));
         let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
         let st = status.clone();
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
             .name("jemma-mlx".into())
-            .spawn(move || engine_thread(config, device, rx, st))
+            .spawn(move || {
+                engine_thread(config, device, rx, st);
+                let _ = stopped_tx.send(true);
+            })
             .map_err(|e| {
                 EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
             })?;
@@ -261,6 +272,7 @@ impl Engine {
             jobs: tx,
             status,
             event_buffer: 64,
+            stopped,
         })
     }
 
@@ -301,6 +313,15 @@ impl Engine {
                 }
             })?;
         Ok(erx)
+    }
+
+    /// Resolves when the engine thread has ended: every handle was dropped, the requests it had accepted
+    /// are answered, and the model's memory is released.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
     }
 
     /// Waits (blocking) until the model is loaded or failed; for CLIs and tests.
@@ -476,7 +497,8 @@ fn engine_thread(
             s.context_length = fp.context_length;
         });
         if let Some(h) = &memory {
-            h.reserve(fp.total_bytes(), &format!("model {name}"))
+            // The process's own overhead is already in use; only the model's memory is new.
+            h.reserve(fp.device_bytes(), &format!("model {name}"))
                 .map_err(|e| EngineError::InsufficientMemory(e.0))?;
         }
         set(&|s| s.state = EngineState::Loading { progress: 0.0 });

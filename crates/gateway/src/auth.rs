@@ -359,7 +359,7 @@ fn unauthorized(msg: &str) -> Response {
 }
 
 /// Middleware: decides the [`Caller`]; remote callers need a valid `Authorization: Bearer` key. `/health`
-/// stays open (probes), everything else is guarded.
+/// stays open (probes), `/admin/*` is for this machine only, everything else is guarded.
 pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
@@ -378,6 +378,12 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
         .map(str::trim)
         .filter(|k| !k.is_empty())
         .map(String::from);
+    if req.uri().path().starts_with("/admin/") && !loopback {
+        // Tier toggles and model changes belong to the machine's owner (the app, the local CLI), not to
+        // API-key holders on the tailnet.
+        let body = json!({"error": {"message": "admin endpoints are only available from this machine", "type": "invalid_request_error", "param": null, "code": "forbidden"}});
+        return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+    }
     let caller = if loopback && st.access.exempt_loopback {
         Caller::Loopback
     } else if req.uri().path() == "/health" {

@@ -240,7 +240,9 @@ pub async fn health(State(state): State<AppState>) -> Response {
         "ok"
     } else if ready > 0 {
         "degraded"
-    } else if tiers.iter().any(|t| t.backend.state.starts_with("loading")) {
+    } else if tiers.iter().any(|t| {
+        t.backend.state.starts_with("loading") || t.backend.state.starts_with("downloading")
+    }) {
         "starting"
     } else {
         "down"
@@ -259,7 +261,11 @@ pub async fn health(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    (code, axum::Json(json!({"status": status, "tiers": map}))).into_response()
+    let mut body = json!({"status": status, "tiers": map});
+    if let Some(m) = state.router.memory_status() {
+        body["memory"] = m;
+    }
+    (code, axum::Json(body)).into_response()
 }
 
 /// `GET /metrics`: Prometheus text.
@@ -325,6 +331,60 @@ pub async fn set_tier(
         });
     }
     axum::Json(json!({"tier": tier, "enabled": enabled})).into_response()
+}
+
+/// `POST /admin/tiers/{tier}/model` with `{"model": "<dir | catalog name | owner/repo>", "wait": bool}`:
+/// switches the tier's model without a restart (downloading it first if needed). Without `wait` the answer
+/// is 202 at once and `/health` shows the swap's progress; with it, 200 once the new model serves.
+pub async fn set_tier_model(
+    State(state): State<AppState>,
+    Path(tier): Path<String>,
+    body: Body,
+) -> Response {
+    let tier: Tier = match tier.parse() {
+        Ok(t) => t,
+        Err(_) => return ApiError(RouterError::UnknownModel(tier)).into_response(),
+    };
+    let v: Option<Value> = to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let Some(model) = v
+        .as_ref()
+        .and_then(|v| v.get("model"))
+        .and_then(Value::as_str)
+        .filter(|m| !m.trim().is_empty())
+        .map(str::to_string)
+    else {
+        return ApiError(RouterError::InvalidRequest {
+            message: "expected {\"model\": \"<directory, catalog name or owner/repo>\"}".into(),
+            param: Some("model".into()),
+        })
+        .into_response();
+    };
+    let wait = v
+        .as_ref()
+        .and_then(|v| v.get("wait"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    let router = state.router.clone();
+    if wait {
+        return match router.set_model(tier, &model).await {
+            Ok(()) => axum::Json(json!({"tier": tier, "model": model, "state": "ready"})).into_response(),
+            Err(e) => ApiError(e).into_response(),
+        };
+    }
+    let m = model.clone();
+    tokio::spawn(async move {
+        if let Err(e) = router.set_model(tier, &m).await {
+            tracing::warn!(%tier, model = %m, error = %e, "model change failed");
+        }
+    });
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(json!({"tier": tier, "model": model, "state": "switching"})),
+    )
+        .into_response()
 }
 
 /// Unknown paths: OpenAI-style 404.

@@ -131,6 +131,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
+        .route("/admin/tiers/{tier}/model", post(handlers::set_tier_model))
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

@@ -96,8 +96,9 @@ fn gb(n: u64) -> String {
     format!("{:.1} GB", n as f64 / 1e9)
 }
 
-/// Judges every catalog model against the machine. `metal` says whether MLX sees a Metal GPU.
-pub fn recommend(catalog: &Catalog, hw: &Hardware, metal: bool) -> Recommendation {
+/// Judges every catalog model against the machine. `metal` says whether MLX sees a Metal GPU; `engines`
+/// lists the formats this build can serve locally.
+pub fn recommend(catalog: &Catalog, hw: &Hardware, metal: bool, engines: &[Format]) -> Recommendation {
     let mlx_native = hw.apple_silicon && metal;
     let mut fits = vec![];
     for (name, e) in &catalog.models {
@@ -105,7 +106,9 @@ pub fn recommend(catalog: &Catalog, hw: &Hardware, metal: bool) -> Recommendatio
             Format::Mlx => mlx_native,
             Format::Gguf => !mlx_native || e.gpu_only,
         };
-        let (ok, reason) = if e.gpu_only {
+        let (ok, reason) = if !e.gpu_only && !engines.contains(&e.format) {
+            (false, "this build has no engine for this format".to_string())
+        } else if e.gpu_only {
             (
                 false,
                 format!(
@@ -214,6 +217,8 @@ mod tests {
         }
     }
 
+    const ALL: &[Format] = &[Format::Mlx, Format::Gguf];
+
     fn verdict<'a>(r: &'a Recommendation, m: &str) -> &'a Fit {
         r.fits.iter().find(|f| f.model == m).unwrap()
     }
@@ -221,7 +226,7 @@ mod tests {
     #[test]
     fn mac_mini_16gb() {
         let c = Catalog::builtin();
-        let r = recommend(&c, &machine(16.0, 10.0, true), true);
+        let r = recommend(&c, &machine(16.0, 10.0, true), true, ALL);
         assert!(verdict(&r, "gemma-4-e2b").fits && verdict(&r, "gemma-4-e2b").preferred);
         assert!(verdict(&r, "gemma-4-e4b").fits);
         let heavy = verdict(&r, "gemma-4-26b-a4b");
@@ -234,16 +239,20 @@ mod tests {
     #[test]
     fn small_machine_and_linux() {
         let c = Catalog::builtin();
-        let r = recommend(&c, &machine(5.0, 4.5, true), true);
+        let r = recommend(&c, &machine(5.0, 4.5, true), true, ALL);
         assert!(verdict(&r, "gemma-4-e2b").fits);
         assert!(!verdict(&r, "gemma-4-e4b").fits);
         // The fast model also serves primary requests.
         assert_eq!(r.config_toml.matches("model = \"gemma-4-e2b\"").count(), 2);
-        let r = recommend(&c, &machine(24.0, 20.0, false), false);
+        let r = recommend(&c, &machine(24.0, 20.0, false), false, ALL);
         assert!(!verdict(&r, "gemma-4-e2b").preferred);
         assert!(verdict(&r, "gemma-4-e2b").reason.contains("GGUF"));
         assert!(r.config_toml.contains("gemma-4-e2b-gguf"));
-        let busy = recommend(&c, &machine(16.0, 2.0, true), true);
+        // A build without the llama.cpp engine still recommends something it can run.
+        let r = recommend(&c, &machine(24.0, 20.0, false), false, &[Format::Mlx]);
+        assert!(!verdict(&r, "gemma-4-e2b-gguf").fits);
+        assert!(r.config_toml.contains("model = \"gemma-4-e2b\""));
+        let busy = recommend(&c, &machine(16.0, 2.0, true), true, ALL);
         assert!(verdict(&busy, "gemma-4-e4b").reason.contains("once"));
     }
 }

@@ -115,6 +115,14 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<ChunkStream, BackendError>;
     /// Current health (cheap, never blocks on generation).
     fn health(&self) -> BackendHealth;
+    /// Switches the tier to another model without a restart (local tiers: a directory, catalog name or
+    /// Hub repo, downloaded if needed, loaded beside the current one, then swapped in).
+    async fn set_model(&self, model: &str) -> Result<(), BackendError> {
+        let _ = model;
+        Err(BackendError::BadRequest(
+            "this tier's model is set by its upstream; change the tier's configuration".into(),
+        ))
+    }
 }
 
 /// Messages with the continuation appended as a trailing assistant turn.

@@ -29,6 +29,110 @@ pub struct Config {
     pub auth: AuthConfig,
     /// Per-caller request budgets.
     pub rate_limits: RateLimitConfig,
+    /// How much memory local models may take, and when to unload them.
+    pub memory: MemorySettings,
+    /// Where local models come from (catalog, Hugging Face downloads).
+    pub models: ModelsSettings,
+}
+
+/// A byte count: an integer, or a string with a unit (`"12GiB"`, `"512 MiB"`, `"8GB"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ByteSize(pub u64);
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => parse_bytes(&s).map(ByteSize).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// Parses `"12GiB"`, `"512 MiB"`, `"8GB"`, `"1024"`.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size (e.g. \"12GiB\")"))?;
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" => 1e3,
+        "mb" => 1e6,
+        "gb" => 1e9,
+        "tb" => 1e12,
+        "k" | "kib" => 1024.0,
+        "m" | "mib" => 1048576.0,
+        "g" | "gib" => 1073741824.0,
+        "t" | "tib" => 1099511627776.0,
+        u => return Err(format!("unknown size unit {u:?} in {s:?}")),
+    };
+    Ok((n * mult) as u64)
+}
+
+/// `[memory]`: the budget local models share and the pressure response.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemorySettings {
+    /// Most memory all local models together may take (None: the machine's available memory decides).
+    pub limit: Option<ByteSize>,
+    /// Memory left for the rest of the machine when loading a model.
+    pub headroom: ByteSize,
+    /// Pressure signal: `"system"` (macOS memory-pressure level, Linux `/proc/pressure/memory`), `"off"`,
+    /// or the path of a PSI file (a cgroup's `memory.pressure`).
+    pub pressure: String,
+    /// Seconds between pressure readings.
+    pub poll_secs: f64,
+    /// Under a pressure warning, unload models idle at least this long (critical: every idle model).
+    pub warn_idle_secs: f64,
+}
+
+impl Default for MemorySettings {
+    fn default() -> Self {
+        Self {
+            limit: None,
+            headroom: ByteSize(1 << 30),
+            pressure: "system".into(),
+            poll_secs: 2.0,
+            warn_idle_secs: 30.0,
+        }
+    }
+}
+
+/// `[models]`: the catalog and downloads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelsSettings {
+    /// A user catalog adding to or overriding the built-in one (default `~/.config/jemma/models.toml`).
+    pub catalog: Option<String>,
+    /// Download a tier's model at start when it is a catalog name or Hub repo not in the cache yet.
+    pub auto_download: bool,
+    /// Hugging Face cache directory (default: `$HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`).
+    pub cache_dir: Option<String>,
+    /// Hub URL (default: `$HF_ENDPOINT`, else huggingface.co).
+    pub endpoint: Option<String>,
+    /// Token for gated repos: a literal, `env:VAR` or `keyring:SERVICE/ACCOUNT` (default: `HF_TOKEN`, the
+    /// app's keychain entry, then the HF CLI's token file).
+    pub token: Option<String>,
+}
+
+impl Default for ModelsSettings {
+    fn default() -> Self {
+        Self {
+            catalog: None,
+            auto_download: true,
+            cache_dir: None,
+            endpoint: None,
+            token: None,
+        }
+    }
 }
 
 /// `[auth]`: API keys for everyone who is not a loopback caller.
@@ -128,7 +232,8 @@ pub enum TierKind {
 pub struct TierConfig {
     /// `local` or `openai`.
     pub kind: TierKind,
-    /// Local: model directory. OpenAI: model name sent upstream.
+    /// Local: a model directory, a catalog name (`gemma-4-e2b`) or a Hugging Face repo
+    /// (`mlx-community/gemma-4-E2B-it-4bit`). OpenAI: model name sent upstream.
     pub model: String,
     /// OpenAI: base URL.
     pub url: Option<String>,
@@ -161,6 +266,11 @@ pub struct TierConfig {
     pub kv_group_size: i32,
     /// Local: context length from which the KV cache is quantized.
     pub quantized_kv_start: usize,
+    /// Local: longest context served (prompt + answer); also what the memory estimate is made for
+    /// (None: the model's maximum).
+    pub context_length: Option<usize>,
+    /// Local: load the model at start (true) or at the first request (false).
+    pub preload: bool,
 }
 
 impl Default for TierConfig {
@@ -183,6 +293,8 @@ impl Default for TierConfig {
             kv_bits: None,
             kv_group_size: 64,
             quantized_kv_start: 5000,
+            context_length: None,
+            preload: true,
         }
     }
 }
@@ -366,6 +478,23 @@ first_token_timeout_secs = 600
         assert_eq!(c.server.port, 9000);
         assert_eq!(c.tiers[&Tier::Heavy].kind, TierKind::Openai);
         assert!(!c.tiers[&Tier::Heavy].enabled);
+    }
+
+    #[test]
+    fn memory_and_models_sections() {
+        let c = Config::parse(
+            "[memory]\nlimit = \"12GiB\"\nheadroom = 536870912\npressure = \"off\"\n\
+             [models]\nauto_download = false\n[tiers.fast]\nmodel = \"gemma-4-e2b\"\ncontext_length = 8192\npreload = false\n",
+        )
+        .unwrap();
+        assert_eq!(c.memory.limit, Some(ByteSize(12 << 30)));
+        assert_eq!(c.memory.headroom, ByteSize(512 << 20));
+        assert!(!c.models.auto_download);
+        assert_eq!(c.tiers[&Tier::Fast].context_length, Some(8192));
+        assert_eq!(parse_bytes("1.5 GB").unwrap(), 1_500_000_000);
+        assert_eq!(parse_bytes("64k").unwrap(), 65536);
+        assert!(parse_bytes("12 parsecs").is_err());
+        assert!(Config::parse("[memory]\nlimit = \"lots\"\n").is_err());
     }
 
     #[test]

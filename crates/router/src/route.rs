@@ -97,7 +97,11 @@ pub struct TierStatus {
 pub struct TierRouter {
     tiers: BTreeMap<Tier, Arc<TierSlot>>,
     classifier: Classifier,
+    memory: Option<MemoryStatusFn>,
 }
+
+/// Reads the shared memory budget's figures (for `/health`).
+pub type MemoryStatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
 
 fn client_error(e: &BackendError) -> RouterError {
     RouterError::InvalidRequest {
@@ -149,7 +153,45 @@ impl TierRouter {
         Self {
             tiers: map,
             classifier: Classifier::new(cc),
+            memory: None,
         }
+    }
+
+    /// Reports the local models' memory budget in [`TierRouter::memory_status`].
+    pub fn with_memory_status(mut self, f: MemoryStatusFn) -> Self {
+        self.memory = Some(f);
+        self
+    }
+
+    /// Memory budget figures (limit, reserved, available, pressure), when local tiers exist.
+    pub fn memory_status(&self) -> Option<Value> {
+        self.memory.as_ref().map(|f| f())
+    }
+
+    /// Switches a tier to another model without restarting (see [`Backend::set_model`]); returns when the
+    /// new model serves.
+    pub async fn set_model(&self, tier: Tier, model: &str) -> Result<(), RouterError> {
+        let s = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?
+            .clone();
+        tracing::info!(%tier, %model, "changing the tier's model");
+        s.backend.set_model(model).await.map_err(|e| match e {
+            BackendError::BadRequest(m) => RouterError::InvalidRequest {
+                message: m,
+                param: Some("model".into()),
+            },
+            BackendError::Busy(_) => RouterError::Busy {
+                retry_after_secs: 5,
+            },
+            other => RouterError::AllTiersDown {
+                fallback: vec![format!("{tier}: {other}")],
+            },
+        })?;
+        // A new model starts with a clean record.
+        s.breaker.reset();
+        Ok(())
     }
 
     /// Configured tiers.

@@ -1,0 +1,190 @@
+//! `jemma pull`: download models from the Hugging Face Hub into the standard cache, with a progress bar.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use jemma_models::hardware::{Hardware, recommend};
+use jemma_models::hub::{Hub, HubConfig, ModelRef, Selection, default_cache_dir};
+use jemma_models::{Catalog, PullProgress};
+use jemma_router::config::Config;
+
+/// Arguments of `jemma pull`.
+#[derive(clap::Args)]
+pub struct Args {
+    /// Catalog names (`gemma-4-e2b`), Hub repos (`owner/name[@revision]`) or GGUF files
+    /// (`owner/name/file.gguf`). None: the models `jemma doctor` recommends for this machine.
+    models: Vec<String>,
+    /// List the catalog and what is already downloaded, then exit.
+    #[arg(long)]
+    list: bool,
+    /// Hugging Face token for gated repos (default: HF_TOKEN, the keychain entry ai.jemma/hf_token, then
+    /// the HF CLI's token file).
+    #[arg(long, env = "JEMMA_HF_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Hub cache directory (default: $HF_HUB_CACHE, $HF_HOME/hub, ~/.cache/huggingface/hub).
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// Hub URL (default: $HF_ENDPOINT, else https://huggingface.co).
+    #[arg(long)]
+    endpoint: Option<String>,
+    /// A configuration whose [models] section (catalog, cache, endpoint, token) applies.
+    #[arg(long, env = "JEMMA_CONFIG")]
+    config: Option<PathBuf>,
+    /// One JSON line per progress update instead of a bar (for scripts and the app).
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let cfg = match &args.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    let user = cfg
+        .models
+        .catalog
+        .as_ref()
+        .map(PathBuf::from)
+        .or_else(Catalog::user_path);
+    let catalog = Catalog::with_overrides(user.as_deref())?;
+    let token = if args.list {
+        None
+    } else {
+        args.token.clone().or_else(|| {
+            jemma_router::setup::hf_token(&cfg, &|r| jemma_platform::secrets::resolve(r))
+        })
+    };
+    let cache_dir = args
+        .cache_dir
+        .clone()
+        .or_else(|| cfg.models.cache_dir.as_ref().map(PathBuf::from))
+        .unwrap_or_else(default_cache_dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let hub = rt.block_on(async {
+        Hub::new(HubConfig {
+            endpoint: args.endpoint.clone().or(cfg.models.endpoint.clone()),
+            token,
+            cache_dir: Some(cache_dir.clone()),
+            chunk_size: None,
+        })
+    })?;
+    if args.list {
+        for (name, e) in &catalog.models {
+            let sel = Selection::of(e);
+            let here = hub.cached(&e.repo, &e.revision, &sel);
+            println!(
+                "{name:<20} {:<8} {:<5} {:>7.1} GB  {}{}",
+                e.tier,
+                format!("{:?}", e.format).to_lowercase(),
+                e.download_bytes as f64 / 1e9,
+                e.repo,
+                match here {
+                    Some(p) => format!("  [downloaded: {}]", p.display()),
+                    None => String::new(),
+                }
+            );
+        }
+        return Ok(());
+    }
+    let wanted = if args.models.is_empty() {
+        let hw = Hardware::detect(&cache_dir);
+        let metal = jemma_engine::device::mlx_info()
+            .map(|i| i.metal_available)
+            .unwrap_or(false);
+        let rec = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
+        let mut picks = vec![];
+        for tier in ["fast", "primary"] {
+            let best = rec
+                .fits
+                .iter()
+                .find(|f| f.tier == tier && f.fits && f.preferred)
+                .or_else(|| rec.fits.iter().find(|f| f.tier == tier && f.fits));
+            if let Some(f) = best {
+                picks.push(f.model.clone());
+            }
+        }
+        if picks.is_empty() {
+            bail!("no catalog model fits this machine (see `jemma doctor`)");
+        }
+        eprintln!("pulling what fits this machine: {}", picks.join(", "));
+        picks
+    } else {
+        args.models.clone()
+    };
+    let mut failed = 0;
+    for m in &wanted {
+        match rt.block_on(pull_one(&hub, &catalog, m, args.json)) {
+            Ok(path) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({"model": m, "done": true, "path": path})
+                    );
+                } else {
+                    println!("{m}: {}", path.display());
+                }
+            }
+            Err(e) => {
+                failed += 1;
+                if args.json {
+                    println!("{}", serde_json::json!({"model": m, "error": format!("{e:#}")}));
+                } else {
+                    eprintln!("{m}: {e:#}");
+                }
+            }
+        }
+    }
+    if failed > 0 {
+        bail!("{failed} of {} downloads failed", wanted.len());
+    }
+    Ok(())
+}
+
+async fn pull_one(hub: &Hub, catalog: &Catalog, model: &str, json: bool) -> anyhow::Result<PathBuf> {
+    let r = ModelRef::parse(model, catalog)?;
+    let Some((repo, rev, sel)) = r.hub_target(catalog) else {
+        bail!("{model} is a local path; nothing to download");
+    };
+    let plan = hub
+        .plan(&repo, &rev, &sel)
+        .await
+        .with_context(|| format!("asking the Hub about {repo}"))?;
+    let total = plan.total_bytes();
+    let sink: Arc<dyn Fn(PullProgress) + Send + Sync> = if json {
+        let last = std::sync::Mutex::new(-1i64);
+        let model = model.to_string();
+        Arc::new(move |p: PullProgress| {
+            // One line per percent, not per chunk.
+            let pct = (p.fraction() * 100.0) as i64;
+            let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+            if pct != *l {
+                *l = pct;
+                println!(
+                    "{}",
+                    serde_json::json!({"model": model, "file": p.file, "done_bytes": p.done_bytes, "total_bytes": p.total_bytes})
+                );
+            }
+        })
+    } else {
+        let bar = ProgressBar::new(total);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(model.to_string());
+        Arc::new(move |p: PullProgress| {
+            bar.set_position(p.done_bytes);
+            if p.done_bytes >= p.total_bytes {
+                bar.finish();
+            }
+        })
+    };
+    Ok(hub.pull(&plan, sink).await?)
+}

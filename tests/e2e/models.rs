@@ -1,0 +1,330 @@
+//! Models on the real `jemma` binary: `jemma pull` and `jemma serve` downloading from a loopback Hub (real
+//! HTTP, the real hf-hub client), the footprint estimate against MLX's measured peak, idle and
+//! memory-pressure unloading seen through `/health` and the process RSS, refusal under a memory limit, and
+//! swapping a tier's model while the gateway runs.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::fake_hub::{self, FakeRepo};
+use crate::support::{Server, fixture, ureq_get};
+
+fn health(s: &Server) -> Value {
+    let (_, body) = ureq_get(&format!("{}/health", s.url)).unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+fn tier(h: &Value, t: &str) -> Value {
+    h["tiers"][t]["backend"].clone()
+}
+
+fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn chat(client: &reqwest::Client, s: &Server, model: &str) -> (u16, Value) {
+    let r = client
+        .post(format!("{}/v1/chat/completions", s.url))
+        .json(&json!({"model": model, "max_tokens": 8, "messages": [{"role": "user", "content": "Hello!"}]}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+/// A fake Hub serving the `tiny` fixture as `jemma-test/gemma-4-tiny`, and a catalog naming it.
+fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile::TempDir) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (url, hub) = rt.block_on(fake_hub::start());
+    let mut repo = FakeRepo {
+        commit: "1111111111111111111111111111111111111111".into(),
+        ..Default::default()
+    };
+    for e in std::fs::read_dir(fixture("tiny")).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("reference") {
+            repo.files.insert(name, std::fs::read(e.path()).unwrap());
+        }
+    }
+    repo.files.insert("README.md".into(), b"not pulled".to_vec());
+    hub.repos.lock().unwrap().insert("jemma-test/gemma-4-tiny".into(), repo);
+    *hub.throttle_ms.lock().unwrap() = throttle_ms;
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("models.toml"),
+        "[models.test-tiny]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"jemma-test/gemma-4-tiny\"\n\
+         download_bytes = 6000000\nmemory_bytes = 10000000\nmin_free_bytes = 20000000\n",
+    )
+    .unwrap();
+    (rt, url, home)
+}
+
+fn hub_env<'a>(url: &'a str, home: &'a Path) -> Vec<(&'static str, String)> {
+    vec![
+        ("HF_ENDPOINT", url.to_string()),
+        ("HF_HOME", home.join("hf").to_string_lossy().into_owned()),
+        ("JEMMA_CATALOG", home.join("models.toml").to_string_lossy().into_owned()),
+        ("HF_TOKEN", String::new()),
+    ]
+}
+
+#[test]
+fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
+    let (_rt, url, home) = hub_with_tiny(0);
+    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
+        .args(["pull", "test-tiny", "--json"])
+        .envs(hub_env(&url, home.path()))
+        .env("JEMMA_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let progress: Vec<&Value> = lines.iter().filter(|l| l.get("done_bytes").is_some()).collect();
+    assert!(progress.len() > 3, "{stdout}");
+    let total = progress[0]["total_bytes"].as_u64().unwrap();
+    assert!(progress.windows(2).all(|w| w[0]["done_bytes"].as_u64() <= w[1]["done_bytes"].as_u64()));
+    assert_eq!(progress.last().unwrap()["done_bytes"].as_u64(), Some(total));
+    let path = lines.last().unwrap()["path"].as_str().unwrap().to_string();
+    assert!(path.starts_with(home.path().join("hf/hub/models--jemma-test--gemma-4-tiny/snapshots").to_str().unwrap()));
+    for f in ["config.json", "tokenizer.json", "model-00001-of-00003.safetensors"] {
+        assert_eq!(
+            std::fs::read(Path::new(&path).join(f)).unwrap(),
+            std::fs::read(fixture("tiny").join(f)).unwrap()
+        );
+    }
+    assert!(!Path::new(&path).join("README.md").exists());
+    // The pulled snapshot is a model the engine serves; `pull --list` sees it without the network.
+    let list = Command::new(env!("CARGO_BIN_EXE_jemma"))
+        .args(["pull", "--list"])
+        .envs(hub_env("http://127.0.0.1:9", home.path()))
+        .output()
+        .unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.lines().any(|l| l.starts_with("test-tiny") && l.contains("[downloaded")), "{list}");
+    // Unknown repos fail with the Hub's answer and a non-zero exit.
+    let bad = Command::new(env!("CARGO_BIN_EXE_jemma"))
+        .args(["pull", "jemma-test/missing"])
+        .envs(hub_env(&url, home.path()))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not found"));
+}
+
+#[test]
+fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
+    let (rt, url, home) = hub_with_tiny(25);
+    let env = hub_env(&url, home.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"test-tiny\"\n";
+    let s = Server::spawn_with(&[], Some(cfg), &env, None);
+    let mut seen = vec![];
+    wait_for("the download to finish and the model to load", Duration::from_secs(90), || {
+        let h = health(&s);
+        let state = tier(&h, "fast")["state"].as_str().unwrap_or("").to_string();
+        if state.starts_with("downloading") {
+            assert_eq!(h["status"], "starting", "{h}");
+        }
+        if seen.last() != Some(&state) {
+            seen.push(state.clone());
+        }
+        state == "ready"
+    });
+    let partial = seen.iter().any(|s| {
+        s.strip_prefix("downloading ")
+            .and_then(|p| p.trim_end_matches('%').parse::<u32>().ok())
+            .is_some_and(|p| p > 0 && p < 100)
+    });
+    assert!(partial, "saw a partial download percentage: {seen:?}");
+    let client = reqwest::Client::new();
+    let (code, body) = rt.block_on(chat(&client, &s, "fast"));
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["_routing"]["model"], "test-tiny");
+    // The model landed in the standard cache, where the next start finds it without the Hub.
+    drop(s);
+    let offline = hub_env("http://127.0.0.1:9", home.path());
+    let offline: Vec<(&str, &str)> = offline.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start_with(&[], Some(cfg), &offline, None);
+    assert_eq!(tier(&health(&s), "fast")["state"], "ready");
+}
+
+#[test]
+fn footprint_estimate_is_within_15_percent_of_the_measured_peak() {
+    for model in ["tiny", "moe", "tiny-q4", "moe-q4", "small"] {
+        for n in [200usize, 1000, 3000] {
+            if model == "small" && n == 3000 {
+                continue;
+            }
+            let ids: Vec<String> = (0..n).map(|i| (3 + (i * 7) % 900).to_string()).collect();
+            let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
+                .args(["generate", "--json", "--ignore-eos", "--max-tokens", "16", "--model"])
+                .arg(fixture(model))
+                .args(["--prompt-ids", &ids.join(",")])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+            let f = &v["footprint_estimate"];
+            let est = ["weights_bytes", "kv_cache_bytes", "activation_bytes"]
+                .iter()
+                .map(|k| f[k].as_u64().unwrap())
+                .sum::<u64>() as f64;
+            let peak = v["peak_memory_bytes"].as_u64().unwrap() as f64;
+            let ratio = est / peak;
+            eprintln!("{model} n={n}: estimate {est:.0} peak {peak:.0} ratio {ratio:.3}");
+            assert!((0.85..=1.15).contains(&ratio), "{model} n={n}: ratio {ratio:.3}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_unload_releases_memory_and_the_next_request_reloads() {
+    let cfg = format!(
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\nkeep_alive_secs = 2\ncontext_length = 1024\n",
+        fixture("small").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = reqwest::Client::new();
+    assert_eq!(chat(&client, &s, "fast").await.0, 200);
+    let loaded = tier(&health(&s), "fast");
+    assert_eq!(loaded["state"], "ready");
+    let rss_loaded = loaded["details"]["process_rss_bytes"].as_u64().unwrap();
+    let mlx_loaded = loaded["details"]["mlx_active_bytes"].as_u64().unwrap();
+    assert!(mlx_loaded > 90 << 20, "weights resident: {mlx_loaded}");
+    wait_for("the idle unload", Duration::from_secs(20), || {
+        tier(&health(&s), "fast")["state"] == "unloaded"
+    });
+    let h = health(&s);
+    let unloaded = tier(&h, "fast");
+    let rss_unloaded = unloaded["details"]["process_rss_bytes"].as_u64().unwrap();
+    let mlx_unloaded = unloaded["details"]["mlx_active_bytes"].as_u64().unwrap();
+    eprintln!("rss {rss_loaded} -> {rss_unloaded}, mlx {mlx_loaded} -> {mlx_unloaded}");
+    assert!(mlx_unloaded < 8 << 20, "MLX memory released: {mlx_unloaded}");
+    assert!(
+        rss_loaded.saturating_sub(rss_unloaded) > 60 << 20,
+        "RSS dropped by the weights: {rss_loaded} -> {rss_unloaded}"
+    );
+    assert_eq!(h["memory"]["reserved_bytes"], 0, "{h}");
+    // Transparent reload.
+    let (code, body) = chat(&client, &s, "fast").await;
+    assert_eq!(code, 200, "{body}");
+    let back = tier(&health(&s), "fast");
+    assert_eq!(back["state"], "ready");
+    assert!(back["details"]["process_rss_bytes"].as_u64().unwrap() > rss_unloaded + (60 << 20));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_over_the_memory_limit_is_refused_and_requests_fall_back() {
+    let cfg = format!(
+        "[memory]\nlimit = \"64MiB\"\npressure = \"off\"\n\
+         [tiers.primary]\nmodel = \"{}\"\ncontext_length = 512\n\
+         [tiers.fast]\nmodel = \"{}\"\ncontext_length = 512\n",
+        fixture("small").display(),
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let h = health(&s);
+    let primary = tier(&h, "primary");
+    assert_eq!(primary["state"], "unloaded", "{h}");
+    let err = primary["last_error"].as_str().unwrap();
+    assert!(err.contains("insufficient memory") && err.contains("memory limit is 64 MiB"), "{err}");
+    assert!(primary["details"]["footprint"]["weights_bytes"].as_u64().unwrap() > 100_000_000);
+    assert_eq!(tier(&h, "fast")["state"], "ready");
+    // The refused tier's requests fall back, and the fallback chain says why.
+    let client = reqwest::Client::new();
+    let (code, body) = chat(&client, &s, "primary").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["_routing"]["tier"], "fast");
+    let chain = body["_routing"]["fallback"].to_string();
+    assert!(chain.contains("insufficient memory"), "{chain}");
+    // Nothing was loaded for the refused model.
+    let mlx = tier(&health(&s), "primary")["details"]["mlx_active_bytes"].as_u64().unwrap();
+    assert!(mlx < 64 << 20, "{mlx}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_pressure_unloads_idle_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let psi = dir.path().join("memory.pressure");
+    let calm = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+    std::fs::write(&psi, calm).unwrap();
+    let cfg = format!(
+        "[memory]\npressure = \"{}\"\npoll_secs = 0.1\n[tiers.fast]\nmodel = \"{}\"\nkeep_alive_secs = -1\n",
+        psi.display(),
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = reqwest::Client::new();
+    assert_eq!(chat(&client, &s, "fast").await.0, 200);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(tier(&health(&s), "fast")["state"], "ready", "no pressure, no unload");
+    std::fs::write(
+        &psi,
+        "some avg10=55.00 avg60=20.00 avg300=5.00 total=9000\nfull avg10=12.00 avg60=4.00 avg300=1.00 total=3000\n",
+    )
+    .unwrap();
+    wait_for("the pressure unload", Duration::from_secs(10), || {
+        tier(&health(&s), "fast")["state"] == "unloaded"
+    });
+    assert_eq!(health(&s)["memory"]["pressure"], "critical");
+    std::fs::write(&psi, calm).unwrap();
+    let (code, body) = chat(&client, &s, "fast").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(tier(&health(&s), "fast")["state"], "ready");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tier_switches_models_without_a_restart() {
+    let cfg = format!(
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
+        fixture("tiny").display(),
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = reqwest::Client::new();
+    let post = |body: Value, headers: Vec<(&'static str, &'static str)>| {
+        let mut r = client
+            .post(format!("{}/admin/tiers/fast/model", s.url))
+            .json(&body);
+        for (k, v) in headers {
+            r = r.header(k, v);
+        }
+        r.send()
+    };
+    // Only this machine may change models (a tailnet-proxied caller may not, key or no key).
+    let r = post(json!({"model": "x"}), vec![("tailscale-user-login", "eve@example.com")]).await.unwrap();
+    assert_eq!(r.status(), 403);
+    let r = post(json!({"model": "no/such-model-anywhere", "wait": true}), vec![]).await.unwrap();
+    assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
+    let r = post(json!({"nope": 1}), vec![]).await.unwrap();
+    assert_eq!(r.status(), 400);
+    let r = post(json!({"model": fixture("moe"), "wait": true}), vec![]).await.unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let h = health(&s);
+    assert_eq!(tier(&h, "fast")["model"], "moe");
+    assert_eq!(tier(&h, "fast")["state"], "ready");
+    // The other tier shared the old engine and keeps it.
+    assert_eq!(tier(&h, "primary")["model"], "tiny");
+    let (code, body) = chat(&client, &s, "fast").await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["_routing"]["model"], "moe");
+    // Asynchronous form: 202 at once, /health shows the swap, then the new model serves.
+    let r = post(json!({"model": fixture("tiny-q4")}), vec![]).await.unwrap();
+    assert_eq!(r.status(), 202);
+    wait_for("the asynchronous swap", Duration::from_secs(30), || {
+        tier(&health(&s), "fast")["model"] == "tiny-q4"
+    });
+    assert_eq!(chat(&client, &s, "fast").await.0, 200);
+}
