@@ -43,7 +43,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let metal = mlx.as_ref().is_some_and(|m| m.metal_available);
     let recommendation = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
     // The cache lookup needs no network; the client only reads the directory layout.
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     let hub = rt.block_on(async {
         Hub::new(HubConfig {
             cache_dir: Some(cache.clone()),
@@ -53,13 +55,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let downloaded = catalog
         .models
         .iter()
-        .filter(|(_, e)| hub.cached(&e.repo, &e.revision, &Selection::of(e)).is_some())
+        .filter(|(_, e)| {
+            hub.cached(&e.repo, &e.revision, &Selection::of(e))
+                .is_some()
+        })
         .map(|(n, _)| n.clone())
         .collect();
     let footprint = match &args.model {
         Some(dir) => {
             let dtype = mlx.as_ref().and_then(|m| {
-                jemma_engine::runtime::default_dtype(m.device).map(jemma_engine::footprint::dtype_bytes)
+                jemma_engine::runtime::default_dtype(m.device)
+                    .map(jemma_engine::footprint::dtype_bytes)
             });
             Some(jemma_engine::footprint::estimate(
                 dir,
@@ -91,7 +97,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "chip         {} ({} cores{})",
         h.chip,
         h.cores,
-        if h.apple_silicon { ", Apple Silicon" } else { "" }
+        if h.apple_silicon {
+            ", Apple Silicon"
+        } else {
+            ""
+        }
     );
     println!(
         "memory       {:.1} GiB total, {:.1} GiB available",
@@ -99,7 +109,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         gib(h.available_memory_bytes)
     );
     match h.disk_free_bytes {
-        Some(d) => println!("disk         {:.1} GiB free for {}", gib(d), report.hf_cache.display()),
+        Some(d) => println!(
+            "disk         {:.1} GiB free for {}",
+            gib(d),
+            report.hf_cache.display()
+        ),
         None => println!("disk         unknown ({})", report.hf_cache.display()),
     }
     match (&report.mlx, &report.mlx_error) {
@@ -127,7 +141,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             "ok "
         };
-        let have = if report.downloaded.contains(&f.model) { " [downloaded]" } else { "" };
+        let have = if report.downloaded.contains(&f.model) {
+            " [downloaded]"
+        } else {
+            ""
+        };
         println!("  {mark} {:<18} {:<8} {}{have}", f.model, f.tier, f.reason);
     }
     if let Some(fp) = &report.footprint {
@@ -135,7 +153,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("footprint    {}", fp.describe());
     }
     println!();
-    println!("recommended jemma.toml (models are downloaded at the first `jemma serve`, or now with `jemma pull`):");
+    println!(
+        "recommended jemma.toml (models are downloaded at the first `jemma serve`, or now with `jemma pull`):"
+    );
     print!("{}", report.recommendation.config_toml);
     Ok(())
 }

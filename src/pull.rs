@@ -96,17 +96,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .map(|i| i.metal_available)
             .unwrap_or(false);
         let rec = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
-        let mut picks = vec![];
-        for tier in ["fast", "primary"] {
-            let best = rec
-                .fits
-                .iter()
-                .find(|f| f.tier == tier && f.fits && f.preferred)
-                .or_else(|| rec.fits.iter().find(|f| f.tier == tier && f.fits));
-            if let Some(f) = best {
-                picks.push(f.model.clone());
-            }
-        }
+        let mut picks: Vec<String> = ["fast", "primary"]
+            .iter()
+            .filter_map(|t| rec.pick(t))
+            .collect();
+        picks.dedup();
         if picks.is_empty() {
             bail!("no catalog model fits this machine (see `jemma doctor`)");
         }
@@ -131,7 +125,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Err(e) => {
                 failed += 1;
                 if args.json {
-                    println!("{}", serde_json::json!({"model": m, "error": format!("{e:#}")}));
+                    println!(
+                        "{}",
+                        serde_json::json!({"model": m, "error": format!("{e:#}")})
+                    );
                 } else {
                     eprintln!("{m}: {e:#}");
                 }
@@ -144,7 +141,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pull_one(hub: &Hub, catalog: &Catalog, model: &str, json: bool) -> anyhow::Result<PathBuf> {
+async fn pull_one(
+    hub: &Hub,
+    catalog: &Catalog,
+    model: &str,
+    json: bool,
+) -> anyhow::Result<PathBuf> {
     let r = ModelRef::parse(model, catalog)?;
     let Some((repo, rev, sel)) = r.hub_target(catalog) else {
         bail!("{model} is a local path; nothing to download");

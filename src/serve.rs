@@ -54,7 +54,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let router = jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?;
+        let router =
+            jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?;
         let state = AppState::new(
             router,
             cfg.limits.clone(),

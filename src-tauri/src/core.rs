@@ -92,6 +92,45 @@ pub fn effective_config(
             );
         }
     }
+    if cfg.tiers.is_empty() {
+        // First launch with nothing configured: the models that fit this machine (the hardware check),
+        // downloaded only when the user asks (the tray's "Download models").
+        let cache = cfg
+            .models
+            .cache_dir
+            .as_ref()
+            .map(PathBuf::from)
+            .unwrap_or_else(jemma_models::hub::default_cache_dir);
+        let hw = jemma_models::hardware::Hardware::detect(&cache);
+        let metal = jemma_engine::device::mlx_info()
+            .map(|i| i.metal_available)
+            .unwrap_or(false);
+        let catalog =
+            jemma_models::Catalog::with_overrides(jemma_models::Catalog::user_path().as_deref())?;
+        let rec = jemma_models::hardware::recommend(
+            &catalog,
+            &hw,
+            metal,
+            jemma_router::setup::LOCAL_FORMATS,
+        );
+        tracing::info!(
+            ?hw,
+            "first launch: no models configured; recommending for this machine"
+        );
+        for (tier, name) in [(Tier::Fast, "fast"), (Tier::Primary, "primary")] {
+            if let Some(model) = rec.pick(name).or_else(|| rec.pick("fast")) {
+                cfg.tiers.insert(
+                    tier,
+                    TierConfig {
+                        kind: TierKind::Local,
+                        model,
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+        cfg.models.auto_download = false;
+    }
     // The Settings window's keep-alive applies to every local tier (0 means "use the config's").
     if settings.keep_alive != 0 {
         for t in cfg.tiers.values_mut().filter(|t| t.kind == TierKind::Local) {

@@ -19,6 +19,7 @@ use crate::core::Core;
 #[derive(Clone)]
 pub struct TrayItems {
     tiers: Vec<(Tier, MenuItem<Wry>)>,
+    download: MenuItem<Wry>,
     memory: MenuItem<Wry>,
     requests: MenuItem<Wry>,
     heavy: CheckMenuItem<Wry>,
@@ -87,6 +88,7 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         None::<&str>,
     )?;
     let memory = MenuItem::with_id(app, "memory", "Memory: …", false, None::<&str>)?;
+    let download = MenuItem::with_id(app, "download", "Download models", false, None::<&str>)?;
     let requests = MenuItem::with_id(app, "requests", "Requests served: 0", false, None::<&str>)?;
     let heavy_on = status.iter().any(|s| s.tier == Tier::Heavy && s.enabled);
     let heavy = CheckMenuItem::with_id(
@@ -131,7 +133,8 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
     }
     let (s1, s2, s3) = (sep()?, sep()?, sep()?);
     items.extend([
-        &s1 as &dyn tauri::menu::IsMenuItem<Wry>,
+        &download as &dyn tauri::menu::IsMenuItem<Wry>,
+        &s1,
         &memory,
         &requests,
         &url,
@@ -148,6 +151,7 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
     let menu = Menu::with_items(app, &items)?;
     let handles = TrayItems {
         tiers,
+        download,
         memory,
         requests,
         heavy,
@@ -200,6 +204,20 @@ fn refresh(app: &AppHandle, core: &Core, h: &TrayItems, sys: &mut System) {
             "Heavy tier"
         });
     }
+    // "Download models" is offered while a tier's model is not on disk (first launch); it stays greyed
+    // out while a download runs (the tier lines show "downloading n%").
+    let missing = status.iter().any(|s| s.backend.state == "not downloaded");
+    let downloading = status
+        .iter()
+        .any(|s| s.backend.state.starts_with("downloading"));
+    let _ = h.download.set_enabled(missing && !downloading);
+    let _ = h.download.set_text(if downloading {
+        "Downloading models…"
+    } else if missing {
+        "Download models"
+    } else {
+        "Models downloaded"
+    });
     sys.refresh_memory();
     let pid = Pid::from_u32(std::process::id());
     sys.refresh_processes_specifics(
@@ -241,6 +259,24 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
             if let Err(e) = app.clipboard().write_text(core.url.clone()) {
                 tracing::warn!(error = %e, "copying the gateway URL failed");
             }
+        }
+        "download" => {
+            let missing: Vec<(Tier, String)> = core
+                .router
+                .status()
+                .into_iter()
+                .filter(|s| s.backend.state == "not downloaded")
+                .map(|s| (s.tier, s.backend.model.clone()))
+                .collect();
+            let r = core.router.clone();
+            tauri::async_runtime::spawn(async move {
+                // One at a time: tiers naming the same model find it in the cache the second time.
+                for (tier, model) in missing {
+                    if let Err(e) = r.set_model(tier, &model).await {
+                        tracing::warn!(%tier, %model, error = %e, "model download failed");
+                    }
+                }
+            });
         }
         "heavy" => {
             let on = h.heavy.is_checked().unwrap_or(false);

@@ -107,7 +107,40 @@ fn doctor_reports_the_cpu_device_and_float32() {
     let v: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(v["mlx"]["device"], "cpu");
     assert_eq!(v["mlx"]["compute_dtype"], "float32");
-    assert!(v["total_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(v["hardware"]["total_memory_bytes"].as_u64().unwrap() > 0);
+    assert!(v["hardware"]["disk_free_bytes"].as_u64().unwrap() > 0);
+    // A verdict per catalog model, and a configuration this build can serve.
+    let fits = v["recommendation"]["fits"].as_array().unwrap();
+    let heavy = fits
+        .iter()
+        .find(|f| f["model"] == "gemma-4-26b-a4b")
+        .unwrap();
+    assert_eq!(heavy["fits"], false);
+    assert!(heavy["reason"].as_str().unwrap().contains("Cloud Run"));
+    let toml = v["recommendation"]["config_toml"].as_str().unwrap();
+    jemma_router::config::Config::parse(toml).expect("the recommended config parses");
+    assert!(toml.contains("[tiers.fast]"), "{toml}");
+}
+
+#[test]
+fn doctor_estimates_a_models_footprint() {
+    let (ok, stdout, stderr) = jemma(&[
+        "doctor",
+        "--json",
+        "--model",
+        crate::support::fixture("tiny").to_str().unwrap(),
+        "--context",
+        "2048",
+    ]);
+    assert!(ok, "{stderr}");
+    let v: Value = serde_json::from_str(&stdout).unwrap();
+    let f = &v["footprint"];
+    assert_eq!(f["context_length"], 2048);
+    assert_eq!(
+        f["weights_bytes"], 5_440_728,
+        "tensor bytes of the tiny fixture"
+    );
+    assert!(f["kv_cache_bytes"].as_u64().unwrap() > 0);
 }
 
 #[test]

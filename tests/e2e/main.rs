@@ -4,9 +4,9 @@
 
 mod chaos;
 mod cli;
-mod faults;
 #[path = "../../crates/models/tests/fake_hub/mod.rs"]
 mod fake_hub;
+mod faults;
 mod models;
 mod openai_sdk;
 mod support;

@@ -57,8 +57,12 @@ fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile
             repo.files.insert(name, std::fs::read(e.path()).unwrap());
         }
     }
-    repo.files.insert("README.md".into(), b"not pulled".to_vec());
-    hub.repos.lock().unwrap().insert("jemma-test/gemma-4-tiny".into(), repo);
+    repo.files
+        .insert("README.md".into(), b"not pulled".to_vec());
+    hub.repos
+        .lock()
+        .unwrap()
+        .insert("jemma-test/gemma-4-tiny".into(), repo);
     *hub.throttle_ms.lock().unwrap() = throttle_ms;
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
@@ -74,7 +78,10 @@ fn hub_env<'a>(url: &'a str, home: &'a Path) -> Vec<(&'static str, String)> {
     vec![
         ("HF_ENDPOINT", url.to_string()),
         ("HF_HOME", home.join("hf").to_string_lossy().into_owned()),
-        ("JEMMA_CATALOG", home.join("models.toml").to_string_lossy().into_owned()),
+        (
+            "JEMMA_CATALOG",
+            home.join("models.toml").to_string_lossy().into_owned(),
+        ),
         ("HF_TOKEN", String::new()),
     ]
 }
@@ -89,16 +96,41 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let progress: Vec<&Value> = lines.iter().filter(|l| l.get("done_bytes").is_some()).collect();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let progress: Vec<&Value> = lines
+        .iter()
+        .filter(|l| l.get("done_bytes").is_some())
+        .collect();
     assert!(progress.len() > 3, "{stdout}");
     let total = progress[0]["total_bytes"].as_u64().unwrap();
-    assert!(progress.windows(2).all(|w| w[0]["done_bytes"].as_u64() <= w[1]["done_bytes"].as_u64()));
+    assert!(
+        progress
+            .windows(2)
+            .all(|w| w[0]["done_bytes"].as_u64() <= w[1]["done_bytes"].as_u64())
+    );
     assert_eq!(progress.last().unwrap()["done_bytes"].as_u64(), Some(total));
     let path = lines.last().unwrap()["path"].as_str().unwrap().to_string();
-    assert!(path.starts_with(home.path().join("hf/hub/models--jemma-test--gemma-4-tiny/snapshots").to_str().unwrap()));
-    for f in ["config.json", "tokenizer.json", "model-00001-of-00003.safetensors"] {
+    assert!(
+        path.starts_with(
+            home.path()
+                .join("hf/hub/models--jemma-test--gemma-4-tiny/snapshots")
+                .to_str()
+                .unwrap()
+        )
+    );
+    for f in [
+        "config.json",
+        "tokenizer.json",
+        "model-00001-of-00003.safetensors",
+    ] {
         assert_eq!(
             std::fs::read(Path::new(&path).join(f)).unwrap(),
             std::fs::read(fixture("tiny").join(f)).unwrap()
@@ -112,7 +144,11 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
         .output()
         .unwrap();
     let list = String::from_utf8_lossy(&list.stdout);
-    assert!(list.lines().any(|l| l.starts_with("test-tiny") && l.contains("[downloaded")), "{list}");
+    assert!(
+        list.lines()
+            .any(|l| l.starts_with("test-tiny") && l.contains("[downloaded")),
+        "{list}"
+    );
     // Unknown repos fail with the Hub's answer and a non-zero exit.
     let bad = Command::new(env!("CARGO_BIN_EXE_jemma"))
         .args(["pull", "jemma-test/missing"])
@@ -131,17 +167,21 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
     let cfg = "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"test-tiny\"\n";
     let s = Server::spawn_with(&[], Some(cfg), &env, None);
     let mut seen = vec![];
-    wait_for("the download to finish and the model to load", Duration::from_secs(90), || {
-        let h = health(&s);
-        let state = tier(&h, "fast")["state"].as_str().unwrap_or("").to_string();
-        if state.starts_with("downloading") {
-            assert_eq!(h["status"], "starting", "{h}");
-        }
-        if seen.last() != Some(&state) {
-            seen.push(state.clone());
-        }
-        state == "ready"
-    });
+    wait_for(
+        "the download to finish and the model to load",
+        Duration::from_secs(90),
+        || {
+            let h = health(&s);
+            let state = tier(&h, "fast")["state"].as_str().unwrap_or("").to_string();
+            if state.starts_with("downloading") {
+                assert_eq!(h["status"], "starting", "{h}");
+            }
+            if seen.last() != Some(&state) {
+                seen.push(state.clone());
+            }
+            state == "ready"
+        },
+    );
     let partial = seen.iter().any(|s| {
         s.strip_prefix("downloading ")
             .and_then(|p| p.trim_end_matches('%').parse::<u32>().ok())
@@ -169,12 +209,23 @@ fn footprint_estimate_is_within_15_percent_of_the_measured_peak() {
             }
             let ids: Vec<String> = (0..n).map(|i| (3 + (i * 7) % 900).to_string()).collect();
             let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
-                .args(["generate", "--json", "--ignore-eos", "--max-tokens", "16", "--model"])
+                .args([
+                    "generate",
+                    "--json",
+                    "--ignore-eos",
+                    "--max-tokens",
+                    "16",
+                    "--model",
+                ])
                 .arg(fixture(model))
                 .args(["--prompt-ids", &ids.join(",")])
                 .output()
                 .unwrap();
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let v: Value = serde_json::from_slice(&out.stdout).unwrap();
             let f = &v["footprint_estimate"];
             let est = ["weights_bytes", "kv_cache_bytes", "activation_bytes"]
@@ -184,7 +235,10 @@ fn footprint_estimate_is_within_15_percent_of_the_measured_peak() {
             let peak = v["peak_memory_bytes"].as_u64().unwrap() as f64;
             let ratio = est / peak;
             eprintln!("{model} n={n}: estimate {est:.0} peak {peak:.0} ratio {ratio:.3}");
-            assert!((0.85..=1.15).contains(&ratio), "{model} n={n}: ratio {ratio:.3}");
+            assert!(
+                (0.85..=1.15).contains(&ratio),
+                "{model} n={n}: ratio {ratio:.3}"
+            );
         }
     }
 }
@@ -211,7 +265,10 @@ async fn idle_unload_releases_memory_and_the_next_request_reloads() {
     let rss_unloaded = unloaded["details"]["process_rss_bytes"].as_u64().unwrap();
     let mlx_unloaded = unloaded["details"]["mlx_active_bytes"].as_u64().unwrap();
     eprintln!("rss {rss_loaded} -> {rss_unloaded}, mlx {mlx_loaded} -> {mlx_unloaded}");
-    assert!(mlx_unloaded < 8 << 20, "MLX memory released: {mlx_unloaded}");
+    assert!(
+        mlx_unloaded < 8 << 20,
+        "MLX memory released: {mlx_unloaded}"
+    );
     assert!(
         rss_loaded.saturating_sub(rss_unloaded) > 60 << 20,
         "RSS dropped by the weights: {rss_loaded} -> {rss_unloaded}"
@@ -239,8 +296,16 @@ async fn a_model_over_the_memory_limit_is_refused_and_requests_fall_back() {
     let primary = tier(&h, "primary");
     assert_eq!(primary["state"], "unloaded", "{h}");
     let err = primary["last_error"].as_str().unwrap();
-    assert!(err.contains("insufficient memory") && err.contains("memory limit is 64 MiB"), "{err}");
-    assert!(primary["details"]["footprint"]["weights_bytes"].as_u64().unwrap() > 100_000_000);
+    assert!(
+        err.contains("insufficient memory") && err.contains("memory limit is 64 MiB"),
+        "{err}"
+    );
+    assert!(
+        primary["details"]["footprint"]["weights_bytes"]
+            .as_u64()
+            .unwrap()
+            > 100_000_000
+    );
     assert_eq!(tier(&h, "fast")["state"], "ready");
     // The refused tier's requests fall back, and the fallback chain says why.
     let client = reqwest::Client::new();
@@ -250,7 +315,9 @@ async fn a_model_over_the_memory_limit_is_refused_and_requests_fall_back() {
     let chain = body["_routing"]["fallback"].to_string();
     assert!(chain.contains("insufficient memory"), "{chain}");
     // Nothing was loaded for the refused model.
-    let mlx = tier(&health(&s), "primary")["details"]["mlx_active_bytes"].as_u64().unwrap();
+    let mlx = tier(&health(&s), "primary")["details"]["mlx_active_bytes"]
+        .as_u64()
+        .unwrap();
     assert!(mlx < 64 << 20, "{mlx}");
 }
 
@@ -269,7 +336,11 @@ async fn memory_pressure_unloads_idle_models() {
     let client = reqwest::Client::new();
     assert_eq!(chat(&client, &s, "fast").await.0, 200);
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(tier(&health(&s), "fast")["state"], "ready", "no pressure, no unload");
+    assert_eq!(
+        tier(&health(&s), "fast")["state"],
+        "ready",
+        "no pressure, no unload"
+    );
     std::fs::write(
         &psi,
         "some avg10=55.00 avg60=20.00 avg300=5.00 total=9000\nfull avg10=12.00 avg60=4.00 avg300=1.00 total=3000\n",
@@ -304,13 +375,25 @@ async fn a_tier_switches_models_without_a_restart() {
         r.send()
     };
     // Only this machine may change models (a tailnet-proxied caller may not, key or no key).
-    let r = post(json!({"model": "x"}), vec![("tailscale-user-login", "eve@example.com")]).await.unwrap();
+    let r = post(
+        json!({"model": "x"}),
+        vec![("tailscale-user-login", "eve@example.com")],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 403);
-    let r = post(json!({"model": "no/such-model-anywhere", "wait": true}), vec![]).await.unwrap();
+    let r = post(
+        json!({"model": "no/such-model-anywhere", "wait": true}),
+        vec![],
+    )
+    .await
+    .unwrap();
     assert_eq!(r.status(), 400, "{}", r.text().await.unwrap());
     let r = post(json!({"nope": 1}), vec![]).await.unwrap();
     assert_eq!(r.status(), 400);
-    let r = post(json!({"model": fixture("moe"), "wait": true}), vec![]).await.unwrap();
+    let r = post(json!({"model": fixture("moe"), "wait": true}), vec![])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
     let h = health(&s);
     assert_eq!(tier(&h, "fast")["model"], "moe");
@@ -321,7 +404,9 @@ async fn a_tier_switches_models_without_a_restart() {
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["model"], "moe");
     // Asynchronous form: 202 at once, /health shows the swap, then the new model serves.
-    let r = post(json!({"model": fixture("tiny-q4")}), vec![]).await.unwrap();
+    let r = post(json!({"model": fixture("tiny-q4")}), vec![])
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     wait_for("the asynchronous swap", Duration::from_secs(30), || {
         tier(&health(&s), "fast")["model"] == "tiny-q4"

@@ -155,9 +155,15 @@ pub fn estimate(
                 continue;
             };
             // The same tensors the loader drops (see gemma4::sanitize).
-            if ["rotary_emb", "input_max", "input_min", "output_max", "output_min"]
-                .iter()
-                .any(|s| k.contains(s))
+            if [
+                "rotary_emb",
+                "input_max",
+                "input_min",
+                "output_max",
+                "output_min",
+            ]
+            .iter()
+            .any(|s| k.contains(s))
             {
                 continue;
             }
@@ -166,9 +172,13 @@ pub fn estimate(
                 .and_then(|r| r.split('.').next())
                 .and_then(|n| n.parse::<usize>().ok());
             if layer.is_some_and(|l| l >= first_shared)
-                && [".self_attn.k_proj", ".self_attn.v_proj", ".self_attn.k_norm"]
-                    .iter()
-                    .any(|s| k.contains(s))
+                && [
+                    ".self_attn.k_proj",
+                    ".self_attn.v_proj",
+                    ".self_attn.k_norm",
+                ]
+                .iter()
+                .any(|s| k.contains(s))
             {
                 continue;
             }
@@ -228,24 +238,20 @@ pub fn estimate(
     // states, the MLP (dense and routed experts) intermediates, every layer's per-layer input and the
     // projected queries/keys.
     let scores = (t.num_attention_heads * max_ts) as u64 * elem * 9 / 8;
-    let mlp = specs
-        .iter()
-        .map(|s| s.intermediate_size)
-        .max()
-        .unwrap_or(0)
+    let mlp = specs.iter().map(|s| s.intermediate_size).max().unwrap_or(0)
         + t.moe_intermediate_size.unwrap_or(0) * t.top_k_experts.unwrap_or(0);
     let heads_width = t.num_attention_heads * t.head_dim.max(t.global_head_dim.unwrap_or(0));
-    let per_token = (3 * t.hidden_size
-        + 3 * mlp
-        + 2 * t.num_hidden_layers * t.ple_dim()
-        + heads_width) as u64
-        * elem;
+    let per_token =
+        (3 * t.hidden_size + 3 * mlp + 2 * t.num_hidden_layers * t.ple_dim() + heads_width) as u64
+            * elem;
     // Decode: the last position's logits, their log-softmax and the sampler's copy, in float32.
     let logits = t.vocab_size as u64 * 4 * 3;
     Ok(Footprint {
         weights_bytes: weights,
         kv_cache_bytes: kv,
-        activation_bytes: scores + per_token * chunk.min(ctx.saturating_sub(1)).max(1) as u64 + logits,
+        activation_bytes: scores
+            + per_token * chunk.min(ctx.saturating_sub(1)).max(1) as u64
+            + logits,
         runtime_overhead_bytes: RUNTIME_OVERHEAD_BYTES,
         context_length: ctx,
         prefill_chunk: chunk,

@@ -402,11 +402,15 @@ mod tests {
         let calm = "some avg10=0.00 avg60=0.00 avg300=0.00 total=0\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
         assert_eq!(parse_psi(calm), PressureLevel::Normal);
         assert_eq!(
-            parse_psi("some avg10=12.50 avg60=1 avg300=0 total=5\nfull avg10=1.00 avg60=0 avg300=0 total=1"),
+            parse_psi(
+                "some avg10=12.50 avg60=1 avg300=0 total=5\nfull avg10=1.00 avg60=0 avg300=0 total=1"
+            ),
             PressureLevel::Warn
         );
         assert_eq!(
-            parse_psi("some avg10=20.00 avg60=1 avg300=0 total=5\nfull avg10=7.10 avg60=0 avg300=0 total=1"),
+            parse_psi(
+                "some avg10=20.00 avg60=1 avg300=0 total=5\nfull avg10=7.10 avg60=0 avg300=0 total=1"
+            ),
             PressureLevel::Critical
         );
         assert_eq!(parse_psi("garbage"), PressureLevel::Normal);

@@ -13,8 +13,8 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
-use crate::memory::MemoryGovernor;
 use crate::generate::{FinishReason, GenerateOptions, GenerationStats, TokenLogprobs, generate};
+use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::template::{ChatTemplate, RenderRequest};
 use crate::tokenizer::Tokenizer;
@@ -481,10 +481,7 @@ fn engine_thread(
     let memory = config.memory.as_ref().map(|g| g.register(&name));
     let load = |set: &StatusSetter<'_>| -> Result<ModelBundle> {
         // Estimate and reserve before reading a byte: refusing is better than swapping the machine to death.
-        let elem = match dtype {
-            Some(d) => Some(crate::footprint::dtype_bytes(d)),
-            None => None,
-        };
+        let elem = dtype.map(crate::footprint::dtype_bytes);
         let fp = crate::footprint::estimate(
             &config.model_dir,
             elem,
@@ -539,9 +536,7 @@ fn engine_thread(
                     s.state = if retry {
                         EngineState::Unloaded
                     } else {
-                        EngineState::Failed {
-                            error: msg.clone(),
-                        }
+                        EngineState::Failed { error: msg.clone() }
                     };
                 });
                 None
@@ -590,7 +585,11 @@ fn engine_thread(
                         if expired || pressed {
                             unload(
                                 &mut loaded,
-                                if pressed { "memory pressure" } else { "idle keep-alive" },
+                                if pressed {
+                                    "memory pressure"
+                                } else {
+                                    "idle keep-alive"
+                                },
                             );
                             break jobs.blocking_recv();
                         }

@@ -370,7 +370,9 @@ pub async fn set_tier_model(
     let router = state.router.clone();
     if wait {
         return match router.set_model(tier, &model).await {
-            Ok(()) => axum::Json(json!({"tier": tier, "model": model, "state": "ready"})).into_response(),
+            Ok(()) => {
+                axum::Json(json!({"tier": tier, "model": model, "state": "ready"})).into_response()
+            }
             Err(e) => ApiError(e).into_response(),
         };
     }

@@ -103,8 +103,8 @@ impl Catalog {
                 path: p.to_path_buf(),
                 source,
             })?;
-            let user =
-                Self::parse(&s).map_err(|e| ModelsError::Catalog(format!("{}: {e}", p.display())))?;
+            let user = Self::parse(&s)
+                .map_err(|e| ModelsError::Catalog(format!("{}: {e}", p.display())))?;
             c.models.extend(user.models);
         }
         Ok(c)
@@ -148,7 +148,9 @@ mod tests {
         assert!(heavy.file.as_deref().unwrap().contains("UD-Q4_K_XL"));
         assert!(heavy.gpu_only);
         for e in c.models.values() {
-            assert!(e.download_bytes > 0 && e.memory_bytes > 0 && e.min_free_bytes >= e.memory_bytes);
+            assert!(
+                e.download_bytes > 0 && e.memory_bytes > 0 && e.min_free_bytes >= e.memory_bytes
+            );
         }
     }
 
@@ -166,9 +168,22 @@ mod tests {
         assert_eq!(c.get("gemma-4-e2b").unwrap().repo, "me/my-e2b");
         assert_eq!(c.get("extra").unwrap().revision, "main");
         assert!(c.get("gemma-4-e4b").is_some(), "built-ins stay");
-        std::fs::write(&p, "[models.bad]\ntier = \"fast\"\nformat = \"gguf\"\nrepo = \"a/b\"\n").unwrap();
-        assert!(Catalog::with_overrides(Some(&p)).unwrap_err().to_string().contains("file"));
-        std::fs::write(&p, "[models.bad]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"a/b\"\ntypo = 1\n").unwrap();
+        std::fs::write(
+            &p,
+            "[models.bad]\ntier = \"fast\"\nformat = \"gguf\"\nrepo = \"a/b\"\n",
+        )
+        .unwrap();
+        assert!(
+            Catalog::with_overrides(Some(&p))
+                .unwrap_err()
+                .to_string()
+                .contains("file")
+        );
+        std::fs::write(
+            &p,
+            "[models.bad]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"a/b\"\ntypo = 1\n",
+        )
+        .unwrap();
         assert!(Catalog::with_overrides(Some(&p)).is_err());
     }
 }

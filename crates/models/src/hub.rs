@@ -266,7 +266,12 @@ impl Hub {
     }
 
     /// Asks the Hub which files `selection` needs, with sizes and hashes.
-    pub async fn plan(&self, repo: &str, revision: &str, selection: &Selection) -> Result<PullPlan> {
+    pub async fn plan(
+        &self,
+        repo: &str,
+        revision: &str,
+        selection: &Selection,
+    ) -> Result<PullPlan> {
         let resp = self
             .api
             .repo(Self::repo(repo, revision))
@@ -343,8 +348,7 @@ impl Hub {
                 let dir = path.parent()?.to_path_buf();
                 // Weights present too (a pull interrupted after config.json is not a model yet).
                 let has_weights = std::fs::read_dir(&dir).ok()?.flatten().any(|e| {
-                    e.file_name().to_string_lossy().ends_with(".safetensors")
-                        && e.path().exists()
+                    e.file_name().to_string_lossy().ends_with(".safetensors") && e.path().exists()
                 });
                 has_weights.then_some(dir)
             }
@@ -406,16 +410,22 @@ impl Hub {
         if let Some(commit) = &plan.commit
             && commit != &plan.revision
         {
-            let refs = self.cache.path().join(Repo::model(plan.repo.clone()).folder_name()).join("refs");
+            let refs = self
+                .cache
+                .path()
+                .join(Repo::model(plan.repo.clone()).folder_name())
+                .join("refs");
             let _ = std::fs::create_dir_all(&refs);
             let _ = std::fs::write(refs.join(&plan.revision), commit);
         }
         let last = last.ok_or_else(|| ModelsError::NotFound(plan.repo.clone()))?;
-        Ok(if plan.files.len() == 1 && !plan.files[0].name.ends_with(".json") {
-            last
-        } else {
-            last.parent().map(Path::to_path_buf).unwrap_or(last)
-        })
+        Ok(
+            if plan.files.len() == 1 && !plan.files[0].name.ends_with(".json") {
+                last
+            } else {
+                last.parent().map(Path::to_path_buf).unwrap_or(last)
+            },
+        )
     }
 }
 
@@ -584,7 +594,14 @@ mod tests {
             ModelRef::parse(dir.path().to_str().unwrap(), &c).unwrap(),
             ModelRef::Path(_)
         ));
-        for bad in ["/no/such/dir", "./missing", "justaname", "a/b/c", "a b/c", ""] {
+        for bad in [
+            "/no/such/dir",
+            "./missing",
+            "justaname",
+            "a/b/c",
+            "a b/c",
+            "",
+        ] {
             assert!(ModelRef::parse(bad, &c).is_err(), "{bad}");
         }
     }
@@ -592,10 +609,21 @@ mod tests {
     #[test]
     fn selection_patterns() {
         let s = Selection::Mlx;
-        for ok in ["config.json", "model-00001-of-00002.safetensors", "tokenizer.json", "chat_template.jinja"] {
+        for ok in [
+            "config.json",
+            "model-00001-of-00002.safetensors",
+            "tokenizer.json",
+            "chat_template.jinja",
+        ] {
             assert!(s.wants(ok), "{ok}");
         }
-        for no in ["README.md", "model.py", ".gitattributes", "sub/config.json", "x.gguf"] {
+        for no in [
+            "README.md",
+            "model.py",
+            ".gitattributes",
+            "sub/config.json",
+            "x.gguf",
+        ] {
             assert!(!s.wants(no), "{no}");
         }
         assert!(Selection::File("a.gguf".into()).wants("a.gguf"));
@@ -614,14 +642,28 @@ mod tests {
             blob_id: blob.map(Into::into),
         };
         // `git hash-object` of "hello\n" and its sha256.
-        verify(&p, &spec(6, None, Some("ce013625030ba8dba906f756967f9e9ca394464a"))).unwrap();
         verify(
             &p,
-            &spec(6, Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"), None),
+            &spec(6, None, Some("ce013625030ba8dba906f756967f9e9ca394464a")),
+        )
+        .unwrap();
+        verify(
+            &p,
+            &spec(
+                6,
+                Some("5891b5b522d5df086d0ff0b110fbd9d21bb4fc7163af34d08286a2e846f6be03"),
+                None,
+            ),
         )
         .unwrap();
         assert!(verify(&p, &spec(7, None, None)).is_err());
-        assert!(verify(&p, &spec(6, None, Some("0000000000000000000000000000000000000000"))).is_err());
+        assert!(
+            verify(
+                &p,
+                &spec(6, None, Some("0000000000000000000000000000000000000000"))
+            )
+            .is_err()
+        );
         assert!(verify(&p, &spec(6, Some("00"), None)).is_err());
     }
 }

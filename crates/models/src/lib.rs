@@ -17,10 +17,14 @@ pub enum ModelsError {
     #[error("catalog: {0}")]
     Catalog(String),
     /// A model reference names nothing known.
-    #[error("unknown model {0:?}: not a directory, a catalog name (see `jemma pull --list`) or a Hugging Face repo id (owner/name)")]
+    #[error(
+        "unknown model {0:?}: not a directory, a catalog name (see `jemma pull --list`) or a Hugging Face repo id (owner/name)"
+    )]
     UnknownModel(String),
     /// The Hub refused access (gated or private repo).
-    #[error("{repo}: access denied (HTTP {status}). If the repo is gated, accept its license at {url} and store a Hugging Face token (the app's Settings, `HF_TOKEN`, or `huggingface-cli login`)")]
+    #[error(
+        "{repo}: access denied (HTTP {status}). If the repo is gated, accept its license at {url} and store a Hugging Face token (the app's Settings, `HF_TOKEN`, or `huggingface-cli login`)"
+    )]
     Denied {
         /// Repo id.
         repo: String,

@@ -29,7 +29,11 @@ enum Current {
     /// Serving (or able to reload) this engine.
     Engine(Engine),
     /// No engine yet: downloading or about to load (`state` is shown in /health).
-    Pending { state: String, error: Option<String> },
+    Pending {
+        state: String,
+        error: Option<String>,
+        target: String,
+    },
 }
 
 /// The in-process MLX engine as a tier. The engine can be swapped for another model while the gateway
@@ -53,12 +57,14 @@ impl LocalBackend {
         Self::build(Current::Engine(engine), default_max_tokens)
     }
 
-    /// A tier whose model is not available yet (`state`: e.g. "downloading 0%"); see [`LocalBackend::attach`].
-    pub fn pending(state: &str, default_max_tokens: u32) -> Self {
+    /// A tier whose model `target` is not available yet (`state`: "downloading 0%", "not downloaded");
+    /// see [`LocalBackend::attach`] and [`Backend::set_model`].
+    pub fn pending(state: &str, target: &str, default_max_tokens: u32) -> Self {
         Self::build(
             Current::Pending {
                 state: state.into(),
                 error: None,
+                target: target.into(),
             },
             default_max_tokens,
         )
@@ -83,7 +89,11 @@ impl LocalBackend {
     }
 
     /// Engine settings (all but the model directory) and the resolver used by [`Backend::set_model`].
-    pub fn with_swapping(mut self, template: EngineConfig, resolver: Arc<dyn ModelResolver>) -> Self {
+    pub fn with_swapping(
+        mut self,
+        template: EngineConfig,
+        resolver: Arc<dyn ModelResolver>,
+    ) -> Self {
         self.template = template;
         self.resolver = Some(resolver);
         self
@@ -92,10 +102,11 @@ impl LocalBackend {
     /// Updates a pending tier's displayed state (download progress) or records why it failed.
     pub fn set_pending(&self, state: &str, error: Option<String>) {
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
-        if let Current::Pending { .. } = *c {
+        if let Current::Pending { target, .. } = &*c {
             *c = Current::Pending {
                 state: state.into(),
                 error,
+                target: target.clone(),
             };
         }
     }
@@ -108,7 +119,7 @@ impl LocalBackend {
     fn engine(&self) -> Result<Engine, BackendError> {
         match &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
             Current::Engine(e) => Ok(e.clone()),
-            Current::Pending { state, error } => Err(BackendError::Unavailable(match error {
+            Current::Pending { state, error, .. } => Err(BackendError::Unavailable(match error {
                 Some(e) => format!("model unavailable: {e}"),
                 None => format!("model not ready ({state})"),
             })),
@@ -119,7 +130,11 @@ impl LocalBackend {
         *self.swap.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
-    async fn swap_to(&self, resolver: &Arc<dyn ModelResolver>, target: &str) -> Result<(), BackendError> {
+    async fn swap_to(
+        &self,
+        resolver: &Arc<dyn ModelResolver>,
+        target: &str,
+    ) -> Result<(), BackendError> {
         let t = target.to_string();
         let share = Arc::new(Mutex::new(None::<f32>));
         let progress: Arc<dyn Fn(f32) + Send + Sync> = {
@@ -147,7 +162,8 @@ impl LocalBackend {
         cfg.name = Some(name);
         cfg.preload = true;
         let start = |cfg: EngineConfig| {
-            Engine::start(cfg).map_err(|e| BackendError::Unavailable(format!("starting the engine: {e}")))
+            Engine::start(cfg)
+                .map_err(|e| BackendError::Unavailable(format!("starting the engine: {e}")))
         };
         self.set_swap(Some((t.clone(), "loading 0%".into())));
         let engine = start(cfg.clone())?;
@@ -168,6 +184,7 @@ impl LocalBackend {
                     Current::Pending {
                         state: "swapping".into(),
                         error: None,
+                        target: t.clone(),
                     },
                 );
                 let old_engine = match old {
@@ -178,7 +195,8 @@ impl LocalBackend {
                     // Wait for its accepted requests to finish and its memory to be released.
                     let stopped = old.stopped();
                     drop(old);
-                    let _ = tokio::time::timeout(std::time::Duration::from_secs(300), stopped).await;
+                    let _ =
+                        tokio::time::timeout(std::time::Duration::from_secs(300), stopped).await;
                 }
                 self.set_swap(Some((t.clone(), "loading 0%".into())));
                 let engine = start(cfg)?;
@@ -190,7 +208,9 @@ impl LocalBackend {
                 self.attach(engine);
                 r.map_err(BackendError::Unavailable)
             }
-            Err(e) => Err(BackendError::BadRequest(format!("the new model failed to load: {e}"))),
+            Err(e) => Err(BackendError::BadRequest(format!(
+                "the new model failed to load: {e}"
+            ))),
         }
     }
 
@@ -350,13 +370,30 @@ impl Backend for LocalBackend {
         let engine = match self.engine() {
             Ok(e) => e,
             Err(_) => {
-                let (state, error) = match &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
-                    Current::Pending { state, error } => (state.clone(), error.clone()),
-                    Current::Engine(_) => (String::new(), None),
+                let (state, error, target) =
+                    match &*self.current.read().unwrap_or_else(|e| e.into_inner()) {
+                        Current::Pending {
+                            state,
+                            error,
+                            target,
+                        } => (state.clone(), error.clone(), target.clone()),
+                        Current::Engine(_) => Default::default(),
+                    };
+                // A download started by a model change shows as the tier's state.
+                let swapping = self
+                    .swap
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone()
+                    .map(|(_, st)| st);
+                let state = match (swapping, &error) {
+                    (Some(st), _) => st,
+                    (None, Some(_)) => "failed".into(),
+                    (None, None) => state,
                 };
                 return BackendHealth {
-                    state: if error.is_some() { "failed".into() } else { state },
-                    model: String::new(),
+                    state,
+                    model: target,
                     model_loaded: false,
                     tokens_per_second: 0.0,
                     last_error: error,

@@ -146,7 +146,11 @@ impl ModelResolver for HubResolver {
         tracing::info!(%model, %repo, bytes = plan.total_bytes(), "downloading model");
         let sink: Arc<dyn Fn(PullProgress) + Send + Sync> =
             Arc::new(move |p: PullProgress| progress(p.fraction()));
-        let path = self.hub.pull(&plan, sink).await.map_err(|e| e.to_string())?;
+        let path = self
+            .hub
+            .pull(&plan, sink)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::info!(%model, path = %path.display(), "model downloaded");
         Ok((path, display_name(&r)))
     }
@@ -195,7 +199,9 @@ pub fn build_router(
                                 ec.model_dir = dir;
                                 ec.name = Some(name);
                                 let e = Engine::start(ec).map_err(|e| {
-                                    RouterError::Config(format!("tier {tier}: starting the engine: {e}"))
+                                    RouterError::Config(format!(
+                                        "tier {tier}: starting the engine: {e}"
+                                    ))
                                 })?;
                                 engines.insert(c.model.clone(), e.clone());
                                 e
@@ -204,20 +210,17 @@ pub fn build_router(
                         LocalBackend::new(engine, c.default_max_tokens)
                     }
                     None if cfg.models.auto_download => {
-                        LocalBackend::pending("downloading 0%", c.default_max_tokens)
+                        LocalBackend::pending("downloading 0%", &c.model, c.default_max_tokens)
                     }
-                    None => {
-                        return Err(RouterError::Config(format!(
-                            "tier {tier}: {} is not downloaded yet: run `jemma pull {}` (or set [models] auto_download = true)",
-                            c.model, c.model
-                        )));
-                    }
+                    // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
+                    // model change through /admin); until then its requests fall back.
+                    None => LocalBackend::pending("not downloaded", &c.model, c.default_max_tokens),
                 };
                 let b = Arc::new(
                     b.with_kv_quant(kv)
                         .with_swapping(template.clone(), resolver.clone()),
                 );
-                if b.model().is_empty() {
+                if b.model().is_empty() && cfg.models.auto_download {
                     downloads
                         .entry(c.model.clone())
                         .or_default()

@@ -69,10 +69,12 @@ pub fn sha256(data: &[u8]) -> String {
 fn authorized(repo: &FakeRepo, headers: &HeaderMap) -> bool {
     match &repo.token {
         None => true,
-        Some(t) => headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            == Some(&format!("Bearer {t}")),
+        Some(t) => {
+            headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                == Some(&format!("Bearer {t}"))
+        }
     }
 }
 
@@ -83,7 +85,11 @@ async fn info(
 ) -> Response {
     let id = format!("{owner}/{name}");
     let Some(repo) = hub.repos.lock().unwrap().get(&id).cloned() else {
-        return (StatusCode::NOT_FOUND, "{\"error\":\"Repository not found\"}").into_response();
+        return (
+            StatusCode::NOT_FOUND,
+            "{\"error\":\"Repository not found\"}",
+        )
+            .into_response();
     };
     if !authorized(&repo, &headers) {
         return (StatusCode::UNAUTHORIZED, "{\"error\":\"gated\"}").into_response();
@@ -92,14 +98,17 @@ async fn info(
         .files
         .iter()
         .map(|(n, d)| {
-            let mut s = serde_json::json!({"rfilename": n, "size": d.len(), "blobId": git_blob_id(d)});
+            let mut s =
+                serde_json::json!({"rfilename": n, "size": d.len(), "blobId": git_blob_id(d)});
             if is_lfs(n) {
-                s["lfs"] = serde_json::json!({"sha256": sha256(d), "size": d.len(), "pointerSize": 134});
+                s["lfs"] =
+                    serde_json::json!({"sha256": sha256(d), "size": d.len(), "pointerSize": 134});
             }
             s
         })
         .collect();
-    axum::Json(serde_json::json!({"id": id, "sha": repo.commit, "siblings": siblings})).into_response()
+    axum::Json(serde_json::json!({"id": id, "sha": repo.commit, "siblings": siblings}))
+        .into_response()
 }
 
 async fn resolve(
@@ -136,15 +145,25 @@ async fn resolve(
             *b ^= 0x5a;
         }
     }
-    let etag = if is_lfs(&file) { sha256(&data) } else { git_blob_id(&data) };
+    let etag = if is_lfs(&file) {
+        sha256(&data)
+    } else {
+        git_blob_id(&data)
+    };
     let mut resp = Response::builder()
-        .status(if range.is_empty() { StatusCode::OK } else { StatusCode::PARTIAL_CONTENT })
+        .status(if range.is_empty() {
+            StatusCode::OK
+        } else {
+            StatusCode::PARTIAL_CONTENT
+        })
         .header("x-repo-commit", &repo.commit)
         .header(header::ETAG, format!("\"{etag}\""))
         .header(header::CONTENT_RANGE, format!("bytes {start}-{end}/{len}"))
         .header(header::ACCEPT_RANGES, "bytes");
     if is_lfs(&file) {
-        resp = resp.header("x-linked-etag", format!("\"{etag}\"")).header("x-linked-size", len);
+        resp = resp
+            .header("x-linked-etag", format!("\"{etag}\""))
+            .header("x-linked-size", len);
     }
     // A cut: send part of the body, then fail the connection mid-transfer.
     let cut = {
@@ -186,7 +205,10 @@ fn async_stream(
         }
         if cut.is_some() {
             let _ = tx
-                .send(Err(std::io::Error::new(std::io::ErrorKind::ConnectionReset, "cut")))
+                .send(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionReset,
+                    "cut",
+                )))
                 .await;
         }
     });
