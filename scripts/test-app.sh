@@ -9,11 +9,25 @@ bash scripts/fixtures.sh
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/home"
+# The primary tier names a catalog model that is not downloaded yet: the test downloads it with one click on
+# the tray's "Download models" from a stand-in Hub (tests/app/fake_hub.py) into $WORK/hf.
+cat >"$WORK/models.toml" <<TOML
+[models.test-tiny]
+tier = "primary"
+format = "mlx"
+repo = "jemma-test/gemma-4-tiny"
+download_bytes = 6000000
+memory_bytes = 10000000
+min_free_bytes = 20000000
+TOML
 cat >"$WORK/jemma.toml" <<TOML
+[models]
+auto_download = false
+cache_dir = "$WORK/hf"
 [tiers.fast]
 model = "$JEMMA_ROOT/fixtures/tiny"
 [tiers.primary]
-model = "$JEMMA_ROOT/fixtures/tiny"
+model = "test-tiny"
 [tiers.heavy]
 kind = "openai"
 url = "http://127.0.0.1:9"
@@ -35,7 +49,7 @@ chmod +x "$WORK/tailscale"
 # Screenshots go to a temp dir; JEMMA_SHOTS=docs/screenshots refreshes the ones the README shows.
 export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
-export TAILSCALE_CALLS=$WORK/tailscale.calls
+export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.
 HOME=$WORK/home xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '

@@ -20,6 +20,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 sys.path.insert(0, os.path.dirname(__file__))
 from sni import Tray  # noqa: E402
+import fake_hub  # noqa: E402
 
 APP = os.environ["APP"]
 SHOTS = pathlib.Path(os.environ.get("SHOTS", "."))
@@ -54,6 +55,9 @@ def wait_for(what, fn, timeout=30):
     raise SystemExit(f"FAIL timed out waiting for {what}")
 
 
+# The app inherits HF_ENDPOINT through tauri-driver: its downloads go to the stand-in Hub.
+os.environ["HF_ENDPOINT"] = fake_hub.serve("jemma-test/gemma-4-tiny", str(pathlib.Path(__file__).parents[2] / "fixtures" / "tiny"))
+os.environ["HF_TOKEN"] = ""
 tray = Tray()
 driver_proc = subprocess.Popen(["tauri-driver", "--port", "4444"], stdout=sys.stdout, stderr=sys.stderr)
 time.sleep(2)
@@ -87,8 +91,31 @@ try:
     SHOTS.mkdir(parents=True, exist_ok=True)
     d.save_screenshot(str(SHOTS / "chat-window.png"))
 
+    # --- first launch: the primary tier's model is not on disk; one click on the tray downloads it
+    labels = wait_for("tray tier lines", lambda: tray.labels() or None)
+    check("tray: the missing model shows as not downloaded",
+          any(l.startswith("Primary · not downloaded · test-tiny") for l in labels), labels)
+    check("tray: 'Download models' is offered", any(l == "Download models" for l in labels), labels)
+    check("health: primary not downloaded", get(f"{gw}/health")[1]["tiers"]["primary"]["backend"]["state"] == "not downloaded")
+    tray.click("Download models")
+    states = set()
+
+    def primary_ready():
+        st = get(f"{gw}/health")[1]["tiers"]["primary"]["backend"]["state"]
+        states.add(st)
+        for l in tray.labels():
+            if l.startswith("Primary · downloading"):
+                states.add("tray:" + l.split(" · ")[1])
+        return st == "ready"
+    wait_for("the one-click download and load", primary_ready, timeout=90)
+    check("download progress was visible (health or tray)", any("downloading" in s for s in states), states)
+    snap = HOME / ".." / "hf" / "models--jemma-test--gemma-4-tiny" / "snapshots"
+    check("the model landed in the Hugging Face cache layout", any(snap.glob("*/config.json")), list(snap.glob("*")))
+
     # --- tray: labels, live tok/s, requests served
-    labels = wait_for("tray tier lines with tok/s", lambda: (lambda l: l if any("tok/s" in x for x in l) else None)(tray.labels()))
+    labels = wait_for("tray tier lines with tok/s and the downloaded tier ready",
+                      lambda: (lambda l: l if any("tok/s" in x for x in l) and any(x.startswith("Primary · ready") for x in l)
+                               else None)(tray.labels()))
     for want in ["Fast · ready", "Primary · ready", "Heavy · disabled", "Heavy tier", "Launch at login",
                  "Expose on tailnet", "Open Chat", "Settings…", "Quit Jemma"]:
         check(f"tray has {want!r}", any(l.startswith(want) for l in labels), labels)
