@@ -359,12 +359,21 @@ async fn memory_pressure_unloads_idle_models() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tier_switches_models_without_a_restart() {
     let cfg = format!(
-        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n\
+         [tiers.heavy]\nmodel = \"{}\"\npreload = false\n",
         fixture("tiny").display(),
-        fixture("tiny").display()
+        fixture("tiny").display(),
+        fixture("moe-q4").display()
     );
     let s = Server::start(&[], Some(&cfg));
     let client = reqwest::Client::new();
+    // A lazily loaded tier holds no memory until its first request.
+    let lazy = tier(&health(&s), "heavy");
+    assert_eq!(lazy["state"], "unloaded");
+    assert_eq!(lazy["model_loaded"], false);
+    let (code, body) = chat(&client, &s, "heavy").await;
+    assert_eq!((code, body["_routing"]["tier"].clone()), (200, json!("heavy")), "{body}");
+    assert_eq!(tier(&health(&s), "heavy")["state"], "ready");
     let post = |body: Value, headers: Vec<(&'static str, &'static str)>| {
         let mut r = client
             .post(format!("{}/admin/tiers/fast/model", s.url))
