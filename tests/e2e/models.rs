@@ -372,7 +372,11 @@ async fn a_tier_switches_models_without_a_restart() {
     assert_eq!(lazy["state"], "unloaded");
     assert_eq!(lazy["model_loaded"], false);
     let (code, body) = chat(&client, &s, "heavy").await;
-    assert_eq!((code, body["_routing"]["tier"].clone()), (200, json!("heavy")), "{body}");
+    assert_eq!(
+        (code, body["_routing"]["tier"].clone()),
+        (200, json!("heavy")),
+        "{body}"
+    );
     assert_eq!(tier(&health(&s), "heavy")["state"], "ready");
     let post = |body: Value, headers: Vec<(&'static str, &'static str)>| {
         let mut r = client
