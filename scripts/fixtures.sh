@@ -6,7 +6,8 @@ cd "$JEMMA_ROOT"
 PY=$(venv_python)
 [ -x "$PY" ] || bash scripts/setup-python.sh
 OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
-want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/gguf-requirements.txt \
+  scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
@@ -25,6 +26,17 @@ done
 for m in tiny moe; do
   gen reference "$OUT/$m" --kv-bits 8
   gen reference "$OUT/$m" --kv-bits 4
+done
+# GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;
+# Q8_0: the quantized path), converted by llama.cpp's own converter.
+CONVERTER=$(bash scripts/setup-gguf.sh)
+mkdir -p "$OUT/gguf"
+for m in tiny moe; do
+  for t in f32 q8_0; do
+    PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_DEPS/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
+      "$OUT/$m" --outfile "$OUT/gguf/$m-$t.gguf" --outtype "$t" >/dev/null 2>&1 \
+      || die "converting $m to GGUF ($t) failed"
+  done
 done
 echo "$want" >"$OUT/.stamp"
 du -sh "$OUT" >&2

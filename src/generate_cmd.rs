@@ -15,9 +15,13 @@ use mlx_rs::{Array, Dtype};
 /// Arguments of `jemma generate`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json).
+    /// Model directory in Hugging Face layout (config.json, *.safetensors, tokenizer.json) for the MLX
+    /// engine, or a `.gguf` file for the llama.cpp engine.
     #[arg(long)]
     model: PathBuf,
+    /// llama.cpp: decode threads (default: all cores up to 4, else all but one).
+    #[arg(long)]
+    threads: Option<i32>,
     /// Prompt text.
     #[arg(
         long,
@@ -101,6 +105,9 @@ pub fn peak_rss_bytes() -> u64 {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if args.model.extension().is_some_and(|e| e == "gguf") {
+        return run_llama(&args);
+    }
     let device = select_device()?;
     mlx_rs::Device::set_default(&device.device());
     let dtype = match parse_dtype(&args.dtype)? {
@@ -215,4 +222,114 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+fn run_llama(args: &Args) -> anyhow::Result<()> {
+    use jemma_router::llama::engine as llama;
+    let mut cfg = llama::LlamaConfig::new(&args.model);
+    cfg.threads = args.threads;
+    cfg.batch_threads = args.threads;
+    if let Some(path) = &args.logits_out {
+        // Last-position logits of the prompt (ids only), float32, like the MLX path.
+        let ids = args
+            .prompt_ids
+            .clone()
+            .context("--logits-out with a GGUF needs --prompt-ids")?;
+        let session = llama::Session::load(&cfg)?;
+        let (logits, _) = session.logits_and_greedy(
+            &ids,
+            0,
+            args.threads.unwrap_or_else(llama::default_threads),
+        )?;
+        let n = logits.len() as i32;
+        Array::save_safetensors([("logits", &Array::from_slice(&logits, &[n]))], None, path)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let engine = llama::LlamaEngine::start(cfg)?;
+    engine.wait_ready()?;
+    let prompt = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => llama::Prompt::Ids(ids.clone()),
+        (Some(p), None) if args.chat => llama::Prompt::Chat {
+            messages: vec![serde_json::json!({"role": "user", "content": p})],
+            tools: None,
+            enable_thinking: None,
+        },
+        (Some(p), None) => llama::Prompt::Text(p.clone()),
+        (None, None) => bail!("give --prompt or --prompt-ids"),
+    };
+    let mut rx = engine
+        .submit(llama::Request {
+            prompt,
+            sampling: llama::Sampling {
+                temperature: args.temp,
+                top_p: args.top_p,
+                top_k: args.top_k,
+                seed: args.seed,
+                ..Default::default()
+            },
+            max_tokens: args.max_tokens,
+            stop: vec![],
+            parse_output: false,
+            json_mode: false,
+            ignore_eos: args.ignore_eos,
+        })
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut text = String::new();
+    let summary = loop {
+        match rx.blocking_recv() {
+            Some(llama::Event::Content(c)) => {
+                if !args.json {
+                    use std::io::Write;
+                    print!("{c}");
+                    let _ = std::io::stdout().flush();
+                }
+                text.push_str(&c);
+            }
+            Some(llama::Event::Done(s)) => break s,
+            Some(llama::Event::Error(e)) => bail!("{e}"),
+            Some(_) => {}
+            None => bail!("the engine stopped"),
+        }
+    };
+    let status = engine.status();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "tokens": summary.tokens,
+                "text": text,
+                "prompt_tokens": summary.prompt_tokens,
+                "prefill_tps": summary.prefill_tps,
+                "decode_tps": summary.decode_tps,
+                "finish_reason": summary.finish,
+                "peak_rss_bytes": peak_rss_bytes(),
+                "engine": "llama.cpp",
+                "threads": status.threads,
+                "gpu_layers": status.gpu_layers,
+            })
+        );
+    } else {
+        println!();
+        eprintln!(
+            "[{} prompt tokens, {:.1} tok/s prefill; {} tokens, {:.1} tok/s decode; llama.cpp, {} threads]",
+            summary.prompt_tokens,
+            summary.prefill_tps,
+            summary.completion_tokens,
+            summary.decode_tps,
+            status.threads
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+)))]
+fn run_llama(_: &Args) -> anyhow::Result<()> {
+    bail!("this build has no llama.cpp engine for GGUF models: rebuild with --features llama")
 }

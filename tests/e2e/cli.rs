@@ -206,3 +206,60 @@ fn keys_are_created_listed_revoked_and_required_for_an_exposed_bind() {
     let (ok, _, stderr) = jemma(&["keys", "--file", f, "revoke", "laptop"]);
     assert!(!ok && stderr.contains("no key"), "{stderr}");
 }
+
+/// A non-loopback address of this machine, if it has one.
+fn lan_ip() -> Option<std::net::IpAddr> {
+    // Connecting a UDP socket sends nothing; it only picks the interface the route would use.
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    s.connect("10.254.254.254:9").ok()?;
+    let ip = s.local_addr().ok()?.ip();
+    (!ip.is_loopback() && !ip.is_unspecified()).then_some(ip)
+}
+
+#[test]
+fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
+    let Some(ip) = lan_ip() else {
+        eprintln!("no non-loopback interface on this machine: nothing to test");
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let f = tmp.path().join("keys.json");
+    let (ok, key, _) = jemma(&[
+        "keys",
+        "--file",
+        f.to_str().unwrap(),
+        "create",
+        "--name",
+        "lan",
+    ]);
+    assert!(ok);
+    let key = key.trim().to_string();
+    let s = crate::support::Server::start_with(
+        &[
+            "--model",
+            fixture("tiny").to_str().unwrap(),
+            "--host",
+            "0.0.0.0",
+        ],
+        None,
+        &[("JEMMA_KEYS_FILE", f.to_str().unwrap())],
+        None,
+    );
+    let port = s.url.rsplit(':').next().unwrap().to_string();
+    let local = crate::support::ureq_get(&format!("http://127.0.0.1:{port}/v1/models")).unwrap();
+    assert_eq!(local.0, 200, "loopback callers are exempt");
+    let lan = crate::support::ureq_get(&format!("http://{ip}:{port}/v1/models")).unwrap();
+    assert_eq!(lan.0, 401, "a caller on {ip} must present a key: {}", lan.1);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let code = rt.block_on(async {
+        reqwest::Client::new()
+            .get(format!("http://{ip}:{port}/v1/models"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    });
+    assert_eq!(code, 200);
+}

@@ -7,6 +7,7 @@ mod cli;
 #[path = "../../crates/models/tests/fake_hub/mod.rs"]
 mod fake_hub;
 mod faults;
+mod heavy;
 mod models;
 mod openai_sdk;
 mod support;

@@ -20,6 +20,7 @@ use crate::template::{ChatTemplate, RenderRequest};
 use crate::tokenizer::Tokenizer;
 use crate::tools::{Event as ParseEvent, OutputParser, ToolCall};
 use crate::{EngineError, Result};
+use jemma_chat::stop::StopMatcher;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -655,49 +656,6 @@ fn engine_thread(
     }
 }
 
-/// Holds back text that might be the start of a stop string, and cuts at a complete one.
-struct StopMatcher {
-    stops: Vec<String>,
-    held: String,
-}
-
-impl StopMatcher {
-    /// Returns (text safe to emit, whether a stop string was hit).
-    fn push(&mut self, text: &str) -> (String, bool) {
-        if self.stops.is_empty() {
-            return (text.to_string(), false);
-        }
-        self.held.push_str(text);
-        if let Some(pos) = self
-            .stops
-            .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
-        {
-            let out = self.held[..pos].to_string();
-            self.held.clear();
-            return (out, true);
-        }
-        // Keep the longest suffix that is a proper prefix of some stop string.
-        let mut keep = 0;
-        for s in &self.stops {
-            for (i, _) in s.char_indices().skip(1) {
-                if self.held.ends_with(&s[..i]) {
-                    keep = keep.max(i);
-                }
-            }
-        }
-        let cut = self.held.len() - keep;
-        let out = self.held[..cut].to_string();
-        self.held.drain(..cut);
-        (out, false)
-    }
-
-    fn finish(&mut self) -> String {
-        std::mem::take(&mut self.held)
-    }
-}
-
 fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
     let req = &job.request;
     let ids = l.prompt_ids(&req.prompt)?;
@@ -727,10 +685,7 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
     }
     let mut decoder = l.tokenizer.stream();
     let mut parser = req.parse_output.then(OutputParser::new);
-    let mut stops = StopMatcher {
-        stops: req.stop.iter().filter(|s| !s.is_empty()).cloned().collect(),
-        held: String::new(),
-    };
+    let mut stops = StopMatcher::new(&req.stop);
     let mut tool_calls = false;
     let mut failed: Option<EngineError> = None;
     let events = &job.events;
@@ -824,29 +779,4 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
         tool_calls,
         memory: mlx_memory(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::StopMatcher;
-
-    #[test]
-    fn stop_strings_across_pieces() {
-        let mut m = StopMatcher {
-            stops: vec!["END".into(), "\n\n".into()],
-            held: String::new(),
-        };
-        let mut out = String::new();
-        let mut hit = false;
-        for p in ["Hello E", "N", "o", " wor", "ld\n", "\nmore"] {
-            let (t, h) = m.push(p);
-            out.push_str(&t);
-            if h {
-                hit = true;
-                break;
-            }
-        }
-        assert!(hit);
-        assert_eq!(out, "Hello ENo world");
-    }
 }

@@ -41,6 +41,10 @@ pub struct StoredKey {
 pub struct KeyStore {
     /// Keys.
     pub keys: Vec<StoredKey>,
+    /// Keys given by the configuration (`[auth] keys`, e.g. `env:HEAVY_API_KEY` on Cloud Run): accepted,
+    /// never written to the key file.
+    #[serde(skip)]
+    pub configured: Vec<StoredKey>,
     #[serde(skip)]
     path: Option<PathBuf>,
 }
@@ -131,7 +135,7 @@ impl KeyStore {
     pub fn verify(&self, presented: &str) -> Option<String> {
         let h = sha256_hex(presented);
         let mut found = None;
-        for k in &self.keys {
+        for k in self.keys.iter().chain(&self.configured) {
             // No early exit: timing does not reveal which (or whether a) key matched.
             if bool::from(k.sha256.as_bytes().ct_eq(h.as_bytes())) {
                 found = Some(k.id.clone());
@@ -171,9 +175,25 @@ impl AccessPolicy {
             .as_ref()
             .map(PathBuf::from)
             .unwrap_or_else(KeyStore::default_path);
+        let mut store = KeyStore::load(&path)?;
+        for (i, r) in cfg.auth.keys.iter().enumerate() {
+            // A configured key that cannot be resolved is a startup error: serving without the key the
+            // operator meant to require would be worse.
+            let key = jemma_router::config::resolve_secret(r, &|_| None)
+                .map_err(|e| std::io::Error::other(format!("[auth] keys[{i}]: {e}")))?;
+            if key.trim().is_empty() {
+                return Err(std::io::Error::other(format!("[auth] keys[{i}] is empty")));
+            }
+            store.configured.push(StoredKey {
+                id: format!("config-{i}"),
+                name: r.split(':').next().unwrap_or("config").to_string(),
+                sha256: sha256_hex(key.trim()),
+                created: 0,
+            });
+        }
         Ok(Self {
             exempt_loopback: cfg.auth.exempt_loopback,
-            keys: Arc::new(Mutex::new(KeyStore::load(&path)?)),
+            keys: Arc::new(Mutex::new(store)),
             text_per_minute: cfg.rate_limits.text_per_minute,
             media_per_minute: cfg.rate_limits.media_per_minute,
             limit_loopback: cfg.rate_limits.limit_loopback,
@@ -193,7 +213,7 @@ impl AccessPolicy {
     pub fn has_keys(&self) -> bool {
         self.keys
             .lock()
-            .map(|k| !k.keys.is_empty())
+            .map(|k| !k.keys.is_empty() || !k.configured.is_empty())
             .unwrap_or(false)
     }
 }

@@ -490,6 +490,8 @@ pub enum ModelRef {
     Path(PathBuf),
     /// A catalog entry.
     Catalog(String),
+    /// One file by URL (`https://…`, `gs://bucket/object`): the heavy tier's `MODEL_URL`.
+    Url(String),
     /// A Hub repo (`owner/name`, optionally `@revision`), with a file for GGUF repos (`owner/name/file.gguf`).
     Repo {
         /// Repo id.
@@ -511,6 +513,13 @@ impl ModelRef {
         }
         if catalog.get(s).is_some() {
             return Ok(ModelRef::Catalog(s.to_string()));
+        }
+        if ["https://", "http://", "gs://"]
+            .iter()
+            .any(|p| s.starts_with(p))
+        {
+            crate::url::http_url(s)?;
+            return Ok(ModelRef::Url(s.to_string()));
         }
         let looks_local = s.starts_with('/') || s.starts_with('.') || s.starts_with('~');
         let (id, revision) = match s.split_once('@') {
@@ -543,7 +552,7 @@ impl ModelRef {
     /// Repo, revision and selection for Hub references (None for paths).
     pub fn hub_target(&self, catalog: &crate::Catalog) -> Option<(String, String, Selection)> {
         match self {
-            ModelRef::Path(_) => None,
+            ModelRef::Path(_) | ModelRef::Url(_) => None,
             ModelRef::Catalog(n) => {
                 let e = catalog.get(n)?;
                 Some((e.repo.clone(), e.revision.clone(), Selection::of(e)))

@@ -6,6 +6,7 @@
 pub mod catalog;
 pub mod hardware;
 pub mod hub;
+pub mod url;
 
 pub use catalog::{Catalog, Entry, Format};
 pub use hub::{Hub, HubConfig, PullPlan, PullProgress};

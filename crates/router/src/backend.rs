@@ -123,6 +123,11 @@ pub trait Backend: Send + Sync + 'static {
             "this tier's model is set by its upstream; change the tier's configuration".into(),
         ))
     }
+    /// Resolves once this backend's engine has stopped and released its memory, after every handle to it
+    /// is dropped (immediately for backends without one).
+    fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        Box::pin(async {})
+    }
 }
 
 /// Messages with the continuation appended as a trailing assistant turn.

@@ -148,6 +148,9 @@ pub struct AuthConfig {
     /// Key file (hashed keys; `jemma keys create` writes it). Default: `$JEMMA_KEYS_FILE` or
     /// `~/.config/jemma/keys.json`.
     pub keys_file: Option<String>,
+    /// Further accepted keys as references (`env:HEAVY_API_KEY`, or a literal): the heavy tier's Cloud Run
+    /// service takes its bearer key from Secret Manager this way. Unresolvable references fail the start.
+    pub keys: Vec<String>,
 }
 
 impl Default for AuthConfig {
@@ -155,6 +158,7 @@ impl Default for AuthConfig {
         Self {
             exempt_loopback: true,
             keys_file: None,
+            keys: vec![],
         }
     }
 }

@@ -9,11 +9,16 @@ pub mod backend;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+#[cfg(feature = "llama")]
+pub mod llama;
+/// Whether this build includes the llama.cpp engine (GGUF tiers).
+pub const LLAMA: bool = cfg!(feature = "llama");
 #[cfg(feature = "local")]
 pub mod local;
 pub mod route;
 #[cfg(feature = "local")]
 pub mod setup;
+pub mod tier;
 
 /// Everything routing can refuse or fail with.
 #[derive(Debug, Clone, thiserror::Error, PartialEq)]

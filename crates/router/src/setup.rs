@@ -17,10 +17,16 @@ use jemma_models::{Catalog, PullProgress};
 use crate::RouterError;
 use crate::backend::{Backend, OpenAiBackend, OpenAiConfig};
 use crate::config::{Config, TierConfig, TierKind, resolve_secret};
-use crate::local::{LocalBackend, ModelResolver};
+use crate::local::LocalBackend;
 use crate::route::{TierRouter, TierSettings};
+use crate::tier::{BackendFactory, LocalTier, ModelResolver};
 
 /// Checkpoint formats the local engines of this build serve.
+#[cfg(feature = "llama")]
+pub const LOCAL_FORMATS: &[jemma_models::Format] =
+    &[jemma_models::Format::Mlx, jemma_models::Format::Gguf];
+/// Checkpoint formats the local engines of this build serve.
+#[cfg(not(feature = "llama"))]
 pub const LOCAL_FORMATS: &[jemma_models::Format] = &[jemma_models::Format::Mlx];
 
 /// Keychain account of the Hugging Face token (the app's Settings window stores it there).
@@ -75,6 +81,8 @@ pub fn hf_token(cfg: &Config, keyring: &dyn Fn(&str) -> Option<String>) -> Optio
 pub struct HubResolver {
     catalog: Catalog,
     hub: Hub,
+    /// Where URL downloads go (`$JEMMA_MODEL_DIR`, else `jemma-models` beside the Hub cache).
+    url_dir: PathBuf,
 }
 
 impl HubResolver {
@@ -98,7 +106,17 @@ impl HubResolver {
             chunk_size: None,
         })
         .map_err(|e| RouterError::Config(e.to_string()))?;
-        Ok(Self { catalog, hub })
+        let url_dir = std::env::var_os("JEMMA_MODEL_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let c = hub.cache_dir();
+                c.parent().unwrap_or(c).join("jemma-models")
+            });
+        Ok(Self {
+            catalog,
+            hub,
+            url_dir,
+        })
     }
 
     /// The directory (or GGUF file) and display name of `model` if it is on disk already (no network).
@@ -108,6 +126,14 @@ impl HubResolver {
         if let ModelRef::Path(p) = r {
             return Ok(Some((p, name)));
         }
+        if let ModelRef::Url(u) = &r {
+            // A finished download (partial ones keep a .part suffix) is served without asking the server.
+            let file = jemma_models::url::http_url(u)
+                .ok()
+                .and_then(|h| h.rsplit('/').next().map(|f| self.url_dir.join(f)))
+                .filter(|f| f.is_file());
+            return Ok(file.map(|f| (f, name)));
+        }
         let (repo, rev, sel) = r.hub_target(&self.catalog).ok_or("no hub target")?;
         Ok(self.hub.cached(&repo, &rev, &sel).map(|p| (p, name)))
     }
@@ -115,11 +141,22 @@ impl HubResolver {
 
 fn display_name(r: &ModelRef) -> String {
     match r {
+        // A GGUF is named without its extension, as llama.cpp tools name models.
+        ModelRef::Path(p) if p.extension().is_some_and(|e| e == "gguf") => p
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         ModelRef::Path(p) => p
             .file_name()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
         ModelRef::Catalog(n) => n.clone(),
+        ModelRef::Url(u) => u
+            .rsplit('/')
+            .next()
+            .unwrap_or(u)
+            .trim_end_matches(".gguf")
+            .to_string(),
         ModelRef::Repo { repo, file, .. } => file
             .clone()
             .unwrap_or_else(|| repo.rsplit('/').next().unwrap_or(repo).to_string()),
@@ -137,6 +174,24 @@ impl ModelResolver for HubResolver {
             return Ok(found);
         }
         let r = ModelRef::parse(model, &self.catalog).map_err(|e| e.to_string())?;
+        if let ModelRef::Url(u) = &r {
+            tracing::info!(url = %u, dir = %self.url_dir.display(), "downloading model");
+            let last = std::sync::Mutex::new(-1i64);
+            let sink: Arc<dyn Fn(PullProgress) + Send + Sync> = Arc::new(move |p: PullProgress| {
+                progress(p.fraction());
+                // A log line per 5 %: Cloud Run's logs show the cold start's progress.
+                let step = (p.fraction() * 20.0) as i64;
+                let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+                if step != *l {
+                    *l = step;
+                    tracing::info!(file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading {}%", step * 5);
+                }
+            });
+            let path = jemma_models::url::download(u, &self.url_dir, None, sink)
+                .await
+                .map_err(|e| e.to_string())?;
+            return Ok((path, display_name(&r)));
+        }
         let (repo, rev, sel) = r.hub_target(&self.catalog).ok_or("no hub target")?;
         let plan = self
             .hub
@@ -166,6 +221,65 @@ fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
     ec
 }
 
+/// The engine for a model path: llama.cpp for a `.gguf` file, else MLX. Engines started through one factory
+/// call for the same path are shared by the tiers that name it (`shared` holds weak references, so an engine
+/// no tier uses any more stops and frees its memory).
+type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<dyn Backend>>>>;
+
+fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) -> BackendFactory {
+    let template = engine_config(c, memory);
+    let kv = c.kv_bits.map(|bits| jemma_engine::models::gemma4::KvQuant {
+        bits,
+        group_size: c.kv_group_size,
+        start: c.quantized_kv_start,
+    });
+    let default_max_tokens = c.default_max_tokens;
+    let context = c.context_length;
+    let queue = c.max_queue.max(1);
+    Arc::new(move |path: PathBuf, name: String| {
+        let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+        let key = path.clone();
+        if let Some(b) = shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            .and_then(std::sync::Weak::upgrade)
+        {
+            return Ok(b);
+        }
+        let b: Arc<dyn Backend> = if is_gguf {
+            #[cfg(feature = "llama")]
+            {
+                let mut lc = jemma_engine_llama::LlamaConfig::new(path);
+                lc.name = Some(name);
+                lc.context_length = context.map(|c| c as u32);
+                lc.queue_capacity = queue;
+                let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
+                Arc::new(crate::llama::LlamaBackend::new(e, default_max_tokens))
+            }
+            #[cfg(not(feature = "llama"))]
+            {
+                let _ = (name, context, queue);
+                return Err(format!(
+                    "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
+                    path.display()
+                ));
+            }
+        } else {
+            let mut ec = template.clone();
+            ec.model_dir = path;
+            ec.name = Some(name);
+            let e = Engine::start(ec).map_err(|e| format!("starting the engine: {e}"))?;
+            Arc::new(LocalBackend::new(e, default_max_tokens).with_kv_quant(kv))
+        };
+        shared
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key, Arc::downgrade(&b));
+        Ok(b)
+    })
+}
+
 /// Builds the tier backends of a configuration.
 pub fn build_router(
     cfg: &Config,
@@ -173,60 +287,39 @@ pub fn build_router(
 ) -> Result<Arc<TierRouter>, RouterError> {
     let memory = memory_governor(cfg);
     let resolver = Arc::new(HubResolver::from_config(cfg, keyring)?);
-    // Tiers naming the same model share one engine (one copy of the weights); each tier still gets its own
-    // backend so that swapping one tier's model leaves the other alone.
-    let mut engines: BTreeMap<String, Engine> = BTreeMap::new();
-    let mut downloads: BTreeMap<String, Vec<(Arc<LocalBackend>, EngineConfig)>> = BTreeMap::new();
+    // Tiers naming the same model share one engine (one copy of the weights) at start; each tier still
+    // gets its own wrapper so that swapping one tier's model leaves the other alone.
+    let shared: SharedEngines = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    let mut downloads: BTreeMap<String, Vec<Arc<LocalTier>>> = BTreeMap::new();
     let mut tiers = vec![];
     for (tier, c) in &cfg.tiers {
         let backend: Arc<dyn Backend> = match c.kind {
             TierKind::Local => {
-                let template = engine_config(c, &memory);
-                let kv = c.kv_bits.map(|bits| jemma_engine::models::gemma4::KvQuant {
-                    bits,
-                    group_size: c.kv_group_size,
-                    start: c.quantized_kv_start,
-                });
+                let f = factory(c, &memory, shared.clone());
                 let local = resolver
                     .local(&c.model)
                     .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
-                let b = match local {
-                    Some((dir, name)) => {
-                        let engine = match engines.get(&c.model) {
-                            Some(e) => e.clone(),
-                            None => {
-                                let mut ec = template.clone();
-                                ec.model_dir = dir;
-                                ec.name = Some(name);
-                                let e = Engine::start(ec).map_err(|e| {
-                                    RouterError::Config(format!(
-                                        "tier {tier}: starting the engine: {e}"
-                                    ))
-                                })?;
-                                engines.insert(c.model.clone(), e.clone());
-                                e
-                            }
-                        };
-                        LocalBackend::new(engine, c.default_max_tokens)
+                let t = match local {
+                    Some((path, name)) => {
+                        let b = f(path, name)
+                            .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
+                        LocalTier::new(b)
                     }
                     None if cfg.models.auto_download => {
-                        LocalBackend::pending("downloading 0%", &c.model, c.default_max_tokens)
+                        LocalTier::pending("downloading 0%", &c.model)
                     }
                     // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
                     // model change through /admin); until then its requests fall back.
-                    None => LocalBackend::pending("not downloaded", &c.model, c.default_max_tokens),
+                    None => LocalTier::pending("not downloaded", &c.model),
                 };
-                let b = Arc::new(
-                    b.with_kv_quant(kv)
-                        .with_swapping(template.clone(), resolver.clone()),
-                );
-                if b.model().is_empty() && cfg.models.auto_download {
+                let t = Arc::new(t.with_swapping(f, resolver.clone()));
+                if t.model().is_empty() && cfg.models.auto_download {
                     downloads
                         .entry(c.model.clone())
                         .or_default()
-                        .push((b.clone(), template));
+                        .push(t.clone());
                 }
-                b
+                t
             }
             TierKind::Openai => {
                 let key =
@@ -268,45 +361,28 @@ pub fn build_router(
     ))
 }
 
-/// Downloads `model` in the background, showing progress on every tier waiting for it, then starts one
-/// engine for all of them.
-fn spawn_download(
-    model: String,
-    waiting: Vec<(Arc<LocalBackend>, EngineConfig)>,
-    resolver: Arc<HubResolver>,
-) {
-    let shown = waiting.iter().map(|(b, _)| b.clone()).collect::<Vec<_>>();
+/// Downloads `model` in the background, showing progress on every tier waiting for it, then starts its
+/// engine (shared by all of them).
+fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<HubResolver>) {
+    let shown = waiting.clone();
     tokio::spawn(async move {
         let progress: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(move |p| {
-            for b in &shown {
-                b.set_pending(&format!("downloading {:.0}%", p * 100.0), None);
+            for t in &shown {
+                t.set_pending(&format!("downloading {:.0}%", p * 100.0), None);
             }
         });
         match resolver.resolve(&model, progress).await {
-            Ok((dir, name)) => {
-                let Some((_, template)) = waiting.first() else {
-                    return;
-                };
-                let mut ec = template.clone();
-                ec.model_dir = dir;
-                ec.name = Some(name);
-                match Engine::start(ec) {
-                    Ok(engine) => {
-                        for (b, _) in &waiting {
-                            b.attach(engine.clone());
-                        }
-                    }
-                    Err(e) => {
-                        for (b, _) in &waiting {
-                            b.set_pending("failed", Some(format!("starting the engine: {e}")));
-                        }
+            Ok((path, name)) => {
+                for t in &waiting {
+                    if let Err(e) = t.start_engine(path.clone(), name.clone()) {
+                        t.set_pending("failed", Some(e));
                     }
                 }
             }
             Err(e) => {
                 tracing::error!(%model, error = %e, "model download failed");
-                for (b, _) in &waiting {
-                    b.set_pending("failed", Some(e.clone()));
+                for t in &waiting {
+                    t.set_pending("failed", Some(e.clone()));
                 }
             }
         }

@@ -1,0 +1,204 @@
+//! Reading a GGUF's metadata without loading it, to refuse layouts llama.cpp cannot run before llama.cpp
+//! gets a chance to abort the process on them. llama-cpp-2's GGUF API does not expose array values (the
+//! per-layer sliding-window pattern is one), hence this small reader of the documented format
+//! (magic, version, counts, then typed key/value pairs).
+
+use std::collections::BTreeMap;
+use std::io::{BufReader, Read};
+use std::path::Path;
+
+use crate::{LlamaError, Result};
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    /// Any integer type.
+    Int(i64),
+    /// f32 / f64.
+    Float(f64),
+    /// bool.
+    Bool(bool),
+    /// string.
+    Str(String),
+    /// array.
+    Array(Vec<Value>),
+}
+
+struct R<T: Read>(T);
+
+impl<T: Read> R<T> {
+    fn bytes<const N: usize>(&mut self) -> std::io::Result<[u8; N]> {
+        let mut b = [0u8; N];
+        self.0.read_exact(&mut b)?;
+        Ok(b)
+    }
+    fn u32(&mut self) -> std::io::Result<u32> {
+        Ok(u32::from_le_bytes(self.bytes()?))
+    }
+    fn u64(&mut self) -> std::io::Result<u64> {
+        Ok(u64::from_le_bytes(self.bytes()?))
+    }
+    fn string(&mut self) -> std::io::Result<String> {
+        let n = self.u64()?;
+        if n > 1 << 26 {
+            return Err(std::io::Error::other("string too long"));
+        }
+        let mut b = vec![0u8; n as usize];
+        self.0.read_exact(&mut b)?;
+        Ok(String::from_utf8_lossy(&b).into_owned())
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> std::io::Result<Value> {
+        Ok(match ty {
+            0 => Value::Int(self.bytes::<1>()?[0] as i64),
+            1 => Value::Int(self.bytes::<1>()?[0] as i8 as i64),
+            2 => Value::Int(u16::from_le_bytes(self.bytes()?) as i64),
+            3 => Value::Int(i16::from_le_bytes(self.bytes()?) as i64),
+            4 => Value::Int(self.u32()? as i64),
+            5 => Value::Int(i32::from_le_bytes(self.bytes()?) as i64),
+            6 => Value::Float(f32::from_le_bytes(self.bytes()?) as f64),
+            7 => Value::Bool(self.bytes::<1>()?[0] != 0),
+            8 => Value::Str(self.string()?),
+            9 if depth < 4 => {
+                let ity = self.u32()?;
+                let n = self.u64()?;
+                if n > 1 << 24 {
+                    return Err(std::io::Error::other("array too long"));
+                }
+                let mut v = Vec::with_capacity(n.min(4096) as usize);
+                for _ in 0..n {
+                    v.push(self.value(ity, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::Int(self.u64()? as i64),
+            11 => Value::Int(i64::from_le_bytes(self.bytes()?)),
+            12 => Value::Float(f64::from_le_bytes(self.bytes()?)),
+            _ => {
+                return Err(std::io::Error::other(format!(
+                    "unknown GGUF value type {ty}"
+                )));
+            }
+        })
+    }
+}
+
+/// The metadata of a GGUF file.
+pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, Value>> {
+    let bad = |e: std::io::Error| LlamaError::InvalidModel(format!("{}: {e}", path.display()));
+    let f = std::fs::File::open(path).map_err(bad)?;
+    let mut r = R(BufReader::new(f));
+    if &r.bytes::<4>().map_err(bad)? != b"GGUF" {
+        return Err(LlamaError::InvalidModel(format!(
+            "{}: not a GGUF file",
+            path.display()
+        )));
+    }
+    let version = r.u32().map_err(bad)?;
+    if version < 2 {
+        return Err(LlamaError::InvalidModel(format!(
+            "{}: GGUF version {version} is too old",
+            path.display()
+        )));
+    }
+    let _tensors = r.u64().map_err(bad)?;
+    let n_kv = r.u64().map_err(bad)?;
+    let mut out = BTreeMap::new();
+    for _ in 0..n_kv.min(1 << 20) {
+        let key = r.string().map_err(bad)?;
+        let ty = r.u32().map_err(bad)?;
+        let v = r.value(ty, 0).map_err(bad)?;
+        out.insert(key, v);
+    }
+    Ok(out)
+}
+
+/// Refuses Gemma 4 layouts llama.cpp cannot run: it requires the last layer with its own KV cache to be a
+/// full-attention layer and the one before it a sliding one (true of E2B/E4B/26B; a random or pruned model
+/// may differ, and llama.cpp aborts on it instead of returning an error).
+pub fn check_layout(meta: &BTreeMap<String, Value>) -> Result<()> {
+    let Some(Value::Str(arch)) = meta.get("general.architecture") else {
+        return Err(LlamaError::InvalidModel(
+            "GGUF has no general.architecture".into(),
+        ));
+    };
+    if arch != "gemma4" {
+        return Ok(());
+    }
+    let int = |k: &str| match meta.get(&format!("gemma4.{k}")) {
+        Some(Value::Int(v)) => Some(*v),
+        _ => None,
+    };
+    let layers = int("block_count").unwrap_or(0);
+    let shared = int("attention.shared_kv_layers").unwrap_or(0);
+    let Some(Value::Array(pattern)) = meta.get("gemma4.attention.sliding_window_pattern") else {
+        return Ok(());
+    };
+    let sliding: Vec<bool> = pattern
+        .iter()
+        .map(|v| matches!(v, Value::Bool(true)))
+        .collect();
+    let own = (layers - shared).max(0) as usize;
+    if own < 2 || sliding.len() < own {
+        return Err(LlamaError::InvalidModel(format!(
+            "Gemma 4 GGUF with {layers} layers, {shared} KV-shared: too few layers with their own KV cache"
+        )));
+    }
+    if sliding[own - 1] || !sliding[own - 2] {
+        return Err(LlamaError::InvalidModel(format!(
+            "unsupported Gemma 4 layout for llama.cpp: the last layer with its own KV cache (layer {}) must \
+             be full attention and the one before it sliding; this model has {} and {}. Serve it with the \
+             MLX engine instead",
+            own - 1,
+            if sliding[own - 1] { "sliding" } else { "full" },
+            if sliding[own - 2] { "sliding" } else { "full" },
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(pattern: &[bool], layers: i64, shared: i64) -> BTreeMap<String, Value> {
+        let mut m = BTreeMap::new();
+        m.insert("general.architecture".into(), Value::Str("gemma4".into()));
+        m.insert("gemma4.block_count".into(), Value::Int(layers));
+        m.insert(
+            "gemma4.attention.shared_kv_layers".into(),
+            Value::Int(shared),
+        );
+        m.insert(
+            "gemma4.attention.sliding_window_pattern".into(),
+            Value::Array(pattern.iter().map(|b| Value::Bool(*b)).collect()),
+        );
+        m
+    }
+
+    #[test]
+    fn layouts() {
+        // E2B-like: 35 layers, 20 shared, every 5th full.
+        let e2b: Vec<bool> = (0..35).map(|i| i % 5 != 4).collect();
+        check_layout(&meta(&e2b, 35, 20)).unwrap();
+        check_layout(&meta(&[true, true, true, false, true, false], 6, 2)).unwrap();
+        let err = check_layout(&meta(&[true, false, false, true], 4, 0)).unwrap_err();
+        assert!(err.to_string().contains("must be full attention"), "{err}");
+        assert!(check_layout(&meta(&[true, true, false, false], 4, 0)).is_err());
+        let mut other = meta(&[true], 1, 0);
+        other.insert("general.architecture".into(), Value::Str("llama".into()));
+        check_layout(&other).unwrap();
+    }
+
+    #[test]
+    fn rejects_non_gguf() {
+        let dir = std::env::temp_dir().join(format!("jemma-gguf-test-{}", std::process::id()));
+        std::fs::write(&dir, b"not a gguf at all").unwrap();
+        assert!(
+            read_metadata(&dir)
+                .unwrap_err()
+                .to_string()
+                .contains("not a GGUF")
+        );
+        let _ = std::fs::remove_file(&dir);
+    }
+}

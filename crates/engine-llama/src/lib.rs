@@ -1,0 +1,1012 @@
+//! Gemma 4 through llama.cpp, via the `llama-cpp-2` crate: GGUF models (mmap'd) on the CPU, on CUDA (the
+//! Cloud Run heavy tier, feature `cuda`) or on Metal (feature `metal`), with every layer offloaded when a
+//! GPU backend is built in.
+//!
+//! The engine mirrors the MLX engine's shape: one model thread owns the llama.cpp model and context, requests
+//! arrive through a bounded queue, events leave through a bounded channel, and dropping the receiver cancels
+//! the request at the next token. Prompts are rendered with the model's own chat template (the GGUF's
+//! `tokenizer.chat_template`, through jemma-chat's Jinja renderer, so both engines format conversations
+//! byte-identically) and outputs are parsed with the same Gemma 4 parser (thinking channel, tool calls).
+//! This crate knows nothing of HTTP or UI.
+#![deny(missing_docs)]
+
+pub mod gguf;
+
+use std::num::NonZeroU32;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use jemma_chat::stop::StopMatcher;
+use jemma_chat::template::{ChatTemplate, RenderRequest};
+use jemma_chat::tools::{Event as ParseEvent, OutputParser, ToolCall};
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::sampling::LlamaSampler;
+use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Everything this engine can fail with.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LlamaError {
+    /// The GGUF could not be loaded (missing file, unknown architecture, unsupported layout).
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// llama.cpp failed while running (context creation, decode).
+    #[error("llama.cpp: {0}")]
+    Runtime(String),
+    /// The request cannot be served as given.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+}
+
+/// Shorthand for this crate's results.
+pub type Result<T, E = LlamaError> = std::result::Result<T, E>;
+
+/// The process-wide llama.cpp backend (initialising it twice is an error in llama.cpp).
+fn backend() -> Result<&'static LlamaBackend> {
+    static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            // llama.cpp logs every tensor at load to stderr; keep the process's logs to tracing's.
+            if std::env::var_os("JEMMA_LLAMA_LOG").is_none() {
+                b.void_logs();
+            }
+            Ok(b)
+        })
+        .as_ref()
+        .map_err(|e| LlamaError::Runtime(e.clone()))
+}
+
+/// Whether this build offloads to a GPU (CUDA or Metal).
+pub const GPU_OFFLOAD: bool = cfg!(any(feature = "cuda", feature = "metal"));
+
+/// Settings of a llama.cpp engine.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// The GGUF file.
+    pub model_path: PathBuf,
+    /// Name shown for the model (default: the file name without `.gguf`).
+    pub name: Option<String>,
+    /// Context length (None: the model's training context, capped at 32768 to bound the KV cache).
+    pub context_length: Option<u32>,
+    /// Threads for decoding (None: see [`default_threads`]).
+    pub threads: Option<i32>,
+    /// Threads for prompt processing (None: all cores).
+    pub batch_threads: Option<i32>,
+    /// Layers on the GPU (None: all when built with a GPU backend, else 0).
+    pub gpu_layers: Option<u32>,
+    /// Prompt tokens per decode call.
+    pub batch_size: u32,
+    /// Requests that may wait before submissions are refused.
+    pub queue_capacity: usize,
+    /// Events buffered per request.
+    pub event_buffer: usize,
+}
+
+impl LlamaConfig {
+    /// Defaults for a GGUF file.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            name: None,
+            context_length: None,
+            threads: None,
+            batch_threads: None,
+            gpu_layers: None,
+            batch_size: 512,
+            queue_capacity: 16,
+            event_buffer: 64,
+        }
+    }
+}
+
+/// Decode threads by default: every core but one above 4 cores (the gateway and the OS keep one), all of
+/// them up to 4. Decoding is memory-bound, so more threads than cores only adds contention.
+pub fn default_threads() -> i32 {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+    if n > 4 { n - 1 } else { n }
+}
+
+/// Sampling parameters (OpenAI's plus the usual llama.cpp extras).
+#[derive(Debug, Clone)]
+pub struct Sampling {
+    /// 0 = greedy.
+    pub temperature: f32,
+    /// Nucleus sampling (1 = off).
+    pub top_p: f32,
+    /// Top-k (0 = off).
+    pub top_k: i32,
+    /// Min-p (0 = off).
+    pub min_p: f32,
+    /// Multiplicative repetition penalty (None or 1 = off).
+    pub repetition_penalty: Option<f32>,
+    /// Additive presence penalty.
+    pub presence_penalty: f32,
+    /// Additive frequency penalty.
+    pub frequency_penalty: f32,
+    /// Token id → bias.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Seed (None: random).
+    pub seed: Option<u64>,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Self {
+            temperature: 0.0,
+            top_p: 1.0,
+            top_k: 0,
+            min_p: 0.0,
+            repetition_penalty: None,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            logit_bias: vec![],
+            seed: None,
+        }
+    }
+}
+
+/// What to generate from.
+#[derive(Debug, Clone)]
+pub enum Prompt {
+    /// OpenAI messages rendered through the model's chat template (a trailing assistant message is a
+    /// prefix to continue).
+    Chat {
+        /// Messages.
+        messages: Vec<Value>,
+        /// OpenAI tools.
+        tools: Option<Vec<Value>>,
+        /// Gemma 4's thinking switch.
+        enable_thinking: Option<bool>,
+    },
+    /// Raw text (BOS prepended unless present).
+    Text(String),
+    /// Token ids as given.
+    Ids(Vec<u32>),
+}
+
+/// One generation request.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Prompt.
+    pub prompt: Prompt,
+    /// Sampling.
+    pub sampling: Sampling,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Split thinking and tool calls out of the text (chat requests).
+    pub parse_output: bool,
+    /// Constrain the output to JSON (llama.cpp's JSON grammar).
+    pub json_mode: bool,
+    /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
+    pub ignore_eos: bool,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Finish {
+    /// End-of-generation token or stop string.
+    Stop,
+    /// `max_tokens` reached.
+    Length,
+    /// The consumer went away.
+    Cancelled,
+}
+
+/// The end of a request.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Why it ended.
+    pub finish: Finish,
+    /// Whether tool calls were emitted.
+    pub tool_calls: bool,
+    /// Prompt tokens/s.
+    pub prefill_tps: f64,
+    /// Generated tokens/s (after the first).
+    pub decode_tps: f64,
+    /// Generated token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// What a request produces, in order.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// Prompt processed.
+    Started {
+        /// Prompt tokens.
+        prompt_tokens: usize,
+    },
+    /// Answer text.
+    Content(String),
+    /// Thinking text.
+    Reasoning(String),
+    /// A tool call.
+    ToolCall(ToolCall),
+    /// Done.
+    Done(Summary),
+    /// Failed.
+    Error(String),
+}
+
+/// Life-cycle of the engine.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EngineState {
+    /// Loading (share of the file read).
+    Loading {
+        /// 0 to 1.
+        progress: f32,
+    },
+    /// Serving.
+    Ready,
+    /// Loading failed.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Figures for `/health` and the tray.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineStatus {
+    /// State.
+    #[serde(flatten)]
+    pub state: EngineState,
+    /// Model name.
+    pub model: String,
+    /// GGUF path.
+    pub model_path: PathBuf,
+    /// Context length served.
+    pub context_length: usize,
+    /// Layers offloaded to a GPU.
+    pub gpu_layers: u32,
+    /// Decode threads.
+    pub threads: i32,
+    /// Model size in bytes.
+    pub model_bytes: u64,
+    /// Requests completed.
+    pub requests: u64,
+    /// Tokens generated in total.
+    pub generated_tokens: u64,
+    /// Decode speed of the last request.
+    pub last_decode_tps: f64,
+    /// Prefill speed of the last request.
+    pub last_prefill_tps: f64,
+    /// Requests waiting or running.
+    pub queued: usize,
+}
+
+/// Submitting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full.
+    #[error("the model queue is full")]
+    QueueFull,
+    /// Not serving.
+    #[error("the engine is not available: {0}")]
+    Unavailable(String),
+}
+
+struct Job {
+    request: Request,
+    events: mpsc::Sender<Event>,
+}
+
+/// A clonable handle to the llama.cpp model thread.
+#[derive(Clone)]
+pub struct LlamaEngine {
+    jobs: mpsc::Sender<Job>,
+    status: Arc<Mutex<EngineStatus>>,
+    event_buffer: usize,
+}
+
+impl LlamaEngine {
+    /// Starts the model thread; the GGUF loads in the background.
+    pub fn start(config: LlamaConfig) -> Result<Self> {
+        let name = config.name.clone().unwrap_or_else(|| {
+            config
+                .model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let status = Arc::new(Mutex::new(EngineStatus {
+            state: EngineState::Loading { progress: 0.0 },
+            model: name,
+            model_path: config.model_path.clone(),
+            context_length: 0,
+            gpu_layers: 0,
+            threads: config.threads.unwrap_or_else(default_threads),
+            model_bytes: 0,
+            requests: 0,
+            generated_tokens: 0,
+            last_decode_tps: 0.0,
+            last_prefill_tps: 0.0,
+            queued: 0,
+        }));
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let st = status.clone();
+        let event_buffer = config.event_buffer.max(1);
+        std::thread::Builder::new()
+            .name("jemma-llama".into())
+            .spawn(move || model_thread(config, rx, st))
+            .map_err(|e| LlamaError::Runtime(format!("cannot start the model thread: {e}")))?;
+        Ok(Self {
+            jobs: tx,
+            status,
+            event_buffer,
+        })
+    }
+
+    /// A snapshot of the state and figures.
+    pub fn status(&self) -> EngineStatus {
+        let mut s = self
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
+        s
+    }
+
+    /// Queues a request; dropping the receiver cancels it.
+    pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
+        match self.status().state {
+            EngineState::Ready => {}
+            EngineState::Loading { .. } => {
+                return Err(SubmitError::Unavailable("model is loading".into()));
+            }
+            EngineState::Failed { error } => return Err(SubmitError::Unavailable(error)),
+        }
+        let (etx, erx) = mpsc::channel(self.event_buffer);
+        self.jobs
+            .try_send(Job {
+                request,
+                events: etx,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => {
+                    SubmitError::Unavailable("engine thread stopped".into())
+                }
+            })?;
+        Ok(erx)
+    }
+
+    /// Waits (blocking) until loaded or failed; for CLIs and tests.
+    pub fn wait_ready(&self) -> Result<()> {
+        loop {
+            match self.status().state {
+                EngineState::Ready => return Ok(()),
+                EngineState::Failed { error } => return Err(LlamaError::InvalidModel(error)),
+                EngineState::Loading { .. } => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// A loaded model with its template: what the thread keeps between requests.
+pub struct Loaded {
+    /// The model.
+    pub model: LlamaModel,
+    /// Its chat template (from the GGUF), if any.
+    pub template: Option<ChatTemplate>,
+    /// BOS text (for raw prompts).
+    pub bos: Option<String>,
+    /// Context length served.
+    pub n_ctx: u32,
+}
+
+/// Loads a GGUF with all layers on the GPU when one is built in.
+pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -> Result<Loaded> {
+    let backend = backend()?;
+    if !config.model_path.is_file() {
+        return Err(LlamaError::InvalidModel(format!(
+            "{}: no such GGUF file",
+            config.model_path.display()
+        )));
+    }
+    gguf::check_layout(&gguf::read_metadata(&config.model_path)?)?;
+    let gpu_layers = config
+        .gpu_layers
+        .unwrap_or(if GPU_OFFLOAD { u32::MAX } else { 0 });
+    let params = LlamaModelParams::default()
+        .with_n_gpu_layers(gpu_layers)
+        .with_progress_callback(progress);
+    let model = LlamaModel::load_from_file(backend, &config.model_path, &params).map_err(|e| {
+        LlamaError::InvalidModel(format!(
+            "{}: {e} (llama.cpp could not load it; is it a GGUF of a supported architecture?)",
+            config.model_path.display()
+        ))
+    })?;
+    let arch = model
+        .meta_val_str("general.architecture")
+        .unwrap_or_default();
+    if !arch.starts_with("gemma") {
+        tracing::warn!(%arch, "not a Gemma GGUF: the chat template and output parsing assume Gemma 4");
+    }
+    let vocab = model.vocab();
+    let text =
+        |t: LlamaToken| String::from_utf8_lossy(&vocab.token_to_piece(t, true, None)).into_owned();
+    let bos = Some(text(vocab.bos())).filter(|b| !b.is_empty());
+    let eos = text(vocab.eos());
+    let template = match model.meta_val_str("tokenizer.chat_template") {
+        Ok(src) => Some(
+            ChatTemplate::from_source(&src, bos.as_deref().unwrap_or(""), &eos)
+                .map_err(|e| LlamaError::InvalidModel(format!("chat template: {e}")))?,
+        ),
+        Err(_) => None,
+    };
+    let train = model.n_ctx_train().max(1);
+    let n_ctx = config.context_length.unwrap_or(train.min(32768)).min(train);
+    Ok(Loaded {
+        model,
+        template,
+        bos,
+        n_ctx,
+    })
+}
+
+type StatusSet<'a> = dyn Fn(&dyn Fn(&mut EngineStatus)) + 'a;
+
+fn model_thread(
+    config: LlamaConfig,
+    mut jobs: mpsc::Receiver<Job>,
+    status: Arc<Mutex<EngineStatus>>,
+) {
+    let set: &StatusSet<'_> = &|f| {
+        if let Ok(mut s) = status.lock() {
+            f(&mut s);
+        }
+    };
+    let st = status.clone();
+    let loaded = load(&config, move |p| {
+        if let Ok(mut s) = st.lock() {
+            s.state = EngineState::Loading { progress: p };
+        }
+        true
+    });
+    let loaded = match loaded {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(model = %config.model_path.display(), error = %e, "model failed to load");
+            let msg = e.to_string();
+            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+            return;
+        }
+    };
+    let threads = config.threads.unwrap_or_else(default_threads);
+    let batch_threads = config
+        .batch_threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+    let ctx_params = LlamaContextParams::default()
+        .with_n_ctx(NonZeroU32::new(loaded.n_ctx))
+        .with_n_batch(config.batch_size)
+        .with_n_ubatch(config.batch_size)
+        .with_n_threads(threads)
+        .with_n_threads_batch(batch_threads);
+    let backend = match backend() {
+        Ok(b) => b,
+        Err(e) => {
+            let msg = e.to_string();
+            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+            return;
+        }
+    };
+    let mut ctx = match loaded.model.new_context(backend, ctx_params) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!("creating the context ({} tokens): {e}", loaded.n_ctx);
+            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
+            return;
+        }
+    };
+    let gpu = config
+        .gpu_layers
+        .unwrap_or(if GPU_OFFLOAD {
+            loaded.model.n_layer()
+        } else {
+            0
+        })
+        .min(loaded.model.n_layer());
+    let bytes = loaded.model.size();
+    tracing::info!(model = %config.model_path.display(), n_ctx = loaded.n_ctx, threads, gpu_layers = gpu, "model loaded");
+    set(&|s| {
+        s.state = EngineState::Ready;
+        s.context_length = loaded.n_ctx as usize;
+        s.gpu_layers = gpu;
+        s.threads = threads;
+        s.model_bytes = bytes;
+    });
+    while let Some(job) = jobs.blocking_recv() {
+        let started = Instant::now();
+        match run_job(&loaded, &mut ctx, &job, config.batch_size as usize) {
+            Ok(summary) => {
+                tracing::info!(
+                    prompt_tokens = summary.prompt_tokens,
+                    completion_tokens = summary.completion_tokens,
+                    prefill_tps = format!("{:.1}", summary.prefill_tps),
+                    decode_tps = format!("{:.1}", summary.decode_tps),
+                    ms = started.elapsed().as_millis() as u64,
+                    "request done"
+                );
+                set(&|s| {
+                    s.requests += 1;
+                    s.generated_tokens += summary.completion_tokens as u64;
+                    s.last_decode_tps = summary.decode_tps;
+                    s.last_prefill_tps = summary.prefill_tps;
+                });
+                let _ = job.events.blocking_send(Event::Done(summary));
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request failed");
+                let _ = job.events.blocking_send(Event::Error(e.to_string()));
+            }
+        }
+    }
+}
+
+impl Loaded {
+    /// Token ids of a prompt (chat through the template, which writes `<bos>`).
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>> {
+        let vocab = self.model.vocab();
+        let text = match prompt {
+            Prompt::Ids(ids) => return Ok(ids.iter().map(|&i| LlamaToken(i as i32)).collect()),
+            Prompt::Text(t) => match &self.bos {
+                Some(b) if !t.starts_with(b.as_str()) => format!("{b}{t}"),
+                _ => t.clone(),
+            },
+            Prompt::Chat {
+                messages,
+                tools,
+                enable_thinking,
+            } => {
+                let tpl = self.template.as_ref().ok_or_else(|| {
+                    LlamaError::InvalidRequest("this model has no chat template".into())
+                })?;
+                // A trailing assistant message is a prefix to continue (a gateway fallback resuming a
+                // stream another tier started), exactly as the MLX engine does.
+                let (messages, prefix) = match messages.split_last() {
+                    Some((last, rest))
+                        if last.get("role").and_then(Value::as_str) == Some("assistant")
+                            && last.get("tool_calls").is_none()
+                            && !rest.is_empty() =>
+                    {
+                        (
+                            rest,
+                            last.get("content").and_then(Value::as_str).unwrap_or(""),
+                        )
+                    }
+                    _ => (messages.as_slice(), ""),
+                };
+                let rendered = tpl
+                    .render(&RenderRequest {
+                        messages,
+                        tools: tools.as_deref(),
+                        add_generation_prompt: true,
+                        enable_thinking: *enable_thinking,
+                        extra: None,
+                    })
+                    .map_err(|e| {
+                        if e.is_client_error() {
+                            LlamaError::InvalidRequest(e.to_string())
+                        } else {
+                            LlamaError::InvalidModel(format!("chat template: {e}"))
+                        }
+                    })?;
+                format!("{rendered}{prefix}")
+            }
+        };
+        // Special tokens in the text (<bos>, <|turn>) are parsed as such; nothing is added.
+        Ok(vocab.tokenize(text.as_bytes(), false, true))
+    }
+}
+
+/// llama.cpp's JSON grammar (grammars/json.gbnf, MIT), for JSON mode.
+const JSON_GRAMMAR: &str = include_str!("json.gbnf");
+
+fn sampler(loaded: &Loaded, s: &Sampling, json: bool) -> Result<LlamaSampler> {
+    let n_vocab = loaded.model.n_vocab();
+    let mut chain = vec![];
+    if json {
+        chain.push(
+            LlamaSampler::grammar(&loaded.model, JSON_GRAMMAR, "root")
+                .map_err(|e| LlamaError::Runtime(format!("JSON grammar: {e}")))?,
+        );
+    }
+    if !s.logit_bias.is_empty() {
+        let biases: Vec<LlamaLogitBias> = s
+            .logit_bias
+            .iter()
+            .map(|&(t, b)| LlamaLogitBias::new(LlamaToken(t as i32), b))
+            .collect();
+        chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
+    }
+    let rep = s.repetition_penalty.unwrap_or(1.0);
+    if rep != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
+        // OpenAI's penalties apply to the whole generated text; 64 tokens is llama.cpp's default window.
+        chain.push(LlamaSampler::penalties(
+            n_vocab,
+            64,
+            rep,
+            s.frequency_penalty,
+            s.presence_penalty,
+        ));
+    }
+    if s.temperature <= 0.0 {
+        chain.push(LlamaSampler::greedy());
+    } else {
+        if s.top_k > 0 {
+            chain.push(LlamaSampler::top_k(s.top_k));
+        }
+        if s.top_p < 1.0 {
+            chain.push(LlamaSampler::top_p(s.top_p, 1));
+        }
+        if s.min_p > 0.0 {
+            chain.push(LlamaSampler::min_p(s.min_p, 1));
+        }
+        chain.push(LlamaSampler::temp(s.temperature));
+        let seed = s.seed.map_or_else(rand_seed, |v| v as u32);
+        chain.push(LlamaSampler::dist(seed));
+    }
+    Ok(LlamaSampler::chain_simple(chain))
+}
+
+fn rand_seed() -> u32 {
+    // Seedless requests differ run to run, as OpenAI's do; the clock is random enough for sampling.
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+}
+
+/// Runs the prompt through `ctx` (cleared first) and returns the logits of its last position; used by
+/// parity tests against mlx-lm.
+pub fn prompt_logits(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    batch_size: usize,
+) -> Result<Vec<f32>> {
+    prefill(ctx, ids, batch_size)?;
+    let _ = loaded;
+    Ok(ctx
+        .get_logits_ith(ids.len() as i32 - 1 - last_chunk_start(ids.len(), batch_size) as i32)
+        .to_vec())
+}
+
+fn last_chunk_start(n: usize, batch: usize) -> usize {
+    (n.saturating_sub(1) / batch.max(1)) * batch.max(1)
+}
+
+fn prefill(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    batch_size: usize,
+) -> Result<LlamaBatch<'static>> {
+    ctx.clear_kv_cache();
+    let mut batch = LlamaBatch::new(batch_size.max(1), 1);
+    for (c, chunk) in ids.chunks(batch_size.max(1)).enumerate() {
+        batch.clear();
+        let base = c * batch_size;
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = base + i;
+            batch
+                .add(t, pos as i32, &[0], pos == ids.len() - 1)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+    }
+    Ok(batch)
+}
+
+/// Token text decoding that keeps multi-byte UTF-8 characters split across tokens intact.
+struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        match std::str::from_utf8(&self.pending) {
+            Ok(s) => {
+                let out = s.to_string();
+                self.pending.clear();
+                out
+            }
+            Err(e) if e.error_len().is_none() => {
+                // An incomplete character at the end: emit what is complete, keep the rest.
+                let valid = e.valid_up_to();
+                let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+                self.pending.drain(..valid);
+                out
+            }
+            Err(_) => {
+                let out = String::from_utf8_lossy(&self.pending).into_owned();
+                self.pending.clear();
+                out
+            }
+        }
+    }
+
+    fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
+
+fn run_job(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    job: &Job,
+    batch_size: usize,
+) -> Result<Summary> {
+    let req = &job.request;
+    let ids = loaded.prompt_ids(&req.prompt)?;
+    if ids.is_empty() {
+        return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
+    }
+    let n_vocab = loaded.model.n_vocab();
+    if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
+        return Err(LlamaError::InvalidRequest(format!(
+            "token id {} is outside the vocabulary ({n_vocab})",
+            bad.0
+        )));
+    }
+    let n_ctx = loaded.n_ctx as usize;
+    if ids.len() + req.max_tokens > n_ctx {
+        return Err(LlamaError::InvalidRequest(format!(
+            "prompt ({} tokens) + max_tokens ({}) exceeds the context of {n_ctx} tokens",
+            ids.len(),
+            req.max_tokens
+        )));
+    }
+    let events = &job.events;
+    let t0 = Instant::now();
+    let mut batch = prefill(ctx, &ids, batch_size)?;
+    let prefill_time = t0.elapsed();
+    if events
+        .blocking_send(Event::Started {
+            prompt_tokens: ids.len(),
+        })
+        .is_err()
+    {
+        return Err(LlamaError::InvalidRequest("client went away".into()));
+    }
+    let mut smp = sampler(loaded, &req.sampling, req.json_mode)?;
+    let vocab = loaded.model.vocab();
+    let mut text = Utf8Stream { pending: vec![] };
+    let mut parser = req.parse_output.then(OutputParser::new);
+    let mut stops = StopMatcher::new(&req.stop);
+    let mut tool_calls = false;
+    let mut tokens = vec![];
+    let emit = |piece: &str, tool_calls: &mut bool, parser: &mut Option<OutputParser>| -> bool {
+        let parsed = match parser {
+            Some(p) => p.push(piece),
+            None => vec![ParseEvent::Content(piece.to_string())],
+        };
+        for ev in parsed {
+            let out = match ev {
+                ParseEvent::Content(c) if c.is_empty() => continue,
+                ParseEvent::Content(c) => Event::Content(c),
+                ParseEvent::Reasoning(r) => Event::Reasoning(r),
+                ParseEvent::ToolCall(tc) => {
+                    *tool_calls = true;
+                    Event::ToolCall(tc)
+                }
+                ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+            };
+            if events.blocking_send(out).is_err() {
+                return false;
+            }
+        }
+        true
+    };
+    let mut finish = Finish::Length;
+    let mut pos = ids.len();
+    let mut idx = batch.n_tokens() - 1;
+    let t_decode = Instant::now();
+    let mut first_token_at = None;
+    let flow = loop {
+        if tokens.len() >= req.max_tokens {
+            break ControlFlow::Continue(());
+        }
+        if events.is_closed() {
+            finish = Finish::Cancelled;
+            break ControlFlow::Break(());
+        }
+        let tok = smp.sample(ctx, idx);
+        if first_token_at.is_none() {
+            first_token_at = Some(Instant::now());
+        }
+        if !req.ignore_eos && vocab.is_eog(tok) {
+            finish = Finish::Stop;
+            break ControlFlow::Continue(());
+        }
+        tokens.push(tok.0 as u32);
+        let piece = text.push(&vocab.token_to_piece(tok, true, None));
+        let (out, hit) = stops.push(&piece);
+        if !out.is_empty() && !emit(&out, &mut tool_calls, &mut parser) {
+            finish = Finish::Cancelled;
+            break ControlFlow::Break(());
+        }
+        if hit {
+            finish = Finish::Stop;
+            break ControlFlow::Break(());
+        }
+        if tokens.len() >= req.max_tokens {
+            break ControlFlow::Continue(());
+        }
+        batch.clear();
+        batch
+            .add(tok, pos as i32, &[0], true)
+            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        pos += 1;
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        idx = 0;
+    };
+    if finish != Finish::Cancelled {
+        let mut tail = text.finish();
+        if matches!(flow, ControlFlow::Continue(())) {
+            tail.push_str(&stops.finish());
+        }
+        if !tail.is_empty() {
+            emit(&tail, &mut tool_calls, &mut parser);
+        }
+        if let Some(p) = parser.take() {
+            for ev in p.finish() {
+                let out = match ev {
+                    ParseEvent::Content(c) => Event::Content(c),
+                    ParseEvent::Reasoning(r) => Event::Reasoning(r),
+                    ParseEvent::ToolCall(tc) => {
+                        tool_calls = true;
+                        Event::ToolCall(tc)
+                    }
+                    ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+                };
+                let _ = events.blocking_send(out);
+            }
+        }
+    }
+    let decode_time = first_token_at.map_or(Duration::ZERO, |t| t.elapsed());
+    let _ = t_decode;
+    let n = tokens.len();
+    Ok(Summary {
+        prompt_tokens: ids.len(),
+        completion_tokens: n,
+        finish,
+        tool_calls,
+        prefill_tps: ids.len() as f64 / prefill_time.as_secs_f64().max(1e-9),
+        decode_tps: if n > 1 {
+            (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)
+        } else {
+            0.0
+        },
+        tokens,
+    })
+}
+
+/// A loaded model with a context, for one-shot use (`jemma generate --engine llama`, parity tests).
+pub struct Session {
+    loaded: Loaded,
+}
+
+impl Session {
+    /// Loads the GGUF.
+    pub fn load(config: &LlamaConfig) -> Result<Self> {
+        Ok(Self {
+            loaded: load(config, |_| true)?,
+        })
+    }
+
+    /// The loaded model.
+    pub fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
+    /// Logits of the last prompt position, and greedy continuation tokens, in one fresh context.
+    pub fn logits_and_greedy(
+        &self,
+        ids: &[u32],
+        steps: usize,
+        threads: i32,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let backend = backend()?;
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new((ids.len() + steps + 8) as u32))
+            .with_n_batch(512)
+            .with_n_ubatch(512)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = self
+            .loaded
+            .model
+            .new_context(backend, params)
+            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        let toks: Vec<LlamaToken> = ids.iter().map(|&i| LlamaToken(i as i32)).collect();
+        let logits = prompt_logits(&self.loaded, &mut ctx, &toks, 512)?;
+        let mut out = vec![];
+        let mut last = argmax(&logits);
+        let mut batch = LlamaBatch::new(1, 1);
+        for pos in toks.len()..toks.len() + steps {
+            out.push(last);
+            batch.clear();
+            batch
+                .add(LlamaToken(last as i32), pos as i32, &[0], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+            last = argmax(ctx.get_logits_ith(0));
+        }
+        Ok((logits, out))
+    }
+}
+
+impl Session {
+    /// For each position of `ids`, the argmax of the next-token logits and its margin over the runner-up
+    /// (one forward pass over the whole sequence, teacher-forced). Parity tests use the margin to tell a
+    /// real mismatch from a near-tie that float rounding may flip.
+    pub fn teacher_forced(&self, ids: &[u32], threads: i32) -> Result<Vec<(u32, f32)>> {
+        let backend = backend()?;
+        let n = ids.len();
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new((n + 8) as u32))
+            .with_n_batch(n.max(1) as u32)
+            .with_n_ubatch(n.max(1) as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let mut ctx = self
+            .loaded
+            .model
+            .new_context(backend, params)
+            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        let mut batch = LlamaBatch::new(n.max(1), 1);
+        for (i, &t) in ids.iter().enumerate() {
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[0], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        Ok((0..n)
+            .map(|i| {
+                let l = ctx.get_logits_ith(i as i32);
+                let best = argmax(l);
+                let second = l
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j as u32 != best)
+                    .map(|(_, v)| *v)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                (best, l[best as usize] - second)
+            })
+            .collect())
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0 as u32
+}

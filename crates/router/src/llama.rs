@@ -1,0 +1,154 @@
+//! The llama.cpp engine as a tier (feature `llama`): GGUF models, the default local engine on Linux and
+//! Intel machines and the engine of the Cloud Run heavy tier.
+
+pub use jemma_engine_llama as engine;
+
+use async_trait::async_trait;
+use jemma_engine_llama::{Event, LlamaEngine, Prompt, Request, Sampling, SubmitError};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::api::{ChatRequest, Usage};
+use crate::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream, with_continuation};
+
+/// A llama.cpp engine serving one tier.
+pub struct LlamaBackend {
+    engine: LlamaEngine,
+    default_max_tokens: u32,
+}
+
+impl LlamaBackend {
+    /// Wraps a started engine.
+    pub fn new(engine: LlamaEngine, default_max_tokens: u32) -> Self {
+        Self {
+            engine,
+            default_max_tokens,
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for LlamaBackend {
+    fn model(&self) -> String {
+        self.engine.status().model
+    }
+
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
+        if req.logprobs {
+            return Err(BackendError::BadRequest(
+                "logprobs are not available on the llama.cpp engine".into(),
+            ));
+        }
+        let prompt = match &req.raw_prompt {
+            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Prompt::Chat {
+                messages: with_continuation(&req.messages, continuation),
+                tools: req.tools.clone(),
+                enable_thinking: req.enable_thinking,
+            },
+        };
+        let request = Request {
+            prompt,
+            sampling: Sampling {
+                temperature: req.temperature.unwrap_or(0.0),
+                top_p: req.top_p.unwrap_or(1.0),
+                top_k: req.top_k.unwrap_or(0),
+                min_p: req.min_p.unwrap_or(0.0),
+                repetition_penalty: req.repetition_penalty,
+                presence_penalty: req.presence_penalty.unwrap_or(0.0),
+                frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+                logit_bias: req.logit_bias.clone(),
+                seed: req.seed,
+            },
+            max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
+            stop: req.stop.clone(),
+            parse_output: req.raw_prompt.is_none() && !req.json_mode,
+            json_mode: req.json_mode,
+            ignore_eos: false,
+        };
+        let mut events = self.engine.submit(request).map_err(|e| match e {
+            SubmitError::QueueFull => BackendError::Busy(e.to_string()),
+            SubmitError::Unavailable(m) => BackendError::Unavailable(m),
+        })?;
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut prompt_tokens = 0u64;
+            while let Some(ev) = events.recv().await {
+                let out = match ev {
+                    Event::Started { prompt_tokens: p } => {
+                        prompt_tokens = p as u64;
+                        Ok(Chunk::Started { prompt_tokens })
+                    }
+                    Event::Content(c) => Ok(Chunk::Content(c)),
+                    Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+                    Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+                        name: tc.name,
+                        arguments: tc.arguments.to_string(),
+                    }),
+                    Event::Done(s) => {
+                        let finish = if s.tool_calls {
+                            "tool_calls"
+                        } else {
+                            match s.finish {
+                                jemma_engine_llama::Finish::Length => "length",
+                                _ => "stop",
+                            }
+                        };
+                        let completion = s.completion_tokens as u64;
+                        Ok(Chunk::Done {
+                            finish_reason: finish.into(),
+                            usage: Usage {
+                                prompt_tokens,
+                                completion_tokens: completion,
+                                total_tokens: prompt_tokens + completion,
+                            },
+                            decode_tps: Some(s.decode_tps),
+                        })
+                    }
+                    Event::Error(e) => Err(match e.strip_prefix("invalid request: ") {
+                        Some(m) => BackendError::BadRequest(m.to_string()),
+                        None => BackendError::Broken(e),
+                    }),
+                };
+                if tx.send(out).await.is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    fn health(&self) -> BackendHealth {
+        use jemma_engine_llama::EngineState;
+        let s = self.engine.status();
+        let (state, err) = match &s.state {
+            EngineState::Loading { progress } => {
+                (format!("loading {:.0}%", progress * 100.0), None)
+            }
+            EngineState::Ready => ("ready".to_string(), None),
+            EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
+        };
+        BackendHealth {
+            state,
+            model: s.model.clone(),
+            model_loaded: matches!(s.state, EngineState::Ready),
+            tokens_per_second: s.last_decode_tps,
+            last_error: err,
+            context_length: (s.context_length > 0).then_some(s.context_length),
+            details: json!({
+                "engine": "llama.cpp",
+                "gpu_layers": s.gpu_layers,
+                "threads": s.threads,
+                "model_bytes": s.model_bytes,
+                "requests": s.requests,
+                "generated_tokens": s.generated_tokens,
+                "queued": s.queued,
+                "prefill_tps": s.last_prefill_tps,
+            }),
+        }
+    }
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GGUF converter for test fixtures: llama.cpp's convert_hf_to_gguf.py + gguf-py as vendored in the
+# llama-cpp-python sdist on PyPI (the llama-cpp-sys-2 crate ships only a stub converter, and PyPI's `gguf` is
+# too old for Gemma 4), in its own venv with torch. Prints the converter's directory. Idempotent.
+. "$(dirname "$0")/lib.sh"
+LCP_VERSION=0.3.36
+VENV=$JEMMA_DEPS/gguf-venv
+SRC=$JEMMA_DEPS/llama-cpp-python-$LCP_VERSION
+REQ=$JEMMA_ROOT/scripts/gguf-requirements.txt
+want=$(sha256sum "$REQ" | cut -d' ' -f1)
+if ! [ -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+  log "GGUF converter venv (torch, transformers; first time: ~2 min, ~5 GB)"
+  python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >&2
+  "$VENV/bin/python" -m pip install -q -r "$REQ" >&2
+  echo "$want" >"$VENV/.requirements.sha256"
+fi
+if ! [ -f "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+  log "llama-cpp-python $LCP_VERSION sdist (for convert_hf_to_gguf.py)"
+  tmp=$(mktemp -d)
+  "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LCP_VERSION" -d "$tmp" >&2
+  mkdir -p "$JEMMA_DEPS"
+  tar xzf "$tmp/llama_cpp_python-$LCP_VERSION.tar.gz" -C "$JEMMA_DEPS"
+  mv "$JEMMA_DEPS/llama_cpp_python-$LCP_VERSION" "$SRC"
+  rm -rf "$tmp"
+fi
+echo "$SRC/vendor/llama.cpp"
