@@ -42,13 +42,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => Config::load(p)?,
         None => Config::default(),
     };
-    let user = cfg
-        .models
-        .catalog
-        .as_ref()
-        .map(PathBuf::from)
-        .or_else(Catalog::user_path);
-    let catalog = Catalog::with_overrides(user.as_deref())?;
+    let catalog = Catalog::load(cfg.models.catalog.as_deref())?;
     let token = if args.list {
         None
     } else {

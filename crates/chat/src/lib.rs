@@ -3,6 +3,7 @@
 //! calls. Kept separate so the fuzz targets and the llama.cpp engine use them without linking MLX.
 #![deny(missing_docs)]
 
+pub mod answer;
 pub mod stop;
 pub mod template;
 pub mod tools;

@@ -310,6 +310,38 @@ impl ChatTemplate {
         &self.eos_token
     }
 
+    /// The prompt of a chat request for generation. A trailing assistant message is a prefix to continue (a
+    /// gateway fallback resuming a stream another tier started): the conversation before it is rendered with
+    /// the generation prompt and its text appended verbatim, so the model carries on from it.
+    pub fn render_for_generation(
+        &self,
+        messages: &[Json],
+        tools: Option<&[Json]>,
+        enable_thinking: Option<bool>,
+    ) -> Result<String, TemplateError> {
+        let (messages, prefix) = match messages.split_last() {
+            Some((last, rest))
+                if last.get("role").and_then(Json::as_str) == Some("assistant")
+                    && last.get("tool_calls").is_none()
+                    && !rest.is_empty() =>
+            {
+                (
+                    rest,
+                    last.get("content").and_then(Json::as_str).unwrap_or(""),
+                )
+            }
+            _ => (messages, ""),
+        };
+        let text = self.render(&RenderRequest {
+            messages,
+            tools,
+            add_generation_prompt: true,
+            enable_thinking,
+            extra: None,
+        })?;
+        Ok(format!("{text}{prefix}"))
+    }
+
     /// Renders `req` into the prompt text.
     pub fn render(&self, req: &RenderRequest<'_>) -> Result<String, TemplateError> {
         for (i, message) in req.messages.iter().enumerate() {

@@ -18,9 +18,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use jemma_chat::stop::StopMatcher;
-use jemma_chat::template::{ChatTemplate, RenderRequest};
-use jemma_chat::tools::{Event as ParseEvent, OutputParser, ToolCall};
+use jemma_chat::answer::Answer;
+use jemma_chat::template::ChatTemplate;
+use jemma_chat::tools::{Event as ParseEvent, ToolCall};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -191,6 +191,17 @@ pub struct Request {
     pub json_mode: bool,
     /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
     pub ignore_eos: bool,
+}
+
+impl From<ParseEvent> for Event {
+    fn from(e: ParseEvent) -> Self {
+        match e {
+            ParseEvent::Content(c) => Event::Content(c),
+            ParseEvent::Reasoning(r) => Event::Reasoning(r),
+            ParseEvent::ToolCall(tc) => Event::ToolCall(tc),
+            ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+        }
+    }
 }
 
 /// Why generation ended.
@@ -580,37 +591,14 @@ impl Loaded {
                 let tpl = self.template.as_ref().ok_or_else(|| {
                     LlamaError::InvalidRequest("this model has no chat template".into())
                 })?;
-                // A trailing assistant message is a prefix to continue (a gateway fallback resuming a
-                // stream another tier started), exactly as the MLX engine does.
-                let (messages, prefix) = match messages.split_last() {
-                    Some((last, rest))
-                        if last.get("role").and_then(Value::as_str) == Some("assistant")
-                            && last.get("tool_calls").is_none()
-                            && !rest.is_empty() =>
-                    {
-                        (
-                            rest,
-                            last.get("content").and_then(Value::as_str).unwrap_or(""),
-                        )
-                    }
-                    _ => (messages.as_slice(), ""),
-                };
-                let rendered = tpl
-                    .render(&RenderRequest {
-                        messages,
-                        tools: tools.as_deref(),
-                        add_generation_prompt: true,
-                        enable_thinking: *enable_thinking,
-                        extra: None,
-                    })
+                tpl.render_for_generation(messages, tools.as_deref(), *enable_thinking)
                     .map_err(|e| {
                         if e.is_client_error() {
                             LlamaError::InvalidRequest(e.to_string())
                         } else {
                             LlamaError::InvalidModel(format!("chat template: {e}"))
                         }
-                    })?;
-                format!("{rendered}{prefix}")
+                    })?
             }
         };
         // Special tokens in the text (<bos>, <|turn>) are parsed as such; nothing is added.
@@ -793,36 +781,15 @@ fn run_job(
     let mut smp = sampler(loaded, &req.sampling, req.json_mode)?;
     let vocab = loaded.model.vocab();
     let mut text = Utf8Stream { pending: vec![] };
-    let mut parser = req.parse_output.then(OutputParser::new);
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut tool_calls = false;
+    let mut answer = Answer::new(&req.stop, req.parse_output);
     let mut tokens = vec![];
-    let emit = |piece: &str, tool_calls: &mut bool, parser: &mut Option<OutputParser>| -> bool {
-        let parsed = match parser {
-            Some(p) => p.push(piece),
-            None => vec![ParseEvent::Content(piece.to_string())],
-        };
-        for ev in parsed {
-            let out = match ev {
-                ParseEvent::Content(c) if c.is_empty() => continue,
-                ParseEvent::Content(c) => Event::Content(c),
-                ParseEvent::Reasoning(r) => Event::Reasoning(r),
-                ParseEvent::ToolCall(tc) => {
-                    *tool_calls = true;
-                    Event::ToolCall(tc)
-                }
-                ParseEvent::ToolCallError(e) => Event::Content(e.raw),
-            };
-            if events.blocking_send(out).is_err() {
-                return false;
-            }
-        }
-        true
+    let send = |evs: Vec<ParseEvent>| {
+        evs.into_iter()
+            .all(|e| events.blocking_send(e.into()).is_ok())
     };
     let mut finish = Finish::Length;
     let mut pos = ids.len();
     let mut idx = batch.n_tokens() - 1;
-    let t_decode = Instant::now();
     let mut first_token_at = None;
     let flow = loop {
         if tokens.len() >= req.max_tokens {
@@ -842,8 +809,8 @@ fn run_job(
         }
         tokens.push(tok.0 as u32);
         let piece = text.push(&vocab.token_to_piece(tok, true, None));
-        let (out, hit) = stops.push(&piece);
-        if !out.is_empty() && !emit(&out, &mut tool_calls, &mut parser) {
+        let (out, hit) = answer.push(&piece);
+        if !send(out) {
             finish = Finish::Cancelled;
             break ControlFlow::Break(());
         }
@@ -864,30 +831,12 @@ fn run_job(
         idx = 0;
     };
     if finish != Finish::Cancelled {
-        let mut tail = text.finish();
-        if matches!(flow, ControlFlow::Continue(())) {
-            tail.push_str(&stops.finish());
-        }
-        if !tail.is_empty() {
-            emit(&tail, &mut tool_calls, &mut parser);
-        }
-        if let Some(p) = parser.take() {
-            for ev in p.finish() {
-                let out = match ev {
-                    ParseEvent::Content(c) => Event::Content(c),
-                    ParseEvent::Reasoning(r) => Event::Reasoning(r),
-                    ParseEvent::ToolCall(tc) => {
-                        tool_calls = true;
-                        Event::ToolCall(tc)
-                    }
-                    ParseEvent::ToolCallError(e) => Event::Content(e.raw),
-                };
-                let _ = events.blocking_send(out);
-            }
-        }
+        // A stop string ended the answer when the loop broke on one (not on an end-of-generation token).
+        let by_string = finish == Finish::Stop && matches!(flow, ControlFlow::Break(()));
+        send(answer.finish(&text.finish(), by_string));
     }
+    let tool_calls = answer.tool_calls();
     let decode_time = first_token_at.map_or(Duration::ZERO, |t| t.elapsed());
-    let _ = t_decode;
     let n = tokens.len();
     Ok(Summary {
         prompt_tokens: ids.len(),
@@ -922,6 +871,24 @@ impl Session {
         &self.loaded
     }
 
+    fn context(
+        &self,
+        n_ctx: usize,
+        n_batch: usize,
+        threads: i32,
+    ) -> Result<llama_cpp_2::context::LlamaContext<'_>> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+            .with_n_batch(n_batch as u32)
+            .with_n_ubatch(n_batch as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        self.loaded
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| LlamaError::Runtime(e.to_string()))
+    }
+
     /// Logits of the last prompt position, and greedy continuation tokens, in one fresh context.
     pub fn logits_and_greedy(
         &self,
@@ -929,18 +896,7 @@ impl Session {
         steps: usize,
         threads: i32,
     ) -> Result<(Vec<f32>, Vec<u32>)> {
-        let backend = backend()?;
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new((ids.len() + steps + 8) as u32))
-            .with_n_batch(512)
-            .with_n_ubatch(512)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        let mut ctx = self
-            .loaded
-            .model
-            .new_context(backend, params)
-            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        let mut ctx = self.context(ids.len() + steps + 8, 512, threads)?;
         let toks: Vec<LlamaToken> = ids.iter().map(|&i| LlamaToken(i as i32)).collect();
         let logits = prompt_logits(&self.loaded, &mut ctx, &toks, 512)?;
         let mut out = vec![];
@@ -965,19 +921,8 @@ impl Session {
     /// (one forward pass over the whole sequence, teacher-forced). Parity tests use the margin to tell a
     /// real mismatch from a near-tie that float rounding may flip.
     pub fn teacher_forced(&self, ids: &[u32], threads: i32) -> Result<Vec<(u32, f32)>> {
-        let backend = backend()?;
         let n = ids.len();
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new((n + 8) as u32))
-            .with_n_batch(n.max(1) as u32)
-            .with_n_ubatch(n.max(1) as u32)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
-        let mut ctx = self
-            .loaded
-            .model
-            .new_context(backend, params)
-            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        let mut ctx = self.context(n + 8, n.max(1), threads)?;
         let mut batch = LlamaBatch::new(n.max(1), 1);
         for (i, &t) in ids.iter().enumerate() {
             batch

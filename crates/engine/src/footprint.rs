@@ -154,32 +154,7 @@ pub fn estimate(
             let Some(k) = canonical_key(&name) else {
                 continue;
             };
-            // The same tensors the loader drops (see gemma4::sanitize).
-            if [
-                "rotary_emb",
-                "input_max",
-                "input_min",
-                "output_max",
-                "output_min",
-            ]
-            .iter()
-            .any(|s| k.contains(s))
-            {
-                continue;
-            }
-            let layer = k
-                .strip_prefix("layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|n| n.parse::<usize>().ok());
-            if layer.is_some_and(|l| l >= first_shared)
-                && [
-                    ".self_attn.k_proj",
-                    ".self_attn.v_proj",
-                    ".self_attn.k_norm",
-                ]
-                .iter()
-                .any(|s| k.contains(s))
-            {
+            if crate::models::gemma4::dropped_at_load(&k, first_shared).is_some() {
                 continue;
             }
             let size = dtype_size(&dtype).ok_or_else(|| {

@@ -16,11 +16,11 @@ use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
 use crate::generate::{FinishReason, GenerateOptions, GenerationStats, TokenLogprobs, generate};
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
-use crate::template::{ChatTemplate, RenderRequest};
+use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
-use crate::tools::{Event as ParseEvent, OutputParser, ToolCall};
+use crate::tools::{Event as ParseEvent, ToolCall};
 use crate::{EngineError, Result};
-use jemma_chat::stop::StopMatcher;
+use jemma_chat::answer::Answer;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -86,6 +86,18 @@ pub enum Event {
     Done(Summary),
     /// Failed; nothing more follows.
     Error(String),
+}
+
+impl From<ParseEvent> for Event {
+    fn from(e: ParseEvent) -> Self {
+        match e {
+            ParseEvent::Content(c) => Event::Content(c),
+            ParseEvent::Reasoning(r) => Event::Reasoning(r),
+            ParseEvent::ToolCall(tc) => Event::ToolCall(tc),
+            // Answer passes unparseable calls on as text already; kept total for completeness.
+            ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+        }
+    }
 }
 
 /// Final statistics of a request.
@@ -427,28 +439,8 @@ impl ModelBundle {
                 let tpl = self.template.as_ref().ok_or_else(|| {
                     EngineError::InvalidRequest("this model has no chat template".into())
                 })?;
-                // A trailing assistant message is a prefix to continue (a gateway fallback resuming a stream
-                // another tier started): render the conversation before it with the generation prompt, then
-                // append its text verbatim.
-                let (messages, prefix) = match messages.split_last() {
-                    Some((last, rest))
-                        if last.get("role").and_then(Value::as_str) == Some("assistant")
-                            && last.get("tool_calls").is_none()
-                            && !rest.is_empty() =>
-                    {
-                        let text = last.get("content").and_then(Value::as_str).unwrap_or("");
-                        (rest, text)
-                    }
-                    _ => (messages.as_slice(), ""),
-                };
                 let text = tpl
-                    .render(&RenderRequest {
-                        messages,
-                        tools: tools.as_deref(),
-                        add_generation_prompt: true,
-                        enable_thinking: *enable_thinking,
-                        extra: None,
-                    })
+                    .render_for_generation(messages, tools.as_deref(), *enable_thinking)
                     .map_err(|e| {
                         if e.is_client_error() {
                             EngineError::InvalidRequest(e.to_string())
@@ -456,7 +448,7 @@ impl ModelBundle {
                             EngineError::InvalidModel(format!("chat template: {e}"))
                         }
                     })?;
-                self.tokenizer.encode(&format!("{text}{prefix}"), false)?
+                self.tokenizer.encode(&text, false)?
             }
         })
     }
@@ -684,35 +676,12 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
         opts.json = Some(l.json_tokens());
     }
     let mut decoder = l.tokenizer.stream();
-    let mut parser = req.parse_output.then(OutputParser::new);
-    let mut stops = StopMatcher::new(&req.stop);
-    let mut tool_calls = false;
+    let mut answer = Answer::new(&req.stop, req.parse_output);
     let mut failed: Option<EngineError> = None;
     let events = &job.events;
-    let emit = |text: &str, tool_calls: &mut bool, parser: &mut Option<OutputParser>| -> bool {
-        let parsed = match parser {
-            Some(p) => p.push(text),
-            None => vec![ParseEvent::Content(text.to_string())],
-        };
-        for ev in parsed {
-            let out = match ev {
-                ParseEvent::Content(c) if c.is_empty() => continue,
-                ParseEvent::Content(c) => Event::Content(c),
-                ParseEvent::Reasoning(r) => Event::Reasoning(r),
-                ParseEvent::ToolCall(tc) => {
-                    *tool_calls = true;
-                    Event::ToolCall(tc)
-                }
-                ParseEvent::ToolCallError(e) => {
-                    tracing::warn!(error = %e.error, "unparseable tool call passed through as text");
-                    Event::Content(e.raw)
-                }
-            };
-            if events.blocking_send(out).is_err() {
-                return false;
-            }
-        }
-        true
+    let send = |evs: Vec<ParseEvent>| {
+        evs.into_iter()
+            .all(|e| events.blocking_send(e.into()).is_ok())
     };
     let stats = generate(&l.model, &ids, &opts, |step| {
         if events.is_closed() {
@@ -736,8 +705,8 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
         {
             return ControlFlow::Break(FinishReason::Cancelled);
         }
-        let (text, hit) = stops.push(&piece);
-        if !text.is_empty() && !emit(&text, &mut tool_calls, &mut parser) {
+        let (out, hit) = answer.push(&piece);
+        if !send(out) {
             return ControlFlow::Break(FinishReason::Cancelled);
         }
         if hit {
@@ -750,28 +719,10 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
         return Err(e);
     }
     if stats.finish_reason != FinishReason::Cancelled {
-        let mut tail = decoder.finish()?;
-        if stats.finish_reason != FinishReason::Stop || stats.stop_token.is_some() {
-            tail.push_str(&stops.finish());
-        }
-        if !tail.is_empty() {
-            emit(&tail, &mut tool_calls, &mut parser);
-        }
-        if let Some(p) = parser.take() {
-            for ev in p.finish() {
-                let out = match ev {
-                    ParseEvent::Content(c) => Event::Content(c),
-                    ParseEvent::Reasoning(r) => Event::Reasoning(r),
-                    ParseEvent::ToolCall(tc) => {
-                        tool_calls = true;
-                        Event::ToolCall(tc)
-                    }
-                    ParseEvent::ToolCallError(e) => Event::Content(e.raw),
-                };
-                let _ = events.blocking_send(out);
-            }
-        }
+        let by_string = stats.finish_reason == FinishReason::Stop && stats.stop_token.is_none();
+        send(answer.finish(&decoder.finish()?, by_string));
     }
+    let tool_calls = answer.tool_calls();
     Ok(Summary {
         prefill_tps: stats.prefill_tps(),
         decode_tps: stats.decode_tps(),

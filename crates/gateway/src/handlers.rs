@@ -289,29 +289,34 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
+/// The tier and the small JSON body of an admin request (None body when it is not JSON).
+async fn admin_request(tier: String, body: Body) -> Result<(Tier, Option<Value>), Response> {
+    let tier: Tier = tier
+        .parse()
+        .map_err(|_| ApiError(RouterError::UnknownModel(tier)).into_response())?;
+    let v = to_bytes(body, 4096)
+        .await
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    Ok((tier, v))
+}
+
 /// `POST /admin/tiers/{tier}` with `{"enabled": bool, "warm_up": bool}`: the tray's heavy toggle.
 pub async fn set_tier(
     State(state): State<AppState>,
     Path(tier): Path<String>,
     body: Body,
 ) -> Response {
-    let tier: Tier = match tier.parse() {
-        Ok(t) => t,
-        Err(_) => return ApiError(RouterError::UnknownModel(tier)).into_response(),
+    let (tier, v) = match admin_request(tier, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
-    let v: Value = match to_bytes(body, 4096)
-        .await
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-    {
-        Some(v) => v,
-        None => {
-            return ApiError(RouterError::InvalidRequest {
-                message: "expected {\"enabled\": bool}".into(),
-                param: None,
-            })
-            .into_response();
-        }
+    let Some(v) = v else {
+        return ApiError(RouterError::InvalidRequest {
+            message: "expected {\"enabled\": bool}".into(),
+            param: None,
+        })
+        .into_response();
     };
     let Some(enabled) = v.get("enabled").and_then(Value::as_bool) else {
         return ApiError(RouterError::InvalidRequest {
@@ -341,14 +346,10 @@ pub async fn set_tier_model(
     Path(tier): Path<String>,
     body: Body,
 ) -> Response {
-    let tier: Tier = match tier.parse() {
-        Ok(t) => t,
-        Err(_) => return ApiError(RouterError::UnknownModel(tier)).into_response(),
+    let (tier, v) = match admin_request(tier, body).await {
+        Ok(r) => r,
+        Err(resp) => return resp,
     };
-    let v: Option<Value> = to_bytes(body, 4096)
-        .await
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok());
     let Some(model) = v
         .as_ref()
         .and_then(|v| v.get("model"))

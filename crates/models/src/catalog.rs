@@ -110,6 +110,15 @@ impl Catalog {
         Ok(c)
     }
 
+    /// The catalog a configuration names (`[models] catalog`), else the user's default one, on top of the
+    /// built-in entries.
+    pub fn load(configured: Option<&str>) -> Result<Self> {
+        let path = configured
+            .map(std::path::PathBuf::from)
+            .or_else(Self::user_path);
+        Self::with_overrides(path.as_deref())
+    }
+
     /// The user catalog's default place: `$JEMMA_CATALOG`, else `~/.config/jemma/models.toml`.
     pub fn user_path() -> Option<std::path::PathBuf> {
         if let Ok(p) = std::env::var("JEMMA_CATALOG") {

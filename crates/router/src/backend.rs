@@ -130,6 +130,56 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// Forwards an in-process engine's events as chunks from a task. Dropping the returned stream ends the task
+/// at its next event, which drops `events` and so cancels the engine's work.
+pub fn pump<E: Send + 'static>(
+    mut events: mpsc::Receiver<E>,
+    mut map: impl FnMut(E) -> Result<Chunk, BackendError> + Send + 'static,
+) -> ChunkStream {
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        while let Some(ev) = events.recv().await {
+            if tx.send(map(ev)).await.is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// The last chunk of an in-process engine's answer.
+pub fn done_chunk(
+    prompt_tokens: u64,
+    completion_tokens: u64,
+    tool_calls: bool,
+    hit_length: bool,
+    decode_tps: f64,
+) -> Chunk {
+    let finish = match (tool_calls, hit_length) {
+        (true, _) => "tool_calls",
+        (false, true) => "length",
+        (false, false) => "stop",
+    };
+    Chunk::Done {
+        finish_reason: finish.into(),
+        usage: Usage {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+        },
+        decode_tps: Some(decode_tps),
+    }
+}
+
+/// An in-process engine's error message as a backend error: the engines report request problems as
+/// "invalid request: …" (the client's fault, HTTP 400); anything else is the tier's failure.
+pub fn engine_error(msg: &str) -> BackendError {
+    match msg.strip_prefix("invalid request: ") {
+        Some(m) => BackendError::BadRequest(m.to_string()),
+        None => BackendError::Broken(msg.to_string()),
+    }
+}
+
 /// Messages with the continuation appended as a trailing assistant turn.
 pub fn with_continuation(messages: &[Value], continuation: Option<&str>) -> Vec<Value> {
     let mut m = messages.to_vec();

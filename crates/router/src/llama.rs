@@ -6,10 +6,12 @@ pub use jemma_engine_llama as engine;
 use async_trait::async_trait;
 use jemma_engine_llama::{Event, LlamaEngine, Prompt, Request, Sampling, SubmitError};
 use serde_json::json;
-use tokio::sync::mpsc;
 
-use crate::api::{ChatRequest, Usage};
-use crate::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream, with_continuation};
+use crate::api::ChatRequest;
+use crate::backend::{
+    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
+    with_continuation,
+};
 
 /// A llama.cpp engine serving one tier.
 pub struct LlamaBackend {
@@ -70,56 +72,31 @@ impl Backend for LlamaBackend {
             json_mode: req.json_mode,
             ignore_eos: false,
         };
-        let mut events = self.engine.submit(request).map_err(|e| match e {
+        let events = self.engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
             SubmitError::Unavailable(m) => BackendError::Unavailable(m),
         })?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut prompt_tokens = 0u64;
-            while let Some(ev) = events.recv().await {
-                let out = match ev {
-                    Event::Started { prompt_tokens: p } => {
-                        prompt_tokens = p as u64;
-                        Ok(Chunk::Started { prompt_tokens })
-                    }
-                    Event::Content(c) => Ok(Chunk::Content(c)),
-                    Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
-                    Event::ToolCall(tc) => Ok(Chunk::ToolCall {
-                        name: tc.name,
-                        arguments: tc.arguments.to_string(),
-                    }),
-                    Event::Done(s) => {
-                        let finish = if s.tool_calls {
-                            "tool_calls"
-                        } else {
-                            match s.finish {
-                                jemma_engine_llama::Finish::Length => "length",
-                                _ => "stop",
-                            }
-                        };
-                        let completion = s.completion_tokens as u64;
-                        Ok(Chunk::Done {
-                            finish_reason: finish.into(),
-                            usage: Usage {
-                                prompt_tokens,
-                                completion_tokens: completion,
-                                total_tokens: prompt_tokens + completion,
-                            },
-                            decode_tps: Some(s.decode_tps),
-                        })
-                    }
-                    Event::Error(e) => Err(match e.strip_prefix("invalid request: ") {
-                        Some(m) => BackendError::BadRequest(m.to_string()),
-                        None => BackendError::Broken(e),
-                    }),
-                };
-                if tx.send(out).await.is_err() {
-                    return;
-                }
+        let mut prompt_tokens = 0u64;
+        Ok(pump(events, move |ev| match ev {
+            Event::Started { prompt_tokens: p } => {
+                prompt_tokens = p as u64;
+                Ok(Chunk::Started { prompt_tokens })
             }
-        });
-        Ok(rx)
+            Event::Content(c) => Ok(Chunk::Content(c)),
+            Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+            Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+                name: tc.name,
+                arguments: tc.arguments.to_string(),
+            }),
+            Event::Done(s) => Ok(done_chunk(
+                prompt_tokens,
+                s.completion_tokens as u64,
+                s.tool_calls,
+                s.finish == jemma_engine_llama::Finish::Length,
+                s.decode_tps,
+            )),
+            Event::Error(e) => Err(engine_error(&e)),
+        }))
     }
 
     fn health(&self) -> BackendHealth {

@@ -4,10 +4,12 @@
 use async_trait::async_trait;
 use jemma_engine::runtime::Engine;
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 
-use crate::api::{ChatRequest, Usage};
-use crate::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream, with_continuation};
+use crate::api::ChatRequest;
+use crate::backend::{
+    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
+    with_continuation,
+};
 
 /// The in-process MLX engine serving one model.
 pub struct LocalBackend {
@@ -95,57 +97,34 @@ impl Backend for LocalBackend {
             parse_output: req.raw_prompt.is_none() && !req.json_mode,
             json_mode: req.json_mode,
         };
-        let mut events = self.engine.submit(request).map_err(|e| match e {
+        let events = self.engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
             SubmitError::Unavailable(m) => BackendError::Unavailable(m),
         })?;
-        let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(async move {
-            let mut prompt_tokens = 0u64;
-            while let Some(ev) = events.recv().await {
-                let out = match ev {
-                    Event::Started { prompt_tokens: p } => {
-                        prompt_tokens = p as u64;
-                        Ok(Chunk::Started { prompt_tokens })
-                    }
-                    Event::Content(c) => Ok(Chunk::Content(c)),
-                    Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
-                    Event::ToolCall(tc) => Ok(Chunk::ToolCall {
-                        name: tc.name,
-                        arguments: tc.arguments.to_string(),
-                    }),
-                    Event::Tokens(toks) => Ok(Chunk::Logprobs(
-                        toks.iter().filter_map(logprob_entry).collect(),
-                    )),
-                    Event::Done(s) => {
-                        let finish = if s.tool_calls {
-                            "tool_calls"
-                        } else {
-                            match s.stats.finish_reason {
-                                jemma_engine::generate::FinishReason::Length => "length",
-                                _ => "stop",
-                            }
-                        };
-                        let completion = s.stats.completion_tokens as u64;
-                        Ok(Chunk::Done {
-                            finish_reason: finish.into(),
-                            usage: Usage {
-                                prompt_tokens,
-                                completion_tokens: completion,
-                                total_tokens: prompt_tokens + completion,
-                            },
-                            decode_tps: Some(s.decode_tps),
-                        })
-                    }
-                    Event::Error(e) => Err(classify_engine_error(&e)),
-                };
-                if tx.send(out).await.is_err() {
-                    // The consumer is gone: dropping `events` cancels the generation.
-                    return;
-                }
+        let mut prompt_tokens = 0u64;
+        Ok(pump(events, move |ev| match ev {
+            Event::Started { prompt_tokens: p } => {
+                prompt_tokens = p as u64;
+                Ok(Chunk::Started { prompt_tokens })
             }
-        });
-        Ok(rx)
+            Event::Content(c) => Ok(Chunk::Content(c)),
+            Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+            Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+                name: tc.name,
+                arguments: tc.arguments.to_string(),
+            }),
+            Event::Tokens(toks) => Ok(Chunk::Logprobs(
+                toks.iter().filter_map(logprob_entry).collect(),
+            )),
+            Event::Done(s) => Ok(done_chunk(
+                prompt_tokens,
+                s.stats.completion_tokens as u64,
+                s.tool_calls,
+                s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
+                s.decode_tps,
+            )),
+            Event::Error(e) => Err(engine_error(&e)),
+        }))
     }
 
     fn health(&self) -> BackendHealth {
@@ -180,14 +159,5 @@ impl Backend for LocalBackend {
                 "footprint": s.footprint,
             }),
         }
-    }
-}
-
-fn classify_engine_error(msg: &str) -> BackendError {
-    // The engine reports request problems as "invalid request: …"; anything else is the tier's failure.
-    if let Some(m) = msg.strip_prefix("invalid request: ") {
-        BackendError::BadRequest(m.to_string())
-    } else {
-        BackendError::Broken(msg.to_string())
     }
 }

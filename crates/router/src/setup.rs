@@ -91,13 +91,7 @@ impl HubResolver {
         cfg: &Config,
         keyring: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Self, RouterError> {
-        let user = cfg
-            .models
-            .catalog
-            .as_ref()
-            .map(PathBuf::from)
-            .or_else(Catalog::user_path);
-        let catalog = Catalog::with_overrides(user.as_deref())
+        let catalog = Catalog::load(cfg.models.catalog.as_deref())
             .map_err(|e| RouterError::Config(e.to_string()))?;
         let hub = Hub::new(HubConfig {
             endpoint: cfg.models.endpoint.clone(),

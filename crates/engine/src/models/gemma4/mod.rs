@@ -77,6 +77,40 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
 
 /// mlx-lm's sanitize rules, on canonical keys: drop rotary caches and clip ranges, drop the K/V projections
 /// of KV-shared layers, split HF's fused `experts.gate_up_proj`, rename `experts.down_proj`.
+/// Why the loader drops a (canonical) checkpoint tensor, if it does: rotary caches and activation clip
+/// ranges are recomputed or unused, and KV-shared layers read another layer's K/V. Shared with the footprint
+/// estimate, which must count exactly what the loader keeps.
+pub fn dropped_at_load(key: &str, first_shared: usize) -> Option<&'static str> {
+    if [
+        "self_attn.rotary_emb",
+        "input_max",
+        "input_min",
+        "output_max",
+        "output_min",
+    ]
+    .iter()
+    .any(|s| key.contains(s))
+    {
+        return Some("rotary cache / activation clip range");
+    }
+    let layer = key
+        .strip_prefix("layers.")
+        .and_then(|r| r.split('.').next())
+        .and_then(|n| n.parse::<usize>().ok());
+    if layer.is_some_and(|l| l >= first_shared)
+        && [
+            ".self_attn.k_proj",
+            ".self_attn.v_proj",
+            ".self_attn.k_norm",
+        ]
+        .iter()
+        .any(|s| key.contains(s))
+    {
+        return Some("K/V projection of a KV-shared layer");
+    }
+    None
+}
+
 fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightStore) -> Result<()> {
     let first_shared = cfg.text.num_hidden_layers - cfg.text.num_kv_shared_layers;
     for (key, v) in raw {
@@ -84,35 +118,9 @@ fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightSt
             store.skip("vision/audio tower (text-only engine)");
             continue;
         };
-        if [
-            "self_attn.rotary_emb",
-            "input_max",
-            "input_min",
-            "output_max",
-            "output_min",
-        ]
-        .iter()
-        .any(|s| k.contains(s))
-        {
-            store.skip("rotary cache / activation clip range");
+        if let Some(why) = dropped_at_load(&k, first_shared) {
+            store.skip(why);
             continue;
-        }
-        if [
-            ".self_attn.k_proj",
-            ".self_attn.v_proj",
-            ".self_attn.k_norm",
-        ]
-        .iter()
-        .any(|s| k.contains(s))
-        {
-            let layer = k
-                .strip_prefix("layers.")
-                .and_then(|r| r.split('.').next())
-                .and_then(|n| n.parse::<usize>().ok());
-            if layer.is_some_and(|l| l >= first_shared) {
-                store.skip("K/V projection of a KV-shared layer");
-                continue;
-            }
         }
         if let Some(base) = k.strip_suffix(".experts.gate_up_proj") {
             let parts = ops::split_equal(&v, 2, -2)?;

@@ -1,0 +1,131 @@
+//! Turning a model's decoded text stream into what a client sees, identically for every engine: stop
+//! strings cut the answer (text that may start one is held back), and for chat requests Gemma 4's output
+//! format is parsed into answer text, thinking and tool calls. A tool call that cannot be parsed even with
+//! repairs is passed through as text rather than lost.
+
+use crate::stop::StopMatcher;
+use crate::tools::{Event, OutputParser};
+
+/// One request's answer in the making.
+#[derive(Debug)]
+pub struct Answer {
+    parser: Option<OutputParser>,
+    stops: StopMatcher,
+    tool_calls: bool,
+}
+
+impl Answer {
+    /// `stop`: OpenAI stop strings; `parse`: split thinking and tool calls out (chat requests).
+    pub fn new(stop: &[String], parse: bool) -> Self {
+        Self {
+            parser: parse.then(OutputParser::new),
+            stops: StopMatcher::new(stop),
+            tool_calls: false,
+        }
+    }
+
+    /// Feeds decoded text; returns what to send now (never an empty content piece or a tool-call error)
+    /// and whether a stop string ended the answer.
+    pub fn push(&mut self, text: &str) -> (Vec<Event>, bool) {
+        let (out, hit) = self.stops.push(text);
+        (self.parse(&out), hit)
+    }
+
+    /// The end of generation: `tail` is the decoder's remaining text; held-back text is released unless a
+    /// stop string ended the answer (`stopped_by_string`). Returns the last pieces.
+    pub fn finish(&mut self, tail: &str, stopped_by_string: bool) -> Vec<Event> {
+        let rest = if stopped_by_string {
+            String::new()
+        } else {
+            // The tail comes after the held-back text and may still complete a stop string.
+            let (mut rest, hit) = self.stops.push(tail);
+            if !hit {
+                rest.push_str(&self.stops.finish());
+            }
+            rest
+        };
+        let mut out = self.parse(&rest);
+        if let Some(p) = self.parser.take() {
+            out.extend(p.finish().into_iter().filter_map(|e| self.clean(e)));
+        }
+        out
+    }
+
+    /// Whether any tool call was produced (finish_reason `tool_calls`).
+    pub fn tool_calls(&self) -> bool {
+        self.tool_calls
+    }
+
+    fn parse(&mut self, text: &str) -> Vec<Event> {
+        if text.is_empty() {
+            return vec![];
+        }
+        let events = match &mut self.parser {
+            Some(p) => p.push(text),
+            None => vec![Event::Content(text.to_string())],
+        };
+        events.into_iter().filter_map(|e| self.clean(e)).collect()
+    }
+
+    fn clean(&mut self, e: Event) -> Option<Event> {
+        match e {
+            Event::Content(c) if c.is_empty() => None,
+            Event::ToolCall(tc) => {
+                self.tool_calls = true;
+                Some(Event::ToolCall(tc))
+            }
+            // jemma-chat has no logging of its own: the unparsed call reaches the client as text.
+            Event::ToolCallError(err) => Some(Event::Content(err.raw)),
+            other => Some(other),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text(evs: &[Event]) -> String {
+        evs.iter()
+            .map(|e| match e {
+                Event::Content(c) => c.clone(),
+                _ => String::new(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn plain_text_with_a_stop_string() {
+        let mut a = Answer::new(&["END".into()], false);
+        let mut out = String::new();
+        for p in ["Hello E", "N", "o wor", "ldEN", "D more"] {
+            let (evs, hit) = a.push(p);
+            out.push_str(&text(&evs));
+            if hit {
+                out.push_str(&text(&a.finish("", true)));
+                break;
+            }
+        }
+        assert_eq!(out, "Hello ENo world");
+    }
+
+    #[test]
+    fn held_text_is_released_at_the_end_and_tool_calls_are_counted() {
+        let mut a = Answer::new(&["STOP".into()], true);
+        let (evs, hit) = a.push("Sure ST");
+        assert!(!hit);
+        assert_eq!(text(&evs), "Sure ");
+        assert_eq!(text(&a.finish("!", false)), "ST!");
+        let mut a = Answer::new(&[], true);
+        let mut evs = a
+            .push("<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>")
+            .0;
+        evs.extend(a.finish("", false));
+        assert!(a.tool_calls());
+        assert!(
+            evs.iter()
+                .any(|e| matches!(e, Event::ToolCall(tc) if tc.name == "get_weather")),
+            "{evs:?}"
+        );
+    }
+}
