@@ -170,18 +170,7 @@ impl ModelResolver for HubResolver {
         let r = ModelRef::parse(model, &self.catalog).map_err(|e| e.to_string())?;
         if let ModelRef::Url(u) = &r {
             tracing::info!(url = %u, dir = %self.url_dir.display(), "downloading model");
-            let last = std::sync::Mutex::new(-1i64);
-            let sink: Arc<dyn Fn(PullProgress) + Send + Sync> = Arc::new(move |p: PullProgress| {
-                progress(p.fraction());
-                // A log line per 5 %: Cloud Run's logs show the cold start's progress.
-                let step = (p.fraction() * 20.0) as i64;
-                let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
-                if step != *l {
-                    *l = step;
-                    tracing::info!(file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading {}%", step * 5);
-                }
-            });
-            let path = jemma_models::url::download(u, &self.url_dir, None, sink)
+            let path = jemma_models::url::download(u, &self.url_dir, None, logged(progress))
                 .await
                 .map_err(|e| e.to_string())?;
             return Ok((path, display_name(&r)));
@@ -193,16 +182,29 @@ impl ModelResolver for HubResolver {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(%model, %repo, bytes = plan.total_bytes(), "downloading model");
-        let sink: Arc<dyn Fn(PullProgress) + Send + Sync> =
-            Arc::new(move |p: PullProgress| progress(p.fraction()));
         let path = self
             .hub
-            .pull(&plan, sink)
+            .pull(&plan, logged(progress))
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(%model, path = %path.display(), "model downloaded");
         Ok((path, display_name(&r)))
     }
+}
+
+/// Forwards download progress and logs a line per 5 %, so a headless server's logs (Cloud Run's cold start)
+/// show how far the download is.
+fn logged(progress: Arc<dyn Fn(f32) + Send + Sync>) -> Arc<dyn Fn(PullProgress) + Send + Sync> {
+    let last = std::sync::Mutex::new(-1i64);
+    Arc::new(move |p: PullProgress| {
+        progress(p.fraction());
+        let step = (p.fraction() * 20.0) as i64;
+        let mut l = last.lock().unwrap_or_else(|e| e.into_inner());
+        if step != *l {
+            *l = step;
+            tracing::info!(file = %p.file, done = p.done_bytes, total = p.total_bytes, "downloading {}%", step * 5);
+        }
+    })
 }
 
 fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
