@@ -116,44 +116,8 @@ pub fn default_threads() -> i32 {
     if n > 4 { n - 1 } else { n }
 }
 
-/// Sampling parameters (OpenAI's plus the usual llama.cpp extras).
-#[derive(Debug, Clone)]
-pub struct Sampling {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// Nucleus sampling (1 = off).
-    pub top_p: f32,
-    /// Top-k (0 = off).
-    pub top_k: i32,
-    /// Min-p (0 = off).
-    pub min_p: f32,
-    /// Multiplicative repetition penalty (None or 1 = off).
-    pub repetition_penalty: Option<f32>,
-    /// Additive presence penalty.
-    pub presence_penalty: f32,
-    /// Additive frequency penalty.
-    pub frequency_penalty: f32,
-    /// Token id → bias.
-    pub logit_bias: Vec<(u32, f32)>,
-    /// Seed (None: random).
-    pub seed: Option<u64>,
-}
-
-impl Default for Sampling {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repetition_penalty: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            logit_bias: vec![],
-            seed: None,
-        }
-    }
-}
+/// Sampling parameters: the same type as the MLX engine's, so a request means the same on every tier.
+pub use jemma_chat::sampling::SamplingParams as Sampling;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -628,10 +592,10 @@ fn sampler(loaded: &Loaded, s: &Sampling, json: bool) -> Result<LlamaSampler> {
     }
     let rep = s.repetition_penalty.unwrap_or(1.0);
     if rep != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
-        // OpenAI's penalties apply to the whole generated text; 64 tokens is llama.cpp's default window.
+        // The same window as the MLX engine (mlx-lm's 20 tokens by default).
         chain.push(LlamaSampler::penalties(
             n_vocab,
-            64,
+            s.penalty_context as i32,
             rep,
             s.frequency_penalty,
             s.presence_penalty,
@@ -758,6 +722,9 @@ fn run_job(
             bad.0
         )));
     }
+    req.sampling
+        .validate(n_vocab as usize)
+        .map_err(LlamaError::InvalidRequest)?;
     let n_ctx = loaded.n_ctx as usize;
     if ids.len() + req.max_tokens > n_ctx {
         return Err(LlamaError::InvalidRequest(format!(

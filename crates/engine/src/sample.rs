@@ -11,101 +11,11 @@ use mlx_rs::{
     },
     random::{self, RandomState},
 };
-use serde::{Deserialize, Serialize};
 
 use crate::nn::scalar;
 use crate::{EngineError, Result};
 
-/// Sampling parameters of one request (OpenAI fields plus mlx-lm's extras).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-#[serde(default)]
-pub struct SamplingParams {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// Nucleus mass in (0, 1]; 1 disables.
-    pub top_p: f32,
-    /// Keep the k most likely tokens; 0 disables.
-    pub top_k: i32,
-    /// Drop tokens below `min_p` × the top probability; 0 disables.
-    pub min_p: f32,
-    /// Multiplicative penalty on tokens seen in the last `penalty_context` tokens (1 or None disables).
-    pub repetition_penalty: Option<f32>,
-    /// Subtracted once from every token seen in the context window (OpenAI presence_penalty).
-    pub presence_penalty: f32,
-    /// Subtracted per occurrence in the context window (OpenAI frequency_penalty).
-    pub frequency_penalty: f32,
-    /// How many recent tokens the penalties look at (mlx-lm: 20).
-    pub penalty_context: usize,
-    /// Additive bias per token id.
-    pub logit_bias: Vec<(u32, f32)>,
-    /// Seed for reproducible sampling.
-    pub seed: Option<u64>,
-}
-
-impl Default for SamplingParams {
-    fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_p: 1.0,
-            top_k: 0,
-            min_p: 0.0,
-            repetition_penalty: None,
-            presence_penalty: 0.0,
-            frequency_penalty: 0.0,
-            penalty_context: 20,
-            logit_bias: vec![],
-            seed: None,
-        }
-    }
-}
-
-impl SamplingParams {
-    /// Rejects values that would make sampling meaningless or crash a kernel.
-    pub fn validate(&self, vocab: usize) -> Result<()> {
-        let bad = |m: String| Err(EngineError::InvalidRequest(m));
-        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
-            return bad(format!(
-                "temperature must be >= 0, got {}",
-                self.temperature
-            ));
-        }
-        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return bad(format!("top_p must be in (0, 1], got {}", self.top_p));
-        }
-        if self.top_k < 0 {
-            return bad(format!("top_k must be >= 0, got {}", self.top_k));
-        }
-        if !(0.0..=1.0).contains(&self.min_p) {
-            return bad(format!("min_p must be in [0, 1], got {}", self.min_p));
-        }
-        if let Some(r) = self.repetition_penalty
-            && !(r.is_finite() && r > 0.0)
-        {
-            return bad(format!("repetition_penalty must be > 0, got {r}"));
-        }
-        for (name, v) in [
-            ("presence_penalty", self.presence_penalty),
-            ("frequency_penalty", self.frequency_penalty),
-        ] {
-            if !(v.is_finite() && (-2.0..=2.0).contains(&v)) {
-                return bad(format!("{name} must be in [-2, 2], got {v}"));
-            }
-        }
-        for (id, b) in &self.logit_bias {
-            if *id as usize >= vocab {
-                return bad(format!(
-                    "logit_bias token {id} is outside the vocabulary ({vocab})"
-                ));
-            }
-            if !(b.is_finite() && (-100.0..=100.0).contains(b)) {
-                return bad(format!(
-                    "logit_bias value {b} for token {id} must be in [-100, 100]"
-                ));
-            }
-        }
-        Ok(())
-    }
-}
+pub use jemma_chat::sampling::SamplingParams;
 
 /// Per-request sampler state: the RNG and precomputed bias.
 pub struct Sampler {
@@ -119,7 +29,9 @@ pub struct Sampler {
 impl Sampler {
     /// Prepares a sampler for logits of `vocab` entries in `dtype`.
     pub fn new(params: SamplingParams, vocab: usize, dtype: Dtype) -> Result<Self> {
-        params.validate(vocab)?;
+        params
+            .validate(vocab)
+            .map_err(EngineError::InvalidRequest)?;
         let rng = match params.seed {
             Some(s) => RandomState::with_seed(s)?,
             None => {
@@ -381,10 +293,7 @@ mod tests {
             },
         ];
         for p in bad {
-            assert!(
-                matches!(p.validate(10), Err(EngineError::InvalidRequest(_))),
-                "{p:?}"
-            );
+            assert!(p.validate(10).is_err(), "{p:?}");
         }
     }
 }

@@ -130,6 +130,22 @@ pub trait Backend: Send + Sync + 'static {
     }
 }
 
+/// The request's sampling parameters, as both in-process engines take them.
+pub fn sampling_of(req: &ChatRequest) -> jemma_chat::sampling::SamplingParams {
+    jemma_chat::sampling::SamplingParams {
+        temperature: req.temperature.unwrap_or(0.0),
+        top_p: req.top_p.unwrap_or(1.0),
+        top_k: req.top_k.unwrap_or(0),
+        min_p: req.min_p.unwrap_or(0.0),
+        repetition_penalty: req.repetition_penalty,
+        presence_penalty: req.presence_penalty.unwrap_or(0.0),
+        frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
+        logit_bias: req.logit_bias.clone(),
+        seed: req.seed,
+        ..Default::default()
+    }
+}
+
 /// Forwards an in-process engine's events as chunks from a task. Dropping the returned stream ends the task
 /// at its next event, which drops `events` and so cancels the engine's work.
 pub fn pump<E: Send + 'static>(

@@ -4,13 +4,13 @@
 pub use jemma_engine_llama as engine;
 
 use async_trait::async_trait;
-use jemma_engine_llama::{Event, LlamaEngine, Prompt, Request, Sampling, SubmitError};
+use jemma_engine_llama::{Event, LlamaEngine, Prompt, Request, SubmitError};
 use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
     Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
-    with_continuation,
+    sampling_of, with_continuation,
 };
 
 /// A llama.cpp engine serving one tier.
@@ -55,17 +55,7 @@ impl Backend for LlamaBackend {
         };
         let request = Request {
             prompt,
-            sampling: Sampling {
-                temperature: req.temperature.unwrap_or(0.0),
-                top_p: req.top_p.unwrap_or(1.0),
-                top_k: req.top_k.unwrap_or(0),
-                min_p: req.min_p.unwrap_or(0.0),
-                repetition_penalty: req.repetition_penalty,
-                presence_penalty: req.presence_penalty.unwrap_or(0.0),
-                frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-                logit_bias: req.logit_bias.clone(),
-                seed: req.seed,
-            },
+            sampling: sampling_of(req),
             max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
             stop: req.stop.clone(),
             parse_output: req.raw_prompt.is_none() && !req.json_mode,

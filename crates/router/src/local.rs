@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use crate::api::ChatRequest;
 use crate::backend::{
     Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
-    with_continuation,
+    sampling_of, with_continuation,
 };
 
 /// The in-process MLX engine serving one model.
@@ -62,19 +62,7 @@ impl Backend for LocalBackend {
     ) -> Result<ChunkStream, BackendError> {
         use jemma_engine::generate::GenerateOptions;
         use jemma_engine::runtime::{Event, Prompt, Request, SubmitError};
-        use jemma_engine::sample::SamplingParams;
-        let sampling = SamplingParams {
-            temperature: req.temperature.unwrap_or(0.0),
-            top_p: req.top_p.unwrap_or(1.0),
-            top_k: req.top_k.unwrap_or(0),
-            min_p: req.min_p.unwrap_or(0.0),
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty.unwrap_or(0.0),
-            frequency_penalty: req.frequency_penalty.unwrap_or(0.0),
-            logit_bias: req.logit_bias.clone(),
-            seed: req.seed,
-            ..Default::default()
-        };
+        let sampling = sampling_of(req);
         let prompt = match &req.raw_prompt {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
             None => Prompt::Chat {
