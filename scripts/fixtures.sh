@@ -33,7 +33,7 @@ CONVERTER=$(bash scripts/setup-gguf.sh)
 mkdir -p "$OUT/gguf"
 for m in tiny moe; do
   for t in f32 q8_0; do
-    PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_DEPS/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
+    PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
       "$OUT/$m" --outfile "$OUT/gguf/$m-$t.gguf" --outtype "$t" >/dev/null 2>&1 \
       || die "converting $m to GGUF ($t) failed"
   done

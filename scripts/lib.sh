@@ -9,7 +9,11 @@ JEMMA_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # `rm -rf .deps` is a full reset. It is not under target/ so that `cargo clean` keeps the slow C builds.
 JEMMA_DEPS=${JEMMA_DEPS:-$JEMMA_ROOT/.deps}
 JEMMA_VENV=${JEMMA_VENV:-$JEMMA_ROOT/.venv}
-export JEMMA_ROOT JEMMA_DEPS JEMMA_VENV
+# Large tools that do not depend on the checkout (the ~5 GB torch venv of the GGUF converter) live in the user's
+# cache, like `cargo install`ed tools, so every clone on a machine (CI's included) shares one copy instead of
+# filling the disk with another.
+JEMMA_CACHE=${JEMMA_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jemma}
+export JEMMA_ROOT JEMMA_DEPS JEMMA_VENV JEMMA_CACHE
 export PATH="$HOME/.cargo/bin:$PATH"
 
 log() { printf '\033[1;34m[jemma]\033[0m %s\n' "$*" >&2; }
@@ -72,3 +76,10 @@ cargo_install_ensure() {
 }
 
 venv_python() { echo "$JEMMA_VENV/bin/python"; }
+
+# free_gib DIR: the free space, in whole GiB, of the file system that holds DIR (or its nearest existing parent).
+free_gib() {
+  local d=$1
+  while [ ! -e "$d" ]; do d=$(dirname "$d"); done
+  df -Pk "$d" | awk 'NR==2 {printf "%d", $4 / 1048576}'
+}
