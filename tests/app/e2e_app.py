@@ -15,6 +15,8 @@ import urllib.request
 
 from selenium import webdriver
 from selenium.webdriver.common.by import By
+from selenium.common.exceptions import (NoSuchElementException, NoSuchFrameException,
+                                        StaleElementReferenceException)
 from selenium.webdriver.common.options import ArgOptions
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -186,9 +188,17 @@ try:
     # tray's Settings… item opens it as its own window, which WebKitWebDriver does not list, so the page is
     # loaded in the chat webview here.
     invoke("set_secret", {"name": "hf_token", "value": "hf_e2e"})
-    d.execute_script("window.location.href = 'settings.html'")
-    WebDriverWait(d, 15).until(lambda d: d.find_element(By.ID, "save").is_displayed())
-    WebDriverWait(d, 15).until(lambda d: "stored" in d.find_element(By.ID, "hf-token-state").text)
+    # While the old page unloads, WebKitWebDriver answers commands with "Callback was not called before the
+    # unload event" (NoSuchFrameException) or a stale element: both mean "not there yet", so the waits retry.
+    navigating = (NoSuchElementException, NoSuchFrameException, StaleElementReferenceException)
+    try:
+        d.execute_script("window.location.href = 'settings.html'")
+    except NoSuchFrameException:
+        pass  # the navigation won the race against the script's reply: it happened all the same
+    WebDriverWait(d, 15, ignored_exceptions=navigating).until(
+        lambda d: d.find_element(By.ID, "save").is_displayed())
+    WebDriverWait(d, 15, ignored_exceptions=navigating).until(
+        lambda d: "stored" in d.find_element(By.ID, "hf-token-state").text)
     check("settings page shows stored secrets without their values",
           "hf_e2e" not in d.page_source, d.find_element(By.ID, "hf-token-state").text)
     d.save_screenshot(str(SHOTS / "settings-window.png"))
