@@ -275,6 +275,8 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
             stop: vec![],
             parse_output: false,
             json_mode: false,
+            logprobs: false,
+            top_logprobs: 0,
             ignore_eos: args.ignore_eos,
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -246,3 +246,101 @@ async fn gguf_models_serve_as_local_tiers_through_llama_cpp() {
     let content = v["choices"][0]["message"]["content"].as_str().unwrap();
     assert!(content.trim_start().starts_with('{'), "{content:?}");
 }
+
+/// One request's `logprobs.content`, non-streaming and streaming (concatenated over the SSE chunks).
+async fn logprobs_of(client: &reqwest::Client, url: &str, model: &str) -> (Vec<Value>, Vec<Value>) {
+    let body = json!({"model": model, "max_tokens": 6, "temperature": 0, "logprobs": true,
+        "top_logprobs": 3, "messages": [{"role": "user", "content": "Hello!"}]});
+    let v: Value = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let plain = v["choices"][0]["logprobs"]["content"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{model}: no logprobs in {v}"))
+        .clone();
+    let mut stream_body = body.clone();
+    stream_body["stream"] = json!(true);
+    let sse = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&stream_body)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut streamed = vec![];
+    for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
+        let Ok(c) = serde_json::from_str::<Value>(line) else {
+            continue; // "[DONE]"
+        };
+        if let Some(l) = c["choices"][0]["logprobs"]["content"].as_array() {
+            streamed.extend(l.iter().cloned());
+        }
+    }
+    (plain, streamed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logprobs_look_and_agree_the_same_on_both_engines() {
+    // The same random weights on MLX (fast) and, converted to an f32 GGUF, on llama.cpp (primary).
+    let cfg = format!(
+        "[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
+        fixture("tiny").display(),
+        gguf("tiny-f32.gguf").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = reqwest::Client::new();
+    let (mlx, mlx_stream) = logprobs_of(&client, &s.url, "fast").await;
+    let (llama, llama_stream) = logprobs_of(&client, &s.url, "primary").await;
+    for (engine, plain, streamed) in [
+        ("mlx", &mlx, &mlx_stream),
+        ("llama.cpp", &llama, &llama_stream),
+    ] {
+        assert!(!plain.is_empty(), "{engine}: no entries");
+        assert_eq!(plain, streamed, "{engine}: JSON and SSE differ");
+        for e in plain {
+            let top = e["top_logprobs"].as_array().unwrap();
+            assert_eq!(top.len(), 3, "{engine}: {e}");
+            // Greedy: the chosen token is the best alternative, with the same text, bytes and logprob.
+            assert_eq!(top[0]["token"], e["token"], "{engine}: {e}");
+            assert_eq!(top[0]["bytes"], e["bytes"], "{engine}: {e}");
+            assert_eq!(top[0]["logprob"], e["logprob"], "{engine}: {e}");
+            let bytes: Vec<u8> = e["bytes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| b.as_u64().unwrap() as u8)
+                .collect();
+            assert_eq!(
+                String::from_utf8_lossy(&bytes),
+                e["token"].as_str().unwrap()
+            );
+            assert!(e["logprob"].as_f64().unwrap() <= 0.0, "{engine}: {e}");
+        }
+    }
+    // Same prompt (one chat template), same weights: the first token's distribution agrees across engines.
+    let (a, b) = (&mlx[0], &llama[0]);
+    assert_eq!(
+        a["token"], b["token"],
+        "first token: mlx {a} vs llama.cpp {b}"
+    );
+    for (x, y) in a["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(b["top_logprobs"].as_array().unwrap())
+    {
+        let (px, py) = (
+            x["logprob"].as_f64().unwrap(),
+            y["logprob"].as_f64().unwrap(),
+        );
+        assert!((px - py).abs() < 0.02, "mlx {x} vs llama.cpp {y}");
+    }
+}

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use jemma_chat::answer::Answer;
+use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::tools::{Event as ParseEvent, ToolCall};
 use llama_cpp_2::context::params::LlamaContextParams;
@@ -155,6 +156,11 @@ pub struct Request {
     pub json_mode: bool,
     /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
     pub ignore_eos: bool,
+    /// Report each generated token's log-probability (`Event::Logprobs`).
+    pub logprobs: bool,
+    /// With `logprobs`, also this many most likely alternatives per token (at most
+    /// [`jemma_chat::logprobs::MAX_TOP_LOGPROBS`]).
+    pub top_logprobs: usize,
 }
 
 impl From<ParseEvent> for Event {
@@ -213,6 +219,9 @@ pub enum Event {
     Reasoning(String),
     /// A tool call.
     ToolCall(ToolCall),
+    /// The token just generated with its log-probabilities (only when asked for); sent before the text it
+    /// completes.
+    Logprobs(TokenLogprob),
     /// Done.
     Done(Summary),
     /// Failed.
@@ -428,6 +437,7 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
         ),
         Err(_) => None,
     };
+    check_turn_markers(&model, &config.model_path)?;
     let train = model.n_ctx_train().max(1);
     let n_ctx = config.context_length.unwrap_or(train.min(32768)).min(train);
     Ok(Loaded {
@@ -436,6 +446,32 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
         bos,
         n_ctx,
     })
+}
+
+/// Refuses a GGUF whose tokenizer would not parse Gemma 4's turn markers out of a rendered chat prompt.
+/// llama.cpp parses only CONTROL and USER_DEFINED tokens as such; a converter that typed `<|turn>` NORMAL
+/// (it does when the checkpoint's tokenizer_config does not list it as special) makes every chat prompt
+/// reach the model as the characters "<", "|", "tu", … — garbage answers with nothing to say why.
+fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> {
+    let vocab = model.vocab();
+    for marker in ["<|turn>", "<turn|>"] {
+        let as_text = vocab.tokenize(marker.as_bytes(), false, false);
+        let parsed = vocab.tokenize(marker.as_bytes(), false, true);
+        // A vocabulary without the marker (not a Gemma 4 chat model) has nothing to check.
+        let in_vocab = parsed.len() == 1
+            || (0..model.n_vocab())
+                .any(|i| vocab.token_to_piece(LlamaToken(i), true, None) == marker.as_bytes());
+        if in_vocab && parsed.len() != 1 && parsed == as_text {
+            return Err(LlamaError::InvalidModel(format!(
+                "{}: its tokenizer does not treat the chat marker {marker} as a control token (token \
+                 type NORMAL), so chat prompts would be read as plain text; re-convert it with \
+                 llama.cpp's convert_hf_to_gguf.py from a checkpoint whose tokenizer lists {marker} as \
+                 a special token",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
 }
 
 type StatusSet<'a> = dyn Fn(&dyn Fn(&mut EngineStatus)) + 'a;
@@ -775,7 +811,27 @@ fn run_job(
             break ControlFlow::Continue(());
         }
         tokens.push(tok.0 as u32);
-        let piece = text.push(&vocab.token_to_piece(tok, true, None));
+        let bytes = vocab.token_to_piece(tok, true, None);
+        if req.logprobs {
+            // The logits the sampler read: llama.cpp's samplers work on a copy, so these are the model's.
+            let (lp, top) = log_softmax_top(
+                ctx.get_logits_ith(idx),
+                tok.0 as usize,
+                req.top_logprobs.min(MAX_TOP_LOGPROBS),
+            );
+            let top = top
+                .into_iter()
+                .map(|(id, p)| (vocab.token_to_piece(LlamaToken(id as i32), true, None), p))
+                .collect();
+            if events
+                .blocking_send(Event::Logprobs(TokenLogprob::new(bytes.clone(), lp, top)))
+                .is_err()
+            {
+                finish = Finish::Cancelled;
+                break ControlFlow::Break(());
+            }
+        }
+        let piece = text.push(&bytes);
         let (out, hit) = answer.push(&piece);
         if !send(out) {
             finish = Finish::Cancelled;

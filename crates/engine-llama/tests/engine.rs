@@ -200,6 +200,8 @@ fn request(prompt: Prompt, max_tokens: usize) -> Request {
         stop: vec![],
         parse_output: true,
         json_mode: false,
+        logprobs: false,
+        top_logprobs: 0,
         ignore_eos: true,
     }
 }
@@ -319,6 +321,120 @@ fn bad_files_are_clear_errors() {
             .to_string()
             .contains("no such GGUF")
     );
+    // A conversion that typed the chat's turn marker NORMAL (its checkpoint did not list it as special):
+    // the same weights, one token type changed in the GGUF.
+    let good = std::fs::read(gguf("tiny-f32")).unwrap();
+    let mistyped = dir.join("mistyped.gguf");
+    std::fs::write(&mistyped, with_token_type(good, 105, 1)).unwrap();
+    let e = LlamaEngine::start(LlamaConfig::new(&mistyped)).unwrap();
+    let err = e.wait_ready().unwrap_err().to_string();
+    assert!(
+        err.contains("<|turn>") && err.contains("control token"),
+        "{err}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
     let _ = Duration::ZERO;
+}
+
+/// `gguf` with token `id`'s `tokenizer.ggml.token_type` set to `ty` (GGUF: key string, u32 value type 9 =
+/// array, u32 element type 5 = int32, u64 count, then the values).
+fn with_token_type(mut gguf: Vec<u8>, id: usize, ty: i32) -> Vec<u8> {
+    let key = b"tokenizer.ggml.token_type";
+    let at = gguf
+        .windows(key.len())
+        .position(|w| w == key)
+        .expect("token_type key")
+        + key.len();
+    assert_eq!(gguf[at..at + 4], 9u32.to_le_bytes(), "an array");
+    assert_eq!(gguf[at + 4..at + 8], 5u32.to_le_bytes(), "of int32");
+    let data = at + 16 + 4 * id;
+    assert_eq!(
+        i32::from_le_bytes(gguf[data..data + 4].try_into().unwrap()),
+        3,
+        "token {id} was CONTROL"
+    );
+    gguf[data..data + 4].copy_from_slice(&ty.to_le_bytes());
+    gguf
+}
+
+#[test]
+fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
+    // The engine thread on the f32 conversion, so its first token's distribution is mlx-lm's last-position
+    // logits of the same prompt (see `parity`): log-softmax those and compare.
+    let r = reference("tiny");
+    let (name, ids, _) = &r.prompts[0];
+    let want_logits = &r.logits[&format!("{name}.logits")];
+    let want = jemma_chat::logprobs::log_softmax_top(want_logits, argmax(want_logits), 5);
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    let mut req = request(Prompt::Ids(ids.clone()), 6);
+    req.parse_output = false;
+    req.logprobs = true;
+    req.top_logprobs = 5;
+    let mut rx = e.submit(req).unwrap();
+    let mut entries = vec![];
+    let mut text = String::new();
+    let summary = loop {
+        match rx.blocking_recv().expect("events until Done") {
+            Event::Logprobs(l) => {
+                // Each entry comes before the text its token completes: the text so far is made of the
+                // earlier tokens only.
+                let earlier: usize = entries
+                    .iter()
+                    .map(|e: &jemma_chat::logprobs::TokenLogprob| e.bytes.len())
+                    .sum();
+                assert!(text.len() <= earlier, "text ran ahead of its logprobs");
+                entries.push(l);
+            }
+            Event::Content(c) => text.push_str(&c),
+            Event::Done(s) => break s,
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    };
+    assert_eq!(
+        entries.len(),
+        summary.completion_tokens,
+        "one entry per token"
+    );
+    let first = &entries[0];
+    assert_eq!(first.top_logprobs.len(), 5);
+    for (got, (id, lp)) in first.top_logprobs.iter().zip(&want.1) {
+        assert!(
+            (got.logprob - lp).abs() < 0.02,
+            "token {id}: {} vs mlx-lm {lp}",
+            got.logprob
+        );
+    }
+    assert!(
+        (first.logprob - want.0).abs() < 0.02,
+        "{} vs mlx-lm {}",
+        first.logprob,
+        want.0
+    );
+    for e in &entries {
+        // Greedy: the chosen token is the most likely one, alternatives best first, a distribution.
+        assert_eq!(e.bytes, e.top_logprobs[0].bytes);
+        assert_eq!(e.logprob, e.top_logprobs[0].logprob);
+        assert!(
+            e.top_logprobs
+                .windows(2)
+                .all(|w| w[0].logprob >= w[1].logprob)
+        );
+        let mass: f32 = e.top_logprobs.iter().map(|t| t.logprob.exp()).sum();
+        assert!(e.logprob <= 0.0 && mass <= 1.0001, "{e:?}");
+    }
+    // The entries' bytes are the generated text.
+    let bytes: Vec<u8> = entries.iter().flat_map(|e| e.bytes.clone()).collect();
+    assert_eq!(String::from_utf8_lossy(&bytes), text);
+    // Without the flag nothing extra is sent.
+    let mut rx = e.submit(request(Prompt::Ids(ids.clone()), 3)).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        assert!(!matches!(ev, Event::Logprobs(_)), "logprobs sent unasked");
+        if matches!(ev, Event::Done(_)) {
+            break;
+        }
+    }
 }

@@ -13,7 +13,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
-use crate::generate::{FinishReason, GenerateOptions, GenerationStats, TokenLogprobs, generate};
+use crate::generate::{FinishReason, GenerateOptions, GenerationStats, generate};
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::template::ChatTemplate;
@@ -21,6 +21,7 @@ use crate::tokenizer::Tokenizer;
 use crate::tools::{Event as ParseEvent, ToolCall};
 use crate::{EngineError, Result};
 use jemma_chat::answer::Answer;
+use jemma_chat::logprobs::TokenLogprob;
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -55,17 +56,6 @@ pub struct Request {
     pub json_mode: bool,
 }
 
-/// A token's text and log-probabilities, for OpenAI `logprobs`.
-#[derive(Debug, Clone, Serialize)]
-pub struct TokenInfo {
-    /// Token id.
-    pub id: u32,
-    /// Decoded text of this token (may be empty while a character is incomplete).
-    pub text: String,
-    /// Log-probabilities.
-    pub logprobs: Option<TokenLogprobs>,
-}
-
 /// What the engine sends back for a request.
 #[derive(Debug, Clone)]
 pub enum Event {
@@ -80,8 +70,9 @@ pub enum Event {
     Reasoning(String),
     /// A complete tool call.
     ToolCall(ToolCall),
-    /// Per-token details (only when logprobs were asked for).
-    Tokens(Vec<TokenInfo>),
+    /// The token just generated with its log-probabilities (only when logprobs were asked for); sent
+    /// before the text it completes.
+    Logprobs(TokenLogprob),
     /// Finished.
     Done(Summary),
     /// Failed; nothing more follows.
@@ -694,16 +685,19 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
                 return ControlFlow::Break(FinishReason::Cancelled);
             }
         };
-        if opts.logprobs
-            && events
-                .blocking_send(Event::Tokens(vec![TokenInfo {
-                    id: step.token,
-                    text: piece.clone(),
-                    logprobs: step.logprobs.clone(),
-                }]))
-                .is_err()
-        {
-            return ControlFlow::Break(FinishReason::Cancelled);
+        if let Some(lp) = &step.logprobs {
+            let tok = &l.tokenizer;
+            let entry = TokenLogprob::new(
+                tok.token_bytes(step.token),
+                lp.logprob,
+                lp.top
+                    .iter()
+                    .map(|&(id, p)| (tok.token_bytes(id), p))
+                    .collect(),
+            );
+            if events.blocking_send(Event::Logprobs(entry)).is_err() {
+                return ControlFlow::Break(FinishReason::Cancelled);
+            }
         }
         let (out, hit) = answer.push(&piece);
         if !send(out) {

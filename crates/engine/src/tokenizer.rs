@@ -105,6 +105,20 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// The bytes a token stands for: one byte for a byte-fallback token (`<0xNN>`), else its decoded text.
+    /// For OpenAI `logprobs`, whose `bytes` carry the parts of a character that a token holds alone.
+    pub fn token_bytes(&self, id: u32) -> Vec<u8> {
+        let text = self.token_text(id);
+        let hex = text
+            .as_deref()
+            .and_then(|t| t.strip_prefix("<0x")?.strip_suffix('>'))
+            .filter(|h| h.len() == 2);
+        if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+            return vec![b];
+        }
+        self.decode(&[id]).unwrap_or_default().into_bytes()
+    }
+
     /// Whether a token is a special (control) token.
     pub fn is_special(&self, id: u32) -> bool {
         self.special.contains(&id)

@@ -83,7 +83,7 @@ fn dropping_the_receiver_cancels_generation() {
     let mut rx = engine.submit(request(100_000)).unwrap();
     // Read the first token, then hang up.
     while let Some(ev) = rx.blocking_recv() {
-        if matches!(ev, Event::Tokens(_) | Event::Content(_)) {
+        if matches!(ev, Event::Logprobs(_) | Event::Content(_)) {
             break;
         }
     }

@@ -481,8 +481,14 @@ impl ChatCompletionRequest {
             logit_bias.push((id, v));
         }
         let top_logprobs = self.top_logprobs.unwrap_or(0);
-        if top_logprobs > 20 {
-            return Err(invalid("top_logprobs must be at most 20", "top_logprobs"));
+        if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
+            return Err(invalid(
+                format!(
+                    "top_logprobs must be at most {}",
+                    jemma_chat::logprobs::MAX_TOP_LOGPROBS
+                ),
+                "top_logprobs",
+            ));
         }
         if let Some(tools) = &self.tools {
             for (i, t) in tools.iter().enumerate() {

@@ -187,6 +187,12 @@ pub fn done_chunk(
     }
 }
 
+/// One generated token's OpenAI `logprobs.content` entry, as both in-process engines report it.
+pub fn logprobs_chunk(t: &jemma_chat::logprobs::TokenLogprob) -> Chunk {
+    // Serialising a struct of strings, numbers and byte lists cannot fail.
+    Chunk::Logprobs(serde_json::to_value(t).into_iter().collect())
+}
+
 /// An in-process engine's error message as a backend error: the engines report request problems as
 /// "invalid request: …" (the client's fault, HTTP 400); anything else is the tier's failure.
 pub fn engine_error(msg: &str) -> BackendError {

@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
-    sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error,
+    logprobs_chunk, pump, sampling_of, with_continuation,
 };
 
 /// A llama.cpp engine serving one tier.
@@ -40,11 +40,6 @@ impl Backend for LlamaBackend {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        if req.logprobs {
-            return Err(BackendError::BadRequest(
-                "logprobs are not available on the llama.cpp engine".into(),
-            ));
-        }
         let prompt = match &req.raw_prompt {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
             None => Prompt::Chat {
@@ -61,6 +56,8 @@ impl Backend for LlamaBackend {
             parse_output: req.raw_prompt.is_none() && !req.json_mode,
             json_mode: req.json_mode,
             ignore_eos: false,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs as usize,
         };
         let events = self.engine.submit(request).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
@@ -78,6 +75,7 @@ impl Backend for LlamaBackend {
                 name: tc.name,
                 arguments: tc.arguments.to_string(),
             }),
+            Event::Logprobs(t) => Ok(logprobs_chunk(&t)),
             Event::Done(s) => Ok(done_chunk(
                 prompt_tokens,
                 s.completion_tokens as u64,

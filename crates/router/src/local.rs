@@ -3,12 +3,12 @@
 
 use async_trait::async_trait;
 use jemma_engine::runtime::Engine;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error, pump,
-    sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error,
+    logprobs_chunk, pump, sampling_of, with_continuation,
 };
 
 /// The in-process MLX engine serving one model.
@@ -33,16 +33,6 @@ impl LocalBackend {
         self.kv_quant = q;
         self
     }
-}
-
-fn logprob_entry(tok: &jemma_engine::runtime::TokenInfo) -> Option<Value> {
-    let lp = tok.logprobs.as_ref()?;
-    Some(json!({
-        "token": tok.text,
-        "logprob": lp.logprob,
-        "bytes": tok.text.as_bytes(),
-        "top_logprobs": lp.top.iter().map(|(id, p)| json!({"token": format!("<{id}>"), "logprob": p})).collect::<Vec<_>>(),
-    }))
 }
 
 #[async_trait]
@@ -101,9 +91,7 @@ impl Backend for LocalBackend {
                 name: tc.name,
                 arguments: tc.arguments.to_string(),
             }),
-            Event::Tokens(toks) => Ok(Chunk::Logprobs(
-                toks.iter().filter_map(logprob_entry).collect(),
-            )),
+            Event::Logprobs(t) => Ok(logprobs_chunk(&t)),
             Event::Done(s) => Ok(done_chunk(
                 prompt_tokens,
                 s.stats.completion_tokens as u64,
