@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, fixture, root, ureq_get};
+use crate::support::{Server, fixture, post_json, post_sse, root, ureq_get};
 
 fn gguf(name: &str) -> std::path::PathBuf {
     let p = fixture("tiny").parent().unwrap().join("gguf").join(name);
@@ -249,41 +249,21 @@ async fn gguf_models_serve_as_local_tiers_through_llama_cpp() {
 
 /// One request's `logprobs.content`, non-streaming and streaming (concatenated over the SSE chunks).
 async fn logprobs_of(client: &reqwest::Client, url: &str, model: &str) -> (Vec<Value>, Vec<Value>) {
-    let body = json!({"model": model, "max_tokens": 6, "temperature": 0, "logprobs": true,
+    let url = format!("{url}/v1/chat/completions");
+    let mut body = json!({"model": model, "max_tokens": 6, "temperature": 0, "logprobs": true,
         "top_logprobs": 3, "messages": [{"role": "user", "content": "Hello!"}]});
-    let v: Value = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = post_json(client, &url, &body).await;
     let plain = v["choices"][0]["logprobs"]["content"]
         .as_array()
         .unwrap_or_else(|| panic!("{model}: no logprobs in {v}"))
         .clone();
-    let mut stream_body = body.clone();
-    stream_body["stream"] = json!(true);
-    let sse = client
-        .post(format!("{url}/v1/chat/completions"))
-        .json(&stream_body)
-        .send()
+    body["stream"] = json!(true);
+    let streamed = post_sse(client, &url, &body)
         .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let mut streamed = vec![];
-    for line in sse.lines().filter_map(|l| l.strip_prefix("data: ")) {
-        let Ok(c) = serde_json::from_str::<Value>(line) else {
-            continue; // "[DONE]"
-        };
-        if let Some(l) = c["choices"][0]["logprobs"]["content"].as_array() {
-            streamed.extend(l.iter().cloned());
-        }
-    }
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array().cloned())
+        .flatten()
+        .collect();
     (plain, streamed)
 }
 

@@ -214,6 +214,30 @@ pub fn sse_answer(
         .unwrap()
 }
 
+/// POST `body` as JSON and parse the answer as JSON (test helper; panics on transport errors).
+pub async fn post_json(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> serde_json::Value {
+    let r = client.post(url).json(body).send().await.unwrap();
+    r.json().await.unwrap()
+}
+
+/// POST `body` and return the JSON objects of the answer's SSE `data:` lines (`[DONE]` left out).
+pub async fn post_sse(
+    client: &reqwest::Client,
+    url: &str,
+    body: &serde_json::Value,
+) -> Vec<serde_json::Value> {
+    let text = client.post(url).json(body).send().await.unwrap();
+    let text = text.text().await.unwrap();
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect()
+}
+
 /// GET a URL's body as text (test helper; panics on transport errors).
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
