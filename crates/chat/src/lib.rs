@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 
 pub mod answer;
+pub mod event;
 pub mod logprobs;
 pub mod sampling;
 pub mod stop;

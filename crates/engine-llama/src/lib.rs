@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use jemma_chat::answer::Answer;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
-use jemma_chat::tools::{Event as ParseEvent, ToolCall};
+use jemma_chat::tools::Event as ParseEvent;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -163,17 +163,6 @@ pub struct Request {
     pub top_logprobs: usize,
 }
 
-impl From<ParseEvent> for Event {
-    fn from(e: ParseEvent) -> Self {
-        match e {
-            ParseEvent::Content(c) => Event::Content(c),
-            ParseEvent::Reasoning(r) => Event::Reasoning(r),
-            ParseEvent::ToolCall(tc) => Event::ToolCall(tc),
-            ParseEvent::ToolCallError(e) => Event::Content(e.raw),
-        }
-    }
-}
-
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -205,28 +194,8 @@ pub struct Summary {
     pub tokens: Vec<u32>,
 }
 
-/// What a request produces, in order.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// Prompt processed.
-    Started {
-        /// Prompt tokens.
-        prompt_tokens: usize,
-    },
-    /// Answer text.
-    Content(String),
-    /// Thinking text.
-    Reasoning(String),
-    /// A tool call.
-    ToolCall(ToolCall),
-    /// The token just generated with its log-probabilities (only when asked for); sent before the text it
-    /// completes.
-    Logprobs(TokenLogprob),
-    /// Done.
-    Done(Summary),
-    /// Failed.
-    Error(String),
-}
+/// What a request produces, in order (shared with the MLX engine).
+pub type Event = jemma_chat::event::Event<Summary>;
 
 /// Life-cycle of the engine.
 #[derive(Debug, Clone, Serialize, PartialEq)]

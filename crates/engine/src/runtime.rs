@@ -18,7 +18,7 @@ use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::template::ChatTemplate;
 use crate::tokenizer::Tokenizer;
-use crate::tools::{Event as ParseEvent, ToolCall};
+use crate::tools::Event as ParseEvent;
 use crate::{EngineError, Result};
 use jemma_chat::answer::Answer;
 use jemma_chat::logprobs::TokenLogprob;
@@ -56,40 +56,8 @@ pub struct Request {
     pub json_mode: bool,
 }
 
-/// What the engine sends back for a request.
-#[derive(Debug, Clone)]
-pub enum Event {
-    /// The prompt was accepted (after template and tokenizer).
-    Started {
-        /// Prompt length in tokens.
-        prompt_tokens: usize,
-    },
-    /// Visible answer text.
-    Content(String),
-    /// Thinking text (Gemma 4 thought channel).
-    Reasoning(String),
-    /// A complete tool call.
-    ToolCall(ToolCall),
-    /// The token just generated with its log-probabilities (only when logprobs were asked for); sent
-    /// before the text it completes.
-    Logprobs(TokenLogprob),
-    /// Finished.
-    Done(Summary),
-    /// Failed; nothing more follows.
-    Error(String),
-}
-
-impl From<ParseEvent> for Event {
-    fn from(e: ParseEvent) -> Self {
-        match e {
-            ParseEvent::Content(c) => Event::Content(c),
-            ParseEvent::Reasoning(r) => Event::Reasoning(r),
-            ParseEvent::ToolCall(tc) => Event::ToolCall(tc),
-            // Answer passes unparseable calls on as text already; kept total for completeness.
-            ParseEvent::ToolCallError(e) => Event::Content(e.raw),
-        }
-    }
-}
+/// What the engine sends back for a request (shared with the llama.cpp engine).
+pub type Event = jemma_chat::event::Event<Summary>;
 
 /// Final statistics of a request.
 #[derive(Debug, Clone, Serialize)]

@@ -163,15 +163,48 @@ pub fn pump<E: Send + 'static>(
     rx
 }
 
-/// The last chunk of an in-process engine's answer.
-pub fn done_chunk(
-    prompt_tokens: u64,
-    completion_tokens: u64,
-    tool_calls: bool,
-    hit_length: bool,
-    decode_tps: f64,
-) -> Chunk {
-    let finish = match (tool_calls, hit_length) {
+/// How an in-process engine's request ended, read off its summary.
+pub struct Finished {
+    /// Generated tokens.
+    pub completion_tokens: u64,
+    /// Whether tool calls were emitted (finish_reason "tool_calls").
+    pub tool_calls: bool,
+    /// Whether `max_tokens` ended it (finish_reason "length").
+    pub hit_length: bool,
+    /// Decode speed, for the tray's live tok/s.
+    pub decode_tps: f64,
+}
+
+/// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
+/// in their summary, which `finished` reads.
+pub fn pump_engine<S: Send + 'static>(
+    events: mpsc::Receiver<jemma_chat::event::Event<S>>,
+    finished: impl Fn(S) -> Finished + Send + 'static,
+) -> ChunkStream {
+    use jemma_chat::event::Event;
+    let mut prompt_tokens = 0u64;
+    pump(events, move |ev| match ev {
+        Event::Started { prompt_tokens: p } => {
+            prompt_tokens = p as u64;
+            Ok(Chunk::Started { prompt_tokens })
+        }
+        Event::Content(c) => Ok(Chunk::Content(c)),
+        Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
+        Event::ToolCall(tc) => Ok(Chunk::ToolCall {
+            name: tc.name,
+            arguments: tc.arguments.to_string(),
+        }),
+        // Serialising a struct of strings, numbers and byte lists cannot fail.
+        Event::Logprobs(t) => Ok(Chunk::Logprobs(
+            serde_json::to_value(&t).into_iter().collect(),
+        )),
+        Event::Done(s) => Ok(done_chunk(prompt_tokens, finished(s))),
+        Event::Error(e) => Err(engine_error(&e)),
+    })
+}
+
+fn done_chunk(prompt_tokens: u64, f: Finished) -> Chunk {
+    let finish = match (f.tool_calls, f.hit_length) {
         (true, _) => "tool_calls",
         (false, true) => "length",
         (false, false) => "stop",
@@ -180,17 +213,11 @@ pub fn done_chunk(
         finish_reason: finish.into(),
         usage: Usage {
             prompt_tokens,
-            completion_tokens,
-            total_tokens: prompt_tokens + completion_tokens,
+            completion_tokens: f.completion_tokens,
+            total_tokens: prompt_tokens + f.completion_tokens,
         },
-        decode_tps: Some(decode_tps),
+        decode_tps: Some(f.decode_tps),
     }
-}
-
-/// One generated token's OpenAI `logprobs.content` entry, as both in-process engines report it.
-pub fn logprobs_chunk(t: &jemma_chat::logprobs::TokenLogprob) -> Chunk {
-    // Serialising a struct of strings, numbers and byte lists cannot fail.
-    Chunk::Logprobs(serde_json::to_value(t).into_iter().collect())
 }
 
 /// An in-process engine's error message as a backend error: the engines report request problems as

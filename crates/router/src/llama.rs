@@ -4,13 +4,13 @@
 pub use jemma_engine_llama as engine;
 
 use async_trait::async_trait;
-use jemma_engine_llama::{Event, LlamaEngine, Prompt, Request, SubmitError};
+use jemma_engine_llama::{LlamaEngine, Prompt, Request, SubmitError};
 use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error,
-    logprobs_chunk, pump, sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, ChunkStream, Finished, pump_engine, sampling_of,
+    with_continuation,
 };
 
 /// A llama.cpp engine serving one tier.
@@ -63,27 +63,11 @@ impl Backend for LlamaBackend {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
             SubmitError::Unavailable(m) => BackendError::Unavailable(m),
         })?;
-        let mut prompt_tokens = 0u64;
-        Ok(pump(events, move |ev| match ev {
-            Event::Started { prompt_tokens: p } => {
-                prompt_tokens = p as u64;
-                Ok(Chunk::Started { prompt_tokens })
-            }
-            Event::Content(c) => Ok(Chunk::Content(c)),
-            Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
-            Event::ToolCall(tc) => Ok(Chunk::ToolCall {
-                name: tc.name,
-                arguments: tc.arguments.to_string(),
-            }),
-            Event::Logprobs(t) => Ok(logprobs_chunk(&t)),
-            Event::Done(s) => Ok(done_chunk(
-                prompt_tokens,
-                s.completion_tokens as u64,
-                s.tool_calls,
-                s.finish == jemma_engine_llama::Finish::Length,
-                s.decode_tps,
-            )),
-            Event::Error(e) => Err(engine_error(&e)),
+        Ok(pump_engine(events, |s| Finished {
+            completion_tokens: s.completion_tokens as u64,
+            tool_calls: s.tool_calls,
+            hit_length: s.finish == jemma_engine_llama::Finish::Length,
+            decode_tps: s.decode_tps,
         }))
     }
 

@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, Chunk, ChunkStream, done_chunk, engine_error,
-    logprobs_chunk, pump, sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, ChunkStream, Finished, pump_engine, sampling_of,
+    with_continuation,
 };
 
 /// The in-process MLX engine serving one model.
@@ -51,7 +51,7 @@ impl Backend for LocalBackend {
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
         use jemma_engine::generate::GenerateOptions;
-        use jemma_engine::runtime::{Event, Prompt, Request, SubmitError};
+        use jemma_engine::runtime::{Prompt, Request, SubmitError};
         let sampling = sampling_of(req);
         let prompt = match &req.raw_prompt {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
@@ -79,27 +79,11 @@ impl Backend for LocalBackend {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
             SubmitError::Unavailable(m) => BackendError::Unavailable(m),
         })?;
-        let mut prompt_tokens = 0u64;
-        Ok(pump(events, move |ev| match ev {
-            Event::Started { prompt_tokens: p } => {
-                prompt_tokens = p as u64;
-                Ok(Chunk::Started { prompt_tokens })
-            }
-            Event::Content(c) => Ok(Chunk::Content(c)),
-            Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
-            Event::ToolCall(tc) => Ok(Chunk::ToolCall {
-                name: tc.name,
-                arguments: tc.arguments.to_string(),
-            }),
-            Event::Logprobs(t) => Ok(logprobs_chunk(&t)),
-            Event::Done(s) => Ok(done_chunk(
-                prompt_tokens,
-                s.stats.completion_tokens as u64,
-                s.tool_calls,
-                s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
-                s.decode_tps,
-            )),
-            Event::Error(e) => Err(engine_error(&e)),
+        Ok(pump_engine(events, |s| Finished {
+            completion_tokens: s.stats.completion_tokens as u64,
+            tool_calls: s.tool_calls,
+            hit_length: s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
+            decode_tps: s.decode_tps,
         }))
     }
 
