@@ -14,8 +14,10 @@ for t in request tool_parser template; do
   mkdir -p "$work/corpus"
   log "fuzzing $t for ${SECS}s"
   status=0
-  cargo fuzz run -O "$t" "$work/corpus" "seeds/$t" -- -max_total_time="$SECS" -rss_limit_mb=4096 \
-    -print_final_stats=1 >"$work/log" 2>&1 || status=$?
+  # Deadlines: libFuzzer's own per-input -timeout (an input that hangs is a finding, saved like a crash) and
+  # a bound on the whole target, its build included.
+  bounded $((SECS + 1200)) cargo fuzz run -O "$t" "$work/corpus" "seeds/$t" -- -max_total_time="$SECS" \
+    -timeout=20 -rss_limit_mb=4096 -print_final_stats=1 >"$work/log" 2>&1 || status=$?
   grep -E "^Done|stat::number_of_executed_units|==[0-9]+==|panicked|SUMMARY" "$work/log" || true
   [ "$status" -eq 0 ] || tail -40 "$work/log" >&2
   rm -rf "$work"

@@ -40,6 +40,19 @@ stage() {
     exit "$rc"
   fi
 }
+# bounded SECS CMD...: run CMD with a deadline. Past it, CMD and everything in its process group get SIGTERM,
+# then SIGKILL 30 s later, and the exit status is 124 with a line naming the command, so that one hung step
+# fails its stage instead of running into CI's time limit.
+bounded() {
+  local secs=$1; shift
+  local rc=0
+  timeout -k 30 "$secs" "$@" || rc=$?
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    printf '\033[1;31m[jemma] error:\033[0m %s exceeded its deadline of %s s and was killed\n' "$*" "$secs" >&2
+    return 124
+  fi
+  return "$rc"
+}
 print_summary() {
   [ "${#STAGE_SUMMARY[@]}" -gt 0 ] || return 0
   echo "== stage timings ==" >&2

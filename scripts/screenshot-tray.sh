@@ -5,7 +5,7 @@
 . "$(dirname "$0")/lib.sh"
 cd "$JEMMA_ROOT"
 apt_ensure trayer xdotool imagemagick
-cargo build --locked -p jemma-app
+bounded 1800 cargo build --locked -p jemma-app
 bash scripts/fixtures.sh
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT

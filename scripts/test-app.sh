@@ -4,10 +4,23 @@
 # and tauri-driver that scripts/setup installs (--app).
 . "$(dirname "$0")/lib.sh"
 cd "$JEMMA_ROOT"
-cargo build --locked -p jemma-app
-bash scripts/fixtures.sh
+bounded 1800 cargo build --locked -p jemma-app
+bounded 1800 bash scripts/fixtures.sh
+BOUND=${JEMMA_APP_E2E_TIMEOUT:-600}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+# Whatever the run started (Xvfb, dbus-daemon, gnome-keyring-daemon, tauri-driver, WebKitWebDriver, the app and
+# its WebKit processes) inherits HOME=$WORK/home; some of them leave the process group (the keyring daemon
+# detaches), so they are found by that HOME, which no other process has.
+kill_run() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "${p#/proc/}" = "$$" ] && continue
+    if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qx "HOME=$WORK/home"; then
+      kill -9 "${p#/proc/}" 2>/dev/null || true
+    fi
+  done
+}
+trap 'kill_run; rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/home"
 # The primary tier names a catalog model that is not downloaded yet: the test downloads it with one click on
 # the tray's "Download models" from a stand-in Hub (tests/app/fake_hub.py) into $WORK/hf.
@@ -48,11 +61,31 @@ SH
 chmod +x "$WORK/tailscale"
 # Screenshots go to a temp dir; JEMMA_SHOTS=docs/screenshots refreshes the ones the README shows.
 export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
+if [ "${JEMMA_E2E_PLANT_HANG:-}" = window ]; then
+  printf '#!/bin/sh\nsleep 3600\nexec "%s" "$@"\n' "$APP" >"$WORK/delayed-app"
+  chmod +x "$WORK/delayed-app"
+  APP=$WORK/delayed-app
+  log "planted hang: the app starts through $APP, which waits an hour"
+elif [ "${JEMMA_E2E_PLANT_HANG:-}" = collision ]; then
+  # The cause of issue 12's hang, made certain: the gateway listens on the port WebKitWebDriver gave the
+  # inspector (as an unlucky ephemeral bind would), so WebKit cannot start the inspector server.
+  printf '#!/bin/sh\nJEMMA_PORT=${WEBKIT_INSPECTOR_SERVER##*:} exec "%s" "$@"\n' "$APP" >"$WORK/colliding-app"
+  chmod +x "$WORK/colliding-app"
+  APP=$WORK/colliding-app
+  log "planted collision: the gateway takes the WebKit inspector's port"
+fi
+export JEMMA_E2E_STEP_FILE=$WORK/step
+echo "starting Xvfb, D-Bus and the keyring" >"$JEMMA_E2E_STEP_FILE"
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
 export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.
-HOME=$WORK/home xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '
+rc=0
+HOME=$WORK/home timeout -k 10 "$BOUND" xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '
   export XDG_DATA_HOME=$HOME/.local/share
-  printf jemma | gnome-keyring-daemon --unlock --components=secrets >/dev/null
-  exec "$0" tests/app/e2e_app.py' "$PY"
+  printf jemma | timeout 30 gnome-keyring-daemon --unlock --components=secrets >/dev/null
+  exec "$0" tests/app/e2e_app.py' "$PY" || rc=$?
+if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  die "app e2e: the run exceeded its bound of ${BOUND} s during step: $(cat "$JEMMA_E2E_STEP_FILE"); everything it started was killed"
+fi
+exit "$rc"

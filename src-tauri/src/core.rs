@@ -160,6 +160,44 @@ pub fn effective_config(
     Ok(cfg)
 }
 
+/// The port in `WEBKIT_INSPECTOR_SERVER` (`host:port`), which WebKitWebDriver sets when it launches the app
+/// for automation: WebKit binds its remote inspector there when the first webview is created.
+fn inspector_port(var: Option<&str>) -> Option<u16> {
+    var?.rsplit_once(':')?.1.parse().ok().filter(|p| *p != 0)
+}
+
+/// Binds the gateway with `bind`. When the port asked for is 0 (ephemeral) and the kernel hands out `avoid`
+/// (the inspector's port), the listener is kept while another is drawn, then dropped.
+///
+/// Why: WebKitWebDriver picks the inspector port by binding port 0 and closing the socket, then launches the
+/// app with that port. The gateway binds before the first webview, so its own port-0 bind can draw the same
+/// just-freed port (about 1 in 7,000 on Linux). WebKit then fails to start the inspector ("Address already in
+/// use"), the driver connects to the gateway instead and waits forever for a handshake: the app E2E hang of
+/// issue 12. An explicitly configured port is kept as it is.
+async fn bind_gateway<F, Fut>(
+    mut bind: F,
+    requested: u16,
+    avoid: Option<u16>,
+) -> std::io::Result<tokio::net::TcpListener>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::io::Result<tokio::net::TcpListener>>,
+{
+    let mut held = Vec::new();
+    loop {
+        let l = bind().await?;
+        let port = l.local_addr()?.port();
+        if requested != 0 || Some(port) != avoid || held.len() >= 8 {
+            return Ok(l);
+        }
+        tracing::info!(
+            port,
+            "the gateway drew the WebKit inspector's port; drawing another"
+        );
+        held.push(l);
+    }
+}
+
 impl Core {
     /// Loads settings, builds the tiers and starts the gateway.
     pub async fn start(config_dir: PathBuf) -> anyhow::Result<Arc<Self>> {
@@ -182,8 +220,13 @@ impl Core {
         .with_cors_origins(cfg.server.cors_origins.clone())
         .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?);
         let keys = state.access.keys.clone();
-        let listener =
-            tokio::net::TcpListener::bind((cfg.server.host.as_str(), cfg.server.port)).await?;
+        let host = cfg.server.host.clone();
+        let listener = bind_gateway(
+            || tokio::net::TcpListener::bind((host.as_str(), cfg.server.port)),
+            cfg.server.port,
+            inspector_port(std::env::var("WEBKIT_INSPECTOR_SERVER").ok().as_deref()),
+        )
+        .await?;
         let addr = listener.local_addr()?;
         let (tx, mut rx) = watch::channel(false);
         let served = tokio::spawn(async move {
@@ -243,5 +286,63 @@ impl Core {
         {
             tracing::warn!("in-flight requests still running after {grace:?}; quitting anyway");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inspector_port_parses_host_and_port() {
+        assert_eq!(inspector_port(Some("127.0.0.1:41234")), Some(41234));
+        assert_eq!(inspector_port(Some("[::1]:5000")), Some(5000));
+        assert_eq!(inspector_port(Some("127.0.0.1")), None);
+        assert_eq!(inspector_port(Some("127.0.0.1:0")), None);
+        assert_eq!(inspector_port(None), None);
+    }
+
+    #[tokio::test]
+    async fn an_ephemeral_gateway_port_never_takes_the_inspectors() {
+        // The first draw is the collision: a listener on the port the inspector was given.
+        let colliding = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let avoid = colliding.local_addr().unwrap().port();
+        let mut first = Some(colliding);
+        let l = bind_gateway(
+            || {
+                let pre = first.take();
+                async move {
+                    match pre {
+                        Some(l) => Ok(l),
+                        None => tokio::net::TcpListener::bind("127.0.0.1:0").await,
+                    }
+                }
+            },
+            0,
+            Some(avoid),
+        )
+        .await
+        .unwrap();
+        assert_ne!(l.local_addr().unwrap().port(), avoid);
+        // The colliding listener was released: WebKit can bind the inspector there now.
+        drop(std::net::TcpListener::bind(("127.0.0.1", avoid)).unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_explicit_port_is_kept() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let mut pre = Some(l);
+        let got = bind_gateway(
+            || {
+                let l = pre.take().unwrap();
+                async move { Ok(l) }
+            },
+            port,
+            Some(port),
+        )
+        .await
+        .unwrap();
+        assert_eq!(got.local_addr().unwrap().port(), port);
     }
 }

@@ -8,11 +8,12 @@ use serde_json::Value;
 use crate::support::fixture;
 
 fn jemma(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args(args)
-        .env("JEMMA_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(args)
+            .env("JEMMA_LOG", "warn"),
+        crate::support::CMD_DEADLINE,
+    );
     (
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -168,20 +169,21 @@ fn keys_are_created_listed_revoked_and_required_for_an_exposed_bind() {
     let f = file.to_str().unwrap();
     let tiny = fixture("tiny");
     // No key yet: binding all interfaces is refused with a clear message.
-    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args([
-            "serve",
-            "--model",
-            tiny.to_str().unwrap(),
-            "--host",
-            "0.0.0.0",
-            "--port",
-            "0",
-        ])
-        .env("JEMMA_KEYS_FILE", f)
-        .env("JEMMA_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args([
+                "serve",
+                "--model",
+                tiny.to_str().unwrap(),
+                "--host",
+                "0.0.0.0",
+                "--port",
+                "0",
+            ])
+            .env("JEMMA_KEYS_FILE", f)
+            .env("JEMMA_LOG", "warn"),
+        crate::support::CMD_DEADLINE,
+    );
     let (ok, stderr) = (
         out.status.success(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -252,7 +254,7 @@ fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
     assert_eq!(lan.0, 401, "a caller on {ip} must present a key: {}", lan.1);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let code = rt.block_on(async {
-        reqwest::Client::new()
+        crate::support::client()
             .get(format!("http://{ip}:{port}/v1/models"))
             .bearer_auth(&key)
             .send()

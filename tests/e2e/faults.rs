@@ -144,7 +144,7 @@ idle_timeout_secs = 2
     let gw = tokio::task::spawn_blocking(move || Server::start(&[], Some(&config)))
         .await
         .unwrap();
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
 
     // Healthy upstream: heavy answers.
     let (text, routing) = ask(&client, &gw.url, false).await;
@@ -264,7 +264,7 @@ async fn secrets_never_reach_logs_health_or_metrics() {
     })
     .await
     .unwrap();
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     for _ in 0..3 {
         let r = client
             .post(format!("{}/v1/chat/completions", gw.url))

@@ -141,7 +141,7 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
         model
     );
 
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     // Every caller needs the key, loopback included (Cloud Run's front end is not loopback anyway).
     assert_eq!(chat(&client, &heavy.url, None, "heavy").await.0, 401);
     assert_eq!(
@@ -206,13 +206,14 @@ fn heavy_server_refuses_to_start_without_its_key() {
     let dir = tempfile::tempdir().unwrap();
     let f = dir.path().join("jemma.toml");
     std::fs::write(&f, cfg).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args(["serve", "--port", "0", "--config"])
-        .arg(&f)
-        .env_remove("HEAVY_API_KEY")
-        .env("JEMMA_HEAVY_MODEL", gguf("tiny-f32.gguf"))
-        .output()
-        .unwrap();
+    let out = crate::support::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["serve", "--port", "0", "--config"])
+            .arg(&f)
+            .env_remove("HEAVY_API_KEY")
+            .env("JEMMA_HEAVY_MODEL", gguf("tiny-f32.gguf")),
+        crate::support::CMD_DEADLINE,
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HEAVY_API_KEY"), "{err}");
@@ -227,7 +228,7 @@ async fn gguf_models_serve_as_local_tiers_through_llama_cpp() {
         h["tiers"]["fast"]["backend"]["details"]["engine"], "llama.cpp",
         "{h}"
     );
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let (code, body) = chat(&client, &s.url, None, "fast").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["model"], "tiny-q8_0");
@@ -276,7 +277,7 @@ async fn logprobs_look_and_agree_the_same_on_both_engines() {
         gguf("tiny-f32.gguf").display()
     );
     let s = Server::start(&[], Some(&cfg));
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let (mlx, mlx_stream) = logprobs_of(&client, &s.url, "fast").await;
     let (llama, llama_stream) = logprobs_of(&client, &s.url, "primary").await;
     for (engine, plain, streamed) in [

@@ -89,12 +89,13 @@ fn hub_env<'a>(url: &'a str, home: &'a Path) -> Vec<(&'static str, String)> {
 #[test]
 fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
     let (_rt, url, home) = hub_with_tiny(0);
-    let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args(["pull", "test-tiny", "--json"])
-        .envs(hub_env(&url, home.path()))
-        .env("JEMMA_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["pull", "test-tiny", "--json"])
+            .envs(hub_env(&url, home.path()))
+            .env("JEMMA_LOG", "warn"),
+        crate::support::CMD_DEADLINE,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),
@@ -138,11 +139,12 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
     }
     assert!(!Path::new(&path).join("README.md").exists());
     // The pulled snapshot is a model the engine serves; `pull --list` sees it without the network.
-    let list = Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args(["pull", "--list"])
-        .envs(hub_env("http://127.0.0.1:9", home.path()))
-        .output()
-        .unwrap();
+    let list = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["pull", "--list"])
+            .envs(hub_env("http://127.0.0.1:9", home.path())),
+        crate::support::CMD_DEADLINE,
+    );
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(
         list.lines()
@@ -150,11 +152,12 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
         "{list}"
     );
     // Unknown repos fail with the Hub's answer and a non-zero exit.
-    let bad = Command::new(env!("CARGO_BIN_EXE_jemma"))
-        .args(["pull", "jemma-test/missing"])
-        .envs(hub_env(&url, home.path()))
-        .output()
-        .unwrap();
+    let bad = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["pull", "jemma-test/missing"])
+            .envs(hub_env(&url, home.path())),
+        crate::support::CMD_DEADLINE,
+    );
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not found"));
 }
@@ -188,7 +191,7 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
             .is_some_and(|p| p > 0 && p < 100)
     });
     assert!(partial, "saw a partial download percentage: {seen:?}");
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let (code, body) = rt.block_on(chat(&client, &s, "fast"));
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["model"], "test-tiny");
@@ -208,19 +211,20 @@ fn footprint_estimate_is_within_15_percent_of_the_measured_peak() {
                 continue;
             }
             let ids: Vec<String> = (0..n).map(|i| (3 + (i * 7) % 900).to_string()).collect();
-            let out = Command::new(env!("CARGO_BIN_EXE_jemma"))
-                .args([
-                    "generate",
-                    "--json",
-                    "--ignore-eos",
-                    "--max-tokens",
-                    "16",
-                    "--model",
-                ])
-                .arg(fixture(model))
-                .args(["--prompt-ids", &ids.join(",")])
-                .output()
-                .unwrap();
+            let out = crate::support::output_within(
+                Command::new(env!("CARGO_BIN_EXE_jemma"))
+                    .args([
+                        "generate",
+                        "--json",
+                        "--ignore-eos",
+                        "--max-tokens",
+                        "16",
+                        "--model",
+                    ])
+                    .arg(fixture(model))
+                    .args(["--prompt-ids", &ids.join(",")]),
+                crate::support::CMD_DEADLINE,
+            );
             assert!(
                 out.status.success(),
                 "{}",
@@ -250,7 +254,7 @@ async fn idle_unload_releases_memory_and_the_next_request_reloads() {
         fixture("small").display()
     );
     let s = Server::start(&[], Some(&cfg));
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     assert_eq!(chat(&client, &s, "fast").await.0, 200);
     let loaded = tier(&health(&s), "fast");
     assert_eq!(loaded["state"], "ready");
@@ -308,7 +312,7 @@ async fn a_model_over_the_memory_limit_is_refused_and_requests_fall_back() {
     );
     assert_eq!(tier(&h, "fast")["state"], "ready");
     // The refused tier's requests fall back, and the fallback chain says why.
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     let (code, body) = chat(&client, &s, "primary").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["tier"], "fast");
@@ -333,7 +337,7 @@ async fn memory_pressure_unloads_idle_models() {
         fixture("tiny").display()
     );
     let s = Server::start(&[], Some(&cfg));
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     assert_eq!(chat(&client, &s, "fast").await.0, 200);
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -366,7 +370,7 @@ async fn a_tier_switches_models_without_a_restart() {
         fixture("moe-q4").display()
     );
     let s = Server::start(&[], Some(&cfg));
-    let client = reqwest::Client::new();
+    let client = crate::support::client();
     // A lazily loaded tier holds no memory until its first request.
     let lazy = tier(&health(&s), "heavy");
     assert_eq!(lazy["state"], "unloaded");

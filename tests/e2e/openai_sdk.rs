@@ -25,11 +25,12 @@ first_token_timeout_secs = 60
         u = upstream.url
     );
     let gw = Server::start(&[], Some(&config));
-    let out = Command::new(python())
-        .arg(root().join("tests/e2e/openai_sdk.py"))
-        .arg(&gw.url)
-        .output()
-        .expect("run python");
+    let out = crate::support::output_within(
+        Command::new(python())
+            .arg(root().join("tests/e2e/openai_sdk.py"))
+            .arg(&gw.url),
+        crate::support::CMD_DEADLINE,
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "OpenAI SDK checks failed");

@@ -31,6 +31,66 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// How long `jemma serve` may take to print its address (it binds before loading any model).
+const SPAWN_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Deadline for a whole HTTP exchange in the end-to-end tests (a streamed answer from a tiny model takes
+/// seconds; a hung server must fail the test, not the CI run's time limit).
+pub const HTTP_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Deadline for one CLI run in the end-to-end tests (`jemma generate` on a fixture, `jemma pull` from the
+/// loopback Hub, the OpenAI SDK script).
+pub const CMD_DEADLINE: Duration = Duration::from_secs(300);
+
+/// A reqwest client whose every request is bounded by [`HTTP_DEADLINE`].
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(HTTP_DEADLINE)
+        .build()
+        .expect("reqwest client")
+}
+
+/// Runs `cmd` to completion like [`Command::output`], but kills it and panics, naming the command, when it
+/// runs past `limit`.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
+    let what = format!("{:?}", cmd);
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {what}: {e}"));
+    // Drain both pipes on threads: a child blocked on a full pipe would otherwise look like a hang.
+    let drain = |p: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut p) = p {
+                let _ = p.read_to_end(&mut buf);
+            }
+            buf
+        })
+    };
+    let out = drain(child.stdout.take().map(|p| Box::new(p) as _));
+    let err = drain(child.stderr.take().map(|p| Box::new(p) as _));
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().expect("wait for child") {
+            break st;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what} did not finish within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
 /// A `jemma serve` child process, killed on drop.
 pub struct Server {
     pub child: Child,
@@ -95,8 +155,24 @@ impl Server {
             .spawn()
             .expect("spawn jemma serve");
         let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        // The first line names the address; a server that never prints it must fail the test, not hang it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let mut r = BufReader::new(stdout);
+            let _ = r.read_line(&mut line);
+            let _ = tx.send(line);
+            // Keep draining so the child never blocks on a full pipe.
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+        });
+        let line = match rx.recv_timeout(SPAWN_DEADLINE) {
+            Ok(l) => l,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("jemma serve printed no address within {SPAWN_DEADLINE:?}");
+            }
+        };
         let url = line
             .trim()
             .rsplit(' ')
