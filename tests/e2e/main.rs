@@ -10,4 +10,5 @@ mod faults;
 mod heavy;
 mod models;
 mod openai_sdk;
+mod real_model;
 mod support;
