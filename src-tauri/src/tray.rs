@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use jemma_router::backend::BackendState;
+use jemma_router::breaker::BreakerState;
 use jemma_router::classify::Tier;
 use jemma_router::route::TierStatus;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
@@ -38,14 +40,14 @@ pub fn tier_line(s: &TierStatus) -> String {
         "disabled".to_string()
     } else if s.waking {
         "waking…".to_string()
-    } else if s.breaker.state != "closed" {
+    } else if s.breaker.state != BreakerState::Closed {
         "breaker open".to_string()
-    } else if s.backend.state == "failed" || s.backend.state == "error" {
-        "error".to_string()
-    } else if s.backend.state == "unloaded" {
-        "idle-unloaded".to_string()
     } else {
-        s.backend.state.clone()
+        match s.backend.state {
+            BackendState::Failed | BackendState::Error => "error".to_string(),
+            BackendState::Unloaded => "idle-unloaded".to_string(),
+            other => other.to_string(),
+        }
     };
     let model = std::path::Path::new(&s.backend.model)
         .file_name()
@@ -206,10 +208,12 @@ fn refresh(app: &AppHandle, core: &Core, h: &TrayItems, sys: &mut System) {
     }
     // "Download models" is offered while a tier's model is not on disk (first launch); it stays greyed
     // out while a download runs (the tier lines show "downloading n%").
-    let missing = status.iter().any(|s| s.backend.state == "not downloaded");
+    let missing = status
+        .iter()
+        .any(|s| s.backend.state == BackendState::NotDownloaded);
     let downloading = status
         .iter()
-        .any(|s| s.backend.state.starts_with("downloading"));
+        .any(|s| matches!(s.backend.state, BackendState::Downloading { .. }));
     let _ = h.download.set_enabled(missing && !downloading);
     let _ = h.download.set_text(if downloading {
         "Downloading models…"
@@ -265,7 +269,7 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
                 .router
                 .status()
                 .into_iter()
-                .filter(|s| s.backend.state == "not downloaded")
+                .filter(|s| s.backend.state == BackendState::NotDownloaded)
                 .map(|s| (s.tier, s.backend.model.clone()))
                 .collect();
             let r = core.router.clone();

@@ -1,5 +1,9 @@
 //! What an in-process engine sends back for one request, the same for the MLX and llama.cpp engines so the
-//! router maps both with one function; only the final summary differs (`S`).
+//! router maps both with one function; only the final summary differs (`S`). Also the typed contracts every
+//! layer above the engines shares: why an answer ended ([`FinishReason`]) and whose fault a failure is
+//! ([`EngineFailure`]).
+
+use serde::{Deserialize, Serialize};
 
 use crate::logprobs::TokenLogprob;
 use crate::tools::{Event as ParseEvent, ToolCall};
@@ -24,7 +28,65 @@ pub enum Event<S> {
     /// Finished, with the engine's summary.
     Done(S),
     /// Failed; nothing more follows.
-    Error(String),
+    Error(EngineFailure),
+}
+
+/// Why an answer ended: OpenAI's `finish_reason`, serialised as its wire strings (`"stop"`, `"length"`,
+/// `"tool_calls"`, `"content_filter"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// An end-of-generation token or a stop string.
+    Stop,
+    /// `max_tokens` (or the context) was reached.
+    Length,
+    /// The model called one or more tools.
+    ToolCalls,
+    /// An upstream withheld content.
+    ContentFilter,
+}
+
+impl FinishReason {
+    /// The OpenAI wire string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::ContentFilter => "content_filter",
+        }
+    }
+
+    /// An upstream's `finish_reason`. The legacy `"function_call"` is a tool call; a value this type does not
+    /// know (servers invent their own, e.g. `"eos"`, `"abort"`) ends the answer as `Stop`, since the text
+    /// the client received is complete either way.
+    pub fn from_wire(s: &str) -> Self {
+        match s {
+            "length" => FinishReason::Length,
+            "tool_calls" | "function_call" => FinishReason::ToolCalls,
+            "content_filter" => FinishReason::ContentFilter,
+            _ => FinishReason::Stop,
+        }
+    }
+}
+
+impl std::fmt::Display for FinishReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Why an engine could not answer, typed by whose fault it is. The router decides on the variant (never on
+/// the message's text): a client error goes back as HTTP 400 and leaves the tier's circuit breaker alone; a
+/// fault counts against the tier and falls back to the next one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EngineFailure {
+    /// The request cannot be served as given (template error, context overflow, bad parameter).
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The engine failed (load failure, runtime error, out of memory).
+    #[error("{0}")]
+    Fault(String),
 }
 
 impl<S> From<ParseEvent> for Event<S> {
@@ -36,5 +98,28 @@ impl<S> From<ParseEvent> for Event<S> {
             // Answer passes unparseable calls on as text already; kept total for completeness.
             ParseEvent::ToolCallError(e) => Event::Content(e.raw),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finish_reason_round_trips_the_wire_strings() {
+        for f in [
+            FinishReason::Stop,
+            FinishReason::Length,
+            FinishReason::ToolCalls,
+            FinishReason::ContentFilter,
+        ] {
+            assert_eq!(serde_json::to_value(f).unwrap(), f.as_str());
+            assert_eq!(FinishReason::from_wire(f.as_str()), f);
+        }
+        assert_eq!(
+            FinishReason::from_wire("function_call"),
+            FinishReason::ToolCalls
+        );
+        assert_eq!(FinishReason::from_wire("eos"), FinishReason::Stop);
     }
 }

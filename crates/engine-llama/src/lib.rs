@@ -48,6 +48,16 @@ pub enum LlamaError {
     InvalidRequest(String),
 }
 
+impl From<LlamaError> for jemma_chat::event::EngineFailure {
+    /// A request problem is the client's; everything else is the engine's fault.
+    fn from(e: LlamaError) -> Self {
+        match e {
+            LlamaError::InvalidRequest(m) => Self::InvalidRequest(m),
+            other => Self::Fault(other.to_string()),
+        }
+    }
+}
+
 /// Shorthand for this crate's results.
 pub type Result<T, E = LlamaError> = std::result::Result<T, E>;
 
@@ -536,7 +546,7 @@ fn model_thread(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "request failed");
-                let _ = job.events.blocking_send(Event::Error(e.to_string()));
+                let _ = job.events.blocking_send(Event::Error(e.into()));
             }
         }
     }

@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use jemma_chat::event::EngineFailure;
 use jemma_engine_llama::{
     Event, Finish, LlamaConfig, LlamaEngine, Prompt, Request, Sampling, Session, default_threads,
 };
@@ -274,12 +275,17 @@ fn stop_strings_cancellation_and_bad_requests() {
             err = Some(m);
         }
     }
-    assert!(err.unwrap().starts_with("invalid request: "));
+    assert!(
+        matches!(err, Some(EngineFailure::InvalidRequest(_))),
+        "{err:?}"
+    );
     let mut rx = e
         .submit(request(Prompt::Text("hi".into()), 10_000))
         .unwrap();
     match rx.blocking_recv() {
-        Some(Event::Error(m)) => assert!(m.contains("exceeds the context"), "{m}"),
+        Some(Event::Error(EngineFailure::InvalidRequest(m))) => {
+            assert!(m.contains("exceeds the context"), "{m}")
+        }
         other => panic!("{other:?}"),
     }
 }

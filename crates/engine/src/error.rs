@@ -33,3 +33,13 @@ pub enum EngineError {
 
 /// Shorthand for results of this crate.
 pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+impl From<EngineError> for jemma_chat::event::EngineFailure {
+    /// A request problem is the client's; everything else is the engine's fault.
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::InvalidRequest(m) => Self::InvalidRequest(m),
+            other => Self::Fault(other.to_string()),
+        }
+    }
+}

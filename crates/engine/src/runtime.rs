@@ -565,7 +565,9 @@ fn engine_thread(
                     .ok()
                     .and_then(|s| s.last_error.clone())
                     .unwrap_or_else(|| "the model failed to load".into());
-                let _ = job.events.blocking_send(Event::Error(why));
+                let _ = job
+                    .events
+                    .blocking_send(Event::Error(jemma_chat::event::EngineFailure::Fault(why)));
                 continue;
             }
         }
@@ -598,7 +600,7 @@ fn engine_thread(
             }
             Err(e) => {
                 tracing::warn!(error = %e, "request failed");
-                let _ = job.events.blocking_send(Event::Error(e.to_string()));
+                let _ = job.events.blocking_send(Event::Error(e.into()));
             }
         }
     }

@@ -6,7 +6,8 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
 use jemma_router::api::{ChatCompletionRequest, CompletionRequest, Routing, Usage};
-use jemma_router::backend::Chunk;
+use jemma_router::backend::{Chunk, FinishReason};
+use jemma_router::breaker::BreakerState;
 use jemma_router::classify::Tier;
 use jemma_router::route::{Output, model_entry};
 use serde_json::{Value, json};
@@ -87,7 +88,7 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
     let mut reasoning = String::new();
     let mut tool_calls: Vec<Value> = vec![];
     let mut logprobs: Vec<Value> = vec![];
-    let mut end: Option<(String, Usage, Routing)> = None;
+    let mut end: Option<(FinishReason, Usage, Routing)> = None;
     while let Some(o) = rx.recv().await {
         match o {
             Output::Chunk(Chunk::Content(c)) => content.push_str(&c),
@@ -231,18 +232,14 @@ pub async fn health(State(state): State<AppState>) -> Response {
     let tiers = state.router.status();
     // A remote tier not contacted yet is "unknown": it can serve until it fails (its breaker says so).
     let serving = |t: &&jemma_router::route::TierStatus| {
-        t.enabled
-            && t.breaker.state == "closed"
-            && matches!(t.backend.state.as_str(), "ready" | "unknown" | "unloaded")
+        t.enabled && t.breaker.state == BreakerState::Closed && t.backend.state.can_serve()
     };
     let ready = tiers.iter().filter(serving).count();
     let status = if ready == tiers.len() && ready > 0 {
         "ok"
     } else if ready > 0 {
         "degraded"
-    } else if tiers.iter().any(|t| {
-        t.backend.state.starts_with("loading") || t.backend.state.starts_with("downloading")
-    }) {
+    } else if tiers.iter().any(|t| t.backend.state.is_starting()) {
         "starting"
     } else {
         "down"

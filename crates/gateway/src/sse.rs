@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use jemma_router::backend::Chunk;
+use jemma_router::backend::{Chunk, FinishReason};
 use jemma_router::route::Output;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -24,7 +24,7 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn chunk(&self, delta: Value, finish: Option<&str>) -> Value {
+    fn chunk(&self, delta: Value, finish: Option<FinishReason>) -> Value {
         json!({
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -148,7 +148,7 @@ pub fn stream_response(
             routing,
         } => {
             ctx.model = routing.model.clone();
-            let mut c = ctx.chunk(json!({}), Some(&finish_reason));
+            let mut c = ctx.chunk(json!({}), Some(finish_reason));
             c["usage"] = json!(usage);
             c["_routing"] = json!(routing);
             let mut v = vec![data(&c)];
@@ -173,7 +173,7 @@ pub fn completion_stream(
 ) -> Response {
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
-    let chunk = move |text: &str, finish: Option<&str>, model: &str| {
+    let chunk = move |text: &str, finish: Option<FinishReason>, model: &str| {
         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
     };
@@ -184,7 +184,7 @@ pub fn completion_stream(
             usage,
             routing,
         } => {
-            let mut c = chunk("", Some(&finish_reason), &routing.model);
+            let mut c = chunk("", Some(finish_reason), &routing.model);
             c["usage"] = json!(usage);
             c["_routing"] = json!(routing);
             Step::End(vec![data(&c)])

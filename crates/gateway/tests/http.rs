@@ -51,7 +51,7 @@ impl Backend for Echo {
                 .await;
             let _ = tx
                 .send(Ok(Chunk::Done {
-                    finish_reason: "tool_calls".into(),
+                    finish_reason: jemma_router::backend::FinishReason::ToolCalls,
                     usage: Usage {
                         prompt_tokens: 5,
                         completion_tokens: 2,
@@ -65,7 +65,7 @@ impl Backend for Echo {
     }
     fn health(&self) -> BackendHealth {
         BackendHealth {
-            state: "ready".into(),
+            state: jemma_router::backend::BackendState::Ready,
             model: "echo".into(),
             model_loaded: true,
             ..Default::default()

@@ -9,6 +9,8 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+pub use jemma_chat::event::{EngineFailure, FinishReason};
+
 use crate::api::{ChatRequest, Usage};
 
 /// One piece of an answer, in order.
@@ -34,8 +36,8 @@ pub enum Chunk {
     Logprobs(Vec<Value>),
     /// The end.
     Done {
-        /// `stop`, `length`, `tool_calls`.
-        finish_reason: String,
+        /// Why it ended.
+        finish_reason: FinishReason,
         /// Token counts.
         usage: Usage,
         /// Decode tokens/s, when the backend knows it.
@@ -82,11 +84,87 @@ impl BackendError {
 /// Stream of chunks from a backend; dropping it cancels the work.
 pub type ChunkStream = mpsc::Receiver<Result<Chunk, BackendError>>;
 
+/// Where a tier's backend is in its life: one type for local engines (MLX, llama.cpp), pending downloads and
+/// remote upstreams. Serialised to the strings `/health` has always shown (`"ready"`, `"loading 42%"`,
+/// `"downloading 7%"`, `"not downloaded"`, …), which the tray and clients read.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum BackendState {
+    /// Serving.
+    Ready,
+    /// Loading weights; `progress` is the share read (0 to 1).
+    Loading {
+        /// 0 to 1.
+        progress: f32,
+    },
+    /// Weights released (idle keep-alive, memory pressure, or a refused load); the next request loads
+    /// them again, so the tier still counts as available.
+    Unloaded,
+    /// Loading failed for good, or a pending model could not be fetched.
+    Failed,
+    /// A remote tier not contacted yet: it can serve until it fails (its breaker says so).
+    #[default]
+    Unknown,
+    /// A remote tier that could not be reached at the last request.
+    Unreachable,
+    /// A remote tier that answered the last request with an error status.
+    Error,
+    /// The tier's model is not on disk and no download was asked for.
+    NotDownloaded,
+    /// The tier's model is being downloaded; `progress` is the share fetched (0 to 1).
+    Downloading {
+        /// 0 to 1.
+        progress: f32,
+    },
+    /// A model change is looking up its model.
+    Resolving,
+    /// A cold model change: the old model is draining before the new one loads.
+    Swapping,
+}
+
+impl BackendState {
+    /// Whether the tier is on its way to serving (loading, downloading, resolving or swapping a model).
+    pub fn is_starting(self) -> bool {
+        matches!(
+            self,
+            Self::Loading { .. } | Self::Downloading { .. } | Self::Resolving | Self::Swapping
+        )
+    }
+
+    /// Whether a request sent now can be served (at once, or after a transparent reload).
+    pub fn can_serve(self) -> bool {
+        matches!(self, Self::Ready | Self::Unknown | Self::Unloaded)
+    }
+}
+
+impl std::fmt::Display for BackendState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Ready => f.write_str("ready"),
+            Self::Loading { progress } => write!(f, "loading {:.0}%", progress * 100.0),
+            Self::Unloaded => f.write_str("unloaded"),
+            Self::Failed => f.write_str("failed"),
+            Self::Unknown => f.write_str("unknown"),
+            Self::Unreachable => f.write_str("unreachable"),
+            Self::Error => f.write_str("error"),
+            Self::NotDownloaded => f.write_str("not downloaded"),
+            Self::Downloading { progress } => write!(f, "downloading {:.0}%", progress * 100.0),
+            Self::Resolving => f.write_str("resolving"),
+            Self::Swapping => f.write_str("swapping"),
+        }
+    }
+}
+
+impl Serialize for BackendState {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
 /// A backend's own view of its health.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct BackendHealth {
-    /// `ready`, `loading`, `failed`, `unknown`, `waking`.
-    pub state: String,
+    /// Where the backend is in its life (serialised as today's strings: `ready`, `loading 42%`, …).
+    pub state: BackendState,
     /// Model served.
     pub model: String,
     /// Whether weights are in memory (local) / the upstream answered recently (remote).
@@ -199,18 +277,18 @@ pub fn pump_engine<S: Send + 'static>(
             serde_json::to_value(&t).into_iter().collect(),
         )),
         Event::Done(s) => Ok(done_chunk(prompt_tokens, finished(s))),
-        Event::Error(e) => Err(engine_error(&e)),
+        Event::Error(e) => Err(engine_error(e)),
     })
 }
 
 fn done_chunk(prompt_tokens: u64, f: Finished) -> Chunk {
     let finish = match (f.tool_calls, f.hit_length) {
-        (true, _) => "tool_calls",
-        (false, true) => "length",
-        (false, false) => "stop",
+        (true, _) => FinishReason::ToolCalls,
+        (false, true) => FinishReason::Length,
+        (false, false) => FinishReason::Stop,
     };
     Chunk::Done {
-        finish_reason: finish.into(),
+        finish_reason: finish,
         usage: Usage {
             prompt_tokens,
             completion_tokens: f.completion_tokens,
@@ -220,12 +298,12 @@ fn done_chunk(prompt_tokens: u64, f: Finished) -> Chunk {
     }
 }
 
-/// An in-process engine's error message as a backend error: the engines report request problems as
-/// "invalid request: …" (the client's fault, HTTP 400); anything else is the tier's failure.
-pub fn engine_error(msg: &str) -> BackendError {
-    match msg.strip_prefix("invalid request: ") {
-        Some(m) => BackendError::BadRequest(m.to_string()),
-        None => BackendError::Broken(msg.to_string()),
+/// An in-process engine's failure as a backend error: a request problem is the client's (HTTP 400, the
+/// breaker untouched); anything else is the tier's failure.
+pub fn engine_error(failure: EngineFailure) -> BackendError {
+    match failure {
+        EngineFailure::InvalidRequest(m) => BackendError::BadRequest(m),
+        EngineFailure::Fault(m) => BackendError::Broken(m),
     }
 }
 
@@ -268,7 +346,7 @@ impl OpenAiBackend {
             .build()
             .map_err(|e| BackendError::Unavailable(format!("HTTP client: {e}")))?;
         let health = BackendHealth {
-            state: "unknown".into(),
+            state: BackendState::Unknown,
             model: cfg.model.clone(),
             ..Default::default()
         };
@@ -339,10 +417,10 @@ impl OpenAiBackend {
         b
     }
 
-    fn note(&self, state: &str, err: Option<String>) {
+    fn note(&self, state: BackendState, err: Option<String>) {
         if let Ok(mut h) = self.health.lock() {
-            h.state = state.into();
-            h.model_loaded = state == "ready";
+            h.state = state;
+            h.model_loaded = state == BackendState::Ready;
             if err.is_some() {
                 h.last_error = err;
             }
@@ -405,7 +483,7 @@ impl Backend for OpenAiBackend {
             } else {
                 BackendError::Unavailable(format!("cannot reach {}: {e}", self.cfg.url))
             };
-            self.note("unreachable", Some(err.to_string()));
+            self.note(BackendState::Unreachable, Some(err.to_string()));
             err
         })?;
         let status = resp.status();
@@ -427,10 +505,10 @@ impl Backend for OpenAiBackend {
                 )),
                 s => BackendError::Upstream { status: s, message },
             };
-            self.note("error", Some(err.to_string()));
+            self.note(BackendState::Error, Some(err.to_string()));
             return Err(err);
         }
-        self.note("ready", None);
+        self.note(BackendState::Ready, None);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             use futures_util::StreamExt;
@@ -438,7 +516,7 @@ impl Backend for OpenAiBackend {
             let mut sse = SseParser::default();
             // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
             let mut calls: Vec<(String, String)> = vec![];
-            let mut finish: Option<String> = None;
+            let mut finish: Option<FinishReason> = None;
             let mut usage = Usage::default();
             let mut started = false;
             loop {
@@ -471,7 +549,7 @@ impl Backend for OpenAiBackend {
                         let decode_tps = None;
                         let _ = tx
                             .send(Ok(Chunk::Done {
-                                finish_reason: finish.clone().unwrap_or_else(|| "stop".into()),
+                                finish_reason: finish.unwrap_or(FinishReason::Stop),
                                 usage,
                                 decode_tps,
                             }))
@@ -518,7 +596,7 @@ impl Backend for OpenAiBackend {
                         continue;
                     };
                     if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
-                        finish = Some(f.to_string());
+                        finish = Some(FinishReason::from_wire(f));
                     }
                     let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
                     let mut out = vec![];
@@ -580,6 +658,43 @@ impl Backend for OpenAiBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backend_state_serialises_to_the_health_strings() {
+        for (state, wire) in [
+            (BackendState::Ready, "ready"),
+            (BackendState::Loading { progress: 0.424 }, "loading 42%"),
+            (BackendState::Unloaded, "unloaded"),
+            (BackendState::Failed, "failed"),
+            (BackendState::Unknown, "unknown"),
+            (BackendState::Unreachable, "unreachable"),
+            (BackendState::Error, "error"),
+            (BackendState::NotDownloaded, "not downloaded"),
+            (
+                BackendState::Downloading { progress: 1.0 },
+                "downloading 100%",
+            ),
+            (BackendState::Resolving, "resolving"),
+            (BackendState::Swapping, "swapping"),
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), wire);
+        }
+        assert!(BackendState::Unloaded.can_serve() && !BackendState::Failed.can_serve());
+        assert!(BackendState::Downloading { progress: 0.5 }.is_starting());
+        assert!(!BackendState::Ready.is_starting());
+    }
+
+    #[test]
+    fn engine_failures_map_by_variant_not_by_text() {
+        // A fault whose message happens to read like a request error is still the tier's failure.
+        let fault = engine_error(EngineFailure::Fault(
+            "invalid request: looks like one".into(),
+        ));
+        assert!(fault.is_tier_failure());
+        let client = engine_error(EngineFailure::InvalidRequest("prompt too long".into()));
+        assert_eq!(client, BackendError::BadRequest("prompt too long".into()));
+        assert!(!client.is_tier_failure());
+    }
 
     #[test]
     fn sse_parser_handles_split_lines_and_multiline_data() {

@@ -251,8 +251,8 @@ pub struct TransitionInfo {
 /// ([`CircuitBreaker::reset`] keeps them), as Prometheus counters must be.
 #[derive(Serialize, Clone, Debug, PartialEq)]
 pub struct BreakerSnapshot {
-    /// `closed`, `open` or `half_open`.
-    pub state: &'static str,
+    /// The state (serialised as `closed`, `open` or `half_open`).
+    pub state: BreakerState,
     /// Failures currently inside the sliding window (only tracked while closed; 0 otherwise).
     pub recent_failures: u32,
     /// The effective failure threshold, so a reader can tell how close the breaker is to opening.
@@ -282,6 +282,18 @@ enum Phase {
 }
 
 impl Phase {
+    /// The public view of this phase, read at `now`.
+    fn at(self, now: Instant) -> BreakerState {
+        match self {
+            Phase::Closed => BreakerState::Closed,
+            Phase::Open { until } => BreakerState::Open {
+                until,
+                remaining: until.saturating_duration_since(now),
+            },
+            Phase::HalfOpen { probe_in_flight } => BreakerState::HalfOpen { probe_in_flight },
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::Closed => "closed",
@@ -443,14 +455,7 @@ impl CircuitBreaker {
             st.phase
         };
         shared.fire(&fired);
-        match phase {
-            Phase::Closed => BreakerState::Closed,
-            Phase::Open { until } => BreakerState::Open {
-                until,
-                remaining: until.saturating_duration_since(now),
-            },
-            Phase::HalfOpen { probe_in_flight } => BreakerState::HalfOpen { probe_in_flight },
-        }
+        phase.at(now)
     }
 
     /// Counters and state for `/health` and metrics (see [`BreakerSnapshot`]).
@@ -475,7 +480,7 @@ impl CircuitBreaker {
                 } => Some(shared.probe_retry_hint()),
             };
             BreakerSnapshot {
-                state: st.phase.name(),
+                state: st.phase.at(now),
                 recent_failures: u32::try_from(st.failures.len()).unwrap_or(u32::MAX),
                 failure_threshold: shared.threshold,
                 opened_count: st.opened_count,
@@ -807,7 +812,7 @@ mod tests {
         fail(&b);
         assert!(matches!(b.state(), BreakerState::Open { .. }));
         let snap = b.snapshot();
-        assert_eq!(snap.state, "open");
+        assert_eq!(snap.state.as_str(), "open");
         assert_eq!(snap.opened_count, 1);
         assert_eq!(snap.total_failures, 3);
         assert_eq!(snap.recent_failures, 0, "the window is cleared on opening");
@@ -963,7 +968,7 @@ mod tests {
             drop(b.try_acquire().unwrap());
         }
         let snap = b.snapshot();
-        assert_eq!(snap.state, "closed");
+        assert_eq!(snap.state, BreakerState::Closed);
         assert_eq!(snap.total_failures + snap.total_successes, 0);
     }
 

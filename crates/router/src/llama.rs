@@ -9,8 +9,8 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, ChunkStream, Finished, pump_engine, sampling_of,
-    with_continuation,
+    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, pump_engine,
+    sampling_of, with_continuation,
 };
 
 /// A llama.cpp engine serving one tier.
@@ -75,11 +75,14 @@ impl Backend for LlamaBackend {
         use jemma_engine_llama::EngineState;
         let s = self.engine.status();
         let (state, err) = match &s.state {
-            EngineState::Loading { progress } => {
-                (format!("loading {:.0}%", progress * 100.0), None)
-            }
-            EngineState::Ready => ("ready".to_string(), None),
-            EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
+            EngineState::Loading { progress } => (
+                BackendState::Loading {
+                    progress: *progress,
+                },
+                None,
+            ),
+            EngineState::Ready => (BackendState::Ready, None),
+            EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
         };
         BackendHealth {
             state,

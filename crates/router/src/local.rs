@@ -7,8 +7,8 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, ChunkStream, Finished, pump_engine, sampling_of,
-    with_continuation,
+    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, pump_engine,
+    sampling_of, with_continuation,
 };
 
 /// The in-process MLX engine serving one model.
@@ -91,13 +91,16 @@ impl Backend for LocalBackend {
         use jemma_engine::runtime::EngineState;
         let s = self.engine.status();
         let (state, err) = match &s.state {
-            EngineState::Loading { progress } => {
-                (format!("loading {:.0}%", progress * 100.0), None)
-            }
-            EngineState::Ready => ("ready".to_string(), None),
+            EngineState::Loading { progress } => (
+                BackendState::Loading {
+                    progress: *progress,
+                },
+                None,
+            ),
+            EngineState::Ready => (BackendState::Ready, None),
             // Still serving: the next request reloads the weights (health counts it as available).
-            EngineState::Unloaded => ("unloaded".to_string(), s.last_error.clone()),
-            EngineState::Failed { error } => ("failed".to_string(), Some(error.clone())),
+            EngineState::Unloaded => (BackendState::Unloaded, s.last_error.clone()),
+            EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
         };
         BackendHealth {
             state,

@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::RouterError;
 use crate::api::{ChatRequest, Routing, Usage};
 use crate::backend::{Backend, BackendError, BackendHealth, Chunk};
-use crate::breaker::{BreakerConfig, BreakerSnapshot, CircuitBreaker};
+use crate::breaker::{BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker};
 use crate::classify::{
     Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Rule, Tier, fallback_chain,
 };
@@ -29,8 +29,8 @@ pub enum Output {
     Waiting,
     /// The answer is complete.
     End {
-        /// Finish reason.
-        finish_reason: String,
+        /// Why it ended.
+        finish_reason: crate::backend::FinishReason,
         /// Token usage (prompt of the answering tier, completion over all tiers).
         usage: Usage,
         /// Routing metadata.
@@ -205,8 +205,13 @@ impl TierRouter {
             .values()
             .map(|s| {
                 let snap = s.breaker.snapshot();
-                metrics::gauge!("jemma_breaker_open", "tier" => s.tier.as_str())
-                    .set(if snap.state == "closed" { 0.0 } else { 1.0 });
+                metrics::gauge!("jemma_breaker_open", "tier" => s.tier.as_str()).set(
+                    if snap.state == BreakerState::Closed {
+                        0.0
+                    } else {
+                        1.0
+                    },
+                );
                 TierStatus {
                     tier: s.tier,
                     enabled: s.enabled.load(Ordering::Relaxed),
@@ -459,7 +464,7 @@ impl TierRouter {
             let mut prompt_tokens = 0u64;
             let mut got_token = false;
             let mut tier_tokens = 0u64;
-            let outcome: Result<(String, Usage, Option<f64>), BackendError> = loop {
+            let outcome: Result<(crate::backend::FinishReason, Usage, Option<f64>), BackendError> = loop {
                 let limit = if got_token {
                     slot.settings.idle_timeout
                 } else {
@@ -612,6 +617,6 @@ pub fn model_entry(s: &TierStatus) -> Value {
         "owned_by": "jemma",
         "created": 0,
         "root": s.backend.model,
-        "state": if !s.enabled { "disabled" } else if s.breaker.state != "closed" { "breaker_open" } else { s.backend.state.as_str() },
+        "state": if !s.enabled { "disabled".to_string() } else if s.breaker.state != BreakerState::Closed { "breaker_open".to_string() } else { s.backend.state.to_string() },
     })
 }

@@ -15,7 +15,7 @@ use jemma_models::hub::{Hub, HubConfig, ModelRef, cli_token};
 use jemma_models::{Catalog, PullProgress};
 
 use crate::RouterError;
-use crate::backend::{Backend, OpenAiBackend, OpenAiConfig};
+use crate::backend::{Backend, BackendState, OpenAiBackend, OpenAiConfig};
 use crate::config::{Config, TierConfig, TierKind, resolve_secret};
 use crate::local::LocalBackend;
 use crate::route::{TierRouter, TierSettings};
@@ -302,11 +302,11 @@ pub fn build_router(
                         LocalTier::new(b)
                     }
                     None if cfg.models.auto_download => {
-                        LocalTier::pending("downloading 0%", &c.model)
+                        LocalTier::pending(BackendState::Downloading { progress: 0.0 }, &c.model)
                     }
                     // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
                     // model change through /admin); until then its requests fall back.
-                    None => LocalTier::pending("not downloaded", &c.model),
+                    None => LocalTier::pending(BackendState::NotDownloaded, &c.model),
                 };
                 let t = Arc::new(t.with_swapping(f, resolver.clone()));
                 if t.model().is_empty() && cfg.models.auto_download {
@@ -364,21 +364,21 @@ fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<Hub
     tokio::spawn(async move {
         let progress: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(move |p| {
             for t in &shown {
-                t.set_pending(&format!("downloading {:.0}%", p * 100.0), None);
+                t.set_pending(BackendState::Downloading { progress: p }, None);
             }
         });
         match resolver.resolve(&model, progress).await {
             Ok((path, name)) => {
                 for t in &waiting {
                     if let Err(e) = t.start_engine(path.clone(), name.clone()) {
-                        t.set_pending("failed", Some(e));
+                        t.set_pending(BackendState::Failed, Some(e));
                     }
                 }
             }
             Err(e) => {
                 tracing::error!(%model, error = %e, "model download failed");
                 for t in &waiting {
-                    t.set_pending("failed", Some(e.clone()));
+                    t.set_pending(BackendState::Failed, Some(e.clone()));
                 }
             }
         }

@@ -13,7 +13,7 @@ use async_trait::async_trait;
 use serde_json::json;
 
 use crate::api::ChatRequest;
-use crate::backend::{Backend, BackendError, BackendHealth, ChunkStream};
+use crate::backend::{Backend, BackendError, BackendHealth, BackendState, ChunkStream};
 
 /// Turns a model reference (directory, catalog name, Hub repo) into a local path and display name,
 /// downloading it when needed; `progress` receives a share (0 to 1) while downloading. Implemented by
@@ -36,7 +36,7 @@ enum Current {
     Ready(Arc<dyn Backend>),
     /// No engine yet: downloading or waiting for a download (`state` is shown in /health).
     Pending {
-        state: String,
+        state: BackendState,
         error: Option<String>,
         target: String,
     },
@@ -48,7 +48,7 @@ pub struct LocalTier {
     factory: Option<BackendFactory>,
     resolver: Option<Arc<dyn ModelResolver>>,
     /// A swap in progress: (target, state) for /health.
-    swap: Mutex<Option<(String, String)>>,
+    swap: Mutex<Option<(String, BackendState)>>,
     swap_lock: tokio::sync::Mutex<()>,
 }
 
@@ -58,10 +58,10 @@ impl LocalTier {
         Self::build(Current::Ready(backend))
     }
 
-    /// Waiting for `target` (`state`: "downloading 0%", "not downloaded"); see [`LocalTier::attach`].
-    pub fn pending(state: &str, target: &str) -> Self {
+    /// Waiting for `target` (`state`: downloading, not downloaded); see [`LocalTier::attach`].
+    pub fn pending(state: BackendState, target: &str) -> Self {
         Self::build(Current::Pending {
-            state: state.into(),
+            state,
             error: None,
             target: target.into(),
         })
@@ -89,11 +89,11 @@ impl LocalTier {
     }
 
     /// Updates a pending tier's displayed state (download progress) or records why it failed.
-    pub fn set_pending(&self, state: &str, error: Option<String>) {
+    pub fn set_pending(&self, state: BackendState, error: Option<String>) {
         let mut c = self.current.write().unwrap_or_else(|e| e.into_inner());
         if let Current::Pending { target, .. } = &*c {
             *c = Current::Pending {
-                state: state.into(),
+                state,
                 error,
                 target: target.clone(),
             };
@@ -125,19 +125,21 @@ impl LocalTier {
         }
     }
 
-    fn set_swap(&self, v: Option<(String, String)>) {
+    fn set_swap(&self, v: Option<(String, BackendState)>) {
         *self.swap.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
     /// Waits until `b` serves; Err with its reason if it failed or was refused.
-    async fn wait_loaded(b: &Arc<dyn Backend>, on: impl Fn(&str)) -> Result<(), String> {
+    async fn wait_loaded(b: &Arc<dyn Backend>, on: impl Fn(BackendState)) -> Result<(), String> {
         loop {
             let h = b.health();
-            match h.state.as_str() {
-                "ready" => return Ok(()),
-                "failed" => return Err(h.last_error.unwrap_or_else(|| "failed".into())),
+            match h.state {
+                BackendState::Ready => return Ok(()),
+                BackendState::Failed => {
+                    return Err(h.last_error.unwrap_or_else(|| "failed".into()));
+                }
                 // Loaded lazily or refused (a refusal records why).
-                "unloaded" => {
+                BackendState::Unloaded => {
                     return match h.last_error {
                         Some(e) => Err(e),
                         None => Ok(()),
@@ -171,15 +173,15 @@ impl LocalTier {
                     r = &mut fut => break r,
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {
                         if let Some(p) = *share.lock().unwrap_or_else(|e| e.into_inner()) {
-                            self.set_swap(Some((t.to_string(), format!("downloading {:.0}%", p * 100.0))));
+                            self.set_swap(Some((t.to_string(), BackendState::Downloading { progress: p })));
                         }
                     }
                 }
             }
         }
         .map_err(BackendError::BadRequest)?;
-        let shown = |s: &str| self.set_swap(Some((t.to_string(), s.to_string())));
-        shown("loading 0%");
+        let shown = |s: BackendState| self.set_swap(Some((t.to_string(), s)));
+        shown(BackendState::Loading { progress: 0.0 });
         let next = factory(path.clone(), name.clone()).map_err(BackendError::Unavailable)?;
         match Self::wait_loaded(&next, shown).await {
             Ok(()) => {
@@ -195,7 +197,7 @@ impl LocalTier {
                 let old = std::mem::replace(
                     &mut *self.current.write().unwrap_or_else(|e| e.into_inner()),
                     Current::Pending {
-                        state: "swapping".into(),
+                        state: BackendState::Swapping,
                         error: None,
                         target: t.to_string(),
                     },
@@ -206,7 +208,7 @@ impl LocalTier {
                     drop(old);
                     let _ = tokio::time::timeout(Duration::from_secs(300), stopped).await;
                 }
-                shown("loading 0%");
+                shown(BackendState::Loading { progress: 0.0 });
                 let next = factory(path, name).map_err(BackendError::Unavailable)?;
                 let r = Self::wait_loaded(&next, shown).await;
                 // Even a refused engine is installed, so /health shows why and a request can retry.
@@ -249,7 +251,7 @@ impl Backend for LocalTier {
                 state,
                 error,
                 target,
-            } => Ok((state.clone(), error.clone(), target.clone())),
+            } => Ok((*state, error.clone(), target.clone())),
         };
         match pending {
             Err(b) => {
@@ -263,7 +265,7 @@ impl Backend for LocalTier {
                 // A download started by a model change shows as the tier's state.
                 let state = match (swap.map(|(_, s)| s), &error) {
                     (Some(st), _) => st,
-                    (None, Some(_)) => "failed".into(),
+                    (None, Some(_)) => BackendState::Failed,
                     (None, None) => state,
                 };
                 BackendHealth {
@@ -287,7 +289,7 @@ impl Backend for LocalTier {
         let _guard = self.swap_lock.try_lock().map_err(|_| {
             BackendError::Busy("a model change is already in progress on this tier".into())
         })?;
-        self.set_swap(Some((model.to_string(), "resolving".into())));
+        self.set_swap(Some((model.to_string(), BackendState::Resolving)));
         let result = self.swap_to(&resolver, model).await;
         self.set_swap(None);
         result

@@ -85,7 +85,7 @@ impl Backend for Scripted {
                     let n = pieces.len() as u64;
                     let _ = tx
                         .send(Ok(Chunk::Done {
-                            finish_reason: "stop".into(),
+                            finish_reason: jemma_router::backend::FinishReason::Stop,
                             usage: Usage {
                                 prompt_tokens: 3,
                                 completion_tokens: n,
@@ -114,7 +114,7 @@ impl Backend for Scripted {
     }
     fn health(&self) -> BackendHealth {
         BackendHealth {
-            state: "ready".into(),
+            state: jemma_router::backend::BackendState::Ready,
             model: self.name.into(),
             model_loaded: true,
             ..Default::default()
@@ -262,7 +262,7 @@ async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
         .into_iter()
         .find(|s| s.tier == Tier::Heavy)
         .unwrap();
-    assert_eq!(st.breaker.state, "open");
+    assert_eq!(st.breaker.state.as_str(), "open");
     // While open, heavy is skipped without being called.
     let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
     assert_eq!(heavy.calls.load(Ordering::SeqCst), 3);
@@ -277,7 +277,7 @@ async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
         .into_iter()
         .find(|s| s.tier == Tier::Heavy)
         .unwrap();
-    assert_eq!(st.breaker.state, "closed");
+    assert_eq!(st.breaker.state.as_str(), "closed");
 }
 
 #[tokio::test]
@@ -338,7 +338,11 @@ async fn client_disconnect_cancels_without_tripping_the_breaker() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(fast.cancelled.load(Ordering::SeqCst), 4);
     let st = r.status().into_iter().next().unwrap();
-    assert_eq!(st.breaker.state, "closed", "cancellations are not failures");
+    assert_eq!(
+        st.breaker.state.as_str(),
+        "closed",
+        "cancellations are not failures"
+    );
     assert_eq!(st.in_flight, 0);
 }
 
@@ -377,7 +381,7 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
             tokio::spawn(async move {
                 let _ = tx
                     .send(Ok(Chunk::Done {
-                        finish_reason: "stop".into(),
+                        finish_reason: jemma_router::backend::FinishReason::Stop,
                         usage: Usage::default(),
                         decode_tps: None,
                     }))
