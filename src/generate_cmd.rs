@@ -310,8 +310,8 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
                 "finish_reason": summary.finish,
                 "peak_rss_bytes": peak_rss_bytes(),
                 "engine": "llama.cpp",
-                "threads": status.threads,
-                "gpu_layers": status.gpu_layers,
+                "threads": status.info.threads,
+                "gpu_layers": status.info.gpu_layers,
             })
         );
     } else {
@@ -322,7 +322,7 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
             summary.prefill_tps,
             summary.completion_tokens,
             summary.decode_tps,
-            status.threads
+            status.info.threads
         );
     }
     Ok(())

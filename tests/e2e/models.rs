@@ -5,29 +5,12 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::fake_hub::{self, FakeRepo};
-use crate::support::{Server, fixture, ureq_get};
-
-fn health(s: &Server) -> Value {
-    let (_, body) = ureq_get(&format!("{}/health", s.url)).unwrap();
-    serde_json::from_str(&body).unwrap()
-}
-
-fn tier(h: &Value, t: &str) -> Value {
-    h["tiers"][t]["backend"].clone()
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use crate::support::{Server, fixture, health, tier, wait_for};
 
 async fn chat(client: &reqwest::Client, s: &Server, model: &str) -> (u16, Value) {
     let r = client

@@ -3,9 +3,11 @@
 //! Random-weight fixtures prove the engines agree with their references; only real weights prove that an
 //! answer means something (real Q4_K kernels, the real 262,144-token vocabulary, Gemma 3's own template).
 
+use std::time::Duration;
+
 use serde_json::json;
 
-use crate::support::{Server, fixture, post_json};
+use crate::support::{Server, fixture, health, post_json, tier, wait_for};
 
 fn gemma3() -> std::path::PathBuf {
     let p = fixture("tiny")
@@ -56,6 +58,93 @@ async fn gemma3_270m_knows_the_capital_of_france() {
             .as_str()
             .unwrap()
             .contains("no chat template"),
+        "{v}"
+    );
+}
+
+async fn paris(client: &reqwest::Client, s: &Server, model: &str) -> serde_json::Value {
+    post_json(
+        client,
+        &format!("{}/v1/completions", s.url),
+        &json!({"model": model, "prompt": "Question: What is the capital of France?\nAnswer:",
+                "max_tokens": 2, "temperature": 0}),
+    )
+    .await
+}
+
+/// GGUF tiers have the MLX tiers' lifecycle (both run on the serving core's host): lazy load, the memory
+/// budget's reservation, idle keep-alive unload and a transparent reload; a model over the memory limit is
+/// refused before a byte is read and its requests fall back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget() {
+    let model = gemma3();
+    let cfg = format!(
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\npreload = false\n\
+         keep_alive_secs = 2\ncontext_length = 2048\n",
+        model.display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = crate::support::client();
+    let h = health(&s);
+    assert_eq!(tier(&h, "fast")["state"], "unloaded", "{h}");
+    assert_eq!(
+        h["memory"]["reserved_bytes"], 0,
+        "nothing loaded before the first request: {h}"
+    );
+    let v = paris(&client, &s, "fast").await;
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" Paris"),
+        "{v}"
+    );
+    let h = health(&s);
+    let fast = tier(&h, "fast");
+    assert_eq!(fast["state"], "ready", "{h}");
+    let footprint = fast["details"]["footprint_bytes"].as_u64().unwrap();
+    let file = std::fs::metadata(&model).unwrap().len();
+    assert!(
+        footprint > file,
+        "weights plus KV cache: {footprint} vs file {file}"
+    );
+    assert_eq!(h["memory"]["reserved_bytes"], footprint, "{h}");
+    wait_for("the idle unload", Duration::from_secs(30), || {
+        tier(&health(&s), "fast")["state"] == "unloaded"
+    });
+    assert_eq!(health(&s)["memory"]["reserved_bytes"], 0);
+    // Transparent reload, same answer.
+    let v = paris(&client, &s, "fast").await;
+    assert!(
+        v["choices"][0]["text"]
+            .as_str()
+            .unwrap()
+            .starts_with(" Paris"),
+        "{v}"
+    );
+    assert_eq!(tier(&health(&s), "fast")["state"], "ready");
+    drop(s);
+
+    // Over the limit: refused (not failed), and its requests fall back to the tier that fits.
+    let cfg = format!(
+        "[memory]\nlimit = \"64MiB\"\npressure = \"off\"\n\
+         [tiers.primary]\nmodel = \"{}\"\ncontext_length = 2048\n\
+         [tiers.fast]\nmodel = \"{}\"\ncontext_length = 512\n",
+        model.display(),
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let h = health(&s);
+    let primary = tier(&h, "primary");
+    assert_eq!(primary["state"], "unloaded", "{h}");
+    let err = primary["last_error"].as_str().unwrap();
+    assert!(err.contains("insufficient memory"), "{err}");
+    let v = paris(&client, &s, "primary").await;
+    assert_eq!(v["_routing"]["tier"], "fast", "{v}");
+    assert!(
+        v["_routing"]["fallback"]
+            .to_string()
+            .contains("insufficient memory"),
         "{v}"
     );
 }

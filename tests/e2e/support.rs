@@ -318,3 +318,23 @@ pub async fn post_sse(
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
 }
+
+/// A server's `/health` as JSON.
+pub fn health(s: &Server) -> serde_json::Value {
+    let (_, body) = ureq_get(&format!("{}/health", s.url)).unwrap();
+    serde_json::from_str(&body).unwrap()
+}
+
+/// One tier's backend object in a `/health` answer.
+pub fn tier(h: &serde_json::Value, t: &str) -> serde_json::Value {
+    h["tiers"][t]["backend"].clone()
+}
+
+/// Polls `f` every 50 ms until it holds; panics naming `what` after `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

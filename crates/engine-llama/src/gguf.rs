@@ -202,3 +202,108 @@ mod tests {
         let _ = std::fs::remove_file(&dir);
     }
 }
+
+/// The context a GGUF is served at: the configured one, else its training context capped at 32,768 tokens
+/// (to bound the KV cache), never above the training context.
+pub fn served_context(train: u32, configured: Option<u32>) -> u32 {
+    let train = train.max(1);
+    configured.unwrap_or(train.min(32768)).min(train)
+}
+
+/// Estimated bytes a GGUF takes once loaded at its served context: the weights (the file, mmap'd), the KV
+/// cache and llama.cpp's compute buffers. Reserved from the memory budget before loading.
+///
+/// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing with its defaults (F16 K and V, no
+/// `swa_full`): a full-attention layer holds `n_ctx` cells, a sliding-window layer `n_swa + n_ubatch`
+/// cells, and layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell holds
+/// `n_head_kv × (key_length + value_length)` F16 values. The sliding pattern is the GGUF's
+/// `sliding_window_pattern` where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`, and
+/// otherwise every layer full (an over- rather than under-estimate). The compute buffers are approximated as
+/// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus one row of logits.
+///
+/// Errors: the file cannot be read, or it lacks `general.architecture` / `<arch>.block_count`.
+pub fn footprint(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<u64> {
+    if !path.is_file() {
+        return Err(LlamaError::InvalidModel(format!(
+            "{}: no such GGUF file",
+            path.display()
+        )));
+    }
+    let meta = read_metadata(path)?;
+    let file_bytes = std::fs::metadata(path)
+        .map_err(|e| LlamaError::InvalidModel(format!("{}: {e}", path.display())))?
+        .len();
+    let Some(Value::Str(arch)) = meta.get("general.architecture") else {
+        return Err(LlamaError::InvalidModel(
+            "GGUF has no general.architecture".into(),
+        ));
+    };
+    let get = |k: &str| meta.get(&format!("{arch}.{k}"));
+    let int = |k: &str| match get(k) {
+        Some(Value::Int(v)) => Some(*v as u64),
+        _ => None,
+    };
+    // Some keys are per-layer arrays (Gemma 4's feed_forward_length, head_count_kv in some converters).
+    let int_at = |k: &str, layer: usize| match get(k) {
+        Some(Value::Int(v)) => Some(*v as u64),
+        Some(Value::Array(a)) => match a.get(layer) {
+            Some(Value::Int(v)) => Some(*v as u64),
+            _ => None,
+        },
+        _ => None,
+    };
+    let n_layer = int("block_count")
+        .ok_or_else(|| LlamaError::InvalidModel(format!("GGUF has no {arch}.block_count")))?
+        as usize;
+    let n_ctx = served_context(int("context_length").unwrap_or(4096) as u32, context_length) as u64;
+    let n_swa = int("attention.sliding_window");
+    let shared = int("attention.shared_kv_layers").unwrap_or(0) as usize;
+    let embd = int("embedding_length").unwrap_or(0);
+    let head_dim = embd / int("attention.head_count").unwrap_or(1).max(1);
+    let is_swa = |il: usize| match get("attention.sliding_window_pattern") {
+        Some(Value::Array(p)) => matches!(p.get(il), Some(Value::Bool(true))),
+        _ => n_swa.is_some() && arch == "gemma3" && !(il + 1).is_multiple_of(6),
+    };
+    let mut kv = 0u64;
+    let mut ff = 0u64;
+    for il in 0..n_layer {
+        ff = ff.max(int_at("feed_forward_length", il).unwrap_or(0));
+        if il >= n_layer.saturating_sub(shared) {
+            continue;
+        }
+        let swa = is_swa(il);
+        let (k_len, v_len) = if swa {
+            (
+                int("attention.key_length_swa").or(int("attention.key_length")),
+                int("attention.value_length_swa").or(int("attention.value_length")),
+            )
+        } else {
+            (int("attention.key_length"), int("attention.value_length"))
+        };
+        let cells = match (swa, n_swa) {
+            (true, Some(w)) => (w + n_ubatch as u64).min(n_ctx),
+            _ => n_ctx,
+        };
+        let heads = int_at("attention.head_count_kv", il).unwrap_or(1);
+        kv += cells * heads * (k_len.unwrap_or(head_dim) + v_len.unwrap_or(head_dim)) * 2;
+    }
+    let n_vocab = match meta.get("tokenizer.ggml.tokens") {
+        Some(Value::Array(t)) => t.len() as u64,
+        _ => 0,
+    };
+    let compute = n_ubatch as u64 * embd.max(ff) * 4 * 8 + n_vocab * 4;
+    Ok(file_bytes + kv + compute)
+}
+
+#[cfg(test)]
+mod footprint_tests {
+    use super::*;
+
+    #[test]
+    fn served_context_caps_at_32k_and_the_training_context() {
+        assert_eq!(served_context(131072, None), 32768);
+        assert_eq!(served_context(2048, None), 2048);
+        assert_eq!(served_context(2048, Some(4096)), 2048);
+        assert_eq!(served_context(131072, Some(1000)), 1000);
+    }
+}

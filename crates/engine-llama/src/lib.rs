@@ -15,13 +15,15 @@ pub mod gguf;
 use std::num::NonZeroU32;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use jemma_chat::answer::Answer;
+use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::tools::Event as ParseEvent;
+use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -101,6 +103,12 @@ pub struct LlamaConfig {
     pub queue_capacity: usize,
     /// Events buffered per request.
     pub event_buffer: usize,
+    /// Release the model after this long without a request (None: keep it loaded).
+    pub keep_alive: Option<Duration>,
+    /// Load at start (true) or at the first request (false).
+    pub preload: bool,
+    /// The process-wide memory budget the model's footprint is reserved from (None: no check).
+    pub memory: Option<Arc<jemma_serve::memory::MemoryGovernor>>,
 }
 
 impl LlamaConfig {
@@ -116,6 +124,9 @@ impl LlamaConfig {
             batch_size: 512,
             queue_capacity: 16,
             event_buffer: 64,
+            keep_alive: None,
+            preload: true,
+            memory: None,
         }
     }
 }
@@ -207,80 +218,35 @@ pub struct Summary {
 /// What a request produces, in order (shared with the MLX engine).
 pub type Event = jemma_chat::event::Event<Summary>;
 
-/// Life-cycle of the engine.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum EngineState {
-    /// Loading (share of the file read).
-    Loading {
-        /// 0 to 1.
-        progress: f32,
-    },
-    /// Serving.
-    Ready,
-    /// Loading failed.
-    Failed {
-        /// Why.
-        error: String,
-    },
-}
+/// Life-cycle of the engine (the serving core's).
+pub use jemma_serve::host::{EngineState, SubmitError};
 
-/// Figures for `/health` and the tray.
+/// The llama.cpp engine's own figures in its status.
 #[derive(Debug, Clone, Serialize)]
-pub struct EngineStatus {
-    /// State.
-    #[serde(flatten)]
-    pub state: EngineState,
-    /// Model name.
-    pub model: String,
+pub struct LlamaInfo {
     /// GGUF path.
     pub model_path: PathBuf,
-    /// Context length served.
-    pub context_length: usize,
     /// Layers offloaded to a GPU.
     pub gpu_layers: u32,
     /// Decode threads.
     pub threads: i32,
     /// Model size in bytes.
     pub model_bytes: u64,
-    /// Requests completed.
-    pub requests: u64,
-    /// Tokens generated in total.
-    pub generated_tokens: u64,
-    /// Decode speed of the last request.
-    pub last_decode_tps: f64,
-    /// Prefill speed of the last request.
-    pub last_prefill_tps: f64,
-    /// Requests waiting or running.
-    pub queued: usize,
+    /// Estimated footprint at the served context (weights + KV cache + compute buffers), bytes.
+    pub footprint_bytes: Option<u64>,
 }
 
-/// Submitting failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// The queue is full.
-    #[error("the model queue is full")]
-    QueueFull,
-    /// Not serving.
-    #[error("the engine is not available: {0}")]
-    Unavailable(String),
-}
+/// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
+pub type EngineStatus = jemma_serve::host::Status<LlamaInfo>;
 
-struct Job {
-    request: Request,
-    events: mpsc::Sender<Event>,
-}
-
-/// A clonable handle to the llama.cpp model thread.
+/// A clonable handle to the llama.cpp model thread (the serving core's host running the llama.cpp runner).
 #[derive(Clone)]
 pub struct LlamaEngine {
-    jobs: mpsc::Sender<Job>,
-    status: Arc<Mutex<EngineStatus>>,
-    event_buffer: usize,
+    host: Host<LlamaRunner>,
 }
 
 impl LlamaEngine {
-    /// Starts the model thread; the GGUF loads in the background.
+    /// Starts the model thread; with `preload` the GGUF loads in the background.
     pub fn start(config: LlamaConfig) -> Result<Self> {
         let name = config.name.clone().unwrap_or_else(|| {
             config
@@ -289,78 +255,46 @@ impl LlamaEngine {
                 .map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_default()
         });
-        let status = Arc::new(Mutex::new(EngineStatus {
-            state: EngineState::Loading { progress: 0.0 },
-            model: name,
+        let threads = config.threads.unwrap_or_else(default_threads);
+        let info = LlamaInfo {
             model_path: config.model_path.clone(),
-            context_length: 0,
             gpu_layers: 0,
-            threads: config.threads.unwrap_or_else(default_threads),
+            threads,
             model_bytes: 0,
-            requests: 0,
-            generated_tokens: 0,
-            last_decode_tps: 0.0,
-            last_prefill_tps: 0.0,
-            queued: 0,
-        }));
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let st = status.clone();
-        let event_buffer = config.event_buffer.max(1);
-        std::thread::Builder::new()
-            .name("jemma-llama".into())
-            .spawn(move || model_thread(config, rx, st))
+            footprint_bytes: None,
+        };
+        let host_config = HostConfig {
+            name,
+            thread_name: "jemma-llama".into(),
+            queue_capacity: config.queue_capacity,
+            event_buffer: config.event_buffer,
+            keep_alive: config.keep_alive,
+            preload: config.preload,
+            memory: config.memory.clone(),
+        };
+        let host = Host::start(host_config, LlamaRunner { config, threads }, info)
             .map_err(|e| LlamaError::Runtime(format!("cannot start the model thread: {e}")))?;
-        Ok(Self {
-            jobs: tx,
-            status,
-            event_buffer,
-        })
+        Ok(Self { host })
     }
 
     /// A snapshot of the state and figures.
     pub fn status(&self) -> EngineStatus {
-        let mut s = self
-            .status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
-        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
-        s
+        self.host.status()
     }
 
     /// Queues a request; dropping the receiver cancels it.
     pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
-        match self.status().state {
-            EngineState::Ready => {}
-            EngineState::Loading { .. } => {
-                return Err(SubmitError::Unavailable("model is loading".into()));
-            }
-            EngineState::Failed { error } => return Err(SubmitError::Unavailable(error)),
-        }
-        let (etx, erx) = mpsc::channel(self.event_buffer);
-        self.jobs
-            .try_send(Job {
-                request,
-                events: etx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => {
-                    SubmitError::Unavailable("engine thread stopped".into())
-                }
-            })?;
-        Ok(erx)
+        self.host.submit(request)
     }
 
-    /// Waits (blocking) until loaded or failed; for CLIs and tests.
+    /// Resolves when the model thread has ended and the model's memory is released.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.host.stopped()
+    }
+
+    /// Waits (blocking) until loaded (or ready to load lazily) or failed; for CLIs and tests.
     pub fn wait_ready(&self) -> Result<()> {
-        loop {
-            match self.status().state {
-                EngineState::Ready => return Ok(()),
-                EngineState::Failed { error } => return Err(LlamaError::InvalidModel(error)),
-                EngineState::Loading { .. } => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        self.host.wait_ready().map_err(LlamaError::InvalidModel)
     }
 }
 
@@ -417,8 +351,7 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
         Err(_) => None,
     };
     check_turn_markers(&model, &config.model_path)?;
-    let train = model.n_ctx_train().max(1);
-    let n_ctx = config.context_length.unwrap_or(train.min(32768)).min(train);
+    let n_ctx = gguf::served_context(model.n_ctx_train(), config.context_length);
     Ok(Loaded {
         model,
         template,
@@ -453,101 +386,106 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
-type StatusSet<'a> = dyn Fn(&dyn Fn(&mut EngineStatus)) + 'a;
+/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell).
+struct Serving(SessionCell);
 
-fn model_thread(
+type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
+
+self_cell::self_cell!(
+    struct SessionCell {
+        owner: Loaded,
+        #[covariant]
+        dependent: Context,
+    }
+);
+
+/// The llama.cpp engine as the serving core drives it.
+struct LlamaRunner {
     config: LlamaConfig,
-    mut jobs: mpsc::Receiver<Job>,
-    status: Arc<Mutex<EngineStatus>>,
-) {
-    let set: &StatusSet<'_> = &|f| {
-        if let Ok(mut s) = status.lock() {
-            f(&mut s);
-        }
-    };
-    let st = status.clone();
-    let loaded = load(&config, move |p| {
-        if let Ok(mut s) = st.lock() {
-            s.state = EngineState::Loading { progress: p };
-        }
-        true
-    });
-    let loaded = match loaded {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!(model = %config.model_path.display(), error = %e, "model failed to load");
-            let msg = e.to_string();
-            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
-            return;
-        }
-    };
-    let threads = config.threads.unwrap_or_else(default_threads);
-    let batch_threads = config
-        .batch_threads
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
-    let ctx_params = LlamaContextParams::default()
-        .with_n_ctx(NonZeroU32::new(loaded.n_ctx))
-        .with_n_batch(config.batch_size)
-        .with_n_ubatch(config.batch_size)
-        .with_n_threads(threads)
-        .with_n_threads_batch(batch_threads);
-    let backend = match backend() {
-        Ok(b) => b,
-        Err(e) => {
-            let msg = e.to_string();
-            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
-            return;
-        }
-    };
-    let mut ctx = match loaded.model.new_context(backend, ctx_params) {
-        Ok(c) => c,
-        Err(e) => {
-            let msg = format!("creating the context ({} tokens): {e}", loaded.n_ctx);
-            set(&|s| s.state = EngineState::Failed { error: msg.clone() });
-            return;
-        }
-    };
-    let gpu = config
-        .gpu_layers
-        .unwrap_or(if GPU_OFFLOAD {
-            loaded.model.n_layer()
-        } else {
-            0
+    threads: i32,
+}
+
+impl ModelRunner for LlamaRunner {
+    type Model = Serving;
+    type Request = Request;
+    type Summary = Summary;
+    type Info = LlamaInfo;
+
+    fn plan(&mut self, info: &mut LlamaInfo) -> Result<Option<u64>, LoadError> {
+        let bytes = gguf::footprint(
+            &self.config.model_path,
+            self.config.context_length,
+            self.config.batch_size,
+        )
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        info.footprint_bytes = Some(bytes);
+        Ok(Some(bytes))
+    }
+
+    fn load(
+        &mut self,
+        progress: &Progress,
+        info: &mut LlamaInfo,
+    ) -> Result<(Serving, usize), LoadError> {
+        let progress = progress.clone();
+        let loaded = load(&self.config, move |p| {
+            progress(p);
+            true
         })
-        .min(loaded.model.n_layer());
-    let bytes = loaded.model.size();
-    tracing::info!(model = %config.model_path.display(), n_ctx = loaded.n_ctx, threads, gpu_layers = gpu, "model loaded");
-    set(&|s| {
-        s.state = EngineState::Ready;
-        s.context_length = loaded.n_ctx as usize;
-        s.gpu_layers = gpu;
-        s.threads = threads;
-        s.model_bytes = bytes;
-    });
-    while let Some(job) = jobs.blocking_recv() {
-        let started = Instant::now();
-        match run_job(&loaded, &mut ctx, &job, config.batch_size as usize) {
-            Ok(summary) => {
-                tracing::info!(
-                    prompt_tokens = summary.prompt_tokens,
-                    completion_tokens = summary.completion_tokens,
-                    prefill_tps = format!("{:.1}", summary.prefill_tps),
-                    decode_tps = format!("{:.1}", summary.decode_tps),
-                    ms = started.elapsed().as_millis() as u64,
-                    "request done"
-                );
-                set(&|s| {
-                    s.requests += 1;
-                    s.generated_tokens += summary.completion_tokens as u64;
-                    s.last_decode_tps = summary.decode_tps;
-                    s.last_prefill_tps = summary.prefill_tps;
-                });
-                let _ = job.events.blocking_send(Event::Done(summary));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request failed");
-                let _ = job.events.blocking_send(Event::Error(e.into()));
-            }
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        let threads = self.threads;
+        let batch_threads = self
+            .config
+            .batch_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(loaded.n_ctx))
+            .with_n_batch(self.config.batch_size)
+            .with_n_ubatch(self.config.batch_size)
+            .with_n_threads(threads)
+            .with_n_threads_batch(batch_threads);
+        let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
+        let n_ctx = loaded.n_ctx;
+        let gpu = self
+            .config
+            .gpu_layers
+            .unwrap_or(if GPU_OFFLOAD {
+                loaded.model.n_layer()
+            } else {
+                0
+            })
+            .min(loaded.model.n_layer());
+        let bytes = loaded.model.size();
+        let cell = SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params))
+            .map_err(|e| {
+                LoadError::Failed(format!("creating the context ({n_ctx} tokens): {e}"))
+            })?;
+        tracing::info!(model = %self.config.model_path.display(), n_ctx, threads, gpu_layers = gpu, "GGUF loaded");
+        info.gpu_layers = gpu;
+        info.threads = threads;
+        info.model_bytes = bytes;
+        Ok((Serving(cell), n_ctx as usize))
+    }
+
+    fn run(
+        &mut self,
+        model: &mut Serving,
+        request: Request,
+        _context_length: usize,
+        events: &mpsc::Sender<Event>,
+    ) -> Result<Summary, EngineFailure> {
+        let batch = self.config.batch_size as usize;
+        model
+            .0
+            .with_dependent_mut(|loaded, ctx| run_job(loaded, ctx, &request, events, batch))
+            .map_err(Into::into)
+    }
+
+    fn tally(s: &Summary) -> Tally {
+        Tally {
+            completion_tokens: s.completion_tokens,
+            prefill_tps: s.prefill_tps,
+            decode_tps: s.decode_tps,
         }
     }
 }
@@ -722,10 +660,10 @@ impl Utf8Stream {
 fn run_job(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    job: &Job,
+    req: &Request,
+    events: &mpsc::Sender<Event>,
     batch_size: usize,
 ) -> Result<Summary> {
-    let req = &job.request;
     let ids = loaded.prompt_ids(&req.prompt)?;
     if ids.is_empty() {
         return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
@@ -748,7 +686,6 @@ fn run_job(
             req.max_tokens
         )));
     }
-    let events = &job.events;
     let t0 = Instant::now();
     let mut batch = prefill(ctx, &ids, batch_size)?;
     let prefill_time = t0.elapsed();

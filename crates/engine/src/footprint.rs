@@ -65,14 +65,7 @@ impl Footprint {
     }
 }
 
-/// `n` bytes as "x.y GiB" (or MiB below one GiB) for messages.
-pub fn gib(n: u64) -> String {
-    if n >= 1 << 30 {
-        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
-    } else {
-        format!("{:.0} MiB", n as f64 / (1u64 << 20) as f64)
-    }
-}
+pub use jemma_serve::memory::gib;
 
 /// Bytes per element of an activation dtype.
 pub fn dtype_bytes(d: mlx_rs::Dtype) -> u64 {

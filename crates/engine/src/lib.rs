@@ -11,7 +11,6 @@ pub mod device;
 pub mod error;
 pub mod footprint;
 pub mod generate;
-pub mod memory;
 pub mod models;
 pub mod nn;
 pub mod runtime;
@@ -20,3 +19,5 @@ pub mod tokenizer;
 
 pub use error::{EngineError, Result};
 pub use jemma_chat::{template, tools};
+/// The process-wide memory budget (in the serving core, shared with the llama.cpp engine).
+pub use jemma_serve::memory;

@@ -4,8 +4,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use mlx_rs::Dtype;
 use serde::Serialize;
@@ -21,7 +20,9 @@ use crate::tokenizer::Tokenizer;
 use crate::tools::Event as ParseEvent;
 use crate::{EngineError, Result};
 use jemma_chat::answer::Answer;
+use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::TokenLogprob;
+use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -74,61 +75,28 @@ pub struct Summary {
     pub decode_tps: f64,
 }
 
-/// Life-cycle of the engine host.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum EngineState {
-    /// Loading weights.
-    Loading {
-        /// Share of weight bytes read (0 to 1).
-        progress: f32,
-    },
-    /// Serving.
-    Ready,
-    /// Weights released after the idle keep-alive; the next request reloads them.
-    Unloaded,
-    /// Loading failed.
-    Failed {
-        /// Why.
-        error: String,
-    },
-}
+/// Life-cycle of the engine host (the serving core's).
+pub use jemma_serve::host::{EngineState, SubmitError};
 
-/// Live figures for `/health`, `/metrics` and the tray.
+/// The MLX engine's own figures in its status.
 #[derive(Debug, Clone, Serialize)]
-pub struct EngineStatus {
-    /// State.
-    #[serde(flatten)]
-    pub state: EngineState,
+pub struct MlxInfo {
     /// Model directory.
     pub model_dir: PathBuf,
-    /// Model name (directory name).
-    pub model: String,
     /// Load report, once loaded.
     pub load: Option<LoadReport>,
-    /// Requests completed.
-    pub requests: u64,
-    /// Tokens generated in total.
-    pub generated_tokens: u64,
-    /// Decode speed of the last request.
-    pub last_decode_tps: f64,
-    /// Prefill speed of the last request.
-    pub last_prefill_tps: f64,
-    /// Requests waiting or running.
-    pub queued: usize,
     /// MLX memory.
     pub memory: MlxMemory,
     /// Resident memory of the whole process.
     pub process_rss_bytes: u64,
     /// Device.
     pub device: DeviceKind,
-    /// Context length served (the configured one, else the model's).
-    pub context_length: usize,
-    /// Estimated footprint of the model at that context (once estimated).
+    /// Estimated footprint of the model at the served context (once estimated).
     pub footprint: Option<crate::footprint::Footprint>,
-    /// The last load problem (e.g. a refusal for lack of memory); cleared by a successful load.
-    pub last_error: Option<String>,
 }
+
+/// Live figures for `/health`, `/metrics` and the tray: the serving core's, with [`MlxInfo`] flattened in.
+pub type EngineStatus = jemma_serve::host::Status<MlxInfo>;
 
 /// Settings of an engine host.
 #[derive(Debug, Clone)]
@@ -171,92 +139,56 @@ impl EngineConfig {
     }
 }
 
-struct Job {
-    request: Request,
-    events: mpsc::Sender<Event>,
-}
-
-/// A cheap, clonable handle to the engine thread.
+/// A cheap, clonable handle to the engine thread (the serving core's host running [`MlxRunner`]).
 #[derive(Clone)]
 pub struct Engine {
-    jobs: mpsc::Sender<Job>,
-    status: Arc<Mutex<EngineStatus>>,
-    event_buffer: usize,
-    /// Becomes true when the engine thread has ended (its memory is released).
-    stopped: tokio::sync::watch::Receiver<bool>,
-}
-
-/// Submitting failed.
-#[derive(Debug, thiserror::Error)]
-pub enum SubmitError {
-    /// The queue is full: try later (HTTP 429).
-    #[error("the model queue is full")]
-    QueueFull,
-    /// The engine is not serving (still loading, failed, or shut down).
-    #[error("the engine is not available: {0}")]
-    Unavailable(String),
+    host: Host<MlxRunner>,
 }
 
 impl Engine {
     /// Starts the engine thread; the model loads in the background (see [`Engine::status`]).
     pub fn start(config: EngineConfig) -> Result<Self> {
         let device = select_device()?;
-        let status = Arc::new(Mutex::new(EngineStatus {
-            state: if config.preload {
-                EngineState::Loading { progress: 0.0 }
-            } else {
-                EngineState::Unloaded
-            },
-            model: config.name.clone().unwrap_or_else(|| {
-                config
-                    .model_dir
-                    .file_name()
-                    .map(|s| s.to_string_lossy().into_owned())
-                    .unwrap_or_default()
-            }),
+        let name = config.name.clone().unwrap_or_else(|| {
+            config
+                .model_dir
+                .file_name()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        let info = MlxInfo {
             model_dir: config.model_dir.clone(),
             load: None,
-            requests: 0,
-            generated_tokens: 0,
-            last_decode_tps: 0.0,
-            last_prefill_tps: 0.0,
-            queued: 0,
             memory: MlxMemory::default(),
             process_rss_bytes: 0,
             device,
-            context_length: 0,
             footprint: None,
-            last_error: None,
-        }));
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
-        let st = status.clone();
-        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
-        std::thread::Builder::new()
-            .name("jemma-mlx".into())
-            .spawn(move || {
-                engine_thread(config, device, rx, st);
-                let _ = stopped_tx.send(true);
-            })
-            .map_err(|e| {
-                EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
-            })?;
-        Ok(Self {
-            jobs: tx,
-            status,
-            event_buffer: 64,
-            stopped,
-        })
+        };
+        let host_config = HostConfig {
+            // The memory budget's ledger names engines by directory (two tiers may share a model name).
+            name: name.clone(),
+            thread_name: "jemma-mlx".into(),
+            queue_capacity: config.queue_capacity,
+            event_buffer: config.event_buffer,
+            keep_alive: config.keep_alive,
+            preload: config.preload,
+            memory: config.memory.clone(),
+        };
+        let runner = MlxRunner {
+            dtype: config.dtype.or(default_dtype(device)),
+            device,
+            config,
+        };
+        let host = Host::start(host_config, runner, info).map_err(|e| {
+            EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
+        })?;
+        Ok(Self { host })
     }
 
     /// A snapshot of the engine's state and figures (never blocks on the model thread).
     pub fn status(&self) -> EngineStatus {
-        let mut s = self
-            .status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
-        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
-        s.process_rss_bytes = crate::device::process_rss_bytes();
+        let mut s = self.host.status();
+        s.info.process_rss_bytes = crate::device::process_rss_bytes();
         s
     }
 
@@ -265,48 +197,18 @@ impl Engine {
         &self,
         request: Request,
     ) -> std::result::Result<mpsc::Receiver<Event>, SubmitError> {
-        match &self.status().state {
-            EngineState::Ready | EngineState::Unloaded => {}
-            EngineState::Loading { .. } => {
-                return Err(SubmitError::Unavailable("model is loading".into()));
-            }
-            EngineState::Failed { error } => return Err(SubmitError::Unavailable(error.clone())),
-        }
-        let (etx, erx) = mpsc::channel(self.event_buffer);
-        self.jobs
-            .try_send(Job {
-                request,
-                events: etx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => {
-                    SubmitError::Unavailable("engine thread stopped".into())
-                }
-            })?;
-        Ok(erx)
+        self.host.submit(request)
     }
 
     /// Resolves when the engine thread has ended: every handle was dropped, the requests it had accepted
     /// are answered, and the model's memory is released.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let mut rx = self.stopped.clone();
-        async move {
-            let _ = rx.wait_for(|s| *s).await;
-        }
+        self.host.stopped()
     }
 
     /// Waits (blocking) until the model is loaded or failed; for CLIs and tests.
     pub fn wait_ready(&self) -> Result<()> {
-        loop {
-            match self.status().state {
-                EngineState::Ready | EngineState::Unloaded => return Ok(()),
-                EngineState::Failed { error } => return Err(EngineError::InvalidModel(error)),
-                EngineState::Loading { .. } => {
-                    std::thread::sleep(std::time::Duration::from_millis(20))
-                }
-            }
-        }
+        self.host.wait_ready().map_err(EngineError::InvalidModel)
     }
 }
 
@@ -413,204 +315,93 @@ impl ModelBundle {
     }
 }
 
-/// Applies an update to the shared status.
-type StatusSetter<'a> = dyn Fn(&dyn Fn(&mut EngineStatus)) + 'a;
-
-fn engine_thread(
+/// The MLX engine as the serving core drives it: Gemma 4 on mlx-rs, one request at a time.
+struct MlxRunner {
     config: EngineConfig,
     device: DeviceKind,
-    mut jobs: mpsc::Receiver<Job>,
-    status: Arc<Mutex<EngineStatus>>,
-) {
-    mlx_rs::Device::set_default(&device.device());
-    let set = |f: &dyn Fn(&mut EngineStatus)| {
-        if let Ok(mut s) = status.lock() {
-            f(&mut s);
-        }
-    };
-    let dtype = config.dtype.or(default_dtype(device));
-    let name = config.model_dir.display().to_string();
-    let memory = config.memory.as_ref().map(|g| g.register(&name));
-    let load = |set: &StatusSetter<'_>| -> Result<ModelBundle> {
-        // Estimate and reserve before reading a byte: refusing is better than swapping the machine to death.
-        let elem = dtype.map(crate::footprint::dtype_bytes);
+    dtype: Option<Dtype>,
+}
+
+impl ModelRunner for MlxRunner {
+    type Model = ModelBundle;
+    type Request = Request;
+    type Summary = Summary;
+    type Info = MlxInfo;
+
+    fn init(&mut self) {
+        mlx_rs::Device::set_default(&self.device.device());
+    }
+
+    fn plan(&mut self, info: &mut MlxInfo) -> std::result::Result<Option<u64>, LoadError> {
         let fp = crate::footprint::estimate(
-            &config.model_dir,
-            elem,
-            config.context_length,
+            &self.config.model_dir,
+            self.dtype.map(crate::footprint::dtype_bytes),
+            self.config.context_length,
             crate::generate::DEFAULT_PREFILL_STEP,
             Some(crate::generate::DEFAULT_ATTENTION_BUDGET),
-        )?;
-        set(&|s| {
-            s.footprint = Some(fp);
-            s.context_length = fp.context_length;
-        });
-        if let Some(h) = &memory {
-            // The process's own overhead is already in use; only the model's memory is new.
-            h.reserve(fp.device_bytes(), &format!("model {name}"))
-                .map_err(|e| EngineError::InsufficientMemory(e.0))?;
+        )
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        info.footprint = Some(fp);
+        // The process's own overhead is already in use; only the model's memory is new.
+        Ok(Some(fp.device_bytes()))
+    }
+
+    fn load(
+        &mut self,
+        progress: &Progress,
+        info: &mut MlxInfo,
+    ) -> std::result::Result<(ModelBundle, usize), LoadError> {
+        let l = ModelBundle::load_with_progress(&self.config.model_dir, self.dtype, &mut |p| {
+            progress(p)
+        })
+        .map_err(|e| match e {
+            EngineError::InsufficientMemory(_) => LoadError::Refused(e.to_string()),
+            e => LoadError::Failed(e.to_string()),
+        })?;
+        tracing::info!(tensors = l.report.tensors, dtype = %l.report.dtype, "MLX model loaded");
+        info.load = Some(l.report.clone());
+        let ctx = self
+            .config
+            .context_length
+            .map_or(l.context_length(), |c| c.min(l.context_length()));
+        Ok((l, ctx))
+    }
+
+    fn run(
+        &mut self,
+        model: &mut ModelBundle,
+        request: Request,
+        context_length: usize,
+        events: &mpsc::Sender<Event>,
+    ) -> std::result::Result<Summary, EngineFailure> {
+        run_job(model, &request, events, context_length).map_err(Into::into)
+    }
+
+    fn tally(s: &Summary) -> Tally {
+        Tally {
+            completion_tokens: s.stats.completion_tokens,
+            prefill_tps: s.prefill_tps,
+            decode_tps: s.decode_tps,
         }
-        set(&|s| s.state = EngineState::Loading { progress: 0.0 });
-        let mut progress = |p: f32| set(&|s| s.state = EngineState::Loading { progress: p });
-        let loaded = ModelBundle::load_with_progress(&config.model_dir, dtype, &mut progress);
-        if loaded.is_err()
-            && let Some(h) = &memory
-        {
-            h.release();
-        }
-        loaded
-    };
-    let try_load = |set: &StatusSetter<'_>, first: bool| -> Option<ModelBundle> {
-        match load(set) {
-            Ok(l) => {
-                let report = l.report.clone();
-                tracing::info!(model = %name, tensors = report.tensors, dtype = %report.dtype, "model loaded");
-                let ctx = config
-                    .context_length
-                    .map_or(l.context_length(), |c| c.min(l.context_length()));
-                set(&|s| {
-                    s.state = EngineState::Ready;
-                    s.load = Some(report.clone());
-                    s.context_length = ctx;
-                    s.memory = mlx_memory();
-                    s.last_error = None;
-                });
-                Some(l)
-            }
-            Err(e) => {
-                tracing::error!(model = %name, error = %e, "model failed to load");
-                let msg = e.to_string();
-                // A refusal for memory is retried at the next request (memory may have been freed by
-                // then); a broken model directory stays failed.
-                let retry = matches!(e, EngineError::InsufficientMemory(_)) || !first;
-                set(&|s| {
-                    s.last_error = Some(msg.clone());
-                    s.state = if retry {
-                        EngineState::Unloaded
-                    } else {
-                        EngineState::Failed { error: msg.clone() }
-                    };
-                });
-                None
-            }
-        }
-    };
-    let unload = |loaded: &mut Option<ModelBundle>, why: &str| {
-        *loaded = None;
+    }
+
+    fn refresh(&mut self, info: &mut MlxInfo) {
+        info.memory = mlx_memory();
+    }
+
+    fn unload(&mut self, model: ModelBundle) {
+        drop(model);
+        // MLX keeps freed buffers in its cache: hand them back to the system.
         let _ = mlx_rs::memory::clear_cache();
-        if let Some(h) = &memory {
-            h.release();
-        }
-        tracing::info!(model = %name, why, "model unloaded");
-        set(&|s| {
-            s.state = EngineState::Unloaded;
-            s.memory = mlx_memory();
-        });
-    };
-    let mut loaded = None;
-    if config.preload {
-        loaded = try_load(&set, true);
-        if loaded.is_none()
-            && matches!(
-                status.lock().map(|s| s.state.clone()),
-                Ok(EngineState::Failed { .. })
-            )
-        {
-            return;
-        }
-    }
-    loop {
-        let watch = config.keep_alive.is_some() || memory.is_some();
-        let job = if loaded.is_some() && watch {
-            // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
-            let idle_since = Instant::now();
-            if let Some(h) = &memory {
-                h.set_idle(true);
-            }
-            loop {
-                match jobs.try_recv() {
-                    Ok(j) => break Some(j),
-                    Err(mpsc::error::TryRecvError::Disconnected) => break None,
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        let expired = config.keep_alive.is_some_and(|k| idle_since.elapsed() >= k);
-                        let pressed = memory.as_ref().is_some_and(|h| h.unload_requested());
-                        if expired || pressed {
-                            unload(
-                                &mut loaded,
-                                if pressed {
-                                    "memory pressure"
-                                } else {
-                                    "idle keep-alive"
-                                },
-                            );
-                            break jobs.blocking_recv();
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(25))
-                    }
-                }
-            }
-        } else {
-            jobs.blocking_recv()
-        };
-        let Some(job) = job else { break };
-        if let Some(h) = &memory {
-            h.set_idle(false);
-        }
-        if loaded.is_none() {
-            // Lazy first load, or a transparent reload after an unload.
-            loaded = try_load(&set, false);
-            if loaded.is_none() {
-                let why = status
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.last_error.clone())
-                    .unwrap_or_else(|| "the model failed to load".into());
-                let _ = job
-                    .events
-                    .blocking_send(Event::Error(jemma_chat::event::EngineFailure::Fault(why)));
-                continue;
-            }
-        }
-        let Some(bundle) = loaded.as_ref() else {
-            continue;
-        };
-        let started = Instant::now();
-        let ctx = status.lock().map(|s| s.context_length).unwrap_or(0);
-        let result = run_job(bundle, &job, ctx);
-        match result {
-            Ok(summary) => {
-                let st = &summary.stats;
-                tracing::info!(
-                    prompt_tokens = st.prompt_tokens,
-                    completion_tokens = st.completion_tokens,
-                    prefill_tps = format!("{:.1}", summary.prefill_tps),
-                    decode_tps = format!("{:.1}", summary.decode_tps),
-                    finish = ?st.finish_reason,
-                    ms = started.elapsed().as_millis() as u64,
-                    "request done"
-                );
-                set(&|s| {
-                    s.requests += 1;
-                    s.generated_tokens += summary.stats.completion_tokens as u64;
-                    s.last_decode_tps = summary.decode_tps;
-                    s.last_prefill_tps = summary.prefill_tps;
-                    s.memory = summary.memory;
-                });
-                let _ = job.events.blocking_send(Event::Done(summary));
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request failed");
-                let _ = job.events.blocking_send(Event::Error(e.into()));
-            }
-        }
-    }
-    if let Some(h) = &memory {
-        h.release();
     }
 }
 
-fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
-    let req = &job.request;
+fn run_job(
+    l: &ModelBundle,
+    req: &Request,
+    events: &mpsc::Sender<Event>,
+    ctx: usize,
+) -> Result<Summary> {
     let ids = l.prompt_ids(&req.prompt)?;
     let ctx = if ctx == 0 { l.context_length() } else { ctx };
     if ids.len() + req.options.max_tokens > ctx {
@@ -620,8 +411,7 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
             req.options.max_tokens
         )));
     }
-    if job
-        .events
+    if events
         .blocking_send(Event::Started {
             prompt_tokens: ids.len(),
         })
@@ -639,7 +429,6 @@ fn run_job(l: &ModelBundle, job: &Job, ctx: usize) -> Result<Summary> {
     let mut decoder = l.tokenizer.stream();
     let mut answer = Answer::new(&req.stop, req.parse_output);
     let mut failed: Option<EngineError> = None;
-    let events = &job.events;
     let send = |evs: Vec<ParseEvent>| {
         evs.into_iter()
             .all(|e| events.blocking_send(e.into()).is_ok())

@@ -59,13 +59,13 @@ fn idle_keep_alive_unloads_and_the_next_request_reloads() {
     let engine = Engine::start(cfg).unwrap();
     engine.wait_ready().unwrap();
     assert_eq!(run(&engine, 4), 4);
-    let loaded_bytes = engine.status().memory.active_bytes;
+    let loaded_bytes = engine.status().info.memory.active_bytes;
     assert!(
         loaded_bytes > 1_000_000,
         "weights are in MLX memory: {loaded_bytes}"
     );
     wait_for(&engine, "unload", |s| *s == EngineState::Unloaded);
-    let unloaded = engine.status().memory.active_bytes;
+    let unloaded = engine.status().info.memory.active_bytes;
     assert!(
         unloaded < loaded_bytes / 10,
         "MLX memory released: {loaded_bytes} → {unloaded}"

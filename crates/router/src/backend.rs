@@ -241,6 +241,41 @@ pub fn pump<E: Send + 'static>(
     rx
 }
 
+/// An in-process engine's health from the serving core's status: the lifecycle mapped to [`BackendState`]
+/// (an unloaded model still serves: the next request reloads it), with the engine's own figures in
+/// `details`.
+#[cfg(feature = "local")]
+pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> BackendHealth {
+    use jemma_serve::host::EngineState;
+    let (state, err) = match &s.state {
+        EngineState::Loading { progress } => (
+            BackendState::Loading {
+                progress: *progress,
+            },
+            None,
+        ),
+        EngineState::Ready => (BackendState::Ready, None),
+        EngineState::Unloaded => (BackendState::Unloaded, s.last_error.clone()),
+        EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
+    };
+    let mut details = details;
+    if let Some(d) = details.as_object_mut() {
+        d.insert("requests".into(), json!(s.requests));
+        d.insert("generated_tokens".into(), json!(s.generated_tokens));
+        d.insert("queued".into(), json!(s.queued));
+        d.insert("prefill_tps".into(), json!(s.last_prefill_tps));
+    }
+    BackendHealth {
+        state,
+        model: s.model.clone(),
+        model_loaded: matches!(s.state, EngineState::Ready),
+        tokens_per_second: s.last_decode_tps,
+        last_error: err,
+        context_length: (s.context_length > 0).then_some(s.context_length),
+        details,
+    }
+}
+
 /// How an in-process engine's request ended, read off its summary.
 pub struct Finished {
     /// Generated tokens.

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, pump_engine,
+    Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_health, pump_engine,
     sampling_of, with_continuation,
 };
 
@@ -72,35 +72,17 @@ impl Backend for LlamaBackend {
     }
 
     fn health(&self) -> BackendHealth {
-        use jemma_engine_llama::EngineState;
         let s = self.engine.status();
-        let (state, err) = match &s.state {
-            EngineState::Loading { progress } => (
-                BackendState::Loading {
-                    progress: *progress,
-                },
-                None,
-            ),
-            EngineState::Ready => (BackendState::Ready, None),
-            EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
-        };
-        BackendHealth {
-            state,
-            model: s.model.clone(),
-            model_loaded: matches!(s.state, EngineState::Ready),
-            tokens_per_second: s.last_decode_tps,
-            last_error: err,
-            context_length: (s.context_length > 0).then_some(s.context_length),
-            details: json!({
+        let i = &s.info;
+        engine_health(
+            &s,
+            json!({
                 "engine": "llama.cpp",
-                "gpu_layers": s.gpu_layers,
-                "threads": s.threads,
-                "model_bytes": s.model_bytes,
-                "requests": s.requests,
-                "generated_tokens": s.generated_tokens,
-                "queued": s.queued,
-                "prefill_tps": s.last_prefill_tps,
+                "gpu_layers": i.gpu_layers,
+                "threads": i.threads,
+                "model_bytes": i.model_bytes,
+                "footprint_bytes": i.footprint_bytes,
             }),
-        }
+        )
     }
 }

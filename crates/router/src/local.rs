@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::api::ChatRequest;
 use crate::backend::{
-    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, pump_engine,
+    Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_health, pump_engine,
     sampling_of, with_continuation,
 };
 
@@ -88,39 +88,19 @@ impl Backend for LocalBackend {
     }
 
     fn health(&self) -> BackendHealth {
-        use jemma_engine::runtime::EngineState;
         let s = self.engine.status();
-        let (state, err) = match &s.state {
-            EngineState::Loading { progress } => (
-                BackendState::Loading {
-                    progress: *progress,
-                },
-                None,
-            ),
-            EngineState::Ready => (BackendState::Ready, None),
-            // Still serving: the next request reloads the weights (health counts it as available).
-            EngineState::Unloaded => (BackendState::Unloaded, s.last_error.clone()),
-            EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
-        };
-        BackendHealth {
-            state,
-            model: s.model.clone(),
-            model_loaded: matches!(s.state, EngineState::Ready),
-            tokens_per_second: s.last_decode_tps,
-            last_error: err,
-            context_length: (s.context_length > 0).then_some(s.context_length),
-            details: json!({
+        let i = &s.info;
+        engine_health(
+            &s,
+            json!({
                 "engine": "mlx",
-                "device": s.device,
-                "requests": s.requests,
-                "generated_tokens": s.generated_tokens,
-                "queued": s.queued,
-                "mlx_active_bytes": s.memory.active_bytes,
-                "mlx_peak_bytes": s.memory.peak_bytes,
-                "process_rss_bytes": s.process_rss_bytes,
-                "dtype": s.load.as_ref().map(|l| l.dtype.clone()),
-                "footprint": s.footprint,
+                "device": i.device,
+                "mlx_active_bytes": i.memory.active_bytes,
+                "mlx_peak_bytes": i.memory.peak_bytes,
+                "process_rss_bytes": i.process_rss_bytes,
+                "dtype": i.load.as_ref().map(|l| l.dtype.clone()),
+                "footprint": i.footprint,
             }),
-        }
+        )
     }
 }

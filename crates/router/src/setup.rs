@@ -231,7 +231,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
     });
     let default_max_tokens = c.default_max_tokens;
     let context = c.context_length;
-    let queue = c.max_queue.max(1);
+    let queue = template.queue_capacity;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let key = path.clone();
@@ -248,8 +248,12 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
             {
                 let mut lc = jemma_engine_llama::LlamaConfig::new(path);
                 lc.name = Some(name);
+                // The same lifecycle as MLX tiers: keep-alive, preload and the memory budget.
                 lc.context_length = context.map(|c| c as u32);
                 lc.queue_capacity = queue;
+                lc.keep_alive = template.keep_alive;
+                lc.preload = template.preload;
+                lc.memory = template.memory.clone();
                 let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
                 Arc::new(crate::llama::LlamaBackend::new(e, default_max_tokens))
             }

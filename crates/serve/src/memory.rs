@@ -1,6 +1,7 @@
 //! The memory budget shared by every engine in the process, and the OS memory-pressure signal.
 //!
-//! Before an engine loads a model it reserves the model's [`Footprint`](crate::footprint::Footprint) here;
+//! Before an engine loads a model it reserves the model's estimated footprint here (the engine's own estimate:
+//! `jemma_engine::footprint` for MLX, file size plus KV cache for GGUF);
 //! the reservation is refused (with a message that says what would fit) when it exceeds the configured limit
 //! minus what the other engines hold, or the machine's available memory minus a headroom. A monitor thread
 //! reads the OS pressure level and asks idle engines to unload when memory gets tight: macOS's
@@ -15,7 +16,14 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::footprint::gib;
+/// `n` bytes as "x.y GiB" (or MiB below one GiB) for messages.
+pub fn gib(n: u64) -> String {
+    if n >= 1 << 30 {
+        format!("{:.1} GiB", n as f64 / (1u64 << 30) as f64)
+    } else {
+        format!("{:.0} MiB", n as f64 / (1u64 << 20) as f64)
+    }
+}
 
 /// How tight memory is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]

@@ -1,0 +1,515 @@
+//! The model host: one thread owns the model (MLX arrays and llama.cpp contexts are not meant to hop between
+//! threads), requests arrive over a bounded queue, events stream back over a bounded channel per request,
+//! and a dropped receiver cancels its request at the next event. Around that, the lifecycle every engine
+//! shares: preload or lazy load, the memory-budget reservation before a byte is read, unload after the
+//! idle keep-alive or when the memory governor asks, and a transparent reload at the next request.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jemma_chat::event::{EngineFailure, Event};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+
+use crate::memory::MemoryGovernor;
+
+/// Where the host's model is in its life.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EngineState {
+    /// Loading weights.
+    Loading {
+        /// Share of the weights read (0 to 1).
+        progress: f32,
+    },
+    /// Serving.
+    Ready,
+    /// Not in memory (lazy, idle keep-alive, memory pressure, or a refused load); the next request loads it.
+    Unloaded,
+    /// Loading failed for good.
+    Failed {
+        /// Why.
+        error: String,
+    },
+}
+
+/// Live figures of a host for `/health`, `/metrics` and the tray; `info` holds the engine's own figures
+/// (flattened into the same JSON object).
+#[derive(Debug, Clone, Serialize)]
+pub struct Status<I> {
+    /// State.
+    #[serde(flatten)]
+    pub state: EngineState,
+    /// Model name.
+    pub model: String,
+    /// Requests completed.
+    pub requests: u64,
+    /// Tokens generated in total.
+    pub generated_tokens: u64,
+    /// Decode speed of the last request, tokens/s.
+    pub last_decode_tps: f64,
+    /// Prefill speed of the last request, tokens/s.
+    pub last_prefill_tps: f64,
+    /// Requests waiting for the model thread.
+    pub queued: usize,
+    /// Context length served, tokens (0 until known).
+    pub context_length: usize,
+    /// The last load problem (e.g. a refusal for lack of memory); cleared by a successful load.
+    pub last_error: Option<String>,
+    /// The engine's own figures.
+    #[serde(flatten)]
+    pub info: I,
+}
+
+/// Settings of a host.
+#[derive(Debug, Clone)]
+pub struct HostConfig {
+    /// Model name (status, logs, the memory budget's ledger).
+    pub name: String,
+    /// Name of the model thread.
+    pub thread_name: String,
+    /// Requests that may wait for the model thread before submissions are refused.
+    pub queue_capacity: usize,
+    /// Events buffered per request before the model thread waits for the consumer.
+    pub event_buffer: usize,
+    /// Release the model after this long without a request (None: keep it loaded).
+    pub keep_alive: Option<Duration>,
+    /// Load at start (true) or at the first request (false).
+    pub preload: bool,
+    /// The process-wide memory budget the model's footprint is reserved from (None: no check).
+    pub memory: Option<Arc<MemoryGovernor>>,
+}
+
+/// Why a load did not happen.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LoadError {
+    /// Not now (not enough memory): the host stays unloaded and tries again at the next request.
+    #[error("{0}")]
+    Refused(String),
+    /// The model cannot be loaded (missing or broken files, unsupported architecture).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Reports a load's progress (share of the weights read, 0 to 1).
+pub type Progress = Arc<dyn Fn(f32) + Send + Sync>;
+
+/// What a finished request adds to the host's figures.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Tally {
+    /// Generated tokens.
+    pub completion_tokens: usize,
+    /// Prefill speed, tokens/s.
+    pub prefill_tps: f64,
+    /// Decode speed, tokens/s.
+    pub decode_tps: f64,
+}
+
+/// An engine as the host drives it. Every method runs on the model thread.
+pub trait ModelRunner: Send + 'static {
+    /// What loading produces; lives on the model thread only.
+    type Model;
+    /// A request as this engine takes it.
+    type Request: Send + 'static;
+    /// The final summary of a request (sent as [`Event::Done`]).
+    type Summary: Send + 'static;
+    /// The engine's own status figures.
+    type Info: Clone + Send + Serialize + 'static;
+
+    /// Called once on the model thread before anything else (e.g. to pick the thread's default device).
+    fn init(&mut self) {}
+
+    /// Bytes the next load will take (weights plus caches at the served context), reserved from the memory
+    /// budget before a byte is read; may record what it estimated in `info`. `Ok(None)`: no estimate.
+    fn plan(&mut self, info: &mut Self::Info) -> Result<Option<u64>, LoadError>;
+
+    /// Loads the model, reporting the share read (0 to 1) through `progress` (shareable, so that an
+    /// engine's own `'static` callback can hold it); returns it with the context length it serves (tokens).
+    fn load(
+        &mut self,
+        progress: &Progress,
+        info: &mut Self::Info,
+    ) -> Result<(Self::Model, usize), LoadError>;
+
+    /// Runs one request to its end, sending its events (everything but the final `Done`/`Error`, which the
+    /// host sends). Stops early, returning normally, when `events` is closed (the client went away).
+    fn run(
+        &mut self,
+        model: &mut Self::Model,
+        request: Self::Request,
+        context_length: usize,
+        events: &mpsc::Sender<Event<Self::Summary>>,
+    ) -> Result<Self::Summary, EngineFailure>;
+
+    /// What a summary adds to the host's figures.
+    fn tally(summary: &Self::Summary) -> Tally;
+
+    /// Refreshes `info` after a request or an unload (e.g. the device's memory figures).
+    fn refresh(&mut self, info: &mut Self::Info) {
+        let _ = info;
+    }
+
+    /// Releases a model (dropping it by default; engines with caches of their own clear them too).
+    fn unload(&mut self, model: Self::Model) {
+        drop(model);
+    }
+}
+
+/// Submitting failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// The queue is full: try later (HTTP 429).
+    #[error("the model queue is full")]
+    QueueFull,
+    /// The engine is not serving (still loading, failed, or shut down).
+    #[error("the engine is not available: {0}")]
+    Unavailable(String),
+}
+
+struct Job<R: ModelRunner> {
+    request: R::Request,
+    events: mpsc::Sender<Event<R::Summary>>,
+}
+
+/// A cheap, clonable handle to a model thread. The thread ends, releasing the model, when every handle is
+/// dropped and the requests it accepted are answered.
+pub struct Host<R: ModelRunner> {
+    jobs: mpsc::Sender<Job<R>>,
+    status: Arc<Mutex<Status<R::Info>>>,
+    event_buffer: usize,
+    stopped: watch::Receiver<bool>,
+}
+
+impl<R: ModelRunner> Clone for Host<R> {
+    fn clone(&self) -> Self {
+        Self {
+            jobs: self.jobs.clone(),
+            status: self.status.clone(),
+            event_buffer: self.event_buffer,
+            stopped: self.stopped.clone(),
+        }
+    }
+}
+
+impl<R: ModelRunner> Host<R> {
+    /// Starts the model thread; with `preload` the model loads in the background (see [`Host::status`]).
+    ///
+    /// Errors: the thread could not be spawned.
+    pub fn start(config: HostConfig, runner: R, info: R::Info) -> std::io::Result<Self> {
+        let status = Arc::new(Mutex::new(Status {
+            state: if config.preload {
+                EngineState::Loading { progress: 0.0 }
+            } else {
+                EngineState::Unloaded
+            },
+            model: config.name.clone(),
+            requests: 0,
+            generated_tokens: 0,
+            last_decode_tps: 0.0,
+            last_prefill_tps: 0.0,
+            queued: 0,
+            context_length: 0,
+            last_error: None,
+            info,
+        }));
+        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let (stopped_tx, stopped) = watch::channel(false);
+        let event_buffer = config.event_buffer.max(1);
+        let st = status.clone();
+        std::thread::Builder::new()
+            .name(config.thread_name.clone())
+            .spawn(move || {
+                Thread {
+                    config,
+                    runner,
+                    status: st,
+                }
+                .run(rx);
+                let _ = stopped_tx.send(true);
+            })?;
+        Ok(Self {
+            jobs: tx,
+            status,
+            event_buffer,
+            stopped,
+        })
+    }
+
+    /// A snapshot of the state and figures (never blocks on the model thread).
+    pub fn status(&self) -> Status<R::Info> {
+        let mut s = self
+            .status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_else(|e| e.into_inner().clone());
+        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
+        s
+    }
+
+    /// Queues a request; its events arrive on the returned receiver. Dropping the receiver cancels it.
+    ///
+    /// Errors: [`SubmitError::QueueFull`] when `queue_capacity` requests already wait;
+    /// [`SubmitError::Unavailable`] while loading, after a failed load, or once the thread has stopped.
+    pub fn submit(
+        &self,
+        request: R::Request,
+    ) -> Result<mpsc::Receiver<Event<R::Summary>>, SubmitError> {
+        match self.status().state {
+            EngineState::Ready | EngineState::Unloaded => {}
+            EngineState::Loading { .. } => {
+                return Err(SubmitError::Unavailable("model is loading".into()));
+            }
+            EngineState::Failed { error } => return Err(SubmitError::Unavailable(error)),
+        }
+        let (etx, erx) = mpsc::channel(self.event_buffer);
+        self.jobs
+            .try_send(Job {
+                request,
+                events: etx,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => {
+                    SubmitError::Unavailable("engine thread stopped".into())
+                }
+            })?;
+        Ok(erx)
+    }
+
+    /// Resolves when the model thread has ended: every handle was dropped, the requests it had accepted are
+    /// answered, and the model's memory is released.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut rx = self.stopped.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    }
+
+    /// Waits (blocking) until the model is loaded, unloaded-and-ready-to-load, or failed; for CLIs and
+    /// tests. Errors with the failure's message.
+    pub fn wait_ready(&self) -> Result<(), String> {
+        loop {
+            match self.status().state {
+                EngineState::Ready | EngineState::Unloaded => return Ok(()),
+                EngineState::Failed { error } => return Err(error),
+                EngineState::Loading { .. } => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+    }
+}
+
+/// The model thread's state.
+struct Thread<R: ModelRunner> {
+    config: HostConfig,
+    runner: R,
+    status: Arc<Mutex<Status<R::Info>>>,
+}
+
+impl<R: ModelRunner> Thread<R> {
+    fn set(&self, f: impl FnOnce(&mut Status<R::Info>)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn info(&self) -> R::Info {
+        self.status
+            .lock()
+            .map(|s| s.info.clone())
+            .unwrap_or_else(|e| e.into_inner().info.clone())
+    }
+
+    /// Reserves memory and loads. `first` is the preload at start: a failure then is final; later (lazy
+    /// loads, reloads) it leaves the host unloaded so the next request tries again.
+    fn try_load(
+        &mut self,
+        memory: Option<&crate::memory::EngineHandle>,
+        first: bool,
+    ) -> Option<R::Model> {
+        let name = self.config.name.clone();
+        let mut info = self.info();
+        let result = (|| {
+            // Estimate and reserve before reading a byte: refusing is better than swapping the machine to death.
+            let need = self.runner.plan(&mut info)?;
+            if let (Some(h), Some(bytes)) = (memory, need) {
+                h.reserve(bytes, &format!("model {name}"))
+                    .map_err(|e| LoadError::Refused(format!("insufficient memory: {}", e.0)))?;
+            }
+            let published = info.clone();
+            self.set(|s| {
+                s.info = published;
+                s.state = EngineState::Loading { progress: 0.0 };
+            });
+            let status = self.status.clone();
+            let progress: Progress = Arc::new(move |p: f32| {
+                if let Ok(mut s) = status.lock() {
+                    s.state = EngineState::Loading { progress: p };
+                }
+            });
+            let loaded = self.runner.load(&progress, &mut info);
+            if loaded.is_err()
+                && let Some(h) = memory
+            {
+                h.release();
+            }
+            loaded
+        })();
+        match result {
+            Ok((model, context_length)) => {
+                tracing::info!(model = %name, context_length, "model loaded");
+                self.runner.refresh(&mut info);
+                self.set(|s| {
+                    s.state = EngineState::Ready;
+                    s.context_length = context_length;
+                    s.info = info;
+                    s.last_error = None;
+                });
+                Some(model)
+            }
+            Err(e) => {
+                tracing::error!(model = %name, error = %e, "model failed to load");
+                let msg = e.to_string();
+                let retry = matches!(e, LoadError::Refused(_)) || !first;
+                self.set(|s| {
+                    s.info = info;
+                    s.last_error = Some(msg.clone());
+                    s.state = if retry {
+                        EngineState::Unloaded
+                    } else {
+                        EngineState::Failed { error: msg }
+                    };
+                });
+                None
+            }
+        }
+    }
+
+    fn unload(
+        &mut self,
+        loaded: &mut Option<R::Model>,
+        memory: Option<&crate::memory::EngineHandle>,
+        why: &str,
+    ) {
+        if let Some(m) = loaded.take() {
+            self.runner.unload(m);
+        }
+        if let Some(h) = memory {
+            h.release();
+        }
+        tracing::info!(model = %self.config.name, why, "model unloaded");
+        let mut info = self.info();
+        self.runner.refresh(&mut info);
+        self.set(|s| {
+            s.state = EngineState::Unloaded;
+            s.info = info;
+        });
+    }
+
+    fn run(mut self, mut jobs: mpsc::Receiver<Job<R>>) {
+        self.runner.init();
+        let memory = self
+            .config
+            .memory
+            .clone()
+            .map(|g| g.register(&self.config.name));
+        let memory = memory.as_ref();
+        let mut loaded = None;
+        if self.config.preload {
+            loaded = self.try_load(memory, true);
+            if loaded.is_none()
+                && matches!(
+                    self.status.lock().map(|s| s.state.clone()),
+                    Ok(EngineState::Failed { .. })
+                )
+            {
+                return;
+            }
+        }
+        loop {
+            let watch = self.config.keep_alive.is_some() || memory.is_some();
+            let job = if loaded.is_some() && watch {
+                // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
+                let idle_since = Instant::now();
+                if let Some(h) = memory {
+                    h.set_idle(true);
+                }
+                loop {
+                    match jobs.try_recv() {
+                        Ok(j) => break Some(j),
+                        Err(mpsc::error::TryRecvError::Disconnected) => break None,
+                        Err(mpsc::error::TryRecvError::Empty) => {
+                            let expired = self
+                                .config
+                                .keep_alive
+                                .is_some_and(|k| idle_since.elapsed() >= k);
+                            let pressed = memory.is_some_and(|h| h.unload_requested());
+                            if expired || pressed {
+                                let why = if pressed {
+                                    "memory pressure"
+                                } else {
+                                    "idle keep-alive"
+                                };
+                                self.unload(&mut loaded, memory, why);
+                                break jobs.blocking_recv();
+                            }
+                            std::thread::sleep(Duration::from_millis(25))
+                        }
+                    }
+                }
+            } else {
+                jobs.blocking_recv()
+            };
+            let Some(job) = job else { break };
+            if let Some(h) = memory {
+                h.set_idle(false);
+            }
+            if loaded.is_none() {
+                // Lazy first load, or a transparent reload after an unload.
+                loaded = self.try_load(memory, false);
+            }
+            let Some(model) = loaded.as_mut() else {
+                let why = self
+                    .status
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_error.clone())
+                    .unwrap_or_else(|| "the model failed to load".into());
+                let _ = job
+                    .events
+                    .blocking_send(Event::Error(EngineFailure::Fault(why)));
+                continue;
+            };
+            let started = Instant::now();
+            let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
+            match self.runner.run(model, job.request, ctx, &job.events) {
+                Ok(summary) => {
+                    let t = R::tally(&summary);
+                    tracing::info!(
+                        completion_tokens = t.completion_tokens,
+                        prefill_tps = format!("{:.1}", t.prefill_tps),
+                        decode_tps = format!("{:.1}", t.decode_tps),
+                        ms = started.elapsed().as_millis() as u64,
+                        "request done"
+                    );
+                    let mut info = self.info();
+                    self.runner.refresh(&mut info);
+                    self.set(|s| {
+                        s.requests += 1;
+                        s.generated_tokens += t.completion_tokens as u64;
+                        s.last_decode_tps = t.decode_tps;
+                        s.last_prefill_tps = t.prefill_tps;
+                        s.info = info;
+                    });
+                    let _ = job.events.blocking_send(Event::Done(summary));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "request failed");
+                    let _ = job.events.blocking_send(Event::Error(e));
+                }
+            }
+        }
+        if let Some(h) = memory {
+            h.release();
+        }
+    }
+}

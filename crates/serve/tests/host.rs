@@ -1,0 +1,310 @@
+//! The serving core's host, driven through a test-double runner (no model): the lifecycle every engine
+//! inherits — preload and lazy load, a failed preload, a memory refusal retried at the next request, the
+//! idle keep-alive unload with a transparent reload, the bounded queue, and cancellation when a receiver
+//! is dropped. The real engines run the same code (crates/engine/tests/runtime.rs, tests/e2e).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use jemma_chat::event::{EngineFailure, Event};
+use jemma_serve::host::{
+    EngineState, Host, HostConfig, LoadError, ModelRunner, Progress, SubmitError, Tally,
+};
+use jemma_serve::memory::{MemoryConfig, MemoryGovernor, PressureSource};
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+#[derive(Default)]
+struct Counters {
+    loads: AtomicUsize,
+    unloads: AtomicUsize,
+}
+
+/// Emits `n` numbered pieces per request, each after `step`; its model is the load count.
+struct Fake {
+    counters: Arc<Counters>,
+    footprint: u64,
+    fail_load: bool,
+    step: Duration,
+    /// Requests run so far (to hold the thread on the first one).
+    gate: Arc<Mutex<()>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Info {
+    planned: Option<u64>,
+}
+
+impl ModelRunner for Fake {
+    type Model = usize;
+    type Request = usize;
+    type Summary = usize;
+    type Info = Info;
+
+    fn plan(&mut self, info: &mut Info) -> Result<Option<u64>, LoadError> {
+        info.planned = Some(self.footprint);
+        Ok(Some(self.footprint))
+    }
+
+    fn load(&mut self, progress: &Progress, _: &mut Info) -> Result<(usize, usize), LoadError> {
+        if self.fail_load {
+            return Err(LoadError::Failed("broken weights".into()));
+        }
+        progress(0.5);
+        progress(1.0);
+        let n = self.counters.loads.fetch_add(1, Ordering::SeqCst) + 1;
+        Ok((n, 4096))
+    }
+
+    fn run(
+        &mut self,
+        model: &mut usize,
+        n: usize,
+        ctx: usize,
+        events: &mpsc::Sender<Event<usize>>,
+    ) -> Result<usize, EngineFailure> {
+        assert_eq!(ctx, 4096, "the host passes the context the load reported");
+        if n == 0 {
+            return Err(EngineFailure::InvalidRequest("zero tokens".into()));
+        }
+        let _held = self.gate.lock().unwrap();
+        for i in 0..n {
+            if events
+                .blocking_send(Event::Content(format!("{model}:{i}")))
+                .is_err()
+            {
+                return Ok(i);
+            }
+            std::thread::sleep(self.step);
+        }
+        Ok(n)
+    }
+
+    fn tally(n: &usize) -> Tally {
+        Tally {
+            completion_tokens: *n,
+            ..Default::default()
+        }
+    }
+
+    fn unload(&mut self, _: usize) {
+        self.counters.unloads.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn fake() -> (Fake, Arc<Counters>) {
+    let counters = Arc::new(Counters::default());
+    (
+        Fake {
+            counters: counters.clone(),
+            footprint: 100 << 20,
+            fail_load: false,
+            step: Duration::ZERO,
+            gate: Arc::new(Mutex::new(())),
+        },
+        counters,
+    )
+}
+
+fn config() -> HostConfig {
+    HostConfig {
+        name: "fake".into(),
+        thread_name: "fake-model".into(),
+        queue_capacity: 2,
+        event_buffer: 4,
+        keep_alive: None,
+        preload: true,
+        memory: None,
+    }
+}
+
+/// Runs a request to its end: (content pieces, Done's summary or the error).
+fn run(host: &Host<Fake>, n: usize) -> (Vec<String>, Result<usize, EngineFailure>) {
+    let mut rx = host.submit(n).unwrap();
+    let mut pieces = vec![];
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Content(c) => pieces.push(c),
+            Event::Done(s) => return (pieces, Ok(s)),
+            Event::Error(e) => return (pieces, Err(e)),
+            _ => {}
+        }
+    }
+    panic!("the stream ended without Done or Error");
+}
+
+fn wait_for(host: &Host<Fake>, what: &str, f: impl Fn(&EngineState) -> bool) {
+    let t0 = Instant::now();
+    while !f(&host.status().state) {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}: {:?}",
+            host.status().state
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn preloads_serves_and_counts() {
+    let (r, counters) = fake();
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let s = host.status();
+    assert_eq!(s.state, EngineState::Ready);
+    assert_eq!(s.context_length, 4096);
+    assert_eq!(s.info.planned, Some(100 << 20));
+    assert_eq!(
+        run(&host, 3),
+        (vec!["1:0".into(), "1:1".into(), "1:2".into()], Ok(3))
+    );
+    // A request error is the client's, and the host keeps serving.
+    assert_eq!(
+        run(&host, 0).1,
+        Err(EngineFailure::InvalidRequest("zero tokens".into()))
+    );
+    assert_eq!(run(&host, 1).1, Ok(1));
+    let s = host.status();
+    assert_eq!((s.requests, s.generated_tokens), (2, 4));
+    assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
+    // The status serialises flat, as /health and the CLI show it.
+    let v = serde_json::to_value(&s).unwrap();
+    assert_eq!(v["state"], "ready");
+    assert_eq!(v["planned"], 100 << 20);
+}
+
+#[test]
+fn a_failed_preload_is_final_and_refuses_requests() {
+    let (mut r, _) = fake();
+    r.fail_load = true;
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    assert_eq!(host.wait_ready(), Err("broken weights".into()));
+    match host.submit(1) {
+        Err(SubmitError::Unavailable(m)) => assert_eq!(m, "broken weights"),
+        other => panic!("{:?}", other.map(|_| ())),
+    }
+}
+
+#[test]
+fn lazy_load_then_idle_keep_alive_unloads_and_the_next_request_reloads() {
+    let (r, counters) = fake();
+    let governor = MemoryGovernor::with_available(
+        MemoryConfig {
+            pressure: PressureSource::Off,
+            ..Default::default()
+        },
+        Box::new(|| 64 << 30),
+    );
+    let mut cfg = config();
+    cfg.preload = false;
+    cfg.keep_alive = Some(Duration::from_millis(150));
+    cfg.memory = Some(governor.clone());
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    assert_eq!(host.status().state, EngineState::Unloaded);
+    assert_eq!(
+        counters.loads.load(Ordering::SeqCst),
+        0,
+        "nothing loaded before the first request"
+    );
+    assert_eq!(governor.status().reserved_bytes, 0);
+    assert_eq!(run(&host, 1).0, vec!["1:0".to_string()]);
+    assert_eq!(governor.status().reserved_bytes, 100 << 20);
+    wait_for(&host, "the idle unload", |s| *s == EngineState::Unloaded);
+    assert_eq!(counters.unloads.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        governor.status().reserved_bytes,
+        0,
+        "the reservation is released with the model"
+    );
+    // Transparent reload: a second load, and the request is served by it.
+    assert_eq!(run(&host, 1).0, vec!["2:0".to_string()]);
+    assert_eq!(host.status().state, EngineState::Ready);
+}
+
+#[test]
+fn a_memory_refusal_is_retried_at_the_next_request() {
+    let (r, counters) = fake();
+    let governor = MemoryGovernor::new(MemoryConfig {
+        limit_bytes: Some(64 << 20),
+        headroom_bytes: 0,
+        pressure: PressureSource::Off,
+        ..Default::default()
+    });
+    let mut cfg = config();
+    cfg.memory = Some(governor.clone());
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let s = host.status();
+    assert_eq!(s.state, EngineState::Unloaded, "refused, not failed: {s:?}");
+    let err = s.last_error.unwrap();
+    assert!(err.starts_with("insufficient memory"), "{err}");
+    assert_eq!(
+        counters.loads.load(Ordering::SeqCst),
+        0,
+        "not a byte was loaded"
+    );
+    // The next request tries again (and is refused again, as an engine fault with the reason).
+    let (_, r) = run(&host, 1);
+    match r {
+        Err(EngineFailure::Fault(m)) => assert!(m.contains("insufficient memory"), "{m}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(governor.status().reserved_bytes, 0);
+}
+
+#[test]
+fn the_queue_is_bounded_and_a_dropped_receiver_cancels() {
+    let (mut r, _) = fake();
+    r.step = Duration::from_millis(5);
+    let gate = r.gate.clone();
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    // Hold the model thread inside the first request; the queue (capacity 2) then fills.
+    let held = gate.lock().unwrap();
+    let first = host.submit(1000).unwrap();
+    let t0 = Instant::now();
+    while host.status().queued > 0 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the thread never took the first job"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let a = host.submit(1).unwrap();
+    let b = host.submit(1).unwrap();
+    assert!(matches!(host.submit(1), Err(SubmitError::QueueFull)));
+    assert_eq!(host.status().queued, 2);
+    // Hang up on the long request: it stops at its next event instead of producing 1000.
+    drop(first);
+    drop(held);
+    for mut rx in [a, b] {
+        let mut done = None;
+        while let Some(ev) = rx.blocking_recv() {
+            if let Event::Done(n) = ev {
+                done = Some(n);
+            }
+        }
+        assert_eq!(done, Some(1));
+    }
+    assert!(host.status().generated_tokens < 1000);
+}
+
+#[test]
+fn the_thread_ends_when_every_handle_is_dropped() {
+    let (r, counters) = fake();
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let stopped = host.stopped();
+    drop(host);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), stopped)
+            .await
+            .expect("the model thread ended")
+    });
+    assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
+}
