@@ -4,7 +4,8 @@
 . "$(dirname "$0")/lib.sh"
 cd "$JEMMA_ROOT"
 PY=$(venv_python)
-[ -x "$PY" ] || bash scripts/setup-python.sh
+# A no-op when the venv matches scripts/requirements.txt; installs what a newer one added (the real GGUF).
+bash scripts/setup-python.sh
 OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
 want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/gguf-requirements.txt \
   scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)

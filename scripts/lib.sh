@@ -45,9 +45,14 @@ stage() {
 # fails its stage instead of running into CI's time limit.
 bounded() {
   local secs=$1; shift
-  local rc=0
-  timeout -k 30 "$secs" "$@" || rc=$?
-  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+  local rc=0 t0 fg=()
+  t0=$(date +%s)
+  # At a terminal, keep the command in the foreground process group so that Ctrl-C and a sudo prompt reach
+  # it (timeout then kills only the command itself, not its children).
+  [ -t 0 ] && fg=(--foreground)
+  timeout "${fg[@]}" -k 30 "$secs" "$@" || rc=$?
+  # 137 is also the OOM killer's SIGKILL: only a run that lasted its deadline timed out.
+  if { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ $(($(date +%s) - t0)) -ge "$secs" ]; then
     printf '\033[1;31m[jemma] error:\033[0m %s exceeded its deadline of %s s and was killed\n' "$*" "$secs" >&2
     return 124
   fi

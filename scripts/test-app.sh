@@ -15,7 +15,7 @@ kill_run() {
   local p
   for p in /proc/[0-9]*; do
     [ "${p#/proc/}" = "$$" ] && continue
-    if { tr '\0' '\n' <"$p/environ"; } 2>/dev/null | grep -qx "HOME=$WORK/home"; then
+    if grep -qzxF "HOME=$WORK/home" "$p/environ" 2>/dev/null; then
       kill -9 "${p#/proc/}" 2>/dev/null || true
     fi
   done

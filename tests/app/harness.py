@@ -27,8 +27,8 @@ SCALE = float(os.environ.get("JEMMA_E2E_STEP_SCALE", "1"))
 SESSION_TIMEOUT = float(os.environ.get("JEMMA_E2E_SESSION_TIMEOUT", "90"))
 
 
-class StepTimeout(Exception):
-    """A step ran past its deadline."""
+class StepTimeout(BaseException):
+    """A step ran past its deadline. A BaseException, so that no library's `except Exception` swallows it."""
 
 
 def log(msg):
@@ -65,6 +65,10 @@ def step(name, seconds):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         _current[0] = outer_name
+        # Between steps the outer bound blames the step that just ended, not an earlier one.
+        if STEP_FILE:
+            with open(STEP_FILE, "w") as f:
+                f.write(f"after {name}\n")
         if outer_left:
             signal.setitimer(signal.ITIMER_REAL, max(0.01, outer_left - (time.monotonic() - t0)))
 
@@ -121,10 +125,10 @@ def new_session(app):
                 cfg = ClientConfig(remote_server_addr=f"http://127.0.0.1:{drv.port}", timeout=SESSION_TIMEOUT)
                 d = webdriver.Remote(command_executor=f"http://127.0.0.1:{drv.port}", options=opts,
                                      client_config=cfg)
-            # Every later WebDriver command is bounded by its own step; these make WebKit answer with an
-            # error rather than wait forever where the protocol has a timeout of its own.
-            d.set_script_timeout(30)
-            d.set_page_load_timeout(30)
+                # Every later WebDriver command is bounded by its own step; these make WebKit answer with
+                # an error rather than wait forever where the protocol has a timeout of its own.
+                d.set_script_timeout(30)
+                d.set_page_load_timeout(30)
             return drv, d
         except (SystemExit, Exception) as e:  # noqa: BLE001 - any failure of the first contact is retried
             drv.kill()

@@ -80,7 +80,7 @@ async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget()
     let model = gemma3();
     let cfg = format!(
         "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\npreload = false\n\
-         keep_alive_secs = 2\ncontext_length = 2048\n",
+         keep_alive_secs = 5\ncontext_length = 2048\n",
         model.display()
     );
     let s = Server::start(&[], Some(&cfg));
@@ -147,4 +147,68 @@ async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget()
             .contains("insufficient memory"),
         "{v}"
     );
+}
+
+/// The prefix cache through the gateway: a request that repeats a long prefix reports the reused tokens
+/// as OpenAI's `usage.prompt_tokens_details.cached_tokens` and `_routing.cached_tokens`, /health shows the
+/// hit rate, and a conversation's next turn reuses the whole previous prompt (the chat template renders
+/// turn N's prompt as a prefix of turn N+1's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_prefix_cache_is_reported_and_conversations_reuse_their_turns() {
+    let s = Server::start(&["--model", gemma3().to_str().unwrap()], None);
+    let client = crate::support::client();
+    let doc = "The quick brown fox jumps over the lazy dog. ".repeat(40);
+    let ask = |q: &str| {
+        json!({"model": "fast", "prompt": format!("{doc}\nQuestion: {q}\nAnswer:"),
+                              "max_tokens": 3, "temperature": 0})
+    };
+    let url = format!("{}/v1/completions", s.url);
+    let cold = post_json(&client, &url, &ask("What jumps?")).await;
+    assert_eq!(
+        cold["usage"]["prompt_tokens_details"]["cached_tokens"], 0,
+        "{cold}"
+    );
+    let warm = post_json(&client, &url, &ask("Who is lazy?")).await;
+    let prompt = warm["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = warm["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap();
+    assert!(cached >= prompt - 8 && cached < prompt, "{warm}");
+    assert_eq!(warm["_routing"]["cached_tokens"], cached, "{warm}");
+    let h = health(&s);
+    let pc = &tier(&h, "fast")["details"]["prefix_cache"];
+    assert!(pc["hit_rate"].as_f64().unwrap() > 0.4, "{h}");
+    drop(s);
+
+    // Chat needs a template: the Gemma 4 fixture GGUF carries one.
+    let tiny = fixture("tiny").parent().unwrap().join("gguf/tiny-f32.gguf");
+    let s = Server::start(&["--model", tiny.to_str().unwrap()], None);
+    let url = format!("{}/v1/chat/completions", s.url);
+    let mut messages = vec![json!({"role": "user", "content": "Tell me about the sea."})];
+    let mut previous_prompt = 0;
+    for turn in 0..3 {
+        let v = post_json(
+            &client,
+            &url,
+            &json!({"model": "fast", "max_tokens": 6, "temperature": 0, "messages": messages}),
+        )
+        .await;
+        let usage = &v["usage"];
+        let cached = usage["prompt_tokens_details"]["cached_tokens"]
+            .as_u64()
+            .unwrap();
+        if turn > 0 {
+            assert!(
+                cached >= previous_prompt,
+                "turn {turn}: the previous turn's {previous_prompt}-token prompt is a prefix: {v}"
+            );
+        }
+        previous_prompt = usage["prompt_tokens"].as_u64().unwrap();
+        let answer = v["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        messages.push(json!({"role": "assistant", "content": answer}));
+        messages.push(json!({"role": "user", "content": format!("And then? ({turn})")}));
+    }
 }

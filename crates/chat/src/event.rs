@@ -15,6 +15,8 @@ pub enum Event<S> {
     Started {
         /// Prompt length in tokens.
         prompt_tokens: usize,
+        /// How many of them were served from the prefix cache (not prefilled again).
+        cached_tokens: usize,
     },
     /// Visible answer text.
     Content(String),

@@ -284,7 +284,10 @@ pub fn footprint(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Res
             (true, Some(w)) => (w + n_ubatch as u64).min(n_ctx),
             _ => n_ctx,
         };
-        let heads = int_at("attention.head_count_kv", il).unwrap_or(1);
+        // llama.cpp's default for a missing head_count_kv is head_count (no grouped-query attention).
+        let heads = int_at("attention.head_count_kv", il)
+            .or(int_at("attention.head_count", il))
+            .unwrap_or(1);
         kv += cells * heads * (k_len.unwrap_or(head_dim) + v_len.unwrap_or(head_dim)) * 2;
     }
     let n_vocab = match meta.get("tokenizer.ggml.tokens") {

@@ -201,6 +201,8 @@ pub enum Finish {
 pub struct Summary {
     /// Prompt tokens.
     pub prompt_tokens: usize,
+    /// Of those, the ones whose KV cache was kept from the previous request (not prefilled again).
+    pub cached_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
     /// Why it ended.
@@ -308,6 +310,8 @@ pub struct Loaded {
     pub bos: Option<String>,
     /// Context length served.
     pub n_ctx: u32,
+    /// The sliding window of the model's sliding-attention layers, tokens (None: no such layers).
+    pub n_swa: Option<u32>,
 }
 
 /// Loads a GGUF with all layers on the GPU when one is built in.
@@ -352,11 +356,17 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
     };
     check_turn_markers(&model, &config.model_path)?;
     let n_ctx = gguf::served_context(model.n_ctx_train(), config.context_length);
+    let n_swa = model
+        .meta_val_str(&format!("{arch}.attention.sliding_window"))
+        .ok()
+        .and_then(|w| w.parse().ok())
+        .filter(|&w: &u32| w > 0);
     Ok(Loaded {
         model,
         template,
         bos,
         n_ctx,
+        n_swa,
     })
 }
 
@@ -386,8 +396,12 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
-/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell).
-struct Serving(SessionCell);
+/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and the
+/// tokens whose KV the context holds (sequence 0), for prefix reuse.
+struct Serving {
+    cell: SessionCell,
+    cached: Vec<LlamaToken>,
+}
 
 type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
 
@@ -419,6 +433,11 @@ impl ModelRunner for LlamaRunner {
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         info.footprint_bytes = Some(bytes);
+        // With layers on a discrete GPU (CUDA: the heavy tier) the weights and KV cache live in VRAM, which
+        // the host's budget does not govern; Metal shares the host's memory, so there it counts.
+        if cfg!(feature = "cuda") && self.config.gpu_layers != Some(0) {
+            return Ok(None);
+        }
         Ok(Some(bytes))
     }
 
@@ -464,7 +483,13 @@ impl ModelRunner for LlamaRunner {
         info.gpu_layers = gpu;
         info.threads = threads;
         info.model_bytes = bytes;
-        Ok((Serving(cell), n_ctx as usize))
+        Ok((
+            Serving {
+                cell,
+                cached: vec![],
+            },
+            n_ctx as usize,
+        ))
     }
 
     fn run(
@@ -475,14 +500,17 @@ impl ModelRunner for LlamaRunner {
         events: &mpsc::Sender<Event>,
     ) -> Result<Summary, EngineFailure> {
         let batch = self.config.batch_size as usize;
+        let cached = &mut model.cached;
         model
-            .0
-            .with_dependent_mut(|loaded, ctx| run_job(loaded, ctx, &request, events, batch))
+            .cell
+            .with_dependent_mut(|loaded, ctx| run_job(loaded, ctx, cached, &request, events, batch))
             .map_err(Into::into)
     }
 
     fn tally(s: &Summary) -> Tally {
         Tally {
+            prompt_tokens: s.prompt_tokens,
+            cached_tokens: s.cached_tokens,
             completion_tokens: s.completion_tokens,
             prefill_tps: s.prefill_tps,
             decode_tps: s.decode_tps,
@@ -621,6 +649,62 @@ fn prefill(
     Ok(batch)
 }
 
+/// Prefills `ids` into sequence 0, keeping the longest prefix of it that the context already holds
+/// (`cached`, the tokens of its KV) and evaluating only the rest; the logits of the last prompt token are at
+/// the returned batch's last index. Returns the batch and how many prompt tokens were reused. `cached` ends
+/// as exactly `ids`.
+///
+/// The prefix is trimmed with `llama_memory_seq_rm` (positions from the first differing token on). At least
+/// the last prompt token is always evaluated, since its logits start the answer. Sliding-window layers keep
+/// only the last window of positions (llama.cpp's default `swa_full = false`), so a prefix whose window was
+/// already evicted cannot be restored exactly: then the whole prompt is prefilled again — the check
+/// llama-server makes (`pos_min > max(0, n_past - n_swa)`).
+fn prefill_reusing(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    cached: &mut Vec<LlamaToken>,
+    n_swa: Option<u32>,
+    batch_size: usize,
+) -> Result<(LlamaBatch<'static>, usize)> {
+    let common = cached.iter().zip(ids).take_while(|(a, b)| a == b).count();
+    let mut keep = common.min(ids.len().saturating_sub(1));
+    if keep > 0 {
+        let pos_min = ctx.kv_cache_seq_pos_min(0);
+        let window_lost = n_swa.is_some_and(|w| pos_min > (keep as i64 - w as i64).max(0) as i32);
+        if pos_min < 0 || window_lost {
+            keep = 0;
+        }
+    }
+    if keep == 0 {
+        ctx.clear_kv_cache();
+    } else {
+        let kept = ctx
+            .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
+            .map_err(|e| LlamaError::Runtime(format!("trimming the KV cache: {e}")))?;
+        if !kept {
+            ctx.clear_kv_cache();
+            keep = 0;
+        }
+    }
+    cached.truncate(keep);
+    let rest = &ids[keep..];
+    let mut batch = LlamaBatch::new(batch_size.max(1), 1);
+    for (c, chunk) in rest.chunks(batch_size.max(1)).enumerate() {
+        batch.clear();
+        let base = keep + c * batch_size;
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = base + i;
+            batch
+                .add(t, pos as i32, &[0], pos == ids.len() - 1)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        cached.extend_from_slice(chunk);
+    }
+    Ok((batch, keep))
+}
+
 /// Token text decoding that keeps multi-byte UTF-8 characters split across tokens intact.
 struct Utf8Stream {
     pending: Vec<u8>,
@@ -660,10 +744,14 @@ impl Utf8Stream {
 fn run_job(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    kv: &mut Vec<LlamaToken>,
     req: &Request,
     events: &mpsc::Sender<Event>,
     batch_size: usize,
 ) -> Result<Summary> {
+    // What the context's KV holds is known again only when this request ends cleanly: an error on the way
+    // leaves `kv` empty, so the next request starts from a cleared cache instead of a corrupt one.
+    let mut cached = std::mem::take(kv);
     let ids = loaded.prompt_ids(&req.prompt)?;
     if ids.is_empty() {
         return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
@@ -687,11 +775,12 @@ fn run_job(
         )));
     }
     let t0 = Instant::now();
-    let mut batch = prefill(ctx, &ids, batch_size)?;
+    let (mut batch, reused) = prefill_reusing(ctx, &ids, &mut cached, loaded.n_swa, batch_size)?;
     let prefill_time = t0.elapsed();
     if events
         .blocking_send(Event::Started {
             prompt_tokens: ids.len(),
+            cached_tokens: reused,
         })
         .is_err()
     {
@@ -767,8 +856,10 @@ fn run_job(
         pos += 1;
         ctx.decode(&mut batch)
             .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        cached.push(tok);
         idx = 0;
     };
+    *kv = cached;
     if finish != Finish::Cancelled {
         // A stop string ended the answer when the loop broke on one (not on an end-of-generation token).
         let by_string = finish == Finish::Stop && matches!(flow, ControlFlow::Break(()));
@@ -779,10 +870,11 @@ fn run_job(
     let n = tokens.len();
     Ok(Summary {
         prompt_tokens: ids.len(),
+        cached_tokens: reused,
         completion_tokens: n,
         finish,
         tool_calls,
-        prefill_tps: ids.len() as f64 / prefill_time.as_secs_f64().max(1e-9),
+        prefill_tps: (ids.len() - reused) as f64 / prefill_time.as_secs_f64().max(1e-9),
         decode_tps: if n > 1 {
             (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)
         } else {
@@ -852,6 +944,65 @@ impl Session {
             last = argmax(ctx.get_logits_ith(0));
         }
         Ok((logits, out))
+    }
+}
+
+/// One step of [`Session::replay`].
+#[derive(Debug, Clone)]
+pub enum ReplayOp {
+    /// Decode these tokens as one batch, at the positions following the sequence's current end.
+    Decode(Vec<u32>),
+    /// Remove the positions from this one on (`llama_memory_seq_rm`).
+    Trim(usize),
+}
+
+impl Session {
+    /// The logits of the last decoded token after running `ops` in a fresh context of `n_ctx` tokens: a
+    /// cold reference with chosen batch boundaries. llama.cpp's CPU kernels depend on a batch's size (a
+    /// different split changes the low bits), so comparing the prefix cache with a cold run is exact only
+    /// when both split the prompt the same way.
+    ///
+    /// Errors: a decode or trim fails, or no token was decoded.
+    pub fn replay(&self, ops: &[ReplayOp], n_ctx: usize, threads: i32) -> Result<Vec<f32>> {
+        let widest = ops
+            .iter()
+            .map(|o| match o {
+                ReplayOp::Decode(t) => t.len(),
+                ReplayOp::Trim(_) => 0,
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut ctx = self.context(n_ctx, widest, threads)?;
+        let mut pos = 0usize;
+        let mut last = None;
+        for op in ops {
+            match op {
+                ReplayOp::Decode(toks) => {
+                    let mut batch = LlamaBatch::new(toks.len().max(1), 1);
+                    for (i, &t) in toks.iter().enumerate() {
+                        batch
+                            .add(
+                                LlamaToken(t as i32),
+                                (pos + i) as i32,
+                                &[0],
+                                i + 1 == toks.len(),
+                            )
+                            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    }
+                    ctx.decode(&mut batch)
+                        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+                    pos += toks.len();
+                    last = Some(ctx.get_logits_ith(batch.n_tokens() - 1).to_vec());
+                }
+                ReplayOp::Trim(at) => {
+                    ctx.clear_kv_cache_seq(Some(0), Some(*at as u32), None)
+                        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    pos = *at;
+                }
+            }
+        }
+        last.ok_or_else(|| LlamaError::InvalidRequest("nothing was decoded".into()))
     }
 }
 

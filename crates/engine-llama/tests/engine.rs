@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use jemma_chat::event::EngineFailure;
 use jemma_engine_llama::{
-    Event, Finish, LlamaConfig, LlamaEngine, Prompt, Request, Sampling, Session, default_threads,
+    Event, Finish, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request, Sampling, Session,
+    default_threads,
 };
 use serde_json::{Value, json};
 
@@ -228,10 +229,15 @@ fn chat_requests_stream_through_the_model_thread() {
         enable_thinking: None,
     };
     let mut rx = e.submit(request(chat.clone(), 12)).unwrap();
-    let Event::Started { prompt_tokens } = rx.blocking_recv().unwrap() else {
+    let Event::Started {
+        prompt_tokens,
+        cached_tokens,
+    } = rx.blocking_recv().unwrap()
+    else {
         panic!("Started first")
     };
     assert!(prompt_tokens > 5);
+    assert_eq!(cached_tokens, 0, "a cold context");
     let (text, s) = collect(&mut rx);
     assert_eq!(s.completion_tokens, 12);
     assert_eq!(s.finish, Finish::Length);
@@ -241,6 +247,8 @@ fn chat_requests_stream_through_the_model_thread() {
     let (text2, s2) = collect(&mut rx);
     assert_eq!((text, s.tokens), (text2, s2.tokens));
     assert_eq!(e.status().requests, 2);
+    // The repeat reused the prompt's KV: all but the last token, whose logits start the answer.
+    assert_eq!(s2.cached_tokens, prompt_tokens - 1);
 }
 
 #[test]
@@ -442,5 +450,138 @@ fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
         if matches!(ev, Event::Done(_)) {
             break;
         }
+    }
+}
+
+/// Greedy tokens and the first token's top-5 logprobs of `ids`, with how many prompt tokens were reused.
+fn answer(e: &LlamaEngine, ids: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32>, usize) {
+    let mut r = request(Prompt::Ids(ids.to_vec()), max_tokens);
+    r.parse_output = false;
+    r.logprobs = true;
+    r.top_logprobs = 5;
+    let mut rx = e.submit(r).unwrap();
+    let mut first = None;
+    loop {
+        match rx.blocking_recv().unwrap() {
+            Event::Logprobs(t) if first.is_none() => {
+                let v = serde_json::to_value(&t).unwrap();
+                first = Some(
+                    v["top_logprobs"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|x| x["logprob"].as_f64().unwrap() as f32)
+                        .collect(),
+                );
+            }
+            Event::Done(s) => return (s.tokens, first.unwrap_or_default(), s.cached_tokens),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Prefix reuse on the real Gemma 3 270M (sliding window 512, global every 6th layer) with a 256-token
+/// prefill chunk: a request that extends or diverges from the previous one gives bit for bit the logprobs
+/// of a cold context that splits the prompt into the same batches, and the same greedy tokens, at odd
+/// lengths on both sides of the chunk and the window.
+///
+/// Why the same batches: llama.cpp's CPU kernels depend on a batch's size (measured here: one 102-token
+/// prompt prefilled in one batch, or in batches of 65, 51 or 34, moves the top logprobs by up to 0.34;
+/// a warm 65 + 37 equals a cold 65 + 37 to the bit). The reference is [`Session::replay`].
+#[test]
+fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
+    let path = gguf("gemma-3-270m-q4_k_m");
+    let mut c = LlamaConfig::new(&path);
+    c.context_length = Some(2048);
+    c.batch_size = 256;
+    let warm = LlamaEngine::start(c.clone()).unwrap();
+    warm.wait_ready().unwrap();
+    let cold = Session::load(&c).unwrap();
+    let threads = default_threads();
+    // Top-5 logprobs of reference logits, as the engine computes them.
+    let top5 = |logits: &[f32]| -> Vec<f32> {
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0;
+        jemma_chat::logprobs::log_softmax_top(logits, best, 5)
+            .1
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    };
+    // The engine's batches for `toks` decoded after `from` kept tokens.
+    let chunks = |toks: &[u32]| -> Vec<ReplayOp> {
+        toks.chunks(256)
+            .map(|c| ReplayOp::Decode(c.to_vec()))
+            .collect()
+    };
+    // Deterministic token ids spread over the vocabulary (after <bos> = 2).
+    let doc: Vec<u32> = std::iter::once(2)
+        .chain((1..1400u32).map(|i| 300 + (i * 7919) % 200_000))
+        .collect();
+    for len in [3usize, 255, 257, 511, 513, 777, 1031] {
+        // Extends the previous prompt by 37 tokens.
+        let (a, b) = (&doc[..len], &doc[..len + 37]);
+        // A prompt sharing nothing clears the KV, so that A is prefilled in the engine's plain batches.
+        let (_, _, none) = answer(&warm, &[1000, 1001, 1002, 1003], 1);
+        assert_eq!(none, 0);
+        answer(&warm, a, 1);
+        let (tokens, lp, reused) = answer(&warm, b, 6);
+        // Everything A left in the KV is reused, unless the sliding window already dropped what B needs.
+        assert!(
+            reused == len || (reused == 0 && len > 512),
+            "extend at {len}: reused {reused}"
+        );
+        if len < 512 {
+            assert_eq!(
+                reused, len,
+                "within the window the whole previous prompt is reused"
+            );
+        }
+        let mut ops = chunks(&b[..reused]);
+        ops.extend(chunks(&b[reused..]));
+        let reference = cold.replay(&ops, 2048, threads).unwrap();
+        assert_eq!(lp, top5(&reference), "extend at {len}: logprobs");
+        assert_eq!(tokens[0] as usize, {
+            let (i, _) = reference
+                .iter()
+                .enumerate()
+                .fold(
+                    (0, f32::NEG_INFINITY),
+                    |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+                );
+            i
+        });
+        // Diverges 5 tokens before the end of A (B's tail and its 5 decoded tokens are dropped).
+        let keep = len.saturating_sub(5).max(1);
+        let mut c2 = doc[..keep].to_vec();
+        c2.extend((0..40).map(|i| 4242 + i));
+        let (_, lp, reused) = answer(&warm, &c2, 6);
+        assert!(
+            reused == keep || (reused == 0 && len > 512),
+            "diverge at {len}: reused {reused}"
+        );
+        if len < 512 {
+            assert_eq!(reused, keep, "diverge at {len}");
+        }
+        let ops = if reused == 0 {
+            chunks(&c2)
+        } else {
+            // What the KV held: A's batches, B's tail, B's decoded tokens; trimmed to `keep`.
+            let mut ops = chunks(a);
+            ops.push(ReplayOp::Decode(b[len..].to_vec()));
+            ops.push(ReplayOp::Trim(keep));
+            ops.extend(chunks(&c2[keep..]));
+            ops
+        };
+        let reference = cold.replay(&ops, 2048, threads).unwrap();
+        assert_eq!(lp, top5(&reference), "diverge at {len}: logprobs");
+        eprintln!("len {len}: extend reused {reused}, both exact");
     }
 }

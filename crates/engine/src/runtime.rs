@@ -165,7 +165,6 @@ impl Engine {
             footprint: None,
         };
         let host_config = HostConfig {
-            // The memory budget's ledger names engines by directory (two tiers may share a model name).
             name: name.clone(),
             thread_name: "jemma-mlx".into(),
             queue_capacity: config.queue_capacity,
@@ -379,6 +378,8 @@ impl ModelRunner for MlxRunner {
 
     fn tally(s: &Summary) -> Tally {
         Tally {
+            prompt_tokens: s.stats.prompt_tokens,
+            cached_tokens: 0,
             completion_tokens: s.stats.completion_tokens,
             prefill_tps: s.prefill_tps,
             decode_tps: s.decode_tps,
@@ -414,6 +415,8 @@ fn run_job(
     if events
         .blocking_send(Event::Started {
             prompt_tokens: ids.len(),
+            // The MLX engine has no prefix cache yet: every prompt is prefilled in full.
+            cached_tokens: 0,
         })
         .is_err()
     {

@@ -35,7 +35,12 @@ impl Backend for Echo {
         let text = req.last_user.clone();
         let hang = self.hang;
         tokio::spawn(async move {
-            let _ = tx.send(Ok(Chunk::Started { prompt_tokens: 5 })).await;
+            let _ = tx
+                .send(Ok(Chunk::Started {
+                    prompt_tokens: 5,
+                    cached_tokens: 0,
+                }))
+                .await;
             if hang {
                 tx.closed().await;
                 return;
@@ -56,6 +61,7 @@ impl Backend for Echo {
                         prompt_tokens: 5,
                         completion_tokens: 2,
                         total_tokens: 7,
+                        prompt_tokens_details: None,
                     },
                     decode_tps: Some(99.0),
                 }))

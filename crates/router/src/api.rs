@@ -580,7 +580,7 @@ pub struct FunctionCall {
     pub arguments: String,
 }
 
-/// Token usage.
+/// Token usage (OpenAI's `usage` object).
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
 pub struct Usage {
     /// Prompt tokens.
@@ -589,6 +589,17 @@ pub struct Usage {
     pub completion_tokens: u64,
     /// Sum.
     pub total_tokens: u64,
+    /// OpenAI's `prompt_tokens_details`: how much of the prompt came from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV cache was reused from an earlier request instead of being prefilled.
+    #[serde(default)]
+    pub cached_tokens: u64,
 }
 
 /// `_routing`: how the gateway answered.
@@ -606,6 +617,9 @@ pub struct Routing {
     pub ttft_ms: Option<u64>,
     /// Prompt tokens (of the answering tier).
     pub prompt_tokens: u64,
+    /// Of those, the ones served from the answering tier's prefix cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
     /// Generated tokens (all tiers, for a continued stream).
     pub completion_tokens: u64,
     /// Fallback hops, e.g. `["heavy→primary: breaker open"]`.

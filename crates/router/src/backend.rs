@@ -20,6 +20,8 @@ pub enum Chunk {
     Started {
         /// Prompt tokens, when known.
         prompt_tokens: u64,
+        /// Of those, the ones served from the prefix cache.
+        cached_tokens: u64,
     },
     /// Answer text.
     Content(String),
@@ -264,6 +266,18 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
         d.insert("generated_tokens".into(), json!(s.generated_tokens));
         d.insert("queued".into(), json!(s.queued));
         d.insert("prefill_tps".into(), json!(s.last_prefill_tps));
+        d.insert(
+            "prefix_cache".into(),
+            json!({
+                "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_prompt_tokens,
+                "hit_rate": if s.prompt_tokens > 0 {
+                    s.cached_prompt_tokens as f64 / s.prompt_tokens as f64
+                } else {
+                    0.0
+                },
+            }),
+        );
     }
     BackendHealth {
         state,
@@ -296,10 +310,18 @@ pub fn pump_engine<S: Send + 'static>(
 ) -> ChunkStream {
     use jemma_chat::event::Event;
     let mut prompt_tokens = 0u64;
+    let mut cached = 0u64;
     pump(events, move |ev| match ev {
-        Event::Started { prompt_tokens: p } => {
+        Event::Started {
+            prompt_tokens: p,
+            cached_tokens,
+        } => {
             prompt_tokens = p as u64;
-            Ok(Chunk::Started { prompt_tokens })
+            cached = cached_tokens as u64;
+            Ok(Chunk::Started {
+                prompt_tokens,
+                cached_tokens: cached,
+            })
         }
         Event::Content(c) => Ok(Chunk::Content(c)),
         Event::Reasoning(r) => Ok(Chunk::Reasoning(r)),
@@ -311,12 +333,12 @@ pub fn pump_engine<S: Send + 'static>(
         Event::Logprobs(t) => Ok(Chunk::Logprobs(
             serde_json::to_value(&t).into_iter().collect(),
         )),
-        Event::Done(s) => Ok(done_chunk(prompt_tokens, finished(s))),
+        Event::Done(s) => Ok(done_chunk(prompt_tokens, cached, finished(s))),
         Event::Error(e) => Err(engine_error(e)),
     })
 }
 
-fn done_chunk(prompt_tokens: u64, f: Finished) -> Chunk {
+fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
     let finish = match (f.tool_calls, f.hit_length) {
         (true, _) => FinishReason::ToolCalls,
         (false, true) => FinishReason::Length,
@@ -328,6 +350,7 @@ fn done_chunk(prompt_tokens: u64, f: Finished) -> Chunk {
             prompt_tokens,
             completion_tokens: f.completion_tokens,
             total_tokens: prompt_tokens + f.completion_tokens,
+            prompt_tokens_details: Some(crate::api::PromptTokensDetails { cached_tokens }),
         },
         decode_tps: Some(f.decode_tps),
     }
@@ -615,7 +638,10 @@ impl Backend for OpenAiBackend {
                     if !started {
                         started = true;
                         if tx
-                            .send(Ok(Chunk::Started { prompt_tokens: 0 }))
+                            .send(Ok(Chunk::Started {
+                                prompt_tokens: 0,
+                                cached_tokens: 0,
+                            }))
                             .await
                             .is_err()
                         {

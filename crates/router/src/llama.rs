@@ -35,6 +35,11 @@ impl Backend for LlamaBackend {
         self.engine.status().model
     }
 
+    fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+        // A cold model swap waits on this before loading the next model into the memory it frees.
+        Box::pin(self.engine.stopped())
+    }
+
     async fn start(
         &self,
         req: &ChatRequest,

@@ -462,6 +462,7 @@ impl TierRouter {
                 }
             };
             let mut prompt_tokens = 0u64;
+            let mut cached_tokens = 0u64;
             let mut got_token = false;
             let mut tier_tokens = 0u64;
             let outcome: Result<(crate::backend::FinishReason, Usage, Option<f64>), BackendError> = loop {
@@ -493,8 +494,12 @@ impl TierRouter {
                     Ok(Some(Ok(c))) => c,
                 };
                 match item {
-                    Chunk::Started { prompt_tokens: p } => {
+                    Chunk::Started {
+                        prompt_tokens: p,
+                        cached_tokens: c,
+                    } => {
                         prompt_tokens = p;
+                        cached_tokens = c;
                         continue;
                     }
                     Chunk::Done {
@@ -504,6 +509,9 @@ impl TierRouter {
                     } => {
                         if usage.prompt_tokens > 0 {
                             prompt_tokens = usage.prompt_tokens;
+                        }
+                        if let Some(d) = usage.prompt_tokens_details {
+                            cached_tokens = d.cached_tokens;
                         }
                         tier_tokens = usage.completion_tokens.max(tier_tokens);
                         break Ok((finish_reason, usage, decode_tps));
@@ -552,14 +560,20 @@ impl TierRouter {
                         latency_ms: latency,
                         ttft_ms: ttft,
                         prompt_tokens,
+                        cached_tokens,
                         completion_tokens,
                         fallback: fallback.clone(),
                         tokens_per_second: tps,
                     };
+                    metrics::counter!("jemma_prompt_cached_tokens_total", "tier" => tier.as_str())
+                        .increment(cached_tokens);
                     let usage = Usage {
                         prompt_tokens,
                         completion_tokens,
                         total_tokens: prompt_tokens + completion_tokens,
+                        prompt_tokens_details: Some(crate::api::PromptTokensDetails {
+                            cached_tokens,
+                        }),
                     };
                     let _ = tx
                         .send(Output::End {

@@ -76,7 +76,12 @@ impl Backend for Scripted {
         let (tx, rx) = mpsc::channel(8);
         let cancelled = self.cancelled.clone();
         tokio::spawn(async move {
-            let _ = tx.send(Ok(Chunk::Started { prompt_tokens: 3 })).await;
+            let _ = tx
+                .send(Ok(Chunk::Started {
+                    prompt_tokens: 3,
+                    cached_tokens: 0,
+                }))
+                .await;
             match script {
                 Script::Answer(pieces) => {
                     for p in &pieces {
@@ -90,6 +95,7 @@ impl Backend for Scripted {
                                 prompt_tokens: 3,
                                 completion_tokens: n,
                                 total_tokens: 3 + n,
+                                prompt_tokens_details: None,
                             },
                             decode_tps: Some(10.0),
                         }))

@@ -4,6 +4,7 @@
 //! shares: preload or lazy load, the memory-budget reservation before a byte is read, unload after the
 //! idle keep-alive or when the memory governor asks, and a transparent reload at the next request.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -46,6 +47,10 @@ pub struct Status<I> {
     pub requests: u64,
     /// Tokens generated in total.
     pub generated_tokens: u64,
+    /// Prompt tokens of all completed requests.
+    pub prompt_tokens: u64,
+    /// Of those, the ones served from the prefix cache (the hit rate is their share).
+    pub cached_prompt_tokens: u64,
     /// Decode speed of the last request, tokens/s.
     pub last_decode_tps: f64,
     /// Prefill speed of the last request, tokens/s.
@@ -97,6 +102,10 @@ pub type Progress = Arc<dyn Fn(f32) + Send + Sync>;
 /// What a finished request adds to the host's figures.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tally {
+    /// Prompt tokens.
+    pub prompt_tokens: usize,
+    /// Of those, the ones served from the prefix cache.
+    pub cached_tokens: usize,
     /// Generated tokens.
     pub completion_tokens: usize,
     /// Prefill speed, tokens/s.
@@ -178,6 +187,9 @@ pub struct Host<R: ModelRunner> {
     status: Arc<Mutex<Status<R::Info>>>,
     event_buffer: usize,
     stopped: watch::Receiver<bool>,
+    /// True while the preload at start runs: requests are refused then (the router falls back), while
+    /// during a later (lazy or re-) load they wait in the queue.
+    preloading: Arc<AtomicBool>,
 }
 
 impl<R: ModelRunner> Clone for Host<R> {
@@ -187,6 +199,7 @@ impl<R: ModelRunner> Clone for Host<R> {
             status: self.status.clone(),
             event_buffer: self.event_buffer,
             stopped: self.stopped.clone(),
+            preloading: self.preloading.clone(),
         }
     }
 }
@@ -205,6 +218,8 @@ impl<R: ModelRunner> Host<R> {
             model: config.name.clone(),
             requests: 0,
             generated_tokens: 0,
+            prompt_tokens: 0,
+            cached_prompt_tokens: 0,
             last_decode_tps: 0.0,
             last_prefill_tps: 0.0,
             queued: 0,
@@ -216,6 +231,8 @@ impl<R: ModelRunner> Host<R> {
         let (stopped_tx, stopped) = watch::channel(false);
         let event_buffer = config.event_buffer.max(1);
         let st = status.clone();
+        let preloading = Arc::new(AtomicBool::new(config.preload));
+        let pre = preloading.clone();
         std::thread::Builder::new()
             .name(config.thread_name.clone())
             .spawn(move || {
@@ -223,8 +240,9 @@ impl<R: ModelRunner> Host<R> {
                     config,
                     runner,
                     status: st,
+                    ever_loaded: false,
                 }
-                .run(rx);
+                .run(rx, &pre);
                 let _ = stopped_tx.send(true);
             })?;
         Ok(Self {
@@ -232,6 +250,7 @@ impl<R: ModelRunner> Host<R> {
             status,
             event_buffer,
             stopped,
+            preloading,
         })
     }
 
@@ -249,13 +268,15 @@ impl<R: ModelRunner> Host<R> {
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver cancels it.
     ///
     /// Errors: [`SubmitError::QueueFull`] when `queue_capacity` requests already wait;
-    /// [`SubmitError::Unavailable`] while loading, after a failed load, or once the thread has stopped.
+    /// [`SubmitError::Unavailable`] during the preload at start, after a failed load, or once the thread
+    /// has stopped. During a lazy load or a reload, requests wait in the queue.
     pub fn submit(
         &self,
         request: R::Request,
     ) -> Result<mpsc::Receiver<Event<R::Summary>>, SubmitError> {
         match self.status().state {
             EngineState::Ready | EngineState::Unloaded => {}
+            EngineState::Loading { .. } if !self.preloading.load(Ordering::Acquire) => {}
             EngineState::Loading { .. } => {
                 return Err(SubmitError::Unavailable("model is loading".into()));
             }
@@ -303,6 +324,9 @@ struct Thread<R: ModelRunner> {
     config: HostConfig,
     runner: R,
     status: Arc<Mutex<Status<R::Info>>>,
+    /// Whether a load ever succeeded: until one has, a hard failure is final (a broken model), after one
+    /// a failed reload is retried at the next request.
+    ever_loaded: bool,
 }
 
 impl<R: ModelRunner> Thread<R> {
@@ -319,13 +343,10 @@ impl<R: ModelRunner> Thread<R> {
             .unwrap_or_else(|e| e.into_inner().info.clone())
     }
 
-    /// Reserves memory and loads. `first` is the preload at start: a failure then is final; later (lazy
-    /// loads, reloads) it leaves the host unloaded so the next request tries again.
-    fn try_load(
-        &mut self,
-        memory: Option<&crate::memory::EngineHandle>,
-        first: bool,
-    ) -> Option<R::Model> {
+    /// Reserves memory and loads. A refusal for memory leaves the host unloaded (the next request tries
+    /// again: memory may have been freed by then); a hard failure is final until a load has succeeded once
+    /// (a broken model, preloaded or lazy), and retried at the next request after that.
+    fn try_load(&mut self, memory: Option<&crate::memory::EngineHandle>) -> Option<R::Model> {
         let name = self.config.name.clone();
         let mut info = self.info();
         let result = (|| {
@@ -357,6 +378,7 @@ impl<R: ModelRunner> Thread<R> {
         match result {
             Ok((model, context_length)) => {
                 tracing::info!(model = %name, context_length, "model loaded");
+                self.ever_loaded = true;
                 self.runner.refresh(&mut info);
                 self.set(|s| {
                     s.state = EngineState::Ready;
@@ -369,7 +391,7 @@ impl<R: ModelRunner> Thread<R> {
             Err(e) => {
                 tracing::error!(model = %name, error = %e, "model failed to load");
                 let msg = e.to_string();
-                let retry = matches!(e, LoadError::Refused(_)) || !first;
+                let retry = matches!(e, LoadError::Refused(_)) || self.ever_loaded;
                 self.set(|s| {
                     s.info = info;
                     s.last_error = Some(msg.clone());
@@ -405,7 +427,7 @@ impl<R: ModelRunner> Thread<R> {
         });
     }
 
-    fn run(mut self, mut jobs: mpsc::Receiver<Job<R>>) {
+    fn run(mut self, mut jobs: mpsc::Receiver<Job<R>>, preloading: &AtomicBool) {
         self.runner.init();
         let memory = self
             .config
@@ -415,7 +437,8 @@ impl<R: ModelRunner> Thread<R> {
         let memory = memory.as_ref();
         let mut loaded = None;
         if self.config.preload {
-            loaded = self.try_load(memory, true);
+            loaded = self.try_load(memory);
+            preloading.store(false, Ordering::Release);
             if loaded.is_none()
                 && matches!(
                     self.status.lock().map(|s| s.state.clone()),
@@ -465,7 +488,7 @@ impl<R: ModelRunner> Thread<R> {
             }
             if loaded.is_none() {
                 // Lazy first load, or a transparent reload after an unload.
-                loaded = self.try_load(memory, false);
+                loaded = self.try_load(memory);
             }
             let Some(model) = loaded.as_mut() else {
                 let why = self
@@ -485,6 +508,8 @@ impl<R: ModelRunner> Thread<R> {
                 Ok(summary) => {
                     let t = R::tally(&summary);
                     tracing::info!(
+                        prompt_tokens = t.prompt_tokens,
+                        cached_tokens = t.cached_tokens,
                         completion_tokens = t.completion_tokens,
                         prefill_tps = format!("{:.1}", t.prefill_tps),
                         decode_tps = format!("{:.1}", t.decode_tps),
@@ -496,6 +521,8 @@ impl<R: ModelRunner> Thread<R> {
                     self.set(|s| {
                         s.requests += 1;
                         s.generated_tokens += t.completion_tokens as u64;
+                        s.prompt_tokens += t.prompt_tokens as u64;
+                        s.cached_prompt_tokens += t.cached_tokens as u64;
                         s.last_decode_tps = t.decode_tps;
                         s.last_prefill_tps = t.prefill_tps;
                         s.info = info;

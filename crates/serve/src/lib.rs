@@ -5,9 +5,10 @@
 //! keep-alive unload, memory-pressure unload, transparent reload) and live status; from [`memory`] the
 //! process-wide memory budget.
 //!
-//! This is the scheduler / model-runner split of text-generation-inference (router vs backends), vLLM
-//! (scheduler vs model runner) and mistral.rs (engine loop vs pipelines). The runner contract is whole
-//! requests today; continuous batching and the prefix cache (issue 13) extend it to steps.
+//! The split follows text-generation-inference (router vs backends), vLLM (scheduler vs model runner) and
+//! mistral.rs (engine loop vs pipelines), but today's runner contract is whole requests, one at a time on
+//! the model thread, as in mlx_lm.server and a single llama-server slot. Continuous batching (issue 13)
+//! turns it into the step-level contract of those anchors: prefill chunks, one decode step for a batch.
 //! Knows nothing of HTTP, UI, MLX or llama.cpp.
 #![deny(missing_docs)]
 

@@ -83,6 +83,8 @@ impl ModelRunner for Fake {
 
     fn tally(n: &usize) -> Tally {
         Tally {
+            prompt_tokens: 10,
+            cached_tokens: 4,
             completion_tokens: *n,
             ..Default::default()
         }
@@ -167,6 +169,7 @@ fn preloads_serves_and_counts() {
     assert_eq!(run(&host, 1).1, Ok(1));
     let s = host.status();
     assert_eq!((s.requests, s.generated_tokens), (2, 4));
+    assert_eq!((s.prompt_tokens, s.cached_prompt_tokens), (20, 8));
     assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
     // The status serialises flat, as /health and the CLI show it.
     let v = serde_json::to_value(&s).unwrap();
@@ -198,7 +201,8 @@ fn lazy_load_then_idle_keep_alive_unloads_and_the_next_request_reloads() {
     );
     let mut cfg = config();
     cfg.preload = false;
-    cfg.keep_alive = Some(Duration::from_millis(150));
+    // Long enough that a busy 2-core machine still sees the model loaded right after a request.
+    cfg.keep_alive = Some(Duration::from_secs(1));
     cfg.memory = Some(governor.clone());
     let host = Host::start(cfg, r, Info::default()).unwrap();
     assert_eq!(host.status().state, EngineState::Unloaded);
@@ -307,4 +311,26 @@ fn the_thread_ends_when_every_handle_is_dropped() {
             .expect("the model thread ended")
     });
     assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
+}
+
+#[test]
+fn a_broken_model_loaded_lazily_fails_for_good() {
+    let (mut r, _) = fake();
+    r.fail_load = true;
+    let mut cfg = config();
+    cfg.preload = false;
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    assert_eq!(host.status().state, EngineState::Unloaded);
+    assert_eq!(
+        run(&host, 1).1,
+        Err(EngineFailure::Fault("broken weights".into()))
+    );
+    // Never loaded once: a hard failure is final (health says failed; requests go elsewhere at once).
+    assert_eq!(
+        host.status().state,
+        EngineState::Failed {
+            error: "broken weights".into()
+        }
+    );
+    assert!(matches!(host.submit(1), Err(SubmitError::Unavailable(_))));
 }
