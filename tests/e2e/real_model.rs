@@ -62,6 +62,11 @@ async fn gemma3_270m_knows_the_capital_of_france() {
     );
 }
 
+fn assert_paris(v: &serde_json::Value) {
+    let text = v["choices"][0]["text"].as_str().unwrap_or_default();
+    assert!(text.starts_with(" Paris"), "{v}");
+}
+
 async fn paris(client: &reqwest::Client, s: &Server, model: &str) -> serde_json::Value {
     post_json(
         client,
@@ -92,13 +97,7 @@ async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget()
         "nothing loaded before the first request: {h}"
     );
     let v = paris(&client, &s, "fast").await;
-    assert!(
-        v["choices"][0]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with(" Paris"),
-        "{v}"
-    );
+    assert_paris(&v);
     let h = health(&s);
     let fast = tier(&h, "fast");
     assert_eq!(fast["state"], "ready", "{h}");
@@ -115,13 +114,7 @@ async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget()
     assert_eq!(health(&s)["memory"]["reserved_bytes"], 0);
     // Transparent reload, same answer.
     let v = paris(&client, &s, "fast").await;
-    assert!(
-        v["choices"][0]["text"]
-            .as_str()
-            .unwrap()
-            .starts_with(" Paris"),
-        "{v}"
-    );
+    assert_paris(&v);
     assert_eq!(tier(&health(&s), "fast")["state"], "ready");
     drop(s);
 

@@ -633,10 +633,21 @@ fn prefill(
     batch_size: usize,
 ) -> Result<LlamaBatch<'static>> {
     ctx.clear_kv_cache();
+    decode_from(ctx, ids, 0, batch_size)
+}
+
+/// Decodes `ids[from..]` into sequence 0 at their positions, in batches of `batch_size`, with logits for
+/// the last prompt token only (at the returned batch's last index).
+fn decode_from(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    from: usize,
+    batch_size: usize,
+) -> Result<LlamaBatch<'static>> {
     let mut batch = LlamaBatch::new(batch_size.max(1), 1);
-    for (c, chunk) in ids.chunks(batch_size.max(1)).enumerate() {
+    for (c, chunk) in ids[from..].chunks(batch_size.max(1)).enumerate() {
         batch.clear();
-        let base = c * batch_size;
+        let base = from + c * batch_size;
         for (i, &t) in chunk.iter().enumerate() {
             let pos = base + i;
             batch
@@ -687,21 +698,8 @@ fn prefill_reusing(
         }
     }
     cached.truncate(keep);
-    let rest = &ids[keep..];
-    let mut batch = LlamaBatch::new(batch_size.max(1), 1);
-    for (c, chunk) in rest.chunks(batch_size.max(1)).enumerate() {
-        batch.clear();
-        let base = keep + c * batch_size;
-        for (i, &t) in chunk.iter().enumerate() {
-            let pos = base + i;
-            batch
-                .add(t, pos as i32, &[0], pos == ids.len() - 1)
-                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
-        }
-        ctx.decode(&mut batch)
-            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
-        cached.extend_from_slice(chunk);
-    }
+    let batch = decode_from(ctx, ids, keep, batch_size)?;
+    cached.extend_from_slice(&ids[keep..]);
     Ok((batch, keep))
 }
 
