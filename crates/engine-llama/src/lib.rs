@@ -24,6 +24,7 @@ use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::tools::Event as ParseEvent;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
+use jemma_serve::prefix::PrefixSlot;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -397,10 +398,10 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
 }
 
 /// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and the
-/// tokens whose KV the context holds (sequence 0), for prefix reuse.
+/// serving core's record of the tokens whose KV the context holds (sequence 0), for prefix reuse.
 struct Serving {
     cell: SessionCell,
-    cached: Vec<LlamaToken>,
+    cached: PrefixSlot,
 }
 
 type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
@@ -486,7 +487,7 @@ impl ModelRunner for LlamaRunner {
         Ok((
             Serving {
                 cell,
-                cached: vec![],
+                cached: PrefixSlot::new(),
             },
             n_ctx as usize,
         ))
@@ -660,25 +661,24 @@ fn decode_from(
     Ok(batch)
 }
 
-/// Prefills `ids` into sequence 0, keeping the longest prefix of it that the context already holds
-/// (`cached`, the tokens of its KV) and evaluating only the rest; the logits of the last prompt token are at
-/// the returned batch's last index. Returns the batch and how many prompt tokens were reused. `cached` ends
-/// as exactly `ids`.
+/// Prefills `ids` into sequence 0, keeping what the serving core's [`PrefixSlot`] says is reusable (the
+/// longest prefix the context already holds, never the last prompt token, whose logits start the answer) and
+/// evaluating only the rest; the logits of the last prompt token are at the returned batch's last index.
+/// Returns the batch and how many prompt tokens were reused. `cached` ends as exactly `ids`.
 ///
-/// The prefix is trimmed with `llama_memory_seq_rm` (positions from the first differing token on). At least
-/// the last prompt token is always evaluated, since its logits start the answer. Sliding-window layers keep
+/// The prefix is trimmed with `llama_memory_seq_rm` (positions from the first differing token on). Sliding-window layers keep
 /// only the last window of positions (llama.cpp's default `swa_full = false`), so a prefix whose window was
 /// already evicted cannot be restored exactly: then the whole prompt is prefilled again — the check
 /// llama-server makes (`pos_min > max(0, n_past - n_swa)`).
 fn prefill_reusing(
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
     ids: &[LlamaToken],
-    cached: &mut Vec<LlamaToken>,
+    cached: &mut PrefixSlot,
     n_swa: Option<u32>,
     batch_size: usize,
 ) -> Result<(LlamaBatch<'static>, usize)> {
-    let common = cached.iter().zip(ids).take_while(|(a, b)| a == b).count();
-    let mut keep = common.min(ids.len().saturating_sub(1));
+    let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
+    let mut keep = cached.reusable(&as_u32);
     if keep > 0 {
         let pos_min = ctx.kv_cache_seq_pos_min(0);
         let window_lost = n_swa.is_some_and(|w| pos_min > (keep as i64 - w as i64).max(0) as i32);
@@ -699,7 +699,7 @@ fn prefill_reusing(
     }
     cached.truncate(keep);
     let batch = decode_from(ctx, ids, keep, batch_size)?;
-    cached.extend_from_slice(&ids[keep..]);
+    cached.extend(as_u32[keep..].iter().copied());
     Ok((batch, keep))
 }
 
@@ -742,14 +742,11 @@ impl Utf8Stream {
 fn run_job(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    kv: &mut Vec<LlamaToken>,
+    kv: &mut PrefixSlot,
     req: &Request,
     events: &mpsc::Sender<Event>,
     batch_size: usize,
 ) -> Result<Summary> {
-    // What the context's KV holds is known again only when this request ends cleanly: an error on the way
-    // leaves `kv` empty, so the next request starts from a cleared cache instead of a corrupt one.
-    let mut cached = std::mem::take(kv);
     let ids = loaded.prompt_ids(&req.prompt)?;
     if ids.is_empty() {
         return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
@@ -772,6 +769,9 @@ fn run_job(
             req.max_tokens
         )));
     }
+    // The KV is touched from here on: until this request ends cleanly, `kv` is empty, so an error leaves
+    // the next request a cleared cache rather than a stale record (a refused request above kept it).
+    let mut cached = kv.begin();
     let t0 = Instant::now();
     let (mut batch, reused) = prefill_reusing(ctx, &ids, &mut cached, loaded.n_swa, batch_size)?;
     let prefill_time = t0.elapsed();
@@ -854,10 +854,10 @@ fn run_job(
         pos += 1;
         ctx.decode(&mut batch)
             .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
-        cached.push(tok);
+        cached.extend([tok.0 as u32]);
         idx = 0;
     };
-    *kv = cached;
+    kv.commit(cached);
     if finish != Finish::Cancelled {
         // A stop string ended the answer when the loop broke on one (not on an end-of-generation token).
         let by_string = finish == Finish::Stop && matches!(flow, ControlFlow::Break(()));

@@ -243,12 +243,20 @@ fn chat_requests_stream_through_the_model_thread() {
     assert_eq!(s.finish, Finish::Length);
     assert!(s.decode_tps > 0.0 && s.prefill_tps > 0.0);
     // Greedy is deterministic: the same request gives the same tokens.
-    let mut rx = e.submit(request(chat, 12)).unwrap();
+    let mut rx = e.submit(request(chat.clone(), 12)).unwrap();
     let (text2, s2) = collect(&mut rx);
     assert_eq!((text, s.tokens), (text2, s2.tokens));
     assert_eq!(e.status().requests, 2);
     // The repeat reused the prompt's KV: all but the last token, whose logits start the answer.
     assert_eq!(s2.cached_tokens, prompt_tokens - 1);
+    // A request refused before it touched the KV (an empty prompt) leaves the cache as it was.
+    let mut rx = e.submit(request(Prompt::Ids(vec![]), 4)).unwrap();
+    assert!(matches!(
+        rx.blocking_recv(),
+        Some(Event::Error(EngineFailure::InvalidRequest(_)))
+    ));
+    let mut rx = e.submit(request(chat, 2)).unwrap();
+    assert_eq!(collect(&mut rx).1.cached_tokens, prompt_tokens - 1);
 }
 
 #[test]

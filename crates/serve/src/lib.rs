@@ -3,7 +3,7 @@
 //! run a request, release — and get from [`host::Host`] the model thread, the bounded admission queue (full:
 //! HTTP 429), cancellation when a receiver is dropped, the model's lifecycle (preload or lazy load,
 //! keep-alive unload, memory-pressure unload, transparent reload) and live status; from [`memory`] the
-//! process-wide memory budget.
+//! process-wide memory budget; from [`prefix`] the prefix cache's bookkeeping.
 //!
 //! The split follows text-generation-inference (router vs backends), vLLM (scheduler vs model runner) and
 //! mistral.rs (engine loop vs pipelines), but today's runner contract is whole requests, one at a time on
@@ -14,3 +14,4 @@
 
 pub mod host;
 pub mod memory;
+pub mod prefix;
