@@ -15,6 +15,11 @@
 //! Before rendering, tool-call `function.arguments` sent as a JSON string (the OpenAI wire format) are decoded
 //! into objects, as vLLM and mlx-lm do: the Gemma 4 template refuses string arguments.
 
+/// The request error for a chat request to a model without a chat template (a base model): says what to
+/// send instead, rather than render the conversation in some other model's format.
+pub const NO_CHAT_TEMPLATE: &str = "this model has no chat template (it is a base model): send a plain-text \
+prompt to the completions API (/v1/completions) instead of chat messages";
+
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;

@@ -22,6 +22,7 @@ use jemma_chat::answer::Answer;
 use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
+use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_chat::tools::Event as ParseEvent;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
 use jemma_serve::prefix::PrefixSlot;
@@ -534,9 +535,10 @@ impl Loaded {
                 tools,
                 enable_thinking,
             } => {
-                let tpl = self.template.as_ref().ok_or_else(|| {
-                    LlamaError::InvalidRequest("this model has no chat template".into())
-                })?;
+                let tpl = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| LlamaError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
                 tpl.render_for_generation(messages, tools.as_deref(), *enable_thinking)
                     .map_err(|e| {
                         if e.is_client_error() {

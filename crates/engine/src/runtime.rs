@@ -22,6 +22,7 @@ use crate::{EngineError, Result};
 use jemma_chat::answer::Answer;
 use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::TokenLogprob;
+use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
 
 /// What to generate from.
@@ -296,9 +297,10 @@ impl ModelBundle {
                 tools,
                 enable_thinking,
             } => {
-                let tpl = self.template.as_ref().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template".into())
-                })?;
+                let tpl = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| EngineError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
                 let text = tpl
                     .render_for_generation(messages, tools.as_deref(), *enable_thinking)
                     .map_err(|e| {
