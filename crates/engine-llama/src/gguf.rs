@@ -219,10 +219,16 @@ pub fn served_context(train: u32, configured: Option<u32>) -> u32 {
 /// `n_head_kv × (key_length + value_length)` F16 values. The sliding pattern is the GGUF's
 /// `sliding_window_pattern` where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`, and
 /// otherwise every layer full (an over- rather than under-estimate). The compute buffers are approximated as
-/// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus one row of logits.
+/// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus a row of logits per sequence. With `n_seq`
+/// sequences (one KV stream each, `kv_unified = false`) every stream holds the cells above.
 ///
 /// Errors: the file cannot be read, or it lacks `general.architecture` / `<arch>.block_count`.
-pub fn footprint(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<u64> {
+pub fn footprint(
+    path: &Path,
+    context_length: Option<u32>,
+    n_ubatch: u32,
+    n_seq: u32,
+) -> Result<u64> {
     if !path.is_file() {
         return Err(LlamaError::InvalidModel(format!(
             "{}: no such GGUF file",
@@ -294,8 +300,9 @@ pub fn footprint(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Res
         Some(Value::Array(t)) => t.len() as u64,
         _ => 0,
     };
-    let compute = n_ubatch as u64 * embd.max(ff) * 4 * 8 + n_vocab * 4;
-    Ok(file_bytes + kv + compute)
+    let n_seq = n_seq.max(1) as u64;
+    let compute = n_ubatch as u64 * embd.max(ff) * 4 * 8 + n_seq * n_vocab * 4;
+    Ok(file_bytes + n_seq * kv + compute)
 }
 
 #[cfg(test)]

@@ -2,18 +2,19 @@
 //! Cloud Run heavy tier, feature `cuda`) or on Metal (feature `metal`), with every layer offloaded when a
 //! GPU backend is built in.
 //!
-//! The engine mirrors the MLX engine's shape: one model thread owns the llama.cpp model and context, requests
-//! arrive through a bounded queue, events leave through a bounded channel, and dropping the receiver cancels
-//! the request at the next token. Prompts are rendered with the model's own chat template (the GGUF's
-//! `tokenizer.chat_template`, through jemma-chat's Jinja renderer, so both engines format conversations
-//! byte-identically) and outputs are parsed with the same Gemma 4 parser (thinking channel, tool calls).
-//! This crate knows nothing of HTTP or UI.
+//! The engine runs on the serving core's host (jemma-serve): one model thread owns the llama.cpp model and
+//! context, requests arrive through a bounded queue, up to `parallel` of them are decoded together (one
+//! llama.cpp sequence each, in one `llama_batch`), events leave through a bounded channel, and dropping the
+//! receiver cancels the request at the next step. Each sequence's slot keeps its KV for prefix reuse.
+//! Prompts are rendered with the model's own chat template (the GGUF's `tokenizer.chat_template`, through
+//! jemma-chat's Jinja renderer, so both engines format conversations byte-identically) and outputs are
+//! parsed with the same Gemma 4 parser (thinking channel, tool calls). This crate knows nothing of HTTP or
+//! UI.
 #![deny(missing_docs)]
 
 pub mod gguf;
 
 use std::num::NonZeroU32;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -23,8 +24,7 @@ use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
-use jemma_chat::tools::Event as ParseEvent;
-use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
+use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::PrefixSlot;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -99,8 +99,11 @@ pub struct LlamaConfig {
     pub batch_threads: Option<i32>,
     /// Layers on the GPU (None: all when built with a GPU backend, else 0).
     pub gpu_layers: Option<u32>,
-    /// Prompt tokens per decode call.
+    /// Prompt tokens per decode call (the prefill chunk).
     pub batch_size: u32,
+    /// Requests decoded together (llama.cpp sequences in one context, each with the whole served context;
+    /// the KV cache grows with it). Default: [`default_parallel`].
+    pub parallel: u32,
     /// Requests that may wait before submissions are refused.
     pub queue_capacity: usize,
     /// Events buffered per request.
@@ -124,6 +127,7 @@ impl LlamaConfig {
             batch_threads: None,
             gpu_layers: None,
             batch_size: 512,
+            parallel: default_parallel(),
             queue_capacity: 16,
             event_buffer: 64,
             keep_alive: None,
@@ -138,6 +142,17 @@ impl LlamaConfig {
 pub fn default_threads() -> i32 {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
     if n > 4 { n - 1 } else { n }
+}
+
+/// The most sequences one context may decode together.
+pub const MAX_PARALLEL: u32 = 64;
+
+/// Requests decoded together by default: 8 with CUDA (the heavy tier: a data-centre GPU has the memory
+/// bandwidth and VRAM for more), else 4. Decoding one token reads every weight once, so a batch of `n`
+/// sequences costs little more than one until compute becomes the bound — on a CPU or an Apple GPU around 4
+/// to 8 rows — while each sequence's KV cache is reserved in full (llama-server's default is 4 slots).
+pub fn default_parallel() -> u32 {
+    if cfg!(feature = "cuda") { 8 } else { 4 }
 }
 
 /// Sampling parameters: the same type as the MLX engine's, so a request means the same on every tier.
@@ -398,11 +413,21 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
     Ok(())
 }
 
-/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and the
-/// serving core's record of the tokens whose KV the context holds (sequence 0), for prefix reuse.
+/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and one
+/// slot per llama.cpp sequence: the serving core's record of the tokens whose KV that sequence holds (its
+/// prefix cache entry) and whether a request is using it.
 struct Serving {
     cell: SessionCell,
+    slots: Vec<Slot>,
+    /// Advances at each admission; orders the slots by last use.
+    clock: u64,
+}
+
+/// One llama.cpp sequence (its own KV stream, `kv_unified = false`).
+struct Slot {
     cached: PrefixSlot,
+    busy: bool,
+    last_used: u64,
 }
 
 type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
@@ -415,10 +440,17 @@ self_cell::self_cell!(
     }
 );
 
-/// The llama.cpp engine as the serving core drives it.
+/// The llama.cpp engine as the serving core drives it: up to `parallel` sequences in one context, decoded
+/// together.
 struct LlamaRunner {
     config: LlamaConfig,
     threads: i32,
+}
+
+impl LlamaRunner {
+    fn parallel(&self) -> u32 {
+        self.config.parallel.clamp(1, MAX_PARALLEL)
+    }
 }
 
 impl ModelRunner for LlamaRunner {
@@ -426,12 +458,14 @@ impl ModelRunner for LlamaRunner {
     type Request = Request;
     type Summary = Summary;
     type Info = LlamaInfo;
+    type Sequence = LlamaSequence;
 
     fn plan(&mut self, info: &mut LlamaInfo) -> Result<Option<u64>, LoadError> {
         let bytes = gguf::footprint(
             &self.config.model_path,
             self.config.context_length,
             self.config.batch_size,
+            self.parallel(),
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         info.footprint_bytes = Some(bytes);
@@ -459,8 +493,15 @@ impl ModelRunner for LlamaRunner {
             .config
             .batch_threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+        let parallel = self.parallel();
+        // One KV stream per sequence (kv_unified = false), each holding the whole served context: a
+        // sequence's cells sit where they would if it ran alone, so batched answers equal lone ones, and
+        // attention reads only the sequence's own cells (llama.cpp's advice when sequences do not share a
+        // long prefix). llama.cpp divides n_ctx among the streams.
         let ctx_params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(loaded.n_ctx))
+            .with_n_ctx(NonZeroU32::new(loaded.n_ctx * parallel))
+            .with_n_seq_max(parallel)
+            .with_kv_unified(false)
             .with_n_batch(self.config.batch_size)
             .with_n_ubatch(self.config.batch_size)
             .with_n_threads(threads)
@@ -479,34 +520,80 @@ impl ModelRunner for LlamaRunner {
         let bytes = loaded.model.size();
         let cell = SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params))
             .map_err(|e| {
-                LoadError::Failed(format!("creating the context ({n_ctx} tokens): {e}"))
+                LoadError::Failed(format!(
+                    "creating the context ({n_ctx} tokens × {parallel} sequences): {e}"
+                ))
             })?;
-        tracing::info!(model = %self.config.model_path.display(), n_ctx, threads, gpu_layers = gpu, "GGUF loaded");
+        tracing::info!(model = %self.config.model_path.display(), n_ctx, parallel, threads, gpu_layers = gpu, "GGUF loaded");
         info.gpu_layers = gpu;
         info.threads = threads;
         info.model_bytes = bytes;
+        let slots = (0..parallel)
+            .map(|_| Slot {
+                cached: PrefixSlot::new(),
+                busy: false,
+                last_used: 0,
+            })
+            .collect();
         Ok((
             Serving {
                 cell,
-                cached: PrefixSlot::new(),
+                slots,
+                clock: 0,
             },
             n_ctx as usize,
         ))
     }
 
-    fn run(
+    fn max_sequences(&self, model: &Serving) -> usize {
+        model.slots.len()
+    }
+
+    fn admit(
         &mut self,
         model: &mut Serving,
         request: Request,
         _context_length: usize,
-        events: &mpsc::Sender<Event>,
-    ) -> Result<Summary, EngineFailure> {
-        let batch = self.config.batch_size as usize;
-        let cached = &mut model.cached;
-        model
+    ) -> Result<LlamaSequence, EngineFailure> {
+        let Serving { cell, slots, clock } = model;
+        *clock += 1;
+        let now = *clock;
+        cell.with_dependent_mut(|loaded, ctx| {
+            LlamaSequence::admit(loaded, ctx, slots, now, request)
+        })
+        .map_err(Into::into)
+    }
+
+    fn step(
+        &mut self,
+        model: &mut Serving,
+        batch: &mut [&mut LlamaSequence],
+        out: &mut [SeqOutput<Summary>],
+    ) -> Result<(), EngineFailure> {
+        let chunk = self.config.batch_size as usize;
+        let result = model
             .cell
-            .with_dependent_mut(|loaded, ctx| run_job(loaded, ctx, cached, &request, events, batch))
-            .map_err(Into::into)
+            .with_dependent_mut(|loaded, ctx| step(loaded, ctx, batch, out, chunk));
+        if result.is_err() {
+            // What the failed decode left in these sequences' KV is unknown: their slots start clean.
+            for seq in batch.iter_mut() {
+                seq.poisoned = true;
+            }
+        }
+        result.map_err(Into::into)
+    }
+
+    fn release(&mut self, model: &mut Serving, seq: LlamaSequence) {
+        let slot = &mut model.slots[seq.slot];
+        slot.busy = false;
+        if seq.poisoned {
+            model.cell.with_dependent_mut(|_, ctx| {
+                let _ = ctx.clear_kv_cache_seq(Some(seq.slot as u32), None, None);
+            });
+        } else {
+            // Finished or cancelled cleanly: the record describes the sequence's KV again.
+            slot.cached.commit(seq.kv);
+        }
     }
 
     fn tally(s: &Summary) -> Tally {
@@ -663,46 +750,41 @@ fn decode_from(
     Ok(batch)
 }
 
-/// Prefills `ids` into sequence 0, keeping what the serving core's [`PrefixSlot`] says is reusable (the
-/// longest prefix the context already holds, never the last prompt token, whose logits start the answer) and
-/// evaluating only the rest; the logits of the last prompt token are at the returned batch's last index.
-/// Returns the batch and how many prompt tokens were reused. `cached` ends as exactly `ids`.
-///
-/// The prefix is trimmed with `llama_memory_seq_rm` (positions from the first differing token on). Sliding-window layers keep
-/// only the last window of positions (llama.cpp's default `swa_full = false`), so a prefix whose window was
-/// already evicted cannot be restored exactly: then the whole prompt is prefilled again — the check
-/// llama-server makes (`pos_min > max(0, n_past - n_swa)`).
-fn prefill_reusing(
-    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    ids: &[LlamaToken],
-    cached: &mut PrefixSlot,
+/// How many leading tokens of `ids` sequence `seq` can keep: what its [`PrefixSlot`] says is reusable (the
+/// longest prefix it holds, never the last prompt token, whose logits start the answer), or 0 when the
+/// sliding-window layers no longer hold that prefix's window. They keep only the last window of positions
+/// (llama.cpp's default `swa_full = false`), so such a prefix cannot be restored exactly and the whole
+/// prompt is prefilled again — the check llama-server makes (`pos_min > max(0, n_past - n_swa)`).
+fn reusable(
+    ctx: &llama_cpp_2::context::LlamaContext<'_>,
+    seq: u32,
+    cached: &PrefixSlot,
+    ids: &[u32],
     n_swa: Option<u32>,
-    batch_size: usize,
-) -> Result<(LlamaBatch<'static>, usize)> {
-    let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
-    let mut keep = cached.reusable(&as_u32);
-    if keep > 0 {
-        let pos_min = ctx.kv_cache_seq_pos_min(0);
-        let window_lost = n_swa.is_some_and(|w| pos_min > (keep as i64 - w as i64).max(0) as i32);
-        if pos_min < 0 || window_lost {
-            keep = 0;
-        }
-    }
+) -> usize {
+    let keep = cached.reusable(ids);
     if keep == 0 {
-        ctx.clear_kv_cache();
-    } else {
+        return 0;
+    }
+    let pos_min = ctx.kv_cache_seq_pos_min(seq as i32);
+    let window_lost = n_swa.is_some_and(|w| pos_min > (keep as i64 - w as i64).max(0) as i32);
+    if pos_min < 0 || window_lost { 0 } else { keep }
+}
+
+/// Keeps the first `keep` positions of sequence `seq`'s KV (`llama_memory_seq_rm` from there on; all of it
+/// for 0) and returns how many were kept (0 when llama.cpp cannot trim a partial range).
+fn trim(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, seq: u32, keep: usize) -> Result<usize> {
+    if keep > 0 {
         let kept = ctx
-            .clear_kv_cache_seq(Some(0), Some(keep as u32), None)
+            .clear_kv_cache_seq(Some(seq), Some(keep as u32), None)
             .map_err(|e| LlamaError::Runtime(format!("trimming the KV cache: {e}")))?;
-        if !kept {
-            ctx.clear_kv_cache();
-            keep = 0;
+        if kept {
+            return Ok(keep);
         }
     }
-    cached.truncate(keep);
-    let batch = decode_from(ctx, ids, keep, batch_size)?;
-    cached.extend(as_u32[keep..].iter().copied());
-    Ok((batch, keep))
+    ctx.clear_kv_cache_seq(Some(seq), None, None)
+        .map_err(|e| LlamaError::Runtime(format!("clearing the KV cache: {e}")))?;
+    Ok(0)
 }
 
 /// Token text decoding that keeps multi-byte UTF-8 characters split across tokens intact.
@@ -741,147 +823,246 @@ impl Utf8Stream {
     }
 }
 
-fn run_job(
-    loaded: &Loaded,
-    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    kv: &mut PrefixSlot,
-    req: &Request,
-    events: &mpsc::Sender<Event>,
-    batch_size: usize,
-) -> Result<Summary> {
-    let ids = loaded.prompt_ids(&req.prompt)?;
-    if ids.is_empty() {
-        return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
-    }
-    let n_vocab = loaded.model.n_vocab();
-    if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
-        return Err(LlamaError::InvalidRequest(format!(
-            "token id {} is outside the vocabulary ({n_vocab})",
-            bad.0
-        )));
-    }
-    req.sampling
-        .validate(n_vocab as usize)
-        .map_err(LlamaError::InvalidRequest)?;
-    let n_ctx = loaded.n_ctx as usize;
-    if ids.len() + req.max_tokens > n_ctx {
-        return Err(LlamaError::InvalidRequest(format!(
-            "prompt ({} tokens) + max_tokens ({}) exceeds the context of {n_ctx} tokens",
-            ids.len(),
-            req.max_tokens
-        )));
-    }
-    // The KV is touched from here on: until this request ends cleanly, `kv` is empty, so an error leaves
-    // the next request a cleared cache rather than a stale record (a refused request above kept it).
-    let mut cached = kv.begin();
-    let t0 = Instant::now();
-    let (mut batch, reused) = prefill_reusing(ctx, &ids, &mut cached, loaded.n_swa, batch_size)?;
-    let prefill_time = t0.elapsed();
-    if events
-        .blocking_send(Event::Started {
-            prompt_tokens: ids.len(),
-            cached_tokens: reused,
+/// One request in the running batch: its llama.cpp sequence (slot), prompt, sampler chain and decoding
+/// state.
+struct LlamaSequence {
+    /// The llama.cpp sequence id (and index of its slot).
+    slot: usize,
+    ids: Vec<LlamaToken>,
+    /// Prompt tokens whose KV is in the sequence (reused or prefilled).
+    prefilled: usize,
+    /// Prompt tokens reused from the slot's previous request.
+    reused: usize,
+    /// The tokens whose KV the sequence holds (committed to the slot at release).
+    kv: PrefixSlot,
+    sampler: LlamaSampler,
+    text: Utf8Stream,
+    answer: Answer,
+    /// Generated tokens; the last one is decoded at the next step.
+    tokens: Vec<u32>,
+    max_tokens: usize,
+    ignore_eos: bool,
+    logprobs: bool,
+    top_logprobs: usize,
+    prefill_time: Duration,
+    first_token_at: Option<Instant>,
+    /// A failed decode left its KV unknown: the slot is cleared at release.
+    poisoned: bool,
+}
+
+impl LlamaSequence {
+    /// Checks and tokenizes a request and gives it the free slot whose cache keeps the most of its prompt
+    /// (the least recently used one when none keeps anything: llama-server's slot choice), trimming that
+    /// slot's KV to the reusable prefix.
+    fn admit(
+        loaded: &Loaded,
+        ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+        slots: &mut [Slot],
+        now: u64,
+        req: Request,
+    ) -> Result<Self> {
+        let ids = loaded.prompt_ids(&req.prompt)?;
+        if ids.is_empty() {
+            return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
+        }
+        let n_vocab = loaded.model.n_vocab();
+        if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
+            return Err(LlamaError::InvalidRequest(format!(
+                "token id {} is outside the vocabulary ({n_vocab})",
+                bad.0
+            )));
+        }
+        req.sampling
+            .validate(n_vocab as usize)
+            .map_err(LlamaError::InvalidRequest)?;
+        let n_ctx = loaded.n_ctx as usize;
+        if ids.len() + req.max_tokens > n_ctx {
+            return Err(LlamaError::InvalidRequest(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {n_ctx} tokens",
+                ids.len(),
+                req.max_tokens
+            )));
+        }
+        let sampler = sampler(loaded, &req.sampling, req.json_mode)?;
+        let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
+        let (slot, keep) = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.busy)
+            .map(|(i, s)| (i, reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)))
+            .max_by(|a, b| {
+                a.1.cmp(&b.1)
+                    .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
+            })
+            .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
+        // The KV is touched from here on: until this request ends cleanly the slot's record is empty, so a
+        // failure leaves the next request a cleared sequence rather than a stale record.
+        let mut kv = slots[slot].cached.begin();
+        slots[slot].busy = true;
+        slots[slot].last_used = now;
+        let keep = trim(ctx, slot as u32, keep)?;
+        kv.truncate(keep);
+        Ok(Self {
+            slot,
+            ids,
+            prefilled: keep,
+            reused: keep,
+            kv,
+            sampler,
+            text: Utf8Stream { pending: vec![] },
+            answer: Answer::new(&req.stop, req.parse_output),
+            tokens: vec![],
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
+            prefill_time: Duration::ZERO,
+            first_token_at: None,
+            poisoned: false,
         })
-        .is_err()
-    {
-        return Err(LlamaError::InvalidRequest("client went away".into()));
     }
-    let mut smp = sampler(loaded, &req.sampling, req.json_mode)?;
-    let vocab = loaded.model.vocab();
-    let mut text = Utf8Stream { pending: vec![] };
-    let mut answer = Answer::new(&req.stop, req.parse_output);
-    let mut tokens = vec![];
-    let send = |evs: Vec<ParseEvent>| {
-        evs.into_iter()
-            .all(|e| events.blocking_send(e.into()).is_ok())
-    };
-    let mut finish = Finish::Length;
-    let mut pos = ids.len();
-    let mut idx = batch.n_tokens() - 1;
-    let mut first_token_at = None;
-    let flow = loop {
-        if tokens.len() >= req.max_tokens {
-            break ControlFlow::Continue(());
+
+    fn decoding(&self) -> bool {
+        self.prefilled == self.ids.len()
+    }
+
+    /// Samples the next token from the logits at batch index `idx` and streams what it completes; ends the
+    /// sequence in `out` at an end-of-generation token, a stop string or `max_tokens`.
+    fn accept(
+        &mut self,
+        loaded: &Loaded,
+        ctx: &llama_cpp_2::context::LlamaContext<'_>,
+        idx: i32,
+        out: &mut SeqOutput<Summary>,
+    ) {
+        let vocab = loaded.model.vocab();
+        let tok = self.sampler.sample(ctx, idx);
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(Instant::now());
         }
-        if events.is_closed() {
-            finish = Finish::Cancelled;
-            break ControlFlow::Break(());
+        if !self.ignore_eos && vocab.is_eog(tok) {
+            return self.finish(Finish::Stop, false, out);
         }
-        let tok = smp.sample(ctx, idx);
-        if first_token_at.is_none() {
-            first_token_at = Some(Instant::now());
-        }
-        if !req.ignore_eos && vocab.is_eog(tok) {
-            finish = Finish::Stop;
-            break ControlFlow::Continue(());
-        }
-        tokens.push(tok.0 as u32);
+        self.tokens.push(tok.0 as u32);
         let bytes = vocab.token_to_piece(tok, true, None);
-        if req.logprobs {
+        if self.logprobs {
             // The logits the sampler read: llama.cpp's samplers work on a copy, so these are the model's.
             let (lp, top) = log_softmax_top(
                 ctx.get_logits_ith(idx),
                 tok.0 as usize,
-                req.top_logprobs.min(MAX_TOP_LOGPROBS),
+                self.top_logprobs.min(MAX_TOP_LOGPROBS),
             );
             let top = top
                 .into_iter()
                 .map(|(id, p)| (vocab.token_to_piece(LlamaToken(id as i32), true, None), p))
                 .collect();
-            if events
-                .blocking_send(Event::Logprobs(TokenLogprob::new(bytes.clone(), lp, top)))
-                .is_err()
-            {
-                finish = Finish::Cancelled;
-                break ControlFlow::Break(());
-            }
+            out.send(Event::Logprobs(TokenLogprob::new(bytes.clone(), lp, top)));
         }
-        let piece = text.push(&bytes);
-        let (out, hit) = answer.push(&piece);
-        if !send(out) {
-            finish = Finish::Cancelled;
-            break ControlFlow::Break(());
-        }
+        let piece = self.text.push(&bytes);
+        let (evs, hit) = self.answer.push(&piece);
+        out.events.extend(evs.into_iter().map(Event::from));
         if hit {
-            finish = Finish::Stop;
-            break ControlFlow::Break(());
+            self.finish(Finish::Stop, true, out);
+        } else if self.tokens.len() >= self.max_tokens {
+            self.finish(Finish::Length, false, out);
         }
-        if tokens.len() >= req.max_tokens {
-            break ControlFlow::Continue(());
-        }
-        batch.clear();
-        batch
-            .add(tok, pos as i32, &[0], true)
-            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
-        pos += 1;
-        ctx.decode(&mut batch)
-            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
-        cached.extend([tok.0 as u32]);
-        idx = 0;
-    };
-    kv.commit(cached);
-    if finish != Finish::Cancelled {
-        // A stop string ended the answer when the loop broke on one (not on an end-of-generation token).
-        let by_string = finish == Finish::Stop && matches!(flow, ControlFlow::Break(()));
-        send(answer.finish(&text.finish(), by_string));
     }
-    let tool_calls = answer.tool_calls();
-    let decode_time = first_token_at.map_or(Duration::ZERO, |t| t.elapsed());
-    let n = tokens.len();
-    Ok(Summary {
-        prompt_tokens: ids.len(),
-        cached_tokens: reused,
-        completion_tokens: n,
-        finish,
-        tool_calls,
-        prefill_tps: (ids.len() - reused) as f64 / prefill_time.as_secs_f64().max(1e-9),
-        decode_tps: if n > 1 {
-            (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)
+
+    fn finish(&mut self, finish: Finish, by_string: bool, out: &mut SeqOutput<Summary>) {
+        let evs = self.answer.finish(&self.text.finish(), by_string);
+        out.events.extend(evs.into_iter().map(Event::from));
+        let decode_time = self.first_token_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let n = self.tokens.len();
+        let prefilled = self.ids.len() - self.reused;
+        out.finish(Summary {
+            prompt_tokens: self.ids.len(),
+            cached_tokens: self.reused,
+            completion_tokens: n,
+            finish,
+            tool_calls: self.answer.tool_calls(),
+            prefill_tps: prefilled as f64 / self.prefill_time.as_secs_f64().max(1e-9),
+            decode_tps: if n > 1 {
+                (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)
+            } else {
+                0.0
+            },
+            tokens: std::mem::take(&mut self.tokens),
+        });
+    }
+}
+
+/// One scheduler step over the running batch: every decoding sequence's last token in one `llama_decode`
+/// (one ubatch, a row per sequence), each sampled from its own row; then one prefill chunk of the oldest
+/// sequence still reading its prompt, so a newcomer's long prompt delays running streams by one chunk per
+/// token rather than by the whole prompt. Chunks run alone and start where a lone request's would (at the
+/// reused prefix, every `chunk` tokens): llama.cpp's CPU kernels depend on a batch's shape, and this keeps a
+/// sequence's numbers the same batched or alone.
+fn step(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    batch: &mut [&mut LlamaSequence],
+    out: &mut [SeqOutput<Summary>],
+    chunk: usize,
+) -> Result<()> {
+    let decoding: Vec<usize> = (0..batch.len())
+        .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
+        .collect();
+    if !decoding.is_empty() {
+        let mut b = LlamaBatch::new(decoding.len(), 1);
+        for &i in &decoding {
+            let s = &batch[i];
+            let pos = s.ids.len() + s.tokens.len() - 1;
+            let tok = LlamaToken(*s.tokens.last().unwrap_or(&0) as i32);
+            b.add(tok, pos as i32, &[s.slot as i32], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut b)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        for (row, &i) in decoding.iter().enumerate() {
+            let s = &mut batch[i];
+            let last = *s.tokens.last().unwrap_or(&0);
+            s.kv.extend([last]);
+            s.accept(loaded, ctx, row as i32, &mut out[i]);
+        }
+    }
+    let Some(i) = (0..batch.len()).find(|&i| !batch[i].decoding()) else {
+        return Ok(());
+    };
+    let s = &mut batch[i];
+    let t0 = Instant::now();
+    let n = chunk.max(1).min(s.ids.len() - s.prefilled);
+    let mut b = LlamaBatch::new(n, 1);
+    for k in 0..n {
+        let pos = s.prefilled + k;
+        b.add(
+            s.ids[pos],
+            pos as i32,
+            &[s.slot as i32],
+            pos == s.ids.len() - 1,
+        )
+        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+    }
+    ctx.decode(&mut b)
+        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+    s.kv.extend(
+        s.ids[s.prefilled..s.prefilled + n]
+            .iter()
+            .map(|t| t.0 as u32),
+    );
+    s.prefilled += n;
+    s.prefill_time += t0.elapsed();
+    if s.decoding() {
+        out[i].send(Event::Started {
+            prompt_tokens: s.ids.len(),
+            cached_tokens: s.reused,
+        });
+        if s.max_tokens == 0 {
+            s.finish(Finish::Length, false, &mut out[i]);
         } else {
-            0.0
-        },
-        tokens,
-    })
+            s.accept(loaded, ctx, n as i32 - 1, &mut out[i]);
+        }
+    }
+    Ok(())
 }
 
 /// A loaded model with a context, for one-shot use (`jemma generate --engine llama`, parity tests).

@@ -13,6 +13,13 @@ use jemma_engine_llama::{
 };
 use serde_json::{Value, json};
 
+/// One test at a time in this binary: each runs llama.cpp on every core, and ggml's worker threads spin while
+/// they wait, so two engines sharing a 2-core machine run many times slower than one after the other.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn fixtures() -> PathBuf {
     std::env::var("JEMMA_FIXTURES")
         .map(PathBuf::from)
@@ -158,16 +165,19 @@ fn parity(model: &str) {
 
 #[test]
 fn dense_f32_matches_mlx_lm() {
+    let _serial = serial();
     parity("tiny");
 }
 
 #[test]
 fn moe_f32_matches_mlx_lm() {
+    let _serial = serial();
     parity("moe");
 }
 
 #[test]
 fn q8_0_stays_close_to_mlx_lm() {
+    let _serial = serial();
     for model in ["tiny", "moe"] {
         let r = reference(model);
         let s = Session::load(&LlamaConfig::new(gguf(&format!("{model}-q8_0")))).unwrap();
@@ -222,6 +232,7 @@ fn collect(rx: &mut tokio::sync::mpsc::Receiver<Event>) -> (String, jemma_engine
 
 #[test]
 fn chat_requests_stream_through_the_model_thread() {
+    let _serial = serial();
     let e = engine();
     let chat = Prompt::Chat {
         messages: vec![json!({"role": "user", "content": "Hello! How are you today?"})],
@@ -261,6 +272,7 @@ fn chat_requests_stream_through_the_model_thread() {
 
 #[test]
 fn stop_strings_cancellation_and_bad_requests() {
+    let _serial = serial();
     let e = engine();
     // Find some text the model produces, then stop on it.
     let ids = Prompt::Ids(vec![2, 105, 300, 301, 302]);
@@ -308,6 +320,7 @@ fn stop_strings_cancellation_and_bad_requests() {
 
 #[test]
 fn json_mode_produces_json() {
+    let _serial = serial();
     let e = engine();
     let mut r = request(Prompt::Text("Reply in JSON:".into()), 40);
     r.json_mode = true;
@@ -329,6 +342,7 @@ fn json_mode_produces_json() {
 
 #[test]
 fn bad_files_are_clear_errors() {
+    let _serial = serial();
     let dir = std::env::temp_dir().join(format!("jemma-llama-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let junk = dir.join("junk.gguf");
@@ -381,6 +395,7 @@ fn with_token_type(mut gguf: Vec<u8>, id: usize, ty: i32) -> Vec<u8> {
 
 #[test]
 fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
+    let _serial = serial();
     // The engine thread on the f32 conversion, so its first token's distribution is mlx-lm's last-position
     // logits of the same prompt (see `parity`): log-softmax those and compare.
     let r = reference("tiny");
@@ -499,10 +514,13 @@ fn answer(e: &LlamaEngine, ids: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32
 /// a warm 65 + 37 equals a cold 65 + 37 to the bit). The reference is [`Session::replay`].
 #[test]
 fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
+    let _serial = serial();
     let path = gguf("gemma-3-270m-q4_k_m");
     let mut c = LlamaConfig::new(&path);
     c.context_length = Some(2048);
     c.batch_size = 256;
+    // One slot, so that each request here reuses (or clears) the previous one's cache.
+    c.parallel = 1;
     let warm = LlamaEngine::start(c.clone()).unwrap();
     warm.wait_ready().unwrap();
     let cold = Session::load(&c).unwrap();
@@ -592,4 +610,139 @@ fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
         assert_eq!(lp, top5(&reference), "diverge at {len}: logprobs");
         eprintln!("len {len}: extend reused {reused}, both exact");
     }
+}
+
+/// A request's generated tokens and every token's logprob, read as the engine streams them.
+fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Vec<f32>) {
+    let mut lps = vec![];
+    loop {
+        match rx.blocking_recv().expect("events until Done") {
+            Event::Logprobs(t) => lps.push(
+                serde_json::to_value(&t).unwrap()["logprob"]
+                    .as_f64()
+                    .unwrap() as f32,
+            ),
+            Event::Done(s) => return (s.tokens, lps),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+}
+
+/// Continuous batching on every GGUF fixture (dense and MoE, f32 and Q8_0, and the real Gemma 3 270M in
+/// Q4_K_M): six requests of different prompt lengths and answer lengths sent at once to an engine that
+/// decodes 4 together — the last two join mid-way as places free up, and the long prompts are prefilled
+/// in chunks between the others' decode steps — each give exactly the tokens that they give alone on a
+/// one-sequence engine, greedy and seeded sampling alike, and the logprobs to the bit on quantized weights.
+#[test]
+fn batched_answers_equal_lone_answers_on_every_fixture() {
+    let _serial = serial();
+    for name in [
+        "tiny-f32",
+        "moe-f32",
+        "tiny-q8_0",
+        "moe-q8_0",
+        "gemma-3-270m-q4_k_m",
+    ] {
+        let mut c = LlamaConfig::new(gguf(name));
+        c.context_length = Some(512);
+        // A small chunk, so that prompts take several steps to read.
+        c.batch_size = 64;
+        let requests: Vec<Request> = (0..6u32)
+            .map(|i| {
+                // Distinct first tokens: no request can reuse another's prefix (which would move its
+                // prefill chunks and so its numbers).
+                let len = [5, 150, 33, 97, 7, 201][i as usize];
+                let ids = (0..len).map(|k| 10 + i * 100 + (k * 37) % 90).collect();
+                let mut r = request(Prompt::Ids(ids), [12, 20, 9, 16, 24, 10][i as usize]);
+                r.parse_output = false;
+                r.logprobs = true;
+                if i % 3 == 1 {
+                    r.sampling.temperature = 0.9;
+                    r.sampling.top_k = 40;
+                    r.sampling.seed = Some(7 + i as u64);
+                }
+                r
+            })
+            .collect();
+        let mut one = c.clone();
+        one.parallel = 1;
+        let alone = LlamaEngine::start(one).unwrap();
+        alone.wait_ready().unwrap();
+        let want: Vec<_> = requests
+            .iter()
+            .map(|r| tokens_and_logprobs(alone.submit(r.clone()).unwrap()))
+            .collect();
+        drop(alone);
+        c.parallel = 4;
+        let batched = LlamaEngine::start(c).unwrap();
+        batched.wait_ready().unwrap();
+        assert_eq!(batched.status().max_sequences, 4);
+        let readers: Vec<_> = requests
+            .iter()
+            .map(|r| {
+                let rx = batched.submit(r.clone()).unwrap();
+                std::thread::spawn(move || tokens_and_logprobs(rx))
+            })
+            .collect();
+        let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut worst = 0f32;
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.0, w.0, "{name} request {i}: tokens batched vs alone");
+            let d =
+                g.1.iter()
+                    .zip(&w.1)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+            worst = worst.max(d);
+            // Quantized weights go through ggml's per-row dot products: bit-exact. F32 weights take a
+            // different matrix kernel for one row than for several (another summation order): within 1e-3.
+            let tolerance = if name.ends_with("f32") { 1e-3 } else { 0.0 };
+            assert!(
+                d <= tolerance,
+                "{name} request {i}: logprobs batched vs alone differ by {d}"
+            );
+            assert_eq!(g.0.len(), requests[i].max_tokens, "{name} request {i}");
+        }
+        // The comparison can fail: the requests' answers differ from each other.
+        assert_ne!(want[0].0, want[2].0);
+        eprintln!("{name}: 6 requests batched == alone (max |Δlogprob| {worst:e})");
+    }
+}
+
+/// Each sequence slot keeps its own prefix: with 2 slots, two conversations that alternate both reuse their
+/// previous turn; a third conversation takes the least recently used slot (evicting that conversation's
+/// cache, not the other's); an identical answer comes from warm and cold caches.
+#[test]
+fn each_slot_keeps_its_conversation_and_the_least_recently_used_is_evicted() {
+    let _serial = serial();
+    let mut c = LlamaConfig::new(gguf("tiny-q8_0"));
+    c.context_length = Some(512);
+    c.parallel = 2;
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    let conv = |first: u32, len: u32| -> Vec<u32> { (0..len).map(|k| first + k % 50).collect() };
+    let run = |ids: &[u32]| {
+        let mut r = request(Prompt::Ids(ids.to_vec()), 4);
+        r.parse_output = false;
+        let mut rx = e.submit(r).unwrap();
+        let (_, s) = collect(&mut rx);
+        (s.tokens, s.cached_tokens)
+    };
+    let (a, b, x) = (conv(100, 60), conv(300, 40), conv(500, 30));
+    let (a_cold, _) = run(&a);
+    assert_eq!(run(&b).1, 0);
+    // Turn 2 of each: its own slot still holds turn 1 (prompt + the answer's decoded tokens).
+    let mut a2 = a.clone();
+    a2.extend([7, 8, 9]);
+    let mut b2 = b.clone();
+    b2.extend([7, 8, 9]);
+    assert_eq!(run(&a2).1, a.len(), "A's slot kept A");
+    assert_eq!(run(&b2).1, b.len(), "B's slot kept B");
+    // A third conversation evicts the least recently used slot: A's.
+    assert_eq!(run(&x).1, 0);
+    assert_eq!(run(&b).1, b.len() - 1, "B's slot survived");
+    let (a_again, reused) = run(&a);
+    assert_eq!(reused, 0, "A's slot was evicted");
+    assert_eq!(a_again, a_cold, "the same answer from a cleared slot");
 }

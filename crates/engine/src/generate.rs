@@ -191,143 +191,242 @@ fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
 }
 
 /// Generates from `prompt` with `model`, calling `on_step` for each token; `on_step` returning
-/// `ControlFlow::Break` stops (cancel or stop string), which is reported as `Cancelled` unless the callback
-/// says otherwise via `stop_as`.
+/// `ControlFlow::Break(reason)` stops (a stop string, a cancel) with that reason.
+///
+/// Errors: an empty prompt, a token outside the vocabulary, a KV quantization that does not fit the model
+/// (all [`EngineError::InvalidRequest`]), or an MLX failure.
 pub fn generate(
     model: &Gemma4,
     prompt: &[u32],
     opts: &GenerateOptions,
     mut on_step: impl FnMut(&Step) -> ControlFlow<FinishReason>,
 ) -> Result<GenerationStats> {
-    if prompt.is_empty() {
-        return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+    let mut g = Generation::new(model, prompt, opts.clone())?;
+    while !g.prefill(model)? {}
+    while let Some(step) = g.next_token(model)? {
+        if let ControlFlow::Break(reason) = on_step(&step) {
+            g.stop(reason);
+        }
     }
-    let vocab = model.config().vocab_size;
-    if let Some(bad) = prompt.iter().find(|t| **t as usize >= vocab) {
-        return Err(EngineError::InvalidRequest(format!(
-            "token id {bad} is outside the vocabulary ({vocab})"
-        )));
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone(), vocab, model.dtype())?;
-    if let Some(q) = opts.kv_quant {
-        let dims: Vec<usize> = model.full_attention_head_dims();
-        if !matches!(q.bits, 2 | 3 | 4 | 5 | 6 | 8)
-            || q.group_size <= 0
-            || dims.iter().any(|d| d % q.group_size as usize != 0)
-        {
+    Ok(g.stats().clone())
+}
+
+/// One generation as a resumable state machine, so that a scheduler can interleave it with others: the
+/// prompt is read in chunks ([`Generation::prefill`], one chunk per call), then each
+/// [`Generation::next_token`] returns one token. The pipelining of mlx-lm's `generate_step` is kept: the
+/// step after the returned token is already queued on the device (`async_eval`) when it returns.
+pub struct Generation {
+    opts: GenerateOptions,
+    cache: Cache,
+    sampler: Sampler,
+    ids: Vec<i32>,
+    /// Prompt tokens whose KV is in the cache.
+    prefilled: usize,
+    history: Array,
+    /// The step whose token the next call reads (None before the prompt is read and after the end).
+    cur: Option<Pending>,
+    json: Option<(Arc<TokenBytes>, JsonRecognizer)>,
+    stats: GenerationStats,
+    t0: Instant,
+    t_first: Option<Instant>,
+    finished: bool,
+}
+
+impl Generation {
+    /// Checks the request and allocates the cache; nothing runs on the device yet.
+    ///
+    /// Errors: an empty prompt, a token outside the vocabulary, or a KV quantization that does not fit the
+    /// model ([`EngineError::InvalidRequest`]); an MLX failure.
+    pub fn new(model: &Gemma4, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
+        if prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let vocab = model.config().vocab_size;
+        if let Some(bad) = prompt.iter().find(|t| **t as usize >= vocab) {
             return Err(EngineError::InvalidRequest(format!(
-                "kv_bits {} with group size {} does not fit head dims {dims:?}",
-                q.bits, q.group_size
+                "token id {bad} is outside the vocabulary ({vocab})"
             )));
         }
+        let sampler = Sampler::new(opts.sampling.clone(), vocab, model.dtype())?;
+        if let Some(q) = opts.kv_quant {
+            let dims: Vec<usize> = model.full_attention_head_dims();
+            if !matches!(q.bits, 2 | 3 | 4 | 5 | 6 | 8)
+                || q.group_size <= 0
+                || dims.iter().any(|d| d % q.group_size as usize != 0)
+            {
+                return Err(EngineError::InvalidRequest(format!(
+                    "kv_bits {} with group size {} does not fit head dims {dims:?}",
+                    q.bits, q.group_size
+                )));
+            }
+        }
+        let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
+        let json = opts
+            .json
+            .as_ref()
+            .map(|t| (t.clone(), JsonRecognizer::new()));
+        Ok(Self {
+            cache: model.new_cache(),
+            sampler,
+            history: Array::from_slice(&ids, &[ids.len() as i32]),
+            ids,
+            prefilled: 0,
+            cur: None,
+            json,
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                completion_tokens: 0,
+                prefill_time: Duration::ZERO,
+                decode_time: Duration::ZERO,
+                finish_reason: FinishReason::Length,
+                stop_token: None,
+            },
+            opts,
+            t0: Instant::now(),
+            t_first: None,
+            finished: false,
+        })
     }
-    let t0 = Instant::now();
-    let mut cache: Cache = model.new_cache();
-    let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-    let heads = model.config().num_attention_heads;
-    let elem = crate::footprint::dtype_bytes(model.dtype());
-    let mut done = 0usize;
-    while ids.len() - done > 1 {
-        let n = prefill_chunk(
-            done,
-            ids.len() - done - 1,
-            opts.prefill_step,
-            heads,
-            elem,
-            opts.attention_budget,
-        );
-        let chunk = Array::from_slice(&ids[done..done + n], &[1, n as i32]);
-        // Only the caches are needed from prefill chunks: the LM head never runs for them.
-        model.forward_hidden(&chunk, &mut cache)?;
-        cache.maybe_quantize(opts.kv_quant)?;
-        eval(cache.state())?;
-        done += n;
-        mlx_rs::memory::clear_cache()?;
+
+    /// Reads the next chunk of the prompt (all but its last token, evaluating only the caches: the LM head
+    /// never runs for them); once the prompt is read, queues the first token's step. True when the prompt
+    /// is read (calling again is a no-op).
+    pub fn prefill(&mut self, model: &Gemma4) -> Result<bool> {
+        if self.cur.is_some() || self.finished {
+            return Ok(true);
+        }
+        let n_ids = self.ids.len();
+        if n_ids - self.prefilled > 1 {
+            let heads = model.config().num_attention_heads;
+            let elem = crate::footprint::dtype_bytes(model.dtype());
+            let n = prefill_chunk(
+                self.prefilled,
+                n_ids - self.prefilled - 1,
+                self.opts.prefill_step,
+                heads,
+                elem,
+                self.opts.attention_budget,
+            );
+            let chunk = Array::from_slice(
+                &self.ids[self.prefilled..self.prefilled + n],
+                &[1, n as i32],
+            );
+            model.forward_hidden(&chunk, &mut self.cache)?;
+            self.cache.maybe_quantize(self.opts.kv_quant)?;
+            eval(self.cache.state())?;
+            self.prefilled += n;
+            mlx_rs::memory::clear_cache()?;
+            if n_ids - self.prefilled > 1 {
+                return Ok(false);
+            }
+        }
+        let last = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
+        let mask = self.json_mask();
+        let history = self.history.clone();
+        let p = self.queue(model, &last, &history, mask)?;
+        self.cur = Some(p);
+        Ok(true)
     }
-    let mut history = Array::from_slice(&ids, &[ids.len() as i32]);
-    let dtype = model.dtype();
-    let mut step = |input: &Array, history: &Array, mask: Option<Vec<f32>>| -> Result<Pending> {
-        let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut cache)?;
-        let mut logits = sampler.process(&logits, Some(history))?;
+
+    /// Builds and queues one decode step on `input`.
+    fn queue(
+        &mut self,
+        model: &Gemma4,
+        input: &Array,
+        history: &Array,
+        mask: Option<Vec<f32>>,
+    ) -> Result<Pending> {
+        let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut self.cache)?;
+        let mut logits = self.sampler.process(&logits, Some(history))?;
         if let Some(m) = mask {
             let n = m.len() as i32;
-            logits = ops::add(&logits, Array::from_slice(&m, &[1, n]).as_dtype(dtype)?)?;
+            logits = ops::add(
+                &logits,
+                Array::from_slice(&m, &[1, n]).as_dtype(model.dtype())?,
+            )?;
         }
-        cache.maybe_quantize(opts.kv_quant)?;
+        self.cache.maybe_quantize(self.opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
-        let token = sampler.sample(&logprobs)?;
+        let token = self.sampler.sample(&logprobs)?;
+        async_eval([&token, &logprobs])?;
         Ok(Pending { token, logprobs })
-    };
-    // JSON mode needs each token on the host before the next step's mask exists, so it runs unpipelined.
-    let mut json = opts
-        .json
-        .as_ref()
-        .map(|t| (t.clone(), JsonRecognizer::new()));
-    let json_mask = |j: &Option<(Arc<TokenBytes>, JsonRecognizer)>| {
-        j.as_ref().map(|(t, r)| t.mask(r, &opts.stop_tokens))
-    };
-    let last = Array::from_slice(&ids[ids.len() - 1..], &[1]);
-    let mut cur = step(&last, &history, json_mask(&json))?;
-    async_eval([&cur.token, &cur.logprobs])?;
-    let mut stats = GenerationStats {
-        prompt_tokens: prompt.len(),
-        completion_tokens: 0,
-        prefill_time: Duration::ZERO,
-        decode_time: Duration::ZERO,
-        finish_reason: FinishReason::Length,
-        stop_token: None,
-    };
-    let mut t_first = None;
-    let mut n = 0usize;
-    loop {
-        let next = if json.is_none() && n + 1 < opts.max_tokens {
+    }
+
+    fn json_mask(&self) -> Option<Vec<f32>> {
+        self.json
+            .as_ref()
+            .map(|(t, r)| t.mask(r, &self.opts.stop_tokens))
+    }
+
+    fn end(&mut self, reason: FinishReason) {
+        if !self.finished {
+            self.finished = true;
+            self.stats.finish_reason = reason;
+            self.cur = None;
+            if let Some(t) = self.t_first {
+                self.stats.decode_time = t.elapsed();
+            }
+        }
+    }
+
+    /// The next token, or None once generation has ended (a stop token, `max_tokens`, or
+    /// [`Generation::stop`]; the reason is in [`Generation::stats`]). Reads the whole prompt first if
+    /// [`Generation::prefill`] has not.
+    pub fn next_token(&mut self, model: &Gemma4) -> Result<Option<Step>> {
+        while !self.prefill(model)? {}
+        if self.finished {
+            return Ok(None);
+        }
+        let Some(cur) = self.cur.take() else {
+            return Ok(None);
+        };
+        if self.opts.max_tokens == 0 {
+            self.end(FinishReason::Length);
+            return Ok(None);
+        }
+        let n = self.stats.completion_tokens;
+        let next = if self.json.is_none() && n + 1 < self.opts.max_tokens {
             // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
             let tok = cur.token.as_dtype(Dtype::Int32)?.reshape(&[1])?;
-            history = ops::concatenate(&[&history, &tok], 0)?;
-            let p = step(&tok, &history, None)?;
-            async_eval([&p.token, &p.logprobs])?;
-            Some(p)
+            self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+            let history = self.history.clone();
+            Some(self.queue(model, &tok, &history, None)?)
         } else {
             None
         };
-        if opts.max_tokens == 0 {
-            break;
-        }
         let token = cur
             .token
             .reshape(&[-1])?
             .as_dtype(Dtype::Uint32)?
             .item_exact::<u32>();
-        if t_first.is_none() {
-            t_first = Some(Instant::now());
-            stats.prefill_time = t0.elapsed();
+        if self.t_first.is_none() {
+            self.t_first = Some(Instant::now());
+            self.stats.prefill_time = self.t0.elapsed();
         }
-        if opts.stop_tokens.contains(&token) {
-            stats.finish_reason = FinishReason::Stop;
-            stats.stop_token = Some(token);
-            break;
+        if self.opts.stop_tokens.contains(&token) {
+            self.stats.stop_token = Some(token);
+            self.end(FinishReason::Stop);
+            return Ok(None);
         }
-        let logprobs = if opts.logprobs {
-            Some(read_logprobs(&cur.logprobs, token, opts.top_logprobs)?)
+        let logprobs = if self.opts.logprobs {
+            Some(read_logprobs(&cur.logprobs, token, self.opts.top_logprobs)?)
         } else {
             None
         };
-        stats.completion_tokens += 1;
-        if let ControlFlow::Break(reason) = on_step(&Step { token, logprobs }) {
-            stats.finish_reason = reason;
-            break;
-        }
-        n += 1;
-        let next = match &mut json {
-            Some((bytes, rec)) if n < opts.max_tokens => {
+        self.stats.completion_tokens += 1;
+        let n = n + 1;
+        // JSON mode needs each token on the host before the next step's mask exists, so it runs
+        // unpipelined.
+        let next = match &mut self.json {
+            Some((bytes, rec)) if n < self.opts.max_tokens => {
                 if let Some(b) = bytes.get(token) {
                     rec.feed_all(b);
                 }
                 let tok = Array::from_slice(&[token as i32], &[1]);
-                history = ops::concatenate(&[&history, &tok], 0)?;
-                let p = step(&tok, &history, json_mask(&json))?;
-                async_eval([&p.token, &p.logprobs])?;
-                Some(p)
+                self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+                let history = self.history.clone();
+                let mask = self.json_mask();
+                Some(self.queue(model, &tok, &history, mask)?)
             }
             _ => next,
         };
@@ -335,12 +434,24 @@ pub fn generate(
             mlx_rs::memory::clear_cache()?;
         }
         match next {
-            Some(p) => cur = p,
-            None => break,
+            Some(p) => self.cur = Some(p),
+            None => self.end(FinishReason::Length),
         }
+        Ok(Some(Step { token, logprobs }))
     }
-    if let Some(t) = t_first {
-        stats.decode_time = t.elapsed();
+
+    /// Ends generation early (a stop string, a cancel) with `reason`; the queued step is dropped.
+    pub fn stop(&mut self, reason: FinishReason) {
+        self.end(reason);
     }
-    Ok(stats)
+
+    /// Whether generation has ended.
+    pub fn is_finished(&self) -> bool {
+        self.finished
+    }
+
+    /// Counts and timings so far (final once [`Generation::is_finished`]).
+    pub fn stats(&self) -> &GenerationStats {
+        &self.stats
+    }
 }

@@ -2,7 +2,6 @@
 //! threads), requests arrive over a bounded queue, events stream back over a bounded channel, and a dropped
 //! receiver cancels the request at the next token.
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -12,18 +11,17 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
-use crate::generate::{FinishReason, GenerateOptions, GenerationStats, generate};
+use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats};
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::template::ChatTemplate;
-use crate::tokenizer::Tokenizer;
-use crate::tools::Event as ParseEvent;
+use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{EngineError, Result};
 use jemma_chat::answer::Answer;
 use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
-use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, Tally};
+use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 
 /// What to generate from.
 #[derive(Debug, Clone)]
@@ -328,6 +326,7 @@ impl ModelRunner for MlxRunner {
     type Request = Request;
     type Summary = Summary;
     type Info = MlxInfo;
+    type Sequence = MlxSequence;
 
     fn init(&mut self) {
         mlx_rs::Device::set_default(&self.device.device());
@@ -368,14 +367,28 @@ impl ModelRunner for MlxRunner {
         Ok((l, ctx))
     }
 
-    fn run(
+    fn admit(
         &mut self,
         model: &mut ModelBundle,
         request: Request,
         context_length: usize,
-        events: &mpsc::Sender<Event>,
-    ) -> std::result::Result<Summary, EngineFailure> {
-        run_job(model, &request, events, context_length).map_err(Into::into)
+    ) -> std::result::Result<MlxSequence, EngineFailure> {
+        MlxSequence::new(model, request, context_length).map_err(Into::into)
+    }
+
+    fn step(
+        &mut self,
+        model: &mut ModelBundle,
+        batch: &mut [&mut MlxSequence],
+        out: &mut [SeqOutput<Summary>],
+    ) -> std::result::Result<(), EngineFailure> {
+        // One sequence at a time (max_sequences is 1) until the batched Gemma 4 forward lands.
+        for (seq, o) in batch.iter_mut().zip(out.iter_mut()) {
+            if let Err(e) = seq.step(model, o) {
+                o.fail(e);
+            }
+        }
+        Ok(())
     }
 
     fn tally(s: &Summary) -> Tally {
@@ -399,93 +412,91 @@ impl ModelRunner for MlxRunner {
     }
 }
 
-fn run_job(
-    l: &ModelBundle,
-    req: &Request,
-    events: &mpsc::Sender<Event>,
-    ctx: usize,
-) -> Result<Summary> {
-    let ids = l.prompt_ids(&req.prompt)?;
-    let ctx = if ctx == 0 { l.context_length() } else { ctx };
-    if ids.len() + req.options.max_tokens > ctx {
-        return Err(EngineError::InvalidRequest(format!(
-            "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {ctx} tokens",
-            ids.len(),
-            req.options.max_tokens
-        )));
-    }
-    if events
-        .blocking_send(Event::Started {
-            prompt_tokens: ids.len(),
-            // The MLX engine has no prefix cache yet: every prompt is prefilled in full.
-            cached_tokens: 0,
+/// One request in the MLX engine: its generation (cache, sampler), detokenizer and answer parser.
+struct MlxSequence {
+    generation: Generation,
+    decoder: DecodeStream,
+    answer: Answer,
+    started: bool,
+}
+
+impl MlxSequence {
+    fn new(l: &ModelBundle, req: Request, ctx: usize) -> Result<Self> {
+        let ids = l.prompt_ids(&req.prompt)?;
+        let ctx = if ctx == 0 { l.context_length() } else { ctx };
+        if ids.len() + req.options.max_tokens > ctx {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {ctx} tokens",
+                ids.len(),
+                req.options.max_tokens
+            )));
+        }
+        let mut opts = req.options;
+        if opts.stop_tokens.is_empty() {
+            opts.stop_tokens = l.tokenizer.eos_ids.clone();
+        }
+        if req.json_mode {
+            opts.json = Some(l.json_tokens());
+        }
+        Ok(Self {
+            generation: Generation::new(&l.model, &ids, opts)?,
+            decoder: DecodeStream::default(),
+            answer: Answer::new(&req.stop, req.parse_output),
+            started: false,
         })
-        .is_err()
-    {
-        return Err(EngineError::InvalidRequest("client went away".into()));
     }
-    let mut opts = req.options.clone();
-    if opts.stop_tokens.is_empty() {
-        opts.stop_tokens = l.tokenizer.eos_ids.clone();
-    }
-    if req.json_mode {
-        opts.json = Some(l.json_tokens());
-    }
-    let mut decoder = l.tokenizer.stream();
-    let mut answer = Answer::new(&req.stop, req.parse_output);
-    let mut failed: Option<EngineError> = None;
-    let send = |evs: Vec<ParseEvent>| {
-        evs.into_iter()
-            .all(|e| events.blocking_send(e.into()).is_ok())
-    };
-    let stats = generate(&l.model, &ids, &opts, |step| {
-        if events.is_closed() {
-            return ControlFlow::Break(FinishReason::Cancelled);
+
+    /// One step: a prefill chunk while the prompt is read, then one token (its text, logprobs, and any
+    /// stop string or tool call it completes); ends the sequence in `out` when generation is over.
+    fn step(&mut self, l: &ModelBundle, out: &mut SeqOutput<Summary>) -> Result<()> {
+        if !self.generation.prefill(&l.model)? {
+            return Ok(());
         }
-        let piece = match decoder.push(step.token) {
-            Ok(p) => p,
-            Err(e) => {
-                failed = Some(e);
-                return ControlFlow::Break(FinishReason::Cancelled);
+        if !self.started {
+            self.started = true;
+            out.send(Event::Started {
+                prompt_tokens: self.generation.stats().prompt_tokens,
+                // The MLX engine has no prefix cache yet: every prompt is prefilled in full.
+                cached_tokens: 0,
+            });
+        }
+        if let Some(step) = self.generation.next_token(&l.model)? {
+            let piece = self.decoder.push(&l.tokenizer, step.token)?;
+            if let Some(lp) = &step.logprobs {
+                let tok = &l.tokenizer;
+                out.send(Event::Logprobs(TokenLogprob::new(
+                    tok.token_bytes(step.token),
+                    lp.logprob,
+                    lp.top
+                        .iter()
+                        .map(|&(id, p)| (tok.token_bytes(id), p))
+                        .collect(),
+                )));
             }
-        };
-        if let Some(lp) = &step.logprobs {
-            let tok = &l.tokenizer;
-            let entry = TokenLogprob::new(
-                tok.token_bytes(step.token),
-                lp.logprob,
-                lp.top
-                    .iter()
-                    .map(|&(id, p)| (tok.token_bytes(id), p))
-                    .collect(),
+            let (evs, hit) = self.answer.push(&piece);
+            out.events.extend(evs.into_iter().map(Event::from));
+            if hit {
+                self.generation.stop(FinishReason::Stop);
+            }
+        }
+        if self.generation.is_finished() {
+            let stats = self.generation.stats().clone();
+            let by_string = stats.finish_reason == FinishReason::Stop && stats.stop_token.is_none();
+            let tail = self.decoder.finish(&l.tokenizer)?;
+            out.events.extend(
+                self.answer
+                    .finish(&tail, by_string)
+                    .into_iter()
+                    .map(Event::from),
             );
-            if events.blocking_send(Event::Logprobs(entry)).is_err() {
-                return ControlFlow::Break(FinishReason::Cancelled);
-            }
+            out.finish(Summary {
+                prefill_tps: stats.prefill_tps(),
+                decode_tps: stats.decode_tps(),
+                stats,
+                tool_calls: self.answer.tool_calls(),
+                memory: mlx_memory(),
+            });
         }
-        let (out, hit) = answer.push(&piece);
-        if !send(out) {
-            return ControlFlow::Break(FinishReason::Cancelled);
-        }
-        if hit {
-            ControlFlow::Break(FinishReason::Stop)
-        } else {
-            ControlFlow::Continue(())
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
+        Ok(())
     }
-    if stats.finish_reason != FinishReason::Cancelled {
-        let by_string = stats.finish_reason == FinishReason::Stop && stats.stop_token.is_none();
-        send(answer.finish(&decoder.finish()?, by_string));
-    }
-    let tool_calls = answer.tool_calls();
-    Ok(Summary {
-        prefill_tps: stats.prefill_tps(),
-        decode_tps: stats.decode_tps(),
-        stats,
-        tool_calls,
-        memory: mlx_memory(),
-    })
 }

@@ -133,9 +133,7 @@ impl Tokenizer {
     pub fn stream(&self) -> StreamDecoder<'_> {
         StreamDecoder {
             tok: self,
-            ids: vec![],
-            prefix: 0,
-            read: 0,
+            state: DecodeStream::default(),
         }
     }
 }
@@ -145,17 +143,36 @@ impl Tokenizer {
 /// character (byte-fallback tokens) is held until the character completes.
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
-    ids: Vec<u32>,
-    prefix: usize,
-    read: usize,
+    state: DecodeStream,
 }
 
 impl StreamDecoder<'_> {
     /// Adds a token; returns the text it completes (possibly empty).
     pub fn push(&mut self, id: u32) -> Result<String> {
+        self.state.push(self.tok, id)
+    }
+
+    /// Flushes whatever is held back (an incomplete character becomes U+FFFD).
+    pub fn finish(&mut self) -> Result<String> {
+        self.state.finish(self.tok)
+    }
+}
+
+/// The state of a [`StreamDecoder`] without the tokenizer it reads (given at each call), for a sequence
+/// that outlives any borrow of the model (a scheduler's running batch).
+#[derive(Debug, Clone, Default)]
+pub struct DecodeStream {
+    ids: Vec<u32>,
+    prefix: usize,
+    read: usize,
+}
+
+impl DecodeStream {
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
         self.ids.push(id);
-        let prefix_text = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let new_text = self.tok.decode(&self.ids[self.prefix..])?;
+        let prefix_text = tok.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = tok.decode(&self.ids[self.prefix..])?;
         if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
             // Decoding a window can differ from the prefix in more than an append (e.g. a leading space
             // rule); emit from the first differing char boundary of the longer text.
@@ -178,12 +195,12 @@ impl StreamDecoder<'_> {
     }
 
     /// Flushes whatever is held back (an incomplete character becomes U+FFFD).
-    pub fn finish(&mut self) -> Result<String> {
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
         if self.read >= self.ids.len() {
             return Ok(String::new());
         }
-        let prefix_text = self.tok.decode(&self.ids[self.prefix..self.read])?;
-        let new_text = self.tok.decode(&self.ids[self.prefix..])?;
+        let prefix_text = tok.decode(&self.ids[self.prefix..self.read])?;
+        let new_text = tok.decode(&self.ids[self.prefix..])?;
         self.prefix = self.ids.len();
         self.read = self.ids.len();
         Ok(new_text.get(prefix_text.len()..).unwrap_or("").to_string())

@@ -265,6 +265,9 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
         d.insert("requests".into(), json!(s.requests));
         d.insert("generated_tokens".into(), json!(s.generated_tokens));
         d.insert("queued".into(), json!(s.queued));
+        // Continuous batching: requests in the running batch, and how many it may hold.
+        d.insert("running".into(), json!(s.running));
+        d.insert("max_sequences".into(), json!(s.max_sequences));
         d.insert("prefill_tps".into(), json!(s.last_prefill_tps));
         d.insert(
             "prefix_cache".into(),

@@ -249,7 +249,10 @@ pub struct TierConfig {
     pub api_key: Option<String>,
     /// Whether the tier takes requests (the heavy toggle).
     pub enabled: bool,
-    /// Requests running at once on this tier.
+    /// Requests running at once on this tier; for a GGUF tier also the llama.cpp engine's batch (sequences
+    /// decoded together, each with the whole `context_length` of KV cache). Default 4: decode reads every
+    /// weight once per step, so 4 sequences cost little more than one on a CPU or an Apple GPU, while the
+    /// KV cache reserved grows with each (llama-server's default is 4 slots too).
     pub max_concurrency: usize,
     /// Requests waiting for a slot before the tier reports busy (429 / fallback).
     pub max_queue: usize,
@@ -289,7 +292,7 @@ impl Default for TierConfig {
             url: None,
             api_key: None,
             enabled: true,
-            max_concurrency: 1,
+            max_concurrency: 4,
             max_queue: 16,
             first_token_timeout_secs: 120.0,
             idle_timeout_secs: 60.0,

@@ -232,6 +232,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
     let default_max_tokens = c.default_max_tokens;
     let context = c.context_length;
     let queue = template.queue_capacity;
+    let parallel = c.max_concurrency.clamp(1, 64) as u32;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let key = path.clone();
@@ -251,6 +252,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
                 // The same lifecycle as MLX tiers: keep-alive, preload and the memory budget.
                 lc.context_length = context.map(|c| c as u32);
                 lc.queue_capacity = queue;
+                lc.parallel = parallel;
                 lc.keep_alive = template.keep_alive;
                 lc.preload = template.preload;
                 lc.memory = template.memory.clone();
@@ -259,7 +261,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
             }
             #[cfg(not(feature = "llama"))]
             {
-                let _ = (name, context, queue);
+                let _ = (name, context, queue, parallel);
                 return Err(format!(
                     "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
                     path.display()

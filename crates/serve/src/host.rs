@@ -4,6 +4,7 @@
 //! shares: preload or lazy load, the memory-budget reservation before a byte is read, unload after the
 //! idle keep-alive or when the memory governor asks, and a transparent reload at the next request.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -57,6 +58,10 @@ pub struct Status<I> {
     pub last_prefill_tps: f64,
     /// Requests waiting for the model thread.
     pub queued: usize,
+    /// Requests in the running batch.
+    pub running: usize,
+    /// Requests the running batch may hold (0 until the model is loaded).
+    pub max_sequences: usize,
     /// Context length served, tokens (0 until known).
     pub context_length: usize,
     /// The last load problem (e.g. a refusal for lack of memory); cleared by a successful load.
@@ -114,7 +119,47 @@ pub struct Tally {
     pub decode_tps: f64,
 }
 
-/// An engine as the host drives it. Every method runs on the model thread.
+/// What one step did for one sequence: the events it produced, in order, and, when the sequence ended, its
+/// outcome (the host sends the final [`Event::Done`] or [`Event::Error`] itself, after these events).
+#[derive(Debug)]
+pub struct SeqOutput<S> {
+    /// Events for the client (`Started`, text, logprobs, tool calls), in order.
+    pub events: Vec<Event<S>>,
+    /// Set when the sequence ended: its summary, or why it failed.
+    pub end: Option<Result<S, EngineFailure>>,
+}
+
+impl<S> Default for SeqOutput<S> {
+    fn default() -> Self {
+        Self {
+            events: vec![],
+            end: None,
+        }
+    }
+}
+
+impl<S> SeqOutput<S> {
+    /// Queues an event.
+    pub fn send(&mut self, event: impl Into<Event<S>>) {
+        self.events.push(event.into());
+    }
+
+    /// Ends the sequence with its summary.
+    pub fn finish(&mut self, summary: S) {
+        self.end = Some(Ok(summary));
+    }
+
+    /// Ends the sequence with a failure.
+    pub fn fail(&mut self, failure: impl Into<EngineFailure>) {
+        self.end = Some(Err(failure.into()));
+    }
+}
+
+/// An engine as the host drives it: the model-runner half of the scheduler / model-runner split
+/// (vLLM's `ModelRunner`, text-generation-inference's backend, mistral.rs's pipeline). The host owns
+/// admission, the running batch, cancellation and the lifecycle; the runner owns the model and one cache
+/// per sequence, and advances a batch of sequences one step at a time — a prefill chunk for a sequence
+/// still reading its prompt, one token for a decoding one. Every method runs on the model thread.
 pub trait ModelRunner: Send + 'static {
     /// What loading produces; lives on the model thread only.
     type Model;
@@ -124,6 +169,8 @@ pub trait ModelRunner: Send + 'static {
     type Summary: Send + 'static;
     /// The engine's own status figures.
     type Info: Clone + Send + Serialize + 'static;
+    /// One admitted request: its cache slot, sampler and decoding state. Lives on the model thread only.
+    type Sequence;
 
     /// Called once on the model thread before anything else (e.g. to pick the thread's default device).
     fn init(&mut self) {}
@@ -140,15 +187,39 @@ pub trait ModelRunner: Send + 'static {
         info: &mut Self::Info,
     ) -> Result<(Self::Model, usize), LoadError>;
 
-    /// Runs one request to its end, sending its events (everything but the final `Done`/`Error`, which the
-    /// host sends). Stops early, returning normally, when `events` is closed (the client went away).
-    fn run(
+    /// How many sequences may run at once (the batch size); more requests wait in the queue. 1 serves one
+    /// request at a time.
+    fn max_sequences(&self, model: &Self::Model) -> usize {
+        let _ = model;
+        1
+    }
+
+    /// Admits a request into the running batch: checks it (a refusal here is the client's error or the
+    /// engine's fault, and the request ends with it), tokenizes it and gives it a cache slot (one of at most
+    /// [`ModelRunner::max_sequences`] in use).
+    fn admit(
         &mut self,
         model: &mut Self::Model,
         request: Self::Request,
         context_length: usize,
-        events: &mpsc::Sender<Event<Self::Summary>>,
-    ) -> Result<Self::Summary, EngineFailure>;
+    ) -> Result<Self::Sequence, EngineFailure>;
+
+    /// Advances each sequence of `batch` by one step, writing what it produced to the `out` entry of the
+    /// same index (`out.len() == batch.len()`, each empty on entry). The host passes every running
+    /// sequence whose client keeps up, in admission order. An `Err` fails the whole batch (e.g. the engine
+    /// ran out of KV cells): each of its sequences ends with that failure.
+    fn step(
+        &mut self,
+        model: &mut Self::Model,
+        batch: &mut [&mut Self::Sequence],
+        out: &mut [SeqOutput<Self::Summary>],
+    ) -> Result<(), EngineFailure>;
+
+    /// Ends a sequence — finished, failed, or cancelled because its client went away — and frees its cache
+    /// slot (an engine with a prefix cache keeps what a later request may reuse).
+    fn release(&mut self, model: &mut Self::Model, sequence: Self::Sequence) {
+        let _ = (model, sequence);
+    }
 
     /// What a summary adds to the host's figures.
     fn tally(summary: &Self::Summary) -> Tally;
@@ -223,6 +294,8 @@ impl<R: ModelRunner> Host<R> {
             last_decode_tps: 0.0,
             last_prefill_tps: 0.0,
             queued: 0,
+            running: 0,
+            max_sequences: 0,
             context_length: 0,
             last_error: None,
             info,
@@ -427,6 +500,123 @@ impl<R: ModelRunner> Thread<R> {
         });
     }
 
+    /// Waits, idle, for the next job, unloading the model after the keep-alive or when the memory governor
+    /// asks. None: every handle is gone.
+    fn next_job(
+        &mut self,
+        jobs: &mut mpsc::Receiver<Job<R>>,
+        loaded: &mut Option<R::Model>,
+        memory: Option<&crate::memory::EngineHandle>,
+    ) -> Option<Job<R>> {
+        let watch = self.config.keep_alive.is_some() || memory.is_some();
+        if loaded.is_none() || !watch {
+            return jobs.blocking_recv();
+        }
+        // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
+        let idle_since = Instant::now();
+        if let Some(h) = memory {
+            h.set_idle(true);
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(j) => return Some(j),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    let expired = self
+                        .config
+                        .keep_alive
+                        .is_some_and(|k| idle_since.elapsed() >= k);
+                    let pressed = memory.is_some_and(|h| h.unload_requested());
+                    if expired || pressed {
+                        let why = if pressed {
+                            "memory pressure"
+                        } else {
+                            "idle keep-alive"
+                        };
+                        self.unload(loaded, memory, why);
+                        return jobs.blocking_recv();
+                    }
+                    std::thread::sleep(Duration::from_millis(25))
+                }
+            }
+        }
+    }
+
+    /// Admits a job into the running batch, loading the model first if it is not in memory; a job that
+    /// cannot be admitted is answered with the failure at once.
+    fn admit(
+        &mut self,
+        job: Job<R>,
+        loaded: &mut Option<R::Model>,
+        memory: Option<&crate::memory::EngineHandle>,
+        live: &mut Vec<Live<R>>,
+    ) {
+        if let Some(h) = memory {
+            h.set_idle(false);
+        }
+        if loaded.is_none() {
+            // Lazy first load, or a transparent reload after an unload.
+            *loaded = self.try_load(memory);
+            if let Some(m) = loaded.as_ref() {
+                let max = self.runner.max_sequences(m).max(1);
+                self.set(|s| s.max_sequences = max);
+            }
+        }
+        let Some(model) = loaded.as_mut() else {
+            let why = self
+                .status
+                .lock()
+                .ok()
+                .and_then(|s| s.last_error.clone())
+                .unwrap_or_else(|| "the model failed to load".into());
+            let _ = job.events.try_send(Event::Error(EngineFailure::Fault(why)));
+            return;
+        };
+        let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
+        match self.runner.admit(model, job.request, ctx) {
+            Ok(seq) => live.push(Live {
+                seq: Some(seq),
+                events: job.events,
+                outbox: VecDeque::new(),
+                started: Instant::now(),
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "request refused");
+                // A fresh channel has room for one event.
+                let _ = job.events.try_send(Event::Error(e));
+            }
+        }
+    }
+
+    /// Records a finished request in the figures.
+    fn record(&mut self, summary: &R::Summary, started: Instant) {
+        let t = R::tally(summary);
+        tracing::info!(
+            prompt_tokens = t.prompt_tokens,
+            cached_tokens = t.cached_tokens,
+            completion_tokens = t.completion_tokens,
+            prefill_tps = format!("{:.1}", t.prefill_tps),
+            decode_tps = format!("{:.1}", t.decode_tps),
+            ms = started.elapsed().as_millis() as u64,
+            "request done"
+        );
+        let mut info = self.info();
+        self.runner.refresh(&mut info);
+        self.set(|s| {
+            s.requests += 1;
+            s.generated_tokens += t.completion_tokens as u64;
+            s.prompt_tokens += t.prompt_tokens as u64;
+            s.cached_prompt_tokens += t.cached_tokens as u64;
+            s.last_decode_tps = t.decode_tps;
+            s.last_prefill_tps = t.prefill_tps;
+            s.info = info;
+        });
+    }
+
+    /// The scheduler loop: admit queued requests into the running batch between steps (up to the runner's
+    /// [`ModelRunner::max_sequences`]), deliver each sequence's events without letting one slow client stall
+    /// the others (a sequence whose client has not taken its last events sits out the next step), drop the
+    /// sequences whose clients went away, and step the rest; idle, wait for work under the keep-alive.
     fn run(mut self, mut jobs: mpsc::Receiver<Job<R>>, preloading: &AtomicBool) {
         self.runner.init();
         let memory = self
@@ -439,6 +629,10 @@ impl<R: ModelRunner> Thread<R> {
         if self.config.preload {
             loaded = self.try_load(memory);
             preloading.store(false, Ordering::Release);
+            if let Some(m) = loaded.as_ref() {
+                let max = self.runner.max_sequences(m).max(1);
+                self.set(|s| s.max_sequences = max);
+            }
             if loaded.is_none()
                 && matches!(
                     self.status.lock().map(|s| s.state.clone()),
@@ -448,95 +642,130 @@ impl<R: ModelRunner> Thread<R> {
                 return;
             }
         }
+        let mut live: Vec<Live<R>> = vec![];
+        let mut open = true;
         loop {
-            let watch = self.config.keep_alive.is_some() || memory.is_some();
-            let job = if loaded.is_some() && watch {
-                // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
-                let idle_since = Instant::now();
-                if let Some(h) = memory {
-                    h.set_idle(true);
+            if live.is_empty() {
+                if !open {
+                    break;
                 }
-                loop {
-                    match jobs.try_recv() {
-                        Ok(j) => break Some(j),
-                        Err(mpsc::error::TryRecvError::Disconnected) => break None,
-                        Err(mpsc::error::TryRecvError::Empty) => {
-                            let expired = self
-                                .config
-                                .keep_alive
-                                .is_some_and(|k| idle_since.elapsed() >= k);
-                            let pressed = memory.is_some_and(|h| h.unload_requested());
-                            if expired || pressed {
-                                let why = if pressed {
-                                    "memory pressure"
-                                } else {
-                                    "idle keep-alive"
-                                };
-                                self.unload(&mut loaded, memory, why);
-                                break jobs.blocking_recv();
-                            }
-                            std::thread::sleep(Duration::from_millis(25))
-                        }
-                    }
+                let Some(job) = self.next_job(&mut jobs, &mut loaded, memory) else {
+                    break;
+                };
+                self.admit(job, &mut loaded, memory, &mut live);
+            }
+            // Newcomers join between steps, up to the batch size.
+            while open
+                && let Some(m) = loaded.as_ref()
+                && live.iter().filter(|l| l.seq.is_some()).count()
+                    < self.runner.max_sequences(m).max(1)
+            {
+                match jobs.try_recv() {
+                    Ok(job) => self.admit(job, &mut loaded, memory, &mut live),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
-            } else {
-                jobs.blocking_recv()
-            };
-            let Some(job) = job else { break };
-            if let Some(h) = memory {
-                h.set_idle(false);
             }
-            if loaded.is_none() {
-                // Lazy first load, or a transparent reload after an unload.
-                loaded = self.try_load(memory);
+            // Deliver what is pending; a closed channel cancels its sequence.
+            for l in live.iter_mut() {
+                if l.flush()
+                    && let (Some(seq), Some(model)) = (l.seq.take(), loaded.as_mut())
+                {
+                    tracing::info!("request cancelled: the client went away");
+                    self.runner.release(model, seq);
+                }
             }
+            live.retain(|l| l.seq.is_some() || !l.outbox.is_empty());
             let Some(model) = loaded.as_mut() else {
-                let why = self
-                    .status
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.last_error.clone())
-                    .unwrap_or_else(|| "the model failed to load".into());
-                let _ = job
-                    .events
-                    .blocking_send(Event::Error(EngineFailure::Fault(why)));
+                live.clear();
                 continue;
             };
-            let started = Instant::now();
-            let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
-            match self.runner.run(model, job.request, ctx, &job.events) {
-                Ok(summary) => {
-                    let t = R::tally(&summary);
-                    tracing::info!(
-                        prompt_tokens = t.prompt_tokens,
-                        cached_tokens = t.cached_tokens,
-                        completion_tokens = t.completion_tokens,
-                        prefill_tps = format!("{:.1}", t.prefill_tps),
-                        decode_tps = format!("{:.1}", t.decode_tps),
-                        ms = started.elapsed().as_millis() as u64,
-                        "request done"
-                    );
-                    let mut info = self.info();
-                    self.runner.refresh(&mut info);
-                    self.set(|s| {
-                        s.requests += 1;
-                        s.generated_tokens += t.completion_tokens as u64;
-                        s.prompt_tokens += t.prompt_tokens as u64;
-                        s.cached_prompt_tokens += t.cached_tokens as u64;
-                        s.last_decode_tps = t.decode_tps;
-                        s.last_prefill_tps = t.prefill_tps;
-                        s.info = info;
-                    });
-                    let _ = job.events.blocking_send(Event::Done(summary));
+            let mut ready: Vec<usize> = (0..live.len())
+                .filter(|&i| live[i].seq.is_some() && live[i].outbox.is_empty())
+                .collect();
+            self.set(|s| s.running = live.iter().filter(|l| l.seq.is_some()).count());
+            if ready.is_empty() {
+                if !live.is_empty() {
+                    // Every running sequence waits for its client to take its events.
+                    std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "request failed");
-                    let _ = job.events.blocking_send(Event::Error(e));
+                continue;
+            }
+            let mut out: Vec<SeqOutput<R::Summary>> =
+                (0..ready.len()).map(|_| SeqOutput::default()).collect();
+            let result = {
+                let mut batch: Vec<&mut R::Sequence> = live
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| ready.contains(i))
+                    .filter_map(|(_, l)| l.seq.as_mut())
+                    .collect();
+                self.runner.step(model, &mut batch, &mut out)
+            };
+            if let Err(e) = result {
+                tracing::warn!(error = %e, sequences = ready.len(), "step failed");
+                for o in out.iter_mut() {
+                    o.end = Some(Err(e.clone()));
                 }
             }
+            for (o, i) in out.into_iter().zip(ready.drain(..)) {
+                let l = &mut live[i];
+                l.outbox.extend(o.events);
+                let Some(end) = o.end else { continue };
+                if let Some(seq) = l.seq.take() {
+                    self.runner.release(model, seq);
+                }
+                match end {
+                    Ok(summary) => {
+                        self.record(&summary, l.started);
+                        l.outbox.push_back(Event::Done(summary));
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "request failed");
+                        l.outbox.push_back(Event::Error(e));
+                    }
+                }
+                l.flush();
+            }
         }
+        self.set(|s| s.running = 0);
         if let Some(h) = memory {
             h.release();
         }
+    }
+}
+
+/// A request in the running batch (or, once ended, one whose last events still wait for its client).
+struct Live<R: ModelRunner> {
+    /// None once ended.
+    seq: Option<R::Sequence>,
+    events: mpsc::Sender<Event<R::Summary>>,
+    /// Events the client has not taken yet, in order.
+    outbox: VecDeque<Event<R::Summary>>,
+    started: Instant,
+}
+
+impl<R: ModelRunner> Live<R> {
+    /// Hands pending events to the client as far as its channel has room. True when the client went away
+    /// (what was pending is dropped).
+    fn flush(&mut self) -> bool {
+        if self.events.is_closed() {
+            self.outbox.clear();
+            return true;
+        }
+        while let Some(e) = self.outbox.pop_front() {
+            match self.events.try_send(e) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(e)) => {
+                    self.outbox.push_front(e);
+                    return false;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    self.outbox.clear();
+                    return true;
+                }
+            }
+        }
+        false
     }
 }

@@ -9,25 +9,29 @@ use std::time::{Duration, Instant};
 
 use jemma_chat::event::{EngineFailure, Event};
 use jemma_serve::host::{
-    EngineState, Host, HostConfig, LoadError, ModelRunner, Progress, SubmitError, Tally,
+    EngineState, Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, SubmitError, Tally,
 };
 use jemma_serve::memory::{MemoryConfig, MemoryGovernor, PressureSource};
 use serde::Serialize;
-use tokio::sync::mpsc;
 
 #[derive(Default)]
 struct Counters {
     loads: AtomicUsize,
     unloads: AtomicUsize,
+    releases: AtomicUsize,
+    /// The size of every batch stepped.
+    batches: Mutex<Vec<usize>>,
 }
 
-/// Emits `n` numbered pieces per request, each after `step`; its model is the load count.
+/// Emits `n` numbered pieces per request, one per step (each step taking `step`); its model is the load
+/// count; runs up to `max_sequences` requests in one batch.
 struct Fake {
     counters: Arc<Counters>,
     footprint: u64,
     fail_load: bool,
     step: Duration,
-    /// Requests run so far (to hold the thread on the first one).
+    max_sequences: usize,
+    /// Held by a test to stop the model thread at its next step.
     gate: Arc<Mutex<()>>,
 }
 
@@ -36,11 +40,18 @@ struct Info {
     planned: Option<u64>,
 }
 
+struct Seq {
+    model: usize,
+    n: usize,
+    done: usize,
+}
+
 impl ModelRunner for Fake {
     type Model = usize;
     type Request = usize;
     type Summary = usize;
     type Info = Info;
+    type Sequence = Seq;
 
     fn plan(&mut self, info: &mut Info) -> Result<Option<u64>, LoadError> {
         info.planned = Some(self.footprint);
@@ -57,28 +68,44 @@ impl ModelRunner for Fake {
         Ok((n, 4096))
     }
 
-    fn run(
-        &mut self,
-        model: &mut usize,
-        n: usize,
-        ctx: usize,
-        events: &mpsc::Sender<Event<usize>>,
-    ) -> Result<usize, EngineFailure> {
+    fn max_sequences(&self, _: &usize) -> usize {
+        self.max_sequences
+    }
+
+    fn admit(&mut self, model: &mut usize, n: usize, ctx: usize) -> Result<Seq, EngineFailure> {
         assert_eq!(ctx, 4096, "the host passes the context the load reported");
         if n == 0 {
             return Err(EngineFailure::InvalidRequest("zero tokens".into()));
         }
+        Ok(Seq {
+            model: *model,
+            n,
+            done: 0,
+        })
+    }
+
+    fn step(
+        &mut self,
+        _: &mut usize,
+        batch: &mut [&mut Seq],
+        out: &mut [SeqOutput<usize>],
+    ) -> Result<(), EngineFailure> {
         let _held = self.gate.lock().unwrap();
-        for i in 0..n {
-            if events
-                .blocking_send(Event::Content(format!("{model}:{i}")))
-                .is_err()
-            {
-                return Ok(i);
+        assert!(batch.len() <= self.max_sequences, "the batch fits");
+        self.counters.batches.lock().unwrap().push(batch.len());
+        std::thread::sleep(self.step);
+        for (seq, o) in batch.iter_mut().zip(out.iter_mut()) {
+            o.send(Event::Content(format!("{}:{}", seq.model, seq.done)));
+            seq.done += 1;
+            if seq.done == seq.n {
+                o.finish(seq.n);
             }
-            std::thread::sleep(self.step);
         }
-        Ok(n)
+        Ok(())
+    }
+
+    fn release(&mut self, _: &mut usize, _: Seq) {
+        self.counters.releases.fetch_add(1, Ordering::SeqCst);
     }
 
     fn tally(n: &usize) -> Tally {
@@ -103,6 +130,7 @@ fn fake() -> (Fake, Arc<Counters>) {
             footprint: 100 << 20,
             fail_load: false,
             step: Duration::ZERO,
+            max_sequences: 1,
             gate: Arc::new(Mutex::new(())),
         },
         counters,
@@ -259,22 +287,22 @@ fn a_memory_refusal_is_retried_at_the_next_request() {
 
 #[test]
 fn the_queue_is_bounded_and_a_dropped_receiver_cancels() {
-    let (mut r, _) = fake();
+    let (mut r, counters) = fake();
     r.step = Duration::from_millis(5);
     let gate = r.gate.clone();
     let host = Host::start(config(), r, Info::default()).unwrap();
     host.wait_ready().unwrap();
-    // Hold the model thread inside the first request; the queue (capacity 2) then fills.
-    let held = gate.lock().unwrap();
+    // Admit the first request, then hold the model thread at its next step; the queue (capacity 2) fills.
     let first = host.submit(1000).unwrap();
     let t0 = Instant::now();
-    while host.status().queued > 0 {
+    while host.status().running == 0 {
         assert!(
             t0.elapsed() < Duration::from_secs(10),
             "the thread never took the first job"
         );
         std::thread::sleep(Duration::from_millis(2));
     }
+    let held = gate.lock().unwrap();
     let a = host.submit(1).unwrap();
     let b = host.submit(1).unwrap();
     assert!(matches!(host.submit(1), Err(SubmitError::QueueFull)));
@@ -292,6 +320,11 @@ fn the_queue_is_bounded_and_a_dropped_receiver_cancels() {
         assert_eq!(done, Some(1));
     }
     assert!(host.status().generated_tokens < 1000);
+    assert_eq!(
+        counters.releases.load(Ordering::SeqCst),
+        3,
+        "the cancelled sequence's cache slot was freed too"
+    );
 }
 
 #[test]
@@ -333,4 +366,76 @@ fn a_broken_model_loaded_lazily_fails_for_good() {
         }
     );
     assert!(matches!(host.submit(1), Err(SubmitError::Unavailable(_))));
+}
+
+/// Collects a request's pieces and summary from its receiver.
+fn collect(mut rx: tokio::sync::mpsc::Receiver<Event<usize>>) -> (Vec<String>, Option<usize>) {
+    let mut pieces = vec![];
+    let mut done = None;
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Content(c) => pieces.push(c),
+            Event::Done(n) => done = Some(n),
+            other => panic!("{other:?}"),
+        }
+    }
+    (pieces, done)
+}
+
+#[test]
+fn requests_share_steps_up_to_the_batch_size_and_newcomers_join_between_steps() {
+    let (mut r, counters) = fake();
+    r.max_sequences = 3;
+    r.step = Duration::from_millis(2);
+    let mut cfg = config();
+    cfg.queue_capacity = 8;
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    assert_eq!(host.status().max_sequences, 3);
+    // Every client reads as it goes (its own thread), so no sequence sits out for backpressure.
+    let long = std::thread::spawn({
+        let rx = host.submit(40).unwrap();
+        move || collect(rx)
+    });
+    let t0 = Instant::now();
+    while host.status().generated_tokens == 0 && counters.batches.lock().unwrap().len() < 5 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    // Joining mid-way: these arrive while the long one runs, and the fourth waits for a free place.
+    let readers: Vec<_> = [5, 6, 7]
+        .iter()
+        .map(|&n| {
+            let rx = host.submit(n).unwrap();
+            std::thread::spawn(move || collect(rx))
+        })
+        .collect();
+    let outs: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+    for (out, n) in outs.iter().zip([5, 6, 7]) {
+        let want: Vec<String> = (0..n).map(|i| format!("1:{i}")).collect();
+        assert_eq!(out, &(want, Some(n)), "each stream is whole and in order");
+    }
+    let (long, n) = long.join().unwrap();
+    assert_eq!((long.len(), n), (40, Some(40)));
+    let batches = counters.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().max(), Some(&3), "{batches:?}");
+    assert!(batches[0] == 1, "the first request ran alone: {batches:?}");
+    // 40 + 5 + 6 + 7 = 58 tokens in far fewer steps than one request at a time would take.
+    assert!(batches.len() < 58, "{} steps", batches.len());
+    assert_eq!(host.status().running, 0);
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_others() {
+    let (mut r, _) = fake();
+    r.max_sequences = 2;
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    // event_buffer is 4: this client takes nothing, so its sequence sits out once 4 events wait.
+    let stalled = host.submit(100).unwrap();
+    let (pieces, done) = collect(host.submit(50).unwrap());
+    assert_eq!((pieces.len(), done), (50, Some(50)));
+    // The stalled one resumes when its client reads.
+    let (pieces, done) = collect(stalled);
+    assert_eq!((pieces.len(), done), (100, Some(100)));
 }
