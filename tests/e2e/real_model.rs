@@ -205,3 +205,26 @@ async fn the_prefix_cache_is_reported_and_conversations_reuse_their_turns() {
         messages.push(json!({"role": "user", "content": format!("And then? ({turn})")}));
     }
 }
+
+/// Continuous batching end to end with the OpenAI Python SDK: 8 concurrent greedy streams on the real model
+/// all complete, each as long as alone and starting with the same token, while the engine runs several at
+/// once; a repeated prompt reports `cached_tokens` (tests/e2e/openai_batching.py).
+#[test]
+fn eight_concurrent_openai_streams_complete_batched() {
+    let model = gemma3();
+    let config = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\nmax_concurrency = 8\n",
+        model.display()
+    );
+    let s = Server::start(&[], Some(&config));
+    let out = crate::support::output_within(
+        std::process::Command::new(crate::support::python())
+            .arg(crate::support::root().join("tests/e2e/openai_batching.py"))
+            .arg(&s.url),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "OpenAI SDK batching checks failed");
+    assert!(stdout.contains(" passed, 0 failed"));
+}

@@ -823,6 +823,45 @@ impl Utf8Stream {
     }
 }
 
+/// The slot a new request takes, with how many prompt tokens it keeps (`reuse(index, slot)`).
+///
+/// A free slot whose cache keeps part of the prompt wins (the longest such prefix; llama-server's slot
+/// choice). Otherwise the choice keeps the running sequences' ids contiguous: with one KV stream per
+/// sequence, llama.cpp puts only consecutive sequence ids in one ubatch (`split_equal`), so a decode step
+/// over sequences 0, 1, 2 is one pass over the weights while one over 0, 2, 5 is three. So: a free slot
+/// inside the span of busy ones (a hole), else one just beside the span, else any; among those, the least
+/// recently used (whose cache is the least likely to be asked for again). None: every slot is busy.
+fn choose_slot(slots: &[Slot], reuse: impl Fn(usize, &Slot) -> usize) -> Option<(usize, usize)> {
+    let free: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.busy)
+        .map(|(i, s)| (i, reuse(i, s)))
+        .collect();
+    let lru = |c: &mut dyn Iterator<Item = &(usize, usize)>| {
+        c.min_by_key(|(i, _)| slots[*i].last_used).copied()
+    };
+    if let Some(best) = free.iter().filter(|(_, k)| *k > 0).max_by(|a, b| {
+        a.1.cmp(&b.1)
+            .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
+    }) {
+        return Some(*best);
+    }
+    let busy = || {
+        slots
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.busy)
+            .map(|(i, _)| i)
+    };
+    let (Some(lo), Some(hi)) = (busy().min(), busy().max()) else {
+        return lru(&mut free.iter());
+    };
+    lru(&mut free.iter().filter(|(i, _)| (lo..=hi).contains(i)))
+        .or_else(|| lru(&mut free.iter().filter(|(i, _)| *i + 1 == lo || *i == hi + 1)))
+        .or_else(|| lru(&mut free.iter()))
+}
+
 /// One request in the running batch: its llama.cpp sequence (slot), prompt, sampler chain and decoding
 /// state.
 struct LlamaSequence {
@@ -836,6 +875,9 @@ struct LlamaSequence {
     /// The tokens whose KV the sequence holds (committed to the slot at release).
     kv: PrefixSlot,
     sampler: LlamaSampler,
+    /// Greedy with nothing that changes the logits (no grammar, bias or penalty): the argmax is read off
+    /// the logits directly.
+    plain_greedy: bool,
     text: Utf8Stream,
     answer: Answer,
     /// Generated tokens; the last one is decoded at the next step.
@@ -885,16 +927,10 @@ impl LlamaSequence {
         }
         let sampler = sampler(loaded, &req.sampling, req.json_mode)?;
         let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
-        let (slot, keep) = slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| !s.busy)
-            .map(|(i, s)| (i, reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)))
-            .max_by(|a, b| {
-                a.1.cmp(&b.1)
-                    .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
-            })
-            .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
+        let (slot, keep) = choose_slot(slots, |i, s| {
+            reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
+        })
+        .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
         // The KV is touched from here on: until this request ends cleanly the slot's record is empty, so a
         // failure leaves the next request a cleared sequence rather than a stale record.
         let mut kv = slots[slot].cached.begin();
@@ -909,6 +945,12 @@ impl LlamaSequence {
             reused: keep,
             kv,
             sampler,
+            plain_greedy: req.sampling.temperature <= 0.0
+                && !req.json_mode
+                && req.sampling.logit_bias.is_empty()
+                && req.sampling.repetition_penalty.unwrap_or(1.0) == 1.0
+                && req.sampling.presence_penalty == 0.0
+                && req.sampling.frequency_penalty == 0.0,
             text: Utf8Stream { pending: vec![] },
             answer: Answer::new(&req.stop, req.parse_output),
             tokens: vec![],
@@ -936,7 +978,13 @@ impl LlamaSequence {
         out: &mut SeqOutput<Summary>,
     ) {
         let vocab = loaded.model.vocab();
-        let tok = self.sampler.sample(ctx, idx);
+        let tok = if self.plain_greedy {
+            // What llama.cpp's greedy sampler picks (the first largest logit), without its copy of the
+            // whole vocabulary into a candidate array: 262,144 entries per sequence per step on Gemma.
+            LlamaToken(argmax(ctx.get_logits_ith(idx)) as i32)
+        } else {
+            self.sampler.sample(ctx, idx)
+        };
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
         }
@@ -992,11 +1040,11 @@ impl LlamaSequence {
 }
 
 /// One scheduler step over the running batch: every decoding sequence's last token in one `llama_decode`
-/// (one ubatch, a row per sequence), each sampled from its own row; then one prefill chunk of the oldest
-/// sequence still reading its prompt, so a newcomer's long prompt delays running streams by one chunk per
-/// token rather than by the whole prompt. Chunks run alone and start where a lone request's would (at the
-/// reused prefix, every `chunk` tokens): llama.cpp's CPU kernels depend on a batch's shape, and this keeps a
-/// sequence's numbers the same batched or alone.
+/// (one ubatch, a row per sequence), each sampled from its own row; then prompt chunks of the sequences
+/// still reading their prompts, oldest first, up to one chunk's worth of tokens in all, so a newcomer's long
+/// prompt delays running streams by one chunk per token rather than by the whole prompt. Each chunk is its
+/// own `llama_decode` and starts where a lone request's would (at the reused prefix, every `chunk` tokens):
+/// llama.cpp's CPU kernels depend on a batch's shape, so a prompt's KV is the same batched or alone.
 fn step(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
@@ -1004,9 +1052,11 @@ fn step(
     out: &mut [SeqOutput<Summary>],
     chunk: usize,
 ) -> Result<()> {
-    let decoding: Vec<usize> = (0..batch.len())
+    let mut decoding: Vec<usize> = (0..batch.len())
         .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
         .collect();
+    // Increasing sequence ids: llama.cpp's per-stream split takes runs of consecutive ids into one ubatch.
+    decoding.sort_by_key(|&i| batch[i].slot);
     if !decoding.is_empty() {
         let mut b = LlamaBatch::new(decoding.len(), 1);
         for &i in &decoding {
@@ -1025,12 +1075,37 @@ fn step(
             s.accept(loaded, ctx, row as i32, &mut out[i]);
         }
     }
-    let Some(i) = (0..batch.len()).find(|&i| !batch[i].decoding()) else {
-        return Ok(());
-    };
-    let s = &mut batch[i];
+    // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long
+    // prompt progresses): several short prompts start in one step, a long one takes a chunk per step.
+    let mut budget = chunk.max(1);
+    for i in 0..batch.len() {
+        let s = &mut *batch[i];
+        if s.decoding() {
+            continue;
+        }
+        let n = chunk.max(1).min(s.ids.len() - s.prefilled);
+        if n > budget && budget < chunk.max(1) {
+            break;
+        }
+        budget = budget.saturating_sub(n);
+        prefill_chunk(loaded, ctx, s, n, &mut out[i])?;
+        if budget == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the next `n` prompt tokens of `s` on their own (the chunk a lone request would decode), and once
+/// the prompt is read samples the first token.
+fn prefill_chunk(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    s: &mut LlamaSequence,
+    n: usize,
+    out: &mut SeqOutput<Summary>,
+) -> Result<()> {
     let t0 = Instant::now();
-    let n = chunk.max(1).min(s.ids.len() - s.prefilled);
     let mut b = LlamaBatch::new(n, 1);
     for k in 0..n {
         let pos = s.prefilled + k;
@@ -1052,14 +1127,14 @@ fn step(
     s.prefilled += n;
     s.prefill_time += t0.elapsed();
     if s.decoding() {
-        out[i].send(Event::Started {
+        out.send(Event::Started {
             prompt_tokens: s.ids.len(),
             cached_tokens: s.reused,
         });
         if s.max_tokens == 0 {
-            s.finish(Finish::Length, false, &mut out[i]);
+            s.finish(Finish::Length, false, out);
         } else {
-            s.accept(loaded, ctx, n as i32 - 1, &mut out[i]);
+            s.accept(loaded, ctx, n as i32 - 1, out);
         }
     }
     Ok(())
@@ -1225,4 +1300,46 @@ fn argmax(v: &[f32]) -> u32 {
             if x > bv { (i, x) } else { (bi, bv) }
         })
         .0 as u32
+}
+
+#[cfg(test)]
+mod slot_tests {
+    use super::*;
+
+    fn slots(busy: &[bool], last_used: &[u64]) -> Vec<Slot> {
+        busy.iter()
+            .zip(last_used)
+            .map(|(&busy, &last_used)| Slot {
+                cached: PrefixSlot::new(),
+                busy,
+                last_used,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_prefix_hit_wins_then_holes_then_neighbours_then_the_least_recently_used() {
+        // Nothing busy, no hit: the least recently used slot.
+        let s = slots(&[false; 4], &[5, 2, 9, 7]);
+        assert_eq!(choose_slot(&s, |_, _| 0), Some((1, 0)));
+        // A prefix hit wins wherever it is.
+        assert_eq!(
+            choose_slot(&s, |i, _| if i == 3 { 40 } else { 0 }),
+            Some((3, 40))
+        );
+        assert_eq!(
+            choose_slot(&s, |i, _| [10, 30, 30, 0][i]),
+            Some((1, 30)),
+            "the longest hit; the least recently used of equal ones"
+        );
+        // Busy 0 and 3: the holes 1 and 2 come first (the older of them).
+        let s = slots(&[true, false, false, true, false, false], &[0, 8, 3, 0, 1, 1]);
+        assert_eq!(choose_slot(&s, |_, _| 0), Some((2, 0)));
+        // Busy 1 and 2: a neighbour (0 or 3, the older), not the older slot 5 far away.
+        let s = slots(&[false, true, true, false, false, false], &[4, 0, 0, 6, 9, 1]);
+        assert_eq!(choose_slot(&s, |_, _| 0), Some((0, 0)));
+        // Every slot busy: none.
+        let s = slots(&[true; 3], &[0; 3]);
+        assert_eq!(choose_slot(&s, |_, _| 0), None);
+    }
 }

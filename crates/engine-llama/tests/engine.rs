@@ -612,16 +612,28 @@ fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
     }
 }
 
-/// A request's generated tokens and every token's logprob, read as the engine streams them.
-fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Vec<f32>) {
+/// A request's generated tokens, and for each its logprob and the gap to the most likely other token (0
+/// when the chosen token was not the most likely), read as the engine streams them.
+fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Vec<(f32, f32)>) {
     let mut lps = vec![];
     loop {
         match rx.blocking_recv().expect("events until Done") {
-            Event::Logprobs(t) => lps.push(
-                serde_json::to_value(&t).unwrap()["logprob"]
-                    .as_f64()
-                    .unwrap() as f32,
-            ),
+            Event::Logprobs(t) => {
+                let v = serde_json::to_value(&t).unwrap();
+                let lp = v["logprob"].as_f64().unwrap() as f32;
+                let top: Vec<f32> = v["top_logprobs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x["logprob"].as_f64().unwrap() as f32)
+                    .collect();
+                let gap = if top.len() >= 2 && lp >= top[0] {
+                    top[0] - top[1]
+                } else {
+                    0.0
+                };
+                lps.push((lp, gap));
+            }
             Event::Done(s) => return (s.tokens, lps),
             Event::Error(e) => panic!("{e}"),
             _ => {}
@@ -630,10 +642,18 @@ fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>,
 }
 
 /// Continuous batching on every GGUF fixture (dense and MoE, f32 and Q8_0, and the real Gemma 3 270M in
-/// Q4_K_M): six requests of different prompt lengths and answer lengths sent at once to an engine that
-/// decodes 4 together — the last two join mid-way as places free up, and the long prompts are prefilled
-/// in chunks between the others' decode steps — each give exactly the tokens that they give alone on a
-/// one-sequence engine, greedy and seeded sampling alike, and the logprobs to the bit on quantized weights.
+/// Q4_K_M): six requests of different prompt and answer lengths sent at once to an engine that decodes 4
+/// together — the last two join mid-way as places free up, and the long prompts are prefilled in chunks
+/// between the others' decode steps — give the answers they give alone on a one-sequence engine.
+///
+/// How exactly: on Q8_0 weights, every token and logprob to the bit, greedy and seeded sampling alike
+/// (llama.cpp takes the same per-row dot products for one row and for several). For other weight types it
+/// multiplies a lone decode row and a batch's rows with different kernels — F32's matrix kernel; Q4_K
+/// repacked for its GEMM, where the first batched step moved a logprob of the real model by 0.045 — and
+/// which rows share a step depends on timing. There the tokens agree until a near-tie: a greedy answer may
+/// leave its lone twin only where the lone run's two best tokens were within 0.5 nats, and until then the
+/// logprobs agree to 0.25 (measured: 3.5e-4 on f32, 0.17 on Q4_K after drifting over a few tokens; a mixed-up
+/// row or cache moves them by whole units).
 #[test]
 fn batched_answers_equal_lone_answers_on_every_fixture() {
     let _serial = serial();
@@ -657,6 +677,7 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
                 let mut r = request(Prompt::Ids(ids), [12, 20, 9, 16, 24, 10][i as usize]);
                 r.parse_output = false;
                 r.logprobs = true;
+                r.top_logprobs = 2;
                 if i % 3 == 1 {
                     r.sampling.temperature = 0.9;
                     r.sampling.top_k = 40;
@@ -686,27 +707,47 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
             })
             .collect();
         let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
-        let mut worst = 0f32;
+        let exact = name.contains("q8_0");
+        let (mut worst, mut ties) = (0f32, 0);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-            assert_eq!(g.0, w.0, "{name} request {i}: tokens batched vs alone");
-            let d =
-                g.1.iter()
-                    .zip(&w.1)
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0f32, f32::max);
-            worst = worst.max(d);
-            // Quantized weights go through ggml's per-row dot products: bit-exact. F32 weights take a
-            // different matrix kernel for one row than for several (another summation order): within 1e-3.
-            let tolerance = if name.ends_with("f32") { 1e-3 } else { 0.0 };
-            assert!(
-                d <= tolerance,
-                "{name} request {i}: logprobs batched vs alone differ by {d}"
-            );
-            assert_eq!(g.0.len(), requests[i].max_tokens, "{name} request {i}");
+            let what = format!("{name} request {i}");
+            assert_eq!(g.0.len(), requests[i].max_tokens, "{what}");
+            if exact {
+                assert_eq!(g, w, "{what}: batched vs alone");
+                continue;
+            }
+            let same = g.0.iter().zip(&w.0).take_while(|(a, b)| a == b).count();
+            for k in 0..same {
+                let d = (g.1[k].0 - w.1[k].0).abs();
+                worst = worst.max(d);
+                assert!(
+                    d <= 0.25,
+                    "{what} token {k}: logprobs differ by {d}: {:?} vs {:?}",
+                    g.1,
+                    w.1
+                );
+            }
+            if same < g.0.len() {
+                ties += 1;
+                if requests[i].sampling.temperature <= 0.0 {
+                    let gap = w.1[same].1;
+                    assert!(
+                        gap < 0.5,
+                        "{what}: left its lone answer at token {same} where the top two were {gap} apart"
+                    );
+                }
+            }
         }
         // The comparison can fail: the requests' answers differ from each other.
         assert_ne!(want[0].0, want[2].0);
-        eprintln!("{name}: 6 requests batched == alone (max |Δlogprob| {worst:e})");
+        eprintln!(
+            "{name}: 6 requests batched vs alone: {}",
+            if exact {
+                "identical".to_string()
+            } else {
+                format!("max |Δlogprob| {worst:e} while equal, {ties} left at a near-tie")
+            }
+        );
     }
 }
 
