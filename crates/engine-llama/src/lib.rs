@@ -1333,10 +1333,16 @@ mod slot_tests {
             "the longest hit; the least recently used of equal ones"
         );
         // Busy 0 and 3: the holes 1 and 2 come first (the older of them).
-        let s = slots(&[true, false, false, true, false, false], &[0, 8, 3, 0, 1, 1]);
+        let s = slots(
+            &[true, false, false, true, false, false],
+            &[0, 8, 3, 0, 1, 1],
+        );
         assert_eq!(choose_slot(&s, |_, _| 0), Some((2, 0)));
         // Busy 1 and 2: a neighbour (0 or 3, the older), not the older slot 5 far away.
-        let s = slots(&[false, true, true, false, false, false], &[4, 0, 0, 6, 9, 1]);
+        let s = slots(
+            &[false, true, true, false, false, false],
+            &[4, 0, 0, 6, 9, 1],
+        );
         assert_eq!(choose_slot(&s, |_, _| 0), Some((0, 0)));
         // Every slot busy: none.
         let s = slots(&[true; 3], &[0; 3]);

@@ -9,8 +9,9 @@ pub mod backend;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+/// The llama.cpp engine (feature `llama`), for callers that drive it directly (`jemma generate`).
 #[cfg(feature = "llama")]
-pub mod llama;
+pub use jemma_engine_llama as llama;
 /// Whether this build includes the llama.cpp engine (GGUF tiers).
 pub const LLAMA: bool = cfg!(feature = "llama");
 #[cfg(feature = "local")]

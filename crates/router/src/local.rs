@@ -1,9 +1,18 @@
-//! The in-process MLX engine as a tier (feature `local`, on by default; off for builds that must not link
-//! MLX, such as the fuzz targets).
+//! In-process engines as tiers (feature `local`, on by default; off for builds that must not link MLX, such
+//! as the fuzz targets): one adapter, [`EngineBackend`], for every engine on the serving core — MLX, and
+//! llama.cpp with feature `llama`. What differs per engine (its request type, how its summary reads, its
+//! status figures) is the small [`InProcess`] trait; the prompt, the request's fields, admission errors, the
+//! event stream and `/health` are written once here.
+
+use std::future::Future;
+use std::pin::Pin;
 
 use async_trait::async_trait;
-use jemma_engine::runtime::Engine;
-use serde_json::json;
+use jemma_chat::event::Event;
+use jemma_chat::sampling::SamplingParams;
+use jemma_serve::host::{Status, SubmitError};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
 
 use crate::api::ChatRequest;
 use crate::backend::{
@@ -11,38 +20,91 @@ use crate::backend::{
     sampling_of, with_continuation,
 };
 
-/// The in-process MLX engine serving one model.
-pub struct LocalBackend {
-    engine: Engine,
-    default_max_tokens: u32,
-    kv_quant: Option<jemma_engine::models::gemma4::KvQuant>,
+/// What to generate from, as the router hands it to an engine.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// OpenAI messages, to render through the model's chat template (a trailing assistant message is a
+    /// prefix to continue).
+    Chat {
+        /// Messages.
+        messages: Vec<Value>,
+        /// OpenAI tools.
+        tools: Option<Vec<Value>>,
+        /// Gemma 4's thinking switch.
+        enable_thinking: Option<bool>,
+    },
+    /// Raw text (`/v1/completions`).
+    Text(String),
 }
 
-impl LocalBackend {
-    /// Wraps a started engine.
-    pub fn new(engine: Engine, default_max_tokens: u32) -> Self {
+/// One request in the terms every engine shares: built once from the OpenAI request.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// Prompt.
+    pub input: Input,
+    /// Sampling.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Split thinking and tool calls out of the text.
+    pub parse_output: bool,
+    /// Constrain the output to JSON.
+    pub json_mode: bool,
+    /// Report each token's log-probability.
+    pub logprobs: bool,
+    /// With `logprobs`, this many alternatives per token.
+    pub top_logprobs: usize,
+}
+
+/// An engine on the serving core, as [`EngineBackend`] drives it.
+pub trait InProcess: Send + Sync + 'static {
+    /// The engine's final summary of a request.
+    type Summary: Send + 'static;
+    /// The engine's own status figures.
+    type Info;
+    /// The engine's name in `/health` (`mlx`, `llama.cpp`).
+    const NAME: &'static str;
+    /// Queues a job (in the engine's own request type); dropping the receiver cancels it.
+    ///
+    /// Errors: the serving core's admission errors (queue full, not available).
+    fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError>;
+    /// A snapshot of the engine's state and figures.
+    fn status(&self) -> Status<Self::Info>;
+    /// Resolves when the model thread has ended and its memory is released.
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send>>;
+    /// How a request ended, read off its summary.
+    fn finished(summary: &Self::Summary) -> Finished;
+    /// The engine's own figures for `/health`'s details.
+    fn details(info: &Self::Info) -> Value;
+}
+
+/// An in-process engine serving one tier.
+pub struct EngineBackend<E> {
+    engine: E,
+    default_max_tokens: u32,
+}
+
+impl<E: InProcess> EngineBackend<E> {
+    /// Wraps a started engine; `default_max_tokens` applies when a request sets none.
+    pub fn new(engine: E, default_max_tokens: u32) -> Self {
         Self {
             engine,
             default_max_tokens,
-            kv_quant: None,
         }
-    }
-
-    /// Quantizes the full-attention KV caches of every request (`kv_bits`).
-    pub fn with_kv_quant(mut self, q: Option<jemma_engine::models::gemma4::KvQuant>) -> Self {
-        self.kv_quant = q;
-        self
     }
 }
 
 #[async_trait]
-impl Backend for LocalBackend {
+impl<E: InProcess> Backend for EngineBackend<E> {
     fn model(&self) -> String {
         self.engine.status().model
     }
 
-    fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
-        Box::pin(self.engine.stopped())
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        // A cold model swap waits on this before loading the next model into the memory it frees.
+        self.engine.stopped()
     }
 
     async fn start(
@@ -50,57 +112,173 @@ impl Backend for LocalBackend {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        use jemma_engine::generate::GenerateOptions;
-        use jemma_engine::runtime::{Prompt, Request, SubmitError};
-        let sampling = sampling_of(req);
-        let prompt = match &req.raw_prompt {
-            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
-            None => Prompt::Chat {
+        let input = match &req.raw_prompt {
+            Some(p) => Input::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Input::Chat {
                 messages: with_continuation(&req.messages, continuation),
                 tools: req.tools.clone(),
                 enable_thinking: req.enable_thinking,
             },
         };
-        let request = Request {
-            prompt,
-            options: GenerateOptions {
-                sampling,
-                max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
-                logprobs: req.logprobs,
-                top_logprobs: req.top_logprobs as usize,
-                kv_quant: self.kv_quant,
-                ..Default::default()
-            },
+        let job = Job {
+            input,
+            sampling: sampling_of(req),
+            max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
             stop: req.stop.clone(),
             parse_output: req.raw_prompt.is_none() && !req.json_mode,
             json_mode: req.json_mode,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs as usize,
         };
-        let events = self.engine.submit(request).map_err(|e| match e {
+        let events = self.engine.submit(job).map_err(|e| match e {
             SubmitError::QueueFull => BackendError::Busy(e.to_string()),
             SubmitError::Unavailable(m) => BackendError::Unavailable(m),
         })?;
-        Ok(pump_engine(events, |s| Finished {
-            completion_tokens: s.stats.completion_tokens as u64,
-            tool_calls: s.tool_calls,
-            hit_length: s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
-            decode_tps: s.decode_tps,
-        }))
+        Ok(pump_engine(events, |s| E::finished(&s)))
     }
 
     fn health(&self) -> BackendHealth {
         let s = self.engine.status();
-        let i = &s.info;
-        engine_health(
-            &s,
-            json!({
-                "engine": "mlx",
-                "device": i.device,
-                "mlx_active_bytes": i.memory.active_bytes,
-                "mlx_peak_bytes": i.memory.peak_bytes,
-                "process_rss_bytes": i.process_rss_bytes,
-                "dtype": i.load.as_ref().map(|l| l.dtype.clone()),
-                "footprint": i.footprint,
-            }),
+        let mut details = E::details(&s.info);
+        if let Some(d) = details.as_object_mut() {
+            d.insert("engine".into(), json!(E::NAME));
+        }
+        engine_health(&s, details)
+    }
+}
+
+/// The MLX engine with the tier's KV-cache quantization (`kv_bits`), applied to every request.
+pub struct Mlx {
+    /// The engine.
+    pub engine: jemma_engine::runtime::Engine,
+    /// Quantize the full-attention KV caches (None: full precision).
+    pub kv_quant: Option<jemma_engine::models::gemma4::KvQuant>,
+}
+
+impl InProcess for Mlx {
+    type Summary = jemma_engine::runtime::Summary;
+    type Info = jemma_engine::runtime::MlxInfo;
+    const NAME: &'static str = "mlx";
+
+    fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
+        use jemma_engine::generate::GenerateOptions;
+        use jemma_engine::runtime::{Prompt, Request};
+        self.engine.submit(Request {
+            prompt: match job.input {
+                Input::Text(t) => Prompt::Text(t),
+                Input::Chat {
+                    messages,
+                    tools,
+                    enable_thinking,
+                } => Prompt::Chat {
+                    messages,
+                    tools,
+                    enable_thinking,
+                },
+            },
+            options: GenerateOptions {
+                sampling: job.sampling,
+                max_tokens: job.max_tokens,
+                logprobs: job.logprobs,
+                top_logprobs: job.top_logprobs,
+                kv_quant: self.kv_quant,
+                ..Default::default()
+            },
+            stop: job.stop,
+            parse_output: job.parse_output,
+            json_mode: job.json_mode,
+        })
+    }
+
+    fn status(&self) -> Status<Self::Info> {
+        self.engine.status()
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(self.engine.stopped())
+    }
+
+    fn finished(s: &Self::Summary) -> Finished {
+        Finished {
+            completion_tokens: s.stats.completion_tokens as u64,
+            tool_calls: s.tool_calls,
+            hit_length: s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
+            decode_tps: s.decode_tps,
+        }
+    }
+
+    fn details(i: &Self::Info) -> Value {
+        json!({
+            "device": i.device,
+            "mlx_active_bytes": i.memory.active_bytes,
+            "mlx_peak_bytes": i.memory.peak_bytes,
+            "process_rss_bytes": i.process_rss_bytes,
+            "dtype": i.load.as_ref().map(|l| l.dtype.clone()),
+            "footprint": i.footprint,
+        })
+    }
+}
+
+/// The llama.cpp engine (GGUF models): the default local engine on Linux and Intel machines and the engine
+/// of the Cloud Run heavy tier.
+#[cfg(feature = "llama")]
+impl InProcess for jemma_engine_llama::LlamaEngine {
+    type Summary = jemma_engine_llama::Summary;
+    type Info = jemma_engine_llama::LlamaInfo;
+    const NAME: &'static str = "llama.cpp";
+
+    fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
+        use jemma_engine_llama::{Prompt, Request};
+        jemma_engine_llama::LlamaEngine::submit(
+            self,
+            Request {
+                prompt: match job.input {
+                    Input::Text(t) => Prompt::Text(t),
+                    Input::Chat {
+                        messages,
+                        tools,
+                        enable_thinking,
+                    } => Prompt::Chat {
+                        messages,
+                        tools,
+                        enable_thinking,
+                    },
+                },
+                sampling: job.sampling,
+                max_tokens: job.max_tokens,
+                stop: job.stop,
+                parse_output: job.parse_output,
+                json_mode: job.json_mode,
+                ignore_eos: false,
+                logprobs: job.logprobs,
+                top_logprobs: job.top_logprobs,
+            },
         )
+    }
+
+    fn status(&self) -> Status<Self::Info> {
+        jemma_engine_llama::LlamaEngine::status(self)
+    }
+
+    fn stopped(&self) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(jemma_engine_llama::LlamaEngine::stopped(self))
+    }
+
+    fn finished(s: &Self::Summary) -> Finished {
+        Finished {
+            completion_tokens: s.completion_tokens as u64,
+            tool_calls: s.tool_calls,
+            hit_length: s.finish == jemma_engine_llama::Finish::Length,
+            decode_tps: s.decode_tps,
+        }
+    }
+
+    fn details(i: &Self::Info) -> Value {
+        json!({
+            "gpu_layers": i.gpu_layers,
+            "threads": i.threads,
+            "model_bytes": i.model_bytes,
+            "footprint_bytes": i.footprint_bytes,
+        })
     }
 }

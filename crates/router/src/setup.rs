@@ -17,7 +17,7 @@ use jemma_models::{Catalog, PullProgress};
 use crate::RouterError;
 use crate::backend::{Backend, BackendState, OpenAiBackend, OpenAiConfig};
 use crate::config::{Config, TierConfig, TierKind, resolve_secret};
-use crate::local::LocalBackend;
+use crate::local::EngineBackend;
 use crate::route::{TierRouter, TierSettings};
 use crate::tier::{BackendFactory, LocalTier, ModelResolver};
 
@@ -257,7 +257,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
                 lc.preload = template.preload;
                 lc.memory = template.memory.clone();
                 let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
-                Arc::new(crate::llama::LlamaBackend::new(e, default_max_tokens))
+                Arc::new(EngineBackend::new(e, default_max_tokens))
             }
             #[cfg(not(feature = "llama"))]
             {
@@ -272,7 +272,13 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
             ec.model_dir = path;
             ec.name = Some(name);
             let e = Engine::start(ec).map_err(|e| format!("starting the engine: {e}"))?;
-            Arc::new(LocalBackend::new(e, default_max_tokens).with_kv_quant(kv))
+            Arc::new(EngineBackend::new(
+                crate::local::Mlx {
+                    engine: e,
+                    kv_quant: kv,
+                },
+                default_max_tokens,
+            ))
         };
         shared
             .lock()
