@@ -207,8 +207,7 @@ async fn the_prefix_cache_is_reported_and_conversations_reuse_their_turns() {
 }
 
 /// Continuous batching end to end with the OpenAI Python SDK: 8 concurrent greedy streams on the real model
-/// all complete, each as long as alone and starting with the same token, while the engine runs several at
-/// once; a repeated prompt reports `cached_tokens` (tests/e2e/openai_batching.py).
+/// all complete within their max_tokens while the engine runs several at once; a repeated prompt reports `cached_tokens` (tests/e2e/openai_batching.py).
 #[test]
 fn eight_concurrent_openai_streams_complete_batched() {
     let model = gemma3();

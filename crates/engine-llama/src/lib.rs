@@ -502,8 +502,9 @@ impl ModelRunner for LlamaRunner {
             .with_n_ctx(NonZeroU32::new(loaded.n_ctx * parallel))
             .with_n_seq_max(parallel)
             .with_kv_unified(false)
-            .with_n_batch(self.config.batch_size)
-            .with_n_ubatch(self.config.batch_size)
+            // A decode step carries one token per sequence: the batch must hold them all.
+            .with_n_batch(self.config.batch_size.max(parallel))
+            .with_n_ubatch(self.config.batch_size.max(parallel))
             .with_n_threads(threads)
             .with_n_threads_batch(batch_threads);
         let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
@@ -825,28 +826,41 @@ impl Utf8Stream {
 
 /// The slot a new request takes, with how many prompt tokens it keeps (`reuse(index, slot)`).
 ///
-/// A free slot whose cache keeps part of the prompt wins (the longest such prefix; llama-server's slot
-/// choice). Otherwise the choice keeps the running sequences' ids contiguous: with one KV stream per
-/// sequence, llama.cpp puts only consecutive sequence ids in one ubatch (`split_equal`), so a decode step
-/// over sequences 0, 1, 2 is one pass over the weights while one over 0, 2, 5 is three. So: a free slot
-/// inside the span of busy ones (a hole), else one just beside the span, else any; among those, the least
-/// recently used (whose cache is the least likely to be asked for again). None: every slot is busy.
-fn choose_slot(slots: &[Slot], reuse: impl Fn(usize, &Slot) -> usize) -> Option<(usize, usize)> {
+/// A free slot whose kept prefix is at least half of the `prompt_len`-token prompt (llama-server's slot choice
+/// with its default `--slot-prompt-similarity` of 0.5) or at least half of what the slot holds (the prompt
+/// continues that slot's conversation, however much longer it grew) wins, the longest such. A shorter match — every chat prompt shares its first
+/// few tokens (`<bos><|turn>user`) with every cached conversation — is not worth wrecking that slot's cache
+/// for (whatever the slot chosen below holds in common with the prompt is still kept). Otherwise the choice
+/// keeps the running
+/// sequences' ids contiguous: with one KV stream per sequence, llama.cpp puts only consecutive sequence ids
+/// in one ubatch (`split_equal`), so a decode step over sequences 0, 1, 2 is one pass over the weights while
+/// one over 0, 2, 5 is three. So: a free slot inside the span of busy ones (a hole), else one just beside
+/// the span, else any; among those, the least recently used (an empty slot first: it was never used). None:
+/// every slot is busy.
+fn choose_slot(
+    slots: &[Slot],
+    prompt_len: usize,
+    reuse: impl Fn(usize, &Slot) -> usize,
+) -> Option<(usize, usize)> {
     let free: Vec<(usize, usize)> = slots
         .iter()
         .enumerate()
         .filter(|(_, s)| !s.busy)
         .map(|(i, s)| (i, reuse(i, s)))
         .collect();
+    if let Some(best) = free
+        .iter()
+        .filter(|(i, k)| *k > 0 && (2 * *k >= prompt_len || 2 * *k >= slots[*i].cached.len()))
+        .max_by(|a, b| {
+            a.1.cmp(&b.1)
+                .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
+        })
+    {
+        return Some(*best);
+    }
     let lru = |c: &mut dyn Iterator<Item = &(usize, usize)>| {
         c.min_by_key(|(i, _)| slots[*i].last_used).copied()
     };
-    if let Some(best) = free.iter().filter(|(_, k)| *k > 0).max_by(|a, b| {
-        a.1.cmp(&b.1)
-            .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
-    }) {
-        return Some(*best);
-    }
     let busy = || {
         slots
             .iter()
@@ -927,17 +941,17 @@ impl LlamaSequence {
         }
         let sampler = sampler(loaded, &req.sampling, req.json_mode)?;
         let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
-        let (slot, keep) = choose_slot(slots, |i, s| {
+        let (slot, keep) = choose_slot(slots, ids.len(), |i, s| {
             reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
         })
         .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
         // The KV is touched from here on: until this request ends cleanly the slot's record is empty, so a
         // failure leaves the next request a cleared sequence rather than a stale record.
+        let keep = trim(ctx, slot as u32, keep)?;
         let mut kv = slots[slot].cached.begin();
+        kv.truncate(keep);
         slots[slot].busy = true;
         slots[slot].last_used = now;
-        let keep = trim(ctx, slot as u32, keep)?;
-        kv.truncate(keep);
         Ok(Self {
             slot,
             ids,
@@ -1321,31 +1335,43 @@ mod slot_tests {
     fn a_prefix_hit_wins_then_holes_then_neighbours_then_the_least_recently_used() {
         // Nothing busy, no hit: the least recently used slot.
         let s = slots(&[false; 4], &[5, 2, 9, 7]);
-        assert_eq!(choose_slot(&s, |_, _| 0), Some((1, 0)));
-        // A prefix hit wins wherever it is.
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((1, 0)));
+        // A prefix hit (here of a 40-token prompt) wins wherever it is.
         assert_eq!(
-            choose_slot(&s, |i, _| if i == 3 { 40 } else { 0 }),
+            choose_slot(&s, 40, |i, _| if i == 3 { 40 } else { 0 }),
             Some((3, 40))
         );
         assert_eq!(
-            choose_slot(&s, |i, _| [10, 30, 30, 0][i]),
+            choose_slot(&s, 40, |i, _| [20, 30, 30, 0][i]),
             Some((1, 30)),
             "the longest hit; the least recently used of equal ones"
         );
+        // A conversation that grew past twice its cached turn still continues its slot.
+        let mut grown = slots(&[false; 2], &[1, 0]);
+        grown[0].cached.extend(0..10);
+        assert_eq!(choose_slot(&grown, 100, |i, _| [10, 0][i]), Some((0, 10)));
+        // A few shared tokens (a chat header) with slots holding 40 are no hit: the LRU slot (keeping what
+        // it shares).
+        let mut s = s;
+        for slot in &mut s {
+            slot.cached.extend(0..40);
+        }
+        assert_eq!(choose_slot(&s, 40, |i, _| [3, 0, 3, 3][i]), Some((1, 0)));
+        assert_eq!(choose_slot(&s, 40, |i, _| [3, 3, 0, 3][i]), Some((1, 3)));
         // Busy 0 and 3: the holes 1 and 2 come first (the older of them).
         let s = slots(
             &[true, false, false, true, false, false],
             &[0, 8, 3, 0, 1, 1],
         );
-        assert_eq!(choose_slot(&s, |_, _| 0), Some((2, 0)));
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((2, 0)));
         // Busy 1 and 2: a neighbour (0 or 3, the older), not the older slot 5 far away.
         let s = slots(
             &[false, true, true, false, false, false],
             &[4, 0, 0, 6, 9, 1],
         );
-        assert_eq!(choose_slot(&s, |_, _| 0), Some((0, 0)));
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((0, 0)));
         // Every slot busy: none.
         let s = slots(&[true; 3], &[0; 3]);
-        assert_eq!(choose_slot(&s, |_, _| 0), None);
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), None);
     }
 }

@@ -440,8 +440,13 @@ impl Generation {
         Ok(Some(Step { token, logprobs }))
     }
 
-    /// Ends generation early (a stop string, a cancel) with `reason`; the queued step is dropped.
+    /// Ends generation early (a stop string, a cancel) with `reason`; the queued step is dropped. Called
+    /// right after the token that caused it: when that token was also the last `max_tokens` allowed (so
+    /// generation had just ended for length), the caller's reason replaces `Length`.
     pub fn stop(&mut self, reason: FinishReason) {
+        if self.finished && self.stats.finish_reason == FinishReason::Length {
+            self.stats.finish_reason = reason;
+        }
         self.end(reason);
     }
 

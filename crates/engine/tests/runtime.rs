@@ -7,6 +7,13 @@ use std::time::{Duration, Instant};
 use jemma_engine::generate::GenerateOptions;
 use jemma_engine::runtime::{Engine, EngineConfig, EngineState, Event, Prompt, Request};
 
+/// One test at a time: MLX's memory figures are the process's, so one test's engine would show in another's
+/// unload check.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn tiny() -> PathBuf {
     let root = std::env::var("JEMMA_FIXTURES")
         .map(PathBuf::from)
@@ -54,6 +61,7 @@ fn wait_for(engine: &Engine, what: &str, f: impl Fn(&EngineState) -> bool) {
 
 #[test]
 fn idle_keep_alive_unloads_and_the_next_request_reloads() {
+    let _serial = serial();
     let mut cfg = EngineConfig::new(tiny());
     cfg.keep_alive = Some(Duration::from_millis(300));
     let engine = Engine::start(cfg).unwrap();
@@ -78,6 +86,7 @@ fn idle_keep_alive_unloads_and_the_next_request_reloads() {
 
 #[test]
 fn dropping_the_receiver_cancels_generation() {
+    let _serial = serial();
     let engine = Engine::start(EngineConfig::new(tiny())).unwrap();
     engine.wait_ready().unwrap();
     let mut rx = engine.submit(request(100_000)).unwrap();
@@ -92,4 +101,43 @@ fn dropping_the_receiver_cancels_generation() {
     let t0 = Instant::now();
     assert_eq!(run(&engine, 2), 2);
     assert!(t0.elapsed() < Duration::from_secs(10));
+}
+
+/// A stop string that completes on the last token `max_tokens` allows ends the request as `stop` (its text
+/// held back), not `length`; one that completes earlier cuts the answer there.
+#[test]
+fn a_stop_string_on_the_last_allowed_token_is_a_stop() {
+    let _serial = serial();
+    use jemma_engine::generate::FinishReason;
+    let engine = Engine::start(EngineConfig::new(tiny())).unwrap();
+    engine.wait_ready().unwrap();
+    let answer = |max_tokens: usize, stop: Vec<String>| {
+        let mut r = request(max_tokens);
+        r.stop = stop;
+        let mut rx = engine.submit(r).unwrap();
+        let mut text = String::new();
+        loop {
+            match rx.blocking_recv().unwrap() {
+                Event::Content(c) => text.push_str(&c),
+                Event::Done(s) => return (text, s.stats.finish_reason, s.stats.completion_tokens),
+                Event::Error(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+    };
+    let texts: Vec<String> = (0..=12).map(|k| answer(k, vec![]).0).collect();
+    assert_eq!(answer(12, vec![]).1, FinishReason::Length);
+    // A token whose text is new: as a stop string it completes exactly on that token.
+    let n = (2..=12)
+        .find(|&n| {
+            let tail = &texts[n][texts[n - 1].len().min(texts[n].len())..];
+            texts[n].starts_with(&texts[n - 1])
+                && tail.trim().len() > 1
+                && !texts[n - 1].contains(tail)
+        })
+        .expect("some token's text is new");
+    let tail = texts[n][texts[n - 1].len()..].to_string();
+    let (text, finish, generated) = answer(n, vec![tail.clone()]);
+    assert_eq!(finish, FinishReason::Stop, "{tail:?} in {text:?}");
+    assert_eq!((text, generated), (texts[n - 1].clone(), n));
 }

@@ -250,10 +250,9 @@ pub struct TierConfig {
     /// Whether the tier takes requests (the heavy toggle).
     pub enabled: bool,
     /// Requests running at once on this tier; for a GGUF tier also the llama.cpp engine's batch (sequences
-    /// decoded together, each with the whole `context_length` of KV cache). Default 4: decode reads every
-    /// weight once per step, so 4 sequences cost little more than one on a CPU or an Apple GPU, while the
-    /// KV cache reserved grows with each (llama-server's default is 4 slots too).
-    pub max_concurrency: usize,
+    /// decoded together, each with the whole `context_length` of KV cache). None: see
+    /// [`TierConfig::concurrency`].
+    pub max_concurrency: Option<usize>,
     /// Requests waiting for a slot before the tier reports busy (429 / fallback).
     pub max_queue: usize,
     /// Time allowed until the first token (long for a cold cloud tier).
@@ -284,6 +283,26 @@ pub struct TierConfig {
     pub preload: bool,
 }
 
+impl TierConfig {
+    /// Requests run at once: `max_concurrency` when set, else 4 for a tier the llama.cpp engine serves (a
+    /// `.gguf` model, or any local model on a build whose local engine is llama.cpp, i.e. off macOS) — decode
+    /// reads every weight once per step, so 4 sequences cost little more than one on a CPU or an Apple GPU
+    /// while the KV cache reserved grows with each (llama-server's default is 4 slots too) — and 1 otherwise
+    /// (the MLX engine runs one sequence at a time until its batched forward lands; an upstream's own
+    /// server decides for the OpenAI kind).
+    pub fn concurrency(&self) -> usize {
+        if let Some(n) = self.max_concurrency {
+            return n;
+        }
+        let gguf = self.model.ends_with(".gguf") || !cfg!(target_os = "macos");
+        if self.kind == TierKind::Local && gguf {
+            4
+        } else {
+            1
+        }
+    }
+}
+
 impl Default for TierConfig {
     fn default() -> Self {
         Self {
@@ -292,7 +311,7 @@ impl Default for TierConfig {
             url: None,
             api_key: None,
             enabled: true,
-            max_concurrency: 4,
+            max_concurrency: None,
             max_queue: 16,
             first_token_timeout_secs: 120.0,
             idle_timeout_secs: 60.0,
@@ -341,7 +360,7 @@ impl Config {
                 }
                 _ => {}
             }
-            if c.max_concurrency == 0 {
+            if c.max_concurrency == Some(0) {
                 return Err(RouterError::Config(format!(
                     "tiers.{t}: max_concurrency must be >= 1"
                 )));

@@ -36,7 +36,7 @@ pub const HF_TOKEN_KEYCHAIN: &str = "ai.jemma/hf_token";
 pub fn settings(c: &TierConfig, cfg: &Config) -> TierSettings {
     TierSettings {
         enabled: c.enabled,
-        max_concurrency: c.max_concurrency,
+        max_concurrency: c.concurrency(),
         max_queue: c.max_queue,
         first_token_timeout: Duration::from_secs_f64(c.first_token_timeout_secs),
         idle_timeout: Duration::from_secs_f64(c.idle_timeout_secs),
@@ -232,7 +232,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
     let default_max_tokens = c.default_max_tokens;
     let context = c.context_length;
     let queue = template.queue_capacity;
-    let parallel = c.max_concurrency.clamp(1, 64) as u32;
+    let parallel = c.concurrency().clamp(1, 64) as u32;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let key = path.clone();

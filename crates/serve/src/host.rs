@@ -496,6 +496,7 @@ impl<R: ModelRunner> Thread<R> {
         self.runner.refresh(&mut info);
         self.set(|s| {
             s.state = EngineState::Unloaded;
+            s.max_sequences = 0;
             s.info = info;
         });
     }
@@ -551,6 +552,10 @@ impl<R: ModelRunner> Thread<R> {
         memory: Option<&crate::memory::EngineHandle>,
         live: &mut Vec<Live<R>>,
     ) {
+        if job.events.is_closed() {
+            // Its client gave up while it waited: do not load or touch a cache for it.
+            return;
+        }
         if let Some(h) = memory {
             h.set_idle(false);
         }
