@@ -6,6 +6,7 @@
 pub mod answer;
 pub mod event;
 pub mod logprobs;
+pub mod prompt;
 pub mod sampling;
 pub mod stop;
 pub mod template;

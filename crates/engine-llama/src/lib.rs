@@ -35,7 +35,6 @@ use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 /// Everything this engine can fail with.
@@ -158,24 +157,8 @@ pub fn default_parallel() -> u32 {
 /// Sampling parameters: the same type as the MLX engine's, so a request means the same on every tier.
 pub use jemma_chat::sampling::SamplingParams as Sampling;
 
-/// What to generate from.
-#[derive(Debug, Clone)]
-pub enum Prompt {
-    /// OpenAI messages rendered through the model's chat template (a trailing assistant message is a
-    /// prefix to continue).
-    Chat {
-        /// Messages.
-        messages: Vec<Value>,
-        /// OpenAI tools.
-        tools: Option<Vec<Value>>,
-        /// Gemma 4's thinking switch.
-        enable_thinking: Option<bool>,
-    },
-    /// Raw text (BOS prepended unless present).
-    Text(String),
-    /// Token ids as given.
-    Ids(Vec<u32>),
-}
+/// What to generate from (the same type for every engine).
+pub use jemma_chat::prompt::Prompt;
 
 /// One generation request.
 #[derive(Debug, Clone)]
@@ -290,6 +273,7 @@ impl LlamaEngine {
             keep_alive: config.keep_alive,
             preload: config.preload,
             memory: config.memory.clone(),
+            stall_timeout: jemma_serve::host::STALL_TIMEOUT,
         };
         let host = Host::start(host_config, LlamaRunner { config, threads }, info)
             .map_err(|e| LlamaError::Runtime(format!("cannot start the model thread: {e}")))?;

@@ -7,7 +7,6 @@ use std::sync::Arc;
 
 use mlx_rs::Dtype;
 use serde::Serialize;
-use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
@@ -23,23 +22,8 @@ use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 
-/// What to generate from.
-#[derive(Debug, Clone)]
-pub enum Prompt {
-    /// Raw text, tokenized with the tokenizer's special-token rules (BOS added unless present).
-    Text(String),
-    /// Token ids as given.
-    Ids(Vec<u32>),
-    /// OpenAI-style messages rendered with the model's own chat template.
-    Chat {
-        /// Messages (role, content, tool_calls, …).
-        messages: Vec<Value>,
-        /// OpenAI `tools` array.
-        tools: Option<Vec<Value>>,
-        /// Thinking mode for templates that support it.
-        enable_thinking: Option<bool>,
-    },
-}
+/// What to generate from (the same type for every engine).
+pub use jemma_chat::prompt::Prompt;
 
 /// One generation request.
 #[derive(Debug, Clone)]
@@ -171,6 +155,7 @@ impl Engine {
             keep_alive: config.keep_alive,
             preload: config.preload,
             memory: config.memory.clone(),
+            stall_timeout: jemma_serve::host::STALL_TIMEOUT,
         };
         let runner = MlxRunner {
             dtype: config.dtype.or(default_dtype(device)),

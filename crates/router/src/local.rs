@@ -9,6 +9,7 @@ use std::pin::Pin;
 
 use async_trait::async_trait;
 use jemma_chat::event::Event;
+use jemma_chat::prompt::Prompt;
 use jemma_chat::sampling::SamplingParams;
 use jemma_serve::host::{Status, SubmitError};
 use serde_json::{Value, json};
@@ -20,28 +21,11 @@ use crate::backend::{
     sampling_of, with_continuation,
 };
 
-/// What to generate from, as the router hands it to an engine.
-#[derive(Debug, Clone)]
-pub enum Input {
-    /// OpenAI messages, to render through the model's chat template (a trailing assistant message is a
-    /// prefix to continue).
-    Chat {
-        /// Messages.
-        messages: Vec<Value>,
-        /// OpenAI tools.
-        tools: Option<Vec<Value>>,
-        /// Gemma 4's thinking switch.
-        enable_thinking: Option<bool>,
-    },
-    /// Raw text (`/v1/completions`).
-    Text(String),
-}
-
 /// One request in the terms every engine shares: built once from the OpenAI request.
 #[derive(Debug, Clone)]
 pub struct Job {
     /// Prompt.
-    pub input: Input,
+    pub prompt: Prompt,
     /// Sampling.
     pub sampling: SamplingParams,
     /// Most tokens to generate.
@@ -112,16 +96,16 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        let input = match &req.raw_prompt {
-            Some(p) => Input::Text(format!("{p}{}", continuation.unwrap_or(""))),
-            None => Input::Chat {
+        let prompt = match &req.raw_prompt {
+            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Prompt::Chat {
                 messages: with_continuation(&req.messages, continuation),
                 tools: req.tools.clone(),
                 enable_thinking: req.enable_thinking,
             },
         };
         let job = Job {
-            input,
+            prompt,
             sampling: sampling_of(req),
             max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
             stop: req.stop.clone(),
@@ -162,20 +146,9 @@ impl InProcess for Mlx {
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         use jemma_engine::generate::GenerateOptions;
-        use jemma_engine::runtime::{Prompt, Request};
+        use jemma_engine::runtime::Request;
         self.engine.submit(Request {
-            prompt: match job.input {
-                Input::Text(t) => Prompt::Text(t),
-                Input::Chat {
-                    messages,
-                    tools,
-                    enable_thinking,
-                } => Prompt::Chat {
-                    messages,
-                    tools,
-                    enable_thinking,
-                },
-            },
+            prompt: job.prompt,
             options: GenerateOptions {
                 sampling: job.sampling,
                 max_tokens: job.max_tokens,
@@ -228,22 +201,11 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     const NAME: &'static str = "llama.cpp";
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
-        use jemma_engine_llama::{Prompt, Request};
+        use jemma_engine_llama::Request;
         jemma_engine_llama::LlamaEngine::submit(
             self,
             Request {
-                prompt: match job.input {
-                    Input::Text(t) => Prompt::Text(t),
-                    Input::Chat {
-                        messages,
-                        tools,
-                        enable_thinking,
-                    } => Prompt::Chat {
-                        messages,
-                        tools,
-                        enable_thinking,
-                    },
-                },
+                prompt: job.prompt,
                 sampling: job.sampling,
                 max_tokens: job.max_tokens,
                 stop: job.stop,

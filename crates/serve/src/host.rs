@@ -88,6 +88,9 @@ pub struct HostConfig {
     pub preload: bool,
     /// The process-wide memory budget the model's footprint is reserved from (None: no check).
     pub memory: Option<Arc<MemoryGovernor>>,
+    /// Cancel a running request whose client has taken none of its events for this long (engines use
+    /// [`STALL_TIMEOUT`]).
+    pub stall_timeout: Duration,
 }
 
 /// Why a load did not happen.
@@ -234,6 +237,12 @@ pub trait ModelRunner: Send + 'static {
         drop(model);
     }
 }
+
+/// The default of [`HostConfig::stall_timeout`]: how long a running request's client may take none of its
+/// events before the request is cancelled: it
+/// holds a cache slot that queued requests may be waiting for. Generous (a client that reads slowly is not
+/// stalled: any event taken resets it), so only one that holds its stream open without reading is cut.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Submitting failed.
 #[derive(Debug, thiserror::Error)]
@@ -584,6 +593,7 @@ impl<R: ModelRunner> Thread<R> {
                 events: job.events,
                 outbox: VecDeque::new(),
                 started: Instant::now(),
+                stalled_since: None,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "request refused");
@@ -659,7 +669,8 @@ impl<R: ModelRunner> Thread<R> {
                 };
                 self.admit(job, &mut loaded, memory, &mut live);
             }
-            // Newcomers join between steps, up to the batch size.
+            // Newcomers join between steps, up to the batch size. (The memory governor flags only idle
+            // engines for unloading, so a running batch is never cut short for memory.)
             while open
                 && let Some(m) = loaded.as_ref()
                 && live.iter().filter(|l| l.seq.is_some()).count()
@@ -671,12 +682,22 @@ impl<R: ModelRunner> Thread<R> {
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            // Deliver what is pending; a closed channel cancels its sequence.
+            // Deliver what is pending; a closed channel cancels its sequence, and so does a client that has
+            // taken nothing for the stall timeout (it holds a cache slot the queue may be waiting for).
             for l in live.iter_mut() {
-                if l.flush()
+                let gone = l.flush();
+                let stalled = l
+                    .stalled_since
+                    .is_some_and(|t| t.elapsed() >= self.config.stall_timeout);
+                if (gone || stalled)
                     && let (Some(seq), Some(model)) = (l.seq.take(), loaded.as_mut())
                 {
-                    tracing::info!("request cancelled: the client went away");
+                    if stalled {
+                        tracing::warn!("request cancelled: its client stopped reading");
+                        l.outbox.clear();
+                    } else {
+                        tracing::info!("request cancelled: the client went away");
+                    }
                     self.runner.release(model, seq);
                 }
             }
@@ -748,6 +769,8 @@ struct Live<R: ModelRunner> {
     /// Events the client has not taken yet, in order.
     outbox: VecDeque<Event<R::Summary>>,
     started: Instant,
+    /// Since when the client's channel has been full (None: it keeps up).
+    stalled_since: Option<Instant>,
 }
 
 impl<R: ModelRunner> Live<R> {
@@ -758,11 +781,16 @@ impl<R: ModelRunner> Live<R> {
             self.outbox.clear();
             return true;
         }
+        let mut took = false;
         while let Some(e) = self.outbox.pop_front() {
             match self.events.try_send(e) {
-                Ok(()) => {}
+                Ok(()) => took = true,
                 Err(mpsc::error::TrySendError::Full(e)) => {
                     self.outbox.push_front(e);
+                    // Stalled from the last time the client took anything.
+                    if took || self.stalled_since.is_none() {
+                        self.stalled_since = Some(Instant::now());
+                    }
                     return false;
                 }
                 Err(mpsc::error::TrySendError::Closed(_)) => {
@@ -771,6 +799,7 @@ impl<R: ModelRunner> Live<R> {
                 }
             }
         }
+        self.stalled_since = None;
         false
     }
 }

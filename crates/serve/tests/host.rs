@@ -146,6 +146,7 @@ fn config() -> HostConfig {
         keep_alive: None,
         preload: true,
         memory: None,
+        stall_timeout: Duration::from_secs(60),
     }
 }
 
@@ -445,4 +446,27 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
     // The stalled one resumes when its client reads.
     let (pieces, done) = collect(stalled);
     assert_eq!((pieces.len(), done), (100, Some(100)));
+}
+
+#[test]
+fn a_client_that_holds_its_stream_without_reading_is_cut_after_the_stall_timeout() {
+    let (mut r, counters) = fake();
+    r.max_sequences = 1;
+    let mut cfg = config();
+    cfg.stall_timeout = Duration::from_millis(300);
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    // Holds its receiver, reads nothing: its 4-event buffer fills, then it stalls the only slot.
+    let stalled = host.submit(1000).unwrap();
+    let t0 = Instant::now();
+    let (pieces, done) = collect(host.submit(3).unwrap());
+    assert_eq!((pieces.len(), done), (3, Some(3)), "the queued request ran");
+    assert!(
+        t0.elapsed() >= Duration::from_millis(300),
+        "after the timeout"
+    );
+    assert_eq!(counters.releases.load(Ordering::SeqCst), 2);
+    // The stalled one got its buffered events and then its stream ended, without Done.
+    let (pieces, done) = collect(stalled);
+    assert_eq!((pieces.len(), done), (4, None));
 }
