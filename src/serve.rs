@@ -87,7 +87,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             }
             tracing::info!("shutting down: draining in-flight requests");
         };
+        let engines_stopped = state.router.stopped();
         jemma_gateway::serve(listener, jemma_gateway::router(state), shutdown).await?;
+        // The gateway (and with it every handle to the engines) is gone: let the engine threads free their
+        // models before the process exits (MLX buffers freed during exit can corrupt its allocator).
+        if tokio::time::timeout(Duration::from_secs(10), engines_stopped)
+            .await
+            .is_err()
+        {
+            tracing::warn!("engines still running at exit");
+        }
         Ok(())
     })
 }

@@ -222,6 +222,10 @@ pub struct Generation {
     ids: Vec<i32>,
     /// Prompt tokens whose KV is in the cache.
     prefilled: usize,
+    /// Prompt tokens whose KV came with the cache (`Generation::resume`).
+    reused: usize,
+    /// The tokens whose KV the cache holds (or will once the queued step runs), in order.
+    fed: Vec<u32>,
     history: Array,
     /// The step whose token the next call reads (None before the prompt is read and after the end).
     cur: Option<Pending>,
@@ -238,6 +242,20 @@ impl Generation {
     /// Errors: an empty prompt, a token outside the vocabulary, or a KV quantization that does not fit the
     /// model ([`EngineError::InvalidRequest`]); an MLX failure.
     pub fn new(model: &Gemma4, prompt: &[u32], opts: GenerateOptions) -> Result<Self> {
+        Self::resume(model, prompt, opts, None)
+    }
+
+    /// Like [`Generation::new`], continuing `cached`: a cache that holds the KV of the prompt's first
+    /// `tokens` (at most all but the last prompt token; the caller checks they are the prompt's), so that
+    /// only the rest is prefilled. A cache that does not fit is dropped and the prompt read in full.
+    ///
+    /// Errors: as [`Generation::new`].
+    pub fn resume(
+        model: &Gemma4,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        cached: Option<(Cache, usize)>,
+    ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -265,12 +283,18 @@ impl Generation {
             .json
             .as_ref()
             .map(|t| (t.clone(), JsonRecognizer::new()));
+        let (cache, reused) = match cached {
+            Some((c, n)) if n > 0 && n < ids.len() => (c, n),
+            _ => (model.new_cache(), 0),
+        };
         Ok(Self {
-            cache: model.new_cache(),
+            cache,
             sampler,
             history: Array::from_slice(&ids, &[ids.len() as i32]),
+            fed: prompt[..reused].to_vec(),
             ids,
-            prefilled: 0,
+            prefilled: reused,
+            reused,
             cur: None,
             json,
             stats: GenerationStats {
@@ -314,6 +338,11 @@ impl Generation {
             model.forward_hidden(&chunk, &mut self.cache)?;
             self.cache.maybe_quantize(self.opts.kv_quant)?;
             eval(self.cache.state())?;
+            self.fed.extend(
+                self.ids[self.prefilled..self.prefilled + n]
+                    .iter()
+                    .map(|&t| t as u32),
+            );
             self.prefilled += n;
             mlx_rs::memory::clear_cache()?;
             if n_ids - self.prefilled > 1 {
@@ -321,6 +350,7 @@ impl Generation {
             }
         }
         let last = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
+        self.fed.push(self.ids[n_ids - 1] as u32);
         let mask = self.json_mask();
         let history = self.history.clone();
         let p = self.queue(model, &last, &history, mask)?;
@@ -391,6 +421,7 @@ impl Generation {
             self.history = ops::concatenate(&[&self.history, &tok], 0)?;
             let history = self.history.clone();
             Some(self.queue(model, &tok, &history, None)?)
+            // (`fed` gets this token below, once it is read back.)
         } else {
             None
         };
@@ -399,6 +430,9 @@ impl Generation {
             .reshape(&[-1])?
             .as_dtype(Dtype::Uint32)?
             .item_exact::<u32>();
+        if next.is_some() {
+            self.fed.push(token);
+        }
         if self.t_first.is_none() {
             self.t_first = Some(Instant::now());
             self.stats.prefill_time = self.t0.elapsed();
@@ -424,6 +458,7 @@ impl Generation {
                 }
                 let tok = Array::from_slice(&[token as i32], &[1]);
                 self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+                self.fed.push(token);
                 let history = self.history.clone();
                 let mask = self.json_mask();
                 Some(self.queue(model, &tok, &history, mask)?)
@@ -453,6 +488,22 @@ impl Generation {
     /// Whether generation has ended.
     pub fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// Prompt tokens whose KV came with a resumed cache.
+    pub fn reused(&self) -> usize {
+        self.reused
+    }
+
+    /// Ends the generation, handing back its cache and the tokens whose KV it holds (the prompt read so far
+    /// and every generated token fed back), for a later request that continues them.
+    ///
+    /// Errors: evaluating the cache failed (an MLX error).
+    pub fn into_cache(self) -> Result<(Cache, Vec<u32>)> {
+        // A queued step may still be lazy: settle the cache now, so what is kept holds data rather than a
+        // graph (and nothing runs on it after this request has ended).
+        eval(self.cache.state())?;
+        Ok((self.cache, self.fed))
     }
 
     /// Counts and timings so far (final once [`Generation::is_finished`]).

@@ -48,6 +48,10 @@ pub type Event = jemma_chat::event::Event<Summary>;
 pub struct Summary {
     /// Token counts and timings.
     pub stats: GenerationStats,
+    /// Prompt tokens whose KV was kept from the previous request (not prefilled again).
+    pub cached_tokens: usize,
+    /// Generated token ids (the stop token excluded).
+    pub tokens: Vec<u32>,
     /// Whether any tool call was emitted (OpenAI finish_reason "tool_calls").
     pub tool_calls: bool,
     /// MLX memory after the request.
@@ -161,6 +165,7 @@ impl Engine {
             dtype: config.dtype.or(default_dtype(device)),
             device,
             config,
+            prefix: None,
         };
         let host = Host::start(host_config, runner, info).map_err(|e| {
             EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
@@ -187,6 +192,12 @@ impl Engine {
     /// are answered, and the model's memory is released.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         self.host.stopped()
+    }
+
+    /// Drops this handle and waits (at most `limit`) for the engine thread to end and free the model; see
+    /// [`jemma_serve::host::Host::shutdown`]. True when it ended.
+    pub fn shutdown(self, limit: std::time::Duration) -> bool {
+        self.host.shutdown(limit)
     }
 
     /// Waits (blocking) until the model is loaded or failed; for CLIs and tests.
@@ -304,6 +315,10 @@ struct MlxRunner {
     config: EngineConfig,
     device: DeviceKind,
     dtype: Option<Dtype>,
+    /// The last request's cache and the tokens whose KV it holds: a prompt that continues them exactly (the
+    /// next turn of a conversation, which resends it all) prefills only what is new. One entry, within the
+    /// footprint's one-sequence KV budget.
+    prefix: Option<(crate::models::gemma4::Cache, Vec<u32>)>,
 }
 
 impl ModelRunner for MlxRunner {
@@ -358,7 +373,7 @@ impl ModelRunner for MlxRunner {
         request: Request,
         context_length: usize,
     ) -> std::result::Result<MlxSequence, EngineFailure> {
-        MlxSequence::new(model, request, context_length).map_err(Into::into)
+        MlxSequence::new(model, request, context_length, &mut self.prefix).map_err(Into::into)
     }
 
     fn step(
@@ -370,16 +385,24 @@ impl ModelRunner for MlxRunner {
         // One sequence at a time (max_sequences is 1) until the batched Gemma 4 forward lands.
         for (seq, o) in batch.iter_mut().zip(out.iter_mut()) {
             if let Err(e) = seq.step(model, o) {
+                seq.poisoned = true;
                 o.fail(e);
             }
         }
         Ok(())
     }
 
+    fn release(&mut self, _: &mut ModelBundle, seq: MlxSequence) {
+        // A sequence that failed mid-step leaves a cache nothing can vouch for.
+        if !seq.poisoned {
+            self.prefix = seq.generation.into_cache().ok();
+        }
+    }
+
     fn tally(s: &Summary) -> Tally {
         Tally {
             prompt_tokens: s.stats.prompt_tokens,
-            cached_tokens: 0,
+            cached_tokens: s.cached_tokens,
             completion_tokens: s.stats.completion_tokens,
             prefill_tps: s.prefill_tps,
             decode_tps: s.decode_tps,
@@ -391,6 +414,7 @@ impl ModelRunner for MlxRunner {
     }
 
     fn unload(&mut self, model: ModelBundle) {
+        self.prefix = None;
         drop(model);
         // MLX keeps freed buffers in its cache: hand them back to the system.
         let _ = mlx_rs::memory::clear_cache();
@@ -400,13 +424,24 @@ impl ModelRunner for MlxRunner {
 /// One request in the MLX engine: its generation (cache, sampler), detokenizer and answer parser.
 struct MlxSequence {
     generation: Generation,
+    /// Generated token ids.
+    tokens: Vec<u32>,
+    /// A step failed: its cache is not kept.
+    poisoned: bool,
     decoder: DecodeStream,
     answer: Answer,
     started: bool,
 }
 
 impl MlxSequence {
-    fn new(l: &ModelBundle, req: Request, ctx: usize) -> Result<Self> {
+    /// Checks and tokenizes a request; continues `prefix` (taken either way) when the prompt extends
+    /// exactly the tokens it holds, leaving at least the last prompt token to read.
+    fn new(
+        l: &ModelBundle,
+        req: Request,
+        ctx: usize,
+        prefix: &mut Option<(crate::models::gemma4::Cache, Vec<u32>)>,
+    ) -> Result<Self> {
         let ids = l.prompt_ids(&req.prompt)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
         if ids.len() + req.options.max_tokens > ctx {
@@ -423,8 +458,14 @@ impl MlxSequence {
         if req.json_mode {
             opts.json = Some(l.json_tokens());
         }
+        let cached = prefix
+            .take()
+            .filter(|(_, toks)| toks.len() < ids.len() && ids.starts_with(toks))
+            .map(|(cache, toks)| (cache, toks.len()));
         Ok(Self {
-            generation: Generation::new(&l.model, &ids, opts)?,
+            generation: Generation::resume(&l.model, &ids, opts, cached)?,
+            tokens: vec![],
+            poisoned: false,
             decoder: DecodeStream::default(),
             answer: Answer::new(&req.stop, req.parse_output),
             started: false,
@@ -441,11 +482,11 @@ impl MlxSequence {
             self.started = true;
             out.send(Event::Started {
                 prompt_tokens: self.generation.stats().prompt_tokens,
-                // The MLX engine has no prefix cache yet: every prompt is prefilled in full.
-                cached_tokens: 0,
+                cached_tokens: self.generation.reused(),
             });
         }
         if let Some(step) = self.generation.next_token(&l.model)? {
+            self.tokens.push(step.token);
             let piece = self.decoder.push(&l.tokenizer, step.token)?;
             if let Some(lp) = &step.logprobs {
                 let tok = &l.tokenizer;
@@ -475,6 +516,8 @@ impl MlxSequence {
                     .map(Event::from),
             );
             out.finish(Summary {
+                cached_tokens: self.generation.reused(),
+                tokens: std::mem::take(&mut self.tokens),
                 prefill_tps: stats.prefill_tps(),
                 decode_tps: stats.decode_tps(),
                 stats,

@@ -82,6 +82,8 @@ fn idle_keep_alive_unloads_and_the_next_request_reloads() {
     assert_eq!(run(&engine, 3), 3);
     assert_eq!(engine.status().state, EngineState::Ready);
     assert_eq!(engine.status().requests, 2);
+    // Free the model before the test process exits.
+    assert!(engine.shutdown(Duration::from_secs(20)));
 }
 
 #[test]
@@ -101,6 +103,8 @@ fn dropping_the_receiver_cancels_generation() {
     let t0 = Instant::now();
     assert_eq!(run(&engine, 2), 2);
     assert!(t0.elapsed() < Duration::from_secs(10));
+    // Free the model before the test process exits.
+    assert!(engine.shutdown(Duration::from_secs(20)));
 }
 
 /// A stop string that completes on the last token `max_tokens` allows ends the request as `stop` (its text
@@ -140,4 +144,83 @@ fn a_stop_string_on_the_last_allowed_token_is_a_stop() {
     let (text, finish, generated) = answer(n, vec![tail.clone()]);
     assert_eq!(finish, FinishReason::Stop, "{tail:?} in {text:?}");
     assert_eq!((text, generated), (texts[n - 1].clone(), n));
+    // Free the model before the test process exits.
+    assert!(engine.shutdown(Duration::from_secs(20)));
+}
+
+/// The MLX prefix cache: a request whose prompt continues exactly what the previous one left in the cache
+/// (the next turn of a conversation: the old prompt, the answer's tokens, something new) prefills only the
+/// new part and answers as a cold engine does — the same greedy tokens, every token's top-5 logprobs within
+/// 1e-4 — at prompt lengths on both sides of the sliding window (16) and of the prefill chunk (8).
+#[test]
+fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
+    let _serial = serial();
+    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
+    warm.wait_ready().unwrap();
+    let cold = Engine::start(EngineConfig::new(tiny())).unwrap();
+    cold.wait_ready().unwrap();
+    // (generated ids, each token's top-5 logprobs, cached prompt tokens)
+    let answer = |engine: &Engine, ids: &[u32], max_tokens: usize| {
+        let mut r = request(max_tokens);
+        r.prompt = Prompt::Ids(ids.to_vec());
+        r.options.prefill_step = 8;
+        r.options.logprobs = true;
+        r.options.top_logprobs = 5;
+        let mut rx = engine.submit(r).unwrap();
+        let mut lps: Vec<Vec<f64>> = vec![];
+        loop {
+            match rx.blocking_recv().unwrap() {
+                Event::Logprobs(t) => {
+                    let v = serde_json::to_value(&t).unwrap();
+                    lps.push(
+                        v["top_logprobs"]
+                            .as_array()
+                            .unwrap()
+                            .iter()
+                            .map(|x| x["logprob"].as_f64().unwrap())
+                            .collect(),
+                    );
+                }
+                Event::Done(s) => return (s.tokens, lps, s.cached_tokens),
+                Event::Error(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+    };
+    for len in [5usize, 17, 33, 70] {
+        let a: Vec<u32> = std::iter::once(2)
+            .chain((1..len as u32).map(|k| 300 + (k * 37) % 400))
+            .collect();
+        // Turn 1; turn 2 = turn 1's prompt + its answer + 11 new tokens.
+        let (t1, _, _) = answer(&warm, &a, 4);
+        assert_eq!(t1.len(), 4);
+        let mut b = a.clone();
+        b.extend(&t1);
+        b.extend((0..11).map(|k| 500 + k));
+        let (warm_t, warm_lp, reused) = answer(&warm, &b, 3);
+        // What the cache held: the prompt and the answer's tokens that were fed back (all but the last).
+        assert_eq!(reused, a.len() + 3, "len {len}");
+        let (cold_t, cold_lp, none) = answer(&cold, &b, 3);
+        assert_eq!(
+            none, 0,
+            "len {len}: the cold engine's cache holds something unrelated"
+        );
+        assert_eq!(warm_t, cold_t, "len {len}: tokens");
+        let d = warm_lp
+            .iter()
+            .flatten()
+            .zip(cold_lp.iter().flatten())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f64, f64::max);
+        assert!(d <= 1e-4, "len {len}: warm vs cold logprobs differ by {d}");
+        eprintln!(
+            "len {len}: reused {reused} of {}, max |Δlogprob| {d:e}",
+            b.len()
+        );
+        // Leave the cold engine's cache unrelated to the next prompt.
+        answer(&cold, &[7, 8, 9], 1);
+    }
+    // Free the models before the test process exits.
+    assert!(warm.shutdown(Duration::from_secs(20)));
+    assert!(cold.shutdown(Duration::from_secs(20)));
 }

@@ -194,6 +194,16 @@ impl TierRouter {
         Ok(())
     }
 
+    /// Resolves when every tier's backend has stopped (for in-process engines: their model threads ended
+    /// and freed their models), which needs every handle to them dropped first. A process awaits this
+    /// before exiting so that no engine frees its model during exit.
+    pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let all: Vec<_> = self.tiers.values().map(|s| s.backend.stopped()).collect();
+        async move {
+            futures_util::future::join_all(all).await;
+        }
+    }
+
     /// Configured tiers.
     pub fn tiers(&self) -> Vec<Tier> {
         self.tiers.keys().copied().collect()

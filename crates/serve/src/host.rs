@@ -388,6 +388,22 @@ impl<R: ModelRunner> Host<R> {
         }
     }
 
+    /// Drops this handle and waits (blocking, at most `limit`) for the model thread to end, so that a process
+    /// does not exit while that thread still frees the model (MLX's buffers freed during process exit can
+    /// corrupt its allocator). True when it ended; it cannot while another handle lives.
+    pub fn shutdown(self, limit: Duration) -> bool {
+        let stopped = self.stopped.clone();
+        drop(self);
+        let t0 = Instant::now();
+        while !*stopped.borrow() {
+            if t0.elapsed() >= limit {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        true
+    }
+
     /// Waits (blocking) until the model is loaded, unloaded-and-ready-to-load, or failed; for CLIs and
     /// tests. Errors with the failure's message.
     pub fn wait_ready(&self) -> Result<(), String> {
