@@ -25,7 +25,7 @@ use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
-use jemma_serve::prefix::PrefixSlot;
+use jemma_serve::prefix::{CacheSlot, PrefixSlot, choose_slot};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -407,12 +407,8 @@ struct Serving {
     clock: u64,
 }
 
-/// One llama.cpp sequence (its own KV stream, `kv_unified = false`).
-struct Slot {
-    cached: PrefixSlot,
-    busy: bool,
-    last_used: u64,
-}
+/// One llama.cpp sequence (its own KV stream, `kv_unified = false`) is one of the core's cache slots.
+type Slot = CacheSlot;
 
 type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
 
@@ -513,13 +509,7 @@ impl ModelRunner for LlamaRunner {
         info.gpu_layers = gpu;
         info.threads = threads;
         info.model_bytes = bytes;
-        let slots = (0..parallel)
-            .map(|_| Slot {
-                cached: PrefixSlot::new(),
-                busy: false,
-                last_used: 0,
-            })
-            .collect();
+        let slots = (0..parallel).map(|_| Slot::default()).collect();
         Ok((
             Serving {
                 cell,
@@ -806,58 +796,6 @@ impl Utf8Stream {
         self.pending.clear();
         out
     }
-}
-
-/// The slot a new request takes, with how many prompt tokens it keeps (`reuse(index, slot)`).
-///
-/// A free slot whose kept prefix is at least half of the `prompt_len`-token prompt (llama-server's slot choice
-/// with its default `--slot-prompt-similarity` of 0.5) or at least half of what the slot holds (the prompt
-/// continues that slot's conversation, however much longer it grew) wins, the longest such. A shorter match — every chat prompt shares its first
-/// few tokens (`<bos><|turn>user`) with every cached conversation — is not worth wrecking that slot's cache
-/// for (whatever the slot chosen below holds in common with the prompt is still kept). Otherwise the choice
-/// keeps the running
-/// sequences' ids contiguous: with one KV stream per sequence, llama.cpp puts only consecutive sequence ids
-/// in one ubatch (`split_equal`), so a decode step over sequences 0, 1, 2 is one pass over the weights while
-/// one over 0, 2, 5 is three. So: a free slot inside the span of busy ones (a hole), else one just beside
-/// the span, else any; among those, the least recently used (an empty slot first: it was never used). None:
-/// every slot is busy.
-fn choose_slot(
-    slots: &[Slot],
-    prompt_len: usize,
-    reuse: impl Fn(usize, &Slot) -> usize,
-) -> Option<(usize, usize)> {
-    let free: Vec<(usize, usize)> = slots
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.busy)
-        .map(|(i, s)| (i, reuse(i, s)))
-        .collect();
-    if let Some(best) = free
-        .iter()
-        .filter(|(i, k)| *k > 0 && (2 * *k >= prompt_len || 2 * *k >= slots[*i].cached.len()))
-        .max_by(|a, b| {
-            a.1.cmp(&b.1)
-                .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
-        })
-    {
-        return Some(*best);
-    }
-    let lru = |c: &mut dyn Iterator<Item = &(usize, usize)>| {
-        c.min_by_key(|(i, _)| slots[*i].last_used).copied()
-    };
-    let busy = || {
-        slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.busy)
-            .map(|(i, _)| i)
-    };
-    let (Some(lo), Some(hi)) = (busy().min(), busy().max()) else {
-        return lru(&mut free.iter());
-    };
-    lru(&mut free.iter().filter(|(i, _)| (lo..=hi).contains(i)))
-        .or_else(|| lru(&mut free.iter().filter(|(i, _)| *i + 1 == lo || *i == hi + 1)))
-        .or_else(|| lru(&mut free.iter()))
 }
 
 /// One request in the running batch: its llama.cpp sequence (slot), prompt, sampler chain and decoding
@@ -1298,64 +1236,4 @@ fn argmax(v: &[f32]) -> u32 {
             if x > bv { (i, x) } else { (bi, bv) }
         })
         .0 as u32
-}
-
-#[cfg(test)]
-mod slot_tests {
-    use super::*;
-
-    fn slots(busy: &[bool], last_used: &[u64]) -> Vec<Slot> {
-        busy.iter()
-            .zip(last_used)
-            .map(|(&busy, &last_used)| Slot {
-                cached: PrefixSlot::new(),
-                busy,
-                last_used,
-            })
-            .collect()
-    }
-
-    #[test]
-    fn a_prefix_hit_wins_then_holes_then_neighbours_then_the_least_recently_used() {
-        // Nothing busy, no hit: the least recently used slot.
-        let s = slots(&[false; 4], &[5, 2, 9, 7]);
-        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((1, 0)));
-        // A prefix hit (here of a 40-token prompt) wins wherever it is.
-        assert_eq!(
-            choose_slot(&s, 40, |i, _| if i == 3 { 40 } else { 0 }),
-            Some((3, 40))
-        );
-        assert_eq!(
-            choose_slot(&s, 40, |i, _| [20, 30, 30, 0][i]),
-            Some((1, 30)),
-            "the longest hit; the least recently used of equal ones"
-        );
-        // A conversation that grew past twice its cached turn still continues its slot.
-        let mut grown = slots(&[false; 2], &[1, 0]);
-        grown[0].cached.extend(0..10);
-        assert_eq!(choose_slot(&grown, 100, |i, _| [10, 0][i]), Some((0, 10)));
-        // A few shared tokens (a chat header) with slots holding 40 are no hit: the LRU slot (keeping what
-        // it shares).
-        let mut s = s;
-        for slot in &mut s {
-            slot.cached.extend(0..40);
-        }
-        assert_eq!(choose_slot(&s, 40, |i, _| [3, 0, 3, 3][i]), Some((1, 0)));
-        assert_eq!(choose_slot(&s, 40, |i, _| [3, 3, 0, 3][i]), Some((1, 3)));
-        // Busy 0 and 3: the holes 1 and 2 come first (the older of them).
-        let s = slots(
-            &[true, false, false, true, false, false],
-            &[0, 8, 3, 0, 1, 1],
-        );
-        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((2, 0)));
-        // Busy 1 and 2: a neighbour (0 or 3, the older), not the older slot 5 far away.
-        let s = slots(
-            &[false, true, true, false, false, false],
-            &[4, 0, 0, 6, 9, 1],
-        );
-        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((0, 0)));
-        // Every slot busy: none.
-        let s = slots(&[true; 3], &[0; 3]);
-        assert_eq!(choose_slot(&s, 40, |_, _| 0), None);
-    }
 }
