@@ -67,13 +67,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 jemma_engine::runtime::default_dtype(m.device)
                     .map(jemma_engine::footprint::dtype_bytes)
             });
-            Some(jemma_engine::footprint::estimate(
-                dir,
-                dtype,
-                args.context,
-                jemma_engine::generate::DEFAULT_PREFILL_STEP,
-                Some(jemma_engine::generate::DEFAULT_ATTENTION_BUDGET),
-            )?)
+            Some(
+                jemma_engine::footprint::estimate(
+                    dir,
+                    dtype,
+                    args.context,
+                    jemma_engine::generate::DEFAULT_PREFILL_STEP,
+                    Some(jemma_engine::generate::DEFAULT_ATTENTION_BUDGET),
+                )?
+                // A tier's default batch: one KV cache per sequence decoded together.
+                .for_sequences(jemma_engine::runtime::DEFAULT_MAX_SEQUENCES),
+            )
         }
         None => None,
     };

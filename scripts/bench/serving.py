@@ -4,7 +4,9 @@
     medians and the warm/cold ratio;
   - concurrency: aggregate decode tok/s of 1, 4 and 8 concurrent greedy streams, and the ratio to 1.
 Prints one JSON object. Client: the openai SDK (streaming), as a user's app would use it.
-Usage: serving.py BASE_URL MODEL SYSTEM_TOKENS ROUNDS"""
+  With a fifth argument `chat`, the prefix part sends the preamble as a chat's system message and the
+  question as its user message (/v1/chat/completions): the shape of an agent starting a new conversation.
+Usage: serving.py BASE_URL MODEL SYSTEM_TOKENS ROUNDS [chat]   (ROUNDS 0: concurrency only)"""
 import json
 import statistics
 import sys
@@ -14,6 +16,7 @@ import time
 from openai import OpenAI
 
 base, model, sys_tokens, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+chat = len(sys.argv) > 5 and sys.argv[5] == "chat"
 client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=600)
 WORDS = ("river stone garden lantern harbor meadow copper violet thunder orchard quiet signal "
          "window marble falcon silver autumn canyon ember velvet").split()
@@ -30,11 +33,17 @@ def ttft(system, question):
     t0 = time.perf_counter()
     first = None
     usage = None
-    stream = client.completions.create(
-        model=model, prompt=f"{system}\nQuestion: {question}\nAnswer:", max_tokens=4, temperature=0,
-        stream=True, stream_options={"include_usage": True})
+    if chat:
+        stream = client.chat.completions.create(
+            model=model, messages=[{"role": "system", "content": system}, {"role": "user", "content": question}],
+            max_tokens=4, temperature=0, stream=True, stream_options={"include_usage": True})
+    else:
+        stream = client.completions.create(
+            model=model, prompt=f"{system}\nQuestion: {question}\nAnswer:", max_tokens=4, temperature=0,
+            stream=True, stream_options={"include_usage": True})
     for chunk in stream:
-        if first is None and chunk.choices and chunk.choices[0].text:
+        text = (chunk.choices[0].delta.content if chat else chunk.choices[0].text) if chunk.choices else None
+        if first is None and text:
             first = time.perf_counter() - t0
         if chunk.usage:
             usage = chunk.usage
@@ -48,13 +57,21 @@ def stream_tokens(results, i, n_tokens):
     t0 = time.perf_counter()
     n = 0
     first = None
+    usage = None
     stream = client.completions.create(
-        model=model, prompt=f"Story {i}: once upon a time", max_tokens=n_tokens, temperature=0, stream=True)
+        model=model, prompt=f"Story {i}: once upon a time", max_tokens=n_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True})
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             n += 1
             if first is None:
                 first = time.perf_counter()
+        if chunk.usage:
+            usage = chunk.usage
+    # Tokens, not chunks: a server may hold back a token's text (an incomplete UTF-8 sequence, a possible
+    # stop string) and send it with the next, which random-weight models do often.
+    if usage is not None and usage.completion_tokens:
+        n = usage.completion_tokens
     results[i] = (n, t0, time.perf_counter())
 
 
@@ -70,8 +87,11 @@ def aggregate(k, n_tokens=48):
     return sum(r[0] for r in results) / wall
 
 
-ttft(system_prompt(999), "warm-up")
 cold, warm, prompt_tokens, cached = [], [], 0, []
+if rounds > 0:
+    ttft(system_prompt(999), "warm-up")
+else:
+    aggregate(1, 8)  # warm-up: the first request of a server pays one-off costs
 for r in range(rounds):
     s = system_prompt(r)
     c, prompt_tokens, _ = ttft(s, "What is the first word?")
@@ -82,11 +102,12 @@ for r in range(rounds):
 one = aggregate(1)
 four = aggregate(4)
 eight = aggregate(8)
+med = lambda v: statistics.median(v) if v else None
 print(json.dumps({
     "prompt_tokens": prompt_tokens,
-    "ttft_cold_s": statistics.median(cold), "ttft_warm_s": statistics.median(warm),
-    "warm_over_cold": statistics.median(warm) / statistics.median(cold),
-    "cached_tokens": statistics.median(cached),
+    "ttft_cold_s": med(cold), "ttft_warm_s": med(warm),
+    "warm_over_cold": med(warm) / med(cold) if cold else None,
+    "cached_tokens": med(cached),
     "tok_s_1": one, "tok_s_4": four, "tok_s_8": eight,
     "x4": four / one, "x8": eight / one,
 }))

@@ -142,6 +142,7 @@ fn doctor_estimates_a_models_footprint() {
         "tensor bytes of the tiny fixture"
     );
     assert!(f["kv_cache_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(f["sequences"], 4, "a tier's default batch, one cache each");
 }
 
 #[test]

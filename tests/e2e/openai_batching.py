@@ -6,7 +6,10 @@ Eight greedy streams sent at once all complete, each within its max_tokens; the 
 usage.prompt_tokens_details.cached_tokens. A batched answer may leave its lone twin at a near-tie:
 llama.cpp multiplies a lone row and a batch's rows with different Q4_K kernels (the engine's tests pin this
 down: bit-exact on Q8_0, near-ties only elsewhere); how many answers stay identical throughout is printed.
-Usage: openai_batching.py BASE_URL"""
+With a second argument `mlx` (tests/e2e/openai_sdk.rs: the tiny Gemma 4 fixture on the MLX engine) every
+batched answer must equal its lone one (the MLX engine's batched forward is exact there), and the prefix
+check is a new chat with the same system prompt as an earlier one (the MLX prefix cache's shared checkpoint).
+Usage: openai_batching.py BASE_URL [mlx]"""
 import json
 import sys
 import threading
@@ -15,6 +18,7 @@ import urllib.request
 from openai import OpenAI
 
 base = sys.argv[1]
+mlx = len(sys.argv) > 2 and sys.argv[2] == "mlx"
 client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=300)
 passed = failed = 0
 
@@ -82,9 +86,23 @@ for i, (r, a) in enumerate(zip(results, alone)):
     check(f"stream {i}: an answer within max_tokens", 0 < r[1].completion_tokens <= LENGTHS[i], r[1])
 same = sum(r[0] == a[0] for r, a in zip(results, alone))
 print(f"info: {same}/8 batched answers identical to their lone ones throughout")
+if mlx:
+    check("batched answers equal lone ones", same == 8)
 check("the engine ran several at once", max(running_seen, default=0) > 1, f"running seen {set(running_seen)}")
-_, usage, _ = stream(PROMPTS[0] + " A", 4)
-cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
-check("a repeated prompt reports cached tokens", cached >= usage.prompt_tokens - 3, usage)
+if mlx:
+    system = "You are a terse assistant. " * 8
+    usages = []
+    for q in ["Name a colour.", "Name a river."]:
+        r = client.chat.completions.create(
+            model="fast", max_tokens=4, temperature=0,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": q}])
+        usages.append(r.usage)
+    cached = usages[1].prompt_tokens_details.cached_tokens if usages[1].prompt_tokens_details else 0
+    check("a new chat with the same system prompt reports cached tokens",
+          0 < cached < usages[1].prompt_tokens, usages)
+else:
+    _, usage, _ = stream(PROMPTS[0] + " A", 4)
+    cached = usage.prompt_tokens_details.cached_tokens if usage.prompt_tokens_details else 0
+    check("a repeated prompt reports cached tokens", cached >= usage.prompt_tokens - 3, usage)
 print(f"{passed} passed, {failed} failed")
 sys.exit(1 if failed else 0)

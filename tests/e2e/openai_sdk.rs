@@ -36,3 +36,27 @@ first_token_timeout_secs = 60
     assert!(out.status.success(), "OpenAI SDK checks failed");
     assert!(stdout.contains(" passed, 0 failed"));
 }
+
+/// Continuous batching on the MLX engine end to end with the OpenAI Python SDK (tests/e2e/openai_batching.py
+/// in its `mlx` mode): on the tiny Gemma 4 fixture, 8 concurrent greedy streams all complete, run several at
+/// once, and each equals its lone answer; a new chat with an earlier chat's system prompt reports the
+/// system prompt's tokens as cached.
+#[test]
+fn eight_concurrent_openai_streams_batch_on_the_mlx_engine() {
+    let config = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\nmax_concurrency = 8\n",
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&config));
+    let out = crate::support::output_within(
+        Command::new(python())
+            .arg(root().join("tests/e2e/openai_batching.py"))
+            .arg(&s.url)
+            .arg("mlx"),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "OpenAI SDK batching checks failed");
+    assert!(stdout.contains(" passed, 0 failed"));
+}

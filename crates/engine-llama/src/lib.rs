@@ -275,8 +275,16 @@ impl LlamaEngine {
             memory: config.memory.clone(),
             stall_timeout: jemma_serve::host::STALL_TIMEOUT,
         };
-        let host = Host::start(host_config, LlamaRunner { config, threads }, info)
-            .map_err(|e| LlamaError::Runtime(format!("cannot start the model thread: {e}")))?;
+        let host = Host::start(
+            host_config,
+            LlamaRunner {
+                planned: config.parallel,
+                config,
+                threads,
+            },
+            info,
+        )
+        .map_err(|e| LlamaError::Runtime(format!("cannot start the model thread: {e}")))?;
         Ok(Self { host })
     }
 
@@ -425,11 +433,24 @@ self_cell::self_cell!(
 struct LlamaRunner {
     config: LlamaConfig,
     threads: i32,
+    /// Sequences the next load serves: `config.parallel`, halved while the memory budget refuses that
+    /// many ([`ModelRunner::shrink`]); set again from the configuration at each plan.
+    planned: u32,
 }
 
 impl LlamaRunner {
     fn parallel(&self) -> u32 {
-        self.config.parallel.clamp(1, MAX_PARALLEL)
+        self.planned.clamp(1, MAX_PARALLEL)
+    }
+
+    fn footprint(&self) -> Result<u64, LoadError> {
+        gguf::footprint(
+            &self.config.model_path,
+            self.config.context_length,
+            self.config.batch_size,
+            self.parallel(),
+        )
+        .map_err(|e| LoadError::Failed(e.to_string()))
     }
 }
 
@@ -441,13 +462,8 @@ impl ModelRunner for LlamaRunner {
     type Sequence = LlamaSequence;
 
     fn plan(&mut self, info: &mut LlamaInfo) -> Result<Option<u64>, LoadError> {
-        let bytes = gguf::footprint(
-            &self.config.model_path,
-            self.config.context_length,
-            self.config.batch_size,
-            self.parallel(),
-        )
-        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        self.planned = self.config.parallel;
+        let bytes = self.footprint()?;
         info.footprint_bytes = Some(bytes);
         // With layers on a discrete GPU (CUDA: the heavy tier) the weights and KV cache live in VRAM, which
         // the host's budget does not govern; Metal shares the host's memory, so there it counts.
@@ -455,6 +471,16 @@ impl ModelRunner for LlamaRunner {
             return Ok(None);
         }
         Ok(Some(bytes))
+    }
+
+    fn shrink(&mut self, info: &mut LlamaInfo) -> Option<u64> {
+        if self.parallel() <= 1 {
+            return None;
+        }
+        self.planned = self.parallel() / 2;
+        let bytes = self.footprint().ok()?;
+        info.footprint_bytes = Some(bytes);
+        Some(bytes)
     }
 
     fn load(

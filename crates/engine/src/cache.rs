@@ -22,8 +22,9 @@ fn slice_len(a: &Array, start: i32, end: i32) -> Result<Array> {
     Ok(a.try_index((.., .., start..end, ..))?)
 }
 
-/// Growing cache for full-attention layers.
-#[derive(Debug, Default)]
+/// Growing cache for full-attention layers. Cloning is cheap (MLX arrays are shared, immutable values: the
+/// clone keeps the old contents when the original is written to).
+#[derive(Debug, Default, Clone)]
 pub struct KvCache {
     keys: Option<Array>,
     values: Option<Array>,
@@ -113,7 +114,7 @@ impl QTensor {
 /// Full-attention cache with MLX-quantized keys and values (`QuantizedKVCache`): what `kv_bits` turns the
 /// growing caches into once the context passes `quantized_kv_start`. Sliding-window caches stay in full
 /// precision: they are bounded by the window (and mlx-lm cannot quantize them either).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct QuantizedKvCache {
     keys: Option<QTensor>,
     values: Option<QTensor>,
@@ -234,7 +235,7 @@ impl QuantizedKvCache {
 }
 
 /// Sliding-window cache (`RotatingKVCache(max_size=window, keep=0)`).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct RotatingKvCache {
     keys: Option<Array>,
     values: Option<Array>,
@@ -388,7 +389,7 @@ pub enum Kv {
 }
 
 /// The cache of one non-shared layer.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub enum LayerCache {
     /// Full attention.
     Full(KvCache),

@@ -28,7 +28,7 @@ pub const RUNTIME_OVERHEAD_BYTES: u64 = 128 << 20;
 pub struct Footprint {
     /// Weights as held after loading.
     pub weights_bytes: u64,
-    /// KV caches filled to `context_length`.
+    /// KV caches filled to `context_length`, for each of `sequences`.
     pub kv_cache_bytes: u64,
     /// Transient activations at the peak of prefill (attention scores of the last chunk dominate).
     pub activation_bytes: u64,
@@ -38,9 +38,23 @@ pub struct Footprint {
     pub context_length: usize,
     /// Prefill chunk the estimate assumes.
     pub prefill_chunk: usize,
+    /// Sequences served at once, each with its own KV cache (continuous batching).
+    pub sequences: usize,
 }
 
 impl Footprint {
+    /// The same model serving `n` sequences at once (at least 1): one KV cache each. Activations stay
+    /// those of one prefill chunk (prompts are read one at a time; a decode step's batch of one token per
+    /// sequence is far smaller).
+    pub fn for_sequences(self, n: usize) -> Self {
+        let n = n.max(1);
+        Self {
+            kv_cache_bytes: self.kv_cache_bytes / self.sequences.max(1) as u64 * n as u64,
+            sequences: n,
+            ..self
+        }
+    }
+
     /// MLX memory at peak: what `mlx.core.get_peak_memory` reports after a request that fills the context.
     pub fn device_bytes(&self) -> u64 {
         self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
@@ -54,11 +68,12 @@ impl Footprint {
     /// One line for logs and refusal messages.
     pub fn describe(&self) -> String {
         format!(
-            "{} (weights {} + KV cache {} at {} tokens + activations {} + runtime {})",
+            "{} (weights {} + KV cache {} at {} tokens × {} sequences + activations {} + runtime {})",
             gib(self.total_bytes()),
             gib(self.weights_bytes),
             gib(self.kv_cache_bytes),
             self.context_length,
+            self.sequences,
             gib(self.activation_bytes),
             gib(self.runtime_overhead_bytes)
         )
@@ -223,5 +238,6 @@ pub fn estimate(
         runtime_overhead_bytes: RUNTIME_OVERHEAD_BYTES,
         context_length: ctx,
         prefill_chunk: chunk,
+        sequences: 1,
     })
 }

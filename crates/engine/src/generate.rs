@@ -230,6 +230,10 @@ pub struct Generation {
     /// The step whose token the next call reads (None before the prompt is read and after the end).
     cur: Option<Pending>,
     json: Option<(Arc<TokenBytes>, JsonRecognizer)>,
+    /// Where to copy the cache while reading the prompt ([`Generation::checkpoint_at`]).
+    checkpoint_at: Option<usize>,
+    /// The copy, once taken, with the tokens it holds.
+    checkpoint: Option<(Cache, Vec<u32>)>,
     stats: GenerationStats,
     t0: Instant,
     t_first: Option<Instant>,
@@ -255,6 +259,19 @@ impl Generation {
         prompt: &[u32],
         opts: GenerateOptions,
         cached: Option<(Cache, usize)>,
+    ) -> Result<Self> {
+        Self::resume_with(model, prompt, opts, move || cached)
+    }
+
+    /// [`Generation::resume`] with the cache fetched by `take_cached` only once the request has been
+    /// checked, so that a request refused here takes nothing from a prefix cache.
+    ///
+    /// Errors: as [`Generation::new`].
+    pub fn resume_with(
+        model: &Gemma4,
+        prompt: &[u32],
+        opts: GenerateOptions,
+        take_cached: impl FnOnce() -> Option<(Cache, usize)>,
     ) -> Result<Self> {
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -283,7 +300,7 @@ impl Generation {
             .json
             .as_ref()
             .map(|t| (t.clone(), JsonRecognizer::new()));
-        let (cache, reused) = match cached {
+        let (cache, reused) = match take_cached() {
             Some((c, n)) if n > 0 && n < ids.len() => (c, n),
             _ => (model.new_cache(), 0),
         };
@@ -297,6 +314,8 @@ impl Generation {
             reused,
             cur: None,
             json,
+            checkpoint_at: None,
+            checkpoint: None,
             stats: GenerationStats {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
@@ -323,7 +342,7 @@ impl Generation {
         if n_ids - self.prefilled > 1 {
             let heads = model.config().num_attention_heads;
             let elem = crate::footprint::dtype_bytes(model.dtype());
-            let n = prefill_chunk(
+            let mut n = prefill_chunk(
                 self.prefilled,
                 n_ids - self.prefilled - 1,
                 self.opts.prefill_step,
@@ -331,6 +350,9 @@ impl Generation {
                 elem,
                 self.opts.attention_budget,
             );
+            if let Some(c) = self.checkpoint_at.filter(|&c| c > self.prefilled) {
+                n = n.min(c - self.prefilled);
+            }
             let chunk = Array::from_slice(
                 &self.ids[self.prefilled..self.prefilled + n],
                 &[1, n as i32],
@@ -344,6 +366,10 @@ impl Generation {
                     .map(|&t| t as u32),
             );
             self.prefilled += n;
+            if self.checkpoint_at == Some(self.prefilled) {
+                self.checkpoint_at = None;
+                self.checkpoint = Some((self.cache.clone(), self.fed.clone()));
+            }
             mlx_rs::memory::clear_cache()?;
             if n_ids - self.prefilled > 1 {
                 return Ok(false);
@@ -367,7 +393,21 @@ impl Generation {
         mask: Option<Vec<f32>>,
     ) -> Result<Pending> {
         let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut self.cache)?;
-        let mut logits = self.sampler.process(&logits, Some(history))?;
+        let p = self.sample_from(model, &logits, history, mask)?;
+        async_eval([&p.token, &p.logprobs])?;
+        Ok(p)
+    }
+
+    /// The sampling half of a step: this generation's logits processors, JSON mask and sampler on its
+    /// (1, V) logits, left lazy for the caller to queue.
+    fn sample_from(
+        &mut self,
+        model: &Gemma4,
+        logits: &Array,
+        history: &Array,
+        mask: Option<Vec<f32>>,
+    ) -> Result<Pending> {
+        let mut logits = self.sampler.process(logits, Some(history))?;
         if let Some(m) = mask {
             let n = m.len() as i32;
             logits = ops::add(
@@ -378,7 +418,6 @@ impl Generation {
         self.cache.maybe_quantize(self.opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
         let token = self.sampler.sample(&logprobs)?;
-        async_eval([&token, &logprobs])?;
         Ok(Pending { token, logprobs })
     }
 
@@ -404,27 +443,131 @@ impl Generation {
     /// [`Generation::prefill`] has not.
     pub fn next_token(&mut self, model: &Gemma4) -> Result<Option<Step>> {
         while !self.prefill(model)? {}
-        if self.finished {
-            return Ok(None);
-        }
-        let Some(cur) = self.cur.take() else {
+        let Some(cur) = self.take_current() else {
             return Ok(None);
         };
-        if self.opts.max_tokens == 0 {
-            self.end(FinishReason::Length);
-            return Ok(None);
-        }
-        let n = self.stats.completion_tokens;
-        let next = if self.json.is_none() && n + 1 < self.opts.max_tokens {
+        let next = if self.pipelined() {
             // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
-            let tok = cur.token.as_dtype(Dtype::Int32)?.reshape(&[1])?;
-            self.history = ops::concatenate(&[&self.history, &tok], 0)?;
-            let history = self.history.clone();
+            let (tok, history) = self.feed_lazy(&cur)?;
             Some(self.queue(model, &tok, &history, None)?)
-            // (`fed` gets this token below, once it is read back.)
         } else {
             None
         };
+        self.complete(model, cur, next)
+    }
+
+    /// Advances every generation in `gens` by one token, as [`Generation::next_token`] does for each, but
+    /// with one forward pass for all those whose next step can be queued ahead (prompt read, no JSON mode,
+    /// not at their last token): continuous batching's decode step, where the weights are read once for the
+    /// whole batch. Rows attend over their own caches, so each generation's tokens are those it would get
+    /// alone up to the rounding of a batched matrix product. Fewer than two such generations run exactly
+    /// as `next_token`.
+    ///
+    /// Returns one entry per generation, in order, and how many rows the batched forward had (0 when
+    /// there was none). Errors: an MLX failure, after which the generations in the batch are in an
+    /// unknown state and must be dropped.
+    pub fn decode_batch(
+        model: &Gemma4,
+        gens: &mut [&mut Generation],
+    ) -> Result<(Vec<Option<Step>>, usize)> {
+        let batched: Vec<bool> = gens
+            .iter()
+            .map(|g| g.prefilled_all() && g.cur.is_some() && !g.finished && g.pipelined())
+            .collect();
+        let n = batched.iter().filter(|b| **b).count();
+        if n < 2 {
+            let steps = gens
+                .iter_mut()
+                .map(|g| g.next_token(model))
+                .collect::<Result<_>>()?;
+            return Ok((steps, 0));
+        }
+        let mut curs: Vec<Option<Pending>> = Vec::with_capacity(gens.len());
+        let (mut inputs, mut histories) = (Vec::with_capacity(n), Vec::with_capacity(n));
+        for (g, &b) in gens.iter_mut().zip(&batched) {
+            let cur = if b { g.take_current() } else { None };
+            if let Some(c) = &cur {
+                let (tok, history) = g.feed_lazy(c)?;
+                inputs.push(tok);
+                histories.push(history);
+            }
+            curs.push(cur);
+        }
+        let ids = ops::concatenate(&inputs, 0)?.reshape(&[n as i32, 1])?;
+        let logits = {
+            let mut caches: Vec<&mut Cache> = gens
+                .iter_mut()
+                .zip(&batched)
+                .filter(|(_, b)| **b)
+                .map(|(g, _)| &mut g.cache)
+                .collect();
+            model.forward_last_logits_batch(&ids, &mut caches)?
+        };
+        let mut nexts = Vec::with_capacity(n);
+        for (j, (g, _)) in gens
+            .iter_mut()
+            .zip(&batched)
+            .filter(|(_, b)| **b)
+            .enumerate()
+        {
+            let row = logits.try_index(j as i32..j as i32 + 1)?;
+            nexts.push(g.sample_from(model, &row, &histories[j], None)?);
+        }
+        async_eval(nexts.iter().flat_map(|p| [&p.token, &p.logprobs]))?;
+        let mut nexts = nexts.into_iter();
+        let steps = gens
+            .iter_mut()
+            .zip(curs)
+            .map(|(g, cur)| match cur {
+                Some(cur) => g.complete(model, cur, nexts.next()),
+                None => g.next_token(model),
+            })
+            .collect::<Result<_>>()?;
+        Ok((steps, n))
+    }
+
+    /// Whether the whole prompt is read and the first token's step queued.
+    pub fn prefilled_all(&self) -> bool {
+        self.cur.is_some() || self.finished
+    }
+
+    /// Whether the step after the pending token can be queued before that token is read (not in JSON mode,
+    /// whose mask needs the token first, and not at the last allowed token).
+    fn pipelined(&self) -> bool {
+        self.json.is_none() && self.stats.completion_tokens + 1 < self.opts.max_tokens
+    }
+
+    /// Takes the pending step, or None once generation has ended (`max_tokens` 0 ends it here).
+    fn take_current(&mut self) -> Option<Pending> {
+        if self.finished {
+            return None;
+        }
+        let cur = self.cur.take()?;
+        if self.opts.max_tokens == 0 {
+            self.end(FinishReason::Length);
+            return None;
+        }
+        Some(cur)
+    }
+
+    /// Appends the pending (still lazy) token to the history; returns it as the next step's input (1,) and
+    /// the history the step's penalties see. `fed` gets the token once it is read back.
+    fn feed_lazy(&mut self, cur: &Pending) -> Result<(Array, Array)> {
+        let tok = cur.token.as_dtype(Dtype::Int32)?.reshape(&[1])?;
+        self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+        Ok((tok, self.history.clone()))
+    }
+
+    /// Reads the pending token `cur` back and accounts for it (stop tokens, logprobs, counts); `next` is
+    /// the step already queued on it, if any (otherwise generation ends here, or, in JSON mode, the next
+    /// step is queued now that the token is known).
+    fn complete(
+        &mut self,
+        model: &Gemma4,
+        cur: Pending,
+        next: Option<Pending>,
+    ) -> Result<Option<Step>> {
+        let n = self.stats.completion_tokens;
         let token = cur
             .token
             .reshape(&[-1])?
@@ -488,6 +631,27 @@ impl Generation {
     /// Whether generation has ended.
     pub fn is_finished(&self) -> bool {
         self.finished
+    }
+
+    /// Asks for a copy of the cache once it holds the prompt's first `tokens` tokens (a prefill chunk ends
+    /// there), such as the end of a chat's system prompt, which later conversations share; taken with
+    /// [`Generation::take_checkpoint`]. Ignored unless it falls inside the part of the prompt still to read
+    /// (after what a resumed cache holds, before the last prompt token). Call before reading the prompt.
+    pub fn checkpoint_at(&mut self, tokens: usize) {
+        if tokens > self.prefilled && tokens < self.ids.len() {
+            self.checkpoint_at = Some(tokens);
+        }
+    }
+
+    /// The checkpoint asked for with [`Generation::checkpoint_at`], once taken: the copied cache and the
+    /// tokens whose KV it holds.
+    pub fn take_checkpoint(&mut self) -> Option<(Cache, Vec<u32>)> {
+        self.checkpoint.take()
+    }
+
+    /// Bytes the generation's cache holds.
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache.nbytes() as u64
     }
 
     /// Prompt tokens whose KV came with a resumed cache.

@@ -13,6 +13,7 @@ use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
 use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats};
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::{self, Gemma4, LoadReport};
+use crate::models::gemma4::{Cache, KvQuant};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{EngineError, Result};
@@ -21,6 +22,7 @@ use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
+use jemma_serve::prefix::{EntryKind, PrefixPool};
 
 /// What to generate from (the same type for every engine).
 pub use jemma_chat::prompt::Prompt;
@@ -80,6 +82,12 @@ pub struct MlxInfo {
     pub device: DeviceKind,
     /// Estimated footprint of the model at the served context (once estimated).
     pub footprint: Option<crate::footprint::Footprint>,
+    /// Caches the prefix cache holds (finished conversations and shared system-prompt checkpoints).
+    pub prefix_cache_entries: usize,
+    /// Bytes they hold.
+    pub prefix_cache_bytes: u64,
+    /// The most sequences decoded in one batched forward since the model loaded.
+    pub largest_decode_batch: usize,
 }
 
 /// Live figures for `/health`, `/metrics` and the tray: the serving core's, with [`MlxInfo`] flattened in.
@@ -107,6 +115,13 @@ pub struct EngineConfig {
     pub context_length: Option<usize>,
     /// The process-wide memory budget this engine reserves its footprint from (None = no check).
     pub memory: Option<Arc<MemoryGovernor>>,
+    /// Requests decoded together (continuous batching; at least 1), each with its own KV cache: the
+    /// footprint reserves this many caches at the served context.
+    pub max_sequences: usize,
+    /// Bytes the prefix cache may hold together with the running requests' caches (None: the footprint's
+    /// KV reservation, `max_sequences` caches at the served context; mlx_lm.server's
+    /// `--prompt-cache-bytes`).
+    pub prefix_cache_bytes: Option<u64>,
 }
 
 impl EngineConfig {
@@ -122,9 +137,15 @@ impl EngineConfig {
             name: None,
             context_length: None,
             memory: None,
+            max_sequences: DEFAULT_MAX_SEQUENCES,
+            prefix_cache_bytes: None,
         }
     }
 }
+
+/// Default [`EngineConfig::max_sequences`]: decode reads every weight once per step whatever the batch, so a
+/// few sequences cost little more than one (llama-server's default is 4 slots too).
+pub const DEFAULT_MAX_SEQUENCES: usize = 4;
 
 /// A cheap, clonable handle to the engine thread (the serving core's host running [`MlxRunner`]).
 #[derive(Clone)]
@@ -150,6 +171,9 @@ impl Engine {
             process_rss_bytes: 0,
             device,
             footprint: None,
+            prefix_cache_entries: 0,
+            prefix_cache_bytes: 0,
+            largest_decode_batch: 0,
         };
         let host_config = HostConfig {
             name: name.clone(),
@@ -164,8 +188,12 @@ impl Engine {
         let runner = MlxRunner {
             dtype: config.dtype.or(default_dtype(device)),
             device,
+            pool: PrefixPool::new(PREFIX_CACHE_ENTRIES),
+            kv_budget: config.prefix_cache_bytes.unwrap_or(u64::MAX),
+            live_bytes: 0,
+            largest_batch: 0,
+            sequences: config.max_sequences.max(1),
             config,
-            prefix: None,
         };
         let host = Host::start(host_config, runner, info).map_err(|e| {
             EngineError::Unsupported(format!("cannot start the engine thread: {e}"))
@@ -271,6 +299,50 @@ impl ModelBundle {
         self.model.config().max_position_embeddings
     }
 
+    /// For a chat that opens with system (or developer) messages, how many leading tokens of its prompt
+    /// `ids` render them: the prefix every conversation with the same system prompt (and tools) shares,
+    /// found as mlx_lm.server does, by rendering the system messages before an empty user turn. None for
+    /// other prompts, or when the rendering shares nothing usable with `ids`.
+    pub fn system_prefix_len(&self, prompt: &Prompt, ids: &[u32]) -> Option<usize> {
+        let Prompt::Chat {
+            messages,
+            tools,
+            enable_thinking,
+        } = prompt
+        else {
+            return None;
+        };
+        let k = messages
+            .iter()
+            .take_while(|m| {
+                matches!(
+                    m.get("role").and_then(|r| r.as_str()),
+                    Some("system" | "developer")
+                )
+            })
+            .count();
+        if k == 0 || k == messages.len() {
+            return None;
+        }
+        let mut head = messages[..k].to_vec();
+        head.push(serde_json::json!({"role": "user", "content": ""}));
+        let text = self
+            .template
+            .as_ref()?
+            .render(&jemma_chat::template::RenderRequest {
+                messages: &head,
+                tools: tools.as_deref(),
+                add_generation_prompt: false,
+                enable_thinking: *enable_thinking,
+                extra: None,
+            })
+            .ok()?;
+        let head_ids = self.tokenizer.encode(&text, false).ok()?;
+        let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        // A few tokens (a chat header alone) are not worth a checkpoint and a short prefill chunk.
+        (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
+    }
+
     /// Token ids of a prompt: chat messages through the model's template (which writes `<bos>`), text with
     /// a BOS prepended unless it starts with one, ids as given.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
@@ -310,15 +382,32 @@ impl ModelBundle {
     }
 }
 
-/// The MLX engine as the serving core drives it: Gemma 4 on mlx-rs, one request at a time.
+/// Fewest tokens a system-prompt checkpoint holds.
+const MIN_CHECKPOINT_TOKENS: usize = 8;
+
+/// Most caches the MLX prefix cache keeps (mlx_lm.server's `--prompt-cache-size` default).
+pub const PREFIX_CACHE_ENTRIES: usize = 10;
+
+/// The MLX engine as the serving core drives it: Gemma 4 on mlx-rs, up to `max_sequences` requests decoded
+/// together.
 struct MlxRunner {
     config: EngineConfig,
     device: DeviceKind,
     dtype: Option<Dtype>,
-    /// The last request's cache and the tokens whose KV it holds: a prompt that continues them exactly (the
-    /// next turn of a conversation, which resends it all) prefills only what is new. One entry, within the
-    /// footprint's one-sequence KV budget.
-    prefix: Option<(crate::models::gemma4::Cache, Vec<u32>)>,
+    /// The prefix cache (the serving core's [`PrefixPool`]): finished requests' caches, which the next
+    /// turn of a conversation continues (it resends everything: only what is new is read), and copies
+    /// taken at the end of chat system prompts, which new conversations with the same system prompt start
+    /// from (mlx_lm.server's "system" entries).
+    pool: PrefixPool<PoolCache>,
+    /// Bytes the pool and the running requests' caches may hold together.
+    kv_budget: u64,
+    /// Sequences decoded together: `max_sequences`, or fewer when the memory budget refused that many
+    /// caches ([`ModelRunner::shrink`]).
+    sequences: usize,
+    /// What the running requests' caches hold (as of each one's last step).
+    live_bytes: u64,
+    /// The most sequences decoded in one forward since the model loaded.
+    largest_batch: usize,
 }
 
 impl ModelRunner for MlxRunner {
@@ -340,8 +429,11 @@ impl ModelRunner for MlxRunner {
             crate::generate::DEFAULT_PREFILL_STEP,
             Some(crate::generate::DEFAULT_ATTENTION_BUDGET),
         )
-        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        .map_err(|e| LoadError::Failed(e.to_string()))?
+        .for_sequences(self.config.max_sequences);
+        self.sequences = fp.sequences;
         info.footprint = Some(fp);
+        self.kv_budget = self.config.prefix_cache_bytes.unwrap_or(fp.kv_cache_bytes);
         // The process's own overhead is already in use; only the model's memory is new.
         Ok(Some(fp.device_bytes()))
     }
@@ -367,13 +459,29 @@ impl ModelRunner for MlxRunner {
         Ok((l, ctx))
     }
 
+    fn shrink(&mut self, info: &mut MlxInfo) -> Option<u64> {
+        let fp = info.footprint?;
+        if fp.sequences <= 1 {
+            return None;
+        }
+        let fp = fp.for_sequences(fp.sequences / 2);
+        self.sequences = fp.sequences;
+        self.kv_budget = self.config.prefix_cache_bytes.unwrap_or(fp.kv_cache_bytes);
+        info.footprint = Some(fp);
+        Some(fp.device_bytes())
+    }
+
+    fn max_sequences(&self, _: &ModelBundle) -> usize {
+        self.sequences
+    }
+
     fn admit(
         &mut self,
         model: &mut ModelBundle,
         request: Request,
         context_length: usize,
     ) -> std::result::Result<MlxSequence, EngineFailure> {
-        MlxSequence::new(model, request, context_length, &mut self.prefix).map_err(Into::into)
+        MlxSequence::new(model, request, context_length, &mut self.pool).map_err(Into::into)
     }
 
     fn step(
@@ -382,20 +490,87 @@ impl ModelRunner for MlxRunner {
         batch: &mut [&mut MlxSequence],
         out: &mut [SeqOutput<Summary>],
     ) -> std::result::Result<(), EngineFailure> {
-        // One sequence at a time (max_sequences is 1) until the batched Gemma 4 forward lands.
-        for (seq, o) in batch.iter_mut().zip(out.iter_mut()) {
-            if let Err(e) = seq.step(model, o) {
-                seq.poisoned = true;
-                o.fail(e);
+        // One prompt chunk, for the oldest sequence still reading its prompt: a long prompt delays the
+        // running streams by one chunk per token rather than by its whole length.
+        if let Some((seq, o)) = batch
+            .iter_mut()
+            .zip(out.iter_mut())
+            .find(|(s, _)| !s.generation.prefilled_all())
+        {
+            match seq.generation.prefill(&model.model) {
+                Ok(_) => {
+                    if let Some((cache, tokens)) = seq.generation.take_checkpoint() {
+                        let bytes = cache.nbytes() as u64;
+                        let entry = PoolCache { cache, kv: seq.kv };
+                        self.pool.insert(tokens, entry, bytes, EntryKind::Shared);
+                    }
+                }
+                Err(e) => {
+                    seq.poisoned = true;
+                    o.fail(EngineFailure::from(e));
+                }
+            }
+        }
+        // Keep the prefix cache inside what the running requests leave of the budget (those sitting this
+        // step out count with what they held at their last one).
+        for s in batch.iter_mut() {
+            let now = s.generation.cache_bytes();
+            self.live_bytes = (self.live_bytes + now).saturating_sub(s.bytes);
+            s.bytes = now;
+        }
+        self.pool
+            .evict_to(self.kv_budget.saturating_sub(self.live_bytes));
+        // Every sequence whose prompt is read decodes its next token, together.
+        let ready: Vec<usize> = (0..batch.len())
+            .filter(|&i| !batch[i].poisoned && batch[i].generation.prefilled_all())
+            .collect();
+        if ready.is_empty() {
+            return Ok(());
+        }
+        let steps = {
+            let mut gens: Vec<&mut Generation> = batch
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| ready.contains(i))
+                .map(|(_, s)| &mut s.generation)
+                .collect();
+            Generation::decode_batch(&model.model, &mut gens)
+        };
+        match steps {
+            Ok((steps, rows)) => {
+                self.largest_batch = self.largest_batch.max(rows);
+                for (i, step) in ready.into_iter().zip(steps) {
+                    if let Err(e) = batch[i].emit(model, step, &mut out[i]) {
+                        batch[i].poisoned = true;
+                        out[i].fail(EngineFailure::from(e));
+                    }
+                }
+            }
+            Err(e) => {
+                // The batch's caches are in an unknown state: every sequence in it ends.
+                let failure: EngineFailure = e.into();
+                for i in ready {
+                    batch[i].poisoned = true;
+                    out[i].fail(failure.clone());
+                }
             }
         }
         Ok(())
     }
 
     fn release(&mut self, _: &mut ModelBundle, seq: MlxSequence) {
-        // A sequence that failed mid-step leaves a cache nothing can vouch for.
-        if !seq.poisoned {
-            self.prefix = seq.generation.into_cache().ok();
+        // A sequence that failed mid-step leaves a cache nothing can vouch for: it is dropped. A cancelled
+        // one is kept: its cache holds exactly the tokens it records.
+        self.live_bytes = self.live_bytes.saturating_sub(seq.bytes);
+        let kv = seq.kv;
+        if !seq.poisoned
+            && let Ok((cache, fed)) = seq.generation.into_cache()
+        {
+            let bytes = cache.nbytes() as u64;
+            self.pool
+                .insert(fed, PoolCache { cache, kv }, bytes, EntryKind::Owned);
+            self.pool
+                .evict_to(self.kv_budget.saturating_sub(self.live_bytes));
         }
     }
 
@@ -411,19 +586,35 @@ impl ModelRunner for MlxRunner {
 
     fn refresh(&mut self, info: &mut MlxInfo) {
         info.memory = mlx_memory();
+        info.prefix_cache_entries = self.pool.len();
+        info.prefix_cache_bytes = self.pool.bytes();
+        info.largest_decode_batch = self.largest_batch;
     }
 
     fn unload(&mut self, model: ModelBundle) {
-        self.prefix = None;
+        self.pool.clear();
+        self.live_bytes = 0;
+        self.largest_batch = 0;
         drop(model);
         // MLX keeps freed buffers in its cache: hand them back to the system.
         let _ = mlx_rs::memory::clear_cache();
     }
 }
 
+/// A prefix-cache entry: a cache and the KV quantization it was built with.
+#[derive(Clone)]
+struct PoolCache {
+    cache: Cache,
+    kv: Option<KvQuant>,
+}
+
 /// One request in the MLX engine: its generation (cache, sampler), detokenizer and answer parser.
 struct MlxSequence {
     generation: Generation,
+    /// Its KV quantization (what its cache may be reused for).
+    kv: Option<KvQuant>,
+    /// What its cache held at its last step (the runner's `live_bytes` share).
+    bytes: u64,
     /// Generated token ids.
     tokens: Vec<u32>,
     /// A step failed: its cache is not kept.
@@ -434,13 +625,14 @@ struct MlxSequence {
 }
 
 impl MlxSequence {
-    /// Checks and tokenizes a request; continues `prefix` (taken either way) when the prompt extends
-    /// exactly the tokens it holds, leaving at least the last prompt token to read.
+    /// Checks and tokenizes a request and continues the prefix-cache entry that holds the longest prefix
+    /// of its prompt (short of its last token); a chat with a system prompt asks for a checkpoint where
+    /// the system prompt ends.
     fn new(
         l: &ModelBundle,
         req: Request,
         ctx: usize,
-        prefix: &mut Option<(crate::models::gemma4::Cache, Vec<u32>)>,
+        pool: &mut PrefixPool<PoolCache>,
     ) -> Result<Self> {
         let ids = l.prompt_ids(&req.prompt)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
@@ -458,12 +650,21 @@ impl MlxSequence {
         if req.json_mode {
             opts.json = Some(l.json_tokens());
         }
-        let cached = prefix
-            .take()
-            .filter(|(_, toks)| toks.len() < ids.len() && ids.starts_with(toks))
-            .map(|(cache, toks)| (cache, toks.len()));
+        let system = l.system_prefix_len(&req.prompt, &ids);
+        let kv = opts.kv_quant;
+        // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
+        // ask for different ones), and only once the request has been checked.
+        let mut generation = Generation::resume_with(&l.model, &ids, opts, || {
+            pool.take_longest_where(&ids, |c| c.kv == kv)
+                .map(|(c, n)| (c.cache, n))
+        })?;
+        if let Some(n) = system {
+            generation.checkpoint_at(n);
+        }
         Ok(Self {
-            generation: Generation::resume(&l.model, &ids, opts, cached)?,
+            generation,
+            kv,
+            bytes: 0,
             tokens: vec![],
             poisoned: false,
             decoder: DecodeStream::default(),
@@ -472,12 +673,15 @@ impl MlxSequence {
         })
     }
 
-    /// One step: a prefill chunk while the prompt is read, then one token (its text, logprobs, and any
-    /// stop string or tool call it completes); ends the sequence in `out` when generation is over.
-    fn step(&mut self, l: &ModelBundle, out: &mut SeqOutput<Summary>) -> Result<()> {
-        if !self.generation.prefill(&l.model)? {
-            return Ok(());
-        }
+    /// Hands on what one step produced: `Started` once the prompt is read, then the token's text,
+    /// logprobs, and any stop string or tool call it completes; ends the sequence in `out` when generation
+    /// is over.
+    fn emit(
+        &mut self,
+        l: &ModelBundle,
+        step: Option<crate::generate::Step>,
+        out: &mut SeqOutput<Summary>,
+    ) -> Result<()> {
         if !self.started {
             self.started = true;
             out.send(Event::Started {
@@ -485,7 +689,7 @@ impl MlxSequence {
                 cached_tokens: self.generation.reused(),
             });
         }
-        if let Some(step) = self.generation.next_token(&l.model)? {
+        if let Some(step) = step {
             self.tokens.push(step.token);
             let piece = self.decoder.push(&l.tokenizer, step.token)?;
             if let Some(lp) = &step.logprobs {

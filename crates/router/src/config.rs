@@ -249,8 +249,8 @@ pub struct TierConfig {
     pub api_key: Option<String>,
     /// Whether the tier takes requests (the heavy toggle).
     pub enabled: bool,
-    /// Requests running at once on this tier; for a GGUF tier also the llama.cpp engine's batch (sequences
-    /// decoded together, each with the whole `context_length` of KV cache). None: see
+    /// Requests running at once on this tier; for a local tier also the engine's batch (sequences decoded
+    /// together, each with the whole `context_length` of KV cache reserved). None: see
     /// [`TierConfig::concurrency`].
     pub max_concurrency: Option<usize>,
     /// Requests waiting for a slot before the tier reports busy (429 / fallback).
@@ -284,22 +284,15 @@ pub struct TierConfig {
 }
 
 impl TierConfig {
-    /// Requests run at once: `max_concurrency` when set, else 4 for a tier the llama.cpp engine serves (a
-    /// `.gguf` model, or any local model on a build whose local engine is llama.cpp, i.e. off macOS) — decode
-    /// reads every weight once per step, so 4 sequences cost little more than one on a CPU or an Apple GPU
-    /// while the KV cache reserved grows with each (llama-server's default is 4 slots too) — and 1 otherwise
-    /// (the MLX engine runs one sequence at a time until its batched forward lands; an upstream's own
-    /// server decides for the OpenAI kind).
+    /// Requests run at once: `max_concurrency` when set, else 4 for a local tier (both engines decode the
+    /// running requests together, and a decode step reads every weight once whatever the batch, so 4
+    /// sequences cost little more than one while the KV cache reserved grows with each: llama-server's
+    /// default is 4 slots too) and 1 for an upstream (its own server decides how many it runs).
     pub fn concurrency(&self) -> usize {
         if let Some(n) = self.max_concurrency {
             return n;
         }
-        let gguf = self.model.ends_with(".gguf") || !cfg!(target_os = "macos");
-        if self.kind == TierKind::Local && gguf {
-            4
-        } else {
-            1
-        }
+        if self.kind == TierKind::Local { 4 } else { 1 }
     }
 }
 

@@ -271,6 +271,7 @@ fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) 
             let mut ec = template.clone();
             ec.model_dir = path;
             ec.name = Some(name);
+            ec.max_sequences = parallel as usize;
             let e = Engine::start(ec).map_err(|e| format!("starting the engine: {e}"))?;
             Arc::new(EngineBackend::new(
                 crate::local::Mlx {

@@ -161,8 +161,8 @@ impl<S> SeqOutput<S> {
 /// An engine as the host drives it: the model-runner half of the scheduler / model-runner split
 /// (vLLM's `ModelRunner`, text-generation-inference's backend, mistral.rs's pipeline). The host owns
 /// admission, the running batch, cancellation and the lifecycle; the runner owns the model and one cache
-/// per sequence, and advances a batch of sequences one step at a time — a prefill chunk for a sequence
-/// still reading its prompt, one token for a decoding one. Every method runs on the model thread.
+/// per sequence, and advances a batch of sequences one step at a time — prompt chunks for sequences still
+/// reading their prompts (how many per step is the engine's choice), one token for each decoding one. Every method runs on the model thread.
 pub trait ModelRunner: Send + 'static {
     /// What loading produces; lives on the model thread only.
     type Model;
@@ -181,6 +181,15 @@ pub trait ModelRunner: Send + 'static {
     /// Bytes the next load will take (weights plus caches at the served context), reserved from the memory
     /// budget before a byte is read; may record what it estimated in `info`. `Ok(None)`: no estimate.
     fn plan(&mut self, info: &mut Self::Info) -> Result<Option<u64>, LoadError>;
+
+    /// After the memory budget refused what [`ModelRunner::plan`] asked for: the bytes of a smaller plan
+    /// (fewer sequences decoded together, each with its cache), which the host tries next; None when there
+    /// is none (the load is refused). A default of several sequences thus never stops a model that fits
+    /// with one from loading.
+    fn shrink(&mut self, info: &mut Self::Info) -> Option<u64> {
+        let _ = info;
+        None
+    }
 
     /// Loads the model, reporting the share read (0 to 1) through `progress` (shareable, so that an
     /// engine's own `'static` callback can hold it); returns it with the context length it serves (tokens).
@@ -450,9 +459,26 @@ impl<R: ModelRunner> Thread<R> {
         let result = (|| {
             // Estimate and reserve before reading a byte: refusing is better than swapping the machine to death.
             let need = self.runner.plan(&mut info)?;
-            if let (Some(h), Some(bytes)) = (memory, need) {
-                h.reserve(bytes, &format!("model {name}"))
-                    .map_err(|e| LoadError::Refused(format!("insufficient memory: {}", e.0)))?;
+            if let (Some(h), Some(mut bytes)) = (memory, need) {
+                while let Err(e) = h.reserve(bytes, &format!("model {name}")) {
+                    match self.runner.shrink(&mut info) {
+                        Some(smaller) if smaller < bytes => {
+                            tracing::warn!(
+                                engine = %name,
+                                "{}; serving fewer requests at once ({} instead)",
+                                e.0,
+                                crate::memory::gib(smaller)
+                            );
+                            bytes = smaller;
+                        }
+                        _ => {
+                            return Err(LoadError::Refused(format!(
+                                "insufficient memory: {}",
+                                e.0
+                            )));
+                        }
+                    }
+                }
             }
             let published = info.clone();
             self.set(|s| {

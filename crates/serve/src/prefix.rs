@@ -1,9 +1,10 @@
-//! The prefix cache's bookkeeping, engine-agnostic: which tokens a sequence's KV cache holds, how much of a
-//! new prompt can be kept, and the rule that a request which fails leaves nothing stale behind. An engine
-//! keeps one [`PrefixSlot`] per cached sequence and does only the cache operations (trim the KV from a
-//! position on, append); an engine with several sequences picks a new request's with [`choose_slot`]. This
-//! is llama-server's `cache_prompt` per slot and mlx_lm.server's prompt-cache reuse, written once for both
-//! of Jemma's engines.
+//! The prefix cache's bookkeeping, engine-agnostic, in the two shapes Jemma's engines need:
+//! - slots ([`PrefixSlot`], [`CacheSlot`], [`choose_slot`]): an engine whose sequences share one context
+//!   (llama.cpp) keeps its KV per sequence slot; which tokens a slot holds, how much of a new prompt it can
+//!   keep, which free slot a request takes, and the rule that a request which fails leaves nothing stale
+//!   behind (llama-server's `cache_prompt` per slot). The engine only trims and appends KV.
+//! - a pool ([`PrefixPool`]): an engine whose caches are separate objects (MLX) keeps whole caches, finished
+//!   conversations and shared checkpoints, in an LRU bounded in bytes (mlx_lm.server's `LRUPromptCache`).
 
 /// The tokens whose KV one sequence's cache holds, in order (position `i` holds `tokens[i]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -126,6 +127,181 @@ pub fn choose_slot(
         .or_else(|| lru(&mut free.iter()))
 }
 
+/// How a [`PrefixPool`] entry is handed out on a hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryKind {
+    /// A finished request's cache (its prompt and answer): moved to the request that continues it, which
+    /// grows it in place and returns it longer when it ends (mlx-lm's "assistant" entries).
+    Owned,
+    /// A checkpoint taken part-way through a prompt, such as the end of a chat's system prompt, which
+    /// many conversations share: a hit gets a copy and the entry stays (mlx-lm's "system" entries).
+    Shared,
+}
+
+struct PoolEntry<C> {
+    tokens: Vec<u32>,
+    cache: C,
+    bytes: u64,
+    kind: EntryKind,
+    last_used: u64,
+}
+
+/// A prefix cache of whole caches, for an engine whose caches are separate objects rather than slots of
+/// one context (the MLX engine): mlx_lm.server's `LRUPromptCache`, written once in the core. It holds
+/// finished requests' caches and shared checkpoints, each with the tokens whose KV it holds, and hands a new
+/// prompt the entry that holds the longest prefix of it. Bounded in bytes (the engine says how many each
+/// entry holds, and what the running requests use) and in entries; the least recently used goes first.
+///
+/// A cache that can drop positions from its end could serve any prompt sharing a prefix with it; the
+/// engines' sliding-window caches cannot once they have wrapped, so a hit needs the entry's tokens to be a
+/// prefix of the prompt (short of the prompt's last token, which must be evaluated for its logits).
+pub struct PrefixPool<C> {
+    entries: Vec<PoolEntry<C>>,
+    max_entries: usize,
+    clock: u64,
+    hits: u64,
+    lookups: u64,
+}
+
+impl<C: Clone> PrefixPool<C> {
+    /// An empty pool of at most `max_entries` entries (at least 1).
+    pub fn new(max_entries: usize) -> Self {
+        Self {
+            entries: vec![],
+            max_entries: max_entries.max(1),
+            clock: 0,
+            hits: 0,
+            lookups: 0,
+        }
+    }
+
+    /// The cache whose tokens are the longest prefix of `prompt` (fewer tokens than the prompt), with how
+    /// many tokens it holds: an [`EntryKind::Owned`] entry leaves the pool, a [`EntryKind::Shared`] one is
+    /// copied (`C::clone`, which for MLX arrays shares the buffers until either side writes). None: no
+    /// entry fits (an empty prompt never does).
+    pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(C, usize)> {
+        self.take_longest_where(prompt, |_| true)
+    }
+
+    /// [`PrefixPool::take_longest`] among the entries whose cache `fits` (e.g. was built with the same KV
+    /// quantization the request asks for).
+    pub fn take_longest_where(
+        &mut self,
+        prompt: &[u32],
+        fits: impl Fn(&C) -> bool,
+    ) -> Option<(C, usize)> {
+        self.lookups += 1;
+        let best = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| {
+                !e.tokens.is_empty()
+                    && e.tokens.len() < prompt.len()
+                    && prompt.starts_with(&e.tokens)
+                    && fits(&e.cache)
+            })
+            .max_by_key(|(_, e)| (e.tokens.len(), e.last_used))
+            .map(|(i, _)| i)?;
+        self.hits += 1;
+        self.clock += 1;
+        let e = &mut self.entries[best];
+        e.last_used = self.clock;
+        let n = e.tokens.len();
+        Some(match e.kind {
+            EntryKind::Shared => (e.cache.clone(), n),
+            EntryKind::Owned => (self.entries.swap_remove(best).cache, n),
+        })
+    }
+
+    /// Keeps `cache`, which holds the KV of `tokens` in `bytes` bytes. An entry for the same tokens is
+    /// replaced, except that a shared entry is never replaced by an owned one (a request that started
+    /// from a checkpoint and ended before adding anything hands back what the checkpoint holds: the
+    /// checkpoint stays shared); a shared entry for a prefix of an owned one stays (other conversations
+    /// start from it). Beyond `max_entries` an entry is evicted (see [`PrefixPool::evict_to`]).
+    pub fn insert(&mut self, tokens: Vec<u32>, cache: C, bytes: u64, kind: EntryKind) {
+        if tokens.is_empty()
+            || (kind == EntryKind::Owned
+                && self
+                    .entries
+                    .iter()
+                    .any(|e| e.kind == EntryKind::Shared && e.tokens == tokens))
+        {
+            return;
+        }
+        self.entries.retain(|e| e.tokens != tokens);
+        self.clock += 1;
+        self.entries.push(PoolEntry {
+            tokens,
+            cache,
+            bytes,
+            kind,
+            last_used: self.clock,
+        });
+        while self.entries.len() > self.max_entries {
+            self.evict_one();
+        }
+    }
+
+    /// Evicts entries until the pool holds at most `budget` bytes; returns how many went. The least
+    /// recently used goes first, but while owned entries (one per finished turn) are at least as many as
+    /// shared ones, the least recently used owned entry goes (mlx-lm's `CacheOrder`: a busy stream of
+    /// conversations does not push out the system-prompt checkpoints they all start from).
+    pub fn evict_to(&mut self, budget: u64) -> usize {
+        let mut n = 0;
+        while self.bytes() > budget && self.evict_one() {
+            n += 1;
+        }
+        n
+    }
+
+    fn evict_one(&mut self) -> bool {
+        let owned = self
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::Owned)
+            .count();
+        let prefer_owned = owned > 0 && 2 * owned >= self.entries.len();
+        let Some(i) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !prefer_owned || e.kind == EntryKind::Owned)
+            .min_by_key(|(_, e)| e.last_used)
+            .map(|(i, _)| i)
+        else {
+            return false;
+        };
+        self.entries.swap_remove(i);
+        true
+    }
+
+    /// Bytes held by all entries.
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+
+    /// Entries held.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the pool holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Drops every entry (the model was unloaded).
+    pub fn clear(&mut self) {
+        self.entries.clear();
+    }
+
+    /// (lookups that found an entry, lookups).
+    pub fn hit_counts(&self) -> (u64, u64) {
+        (self.hits, self.lookups)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -223,5 +399,82 @@ mod slot_tests {
         // Every slot busy: none.
         let s = slots(&[true; 3], &[0; 3]);
         assert_eq!(choose_slot(&s, 40, |_, _| 0), None);
+    }
+
+    #[test]
+    fn the_pool_hands_out_the_longest_prefix_moves_owned_and_copies_shared() {
+        let mut p: PrefixPool<&'static str> = PrefixPool::new(8);
+        p.insert(vec![1, 2], "system", 10, EntryKind::Shared);
+        p.insert(vec![1, 2, 3, 4], "chat a", 20, EntryKind::Owned);
+        p.insert(vec![1, 9], "other", 5, EntryKind::Owned);
+        assert_eq!(p.take_longest(&[1, 2, 3, 4, 5]), Some(("chat a", 4)));
+        assert_eq!(p.len(), 2, "an owned entry leaves the pool");
+        assert_eq!(p.take_longest(&[1, 2, 7]), Some(("system", 2)));
+        assert_eq!(
+            p.take_longest(&[1, 2, 8]),
+            Some(("system", 2)),
+            "shared stays"
+        );
+        assert_eq!(
+            p.take_longest(&[1, 2]),
+            None,
+            "the last prompt token is always read"
+        );
+        assert_eq!(p.take_longest(&[5, 6, 7]), None);
+        assert_eq!(p.take_longest(&[]), None);
+        assert_eq!(p.hit_counts(), (3, 6));
+    }
+
+    #[test]
+    fn a_shared_checkpoint_is_not_replaced_by_an_owned_copy_and_outlives_busy_turns() {
+        let mut p: PrefixPool<&'static str> = PrefixPool::new(8);
+        p.insert(vec![1, 2], "system", 10, EntryKind::Shared);
+        // A request started from it and ended before adding a token.
+        p.insert(vec![1, 2], "handed back", 10, EntryKind::Owned);
+        assert_eq!(p.take_longest(&[1, 2, 3]), Some(("system", 2)));
+        assert_eq!(p.len(), 1, "still shared");
+        // Many finished turns, all more recent than the checkpoint: they go first.
+        for k in 0..4u32 {
+            p.insert(vec![1, 2, 10 + k], "turn", 10, EntryKind::Owned);
+        }
+        p.take_longest(&[9]);
+        assert_eq!(p.evict_to(20), 3);
+        assert_eq!(p.take_longest(&[1, 2, 3]), Some(("system", 2)));
+        assert_eq!(
+            p.take_longest_where(&[1, 2, 13, 0], |c| *c != "turn"),
+            Some(("system", 2))
+        );
+        assert_eq!(p.take_longest(&[1, 2, 13, 0]), Some(("turn", 3)));
+    }
+
+    #[test]
+    fn the_pool_evicts_least_recently_used_under_its_byte_and_entry_bounds() {
+        let mut p: PrefixPool<u32> = PrefixPool::new(3);
+        p.insert(vec![1], 1, 100, EntryKind::Owned);
+        p.insert(vec![2], 2, 100, EntryKind::Shared);
+        p.insert(vec![3], 3, 100, EntryKind::Owned);
+        // Using entry 2 makes entry 1 the least recently used.
+        assert_eq!(p.take_longest(&[2, 0]), Some((2, 1)));
+        p.insert(vec![4], 4, 100, EntryKind::Owned);
+        assert_eq!(p.len(), 3);
+        assert_eq!(p.take_longest(&[1, 0]), None, "entry 1 was evicted");
+        assert_eq!(p.bytes(), 300);
+        assert_eq!(p.evict_to(150), 2);
+        assert_eq!(p.bytes(), 100);
+        // Owned entries were at least as many as shared ones: they went first.
+        assert_eq!(p.take_longest(&[4, 0]), None);
+        assert_eq!(
+            p.take_longest(&[2, 0]),
+            Some((2, 1)),
+            "the shared entry stays"
+        );
+        // The same tokens again replace the entry rather than adding one.
+        p.insert(vec![2], 22, 50, EntryKind::Shared);
+        p.insert(vec![2], 23, 60, EntryKind::Shared);
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.bytes(), 60);
+        p.clear();
+        assert!(p.is_empty());
+        assert_eq!(p.evict_to(0), 0);
     }
 }

@@ -28,6 +28,8 @@ struct Counters {
 struct Fake {
     counters: Arc<Counters>,
     footprint: u64,
+    /// Bytes each sequence adds to the footprint (0: the plan cannot shrink).
+    per_sequence: u64,
     fail_load: bool,
     step: Duration,
     max_sequences: usize,
@@ -54,8 +56,17 @@ impl ModelRunner for Fake {
     type Sequence = Seq;
 
     fn plan(&mut self, info: &mut Info) -> Result<Option<u64>, LoadError> {
-        info.planned = Some(self.footprint);
-        Ok(Some(self.footprint))
+        let bytes = self.footprint + self.per_sequence * self.max_sequences as u64;
+        info.planned = Some(bytes);
+        Ok(Some(bytes))
+    }
+
+    fn shrink(&mut self, info: &mut Info) -> Option<u64> {
+        if self.per_sequence == 0 || self.max_sequences <= 1 {
+            return None;
+        }
+        self.max_sequences /= 2;
+        self.plan(info).ok().flatten()
     }
 
     fn load(&mut self, progress: &Progress, _: &mut Info) -> Result<(usize, usize), LoadError> {
@@ -128,6 +139,7 @@ fn fake() -> (Fake, Arc<Counters>) {
         Fake {
             counters: counters.clone(),
             footprint: 100 << 20,
+            per_sequence: 0,
             fail_load: false,
             step: Duration::ZERO,
             max_sequences: 1,
@@ -284,6 +296,33 @@ fn a_memory_refusal_is_retried_at_the_next_request() {
         other => panic!("{other:?}"),
     }
     assert_eq!(governor.status().reserved_bytes, 0);
+}
+
+/// A budget too small for the configured batch loads the model with fewer sequences (each sequence's cache
+/// is part of the footprint) rather than refusing it, and reports the batch size it settled on.
+#[test]
+fn a_budget_too_small_for_the_batch_loads_with_fewer_sequences() {
+    let (mut r, counters) = fake();
+    r.footprint = 16 << 20;
+    r.per_sequence = 10 << 20;
+    r.max_sequences = 8;
+    let governor = MemoryGovernor::new(MemoryConfig {
+        limit_bytes: Some(64 << 20),
+        headroom_bytes: 0,
+        pressure: PressureSource::Off,
+        ..Default::default()
+    });
+    let mut cfg = config();
+    cfg.memory = Some(governor.clone());
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let s = host.status();
+    assert_eq!(s.state, EngineState::Ready, "{s:?}");
+    assert_eq!(s.max_sequences, 4, "8 x 10 MiB did not fit 64 MiB; 4 do");
+    assert_eq!(s.info.planned, Some(56 << 20));
+    assert_eq!(governor.status().reserved_bytes, 56 << 20);
+    assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
+    assert_eq!(run(&host, 2).1.unwrap(), 2);
 }
 
 #[test]

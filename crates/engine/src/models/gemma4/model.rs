@@ -124,22 +124,34 @@ enum Mask {
     Array(Array),
 }
 
+/// Row `i` of a batch-first array, keeping the batch axis (1, …).
+fn row(a: &Array, i: i32) -> Result<Array> {
+    Ok(a.try_index(i..i + 1)?)
+}
+
 impl Attention {
+    /// Attention for a batch of rows (B, L, H). Each row is its own sequence with its own cache
+    /// (`caches`, one per row) or the KV a shared layer borrows (`shared`, one per row); rows may sit at
+    /// different offsets, so RoPE, the cache update and the attention itself run row by row, while the
+    /// projections (what reads the weights) run once for the whole batch. A batch of one builds exactly
+    /// the graph mlx-lm builds.
+    ///
+    /// Errors: neither caches nor shared KV for every row ([`EngineError::InvalidModel`]); MLX failures.
     fn forward(
         &self,
         x: &Array,
         mask: &Mask,
-        cache: Option<&mut LayerCache>,
-        shared: Option<&(Kv, i32)>,
-    ) -> Result<(Array, (Kv, i32))> {
+        caches: &mut [&mut LayerCache],
+        shared: Option<&[(Kv, i32)]>,
+    ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
         let q = self
             .q_proj
             .forward(x)?
             .reshape(&[b, l, self.n_heads, self.head_dim])?;
-        let q = fast::rms_norm(&q, Some(&self.q_norm), self.eps)?;
-        let (kv, offset) = if let Some((kv, off)) = shared {
-            (kv.clone(), *off)
+        let q = fast::rms_norm(&q, Some(&self.q_norm), self.eps)?.transpose_axes(&[0, 2, 1, 3])?;
+        let kvs: Vec<(Kv, i32)> = if let Some(s) = shared {
+            s.to_vec()
         } else {
             let k_proj = self.k_proj.as_ref().ok_or_else(|| {
                 EngineError::InvalidModel("a KV-sharing layer has no K/V source".into())
@@ -151,47 +163,80 @@ impl Attention {
                 Some(p) => p.forward(x)?.reshape(&shape)?,
                 None => k.clone(),
             };
-            let offset = cache.as_ref().map(|c| c.offset()).unwrap_or(0);
-            let k = fast::rms_norm(&k, self.k_norm.as_ref(), self.eps)?;
-            let k = self.rope.apply(&k.transpose_axes(&[0, 2, 1, 3])?, offset)?;
+            let k = fast::rms_norm(&k, self.k_norm.as_ref(), self.eps)?
+                .transpose_axes(&[0, 2, 1, 3])?;
             let v = fast::rms_norm(&v, None, self.eps)?.transpose_axes(&[0, 2, 1, 3])?;
-            let kv = match cache {
-                Some(c) => c.update_and_fetch(&k, &v)?,
-                None => Kv::Plain(k, v),
-            };
-            (kv, offset)
-        };
-        let q = self.rope.apply(&q.transpose_axes(&[0, 2, 1, 3])?, offset)?;
-        let (keys, values) = match &kv {
-            Kv::Plain(k, v) => (k, v),
-            Kv::Quantized(k, v, gs, bits) => {
-                let out = quantized_sdpa(&q, k, v, mask, *gs, *bits)?;
-                let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
-                return Ok((self.o_proj.forward(&out)?, (kv, offset)));
+            if caches.len() != b as usize {
+                return Err(EngineError::InvalidModel(format!(
+                    "{} caches for a batch of {b}",
+                    caches.len()
+                )));
             }
+            let mut kvs = Vec::with_capacity(caches.len());
+            for (i, c) in caches.iter_mut().enumerate() {
+                let (ki, vi) = if b == 1 {
+                    (k.clone(), v.clone())
+                } else {
+                    (row(&k, i as i32)?, row(&v, i as i32)?)
+                };
+                let offset = c.offset();
+                let ki = self.rope.apply(&ki, offset)?;
+                kvs.push((c.update_and_fetch(&ki, &vi)?, offset));
+            }
+            kvs
         };
-        let out = match mask {
-            Mask::None => fast::scaled_dot_product_attention(&q, keys, values, 1.0, None, None)?,
-            Mask::Causal => fast::scaled_dot_product_attention(
-                &q,
-                keys,
-                values,
-                1.0,
-                ScaledDotProductAttentionMask::Causal,
-                None,
-            )?,
-            Mask::Array(m) => fast::scaled_dot_product_attention(
-                &q,
-                keys,
-                values,
-                1.0,
-                ScaledDotProductAttentionMask::Array(m),
-                None,
-            )?,
+        if kvs.len() != b as usize {
+            return Err(EngineError::InvalidModel(format!(
+                "{} shared caches for a batch of {b}",
+                kvs.len()
+            )));
+        }
+        let mut outs = Vec::with_capacity(kvs.len());
+        for (i, (kv, offset)) in kvs.iter().enumerate() {
+            let qi = if b == 1 {
+                q.clone()
+            } else {
+                row(&q, i as i32)?
+            };
+            let qi = self.rope.apply(&qi, *offset)?;
+            outs.push(attend(&qi, kv, mask)?);
+        }
+        let out = if b == 1 {
+            outs.pop().expect("one row")
+        } else {
+            ops::concatenate(&outs, 0)?
         };
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
-        Ok((self.o_proj.forward(&out)?, (kv, offset)))
+        Ok((self.o_proj.forward(&out)?, kvs))
     }
+}
+
+/// Scaled dot-product attention of one row's queries (1, heads, L, D) over its keys/values (scale 1.0:
+/// Gemma 4 normalises queries and keys instead).
+fn attend(q: &Array, kv: &Kv, mask: &Mask) -> Result<Array> {
+    let (keys, values) = match kv {
+        Kv::Plain(k, v) => (k, v),
+        Kv::Quantized(k, v, gs, bits) => return quantized_sdpa(q, k, v, mask, *gs, *bits),
+    };
+    Ok(match mask {
+        Mask::None => fast::scaled_dot_product_attention(q, keys, values, 1.0, None, None)?,
+        Mask::Causal => fast::scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            1.0,
+            ScaledDotProductAttentionMask::Causal,
+            None,
+        )?,
+        Mask::Array(m) => fast::scaled_dot_product_attention(
+            q,
+            keys,
+            values,
+            1.0,
+            ScaledDotProductAttentionMask::Array(m),
+            None,
+        )?,
+    })
 }
 
 /// Attention over quantized keys/values, as mlx-lm's `quantized_scaled_dot_product_attention` (scale 1.0).
@@ -360,14 +405,14 @@ impl DecoderLayer {
         &self,
         x: &Array,
         mask: &Mask,
-        cache: Option<&mut LayerCache>,
-        shared: Option<&(Kv, i32)>,
+        caches: &mut [&mut LayerCache],
+        shared: Option<&[(Kv, i32)]>,
         per_layer_input: Option<&Array>,
         eps: f32,
         c: &Consts,
-    ) -> Result<(Array, (Kv, i32))> {
+    ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let h = fast::rms_norm(x, Some(&self.input_layernorm), eps)?;
-        let (h, kv) = self.self_attn.forward(&h, mask, cache, shared)?;
+        let (h, kv) = self.self_attn.forward(&h, mask, caches, shared)?;
         let h = fast::rms_norm(&h, Some(&self.post_attention_layernorm), eps)?;
         let h = ops::add(x, &h)?;
         let residual = h.clone();
@@ -433,7 +478,9 @@ pub struct KvQuant {
     pub start: usize,
 }
 
-/// One decoding session's caches (one per non-shared layer).
+/// One decoding session's caches (one per non-shared layer). A clone is a checkpoint: it shares the arrays
+/// and keeps their contents while the original goes on (MLX copies a buffer on write while it is shared).
+#[derive(Clone)]
 pub struct Cache {
     /// Per non-shared layer.
     pub layers: Vec<LayerCache>,
@@ -718,7 +765,29 @@ impl Gemma4 {
 
     /// Runs the decoder over `ids` (shape (1, L), int32) and returns the final hidden states (1, L, H),
     /// advancing `cache`.
+    ///
+    /// Errors: MLX failures; a cache that does not belong to this model ([`EngineError::InvalidModel`]).
     pub fn forward_hidden(&self, ids: &Array, cache: &mut Cache) -> Result<Array> {
+        self.forward_hidden_batch(ids, &mut [cache])
+    }
+
+    /// Runs the decoder over a batch of sequences at once: `ids` is (B, L) int32, row `i` continuing
+    /// `caches[i]`; returns the final hidden states (B, L, H). Rows may hold different numbers of positions
+    /// (no padding: each row attends over its own cache), which is what continuous batching needs; the
+    /// weights are read once per step for the whole batch. With B > 1, L must be 1 (a decode step: prompts
+    /// are read one sequence at a time, where the causal and sliding-window masks apply).
+    ///
+    /// Errors: B > 1 with L > 1, or B ≠ the number of caches ([`EngineError::InvalidRequest`]); a cache
+    /// that does not belong to this model ([`EngineError::InvalidModel`]); MLX failures.
+    pub fn forward_hidden_batch(&self, ids: &Array, caches: &mut [&mut Cache]) -> Result<Array> {
+        let (b, l) = (ids.shape()[0], ids.shape()[1]);
+        if b < 1 || b as usize != caches.len() || (b > 1 && l != 1) {
+            return Err(EngineError::InvalidRequest(format!(
+                "a batched forward takes one token per sequence: ids {:?} for {} caches",
+                ids.shape(),
+                caches.len()
+            )));
+        }
         let emb = self.embed_tokens.forward(ids)?;
         let emb = if emb.dtype() != self.dtype {
             emb.as_dtype(self.dtype)?
@@ -726,7 +795,6 @@ impl Gemma4 {
             emb
         };
         let mut h = ops::multiply(&emb, &self.embed_scale)?;
-        let (b, l) = (ids.shape()[0], ids.shape()[1]);
         let n_layers = self.layers.len() as i32;
         let per_layer_inputs = match &self.ple {
             Some(p) => {
@@ -746,27 +814,35 @@ impl Gemma4 {
             }
             None => None,
         };
+        // One token per row needs no mask; a chunk (one row) gets the causal or windowed one.
         let masks = [
-            self.mask_for(LayerType::Sliding, l, cache)?,
-            self.mask_for(LayerType::Full, l, cache)?,
+            self.mask_for(LayerType::Sliding, l, caches[0])?,
+            self.mask_for(LayerType::Full, l, caches[0])?,
         ];
-        let mut kvs: Vec<Option<(Kv, i32)>> = vec![None; self.layers.len()];
-        let mut cache_iter = cache.layers.iter_mut();
+        let mut kvs: Vec<Option<Vec<(Kv, i32)>>> = vec![None; self.layers.len()];
+        let mut rows: Vec<_> = caches.iter_mut().map(|c| c.layers.iter_mut()).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let pli = match &per_layer_inputs {
                 Some(p) => Some(p.try_index((.., .., i as i32, ..))?),
                 None => None,
             };
             let mask = &masks[layer.spec.layer_type as usize];
-            let (c, shared) = if layer.spec.has_kv {
-                (cache_iter.next(), None)
+            let (mut own, shared) = if layer.spec.has_kv {
+                let own = rows
+                    .iter_mut()
+                    .map(|r| r.next())
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| {
+                        EngineError::InvalidModel("a cache has fewer layers than the model".into())
+                    })?;
+                (own, None)
             } else {
-                (None, kvs[layer.spec.kv_source].as_ref())
+                (vec![], kvs[layer.spec.kv_source].as_deref())
             };
             let (out, kv) = layer.forward(
                 &h,
                 mask,
-                c,
+                &mut own,
                 shared,
                 pli.as_ref(),
                 self.cfg.rms_norm_eps,
@@ -792,7 +868,18 @@ impl Gemma4 {
 
     /// Logits of the last position only (1, V): the decoding step's output.
     pub fn forward_last_logits(&self, ids: &Array, cache: &mut Cache) -> Result<Array> {
-        let h = self.forward_hidden(ids, cache)?;
+        self.forward_last_logits_batch(ids, &mut [cache])
+    }
+
+    /// Logits of each row's last position (B, V) for a batch (see [`Gemma4::forward_hidden_batch`]).
+    ///
+    /// Errors: as [`Gemma4::forward_hidden_batch`].
+    pub fn forward_last_logits_batch(
+        &self,
+        ids: &Array,
+        caches: &mut [&mut Cache],
+    ) -> Result<Array> {
+        let h = self.forward_hidden_batch(ids, caches)?;
         let l = h.shape()[1];
         let last = h.try_index((.., l - 1, ..))?;
         self.logits(&last)
