@@ -162,33 +162,8 @@ fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
     config.prefix_cache_bytes = Some(0);
     let cold = Engine::start(config).unwrap();
     cold.wait_ready().unwrap();
-    // (generated ids, each token's top-5 logprobs, cached prompt tokens)
     let answer = |engine: &Engine, ids: &[u32], max_tokens: usize| {
-        let mut r = request(max_tokens);
-        r.prompt = Prompt::Ids(ids.to_vec());
-        r.options.prefill_step = 8;
-        r.options.logprobs = true;
-        r.options.top_logprobs = 5;
-        let mut rx = engine.submit(r).unwrap();
-        let mut lps: Vec<Vec<f64>> = vec![];
-        loop {
-            match rx.blocking_recv().unwrap() {
-                Event::Logprobs(t) => {
-                    let v = serde_json::to_value(&t).unwrap();
-                    lps.push(
-                        v["top_logprobs"]
-                            .as_array()
-                            .unwrap()
-                            .iter()
-                            .map(|x| x["logprob"].as_f64().unwrap())
-                            .collect(),
-                    );
-                }
-                Event::Done(s) => return (s.tokens, lps, s.cached_tokens),
-                Event::Error(e) => panic!("{e}"),
-                _ => {}
-            }
-        }
+        answer_with(engine, Prompt::Ids(ids.to_vec()), max_tokens)
     };
     for len in [5usize, 17, 33, 70] {
         let a: Vec<u32> = std::iter::once(2)
@@ -209,12 +184,7 @@ fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
             "len {len}: the cold engine's cache holds something unrelated"
         );
         assert_eq!(warm_t, cold_t, "len {len}: tokens");
-        let d = warm_lp
-            .iter()
-            .flatten()
-            .zip(cold_lp.iter().flatten())
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f64, f64::max);
+        let d = max_diff(&warm_lp, &cold_lp);
         assert!(d <= 1e-4, "len {len}: warm vs cold logprobs differ by {d}");
         eprintln!(
             "len {len}: reused {reused} of {}, max |Δlogprob| {d:e}",
