@@ -102,6 +102,7 @@ chunks = list(client.completions.create(model="fast", prompt="Once upon a time",
                                         stream=True))
 check("completions: stream matches non-stream", "".join(ch.choices[0].text for ch in chunks if ch.choices)
       == c.choices[0].text)
+check("completions: every chunk names its model", all(ch.model for ch in chunks), [ch.model for ch in chunks])
 
 try:
     client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], temperature=7)

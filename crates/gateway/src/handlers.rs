@@ -171,12 +171,13 @@ async fn completions_inner(
     let req = req.validate(&state.limits)?;
     state.charge(&caller, false)?;
     let stream = req.stream;
+    let model = req.requested_model.clone();
     let mut rx = state.router.chat(req)?;
     if stream {
         return match rx.recv().await {
             Some(Output::Error(e)) => Err(ApiError(e)),
             None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
-            Some(first) => Ok(sse::completion_stream(state.keep_alive, first, rx)),
+            Some(first) => Ok(sse::completion_stream(state.keep_alive, model, first, rx)),
         };
     }
     let mut text = String::new();

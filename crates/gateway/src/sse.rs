@@ -165,9 +165,11 @@ pub fn stream_response(
 }
 
 /// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason`, `usage` and
-/// `_routing`, then `[DONE]`.
+/// `_routing`, then `[DONE]`. Chunks carry `model` (the requested name, as chat chunks do; the final one the
+/// answering tier's model, as in `_routing`).
 pub fn completion_stream(
     keep_alive: Duration,
+    model: String,
     first: Output,
     rx: mpsc::Receiver<Output>,
 ) -> Response {
@@ -178,7 +180,7 @@ pub fn completion_stream(
                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
     };
     pump(keep_alive, vec![], first, rx, move |o| match o {
-        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&chunk(&c, None, ""))]),
+        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&chunk(&c, None, &model))]),
         Output::End {
             finish_reason,
             usage,
