@@ -354,6 +354,11 @@ async fn a_tier_switches_models_without_a_restart() {
     );
     let s = Server::start(&[], Some(&cfg));
     let client = crate::support::client();
+    // Tiers naming the same model share one engine, and /health says so: its figures are read once.
+    let engine_id = |h: &Value, t: &str| tier(h, t)["details"]["engine_id"].as_u64().unwrap();
+    let h = health(&s);
+    assert_eq!(engine_id(&h, "fast"), engine_id(&h, "primary"));
+    assert_ne!(engine_id(&h, "fast"), engine_id(&h, "heavy"));
     // A lazily loaded tier holds no memory until its first request.
     let lazy = tier(&health(&s), "heavy");
     assert_eq!(lazy["state"], "unloaded");
@@ -400,6 +405,7 @@ async fn a_tier_switches_models_without_a_restart() {
     assert_eq!(tier(&h, "fast")["state"], "ready");
     // The other tier shared the old engine and keeps it.
     assert_eq!(tier(&h, "primary")["model"], "tiny");
+    assert_ne!(engine_id(&h, "fast"), engine_id(&h, "primary"));
     let (code, body) = chat(&client, &s, "fast").await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["model"], "moe");

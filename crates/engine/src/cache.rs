@@ -79,6 +79,14 @@ impl KvCache {
     pub fn nbytes(&self) -> usize {
         self.state().iter().map(|a| a.nbytes()).sum()
     }
+
+    /// Forgets the last `n` positions (mlx-lm `KVCache.trim`): the buffer stays and the next update
+    /// overwrites them. Returns how many were dropped (at most `offset`).
+    pub fn trim(&mut self, n: i32) -> i32 {
+        let n = n.clamp(0, self.offset);
+        self.offset -= n;
+        n
+    }
 }
 
 /// A quantized tensor as MLX stores it: packed uint32 values, per-group scales and biases.
@@ -359,6 +367,24 @@ impl RotatingKvCache {
         }
     }
 
+    /// Whether [`RotatingKvCache::trim_end`] can drop positions: only while the window has never been
+    /// full, since a full window has overwritten the positions a shorter history would still see
+    /// (mlx-lm `RotatingKVCache.is_trimmable`: `offset < max_size`).
+    pub fn is_trimmable(&self) -> bool {
+        self.offset < self.max_size
+    }
+
+    /// Forgets the last `n` positions of a cache that [`RotatingKvCache::is_trimmable`] (mlx-lm
+    /// `RotatingKVCache.trim`: the write index moves back with the offset, which for a window never
+    /// filled is the number of positions stored). Returns how many were dropped.
+    pub fn trim_end(&mut self, n: i32) -> i32 {
+        debug_assert!(self.is_trimmable());
+        let n = n.clamp(0, self.offset);
+        self.offset -= n;
+        self.idx -= n;
+        n
+    }
+
     /// Adds (B, heads, L, D) keys/values and returns what the new queries attend over.
     pub fn update_and_fetch(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
         if k.shape()[2] == 1 {
@@ -425,6 +451,29 @@ impl LayerCache {
                 Kv::Plain(k, v)
             }
         })
+    }
+
+    /// Whether [`LayerCache::trim`] can drop positions from the end: a full-precision full-attention
+    /// cache always, a sliding-window one until its window has filled. A quantized cache is not trimmed:
+    /// it was quantized at a length a shorter history would not have reached, so the result would not be
+    /// what reading that history afresh gives.
+    pub fn is_trimmable(&self) -> bool {
+        match self {
+            LayerCache::Full(_) => true,
+            LayerCache::Quantized(_) => false,
+            LayerCache::Rotating(c) => c.is_trimmable(),
+        }
+    }
+
+    /// Forgets the last `n` positions (clamped to what is held); returns how many were dropped, 0 for a
+    /// cache that is not [`LayerCache::is_trimmable`].
+    pub fn trim(&mut self, n: i32) -> i32 {
+        match self {
+            LayerCache::Full(c) => c.trim(n),
+            LayerCache::Quantized(_) => 0,
+            LayerCache::Rotating(c) if c.is_trimmable() => c.trim_end(n),
+            LayerCache::Rotating(_) => 0,
+        }
     }
 
     /// Turns a full-attention cache into a quantized one once it holds `start` positions (mlx-lm's

@@ -625,8 +625,9 @@ struct MlxSequence {
 }
 
 impl MlxSequence {
-    /// Checks and tokenizes a request and continues the prefix-cache entry that holds the longest prefix
-    /// of its prompt (short of its last token); a chat with a system prompt asks for a checkpoint where
+    /// Checks and tokenizes a request and continues the prefix-cache entry that holds the most of its
+    /// prompt (short of its last token; an entry running on past the common part is copied and trimmed
+    /// back to it where its cache can be); a chat with a system prompt asks for a checkpoint where
     /// the system prompt ends.
     fn new(
         l: &ModelBundle,
@@ -655,8 +656,10 @@ impl MlxSequence {
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.
         let mut generation = Generation::resume_with(&l.model, &ids, opts, || {
-            pool.take_longest_where(&ids, |c| c.kv == kv)
-                .map(|(c, n)| (c.cache, n))
+            let hit = pool.take_nearest(&ids, |c| c.kv == kv, |c, _| c.cache.is_trimmable())?;
+            let mut cache = hit.cache.cache;
+            // The pool only offers a longer entry when the cache can be trimmed.
+            (hit.excess == 0 || cache.trim_to(hit.reused)).then_some((cache, hit.reused))
         })?;
         if let Some(n) = system {
             generation.checkpoint_at(n);

@@ -196,6 +196,58 @@ fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
 
+/// Trimming (mlx_lm.server's "longer" entries): a repeated prompt, a regenerated answer or an edited last
+/// message shares a prefix with an entry that runs on past it; the engine copies that entry, drops the
+/// positions past the common part and answers as a cold engine does, while the entry stays for the
+/// conversation it came from. Sliding-window caches can be cut back only until their window (16) has
+/// filled: past that, the prompt is read afresh.
+#[test]
+fn a_repeated_or_edited_prompt_reuses_a_trimmed_copy_and_answers_as_cold() {
+    let _serial = serial();
+    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
+    warm.wait_ready().unwrap();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let cold = Engine::start(config).unwrap();
+    cold.wait_ready().unwrap();
+    let check = |ids: &[u32], expect_reused: usize, what: &str| {
+        let (wt, wl, reused) = answer_with(&warm, Prompt::Ids(ids.to_vec()), 4);
+        assert_eq!(reused, expect_reused, "{what}: cached tokens");
+        let (ct, cl, none) = answer_with(&cold, Prompt::Ids(ids.to_vec()), 4);
+        assert_eq!(none, 0);
+        assert_eq!(wt, ct, "{what}: tokens");
+        let d = max_diff(&wl, &cl);
+        assert!(d <= 1e-4, "{what}: warm vs cold logprobs differ by {d}");
+        eprintln!("{what}: reused {reused}, max |Δlogprob| {d:e}");
+        wt
+    };
+    for len in [5usize, 9, 12] {
+        // A first token of its own: nothing cached yet shares a prefix with it.
+        let a: Vec<u32> = std::iter::once(100 + len as u32)
+            .chain((1..len as u32).map(|k| 300 + (k * 41) % 400))
+            .collect();
+        let first = check(&a, 0, &format!("len {len}, first"));
+        // The entry holds a + 3 answer tokens: at most 15 positions, inside the window.
+        check(&a, len - 1, &format!("len {len}, repeated"));
+        let mut edited = a[..len - 2].to_vec();
+        edited.extend([600, 601, 602]);
+        check(&edited, len - 2, &format!("len {len}, edited"));
+        // The original conversation's entry is still whole.
+        let mut next = a.clone();
+        next.extend(&first);
+        next.extend([700, 701]);
+        check(&next, len + 3, &format!("len {len}, continued"));
+    }
+    // A window that has filled cannot be cut back: 17 prompt tokens + 3 fed back.
+    let long: Vec<u32> = std::iter::once(150)
+        .chain((1..17u32).map(|k| 300 + (k * 43) % 400))
+        .collect();
+    check(&long, 0, "len 17, first");
+    check(&long, 0, "len 17, repeated");
+    assert!(warm.shutdown(Duration::from_secs(20)));
+    assert!(cold.shutdown(Duration::from_secs(20)));
+}
+
 /// Continuous batching on the MLX engine: requests decoded together answer as each does alone. Four
 /// requests of different lengths (on both sides of the sliding window of 16) and options (a repetition
 /// penalty, a seeded sample, JSON mode, which decodes unbatched) run at once on an engine of 4 sequences

@@ -195,6 +195,12 @@ pub trait Backend: Send + Sync + 'static {
     ) -> Result<ChunkStream, BackendError>;
     /// Current health (cheap, never blocks on generation).
     fn health(&self) -> BackendHealth;
+    /// How many requests the backend runs at once now, where it knows: an in-process engine's batch size
+    /// while its model is loaded, which the memory budget may have made smaller than the tier's
+    /// `max_concurrency`. None: not known (an upstream, an engine with no model loaded).
+    fn capacity(&self) -> Option<usize> {
+        None
+    }
     /// Switches the tier to another model without a restart (local tiers: a directory, catalog name or
     /// Hub repo, downloaded if needed, loaded beside the current one, then swapped in).
     async fn set_model(&self, model: &str) -> Result<(), BackendError> {

@@ -68,7 +68,12 @@ pub trait InProcess: Send + Sync + 'static {
 pub struct EngineBackend<E> {
     engine: E,
     default_max_tokens: u32,
+    /// This engine's number in the process, shown in `/health` so that the figures of tiers sharing one
+    /// engine (the same model named twice) are read once, not added.
+    id: u64,
 }
+
+static NEXT_ENGINE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl<E: InProcess> EngineBackend<E> {
     /// Wraps a started engine; `default_max_tokens` applies when a request sets none.
@@ -76,6 +81,7 @@ impl<E: InProcess> EngineBackend<E> {
         Self {
             engine,
             default_max_tokens,
+            id: NEXT_ENGINE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 }
@@ -121,11 +127,18 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         Ok(pump_engine(events, |s| E::finished(&s)))
     }
 
+    fn capacity(&self) -> Option<usize> {
+        let s = self.engine.status();
+        (s.max_sequences > 0).then_some(s.max_sequences)
+    }
+
     fn health(&self) -> BackendHealth {
         let s = self.engine.status();
         let mut details = E::details(&s.info);
         if let Some(d) = details.as_object_mut() {
             d.insert("engine".into(), json!(E::NAME));
+            // Tiers with the same engine_id share one engine: its counts and prefix cache are one.
+            d.insert("engine_id".into(), json!(self.id));
         }
         engine_health(&s, details)
     }

@@ -70,8 +70,31 @@ struct TierSlot {
     waking: AtomicBool,
     served: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
+    /// How many run slots `slots` has now: `max_concurrency`, or fewer while the backend runs fewer at
+    /// once ([`TierSlot::fit_slots`]).
+    limit: std::sync::Mutex<usize>,
     queue: Arc<Semaphore>,
     settings: TierSettings,
+}
+
+impl TierSlot {
+    /// Matches the run slots to what the backend runs at once now ([`Backend::capacity`], at most
+    /// `max_concurrency`): when an engine's memory budget gave it a smaller batch, the requests beyond it
+    /// wait here, told they are waiting and with no first-token clock running, rather than in the
+    /// engine's own queue. Slots held by running requests are taken away as those requests end.
+    fn fit_slots(&self) {
+        let Some(cap) = self.backend.capacity() else {
+            return;
+        };
+        let want = cap.clamp(1, self.settings.max_concurrency.max(1));
+        let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
+        if want > *limit {
+            self.slots.add_permits(want - *limit);
+            *limit = want;
+        } else if want < *limit {
+            *limit -= self.slots.forget_permits(*limit - want);
+        }
+    }
 }
 
 /// Snapshot of one tier for `/health`, `/v1/models` and the tray.
@@ -141,6 +164,7 @@ impl TierRouter {
                     waking: AtomicBool::new(false),
                     served: std::sync::atomic::AtomicU64::new(0),
                     slots: Arc::new(Semaphore::new(settings.max_concurrency)),
+                    limit: std::sync::Mutex::new(settings.max_concurrency),
                     queue: Arc::new(Semaphore::new(
                         settings.max_concurrency + settings.max_queue,
                     )),
@@ -228,7 +252,8 @@ impl TierRouter {
                     waking: s.waking.load(Ordering::Relaxed),
                     breaker: snap,
                     backend: s.backend.health(),
-                    in_flight: s.settings.max_concurrency - s.slots.available_permits(),
+                    in_flight: (*s.limit.lock().unwrap_or_else(|e| e.into_inner()))
+                        .saturating_sub(s.slots.available_permits()),
                     served: s.served.load(Ordering::Relaxed),
                 }
             })
@@ -412,6 +437,7 @@ impl TierRouter {
                 }
             };
             // Wait for a run slot, telling the client we are alive.
+            slot.fit_slots();
             let run = loop {
                 tokio::select! {
                     p = slot.slots.clone().acquire_owned() => break p,

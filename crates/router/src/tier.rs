@@ -240,6 +240,10 @@ impl Backend for LocalTier {
         b.start(req, continuation).await
     }
 
+    fn capacity(&self) -> Option<usize> {
+        self.backend().ok()?.capacity()
+    }
+
     fn health(&self) -> BackendHealth {
         let swap = self.swap.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let swap_json = swap

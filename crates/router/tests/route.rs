@@ -34,6 +34,8 @@ struct Scripted {
     calls: AtomicUsize,
     continuations: Mutex<Vec<Option<String>>>,
     cancelled: Arc<AtomicUsize>,
+    /// What it says it runs at once (None: does not say).
+    capacity: Mutex<Option<usize>>,
 }
 
 impl Scripted {
@@ -44,6 +46,7 @@ impl Scripted {
             calls: AtomicUsize::new(0),
             continuations: Mutex::new(vec![]),
             cancelled: Arc::new(AtomicUsize::new(0)),
+            capacity: Mutex::new(None),
         })
     }
     fn set(&self, s: Script) {
@@ -117,6 +120,9 @@ impl Backend for Scripted {
             }
         });
         Ok(rx)
+    }
+    fn capacity(&self) -> Option<usize> {
+        *self.capacity.lock().unwrap()
     }
     fn health(&self) -> BackendHealth {
         BackendHealth {
@@ -428,4 +434,29 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
         &[Some(64)],
         "the fallback tier got the clamped value"
     );
+}
+
+/// A backend that runs fewer requests at once than the tier's `max_concurrency` (an engine whose memory
+/// budget shrank its batch) gets only that many; the rest wait in the router, and the slots come back when
+/// the backend can take more.
+#[tokio::test]
+async fn run_slots_follow_what_the_backend_runs_at_once() {
+    let fast = Scripted::new("e2b", Script::Hang);
+    *fast.capacity.lock().unwrap() = Some(1);
+    let mut s = settings(60_000);
+    s.max_concurrency = 4;
+    let r = router(vec![(Tier::Fast, fast.clone(), s)]);
+    let rxs: Vec<_> = (0..3)
+        .map(|_| r.chat(request("fast", "hello")).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fast.calls.load(Ordering::SeqCst), 1, "one runs, two wait");
+    assert_eq!(r.status()[0].in_flight, 1);
+    // The engine reloads with room for three: the next request gives the waiting ones their slots.
+    *fast.capacity.lock().unwrap() = Some(3);
+    let more = r.chat(request("fast", "hello")).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fast.calls.load(Ordering::SeqCst), 3);
+    assert_eq!(r.status()[0].in_flight, 3);
+    drop((rxs, more));
 }

@@ -138,6 +138,18 @@ pub enum EntryKind {
     Shared,
 }
 
+/// What [`PrefixPool::take_nearest`] hands out.
+#[derive(Debug)]
+pub struct Hit<C> {
+    /// The entry's cache: moved out of the pool, or a copy.
+    pub cache: C,
+    /// Prompt tokens whose KV the cache holds once `excess` positions are dropped from its end.
+    pub reused: usize,
+    /// Positions the cache holds past `reused`, which the caller must drop before reading the rest of
+    /// the prompt (0 for an entry whose tokens are a prefix of the prompt).
+    pub excess: usize,
+}
+
 struct PoolEntry<C> {
     tokens: Vec<u32>,
     cache: C,
@@ -152,9 +164,10 @@ struct PoolEntry<C> {
 /// prompt the entry that holds the longest prefix of it. Bounded in bytes (the engine says how many each
 /// entry holds, and what the running requests use) and in entries; the least recently used goes first.
 ///
-/// A cache that can drop positions from its end could serve any prompt sharing a prefix with it; the
-/// engines' sliding-window caches cannot once they have wrapped, so a hit needs the entry's tokens to be a
-/// prefix of the prompt (short of the prompt's last token, which must be evaluated for its logits).
+/// A hit is the entry holding the longest prefix of the prompt (short of the prompt's last token, which
+/// must be read for its logits); an entry that runs on past the common part serves it only if the engine
+/// can drop positions from the end of its cache, which a sliding-window cache cannot once its window has
+/// filled (see [`PrefixPool::take_nearest`]).
 pub struct PrefixPool<C> {
     entries: Vec<PoolEntry<C>>,
     max_entries: usize,
@@ -180,37 +193,63 @@ impl<C: Clone> PrefixPool<C> {
     /// copied (`C::clone`, which for MLX arrays shares the buffers until either side writes). None: no
     /// entry fits (an empty prompt never does).
     pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(C, usize)> {
-        self.take_longest_where(prompt, |_| true)
+        self.take_nearest(prompt, |_| true, |_, _| false)
+            .map(|h| (h.cache, h.reused))
     }
 
-    /// [`PrefixPool::take_longest`] among the entries whose cache `fits` (e.g. was built with the same KV
-    /// quantization the request asks for).
-    pub fn take_longest_where(
+    /// The entry that holds the most of `prompt`'s tokens, among those whose cache `fits` (e.g. was built
+    /// with the KV quantization the request asks for); mlx_lm.server's `fetch_nearest_cache`.
+    ///
+    /// An entry whose tokens are a prefix of the prompt (short of its last token, which must be read for
+    /// its logits) is used as it is: an [`EntryKind::Owned`] entry leaves the pool, a
+    /// [`EntryKind::Shared`] one is copied. An entry that runs on past where the prompt diverges from it,
+    /// or past the prompt's last token (a regenerated answer, a repeated prompt, an edited last message),
+    /// can serve the common part if the caller can drop positions from the end of its cache:
+    /// `can_trim(cache, keep)` says whether it can keep just the first `keep`. Such a hit is always a
+    /// copy, the entry stays for the conversation it came from, and [`Hit::excess`] says how many
+    /// positions the caller must drop. Between equal reuse, an entry needing no trim wins, then the most
+    /// recently used. None: no entry shares a token with the prompt, or none of those fits.
+    pub fn take_nearest(
         &mut self,
         prompt: &[u32],
         fits: impl Fn(&C) -> bool,
-    ) -> Option<(C, usize)> {
+        can_trim: impl Fn(&C, usize) -> bool,
+    ) -> Option<Hit<C>> {
         self.lookups += 1;
+        let limit = prompt.len().saturating_sub(1);
         let best = self
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| {
-                !e.tokens.is_empty()
-                    && e.tokens.len() < prompt.len()
-                    && prompt.starts_with(&e.tokens)
-                    && fits(&e.cache)
+            .filter_map(|(i, e)| {
+                let common = e
+                    .tokens
+                    .iter()
+                    .zip(prompt)
+                    .take_while(|(a, b)| a == b)
+                    .count();
+                let reused = common.min(limit);
+                if reused == 0 || !fits(&e.cache) {
+                    return None;
+                }
+                let exact = reused == e.tokens.len();
+                (exact || can_trim(&e.cache, reused)).then_some((i, reused, exact, e.last_used))
             })
-            .max_by_key(|(_, e)| (e.tokens.len(), e.last_used))
-            .map(|(i, _)| i)?;
+            .max_by_key(|&(_, reused, exact, used)| (reused, exact, used))?;
+        let (i, reused, exact, _) = best;
         self.hits += 1;
         self.clock += 1;
-        let e = &mut self.entries[best];
+        let e = &mut self.entries[i];
         e.last_used = self.clock;
-        let n = e.tokens.len();
-        Some(match e.kind {
-            EntryKind::Shared => (e.cache.clone(), n),
-            EntryKind::Owned => (self.entries.swap_remove(best).cache, n),
+        let excess = e.tokens.len() - reused;
+        let cache = match (e.kind, exact) {
+            (EntryKind::Owned, true) => self.entries.swap_remove(i).cache,
+            _ => e.cache.clone(),
+        };
+        Some(Hit {
+            cache,
+            reused,
+            excess,
         })
     }
 
@@ -441,10 +480,46 @@ mod slot_tests {
         assert_eq!(p.evict_to(20), 3);
         assert_eq!(p.take_longest(&[1, 2, 3]), Some(("system", 2)));
         assert_eq!(
-            p.take_longest_where(&[1, 2, 13, 0], |c| *c != "turn"),
+            p.take_nearest(&[1, 2, 13, 0], |c| *c != "turn", |_, _| false)
+                .map(|h| (h.cache, h.reused)),
             Some(("system", 2))
         );
         assert_eq!(p.take_longest(&[1, 2, 13, 0]), Some(("turn", 3)));
+    }
+
+    #[test]
+    fn an_entry_running_past_the_prompt_serves_the_common_part_as_a_trimmed_copy() {
+        let mut p: PrefixPool<&str> = PrefixPool::new(4);
+        p.insert(vec![1, 2, 3, 4, 5], "turn", 10, EntryKind::Owned);
+        // Without trimming, a repeated prompt finds nothing.
+        assert!(p.take_nearest(&[1, 2, 3], |_| true, |_, _| false).is_none());
+        // A repeated prompt: all but its last token, and the entry stays for its conversation.
+        let h = p.take_nearest(&[1, 2, 3], |_| true, |_, _| true).unwrap();
+        assert_eq!((h.cache, h.reused, h.excess), ("turn", 2, 3));
+        assert_eq!(p.len(), 1);
+        // An edited message: the part before the edit.
+        let h = p.take_nearest(&[1, 2, 3, 9, 9, 9], |_| true, |_, _| true);
+        assert_eq!(h.map(|h| (h.reused, h.excess)), Some((3, 2)));
+        // The engine decides how far back it can cut.
+        let h = p.take_nearest(&[1, 2, 3, 9, 9], |_| true, |_, keep| keep < 3);
+        assert!(h.is_none());
+        // A shared checkpoint that holds as much needs no trim and wins; a longer trimmed reuse beats it.
+        p.insert(vec![1, 2], "system", 10, EntryKind::Shared);
+        let h = p
+            .take_nearest(&[1, 2, 7, 7], |_| true, |_, _| true)
+            .unwrap();
+        assert_eq!((h.cache, h.reused, h.excess), ("system", 2, 0));
+        let h = p
+            .take_nearest(&[1, 2, 3, 4, 7], |_| true, |_, _| true)
+            .unwrap();
+        assert_eq!((h.cache, h.reused, h.excess), ("turn", 4, 1));
+        // A continuation still moves the owned entry out, untrimmed.
+        let h = p
+            .take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| true)
+            .unwrap();
+        assert_eq!((h.cache, h.reused, h.excess), ("turn", 5, 0));
+        assert_eq!(p.len(), 1);
+        assert_eq!(p.hit_counts(), (5, 7));
     }
 
     #[test]

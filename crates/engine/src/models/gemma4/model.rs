@@ -502,6 +502,27 @@ impl Cache {
         self.layers.iter().map(|c| c.nbytes()).sum()
     }
 
+    /// Whether every layer can drop positions from its end ([`LayerCache::is_trimmable`]; mlx-lm
+    /// `can_trim_prompt_cache`).
+    pub fn is_trimmable(&self) -> bool {
+        self.layers.iter().all(|c| c.is_trimmable())
+    }
+
+    /// Keeps the first `keep` positions and forgets the rest, so that the cache holds what reading only
+    /// those tokens would have left (mlx-lm `trim_prompt_cache`). Returns false, changing nothing, when
+    /// the cache is not [`Cache::is_trimmable`] or holds fewer than `keep` positions.
+    pub fn trim_to(&mut self, keep: usize) -> bool {
+        let held = self.offset();
+        if !self.is_trimmable() || (keep as i64) > held as i64 {
+            return false;
+        }
+        let n = held - keep as i32;
+        for c in &mut self.layers {
+            c.trim(n);
+        }
+        true
+    }
+
     /// Quantizes the full-attention caches that hold at least `start` positions (`kv_bits`).
     pub fn maybe_quantize(&mut self, kv: Option<KvQuant>) -> Result<()> {
         if let Some(q) = kv {
