@@ -6,6 +6,7 @@ Exits non-zero on the first failed check; prints one line per check.
 import json
 import sys
 
+import jsonschema
 import openai
 from openai import OpenAI
 
@@ -44,7 +45,8 @@ check("length finish", r.choices[0].finish_reason in ("length", "stop"), r.choic
 stream = client.chat.completions.create(model="primary", stream=True, stream_options={"include_usage": True},
                                         messages=[{"role": "user", "content": "Write code for a loop"}], max_tokens=10)
 text, finish, routing, usage = "", None, None, None
-for chunk in stream:
+chunks = list(stream)
+for chunk in chunks:
     if chunk.choices:
         d = chunk.choices[0].delta
         text += d.content or ""
@@ -53,6 +55,11 @@ for chunk in stream:
             routing = chunk.model_extra["_routing"]
     if chunk.usage:
         usage = chunk.usage
+# A client that adds up usage over the chunks (as LiteLLM does) must count it once: only the last chunk has
+# it, with no choices.
+with_usage = [c for c in chunks if c.usage]
+check("stream: usage only in one last chunk with no choices",
+      len(with_usage) == 1 and with_usage[0] is chunks[-1] and chunks[-1].choices == [], [c.usage for c in chunks])
 check("stream: text arrives", len(text) > 0, repr(text))
 check("stream: finish_reason", finish in ("length", "stop"), finish)
 check("stream: routing in final chunk", routing and routing["tier"] == "primary", routing)
@@ -95,6 +102,76 @@ for seed in range(6):
         complete += 1
 check("json mode: some answers complete", complete >= 1, complete)
 
+# Structured output as an app asking for a typed record sends it (OpenAI's json_schema example): on random
+# weights only an enforced grammar yields valid answers, so every finished one must validate.
+city = {"type": "object", "properties": {"name": {"type": "string"}, "population": {"type": "integer"}},
+        "required": ["name", "population"], "additionalProperties": False}
+bounded = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+           "population": {"type": "integer", "minimum": 0, "maximum": 10**8}},
+           "required": ["name", "population"], "additionalProperties": False}
+for label, schema in (("city", city), ("bounded city", bounded)):
+    finished = 0
+    for seed in range(20):
+        r = client.chat.completions.create(
+            model="primary", messages=[{"role": "user", "content": "A city, please"}], max_tokens=48,
+            temperature=1, seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": schema}})
+        if r.choices[0].finish_reason != "stop":
+            continue
+        finished += 1
+        text = r.choices[0].message.content
+        try:
+            jsonschema.validate(json.loads(text), schema)
+        except Exception as e:  # noqa: BLE001 - the check reports it
+            check(f"json_schema {label} (seed {seed}): answer validates", False, f"{e}: {text}")
+    check(f"json_schema {label}: every finished answer of 20 validates ({finished} finished)",
+          label == "city" or finished >= 5, finished)
+
+# A coding agent that must get a tool call (tool_choice "required", or one function by name): always a call,
+# to an offered function, with arguments valid against its parameters.
+agent_tools = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["celsius", "fahrenheit"]}},
+        "required": ["city"]}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+        "zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}}},
+]
+params = {t["function"]["name"]: t["function"]["parameters"] for t in agent_tools}
+for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+    finished = 0
+    for seed in range(10):
+        r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Use a tool"}],
+                                           tools=agent_tools, tool_choice=choice, parallel_tool_calls=False,
+                                           max_tokens=48, temperature=1, seed=seed)
+        c = r.choices[0]
+        if c.finish_reason == "length":
+            continue
+        finished += 1
+        calls = c.message.tool_calls or []
+        check(f"tool_choice {choice} (seed {seed}): finish_reason tool_calls with one call",
+              c.finish_reason == "tool_calls" and len(calls) == 1, c)
+        name = calls[0].function.name
+        check(f"tool_choice {choice} (seed {seed}): an allowed function",
+              name in params and (choice == "required" or name == "get_time"), name)
+        jsonschema.validate(json.loads(calls[0].function.arguments), params[name])
+    check(f"tool_choice {choice}: calls valid ({finished}/10 finished)", finished >= 5, finished)
+for seed in range(3):
+    r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Hi"}],
+                                       tools=agent_tools, tool_choice="none", max_tokens=8, seed=seed,
+                                       temperature=1)
+    check(f"tool_choice none (seed {seed}): no call", not r.choices[0].message.tool_calls
+          and r.choices[0].finish_reason != "tool_calls", r.choices[0])
+for label, kwargs, param in (
+        ("a function not in tools", {"tools": agent_tools, "tool_choice": {"type": "function",
+                                     "function": {"name": "send_mail"}}}, "tool_choice.function.name"),
+        ("tool_choice without tools", {"tool_choice": "required"}, "tool_choice"),
+        ("an unknown tool_choice", {"tools": agent_tools, "tool_choice": "sometimes"}, "tool_choice")):
+    try:
+        client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], **kwargs)
+        check(f"{label} rejected", False)
+    except openai.BadRequestError as e:
+        check(f"{label} → 400 naming {param}", e.body["param"] == param, e.body)
+
 c = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0)
 check("completions: plain prompt", isinstance(c.choices[0].text, str) and c.usage.completion_tokens >= 1
       and c.model_extra["_routing"]["tier"] == "fast", c)
@@ -103,6 +180,13 @@ chunks = list(client.completions.create(model="fast", prompt="Once upon a time",
 check("completions: stream matches non-stream", "".join(ch.choices[0].text for ch in chunks if ch.choices)
       == c.choices[0].text)
 check("completions: every chunk names its model", all(ch.model for ch in chunks), [ch.model for ch in chunks])
+check("completions: no usage unless asked", not any(ch.usage for ch in chunks), [ch.usage for ch in chunks])
+chunks = list(client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                        stream=True, stream_options={"include_usage": True}))
+with_usage = [c for c in chunks if c.usage]
+check("completions: usage only in one last chunk with no choices",
+      len(with_usage) == 1 and with_usage[0] is chunks[-1] and chunks[-1].choices == []
+      and chunks[-1].usage.completion_tokens >= 1, [c.usage for c in chunks])
 
 try:
     client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], temperature=7)

@@ -12,6 +12,9 @@ pub struct Answer {
     parser: Option<OutputParser>,
     stops: StopMatcher,
     tool_calls: bool,
+    /// Most tool calls the answer may make (`parallel_tool_calls: false`: one); None for no limit.
+    max_tool_calls: Option<usize>,
+    calls: usize,
 }
 
 impl Answer {
@@ -21,14 +24,46 @@ impl Answer {
             parser: parse.then(OutputParser::new),
             stops: StopMatcher::new(stop),
             tool_calls: false,
+            max_tool_calls: None,
+            calls: 0,
         }
+    }
+
+    /// Ends the answer after its `n`-th tool call, as a stop string would (`parallel_tool_calls: false` is
+    /// `Some(1)`): what the model writes after it is not sent.
+    pub fn with_max_tool_calls(mut self, n: Option<usize>) -> Self {
+        self.max_tool_calls = n;
+        self
     }
 
     /// Feeds decoded text; returns what to send now (never an empty content piece or a tool-call error)
     /// and whether a stop string ended the answer.
     pub fn push(&mut self, text: &str) -> (Vec<Event>, bool) {
         let (out, hit) = self.stops.push(text);
-        (self.parse(&out), hit)
+        let mut events = self.parse(&out);
+        if let Some(max) = self.max_tool_calls
+            && self.calls >= max
+        {
+            // Keep everything up to the last allowed call; the answer ends there.
+            let mut seen = self.calls
+                - events
+                    .iter()
+                    .filter(|e| matches!(e, Event::ToolCall(_)))
+                    .count();
+            let cut = events
+                .iter()
+                .position(|e| {
+                    if matches!(e, Event::ToolCall(_)) {
+                        seen += 1;
+                    }
+                    seen >= max
+                })
+                .map_or(events.len(), |i| i + 1);
+            events.truncate(cut);
+            self.parser = None;
+            return (events, true);
+        }
+        (events, hit)
     }
 
     /// The end of generation: `tail` is the decoder's remaining text; held-back text is released unless a
@@ -72,6 +107,7 @@ impl Answer {
             Event::Content(c) if c.is_empty() => None,
             Event::ToolCall(tc) => {
                 self.tool_calls = true;
+                self.calls += 1;
                 Some(Event::ToolCall(tc))
             }
             // jemma-chat has no logging of its own: the unparsed call reaches the client as text.
@@ -127,5 +163,43 @@ mod tests {
                 .any(|e| matches!(e, Event::ToolCall(tc) if tc.name == "get_weather")),
             "{evs:?}"
         );
+    }
+
+    /// `parallel_tool_calls: false`: the answer ends with its first call, in whatever piece it arrives.
+    #[test]
+    fn one_tool_call_at_most_when_asked() {
+        let two = "<|tool_call>call:a{}<tool_call|><|tool_call>call:b{}<tool_call|>more";
+        let names = |evs: &[Event]| -> Vec<String> {
+            evs.iter()
+                .filter_map(|e| match e {
+                    Event::ToolCall(tc) => Some(tc.name.clone()),
+                    _ => None,
+                })
+                .collect()
+        };
+        let mut a = Answer::new(&[], true).with_max_tool_calls(Some(1));
+        let (evs, hit) = a.push(two);
+        assert!(hit);
+        assert_eq!(names(&evs), ["a"]);
+        assert!(a.finish("", true).is_empty());
+        // Split across pieces.
+        let mut a = Answer::new(&[], true).with_max_tool_calls(Some(1));
+        let (mut evs, mut hit) = (vec![], false);
+        for piece in two.as_bytes().chunks(7) {
+            let (e, h) = a.push(std::str::from_utf8(piece).unwrap());
+            evs.extend(e);
+            if h {
+                hit = true;
+                break;
+            }
+        }
+        assert!(hit);
+        evs.extend(a.finish("", true));
+        assert_eq!(names(&evs), ["a"]);
+        // No limit: both.
+        let mut a = Answer::new(&[], true);
+        let mut evs = a.push(two).0;
+        evs.extend(a.finish("", false));
+        assert_eq!(names(&evs), ["a", "b"]);
     }
 }

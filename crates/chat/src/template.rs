@@ -393,8 +393,10 @@ impl ChatTemplate {
 }
 
 /// Decodes tool-call `function.arguments` given as JSON strings, as vLLM (`_postprocess_messages`) and mlx-lm's
-/// server do before templating; an empty string becomes `{}` like in vLLM. Everything else is left untouched, and
-/// nothing is copied when no message needs it.
+/// server do before templating; an empty string becomes `{}` like in vLLM. Renders OpenAI's `developer` role as
+/// `system`, which is what it means for these models: a template knows `system` (Gemma 4's takes either as the
+/// first message, but a later `developer` message would become a `<|turn>developer` turn, a role the model
+/// never saw). Everything else is left untouched, and nothing is copied when no message needs it.
 fn normalize_messages(messages: &[Json]) -> Result<Cow<'_, [Json]>, TemplateError> {
     let string_arguments = |message: &Json| {
         tool_calls(message).any(|call| {
@@ -402,10 +404,15 @@ fn normalize_messages(messages: &[Json]) -> Result<Cow<'_, [Json]>, TemplateErro
                 .is_some_and(Json::is_string)
         })
     };
-    if !messages.iter().any(string_arguments) {
+    let developer =
+        |message: &Json| message.get("role").and_then(Json::as_str) == Some("developer");
+    if !messages.iter().any(|m| string_arguments(m) || developer(m)) {
         return Ok(Cow::Borrowed(messages));
     }
     let mut owned = messages.to_vec();
+    for message in owned.iter_mut().filter(|m| developer(m)) {
+        message["role"] = Json::from("system");
+    }
     for (message_index, message) in owned.iter_mut().enumerate() {
         let Some(calls) = message.get_mut("tool_calls").and_then(Json::as_array_mut) else {
             continue;
@@ -917,6 +924,26 @@ mod tests {
             normalized[0]["tool_calls"][0]["function"]["arguments"],
             json!({})
         );
+    }
+
+    /// OpenAI's `developer` role is the system instruction: as the first message the Gemma 4 template takes
+    /// either, and a later one must not become a `<|turn>developer` turn (a role the model never saw).
+    #[test]
+    fn a_developer_message_renders_as_a_system_message() {
+        let t = gemma(E2B);
+        let msgs = |role: &str| {
+            json!({"messages": [
+                {"role": role, "content": "Be brief."},
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."},
+                {"role": role, "content": "Answer in French."},
+                {"role": "user", "content": "Bye"}
+            ], "add_generation_prompt": true})
+        };
+        let dev = render_case(&t, &msgs("developer")).unwrap();
+        assert_eq!(dev, render_case(&t, &msgs("system")).unwrap());
+        assert!(!dev.contains("<|turn>developer"), "{dev}");
+        assert!(dev.contains("<|turn>system\nAnswer in French."), "{dev}");
     }
 
     #[test]

@@ -451,6 +451,9 @@ pub struct OutputParser {
     pending: String,
     tool_body: String,
     events: Vec<Event>,
+    /// A thinking block or a tool call just closed: the whitespace that follows separates it from what
+    /// comes next (the template's own newlines between blocks), so it is not answer text.
+    after_block: bool,
 }
 
 impl OutputParser {
@@ -500,6 +503,7 @@ impl OutputParser {
                 if self.state == State::Tool {
                     self.flush_tool();
                 }
+                self.after_block = next == State::Normal && self.state != State::Normal;
                 self.state = next;
             }
         }
@@ -531,6 +535,13 @@ impl OutputParser {
     }
 
     fn emit_text(&mut self, text: &str) {
+        let text = if self.state == State::Normal && self.after_block {
+            let t = text.trim_start();
+            self.after_block = t.is_empty();
+            t
+        } else {
+            text
+        };
         if text.is_empty() {
             return;
         }
@@ -698,6 +709,10 @@ ok<|tool_call>call:f{a:<|"|>Paris ⇒ C[ok]/T[f{"a":"Paris"}]
 <|tool_call>call:f{}<|tool_call>call:g{}<|tool_response> ⇒ T[f{}]T[g{}]/
 <|tool_call>I will call a tool<tool_call|>after ⇒ E[I will call a tool: no `call:NAME{…}` found]C[after]/
 <|tool_call> <tool_call|>¦ ⇒ //
+<|tool_call>call:a{}<tool_call|>⏎<|tool_call>call:b{x:1}<tool_call|> ⇒ T[a{}]T[b{"x":1}]/
+<|tool_call>call:a{}<tool_call|>⏎¦ ¦⏎Done. ⇒ T[a{}]//C[Done.]/
+<|channel>thought⏎Multiply.<channel|>⏎⏎7 * 8 = 56 ⇒ R[Multiply.]C[7 * 8 = 56]/
+<|channel>thought⏎Multiply.<channel|>⏎¦⏎7 ¦⏎8 ⇒ R[Multiply.]/C[7 ]/C[⏎8]/
 héllo 🌍 ¦世界 ⇒ C[héllo 🌍 ]/C[世界]/
 "#;
 

@@ -33,6 +33,8 @@ use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::sampling::LlamaSampler;
 use llama_cpp_2::token::LlamaToken;
+use llama_cpp_2::token::data::LlamaTokenData;
+use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -173,8 +175,12 @@ pub struct Request {
     pub stop: Vec<String>,
     /// Split thinking and tool calls out of the text (chat requests).
     pub parse_output: bool,
-    /// Constrain the output to JSON (llama.cpp's JSON grammar).
-    pub json_mode: bool,
+    /// What the answer must be (JSON, a schema, forced tool calls), enforced token by token with
+    /// llguidance; None: free text.
+    pub constraint: Option<jemma_constrain::Constraint>,
+    /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when false the answer
+    /// ends after its first call.
+    pub parallel_tool_calls: bool,
     /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
     pub ignore_eos: bool,
     /// Report each generated token's log-probability (`Event::Logprobs`).
@@ -321,6 +327,43 @@ pub struct Loaded {
     pub n_ctx: u32,
     /// The sliding window of the model's sliding-attention layers, tokens (None: no such layers).
     pub n_swa: Option<u32>,
+    /// The vocabulary as llguidance reads it (constrained decoding), built on first use.
+    vocabulary: OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
+}
+
+impl Loaded {
+    /// The vocabulary as llguidance reads it, for constrained decoding: every token's bytes (control and
+    /// user-defined tokens marked special, as `tokenizer.json` marks them for the MLX engine) and the end-of-generation
+    /// tokens, read from the GGUF's vocabulary on the first constrained request, then kept.
+    ///
+    /// Errors: [`LlamaError::Runtime`] when llguidance cannot use it (every later call says the same).
+    pub fn vocabulary(&self) -> Result<Arc<jemma_constrain::Vocabulary>> {
+        self.vocabulary
+            .get_or_init(|| {
+                let vocab = self.model.vocab();
+                let n = self.model.n_vocab();
+                // Control tokens and user-defined ones (added tokens the tokenizer matches whole, such as
+                // Gemma 4's `<|tool_call>` and `<|"|>`, which tokenizer.json marks special): no text spells
+                // them, a grammar names them.
+                let tokens = (0..n).map(|i| {
+                    let t = LlamaToken(i);
+                    let special = vocab.is_control(t)
+                        || vocab
+                            .attr(t)
+                            .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined);
+                    (vocab.token_to_piece(t, true, None), special)
+                });
+                let eos: Vec<u32> = (0..n)
+                    .filter(|&i| vocab.is_eog(LlamaToken(i)))
+                    .map(|i| i as u32)
+                    .collect();
+                jemma_constrain::Vocabulary::from_tokens(tokens, &eos)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| LlamaError::Runtime(format!("constrained decoding: {e}")))
+    }
 }
 
 /// Loads a GGUF with all layers on the GPU when one is built in.
@@ -376,6 +419,7 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
         bos,
         n_ctx,
         n_swa,
+        vocabulary: OnceLock::new(),
     })
 }
 
@@ -642,18 +686,9 @@ impl Loaded {
     }
 }
 
-/// llama.cpp's JSON grammar (grammars/json.gbnf, MIT), for JSON mode.
-const JSON_GRAMMAR: &str = include_str!("json.gbnf");
-
-fn sampler(loaded: &Loaded, s: &Sampling, json: bool) -> Result<LlamaSampler> {
+fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
     let n_vocab = loaded.model.n_vocab();
     let mut chain = vec![];
-    if json {
-        chain.push(
-            LlamaSampler::grammar(&loaded.model, JSON_GRAMMAR, "root")
-                .map_err(|e| LlamaError::Runtime(format!("JSON grammar: {e}")))?,
-        );
-    }
     if !s.logit_bias.is_empty() {
         let biases: Vec<LlamaLogitBias> = s
             .logit_bias
@@ -837,6 +872,9 @@ struct LlamaSequence {
     /// The tokens whose KV the sequence holds (committed to the slot at release).
     kv: PrefixSlot,
     sampler: LlamaSampler,
+    /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
+    /// allows before the sampler runs, and each sampled token advances it.
+    grammar: Option<jemma_constrain::TokenMatcher>,
     /// Greedy with nothing that changes the logits (no grammar, bias or penalty): the argmax is read off
     /// the logits directly.
     plain_greedy: bool,
@@ -887,7 +925,14 @@ impl LlamaSequence {
                 req.max_tokens
             )));
         }
-        let sampler = sampler(loaded, &req.sampling, req.json_mode)?;
+        let sampler = sampler(loaded, &req.sampling)?;
+        let grammar = match &req.constraint {
+            None => None,
+            Some(c) => Some(loaded.vocabulary()?.matcher(c).map_err(|e| match e {
+                jemma_constrain::ConstrainError::Invalid(m) => LlamaError::InvalidRequest(m),
+                e => LlamaError::Runtime(e.to_string()),
+            })?),
+        };
         let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
         let (slot, keep) = choose_slot(slots, ids.len(), |i, s| {
             reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
@@ -908,13 +953,15 @@ impl LlamaSequence {
             kv,
             sampler,
             plain_greedy: req.sampling.temperature <= 0.0
-                && !req.json_mode
+                && grammar.is_none()
                 && req.sampling.logit_bias.is_empty()
                 && req.sampling.repetition_penalty.unwrap_or(1.0) == 1.0
                 && req.sampling.presence_penalty == 0.0
                 && req.sampling.frequency_penalty == 0.0,
+            grammar,
             text: Utf8Stream { pending: vec![] },
-            answer: Answer::new(&req.stop, req.parse_output),
+            answer: Answer::new(&req.stop, req.parse_output)
+                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             tokens: vec![],
             max_tokens: req.max_tokens,
             ignore_eos: req.ignore_eos,
@@ -940,13 +987,47 @@ impl LlamaSequence {
         out: &mut SeqOutput<Summary>,
     ) {
         let vocab = loaded.model.vocab();
-        let tok = if self.plain_greedy {
+        let tok = if let Some(g) = self.grammar.as_mut() {
+            // The grammar's mask on a copy of the logits, then the request's sampler chain on what is left.
+            let allowed = match g.allowed() {
+                Ok(a) => a,
+                Err(e) => {
+                    self.poisoned = true;
+                    return out.fail(LlamaError::Runtime(e.to_string()));
+                }
+            };
+            let mut logits = ctx.get_logits_ith(idx).to_vec();
+            allowed.apply(&mut logits);
+            let mut cands = LlamaTokenDataArray::from_iter(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                false,
+            );
+            cands.apply_sampler(&mut self.sampler);
+            let Some(tok) = cands.selected_token() else {
+                self.poisoned = true;
+                return out.fail(LlamaError::Runtime(
+                    "the sampler selected no token under the grammar".into(),
+                ));
+            };
+            self.sampler.accept(tok);
+            tok
+        } else if self.plain_greedy {
             // What llama.cpp's greedy sampler picks (the first largest logit), without its copy of the
             // whole vocabulary into a candidate array: 262,144 entries per sequence per step on Gemma.
             LlamaToken(argmax(ctx.get_logits_ith(idx)) as i32)
         } else {
             self.sampler.sample(ctx, idx)
         };
+        if let Some(g) = self.grammar.as_mut()
+            && !vocab.is_eog(tok)
+            && let Err(e) = g.commit(tok.0 as u32)
+        {
+            self.poisoned = true;
+            return out.fail(LlamaError::Runtime(e.to_string()));
+        }
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());
         }

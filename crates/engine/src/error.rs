@@ -29,6 +29,10 @@ pub enum EngineError {
     /// The caller's request cannot be served as given (empty prompt, context overflow, bad parameter).
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// Constrained decoding failed part-way (the vocabulary could not be read for llguidance, or its
+    /// matcher refused a token it had allowed): an engine fault, not the request's.
+    #[error("constrained decoding: {0}")]
+    Constraint(String),
 }
 
 /// Shorthand for results of this crate.

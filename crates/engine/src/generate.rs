@@ -13,7 +13,8 @@ use mlx_rs::{
 };
 use serde::Serialize;
 
-use crate::constrain::{JsonRecognizer, TokenBytes};
+use jemma_constrain::{Constraint, TokenMatcher, Vocabulary};
+
 use crate::models::gemma4::{Cache, Gemma4, KvQuant};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
@@ -66,8 +67,9 @@ pub struct GenerateOptions {
     pub attention_budget: Option<u64>,
     /// KV-cache quantization of the full-attention layers (None = full precision).
     pub kv_quant: Option<KvQuant>,
-    /// JSON mode: constrain the output to one JSON object (token texts of the model's vocabulary).
-    pub json: Option<Arc<TokenBytes>>,
+    /// Constrained decoding: what the answer must be (JSON, a schema, tool calls), with the model's
+    /// vocabulary as llguidance reads it.
+    pub constraint: Option<(Arc<Vocabulary>, Constraint)>,
 }
 
 impl std::fmt::Debug for GenerateOptions {
@@ -81,7 +83,7 @@ impl std::fmt::Debug for GenerateOptions {
             .field("prefill_step", &self.prefill_step)
             .field("attention_budget", &self.attention_budget)
             .field("kv_quant", &self.kv_quant)
-            .field("json", &self.json.is_some())
+            .field("constraint", &self.constraint.as_ref().map(|c| &c.1))
             .finish()
     }
 }
@@ -97,7 +99,7 @@ impl Default for GenerateOptions {
             prefill_step: DEFAULT_PREFILL_STEP,
             attention_budget: Some(DEFAULT_ATTENTION_BUDGET),
             kv_quant: None,
-            json: None,
+            constraint: None,
         }
     }
 }
@@ -229,7 +231,9 @@ pub struct Generation {
     history: Array,
     /// The step whose token the next call reads (None before the prompt is read and after the end).
     cur: Option<Pending>,
-    json: Option<(Arc<TokenBytes>, JsonRecognizer)>,
+    /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
+    /// allows, and each token read back advances it.
+    grammar: Option<TokenMatcher>,
     /// Where to copy the cache while reading the prompt ([`Generation::checkpoint_at`]).
     checkpoint_at: Option<usize>,
     /// The copy, once taken, with the tokens it holds.
@@ -296,10 +300,15 @@ impl Generation {
             }
         }
         let ids: Vec<i32> = prompt.iter().map(|&t| t as i32).collect();
-        let json = opts
-            .json
+        let grammar = opts
+            .constraint
             .as_ref()
-            .map(|t| (t.clone(), JsonRecognizer::new()));
+            .map(|(v, c)| v.matcher(c))
+            .transpose()
+            .map_err(|e| match e {
+                jemma_constrain::ConstrainError::Invalid(m) => EngineError::InvalidRequest(m),
+                e => EngineError::Constraint(e.to_string()),
+            })?;
         let (cache, reused) = match take_cached() {
             Some((c, n)) if n > 0 && n < ids.len() => (c, n),
             _ => (model.new_cache(), 0),
@@ -313,7 +322,7 @@ impl Generation {
             prefilled: reused,
             reused,
             cur: None,
-            json,
+            grammar,
             checkpoint_at: None,
             checkpoint: None,
             stats: GenerationStats {
@@ -377,7 +386,7 @@ impl Generation {
         }
         let last = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
         self.fed.push(self.ids[n_ids - 1] as u32);
-        let mask = self.json_mask();
+        let mask = self.grammar_mask(model)?;
         let history = self.history.clone();
         let p = self.queue(model, &last, &history, mask)?;
         self.cur = Some(p);
@@ -390,7 +399,7 @@ impl Generation {
         model: &Gemma4,
         input: &Array,
         history: &Array,
-        mask: Option<Vec<f32>>,
+        mask: Option<Array>,
     ) -> Result<Pending> {
         let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut self.cache)?;
         let p = self.sample_from(model, &logits, history, mask)?;
@@ -405,15 +414,11 @@ impl Generation {
         model: &Gemma4,
         logits: &Array,
         history: &Array,
-        mask: Option<Vec<f32>>,
+        mask: Option<Array>,
     ) -> Result<Pending> {
         let mut logits = self.sampler.process(logits, Some(history))?;
         if let Some(m) = mask {
-            let n = m.len() as i32;
-            logits = ops::add(
-                &logits,
-                Array::from_slice(&m, &[1, n]).as_dtype(model.dtype())?,
-            )?;
+            logits = ops::add(&logits, m.as_dtype(model.dtype())?)?;
         }
         self.cache.maybe_quantize(self.opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
@@ -421,10 +426,20 @@ impl Generation {
         Ok(Pending { token, logprobs })
     }
 
-    fn json_mask(&self) -> Option<Vec<f32>> {
-        self.json
-            .as_ref()
-            .map(|(t, r)| t.mask(r, &self.opts.stop_tokens))
+    /// The grammar's additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere (None when
+    /// the answer is not constrained).
+    fn grammar_mask(&mut self, model: &Gemma4) -> Result<Option<Array>> {
+        let Some(g) = self.grammar.as_mut() else {
+            return Ok(None);
+        };
+        let v = model.config().vocab_size;
+        let allowed = g
+            .allowed()
+            .map_err(|e| EngineError::Constraint(e.to_string()))?;
+        Ok(Some(Array::from_slice(
+            &allowed.additive(v),
+            &[1, v as i32],
+        )))
     }
 
     fn end(&mut self, reason: FinishReason) {
@@ -457,7 +472,7 @@ impl Generation {
     }
 
     /// Advances every generation in `gens` by one token, as [`Generation::next_token`] does for each, but
-    /// with one forward pass for all those whose next step can be queued ahead (prompt read, no JSON mode,
+    /// with one forward pass for all those whose next step can be queued ahead (prompt read, no grammar,
     /// not at their last token): continuous batching's decode step, where the weights are read once for the
     /// whole batch. Rows attend over their own caches, so each generation's tokens are those it would get
     /// alone up to the rounding of a batched matrix product. Fewer than two such generations run exactly
@@ -531,10 +546,10 @@ impl Generation {
         self.cur.is_some() || self.finished
     }
 
-    /// Whether the step after the pending token can be queued before that token is read (not in JSON mode,
+    /// Whether the step after the pending token can be queued before that token is read (not under a grammar,
     /// whose mask needs the token first, and not at the last allowed token).
     fn pipelined(&self) -> bool {
-        self.json.is_none() && self.stats.completion_tokens + 1 < self.opts.max_tokens
+        self.grammar.is_none() && self.stats.completion_tokens + 1 < self.opts.max_tokens
     }
 
     /// Takes the pending step, or None once generation has ended (`max_tokens` 0 ends it here).
@@ -559,7 +574,7 @@ impl Generation {
     }
 
     /// Reads the pending token `cur` back and accounts for it (stop tokens, logprobs, counts); `next` is
-    /// the step already queued on it, if any (otherwise generation ends here, or, in JSON mode, the next
+    /// the step already queued on it, if any (otherwise generation ends here, or, under a grammar, the next
     /// step is queued now that the token is known).
     fn complete(
         &mut self,
@@ -592,21 +607,21 @@ impl Generation {
         };
         self.stats.completion_tokens += 1;
         let n = n + 1;
-        // JSON mode needs each token on the host before the next step's mask exists, so it runs
+        // A constrained answer needs each token on the host before the next step's mask exists, so it runs
         // unpipelined.
-        let next = match &mut self.json {
-            Some((bytes, rec)) if n < self.opts.max_tokens => {
-                if let Some(b) = bytes.get(token) {
-                    rec.feed_all(b);
-                }
-                let tok = Array::from_slice(&[token as i32], &[1]);
-                self.history = ops::concatenate(&[&self.history, &tok], 0)?;
-                self.fed.push(token);
-                let history = self.history.clone();
-                let mask = self.json_mask();
-                Some(self.queue(model, &tok, &history, mask)?)
-            }
-            _ => next,
+        if let Some(g) = self.grammar.as_mut() {
+            g.commit(token)
+                .map_err(|e| EngineError::Constraint(e.to_string()))?;
+        }
+        let next = if self.grammar.is_some() && n < self.opts.max_tokens {
+            let tok = Array::from_slice(&[token as i32], &[1]);
+            self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+            self.fed.push(token);
+            let history = self.history.clone();
+            let mask = self.grammar_mask(model)?;
+            Some(self.queue(model, &tok, &history, mask)?)
+        } else {
+            next
         };
         if n.is_multiple_of(256) {
             mlx_rs::memory::clear_cache()?;

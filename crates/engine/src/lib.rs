@@ -6,7 +6,6 @@
 #![deny(missing_docs)]
 
 pub mod cache;
-pub mod constrain;
 pub mod device;
 pub mod error;
 pub mod footprint;

@@ -30,7 +30,8 @@ fn request(max_tokens: usize) -> Request {
         },
         stop: vec![],
         parse_output: false,
-        json_mode: false,
+        constraint: None,
+        parallel_tool_calls: true,
     }
 }
 
@@ -284,7 +285,7 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
                         r.options.sampling.temperature = 0.8;
                         r.options.sampling.seed = Some(7);
                     }
-                    3 => r.json_mode = true,
+                    3 => r.constraint = Some(jemma_constrain::Constraint::JsonObject),
                     _ => {}
                 }
                 r

@@ -1,5 +1,6 @@
 //! The one mapping from errors to HTTP: OpenAI's `{"error": {"message", "type", "param", "code"}}` with the
-//! right status (400, 404, 413, 429 + Retry-After, 503, 504).
+//! right status (400, 404, 413, 429 + Retry-After, 503 (+ Retry-After when a tier said when it may serve
+//! again), 504).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -69,7 +70,7 @@ impl ApiError {
         };
         let mut err =
             json!({"message": self.0.to_string(), "type": ty, "param": param, "code": code});
-        if let RouterError::AllTiersDown { fallback } = &self.0 {
+        if let RouterError::AllTiersDown { fallback, .. } = &self.0 {
             err["fallback"] = json!(fallback);
         }
         json!({ "error": err })
@@ -80,12 +81,39 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.parts();
         let mut r = (status, axum::Json(self.body())).into_response();
-        if let RouterError::Busy { retry_after_secs }
-        | RouterError::RateLimited { retry_after_secs } = &self.0
-            && let Ok(v) = HeaderValue::from_str(&retry_after_secs.to_string())
+        let retry_after = match &self.0 {
+            RouterError::Busy { retry_after_secs }
+            | RouterError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+            RouterError::AllTiersDown {
+                retry_after_secs, ..
+            } => *retry_after_secs,
+            _ => None,
+        };
+        if let Some(secs) = retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
             r.headers_mut().insert(header::RETRY_AFTER, v);
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_503_carries_retry_after_when_a_tier_said_when() {
+        let down = |retry_after_secs| {
+            ApiError(RouterError::AllTiersDown {
+                fallback: vec!["heavy→none: breaker open".into()],
+                retry_after_secs,
+            })
+            .into_response()
+        };
+        let r = down(Some(4));
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "4");
+        assert!(down(None).headers().get(header::RETRY_AFTER).is_none());
     }
 }

@@ -74,7 +74,10 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
         // (no tier, busy, bad request) still get their proper status.
         return match rx.recv().await {
             Some(Output::Error(e)) => Err(ApiError(e)),
-            None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
+            None => Err(ApiError(RouterError::AllTiersDown {
+                fallback: vec![],
+                retry_after_secs: None,
+            })),
             Some(first) => Ok(sse::stream_response(
                 state.keep_alive,
                 model,
@@ -108,6 +111,7 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
     let (finish_reason, usage, routing) = end.ok_or_else(|| {
         ApiError(RouterError::AllTiersDown {
             fallback: vec!["answer incomplete".into()],
+            retry_after_secs: None,
         })
     })?;
     let mut message = json!({"role": "assistant", "content": if content.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(content) }});
@@ -126,7 +130,7 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
         "choices": [{
             "index": 0,
             "message": message,
-            "finish_reason": finish_reason,
+            "finish_reason": sse::answer_finish(finish_reason, !tool_calls.is_empty()),
             "logprobs": if logprobs.is_empty() { Value::Null } else { json!({"content": logprobs}) },
         }],
         "usage": usage,
@@ -171,13 +175,23 @@ async fn completions_inner(
     let req = req.validate(&state.limits)?;
     state.charge(&caller, false)?;
     let stream = req.stream;
+    let include_usage = req.include_usage;
     let model = req.requested_model.clone();
     let mut rx = state.router.chat(req)?;
     if stream {
         return match rx.recv().await {
             Some(Output::Error(e)) => Err(ApiError(e)),
-            None => Err(ApiError(RouterError::AllTiersDown { fallback: vec![] })),
-            Some(first) => Ok(sse::completion_stream(state.keep_alive, model, first, rx)),
+            None => Err(ApiError(RouterError::AllTiersDown {
+                fallback: vec![],
+                retry_after_secs: None,
+            })),
+            Some(first) => Ok(sse::completion_stream(
+                state.keep_alive,
+                model,
+                include_usage,
+                first,
+                rx,
+            )),
         };
     }
     let mut text = String::new();
@@ -211,6 +225,7 @@ async fn completions_inner(
     }
     Err(ApiError(RouterError::AllTiersDown {
         fallback: vec!["answer incomplete".into()],
+        retry_after_secs: None,
     }))
 }
 

@@ -1,5 +1,7 @@
 //! Server-sent events in OpenAI's chunk format: a role chunk, content / reasoning / tool-call deltas, a final
-//! chunk with `finish_reason`, `usage` and `_routing`, then `data: [DONE]`. Keep-alive comments flow while a
+//! chunk with `finish_reason` and `_routing`, when asked (`stream_options.include_usage`) one more chunk with
+//! `"choices": []` and `usage` (the only place usage appears, so a client adding it up counts it once), then
+//! `data: [DONE]`. Keep-alive comments flow while a
 //! cold tier wakes up. A failure after the stream started becomes an `error` event (the status is already
 //! sent), never a silent truncation.
 
@@ -76,6 +78,7 @@ where
                 None => rx.recv().await.unwrap_or_else(|| {
                     Output::Error(jemma_router::RouterError::AllTiersDown {
                         fallback: vec!["stream ended early".into()],
+                        retry_after_secs: None,
                     })
                 }),
             };
@@ -148,8 +151,8 @@ pub fn stream_response(
             routing,
         } => {
             ctx.model = routing.model.clone();
-            let mut c = ctx.chunk(json!({}), Some(finish_reason));
-            c["usage"] = json!(usage);
+            let finish = answer_finish(finish_reason, ctx.tool_index > 0);
+            let mut c = ctx.chunk(json!({}), Some(finish));
             c["_routing"] = json!(routing);
             let mut v = vec![data(&c)];
             if include_usage {
@@ -164,12 +167,25 @@ pub fn stream_response(
     })
 }
 
-/// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason`, `usage` and
-/// `_routing`, then `[DONE]`. Chunks carry `model` (the requested name, as chat chunks do; the final one the
-/// answering tier's model, as in `_routing`).
+/// The finish reason a response states: `tool_calls` if and only if it carries tool calls (a backend that
+/// says `tool_calls` with none parsed answered `stop`; one that returned calls under another reason, such
+/// as an upstream's `stop`, called tools). `length` and `content_filter` stand: a call may have been cut.
+pub fn answer_finish(reason: FinishReason, has_calls: bool) -> FinishReason {
+    match (reason, has_calls) {
+        (FinishReason::ToolCalls, false) => FinishReason::Stop,
+        (FinishReason::Stop, true) => FinishReason::ToolCalls,
+        (r, _) => r,
+    }
+}
+
+/// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason` and `_routing`,
+/// then, when `stream_options.include_usage` asks for it, one chunk with `"choices": []` and `usage` (as
+/// OpenAI sends it: usage nowhere else), then `[DONE]`. Chunks carry `model` (the requested name, as chat
+/// chunks do; the final one the answering tier's model, as in `_routing`).
 pub fn completion_stream(
     keep_alive: Duration,
     model: String,
+    include_usage: bool,
     first: Output,
     rx: mpsc::Receiver<Output>,
 ) -> Response {
@@ -187,9 +203,15 @@ pub fn completion_stream(
             routing,
         } => {
             let mut c = chunk("", Some(finish_reason), &routing.model);
-            c["usage"] = json!(usage);
             c["_routing"] = json!(routing);
-            Step::End(vec![data(&c)])
+            let mut v = vec![data(&c)];
+            if include_usage {
+                let mut u = chunk("", None, &routing.model);
+                u["choices"] = json!([]);
+                u["usage"] = json!(usage);
+                v.push(data(&u));
+            }
+            Step::End(v)
         }
         _ => Step::Skip,
     })

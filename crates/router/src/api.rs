@@ -94,6 +94,9 @@ pub struct ChatCompletionRequest {
     /// `none`, `auto`, `required` or a specific function.
     #[serde(default)]
     pub tool_choice: Option<Value>,
+    /// Whether the model may call several tools in one answer (OpenAI's default: true).
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
     /// `{"type": "json_object"}` etc.
     #[serde(default)]
     pub response_format: Option<Value>,
@@ -126,8 +129,11 @@ pub struct ChatRequest {
     pub messages: Vec<Value>,
     /// Tools.
     pub tools: Option<Vec<Value>>,
-    /// Tool choice.
-    pub tool_choice: Option<Value>,
+    /// Tool choice, checked against `tools` (None: the client did not say, which means `auto`).
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether several tool calls may come in one answer (None: the client did not say; OpenAI's default
+    /// is true).
+    pub parallel_tool_calls: Option<bool>,
     /// Effective max tokens (None: the tier's default).
     pub max_tokens: Option<u32>,
     /// Temperature (None: backend default).
@@ -154,8 +160,8 @@ pub struct ChatRequest {
     pub logprobs: bool,
     /// Alternatives per token.
     pub top_logprobs: u32,
-    /// JSON mode.
-    pub json_mode: bool,
+    /// What the answer must be (`response_format`).
+    pub response_format: ResponseFormat,
     /// Thinking on/off.
     pub enable_thinking: Option<bool>,
     /// Streaming.
@@ -173,6 +179,186 @@ pub struct ChatRequest {
     /// `/v1/completions`: a plain prompt, no chat template (messages then hold it as one user turn for
     /// backends that only speak chat).
     pub raw_prompt: Option<String>,
+}
+
+/// `response_format`, checked.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum ResponseFormat {
+    /// Free text (`{"type": "text"}`, or none given).
+    #[default]
+    Text,
+    /// One JSON object (`{"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against `schema` (`{"type": "json_schema", "json_schema": {"name", "schema", "strict"}}`).
+    JsonSchema {
+        /// `json_schema.name`.
+        name: String,
+        /// `json_schema.schema` (an empty schema, `{}`, when absent: any JSON value).
+        schema: Value,
+        /// `json_schema.strict` (enforced either way here: the schema is a grammar).
+        strict: bool,
+    },
+}
+
+impl ResponseFormat {
+    /// Reads OpenAI's `response_format`. Errors name the field.
+    pub fn parse(v: &Value) -> Result<Self, RouterError> {
+        match v.get("type").and_then(Value::as_str) {
+            Some("text") => Ok(Self::Text),
+            Some("json_object") => Ok(Self::JsonObject),
+            Some("json_schema") => {
+                let js = v
+                    .get("json_schema")
+                    .and_then(Value::as_object)
+                    .ok_or_else(|| {
+                        invalid(
+                            "response_format.json_schema is required for type json_schema",
+                            "response_format.json_schema",
+                        )
+                    })?;
+                let name = js
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        invalid(
+                            "response_format.json_schema.name is required",
+                            "response_format.json_schema.name",
+                        )
+                    })?
+                    .to_string();
+                let schema = js
+                    .get("schema")
+                    .cloned()
+                    .unwrap_or_else(|| Value::Object(Default::default()));
+                if !schema.is_object() {
+                    return Err(invalid(
+                        "response_format.json_schema.schema must be a JSON Schema object",
+                        "response_format.json_schema.schema",
+                    ));
+                }
+                let strict = js.get("strict").and_then(Value::as_bool).unwrap_or(false);
+                Ok(Self::JsonSchema {
+                    name,
+                    schema,
+                    strict,
+                })
+            }
+            _ => Err(invalid(
+                "response_format.type must be text, json_object or json_schema",
+                "response_format",
+            )),
+        }
+    }
+
+    /// Whether the answer is JSON (its text is not parsed for tool calls or thinking).
+    pub fn is_json(&self) -> bool {
+        !matches!(self, Self::Text)
+    }
+
+    /// The OpenAI wire form (for an upstream); None for plain text.
+    pub fn to_value(&self) -> Option<Value> {
+        match self {
+            Self::Text => None,
+            Self::JsonObject => Some(serde_json::json!({"type": "json_object"})),
+            Self::JsonSchema {
+                name,
+                schema,
+                strict,
+            } => Some(serde_json::json!({"type": "json_schema",
+                "json_schema": {"name": name, "schema": schema, "strict": strict}})),
+        }
+    }
+}
+
+impl Serialize for ResponseFormat {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
+}
+
+/// `tool_choice`, checked: OpenAI's four forms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ToolChoice {
+    /// The model must not call a tool.
+    None,
+    /// The model decides.
+    Auto,
+    /// The model must call at least one tool.
+    Required,
+    /// The model must call this function (one of `tools`).
+    Function(String),
+}
+
+impl ToolChoice {
+    /// Reads `tool_choice` and checks it against the request's tools (OpenAI's rules: it needs tools, and a
+    /// named function must be one of them). Errors name the field.
+    pub fn parse(v: &Value, tools: Option<&[Value]>) -> Result<Self, RouterError> {
+        let tools = tools.unwrap_or_default();
+        if tools.is_empty() {
+            return Err(invalid(
+                "tool_choice is only allowed when tools are specified",
+                "tool_choice",
+            ));
+        }
+        match v {
+            Value::String(s) => match s.as_str() {
+                "none" => Ok(Self::None),
+                "auto" => Ok(Self::Auto),
+                "required" => Ok(Self::Required),
+                other => Err(invalid(
+                    format!(
+                        "tool_choice must be none, auto, required or a function, got {other:?}"
+                    ),
+                    "tool_choice",
+                )),
+            },
+            Value::Object(o) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                let name = o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        invalid("tool_choice.function.name is required", "tool_choice")
+                    })?;
+                let offered = tools.iter().any(|t| {
+                    t.get("function")
+                        .and_then(|f| f.get("name"))
+                        .and_then(Value::as_str)
+                        == Some(name)
+                });
+                if !offered {
+                    return Err(invalid(
+                        format!("tool_choice names function {name:?}, which is not in tools"),
+                        "tool_choice.function.name",
+                    ));
+                }
+                Ok(Self::Function(name.to_string()))
+            }
+            _ => Err(invalid(
+                "tool_choice must be \"none\", \"auto\", \"required\" or \
+                 {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                "tool_choice",
+            )),
+        }
+    }
+
+    /// The OpenAI wire form (for an upstream).
+    pub fn to_value(&self) -> Value {
+        match self {
+            Self::None => Value::from("none"),
+            Self::Auto => Value::from("auto"),
+            Self::Required => Value::from("required"),
+            Self::Function(name) => {
+                serde_json::json!({"type": "function", "function": {"name": name}})
+            }
+        }
+    }
+}
+
+impl Serialize for ToolChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.to_value().serialize(s)
+    }
 }
 
 fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
@@ -505,19 +691,23 @@ impl ChatCompletionRequest {
                 }
             }
         }
-        let json_mode = match &self.response_format {
-            None => false,
-            Some(f) => match f.get("type").and_then(Value::as_str) {
-                Some("text") => false,
-                Some("json_object") | Some("json_schema") => true,
-                _ => {
-                    return Err(invalid(
-                        "response_format.type must be text, json_object or json_schema",
-                        "response_format",
-                    ));
-                }
-            },
-        };
+        let tool_choice = self
+            .tool_choice
+            .as_ref()
+            .map(|v| ToolChoice::parse(v, self.tools.as_deref()))
+            .transpose()?;
+        if self.parallel_tool_calls.is_some() && self.tools.as_ref().is_none_or(|t| t.is_empty()) {
+            return Err(invalid(
+                "parallel_tool_calls is only allowed when tools are specified",
+                "parallel_tool_calls",
+            ));
+        }
+        let response_format = self
+            .response_format
+            .as_ref()
+            .map(ResponseFormat::parse)
+            .transpose()?
+            .unwrap_or_default();
         let enable_thinking = self.enable_thinking.or_else(|| {
             self.chat_template_kwargs
                 .as_ref()
@@ -529,7 +719,8 @@ impl ChatCompletionRequest {
             requested_model: self.model.unwrap_or_else(|| "auto".into()),
             messages,
             tools: self.tools.filter(|t| !t.is_empty()),
-            tool_choice: self.tool_choice,
+            tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
             max_tokens,
             temperature: self.temperature,
             top_p: self.top_p,
@@ -543,7 +734,7 @@ impl ChatCompletionRequest {
             logit_bias,
             logprobs: self.logprobs.unwrap_or(false),
             top_logprobs,
-            json_mode,
+            response_format,
             enable_thinking,
             stream: self.stream,
             include_usage: self
@@ -664,6 +855,9 @@ pub struct CompletionRequest {
     /// Stream as SSE.
     #[serde(default)]
     pub stream: bool,
+    /// Streaming options (`include_usage`: a last chunk with `usage`).
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
     /// Number of completions (only 1).
     #[serde(default)]
     pub n: Option<u32>,
@@ -700,6 +894,7 @@ impl CompletionRequest {
             presence_penalty: self.presence_penalty,
             frequency_penalty: self.frequency_penalty,
             stream: self.stream,
+            stream_options: self.stream_options,
             n: self.n,
             ..Default::default()
         };

@@ -70,6 +70,8 @@ pub enum BackendError {
         status: u16,
         /// Its message.
         message: String,
+        /// Its `Retry-After` in seconds (the delay form; an HTTP date is not read), if it sent one.
+        retry_after_secs: Option<u64>,
     },
     /// The answer broke off mid-way.
     #[error("stream broken: {0}")]
@@ -457,6 +459,7 @@ impl OpenAiBackend {
         put("repetition_penalty", json!(req.repetition_penalty));
         put("tools", json!(req.tools));
         put("tool_choice", json!(req.tool_choice));
+        put("parallel_tool_calls", json!(req.parallel_tool_calls));
         if !req.stop.is_empty() {
             put("stop", json!(req.stop));
         }
@@ -475,8 +478,8 @@ impl OpenAiBackend {
                 ),
             );
         }
-        if req.json_mode {
-            put("response_format", json!({"type": "json_object"}));
+        if let Some(f) = req.response_format.to_value() {
+            put("response_format", f);
         }
         if let Some(t) = req.enable_thinking {
             put("chat_template_kwargs", json!({"enable_thinking": t}));
@@ -555,6 +558,11 @@ impl Backend for OpenAiBackend {
         })?;
         let status = resp.status();
         if !status.is_success() {
+            let retry_after_secs = resp
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok());
             let text = resp.text().await.unwrap_or_default();
             let message = serde_json::from_str::<Value>(&text)
                 .ok()
@@ -570,7 +578,11 @@ impl Backend for OpenAiBackend {
                 401 | 403 => BackendError::Unavailable(format!(
                     "upstream rejected the key ({status}): {message}"
                 )),
-                s => BackendError::Upstream { status: s, message },
+                s => BackendError::Upstream {
+                    status: s,
+                    message,
+                    retry_after_secs,
+                },
             };
             self.note(BackendState::Error, Some(err.to_string()));
             return Err(err);
@@ -640,6 +652,7 @@ impl Backend for OpenAiBackend {
                                     .and_then(Value::as_str)
                                     .unwrap_or("error")
                                     .to_string(),
+                                retry_after_secs: None,
                             }))
                             .await;
                         return;

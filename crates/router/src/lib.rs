@@ -55,6 +55,9 @@ pub enum RouterError {
     AllTiersDown {
         /// What was tried.
         fallback: Vec<String>,
+        /// When a tier may serve again, where one said (the shortest remaining breaker cooldown, or an
+        /// upstream's own `Retry-After`), rounded up to whole seconds: the HTTP `Retry-After`.
+        retry_after_secs: Option<u64>,
     },
     /// The upstream did not answer in time (HTTP 504).
     #[error("upstream timed out: {0}")]

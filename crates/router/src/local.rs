@@ -34,12 +34,45 @@ pub struct Job {
     pub stop: Vec<String>,
     /// Split thinking and tool calls out of the text.
     pub parse_output: bool,
-    /// Constrain the output to JSON.
-    pub json_mode: bool,
+    /// What the answer must be (JSON, a schema, forced tool calls), enforced token by token.
+    pub constraint: Option<jemma_constrain::Constraint>,
+    /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when not, the answer ends
+    /// after its first call.
+    pub parallel_tool_calls: bool,
     /// Report each token's log-probability.
     pub logprobs: bool,
     /// With `logprobs`, this many alternatives per token.
     pub top_logprobs: usize,
+}
+
+/// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
+/// named function: calls to the offered functions, or to that one, with schema-valid arguments), else the
+/// `response_format`'s JSON; None for free text. With `tool_choice` "none" the tools are not shown at all.
+pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
+    use crate::api::{ResponseFormat, ToolChoice};
+    use jemma_constrain::{Constraint, ToolSpec};
+    let tools = req.tools.as_deref().unwrap_or_default();
+    let parallel = req.parallel_tool_calls.unwrap_or(true);
+    match &req.tool_choice {
+        Some(ToolChoice::Required) => {
+            return Some(Constraint::ToolCalls {
+                tools: ToolSpec::from_openai(tools, |_| true),
+                parallel,
+            });
+        }
+        Some(ToolChoice::Function(name)) => {
+            return Some(Constraint::ToolCalls {
+                tools: ToolSpec::from_openai(tools, |n| n == name),
+                parallel,
+            });
+        }
+        _ => {}
+    }
+    match &req.response_format {
+        ResponseFormat::Text => None,
+        ResponseFormat::JsonObject => Some(Constraint::JsonObject),
+        ResponseFormat::JsonSchema { schema, .. } => Some(Constraint::JsonSchema(schema.clone())),
+    }
 }
 
 /// An engine on the serving core, as [`EngineBackend`] drives it.
@@ -106,7 +139,11 @@ impl<E: InProcess> Backend for EngineBackend<E> {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
             None => Prompt::Chat {
                 messages: with_continuation(&req.messages, continuation),
-                tools: req.tools.clone(),
+                // tool_choice "none": the model is not shown the tools, so it has nothing to call.
+                tools: req
+                    .tools
+                    .clone()
+                    .filter(|_| req.tool_choice != Some(crate::api::ToolChoice::None)),
                 enable_thinking: req.enable_thinking,
             },
         };
@@ -115,8 +152,9 @@ impl<E: InProcess> Backend for EngineBackend<E> {
             sampling: sampling_of(req),
             max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
             stop: req.stop.clone(),
-            parse_output: req.raw_prompt.is_none() && !req.json_mode,
-            json_mode: req.json_mode,
+            parse_output: req.raw_prompt.is_none() && !req.response_format.is_json(),
+            constraint: constraint_of(req),
+            parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,
         };
@@ -172,7 +210,8 @@ impl InProcess for Mlx {
             },
             stop: job.stop,
             parse_output: job.parse_output,
-            json_mode: job.json_mode,
+            constraint: job.constraint,
+            parallel_tool_calls: job.parallel_tool_calls,
         })
     }
 
@@ -223,7 +262,8 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
                 max_tokens: job.max_tokens,
                 stop: job.stop,
                 parse_output: job.parse_output,
-                json_mode: job.json_mode,
+                constraint: job.constraint,
+                parallel_tool_calls: job.parallel_tool_calls,
                 ignore_eos: false,
                 logprobs: job.logprobs,
                 top_logprobs: job.top_logprobs,

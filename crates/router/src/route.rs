@@ -211,6 +211,7 @@ impl TierRouter {
             },
             other => RouterError::AllTiersDown {
                 fallback: vec![format!("{tier}: {other}")],
+                retry_after_secs: None,
             },
         })?;
         // A new model starts with a clean record.
@@ -288,6 +289,7 @@ impl TierRouter {
             messages: vec![json!({"role": "user", "content": "ping"})],
             tools: None,
             tool_choice: None,
+            parallel_tool_calls: None,
             max_tokens: Some(1),
             temperature: Some(0.0),
             top_p: None,
@@ -301,7 +303,7 @@ impl TierRouter {
             logit_bias: vec![],
             logprobs: false,
             top_logprobs: 0,
-            json_mode: false,
+            response_format: Default::default(),
             enable_thinking: Some(false),
             stream: true,
             include_usage: false,
@@ -416,6 +418,10 @@ impl TierRouter {
         let mut ttft: Option<u64> = None;
         let mut busy_only = true;
         let mut last_err: Option<BackendError> = None;
+        // The soonest any tried tier said it may serve again (an open breaker's cooldown, an upstream's
+        // Retry-After): what a 503 tells the client.
+        let mut retry_after: Option<u64> = None;
+        let mut soonest = |secs: u64| retry_after = Some(retry_after.map_or(secs, |r| r.min(secs)));
         for (i, tier) in chain.iter().enumerate() {
             let slot = &self.tiers[tier];
             let next = chain.get(i + 1).map(|t| t.as_str()).unwrap_or("none");
@@ -430,8 +436,9 @@ impl TierRouter {
             };
             let permit = match slot.breaker.try_acquire() {
                 Ok(p) => p,
-                Err(_) => {
+                Err(rejected) => {
                     busy_only = false;
+                    soonest(rejected.retry_after_secs_ceil());
                     fallback.push(hop("breaker open"));
                     continue;
                 }
@@ -482,6 +489,13 @@ impl TierRouter {
                     }
                     metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
                         .increment(1);
+                    if let BackendError::Upstream {
+                        retry_after_secs: Some(secs),
+                        ..
+                    } = &e
+                    {
+                        soonest(*secs);
+                    }
                     fallback.push(hop(&e.to_string()));
                     last_err = Some(e);
                     continue;
@@ -652,7 +666,10 @@ impl TierRouter {
         } else {
             match last_err {
                 Some(BackendError::Timeout(m)) if chain.len() == 1 => RouterError::Timeout(m),
-                _ => RouterError::AllTiersDown { fallback },
+                _ => RouterError::AllTiersDown {
+                    fallback,
+                    retry_after_secs: retry_after,
+                },
             }
         };
         let _ = tx.send(Output::Error(err)).await;

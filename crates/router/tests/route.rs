@@ -22,6 +22,8 @@ enum Script {
     Answer(Vec<&'static str>),
     /// Fail before any token.
     Fail,
+    /// Fail before any token with a 503 that says when to come back (an upstream's `Retry-After`).
+    FailRetryAfter(u64),
     /// Emit these pieces, then break.
     BreakAfter(Vec<&'static str>),
     /// Never answer.
@@ -74,6 +76,14 @@ impl Backend for Scripted {
             return Err(BackendError::Upstream {
                 status: 500,
                 message: "boom".into(),
+                retry_after_secs: None,
+            });
+        }
+        if let Script::FailRetryAfter(secs) = script {
+            return Err(BackendError::Upstream {
+                status: 503,
+                message: "overloaded".into(),
+                retry_after_secs: Some(secs),
             });
         }
         let (tx, rx) = mpsc::channel(8);
@@ -116,7 +126,7 @@ impl Backend for Scripted {
                     tx.closed().await;
                     cancelled.fetch_add(1, Ordering::SeqCst);
                 }
-                Script::Fail => unreachable!(),
+                Script::Fail | Script::FailRetryAfter(_) => unreachable!(),
             }
         });
         Ok(rx)
@@ -306,7 +316,7 @@ async fn disabled_tier_is_skipped_and_everything_down_is_503() {
     let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
     assert_eq!(heavy.calls.load(Ordering::SeqCst), 0);
     match a.error {
-        Some(RouterError::AllTiersDown { fallback }) => {
+        Some(RouterError::AllTiersDown { fallback, .. }) => {
             assert_eq!(fallback.len(), 3, "{fallback:?}");
             assert!(fallback[0].contains("disabled"));
         }
@@ -459,4 +469,46 @@ async fn run_slots_follow_what_the_backend_runs_at_once() {
     assert_eq!(fast.calls.load(Ordering::SeqCst), 3);
     assert_eq!(r.status()[0].in_flight, 3);
     drop((rxs, more));
+}
+
+/// A 503 tells the client when to come back: the soonest any tried tier may serve again, from an open
+/// breaker's remaining cooldown (rounded up to whole seconds) or an upstream's own Retry-After; nothing
+/// when no tier said.
+#[tokio::test]
+async fn everything_down_says_when_a_tier_may_serve_again() {
+    let retry = |a: Answer| match a.error {
+        Some(RouterError::AllTiersDown {
+            retry_after_secs, ..
+        }) => retry_after_secs,
+        other => panic!("expected AllTiersDown, got {other:?}"),
+    };
+    let heavy = Scripted::new("26b", Script::FailRetryAfter(7));
+    let primary = Scripted::new("e4b", Script::Fail);
+    let mut slow = settings(1000);
+    slow.breaker.cooldown_secs = 30.0;
+    let r = router(vec![
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), slow),
+    ]);
+    // The upstream's Retry-After; the plain 500 says nothing.
+    assert_eq!(
+        retry(collect(r.chat(request("heavy", "x")).unwrap()).await),
+        Some(7)
+    );
+    assert_eq!(
+        retry(collect(r.chat(request("primary", "x")).unwrap()).await),
+        None
+    );
+    // Three failures open each breaker (heavy's requests fall back to primary, so both open): heavy's
+    // 0.3 s cooldown is then the soonest, rounded up to 1 s.
+    for _ in 0..2 {
+        collect(r.chat(request("heavy", "x")).unwrap()).await;
+    }
+    assert_eq!(
+        retry(collect(r.chat(request("heavy", "x")).unwrap()).await),
+        Some(1)
+    );
+    // Only primary's 30 s breaker on the chain.
+    let s = retry(collect(r.chat(request("primary", "x")).unwrap()).await);
+    assert!(matches!(s, Some(29 | 30)), "{s:?}");
 }

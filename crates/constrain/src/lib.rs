@@ -1,0 +1,608 @@
+//! Constrained decoding: what a request's `response_format` or `tool_choice` promises, enforced token by token
+//! on both engines with [llguidance](https://github.com/guidance-ai/llguidance) (the engine behind llama.cpp's
+//! JSON-schema support, mistral.rs and LM Studio's structured output).
+//!
+//! An engine builds one [`Vocabulary`] per model (the token trie of its `tokenizer.json`, ~0.1 s for Gemma's
+//! 262,144 tokens), then one [`TokenMatcher`] per constrained request. Each decode step it asks the matcher
+//! which tokens may come next ([`TokenMatcher::allowed`]), masks the others out of the logits before
+//! sampling, and tells the matcher which token was sampled ([`TokenMatcher::commit`]). Once the grammar is
+//! complete only the model's end-of-sequence tokens are allowed, so the answer ends there.
+//!
+//! Three constraints ([`Constraint`]):
+//! - `response_format: {"type": "json_object"}`: one JSON object;
+//! - `response_format: {"type": "json_schema"}`: JSON valid against the schema (llguidance's JSON Schema
+//!   compiler; a keyword it does not support is a client error naming it);
+//! - `tool_choice: "required"` or a named function: Gemma 4 tool calls in the model's own format
+//!   (`<|tool_call>call:NAME{key:value,…}<tool_call|>`, strings between `<|"|>` tokens), only to the
+//!   allowed functions, with arguments that satisfy each function's `parameters` schema (the subset of JSON
+//!   Schema that OpenAI's function calling documents; other keywords are refused by name).
+//!
+//! JSON is generated compactly with OpenAI's separators (`", "`, `": "`), no free whitespace: a weak model
+//! cannot pad its answer with blank lines until `max_tokens`.
+
+#![deny(missing_docs)]
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use llguidance::api::TopLevelGrammar;
+use llguidance::toktrie::{ApproximateTokEnv, SimpleVob, TokEnv, TokRxInfo, TokTrie};
+use llguidance::{Matcher, ParserFactory};
+use serde_json::{Value, json};
+
+/// What an answer must be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Constraint {
+    /// One JSON object (`response_format: {"type": "json_object"}`).
+    JsonObject,
+    /// JSON valid against this schema (`response_format.json_schema.schema`).
+    JsonSchema(Value),
+    /// One or more Gemma 4 tool calls, each to one of `tools` with arguments valid against its parameters,
+    /// and nothing else (`tool_choice: "required"`, or a named function with `tools` holding just it). At
+    /// most one call when `parallel` is false (`parallel_tool_calls: false`).
+    ToolCalls {
+        /// The functions that may be called.
+        tools: Vec<ToolSpec>,
+        /// Whether several calls may follow one another.
+        parallel: bool,
+    },
+}
+
+/// A function a [`Constraint::ToolCalls`] answer may call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolSpec {
+    /// `function.name`.
+    pub name: String,
+    /// `function.parameters`: a JSON Schema object (`Value::Null` when the tool takes none).
+    pub parameters: Value,
+}
+
+impl ToolSpec {
+    /// The tool specs of OpenAI `tools` entries (`{"type": "function", "function": {"name", "parameters"}}`),
+    /// keeping those whose name passes `keep`.
+    pub fn from_openai(tools: &[Value], keep: impl Fn(&str) -> bool) -> Vec<ToolSpec> {
+        tools
+            .iter()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                let name = f.get("name")?.as_str()?;
+                keep(name).then(|| ToolSpec {
+                    name: name.to_string(),
+                    parameters: f.get("parameters").cloned().unwrap_or(Value::Null),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Why a constraint could not be built or followed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConstrainError {
+    /// The request's schema or tools cannot be enforced (a client error, HTTP 400): the message names the
+    /// field and the keyword.
+    #[error("{0}")]
+    Invalid(String),
+    /// The tokenizer could not be read, or the matcher failed part-way through an answer (an engine fault).
+    #[error("constrained decoding: {0}")]
+    Engine(String),
+}
+
+/// A model's vocabulary as llguidance sees it: every token's bytes (special tokens marked so that no text
+/// can spell them) in a trie, and the end-of-sequence tokens a complete grammar allows.
+pub struct Vocabulary {
+    factory: Arc<ParserFactory>,
+}
+
+impl std::fmt::Debug for Vocabulary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vocabulary")
+            .field("tokens", &self.factory.tok_env().tok_trie().vocab_size())
+            .finish()
+    }
+}
+
+impl Vocabulary {
+    /// From a Hugging Face `tokenizer.json` (parsed), the model's vocabulary size (its embedding rows: ids past
+    /// the tokenizer's are padding and never allowed; tokenizer ids past it can never be sampled and are
+    /// dropped) and its end-of-sequence token ids (at least one).
+    ///
+    /// Errors: [`ConstrainError::Engine`] for a tokenizer llguidance cannot read or no end-of-sequence id.
+    pub fn from_tokenizer_json(
+        tokenizer: &Value,
+        vocab_size: usize,
+        eos: &[u32],
+    ) -> Result<Self, ConstrainError> {
+        let tokens = llguidance::token_bytes_from_tokenizer_json(tokenizer)
+            .map_err(|e| ConstrainError::Engine(format!("reading tokenizer.json: {e}")))?;
+        Self::build(tokens, vocab_size, eos)
+    }
+
+    /// From each token's bytes and whether it is a special (control) token, by id (a GGUF vocabulary, read
+    /// through llama.cpp), and the end-of-sequence ids.
+    ///
+    /// Errors: [`ConstrainError::Engine`] when there is no end-of-sequence id.
+    pub fn from_tokens(
+        tokens: impl IntoIterator<Item = (Vec<u8>, bool)>,
+        eos: &[u32],
+    ) -> Result<Self, ConstrainError> {
+        let tokens: Vec<Vec<u8>> = tokens
+            .into_iter()
+            .map(|(mut bytes, special)| {
+                if special {
+                    bytes.insert(0, TokTrie::SPECIAL_TOKEN_MARKER);
+                }
+                bytes
+            })
+            .collect();
+        let n = tokens.len();
+        Self::build(tokens, n, eos)
+    }
+
+    fn build(
+        mut tokens: Vec<Vec<u8>>,
+        vocab_size: usize,
+        eos: &[u32],
+    ) -> Result<Self, ConstrainError> {
+        let engine = |e: String| ConstrainError::Engine(e);
+        tokens.resize(vocab_size, vec![]);
+        let eos: Vec<u32> = eos
+            .iter()
+            .copied()
+            .filter(|&t| (t as usize) < vocab_size)
+            .collect();
+        let first = *eos
+            .first()
+            .ok_or_else(|| engine("the model has no end-of-sequence token".into()))?;
+        let trie =
+            TokTrie::from(&TokRxInfo::new(vocab_size as u32, first), &tokens).with_eos_tokens(&eos);
+        let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
+        let mut factory = ParserFactory::new_simple(&env).map_err(|e| engine(e.to_string()))?;
+        factory.quiet();
+        Ok(Self {
+            factory: Arc::new(factory),
+        })
+    }
+
+    /// Compiles `constraint` for one answer.
+    ///
+    /// Errors: [`ConstrainError::Invalid`] when the schema or tools cannot be enforced (an unsupported
+    /// keyword, an unsatisfiable schema), naming what.
+    pub fn matcher(&self, constraint: &Constraint) -> Result<TokenMatcher, ConstrainError> {
+        let grammar = match constraint {
+            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact(json!({
+                "type": "object"
+            }))),
+            Constraint::JsonSchema(schema) => {
+                if !schema.is_object() && !schema.is_boolean() {
+                    return Err(ConstrainError::Invalid(
+                        "response_format.json_schema.schema must be a JSON Schema object".into(),
+                    ));
+                }
+                TopLevelGrammar::from_json_schema(compact(schema.clone()))
+            }
+            Constraint::ToolCalls { tools, parallel } => {
+                TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
+            }
+        };
+        let what = match constraint {
+            Constraint::ToolCalls { .. } => "tools",
+            _ => "response_format.json_schema",
+        };
+        let parser = self
+            .factory
+            .create_parser(grammar)
+            .map_err(|e| ConstrainError::Invalid(format!("{what}: {e}")))?;
+        let matcher = Matcher::new(Ok(parser));
+        if let Some(e) = matcher.get_error() {
+            return Err(ConstrainError::Invalid(format!("{what}: {e}")));
+        }
+        Ok(TokenMatcher { matcher })
+    }
+}
+
+/// The schema with llguidance's JSON layout options: OpenAI's separators, no free whitespace.
+fn compact(schema: Value) -> Value {
+    match schema {
+        Value::Object(mut o) => {
+            o.insert(
+                "x-guidance".into(),
+                json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+            );
+            Value::Object(o)
+        }
+        other => other,
+    }
+}
+
+/// One answer's place in its grammar.
+pub struct TokenMatcher {
+    matcher: Matcher,
+}
+
+impl std::fmt::Debug for TokenMatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenMatcher")
+            .field("stopped", &self.matcher.is_stopped())
+            .finish()
+    }
+}
+
+impl TokenMatcher {
+    /// The tokens allowed next: what continues the grammar, and the end-of-sequence tokens where it may
+    /// end (only those once it is complete).
+    ///
+    /// Errors: [`ConstrainError::Engine`] when the matcher has failed.
+    pub fn allowed(&mut self) -> Result<Allowed, ConstrainError> {
+        self.matcher
+            .compute_mask_or_eos()
+            .map(Allowed)
+            .map_err(|e| ConstrainError::Engine(e.to_string()))
+    }
+
+    /// Advances past the sampled `token` (which [`TokenMatcher::allowed`] allowed).
+    ///
+    /// Errors: [`ConstrainError::Engine`] for a token the grammar does not allow.
+    pub fn commit(&mut self, token: u32) -> Result<(), ConstrainError> {
+        self.matcher
+            .consume_token(token)
+            .map_err(|e| ConstrainError::Engine(e.to_string()))
+    }
+
+    /// Whether what was committed so far is a complete answer.
+    pub fn is_complete(&mut self) -> bool {
+        self.matcher.is_accepting().unwrap_or(false)
+    }
+}
+
+/// A set of allowed token ids.
+#[derive(Debug, Clone)]
+pub struct Allowed(SimpleVob);
+
+impl Allowed {
+    /// Whether `token` is allowed.
+    pub fn contains(&self, token: u32) -> bool {
+        (token as usize) < self.0.len() && self.0.is_allowed(token)
+    }
+
+    /// How many tokens are allowed.
+    pub fn count(&self) -> usize {
+        self.0.num_set()
+    }
+
+    /// An additive logit mask of `len` entries: 0 for an allowed token, -inf for the others.
+    pub fn additive(&self, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|t| {
+                if self.contains(t as u32) {
+                    0.0
+                } else {
+                    f32::NEG_INFINITY
+                }
+            })
+            .collect()
+    }
+
+    /// Sets every disallowed token's logit to -inf, in place.
+    pub fn apply(&self, logits: &mut [f32]) {
+        for (t, l) in logits.iter_mut().enumerate() {
+            if !self.contains(t as u32) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+    }
+}
+
+/// JSON Schema keywords a tool's `parameters` may use in a forced call: the structure OpenAI's function
+/// calling documents. Annotations are accepted and have no effect on the grammar.
+const TOOL_KEYWORDS: &[&str] = &[
+    "type",
+    "properties",
+    "required",
+    "additionalProperties",
+    "items",
+    "enum",
+    "const",
+    "description",
+    "title",
+    "default",
+    "examples",
+    "minLength",
+    "maxLength",
+    "$schema",
+    "$comment",
+];
+
+/// A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `tools`.
+///
+/// The format is the one Gemma 4's chat template renders and its output parser reads (`jemma-chat`'s
+/// `tools`): `<|tool_call>call:NAME{key:value,…}<tool_call|>`, keys bare, strings between `<|"|>` special
+/// tokens, numbers, `true`, `false` and `null` bare, objects `{…}` and arrays `[…]` with `,` and no spaces.
+/// Object properties come in the schema's order; required ones always, others optionally.
+///
+/// Errors: [`ConstrainError::Invalid`] naming a tool whose parameters use a keyword outside
+/// [`TOOL_KEYWORDS`] or have a shape that is not a schema; no tools at all.
+pub fn tool_call_grammar(tools: &[ToolSpec], parallel: bool) -> Result<String, ConstrainError> {
+    if tools.is_empty() {
+        return Err(ConstrainError::Invalid(
+            "tool_choice: no tool to call".into(),
+        ));
+    }
+    let mut g = Lark::default();
+    let mut calls = vec![];
+    for (i, t) in tools.iter().enumerate() {
+        let path = format!("tools[{i}].function.parameters");
+        let args = match &t.parameters {
+            Value::Null => "\"{}\"".to_string(),
+            p => {
+                if p.get("type").is_some_and(|ty| ty != "object") {
+                    return Err(ConstrainError::Invalid(format!(
+                        "{path}: a function's parameters must be an object schema"
+                    )));
+                }
+                g.value(p, &path)?
+            }
+        };
+        calls.push(format!("{} {args}", lit(&t.name)));
+    }
+    let mut out = String::new();
+    let _ = writeln!(out, "start: {}", if parallel { "call+" } else { "call" });
+    let _ = writeln!(
+        out,
+        "call: <|tool_call> \"call:\" ({}) <tool_call|>",
+        calls.join(" | ")
+    );
+    out.push_str(ANY_VALUE);
+    for r in &g.rules {
+        let _ = writeln!(out, "{r}");
+    }
+    Ok(out)
+}
+
+/// Any Gemma value (for schemas that do not say), and the terminals.
+const ANY_VALUE: &str = r#"gv: gstr | NUMBER | "true" | "false" | "null" | gobj | garr
+gstr: <|"|> GTEXT? <|"|>
+gobj: "{" (gkv ("," gkv)*)? "}"
+gkv: GKEY ":" gv
+garr: "[" (gv ("," gv)*)? "]"
+GTEXT: /(.|\n)+/
+GKEY: /[A-Za-z_][A-Za-z0-9_\-]*/
+NUMBER: /-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][+-]?[0-9]+)?/
+INTEGER: /-?(0|[1-9][0-9]*)/
+"#;
+
+/// A Lark string literal for `s`.
+fn lit(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
+}
+
+/// A value literal rendered as Gemma writes it.
+fn gemma_literal(v: &Value, path: &str) -> Result<String, ConstrainError> {
+    Ok(match v {
+        Value::String(s) => format!("<|\"|> {} <|\"|>", lit(s)),
+        Value::Number(_) | Value::Bool(_) | Value::Null => lit(&v.to_string()),
+        _ => {
+            return Err(ConstrainError::Invalid(format!(
+                "{path}: only scalar enum and const values are supported in tool parameters"
+            )));
+        }
+    })
+}
+
+#[derive(Default)]
+struct Lark {
+    rules: Vec<String>,
+}
+
+impl Lark {
+    fn rule(&mut self, body: String) -> String {
+        let name = format!("r{}", self.rules.len());
+        self.rules.push(format!("{name}: {body}"));
+        name
+    }
+
+    /// An expression for a value valid against `schema`.
+    fn value(&mut self, schema: &Value, path: &str) -> Result<String, ConstrainError> {
+        let o = match schema {
+            Value::Bool(true) => return Ok("gv".into()),
+            Value::Object(o) => o,
+            _ => {
+                return Err(ConstrainError::Invalid(format!(
+                    "{path}: not a JSON Schema object"
+                )));
+            }
+        };
+        if let Some(k) = o.keys().find(|k| !TOOL_KEYWORDS.contains(&k.as_str())) {
+            return Err(ConstrainError::Invalid(format!(
+                "{path}: JSON Schema keyword {k:?} is not supported in a forced tool call"
+            )));
+        }
+        if let Some(c) = o.get("const") {
+            return gemma_literal(c, &format!("{path}.const"));
+        }
+        if let Some(e) = o.get("enum") {
+            let vals = e.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+                ConstrainError::Invalid(format!("{path}.enum: must be a non-empty array"))
+            })?;
+            let alts = vals
+                .iter()
+                .map(|v| gemma_literal(v, &format!("{path}.enum")))
+                .collect::<Result<Vec<_>, _>>()?;
+            return Ok(format!("({})", alts.join(" | ")));
+        }
+        let types: Vec<&str> = match o.get("type") {
+            None => {
+                // No type: what the other keywords describe, else anything.
+                if o.contains_key("properties") {
+                    vec!["object"]
+                } else if o.contains_key("items") {
+                    vec!["array"]
+                } else {
+                    return Ok("gv".into());
+                }
+            }
+            Some(Value::String(t)) => vec![t.as_str()],
+            Some(Value::Array(ts)) => ts.iter().filter_map(Value::as_str).collect(),
+            Some(_) => vec![],
+        };
+        if types.is_empty() {
+            return Err(ConstrainError::Invalid(format!(
+                "{path}.type: must be a type name or a list of them"
+            )));
+        }
+        let mut alts = vec![];
+        for t in types {
+            alts.push(match t {
+                "string" => self.string(o, path)?,
+                "number" => "NUMBER".to_string(),
+                "integer" => "INTEGER".to_string(),
+                "boolean" => "(\"true\" | \"false\")".to_string(),
+                "null" => "\"null\"".to_string(),
+                "array" => {
+                    let item = match o.get("items") {
+                        None => "gv".to_string(),
+                        Some(i) => self.value(i, &format!("{path}.items"))?,
+                    };
+                    self.rule(format!("\"[\" ({item} (\",\" {item})*)? \"]\""))
+                }
+                "object" => self.object(o, path)?,
+                other => {
+                    return Err(ConstrainError::Invalid(format!(
+                        "{path}.type: unknown type {other:?}"
+                    )));
+                }
+            });
+        }
+        Ok(if alts.len() == 1 {
+            alts.remove(0)
+        } else {
+            format!("({})", alts.join(" | "))
+        })
+    }
+
+    /// A Gemma string, its length (in characters) within `minLength` and `maxLength` when given.
+    fn string(
+        &mut self,
+        o: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<String, ConstrainError> {
+        let bound = |k: &str| -> Result<Option<u64>, ConstrainError> {
+            o.get(k)
+                .map(|v| {
+                    v.as_u64().ok_or_else(|| {
+                        ConstrainError::Invalid(format!("{path}.{k}: must be a whole number"))
+                    })
+                })
+                .transpose()
+        };
+        let (min, max) = (bound("minLength")?.unwrap_or(0), bound("maxLength")?);
+        if min == 0 && max.is_none() {
+            return Ok("gstr".into());
+        }
+        if max.is_some_and(|m| m < min) {
+            return Err(ConstrainError::Invalid(format!(
+                "{path}: maxLength is below minLength"
+            )));
+        }
+        let max = max.map_or(String::new(), |m| m.to_string());
+        // A lexeme may not match the empty string: an optional one covers length 0.
+        let text = if min == 0 {
+            format!("/(.|\\n){{1,{max}}}/?")
+        } else {
+            format!("/(.|\\n){{{min},{max}}}/")
+        };
+        Ok(self.rule(format!("<|\"|> {text} <|\"|>")))
+    }
+
+    /// An object with the schema's properties in order: required ones always, the others optionally.
+    fn object(
+        &mut self,
+        o: &serde_json::Map<String, Value>,
+        path: &str,
+    ) -> Result<String, ConstrainError> {
+        let props = match o.get("properties") {
+            None => {
+                return Ok(
+                    if o.get("additionalProperties") == Some(&Value::Bool(false)) {
+                        "\"{}\"".into()
+                    } else {
+                        "gobj".into()
+                    },
+                );
+            }
+            Some(Value::Object(p)) => p,
+            Some(_) => {
+                return Err(ConstrainError::Invalid(format!(
+                    "{path}.properties: must be an object"
+                )));
+            }
+        };
+        let required: Vec<&str> = o
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if let Some(missing) = required.iter().find(|r| !props.contains_key(**r)) {
+            return Err(ConstrainError::Invalid(format!(
+                "{path}.required: {missing:?} is not among the properties"
+            )));
+        }
+        let mut pairs = vec![];
+        for (k, s) in props {
+            let v = self.value(s, &format!("{path}.properties.{k}"))?;
+            pairs.push((
+                format!("{} {v}", lit(&format!("{k}:"))),
+                required.contains(&k.as_str()),
+            ));
+        }
+        // first(i): properties i.. when none has been written yet; rest(i): when one has (each written one
+        // then starts with ","). Built from the end.
+        let n = pairs.len();
+        let (mut first, mut rest) = (String::new(), String::new());
+        for i in (0..n).rev() {
+            let (kv, req) = &pairs[i];
+            let (f, r) = (first.clone(), rest.clone());
+            rest = if *req {
+                self.rule(format!("\",\" {kv} {r}"))
+            } else {
+                self.rule(format!("(\",\" {kv})? {r}"))
+            };
+            first = if *req {
+                self.rule(format!("{kv} {r}"))
+            } else if f.is_empty() {
+                self.rule(format!("({kv} {r})?"))
+            } else {
+                self.rule(format!("{kv} {r} | {f}"))
+            };
+            // `r` and `f` were the empty expression for the last property.
+            let _ = i;
+        }
+        Ok(self.rule(format!("\"{{\" {first} \"}}\"")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tool_grammar_keeps_the_schema_order_and_refuses_unknown_keywords() {
+        let tools = vec![ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string"}, "days": {"type": "integer"},
+                "unit": {"enum": ["c", "f"]}}, "required": ["city"]}),
+        }];
+        let g = tool_call_grammar(&tools, false).unwrap();
+        assert!(g.contains("start: call\n"), "{g}");
+        assert!(g.contains("\"get_weather\""), "{g}");
+        let bad = vec![ToolSpec {
+            name: "f".into(),
+            parameters: json!({"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}),
+        }];
+        let e = tool_call_grammar(&bad, true).unwrap_err().to_string();
+        assert!(
+            e.contains("\"pattern\"") && e.contains("properties.x"),
+            "{e}"
+        );
+    }
+}
