@@ -1,5 +1,5 @@
-//! The OpenAI Python SDK against the gateway: local tiers on the MLX engine, the heavy tier through a second
-//! `jemma serve` upstream.
+//! The OpenAI and Anthropic Python SDKs against the gateway: local tiers on the MLX engine, the heavy tier
+//! through a second `jemma serve` upstream.
 
 use std::process::Command;
 
@@ -34,6 +34,17 @@ first_token_timeout_secs = 60
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "OpenAI SDK checks failed");
+    assert!(stdout.contains(" passed, 0 failed"));
+    // The same tiers through Anthropic's Messages API, with Anthropic's own SDK.
+    let out = crate::support::output_within(
+        Command::new(python())
+            .arg(root().join("tests/e2e/anthropic_sdk.py"))
+            .arg(&gw.url),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "Anthropic SDK checks failed");
     assert!(stdout.contains(" passed, 0 failed"));
 }
 

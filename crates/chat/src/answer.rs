@@ -91,6 +91,11 @@ impl Answer {
         self.tool_calls
     }
 
+    /// The stop string that ended the answer, if one did.
+    pub fn stop_sequence(&self) -> Option<&str> {
+        self.stops.matched()
+    }
+
     fn parse(&mut self, text: &str) -> Vec<Event> {
         if text.is_empty() {
             return vec![];

@@ -7,6 +7,7 @@
 pub struct StopMatcher {
     stops: Vec<String>,
     held: String,
+    matched: Option<String>,
 }
 
 impl StopMatcher {
@@ -15,6 +16,7 @@ impl StopMatcher {
         Self {
             stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
             held: String::new(),
+            matched: None,
         }
     }
 
@@ -24,12 +26,14 @@ impl StopMatcher {
             return (text.to_string(), false);
         }
         self.held.push_str(text);
-        if let Some(pos) = self
+        // The stop string that starts first (the longest where several start at once).
+        if let Some((pos, stop)) = self
             .stops
             .iter()
-            .filter_map(|s| self.held.find(s.as_str()))
-            .min()
+            .filter_map(|s| self.held.find(s.as_str()).map(|p| (p, s)))
+            .min_by_key(|&(p, s)| (p, std::cmp::Reverse(s.len())))
         {
+            self.matched = Some(stop.clone());
             let out = self.held[..pos].to_string();
             self.held.clear();
             return (out, true);
@@ -52,6 +56,11 @@ impl StopMatcher {
     /// What is still held back (the stream ended without a stop string).
     pub fn finish(&mut self) -> String {
         std::mem::take(&mut self.held)
+    }
+
+    /// The stop string that ended the text, once one has (Anthropic's `stop_sequence`).
+    pub fn matched(&self) -> Option<&str> {
+        self.matched.as_deref()
     }
 }
 

@@ -215,6 +215,8 @@ pub struct Summary {
     pub finish: Finish,
     /// Whether tool calls were emitted.
     pub tool_calls: bool,
+    /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
+    pub stop_sequence: Option<String>,
     /// Prompt tokens/s.
     pub prefill_tps: f64,
     /// Generated tokens/s (after the first).
@@ -1071,6 +1073,7 @@ impl LlamaSequence {
             completion_tokens: n,
             finish,
             tool_calls: self.answer.tool_calls(),
+            stop_sequence: self.answer.stop_sequence().map(String::from),
             prefill_tps: prefilled as f64 / self.prefill_time.as_secs_f64().max(1e-9),
             decode_tps: if n > 1 {
                 (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)

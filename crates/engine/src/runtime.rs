@@ -60,6 +60,8 @@ pub struct Summary {
     pub tokens: Vec<u32>,
     /// Whether any tool call was emitted (OpenAI finish_reason "tool_calls").
     pub tool_calls: bool,
+    /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
+    pub stop_sequence: Option<String>,
     /// MLX memory after the request.
     pub memory: MlxMemory,
     /// Prefill tokens/s.
@@ -749,6 +751,7 @@ impl MlxSequence {
                 decode_tps: stats.decode_tps(),
                 stats,
                 tool_calls: self.answer.tool_calls(),
+                stop_sequence: self.answer.stop_sequence().map(String::from),
                 memory: mlx_memory(),
             });
         }

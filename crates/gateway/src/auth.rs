@@ -370,16 +370,21 @@ fn is_proxied(h: &HeaderMap) -> bool {
     .any(|k| h.contains_key(*k))
 }
 
-fn unauthorized(msg: &str) -> Response {
-    let body = json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}});
+fn unauthorized(msg: &str, anthropic: bool) -> Response {
+    let body = if anthropic {
+        json!({"type": "error", "error": {"type": "authentication_error", "message": msg}})
+    } else {
+        json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+    };
     let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
     r.headers_mut()
         .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     r
 }
 
-/// Middleware: decides the [`Caller`]; remote callers need a valid `Authorization: Bearer` key. `/health`
-/// stays open (probes), `/admin/*` is for this machine only, everything else is guarded.
+/// Middleware: decides the [`Caller`]; remote callers need a valid key (`Authorization: Bearer`, or
+/// Anthropic's `x-api-key`). `/health` stays open (probes), `/admin/*` is for this machine only,
+/// everything else is guarded.
 pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let peer = req
         .extensions()
@@ -397,7 +402,17 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
         })
         .map(str::trim)
         .filter(|k| !k.is_empty())
-        .map(String::from);
+        .map(String::from)
+        // Anthropic's SDKs send the key as `x-api-key`.
+        .or_else(|| {
+            req.headers()
+                .get("x-api-key")
+                .and_then(|v| v.to_str().ok())
+                .map(str::trim)
+                .filter(|k| !k.is_empty())
+                .map(String::from)
+        });
+    let anthropic = req.uri().path().starts_with("/v1/messages");
     if req.uri().path().starts_with("/admin/") && !loopback {
         // Tier toggles and model changes belong to the machine's owner (the app, the local CLI), not to
         // API-key holders on the tailnet.
@@ -411,7 +426,9 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
     } else {
         let Some(key) = bearer else {
             return unauthorized(
-                "an API key is required (Authorization: Bearer …); create one with `jemma keys create`",
+                "an API key is required (Authorization: Bearer …, or x-api-key); create one with \
+                 `jemma keys create`",
+                anthropic,
             );
         };
         let id = st.access.keys.lock().ok().and_then(|k| k.verify(&key));
@@ -419,7 +436,7 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
             Some(id) => Caller::Key(id),
             None => {
                 tracing::warn!(peer = ?peer, "rejected request with an invalid API key");
-                return unauthorized("invalid API key");
+                return unauthorized("invalid API key", anthropic);
             }
         }
     };

@@ -77,19 +77,25 @@ impl ApiError {
     }
 }
 
+/// The `Retry-After` an error answer carries, in seconds: when the caller's budget refills (429), when a
+/// busy tier may have room, when a tier may serve again (503, where one said).
+pub(crate) fn retry_after(e: &RouterError) -> Option<u64> {
+    match e {
+        RouterError::Busy { retry_after_secs } | RouterError::RateLimited { retry_after_secs } => {
+            Some(*retry_after_secs)
+        }
+        RouterError::AllTiersDown {
+            retry_after_secs, ..
+        } => *retry_after_secs,
+        _ => None,
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, _, _) = self.parts();
         let mut r = (status, axum::Json(self.body())).into_response();
-        let retry_after = match &self.0 {
-            RouterError::Busy { retry_after_secs }
-            | RouterError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
-            RouterError::AllTiersDown {
-                retry_after_secs, ..
-            } => *retry_after_secs,
-            _ => None,
-        };
-        if let Some(secs) = retry_after
+        if let Some(secs) = retry_after(&self.0)
             && let Ok(v) = HeaderValue::from_str(&secs.to_string())
         {
             r.headers_mut().insert(header::RETRY_AFTER, v);

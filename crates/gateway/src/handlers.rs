@@ -101,7 +101,7 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
             })),
             Output::Chunk(Chunk::Logprobs(l)) => logprobs.extend(l),
             Output::Chunk(_) | Output::Waiting => {}
-            Output::End { finish_reason, usage, routing } => {
+            Output::End { finish_reason, usage, routing, .. } => {
                 end = Some((finish_reason, usage, routing));
                 break;
             }
@@ -202,6 +202,7 @@ async fn completions_inner(
                 finish_reason,
                 usage,
                 routing,
+                ..
             } => {
                 let tier = routing.tier.clone();
                 let body = json!({

@@ -3,6 +3,7 @@
 //! and shape its output as JSON or server-sent events.
 #![deny(missing_docs)]
 
+mod anthropic;
 pub mod auth;
 mod error;
 mod handlers;
@@ -117,7 +118,12 @@ pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
         .allow_origin(AllowOrigin::list(origins))
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-        .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION])
+        .allow_headers([
+            header::CONTENT_TYPE,
+            header::AUTHORIZATION,
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("anthropic-version"),
+        ])
         // The chat window reads these (busy banners, routing badge).
         .expose_headers([
             header::RETRY_AFTER,
@@ -126,6 +132,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
+        .route("/v1/messages", post(anthropic::messages))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{id}", get(handlers::model))
         .route("/health", get(handlers::health))

@@ -149,6 +149,7 @@ pub fn stream_response(
             finish_reason,
             usage,
             routing,
+            ..
         } => {
             ctx.model = routing.model.clone();
             let finish = answer_finish(finish_reason, ctx.tool_index > 0);
@@ -201,6 +202,7 @@ pub fn completion_stream(
             finish_reason,
             usage,
             routing,
+            ..
         } => {
             let mut c = chunk("", Some(finish_reason), &routing.model);
             c["_routing"] = json!(routing);

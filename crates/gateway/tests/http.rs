@@ -56,6 +56,7 @@ impl Backend for Echo {
                 .await;
             let _ = tx
                 .send(Ok(Chunk::Done {
+                    stop_sequence: None,
                     finish_reason: jemma_router::backend::FinishReason::ToolCalls,
                     usage: Usage {
                         prompt_tokens: 5,
@@ -405,9 +406,19 @@ async fn call_from(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (StatusCode, axum::http::HeaderMap, String) {
+    call_at(app, peer, "/v1/chat/completions", headers, body).await
+}
+
+async fn call_at(
+    app: &axum::Router,
+    peer: &str,
+    uri: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (StatusCode, axum::http::HeaderMap, String) {
     let mut b = Request::builder()
         .method("POST")
-        .uri("/v1/chat/completions")
+        .uri(uri)
         .header("content-type", "application/json");
     for (k, v) in headers {
         b = b.header(*k, *v);
@@ -474,6 +485,28 @@ async fn remote_callers_need_a_valid_key_and_loopback_is_exempt() {
         StatusCode::UNAUTHORIZED,
         "proxied requests are never exempt"
     );
+    // Anthropic's Messages API: the key as x-api-key, errors in Anthropic's shape.
+    let msg = r#"{"model":"fast","max_tokens":8,"messages":[{"role":"user","content":"hi"}]}"#;
+    let (st, _, body) = call_at(&a, "100.64.0.7:5000", "/v1/messages", &[], msg).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (v["type"].as_str(), v["error"]["type"].as_str()),
+        (Some("error"), Some("authentication_error")),
+        "{body}"
+    );
+    let (st, _, body) = call_at(
+        &a,
+        "100.64.0.7:5000",
+        "/v1/messages",
+        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        msg,
+    )
+    .await;
+    assert_eq!(st, StatusCode::OK, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["type"], "message", "{body}");
+    assert_eq!(v["content"][0]["type"], "text", "{body}");
     // revoking takes effect for a reloaded store
     let mut store = jemma_gateway::auth::KeyStore::load(&path).unwrap();
     assert!(store.revoke("laptop").unwrap());

@@ -44,6 +44,10 @@ pub enum Chunk {
         usage: Usage,
         /// Decode tokens/s, when the backend knows it.
         decode_tps: Option<f64>,
+        /// The stop string that ended the answer, when the backend knows it did (Anthropic's
+        /// `stop_sequence`; None for an end-of-sequence token, a length cut, or an upstream that does not
+        /// say).
+        stop_sequence: Option<String>,
     },
 }
 
@@ -311,6 +315,8 @@ pub struct Finished {
     pub hit_length: bool,
     /// Decode speed, for the tray's live tok/s.
     pub decode_tps: f64,
+    /// The stop string that ended it, if one did.
+    pub stop_sequence: Option<String>,
 }
 
 /// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
@@ -364,6 +370,7 @@ fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
             prompt_tokens_details: Some(crate::api::PromptTokensDetails { cached_tokens }),
         },
         decode_tps: Some(f.decode_tps),
+        stop_sequence: f.stop_sequence,
     }
 }
 
@@ -596,6 +603,9 @@ impl Backend for OpenAiBackend {
             // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
             let mut calls: Vec<(String, String)> = vec![];
             let mut finish: Option<FinishReason> = None;
+            // vLLM and SGLang say which stop string ended the answer (`stop_reason`, a string; a token id
+            // when a stop token did); OpenAI does not.
+            let mut stop_sequence: Option<String> = None;
             let mut usage = Usage::default();
             let mut started = false;
             loop {
@@ -631,6 +641,7 @@ impl Backend for OpenAiBackend {
                                 finish_reason: finish.unwrap_or(FinishReason::Stop),
                                 usage,
                                 decode_tps,
+                                stop_sequence: stop_sequence.take(),
                             }))
                             .await;
                         return;
@@ -680,6 +691,9 @@ impl Backend for OpenAiBackend {
                     };
                     if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
                         finish = Some(FinishReason::from_wire(f));
+                    }
+                    if let Some(s) = choice.get("stop_reason").and_then(Value::as_str) {
+                        stop_sequence = Some(s.to_string());
                     }
                     let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
                     let mut out = vec![];

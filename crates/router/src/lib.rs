@@ -4,6 +4,7 @@
 //! Nothing here knows HTTP servers: the gateway crate maps [`RouterError`] to responses in one place.
 #![deny(missing_docs)]
 
+pub mod anthropic;
 pub mod api;
 pub mod backend;
 pub mod breaker;

@@ -229,6 +229,7 @@ impl InProcess for Mlx {
             tool_calls: s.tool_calls,
             hit_length: s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
             decode_tps: s.decode_tps,
+            stop_sequence: s.stop_sequence.clone(),
         }
     }
 
@@ -285,6 +286,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             tool_calls: s.tool_calls,
             hit_length: s.finish == jemma_engine_llama::Finish::Length,
             decode_tps: s.decode_tps,
+            stop_sequence: s.stop_sequence.clone(),
         }
     }
 

@@ -35,6 +35,8 @@ pub enum Output {
         usage: Usage,
         /// Routing metadata.
         routing: Routing,
+        /// The stop string that ended the answer, when the answering tier says one did.
+        stop_sequence: Option<String>,
     },
     /// No tier could answer.
     Error(RouterError),
@@ -515,7 +517,14 @@ impl TierRouter {
             let mut cached_tokens = 0u64;
             let mut got_token = false;
             let mut tier_tokens = 0u64;
-            let outcome: Result<(crate::backend::FinishReason, Usage, Option<f64>), BackendError> = loop {
+            // (finish reason, usage, decode tok/s, the stop string that ended it)
+            type Ended = (
+                crate::backend::FinishReason,
+                Usage,
+                Option<f64>,
+                Option<String>,
+            );
+            let outcome: Result<Ended, BackendError> = loop {
                 let limit = if got_token {
                     slot.settings.idle_timeout
                 } else {
@@ -556,6 +565,7 @@ impl TierRouter {
                         finish_reason,
                         usage,
                         decode_tps,
+                        stop_sequence,
                     } => {
                         if usage.prompt_tokens > 0 {
                             prompt_tokens = usage.prompt_tokens;
@@ -564,7 +574,7 @@ impl TierRouter {
                             cached_tokens = d.cached_tokens;
                         }
                         tier_tokens = usage.completion_tokens.max(tier_tokens);
-                        break Ok((finish_reason, usage, decode_tps));
+                        break Ok((finish_reason, usage, decode_tps, stop_sequence));
                     }
                     Chunk::Content(ref c) => {
                         got_token = true;
@@ -584,7 +594,7 @@ impl TierRouter {
                 }
             };
             match outcome {
-                Ok((finish_reason, usage, tps)) => {
+                Ok((finish_reason, usage, tps, stop_sequence)) => {
                     permit.success();
                     slot.served.fetch_add(1, Ordering::Relaxed);
                     completion_tokens += usage.completion_tokens.max(tier_tokens);
@@ -630,6 +640,7 @@ impl TierRouter {
                             finish_reason,
                             usage,
                             routing,
+                            stop_sequence,
                         })
                         .await;
                     return;

@@ -103,6 +103,7 @@ impl Backend for Scripted {
                     let n = pieces.len() as u64;
                     let _ = tx
                         .send(Ok(Chunk::Done {
+                            stop_sequence: None,
                             finish_reason: jemma_router::backend::FinishReason::Stop,
                             usage: Usage {
                                 prompt_tokens: 3,
@@ -403,6 +404,7 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
             tokio::spawn(async move {
                 let _ = tx
                     .send(Ok(Chunk::Done {
+                        stop_sequence: None,
                         finish_reason: jemma_router::backend::FinishReason::Stop,
                         usage: Usage::default(),
                         decode_tps: None,

@@ -1,0 +1,847 @@
+//! Anthropic's Messages API (`POST /v1/messages`) on the same tiers: the request turned into the router's
+//! [`ChatRequest`] (validated by the same code as OpenAI requests), and the router's output turned back into
+//! an Anthropic message, or its stream of events (`message_start`, `content_block_start`,
+//! `content_block_delta`, `content_block_stop`, `message_delta`, `message_stop`). Many coding agents and
+//! SDKs speak only this API.
+//!
+//! What maps to what (Anthropic → the OpenAI shape the tiers take):
+//! - `system` (a string or text blocks) → a system message;
+//! - `text` and `image` blocks → content parts; `tool_use` blocks (assistant) → `tool_calls`;
+//!   `tool_result` blocks (user) → `tool` messages, before the user's own text; `thinking` blocks in the
+//!   history are dropped (Gemma's template strips earlier thoughts);
+//! - `tools[].input_schema` → `parameters`; `tool_choice` `auto` / `any` / `tool` / `none` → `auto` /
+//!   `required` / the named function / `none`, `disable_parallel_tool_use` → `parallel_tool_calls: false`;
+//! - `thinking: {"type": "enabled"}` → Gemma 4 thinking on (`budget_tokens` is checked as Anthropic checks
+//!   it and bounds nothing more than `max_tokens` does), `{"type": "disabled"}` → off;
+//! - `stop_sequences` → `stop`; `max_tokens` (required), `temperature`, `top_p`, `top_k` as they are.
+//!
+//! - `output_config.format` (`json_schema`) → `response_format` `json_schema`, enforced by the grammar;
+//!   `output_config.effort` `low` → thinking off, higher → on (Gemma 4 thinks or not);
+//! - `thinking` `adaptive` and `between_tools` → thinking on; `display: omitted` leaves the thoughts out;
+//! - `cache_control` is accepted: every prompt prefix is cached here anyway (bounded by bytes, not TTL).
+//!
+//! Fields this gateway cannot honour are refused by name (HTTP 400), never dropped: `document` and other
+//! unknown block types, `service_tier` other than `auto`, `speed: fast`, `container`, `mcp_servers`,
+//! `inference_geo`, `diagnostics`, and any other field it does not know.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::RouterError;
+use crate::api::{ChatCompletionRequest, ChatRequest, Limits, Stop, StreamOptions, Usage};
+use crate::backend::{Chunk, FinishReason};
+use crate::route::Output;
+
+/// `POST /v1/messages` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MessagesRequest {
+    /// Tier, model id or `auto`.
+    pub model: String,
+    /// Most tokens to generate (required by the API).
+    pub max_tokens: Option<u32>,
+    /// The conversation: `user` and `assistant` turns.
+    pub messages: Vec<Value>,
+    /// System prompt: a string or text blocks.
+    #[serde(default)]
+    pub system: Option<Value>,
+    /// Stop strings.
+    #[serde(default)]
+    pub stop_sequences: Option<Vec<String>>,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Sampling temperature (0–1).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Top-k sampling.
+    #[serde(default)]
+    pub top_k: Option<i32>,
+    /// Tools: `{name, description, input_schema}`.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// `{type: auto | any | tool | none, name, disable_parallel_tool_use}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// `{type: enabled, budget_tokens}`, `{type: adaptive}`, `{type: between_tools}` or
+    /// `{type: disabled}`; `display: omitted` leaves the thoughts out of the answer.
+    #[serde(default)]
+    pub thinking: Option<Value>,
+    /// `{format: {type: json_schema, schema}, effort}`: structured output, and how hard to think.
+    #[serde(default)]
+    pub output_config: Option<Value>,
+    /// `{type: ephemeral}`: accepted and kept, as every prompt's prefix is cached here (for as long as
+    /// the byte budget allows, not for a fixed TTL).
+    #[serde(default)]
+    pub cache_control: Option<Value>,
+    /// `standard` (`fast` is refused: there is no faster mode here).
+    #[serde(default)]
+    pub speed: Option<String>,
+    /// `{user_id}`: accepted, not used (as OpenAI's `user`).
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// Attribution only: accepted, not used.
+    #[serde(default)]
+    pub user_profile_id: Option<String>,
+    /// Attribution only: accepted, not used.
+    #[serde(default)]
+    pub workspace_id: Option<String>,
+    /// `auto` (or `standard_only`): accepted, there is one tier of service here.
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Anything else: refused by name.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
+    RouterError::InvalidRequest {
+        message: msg.into(),
+        param: Some(param.to_string()),
+    }
+}
+
+/// A block list or a string as text blocks.
+fn blocks(v: &Value) -> Vec<Value> {
+    match v {
+        Value::String(s) => vec![json!({"type": "text", "text": s})],
+        Value::Array(a) => a.clone(),
+        _ => vec![],
+    }
+}
+
+/// The text of a `tool_result`'s content (a string, or text blocks).
+fn result_text(content: Option<&Value>, param: &str) -> Result<String, RouterError> {
+    match content {
+        None | Some(Value::Null) => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(Value::Array(parts)) => {
+            let mut out = String::new();
+            for (k, p) in parts.iter().enumerate() {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        out.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""))
+                    }
+                    other => {
+                        return Err(invalid(
+                            format!("a tool_result may hold text blocks only, got {other:?}"),
+                            &format!("{param}.content[{k}]"),
+                        ));
+                    }
+                }
+            }
+            Ok(out)
+        }
+        Some(_) => Err(invalid(
+            "tool_result content must be a string or text blocks",
+            &format!("{param}.content"),
+        )),
+    }
+}
+
+/// An `image` block as an OpenAI `image_url` part.
+fn image_part(b: &Value, param: &str) -> Result<Value, RouterError> {
+    let src = b
+        .get("source")
+        .ok_or_else(|| invalid("an image block needs a source", param))?;
+    let url = match src.get("type").and_then(Value::as_str) {
+        Some("base64") => format!(
+            "data:{};base64,{}",
+            src.get("media_type")
+                .and_then(Value::as_str)
+                .unwrap_or("image/png"),
+            src.get("data").and_then(Value::as_str).unwrap_or("")
+        ),
+        Some("url") => src
+            .get("url")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        other => {
+            return Err(invalid(
+                format!("image source type {other:?} is not supported (base64 or url)"),
+                &format!("{param}.source.type"),
+            ));
+        }
+    };
+    Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+}
+
+/// Whether the answer shows its thinking (`thinking.display`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ThinkingDisplay {
+    /// Thinking blocks carry the thoughts.
+    #[default]
+    Summarized,
+    /// Thoughts are left out of the answer.
+    Omitted,
+}
+
+impl MessagesRequest {
+    /// Checks the request and turns it into the router's request (then validated by the same rules as
+    /// an OpenAI chat request), with how thinking is to be shown. Errors name the field, in Anthropic's
+    /// terms.
+    pub fn to_chat(self, limits: &Limits) -> Result<(ChatRequest, ThinkingDisplay), RouterError> {
+        if let Some(k) = self.other.keys().next() {
+            return Err(invalid(
+                format!("{k} is not supported by this gateway"),
+                k.as_str(),
+            ));
+        }
+        if let Some(s) = self.speed.as_deref()
+            && s != "standard"
+        {
+            return Err(invalid(
+                format!("speed {s:?} is not available (standard)"),
+                "speed",
+            ));
+        }
+        if let Some(t) = self.service_tier.as_deref()
+            && t != "auto"
+            && t != "standard_only"
+        {
+            return Err(invalid(
+                format!("service_tier {t:?} is not available (auto or standard_only)"),
+                "service_tier",
+            ));
+        }
+        let max_tokens = self
+            .max_tokens
+            .ok_or_else(|| invalid("max_tokens is required", "max_tokens"))?;
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=1.0).contains(&t))
+        {
+            return Err(invalid(
+                "temperature must be between 0 and 1",
+                "temperature",
+            ));
+        }
+        let mut messages = vec![];
+        if let Some(system) = &self.system {
+            let text: String = blocks(system)
+                .iter()
+                .enumerate()
+                .map(|(k, b)| match b.get("type").and_then(Value::as_str) {
+                    Some("text") => Ok(b
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()),
+                    other => Err(invalid(
+                        format!("system blocks must be text, got {other:?}"),
+                        &format!("system[{k}]"),
+                    )),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join("\n\n");
+            if system.is_string() || !text.is_empty() {
+                messages.push(json!({"role": "system", "content": text}));
+            }
+        }
+        for (i, m) in self.messages.iter().enumerate() {
+            let param = format!("messages[{i}]");
+            let role = m.get("role").and_then(Value::as_str).unwrap_or("");
+            if role != "user" && role != "assistant" {
+                return Err(invalid(
+                    format!("role must be user or assistant, got {role:?}"),
+                    &format!("{param}.role"),
+                ));
+            }
+            let content = m
+                .get("content")
+                .ok_or_else(|| invalid("content is required", &format!("{param}.content")))?;
+            let mut parts: Vec<Value> = vec![];
+            let mut calls: Vec<Value> = vec![];
+            for (k, b) in blocks(content).iter().enumerate() {
+                let bp = format!("{param}.content[{k}]");
+                match (role, b.get("type").and_then(Value::as_str)) {
+                    (_, Some("text")) => parts.push(json!({"type": "text",
+                        "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
+                    ("user", Some("image")) => parts.push(image_part(b, &bp)?),
+                    ("user", Some("tool_result")) => {
+                        let id = b
+                            .get("tool_use_id")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| invalid("tool_use_id is required", &bp))?;
+                        let mut text = result_text(b.get("content"), &bp)?;
+                        if b.get("is_error").and_then(Value::as_bool) == Some(true) {
+                            text = format!("Error: {text}");
+                        }
+                        messages.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+                    }
+                    ("assistant", Some("tool_use")) => {
+                        let name = b
+                            .get("name")
+                            .and_then(Value::as_str)
+                            .ok_or_else(|| invalid("a tool_use block needs a name", &bp))?;
+                        let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
+                        calls.push(json!({"id": b.get("id").cloned().unwrap_or(Value::Null),
+                            "type": "function",
+                            "function": {"name": name, "arguments": input.to_string()}}));
+                    }
+                    // Earlier thoughts: Gemma's template drops them from the history anyway.
+                    ("assistant", Some("thinking" | "redacted_thinking")) => {}
+                    (_, other) => {
+                        return Err(invalid(
+                            format!("{role} content block type {other:?} is not supported"),
+                            &format!("{bp}.type"),
+                        ));
+                    }
+                }
+            }
+            if role == "assistant" {
+                let text: String = parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect();
+                let mut msg = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    msg["tool_calls"] = Value::Array(calls);
+                    if text.is_empty() {
+                        msg["content"] = Value::Null;
+                    }
+                }
+                messages.push(msg);
+            } else if !parts.is_empty() {
+                messages.push(json!({"role": "user", "content": parts}));
+            }
+        }
+        let tools = self
+            .tools
+            .as_ref()
+            .map(|ts| {
+                ts.iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        if t.get("type")
+                            .and_then(Value::as_str)
+                            .is_some_and(|ty| ty != "custom")
+                        {
+                            return Err(invalid(
+                                "only client tools (name, input_schema) are supported",
+                                &format!("tools[{i}].type"),
+                            ));
+                        }
+                        let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                            invalid("a tool needs a name", &format!("tools[{i}].name"))
+                        })?;
+                        let mut f = json!({"name": name,
+                            "parameters": t.get("input_schema").cloned()
+                                .unwrap_or_else(|| json!({"type": "object"}))});
+                        if let Some(d) = t.get("description") {
+                            f["description"] = d.clone();
+                        }
+                        Ok(json!({"type": "function", "function": f}))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let (tool_choice, parallel) = match &self.tool_choice {
+            None => (None, None),
+            Some(tc) => {
+                let parallel = tc
+                    .get("disable_parallel_tool_use")
+                    .and_then(Value::as_bool)
+                    .map(|d| !d);
+                let choice = match tc.get("type").and_then(Value::as_str) {
+                    Some("auto") => json!("auto"),
+                    Some("any") => json!("required"),
+                    Some("none") => json!("none"),
+                    Some("tool") => {
+                        let name = tc.get("name").and_then(Value::as_str).ok_or_else(|| {
+                            invalid("tool_choice.name is required", "tool_choice.name")
+                        })?;
+                        json!({"type": "function", "function": {"name": name}})
+                    }
+                    other => {
+                        return Err(invalid(
+                            format!(
+                                "tool_choice.type must be auto, any, tool or none, got {other:?}"
+                            ),
+                            "tool_choice.type",
+                        ));
+                    }
+                };
+                (Some(choice), parallel)
+            }
+        };
+        let mut display = ThinkingDisplay::Summarized;
+        if let Some(d) = self
+            .thinking
+            .as_ref()
+            .and_then(|t| t.get("display"))
+            .filter(|d| !d.is_null())
+        {
+            display = match d.as_str() {
+                Some("summarized") => ThinkingDisplay::Summarized,
+                Some("omitted") => ThinkingDisplay::Omitted,
+                _ => {
+                    return Err(invalid(
+                        "thinking.display must be summarized or omitted",
+                        "thinking.display",
+                    ));
+                }
+            };
+        }
+        let mut enable_thinking = match &self.thinking {
+            None => None,
+            Some(t) => match t.get("type").and_then(Value::as_str) {
+                Some("enabled") => {
+                    let budget =
+                        t.get("budget_tokens")
+                            .and_then(Value::as_u64)
+                            .ok_or_else(|| {
+                                invalid(
+                                    "thinking.budget_tokens is required",
+                                    "thinking.budget_tokens",
+                                )
+                            })?;
+                    if budget < 1024 || budget >= u64::from(max_tokens) {
+                        return Err(invalid(
+                            "thinking.budget_tokens must be at least 1024 and less than max_tokens",
+                            "thinking.budget_tokens",
+                        ));
+                    }
+                    Some(true)
+                }
+                // Gemma 4 thinks or not per turn: letting it think is the nearest it has to deciding
+                // for itself, or to thinking between tool calls (it thinks again each turn).
+                Some("adaptive" | "between_tools") => Some(true),
+                Some("disabled") => Some(false),
+                other => {
+                    return Err(invalid(
+                        format!(
+                            "thinking.type must be enabled, adaptive, between_tools or disabled, got \
+                             {other:?}"
+                        ),
+                        "thinking.type",
+                    ));
+                }
+            },
+        };
+        let mut response_format = None;
+        if let Some(oc) = self.output_config.as_ref().filter(|v| !v.is_null()) {
+            let o = oc
+                .as_object()
+                .ok_or_else(|| invalid("output_config must be an object", "output_config"))?;
+            if let Some(k) = o.keys().find(|k| *k != "format" && *k != "effort") {
+                return Err(invalid(
+                    format!("output_config.{k} is not supported by this gateway"),
+                    &format!("output_config.{k}"),
+                ));
+            }
+            if let Some(f) = o.get("format").filter(|v| !v.is_null()) {
+                if f.get("type").and_then(Value::as_str) != Some("json_schema") {
+                    return Err(invalid(
+                        "output_config.format.type must be json_schema",
+                        "output_config.format.type",
+                    ));
+                }
+                let schema = f.get("schema").cloned().ok_or_else(|| {
+                    invalid(
+                        "output_config.format.schema is required",
+                        "output_config.format.schema",
+                    )
+                })?;
+                response_format = Some(json!({"type": "json_schema",
+                    "json_schema": {"name": "output", "schema": schema, "strict": true}}));
+            }
+            // Effort is how much the model thinks: Gemma 4 either thinks or not, so low effort answers
+            // without thinking and the others think, unless `thinking` said otherwise.
+            match o.get("effort").filter(|v| !v.is_null()).map(Value::as_str) {
+                None => {}
+                Some(Some("low")) => {
+                    enable_thinking.get_or_insert(false);
+                }
+                Some(Some("medium" | "high" | "xhigh" | "max")) => {
+                    enable_thinking.get_or_insert(true);
+                }
+                Some(_) => {
+                    return Err(invalid(
+                        "output_config.effort must be low, medium, high, xhigh or max",
+                        "output_config.effort",
+                    ));
+                }
+            }
+        }
+        let chat = ChatCompletionRequest {
+            model: Some(self.model),
+            messages,
+            max_tokens: Some(max_tokens),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            stop: self.stop_sequences.map(Stop::Many),
+            tools,
+            tool_choice,
+            parallel_tool_calls: parallel,
+            stream: self.stream,
+            stream_options: self.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            enable_thinking,
+            response_format,
+            ..Default::default()
+        };
+        let _ = (
+            self.metadata,
+            self.cache_control,
+            self.user_profile_id,
+            self.workspace_id,
+        );
+        Ok((chat.validate(limits)?, display))
+    }
+}
+
+/// A new message id (`msg_…`).
+pub fn message_id() -> String {
+    format!("msg_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A new tool-use id (`toolu_…`).
+pub fn tool_use_id() -> String {
+    format!("toolu_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Anthropic's `stop_reason` for how an answer ended.
+pub fn stop_reason(
+    finish: FinishReason,
+    tool_use: bool,
+    stop_sequence: Option<&str>,
+) -> &'static str {
+    match finish {
+        _ if tool_use => "tool_use",
+        FinishReason::Length => "max_tokens",
+        FinishReason::ToolCalls => "end_turn",
+        _ if stop_sequence.is_some() => "stop_sequence",
+        _ => "end_turn",
+    }
+}
+
+/// Anthropic's `usage` from the router's.
+pub fn usage(u: &Usage) -> Value {
+    let cached = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+    json!({"input_tokens": u.prompt_tokens.saturating_sub(cached), "output_tokens": u.completion_tokens,
+           "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0})
+}
+
+/// Assembles a whole message (the non-streaming answer) from the router's output.
+#[derive(Debug, Default)]
+pub struct MessageBuilder {
+    display: ThinkingDisplay,
+    thinking: String,
+    text: String,
+    tools: Vec<Value>,
+}
+
+impl MessageBuilder {
+    /// A message whose thinking is shown as `display` says.
+    pub fn new(display: ThinkingDisplay) -> Self {
+        Self {
+            display,
+            ..Default::default()
+        }
+    }
+
+    /// Takes one piece of the answer.
+    pub fn push(&mut self, c: Chunk) {
+        match c {
+            Chunk::Content(t) => self.text.push_str(&t),
+            Chunk::Reasoning(r) if self.display == ThinkingDisplay::Summarized => {
+                self.thinking.push_str(&r)
+            }
+            Chunk::ToolCall { name, arguments } => self.tools.push(json!({"type": "tool_use",
+                "id": tool_use_id(), "name": name,
+                "input": serde_json::from_str::<Value>(&arguments).unwrap_or_else(|_| json!({}))})),
+            _ => {}
+        }
+    }
+
+    /// The message, once the router's `End` arrived.
+    pub fn finish(
+        self,
+        model: &str,
+        finish: FinishReason,
+        usage_: &Usage,
+        stop_sequence: Option<&str>,
+    ) -> Value {
+        let mut content = vec![];
+        if !self.thinking.is_empty() {
+            content.push(json!({"type": "thinking", "thinking": self.thinking, "signature": ""}));
+        }
+        if !self.text.is_empty() {
+            content.push(json!({"type": "text", "text": self.text}));
+        }
+        let tool_use = !self.tools.is_empty();
+        content.extend(self.tools);
+        let reason = stop_reason(finish, tool_use, stop_sequence);
+        json!({"id": message_id(), "type": "message", "role": "assistant", "model": model,
+               "content": content, "stop_reason": reason,
+               "stop_sequence": if reason == "stop_sequence" { json!(stop_sequence) } else { Value::Null },
+               "usage": usage(usage_)})
+    }
+}
+
+/// Turns the router's output into Anthropic stream events (`(event name, data)`), one content block at a
+/// time: thinking, text and tool-use blocks each opened when their first piece arrives and closed when
+/// another kind starts or the answer ends.
+#[derive(Debug)]
+pub struct EventStream {
+    model: String,
+    display: ThinkingDisplay,
+    started: bool,
+    /// The open block: its index and kind ("thinking", "text").
+    open: Option<(usize, &'static str)>,
+    next_index: usize,
+    tool_use: bool,
+}
+
+impl EventStream {
+    /// A stream for a message answered under the name `model` (what the client asked for), its thinking
+    /// shown as `display` says.
+    pub fn new(model: String, display: ThinkingDisplay) -> Self {
+        Self {
+            model,
+            display,
+            started: false,
+            open: None,
+            next_index: 0,
+            tool_use: false,
+        }
+    }
+
+    fn start(&mut self, out: &mut Vec<(&'static str, Value)>) {
+        if !self.started {
+            self.started = true;
+            out.push((
+                "message_start",
+                json!({"type": "message_start", "message": {
+                "id": message_id(), "type": "message", "role": "assistant", "model": self.model,
+                "content": [], "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+            ));
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<(&'static str, Value)>) {
+        if let Some((i, kind)) = self.open.take() {
+            if kind == "thinking" {
+                // Gemma's thoughts are not signed; the field is there for clients that expect it.
+                out.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": i,
+                    "delta": {"type": "signature_delta", "signature": ""}}),
+                ));
+            }
+            out.push((
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": i}),
+            ));
+        }
+    }
+
+    fn delta(&mut self, kind: &'static str, text: String, out: &mut Vec<(&'static str, Value)>) {
+        if self.open.map(|(_, k)| k) != Some(kind) {
+            self.close(out);
+            let i = self.next_index;
+            self.next_index += 1;
+            self.open = Some((i, kind));
+            let block = if kind == "thinking" {
+                json!({"type": "thinking", "thinking": "", "signature": ""})
+            } else {
+                json!({"type": "text", "text": ""})
+            };
+            out.push((
+                "content_block_start",
+                json!({"type": "content_block_start", "index": i,
+                "content_block": block}),
+            ));
+        }
+        let i = self.next_index - 1;
+        let d = if kind == "thinking" {
+            json!({"type": "thinking_delta", "thinking": text})
+        } else {
+            json!({"type": "text_delta", "text": text})
+        };
+        out.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": i, "delta": d}),
+        ));
+    }
+
+    /// The events for one router output; `done` is true once the stream is complete (`message_stop` or
+    /// an error event was produced).
+    pub fn on(&mut self, o: Output) -> (Vec<(&'static str, Value)>, bool) {
+        let mut out = vec![];
+        match o {
+            Output::Waiting => {
+                self.start(&mut out);
+                out.push(("ping", json!({"type": "ping"})));
+            }
+            Output::Chunk(Chunk::Content(t)) if !t.is_empty() => {
+                self.start(&mut out);
+                self.delta("text", t, &mut out);
+            }
+            Output::Chunk(Chunk::Reasoning(r))
+                if !r.is_empty() && self.display == ThinkingDisplay::Summarized =>
+            {
+                self.start(&mut out);
+                self.delta("thinking", r, &mut out);
+            }
+            Output::Chunk(Chunk::ToolCall { name, arguments }) => {
+                self.start(&mut out);
+                self.close(&mut out);
+                self.tool_use = true;
+                let i = self.next_index;
+                self.next_index += 1;
+                out.push(("content_block_start", json!({"type": "content_block_start", "index": i,
+                    "content_block": {"type": "tool_use", "id": tool_use_id(), "name": name, "input": {}}})));
+                out.push((
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": i,
+                    "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+                ));
+                out.push((
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": i}),
+                ));
+            }
+            Output::Chunk(_) => {}
+            Output::End {
+                finish_reason,
+                usage: u,
+                stop_sequence,
+                ..
+            } => {
+                self.start(&mut out);
+                self.close(&mut out);
+                let reason = stop_reason(finish_reason, self.tool_use, stop_sequence.as_deref());
+                let mut usage_ = usage(&u);
+                // The input side is known only now (the first event goes out before the prompt is read).
+                usage_["output_tokens"] = json!(u.completion_tokens);
+                out.push(("message_delta", json!({"type": "message_delta",
+                    "delta": {"stop_reason": reason,
+                              "stop_sequence": if reason == "stop_sequence" { json!(stop_sequence) } else { Value::Null }},
+                    "usage": usage_})));
+                out.push(("message_stop", json!({"type": "message_stop"})));
+                return (out, true);
+            }
+            Output::Error(e) => {
+                out.push(("error", error_body(&e)));
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+}
+
+/// Anthropic's HTTP status and error type for a router error.
+pub fn error_parts(e: &RouterError) -> (u16, &'static str) {
+    match e {
+        RouterError::InvalidRequest { .. } => (400, "invalid_request_error"),
+        RouterError::TooLarge(_) => (413, "request_too_large"),
+        RouterError::UnknownModel(_) => (404, "not_found_error"),
+        RouterError::RateLimited { .. } => (429, "rate_limit_error"),
+        RouterError::Busy { .. } => (529, "overloaded_error"),
+        RouterError::AllTiersDown { .. } => (503, "api_error"),
+        RouterError::Timeout(_) => (504, "api_error"),
+        RouterError::Config(_) => (500, "api_error"),
+    }
+}
+
+/// Anthropic's error body: `{"type": "error", "error": {"type", "message"}}`.
+pub fn error_body(e: &RouterError) -> Value {
+    let (_, ty) = error_parts(e);
+    let message = match e {
+        RouterError::InvalidRequest {
+            message,
+            param: Some(p),
+        } if !message.contains(p.as_str()) => format!("{p}: {message}"),
+        other => other.to_string(),
+    };
+    json!({"type": "error", "error": {"type": ty, "message": message}})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> Result<ChatRequest, RouterError> {
+        serde_json::from_value::<MessagesRequest>(v)
+            .unwrap()
+            .to_chat(&Limits::default())
+            .map(|(c, _)| c)
+    }
+
+    #[test]
+    fn a_tool_round_trip_becomes_openai_messages() {
+        let r = req(json!({"model": "fast", "max_tokens": 64, "system": [{"type": "text", "text": "Be brief."}],
+            "tools": [{"name": "get_weather", "input_schema": {"type": "object",
+                "properties": {"city": {"type": "string"}}}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": true},
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [{"type": "thinking", "thinking": "…", "signature": "x"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                    "content": [{"type": "text", "text": "21 C"}]}, {"type": "text", "text": "And tomorrow?"}]}]}))
+        .unwrap();
+        let roles: Vec<&str> = r
+            .messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+        assert_eq!(
+            r.messages[2]["tool_calls"][0]["function"]["name"],
+            "get_weather"
+        );
+        assert_eq!(r.messages[3]["tool_call_id"], "toolu_1");
+        assert_eq!(r.tool_choice, Some(crate::api::ToolChoice::Required));
+        assert_eq!(r.parallel_tool_calls, Some(false));
+        assert_eq!(r.max_tokens, Some(64));
+    }
+
+    #[test]
+    fn what_cannot_be_honoured_is_refused_by_name() {
+        let base = || json!({"model": "fast", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]});
+        let param = |v: Value| match req(v) {
+            Err(RouterError::InvalidRequest { param, .. }) => param.unwrap(),
+            other => panic!("{other:?}"),
+        };
+        let mut v = base();
+        v.as_object_mut().unwrap().remove("max_tokens");
+        assert_eq!(param(v), "max_tokens");
+        let mut v = base();
+        v["mcp_servers"] = json!([]);
+        assert_eq!(param(v), "mcp_servers");
+        let mut v = base();
+        v["messages"][0]["content"] = json!([{"type": "document", "source": {}}]);
+        assert_eq!(param(v), "messages[0].content[0].type");
+        let mut v = base();
+        v["thinking"] = json!({"type": "enabled", "budget_tokens": 10});
+        assert_eq!(param(v), "thinking.budget_tokens");
+        let mut v = base();
+        v["temperature"] = json!(1.5);
+        assert_eq!(param(v), "temperature");
+        let mut v = base();
+        v["inference_geo"] = json!("eu");
+        assert_eq!(param(v), "inference_geo");
+        let mut v = base();
+        v["output_config"] = json!({"effort": "extreme"});
+        assert_eq!(param(v), "output_config.effort");
+        // Structured output and effort are honoured.
+        let mut v = base();
+        v["output_config"] = json!({"effort": "low", "format": {"type": "json_schema",
+            "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}});
+        v["cache_control"] = json!({"type": "ephemeral"});
+        let r = req(v).unwrap();
+        assert!(matches!(
+            r.response_format,
+            crate::api::ResponseFormat::JsonSchema { .. }
+        ));
+        assert_eq!(r.enable_thinking, Some(false));
+    }
+}

@@ -1,0 +1,134 @@
+"""Drives a running Jemma gateway with the unmodified Anthropic Python SDK (the Messages API, as coding agents
+that speak only Anthropic's API use it).
+
+Usage: python anthropic_sdk.py BASE_URL   (the gateway has fast/primary local tiers on a random tiny Gemma 4)
+Exits non-zero on the first failed check; prints one line per check.
+"""
+import json
+import sys
+
+import anthropic
+import jsonschema
+
+base = sys.argv[1]
+client = anthropic.Anthropic(base_url=base, api_key="not-needed-on-loopback", max_retries=0, timeout=120)
+passed = 0
+
+
+def check(name, cond, detail=""):
+    global passed
+    if not cond:
+        print(f"FAIL {name}: {detail}")
+        sys.exit(1)
+    passed += 1
+    print(f"ok   {name}")
+
+
+m = client.messages.create(model="primary", max_tokens=12, system="You are terse.",
+                           messages=[{"role": "user", "content": "Hello!"}])
+check("message: one text block", m.type == "message" and m.role == "assistant"
+      and [b.type for b in m.content] == ["text"] and isinstance(m.content[0].text, str), m)
+check("message: stop_reason", m.stop_reason in ("end_turn", "max_tokens"), m.stop_reason)
+check("message: usage", m.usage.output_tokens >= 1 and m.usage.input_tokens >= 1, m.usage)
+check("message: id and model", m.id.startswith("msg_") and m.model == "primary", m)
+
+with client.messages.stream(model="primary", max_tokens=12,
+                            messages=[{"role": "user", "content": "Write code for a loop"}]) as s:
+    streamed = "".join(s.text_stream)
+    final = s.get_final_message()
+check("stream: text arrives and matches the final message", streamed and final.content[0].text == streamed,
+      (streamed, final))
+check("stream: stop_reason and usage", final.stop_reason in ("end_turn", "max_tokens")
+      and final.usage.output_tokens >= 1, final)
+
+# stop_sequences: the greedy answer cut where a sequence from its own text starts.
+# No temperature: the gateway's default is greedy (the current SDK no longer takes one).
+whole = client.messages.create(model="primary", max_tokens=16,
+                               messages=[{"role": "user", "content": "Count"}]).content[0].text
+if len(whole) >= 6:
+    stop = whole[3:5]
+    cut = client.messages.create(model="primary", max_tokens=16, stop_sequences=[stop],
+                                 messages=[{"role": "user", "content": "Count"}])
+    check("stop_sequences: stop_reason and the sequence", cut.stop_reason == "stop_sequence"
+          and cut.stop_sequence == stop, cut)
+    check("stop_sequences: text cut before it", cut.content[0].text == whole[:whole.index(stop)] if
+          cut.content else whole.index(stop) == 0, (cut.content, whole, stop))
+else:
+    check("stop_sequences: a greedy answer long enough to cut", False, repr(whole))
+
+tools = [
+    {"name": "get_weather", "description": "Weather for a city", "input_schema": {
+        "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}},
+    {"name": "get_time", "input_schema": {"type": "object", "properties": {
+        "zone": {"type": "string", "maxLength": 6}}, "required": ["zone"]}},
+]
+schemas = {t["name"]: t["input_schema"] for t in tools}
+for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
+    m = client.messages.create(model="primary", max_tokens=48, extra_body={"temperature": 1}, tools=tools,
+                               tool_choice=choice,
+                               messages=[{"role": "user", "content": "What time is it in Paris?"}])
+    uses = [b for b in m.content if b.type == "tool_use"]
+    check(f"tool_choice {choice['type']}: stop_reason tool_use with a call", m.stop_reason == "tool_use"
+          and len(uses) >= 1, m)
+    u = uses[0]
+    check(f"tool_choice {choice['type']}: an allowed tool", u.name in schemas
+          and (choice["type"] == "any" or u.name == "get_time") and u.id.startswith("toolu_"), u)
+    jsonschema.validate(u.input, schemas[u.name])
+    # The round trip: the result goes back as a tool_result block.
+    follow = client.messages.create(model="primary", max_tokens=8, tools=tools, messages=[
+        {"role": "user", "content": "What time is it in Paris?"},
+        {"role": "assistant", "content": m.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": u.id, "content": "14:05"}]}])
+    check(f"tool_choice {choice['type']}: the tool result is read and answered", follow.type == "message"
+          and follow.stop_reason in ("end_turn", "max_tokens", "tool_use"), follow)
+
+with client.messages.stream(model="primary", max_tokens=48, extra_body={"temperature": 1}, tools=tools,
+                            tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                            messages=[{"role": "user", "content": "Weather?"}]) as s:
+    final = s.get_final_message()
+uses = [b for b in final.content if b.type == "tool_use"]
+check("stream: one tool_use block with parsed input", final.stop_reason == "tool_use" and len(uses) == 1
+      and isinstance(uses[0].input, dict), final)
+jsonschema.validate(uses[0].input, schemas[uses[0].name])
+
+m = client.messages.create(model="primary", max_tokens=1100, thinking={"type": "enabled", "budget_tokens": 1024},
+                           messages=[{"role": "user", "content": "Think, then answer: 7 * 8?"}],
+                           extra_body={"temperature": 1})
+check("thinking: blocks are thinking, text or nothing else", all(b.type in ("thinking", "text") for b in m.content)
+      and m.stop_reason in ("end_turn", "max_tokens"), m)
+
+# Structured output (output_config.format) with effort, and prompt caching accepted: the answer is JSON valid
+# against the schema whenever it ends.
+schema = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+          "required": ["n"], "additionalProperties": False}
+ended = 0
+for seed in range(6):
+    m = client.messages.create(model="primary", max_tokens=24, cache_control={"type": "ephemeral"},
+                               output_config={"effort": "low", "format": {"type": "json_schema", "schema": schema}},
+                               messages=[{"role": "user", "content": f"A number, please ({seed})"}],
+                               extra_body={"temperature": 1})
+    if m.stop_reason == "end_turn":
+        ended += 1
+        jsonschema.validate(json.loads(m.content[0].text), schema)
+check(f"output_config.format: answers validate ({ended}/6 ended)", ended >= 3, ended)
+
+for label, kwargs, err, field in (
+        ("an unknown model", {"model": "claude-nope"}, anthropic.NotFoundError, None),
+        ("temperature above 1", {"extra_body": {"temperature": 1.5}}, anthropic.BadRequestError, "temperature"),
+        ("speed fast", {"speed": "fast"}, anthropic.BadRequestError, "speed"),
+        ("a document block", {"messages": [{"role": "user", "content": [{"type": "document", "source": {
+            "type": "text", "media_type": "text/plain", "data": "x"}}]}]}, anthropic.BadRequestError,
+         "messages[0].content[0].type"),
+        ("a thinking budget below 1024", {"thinking": {"type": "enabled", "budget_tokens": 100}},
+         anthropic.BadRequestError, "thinking.budget_tokens")):
+    args = {"model": "primary", "max_tokens": 8, "messages": [{"role": "user", "content": "x"}]}
+    args.update(kwargs)
+    try:
+        client.messages.create(**args)
+        check(f"{label} rejected", False)
+    except err as e:
+        body = e.body or {}
+        check(f"{label} → {e.status_code} {body.get('error', {}).get('type')}",
+              body.get("type") == "error" and (field is None or field in body["error"]["message"]), body)
+
+print(f"{passed} passed, 0 failed")
