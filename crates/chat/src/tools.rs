@@ -451,8 +451,8 @@ pub struct OutputParser {
     pending: String,
     tool_body: String,
     events: Vec<Event>,
-    /// A thinking block or a tool call just closed: the whitespace that follows separates it from what
-    /// comes next (the template's own newlines between blocks), so it is not answer text.
+    /// A thinking block or a tool call just closed: the line breaks that follow separate it from what
+    /// comes next (the template's own newlines between blocks), so they are not answer text.
     after_block: bool,
 }
 
@@ -536,7 +536,8 @@ impl OutputParser {
 
     fn emit_text(&mut self, text: &str) {
         let text = if self.state == State::Normal && self.after_block {
-            let t = text.trim_start();
+            // Only the line breaks: an answer may start with indentation (a code block).
+            let t = text.trim_start_matches(['\n', '\r']);
             self.after_block = t.is_empty();
             t
         } else {
@@ -710,7 +711,8 @@ ok<|tool_call>call:f{a:<|"|>Paris ⇒ C[ok]/T[f{"a":"Paris"}]
 <|tool_call>I will call a tool<tool_call|>after ⇒ E[I will call a tool: no `call:NAME{…}` found]C[after]/
 <|tool_call> <tool_call|>¦ ⇒ //
 <|tool_call>call:a{}<tool_call|>⏎<|tool_call>call:b{x:1}<tool_call|> ⇒ T[a{}]T[b{"x":1}]/
-<|tool_call>call:a{}<tool_call|>⏎¦ ¦⏎Done. ⇒ T[a{}]//C[Done.]/
+<|tool_call>call:a{}<tool_call|>⏎¦⏎Done. ⇒ T[a{}]/C[Done.]/
+<|channel>thought⏎x<channel|>⏎    code ⇒ R[x]C[    code]/
 <|channel>thought⏎Multiply.<channel|>⏎⏎7 * 8 = 56 ⇒ R[Multiply.]C[7 * 8 = 56]/
 <|channel>thought⏎Multiply.<channel|>⏎¦⏎7 ¦⏎8 ⇒ R[Multiply.]/C[7 ]/C[⏎8]/
 héllo 🌍 ¦世界 ⇒ C[héllo 🌍 ]/C[世界]/

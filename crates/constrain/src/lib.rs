@@ -35,8 +35,14 @@ use serde_json::{Value, json};
 pub enum Constraint {
     /// One JSON object (`response_format: {"type": "json_object"}`).
     JsonObject,
-    /// JSON valid against this schema (`response_format.json_schema.schema`).
-    JsonSchema(Value),
+    /// JSON valid against `schema` (`response_format.json_schema`). `strict` (OpenAI's flag): a keyword
+    /// llguidance cannot enforce is an error; otherwise it is left unenforced (OpenAI's best effort).
+    JsonSchema {
+        /// The schema.
+        schema: Value,
+        /// Refuse what cannot be enforced.
+        strict: bool,
+    },
     /// One or more Gemma 4 tool calls, each to one of `tools` with arguments valid against its parameters,
     /// and nothing else (`tool_choice: "required"`, or a named function with `tools` holding just it). At
     /// most one call when `parallel` is false (`parallel_tool_calls: false`).
@@ -169,16 +175,19 @@ impl Vocabulary {
     /// keyword, an unsatisfiable schema), naming what.
     pub fn matcher(&self, constraint: &Constraint) -> Result<TokenMatcher, ConstrainError> {
         let grammar = match constraint {
-            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact(json!({
-                "type": "object"
-            }))),
-            Constraint::JsonSchema(schema) => {
+            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact(
+                json!({
+                    "type": "object"
+                }),
+                true,
+            )),
+            Constraint::JsonSchema { schema, strict } => {
                 if !schema.is_object() && !schema.is_boolean() {
                     return Err(ConstrainError::Invalid(
                         "response_format.json_schema.schema must be a JSON Schema object".into(),
                     ));
                 }
-                TopLevelGrammar::from_json_schema(compact(schema.clone()))
+                TopLevelGrammar::from_json_schema(compact(schema.clone(), *strict))
             }
             Constraint::ToolCalls { tools, parallel } => {
                 TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
@@ -200,13 +209,15 @@ impl Vocabulary {
     }
 }
 
-/// The schema with llguidance's JSON layout options: OpenAI's separators, no free whitespace.
-fn compact(schema: Value) -> Value {
+/// The schema with llguidance's JSON layout options: OpenAI's separators, no free whitespace, and (when
+/// not `strict`) unsupported keywords ignored rather than refused.
+fn compact(schema: Value, strict: bool) -> Value {
     match schema {
         Value::Object(mut o) => {
             o.insert(
                 "x-guidance".into(),
-                json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+                json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": ",
+                       "lenient": !strict}),
             );
             Value::Object(o)
         }
@@ -292,8 +303,10 @@ impl Allowed {
     }
 }
 
-/// JSON Schema keywords a tool's `parameters` may use in a forced call: the structure OpenAI's function
-/// calling documents. Annotations are accepted and have no effect on the grammar.
+/// JSON Schema keywords a tool's `parameters` may use in a forced call, and the grammar enforces: the
+/// structure OpenAI's function calling documents (types, properties, required, items, enum, const), string
+/// lengths, alternatives (`anyOf`, `oneOf`, OpenAPI's `nullable`) and local references (`$ref` into
+/// `$defs` or `definitions`), as Pydantic and MCP servers write them.
 const TOOL_KEYWORDS: &[&str] = &[
     "type",
     "properties",
@@ -302,14 +315,46 @@ const TOOL_KEYWORDS: &[&str] = &[
     "items",
     "enum",
     "const",
+    "minLength",
+    "maxLength",
+    "anyOf",
+    "oneOf",
+    "allOf",
+    "nullable",
+    "$ref",
+    "$defs",
+    "definitions",
+];
+
+/// Keywords accepted without effect on the grammar: annotations, and value checks a grammar over Gemma's
+/// argument format does not make (numeric bounds, formats, patterns, sizes), which the model's own
+/// training keeps to in practice; OpenAI's non-strict function calling promises no more.
+const TOOL_KEYWORDS_UNENFORCED: &[&str] = &[
     "description",
     "title",
     "default",
     "examples",
-    "minLength",
-    "maxLength",
     "$schema",
     "$comment",
+    "$id",
+    "deprecated",
+    "readOnly",
+    "writeOnly",
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "format",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "contentEncoding",
+    "contentMediaType",
+    "strict",
 ];
 
 /// A Lark grammar (llguidance's dialect) for Gemma 4 tool calls to `tools`.
@@ -327,10 +372,16 @@ pub fn tool_call_grammar(tools: &[ToolSpec], parallel: bool) -> Result<String, C
             "tool_choice: no tool to call".into(),
         ));
     }
-    let mut g = Lark::default();
     let mut calls = vec![];
+    let mut rules = vec![];
     for (i, t) in tools.iter().enumerate() {
         let path = format!("tools[{i}].function.parameters");
+        // Each tool's `$ref`s resolve within its own parameters; rule names stay unique across tools.
+        let mut g = Lark {
+            root: t.parameters.clone(),
+            prefix: format!("t{i}_"),
+            ..Default::default()
+        };
         let args = match &t.parameters {
             Value::Null => "\"{}\"".to_string(),
             p => {
@@ -343,6 +394,7 @@ pub fn tool_call_grammar(tools: &[ToolSpec], parallel: bool) -> Result<String, C
             }
         };
         calls.push(format!("{} {args}", lit(&t.name)));
+        rules.append(&mut g.rules);
     }
     let mut out = String::new();
     let _ = writeln!(out, "start: {}", if parallel { "call+" } else { "call" });
@@ -352,7 +404,7 @@ pub fn tool_call_grammar(tools: &[ToolSpec], parallel: bool) -> Result<String, C
         calls.join(" | ")
     );
     out.push_str(ANY_VALUE);
-    for r in &g.rules {
+    for r in &rules {
         let _ = writeln!(out, "{r}");
     }
     Ok(out)
@@ -390,14 +442,42 @@ fn gemma_literal(v: &Value, path: &str) -> Result<String, ConstrainError> {
 
 #[derive(Default)]
 struct Lark {
+    /// The parameters schema `$ref`s resolve in.
+    root: Value,
+    /// Prefix of this tool's rule names.
+    prefix: String,
     rules: Vec<String>,
+    /// Rule names of the `$ref`s met so far (a recursive schema refers back to its rule).
+    refs: std::collections::HashMap<String, String>,
 }
 
 impl Lark {
     fn rule(&mut self, body: String) -> String {
-        let name = format!("r{}", self.rules.len());
+        let name = format!("{}r{}", self.prefix, self.rules.len());
         self.rules.push(format!("{name}: {body}"));
         name
+    }
+
+    /// The rule for a local `$ref` (`#/$defs/NAME`, `#/definitions/NAME`, `#`), made once.
+    fn reference(&mut self, r: &str, path: &str) -> Result<String, ConstrainError> {
+        if let Some(name) = self.refs.get(r) {
+            return Ok(name.clone());
+        }
+        let target = r
+            .strip_prefix('#')
+            .and_then(|p| self.root.pointer(p))
+            .cloned()
+            .ok_or_else(|| {
+                ConstrainError::Invalid(format!(
+                    "{path}.$ref: {r:?} is not a local reference into this schema"
+                ))
+            })?;
+        // Name the rule before building it, so that the schema may refer to itself.
+        let name = format!("{}ref{}", self.prefix, self.refs.len());
+        self.refs.insert(r.to_string(), name.clone());
+        let body = self.value(&target, &format!("{path}.$ref"))?;
+        self.rules.push(format!("{name}: {body}"));
+        Ok(name)
     }
 
     /// An expression for a value valid against `schema`.
@@ -411,10 +491,47 @@ impl Lark {
                 )));
             }
         };
-        if let Some(k) = o.keys().find(|k| !TOOL_KEYWORDS.contains(&k.as_str())) {
+        if let Some(k) = o.keys().find(|k| {
+            !TOOL_KEYWORDS.contains(&k.as_str()) && !TOOL_KEYWORDS_UNENFORCED.contains(&k.as_str())
+        }) {
             return Err(ConstrainError::Invalid(format!(
                 "{path}: JSON Schema keyword {k:?} is not supported in a forced tool call"
             )));
+        }
+        if o.get("nullable") == Some(&Value::Bool(true)) {
+            let mut inner = o.clone();
+            inner.remove("nullable");
+            let v = self.value(&Value::Object(inner), path)?;
+            return Ok(format!("({v} | \"null\")"));
+        }
+        if let Some(r) = o.get("$ref") {
+            let r = r
+                .as_str()
+                .ok_or_else(|| ConstrainError::Invalid(format!("{path}.$ref: must be a string")))?;
+            return self.reference(r, path);
+        }
+        for key in ["anyOf", "oneOf"] {
+            if let Some(alts) = o.get(key) {
+                let alts = alts.as_array().filter(|a| !a.is_empty()).ok_or_else(|| {
+                    ConstrainError::Invalid(format!("{path}.{key}: must be a non-empty array"))
+                })?;
+                let exprs = alts
+                    .iter()
+                    .enumerate()
+                    .map(|(k, a)| self.value(a, &format!("{path}.{key}[{k}]")))
+                    .collect::<Result<Vec<_>, _>>()?;
+                return Ok(format!("({})", exprs.join(" | ")));
+            }
+        }
+        if let Some(all) = o.get("allOf") {
+            // One member (how Pydantic wraps a `$ref` with a description) is that member; an intersection
+            // of several is not something a grammar over alternatives can build.
+            return match all.as_array().map(Vec::as_slice) {
+                Some([one]) => self.value(one, &format!("{path}.allOf[0]")),
+                _ => Err(ConstrainError::Invalid(format!(
+                    "{path}.allOf: only a single member is supported in a forced tool call"
+                ))),
+            };
         }
         if let Some(c) = o.get("const") {
             return gemma_literal(c, &format!("{path}.const"));
@@ -503,6 +620,9 @@ impl Lark {
                 "{path}: maxLength is below minLength"
             )));
         }
+        if max == Some(0) {
+            return Ok("(<|\"|> <|\"|>)".into());
+        }
         let max = max.map_or(String::new(), |m| m.to_string());
         // A lexeme may not match the empty string: an optional one covers length 0.
         let text = if min == 0 {
@@ -541,11 +661,6 @@ impl Lark {
             .and_then(Value::as_array)
             .map(|r| r.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        if let Some(missing) = required.iter().find(|r| !props.contains_key(**r)) {
-            return Err(ConstrainError::Invalid(format!(
-                "{path}.required: {missing:?} is not among the properties"
-            )));
-        }
         let mut pairs = vec![];
         for (k, s) in props {
             let v = self.value(s, &format!("{path}.properties.{k}"))?;
@@ -553,6 +668,10 @@ impl Lark {
                 format!("{} {v}", lit(&format!("{k}:"))),
                 required.contains(&k.as_str()),
             ));
+        }
+        // A required key the schema does not describe: present, with any value.
+        for r in required.iter().filter(|r| !props.contains_key(**r)) {
+            pairs.push((format!("{} gv", lit(&format!("{r}:"))), true));
         }
         // first(i): properties i.. when none has been written yet; rest(i): when one has (each written one
         // then starts with ","). Built from the end.
@@ -597,12 +716,60 @@ mod tests {
         assert!(g.contains("\"get_weather\""), "{g}");
         let bad = vec![ToolSpec {
             name: "f".into(),
-            parameters: json!({"type": "object", "properties": {"x": {"type": "string", "pattern": "a+"}}}),
+            parameters: json!({"type": "object", "properties": {"x": {"type": "string", "not": {}}}}),
         }];
         let e = tool_call_grammar(&bad, true).unwrap_err().to_string();
-        assert!(
-            e.contains("\"pattern\"") && e.contains("properties.x"),
-            "{e}"
-        );
+        assert!(e.contains("\"not\"") && e.contains("properties.x"), "{e}");
+    }
+
+    /// What Pydantic and MCP servers write: `$defs` with `$ref` (recursive too), `anyOf` with null for an
+    /// optional field, `allOf` around one reference, validation keywords the grammar accepts as they are,
+    /// a required key with no schema, an empty string.
+    #[test]
+    fn pydantic_style_schemas_compile() {
+        let tools = vec![ToolSpec {
+            name: "plan".into(),
+            parameters: json!({"type": "object", "$defs": {
+                "Step": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 0},
+                    "next": {"anyOf": [{"$ref": "#/$defs/Step"}, {"type": "null"}]}},
+                    "required": ["name"]}},
+                "properties": {"first": {"allOf": [{"$ref": "#/$defs/Step"}], "description": "start"},
+                    "budget": {"type": "integer", "minimum": 0, "nullable": true}},
+                "required": ["first", "note"]}),
+        }];
+        // A byte-level vocabulary with Gemma's markers as special tokens: 256 `<|tool_call>`,
+        // 257 `<tool_call|>`, 258 `<|"|>`, 259 the end of sequence.
+        let mut tokens: Vec<(Vec<u8>, bool)> = (0..=255u8).map(|b| (vec![b], false)).collect();
+        for m in ["<|tool_call>", "<tool_call|>", "<|\"|>", "<eos>"] {
+            tokens.push((m.as_bytes().to_vec(), true));
+        }
+        let vocab = Vocabulary::from_tokens(tokens, &[259]).unwrap();
+        let constraint = Constraint::ToolCalls {
+            tools,
+            parallel: false,
+        };
+        // Feeds text, with `«` `»` `"` standing for the markers; says whether every token was allowed and
+        // whether the call is complete.
+        let run = |text: &str| -> (bool, bool) {
+            let mut m = vocab.matcher(&constraint).unwrap();
+            for c in text.chars() {
+                let t = match c {
+                    '«' => 256,
+                    '»' => 257,
+                    '"' => 258,
+                    c => c as u32,
+                };
+                if !m.allowed().unwrap().contains(t) || m.commit(t).is_err() {
+                    return (false, false);
+                }
+            }
+            (true, m.is_complete())
+        };
+        let ok = "«call:plan{first:{name:\"\",next:{name:\"\",next:null}},budget:7,note:[1]}»";
+        assert_eq!(run(ok), (true, true), "{ok}");
+        // The required `note` missing; a non-empty name; a second call.
+        assert!(!run("«call:plan{first:{name:\"\"}}»").1);
+        assert!(!run("«call:plan{first:{name:\"x").0);
+        assert!(!run(&format!("{ok}«")).0);
     }
 }

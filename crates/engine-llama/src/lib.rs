@@ -334,8 +334,8 @@ pub struct Loaded {
 }
 
 impl Loaded {
-    /// The vocabulary as llguidance reads it, for constrained decoding: every token's bytes (control and
-    /// user-defined tokens marked special, as `tokenizer.json` marks them for the MLX engine) and the end-of-generation
+    /// The vocabulary as llguidance reads it, for constrained decoding: every token's bytes (control tokens
+    /// and Gemma's marker tokens marked special, as `tokenizer.json` marks them for the MLX engine) and the end-of-generation
     /// tokens, read from the GGUF's vocabulary on the first constrained request, then kept.
     ///
     /// Errors: [`LlamaError::Runtime`] when llguidance cannot use it (every later call says the same).
@@ -344,16 +344,20 @@ impl Loaded {
             .get_or_init(|| {
                 let vocab = self.model.vocab();
                 let n = self.model.n_vocab();
-                // Control tokens and user-defined ones (added tokens the tokenizer matches whole, such as
-                // Gemma 4's `<|tool_call>` and `<|"|>`, which tokenizer.json marks special): no text spells
-                // them, a grammar names them.
+                // Control tokens, and the user-defined ones shaped like Gemma's markers (`<|tool_call>`,
+                // `<tool_call|>`, `<|"|>`, which tokenizer.json marks special): no text spells them, a
+                // grammar names them. Other user-defined tokens (Gemma's "\n", runs of spaces, `<td>`)
+                // are text, as the MLX engine's tokenizer.json has them.
                 let tokens = (0..n).map(|i| {
                     let t = LlamaToken(i);
+                    let piece = vocab.token_to_piece(t, true, None);
+                    let marker = piece.starts_with(b"<|") || piece.ends_with(b"|>");
                     let special = vocab.is_control(t)
-                        || vocab
-                            .attr(t)
-                            .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined);
-                    (vocab.token_to_piece(t, true, None), special)
+                        || (marker
+                            && vocab
+                                .attr(t)
+                                .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined));
+                    (piece, special)
                 });
                 let eos: Vec<u32> = (0..n)
                     .filter(|&i| vocab.is_eog(LlamaToken(i)))

@@ -339,7 +339,13 @@ fn constrained_answers_follow_their_grammar() {
     };
     let cases = [
         ("json_object", Constraint::JsonObject),
-        ("json_schema", Constraint::JsonSchema(city)),
+        (
+            "json_schema",
+            Constraint::JsonSchema {
+                schema: city,
+                strict: true,
+            },
+        ),
         (
             "tool call",
             Constraint::ToolCalls {

@@ -242,6 +242,9 @@ pub struct Generation {
     t0: Instant,
     t_first: Option<Instant>,
     finished: bool,
+    /// The grammar failed part-way (llguidance refused a token or found nothing allowed): this generation
+    /// ended, and its caller must fail it, without touching the others decoded with it.
+    failure: Option<String>,
 }
 
 impl Generation {
@@ -337,6 +340,7 @@ impl Generation {
             t0: Instant::now(),
             t_first: None,
             finished: false,
+            failure: None,
         })
     }
 
@@ -609,16 +613,24 @@ impl Generation {
         let n = n + 1;
         // A constrained answer needs each token on the host before the next step's mask exists, so it runs
         // unpipelined.
-        if let Some(g) = self.grammar.as_mut() {
-            g.commit(token)
-                .map_err(|e| EngineError::Constraint(e.to_string()))?;
+        if let Some(g) = self.grammar.as_mut()
+            && let Err(e) = g.commit(token)
+        {
+            return Ok(self.fail(e.to_string()));
         }
         let next = if self.grammar.is_some() && n < self.opts.max_tokens {
+            let mask = match self.grammar_mask(model) {
+                Ok(m) => m,
+                // The token itself was allowed: it goes out, then the generation fails.
+                Err(e) => {
+                    self.fail(e.to_string());
+                    return Ok(Some(Step { token, logprobs }));
+                }
+            };
             let tok = Array::from_slice(&[token as i32], &[1]);
             self.history = ops::concatenate(&[&self.history, &tok], 0)?;
             self.fed.push(token);
             let history = self.history.clone();
-            let mask = self.grammar_mask(model)?;
             Some(self.queue(model, &tok, &history, mask)?)
         } else {
             next
@@ -631,6 +643,19 @@ impl Generation {
             None => self.end(FinishReason::Length),
         }
         Ok(Some(Step { token, logprobs }))
+    }
+
+    /// Ends this generation on a grammar failure (see [`Generation::take_failure`]).
+    fn fail(&mut self, why: String) -> Option<Step> {
+        self.failure = Some(why);
+        self.end(FinishReason::Stop);
+        None
+    }
+
+    /// A grammar failure that ended this generation (constrained decoding only), once: the caller fails
+    /// the request; the cache is in order up to what was fed.
+    pub fn take_failure(&mut self) -> Option<EngineError> {
+        self.failure.take().map(EngineError::Constraint)
     }
 
     /// Ends generation early (a stop string, a cancel) with `reason`; the queued step is dropped. Called

@@ -561,7 +561,11 @@ impl ModelRunner for MlxRunner {
             Ok((steps, rows)) => {
                 self.largest_batch = self.largest_batch.max(rows);
                 for (i, step) in ready.into_iter().zip(steps) {
-                    if let Err(e) = batch[i].emit(model, step, &mut out[i]) {
+                    let failed = batch[i]
+                        .emit(model, step, &mut out[i])
+                        .err()
+                        .or_else(|| batch[i].generation.take_failure());
+                    if let Some(e) = failed {
                         batch[i].poisoned = true;
                         out[i].fail(EngineFailure::from(e));
                     }

@@ -233,7 +233,13 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
     };
     let cases: Vec<(&str, Constraint)> = vec![
         ("json_object", Constraint::JsonObject),
-        ("json_schema", Constraint::JsonSchema(city)),
+        (
+            "json_schema",
+            Constraint::JsonSchema {
+                schema: city,
+                strict: true,
+            },
+        ),
         (
             "tool call",
             Constraint::ToolCalls {

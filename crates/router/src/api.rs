@@ -181,6 +181,18 @@ pub struct ChatRequest {
     pub raw_prompt: Option<String>,
 }
 
+impl ChatRequest {
+    /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
+    /// (`tool_choice` `required` or a named function).
+    pub fn is_constrained(&self) -> bool {
+        self.response_format.is_json()
+            || matches!(
+                self.tool_choice,
+                Some(ToolChoice::Required | ToolChoice::Function(_))
+            )
+    }
+}
+
 /// `response_format`, checked.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub enum ResponseFormat {
@@ -290,16 +302,22 @@ pub enum ToolChoice {
 }
 
 impl ToolChoice {
-    /// Reads `tool_choice` and checks it against the request's tools (OpenAI's rules: it needs tools, and a
-    /// named function must be one of them). Errors name the field.
+    /// Reads `tool_choice` and checks it against the request's tools: a call can only be required when
+    /// there are tools, and a named function must be one of them (`none` and `auto` without tools are
+    /// accepted, as vLLM and llama.cpp do: no call is made either way). Errors name the field.
     pub fn parse(v: &Value, tools: Option<&[Value]>) -> Result<Self, RouterError> {
         let tools = tools.unwrap_or_default();
-        if tools.is_empty() {
+        let choice = Self::read(v, tools)?;
+        if tools.is_empty() && matches!(choice, Self::Required | Self::Function(_)) {
             return Err(invalid(
-                "tool_choice is only allowed when tools are specified",
+                "tool_choice requires a tool call, but no tools are specified",
                 "tool_choice",
             ));
         }
+        Ok(choice)
+    }
+
+    fn read(v: &Value, tools: &[Value]) -> Result<Self, RouterError> {
         match v {
             Value::String(s) => match s.as_str() {
                 "none" => Ok(Self::None),
@@ -696,12 +714,6 @@ impl ChatCompletionRequest {
             .as_ref()
             .map(|v| ToolChoice::parse(v, self.tools.as_deref()))
             .transpose()?;
-        if self.parallel_tool_calls.is_some() && self.tools.as_ref().is_none_or(|t| t.is_empty()) {
-            return Err(invalid(
-                "parallel_tool_calls is only allowed when tools are specified",
-                "parallel_tool_calls",
-            ));
-        }
         let response_format = self
             .response_format
             .as_ref()

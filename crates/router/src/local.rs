@@ -60,10 +60,11 @@ pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
                 parallel,
             });
         }
+        // One call to the named function, as vLLM's guided decoding gives.
         Some(ToolChoice::Function(name)) => {
             return Some(Constraint::ToolCalls {
                 tools: ToolSpec::from_openai(tools, |n| n == name),
-                parallel,
+                parallel: false,
             });
         }
         _ => {}
@@ -71,7 +72,10 @@ pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     match &req.response_format {
         ResponseFormat::Text => None,
         ResponseFormat::JsonObject => Some(Constraint::JsonObject),
-        ResponseFormat::JsonSchema { schema, .. } => Some(Constraint::JsonSchema(schema.clone())),
+        ResponseFormat::JsonSchema { schema, strict, .. } => Some(Constraint::JsonSchema {
+            schema: schema.clone(),
+            strict: *strict,
+        }),
     }
 }
 
@@ -147,13 +151,22 @@ impl<E: InProcess> Backend for EngineBackend<E> {
                 enable_thinking: req.enable_thinking,
             },
         };
+        let constraint = constraint_of(req);
+        // A JSON answer is not parsed for thinking or tool calls; forced tool calls are.
+        let json = matches!(
+            constraint,
+            Some(
+                jemma_constrain::Constraint::JsonObject
+                    | jemma_constrain::Constraint::JsonSchema { .. }
+            )
+        );
         let job = Job {
             prompt,
             sampling: sampling_of(req),
             max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
             stop: req.stop.clone(),
-            parse_output: req.raw_prompt.is_none() && !req.response_format.is_json(),
-            constraint: constraint_of(req),
+            parse_output: req.raw_prompt.is_none() && !json,
+            constraint,
             parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,

@@ -79,11 +79,34 @@ struct TierSlot {
     settings: TierSettings,
 }
 
+/// A held run slot; given back when the request leaves the tier, or retired then if the backend now runs
+/// fewer requests at once than the tier has slots.
+struct RunSlot {
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    slot: Arc<TierSlot>,
+}
+
+impl Drop for RunSlot {
+    fn drop(&mut self) {
+        let Some(p) = self.permit.take() else { return };
+        let Some(cap) = self.slot.backend.capacity() else {
+            return;
+        };
+        let want = cap.clamp(1, self.slot.settings.max_concurrency.max(1));
+        let mut limit = self.slot.limit.lock().unwrap_or_else(|e| e.into_inner());
+        if want < *limit {
+            p.forget();
+            *limit -= 1;
+        }
+    }
+}
+
 impl TierSlot {
     /// Matches the run slots to what the backend runs at once now ([`Backend::capacity`], at most
     /// `max_concurrency`): when an engine's memory budget gave it a smaller batch, the requests beyond it
     /// wait here, told they are waiting and with no first-token clock running, rather than in the
-    /// engine's own queue. Slots held by running requests are taken away as those requests end.
+    /// engine's own queue. Slots held by running requests are taken away as those requests end
+    /// ([`RunSlot`]).
     fn fit_slots(&self) {
         let Some(cap) = self.backend.capacity() else {
             return;
@@ -450,15 +473,29 @@ impl TierRouter {
             let run = loop {
                 tokio::select! {
                     p = slot.slots.clone().acquire_owned() => break p,
+                    // A client that gave up while queued takes no slot.
+                    _ = tx.closed() => return,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {
                         if tx.send(Output::Waiting).await.is_err() { return; }
                     }
                 }
             };
-            let Ok(_run) = run else { return };
+            let Ok(run) = run else { return };
+            let _run = RunSlot {
+                permit: Some(run),
+                slot: slot.clone(),
+            };
             busy_only = false;
             let started = Instant::now();
             let cont = (!sent.is_empty()).then_some(sent.as_str());
+            if cont.is_some() && req.is_constrained() {
+                // Another tier's grammar would start from the beginning, not where this answer broke
+                // off: the joined answer would not be what the constraint promised.
+                fallback.push(hop(
+                    "a constrained answer cannot be continued on another tier",
+                ));
+                break;
+            }
             let clamped;
             let req_t = match slot.settings.max_tokens {
                 Some(c) if req.max_tokens.is_none_or(|m| m > c) => {

@@ -470,7 +470,18 @@ async fn run_slots_follow_what_the_backend_runs_at_once() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(fast.calls.load(Ordering::SeqCst), 3);
     assert_eq!(r.status()[0].in_flight, 3);
+    // The engine shrinks to one while three run: their slots retire as they end, so the next three
+    // requests get one slot, not the three freed.
+    *fast.capacity.lock().unwrap() = Some(1);
     drop((rxs, more));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(r.status()[0].in_flight, 0);
+    let rxs: Vec<_> = (0..3)
+        .map(|_| r.chat(request("fast", "hello")).unwrap())
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(fast.calls.load(Ordering::SeqCst), 4, "one more runs");
+    drop(rxs);
 }
 
 /// A 503 tells the client when to come back: the soonest any tried tier may serve again, from an open
