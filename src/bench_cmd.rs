@@ -1,10 +1,13 @@
 //! `jemma bench`: prefill and decode speed of the in-process engine on a model directory (random prompt ids,
 //! fixed seed, exactly --gen tokens), median over --runs. scripts/bench-engine compares against mlx-lm.
+//! With `--constraint`, decode runs under a grammar (constrained decoding), and `--mask-gguf` times
+//! llguidance's per-token mask on a real Gemma vocabulary instead (scripts/bench-constrain).
 
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use jemma_constrain::Constraint;
 use jemma_engine::device::select_device;
 use jemma_engine::generate::{GenerateOptions, generate};
 use jemma_engine::runtime::{ModelBundle, default_dtype};
@@ -12,9 +15,18 @@ use jemma_engine::runtime::{ModelBundle, default_dtype};
 /// Arguments of `jemma bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory.
+    /// Model directory (MLX engine).
+    #[arg(long, required_unless_present = "mask_gguf")]
+    model: Option<PathBuf>,
+    /// Decode under a grammar: `json` (any JSON object) or `schema` (an object with one free-text field,
+    /// so that random weights keep writing).
     #[arg(long)]
-    model: PathBuf,
+    constraint: Option<String>,
+    /// Instead of decoding, time the grammar mask per token on this GGUF's vocabulary (the real Gemma
+    /// tokenizer, 262,144 tokens), with Gemma 4's tool-call markers added, for JSON, a JSON Schema and a
+    /// tool call; prints mean and p99 milliseconds.
+    #[arg(long)]
+    mask_gguf: Option<PathBuf>,
     /// Prompt length in tokens.
     #[arg(long, default_value_t = 256)]
     prompt_tokens: usize,
@@ -38,14 +50,20 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if let Some(gguf) = &args.mask_gguf {
+        return mask_bench(gguf, args.runs.max(1));
+    }
+    let Some(model) = args.model.clone() else {
+        anyhow::bail!("--model is required");
+    };
     let device = select_device()?;
     mlx_rs::Device::set_default(&device.device());
     let dtype = match crate::generate_cmd::parse_dtype(&args.dtype)? {
         None => default_dtype(device),
         Some(d) => d,
     };
-    let bundle = ModelBundle::load(&args.model, dtype)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let bundle =
+        ModelBundle::load(&model, dtype).with_context(|| format!("loading {}", model.display()))?;
     let vocab = bundle.model.config().vocab_size as u64;
     // A fixed linear-congruential sequence: the same prompt on every machine, no rand dependency.
     let mut x = 0x9E3779B97F4A7C15u64;
@@ -57,10 +75,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ((x >> 33) % (vocab - 200) + 200) as u32
         })
         .collect();
-    let opts = GenerateOptions {
+    let mut opts = GenerateOptions {
         max_tokens: args.gen_tokens.max(1),
         ..Default::default()
     };
+    if let Some(c) = &args.constraint {
+        let c = match c.as_str() {
+            "json" => Constraint::JsonObject,
+            "schema" => Constraint::JsonSchema {
+                schema: serde_json::json!({"type": "object", "properties": {"text": {"type": "string"}},
+                    "required": ["text"], "additionalProperties": false}),
+                strict: true,
+            },
+            other => anyhow::bail!("--constraint json|schema, not {other:?}"),
+        };
+        opts.constraint = Some((bundle.vocabulary()?, c));
+        // A complete answer can only end: stop there rather than feed the grammar past its end.
+        opts.stop_tokens = bundle.tokenizer.eos_ids.clone();
+    }
     let (mut pre, mut dec) = (vec![], vec![]);
     for i in 0..=args.runs.max(1) {
         let s = generate(&bundle.model, &prompt, &opts, |_| ControlFlow::Continue(()))?;
@@ -70,7 +102,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let out = serde_json::json!({
-        "model": args.model, "dtype": bundle.report.dtype, "device": device,
+        "model": model, "dtype": bundle.report.dtype, "device": device, "constraint": args.constraint,
         "prompt_tokens": prompt.len(), "generated_tokens": opts.max_tokens, "runs": pre.len(),
         "prefill_tps": median(pre), "decode_tps": median(dec),
         "peak_memory_bytes": mlx_rs::memory::peak_memory()?, "peak_rss_bytes": crate::generate_cmd::peak_rss_bytes(),
@@ -80,7 +112,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         println!(
             "{}: prefill {:.1} tok/s, decode {:.1} tok/s ({} prompt tokens, {} generated, median of {}, {} on {:?})",
-            args.model.display(),
+            model.display(),
             out["prefill_tps"].as_f64().unwrap_or(0.0),
             out["decode_tps"].as_f64().unwrap_or(0.0),
             prompt.len(),
@@ -91,4 +123,122 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// Per-token cost of constrained decoding on a real vocabulary: for a JSON object, a JSON Schema and a
+/// Gemma 4 tool call, a fixed valid answer is fed token by token; each step times the mask (llguidance's
+/// `compute_mask`), the additive logit mask the MLX engine builds from it, and the commit. `runs` passes
+/// over each answer; prints JSON with mean and p99 milliseconds.
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+fn mask_bench(gguf: &std::path::Path, runs: usize) -> anyhow::Result<()> {
+    use jemma_constrain::{ToolSpec, Vocabulary};
+    use jemma_router::llama;
+    use std::time::Instant;
+    let loaded = llama::load(&llama::LlamaConfig::new(gguf), |_| true)?;
+    let (mut tokens, eos) = loaded.token_table();
+    let n_real = tokens.len();
+    // Gemma 4's tool-call markers, appended (the GGUF is Gemma 3's, with the same 262,144-token text
+    // vocabulary): 0 `<|tool_call>`, 1 `<tool_call|>`, 2 `<|"|>`.
+    for m in ["<|tool_call>", "<tool_call|>", "<|\"|>"] {
+        tokens.push((m.as_bytes().to_vec(), true));
+    }
+    let marker = |k: usize| (n_real + k) as u32;
+    let t_vocab = Instant::now();
+    let vocab = Vocabulary::from_tokens(tokens, &eos)?;
+    let vocab_ms = t_vocab.elapsed().as_secs_f64() * 1e3;
+    let v = n_real + 3;
+    let text = |s: &str| -> Vec<u32> {
+        loaded
+            .model
+            .vocab()
+            .tokenize(s.as_bytes(), false, false)
+            .into_iter()
+            .map(|t| t.0 as u32)
+            .collect()
+    };
+    let schema = serde_json::json!({"type": "object", "properties": {"name": {"type": "string"},
+        "population": {"type": "integer"}}, "required": ["name", "population"],
+        "additionalProperties": false});
+    let tool = ToolSpec {
+        name: "get_weather".into(),
+        parameters: serde_json::json!({"type": "object", "properties": {"city": {"type": "string"},
+            "days": {"type": "integer"}}, "required": ["city"]}),
+    };
+    let json_answer = text(r#"{"name": "Paris", "population": 2148000}"#);
+    let mut call = vec![marker(0)];
+    call.extend(text("call:get_weather{city:"));
+    call.push(marker(2));
+    call.extend(text("Paris"));
+    call.push(marker(2));
+    call.extend(text(",days:3}"));
+    call.push(marker(1));
+    let cases: Vec<(&str, Constraint, Vec<u32>)> = vec![
+        ("json_object", Constraint::JsonObject, json_answer.clone()),
+        (
+            "json_schema",
+            Constraint::JsonSchema {
+                schema,
+                strict: true,
+            },
+            json_answer,
+        ),
+        (
+            "tool_call",
+            Constraint::ToolCalls {
+                tools: vec![tool],
+                parallel: false,
+            },
+            call,
+        ),
+    ];
+    let mut out = serde_json::Map::new();
+    out.insert("vocab_tokens".into(), v.into());
+    out.insert("vocab_build_ms".into(), vocab_ms.into());
+    for (name, c, answer) in cases {
+        let (mut mask, mut additive, mut commit) = (vec![], vec![], vec![]);
+        for _ in 0..runs {
+            let mut m = vocab.matcher(&c)?;
+            for &t in &answer {
+                let t0 = Instant::now();
+                let allowed = m.allowed()?;
+                let t1 = Instant::now();
+                std::hint::black_box(allowed.additive(v));
+                let t2 = Instant::now();
+                anyhow::ensure!(
+                    allowed.contains(t),
+                    "{name}: token {t} of the answer is not allowed"
+                );
+                m.commit(t)?;
+                let t3 = Instant::now();
+                mask.push((t1 - t0).as_secs_f64() * 1e3);
+                additive.push((t2 - t1).as_secs_f64() * 1e3);
+                commit.push((t3 - t2).as_secs_f64() * 1e3);
+            }
+            anyhow::ensure!(m.is_complete(), "{name}: the answer is not complete");
+        }
+        let stats = |mut v: Vec<f64>| {
+            let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+            v.sort_by(f64::total_cmp);
+            let p99 = v[((v.len() as f64 * 0.99) as usize).min(v.len() - 1)];
+            serde_json::json!({"mean_ms": mean, "p99_ms": p99})
+        };
+        out.insert(
+            name.into(),
+            serde_json::json!({"tokens": answer.len(), "mask": stats(mask),
+                "additive_mask": stats(additive), "commit": stats(commit)}),
+        );
+    }
+    println!("{}", serde_json::Value::Object(out));
+    Ok(())
+}
+
+#[cfg(not(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+)))]
+fn mask_bench(_: &std::path::Path, _: usize) -> anyhow::Result<()> {
+    anyhow::bail!("--mask-gguf needs the llama.cpp engine: build with --features llama")
 }

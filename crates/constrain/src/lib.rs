@@ -93,6 +93,9 @@ pub enum ConstrainError {
     Engine(String),
 }
 
+/// Longest token (bytes) llguidance's trie holds.
+const MAX_TOKEN_BYTES: usize = 1024;
+
 /// A model's vocabulary as llguidance sees it: every token's bytes (special tokens marked so that no text
 /// can spell them) in a trie, and the end-of-sequence tokens a complete grammar allows.
 pub struct Vocabulary {
@@ -151,6 +154,11 @@ impl Vocabulary {
     ) -> Result<Self, ConstrainError> {
         let engine = |e: String| ConstrainError::Engine(e);
         tokens.resize(vocab_size, vec![]);
+        // llguidance's trie holds tokens of up to 1,024 bytes (real tokenizers stay well below; GLM-4's
+        // longest is 1,024 spaces). A longer one is left out: a constrained answer never uses it.
+        for t in tokens.iter_mut().filter(|t| t.len() > MAX_TOKEN_BYTES) {
+            t.clear();
+        }
         let eos: Vec<u32> = eos
             .iter()
             .copied()
@@ -159,8 +167,11 @@ impl Vocabulary {
         let first = *eos
             .first()
             .ok_or_else(|| engine("the model has no end-of-sequence token".into()))?;
-        let trie =
-            TokTrie::from(&TokRxInfo::new(vocab_size as u32, first), &tokens).with_eos_tokens(&eos);
+        // The trie builder asserts on shapes it cannot hold: a tokenizer is not worth a crashed engine.
+        let trie = std::panic::catch_unwind(|| {
+            TokTrie::from(&TokRxInfo::new(vocab_size as u32, first), &tokens).with_eos_tokens(&eos)
+        })
+        .map_err(|_| engine("llguidance cannot build a token trie for this vocabulary".into()))?;
         let env: TokEnv = Arc::new(ApproximateTokEnv::new(trie));
         let mut factory = ParserFactory::new_simple(&env).map_err(|e| engine(e.to_string()))?;
         factory.quiet();
@@ -720,6 +731,19 @@ mod tests {
         }];
         let e = tool_call_grammar(&bad, true).unwrap_err().to_string();
         assert!(e.contains("\"not\"") && e.contains("properties.x"), "{e}");
+    }
+
+    /// A synthetic tokenizer's 1,405-byte token (the engine benchmark's has one) would trip llguidance's
+    /// trie builder: it is left out, and the rest works.
+    #[test]
+    fn an_overlong_token_is_left_out() {
+        let mut tokens: Vec<(Vec<u8>, bool)> = (0..=255u8).map(|b| (vec![b], false)).collect();
+        tokens.push((vec![b'a'; 1405], false));
+        tokens.push((b"<eos>".to_vec(), true));
+        let vocab = Vocabulary::from_tokens(tokens, &[257]).unwrap();
+        let mut m = vocab.matcher(&Constraint::JsonObject).unwrap();
+        let allowed = m.allowed().unwrap();
+        assert!(allowed.contains(b'{' as u32) && !allowed.contains(256));
     }
 
     /// What Pydantic and MCP servers write: `$defs` with `$ref` (recursive too), `anyOf` with null for an

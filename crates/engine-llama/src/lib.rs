@@ -334,6 +334,34 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// Every token's bytes by id with whether it is special, and the end-of-generation ids: what
+    /// [`Loaded::vocabulary`] builds llguidance's trie from. Special: control tokens, and the
+    /// user-defined ones shaped like Gemma's markers (`<|tool_call>`, `<tool_call|>`, `<|"|>`, which
+    /// tokenizer.json marks special): no text spells them, a grammar names them. Other user-defined tokens
+    /// (Gemma's "\n", runs of spaces, `<td>`) are text, as the MLX engine's tokenizer.json has them.
+    pub fn token_table(&self) -> (Vec<(Vec<u8>, bool)>, Vec<u32>) {
+        let vocab = self.model.vocab();
+        let n = self.model.n_vocab();
+        let tokens = (0..n)
+            .map(|i| {
+                let t = LlamaToken(i);
+                let piece = vocab.token_to_piece(t, true, None);
+                let marker = piece.starts_with(b"<|") || piece.ends_with(b"|>");
+                let special = vocab.is_control(t)
+                    || (marker
+                        && vocab
+                            .attr(t)
+                            .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined));
+                (piece, special)
+            })
+            .collect();
+        let eos = (0..n)
+            .filter(|&i| vocab.is_eog(LlamaToken(i)))
+            .map(|i| i as u32)
+            .collect();
+        (tokens, eos)
+    }
+
     /// The vocabulary as llguidance reads it, for constrained decoding: every token's bytes (control tokens
     /// and Gemma's marker tokens marked special, as `tokenizer.json` marks them for the MLX engine) and the end-of-generation
     /// tokens, read from the GGUF's vocabulary on the first constrained request, then kept.
@@ -342,27 +370,7 @@ impl Loaded {
     pub fn vocabulary(&self) -> Result<Arc<jemma_constrain::Vocabulary>> {
         self.vocabulary
             .get_or_init(|| {
-                let vocab = self.model.vocab();
-                let n = self.model.n_vocab();
-                // Control tokens, and the user-defined ones shaped like Gemma's markers (`<|tool_call>`,
-                // `<tool_call|>`, `<|"|>`, which tokenizer.json marks special): no text spells them, a
-                // grammar names them. Other user-defined tokens (Gemma's "\n", runs of spaces, `<td>`)
-                // are text, as the MLX engine's tokenizer.json has them.
-                let tokens = (0..n).map(|i| {
-                    let t = LlamaToken(i);
-                    let piece = vocab.token_to_piece(t, true, None);
-                    let marker = piece.starts_with(b"<|") || piece.ends_with(b"|>");
-                    let special = vocab.is_control(t)
-                        || (marker
-                            && vocab
-                                .attr(t)
-                                .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined));
-                    (piece, special)
-                });
-                let eos: Vec<u32> = (0..n)
-                    .filter(|&i| vocab.is_eog(LlamaToken(i)))
-                    .map(|i| i as u32)
-                    .collect();
+                let (tokens, eos) = self.token_table();
                 jemma_constrain::Vocabulary::from_tokens(tokens, &eos)
                     .map(Arc::new)
                     .map_err(|e| e.to_string())
