@@ -15,6 +15,14 @@ client = anthropic.Anthropic(base_url=base, api_key="not-needed-on-loopback", ma
 passed = 0
 
 
+def valid(instance, schema):
+    try:
+        jsonschema.validate(instance, schema)
+        return True
+    except jsonschema.ValidationError:
+        return False
+
+
 def check(name, cond, detail=""):
     global passed
     if not cond:
@@ -73,7 +81,8 @@ for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
     u = uses[0]
     check(f"tool_choice {choice['type']}: an allowed tool", u.name in schemas
           and (choice["type"] == "any" or u.name == "get_time") and u.id.startswith("toolu_"), u)
-    jsonschema.validate(u.input, schemas[u.name])
+    check(f"tool_choice {choice['type']}: input valid against the tool's schema", valid(u.input, schemas[u.name]),
+          u.input)
     # The round trip: the result goes back as a tool_result block.
     follow = client.messages.create(model="primary", max_tokens=8, tools=tools, messages=[
         {"role": "user", "content": "What time is it in Paris?"},
@@ -89,7 +98,7 @@ with client.messages.stream(model="primary", max_tokens=48, extra_body={"tempera
 uses = [b for b in final.content if b.type == "tool_use"]
 check("stream: one tool_use block with parsed input", final.stop_reason == "tool_use" and len(uses) == 1
       and isinstance(uses[0].input, dict), final)
-jsonschema.validate(uses[0].input, schemas[uses[0].name])
+check("stream: tool_use input valid", valid(uses[0].input, schemas[uses[0].name]), uses[0].input)
 
 m = client.messages.create(model="primary", max_tokens=1100, thinking={"type": "enabled", "budget_tokens": 1024},
                            messages=[{"role": "user", "content": "Think, then answer: 7 * 8?"}],
@@ -109,7 +118,8 @@ for seed in range(6):
                                extra_body={"temperature": 1})
     if m.stop_reason == "end_turn":
         ended += 1
-        jsonschema.validate(json.loads(m.content[0].text), schema)
+        check(f"output_config.format (seed {seed}): the answer validates", valid(json.loads(m.content[0].text), schema),
+              m.content[0].text)
 check(f"output_config.format: answers validate ({ended}/6 ended)", ended >= 3, ended)
 
 for label, kwargs, err, field in (

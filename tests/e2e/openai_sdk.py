@@ -200,4 +200,71 @@ try:
 except openai.NotFoundError as e:
     check("unknown model → 404", e.body["code"] == "model_not_found", e.body)
 
+# The Responses API, stateless, as newer OpenAI clients call it by default.
+r = client.responses.create(model="primary", input="Hello!", max_output_tokens=12, store=False)
+check("responses: a finished response with text and usage", r.object == "response"
+      and r.status in ("completed", "incomplete") and isinstance(r.output_text, str)
+      and r.usage.output_tokens >= 1 and r.usage.input_tokens >= 1, r)
+events = list(client.responses.create(model="primary", input="Write code for a loop", max_output_tokens=12,
+                                      store=False, stream=True))
+types = [e.type for e in events]
+check("responses stream: created first, completed last, numbered", types[0] == "response.created"
+      and types[-1] in ("response.completed", "response.incomplete")
+      and [e.sequence_number for e in events] == list(range(len(events))), types)
+streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+check("responses stream: deltas make the final text", streamed == events[-1].response.output_text,
+      (streamed, events[-1].response.output_text))
+shape = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 999}},
+         "required": ["n"], "additionalProperties": False}
+n_format = {"format": {"type": "json_schema", "name": "n", "schema": shape, "strict": True}}
+# The SDK's accumulator needs `response.completed` (a length cut is `response.incomplete`, on which it
+# raises, as against OpenAI): a bounded schema makes random weights finish.
+with client.responses.stream(model="primary", input="Count", max_output_tokens=24, store=False,
+                             text=n_format) as s:
+    deltas = "".join(e.delta for e in s if e.type == "response.output_text.delta")
+    final = s.get_final_response()
+check("responses.stream(): the SDK assembles the final response", final.output_text == deltas
+      and final.status == "completed", (deltas, final))
+cut = list(client.responses.create(model="primary", input="Go on", max_output_tokens=2, store=False, stream=True))
+check("responses stream: a length cut ends in response.incomplete", cut[-1].type == "response.incomplete"
+      and cut[-1].response.incomplete_details.reason == "max_output_tokens", [e.type for e in cut])
+rt = [{"type": "function", "name": "get_weather", "parameters": {"type": "object", "properties": {
+    "city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}]
+for streamed_call in (False, True):
+    kwargs = dict(model="primary", input="Weather in Paris?", tools=rt, tool_choice="required", store=False,
+                  max_output_tokens=48, temperature=1, parallel_tool_calls=False)
+    if streamed_call:
+        with client.responses.stream(**kwargs) as s:
+            for _ in s:
+                pass
+            r = s.get_final_response()
+    else:
+        r = client.responses.create(**kwargs)
+    calls = [o for o in r.output if o.type == "function_call"]
+    label = "streamed" if streamed_call else "whole"
+    check(f"responses tool_choice required ({label}): one call to the offered function",
+          len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id, r.output)
+    jsonschema.validate(json.loads(calls[0].arguments), rt[0]["parameters"])
+back = client.responses.create(model="primary", tools=rt, max_output_tokens=8, store=False, input=[
+    {"role": "user", "content": "Weather in Paris?"},
+    {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
+    {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C"}])
+check("responses: a function_call_output is read and answered", back.status in ("completed", "incomplete"), back)
+ended = 0
+for seed in range(5):
+    r = client.responses.create(model="primary", input=f"A number ({seed})", max_output_tokens=24, store=False,
+                                temperature=1, text=n_format)
+    if r.status == "completed":
+        ended += 1
+        jsonschema.validate(json.loads(r.output_text), shape)
+check(f"responses text.format json_schema: answers validate ({ended}/5 ended)", ended >= 3, ended)
+for label, kwargs, param in (("store: true", {"store": True}, "store"),
+                             ("previous_response_id", {"previous_response_id": "resp_x"}, "previous_response_id"),
+                             ("a hosted tool", {"tools": [{"type": "web_search"}]}, "tools[0].type")):
+    try:
+        client.responses.create(model="primary", input="x", max_output_tokens=4, **kwargs)
+        check(f"responses: {label} rejected", False)
+    except openai.BadRequestError as e:
+        check(f"responses: {label} → 400 naming {param}", e.body["param"] == param, e.body)
+
 print(f"{passed} passed, 0 failed")

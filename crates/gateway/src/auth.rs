@@ -392,26 +392,24 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
         .map(|c| c.0.ip());
     // No peer address means an in-process call (tests, the app's own router): treat as loopback.
     let loopback = peer.is_none_or(|ip| ip.is_loopback()) && !is_proxied(req.headers());
-    let bearer = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim)
-        .filter(|k| !k.is_empty())
-        .map(String::from)
-        // Anthropic's SDKs send the key as `x-api-key`.
-        .or_else(|| {
-            req.headers()
-                .get("x-api-key")
-                .and_then(|v| v.to_str().ok())
-                .map(str::trim)
-                .filter(|k| !k.is_empty())
-                .map(String::from)
-        });
+    // The key as Bearer (OpenAI's SDKs) or `x-api-key` (Anthropic's); a client may send both, one of them
+    // meant for somewhere else, so either may be the one that verifies.
+    let keys: Vec<String> = [
+        req.headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                v.strip_prefix("Bearer ")
+                    .or_else(|| v.strip_prefix("bearer "))
+            }),
+        req.headers().get("x-api-key").and_then(|v| v.to_str().ok()),
+    ]
+    .into_iter()
+    .flatten()
+    .map(str::trim)
+    .filter(|k| !k.is_empty())
+    .map(String::from)
+    .collect();
     let anthropic = req.uri().path().starts_with("/v1/messages");
     if req.uri().path().starts_with("/admin/") && !loopback {
         // Tier toggles and model changes belong to the machine's owner (the app, the local CLI), not to
@@ -424,14 +422,19 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
     } else if req.uri().path() == "/health" {
         Caller::Ip(peer.unwrap_or(IpAddr::from([127, 0, 0, 1])))
     } else {
-        let Some(key) = bearer else {
+        if keys.is_empty() {
             return unauthorized(
                 "an API key is required (Authorization: Bearer …, or x-api-key); create one with \
                  `jemma keys create`",
                 anthropic,
             );
-        };
-        let id = st.access.keys.lock().ok().and_then(|k| k.verify(&key));
+        }
+        let id = st
+            .access
+            .keys
+            .lock()
+            .ok()
+            .and_then(|k| keys.iter().find_map(|key| k.verify(key)));
         match id {
             Some(id) => Caller::Key(id),
             None => {

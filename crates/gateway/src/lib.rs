@@ -7,6 +7,7 @@ mod anthropic;
 pub mod auth;
 mod error;
 mod handlers;
+mod responses;
 mod sse;
 
 use std::sync::{Arc, OnceLock};
@@ -133,6 +134,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(handlers::models))
         .route("/v1/models/{id}", get(handlers::model))
         .route("/health", get(handlers::health))

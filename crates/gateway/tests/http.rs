@@ -499,7 +499,12 @@ async fn remote_callers_need_a_valid_key_and_loopback_is_exempt() {
         &a,
         "100.64.0.7:5000",
         "/v1/messages",
-        &[("x-api-key", &key), ("anthropic-version", "2023-06-01")],
+        // A Bearer token meant for somewhere else does not hide the valid x-api-key.
+        &[
+            ("x-api-key", &key),
+            ("anthropic-version", "2023-06-01"),
+            ("authorization", "Bearer sk-elsewhere"),
+        ],
         msg,
     )
     .await;

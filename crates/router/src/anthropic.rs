@@ -104,11 +104,11 @@ fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
 }
 
 /// A block list or a string as text blocks.
-fn blocks(v: &Value) -> Vec<Value> {
+fn blocks(v: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
     match v {
-        Value::String(s) => vec![json!({"type": "text", "text": s})],
-        Value::Array(a) => a.clone(),
-        _ => vec![],
+        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
+        Value::Array(a) => Ok(a.clone()),
+        _ => Err(invalid("must be a string or a list of blocks", param)),
     }
 }
 
@@ -122,6 +122,9 @@ fn result_text(content: Option<&Value>, param: &str) -> Result<String, RouterErr
             for (k, p) in parts.iter().enumerate() {
                 match p.get("type").and_then(Value::as_str) {
                     Some("text") => {
+                        if !out.is_empty() {
+                            out.push('\n');
+                        }
                         out.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""))
                     }
                     other => {
@@ -147,13 +150,17 @@ fn image_part(b: &Value, param: &str) -> Result<Value, RouterError> {
         .get("source")
         .ok_or_else(|| invalid("an image block needs a source", param))?;
     let url = match src.get("type").and_then(Value::as_str) {
-        Some("base64") => format!(
-            "data:{};base64,{}",
-            src.get("media_type")
-                .and_then(Value::as_str)
-                .unwrap_or("image/png"),
-            src.get("data").and_then(Value::as_str).unwrap_or("")
-        ),
+        Some("base64") => {
+            let field = |k: &str| {
+                src.get(k).and_then(Value::as_str).ok_or_else(|| {
+                    invalid(
+                        format!("a base64 image source needs {k}"),
+                        &format!("{param}.source.{k}"),
+                    )
+                })
+            };
+            format!("data:{};base64,{}", field("media_type")?, field("data")?)
+        }
         Some("url") => src
             .get("url")
             .and_then(Value::as_str)
@@ -184,7 +191,7 @@ impl MessagesRequest {
     /// an OpenAI chat request), with how thinking is to be shown. Errors name the field, in Anthropic's
     /// terms.
     pub fn to_chat(self, limits: &Limits) -> Result<(ChatRequest, ThinkingDisplay), RouterError> {
-        if let Some(k) = self.other.keys().next() {
+        if let Some((k, _)) = self.other.iter().find(|(_, v)| !v.is_null()) {
             return Err(invalid(
                 format!("{k} is not supported by this gateway"),
                 k.as_str(),
@@ -220,7 +227,7 @@ impl MessagesRequest {
         }
         let mut messages = vec![];
         if let Some(system) = &self.system {
-            let text: String = blocks(system)
+            let text: String = blocks(system, "system")?
                 .iter()
                 .enumerate()
                 .map(|(k, b)| match b.get("type").and_then(Value::as_str) {
@@ -254,7 +261,10 @@ impl MessagesRequest {
                 .ok_or_else(|| invalid("content is required", &format!("{param}.content")))?;
             let mut parts: Vec<Value> = vec![];
             let mut calls: Vec<Value> = vec![];
-            for (k, b) in blocks(content).iter().enumerate() {
+            for (k, b) in blocks(content, &format!("{param}.content"))?
+                .iter()
+                .enumerate()
+            {
                 let bp = format!("{param}.content[{k}]");
                 match (role, b.get("type").and_then(Value::as_str)) {
                     (_, Some("text")) => parts.push(json!({"type": "text",
@@ -277,7 +287,10 @@ impl MessagesRequest {
                             .and_then(Value::as_str)
                             .ok_or_else(|| invalid("a tool_use block needs a name", &bp))?;
                         let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
-                        calls.push(json!({"id": b.get("id").cloned().unwrap_or(Value::Null),
+                        let id = b.get("id").and_then(Value::as_str).ok_or_else(|| {
+                            invalid("a tool_use block needs an id", &format!("{bp}.id"))
+                        })?;
+                        calls.push(json!({"id": id,
                             "type": "function",
                             "function": {"name": name, "arguments": input.to_string()}}));
                     }
@@ -295,7 +308,8 @@ impl MessagesRequest {
                 let text: String = parts
                     .iter()
                     .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect();
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 let mut msg = json!({"role": "assistant", "content": text});
                 if !calls.is_empty() {
                     msg["tool_calls"] = Value::Array(calls);
@@ -327,6 +341,16 @@ impl MessagesRequest {
                         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
                             invalid("a tool needs a name", &format!("tools[{i}].name"))
                         })?;
+                        // Strict input is enforced only when a call is forced (tool_choice any or tool);
+                        // deferred loading needs a tool search this gateway does not have.
+                        for k in ["strict", "defer_loading"] {
+                            if t.get(k) == Some(&Value::Bool(true)) {
+                                return Err(invalid(
+                                    format!("{k}: true cannot be honoured here"),
+                                    &format!("tools[{i}].{k}"),
+                                ));
+                            }
+                        }
                         let mut f = json!({"name": name,
                             "parameters": t.get("input_schema").cloned()
                                 .unwrap_or_else(|| json!({"type": "object"}))});
@@ -505,6 +529,15 @@ pub fn tool_use_id() -> String {
     format!("toolu_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A call's arguments as `tool_use.input`, which must be an object: an upstream's arguments that are not
+/// a JSON object become `{}` (local engines always give one).
+fn tool_input(arguments: &str) -> Value {
+    serde_json::from_str::<Value>(arguments)
+        .ok()
+        .filter(Value::is_object)
+        .unwrap_or_else(|| json!({}))
+}
+
 /// Anthropic's `stop_reason` for how an answer ended.
 pub fn stop_reason(
     finish: FinishReason,
@@ -514,6 +547,7 @@ pub fn stop_reason(
     match finish {
         _ if tool_use => "tool_use",
         FinishReason::Length => "max_tokens",
+        FinishReason::ContentFilter => "refusal",
         FinishReason::ToolCalls => "end_turn",
         _ if stop_sequence.is_some() => "stop_sequence",
         _ => "end_turn",
@@ -531,6 +565,8 @@ pub fn usage(u: &Usage) -> Value {
 #[derive(Debug, Default)]
 pub struct MessageBuilder {
     display: ThinkingDisplay,
+    /// The model thought (its block is there, empty, when the thoughts are omitted).
+    thought: bool,
     thinking: String,
     text: String,
     tools: Vec<Value>,
@@ -549,12 +585,14 @@ impl MessageBuilder {
     pub fn push(&mut self, c: Chunk) {
         match c {
             Chunk::Content(t) => self.text.push_str(&t),
-            Chunk::Reasoning(r) if self.display == ThinkingDisplay::Summarized => {
-                self.thinking.push_str(&r)
+            Chunk::Reasoning(r) => {
+                self.thought = true;
+                if self.display == ThinkingDisplay::Summarized {
+                    self.thinking.push_str(&r)
+                }
             }
             Chunk::ToolCall { name, arguments } => self.tools.push(json!({"type": "tool_use",
-                "id": tool_use_id(), "name": name,
-                "input": serde_json::from_str::<Value>(&arguments).unwrap_or_else(|_| json!({}))})),
+                "id": tool_use_id(), "name": name, "input": tool_input(&arguments)})),
             _ => {}
         }
     }
@@ -568,7 +606,7 @@ impl MessageBuilder {
         stop_sequence: Option<&str>,
     ) -> Value {
         let mut content = vec![];
-        if !self.thinking.is_empty() {
+        if self.thought {
             content.push(json!({"type": "thinking", "thinking": self.thinking, "signature": ""}));
         }
         if !self.text.is_empty() {
@@ -660,6 +698,10 @@ impl EventStream {
             ));
         }
         let i = self.next_index - 1;
+        // Omitted thoughts: the block is there, its text is not (as Anthropic's `display: omitted`).
+        if kind == "thinking" && self.display == ThinkingDisplay::Omitted {
+            return;
+        }
         let d = if kind == "thinking" {
             json!({"type": "thinking_delta", "thinking": text})
         } else {
@@ -684,9 +726,7 @@ impl EventStream {
                 self.start(&mut out);
                 self.delta("text", t, &mut out);
             }
-            Output::Chunk(Chunk::Reasoning(r))
-                if !r.is_empty() && self.display == ThinkingDisplay::Summarized =>
-            {
+            Output::Chunk(Chunk::Reasoning(r)) if !r.is_empty() => {
                 self.start(&mut out);
                 self.delta("thinking", r, &mut out);
             }
@@ -701,7 +741,8 @@ impl EventStream {
                 out.push((
                     "content_block_delta",
                     json!({"type": "content_block_delta", "index": i,
-                    "delta": {"type": "input_json_delta", "partial_json": arguments}}),
+                    "delta": {"type": "input_json_delta",
+                              "partial_json": tool_input(&arguments).to_string()}}),
                 ));
                 out.push((
                     "content_block_stop",
@@ -746,7 +787,7 @@ pub fn error_parts(e: &RouterError) -> (u16, &'static str) {
         RouterError::RateLimited { .. } => (429, "rate_limit_error"),
         RouterError::Busy { .. } => (529, "overloaded_error"),
         RouterError::AllTiersDown { .. } => (503, "api_error"),
-        RouterError::Timeout(_) => (504, "api_error"),
+        RouterError::Timeout(_) => (504, "timeout_error"),
         RouterError::Config(_) => (500, "api_error"),
     }
 }

@@ -472,9 +472,11 @@ impl TierRouter {
             slot.fit_slots();
             let run = loop {
                 tokio::select! {
-                    p = slot.slots.clone().acquire_owned() => break p,
-                    // A client that gave up while queued takes no slot.
+                    // A client that gave up while queued takes no slot (checked first: a slot freed at
+                    // the same moment goes to the next request instead).
+                    biased;
                     _ = tx.closed() => return,
+                    p = slot.slots.clone().acquire_owned() => break p,
                     _ = tokio::time::sleep(Duration::from_secs(5)) => {
                         if tx.send(Output::Waiting).await.is_err() { return; }
                     }
@@ -485,6 +487,9 @@ impl TierRouter {
                 permit: Some(run),
                 slot: slot.clone(),
             };
+            if tx.is_closed() {
+                return;
+            }
             busy_only = false;
             let started = Instant::now();
             let cont = (!sent.is_empty()).then_some(sent.as_str());

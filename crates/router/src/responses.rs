@@ -1,0 +1,827 @@
+//! OpenAI's Responses API (`POST /v1/responses`), stateless, on the same tiers: the request turned into the
+//! router's [`ChatRequest`] (validated by the same code as a chat request), and the router's output turned
+//! back into a `response` object or its stream of events (`response.created` … `response.completed`),
+//! which newer OpenAI clients use by default.
+//!
+//! Input: a string, or items — messages (`user`, `system`, `developer`, `assistant`; `input_text`,
+//! `input_image`, `output_text` parts), `function_call` and `function_call_output` items (a tool round
+//! trip), `reasoning` items (dropped: Gemma's template strips earlier thoughts). `instructions` is the
+//! system prompt; `tools` are function tools; `tool_choice`, `parallel_tool_calls`, `max_tool_calls: 1`,
+//! `text.format` (`text`, `json_object`, `json_schema`: enforced by the grammar), `reasoning.effort` (`none`,
+//! `minimal` and `low` answer without thinking, higher think), `max_output_tokens`, `temperature`, `top_p`.
+//!
+//! Nothing is stored: `store: true`, `previous_response_id`, `conversation`, `background` and the other
+//! fields this gateway cannot honour are refused by name (HTTP 400), never dropped.
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::RouterError;
+use crate::api::{ChatCompletionRequest, ChatRequest, Limits, StreamOptions, Usage};
+use crate::backend::{Chunk, FinishReason};
+use crate::route::Output;
+
+/// `POST /v1/responses` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ResponsesRequest {
+    /// Tier, model id or `auto`.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// A string, or input items.
+    pub input: Value,
+    /// System instructions.
+    #[serde(default)]
+    pub instructions: Option<String>,
+    /// Most tokens to generate.
+    #[serde(default)]
+    pub max_output_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Function tools: `{type: function, name, description, parameters, strict}`.
+    #[serde(default)]
+    pub tools: Option<Vec<Value>>,
+    /// `none`, `auto`, `required` or `{type: function, name}`.
+    #[serde(default)]
+    pub tool_choice: Option<Value>,
+    /// Several calls in one answer.
+    #[serde(default)]
+    pub parallel_tool_calls: Option<bool>,
+    /// At most this many tool calls (1 is honoured).
+    #[serde(default)]
+    pub max_tool_calls: Option<u32>,
+    /// `{format: {type: text | json_object | json_schema}}`.
+    #[serde(default)]
+    pub text: Option<Value>,
+    /// `{effort, summary}`.
+    #[serde(default)]
+    pub reasoning: Option<Value>,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options (accepted).
+    #[serde(default)]
+    pub stream_options: Option<Value>,
+    /// `false` (or absent): nothing is stored here either way.
+    #[serde(default)]
+    pub store: Option<bool>,
+    /// Echoed back.
+    #[serde(default)]
+    pub metadata: Option<Value>,
+    /// Attribution and cache hints: accepted (the prefix cache is automatic).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// Attribution: accepted.
+    #[serde(default)]
+    pub safety_identifier: Option<String>,
+    /// A cache hint: accepted (every prompt prefix is cached here).
+    #[serde(default)]
+    pub prompt_cache_key: Option<String>,
+    /// `disabled` (a prompt too long is an error, never cut).
+    #[serde(default)]
+    pub truncation: Option<String>,
+    /// `auto` or `default`: there is one tier of service here.
+    #[serde(default)]
+    pub service_tier: Option<String>,
+    /// Extra output to include: none is supported.
+    #[serde(default)]
+    pub include: Option<Vec<String>>,
+    /// Anything else: refused by name.
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
+}
+
+fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
+    RouterError::InvalidRequest {
+        message: msg.into(),
+        param: Some(param.to_string()),
+    }
+}
+
+/// What the answer echoes of its request.
+#[derive(Debug, Clone, Default)]
+pub struct Echo {
+    /// `model` as asked.
+    pub model: String,
+    /// `instructions`.
+    pub instructions: Option<String>,
+    /// `metadata`.
+    pub metadata: Value,
+    /// `tools` as sent.
+    pub tools: Vec<Value>,
+    /// `tool_choice` as sent.
+    pub tool_choice: Value,
+    /// `parallel_tool_calls`.
+    pub parallel_tool_calls: bool,
+    /// `temperature`, `top_p`, `max_output_tokens`.
+    pub temperature: Option<f32>,
+    /// `top_p`.
+    pub top_p: Option<f32>,
+    /// `max_output_tokens`.
+    pub max_output_tokens: Option<u32>,
+    /// `text` as sent.
+    pub text: Value,
+}
+
+/// The text of message content: a string, or `input_text` / `output_text` parts; images become
+/// `image_url` parts.
+fn parts(content: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
+    match content {
+        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
+        Value::Array(ps) => ps
+            .iter()
+            .enumerate()
+            .map(|(k, p)| {
+                let pp = format!("{param}[{k}]");
+                match p.get("type").and_then(Value::as_str) {
+                    Some("input_text" | "output_text" | "text") => Ok(json!({"type": "text",
+                        "text": p.get("text").and_then(Value::as_str).unwrap_or("")})),
+                    Some("refusal") => Ok(json!({"type": "text",
+                        "text": p.get("refusal").and_then(Value::as_str).unwrap_or("")})),
+                    Some("input_image") => {
+                        let url = p.get("image_url").and_then(Value::as_str).ok_or_else(|| {
+                            invalid(
+                                "input_image needs an image_url (file ids are not stored here)",
+                                &pp,
+                            )
+                        })?;
+                        Ok(json!({"type": "image_url", "image_url": {"url": url}}))
+                    }
+                    other => Err(invalid(
+                        format!("content part type {other:?} is not supported"),
+                        &format!("{pp}.type"),
+                    )),
+                }
+            })
+            .collect(),
+        _ => Err(invalid("content must be a string or parts", param)),
+    }
+}
+
+fn text_of(parts: &[Value]) -> String {
+    parts
+        .iter()
+        .filter_map(|p| p.get("text").and_then(Value::as_str))
+        .collect()
+}
+
+impl ResponsesRequest {
+    /// Checks the request and turns it into the router's request, with what the answer echoes. Errors
+    /// name the field.
+    pub fn to_chat(self, limits: &Limits) -> Result<(ChatRequest, Echo), RouterError> {
+        if let Some(k) = self.other.keys().next() {
+            return Err(invalid(
+                format!("{k} is not supported by this gateway (it keeps no state)"),
+                k.as_str(),
+            ));
+        }
+        if self.store == Some(true) {
+            return Err(invalid(
+                "this gateway stores no responses: send store: false",
+                "store",
+            ));
+        }
+        if let Some(t) = self.truncation.as_deref()
+            && t != "disabled"
+        {
+            return Err(invalid(
+                "truncation must be disabled: a prompt too long is an error here, never cut",
+                "truncation",
+            ));
+        }
+        if let Some(t) = self.service_tier.as_deref()
+            && t != "auto"
+            && t != "default"
+        {
+            return Err(invalid(
+                format!("service_tier {t:?} is not available (auto or default)"),
+                "service_tier",
+            ));
+        }
+        if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
+            return Err(invalid("include: no extra output is available", "include"));
+        }
+        let parallel = match self.max_tool_calls {
+            None => self.parallel_tool_calls,
+            Some(1) => Some(false),
+            Some(_) => {
+                return Err(invalid(
+                    "max_tool_calls: only 1 can be enforced here",
+                    "max_tool_calls",
+                ));
+            }
+        };
+        let mut messages: Vec<Value> = vec![];
+        if let Some(i) = &self.instructions {
+            messages.push(json!({"role": "system", "content": i}));
+        }
+        match &self.input {
+            Value::String(s) => messages.push(json!({"role": "user", "content": s})),
+            Value::Array(items) => {
+                for (i, item) in items.iter().enumerate() {
+                    let p = format!("input[{i}]");
+                    let ty = item
+                        .get("type")
+                        .and_then(Value::as_str)
+                        .unwrap_or("message");
+                    match ty {
+                        "message" => {
+                            let role = item.get("role").and_then(Value::as_str).unwrap_or("");
+                            if !["user", "system", "developer", "assistant"].contains(&role) {
+                                return Err(invalid(
+                                    format!(
+                                        "role must be user, system, developer or assistant, got {role:?}"
+                                    ),
+                                    &format!("{p}.role"),
+                                ));
+                            }
+                            let content = item.get("content").ok_or_else(|| {
+                                invalid("content is required", &format!("{p}.content"))
+                            })?;
+                            let ps = parts(content, &format!("{p}.content"))?;
+                            if role == "user" {
+                                messages.push(json!({"role": "user", "content": ps}));
+                            } else {
+                                messages.push(json!({"role": role, "content": text_of(&ps)}));
+                            }
+                        }
+                        "function_call" => {
+                            let name =
+                                item.get("name").and_then(Value::as_str).ok_or_else(|| {
+                                    invalid("a function_call needs a name", &format!("{p}.name"))
+                                })?;
+                            let call = json!({"id": item.get("call_id").cloned().unwrap_or(Value::Null),
+                                "type": "function", "function": {"name": name,
+                                "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}")}});
+                            // Consecutive calls are one assistant turn.
+                            match messages.last_mut() {
+                                Some(m)
+                                    if m["role"] == "assistant"
+                                        && m.get("tool_calls").is_some() =>
+                                {
+                                    if let Some(calls) = m["tool_calls"].as_array_mut() {
+                                        calls.push(call);
+                                    }
+                                }
+                                _ => messages.push(json!({"role": "assistant", "content": null,
+                                    "tool_calls": [call]})),
+                            }
+                        }
+                        "function_call_output" => {
+                            let id =
+                                item.get("call_id").and_then(Value::as_str).ok_or_else(|| {
+                                    invalid("call_id is required", &format!("{p}.call_id"))
+                                })?;
+                            let output = match item.get("output") {
+                                Some(Value::String(s)) => s.clone(),
+                                Some(v @ Value::Array(_)) => {
+                                    text_of(&parts(v, &format!("{p}.output"))?)
+                                }
+                                _ => String::new(),
+                            };
+                            messages.push(
+                                json!({"role": "tool", "tool_call_id": id, "content": output}),
+                            );
+                        }
+                        // Earlier thoughts: Gemma's template drops them from the history anyway.
+                        "reasoning" => {}
+                        other => {
+                            return Err(invalid(
+                                format!("input item type {other:?} is not supported"),
+                                &format!("{p}.type"),
+                            ));
+                        }
+                    }
+                }
+            }
+            _ => {
+                return Err(invalid(
+                    "input must be a string or a list of items",
+                    "input",
+                ));
+            }
+        }
+        let tools = self
+            .tools
+            .as_ref()
+            .map(|ts| {
+                ts.iter()
+                    .enumerate()
+                    .map(|(i, t)| {
+                        if t.get("type").and_then(Value::as_str) != Some("function") {
+                            return Err(invalid(
+                                "only function tools are supported",
+                                &format!("tools[{i}].type"),
+                            ));
+                        }
+                        let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
+                            invalid("a function tool needs a name", &format!("tools[{i}].name"))
+                        })?;
+                        let mut f = json!({"name": name, "parameters": t.get("parameters").cloned()
+                            .unwrap_or_else(|| json!({"type": "object"}))});
+                        if let Some(d) = t.get("description") {
+                            f["description"] = d.clone();
+                        }
+                        Ok(json!({"type": "function", "function": f}))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .transpose()?;
+        let tool_choice = match &self.tool_choice {
+            Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
+                let name = o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| invalid("tool_choice.name is required", "tool_choice.name"))?;
+                Some(json!({"type": "function", "function": {"name": name}}))
+            }
+            other => other.clone(),
+        };
+        let response_format = match self.text.as_ref().and_then(|t| t.get("format")) {
+            None | Some(Value::Null) => None,
+            Some(f) => match f.get("type").and_then(Value::as_str) {
+                Some("text") => None,
+                Some("json_object") => Some(json!({"type": "json_object"})),
+                Some("json_schema") => Some(json!({"type": "json_schema", "json_schema": {
+                    "name": f.get("name").cloned().unwrap_or_else(|| json!("output")),
+                    "schema": f.get("schema").cloned().unwrap_or_else(|| json!({})),
+                    "strict": f.get("strict").cloned().unwrap_or(Value::Bool(false))}})),
+                other => {
+                    return Err(invalid(
+                        format!(
+                            "text.format.type must be text, json_object or json_schema, got {other:?}"
+                        ),
+                        "text.format.type",
+                    ));
+                }
+            },
+        };
+        if let Some(v) = self
+            .text
+            .as_ref()
+            .and_then(|t| t.get("verbosity"))
+            .filter(|v| !v.is_null() && v.as_str() != Some("medium"))
+        {
+            return Err(invalid(
+                format!("text.verbosity {v} cannot be honoured (medium)"),
+                "text.verbosity",
+            ));
+        }
+        let enable_thinking = match self
+            .reasoning
+            .as_ref()
+            .and_then(|r| r.get("effort"))
+            .filter(|v| !v.is_null())
+        {
+            None => None,
+            Some(e) => match e.as_str() {
+                Some("none" | "minimal" | "low") => Some(false),
+                Some("medium" | "high" | "xhigh") => Some(true),
+                _ => {
+                    return Err(invalid(
+                        "reasoning.effort must be none, minimal, low, medium, high or xhigh",
+                        "reasoning.effort",
+                    ));
+                }
+            },
+        };
+        let echo = Echo {
+            model: self.model.clone().unwrap_or_else(|| "auto".into()),
+            instructions: self.instructions.clone(),
+            metadata: self.metadata.clone().unwrap_or_else(|| json!({})),
+            tools: self.tools.clone().unwrap_or_default(),
+            tool_choice: self.tool_choice.clone().unwrap_or_else(|| json!("auto")),
+            parallel_tool_calls: parallel.unwrap_or(true),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            max_output_tokens: self.max_output_tokens,
+            text: self
+                .text
+                .clone()
+                .unwrap_or_else(|| json!({"format": {"type": "text"}})),
+        };
+        let _ = (
+            self.user,
+            self.safety_identifier,
+            self.prompt_cache_key,
+            self.stream_options,
+        );
+        let chat = ChatCompletionRequest {
+            model: self.model,
+            messages,
+            max_tokens: self.max_output_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            tools,
+            tool_choice,
+            parallel_tool_calls: parallel,
+            response_format,
+            stream: self.stream,
+            stream_options: self.stream.then_some(StreamOptions {
+                include_usage: true,
+            }),
+            enable_thinking,
+            ..Default::default()
+        };
+        Ok((chat.validate(limits)?, echo))
+    }
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The Responses `usage` from the router's. Every prompt token read afresh is kept in the prefix cache,
+/// so those are the cache writes. `reasoning` counts the thinking pieces streamed: one per generated token,
+/// except where a piece carries several (a character split across tokens), so at most the thinking tokens.
+pub fn usage(u: &Usage, reasoning: u64) -> Value {
+    let cached = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+    json!({"input_tokens": u.prompt_tokens,
+           "input_tokens_details": {"cached_tokens": cached,
+                                    "cache_write_tokens": u.prompt_tokens.saturating_sub(cached)},
+           "output_tokens": u.completion_tokens,
+           "output_tokens_details": {"reasoning_tokens": reasoning.min(u.completion_tokens)},
+           "total_tokens": u.prompt_tokens + u.completion_tokens})
+}
+
+/// The `response` object around `output`; `end` is None while it is in progress.
+fn response(
+    id: &str,
+    created: u64,
+    echo: &Echo,
+    output: Vec<Value>,
+    end: Option<(FinishReason, &Usage, u64)>,
+) -> Value {
+    let (status, incomplete, usage_) = match end {
+        None => ("in_progress", Value::Null, Value::Null),
+        Some((FinishReason::Length, u, r)) => (
+            "incomplete",
+            json!({"reason": "max_output_tokens"}),
+            usage(u, r),
+        ),
+        Some((_, u, r)) => ("completed", Value::Null, usage(u, r)),
+    };
+    json!({"id": id, "object": "response", "created_at": created, "status": status,
+           "completed_at": if end.is_some() { json!(now()) } else { Value::Null },
+           "error": null, "incomplete_details": incomplete, "instructions": echo.instructions,
+           "max_output_tokens": echo.max_output_tokens, "model": echo.model, "output": output,
+           "parallel_tool_calls": echo.parallel_tool_calls, "previous_response_id": null,
+           "reasoning": {"effort": null, "summary": null}, "store": false,
+           "temperature": echo.temperature, "text": echo.text, "tool_choice": echo.tool_choice,
+           "tools": echo.tools, "top_p": echo.top_p, "truncation": "disabled", "usage": usage_,
+           "metadata": echo.metadata})
+}
+
+/// The output items of an answer, as they are built: an optional reasoning item, a message, function calls.
+#[derive(Debug, Default)]
+struct Items {
+    /// Thinking pieces streamed (see [`usage`]).
+    reasoning_pieces: u64,
+    reasoning: Option<(String, String)>,
+    message: Option<(String, String)>,
+    calls: Vec<Value>,
+}
+
+impl Items {
+    fn done(&self) -> Vec<Value> {
+        let mut out = vec![];
+        if let Some((id, text)) = &self.reasoning {
+            out.push(reasoning_item(id, text, "completed"));
+        }
+        if let Some((id, text)) = &self.message {
+            out.push(message_item(id, text, "completed"));
+        }
+        out.extend(self.calls.iter().cloned());
+        out
+    }
+}
+
+fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"type": "reasoning", "id": id, "summary": [], "status": status,
+           "content": [{"type": "reasoning_text", "text": text}]})
+}
+
+fn message_item(id: &str, text: &str, status: &str) -> Value {
+    json!({"type": "message", "id": id, "status": status, "role": "assistant",
+           "content": if status == "in_progress" && text.is_empty() { json!([]) }
+                      else { json!([output_text(text)]) }})
+}
+
+fn output_text(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+fn call_item(name: &str, arguments: &str) -> Value {
+    json!({"type": "function_call", "id": new_id("fc"), "call_id": new_id("call"), "name": name,
+           "arguments": arguments, "status": "completed"})
+}
+
+/// Assembles the whole `response` (the non-streaming answer) from the router's output.
+#[derive(Debug, Default)]
+pub struct ResponseBuilder {
+    items: Items,
+}
+
+impl ResponseBuilder {
+    /// Takes one piece of the answer.
+    pub fn push(&mut self, c: Chunk) {
+        match c {
+            Chunk::Content(t) => {
+                self.items
+                    .message
+                    .get_or_insert_with(|| (new_id("msg"), String::new()))
+                    .1
+                    .push_str(&t);
+            }
+            Chunk::Reasoning(r) => {
+                self.items.reasoning_pieces += 1;
+                self.items
+                    .reasoning
+                    .get_or_insert_with(|| (new_id("rs"), String::new()))
+                    .1
+                    .push_str(&r);
+            }
+            Chunk::ToolCall { name, arguments } => {
+                self.items.calls.push(call_item(&name, &arguments));
+            }
+            _ => {}
+        }
+    }
+
+    /// The response, once the router's `End` arrived.
+    pub fn finish(self, echo: &Echo, finish: FinishReason, usage_: &Usage) -> Value {
+        response(
+            &new_id("resp"),
+            now(),
+            echo,
+            self.items.done(),
+            Some((finish, usage_, self.items.reasoning_pieces)),
+        )
+    }
+}
+
+/// Turns the router's output into Responses stream events (each `{"type": …, "sequence_number": n, …}`),
+/// one output item at a time: reasoning, message text and function calls, each added when its first piece
+/// arrives and done when another starts or the answer ends.
+#[derive(Debug)]
+pub struct EventStream {
+    id: String,
+    created: u64,
+    echo: Echo,
+    seq: u64,
+    started: bool,
+    /// The open item: (output index, kind "reasoning" | "message", id, text so far).
+    open: Option<(usize, &'static str, String, String)>,
+    done: Vec<Value>,
+    reasoning_pieces: u64,
+}
+
+impl EventStream {
+    /// A stream for a response echoing `echo`.
+    pub fn new(echo: Echo) -> Self {
+        Self {
+            id: new_id("resp"),
+            created: now(),
+            echo,
+            seq: 0,
+            started: false,
+            open: None,
+            done: vec![],
+            reasoning_pieces: 0,
+        }
+    }
+
+    fn ev(&mut self, mut v: Value, out: &mut Vec<Value>) {
+        v["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        out.push(v);
+    }
+
+    fn start(&mut self, out: &mut Vec<Value>) {
+        if !self.started {
+            self.started = true;
+            let r = response(&self.id, self.created, &self.echo, vec![], None);
+            self.ev(
+                json!({"type": "response.created", "response": r.clone()}),
+                out,
+            );
+            self.ev(json!({"type": "response.in_progress", "response": r}), out);
+        }
+    }
+
+    fn close(&mut self, out: &mut Vec<Value>) {
+        let Some((index, kind, id, text)) = self.open.take() else {
+            return;
+        };
+        let item = if kind == "reasoning" {
+            self.ev(
+                json!({"type": "response.reasoning_text.done", "item_id": id, "output_index": index,
+                "content_index": 0, "text": text}),
+                out,
+            );
+            reasoning_item(&id, &text, "completed")
+        } else {
+            self.ev(
+                json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
+                "content_index": 0, "text": text, "logprobs": []}),
+                out,
+            );
+            self.ev(
+                json!({"type": "response.content_part.done", "item_id": id, "output_index": index,
+                "content_index": 0, "part": output_text(&text)}),
+                out,
+            );
+            message_item(&id, &text, "completed")
+        };
+        self.ev(json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}), out);
+        self.done.push(item);
+    }
+
+    fn delta(&mut self, kind: &'static str, text: String, out: &mut Vec<Value>) {
+        if self.open.as_ref().map(|o| o.1) != Some(kind) {
+            self.close(out);
+            let index = self.done.len();
+            let id = new_id(if kind == "reasoning" { "rs" } else { "msg" });
+            let item = if kind == "reasoning" {
+                json!({"type": "reasoning", "id": id, "summary": [], "status": "in_progress", "content": []})
+            } else {
+                message_item(&id, "", "in_progress")
+            };
+            self.ev(
+                json!({"type": "response.output_item.added", "output_index": index, "item": item}),
+                out,
+            );
+            if kind == "message" {
+                self.ev(json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
+                    "content_index": 0, "part": output_text("")}), out);
+            }
+            self.open = Some((index, kind, id, String::new()));
+        }
+        let (index, _, id, acc) = self.open.as_mut().expect("opened above");
+        acc.push_str(&text);
+        let (index, id) = (*index, id.clone());
+        let ty = if kind == "reasoning" {
+            "response.reasoning_text.delta"
+        } else {
+            "response.output_text.delta"
+        };
+        let mut d = json!({"type": ty, "item_id": id, "output_index": index, "content_index": 0,
+            "delta": text});
+        if kind == "message" {
+            d["logprobs"] = json!([]);
+        }
+        self.ev(d, out);
+    }
+
+    /// The events for one router output; `done` is true once the stream is complete.
+    pub fn on(&mut self, o: Output) -> (Vec<Value>, bool) {
+        let mut out = vec![];
+        match o {
+            Output::Waiting => self.start(&mut out),
+            Output::Chunk(Chunk::Content(t)) if !t.is_empty() => {
+                self.start(&mut out);
+                self.delta("message", t, &mut out);
+            }
+            Output::Chunk(Chunk::Reasoning(r)) if !r.is_empty() => {
+                self.start(&mut out);
+                self.reasoning_pieces += 1;
+                self.delta("reasoning", r, &mut out);
+            }
+            Output::Chunk(Chunk::ToolCall { name, arguments }) => {
+                self.start(&mut out);
+                self.close(&mut out);
+                let index = self.done.len();
+                let item = call_item(&name, &arguments);
+                let id = item["id"].clone();
+                let mut added = item.clone();
+                added["arguments"] = json!("");
+                added["status"] = json!("in_progress");
+                self.ev(json!({"type": "response.output_item.added", "output_index": index, "item": added}), &mut out);
+                self.ev(
+                    json!({"type": "response.function_call_arguments.delta", "item_id": id,
+                    "output_index": index, "delta": arguments}),
+                    &mut out,
+                );
+                self.ev(
+                    json!({"type": "response.function_call_arguments.done", "item_id": id,
+                    "output_index": index, "name": name, "arguments": arguments}),
+                    &mut out,
+                );
+                self.ev(json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}), &mut out);
+                self.done.push(item);
+            }
+            Output::Chunk(_) => {}
+            Output::End {
+                finish_reason,
+                usage: u,
+                ..
+            } => {
+                self.start(&mut out);
+                self.close(&mut out);
+                let r = response(
+                    &self.id,
+                    self.created,
+                    &self.echo,
+                    self.done.clone(),
+                    Some((finish_reason, &u, self.reasoning_pieces)),
+                );
+                let ty = if r["status"] == "incomplete" {
+                    "response.incomplete"
+                } else {
+                    "response.completed"
+                };
+                self.ev(json!({"type": ty, "response": r}), &mut out);
+                return (out, true);
+            }
+            Output::Error(e) => {
+                self.start(&mut out);
+                let (code, param) = match &e {
+                    RouterError::InvalidRequest { param, .. } => ("invalid_request", param.clone()),
+                    _ => ("server_error", None),
+                };
+                self.ev(json!({"type": "error", "code": code, "message": e.to_string(), "param": param}), &mut out);
+                let mut r = response(&self.id, self.created, &self.echo, self.done.clone(), None);
+                r["status"] = json!("failed");
+                r["error"] = json!({"code": code, "message": e.to_string()});
+                self.ev(json!({"type": "response.failed", "response": r}), &mut out);
+                return (out, true);
+            }
+        }
+        (out, false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: Value) -> Result<ChatRequest, RouterError> {
+        serde_json::from_value::<ResponsesRequest>(v)
+            .unwrap()
+            .to_chat(&Limits::default())
+            .map(|(c, _)| c)
+    }
+
+    #[test]
+    fn a_function_round_trip_becomes_chat_messages() {
+        let r = req(json!({"model": "fast", "instructions": "Be brief.", "input": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": "{\"city\":\"Paris\"}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "21 C"},
+            {"role": "user", "content": [{"type": "input_text", "text": "And tomorrow?"}]}],
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}],
+            "tool_choice": {"type": "function", "name": "get_weather"}, "max_tool_calls": 1,
+            "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
+            "reasoning": {"effort": "low"}, "store": false}))
+        .unwrap();
+        let roles: Vec<&str> = r
+            .messages
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
+        assert_eq!(
+            r.tool_choice,
+            Some(crate::api::ToolChoice::Function("get_weather".into()))
+        );
+        assert_eq!(r.parallel_tool_calls, Some(false));
+        assert!(r.response_format.is_json());
+        assert_eq!(r.enable_thinking, Some(false));
+    }
+
+    #[test]
+    fn state_and_what_cannot_be_honoured_are_refused_by_name() {
+        let param = |extra: Value| {
+            let mut v = json!({"model": "fast", "input": "hi"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            match req(v) {
+                Err(RouterError::InvalidRequest { param, .. }) => param.unwrap(),
+                other => panic!("{other:?}"),
+            }
+        };
+        assert_eq!(param(json!({"store": true})), "store");
+        assert_eq!(
+            param(json!({"previous_response_id": "resp_1"})),
+            "previous_response_id"
+        );
+        assert_eq!(param(json!({"background": true})), "background");
+        assert_eq!(param(json!({"max_tool_calls": 3})), "max_tool_calls");
+        assert_eq!(param(json!({"truncation": "auto"})), "truncation");
+        assert_eq!(
+            param(json!({"tools": [{"type": "web_search"}]})),
+            "tools[0].type"
+        );
+    }
+}
