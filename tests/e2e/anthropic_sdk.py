@@ -8,29 +8,11 @@ import json
 import sys
 
 import anthropic
-import jsonschema
+
+from checks import check, done, valid
 
 base = sys.argv[1]
 client = anthropic.Anthropic(base_url=base, api_key="not-needed-on-loopback", max_retries=0, timeout=120)
-passed = 0
-
-
-def valid(instance, schema):
-    try:
-        jsonschema.validate(instance, schema)
-        return True
-    except jsonschema.ValidationError:
-        return False
-
-
-def check(name, cond, detail=""):
-    global passed
-    if not cond:
-        print(f"FAIL {name}: {detail}")
-        sys.exit(1)
-    passed += 1
-    print(f"ok   {name}")
-
 
 m = client.messages.create(model="primary", max_tokens=12, system="You are terse.",
                            messages=[{"role": "user", "content": "Hello!"}])
@@ -141,4 +123,4 @@ for label, kwargs, err, field in (
         check(f"{label} → {e.status_code} {body.get('error', {}).get('type')}",
               body.get("type") == "error" and (field is None or field in body["error"]["message"]), body)
 
-print(f"{passed} passed, 0 failed")
+done()

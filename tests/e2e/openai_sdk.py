@@ -6,23 +6,13 @@ Exits non-zero on the first failed check; prints one line per check.
 import json
 import sys
 
-import jsonschema
 import openai
 from openai import OpenAI
 
+from checks import check, done, valid
+
 base = sys.argv[1]
 client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
-passed = 0
-
-
-def check(name, cond, detail=""):
-    global passed
-    if not cond:
-        print(f"FAIL {name}: {detail}")
-        sys.exit(1)
-    passed += 1
-    print(f"ok   {name}")
-
 
 models = client.models.list()
 ids = sorted(m.id for m in models.data)
@@ -120,10 +110,7 @@ for label, schema in (("city", city), ("bounded city", bounded)):
             continue
         finished += 1
         text = r.choices[0].message.content
-        try:
-            jsonschema.validate(json.loads(text), schema)
-        except Exception as e:  # noqa: BLE001 - the check reports it
-            check(f"json_schema {label} (seed {seed}): answer validates", False, f"{e}: {text}")
+        check(f"json_schema {label} (seed {seed}): answer validates", valid(json.loads(text), schema), text)
     check(f"json_schema {label}: every finished answer of 20 validates ({finished} finished)",
           label == "city" or finished >= 5, finished)
 
@@ -153,7 +140,8 @@ for choice in ("required", {"type": "function", "function": {"name": "get_time"}
         name = calls[0].function.name
         check(f"tool_choice {choice} (seed {seed}): an allowed function",
               name in params and (choice == "required" or name == "get_time"), name)
-        jsonschema.validate(json.loads(calls[0].function.arguments), params[name])
+        check(f"tool_choice {choice} (seed {seed}): arguments valid",
+              valid(json.loads(calls[0].function.arguments), params[name]), calls[0].function.arguments)
     check(f"tool_choice {choice}: calls valid ({finished}/10 finished)", finished >= 5, finished)
 for seed in range(3):
     r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Hi"}],
@@ -244,7 +232,8 @@ for streamed_call in (False, True):
     label = "streamed" if streamed_call else "whole"
     check(f"responses tool_choice required ({label}): one call to the offered function",
           len(calls) == 1 and calls[0].name == "get_weather" and calls[0].call_id, r.output)
-    jsonschema.validate(json.loads(calls[0].arguments), rt[0]["parameters"])
+    check(f"responses tool_choice required ({label}): arguments valid",
+          valid(json.loads(calls[0].arguments), rt[0]["parameters"]), calls[0].arguments)
 back = client.responses.create(model="primary", tools=rt, max_output_tokens=8, store=False, input=[
     {"role": "user", "content": "Weather in Paris?"},
     {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
@@ -256,7 +245,8 @@ for seed in range(5):
                                 temperature=1, text=n_format)
     if r.status == "completed":
         ended += 1
-        jsonschema.validate(json.loads(r.output_text), shape)
+        check(f"responses text.format (seed {seed}): the answer validates", valid(json.loads(r.output_text), shape),
+              r.output_text)
 check(f"responses text.format json_schema: answers validate ({ended}/5 ended)", ended >= 3, ended)
 for label, kwargs, param in (("store: true", {"store": True}, "store"),
                              ("previous_response_id", {"previous_response_id": "resp_x"}, "previous_response_id"),
@@ -267,4 +257,4 @@ for label, kwargs, param in (("store: true", {"store": True}, "store"),
     except openai.BadRequestError as e:
         check(f"responses: {label} → 400 naming {param}", e.body["param"] == param, e.body)
 
-print(f"{passed} passed, 0 failed")
+done()

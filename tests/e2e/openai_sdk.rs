@@ -25,27 +25,23 @@ first_token_timeout_secs = 60
         u = upstream.url
     );
     let gw = Server::start(&[], Some(&config));
-    let out = crate::support::output_within(
-        Command::new(python())
-            .arg(root().join("tests/e2e/openai_sdk.py"))
-            .arg(&gw.url),
-        crate::support::CMD_DEADLINE,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "OpenAI SDK checks failed");
-    assert!(stdout.contains(" passed, 0 failed"));
+    sdk_script("openai_sdk.py", &gw.url);
     // The same tiers through Anthropic's Messages API, with Anthropic's own SDK.
+    sdk_script("anthropic_sdk.py", &gw.url);
+}
+
+/// Runs one of the SDK scripts in tests/e2e against `url`; fails on its first failed check.
+fn sdk_script(script: &str, url: &str) {
     let out = crate::support::output_within(
         Command::new(python())
-            .arg(root().join("tests/e2e/anthropic_sdk.py"))
-            .arg(&gw.url),
+            .arg(root().join("tests/e2e").join(script))
+            .arg(url),
         crate::support::CMD_DEADLINE,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "Anthropic SDK checks failed");
-    assert!(stdout.contains(" passed, 0 failed"));
+    assert!(out.status.success(), "{script}: checks failed");
+    assert!(stdout.contains(" passed, 0 failed"), "{script}");
 }
 
 /// Continuous batching on the MLX engine end to end with the OpenAI Python SDK (tests/e2e/openai_batching.py

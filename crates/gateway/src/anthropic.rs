@@ -2,22 +2,18 @@
 //! [`jemma_router::anthropic`]; this module only reads the body, runs the request and writes JSON, named
 //! server-sent events, or an error in Anthropic's shape.
 
-use std::convert::Infallible;
-
-use axum::body::{Body, to_bytes};
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
 use jemma_router::anthropic::{
-    EventStream, MessageBuilder, MessagesRequest, ThinkingDisplay, error_body, error_parts,
+    EventStream, MessageBuilder, MessagesRequest, error_body, error_parts,
 };
 use jemma_router::route::Output;
-use tokio::sync::mpsc;
 
-use crate::AppState;
 use crate::auth::Caller;
+use crate::{AppState, sse};
 
 /// A router error as Anthropic's API answers it (status, `{"type": "error", "error": {…}}`, and
 /// `Retry-After` where the OpenAI surface sends one).
@@ -51,35 +47,26 @@ async fn messages_inner(
     caller: Caller,
     body: Body,
 ) -> Result<Response, RouterError> {
-    let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
-        RouterError::TooLarge(format!(
-            "request body exceeds {} bytes",
-            state.max_body_bytes
-        ))
-    })?;
-    let req: MessagesRequest =
-        serde_json::from_slice(&bytes).map_err(|e| RouterError::InvalidRequest {
-            message: format!("invalid JSON body: {e}"),
-            param: None,
-        })?;
+    let req: MessagesRequest = sse::read_json(body, state.max_body_bytes).await?;
     let model = req.model.clone();
     let stream = req.stream;
     let (chat, display) = req.to_chat(&state.limits)?;
     state.charge(&caller, chat.has_images)?;
     let mut rx = state.router.chat(chat)?;
     if stream {
-        // The first output decides the status: failures before any token keep their own.
-        let first = match rx.recv().await {
-            Some(Output::Error(e)) => return Err(e),
-            None => {
-                return Err(RouterError::AllTiersDown {
-                    fallback: vec![],
-                    retry_after_secs: None,
-                });
-            }
-            Some(first) => first,
-        };
-        return Ok(event_stream(&state, model, display, first, rx));
+        let first = sse::first_output(&mut rx).await?;
+        let mut events = EventStream::new(model, display);
+        return Ok(sse::named_events(
+            state.keep_alive,
+            "ping",
+            first,
+            rx,
+            move |o| {
+                let (evs, done) = events.on(o);
+                let evs = evs.into_iter().map(|(n, d)| (n.to_string(), d)).collect();
+                (evs, done)
+            },
+        ));
     }
     let mut message = MessageBuilder::new(display);
     while let Some(o) = rx.recv().await {
@@ -102,47 +89,4 @@ async fn messages_inner(
         fallback: vec!["answer incomplete".into()],
         retry_after_secs: None,
     })
-}
-
-/// The answer as Anthropic's named events. A client that goes away drops `rx`, which cancels routing and
-/// the engine.
-fn event_stream(
-    state: &AppState,
-    model: String,
-    display: ThinkingDisplay,
-    first: Output,
-    mut rx: mpsc::Receiver<Output>,
-) -> Response {
-    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
-    tokio::spawn(async move {
-        let mut events = EventStream::new(model, display);
-        let mut next = Some(first);
-        loop {
-            let o = match next.take() {
-                Some(o) => o,
-                None => rx.recv().await.unwrap_or_else(|| {
-                    Output::Error(RouterError::AllTiersDown {
-                        fallback: vec!["stream ended early".into()],
-                        retry_after_secs: None,
-                    })
-                }),
-            };
-            let (evs, done) = events.on(o);
-            for (name, data) in evs {
-                if tx
-                    .send(Ok(Event::default().event(name).data(data.to_string())))
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-            }
-            if done {
-                return;
-            }
-        }
-    });
-    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
-        .keep_alive(KeepAlive::new().interval(state.keep_alive).text("ping"))
-        .into_response()
 }

@@ -32,18 +32,7 @@ pub(crate) fn call_id() -> String {
 
 /// Reads and parses the body ourselves so that oversize and malformed bodies get OpenAI-shaped errors.
 async fn parse_body(state: &AppState, body: Body) -> Result<ChatCompletionRequest, ApiError> {
-    let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
-        ApiError(RouterError::TooLarge(format!(
-            "request body exceeds {} bytes",
-            state.max_body_bytes
-        )))
-    })?;
-    serde_json::from_slice::<ChatCompletionRequest>(&bytes).map_err(|e| {
-        ApiError(RouterError::InvalidRequest {
-            message: format!("invalid JSON body: {e}"),
-            param: None,
-        })
-    })
+    Ok(sse::read_json(body, state.max_body_bytes).await?)
 }
 
 fn caller_of(c: Option<axum::Extension<Caller>>) -> Caller {
@@ -72,20 +61,14 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
     if stream {
         // Wait for the first output before committing to a 200: failures that happen before any token
         // (no tier, busy, bad request) still get their proper status.
-        return match rx.recv().await {
-            Some(Output::Error(e)) => Err(ApiError(e)),
-            None => Err(ApiError(RouterError::AllTiersDown {
-                fallback: vec![],
-                retry_after_secs: None,
-            })),
-            Some(first) => Ok(sse::stream_response(
-                state.keep_alive,
-                model,
-                include_usage,
-                first,
-                rx,
-            )),
-        };
+        let first = sse::first_output(&mut rx).await?;
+        return Ok(sse::stream_response(
+            state.keep_alive,
+            model,
+            include_usage,
+            first,
+            rx,
+        ));
     }
     let mut content = String::new();
     let mut reasoning = String::new();
@@ -160,18 +143,7 @@ async fn completions_inner(
     caller: Caller,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let bytes = to_bytes(body, state.max_body_bytes).await.map_err(|_| {
-        ApiError(RouterError::TooLarge(format!(
-            "request body exceeds {} bytes",
-            state.max_body_bytes
-        )))
-    })?;
-    let req: CompletionRequest = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError(RouterError::InvalidRequest {
-            message: format!("invalid JSON body: {e}"),
-            param: None,
-        })
-    })?;
+    let req: CompletionRequest = sse::read_json(body, state.max_body_bytes).await?;
     let req = req.validate(&state.limits)?;
     state.charge(&caller, false)?;
     let stream = req.stream;
@@ -179,20 +151,14 @@ async fn completions_inner(
     let model = req.requested_model.clone();
     let mut rx = state.router.chat(req)?;
     if stream {
-        return match rx.recv().await {
-            Some(Output::Error(e)) => Err(ApiError(e)),
-            None => Err(ApiError(RouterError::AllTiersDown {
-                fallback: vec![],
-                retry_after_secs: None,
-            })),
-            Some(first) => Ok(sse::completion_stream(
-                state.keep_alive,
-                model,
-                include_usage,
-                first,
-                rx,
-            )),
-        };
+        let first = sse::first_output(&mut rx).await?;
+        return Ok(sse::completion_stream(
+            state.keep_alive,
+            model,
+            include_usage,
+            first,
+            rx,
+        ));
     }
     let mut text = String::new();
     while let Some(o) = rx.recv().await {

@@ -218,3 +218,81 @@ pub fn completion_stream(
         _ => Step::Skip,
     })
 }
+
+/// Reads a JSON body of at most `max_bytes` into `T`: an oversize body is [`RouterError::TooLarge`], a
+/// malformed one [`RouterError::InvalidRequest`] (each API then answers in its own error shape).
+pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
+    body: axum::body::Body,
+    max_bytes: usize,
+) -> Result<T, jemma_router::RouterError> {
+    use jemma_router::RouterError;
+    let bytes = axum::body::to_bytes(body, max_bytes)
+        .await
+        .map_err(|_| RouterError::TooLarge(format!("request body exceeds {max_bytes} bytes")))?;
+    serde_json::from_slice(&bytes).map_err(|e| RouterError::InvalidRequest {
+        message: format!("invalid JSON body: {e}"),
+        param: None,
+    })
+}
+
+/// The router's first output, awaited before a stream commits to a 200: a failure before any token
+/// (no tier, busy, a bad request) keeps its own status.
+pub(crate) async fn first_output(
+    rx: &mut mpsc::Receiver<Output>,
+) -> Result<Output, jemma_router::RouterError> {
+    match rx.recv().await {
+        Some(Output::Error(e)) => Err(e),
+        None => Err(jemma_router::RouterError::AllTiersDown {
+            fallback: vec![],
+            retry_after_secs: None,
+        }),
+        Some(first) => Ok(first),
+    }
+}
+
+/// Server-sent events named by their type (Anthropic's Messages and OpenAI's Responses streams): `render`
+/// turns each router output into `(event name, data)` pairs and says when the stream is complete. An early
+/// end of the router's stream is rendered as the error it is. A client that goes away drops `rx`, which
+/// cancels routing and the engine.
+pub(crate) fn named_events<F>(
+    keep_alive: Duration,
+    keep_alive_text: &'static str,
+    first: Output,
+    mut rx: mpsc::Receiver<Output>,
+    mut render: F,
+) -> Response
+where
+    F: FnMut(Output) -> (Vec<(String, Value)>, bool) + Send + 'static,
+{
+    let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
+    tokio::spawn(async move {
+        let mut next = Some(first);
+        loop {
+            let o = match next.take() {
+                Some(o) => o,
+                None => rx.recv().await.unwrap_or_else(|| {
+                    Output::Error(jemma_router::RouterError::AllTiersDown {
+                        fallback: vec!["stream ended early".into()],
+                        retry_after_secs: None,
+                    })
+                }),
+            };
+            let (events, done) = render(o);
+            for (name, data) in events {
+                if tx
+                    .send(Ok(Event::default().event(name).data(data.to_string())))
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+            if done {
+                return;
+            }
+        }
+    });
+    Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
+        .keep_alive(KeepAlive::new().interval(keep_alive).text(keep_alive_text))
+        .into_response()
+}
