@@ -6,7 +6,7 @@
 //!
 //! What maps to what (Anthropic → the OpenAI shape the tiers take):
 //! - `system` (a string or text blocks) → a system message;
-//! - `text` and `image` blocks → content parts; `tool_use` blocks (assistant) → `tool_calls`;
+//! - `text` blocks → content parts (an `image` block is a 400 until the engines can see images); `tool_use` blocks (assistant) → `tool_calls`;
 //!   `tool_result` blocks (user) → `tool` messages, before the user's own text; `thinking` blocks in the
 //!   history are dropped (Gemma's template strips earlier thoughts);
 //! - `tools[].input_schema` → `parameters`; `tool_choice` `auto` / `any` / `tool` / `none` → `auto` /
@@ -269,7 +269,16 @@ impl MessagesRequest {
                 match (role, b.get("type").and_then(Value::as_str)) {
                     (_, Some("text")) => parts.push(json!({"type": "text",
                         "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
-                    ("user", Some("image")) => parts.push(image_part(b, &bp)?),
+                    ("user", Some("image")) => {
+                        // Checked first, so a malformed block gets its own error; then refused: no tier's
+                        // engine has a vision tower yet (issue 14), and an answer that never saw the
+                        // image must not pretend it did.
+                        image_part(b, &bp)?;
+                        return Err(invalid(
+                            "images are not supported yet: the served models cannot see them",
+                            &format!("{bp}.type"),
+                        ));
+                    }
                     ("user", Some("tool_result")) => {
                         let id = b
                             .get("tool_use_id")
@@ -867,6 +876,10 @@ mod tests {
         let mut v = base();
         v["temperature"] = json!(1.5);
         assert_eq!(param(v), "temperature");
+        let mut v = base();
+        v["messages"][0]["content"] = json!([{"type": "image", "source": {"type": "base64",
+            "media_type": "image/png", "data": "iVBORw0KGgo="}}]);
+        assert_eq!(param(v), "messages[0].content[0].type");
         let mut v = base();
         v["inference_geo"] = json!("eu");
         assert_eq!(param(v), "inference_geo");

@@ -3,8 +3,8 @@
 //! back into a `response` object or its stream of events (`response.created` … `response.completed`),
 //! which newer OpenAI clients use by default.
 //!
-//! Input: a string, or items — messages (`user`, `system`, `developer`, `assistant`; `input_text`,
-//! `input_image`, `output_text` parts), `function_call` and `function_call_output` items (a tool round
+//! Input: a string, or items — messages (`user`, `system`, `developer`, `assistant`; `input_text` and
+//! `output_text` parts; `input_image` is refused until the engines can see images), `function_call` and `function_call_output` items (a tool round
 //! trip), `reasoning` items (dropped: Gemma's template strips earlier thoughts). `instructions` is the
 //! system prompt; `tools` are function tools; `tool_choice`, `parallel_tool_calls`, `max_tool_calls: 1`,
 //! `text.format` (`text`, `json_object`, `json_schema`: enforced by the grammar), `reasoning.effort` (`none`,
@@ -126,8 +126,8 @@ pub struct Echo {
     pub text: Value,
 }
 
-/// The text of message content: a string, or `input_text` / `output_text` parts; images become
-/// `image_url` parts.
+/// The text of message content: a string, or `input_text` / `output_text` parts (an `input_image` is a
+/// 400 until the engines can see images).
 fn parts(content: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
     match content {
         Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
@@ -141,15 +141,12 @@ fn parts(content: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
                         "text": p.get("text").and_then(Value::as_str).unwrap_or("")})),
                     Some("refusal") => Ok(json!({"type": "text",
                         "text": p.get("refusal").and_then(Value::as_str).unwrap_or("")})),
-                    Some("input_image") => {
-                        let url = p.get("image_url").and_then(Value::as_str).ok_or_else(|| {
-                            invalid(
-                                "input_image needs an image_url (file ids are not stored here)",
-                                &pp,
-                            )
-                        })?;
-                        Ok(json!({"type": "image_url", "image_url": {"url": url}}))
-                    }
+                    // No tier's engine has a vision tower yet (issue 14): an image is refused, not
+                    // silently unseen.
+                    Some("input_image") => Err(invalid(
+                        "images are not supported yet: the served models cannot see them",
+                        &format!("{pp}.type"),
+                    )),
                     other => Err(invalid(
                         format!("content part type {other:?} is not supported"),
                         &format!("{pp}.type"),
@@ -812,6 +809,13 @@ mod tests {
             }
         };
         assert_eq!(param(json!({"store": true})), "store");
+        assert_eq!(
+            param(
+                json!({"input": [{"role": "user", "content": [{"type": "input_image",
+                "image_url": "data:image/png;base64,iVBORw0KGgo="}]}]})
+            ),
+            "input[0].content[0].type"
+        );
         assert_eq!(
             param(json!({"previous_response_id": "resp_1"})),
             "previous_response_id"
