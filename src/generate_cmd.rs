@@ -276,6 +276,7 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
             parse_output: false,
             constraint: None,
             parallel_tool_calls: true,
+            fit_context: false,
             logprobs: false,
             top_logprobs: 0,
             ignore_eos: args.ignore_eos,

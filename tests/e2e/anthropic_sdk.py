@@ -22,6 +22,22 @@ check("message: stop_reason", m.stop_reason in ("end_turn", "max_tokens"), m.sto
 check("message: usage", m.usage.output_tokens >= 1 and m.usage.input_tokens >= 1, m.usage)
 check("message: id and model", m.id.startswith("msg_") and m.model == "primary", m)
 
+# count_tokens: the tier's own tokenizer and template, so it equals what the same request was charged.
+n = client.messages.count_tokens(model="primary", system="You are terse.",
+                                 messages=[{"role": "user", "content": "Hello!"}])
+# (Anthropic's usage leaves prefix-cache reads out of input_tokens; count_tokens counts the whole prompt.)
+check("count_tokens: the prompt's tokens, as the answer's usage counted them",
+      n.input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0), (n, m.usage))
+with_tools = client.messages.count_tokens(model="primary", system="You are terse.", tools=[
+    {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
+    messages=[{"role": "user", "content": "Hello!"}])
+check("count_tokens: tools take tokens too", with_tools.input_tokens > n.input_tokens, (with_tools, n))
+try:
+    client.messages.count_tokens(model="primary", messages=[{"role": "robot", "content": "x"}])
+    check("count_tokens: a bad request is a 400", False, "counted")
+except anthropic.BadRequestError as e:
+    check("count_tokens: a bad request is a 400", e.body["error"]["type"] == "invalid_request_error", e.body)
+
 with client.messages.stream(model="primary", max_tokens=12,
                             messages=[{"role": "user", "content": "Write code for a loop"}]) as s:
     streamed = "".join(s.text_stream)

@@ -15,6 +15,11 @@ pub struct Answer {
     /// Most tool calls the answer may make (`parallel_tool_calls: false`: one); None for no limit.
     max_tool_calls: Option<usize>,
     calls: usize,
+    /// Tokens spent thinking so far (see [`Answer::reasoning_tokens`]).
+    reasoning_tokens: usize,
+    /// Tokens pushed since the last one that was visibly content, thinking or a call: their text is held
+    /// back (a marker's start, a stop string's) and belongs to whatever comes next.
+    undecided: usize,
 }
 
 impl Answer {
@@ -26,6 +31,8 @@ impl Answer {
             tool_calls: false,
             max_tool_calls: None,
             calls: 0,
+            reasoning_tokens: 0,
+            undecided: 0,
         }
     }
 
@@ -38,9 +45,13 @@ impl Answer {
 
     /// Feeds decoded text; returns what to send now (never an empty content piece or a tool-call error)
     /// and whether a stop string ended the answer.
+    ///
+    /// Engines push once per generated token, which is what [`Answer::reasoning_tokens`] counts.
     pub fn push(&mut self, text: &str) -> (Vec<Event>, bool) {
+        let before = self.parser.as_ref().is_some_and(OutputParser::in_reasoning);
         let (out, hit) = self.stops.push(text);
         let mut events = self.parse(&out);
+        self.count_reasoning(before, events.is_empty());
         if let Some(max) = self.max_tool_calls
             && self.calls >= max
         {
@@ -84,6 +95,26 @@ impl Answer {
             out.extend(p.finish().into_iter().filter_map(|e| self.clean(e)));
         }
         out
+    }
+
+    /// Generated tokens spent thinking: those pushed while Gemma 4's thinking channel was open, its
+    /// opening and closing markers included (the tokens of an opening marker are counted once it
+    /// completes). This is `usage.completion_tokens_details.reasoning_tokens`.
+    pub fn reasoning_tokens(&self) -> usize {
+        self.reasoning_tokens
+    }
+
+    fn count_reasoning(&mut self, before: bool, nothing_sent: bool) {
+        let Some(p) = &self.parser else {
+            return;
+        };
+        if before || p.in_reasoning() {
+            self.reasoning_tokens += 1 + std::mem::take(&mut self.undecided);
+        } else if nothing_sent && p.in_content() {
+            self.undecided += 1;
+        } else {
+            self.undecided = 0;
+        }
     }
 
     /// Whether any tool call was produced (finish_reason `tool_calls`).
@@ -133,6 +164,36 @@ mod tests {
                 _ => String::new(),
             })
             .collect()
+    }
+
+    #[test]
+    fn thinking_tokens_are_counted_with_their_markers() {
+        // Gemma 4's tokens: the opener is three (`<|channel>`, `thought`, `\n`), the closer one.
+        let mut a = Answer::new(&[], true);
+        for t in [
+            "<|channel>",
+            "thought",
+            "\n",
+            "Multiply",
+            ".",
+            "<channel|>",
+            "\n\n",
+            "56",
+            ".",
+        ] {
+            a.push(t);
+        }
+        let evs = a.finish("", false);
+        assert_eq!(a.reasoning_tokens(), 6, "{evs:?}");
+        // Without thinking, none; an unparsed answer (JSON mode) counts none either.
+        let mut a = Answer::new(&[], true);
+        for t in ["<", "b", ">", "7"] {
+            a.push(t);
+        }
+        assert_eq!(a.reasoning_tokens(), 0);
+        let mut a = Answer::new(&[], false);
+        a.push("<|channel>");
+        assert_eq!(a.reasoning_tokens(), 0);
     }
 
     #[test]

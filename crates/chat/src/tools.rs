@@ -471,6 +471,16 @@ impl OutputParser {
         }
     }
 
+    /// Whether the text fed so far ends inside a thinking block.
+    pub fn in_reasoning(&self) -> bool {
+        self.state == State::Reasoning
+    }
+
+    /// Whether the text fed so far ends in plain content (not thinking, not a tool call).
+    pub fn in_content(&self) -> bool {
+        self.state == State::Normal
+    }
+
     /// Feeds the next piece of decoded text and returns the events it completes.
     pub fn push(&mut self, delta: &str) -> Vec<Event> {
         self.pending.push_str(delta);

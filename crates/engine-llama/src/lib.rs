@@ -181,6 +181,9 @@ pub struct Request {
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when false the answer
     /// ends after its first call.
     pub parallel_tool_calls: bool,
+    /// `max_tokens` is a default, not the client's: lower it to the room the prompt leaves in the context
+    /// (vLLM's default of `n_ctx - prompt_len`) instead of refusing the request.
+    pub fit_context: bool,
     /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
     pub ignore_eos: bool,
     /// Report each generated token's log-probability (`Event::Logprobs`).
@@ -217,6 +220,8 @@ pub struct Summary {
     pub tool_calls: bool,
     /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
     pub stop_sequence: Option<String>,
+    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::Answer::reasoning_tokens`]).
+    pub reasoning_tokens: usize,
     /// Prompt tokens/s.
     pub prefill_tps: f64,
     /// Generated tokens/s (after the first).
@@ -304,6 +309,12 @@ impl LlamaEngine {
     /// Queues a request; dropping the receiver cancels it.
     pub fn submit(&self, request: Request) -> Result<mpsc::Receiver<Event>, SubmitError> {
         self.host.submit(request)
+    }
+
+    /// Queues a request whose prompt is only counted: the reply is its length in tokens, after the chat
+    /// template. See [`jemma_serve::host::Host::count`].
+    pub fn count(&self, request: Request) -> Result<jemma_serve::host::CountReply, SubmitError> {
+        self.host.count(request)
     }
 
     /// Resolves when the model thread has ended and the model's memory is released.
@@ -623,6 +634,19 @@ impl ModelRunner for LlamaRunner {
         .map_err(Into::into)
     }
 
+    fn prompt_tokens(
+        &mut self,
+        model: &mut Serving,
+        request: &Request,
+    ) -> Result<usize, EngineFailure> {
+        model
+            .cell
+            .borrow_owner()
+            .prompt_ids(&request.prompt)
+            .map(|ids| ids.len())
+            .map_err(Into::into)
+    }
+
     fn step(
         &mut self,
         model: &mut Serving,
@@ -915,7 +939,7 @@ impl LlamaSequence {
         ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
         slots: &mut [Slot],
         now: u64,
-        req: Request,
+        mut req: Request,
     ) -> Result<Self> {
         let ids = loaded.prompt_ids(&req.prompt)?;
         if ids.is_empty() {
@@ -932,6 +956,9 @@ impl LlamaSequence {
             .validate(n_vocab as usize)
             .map_err(LlamaError::InvalidRequest)?;
         let n_ctx = loaded.n_ctx as usize;
+        if req.fit_context && ids.len() < n_ctx {
+            req.max_tokens = req.max_tokens.min(n_ctx - ids.len());
+        }
         if ids.len() + req.max_tokens > n_ctx {
             return Err(LlamaError::InvalidRequest(format!(
                 "prompt ({} tokens) + max_tokens ({}) exceeds the context of {n_ctx} tokens",
@@ -1086,6 +1113,7 @@ impl LlamaSequence {
             finish,
             tool_calls: self.answer.tool_calls(),
             stop_sequence: self.answer.stop_sequence().map(String::from),
+            reasoning_tokens: self.answer.reasoning_tokens(),
             prefill_tps: prefilled as f64 / self.prefill_time.as_secs_f64().max(1e-9),
             decode_tps: if n > 1 {
                 (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)

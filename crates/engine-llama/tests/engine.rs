@@ -213,6 +213,7 @@ fn request(prompt: Prompt, max_tokens: usize) -> Request {
         parse_output: true,
         constraint: None,
         parallel_tool_calls: true,
+        fit_context: false,
         logprobs: false,
         top_logprobs: 0,
         ignore_eos: true,
@@ -251,6 +252,14 @@ fn chat_requests_stream_through_the_model_thread() {
     assert!(prompt_tokens > 5);
     assert_eq!(cached_tokens, 0, "a cold context");
     let (text, s) = collect(&mut rx);
+    // Counting the prompt (Anthropic's count_tokens) tokenizes it as admission did, and runs nothing.
+    let counted = e
+        .count(request(chat.clone(), 12))
+        .unwrap()
+        .blocking_recv()
+        .unwrap();
+    assert_eq!(counted.unwrap(), prompt_tokens);
+    assert_eq!(e.status().requests, 1, "a count is not a request");
     assert_eq!(s.completion_tokens, 12);
     assert_eq!(s.finish, Finish::Length);
     assert!(s.decode_tps > 0.0 && s.prefill_tps > 0.0);

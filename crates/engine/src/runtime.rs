@@ -44,6 +44,9 @@ pub struct Request {
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when false the answer
     /// ends after its first call.
     pub parallel_tool_calls: bool,
+    /// `options.max_tokens` is a default, not the client's: lower it to the room the prompt leaves in the
+    /// context (vLLM's default of `max_model_len - prompt_len`) instead of refusing the request.
+    pub fit_context: bool,
 }
 
 /// What the engine sends back for a request (shared with the llama.cpp engine).
@@ -62,6 +65,8 @@ pub struct Summary {
     pub tool_calls: bool,
     /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
     pub stop_sequence: Option<String>,
+    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::Answer::reasoning_tokens`]).
+    pub reasoning_tokens: usize,
     /// MLX memory after the request.
     pub memory: MlxMemory,
     /// Prefill tokens/s.
@@ -220,6 +225,15 @@ impl Engine {
         request: Request,
     ) -> std::result::Result<mpsc::Receiver<Event>, SubmitError> {
         self.host.submit(request)
+    }
+
+    /// Queues a request whose prompt is only counted: the reply is its length in tokens, after the chat
+    /// template (Anthropic's `count_tokens`). See [`jemma_serve::host::Host::count`].
+    pub fn count(
+        &self,
+        request: Request,
+    ) -> std::result::Result<jemma_serve::host::CountReply, SubmitError> {
+        self.host.count(request)
     }
 
     /// Resolves when the engine thread has ended: every handle was dropped, the requests it had accepted
@@ -505,6 +519,17 @@ impl ModelRunner for MlxRunner {
         MlxSequence::new(model, request, context_length, &mut self.pool).map_err(Into::into)
     }
 
+    fn prompt_tokens(
+        &mut self,
+        model: &mut ModelBundle,
+        request: &Request,
+    ) -> std::result::Result<usize, EngineFailure> {
+        model
+            .prompt_ids(&request.prompt)
+            .map(|ids| ids.len())
+            .map_err(Into::into)
+    }
+
     fn step(
         &mut self,
         model: &mut ModelBundle,
@@ -662,6 +687,10 @@ impl MlxSequence {
     ) -> Result<Self> {
         let ids = l.prompt_ids(&req.prompt)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
+        let mut req = req;
+        if req.fit_context && ids.len() < ctx {
+            req.options.max_tokens = req.options.max_tokens.min(ctx - ids.len());
+        }
         if ids.len() + req.options.max_tokens > ctx {
             return Err(EngineError::InvalidRequest(format!(
                 "prompt ({} tokens) + max_tokens ({}) exceeds the model's context of {ctx} tokens",
@@ -756,6 +785,7 @@ impl MlxSequence {
                 stats,
                 tool_calls: self.answer.tool_calls(),
                 stop_sequence: self.answer.stop_sequence().map(String::from),
+                reasoning_tokens: self.answer.reasoning_tokens(),
                 memory: mlx_memory(),
             });
         }

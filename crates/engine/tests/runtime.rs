@@ -32,6 +32,7 @@ fn request(max_tokens: usize) -> Request {
         parse_output: false,
         constraint: None,
         parallel_tool_calls: true,
+        fit_context: false,
     }
 }
 

@@ -90,3 +90,29 @@ async fn messages_inner(
         retry_after_secs: None,
     })
 }
+
+/// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted by the tier the request would go to
+/// with its own tokenizer and chat template (system prompt, tools and all), without generating.
+pub async fn count_tokens(
+    State(state): State<AppState>,
+    caller: Option<axum::Extension<Caller>>,
+    body: Body,
+) -> Response {
+    let caller = caller.map(|e| e.0).unwrap_or(Caller::Loopback);
+    let counted = async {
+        let req: MessagesRequest = sse::read_json(body, state.max_body_bytes).await?;
+        let chat = req.to_count(&state.limits)?;
+        state.charge(&caller, chat.has_images)?;
+        state.router.count_tokens(&chat).await
+    };
+    match counted.await {
+        Ok((tier, n)) => {
+            let mut r = axum::Json(serde_json::json!({ "input_tokens": n })).into_response();
+            if let Ok(v) = HeaderValue::from_str(tier.as_str()) {
+                r.headers_mut().insert("x-jemma-tier", v);
+            }
+            r
+        }
+        Err(e) => error_response(e),
+    }
+}

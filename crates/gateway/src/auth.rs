@@ -15,6 +15,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+use jemma_router::api::{ErrorObject, ErrorResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -370,11 +371,24 @@ fn is_proxied(h: &HeaderMap) -> bool {
     .any(|k| h.contains_key(*k))
 }
 
+/// An `invalid_request_error` in OpenAI's shape with `code`.
+fn openai_error(msg: &str, code: &str) -> ErrorResponse {
+    ErrorResponse {
+        error: ErrorObject {
+            message: msg.into(),
+            kind: "invalid_request_error".into(),
+            param: None,
+            code: Some(code.into()),
+            fallback: None,
+        },
+    }
+}
+
 fn unauthorized(msg: &str, anthropic: bool) -> Response {
     let body = if anthropic {
         json!({"type": "error", "error": {"type": "authentication_error", "message": msg}})
     } else {
-        json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_api_key"}})
+        serde_json::to_value(openai_error(msg, "invalid_api_key")).unwrap_or_default()
     };
     let mut r = (StatusCode::UNAUTHORIZED, axum::Json(body)).into_response();
     r.headers_mut()
@@ -414,12 +428,15 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
     if req.uri().path().starts_with("/admin/") && !loopback {
         // Tier toggles and model changes belong to the machine's owner (the app, the local CLI), not to
         // API-key holders on the tailnet.
-        let body = json!({"error": {"message": "admin endpoints are only available from this machine", "type": "invalid_request_error", "param": null, "code": "forbidden"}});
+        let body = openai_error(
+            "admin endpoints are only available from this machine",
+            "forbidden",
+        );
         return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
     }
     let caller = if loopback && st.access.exempt_loopback {
         Caller::Loopback
-    } else if req.uri().path() == "/health" {
+    } else if matches!(req.uri().path(), "/health" | "/openapi.json") {
         Caller::Ip(peer.unwrap_or(IpAddr::from([127, 0, 0, 1])))
     } else {
         if keys.is_empty() {

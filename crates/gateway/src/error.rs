@@ -5,7 +5,7 @@
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
-use serde_json::{Value, json};
+use jemma_router::api::{ErrorObject, ErrorResponse};
 
 /// An error answer.
 #[derive(Debug)]
@@ -61,19 +61,26 @@ impl ApiError {
     }
 
     /// The JSON body.
-    pub fn body(&self) -> Value {
+    pub fn body(&self) -> ErrorResponse {
         let (_, ty, code) = self.parts();
         let param = match &self.0 {
-            RouterError::InvalidRequest { param, .. } => json!(param),
-            RouterError::UnknownModel(_) => json!("model"),
-            _ => Value::Null,
+            RouterError::InvalidRequest { param, .. } => param.clone(),
+            RouterError::UnknownModel(_) => Some("model".into()),
+            _ => None,
         };
-        let mut err =
-            json!({"message": self.0.to_string(), "type": ty, "param": param, "code": code});
-        if let RouterError::AllTiersDown { fallback, .. } = &self.0 {
-            err["fallback"] = json!(fallback);
+        let fallback = match &self.0 {
+            RouterError::AllTiersDown { fallback, .. } => Some(fallback.clone()),
+            _ => None,
+        };
+        ErrorResponse {
+            error: ErrorObject {
+                message: self.0.to_string(),
+                kind: ty.into(),
+                param,
+                code: Some(code.into()),
+                fallback,
+            },
         }
-        json!({ "error": err })
     }
 }
 

@@ -5,7 +5,11 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
-use jemma_router::api::{ChatCompletionRequest, CompletionRequest, Routing, Usage};
+use jemma_router::api::{
+    ChatCompletion, ChatCompletionRequest, Choice, ChoiceLogprobs, CompletionRequest, ErrorObject,
+    ErrorResponse, FunctionCall, FunctionType, ModelList, ResponseMessage, Routing, TextChoice,
+    TextCompletion, ToolCall, Usage,
+};
 use jemma_router::backend::{Chunk, FinishReason};
 use jemma_router::breaker::BreakerState;
 use jemma_router::classify::Tier;
@@ -72,19 +76,26 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
     }
     let mut content = String::new();
     let mut reasoning = String::new();
-    let mut tool_calls: Vec<Value> = vec![];
+    let mut tool_calls: Vec<ToolCall> = vec![];
     let mut logprobs: Vec<Value> = vec![];
     let mut end: Option<(FinishReason, Usage, Routing)> = None;
     while let Some(o) = rx.recv().await {
         match o {
             Output::Chunk(Chunk::Content(c)) => content.push_str(&c),
             Output::Chunk(Chunk::Reasoning(r)) => reasoning.push_str(&r),
-            Output::Chunk(Chunk::ToolCall { name, arguments }) => tool_calls.push(json!({
-                "id": call_id(), "type": "function", "function": {"name": name, "arguments": arguments}
-            })),
+            Output::Chunk(Chunk::ToolCall { name, arguments }) => tool_calls.push(ToolCall {
+                id: call_id(),
+                kind: FunctionType::Function,
+                function: FunctionCall { name, arguments },
+            }),
             Output::Chunk(Chunk::Logprobs(l)) => logprobs.extend(l),
             Output::Chunk(_) | Output::Waiting => {}
-            Output::End { finish_reason, usage, routing, .. } => {
+            Output::End {
+                finish_reason,
+                usage,
+                routing,
+                ..
+            } => {
                 end = Some((finish_reason, usage, routing));
                 break;
             }
@@ -97,28 +108,30 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
             retry_after_secs: None,
         })
     })?;
-    let mut message = json!({"role": "assistant", "content": if content.is_empty() && !tool_calls.is_empty() { Value::Null } else { json!(content) }});
-    if !reasoning.is_empty() {
-        message["reasoning_content"] = json!(reasoning);
-    }
-    if !tool_calls.is_empty() {
-        message["tool_calls"] = json!(tool_calls);
-    }
+    let finish_reason = sse::answer_finish(finish_reason, !tool_calls.is_empty());
+    let message = ResponseMessage {
+        role: "assistant".into(),
+        content: (!content.is_empty() || tool_calls.is_empty()).then_some(content),
+        reasoning_content: (!reasoning.is_empty()).then_some(reasoning),
+        tool_calls: (!tool_calls.is_empty()).then_some(tool_calls),
+    };
     let tier = routing.tier.clone();
-    let body = json!({
-        "id": completion_id(),
-        "object": "chat.completion",
-        "created": now_secs(),
-        "model": routing.model,
-        "choices": [{
-            "index": 0,
-            "message": message,
-            "finish_reason": sse::answer_finish(finish_reason, !tool_calls.is_empty()),
-            "logprobs": if logprobs.is_empty() { Value::Null } else { json!({"content": logprobs}) },
+    let body = ChatCompletion {
+        id: completion_id(),
+        object: "chat.completion".into(),
+        created: now_secs(),
+        model: routing.model.clone(),
+        choices: vec![Choice {
+            index: 0,
+            message,
+            finish_reason,
+            logprobs: (!logprobs.is_empty()).then_some(ChoiceLogprobs {
+                content: Some(logprobs),
+            }),
         }],
-        "usage": usage,
-        "_routing": routing,
-    });
+        usage,
+        routing,
+    };
     let mut r = (StatusCode::OK, axum::Json(body)).into_response();
     if let Ok(v) = HeaderValue::from_str(&tier) {
         r.headers_mut().insert("x-jemma-tier", v);
@@ -171,15 +184,20 @@ async fn completions_inner(
                 ..
             } => {
                 let tier = routing.tier.clone();
-                let body = json!({
-                    "id": format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-                    "object": "text_completion",
-                    "created": now_secs(),
-                    "model": routing.model,
-                    "choices": [{"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": null}],
-                    "usage": usage,
-                    "_routing": routing,
-                });
+                let body = TextCompletion {
+                    id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+                    object: "text_completion".into(),
+                    created: now_secs(),
+                    model: routing.model.clone(),
+                    choices: vec![TextChoice {
+                        index: 0,
+                        text,
+                        finish_reason: Some(finish_reason),
+                        logprobs: None,
+                    }],
+                    usage: Some(usage),
+                    routing: Some(routing),
+                };
                 let mut r = (StatusCode::OK, axum::Json(body)).into_response();
                 if let Ok(v) = HeaderValue::from_str(&tier) {
                     r.headers_mut().insert("x-jemma-tier", v);
@@ -198,8 +216,12 @@ async fn completions_inner(
 
 /// `GET /v1/models`.
 pub async fn models(State(state): State<AppState>) -> Response {
-    let data: Vec<Value> = state.router.status().iter().map(model_entry).collect();
-    axum::Json(json!({"object": "list", "data": data})).into_response()
+    let data = state.router.status().iter().map(model_entry).collect();
+    axum::Json(ModelList {
+        object: "list".into(),
+        data,
+    })
+    .into_response()
 }
 
 /// `GET /v1/models/{id}`.
@@ -372,6 +394,14 @@ pub async fn set_tier_model(
 
 /// Unknown paths: OpenAI-style 404.
 pub async fn not_found() -> Response {
-    let body = json!({"error": {"message": "unknown endpoint", "type": "invalid_request_error", "param": null, "code": "not_found"}});
+    let body = ErrorResponse {
+        error: ErrorObject {
+            message: "unknown endpoint".into(),
+            kind: "invalid_request_error".into(),
+            param: None,
+            code: Some("not_found".into()),
+            fallback: None,
+        },
+    };
     (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
 }

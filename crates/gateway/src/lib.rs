@@ -7,6 +7,7 @@ mod anthropic;
 pub mod auth;
 mod error;
 mod handlers;
+pub mod openapi;
 mod responses;
 mod sse;
 
@@ -134,8 +135,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/responses", post(responses::responses))
         .route("/v1/models", get(handlers::models))
+        .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/models/{id}", get(handlers::model))
         .route("/health", get(handlers::health))
         .route("/metrics", get(handlers::metrics))

@@ -10,9 +10,13 @@ use std::time::Duration;
 
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
+use jemma_router::api::{
+    ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, FunctionCallDelta, FunctionType,
+    TextChoice, TextCompletion, ToolCallDelta,
+};
 use jemma_router::backend::{Chunk, FinishReason};
 use jemma_router::route::Output;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::ApiError;
@@ -26,19 +30,26 @@ struct Ctx {
 }
 
 impl Ctx {
-    fn chunk(&self, delta: Value, finish: Option<FinishReason>) -> Value {
-        json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
-        })
+    fn chunk(&self, delta: Delta, finish: Option<FinishReason>) -> ChatCompletionChunk {
+        ChatCompletionChunk {
+            id: self.id.clone(),
+            object: "chat.completion.chunk".into(),
+            created: self.created,
+            model: self.model.clone(),
+            choices: vec![ChunkChoice {
+                index: 0,
+                delta,
+                finish_reason: finish,
+                ..Default::default()
+            }],
+            usage: None,
+            routing: None,
+        }
     }
 }
 
-fn data(v: &Value) -> Event {
-    Event::default().data(v.to_string())
+fn data(v: &impl serde::Serialize) -> Event {
+    Event::default().data(serde_json::to_string(v).unwrap_or_default())
 }
 
 /// What a stream's renderer makes of one router output.
@@ -121,28 +132,52 @@ pub fn stream_response(
         model,
         tool_index: 0,
     };
-    let prelude = vec![data(
-        &ctx.chunk(json!({"role": "assistant", "content": ""}), None),
-    )];
+    let prelude = vec![data(&ctx.chunk(
+        Delta {
+            role: Some("assistant".into()),
+            content: Some(String::new()),
+            ..Default::default()
+        },
+        None,
+    ))];
     pump(keep_alive, prelude, first, rx, move |o| match o {
-        Output::Chunk(Chunk::Content(c)) => {
-            Step::Send(vec![data(&ctx.chunk(json!({"content": c}), None))])
-        }
-        Output::Chunk(Chunk::Reasoning(r)) => Step::Send(vec![data(
-            &ctx.chunk(json!({"reasoning_content": r}), None),
-        )]),
+        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&ctx.chunk(
+            Delta {
+                content: Some(c),
+                ..Default::default()
+            },
+            None,
+        ))]),
+        Output::Chunk(Chunk::Reasoning(r)) => Step::Send(vec![data(&ctx.chunk(
+            Delta {
+                reasoning_content: Some(r),
+                ..Default::default()
+            },
+            None,
+        ))]),
         Output::Chunk(Chunk::ToolCall { name, arguments }) => {
-            let i = ctx.tool_index;
+            let index = ctx.tool_index as u32;
             ctx.tool_index += 1;
+            let call = ToolCallDelta {
+                index,
+                id: Some(call_id()),
+                kind: Some(FunctionType::Function),
+                function: Some(FunctionCallDelta {
+                    name: Some(name),
+                    arguments: Some(arguments),
+                }),
+            };
             Step::Send(vec![data(&ctx.chunk(
-                json!({"tool_calls": [{"index": i, "id": call_id(), "type": "function",
-                    "function": {"name": name, "arguments": arguments}}]}),
+                Delta {
+                    tool_calls: Some(vec![call]),
+                    ..Default::default()
+                },
                 None,
             ))])
         }
         Output::Chunk(Chunk::Logprobs(l)) => {
-            let mut c = ctx.chunk(json!({}), None);
-            c["choices"][0]["logprobs"] = json!({"content": l});
+            let mut c = ctx.chunk(Delta::default(), None);
+            c.choices[0].logprobs = Some(ChoiceLogprobs { content: Some(l) });
             Step::Send(vec![data(&c)])
         }
         Output::End {
@@ -153,13 +188,13 @@ pub fn stream_response(
         } => {
             ctx.model = routing.model.clone();
             let finish = answer_finish(finish_reason, ctx.tool_index > 0);
-            let mut c = ctx.chunk(json!({}), Some(finish));
-            c["_routing"] = json!(routing);
+            let mut c = ctx.chunk(Delta::default(), Some(finish));
+            c.routing = Some(routing);
             let mut v = vec![data(&c)];
             if include_usage {
-                let mut u = ctx.chunk(json!({}), None);
-                u["choices"] = json!([]);
-                u["usage"] = json!(usage);
+                let mut u = ctx.chunk(Delta::default(), None);
+                u.choices.clear();
+                u.usage = Some(usage);
                 v.push(data(&u));
             }
             Step::End(v)
@@ -192,9 +227,19 @@ pub fn completion_stream(
 ) -> Response {
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
-    let chunk = move |text: &str, finish: Option<FinishReason>, model: &str| {
-        json!({"id": id, "object": "text_completion", "created": created, "model": model,
-               "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}]})
+    let chunk = move |text: &str, finish: Option<FinishReason>, model: &str| TextCompletion {
+        id: id.clone(),
+        object: "text_completion".into(),
+        created,
+        model: model.to_string(),
+        choices: vec![TextChoice {
+            index: 0,
+            text: text.to_string(),
+            finish_reason: finish,
+            logprobs: None,
+        }],
+        usage: None,
+        routing: None,
     };
     pump(keep_alive, vec![], first, rx, move |o| match o {
         Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&chunk(&c, None, &model))]),
@@ -205,12 +250,12 @@ pub fn completion_stream(
             ..
         } => {
             let mut c = chunk("", Some(finish_reason), &routing.model);
-            c["_routing"] = json!(routing);
+            let mut u = chunk("", None, &routing.model);
+            c.routing = Some(routing);
             let mut v = vec![data(&c)];
             if include_usage {
-                let mut u = chunk("", None, &routing.model);
-                u["choices"] = json!([]);
-                u["usage"] = json!(usage);
+                u.choices.clear();
+                u.usage = Some(usage);
                 v.push(data(&u));
             }
             Step::End(v)
@@ -220,7 +265,11 @@ pub fn completion_stream(
 }
 
 /// Reads a JSON body of at most `max_bytes` into `T`: an oversize body is [`RouterError::TooLarge`], a
-/// malformed one [`RouterError::InvalidRequest`] (each API then answers in its own error shape).
+/// malformed one [`RouterError::InvalidRequest`] whose `param` names the field that does not fit (the
+/// whole path, e.g. `messages[2].content[1]`), so that each API answers in its own error shape.
+///
+/// [`RouterError::TooLarge`]: jemma_router::RouterError::TooLarge
+/// [`RouterError::InvalidRequest`]: jemma_router::RouterError::InvalidRequest
 pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     body: axum::body::Body,
     max_bytes: usize,
@@ -229,10 +278,34 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     let bytes = axum::body::to_bytes(body, max_bytes)
         .await
         .map_err(|_| RouterError::TooLarge(format!("request body exceeds {max_bytes} bytes")))?;
-    serde_json::from_slice(&bytes).map_err(|e| RouterError::InvalidRequest {
+    parse_json(&bytes)
+}
+
+/// [`read_json`]'s parsing: a syntax error is `invalid JSON body`; a body of the wrong shape names the
+/// field's path.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+) -> Result<T, jemma_router::RouterError> {
+    use jemma_router::RouterError;
+    use jemma_router::api::message::{join_path, split_path};
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let syntax = |e: &serde_json::Error| RouterError::InvalidRequest {
         message: format!("invalid JSON body: {e}"),
         param: None,
-    })
+    };
+    let e = match serde_path_to_error::deserialize(&mut de) {
+        Ok(v) => return de.end().map(|()| v).map_err(|e| syntax(&e)),
+        Err(e) => e,
+    };
+    if e.inner().is_syntax() || e.inner().is_eof() {
+        return Err(syntax(e.inner()));
+    }
+    let full = join_path(&e.path().to_string(), &e.inner().to_string());
+    let (param, message) = match split_path(&full) {
+        Some((p, m)) => (Some(p.to_string()), format!("{p}: {m}")),
+        None => (None, full.clone()),
+    };
+    Err(RouterError::InvalidRequest { message, param })
 }
 
 /// The router's first output, awaited before a stream commits to a 200: a failure before any token

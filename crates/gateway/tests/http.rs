@@ -63,6 +63,7 @@ impl Backend for Echo {
                         completion_tokens: 2,
                         total_tokens: 7,
                         prompt_tokens_details: None,
+                        completion_tokens_details: None,
                     },
                     decode_tps: Some(99.0),
                 }))
@@ -270,8 +271,71 @@ async fn bad_input_gets_openai_errors() {
     error_of(&body);
     let (st, _, body) = call(&a, "POST", "/v1/chat/completions", r#"{"messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"ftp://x"}}]}]}"#).await;
     assert_eq!(st, StatusCode::BAD_REQUEST, "{body}");
+    // A field deep in the typed body is named by its whole path (an agent replaying a history with a
+    // malformed tool call, a client sending a content part type it invented).
+    for (body, param) in [
+        (
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"video_url"}]}]}"#,
+            "messages[1].content[1].type",
+        ),
+        (
+            r#"{"messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{oops"}}]}]}"#,
+            "messages[0].tool_calls[0].function.arguments",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"tool_choice":"sometimes"}"#,
+            "tool_choice",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"response_format":{"type":"yaml"}}"#,
+            "response_format.type",
+        ),
+        (
+            r#"{"messages":[{"role":"user","content":"x"}],"max_tokens":"ten"}"#,
+            "max_tokens",
+        ),
+    ] {
+        let (st, _, out) = call(&a, "POST", "/v1/chat/completions", body).await;
+        assert_eq!(st, StatusCode::BAD_REQUEST, "{out}");
+        let e = error_of(&out);
+        assert_eq!(e["param"], param, "{out}");
+        assert!(e["message"].as_str().unwrap().starts_with(param), "{out}");
+    }
     let (st, _, _) = call(&a, "GET", "/v2/nothing", "").await;
     assert_eq!(st, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn openapi_json_describes_the_typed_wire_format() {
+    let a = app(false, 4);
+    let (st, _, body) = call(&a, "GET", "/openapi.json", "").await;
+    assert_eq!(st, StatusCode::OK);
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let op = &doc["paths"]["/v1/chat/completions"]["post"];
+    assert_eq!(
+        op["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+        "#/components/schemas/ChatCompletionRequest"
+    );
+    assert!(op["responses"]["200"]["content"]["text/event-stream"].is_object());
+    // What a whole answer is described as is what the gateway sends: each required field is there.
+    let (_, _, answer) = call(
+        &a,
+        "POST",
+        "/v1/chat/completions",
+        r#"{"model":"fast","messages":[{"role":"user","content":"hi"}]}"#,
+    )
+    .await;
+    let answer: Value = serde_json::from_str(&answer).unwrap();
+    for f in doc["components"]["schemas"]["ChatCompletion"]["required"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            answer.get(f.as_str().unwrap()).is_some(),
+            "{f} missing: {answer}"
+        );
+    }
 }
 
 #[tokio::test]

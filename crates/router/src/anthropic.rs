@@ -28,12 +28,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::RouterError;
-use crate::api::{ChatCompletionRequest, ChatRequest, Limits, Stop, StreamOptions, Usage};
+use crate::api::{
+    ChatCompletionRequest, ChatRequest, ContentPart, FunctionCall, FunctionType, Limits, Message,
+    MessageContent, ResponseFormat, Stop, StreamOptions, Tool, ToolCall, ToolChoice, Usage,
+    UserMessage,
+};
 use crate::backend::{Chunk, FinishReason};
 use crate::route::Output;
 
 /// `POST /v1/messages` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct MessagesRequest {
     /// Tier, model id or `auto`.
     pub model: String,
@@ -78,6 +82,7 @@ pub struct MessagesRequest {
     pub cache_control: Option<Value>,
     /// `standard` (`fast` is refused: there is no faster mode here).
     #[serde(default)]
+    #[schema(pattern = "^standard$")]
     pub speed: Option<String>,
     /// `{user_id}`: accepted, not used (as OpenAI's `user`).
     #[serde(default)]
@@ -90,9 +95,11 @@ pub struct MessagesRequest {
     pub workspace_id: Option<String>,
     /// `auto` (or `standard_only`): accepted, there is one tier of service here.
     #[serde(default)]
+    #[schema(pattern = "^(auto|standard_only)$")]
     pub service_tier: Option<String>,
     /// Anything else: refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub other: serde_json::Map<String, Value>,
 }
 
@@ -187,6 +194,16 @@ pub enum ThinkingDisplay {
 }
 
 impl MessagesRequest {
+    /// A `count_tokens` body (the same fields, `max_tokens` not required: nothing is generated) as the
+    /// router's request whose prompt is counted. Errors as [`MessagesRequest::to_chat`].
+    pub fn to_count(mut self, limits: &Limits) -> Result<ChatRequest, RouterError> {
+        if self.max_tokens.is_none() {
+            self.max_tokens = Some(limits.max_tokens_ceiling);
+        }
+        self.stream = false;
+        self.to_chat(limits).map(|(chat, _)| chat)
+    }
+
     /// Checks the request and turns it into the router's request (then validated by the same rules as
     /// an OpenAI chat request), with how thinking is to be shown. Errors name the field, in Anthropic's
     /// terms.
@@ -244,7 +261,7 @@ impl MessagesRequest {
                 .collect::<Result<Vec<_>, _>>()?
                 .join("\n\n");
             if system.is_string() || !text.is_empty() {
-                messages.push(json!({"role": "system", "content": text}));
+                messages.push(Message::system(text));
             }
         }
         for (i, m) in self.messages.iter().enumerate() {
@@ -259,16 +276,20 @@ impl MessagesRequest {
             let content = m
                 .get("content")
                 .ok_or_else(|| invalid("content is required", &format!("{param}.content")))?;
-            let mut parts: Vec<Value> = vec![];
-            let mut calls: Vec<Value> = vec![];
+            let mut parts: Vec<String> = vec![];
+            let mut calls: Vec<ToolCall> = vec![];
             for (k, b) in blocks(content, &format!("{param}.content"))?
                 .iter()
                 .enumerate()
             {
                 let bp = format!("{param}.content[{k}]");
                 match (role, b.get("type").and_then(Value::as_str)) {
-                    (_, Some("text")) => parts.push(json!({"type": "text",
-                        "text": b.get("text").and_then(Value::as_str).unwrap_or("")})),
+                    (_, Some("text")) => parts.push(
+                        b.get("text")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    ),
                     ("user", Some("image")) => {
                         // Checked first, so a malformed block gets its own error; then refused: no tier's
                         // engine has a vision tower yet (issue 14), and an answer that never saw the
@@ -288,7 +309,7 @@ impl MessagesRequest {
                         if b.get("is_error").and_then(Value::as_bool) == Some(true) {
                             text = format!("Error: {text}");
                         }
-                        messages.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+                        messages.push(Message::tool(id, text));
                     }
                     ("assistant", Some("tool_use")) => {
                         let name = b
@@ -299,9 +320,14 @@ impl MessagesRequest {
                         let id = b.get("id").and_then(Value::as_str).ok_or_else(|| {
                             invalid("a tool_use block needs an id", &format!("{bp}.id"))
                         })?;
-                        calls.push(json!({"id": id,
-                            "type": "function",
-                            "function": {"name": name, "arguments": input.to_string()}}));
+                        calls.push(ToolCall {
+                            id: id.to_string(),
+                            kind: FunctionType::Function,
+                            function: FunctionCall {
+                                name: name.to_string(),
+                                arguments: input.to_string(),
+                            },
+                        });
                     }
                     // Earlier thoughts: Gemma's template drops them from the history anyway.
                     ("assistant", Some("thinking" | "redacted_thinking")) => {}
@@ -314,21 +340,19 @@ impl MessagesRequest {
                 }
             }
             if role == "assistant" {
-                let text: String = parts
-                    .iter()
-                    .filter_map(|p| p.get("text").and_then(Value::as_str))
-                    .collect::<Vec<_>>()
-                    .join("\n");
-                let mut msg = json!({"role": "assistant", "content": text});
-                if !calls.is_empty() {
-                    msg["tool_calls"] = Value::Array(calls);
-                    if text.is_empty() {
-                        msg["content"] = Value::Null;
-                    }
-                }
-                messages.push(msg);
+                let text = parts.join("\n");
+                let text = (!text.is_empty() || calls.is_empty()).then_some(text);
+                messages.push(Message::assistant(text, calls));
             } else if !parts.is_empty() {
-                messages.push(json!({"role": "user", "content": parts}));
+                messages.push(Message::User(UserMessage {
+                    content: MessageContent::Parts(
+                        parts
+                            .into_iter()
+                            .map(|text| ContentPart::Text { text })
+                            .collect(),
+                    ),
+                    name: None,
+                }));
             }
         }
         let tools = self
@@ -360,13 +384,15 @@ impl MessagesRequest {
                                 ));
                             }
                         }
-                        let mut f = json!({"name": name,
-                            "parameters": t.get("input_schema").cloned()
-                                .unwrap_or_else(|| json!({"type": "object"}))});
-                        if let Some(d) = t.get("description") {
-                            f["description"] = d.clone();
-                        }
-                        Ok(json!({"type": "function", "function": f}))
+                        Ok(Tool::function(
+                            name,
+                            t.get("description")
+                                .and_then(Value::as_str)
+                                .map(String::from),
+                            t.get("input_schema")
+                                .cloned()
+                                .unwrap_or_else(|| json!({"type": "object"})),
+                        ))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -379,14 +405,14 @@ impl MessagesRequest {
                     .and_then(Value::as_bool)
                     .map(|d| !d);
                 let choice = match tc.get("type").and_then(Value::as_str) {
-                    Some("auto") => json!("auto"),
-                    Some("any") => json!("required"),
-                    Some("none") => json!("none"),
+                    Some("auto") => ToolChoice::Auto,
+                    Some("any") => ToolChoice::Required,
+                    Some("none") => ToolChoice::None,
                     Some("tool") => {
                         let name = tc.get("name").and_then(Value::as_str).ok_or_else(|| {
                             invalid("tool_choice.name is required", "tool_choice.name")
                         })?;
-                        json!({"type": "function", "function": {"name": name}})
+                        ToolChoice::Function(name.to_string())
                     }
                     other => {
                         return Err(invalid(
@@ -478,8 +504,7 @@ impl MessagesRequest {
                         "output_config.format.schema",
                     )
                 })?;
-                response_format = Some(json!({"type": "json_schema",
-                    "json_schema": {"name": "output", "schema": schema, "strict": true}}));
+                response_format = Some(ResponseFormat::json_schema("output", schema, true));
             }
             // Effort is how much the model thinks: Gemma 4 either thinks or not, so low effort answers
             // without thinking and the others think, unless `thinking` said otherwise.
@@ -838,17 +863,13 @@ mod tests {
                 {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
                     "content": [{"type": "text", "text": "21 C"}]}, {"type": "text", "text": "And tomorrow?"}]}]}))
         .unwrap();
-        let roles: Vec<&str> = r
-            .messages
-            .iter()
-            .map(|m| m["role"].as_str().unwrap())
-            .collect();
+        let roles: Vec<&str> = r.messages.iter().map(|m| m.role()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
         assert_eq!(
-            r.messages[2]["tool_calls"][0]["function"]["name"],
+            r.messages[2].to_value()["tool_calls"][0]["function"]["name"],
             "get_weather"
         );
-        assert_eq!(r.messages[3]["tool_call_id"], "toolu_1");
+        assert_eq!(r.messages[3].to_value()["tool_call_id"], "toolu_1");
         assert_eq!(r.tool_choice, Some(crate::api::ToolChoice::Required));
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert_eq!(r.max_tokens, Some(64));

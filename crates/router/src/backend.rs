@@ -11,7 +11,10 @@ use tokio::sync::mpsc;
 
 pub use jemma_chat::event::{EngineFailure, FinishReason};
 
-use crate::api::{ChatRequest, Usage};
+use crate::api::{
+    ChatCompletionChunk, ChatCompletionRequest, ChatRequest, Message, ResponseFormat, Stop,
+    StreamOptions, Usage,
+};
 
 /// One piece of an answer, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -215,6 +218,13 @@ pub trait Backend: Send + Sync + 'static {
             "this tier's model is set by its upstream; change the tier's configuration".into(),
         ))
     }
+    /// How many tokens `req`'s prompt takes on this tier (its chat template and tokenizer), without running
+    /// it: Anthropic's `count_tokens`. None: this backend cannot count (an OpenAI-compatible upstream has no
+    /// standard way to).
+    async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
+        let _ = req;
+        None
+    }
     /// Resolves once this backend's engine has stopped and released its memory, after every handle to it
     /// is dropped (immediately for backends without one).
     fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
@@ -317,6 +327,8 @@ pub struct Finished {
     pub decode_tps: f64,
     /// The stop string that ended it, if one did.
     pub stop_sequence: Option<String>,
+    /// Of the generated tokens, those spent thinking.
+    pub reasoning_tokens: u64,
 }
 
 /// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
@@ -363,12 +375,12 @@ fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
     };
     Chunk::Done {
         finish_reason: finish,
-        usage: Usage {
+        usage: Usage::new(
             prompt_tokens,
-            completion_tokens: f.completion_tokens,
-            total_tokens: prompt_tokens + f.completion_tokens,
-            prompt_tokens_details: Some(crate::api::PromptTokensDetails { cached_tokens }),
-        },
+            f.completion_tokens,
+            cached_tokens,
+            f.reasoning_tokens,
+        ),
         decode_tps: Some(f.decode_tps),
         stop_sequence: f.stop_sequence,
     }
@@ -384,10 +396,10 @@ pub fn engine_error(failure: EngineFailure) -> BackendError {
 }
 
 /// Messages with the continuation appended as a trailing assistant turn.
-pub fn with_continuation(messages: &[Value], continuation: Option<&str>) -> Vec<Value> {
+pub fn with_continuation(messages: &[Message], continuation: Option<&str>) -> Vec<Message> {
     let mut m = messages.to_vec();
     if let Some(c) = continuation.filter(|c| !c.is_empty()) {
-        m.push(json!({"role": "assistant", "content": c}));
+        m.push(Message::assistant(Some(c.to_string()), vec![]));
     }
     m
 }
@@ -442,56 +454,45 @@ impl OpenAiBackend {
         }
     }
 
-    fn body(&self, req: &ChatRequest, continuation: Option<&str>) -> Value {
-        let mut b = json!({
-            "model": self.cfg.model,
-            "messages": with_continuation(&req.messages, continuation),
-            "stream": true,
-            "stream_options": {"include_usage": true},
-            "max_tokens": req.max_tokens.unwrap_or(self.cfg.default_max_tokens),
-        });
-        let o = b.as_object_mut().expect("object literal");
-        let mut put = |k: &str, v: Value| {
-            if !v.is_null() {
-                o.insert(k.into(), v);
-            }
-        };
-        put("temperature", json!(req.temperature));
-        put("top_p", json!(req.top_p));
-        put("top_k", json!(req.top_k));
-        put("min_p", json!(req.min_p));
-        put("seed", json!(req.seed));
-        put("presence_penalty", json!(req.presence_penalty));
-        put("frequency_penalty", json!(req.frequency_penalty));
-        put("repetition_penalty", json!(req.repetition_penalty));
-        put("tools", json!(req.tools));
-        put("tool_choice", json!(req.tool_choice));
-        put("parallel_tool_calls", json!(req.parallel_tool_calls));
-        if !req.stop.is_empty() {
-            put("stop", json!(req.stop));
+    /// The upstream request: the client's, validated, in the same wire types, with the upstream's model
+    /// name, the tier's default `max_tokens`, and a stream that ends with usage. Absent options are left
+    /// out (OpenAI refuses parameters it does not know, such as `top_k`, even as null).
+    fn body(&self, req: &ChatRequest, continuation: Option<&str>) -> ChatCompletionRequest {
+        ChatCompletionRequest {
+            model: Some(self.cfg.model.clone()),
+            messages: with_continuation(&req.messages, continuation),
+            max_tokens: Some(req.max_tokens.unwrap_or(self.cfg.default_max_tokens)),
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            stop: (!req.stop.is_empty()).then(|| Stop::Many(req.stop.clone())),
+            seed: req.seed,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            repetition_penalty: req.repetition_penalty,
+            logit_bias: (!req.logit_bias.is_empty()).then(|| {
+                req.logit_bias
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), *v))
+                    .collect()
+            }),
+            logprobs: req.logprobs.then_some(true),
+            top_logprobs: req.logprobs.then_some(req.top_logprobs),
+            tools: req.tools.clone(),
+            tool_choice: req.tool_choice.clone(),
+            parallel_tool_calls: req.parallel_tool_calls,
+            response_format: (req.response_format != ResponseFormat::Text)
+                .then(|| req.response_format.clone()),
+            chat_template_kwargs: req
+                .enable_thinking
+                .map(|t| [("enable_thinking".to_string(), Value::Bool(t))].into()),
+            stream: true,
+            stream_options: Some(StreamOptions {
+                include_usage: true,
+            }),
+            ..Default::default()
         }
-        if req.logprobs {
-            put("logprobs", json!(true));
-            put("top_logprobs", json!(req.top_logprobs));
-        }
-        if !req.logit_bias.is_empty() {
-            put(
-                "logit_bias",
-                Value::Object(
-                    req.logit_bias
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), json!(v)))
-                        .collect(),
-                ),
-            );
-        }
-        if let Some(f) = req.response_format.to_value() {
-            put("response_format", f);
-        }
-        if let Some(t) = req.enable_thinking {
-            put("chat_template_kwargs", json!({"enable_thinking": t}));
-        }
-        b
     }
 
     fn note(&self, state: BackendState, err: Option<String>) {
@@ -681,60 +682,55 @@ impl Backend for OpenAiBackend {
                             return;
                         }
                     }
-                    if let Some(u) = v.get("usage").filter(|u| !u.is_null())
-                        && let Ok(u) = serde_json::from_value::<Usage>(u.clone())
-                    {
+                    let chunk = match serde_json::from_value::<ChatCompletionChunk>(v) {
+                        Ok(c) => c,
+                        Err(e) => {
+                            let _ = tx
+                                .send(Err(BackendError::Broken(format!(
+                                    "bad chunk from upstream: {e}: {data}"
+                                ))))
+                                .await;
+                            return;
+                        }
+                    };
+                    if let Some(u) = chunk.usage {
                         usage = u;
                     }
-                    let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+                    let Some(choice) = chunk.choices.into_iter().next() else {
                         continue;
                     };
-                    if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
-                        finish = Some(FinishReason::from_wire(f));
+                    if let Some(f) = choice.finish_reason {
+                        finish = Some(f);
                     }
-                    if let Some(s) = choice.get("stop_reason").and_then(Value::as_str) {
-                        stop_sequence = Some(s.to_string());
+                    if let Some(Value::String(s)) = choice.stop_reason {
+                        stop_sequence = Some(s);
                     }
-                    let delta = choice.get("delta").cloned().unwrap_or(Value::Null);
+                    let delta = choice.delta;
                     let mut out = vec![];
-                    for key in ["reasoning_content", "reasoning"] {
-                        if let Some(r) = delta
-                            .get(key)
-                            .and_then(Value::as_str)
-                            .filter(|s| !s.is_empty())
-                        {
-                            out.push(Chunk::Reasoning(r.to_string()));
-                            break;
-                        }
-                    }
-                    if let Some(c) = delta
-                        .get("content")
-                        .and_then(Value::as_str)
+                    if let Some(r) = delta
+                        .reasoning_content
+                        .or(delta.reasoning)
                         .filter(|s| !s.is_empty())
                     {
-                        out.push(Chunk::Content(c.to_string()));
+                        out.push(Chunk::Reasoning(r));
                     }
-                    if let Some(Value::Array(tcs)) = delta.get("tool_calls") {
-                        for tc in tcs {
-                            let i = tc.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
-                            while calls.len() <= i {
-                                calls.push((String::new(), String::new()));
-                            }
-                            if let Some(f) = tc.get("function") {
-                                if let Some(n) = f.get("name").and_then(Value::as_str) {
-                                    calls[i].0.push_str(n);
-                                }
-                                if let Some(a) = f.get("arguments").and_then(Value::as_str) {
-                                    calls[i].1.push_str(a);
-                                }
-                            }
+                    if let Some(c) = delta.content.filter(|s| !s.is_empty()) {
+                        out.push(Chunk::Content(c));
+                    }
+                    for tc in delta.tool_calls.into_iter().flatten() {
+                        let i = tc.index as usize;
+                        while calls.len() <= i {
+                            calls.push((String::new(), String::new()));
+                        }
+                        if let Some(f) = tc.function {
+                            calls[i].0.push_str(f.name.as_deref().unwrap_or_default());
+                            calls[i]
+                                .1
+                                .push_str(f.arguments.as_deref().unwrap_or_default());
                         }
                     }
-                    if let Some(lp) = choice
-                        .pointer("/logprobs/content")
-                        .and_then(Value::as_array)
-                    {
-                        out.push(Chunk::Logprobs(lp.clone()));
+                    if let Some(lp) = choice.logprobs.and_then(|l| l.content) {
+                        out.push(Chunk::Logprobs(lp));
                     }
                     for c in out {
                         if tx.send(Ok(c)).await.is_err() {
@@ -806,9 +802,12 @@ mod tests {
 
     #[test]
     fn continuation_is_an_assistant_turn() {
-        let m = vec![json!({"role": "user", "content": "hi"})];
+        let m = vec![Message::user("hi")];
         assert_eq!(with_continuation(&m, None).len(), 1);
         let c = with_continuation(&m, Some("Hel"));
-        assert_eq!(c[1], json!({"role": "assistant", "content": "Hel"}));
+        assert_eq!(
+            c[1].to_value(),
+            json!({"role": "assistant", "content": "Hel"})
+        );
     }
 }

@@ -259,8 +259,9 @@ pub struct TierConfig {
     pub first_token_timeout_secs: f64,
     /// Time allowed between two chunks once streaming.
     pub idle_timeout_secs: f64,
-    /// `max_tokens` when the client sets none.
-    pub default_max_tokens: u32,
+    /// `max_tokens` when the client sets none (None: `[limits] default_max_tokens`); lowered to the room
+    /// the prompt leaves in the context.
+    pub default_max_tokens: Option<u32>,
     /// Model ids that select this tier, besides its name.
     pub aliases: Vec<String>,
     /// Per-tier breaker settings (default: `[breaker]`).
@@ -308,7 +309,7 @@ impl Default for TierConfig {
             max_queue: 16,
             first_token_timeout_secs: 120.0,
             idle_timeout_secs: 60.0,
-            default_max_tokens: 1024,
+            default_max_tokens: None,
             aliases: vec![],
             breaker: None,
             max_tokens_ceiling: None,

@@ -15,10 +15,10 @@ use jemma_serve::host::{Status, SubmitError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::ChatRequest;
+use crate::api::{ChatRequest, Message, Tool};
 use crate::backend::{
-    Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_health, pump_engine,
-    sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_error, engine_health,
+    pump_engine, sampling_of, with_continuation,
 };
 
 /// One request in the terms every engine shares: built once from the OpenAI request.
@@ -39,6 +39,8 @@ pub struct Job {
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when not, the answer ends
     /// after its first call.
     pub parallel_tool_calls: bool,
+    /// `max_tokens` is the tier's default (the client set none): it shrinks to fit the context.
+    pub fit_context: bool,
     /// Report each token's log-probability.
     pub logprobs: bool,
     /// With `logprobs`, this many alternatives per token.
@@ -51,19 +53,29 @@ pub struct Job {
 pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     use crate::api::{ResponseFormat, ToolChoice};
     use jemma_constrain::{Constraint, ToolSpec};
-    let tools = req.tools.as_deref().unwrap_or_default();
+    let specs = |keep: &dyn Fn(&str) -> bool| -> Vec<ToolSpec> {
+        req.tools
+            .iter()
+            .flatten()
+            .filter(|t| keep(&t.function.name))
+            .map(|t| ToolSpec {
+                name: t.function.name.clone(),
+                parameters: t.function.parameters.clone().unwrap_or(Value::Null),
+            })
+            .collect()
+    };
     let parallel = req.parallel_tool_calls.unwrap_or(true);
     match &req.tool_choice {
         Some(ToolChoice::Required) => {
             return Some(Constraint::ToolCalls {
-                tools: ToolSpec::from_openai(tools, |_| true),
+                tools: specs(&|_| true),
                 parallel,
             });
         }
         // One call to the named function, as vLLM's guided decoding gives.
         Some(ToolChoice::Function(name)) => {
             return Some(Constraint::ToolCalls {
-                tools: ToolSpec::from_openai(tools, |n| n == name),
+                tools: specs(&|n| n == name),
                 parallel: false,
             });
         }
@@ -72,9 +84,12 @@ pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     match &req.response_format {
         ResponseFormat::Text => None,
         ResponseFormat::JsonObject => Some(Constraint::JsonObject),
-        ResponseFormat::JsonSchema { schema, strict, .. } => Some(Constraint::JsonSchema {
-            schema: schema.clone(),
-            strict: *strict,
+        ResponseFormat::JsonSchema { json_schema } => Some(Constraint::JsonSchema {
+            schema: json_schema
+                .schema
+                .clone()
+                .unwrap_or_else(|| Value::Object(Default::default())),
+            strict: json_schema.strict.unwrap_or(false),
         }),
     }
 }
@@ -91,6 +106,10 @@ pub trait InProcess: Send + Sync + 'static {
     ///
     /// Errors: the serving core's admission errors (queue full, not available).
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError>;
+    /// Queues a job whose prompt is only counted ([`jemma_serve::host::Host::count`]).
+    ///
+    /// Errors: as [`InProcess::submit`].
+    fn count(&self, job: Job) -> Result<jemma_serve::host::CountReply, SubmitError>;
     /// A snapshot of the engine's state and figures.
     fn status(&self) -> Status<Self::Info>;
     /// Resolves when the model thread has ended and its memory is released.
@@ -139,43 +158,26 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        let prompt = match &req.raw_prompt {
-            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
-            None => Prompt::Chat {
-                messages: with_continuation(&req.messages, continuation),
-                // tool_choice "none": the model is not shown the tools, so it has nothing to call.
-                tools: req
-                    .tools
-                    .clone()
-                    .filter(|_| req.tool_choice != Some(crate::api::ToolChoice::None)),
-                enable_thinking: req.enable_thinking,
-            },
-        };
-        let constraint = constraint_of(req);
-        // A JSON answer is not parsed for thinking or tool calls; forced tool calls are.
-        let json = matches!(
-            constraint,
-            Some(
-                jemma_constrain::Constraint::JsonObject
-                    | jemma_constrain::Constraint::JsonSchema { .. }
-            )
-        );
-        let job = Job {
-            prompt,
-            sampling: sampling_of(req),
-            max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
-            stop: req.stop.clone(),
-            parse_output: req.raw_prompt.is_none() && !json,
-            constraint,
-            parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
-            logprobs: req.logprobs,
-            top_logprobs: req.top_logprobs as usize,
-        };
-        let events = self.engine.submit(job).map_err(|e| match e {
-            SubmitError::QueueFull => BackendError::Busy(e.to_string()),
-            SubmitError::Unavailable(m) => BackendError::Unavailable(m),
-        })?;
+        let job = self.job(req, continuation)?;
+        let events = self.engine.submit(job).map_err(admission_error)?;
         Ok(pump_engine(events, |s| E::finished(&s)))
+    }
+
+    async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
+        let counted = async {
+            let reply = self
+                .engine
+                .count(self.job(req, None)?)
+                .map_err(admission_error)?;
+            match reply.await {
+                Ok(Ok(n)) => Ok(n as u64),
+                Ok(Err(failure)) => Err(engine_error(failure)),
+                Err(_) => Err(BackendError::Broken(
+                    "the engine stopped before counting".into(),
+                )),
+            }
+        };
+        Some(counted.await)
     }
 
     fn capacity(&self) -> Option<usize> {
@@ -195,6 +197,68 @@ impl<E: InProcess> Backend for EngineBackend<E> {
     }
 }
 
+/// The serving core's admission errors as a backend's.
+fn admission_error(e: SubmitError) -> BackendError {
+    match e {
+        SubmitError::QueueFull => BackendError::Busy(e.to_string()),
+        SubmitError::Unavailable(m) => BackendError::Unavailable(m),
+    }
+}
+
+impl<E: InProcess> EngineBackend<E> {
+    /// The engine job for `req` (with `continuation` as the start of the answer): the prompt, sampling,
+    /// limits and constraint every engine takes.
+    ///
+    /// Errors: images (no engine here can see them yet).
+    fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
+        if req.has_images {
+            // No engine here has a vision tower yet (issue 14): an answer that never saw the image must
+            // not pretend it did. An upstream tier that can see is not refused.
+            return Err(BackendError::BadRequest(format!(
+                "images are not supported by the {} engine serving this tier: the model cannot see them",
+                E::NAME
+            )));
+        }
+        let prompt = match &req.raw_prompt {
+            Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
+            None => Prompt::Chat {
+                messages: with_continuation(&req.messages, continuation)
+                    .iter()
+                    .map(Message::to_value)
+                    .collect(),
+                // tool_choice "none": the model is not shown the tools, so it has nothing to call.
+                tools: req
+                    .tools
+                    .as_ref()
+                    .filter(|_| req.tool_choice != Some(crate::api::ToolChoice::None))
+                    .map(|ts| ts.iter().map(Tool::to_value).collect()),
+                enable_thinking: req.enable_thinking,
+            },
+        };
+        let constraint = constraint_of(req);
+        // A JSON answer is not parsed for thinking or tool calls; forced tool calls are.
+        let json = matches!(
+            constraint,
+            Some(
+                jemma_constrain::Constraint::JsonObject
+                    | jemma_constrain::Constraint::JsonSchema { .. }
+            )
+        );
+        Ok(Job {
+            prompt,
+            sampling: sampling_of(req),
+            max_tokens: req.max_tokens.unwrap_or(self.default_max_tokens) as usize,
+            stop: req.stop.clone(),
+            parse_output: req.raw_prompt.is_none() && !json,
+            constraint,
+            parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
+            fit_context: req.max_tokens.is_none(),
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs as usize,
+        })
+    }
+}
+
 /// The MLX engine with the tier's KV-cache quantization (`kv_bits`), applied to every request.
 pub struct Mlx {
     /// The engine.
@@ -209,23 +273,11 @@ impl InProcess for Mlx {
     const NAME: &'static str = "mlx";
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
-        use jemma_engine::generate::GenerateOptions;
-        use jemma_engine::runtime::Request;
-        self.engine.submit(Request {
-            prompt: job.prompt,
-            options: GenerateOptions {
-                sampling: job.sampling,
-                max_tokens: job.max_tokens,
-                logprobs: job.logprobs,
-                top_logprobs: job.top_logprobs,
-                kv_quant: self.kv_quant,
-                ..Default::default()
-            },
-            stop: job.stop,
-            parse_output: job.parse_output,
-            constraint: job.constraint,
-            parallel_tool_calls: job.parallel_tool_calls,
-        })
+        self.engine.submit(self.request(job))
+    }
+
+    fn count(&self, job: Job) -> Result<jemma_serve::host::CountReply, SubmitError> {
+        self.engine.count(self.request(job))
     }
 
     fn status(&self) -> Status<Self::Info> {
@@ -243,6 +295,7 @@ impl InProcess for Mlx {
             hit_length: s.stats.finish_reason == jemma_engine::generate::FinishReason::Length,
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
+            reasoning_tokens: s.reasoning_tokens as u64,
         }
     }
 
@@ -258,6 +311,29 @@ impl InProcess for Mlx {
     }
 }
 
+impl Mlx {
+    /// The MLX engine's request for `job`.
+    fn request(&self, job: Job) -> jemma_engine::runtime::Request {
+        use jemma_engine::generate::GenerateOptions;
+        jemma_engine::runtime::Request {
+            prompt: job.prompt,
+            options: GenerateOptions {
+                sampling: job.sampling,
+                max_tokens: job.max_tokens,
+                logprobs: job.logprobs,
+                top_logprobs: job.top_logprobs,
+                kv_quant: self.kv_quant,
+                ..Default::default()
+            },
+            stop: job.stop,
+            parse_output: job.parse_output,
+            constraint: job.constraint,
+            parallel_tool_calls: job.parallel_tool_calls,
+            fit_context: job.fit_context,
+        }
+    }
+}
+
 /// The llama.cpp engine (GGUF models): the default local engine on Linux and Intel machines and the engine
 /// of the Cloud Run heavy tier.
 #[cfg(feature = "llama")]
@@ -267,22 +343,11 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     const NAME: &'static str = "llama.cpp";
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
-        use jemma_engine_llama::Request;
-        jemma_engine_llama::LlamaEngine::submit(
-            self,
-            Request {
-                prompt: job.prompt,
-                sampling: job.sampling,
-                max_tokens: job.max_tokens,
-                stop: job.stop,
-                parse_output: job.parse_output,
-                constraint: job.constraint,
-                parallel_tool_calls: job.parallel_tool_calls,
-                ignore_eos: false,
-                logprobs: job.logprobs,
-                top_logprobs: job.top_logprobs,
-            },
-        )
+        jemma_engine_llama::LlamaEngine::submit(self, llama_request(job))
+    }
+
+    fn count(&self, job: Job) -> Result<jemma_serve::host::CountReply, SubmitError> {
+        jemma_engine_llama::LlamaEngine::count(self, llama_request(job))
     }
 
     fn status(&self) -> Status<Self::Info> {
@@ -300,6 +365,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             hit_length: s.finish == jemma_engine_llama::Finish::Length,
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
+            reasoning_tokens: s.reasoning_tokens as u64,
         }
     }
 
@@ -310,5 +376,23 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             "model_bytes": i.model_bytes,
             "footprint_bytes": i.footprint_bytes,
         })
+    }
+}
+
+/// The llama.cpp engine's request for `job`.
+#[cfg(feature = "llama")]
+fn llama_request(job: Job) -> jemma_engine_llama::Request {
+    jemma_engine_llama::Request {
+        prompt: job.prompt,
+        sampling: job.sampling,
+        max_tokens: job.max_tokens,
+        stop: job.stop,
+        parse_output: job.parse_output,
+        constraint: job.constraint,
+        parallel_tool_calls: job.parallel_tool_calls,
+        fit_context: job.fit_context,
+        ignore_eos: false,
+        logprobs: job.logprobs,
+        top_logprobs: job.top_logprobs,
     }
 }

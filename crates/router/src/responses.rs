@@ -17,12 +17,16 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::RouterError;
-use crate::api::{ChatCompletionRequest, ChatRequest, Limits, StreamOptions, Usage};
+use crate::api::{
+    AssistantMessage, ChatCompletionRequest, ChatRequest, ContentPart, FunctionCall, FunctionType,
+    InstructionMessage, Limits, Message, MessageContent, ResponseFormat, StreamOptions, Tool,
+    ToolCall, ToolChoice, Usage, UserMessage,
+};
 use crate::backend::{Chunk, FinishReason};
 use crate::route::Output;
 
 /// `POST /v1/responses` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 pub struct ResponsesRequest {
     /// Tier, model id or `auto`.
     #[serde(default)]
@@ -82,15 +86,18 @@ pub struct ResponsesRequest {
     pub prompt_cache_key: Option<String>,
     /// `disabled` (a prompt too long is an error, never cut).
     #[serde(default)]
+    #[schema(pattern = "^disabled$")]
     pub truncation: Option<String>,
     /// `auto` or `default`: there is one tier of service here.
     #[serde(default)]
+    #[schema(pattern = "^(auto|default)$")]
     pub service_tier: Option<String>,
     /// Extra output to include: none is supported.
     #[serde(default)]
     pub include: Option<Vec<String>>,
     /// Anything else: refused by name.
     #[serde(flatten)]
+    #[schema(ignore)]
     pub other: serde_json::Map<String, Value>,
 }
 
@@ -128,19 +135,25 @@ pub struct Echo {
 
 /// The text of message content: a string, or `input_text` / `output_text` parts (an `input_image` is a
 /// 400 until the engines can see images).
-fn parts(content: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
+fn parts(content: &Value, param: &str) -> Result<Vec<String>, RouterError> {
     match content {
-        Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
+        Value::String(s) => Ok(vec![s.clone()]),
         Value::Array(ps) => ps
             .iter()
             .enumerate()
             .map(|(k, p)| {
                 let pp = format!("{param}[{k}]");
                 match p.get("type").and_then(Value::as_str) {
-                    Some("input_text" | "output_text" | "text") => Ok(json!({"type": "text",
-                        "text": p.get("text").and_then(Value::as_str).unwrap_or("")})),
-                    Some("refusal") => Ok(json!({"type": "text",
-                        "text": p.get("refusal").and_then(Value::as_str).unwrap_or("")})),
+                    Some("input_text" | "output_text" | "text") => Ok(p
+                        .get("text")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()),
+                    Some("refusal") => Ok(p
+                        .get("refusal")
+                        .and_then(Value::as_str)
+                        .unwrap_or("")
+                        .to_string()),
                     // No tier's engine has a vision tower yet (issue 14): an image is refused, not
                     // silently unseen.
                     Some("input_image") => Err(invalid(
@@ -158,11 +171,8 @@ fn parts(content: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
     }
 }
 
-fn text_of(parts: &[Value]) -> String {
-    parts
-        .iter()
-        .filter_map(|p| p.get("text").and_then(Value::as_str))
-        .collect()
+fn text_of(parts: &[String]) -> String {
+    parts.concat()
 }
 
 impl ResponsesRequest {
@@ -211,12 +221,12 @@ impl ResponsesRequest {
                 ));
             }
         };
-        let mut messages: Vec<Value> = vec![];
+        let mut messages: Vec<Message> = vec![];
         if let Some(i) = &self.instructions {
-            messages.push(json!({"role": "system", "content": i}));
+            messages.push(Message::system(i.clone()));
         }
         match &self.input {
-            Value::String(s) => messages.push(json!({"role": "user", "content": s})),
+            Value::String(s) => messages.push(Message::user(s.clone())),
             Value::Array(items) => {
                 for (i, item) in items.iter().enumerate() {
                     let p = format!("input[{i}]");
@@ -239,32 +249,67 @@ impl ResponsesRequest {
                                 invalid("content is required", &format!("{p}.content"))
                             })?;
                             let ps = parts(content, &format!("{p}.content"))?;
-                            if role == "user" {
-                                messages.push(json!({"role": "user", "content": ps}));
-                            } else {
-                                messages.push(json!({"role": role, "content": text_of(&ps)}));
-                            }
+                            let text = MessageContent::Text(text_of(&ps));
+                            messages.push(match role {
+                                "user" => Message::User(UserMessage {
+                                    content: MessageContent::Parts(
+                                        ps.into_iter()
+                                            .map(|text| ContentPart::Text { text })
+                                            .collect(),
+                                    ),
+                                    name: None,
+                                }),
+                                "assistant" => Message::Assistant(AssistantMessage {
+                                    content: Some(text),
+                                    ..Default::default()
+                                }),
+                                r => {
+                                    let m = InstructionMessage {
+                                        content: text,
+                                        name: None,
+                                    };
+                                    if r == "system" {
+                                        Message::System(m)
+                                    } else {
+                                        Message::Developer(m)
+                                    }
+                                }
+                            });
                         }
                         "function_call" => {
                             let name =
                                 item.get("name").and_then(Value::as_str).ok_or_else(|| {
                                     invalid("a function_call needs a name", &format!("{p}.name"))
                                 })?;
-                            let call = json!({"id": item.get("call_id").cloned().unwrap_or(Value::Null),
-                                "type": "function", "function": {"name": name,
-                                "arguments": item.get("arguments").and_then(Value::as_str).unwrap_or("{}")}});
+                            let arguments = item
+                                .get("arguments")
+                                .and_then(Value::as_str)
+                                .unwrap_or("{}");
+                            if serde_json::from_str::<Value>(arguments).is_err() {
+                                return Err(invalid(
+                                    "arguments are not JSON",
+                                    &format!("{p}.arguments"),
+                                ));
+                            }
+                            let call = ToolCall {
+                                id: item
+                                    .get("call_id")
+                                    .and_then(Value::as_str)
+                                    .unwrap_or_default()
+                                    .to_string(),
+                                kind: FunctionType::Function,
+                                function: FunctionCall {
+                                    name: name.to_string(),
+                                    arguments: arguments.to_string(),
+                                },
+                            };
                             // Consecutive calls are one assistant turn.
                             match messages.last_mut() {
-                                Some(m)
-                                    if m["role"] == "assistant"
-                                        && m.get("tool_calls").is_some() =>
-                                {
-                                    if let Some(calls) = m["tool_calls"].as_array_mut() {
-                                        calls.push(call);
-                                    }
-                                }
-                                _ => messages.push(json!({"role": "assistant", "content": null,
-                                    "tool_calls": [call]})),
+                                Some(Message::Assistant(AssistantMessage {
+                                    tool_calls: Some(calls),
+                                    ..
+                                })) => calls.push(call),
+                                _ => messages.push(Message::assistant(None, vec![call])),
                             }
                         }
                         "function_call_output" => {
@@ -279,9 +324,7 @@ impl ResponsesRequest {
                                 }
                                 _ => String::new(),
                             };
-                            messages.push(
-                                json!({"role": "tool", "tool_call_id": id, "content": output}),
-                            );
+                            messages.push(Message::tool(id, output));
                         }
                         // Earlier thoughts: Gemma's template drops them from the history anyway.
                         "reasoning" => {}
@@ -317,12 +360,15 @@ impl ResponsesRequest {
                         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
                             invalid("a function tool needs a name", &format!("tools[{i}].name"))
                         })?;
-                        let mut f = json!({"name": name, "parameters": t.get("parameters").cloned()
-                            .unwrap_or_else(|| json!({"type": "object"}))});
-                        if let Some(d) = t.get("description") {
-                            f["description"] = d.clone();
-                        }
-                        Ok(json!({"type": "function", "function": f}))
+                        Ok(Tool::function(
+                            name,
+                            t.get("description")
+                                .and_then(Value::as_str)
+                                .map(String::from),
+                            t.get("parameters")
+                                .cloned()
+                                .unwrap_or_else(|| json!({"type": "object"})),
+                        ))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -333,19 +379,24 @@ impl ResponsesRequest {
                     .get("name")
                     .and_then(Value::as_str)
                     .ok_or_else(|| invalid("tool_choice.name is required", "tool_choice.name"))?;
-                Some(json!({"type": "function", "function": {"name": name}}))
+                Some(ToolChoice::Function(name.to_string()))
             }
-            other => other.clone(),
+            None => None,
+            Some(other) => Some(
+                serde_json::from_value(other.clone())
+                    .map_err(|e| invalid(e.to_string(), "tool_choice"))?,
+            ),
         };
         let response_format = match self.text.as_ref().and_then(|t| t.get("format")) {
             None | Some(Value::Null) => None,
             Some(f) => match f.get("type").and_then(Value::as_str) {
                 Some("text") => None,
-                Some("json_object") => Some(json!({"type": "json_object"})),
-                Some("json_schema") => Some(json!({"type": "json_schema", "json_schema": {
-                    "name": f.get("name").cloned().unwrap_or_else(|| json!("output")),
-                    "schema": f.get("schema").cloned().unwrap_or_else(|| json!({})),
-                    "strict": f.get("strict").cloned().unwrap_or(Value::Bool(false))}})),
+                Some("json_object") => Some(ResponseFormat::JsonObject),
+                Some("json_schema") => Some(ResponseFormat::json_schema(
+                    f.get("name").and_then(Value::as_str).unwrap_or("output"),
+                    f.get("schema").cloned().unwrap_or_else(|| json!({})),
+                    f.get("strict").and_then(Value::as_bool).unwrap_or(false),
+                )),
                 other => {
                     return Err(invalid(
                         format!(
@@ -439,10 +490,15 @@ fn now() -> u64 {
 }
 
 /// The Responses `usage` from the router's. Every prompt token read afresh is kept in the prefix cache,
-/// so those are the cache writes. `reasoning` counts the thinking pieces streamed: one per generated token,
-/// except where a piece carries several (a character split across tokens), so at most the thinking tokens.
+/// so those are the cache writes. The thinking tokens are the tier's count
+/// (`completion_tokens_details.reasoning_tokens`); for an upstream that does not say, `reasoning`, the
+/// thinking pieces streamed: one per generated token, except where a piece carries several (a character
+/// split across tokens), so at most the thinking tokens.
 pub fn usage(u: &Usage, reasoning: u64) -> Value {
     let cached = u.prompt_tokens_details.map_or(0, |d| d.cached_tokens);
+    let reasoning = u
+        .completion_tokens_details
+        .map_or(reasoning, |d| d.reasoning_tokens);
     json!({"input_tokens": u.prompt_tokens,
            "input_tokens_details": {"cached_tokens": cached,
                                     "cache_write_tokens": u.prompt_tokens.saturating_sub(cached)},
@@ -781,11 +837,7 @@ mod tests {
             "text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "object"}}},
             "reasoning": {"effort": "low"}, "store": false}))
         .unwrap();
-        let roles: Vec<&str> = r
-            .messages
-            .iter()
-            .map(|m| m["role"].as_str().unwrap())
-            .collect();
+        let roles: Vec<&str> = r.messages.iter().map(|m| m.role()).collect();
         assert_eq!(roles, ["system", "user", "assistant", "tool", "user"]);
         assert_eq!(
             r.tool_choice,

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::sync::{Semaphore, mpsc};
 
 use crate::RouterError;
@@ -16,7 +16,8 @@ use crate::api::{ChatRequest, Routing, Usage};
 use crate::backend::{Backend, BackendError, BackendHealth, Chunk};
 use crate::breaker::{BreakerConfig, BreakerSnapshot, BreakerState, CircuitBreaker};
 use crate::classify::{
-    Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Rule, Tier, fallback_chain,
+    Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Decision, Rule, Tier,
+    fallback_chain,
 };
 
 /// What the client receives, in order: answer pieces, then exactly one `End` (or an `Error` when nothing
@@ -311,7 +312,7 @@ impl TierRouter {
         s.waking.store(true, Ordering::SeqCst);
         let req = ChatRequest {
             requested_model: tier.to_string(),
-            messages: vec![json!({"role": "user", "content": "ping"})],
+            messages: vec![crate::api::Message::user("ping")],
             tools: None,
             tool_choice: None,
             parallel_tool_calls: None,
@@ -373,6 +374,53 @@ impl TierRouter {
         self: &Arc<Self>,
         req: ChatRequest,
     ) -> Result<(Tier, mpsc::Receiver<Output>), RouterError> {
+        let (decision, chain) = self.plan(&req)?;
+        let (tx, rx) = mpsc::channel(64);
+        let me = self.clone();
+        let first = chain.first().copied().unwrap_or(decision.tier);
+        tokio::spawn(async move {
+            me.drive(req, decision.tier, decision.reason, chain, tx)
+                .await;
+        });
+        Ok((first, rx))
+    }
+
+    /// How many tokens `req`'s prompt takes on the tier that would answer it (Anthropic's
+    /// `count_tokens`), counted by that tier's own tokenizer and chat template without running the model.
+    /// Tiers that cannot count (OpenAI-compatible upstreams) are passed over for the next one in the
+    /// fallback chain, as are disabled ones: Gemma 4's models share one tokenizer and template.
+    ///
+    /// Errors: the request's own (400), a tier's failure (the last one, as [`RouterError::AllTiersDown`]),
+    /// or no tier that can count.
+    pub async fn count_tokens(&self, req: &ChatRequest) -> Result<(Tier, u64), RouterError> {
+        let (_, chain) = self.plan(req)?;
+        let mut fallback = vec![];
+        for tier in chain {
+            let slot = &self.tiers[&tier];
+            if !slot.enabled.load(Ordering::Relaxed) {
+                fallback.push(format!("{tier}: disabled"));
+                continue;
+            }
+            match slot.backend.count_tokens(req).await {
+                None => fallback.push(format!("{tier}: cannot count tokens")),
+                Some(Ok(n)) => return Ok((tier, n)),
+                Some(Err(BackendError::BadRequest(m))) => {
+                    return Err(RouterError::InvalidRequest {
+                        message: m,
+                        param: None,
+                    });
+                }
+                Some(Err(e)) => fallback.push(format!("{tier}: {e}")),
+            }
+        }
+        Err(RouterError::AllTiersDown {
+            fallback,
+            retry_after_secs: None,
+        })
+    }
+
+    /// The tier the classifier chooses for `req` and the fallback chain from it, over configured tiers.
+    fn plan(&self, req: &ChatRequest) -> Result<(Decision, Vec<Tier>), RouterError> {
         let decision = self
             .classifier
             .classify(&ClassifyInput {
@@ -418,14 +466,7 @@ impl TierRouter {
         } else {
             chain
         };
-        let (tx, rx) = mpsc::channel(64);
-        let me = self.clone();
-        let first = chain.first().copied().unwrap_or(decision.tier);
-        tokio::spawn(async move {
-            me.drive(req, decision.tier, decision.reason, chain, tx)
-                .await;
-        });
-        Ok((first, rx))
+        Ok((decision, chain))
     }
 
     async fn drive(
@@ -669,6 +710,8 @@ impl TierRouter {
                     };
                     metrics::counter!("jemma_prompt_cached_tokens_total", "tier" => tier.as_str())
                         .increment(cached_tokens);
+                    // Thinking is counted by the tier that finished (an earlier tier's tokens were
+                    // continued, not re-counted); an upstream that does not say leaves it out.
                     let usage = Usage {
                         prompt_tokens,
                         completion_tokens,
@@ -676,6 +719,7 @@ impl TierRouter {
                         prompt_tokens_details: Some(crate::api::PromptTokensDetails {
                             cached_tokens,
                         }),
+                        completion_tokens_details: usage.completion_tokens_details,
                     };
                     let _ = tx
                         .send(Output::End {
@@ -730,13 +774,20 @@ impl TierRouter {
 }
 
 /// `/v1/models` entry for a tier.
-pub fn model_entry(s: &TierStatus) -> Value {
-    json!({
-        "id": s.tier.as_str(),
-        "object": "model",
-        "owned_by": "jemma",
-        "created": 0,
-        "root": s.backend.model,
-        "state": if !s.enabled { "disabled".to_string() } else if s.breaker.state != BreakerState::Closed { "breaker_open".to_string() } else { s.backend.state.to_string() },
-    })
+pub fn model_entry(s: &TierStatus) -> crate::api::Model {
+    let state = if !s.enabled {
+        "disabled".to_string()
+    } else if s.breaker.state != BreakerState::Closed {
+        "breaker_open".to_string()
+    } else {
+        s.backend.state.to_string()
+    };
+    crate::api::Model {
+        id: s.tier.as_str().into(),
+        object: "model".into(),
+        created: 0,
+        owned_by: "jemma".into(),
+        root: s.backend.model.clone(),
+        state,
+    }
 }

@@ -222,14 +222,18 @@ fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
 /// no tier uses any more stops and frees its memory).
 type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<dyn Backend>>>>;
 
-fn factory(c: &TierConfig, memory: &Arc<MemoryGovernor>, shared: SharedEngines) -> BackendFactory {
+fn factory(
+    c: &TierConfig,
+    default_max_tokens: u32,
+    memory: &Arc<MemoryGovernor>,
+    shared: SharedEngines,
+) -> BackendFactory {
     let template = engine_config(c, memory);
     let kv = c.kv_bits.map(|bits| jemma_engine::models::gemma4::KvQuant {
         bits,
         group_size: c.kv_group_size,
         start: c.quantized_kv_start,
     });
-    let default_max_tokens = c.default_max_tokens;
     let context = c.context_length;
     let queue = template.queue_capacity;
     let parallel = c.concurrency().clamp(1, 64) as u32;
@@ -301,10 +305,14 @@ pub fn build_router(
     let shared: SharedEngines = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let mut downloads: BTreeMap<String, Vec<Arc<LocalTier>>> = BTreeMap::new();
     let mut tiers = vec![];
+    let default_max_tokens = |c: &TierConfig| {
+        c.default_max_tokens
+            .unwrap_or(cfg.limits.default_max_tokens)
+    };
     for (tier, c) in &cfg.tiers {
         let backend: Arc<dyn Backend> = match c.kind {
             TierKind::Local => {
-                let f = factory(c, &memory, shared.clone());
+                let f = factory(c, default_max_tokens(c), &memory, shared.clone());
                 let local = resolver
                     .local(&c.model)
                     .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
@@ -348,7 +356,7 @@ pub fn build_router(
                             c.model.clone()
                         },
                         connect_timeout: Duration::from_secs(10),
-                        default_max_tokens: c.default_max_tokens,
+                        default_max_tokens: default_max_tokens(c),
                     })
                     .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?,
                 )

@@ -244,6 +244,13 @@ impl Backend for LocalTier {
         self.backend().ok()?.capacity()
     }
 
+    async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
+        match self.backend() {
+            Ok(b) => b.count_tokens(req).await,
+            Err(e) => Some(Err(e)),
+        }
+    }
+
     fn health(&self) -> BackendHealth {
         let swap = self.swap.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let swap_json = swap

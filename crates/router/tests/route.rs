@@ -12,7 +12,6 @@ use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkSt
 use jemma_router::breaker::BreakerConfig;
 use jemma_router::classify::{ClassifierConfig, Tier};
 use jemma_router::route::{Output, TierRouter, TierSettings};
-use serde_json::json;
 use tokio::sync::mpsc;
 
 /// What a scripted backend does on each call.
@@ -110,6 +109,7 @@ impl Backend for Scripted {
                                 completion_tokens: n,
                                 total_tokens: 3 + n,
                                 prompt_tokens_details: None,
+                                completion_tokens_details: None,
                             },
                             decode_tps: Some(10.0),
                         }))
@@ -165,7 +165,7 @@ fn settings(first_token_ms: u64) -> TierSettings {
 fn request(model: &str, text: &str) -> ChatRequest {
     ChatCompletionRequest {
         model: Some(model.into()),
-        messages: vec![json!({"role": "user", "content": text})],
+        messages: vec![jemma_router::api::Message::user(text)],
         ..Default::default()
     }
     .validate(&Limits::default())

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use jemma_chat::event::{EngineFailure, Event};
 use serde::Serialize;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::memory::MemoryGovernor;
 
@@ -241,6 +241,20 @@ pub trait ModelRunner: Send + 'static {
         let _ = info;
     }
 
+    /// How many tokens `request`'s prompt takes (its chat template rendered and tokenized, as
+    /// [`ModelRunner::admit`] would), without admitting it: Anthropic's `count_tokens`. The default says the
+    /// engine cannot.
+    fn prompt_tokens(
+        &mut self,
+        model: &mut Self::Model,
+        request: &Self::Request,
+    ) -> Result<usize, EngineFailure> {
+        let _ = (model, request);
+        Err(EngineFailure::InvalidRequest(
+            "this engine cannot count prompt tokens".into(),
+        ))
+    }
+
     /// Releases a model (dropping it by default; engines with caches of their own clear them too).
     fn unload(&mut self, model: Self::Model) {
         drop(model);
@@ -264,10 +278,23 @@ pub enum SubmitError {
     Unavailable(String),
 }
 
-struct Job<R: ModelRunner> {
-    request: R::Request,
-    events: mpsc::Sender<Event<R::Summary>>,
+/// What the queue carries: a request to run, or one whose prompt is only counted.
+enum Job<R: ModelRunner> {
+    /// Generate: admitted into the running batch.
+    Generate {
+        request: R::Request,
+        events: mpsc::Sender<Event<R::Summary>>,
+    },
+    /// Count the prompt's tokens ([`ModelRunner::prompt_tokens`]): answered between steps, taking no
+    /// sequence slot.
+    Count {
+        request: R::Request,
+        reply: oneshot::Sender<Result<usize, EngineFailure>>,
+    },
 }
+
+/// The answer to [`Host::count`]: the prompt's tokens, or why they could not be counted.
+pub type CountReply = oneshot::Receiver<Result<usize, EngineFailure>>;
 
 /// A cheap, clonable handle to a model thread. The thread ends, releasing the model, when every handle is
 /// dropped and the requests it accepted are answered.
@@ -352,7 +379,8 @@ impl<R: ModelRunner> Host<R> {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_else(|e| e.into_inner().clone());
-        s.queued = self.jobs.max_capacity() - self.jobs.capacity();
+        // The thread's own figure is the requests it took from the queue to wait for a slot.
+        s.queued += self.jobs.max_capacity() - self.jobs.capacity();
         s
     }
 
@@ -365,6 +393,26 @@ impl<R: ModelRunner> Host<R> {
         &self,
         request: R::Request,
     ) -> Result<mpsc::Receiver<Event<R::Summary>>, SubmitError> {
+        let (etx, erx) = mpsc::channel(self.event_buffer);
+        self.enqueue(Job::Generate {
+            request,
+            events: etx,
+        })?;
+        Ok(erx)
+    }
+
+    /// Queues a request whose prompt is only tokenized, not run: the reply says how many tokens it takes.
+    /// It waits in the same queue as [`Host::submit`]'s requests (loading the model if it is not in
+    /// memory) but takes no sequence slot: a full batch does not hold it up.
+    ///
+    /// Errors: as [`Host::submit`].
+    pub fn count(&self, request: R::Request) -> Result<CountReply, SubmitError> {
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Job::Count { request, reply: tx })?;
+        Ok(rx)
+    }
+
+    fn enqueue(&self, job: Job<R>) -> Result<(), SubmitError> {
         match self.status().state {
             EngineState::Ready | EngineState::Unloaded => {}
             EngineState::Loading { .. } if !self.preloading.load(Ordering::Acquire) => {}
@@ -373,19 +421,12 @@ impl<R: ModelRunner> Host<R> {
             }
             EngineState::Failed { error } => return Err(SubmitError::Unavailable(error)),
         }
-        let (etx, erx) = mpsc::channel(self.event_buffer);
-        self.jobs
-            .try_send(Job {
-                request,
-                events: etx,
-            })
-            .map_err(|e| match e {
-                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-                mpsc::error::TrySendError::Closed(_) => {
-                    SubmitError::Unavailable("engine thread stopped".into())
-                }
-            })?;
-        Ok(erx)
+        self.jobs.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+            mpsc::error::TrySendError::Closed(_) => {
+                SubmitError::Unavailable("engine thread stopped".into())
+            }
+        })
     }
 
     /// Resolves when the model thread has ended: every handle was dropped, the requests it had accepted are
@@ -594,45 +635,82 @@ impl<R: ModelRunner> Thread<R> {
         }
     }
 
-    /// Admits a job into the running batch, loading the model first if it is not in memory; a job that
-    /// cannot be admitted is answered with the failure at once.
-    fn admit(
+    /// The model, loading it first if it is not in memory (a lazy first load, or a transparent reload
+    /// after an unload); Err: why it could not be loaded.
+    fn ensure_loaded<'m>(
         &mut self,
-        job: Job<R>,
-        loaded: &mut Option<R::Model>,
+        loaded: &'m mut Option<R::Model>,
         memory: Option<&crate::memory::EngineHandle>,
-        live: &mut Vec<Live<R>>,
-    ) {
-        if job.events.is_closed() {
-            // Its client gave up while it waited: do not load or touch a cache for it.
-            return;
-        }
+    ) -> Result<&'m mut R::Model, EngineFailure> {
         if let Some(h) = memory {
             h.set_idle(false);
         }
         if loaded.is_none() {
-            // Lazy first load, or a transparent reload after an unload.
             *loaded = self.try_load(memory);
             if let Some(m) = loaded.as_ref() {
                 let max = self.runner.max_sequences(m).max(1);
                 self.set(|s| s.max_sequences = max);
             }
         }
-        let Some(model) = loaded.as_mut() else {
-            let why = self
-                .status
-                .lock()
-                .ok()
-                .and_then(|s| s.last_error.clone())
-                .unwrap_or_else(|| "the model failed to load".into());
-            let _ = job.events.try_send(Event::Error(EngineFailure::Fault(why)));
+        loaded.as_mut().ok_or_else(|| {
+            EngineFailure::Fault(
+                self.status
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_error.clone())
+                    .unwrap_or_else(|| "the model failed to load".into()),
+            )
+        })
+    }
+
+    /// Takes a job from the queue: a request is admitted into the running batch, a count is answered now.
+    fn dispatch(
+        &mut self,
+        job: Job<R>,
+        loaded: &mut Option<R::Model>,
+        memory: Option<&crate::memory::EngineHandle>,
+        live: &mut Vec<Live<R>>,
+    ) {
+        match job {
+            Job::Generate { request, events } => self.admit(request, events, loaded, memory, live),
+            Job::Count { request, reply } => {
+                if reply.is_closed() {
+                    return;
+                }
+                let counted = self
+                    .ensure_loaded(loaded, memory)
+                    .and_then(|model| self.runner.prompt_tokens(model, &request));
+                let _ = reply.send(counted);
+            }
+        }
+    }
+
+    /// Admits a request into the running batch, loading the model first if it is not in memory; a request
+    /// that cannot be admitted is answered with the failure at once.
+    fn admit(
+        &mut self,
+        request: R::Request,
+        events: mpsc::Sender<Event<R::Summary>>,
+        loaded: &mut Option<R::Model>,
+        memory: Option<&crate::memory::EngineHandle>,
+        live: &mut Vec<Live<R>>,
+    ) {
+        if events.is_closed() {
+            // Its client gave up while it waited: do not load or touch a cache for it.
             return;
+        }
+        let admitted = match self.ensure_loaded(loaded, memory) {
+            Ok(model) => {
+                // Read after a lazy load, which sets it.
+                let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
+                self.runner.admit(model, request, ctx)
+            }
+            Err(e) => Err(e),
         };
-        let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
-        match self.runner.admit(model, job.request, ctx) {
+        match admitted {
             Ok(seq) => live.push(Live {
                 seq: Some(seq),
-                events: job.events,
+                events,
                 outbox: VecDeque::new(),
                 started: Instant::now(),
                 stalled_since: None,
@@ -640,7 +718,7 @@ impl<R: ModelRunner> Thread<R> {
             Err(e) => {
                 tracing::warn!(error = %e, "request refused");
                 // A fresh channel has room for one event.
-                let _ = job.events.try_send(Event::Error(e));
+                let _ = events.try_send(Event::Error(e));
             }
         }
     }
@@ -701,29 +779,46 @@ impl<R: ModelRunner> Thread<R> {
         }
         let mut live: Vec<Live<R>> = vec![];
         let mut open = true;
+        // Requests taken from the queue while the batch was full (the queue is read on to answer counts,
+        // which take no slot): they join first, in order, as slots free. At most a queue's worth, so the
+        // queue's bound still holds back submitters.
+        let mut parked: VecDeque<Job<R>> = VecDeque::new();
         loop {
             if live.is_empty() {
-                if !open {
+                let job = match parked.pop_front() {
+                    Some(j) => j,
+                    None if !open => break,
+                    None => match self.next_job(&mut jobs, &mut loaded, memory) {
+                        Some(j) => j,
+                        None => break,
+                    },
+                };
+                self.dispatch(job, &mut loaded, memory, &mut live);
+            }
+            // Newcomers join between steps, up to the batch size; counts are answered whatever the batch.
+            // (The memory governor flags only idle engines for unloading, so a running batch is never cut
+            // short for memory.)
+            loop {
+                let full = loaded.as_ref().is_none_or(|m| {
+                    live.iter().filter(|l| l.seq.is_some()).count()
+                        >= self.runner.max_sequences(m).max(1)
+                });
+                if !full && let Some(j) = parked.pop_front() {
+                    self.dispatch(j, &mut loaded, memory, &mut live);
+                    continue;
+                }
+                if !open || parked.len() >= self.config.queue_capacity.max(1) {
                     break;
                 }
-                let Some(job) = self.next_job(&mut jobs, &mut loaded, memory) else {
-                    break;
-                };
-                self.admit(job, &mut loaded, memory, &mut live);
-            }
-            // Newcomers join between steps, up to the batch size. (The memory governor flags only idle
-            // engines for unloading, so a running batch is never cut short for memory.)
-            while open
-                && let Some(m) = loaded.as_ref()
-                && live.iter().filter(|l| l.seq.is_some()).count()
-                    < self.runner.max_sequences(m).max(1)
-            {
                 match jobs.try_recv() {
-                    Ok(job) => self.admit(job, &mut loaded, memory, &mut live),
+                    Ok(j @ Job::Generate { .. }) if full => parked.push_back(j),
+                    Ok(j) => self.dispatch(j, &mut loaded, memory, &mut live),
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
+            let waiting = parked.len();
+            self.set(|s| s.queued = waiting);
             // Deliver what is pending; a closed channel cancels its sequence, and so does a client that has
             // taken nothing for the stall timeout (it holds a cache slot the queue may be waiting for).
             for l in live.iter_mut() {

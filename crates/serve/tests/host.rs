@@ -115,6 +115,14 @@ impl ModelRunner for Fake {
         Ok(())
     }
 
+    /// A request's prompt is its number (0 is refused, as admission refuses it).
+    fn prompt_tokens(&mut self, _: &mut usize, n: &usize) -> Result<usize, EngineFailure> {
+        match n {
+            0 => Err(EngineFailure::InvalidRequest("zero tokens".into())),
+            n => Ok(*n),
+        }
+    }
+
     fn release(&mut self, _: &mut usize, _: Seq) {
         self.counters.releases.fetch_add(1, Ordering::SeqCst);
     }
@@ -508,4 +516,42 @@ fn a_client_that_holds_its_stream_without_reading_is_cut_after_the_stall_timeout
     // The stalled one got its buffered events and then its stream ended, without Done.
     let (pieces, done) = collect(stalled);
     assert_eq!((pieces.len(), done), (4, None));
+}
+
+#[test]
+fn counts_are_answered_while_the_batch_is_full_and_load_a_lazy_model() {
+    // Lazy: a count alone loads the model (the tokenizer and template come with it).
+    let (mut r, counters) = fake();
+    r.step = Duration::from_millis(2);
+    let mut cfg = config();
+    cfg.preload = false;
+    cfg.queue_capacity = 8;
+    let host = Host::start(cfg, r, Info::default()).unwrap();
+    assert_eq!(host.count(7).unwrap().blocking_recv().unwrap().unwrap(), 7);
+    assert_eq!(counters.loads.load(Ordering::SeqCst), 1);
+    assert!(matches!(
+        host.count(0).unwrap().blocking_recv().unwrap(),
+        Err(EngineFailure::InvalidRequest(_))
+    ));
+    // One sequence at a time: a long request fills the batch and another waits for its slot, yet a
+    // count sent after both is answered before either ends, and takes no slot.
+    let long = host.submit(200).unwrap();
+    let t0 = Instant::now();
+    while host.status().running == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let queued = host.submit(3).unwrap();
+    let counted = host.count(42).unwrap().blocking_recv().unwrap().unwrap();
+    assert_eq!(counted, 42);
+    let steps_when_counted = counters.batches.lock().unwrap().len();
+    assert!(
+        steps_when_counted < 200,
+        "the count waited for the long request"
+    );
+    let (long, _) = collect(long);
+    let (queued, n) = collect(queued);
+    assert_eq!((long.len(), queued.len(), n), (200, 3, Some(3)));
+    let batches = counters.batches.lock().unwrap().clone();
+    assert_eq!(batches.iter().max(), Some(&1), "a count never took a slot");
 }

@@ -1,0 +1,624 @@
+//! The OpenAI request bodies and their validation into the [`ChatRequest`] every backend receives.
+//!
+//! Validation happens here, once, and reports the offending field (`param`) so the HTTP layer can answer
+//! with OpenAI's error shape. Unknown fields are accepted and ignored, as OpenAI does.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::message::{Message, MessageContent, ResponseFormat, Tool, ToolChoice};
+use crate::RouterError;
+
+/// `stop`: one string or several.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
+#[serde(untagged)]
+pub enum Stop {
+    /// One stop string.
+    One(String),
+    /// Several.
+    Many(Vec<String>),
+}
+
+impl Stop {
+    /// As a list.
+    pub fn to_vec(&self) -> Vec<String> {
+        match self {
+            Stop::One(s) => vec![s.clone()],
+            Stop::Many(v) => v.clone(),
+        }
+    }
+}
+
+/// `stream_options`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct StreamOptions {
+    /// Send a final chunk with `usage`.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct ChatCompletionRequest {
+    /// Tier (`fast|primary|heavy`), a model id, or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The conversation.
+    #[schema(min_items = 1)]
+    pub messages: Vec<Message>,
+    /// Deprecated OpenAI name of `max_completion_tokens`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u32>,
+    /// Upper bound of generated tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_completion_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(
+        default,
+        deserialize_with = "positive_f32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
+    pub top_p: Option<f32>,
+    /// Top-k sampling (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub top_k: Option<i32>,
+    /// Min-p sampling (extension).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1)]
+    pub min_p: Option<f32>,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Sampling seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Presence penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty (extension).
+    #[serde(
+        default,
+        deserialize_with = "positive_f32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(exclusive_minimum = 0)]
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as string) → bias.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// Return log-probabilities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logprobs: Option<bool>,
+    /// How many alternatives per token.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(maximum = 20)]
+    pub top_logprobs: Option<u32>,
+    /// Tools the model may call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<Vec<Tool>>,
+    /// `none`, `auto`, `required` or a specific function (which must be one of `tools`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether the model may call several tools in one answer (OpenAI's default: true).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parallel_tool_calls: Option<bool>,
+    /// What the answer must be: text, any JSON object, or JSON valid against a schema.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_format: Option<ResponseFormat>,
+    /// End-user id (logged, not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Server-sent events.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Number of choices (only 1 is supported).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+    /// Gemma 4 thinking (extension; also accepted as chat_template_kwargs.enable_thinking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enable_thinking: Option<bool>,
+    /// vLLM-style template arguments (enable_thinking).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub chat_template_kwargs: Option<BTreeMap<String, Value>>,
+}
+
+/// A validated, normalised request as backends receive it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChatRequest {
+    /// What the client asked for in `model` (for echoing back).
+    pub requested_model: String,
+    /// Messages (content parts kept; tool_call arguments normalised to JSON strings).
+    pub messages: Vec<Message>,
+    /// Tools (None when there are none).
+    pub tools: Option<Vec<Tool>>,
+    /// Tool choice, checked against `tools` (None: the client did not say, which means `auto`).
+    pub tool_choice: Option<ToolChoice>,
+    /// Whether several tool calls may come in one answer (None: the client did not say; OpenAI's default
+    /// is true).
+    pub parallel_tool_calls: Option<bool>,
+    /// Effective max tokens (None: the tier's default).
+    pub max_tokens: Option<u32>,
+    /// Temperature (None: backend default).
+    pub temperature: Option<f32>,
+    /// top_p.
+    pub top_p: Option<f32>,
+    /// top_k.
+    pub top_k: Option<i32>,
+    /// min_p.
+    pub min_p: Option<f32>,
+    /// Stop strings.
+    pub stop: Vec<String>,
+    /// Seed.
+    pub seed: Option<u64>,
+    /// Presence penalty.
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    pub frequency_penalty: Option<f32>,
+    /// Repetition penalty.
+    pub repetition_penalty: Option<f32>,
+    /// Token bias.
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Log-probabilities wanted.
+    pub logprobs: bool,
+    /// Alternatives per token.
+    pub top_logprobs: u32,
+    /// What the answer must be (`response_format`).
+    pub response_format: ResponseFormat,
+    /// Thinking on/off.
+    pub enable_thinking: Option<bool>,
+    /// Streaming.
+    pub stream: bool,
+    /// Usage chunk in streams.
+    pub include_usage: bool,
+    /// Whether any message carries an image part.
+    pub has_images: bool,
+    /// Text of the conversation for the classifier (system + user turns).
+    pub text: String,
+    /// Text of the last user turn.
+    pub last_user: String,
+    /// Rough prompt length in tokens (4 chars/token) for routing before the tokenizer runs.
+    pub prompt_tokens_estimate: usize,
+    /// `/v1/completions`: a plain prompt, no chat template (messages then hold it as one user turn for
+    /// backends that only speak chat).
+    pub raw_prompt: Option<String>,
+}
+
+impl ChatRequest {
+    /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
+    /// (`tool_choice` `required` or a named function).
+    pub fn is_constrained(&self) -> bool {
+        self.response_format.is_json()
+            || matches!(
+                self.tool_choice,
+                Some(ToolChoice::Required | ToolChoice::Function(_))
+            )
+    }
+}
+
+/// Reads a number that must be above 0 (`top_p`, `repetition_penalty`) into an f32 without losing that: a
+/// double too small for an f32 (JSON numbers are doubles) becomes the smallest positive f32, not 0, which
+/// validation would then refuse although the client sent a valid value.
+fn positive_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.map(|v| {
+        let f = v as f32;
+        if v > 0.0 && f == 0.0 {
+            f32::MIN_POSITIVE
+        } else {
+            f
+        }
+    }))
+}
+
+fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
+    RouterError::InvalidRequest {
+        message: msg.into(),
+        param: Some(param.to_string()),
+    }
+}
+
+fn validate_image_url(url: &str, param: &str, limits: &Limits) -> Result<(), RouterError> {
+    if let Some(rest) = url.strip_prefix("data:") {
+        let (meta, data) = rest
+            .split_once(',')
+            .ok_or_else(|| invalid("malformed data URL", param))?;
+        if !meta.starts_with("image/") || !meta.ends_with(";base64") {
+            return Err(invalid("data URL must be base64 image/* data", param));
+        }
+        // base64 is 4 chars per 3 bytes
+        let bytes = data.len() / 4 * 3;
+        if bytes > limits.max_image_bytes {
+            return Err(RouterError::TooLarge(format!(
+                "{param}: image of ~{bytes} bytes exceeds the {} byte limit",
+                limits.max_image_bytes
+            )));
+        }
+        if data.bytes().any(|b| {
+            !(b.is_ascii_alphanumeric()
+                || b == b'+'
+                || b == b'/'
+                || b == b'='
+                || b == b'\n'
+                || b == b'\r')
+        }) {
+            return Err(invalid("data URL is not valid base64", param));
+        }
+        Ok(())
+    } else if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(())
+    } else {
+        Err(invalid(
+            "image_url.url must be an http(s) or data: URL",
+            param,
+        ))
+    }
+}
+
+/// Request limits (configurable in `[limits]`).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Largest accepted `max_tokens`.
+    pub max_tokens_ceiling: u32,
+    /// Default `max_tokens` when the client gives none.
+    pub default_max_tokens: u32,
+    /// Images per message.
+    pub max_images: usize,
+    /// Bytes per inline image.
+    pub max_image_bytes: usize,
+    /// Most stop strings.
+    pub max_stop: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_messages: 1024,
+            max_tokens_ceiling: 32768,
+            default_max_tokens: 1024,
+            max_images: 8,
+            max_image_bytes: 20 << 20,
+            max_stop: 8,
+        }
+    }
+}
+
+impl ChatCompletionRequest {
+    /// Checks every field and produces the normalised request.
+    pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
+        if self.messages.is_empty() {
+            return Err(invalid("messages must not be empty", "messages"));
+        }
+        if self.messages.len() > limits.max_messages {
+            return Err(invalid(
+                format!("at most {} messages", limits.max_messages),
+                "messages",
+            ));
+        }
+        if let Some(n) = self.n
+            && n != 1
+        {
+            return Err(invalid("only n=1 is supported", "n"));
+        }
+        let mut has_images = false;
+        let mut text = String::new();
+        let mut last_user = String::new();
+        let mut chars = 0;
+        for (i, m) in self.messages.iter().enumerate() {
+            if let Some(c) = m.content() {
+                let images = c.images().count();
+                if images > limits.max_images {
+                    return Err(invalid(
+                        format!("at most {} images per message", limits.max_images),
+                        &format!("messages[{i}].content"),
+                    ));
+                }
+                if let MessageContent::Parts(parts) = c {
+                    for (j, p) in parts.iter().enumerate() {
+                        if let super::message::ContentPart::ImageUrl { image_url } = p {
+                            validate_image_url(
+                                &image_url.url,
+                                &format!("messages[{i}].content[{j}].image_url.url"),
+                                limits,
+                            )?;
+                        }
+                    }
+                }
+                has_images |= images > 0;
+                let t = c.text();
+                chars += t.len();
+                if matches!(
+                    m,
+                    Message::System(_) | Message::Developer(_) | Message::User(_)
+                ) {
+                    if !text.is_empty() {
+                        text.push('\n');
+                    }
+                    text.push_str(&t);
+                }
+                if matches!(m, Message::User(_)) {
+                    last_user = t;
+                }
+            }
+            if let Message::Assistant(a) = m {
+                for c in a.tool_calls.iter().flatten() {
+                    chars += c.function.name.len() + c.function.arguments.len();
+                }
+            }
+        }
+        let messages = self.messages;
+        let max_tokens = self.max_completion_tokens.or(self.max_tokens);
+        if let Some(m) = max_tokens {
+            if m == 0 {
+                return Err(invalid("max_tokens must be at least 1", "max_tokens"));
+            }
+            if m > limits.max_tokens_ceiling {
+                return Err(invalid(
+                    format!("max_tokens must be at most {}", limits.max_tokens_ceiling),
+                    "max_tokens",
+                ));
+            }
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            return Err(invalid(
+                "temperature must be between 0 and 2",
+                "temperature",
+            ));
+        }
+        if let Some(p) = self.top_p
+            && !(p.is_finite() && p > 0.0 && p <= 1.0)
+        {
+            return Err(invalid("top_p must be in (0, 1]", "top_p"));
+        }
+        if let Some(k) = self.top_k
+            && k < 0
+        {
+            return Err(invalid("top_k must be >= 0", "top_k"));
+        }
+        if let Some(p) = self.min_p
+            && !(p.is_finite() && (0.0..=1.0).contains(&p))
+        {
+            return Err(invalid("min_p must be in [0, 1]", "min_p"));
+        }
+        for (name, v) in [
+            ("presence_penalty", self.presence_penalty),
+            ("frequency_penalty", self.frequency_penalty),
+        ] {
+            if let Some(v) = v
+                && !(v.is_finite() && (-2.0..=2.0).contains(&v))
+            {
+                return Err(invalid(format!("{name} must be between -2 and 2"), name));
+            }
+        }
+        if let Some(r) = self.repetition_penalty
+            && !(r.is_finite() && r > 0.0)
+        {
+            return Err(invalid(
+                "repetition_penalty must be a finite number > 0",
+                "repetition_penalty",
+            ));
+        }
+        let stop = self.stop.map(|s| s.to_vec()).unwrap_or_default();
+        if stop.len() > limits.max_stop {
+            return Err(invalid(
+                format!("at most {} stop sequences", limits.max_stop),
+                "stop",
+            ));
+        }
+        let mut logit_bias = vec![];
+        for (k, v) in self.logit_bias.unwrap_or_default() {
+            let id: u32 = k.parse().map_err(|_| {
+                invalid(
+                    format!("logit_bias key {k:?} is not a token id"),
+                    "logit_bias",
+                )
+            })?;
+            if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+                return Err(invalid(
+                    "logit_bias values must be between -100 and 100",
+                    "logit_bias",
+                ));
+            }
+            logit_bias.push((id, v));
+        }
+        let top_logprobs = self.top_logprobs.unwrap_or(0);
+        if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
+            return Err(invalid(
+                format!(
+                    "top_logprobs must be at most {}",
+                    jemma_chat::logprobs::MAX_TOP_LOGPROBS
+                ),
+                "top_logprobs",
+            ));
+        }
+        let tools = self.tools.unwrap_or_default();
+        // `none` and `auto` without tools are accepted, as vLLM and llama.cpp do: no call is made either
+        // way; a call cannot be required when there is nothing to call.
+        if tools.is_empty()
+            && matches!(
+                self.tool_choice,
+                Some(ToolChoice::Required | ToolChoice::Function(_))
+            )
+        {
+            return Err(invalid(
+                "tool_choice requires a tool call, but no tools are specified",
+                "tool_choice",
+            ));
+        }
+        if let Some(ToolChoice::Function(name)) = &self.tool_choice
+            && !tools.iter().any(|t| &t.function.name == name)
+        {
+            return Err(invalid(
+                format!("tool_choice names function {name:?}, which is not in tools"),
+                "tool_choice.function.name",
+            ));
+        }
+        let response_format = self.response_format.unwrap_or_default();
+        if let ResponseFormat::JsonSchema { json_schema } = &response_format
+            && json_schema.schema.as_ref().is_some_and(|s| !s.is_object())
+        {
+            return Err(invalid(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                "response_format.json_schema.schema",
+            ));
+        }
+        let enable_thinking = self.enable_thinking.or_else(|| {
+            self.chat_template_kwargs
+                .as_ref()
+                .and_then(|k| k.get("enable_thinking"))
+                .and_then(Value::as_bool)
+        });
+        Ok(ChatRequest {
+            requested_model: self.model.unwrap_or_else(|| "auto".into()),
+            messages,
+            tools: (!tools.is_empty()).then_some(tools),
+            tool_choice: self.tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            stop,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias,
+            logprobs: self.logprobs.unwrap_or(false),
+            top_logprobs,
+            response_format,
+            enable_thinking,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .map(|o| o.include_usage)
+                .unwrap_or(false),
+            has_images,
+            text,
+            last_user,
+            prompt_tokens_estimate: chars / 4 + 1,
+            raw_prompt: None,
+        })
+    }
+}
+
+/// `POST /v1/completions` body (legacy plain-prompt API).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+pub struct CompletionRequest {
+    /// Tier, model id or `auto`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// The prompt (one string, or a one-element list).
+    #[schema(value_type = String, min_length = 1)]
+    pub prompt: Value,
+    /// Upper bound of generated tokens (OpenAI's default for this API is 16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 2)]
+    pub temperature: Option<f32>,
+    /// Nucleus sampling.
+    #[serde(
+        default,
+        deserialize_with = "positive_f32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(exclusive_minimum = 0, maximum = 1)]
+    pub top_p: Option<f32>,
+    /// Top-k.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0)]
+    pub top_k: Option<i32>,
+    /// Stop strings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Stop>,
+    /// Seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Presence penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub presence_penalty: Option<f32>,
+    /// Frequency penalty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = -2, maximum = 2)]
+    pub frequency_penalty: Option<f32>,
+    /// Stream as SSE.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options (`include_usage`: a last chunk with `usage`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stream_options: Option<StreamOptions>,
+    /// Number of completions (only 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 1, maximum = 1)]
+    pub n: Option<u32>,
+}
+
+impl CompletionRequest {
+    /// Validates through the chat path (same limits and checks) and marks the prompt as raw.
+    pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
+        let prompt = match &self.prompt {
+            Value::String(s) => s.clone(),
+            Value::Array(a) if a.len() == 1 && a[0].is_string() => {
+                a[0].as_str().unwrap_or_default().to_string()
+            }
+            Value::Array(_) => {
+                return Err(invalid(
+                    "only one prompt per request is supported",
+                    "prompt",
+                ));
+            }
+            _ => return Err(invalid("prompt must be a string", "prompt")),
+        };
+        if prompt.is_empty() {
+            return Err(invalid("prompt must not be empty", "prompt"));
+        }
+        let chat = ChatCompletionRequest {
+            model: self.model,
+            messages: vec![Message::user(prompt.clone())],
+            max_tokens: Some(self.max_tokens.unwrap_or(16)),
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            stop: self.stop,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            stream: self.stream,
+            stream_options: self.stream_options,
+            n: self.n,
+            ..Default::default()
+        };
+        let mut r = chat.validate(limits)?;
+        r.raw_prompt = Some(prompt);
+        Ok(r)
+    }
+}

@@ -1,0 +1,358 @@
+//! What the OpenAI endpoints answer: completions, stream chunks, usage, the model list and errors. The
+//! gateway writes these types, the upstream backend reads an upstream's chunks with them, and the OpenAPI
+//! description at `/openapi.json` is generated from them, so the three cannot drift apart.
+
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::message::{FunctionType, ToolCall};
+use crate::backend::FinishReason;
+
+/// `finish_reason`'s values, for the OpenAPI description ([`FinishReason`] lives in `jemma-chat`, which
+/// knows nothing of schemas).
+#[derive(ToSchema)]
+#[schema(as = FinishReason)]
+#[serde(rename_all = "snake_case")]
+#[allow(dead_code)]
+enum FinishReasonSchema {
+    Stop,
+    Length,
+    ToolCalls,
+    ContentFilter,
+}
+
+/// Reads an upstream's `finish_reason` leniently ([`FinishReason::from_wire`]: servers invent values).
+fn lenient_finish<'de, D: Deserializer<'de>>(d: D) -> Result<Option<FinishReason>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.map(|s| FinishReason::from_wire(&s)))
+}
+
+/// `chat.completion`: a whole answer.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletion {
+    /// `chatcmpl-...`.
+    pub id: String,
+    /// Always `chat.completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model that answered.
+    pub model: String,
+    /// The one choice (`n` is 1).
+    pub choices: Vec<Choice>,
+    /// Token counts.
+    pub usage: Usage,
+    /// How the gateway routed the request (Jemma's extension).
+    #[serde(rename = "_routing")]
+    pub routing: Routing,
+}
+
+/// One choice of a [`ChatCompletion`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Choice {
+    /// Always 0.
+    pub index: u32,
+    /// The answer.
+    pub message: ResponseMessage,
+    /// Why it ended: `tool_calls` if and only if `message.tool_calls` is present.
+    #[schema(value_type = FinishReasonSchema)]
+    pub finish_reason: FinishReason,
+    /// Per-token log-probabilities, when asked (`logprobs: true`).
+    pub logprobs: Option<ChoiceLogprobs>,
+}
+
+/// The answer's message.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ResponseMessage {
+    /// Always `assistant`.
+    pub role: String,
+    /// The answer text; null when the answer is only tool calls.
+    pub content: Option<String>,
+    /// The model's thinking (vLLM's name for it), when thinking was on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// The calls the model made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCall>>,
+}
+
+/// `logprobs` of a choice.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChoiceLogprobs {
+    /// One entry per token: `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`.
+    #[schema(value_type = Vec<Object>)]
+    pub content: Option<Vec<Value>>,
+}
+
+/// `chat.completion.chunk`: one server-sent event of a streamed answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChatCompletionChunk {
+    /// The same id in every chunk of one answer.
+    #[serde(default)]
+    pub id: String,
+    /// Always `chat.completion.chunk`.
+    #[serde(default)]
+    pub object: String,
+    /// Unix seconds.
+    #[serde(default)]
+    pub created: u64,
+    /// The model.
+    #[serde(default)]
+    pub model: String,
+    /// One choice, or none in the last chunk that carries `usage`.
+    #[serde(default)]
+    pub choices: Vec<ChunkChoice>,
+    /// Only in the last chunk, with `choices: []`, when `stream_options.include_usage` asked for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// In the chunk that carries `finish_reason` (Jemma's extension).
+    #[serde(rename = "_routing", default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Routing>,
+}
+
+/// One choice of a [`ChatCompletionChunk`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ChunkChoice {
+    /// Always 0.
+    #[serde(default)]
+    pub index: u32,
+    /// What this chunk adds.
+    #[serde(default)]
+    pub delta: Delta,
+    /// Set in the answer's last choice chunk.
+    #[serde(default, deserialize_with = "lenient_finish")]
+    #[schema(value_type = Option<FinishReasonSchema>)]
+    pub finish_reason: Option<FinishReason>,
+    /// The log-probabilities of this chunk's tokens.
+    #[serde(default)]
+    pub logprobs: Option<ChoiceLogprobs>,
+    /// vLLM's and SGLang's `stop_reason`: the stop string that ended the answer (a token id when a stop
+    /// token did). Read from upstreams; not sent.
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub stop_reason: Option<Value>,
+}
+
+/// A chunk's delta: the next piece of the answer.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct Delta {
+    /// `assistant`, in the first chunk.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// Answer text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
+    /// Thinking text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_content: Option<String>,
+    /// Thinking text under vLLM's newer name (read from upstreams, which may send both; not sent).
+    #[serde(default, skip_serializing)]
+    #[schema(ignore)]
+    pub reasoning: Option<String>,
+    /// Tool calls: Jemma sends each whole in one delta; upstreams may send them in pieces by `index`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<ToolCallDelta>>,
+}
+
+/// A tool call, or a piece of one, in a [`Delta`].
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct ToolCallDelta {
+    /// Which call of the answer this piece belongs to.
+    #[serde(default)]
+    pub index: u32,
+    /// The call's id (first piece).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// `function` (first piece).
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<FunctionType>,
+    /// Name and (a piece of) the arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<FunctionCallDelta>,
+}
+
+/// A piece of a call's function.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct FunctionCallDelta {
+    /// The function's name (first piece).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// A piece of the JSON-string arguments.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<String>,
+}
+
+/// `text_completion`: an answer of `/v1/completions`, whole or one streamed chunk.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TextCompletion {
+    /// `cmpl-...`.
+    pub id: String,
+    /// Always `text_completion`.
+    pub object: String,
+    /// Unix seconds.
+    pub created: u64,
+    /// The model.
+    pub model: String,
+    /// One choice, or none in a stream's last chunk that carries `usage`.
+    pub choices: Vec<TextChoice>,
+    /// Token counts: always in a whole answer; in a stream only in the last chunk, when asked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<Usage>,
+    /// In the whole answer and the stream's chunk that carries `finish_reason` (Jemma's extension).
+    #[serde(rename = "_routing", default, skip_serializing_if = "Option::is_none")]
+    pub routing: Option<Routing>,
+}
+
+/// One choice of a [`TextCompletion`].
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TextChoice {
+    /// Always 0.
+    pub index: u32,
+    /// The text (a piece of it, when streamed).
+    pub text: String,
+    /// Set when the answer ended.
+    #[schema(value_type = Option<FinishReasonSchema>)]
+    pub finish_reason: Option<FinishReason>,
+    /// Always null: this endpoint does not return log-probabilities.
+    #[schema(value_type = Option<Object>)]
+    pub logprobs: Option<Value>,
+}
+
+/// Token usage (OpenAI's `usage` object).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub prompt_tokens: u64,
+    /// Generated tokens, thinking included.
+    pub completion_tokens: u64,
+    /// Sum.
+    pub total_tokens: u64,
+    /// How much of the prompt came from the prefix cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+    /// How much of the answer was thinking.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_tokens_details: Option<CompletionTokensDetails>,
+}
+
+/// OpenAI's `usage.prompt_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens whose KV cache was reused from an earlier request instead of being prefilled.
+    #[serde(default)]
+    pub cached_tokens: u64,
+}
+
+/// OpenAI's `usage.completion_tokens_details`.
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct CompletionTokensDetails {
+    /// Generated tokens spent thinking: those inside Gemma 4's thinking channel, its markers included.
+    #[serde(default)]
+    pub reasoning_tokens: u64,
+}
+
+impl Usage {
+    /// Usage from counts: `cached` of the prompt's tokens came from the prefix cache and `reasoning` of the
+    /// completion's were thinking.
+    pub fn new(prompt: u64, completion: u64, cached: u64, reasoning: u64) -> Self {
+        Self {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: Some(PromptTokensDetails {
+                cached_tokens: cached,
+            }),
+            completion_tokens_details: Some(CompletionTokensDetails {
+                reasoning_tokens: reasoning,
+            }),
+        }
+    }
+
+    /// Prompt tokens served from the prefix cache (0 when the backend did not say).
+    pub fn cached_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.cached_tokens)
+    }
+
+    /// Generated tokens that were thinking (0 when the backend did not say).
+    pub fn reasoning_tokens(&self) -> u64 {
+        self.completion_tokens_details
+            .map_or(0, |d| d.reasoning_tokens)
+    }
+}
+
+/// `_routing`: how the gateway answered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct Routing {
+    /// Tier that produced the answer.
+    pub tier: String,
+    /// Model that produced it.
+    pub model: String,
+    /// Why this tier was chosen first.
+    pub reason: String,
+    /// Wall time of the whole request, in milliseconds.
+    pub latency_ms: u64,
+    /// Time to the first content token, in milliseconds.
+    pub ttft_ms: Option<u64>,
+    /// Prompt tokens (of the answering tier).
+    pub prompt_tokens: u64,
+    /// Of those, the ones served from the answering tier's prefix cache.
+    #[serde(default)]
+    pub cached_tokens: u64,
+    /// Generated tokens (all tiers, for a continued stream).
+    pub completion_tokens: u64,
+    /// Fallback hops, e.g. `["heavy→primary: breaker open"]`.
+    pub fallback: Vec<String>,
+    /// Decode speed of the answering tier, in tokens per second, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens_per_second: Option<f64>,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ModelList {
+    /// Always `list`.
+    pub object: String,
+    /// One entry per tier.
+    pub data: Vec<Model>,
+}
+
+/// A tier as a model.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Model {
+    /// The tier's name (`fast`, `primary`, `heavy`): what `model` takes.
+    pub id: String,
+    /// Always `model`.
+    pub object: String,
+    /// Always 0: tiers have no creation date.
+    pub created: u64,
+    /// Always `jemma`.
+    pub owned_by: String,
+    /// The model the tier serves.
+    pub root: String,
+    /// `ready`, `loading 42%`, `disabled`, `breaker_open`, ...
+    pub state: String,
+}
+
+/// OpenAI's error body: `{"error": {...}}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorResponse {
+    /// The error.
+    pub error: ErrorObject,
+}
+
+/// What went wrong.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ErrorObject {
+    /// For people.
+    pub message: String,
+    /// `invalid_request_error`, `rate_limit_error`, `service_unavailable`, `timeout`, `server_error`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The request field at fault (`messages[2].content[1]`), when one is.
+    pub param: Option<String>,
+    /// A stable code (`invalid_request`, `model_not_found`, `tier_busy`, `all_tiers_down`, ...).
+    pub code: Option<String>,
+    /// With `all_tiers_down`: what each tier said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Vec<String>>,
+}
