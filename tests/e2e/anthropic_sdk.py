@@ -46,6 +46,13 @@ check("stream: text arrives and matches the final message", streamed and final.c
       (streamed, final))
 check("stream: stop_reason and usage", final.stop_reason in ("end_turn", "max_tokens")
       and final.usage.output_tokens >= 1, final)
+# The raw events: message_start already says how large the prompt is (the tier read it before the first
+# block), as Anthropic's API does.
+events = list(client.messages.create(model="primary", max_tokens=4, stream=True,
+                                     messages=[{"role": "user", "content": "Hi there"}]))
+first = events[0]
+check("stream: message_start carries the prompt's tokens", first.type == "message_start"
+      and first.message.usage.input_tokens + (first.message.usage.cache_read_input_tokens or 0) > 3, first)
 
 # stop_sequences: the greedy answer cut where a sequence from its own text starts.
 # No temperature: the gateway's default is greedy (the current SDK no longer takes one).

@@ -122,6 +122,22 @@ for label, schema in (("city", city), ("bounded city", bounded)):
     check(f"json_schema {label}: every finished answer of 20 validates ({finished} finished)",
           label == "city" or finished >= 5, finished)
 
+# Thinking on (a reasoning client asking for a record): the model may think first, and the schema holds for
+# the answer after the thought, which comes back as reasoning_content, not as part of the JSON.
+finished = 0
+for seed in range(10):
+    r = client.chat.completions.create(
+        model="primary", messages=[{"role": "user", "content": "A city, please"}], max_tokens=48,
+        temperature=1, seed=seed, extra_body={"enable_thinking": True},
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "strict": True, "schema": bounded}})
+    if r.choices[0].finish_reason != "stop":
+        continue
+    finished += 1
+    text = r.choices[0].message.content
+    check(f"json_schema after thinking (seed {seed}): answer validates", valid(json.loads(text), bounded), text)
+# (Random weights that start a thought ramble to max_tokens: only some answers finish.)
+check(f"json_schema after thinking: answers finish ({finished} of 10)", finished >= 1, finished)
+
 # A coding agent that must get a tool call (tool_choice "required", or one function by name): always a call,
 # to an offered function, with arguments valid against its parameters.
 agent_tools = [

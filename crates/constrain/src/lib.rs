@@ -52,6 +52,10 @@ pub enum Constraint {
         /// Whether several calls may follow one another.
         parallel: bool,
     },
+    /// The inner constraint after an optional Gemma 4 thinking block (`<|channel>thought\n…<channel|>`,
+    /// free text, then any line breaks): a request with thinking on may think before its JSON or its
+    /// forced call, as vLLM applies structured output only after the reasoning ends.
+    AfterThinking(Box<Constraint>),
 }
 
 /// A function a [`Constraint::ToolCalls`] answer may call.
@@ -186,26 +190,32 @@ impl Vocabulary {
     /// keyword, an unsatisfiable schema), naming what.
     pub fn matcher(&self, constraint: &Constraint) -> Result<TokenMatcher, ConstrainError> {
         let grammar = match constraint {
-            Constraint::JsonObject => TopLevelGrammar::from_json_schema(compact(
-                json!({
-                    "type": "object"
-                }),
-                true,
-            )),
-            Constraint::JsonSchema { schema, strict } => {
-                if !schema.is_object() && !schema.is_boolean() {
-                    return Err(ConstrainError::Invalid(
-                        "response_format.json_schema.schema must be a JSON Schema object".into(),
-                    ));
-                }
-                TopLevelGrammar::from_json_schema(compact(schema.clone(), *strict))
+            Constraint::JsonObject | Constraint::JsonSchema { .. } => {
+                TopLevelGrammar::from_json_schema(json_schema(constraint)?)
             }
             Constraint::ToolCalls { tools, parallel } => {
                 TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
             }
+            Constraint::AfterThinking(inner) => {
+                let body = match &**inner {
+                    Constraint::ToolCalls { tools, parallel } => {
+                        tool_call_grammar(tools, *parallel)?.replacen("start:", "body:", 1)
+                    }
+                    Constraint::AfterThinking(_) => {
+                        return Err(ConstrainError::Invalid(
+                            "a constraint cannot follow thinking twice".into(),
+                        ));
+                    }
+                    json => format!("body: %json {}\n", json_schema(json)?),
+                };
+                TopLevelGrammar::from_lark(format!("start: think? body\n{THINK}{body}"))
+            }
         };
         let what = match constraint {
             Constraint::ToolCalls { .. } => "tools",
+            Constraint::AfterThinking(inner) if matches!(**inner, Constraint::ToolCalls { .. }) => {
+                "tools"
+            }
             _ => "response_format.json_schema",
         };
         let parser = self
@@ -217,6 +227,28 @@ impl Vocabulary {
             return Err(ConstrainError::Invalid(format!("{what}: {e}")));
         }
         Ok(TokenMatcher { matcher })
+    }
+}
+
+/// Gemma 4's thinking block as a Lark rule: its channel markers are special tokens, so no thought can
+/// spell the closing one.
+const THINK: &str = "think: <|channel> \"thought\\n\" THOUGHT? <channel|> BREAKS?\n\
+                     THOUGHT: /(.|\\n)+/\n\
+                     BREAKS: /\\n+/\n";
+
+/// The JSON Schema (with layout options) a JSON constraint compiles.
+fn json_schema(c: &Constraint) -> Result<Value, ConstrainError> {
+    match c {
+        Constraint::JsonObject => Ok(compact(json!({"type": "object"}), true)),
+        Constraint::JsonSchema { schema, strict } => {
+            if !schema.is_object() && !schema.is_boolean() {
+                return Err(ConstrainError::Invalid(
+                    "response_format.json_schema.schema must be a JSON Schema object".into(),
+                ));
+            }
+            Ok(compact(schema.clone(), *strict))
+        }
+        _ => Err(ConstrainError::Invalid("not a JSON constraint".into())),
     }
 }
 
@@ -795,5 +827,68 @@ mod tests {
         assert!(!run("«call:plan{first:{name:\"\"}}»").1);
         assert!(!run("«call:plan{first:{name:\"x").0);
         assert!(!run(&format!("{ok}«")).0);
+    }
+}
+
+#[cfg(test)]
+mod thinking_tests {
+    use super::*;
+
+    /// A byte-level vocabulary with Gemma's thinking markers as special tokens: 256 `<|channel>`,
+    /// 257 `<channel|>`, 258 the end of sequence.
+    fn vocab() -> Vocabulary {
+        let mut tokens: Vec<(Vec<u8>, bool)> = (0..=255u8).map(|b| (vec![b], false)).collect();
+        for m in ["<|channel>", "<channel|>", "<eos>"] {
+            tokens.push((m.as_bytes().to_vec(), true));
+        }
+        Vocabulary::from_tokens(tokens, &[258]).unwrap()
+    }
+
+    /// Feeds `text` (`«` `»` standing for the markers): whether every token was allowed, and whether the
+    /// answer is complete.
+    fn run(vocab: &Vocabulary, c: &Constraint, text: &str) -> (bool, bool) {
+        let mut m = vocab.matcher(c).unwrap();
+        for ch in text.chars() {
+            let t = match ch {
+                '«' => 256,
+                '»' => 257,
+                c => c as u32,
+            };
+            if !m.allowed().unwrap().contains(t) || m.commit(t).is_err() {
+                return (false, false);
+            }
+        }
+        (true, m.is_complete())
+    }
+
+    #[test]
+    fn json_may_follow_a_thinking_block_and_nothing_else_may() {
+        let v = vocab();
+        let c = Constraint::AfterThinking(Box::new(Constraint::JsonSchema {
+            schema: json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                "required": ["a"], "additionalProperties": false}),
+            strict: true,
+        }));
+        assert_eq!(
+            run(&v, &c, "«thought\nLet me think.\nOk»\n\n{\"a\": 1}"),
+            (true, true)
+        );
+        assert_eq!(
+            run(&v, &c, "{\"a\": 1}"),
+            (true, true),
+            "thinking is optional"
+        );
+        assert!(
+            !run(&v, &c, "Sure: {").0,
+            "no free text outside the thought"
+        );
+        assert!(
+            !run(&v, &c, "«thought\nhm»{\"b\"").0,
+            "the schema holds after it"
+        );
+        assert!(
+            !run(&v, &c, "«thought\nhm»{\"a\": 1}«").0,
+            "one thought, before"
+        );
     }
 }

@@ -236,9 +236,17 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
         (
             "json_schema",
             Constraint::JsonSchema {
-                schema: city,
+                schema: city.clone(),
                 strict: true,
             },
+        ),
+        // Thinking on: the model may think first; the schema holds for what follows the thought.
+        (
+            "json_schema after thinking",
+            Constraint::AfterThinking(Box::new(Constraint::JsonSchema {
+                schema: city,
+                strict: true,
+            })),
         ),
         (
             "tool call",
@@ -282,8 +290,14 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
                     }
                     Err(e) => panic!("{e}: {text}"),
                 },
-                "json_schema" => {
-                    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+                "json_schema" | "json_schema after thinking" => {
+                    let (content, _, _) = jemma_chat::tools::split_output(&text);
+                    let json = if what == "json_schema" {
+                        &text
+                    } else {
+                        &content
+                    };
+                    let v: serde_json::Value = serde_json::from_str(json.trim_start()).unwrap();
                     let o = v.as_object().unwrap();
                     let name = o["name"].as_str().unwrap();
                     let population = o["population"].as_i64().unwrap();

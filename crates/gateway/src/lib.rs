@@ -125,6 +125,9 @@ pub fn router(state: AppState) -> Router {
             header::AUTHORIZATION,
             header::HeaderName::from_static("x-api-key"),
             header::HeaderName::from_static("anthropic-version"),
+            // What Anthropic's SDKs send from a browser (accepted; no beta changes behaviour here).
+            header::HeaderName::from_static("anthropic-beta"),
+            header::HeaderName::from_static("anthropic-dangerous-direct-browser-access"),
         ])
         // The chat window reads these (busy banners, routing badge).
         .expose_headers([

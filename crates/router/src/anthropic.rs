@@ -595,15 +595,14 @@ pub fn usage(u: &Usage) -> Value {
            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0})
 }
 
-/// Assembles a whole message (the non-streaming answer) from the router's output.
+/// Assembles a whole message (the non-streaming answer) from the router's output: its blocks in the order
+/// they came, consecutive pieces of one kind in one block — the same blocks the stream ([`EventStream`])
+/// would have sent.
 #[derive(Debug, Default)]
 pub struct MessageBuilder {
     display: ThinkingDisplay,
-    /// The model thought (its block is there, empty, when the thoughts are omitted).
-    thought: bool,
-    thinking: String,
-    text: String,
-    tools: Vec<Value>,
+    content: Vec<Value>,
+    tool_use: bool,
 }
 
 impl MessageBuilder {
@@ -615,18 +614,35 @@ impl MessageBuilder {
         }
     }
 
+    /// Appends `piece` to the last block when it is of `kind` (`text` / `thinking`), else opens one.
+    fn append(&mut self, kind: &str, piece: &str) {
+        if self.content.last().and_then(|b| b["type"].as_str()) != Some(kind) {
+            self.content.push(if kind == "thinking" {
+                // Gemma's thoughts are not signed; the field is there for clients that expect it.
+                json!({"type": "thinking", "thinking": "", "signature": ""})
+            } else {
+                json!({"type": "text", "text": ""})
+            });
+        }
+        if let Some(Value::String(s)) = self.content.last_mut().and_then(|b| b.get_mut(kind)) {
+            s.push_str(piece);
+        }
+    }
+
     /// Takes one piece of the answer.
     pub fn push(&mut self, c: Chunk) {
         match c {
-            Chunk::Content(t) => self.text.push_str(&t),
-            Chunk::Reasoning(r) => {
-                self.thought = true;
-                if self.display == ThinkingDisplay::Summarized {
-                    self.thinking.push_str(&r)
-                }
+            Chunk::Content(t) if !t.is_empty() => self.append("text", &t),
+            // Omitted thoughts: the block is there, its text is not (as Anthropic's `display: omitted`).
+            Chunk::Reasoning(r) if !r.is_empty() => match self.display {
+                ThinkingDisplay::Summarized => self.append("thinking", &r),
+                ThinkingDisplay::Omitted => self.append("thinking", ""),
+            },
+            Chunk::ToolCall { name, arguments } => {
+                self.tool_use = true;
+                self.content.push(json!({"type": "tool_use",
+                    "id": tool_use_id(), "name": name, "input": tool_input(&arguments)}));
             }
-            Chunk::ToolCall { name, arguments } => self.tools.push(json!({"type": "tool_use",
-                "id": tool_use_id(), "name": name, "input": tool_input(&arguments)})),
             _ => {}
         }
     }
@@ -639,18 +655,9 @@ impl MessageBuilder {
         usage_: &Usage,
         stop_sequence: Option<&str>,
     ) -> Value {
-        let mut content = vec![];
-        if self.thought {
-            content.push(json!({"type": "thinking", "thinking": self.thinking, "signature": ""}));
-        }
-        if !self.text.is_empty() {
-            content.push(json!({"type": "text", "text": self.text}));
-        }
-        let tool_use = !self.tools.is_empty();
-        content.extend(self.tools);
-        let reason = stop_reason(finish, tool_use, stop_sequence);
+        let reason = stop_reason(finish, self.tool_use, stop_sequence);
         json!({"id": message_id(), "type": "message", "role": "assistant", "model": model,
-               "content": content, "stop_reason": reason,
+               "content": self.content, "stop_reason": reason,
                "stop_sequence": if reason == "stop_sequence" { json!(stop_sequence) } else { Value::Null },
                "usage": usage(usage_)})
     }
@@ -668,6 +675,8 @@ pub struct EventStream {
     open: Option<(usize, &'static str)>,
     next_index: usize,
     tool_use: bool,
+    /// The prompt's size once the tier has read it (`Chunk::Started`), for `message_start`'s usage.
+    input: Option<Usage>,
 }
 
 impl EventStream {
@@ -681,6 +690,7 @@ impl EventStream {
             open: None,
             next_index: 0,
             tool_use: false,
+            input: None,
         }
     }
 
@@ -692,7 +702,7 @@ impl EventStream {
                 json!({"type": "message_start", "message": {
                 "id": message_id(), "type": "message", "role": "assistant", "model": self.model,
                 "content": [], "stop_reason": null, "stop_sequence": null,
-                "usage": {"input_tokens": 0, "output_tokens": 0}}}),
+                "usage": usage(&self.input.unwrap_or_default())}}),
             ));
         }
     }
@@ -783,6 +793,15 @@ impl EventStream {
                     json!({"type": "content_block_stop", "index": i}),
                 ));
             }
+            // The tier has read the prompt: `message_start` can say how large it was (a cold tier that
+            // made the stream start with pings first leaves it at 0 there; `message_delta` has it).
+            Output::Chunk(Chunk::Started {
+                prompt_tokens,
+                cached_tokens,
+            }) => {
+                self.input = Some(Usage::new(prompt_tokens, 0, cached_tokens, 0));
+                self.start(&mut out);
+            }
             Output::Chunk(_) => {}
             Output::End {
                 finish_reason,
@@ -842,6 +861,37 @@ pub fn error_body(e: &RouterError) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_whole_message_keeps_its_blocks_in_the_order_they_came() {
+        // An upstream that writes, calls a tool and writes again (text → tool → text), after a thought.
+        let mut b = MessageBuilder::new(ThinkingDisplay::Summarized);
+        for c in [
+            Chunk::Reasoning("Let me ".into()),
+            Chunk::Reasoning("look.".into()),
+            Chunk::Content("Checking".into()),
+            Chunk::Content("...".into()),
+            Chunk::ToolCall {
+                name: "get_weather".into(),
+                arguments: r#"{"city":"Paris"}"#.into(),
+            },
+            Chunk::Content("Done.".into()),
+        ] {
+            b.push(c);
+        }
+        let m = b.finish("fast", FinishReason::Stop, &Usage::default(), None);
+        let kinds: Vec<&str> = m["content"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["thinking", "text", "tool_use", "text"]);
+        assert_eq!(m["content"][0]["thinking"], "Let me look.");
+        assert_eq!(m["content"][1]["text"], "Checking...");
+        assert_eq!(m["content"][2]["input"]["city"], "Paris");
+        assert_eq!(m["stop_reason"], "tool_use");
+    }
 
     fn req(v: Value) -> Result<ChatRequest, RouterError> {
         serde_json::from_value::<MessagesRequest>(v)

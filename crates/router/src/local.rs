@@ -50,7 +50,17 @@ pub struct Job {
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
 /// named function: calls to the offered functions, or to that one, with schema-valid arguments), else the
 /// `response_format`'s JSON; None for free text. With `tool_choice` "none" the tools are not shown at all.
+/// With thinking on, the model may think first: the grammar starts after its thinking block.
 pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
+    let c = answer_constraint(req)?;
+    Some(if req.enable_thinking == Some(true) {
+        jemma_constrain::Constraint::AfterThinking(Box::new(c))
+    } else {
+        c
+    })
+}
+
+fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     use crate::api::{ResponseFormat, ToolChoice};
     use jemma_constrain::{Constraint, ToolSpec};
     let specs = |keep: &dyn Fn(&str) -> bool| -> Vec<ToolSpec> {
@@ -236,7 +246,8 @@ impl<E: InProcess> EngineBackend<E> {
             },
         };
         let constraint = constraint_of(req);
-        // A JSON answer is not parsed for thinking or tool calls; forced tool calls are.
+        // A JSON answer is not parsed for thinking or tool calls (its text could spell a marker); forced
+        // tool calls are, and so is an answer that may think before its JSON (the thought is split out).
         let json = matches!(
             constraint,
             Some(

@@ -642,7 +642,11 @@ impl TierRouter {
                     } => {
                         prompt_tokens = p;
                         cached_tokens = c;
-                        continue;
+                        // Before any answer went out, the client may show the prompt's size (Anthropic's
+                        // `message_start`); a continuing tier's prompt holds the continuation too.
+                        if p == 0 || !sent.is_empty() || ttft.is_some() {
+                            continue;
+                        }
                     }
                     Chunk::Done {
                         finish_reason,
