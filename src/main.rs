@@ -2,6 +2,7 @@
 //! crates; this binary is what runs without a UI.
 
 mod bench_cmd;
+mod bench_recogniser;
 mod doctor;
 mod generate_cmd;
 mod keys;

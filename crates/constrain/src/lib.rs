@@ -834,24 +834,34 @@ mod tests {
 mod thinking_tests {
     use super::*;
 
-    /// A byte-level vocabulary with Gemma's thinking markers as special tokens: 256 `<|channel>`,
-    /// 257 `<channel|>`, 258 the end of sequence.
+    /// A byte-level vocabulary with Gemma's markers as special tokens: 256 `<|channel>`, 257 `<channel|>`,
+    /// 258 the end of sequence, 259 `<|tool_call>`, 260 `<tool_call|>`, 261 `<|"|>`.
     fn vocab() -> Vocabulary {
         let mut tokens: Vec<(Vec<u8>, bool)> = (0..=255u8).map(|b| (vec![b], false)).collect();
-        for m in ["<|channel>", "<channel|>", "<eos>"] {
+        for m in [
+            "<|channel>",
+            "<channel|>",
+            "<eos>",
+            "<|tool_call>",
+            "<tool_call|>",
+            "<|\"|>",
+        ] {
             tokens.push((m.as_bytes().to_vec(), true));
         }
         Vocabulary::from_tokens(tokens, &[258]).unwrap()
     }
 
-    /// Feeds `text` (`«` `»` standing for the markers): whether every token was allowed, and whether the
-    /// answer is complete.
+    /// Feeds `text` (`«` `»` standing for the thinking markers, `‹` `›` `¦` for the tool-call ones):
+    /// whether every token was allowed, and whether the answer is complete.
     fn run(vocab: &Vocabulary, c: &Constraint, text: &str) -> (bool, bool) {
         let mut m = vocab.matcher(c).unwrap();
         for ch in text.chars() {
             let t = match ch {
                 '«' => 256,
                 '»' => 257,
+                '‹' => 259,
+                '›' => 260,
+                '¦' => 261,
                 c => c as u32,
             };
             if !m.allowed().unwrap().contains(t) || m.commit(t).is_err() {
@@ -859,6 +869,32 @@ mod thinking_tests {
             }
         }
         (true, m.is_complete())
+    }
+
+    #[test]
+    fn a_forced_call_may_follow_a_thinking_block() {
+        let v = vocab();
+        let c = Constraint::AfterThinking(Box::new(Constraint::ToolCalls {
+            tools: vec![ToolSpec {
+                name: "f".into(),
+                parameters: json!({"type": "object", "properties": {"x": {"type": "string"}},
+                    "required": ["x"]}),
+            }],
+            parallel: false,
+        }));
+        assert_eq!(
+            run(&v, &c, "«thought\nCall f.»‹call:f{x:¦a¦}›"),
+            (true, true)
+        );
+        assert_eq!(run(&v, &c, "‹call:f{x:¦a¦}›"), (true, true));
+        assert!(
+            !run(&v, &c, "«thought\nok»Sure").0,
+            "only the call after the thought"
+        );
+        assert!(
+            !run(&v, &c, "«thought\nok»‹call:g{").0,
+            "only an offered function"
+        );
     }
 
     #[test]

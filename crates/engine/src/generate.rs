@@ -172,6 +172,23 @@ struct Pending {
     logprobs: Array,
 }
 
+/// What is already queued past the pending token when it is read back.
+enum Ahead {
+    /// Nothing: generation ends with this token (its last allowed one).
+    None,
+    /// The next step, sampled on the still-lazy token.
+    Sampled(Pending),
+    /// Under a grammar: the next step's forward pass, queued on the still-lazy token; its mask needs the
+    /// token on the host, so its sampling is queued once the token is read and the mask computed, while
+    /// the forward pass runs.
+    Logits {
+        /// The next step's (1, V) logits.
+        logits: Array,
+        /// The history its penalties see.
+        history: Array,
+    },
+}
+
 fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
     let flat = lp.reshape(&[-1])?.as_dtype(Dtype::Float32)?;
     let chosen = flat.try_index(token as i32)?.item_cast::<f32>();
@@ -465,19 +482,33 @@ impl Generation {
         let Some(cur) = self.take_current() else {
             return Ok(None);
         };
-        let next = if self.pipelined() {
+        let ahead = if self.pipelined() {
             // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
             let (tok, history) = self.feed_lazy(&cur)?;
-            Some(self.queue(model, &tok, &history, None)?)
+            let logits = model.forward_last_logits(&tok.reshape(&[1, -1])?, &mut self.cache)?;
+            self.ahead(model, logits, history)?
         } else {
-            None
+            Ahead::None
         };
-        self.complete(model, cur, next)
+        self.complete(model, cur, ahead)
+    }
+
+    /// Queues what can be queued of the step whose forward pass gave `logits`: all of it, or under a
+    /// grammar the forward pass alone (see [`Ahead::Logits`]).
+    fn ahead(&mut self, model: &Gemma4, logits: Array, history: Array) -> Result<Ahead> {
+        if self.grammar.is_some() {
+            async_eval([&logits])?;
+            return Ok(Ahead::Logits { logits, history });
+        }
+        let p = self.sample_from(model, &logits, &history, None)?;
+        async_eval([&p.token, &p.logprobs])?;
+        Ok(Ahead::Sampled(p))
     }
 
     /// Advances every generation in `gens` by one token, as [`Generation::next_token`] does for each, but
-    /// with one forward pass for all those whose next step can be queued ahead (prompt read, no grammar,
-    /// not at their last token): continuous batching's decode step, where the weights are read once for the
+    /// with one forward pass for all those whose next step can be queued ahead (prompt read, not at their
+    /// last token; a constrained one's sampling waits for its mask): continuous batching's decode step,
+    /// where the weights are read once for the
     /// whole batch. Rows attend over their own caches, so each generation's tokens are those it would get
     /// alone up to the rounding of a batched matrix product. Fewer than two such generations run exactly
     /// as `next_token`.
@@ -522,6 +553,8 @@ impl Generation {
                 .collect();
             model.forward_last_logits_batch(&ids, &mut caches)?
         };
+        // Each row's sampling (with its own processors and, under a grammar, after its mask), queued
+        // together where no mask is needed.
         let mut nexts = Vec::with_capacity(n);
         for (j, (g, _)) in gens
             .iter_mut()
@@ -530,15 +563,26 @@ impl Generation {
             .enumerate()
         {
             let row = logits.try_index(j as i32..j as i32 + 1)?;
-            nexts.push(g.sample_from(model, &row, &histories[j], None)?);
+            nexts.push(if g.grammar.is_some() {
+                Ahead::Logits {
+                    logits: row,
+                    history: histories[j].clone(),
+                }
+            } else {
+                Ahead::Sampled(g.sample_from(model, &row, &histories[j], None)?)
+            });
         }
-        async_eval(nexts.iter().flat_map(|p| [&p.token, &p.logprobs]))?;
+        async_eval(nexts.iter().flat_map(|a| match a {
+            Ahead::Sampled(p) => vec![&p.token, &p.logprobs],
+            Ahead::Logits { logits, .. } => vec![logits],
+            Ahead::None => vec![],
+        }))?;
         let mut nexts = nexts.into_iter();
         let steps = gens
             .iter_mut()
             .zip(curs)
             .map(|(g, cur)| match cur {
-                Some(cur) => g.complete(model, cur, nexts.next()),
+                Some(cur) => g.complete(model, cur, nexts.next().unwrap_or(Ahead::None)),
                 None => g.next_token(model),
             })
             .collect::<Result<_>>()?;
@@ -550,10 +594,10 @@ impl Generation {
         self.cur.is_some() || self.finished
     }
 
-    /// Whether the step after the pending token can be queued before that token is read (not under a grammar,
-    /// whose mask needs the token first, and not at the last allowed token).
+    /// Whether the step after the pending token can be queued before that token is read (not at the last
+    /// allowed token; under a grammar, its forward pass: see [`Ahead::Logits`]).
     fn pipelined(&self) -> bool {
-        self.grammar.is_none() && self.stats.completion_tokens + 1 < self.opts.max_tokens
+        self.stats.completion_tokens + 1 < self.opts.max_tokens
     }
 
     /// Takes the pending step, or None once generation has ended (`max_tokens` 0 ends it here).
@@ -577,22 +621,17 @@ impl Generation {
         Ok((tok, self.history.clone()))
     }
 
-    /// Reads the pending token `cur` back and accounts for it (stop tokens, logprobs, counts); `next` is
-    /// the step already queued on it, if any (otherwise generation ends here, or, under a grammar, the next
-    /// step is queued now that the token is known).
-    fn complete(
-        &mut self,
-        model: &Gemma4,
-        cur: Pending,
-        next: Option<Pending>,
-    ) -> Result<Option<Step>> {
+    /// Reads the pending token `cur` back and accounts for it (stop tokens, logprobs, counts); `ahead` is
+    /// what is already queued on it (nothing: generation ends here; under a grammar, the next forward
+    /// pass, whose sampling is queued once the token is committed and the mask computed).
+    fn complete(&mut self, model: &Gemma4, cur: Pending, ahead: Ahead) -> Result<Option<Step>> {
         let n = self.stats.completion_tokens;
         let token = cur
             .token
             .reshape(&[-1])?
             .as_dtype(Dtype::Uint32)?
             .item_exact::<u32>();
-        if next.is_some() {
+        if !matches!(ahead, Ahead::None) {
             self.fed.push(token);
         }
         if self.t_first.is_none() {
@@ -611,29 +650,29 @@ impl Generation {
         };
         self.stats.completion_tokens += 1;
         let n = n + 1;
-        // A constrained answer needs each token on the host before the next step's mask exists, so it runs
-        // unpipelined.
+        // A constrained answer's next mask needs this token on the host: it is computed here, while the
+        // next forward pass (queued on the lazy token) runs.
         if let Some(g) = self.grammar.as_mut()
             && let Err(e) = g.commit(token)
         {
             return Ok(self.fail(e.to_string()));
         }
-        let next = if self.grammar.is_some() && n < self.opts.max_tokens {
-            let mask = match self.grammar_mask(model) {
-                Ok(m) => m,
-                // The token itself was allowed: it goes out, then the generation fails.
-                Err(e) => {
-                    self.fail(e.to_string());
-                    return Ok(Some(Step { token, logprobs }));
-                }
-            };
-            let tok = Array::from_slice(&[token as i32], &[1]);
-            self.history = ops::concatenate(&[&self.history, &tok], 0)?;
-            self.fed.push(token);
-            let history = self.history.clone();
-            Some(self.queue(model, &tok, &history, mask)?)
-        } else {
-            next
+        let next = match ahead {
+            Ahead::None => None,
+            Ahead::Sampled(p) => Some(p),
+            Ahead::Logits { logits, history } => {
+                let mask = match self.grammar_mask(model) {
+                    Ok(m) => m,
+                    // The token itself was allowed: it goes out, then the generation fails.
+                    Err(e) => {
+                        self.fail(e.to_string());
+                        return Ok(Some(Step { token, logprobs }));
+                    }
+                };
+                let p = self.sample_from(model, &logits, &history, mask)?;
+                async_eval([&p.token, &p.logprobs])?;
+                Some(p)
+            }
         };
         if n.is_multiple_of(256) {
             mlx_rs::memory::clear_cache()?;

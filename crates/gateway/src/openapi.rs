@@ -150,8 +150,10 @@ fn completions() {}
         (status = 404, description = "not_found_error", body = Object),
         (status = 413, description = "request_too_large", body = Object),
         (status = 429, description = "rate_limit_error", body = Object),
-        (status = 503, description = "overloaded_error", body = Object),
-        (status = 504, description = "timeout", body = Object),
+        (status = 500, description = "api_error (configuration)", body = Object),
+        (status = 503, description = "api_error: no tier can answer", body = Object),
+        (status = 504, description = "timeout_error", body = Object),
+        (status = 529, description = "overloaded_error: the tier is busy", body = Object),
     )
 )]
 #[allow(dead_code)]
@@ -170,7 +172,9 @@ fn messages() {}
         (status = 404, description = "not_found_error", body = Object),
         (status = 413, description = "request_too_large", body = Object),
         (status = 429, description = "rate_limit_error", body = Object),
-        (status = 503, description = "overloaded_error", body = Object),
+        (status = 500, description = "api_error (configuration)", body = Object),
+        (status = 503, description = "api_error: no tier can count", body = Object),
+        (status = 529, description = "overloaded_error: the tier is busy", body = Object),
     )
 )]
 #[allow(dead_code)]

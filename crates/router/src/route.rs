@@ -543,8 +543,11 @@ impl TierRouter {
                 break;
             }
             let clamped;
+            // A client's max_tokens above the tier's ceiling is lowered to it (on fallback: an explicit
+            // tier refuses it up front); none set leaves the tier's default, which is within the ceiling
+            // and shrinks to fit the context.
             let req_t = match slot.settings.max_tokens {
-                Some(c) if req.max_tokens.is_none_or(|m| m > c) => {
+                Some(c) if req.max_tokens.is_some_and(|m| m > c) => {
                     clamped = ChatRequest {
                         max_tokens: Some(c),
                         ..req.clone()

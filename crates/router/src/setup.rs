@@ -305,9 +305,11 @@ pub fn build_router(
     let shared: SharedEngines = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
     let mut downloads: BTreeMap<String, Vec<Arc<LocalTier>>> = BTreeMap::new();
     let mut tiers = vec![];
+    // Within the tier's own ceiling: a default is never more than the tier would accept if asked.
     let default_max_tokens = |c: &TierConfig| {
         c.default_max_tokens
             .unwrap_or(cfg.limits.default_max_tokens)
+            .min(c.max_tokens_ceiling.unwrap_or(u32::MAX))
     };
     for (tier, c) in &cfg.tiers {
         let backend: Arc<dyn Backend> = match c.kind {

@@ -446,6 +446,11 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
         &[Some(64)],
         "the fallback tier got the clamped value"
     );
+    // None set: the tier's own default applies (it is within the ceiling and fits the context), not
+    // the ceiling as if the client had asked for it.
+    let a = collect(r.chat(request("heavy", "x")).unwrap()).await;
+    assert!(a.routing.is_some());
+    assert_eq!(fast.0.lock().unwrap().as_slice(), &[Some(64), None]);
 }
 
 /// A backend that runs fewer requests at once than the tier's `max_concurrency` (an engine whose memory

@@ -5,7 +5,7 @@
 //! idle keep-alive or when the memory governor asks, and a transparent reload at the next request.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -306,7 +306,19 @@ pub struct Host<R: ModelRunner> {
     /// True while the preload at start runs: requests are refused then (the router falls back), while
     /// during a later (lazy or re-) load they wait in the queue.
     preloading: Arc<AtomicBool>,
+    /// Requests (not counts) submitted and not yet admitted or refused, whether still in the channel or
+    /// taken out of it by the thread to wait for a slot: what `queue_capacity` bounds.
+    waiting: Arc<AtomicUsize>,
+    queue_capacity: usize,
 }
+
+/// Room in the queue for counts beyond `queue_capacity` requests: a full queue of requests does not turn
+/// counts away, which the thread answers between steps.
+const COUNT_ROOM: usize = 16;
+
+/// Counts answered between two steps at most: each renders and tokenizes a whole prompt on the model
+/// thread, so a burst of them (an agent counting before every turn) must not hold up the running streams.
+const COUNTS_PER_STEP: usize = 2;
 
 impl<R: ModelRunner> Clone for Host<R> {
     fn clone(&self) -> Self {
@@ -316,6 +328,8 @@ impl<R: ModelRunner> Clone for Host<R> {
             event_buffer: self.event_buffer,
             stopped: self.stopped.clone(),
             preloading: self.preloading.clone(),
+            waiting: self.waiting.clone(),
+            queue_capacity: self.queue_capacity,
         }
     }
 }
@@ -345,7 +359,10 @@ impl<R: ModelRunner> Host<R> {
             last_error: None,
             info,
         }));
-        let (tx, rx) = mpsc::channel(config.queue_capacity.max(1));
+        let queue_capacity = config.queue_capacity.max(1);
+        let (tx, rx) = mpsc::channel(queue_capacity + COUNT_ROOM);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let w = waiting.clone();
         let (stopped_tx, stopped) = watch::channel(false);
         let event_buffer = config.event_buffer.max(1);
         let st = status.clone();
@@ -359,6 +376,7 @@ impl<R: ModelRunner> Host<R> {
                     runner,
                     status: st,
                     ever_loaded: false,
+                    waiting: w,
                 }
                 .run(rx, &pre);
                 let _ = stopped_tx.send(true);
@@ -369,6 +387,8 @@ impl<R: ModelRunner> Host<R> {
             event_buffer,
             stopped,
             preloading,
+            waiting,
+            queue_capacity,
         })
     }
 
@@ -379,8 +399,7 @@ impl<R: ModelRunner> Host<R> {
             .lock()
             .map(|s| s.clone())
             .unwrap_or_else(|e| e.into_inner().clone());
-        // The thread's own figure is the requests it took from the queue to wait for a slot.
-        s.queued += self.jobs.max_capacity() - self.jobs.capacity();
+        s.queued = self.waiting.load(Ordering::Acquire);
         s
     }
 
@@ -421,10 +440,26 @@ impl<R: ModelRunner> Host<R> {
             }
             EngineState::Failed { error } => return Err(SubmitError::Unavailable(error)),
         }
-        self.jobs.try_send(job).map_err(|e| match e {
-            mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
-            mpsc::error::TrySendError::Closed(_) => {
-                SubmitError::Unavailable("engine thread stopped".into())
+        let request = matches!(job, Job::Generate { .. });
+        if request
+            && self
+                .waiting
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    (n < self.queue_capacity).then_some(n + 1)
+                })
+                .is_err()
+        {
+            return Err(SubmitError::QueueFull);
+        }
+        self.jobs.try_send(job).map_err(|e| {
+            if request {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+            }
+            match e {
+                mpsc::error::TrySendError::Full(_) => SubmitError::QueueFull,
+                mpsc::error::TrySendError::Closed(_) => {
+                    SubmitError::Unavailable("engine thread stopped".into())
+                }
             }
         })
     }
@@ -475,6 +510,9 @@ struct Thread<R: ModelRunner> {
     /// Whether a load ever succeeded: until one has, a hard failure is final (a broken model), after one
     /// a failed reload is retried at the next request.
     ever_loaded: bool,
+    /// The handles' count of requests waiting ([`Host`]'s `waiting`): the thread takes one off as it
+    /// admits, refuses or drops a request.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl<R: ModelRunner> Thread<R> {
@@ -672,7 +710,10 @@ impl<R: ModelRunner> Thread<R> {
         live: &mut Vec<Live<R>>,
     ) {
         match job {
-            Job::Generate { request, events } => self.admit(request, events, loaded, memory, live),
+            Job::Generate { request, events } => {
+                self.waiting.fetch_sub(1, Ordering::AcqRel);
+                self.admit(request, events, loaded, memory, live)
+            }
             Job::Count { request, reply } => {
                 if reply.is_closed() {
                     return;
@@ -780,8 +821,8 @@ impl<R: ModelRunner> Thread<R> {
         let mut live: Vec<Live<R>> = vec![];
         let mut open = true;
         // Requests taken from the queue while the batch was full (the queue is read on to answer counts,
-        // which take no slot): they join first, in order, as slots free. At most a queue's worth, so the
-        // queue's bound still holds back submitters.
+        // which take no slot): they join first, in order, as slots free. They still count as waiting
+        // (`waiting`, which bounds submissions), until admitted or, their client gone, dropped.
         let mut parked: VecDeque<Job<R>> = VecDeque::new();
         loop {
             if live.is_empty() {
@@ -798,6 +839,14 @@ impl<R: ModelRunner> Thread<R> {
             // Newcomers join between steps, up to the batch size; counts are answered whatever the batch.
             // (The memory governor flags only idle engines for unloading, so a running batch is never cut
             // short for memory.)
+            let mut counted = 0;
+            parked.retain(|j| match j {
+                Job::Generate { events, .. } if events.is_closed() => {
+                    self.waiting.fetch_sub(1, Ordering::AcqRel);
+                    false
+                }
+                _ => true,
+            });
             loop {
                 let full = loaded.as_ref().is_none_or(|m| {
                     live.iter().filter(|l| l.seq.is_some()).count()
@@ -807,18 +856,19 @@ impl<R: ModelRunner> Thread<R> {
                     self.dispatch(j, &mut loaded, memory, &mut live);
                     continue;
                 }
-                if !open || parked.len() >= self.config.queue_capacity.max(1) {
+                if !open || counted >= COUNTS_PER_STEP {
                     break;
                 }
                 match jobs.try_recv() {
                     Ok(j @ Job::Generate { .. }) if full => parked.push_back(j),
-                    Ok(j) => self.dispatch(j, &mut loaded, memory, &mut live),
+                    Ok(j) => {
+                        counted += usize::from(matches!(j, Job::Count { .. }));
+                        self.dispatch(j, &mut loaded, memory, &mut live)
+                    }
                     Err(mpsc::error::TryRecvError::Empty) => break,
                     Err(mpsc::error::TryRecvError::Disconnected) => open = false,
                 }
             }
-            let waiting = parked.len();
-            self.set(|s| s.queued = waiting);
             // Deliver what is pending; a closed channel cancels its sequence, and so does a client that has
             // taken nothing for the stall timeout (it holds a cache slot the queue may be waiting for).
             for l in live.iter_mut() {

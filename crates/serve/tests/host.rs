@@ -555,3 +555,45 @@ fn counts_are_answered_while_the_batch_is_full_and_load_a_lazy_model() {
     let batches = counters.batches.lock().unwrap().clone();
     assert_eq!(batches.iter().max(), Some(&1), "a count never took a slot");
 }
+
+#[test]
+fn requests_waiting_for_a_slot_stay_within_the_queue_bound_while_counts_pass() {
+    // One sequence at a time, room for two waiting requests. The thread reads waiting requests out of
+    // the queue (to reach counts behind them), but they still take the queue's places.
+    let (mut r, _) = fake();
+    r.step = Duration::from_millis(2);
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let long = host.submit(500).unwrap();
+    let t0 = Instant::now();
+    while host.status().running == 0 {
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let a = host.submit(2).unwrap();
+    let b = host.submit(2).unwrap();
+    // A count behind them is answered, which means the thread has taken both out of the channel.
+    assert_eq!(host.count(9).unwrap().blocking_recv().unwrap().unwrap(), 9);
+    assert_eq!(host.status().queued, 2);
+    assert!(matches!(host.submit(2), Err(SubmitError::QueueFull)));
+    // A waiting client that goes away gives its place back.
+    drop(a);
+    let t0 = Instant::now();
+    let c = loop {
+        match host.submit(3) {
+            Ok(c) => break c,
+            Err(SubmitError::QueueFull) => {
+                assert!(
+                    t0.elapsed() < Duration::from_secs(10),
+                    "the place never came back"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    drop(long);
+    assert_eq!(collect(b).1, Some(2));
+    assert_eq!(collect(c).1, Some(3));
+    assert_eq!(host.status().queued, 0);
+}

@@ -277,8 +277,9 @@ pub enum ContentPart {
     },
 }
 
-/// An image reference.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// An image reference. The bare-string form (`"image_url": "https://..."`), which some clients send and
+/// vLLM accepts, is read too.
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
 pub struct ImageUrl {
     /// `http(s)://` or a base64 `data:image/*` URL.
     #[schema(pattern = "^(https?://|data:image/[^;,]+;base64,)")]
@@ -288,11 +289,32 @@ pub struct ImageUrl {
     pub detail: Option<String>,
 }
 
+impl<'de> Deserialize<'de> for ImageUrl {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        struct Object {
+            url: String,
+            #[serde(default)]
+            detail: Option<String>,
+        }
+        match Value::deserialize(d)? {
+            Value::String(url) => Ok(Self { url, detail: None }),
+            v => body::<Object>(v)
+                .map(|o| Self {
+                    url: o.url,
+                    detail: o.detail,
+                })
+                .map_err(D::Error::custom),
+        }
+    }
+}
+
 /// A tool call in an assistant message (OpenAI's `ChatCompletionMessageToolCall`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct ToolCall {
-    /// The call's id (tool messages answer it by `tool_call_id`).
-    #[serde(default)]
+    /// The call's id (tool messages answer it by `tool_call_id`; empty when the client sent none, and then
+    /// left out when sent on).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub id: String,
     /// Always `function`.
     #[serde(rename = "type", default = "function_type")]
@@ -616,6 +638,14 @@ mod tests {
             "{e}"
         );
         assert!(err(json!({"role": "user"})).contains("missing field `content`"));
+        // The bare-string image form some clients send.
+        let m: Message = serde_json::from_value(json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": "https://example.com/a.png"}]}))
+        .unwrap();
+        assert_eq!(
+            m.content().unwrap().images().next().unwrap().url,
+            "https://example.com/a.png"
+        );
         // What the template sees: the role tag back, absent options left out.
         assert_eq!(
             Message::user("hi").to_value(),

@@ -24,7 +24,16 @@ enum FinishReasonSchema {
 
 /// Reads an upstream's `finish_reason` leniently ([`FinishReason::from_wire`]: servers invent values).
 fn lenient_finish<'de, D: Deserializer<'de>>(d: D) -> Result<Option<FinishReason>, D::Error> {
-    Ok(Option::<String>::deserialize(d)?.map(|s| FinishReason::from_wire(&s)))
+    Ok(Value::deserialize(d)?.as_str().map(FinishReason::from_wire))
+}
+
+/// Reads a field of an upstream's chunk that may come in another shape (null, another type, a server's
+/// own variant): what does not fit is the field's default, not an error. An answer is not failed, nor a
+/// tier's breaker charged, over a field the gateway does not need in the form it expects.
+fn lenient<'de, D: Deserializer<'de>, T: serde::de::DeserializeOwned + Default>(
+    d: D,
+) -> Result<T, D::Error> {
+    Ok(serde_json::from_value(Value::deserialize(d)?).unwrap_or_default())
 }
 
 /// `chat.completion`: a whole answer.
@@ -88,25 +97,34 @@ pub struct ChoiceLogprobs {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ChatCompletionChunk {
     /// The same id in every chunk of one answer.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub id: String,
     /// Always `chat.completion.chunk`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub object: String,
     /// Unix seconds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub created: u64,
     /// The model.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub model: String,
     /// One choice, or none in the last chunk that carries `usage`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub choices: Vec<ChunkChoice>,
     /// Only in the last chunk, with `choices: []`, when `stream_options.include_usage` asked for it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub usage: Option<Usage>,
     /// In the chunk that carries `finish_reason` (Jemma's extension).
-    #[serde(rename = "_routing", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "_routing",
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub routing: Option<Routing>,
 }
 
@@ -114,21 +132,21 @@ pub struct ChatCompletionChunk {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ChunkChoice {
     /// Always 0.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub index: u32,
     /// What this chunk adds.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub delta: Delta,
     /// Set in the answer's last choice chunk.
     #[serde(default, deserialize_with = "lenient_finish")]
     #[schema(value_type = Option<FinishReasonSchema>)]
     pub finish_reason: Option<FinishReason>,
     /// The log-probabilities of this chunk's tokens.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub logprobs: Option<ChoiceLogprobs>,
     /// vLLM's and SGLang's `stop_reason`: the stop string that ended the answer (a token id when a stop
     /// token did). Read from upstreams; not sent.
-    #[serde(default, skip_serializing)]
+    #[serde(default, deserialize_with = "lenient", skip_serializing)]
     #[schema(ignore)]
     pub stop_reason: Option<Value>,
 }
@@ -137,20 +155,36 @@ pub struct ChunkChoice {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct Delta {
     /// `assistant`, in the first chunk.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub role: Option<String>,
     /// Answer text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub content: Option<String>,
     /// Thinking text.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub reasoning_content: Option<String>,
     /// Thinking text under vLLM's newer name (read from upstreams, which may send both; not sent).
-    #[serde(default, skip_serializing)]
+    #[serde(default, deserialize_with = "lenient", skip_serializing)]
     #[schema(ignore)]
     pub reasoning: Option<String>,
     /// Tool calls: Jemma sends each whole in one delta; upstreams may send them in pieces by `index`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub tool_calls: Option<Vec<ToolCallDelta>>,
 }
 
@@ -158,16 +192,29 @@ pub struct Delta {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct ToolCallDelta {
     /// Which call of the answer this piece belongs to.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub index: u32,
     /// The call's id (first piece).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub id: Option<String>,
     /// `function` (first piece).
-    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "type",
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub kind: Option<FunctionType>,
     /// Name and (a piece of) the arguments.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub function: Option<FunctionCallDelta>,
 }
 
@@ -175,10 +222,18 @@ pub struct ToolCallDelta {
 #[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
 pub struct FunctionCallDelta {
     /// The function's name (first piece).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub name: Option<String>,
     /// A piece of the JSON-string arguments.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub arguments: Option<String>,
 }
 
@@ -228,10 +283,18 @@ pub struct Usage {
     /// Sum.
     pub total_tokens: u64,
     /// How much of the prompt came from the prefix cache.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub prompt_tokens_details: Option<PromptTokensDetails>,
     /// How much of the answer was thinking.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub completion_tokens_details: Option<CompletionTokensDetails>,
 }
 
@@ -239,7 +302,7 @@ pub struct Usage {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct PromptTokensDetails {
     /// Prompt tokens whose KV cache was reused from an earlier request instead of being prefilled.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub cached_tokens: u64,
 }
 
@@ -247,7 +310,7 @@ pub struct PromptTokensDetails {
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CompletionTokensDetails {
     /// Generated tokens spent thinking: those inside Gemma 4's thinking channel, its markers included.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub reasoning_tokens: u64,
 }
 
@@ -355,4 +418,63 @@ pub struct ErrorObject {
     /// With `all_tiers_down`: what each tier said.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_chunks_in_other_servers_shapes_are_read_not_refused() {
+        // vLLM (reasoning under both names, stop_reason, nulls), llama-server (a timings object, a
+        // float created), TGI (a system_fingerprint and a null usage), and fields in shapes Jemma does
+        // not expect: none fails the answer.
+        for (raw, content, reasoning, finish) in [
+            (
+                r#"{"id":"x","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,
+                "delta":{"reasoning_content":"hm","reasoning":"hm","content":null},"logprobs":null,
+                "finish_reason":null,"stop_reason":null}]}"#,
+                None,
+                Some("hm"),
+                None,
+            ),
+            (
+                r#"{"choices":[{"finish_reason":"stop","index":0,"delta":{"content":"ok"}}],
+                "created":1717171717.5,"id":null,"model":"g","object":"chat.completion.chunk",
+                "timings":{"predicted_n":3}}"#,
+                Some("ok"),
+                None,
+                Some(FinishReason::Stop),
+            ),
+            (
+                r#"{"id":"","object":"chat.completion.chunk","created":1,"model":"m",
+                "system_fingerprint":"3.0","usage":null,"choices":[{"index":0,"delta":null,
+                "finish_reason":{"odd":true}}]}"#,
+                None,
+                None,
+                None,
+            ),
+        ] {
+            let c: ChatCompletionChunk = serde_json::from_str(raw).unwrap();
+            let choice = &c.choices[0];
+            assert_eq!(choice.delta.content.as_deref(), content, "{raw}");
+            assert_eq!(
+                choice
+                    .delta
+                    .reasoning_content
+                    .as_deref()
+                    .or(choice.delta.reasoning.as_deref()),
+                reasoning
+            );
+            assert_eq!(choice.finish_reason, finish, "{raw}");
+        }
+        // Usage with a null detail keeps its counts.
+        let c: ChatCompletionChunk = serde_json::from_str(
+            r#"{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,
+            "prompt_tokens_details":{"cached_tokens":null}}}"#,
+        )
+        .unwrap();
+        let u = c.usage.unwrap();
+        assert_eq!((u.prompt_tokens, u.cached_tokens()), (5, 0));
+    }
 }
