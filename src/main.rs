@@ -2,6 +2,11 @@
 //! crates; this binary is what runs without a UI.
 
 mod bench_cmd;
+// Only the GGUF mask bench (llama.cpp engine) measures it.
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
 mod bench_recogniser;
 mod doctor;
 mod generate_cmd;

@@ -95,6 +95,69 @@ pub fn described(limits: &Limits) -> Value {
     doc
 }
 
+/// The errors of the OpenAI-shaped operations, in OpenAI's shape ([`ErrorResponse`]).
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum OpenAiErrors {
+    /// The request is invalid; `param` names the field (`messages[2].content[1].type`).
+    #[response(status = 400)]
+    BadRequest(ErrorResponse),
+    /// An API key is required, or the one given is invalid.
+    #[response(status = 401)]
+    Unauthorized(ErrorResponse),
+    /// No such model or tier.
+    #[response(status = 404)]
+    NotFound(ErrorResponse),
+    /// The body, or an image in it, is too large.
+    #[response(status = 413)]
+    TooLarge(ErrorResponse),
+    /// The caller's rate limit, or a busy tier (`Retry-After`).
+    #[response(status = 429)]
+    TooMany(ErrorResponse),
+    /// The gateway's configuration is broken.
+    #[response(status = 500)]
+    Internal(ErrorResponse),
+    /// No tier can answer (`Retry-After` when one said when it may).
+    #[response(status = 503)]
+    Unavailable(ErrorResponse),
+    /// The tier timed out.
+    #[response(status = 504)]
+    Timeout(ErrorResponse),
+}
+
+/// The errors of the Anthropic-shaped operations: `{"type": "error", "error": {"type", "message"}}`.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum AnthropicErrors {
+    /// `invalid_request_error`.
+    #[response(status = 400)]
+    BadRequest(serde_json::Value),
+    /// `authentication_error`.
+    #[response(status = 401)]
+    Unauthorized(serde_json::Value),
+    /// `not_found_error`.
+    #[response(status = 404)]
+    NotFound(serde_json::Value),
+    /// `request_too_large`.
+    #[response(status = 413)]
+    TooLarge(serde_json::Value),
+    /// `rate_limit_error`.
+    #[response(status = 429)]
+    TooMany(serde_json::Value),
+    /// `api_error`: the gateway's configuration is broken.
+    #[response(status = 500)]
+    Internal(serde_json::Value),
+    /// `api_error`: no tier can answer.
+    #[response(status = 503)]
+    Unavailable(serde_json::Value),
+    /// `timeout_error`.
+    #[response(status = 504)]
+    Timeout(serde_json::Value),
+    /// `overloaded_error`: the tier is busy.
+    #[response(status = 529)]
+    Overloaded(serde_json::Value),
+}
+
 /// A chat answer: JSON, or with `stream: true` server-sent `chat.completion.chunk` events ending in
 /// `data: [DONE]`.
 #[utoipa::path(
@@ -104,13 +167,7 @@ pub fn described(limits: &Limits) -> Value {
     responses(
         (status = 200, description = "The answer (JSON), or its chunks (server-sent events)",
          content((ChatCompletion = "application/json"), (ChatCompletionChunk = "text/event-stream"))),
-        (status = 400, description = "The request is invalid; `param` names the field", body = ErrorResponse),
-        (status = 401, description = "An API key is required or invalid", body = ErrorResponse),
-        (status = 404, description = "No such model or tier", body = ErrorResponse),
-        (status = 413, description = "The body or an image is too large", body = ErrorResponse),
-        (status = 429, description = "Rate limit or a busy tier (Retry-After)", body = ErrorResponse),
-        (status = 503, description = "No tier can answer (Retry-After when one said when)", body = ErrorResponse),
-        (status = 504, description = "The tier timed out", body = ErrorResponse),
+        OpenAiErrors,
     )
 )]
 #[allow(dead_code)]
@@ -124,13 +181,7 @@ fn chat_completions() {}
     responses(
         (status = 200, description = "The completion (JSON), or its chunks (server-sent events)",
          content((TextCompletion = "application/json"), (TextCompletion = "text/event-stream"))),
-        (status = 400, description = "The request is invalid", body = ErrorResponse),
-        (status = 401, description = "An API key is required or invalid", body = ErrorResponse),
-        (status = 404, description = "No such model or tier", body = ErrorResponse),
-        (status = 413, description = "The body is too large", body = ErrorResponse),
-        (status = 429, description = "Rate limit or a busy tier", body = ErrorResponse),
-        (status = 503, description = "No tier can answer", body = ErrorResponse),
-        (status = 504, description = "The tier timed out", body = ErrorResponse),
+        OpenAiErrors,
     )
 )]
 #[allow(dead_code)]
@@ -145,15 +196,7 @@ fn completions() {}
     responses(
         (status = 200, description = "The message (JSON), or its events (server-sent events)",
          content((Object = "application/json"), (String = "text/event-stream"))),
-        (status = 400, description = "invalid_request_error", body = Object),
-        (status = 401, description = "authentication_error", body = Object),
-        (status = 404, description = "not_found_error", body = Object),
-        (status = 413, description = "request_too_large", body = Object),
-        (status = 429, description = "rate_limit_error", body = Object),
-        (status = 500, description = "api_error (configuration)", body = Object),
-        (status = 503, description = "api_error: no tier can answer", body = Object),
-        (status = 504, description = "timeout_error", body = Object),
-        (status = 529, description = "overloaded_error: the tier is busy", body = Object),
+        AnthropicErrors,
     )
 )]
 #[allow(dead_code)]
@@ -167,14 +210,7 @@ fn messages() {}
     request_body = MessagesRequest,
     responses(
         (status = 200, description = "`{\"input_tokens\": n}`", body = Object),
-        (status = 400, description = "invalid_request_error", body = Object),
-        (status = 401, description = "authentication_error", body = Object),
-        (status = 404, description = "not_found_error", body = Object),
-        (status = 413, description = "request_too_large", body = Object),
-        (status = 429, description = "rate_limit_error", body = Object),
-        (status = 500, description = "api_error (configuration)", body = Object),
-        (status = 503, description = "api_error: no tier can count", body = Object),
-        (status = 529, description = "overloaded_error: the tier is busy", body = Object),
+        AnthropicErrors,
     )
 )]
 #[allow(dead_code)]
@@ -189,13 +225,7 @@ fn count_tokens() {}
     responses(
         (status = 200, description = "The response (JSON), or its events (server-sent events)",
          content((Object = "application/json"), (String = "text/event-stream"))),
-        (status = 400, description = "The request is invalid", body = ErrorResponse),
-        (status = 401, description = "An API key is required or invalid", body = ErrorResponse),
-        (status = 404, description = "No such model or tier", body = ErrorResponse),
-        (status = 413, description = "The body is too large", body = ErrorResponse),
-        (status = 429, description = "Rate limit or a busy tier", body = ErrorResponse),
-        (status = 503, description = "No tier can answer", body = ErrorResponse),
-        (status = 504, description = "The tier timed out", body = ErrorResponse),
+        OpenAiErrors,
     )
 )]
 #[allow(dead_code)]
