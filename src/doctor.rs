@@ -19,6 +19,93 @@ pub struct Args {
     /// Context length for the estimate (default: the model's maximum).
     #[arg(long)]
     context: Option<usize>,
+    /// Also check this configuration's pools: every endpoint of a tier with `[[endpoints]]` is probed as
+    /// the gateway probes it (a Jemma node's /health, an OpenAI server's /v1/models).
+    #[arg(long, env = "JEMMA_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+/// One endpoint of a pool, as probed now.
+#[derive(Serialize)]
+struct PoolEndpoint {
+    tier: String,
+    name: String,
+    kind: String,
+    url: Option<String>,
+    weight: f64,
+    max_concurrency: usize,
+    /// `up`, `down: <why>`, or `local` (this node's engine; `jemma serve` loads it).
+    status: String,
+}
+
+/// Probes every endpoint of the configuration's pools.
+async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
+    use jemma_router::backend::{Backend, OpenAiBackend, OpenAiConfig, Probe};
+    use jemma_router::config::{EndpointKind, resolve_secret};
+    let mut out = vec![];
+    for (tier, c) in &cfg.tiers {
+        for e in &c.endpoints {
+            let kind = e.kind();
+            let status = match kind {
+                EndpointKind::Local => "local".to_string(),
+                EndpointKind::Jemma | EndpointKind::Openai => {
+                    let key = match e
+                        .api_key
+                        .as_deref()
+                        .map(|k| resolve_secret(k, &|r| jemma_platform::secrets::resolve(r)))
+                    {
+                        Some(Err(err)) => {
+                            out.push(PoolEndpoint {
+                                tier: tier.to_string(),
+                                name: e.label(),
+                                kind: format!("{kind:?}").to_lowercase(),
+                                url: e.url.clone(),
+                                weight: e.weight,
+                                max_concurrency: e.concurrency(),
+                                status: format!("down: {err}"),
+                            });
+                            continue;
+                        }
+                        Some(Ok(k)) => Some(k),
+                        None => None,
+                    };
+                    let model = e.model.clone().unwrap_or_else(|| tier.to_string());
+                    let probe = if kind == EndpointKind::Jemma {
+                        Probe::Jemma {
+                            tier: model.clone(),
+                        }
+                    } else {
+                        Probe::Models
+                    };
+                    let b = OpenAiBackend::new(OpenAiConfig {
+                        url: e.url.clone().unwrap_or_default(),
+                        api_key: key,
+                        model,
+                        connect_timeout: std::time::Duration::from_secs(5),
+                        default_max_tokens: 1,
+                        probe,
+                    });
+                    match b {
+                        Ok(b) => match b.probe().await {
+                            Ok(()) => "up".to_string(),
+                            Err(err) => format!("down: {err}"),
+                        },
+                        Err(err) => format!("down: {err}"),
+                    }
+                }
+            };
+            out.push(PoolEndpoint {
+                tier: tier.to_string(),
+                name: e.label(),
+                kind: format!("{kind:?}").to_lowercase(),
+                url: e.url.clone(),
+                weight: e.weight,
+                max_concurrency: e.concurrency(),
+                status,
+            });
+        }
+    }
+    out
 }
 
 #[derive(Serialize)]
@@ -30,6 +117,9 @@ struct Report {
     downloaded: Vec<String>,
     recommendation: Recommendation,
     footprint: Option<jemma_engine::footprint::Footprint>,
+    /// The configuration's pools (with `--config`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pools: Vec<PoolEndpoint>,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -81,7 +171,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let pools = match &args.config {
+        Some(p) => {
+            let cfg = jemma_router::config::Config::load(p)?;
+            rt.block_on(probe_pools(&cfg))
+        }
+        None => vec![],
+    };
     let report = Report {
+        pools,
         hardware: hw,
         mlx,
         mlx_error,
@@ -151,6 +249,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             ""
         };
         println!("  {mark} {:<18} {:<8} {}{have}", f.model, f.tier, f.reason);
+    }
+    if !report.pools.is_empty() {
+        println!();
+        println!("pools (probed now, as the gateway probes them)");
+        for e in &report.pools {
+            println!(
+                "  {:<8} {:<22} {:<6} {:<40} weight {} max_concurrency {}  {}",
+                e.tier,
+                e.name,
+                e.kind,
+                e.url.as_deref().unwrap_or("-"),
+                e.weight,
+                e.max_concurrency,
+                e.status
+            );
+        }
     }
     if let Some(fp) = &report.footprint {
         println!();

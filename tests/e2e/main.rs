@@ -10,5 +10,6 @@ mod faults;
 mod heavy;
 mod models;
 mod openai_sdk;
+mod pool;
 mod real_model;
 mod support;

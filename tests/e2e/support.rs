@@ -137,7 +137,12 @@ impl Server {
             f
         });
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_jemma"));
-        cmd.arg("serve").arg("--port").arg("0").args(args);
+        cmd.arg("serve");
+        // A caller that names a port (a node restarted where its pool expects it) keeps it.
+        if !args.contains(&"--port") {
+            cmd.arg("--port").arg("0");
+        }
+        cmd.args(args);
         if let Some(f) = &cfg {
             cmd.arg("--config").arg(f.path());
         }

@@ -57,6 +57,7 @@ impl Backend for Echo {
             let _ = tx
                 .send(Ok(Chunk::Done {
                     stop_sequence: None,
+                    served_by: None,
                     finish_reason: jemma_router::backend::FinishReason::ToolCalls,
                     usage: Usage {
                         prompt_tokens: 5,

@@ -51,7 +51,22 @@ pub enum Chunk {
         /// `stop_sequence`; None for an end-of-sequence token, a length cut, or an upstream that does not
         /// say).
         stop_sequence: Option<String>,
+        /// Which endpoint of a pool answered, and the endpoints tried before it (None: not a pool).
+        served_by: Option<ServedBy>,
     },
+}
+
+/// Where in a pool an answer came from ([`crate::pool`]): `_routing.endpoint`, and retries within the tier
+/// for `_routing.fallback`.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ServedBy {
+    /// The endpoint that finished the answer.
+    pub endpoint: String,
+    /// The model it serves (endpoints of one pool may serve differently named builds of a model).
+    pub model: String,
+    /// Each earlier attempt in this tier as (endpoint, what happened), e.g. (`node-a`, `upstream error
+    /// 500: boom`); a mid-stream failure says it was continued.
+    pub retries: Vec<(String, String)>,
 }
 
 /// How a backend failed. Only some failures are the tier's fault (they feed its breaker and trigger
@@ -225,6 +240,25 @@ pub trait Backend: Send + Sync + 'static {
         let _ = req;
         None
     }
+    /// An active health check for a pool's prober ([`crate::pool`]): Ok when a request sent now could be
+    /// served. The default reads [`Backend::health`] (an in-process engine); an upstream asks over HTTP.
+    async fn probe(&self) -> Result<(), BackendError> {
+        let h = self.health();
+        if h.state.can_serve() {
+            Ok(())
+        } else {
+            Err(BackendError::Unavailable(format!(
+                "{}{}",
+                h.state,
+                h.last_error.map(|e| format!(": {e}")).unwrap_or_default()
+            )))
+        }
+    }
+    /// Whether this backend applies the tier's first-token and idle timeouts itself (a pool, which must
+    /// time out one endpoint and go on to the next within the same answer); the router then does not.
+    fn manages_timeouts(&self) -> bool {
+        false
+    }
     /// Resolves once this backend's engine has stopped and released its memory, after every handle to it
     /// is dropped (immediately for backends without one).
     fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
@@ -383,6 +417,7 @@ fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
         ),
         decode_tps: Some(f.decode_tps),
         stop_sequence: f.stop_sequence,
+        served_by: None,
     }
 }
 
@@ -417,6 +452,21 @@ pub struct OpenAiConfig {
     pub connect_timeout: Duration,
     /// Default max tokens.
     pub default_max_tokens: u32,
+    /// How [`Backend::probe`] checks it.
+    pub probe: Probe,
+}
+
+/// How an OpenAI-compatible upstream is health-checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET /v1/models` answers 2xx (any OpenAI-compatible server).
+    Models,
+    /// `GET /health` of another Jemma node answers 2xx and shows `tier` serving (enabled, breaker
+    /// closed, its backend ready, unloaded or not contacted yet).
+    Jemma {
+        /// The peer's tier this endpoint sends to.
+        tier: String,
+    },
 }
 
 /// Any OpenAI-compatible server as a tier.
@@ -446,11 +496,16 @@ impl OpenAiBackend {
     }
 
     fn endpoint(&self) -> String {
+        format!("{}/chat/completions", self.v1())
+    }
+
+    /// The base URL ending in `/v1`.
+    fn v1(&self) -> String {
         let base = self.cfg.url.trim_end_matches('/');
         if base.ends_with("/v1") {
-            format!("{base}/chat/completions")
+            base.to_string()
         } else {
-            format!("{base}/v1/chat/completions")
+            format!("{base}/v1")
         }
     }
 
@@ -582,7 +637,13 @@ impl Backend for OpenAiBackend {
                 .unwrap_or(text);
             let err = match status.as_u16() {
                 400 | 404 | 413 | 422 => BackendError::BadRequest(message),
-                429 => BackendError::Busy(message),
+                // Throttled: not the upstream's failure (no breaker count), but its Retry-After is a
+                // cooldown a pool honours and the client is told.
+                429 => BackendError::Upstream {
+                    status: 429,
+                    message,
+                    retry_after_secs,
+                },
                 401 | 403 => BackendError::Unavailable(format!(
                     "upstream rejected the key ({status}): {message}"
                 )),
@@ -643,6 +704,7 @@ impl Backend for OpenAiBackend {
                                 usage,
                                 decode_tps,
                                 stop_sequence: stop_sequence.take(),
+                                served_by: None,
                             }))
                             .await;
                         return;
@@ -745,6 +807,58 @@ impl Backend for OpenAiBackend {
 
     fn health(&self) -> BackendHealth {
         self.health.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    async fn probe(&self) -> Result<(), BackendError> {
+        let v1 = self.v1();
+        let url = match &self.cfg.probe {
+            Probe::Models => format!("{v1}/models"),
+            Probe::Jemma { .. } => format!("{}/health", v1.trim_end_matches("/v1")),
+        };
+        let mut rb = self.client.get(&url).timeout(Duration::from_secs(5));
+        if let Some(k) = &self.cfg.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = rb
+            .send()
+            .await
+            .map_err(|e| BackendError::Unavailable(format!("cannot reach {url}: {e}")))?;
+        let status = resp.status();
+        let body = resp.text().await.unwrap_or_default();
+        if let Probe::Jemma { tier } = &self.cfg.probe {
+            // A Jemma node's /health is 503 when none of its tiers serves, and says which do.
+            let v: Value = serde_json::from_str(&body).map_err(|_| {
+                BackendError::Unavailable(format!(
+                    "{url} did not answer as a Jemma node ({status})"
+                ))
+            })?;
+            let t = &v["tiers"][tier.as_str()];
+            if t.is_null() {
+                return Err(BackendError::Unavailable(format!(
+                    "the Jemma node at {} has no {tier} tier",
+                    self.cfg.url
+                )));
+            }
+            let state = t["backend"]["state"].as_str().unwrap_or("");
+            let serving = t["enabled"] == Value::Bool(true)
+                && t["breaker"]["state"] == "closed"
+                && ["ready", "unloaded", "unknown"].contains(&state);
+            return if serving {
+                Ok(())
+            } else {
+                Err(BackendError::Unavailable(format!(
+                    "the {tier} tier of {} is not serving ({state})",
+                    self.cfg.url
+                )))
+            };
+        }
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(BackendError::Unavailable(format!(
+                "{url} answered {status}"
+            )))
+        }
     }
 }
 

@@ -154,6 +154,9 @@ pub enum Rule {
     ShortMessage,
     /// No rule applied.
     Default,
+    /// An earlier turn of the conversation was answered by a larger tier, and a conversation only moves up
+    /// ([`crate::route::TierRouter`] applies it after the rules above).
+    Conversation,
 }
 
 impl Rule {
@@ -173,6 +176,7 @@ impl Rule {
             Self::CodeInConversation => "code_in_conversation",
             Self::ShortMessage => "short_message",
             Self::Default => "default",
+            Self::Conversation => "conversation",
         }
     }
 }

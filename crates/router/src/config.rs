@@ -282,6 +282,90 @@ pub struct TierConfig {
     pub context_length: Option<usize>,
     /// Local: load the model at start (true) or at the first request (false).
     pub preload: bool,
+    /// `[[tiers.NAME.endpoints]]`: the tier is a pool of these endpoints, balanced by least outstanding
+    /// requests with conversation affinity (see [`crate::pool`]). Empty: the tier is one backend, as
+    /// `kind`, `model` and `url` say (a pool of one).
+    pub endpoints: Vec<EndpointConfig>,
+    /// Pools: seconds between active health probes of each endpoint.
+    pub probe_interval_secs: f64,
+    /// Pools: consecutive failed probes (or one refused connection) that take an endpoint out.
+    pub unhealthy_threshold: u32,
+    /// Pools: consecutive answered probes that bring an endpoint back.
+    pub healthy_threshold: u32,
+}
+
+/// What serves one endpoint of a pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointKind {
+    /// This node's in-process engine, serving the tier's `model` with the tier's local settings.
+    Local,
+    /// Another Jemma node: `model` is the peer's tier (default: this tier's name); probed on `/health`,
+    /// which must show that tier serving.
+    Jemma,
+    /// Any OpenAI-compatible server (vLLM, exo, llama-server, another gateway); probed on `/v1/models`.
+    Openai,
+}
+
+/// `[[tiers.NAME.endpoints]]`: one member of a tier's pool.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// `local`, `jemma` or `openai` (default: `openai` when `url` is set, else `local`).
+    pub kind: Option<EndpointKind>,
+    /// Label in `/health`, `/metrics` and `_routing.endpoint` (default: the URL's host:port, or `local`).
+    pub name: Option<String>,
+    /// Base URL (with or without `/v1`); required except for `local`.
+    pub url: Option<String>,
+    /// Bearer key: a literal, `env:VAR`, or `keyring:SERVICE/ACCOUNT`.
+    #[serde(alias = "key")]
+    pub api_key: Option<String>,
+    /// Model name sent to the endpoint (default: the tier's `model` for `openai`, the tier's name for
+    /// `jemma`).
+    pub model: Option<String>,
+    /// Share of the load relative to the other endpoints (default 1).
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Requests sent to this endpoint at once (default: 4 for `local` and `jemma`, 1 for `openai`).
+    pub max_concurrency: Option<usize>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+impl EndpointConfig {
+    /// The endpoint's kind, defaulted from whether it has a URL.
+    pub fn kind(&self) -> EndpointKind {
+        self.kind.unwrap_or(if self.url.is_some() {
+            EndpointKind::Openai
+        } else {
+            EndpointKind::Local
+        })
+    }
+
+    /// Requests at once: `max_concurrency`, else 4 for `local` and `jemma` (a Jemma node's default
+    /// batch) and 1 for `openai` (as an OpenAI tier).
+    pub fn concurrency(&self) -> usize {
+        self.max_concurrency.unwrap_or(match self.kind() {
+            EndpointKind::Openai => 1,
+            _ => 4,
+        })
+    }
+
+    /// The label shown for it: `name`, else the URL's `host:port`, else `local`.
+    pub fn label(&self) -> String {
+        if let Some(n) = &self.name {
+            return n.clone();
+        }
+        match &self.url {
+            Some(u) => {
+                let rest = u.split("://").nth(1).unwrap_or(u);
+                rest.split('/').next().unwrap_or(rest).to_string()
+            }
+            None => "local".into(),
+        }
+    }
 }
 
 impl TierConfig {
@@ -290,6 +374,10 @@ impl TierConfig {
     /// sequences cost little more than one while the KV cache reserved grows with each: llama-server's
     /// default is 4 slots too) and 1 for an upstream (its own server decides how many it runs).
     pub fn concurrency(&self) -> usize {
+        if !self.endpoints.is_empty() {
+            // A pool runs what its endpoints run together.
+            return self.endpoints.iter().map(EndpointConfig::concurrency).sum();
+        }
         if let Some(n) = self.max_concurrency {
             return n;
         }
@@ -319,6 +407,10 @@ impl Default for TierConfig {
             quantized_kv_start: 5000,
             context_length: None,
             preload: true,
+            endpoints: vec![],
+            probe_interval_secs: 5.0,
+            unhealthy_threshold: 2,
+            healthy_threshold: 1,
         }
     }
 }
@@ -341,6 +433,10 @@ impl Config {
     /// Consistency checks that serde cannot express.
     pub fn check(&self) -> Result<(), RouterError> {
         for (t, c) in &self.tiers {
+            if !c.endpoints.is_empty() {
+                check_pool(*t, c)?;
+                continue;
+            }
             match c.kind {
                 TierKind::Local if c.model.is_empty() => {
                     return Err(RouterError::Config(format!(
@@ -420,6 +516,64 @@ impl Config {
     }
 }
 
+fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
+    let err = |m: String| Err(RouterError::Config(format!("tiers.{t}: {m}")));
+    if c.url.is_some() {
+        return err("a pool lists its URLs in [[endpoints]]; remove the tier's own url".into());
+    }
+    // NaN is not positive either.
+    if c.probe_interval_secs.is_nan()
+        || c.probe_interval_secs <= 0.0
+        || c.unhealthy_threshold == 0
+        || c.healthy_threshold == 0
+    {
+        return err(
+            "probe_interval_secs must be positive and the health thresholds at least 1".into(),
+        );
+    }
+    let mut labels = std::collections::BTreeSet::new();
+    let mut locals = 0;
+    for (i, e) in c.endpoints.iter().enumerate() {
+        let at = format!("endpoints[{i}]");
+        match e.kind() {
+            EndpointKind::Local => {
+                locals += 1;
+                if c.model.is_empty() {
+                    return err(format!(
+                        "{at}: a local endpoint serves the tier's model; set model = \"<model dir>\""
+                    ));
+                }
+                if e.url.is_some() {
+                    return err(format!("{at}: a local endpoint has no url"));
+                }
+            }
+            EndpointKind::Jemma | EndpointKind::Openai => {
+                if e.url.as_deref().unwrap_or("").is_empty() {
+                    return err(format!("{at}: needs url"));
+                }
+            }
+        }
+        if !(e.weight > 0.0 && e.weight.is_finite()) {
+            return err(format!("{at}: weight must be positive"));
+        }
+        if e.max_concurrency == Some(0) {
+            return err(format!("{at}: max_concurrency must be >= 1"));
+        }
+        if !labels.insert(e.label()) {
+            return err(format!(
+                "{at}: two endpoints are both called {:?}; give one a name",
+                e.label()
+            ));
+        }
+    }
+    if locals > 1 {
+        return err(
+            "at most one local endpoint per pool (this node runs one engine per tier)".into(),
+        );
+    }
+    Ok(())
+}
+
 /// Resolves a secret reference: `env:VAR`, `keyring:…` through `keyring` (the app's keychain), else the
 /// literal value.
 pub fn resolve_secret(
@@ -487,6 +641,74 @@ first_token_timeout_secs = 600
             Config::parse("[tiers.huge]\nmodel = \"x\"\n").is_err(),
             "unknown tier names are errors"
         );
+    }
+
+    #[test]
+    fn pools_parse_and_are_checked() {
+        let c = Config::parse(
+            r#"
+[tiers.primary]
+model = "/models/e4b"
+probe_interval_secs = 1
+[[tiers.primary.endpoints]]
+kind = "local"
+max_concurrency = 2
+[[tiers.primary.endpoints]]
+kind = "jemma"
+url = "http://mini-2.tail1234.ts.net:8080"
+key = "env:PEER_KEY"
+[[tiers.primary.endpoints]]
+url = "http://gpu-box:8000/v1"
+model = "google/gemma-4-E4B-it"
+weight = 3
+max_concurrency = 16
+"#,
+        )
+        .unwrap();
+        let p = &c.tiers[&Tier::Primary];
+        let kinds: Vec<_> = p.endpoints.iter().map(EndpointConfig::kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EndpointKind::Local,
+                EndpointKind::Jemma,
+                EndpointKind::Openai
+            ]
+        );
+        let labels: Vec<_> = p.endpoints.iter().map(EndpointConfig::label).collect();
+        assert_eq!(
+            labels,
+            ["local", "mini-2.tail1234.ts.net:8080", "gpu-box:8000"]
+        );
+        assert_eq!(p.endpoints[1].api_key.as_deref(), Some("env:PEER_KEY"));
+        // The tier runs what its endpoints run together (jemma peers default to 4).
+        assert_eq!(p.concurrency(), 2 + 4 + 16);
+        for (bad, why) in [
+            ("[[tiers.fast.endpoints]]\nkind = \"jemma\"\n", "needs url"),
+            (
+                "[tiers.fast]\nmodel = \"m\"\n[[tiers.fast.endpoints]]\n[[tiers.fast.endpoints]]\nname = \"x\"\n",
+                "at most one local",
+            ),
+            (
+                "[[tiers.fast.endpoints]]\nkind = \"local\"\n",
+                "serves the tier's model",
+            ),
+            (
+                "[[tiers.fast.endpoints]]\nurl = \"http://a\"\nweight = 0\n",
+                "weight must be positive",
+            ),
+            (
+                "[[tiers.fast.endpoints]]\nurl = \"http://a:1\"\n[[tiers.fast.endpoints]]\nurl = \"http://a:1/v1\"\n",
+                "give one a name",
+            ),
+            (
+                "[tiers.fast]\nurl = \"http://b\"\n[[tiers.fast.endpoints]]\nurl = \"http://a\"\n",
+                "remove the tier's own url",
+            ),
+        ] {
+            let e = Config::parse(bad).unwrap_err().to_string();
+            assert!(e.contains(why), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::classify::{
     Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Decision, Rule, Tier,
     fallback_chain,
 };
+use crate::pool::conversation_key;
 
 /// What the client receives, in order: answer pieces, then exactly one `End` (or an `Error` when nothing
 /// could answer).
@@ -147,7 +148,14 @@ pub struct TierRouter {
     tiers: BTreeMap<Tier, Arc<TierSlot>>,
     classifier: Classifier,
     memory: Option<MemoryStatusFn>,
+    /// Conversation ([`conversation_key`]) → the largest tier that answered it: a later turn the rules
+    /// would send lower stays there (its warm prefix, its voice), as LiteLLM's and Bifrost's complexity
+    /// routers keep a session's tier.
+    conversations: std::sync::Mutex<lru::LruCache<u64, Tier>>,
 }
+
+/// Conversations whose tier is remembered.
+const CONVERSATIONS: usize = 8192;
 
 /// Reads the shared memory budget's figures (for `/health`).
 pub type MemoryStatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
@@ -157,6 +165,17 @@ fn client_error(e: &BackendError) -> RouterError {
         message: e.to_string(),
         param: None,
     }
+}
+
+/// Waits that a backend bounds itself ([`Backend::manages_timeouts`]).
+const UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// A tier that is busy or rate limited (429): turned away, not failing.
+fn is_throttle(e: &BackendError) -> bool {
+    matches!(
+        e,
+        BackendError::Busy(_) | BackendError::Upstream { status: 429, .. }
+    )
 }
 
 fn elapsed_ms(t: Instant) -> u64 {
@@ -204,6 +223,9 @@ impl TierRouter {
             tiers: map,
             classifier: Classifier::new(cc),
             memory: None,
+            conversations: std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(CONVERSATIONS).unwrap_or(std::num::NonZeroUsize::MIN),
+            )),
         }
     }
 
@@ -421,7 +443,7 @@ impl TierRouter {
 
     /// The tier the classifier chooses for `req` and the fallback chain from it, over configured tiers.
     fn plan(&self, req: &ChatRequest) -> Result<(Decision, Vec<Tier>), RouterError> {
-        let decision = self
+        let mut decision = self
             .classifier
             .classify(&ClassifyInput {
                 model: Some(req.requested_model.as_str()),
@@ -435,6 +457,27 @@ impl TierRouter {
             .map_err(|e| match e {
                 ClassifyError::UnknownModel(m) => RouterError::UnknownModel(m),
             })?;
+        // A conversation never moves down a tier on its own; a tier the client names is taken as named.
+        if !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
+            && let Some(k) = conversation_key(req)
+            && let Some(t) = self
+                .conversations
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&k)
+                .copied()
+            && t > decision.tier
+            && self.tiers.contains_key(&t)
+        {
+            decision = Decision {
+                reason: format!(
+                    "conversation continues on {t} (rules chose {}: {})",
+                    decision.tier, decision.reason
+                ),
+                tier: t,
+                rule: Rule::Conversation,
+            };
+        }
         // An explicitly named tier that is not configured is a client error; an automatic choice walks down
         // to what exists.
         let explicit = decision.rule == Rule::ExplicitTier;
@@ -469,6 +512,15 @@ impl TierRouter {
         Ok((decision, chain))
     }
 
+    /// Records that `tier` answered `req`'s conversation (keeping the largest tier seen).
+    fn remember(&self, req: &ChatRequest, tier: Tier) {
+        if let Some(k) = conversation_key(req) {
+            let mut c = self.conversations.lock().unwrap_or_else(|e| e.into_inner());
+            let t = c.get(&k).map_or(tier, |&t| t.max(tier));
+            c.put(k, t);
+        }
+    }
+
     async fn drive(
         &self,
         req: ChatRequest,
@@ -483,6 +535,9 @@ impl TierRouter {
         let mut completion_tokens = 0u64;
         let mut ttft: Option<u64> = None;
         let mut busy_only = true;
+        // Whether every tier that failed was only throttling (429): then the client gets a 429 with the
+        // upstream's Retry-After rather than a 503.
+        let mut throttled_only = true;
         let mut last_err: Option<BackendError> = None;
         // The soonest any tried tier said it may serve again (an open breaker's cooldown, an upstream's
         // Retry-After): what a 503 tells the client.
@@ -504,6 +559,7 @@ impl TierRouter {
                 Ok(p) => p,
                 Err(rejected) => {
                     busy_only = false;
+                    throttled_only = false;
                     soonest(rejected.retry_after_secs_ceil());
                     fallback.push(hop("breaker open"));
                     continue;
@@ -556,11 +612,14 @@ impl TierRouter {
                 }
                 _ => &req,
             };
-            let stream = tokio::time::timeout(
-                slot.settings.first_token_timeout,
-                slot.backend.start(req_t, cont),
-            )
-            .await;
+            // A pool times out each of its endpoints itself and goes on to the next within the tier.
+            let own_timeouts = slot.backend.manages_timeouts();
+            let first_limit = if own_timeouts {
+                UNBOUNDED
+            } else {
+                slot.settings.first_token_timeout
+            };
+            let stream = tokio::time::timeout(first_limit, slot.backend.start(req_t, cont)).await;
             let mut rx = match stream {
                 Ok(Ok(rx)) => rx,
                 Ok(Err(e)) => {
@@ -570,10 +629,12 @@ impl TierRouter {
                         let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
-                    if matches!(e, BackendError::Busy(_)) {
+                    if is_throttle(&e) {
+                        // Busy or rate limited: not a fault of the tier.
                         drop(permit);
                     } else {
                         permit.failure();
+                        throttled_only = false;
                     }
                     metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
                         .increment(1);
@@ -590,6 +651,7 @@ impl TierRouter {
                 }
                 Err(_) => {
                     permit.failure();
+                    throttled_only = false;
                     metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
                         .increment(1);
                     let e =
@@ -610,8 +672,11 @@ impl TierRouter {
                 Option<f64>,
                 Option<String>,
             );
+            let mut served_by = None;
             let outcome: Result<Ended, BackendError> = loop {
-                let limit = if got_token {
+                let limit = if own_timeouts {
+                    UNBOUNDED
+                } else if got_token {
                     slot.settings.idle_timeout
                 } else {
                     slot.settings.first_token_timeout
@@ -656,7 +721,9 @@ impl TierRouter {
                         usage,
                         decode_tps,
                         stop_sequence,
+                        served_by: by,
                     } => {
+                        served_by = by;
                         if usage.prompt_tokens > 0 {
                             prompt_tokens = usage.prompt_tokens;
                         }
@@ -686,6 +753,7 @@ impl TierRouter {
             match outcome {
                 Ok((finish_reason, usage, tps, stop_sequence)) => {
                     permit.success();
+                    self.remember(&req, *tier);
                     slot.served.fetch_add(1, Ordering::Relaxed);
                     completion_tokens += usage.completion_tokens.max(tier_tokens);
                     let latency = elapsed_ms(t0);
@@ -703,9 +771,18 @@ impl TierRouter {
                         metrics::histogram!("jemma_time_to_first_token_seconds", "tier" => tier.as_str()).record(t as f64 / 1000.0);
                     }
                     let _ = started;
+                    let mut model = slot.backend.model();
+                    let endpoint = served_by.map(|b: crate::backend::ServedBy| {
+                        for (name, why) in b.retries {
+                            fallback.push(format!("{tier}[{name}]: {why}"));
+                        }
+                        model = b.model;
+                        b.endpoint
+                    });
                     let routing = Routing {
                         tier: tier.to_string(),
-                        model: slot.backend.model(),
+                        model,
+                        endpoint,
                         reason: reason.clone(),
                         latency_ms: latency,
                         ttft_ms: ttft,
@@ -745,7 +822,19 @@ impl TierRouter {
                         let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
-                    permit.failure();
+                    if is_throttle(&e) {
+                        drop(permit);
+                    } else {
+                        permit.failure();
+                        throttled_only = false;
+                    }
+                    if let BackendError::Upstream {
+                        retry_after_secs: Some(secs),
+                        ..
+                    } = &e
+                    {
+                        soonest(*secs);
+                    }
                     completion_tokens += tier_tokens;
                     metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
                         .increment(1);
@@ -766,6 +855,10 @@ impl TierRouter {
         let err = if busy_only && last_err.is_none() {
             RouterError::Busy {
                 retry_after_secs: 1,
+            }
+        } else if throttled_only && last_err.is_some() {
+            RouterError::Busy {
+                retry_after_secs: retry_after.unwrap_or(1),
             }
         } else {
             match last_err {

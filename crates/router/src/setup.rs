@@ -15,9 +15,11 @@ use jemma_models::hub::{Hub, HubConfig, ModelRef, cli_token};
 use jemma_models::{Catalog, PullProgress};
 
 use crate::RouterError;
-use crate::backend::{Backend, BackendState, OpenAiBackend, OpenAiConfig};
-use crate::config::{Config, TierConfig, TierKind, resolve_secret};
+use crate::backend::{Backend, BackendState, OpenAiBackend, OpenAiConfig, Probe};
+use crate::classify::Tier;
+use crate::config::{Config, EndpointKind, TierConfig, TierKind, resolve_secret};
 use crate::local::EngineBackend;
+use crate::pool::{EndpointSpec, Pool, PoolConfig};
 use crate::route::{TierRouter, TierSettings};
 use crate::tier::{BackendFactory, LocalTier, ModelResolver};
 
@@ -43,6 +45,21 @@ pub fn settings(c: &TierConfig, cfg: &Config) -> TierSettings {
         breaker: c.breaker.clone().unwrap_or_else(|| cfg.breaker.clone()),
         aliases: c.aliases.clone(),
         max_tokens: c.max_tokens_ceiling,
+    }
+}
+
+/// How the pool of a tier with `[[endpoints]]` times out, judges and probes them: the tier's timeouts and
+/// breaker settings, per endpoint.
+pub fn pool_config(tier: Tier, c: &TierConfig, cfg: &Config) -> PoolConfig {
+    let s = settings(c, cfg);
+    PoolConfig {
+        first_token_timeout: s.first_token_timeout,
+        idle_timeout: s.idle_timeout,
+        breaker: s.breaker,
+        probe_interval: Duration::from_secs_f64(c.probe_interval_secs),
+        unhealthy_threshold: c.unhealthy_threshold,
+        healthy_threshold: c.healthy_threshold,
+        ..PoolConfig::new(tier.as_str())
     }
 }
 
@@ -312,57 +329,110 @@ pub fn build_router(
             .min(c.max_tokens_ceiling.unwrap_or(u32::MAX))
     };
     for (tier, c) in &cfg.tiers {
-        let backend: Arc<dyn Backend> = match c.kind {
-            TierKind::Local => {
-                let f = factory(c, default_max_tokens(c), &memory, shared.clone());
-                let local = resolver
-                    .local(&c.model)
-                    .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
-                let t = match local {
-                    Some((path, name)) => {
-                        let b = f(path, name)
-                            .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
-                        LocalTier::new(b)
-                    }
-                    None if cfg.models.auto_download => {
-                        LocalTier::pending(BackendState::Downloading { progress: 0.0 }, &c.model)
-                    }
-                    // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
-                    // model change through /admin); until then its requests fall back.
-                    None => LocalTier::pending(BackendState::NotDownloaded, &c.model),
-                };
-                let t = Arc::new(t.with_swapping(f, resolver.clone()));
-                if t.model().is_empty() && cfg.models.auto_download {
-                    downloads
-                        .entry(c.model.clone())
-                        .or_default()
-                        .push(t.clone());
+        let mut local = |c: &TierConfig| -> Result<Arc<dyn Backend>, RouterError> {
+            let f = factory(c, default_max_tokens(c), &memory, shared.clone());
+            let on_disk = resolver
+                .local(&c.model)
+                .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
+            let t = match on_disk {
+                Some((path, name)) => {
+                    let b = f(path, name)
+                        .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
+                    LocalTier::new(b)
                 }
-                t
+                None if cfg.models.auto_download => {
+                    LocalTier::pending(BackendState::Downloading { progress: 0.0 }, &c.model)
+                }
+                // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
+                // model change through /admin); until then its requests fall back.
+                None => LocalTier::pending(BackendState::NotDownloaded, &c.model),
+            };
+            let t = Arc::new(t.with_swapping(f, resolver.clone()));
+            if t.model().is_empty() && cfg.models.auto_download {
+                downloads
+                    .entry(c.model.clone())
+                    .or_default()
+                    .push(t.clone());
             }
-            TierKind::Openai => {
-                let key =
-                    match &c.api_key {
-                        Some(k) => Some(resolve_secret(k, keyring).map_err(|e| {
-                            RouterError::Config(format!("tier {tier}: api_key: {e}"))
-                        })?),
-                        None => None,
-                    };
-                Arc::new(
-                    OpenAiBackend::new(OpenAiConfig {
-                        url: c.url.clone().unwrap_or_default(),
-                        api_key: key,
-                        model: if c.model.is_empty() {
-                            tier.to_string()
-                        } else {
-                            c.model.clone()
-                        },
-                        connect_timeout: Duration::from_secs(10),
-                        default_max_tokens: default_max_tokens(c),
-                    })
-                    .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?,
-                )
+            Ok(t)
+        };
+        let upstream = |url: &str,
+                        api_key: &Option<String>,
+                        model: String,
+                        probe: Probe|
+         -> Result<Arc<dyn Backend>, RouterError> {
+            let key = match api_key {
+                Some(k) => Some(
+                    resolve_secret(k, keyring)
+                        .map_err(|e| RouterError::Config(format!("tier {tier}: api_key: {e}")))?,
+                ),
+                None => None,
+            };
+            Ok(Arc::new(
+                OpenAiBackend::new(OpenAiConfig {
+                    url: url.to_string(),
+                    api_key: key,
+                    model,
+                    connect_timeout: Duration::from_secs(10),
+                    default_max_tokens: default_max_tokens(c),
+                    probe,
+                })
+                .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?,
+            ))
+        };
+        let or_tier = |m: &str| {
+            if m.is_empty() {
+                tier.to_string()
+            } else {
+                m.to_string()
             }
+        };
+        let backend: Arc<dyn Backend> = if c.endpoints.is_empty() {
+            match c.kind {
+                TierKind::Local => local(c)?,
+                TierKind::Openai => upstream(
+                    c.url.as_deref().unwrap_or_default(),
+                    &c.api_key,
+                    or_tier(&c.model),
+                    Probe::Models,
+                )?,
+            }
+        } else {
+            let mut specs = vec![];
+            for e in &c.endpoints {
+                let url = e.url.as_deref().unwrap_or_default();
+                let backend = match e.kind() {
+                    EndpointKind::Local => {
+                        // This node's engine for the tier's model, running the endpoint's share.
+                        let mut lc = c.clone();
+                        lc.endpoints.clear();
+                        lc.max_concurrency = Some(e.concurrency());
+                        local(&lc)?
+                    }
+                    EndpointKind::Jemma => {
+                        let peer_tier = e.model.clone().unwrap_or_else(|| tier.to_string());
+                        upstream(
+                            url,
+                            &e.api_key,
+                            peer_tier.clone(),
+                            Probe::Jemma { tier: peer_tier },
+                        )?
+                    }
+                    EndpointKind::Openai => upstream(
+                        url,
+                        &e.api_key,
+                        e.model.clone().unwrap_or_else(|| or_tier(&c.model)),
+                        Probe::Models,
+                    )?,
+                };
+                specs.push(EndpointSpec {
+                    name: e.label(),
+                    backend,
+                    weight: e.weight,
+                    max_concurrency: e.concurrency(),
+                });
+            }
+            Arc::new(Pool::new(pool_config(*tier, c, cfg), specs))
         };
         tiers.push((*tier, backend, settings(c, cfg)));
     }

@@ -27,6 +27,8 @@ enum Script {
     BreakAfter(Vec<&'static str>),
     /// Never answer.
     Hang,
+    /// Refuse with a 429 that says when to come back.
+    Throttle(u64),
 }
 
 struct Scripted {
@@ -37,6 +39,8 @@ struct Scripted {
     cancelled: Arc<AtomicUsize>,
     /// What it says it runs at once (None: does not say).
     capacity: Mutex<Option<usize>>,
+    /// Whether its health (and so a pool's probe of it) says it serves.
+    up: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -48,6 +52,7 @@ impl Scripted {
             continuations: Mutex::new(vec![]),
             cancelled: Arc::new(AtomicUsize::new(0)),
             capacity: Mutex::new(None),
+            up: std::sync::atomic::AtomicBool::new(true),
         })
     }
     fn set(&self, s: Script) {
@@ -85,6 +90,13 @@ impl Backend for Scripted {
                 retry_after_secs: Some(secs),
             });
         }
+        if let Script::Throttle(secs) = script {
+            return Err(BackendError::Upstream {
+                status: 429,
+                message: "slow down".into(),
+                retry_after_secs: Some(secs),
+            });
+        }
         let (tx, rx) = mpsc::channel(8);
         let cancelled = self.cancelled.clone();
         tokio::spawn(async move {
@@ -103,6 +115,7 @@ impl Backend for Scripted {
                     let _ = tx
                         .send(Ok(Chunk::Done {
                             stop_sequence: None,
+                            served_by: None,
                             finish_reason: jemma_router::backend::FinishReason::Stop,
                             usage: Usage {
                                 prompt_tokens: 3,
@@ -127,7 +140,7 @@ impl Backend for Scripted {
                     tx.closed().await;
                     cancelled.fetch_add(1, Ordering::SeqCst);
                 }
-                Script::Fail | Script::FailRetryAfter(_) => unreachable!(),
+                Script::Fail | Script::FailRetryAfter(_) | Script::Throttle(_) => unreachable!(),
             }
         });
         Ok(rx)
@@ -137,7 +150,11 @@ impl Backend for Scripted {
     }
     fn health(&self) -> BackendHealth {
         BackendHealth {
-            state: jemma_router::backend::BackendState::Ready,
+            state: if self.up.load(Ordering::SeqCst) {
+                jemma_router::backend::BackendState::Ready
+            } else {
+                jemma_router::backend::BackendState::Unreachable
+            },
             model: self.name.into(),
             model_loaded: true,
             ..Default::default()
@@ -405,6 +422,7 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
                 let _ = tx
                     .send(Ok(Chunk::Done {
                         stop_sequence: None,
+                        served_by: None,
                         finish_reason: jemma_router::backend::FinishReason::Stop,
                         usage: Usage::default(),
                         decode_tps: None,
@@ -529,4 +547,297 @@ async fn everything_down_says_when_a_tier_may_serve_again() {
     // Only primary's 30 s breaker on the chain.
     let s = retry(collect(r.chat(request("primary", "x")).unwrap()).await);
     assert!(matches!(s, Some(29 | 30)), "{s:?}");
+}
+
+// ---- Pools: several endpoints behind one tier ----
+
+use jemma_router::pool::{EndpointSpec, Pool, PoolConfig};
+
+fn pool(endpoints: &[(&str, &Arc<Scripted>, f64)], first_token_ms: u64) -> Arc<Pool> {
+    let mut cfg = PoolConfig::new("primary");
+    cfg.first_token_timeout = Duration::from_millis(first_token_ms);
+    cfg.idle_timeout = Duration::from_millis(first_token_ms);
+    cfg.breaker = settings(first_token_ms).breaker;
+    // Probed by hand in these tests.
+    cfg.probe_interval = Duration::from_secs(3600);
+    Arc::new(Pool::new(
+        cfg,
+        endpoints
+            .iter()
+            .map(|(name, b, weight)| EndpointSpec {
+                name: name.to_string(),
+                backend: (*b).clone() as Arc<dyn Backend>,
+                weight: *weight,
+                max_concurrency: 2,
+            })
+            .collect(),
+    ))
+}
+
+fn pooled(p: &Arc<Pool>) -> Arc<TierRouter> {
+    let mut s = settings(1000);
+    s.max_concurrency = 6;
+    Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        vec![(Tier::Primary, p.clone() as Arc<dyn Backend>, s)],
+    ))
+}
+
+/// A request whose messages alternate user and assistant, starting with a user turn.
+fn conversation(model: &str, turns: &[&str]) -> ChatRequest {
+    use jemma_router::api::Message;
+    ChatCompletionRequest {
+        model: Some(model.into()),
+        messages: turns
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if i % 2 == 0 {
+                    Message::user(*t)
+                } else {
+                    Message::assistant(Some(t.to_string()), vec![])
+                }
+            })
+            .collect(),
+        ..Default::default()
+    }
+    .validate(&Limits::default())
+    .unwrap()
+}
+
+#[tokio::test]
+async fn pool_spreads_conversations_and_keeps_each_on_one_endpoint() {
+    let eps: Vec<_> = (0..3)
+        .map(|_| Scripted::new("e4b", Script::Answer(vec!["ok"])))
+        .collect();
+    let names = ["a", "b", "c"];
+    let p = pool(
+        &[
+            (names[0], &eps[0], 1.0),
+            (names[1], &eps[1], 1.0),
+            (names[2], &eps[2], 1.0),
+        ],
+        1000,
+    );
+    let r = pooled(&p);
+    // 30 different conversations spread over all three.
+    for i in 0..30 {
+        let a = collect(
+            r.chat(request("primary", &format!("question {i}")))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(a.text, "ok");
+    }
+    for e in &eps {
+        let n = e.calls.load(Ordering::SeqCst);
+        assert!((3..=20).contains(&n), "uneven spread: {n}");
+    }
+    // Each conversation's later turns go where its first went.
+    for c in 0..5 {
+        let opening = format!("conversation {c}");
+        let mut turns = vec![opening.clone()];
+        let mut seen = None;
+        for t in 0..6 {
+            let refs: Vec<&str> = turns.iter().map(String::as_str).collect();
+            let a = collect(r.chat(conversation("primary", &refs)).unwrap()).await;
+            let ep = a
+                .routing
+                .unwrap()
+                .endpoint
+                .expect("a pool names its endpoint");
+            assert!(names.contains(&ep.as_str()));
+            assert_eq!(*seen.get_or_insert(ep.clone()), ep, "turn {t} moved");
+            turns.push("ok".into());
+            turns.push(format!("follow-up {t}"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn pool_retries_another_endpoint_before_the_next_tier() {
+    let bad = Scripted::new("e4b", Script::Fail);
+    let good = Scripted::new("e4b", Script::Answer(vec!["fine"]));
+    // The weights make `bad` the first choice of every request.
+    let p = pool(&[("bad", &bad, 1e6), ("good", &good, 1e-6)], 1000);
+    let r = pooled(&p);
+    let a = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert_eq!(a.text, "fine");
+    let routing = a.routing.unwrap();
+    assert_eq!(
+        (routing.tier.as_str(), routing.endpoint.as_deref()),
+        ("primary", Some("good"))
+    );
+    assert_eq!(
+        routing.fallback,
+        vec!["primary[bad]: upstream error 500: boom".to_string()]
+    );
+    // Three failures open bad's breaker: it is not tried while open, and the tier's own breaker, which
+    // only hears of whole-pool failures, stays closed.
+    // (New conversations each time: a conversation that `good` answered stays with it.)
+    for i in 0..4 {
+        collect(r.chat(request("primary", &format!("y{i}"))).unwrap()).await;
+    }
+    assert_eq!(bad.calls.load(Ordering::SeqCst), 3);
+    let st = &r.status()[0];
+    assert_eq!(st.breaker.state.as_str(), "closed");
+    let eps = st.backend.details["endpoints"].as_array().unwrap().clone();
+    assert_eq!(eps[0]["status"], "breaker_open");
+    assert_eq!(eps[1]["status"], "up");
+}
+
+#[tokio::test]
+async fn pool_continues_a_broken_stream_on_another_endpoint() {
+    let broken = Scripted::new("e4b", Script::BreakAfter(vec!["Hel"]));
+    let good = Scripted::new("e4b", Script::Answer(vec!["lo"]));
+    let p = pool(&[("broken", &broken, 1e6), ("good", &good, 1e-6)], 1000);
+    let r = pooled(&p);
+    let a = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert_eq!(a.text, "Hello", "{:?}", a.error);
+    assert_eq!(
+        *good.continuations.lock().unwrap(),
+        vec![Some("Hel".to_string())]
+    );
+    let routing = a.routing.unwrap();
+    assert_eq!(routing.endpoint.as_deref(), Some("good"));
+    assert_eq!(
+        routing.fallback,
+        vec![
+            "primary[broken]: stream broken: connection reset after 3 chars; continued".to_string()
+        ]
+    );
+}
+
+#[tokio::test]
+async fn pool_times_out_a_hung_endpoint_and_cancels_it() {
+    let hung = Scripted::new("e4b", Script::Hang);
+    let good = Scripted::new("e4b", Script::Answer(vec!["there"]));
+    let p = pool(&[("hung", &hung, 1e6), ("good", &good, 1e-6)], 200);
+    let r = pooled(&p);
+    let t0 = std::time::Instant::now();
+    let a = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert_eq!(a.text, "there");
+    assert!(t0.elapsed() < Duration::from_secs(2));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(hung.cancelled.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn pool_honours_retry_after_and_passes_it_on() {
+    let throttled = Scripted::new("e4b", Script::Throttle(1));
+    let good = Scripted::new("e4b", Script::Answer(vec!["ok"]));
+    let p = pool(
+        &[("throttled", &throttled, 1e6), ("good", &good, 1e-6)],
+        1000,
+    );
+    let r = pooled(&p);
+    for i in 0..3 {
+        let q = format!("x{i}");
+        assert_eq!(
+            collect(r.chat(request("primary", &q)).unwrap()).await.text,
+            "ok"
+        );
+    }
+    // Asked once, then left alone for its Retry-After; a 429 is no fault (its breaker stays closed).
+    assert_eq!(throttled.calls.load(Ordering::SeqCst), 1);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    throttled.set(Script::Answer(vec!["back"]));
+    let a = collect(r.chat(request("primary", "new")).unwrap()).await;
+    assert_eq!(a.text, "back");
+    // Every endpoint throttling: the client gets a 429 with the soonest Retry-After.
+    let t1 = Scripted::new("e4b", Script::Throttle(7));
+    let t2 = Scripted::new("e4b", Script::Throttle(3));
+    let r = pooled(&pool(&[("t1", &t1, 1.0), ("t2", &t2, 1.0)], 1000));
+    let a = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert_eq!(
+        a.error,
+        Some(RouterError::Busy {
+            retry_after_secs: 3
+        })
+    );
+}
+
+#[tokio::test]
+async fn pool_probes_take_an_endpoint_out_and_bring_it_back() {
+    let a = Scripted::new("e4b", Script::Answer(vec!["a"]));
+    let b = Scripted::new("e4b", Script::Answer(vec!["b"]));
+    let p = pool(&[("a", &a, 1.0), ("b", &b, 1.0)], 1000);
+    let r = pooled(&p);
+    let status = |r: &Arc<TierRouter>| {
+        r.status()[0].backend.details["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["status"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    a.up.store(false, Ordering::SeqCst);
+    // Out after two failed probes (the default threshold), not one.
+    p.probe_all().await;
+    assert_eq!(status(&r), ["up", "up"]);
+    p.probe_all().await;
+    assert_eq!(status(&r), ["down", "up"]);
+    for i in 0..6 {
+        let ans = collect(r.chat(request("primary", &format!("q{i}"))).unwrap()).await;
+        assert_eq!(ans.text, "b");
+    }
+    assert_eq!(r.status()[0].backend.state.to_string(), "ready");
+    a.up.store(true, Ordering::SeqCst);
+    p.probe_all().await;
+    assert_eq!(status(&r), ["up", "up"]);
+    let before = a.calls.load(Ordering::SeqCst);
+    for i in 0..6 {
+        collect(r.chat(request("primary", &format!("again {i}"))).unwrap()).await;
+    }
+    assert!(a.calls.load(Ordering::SeqCst) > before);
+    // Everything out: the tier is unreachable and its requests fail over (503), not hang.
+    a.up.store(false, Ordering::SeqCst);
+    b.up.store(false, Ordering::SeqCst);
+    p.probe_all().await;
+    p.probe_all().await;
+    assert_eq!(r.status()[0].backend.state.to_string(), "unreachable");
+    let ans = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert!(
+        matches!(ans.error, Some(RouterError::AllTiersDown { .. })),
+        "{:?}",
+        ans.error
+    );
+}
+
+#[tokio::test]
+async fn a_conversation_keeps_its_tier_and_never_moves_down() {
+    let fast = Scripted::new("e2b", Script::Answer(vec!["hi"]));
+    let primary = Scripted::new("e4b", Script::Answer(vec!["Compilers..."]));
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
+    let opening = "Explain how a compiler turns source code into machine code";
+    let a = collect(r.chat(conversation("auto", &[opening])).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "primary");
+    // "thanks" alone goes to fast ...
+    let a = collect(r.chat(conversation("auto", &["thanks"])).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+    // ... but not as the next turn of a primary conversation.
+    let a = collect(
+        r.chat(conversation("auto", &[opening, "Compilers...", "thanks"]))
+            .unwrap(),
+    )
+    .await;
+    let routing = a.routing.unwrap();
+    assert_eq!(routing.tier, "primary");
+    assert!(
+        routing
+            .reason
+            .starts_with("conversation continues on primary"),
+        "{}",
+        routing.reason
+    );
+    // A tier the client names is taken as named (and a conversation moves up freely).
+    let a = collect(
+        r.chat(conversation("fast", &[opening, "Compilers...", "thanks"]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
 }

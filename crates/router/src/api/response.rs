@@ -363,8 +363,13 @@ pub struct Routing {
     pub cached_tokens: u64,
     /// Generated tokens (all tiers, for a continued stream).
     pub completion_tokens: u64,
-    /// Fallback hops, e.g. `["heavy→primary: breaker open"]`.
+    /// Fallback hops, e.g. `["heavy→primary: breaker open"]`; a pool's retries within a tier read
+    /// `primary[node-a]: upstream error 500: …`.
     pub fallback: Vec<String>,
+    /// The endpoint of a pooled tier that answered (its `name`, else its URL's host:port); absent for a
+    /// tier of one backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
     /// Decode speed of the answering tier, in tokens per second, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
