@@ -5,6 +5,8 @@
 . "$(dirname "$0")/lib.sh"
 cd "$JEMMA_ROOT"
 bounded 1800 cargo build --locked -p jemma-app
+# The web chat page's test (tests/app/e2e_web.py) runs `jemma serve` itself.
+bounded 1800 cargo build --locked -p jemma --bin jemma
 bounded 1800 bash scripts/fixtures.sh
 BOUND=${JEMMA_APP_E2E_TIMEOUT:-600}
 WORK=$(mktemp -d)
@@ -78,13 +80,14 @@ export JEMMA_E2E_STEP_FILE=$WORK/step
 echo "starting Xvfb, D-Bus and the keyring" >"$JEMMA_E2E_STEP_FILE"
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
 export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml
+export JEMMA_BIN=$JEMMA_ROOT/target/debug/jemma
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.
 rc=0
 HOME=$WORK/home timeout -k 10 "$BOUND" xvfb-run -a -s "-screen 0 1280x900x24" dbus-run-session -- bash -c '
   export XDG_DATA_HOME=$HOME/.local/share
   printf jemma | timeout 30 gnome-keyring-daemon --unlock --components=secrets >/dev/null
-  exec "$0" tests/app/e2e_app.py' "$PY" || rc=$?
+  "$0" tests/app/e2e_app.py && exec "$0" tests/app/e2e_web.py' "$PY" || rc=$?
 if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
   die "app e2e: the run exceeded its bound of ${BOUND} s during step: $(cat "$JEMMA_E2E_STEP_FILE"); everything it started was killed"
 fi

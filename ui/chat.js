@@ -9,6 +9,9 @@
   const DEFAULT_GATEWAY = 'http://127.0.0.1:8080';
   const STORE_KEY = 'jemma.chat.v1';
   const TIER_KEY = 'jemma.chat.tier';
+  // The API key a remote browser sends (the gateway serves this page to phones and browsers on the tailnet;
+  // only callers on the gateway's own machine go without one). Kept in this browser's storage only.
+  const API_KEY = 'jemma.chat.apiKey';
   const TIERS = ['fast', 'primary', 'heavy'];
   const MAX_IMAGE_BYTES = 20 * 1024 * 1024;
   const POLL_MS = 15000;
@@ -398,6 +401,7 @@
 
   const els = {};
   let gateway = DEFAULT_GATEWAY;
+  let apiKey = '';
   let store = { version: 1, currentId: null, conversations: [] };
   let active = null; // the running request: {controller, conv, msg}
   let pendingImages = []; // [{id, name, size, url}]
@@ -511,6 +515,8 @@
       console.warn('jemma: gateway_url failed', e);
     }
     if (!url) url = new URLSearchParams(location.search).get('gateway') || '';
+    // Served by the gateway itself (a browser on the tailnet): the API is on the same origin.
+    if (!url && !window.__TAURI__ && /^https?:$/.test(location.protocol)) url = location.origin;
     url = String(url || DEFAULT_GATEWAY).trim().replace(/\/+$/, '').replace(/\/v1$/, '');
     return url || DEFAULT_GATEWAY;
   }
@@ -544,9 +550,23 @@
     }
   }
 
+  function authHeaders(headers) {
+    const h = Object.assign({}, headers || {});
+    if (apiKey) h.Authorization = 'Bearer ' + apiKey;
+    return h;
+  }
+
+  // Asks for the API key when the gateway refused the request for want of one.
+  function askForKey(message) {
+    els.keyForm.hidden = false;
+    els.keyHint.textContent = message || 'This Jemma node needs an API key (jemma keys create).';
+    els.keyInput.focus();
+  }
+
   async function refreshModels() {
     try {
-      const res = await fetchWithTimeout(gateway + '/v1/models', 5000);
+      const res = await fetchWithTimeout(gateway + '/v1/models', 5000, { headers: authHeaders() });
+      if (res.status === 401) askForKey(apiKey ? 'That API key was not accepted.' : '');
       const body = await res.json();
       if (!res.ok || !body || !Array.isArray(body.data)) throw new Error('bad /v1/models answer');
       const states = {};
@@ -964,7 +984,7 @@
       try {
         res = await fetch(gateway + '/v1/chat/completions', {
           method: 'POST',
-          headers: { 'Content-Type': 'application/json' },
+          headers: authHeaders({ 'Content-Type': 'application/json' }),
           body: JSON.stringify(body),
           signal: controller.signal,
         });
@@ -973,6 +993,7 @@
         throw new GatewayError("Jemma's gateway is not reachable at " + gateway + '.');
       }
       responded = true;
+      if (res.status === 401) askForKey(apiKey ? 'That API key was not accepted.' : '');
       if (!res.ok) throw await httpError(res);
       msg.started_tier = res.headers.get('x-jemma-tier') || '';
 
@@ -1217,6 +1238,19 @@
       attach: $('attach'),
       attachments: $('attachments'),
       composer: $('composer'),
+      keyForm: $('key-form'),
+      keyInput: $('api-key'),
+      keyHint: $('key-hint'),
+    });
+    apiKey = localStorage.getItem(API_KEY) || '';
+    els.keyForm.addEventListener('submit', (e) => {
+      e.preventDefault();
+      apiKey = els.keyInput.value.trim();
+      if (apiKey) localStorage.setItem(API_KEY, apiKey);
+      else localStorage.removeItem(API_KEY);
+      els.keyInput.value = '';
+      els.keyForm.hidden = true;
+      refreshGateway();
     });
 
     loadStore();

@@ -3,7 +3,7 @@
 #   HEAVY_API_KEY  the bearer key callers must send (required; Secret Manager, as for cloud/heavy/)
 #   MODEL          a Hugging Face repo (default google/gemma-4-26B-A4B-it, downloaded at start; HF_TOKEN is
 #                  read by huggingface_hub if the repo needs one), or gs://bucket/dir holding the same
-#                  safetensors, streamed into the GPU with vLLM's Run:ai loader as Google's Cloud Run guide does
+#                  files, streamed into the GPU with vLLM's Run:ai loader as Google's Cloud Run codelab does
 #   PORT           set by Cloud Run (default 8080)
 set -eu
 if [ -z "${HEAVY_API_KEY:-}" ]; then
@@ -23,7 +23,8 @@ MODEL=${MODEL:-google/gemma-4-26B-A4B-it}
 # (scripts/lint-cloud.sh checks), so that Cloud Run starts another instance rather than queue in this one.
 # --max-model-len 32768: the llama.cpp variant's context; 16 such sequences' KV cache fits next to the
 # ~52 GB of BF16 weights in the 96 GB (vLLM caps the batch by KV space anyway).
-# Parsers, tool choice, prefix caching, chunked prefill and generation config: as in Google's guide.
+# Parsers, tool choice, prefix caching, chunked prefill, generation config: as in Google's Gemma 4 + vLLM
+# codelab for Cloud Run and GKE tutorial.
 set -- "$MODEL" \
   --served-model-name gemma-4-26b-a4b \
   --host 0.0.0.0 \

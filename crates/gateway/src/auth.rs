@@ -397,7 +397,8 @@ fn unauthorized(msg: &str, anthropic: bool) -> Response {
 }
 
 /// Middleware: decides the [`Caller`]; remote callers need a valid key (`Authorization: Bearer`, or
-/// Anthropic's `x-api-key`). `/health` stays open (probes), `/admin/*` is for this machine only,
+/// Anthropic's `x-api-key`). `/health`, `/openapi.json` and the chat page (`/`, whose API calls carry a
+/// key) stay open, `/admin/*` is for this machine only,
 /// everything else is guarded.
 pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let peer = req
@@ -436,7 +437,9 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
     }
     let caller = if loopback && st.access.exempt_loopback {
         Caller::Loopback
-    } else if matches!(req.uri().path(), "/health" | "/openapi.json") {
+    } else if matches!(req.uri().path(), "/health" | "/openapi.json")
+        || crate::web::PATHS.contains(&req.uri().path())
+    {
         Caller::Ip(peer.unwrap_or(IpAddr::from([127, 0, 0, 1])))
     } else {
         if keys.is_empty() {

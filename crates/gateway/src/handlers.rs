@@ -47,16 +47,28 @@ fn caller_of(c: Option<axum::Extension<Caller>>) -> Caller {
 pub async fn chat_completions(
     State(state): State<AppState>,
     caller: Option<axum::Extension<Caller>>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
-    match chat_inner(state, caller_of(caller), body).await {
+    match chat_inner(state, caller_of(caller), forwarded(&headers), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Response, ApiError> {
-    let req = parse_body(&state, body).await?.validate(&state.limits)?;
+/// Whether another Jemma node's pool sent this request ([`jemma_router::backend::FORWARDED_HEADER`]).
+fn forwarded(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(jemma_router::backend::FORWARDED_HEADER)
+}
+
+async fn chat_inner(
+    state: AppState,
+    caller: Caller,
+    forwarded: bool,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut req = parse_body(&state, body).await?.validate(&state.limits)?;
+    req.forwarded = forwarded;
     state.charge(&caller, req.has_images)?;
     let stream = req.stream;
     let include_usage = req.include_usage;
@@ -143,9 +155,10 @@ async fn chat_inner(state: AppState, caller: Caller, body: Body) -> Result<Respo
 pub async fn completions(
     State(state): State<AppState>,
     caller: Option<axum::Extension<Caller>>,
+    headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
-    match completions_inner(state, caller_of(caller), body).await {
+    match completions_inner(state, caller_of(caller), forwarded(&headers), body).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
@@ -154,10 +167,12 @@ pub async fn completions(
 async fn completions_inner(
     state: AppState,
     caller: Caller,
+    forwarded: bool,
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = sse::read_json(body, state.max_body_bytes).await?;
-    let req = req.validate(&state.limits)?;
+    let mut req = req.validate(&state.limits)?;
+    req.forwarded = forwarded;
     state.charge(&caller, false)?;
     let stream = req.stream;
     let include_usage = req.include_usage;
@@ -263,7 +278,12 @@ pub async fn health(State(state): State<AppState>) -> Response {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let mut body = json!({"status": status, "tiers": map});
+    // `jemma` identifies a Jemma node to its peers (a pool's `jemma` endpoints check for it).
+    let mut body = json!({
+        "status": status,
+        "jemma": {"version": env!("CARGO_PKG_VERSION")},
+        "tiers": map,
+    });
     if let Some(m) = state.router.memory_status() {
         body["memory"] = m;
     }

@@ -10,6 +10,7 @@ mod handlers;
 pub mod openapi;
 mod responses;
 mod sse;
+pub mod web;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -144,6 +145,9 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/models/{id}", get(handlers::model))
         .route("/health", get(handlers::health))
+        .route("/", get(web::index))
+        .route("/chat.js", get(web::chat_js))
+        .route("/style.css", get(web::style_css))
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
         .route("/admin/tiers/{tier}/model", post(handlers::set_tier_model))

@@ -262,7 +262,7 @@ fn model() {}
     get,
     path = "/health",
     responses(
-        (status = 200, description = "`{status, tiers: {<tier>: {...}}, memory}`", body = Object),
+        (status = 200, description = "`{status, jemma: {version}, tiers: {<tier>: {...}}, memory}`; `jemma` identifies a Jemma node to its peers; a pooled tier lists its endpoints in `tiers.<tier>.backend.details.endpoints`", body = Object),
         (status = 503, description = "No tier can serve", body = Object),
     )
 )]

@@ -665,3 +665,36 @@ async fn daily_quotas_survive_a_restart() {
             .contains("key:")
     );
 }
+
+#[tokio::test]
+async fn the_chat_page_is_open_to_remote_browsers_and_its_api_calls_are_not() {
+    let a = app_with_access(jemma_gateway::auth::AccessPolicy::default());
+    for (path, ty, marker) in [
+        ("/", "text/html", "id=\"api-key\""),
+        ("/chat.js", "text/javascript", "Authorization"),
+        ("/style.css", "text/css", "#key-form"),
+    ] {
+        let mut req = Request::builder()
+            .method("GET")
+            .uri(path)
+            .body(Body::empty())
+            .unwrap();
+        let peer: std::net::SocketAddr = "100.64.0.7:5000".parse().unwrap();
+        req.extensions_mut()
+            .insert(axum::extract::ConnectInfo(peer));
+        let resp = a.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK, "{path}");
+        let h = resp.headers().clone();
+        assert!(
+            h["content-type"].to_str().unwrap().starts_with(ty),
+            "{path}"
+        );
+        assert_eq!(h["x-frame-options"], "DENY");
+        assert_eq!(h["x-content-type-options"], "nosniff");
+        let body = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
+        // The page asks for a key, and its script sends it.
+        assert!(String::from_utf8_lossy(&body).contains(marker), "{path}");
+    }
+    let (st, _, _) = call_from(&a, "100.64.0.7:5000", &[], CHAT).await;
+    assert_eq!(st, StatusCode::UNAUTHORIZED);
+}

@@ -254,6 +254,11 @@ pub trait Backend: Send + Sync + 'static {
             )))
         }
     }
+    /// Whether this backend is another Jemma node (a request forwarded to this node is not sent on to one:
+    /// see [`FORWARDED_HEADER`]).
+    fn is_peer(&self) -> bool {
+        false
+    }
     /// Whether this backend applies the tier's first-token and idle timeouts itself (a pool, which must
     /// time out one endpoint and go on to the next within the same answer); the router then does not.
     fn manages_timeouts(&self) -> bool {
@@ -439,6 +444,10 @@ pub fn with_continuation(messages: &[Message], continuation: Option<&str>) -> Ve
     m
 }
 
+/// The header a pool sends with requests to another Jemma node: that node serves them with its own tier
+/// only (no fallback, no further peers), so nodes that pool each other cannot pass a request around.
+pub const FORWARDED_HEADER: &str = "x-jemma-forwarded";
+
 /// Settings of an OpenAI-compatible upstream.
 #[derive(Debug, Clone)]
 pub struct OpenAiConfig {
@@ -609,6 +618,9 @@ impl Backend for OpenAiBackend {
             .json(&self.body(req, continuation));
         if let Some(k) = &self.cfg.api_key {
             rb = rb.bearer_auth(k);
+        }
+        if self.is_peer() {
+            rb = rb.header(FORWARDED_HEADER, "1");
         }
         let resp = rb.send().await.map_err(|e| {
             let err = if e.is_timeout() {
@@ -809,6 +821,10 @@ impl Backend for OpenAiBackend {
         self.health.lock().map(|h| h.clone()).unwrap_or_default()
     }
 
+    fn is_peer(&self) -> bool {
+        matches!(self.cfg.probe, Probe::Jemma { .. })
+    }
+
     async fn probe(&self) -> Result<(), BackendError> {
         let v1 = self.v1();
         let url = match &self.cfg.probe {
@@ -832,6 +848,11 @@ impl Backend for OpenAiBackend {
                     "{url} did not answer as a Jemma node ({status})"
                 ))
             })?;
+            if !v["jemma"]["version"].is_string() {
+                return Err(BackendError::Unavailable(format!(
+                    "{url} answered, but not as a Jemma node"
+                )));
+            }
             let t = &v["tiers"][tier.as_str()];
             if t.is_null() {
                 return Err(BackendError::Unavailable(format!(
@@ -840,8 +861,10 @@ impl Backend for OpenAiBackend {
                 )));
             }
             let state = t["backend"]["state"].as_str().unwrap_or("");
+            // Half-open: its cooldown is over and its next request decides; this node's own breaker
+            // for the endpoint judges that request.
             let serving = t["enabled"] == Value::Bool(true)
-                && t["breaker"]["state"] == "closed"
+                && (t["breaker"]["state"] == "closed" || t["breaker"]["state"] == "half_open")
                 && ["ready", "unloaded", "unknown"].contains(&state);
             return if serving {
                 Ok(())

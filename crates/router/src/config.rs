@@ -328,6 +328,15 @@ pub struct EndpointConfig {
     pub weight: f64,
     /// Requests sent to this endpoint at once (default: 4 for `local` and `jemma`, 1 for `openai`).
     pub max_concurrency: Option<usize>,
+    /// Whether the pool probes it actively (default true). A service that scales to zero (Cloud Run)
+    /// would be kept awake, and billed, by probes: with `probe = false` only its answers judge it (its
+    /// breaker, a refused connection, Retry-After).
+    #[serde(default = "yes")]
+    pub probe: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn one() -> f64 {

@@ -46,6 +46,8 @@ pub struct EndpointSpec {
     pub weight: f64,
     /// Requests sent to it at once (>= 1).
     pub max_concurrency: usize,
+    /// Whether the prober asks it (false for a service that scales to zero: a probe would keep it up).
+    pub probe: bool,
 }
 
 /// How a pool times out, judges and probes its endpoints.
@@ -116,13 +118,17 @@ struct Endpoint {
     backend: Arc<dyn Backend>,
     weight: f64,
     max_concurrency: usize,
+    probe: bool,
     breaker: CircuitBreaker,
     outstanding: AtomicUsize,
     up: AtomicBool,
     probe_failures: AtomicU32,
     probe_successes: AtomicU32,
-    /// Not before this instant (an upstream's Retry-After).
-    cooldown: Mutex<Option<Instant>>,
+    /// Not before this instant (an upstream's Retry-After), and whether a 429 set it.
+    cooldown: Mutex<Option<(Instant, bool)>>,
+    /// Bumped whenever a refused connection takes it out, so that a probe begun before cannot bring it
+    /// back on an answer older than the refusal.
+    epoch: AtomicU64,
     served: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
@@ -130,8 +136,22 @@ struct Endpoint {
 impl Endpoint {
     fn cooling(&self, now: Instant) -> Option<Duration> {
         let c = *self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
-        c.and_then(|until| until.checked_duration_since(now))
+        c.and_then(|(until, _)| until.checked_duration_since(now))
             .filter(|d| !d.is_zero())
+    }
+
+    /// Cooling down after a 429: throttled, not failing.
+    fn throttled(&self, now: Instant) -> bool {
+        let c = *self.cooldown.lock().unwrap_or_else(|e| e.into_inner());
+        c.is_some_and(|(until, throttle)| throttle && until > now)
+    }
+
+    /// Requests it takes at once now: `max_concurrency`, or fewer while its engine runs fewer (a local
+    /// engine whose memory budget gave it a smaller batch).
+    fn limit(&self) -> usize {
+        self.backend
+            .capacity()
+            .map_or(self.max_concurrency, |c| c.clamp(1, self.max_concurrency))
     }
 
     fn breaker_open(&self) -> bool {
@@ -155,9 +175,10 @@ impl Endpoint {
 
     /// Takes one of its slots, if one is free.
     fn reserve(&self) -> bool {
+        let limit = self.limit();
         self.outstanding
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < self.max_concurrency).then_some(n + 1)
+                (n < limit).then_some(n + 1)
             })
             .is_ok()
     }
@@ -221,6 +242,8 @@ impl Drop for Lease {
 
 /// An endpoint streaming an answer.
 struct Running {
+    /// When its first chunk is due (the try's start plus the first-token timeout).
+    first_due: tokio::time::Instant,
     /// Held for the answer's life: the endpoint slot it occupies.
     _lease: Lease,
     permit: Option<Permit>,
@@ -245,6 +268,9 @@ struct Attempts {
     last: Option<BackendError>,
 }
 
+/// The longest an upstream's `Retry-After` keeps an endpoint out, in seconds.
+pub const MAX_COOLDOWN_SECS: u64 = 300;
+
 fn is_throttle(e: &BackendError) -> bool {
     matches!(
         e,
@@ -268,17 +294,20 @@ fn rendezvous(key: u64, endpoints: &[Endpoint], among: &[usize]) -> Option<usize
 }
 
 impl Inner {
-    fn choose(&self, key: Option<u64>, tried: &[usize]) -> Choice {
+    /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here).
+    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool) -> Choice {
         let now = Instant::now();
         let eligible: Vec<usize> = (0..self.endpoints.len())
-            .filter(|i| !tried.contains(i) && self.endpoints[*i].eligible(now))
+            .filter(|&i| {
+                let e = &self.endpoints[i];
+                !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
+            })
             .collect();
         if eligible.is_empty() {
             return Choice::NoneLeft;
         }
         let free = |i: usize| {
-            self.endpoints[i].outstanding.load(Ordering::Relaxed)
-                < self.endpoints[i].max_concurrency
+            self.endpoints[i].outstanding.load(Ordering::Relaxed) < self.endpoints[i].limit()
         };
         if let Some(k) = key {
             let remembered = self
@@ -354,12 +383,18 @@ impl Inner {
             _ => None,
         };
         if let Some(s) = retry_after {
+            // Capped, as Envoy caps an ejection: a mistaken `Retry-After: 86400` must not take an
+            // endpoint out for a day.
+            let s = s.min(MAX_COOLDOWN_SECS);
             *ep.cooldown.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + Duration::from_secs(s));
+                Some((Instant::now() + Duration::from_secs(s), is_throttle(e)));
         }
-        if matches!(e, BackendError::Unavailable(_)) {
+        // Taken out until a probe finds it answering; one that is never probed is judged by its breaker
+        // alone.
+        if ep.probe && matches!(e, BackendError::Unavailable(_)) {
             // Refused or unreachable: out until a probe finds it answering again.
             ep.probe_successes.store(0, Ordering::Relaxed);
+            ep.epoch.fetch_add(1, Ordering::SeqCst);
             ep.set_up(&self.cfg.tier, false, &e.to_string());
         }
     }
@@ -378,7 +413,7 @@ impl Inner {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let i = match self.choose(key, &att.tried) {
+            let i = match self.choose(key, &att.tried, !req.forwarded) {
                 Choice::Go(i) => i,
                 Choice::Wait => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -389,7 +424,7 @@ impl Inner {
                     }
                     continue;
                 }
-                Choice::NoneLeft => return Err(self.exhausted(att)),
+                Choice::NoneLeft => return Err(self.exhausted(att, !req.forwarded)),
             };
             let ep = &self.endpoints[i];
             if !ep.reserve() {
@@ -404,21 +439,20 @@ impl Inner {
                 att.tried.push(i);
                 continue;
             };
-            let started = tokio::time::timeout(
-                self.cfg.first_token_timeout,
-                ep.backend.start(req, continuation),
-            )
-            .await
-            .unwrap_or_else(|_| {
-                Err(BackendError::Timeout(
-                    "no response before the first-token timeout".into(),
-                ))
-            });
+            let first_due = tokio::time::Instant::now() + self.cfg.first_token_timeout;
+            let started = tokio::time::timeout_at(first_due, ep.backend.start(req, continuation))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BackendError::Timeout(
+                        "no response before the first-token timeout".into(),
+                    ))
+                });
             match started {
                 Ok(rx) => {
                     return Ok((
                         i,
                         Running {
+                            first_due,
                             _lease: lease,
                             permit: Some(permit),
                             rx,
@@ -457,9 +491,27 @@ impl Inner {
     }
 
     /// The error when no endpoint is left: every attempt named, with the soonest time one may serve.
-    fn exhausted(&self, att: &Attempts) -> BackendError {
+    fn exhausted(&self, att: &Attempts, peers: bool) -> BackendError {
+        let now = Instant::now();
+        // Every endpoint left untried is cooling down after a 429 (and every one tried throttled too):
+        // the pool is rate limited, not failing, and says so (429) rather than 503.
+        let untried: Vec<&Endpoint> = (0..self.endpoints.len())
+            .filter(|i| !att.tried.contains(i))
+            .map(|i| &self.endpoints[i])
+            .filter(|e| peers || !e.backend.is_peer())
+            .collect();
+        let throttled = (att.retries.is_empty() || att.throttled_only)
+            && untried.iter().all(|e| e.throttled(now))
+            && (!att.retries.is_empty() || !untried.is_empty());
         let what = if att.retries.is_empty() {
-            format!("no endpoint of the {} pool is up", self.cfg.tier)
+            if throttled {
+                format!(
+                    "every endpoint of the {} pool is rate limited",
+                    self.cfg.tier
+                )
+            } else {
+                format!("no endpoint of the {} pool is up", self.cfg.tier)
+            }
         } else {
             att.retries
                 .iter()
@@ -470,7 +522,7 @@ impl Inner {
         let retry_after_secs = self.soonest_secs();
         match &att.last {
             Some(BackendError::Timeout(_)) if att.retries.len() == 1 => BackendError::Timeout(what),
-            _ if att.throttled_only && !att.retries.is_empty() => BackendError::Upstream {
+            _ if throttled => BackendError::Upstream {
                 status: 429,
                 message: what,
                 retry_after_secs,
@@ -498,13 +550,17 @@ impl Inner {
         let mut sent = String::new();
         let mut got_token = false;
         loop {
-            let limit = if got_token {
-                self.cfg.idle_timeout
+            // Until the first token: the try's own deadline (its start counted); then the idle limit.
+            let (due, limit) = if got_token {
+                (
+                    tokio::time::Instant::now() + self.cfg.idle_timeout,
+                    self.cfg.idle_timeout,
+                )
             } else {
-                self.cfg.first_token_timeout
+                (run.first_due, self.cfg.first_token_timeout)
             };
             let next = tokio::select! {
-                r = tokio::time::timeout(limit, run.rx.recv()) => r,
+                r = tokio::time::timeout_at(due, run.rx.recv()) => r,
                 // The client is gone: dropping the stream cancels the endpoint's work.
                 _ = tx.closed() => return,
             };
@@ -623,11 +679,13 @@ impl Pool {
                     backend: s.backend,
                     weight: s.weight,
                     max_concurrency: s.max_concurrency.max(1),
+                    probe: s.probe,
                     outstanding: AtomicUsize::new(0),
                     up: AtomicBool::new(true),
                     probe_failures: AtomicU32::new(0),
                     probe_successes: AtomicU32::new(0),
                     cooldown: Mutex::new(None),
+                    epoch: AtomicU64::new(0),
                     served: AtomicU64::new(0),
                     last_error: Mutex::new(None),
                 }
@@ -657,14 +715,20 @@ async fn probe_once(inner: &Inner) {
         .cfg
         .probe_interval
         .clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let probes = inner
-        .endpoints
+    let probed: Vec<&Endpoint> = inner.endpoints.iter().filter(|e| e.probe).collect();
+    let epochs: Vec<u64> = probed
+        .iter()
+        .map(|e| e.epoch.load(Ordering::SeqCst))
+        .collect();
+    let probes = probed
         .iter()
         .map(|e| tokio::time::timeout(limit, e.backend.probe()));
     let results = futures_util::future::join_all(probes).await;
-    for (ep, r) in inner.endpoints.iter().zip(results) {
+    for ((ep, r), epoch) in probed.into_iter().zip(results).zip(epochs) {
         let r = r.unwrap_or_else(|_| Err(BackendError::Timeout("health probe timed out".into())));
         match r {
+            // Answered before a refusal that took it out since: stale, not evidence it is back.
+            Ok(()) if ep.epoch.load(Ordering::SeqCst) != epoch => {}
             Ok(()) => {
                 ep.probe_failures.store(0, Ordering::Relaxed);
                 let ok = ep.probe_successes.fetch_add(1, Ordering::Relaxed) + 1;
@@ -788,7 +852,7 @@ impl Backend for Pool {
                 .endpoints
                 .iter()
                 .filter(|e| e.eligible(now))
-                .map(|e| e.max_concurrency)
+                .map(Endpoint::limit)
                 .sum::<usize>()
                 .max(1),
         )

@@ -167,6 +167,30 @@ fn client_error(e: &BackendError) -> RouterError {
     }
 }
 
+/// The key a conversation's tier is remembered under: its opening ([`conversation_key`]: the system prompt
+/// and first user message) and its first answer's text, so that two conversations that open alike (every
+/// "hi") are still two. A request with an answer in its history is keyed by that answer; a first turn has
+/// none, so it is looked up under nothing (it starts where the rules say) and remembered under the answer
+/// it got (`answer`). None: nothing to key on.
+fn tier_key(req: &ChatRequest, answer: Option<&str>) -> Option<u64> {
+    use std::hash::{Hash, Hasher};
+    let opening = conversation_key(req)?;
+    let first_answer = req.messages.iter().find_map(|m| match m {
+        crate::api::Message::Assistant(a) => {
+            Some(a.content.as_ref().map(|c| c.text()).unwrap_or_default())
+        }
+        _ => None,
+    });
+    let text = match (first_answer, answer) {
+        (Some(t), _) => t,
+        (None, Some(a)) => a.to_string(),
+        (None, None) => return None,
+    };
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    (opening, text.trim()).hash(&mut h);
+    Some(h.finish())
+}
+
 /// Waits that a backend bounds itself ([`Backend::manages_timeouts`]).
 const UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
 
@@ -360,6 +384,7 @@ impl TierRouter {
             last_user: "ping".into(),
             prompt_tokens_estimate: 1,
             raw_prompt: None,
+            forwarded: false,
         };
         let ok = match s.backend.start(&req, None).await {
             Ok(mut rx) => {
@@ -401,8 +426,8 @@ impl TierRouter {
         let me = self.clone();
         let first = chain.first().copied().unwrap_or(decision.tier);
         tokio::spawn(async move {
-            me.drive(req, decision.tier, decision.reason, chain, tx)
-                .await;
+            let named = matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias);
+            me.drive(req, named, decision.reason, chain, tx).await;
         });
         Ok((first, rx))
     }
@@ -459,7 +484,7 @@ impl TierRouter {
             })?;
         // A conversation never moves down a tier on its own; a tier the client names is taken as named.
         if !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
-            && let Some(k) = conversation_key(req)
+            && let Some(k) = tier_key(req, None)
             && let Some(t) = self
                 .conversations
                 .lock()
@@ -503,6 +528,15 @@ impl TierRouter {
             .into_iter()
             .filter(|t| self.tiers.contains_key(t))
             .collect();
+        // A request another Jemma node forwarded is served by the tier it named or not at all: that node
+        // falls back itself.
+        if req.forwarded {
+            return if self.tiers.contains_key(&decision.tier) {
+                Ok((decision.clone(), vec![decision.tier]))
+            } else {
+                Err(RouterError::UnknownModel(req.requested_model.clone()))
+            };
+        }
         let chain = if chain.is_empty() {
             // e.g. auto chose fast but only heavy exists: try whatever is configured, largest first.
             self.tiers.keys().rev().copied().collect()
@@ -512,19 +546,20 @@ impl TierRouter {
         Ok((decision, chain))
     }
 
-    /// Records that `tier` answered `req`'s conversation (keeping the largest tier seen).
-    fn remember(&self, req: &ChatRequest, tier: Tier) {
-        if let Some(k) = conversation_key(req) {
+    /// Records that `tier` answered `req`'s conversation with `answer` (keeping the largest tier seen).
+    fn remember(&self, req: &ChatRequest, answer: &str, tier: Tier) {
+        if let Some(k) = tier_key(req, Some(answer)) {
             let mut c = self.conversations.lock().unwrap_or_else(|e| e.into_inner());
             let t = c.get(&k).map_or(tier, |&t| t.max(tier));
             c.put(k, t);
         }
     }
 
+    /// `named`: the client named the tier (or an alias of it), which a conversation does not remember.
     async fn drive(
         &self,
         req: ChatRequest,
-        first: Tier,
+        named: bool,
         reason: String,
         chain: Vec<Tier>,
         tx: mpsc::Sender<Output>,
@@ -753,7 +788,9 @@ impl TierRouter {
             match outcome {
                 Ok((finish_reason, usage, tps, stop_sequence)) => {
                     permit.success();
-                    self.remember(&req, *tier);
+                    if !named {
+                        self.remember(&req, &sent, *tier);
+                    }
                     slot.served.fetch_add(1, Ordering::Relaxed);
                     completion_tokens += usage.completion_tokens.max(tier_tokens);
                     let latency = elapsed_ms(t0);
@@ -849,7 +886,6 @@ impl TierRouter {
                 }
             }
         }
-        let _ = first;
         metrics::counter!("jemma_requests_total", "tier" => "none", "status" => "error")
             .increment(1);
         let err = if busy_only && last_err.is_none() {

@@ -430,6 +430,7 @@ pub fn build_router(
                     backend,
                     weight: e.weight,
                     max_concurrency: e.concurrency(),
+                    probe: e.probe,
                 });
             }
             Arc::new(Pool::new(pool_config(*tier, c, cfg), specs))

@@ -41,6 +41,8 @@ struct Scripted {
     capacity: Mutex<Option<usize>>,
     /// Whether its health (and so a pool's probe of it) says it serves.
     up: std::sync::atomic::AtomicBool,
+    /// Whether it stands for another Jemma node.
+    peer: std::sync::atomic::AtomicBool,
 }
 
 impl Scripted {
@@ -53,6 +55,7 @@ impl Scripted {
             cancelled: Arc::new(AtomicUsize::new(0)),
             capacity: Mutex::new(None),
             up: std::sync::atomic::AtomicBool::new(true),
+            peer: std::sync::atomic::AtomicBool::new(false),
         })
     }
     fn set(&self, s: Script) {
@@ -147,6 +150,9 @@ impl Backend for Scripted {
     }
     fn capacity(&self) -> Option<usize> {
         *self.capacity.lock().unwrap()
+    }
+    fn is_peer(&self) -> bool {
+        self.peer.load(Ordering::SeqCst)
     }
     fn health(&self) -> BackendHealth {
         BackendHealth {
@@ -569,6 +575,7 @@ fn pool(endpoints: &[(&str, &Arc<Scripted>, f64)], first_token_ms: u64) -> Arc<P
                 backend: (*b).clone() as Arc<dyn Backend>,
                 weight: *weight,
                 max_concurrency: 2,
+                probe: true,
             })
             .collect(),
     ))
@@ -755,6 +762,57 @@ async fn pool_honours_retry_after_and_passes_it_on() {
             retry_after_secs: 3
         })
     );
+    // Inside the cooldown nothing is asked, and the answer is still a 429, not a failure: the tier's
+    // breaker stays closed however many clients retry.
+    for i in 0..5 {
+        let a = collect(r.chat(request("primary", &format!("again {i}"))).unwrap()).await;
+        assert!(
+            matches!(a.error, Some(RouterError::Busy { retry_after_secs }) if (1..=3).contains(&retry_after_secs)),
+            "{:?}",
+            a.error
+        );
+    }
+    assert_eq!(
+        (
+            t1.calls.load(Ordering::SeqCst),
+            t2.calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    assert_eq!(r.status()[0].breaker.state.as_str(), "closed");
+}
+
+#[tokio::test]
+async fn a_request_forwarded_by_a_peer_is_not_sent_on_to_peers_or_other_tiers() {
+    let peer = Scripted::new("e4b", Script::Answer(vec!["peer"]));
+    peer.peer.store(true, Ordering::SeqCst);
+    let local = Scripted::new("e4b", Script::Answer(vec!["local"]));
+    let p = pool(&[("peer", &peer, 1e6), ("local", &local, 1e-6)], 1000);
+    let fast = Scripted::new("e2b", Script::Answer(vec!["fast"]));
+    let r = Arc::new(TierRouter::new(
+        ClassifierConfig::default(),
+        vec![
+            (Tier::Primary, p.clone() as Arc<dyn Backend>, settings(1000)),
+            (Tier::Fast, fast.clone() as Arc<dyn Backend>, settings(1000)),
+        ],
+    ));
+    let forwarded = |text: &str| {
+        let mut q = request("primary", text);
+        q.forwarded = true;
+        q
+    };
+    // A client's request may go to the peer; a forwarded one is served here.
+    assert_eq!(
+        collect(r.chat(request("primary", "a")).unwrap()).await.text,
+        "peer"
+    );
+    assert_eq!(collect(r.chat(forwarded("b")).unwrap()).await.text, "local");
+    // With nothing local left, it fails rather than falling back to fast or going round the peers.
+    local.set(Script::Fail);
+    let a = collect(r.chat(forwarded("c")).unwrap()).await;
+    assert!(a.error.is_some(), "{:?}", a.text);
+    assert_eq!(fast.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(peer.calls.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
@@ -840,4 +898,50 @@ async fn a_conversation_keeps_its_tier_and_never_moves_down() {
     )
     .await;
     assert_eq!(a.routing.unwrap().tier, "fast");
+    // Another conversation that opens the same way but got another answer is another conversation.
+    let a = collect(
+        r.chat(conversation("auto", &[opening, "Something else", "thanks"]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+    // A tier the client named is not remembered as the conversation's floor.
+    let named = "Explain closures";
+    collect(r.chat(conversation("primary", &[named])).unwrap()).await;
+    let a = collect(
+        r.chat(conversation("auto", &[named, "Compilers...", "thanks"]))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+}
+
+#[tokio::test]
+async fn an_endpoint_that_scales_to_zero_is_not_probed() {
+    // `probe = false` (a Cloud Run service): its health says nothing the prober may act on, and it stays in
+    // the pool while its answers are good.
+    let cold = Scripted::new("e4b", Script::Answer(vec!["cold"]));
+    cold.up.store(false, Ordering::SeqCst);
+    let mut cfg = PoolConfig::new("heavy");
+    cfg.probe_interval = Duration::from_secs(3600);
+    let p = Arc::new(Pool::new(
+        cfg,
+        vec![EndpointSpec {
+            name: "run".into(),
+            backend: cold.clone() as Arc<dyn Backend>,
+            weight: 1.0,
+            max_concurrency: 2,
+            probe: false,
+        }],
+    ));
+    for _ in 0..3 {
+        p.probe_all().await;
+    }
+    let r = pooled(&p);
+    let a = collect(r.chat(request("primary", "x")).unwrap()).await;
+    assert_eq!(a.text, "cold");
+    assert_eq!(
+        r.status()[0].backend.details["endpoints"][0]["status"],
+        "up"
+    );
 }

@@ -202,6 +202,10 @@ pub struct ChatRequest {
     /// `/v1/completions`: a plain prompt, no chat template (messages then hold it as one user turn for
     /// backends that only speak chat).
     pub raw_prompt: Option<String>,
+    /// Sent here by another Jemma node's pool (`x-jemma-forwarded`): served by this node's own tier
+    /// only, with no fallback and no forwarding to further peers, so that nodes pooling each other
+    /// cannot pass a request around.
+    pub forwarded: bool,
 }
 
 impl ChatRequest {
@@ -523,6 +527,7 @@ impl ChatCompletionRequest {
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,
             raw_prompt: None,
+            forwarded: false,
         })
     }
 }
