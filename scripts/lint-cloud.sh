@@ -6,7 +6,8 @@
 . "$(dirname "$0")/lib.sh"
 cd "$JEMMA_ROOT"
 command -v shellcheck >/dev/null || apt_ensure shellcheck
-shellcheck cloud/heavy/deploy.sh cloud/heavy/entrypoint.sh \
+# -x: the deploy scripts source cloud/heavy/secret.sh (named from the repository root in their directives).
+shellcheck -x cloud/heavy/deploy.sh cloud/heavy/entrypoint.sh cloud/heavy/secret.sh \
   cloud/heavy/vllm/deploy.sh cloud/heavy/vllm/entrypoint.sh
 PY=$(venv_python)
 "$(dirname "$PY")/hadolint" --config cloud/heavy/.hadolint.yaml cloud/heavy/Dockerfile \

@@ -38,10 +38,39 @@ struct PoolEndpoint {
     status: String,
 }
 
-/// Probes every endpoint of the configuration's pools.
-async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
+/// Probes one remote endpoint as its pool would.
+async fn probe_endpoint(
+    tier: jemma_router::classify::Tier,
+    e: &jemma_router::config::EndpointConfig,
+) -> anyhow::Result<()> {
     use jemma_router::backend::{Backend, OpenAiBackend, OpenAiConfig, Probe};
     use jemma_router::config::{EndpointKind, resolve_secret};
+    let api_key = match &e.api_key {
+        Some(k) => Some(resolve_secret(k, &|r| jemma_platform::secrets::resolve(r))?),
+        None => None,
+    };
+    let model = e.model.clone().unwrap_or_else(|| tier.to_string());
+    let probe = if e.kind() == EndpointKind::Jemma {
+        Probe::Jemma {
+            tier: model.clone(),
+        }
+    } else {
+        Probe::Models
+    };
+    let b = OpenAiBackend::new(OpenAiConfig {
+        url: e.url.clone().unwrap_or_default(),
+        api_key,
+        model,
+        connect_timeout: std::time::Duration::from_secs(5),
+        default_max_tokens: 1,
+        probe,
+    })?;
+    Ok(b.probe().await?)
+}
+
+/// Probes every endpoint of the configuration's pools.
+async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
+    use jemma_router::config::EndpointKind;
     let mut out = vec![];
     for (tier, c) in &cfg.tiers {
         for e in &c.endpoints {
@@ -49,47 +78,8 @@ async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
             let status = match kind {
                 EndpointKind::Local => "local".to_string(),
                 EndpointKind::Jemma | EndpointKind::Openai => {
-                    let key = match e
-                        .api_key
-                        .as_deref()
-                        .map(|k| resolve_secret(k, &|r| jemma_platform::secrets::resolve(r)))
-                    {
-                        Some(Err(err)) => {
-                            out.push(PoolEndpoint {
-                                tier: tier.to_string(),
-                                name: e.label(),
-                                kind: format!("{kind:?}").to_lowercase(),
-                                url: e.url.clone(),
-                                weight: e.weight,
-                                max_concurrency: e.concurrency(),
-                                status: format!("down: {err}"),
-                            });
-                            continue;
-                        }
-                        Some(Ok(k)) => Some(k),
-                        None => None,
-                    };
-                    let model = e.model.clone().unwrap_or_else(|| tier.to_string());
-                    let probe = if kind == EndpointKind::Jemma {
-                        Probe::Jemma {
-                            tier: model.clone(),
-                        }
-                    } else {
-                        Probe::Models
-                    };
-                    let b = OpenAiBackend::new(OpenAiConfig {
-                        url: e.url.clone().unwrap_or_default(),
-                        api_key: key,
-                        model,
-                        connect_timeout: std::time::Duration::from_secs(5),
-                        default_max_tokens: 1,
-                        probe,
-                    });
-                    match b {
-                        Ok(b) => match b.probe().await {
-                            Ok(()) => "up".to_string(),
-                            Err(err) => format!("down: {err}"),
-                        },
+                    match probe_endpoint(*tier, e).await {
+                        Ok(()) => "up".to_string(),
                         Err(err) => format!("down: {err}"),
                     }
                 }

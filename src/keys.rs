@@ -67,7 +67,13 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// expose the models to the network unauthenticated: refused.
 pub fn access_policy(cfg: &Config) -> anyhow::Result<AccessPolicy> {
     let policy = AccessPolicy::from_config(cfg).context("reading the API key file")?;
-    let loopback = matches!(cfg.server.host.as_str(), "127.0.0.1" | "localhost" | "::1");
+    // All of 127.0.0.0/8 is this machine, not only 127.0.0.1.
+    let host = cfg.server.host.as_str();
+    let loopback = host == "localhost"
+        || host
+            .trim_matches(['[', ']'])
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     if !loopback && !policy.has_keys() {
         bail!(
             "binding {} exposes the gateway: create an API key first with `jemma keys create --name <who>`",

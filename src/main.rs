@@ -11,6 +11,7 @@ mod bench_recogniser;
 mod doctor;
 mod generate_cmd;
 mod keys;
+mod peers;
 mod pull;
 mod serve;
 
@@ -37,6 +38,8 @@ enum Command {
     Pull(pull::Args),
     /// Manage API keys for callers that are not on this machine (tailnet, LAN).
     Keys(keys::Args),
+    /// List the other Jemma nodes on this tailnet and the models their tiers serve.
+    Peers(peers::Args),
     /// Measure the engine's prefill and decode speed on a model directory.
     Bench(bench_cmd::Args),
     /// Generate text with the in-process MLX engine (prints JSON with --json: tokens, text, tok/s, memory).
@@ -58,6 +61,7 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Keys(args) => keys::run(args),
+        Command::Peers(args) => peers::run(args),
         Command::Pull(args) => pull::run(args),
     }
 }

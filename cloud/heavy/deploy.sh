@@ -32,16 +32,9 @@ trap 'rm -f "$ROOT/.cloudbuild.yaml"' EXIT
 gcloud builds submit "$ROOT" --config "$ROOT/.cloudbuild.yaml"
 
 # The bearer key: generated here, kept only in Secret Manager (and printed once for the Mac's keychain).
-if ! gcloud secrets describe jemma-heavy-api-key >/dev/null 2>&1; then
-  KEY="jm-$(openssl rand -hex 32)"
-  printf '%s' "$KEY" | gcloud secrets create jemma-heavy-api-key --data-file=- --replication-policy automatic
-  NEW_KEY=1
-else
-  NEW_KEY=0
-fi
-SA=$(gcloud projects describe "$PROJECT" --format 'value(projectNumber)')-compute@developer.gserviceaccount.com
-gcloud secrets add-iam-policy-binding jemma-heavy-api-key --member "serviceAccount:$SA" \
-  --role roles/secretmanager.secretAccessor >/dev/null
+# shellcheck source=cloud/heavy/secret.sh
+. "$ROOT/cloud/heavy/secret.sh"
+ensure_key_secret "$PROJECT"
 
 sed -e "s|IMAGE|$IMAGE|" -e "s|REGION|$REGION|" "$ROOT/cloud/heavy/service.yaml" >"$ROOT/.service.yaml"
 trap 'rm -f "$ROOT/.cloudbuild.yaml" "$ROOT/.service.yaml"' EXIT

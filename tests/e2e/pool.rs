@@ -24,6 +24,23 @@ async fn node(extra: Vec<String>) -> Server {
     .unwrap()
 }
 
+/// Runs the `jemma` CLI with `args` (and `env`) and parses what it prints as JSON; it must succeed.
+async fn jemma_json(args: Vec<String>, env: Vec<(String, String)>) -> Value {
+    let out = tokio::task::spawn_blocking(move || {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jemma"));
+        cmd.args(&args).envs(env);
+        crate::support::output_within(&mut cmd, crate::support::CMD_DEADLINE)
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 async fn gateway(config: String) -> Server {
     tokio::task::spawn_blocking(move || Server::start(&[], Some(&config)))
         .await
@@ -467,19 +484,16 @@ async fn an_openai_pool_rides_out_500s_hangs_cut_streams_and_429s() {
         ),
     )
     .unwrap();
-    let out = tokio::task::spawn_blocking(move || {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_jemma"));
-        cmd.args(["doctor", "--json", "--config"]).arg(&cfg);
-        crate::support::output_within(&mut cmd, crate::support::CMD_DEADLINE)
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report = jemma_json(
+        vec![
+            "doctor".into(),
+            "--json".into(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ],
+        vec![],
+    )
+    .await;
     let pools = report["pools"].as_array().unwrap();
     assert_eq!(pools[0]["name"], "gpu");
     assert_eq!(pools[0]["status"], "up", "{pools:?}");
@@ -488,4 +502,73 @@ async fn an_openai_pool_rides_out_500s_hangs_cut_streams_and_429s() {
         pools[1]["status"].as_str().unwrap().starts_with("down: "),
         "{pools:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jemma_peers_finds_the_jemma_nodes_on_the_tailnet() {
+    // One port for every machine, as on a tailnet where each node's gateway listens on 8080: a free one
+    // on 127.0.0.2 (a Jemma node) and 127.0.0.3 (some other HTTP server).
+    let probe = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = probe.local_addr().unwrap().port();
+    drop(probe);
+    let other = tokio::net::TcpListener::bind(("127.0.0.3", port))
+        .await
+        .unwrap();
+    let app = axum::Router::new().route(
+        "/health",
+        axum::routing::get(|| async { axum::Json(json!({"status": "ok"})) }),
+    );
+    tokio::spawn(async move { axum::serve(other, app).await.unwrap() });
+    let node = node(vec![
+        "--host".into(),
+        "127.0.0.2".into(),
+        "--port".into(),
+        port.to_string(),
+    ])
+    .await;
+    // A stand-in `tailscale` CLI (the real one cannot run here) whose status lists three peers.
+    let dir = tempfile::tempdir().unwrap();
+    let status = json!({
+        "BackendState": "Running", "Version": "1.82.5",
+        "Self": {"HostName": "mac-mini", "DNSName": "mac-mini.tail1234.ts.net.", "TailscaleIPs": ["127.0.0.1"], "Online": true},
+        "Peer": {
+            "nodekey:a": {"HostName": "mini-2", "DNSName": "mini-2.tail1234.ts.net.", "TailscaleIPs": ["127.0.0.2"], "Online": true, "OS": "macOS"},
+            "nodekey:b": {"HostName": "build-box", "TailscaleIPs": ["127.0.0.3"], "Online": true, "OS": "linux"},
+            "nodekey:c": {"HostName": "old-laptop", "TailscaleIPs": ["127.0.0.4"], "Online": false}
+        }
+    });
+    std::fs::write(dir.path().join("status.json"), status.to_string()).unwrap();
+    let cli = dir.path().join("tailscale");
+    std::fs::write(
+        &cli,
+        format!(
+            "#!/bin/sh\n[ \"$1\" = status ] && exec cat '{}'\nexit 2\n",
+            dir.path().join("status.json").display()
+        ),
+    )
+    .unwrap();
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cli, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let nodes = jemma_json(
+        vec![
+            "peers".into(),
+            "--json".into(),
+            "--port".into(),
+            port.to_string(),
+        ],
+        vec![("JEMMA_TAILSCALE_CLI".into(), cli.display().to_string())],
+    )
+    .await;
+    let nodes = nodes.as_array().unwrap();
+    assert_eq!(nodes.len(), 1, "{nodes:?}");
+    assert_eq!(nodes[0]["name"], "mini-2");
+    assert_eq!(nodes[0]["url"], format!("http://127.0.0.2:{port}"));
+    assert_eq!(nodes[0]["version"], env!("CARGO_PKG_VERSION"));
+    for t in ["fast", "primary"] {
+        assert_eq!(nodes[0]["tiers"][t]["state"], "ready", "{nodes:?}");
+        assert!(!nodes[0]["tiers"][t]["model"].as_str().unwrap().is_empty());
+    }
+    drop(node);
 }

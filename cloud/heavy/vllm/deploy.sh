@@ -32,16 +32,9 @@ gcloud builds submit "$DIR" --tag "$IMAGE" --timeout 3600s
 
 # The bearer key: the same Secret Manager secret as the llama.cpp variant, created here if it is missing
 # (and then printed once for the Mac's keychain).
-if ! gcloud secrets describe jemma-heavy-api-key >/dev/null 2>&1; then
-  KEY="jm-$(openssl rand -hex 32)"
-  printf '%s' "$KEY" | gcloud secrets create jemma-heavy-api-key --data-file=- --replication-policy automatic
-  NEW_KEY=1
-else
-  NEW_KEY=0
-fi
-SA=$(gcloud projects describe "$PROJECT" --format 'value(projectNumber)')-compute@developer.gserviceaccount.com
-gcloud secrets add-iam-policy-binding jemma-heavy-api-key --member "serviceAccount:$SA" \
-  --role roles/secretmanager.secretAccessor >/dev/null
+# shellcheck source=cloud/heavy/secret.sh
+. "$DIR/../secret.sh"
+ensure_key_secret "$PROJECT"
 
 sed -e "s|image: IMAGE\$|image: $IMAGE|" -e "s|location: REGION\$|location: $REGION|" \
   -e "s|^  name: jemma-heavy-vllm\$|  name: $SERVICE|" \

@@ -196,6 +196,37 @@ pub struct Status {
     pub online: bool,
     /// The login URL while a login is in progress (`AuthURL`).
     pub auth_url: Option<String>,
+    /// The other machines of the tailnet (`Peer`), by host name.
+    pub peers: Vec<Peer>,
+}
+
+/// Another machine on the tailnet, as `tailscale status --json` lists it (where Jemma looks for other
+/// Jemma nodes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Peer {
+    /// Its name (`HostName`).
+    pub host_name: String,
+    /// Its MagicDNS name without the trailing dot (`DNSName`), when MagicDNS is on.
+    pub dns_name: Option<String>,
+    /// Its tailnet addresses (`TailscaleIPs`), IPv4 first; entries that do not parse are left out.
+    pub ips: Vec<IpAddr>,
+    /// Whether the coordination server sees it online (`Online`).
+    pub online: bool,
+    /// Its operating system (`OS`: `macOS`, `linux`, `iOS`, …).
+    pub os: Option<String>,
+}
+
+impl Peer {
+    /// The first IPv4 address, else the first address.
+    pub fn primary_ip(&self) -> Option<IpAddr> {
+        first_ipv4(&self.ips)
+    }
+}
+
+/// The first IPv4 address of `ips`, else the first address (Tailscale lists IPv4 first; URLs read better
+/// with it).
+fn first_ipv4(ips: &[IpAddr]) -> Option<IpAddr> {
+    ips.iter().find(|ip| ip.is_ipv4()).or(ips.first()).copied()
 }
 
 impl Status {
@@ -221,7 +252,26 @@ impl Status {
             })
             .collect::<Result<Vec<_>>>()?;
         let tailnet = raw.current_tailnet.unwrap_or_default();
+        let mut peers: Vec<Peer> = raw
+            .peer
+            .unwrap_or_default()
+            .into_values()
+            .map(|p| Peer {
+                host_name: p.host_name.unwrap_or_default(),
+                dns_name: non_empty(p.dns_name.map(|d| d.trim_end_matches('.').to_string())),
+                ips: p
+                    .tailscale_ips
+                    .unwrap_or_default()
+                    .iter()
+                    .filter_map(|s| s.parse().ok())
+                    .collect(),
+                online: p.online.unwrap_or(false),
+                os: non_empty(p.os),
+            })
+            .collect();
+        peers.sort_by(|a, b| a.host_name.cmp(&b.host_name));
         Ok(Status {
+            peers,
             backend_state: BackendState::from(raw.backend_state.as_str()),
             version: non_empty(raw.version),
             host_name: non_empty(me.host_name),
@@ -243,11 +293,7 @@ impl Status {
 
     /// The first IPv4 address, else the first address.
     pub fn primary_ip(&self) -> Option<IpAddr> {
-        self.ips
-            .iter()
-            .find(|ip| ip.is_ipv4())
-            .or(self.ips.first())
-            .copied()
+        first_ipv4(&self.ips)
     }
 
     /// The URL `tailscale serve` makes this machine reachable at, when it has a MagicDNS name.
@@ -297,6 +343,9 @@ struct RawStatus {
     magic_dns_suffix: Option<String>,
     #[serde(default)]
     current_tailnet: Option<RawTailnet>,
+    /// Keyed by node key.
+    #[serde(default)]
+    peer: Option<std::collections::BTreeMap<String, RawNode>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -310,6 +359,8 @@ struct RawNode {
     tailscale_ips: Option<Vec<String>>,
     #[serde(default)]
     online: Option<bool>,
+    #[serde(default, rename = "OS")]
+    os: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -56,6 +56,15 @@ fn running_status() {
     );
     assert_eq!(json["dns_name"], "mac-mini.tail1234.ts.net");
     assert_eq!(json["online"], true);
+
+    // The other machines, where Jemma looks for other Jemma nodes.
+    let names: Vec<&str> = s.peers.iter().map(|p| p.host_name.as_str()).collect();
+    assert_eq!(names, ["alices-iphone", "build-box"]);
+    let b = &s.peers[1];
+    assert_eq!(b.dns_name.as_deref(), Some("build-box.tail1234.ts.net"));
+    assert_eq!(b.primary_ip(), Some("100.88.12.54".parse().unwrap()));
+    assert!(b.online);
+    assert_eq!(b.os.as_deref(), Some("linux"));
 }
 
 #[test]

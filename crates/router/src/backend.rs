@@ -648,7 +648,18 @@ impl Backend for OpenAiBackend {
                 })
                 .unwrap_or(text);
             let err = match status.as_u16() {
-                400 | 404 | 413 | 422 => BackendError::BadRequest(message),
+                400 | 413 | 422 => BackendError::BadRequest(message),
+                // The client never names the upstream's model or path (the tier's configuration
+                // does): a 404 is this upstream's fault, and a pool tries another endpoint.
+                404 => BackendError::Upstream {
+                    status: 404,
+                    message: format!(
+                        "the upstream does not serve model {:?} at {}: {message}",
+                        self.cfg.model,
+                        self.endpoint()
+                    ),
+                    retry_after_secs: None,
+                },
                 // Throttled: not the upstream's failure (no breaker count), but its Retry-After is a
                 // cooldown a pool honours and the client is told.
                 429 => BackendError::Upstream {

@@ -10,6 +10,7 @@ pub mod backend;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+pub mod discovery;
 pub mod responses;
 /// The llama.cpp engine (feature `llama`), for callers that drive it directly (`jemma generate`).
 #[cfg(feature = "llama")]

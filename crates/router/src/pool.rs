@@ -268,6 +268,18 @@ struct Attempts {
     last: Option<BackendError>,
 }
 
+/// Whether an endpoint with `busy` requests outstanding is too far ahead of the least busy one (`least`)
+/// to keep a conversation's affinity: more than [`BALANCE_ABS`] requests and [`BALANCE_REL`] times as
+/// many, SGLang's `balance_abs_threshold` and `balance_rel_threshold` rule.
+fn imbalanced(busy: usize, least: usize) -> bool {
+    busy > least + BALANCE_ABS && busy as f64 > least as f64 * BALANCE_REL
+}
+
+/// Outstanding requests an endpoint may be ahead of the least busy one and keep affinity.
+pub const BALANCE_ABS: usize = 4;
+/// How many times the least busy one's load an endpoint may carry and keep affinity.
+pub const BALANCE_REL: f64 = 1.5;
+
 /// The longest an upstream's `Retry-After` keeps an endpoint out, in seconds.
 pub const MAX_COOLDOWN_SECS: u64 = 300;
 
@@ -317,8 +329,17 @@ impl Inner {
                 .get(&k)
                 .copied()
                 .filter(|i| eligible.contains(i));
+            // The endpoint with the conversation's prefix, unless it is full or much busier than the
+            // least busy one (SGLang's cache-aware router balances the same way: a hot prefix must
+            // not pin one endpoint while others idle).
+            let least = eligible
+                .iter()
+                .map(|&i| self.endpoints[i].outstanding.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(0);
             if let Some(p) = remembered.or_else(|| rendezvous(k, &self.endpoints, &eligible))
                 && free(p)
+                && !imbalanced(self.endpoints[p].outstanding.load(Ordering::Relaxed), least)
             {
                 return Choice::Go(p);
             }
@@ -893,5 +914,43 @@ impl Backend for Pool {
         Box::pin(async move {
             futures_util::future::join_all(all).await;
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{ChatCompletionRequest, Limits};
+
+    fn req(messages: Vec<Message>) -> ChatRequest {
+        ChatCompletionRequest {
+            messages,
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap()
+    }
+
+    #[test]
+    fn a_conversation_keeps_its_key_as_it_grows() {
+        let sys = Message::system("be brief");
+        let first = req(vec![sys.clone(), Message::user("hi")]);
+        let later = req(vec![
+            sys.clone(),
+            Message::user("hi"),
+            Message::assistant(Some("hello".into()), vec![]),
+            Message::user("more"),
+        ]);
+        let other = req(vec![sys, Message::user("bye")]);
+        assert_eq!(conversation_key(&first), conversation_key(&later));
+        assert_ne!(conversation_key(&first), conversation_key(&other));
+    }
+
+    #[test]
+    fn affinity_gives_way_only_to_a_real_imbalance() {
+        assert!(!imbalanced(3, 0), "within the absolute threshold");
+        assert!(!imbalanced(12, 10), "within the relative threshold");
+        assert!(imbalanced(5, 0));
+        assert!(imbalanced(20, 10));
     }
 }
