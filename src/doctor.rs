@@ -77,6 +77,8 @@ async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
             let kind = e.kind();
             let status = match kind {
                 EndpointKind::Local => "local".to_string(),
+                // A scale-to-zero service: a probe would wake (and bill) an instance.
+                _ if !e.probe => "not probed (probe = false)".to_string(),
                 EndpointKind::Jemma | EndpointKind::Openai => {
                     match probe_endpoint(*tier, e).await {
                         Ok(()) => "up".to_string(),

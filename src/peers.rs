@@ -79,7 +79,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         && let Some((t, _)) = n.tiers.iter().next()
     {
         println!(
-            "\nTo add a node's tier to this node's pool, add to jemma.toml (its API key from `jemma keys create` on it):\n\
+            "\nTo add a node's tier to this node's pool, add to jemma.toml (its API key from `jemma keys create` on it;\n\
+             keep this node's own engine in the pool with a [[tiers.{t}.endpoints]] kind = \"local\" entry):\n\
              [[tiers.{t}.endpoints]]\nkind = \"jemma\"\nname = \"{}\"\nurl = \"{}\"\nkey = \"env:{}_KEY\"",
             n.name,
             n.url,

@@ -81,15 +81,22 @@ pub fn effective_config(
         (Tier::Fast, &settings.models.fast),
         (Tier::Primary, &settings.models.primary),
     ] {
-        if !model.is_empty() {
-            cfg.tiers.insert(
-                tier,
-                TierConfig {
-                    kind: TierKind::Local,
-                    model: model.clone(),
-                    ..Default::default()
-                },
-            );
+        if model.is_empty() {
+            continue;
+        }
+        match cfg.tiers.get_mut(&tier) {
+            // A pool from jemma.toml keeps its endpoints: the model is what its local endpoint serves.
+            Some(t) if !t.endpoints.is_empty() => t.model = model.clone(),
+            _ => {
+                cfg.tiers.insert(
+                    tier,
+                    TierConfig {
+                        kind: TierKind::Local,
+                        model: model.clone(),
+                        ..Default::default()
+                    },
+                );
+            }
         }
     }
     if cfg.tiers.is_empty() {
@@ -137,7 +144,16 @@ pub fn effective_config(
             t.keep_alive_secs = settings.keep_alive;
         }
     }
-    if !settings.heavy_url.is_empty() {
+    let heavy_pool = cfg
+        .tiers
+        .get(&Tier::Heavy)
+        .is_some_and(|t| !t.endpoints.is_empty());
+    if heavy_pool && !settings.heavy_url.is_empty() {
+        // The configuration's pool names its endpoints itself; one URL from Settings would replace them.
+        tracing::warn!(
+            "the heavy tier is a pool in jemma.toml; the heavy URL from Settings is not used"
+        );
+    } else if !settings.heavy_url.is_empty() {
         let enabled = cfg
             .tiers
             .get(&Tier::Heavy)

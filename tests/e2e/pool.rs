@@ -281,6 +281,41 @@ async fn three_nodes_as_one_pool_keep_conversations_and_survive_a_killed_node() 
         reached |= routing["endpoint"] == "node-1";
     }
     assert!(reached, "the restarted node got no requests");
+
+    // A node that hangs rather than dies (SIGSTOP: it accepts connections and answers nothing) is taken
+    // out by the active probe alone, and brought back by it after SIGCONT.
+    let frozen = nodes[1].child.id() as i32;
+    // SAFETY: sending a signal to a child process this test started and still owns.
+    assert_eq!(unsafe { libc::kill(frozen, libc::SIGSTOP) }, 0);
+    let gw = tokio::task::spawn_blocking(move || {
+        wait_for(
+            "the frozen node-2 out of the pool",
+            Duration::from_secs(15),
+            || {
+                endpoint_status(&gw, "primary")
+                    .iter()
+                    .any(|(n, s)| n == "node-2" && s == "down")
+            },
+        );
+        gw
+    })
+    .await
+    .unwrap();
+    let why = health(&gw)["tiers"]["primary"]["backend"]["details"]["endpoints"][2]["last_error"]
+        .to_string();
+    assert!(why.contains("timed out"), "{why}");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(frozen, libc::SIGCONT) }, 0);
+    let gw = tokio::task::spawn_blocking(move || {
+        wait_for("node-2 back after SIGCONT", Duration::from_secs(15), || {
+            endpoint_status(&gw, "primary")
+                .iter()
+                .any(|(n, s)| n == "node-2" && s == "up")
+        });
+        gw
+    })
+    .await
+    .unwrap();
     drop(restarted);
     drop(gw);
 }

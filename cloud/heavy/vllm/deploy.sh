@@ -63,7 +63,9 @@ echo "to jemma.toml:"
 cat <<TOML
 
 [tiers.heavy]
-first_token_timeout_secs = 1800.0  # a cold start (from zero, or a new instance) downloads and loads the model
+enabled = false                    # the tray's heavy toggle turns it on
+first_token_timeout_secs = 900.0   # a cold start downloads and loads the model; Cloud Run's request timeout
+                                   # (timeoutSeconds: 900 in service.yaml) ends any longer wait
 [[tiers.heavy.endpoints]]
 kind = "openai"
 url = "$URL/v1"

@@ -92,7 +92,8 @@ pub enum BackendError {
         status: u16,
         /// Its message.
         message: String,
-        /// Its `Retry-After` in seconds (the delay form; an HTTP date is not read), if it sent one.
+        /// Its `Retry-After` in seconds (either form: seconds, or an HTTP date, counted from now), if it
+        /// sent one.
         retry_after_secs: Option<u64>,
     },
     /// The answer broke off mid-way.
@@ -570,6 +571,18 @@ impl OpenAiBackend {
     }
 }
 
+/// A `Retry-After` value in seconds from `now`: its delay form (`120`) or its HTTP-date form
+/// (`Wed, 21 Oct 2026 07:28:00 GMT`, RFC 9110 §10.2.3), rounded up; a date already past is 0. None: neither.
+pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<u64> {
+    let v = value.trim();
+    if let Ok(secs) = v.parse::<u64>() {
+        return Some(secs);
+    }
+    let at = httpdate::parse_http_date(v).ok()?;
+    let d = at.duration_since(now).unwrap_or_default();
+    Some(d.as_secs() + u64::from(d.subsec_nanos() > 0))
+}
+
 /// Incremental server-sent-events parser: bytes in, `data:` payloads out.
 #[derive(Default)]
 pub struct SseParser {
@@ -637,7 +650,7 @@ impl Backend for OpenAiBackend {
                 .headers()
                 .get(reqwest::header::RETRY_AFTER)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.trim().parse::<u64>().ok());
+                .and_then(|v| retry_after(v, std::time::SystemTime::now()));
             let text = resp.text().await.unwrap_or_default();
             let message = serde_json::from_str::<Value>(&text)
                 .ok()
@@ -935,6 +948,15 @@ mod tests {
         let client = engine_error(EngineFailure::InvalidRequest("prompt too long".into()));
         assert_eq!(client, BackendError::BadRequest("prompt too long".into()));
         assert!(!client.is_tier_failure());
+    }
+
+    #[test]
+    fn retry_after_reads_both_forms() {
+        let now = httpdate::parse_http_date("Wed, 21 Oct 2026 07:28:00 GMT").unwrap();
+        assert_eq!(retry_after(" 120 ", now), Some(120));
+        assert_eq!(retry_after("Wed, 21 Oct 2026 07:28:30 GMT", now), Some(30));
+        assert_eq!(retry_after("Wed, 21 Oct 2026 07:27:00 GMT", now), Some(0));
+        assert_eq!(retry_after("soon", now), None);
     }
 
     #[test]

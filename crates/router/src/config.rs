@@ -288,7 +288,8 @@ pub struct TierConfig {
     pub endpoints: Vec<EndpointConfig>,
     /// Pools: seconds between active health probes of each endpoint.
     pub probe_interval_secs: f64,
-    /// Pools: consecutive failed probes (or one refused connection) that take an endpoint out.
+    /// Pools: consecutive failed probes that take an endpoint out (a request refused by it takes it out
+    /// at once).
     pub unhealthy_threshold: u32,
     /// Pools: consecutive answered probes that bring an endpoint back.
     pub healthy_threshold: u32,
@@ -527,8 +528,21 @@ impl Config {
 
 fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
     let err = |m: String| Err(RouterError::Config(format!("tiers.{t}: {m}")));
+    // What an upstream tier sets on itself belongs to each endpoint in a pool; left on the tier it would be
+    // silently ignored.
     if c.url.is_some() {
         return err("a pool lists its URLs in [[endpoints]]; remove the tier's own url".into());
+    }
+    if c.api_key.is_some() || c.kind == TierKind::Openai {
+        return err(
+            "a pool's keys and kinds go on its [[endpoints]]; remove the tier's own api_key and kind".into(),
+        );
+    }
+    if c.max_concurrency.is_some() {
+        return err(
+            "a pool runs what its endpoints run together; set max_concurrency on each [[endpoints]]"
+                .into(),
+        );
     }
     // NaN is not positive either.
     if c.probe_interval_secs.is_nan()
@@ -713,6 +727,14 @@ max_concurrency = 16
             (
                 "[tiers.fast]\nurl = \"http://b\"\n[[tiers.fast.endpoints]]\nurl = \"http://a\"\n",
                 "remove the tier's own url",
+            ),
+            (
+                "[tiers.fast]\napi_key = \"k\"\n[[tiers.fast.endpoints]]\nurl = \"http://a\"\n",
+                "remove the tier's own api_key",
+            ),
+            (
+                "[tiers.fast]\nmax_concurrency = 8\n[[tiers.fast.endpoints]]\nurl = \"http://a\"\n",
+                "set max_concurrency on each",
             ),
         ] {
             let e = Config::parse(bad).unwrap_err().to_string();
