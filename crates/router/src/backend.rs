@@ -106,6 +106,15 @@ impl BackendError {
     pub fn is_tier_failure(&self) -> bool {
         !matches!(self, BackendError::BadRequest(_))
     }
+
+    /// Whether the backend turned the request away as busy or rate limited (429): not failing, so no
+    /// breaker counts it.
+    pub fn is_throttle(&self) -> bool {
+        matches!(
+            self,
+            BackendError::Busy(_) | BackendError::Upstream { status: 429, .. }
+        )
+    }
 }
 
 /// Stream of chunks from a backend; dropping it cancels the work.

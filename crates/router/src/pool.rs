@@ -283,13 +283,6 @@ pub const BALANCE_REL: f64 = 1.5;
 /// The longest an upstream's `Retry-After` keeps an endpoint out, in seconds.
 pub const MAX_COOLDOWN_SECS: u64 = 300;
 
-fn is_throttle(e: &BackendError) -> bool {
-    matches!(
-        e,
-        BackendError::Upstream { status: 429, .. } | BackendError::Busy(_)
-    )
-}
-
 /// Weighted rendezvous (highest random weight) hashing: the endpoint that maximises `-w / ln(u)` where `u`
 /// is a uniform hash of (key, endpoint) — Schindelhauer and Schomaker, "Weighted distributed hash tables"
 /// (2005). Removing an endpoint moves only the conversations it held.
@@ -385,7 +378,7 @@ impl Inner {
         let ep = &self.endpoints[i];
         ep.note_error(&e.to_string());
         let tier = self.cfg.tier.clone();
-        if is_throttle(e) {
+        if e.is_throttle() {
             drop(permit);
             metrics::counter!("jemma_endpoint_requests_total", "tier" => tier, "endpoint" => ep.name.clone(), "status" => "throttled").increment(1);
         } else {
@@ -408,7 +401,7 @@ impl Inner {
             // endpoint out for a day.
             let s = s.min(MAX_COOLDOWN_SECS);
             *ep.cooldown.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((Instant::now() + Duration::from_secs(s), is_throttle(e)));
+                Some((Instant::now() + Duration::from_secs(s), e.is_throttle()));
         }
         // Taken out until a probe finds it answering; one that is never probed is judged by its breaker
         // alone.
@@ -506,7 +499,7 @@ impl Inner {
         if att.tried.is_empty() {
             att.throttled_only = true;
         }
-        att.throttled_only &= is_throttle(e);
+        att.throttled_only &= e.is_throttle();
         att.tried.push(i);
         att.last = Some(e.clone());
     }

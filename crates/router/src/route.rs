@@ -194,14 +194,6 @@ fn tier_key(req: &ChatRequest, answer: Option<&str>) -> Option<u64> {
 /// Waits that a backend bounds itself ([`Backend::manages_timeouts`]).
 const UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
 
-/// A tier that is busy or rate limited (429): turned away, not failing.
-fn is_throttle(e: &BackendError) -> bool {
-    matches!(
-        e,
-        BackendError::Busy(_) | BackendError::Upstream { status: 429, .. }
-    )
-}
-
 fn elapsed_ms(t: Instant) -> u64 {
     t.elapsed().as_millis() as u64
 }
@@ -664,7 +656,7 @@ impl TierRouter {
                         let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
-                    if is_throttle(&e) {
+                    if e.is_throttle() {
                         // Busy or rate limited: not a fault of the tier.
                         drop(permit);
                     } else {
@@ -859,7 +851,7 @@ impl TierRouter {
                         let _ = tx.send(Output::Error(client_error(&e))).await;
                         return;
                     }
-                    if is_throttle(&e) {
+                    if e.is_throttle() {
                         drop(permit);
                     } else {
                         permit.failure();
