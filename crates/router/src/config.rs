@@ -533,9 +533,12 @@ fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
     if c.url.is_some() {
         return err("a pool lists its URLs in [[endpoints]]; remove the tier's own url".into());
     }
-    if c.api_key.is_some() || c.kind == TierKind::Openai {
+    if c.api_key.is_some() {
+        return err("a pool's keys go on its [[endpoints]]; remove the tier's own api_key".into());
+    }
+    if c.kind == TierKind::Openai {
         return err(
-            "a pool's keys and kinds go on its [[endpoints]]; remove the tier's own api_key and kind".into(),
+            "a pool's endpoints say their own kind; remove the tier's kind = \"openai\"".into(),
         );
     }
     if c.max_concurrency.is_some() {

@@ -190,8 +190,10 @@ impl Endpoint {
     fn set_up(&self, tier: &str, up: bool, why: &str) {
         if self.up.swap(up, Ordering::SeqCst) != up {
             if up {
-                // It answers again: give it a clean record rather than wait out an old cooldown.
+                // It answers again: give it a clean record rather than wait out an old cooldown, and no
+                // error in /health that reads like a live fault.
                 self.breaker.reset();
+                *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
                 tracing::info!(%tier, endpoint = %self.name, "endpoint back in the pool");
             } else {
                 tracing::warn!(%tier, endpoint = %self.name, why, "endpoint out of the pool");

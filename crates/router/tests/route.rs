@@ -843,6 +843,8 @@ async fn pool_probes_take_an_endpoint_out_and_bring_it_back() {
     a.up.store(true, Ordering::SeqCst);
     p.probe_all().await;
     assert_eq!(status(&r), ["up", "up"]);
+    // Back in, with no old error left to read like a live fault.
+    assert!(r.status()[0].backend.details["endpoints"][0]["last_error"].is_null());
     let before = a.calls.load(Ordering::SeqCst);
     for i in 0..6 {
         collect(r.chat(request("primary", &format!("again {i}"))).unwrap()).await;
