@@ -55,12 +55,14 @@ cat >"$WORK/tailscale" <<SH
 #!/bin/sh
 echo "\$*" >>"$WORK/tailscale.calls"
 case "\$1" in
-  status) cat "$JEMMA_ROOT/crates/platform/tests/data/status-running.json" ;;
+  status) cat "$WORK/status.json" ;;
   serve) exit 0 ;;
   *) echo "unexpected: \$*" >&2; exit 2 ;;
 esac
 SH
 chmod +x "$WORK/tailscale"
+# The test adds a peer (another Jemma node on 127.0.0.2) to this status.
+cp "$JEMMA_ROOT/crates/platform/tests/data/status-running.json" "$WORK/status.json"
 # Screenshots go to a temp dir; JEMMA_SHOTS=docs/screenshots refreshes the ones the README shows.
 export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
 if [ "${JEMMA_E2E_PLANT_HANG:-}" = window ]; then
@@ -79,7 +81,7 @@ fi
 export JEMMA_E2E_STEP_FILE=$WORK/step
 echo "starting Xvfb, D-Bus and the keyring" >"$JEMMA_E2E_STEP_FILE"
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
-export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml
+export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml TAILSCALE_STATUS=$WORK/status.json
 export JEMMA_BIN=$JEMMA_ROOT/target/debug/jemma
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.

@@ -34,14 +34,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .iter()
         .filter(|p| p.online)
         .filter_map(|p| {
-            let ip = p.primary_ip()?;
-            let host = match ip {
-                std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-                v4 => v4.to_string(),
-            };
             Some(Candidate {
                 name: p.host_name.clone(),
-                url: format!("http://{host}:{}", args.port),
+                url: p.url(args.port)?,
             })
         })
         .collect();

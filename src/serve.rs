@@ -1,6 +1,7 @@
 //! `jemma serve`: the gateway on 127.0.0.1:8080 with the configured tiers.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -63,7 +64,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             Duration::from_secs_f64(cfg.server.keep_alive_secs),
         )
         .with_cors_origins(cfg.server.cors_origins.clone())
-        .with_access(crate::keys::access_policy(&cfg)?);
+        .with_access(crate::keys::access_policy(&cfg)?)
+        .with_membership(Arc::new(jemma_router::membership::Membership::new(
+            cfg.clone(),
+            Arc::new(|r: &str| jemma_platform::secrets::resolve(r)),
+        )));
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr)
             .await

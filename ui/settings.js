@@ -1,8 +1,9 @@
 // Jemma's Settings window. Talks to the Rust side only through window.__TAURI__.core.invoke:
 //   get_settings()                                 → {heavy_url, models:{fast, primary}, keep_alive,
-//                                                     secrets:{heavy_api_key: bool, hf_token: bool}}
+//                                                     peers:[{tier, node, url}],
+//                                                     secrets:{heavy_api_key: bool, hf_token: bool, peer_api_key: bool}}
 //   save_settings({settings:{heavy_url, models, keep_alive}})
-//   set_secret({name, value})                      name ∈ heavy_api_key | hf_token; value "" deletes
+//   set_secret({name, value})                      name ∈ heavy_api_key | hf_token | peer_api_key; value "" deletes
 // Stored secrets are never read back: only whether one is stored.
 'use strict';
 
@@ -12,6 +13,7 @@
   const SECRETS = {
     heavy_api_key: { input: 'heavy-api-key', state: 'heavy-api-key-state', clear: 'heavy-api-key-clear', label: 'Heavy-tier API key' },
     hf_token: { input: 'hf-token', state: 'hf-token-state', clear: 'hf-token-clear', label: 'Hugging Face token' },
+    peer_api_key: { input: 'peer-api-key', state: 'peer-api-key-state', clear: 'peer-api-key-clear', label: 'Key for other Jemma nodes' },
   };
   const KEEP_ALIVE_SECS = { '5m': 300, '30m': 1800, '-1': -1 };
 

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jemma_router::classify::Tier;
-use jemma_router::config::{Config, TierConfig, TierKind};
+use jemma_router::config::{Config, EndpointConfig, EndpointKind, TierConfig, TierKind};
+use jemma_router::discovery::{Candidate, PeerNode};
+use jemma_router::membership::Membership;
 use jemma_router::route::TierRouter;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
@@ -21,6 +23,39 @@ pub struct Settings {
     pub models: Models,
     /// Unload an idle model after this many seconds; -1 = never.
     pub keep_alive: i64,
+    /// Other Jemma nodes' tiers serving in this node's pools (the tray's Peers menu), joined again at
+    /// every start.
+    pub peers: Vec<JoinedPeer>,
+}
+
+/// A peer's tier that serves in this node's tier of the same name.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct JoinedPeer {
+    /// The tier (`fast`, `primary`, `heavy`): the peer's and this node's.
+    pub tier: String,
+    /// The peer's tailnet host name: the endpoint's name in `/health` and `_routing.endpoint`.
+    pub node: String,
+    /// Its gateway's base URL.
+    pub url: String,
+}
+
+/// Keychain account of the key this node sends to its peers (the Settings window stores it).
+pub const PEER_KEY_ACCOUNT: &str = "peer_api_key";
+
+/// The endpoint a joined peer is in a pool: a Jemma node asked for the same tier, with the key from
+/// `[peers] api_key`, else the keychain's `peer_api_key` when one is stored.
+pub fn peer_endpoint(p: &JoinedPeer, cfg: &Config, key_stored: bool) -> EndpointConfig {
+    EndpointConfig {
+        kind: Some(EndpointKind::Jemma),
+        name: Some(p.node.clone()),
+        url: Some(p.url.clone()),
+        api_key: cfg.peers.api_key.clone().or_else(|| {
+            key_stored.then(|| format!("keyring:{KEYCHAIN_SERVICE}/{PEER_KEY_ACCOUNT}"))
+        }),
+        model: Some(p.tier.clone()),
+        ..EndpointConfig::default()
+    }
 }
 
 /// Model per local tier.
@@ -48,6 +83,10 @@ pub struct Core {
     settings_path: PathBuf,
     /// Current settings.
     pub settings: Mutex<Settings>,
+    /// Adds peers' tiers to this node's pools while it serves.
+    membership: Arc<Membership>,
+    /// The configuration served (for `[peers]`).
+    cfg: Config,
 }
 
 /// Keychain service name for the app's secrets.
@@ -173,6 +212,22 @@ pub fn effective_config(
         );
     }
     cfg.apply_env(|k| std::env::var(k).ok())?;
+    // Peers joined from the tray serve in their tier's pool again; one whose tier is gone is skipped.
+    let key_stored = !settings.peers.is_empty()
+        && jemma_platform::secrets::Secrets::new(KEYCHAIN_SERVICE).is_set(PEER_KEY_ACCOUNT);
+    for p in &settings.peers {
+        let Ok(tier) = p.tier.parse::<Tier>() else {
+            continue;
+        };
+        let e = peer_endpoint(p, &cfg, key_stored);
+        match cfg.tiers.get_mut(&tier) {
+            Some(t) if !t.endpoints.iter().any(|x| x.label() == p.node) => t.join(e),
+            _ => {
+                tracing::warn!(tier = %p.tier, node = %p.node, "a joined peer's tier is not served here; skipped")
+            }
+        }
+    }
+    cfg.check()?;
     Ok(cfg)
 }
 
@@ -227,6 +282,10 @@ impl Core {
         } else {
             jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?
         };
+        let membership = Arc::new(Membership::new(
+            cfg.clone(),
+            Arc::new(|r: &str| jemma_platform::secrets::resolve(r)),
+        ));
         let state = jemma_gateway::AppState::new(
             router.clone(),
             cfg.limits.clone(),
@@ -234,8 +293,10 @@ impl Core {
             Duration::from_secs_f64(cfg.server.keep_alive_secs),
         )
         .with_cors_origins(cfg.server.cors_origins.clone())
-        .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?);
+        .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?)
+        .with_membership(membership.clone());
         let keys = state.access.keys.clone();
+        let _ = &membership;
         let host = cfg.server.host.clone();
         let listener = bind_gateway(
             || tokio::net::TcpListener::bind((host.as_str(), cfg.server.port)),
@@ -265,6 +326,8 @@ impl Core {
             served: Mutex::new(Some(served)),
             settings_path,
             settings: Mutex::new(settings),
+            membership,
+            cfg,
         }))
     }
 
@@ -284,12 +347,82 @@ impl Core {
         Ok(true)
     }
 
-    /// Saves new settings (applied at the next start: models and URLs change which engines run).
+    /// Saves new settings from the Settings window (applied at the next start: models and URLs change
+    /// which engines run). The joined peers are the tray's, not the window's: they are kept.
     pub fn save_settings(&self, s: Settings) -> anyhow::Result<()> {
-        std::fs::write(&self.settings_path, serde_json::to_string_pretty(&s)?)?;
-        if let Ok(mut cur) = self.settings.lock() {
-            *cur = s;
-        }
+        self.update_settings(|cur| {
+            let peers = std::mem::take(&mut cur.peers);
+            *cur = Settings { peers, ..s };
+        })
+    }
+
+    /// The Jemma nodes on the tailnet (its online machines that answer the `/health` handshake on
+    /// `[peers] port`). Errors: no Tailscale CLI, or not connected.
+    pub async fn find_peers(&self) -> anyhow::Result<Vec<PeerNode>> {
+        let port = self.cfg.peers.port;
+        let status = tokio::task::spawn_blocking(|| {
+            jemma_platform::tailscale::Tailscale::detect().and_then(|t| t.status())
+        })
+        .await??;
+        anyhow::ensure!(
+            status.is_running(),
+            "Tailscale is not connected ({})",
+            status.backend_state
+        );
+        let candidates: Vec<Candidate> = status
+            .peers
+            .iter()
+            .filter(|p| p.online)
+            .filter_map(|p| {
+                Some(Candidate {
+                    name: p.host_name.clone(),
+                    url: p.url(port)?,
+                })
+            })
+            .collect();
+        let timeout = Duration::from_secs_f64(self.cfg.peers.timeout_secs.max(0.1));
+        Ok(jemma_router::discovery::identify(&candidates, timeout).await)
+    }
+
+    /// Whether `node` serves in this node's `tier` pool now.
+    pub fn is_joined(&self, tier: Tier, node: &str) -> bool {
+        self.router.endpoints(tier).iter().any(|e| e == node)
+    }
+
+    /// `peer`'s tier joins this node's tier of the same name now (the tier becomes a pool if it is not
+    /// one) and at every later start. Call within the Tokio runtime.
+    pub fn join_peer(&self, peer: JoinedPeer) -> anyhow::Result<()> {
+        let tier: Tier = peer
+            .tier
+            .parse()
+            .map_err(|_| anyhow::anyhow!("unknown tier {}", peer.tier))?;
+        let key_stored =
+            jemma_platform::secrets::Secrets::new(KEYCHAIN_SERVICE).is_set(PEER_KEY_ACCOUNT);
+        let e = peer_endpoint(&peer, &self.cfg, key_stored);
+        self.membership.join(&self.router, tier, &e)?;
+        self.update_settings(|s| {
+            s.peers
+                .retain(|p| !(p.tier == peer.tier && p.node == peer.node));
+            s.peers.push(peer.clone());
+        })
+    }
+
+    /// `node` leaves this node's `tier` pool now and is not joined again at the next start.
+    pub fn leave_peer(&self, tier: Tier, node: &str) -> anyhow::Result<()> {
+        self.router.leave(tier, node)?;
+        self.update_settings(|s| {
+            s.peers
+                .retain(|p| !(p.tier == tier.as_str() && p.node == node))
+        })
+    }
+
+    fn update_settings(&self, f: impl FnOnce(&mut Settings)) -> anyhow::Result<()> {
+        let mut cur = self
+            .settings
+            .lock()
+            .map_err(|_| anyhow::anyhow!("settings poisoned"))?;
+        f(&mut cur);
+        std::fs::write(&self.settings_path, serde_json::to_string_pretty(&*cur)?)?;
         Ok(())
     }
 

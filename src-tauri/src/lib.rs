@@ -39,9 +39,11 @@ fn get_settings(core: CoreState<'_>) -> Result<Value, String> {
         "heavy_url": s.heavy_url,
         "models": s.models,
         "keep_alive": s.keep_alive,
+        "peers": s.peers,
         "secrets": {
             "heavy_api_key": secrets.is_set("heavy_api_key"),
             "hf_token": secrets.is_set("hf_token"),
+            "peer_api_key": secrets.is_set(crate::core::PEER_KEY_ACCOUNT),
         },
     }))
 }

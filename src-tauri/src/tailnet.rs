@@ -9,16 +9,7 @@ pub fn status_line() -> String {
         Ok(s) => s.summary(),
         Err(e) => {
             tracing::info!(error = %e, "tailscale status");
-            let msg = e.to_string();
-            let short: String = msg
-                .split([':', '('])
-                .next()
-                .unwrap_or(&msg)
-                .trim()
-                .chars()
-                .take(60)
-                .collect();
-            format!("Tailscale: {short}")
+            format!("Tailscale: {}", crate::tray::short_error(&e.to_string()))
         }
     }
 }

@@ -9,13 +9,30 @@ use jemma_router::breaker::BreakerState;
 use jemma_router::classify::Tier;
 use jemma_router::route::TierStatus;
 use sysinfo::{Pid, ProcessRefreshKind, ProcessesToUpdate, System};
-use tauri::menu::{CheckMenuItem, Menu, MenuItem, PredefinedMenuItem};
+use tauri::menu::{CheckMenuItem, Menu, MenuItem, PredefinedMenuItem, Submenu};
 use tauri::tray::TrayIconBuilder;
 use tauri::{AppHandle, Wry};
 use tauri_plugin_autostart::ManagerExt;
 use tauri_plugin_clipboard_manager::ClipboardExt;
 
-use crate::core::Core;
+use crate::core::{Core, JoinedPeer};
+
+/// A peer's tier offered in the Peers menu: checked while it serves in this node's tier of that name.
+#[derive(Clone)]
+struct Offer {
+    peer: JoinedPeer,
+    item: CheckMenuItem<Wry>,
+}
+
+/// The Peers submenu: "Find Jemma peers", then one check item per peer tier found (or joined).
+#[derive(Clone)]
+struct PeersMenu {
+    menu: Submenu<Wry>,
+    scan: MenuItem<Wry>,
+    offers: Arc<std::sync::Mutex<Vec<Offer>>>,
+    /// Bumped at each scan, so a new scan's item ids never repeat an old one's.
+    generation: Arc<std::sync::atomic::AtomicU64>,
+}
 
 /// Handles to the menu items that change.
 #[derive(Clone)]
@@ -28,6 +45,7 @@ pub struct TrayItems {
     autostart: CheckMenuItem<Wry>,
     tailnet: CheckMenuItem<Wry>,
     tailscale: MenuItem<Wry>,
+    peers: PeersMenu,
 }
 
 fn gib(b: u64) -> f64 {
@@ -49,10 +67,7 @@ pub fn tier_line(s: &TierStatus) -> String {
             other => other.to_string(),
         }
     };
-    let model = std::path::Path::new(&s.backend.model)
-        .file_name()
-        .map(|f| f.to_string_lossy().into_owned())
-        .unwrap_or_else(|| s.backend.model.clone());
+    let model = short_model(&s.backend.model);
     let tps = if s.backend.tokens_per_second > 0.0 {
         format!(" · {:.1} tok/s", s.backend.tokens_per_second)
     } else {
@@ -125,6 +140,13 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         false,
         None::<&str>,
     )?;
+    let scan = MenuItem::with_id(app, "peers-scan", "Find Jemma peers", true, None::<&str>)?;
+    let peers = PeersMenu {
+        menu: Submenu::with_id_and_items(app, "peers", "Peers", true, &[&scan])?,
+        scan,
+        offers: Arc::default(),
+        generation: Arc::default(),
+    };
     let chat = MenuItem::with_id(app, "chat", "Open Chat", true, None::<&str>)?;
     let settings = MenuItem::with_id(app, "settings", "Settings…", true, None::<&str>)?;
     let quit = MenuItem::with_id(app, "quit", "Quit Jemma", true, None::<&str>)?;
@@ -145,6 +167,7 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         &autostart,
         &tailnet,
         &tailscale,
+        &peers.menu,
         &s3,
         &chat,
         &settings,
@@ -160,6 +183,7 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         autostart,
         tailnet,
         tailscale,
+        peers,
     };
     let ts = handles.tailscale.clone();
     tauri::async_runtime::spawn_blocking(move || {
@@ -180,6 +204,7 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         .show_menu_on_left_click(true)
         .on_menu_event(move |app, event| on_menu(app, event.id().as_ref(), &c, &h))
         .build(app)?;
+    tauri::async_runtime::spawn(scan_peers(app.clone(), core.clone(), handles.peers.clone()));
     let app2 = app.clone();
     tauri::async_runtime::spawn(async move {
         let mut sys = System::new();
@@ -191,8 +216,123 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
     Ok(())
 }
 
+/// The last path of a model (a directory or repo), as the tier lines show it.
+fn short_model(model: &str) -> String {
+    std::path::Path::new(model)
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| model.to_string())
+}
+
+/// A menu line from an error: its first clause, at most 60 characters.
+pub fn short_error(msg: &str) -> String {
+    msg.split([':', '('])
+        .next()
+        .unwrap_or(msg)
+        .trim()
+        .chars()
+        .take(60)
+        .collect()
+}
+
+/// Finds the Jemma nodes on the tailnet and offers each tier of theirs that this node also has (and
+/// every peer joined before, found or not, so it can be left).
+async fn scan_peers(app: AppHandle, core: Arc<Core>, p: PeersMenu) {
+    let _ = p.scan.set_enabled(false);
+    let _ = p.scan.set_text("Finding Jemma peers…");
+    let found = core.find_peers().await;
+    let ours = core.router.tiers();
+    let mut offers: Vec<(JoinedPeer, String)> = vec![];
+    for n in found.as_deref().unwrap_or_default() {
+        for (t, pt) in &n.tiers {
+            let Ok(tier) = t.parse::<Tier>() else {
+                continue;
+            };
+            if !ours.contains(&tier) || !pt.enabled {
+                continue;
+            }
+            offers.push((
+                JoinedPeer {
+                    tier: t.clone(),
+                    node: n.name.clone(),
+                    url: n.url.clone(),
+                },
+                format!(
+                    "{} · {t} · {} · {}",
+                    n.name,
+                    short_model(&pt.model),
+                    pt.state
+                ),
+            ));
+        }
+    }
+    let joined = core
+        .settings
+        .lock()
+        .map(|s| s.peers.clone())
+        .unwrap_or_default();
+    for j in joined {
+        if !offers
+            .iter()
+            .any(|(o, _)| o.tier == j.tier && o.node == j.node)
+        {
+            let label = format!("{} · {} · not found", j.node, j.tier);
+            offers.push((j, label));
+        }
+    }
+    let generation = p
+        .generation
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut items = vec![];
+    for (i, (peer, label)) in offers.into_iter().enumerate() {
+        let checked = peer
+            .tier
+            .parse()
+            .is_ok_and(|t| core.is_joined(t, &peer.node));
+        match CheckMenuItem::with_id(
+            &app,
+            format!("peer-{generation}-{i}"),
+            label,
+            true,
+            checked,
+            None::<&str>,
+        ) {
+            Ok(item) => items.push(Offer { peer, item }),
+            Err(e) => tracing::warn!(error = %e, "peers menu item"),
+        }
+    }
+    let mut cur = p.offers.lock().unwrap_or_else(|e| e.into_inner());
+    for o in cur.drain(..) {
+        let _ = p.menu.remove(&o.item);
+    }
+    for o in &items {
+        let _ = p.menu.append(&o.item);
+    }
+    *cur = items;
+    let _ = p.scan.set_text(match &found {
+        Ok(nodes) => format!("Find Jemma peers · {} found", nodes.len()),
+        Err(e) => {
+            tracing::info!(error = %e, "finding peers");
+            format!("Find Jemma peers · {}", short_error(&e.to_string()))
+        }
+    });
+    let _ = p.scan.set_enabled(true);
+}
+
 fn refresh(app: &AppHandle, core: &Core, h: &TrayItems, sys: &mut System) {
     let status = core.router.status();
+    // A join that failed, or a peer that left some other way, shows unchecked.
+    for o in h
+        .peers
+        .offers
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        if let Ok(t) = o.peer.tier.parse() {
+            let _ = o.item.set_checked(core.is_joined(t, &o.peer.node));
+        }
+    }
     for (tier, item) in &h.tiers {
         if let Some(s) = status.iter().find(|s| s.tier == *tier) {
             let _ = item.set_text(tier_line(s));
@@ -329,6 +469,42 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
                     }
                 };
                 let _ = item.set_text(text);
+            });
+        }
+        "peers-scan" => {
+            tauri::async_runtime::spawn(scan_peers(app.clone(), core.clone(), h.peers.clone()));
+        }
+        id if id.starts_with("peer-") => {
+            let Some(o) = h
+                .peers
+                .offers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|o| o.item.id().as_ref() == id)
+                .cloned()
+            else {
+                return;
+            };
+            let want = o.item.is_checked().unwrap_or(false);
+            let core = core.clone();
+            let scan = h.peers.scan.clone();
+            // Within the runtime: a tier that becomes a pool starts its prober there.
+            tauri::async_runtime::spawn(async move {
+                let Ok(tier) = o.peer.tier.parse::<Tier>() else {
+                    return;
+                };
+                let node = o.peer.node.clone();
+                let r = if want {
+                    core.join_peer(o.peer)
+                } else {
+                    core.leave_peer(tier, &node)
+                };
+                if let Err(e) = r {
+                    tracing::warn!(%tier, %node, join = want, error = %e, "peer change failed");
+                    let _ = scan.set_text(format!("{node}: {}", short_error(&e.to_string())));
+                }
+                let _ = o.item.set_checked(core.is_joined(tier, &node));
             });
         }
         "chat" => crate::open_window(app, "chat"),

@@ -60,6 +60,48 @@ def wait_for(what, fn, timeout=30):
 # The app inherits HF_ENDPOINT through tauri-driver: its downloads go to the stand-in Hub.
 os.environ["HF_ENDPOINT"] = fake_hub.serve("jemma-test/gemma-4-tiny", str(pathlib.Path(__file__).parents[2] / "fixtures" / "tiny"))
 os.environ["HF_TOKEN"] = ""
+
+
+def start_peer():
+    """Another Jemma node on the tailnet: a real `jemma serve` (the tiny model as its fast and primary tiers)
+    on 127.0.0.2, listed by the stand-in `tailscale status` as the online machine "mini-2"; the app finds it
+    on the port its [peers] config names."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.2", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JEMMA_")}
+    root = pathlib.Path(__file__).parents[2]
+    proc = subprocess.Popen([os.environ["JEMMA_BIN"], "serve", "--model", str(root / "fixtures" / "tiny"),
+                             "--host", "127.0.0.2", "--port", str(port)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.2:{port}"
+
+    def ready():
+        if proc.poll() is not None:
+            raise SystemExit(f"FAIL the peer node exited with {proc.returncode}")
+        status, health = get_or_error(f"{url}/health")
+        return status == 200 and health["tiers"]["fast"]["backend"]["state"] == "ready"
+    wait_for("the peer node's /health", ready, timeout=60)
+    with open(os.environ["JEMMA_CONFIG"], "a") as f:
+        f.write(f"\n[peers]\nport = {port}\ntimeout_secs = 1\n")
+    status_path = pathlib.Path(os.environ["TAILSCALE_STATUS"])
+    status = json.loads(status_path.read_text())
+    status["Peer"]["nodekey:e2e-peer"] = {"HostName": "mini-2", "DNSName": "mini-2.tail1234.ts.net.",
+                                          "TailscaleIPs": ["127.0.0.2"], "Online": True, "OS": "macOS"}
+    status_path.write_text(json.dumps(status))
+    return proc, url
+
+
+def get_or_error(url):
+    try:
+        return get(url)
+    except OSError as e:
+        return 0, str(e)
+
+
+with step("a peer Jemma node on the tailnet", 90):
+    peer, peer_url = start_peer()
 with step("StatusNotifierWatcher on the session bus", 30):
     tray = Tray()
 drv, d = None, None
@@ -173,6 +215,44 @@ try:
         wait_for("tailscale serve off", lambda: "serve --https=443 off" in calls.read_text())
         check("turning it off runs tailscale serve off", True)
 
+    # --- peers: the tray finds the other Jemma node and lets its fast tier join this node's fast tier
+    with step('tray: a peer joins and leaves a tier', 90):
+        offer = wait_for("the peer offered in the Peers menu",
+                         lambda: next((l for l in tray.labels() if l.startswith("mini-2 · fast · ")), None))
+        labels = tray.labels()
+        check("tray: the Peers menu found one Jemma node", "Find Jemma peers · 1 found" in labels, labels)
+        check("tray: only tiers this node has are offered, and machines that are not Jemma nodes are not",
+              not any(l.startswith(("alices-iphone", "build-box")) for l in labels), labels)
+        check("tray: the peer is not joined yet", [i for i in tray.items() if i["label"] == offer][0]["toggle"] == 0)
+        tray.click(offer)
+
+        def members():
+            eps = get(f"{gw}/health")[1]["tiers"]["fast"]["backend"].get("details", {}).get("endpoints") or []
+            return [e["name"] for e in eps]
+        wait_for("the fast tier to become a pool with the peer", lambda: members() == ["local", "mini-2"])
+        check("the fast tier is a pool of this node's engine and the peer", True)
+        seen = set()
+        for i in range(12):
+            body = json.dumps({"model": "fast", "max_tokens": 2, "temperature": 0,
+                               "messages": [{"role": "user", "content": f"Peer question {i}"}]}).encode()
+            req = urllib.request.Request(f"{gw}/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=30) as r:
+                seen.add(json.loads(r.read())["_routing"].get("endpoint"))
+        check("requests are served by both this node and the peer", seen == {"local", "mini-2"}, seen)
+        check("the peer's fast tier answered some", get(f"{peer_url}/health")[1]["tiers"]["fast"]["served"] > 0)
+        check("the joined peer is remembered in the settings",
+              invoke("get_settings")["ok"]["peers"] == [{"tier": "fast", "node": "mini-2", "url": peer_url}])
+        wait_for("the tray check mark", lambda: [i for i in tray.items() if i["label"] == offer][0]["toggle"] == 1)
+        tray.click(offer)
+        wait_for("the peer to leave the fast tier", lambda: members() == ["local"])
+        check("unchecking it takes the peer out of the pool", True)
+        check("and out of the settings", invoke("get_settings")["ok"]["peers"] == [])
+        tray.click("Find Jemma peers")
+        wait_for("a second scan", lambda: "Find Jemma peers · 1 found" in tray.labels())
+        check("a rescan offers the peer again, unchecked",
+              [i for i in tray.items() if i["label"] == offer][0]["toggle"] == 0)
+
     # --- keychain: store a secret through the app and read it back from the Secret Service
     with step('keychain through the app', 60):
         r = invoke("set_secret", {"name": "heavy_api_key", "value": "sk-e2e-secret-123"})
@@ -218,3 +298,5 @@ finally:
             log(f"{e} (the driver's process group is killed instead)")
     if drv is not None:
         drv.kill()
+    if peer.poll() is None:
+        peer.kill()

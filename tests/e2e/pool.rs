@@ -607,3 +607,168 @@ async fn jemma_peers_finds_the_jemma_nodes_on_the_tailnet() {
     }
     drop(node);
 }
+
+/// `POST /admin/tiers/{tier}/endpoints` with `body`: (status, answer).
+async fn admin(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: String,
+    body: Option<Value>,
+) -> (u16, Value) {
+    let mut r = client.request(method, url);
+    if let Some(b) = body {
+        r = r.json(&b);
+    }
+    let r = r.send().await.unwrap();
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_joins_a_tier_and_leaves_it_while_the_gateway_serves() {
+    // Two real nodes; the first one's primary tier is its own engine until the second joins it.
+    let peer = node(vec![]).await;
+    let gw = node(vec![]).await;
+    let client = reqwest::Client::new();
+    let at = |p: &str| format!("{}/admin/tiers/{p}", gw.url);
+    let ask = |i: usize| {
+        json!({"model": "primary", "messages": [{"role": "user", "content": format!("Question {i}: say something.")}],
+               "max_tokens": 3, "temperature": 0})
+    };
+    let (status, v) = admin(
+        &client,
+        reqwest::Method::POST,
+        at("primary/endpoints"),
+        Some(json!({"kind": "jemma", "name": "mini-2", "url": peer.url, "max_concurrency": 2})),
+    )
+    .await;
+    assert_eq!(status, 201, "{v}");
+    assert_eq!(v["endpoints"], json!(["local", "mini-2"]), "{v}");
+    assert_eq!(
+        endpoint_status(&gw, "primary"),
+        vec![
+            ("local".to_string(), "up".to_string()),
+            ("mini-2".to_string(), "up".to_string())
+        ]
+    );
+    // Conversations spread over both (rendezvous hashing): 16 different ones all on one node would be a
+    // 1-in-32,768 chance.
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..16 {
+        let (_, routing, _) = complete(&client, &gw.url, &ask(i)).await.unwrap();
+        seen.insert(routing["endpoint"].as_str().unwrap_or("").to_string());
+    }
+    assert_eq!(
+        seen.into_iter().collect::<Vec<_>>(),
+        vec!["local", "mini-2"]
+    );
+    let served = |h: &Value| h["tiers"]["primary"]["served"].as_u64().unwrap_or(0);
+    assert!(served(&health(&peer)) > 0, "the peer answered nothing");
+
+    // What is refused, in the API's own shape.
+    for (body, why) in [
+        (
+            json!({"kind": "jemma", "name": "mini-2", "url": peer.url}),
+            "already has an endpoint",
+        ),
+        (
+            json!({"kind": "jemma", "url": peer.url, "weigth": 2}),
+            "unknown field",
+        ),
+        (json!({"kind": "local"}), "another node"),
+        (
+            json!({"kind": "jemma", "name": "x", "url": "ftp://nowhere"}),
+            "http(s)",
+        ),
+        (
+            json!({"kind": "jemma", "name": "x", "url": peer.url, "weight": 0}),
+            "weight",
+        ),
+    ] {
+        let (status, v) = admin(
+            &client,
+            reqwest::Method::POST,
+            at("primary/endpoints"),
+            Some(body),
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["error"]["message"].as_str().unwrap_or("").contains(why),
+            "{why}: {v}"
+        );
+    }
+    let (status, _) = admin(
+        &client,
+        reqwest::Method::POST,
+        at("heavy/endpoints"),
+        Some(json!({"kind": "jemma", "url": peer.url})),
+    )
+    .await;
+    assert_eq!(status, 404, "a tier this node does not have");
+
+    // It leaves: new requests stay here; leaving twice, or the last member leaving, is refused.
+    let (status, v) = admin(
+        &client,
+        reqwest::Method::DELETE,
+        at("primary/endpoints/mini-2"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["endpoints"], json!(["local"]));
+    assert_eq!(
+        endpoint_status(&gw, "primary"),
+        vec![("local".to_string(), "up".to_string())]
+    );
+    let before = served(&health(&peer));
+    for i in 16..22 {
+        let (_, routing, _) = complete(&client, &gw.url, &ask(i)).await.unwrap();
+        assert_eq!(routing["endpoint"], "local", "{routing}");
+    }
+    assert_eq!(
+        served(&health(&peer)),
+        before,
+        "a peer that left still got requests"
+    );
+    let (status, v) = admin(
+        &client,
+        reqwest::Method::DELETE,
+        at("primary/endpoints/mini-2"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (404, Some("endpoint_not_found")),
+        "{v}"
+    );
+    let (status, v) = admin(
+        &client,
+        reqwest::Method::DELETE,
+        at("primary/endpoints/local"),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("last endpoint"),
+        "{v}"
+    );
+    // Joining again after leaving works (a new member under the old name).
+    let (status, v) = admin(
+        &client,
+        reqwest::Method::POST,
+        at("primary/endpoints"),
+        Some(json!({"kind": "jemma", "name": "mini-2", "url": peer.url})),
+    )
+    .await;
+    assert_eq!(
+        (status, v["endpoints"].clone()),
+        (201, json!(["local", "mini-2"])),
+        "{v}"
+    );
+}

@@ -412,6 +412,81 @@ pub async fn set_tier_model(
         .into_response()
 }
 
+/// `POST /admin/tiers/{tier}/endpoints` with one `[[tiers.X.endpoints]]` entry as JSON (`kind` `jemma`
+/// or `openai`, `url`, `key`, `model`, `name`, `weight`, `max_concurrency`, `probe`): the endpoint joins
+/// the tier's pool now (a tier that is one backend becomes a pool of it and the newcomer), until the
+/// gateway stops or it leaves. 201 with the pool's members.
+pub async fn join_endpoint(
+    State(state): State<AppState>,
+    Path(tier): Path<String>,
+    body: Body,
+) -> Response {
+    let Ok(tier) = tier.parse::<Tier>() else {
+        return ApiError(RouterError::UnknownModel(tier)).into_response();
+    };
+    let Some(m) = state.membership.clone() else {
+        return ApiError(RouterError::InvalidRequest {
+            message: "this gateway does not take endpoints at run time".into(),
+            param: None,
+        })
+        .into_response();
+    };
+    let e: jemma_router::config::EndpointConfig = match to_bytes(body, 16 * 1024)
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()))
+    {
+        Ok(e) => e,
+        Err(why) => {
+            return ApiError(RouterError::InvalidRequest {
+                message: format!("expected one endpoint as JSON (kind, url, key, model, name, weight, max_concurrency, probe): {why}"),
+                param: None,
+            })
+            .into_response();
+        }
+    };
+    match m.join(&state.router, tier, &e) {
+        Ok(name) => (
+            StatusCode::CREATED,
+            axum::Json(
+                json!({"tier": tier, "endpoint": name, "endpoints": state.router.endpoints(tier)}),
+            ),
+        )
+            .into_response(),
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
+/// `DELETE /admin/tiers/{tier}/endpoints/{name}`: the endpoint leaves the tier's pool (its running
+/// answers finish). 404 when it is not a member.
+pub async fn leave_endpoint(
+    State(state): State<AppState>,
+    Path((tier, name)): Path<(String, String)>,
+) -> Response {
+    let Ok(tier) = tier.parse::<Tier>() else {
+        return ApiError(RouterError::UnknownModel(tier)).into_response();
+    };
+    match state.router.leave(tier, &name) {
+        Ok(true) => axum::Json(
+            json!({"tier": tier, "removed": name, "endpoints": state.router.endpoints(tier)}),
+        )
+        .into_response(),
+        Ok(false) => {
+            let body = ErrorResponse {
+                error: ErrorObject {
+                    message: format!("the {tier} tier has no endpoint named {name}"),
+                    kind: "invalid_request_error".into(),
+                    param: Some("name".into()),
+                    code: Some("endpoint_not_found".into()),
+                    fallback: None,
+                },
+            };
+            (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+        }
+        Err(e) => ApiError(e).into_response(),
+    }
+}
+
 /// Unknown paths: OpenAI-style 404.
 pub async fn not_found() -> Response {
     let body = ErrorResponse {

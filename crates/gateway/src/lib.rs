@@ -38,6 +38,8 @@ pub struct AppState {
     pub cors_origins: Vec<String>,
     /// Keys and rate limits.
     pub access: auth::AccessPolicy,
+    /// Adds endpoints to tiers' pools at run time (`/admin/tiers/{tier}/endpoints`); None: not offered.
+    pub membership: Option<Arc<jemma_router::membership::Membership>>,
     limiters: Arc<auth::Limiters>,
     metrics: PrometheusHandle,
 }
@@ -78,8 +80,19 @@ impl AppState {
             cors_origins: vec!["tauri://localhost".into(), "http://tauri.localhost".into()],
             limiters: Arc::new(auth::Limiters::new(&auth::AccessPolicy::default())),
             access: auth::AccessPolicy::default(),
+            membership: None,
             metrics: prometheus(),
         }
+    }
+
+    /// Offers `POST /admin/tiers/{tier}/endpoints` and `DELETE /admin/tiers/{tier}/endpoints/{name}`,
+    /// building joined endpoints as `membership`'s configuration says.
+    pub fn with_membership(
+        mut self,
+        membership: Arc<jemma_router::membership::Membership>,
+    ) -> Self {
+        self.membership = Some(membership);
+        self
     }
 
     /// Replaces the key/rate-limit policy.
@@ -151,6 +164,14 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
         .route("/admin/tiers/{tier}/model", post(handlers::set_tier_model))
+        .route(
+            "/admin/tiers/{tier}/endpoints",
+            post(handlers::join_endpoint),
+        )
+        .route(
+            "/admin/tiers/{tier}/endpoints/{name}",
+            axum::routing::delete(handlers::leave_endpoint),
+        )
         .fallback(handlers::not_found)
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

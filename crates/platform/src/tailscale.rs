@@ -221,6 +221,15 @@ impl Peer {
     pub fn primary_ip(&self) -> Option<IpAddr> {
         first_ipv4(&self.ips)
     }
+
+    /// `http://<its address>:<port>`: where a gateway listening on `port` there is reached over the
+    /// tailnet (IPv6 in brackets). None without an address.
+    pub fn url(&self, port: u16) -> Option<String> {
+        Some(match self.primary_ip()? {
+            IpAddr::V6(v6) => format!("http://[{v6}]:{port}"),
+            v4 => format!("http://{v4}:{port}"),
+        })
+    }
 }
 
 /// The first IPv4 address of `ips`, else the first address (Tailscale lists IPv4 first; URLs read better

@@ -274,6 +274,10 @@ pub trait Backend: Send + Sync + 'static {
     fn manages_timeouts(&self) -> bool {
         false
     }
+    /// This backend as a pool, when it is one (so that endpoints can join and leave it at run time).
+    fn as_pool(&self) -> Option<&crate::pool::Pool> {
+        None
+    }
     /// Resolves once this backend's engine has stopped and released its memory, after every handle to it
     /// is dropped (immediately for backends without one).
     fn stopped(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {

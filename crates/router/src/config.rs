@@ -33,6 +33,32 @@ pub struct Config {
     pub memory: MemorySettings,
     /// Where local models come from (catalog, Hugging Face downloads).
     pub models: ModelsSettings,
+    /// Other Jemma nodes on the tailnet.
+    pub peers: PeersSettings,
+}
+
+/// `[peers]`: finding other Jemma nodes on the tailnet and calling them (the app's Peers menu).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeersSettings {
+    /// The port other nodes' gateways listen on (default 8080).
+    pub port: u16,
+    /// Seconds each machine has to answer the `/health` handshake (default 2).
+    pub timeout_secs: f64,
+    /// Bearer key sent to a peer that joins a pool from the tray: a literal, `env:VAR` or
+    /// `keyring:SERVICE/ACCOUNT` (the app's default: its keychain's `peer_api_key`, when set). A peer that
+    /// requires keys refuses calls without it.
+    pub api_key: Option<String>,
+}
+
+impl Default for PeersSettings {
+    fn default() -> Self {
+        Self {
+            port: 8080,
+            timeout_secs: 2.0,
+            api_key: None,
+        }
+    }
 }
 
 /// A byte count: an integer, or a string with a unit (`"12GiB"`, `"512 MiB"`, `"8GB"`).
@@ -340,6 +366,21 @@ fn yes() -> bool {
     true
 }
 
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        Self {
+            kind: None,
+            name: None,
+            url: None,
+            api_key: None,
+            model: None,
+            weight: 1.0,
+            max_concurrency: None,
+            probe: true,
+        }
+    }
+}
+
 fn one() -> f64 {
     1.0
 }
@@ -379,6 +420,34 @@ impl EndpointConfig {
 }
 
 impl TierConfig {
+    /// Adds `endpoint` to this tier's pool; a tier that is one backend becomes a pool of it and the
+    /// newcomer first (its local engine, or its upstream, unprobed as it was before: a Cloud Run
+    /// service must not be kept awake). What the tier set on its one backend (url, key,
+    /// max_concurrency) moves onto that first endpoint, as [`Config::check`] wants of a pool.
+    pub fn join(&mut self, endpoint: EndpointConfig) {
+        if self.endpoints.is_empty() {
+            let own = match self.kind {
+                TierKind::Local => EndpointConfig {
+                    kind: Some(EndpointKind::Local),
+                    max_concurrency: self.max_concurrency.take(),
+                    ..EndpointConfig::default()
+                },
+                TierKind::Openai => EndpointConfig {
+                    kind: Some(EndpointKind::Openai),
+                    url: self.url.take(),
+                    api_key: self.api_key.take(),
+                    model: Some(self.model.clone()).filter(|m| !m.is_empty()),
+                    max_concurrency: Some(self.max_concurrency.take().unwrap_or(1)),
+                    probe: false,
+                    ..EndpointConfig::default()
+                },
+            };
+            self.kind = TierKind::Local;
+            self.endpoints.push(own);
+        }
+        self.endpoints.push(endpoint);
+    }
+
     /// Requests run at once: `max_concurrency` when set, else 4 for a local tier (both engines decode the
     /// running requests together, and a decode step reads every weight once whatever the batch, so 4
     /// sequences cost little more than one while the KV cache reserved grows with each: llama-server's
@@ -667,6 +736,65 @@ first_token_timeout_secs = 600
             Config::parse("[tiers.huge]\nmodel = \"x\"\n").is_err(),
             "unknown tier names are errors"
         );
+    }
+
+    #[test]
+    fn the_documented_example_config_parses() {
+        let c = Config::parse(include_str!("../../../docs/jemma.example.toml")).unwrap();
+        assert_eq!(c.peers.port, 8080);
+        assert_eq!(c.tiers.len(), 3);
+    }
+
+    #[test]
+    fn a_peer_joining_makes_a_tier_a_pool_that_passes_the_checks() {
+        let mut c = Config::parse(
+            "[tiers.primary]\nmodel = \"/m/e4b\"\nmax_concurrency = 3\n\
+             [tiers.heavy]\nkind = \"openai\"\nurl = \"https://heavy.run.app\"\napi_key = \"env:K\"\nmodel = \"gemma-4-26b-a4b\"\n",
+        )
+        .unwrap();
+        let peer = |name: &str| EndpointConfig {
+            kind: Some(EndpointKind::Jemma),
+            name: Some(name.into()),
+            url: Some("http://100.1.2.3:8080".into()),
+            ..EndpointConfig::default()
+        };
+        for t in [Tier::Primary, Tier::Heavy] {
+            c.tiers.get_mut(&t).unwrap().join(peer("mini-2"));
+        }
+        c.tiers
+            .get_mut(&Tier::Primary)
+            .unwrap()
+            .join(peer("mini-3"));
+        c.check().unwrap();
+        let p = &c.tiers[&Tier::Primary];
+        assert_eq!(
+            p.endpoints
+                .iter()
+                .map(EndpointConfig::label)
+                .collect::<Vec<_>>(),
+            ["local", "mini-2", "mini-3"]
+        );
+        // The engine keeps its concurrency; the tier runs what all three do.
+        assert_eq!(p.endpoints[0].max_concurrency, Some(3));
+        assert_eq!(p.concurrency(), 3 + 4 + 4);
+        let h = &c.tiers[&Tier::Heavy];
+        let own = &h.endpoints[0];
+        assert_eq!(
+            (
+                own.kind(),
+                own.url.as_deref(),
+                own.api_key.as_deref(),
+                own.probe
+            ),
+            (
+                EndpointKind::Openai,
+                Some("https://heavy.run.app"),
+                Some("env:K"),
+                false
+            ),
+            "the upstream moves onto its endpoint, unprobed as before"
+        );
+        assert_eq!(own.model.as_deref(), Some("gemma-4-26b-a4b"));
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::hash::{Hash, Hasher};
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -131,6 +131,9 @@ struct Endpoint {
     epoch: AtomicU64,
     served: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// Left the pool ([`Pool::remove_endpoint`]): never chosen again. Kept in place so that the indices
+    /// held by affinity entries and running requests stay valid.
+    removed: AtomicBool,
 }
 
 impl Endpoint {
@@ -164,9 +167,12 @@ impl Endpoint {
         )
     }
 
-    /// Up, not cooling down, breaker not refusing.
+    /// A member, up, not cooling down, breaker not refusing.
     fn eligible(&self, now: Instant) -> bool {
-        self.up.load(Ordering::Relaxed) && self.cooling(now).is_none() && !self.breaker_open()
+        !self.removed.load(Ordering::Relaxed)
+            && self.up.load(Ordering::Relaxed)
+            && self.cooling(now).is_none()
+            && !self.breaker_open()
     }
 
     fn load(&self) -> f64 {
@@ -218,7 +224,9 @@ impl Endpoint {
 
 struct Inner {
     cfg: PoolConfig,
-    endpoints: Vec<Endpoint>,
+    /// Append-only (an endpoint that leaves is marked [`Endpoint::removed`]), so an index stays valid for
+    /// the pool's life; replaced whole when one joins, so readers take a cheap snapshot ([`Inner::eps`]).
+    endpoints: RwLock<Arc<Vec<Arc<Endpoint>>>>,
     /// Conversation key → the endpoint that last answered it.
     affinity: Mutex<lru::LruCache<u64, usize>>,
     /// Signalled whenever an endpoint slot frees.
@@ -230,12 +238,12 @@ struct Inner {
 /// A reserved endpoint slot; given back (and waiters woken) when dropped.
 struct Lease {
     inner: Arc<Inner>,
-    index: usize,
+    ep: Arc<Endpoint>,
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let ep = &self.inner.endpoints[self.index];
+        let ep = &self.ep;
         ep.outstanding.fetch_sub(1, Ordering::AcqRel);
         metrics::gauge!("jemma_endpoint_in_flight", "tier" => self.inner.cfg.tier.clone(), "endpoint" => ep.name.clone()).decrement(1.0);
         self.inner.freed.notify_waiters();
@@ -288,7 +296,7 @@ pub const MAX_COOLDOWN_SECS: u64 = 300;
 /// Weighted rendezvous (highest random weight) hashing: the endpoint that maximises `-w / ln(u)` where `u`
 /// is a uniform hash of (key, endpoint) — Schindelhauer and Schomaker, "Weighted distributed hash tables"
 /// (2005). Removing an endpoint moves only the conversations it held.
-fn rendezvous(key: u64, endpoints: &[Endpoint], among: &[usize]) -> Option<usize> {
+fn rendezvous(key: u64, endpoints: &[Arc<Endpoint>], among: &[usize]) -> Option<usize> {
     among.iter().copied().max_by(|&a, &b| {
         let score = |i: usize| {
             let mut h = std::collections::hash_map::DefaultHasher::new();
@@ -301,21 +309,28 @@ fn rendezvous(key: u64, endpoints: &[Endpoint], among: &[usize]) -> Option<usize
 }
 
 impl Inner {
+    /// The endpoints now (those that left included, marked).
+    fn eps(&self) -> Arc<Vec<Arc<Endpoint>>> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here).
     fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool) -> Choice {
         let now = Instant::now();
-        let eligible: Vec<usize> = (0..self.endpoints.len())
+        let eps = self.eps();
+        let eligible: Vec<usize> = (0..eps.len())
             .filter(|&i| {
-                let e = &self.endpoints[i];
+                let e = &eps[i];
                 !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
             })
             .collect();
         if eligible.is_empty() {
             return Choice::NoneLeft;
         }
-        let free = |i: usize| {
-            self.endpoints[i].outstanding.load(Ordering::Relaxed) < self.endpoints[i].limit()
-        };
+        let free = |i: usize| eps[i].outstanding.load(Ordering::Relaxed) < eps[i].limit();
         if let Some(k) = key {
             let remembered = self
                 .affinity
@@ -329,12 +344,12 @@ impl Inner {
             // not pin one endpoint while others idle).
             let least = eligible
                 .iter()
-                .map(|&i| self.endpoints[i].outstanding.load(Ordering::Relaxed))
+                .map(|&i| eps[i].outstanding.load(Ordering::Relaxed))
                 .min()
                 .unwrap_or(0);
-            if let Some(p) = remembered.or_else(|| rendezvous(k, &self.endpoints, &eligible))
+            if let Some(p) = remembered.or_else(|| rendezvous(k, &eps, &eligible))
                 && free(p)
-                && !imbalanced(self.endpoints[p].outstanding.load(Ordering::Relaxed), least)
+                && !imbalanced(eps[p].outstanding.load(Ordering::Relaxed), least)
             {
                 return Choice::Go(p);
             }
@@ -345,11 +360,7 @@ impl Inner {
         (0..n)
             .map(|j| eligible[(start + j) % n])
             .filter(|&i| free(i))
-            .min_by(|&a, &b| {
-                self.endpoints[a]
-                    .load()
-                    .total_cmp(&self.endpoints[b].load())
-            })
+            .min_by(|&a, &b| eps[a].load().total_cmp(&eps[b].load()))
             .map_or(Choice::Wait, Choice::Go)
     }
 
@@ -357,7 +368,7 @@ impl Inner {
     /// seconds.
     fn soonest_secs(&self) -> Option<u64> {
         let now = Instant::now();
-        self.endpoints
+        self.eps()
             .iter()
             .filter_map(|e| {
                 let b = e
@@ -377,7 +388,7 @@ impl Inner {
     /// Records a tier failure of endpoint `i`: its breaker, its cooldown, taking it out when it cannot be
     /// reached.
     fn failed(&self, i: usize, permit: Option<Permit>, e: &BackendError) {
-        let ep = &self.endpoints[i];
+        let ep = self.eps()[i].clone();
         ep.note_error(&e.to_string());
         let tier = self.cfg.tier.clone();
         if e.is_throttle() {
@@ -442,14 +453,14 @@ impl Inner {
                 }
                 Choice::NoneLeft => return Err(self.exhausted(att, !req.forwarded)),
             };
-            let ep = &self.endpoints[i];
+            let ep = self.eps()[i].clone();
             if !ep.reserve() {
                 continue;
             }
             metrics::gauge!("jemma_endpoint_in_flight", "tier" => self.cfg.tier.clone(), "endpoint" => ep.name.clone()).increment(1.0);
             let lease = Lease {
                 inner: self.clone(),
-                index: i,
+                ep: ep.clone(),
             };
             let Ok(permit) = ep.breaker.try_acquire() else {
                 att.tried.push(i);
@@ -488,7 +499,7 @@ impl Inner {
     }
 
     fn record(&self, att: &mut Attempts, i: usize, e: &BackendError, sent_chars: usize) {
-        let name = &self.endpoints[i].name;
+        let name = &self.eps()[i].name;
         tracing::warn!(tier = %self.cfg.tier, endpoint = %name, error = %e, "endpoint failed, trying another");
         att.retries.push((
             name.clone(),
@@ -511,10 +522,11 @@ impl Inner {
         let now = Instant::now();
         // Every endpoint left untried is cooling down after a 429 (and every one tried throttled too):
         // the pool is rate limited, not failing, and says so (429) rather than 503.
-        let untried: Vec<&Endpoint> = (0..self.endpoints.len())
+        let eps = self.eps();
+        let untried: Vec<&Arc<Endpoint>> = (0..eps.len())
             .filter(|i| !att.tried.contains(i))
-            .map(|i| &self.endpoints[i])
-            .filter(|e| peers || !e.backend.is_peer())
+            .map(|i| &eps[i])
+            .filter(|e| !e.removed.load(Ordering::Relaxed) && (peers || !e.backend.is_peer()))
             .collect();
         let throttled = (att.retries.is_empty() || att.throttled_only)
             && untried.iter().all(|e| e.throttled(now))
@@ -590,7 +602,7 @@ impl Inner {
                             stop_sequence,
                             ..
                         } => {
-                            let ep = &self.endpoints[index];
+                            let ep = self.eps()[index].clone();
                             if let Some(p) = run.permit.take() {
                                 p.success();
                             }
@@ -681,35 +693,36 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+fn endpoint(cfg: &PoolConfig, s: EndpointSpec) -> Arc<Endpoint> {
+    metrics::gauge!("jemma_endpoint_up", "tier" => cfg.tier.clone(), "endpoint" => s.name.clone())
+        .set(1.0);
+    Arc::new(Endpoint {
+        breaker: CircuitBreaker::new(cfg.breaker.clone()),
+        name: s.name,
+        backend: s.backend,
+        weight: s.weight,
+        max_concurrency: s.max_concurrency.max(1),
+        probe: s.probe,
+        outstanding: AtomicUsize::new(0),
+        up: AtomicBool::new(true),
+        probe_failures: AtomicU32::new(0),
+        probe_successes: AtomicU32::new(0),
+        cooldown: Mutex::new(None),
+        epoch: AtomicU64::new(0),
+        served: AtomicU64::new(0),
+        last_error: Mutex::new(None),
+        removed: AtomicBool::new(false),
+    })
+}
+
 impl Pool {
     /// A pool of `endpoints` (at least one); starts its prober when called within a Tokio runtime.
     pub fn new(cfg: PoolConfig, endpoints: Vec<EndpointSpec>) -> Self {
         let entries = NonZeroUsize::new(cfg.affinity_entries.max(1)).unwrap_or(NonZeroUsize::MIN);
-        let endpoints = endpoints
-            .into_iter()
-            .map(|s| {
-                metrics::gauge!("jemma_endpoint_up", "tier" => cfg.tier.clone(), "endpoint" => s.name.clone()).set(1.0);
-                Endpoint {
-                    breaker: CircuitBreaker::new(cfg.breaker.clone()),
-                    name: s.name,
-                    backend: s.backend,
-                    weight: s.weight,
-                    max_concurrency: s.max_concurrency.max(1),
-                    probe: s.probe,
-                    outstanding: AtomicUsize::new(0),
-                    up: AtomicBool::new(true),
-                    probe_failures: AtomicU32::new(0),
-                    probe_successes: AtomicU32::new(0),
-                    cooldown: Mutex::new(None),
-                    epoch: AtomicU64::new(0),
-                    served: AtomicU64::new(0),
-                    last_error: Mutex::new(None),
-                }
-            })
-            .collect();
+        let endpoints = endpoints.into_iter().map(|s| endpoint(&cfg, s)).collect();
         let inner = Arc::new(Inner {
             cfg,
-            endpoints,
+            endpoints: RwLock::new(Arc::new(endpoints)),
             affinity: Mutex::new(lru::LruCache::new(entries)),
             freed: Notify::new(),
             turn: AtomicUsize::new(0),
@@ -724,6 +737,80 @@ impl Pool {
     pub async fn probe_all(&self) {
         probe_once(&self.inner).await;
     }
+
+    /// Adds an endpoint while the pool serves (a peer's tier joining): it takes requests at once and is
+    /// probed like the others. Rendezvous hashing moves to it only its share of conversations.
+    ///
+    /// Errors: an endpoint of that name is already a member.
+    pub fn add_endpoint(&self, spec: EndpointSpec) -> Result<(), String> {
+        let mut eps = self
+            .inner
+            .endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
+        if eps
+            .iter()
+            .any(|e| e.name == spec.name && !e.removed.load(Ordering::Relaxed))
+        {
+            return Err(format!(
+                "the {} pool already has an endpoint named {}",
+                self.inner.cfg.tier, spec.name
+            ));
+        }
+        tracing::info!(tier = %self.inner.cfg.tier, endpoint = %spec.name, "endpoint joined the pool");
+        let mut next = eps.as_ref().clone();
+        next.push(endpoint(&self.inner.cfg, spec));
+        *eps = Arc::new(next);
+        drop(eps);
+        // Requests waiting for a free slot may take one of the newcomer's.
+        self.inner.freed.notify_waiters();
+        Ok(())
+    }
+
+    /// Takes the endpoint named `name` out for good: it gets no new requests; the ones it runs finish.
+    /// Returns its `max_concurrency`, or None when no member has that name.
+    ///
+    /// Errors: `name` is the last member (a pool serves through at least one).
+    pub fn remove_endpoint(&self, name: &str) -> Result<Option<usize>, String> {
+        let eps = self.inner.eps();
+        let members: Vec<&Arc<Endpoint>> = eps
+            .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
+            .collect();
+        let Some(ep) = members.iter().find(|e| e.name == name) else {
+            return Ok(None);
+        };
+        if members.len() == 1 {
+            return Err(format!(
+                "{name} is the last endpoint of the {} pool",
+                self.inner.cfg.tier
+            ));
+        }
+        ep.removed.store(true, Ordering::SeqCst);
+        metrics::gauge!("jemma_endpoint_up", "tier" => self.inner.cfg.tier.clone(), "endpoint" => name.to_string()).set(0.0);
+        tracing::info!(tier = %self.inner.cfg.tier, endpoint = %name, "endpoint left the pool");
+        Ok(Some(ep.max_concurrency))
+    }
+
+    /// The members' names, in the order they joined.
+    pub fn endpoint_names(&self) -> Vec<String> {
+        self.inner
+            .eps()
+            .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
+            .map(|e| e.name.clone())
+            .collect()
+    }
+
+    /// The members' request capacity together (what the tier above may send at once).
+    pub fn max_concurrency(&self) -> usize {
+        self.inner
+            .eps()
+            .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
+            .map(|e| e.max_concurrency)
+            .sum()
+    }
 }
 
 async fn probe_once(inner: &Inner) {
@@ -731,7 +818,11 @@ async fn probe_once(inner: &Inner) {
         .cfg
         .probe_interval
         .clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let probed: Vec<&Endpoint> = inner.endpoints.iter().filter(|e| e.probe).collect();
+    let eps = inner.eps();
+    let probed: Vec<&Arc<Endpoint>> = eps
+        .iter()
+        .filter(|e| e.probe && !e.removed.load(Ordering::Relaxed))
+        .collect();
     let epochs: Vec<u64> = probed
         .iter()
         .map(|e| e.epoch.load(Ordering::SeqCst))
@@ -779,7 +870,13 @@ async fn probe_loop(inner: Weak<Inner>) {
 #[async_trait]
 impl Backend for Pool {
     fn model(&self) -> String {
-        self.inner.endpoints[0].backend.model()
+        let eps = self.inner.eps();
+        // The first member's model (this node's engine, when it is one).
+        eps.iter()
+            .find(|e| !e.removed.load(Ordering::Relaxed))
+            .unwrap_or(&eps[0])
+            .backend
+            .model()
     }
 
     async fn start(
@@ -805,7 +902,11 @@ impl Backend for Pool {
 
     fn health(&self) -> BackendHealth {
         let now = Instant::now();
-        let eps = &self.inner.endpoints;
+        let all = self.inner.eps();
+        let eps: Vec<&Arc<Endpoint>> = all
+            .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
+            .collect();
         let healths: Vec<BackendHealth> = eps.iter().map(|e| e.backend.health()).collect();
         let serving: Vec<usize> = (0..eps.len()).filter(|&i| eps[i].eligible(now)).collect();
         let state = if serving
@@ -865,17 +966,17 @@ impl Backend for Pool {
         let now = Instant::now();
         Some(
             self.inner
-                .endpoints
+                .eps()
                 .iter()
                 .filter(|e| e.eligible(now))
-                .map(Endpoint::limit)
+                .map(|e| e.limit())
                 .sum::<usize>()
                 .max(1),
         )
     }
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
-        for e in &self.inner.endpoints {
+        for e in self.inner.eps().iter() {
             if let Some(r) = e.backend.count_tokens(req).await {
                 return Some(r);
             }
@@ -885,7 +986,7 @@ impl Backend for Pool {
 
     async fn probe(&self) -> Result<(), BackendError> {
         let now = Instant::now();
-        if self.inner.endpoints.iter().any(|e| e.eligible(now)) {
+        if self.inner.eps().iter().any(|e| e.eligible(now)) {
             Ok(())
         } else {
             Err(BackendError::Unavailable(format!(
@@ -899,10 +1000,29 @@ impl Backend for Pool {
         true
     }
 
+    fn as_pool(&self) -> Option<&Pool> {
+        Some(self)
+    }
+
+    async fn set_model(&self, model: &str) -> Result<(), BackendError> {
+        // This node's engine is the member whose model can change; the others are set where they run.
+        let eps = self.inner.eps();
+        let mut first = None;
+        for e in eps.iter().filter(|e| !e.removed.load(Ordering::Relaxed)) {
+            match e.backend.set_model(model).await {
+                Ok(()) => return Ok(()),
+                Err(err) => {
+                    first.get_or_insert(err);
+                }
+            }
+        }
+        Err(first.unwrap_or_else(|| BackendError::BadRequest("the pool has no endpoint".into())))
+    }
+
     fn stopped(&self) -> Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
         let all: Vec<_> = self
             .inner
-            .endpoints
+            .eps()
             .iter()
             .map(|e| e.backend.stopped())
             .collect();

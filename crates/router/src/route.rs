@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -19,7 +19,7 @@ use crate::classify::{
     Classifier, ClassifierConfig, ClassifyError, ClassifyInput, Decision, Rule, Tier,
     fallback_chain,
 };
-use crate::pool::conversation_key;
+use crate::pool::{EndpointSpec, Pool, PoolConfig, conversation_key};
 
 /// What the client receives, in order: answer pieces, then exactly one `End` (or an `Error` when nothing
 /// could answer).
@@ -68,7 +68,12 @@ pub struct TierSettings {
 
 struct TierSlot {
     tier: Tier,
-    backend: Arc<dyn Backend>,
+    /// Replaced when the tier becomes a pool at run time ([`TierRouter::join`]); a request holds the one
+    /// it started on.
+    backend: std::sync::RwLock<Arc<dyn Backend>>,
+    /// The most requests the tier runs at once: `max_concurrency`, grown and shrunk as endpoints join and
+    /// leave its pool.
+    ceiling: AtomicUsize,
     breaker: CircuitBreaker,
     enabled: AtomicBool,
     waking: AtomicBool,
@@ -91,10 +96,10 @@ struct RunSlot {
 impl Drop for RunSlot {
     fn drop(&mut self) {
         let Some(p) = self.permit.take() else { return };
-        let Some(cap) = self.slot.backend.capacity() else {
+        let Some(cap) = self.slot.backend().capacity() else {
             return;
         };
-        let want = cap.clamp(1, self.slot.settings.max_concurrency.max(1));
+        let want = cap.clamp(1, self.slot.ceiling.load(Ordering::Relaxed).max(1));
         let mut limit = self.slot.limit.lock().unwrap_or_else(|e| e.into_inner());
         if want < *limit {
             p.forget();
@@ -104,16 +109,24 @@ impl Drop for RunSlot {
 }
 
 impl TierSlot {
+    /// The backend serving the tier now.
+    fn backend(&self) -> Arc<dyn Backend> {
+        self.backend
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
     /// Matches the run slots to what the backend runs at once now ([`Backend::capacity`], at most
     /// `max_concurrency`): when an engine's memory budget gave it a smaller batch, the requests beyond it
     /// wait here, told they are waiting and with no first-token clock running, rather than in the
     /// engine's own queue. Slots held by running requests are taken away as those requests end
     /// ([`RunSlot`]).
     fn fit_slots(&self) {
-        let Some(cap) = self.backend.capacity() else {
+        let Some(cap) = self.backend().capacity() else {
             return;
         };
-        let want = cap.clamp(1, self.settings.max_concurrency.max(1));
+        let want = cap.clamp(1, self.ceiling.load(Ordering::Relaxed).max(1));
         let mut limit = self.limit.lock().unwrap_or_else(|e| e.into_inner());
         if want > *limit {
             self.slots.add_permits(want - *limit);
@@ -229,7 +242,8 @@ impl TierRouter {
                     queue: Arc::new(Semaphore::new(
                         settings.max_concurrency + settings.max_queue,
                     )),
-                    backend,
+                    backend: std::sync::RwLock::new(backend),
+                    ceiling: AtomicUsize::new(settings.max_concurrency),
                     breaker,
                     settings,
                 }),
@@ -265,7 +279,7 @@ impl TierRouter {
             .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?
             .clone();
         tracing::info!(%tier, %model, "changing the tier's model");
-        s.backend.set_model(model).await.map_err(|e| match e {
+        s.backend().set_model(model).await.map_err(|e| match e {
             BackendError::BadRequest(m) => RouterError::InvalidRequest {
                 message: m,
                 param: Some("model".into()),
@@ -283,11 +297,118 @@ impl TierRouter {
         Ok(())
     }
 
+    /// Adds `endpoint` to `tier`'s pool while the gateway serves (a peer's tier joining this node's). A
+    /// tier served by one backend becomes a pool of that backend (`first`: its name and whether it is
+    /// probed) and the newcomer, with the tier's timeouts and breaker settings. The tier runs the
+    /// newcomer's `max_concurrency` more requests at once (and queues as many more).
+    ///
+    /// Errors: an unknown tier; a member with the newcomer's name. Call within a Tokio runtime (the pool's
+    /// prober runs on it).
+    pub fn join(
+        &self,
+        tier: Tier,
+        first: (&str, bool),
+        endpoint: EndpointSpec,
+    ) -> Result<(), RouterError> {
+        let s = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?;
+        let add = endpoint.max_concurrency.max(1);
+        let invalid = |message: String| RouterError::InvalidRequest {
+            message,
+            param: Some("name".into()),
+        };
+        let mut b = s.backend.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(pool) = b.as_pool() {
+            pool.add_endpoint(endpoint).map_err(invalid)?;
+        } else {
+            if endpoint.name == first.0 {
+                return Err(invalid(format!(
+                    "the {tier} tier's own backend is named {}",
+                    first.0
+                )));
+            }
+            let cfg = PoolConfig {
+                first_token_timeout: s.settings.first_token_timeout,
+                idle_timeout: s.settings.idle_timeout,
+                breaker: s.settings.breaker.clone(),
+                ..PoolConfig::new(tier.as_str())
+            };
+            let own = EndpointSpec {
+                name: first.0.to_string(),
+                backend: b.clone(),
+                weight: 1.0,
+                max_concurrency: s.ceiling.load(Ordering::Relaxed).max(1),
+                probe: first.1,
+            };
+            tracing::info!(%tier, "the tier becomes a pool");
+            *b = Arc::new(Pool::new(cfg, vec![own, endpoint]));
+        }
+        drop(b);
+        s.ceiling.fetch_add(add, Ordering::Relaxed);
+        s.queue.add_permits(add);
+        s.fit_slots();
+        Ok(())
+    }
+
+    /// Takes the endpoint `name` out of `tier`'s pool (its running answers finish); returns whether it was
+    /// a member. The tier stays a pool, of the members left.
+    ///
+    /// Errors: an unknown tier; `name` is the pool's last member.
+    pub fn leave(&self, tier: Tier, name: &str) -> Result<bool, RouterError> {
+        let s = self
+            .tiers
+            .get(&tier)
+            .ok_or_else(|| RouterError::UnknownModel(tier.to_string()))?;
+        let b = s.backend();
+        let Some(pool) = b.as_pool() else {
+            return Ok(false);
+        };
+        let Some(n) =
+            pool.remove_endpoint(name)
+                .map_err(|message| RouterError::InvalidRequest {
+                    message,
+                    param: Some("name".into()),
+                })?
+        else {
+            return Ok(false);
+        };
+        let _ = s
+            .ceiling
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+                Some(c.saturating_sub(n).max(1))
+            });
+        // Queue places free now are taken away at once, those in use as their requests leave.
+        let rest = n - s.queue.forget_permits(n);
+        if rest > 0 {
+            let q = s.queue.clone();
+            tokio::spawn(async move {
+                for _ in 0..rest {
+                    match q.clone().acquire_owned().await {
+                        Ok(p) => p.forget(),
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        s.fit_slots();
+        Ok(true)
+    }
+
+    /// The members of `tier`'s pool (empty when the tier is one backend or unknown).
+    pub fn endpoints(&self, tier: Tier) -> Vec<String> {
+        self.tiers
+            .get(&tier)
+            .and_then(|s| s.backend().as_pool().map(Pool::endpoint_names))
+            .unwrap_or_default()
+    }
+
     /// Resolves when every tier's backend has stopped (for in-process engines: their model threads ended
     /// and freed their models), which needs every handle to them dropped first. A process awaits this
     /// before exiting so that no engine frees its model during exit.
     pub fn stopped(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let all: Vec<_> = self.tiers.values().map(|s| s.backend.stopped()).collect();
+        let all: Vec<_> = self.tiers.values().map(|s| s.backend().stopped()).collect();
         async move {
             futures_util::future::join_all(all).await;
         }
@@ -316,7 +437,7 @@ impl TierRouter {
                     enabled: s.enabled.load(Ordering::Relaxed),
                     waking: s.waking.load(Ordering::Relaxed),
                     breaker: snap,
-                    backend: s.backend.health(),
+                    backend: s.backend().health(),
                     in_flight: (*s.limit.lock().unwrap_or_else(|e| e.into_inner()))
                         .saturating_sub(s.slots.available_permits()),
                     served: s.served.load(Ordering::Relaxed),
@@ -378,7 +499,7 @@ impl TierRouter {
             raw_prompt: None,
             forwarded: false,
         };
-        let ok = match s.backend.start(&req, None).await {
+        let ok = match s.backend().start(&req, None).await {
             Ok(mut rx) => {
                 let deadline = tokio::time::sleep(s.settings.first_token_timeout);
                 tokio::pin!(deadline);
@@ -440,7 +561,7 @@ impl TierRouter {
                 fallback.push(format!("{tier}: disabled"));
                 continue;
             }
-            match slot.backend.count_tokens(req).await {
+            match slot.backend().count_tokens(req).await {
                 None => fallback.push(format!("{tier}: cannot count tokens")),
                 Some(Ok(n)) => return Ok((tier, n)),
                 Some(Err(BackendError::BadRequest(m))) => {
@@ -640,13 +761,14 @@ impl TierRouter {
                 _ => &req,
             };
             // A pool times out each of its endpoints itself and goes on to the next within the tier.
-            let own_timeouts = slot.backend.manages_timeouts();
+            let backend = slot.backend();
+            let own_timeouts = backend.manages_timeouts();
             let first_limit = if own_timeouts {
                 UNBOUNDED
             } else {
                 slot.settings.first_token_timeout
             };
-            let stream = tokio::time::timeout(first_limit, slot.backend.start(req_t, cont)).await;
+            let stream = tokio::time::timeout(first_limit, backend.start(req_t, cont)).await;
             let mut rx = match stream {
                 Ok(Ok(rx)) => rx,
                 Ok(Err(e)) => {
@@ -800,7 +922,7 @@ impl TierRouter {
                         metrics::histogram!("jemma_time_to_first_token_seconds", "tier" => tier.as_str()).record(t as f64 / 1000.0);
                     }
                     let _ = started;
-                    let mut model = slot.backend.model();
+                    let mut model = slot.backend().model();
                     let endpoint = served_by.map(|b: crate::backend::ServedBy| {
                         for (name, why) in b.retries {
                             fallback.push(format!("{tier}[{name}]: {why}"));

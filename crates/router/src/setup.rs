@@ -15,10 +15,11 @@ use jemma_models::hub::{Hub, HubConfig, ModelRef, cli_token};
 use jemma_models::{Catalog, PullProgress};
 
 use crate::RouterError;
-use crate::backend::{Backend, BackendState, OpenAiBackend, OpenAiConfig, Probe};
+use crate::backend::{Backend, BackendState, Probe};
 use crate::classify::Tier;
 use crate::config::{Config, EndpointKind, TierConfig, TierKind, resolve_secret};
 use crate::local::EngineBackend;
+use crate::membership::{remote_endpoint, upstream_backend};
 use crate::pool::{EndpointSpec, Pool, PoolConfig};
 use crate::route::{TierRouter, TierSettings};
 use crate::tier::{BackendFactory, LocalTier, ModelResolver};
@@ -356,51 +357,26 @@ pub fn build_router(
             }
             Ok(t)
         };
-        let upstream = |url: &str,
-                        api_key: &Option<String>,
-                        model: String,
-                        probe: Probe|
-         -> Result<Arc<dyn Backend>, RouterError> {
-            let key = match api_key {
-                Some(k) => Some(
-                    resolve_secret(k, keyring)
-                        .map_err(|e| RouterError::Config(format!("tier {tier}: api_key: {e}")))?,
-                ),
-                None => None,
-            };
-            Ok(Arc::new(
-                OpenAiBackend::new(OpenAiConfig {
-                    url: url.to_string(),
-                    api_key: key,
-                    model,
-                    connect_timeout: Duration::from_secs(10),
-                    default_max_tokens: default_max_tokens(c),
-                    probe,
-                })
-                .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?,
-            ))
-        };
-        let or_tier = |m: &str| {
-            if m.is_empty() {
-                tier.to_string()
-            } else {
-                m.to_string()
-            }
-        };
         let backend: Arc<dyn Backend> = if c.endpoints.is_empty() {
             match c.kind {
                 TierKind::Local => local(c)?,
-                TierKind::Openai => upstream(
+                TierKind::Openai => upstream_backend(
+                    *tier,
                     c.url.as_deref().unwrap_or_default(),
                     &c.api_key,
-                    or_tier(&c.model),
+                    if c.model.is_empty() {
+                        tier.to_string()
+                    } else {
+                        c.model.clone()
+                    },
                     Probe::Models,
+                    default_max_tokens(c),
+                    keyring,
                 )?,
             }
         } else {
             let mut specs = vec![];
             for e in &c.endpoints {
-                let url = e.url.as_deref().unwrap_or_default();
                 let backend = match e.kind() {
                     EndpointKind::Local => {
                         // This node's engine for the tier's model, running the endpoint's share.
@@ -409,21 +385,9 @@ pub fn build_router(
                         lc.max_concurrency = Some(e.concurrency());
                         local(&lc)?
                     }
-                    EndpointKind::Jemma => {
-                        let peer_tier = e.model.clone().unwrap_or_else(|| tier.to_string());
-                        upstream(
-                            url,
-                            &e.api_key,
-                            peer_tier.clone(),
-                            Probe::Jemma { tier: peer_tier },
-                        )?
+                    EndpointKind::Jemma | EndpointKind::Openai => {
+                        remote_endpoint(*tier, c, e, default_max_tokens(c), keyring)?
                     }
-                    EndpointKind::Openai => upstream(
-                        url,
-                        &e.api_key,
-                        e.model.clone().unwrap_or_else(|| or_tier(&c.model)),
-                        Probe::Models,
-                    )?,
                 };
                 specs.push(EndpointSpec {
                     name: e.label(),

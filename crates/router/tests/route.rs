@@ -947,3 +947,83 @@ async fn an_endpoint_that_scales_to_zero_is_not_probed() {
         "up"
     );
 }
+
+#[tokio::test]
+async fn a_tier_becomes_a_pool_when_a_peer_joins_and_runs_more_at_once() {
+    // One engine running one request at once, no queue: a second request at the same time is refused.
+    let own = Scripted::new("e4b", Script::Hang);
+    let mut s = settings(5000);
+    s.max_concurrency = 1;
+    s.max_queue = 0;
+    let r = router(vec![(Tier::Primary, own.clone(), s)]);
+    let first = r.chat(request("primary", "one")).unwrap();
+    let mut refused = collect(r.chat(request("primary", "two")).unwrap()).await;
+    assert!(
+        matches!(refused.error.take(), Some(RouterError::Busy { .. })),
+        "a second request while the only slot is taken"
+    );
+    drop(first);
+    assert!(
+        r.endpoints(Tier::Primary).is_empty(),
+        "one backend, not a pool"
+    );
+
+    // A peer joins: the tier is now a pool of both, and runs one more request at once.
+    let peer = Scripted::new("e4b", Script::Hang);
+    peer.peer.store(true, Ordering::SeqCst);
+    let spec = |b: &Arc<Scripted>| EndpointSpec {
+        name: "mini-2".into(),
+        backend: b.clone() as Arc<dyn Backend>,
+        weight: 1.0,
+        max_concurrency: 1,
+        probe: true,
+    };
+    r.join(Tier::Primary, ("local", true), spec(&peer)).unwrap();
+    assert_eq!(r.endpoints(Tier::Primary), ["local", "mini-2"]);
+    let joined_again = r.join(Tier::Primary, ("local", true), spec(&peer));
+    assert!(matches!(
+        joined_again,
+        Err(RouterError::InvalidRequest { .. })
+    ));
+    // The earlier request's slot is given back when its client goes.
+    wait_until(|| r.status()[0].in_flight == 0).await;
+    let a = r.chat(request("primary", "three")).unwrap();
+    let b = r.chat(request("primary", "four")).unwrap();
+    wait_until(|| own.calls.load(Ordering::SeqCst) == 2 && peer.calls.load(Ordering::SeqCst) == 1)
+        .await;
+    let mut third = collect(r.chat(request("primary", "five")).unwrap()).await;
+    assert!(matches!(third.error.take(), Some(RouterError::Busy { .. })));
+    drop((a, b));
+
+    // It leaves: the tier is back to one request at once, all on its own engine.
+    assert!(r.leave(Tier::Primary, "mini-2").unwrap());
+    assert!(
+        !r.leave(Tier::Primary, "mini-2").unwrap(),
+        "not a member any more"
+    );
+    assert!(
+        r.leave(Tier::Primary, "local").is_err(),
+        "the last member stays"
+    );
+    assert_eq!(r.endpoints(Tier::Primary), ["local"]);
+    wait_until(|| r.status()[0].in_flight == 0).await;
+    let c = r.chat(request("primary", "six")).unwrap();
+    wait_until(|| own.calls.load(Ordering::SeqCst) == 3).await;
+    let mut d = collect(r.chat(request("primary", "seven")).unwrap()).await;
+    assert!(matches!(d.error.take(), Some(RouterError::Busy { .. })));
+    assert_eq!(
+        peer.calls.load(Ordering::SeqCst),
+        1,
+        "a peer that left got a request"
+    );
+    drop(c);
+}
+
+/// Waits (up to 5 s) until `f` holds.
+async fn wait_until(f: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
