@@ -654,9 +654,16 @@ async fn a_peer_joins_a_tier_and_leaves_it_while_the_gateway_serves() {
     // Conversations spread over both (rendezvous hashing): 16 different ones all on one node would be a
     // 1-in-32,768 chance.
     let mut seen = std::collections::BTreeSet::new();
+    // A peer's answer names the model it served, not the tier it was asked for.
+    let served_model = health(&peer)["tiers"]["primary"]["backend"]["model"].clone();
+    assert!(
+        served_model.as_str().is_some_and(|m| m != "primary"),
+        "{served_model}"
+    );
     for i in 0..16 {
         let (_, routing, _) = complete(&client, &gw.url, &ask(i)).await.unwrap();
         seen.insert(routing["endpoint"].as_str().unwrap_or("").to_string());
+        assert_eq!(routing["model"], served_model, "{routing}");
     }
     assert_eq!(
         seen.into_iter().collect::<Vec<_>>(),

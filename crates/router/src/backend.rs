@@ -60,9 +60,11 @@ pub enum Chunk {
 /// for `_routing.fallback`.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct ServedBy {
-    /// The endpoint that finished the answer.
-    pub endpoint: String,
-    /// The model it serves (endpoints of one pool may serve differently named builds of a model).
+    /// The pool endpoint that finished the answer; None from a backend that is not a pool (an upstream
+    /// saying which model answered).
+    pub endpoint: Option<String>,
+    /// The model that answered: an upstream's own name for it (the `model` of its response: a Jemma
+    /// peer's served model rather than the tier it was asked for), else the endpoint's configured one.
     pub model: String,
     /// Each earlier attempt in this tier as (endpoint, what happened), e.g. (`node-a`, `upstream error
     /// 500: boom`); a mid-stream failure says it was continued.
@@ -719,6 +721,8 @@ impl Backend for OpenAiBackend {
             let mut stop_sequence: Option<String> = None;
             let mut usage = Usage::default();
             let mut started = false;
+            // What the upstream calls the model that answered.
+            let mut upstream_model: Option<String> = None;
             loop {
                 let bytes = match body.next().await {
                     Some(Ok(b)) => b,
@@ -753,7 +757,11 @@ impl Backend for OpenAiBackend {
                                 usage,
                                 decode_tps,
                                 stop_sequence: stop_sequence.take(),
-                                served_by: None,
+                                served_by: upstream_model.take().map(|model| ServedBy {
+                                    endpoint: None,
+                                    model,
+                                    retries: vec![],
+                                }),
                             }))
                             .await;
                         return;
@@ -766,6 +774,9 @@ impl Backend for OpenAiBackend {
                             .await;
                         return;
                     };
+                    if let Some(m) = v["model"].as_str().filter(|m| !m.is_empty()) {
+                        upstream_model = Some(m.to_string());
+                    }
                     if let Some(err) = v.get("error") {
                         let _ = tx
                             .send(Err(BackendError::Upstream {

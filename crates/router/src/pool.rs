@@ -600,7 +600,7 @@ impl Inner {
                             usage,
                             decode_tps,
                             stop_sequence,
-                            ..
+                            served_by,
                         } => {
                             let ep = self.eps()[index].clone();
                             if let Some(p) = run.permit.take() {
@@ -620,8 +620,10 @@ impl Inner {
                                 decode_tps,
                                 stop_sequence,
                                 served_by: Some(ServedBy {
-                                    endpoint: ep.name.clone(),
-                                    model: ep.backend.model(),
+                                    endpoint: Some(ep.name.clone()),
+                                    model: served_by
+                                        .map(|b| b.model)
+                                        .unwrap_or_else(|| ep.backend.model()),
                                     retries: std::mem::take(&mut att.retries),
                                 }),
                             };

@@ -923,7 +923,7 @@ impl TierRouter {
                     }
                     let _ = started;
                     let mut model = slot.backend().model();
-                    let endpoint = served_by.map(|b: crate::backend::ServedBy| {
+                    let endpoint = served_by.and_then(|b: crate::backend::ServedBy| {
                         for (name, why) in b.retries {
                             fallback.push(format!("{tier}[{name}]: {why}"));
                         }
