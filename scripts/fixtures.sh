@@ -7,8 +7,8 @@ PY=$(venv_python)
 # A no-op when the venv matches scripts/requirements.txt; installs what a newer one added (the real GGUF).
 bash scripts/setup-python.sh
 OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
-want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/gguf-requirements.txt \
-  scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)
+want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/requirements-nodeps.txt \
+  scripts/gguf-requirements.txt scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$OUT/.stamp" 2>/dev/null)" = "$want" ]; then
   exit 0
 fi
@@ -28,6 +28,8 @@ for m in tiny moe; do
   gen reference "$OUT/$m" --kv-bits 8
   gen reference "$OUT/$m" --kv-bits 4
 done
+# A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images.
+"$PY" scripts/fixtures/gen_vision.py "$OUT/vision" >/dev/null
 # GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;
 # Q8_0: the quantized path), converted by llama.cpp's own converter.
 CONVERTER=$(bash scripts/setup-gguf.sh)

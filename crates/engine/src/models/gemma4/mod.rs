@@ -2,6 +2,7 @@
 
 pub mod config;
 pub mod model;
+pub mod vision;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

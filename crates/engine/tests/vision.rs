@@ -1,0 +1,88 @@
+//! Parity of the Rust Gemma 4 vision tower (and its projection into the text model) with mlx-vlm on a
+//! random-weight tower: scripts/fixtures/gen_vision.py builds it with mlx-vlm's own classes and records the
+//! soft tokens mlx-vlm computes for fixed images.
+
+use std::path::PathBuf;
+
+use jemma_engine::EngineError;
+use jemma_engine::models::gemma4::vision::{VisionTower, load_tower};
+use mlx_rs::{Array, Dtype};
+
+fn fixture() -> PathBuf {
+    let root = std::env::var("JEMMA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
+    let dir = root.join("vision");
+    assert!(
+        dir.join("reference.safetensors").exists(),
+        "fixture {} missing: run scripts/fixtures.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn max_abs_diff(a: &Array, b: &Array) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap())
+        .unwrap()
+        .max(None)
+        .unwrap()
+        .item_cast::<f32>()
+}
+
+fn tower() -> (VisionTower, std::collections::HashMap<String, Array>) {
+    let dir = fixture();
+    let tower = load_tower(&dir, None)
+        .unwrap()
+        .expect("the fixture has a vision tower");
+    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    (tower, refs)
+}
+
+#[test]
+fn soft_tokens_match_mlx_vlm() {
+    let (tower, refs) = tower();
+    // A full grid of patches (no padding) and a wider-than-high one (padding, fewer soft tokens).
+    for (case, tokens) in [("full", 16), ("wide", 12)] {
+        let got = tower
+            .encode(&refs[&format!("{case}.pixel_values")])
+            .unwrap();
+        let want = &refs[&format!("{case}.features")];
+        assert_eq!(got.shape(), &[1, tokens, 48], "{case}");
+        let d = max_abs_diff(&got.as_dtype(Dtype::Float32).unwrap(), want);
+        eprintln!("{case}: max |Δ| = {d:.3e}");
+        assert!(d <= 1e-4, "{case}: max |Δ| = {d}");
+    }
+    // The comparison can fail: another image's soft tokens are far off.
+    let other = tower.encode(&refs["full.pixel_values"]).unwrap();
+    let flipped = mlx_rs::ops::subtract(Array::from_f32(1.0), &refs["full.pixel_values"]).unwrap();
+    let d = max_abs_diff(&tower.encode(&flipped).unwrap(), &other);
+    assert!(
+        d > 1e-2,
+        "a different image gave the same soft tokens ({d})"
+    );
+}
+
+#[test]
+fn images_the_tower_cannot_take_are_refused() {
+    let (tower, _) = tower();
+    for (shape, why) in [
+        (vec![1, 3, 30, 32], "whole number"),
+        (vec![1, 3, 36, 32], "exceeds"),
+        (vec![1, 1, 32, 32], "expected (1, 3, H, W)"),
+    ] {
+        let n: i32 = shape.iter().product();
+        let px = Array::from_slice(&vec![0.5f32; n as usize], &shape);
+        match tower.encode(&px) {
+            Err(EngineError::InvalidRequest(m)) => assert!(m.contains(why), "{m}"),
+            Err(e) => panic!("{shape:?}: {e}"),
+            Ok(_) => panic!("{shape:?} was accepted"),
+        }
+    }
+}
+
+#[test]
+fn a_text_only_checkpoint_has_no_tower() {
+    let root = fixture().parent().unwrap().join("tiny");
+    assert!(load_tower(&root, None).unwrap().is_none());
+}
