@@ -30,6 +30,8 @@ for m in tiny moe; do
 done
 # A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images.
 "$PY" scripts/fixtures/gen_vision.py "$OUT/vision" >/dev/null
+# Images in every decoded format with Gemma 4's image processor's output for each.
+"$PY" scripts/fixtures/gen_media.py "$OUT/media" >/dev/null
 # GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;
 # Q8_0: the quantized path), converted by llama.cpp's own converter.
 CONVERTER=$(bash scripts/setup-gguf.sh)
