@@ -28,8 +28,10 @@ for m in tiny moe; do
   gen reference "$OUT/$m" --kv-bits 8
   gen reference "$OUT/$m" --kv-bits 4
 done
-# A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images.
-"$PY" scripts/fixtures/gen_vision.py "$OUT/vision" >/dev/null
+# A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images, and the tiny model with one (mlx-vlm's
+# logits for prompts holding an image).
+"$PY" scripts/fixtures/gen_vision.py tower "$OUT/vision" >/dev/null
+"$PY" scripts/fixtures/gen_vision.py model "$OUT/tiny" "$OUT/tiny-vision" >/dev/null
 # Images in every decoded format with Gemma 4's image processor's output for each.
 "$PY" scripts/fixtures/gen_media.py "$OUT/media" >/dev/null
 # GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;

@@ -6,13 +6,19 @@ use std::path::PathBuf;
 
 use jemma_engine::EngineError;
 use jemma_engine::models::gemma4::vision::{VisionTower, load_tower};
+use jemma_engine::models::gemma4::{self, Placed};
+use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
 fn fixture() -> PathBuf {
+    fixture_named("vision")
+}
+
+fn fixture_named(name: &str) -> PathBuf {
     let root = std::env::var("JEMMA_FIXTURES")
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("vision");
+    let dir = root.join(name);
     assert!(
         dir.join("reference.safetensors").exists(),
         "fixture {} missing: run scripts/fixtures.sh",
@@ -85,4 +91,89 @@ fn images_the_tower_cannot_take_are_refused() {
 fn a_text_only_checkpoint_has_no_tower() {
     let root = fixture().parent().unwrap().join("tiny");
     assert!(load_tower(&root, None).unwrap().is_none());
+}
+
+#[test]
+fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
+    // The tiny text model with a vision tower: the text engine reads its text half, the tower its own.
+    let dir = fixture_named("tiny-vision");
+    let (model, _, report) = gemma4::load(&dir, None).unwrap();
+    assert!(
+        report.skipped.keys().any(|k| k.contains("vision")),
+        "{:?}",
+        report.skipped
+    );
+    let tower = load_tower(&dir, None).unwrap().unwrap();
+    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    for case in ["image", "padded"] {
+        let ids = &refs[&format!("{case}.ids")];
+        let features = tower
+            .encode(&refs[&format!("{case}.pixel_values")])
+            .unwrap();
+        let host: Vec<i32> = ids.as_slice::<i32>().to_vec();
+        let start = host.iter().position(|&t| t == 1000).unwrap();
+        let n = host.iter().filter(|&&t| t == 1000).count();
+        assert_eq!(
+            n as i32,
+            features.shape()[1],
+            "{case}: one placeholder per soft token"
+        );
+        let mut cache = model.new_cache();
+        let h = model
+            .forward_hidden_with_media(
+                ids,
+                &[Placed {
+                    start,
+                    features: &features,
+                }],
+                &mut cache,
+            )
+            .unwrap();
+        let logits = model.logits(&h).unwrap();
+        let want = &refs[&format!("{case}.logits")];
+        let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
+        eprintln!(
+            "{case}: {} positions, {n} soft tokens, max |Δlogit| = {d:.3e}",
+            host.len()
+        );
+        assert!(d <= 1e-4, "{case}: max |Δlogit| = {d}");
+        // Without the image the same prompt reads differently: the soft tokens are what the model saw.
+        let mut cache = model.new_cache();
+        let plain = model
+            .logits(&model.forward_hidden(ids, &mut cache).unwrap())
+            .unwrap();
+        assert!(max_abs_diff(&plain.as_dtype(Dtype::Float32).unwrap(), want) > 1e-2);
+
+        // 32 greedy tokens decoded from the cache the image prompt filled: mlx-vlm's, token for token.
+        let mut cache = model.new_cache();
+        let h = model
+            .forward_hidden_with_media(
+                ids,
+                &[Placed {
+                    start,
+                    features: &features,
+                }],
+                &mut cache,
+            )
+            .unwrap();
+        let last = h.shape()[1] - 1;
+        let mut logits = model
+            .logits(&h.index((.., last..last + 1, ..)))
+            .unwrap()
+            .reshape(&[1, -1])
+            .unwrap();
+        let mut got = vec![];
+        for _ in 0..32 {
+            let t = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)
+                .unwrap()
+                .as_dtype(Dtype::Int32)
+                .unwrap();
+            let t = t.as_slice::<i32>()[0];
+            got.push(t);
+            let next = Array::from_slice(&[t], &[1, 1]);
+            logits = model.forward_last_logits(&next, &mut cache).unwrap();
+        }
+        let greedy = refs[&format!("{case}.greedy")].as_slice::<i32>().to_vec();
+        assert_eq!(got, greedy, "{case}: greedy continuation after the image");
+    }
 }

@@ -106,6 +106,9 @@ pub struct TextConfig {
     pub layer_types: Option<Vec<String>>,
     /// The LM head is the transposed token embedding.
     pub tie_word_embeddings: bool,
+    /// `"vision"`: the soft tokens of one image attend to each other both ways while the prompt is read
+    /// (the rest stays causal).
+    pub use_bidirectional_attention: Option<String>,
 }
 
 impl Default for TextConfig {
@@ -138,6 +141,7 @@ impl Default for TextConfig {
             moe_intermediate_size: None,
             layer_types: None,
             tie_word_embeddings: true,
+            use_bidirectional_attention: None,
         }
     }
 }

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use mlx_rs::{Array, Dtype, ops};
 
 pub use config::ModelConfig;
-pub use model::{Cache, Gemma4, KvQuant};
+pub use model::{Cache, Gemma4, KvQuant, Placed};
 
 use crate::nn::WeightStore;
 use crate::{EngineError, Result};

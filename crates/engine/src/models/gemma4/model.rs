@@ -124,6 +124,15 @@ enum Mask {
     Array(Array),
 }
 
+/// A run of media soft tokens in a prompt chunk: `features` (1, N, hidden) replace the embeddings of the
+/// N placeholder tokens from position `start` (relative to the chunk).
+pub struct Placed<'a> {
+    /// First placeholder position in the chunk.
+    pub start: usize,
+    /// The soft tokens, already projected to the text width (the vision tower's output).
+    pub features: &'a Array,
+}
+
 /// Row `i` of a batch-first array, keeping the batch axis (1, …).
 fn row(a: &Array, i: i32) -> Result<Array> {
     Ok(a.try_index(i..i + 1)?)
@@ -801,6 +810,32 @@ impl Gemma4 {
     /// Errors: B > 1 with L > 1, or B ≠ the number of caches ([`EngineError::InvalidRequest`]); a cache
     /// that does not belong to this model ([`EngineError::InvalidModel`]); MLX failures.
     pub fn forward_hidden_batch(&self, ids: &Array, caches: &mut [&mut Cache]) -> Result<Array> {
+        self.forward_inner(ids, &[], caches)
+    }
+
+    /// [`Gemma4::forward_hidden`] over a prompt chunk that holds media: each [`Placed`] soft-token run
+    /// replaces the embeddings of its placeholder tokens (as mlx-vlm's `masked_scatter`), its positions
+    /// read the padding token's per-layer embedding, and, when the model attends bidirectionally within
+    /// images (`use_bidirectional_attention = "vision"`) and the chunk starts the sequence, each run's
+    /// tokens see one another (mlx-vlm's blockwise overlay on the causal masks). `ids` is (1, L).
+    ///
+    /// Errors: a run outside the chunk or of the wrong width ([`EngineError::InvalidRequest`]); as
+    /// [`Gemma4::forward_hidden`].
+    pub fn forward_hidden_with_media(
+        &self,
+        ids: &Array,
+        media: &[Placed<'_>],
+        cache: &mut Cache,
+    ) -> Result<Array> {
+        self.forward_inner(ids, media, &mut [cache])
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Array,
+        media: &[Placed<'_>],
+        caches: &mut [&mut Cache],
+    ) -> Result<Array> {
         let (b, l) = (ids.shape()[0], ids.shape()[1]);
         if b < 1 || b as usize != caches.len() || (b > 1 && l != 1) {
             return Err(EngineError::InvalidRequest(format!(
@@ -816,11 +851,20 @@ impl Gemma4 {
             emb
         };
         let mut h = ops::multiply(&emb, &self.embed_scale)?;
+        // Per-layer embeddings of media positions are the padding token's (id 0), as in mlx-vlm.
+        let mut ple_ids = None;
+        if !media.is_empty() {
+            let (merged, text_ids) = self.place_media(&h, ids, media)?;
+            h = merged;
+            ple_ids = Some(text_ids);
+        }
         let n_layers = self.layers.len() as i32;
         let per_layer_inputs = match &self.ple {
             Some(p) => {
                 let pd = self.cfg.ple_dim() as i32;
-                let t = p.embed_tokens_per_layer.forward(ids)?;
+                let t = p
+                    .embed_tokens_per_layer
+                    .forward(ple_ids.as_ref().unwrap_or(ids))?;
                 let t = ops::multiply(&t, &p.embed_scale)?.reshape(&[b, l, n_layers, pd])?;
                 // The projection reads the *scaled* token embedding.
                 let proj = p.per_layer_model_projection.forward(&h)?;
@@ -836,10 +880,33 @@ impl Gemma4 {
             None => None,
         };
         // One token per row needs no mask; a chunk (one row) gets the causal or windowed one.
-        let masks = [
+        let mut masks = [
             self.mask_for(LayerType::Sliding, l, caches[0])?,
             self.mask_for(LayerType::Full, l, caches[0])?,
         ];
+        if !media.is_empty()
+            && l > 1
+            && self.cfg.use_bidirectional_attention.as_deref() == Some("vision")
+            && caches[0].offset() == 0
+        {
+            let mut block = vec![false; (l * l) as usize];
+            for m in media {
+                let (s, n) = (m.start, m.features.shape()[1] as usize);
+                for q in s..s + n {
+                    for k in s..s + n {
+                        block[q * l as usize + k] = true;
+                    }
+                }
+            }
+            let block = Array::from_slice(&block, &[l, l]);
+            for (t, w) in [
+                (LayerType::Sliding, Some(self.cfg.sliding_window as i32)),
+                (LayerType::Full, None),
+            ] {
+                let causal = mlx_causal_mask(l, 0, w)?;
+                masks[t as usize] = Mask::Array(causal.logical_or(&block)?);
+            }
+        }
         let mut kvs: Vec<Option<Vec<(Kv, i32)>>> = vec![None; self.layers.len()];
         let mut rows: Vec<_> = caches.iter_mut().map(|c| c.layers.iter_mut()).collect();
         for (i, layer) in self.layers.iter().enumerate() {
@@ -873,6 +940,46 @@ impl Gemma4 {
             kvs[i] = Some(kv);
         }
         Ok(fast::rms_norm(&h, Some(&self.norm), self.cfg.rms_norm_eps)?)
+    }
+
+    /// `h` with each media run's soft tokens in place of its placeholders' embeddings, and the ids the
+    /// per-layer embeddings read (0 at media positions).
+    fn place_media(&self, h: &Array, ids: &Array, media: &[Placed<'_>]) -> Result<(Array, Array)> {
+        let l = ids.shape()[1] as usize;
+        let hidden = self.cfg.hidden_size as i32;
+        let mut spans: Vec<&Placed<'_>> = media.iter().collect();
+        spans.sort_by_key(|m| m.start);
+        let mut parts = vec![];
+        let mut text_ids: Vec<i32> = ids.as_dtype(Dtype::Int32)?.as_slice::<i32>().to_vec();
+        let mut at = 0usize;
+        for m in spans {
+            let shape = m.features.shape();
+            let n = shape.get(1).copied().unwrap_or(0) as usize;
+            if shape.len() != 3
+                || shape[0] != 1
+                || shape[2] != hidden
+                || m.start < at
+                || m.start + n > l
+            {
+                return Err(EngineError::InvalidRequest(format!(
+                    "media soft tokens {shape:?} at {} do not fit a chunk of {l} positions and width {hidden}",
+                    m.start
+                )));
+            }
+            if m.start > at {
+                parts.push(h.try_index((.., at as i32..m.start as i32, ..))?);
+            }
+            parts.push(m.features.as_dtype(self.dtype)?);
+            text_ids[m.start..m.start + n].fill(0);
+            at = m.start + n;
+        }
+        if at < l {
+            parts.push(h.try_index((.., at as i32..l as i32, ..))?);
+        }
+        Ok((
+            ops::concatenate(&parts, 1)?,
+            Array::from_slice(&text_ids, &[1, l as i32]),
+        ))
     }
 
     /// Logits (…, V) for final hidden states: tied or untied head, then the soft cap.
