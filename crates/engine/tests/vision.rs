@@ -177,3 +177,36 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
         assert_eq!(got, greedy, "{case}: greedy continuation after the image");
     }
 }
+
+#[test]
+fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
+    // The same image prompt read in two chunks (the text before the image, then the rest) gives the logits
+    // of reading it at once: the bidirectional block does not depend on where a chunk starts.
+    let dir = fixture_named("tiny-vision");
+    let (model, _, _) = gemma4::load(&dir, None).unwrap();
+    let tower = load_tower(&dir, None).unwrap().unwrap();
+    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let ids = &refs["image.ids"];
+    let features = tower.encode(&refs["image.pixel_values"]).unwrap();
+    let host: Vec<i32> = ids.as_slice::<i32>().to_vec();
+    let start = host.iter().position(|&t| t == 1000).unwrap();
+    let mut cache = model.new_cache();
+    model
+        .forward_hidden(&ids.index((.., ..start as i32)), &mut cache)
+        .unwrap();
+    let rest = ids.index((.., start as i32..));
+    let h = model
+        .forward_hidden_with_media(
+            &rest,
+            &[Placed {
+                start: 0,
+                features: &features,
+            }],
+            &mut cache,
+        )
+        .unwrap();
+    let want = refs["image.logits"].index((.., start as i32.., ..));
+    let d = max_abs_diff(&model.logits(&h).unwrap(), &want);
+    eprintln!("two chunks: max |Δlogit| = {d:.3e}");
+    assert!(d <= 1e-4, "two chunks: max |Δlogit| = {d}");
+}

@@ -816,8 +816,8 @@ impl Gemma4 {
     /// [`Gemma4::forward_hidden`] over a prompt chunk that holds media: each [`Placed`] soft-token run
     /// replaces the embeddings of its placeholder tokens (as mlx-vlm's `masked_scatter`), its positions
     /// read the padding token's per-layer embedding, and, when the model attends bidirectionally within
-    /// images (`use_bidirectional_attention = "vision"`) and the chunk starts the sequence, each run's
-    /// tokens see one another (mlx-vlm's blockwise overlay on the causal masks). `ids` is (1, L).
+    /// images (`use_bidirectional_attention = "vision"`), each run's tokens see one another (mlx-vlm's
+    /// blockwise overlay on the causal masks). A run must lie whole in one chunk. `ids` is (1, L).
     ///
     /// Errors: a run outside the chunk or of the wrong width ([`EngineError::InvalidRequest`]); as
     /// [`Gemma4::forward_hidden`].
@@ -887,23 +887,30 @@ impl Gemma4 {
         if !media.is_empty()
             && l > 1
             && self.cfg.use_bidirectional_attention.as_deref() == Some("vision")
-            && caches[0].offset() == 0
         {
-            let mut block = vec![false; (l * l) as usize];
-            for m in media {
-                let (s, n) = (m.start, m.features.shape()[1] as usize);
-                for q in s..s + n {
-                    for k in s..s + n {
-                        block[q * l as usize + k] = true;
+            // Each layer type's mask as an explicit (L, keys) array: the chunk's queries over what the cache
+            // holds before it plus the chunk (full layers keep every earlier key; sliding ones keep the last
+            // `window - 1`, as mlx-lm's rotating cache returns them), with each image's block opened both
+            // ways. At offset 0 this is mlx-vlm's overlay; later (a cached prefix before the image) it keeps
+            // the same meaning, as transformers computes it over the whole sequence.
+            let offset = caches[0].offset();
+            let w = self.cfg.sliding_window as i32;
+            for (t, key_offset, window) in [
+                (LayerType::Sliding, offset.min(w - 1), Some(w)),
+                (LayerType::Full, offset, None),
+            ] {
+                let keys = key_offset + l;
+                let mut block = vec![false; (l * keys) as usize];
+                for m in media {
+                    let (s, n) = (m.start, m.features.shape()[1] as usize);
+                    for q in s..s + n {
+                        for k in s..s + n {
+                            block[q * keys as usize + key_offset as usize + k] = true;
+                        }
                     }
                 }
-            }
-            let block = Array::from_slice(&block, &[l, l]);
-            for (t, w) in [
-                (LayerType::Sliding, Some(self.cfg.sliding_window as i32)),
-                (LayerType::Full, None),
-            ] {
-                let causal = mlx_causal_mask(l, 0, w)?;
+                let block = Array::from_slice(&block, &[l, keys]);
+                let causal = mlx_causal_mask(l, key_offset, window)?;
                 masks[t as usize] = Mask::Array(causal.logical_or(&block)?);
             }
         }
