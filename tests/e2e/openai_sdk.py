@@ -74,7 +74,7 @@ check("tools: conversation with calls and results renders and answers", r.choice
 try:
     client.chat.completions.create(model="fast", messages=[{"role": "user", "content": [
         {"type": "text", "text": "What is this?"},
-        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}], max_tokens=3)
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEmR2hJIgAAAABJRU5ErkJggg=="}}]}], max_tokens=3)
     check("images on a local tier are a 400", False, "answered")
 except openai.BadRequestError as e:
     check("images on a local tier are a 400", "cannot see" in str(e), e)

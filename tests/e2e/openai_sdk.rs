@@ -30,6 +30,19 @@ first_token_timeout_secs = 60
     sdk_script("anthropic_sdk.py", &gw.url);
 }
 
+/// Images with the OpenAI SDK (tests/e2e/openai_vision.py): the fast tier is the tiny model with a vision
+/// tower on the MLX engine, the primary tier the tiny model without one.
+#[test]
+fn openai_python_sdk_sends_images_to_a_model_that_sees() {
+    let config = format!(
+        "[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
+        fixture("tiny-vision").display(),
+        fixture("tiny").display()
+    );
+    let gw = Server::start(&[], Some(&config));
+    sdk_script("openai_vision.py", &gw.url);
+}
+
 /// Runs one of the SDK scripts in tests/e2e against `url`; fails on its first failed check.
 fn sdk_script(script: &str, url: &str) {
     let out = crate::support::output_within(

@@ -1,6 +1,7 @@
 //! How much memory a model will take before it is loaded: weights (as the engine will hold them, after the
-//! vision/audio towers and KV-shared projections are dropped and floats are cast to the compute dtype), the KV
-//! cache at the configured context, and the transient activations of the largest prefill chunk.
+//! audio tower and KV-shared projections are dropped, the vision tower kept, and floats cast to the compute
+//! dtype), the KV cache at the configured context, and the transient activations of the largest prefill
+//! chunk.
 //!
 //! The engine host checks this against the memory it may use and refuses to load a model that does not fit,
 //! because on a unified-memory Mac an oversized model does not fail: it swaps the whole machine to a crawl.
@@ -159,10 +160,14 @@ pub fn estimate(
     let mut float_bytes = None;
     for f in weight_files(dir)? {
         for (name, dtype, numel) in read_header(&f)? {
-            let Some(k) = canonical_key(&name) else {
-                continue;
+            // The vision tower is loaded whole (its clip bounds included); the audio tower is not.
+            let vision = crate::models::gemma4::vision::tower_key(&name).is_some();
+            let k = match canonical_key(&name) {
+                Some(k) => k,
+                None if vision => name.clone(),
+                None => continue,
             };
-            if crate::models::gemma4::dropped_at_load(&k, first_shared).is_some() {
+            if !vision && crate::models::gemma4::dropped_at_load(&k, first_shared).is_some() {
                 continue;
             }
             let size = dtype_size(&dtype).ok_or_else(|| {

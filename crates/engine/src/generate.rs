@@ -15,7 +15,7 @@ use serde::Serialize;
 
 use jemma_constrain::{Constraint, TokenMatcher, Vocabulary};
 
-use crate::models::gemma4::{Cache, Gemma4, KvQuant};
+use crate::models::gemma4::{Cache, Gemma4, KvQuant, Placed};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
@@ -46,6 +46,41 @@ pub fn prefill_chunk(
         n = n.min(t.max(16));
     }
     n
+}
+
+/// Soft tokens of one image in a prompt: `features` (1, N, hidden) stand at positions `start..start + N`,
+/// whose tokens are the image's placeholders; `digest` tells this image from another in the prefix cache.
+#[derive(Clone)]
+pub struct MediaRun {
+    /// First placeholder position in the prompt.
+    pub start: usize,
+    /// The vision tower's soft tokens.
+    pub features: Array,
+    /// A digest of the image's bytes.
+    pub digest: u64,
+}
+
+impl MediaRun {
+    fn len(&self) -> usize {
+        self.features.shape()[1] as usize
+    }
+}
+
+/// The ids a prompt's KV is known by (prefix-cache keys): the prompt's own, except at media positions, where
+/// placeholder tokens alike for every image become ids derived from the image's digest and the position in
+/// it, above any vocabulary (bit 31 set), so that a cache built on one image is never resumed for another.
+pub fn cache_keys(prompt: &[u32], media: &[MediaRun]) -> Vec<u32> {
+    let mut keys = prompt.to_vec();
+    for m in media {
+        for j in 0..m.len() {
+            let mut h = m.digest ^ (j as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            h = (h ^ (h >> 31)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            if let Some(k) = keys.get_mut(m.start + j) {
+                *k = 0x8000_0000 | (h as u32 & 0x7fff_ffff);
+            }
+        }
+    }
+    keys
 }
 
 /// Options of one generation.
@@ -243,8 +278,13 @@ pub struct Generation {
     prefilled: usize,
     /// Prompt tokens whose KV came with the cache (`Generation::resume`).
     reused: usize,
-    /// The tokens whose KV the cache holds (or will once the queued step runs), in order.
+    /// The tokens whose KV the cache holds (or will once the queued step runs), in order, as
+    /// [`cache_keys`] names them.
     fed: Vec<u32>,
+    /// The prompt's ids as the prefix cache knows them ([`cache_keys`]).
+    keys: Vec<u32>,
+    /// The prompt's images, by position.
+    media: Vec<MediaRun>,
     history: Array,
     /// The step whose token the next call reads (None before the prompt is read and after the end).
     cur: Option<Pending>,
@@ -297,6 +337,33 @@ impl Generation {
         opts: GenerateOptions,
         take_cached: impl FnOnce() -> Option<(Cache, usize)>,
     ) -> Result<Self> {
+        Self::resume_with_media(model, prompt, vec![], opts, take_cached)
+    }
+
+    /// [`Generation::resume_with`] for a prompt holding images: each [`MediaRun`]'s soft tokens replace its
+    /// placeholders while the prompt is read (a prefill chunk never cuts an image), and the cache is known
+    /// by [`cache_keys`]. `take_cached` must look the prompt up by those keys; a cache that ends inside an
+    /// image is not resumed.
+    ///
+    /// Errors: as [`Generation::new`]; runs that overlap, leave the prompt or cover its last token
+    /// ([`EngineError::InvalidRequest`]).
+    pub fn resume_with_media(
+        model: &Gemma4,
+        prompt: &[u32],
+        mut media: Vec<MediaRun>,
+        opts: GenerateOptions,
+        take_cached: impl FnOnce() -> Option<(Cache, usize)>,
+    ) -> Result<Self> {
+        media.sort_by_key(|m| m.start);
+        let mut end = 0;
+        for m in &media {
+            if m.start < end || m.start + m.len() >= prompt.len() {
+                return Err(EngineError::InvalidRequest(
+                    "image soft tokens overlap or run to the end of the prompt".into(),
+                ));
+            }
+            end = m.start + m.len();
+        }
         if prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
@@ -329,15 +396,19 @@ impl Generation {
                 jemma_constrain::ConstrainError::Invalid(m) => EngineError::InvalidRequest(m),
                 e => EngineError::Constraint(e.to_string()),
             })?;
+        let inside_image = |n: usize| media.iter().any(|m| m.start < n && n < m.start + m.len());
         let (cache, reused) = match take_cached() {
-            Some((c, n)) if n > 0 && n < ids.len() => (c, n),
+            Some((c, n)) if n > 0 && n < ids.len() && !inside_image(n) => (c, n),
             _ => (model.new_cache(), 0),
         };
+        let keys = cache_keys(prompt, &media);
         Ok(Self {
             cache,
             sampler,
             history: Array::from_slice(&ids, &[ids.len() as i32]),
-            fed: prompt[..reused].to_vec(),
+            fed: keys[..reused].to_vec(),
+            keys,
+            media,
             ids,
             prefilled: reused,
             reused,
@@ -383,18 +454,33 @@ impl Generation {
             if let Some(c) = self.checkpoint_at.filter(|&c| c > self.prefilled) {
                 n = n.min(c - self.prefilled);
             }
-            let chunk = Array::from_slice(
-                &self.ids[self.prefilled..self.prefilled + n],
-                &[1, n as i32],
-            );
-            model.forward_hidden(&chunk, &mut self.cache)?;
+            // An image is read whole in one chunk (its tokens attend to one another): a chunk that would
+            // cut one stops before it, or, starting at it, takes all of it.
+            let at = self.prefilled;
+            for m in &self.media {
+                let (s, e) = (m.start, m.start + m.len());
+                if s < at + n && at + n < e {
+                    n = if s > at { s - at } else { e - at };
+                }
+            }
+            let chunk = Array::from_slice(&self.ids[at..at + n], &[1, n as i32]);
+            let placed: Vec<Placed<'_>> = self
+                .media
+                .iter()
+                .filter(|m| m.start >= at && m.start + m.len() <= at + n)
+                .map(|m| Placed {
+                    start: m.start - at,
+                    features: &m.features,
+                })
+                .collect();
+            if placed.is_empty() {
+                model.forward_hidden(&chunk, &mut self.cache)?;
+            } else {
+                model.forward_hidden_with_media(&chunk, &placed, &mut self.cache)?;
+            }
             self.cache.maybe_quantize(self.opts.kv_quant)?;
             eval(self.cache.state())?;
-            self.fed.extend(
-                self.ids[self.prefilled..self.prefilled + n]
-                    .iter()
-                    .map(|&t| t as u32),
-            );
+            self.fed.extend_from_slice(&self.keys[at..at + n]);
             self.prefilled += n;
             if self.checkpoint_at == Some(self.prefilled) {
                 self.checkpoint_at = None;
@@ -717,7 +803,11 @@ impl Generation {
     /// [`Generation::take_checkpoint`]. Ignored unless it falls inside the part of the prompt still to read
     /// (after what a resumed cache holds, before the last prompt token). Call before reading the prompt.
     pub fn checkpoint_at(&mut self, tokens: usize) {
-        if tokens > self.prefilled && tokens < self.ids.len() {
+        let in_image = self
+            .media
+            .iter()
+            .any(|m| m.start < tokens && tokens < m.start + m.len());
+        if tokens > self.prefilled && tokens < self.ids.len() && !in_image {
             self.checkpoint_at = Some(tokens);
         }
     }

@@ -10,8 +10,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
-use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats};
+use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun};
 use crate::memory::MemoryGovernor;
+use crate::models::gemma4::vision::{VisionConfig, VisionTower, load_tower};
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::models::gemma4::{Cache, KvQuant};
 use crate::template::ChatTemplate;
@@ -47,6 +48,9 @@ pub struct Request {
     /// `options.max_tokens` is a default, not the client's: lower it to the room the prompt leaves in the
     /// context (vLLM's default of `max_model_len - prompt_len`) instead of refusing the request.
     pub fit_context: bool,
+    /// The prompt's images, in the order of their placeholders (`<|image|>` where a chat's image parts
+    /// are; for [`Prompt::Ids`], runs of the image token already one per soft token).
+    pub images: Vec<jemma_media::DecodedImage>,
 }
 
 /// What the engine sends back for a request (shared with the llama.cpp engine).
@@ -265,9 +269,74 @@ pub struct ModelBundle {
     pub template: Option<ChatTemplate>,
     /// What loading found.
     pub report: LoadReport,
+    /// The vision tower, when the checkpoint has one.
+    pub vision: Option<VisionTower>,
+    /// Where images go in a prompt and how they are sized, when the model sees them.
+    pub images: Option<ImageSpec>,
     /// The model directory's `tokenizer.json`, for [`ModelBundle::vocabulary`].
     tokenizer_json: std::path::PathBuf,
     vocabulary: std::sync::OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
+}
+
+/// The image placeholders of a model that sees images (`config.json`'s `image_token_id`, `boi_token_id`,
+/// `eoi_token_id`) and how its processor sizes images (`processor_config.json`, else the vision config).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ImageSpec {
+    /// The placeholder token: one per soft token.
+    pub image_id: u32,
+    /// Opens an image.
+    pub boi_id: u32,
+    /// Closes an image.
+    pub eoi_id: u32,
+    /// Patch size, soft-token budget and pooling kernel.
+    pub params: jemma_media::ImageParams,
+}
+
+impl ImageSpec {
+    /// Reads the spec of the checkpoint in `dir` whose tower is configured as `vision`.
+    ///
+    /// Errors: an unreadable `config.json`.
+    pub fn from_model_dir(dir: &Path, vision: &VisionConfig) -> Result<Self> {
+        let read = |name: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+        };
+        let cfg = read("config.json")
+            .ok_or_else(|| EngineError::InvalidModel("config.json is unreadable".into()))?;
+        let id = |k: &str, default: u32| {
+            cfg.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as u32)
+        };
+        // transformers writes the processor's settings at the top level or under "image_processor".
+        let proc = read("processor_config.json").unwrap_or_default();
+        let setting = |k: &str, default: usize| {
+            proc.get(k)
+                .or_else(|| proc.pointer(&format!("/image_processor/{k}")))
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as usize)
+        };
+        Ok(Self {
+            // mlx-vlm's defaults: the real Gemma 4 tokenizer's ids.
+            image_id: id("image_token_id", 258_880),
+            boi_id: id("boi_token_id", 255_999),
+            eoi_id: id("eoi_token_id", 258_882),
+            params: jemma_media::ImageParams {
+                patch_size: setting("patch_size", vision.patch_size),
+                max_soft_tokens: setting("max_soft_tokens", vision.default_output_length),
+                pooling_kernel_size: setting("pooling_kernel_size", vision.pooling_kernel_size),
+            },
+        })
+    }
+}
+
+/// An image placed in a prompt: its preprocessed pixels from position `start`.
+pub struct PromptImage {
+    /// First placeholder position.
+    pub start: usize,
+    /// The tower's input.
+    pub pixels: jemma_media::Pixels,
+    /// The digest of its bytes.
+    pub digest: u64,
 }
 
 /// The activation dtype the engine uses by default on `device`: float32 on MLX's CPU backend (bf16 is
@@ -292,6 +361,11 @@ impl ModelBundle {
         progress: &mut dyn FnMut(f32),
     ) -> Result<Self> {
         let (model, cfg, report) = gemma4::load_with_progress(dir, dtype, progress)?;
+        let vision = load_tower(dir, Some(model.dtype()))?;
+        let images = vision
+            .as_ref()
+            .map(|v| ImageSpec::from_model_dir(dir, v.config()))
+            .transpose()?;
         let tokenizer = Tokenizer::from_model_dir(dir, &cfg.eos_token_ids)?;
         let template = ChatTemplate::from_model_dir(dir)
             .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?;
@@ -300,6 +374,8 @@ impl ModelBundle {
             tokenizer,
             template,
             report,
+            vision,
+            images,
             tokenizer_json: dir.join("tokenizer.json"),
             vocabulary: std::sync::OnceLock::new(),
         })
@@ -417,6 +493,115 @@ impl ModelBundle {
     }
 }
 
+impl ModelBundle {
+    /// The prompt's token ids with its images in place: for a chat or text prompt each `<|image|>`
+    /// placeholder becomes `<|image>`, one image token per soft token, `<image|>` (the processor's expansion);
+    /// for [`Prompt::Ids`] each run of image tokens must already have its image's length. `images` are
+    /// preprocessed for the tower.
+    ///
+    /// Errors ([`EngineError::InvalidRequest`]): images for a model without a vision tower; placeholders
+    /// and images that do not pair up; an image that cannot be sized.
+    pub fn prompt_with_images(
+        &self,
+        prompt: &Prompt,
+        images: &[jemma_media::DecodedImage],
+    ) -> Result<(Vec<u32>, Vec<PromptImage>)> {
+        let ids = self.prompt_ids(prompt)?;
+        let Some(spec) = self.images.as_ref().filter(|_| self.vision.is_some()) else {
+            if images.is_empty() {
+                return Ok((ids, vec![]));
+            }
+            return Err(EngineError::InvalidRequest(
+                "this model has no vision tower: it cannot see images".into(),
+            ));
+        };
+        let bad = |m: String| EngineError::InvalidRequest(m);
+        let pre = matches!(prompt, Prompt::Ids(_));
+        // Runs of the placeholder (one token each unless the prompt came as expanded ids).
+        let mut runs = vec![];
+        let mut i = 0;
+        while i < ids.len() {
+            if ids[i] == spec.image_id {
+                let s = i;
+                while pre && i < ids.len() && ids[i] == spec.image_id {
+                    i += 1;
+                }
+                runs.push((s, if pre { i - s } else { 1 }));
+                if !pre {
+                    i += 1;
+                }
+            } else {
+                i += 1;
+            }
+        }
+        if runs.len() != images.len() {
+            return Err(bad(format!(
+                "the prompt has {} image placeholder(s) for {} image(s)",
+                runs.len(),
+                images.len()
+            )));
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut placed = vec![];
+        let mut at = 0;
+        for ((s, n), img) in runs.into_iter().zip(images) {
+            let pixels =
+                jemma_media::preprocess(&img.rgb, &spec.params).map_err(|e| bad(e.to_string()))?;
+            if pre && n != pixels.soft_tokens {
+                return Err(bad(format!(
+                    "an image run of {n} tokens for an image of {} soft tokens",
+                    pixels.soft_tokens
+                )));
+            }
+            out.extend_from_slice(&ids[at..s]);
+            if !pre {
+                out.push(spec.boi_id);
+            }
+            let start = out.len();
+            out.extend(std::iter::repeat_n(spec.image_id, pixels.soft_tokens));
+            if !pre {
+                out.push(spec.eoi_id);
+            }
+            at = s + n;
+            placed.push(PromptImage {
+                start,
+                pixels,
+                digest: img.digest,
+            });
+        }
+        out.extend_from_slice(&ids[at..]);
+        Ok((out, placed))
+    }
+
+    /// How many tokens `prompt` takes with `images` in place (without preprocessing them).
+    ///
+    /// Errors: as [`ModelBundle::prompt_with_images`].
+    pub fn count_with_images(
+        &self,
+        prompt: &Prompt,
+        images: &[jemma_media::DecodedImage],
+    ) -> Result<usize> {
+        let ids = self.prompt_ids(prompt)?;
+        let Some(spec) = self.images.as_ref().filter(|_| self.vision.is_some()) else {
+            if images.is_empty() {
+                return Ok(ids.len());
+            }
+            return Err(EngineError::InvalidRequest(
+                "this model has no vision tower: it cannot see images".into(),
+            ));
+        };
+        if matches!(prompt, Prompt::Ids(_)) {
+            return Ok(ids.len());
+        }
+        let mut n = ids.len();
+        for img in images {
+            n += 1 + jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &spec.params)
+                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+        }
+        Ok(n)
+    }
+}
+
 /// Fewest tokens a system-prompt checkpoint holds.
 const MIN_CHECKPOINT_TOKENS: usize = 8;
 
@@ -525,8 +710,7 @@ impl ModelRunner for MlxRunner {
         request: &Request,
     ) -> std::result::Result<usize, EngineFailure> {
         model
-            .prompt_ids(&request.prompt)
-            .map(|ids| ids.len())
+            .count_with_images(&request.prompt, &request.images)
             .map_err(Into::into)
     }
 
@@ -685,7 +869,7 @@ impl MlxSequence {
         ctx: usize,
         pool: &mut PrefixPool<PoolCache>,
     ) -> Result<Self> {
-        let ids = l.prompt_ids(&req.prompt)?;
+        let (ids, images) = l.prompt_with_images(&req.prompt, &req.images)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
         let mut req = req;
         if req.fit_context && ids.len() < ctx {
@@ -707,10 +891,25 @@ impl MlxSequence {
         }
         let system = l.system_prefix_len(&req.prompt, &ids);
         let kv = opts.kv_quant;
+        // The soft tokens of each image (the tower runs here, on the model thread, once per request).
+        let media = match &l.vision {
+            Some(tower) => images
+                .iter()
+                .map(|img| {
+                    Ok(MediaRun {
+                        start: img.start,
+                        features: tower.encode_pixels(&img.pixels)?,
+                        digest: img.digest,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => vec![],
+        };
+        let keys = crate::generate::cache_keys(&ids, &media);
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.
-        let mut generation = Generation::resume_with(&l.model, &ids, opts, || {
-            let hit = pool.take_nearest(&ids, |c| c.kv == kv, |c, _| c.cache.is_trimmable())?;
+        let mut generation = Generation::resume_with_media(&l.model, &ids, media, opts, || {
+            let hit = pool.take_nearest(&keys, |c| c.kv == kv, |c, _| c.cache.is_trimmable())?;
             let mut cache = hit.cache.cache;
             // The pool only offers a longer entry when the cache can be trimmed.
             (hit.excess == 0 || cache.trim_to(hit.reused)).then_some((cache, hit.reused))

@@ -33,6 +33,7 @@ fn request(max_tokens: usize) -> Request {
         constraint: None,
         parallel_tool_calls: true,
         fit_context: false,
+        images: vec![],
     }
 }
 

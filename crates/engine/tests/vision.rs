@@ -10,6 +10,9 @@ use jemma_engine::models::gemma4::{self, Placed};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
+/// The tiny-vision fixture's image placeholder id (its config.json `image_token_id`).
+const IMAGE: i32 = 20;
+
 fn fixture() -> PathBuf {
     fixture_named("vision")
 }
@@ -111,8 +114,8 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
             .encode(&refs[&format!("{case}.pixel_values")])
             .unwrap();
         let host: Vec<i32> = ids.as_slice::<i32>().to_vec();
-        let start = host.iter().position(|&t| t == 1000).unwrap();
-        let n = host.iter().filter(|&&t| t == 1000).count();
+        let start = host.iter().position(|&t| t == IMAGE).unwrap();
+        let n = host.iter().filter(|&&t| t == IMAGE).count();
         assert_eq!(
             n as i32,
             features.shape()[1],
@@ -189,7 +192,7 @@ fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
     let ids = &refs["image.ids"];
     let features = tower.encode(&refs["image.pixel_values"]).unwrap();
     let host: Vec<i32> = ids.as_slice::<i32>().to_vec();
-    let start = host.iter().position(|&t| t == 1000).unwrap();
+    let start = host.iter().position(|&t| t == IMAGE).unwrap();
     let mut cache = model.new_cache();
     model
         .forward_hidden(&ids.index((.., ..start as i32)), &mut cache)
@@ -209,4 +212,160 @@ fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
     let d = max_abs_diff(&model.logits(&h).unwrap(), &want);
     eprintln!("two chunks: max |Δlogit| = {d:.3e}");
     assert!(d <= 1e-4, "two chunks: max |Δlogit| = {d}");
+}
+
+/// Runs one greedy request on `engine` and returns (generated tokens, cached prompt tokens).
+fn greedy(
+    engine: &jemma_engine::runtime::Engine,
+    ids: &[u32],
+    images: Vec<jemma_media::DecodedImage>,
+) -> (Vec<u32>, usize) {
+    use jemma_engine::generate::GenerateOptions;
+    use jemma_engine::runtime::{Event, Prompt, Request};
+    let mut rx = engine
+        .submit(Request {
+            prompt: Prompt::Ids(ids.to_vec()),
+            options: GenerateOptions {
+                max_tokens: 32,
+                // No stop token: the reference ran 32 steps whatever came.
+                stop_tokens: vec![1 << 20],
+                ..Default::default()
+            },
+            stop: vec![],
+            parse_output: false,
+            constraint: None,
+            parallel_tool_calls: true,
+            fit_context: false,
+            images,
+        })
+        .unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Done(s) => return (s.tokens, s.cached_tokens),
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    panic!("no answer")
+}
+
+#[test]
+fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
+    let dir = fixture_named("tiny-vision");
+    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let ids: Vec<u32> = refs["photo.ids"]
+        .as_slice::<i32>()
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let want: Vec<u32> = refs["photo.greedy"]
+        .as_slice::<i32>()
+        .iter()
+        .map(|&t| t as u32)
+        .collect();
+    let png = std::fs::read(dir.join("photo.png")).unwrap();
+    let photo = jemma_media::EncodedImage(png.into())
+        .decode(&jemma_media::Limits::default())
+        .unwrap();
+    let engine =
+        jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(&dir))
+            .unwrap();
+    engine.wait_ready().unwrap();
+    // The PNG decoded, preprocessed, encoded and placed by the engine: mlx-vlm's 32 tokens.
+    let (got, cached) = greedy(&engine, &ids, vec![photo.clone()]);
+    assert_eq!(got, want, "greedy continuation of the PNG prompt");
+    assert_eq!(cached, 0);
+    // The conversation goes on (the prompt, the answer, a new turn): the cache the first request left
+    // is reused through the image.
+    let mut next = ids.clone();
+    next.extend_from_slice(&got);
+    next.extend_from_slice(&[106, 105, 300, 301]);
+    let (_, cached) = greedy(&engine, &next, vec![photo.clone()]);
+    let start = ids.iter().position(|&t| t == IMAGE as u32).unwrap();
+    assert!(
+        cached > ids.len(),
+        "the image's soft tokens were not reused ({cached} cached)"
+    );
+    // The same text with another image: nothing past the text before the image is reused, and the
+    // answer is another one.
+    let mut flipped = (*photo.rgb).clone();
+    flipped.data.iter_mut().for_each(|b| *b = 255 - *b);
+    let other = jemma_media::DecodedImage {
+        rgb: flipped.into(),
+        digest: photo.digest ^ 1,
+    };
+    let (answer, cached) = greedy(&engine, &next, vec![other]);
+    assert!(
+        cached <= start,
+        "a cache built on another image was reused ({cached} > {start})"
+    );
+    let (first, _) = greedy(&engine, &next, vec![photo.clone()]);
+    assert_ne!(answer, first, "a different image gave the same answer");
+    // Placeholders and images must pair up; a model without a tower refuses images.
+    let mut rx = engine
+        .submit(jemma_engine::runtime::Request {
+            prompt: jemma_engine::runtime::Prompt::Ids(ids.clone()),
+            options: Default::default(),
+            stop: vec![],
+            parse_output: false,
+            constraint: None,
+            parallel_tool_calls: true,
+            fit_context: false,
+            images: vec![],
+        })
+        .unwrap();
+    let mut refused = None;
+    while let Some(ev) = rx.blocking_recv() {
+        if let jemma_engine::runtime::Event::Error(e) = ev {
+            refused = Some(e.to_string());
+        }
+    }
+    assert!(refused.unwrap().contains("image placeholder"));
+    let text_only = jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(
+        dir.parent().unwrap().join("tiny"),
+    ))
+    .unwrap();
+    text_only.wait_ready().unwrap();
+    let mut rx = text_only
+        .submit(jemma_engine::runtime::Request {
+            prompt: jemma_engine::runtime::Prompt::Ids(vec![2, 105, 300]),
+            options: Default::default(),
+            stop: vec![],
+            parse_output: false,
+            constraint: None,
+            parallel_tool_calls: true,
+            fit_context: false,
+            images: vec![photo],
+        })
+        .unwrap();
+    let mut refused = None;
+    while let Some(ev) = rx.blocking_recv() {
+        if let jemma_engine::runtime::Event::Error(e) = ev {
+            refused = Some(e.to_string());
+        }
+    }
+    assert!(refused.unwrap().contains("no vision tower"));
+}
+
+#[test]
+fn the_memory_estimate_counts_the_vision_tower() {
+    use jemma_engine::footprint::estimate;
+    let dir = fixture_named("tiny-vision");
+    let with = estimate(&dir, Some(4), Some(256), 2048, None).unwrap();
+    let without = estimate(
+        &dir.parent().unwrap().join("tiny"),
+        Some(4),
+        Some(256),
+        2048,
+        None,
+    )
+    .unwrap();
+    let tower: u64 = Array::load_safetensors(dir.join("model.safetensors"))
+        .unwrap()
+        .iter()
+        .filter(|(k, _)| k.contains("vision_tower") || k.contains("embed_vision"))
+        .map(|(_, a)| a.nbytes() as u64)
+        .sum();
+    assert!(tower > 0);
+    assert_eq!(with.weights_bytes - without.weights_bytes, tower);
 }

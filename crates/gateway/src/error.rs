@@ -36,6 +36,11 @@ impl ApiError {
                 "invalid_request_error",
                 "request_too_large",
             ),
+            RouterError::UnsupportedMedia(_) => (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+            ),
             RouterError::UnknownModel(_) => (
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",

@@ -70,6 +70,7 @@ async fn chat_inner(
     let mut req = parse_body(&state, body).await?.validate(&state.limits)?;
     req.forwarded = forwarded;
     state.charge(&caller, req.has_images)?;
+    req.decode_images(&state.limits).await?;
     let stream = req.stream;
     let include_usage = req.include_usage;
     let model = req.requested_model.clone();

@@ -608,7 +608,7 @@ async fn remote_rate_limits_answer_429_with_retry_after() {
     assert_eq!(st, StatusCode::TOO_MANY_REQUESTS);
     assert!(h["retry-after"].to_str().unwrap().parse::<u64>().unwrap() >= 1);
     assert_eq!(error_of(&body)["code"], "rate_limit_exceeded");
-    let image = r#"{"model":"fast","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgo="}}]}]}"#;
+    let image = r#"{"model":"fast","messages":[{"role":"user","content":[{"type":"text","text":"x"},{"type":"image_url","image_url":{"url":"data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAIAAAACCAIAAAD91JpzAAAAFklEQVR4nGM8IWfDwMDAxMDAwMDAAAAOTgEmR2hJIgAAAABJRU5ErkJggg=="}}]}]}"#;
     assert_eq!(
         call_from(&a, "100.64.0.9:1", &auth, image).await.0,
         StatusCode::OK,

@@ -27,6 +27,54 @@ pub enum MediaError {
 /// Result of this crate.
 pub type Result<T> = std::result::Result<T, MediaError>;
 
+/// An image as the client sent it (encoded bytes), shared cheaply between a request's copies.
+#[derive(Clone, PartialEq)]
+pub struct EncodedImage(pub std::sync::Arc<[u8]>);
+
+impl std::fmt::Debug for EncodedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncodedImage({} bytes)", self.0.len())
+    }
+}
+
+impl EncodedImage {
+    /// A stable 64-bit digest of the bytes (FNV-1a): what tells two images apart where their placeholder
+    /// tokens are alike (the prefix cache).
+    pub fn digest(&self) -> u64 {
+        self.0.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
+        })
+    }
+}
+
+/// The bytes of a base64 `data:` URL (`data:image/png;base64,…`).
+///
+/// Errors: [`MediaError::Corrupt`] for another URL or invalid base64; [`MediaError::TooLarge`] over
+/// `max_bytes` (checked before decoding).
+pub fn decode_data_url(url: &str, max_bytes: usize) -> Result<EncodedImage> {
+    use base64::Engine as _;
+    let rest = url
+        .strip_prefix("data:")
+        .ok_or_else(|| MediaError::Corrupt("not a data: URL".into()))?;
+    let (meta, data) = rest
+        .split_once(',')
+        .ok_or_else(|| MediaError::Corrupt("a data: URL without a comma".into()))?;
+    if !meta.ends_with(";base64") {
+        return Err(MediaError::Corrupt("a data: URL that is not base64".into()));
+    }
+    if data.len() / 4 * 3 > max_bytes {
+        return Err(MediaError::TooLarge(format!(
+            "the image is about {} bytes; the limit is {max_bytes}",
+            data.len() / 4 * 3
+        )));
+    }
+    let clean: String = data.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(clean.as_bytes())
+        .map_err(|e| MediaError::Corrupt(format!("invalid base64: {e}")))?;
+    Ok(EncodedImage(bytes.into()))
+}
+
 /// Bounds on what is decoded (checked before pixels are allocated).
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -47,7 +95,7 @@ impl Default for Limits {
 }
 
 /// An 8-bit RGB image, row-major, 3 bytes per pixel.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Rgb {
     /// Width, pixels.
     pub width: usize,
@@ -55,6 +103,12 @@ pub struct Rgb {
     pub height: usize,
     /// `width × height × 3` bytes.
     pub data: Vec<u8>,
+}
+
+impl std::fmt::Debug for Rgb {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Rgb({}x{})", self.width, self.height)
+    }
 }
 
 /// Whether `bytes` look like HEIC/HEIF (an ISO-BMFF `ftyp` box of a HEIF brand).
@@ -130,6 +184,38 @@ pub fn decode_image(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
     })
 }
 
+/// An image decoded for a request: its pixels and the digest of its encoded bytes (what the prefix cache
+/// tells images apart by).
+#[derive(Clone, PartialEq)]
+pub struct DecodedImage {
+    /// The pixels.
+    pub rgb: std::sync::Arc<Rgb>,
+    /// [`EncodedImage::digest`] of what was sent.
+    pub digest: u64,
+}
+
+impl std::fmt::Debug for DecodedImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DecodedImage({}x{}, {:016x})",
+            self.rgb.width, self.rgb.height, self.digest
+        )
+    }
+}
+
+impl EncodedImage {
+    /// [`decode_image`] with the digest kept.
+    ///
+    /// Errors: as [`decode_image`].
+    pub fn decode(&self, limits: &Limits) -> Result<DecodedImage> {
+        Ok(DecodedImage {
+            rgb: std::sync::Arc::new(decode_image(&self.0, limits)?),
+            digest: self.digest(),
+        })
+    }
+}
+
 /// How Gemma 4's image processor sizes images (its `processor_config.json`).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ImageParams {
@@ -190,6 +276,14 @@ pub fn target_size(height: usize, width: usize, p: &ImageParams) -> Result<(usiz
     Ok((th, tw))
 }
 
+/// How many soft tokens a `height` × `width` image becomes (without resizing it).
+///
+/// Errors: an empty image.
+pub fn soft_tokens(height: usize, width: usize, p: &ImageParams) -> Result<usize> {
+    let (h, w) = target_size(height, width, p)?;
+    Ok((h / p.patch_size) * (w / p.patch_size) / (p.pooling_kernel_size * p.pooling_kernel_size))
+}
+
 /// What Gemma 4's vision tower takes for one image.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Pixels {
@@ -219,11 +313,10 @@ pub fn preprocess(img: &Rgb, p: &ImageParams) -> Result<Pixels> {
             data[c * h * w + i] = px[c] as f32 * scale;
         }
     }
-    let patches = (h / p.patch_size) * (w / p.patch_size);
     Ok(Pixels {
         width: w,
         height: h,
         data,
-        soft_tokens: patches / (p.pooling_kernel_size * p.pooling_kernel_size),
+        soft_tokens: soft_tokens(img.height, img.width, p)?,
     })
 }

@@ -40,6 +40,9 @@ pub enum RouterError {
     /// Request or part of it too large (HTTP 413).
     #[error("{0}")]
     TooLarge(String),
+    /// Media in a format this build cannot read, such as HEIC off macOS (HTTP 415).
+    #[error("{0}")]
+    UnsupportedMedia(String),
     /// `model` names nothing this gateway serves (HTTP 404).
     #[error("model {0:?} does not exist; use auto, fast, primary, heavy or a served model id")]
     UnknownModel(String),

@@ -45,6 +45,8 @@ pub struct Job {
     pub logprobs: bool,
     /// With `logprobs`, this many alternatives per token.
     pub top_logprobs: usize,
+    /// The prompt's images, decoded, in the order of their parts.
+    pub images: Vec<jemma_media::DecodedImage>,
 }
 
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
@@ -112,6 +114,9 @@ pub trait InProcess: Send + Sync + 'static {
     type Info;
     /// The engine's name in `/health` (`mlx`, `llama.cpp`).
     const NAME: &'static str;
+    /// Whether the engine can put images before a model (the model must also have a vision tower, which
+    /// the engine checks).
+    const SEES_IMAGES: bool;
     /// Queues a job (in the engine's own request type); dropping the receiver cancels it.
     ///
     /// Errors: the serving core's admission errors (queue full, not available).
@@ -219,15 +224,26 @@ impl<E: InProcess> EngineBackend<E> {
     /// The engine job for `req` (with `continuation` as the start of the answer): the prompt, sampling,
     /// limits and constraint every engine takes.
     ///
-    /// Errors: images (no engine here can see them yet).
+    /// Errors: images for an engine that cannot show them to its model, or given as http(s) URLs (not
+    /// fetched for a local engine yet); an answer that never saw an image must not pretend it did.
     fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
-        if req.has_images {
-            // No engine here has a vision tower yet (issue 14): an answer that never saw the image must
-            // not pretend it did. An upstream tier that can see is not refused.
+        if req.has_images && !E::SEES_IMAGES {
             return Err(BackendError::BadRequest(format!(
                 "images are not supported by the {} engine serving this tier: the model cannot see them",
                 E::NAME
             )));
+        }
+        if req.remote_images > 0 {
+            return Err(BackendError::BadRequest(
+                "this tier's local engine takes images as data: URLs (data:image/png;base64,…); \
+                 http(s) image URLs are not fetched for it"
+                    .into(),
+            ));
+        }
+        if req.has_images && req.images.is_empty() {
+            return Err(BackendError::BadRequest(
+                "the request's images were not decoded for the local engine".into(),
+            ));
         }
         let prompt = match &req.raw_prompt {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
@@ -266,6 +282,7 @@ impl<E: InProcess> EngineBackend<E> {
             fit_context: req.max_tokens.is_none(),
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,
+            images: req.images.clone(),
         })
     }
 }
@@ -282,6 +299,7 @@ impl InProcess for Mlx {
     type Summary = jemma_engine::runtime::Summary;
     type Info = jemma_engine::runtime::MlxInfo;
     const NAME: &'static str = "mlx";
+    const SEES_IMAGES: bool = true;
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         self.engine.submit(self.request(job))
@@ -341,6 +359,7 @@ impl Mlx {
             constraint: job.constraint,
             parallel_tool_calls: job.parallel_tool_calls,
             fit_context: job.fit_context,
+            images: job.images,
         }
     }
 }
@@ -352,6 +371,8 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     type Summary = jemma_engine_llama::Summary;
     type Info = jemma_engine_llama::LlamaInfo;
     const NAME: &'static str = "llama.cpp";
+    // libmtmd is not wired in yet (issue 14).
+    const SEES_IMAGES: bool = false;
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         jemma_engine_llama::LlamaEngine::submit(self, llama_request(job))

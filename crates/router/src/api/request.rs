@@ -193,6 +193,12 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Whether any message carries an image part.
     pub has_images: bool,
+    /// The images of the messages' `data:` image parts, decoded, in message order (what a local engine
+    /// sees); filled by [`ChatRequest::decode_images`]. An upstream tier is sent the parts as they came.
+    #[serde(skip)]
+    pub images: Vec<jemma_media::DecodedImage>,
+    /// Image parts given as http(s) URLs (a local engine does not fetch them).
+    pub remote_images: usize,
     /// Text of the conversation for the classifier (system + user turns).
     pub text: String,
     /// Text of the last user turn.
@@ -209,6 +215,66 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
+    /// Decodes the messages' `data:` image parts (off the async runtime: a large JPEG takes a while), so
+    /// that a bad image is refused before any tier is tried, in the API's own terms: corrupt bytes 400,
+    /// over `max_image_bytes` or the pixel limit 413, a format this build cannot read (HEIC) 415.
+    ///
+    /// Errors: as above, naming the message part.
+    pub async fn decode_images(&mut self, limits: &Limits) -> Result<(), RouterError> {
+        if !self.has_images {
+            return Ok(());
+        }
+        let mut urls = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if let Some(super::message::MessageContent::Parts(parts)) = m.content() {
+                for (j, p) in parts.iter().enumerate() {
+                    if let super::message::ContentPart::ImageUrl { image_url } = p {
+                        urls.push((
+                            format!("messages[{i}].content[{j}].image_url.url"),
+                            image_url.url.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        let max_bytes = limits.max_image_bytes;
+        let decoded = tokio::task::spawn_blocking(move || {
+            let mut out = vec![];
+            let mut remote = 0;
+            for (at, url) in urls {
+                if !url.starts_with("data:") {
+                    remote += 1;
+                    continue;
+                }
+                let fail = |e: jemma_media::MediaError| {
+                    let m = format!("{at}: {e}");
+                    match e {
+                        jemma_media::MediaError::Corrupt(_) => invalid(m, &at),
+                        jemma_media::MediaError::TooLarge(_) => RouterError::TooLarge(m),
+                        jemma_media::MediaError::Unsupported(_) => RouterError::UnsupportedMedia(m),
+                    }
+                };
+                let img = jemma_media::decode_data_url(&url, max_bytes)
+                    .and_then(|b| {
+                        b.decode(&jemma_media::Limits {
+                            max_bytes,
+                            ..Default::default()
+                        })
+                    })
+                    .map_err(fail)?;
+                out.push(img);
+            }
+            Ok::<_, RouterError>((out, remote))
+        })
+        .await
+        .map_err(|e| RouterError::InvalidRequest {
+            message: format!("decoding the images failed: {e}"),
+            param: None,
+        })??;
+        (self.images, self.remote_images) = decoded;
+        Ok(())
+    }
+
     /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
     /// (`tool_choice` `required` or a named function).
     pub fn is_constrained(&self) -> bool {
@@ -523,6 +589,8 @@ impl ChatCompletionRequest {
                 .map(|o| o.include_usage)
                 .unwrap_or(false),
             has_images,
+            images: vec![],
+            remote_images: 0,
             text,
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,

@@ -264,6 +264,22 @@ impl VisionTower {
         })
     }
 
+    /// Its configuration.
+    pub fn config(&self) -> &VisionConfig {
+        &self.cfg
+    }
+
+    /// The soft tokens of preprocessed `pixels` (see [`VisionTower::encode`]).
+    ///
+    /// Errors: as [`VisionTower::encode`].
+    pub fn encode_pixels(&self, pixels: &jemma_media::Pixels) -> Result<Array> {
+        let px = Array::from_slice(
+            &pixels.data,
+            &[1, 3, pixels.height as i32, pixels.width as i32],
+        );
+        self.encode(&px)
+    }
+
     /// The soft tokens of one image: `pixel_values` (1, 3, H, W) in [0, 1], H and W multiples of
     /// `patch_size` with at most `max_patches` patches (the processor sizes images so) → (1, N, text hidden),
     /// N ≤ `default_output_length` (the pooled neighbourhoods that cover the image).

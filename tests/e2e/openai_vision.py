@@ -1,0 +1,77 @@
+"""Images through a running Jemma gateway with the unmodified OpenAI Python SDK: a local MLX tier whose model
+has a vision tower sees them, one without refuses them, and bad images get the API's own errors.
+
+Usage: python openai_vision.py BASE_URL   (fast: the tiny model with a vision tower; primary: the tiny model
+without one)
+"""
+import base64
+import io
+import sys
+
+import numpy as np
+import openai
+from openai import OpenAI
+from PIL import Image
+
+from checks import check, done
+
+base = sys.argv[1]
+client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
+
+
+def data_url(img, fmt="PNG"):
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+rng = np.random.default_rng(3)
+red = data_url(Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)))
+other = data_url(Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)), "JPEG")
+
+
+def ask(model, image=None, text="What is in this picture?", **kw):
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": image}})
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, **kw)
+
+
+plain = ask("fast")
+seen = ask("fast", red)
+check("an image to a model that sees: answered", seen.choices[0].message.content is not None, seen)
+# The placeholder became <|image>, 12 soft tokens (a 56x40 image resized to 32x24 in this tower's budget of 16),
+# <image|>.
+added = seen.usage.prompt_tokens - plain.usage.prompt_tokens
+check("the image's soft tokens are in the prompt", added == 14, (seen.usage, plain.usage))
+again = ask("fast", red)
+check("the same image: the same answer", again.choices[0].message.content == seen.choices[0].message.content)
+first = lambda r: [t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs]  # noqa: E731
+check("another image (a JPEG): the model saw something else", first(ask("fast", other)) != first(seen))
+check("an image answer is not the text-only answer", first(plain) != first(seen))
+
+# Refusals, in the API's own shape.
+try:
+    ask("primary", red)
+    check("a model without a vision tower refuses images", False, "answered")
+except openai.BadRequestError as e:
+    check("a model without a vision tower refuses images (400)", "cannot see" in str(e), e)
+try:
+    ask("fast", "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode())
+    check("a corrupt image is a 400", False, "answered")
+except openai.BadRequestError as e:
+    check("a corrupt image is a 400 naming the part", "could not be decoded" in str(e)
+          and "messages[0].content[1]" in str(e), e)
+heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
+try:
+    ask("fast", "data:image/heic;base64," + base64.b64encode(heic).decode())
+    check("HEIC is a 415", False, "answered")
+except openai.APIStatusError as e:
+    check("HEIC is a 415 that says what to send", e.status_code == 415 and "JPEG" in str(e), (e.status_code, e))
+try:
+    ask("fast", "https://example.com/cat.png")
+    check("an http image URL is refused by a local engine", False, "answered")
+except openai.BadRequestError as e:
+    check("an http image URL is refused by a local engine (400)", "data: URL" in str(e), e)
+done()
