@@ -6,7 +6,9 @@ without one)
 """
 import base64
 import io
+import json
 import sys
+import urllib.request
 
 import numpy as np
 import openai
@@ -37,6 +39,19 @@ def ask(model, image=None, text="What is in this picture?", **kw):
     return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
                                           max_tokens=6, temperature=0, logprobs=True, top_logprobs=3, **kw)
 
+
+models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
+check("/v1/models lists what each model takes in", models == {"fast": ["text", "image"], "primary": ["text"]},
+      models)
+with urllib.request.urlopen(f"{base}/health") as r:
+    health = json.loads(r.read())
+check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image"], health)
+# auto sends an image to the tier whose model sees it (primary, the vision tier, cannot here).
+r = client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": [
+    {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": red}}]}])
+routing = r.model_extra["_routing"]
+check("auto routes an image to a model that sees", routing["tier"] == "fast" and "cannot see" in routing["reason"],
+      routing)
 
 plain = ask("fast")
 seen = ask("fast", red)

@@ -105,7 +105,7 @@ fn dtype_size(name: &str) -> Option<u64> {
 }
 
 /// Tensor name, dtype and element count from a safetensors header (without reading the data).
-fn read_header(path: &Path) -> Result<Vec<(String, String, u64)>> {
+pub(crate) fn read_header(path: &Path) -> Result<Vec<(String, String, u64)>> {
     let io = |source| EngineError::Io {
         path: path.to_path_buf(),
         source,

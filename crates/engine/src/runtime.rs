@@ -103,6 +103,9 @@ pub struct MlxInfo {
     pub prefix_cache_bytes: u64,
     /// The most sequences decoded in one batched forward since the model loaded.
     pub largest_decode_batch: usize,
+    /// What the model takes in: `text`, and `image` when the checkpoint has a vision tower (known from
+    /// the model directory before loading).
+    pub input_modalities: Vec<&'static str>,
 }
 
 /// Live figures for `/health`, `/metrics` and the tray: the serving core's, with [`MlxInfo`] flattened in.
@@ -189,6 +192,11 @@ impl Engine {
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
             largest_decode_batch: 0,
+            input_modalities: if crate::models::gemma4::vision::sees_images(&config.model_dir) {
+                vec!["text", "image"]
+            } else {
+                vec!["text"]
+            },
         };
         let host_config = HostConfig {
             name: name.clone(),

@@ -213,8 +213,19 @@ pub struct BackendHealth {
     pub last_error: Option<String>,
     /// Context length, when known.
     pub context_length: Option<usize>,
+    /// What the model takes in (`text`, `image`); empty when not known (an upstream says so only by
+    /// answering).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub input_modalities: Vec<String>,
     /// Extra figures (memory, queue).
     pub details: Value,
+}
+
+impl BackendHealth {
+    /// Whether the model is known not to see images (an unknown model may).
+    pub fn refuses_images(&self) -> bool {
+        !self.input_modalities.is_empty() && !self.input_modalities.iter().any(|m| m == "image")
+    }
 }
 
 /// A tier's engine: local or remote, one interface.
@@ -366,6 +377,7 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
         tokens_per_second: s.last_decode_tps,
         last_error: err,
         context_length: (s.context_length > 0).then_some(s.context_length),
+        input_modalities: vec![],
         details,
     }
 }

@@ -117,6 +117,11 @@ pub trait InProcess: Send + Sync + 'static {
     /// Whether the engine can put images before a model (the model must also have a vision tower, which
     /// the engine checks).
     const SEES_IMAGES: bool;
+    /// What the engine's model takes in (`text`, `image`).
+    fn input_modalities(info: &Self::Info) -> Vec<String> {
+        let _ = info;
+        vec!["text".into()]
+    }
     /// Queues a job (in the engine's own request type); dropping the receiver cancels it.
     ///
     /// Errors: the serving core's admission errors (queue full, not available).
@@ -208,7 +213,12 @@ impl<E: InProcess> Backend for EngineBackend<E> {
             // Tiers with the same engine_id share one engine: its counts and prefix cache are one.
             d.insert("engine_id".into(), json!(self.id));
         }
-        engine_health(&s, details)
+        let mut h = engine_health(&s, details);
+        h.input_modalities = E::input_modalities(&s.info);
+        if !E::SEES_IMAGES {
+            h.input_modalities.retain(|m| m != "image");
+        }
+        h
     }
 }
 
@@ -300,6 +310,13 @@ impl InProcess for Mlx {
     type Info = jemma_engine::runtime::MlxInfo;
     const NAME: &'static str = "mlx";
     const SEES_IMAGES: bool = true;
+
+    fn input_modalities(info: &Self::Info) -> Vec<String> {
+        info.input_modalities
+            .iter()
+            .map(|m| m.to_string())
+            .collect()
+    }
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         self.engine.submit(self.request(job))

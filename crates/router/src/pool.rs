@@ -958,6 +958,14 @@ impl Backend for Pool {
                     .find_map(|e| e.last_error.lock().ok().and_then(|l| l.clone()))
             }),
             context_length: healths.iter().filter_map(|h| h.context_length).min(),
+            // What every member takes (a request may go to any); unknown if one member's is.
+            input_modalities: if healths.iter().all(|h| !h.input_modalities.is_empty()) {
+                let mut m = healths[0].input_modalities.clone();
+                m.retain(|x| healths.iter().all(|h| h.input_modalities.contains(x)));
+                m
+            } else {
+                vec![]
+            },
             details: json!({"endpoints": endpoints}),
         }
     }

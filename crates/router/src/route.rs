@@ -618,6 +618,31 @@ impl TierRouter {
                 rule: Rule::Conversation,
             };
         }
+        // Images go where a model can see them: an automatic choice whose tier's model is known not to
+        // is moved to one that is not (a named tier is taken as named, and refuses the images itself).
+        let sees = |t: &Tier| {
+            self.tiers
+                .get(t)
+                .is_some_and(|s| !s.backend().health().refuses_images())
+        };
+        if req.has_images
+            && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
+            && self.tiers.contains_key(&decision.tier)
+            && !sees(&decision.tier)
+            && let Some(t) = fallback_chain(decision.tier)
+                .into_iter()
+                .chain(self.tiers.keys().rev().copied())
+                .find(|t| sees(t) && self.tiers[t].enabled.load(Ordering::Relaxed))
+        {
+            decision = Decision {
+                reason: format!(
+                    "images → {t}: the {} tier's model cannot see them",
+                    decision.tier
+                ),
+                tier: t,
+                rule: decision.rule,
+            };
+        }
         // An explicitly named tier that is not configured is a client error; an automatic choice walks down
         // to what exists.
         let explicit = decision.rule == Rule::ExplicitTier;
@@ -639,10 +664,15 @@ impl TierRouter {
                 param: Some("max_tokens".into()),
             });
         }
-        let chain: Vec<Tier> = fallback_chain(decision.tier)
+        let mut chain: Vec<Tier> = fallback_chain(decision.tier)
             .into_iter()
             .filter(|t| self.tiers.contains_key(t))
             .collect();
+        // An image request does not fall back to a tier that cannot see (its answer would be a 400, or
+        // worse, blind), unless no tier left can.
+        if req.has_images && chain.iter().any(sees) {
+            chain.retain(|t| *t == decision.tier || sees(t));
+        }
         // A request another Jemma node forwarded is served by the tier it named or not at all: that node
         // falls back itself.
         if req.forwarded {
@@ -1041,5 +1071,6 @@ pub fn model_entry(s: &TierStatus) -> crate::api::Model {
         owned_by: "jemma".into(),
         root: s.backend.model.clone(),
         state,
+        input_modalities: s.backend.input_modalities.clone(),
     }
 }

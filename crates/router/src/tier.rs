@@ -286,6 +286,7 @@ impl Backend for LocalTier {
                     tokens_per_second: 0.0,
                     last_error: error,
                     context_length: None,
+                    input_modalities: vec![],
                     details: json!({"swap": swap_json}),
                 }
             }

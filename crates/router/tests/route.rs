@@ -43,6 +43,8 @@ struct Scripted {
     up: std::sync::atomic::AtomicBool,
     /// Whether it stands for another Jemma node.
     peer: std::sync::atomic::AtomicBool,
+    /// What its model takes in (empty: not known).
+    modalities: Mutex<Vec<String>>,
 }
 
 impl Scripted {
@@ -56,6 +58,7 @@ impl Scripted {
             capacity: Mutex::new(None),
             up: std::sync::atomic::AtomicBool::new(true),
             peer: std::sync::atomic::AtomicBool::new(false),
+            modalities: Mutex::new(vec![]),
         })
     }
     fn set(&self, s: Script) {
@@ -163,6 +166,7 @@ impl Backend for Scripted {
             },
             model: self.name.into(),
             model_loaded: true,
+            input_modalities: self.modalities.lock().unwrap().clone(),
             ..Default::default()
         }
     }
@@ -1026,4 +1030,52 @@ async fn wait_until(f: impl Fn() -> bool) {
         assert!(tokio::time::Instant::now() < deadline, "timed out waiting");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+#[tokio::test]
+async fn images_go_to_a_tier_whose_model_can_see_them() {
+    let text_only = |name| {
+        let b = Scripted::new(name, Script::Answer(vec![name]));
+        *b.modalities.lock().unwrap() = vec!["text".into()];
+        b
+    };
+    let (fast, primary) = (text_only("e2b"), text_only("e4b"));
+    let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]));
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+    ]);
+    let image = |model: &str| {
+        let mut req = ChatCompletionRequest {
+            model: Some(model.into()),
+            messages: vec![
+                serde_json::from_value(serde_json::json!({"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}))
+                .unwrap(),
+            ],
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap();
+        req.remote_images = 1;
+        req
+    };
+    // auto: the vision tier (primary) is known not to see; heavy's model may.
+    let a = collect(r.chat(image("auto")).unwrap()).await;
+    let routing = a.routing.unwrap();
+    assert_eq!(a.text, "26b");
+    assert_eq!(routing.tier, "heavy");
+    assert!(routing.reason.contains("cannot see"), "{}", routing.reason);
+    // A tier the client names is taken as named.
+    let a = collect(r.chat(image("primary")).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "primary");
+    // Once primary's model sees images, auto keeps it.
+    *primary.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    let a = collect(r.chat(image("auto")).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "primary");
+    // Text is routed as before.
+    let a = collect(r.chat(request("auto", "hi")).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
 }

@@ -399,6 +399,10 @@ pub struct Model {
     pub root: String,
     /// `ready`, `loading 42%`, `disabled`, `breaker_open`, ...
     pub state: String,
+    /// What the tier's model takes in (`text`, `image`), when known; absent for an upstream, which says
+    /// what it takes only by answering.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_modalities: Vec<String>,
 }
 
 /// OpenAI's error body: `{"error": {...}}`.

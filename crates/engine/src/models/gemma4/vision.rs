@@ -518,6 +518,22 @@ pub fn tower_key(key: &str) -> Option<&str> {
     (k.starts_with("vision_tower.") || k.starts_with("embed_vision.")).then_some(k)
 }
 
+/// Whether the checkpoint in `dir` has a vision tower (a `vision_config` and tower tensors), read from its
+/// config and safetensors headers without loading anything. False when unreadable.
+pub fn sees_images(dir: &std::path::Path) -> bool {
+    let has_config = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get("vision_config").is_some_and(|c| !c.is_null()));
+    has_config
+        && super::weight_files(dir).is_ok_and(|files| {
+            files.iter().any(|f| {
+                crate::footprint::read_header(f)
+                    .is_ok_and(|h| h.iter().any(|(k, _, _)| tower_key(k).is_some()))
+            })
+        })
+}
+
 /// Loads the vision tower of the Gemma 4 checkpoint in `dir` (its `config.json` `vision_config` and the
 /// `vision_tower.*` / `embed_vision.*` tensors; every one of them used). `dtype`: None keeps the checkpoint's
 /// (that of `patch_embedder.input_proj`). None when the checkpoint has no vision tower.
