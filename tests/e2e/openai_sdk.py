@@ -79,6 +79,15 @@ try:
 except openai.BadRequestError as e:
     check("images on a local tier are a 400", "cannot see" in str(e), e)
 
+# An image URL may not reach this machine's own services (no SSRF through the gateway), on any tier.
+try:
+    client.chat.completions.create(model="heavy", messages=[{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"},
+        {"type": "image_url", "image_url": {"url": f"{base}/metrics"}}]}], max_tokens=3)
+    check("an image URL into this machine is refused", False, "answered")
+except openai.BadRequestError as e:
+    check("an image URL into this machine is refused (400)", "not a public address" in str(e), e)
+
 r = client.chat.completions.create(model="heavy", messages=[{"role": "user", "content": "Analyze this in depth"}],
                                    max_tokens=6)
 check("heavy tier answers through the upstream", r.model_extra["_routing"]["tier"] == "heavy", r.model_extra)

@@ -35,7 +35,8 @@ first_token_timeout_secs = 60
 #[test]
 fn openai_python_sdk_sends_images_to_a_model_that_sees() {
     let config = format!(
-        "[tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
+        "[limits]\nfetch_private_image_urls = true\n\
+         [tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
         fixture("tiny-vision").display(),
         fixture("tiny").display()
     );

@@ -19,6 +19,7 @@ pub use jemma_engine_llama as llama;
 pub const LLAMA: bool = cfg!(feature = "llama");
 #[cfg(feature = "local")]
 pub mod local;
+pub mod media;
 pub mod membership;
 pub mod pool;
 pub mod route;

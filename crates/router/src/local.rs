@@ -234,21 +234,14 @@ impl<E: InProcess> EngineBackend<E> {
     /// The engine job for `req` (with `continuation` as the start of the answer): the prompt, sampling,
     /// limits and constraint every engine takes.
     ///
-    /// Errors: images for an engine that cannot show them to its model, or given as http(s) URLs (not
-    /// fetched for a local engine yet); an answer that never saw an image must not pretend it did.
+    /// Errors: images for an engine that cannot show them to its model (an answer that never saw an image
+    /// must not pretend it did), or not decoded before ([`ChatRequest::decode_images`]).
     fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
         if req.has_images && !E::SEES_IMAGES {
             return Err(BackendError::BadRequest(format!(
                 "images are not supported by the {} engine serving this tier: the model cannot see them",
                 E::NAME
             )));
-        }
-        if req.remote_images > 0 {
-            return Err(BackendError::BadRequest(
-                "this tier's local engine takes images as data: URLs (data:image/png;base64,…); \
-                 http(s) image URLs are not fetched for it"
-                    .into(),
-            ));
         }
         if req.has_images && req.images.is_empty() {
             return Err(BackendError::BadRequest(

@@ -494,7 +494,6 @@ impl TierRouter {
             include_usage: false,
             has_images: false,
             images: vec![],
-            remote_images: 0,
             text: "ping".into(),
             last_user: "ping".into(),
             prompt_tokens_estimate: 1,

@@ -1047,7 +1047,7 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
         (Tier::Heavy, heavy.clone(), settings(1000)),
     ]);
     let image = |model: &str| {
-        let mut req = ChatCompletionRequest {
+        ChatCompletionRequest {
             model: Some(model.into()),
             messages: vec![
                 serde_json::from_value(serde_json::json!({"role": "user", "content": [
@@ -1058,9 +1058,7 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
             ..Default::default()
         }
         .validate(&Limits::default())
-        .unwrap();
-        req.remote_images = 1;
-        req
+        .unwrap()
     };
     // auto: the vision tier (primary) is known not to see; heavy's model may.
     let a = collect(r.chat(image("auto")).unwrap()).await;

@@ -193,12 +193,10 @@ pub struct ChatRequest {
     pub include_usage: bool,
     /// Whether any message carries an image part.
     pub has_images: bool,
-    /// The images of the messages' `data:` image parts, decoded, in message order (what a local engine
-    /// sees); filled by [`ChatRequest::decode_images`]. An upstream tier is sent the parts as they came.
+    /// The messages' images, fetched and decoded, in message order (what a local engine sees); filled by
+    /// [`ChatRequest::decode_images`]. An upstream tier is sent the parts as they came.
     #[serde(skip)]
     pub images: Vec<jemma_media::DecodedImage>,
-    /// Image parts given as http(s) URLs (a local engine does not fetch them).
-    pub remote_images: usize,
     /// Text of the conversation for the classifier (system + user turns).
     pub text: String,
     /// Text of the last user turn.
@@ -215,9 +213,11 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
-    /// Decodes the messages' `data:` image parts (off the async runtime: a large JPEG takes a while), so
-    /// that a bad image is refused before any tier is tried, in the API's own terms: corrupt bytes 400,
-    /// over `max_image_bytes` or the pixel limit 413, a format this build cannot read (HEIC) 415.
+    /// Fetches the messages' http(s) image URLs ([`crate::media::ImageFetcher`]: public addresses only unless
+    /// `fetch_private_image_urls`, `image/*`, within `max_image_bytes` and the timeout) and decodes every
+    /// image (off the async runtime: a large JPEG takes a while), so that a bad image is refused before any
+    /// tier is tried, in the API's own terms: corrupt bytes, an unreachable or private URL 400, over
+    /// `max_image_bytes` or the pixel limit 413, a format this build cannot read (HEIC) 415.
     ///
     /// Errors: as above, naming the message part.
     pub async fn decode_images(&mut self, limits: &Limits) -> Result<(), RouterError> {
@@ -238,14 +238,37 @@ impl ChatRequest {
             }
         }
         let max_bytes = limits.max_image_bytes;
+        // http(s) images are fetched first (concurrently), then everything is decoded off the runtime.
+        let fetcher = crate::media::fetcher(
+            std::time::Duration::from_secs_f64(limits.image_fetch_timeout_secs.max(0.1)),
+            limits.fetch_private_image_urls,
+        )
+        .map_err(|e| RouterError::Config(format!("image fetcher: {e}")))?;
+        let fetched = futures_util::future::join_all(urls.iter().map(|(at, url)| {
+            let f = fetcher.clone();
+            async move {
+                if url.starts_with("data:") {
+                    return Ok(None);
+                }
+                f.fetch(url, max_bytes)
+                    .await
+                    .map(Some)
+                    .map_err(|e| match e {
+                        crate::media::FetchError::TooLarge(_) => {
+                            RouterError::TooLarge(format!("{at}: {e}"))
+                        }
+                        e => invalid(format!("{at}: {e}"), at),
+                    })
+            }
+        }))
+        .await;
+        let mut inputs = vec![];
+        for ((at, url), f) in urls.into_iter().zip(fetched) {
+            inputs.push((at, url, f?));
+        }
         let decoded = tokio::task::spawn_blocking(move || {
             let mut out = vec![];
-            let mut remote = 0;
-            for (at, url) in urls {
-                if !url.starts_with("data:") {
-                    remote += 1;
-                    continue;
-                }
+            for (at, url, fetched) in inputs {
                 let fail = |e: jemma_media::MediaError| {
                     let m = format!("{at}: {e}");
                     match e {
@@ -254,24 +277,24 @@ impl ChatRequest {
                         jemma_media::MediaError::Unsupported(_) => RouterError::UnsupportedMedia(m),
                     }
                 };
-                let img = jemma_media::decode_data_url(&url, max_bytes)
-                    .and_then(|b| {
-                        b.decode(&jemma_media::Limits {
-                            max_bytes,
-                            ..Default::default()
-                        })
-                    })
-                    .map_err(fail)?;
-                out.push(img);
+                let encoded = match fetched {
+                    Some(bytes) => jemma_media::EncodedImage(bytes.into()),
+                    None => jemma_media::decode_data_url(&url, max_bytes).map_err(fail)?,
+                };
+                let limits = jemma_media::Limits {
+                    max_bytes,
+                    ..Default::default()
+                };
+                out.push(encoded.decode(&limits).map_err(fail)?);
             }
-            Ok::<_, RouterError>((out, remote))
+            Ok::<_, RouterError>(out)
         })
         .await
         .map_err(|e| RouterError::InvalidRequest {
             message: format!("decoding the images failed: {e}"),
             param: None,
         })??;
-        (self.images, self.remote_images) = decoded;
+        self.images = decoded;
         Ok(())
     }
 
@@ -356,8 +379,13 @@ pub struct Limits {
     pub default_max_tokens: u32,
     /// Images per message.
     pub max_images: usize,
-    /// Bytes per inline image.
+    /// Bytes per image (inline or fetched).
     pub max_image_bytes: usize,
+    /// Let `image_url`s given as http(s) URLs reach loopback, private and link-local addresses (default
+    /// false: the gateway must not become a way into this machine's or its networks' services).
+    pub fetch_private_image_urls: bool,
+    /// Seconds an image URL has to be fetched (default 10).
+    pub image_fetch_timeout_secs: f64,
     /// Most stop strings.
     pub max_stop: usize,
 }
@@ -370,6 +398,8 @@ impl Default for Limits {
             default_max_tokens: 1024,
             max_images: 8,
             max_image_bytes: 20 << 20,
+            fetch_private_image_urls: false,
+            image_fetch_timeout_secs: 10.0,
             max_stop: 8,
         }
     }
@@ -590,7 +620,6 @@ impl ChatCompletionRequest {
                 .unwrap_or(false),
             has_images,
             images: vec![],
-            remote_images: 0,
             text,
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,
