@@ -30,15 +30,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         status.backend_state
     );
     let candidates: Vec<Candidate> = status
-        .peers
-        .iter()
-        .filter(|p| p.online)
-        .filter_map(|p| {
-            Some(Candidate {
-                name: p.host_name.clone(),
-                url: p.url(args.port)?,
-            })
-        })
+        .online_peer_urls(args.port)
+        .into_iter()
+        .map(|(name, url)| Candidate { name, url })
         .collect();
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

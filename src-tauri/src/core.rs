@@ -370,15 +370,9 @@ impl Core {
             status.backend_state
         );
         let candidates: Vec<Candidate> = status
-            .peers
-            .iter()
-            .filter(|p| p.online)
-            .filter_map(|p| {
-                Some(Candidate {
-                    name: p.host_name.clone(),
-                    url: p.url(port)?,
-                })
-            })
+            .online_peer_urls(port)
+            .into_iter()
+            .map(|(name, url)| Candidate { name, url })
             .collect();
         let timeout = Duration::from_secs_f64(self.cfg.peers.timeout_secs.max(0.1));
         Ok(jemma_router::discovery::identify(&candidates, timeout).await)

@@ -691,6 +691,11 @@ async fn a_peer_joins_a_tier_and_leaves_it_while_the_gateway_serves() {
             json!({"kind": "jemma", "name": "x", "url": peer.url, "weight": 0}),
             "weight",
         ),
+        // A reference would send one of this machine's secrets to the URL given.
+        (
+            json!({"kind": "jemma", "name": "x", "url": peer.url, "key": "keyring:ai.jemma/hf_token"}),
+            "not an env: or keyring: reference",
+        ),
     ] {
         let (status, v) = admin(
             &client,

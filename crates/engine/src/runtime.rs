@@ -330,7 +330,10 @@ impl ImageSpec {
             eoi_id: id("eoi_token_id", 258_882),
             params: jemma_media::ImageParams {
                 patch_size: setting("patch_size", vision.patch_size),
-                max_soft_tokens: setting("max_soft_tokens", vision.default_output_length),
+                // The tower pools into at most `default_output_length` soft tokens: a larger budget in the
+                // processor's config would size images the tower then refuses.
+                max_soft_tokens: setting("max_soft_tokens", vision.default_output_length)
+                    .min(vision.default_output_length),
                 pooling_kernel_size: setting("pooling_kernel_size", vision.pooling_kernel_size),
             },
         })
@@ -524,6 +527,10 @@ impl ModelBundle {
             ));
         };
         let bad = |m: String| EngineError::InvalidRequest(m);
+        if images.is_empty() {
+            // A text-only prompt that spells the placeholder reads it as the token it is, as before.
+            return Ok((ids, vec![]));
+        }
         let pre = matches!(prompt, Prompt::Ids(_));
         // Runs of the placeholder (one token each unless the prompt came as expanded ids).
         let mut runs = vec![];
@@ -544,7 +551,8 @@ impl ModelBundle {
         }
         if runs.len() != images.len() {
             return Err(bad(format!(
-                "the prompt has {} image placeholder(s) for {} image(s)",
+                "the prompt has {} image placeholder(s) for {} image(s) (the model's chat template shows \
+                 images in user messages only)",
                 runs.len(),
                 images.len()
             )));

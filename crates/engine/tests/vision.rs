@@ -141,24 +141,13 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
         );
         assert!(d <= 1e-4, "{case}: max |Δlogit| = {d}");
         // Without the image the same prompt reads differently: the soft tokens are what the model saw.
-        let mut cache = model.new_cache();
+        let mut plain_cache = model.new_cache();
         let plain = model
-            .logits(&model.forward_hidden(ids, &mut cache).unwrap())
+            .logits(&model.forward_hidden(ids, &mut plain_cache).unwrap())
             .unwrap();
         assert!(max_abs_diff(&plain.as_dtype(Dtype::Float32).unwrap(), want) > 1e-2);
 
         // 32 greedy tokens decoded from the cache the image prompt filled: mlx-vlm's, token for token.
-        let mut cache = model.new_cache();
-        let h = model
-            .forward_hidden_with_media(
-                ids,
-                &[Placed {
-                    start,
-                    features: &features,
-                }],
-                &mut cache,
-            )
-            .unwrap();
         let last = h.shape()[1] - 1;
         let mut logits = model
             .logits(&h.index((.., last..last + 1, ..)))
@@ -214,12 +203,13 @@ fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
     assert!(d <= 1e-4, "two chunks: max |Δlogit| = {d}");
 }
 
-/// Runs one greedy request on `engine` and returns (generated tokens, cached prompt tokens).
-fn greedy(
+/// Runs 32 greedy steps of `ids` with `images` on `engine`: (generated tokens, cached prompt tokens), or
+/// the engine's error.
+fn greedy_or_error(
     engine: &jemma_engine::runtime::Engine,
     ids: &[u32],
     images: Vec<jemma_media::DecodedImage>,
-) -> (Vec<u32>, usize) {
+) -> Result<(Vec<u32>, usize), String> {
     use jemma_engine::generate::GenerateOptions;
     use jemma_engine::runtime::{Event, Prompt, Request};
     let mut rx = engine
@@ -238,15 +228,23 @@ fn greedy(
             fit_context: false,
             images,
         })
-        .unwrap();
+        .map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
-            Event::Done(s) => return (s.tokens, s.cached_tokens),
-            Event::Error(e) => panic!("{e}"),
+            Event::Done(s) => return Ok((s.tokens, s.cached_tokens)),
+            Event::Error(e) => return Err(e.to_string()),
             _ => {}
         }
     }
-    panic!("no answer")
+    Err("no answer".into())
+}
+
+fn greedy(
+    engine: &jemma_engine::runtime::Engine,
+    ids: &[u32],
+    images: Vec<jemma_media::DecodedImage>,
+) -> (Vec<u32>, usize) {
+    greedy_or_error(engine, ids, images).unwrap()
 }
 
 #[test]
@@ -302,49 +300,15 @@ fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
     let (first, _) = greedy(&engine, &next, vec![photo.clone()]);
     assert_ne!(answer, first, "a different image gave the same answer");
     // Placeholders and images must pair up; a model without a tower refuses images.
-    let mut rx = engine
-        .submit(jemma_engine::runtime::Request {
-            prompt: jemma_engine::runtime::Prompt::Ids(ids.clone()),
-            options: Default::default(),
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            images: vec![],
-        })
-        .unwrap();
-    let mut refused = None;
-    while let Some(ev) = rx.blocking_recv() {
-        if let jemma_engine::runtime::Event::Error(e) = ev {
-            refused = Some(e.to_string());
-        }
-    }
-    assert!(refused.unwrap().contains("image placeholder"));
+    let refused = greedy_or_error(&engine, &ids, vec![photo.clone(), photo.clone()]).unwrap_err();
+    assert!(refused.contains("image placeholder"), "{refused}");
     let text_only = jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(
         dir.parent().unwrap().join("tiny"),
     ))
     .unwrap();
     text_only.wait_ready().unwrap();
-    let mut rx = text_only
-        .submit(jemma_engine::runtime::Request {
-            prompt: jemma_engine::runtime::Prompt::Ids(vec![2, 105, 300]),
-            options: Default::default(),
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            images: vec![photo],
-        })
-        .unwrap();
-    let mut refused = None;
-    while let Some(ev) = rx.blocking_recv() {
-        if let jemma_engine::runtime::Event::Error(e) = ev {
-            refused = Some(e.to_string());
-        }
-    }
-    assert!(refused.unwrap().contains("no vision tower"));
+    let refused = greedy_or_error(&text_only, &[2, 105, 300], vec![photo]).unwrap_err();
+    assert!(refused.contains("no vision tower"), "{refused}");
 }
 
 #[test]

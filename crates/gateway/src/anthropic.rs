@@ -50,9 +50,8 @@ async fn messages_inner(
     let req: MessagesRequest = sse::read_json(body, state.max_body_bytes).await?;
     let model = req.model.clone();
     let stream = req.stream;
-    let (mut chat, display) = req.to_chat(&state.limits)?;
+    let (chat, display) = req.to_chat(&state.limits)?;
     state.charge(&caller, chat.has_images)?;
-    chat.decode_images(&state.limits).await?;
     let mut rx = state.router.chat(chat)?;
     if stream {
         let first = sse::first_output(&mut rx).await?;
@@ -102,9 +101,8 @@ pub async fn count_tokens(
     let caller = caller.map(|e| e.0).unwrap_or(Caller::Loopback);
     let counted = async {
         let req: MessagesRequest = sse::read_json(body, state.max_body_bytes).await?;
-        let mut chat = req.to_count(&state.limits)?;
+        let chat = req.to_count(&state.limits)?;
         state.charge(&caller, chat.has_images)?;
-        chat.decode_images(&state.limits).await?;
         state.router.count_tokens(&chat).await
     };
     match counted.await {

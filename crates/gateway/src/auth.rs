@@ -435,6 +435,28 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
         );
         return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
     }
+    if req.uri().path().starts_with("/admin/") {
+        // A web page open in this machine's browser is a loopback caller too: admin calls must come from a
+        // program (no Origin) or an allowed origin, and a POST must be JSON, which a page cannot send
+        // across origins without a CORS preflight (refused for other origins).
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        let foreign = origin.is_some_and(|o| !st.cors_origins.iter().any(|c| c == o));
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|c| c.trim_start().starts_with("application/json"));
+        if foreign || (req.method() == axum::http::Method::POST && !json) {
+            let body = openai_error(
+                "admin calls take a JSON body (Content-Type: application/json) and are not made by web pages",
+                "forbidden",
+            );
+            return (StatusCode::FORBIDDEN, axum::Json(body)).into_response();
+        }
+    }
     let caller = if loopback && st.access.exempt_loopback {
         Caller::Loopback
     } else if matches!(req.uri().path(), "/health" | "/openapi.json")

@@ -70,7 +70,6 @@ async fn chat_inner(
     let mut req = parse_body(&state, body).await?.validate(&state.limits)?;
     req.forwarded = forwarded;
     state.charge(&caller, req.has_images)?;
-    req.decode_images(&state.limits).await?;
     let stream = req.stream;
     let include_usage = req.include_usage;
     let model = req.requested_model.clone();
@@ -446,6 +445,18 @@ pub async fn join_endpoint(
             .into_response();
         }
     };
+    // A key joined over HTTP is the key itself: a reference would have this machine read one of its own
+    // secrets (a keychain entry, an environment variable) and send it to the URL given.
+    if e.api_key
+        .as_deref()
+        .is_some_and(|k| k.starts_with("env:") || k.starts_with("keyring:"))
+    {
+        return ApiError(RouterError::InvalidRequest {
+            message: "key must be the key itself here, not an env: or keyring: reference".into(),
+            param: Some("key".into()),
+        })
+        .into_response();
+    }
     match m.join(&state.router, tier, &e) {
         Ok(name) => (
             StatusCode::CREATED,

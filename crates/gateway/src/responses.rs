@@ -29,9 +29,8 @@ pub async fn responses(
 async fn inner(state: AppState, caller: Caller, body: Body) -> Result<Response, RouterError> {
     let req: ResponsesRequest = sse::read_json(body, state.max_body_bytes).await?;
     let stream = req.stream;
-    let (mut chat, echo) = req.to_chat(&state.limits)?;
+    let (chat, echo) = req.to_chat(&state.limits)?;
     state.charge(&caller, chat.has_images)?;
-    chat.decode_images(&state.limits).await?;
     let mut rx = state.router.chat(chat)?;
     if stream {
         let first = sse::first_output(&mut rx).await?;

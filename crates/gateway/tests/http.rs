@@ -404,6 +404,32 @@ async fn models_health_metrics_and_tier_toggle() {
     assert_eq!(v["status"], "degraded");
     let (st, _, _) = call(&a, "POST", "/admin/tiers/fast", r#"{"enabled":"yes"}"#).await;
     assert_eq!(st, StatusCode::BAD_REQUEST);
+    // A web page in this machine's browser is loopback too: what it can send without a preflight (a
+    // text/plain body), or anything with a foreign Origin, is refused.
+    for (ctype, origin) in [
+        ("text/plain", None),
+        ("application/json", Some("https://evil.example")),
+    ] {
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/admin/tiers/fast")
+            .header("content-type", ctype);
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        let resp = a
+            .clone()
+            .oneshot(req.body(Body::from(r#"{"enabled":true}"#)).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::FORBIDDEN, "{ctype} {origin:?}");
+    }
+    let (_, _, body) = call(&a, "GET", "/health", "").await;
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v["tiers"]["fast"]["enabled"], false,
+        "a refused call changed nothing"
+    );
     call(
         &a,
         "POST",

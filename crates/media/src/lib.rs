@@ -38,12 +38,13 @@ impl std::fmt::Debug for EncodedImage {
 }
 
 impl EncodedImage {
-    /// A stable 64-bit digest of the bytes (FNV-1a): what tells two images apart where their placeholder
-    /// tokens are alike (the prefix cache).
+    /// A 64-bit digest of the bytes (the first 8 bytes of their SHA-256): what tells two images apart where
+    /// their placeholder tokens are alike (the prefix cache). A cryptographic hash, so that no one can make
+    /// an image that another user's cached one would be taken for.
     pub fn digest(&self) -> u64 {
-        self.0.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
-            (h ^ b as u64).wrapping_mul(0x0100_0000_01b3)
-        })
+        use sha2::Digest;
+        let d = sha2::Sha256::digest(&self.0);
+        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
     }
 }
 

@@ -239,6 +239,16 @@ fn first_ipv4(ips: &[IpAddr]) -> Option<IpAddr> {
 }
 
 impl Status {
+    /// (host name, `http://<address>:<port>`) of each online peer: where a gateway listening on `port`
+    /// on it would be reached.
+    pub fn online_peer_urls(&self, port: u16) -> Vec<(String, String)> {
+        self.peers
+            .iter()
+            .filter(|p| p.online)
+            .filter_map(|p| Some((p.host_name.clone(), p.url(port)?)))
+            .collect()
+    }
+
     /// Parses the output of `tailscale status --json`.
     pub fn from_json(json: &str) -> Result<Self> {
         let raw: RawStatus = serde_json::from_str(json).map_err(|e| Error::Parse {

@@ -78,6 +78,10 @@ pub enum BackendError {
     /// The request cannot be served as given by this model (template error, context overflow, …).
     #[error("{0}")]
     BadRequest(String),
+    /// The request is refused as given, with the status the error carries (an image too large, 413, or in
+    /// a format this build cannot read, 415).
+    #[error("{0}")]
+    Refused(crate::RouterError),
     /// The tier is busy (queue full).
     #[error("tier busy: {0}")]
     Busy(String),
@@ -106,7 +110,7 @@ pub enum BackendError {
 impl BackendError {
     /// Whether the failure is the tier's (counts against its breaker, tries the next tier).
     pub fn is_tier_failure(&self) -> bool {
-        !matches!(self, BackendError::BadRequest(_))
+        !matches!(self, BackendError::BadRequest(_) | BackendError::Refused(_))
     }
 
     /// Whether the backend turned the request away as busy or rate limited (429): not failing, so no

@@ -144,6 +144,8 @@ pub trait InProcess: Send + Sync + 'static {
 pub struct EngineBackend<E> {
     engine: E,
     default_max_tokens: u32,
+    /// How images are fetched and bounded (`[limits]`).
+    limits: crate::api::Limits,
     /// This engine's number in the process, shown in `/health` so that the figures of tiers sharing one
     /// engine (the same model named twice) are read once, not added.
     id: u64,
@@ -152,11 +154,40 @@ pub struct EngineBackend<E> {
 static NEXT_ENGINE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 impl<E: InProcess> EngineBackend<E> {
+    /// Fetches and bounds images as `limits` say (`[limits]`; the defaults otherwise).
+    pub fn with_limits(mut self, limits: crate::api::Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// `req` with its images fetched and decoded, when it has any and an engine that sees them (only a
+    /// local engine needs them: an upstream tier is sent the parts as they came).
+    async fn with_images<'r>(
+        &self,
+        req: &'r ChatRequest,
+    ) -> Result<std::borrow::Cow<'r, ChatRequest>, BackendError> {
+        if !req.has_images || !E::SEES_IMAGES || !req.images.is_empty() {
+            return Ok(std::borrow::Cow::Borrowed(req));
+        }
+        let mut owned = req.clone();
+        owned
+            .decode_images(&self.limits)
+            .await
+            .map_err(|e| match e {
+                crate::RouterError::InvalidRequest { message, .. } => {
+                    BackendError::BadRequest(message)
+                }
+                e => BackendError::Refused(e),
+            })?;
+        Ok(std::borrow::Cow::Owned(owned))
+    }
+
     /// Wraps a started engine; `default_max_tokens` applies when a request sets none.
     pub fn new(engine: E, default_max_tokens: u32) -> Self {
         Self {
             engine,
             default_max_tokens,
+            limits: crate::api::Limits::default(),
             id: NEXT_ENGINE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -178,16 +209,18 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        let job = self.job(req, continuation)?;
+        let req = self.with_images(req).await?;
+        let job = self.job(&req, continuation)?;
         let events = self.engine.submit(job).map_err(admission_error)?;
         Ok(pump_engine(events, |s| E::finished(&s)))
     }
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
         let counted = async {
+            let req = self.with_images(req).await?;
             let reply = self
                 .engine
-                .count(self.job(req, None)?)
+                .count(self.job(&req, None)?)
                 .map_err(admission_error)?;
             match reply.await {
                 Ok(Ok(n)) => Ok(n as u64),
@@ -235,7 +268,7 @@ impl<E: InProcess> EngineBackend<E> {
     /// limits and constraint every engine takes.
     ///
     /// Errors: images for an engine that cannot show them to its model (an answer that never saw an image
-    /// must not pretend it did), or not decoded before ([`ChatRequest::decode_images`]).
+    /// must not pretend it did), or not decoded before ([`EngineBackend::with_images`]).
     fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
         if req.has_images && !E::SEES_IMAGES {
             return Err(BackendError::BadRequest(format!(

@@ -59,11 +59,28 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public(IpAddr::V4(v4));
             }
             let s = v6.segments();
+            let embedded = |hi: u16, lo: u16| {
+                IpAddr::V4(std::net::Ipv4Addr::new(
+                    (hi >> 8) as u8,
+                    hi as u8,
+                    (lo >> 8) as u8,
+                    lo as u8,
+                ))
+            };
+            // IPv4 inside IPv6: NAT64 (64:ff9b::/96, 64:ff9b:1::/48), IPv4-compatible (::a.b.c.d), 6to4
+            // (2002::/16): public only if the IPv4 address is.
+            if (s[0] == 0x64 && s[1] == 0xff9b) || s[..6].iter().all(|&x| x == 0) {
+                return is_public(embedded(s[6], s[7]));
+            }
+            if s[0] == 0x2002 {
+                return is_public(embedded(s[1], s[2]));
+            }
             !(v6.is_loopback()
                 || v6.is_unspecified()
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                || (s[0] & 0xffc0) == 0xfec0
                 || s[0] == 0x2001 && s[1] == 0x0db8)
         }
     }
@@ -112,7 +129,10 @@ impl ImageFetcher {
     ///
     /// Errors: the TLS backend cannot start.
     pub fn new(timeout: Duration, allow_private: bool) -> Result<Self, String> {
+        // No proxy from the environment (HTTP_PROXY and the like): a proxy resolves the name itself, where
+        // the resolver below could not check it.
         let mut b = reqwest::Client::builder()
+            .no_proxy()
             .timeout(timeout)
             .connect_timeout(timeout)
             .user_agent(concat!("jemma/", env!("CARGO_PKG_VERSION")));
@@ -216,7 +236,13 @@ mod tests {
         ] {
             assert!(!is_public(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "1.1.1.1", "2606:4700:4700::1111", "100.128.0.1"] {
+        for ip in [
+            "8.8.8.8",
+            "1.1.1.1",
+            "2606:4700:4700::1111",
+            "100.128.0.1",
+            "64:ff9b::808:808",
+        ] {
             assert!(is_public(ip.parse().unwrap()), "{ip}");
         }
     }

@@ -370,6 +370,7 @@ impl Inner {
         let now = Instant::now();
         self.eps()
             .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
             .filter_map(|e| {
                 let b = e
                     .breaker
@@ -774,10 +775,15 @@ impl Pool {
     ///
     /// Errors: `name` is the last member (a pool serves through at least one).
     pub fn remove_endpoint(&self, name: &str) -> Result<Option<usize>, String> {
-        let eps = self.inner.eps();
+        // Under the write lock, so that two removals cannot both see a member (or both leave none).
+        let eps = self
+            .inner
+            .endpoints
+            .write()
+            .unwrap_or_else(|e| e.into_inner());
         let members: Vec<&Arc<Endpoint>> = eps
             .iter()
-            .filter(|e| !e.removed.load(Ordering::Relaxed))
+            .filter(|e| !e.removed.load(Ordering::SeqCst))
             .collect();
         let Some(ep) = members.iter().find(|e| e.name == name) else {
             return Ok(None);
@@ -959,7 +965,9 @@ impl Backend for Pool {
             }),
             context_length: healths.iter().filter_map(|h| h.context_length).min(),
             // What every member takes (a request may go to any); unknown if one member's is.
-            input_modalities: if healths.iter().all(|h| !h.input_modalities.is_empty()) {
+            input_modalities: if !healths.is_empty()
+                && healths.iter().all(|h| !h.input_modalities.is_empty())
+            {
                 let mut m = healths[0].input_modalities.clone();
                 m.retain(|x| healths.iter().all(|h| h.input_modalities.contains(x)));
                 m
@@ -986,7 +994,12 @@ impl Backend for Pool {
     }
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
-        for e in self.inner.eps().iter() {
+        for e in self
+            .inner
+            .eps()
+            .iter()
+            .filter(|e| !e.removed.load(Ordering::Relaxed))
+        {
             if let Some(r) = e.backend.count_tokens(req).await {
                 return Some(r);
             }

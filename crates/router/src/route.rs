@@ -174,9 +174,12 @@ const CONVERSATIONS: usize = 8192;
 pub type MemoryStatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
 
 fn client_error(e: &BackendError) -> RouterError {
-    RouterError::InvalidRequest {
-        message: e.to_string(),
-        param: None,
+    match e {
+        BackendError::Refused(r) => r.clone(),
+        e => RouterError::InvalidRequest {
+            message: e.to_string(),
+            param: None,
+        },
     }
 }
 
@@ -300,7 +303,7 @@ impl TierRouter {
     /// Adds `endpoint` to `tier`'s pool while the gateway serves (a peer's tier joining this node's). A
     /// tier served by one backend becomes a pool of that backend (`first`: its name and whether it is
     /// probed) and the newcomer, with the tier's timeouts and breaker settings. The tier runs the
-    /// newcomer's `max_concurrency` more requests at once (and queues as many more).
+    /// newcomer's `max_concurrency` more requests at once (its queue keeps its length).
     ///
     /// Errors: an unknown tier; a member with the newcomer's name. Call within a Tokio runtime (the pool's
     /// prober runs on it).
@@ -565,12 +568,7 @@ impl TierRouter {
             match slot.backend().count_tokens(req).await {
                 None => fallback.push(format!("{tier}: cannot count tokens")),
                 Some(Ok(n)) => return Ok((tier, n)),
-                Some(Err(BackendError::BadRequest(m))) => {
-                    return Err(RouterError::InvalidRequest {
-                        message: m,
-                        param: None,
-                    });
-                }
+                Some(Err(e)) if !e.is_tier_failure() => return Err(client_error(&e)),
                 Some(Err(e)) => fallback.push(format!("{tier}: {e}")),
             }
         }

@@ -243,6 +243,7 @@ type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<dyn 
 fn factory(
     c: &TierConfig,
     default_max_tokens: u32,
+    limits: crate::api::Limits,
     memory: &Arc<MemoryGovernor>,
     shared: SharedEngines,
 ) -> BackendFactory {
@@ -279,7 +280,7 @@ fn factory(
                 lc.preload = template.preload;
                 lc.memory = template.memory.clone();
                 let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
-                Arc::new(EngineBackend::new(e, default_max_tokens))
+                Arc::new(EngineBackend::new(e, default_max_tokens).with_limits(limits.clone()))
             }
             #[cfg(not(feature = "llama"))]
             {
@@ -295,13 +296,16 @@ fn factory(
             ec.name = Some(name);
             ec.max_sequences = parallel as usize;
             let e = Engine::start(ec).map_err(|e| format!("starting the engine: {e}"))?;
-            Arc::new(EngineBackend::new(
-                crate::local::Mlx {
-                    engine: e,
-                    kv_quant: kv,
-                },
-                default_max_tokens,
-            ))
+            Arc::new(
+                EngineBackend::new(
+                    crate::local::Mlx {
+                        engine: e,
+                        kv_quant: kv,
+                    },
+                    default_max_tokens,
+                )
+                .with_limits(limits.clone()),
+            )
         };
         shared
             .lock()
@@ -331,7 +335,13 @@ pub fn build_router(
     };
     for (tier, c) in &cfg.tiers {
         let mut local = |c: &TierConfig| -> Result<Arc<dyn Backend>, RouterError> {
-            let f = factory(c, default_max_tokens(c), &memory, shared.clone());
+            let f = factory(
+                c,
+                default_max_tokens(c),
+                cfg.limits.clone(),
+                &memory,
+                shared.clone(),
+            );
             let on_disk = resolver
                 .local(&c.model)
                 .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;

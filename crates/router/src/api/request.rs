@@ -244,30 +244,38 @@ impl ChatRequest {
             limits.fetch_private_image_urls,
         )
         .map_err(|e| RouterError::Config(format!("image fetcher: {e}")))?;
-        let fetched = futures_util::future::join_all(urls.iter().map(|(at, url)| {
-            let f = fetcher.clone();
-            async move {
+        // At most 4 fetches at once, in order.
+        use futures_util::StreamExt;
+        let jobs: Vec<(String, String, crate::media::ImageFetcher)> = urls
+            .iter()
+            .map(|(at, url)| (at.clone(), url.clone(), fetcher.clone()))
+            .collect();
+        let fetched: Vec<_> =
+            futures_util::stream::iter(jobs.into_iter().map(|(at, url, f)| async move {
                 if url.starts_with("data:") {
                     return Ok(None);
                 }
-                f.fetch(url, max_bytes)
+                f.fetch(&url, max_bytes)
                     .await
                     .map(Some)
                     .map_err(|e| match e {
                         crate::media::FetchError::TooLarge(_) => {
                             RouterError::TooLarge(format!("{at}: {e}"))
                         }
-                        e => invalid(format!("{at}: {e}"), at),
+                        e => invalid(format!("{at}: {e}"), &at),
                     })
-            }
-        }))
-        .await;
+            }))
+            .buffered(4)
+            .collect()
+            .await;
+        let max_pixels = limits.max_request_pixels;
         let mut inputs = vec![];
         for ((at, url), f) in urls.into_iter().zip(fetched) {
             inputs.push((at, url, f?));
         }
         let decoded = tokio::task::spawn_blocking(move || {
             let mut out = vec![];
+            let mut pixels = 0u64;
             for (at, url, fetched) in inputs {
                 let fail = |e: jemma_media::MediaError| {
                     let m = format!("{at}: {e}");
@@ -285,7 +293,14 @@ impl ChatRequest {
                     max_bytes,
                     ..Default::default()
                 };
-                out.push(encoded.decode(&limits).map_err(fail)?);
+                let img = encoded.decode(&limits).map_err(fail)?;
+                pixels += (img.rgb.width * img.rgb.height) as u64;
+                if pixels > max_pixels {
+                    return Err(RouterError::TooLarge(format!(
+                        "{at}: the request's images come to more than {max_pixels} pixels"
+                    )));
+                }
+                out.push(img);
             }
             Ok::<_, RouterError>(out)
         })
@@ -379,6 +394,10 @@ pub struct Limits {
     pub default_max_tokens: u32,
     /// Images per message.
     pub max_images: usize,
+    /// Images per request (each is fetched, decoded and held until the engine takes it).
+    pub max_request_images: usize,
+    /// Pixels of all of a request's images together, decoded (413 above; one image may have up to 64 MP).
+    pub max_request_pixels: u64,
     /// Bytes per image (inline or fetched).
     pub max_image_bytes: usize,
     /// Let `image_url`s given as http(s) URLs reach loopback, private and link-local addresses (default
@@ -397,6 +416,8 @@ impl Default for Limits {
             max_tokens_ceiling: 32768,
             default_max_tokens: 1024,
             max_images: 8,
+            max_request_images: 16,
+            max_request_pixels: 128_000_000,
             max_image_bytes: 20 << 20,
             fetch_private_image_urls: false,
             image_fetch_timeout_secs: 10.0,
@@ -423,6 +444,7 @@ impl ChatCompletionRequest {
             return Err(invalid("only n=1 is supported", "n"));
         }
         let mut has_images = false;
+        let mut total_images = 0;
         let mut text = String::new();
         let mut last_user = String::new();
         let mut chars = 0;
@@ -447,6 +469,13 @@ impl ChatCompletionRequest {
                     }
                 }
                 has_images |= images > 0;
+                total_images += images;
+                if total_images > limits.max_request_images {
+                    return Err(invalid(
+                        format!("at most {} images per request", limits.max_request_images),
+                        &format!("messages[{i}].content"),
+                    ));
+                }
                 let t = c.text();
                 chars += t.len();
                 if matches!(
