@@ -523,7 +523,9 @@ impl ModelBundle {
                 return Ok((ids, vec![]));
             }
             return Err(EngineError::InvalidRequest(
-                "this model has no vision tower: it cannot see images".into(),
+                "this model has no vision tower: it cannot see images (serve a Gemma 4 checkpoint with one; \
+                 /v1/models lists each tier's input_modalities)"
+                    .into(),
             ));
         };
         let bad = |m: String| EngineError::InvalidRequest(m);
@@ -603,7 +605,9 @@ impl ModelBundle {
                 return Ok(ids.len());
             }
             return Err(EngineError::InvalidRequest(
-                "this model has no vision tower: it cannot see images".into(),
+                "this model has no vision tower: it cannot see images (serve a Gemma 4 checkpoint with one; \
+                 /v1/models lists each tier's input_modalities)"
+                    .into(),
             ));
         };
         if matches!(prompt, Prompt::Ids(_)) {

@@ -272,7 +272,9 @@ impl<E: InProcess> EngineBackend<E> {
     fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
         if req.has_images && !E::SEES_IMAGES {
             return Err(BackendError::BadRequest(format!(
-                "images are not supported by the {} engine serving this tier: the model cannot see them",
+                "images are not supported by the {} engine serving this tier: the model cannot see them \
+                 (serve a Gemma 4 checkpoint with a vision tower on the MLX engine; /v1/models lists each \
+                 tier's input_modalities)",
                 E::NAME
             )));
         }
