@@ -62,6 +62,20 @@ check("an image to a model that sees: answered", seen.choices[0].message.content
 # <image|>.
 added = seen.usage.prompt_tokens - plain.usage.prompt_tokens
 check("the image's soft tokens are in the prompt", added == 14, (seen.usage, plain.usage))
+# detail "low": a quarter of the budget (at most 4 soft tokens here, of 16; this 56x40 image gets 2).
+content = [{"type": "text", "text": "What is in this picture?"},
+           {"type": "image_url", "image_url": {"url": red, "detail": "low"}}]
+low = client.chat.completions.create(model="fast", messages=[{"role": "user", "content": content}], max_tokens=2)
+added_low = low.usage.prompt_tokens - plain.usage.prompt_tokens
+check("detail low takes a quarter of the budget", 2 < added_low <= 4 + 2 and added_low < added,
+      (low.usage, plain.usage))
+content[1]["image_url"]["detail"] = "ultra"
+try:
+    client.chat.completions.create(model="fast", messages=[{"role": "user", "content": content}], max_tokens=2)
+    check("an unknown detail is a 400", False, "answered")
+except openai.BadRequestError as e:
+    check("an unknown detail is a 400 naming it", e.body.get("param") == "messages[0].content[1].image_url.detail",
+          e.body)
 again = ask("fast", red)
 check("the same image: the same answer", again.choices[0].message.content == seen.choices[0].message.content)
 first = lambda r: [t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs]  # noqa: E731

@@ -301,6 +301,15 @@ pub struct ImageSpec {
 }
 
 impl ImageSpec {
+    /// How `img` is sized: the model's settings, with a quarter of the budget at low detail.
+    pub fn params_for(&self, img: &jemma_media::DecodedImage) -> jemma_media::ImageParams {
+        if img.low_detail {
+            self.params.low_detail()
+        } else {
+            self.params
+        }
+    }
+
     /// Reads the spec of the checkpoint in `dir` whose tower is configured as `vision`.
     ///
     /// Errors: an unreadable `config.json`.
@@ -563,8 +572,8 @@ impl ModelBundle {
         let mut placed = vec![];
         let mut at = 0;
         for ((s, n), img) in runs.into_iter().zip(images) {
-            let pixels =
-                jemma_media::preprocess(&img.rgb, &spec.params).map_err(|e| bad(e.to_string()))?;
+            let pixels = jemma_media::preprocess(&img.rgb, &spec.params_for(img))
+                .map_err(|e| bad(e.to_string()))?;
             if pre && n != pixels.soft_tokens {
                 return Err(bad(format!(
                     "an image run of {n} tokens for an image of {} soft tokens",
@@ -615,7 +624,7 @@ impl ModelBundle {
         }
         let mut n = ids.len();
         for img in images {
-            n += 1 + jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &spec.params)
+            n += 1 + jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &spec.params_for(img))
                 .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
         }
         Ok(n)

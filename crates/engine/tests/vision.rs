@@ -291,6 +291,7 @@ fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
     let other = jemma_media::DecodedImage {
         rgb: flipped.into(),
         digest: photo.digest ^ 1,
+        low_detail: false,
     };
     let (answer, cached) = greedy(&engine, &next, vec![other]);
     assert!(

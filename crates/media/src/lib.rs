@@ -191,8 +191,23 @@ pub fn decode_image(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
 pub struct DecodedImage {
     /// The pixels.
     pub rgb: std::sync::Arc<Rgb>,
-    /// [`EncodedImage::digest`] of what was sent.
+    /// [`EncodedImage::digest`] of what was sent (and of its detail: the same bytes at low detail are
+    /// other soft tokens).
     pub digest: u64,
+    /// OpenAI's `detail: "low"`: the image takes a quarter of the soft-token budget
+    /// ([`ImageParams::low_detail`]).
+    pub low_detail: bool,
+}
+
+impl DecodedImage {
+    /// This image at low detail (see [`DecodedImage::low_detail`]).
+    pub fn at_low_detail(mut self) -> Self {
+        if !self.low_detail {
+            self.low_detail = true;
+            self.digest = self.digest.rotate_left(17) ^ 0x6c6f_775f_6465_7461;
+        }
+        self
+    }
 }
 
 impl std::fmt::Debug for DecodedImage {
@@ -213,6 +228,7 @@ impl EncodedImage {
         Ok(DecodedImage {
             rgb: std::sync::Arc::new(decode_image(&self.0, limits)?),
             digest: self.digest(),
+            low_detail: false,
         })
     }
 }
@@ -239,6 +255,15 @@ impl Default for ImageParams {
 }
 
 impl ImageParams {
+    /// The settings for OpenAI's `detail: "low"`: a quarter of the soft-token budget (at least one), as
+    /// Gemma 4's 70-token video frames are a quarter of its 280-token images.
+    pub fn low_detail(&self) -> Self {
+        Self {
+            max_soft_tokens: (self.max_soft_tokens / 4).max(1),
+            ..*self
+        }
+    }
+
     /// Patches an image may take: `max_soft_tokens` × `pooling_kernel_size`².
     pub fn max_patches(&self) -> usize {
         self.max_soft_tokens * self.pooling_kernel_size * self.pooling_kernel_size

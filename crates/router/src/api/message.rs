@@ -284,7 +284,8 @@ pub struct ImageUrl {
     /// `http(s)://` or a base64 `data:image/*` URL.
     #[schema(pattern = "^(https?://|data:image/[^;,]+;base64,)")]
     pub url: String,
-    /// `auto`, `low` or `high` (OpenAI's resolution hint).
+    /// `auto`, `low` or `high` (OpenAI's resolution hint): on a local engine `low` takes a quarter of the
+    /// model's soft-token budget (70 of Gemma 4's 280); `auto` and `high` the whole budget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
 }

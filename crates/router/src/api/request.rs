@@ -225,6 +225,7 @@ impl ChatRequest {
             return Ok(());
         }
         let mut urls = vec![];
+        let mut low = vec![];
         for (i, m) in self.messages.iter().enumerate() {
             if let Some(super::message::MessageContent::Parts(parts)) = m.content() {
                 for (j, p) in parts.iter().enumerate() {
@@ -233,6 +234,7 @@ impl ChatRequest {
                             format!("messages[{i}].content[{j}].image_url.url"),
                             image_url.url.clone(),
                         ));
+                        low.push(image_url.detail.as_deref() == Some("low"));
                     }
                 }
             }
@@ -309,7 +311,11 @@ impl ChatRequest {
             message: format!("decoding the images failed: {e}"),
             param: None,
         })??;
-        self.images = decoded;
+        self.images = decoded
+            .into_iter()
+            .zip(low)
+            .map(|(img, low)| if low { img.at_low_detail() } else { img })
+            .collect();
         Ok(())
     }
 
@@ -465,6 +471,17 @@ impl ChatCompletionRequest {
                                 &format!("messages[{i}].content[{j}].image_url.url"),
                                 limits,
                             )?;
+                            // OpenAI's resolution hint: low is a quarter of the soft-token budget.
+                            if let Some(d) = image_url
+                                .detail
+                                .as_deref()
+                                .filter(|d| !matches!(*d, "auto" | "low" | "high"))
+                            {
+                                return Err(invalid(
+                                    format!("detail must be auto, low or high, not {d:?}"),
+                                    &format!("messages[{i}].content[{j}].image_url.detail"),
+                                ));
+                            }
                         }
                     }
                 }
