@@ -17,7 +17,7 @@ pub enum MediaError {
     #[error("unsupported image format {0}: send JPEG, PNG, WebP, GIF or BMP")]
     Unsupported(String),
     /// Bytes that are not a readable image: HTTP 400.
-    #[error("the image could not be decoded: {0}")]
+    #[error("the image could not be decoded ({0}); send a valid JPEG, PNG, WebP, GIF or BMP file")]
     Corrupt(String),
     /// Over a size limit: HTTP 413.
     #[error("{0}")]

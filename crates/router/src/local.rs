@@ -173,12 +173,8 @@ impl<E: InProcess> EngineBackend<E> {
         owned
             .decode_images(&self.limits)
             .await
-            .map_err(|e| match e {
-                crate::RouterError::InvalidRequest { message, .. } => {
-                    BackendError::BadRequest(message)
-                }
-                e => BackendError::Refused(e),
-            })?;
+            // Refused keeps the status and the `param` naming the image part.
+            .map_err(BackendError::Refused)?;
         Ok(std::borrow::Cow::Owned(owned))
     }
 

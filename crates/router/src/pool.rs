@@ -317,16 +317,28 @@ impl Inner {
             .clone()
     }
 
-    /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here).
-    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool) -> Choice {
+    /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here);
+    /// `images`: whether it holds images, which go to members whose models may see them (those known not
+    /// to are passed over while another may).
+    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool, images: bool) -> Choice {
         let now = Instant::now();
         let eps = self.eps();
-        let eligible: Vec<usize> = (0..eps.len())
+        let mut eligible: Vec<usize> = (0..eps.len())
             .filter(|&i| {
                 let e = &eps[i];
                 !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
             })
             .collect();
+        if images {
+            let seeing: Vec<usize> = eligible
+                .iter()
+                .copied()
+                .filter(|&i| !eps[i].backend.health().refuses_images())
+                .collect();
+            if !seeing.is_empty() {
+                eligible = seeing;
+            }
+        }
         if eligible.is_empty() {
             return Choice::NoneLeft;
         }
@@ -441,7 +453,7 @@ impl Inner {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let i = match self.choose(key, &att.tried, !req.forwarded) {
+            let i = match self.choose(key, &att.tried, !req.forwarded, req.has_images) {
                 Choice::Go(i) => i,
                 Choice::Wait => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {

@@ -1077,3 +1077,32 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
     let a = collect(r.chat(request("auto", "hi")).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "fast");
 }
+
+#[tokio::test]
+async fn a_pool_sends_images_to_members_that_can_see_them() {
+    let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"]));
+    *blind.modalities.lock().unwrap() = vec!["text".into()];
+    let seeing = Scripted::new("e4b", Script::Answer(vec!["seeing"]));
+    *seeing.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    // The weights make the blind member every request's first choice.
+    let p = pool(&[("blind", &blind, 1e6), ("seeing", &seeing, 1e-6)], 1000);
+    let r = pooled(&p);
+    let image = ChatCompletionRequest {
+        model: Some("primary".into()),
+        messages: vec![
+            serde_json::from_value(serde_json::json!({"role": "user", "content": [
+                {"type": "text", "text": "what is this?"},
+                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}))
+            .unwrap(),
+        ],
+        ..Default::default()
+    }
+    .validate(&Limits::default())
+    .unwrap();
+    for _ in 0..4 {
+        let a = collect(r.chat(image.clone()).unwrap()).await;
+        assert_eq!(a.text, "seeing");
+    }
+    let a = collect(r.chat(request("primary", "text only")).unwrap()).await;
+    assert_eq!(a.text, "blind", "text goes by load and weight as before");
+}
