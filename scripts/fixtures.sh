@@ -28,10 +28,14 @@ for m in tiny moe; do
   gen reference "$OUT/$m" --kv-bits 8
   gen reference "$OUT/$m" --kv-bits 4
 done
-# A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images, and the tiny model with one (mlx-vlm's
-# logits for prompts holding an image).
+# A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images, and the tiny model with one and an
+# audio tower (mlx-vlm's logits for prompts holding an image, a clip, or both).
 "$PY" scripts/fixtures/gen_vision.py tower "$OUT/vision" >/dev/null
-"$PY" scripts/fixtures/gen_vision.py model "$OUT/tiny" "$OUT/tiny-vision" >/dev/null
+"$PY" scripts/fixtures/gen_vision.py model "$OUT/tiny" "$OUT/tiny-mm" >/dev/null
+# A random Gemma 4 audio tower with mlx-vlm's outputs and transformers' features for generated clips, and
+# the clip in every audio format decoded (and refused).
+"$PY" scripts/fixtures/gen_audio.py tower "$OUT/audio" >/dev/null 2>&1 || die "generating the audio fixture failed"
+"$PY" scripts/fixtures/gen_audio.py formats "$OUT/audio/formats" >/dev/null || die "encoding the audio clips failed"
 # Images in every decoded format with Gemma 4's image processor's output for each.
 "$PY" scripts/fixtures/gen_media.py "$OUT/media" >/dev/null
 # GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;

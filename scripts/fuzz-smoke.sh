@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Fuzzing smoke run (CI): each cargo-fuzz target for FUZZ_SECONDS (default 60) from the committed seeds.
-# Targets: the request parser/validator, the Gemma 4 output/tool-call parser, the chat-template renderer.
+# Targets: the request parser/validator, the Gemma 4 output/tool-call parser, the chat-template renderer, the
+# media decoders (images, audio) and the audio feature extractor.
 # cargo-fuzz needs sanitizer flags that stable rustc accepts only with RUSTC_BOOTSTRAP=1 (the machine's one
 # toolchain is stable). A crash fails the run and leaves its input in fuzz/artifacts/<target>/: turn it into
 # a regression test.
@@ -9,7 +10,7 @@ cd "$JEMMA_ROOT/fuzz"
 SECS=${FUZZ_SECONDS:-60}
 cargo_install_ensure cargo-fuzz cargo-fuzz 0.13.2
 export RUSTC_BOOTSTRAP=1
-for t in request tool_parser template; do
+for t in request tool_parser template media; do
   work=$(mktemp -d)
   mkdir -p "$work/corpus"
   log "fuzzing $t for ${SECS}s"
@@ -23,4 +24,4 @@ for t in request tool_parser template; do
   rm -rf "$work"
   [ "$status" -eq 0 ] || die "fuzz target $t failed (see fuzz/artifacts/$t)"
 done
-echo "fuzz: 3 passed, 0 failed"
+echo "fuzz: 4 passed, 0 failed"

@@ -30,18 +30,19 @@ first_token_timeout_secs = 60
     sdk_script("anthropic_sdk.py", &gw.url);
 }
 
-/// Images with the OpenAI SDK (tests/e2e/openai_vision.py): the fast tier is the tiny model with a vision
-/// tower on the MLX engine, the primary tier the tiny model without one.
+/// Images and audio with the OpenAI SDK (tests/e2e/openai_vision.py, openai_audio.py): the fast tier is the
+/// tiny model with vision and audio towers on the MLX engine, the primary tier the tiny model without.
 #[test]
-fn openai_python_sdk_sends_images_to_a_model_that_sees() {
+fn openai_python_sdk_sends_images_and_audio_to_a_model_that_takes_them() {
     let config = format!(
         "[limits]\nfetch_private_image_urls = true\n\
          [tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
-        fixture("tiny-vision").display(),
+        fixture("tiny-mm").display(),
         fixture("tiny").display()
     );
     let gw = Server::start(&[], Some(&config));
     sdk_script("openai_vision.py", &gw.url);
+    sdk_script("openai_audio.py", &gw.url);
 }
 
 /// Runs one of the SDK scripts in tests/e2e against `url`; fails on its first failed check.

@@ -1,8 +1,8 @@
 """Images through a running Jemma gateway with the unmodified OpenAI Python SDK: a local MLX tier whose model
 has a vision tower sees them, one without refuses them, and bad images get the API's own errors.
 
-Usage: python openai_vision.py BASE_URL   (fast: the tiny model with a vision tower; primary: the tiny model
-without one)
+Usage: python openai_vision.py BASE_URL   (fast: the tiny model with vision and audio towers; primary: the tiny
+model without)
 """
 import base64
 import io
@@ -43,11 +43,12 @@ def ask(model, image=None, text="What is in this picture?", **kw):
 
 
 models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
-check("/v1/models lists what each model takes in", models == {"fast": ["text", "image"], "primary": ["text"]},
-      models)
+check("/v1/models lists what each model takes in",
+      models == {"fast": ["text", "image", "audio"], "primary": ["text"]}, models)
 with urllib.request.urlopen(f"{base}/health") as r:
     health = json.loads(r.read())
-check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image"], health)
+check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "audio"],
+      health)
 # auto sends an image to the tier whose model sees it (primary, the vision tier, cannot here).
 r = client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": [
     {"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": red}}]}])

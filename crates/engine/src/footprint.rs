@@ -1,5 +1,5 @@
 //! How much memory a model will take before it is loaded: weights (as the engine will hold them, after the
-//! audio tower and KV-shared projections are dropped, the vision tower kept, and floats cast to the compute
+//! KV-shared projections are dropped, the vision and audio towers kept, and floats cast to the compute
 //! dtype), the KV cache at the configured context, and the transient activations of the largest prefill
 //! chunk.
 //!
@@ -160,8 +160,9 @@ pub fn estimate(
     let mut float_bytes = None;
     for f in weight_files(dir)? {
         for (name, dtype, numel) in read_header(&f)? {
-            // The vision tower is loaded whole (its clip bounds included); the audio tower is not.
-            let vision = crate::models::gemma4::vision::tower_key(&name).is_some();
+            // The vision and audio towers are loaded whole (their clip bounds included).
+            let vision = crate::models::gemma4::vision::tower_key(&name).is_some()
+                || crate::models::gemma4::audio::tower_key(&name).is_some();
             let k = match canonical_key(&name) {
                 Some(k) => k,
                 None if vision => name.clone(),

@@ -48,16 +48,19 @@ pub fn prefill_chunk(
     n
 }
 
-/// Soft tokens of one image in a prompt: `features` (1, N, hidden) stand at positions `start..start + N`,
-/// whose tokens are the image's placeholders; `digest` tells this image from another in the prefix cache.
+/// Soft tokens of one image or audio clip in a prompt: `features` (1, N, hidden) stand at positions
+/// `start..start + N`, whose tokens are its placeholders; `digest` tells it from another in the prefix
+/// cache.
 #[derive(Clone)]
 pub struct MediaRun {
     /// First placeholder position in the prompt.
     pub start: usize,
-    /// The vision tower's soft tokens.
+    /// A tower's soft tokens.
     pub features: Array,
-    /// A digest of the image's bytes.
+    /// A digest of the media's bytes.
     pub digest: u64,
+    /// Whether its tokens attend to one another both ways (an image; see [`Placed::bidirectional`]).
+    pub bidirectional: bool,
 }
 
 impl MediaRun {
@@ -454,8 +457,9 @@ impl Generation {
             if let Some(c) = self.checkpoint_at.filter(|&c| c > self.prefilled) {
                 n = n.min(c - self.prefilled);
             }
-            // An image is read whole in one chunk (its tokens attend to one another): a chunk that would
-            // cut one stops before it, or, starting at it, takes all of it.
+            // An image or clip is read whole in one chunk (an image's tokens attend to one another; a
+            // clip's soft tokens are placed as one run): a chunk that would cut one stops before it, or,
+            // starting at it, takes all of it.
             let at = self.prefilled;
             for m in &self.media {
                 let (s, e) = (m.start, m.start + m.len());
@@ -471,6 +475,7 @@ impl Generation {
                 .map(|m| Placed {
                     start: m.start - at,
                     features: &m.features,
+                    bidirectional: m.bidirectional,
                 })
                 .collect();
             if placed.is_empty() {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
 use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun};
 use crate::memory::MemoryGovernor;
+use crate::models::gemma4::audio::AudioTower;
 use crate::models::gemma4::vision::{VisionConfig, VisionTower, load_tower};
 use crate::models::gemma4::{self, Gemma4, LoadReport};
 use crate::models::gemma4::{Cache, KvQuant};
@@ -51,6 +52,9 @@ pub struct Request {
     /// The prompt's images, in the order of their placeholders (`<|image|>` where a chat's image parts
     /// are; for [`Prompt::Ids`], runs of the image token already one per soft token).
     pub images: Vec<jemma_media::DecodedImage>,
+    /// The prompt's audio clips (16 kHz mono), in the order of their placeholders (`<|audio|>` where a
+    /// chat's audio parts are; for [`Prompt::Ids`], runs of the audio token already one per soft token).
+    pub audio: Vec<jemma_media::audio::DecodedAudio>,
 }
 
 /// What the engine sends back for a request (shared with the llama.cpp engine).
@@ -103,8 +107,8 @@ pub struct MlxInfo {
     pub prefix_cache_bytes: u64,
     /// The most sequences decoded in one batched forward since the model loaded.
     pub largest_decode_batch: usize,
-    /// What the model takes in: `text`, and `image` when the checkpoint has a vision tower (known from
-    /// the model directory before loading).
+    /// What the model takes in: `text`, `image` when the checkpoint has a vision tower, `audio` when it
+    /// has an audio tower (known from the model directory before loading).
     pub input_modalities: Vec<&'static str>,
 }
 
@@ -192,10 +196,15 @@ impl Engine {
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
             largest_decode_batch: 0,
-            input_modalities: if crate::models::gemma4::vision::sees_images(&config.model_dir) {
-                vec!["text", "image"]
-            } else {
-                vec!["text"]
+            input_modalities: {
+                let mut m = vec!["text"];
+                if crate::models::gemma4::vision::sees_images(&config.model_dir) {
+                    m.push("image");
+                }
+                if crate::models::gemma4::audio::hears_audio(&config.model_dir) {
+                    m.push("audio");
+                }
+                m
             },
         };
         let host_config = HostConfig {
@@ -281,6 +290,10 @@ pub struct ModelBundle {
     pub vision: Option<VisionTower>,
     /// Where images go in a prompt and how they are sized, when the model sees them.
     pub images: Option<ImageSpec>,
+    /// The audio tower, when the checkpoint has one.
+    pub audio: Option<AudioTower>,
+    /// Where audio goes in a prompt and how it is featurised, when the model hears.
+    pub audio_spec: Option<AudioSpec>,
     /// The model directory's `tokenizer.json`, for [`ModelBundle::vocabulary`].
     tokenizer_json: std::path::PathBuf,
     vocabulary: std::sync::OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
@@ -359,6 +372,110 @@ pub struct PromptImage {
     pub digest: u64,
 }
 
+/// An audio clip placed in a prompt: its features and soft-token count from position `start`.
+pub struct PromptAudio {
+    /// First placeholder position.
+    pub start: usize,
+    /// Placeholders (the processor's count).
+    pub soft_tokens: usize,
+    /// The audio tower's input.
+    pub features: jemma_media::audio::AudioFeatures,
+    /// The digest of its bytes.
+    pub digest: u64,
+}
+
+/// The audio placeholders of a model that hears (`config.json`'s `audio_token_id`, `boa_token_id`,
+/// `eoa_token_id`), how many soft tokens a clip takes (`processor_config.json`'s `audio_ms_per_token`
+/// and `audio_seq_length`) and its feature extractor (the `feature_extractor` settings there, else
+/// `preprocessor_config.json`'s, else transformers' defaults).
+pub struct AudioSpec {
+    /// The placeholder token: one per soft token.
+    pub audio_id: u32,
+    /// Opens a clip.
+    pub boa_id: u32,
+    /// Closes a clip.
+    pub eoa_id: u32,
+    /// Milliseconds of audio per soft token (40).
+    pub ms_per_token: usize,
+    /// Soft tokens a clip takes at most (750: 30 s).
+    pub max_tokens: usize,
+    /// Gemma 4's audio feature extractor.
+    pub extractor: jemma_media::audio::FeatureExtractor,
+}
+
+impl std::fmt::Debug for AudioSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AudioSpec")
+            .field("audio_id", &self.audio_id)
+            .field("ms_per_token", &self.ms_per_token)
+            .field("max_tokens", &self.max_tokens)
+            .field("extractor", self.extractor.params())
+            .finish()
+    }
+}
+
+impl AudioSpec {
+    /// Soft tokens `clip` takes (see [`jemma_media::audio::soft_tokens`]).
+    pub fn soft_tokens(&self, clip: &jemma_media::audio::DecodedAudio) -> usize {
+        jemma_media::audio::soft_tokens(clip.samples.len(), self.ms_per_token, self.max_tokens)
+    }
+
+    /// The longest clip it takes whole, seconds.
+    pub fn max_seconds(&self) -> f64 {
+        (self.ms_per_token * self.max_tokens) as f64 / 1000.0
+    }
+
+    /// Reads the spec of the checkpoint in `dir`.
+    ///
+    /// Errors: an unreadable `config.json`; feature extractor settings that cannot work.
+    pub fn from_model_dir(dir: &Path) -> Result<Self> {
+        let read = |name: &str| -> Option<serde_json::Value> {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+        };
+        let cfg = read("config.json")
+            .ok_or_else(|| EngineError::InvalidModel("config.json is unreadable".into()))?;
+        let id = |k: &str, default: u32| {
+            cfg.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as u32)
+        };
+        let proc = read("processor_config.json").unwrap_or_default();
+        let setting = |k: &str, default: usize| {
+            proc.get(k)
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as usize)
+        };
+        let fe = proc
+            .get("feature_extractor")
+            .cloned()
+            .or_else(|| {
+                read("preprocessor_config.json").filter(|p| p.get("feature_size").is_some())
+            })
+            .unwrap_or_else(|| serde_json::json!({}));
+        let params: jemma_media::audio::FeatureParams = serde_json::from_value(fe)
+            .map_err(|e| EngineError::InvalidModel(format!("audio feature extractor: {e}")))?;
+        if params.sampling_rate != jemma_media::audio::SAMPLE_RATE
+            || params.feature_size != crate::models::gemma4::audio::MEL_BINS
+        {
+            return Err(EngineError::InvalidModel(format!(
+                "audio feature extractor at {} Hz with {} bins; the tower takes 16 kHz and 128",
+                params.sampling_rate, params.feature_size
+            )));
+        }
+        let extractor = jemma_media::audio::FeatureExtractor::new(params)
+            .map_err(|e| EngineError::InvalidModel(e.to_string()))?;
+        Ok(Self {
+            // mlx-vlm's defaults: the real Gemma 4 tokenizer's ids.
+            audio_id: id("audio_token_id", 258_881),
+            boa_id: id("boa_token_id", 256_000),
+            eoa_id: id("eoa_token_id", 258_883),
+            ms_per_token: setting("audio_ms_per_token", 40).max(1),
+            max_tokens: setting("audio_seq_length", 750),
+            extractor,
+        })
+    }
+}
+
 /// The activation dtype the engine uses by default on `device`: float32 on MLX's CPU backend (bf16 is
 /// several times slower there), the checkpoint's own dtype on the GPU.
 pub fn default_dtype(device: DeviceKind) -> Option<Dtype> {
@@ -386,6 +503,11 @@ impl ModelBundle {
             .as_ref()
             .map(|v| ImageSpec::from_model_dir(dir, v.config()))
             .transpose()?;
+        let audio = crate::models::gemma4::audio::load_tower(dir, Some(model.dtype()))?;
+        let audio_spec = audio
+            .as_ref()
+            .map(|_| AudioSpec::from_model_dir(dir))
+            .transpose()?;
         let tokenizer = Tokenizer::from_model_dir(dir, &cfg.eos_token_ids)?;
         let template = ChatTemplate::from_model_dir(dir)
             .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?;
@@ -396,6 +518,8 @@ impl ModelBundle {
             report,
             vision,
             images,
+            audio,
+            audio_spec,
             tokenizer_json: dir.join("tokenizer.json"),
             vocabulary: std::sync::OnceLock::new(),
         })
@@ -513,119 +637,204 @@ impl ModelBundle {
     }
 }
 
+/// A placeholder run found in a prompt: where, how long, and which medium it is.
+enum Run {
+    /// The `i`-th image.
+    Image(usize),
+    /// The `i`-th audio clip.
+    Audio(usize),
+}
+
 impl ModelBundle {
-    /// The prompt's token ids with its images in place: for a chat or text prompt each `<|image|>`
-    /// placeholder becomes `<|image>`, one image token per soft token, `<image|>` (the processor's expansion);
-    /// for [`Prompt::Ids`] each run of image tokens must already have its image's length. `images` are
-    /// preprocessed for the tower.
-    ///
-    /// Errors ([`EngineError::InvalidRequest`]): images for a model without a vision tower; placeholders
-    /// and images that do not pair up; an image that cannot be sized.
-    pub fn prompt_with_images(
-        &self,
-        prompt: &Prompt,
-        images: &[jemma_media::DecodedImage],
-    ) -> Result<(Vec<u32>, Vec<PromptImage>)> {
-        let ids = self.prompt_ids(prompt)?;
-        let Some(spec) = self.images.as_ref().filter(|_| self.vision.is_some()) else {
-            if images.is_empty() {
-                return Ok((ids, vec![]));
-            }
-            return Err(EngineError::InvalidRequest(
-                "this model has no vision tower: it cannot see images (serve a Gemma 4 checkpoint with one; \
-                 /v1/models lists each tier's input_modalities)"
-                    .into(),
-            ));
-        };
-        let bad = |m: String| EngineError::InvalidRequest(m);
-        if images.is_empty() {
-            // A text-only prompt that spells the placeholder reads it as the token it is, as before.
-            return Ok((ids, vec![]));
-        }
-        let pre = matches!(prompt, Prompt::Ids(_));
-        // Runs of the placeholder (one token each unless the prompt came as expanded ids).
+    /// Runs of `id` in `ids`: one token each, or, for a prompt of expanded ids (`pre`), whole runs.
+    fn runs(ids: &[u32], id: u32, pre: bool) -> Vec<(usize, usize)> {
         let mut runs = vec![];
         let mut i = 0;
         while i < ids.len() {
-            if ids[i] == spec.image_id {
+            if ids[i] == id {
                 let s = i;
-                while pre && i < ids.len() && ids[i] == spec.image_id {
+                i += 1;
+                while pre && i < ids.len() && ids[i] == id {
                     i += 1;
                 }
-                runs.push((s, if pre { i - s } else { 1 }));
-                if !pre {
-                    i += 1;
-                }
+                runs.push((s, i - s));
             } else {
                 i += 1;
             }
         }
-        if runs.len() != images.len() {
-            return Err(bad(format!(
-                "the prompt has {} image placeholder(s) for {} image(s) (the model's chat template shows \
-                 images in user messages only)",
-                runs.len(),
-                images.len()
-            )));
-        }
-        let mut out = Vec::with_capacity(ids.len());
-        let mut placed = vec![];
-        let mut at = 0;
-        for ((s, n), img) in runs.into_iter().zip(images) {
-            let pixels = jemma_media::preprocess(&img.rgb, &spec.params_for(img))
-                .map_err(|e| bad(e.to_string()))?;
-            if pre && n != pixels.soft_tokens {
-                return Err(bad(format!(
-                    "an image run of {n} tokens for an image of {} soft tokens",
-                    pixels.soft_tokens
-                )));
-            }
-            out.extend_from_slice(&ids[at..s]);
-            if !pre {
-                out.push(spec.boi_id);
-            }
-            let start = out.len();
-            out.extend(std::iter::repeat_n(spec.image_id, pixels.soft_tokens));
-            if !pre {
-                out.push(spec.eoi_id);
-            }
-            at = s + n;
-            placed.push(PromptImage {
-                start,
-                pixels,
-                digest: img.digest,
-            });
-        }
-        out.extend_from_slice(&ids[at..]);
-        Ok((out, placed))
+        runs
     }
 
-    /// How many tokens `prompt` takes with `images` in place (without preprocessing them).
+    /// The placeholder runs of `prompt`'s `ids` for `images` and `audio`, in prompt order, checked against
+    /// what the model can take.
     ///
-    /// Errors: as [`ModelBundle::prompt_with_images`].
-    pub fn count_with_images(
+    /// Errors ([`EngineError::InvalidRequest`]): media of a kind the model has no tower for; placeholders
+    /// and media that do not pair up.
+    fn media_runs(
+        &self,
+        prompt: &Prompt,
+        ids: &[u32],
+        images: usize,
+        audio: usize,
+    ) -> Result<Vec<(usize, usize, Run)>> {
+        let bad = |m: String| EngineError::InvalidRequest(m);
+        let pre = matches!(prompt, Prompt::Ids(_));
+        let mut runs = vec![];
+        for (n, spec_id, what, tower) in [
+            (
+                images,
+                self.images
+                    .as_ref()
+                    .filter(|_| self.vision.is_some())
+                    .map(|s| s.image_id),
+                "image",
+                "vision tower: it cannot see images",
+            ),
+            (
+                audio,
+                self.audio_spec
+                    .as_ref()
+                    .filter(|_| self.audio.is_some())
+                    .map(|s| s.audio_id),
+                "audio",
+                "audio tower: it cannot hear audio",
+            ),
+        ] {
+            // A text-only prompt that spells a placeholder reads it as the token it is.
+            if n == 0 {
+                continue;
+            }
+            let Some(id) = spec_id else {
+                return Err(bad(format!(
+                    "this model has no {tower} (serve a Gemma 4 checkpoint with one; /v1/models lists each \
+                     tier's input_modalities)"
+                )));
+            };
+            let found = Self::runs(ids, id, pre);
+            if found.len() != n {
+                return Err(bad(format!(
+                    "the prompt has {} {what} placeholder(s) for {n} {what} input(s) (the model's chat template \
+                     shows media in user messages only)",
+                    found.len()
+                )));
+            }
+            runs.extend(found.into_iter().enumerate().map(|(i, (s, len))| {
+                (
+                    s,
+                    len,
+                    if what == "image" {
+                        Run::Image(i)
+                    } else {
+                        Run::Audio(i)
+                    },
+                )
+            }));
+        }
+        runs.sort_by_key(|r| r.0);
+        Ok(runs)
+    }
+
+    /// The prompt's token ids with its images and audio in place: for a chat or text prompt each
+    /// `<|image|>` placeholder becomes `<|image>`, one image token per soft token, `<image|>`, and each
+    /// `<|audio|>` becomes `<|audio>`, one audio token per soft token, `<audio|>` (the processor's
+    /// expansion); for [`Prompt::Ids`] each run of placeholder tokens must already have its medium's length.
+    /// Images are preprocessed for the vision tower, audio turned into the audio tower's features.
+    ///
+    /// Errors ([`EngineError::InvalidRequest`]): media for a model without the tower to take them;
+    /// placeholders and media that do not pair up; an image that cannot be sized.
+    pub fn prompt_with_media(
         &self,
         prompt: &Prompt,
         images: &[jemma_media::DecodedImage],
+        audio: &[jemma_media::audio::DecodedAudio],
+    ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
+        let ids = self.prompt_ids(prompt)?;
+        if images.is_empty() && audio.is_empty() {
+            return Ok((ids, vec![], vec![]));
+        }
+        let bad = |m: String| EngineError::InvalidRequest(m);
+        let pre = matches!(prompt, Prompt::Ids(_));
+        let runs = self.media_runs(prompt, &ids, images.len(), audio.len())?;
+        let mut out = Vec::with_capacity(ids.len());
+        let (mut placed_images, mut placed_audio) = (vec![], vec![]);
+        let mut at = 0;
+        for (s, n, run) in runs {
+            out.extend_from_slice(&ids[at..s]);
+            let (open, id, close, tokens) = match run {
+                Run::Image(i) => {
+                    let spec = self.images.as_ref().expect("checked by media_runs");
+                    let img = &images[i];
+                    let pixels = jemma_media::preprocess(&img.rgb, &spec.params_for(img))
+                        .map_err(|e| bad(e.to_string()))?;
+                    let t = pixels.soft_tokens;
+                    placed_images.push(PromptImage {
+                        start: out.len() + usize::from(!pre),
+                        pixels,
+                        digest: img.digest,
+                    });
+                    (spec.boi_id, spec.image_id, spec.eoi_id, t)
+                }
+                Run::Audio(i) => {
+                    let spec = self.audio_spec.as_ref().expect("checked by media_runs");
+                    let clip = &audio[i];
+                    let t = spec.soft_tokens(clip);
+                    placed_audio.push(PromptAudio {
+                        start: out.len() + usize::from(!pre),
+                        soft_tokens: t,
+                        features: spec.extractor.extract(&clip.samples),
+                        digest: clip.digest,
+                    });
+                    (spec.boa_id, spec.audio_id, spec.eoa_id, t)
+                }
+            };
+            if pre && n != tokens {
+                return Err(bad(format!(
+                    "a placeholder run of {n} tokens for media of {tokens} soft tokens"
+                )));
+            }
+            if !pre {
+                out.push(open);
+            }
+            out.extend(std::iter::repeat_n(id, tokens));
+            if !pre {
+                out.push(close);
+            }
+            at = s + n;
+        }
+        out.extend_from_slice(&ids[at..]);
+        Ok((out, placed_images, placed_audio))
+    }
+
+    /// How many tokens `prompt` takes with `images` and `audio` in place (without preprocessing them).
+    ///
+    /// Errors: as [`ModelBundle::prompt_with_media`].
+    pub fn count_with_media(
+        &self,
+        prompt: &Prompt,
+        images: &[jemma_media::DecodedImage],
+        audio: &[jemma_media::audio::DecodedAudio],
     ) -> Result<usize> {
         let ids = self.prompt_ids(prompt)?;
-        let Some(spec) = self.images.as_ref().filter(|_| self.vision.is_some()) else {
-            if images.is_empty() {
-                return Ok(ids.len());
-            }
-            return Err(EngineError::InvalidRequest(
-                "this model has no vision tower: it cannot see images (serve a Gemma 4 checkpoint with one; \
-                 /v1/models lists each tier's input_modalities)"
-                    .into(),
-            ));
-        };
+        if images.is_empty() && audio.is_empty() {
+            return Ok(ids.len());
+        }
+        self.media_runs(prompt, &ids, images.len(), audio.len())?;
         if matches!(prompt, Prompt::Ids(_)) {
             return Ok(ids.len());
         }
         let mut n = ids.len();
-        for img in images {
-            n += 1 + jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &spec.params_for(img))
+        if let Some(spec) = &self.images {
+            for img in images {
+                n += 1 + jemma_media::soft_tokens(
+                    img.rgb.height,
+                    img.rgb.width,
+                    &spec.params_for(img),
+                )
                 .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
+            }
+        }
+        if let Some(spec) = &self.audio_spec {
+            n += audio.iter().map(|c| 1 + spec.soft_tokens(c)).sum::<usize>();
         }
         Ok(n)
     }
@@ -739,7 +948,7 @@ impl ModelRunner for MlxRunner {
         request: &Request,
     ) -> std::result::Result<usize, EngineFailure> {
         model
-            .count_with_images(&request.prompt, &request.images)
+            .count_with_media(&request.prompt, &request.images, &request.audio)
             .map_err(Into::into)
     }
 
@@ -898,7 +1107,7 @@ impl MlxSequence {
         ctx: usize,
         pool: &mut PrefixPool<PoolCache>,
     ) -> Result<Self> {
-        let (ids, images) = l.prompt_with_images(&req.prompt, &req.images)?;
+        let (ids, images, audio) = l.prompt_with_media(&req.prompt, &req.images, &req.audio)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
         let mut req = req;
         if req.fit_context && ids.len() < ctx {
@@ -920,20 +1129,30 @@ impl MlxSequence {
         }
         let system = l.system_prefix_len(&req.prompt, &ids);
         let kv = opts.kv_quant;
-        // The soft tokens of each image (the tower runs here, on the model thread, once per request).
-        let media = match &l.vision {
-            Some(tower) => images
-                .iter()
-                .map(|img| {
-                    Ok(MediaRun {
-                        start: img.start,
-                        features: tower.encode_pixels(&img.pixels)?,
-                        digest: img.digest,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?,
-            None => vec![],
-        };
+        // The soft tokens of each image and clip (the towers run here, on the model thread, once per
+        // request).
+        let mut media = vec![];
+        if let Some(tower) = &l.vision {
+            for img in &images {
+                media.push(MediaRun {
+                    start: img.start,
+                    features: tower.encode_pixels(&img.pixels)?,
+                    digest: img.digest,
+                    bidirectional: true,
+                });
+            }
+        }
+        if let Some(tower) = &l.audio {
+            for clip in &audio {
+                media.push(MediaRun {
+                    start: clip.start,
+                    features: tower.encode_features(&clip.features, clip.soft_tokens)?,
+                    digest: clip.digest,
+                    bidirectional: false,
+                });
+            }
+        }
+        media.sort_by_key(|m| m.start);
         let keys = crate::generate::cache_keys(&ids, &media);
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.

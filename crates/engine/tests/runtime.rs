@@ -34,6 +34,7 @@ fn request(max_tokens: usize) -> Request {
         parallel_tool_calls: true,
         fit_context: false,
         images: vec![],
+        audio: vec![],
     }
 }
 

@@ -10,7 +10,7 @@ use jemma_engine::models::gemma4::{self, Placed};
 use mlx_rs::ops::indexing::IndexOp;
 use mlx_rs::{Array, Dtype};
 
-/// The tiny-vision fixture's image placeholder id (its config.json `image_token_id`).
+/// The tiny-mm fixture's image placeholder id (its config.json `image_token_id`).
 const IMAGE: i32 = 20;
 
 fn fixture() -> PathBuf {
@@ -99,7 +99,7 @@ fn a_text_only_checkpoint_has_no_tower() {
 #[test]
 fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
     // The tiny text model with a vision tower: the text engine reads its text half, the tower its own.
-    let dir = fixture_named("tiny-vision");
+    let dir = fixture_named("tiny-mm");
     let (model, _, report) = gemma4::load(&dir, None).unwrap();
     assert!(
         report.skipped.keys().any(|k| k.contains("vision")),
@@ -128,6 +128,7 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
                 &[Placed {
                     start,
                     features: &features,
+                    bidirectional: true,
                 }],
                 &mut cache,
             )
@@ -174,7 +175,7 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
 fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
     // The same image prompt read in two chunks (the text before the image, then the rest) gives the logits
     // of reading it at once: the bidirectional block does not depend on where a chunk starts.
-    let dir = fixture_named("tiny-vision");
+    let dir = fixture_named("tiny-mm");
     let (model, _, _) = gemma4::load(&dir, None).unwrap();
     let tower = load_tower(&dir, None).unwrap().unwrap();
     let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
@@ -193,6 +194,7 @@ fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
             &[Placed {
                 start: 0,
                 features: &features,
+                bidirectional: true,
             }],
             &mut cache,
         )
@@ -227,6 +229,7 @@ fn greedy_or_error(
             parallel_tool_calls: true,
             fit_context: false,
             images,
+            audio: vec![],
         })
         .map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
@@ -249,7 +252,7 @@ fn greedy(
 
 #[test]
 fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
-    let dir = fixture_named("tiny-vision");
+    let dir = fixture_named("tiny-mm");
     let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
     let ids: Vec<u32> = refs["photo.ids"]
         .as_slice::<i32>()
@@ -313,9 +316,9 @@ fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
 }
 
 #[test]
-fn the_memory_estimate_counts_the_vision_tower() {
+fn the_memory_estimate_counts_the_vision_and_audio_towers() {
     use jemma_engine::footprint::estimate;
-    let dir = fixture_named("tiny-vision");
+    let dir = fixture_named("tiny-mm");
     let with = estimate(&dir, Some(4), Some(256), 2048, None).unwrap();
     let without = estimate(
         &dir.parent().unwrap().join("tiny"),
@@ -325,12 +328,18 @@ fn the_memory_estimate_counts_the_vision_tower() {
         None,
     )
     .unwrap();
-    let tower: u64 = Array::load_safetensors(dir.join("model.safetensors"))
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| k.contains("vision_tower") || k.contains("embed_vision"))
-        .map(|(_, a)| a.nbytes() as u64)
-        .sum();
-    assert!(tower > 0);
-    assert_eq!(with.weights_bytes - without.weights_bytes, tower);
+    let weights = Array::load_safetensors(dir.join("model.safetensors")).unwrap();
+    let bytes = |parts: [&str; 2]| -> u64 {
+        weights
+            .iter()
+            .filter(|(k, _)| parts.iter().any(|p| k.contains(p)))
+            .map(|(_, a)| a.nbytes() as u64)
+            .sum()
+    };
+    let (vision, audio) = (
+        bytes(["vision_tower", "embed_vision"]),
+        bytes(["audio_tower", "embed_audio"]),
+    );
+    assert!(vision > 0 && audio > 0);
+    assert_eq!(with.weights_bytes - without.weights_bytes, vision + audio);
 }

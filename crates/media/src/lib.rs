@@ -1,9 +1,10 @@
-//! Media for Gemma 4's towers, without MLX or HTTP: decoding images (JPEG, PNG, WebP, GIF, BMP, with their
+//! Media for Gemma 4's towers, without MLX or HTTP. Audio: [`audio`]. Decoding images (JPEG, PNG, WebP, GIF, BMP, with their
 //! EXIF orientation applied) and Gemma 4's image preprocessing as transformers' and mlx-vlm's
 //! `Gemma4ImageProcessor` do it: an aspect-preserving resize into the patch budget (Pillow's bicubic, to
 //! the bit: [`resize`]), then rescaling to [0, 1], channels first.
 #![deny(missing_docs)]
 
+pub mod audio;
 pub mod resize;
 
 use std::io::Cursor;
@@ -22,6 +23,14 @@ pub enum MediaError {
     /// Over a size limit: HTTP 413.
     #[error("{0}")]
     TooLarge(String),
+    /// An audio format or codec this build does not decode (Opus, …): HTTP 415.
+    #[error("unsupported audio format {0}: send WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis")]
+    AudioUnsupported(String),
+    /// Bytes that are not a readable clip: HTTP 400.
+    #[error(
+        "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis file"
+    )]
+    AudioCorrupt(String),
 }
 
 /// Result of this crate.

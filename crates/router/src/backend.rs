@@ -217,7 +217,7 @@ pub struct BackendHealth {
     pub last_error: Option<String>,
     /// Context length, when known.
     pub context_length: Option<usize>,
-    /// What the model takes in (`text`, `image`); empty when not known (an upstream says so only by
+    /// What the model takes in (`text`, `image`, `audio`); empty when not known (an upstream says so only by
     /// answering).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub input_modalities: Vec<String>,
@@ -228,7 +228,16 @@ pub struct BackendHealth {
 impl BackendHealth {
     /// Whether the model is known not to see images (an unknown model may).
     pub fn refuses_images(&self) -> bool {
-        !self.input_modalities.is_empty() && !self.input_modalities.iter().any(|m| m == "image")
+        self.refuses_any(&["image"])
+    }
+
+    /// Whether the model is known not to take one of `modalities` (`image`, `audio`; an unknown model may
+    /// take them all).
+    pub fn refuses_any(&self, modalities: &[&str]) -> bool {
+        !self.input_modalities.is_empty()
+            && modalities
+                .iter()
+                .any(|m| !self.input_modalities.iter().any(|have| have == m))
     }
 }
 

@@ -8,7 +8,7 @@
 //!    an id in [`ClassifierConfig::model_aliases`] picks its tier. `auto`, an id in
 //!    [`ClassifierConfig::auto_models`], an empty string or no model at all go on to the rules below. Any other
 //!    id is [`ClassifyError::UnknownModel`], so the caller decides what an unknown id means.
-//! 2. **Images** → [`ClassifierConfig::vision_tier`].
+//! 2. **Images** → [`ClassifierConfig::vision_tier`]; **audio** → [`ClassifierConfig::audio_tier`].
 //! 3. **Long prompt**: more than [`ClassifierConfig::long_prompt_tokens`] → heavy.
 //! 4. **Heavy keyword** in the last user message → heavy.
 //! 5. **Primary keyword**, **code-like content** in the last user message, or **tools** in the request → primary.
@@ -134,6 +134,8 @@ pub enum Rule {
     ModelAlias,
     /// The request has images.
     Vision,
+    /// The request has audio.
+    Audio,
     /// The prompt is longer than [`ClassifierConfig::long_prompt_tokens`].
     LongPrompt,
     /// The chosen tier's context was too small, so the request was moved to a larger one.
@@ -166,6 +168,7 @@ impl Rule {
             Self::ExplicitTier => "explicit_tier",
             Self::ModelAlias => "model_alias",
             Self::Vision => "vision",
+            Self::Audio => "audio",
             Self::LongPrompt => "long_prompt",
             Self::ContextLimit => "context_limit",
             Self::HeavyKeyword => "heavy_keyword",
@@ -203,6 +206,8 @@ pub struct ClassifyInput<'a> {
     pub prompt_tokens: usize,
     /// Whether any message has image content.
     pub has_images: bool,
+    /// Whether any message has audio content.
+    pub has_audio: bool,
     /// Whether the request defines tools.
     pub has_tools: bool,
     /// The request's `max_tokens` (or `max_completion_tokens`), if given.
@@ -275,6 +280,8 @@ pub struct ClassifierConfig {
     pub reasoning_words: Vec<String>,
     /// Tier for requests with images (default primary).
     pub vision_tier: Tier,
+    /// Tier for requests with audio (default primary: Gemma 4 E2B and E4B hear, 26B-A4B does not).
+    pub audio_tier: Tier,
     /// Tier when no rule applies (default primary).
     pub default_tier: Tier,
     /// Model ids (matched case-insensitively) that mean "route automatically", besides `auto` and an empty
@@ -435,6 +442,7 @@ impl Default for ClassifierConfig {
                 "math",
             ]),
             vision_tier: Tier::Primary,
+            audio_tier: Tier::Primary,
             default_tier: Tier::Primary,
             auto_models: strings(&["auto"]),
             model_aliases: BTreeMap::new(),
@@ -546,6 +554,10 @@ impl Classifier {
         if input.has_images {
             let t = cfg.vision_tier;
             return (t, Rule::Vision, format!("images → {t}"));
+        }
+        if input.has_audio {
+            let t = cfg.audio_tier;
+            return (t, Rule::Audio, format!("audio → {t}"));
         }
         if input.prompt_tokens > cfg.long_prompt_tokens {
             return (
@@ -1024,6 +1036,31 @@ mod tests {
             ..ClassifierConfig::default()
         });
         assert_eq!(c.classify(&input).unwrap().tier, Tier::Heavy);
+    }
+
+    #[test]
+    fn audio_goes_to_the_audio_tier_after_images() {
+        let input = ClassifyInput {
+            last_user: "transcribe this and explain it in depth",
+            prompt_tokens: 7000,
+            has_audio: true,
+            ..ClassifyInput::default()
+        };
+        let d = classify(input);
+        assert_eq!((d.tier, d.rule), (Tier::Primary, Rule::Audio));
+        assert_eq!(d.reason, "audio → primary");
+        let c = Classifier::new(ClassifierConfig {
+            audio_tier: Tier::Fast,
+            ..ClassifierConfig::default()
+        });
+        assert_eq!(c.classify(&input).unwrap().tier, Tier::Fast);
+        // Images and audio together: the images' rule decides (the router then moves the request off a
+        // tier whose model cannot take both).
+        let both = classify(ClassifyInput {
+            has_images: true,
+            ..input
+        });
+        assert_eq!(both.rule, Rule::Vision);
     }
 
     // ---- Rule 3: length and context ---------------------------------------------------------------------

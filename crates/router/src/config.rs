@@ -195,7 +195,7 @@ impl Default for AuthConfig {
 pub struct RateLimitConfig {
     /// Text requests per minute per caller (0 = unlimited).
     pub text_per_minute: u32,
-    /// Requests with images per minute per caller (0 = unlimited).
+    /// Requests with images or audio per minute per caller (0 = unlimited).
     pub media_per_minute: u32,
     /// Also limit loopback callers.
     pub limit_loopback: bool,

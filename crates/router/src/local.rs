@@ -47,6 +47,8 @@ pub struct Job {
     pub top_logprobs: usize,
     /// The prompt's images, decoded, in the order of their parts.
     pub images: Vec<jemma_media::DecodedImage>,
+    /// The prompt's audio clips, decoded to 16 kHz mono, in the order of their parts.
+    pub audio: Vec<jemma_media::audio::DecodedAudio>,
 }
 
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
@@ -117,7 +119,9 @@ pub trait InProcess: Send + Sync + 'static {
     /// Whether the engine can put images before a model (the model must also have a vision tower, which
     /// the engine checks).
     const SEES_IMAGES: bool;
-    /// What the engine's model takes in (`text`, `image`).
+    /// Whether the engine can put audio before a model (the model must also have an audio tower).
+    const HEARS_AUDIO: bool;
+    /// What the engine's model takes in (`text`, `image`, `audio`).
     fn input_modalities(info: &Self::Info) -> Vec<String> {
         let _ = info;
         vec!["text".into()]
@@ -160,21 +164,31 @@ impl<E: InProcess> EngineBackend<E> {
         self
     }
 
-    /// `req` with its images fetched and decoded, when it has any and an engine that sees them (only a
-    /// local engine needs them: an upstream tier is sent the parts as they came).
-    async fn with_images<'r>(
+    /// `req` with its images fetched and decoded and its audio decoded, when it has any and an engine
+    /// that takes them (only a local engine needs them: an upstream tier is sent the parts as they came).
+    async fn with_media<'r>(
         &self,
         req: &'r ChatRequest,
     ) -> Result<std::borrow::Cow<'r, ChatRequest>, BackendError> {
-        if !req.has_images || !E::SEES_IMAGES || !req.images.is_empty() {
+        let images = req.has_images && E::SEES_IMAGES && req.images.is_empty();
+        let audio = req.has_audio && E::HEARS_AUDIO && req.audio.is_empty();
+        if !images && !audio {
             return Ok(std::borrow::Cow::Borrowed(req));
         }
         let mut owned = req.clone();
-        owned
-            .decode_images(&self.limits)
-            .await
-            // Refused keeps the status and the `param` naming the image part.
-            .map_err(BackendError::Refused)?;
+        // Refused keeps the status and the `param` naming the media part.
+        if images {
+            owned
+                .decode_images(&self.limits)
+                .await
+                .map_err(BackendError::Refused)?;
+        }
+        if audio {
+            owned
+                .decode_audio(&self.limits)
+                .await
+                .map_err(BackendError::Refused)?;
+        }
         Ok(std::borrow::Cow::Owned(owned))
     }
 
@@ -205,7 +219,7 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        let req = self.with_images(req).await?;
+        let req = self.with_media(req).await?;
         let job = self.job(&req, continuation)?;
         let events = self.engine.submit(job).map_err(admission_error)?;
         Ok(pump_engine(events, |s| E::finished(&s)))
@@ -213,7 +227,7 @@ impl<E: InProcess> Backend for EngineBackend<E> {
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {
         let counted = async {
-            let req = self.with_images(req).await?;
+            let req = self.with_media(req).await?;
             let reply = self
                 .engine
                 .count(self.job(&req, None)?)
@@ -244,9 +258,8 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         }
         let mut h = engine_health(&s, details);
         h.input_modalities = E::input_modalities(&s.info);
-        if !E::SEES_IMAGES {
-            h.input_modalities.retain(|m| m != "image");
-        }
+        h.input_modalities
+            .retain(|m| (m != "image" || E::SEES_IMAGES) && (m != "audio" || E::HEARS_AUDIO));
         h
     }
 }
@@ -263,8 +276,9 @@ impl<E: InProcess> EngineBackend<E> {
     /// The engine job for `req` (with `continuation` as the start of the answer): the prompt, sampling,
     /// limits and constraint every engine takes.
     ///
-    /// Errors: images for an engine that cannot show them to its model (an answer that never saw an image
-    /// must not pretend it did), or not decoded before ([`EngineBackend::with_images`]).
+    /// Errors: images or audio for an engine that cannot put them before its model (an answer that never
+    /// saw an image or heard a clip must not pretend it did), or not decoded before
+    /// ([`EngineBackend::with_media`]).
     fn job(&self, req: &ChatRequest, continuation: Option<&str>) -> Result<Job, BackendError> {
         if req.has_images && !E::SEES_IMAGES {
             return Err(BackendError::BadRequest(format!(
@@ -277,6 +291,19 @@ impl<E: InProcess> EngineBackend<E> {
         if req.has_images && req.images.is_empty() {
             return Err(BackendError::BadRequest(
                 "the request's images were not decoded for the local engine".into(),
+            ));
+        }
+        if req.has_audio && !E::HEARS_AUDIO {
+            return Err(BackendError::BadRequest(format!(
+                "audio is not supported by the {} engine serving this tier: the model cannot hear it \
+                 (serve a Gemma 4 checkpoint with an audio tower, E2B or E4B, on the MLX engine; \
+                 /v1/models lists each tier's input_modalities)",
+                E::NAME
+            )));
+        }
+        if req.has_audio && req.audio.is_empty() {
+            return Err(BackendError::BadRequest(
+                "the request's audio was not decoded for the local engine".into(),
             ));
         }
         let prompt = match &req.raw_prompt {
@@ -317,6 +344,7 @@ impl<E: InProcess> EngineBackend<E> {
             logprobs: req.logprobs,
             top_logprobs: req.top_logprobs as usize,
             images: req.images.clone(),
+            audio: req.audio.clone(),
         })
     }
 }
@@ -334,6 +362,7 @@ impl InProcess for Mlx {
     type Info = jemma_engine::runtime::MlxInfo;
     const NAME: &'static str = "mlx";
     const SEES_IMAGES: bool = true;
+    const HEARS_AUDIO: bool = true;
 
     fn input_modalities(info: &Self::Info) -> Vec<String> {
         info.input_modalities
@@ -401,6 +430,7 @@ impl Mlx {
             parallel_tool_calls: job.parallel_tool_calls,
             fit_context: job.fit_context,
             images: job.images,
+            audio: job.audio,
         }
     }
 }
@@ -414,6 +444,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     const NAME: &'static str = "llama.cpp";
     // libmtmd is not wired in yet (issue 14).
     const SEES_IMAGES: bool = false;
+    const HEARS_AUDIO: bool = false;
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         jemma_engine_llama::LlamaEngine::submit(self, llama_request(job))

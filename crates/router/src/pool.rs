@@ -318,9 +318,9 @@ impl Inner {
     }
 
     /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here);
-    /// `images`: whether it holds images, which go to members whose models may see them (those known not
-    /// to are passed over while another may).
-    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool, images: bool) -> Choice {
+    /// `media`: the modalities it holds beyond text (`image`, `audio`), which go to members whose models
+    /// may take them (those known not to are passed over while another may).
+    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool, media: &[&str]) -> Choice {
         let now = Instant::now();
         let eps = self.eps();
         let mut eligible: Vec<usize> = (0..eps.len())
@@ -329,11 +329,11 @@ impl Inner {
                 !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
             })
             .collect();
-        if images {
+        if !media.is_empty() {
             let seeing: Vec<usize> = eligible
                 .iter()
                 .copied()
-                .filter(|&i| !eps[i].backend.health().refuses_images())
+                .filter(|&i| !eps[i].backend.health().refuses_any(media))
                 .collect();
             if !seeing.is_empty() {
                 eligible = seeing;
@@ -453,7 +453,7 @@ impl Inner {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let i = match self.choose(key, &att.tried, !req.forwarded, req.has_images) {
+            let i = match self.choose(key, &att.tried, !req.forwarded, &req.media_modalities()) {
                 Choice::Go(i) => i,
                 Choice::Wait => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {

@@ -497,6 +497,8 @@ impl TierRouter {
             include_usage: false,
             has_images: false,
             images: vec![],
+            has_audio: false,
+            audio: vec![],
             text: "ping".into(),
             last_user: "ping".into(),
             prompt_tokens_estimate: 1,
@@ -588,6 +590,7 @@ impl TierRouter {
                 last_user: &req.last_user,
                 prompt_tokens: req.prompt_tokens_estimate,
                 has_images: req.has_images,
+                has_audio: req.has_audio,
                 has_tools: req.tools.is_some(),
                 max_tokens: req.max_tokens,
             })
@@ -615,14 +618,15 @@ impl TierRouter {
                 rule: Rule::Conversation,
             };
         }
-        // Images go where a model can see them: an automatic choice whose tier's model is known not to
-        // is moved to one that is not (a named tier is taken as named, and refuses the images itself).
+        // Images and audio go where a model can take them: an automatic choice whose tier's model is known
+        // not to is moved to one that is not (a named tier is taken as named, and refuses them itself).
+        let media = req.media_modalities();
         let sees = |t: &Tier| {
             self.tiers
                 .get(t)
-                .is_some_and(|s| !s.backend().health().refuses_images())
+                .is_some_and(|s| !s.backend().health().refuses_any(&media))
         };
-        if req.has_images
+        if let Some(what) = req.media_words()
             && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
             && self.tiers.contains_key(&decision.tier)
             && !sees(&decision.tier)
@@ -633,8 +637,13 @@ impl TierRouter {
         {
             decision = Decision {
                 reason: format!(
-                    "images → {t}: the {} tier's model cannot see them",
-                    decision.tier
+                    "{what} → {t}: the {} tier's model cannot {}",
+                    decision.tier,
+                    match (req.has_images, req.has_audio) {
+                        (true, true) => "see and hear them",
+                        (false, true) => "hear it",
+                        _ => "see them",
+                    }
                 ),
                 tier: t,
                 rule: decision.rule,
@@ -665,9 +674,9 @@ impl TierRouter {
             .into_iter()
             .filter(|t| self.tiers.contains_key(t))
             .collect();
-        // An image request does not fall back to a tier that cannot see (its answer would be a 400, or
-        // worse, blind), unless no tier left can.
-        if req.has_images && chain.iter().any(sees) {
+        // A request with media does not fall back to a tier that cannot take them (its answer would be a
+        // 400, or worse, blind or deaf), unless no tier left can.
+        if !media.is_empty() && chain.iter().any(sees) {
             chain.retain(|t| *t == decision.tier || sees(t));
         }
         // A request another Jemma node forwarded is served by the tier it named or not at all: that node

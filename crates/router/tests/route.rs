@@ -1106,3 +1106,63 @@ async fn a_pool_sends_images_to_members_that_can_see_them() {
     let a = collect(r.chat(request("primary", "text only")).unwrap()).await;
     assert_eq!(a.text, "blind", "text goes by load and weight as before");
 }
+
+#[tokio::test]
+async fn audio_goes_to_a_tier_whose_model_hears_it() {
+    // E2B and E4B hear; the 26B does not (it sees images only).
+    let hears = |name: &'static str, answer: &'static str| {
+        let b = Scripted::new(name, Script::Answer(vec![answer]));
+        *b.modalities.lock().unwrap() = vec!["text".into(), "image".into(), "audio".into()];
+        b
+    };
+    let fast = hears("e2b", "e2b");
+    let primary = Scripted::new("e4b-text", Script::Answer(vec!["e4b"]));
+    *primary.modalities.lock().unwrap() = vec!["text".into()];
+    let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]));
+    *heavy.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+    ]);
+    let clip = |model: &str, image: bool| {
+        let mut parts = vec![
+            serde_json::json!({"type": "text", "text": "what is said here?"}),
+            serde_json::json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}),
+        ];
+        if image {
+            parts.push(serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}));
+        }
+        ChatCompletionRequest {
+            model: Some(model.into()),
+            messages: vec![
+                serde_json::from_value(serde_json::json!({"role": "user", "content": parts}))
+                    .unwrap(),
+            ],
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap()
+    };
+    // auto: the audio tier (primary) is known not to hear; heavy's model neither; fast's does.
+    let a = collect(r.chat(clip("auto", false)).unwrap()).await;
+    let routing = a.routing.unwrap();
+    assert_eq!((a.text.as_str(), routing.tier.as_str()), ("e2b", "fast"));
+    assert!(
+        routing.reason.starts_with("audio → fast"),
+        "{}",
+        routing.reason
+    );
+    assert!(
+        routing.reason.contains("cannot hear it"),
+        "{}",
+        routing.reason
+    );
+    // An image and a clip: only a model that takes both.
+    let a = collect(r.chat(clip("auto", true)).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+    // Heavy named, failing: its fallback skips primary, which cannot hear.
+    *heavy.script.lock().unwrap() = Script::Fail;
+    let a = collect(r.chat(clip("heavy", false)).unwrap()).await;
+    assert_eq!(a.text, "e2b");
+}

@@ -214,7 +214,7 @@ impl Message {
 pub enum MessageContent {
     /// Plain text.
     Text(String),
-    /// Text and image parts, in order.
+    /// Text, image and audio parts, in order.
     Parts(Vec<ContentPart>),
 }
 
@@ -233,7 +233,7 @@ impl<'de> Deserialize<'de> for MessageContent {
 }
 
 impl MessageContent {
-    /// The text parts joined by new lines (images left out).
+    /// The text parts joined by new lines (media left out).
     pub fn text(&self) -> String {
         match self {
             Self::Text(s) => s.clone(),
@@ -241,7 +241,7 @@ impl MessageContent {
                 .iter()
                 .filter_map(|p| match p {
                     ContentPart::Text { text } => Some(text.as_str()),
-                    ContentPart::ImageUrl { .. } => None,
+                    ContentPart::ImageUrl { .. } | ContentPart::InputAudio { .. } => None,
                 })
                 .collect::<Vec<_>>()
                 .join("\n"),
@@ -256,7 +256,19 @@ impl MessageContent {
         };
         parts.iter().filter_map(|p| match p {
             ContentPart::ImageUrl { image_url } => Some(image_url),
-            ContentPart::Text { .. } => None,
+            _ => None,
+        })
+    }
+
+    /// The audio parts.
+    pub fn audio(&self) -> impl Iterator<Item = &InputAudio> {
+        let parts = match self {
+            Self::Text(_) => &[][..],
+            Self::Parts(p) => &p[..],
+        };
+        parts.iter().filter_map(|p| match p {
+            ContentPart::InputAudio { input_audio } => Some(input_audio),
+            _ => None,
         })
     }
 }
@@ -275,6 +287,23 @@ pub enum ContentPart {
         /// The image.
         image_url: ImageUrl,
     },
+    /// An audio clip inline (OpenAI's `input_audio`).
+    InputAudio {
+        /// The clip.
+        input_audio: InputAudio,
+    },
+}
+
+/// An audio clip (OpenAI's `input_audio` part): base64 bytes and their format.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct InputAudio {
+    /// The encoded clip, base64.
+    pub data: String,
+    /// Its format: `wav` or `mp3` (OpenAI's), or `flac`, `m4a`, `aac`, `ogg` (Ogg Vorbis). Opus is refused
+    /// with a 415.
+    #[schema(example = "wav")]
+    pub format: String,
 }
 
 /// An image reference. The bare-string form (`"image_url": "https://..."`), which some clients send and

@@ -13,8 +13,8 @@ pub mod response;
 
 pub use message::{
     AssistantMessage, ContentPart, FunctionCall, FunctionDefinition, FunctionType, ImageUrl,
-    InstructionMessage, JsonSchemaFormat, Message, MessageContent, ResponseFormat, Tool, ToolCall,
-    ToolChoice, ToolMessage, UserMessage,
+    InputAudio, InstructionMessage, JsonSchemaFormat, Message, MessageContent, ResponseFormat,
+    Tool, ToolCall, ToolChoice, ToolMessage, UserMessage,
 };
 pub use request::{
     ChatCompletionRequest, ChatRequest, CompletionRequest, Limits, Stop, StreamOptions,

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::message::{Message, MessageContent, ResponseFormat, Tool, ToolChoice};
+use super::message::{InputAudio, Message, MessageContent, ResponseFormat, Tool, ToolChoice};
 use crate::RouterError;
 
 /// `stop`: one string or several.
@@ -197,6 +197,12 @@ pub struct ChatRequest {
     /// [`ChatRequest::decode_images`]. An upstream tier is sent the parts as they came.
     #[serde(skip)]
     pub images: Vec<jemma_media::DecodedImage>,
+    /// Whether any message carries an audio part.
+    pub has_audio: bool,
+    /// The messages' audio clips, decoded to 16 kHz mono, in message order (what a local engine hears);
+    /// filled by [`ChatRequest::decode_audio`]. An upstream tier is sent the parts as they came.
+    #[serde(skip)]
+    pub audio: Vec<jemma_media::audio::DecodedAudio>,
     /// Text of the conversation for the classifier (system + user turns).
     pub text: String,
     /// Text of the last user turn.
@@ -282,9 +288,12 @@ impl ChatRequest {
                 let fail = |e: jemma_media::MediaError| {
                     let m = format!("{at}: {e}");
                     match e {
-                        jemma_media::MediaError::Corrupt(_) => invalid(m, &at),
                         jemma_media::MediaError::TooLarge(_) => RouterError::TooLarge(m),
-                        jemma_media::MediaError::Unsupported(_) => RouterError::UnsupportedMedia(m),
+                        jemma_media::MediaError::Unsupported(_)
+                        | jemma_media::MediaError::AudioUnsupported(_) => {
+                            RouterError::UnsupportedMedia(m)
+                        }
+                        _ => invalid(m, &at),
                     }
                 };
                 let encoded = match fetched {
@@ -317,6 +326,87 @@ impl ChatRequest {
             .map(|(img, low)| if low { img.at_low_detail() } else { img })
             .collect();
         Ok(())
+    }
+
+    /// Decodes the messages' audio parts (base64, then the clip, off the async runtime) into 16 kHz mono,
+    /// so that a bad clip is refused before any tier is tried: corrupt bytes 400, over `max_audio_bytes`
+    /// or `max_audio_seconds` 413, a codec this build cannot decode (Opus) 415.
+    ///
+    /// Errors: as above, naming the message part.
+    pub async fn decode_audio(&mut self, limits: &Limits) -> Result<(), RouterError> {
+        if !self.has_audio || !self.audio.is_empty() {
+            return Ok(());
+        }
+        // Each part with where it is, for the error's `param`.
+        let mut located = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
+                for (j, p) in ps.iter().enumerate() {
+                    if let super::message::ContentPart::InputAudio { input_audio } = p {
+                        located.push((
+                            format!("messages[{i}].content[{j}].input_audio"),
+                            input_audio.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        let audio_limits = jemma_media::audio::AudioLimits {
+            max_bytes: limits.max_audio_bytes,
+            max_seconds: limits.max_audio_seconds,
+        };
+        let decoded = tokio::task::spawn_blocking(move || {
+            let mut out = vec![];
+            for (at, a) in located {
+                let bytes = jemma_media::audio::decode_base64(&a.data)
+                    .map_err(|e| invalid(format!("{at}.data: {e}"), &format!("{at}.data")))?;
+                let clip = jemma_media::audio::decode_audio(&bytes, Some(&a.format), &audio_limits)
+                    .map_err(|e| {
+                        let m = format!("{at}: {e}");
+                        match e {
+                            jemma_media::MediaError::TooLarge(_) => RouterError::TooLarge(m),
+                            jemma_media::MediaError::AudioUnsupported(_)
+                            | jemma_media::MediaError::Unsupported(_) => {
+                                RouterError::UnsupportedMedia(m)
+                            }
+                            _ => invalid(m, &format!("{at}.data")),
+                        }
+                    })?;
+                out.push(clip);
+            }
+            Ok::<_, RouterError>(out)
+        })
+        .await
+        .map_err(|e| RouterError::InvalidRequest {
+            message: format!("decoding the audio failed: {e}"),
+            param: None,
+        })??;
+        self.audio = decoded;
+        Ok(())
+    }
+
+    /// What the request needs a model to take in beyond text (`image`, `audio`), as `/v1/models`'
+    /// `input_modalities` names them.
+    pub fn media_modalities(&self) -> Vec<&'static str> {
+        let mut m = vec![];
+        if self.has_images {
+            m.push("image");
+        }
+        if self.has_audio {
+            m.push("audio");
+        }
+        m
+    }
+
+    /// The request's media in words, for routing reasons and errors: "images", "audio", "images and
+    /// audio" (None without media).
+    pub fn media_words(&self) -> Option<&'static str> {
+        match (self.has_images, self.has_audio) {
+            (true, true) => Some("images and audio"),
+            (true, false) => Some("images"),
+            (false, true) => Some("audio"),
+            (false, false) => None,
+        }
     }
 
     /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
@@ -388,6 +478,43 @@ fn validate_image_url(url: &str, param: &str, limits: &Limits) -> Result<(), Rou
     }
 }
 
+fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<(), RouterError> {
+    let format = a.format.to_ascii_lowercase();
+    if format == "opus" {
+        return Err(RouterError::UnsupportedMedia(format!(
+            "{param}.format: Opus is not decoded by this build; send WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis"
+        )));
+    }
+    if !jemma_media::audio::FORMATS.contains(&format.as_str()) {
+        return Err(invalid(
+            format!(
+                "format must be one of {}, not {:?}",
+                jemma_media::audio::FORMATS.join(", "),
+                a.format
+            ),
+            &format!("{param}.format"),
+        ));
+    }
+    let bytes = a.data.len() / 4 * 3;
+    if bytes > limits.max_audio_bytes {
+        return Err(RouterError::TooLarge(format!(
+            "{param}: audio of ~{bytes} bytes exceeds the {} byte limit",
+            limits.max_audio_bytes
+        )));
+    }
+    if a.data.is_empty()
+        || a.data.bytes().any(|b| {
+            !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'\n' | b'\r'))
+        })
+    {
+        return Err(invalid(
+            "data must be the clip's bytes in base64",
+            &format!("{param}.data"),
+        ));
+    }
+    Ok(())
+}
+
 /// Request limits (configurable in `[limits]`).
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default)]
@@ -411,6 +538,13 @@ pub struct Limits {
     pub fetch_private_image_urls: bool,
     /// Seconds an image URL has to be fetched (default 10).
     pub image_fetch_timeout_secs: f64,
+    /// Audio clips per request (each is decoded and held until the engine takes it).
+    pub max_request_audio: usize,
+    /// Bytes per audio clip, encoded (default 50 MB, the original design's cap).
+    pub max_audio_bytes: usize,
+    /// Seconds per audio clip (default 30: Gemma 4 hears 30 s at once; a longer clip would be cut, so it
+    /// is refused with a 413 instead).
+    pub max_audio_seconds: f64,
     /// Most stop strings.
     pub max_stop: usize,
 }
@@ -427,6 +561,9 @@ impl Default for Limits {
             max_image_bytes: 20 << 20,
             fetch_private_image_urls: false,
             image_fetch_timeout_secs: 10.0,
+            max_request_audio: 4,
+            max_audio_bytes: 50_000_000,
+            max_audio_seconds: 30.0,
             max_stop: 8,
         }
     }
@@ -451,6 +588,7 @@ impl ChatCompletionRequest {
         }
         let mut has_images = false;
         let mut total_images = 0;
+        let mut total_audio = 0;
         let mut text = String::new();
         let mut last_user = String::new();
         let mut chars = 0;
@@ -465,6 +603,23 @@ impl ChatCompletionRequest {
                 }
                 if let MessageContent::Parts(parts) = c {
                     for (j, p) in parts.iter().enumerate() {
+                        if let super::message::ContentPart::InputAudio { input_audio } = p {
+                            validate_input_audio(
+                                input_audio,
+                                &format!("messages[{i}].content[{j}].input_audio"),
+                                limits,
+                            )?;
+                            total_audio += 1;
+                            if total_audio > limits.max_request_audio {
+                                return Err(invalid(
+                                    format!(
+                                        "at most {} audio clips per request",
+                                        limits.max_request_audio
+                                    ),
+                                    &format!("messages[{i}].content[{j}]"),
+                                ));
+                            }
+                        }
                         if let super::message::ContentPart::ImageUrl { image_url } = p {
                             validate_image_url(
                                 &image_url.url,
@@ -666,6 +821,8 @@ impl ChatCompletionRequest {
                 .unwrap_or(false),
             has_images,
             images: vec![],
+            has_audio: total_audio > 0,
+            audio: vec![],
             text,
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,
@@ -768,5 +925,99 @@ impl CompletionRequest {
         let mut r = chat.validate(limits)?;
         r.raw_prompt = Some(prompt);
         Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A mono 16-bit PCM WAV of `seconds` of a 440 Hz tone at `rate`, base64.
+    fn wav(seconds: f64, rate: u32) -> String {
+        use base64::Engine as _;
+        let n = (seconds * rate as f64) as u32;
+        let mut b = vec![];
+        b.extend_from_slice(b"RIFF");
+        b.extend_from_slice(&(36 + 2 * n).to_le_bytes());
+        b.extend_from_slice(b"WAVEfmt ");
+        b.extend_from_slice(&16u32.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&1u16.to_le_bytes());
+        b.extend_from_slice(&rate.to_le_bytes());
+        b.extend_from_slice(&(rate * 2).to_le_bytes());
+        b.extend_from_slice(&2u16.to_le_bytes());
+        b.extend_from_slice(&16u16.to_le_bytes());
+        b.extend_from_slice(b"data");
+        b.extend_from_slice(&(2 * n).to_le_bytes());
+        for i in 0..n {
+            let v = (i as f64 * 440.0 * std::f64::consts::TAU / rate as f64).sin() * 8000.0;
+            b.extend_from_slice(&(v as i16).to_le_bytes());
+        }
+        base64::engine::general_purpose::STANDARD.encode(b)
+    }
+
+    fn request(parts: Vec<Value>) -> Result<ChatRequest, RouterError> {
+        let body = serde_json::json!({"messages": [{"role": "user", "content": parts}]});
+        serde_json::from_value::<ChatCompletionRequest>(body)
+            .unwrap()
+            .validate(&Limits::default())
+    }
+
+    fn audio(data: &str, format: &str) -> Value {
+        serde_json::json!({"type": "input_audio", "input_audio": {"data": data, "format": format}})
+    }
+
+    fn param(e: RouterError) -> Option<String> {
+        match e {
+            RouterError::InvalidRequest { param, .. } => param,
+            e => panic!("not a 400: {e:?}"),
+        }
+    }
+
+    #[test]
+    fn input_audio_is_checked_before_any_tier_is_tried() {
+        let text = serde_json::json!({"type": "text", "text": "what is said?"});
+        let ok = request(vec![text.clone(), audio("UklGRg==", "wav")]).unwrap();
+        assert!(ok.has_audio && !ok.has_images);
+        assert_eq!(ok.media_modalities(), ["audio"]);
+        assert_eq!(
+            param(request(vec![text.clone(), audio("UklGRg==", "aiff")]).unwrap_err()).as_deref(),
+            Some("messages[0].content[1].input_audio.format")
+        );
+        assert!(matches!(
+            request(vec![audio("UklGRg==", "opus")]).unwrap_err(),
+            RouterError::UnsupportedMedia(m) if m.contains("Opus")
+        ));
+        assert_eq!(
+            param(request(vec![audio("not base64!", "wav")]).unwrap_err()).as_deref(),
+            Some("messages[0].content[0].input_audio.data")
+        );
+        let five = vec![audio("UklGRg==", "wav"); 5];
+        assert!(param(request(five).unwrap_err()).is_some());
+        // An unknown field in the part is named rather than dropped.
+        let extra = serde_json::json!({"type": "input_audio",
+            "input_audio": {"data": "UklGRg==", "format": "wav", "rate": 8000}});
+        let body = serde_json::json!({"messages": [{"role": "user", "content": [extra]}]});
+        assert!(serde_json::from_value::<ChatCompletionRequest>(body).is_err());
+    }
+
+    #[tokio::test]
+    async fn input_audio_decodes_to_16_khz_or_is_refused_in_the_apis_terms() {
+        let mut r = request(vec![audio(&wav(0.5, 8000), "wav")]).unwrap();
+        r.decode_audio(&Limits::default()).await.unwrap();
+        assert_eq!(r.audio.len(), 1);
+        let n = r.audio[0].samples.len();
+        assert!((7900..=8100).contains(&n), "{n} samples at 16 kHz");
+        // Not audio: a 400 naming the part's data.
+        let mut r = request(vec![audio("AAAAAAAA", "wav")]).unwrap();
+        let e = r.decode_audio(&Limits::default()).await.unwrap_err();
+        assert_eq!(
+            param(e).as_deref(),
+            Some("messages[0].content[0].input_audio.data")
+        );
+        // Longer than the model hears at once: a 413.
+        let mut r = request(vec![audio(&wav(31.0, 8000), "wav")]).unwrap();
+        let e = r.decode_audio(&Limits::default()).await.unwrap_err();
+        assert!(matches!(e, RouterError::TooLarge(m) if m.contains("30 s")));
     }
 }

@@ -1,5 +1,6 @@
 //! Gemma 4 (text): configuration, weights and the decoder.
 
+pub mod audio;
 pub mod config;
 pub mod model;
 pub mod vision;

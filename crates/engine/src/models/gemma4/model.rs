@@ -129,8 +129,11 @@ enum Mask {
 pub struct Placed<'a> {
     /// First placeholder position in the chunk.
     pub start: usize,
-    /// The soft tokens, already projected to the text width (the vision tower's output).
+    /// The soft tokens, already projected to the text width (a tower's output).
     pub features: &'a Array,
+    /// Whether the run's tokens see one another both ways (images, when the model attends
+    /// bidirectionally within them); audio is read causally, as text.
+    pub bidirectional: bool,
 }
 
 /// Row `i` of a batch-first array, keeping the batch axis (1, …).
@@ -884,7 +887,7 @@ impl Gemma4 {
             self.mask_for(LayerType::Sliding, l, caches[0])?,
             self.mask_for(LayerType::Full, l, caches[0])?,
         ];
-        if !media.is_empty()
+        if media.iter().any(|m| m.bidirectional)
             && l > 1
             && self.cfg.use_bidirectional_attention.as_deref() == Some("vision")
         {
@@ -901,7 +904,7 @@ impl Gemma4 {
             ] {
                 let keys = key_offset + l;
                 let mut block = vec![false; (l * keys) as usize];
-                for m in media {
+                for m in media.iter().filter(|m| m.bidirectional) {
                     let (s, n) = (m.start, m.features.shape()[1] as usize);
                     for q in s..s + n {
                         for k in s..s + n {

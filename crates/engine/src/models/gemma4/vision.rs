@@ -99,14 +99,14 @@ impl VisionConfig {
 
 /// A linear layer that clamps its input and output to stored bounds (`Gemma4ClippableLinear`); a bound
 /// the checkpoint lacks does not clamp.
-struct ClippedLinear {
+pub(super) struct ClippedLinear {
     linear: Linear,
     /// input min, input max, output min, output max.
     bounds: [Option<Array>; 4],
 }
 
 impl ClippedLinear {
-    fn load(
+    pub(super) fn load(
         store: &mut WeightStore,
         path: &str,
         out: usize,
@@ -134,7 +134,7 @@ impl ClippedLinear {
         Ok(Self { linear, bounds })
     }
 
-    fn forward(&self, x: &Array) -> Result<Array> {
+    pub(super) fn forward(&self, x: &Array) -> Result<Array> {
         let clamp = |x: Array, lo: &Option<Array>, hi: &Option<Array>| -> Result<Array> {
             let x = match lo {
                 Some(l) => ops::maximum(&x, l)?,

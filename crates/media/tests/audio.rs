@@ -1,0 +1,172 @@
+//! Gemma 4's audio features against transformers' `Gemma4AudioFeatureExtractor` (scripts/fixtures/
+//! gen_audio.py) on every branch of its settings, and decoding: every format decoded here (encoded by
+//! FFmpeg's libraries in the fixture run), resampling to 16 kHz, and the refusals (Opus, corrupt bytes,
+//! oversize, too long).
+
+use std::path::PathBuf;
+
+use jemma_media::MediaError;
+use jemma_media::audio::{
+    AudioLimits, FeatureExtractor, FeatureParams, SAMPLE_RATE, decode_audio, soft_tokens,
+};
+
+fn fixtures() -> PathBuf {
+    let root = std::env::var("JEMMA_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
+    let dir = root.join("audio");
+    assert!(
+        dir.join("extractor.json").exists(),
+        "fixture {} missing: run scripts/fixtures.sh",
+        dir.display()
+    );
+    dir
+}
+
+fn json(path: PathBuf) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn f32s(path: PathBuf) -> Vec<f32> {
+    std::fs::read(path)
+        .unwrap()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect()
+}
+
+#[test]
+fn features_match_the_reference_extractor_on_every_setting() {
+    let dir = fixtures();
+    let cases = json(dir.join("extractor.json"));
+    let cases = cases.as_object().unwrap();
+    assert!(cases.len() >= 4);
+    for (name, c) in cases {
+        let wav = std::fs::read(dir.join(c["wav"].as_str().unwrap())).unwrap();
+        let audio = decode_audio(&wav, Some("wav"), &AudioLimits::default()).unwrap();
+        let params: FeatureParams = serde_json::from_value(c["settings"].clone()).unwrap();
+        let fx = FeatureExtractor::new(params).unwrap();
+        let got = fx.extract(&audio.samples);
+        let want = f32s(dir.join(c["file"].as_str().unwrap()));
+        assert_eq!(got.frames, c["frames"].as_u64().unwrap() as usize, "{name}");
+        assert_eq!(got.data.len(), want.len(), "{name}");
+        let valid: Vec<bool> = serde_json::from_value(c["valid"].clone()).unwrap();
+        assert_eq!(got.valid, valid, "{name}: valid frames");
+        let max = got
+            .data
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max <= 1e-5, "{name}: max |Δ| {max}");
+        // The features are not trivially zero (a padding frame or two at most).
+        assert!(got.valid.iter().filter(|v| **v).count() + 2 >= got.frames);
+    }
+}
+
+#[test]
+fn every_format_decodes_to_16_khz_mono_and_the_rest_are_refused() {
+    let dir = fixtures().join("formats");
+    let cases = json(dir.join("formats.json"));
+    let reference = decode_audio(
+        &std::fs::read(dir.join("clip.wav")).unwrap(),
+        Some("wav"),
+        &AudioLimits::default(),
+    )
+    .unwrap();
+    let rms = |x: &[f32]| (x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32).sqrt();
+    let want_rms = rms(&reference.samples);
+    for (name, c) in cases.as_object().unwrap() {
+        let bytes = std::fs::read(dir.join(c["file"].as_str().unwrap())).unwrap();
+        let got = decode_audio(&bytes, c["format"].as_str(), &AudioLimits::default());
+        match c.get("refused").and_then(|r| r.as_u64()) {
+            Some(415) => {
+                assert!(
+                    matches!(got, Err(MediaError::AudioUnsupported(_))),
+                    "{name}: {got:?}"
+                );
+                continue;
+            }
+            Some(400) => {
+                assert!(
+                    matches!(got, Err(MediaError::AudioCorrupt(_))),
+                    "{name}: {got:?}"
+                );
+                continue;
+            }
+            _ => {}
+        }
+        let got = got.unwrap_or_else(|e| panic!("{name}: {e}"));
+        // Lossy codecs add priming and padding samples (AAC's 1024, MP3's 1105): a few tens of ms.
+        let secs = got.seconds();
+        assert!((secs - 1.3).abs() < 0.1, "{name}: {secs} s");
+        let r = rms(&got.samples);
+        assert!(
+            (r / want_rms - 1.0).abs() < 0.1,
+            "{name}: rms {r} vs {want_rms}"
+        );
+        if c.get("lossless").is_some() {
+            let max = got
+                .samples
+                .iter()
+                .zip(reference.samples.iter())
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max <= 2.0 / 32768.0, "{name}: max |Δ| {max}");
+        }
+        if name == "wav44" {
+            // Resampled from 44.1 kHz stereo (itself linearly interpolated from the 16 kHz clip): the same
+            // clip, aligned (the resampler's delay is trimmed), within 20 dB: what differs is the clip's
+            // noise near 8 kHz, which the resampler's anti-aliasing filter takes out.
+            let n = reference.samples.len().min(got.samples.len());
+            let err: f32 = (0..n)
+                .map(|i| (got.samples[i] - reference.samples[i]).powi(2))
+                .sum::<f32>()
+                / n as f32;
+            assert!(
+                err.sqrt() < 0.1 * want_rms,
+                "{name}: rms error {} of {want_rms}",
+                err.sqrt()
+            );
+        }
+    }
+}
+
+#[test]
+fn limits_are_413s_and_nonsense_is_a_400() {
+    let dir = fixtures().join("formats");
+    let wav = std::fs::read(dir.join("clip.wav")).unwrap();
+    let small = AudioLimits {
+        max_bytes: 1000,
+        ..AudioLimits::default()
+    };
+    assert!(matches!(
+        decode_audio(&wav, None, &small),
+        Err(MediaError::TooLarge(_))
+    ));
+    let short = AudioLimits {
+        max_seconds: 1.0,
+        ..AudioLimits::default()
+    };
+    let err = decode_audio(&wav, None, &short).unwrap_err();
+    assert!(
+        matches!(&err, MediaError::TooLarge(m) if m.contains("longer than 1 s")),
+        "{err}"
+    );
+    for junk in [&b""[..], b"hello", &[0u8; 4096]] {
+        assert!(matches!(
+            decode_audio(junk, Some("wav"), &AudioLimits::default()),
+            Err(MediaError::AudioCorrupt(_))
+        ));
+    }
+}
+
+#[test]
+fn soft_tokens_follow_the_processor() {
+    // ceil(duration_ms / 40), at most 750.
+    assert_eq!(soft_tokens(20_800, 40, 750), 33);
+    assert_eq!(soft_tokens(5_920, 40, 750), 10);
+    assert_eq!(soft_tokens(640, 40, 750), 1);
+    assert_eq!(soft_tokens(641, 40, 750), 2);
+    assert_eq!(soft_tokens(SAMPLE_RATE as usize * 60, 40, 750), 750);
+}

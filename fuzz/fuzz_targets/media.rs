@@ -1,0 +1,19 @@
+//! The media decoders (images, audio) and the audio feature extractor on untrusted bytes: a clean error or
+//! pixels and samples, never a panic, a hang or an allocation the limits do not allow.
+#![no_main]
+
+use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, decode_audio};
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let _ = jemma_media::decode_image(data, &jemma_media::Limits::default());
+    let limits = AudioLimits {
+        max_seconds: 2.0,
+        ..AudioLimits::default()
+    };
+    if let Ok(clip) = decode_audio(data, None, &limits) {
+        let fx = FeatureExtractor::new(FeatureParams::default()).expect("the default settings work");
+        let f = fx.extract(&clip.samples);
+        assert_eq!(f.data.len(), f.frames * f.bins);
+    }
+});
