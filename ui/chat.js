@@ -14,6 +14,22 @@
   const API_KEY = 'jemma.chat.apiKey';
   const TIERS = ['fast', 'primary', 'heavy'];
   const MAX_IMAGE_BYTES = 20 * 1024 * 1024;
+  // Audio clips go inline (base64, a third larger) within the gateway's 32 MiB body limit; the model hears
+  // 30 s at once, which even uncompressed 48 kHz stereo WAV keeps under 6 MB.
+  const MAX_AUDIO_BYTES = 20 * 1024 * 1024;
+  // OpenAI's input_audio.format for a file, by MIME type, then by extension; null: not a clip Jemma decodes.
+  function audioFormat(file) {
+    const byType = {
+      'audio/wav': 'wav', 'audio/x-wav': 'wav', 'audio/wave': 'wav', 'audio/vnd.wave': 'wav',
+      'audio/mpeg': 'mp3', 'audio/mp3': 'mp3', 'audio/flac': 'flac', 'audio/x-flac': 'flac',
+      'audio/mp4': 'm4a', 'audio/x-m4a': 'm4a', 'audio/m4a': 'm4a', 'audio/aac': 'aac', 'audio/x-aac': 'aac',
+      'audio/ogg': 'ogg', 'audio/vorbis': 'ogg', 'audio/opus': 'opus',
+    };
+    if (byType[file.type]) return byType[file.type];
+    const ext = (String(file.name || '').match(/\.([a-z0-9]+)$/i) || [])[1];
+    const byExt = { wav: 'wav', mp3: 'mp3', flac: 'flac', m4a: 'm4a', aac: 'aac', ogg: 'ogg', oga: 'ogg', opus: 'opus' };
+    return ext ? byExt[ext.toLowerCase()] || null : null;
+  }
   const POLL_MS = 15000;
 
   // ───────────────────────────── helpers ─────────────────────────────
@@ -404,7 +420,7 @@
   let apiKey = '';
   let store = { version: 1, currentId: null, conversations: [] };
   let active = null; // the running request: {controller, conv, msg}
-  let pendingImages = []; // [{id, name, size, url}]
+  let pendingImages = []; // [{id, kind: 'image'|'audio', name, size, url, format}]
   let tierStates = null; // tier -> state from /v1/models, null while unknown
 
   function loadStore() {
@@ -426,9 +442,9 @@
       localStorage.setItem(STORE_KEY, JSON.stringify(data));
       return;
     } catch (e) {
-      console.warn('jemma: local storage is full; saving chats without image data', e);
+      console.warn('jemma: local storage is full; saving chats without image and audio data', e);
     }
-    // Too big (images): keep the text, drop image data, then drop the oldest chats if needed.
+    // Too big (images, audio): keep the text, drop the media data, then drop the oldest chats if needed.
     const slim = JSON.parse(JSON.stringify(data, (k, v) => (k === 'url' && typeof v === 'string' && v.startsWith('data:') ? null : v)));
     slim.conversations.sort((a, b) => (b.updated || 0) - (a.updated || 0));
     while (true) {
@@ -447,10 +463,11 @@
 
   const currentConv = () => store.conversations.find((c) => c.id === store.currentId) || null;
 
-  function titleFrom(text, images) {
+  function titleFrom(text, images, audio) {
     const t = String(text || '').replace(/\s+/g, ' ').trim();
     if (t) return t.length > 60 ? t.slice(0, 57).trimEnd() + '…' : t;
-    return images && images.length ? 'Image' : 'New chat';
+    if (images && images.length) return 'Image';
+    return audio && audio.length ? 'Audio' : 'New chat';
   }
 
   // ───────────────────────────── error banner ─────────────────────────────
@@ -638,6 +655,30 @@
           ph.title = (img && img.name ? img.name + ': ' : '') + 'too large to keep in local storage';
           box.appendChild(ph);
         }
+      }
+      div.appendChild(box);
+    }
+    if (m.audio && m.audio.length) {
+      const box = document.createElement('div');
+      box.className = 'msg-audios';
+      for (const clip of m.audio) {
+        const row = document.createElement('div');
+        row.className = 'msg-audio';
+        const name = document.createElement('span');
+        name.className = 'audio-name';
+        name.textContent = (clip && clip.name) || 'audio';
+        if (clip && clip.url) {
+          const el = document.createElement('audio');
+          el.controls = true;
+          el.preload = 'none';
+          el.src = clip.url;
+          row.append(el, name);
+        } else {
+          row.classList.add('missing');
+          name.textContent += ' (not kept: too large for local storage)';
+          row.append(name);
+        }
+        box.appendChild(row);
       }
       div.appendChild(box);
     }
@@ -846,11 +887,21 @@
     box.hidden = pendingImages.length === 0;
     for (const img of pendingImages) {
       const t = document.createElement('div');
-      t.className = 'thumb';
+      t.className = 'thumb' + (img.kind === 'audio' ? ' audio' : '');
       t.dataset.id = img.id;
-      const el = document.createElement('img');
-      el.src = img.url;
-      el.alt = img.name;
+      let el;
+      if (img.kind === 'audio') {
+        el = document.createElement('div');
+        el.className = 'audio-chip';
+        el.innerHTML = '<svg viewBox="0 0 24 24" aria-hidden="true"><path d="M9 18V5l12-2v13"/><circle cx="6" cy="18" r="3"/><circle cx="18" cy="16" r="3"/></svg>';
+        const label = document.createElement('span');
+        label.textContent = img.name;
+        el.appendChild(label);
+      } else {
+        el = document.createElement('img');
+        el.src = img.url;
+        el.alt = img.name;
+      }
       el.title = img.name + ' · ' + formatBytes(img.size);
       const rm = document.createElement('button');
       rm.type = 'button';
@@ -872,21 +923,26 @@
     });
   }
 
+  // Attaches image and audio files (the picker, a paste, a drop); anything else is refused with a reason.
   async function addImages(files) {
     const problems = [];
     for (const f of files) {
-      const name = f.name || 'image';
-      if (!f.type || !f.type.startsWith('image/')) {
-        problems.push('“' + name + '” is not an image.');
+      const name = f.name || 'attachment';
+      const isImage = f.type && f.type.startsWith('image/');
+      const format = isImage ? null : audioFormat(f);
+      if (!isImage && !format) {
+        problems.push('“' + name + '” is not an image or an audio clip (WAV, MP3, FLAC, M4A, AAC, Ogg).');
         continue;
       }
-      if (f.size > MAX_IMAGE_BYTES) {
-        problems.push('“' + name + '” is ' + formatBytes(f.size) + '; images must be 20 MB or smaller.');
+      const max = isImage ? MAX_IMAGE_BYTES : MAX_AUDIO_BYTES;
+      if (f.size > max) {
+        problems.push('“' + name + '” is ' + formatBytes(f.size) + '; ' + (isImage ? 'images' : 'audio clips') +
+          ' must be 20 MB or smaller.');
         continue;
       }
       try {
         const url = await readAsDataUrl(f);
-        pendingImages.push({ id: newId(), name, size: f.size, url });
+        pendingImages.push({ id: newId(), kind: isImage ? 'image' : 'audio', name, size: f.size, url, format });
       } catch (e) {
         problems.push('Could not read “' + name + '”: ' + (e && e.message ? e.message : e));
       }
@@ -914,10 +970,15 @@
           continue;
         }
         const images = (m.images || []).filter((x) => x && x.url);
-        if (images.length) {
+        const audio = (m.audio || []).filter((x) => x && x.url);
+        if (images.length || audio.length) {
           const parts = [];
           if (m.content) parts.push({ type: 'text', text: m.content });
           for (const img of images) parts.push({ type: 'image_url', image_url: { url: img.url } });
+          for (const clip of audio) {
+            const data = clip.url.slice(clip.url.indexOf(',') + 1);
+            parts.push({ type: 'input_audio', input_audio: { data, format: clip.format } });
+          }
           out.push({ role: 'user', content: parts });
         } else out.push({ role: 'user', content: m.content || '' });
       } else if (m.role === 'assistant' && m.content && m.content.trim()) {
@@ -942,11 +1003,13 @@
       id: newId(),
       role: 'user',
       content: text.trim() ? text : '',
-      images: pendingImages.map((p) => ({ name: p.name, url: p.url })),
+      images: pendingImages.filter((p) => p.kind !== 'audio').map((p) => ({ name: p.name, url: p.url })),
+      audio: pendingImages.filter((p) => p.kind === 'audio').map((p) => ({ name: p.name, url: p.url, format: p.format })),
       time: Date.now(),
     };
     if (!user.images.length) delete user.images;
-    if (!conv.title || conv.title === 'New chat') conv.title = titleFrom(user.content, user.images);
+    if (!user.audio.length) delete user.audio;
+    if (!conv.title || conv.title === 'New chat') conv.title = titleFrom(user.content, user.images, user.audio);
     const reply = { id: newId(), role: 'assistant', content: '', reasoning: '', tool_calls: [], time: Date.now() };
     conv.messages.push(user, reply);
     conv.updated = Date.now();
@@ -1272,7 +1335,7 @@
     });
     els.prompt.addEventListener('input', autoGrow);
     els.prompt.addEventListener('paste', (e) => {
-      const files = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => f.type.startsWith('image/'));
+      const files = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => f.type.startsWith('image/') || f.type.startsWith('audio/'));
       if (files.length) {
         e.preventDefault();
         addImages(files);

@@ -317,8 +317,9 @@ pub struct FeatureExtractor {
     fft_length: usize,
     /// Periodic Hann window, float32 as transformers keeps it.
     window: Vec<f32>,
-    /// (fft_length / 2 + 1) × bins, row-major.
-    mel_filters: Vec<f64>,
+    /// Per mel bin: its first FFT bin with a non-zero weight and the weights from there (the triangular
+    /// filters are sparse: summing only these is the dense product's sum, term for term).
+    mel_filters: Vec<(usize, Vec<f64>)>,
     fft: Arc<dyn realfft::RealToComplex<f64>>,
 }
 
@@ -357,13 +358,22 @@ impl FeatureExtractor {
                     as f32
             })
             .collect();
-        let mel_filters = mel_filter_bank(
-            fft_length / 2 + 1,
+        let nfreq = fft_length / 2 + 1;
+        let dense = mel_filter_bank(
+            nfreq,
             p.feature_size,
             p.min_frequency,
             p.max_frequency,
             p.sampling_rate,
         );
+        let mel_filters = (0..p.feature_size)
+            .map(|b| {
+                let col: Vec<f64> = (0..nfreq).map(|k| dense[k * p.feature_size + b]).collect();
+                let first = col.iter().position(|w| *w != 0.0).unwrap_or(0);
+                let last = col.iter().rposition(|w| *w != 0.0).map_or(first, |l| l + 1);
+                (first, col[first..last].to_vec())
+            })
+            .collect();
         let fft = RealFftPlanner::<f64>::new().plan_fft_forward(fft_length);
         Ok(Self {
             p,
@@ -442,10 +452,12 @@ impl FeatureExtractor {
             }
             let row = &mut data[f * bins..(f + 1) * bins];
             for (b, out) in row.iter_mut().enumerate() {
-                let mut mel = 0f64;
-                for (k, m) in mag.iter().enumerate() {
-                    mel += m * self.mel_filters[k * bins + b];
-                }
+                let (first, weights) = &self.mel_filters[b];
+                let mel: f64 = mag[*first..first + weights.len()]
+                    .iter()
+                    .zip(weights)
+                    .map(|(m, w)| m * w)
+                    .sum();
                 let mut v = (mel + p.mel_floor).ln();
                 if let Some(mean) = &p.per_bin_mean {
                     v -= mean[b];
