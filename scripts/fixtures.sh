@@ -36,6 +36,8 @@ done
 # the clip in every audio format decoded (and refused).
 "$PY" scripts/fixtures/gen_audio.py tower "$OUT/audio" >/dev/null 2>&1 || die "generating the audio fixture failed"
 "$PY" scripts/fixtures/gen_audio.py formats "$OUT/audio/formats" >/dev/null || die "encoding the audio clips failed"
+# Video clips (MP4, WebM, Matroska without sound, a corrupt one) whose every second is one colour.
+"$PY" scripts/fixtures/gen_video.py "$OUT/video" >/dev/null || die "encoding the video clips failed"
 # Images in every decoded format with Gemma 4's image processor's output for each.
 "$PY" scripts/fixtures/gen_media.py "$OUT/media" >/dev/null
 # GGUF builds of the same random weights for the llama.cpp engine (float32: comparable with mlx-lm's logits;

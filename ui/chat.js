@@ -17,17 +17,22 @@
   // Audio clips go inline (base64, a third larger) within the gateway's 32 MiB body limit; the model hears
   // 30 s at once, which even uncompressed 48 kHz stereo WAV keeps under 6 MB.
   const MAX_AUDIO_BYTES = 20 * 1024 * 1024;
+  // Videos too go inline; the gateway samples frames (and the sound) through ffmpeg.
+  const MAX_VIDEO_BYTES = 20 * 1024 * 1024;
+  const VIDEO_TYPES = /^video\/(mp4|quicktime|webm|x-matroska|x-msvideo|avi|mpeg)$/;
+  const VIDEO_EXTS = /\.(mp4|m4v|mov|webm|mkv|avi)$/i;
   // OpenAI's input_audio.format for a file, by MIME type, then by extension; null: not a clip Jemma decodes.
   function audioFormat(file) {
     const byType = {
       'audio/wav': 'wav', 'audio/x-wav': 'wav', 'audio/wave': 'wav', 'audio/vnd.wave': 'wav',
       'audio/mpeg': 'mp3', 'audio/mp3': 'mp3', 'audio/flac': 'flac', 'audio/x-flac': 'flac',
       'audio/mp4': 'm4a', 'audio/x-m4a': 'm4a', 'audio/m4a': 'm4a', 'audio/aac': 'aac', 'audio/x-aac': 'aac',
-      'audio/ogg': 'ogg', 'audio/vorbis': 'ogg', 'audio/opus': 'opus',
+      'audio/ogg': 'ogg', 'audio/vorbis': 'ogg',
     };
     if (byType[file.type]) return byType[file.type];
     const ext = (String(file.name || '').match(/\.([a-z0-9]+)$/i) || [])[1];
-    const byExt = { wav: 'wav', mp3: 'mp3', flac: 'flac', m4a: 'm4a', aac: 'aac', ogg: 'ogg', oga: 'ogg', opus: 'opus' };
+    // Opus is not decoded by the gateway: refused here rather than sent to be refused.
+    const byExt = { wav: 'wav', mp3: 'mp3', flac: 'flac', m4a: 'm4a', aac: 'aac', ogg: 'ogg', oga: 'ogg' };
     return ext ? byExt[ext.toLowerCase()] || null : null;
   }
   const POLL_MS = 15000;
@@ -420,7 +425,7 @@
   let apiKey = '';
   let store = { version: 1, currentId: null, conversations: [] };
   let active = null; // the running request: {controller, conv, msg}
-  let pendingImages = []; // [{id, kind: 'image'|'audio', name, size, url, format}]
+  let pendingImages = []; // [{id, kind: 'image'|'audio'|'video', name, size, url, format}]
   let tierStates = null; // tier -> state from /v1/models, null while unknown
 
   function loadStore() {
@@ -463,10 +468,11 @@
 
   const currentConv = () => store.conversations.find((c) => c.id === store.currentId) || null;
 
-  function titleFrom(text, images, audio) {
+  function titleFrom(text, images, audio, videos) {
     const t = String(text || '').replace(/\s+/g, ' ').trim();
     if (t) return t.length > 60 ? t.slice(0, 57).trimEnd() + '…' : t;
     if (images && images.length) return 'Image';
+    if (videos && videos.length) return 'Video';
     return audio && audio.length ? 'Audio' : 'New chat';
   }
 
@@ -653,6 +659,27 @@
           ph.className = 'msg-image missing';
           ph.textContent = 'image not kept';
           ph.title = (img && img.name ? img.name + ': ' : '') + 'too large to keep in local storage';
+          box.appendChild(ph);
+        }
+      }
+      div.appendChild(box);
+    }
+    if (m.videos && m.videos.length) {
+      const box = document.createElement('div');
+      box.className = 'msg-videos';
+      for (const v of m.videos) {
+        if (v && v.url) {
+          const el = document.createElement('video');
+          el.className = 'msg-video';
+          el.controls = true;
+          el.preload = 'metadata';
+          el.src = v.url;
+          el.title = v.name || '';
+          box.appendChild(el);
+        } else {
+          const ph = document.createElement('span');
+          ph.className = 'msg-image missing';
+          ph.textContent = 'video not kept';
           box.appendChild(ph);
         }
       }
@@ -887,7 +914,7 @@
     box.hidden = pendingImages.length === 0;
     for (const img of pendingImages) {
       const t = document.createElement('div');
-      t.className = 'thumb' + (img.kind === 'audio' ? ' audio' : '');
+      t.className = 'thumb' + (img.kind === 'audio' ? ' audio' : img.kind === 'video' ? ' video' : '');
       t.dataset.id = img.id;
       let el;
       if (img.kind === 'audio') {
@@ -897,6 +924,11 @@
         const label = document.createElement('span');
         label.textContent = img.name;
         el.appendChild(label);
+      } else if (img.kind === 'video') {
+        el = document.createElement('video');
+        el.src = img.url;
+        el.muted = true;
+        el.preload = 'metadata';
       } else {
         el = document.createElement('img');
         el.src = img.url;
@@ -929,20 +961,24 @@
     for (const f of files) {
       const name = f.name || 'attachment';
       const isImage = f.type && f.type.startsWith('image/');
-      const format = isImage ? null : audioFormat(f);
-      if (!isImage && !format) {
-        problems.push('“' + name + '” is not an image or an audio clip (WAV, MP3, FLAC, M4A, AAC, Ogg).');
+      const isVideo = !isImage && (VIDEO_TYPES.test(f.type || '') || VIDEO_EXTS.test(name));
+      const format = isImage || isVideo ? null : audioFormat(f);
+      if (!isImage && !isVideo && !format) {
+        problems.push('“' + name + '” is not an image, an audio clip (WAV, MP3, FLAC, M4A, AAC, Ogg) or a video.');
         continue;
       }
-      const max = isImage ? MAX_IMAGE_BYTES : MAX_AUDIO_BYTES;
+      const kind = isImage ? 'image' : isVideo ? 'video' : 'audio';
+      const max = isImage ? MAX_IMAGE_BYTES : isVideo ? MAX_VIDEO_BYTES : MAX_AUDIO_BYTES;
       if (f.size > max) {
-        problems.push('“' + name + '” is ' + formatBytes(f.size) + '; ' + (isImage ? 'images' : 'audio clips') +
-          ' must be 20 MB or smaller.');
+        problems.push('“' + name + '” is ' + formatBytes(f.size) + '; ' +
+          { image: 'images', audio: 'audio clips', video: 'videos' }[kind] + ' must be 20 MB or smaller.');
         continue;
       }
       try {
-        const url = await readAsDataUrl(f);
-        pendingImages.push({ id: newId(), kind: isImage ? 'image' : 'audio', name, size: f.size, url, format });
+        let url = await readAsDataUrl(f);
+        // A video the browser did not type (an .mkv) still goes as video/*, which the gateway requires.
+        if (isVideo && !url.startsWith('data:video/')) url = 'data:video/mp4' + url.slice(url.indexOf(';'));
+        pendingImages.push({ id: newId(), kind, name, size: f.size, url, format });
       } catch (e) {
         problems.push('Could not read “' + name + '”: ' + (e && e.message ? e.message : e));
       }
@@ -956,11 +992,36 @@
   const unanswered = (m) => m && m.role === 'assistant' && !(m.content && m.content.trim()) &&
     !(m.tool_calls && m.tool_calls.length);
 
+  // What one request may carry (the gateway's [limits] max_request_images and max_request_audio): a long
+  // conversation sends its latest attachments and names the older ones in text, so that its fifth clip
+  // is not refused for the four before it.
+  const MAX_REQUEST_IMAGES = 16;
+  const MAX_REQUEST_AUDIO = 4;
+  const MAX_REQUEST_VIDEOS = 2;
+
   // OpenAI messages for everything before `upTo`; a question whose answer failed is left out.
   function buildHistory(conv, upTo) {
     const msgs = conv.messages;
     const end = msgs.indexOf(upTo);
     const out = [];
+    // Newest first: which attachments still go as media.
+    let imagesLeft = MAX_REQUEST_IMAGES;
+    let audioLeft = MAX_REQUEST_AUDIO;
+    let videosLeft = MAX_REQUEST_VIDEOS;
+    const sent = new Set();
+    for (let i = end - 1; i >= 0; i--) {
+      const m = msgs[i];
+      if (m.role !== 'user') continue;
+      for (const img of (m.images || []).filter((x) => x && x.url).reverse()) {
+        if (imagesLeft > 0) { sent.add(img); imagesLeft--; }
+      }
+      for (const clip of (m.audio || []).filter((x) => x && x.url).reverse()) {
+        if (audioLeft > 0) { sent.add(clip); audioLeft--; }
+      }
+      for (const v of (m.videos || []).filter((x) => x && x.url).reverse()) {
+        if (videosLeft > 0) { sent.add(v); videosLeft--; }
+      }
+    }
     for (let i = 0; i < end; i++) {
       const m = msgs[i];
       if (m.role === 'user') {
@@ -971,13 +1032,23 @@
         }
         const images = (m.images || []).filter((x) => x && x.url);
         const audio = (m.audio || []).filter((x) => x && x.url);
-        if (images.length || audio.length) {
+        const videos = (m.videos || []).filter((x) => x && x.url);
+        if (images.length || audio.length || videos.length) {
           const parts = [];
           if (m.content) parts.push({ type: 'text', text: m.content });
-          for (const img of images) parts.push({ type: 'image_url', image_url: { url: img.url } });
+          for (const img of images) {
+            if (sent.has(img)) parts.push({ type: 'image_url', image_url: { url: img.url } });
+            else parts.push({ type: 'text', text: '[an earlier image: ' + (img.name || 'image') + ']' });
+          }
           for (const clip of audio) {
-            const data = clip.url.slice(clip.url.indexOf(',') + 1);
-            parts.push({ type: 'input_audio', input_audio: { data, format: clip.format } });
+            if (sent.has(clip)) {
+              const data = clip.url.slice(clip.url.indexOf(',') + 1);
+              parts.push({ type: 'input_audio', input_audio: { data, format: clip.format } });
+            } else parts.push({ type: 'text', text: '[an earlier audio clip: ' + (clip.name || 'audio') + ']' });
+          }
+          for (const v of videos) {
+            if (sent.has(v)) parts.push({ type: 'video_url', video_url: { url: v.url } });
+            else parts.push({ type: 'text', text: '[an earlier video: ' + (v.name || 'video') + ']' });
           }
           out.push({ role: 'user', content: parts });
         } else out.push({ role: 'user', content: m.content || '' });
@@ -1003,13 +1074,15 @@
       id: newId(),
       role: 'user',
       content: text.trim() ? text : '',
-      images: pendingImages.filter((p) => p.kind !== 'audio').map((p) => ({ name: p.name, url: p.url })),
+      images: pendingImages.filter((p) => p.kind === 'image').map((p) => ({ name: p.name, url: p.url })),
       audio: pendingImages.filter((p) => p.kind === 'audio').map((p) => ({ name: p.name, url: p.url, format: p.format })),
+      videos: pendingImages.filter((p) => p.kind === 'video').map((p) => ({ name: p.name, url: p.url })),
       time: Date.now(),
     };
     if (!user.images.length) delete user.images;
     if (!user.audio.length) delete user.audio;
-    if (!conv.title || conv.title === 'New chat') conv.title = titleFrom(user.content, user.images, user.audio);
+    if (!user.videos.length) delete user.videos;
+    if (!conv.title || conv.title === 'New chat') conv.title = titleFrom(user.content, user.images, user.audio, user.videos);
     const reply = { id: newId(), role: 'assistant', content: '', reasoning: '', tool_calls: [], time: Date.now() };
     conv.messages.push(user, reply);
     conv.updated = Date.now();
@@ -1335,7 +1408,7 @@
     });
     els.prompt.addEventListener('input', autoGrow);
     els.prompt.addEventListener('paste', (e) => {
-      const files = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => f.type.startsWith('image/') || f.type.startsWith('audio/'));
+      const files = Array.from((e.clipboardData && e.clipboardData.files) || []).filter((f) => /^(image|audio|video)\//.test(f.type));
       if (files.length) {
         e.preventDefault();
         addImages(files);

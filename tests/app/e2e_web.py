@@ -1,8 +1,8 @@
 """The chat page as the gateway serves it to a phone or browser on the tailnet: a real `jemma serve` (the tiny
 fixture model with vision and audio towers, fixtures/tiny-mm) that requires an API key of every caller, and a
 real browser engine (WebKitGTK's MiniBrowser under WebKitWebDriver) that opens `/`, is asked for the key, is
-refused a wrong one, chats with the right one, and attaches an image and an audio clip that the model sees and
-hears (their soft tokens are in the prompt). Run by scripts/test-app.sh inside its Xvfb session, after the app's
+refused a wrong one, chats with the right one, and attaches an image, an audio clip and a video that the model
+sees and hears (their soft tokens are in the prompt). Run by scripts/test-app.sh inside its Xvfb session, after the app's
 own test.
 
 Env: JEMMA_BIN (the jemma binary), JEMMA_ROOT, SHOTS (screenshot dir); deadlines as in harness.py.
@@ -122,13 +122,15 @@ def main():
             SHOTS.mkdir(parents=True, exist_ok=True)
             d.save_screenshot(str(SHOTS / "web-chat.png"))
 
-        with step("web: an image and an audio clip attached, seen and heard", 120):
-            # The fixture's own PNG (12 soft tokens in this tower) and WAV (0.9 s: 23 soft tokens).
-            d.find_element(By.ID, "attach").send_keys(
-                str(ROOT / "fixtures/tiny-mm/photo.png") + "\n" + str(ROOT / "fixtures/tiny-mm/speech.wav"))
-            WebDriverWait(d, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb")) == 2)
-            check("web: both attachments are shown before sending",
-                  len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb.audio")) == 1)
+        with step("web: an image, an audio clip and a video attached, seen and heard", 120):
+            # The fixture's own PNG (12 soft tokens in this tower), WAV (0.9 s: 23 soft tokens) and a 4 s MP4
+            # (the fast tier samples 4 frames of 2 soft tokens, and its 4 s of sound: 100).
+            d.find_element(By.ID, "attach").send_keys("\n".join(str(ROOT / f) for f in (
+                "fixtures/tiny-mm/photo.png", "fixtures/tiny-mm/speech.wav", "fixtures/video/clip.mp4")))
+            WebDriverWait(d, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb")) == 3)
+            check("web: the attachments are shown before sending",
+                  len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb.audio")) == 1
+                  and len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb.video")) == 1)
             d.find_element(By.ID, "prompt").send_keys("What is in these?")
             d.find_element(By.ID, "send").click()
             badges = WebDriverWait(d, 90).until(
@@ -136,14 +138,16 @@ def main():
                 and b)
             second = json.loads(badges[1].get_attribute("data-routing"))
             last_user = d.find_elements(By.CSS_SELECTOR, ".msg.user")[-1]
-            check("web: the message shows its image and its clip",
+            check("web: the message shows its image, its clip and its video",
                   len(last_user.find_elements(By.CSS_SELECTOR, "img.msg-image")) == 1
-                  and len(last_user.find_elements(By.CSS_SELECTOR, ".msg-audio audio")) == 1)
-            # The second prompt holds the first turn too; beyond it, the image's 12 + 2 and the clip's 23 + 2
-            # tokens: the model was shown both, not their placeholders alone.
+                  and len(last_user.find_elements(By.CSS_SELECTOR, ".msg-audio audio")) == 1
+                  and len(last_user.find_elements(By.CSS_SELECTOR, "video.msg-video")) == 1)
+            # The second prompt holds the first turn too; beyond it, the image's 12 + 2 tokens, the clip's
+            # 23 + 2, the video's 4 frames of 2 + 2 and its sound's 100 + 2: the model was shown them all, not
+            # their placeholders alone.
             grown = second["prompt_tokens"] - routing["prompt_tokens"]
-            check("web: the image's and the clip's soft tokens reached the model",
-                  second["tier"] == "fast" and grown >= 14 + 25, (routing, second))
+            check("web: the soft tokens of the image, the clip and the video reached the model",
+                  second["tier"] == "fast" and grown >= 14 + 25 + 16 + 102, (routing, second))
             d.save_screenshot(str(SHOTS / "web-chat-media.png"))
     finally:
         if d is not None:

@@ -55,11 +55,12 @@ def ask(model, data=None, fmt="wav", text="What is said here?", **kw):
 
 
 models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
-check("/v1/models says which model hears", models == {"fast": ["text", "image", "audio"], "primary": ["text"]},
-      models)
+check("/v1/models says which model hears",
+      models == {"fast": ["text", "image", "video", "audio"], "primary": ["text"]}, models)
 with urllib.request.urlopen(f"{base}/health") as r:
     health = json.loads(r.read())
-check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "audio"], health)
+check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "video", "audio"],
+      health)
 # auto sends a clip to the tier whose model hears it (primary, the audio tier, cannot here).
 r = client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": [
     {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {"data": speech, "format": "wav"}}]}])
@@ -92,7 +93,8 @@ try:
     ask("primary", speech)
     check("a model without an audio tower refuses audio", False, "answered")
 except openai.BadRequestError as e:
-    check("a model without an audio tower refuses audio (400)", "cannot hear" in str(e), e)
+    check("a model without an audio tower refuses audio with a 400 naming the part and the model",
+          "cannot hear" in str(e) and "tiny" in str(e) and e.body.get("param") == "messages[0].content[1]", e.body)
 try:
     ask("fast", base64.b64encode(b"RIFF\x00\x00\x00\x00WAVEnot really").decode())
     check("a corrupt clip is a 400", False, "answered")

@@ -30,10 +30,11 @@ first_token_timeout_secs = 60
     sdk_script("anthropic_sdk.py", &gw.url);
 }
 
-/// Images and audio with the OpenAI SDK (tests/e2e/openai_vision.py, openai_audio.py): the fast tier is the
-/// tiny model with vision and audio towers on the MLX engine, the primary tier the tiny model without.
+/// Images, audio and video with the OpenAI SDK (tests/e2e/openai_vision.py, openai_audio.py,
+/// openai_video.py): the fast tier is the tiny model with vision and audio towers on the MLX engine, the
+/// primary tier the tiny model without.
 #[test]
-fn openai_python_sdk_sends_images_and_audio_to_a_model_that_takes_them() {
+fn openai_python_sdk_sends_images_audio_and_video_to_a_model_that_takes_them() {
     let config = format!(
         "[limits]\nfetch_private_image_urls = true\n\
          [tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
@@ -43,6 +44,16 @@ fn openai_python_sdk_sends_images_and_audio_to_a_model_that_takes_them() {
     let gw = Server::start(&[], Some(&config));
     sdk_script("openai_vision.py", &gw.url);
     sdk_script("openai_audio.py", &gw.url);
+    sdk_script("openai_video.py", &gw.url);
+    // The default limits: image and video URLs may not reach this machine (no SSRF through the gateway).
+    let guarded = Server::start(
+        &[],
+        Some(&format!(
+            "[tiers.fast]\nmodel = \"{}\"\n",
+            fixture("tiny-mm").display()
+        )),
+    );
+    sdk_script("openai_ssrf.py", &guarded.url);
 }
 
 /// Runs one of the SDK scripts in tests/e2e against `url`; fails on its first failed check.

@@ -44,10 +44,10 @@ def ask(model, image=None, text="What is in this picture?", **kw):
 
 models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
 check("/v1/models lists what each model takes in",
-      models == {"fast": ["text", "image", "audio"], "primary": ["text"]}, models)
+      models == {"fast": ["text", "image", "video", "audio"], "primary": ["text"]}, models)
 with urllib.request.urlopen(f"{base}/health") as r:
     health = json.loads(r.read())
-check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "audio"],
+check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "video", "audio"],
       health)
 # auto sends an image to the tier whose model sees it (primary, the vision tier, cannot here).
 r = client.chat.completions.create(model="auto", max_tokens=2, messages=[{"role": "user", "content": [
@@ -88,7 +88,8 @@ try:
     ask("primary", red)
     check("a model without a vision tower refuses images", False, "answered")
 except openai.BadRequestError as e:
-    check("a model without a vision tower refuses images (400)", "cannot see" in str(e), e)
+    check("a model without a vision tower refuses images with a 400 naming the part and the model",
+          "cannot see" in str(e) and "tiny" in str(e) and e.body.get("param") == "messages[0].content[1]", e.body)
 try:
     ask("fast", "data:image/png;base64," + base64.b64encode(b"\x89PNG\r\n\x1a\nnot really").decode())
     check("a corrupt image is a 400", False, "answered")

@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use jemma_engine::models::gemma4::audio::load_tower;
-use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, decode_audio, soft_tokens};
+use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, decode_audio};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let t = Instant::now();
         let audio = decode_audio(&clip, None, &AudioLimits::default())?;
         let features = fx.extract(&audio.samples);
-        let n = soft_tokens(audio.samples.len(), 40, 750);
+        let n = fx.soft_tokens(audio.samples.len(), 750);
         let t_pre = t.elapsed().as_secs_f64();
         let t = Instant::now();
         let feats = tower.encode_features(&features, n)?;

@@ -55,6 +55,9 @@ pub struct Request {
     /// The prompt's audio clips (16 kHz mono), in the order of their placeholders (`<|audio|>` where a
     /// chat's audio parts are; for [`Prompt::Ids`], runs of the audio token already one per soft token).
     pub audio: Vec<jemma_media::audio::DecodedAudio>,
+    /// The prompt's videos (sampled frames and audio track), in the order of their placeholders
+    /// (`<|video|>` where a chat's video parts are; a chat or text prompt only).
+    pub videos: Vec<jemma_media::video::DecodedVideo>,
 }
 
 /// What the engine sends back for a request (shared with the llama.cpp engine).
@@ -107,8 +110,9 @@ pub struct MlxInfo {
     pub prefix_cache_bytes: u64,
     /// The most sequences decoded in one batched forward since the model loaded.
     pub largest_decode_batch: usize,
-    /// What the model takes in: `text`, `image` when the checkpoint has a vision tower, `audio` when it
-    /// has an audio tower (known from the model directory before loading).
+    /// What the model takes in: `text`, `image` when the checkpoint has a vision tower (and `video` when
+    /// its config also names a video token), `audio` when it has an audio tower (known from the model
+    /// directory before loading).
     pub input_modalities: Vec<&'static str>,
 }
 
@@ -200,6 +204,9 @@ impl Engine {
                 let mut m = vec!["text"];
                 if crate::models::gemma4::vision::sees_images(&config.model_dir) {
                     m.push("image");
+                    if crate::models::gemma4::vision::sees_video(&config.model_dir) {
+                        m.push("video");
+                    }
                 }
                 if crate::models::gemma4::audio::hears_audio(&config.model_dir) {
                     m.push("audio");
@@ -311,6 +318,12 @@ pub struct ImageSpec {
     pub eoi_id: u32,
     /// Patch size, soft-token budget and pooling kernel.
     pub params: jemma_media::ImageParams,
+    /// The video placeholder (`video_token_id`), whose runs hold video frames' soft tokens; None when the
+    /// checkpoint names none.
+    pub video_id: Option<u32>,
+    /// How video frames are sized (`processor_config.json`'s `video_processor`; Gemma 4: 70 soft tokens,
+    /// a quarter of an image's budget, which is also the default).
+    pub video_params: jemma_media::ImageParams,
 }
 
 impl ImageSpec {
@@ -345,24 +358,41 @@ impl ImageSpec {
                 .and_then(serde_json::Value::as_u64)
                 .map_or(default, |v| v as usize)
         };
+        let params = jemma_media::ImageParams {
+            patch_size: setting("patch_size", vision.patch_size),
+            // The tower pools into at most `default_output_length` soft tokens: a larger budget in the
+            // processor's config would size images the tower then refuses.
+            max_soft_tokens: setting("max_soft_tokens", vision.default_output_length)
+                .min(vision.default_output_length),
+            pooling_kernel_size: setting("pooling_kernel_size", vision.pooling_kernel_size),
+        };
+        let video = |k: &str, default: usize| {
+            proc.pointer(&format!("/video_processor/{k}"))
+                .and_then(serde_json::Value::as_u64)
+                .map_or(default, |v| v as usize)
+        };
         Ok(Self {
             // mlx-vlm's defaults: the real Gemma 4 tokenizer's ids.
             image_id: id("image_token_id", 258_880),
             boi_id: id("boi_token_id", 255_999),
             eoi_id: id("eoi_token_id", 258_882),
-            params: jemma_media::ImageParams {
-                patch_size: setting("patch_size", vision.patch_size),
-                // The tower pools into at most `default_output_length` soft tokens: a larger budget in the
-                // processor's config would size images the tower then refuses.
-                max_soft_tokens: setting("max_soft_tokens", vision.default_output_length)
+            video_id: cfg
+                .get("video_token_id")
+                .and_then(serde_json::Value::as_u64)
+                .map(|v| v as u32),
+            video_params: jemma_media::ImageParams {
+                patch_size: video("patch_size", params.patch_size),
+                max_soft_tokens: video("max_soft_tokens", params.low_detail().max_soft_tokens)
                     .min(vision.default_output_length),
-                pooling_kernel_size: setting("pooling_kernel_size", vision.pooling_kernel_size),
+                pooling_kernel_size: video("pooling_kernel_size", params.pooling_kernel_size),
             },
+            params,
         })
     }
 }
 
 /// An image placed in a prompt: its preprocessed pixels from position `start`.
+#[derive(Debug)]
 pub struct PromptImage {
     /// First placeholder position.
     pub start: usize,
@@ -373,6 +403,7 @@ pub struct PromptImage {
 }
 
 /// An audio clip placed in a prompt: its features and soft-token count from position `start`.
+#[derive(Debug)]
 pub struct PromptAudio {
     /// First placeholder position.
     pub start: usize,
@@ -385,8 +416,8 @@ pub struct PromptAudio {
 }
 
 /// The audio placeholders of a model that hears (`config.json`'s `audio_token_id`, `boa_token_id`,
-/// `eoa_token_id`), how many soft tokens a clip takes (`processor_config.json`'s `audio_ms_per_token`
-/// and `audio_seq_length`) and its feature extractor (the `feature_extractor` settings there, else
+/// `eoa_token_id` or `eoa_token_index`), the most soft tokens a clip takes (`processor_config.json`'s
+/// `audio_seq_length`) and its feature extractor (the `feature_extractor` settings there, else
 /// `preprocessor_config.json`'s, else transformers' defaults).
 pub struct AudioSpec {
     /// The placeholder token: one per soft token.
@@ -395,8 +426,6 @@ pub struct AudioSpec {
     pub boa_id: u32,
     /// Closes a clip.
     pub eoa_id: u32,
-    /// Milliseconds of audio per soft token (40).
-    pub ms_per_token: usize,
     /// Soft tokens a clip takes at most (750: 30 s).
     pub max_tokens: usize,
     /// Gemma 4's audio feature extractor.
@@ -407,7 +436,6 @@ impl std::fmt::Debug for AudioSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AudioSpec")
             .field("audio_id", &self.audio_id)
-            .field("ms_per_token", &self.ms_per_token)
             .field("max_tokens", &self.max_tokens)
             .field("extractor", self.extractor.params())
             .finish()
@@ -415,14 +443,32 @@ impl std::fmt::Debug for AudioSpec {
 }
 
 impl AudioSpec {
-    /// Soft tokens `clip` takes (see [`jemma_media::audio::soft_tokens`]).
+    /// Soft tokens `clip` takes ([`jemma_media::audio::FeatureExtractor::soft_tokens`]).
     pub fn soft_tokens(&self, clip: &jemma_media::audio::DecodedAudio) -> usize {
-        jemma_media::audio::soft_tokens(clip.samples.len(), self.ms_per_token, self.max_tokens)
+        self.extractor
+            .soft_tokens(clip.samples.len(), self.max_tokens)
     }
 
-    /// The longest clip it takes whole, seconds.
-    pub fn max_seconds(&self) -> f64 {
-        (self.ms_per_token * self.max_tokens) as f64 / 1000.0
+    /// `clip` checked: heard whole (not longer than the extractor's `max_length`, which it would cut) and
+    /// long enough for one soft token; its soft-token count.
+    ///
+    /// Errors: [`EngineError::InvalidRequest`] otherwise.
+    pub fn check(&self, clip: &jemma_media::audio::DecodedAudio) -> Result<usize> {
+        let max = self.extractor.params().max_length;
+        let rate = jemma_media::audio::SAMPLE_RATE as f64;
+        if clip.samples.len() > max {
+            return Err(EngineError::InvalidRequest(format!(
+                "an audio clip of {:.1} s: this model hears {:.0} s at once",
+                clip.samples.len() as f64 / rate,
+                max as f64 / rate
+            )));
+        }
+        match self.soft_tokens(clip) {
+            0 => Err(EngineError::InvalidRequest(
+                "an audio clip too short to hear".into(),
+            )),
+            n => Ok(n),
+        }
     }
 
     /// Reads the spec of the checkpoint in `dir`.
@@ -468,8 +514,12 @@ impl AudioSpec {
             // mlx-vlm's defaults: the real Gemma 4 tokenizer's ids.
             audio_id: id("audio_token_id", 258_881),
             boa_id: id("boa_token_id", 256_000),
-            eoa_id: id("eoa_token_id", 258_883),
-            ms_per_token: setting("audio_ms_per_token", 40).max(1),
+            // transformers' config calls it `eoa_token_index`.
+            eoa_id: cfg
+                .get("eoa_token_id")
+                .or_else(|| cfg.get("eoa_token_index"))
+                .and_then(serde_json::Value::as_u64)
+                .map_or(258_883, |v| v as u32),
             max_tokens: setting("audio_seq_length", 750),
             extractor,
         })
@@ -719,93 +769,304 @@ impl ModelBundle {
                 )));
             }
             runs.extend(found.into_iter().enumerate().map(|(i, (s, len))| {
-                (
-                    s,
-                    len,
-                    if what == "image" {
-                        Run::Image(i)
-                    } else {
-                        Run::Audio(i)
-                    },
-                )
+                let run = if what == "image" {
+                    Run::Image(i)
+                } else {
+                    Run::Audio(i)
+                };
+                (s, len, run)
             }));
         }
         runs.sort_by_key(|r| r.0);
         Ok(runs)
     }
 
-    /// The prompt's token ids with its images and audio in place: for a chat or text prompt each
-    /// `<|image|>` placeholder becomes `<|image>`, one image token per soft token, `<image|>`, and each
+    /// The prompt as text (a chat rendered by its template; a text prompt with the BOS token `prompt_ids`
+    /// adds). None for [`Prompt::Ids`].
+    fn prompt_text(&self, prompt: &Prompt) -> Result<Option<String>> {
+        Ok(match prompt {
+            Prompt::Ids(_) => None,
+            Prompt::Text(t) => Some(match self.tokenizer.bos_token.as_deref() {
+                Some(b) if !t.starts_with(b) && self.tokenizer.token_id(b).is_some() => {
+                    format!("{b}{t}")
+                }
+                _ => t.clone(),
+            }),
+            Prompt::Chat {
+                messages,
+                tools,
+                enable_thinking,
+            } => {
+                let tpl = self
+                    .template
+                    .as_ref()
+                    .ok_or_else(|| EngineError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
+                Some(
+                    tpl.render_for_generation(messages, tools.as_deref(), *enable_thinking)
+                        .map_err(|e| {
+                            if e.is_client_error() {
+                                EngineError::InvalidRequest(e.to_string())
+                            } else {
+                                EngineError::InvalidModel(format!("chat template: {e}"))
+                            }
+                        })?,
+                )
+            }
+        })
+    }
+
+    /// The prompt's ids with each `<|video|>` expanded in its text, as Gemma 4's processor expands it
+    /// before tokenizing: per frame `"mm:ss <|image>"`, one video token per soft token, `"<image|>"`, the
+    /// frames joined by spaces. Returns the ids and, per video, its frames' soft-token counts.
+    ///
+    /// Errors ([`EngineError::InvalidRequest`]): a model that cannot see video; a prompt of ids; placeholders
+    /// and videos that do not pair up; a frame that cannot be sized.
+    fn ids_with_videos(
+        &self,
+        prompt: &Prompt,
+        videos: &[jemma_media::video::DecodedVideo],
+    ) -> Result<(Vec<u32>, Vec<Vec<usize>>)> {
+        let bad = |m: String| EngineError::InvalidRequest(m);
+        let spec = self
+            .images
+            .as_ref()
+            .filter(|_| self.vision.is_some())
+            .ok_or_else(|| bad("this model has no vision tower: it cannot see video".into()))?;
+        let vid = spec
+            .video_id
+            .ok_or_else(|| bad("this model names no video token: it cannot see video".into()))?;
+        let Some(text) = self.prompt_text(prompt)? else {
+            return Err(bad(
+                "videos need a chat or text prompt (their frames are stamped with their times in text)"
+                    .into(),
+            ));
+        };
+        // The placeholder strings, as this tokenizer spells the ids.
+        let spelled =
+            |s: &str, id: u32| (self.tokenizer.token_id(s) == Some(id)).then(|| s.to_string());
+        let (Some(video), Some(boi), Some(eoi)) = (
+            spelled("<|video|>", vid),
+            spelled("<|image>", spec.boi_id),
+            spelled("<image|>", spec.eoi_id),
+        ) else {
+            return Err(EngineError::InvalidModel(
+                "the tokenizer does not spell the video placeholders <|video|>, <|image>, <image|>"
+                    .into(),
+            ));
+        };
+        let parts: Vec<&str> = text.split(video.as_str()).collect();
+        if parts.len() - 1 != videos.len() {
+            return Err(bad(format!(
+                "the prompt has {} video placeholder(s) for {} video(s) (the model's chat template shows \
+                 media in user messages only)",
+                parts.len() - 1,
+                videos.len()
+            )));
+        }
+        let mut expanded = String::with_capacity(text.len());
+        let mut counts = vec![];
+        for (k, part) in parts.iter().enumerate() {
+            expanded.push_str(part);
+            let Some(v) = videos.get(k) else { break };
+            let mut frames = vec![];
+            for (j, f) in v.frames.iter().enumerate() {
+                let n = jemma_media::soft_tokens(
+                    f.image.rgb.height,
+                    f.image.rgb.width,
+                    &spec.video_params,
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                if j > 0 {
+                    expanded.push(' ');
+                }
+                expanded.push_str(&jemma_media::video::timestamp(f.seconds));
+                expanded.push(' ');
+                expanded.push_str(&boi);
+                expanded.push_str(&video.repeat(n));
+                expanded.push_str(&eoi);
+                frames.push(n);
+            }
+            counts.push(frames);
+        }
+        Ok((self.tokenizer.encode(&expanded, false)?, counts))
+    }
+
+    /// The prompt's token ids with its images, audio and videos in place: for a chat or text prompt each
+    /// `<|image|>` placeholder becomes `<|image>`, one image token per soft token, `<image|>`; each
     /// `<|audio|>` becomes `<|audio>`, one audio token per soft token, `<audio|>` (the processor's
-    /// expansion); for [`Prompt::Ids`] each run of placeholder tokens must already have its medium's length.
-    /// Images are preprocessed for the vision tower, audio turned into the audio tower's features.
+    /// expansion); each `<|video|>` becomes its frames ([`ModelBundle::ids_with_videos`]) and then, for a
+    /// model that hears, its audio track as a clip (`<|audio>`, its soft tokens, `<audio|>`). For
+    /// [`Prompt::Ids`] each run of image or audio tokens must already have its medium's length (videos
+    /// need text). Images and frames are preprocessed for the vision tower, audio turned into the audio
+    /// tower's features.
     ///
     /// Errors ([`EngineError::InvalidRequest`]): media for a model without the tower to take them;
-    /// placeholders and media that do not pair up; an image that cannot be sized.
+    /// placeholders and media that do not pair up; an image that cannot be sized; a clip too long or short.
     pub fn prompt_with_media(
         &self,
         prompt: &Prompt,
         images: &[jemma_media::DecodedImage],
         audio: &[jemma_media::audio::DecodedAudio],
+        videos: &[jemma_media::video::DecodedVideo],
     ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
-        let ids = self.prompt_ids(prompt)?;
-        if images.is_empty() && audio.is_empty() {
+        self.place_media(prompt, images, audio, videos, true)
+    }
+
+    /// [`ModelBundle::prompt_with_media`]; with `place` false nothing is preprocessed (the placements come
+    /// back empty): the ids alone, for counting.
+    fn place_media(
+        &self,
+        prompt: &Prompt,
+        images: &[jemma_media::DecodedImage],
+        audio: &[jemma_media::audio::DecodedAudio],
+        videos: &[jemma_media::video::DecodedVideo],
+        place: bool,
+    ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
+        let (ids, frame_counts) = if videos.is_empty() {
+            (self.prompt_ids(prompt)?, vec![])
+        } else {
+            self.ids_with_videos(prompt, videos)?
+        };
+        if images.is_empty() && audio.is_empty() && videos.is_empty() {
             return Ok((ids, vec![], vec![]));
         }
         let bad = |m: String| EngineError::InvalidRequest(m);
         let pre = matches!(prompt, Prompt::Ids(_));
-        let runs = self.media_runs(prompt, &ids, images.len(), audio.len())?;
+        // What happens where in `ids`: placeholder runs to expand, video frame runs to place as they are,
+        // video audio tracks to insert after a video's last frame.
+        enum At {
+            Run(usize, Run),
+            Frame(usize),
+            Track,
+        }
+        let mut events: Vec<(usize, At)> = self
+            .media_runs(prompt, &ids, images.len(), audio.len())?
+            .into_iter()
+            .map(|(s, n, r)| (s, At::Run(n, r)))
+            .collect();
+        if !videos.is_empty() {
+            let vid = self
+                .images
+                .as_ref()
+                .and_then(|s| s.video_id)
+                .expect("checked");
+            let mut runs = ModelBundle::runs(&ids, vid, true).into_iter();
+            for (v, counts) in videos.iter().zip(&frame_counts) {
+                for (j, &n) in counts.iter().enumerate() {
+                    let (s, len) = runs
+                        .next()
+                        .filter(|&(_, len)| len == n)
+                        .ok_or_else(|| bad("the prompt spells a video token of its own".into()))?;
+                    events.push((s, At::Frame(len)));
+                    if j + 1 == counts.len() && v.audio.is_some() && self.audio.is_some() {
+                        // After the frame's <image|>.
+                        events.push((s + len + 1, At::Track));
+                    }
+                }
+            }
+        }
+        events.sort_by_key(|(s, e)| (*s, !matches!(e, At::Track)));
         let mut out = Vec::with_capacity(ids.len());
         let (mut placed_images, mut placed_audio) = (vec![], vec![]);
+        let (mut frames, mut tracks) = (
+            videos.iter().flat_map(|v| v.frames.iter()),
+            videos.iter().filter_map(|v| v.audio.as_ref()),
+        );
         let mut at = 0;
-        for (s, n, run) in runs {
+        for (s, event) in events {
             out.extend_from_slice(&ids[at..s]);
-            let (open, id, close, tokens) = match run {
-                Run::Image(i) => {
-                    let spec = self.images.as_ref().expect("checked by media_runs");
-                    let img = &images[i];
-                    let pixels = jemma_media::preprocess(&img.rgb, &spec.params_for(img))
-                        .map_err(|e| bad(e.to_string()))?;
-                    let t = pixels.soft_tokens;
-                    placed_images.push(PromptImage {
-                        start: out.len() + usize::from(!pre),
-                        pixels,
-                        digest: img.digest,
-                    });
-                    (spec.boi_id, spec.image_id, spec.eoi_id, t)
+            at = s;
+            match event {
+                At::Frame(len) => {
+                    let f = frames.next().expect("one event per frame");
+                    if place {
+                        let spec = self.images.as_ref().expect("checked");
+                        let pixels = jemma_media::preprocess(&f.image.rgb, &spec.video_params)
+                            .map_err(|e| bad(e.to_string()))?;
+                        placed_images.push(PromptImage {
+                            start: out.len(),
+                            pixels,
+                            digest: f.image.digest,
+                        });
+                    }
+                    out.extend_from_slice(&ids[s..s + len]);
+                    at = s + len;
                 }
-                Run::Audio(i) => {
-                    let spec = self.audio_spec.as_ref().expect("checked by media_runs");
-                    let clip = &audio[i];
-                    let t = spec.soft_tokens(clip);
-                    placed_audio.push(PromptAudio {
-                        start: out.len() + usize::from(!pre),
-                        soft_tokens: t,
-                        features: spec.extractor.extract(&clip.samples),
-                        digest: clip.digest,
-                    });
-                    (spec.boa_id, spec.audio_id, spec.eoa_id, t)
+                At::Track => {
+                    let clip = tracks.next().expect("one event per track");
+                    let a = self.audio_spec.as_ref().expect("the model hears");
+                    let t = a.check(clip)?;
+                    out.push(a.boa_id);
+                    if place {
+                        placed_audio.push(PromptAudio {
+                            start: out.len(),
+                            soft_tokens: t,
+                            features: a.extractor.extract(&clip.samples),
+                            digest: clip.digest,
+                        });
+                    }
+                    out.extend(std::iter::repeat_n(a.audio_id, t));
+                    out.push(a.eoa_id);
                 }
-            };
-            if pre && n != tokens {
-                return Err(bad(format!(
-                    "a placeholder run of {n} tokens for media of {tokens} soft tokens"
-                )));
+                At::Run(n, run) => {
+                    at = s + n;
+                    let (open, id, close, tokens) = match run {
+                        Run::Image(i) => {
+                            let spec = self.images.as_ref().expect("checked by media_runs");
+                            let img = &images[i];
+                            let p = spec.params_for(img);
+                            let t = if place {
+                                let pixels = jemma_media::preprocess(&img.rgb, &p)
+                                    .map_err(|e| bad(e.to_string()))?;
+                                let t = pixels.soft_tokens;
+                                placed_images.push(PromptImage {
+                                    start: out.len() + usize::from(!pre),
+                                    pixels,
+                                    digest: img.digest,
+                                });
+                                t
+                            } else {
+                                jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &p)
+                                    .map_err(|e| bad(e.to_string()))?
+                            };
+                            (spec.boi_id, spec.image_id, spec.eoi_id, t)
+                        }
+                        Run::Audio(i) => {
+                            let spec = self.audio_spec.as_ref().expect("checked by media_runs");
+                            let clip = &audio[i];
+                            let t = spec.check(clip)?;
+                            if place {
+                                placed_audio.push(PromptAudio {
+                                    start: out.len() + usize::from(!pre),
+                                    soft_tokens: t,
+                                    features: spec.extractor.extract(&clip.samples),
+                                    digest: clip.digest,
+                                });
+                            }
+                            (spec.boa_id, spec.audio_id, spec.eoa_id, t)
+                        }
+                    };
+                    if pre && n != tokens {
+                        return Err(bad(format!(
+                            "a placeholder run of {n} tokens for media of {tokens} soft tokens"
+                        )));
+                    }
+                    if pre {
+                        out.extend(std::iter::repeat_n(id, tokens));
+                    } else {
+                        out.push(open);
+                        out.extend(std::iter::repeat_n(id, tokens));
+                        out.push(close);
+                    }
+                }
             }
-            if !pre {
-                out.push(open);
-            }
-            out.extend(std::iter::repeat_n(id, tokens));
-            if !pre {
-                out.push(close);
-            }
-            at = s + n;
         }
         out.extend_from_slice(&ids[at..]);
         Ok((out, placed_images, placed_audio))
     }
 
-    /// How many tokens `prompt` takes with `images` and `audio` in place (without preprocessing them).
+    /// How many tokens `prompt` takes with `images`, `audio` and `videos` in place (without preprocessing
+    /// them).
     ///
     /// Errors: as [`ModelBundle::prompt_with_media`].
     pub fn count_with_media(
@@ -813,30 +1074,12 @@ impl ModelBundle {
         prompt: &Prompt,
         images: &[jemma_media::DecodedImage],
         audio: &[jemma_media::audio::DecodedAudio],
+        videos: &[jemma_media::video::DecodedVideo],
     ) -> Result<usize> {
-        let ids = self.prompt_ids(prompt)?;
-        if images.is_empty() && audio.is_empty() {
-            return Ok(ids.len());
-        }
-        self.media_runs(prompt, &ids, images.len(), audio.len())?;
-        if matches!(prompt, Prompt::Ids(_)) {
-            return Ok(ids.len());
-        }
-        let mut n = ids.len();
-        if let Some(spec) = &self.images {
-            for img in images {
-                n += 1 + jemma_media::soft_tokens(
-                    img.rgb.height,
-                    img.rgb.width,
-                    &spec.params_for(img),
-                )
-                .map_err(|e| EngineError::InvalidRequest(e.to_string()))?;
-            }
-        }
-        if let Some(spec) = &self.audio_spec {
-            n += audio.iter().map(|c| 1 + spec.soft_tokens(c)).sum::<usize>();
-        }
-        Ok(n)
+        Ok(self
+            .place_media(prompt, images, audio, videos, false)?
+            .0
+            .len())
     }
 }
 
@@ -948,7 +1191,12 @@ impl ModelRunner for MlxRunner {
         request: &Request,
     ) -> std::result::Result<usize, EngineFailure> {
         model
-            .count_with_media(&request.prompt, &request.images, &request.audio)
+            .count_with_media(
+                &request.prompt,
+                &request.images,
+                &request.audio,
+                &request.videos,
+            )
             .map_err(Into::into)
     }
 
@@ -1107,7 +1355,8 @@ impl MlxSequence {
         ctx: usize,
         pool: &mut PrefixPool<PoolCache>,
     ) -> Result<Self> {
-        let (ids, images, audio) = l.prompt_with_media(&req.prompt, &req.images, &req.audio)?;
+        let (ids, images, audio) =
+            l.prompt_with_media(&req.prompt, &req.images, &req.audio, &req.videos)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
         let mut req = req;
         if req.fit_context && ids.len() < ctx {

@@ -35,6 +35,7 @@ fn request(max_tokens: usize) -> Request {
         fit_context: false,
         images: vec![],
         audio: vec![],
+        videos: vec![],
     }
 }
 

@@ -230,6 +230,7 @@ fn greedy_or_error(
             fit_context: false,
             images,
             audio: vec![],
+            videos: vec![],
         })
         .map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
@@ -313,6 +314,9 @@ fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
     text_only.wait_ready().unwrap();
     let refused = greedy_or_error(&text_only, &[2, 105, 300], vec![photo]).unwrap_err();
     assert!(refused.contains("no vision tower"), "{refused}");
+    // The model threads end before the process does (MLX buffers freed during exit corrupt its heap).
+    let limit = std::time::Duration::from_secs(20);
+    assert!(engine.shutdown(limit) && text_only.shutdown(limit));
 }
 
 #[test]

@@ -51,7 +51,7 @@ async fn messages_inner(
     let model = req.model.clone();
     let stream = req.stream;
     let (chat, display) = req.to_chat(&state.limits)?;
-    state.charge(&caller, chat.has_images || chat.has_audio)?;
+    state.charge(&caller, !chat.media_modalities().is_empty())?;
     let mut rx = state.router.chat(chat)?;
     if stream {
         let first = sse::first_output(&mut rx).await?;
@@ -102,7 +102,7 @@ pub async fn count_tokens(
     let counted = async {
         let req: MessagesRequest = sse::read_json(body, state.max_body_bytes).await?;
         let chat = req.to_count(&state.limits)?;
-        state.charge(&caller, chat.has_images || chat.has_audio)?;
+        state.charge(&caller, !chat.media_modalities().is_empty())?;
         state.router.count_tokens(&chat).await
     };
     match counted.await {

@@ -69,7 +69,7 @@ async fn chat_inner(
 ) -> Result<Response, ApiError> {
     let mut req = parse_body(&state, body).await?.validate(&state.limits)?;
     req.forwarded = forwarded;
-    state.charge(&caller, req.has_images || req.has_audio)?;
+    state.charge(&caller, !req.media_modalities().is_empty())?;
     let stream = req.stream;
     let include_usage = req.include_usage;
     let model = req.requested_model.clone();

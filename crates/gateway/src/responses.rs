@@ -30,7 +30,7 @@ async fn inner(state: AppState, caller: Caller, body: Body) -> Result<Response, 
     let req: ResponsesRequest = sse::read_json(body, state.max_body_bytes).await?;
     let stream = req.stream;
     let (chat, echo) = req.to_chat(&state.limits)?;
-    state.charge(&caller, chat.has_images || chat.has_audio)?;
+    state.charge(&caller, !chat.media_modalities().is_empty())?;
     let mut rx = state.router.chat(chat)?;
     if stream {
         let first = sse::first_output(&mut rx).await?;

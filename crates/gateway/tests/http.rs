@@ -92,6 +92,8 @@ fn settings(max_concurrency: usize, max_queue: usize) -> TierSettings {
         breaker: BreakerConfig::default(),
         aliases: vec![],
         max_tokens: None,
+        video_frames: None,
+        video_seconds: None,
     }
 }
 
@@ -276,7 +278,7 @@ async fn bad_input_gets_openai_errors() {
     // malformed tool call, a client sending a content part type it invented).
     for (body, param) in [
         (
-            r#"{"messages":[{"role":"user","content":"x"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"video_url"}]}]}"#,
+            r#"{"messages":[{"role":"user","content":"x"},{"role":"user","content":[{"type":"text","text":"a"},{"type":"file"}]}]}"#,
             "messages[1].content[1].type",
         ),
         (

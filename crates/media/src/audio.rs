@@ -12,8 +12,11 @@
 //!    `ln(mel + mel_floor)`, optional per-bin mean and standard deviation;
 //! 4. a frame is valid when the last sample of its window is real audio; invalid frames are zeroed.
 //!
-//! The audio takes `ceil(duration_ms / audio_ms_per_token)` soft tokens, at most `audio_seq_length`
-//! (Gemma 4's processor: [`soft_tokens`]).
+//! The clip takes one soft token per frame the tower keeps that covers audio (the frames' validity
+//! subsampled as the tower's two stride-2 convolutions do, at most `audio_seq_length`): transformers'
+//! `Gemma4Processor.replace_audio_token` ([`FeatureExtractor::soft_tokens`]). mlx-vlm's processor counts
+//! `ceil(duration_ms / 40)` instead, which for a third of all lengths is one more: a row of padding, or the
+//! clip's first 40 ms again; transformers' count is the one whose rows are all audio.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -31,6 +34,13 @@ use crate::{MediaError, Result};
 
 /// The rate the audio tower hears, samples per second.
 pub const SAMPLE_RATE: u32 = 16_000;
+
+/// The shortest clip taken, samples at [`SAMPLE_RATE`] (40 ms: one soft token).
+pub const MIN_SAMPLES: usize = 640;
+
+/// Sample rates accepted, Hz (a header claiming another is refused before anything is allocated for it:
+/// the resampler sizes its buffers from the rate).
+pub const RATES: std::ops::RangeInclusive<u32> = 4_000..=384_000;
 
 /// The formats [`decode_audio`] reads, as OpenAI's `input_audio.format` names them.
 pub const FORMATS: &[&str] = &["wav", "mp3", "flac", "m4a", "aac", "ogg"];
@@ -84,9 +94,9 @@ impl DecodedAudio {
 /// Decodes a clip (`format`: OpenAI's `input_audio.format`, a hint only: the container is probed) into
 /// 16 kHz mono.
 ///
-/// Errors: [`MediaError::AudioUnsupported`] for a format or codec not decoded here (Opus among them);
-/// [`MediaError::AudioCorrupt`] for unreadable bytes or a clip without sound; [`MediaError::TooLarge`]
-/// over `limits`.
+/// Errors: [`MediaError::AudioUnsupported`] for a format or codec not decoded here (Opus, AIFF, CAF,
+/// WebM among them) or a sample rate outside [`RATES`]; [`MediaError::AudioCorrupt`] for unreadable bytes or
+/// a clip shorter than [`MIN_SAMPLES`]; [`MediaError::TooLarge`] over `limits`.
 pub fn decode_audio(
     bytes: &[u8],
     format: Option<&str>,
@@ -99,9 +109,16 @@ pub fn decode_audio(
             limits.max_bytes
         )));
     }
-    let digest = crate::EncodedImage(bytes.into()).digest();
+    let digest = crate::digest(bytes);
     let (mono, rate) = decode_mono(bytes, format, limits)?;
     let samples = resample(&mono, rate)?;
+    if samples.len() < MIN_SAMPLES {
+        return Err(MediaError::AudioCorrupt(format!(
+            "the clip is {:.3} s long; the shortest heard is {} ms",
+            samples.len() as f64 / SAMPLE_RATE as f64,
+            MIN_SAMPLES * 1000 / SAMPLE_RATE as usize
+        )));
+    }
     Ok(DecodedAudio {
         samples: samples.into(),
         digest,
@@ -134,6 +151,17 @@ fn decode_mono(
     if is_ogg_opus(bytes) || matches!(format, Some("opus")) {
         return Err(unsupported("Opus".into()));
     }
+    // Containers symphonia could read but this build does not: a clear 415 rather than "corrupt".
+    let magic = |m: &[u8], at: usize| bytes.len() >= at + m.len() && &bytes[at..at + m.len()] == m;
+    if magic(b"FORM", 0) && (magic(b"AIFF", 8) || magic(b"AIFC", 8)) {
+        return Err(unsupported("AIFF".into()));
+    }
+    if magic(b"caff", 0) {
+        return Err(unsupported("CAF".into()));
+    }
+    if magic(&[0x1a, 0x45, 0xdf, 0xa3], 0) {
+        return Err(unsupported("WebM/Matroska".into()));
+    }
     let mut hint = Hint::new();
     if let Some(f) = format {
         hint.with_extension(f);
@@ -162,6 +190,9 @@ fn decode_mono(
         .ok_or_else(|| MediaError::AudioCorrupt("no audio track".into()))?
         .clone();
     let track_id = track.id;
+    if let Some(r) = params.sample_rate.filter(|r| !RATES.contains(r)) {
+        return Err(unsupported(format!("a sample rate of {r} Hz")));
+    }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
         .map_err(|e| unsupported(format!("{e} (codec {:?})", params.codec)))?;
@@ -185,6 +216,9 @@ fn decode_mono(
             Err(e) => return Err(MediaError::AudioCorrupt(e.to_string())),
         };
         rate = buf.spec().rate();
+        if !RATES.contains(&rate) {
+            return Err(unsupported(format!("a sample rate of {rate} Hz")));
+        }
         buf.copy_to_vecs_planar::<f32>(&mut planes);
         let n = planes.first().map_or(0, Vec::len);
         let c = planes.len().max(1) as f32;
@@ -391,6 +425,39 @@ impl FeatureExtractor {
         &self.p
     }
 
+    /// Which frames of a clip of `samples` are audio (see [`AudioFeatures::valid`]), without computing
+    /// them.
+    pub fn valid_frames(&self, samples: usize) -> Vec<bool> {
+        let n = samples.min(self.p.max_length);
+        let m = self.p.pad_to_multiple_of;
+        let pad_left = self.frame_length / 2;
+        let total = pad_left + n.div_ceil(m) * m;
+        let size = self.frame_length + 1;
+        let frames = if total >= size {
+            (total - size) / self.hop_length + 1
+        } else {
+            0
+        };
+        (0..frames)
+            .map(|f| {
+                let end = f * self.hop_length + size - 1;
+                end >= pad_left && end < pad_left + n
+            })
+            .collect()
+    }
+
+    /// Soft tokens a clip of `samples` (at [`SAMPLE_RATE`]) takes, at most `max_tokens`: the frames the
+    /// tower's two stride-2 subsampling convolutions keep (`mask[::2][:t_out]`, `t_out = (t + 2 - 3) / 2 +
+    /// 1`) that cover audio, as transformers' `Gemma4Processor.replace_audio_token` counts them.
+    pub fn soft_tokens(&self, samples: usize, max_tokens: usize) -> usize {
+        let mut mask = self.valid_frames(samples);
+        for _ in 0..2 {
+            let t_out = (mask.len() + 2).saturating_sub(3) / 2 + 1;
+            mask = mask.into_iter().step_by(2).take(t_out).collect();
+        }
+        mask.iter().filter(|v| **v).count().min(max_tokens)
+    }
+
     /// The features of a 16 kHz mono waveform (cut at `max_length`).
     pub fn extract(&self, samples: &[f32]) -> AudioFeatures {
         let p = &self.p;
@@ -516,11 +583,4 @@ fn linspace(a: f64, b: f64, n: usize, i: usize) -> f64 {
     }
     let step = (b - a) / (n - 1) as f64;
     a + i as f64 * step
-}
-
-/// Soft tokens a clip of `samples` (at [`SAMPLE_RATE`]) takes: Gemma 4's processor's
-/// `min(ceil(duration_ms / ms_per_token), max_tokens)`.
-pub fn soft_tokens(samples: usize, ms_per_token: usize, max_tokens: usize) -> usize {
-    let ms = samples as f64 * 1000.0 / SAMPLE_RATE as f64;
-    ((ms / ms_per_token.max(1) as f64).ceil() as usize).min(max_tokens)
 }

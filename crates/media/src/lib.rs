@@ -1,4 +1,4 @@
-//! Media for Gemma 4's towers, without MLX or HTTP. Audio: [`audio`]. Decoding images (JPEG, PNG, WebP, GIF, BMP, with their
+//! Media for Gemma 4's towers, without MLX or HTTP. Audio: [`audio`]; video: [`video`]. Decoding images (JPEG, PNG, WebP, GIF, BMP, with their
 //! EXIF orientation applied) and Gemma 4's image preprocessing as transformers' and mlx-vlm's
 //! `Gemma4ImageProcessor` do it: an aspect-preserving resize into the patch budget (Pillow's bicubic, to
 //! the bit: [`resize`]), then rescaling to [0, 1], channels first.
@@ -6,6 +6,7 @@
 
 pub mod audio;
 pub mod resize;
+pub mod video;
 
 use std::io::Cursor;
 
@@ -31,6 +32,12 @@ pub enum MediaError {
         "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis file"
     )]
     AudioCorrupt(String),
+    /// Video this server cannot read (no ffmpeg, or it could not run): HTTP 415.
+    #[error("video cannot be read here: {0}")]
+    VideoUnsupported(String),
+    /// Bytes FFmpeg cannot read as a video: HTTP 400.
+    #[error("the video could not be decoded ({0}); send an MP4, MOV, WebM, MKV or AVI file")]
+    VideoCorrupt(String),
 }
 
 /// Result of this crate.
@@ -46,14 +53,21 @@ impl std::fmt::Debug for EncodedImage {
     }
 }
 
+/// A 64-bit digest of `bytes` (the first 8 bytes of their SHA-256): what tells two media apart where their
+/// placeholder tokens are alike (the prefix cache). A cryptographic hash, so that no one can make media that
+/// another user's cached ones would be taken for.
+pub fn digest(bytes: &[u8]) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(bytes);
+    u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+}
+
 impl EncodedImage {
     /// A 64-bit digest of the bytes (the first 8 bytes of their SHA-256): what tells two images apart where
     /// their placeholder tokens are alike (the prefix cache). A cryptographic hash, so that no one can make
     /// an image that another user's cached one would be taken for.
     pub fn digest(&self) -> u64 {
-        use sha2::Digest;
-        let d = sha2::Sha256::digest(&self.0);
-        u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]])
+        digest(&self.0)
     }
 }
 

@@ -6,9 +6,7 @@
 use std::path::PathBuf;
 
 use jemma_media::MediaError;
-use jemma_media::audio::{
-    AudioLimits, FeatureExtractor, FeatureParams, SAMPLE_RATE, decode_audio, soft_tokens,
-};
+use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, SAMPLE_RATE, decode_audio};
 
 fn fixtures() -> PathBuf {
     let root = std::env::var("JEMMA_FIXTURES")
@@ -162,11 +160,49 @@ fn limits_are_413s_and_nonsense_is_a_400() {
 }
 
 #[test]
-fn soft_tokens_follow_the_processor() {
-    // ceil(duration_ms / 40), at most 750.
-    assert_eq!(soft_tokens(20_800, 40, 750), 33);
-    assert_eq!(soft_tokens(5_920, 40, 750), 10);
-    assert_eq!(soft_tokens(640, 40, 750), 1);
-    assert_eq!(soft_tokens(641, 40, 750), 2);
-    assert_eq!(soft_tokens(SAMPLE_RATE as usize * 60, 40, 750), 750);
+fn soft_tokens_follow_transformers_processor() {
+    // The frames the tower keeps that cover audio (transformers' replace_audio_token), at most 750; the
+    // valid frames as the extractor marks them.
+    let fx = FeatureExtractor::new(FeatureParams::default()).unwrap();
+    for (samples, tokens) in [(20_800, 33), (5_920, 9), (640, 1), (641, 1), (480_000, 750)] {
+        assert_eq!(fx.soft_tokens(samples, 750), tokens, "{samples} samples");
+    }
+    assert_eq!(fx.soft_tokens(SAMPLE_RATE as usize * 60, 750), 750);
+    assert_eq!(fx.soft_tokens(100, 750), 0);
+    for samples in [100, 640, 5_920, 20_800, 31_337] {
+        let wave = vec![0.1f32; samples];
+        assert_eq!(
+            fx.valid_frames(samples),
+            fx.extract(&wave).valid,
+            "{samples} samples"
+        );
+    }
+}
+
+#[test]
+fn absurd_rates_and_tiny_clips_are_refused_before_anything_is_allocated() {
+    // A WAV header claiming 4,294,967,291 Hz (a prime: the resampler would size its buffers from it).
+    let mut wav = std::fs::read(fixtures().join("formats/clip.wav")).unwrap();
+    wav[24..28].copy_from_slice(&4_294_967_291u32.to_le_bytes());
+    let err = decode_audio(&wav, Some("wav"), &AudioLimits::default()).unwrap_err();
+    assert!(
+        matches!(&err, MediaError::AudioUnsupported(m) if m.contains("Hz")),
+        "{err}"
+    );
+    // 20 ms: shorter than one soft token.
+    let mut short = std::fs::read(fixtures().join("formats/clip.wav")).unwrap();
+    let keep = 44 + 2 * 320;
+    short.truncate(keep);
+    short[40..44].copy_from_slice(&(2u32 * 320).to_le_bytes());
+    let err = decode_audio(&short, Some("wav"), &AudioLimits::default()).unwrap_err();
+    assert!(
+        matches!(&err, MediaError::AudioCorrupt(m) if m.contains("shortest")),
+        "{err}"
+    );
+    // AIFF: a known container this build does not read is a 415, not "corrupt".
+    let aiff = [b"FORM".as_slice(), &[0, 0, 0, 4], b"AIFF"].concat();
+    assert!(matches!(
+        decode_audio(&aiff, None, &AudioLimits::default()),
+        Err(MediaError::AudioUnsupported(_))
+    ));
 }

@@ -8,7 +8,7 @@
 //!    an id in [`ClassifierConfig::model_aliases`] picks its tier. `auto`, an id in
 //!    [`ClassifierConfig::auto_models`], an empty string or no model at all go on to the rules below. Any other
 //!    id is [`ClassifyError::UnknownModel`], so the caller decides what an unknown id means.
-//! 2. **Images** → [`ClassifierConfig::vision_tier`]; **audio** → [`ClassifierConfig::audio_tier`].
+//! 2. **Images** or **video** → [`ClassifierConfig::vision_tier`]; **audio** → [`ClassifierConfig::audio_tier`].
 //! 3. **Long prompt**: more than [`ClassifierConfig::long_prompt_tokens`] → heavy.
 //! 4. **Heavy keyword** in the last user message → heavy.
 //! 5. **Primary keyword**, **code-like content** in the last user message, or **tools** in the request → primary.
@@ -208,6 +208,8 @@ pub struct ClassifyInput<'a> {
     pub has_images: bool,
     /// Whether any message has audio content.
     pub has_audio: bool,
+    /// Whether any message has video content (frames: the vision tier takes it).
+    pub has_video: bool,
     /// Whether the request defines tools.
     pub has_tools: bool,
     /// The request's `max_tokens` (or `max_completion_tokens`), if given.
@@ -551,9 +553,10 @@ impl Classifier {
     /// Rules 2–7, before the context check.
     fn classify_content(&self, input: &ClassifyInput<'_>) -> (Tier, Rule, String) {
         let cfg = &self.config;
-        if input.has_images {
+        if input.has_images || input.has_video {
             let t = cfg.vision_tier;
-            return (t, Rule::Vision, format!("images → {t}"));
+            let what = if input.has_images { "images" } else { "video" };
+            return (t, Rule::Vision, format!("{what} → {t}"));
         }
         if input.has_audio {
             let t = cfg.audio_tier;

@@ -195,7 +195,7 @@ impl Default for AuthConfig {
 pub struct RateLimitConfig {
     /// Text requests per minute per caller (0 = unlimited).
     pub text_per_minute: u32,
-    /// Requests with images or audio per minute per caller (0 = unlimited).
+    /// Requests with images, audio or video per minute per caller (0 = unlimited).
     pub media_per_minute: u32,
     /// Also limit loopback callers.
     pub limit_loopback: bool,
@@ -319,6 +319,10 @@ pub struct TierConfig {
     pub unhealthy_threshold: u32,
     /// Pools: consecutive answered probes that bring an endpoint back.
     pub healthy_threshold: u32,
+    /// Frames a video is sampled into on this tier (default: fast 4, primary 8, heavy 16).
+    pub video_frames: Option<usize>,
+    /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
+    pub video_seconds: Option<f64>,
 }
 
 /// What serves one endpoint of a pool.
@@ -490,6 +494,8 @@ impl Default for TierConfig {
             probe_interval_secs: 5.0,
             unhealthy_threshold: 2,
             healthy_threshold: 1,
+            video_frames: None,
+            video_seconds: None,
         }
     }
 }

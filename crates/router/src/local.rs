@@ -15,7 +15,7 @@ use jemma_serve::host::{Status, SubmitError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::{ChatRequest, Message, Tool};
+use crate::api::{ChatRequest, Tool};
 use crate::backend::{
     Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_error, engine_health,
     pump_engine, sampling_of, with_continuation,
@@ -49,6 +49,8 @@ pub struct Job {
     pub images: Vec<jemma_media::DecodedImage>,
     /// The prompt's audio clips, decoded to 16 kHz mono, in the order of their parts.
     pub audio: Vec<jemma_media::audio::DecodedAudio>,
+    /// The prompt's videos, sampled (frames, audio track), in the order of their parts.
+    pub videos: Vec<jemma_media::video::DecodedVideo>,
 }
 
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
@@ -166,13 +168,46 @@ impl<E: InProcess> EngineBackend<E> {
 
     /// `req` with its images fetched and decoded and its audio decoded, when it has any and an engine
     /// that takes them (only a local engine needs them: an upstream tier is sent the parts as they came).
+    ///
+    /// Errors: media of a kind this engine's model cannot take, refused before anything is fetched or
+    /// decoded with a 400 naming the first such part and the model; the decoders' refusals.
     async fn with_media<'r>(
         &self,
         req: &'r ChatRequest,
     ) -> Result<std::borrow::Cow<'r, ChatRequest>, BackendError> {
+        let needs = req.media_modalities();
+        if !needs.is_empty() {
+            let s = self.engine.status();
+            let takes = Self::takes(&s.info);
+            if let Some(m) = needs.iter().find(|m| !takes.iter().any(|t| t == *m)) {
+                let (verb, tower, engine_can) = match *m {
+                    "image" => ("see images", "vision tower", E::SEES_IMAGES),
+                    "video" => ("see video", "vision tower and video token", E::SEES_IMAGES),
+                    _ => ("hear audio", "audio tower", E::HEARS_AUDIO),
+                };
+                let why = if engine_can {
+                    format!("it has no {tower}")
+                } else {
+                    format!("the {} engine serving it cannot show it {m}s yet", E::NAME)
+                };
+                let part = req.first_part(m);
+                return Err(BackendError::Refused(crate::RouterError::InvalidRequest {
+                    message: format!(
+                        "{}the model {} cannot {verb}: {why} (/v1/models lists each model's \
+                         input_modalities)",
+                        part.as_deref()
+                            .map(|p| format!("{p}: "))
+                            .unwrap_or_default(),
+                        s.model
+                    ),
+                    param: part,
+                }));
+            }
+        }
         let images = req.has_images && E::SEES_IMAGES && req.images.is_empty();
         let audio = req.has_audio && E::HEARS_AUDIO && req.audio.is_empty();
-        if !images && !audio {
+        let videos = req.has_videos && E::SEES_IMAGES && req.videos.is_empty();
+        if !images && !audio && !videos {
             return Ok(std::borrow::Cow::Borrowed(req));
         }
         let mut owned = req.clone();
@@ -189,7 +224,29 @@ impl<E: InProcess> EngineBackend<E> {
                 .await
                 .map_err(BackendError::Refused)?;
         }
+        if videos {
+            let mut params = req.video_sampling.unwrap_or_default();
+            // A video's audio track is heard by a model that hears; for one that does not, it is not
+            // decoded at all.
+            let hears = Self::takes(&self.engine.status().info)
+                .iter()
+                .any(|m| m == "audio");
+            if !hears {
+                params.audio_seconds = 0.0;
+            }
+            owned
+                .decode_videos(&self.limits, params)
+                .await
+                .map_err(BackendError::Refused)?;
+        }
         Ok(std::borrow::Cow::Owned(owned))
+    }
+
+    /// What the engine's model takes in, less what the engine cannot put before it.
+    fn takes(info: &E::Info) -> Vec<String> {
+        let mut m = E::input_modalities(info);
+        m.retain(|m| (m != "image" || E::SEES_IMAGES) && (m != "audio" || E::HEARS_AUDIO));
+        m
     }
 
     /// Wraps a started engine; `default_max_tokens` applies when a request sets none.
@@ -257,9 +314,7 @@ impl<E: InProcess> Backend for EngineBackend<E> {
             d.insert("engine_id".into(), json!(self.id));
         }
         let mut h = engine_health(&s, details);
-        h.input_modalities = E::input_modalities(&s.info);
-        h.input_modalities
-            .retain(|m| (m != "image" || E::SEES_IMAGES) && (m != "audio" || E::HEARS_AUDIO));
+        h.input_modalities = Self::takes(&s.info);
         h
     }
 }
@@ -301,6 +356,11 @@ impl<E: InProcess> EngineBackend<E> {
                 E::NAME
             )));
         }
+        if req.has_videos && req.videos.is_empty() {
+            return Err(BackendError::BadRequest(
+                "the request's videos were not sampled for the local engine".into(),
+            ));
+        }
         if req.has_audio && req.audio.is_empty() {
             return Err(BackendError::BadRequest(
                 "the request's audio was not decoded for the local engine".into(),
@@ -311,7 +371,7 @@ impl<E: InProcess> EngineBackend<E> {
             None => Prompt::Chat {
                 messages: with_continuation(&req.messages, continuation)
                     .iter()
-                    .map(Message::to_value)
+                    .map(|m| without_payloads(m.to_value()))
                     .collect(),
                 // tool_choice "none": the model is not shown the tools, so it has nothing to call.
                 tools: req
@@ -345,8 +405,31 @@ impl<E: InProcess> EngineBackend<E> {
             top_logprobs: req.top_logprobs as usize,
             images: req.images.clone(),
             audio: req.audio.clone(),
+            videos: req.videos.clone(),
         })
     }
+}
+
+/// A message as the chat template reads it, without its media's bytes: the template shows a part by its
+/// `type` alone, and the engine takes the decoded media separately, so megabytes of base64 need not be
+/// copied into the template's context. A `video_url` part becomes `{"type": "video"}`, the type Gemma 4's
+/// template shows as `<|video|>`.
+fn without_payloads(mut m: Value) -> Value {
+    if let Some(parts) = m.get_mut("content").and_then(Value::as_array_mut) {
+        for p in parts {
+            if p.get("type").and_then(Value::as_str) == Some("video_url") {
+                *p = json!({"type": "video"});
+                continue;
+            }
+            if let Some(u) = p.pointer_mut("/image_url/url") {
+                *u = Value::String(String::new());
+            }
+            if let Some(d) = p.pointer_mut("/input_audio/data") {
+                *d = Value::String(String::new());
+            }
+        }
+    }
+    m
 }
 
 /// The MLX engine with the tier's KV-cache quantization (`kv_bits`), applied to every request.
@@ -431,6 +514,7 @@ impl Mlx {
             fit_context: job.fit_context,
             images: job.images,
             audio: job.audio,
+            videos: job.videos,
         }
     }
 }

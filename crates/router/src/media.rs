@@ -160,6 +160,19 @@ impl ImageFetcher {
     /// Errors: [`FetchError::Private`] for a non-public address; [`FetchError::TooLarge`] past `max_bytes`;
     /// [`FetchError::Bad`] for an error status, a type that is not `image/*`, or a failed transfer.
     pub async fn fetch(&self, url: &str, max_bytes: usize) -> Result<Vec<u8>, FetchError> {
+        self.fetch_kind(url, max_bytes, "image/").await
+    }
+
+    /// [`ImageFetcher::fetch`] for media whose content type starts with `kind` (`image/`, `video/`).
+    ///
+    /// Errors: as [`ImageFetcher::fetch`].
+    pub async fn fetch_kind(
+        &self,
+        url: &str,
+        max_bytes: usize,
+        kind: &str,
+    ) -> Result<Vec<u8>, FetchError> {
+        let what = kind.trim_end_matches('/');
         let parsed =
             reqwest::Url::parse(url).map_err(|e| FetchError::Bad(format!("bad URL: {e}")))?;
         if !self.allow_private
@@ -176,11 +189,11 @@ impl ImageFetcher {
                 }
                 src = s.source();
             }
-            FetchError::Bad(format!("fetching the image failed: {e}"))
+            FetchError::Bad(format!("fetching the {what} failed: {e}"))
         })?;
         if !resp.status().is_success() {
             return Err(FetchError::Bad(format!(
-                "the image URL answered {}",
+                "the {what} URL answered {}",
                 resp.status()
             )));
         }
@@ -190,9 +203,10 @@ impl ImageFetcher {
             .and_then(|v| v.to_str().ok())
             .unwrap_or("")
             .to_ascii_lowercase();
-        if !ctype.starts_with("image/") {
+        if !ctype.starts_with(kind) {
             return Err(FetchError::Bad(format!(
-                "the URL is not an image (content type {:?})",
+                "the URL is not {} {what} (content type {:?})",
+                if what == "image" { "an" } else { "a" },
                 ctype
             )));
         }

@@ -64,6 +64,26 @@ pub struct TierSettings {
     /// Largest `max_tokens` this tier accepts: an explicit request above it is a 400; on a fallback the
     /// request is clamped to it.
     pub max_tokens: Option<u32>,
+    /// Frames a video is sampled into here (None: the tier's default, [`video_sampling`]).
+    pub video_frames: Option<usize>,
+    /// Seconds from a video's start the frames are spread over (None: the tier's default).
+    pub video_seconds: Option<f64>,
+}
+
+/// How `tier` samples a video: `video_frames` frames over the first `video_seconds`, by default the
+/// original design's table (fast 4 frames over 30 s, primary 8 over 60 s, heavy 16 over 120 s: the larger
+/// the model, the more of the video it is shown).
+pub fn video_sampling(tier: Tier, s: &TierSettings) -> jemma_media::video::VideoParams {
+    let (frames, seconds) = match tier {
+        Tier::Fast => (4, 30.0),
+        Tier::Primary => (8, 60.0),
+        Tier::Heavy => (16, 120.0),
+    };
+    jemma_media::video::VideoParams {
+        frames: s.video_frames.unwrap_or(frames).max(1),
+        max_seconds: s.video_seconds.unwrap_or(seconds),
+        ..Default::default()
+    }
 }
 
 struct TierSlot {
@@ -499,6 +519,9 @@ impl TierRouter {
             images: vec![],
             has_audio: false,
             audio: vec![],
+            has_videos: false,
+            videos: vec![],
+            video_sampling: None,
             text: "ping".into(),
             last_user: "ping".into(),
             prompt_tokens_estimate: 1,
@@ -591,6 +614,7 @@ impl TierRouter {
                 prompt_tokens: req.prompt_tokens_estimate,
                 has_images: req.has_images,
                 has_audio: req.has_audio,
+                has_video: req.has_videos,
                 has_tools: req.tools.is_some(),
                 max_tokens: req.max_tokens,
             })
@@ -639,10 +663,11 @@ impl TierRouter {
                 reason: format!(
                     "{what} → {t}: the {} tier's model cannot {}",
                     decision.tier,
-                    match (req.has_images, req.has_audio) {
+                    match (req.has_images || req.has_videos, req.has_audio) {
                         (true, true) => "see and hear them",
                         (false, true) => "hear it",
-                        _ => "see them",
+                        _ if req.has_images => "see them",
+                        _ => "see it",
                     }
                 ),
                 tier: t,
@@ -784,19 +809,27 @@ impl TierRouter {
                 ));
                 break;
             }
-            let clamped;
+            let adjusted;
             // A client's max_tokens above the tier's ceiling is lowered to it (on fallback: an explicit
             // tier refuses it up front); none set leaves the tier's default, which is within the ceiling
-            // and shrinks to fit the context.
-            let req_t = match slot.settings.max_tokens {
-                Some(c) if req.max_tokens.is_some_and(|m| m > c) => {
-                    clamped = ChatRequest {
-                        max_tokens: Some(c),
-                        ..req.clone()
-                    };
-                    &clamped
-                }
-                _ => &req,
+            // and shrinks to fit the context. Videos are sampled as this tier samples them.
+            let clamp = slot
+                .settings
+                .max_tokens
+                .filter(|c| req.max_tokens.is_some_and(|m| m > *c));
+            let req_t = if clamp.is_some() || req.has_videos {
+                adjusted = ChatRequest {
+                    max_tokens: clamp.or(req.max_tokens),
+                    video_sampling: req
+                        .has_videos
+                        .then(|| video_sampling(slot.tier, &slot.settings)),
+                    // Frames sampled for another tier are sampled again for this one.
+                    videos: vec![],
+                    ..req.clone()
+                };
+                &adjusted
+            } else {
+                &req
             };
             // A pool times out each of its endpoints itself and goes on to the next within the tier.
             let backend = slot.backend();

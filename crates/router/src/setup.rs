@@ -46,6 +46,8 @@ pub fn settings(c: &TierConfig, cfg: &Config) -> TierSettings {
         breaker: c.breaker.clone().unwrap_or_else(|| cfg.breaker.clone()),
         aliases: c.aliases.clone(),
         max_tokens: c.max_tokens_ceiling,
+        video_frames: c.video_frames,
+        video_seconds: c.video_seconds,
     }
 }
 

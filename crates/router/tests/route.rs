@@ -186,6 +186,8 @@ fn settings(first_token_ms: u64) -> TierSettings {
         },
         aliases: vec![],
         max_tokens: None,
+        video_frames: None,
+        video_seconds: None,
     }
 }
 

@@ -214,7 +214,7 @@ impl Message {
 pub enum MessageContent {
     /// Plain text.
     Text(String),
-    /// Text, image and audio parts, in order.
+    /// Text, image, audio and video parts, in order.
     Parts(Vec<ContentPart>),
 }
 
@@ -241,7 +241,9 @@ impl MessageContent {
                 .iter()
                 .filter_map(|p| match p {
                     ContentPart::Text { text } => Some(text.as_str()),
-                    ContentPart::ImageUrl { .. } | ContentPart::InputAudio { .. } => None,
+                    ContentPart::ImageUrl { .. }
+                    | ContentPart::InputAudio { .. }
+                    | ContentPart::VideoUrl { .. } => None,
                 })
                 .collect::<Vec<_>>()
                 .join("\n"),
@@ -256,6 +258,18 @@ impl MessageContent {
         };
         parts.iter().filter_map(|p| match p {
             ContentPart::ImageUrl { image_url } => Some(image_url),
+            _ => None,
+        })
+    }
+
+    /// The video parts.
+    pub fn videos(&self) -> impl Iterator<Item = &VideoUrl> {
+        let parts = match self {
+            Self::Text(_) => &[][..],
+            Self::Parts(p) => &p[..],
+        };
+        parts.iter().filter_map(|p| match p {
+            ContentPart::VideoUrl { video_url } => Some(video_url),
             _ => None,
         })
     }
@@ -292,6 +306,21 @@ pub enum ContentPart {
         /// The clip.
         input_audio: InputAudio,
     },
+    /// A video by URL (vLLM's `video_url` extension): `https://...` or `data:video/...;base64,...`.
+    VideoUrl {
+        /// The video.
+        video_url: VideoUrl,
+    },
+}
+
+/// A video reference (vLLM's `video_url` part).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct VideoUrl {
+    /// `http(s)://` or a base64 `data:video/*` URL (MP4, MOV, WebM, MKV, AVI: whatever the server's
+    /// FFmpeg reads).
+    #[schema(pattern = "^(https?://|data:video/[^;,]+;base64,)")]
+    pub url: String,
 }
 
 /// An audio clip (OpenAI's `input_audio` part): base64 bytes and their format.

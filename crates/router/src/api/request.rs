@@ -203,6 +203,16 @@ pub struct ChatRequest {
     /// filled by [`ChatRequest::decode_audio`]. An upstream tier is sent the parts as they came.
     #[serde(skip)]
     pub audio: Vec<jemma_media::audio::DecodedAudio>,
+    /// Whether any message carries a video part.
+    pub has_videos: bool,
+    /// The messages' videos, sampled (frames and audio track), in message order; filled by
+    /// [`ChatRequest::decode_videos`] for a local engine. An upstream tier is sent the parts as they came.
+    #[serde(skip)]
+    pub videos: Vec<jemma_media::video::DecodedVideo>,
+    /// How the tier trying the request samples videos (frames over how many seconds); set by the router
+    /// for each tier it tries (None: [`jemma_media::video::VideoParams::default`]).
+    #[serde(skip)]
+    pub video_sampling: Option<jemma_media::video::VideoParams>,
     /// Text of the conversation for the classifier (system + user turns).
     pub text: String,
     /// Text of the last user turn.
@@ -285,17 +295,7 @@ impl ChatRequest {
             let mut out = vec![];
             let mut pixels = 0u64;
             for (at, url, fetched) in inputs {
-                let fail = |e: jemma_media::MediaError| {
-                    let m = format!("{at}: {e}");
-                    match e {
-                        jemma_media::MediaError::TooLarge(_) => RouterError::TooLarge(m),
-                        jemma_media::MediaError::Unsupported(_)
-                        | jemma_media::MediaError::AudioUnsupported(_) => {
-                            RouterError::UnsupportedMedia(m)
-                        }
-                        _ => invalid(m, &at),
-                    }
-                };
+                let fail = |e: jemma_media::MediaError| media_refusal(&at, &at, e);
                 let encoded = match fetched {
                     Some(bytes) => jemma_media::EncodedImage(bytes.into()),
                     None => jemma_media::decode_data_url(&url, max_bytes).map_err(fail)?,
@@ -329,8 +329,10 @@ impl ChatRequest {
     }
 
     /// Decodes the messages' audio parts (base64, then the clip, off the async runtime) into 16 kHz mono,
-    /// so that a bad clip is refused before any tier is tried: corrupt bytes 400, over `max_audio_bytes`
-    /// or `max_audio_seconds` 413, a codec this build cannot decode (Opus) 415.
+    /// for a local engine that hears (an upstream tier is sent the parts as they came), before the engine
+    /// is asked: corrupt bytes or a clip under 40 ms 400, over `max_audio_bytes` or `max_audio_seconds`
+    /// 413, a codec or container this build cannot decode (Opus, AIFF, CAF, WebM) 415. A no-op when the
+    /// audio is decoded already.
     ///
     /// Errors: as above, naming the message part.
     pub async fn decode_audio(&mut self, limits: &Limits) -> Result<(), RouterError> {
@@ -361,17 +363,7 @@ impl ChatRequest {
                 let bytes = jemma_media::audio::decode_base64(&a.data)
                     .map_err(|e| invalid(format!("{at}.data: {e}"), &format!("{at}.data")))?;
                 let clip = jemma_media::audio::decode_audio(&bytes, Some(&a.format), &audio_limits)
-                    .map_err(|e| {
-                        let m = format!("{at}: {e}");
-                        match e {
-                            jemma_media::MediaError::TooLarge(_) => RouterError::TooLarge(m),
-                            jemma_media::MediaError::AudioUnsupported(_)
-                            | jemma_media::MediaError::Unsupported(_) => {
-                                RouterError::UnsupportedMedia(m)
-                            }
-                            _ => invalid(m, &format!("{at}.data")),
-                        }
-                    })?;
+                    .map_err(|e| media_refusal(&at, &format!("{at}.data"), e))?;
                 out.push(clip);
             }
             Ok::<_, RouterError>(out)
@@ -385,7 +377,7 @@ impl ChatRequest {
         Ok(())
     }
 
-    /// What the request needs a model to take in beyond text (`image`, `audio`), as `/v1/models`'
+    /// What the request needs a model to take in beyond text (`image`, `audio`, `video`), as `/v1/models`'
     /// `input_modalities` names them.
     pub fn media_modalities(&self) -> Vec<&'static str> {
         let mut m = vec![];
@@ -395,18 +387,127 @@ impl ChatRequest {
         if self.has_audio {
             m.push("audio");
         }
+        if self.has_videos {
+            m.push("video");
+        }
         m
     }
 
-    /// The request's media in words, for routing reasons and errors: "images", "audio", "images and
-    /// audio" (None without media).
-    pub fn media_words(&self) -> Option<&'static str> {
-        match (self.has_images, self.has_audio) {
-            (true, true) => Some("images and audio"),
-            (true, false) => Some("images"),
-            (false, true) => Some("audio"),
-            (false, false) => None,
+    /// Where the first part of `modality` (`image`, `audio`) is, as an error's `param`:
+    /// `messages[i].content[j]`.
+    pub fn first_part(&self, modality: &str) -> Option<String> {
+        self.messages.iter().enumerate().find_map(|(i, m)| {
+            let Some(MessageContent::Parts(parts)) = m.content() else {
+                return None;
+            };
+            parts
+                .iter()
+                .position(|p| match p {
+                    super::message::ContentPart::ImageUrl { .. } => modality == "image",
+                    super::message::ContentPart::InputAudio { .. } => modality == "audio",
+                    super::message::ContentPart::VideoUrl { .. } => modality == "video",
+                    super::message::ContentPart::Text { .. } => false,
+                })
+                .map(|j| format!("messages[{i}].content[{j}]"))
+        })
+    }
+
+    /// The request's media in words, for routing reasons and errors: "images", "audio", "video", "images
+    /// and audio", … (None without media).
+    pub fn media_words(&self) -> Option<String> {
+        let words: Vec<&str> = self
+            .media_modalities()
+            .into_iter()
+            .map(|m| if m == "image" { "images" } else { m })
+            .collect();
+        match words.as_slice() {
+            [] => None,
+            [one] => Some(one.to_string()),
+            [rest @ .., last] => Some(format!("{} and {last}", rest.join(", "))),
         }
+    }
+
+    /// Samples the messages' videos (fetching http(s) URLs as images are fetched, `video/*`) through the
+    /// ffmpeg CLI, off the async runtime, with `params` (the tier's frames and seconds; the audio track
+    /// only when `audio_seconds` > 0): a video that cannot be read 400, over `max_video_bytes` 413, no
+    /// ffmpeg on this server 415. A no-op when sampled already.
+    ///
+    /// Errors: as above, naming the message part.
+    pub async fn decode_videos(
+        &mut self,
+        limits: &Limits,
+        params: jemma_media::video::VideoParams,
+    ) -> Result<(), RouterError> {
+        if !self.has_videos || !self.videos.is_empty() {
+            return Ok(());
+        }
+        let mut located = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
+                for (j, p) in ps.iter().enumerate() {
+                    if let super::message::ContentPart::VideoUrl { video_url } = p {
+                        located.push((
+                            format!("messages[{i}].content[{j}].video_url.url"),
+                            video_url.url.clone(),
+                        ));
+                    }
+                }
+            }
+        }
+        let Some(ffmpeg) = jemma_media::video::Ffmpeg::find() else {
+            return Err(RouterError::UnsupportedMedia(format!(
+                "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, or set \\
+                 JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)",
+                located.first().map_or("video_url", |l| l.0.as_str())
+            )));
+        };
+        let max_bytes = limits.max_video_bytes;
+        let fetcher = crate::media::fetcher(
+            std::time::Duration::from_secs_f64(limits.image_fetch_timeout_secs.max(0.1)),
+            limits.fetch_private_image_urls,
+        )
+        .map_err(|e| RouterError::Config(format!("media fetcher: {e}")))?;
+        let mut inputs = vec![];
+        for (at, url) in located {
+            let bytes = if url.starts_with("data:") {
+                jemma_media::decode_data_url(&url, max_bytes)
+                    .map_err(|e| media_refusal(&at, &at, e))?
+                    .0
+                    .to_vec() as Vec<u8>
+            } else {
+                fetcher
+                    .fetch_kind(&url, max_bytes, "video/")
+                    .await
+                    .map_err(|e| match e {
+                        crate::media::FetchError::TooLarge(_) => {
+                            RouterError::TooLarge(format!("{at}: {e}"))
+                        }
+                        e => invalid(format!("{at}: {e}"), &at),
+                    })?
+            };
+            inputs.push((at, bytes));
+        }
+        let media_limits = jemma_media::Limits {
+            max_bytes,
+            ..Default::default()
+        };
+        let decoded = tokio::task::spawn_blocking(move || {
+            inputs
+                .into_iter()
+                .map(|(at, bytes)| {
+                    ffmpeg
+                        .decode(&bytes, &params, &media_limits)
+                        .map_err(|e| media_refusal(&at, &at, e))
+                })
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| RouterError::InvalidRequest {
+            message: format!("sampling the videos failed: {e}"),
+            param: None,
+        })??;
+        self.videos = decoded;
+        Ok(())
     }
 
     /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
@@ -434,6 +535,20 @@ fn positive_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D
     }))
 }
 
+/// A decoder's refusal of the media part at `at`, in the API's terms: over a limit 413, a format this build
+/// cannot read 415, anything else a 400 whose `param` is `param`.
+fn media_refusal(at: &str, param: &str, e: jemma_media::MediaError) -> RouterError {
+    use jemma_media::MediaError as M;
+    let m = format!("{at}: {e}");
+    match e {
+        M::TooLarge(_) => RouterError::TooLarge(m),
+        M::Unsupported(_) | M::AudioUnsupported(_) | M::VideoUnsupported(_) => {
+            RouterError::UnsupportedMedia(m)
+        }
+        M::Corrupt(_) | M::AudioCorrupt(_) | M::VideoCorrupt(_) => invalid(m, param),
+    }
+}
+
 fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
     RouterError::InvalidRequest {
         message: msg.into(),
@@ -442,19 +557,31 @@ fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
 }
 
 fn validate_image_url(url: &str, param: &str, limits: &Limits) -> Result<(), RouterError> {
+    validate_media_url(url, param, "image", limits.max_image_bytes)
+}
+
+/// An `image_url` or `video_url` URL: http(s), or base64 `data:{kind}/…` within `max_bytes`.
+fn validate_media_url(
+    url: &str,
+    param: &str,
+    kind: &str,
+    max_bytes: usize,
+) -> Result<(), RouterError> {
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
             .ok_or_else(|| invalid("malformed data URL", param))?;
-        if !meta.starts_with("image/") || !meta.ends_with(";base64") {
-            return Err(invalid("data URL must be base64 image/* data", param));
+        if !meta.starts_with(&format!("{kind}/")) || !meta.ends_with(";base64") {
+            return Err(invalid(
+                format!("data URL must be base64 {kind}/* data"),
+                param,
+            ));
         }
         // base64 is 4 chars per 3 bytes
         let bytes = data.len() / 4 * 3;
-        if bytes > limits.max_image_bytes {
+        if bytes > max_bytes {
             return Err(RouterError::TooLarge(format!(
-                "{param}: image of ~{bytes} bytes exceeds the {} byte limit",
-                limits.max_image_bytes
+                "{param}: {kind} of ~{bytes} bytes exceeds the {max_bytes} byte limit"
             )));
         }
         if data.bytes().any(|b| {
@@ -472,7 +599,7 @@ fn validate_image_url(url: &str, param: &str, limits: &Limits) -> Result<(), Rou
         Ok(())
     } else {
         Err(invalid(
-            "image_url.url must be an http(s) or data: URL",
+            format!("{kind}_url.url must be an http(s) or data: URL"),
             param,
         ))
     }
@@ -545,6 +672,11 @@ pub struct Limits {
     /// Seconds per audio clip (default 30: Gemma 4 hears 30 s at once; a longer clip would be cut, so it
     /// is refused with a 413 instead).
     pub max_audio_seconds: f64,
+    /// Video parts per request (each is sampled by ffmpeg and held as frames until the engine takes it).
+    pub max_request_videos: usize,
+    /// Bytes per video, inline (data:) or fetched (default 100 MB; inline videos also count against
+    /// `[server] max_body_bytes`).
+    pub max_video_bytes: usize,
     /// Most stop strings.
     pub max_stop: usize,
 }
@@ -564,6 +696,8 @@ impl Default for Limits {
             max_request_audio: 4,
             max_audio_bytes: 50_000_000,
             max_audio_seconds: 30.0,
+            max_request_videos: 2,
+            max_video_bytes: 100_000_000,
             max_stop: 8,
         }
     }
@@ -589,6 +723,7 @@ impl ChatCompletionRequest {
         let mut has_images = false;
         let mut total_images = 0;
         let mut total_audio = 0;
+        let mut total_videos = 0;
         let mut text = String::new();
         let mut last_user = String::new();
         let mut chars = 0;
@@ -603,6 +738,25 @@ impl ChatCompletionRequest {
                 }
                 if let MessageContent::Parts(parts) = c {
                     for (j, p) in parts.iter().enumerate() {
+                        if let super::message::ContentPart::VideoUrl { video_url } = p {
+                            let at = format!("messages[{i}].content[{j}].video_url.url");
+                            validate_media_url(
+                                &video_url.url,
+                                &at,
+                                "video",
+                                limits.max_video_bytes,
+                            )?;
+                            total_videos += 1;
+                            if total_videos > limits.max_request_videos {
+                                return Err(invalid(
+                                    format!(
+                                        "at most {} videos per request",
+                                        limits.max_request_videos
+                                    ),
+                                    &format!("messages[{i}].content[{j}]"),
+                                ));
+                            }
+                        }
                         if let super::message::ContentPart::InputAudio { input_audio } = p {
                             validate_input_audio(
                                 input_audio,
@@ -823,6 +977,9 @@ impl ChatCompletionRequest {
             images: vec![],
             has_audio: total_audio > 0,
             audio: vec![],
+            has_videos: total_videos > 0,
+            videos: vec![],
+            video_sampling: None,
             text,
             last_user,
             prompt_tokens_estimate: chars / 4 + 1,

@@ -14,8 +14,11 @@
 //! 3. `output_proj` (with bias), padding frames zeroed, then `embed_audio`: a scale-free RMS norm and a
 //!    projection to the text hidden size.
 //!
-//! The clip's soft tokens are the first `ceil(duration_ms / 40)` rows of the output (the processor's count;
-//! as mlx-vlm's `masked_scatter`, rows repeat from the start should the count exceed the rows).
+//! The clip's soft tokens are the output rows that cover audio (padding rows come last), as transformers
+//! scatters `audio_features[audio_mask]`; jemma-media's `FeatureExtractor::soft_tokens` counts them.
+//!
+//! Activations stay float32 whatever the weights' dtype, as in mlx-vlm, whose float32 features promote
+//! every product with bfloat16 weights to float32.
 
 use mlx_rs::{
     Array, Dtype, fast,
@@ -290,9 +293,10 @@ impl AudioTower {
     }
 
     /// The soft tokens of one clip's features (jemma-media's [`jemma_media::audio::AudioFeatures`]):
-    /// its first `soft_tokens` rows of [`AudioTower::encode`], (1, soft_tokens, text hidden).
+    /// the first `soft_tokens` rows of [`AudioTower::encode`] (those that cover audio), (1, soft_tokens,
+    /// text hidden).
     ///
-    /// Errors: as [`AudioTower::encode`]; `soft_tokens` of 0.
+    /// Errors: as [`AudioTower::encode`]; `soft_tokens` of 0 or more than the rows the tower makes.
     pub fn encode_features(
         &self,
         features: &jemma_media::audio::AudioFeatures,
@@ -309,13 +313,12 @@ impl AudioTower {
         let mask = Array::from_slice(&invalid, &[1, t]);
         let enc = self.encode(&x, &mask)?;
         let rows = enc.shape()[1] as usize;
-        if rows == 0 {
-            return Err(EngineError::InvalidRequest(
-                "an audio clip too short to hear".into(),
-            ));
+        if soft_tokens > rows {
+            return Err(EngineError::InvalidRequest(format!(
+                "{soft_tokens} audio soft tokens asked of a clip the tower makes {rows} of"
+            )));
         }
-        let idx: Vec<i32> = (0..soft_tokens).map(|i| (i % rows) as i32).collect();
-        Ok(enc.take_axis(Array::from_slice(&idx, &[soft_tokens as i32]), 1)?)
+        Ok(enc.try_index((.., ..soft_tokens as i32, ..))?)
     }
 
     /// The tower and its projection over `features` (1, T, 128) with `mask` (1, T) true at padding frames
@@ -330,16 +333,16 @@ impl AudioTower {
             )));
         }
         let cfg = &self.cfg;
-        let dt = self.dtype;
         let eps = cfg.rms_norm_eps;
         // Subsampling: [B, T, F, C], mask [B, T] true where padding.
-        let mut x = features.as_dtype(dt)?.expand_dims(-1)?;
+        // float32 activations, as mlx-vlm's float32 features make them (see the module docs).
+        let mut x = features.as_dtype(Dtype::Float32)?.expand_dims(-1)?;
         let mut mask = mask.clone();
-        let zero = scalar(0.0, dt)?;
+        let zero = scalar(0.0, Dtype::Float32)?;
         for (w, norm) in &self.convs {
             x = ops::select(&mask.expand_dims(-1)?.expand_dims(-1)?, &zero, &x)?;
             x = ops::pad(&x, &[(0, 0), (1, 1), (1, 1), (0, 0)], None, None)?;
-            x = ops::conv2d(&x, w, (2, 2), (0, 0), None, None)?;
+            x = ops::conv2d(&x, w.as_dtype(x.dtype())?, (2, 2), (0, 0), None, None)?;
             let t_out = x.shape()[1];
             // mask[:, ::2][:, :t_out]
             let t_in = mask.shape()[1];
@@ -433,7 +436,7 @@ impl AudioTower {
         let k = self.cfg.conv_kernel_size as i32;
         let h = ops::pad(&h, &[(0, 0), (k - 1, 0), (0, 0)], None, None)?;
         let channels = h.shape()[2];
-        let h = ops::conv1d(&h, &lc.depthwise, 1, 0, 1, channels)?;
+        let h = ops::conv1d(&h, lc.depthwise.as_dtype(h.dtype())?, 1, 0, 1, channels)?;
         let h = self.clip(&h)?;
         let h = fast::rms_norm(&h, Some(&lc.conv_norm), self.cfg.rms_norm_eps)?;
         let h = mlx_rs::nn::silu(&h)?;
@@ -559,7 +562,7 @@ impl AudioTower {
             .reshape(&[b, u * w, n, hd])?
             .try_index((.., ..t, .., ..))?
             .reshape(&[b, t, n * hd])?;
-        a.post.forward(&ctx.as_dtype(self.dtype)?)
+        a.post.forward(&ctx)
     }
 }
 

@@ -177,6 +177,11 @@ pub struct ModelConfig {
     pub quantization: Quantization,
     /// Stop token ids from config.json (generation_config.json overrides these when present).
     pub eos_token_ids: Vec<u32>,
+    /// The media placeholder ids of a multimodal checkpoint (`image_token_id`, `audio_token_id`,
+    /// `video_token_id` of a config with a `vision_config` or `audio_config`): wherever they stand, even
+    /// generated, their per-layer embeddings are the padding token's, as mlx-vlm reads them. Empty for a
+    /// text checkpoint (mlx-lm's reading).
+    pub media_token_ids: Vec<u32>,
 }
 
 /// Per-layer values derived from the config, as mlx-lm's layers compute them.
@@ -483,11 +488,23 @@ impl ModelConfig {
             v.get("eos_token_id")
                 .or_else(|| text_value.get("eos_token_id")),
         );
+        let towers = ["vision_config", "audio_config"]
+            .iter()
+            .any(|k| v.get(*k).is_some_and(|c| !c.is_null()));
+        let media_token_ids = if towers {
+            ["image_token_id", "audio_token_id", "video_token_id"]
+                .iter()
+                .filter_map(|k| v.get(*k).and_then(Value::as_u64).map(|i| i as u32))
+                .collect()
+        } else {
+            vec![]
+        };
         Ok(Self {
             model_type,
             text,
             quantization: parse_quantization(quant_value.as_ref())?,
             eos_token_ids: eos,
+            media_token_ids,
         })
     }
 

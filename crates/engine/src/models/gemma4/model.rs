@@ -477,6 +477,8 @@ pub struct Gemma4 {
     softcap: Option<Array>,
     consts: Consts,
     first_of_type: [Option<usize>; 2],
+    /// [`ModelConfig::media_token_ids`]: ids whose per-layer embeddings are the padding token's.
+    media_ids: Vec<i32>,
 }
 
 /// KV-cache quantization settings (mlx-lm's `kv_bits`, `kv_group_size`, `quantized_kv_start`).
@@ -732,6 +734,7 @@ impl Gemma4 {
             },
             consts: Consts::new(dtype)?,
             first_of_type,
+            media_ids: config.media_token_ids.iter().map(|&i| i as i32).collect(),
         })
     }
 
@@ -860,6 +863,16 @@ impl Gemma4 {
             let (merged, text_ids) = self.place_media(&h, ids, media)?;
             h = merged;
             ple_ids = Some(text_ids);
+        }
+        // A media placeholder token read anywhere else (generated, or spelled in text) also reads the padding
+        // token's per-layer embedding, as mlx-vlm masks every one of them.
+        if self.ple.is_some() && !self.media_ids.is_empty() {
+            let base = ple_ids.take().unwrap_or_else(|| ids.clone());
+            let mut is_media = base.eq(Array::from_int(self.media_ids[0]))?;
+            for &m in &self.media_ids[1..] {
+                is_media = is_media.logical_or(&base.eq(Array::from_int(m))?)?;
+            }
+            ple_ids = Some(ops::select(&is_media, Array::from_int(0), &base)?);
         }
         let n_layers = self.layers.len() as i32;
         let per_layer_inputs = match &self.ple {

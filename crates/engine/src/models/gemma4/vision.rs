@@ -5,11 +5,11 @@
 //! 1. the image (1, 3, H, W) in [0, 1] is cut into `patch_size`² patches, each flattened row by row with its
 //!    channels last, mapped to [-1, 1] and projected (`patch_embedder.input_proj`), plus a learned position
 //!    embedding per column and per row (`position_embedding_table`, 2 × positions × hidden);
-//! 2. the patches are padded to `max_patches` = `default_output_length` × `pooling_kernel_size`² and run through
-//!    bidirectional transformer blocks (RMS-normed Q/K/V, 2-D rotary embedding: half of each head turns with
-//!    the column, half with the row) in which padding is masked out;
-//! 3. a pooler averages `k` × `k` neighbourhoods of patches (k = √(max_patches / default_output_length)) into
-//!    at most `default_output_length` soft tokens, scaled by √hidden, keeping those that cover a patch;
+//! 2. the image's patches (at most `max_patches` = `default_output_length` × `pooling_kernel_size`²; no
+//!    padding, as mlx-vlm runs an image) go through bidirectional transformer blocks (RMS-normed Q/K/V, 2-D
+//!    rotary embedding: half of each head turns with the column, half with the row);
+//! 3. a pooler averages `k` × `k` neighbourhoods of patches (k = `pooling_kernel_size`) into
+//!    `patches / k²` soft tokens (at most `default_output_length`), scaled by √hidden;
 //! 4. optional standardisation (`std_bias`, `std_scale`), then `embed_vision`: a scale-free RMS norm and a
 //!    projection to the text hidden size.
 //!
@@ -82,8 +82,7 @@ impl Default for VisionConfig {
 }
 
 impl VisionConfig {
-    /// Patches the tower runs over (real ones plus padding): `default_output_length` ×
-    /// `pooling_kernel_size`².
+    /// The most patches the tower takes: `default_output_length` × `pooling_kernel_size`².
     pub fn max_patches(&self) -> usize {
         self.default_output_length * self.pooling_kernel_size * self.pooling_kernel_size
     }
@@ -281,8 +280,9 @@ impl VisionTower {
     }
 
     /// The soft tokens of one image: `pixel_values` (1, 3, H, W) in [0, 1], H and W multiples of
-    /// `patch_size` with at most `max_patches` patches (the processor sizes images so) → (1, N, text hidden),
-    /// N ≤ `default_output_length` (the pooled neighbourhoods that cover the image).
+    /// `patch_size` with at most `max_patches` patches (the processor sizes images so, in whole
+    /// `pooling_kernel_size` neighbourhoods) → (1, N, text hidden), N = patches / `pooling_kernel_size`²
+    /// ≤ `default_output_length`.
     ///
     /// Errors: another shape, or more patches than the tower takes.
     pub fn encode(&self, pixel_values: &Array) -> Result<Array> {
@@ -338,59 +338,41 @@ impl VisionTower {
         };
         let pos = ops::add(embed(&table[0], &col_ids)?, embed(&table[1], &row_ids)?)?;
         let mut h = ops::add(&x, pos.expand_dims(0)?)?;
-        let pad = max - real;
-        if pad > 0 {
-            let zeros = ops::zeros_dtype(&[1, pad as i32, hidden], h.dtype())?;
-            h = ops::concatenate(&[h, zeros], 1)?;
-        }
-
-        // Padding attends to nothing and nothing attends to it (a large finite negative, as mlx-vlm).
-        let mut mask = vec![-1e4f32; max * max];
-        for q in 0..real {
-            for k in 0..real {
-                mask[q * max + k] = 0.0;
-            }
-        }
-        let mask = Array::from_slice(&mask, &[1, 1, max as i32, max as i32]).as_dtype(dt)?;
-        // Rotary positions: padding sits at (-1, -1), as in mlx-vlm (its outputs are discarded).
-        let mut cols_f = vec![-1f32; max];
-        let mut rows_f = vec![-1f32; max];
+        // The real patches alone, as mlx-vlm runs an image (`max_patches = num_real`): padding up to the
+        // tower's budget would be masked out of everything, and cost the blocks up to 4× the work for a
+        // small image or a 70-token video frame.
+        let mut cols_f = vec![0f32; real];
+        let mut rows_f = vec![0f32; real];
         for (i, &(c, r)) in grid.iter().enumerate() {
             cols_f[i] = c as f32;
             rows_f[i] = r as f32;
         }
         let rotary = self.rotary(&[cols_f, rows_f], dt)?;
         for b in &self.blocks {
-            h = self.block(b, &h, &rotary, &mask)?;
+            h = self.block(b, &h, &rotary)?;
         }
 
-        // Pool k×k neighbourhoods into soft tokens.
-        let length = cfg.default_output_length;
-        let (pooled, keep): (Array, Vec<i32>) = if max == length {
-            // No pooling (a kernel of 1): the real patches are the soft tokens. (mlx-vlm keeps the padding
-            // rows here instead, which no Gemma 4 configuration reaches.)
+        // Pool k×k neighbourhoods of patches (k = `pooling_kernel_size`; mlx-vlm's output length
+        // `num_real / k²`) into soft tokens.
+        let k = cfg.pooling_kernel_size.max(1);
+        let length = real / (k * k);
+        let (pooled, keep): (Array, Vec<i32>) = if k == 1 {
             (h, (0..real as i32).collect())
         } else {
-            let k = ((max / length) as f64).sqrt() as usize;
             // Neighbourhood (c / k, r / k), numbered row by row over `cols / k` per row; a neighbourhood
-            // number past `length` is dropped, as one_hot drops it in mlx-vlm. Padding is clamped to (0, 0)
-            // as there; its states are zeroed first, so it adds nothing.
-            let k = k.max(1);
+            // number past `length` is dropped, as one_hot drops it in mlx-vlm.
             let per_row = cols / k;
-            let mut weights = vec![0f32; length * max];
+            let mut weights = vec![0f32; length * real];
             let mut covered = vec![false; length];
             let w = 1.0 / (k * k) as f32;
-            for i in 0..max {
-                let (c, r) = grid.get(i).copied().unwrap_or((0, 0));
+            for (i, &(c, r)) in grid.iter().enumerate() {
                 let idx = c / k + per_row * (r / k);
                 if idx < length {
-                    weights[idx * max + i] = w;
+                    weights[idx * real + i] = w;
                     covered[idx] = true;
                 }
             }
-            let zero = ops::zeros_dtype(&[1, 1, 1], dt)?;
-            let h = ops::select(&padding_rows(real, max)?, &zero, &h)?;
-            let weights = Array::from_slice(&weights, &[1, length as i32, max as i32]);
+            let weights = Array::from_slice(&weights, &[1, length as i32, real as i32]);
             let out = ops::matmul(&weights, &h.as_dtype(Dtype::Float32)?)?.as_dtype(dt)?;
             let keep = covered
                 .iter()
@@ -436,7 +418,7 @@ impl VisionTower {
         })
     }
 
-    fn block(&self, b: &Block, x: &Array, rot: &Rotary, mask: &Array) -> Result<Array> {
+    fn block(&self, b: &Block, x: &Array, rot: &Rotary) -> Result<Array> {
         let cfg = &self.cfg;
         let eps = cfg.rms_norm_eps;
         let l = x.shape()[1];
@@ -455,7 +437,8 @@ impl VisionTower {
             t(k)?,
             t(v)?,
             1.0,
-            ScaledDotProductAttentionMask::Array(mask),
+            // Every patch is real: each sees every other.
+            None::<ScaledDotProductAttentionMask<'_>>,
             None,
         )?;
         let attn = attn.transpose_axes(&[0, 2, 1, 3])?.reshape(&[1, l, -1])?;
@@ -470,12 +453,6 @@ impl VisionTower {
         let ff = fast::rms_norm(&ff, Some(&b.post_feedforward_layernorm), eps)?;
         Ok(ops::add(&h, &ff)?)
     }
-}
-
-/// (1, max, 1): true for the padding rows.
-fn padding_rows(real: usize, max: usize) -> Result<Array> {
-    let v: Vec<bool> = (0..max).map(|i| i >= real).collect();
-    Ok(Array::from_slice(&v, &[1, max as i32, 1]))
 }
 
 /// `x cos + rotate_half(x) sin`, with `rotate_half` within each spatial axis's part of the head.
@@ -532,6 +509,16 @@ pub fn sees_images(dir: &std::path::Path) -> bool {
                     .is_ok_and(|h| h.iter().any(|(k, _, _)| tower_key(k).is_some()))
             })
         })
+}
+
+/// Whether the checkpoint in `dir` sees video: it sees images ([`sees_images`]) and its config names a
+/// video token (`video_token_id`), whose runs hold the frames' soft tokens.
+pub fn sees_video(dir: &std::path::Path) -> bool {
+    sees_images(dir)
+        && std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .is_some_and(|v| v.get("video_token_id").is_some_and(|i| i.is_u64()))
 }
 
 /// Loads the vision tower of the Gemma 4 checkpoint in `dir` (its `config.json` `vision_config` and the
