@@ -1383,9 +1383,20 @@ impl MlxSequence {
         let mut media = vec![];
         if let Some(tower) = &l.vision {
             for img in &images {
+                let features = tower.encode_pixels(&img.pixels)?;
+                // The placeholders were counted by the processor's arithmetic; the tower must agree, or
+                // soft tokens would land on the wrong positions.
+                if features.shape()[1] as usize != img.pixels.soft_tokens {
+                    return Err(EngineError::InvalidModel(format!(
+                        "the vision tower made {} soft tokens of an image the processor sized for {} \
+                         (processor_config.json and vision_config disagree)",
+                        features.shape()[1],
+                        img.pixels.soft_tokens
+                    )));
+                }
                 media.push(MediaRun {
                     start: img.start,
-                    features: tower.encode_pixels(&img.pixels)?,
+                    features,
                     digest: img.digest,
                     bidirectional: true,
                 });

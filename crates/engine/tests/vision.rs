@@ -79,6 +79,8 @@ fn images_the_tower_cannot_take_are_refused() {
         (vec![1, 3, 30, 32], "whole number"),
         (vec![1, 3, 36, 32], "exceeds"),
         (vec![1, 1, 32, 32], "expected (1, 3, H, W)"),
+        // 8x6 patches: pooled 2x2, fine; 7 rows would leave half neighbourhoods.
+        (vec![1, 3, 28, 32], "neighbourhoods"),
     ] {
         let n: i32 = shape.iter().product();
         let px = Array::from_slice(&vec![0.5f32; n as usize], &shape);

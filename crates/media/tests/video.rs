@@ -59,7 +59,7 @@ fn frames_come_from_evenly_spaced_times_with_the_audio_track() {
         let bytes = std::fs::read(fixtures().join(file)).unwrap();
         // 4 frames over the first 4 s: one from each second, each second's colour.
         let v = ffmpeg()
-            .decode(&bytes, &params(4, 4.0), &Limits::default())
+            .decode(&bytes, &params(4, 4.0), &Limits::default(), u64::MAX)
             .unwrap();
         assert!((v.duration - 4.0).abs() < 0.2, "{file}: {} s", v.duration);
         assert_eq!(v.frames.len(), 4, "{file}");
@@ -95,7 +95,7 @@ fn frames_come_from_evenly_spaced_times_with_the_audio_track() {
     // priming too), an eighth of it apart.
     let bytes = std::fs::read(fixtures().join("clip.mp4")).unwrap();
     let v = ffmpeg()
-        .decode(&bytes, &params(8, 60.0), &Limits::default())
+        .decode(&bytes, &params(8, 60.0), &Limits::default(), u64::MAX)
         .unwrap();
     let times: Vec<f64> = v.frames.iter().map(|f| f.seconds).collect();
     assert_eq!(times.len(), 8);
@@ -104,7 +104,7 @@ fn frames_come_from_evenly_spaced_times_with_the_audio_track() {
     }
     // 2 frames over the first 2 s only.
     let v = ffmpeg()
-        .decode(&bytes, &params(2, 2.0), &Limits::default())
+        .decode(&bytes, &params(2, 2.0), &Limits::default(), u64::MAX)
         .unwrap();
     assert_eq!(
         v.frames.iter().map(|f| f.seconds).collect::<Vec<_>>(),
@@ -122,6 +122,7 @@ fn a_clip_without_sound_has_no_audio_and_bad_clips_are_refused() {
             &std::fs::read(fixtures().join("silent.mkv")).unwrap(),
             &params(4, 30.0),
             &Limits::default(),
+            u64::MAX,
         )
         .unwrap();
     assert_eq!(v.frames.len(), 4);
@@ -138,7 +139,7 @@ fn a_clip_without_sound_has_no_audio_and_bad_clips_are_refused() {
         ),
     ] {
         let err = ffmpeg()
-            .decode(&bytes, &params(4, 30.0), &Limits::default())
+            .decode(&bytes, &params(4, 30.0), &Limits::default(), u64::MAX)
             .unwrap_err();
         assert!(matches!(err, MediaError::VideoCorrupt(_)), "{what}: {err}");
     }
@@ -148,7 +149,63 @@ fn a_clip_without_sound_has_no_audio_and_bad_clips_are_refused() {
     };
     let bytes = std::fs::read(fixtures().join("clip.mp4")).unwrap();
     assert!(matches!(
-        ffmpeg().decode(&bytes, &params(4, 30.0), &small),
+        ffmpeg().decode(&bytes, &params(4, 30.0), &small, u64::MAX),
         Err(MediaError::TooLarge(_))
     ));
+}
+
+#[test]
+fn ffmpeg_reads_the_one_file_and_nothing_else() {
+    // An HLS playlist (sent as an MP4) pointing at another file on this machine: FFmpeg would open it and
+    // its pictures would reach the model; the protocol and container whitelists refuse it.
+    let target = fixtures().join("clip.mp4");
+    let playlist = format!(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:4\n#EXTINF:4.0,\nfile://{}\n#EXT-X-ENDLIST\n",
+        target.display()
+    );
+    let err = ffmpeg()
+        .decode(
+            playlist.as_bytes(),
+            &params(2, 4.0),
+            &Limits::default(),
+            u64::MAX,
+        )
+        .unwrap_err();
+    assert!(matches!(err, MediaError::VideoCorrupt(_)), "{err}");
+    assert!(
+        !err.to_string().contains("/tmp/"),
+        "the server's paths stay out: {err}"
+    );
+    // The frames of a video together are bounded too (4 frames of 64x48 = 12,288 pixels).
+    let bytes = std::fs::read(fixtures().join("clip.mp4")).unwrap();
+    let err = ffmpeg()
+        .decode(&bytes, &params(4, 4.0), &Limits::default(), 10_000)
+        .unwrap_err();
+    assert!(matches!(err, MediaError::TooLarge(_)), "{err}");
+}
+
+#[test]
+fn a_stream_that_never_says_its_length_is_measured() {
+    // A WebM written to a pipe (as a browser's MediaRecorder writes it) carries no duration.
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("live.webm");
+    let status = std::process::Command::new("ffmpeg")
+        .args(["-v", "error", "-nostdin", "-i"])
+        .arg(fixtures().join("clip.webm"))
+        .args(["-c", "copy", "-f", "webm", "pipe:1"])
+        .stdout(std::fs::File::create(&out).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let v = ffmpeg()
+        .decode(
+            &std::fs::read(&out).unwrap(),
+            &params(4, 30.0),
+            &Limits::default(),
+            u64::MAX,
+        )
+        .unwrap();
+    assert!((v.duration - 4.0).abs() < 0.2, "measured {} s", v.duration);
+    let times: Vec<f64> = v.frames.iter().map(|f| f.seconds.round()).collect();
+    assert_eq!(times, [0.0, 1.0, 2.0, 3.0]);
 }

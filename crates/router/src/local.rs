@@ -242,10 +242,16 @@ impl<E: InProcess> EngineBackend<E> {
         Ok(std::borrow::Cow::Owned(owned))
     }
 
-    /// What the engine's model takes in, less what the engine cannot put before it.
+    /// What the engine's model takes in, less what the engine cannot put before it (and video, which is
+    /// sampled through ffmpeg, where no ffmpeg is found).
     fn takes(info: &E::Info) -> Vec<String> {
         let mut m = E::input_modalities(info);
-        m.retain(|m| (m != "image" || E::SEES_IMAGES) && (m != "audio" || E::HEARS_AUDIO));
+        m.retain(|m| match m.as_str() {
+            "image" => E::SEES_IMAGES,
+            "audio" => E::HEARS_AUDIO,
+            "video" => E::SEES_IMAGES && jemma_media::video::Ffmpeg::find().is_some(),
+            _ => true,
+        });
         m
     }
 

@@ -456,7 +456,7 @@ impl ChatRequest {
         }
         let Some(ffmpeg) = jemma_media::video::Ffmpeg::find() else {
             return Err(RouterError::UnsupportedMedia(format!(
-                "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, or set \\
+                "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, or set \
                  JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)",
                 located.first().map_or("video_url", |l| l.0.as_str())
             )));
@@ -491,12 +491,13 @@ impl ChatRequest {
             max_bytes,
             ..Default::default()
         };
+        let max_pixels = limits.max_request_pixels;
         let decoded = tokio::task::spawn_blocking(move || {
             inputs
                 .into_iter()
                 .map(|(at, bytes)| {
                     ffmpeg
-                        .decode(&bytes, &params, &media_limits)
+                        .decode(&bytes, &params, &media_limits, max_pixels)
                         .map_err(|e| media_refusal(&at, &at, e))
                 })
                 .collect::<Result<Vec<_>, _>>()

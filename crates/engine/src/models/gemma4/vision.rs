@@ -309,6 +309,12 @@ impl VisionTower {
                 "an image of {real} patches exceeds the vision tower's {max}"
             ));
         }
+        let k = cfg.pooling_kernel_size.max(1);
+        if rows % k != 0 || cols % k != 0 {
+            return bad(format!(
+                "an image of {cols}x{rows} patches is not a whole number of {k}x{k} neighbourhoods"
+            ));
+        }
         if cols.max(rows) > cfg.position_embedding_size {
             return bad(format!(
                 "an image {cols} patches wide and {rows} high exceeds the {} positions the tower embeds",
@@ -354,7 +360,6 @@ impl VisionTower {
 
         // Pool k×k neighbourhoods of patches (k = `pooling_kernel_size`; mlx-vlm's output length
         // `num_real / k²`) into soft tokens.
-        let k = cfg.pooling_kernel_size.max(1);
         let length = real / (k * k);
         let (pooled, keep): (Array, Vec<i32>) = if k == 1 {
             (h, (0..real as i32).collect())
