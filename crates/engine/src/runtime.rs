@@ -340,18 +340,13 @@ impl ImageSpec {
     ///
     /// Errors: an unreadable `config.json`.
     pub fn from_model_dir(dir: &Path, vision: &VisionConfig) -> Result<Self> {
-        let read = |name: &str| -> Option<serde_json::Value> {
-            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
-        };
-        let cfg = read("config.json")
-            .ok_or_else(|| EngineError::InvalidModel("config.json is unreadable".into()))?;
+        let (cfg, proc) = processor_files(dir)?;
         let id = |k: &str, default: u32| {
             cfg.get(k)
                 .and_then(serde_json::Value::as_u64)
                 .map_or(default, |v| v as u32)
         };
         // transformers writes the processor's settings at the top level or under "image_processor".
-        let proc = read("processor_config.json").unwrap_or_default();
         let setting = |k: &str, default: usize| {
             proc.get(k)
                 .or_else(|| proc.pointer(&format!("/image_processor/{k}")))
@@ -389,6 +384,24 @@ impl ImageSpec {
             params,
         })
     }
+}
+
+/// A JSON file of the model directory; None when absent or unreadable.
+fn read_json(dir: &Path, name: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
+}
+
+/// The model directory's `config.json` and `processor_config.json` (empty when absent): where the media
+/// placeholders' ids and the processors' settings are.
+///
+/// Errors: an unreadable `config.json`.
+fn processor_files(dir: &Path) -> Result<(serde_json::Value, serde_json::Value)> {
+    let cfg = read_json(dir, "config.json")
+        .ok_or_else(|| EngineError::InvalidModel("config.json is unreadable".into()))?;
+    Ok((
+        cfg,
+        read_json(dir, "processor_config.json").unwrap_or_default(),
+    ))
 }
 
 /// An image placed in a prompt: its preprocessed pixels from position `start`.
@@ -475,17 +488,12 @@ impl AudioSpec {
     ///
     /// Errors: an unreadable `config.json`; feature extractor settings that cannot work.
     pub fn from_model_dir(dir: &Path) -> Result<Self> {
-        let read = |name: &str| -> Option<serde_json::Value> {
-            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).ok()?).ok()
-        };
-        let cfg = read("config.json")
-            .ok_or_else(|| EngineError::InvalidModel("config.json is unreadable".into()))?;
+        let (cfg, proc) = processor_files(dir)?;
         let id = |k: &str, default: u32| {
             cfg.get(k)
                 .and_then(serde_json::Value::as_u64)
                 .map_or(default, |v| v as u32)
         };
-        let proc = read("processor_config.json").unwrap_or_default();
         let setting = |k: &str, default: usize| {
             proc.get(k)
                 .and_then(serde_json::Value::as_u64)
@@ -495,7 +503,8 @@ impl AudioSpec {
             .get("feature_extractor")
             .cloned()
             .or_else(|| {
-                read("preprocessor_config.json").filter(|p| p.get("feature_size").is_some())
+                read_json(dir, "preprocessor_config.json")
+                    .filter(|p| p.get("feature_size").is_some())
             })
             .unwrap_or_else(|| serde_json::json!({}));
         let params: jemma_media::audio::FeatureParams = serde_json::from_value(fe)
@@ -668,22 +677,34 @@ impl ModelBundle {
                 tools,
                 enable_thinking,
             } => {
-                let tpl = self
-                    .template
-                    .as_ref()
-                    .ok_or_else(|| EngineError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
-                let text = tpl
-                    .render_for_generation(messages, tools.as_deref(), *enable_thinking)
-                    .map_err(|e| {
-                        if e.is_client_error() {
-                            EngineError::InvalidRequest(e.to_string())
-                        } else {
-                            EngineError::InvalidModel(format!("chat template: {e}"))
-                        }
-                    })?;
+                let text = self.render_chat(messages, tools.as_deref(), *enable_thinking)?;
                 self.tokenizer.encode(&text, false)?
             }
         })
+    }
+
+    /// A chat rendered by the model's template, ready for the answer.
+    ///
+    /// Errors: no template ([`EngineError::InvalidRequest`]); the template's refusal of the messages (a
+    /// client error) or its own failure ([`EngineError::InvalidModel`]).
+    fn render_chat(
+        &self,
+        messages: &[serde_json::Value],
+        tools: Option<&[serde_json::Value]>,
+        enable_thinking: Option<bool>,
+    ) -> Result<String> {
+        let tpl = self
+            .template
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
+        tpl.render_for_generation(messages, tools, enable_thinking)
+            .map_err(|e| {
+                if e.is_client_error() {
+                    EngineError::InvalidRequest(e.to_string())
+                } else {
+                    EngineError::InvalidModel(format!("chat template: {e}"))
+                }
+            })
     }
 }
 
@@ -796,22 +817,7 @@ impl ModelBundle {
                 messages,
                 tools,
                 enable_thinking,
-            } => {
-                let tpl = self
-                    .template
-                    .as_ref()
-                    .ok_or_else(|| EngineError::InvalidRequest(NO_CHAT_TEMPLATE.into()))?;
-                Some(
-                    tpl.render_for_generation(messages, tools.as_deref(), *enable_thinking)
-                        .map_err(|e| {
-                            if e.is_client_error() {
-                                EngineError::InvalidRequest(e.to_string())
-                            } else {
-                                EngineError::InvalidModel(format!("chat template: {e}"))
-                            }
-                        })?,
-                )
-            }
+            } => Some(self.render_chat(messages, tools.as_deref(), *enable_thinking)?),
         })
     }
 

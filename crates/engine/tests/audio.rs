@@ -3,32 +3,18 @@
 //! mlx-vlm computes for transformers' features of two generated clips. The features themselves are checked
 //! against transformers in crates/media/tests/audio.rs; here they also go through the tower end to end.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{Media, max_abs_diff, tokens};
 
 use jemma_engine::models::gemma4::audio::{AudioTower, hears_audio, load_tower};
 use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, decode_audio};
 use mlx_rs::{Array, Dtype};
 
 fn fixture() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("audio");
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
-}
-
-fn max_abs_diff(a: &Array, b: &Array) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap())
-        .unwrap()
-        .max(None)
-        .unwrap()
-        .item_cast::<f32>()
+    common::fixture("audio")
 }
 
 fn tower() -> (AudioTower, std::collections::HashMap<String, Array>) {
@@ -107,16 +93,12 @@ fn features_the_tower_cannot_take_are_refused() {
 const AUDIO: i32 = 23;
 const IMAGE: i32 = 20;
 
-fn fixture_named(name: &str) -> PathBuf {
-    fixture().parent().unwrap().join(name)
-}
-
 #[test]
 fn a_prompt_with_audio_matches_mlx_vlm_at_every_position() {
     use jemma_engine::models::gemma4::{self, Placed};
     use mlx_rs::ops::indexing::IndexOp;
     // The tiny text model with both towers: a clip alone, then an image and a clip in one prompt.
-    let dir = fixture_named("tiny-mm");
+    let dir = common::fixture("tiny-mm");
     let (model, _, _) = gemma4::load(&dir, None).unwrap();
     let audio = load_tower(&dir, None).unwrap().unwrap();
     let vision = jemma_engine::models::gemma4::vision::load_tower(&dir, None)
@@ -205,48 +187,22 @@ fn greedy(
     ids: &[u32],
     audio: Vec<jemma_media::audio::DecodedAudio>,
 ) -> Result<(Vec<u32>, usize), String> {
-    use jemma_engine::generate::GenerateOptions;
-    use jemma_engine::runtime::{Event, Prompt, Request};
-    let mut rx = engine
-        .submit(Request {
-            prompt: Prompt::Ids(ids.to_vec()),
-            options: GenerateOptions {
-                max_tokens: 32,
-                stop_tokens: vec![1 << 20],
-                ..Default::default()
-            },
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            images: vec![],
+    let prompt = jemma_engine::runtime::Prompt::Ids(ids.to_vec());
+    common::greedy(
+        engine,
+        prompt,
+        Media {
             audio,
-            videos: vec![],
-        })
-        .map_err(|e| e.to_string())?;
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Done(s) => return Ok((s.tokens, s.cached_tokens)),
-            Event::Error(e) => return Err(e.to_string()),
-            _ => {}
-        }
-    }
-    Err("no answer".into())
+            ..Media::default()
+        },
+    )
 }
 
 #[test]
 fn the_engine_hears_a_wav_as_mlx_vlm_does_and_caches_by_clip() {
-    let dir = fixture_named("tiny-mm");
+    let dir = common::fixture("tiny-mm");
     let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
-    let tokens = |k: &str| -> Vec<u32> {
-        refs[k]
-            .as_slice::<i32>()
-            .iter()
-            .map(|&t| t as u32)
-            .collect()
-    };
-    let ids = tokens("speech.ids");
+    let ids = tokens(&refs["speech.ids"]);
     let wav = std::fs::read(dir.join("speech.wav")).unwrap();
     let clip = decode_audio(&wav, Some("wav"), &AudioLimits::default()).unwrap();
     let engine =
@@ -257,7 +213,7 @@ fn the_engine_hears_a_wav_as_mlx_vlm_does_and_caches_by_clip() {
     let (got, cached) = greedy(&engine, &ids, vec![clip.clone()]).unwrap();
     assert_eq!(
         got,
-        tokens("speech.greedy"),
+        tokens(&refs["speech.greedy"]),
         "greedy continuation of the WAV prompt"
     );
     assert_eq!(cached, 0);

@@ -3,7 +3,11 @@
 //! each frame through the vision tower with the video budget, bidirectional within a frame; the prompt's
 //! ids, logits at every position and 32 greedy tokens.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{Media, max_abs_diff, tokens};
 
 use jemma_engine::models::gemma4::Placed;
 use jemma_engine::runtime::{ModelBundle, Prompt};
@@ -12,16 +16,7 @@ use jemma_media::{DecodedImage, Rgb};
 use mlx_rs::{Array, Dtype};
 
 fn fixture() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("tiny-mm");
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    common::fixture("tiny-mm")
 }
 
 const PROMPT: &str = "Watch: <|video|> What happens?";
@@ -61,15 +56,6 @@ fn video(frames: &Array, audio: Option<jemma_media::audio::DecodedAudio>) -> Dec
     }
 }
 
-fn max_abs_diff(a: &Array, b: &Array) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap())
-        .unwrap()
-        .max(None)
-        .unwrap()
-        .item_cast::<f32>()
-}
-
 #[test]
 fn a_video_prompt_matches_mlx_vlm_ids_logits_and_greedy_tokens() {
     let dir = fixture();
@@ -84,11 +70,7 @@ fn a_video_prompt_matches_mlx_vlm_ids_logits_and_greedy_tokens() {
             std::slice::from_ref(&v),
         )
         .unwrap();
-    let want: Vec<u32> = refs["video.ids"]
-        .as_slice::<i32>()
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
+    let want = tokens(&refs["video.ids"]);
     assert_eq!(ids, want, "the processor's expansion, tokenized whole");
     assert!(audio.is_empty());
     assert_eq!(frames.len(), 3);
@@ -136,42 +118,19 @@ fn a_video_prompt_matches_mlx_vlm_ids_logits_and_greedy_tokens() {
     drop(bundle);
 
     // The engine end to end: 32 greedy tokens, mlx-vlm's.
-    use jemma_engine::generate::GenerateOptions;
-    use jemma_engine::runtime::{Engine, EngineConfig, Event, Request};
+    use jemma_engine::runtime::{Engine, EngineConfig};
     let engine = Engine::start(EngineConfig::new(&dir)).unwrap();
     engine.wait_ready().unwrap();
-    let mut rx = engine
-        .submit(Request {
-            prompt: Prompt::Text(PROMPT.into()),
-            options: GenerateOptions {
-                max_tokens: 32,
-                stop_tokens: vec![1 << 20],
-                ..Default::default()
-            },
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            images: vec![],
-            audio: vec![],
-            videos: vec![v],
-        })
-        .unwrap();
-    let mut got = None;
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Done(s) => got = Some(s.tokens),
-            Event::Error(e) => panic!("{e}"),
-            _ => {}
-        }
-    }
-    let greedy: Vec<u32> = refs["video.greedy"]
-        .as_slice::<i32>()
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
-    assert_eq!(got.unwrap(), greedy, "greedy continuation after the video");
+    let media = Media {
+        videos: vec![v],
+        ..Media::default()
+    };
+    let (got, _) = common::greedy(&engine, Prompt::Text(PROMPT.into()), media).unwrap();
+    assert_eq!(
+        got,
+        tokens(&refs["video.greedy"]),
+        "greedy continuation after the video"
+    );
     assert!(engine.shutdown(std::time::Duration::from_secs(20)));
 }
 
@@ -187,11 +146,7 @@ fn a_videos_audio_track_follows_its_frames_and_pairs_are_checked() {
     let (ids, frames, audio) = bundle
         .prompt_with_media(&prompt, &[], &[], std::slice::from_ref(&v))
         .unwrap();
-    let plain: Vec<u32> = refs["video.ids"]
-        .as_slice::<i32>()
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
+    let plain = tokens(&refs["video.ids"]);
     // <|audio> (24), 23 soft tokens (23), <audio|> (25) right after the last frame's <image|> (22).
     let last_eoi = plain.iter().rposition(|&t| t == 22).unwrap();
     assert_eq!(ids[..=last_eoi], plain[..=last_eoi]);

@@ -2,7 +2,11 @@
 //! random-weight tower: scripts/fixtures/gen_vision.py builds it with mlx-vlm's own classes and records the
 //! soft tokens mlx-vlm computes for fixed images.
 
+mod common;
+
 use std::path::PathBuf;
+
+use common::{Media, max_abs_diff, tokens};
 
 use jemma_engine::EngineError;
 use jemma_engine::models::gemma4::vision::{VisionTower, load_tower};
@@ -14,29 +18,11 @@ use mlx_rs::{Array, Dtype};
 const IMAGE: i32 = 20;
 
 fn fixture() -> PathBuf {
-    fixture_named("vision")
+    common::fixture("vision")
 }
 
 fn fixture_named(name: &str) -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
-}
-
-fn max_abs_diff(a: &Array, b: &Array) -> f32 {
-    assert_eq!(a.shape(), b.shape());
-    mlx_rs::ops::abs(mlx_rs::ops::subtract(a, b).unwrap())
-        .unwrap()
-        .max(None)
-        .unwrap()
-        .item_cast::<f32>()
+    common::fixture(name)
 }
 
 fn tower() -> (VisionTower, std::collections::HashMap<String, Array>) {
@@ -207,42 +193,21 @@ fn an_image_after_a_cached_prefix_reads_as_it_does_from_the_start() {
     assert!(d <= 1e-4, "two chunks: max |Δlogit| = {d}");
 }
 
-/// Runs 32 greedy steps of `ids` with `images` on `engine`: (generated tokens, cached prompt tokens), or
-/// the engine's error.
+/// 32 greedy steps of `ids` with `images` on `engine`: (tokens, cached prompt tokens), or the error.
 fn greedy_or_error(
     engine: &jemma_engine::runtime::Engine,
     ids: &[u32],
     images: Vec<jemma_media::DecodedImage>,
 ) -> Result<(Vec<u32>, usize), String> {
-    use jemma_engine::generate::GenerateOptions;
-    use jemma_engine::runtime::{Event, Prompt, Request};
-    let mut rx = engine
-        .submit(Request {
-            prompt: Prompt::Ids(ids.to_vec()),
-            options: GenerateOptions {
-                max_tokens: 32,
-                // No stop token: the reference ran 32 steps whatever came.
-                stop_tokens: vec![1 << 20],
-                ..Default::default()
-            },
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
+    let prompt = jemma_engine::runtime::Prompt::Ids(ids.to_vec());
+    common::greedy(
+        engine,
+        prompt,
+        Media {
             images,
-            audio: vec![],
-            videos: vec![],
-        })
-        .map_err(|e| e.to_string())?;
-    while let Some(ev) = rx.blocking_recv() {
-        match ev {
-            Event::Done(s) => return Ok((s.tokens, s.cached_tokens)),
-            Event::Error(e) => return Err(e.to_string()),
-            _ => {}
-        }
-    }
-    Err("no answer".into())
+            ..Media::default()
+        },
+    )
 }
 
 fn greedy(
@@ -257,16 +222,8 @@ fn greedy(
 fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
     let dir = fixture_named("tiny-mm");
     let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
-    let ids: Vec<u32> = refs["photo.ids"]
-        .as_slice::<i32>()
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
-    let want: Vec<u32> = refs["photo.greedy"]
-        .as_slice::<i32>()
-        .iter()
-        .map(|&t| t as u32)
-        .collect();
+    let ids = tokens(&refs["photo.ids"]);
+    let want = tokens(&refs["photo.greedy"]);
     let png = std::fs::read(dir.join("photo.png")).unwrap();
     let photo = jemma_media::EncodedImage(png.into())
         .decode(&jemma_media::Limits::default())

@@ -576,17 +576,7 @@ pub fn tower_key(key: &str) -> Option<&str> {
 /// Whether the checkpoint in `dir` has an audio tower (an `audio_config` and tower tensors), read from its
 /// config and safetensors headers without loading anything. False when unreadable.
 pub fn hears_audio(dir: &std::path::Path) -> bool {
-    let has_config = std::fs::read_to_string(dir.join("config.json"))
-        .ok()
-        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-        .is_some_and(|v| v.get("audio_config").is_some_and(|c| !c.is_null()));
-    has_config
-        && super::weight_files(dir).is_ok_and(|files| {
-            files.iter().any(|f| {
-                crate::footprint::read_header(f)
-                    .is_ok_and(|h| h.iter().any(|(k, _, _)| tower_key(k).is_some()))
-            })
-        })
+    super::has_tower(dir, "audio_config", tower_key)
 }
 
 /// Loads the audio tower of the Gemma 4 checkpoint in `dir` (its `config.json` `audio_config` and the
@@ -595,46 +585,23 @@ pub fn hears_audio(dir: &std::path::Path) -> bool {
 ///
 /// Errors: an unreadable checkpoint, a misshapen or unused tower tensor, a bad `audio_config`.
 pub fn load_tower(dir: &std::path::Path, dtype: Option<Dtype>) -> Result<Option<AudioTower>> {
-    let path = dir.join("config.json");
-    let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
-    let Some(ac) = v.get("audio_config").filter(|c| !c.is_null()) else {
+    let Some(t) = super::read_tower::<AudioConfig>(dir, "audio_config", tower_key)? else {
         return Ok(None);
     };
-    let cfg: AudioConfig = serde_json::from_value(ac.clone())
-        .map_err(|e| EngineError::InvalidModel(format!("audio_config: {e}")))?;
-    let text_hidden = v
-        .pointer("/text_config/hidden_size")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| {
-            EngineError::InvalidModel("config.json has no text_config.hidden_size".into())
-        })? as usize;
-    let mut tensors = std::collections::HashMap::new();
-    for f in super::weight_files(dir)? {
-        let t = Array::load_safetensors(&f)
-            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", f.display())))?;
-        for (k, a) in t {
-            if let Some(name) = tower_key(&k) {
-                tensors.insert(name.to_string(), a);
-            }
-        }
-    }
-    if tensors.is_empty() {
-        return Ok(None);
-    }
     let dtype = match dtype {
         Some(d) => d,
-        None => tensors
+        None => t
+            .tensors
             .get("audio_tower.subsample_conv_projection.input_proj_linear.weight")
             .map(|a| a.dtype())
             .unwrap_or(Dtype::Float32),
     };
-    let mut store = WeightStore::new(tensors, super::config::Quantization::default(), Some(dtype));
-    let tower = AudioTower::load(&cfg, text_hidden, &mut store, dtype)?;
+    let mut store = WeightStore::new(
+        t.tensors,
+        super::config::Quantization::default(),
+        Some(dtype),
+    );
+    let tower = AudioTower::load(&t.cfg, t.text_hidden, &mut store, dtype)?;
     store.finish()?;
     Ok(Some(tower))
 }

@@ -211,3 +211,77 @@ pub fn load_with_progress(
         },
     ))
 }
+
+/// A tower's part of a multimodal checkpoint (the vision or audio tower with its projection), read for
+/// [`vision::load_tower`] and [`audio::load_tower`].
+pub(crate) struct TowerCheckpoint<C> {
+    /// The tower's config section (`vision_config`, `audio_config`).
+    pub cfg: C,
+    /// The text model's width (`text_config.hidden_size`): what the projection maps to.
+    pub text_hidden: usize,
+    /// The tower's tensors by canonical name (without `model.`).
+    pub tensors: HashMap<String, Array>,
+}
+
+/// Reads the tower configured as `section` of the checkpoint in `dir`: its config and the tensors
+/// `tower_key` claims (their canonical names). None when the config has no such section or the checkpoint
+/// no such tensors.
+///
+/// Errors: an unreadable `config.json` or weight file; a section `C` cannot read; no
+/// `text_config.hidden_size`.
+pub(crate) fn read_tower<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    section: &str,
+    tower_key: fn(&str) -> Option<&str>,
+) -> Result<Option<TowerCheckpoint<C>>> {
+    let path = dir.join("config.json");
+    let text = std::fs::read_to_string(&path).map_err(|source| EngineError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))?;
+    let Some(section_value) = v.get(section).filter(|c| !c.is_null()) else {
+        return Ok(None);
+    };
+    let cfg: C = serde_json::from_value(section_value.clone())
+        .map_err(|e| EngineError::InvalidModel(format!("{section}: {e}")))?;
+    let text_hidden = v
+        .pointer("/text_config/hidden_size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| {
+            EngineError::InvalidModel("config.json has no text_config.hidden_size".into())
+        })? as usize;
+    let mut tensors = HashMap::new();
+    for f in weight_files(dir)? {
+        let t = Array::load_safetensors(&f)
+            .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", f.display())))?;
+        for (k, a) in t {
+            if let Some(name) = tower_key(&k) {
+                tensors.insert(name.to_string(), a);
+            }
+        }
+    }
+    Ok((!tensors.is_empty()).then_some(TowerCheckpoint {
+        cfg,
+        text_hidden,
+        tensors,
+    }))
+}
+
+/// Whether the checkpoint in `dir` has the tower configured as `section` (the section and tensors
+/// `tower_key` claims), from its config and safetensors headers without loading anything. False when
+/// unreadable.
+pub(crate) fn has_tower(dir: &Path, section: &str, tower_key: fn(&str) -> Option<&str>) -> bool {
+    let has_config = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .is_some_and(|v| v.get(section).is_some_and(|c| !c.is_null()));
+    has_config
+        && weight_files(dir).is_ok_and(|files| {
+            files.iter().any(|f| {
+                crate::footprint::read_header(f)
+                    .is_ok_and(|h| h.iter().any(|(k, _, _)| tower_key(k).is_some()))
+            })
+        })
+}
