@@ -785,7 +785,7 @@ impl ModelBundle {
             if found.len() != n {
                 return Err(bad(format!(
                     "the prompt has {} {what} placeholder(s) for {n} {what} input(s) (the model's chat template \
-                     shows media in user messages only)",
+                     shows no media in system messages)",
                     found.len()
                 )));
             }
@@ -864,7 +864,7 @@ impl ModelBundle {
         if parts.len() - 1 != videos.len() {
             return Err(bad(format!(
                 "the prompt has {} video placeholder(s) for {} video(s) (the model's chat template shows \
-                 media in user messages only)",
+                 no media in system messages)",
                 parts.len() - 1,
                 videos.len()
             )));

@@ -281,8 +281,34 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     parse_json(&bytes)
 }
 
+/// `message` with any quoted value longer than 80 characters cut short: serde quotes the value it could
+/// not take, which for a media part is megabytes of base64 the error must not send back.
+fn shortened(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(1024));
+    let mut rest = message;
+    while let Some(open) = rest.find('"') {
+        out.push_str(&rest[..=open]);
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('"') else {
+            rest = after;
+            break;
+        };
+        let quoted = &after[..close];
+        if quoted.chars().count() > 80 {
+            out.extend(quoted.chars().take(60));
+            out.push_str(&format!("… ({} characters)", quoted.chars().count()));
+        } else {
+            out.push_str(quoted);
+        }
+        out.push('"');
+        rest = &after[close + 1..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// [`read_json`]'s parsing: a syntax error is `invalid JSON body`; a body of the wrong shape names the
-/// field's path.
+/// field's path (values the message quotes are cut short).
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     bytes: &[u8],
 ) -> Result<T, jemma_router::RouterError> {
@@ -300,7 +326,7 @@ pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
     if e.inner().is_syntax() || e.inner().is_eof() {
         return Err(syntax(e.inner()));
     }
-    let full = join_path(&e.path().to_string(), &e.inner().to_string());
+    let full = join_path(&e.path().to_string(), &shortened(&e.inner().to_string()));
     let (param, message) = match split_path(&full) {
         Some((p, m)) => (Some(p.to_string()), format!("{p}: {m}")),
         None => (None, full.clone()),
@@ -368,4 +394,30 @@ where
     Sse::new(tokio_stream::wrappers::ReceiverStream::new(out))
         .keep_alive(KeepAlive::new().interval(keep_alive).text(keep_alive_text))
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wrong_shape_is_named_without_sending_the_upload_back() {
+        let data = "A".repeat(100_000);
+        let body = format!(
+            r#"{{"messages":[{{"role":"user","content":[{{"type":"video_url","video_url":"data:video/mp4;base64,{data}"}}]}}]}}"#
+        );
+        let err =
+            parse_json::<jemma_router::api::ChatCompletionRequest>(body.as_bytes()).unwrap_err();
+        let jemma_router::RouterError::InvalidRequest { message, param } = err else {
+            panic!("not a 400: {err:?}");
+        };
+        assert!(message.len() < 400, "{} bytes of message", message.len());
+        assert!(message.contains("characters)"), "{message}");
+        assert_eq!(
+            param.as_deref(),
+            Some("messages[0].content[0]"),
+            "{message}"
+        );
+        assert_eq!(shortened(r#"x "short" y"#), r#"x "short" y"#);
+    }
 }

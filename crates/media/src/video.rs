@@ -383,6 +383,11 @@ fn first_line(stderr: &[u8], default: &str, path: &Path) -> String {
         .find(|l| !l.trim().is_empty())
         .map(|l| l.chars().take(200).collect::<String>())
         .unwrap_or_else(|| default.to_string());
+    // FFmpeg prefixes its lines with the component and its address: `[mov,mp4,… @ 0x55…] moov atom …`.
+    let line = match (line.starts_with('['), line.find("] ")) {
+        (true, Some(i)) => line[i + 2..].to_string(),
+        _ => line,
+    };
     let p = path.to_string_lossy();
     line.replace(&format!("file:{p}"), "the video")
         .replace(p.as_ref(), "the video")

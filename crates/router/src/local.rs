@@ -179,10 +179,29 @@ impl<E: InProcess> EngineBackend<E> {
         if !needs.is_empty() {
             let s = self.engine.status();
             let takes = Self::takes(&s.info);
+            // A model that sees video on a server without ffmpeg: the server, not the model, is short.
+            if needs.contains(&"video")
+                && E::SEES_IMAGES
+                && E::input_modalities(&s.info).iter().any(|m| m == "video")
+                && jemma_media::video::Ffmpeg::find().is_none()
+            {
+                return Err(BackendError::Refused(crate::RouterError::UnsupportedMedia(
+                    format!(
+                        "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, \
+                         or set JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)",
+                        req.first_part("video")
+                            .unwrap_or_else(|| "video_url".into())
+                    ),
+                )));
+            }
             if let Some(m) = needs.iter().find(|m| !takes.iter().any(|t| t == *m)) {
                 let (verb, tower, engine_can) = match *m {
                     "image" => ("see images", "vision tower", E::SEES_IMAGES),
-                    "video" => ("see video", "vision tower and video token", E::SEES_IMAGES),
+                    "video" => (
+                        "see video",
+                        "vision tower or no video token",
+                        E::SEES_IMAGES,
+                    ),
                     _ => ("hear audio", "audio tower", E::HEARS_AUDIO),
                 };
                 let why = if engine_can {
