@@ -52,7 +52,7 @@ fn gib(b: u64) -> f64 {
     b as f64 / (1u64 << 30) as f64
 }
 
-/// One line per tier: state, model, last tok/s.
+/// One line per tier: state, model, last tok/s (and the draft acceptance rate when it speculates).
 pub fn tier_line(s: &TierStatus) -> String {
     let state = if !s.enabled {
         "disabled".to_string()
@@ -68,11 +68,18 @@ pub fn tier_line(s: &TierStatus) -> String {
         }
     };
     let model = short_model(&s.backend.model);
-    let tps = if s.backend.tokens_per_second > 0.0 {
+    let mut tps = if s.backend.tokens_per_second > 0.0 {
         format!(" · {:.1} tok/s", s.backend.tokens_per_second)
     } else {
         String::new()
     };
+    // Speculative decoding: the share of drafted tokens that stood, once a draft has been verified.
+    let spec = &s.backend.details["speculative"];
+    if spec["drafted"].as_u64().unwrap_or(0) > 0
+        && let Some(rate) = spec["acceptance_rate"].as_f64()
+    {
+        tps.push_str(&format!(" · {:.0}% drafts accepted", rate * 100.0));
+    }
     let name = match s.tier {
         Tier::Fast => "Fast",
         Tier::Primary => "Primary",

@@ -94,6 +94,36 @@ fn eight_concurrent_openai_streams_batch_on_the_mlx_engine() {
     assert!(stdout.contains(" passed, 0 failed"));
 }
 
+/// Speculative decoding end to end with the OpenAI Python SDK (tests/e2e/openai_speculative.py): a gateway
+/// whose tier drafts with the tiny fixture's 4-bit copy answers greedy requests with exactly the text of one
+/// that does not, and reports the rounds in `_routing`, `/health` and `/metrics`.
+#[test]
+fn speculative_decoding_answers_as_plain_decoding_through_the_sdk() {
+    let spec = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n[tiers.fast.speculative]\ndraft_model = \"{}\"\n\
+         adaptive = false\n",
+        fixture("tiny").display(),
+        fixture("tiny-q4").display()
+    );
+    let plain = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n",
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&spec));
+    let p = Server::start(&[], Some(&plain));
+    let out = crate::support::output_within(
+        Command::new(python())
+            .arg(root().join("tests/e2e/openai_speculative.py"))
+            .arg(&s.url)
+            .arg(&p.url),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "speculative decoding SDK checks failed");
+    assert!(stdout.contains(" passed, 0 failed"));
+}
+
 /// Property-based fuzzing of the whole HTTP surface from its own description: schemathesis reads
 /// `/openapi.json` and sends what it describes (and what it does not) to every operation of a gateway on
 /// the tiny Gemma 4 fixture. No answer may be a 5xx, and every answer must match the description — its

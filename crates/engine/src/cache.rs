@@ -376,13 +376,47 @@ impl RotatingKvCache {
 
     /// Forgets the last `n` positions of a cache that [`RotatingKvCache::is_trimmable`] (mlx-lm
     /// `RotatingKVCache.trim`: the write index moves back with the offset, which for a window never
-    /// filled is the number of positions stored). Returns how many were dropped.
+    /// filled is the number of positions stored), or that [`RotatingKvCache::can_trim`] `n`. Returns how
+    /// many were dropped (0 when neither holds).
     pub fn trim_end(&mut self, n: i32) -> i32 {
-        debug_assert!(self.is_trimmable());
         let n = n.clamp(0, self.offset);
-        self.offset -= n;
-        self.idx -= n;
-        n
+        if self.is_trimmable() {
+            self.offset -= n;
+            self.idx -= n;
+            return n;
+        }
+        if !self.can_trim(n) {
+            return 0;
+        }
+        // After a multi-position update the buffer is in temporal order and longer than the window:
+        // dropping its tail leaves what reading the shorter history would have left (at least a full
+        // window, which the next update trims from the front as usual).
+        let keep = self.idx - n;
+        if let (Some(k), Some(v)) = (&self.keys, &self.values)
+            && let (Ok(k), Ok(v)) = (slice_len(k, 0, keep), slice_len(v, 0, keep))
+        {
+            self.keys = Some(k);
+            self.values = Some(v);
+            self.offset -= n;
+            self.idx = keep;
+            return n;
+        }
+        0
+    }
+
+    /// Whether the last `n` positions can be forgotten exactly: always while the window has never been
+    /// full ([`RotatingKvCache::is_trimmable`]), and after it has, right after a multi-position update
+    /// (speculative decoding's verification), whose buffer holds `max_size - 1` older positions and the new
+    /// ones in temporal order: up to all but one of the new ones can go, leaving a full window (all of
+    /// them while the buffer still holds every position seen).
+    pub fn can_trim(&self, n: i32) -> bool {
+        if n <= 0 || self.is_trimmable() {
+            return true;
+        }
+        let len = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
+        // In temporal order, and either nothing ever dropped (the buffer holds every position) or a full
+        // window left after the cut.
+        self.idx == len && (len == self.offset || len - n >= self.max_size)
     }
 
     /// Adds (B, heads, L, D) keys/values and returns what the new queries attend over.
@@ -471,8 +505,18 @@ impl LayerCache {
         match self {
             LayerCache::Full(c) => c.trim(n),
             LayerCache::Quantized(_) => 0,
-            LayerCache::Rotating(c) if c.is_trimmable() => c.trim_end(n),
-            LayerCache::Rotating(_) => 0,
+            LayerCache::Rotating(c) => c.trim_end(n),
+        }
+    }
+
+    /// Whether [`LayerCache::trim`] can drop the last `n` positions exactly now: a full-precision
+    /// full-attention cache always, a sliding-window one as [`RotatingKvCache::can_trim`] says, a quantized
+    /// one never.
+    pub fn can_trim(&self, n: i32) -> bool {
+        match self {
+            LayerCache::Full(_) => true,
+            LayerCache::Quantized(_) => n <= 0,
+            LayerCache::Rotating(c) => c.can_trim(n),
         }
     }
 
@@ -561,5 +605,55 @@ mod tests {
             .update_and_fetch(&pos_array(10, 2), &pos_array(10, 2))
             .unwrap();
         assert_eq!(read(&k), vec![7., 8., 9., 10., 11.]);
+    }
+
+    /// Speculative decoding's rollback on a full window: after a multi-position update (the verification
+    /// of drafts), dropping the rejected tail leaves exactly what reading only the kept positions leaves,
+    /// for the next single-position step and the next multi-position one.
+    #[test]
+    fn rotating_cache_trims_a_verified_tail_after_the_window_filled() {
+        let w = 4;
+        let mut spec = RotatingKvCache::new(w);
+        let mut plain = RotatingKvCache::new(w);
+        for c in [&mut spec, &mut plain] {
+            c.update_and_fetch(&pos_array(0, 6), &pos_array(0, 6))
+                .unwrap();
+            c.update_and_fetch(&pos_array(6, 1), &pos_array(6, 1))
+                .unwrap();
+        }
+        assert!(!spec.is_trimmable());
+        // Verify 4 positions (7..11), keep 2 of them: 2 dropped.
+        spec.update_and_fetch(&pos_array(7, 4), &pos_array(7, 4))
+            .unwrap();
+        assert!(spec.can_trim(3) && !spec.can_trim(4));
+        assert_eq!(spec.trim_end(2), 2);
+        plain
+            .update_and_fetch(&pos_array(7, 2), &pos_array(7, 2))
+            .unwrap();
+        assert_eq!(spec.offset, plain.offset);
+        // Both now see the same window for a decode step and for a following chunk.
+        let (a, _) = spec
+            .update_and_fetch(&pos_array(9, 1), &pos_array(9, 1))
+            .unwrap();
+        let (b, _) = plain
+            .update_and_fetch(&pos_array(9, 1), &pos_array(9, 1))
+            .unwrap();
+        let sorted = |a: &Array| {
+            let mut v = read(a);
+            v.sort_by(f32::total_cmp);
+            v
+        };
+        assert_eq!(sorted(&a), sorted(&b));
+        assert_eq!(sorted(&a), vec![6., 7., 8., 9.]);
+        // Right after a single-position step on a full window nothing can go.
+        assert!(!spec.can_trim(1));
+        assert_eq!(spec.trim_end(1), 0);
+        let (a, _) = spec
+            .update_and_fetch(&pos_array(10, 3), &pos_array(10, 3))
+            .unwrap();
+        let (b, _) = plain
+            .update_and_fetch(&pos_array(10, 3), &pos_array(10, 3))
+            .unwrap();
+        assert_eq!(read(&a), read(&b));
     }
 }

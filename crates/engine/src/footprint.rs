@@ -41,6 +41,9 @@ pub struct Footprint {
     pub prefill_chunk: usize,
     /// Sequences served at once, each with its own KV cache (continuous batching).
     pub sequences: usize,
+    /// Speculative decoding's draft model: its weights and the KV caches of the sequences that speculate
+    /// at once (0 without one).
+    pub draft_bytes: u64,
 }
 
 impl Footprint {
@@ -56,9 +59,17 @@ impl Footprint {
         }
     }
 
+    /// The same with a draft model of `bytes` (see [`Footprint::draft_bytes`]).
+    pub fn with_draft(self, bytes: u64) -> Self {
+        Self {
+            draft_bytes: bytes,
+            ..self
+        }
+    }
+
     /// MLX memory at peak: what `mlx.core.get_peak_memory` reports after a request that fills the context.
     pub fn device_bytes(&self) -> u64 {
-        self.weights_bytes + self.kv_cache_bytes + self.activation_bytes
+        self.weights_bytes + self.kv_cache_bytes + self.activation_bytes + self.draft_bytes
     }
 
     /// Everything: device memory plus the host process.
@@ -69,13 +80,18 @@ impl Footprint {
     /// One line for logs and refusal messages.
     pub fn describe(&self) -> String {
         format!(
-            "{} (weights {} + KV cache {} at {} tokens × {} sequences + activations {} + runtime {})",
+            "{} (weights {} + KV cache {} at {} tokens × {} sequences + activations {}{} + runtime {})",
             gib(self.total_bytes()),
             gib(self.weights_bytes),
             gib(self.kv_cache_bytes),
             self.context_length,
             self.sequences,
             gib(self.activation_bytes),
+            if self.draft_bytes > 0 {
+                format!(" + draft model {}", gib(self.draft_bytes))
+            } else {
+                String::new()
+            },
             gib(self.runtime_overhead_bytes)
         )
     }
@@ -245,5 +261,6 @@ pub fn estimate(
         context_length: ctx,
         prefill_chunk: chunk,
         sequences: 1,
+        draft_bytes: 0,
     })
 }

@@ -227,6 +227,29 @@ enum Ahead {
     },
 }
 
+/// A sampled token (any shape holding one id) read back to the host.
+fn read_token(t: &Array) -> Result<u32> {
+    Ok(t.reshape(&[-1])?
+        .as_dtype(Dtype::Uint32)?
+        .item_exact::<u32>())
+}
+
+/// What one round of [`Generation::speculate`] did.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// The tokens it produced, in order.
+    pub steps: Vec<Step>,
+    /// Tokens drafted (0: the drafter proposed none and a plain step ran).
+    pub drafted: usize,
+    /// Drafts that stood.
+    pub accepted: usize,
+    /// Time the drafter took to draft (reading context it had not seen excluded: see
+    /// [`crate::speculative::Proposal::catch_up`]).
+    pub draft_time: Duration,
+    /// Time the verification took.
+    pub verify_time: Duration,
+}
+
 fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
     let flat = lp.reshape(&[-1])?.as_dtype(Dtype::Float32)?;
     let chosen = flat.try_index(token as i32)?.item_cast::<f32>();
@@ -286,6 +309,8 @@ pub struct Generation {
     fed: Vec<u32>,
     /// The prompt's ids as the prefix cache knows them ([`cache_keys`]).
     keys: Vec<u32>,
+    /// The prompt and every token generated so far (what a drafter continues).
+    context: Vec<u32>,
     /// The prompt's images, by position.
     media: Vec<MediaRun>,
     history: Array,
@@ -411,6 +436,7 @@ impl Generation {
             history: Array::from_slice(&ids, &[ids.len() as i32]),
             fed: keys[..reused].to_vec(),
             keys,
+            context: prompt.to_vec(),
             media,
             ids,
             prefilled: reused,
@@ -716,31 +742,14 @@ impl Generation {
     /// what is already queued on it (nothing: generation ends here; under a grammar, the next forward
     /// pass, whose sampling is queued once the token is committed and the mask computed).
     fn complete(&mut self, model: &Gemma4, cur: Pending, ahead: Ahead) -> Result<Option<Step>> {
-        let n = self.stats.completion_tokens;
-        let token = cur
-            .token
-            .reshape(&[-1])?
-            .as_dtype(Dtype::Uint32)?
-            .item_exact::<u32>();
+        let token = read_token(&cur.token)?;
         if !matches!(ahead, Ahead::None) {
             self.fed.push(token);
         }
-        if self.t_first.is_none() {
-            self.t_first = Some(Instant::now());
-            self.stats.prefill_time = self.t0.elapsed();
-        }
-        if self.opts.stop_tokens.contains(&token) {
-            self.stats.stop_token = Some(token);
-            self.end(FinishReason::Stop);
+        let Some(Step { token, logprobs }) = self.account(token, &cur.logprobs)? else {
             return Ok(None);
-        }
-        let logprobs = if self.opts.logprobs {
-            Some(read_logprobs(&cur.logprobs, token, self.opts.top_logprobs)?)
-        } else {
-            None
         };
-        self.stats.completion_tokens += 1;
-        let n = n + 1;
+        let n = self.stats.completion_tokens;
         // A constrained answer's next mask needs this token on the host: it is computed here, while the
         // next forward pass (queued on the lazy token) runs.
         if let Some(g) = self.grammar.as_mut()
@@ -773,6 +782,183 @@ impl Generation {
             None => self.end(FinishReason::Length),
         }
         Ok(Some(Step { token, logprobs }))
+    }
+
+    /// Accounts for a token read back, whose log-probabilities are `lp` (1, V): a stop token ends the
+    /// generation (None); any other counts as generated, with its log-probabilities when asked for.
+    fn account(&mut self, token: u32, lp: &Array) -> Result<Option<Step>> {
+        if self.t_first.is_none() {
+            self.t_first = Some(Instant::now());
+            self.stats.prefill_time = self.t0.elapsed();
+        }
+        if self.opts.stop_tokens.contains(&token) {
+            self.stats.stop_token = Some(token);
+            self.end(FinishReason::Stop);
+            return Ok(None);
+        }
+        let logprobs = if self.opts.logprobs {
+            Some(read_logprobs(lp, token, self.opts.top_logprobs)?)
+        } else {
+            None
+        };
+        self.stats.completion_tokens += 1;
+        self.context.push(token);
+        Ok(Some(Step { token, logprobs }))
+    }
+
+    /// Whether [`Generation::speculate`] may run now: the prompt is read, generation goes on, and nothing
+    /// in the request ties it to one token per step: a grammar (its mask needs each token on the host
+    /// before the next) or a quantized KV cache (not trimmable). A server also keeps seeded sampling
+    /// plain (speculation draws other random numbers, so the same seed would give other tokens alone and
+    /// batched): that choice is the caller's.
+    pub fn can_speculate(&self) -> bool {
+        self.cur.is_some()
+            && !self.finished
+            && self.grammar.is_none()
+            && self.opts.kv_quant.is_none()
+    }
+
+    /// The options it runs with.
+    pub fn options(&self) -> &GenerateOptions {
+        &self.opts
+    }
+
+    /// Tokens the generation may still produce (`max_tokens` less those generated).
+    pub fn room(&self) -> usize {
+        self.opts
+            .max_tokens
+            .saturating_sub(self.stats.completion_tokens)
+    }
+
+    /// One round of speculative decoding: reads the pending token, asks `drafter` for up to `k` tokens
+    /// after it, verifies them in one forward pass of the target over the pending token and the drafts,
+    /// keeps the drafts the acceptance rule (`jemma_serve::speculative`) lets stand, trims the rest from
+    /// the cache, and leaves the token after them pending, as [`Generation::next_token`] leaves the next
+    /// one. Greedy: the tokens are exactly those plain decoding yields. Sampling: distributed exactly as
+    /// plain sampling's, with `rng` drawing the acceptance decisions. Falls back to a plain step when the
+    /// drafter proposes nothing. Call only when [`Generation::can_speculate`].
+    ///
+    /// Returns the tokens, in order (the pending one first; fewer when a stop token or `max_tokens` ends
+    /// generation part-way), and what the round did. Errors: an MLX failure, after which the generation
+    /// must be dropped.
+    pub fn speculate(
+        &mut self,
+        model: &Gemma4,
+        drafter: &mut dyn crate::speculative::Drafter,
+        k: usize,
+        rng: &mut impl rand::Rng,
+    ) -> Result<Round> {
+        let mut round = Round::default();
+        let Some(cur) = self.take_current() else {
+            return Ok(round);
+        };
+        let t0 = read_token(&cur.token)?;
+        let Some(first) = self.account(t0, &cur.logprobs)? else {
+            return Ok(round);
+        };
+        round.steps.push(first);
+        let room = self.room();
+        if room == 0 {
+            self.end(FinishReason::Length);
+            return Ok(round);
+        }
+        let started = Instant::now();
+        let sampling = self.opts.sampling.clone();
+        let proposal = drafter.propose(&self.context, k.min(room), &sampling)?;
+        round.draft_time = started.elapsed().saturating_sub(proposal.catch_up);
+        let drafts = proposal.tokens;
+        let greedy = sampling.temperature == 0.0;
+        if drafts.is_empty() || (!greedy && proposal.laws.len() != drafts.len()) {
+            // Nothing to verify: the pending token's step, queued as next_token would have.
+            let tok = Array::from_slice(&[t0 as i32], &[1]);
+            self.history = ops::concatenate(&[&self.history, &tok], 0)?;
+            self.fed.push(t0);
+            let history = self.history.clone();
+            self.cur = Some(self.queue(model, &tok, &history, None)?);
+            return Ok(round);
+        }
+        let started = Instant::now();
+        let mut fed: Vec<i32> = vec![t0 as i32];
+        fed.extend(drafts.iter().map(|&d| d as i32));
+        let s = fed.len();
+        let input = Array::from_slice(&fed, &[1, s as i32]);
+        let h = model.forward_hidden(&input, &mut self.cache)?;
+        let logits = model.logits(&h)?;
+        // Each position's logits through this request's processors, with the history it would have seen
+        // decoding plainly (penalties count the drafts before it).
+        let fed_arr = Array::from_slice(&fed, &[s as i32]);
+        let (mut lps, mut laws) = (Vec::with_capacity(s), Vec::with_capacity(s));
+        for i in 0..s {
+            let history =
+                ops::concatenate(&[&self.history, &fed_arr.try_index(..i as i32 + 1)?], 0)?;
+            let row = logits.try_index((.., i as i32, ..))?;
+            let lp = log_softmax(&self.sampler.process(&row, Some(&history))?)?;
+            if greedy {
+                laws.push(ops::indexing::argmax_axis(&lp, -1, None)?);
+            } else {
+                laws.push(ops::exp(self.sampler.law(&lp)?.as_dtype(Dtype::Float32)?)?);
+            }
+            lps.push(lp);
+        }
+        eval(laws.iter().chain(self.cache.state()))?;
+        let verdict = if greedy {
+            let target: Vec<u32> = laws.iter().map(read_token).collect::<Result<_>>()?;
+            jemma_serve::speculative::accept_greedy(&drafts, &target)
+        } else {
+            let p: Vec<&[f32]> = laws.iter().map(|l| l.as_slice::<f32>()).collect();
+            let q: Vec<&[f32]> = proposal.laws.iter().map(|l| l.as_slice()).collect();
+            jemma_serve::speculative::accept_sampled(&drafts, &q, &p, rng)
+        }
+        .map_err(|e| EngineError::Speculative(e.to_string()))?;
+        round.verify_time = started.elapsed();
+        round.drafted = drafts.len();
+        round.accepted = verdict.accepted;
+        // Commit the drafts that stand, as plain decoding would have, one at a time (a stop token or
+        // max_tokens may end generation part-way).
+        let mut kept = 1;
+        for (i, &d) in drafts[..verdict.accepted].iter().enumerate() {
+            if self.finished {
+                break;
+            }
+            kept += 1;
+            match self.account(d, &lps[i])? {
+                Some(step) => round.steps.push(step),
+                None => break,
+            }
+            if self.room() == 0 {
+                self.end(FinishReason::Length);
+            }
+        }
+        if !self.cache.trim_end(s - kept) {
+            return Err(EngineError::Speculative(
+                "the cache could not drop the rejected drafts".into(),
+            ));
+        }
+        let kept_arr = fed_arr.try_index(..kept as i32)?;
+        self.history = ops::concatenate(&[&self.history, &kept_arr], 0)?;
+        self.fed.extend(fed[..kept].iter().map(|&t| t as u32));
+        if !self.finished {
+            self.cur = Some(Pending {
+                token: Array::from_slice(&[verdict.next], &[1]),
+                logprobs: lps[verdict.accepted].clone(),
+            });
+        }
+        Ok(round)
+    }
+
+    /// Gives back the last `n` tokens of a speculative round that its caller did not pass on (a stop
+    /// string ended the answer inside the round): forgets their KV, so that the cache kept for the prefix
+    /// cache holds exactly the tokens the answer has. False when the cache cannot be trimmed; it must then
+    /// not be kept.
+    pub fn unsend(&mut self, n: usize) -> bool {
+        if n == 0 {
+            return true;
+        }
+        let held = self.fed.len().saturating_sub(n);
+        self.fed.truncate(held);
+        self.context.truncate(self.context.len().saturating_sub(n));
+        self.stats.completion_tokens = self.stats.completion_tokens.saturating_sub(n);
+        self.cache.trim_end(n)
     }
 
     /// Ends this generation on a grammar failure (see [`Generation::take_failure`]).

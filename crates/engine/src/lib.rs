@@ -14,6 +14,7 @@ pub mod models;
 pub mod nn;
 pub mod runtime;
 pub mod sample;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use error::{EngineError, Result};

@@ -25,6 +25,11 @@ use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{EntryKind, PrefixPool};
+use jemma_serve::speculative::{Controller, SpeculativeConfig, SpeculativeStats};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+use crate::speculative::{DraftState, ModelDrafter};
 
 /// What to generate from (the same type for every engine).
 pub use jemma_chat::prompt::Prompt;
@@ -84,6 +89,8 @@ pub struct Summary {
     pub prefill_tps: f64,
     /// Decode tokens/s.
     pub decode_tps: f64,
+    /// What speculative decoding did for this request (None: it did not speculate).
+    pub speculative: Option<SpeculativeStats>,
 }
 
 /// Life-cycle of the engine host (the serving core's).
@@ -114,6 +121,31 @@ pub struct MlxInfo {
     /// its config also names a video token), `audio` when it has an audio tower (known from the model
     /// directory before loading).
     pub input_modalities: Vec<&'static str>,
+    /// Speculative decoding since the model loaded (None: no draft model configured).
+    pub speculative: Option<SpeculativeInfo>,
+}
+
+/// Speculative decoding's figures in an engine's status (`/health`, `/metrics`, the tray).
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeInfo {
+    /// The draft model's directory.
+    pub draft_model: PathBuf,
+    /// Counts since the model loaded.
+    #[serde(flatten)]
+    pub stats: SpeculativeStats,
+    /// Share of drafted tokens that stood (0 to 1).
+    pub acceptance_rate: f64,
+    /// Tokens per verification (drafts that stood plus the one after them).
+    pub tokens_per_step: f64,
+}
+
+/// Speculative decoding for an MLX engine (`[tiers.X.speculative]`).
+#[derive(Debug, Clone)]
+pub struct SpeculativeSettings {
+    /// The draft model: a smaller Gemma with the same tokenizer (E2B for E4B).
+    pub draft_model: PathBuf,
+    /// Draft length, batch limit and adaptivity.
+    pub config: SpeculativeConfig,
 }
 
 /// Live figures for `/health`, `/metrics` and the tray: the serving core's, with [`MlxInfo`] flattened in.
@@ -148,6 +180,8 @@ pub struct EngineConfig {
     /// KV reservation, `max_sequences` caches at the served context; mlx_lm.server's
     /// `--prompt-cache-bytes`).
     pub prefix_cache_bytes: Option<u64>,
+    /// Speculative decoding with a draft model (None: off).
+    pub speculative: Option<SpeculativeSettings>,
 }
 
 impl EngineConfig {
@@ -165,6 +199,7 @@ impl EngineConfig {
             memory: None,
             max_sequences: DEFAULT_MAX_SEQUENCES,
             prefix_cache_bytes: None,
+            speculative: None,
         }
     }
 }
@@ -213,6 +248,12 @@ impl Engine {
                 }
                 m
             },
+            speculative: config.speculative.as_ref().map(|sp| SpeculativeInfo {
+                draft_model: sp.draft_model.clone(),
+                stats: SpeculativeStats::default(),
+                acceptance_rate: 0.0,
+                tokens_per_step: 0.0,
+            }),
         };
         let host_config = HostConfig {
             name: name.clone(),
@@ -232,6 +273,7 @@ impl Engine {
             live_bytes: 0,
             largest_batch: 0,
             sequences: config.max_sequences.max(1),
+            speculated: SpeculativeStats::default(),
             config,
         };
         let host = Host::start(host_config, runner, info).map_err(|e| {
@@ -301,6 +343,8 @@ pub struct ModelBundle {
     pub audio: Option<AudioTower>,
     /// Where audio goes in a prompt and how it is featurised, when the model hears.
     pub audio_spec: Option<AudioSpec>,
+    /// The draft model of speculative decoding, when one is configured (same tokenizer).
+    pub draft: Option<Gemma4>,
     /// The model directory's `tokenizer.json`, for [`ModelBundle::vocabulary`].
     tokenizer_json: std::path::PathBuf,
     vocabulary: std::sync::OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
@@ -579,6 +623,7 @@ impl ModelBundle {
             images,
             audio,
             audio_spec,
+            draft: None,
             tokenizer_json: dir.join("tokenizer.json"),
             vocabulary: std::sync::OnceLock::new(),
         })
@@ -1115,6 +1160,31 @@ struct MlxRunner {
     live_bytes: u64,
     /// The most sequences decoded in one forward since the model loaded.
     largest_batch: usize,
+    /// What speculative decoding did since the model loaded.
+    speculated: SpeculativeStats,
+}
+
+impl MlxRunner {
+    /// Bytes of the draft model, when speculative decoding is configured: its weights and a cache at the
+    /// served context for each sequence that may speculate at once.
+    fn draft_bytes(&self) -> std::result::Result<u64, LoadError> {
+        let Some(sp) = &self.config.speculative else {
+            return Ok(0);
+        };
+        let fp = crate::footprint::estimate(
+            &sp.draft_model,
+            self.dtype.map(crate::footprint::dtype_bytes),
+            self.config.context_length,
+            crate::generate::DEFAULT_PREFILL_STEP,
+            Some(crate::generate::DEFAULT_ATTENTION_BUDGET),
+        )
+        .map_err(|e| LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display())))?;
+        let seqs = sp
+            .config
+            .max_batch
+            .clamp(1, self.config.max_sequences.max(1));
+        Ok(fp.weights_bytes + fp.kv_cache_bytes * seqs as u64)
+    }
 }
 
 impl ModelRunner for MlxRunner {
@@ -1137,7 +1207,8 @@ impl ModelRunner for MlxRunner {
             Some(crate::generate::DEFAULT_ATTENTION_BUDGET),
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?
-        .for_sequences(self.config.max_sequences);
+        .for_sequences(self.config.max_sequences)
+        .with_draft(self.draft_bytes()?);
         self.sequences = fp.sequences;
         info.footprint = Some(fp);
         self.kv_budget = self.config.prefix_cache_bytes.unwrap_or(fp.kv_cache_bytes);
@@ -1158,6 +1229,16 @@ impl ModelRunner for MlxRunner {
             e => LoadError::Failed(e.to_string()),
         })?;
         tracing::info!(tensors = l.report.tensors, dtype = %l.report.dtype, "MLX model loaded");
+        let mut l = l;
+        if let Some(sp) = &self.config.speculative {
+            let d = ModelBundle::load(&sp.draft_model, self.dtype).map_err(|e| {
+                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+            })?;
+            crate::speculative::check_draft_vocabulary(&l.tokenizer, &d.tokenizer)
+                .map_err(|e| LoadError::Failed(e.to_string()))?;
+            tracing::info!(draft = %sp.draft_model.display(), "draft model loaded");
+            l.draft = Some(d.model);
+        }
         info.load = Some(l.report.clone());
         let ctx = self
             .config
@@ -1173,6 +1254,7 @@ impl ModelRunner for MlxRunner {
         }
         let fp = fp.for_sequences(fp.sequences / 2);
         self.sequences = fp.sequences;
+        // The draft's share stays as planned (its weights and the caches of the sequences that speculate).
         self.kv_budget = self.config.prefix_cache_bytes.unwrap_or(fp.kv_cache_bytes);
         info.footprint = Some(fp);
         Some(fp.device_bytes())
@@ -1188,7 +1270,22 @@ impl ModelRunner for MlxRunner {
         request: Request,
         context_length: usize,
     ) -> std::result::Result<MlxSequence, EngineFailure> {
-        MlxSequence::new(model, request, context_length, &mut self.pool).map_err(Into::into)
+        let mut seq = MlxSequence::new(model, request, context_length, &mut self.pool)?;
+        if let Some(sp) = &self.config.speculative
+            && model.draft.is_some()
+        {
+            // A seeded request samples plainly: speculation draws other random numbers, and a seed
+            // promises the same tokens alone or batched.
+            let sampling = &seq.generation.options().sampling;
+            if sampling.temperature == 0.0 || sampling.seed.is_none() {
+                seq.spec = Some(SeqSpec {
+                    controller: Controller::new(sp.config.clone()),
+                    draft: DraftState::default(),
+                    rng: StdRng::from_os_rng(),
+                });
+            }
+        }
+        Ok(seq)
     }
 
     fn prompt_tokens(
@@ -1249,6 +1346,50 @@ impl ModelRunner for MlxRunner {
         if ready.is_empty() {
             return Ok(());
         }
+        // Speculative decoding for the sequences whose controller asks for drafts now (single streams by
+        // default: a batch already reads the weights once for several tokens); the others decode plainly.
+        let mut ready = ready;
+        if let Some(draft) = &model.draft {
+            let n = ready.len();
+            let mut plain = Vec::with_capacity(n);
+            for i in ready {
+                let seq = &mut *batch[i];
+                let k = match &mut seq.spec {
+                    Some(sp) if seq.generation.can_speculate() => {
+                        sp.controller.next_k(n, seq.generation.room())
+                    }
+                    _ => 0,
+                };
+                if k == 0 {
+                    plain.push(i);
+                    continue;
+                }
+                let before = seq.spec.as_ref().map(|sp| sp.controller.stats());
+                let result = seq.speculate(&model.model, draft, k);
+                if let (Some(b), Some(sp)) = (before, &seq.spec) {
+                    let mut d = sp.controller.stats();
+                    d.rounds -= b.rounds;
+                    d.drafted -= b.drafted;
+                    d.accepted -= b.accepted;
+                    d.plain_steps -= b.plain_steps;
+                    self.speculated.add(&d);
+                }
+                let failed = match result {
+                    Ok(steps) => batch[i].emit_round(model, steps, &mut out[i]).err(),
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = failed {
+                    batch[i].poisoned = true;
+                    out[i].fail(EngineFailure::from(e));
+                }
+            }
+            if plain.is_empty() {
+                return Ok(());
+            }
+            ready = plain;
+        }
+        let timed = ready.len() == 1 && batch[ready[0]].spec.is_some();
+        let started = std::time::Instant::now();
         let steps = {
             let mut gens: Vec<&mut Generation> = batch
                 .iter_mut()
@@ -1258,6 +1399,14 @@ impl ModelRunner for MlxRunner {
                 .collect();
             Generation::decode_batch(&model.model, &mut gens)
         };
+        if timed
+            && steps.is_ok()
+            && let Some(sp) = &mut batch[ready[0]].spec
+        {
+            // A plain step's cost, which the controller weighs drafting against.
+            sp.controller.record_plain(started.elapsed());
+            self.speculated.plain_steps += 1;
+        }
         match steps {
             Ok((steps, rows)) => {
                 self.largest_batch = self.largest_batch.max(rows);
@@ -1315,12 +1464,18 @@ impl ModelRunner for MlxRunner {
         info.prefix_cache_entries = self.pool.len();
         info.prefix_cache_bytes = self.pool.bytes();
         info.largest_decode_batch = self.largest_batch;
+        if let Some(sp) = &mut info.speculative {
+            sp.stats = self.speculated;
+            sp.acceptance_rate = self.speculated.acceptance_rate();
+            sp.tokens_per_step = self.speculated.tokens_per_step();
+        }
     }
 
     fn unload(&mut self, model: ModelBundle) {
         self.pool.clear();
         self.live_bytes = 0;
         self.largest_batch = 0;
+        self.speculated = SpeculativeStats::default();
         drop(model);
         // MLX keeps freed buffers in its cache: hand them back to the system.
         let _ = mlx_rs::memory::clear_cache();
@@ -1348,6 +1503,16 @@ struct MlxSequence {
     decoder: DecodeStream,
     answer: Answer,
     started: bool,
+    /// Speculative decoding's state, when the engine has a draft model and the request may speculate.
+    spec: Option<SeqSpec>,
+}
+
+/// A sequence's speculative decoding: how many tokens to draft, the draft model's cache, and the RNG of
+/// the acceptance rule.
+struct SeqSpec {
+    controller: Controller,
+    draft: DraftState,
+    rng: StdRng,
 }
 
 impl MlxSequence {
@@ -1441,7 +1606,57 @@ impl MlxSequence {
             answer: Answer::new(&req.stop, req.parse_output)
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             started: false,
+            spec: None,
         })
+    }
+
+    /// One round of speculative decoding with `draft` drafting `k` tokens; the tokens it yields.
+    fn speculate(
+        &mut self,
+        model: &Gemma4,
+        draft: &Gemma4,
+        k: usize,
+    ) -> Result<Vec<crate::generate::Step>> {
+        let Some(sp) = self.spec.as_mut() else {
+            return Ok(vec![]);
+        };
+        let mut drafter = ModelDrafter {
+            model: draft,
+            state: &mut sp.draft,
+        };
+        let round = self
+            .generation
+            .speculate(model, &mut drafter, k, &mut sp.rng)?;
+        sp.controller.record_round(
+            round.drafted,
+            round.accepted,
+            round.draft_time,
+            round.verify_time,
+        );
+        Ok(round.steps)
+    }
+
+    /// Hands on the tokens of one speculative round, as [`MlxSequence::emit`] hands on one step's; a stop
+    /// string inside the round ends the answer there, and the tokens after it are taken back from the
+    /// cache.
+    fn emit_round(
+        &mut self,
+        l: &ModelBundle,
+        steps: Vec<crate::generate::Step>,
+        out: &mut SeqOutput<Summary>,
+    ) -> Result<()> {
+        self.start(out);
+        let n = steps.len();
+        for (i, step) in steps.into_iter().enumerate() {
+            if self.absorb(l, step, out)? {
+                if !self.generation.unsend(n - 1 - i) {
+                    // The cache holds tokens the answer does not: it must not be reused.
+                    self.poisoned = true;
+                }
+                break;
+            }
+        }
+        self.finish_if_done(l, out)
     }
 
     /// Hands on what one step produced: `Started` once the prompt is read, then the token's text,
@@ -1453,6 +1668,15 @@ impl MlxSequence {
         step: Option<crate::generate::Step>,
         out: &mut SeqOutput<Summary>,
     ) -> Result<()> {
+        self.start(out);
+        if let Some(step) = step {
+            self.absorb(l, step, out)?;
+        }
+        self.finish_if_done(l, out)
+    }
+
+    /// Sends `Started` before the first token.
+    fn start(&mut self, out: &mut SeqOutput<Summary>) {
         if !self.started {
             self.started = true;
             out.send(Event::Started {
@@ -1460,26 +1684,39 @@ impl MlxSequence {
                 cached_tokens: self.generation.reused(),
             });
         }
-        if let Some(step) = step {
-            self.tokens.push(step.token);
-            let piece = self.decoder.push(&l.tokenizer, step.token)?;
-            if let Some(lp) = &step.logprobs {
-                let tok = &l.tokenizer;
-                out.send(Event::Logprobs(TokenLogprob::new(
-                    tok.token_bytes(step.token),
-                    lp.logprob,
-                    lp.top
-                        .iter()
-                        .map(|&(id, p)| (tok.token_bytes(id), p))
-                        .collect(),
-                )));
-            }
-            let (evs, hit) = self.answer.push(&piece);
-            out.events.extend(evs.into_iter().map(Event::from));
-            if hit {
-                self.generation.stop(FinishReason::Stop);
-            }
+    }
+
+    /// Hands on one token: its text, logprobs, and any stop string or tool call it completes. True when a
+    /// stop string ended the answer (the generation is stopped).
+    fn absorb(
+        &mut self,
+        l: &ModelBundle,
+        step: crate::generate::Step,
+        out: &mut SeqOutput<Summary>,
+    ) -> Result<bool> {
+        self.tokens.push(step.token);
+        let piece = self.decoder.push(&l.tokenizer, step.token)?;
+        if let Some(lp) = &step.logprobs {
+            let tok = &l.tokenizer;
+            out.send(Event::Logprobs(TokenLogprob::new(
+                tok.token_bytes(step.token),
+                lp.logprob,
+                lp.top
+                    .iter()
+                    .map(|&(id, p)| (tok.token_bytes(id), p))
+                    .collect(),
+            )));
         }
+        let (evs, hit) = self.answer.push(&piece);
+        out.events.extend(evs.into_iter().map(Event::from));
+        if hit {
+            self.generation.stop(FinishReason::Stop);
+        }
+        Ok(hit)
+    }
+
+    /// Ends the sequence in `out` once generation is over.
+    fn finish_if_done(&mut self, l: &ModelBundle, out: &mut SeqOutput<Summary>) -> Result<()> {
         if self.generation.is_finished() {
             let stats = self.generation.stats().clone();
             let by_string = stats.finish_reason == FinishReason::Stop && stats.stop_token.is_none();
@@ -1500,6 +1737,7 @@ impl MlxSequence {
                 stop_sequence: self.answer.stop_sequence().map(String::from),
                 reasoning_tokens: self.answer.reasoning_tokens(),
                 memory: mlx_memory(),
+                speculative: self.spec.as_ref().map(|sp| sp.controller.stats()),
             });
         }
         Ok(())

@@ -119,6 +119,44 @@ impl Sampler {
         if p.temperature == 0.0 {
             return Ok(argmax_axis(logprobs, -1, None)?);
         }
+        let lp = self.filter(logprobs)?;
+        let inv_t = scalar(1.0 / p.temperature, lp.dtype())?;
+        let key = self.rng.next_key()?;
+        Ok(random::categorical(
+            ops::multiply(&lp, &inv_t)?,
+            -1,
+            None,
+            Some(&key),
+        )?)
+    }
+
+    /// The law [`Sampler::sample`] draws from, as log-probabilities (1, V): filtered and tempered, then
+    /// renormalised (`-inf` where a filter dropped a token); greedy: all mass on the argmax. Speculative
+    /// sampling compares these laws (see `jemma_serve::speculative::accept_sampled`).
+    pub fn law(&self, logprobs: &Array) -> Result<Array> {
+        let p = &self.params;
+        if p.temperature == 0.0 {
+            let v = logprobs.shape()[logprobs.ndim() - 1];
+            let best = argmax_axis(logprobs, -1, Some(true))?;
+            let onehot = Array::arange::<_, i32>(0, v, 1)?.eq(&best)?;
+            let zero = scalar(0.0, logprobs.dtype())?;
+            let neg_inf = scalar(f32::NEG_INFINITY, logprobs.dtype())?;
+            return Ok(ops::select(&onehot, &zero, &neg_inf)?);
+        }
+        let lp = self.filter(logprobs)?;
+        let inv_t = scalar(1.0 / p.temperature, lp.dtype())?;
+        log_softmax(&ops::multiply(&lp, &inv_t)?)
+    }
+
+    /// Draws a token from a law made by [`Sampler::law`] (1, V) with this sampler's RNG.
+    pub fn draw(&mut self, law: &Array) -> Result<Array> {
+        let key = self.rng.next_key()?;
+        Ok(random::categorical(law, -1, None, Some(&key))?)
+    }
+
+    /// top_p, min_p and top_k, in mlx-lm's order on the untempered log-probabilities (1, V).
+    fn filter(&self, logprobs: &Array) -> Result<Array> {
+        let p = &self.params;
         let mut lp = logprobs.clone();
         let neg_inf = scalar(f32::NEG_INFINITY, lp.dtype())?;
         if p.top_p > 0.0 && p.top_p < 1.0 {
@@ -147,14 +185,7 @@ impl Sampler {
             let fill = ops::broadcast_to(&neg_inf, idx.shape())?;
             lp = put_along_axis(&lp, &idx, &fill, -1)?;
         }
-        let inv_t = scalar(1.0 / p.temperature, lp.dtype())?;
-        let key = self.rng.next_key()?;
-        Ok(random::categorical(
-            ops::multiply(&lp, &inv_t)?,
-            -1,
-            None,
-            Some(&key),
-        )?)
+        Ok(lp)
     }
 }
 

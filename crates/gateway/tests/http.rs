@@ -58,6 +58,7 @@ impl Backend for Echo {
                 .send(Ok(Chunk::Done {
                     stop_sequence: None,
                     served_by: None,
+                    speculative: None,
                     finish_reason: jemma_router::backend::FinishReason::ToolCalls,
                     usage: Usage {
                         prompt_tokens: 5,

@@ -53,6 +53,8 @@ pub enum Chunk {
         stop_sequence: Option<String>,
         /// Which endpoint of a pool answered, and the endpoints tried before it (None: not a pool).
         served_by: Option<ServedBy>,
+        /// What speculative decoding did for this answer (None: the backend did not speculate).
+        speculative: Option<crate::api::Speculation>,
     },
 }
 
@@ -409,6 +411,8 @@ pub struct Finished {
     pub stop_sequence: Option<String>,
     /// Of the generated tokens, those spent thinking.
     pub reasoning_tokens: u64,
+    /// What speculative decoding did (None: the engine did not speculate).
+    pub speculative: Option<crate::api::Speculation>,
 }
 
 /// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
@@ -464,6 +468,7 @@ fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
         decode_tps: Some(f.decode_tps),
         stop_sequence: f.stop_sequence,
         served_by: None,
+        speculative: f.speculative,
     }
 }
 
@@ -782,6 +787,7 @@ impl Backend for OpenAiBackend {
                                 usage,
                                 decode_tps,
                                 stop_sequence: stop_sequence.take(),
+                                speculative: None,
                                 served_by: upstream_model.take().map(|model| ServedBy {
                                     endpoint: None,
                                     model,

@@ -323,6 +323,40 @@ pub struct TierConfig {
     pub video_frames: Option<usize>,
     /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
     pub video_seconds: Option<f64>,
+    /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local MLX tiers).
+    pub speculative: Option<SpeculativeTierConfig>,
+}
+
+/// `[tiers.NAME.speculative]`: speculative decoding with a draft model on a local MLX tier. The draft
+/// proposes tokens that the tier's model verifies several at a time; the answer is the tier's model's own
+/// (greedy: token for token; sampling: the same distribution).
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpeculativeTierConfig {
+    /// The draft model's directory: a smaller Gemma with the same tokenizer (E2B for E4B).
+    pub draft_model: String,
+    /// Whether to speculate (false keeps the settings and turns it off).
+    pub enabled: bool,
+    /// Most tokens drafted per verification (1 to 16; vLLM's `num_speculative_tokens`).
+    pub max_draft_tokens: usize,
+    /// Speculate only while at most this many requests decode together (1: single streams).
+    pub max_batch: usize,
+    /// Follow the acceptance rate: fewer drafts, or none, when they stop standing (false: always
+    /// `max_draft_tokens`).
+    pub adaptive: bool,
+}
+
+impl Default for SpeculativeTierConfig {
+    fn default() -> Self {
+        // jemma_serve::speculative::SpeculativeConfig's defaults (the router builds without the engines).
+        Self {
+            draft_model: String::new(),
+            enabled: true,
+            max_draft_tokens: 4,
+            max_batch: 1,
+            adaptive: true,
+        }
+    }
 }
 
 /// What serves one endpoint of a pool.
@@ -496,6 +530,7 @@ impl Default for TierConfig {
             healthy_threshold: 1,
             video_frames: None,
             video_seconds: None,
+            speculative: None,
         }
     }
 }
@@ -544,6 +579,22 @@ impl Config {
                 return Err(RouterError::Config(format!(
                     "tiers.{t}: timeouts must be positive"
                 )));
+            }
+            if let Some(sp) = &c.speculative {
+                let bad = if c.kind != TierKind::Local {
+                    Some("runs in the local engine (an upstream server speculates itself)")
+                } else if sp.draft_model.is_empty() {
+                    Some("needs draft_model = \"<model dir>\"")
+                } else if !(1..=16).contains(&sp.max_draft_tokens) {
+                    Some("max_draft_tokens must be 1 to 16")
+                } else if sp.max_batch == 0 {
+                    Some("max_batch must be >= 1")
+                } else {
+                    None
+                };
+                if let Some(why) = bad {
+                    return Err(RouterError::Config(format!("tiers.{t}.speculative: {why}")));
+                }
             }
         }
         Ok(())
@@ -702,6 +753,40 @@ mod tests {
         assert_eq!(c.server.port, 8080);
         assert_eq!(c.breaker.failure_threshold, 3);
         assert!(c.tiers.is_empty());
+    }
+
+    #[test]
+    fn speculative_settings_parse_and_are_checked() {
+        let c = Config::parse(
+            "[tiers.primary]\nmodel = \"/m/e4b\"\n[tiers.primary.speculative]\ndraft_model = \"/m/e2b\"\n",
+        )
+        .unwrap();
+        let sp = c.tiers[&Tier::Primary].speculative.clone().unwrap();
+        assert_eq!(sp.draft_model, "/m/e2b");
+        assert!(sp.enabled && sp.adaptive);
+        assert_eq!((sp.max_draft_tokens, sp.max_batch), (4, 1));
+        for (extra, why) in [
+            ("max_draft_tokens = 0", "max_draft_tokens"),
+            ("max_draft_tokens = 17", "max_draft_tokens"),
+            ("max_batch = 0", "max_batch"),
+            ("draft = \"x\"", "unknown field"),
+        ] {
+            let toml = format!(
+                "[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\ndraft_model = \"/d\"\n{extra}\n"
+            );
+            let e = Config::parse(&toml).unwrap_err().to_string();
+            assert!(e.contains(why), "{extra}: {e}");
+        }
+        let e = Config::parse("[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("draft_model"), "{e}");
+        let e = Config::parse(
+            "[tiers.heavy]\nkind = \"openai\"\nurl = \"http://x\"\n[tiers.heavy.speculative]\ndraft_model = \"/d\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("local engine"), "{e}");
     }
 
     #[test]

@@ -503,11 +503,16 @@ impl InProcess for Mlx {
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
             reasoning_tokens: s.reasoning_tokens as u64,
+            speculative: s
+                .speculative
+                .filter(|sp| sp.rounds > 0)
+                .map(|sp| crate::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
         }
     }
 
     fn details(i: &Self::Info) -> Value {
         json!({
+            "speculative": i.speculative,
             "device": i.device,
             "mlx_active_bytes": i.memory.active_bytes,
             "mlx_peak_bytes": i.memory.peak_bytes,
@@ -579,6 +584,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
             reasoning_tokens: s.reasoning_tokens as u64,
+            speculative: None,
         }
     }
 

@@ -614,6 +614,7 @@ impl Inner {
                             decode_tps,
                             stop_sequence,
                             served_by,
+                            speculative,
                         } => {
                             let ep = self.eps()[index].clone();
                             if let Some(p) = run.permit.take() {
@@ -632,6 +633,7 @@ impl Inner {
                                 usage,
                                 decode_tps,
                                 stop_sequence,
+                                speculative,
                                 served_by: Some(ServedBy {
                                     endpoint: Some(ep.name.clone()),
                                     model: served_by

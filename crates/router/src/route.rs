@@ -883,6 +883,7 @@ impl TierRouter {
             };
             let mut prompt_tokens = 0u64;
             let mut cached_tokens = 0u64;
+            let mut speculative = None;
             let mut got_token = false;
             let mut tier_tokens = 0u64;
             // (finish reason, usage, decode tok/s, the stop string that ended it)
@@ -942,8 +943,10 @@ impl TierRouter {
                         decode_tps,
                         stop_sequence,
                         served_by: by,
+                        speculative: spec,
                     } => {
                         served_by = by;
+                        speculative = spec;
                         if usage.prompt_tokens > 0 {
                             prompt_tokens = usage.prompt_tokens;
                         }
@@ -1013,7 +1016,16 @@ impl TierRouter {
                         completion_tokens,
                         fallback: fallback.clone(),
                         tokens_per_second: tps,
+                        speculative,
                     };
+                    if let Some(s) = &speculative {
+                        metrics::counter!("jemma_speculative_verify_steps_total", "tier" => tier.as_str())
+                            .increment(s.verify_steps);
+                        metrics::counter!("jemma_speculative_draft_tokens_total", "tier" => tier.as_str())
+                            .increment(s.draft_tokens);
+                        metrics::counter!("jemma_speculative_accepted_tokens_total", "tier" => tier.as_str())
+                            .increment(s.accepted_tokens);
+                    }
                     metrics::counter!("jemma_prompt_cached_tokens_total", "tier" => tier.as_str())
                         .increment(cached_tokens);
                     // Thinking is counted by the tier that finished (an earlier tier's tokens were

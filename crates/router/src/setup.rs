@@ -234,6 +234,16 @@ fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
     ec.preload = c.preload;
     ec.context_length = c.context_length;
     ec.memory = Some(memory.clone());
+    ec.speculative = c.speculative.as_ref().filter(|sp| sp.enabled).map(|sp| {
+        jemma_engine::runtime::SpeculativeSettings {
+            draft_model: PathBuf::from(&sp.draft_model),
+            config: jemma_serve::speculative::SpeculativeConfig {
+                max_draft_tokens: sp.max_draft_tokens,
+                max_batch: sp.max_batch,
+                adaptive: sp.adaptive,
+            },
+        }
+    });
     ec
 }
 
@@ -270,6 +280,14 @@ fn factory(
             return Ok(b);
         }
         let b: Arc<dyn Backend> = if is_gguf {
+            if template.speculative.is_some() {
+                // Refused rather than ignored: the setting promises drafting this engine does not do.
+                return Err(format!(
+                    "{}: speculative decoding runs on the MLX engine only; remove \
+                     [tiers.*.speculative] or serve an MLX model",
+                    path.display()
+                ));
+            }
             #[cfg(feature = "llama")]
             {
                 let mut lc = jemma_engine_llama::LlamaConfig::new(path);
@@ -453,4 +471,19 @@ fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<Hub
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    /// `[tiers.X.speculative]`'s defaults are the serving core's (written twice: the router's configuration
+    /// builds without the engines).
+    #[test]
+    fn speculative_defaults_are_the_serving_cores() {
+        let c = crate::config::SpeculativeTierConfig::default();
+        let d = jemma_serve::speculative::SpeculativeConfig::default();
+        assert_eq!(
+            (c.max_draft_tokens, c.max_batch, c.adaptive),
+            (d.max_draft_tokens, d.max_batch, d.adaptive)
+        );
+    }
 }

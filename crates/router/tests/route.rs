@@ -122,6 +122,7 @@ impl Backend for Scripted {
                         .send(Ok(Chunk::Done {
                             stop_sequence: None,
                             served_by: None,
+                            speculative: None,
                             finish_reason: jemma_router::backend::FinishReason::Stop,
                             usage: Usage {
                                 prompt_tokens: 3,
@@ -435,6 +436,7 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
                     .send(Ok(Chunk::Done {
                         stop_sequence: None,
                         served_by: None,
+                        speculative: None,
                         finish_reason: jemma_router::backend::FinishReason::Stop,
                         usage: Usage::default(),
                         decode_tps: None,

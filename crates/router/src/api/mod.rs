@@ -22,6 +22,6 @@ pub use request::{
 pub use response::{
     ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
     CompletionTokensDetails, Delta, ErrorObject, ErrorResponse, FunctionCallDelta, Model,
-    ModelList, PromptTokensDetails, ResponseMessage, Routing, TextChoice, TextCompletion,
-    ToolCallDelta, Usage,
+    ModelList, PromptTokensDetails, ResponseMessage, Routing, Speculation, TextChoice,
+    TextCompletion, ToolCallDelta, Usage,
 };

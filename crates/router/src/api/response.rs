@@ -373,6 +373,38 @@ pub struct Routing {
     /// Decode speed of the answering tier, in tokens per second, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tokens_per_second: Option<f64>,
+    /// What speculative decoding did for this answer; absent when the tier did not speculate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speculative: Option<Speculation>,
+}
+
+/// Speculative decoding's figures for one answer (`_routing.speculative`), in vLLM's terms.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Speculation {
+    /// Verifications of drafted tokens by the answering model.
+    pub verify_steps: u64,
+    /// Tokens the draft model proposed.
+    pub draft_tokens: u64,
+    /// Of those, the ones that stood.
+    pub accepted_tokens: u64,
+    /// `accepted_tokens / draft_tokens` (0 to 1).
+    pub acceptance_rate: f64,
+    /// Tokens per verification: the drafts that stood plus the one after them (1 to k + 1).
+    pub tokens_per_step: f64,
+}
+
+impl Speculation {
+    /// The figures of `verify_steps` verifications of `draft_tokens` drafts, `accepted_tokens` standing.
+    pub fn new(verify_steps: u64, draft_tokens: u64, accepted_tokens: u64) -> Self {
+        let ratio = |a: u64, b: u64| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+        Self {
+            verify_steps,
+            draft_tokens,
+            accepted_tokens,
+            acceptance_rate: ratio(accepted_tokens, draft_tokens),
+            tokens_per_step: ratio(accepted_tokens + verify_steps, verify_steps),
+        }
+    }
 }
 
 /// `GET /v1/models`.

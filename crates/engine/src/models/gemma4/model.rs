@@ -537,6 +537,22 @@ impl Cache {
         true
     }
 
+    /// Forgets the last `n` positions of every layer — speculative decoding's rollback of rejected
+    /// drafts, right after their verification — so that the cache holds what reading only the kept tokens
+    /// would have left. Returns false, changing nothing, when a layer cannot
+    /// ([`crate::cache::LayerCache::can_trim`]: a quantized cache, or a full sliding window after a
+    /// single-position step).
+    pub fn trim_end(&mut self, n: usize) -> bool {
+        let n = n.min(self.offset().max(0) as usize) as i32;
+        if !self.layers.iter().all(|c| c.can_trim(n)) {
+            return false;
+        }
+        for c in &mut self.layers {
+            c.trim(n);
+        }
+        true
+    }
+
     /// Quantizes the full-attention caches that hold at least `start` positions (`kv_bits`).
     pub fn maybe_quantize(&mut self, kv: Option<KvQuant>) -> Result<()> {
         if let Some(q) = kv {

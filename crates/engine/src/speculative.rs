@@ -1,0 +1,291 @@
+//! Drafters for speculative decoding on the MLX engine: what proposes the tokens that
+//! [`crate::generate::Generation::speculate`] verifies in one forward pass of the target. The acceptance
+//! rule and the controller that picks how many to draft are engine-agnostic (`jemma_serve::speculative`).
+//!
+//! - [`ModelDrafter`]: a smaller model with the same tokenizer (E2B drafting for E4B), with a cache of its
+//!   own per sequence ([`DraftState`]) that it brings in line with the target's tokens before each round.
+//! - [`RecordedDrafter`]: proposes a continuation recorded from a plain run (the benchmark's oracle: every
+//!   draft stands and drafting costs nothing, which bounds what any drafter can gain).
+//! - [`RandomDrafter`]: uniform random tokens (almost none stand: the benchmark's worst case).
+
+use mlx_rs::{Array, Dtype, ops, transforms::eval};
+use rand::Rng;
+
+use crate::generate::DEFAULT_PREFILL_STEP;
+use crate::models::gemma4::{Cache, Gemma4};
+use crate::sample::{Sampler, SamplingParams, log_softmax};
+use crate::{EngineError, Result};
+
+/// Tokens a drafter proposes, each with the law it was drawn from when the request samples (probabilities
+/// over the vocabulary; empty rows under greedy decoding, where none is needed).
+#[derive(Debug, Clone, Default)]
+pub struct Proposal {
+    /// Proposed tokens, in order (at most the `k` asked for; fewer or none when the drafter has none).
+    pub tokens: Vec<u32>,
+    /// `laws[i]`: the distribution `tokens[i]` was drawn from (sampling only; same length as `tokens`).
+    pub laws: Vec<Vec<f32>>,
+    /// Time spent reading context the drafter had not seen (a sequence's prompt at its first round, the
+    /// tokens decoded plainly since its last): a one-off, which the controller must not count as the cost
+    /// of each draft.
+    pub catch_up: std::time::Duration,
+}
+
+/// What proposes draft tokens.
+pub trait Drafter {
+    /// Proposes up to `k` tokens continuing `context`: every token the target has committed (the prompt
+    /// and what was generated), the last of which the target has not read yet. `sampling`: the request's
+    /// sampling, whose law the drafts are drawn from when its temperature is above 0 (with the laws
+    /// returned); greedy drafting otherwise.
+    ///
+    /// Errors: an MLX failure.
+    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams)
+    -> Result<Proposal>;
+}
+
+/// A sequence's draft-model state: the drafter's own cache, the tokens it holds, and a copy taken where the
+/// last round's drafts began (restored when drafts are rejected and the cache cannot be trimmed: a sliding
+/// window that has filled).
+#[derive(Default)]
+pub struct DraftState {
+    cache: Option<Cache>,
+    fed: Vec<u32>,
+    snapshot: Option<(Cache, usize)>,
+    sampler: Option<Sampler>,
+    seed: Option<u64>,
+}
+
+impl DraftState {
+    /// A state whose draws under sampling repeat from `seed` (tests; a server drafts unseeded: the
+    /// acceptance rule keeps the output the target's whatever the drafts).
+    pub fn seeded(seed: u64) -> Self {
+        Self {
+            seed: Some(seed),
+            ..Self::default()
+        }
+    }
+
+    /// Bytes the drafter's caches hold for this sequence.
+    pub fn nbytes(&self) -> u64 {
+        let held = |c: &Cache| c.nbytes() as u64;
+        self.cache.as_ref().map_or(0, held) + self.snapshot.as_ref().map_or(0, |(c, _)| held(c))
+    }
+}
+
+/// A draft model with the same tokenizer as the target, for one sequence (its [`DraftState`]).
+pub struct ModelDrafter<'a> {
+    /// The draft model.
+    pub model: &'a Gemma4,
+    /// The sequence's drafting state.
+    pub state: &'a mut DraftState,
+}
+
+impl ModelDrafter<'_> {
+    /// Brings the draft cache to hold a prefix of `context` and returns how many tokens it holds.
+    fn sync(&mut self, context: &[u32]) -> usize {
+        let st = &mut *self.state;
+        let common = st
+            .fed
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count()
+            // The last context token is read with its logits, never taken from the cache.
+            .min(context.len().saturating_sub(1));
+        if common < st.fed.len() {
+            let trimmed = st
+                .cache
+                .as_mut()
+                .is_some_and(|c| c.trim_end(st.fed.len() - common));
+            if trimmed {
+                st.fed.truncate(common);
+            } else if let Some((snap, n)) = st.snapshot.take().filter(|(_, n)| *n <= common) {
+                st.cache = Some(snap);
+                st.fed.truncate(n);
+            } else {
+                st.cache = None;
+                st.fed.clear();
+            }
+        }
+        st.fed.len()
+    }
+}
+
+impl Drafter for ModelDrafter<'_> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Proposal> {
+        if k == 0 || context.is_empty() {
+            return Ok(Proposal::default());
+        }
+        let vocab = self.model.config().vocab_size;
+        if context.iter().any(|&t| t as usize >= vocab) {
+            return Ok(Proposal::default());
+        }
+        let held = self.sync(context);
+        let model = self.model;
+        let st = &mut *self.state;
+        let mut cache = st.cache.take().unwrap_or_else(|| model.new_cache());
+        // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks,
+        // evaluating only the cache, as the target reads its prompt.
+        let ids: Vec<i32> = context.iter().map(|&t| t as i32).collect();
+        let mut at = held;
+        let started = std::time::Instant::now();
+        while ids.len() - at > 1 {
+            let n = (ids.len() - 1 - at).min(DEFAULT_PREFILL_STEP);
+            let chunk = Array::from_slice(&ids[at..at + n], &[1, n as i32]);
+            model.forward_hidden(&chunk, &mut cache)?;
+            eval(cache.state())?;
+            at += n;
+        }
+        let catch_up = started.elapsed();
+        st.fed.truncate(held);
+        st.fed.extend_from_slice(&context[held..at]);
+        // The copy rejected drafts roll back to, when the cache cannot be trimmed.
+        st.snapshot = Some((cache.clone(), at));
+        let greedy = sampling.temperature == 0.0;
+        if st.sampler.is_none() {
+            // The drafter's own sampler: the request's filters and temperature, its own RNG.
+            let params = SamplingParams {
+                seed: st.seed,
+                ..sampling.clone()
+            };
+            st.sampler = Some(Sampler::new(params, vocab, model.dtype())?);
+        }
+        let sampler = st.sampler.as_mut().expect("set above");
+        // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
+        let mut input = Array::from_slice(&ids[at..], &[1, 1]);
+        let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        for i in 0..k {
+            let logits = model.forward_last_logits(&input, &mut cache)?;
+            let lp = log_softmax(&sampler.process(&logits, None)?)?;
+            let token = if greedy {
+                ops::indexing::argmax_axis(&lp, -1, None)?
+            } else {
+                let law = sampler.law(&lp)?;
+                let t = sampler.draw(&law)?;
+                laws.push(ops::exp(&law.as_dtype(Dtype::Float32)?)?);
+                t
+            };
+            let token = token.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
+            tokens.push(token.clone());
+            if i + 1 < k {
+                input = token;
+            }
+        }
+        eval(tokens.iter().chain(&laws))?;
+        let tokens: Vec<u32> = tokens
+            .iter()
+            .map(|t| t.item_exact::<i32>() as u32)
+            .collect();
+        // The cache holds the last context token and every draft but the last.
+        st.fed.push(context[at]);
+        st.fed.extend_from_slice(&tokens[..tokens.len() - 1]);
+        st.cache = Some(cache);
+        let laws = laws
+            .iter()
+            .map(|l| l.reshape(&[-1]).map(|r| r.as_slice::<f32>().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Proposal {
+            tokens,
+            laws,
+            catch_up,
+        })
+    }
+}
+
+/// Proposes the continuation of a recorded token sequence: the oracle of `scripts/bench-spec`, which
+/// records a plain greedy run and replays it, so that every draft stands at no drafting cost.
+#[derive(Debug, Clone)]
+pub struct RecordedDrafter {
+    /// Prompt and continuation, as recorded.
+    pub tokens: Vec<u32>,
+    /// Vocabulary size (a sampled request's drafts carry a law: all mass on the recorded token).
+    pub vocab: usize,
+}
+
+impl Drafter for RecordedDrafter {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+    ) -> Result<Proposal> {
+        if !self.tokens.starts_with(context) {
+            return Ok(Proposal::default());
+        }
+        let tokens: Vec<u32> = self.tokens[context.len()..]
+            .iter()
+            .take(k)
+            .copied()
+            .filter(|&t| (t as usize) < self.vocab)
+            .collect();
+        let laws = if sampling.temperature == 0.0 {
+            vec![]
+        } else {
+            tokens
+                .iter()
+                .map(|&t| {
+                    let mut row = vec![0.0; self.vocab];
+                    row[t as usize] = 1.0;
+                    row
+                })
+                .collect()
+        };
+        Ok(Proposal {
+            tokens,
+            laws,
+            ..Default::default()
+        })
+    }
+}
+
+/// Proposes uniformly random tokens (the benchmark's worst case: almost no draft stands).
+pub struct RandomDrafter<R: Rng> {
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// Where the tokens come from.
+    pub rng: R,
+}
+
+impl<R: Rng> Drafter for RandomDrafter<R> {
+    fn propose(&mut self, _: &[u32], k: usize, sampling: &SamplingParams) -> Result<Proposal> {
+        let tokens: Vec<u32> = (0..k)
+            .map(|_| self.rng.random_range(0..self.vocab as u32))
+            .collect();
+        let laws = if sampling.temperature == 0.0 {
+            vec![]
+        } else {
+            vec![vec![1.0 / self.vocab as f32; self.vocab]; k]
+        };
+        Ok(Proposal {
+            tokens,
+            laws,
+            ..Default::default()
+        })
+    }
+}
+
+/// Checks that a draft model can draft for a target: the same vocabulary, token for token (the
+/// tokenizers' files may differ in layout, e.g. after a conversion).
+///
+/// Errors: [`EngineError::InvalidModel`] naming the difference.
+pub fn check_draft_vocabulary(
+    target: &crate::tokenizer::Tokenizer,
+    draft: &crate::tokenizer::Tokenizer,
+) -> Result<()> {
+    let (a, b) = (target.vocab_size(), draft.vocab_size());
+    if a != b {
+        return Err(EngineError::InvalidModel(format!(
+            "the draft model's vocabulary has {b} tokens, the target's {a}"
+        )));
+    }
+    if let Some(id) = (0..a as u32).find(|&id| target.token_bytes(id) != draft.token_bytes(id)) {
+        return Err(EngineError::InvalidModel(format!(
+            "the draft model's tokenizer differs from the target's at token {id}"
+        )));
+    }
+    Ok(())
+}

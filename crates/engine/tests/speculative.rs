@@ -1,0 +1,452 @@
+//! Speculative decoding on the MLX engine (issue 15): greedy output is exactly plain decoding's, token for
+//! token, with a draft model (dense, MoE and 4-bit fixtures, drafting for one another), with a recorded
+//! continuation (every draft stands) and with random drafts (almost none stand), at every draft length,
+//! across the sliding window's edge, and when a stop token or `max_tokens` ends the answer inside a round;
+//! sampled output follows the target's law (a chi-square test on the fixture's own distributions).
+
+mod common;
+
+use std::ops::ControlFlow;
+
+use jemma_engine::generate::{GenerateOptions, Generation, generate};
+use jemma_engine::models::gemma4::{self, Gemma4};
+use jemma_engine::sample::{Sampler, SamplingParams, log_softmax};
+use jemma_engine::speculative::{
+    DraftState, Drafter, ModelDrafter, RandomDrafter, RecordedDrafter,
+};
+use mlx_rs::{Array, Dtype};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+fn load(name: &str) -> Gemma4 {
+    gemma4::load(&common::fixture(name), None).unwrap().0
+}
+
+fn prompts(name: &str) -> Vec<Vec<u32>> {
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture(name).join("reference.json")).unwrap(),
+    )
+    .unwrap();
+    let mut out: Vec<Vec<u32>> = meta["prompts"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|p| {
+            p["ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_u64().unwrap() as u32)
+                .collect()
+        })
+        .collect();
+    out.sort_by_key(|p| p.len());
+    out
+}
+
+fn opts(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        stop_tokens: vec![],
+        ..Default::default()
+    }
+}
+
+fn plain(model: &Gemma4, prompt: &[u32], o: &GenerateOptions) -> (Vec<u32>, String) {
+    let mut out = vec![];
+    let stats = generate(model, prompt, o, |s| {
+        out.push(s.token);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    (out, format!("{:?}", stats.finish_reason))
+}
+
+/// What a speculative run did.
+struct Run {
+    tokens: Vec<u32>,
+    finish: String,
+    drafted: usize,
+    accepted: usize,
+    cache_offset: usize,
+}
+
+fn speculative(
+    model: &Gemma4,
+    prompt: &[u32],
+    o: &GenerateOptions,
+    drafter: &mut dyn Drafter,
+    k: usize,
+) -> Run {
+    let mut g = Generation::new(model, prompt, o.clone()).unwrap();
+    while !g.prefill(model).unwrap() {}
+    let mut rng = StdRng::seed_from_u64(7);
+    let (mut tokens, mut drafted, mut accepted) = (vec![], 0, 0);
+    while !g.is_finished() {
+        assert!(g.can_speculate());
+        let r = g.speculate(model, drafter, k, &mut rng).unwrap();
+        drafted += r.drafted;
+        accepted += r.accepted;
+        tokens.extend(r.steps.iter().map(|s| s.token));
+    }
+    let finish = format!("{:?}", g.stats().finish_reason);
+    assert_eq!(g.stats().completion_tokens, tokens.len());
+    let (cache, fed) = g.into_cache().unwrap();
+    assert_eq!(
+        cache.offset() as usize,
+        fed.len(),
+        "the cache holds what it says"
+    );
+    Run {
+        tokens,
+        finish,
+        drafted,
+        accepted,
+        cache_offset: fed.len(),
+    }
+}
+
+/// Greedy speculation equals plain decoding for every pair of fixtures, draft source and draft length; 48
+/// tokens run three times past the 16-token sliding window.
+#[test]
+fn greedy_speculation_is_plain_decoding_token_for_token() {
+    for (target, draft) in [("tiny", "tiny-q4"), ("moe", "moe-q4"), ("tiny-q4", "moe")] {
+        let t = load(target);
+        let d = load(draft);
+        for prompt in prompts(target) {
+            let o = opts(48);
+            let (want, finish) = plain(&t, &prompt, &o);
+            assert_eq!(want.len(), 48);
+            for k in [1, 3, 6] {
+                let mut state = DraftState::default();
+                let mut drafter = ModelDrafter {
+                    model: &d,
+                    state: &mut state,
+                };
+                let run = speculative(&t, &prompt, &o, &mut drafter, k);
+                assert_eq!(
+                    run.tokens,
+                    want,
+                    "{target} drafted by {draft}, k = {k}, prompt of {}",
+                    prompt.len()
+                );
+                assert_eq!(run.finish, finish);
+                // The last token's KV is kept when it was verified with the drafts before it.
+                assert!((prompt.len() + 47..=prompt.len() + 48).contains(&run.cache_offset));
+                eprintln!(
+                    "{target} <- {draft}, k = {k}, prompt {}: {}/{} drafts stood",
+                    prompt.len(),
+                    run.accepted,
+                    run.drafted
+                );
+                assert!(run.drafted > 0);
+            }
+            // The oracle: every draft stands, 5 tokens per verification.
+            let mut recorded = RecordedDrafter {
+                tokens: prompt.iter().chain(&want).copied().collect(),
+                vocab: t.config().vocab_size,
+            };
+            let run = speculative(&t, &prompt, &o, &mut recorded, 4);
+            assert_eq!(run.tokens, want);
+            assert_eq!(run.accepted, run.drafted, "every recorded draft stands");
+            // Random drafts: nearly all rejected, the output the same.
+            let mut random = RandomDrafter {
+                vocab: t.config().vocab_size,
+                rng: StdRng::seed_from_u64(3),
+            };
+            let run = speculative(&t, &prompt, &o, &mut random, 3);
+            assert_eq!(run.tokens, want);
+            assert!(run.accepted * 4 < run.drafted, "random drafts stood");
+        }
+    }
+}
+
+/// A draft model that is the target itself: every draft stands (the drafter's own cache, rolled back and
+/// resynced each round, stays in step with the target's).
+#[test]
+fn a_target_drafting_for_itself_is_always_right() {
+    let t = load("tiny");
+    let prompt = &prompts("tiny")[1];
+    let o = opts(40);
+    let (want, _) = plain(&t, prompt, &o);
+    let mut state = DraftState::default();
+    let mut drafter = ModelDrafter {
+        model: &t,
+        state: &mut state,
+    };
+    let run = speculative(&t, prompt, &o, &mut drafter, 5);
+    assert_eq!(run.tokens, want);
+    assert_eq!(run.accepted, run.drafted);
+    assert!(state.nbytes() > 0);
+}
+
+/// A stop token or `max_tokens` inside a round ends the answer where plain decoding ends it, with the
+/// cache holding exactly the tokens kept.
+#[test]
+fn the_answer_ends_inside_a_round_where_plain_decoding_ends_it() {
+    let t = load("tiny");
+    let d = load("tiny-q4");
+    let prompt = &prompts("tiny")[1];
+    let (full, _) = plain(&t, prompt, &opts(40));
+    // Stop at the token plain decoding produces 11th.
+    let mut o = opts(40);
+    o.stop_tokens = vec![full[10]];
+    let (want, finish) = plain(&t, prompt, &o);
+    assert!(want.len() <= 10 && finish == "Stop");
+    for max_tokens in [1, 2, 7, 13] {
+        for (o, want, finish) in [
+            (o.clone(), want.clone(), finish.clone()),
+            (
+                opts(max_tokens),
+                full[..max_tokens].to_vec(),
+                "Length".into(),
+            ),
+        ] {
+            let mut state = DraftState::default();
+            let mut drafter = ModelDrafter {
+                model: &d,
+                state: &mut state,
+            };
+            let run = speculative(&t, prompt, &o, &mut drafter, 4);
+            assert_eq!(run.tokens, want, "max_tokens {max_tokens}");
+            assert_eq!(run.finish, finish);
+        }
+    }
+}
+
+/// The target's law for the next token after `context` under `params` (probabilities over the vocabulary).
+fn law(model: &Gemma4, context: &[u32], params: &SamplingParams) -> Vec<f32> {
+    let ids: Vec<i32> = context.iter().map(|&t| t as i32).collect();
+    let mut cache = model.new_cache();
+    let logits = model
+        .forward_last_logits(&Array::from_slice(&ids, &[1, ids.len() as i32]), &mut cache)
+        .unwrap();
+    let s = Sampler::new(params.clone(), model.config().vocab_size, model.dtype()).unwrap();
+    let lp = log_softmax(&s.process(&logits, None).unwrap()).unwrap();
+    let l = mlx_rs::ops::exp(s.law(&lp).unwrap().as_dtype(Dtype::Float32).unwrap()).unwrap();
+    l.reshape(&[-1]).unwrap().as_slice::<f32>().to_vec()
+}
+
+/// Sampled speculation follows the target's law: the first two tokens (the second decided by the
+/// acceptance rule against a 4-bit drafter whose law differs) over many seeded runs, against the exact
+/// probabilities of every pair, by a chi-square test at p > 0.01 (statrs); the same counts against a law
+/// with the second token's odds swapped fail it whenever the two laws are far enough apart to tell.
+#[test]
+fn sampled_speculation_follows_the_target_law() {
+    use statrs::distribution::{ChiSquared, ContinuousCDF};
+    use std::collections::HashMap;
+    let t = load("tiny");
+    let d = load("tiny-q4");
+    let prompt = &prompts("tiny")[0];
+    let params = SamplingParams {
+        temperature: 1.0,
+        top_k: 2,
+        seed: Some(0),
+        ..Default::default()
+    };
+    let first = law(&t, prompt, &params);
+    let mut want: HashMap<(u32, u32), f64> = HashMap::new();
+    let mut swapped: HashMap<(u32, u32), f64> = HashMap::new();
+    for (a, &pa) in first.iter().enumerate().filter(|(_, p)| **p > 0.0) {
+        let ctx: Vec<u32> = prompt.iter().copied().chain([a as u32]).collect();
+        let second: Vec<(usize, f32)> = law(&t, &ctx, &params)
+            .into_iter()
+            .enumerate()
+            .filter(|(_, p)| *p > 0.0)
+            .collect();
+        for (j, &(b, pb)) in second.iter().enumerate() {
+            want.insert((a as u32, b as u32), pa as f64 * pb as f64);
+            let other = second[second.len() - 1 - j].1;
+            swapped.insert((a as u32, b as u32), pa as f64 * other as f64);
+        }
+    }
+    // The prompt's cache (all but its last token), which every trial continues.
+    let n = prompt.len();
+    let mut cache = t.new_cache();
+    let ids: Vec<i32> = prompt[..n - 1].iter().map(|&x| x as i32).collect();
+    t.forward_hidden(&Array::from_slice(&ids, &[1, n as i32 - 1]), &mut cache)
+        .unwrap();
+    mlx_rs::transforms::eval(cache.state()).unwrap();
+    let trials = 400u64;
+    let mut counts: HashMap<(u32, u32), u64> = HashMap::new();
+    let (mut drafted, mut accepted) = (0, 0);
+    let mut rng = StdRng::seed_from_u64(11);
+    for trial in 0..trials {
+        let o = GenerateOptions {
+            max_tokens: 2,
+            stop_tokens: vec![],
+            sampling: SamplingParams {
+                seed: Some(trial),
+                ..params.clone()
+            },
+            ..Default::default()
+        };
+        let mut g = Generation::resume(&t, prompt, o, Some((cache.clone(), n - 1))).unwrap();
+        while !g.prefill(&t).unwrap() {}
+        let mut state = DraftState::seeded(trial + 1_000_000);
+        let mut drafter = ModelDrafter {
+            model: &d,
+            state: &mut state,
+        };
+        let r = g.speculate(&t, &mut drafter, 1, &mut rng).unwrap();
+        drafted += r.drafted;
+        accepted += r.accepted;
+        // The first token, and the draft if it stood; else the correction is the next token.
+        let mut toks: Vec<u32> = r.steps.iter().map(|s| s.token).collect();
+        if toks.len() < 2 {
+            toks.push(g.next_token(&t).unwrap().unwrap().token);
+        }
+        assert!(g.next_token(&t).unwrap().is_none());
+        *counts.entry((toks[0], toks[1])).or_default() += 1;
+    }
+    assert!(drafted == trials as usize && accepted < drafted && accepted > 0);
+    let chi = |e: &HashMap<(u32, u32), f64>| {
+        let mut stat = 0.0;
+        for (cell, &p) in e {
+            let exp = p * trials as f64;
+            let seen = *counts.get(cell).unwrap_or(&0) as f64;
+            stat += (seen - exp).powi(2) / exp;
+        }
+        for cell in counts.keys() {
+            assert!(e.contains_key(cell), "{cell:?} cannot be drawn");
+        }
+        1.0 - ChiSquared::new(e.len() as f64 - 1.0).unwrap().cdf(stat)
+    };
+    let p = chi(&want);
+    eprintln!(
+        "{} cells, p = {p:.3}, {accepted}/{drafted} drafts stood",
+        want.len()
+    );
+    assert!(p > 0.01, "p = {p}");
+    // Power: a law this far from the target's (noncentrality > 30) must be rejected.
+    let lambda: f64 = want
+        .iter()
+        .map(|(c, &p)| trials as f64 * (p - swapped[c]).powi(2) / swapped[c].max(1e-12))
+        .sum();
+    eprintln!("noncentrality of the swapped law: {lambda:.1}");
+    if lambda > 30.0 {
+        assert!(chi(&swapped) < 0.01, "the test cannot tell the laws apart");
+    }
+}
+
+/// Through the engine host: a tier with a draft model answers greedy requests with exactly the tokens of
+/// one without, alone (speculating: the summary and the status count its rounds) and four at once (a
+/// batch past `max_batch` decodes plainly), including a stop string that ends the answer inside a round;
+/// a draft model with another vocabulary is refused at load.
+#[test]
+fn the_engine_speculates_for_single_streams_and_answers_the_same() {
+    use jemma_engine::runtime::{
+        Engine, EngineConfig, Event, Prompt, Request, SpeculativeSettings, Summary,
+    };
+    use jemma_serve::speculative::SpeculativeConfig;
+    let request = |text: &str, max_tokens: usize, stop: Vec<String>| Request {
+        prompt: Prompt::Text(text.into()),
+        options: GenerateOptions {
+            max_tokens,
+            stop_tokens: vec![1 << 20],
+            ..Default::default()
+        },
+        stop,
+        parse_output: false,
+        constraint: None,
+        parallel_tool_calls: true,
+        fit_context: false,
+        images: vec![],
+        audio: vec![],
+        videos: vec![],
+    };
+    let answer = |rx: &mut tokio::sync::mpsc::Receiver<Event>| -> (Summary, String) {
+        let mut text = String::new();
+        while let Some(ev) = rx.blocking_recv() {
+            match ev {
+                Event::Done(s) => return (s, text),
+                Event::Error(e) => panic!("{e}"),
+                Event::Content(c) => text.push_str(&c),
+                _ => {}
+            }
+        }
+        panic!("no answer")
+    };
+    let plain = Engine::start(EngineConfig::new(common::fixture("tiny"))).unwrap();
+    let mut cfg = EngineConfig::new(common::fixture("tiny"));
+    cfg.speculative = Some(SpeculativeSettings {
+        draft_model: common::fixture("tiny-q4"),
+        config: SpeculativeConfig {
+            adaptive: false,
+            ..Default::default()
+        },
+    });
+    let spec = Engine::start(cfg).unwrap();
+    for e in [&plain, &spec] {
+        let t0 = std::time::Instant::now();
+        while e.status().state != jemma_engine::runtime::EngineState::Ready {
+            assert!(t0.elapsed().as_secs() < 60, "{:?}", e.status().state);
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let texts = [
+        "The capital of France is",
+        "Once upon a time, in a land far away, there lived",
+        "1, 2, 3,",
+        "Hello",
+    ];
+    let mut want = vec![];
+    for t in texts {
+        let (s, text) = answer(&mut plain.submit(request(t, 40, vec![])).unwrap());
+        let (got, got_text) = answer(&mut spec.submit(request(t, 40, vec![])).unwrap());
+        assert_eq!(got.tokens, s.tokens, "{t}");
+        assert_eq!(got_text, text);
+        let sp = got.speculative.expect("it speculated");
+        assert!(sp.rounds > 0 && sp.drafted >= sp.rounds);
+        want.push((s.tokens, text));
+    }
+    let status = spec.status();
+    let info = status.info.speculative.clone().unwrap();
+    assert!(info.stats.rounds > 0 && info.tokens_per_step >= 1.0);
+    // Four at once: past max_batch (1) they decode plainly, and answer the same.
+    let mut rxs: Vec<_> = texts
+        .iter()
+        .map(|t| spec.submit(request(t, 40, vec![])).unwrap())
+        .collect();
+    for (rx, (tokens, _)) in rxs.iter_mut().zip(&want) {
+        assert_eq!(&answer(rx).0.tokens, tokens);
+    }
+    // A stop string inside a round: the answer ends where plain decoding ends it.
+    let (full_tokens, full_text) = &want[1];
+    let cut: String = full_text.chars().skip(12).take(6).collect();
+    assert!(!cut.is_empty() && full_tokens.len() == 40);
+    let (s, text) = answer(
+        &mut plain
+            .submit(request(texts[1], 40, vec![cut.clone()]))
+            .unwrap(),
+    );
+    let (got, got_text) = answer(&mut spec.submit(request(texts[1], 40, vec![cut])).unwrap());
+    assert_eq!((got.tokens, got_text), (s.tokens, text));
+    // The prefix cache kept after a cut answer continues exactly: the next turn answers as plain.
+    let (s, _) = answer(&mut plain.submit(request(texts[1], 40, vec![])).unwrap());
+    let (got, _) = answer(&mut spec.submit(request(texts[1], 40, vec![])).unwrap());
+    assert_eq!(got.tokens, s.tokens);
+    assert!(spec.shutdown(std::time::Duration::from_secs(30)));
+    assert!(plain.shutdown(std::time::Duration::from_secs(30)));
+    // Another vocabulary: refused at load, naming the draft.
+    let mut cfg = EngineConfig::new(common::fixture("tiny"));
+    cfg.speculative = Some(SpeculativeSettings {
+        draft_model: common::fixture("tiny").join("../small"),
+        config: SpeculativeConfig::default(),
+    });
+    let bad = Engine::start(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = bad.status();
+        if let jemma_engine::runtime::EngineState::Failed { error } = &s.state {
+            assert!(
+                error.contains("draft") && error.contains("vocabulary"),
+                "{error}"
+            );
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{:?}", s.state);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(bad.shutdown(std::time::Duration::from_secs(30)));
+}
