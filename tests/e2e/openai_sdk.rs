@@ -120,7 +120,10 @@ fn speculative_decoding_answers_as_plain_decoding_through_the_sdk() {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "speculative decoding SDK checks failed");
+    assert!(
+        out.status.success(),
+        "speculative decoding SDK checks failed"
+    );
     assert!(stdout.contains(" passed, 0 failed"));
 }
 

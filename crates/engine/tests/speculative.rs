@@ -336,24 +336,16 @@ fn sampled_speculation_follows_the_target_law() {
 #[test]
 fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     use jemma_engine::runtime::{
-        Engine, EngineConfig, Event, Prompt, Request, SpeculativeSettings, Summary,
+        Engine, EngineConfig, Event, Prompt, SpeculativeSettings, Summary,
     };
     use jemma_serve::speculative::SpeculativeConfig;
-    let request = |text: &str, max_tokens: usize, stop: Vec<String>| Request {
-        prompt: Prompt::Text(text.into()),
-        options: GenerateOptions {
+    let request = |text: &str, max_tokens: usize, stop: Vec<String>| {
+        common::request(
+            Prompt::Text(text.into()),
             max_tokens,
-            stop_tokens: vec![1 << 20],
-            ..Default::default()
-        },
-        stop,
-        parse_output: false,
-        constraint: None,
-        parallel_tool_calls: true,
-        fit_context: false,
-        images: vec![],
-        audio: vec![],
-        videos: vec![],
+            stop,
+            Default::default(),
+        )
     };
     let answer = |rx: &mut tokio::sync::mpsc::Receiver<Event>| -> (Summary, String) {
         let mut text = String::new();

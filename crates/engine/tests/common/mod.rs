@@ -48,26 +48,32 @@ pub struct Media {
     pub videos: Vec<jemma_media::video::DecodedVideo>,
 }
 
+/// A greedy request of `max_tokens` tokens (no stop token: the references ran that many steps whatever
+/// came) with stop strings `stop` and `media`.
+pub fn request(prompt: Prompt, max_tokens: usize, stop: Vec<String>, media: Media) -> Request {
+    Request {
+        prompt,
+        options: GenerateOptions {
+            max_tokens,
+            stop_tokens: vec![1 << 20],
+            ..Default::default()
+        },
+        stop,
+        parse_output: false,
+        constraint: None,
+        parallel_tool_calls: true,
+        fit_context: false,
+        images: media.images,
+        audio: media.audio,
+        videos: media.videos,
+    }
+}
+
 /// 32 greedy steps of `prompt` with `media` on `engine` (no stop token: the references ran 32 steps
 /// whatever came): (generated tokens, cached prompt tokens), or the engine's error.
 pub fn greedy(engine: &Engine, prompt: Prompt, media: Media) -> Result<(Vec<u32>, usize), String> {
     let mut rx = engine
-        .submit(Request {
-            prompt,
-            options: GenerateOptions {
-                max_tokens: 32,
-                stop_tokens: vec![1 << 20],
-                ..Default::default()
-            },
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            images: media.images,
-            audio: media.audio,
-            videos: media.videos,
-        })
+        .submit(request(prompt, 32, vec![], media))
         .map_err(|e| e.to_string())?;
     while let Some(ev) = rx.blocking_recv() {
         match ev {
