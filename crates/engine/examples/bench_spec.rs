@@ -45,6 +45,7 @@ fn run(
         }
         Some((drafter, config)) => {
             let mut c = Controller::new(config);
+            let mut after_round = false;
             while !g.is_finished() {
                 let k = c.next_k(1, g.room());
                 if k == 0 {
@@ -52,8 +53,12 @@ fn run(
                     if let Some(s) = g.next_token(model)? {
                         tokens.push(s.token);
                     }
-                    c.record_plain(t.elapsed());
+                    // As the runtime: the first plain step after a round starts on a token already read.
+                    if !std::mem::take(&mut after_round) {
+                        c.record_plain(t.elapsed());
+                    }
                 } else {
+                    after_round = true;
                     let r = g.speculate(model, drafter, k, &mut rng)?;
                     c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
                     tokens.extend(r.steps.iter().map(|s| s.token));
@@ -92,7 +97,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .split(',')
         .map(|t| t.trim().parse())
         .collect::<Result<_, _>>()?;
-    let dtype = Some(mlx_rs::Dtype::Float32);
+    // The engine's per-device default (float32 on a CPU, the checkpoint's dtype on a GPU).
+    let dtype = jemma_engine::runtime::default_dtype(jemma_engine::device::select_device()?);
     let model = gemma4::load(std::path::Path::new(target), dtype)?.0;
     let fixed = SpeculativeConfig {
         max_draft_tokens: k,

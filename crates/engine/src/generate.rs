@@ -239,7 +239,8 @@ fn read_token(t: &Array) -> Result<u32> {
 pub struct Round {
     /// The tokens it produced, in order.
     pub steps: Vec<Step>,
-    /// Tokens drafted (0: the drafter proposed none and a plain step ran).
+    /// Tokens drafted (0: none were verified — the drafter proposed none and a plain step was queued, or
+    /// the pending token ended generation).
     pub drafted: usize,
     /// Drafts that stood.
     pub accepted: usize,
@@ -834,7 +835,8 @@ impl Generation {
     /// after it, verifies them in one forward pass of the target over the pending token and the drafts,
     /// keeps the drafts the acceptance rule (`jemma_serve::speculative`) lets stand, trims the rest from
     /// the cache, and leaves the token after them pending, as [`Generation::next_token`] leaves the next
-    /// one. Greedy: the tokens are exactly those plain decoding yields. Sampling: distributed exactly as
+    /// one. Greedy: the tokens are those plain decoding yields, up to the rounding of a forward pass over
+    /// several positions (a near-tie could flip, as in a batched decode step). Sampling: distributed as
     /// plain sampling's, with `rng` drawing the acceptance decisions. Falls back to a plain step when the
     /// drafter proposes nothing. Call only when [`Generation::can_speculate`].
     ///
@@ -852,6 +854,7 @@ impl Generation {
         let Some(cur) = self.take_current() else {
             return Ok(round);
         };
+        let done_before = self.stats.completion_tokens;
         let t0 = read_token(&cur.token)?;
         let Some(first) = self.account(t0, &cur.logprobs)? else {
             return Ok(round);
@@ -896,7 +899,8 @@ impl Generation {
             if greedy {
                 laws.push(ops::indexing::argmax_axis(&lp, -1, None)?);
             } else {
-                laws.push(ops::exp(self.sampler.law(&lp)?.as_dtype(Dtype::Float32)?)?);
+                // In float32, as the drafter's law is: the acceptance rule compares them.
+                laws.push(ops::exp(self.sampler.law(&lp.as_dtype(Dtype::Float32)?)?)?);
             }
             lps.push(lp);
         }
@@ -933,6 +937,10 @@ impl Generation {
             return Err(EngineError::Speculative(
                 "the cache could not drop the rejected drafts".into(),
             ));
+        }
+        if (done_before / 256) != (self.stats.completion_tokens / 256) {
+            // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
+            mlx_rs::memory::clear_cache()?;
         }
         let kept_arr = fed_arr.try_index(..kept as i32)?;
         self.history = ops::concatenate(&[&self.history, &kept_arr], 0)?;
@@ -980,6 +988,11 @@ impl Generation {
     pub fn stop(&mut self, reason: FinishReason) {
         if self.finished && self.stats.finish_reason == FinishReason::Length {
             self.stats.finish_reason = reason;
+        }
+        // The caller's stop (a stop string) came first: a stop token that a speculative round read after
+        // it is not what ended the answer.
+        if reason == FinishReason::Stop {
+            self.stats.stop_token = None;
         }
         self.end(reason);
     }

@@ -1236,6 +1236,14 @@ impl ModelRunner for MlxRunner {
             })?;
             crate::speculative::check_draft_vocabulary(&l.tokenizer, &d.tokenizer)
                 .map_err(|e| LoadError::Failed(e.to_string()))?;
+            let (a, b) = (l.model.config().vocab_size, d.model.config().vocab_size);
+            if a != b {
+                // Same tokens but padded embeddings: the laws would not line up.
+                return Err(LoadError::Failed(format!(
+                    "draft model {}: its vocabulary has {b} entries, the target's {a}",
+                    sp.draft_model.display()
+                )));
+            }
             tracing::info!(draft = %sp.draft_model.display(), "draft model loaded");
             l.draft = Some(d.model);
         }
@@ -1282,6 +1290,7 @@ impl ModelRunner for MlxRunner {
                     controller: Controller::new(sp.config.clone()),
                     draft: DraftState::default(),
                     rng: StdRng::from_os_rng(),
+                    after_round: false,
                 });
             }
         }
@@ -1404,7 +1413,9 @@ impl ModelRunner for MlxRunner {
             && let Some(sp) = &mut batch[ready[0]].spec
         {
             // A plain step's cost, which the controller weighs drafting against.
-            sp.controller.record_plain(started.elapsed());
+            if !std::mem::take(&mut sp.after_round) {
+                sp.controller.record_plain(started.elapsed());
+            }
             self.speculated.plain_steps += 1;
         }
         match steps {
@@ -1513,6 +1524,9 @@ struct SeqSpec {
     controller: Controller,
     draft: DraftState,
     rng: StdRng,
+    /// The last step was a round: the next plain step starts on a token already read, so its time is not
+    /// a plain step's.
+    after_round: bool,
 }
 
 impl MlxSequence {
@@ -1633,6 +1647,7 @@ impl MlxSequence {
             round.draft_time,
             round.verify_time,
         );
+        sp.after_round = true;
         Ok(round.steps)
     }
 

@@ -11,8 +11,8 @@
 use mlx_rs::{Array, Dtype, ops, transforms::eval};
 use rand::Rng;
 
-use crate::generate::DEFAULT_PREFILL_STEP;
-use crate::models::gemma4::{Cache, Gemma4};
+use crate::generate::{DEFAULT_ATTENTION_BUDGET, DEFAULT_PREFILL_STEP, prefill_chunk};
+use crate::models::gemma4::{Cache, Checkpoint, Gemma4};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
@@ -42,14 +42,14 @@ pub trait Drafter {
     -> Result<Proposal>;
 }
 
-/// A sequence's draft-model state: the drafter's own cache, the tokens it holds, and a copy taken where the
-/// last round's drafts began (restored when drafts are rejected and the cache cannot be trimmed: a sliding
-/// window that has filled).
+/// A sequence's draft-model state: the drafter's own cache, the tokens it holds, and a rollback point
+/// taken where the last round's drafts began (returned to when drafts are rejected and the cache cannot be
+/// trimmed: a sliding window that has filled).
 #[derive(Default)]
 pub struct DraftState {
     cache: Option<Cache>,
     fed: Vec<u32>,
-    snapshot: Option<(Cache, usize)>,
+    snapshot: Option<(Checkpoint, usize)>,
     sampler: Option<Sampler>,
     seed: Option<u64>,
 }
@@ -66,8 +66,8 @@ impl DraftState {
 
     /// Bytes the drafter's caches hold for this sequence.
     pub fn nbytes(&self) -> u64 {
-        let held = |c: &Cache| c.nbytes() as u64;
-        self.cache.as_ref().map_or(0, held) + self.snapshot.as_ref().map_or(0, |(c, _)| held(c))
+        self.cache.as_ref().map_or(0, |c| c.nbytes() as u64)
+            + self.snapshot.as_ref().map_or(0, |(c, _)| c.nbytes() as u64)
     }
 }
 
@@ -92,18 +92,21 @@ impl ModelDrafter<'_> {
             // The last context token is read with its logits, never taken from the cache.
             .min(context.len().saturating_sub(1));
         if common < st.fed.len() {
-            let trimmed = st
-                .cache
-                .as_mut()
-                .is_some_and(|c| c.trim_end(st.fed.len() - common));
-            if trimmed {
-                st.fed.truncate(common);
-            } else if let Some((snap, n)) = st.snapshot.take().filter(|(_, n)| *n <= common) {
-                st.cache = Some(snap);
-                st.fed.truncate(n);
-            } else {
-                st.cache = None;
-                st.fed.clear();
+            let excess = st.fed.len() - common;
+            let snapshot = st.snapshot.take().filter(|(_, n)| *n <= common);
+            let back = st.cache.as_mut().and_then(|c| {
+                if c.trim_end(excess) {
+                    Some(common)
+                } else {
+                    snapshot.filter(|(cp, _)| c.rollback(cp)).map(|(_, n)| n)
+                }
+            });
+            match back {
+                Some(n) => st.fed.truncate(n),
+                None => {
+                    st.cache = None;
+                    st.fed.clear();
+                }
             }
         }
         st.fed.len()
@@ -128,45 +131,65 @@ impl Drafter for ModelDrafter<'_> {
         let model = self.model;
         let st = &mut *self.state;
         let mut cache = st.cache.take().unwrap_or_else(|| model.new_cache());
-        // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks,
-        // evaluating only the cache, as the target reads its prompt.
+        // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks
+        // under the same attention budget as the target's prompt, evaluating only the cache.
         let ids: Vec<i32> = context.iter().map(|&t| t as i32).collect();
         let mut at = held;
         let started = std::time::Instant::now();
+        let heads = model.config().num_attention_heads;
+        let elem = crate::footprint::dtype_bytes(model.dtype());
         while ids.len() - at > 1 {
-            let n = (ids.len() - 1 - at).min(DEFAULT_PREFILL_STEP);
+            let n = prefill_chunk(
+                at,
+                ids.len() - 1 - at,
+                DEFAULT_PREFILL_STEP,
+                heads,
+                elem,
+                Some(DEFAULT_ATTENTION_BUDGET),
+            );
             let chunk = Array::from_slice(&ids[at..at + n], &[1, n as i32]);
             model.forward_hidden(&chunk, &mut cache)?;
             eval(cache.state())?;
             at += n;
         }
-        let catch_up = started.elapsed();
+        // Only a long read is a one-off (the prompt, or a stretch decoded plainly); re-reading the last
+        // round's drafts is part of what each round costs.
+        let catch_up = if at - held > k + 1 {
+            started.elapsed()
+        } else {
+            std::time::Duration::ZERO
+        };
         st.fed.truncate(held);
         st.fed.extend_from_slice(&context[held..at]);
-        // The copy rejected drafts roll back to, when the cache cannot be trimmed.
-        st.snapshot = Some((cache.clone(), at));
+        // Where rejected drafts roll back to when the cache cannot be trimmed.
+        st.snapshot = Some((cache.checkpoint(), at));
         let greedy = sampling.temperature == 0.0;
-        if st.sampler.is_none() {
-            // The drafter's own sampler: the request's filters and temperature, its own RNG.
-            let params = SamplingParams {
-                seed: st.seed,
-                ..sampling.clone()
-            };
-            st.sampler = Some(Sampler::new(params, vocab, model.dtype())?);
-        }
-        let sampler = st.sampler.as_mut().expect("set above");
+        let sampler = match &mut st.sampler {
+            Some(s) => s,
+            None => {
+                // The drafter's own sampler: the request's filters and temperature, its own RNG.
+                let params = SamplingParams {
+                    seed: st.seed,
+                    ..sampling.clone()
+                };
+                st.sampler
+                    .insert(Sampler::new(params, vocab, Dtype::Float32)?)
+            }
+        };
         // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
         let mut input = Array::from_slice(&ids[at..], &[1, 1]);
         let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
         for i in 0..k {
             let logits = model.forward_last_logits(&input, &mut cache)?;
+            // In float32: the law reported must be the one drawn from, to the rounding of a bf16 model.
+            let logits = logits.as_dtype(Dtype::Float32)?;
             let lp = log_softmax(&sampler.process(&logits, None)?)?;
             let token = if greedy {
                 ops::indexing::argmax_axis(&lp, -1, None)?
             } else {
                 let law = sampler.law(&lp)?;
                 let t = sampler.draw(&law)?;
-                laws.push(ops::exp(&law.as_dtype(Dtype::Float32)?)?);
+                laws.push(ops::exp(&law)?);
                 t
             };
             let token = token.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
@@ -220,7 +243,7 @@ impl Drafter for RecordedDrafter {
             .iter()
             .take(k)
             .copied()
-            .filter(|&t| (t as usize) < self.vocab)
+            .take_while(|&t| (t as usize) < self.vocab)
             .collect();
         let laws = if sampling.temperature == 0.0 {
             vec![]

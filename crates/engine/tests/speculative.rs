@@ -161,6 +161,62 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
     }
 }
 
+/// Penalties, a logit bias and logprobs: each verified position sees the history plain decoding would
+/// (the drafts before it count for the penalties), and reports the same log-probabilities.
+#[test]
+fn penalties_bias_and_logprobs_are_plain_decodings() {
+    let t = load("tiny");
+    let d = load("tiny-q4");
+    let prompt = &prompts("tiny")[1];
+    let mut o = opts(40);
+    o.sampling = SamplingParams {
+        repetition_penalty: Some(1.3),
+        presence_penalty: 0.4,
+        frequency_penalty: 0.2,
+        logit_bias: [(300u32, 2.0f32), (7, -5.0)].into_iter().collect(),
+        ..Default::default()
+    };
+    o.logprobs = true;
+    o.top_logprobs = 3;
+    let mut want = vec![];
+    generate(&t, prompt, &o, |s| {
+        want.push(s.clone());
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let (plain_tokens, _) = plain(&t, prompt, &opts(40));
+    assert_ne!(
+        want.iter().map(|s| s.token).collect::<Vec<_>>(),
+        plain_tokens,
+        "the penalties change the answer"
+    );
+    for k in [2, 5] {
+        let mut state = DraftState::default();
+        let mut drafter = ModelDrafter {
+            model: &d,
+            state: &mut state,
+        };
+        let mut g = Generation::new(&t, prompt, o.clone()).unwrap();
+        while !g.prefill(&t).unwrap() {}
+        let mut rng = StdRng::seed_from_u64(0);
+        let mut got = vec![];
+        while !g.is_finished() {
+            got.extend(g.speculate(&t, &mut drafter, k, &mut rng).unwrap().steps);
+        }
+        assert_eq!(got.len(), want.len());
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(a.token, b.token, "k = {k}, token {i}");
+            let (la, lb) = (a.logprobs.as_ref().unwrap(), b.logprobs.as_ref().unwrap());
+            assert!((la.logprob - lb.logprob).abs() < 1e-4, "k = {k}, token {i}");
+            assert_eq!(la.top.len(), 3);
+            for (x, y) in la.top.iter().zip(&lb.top) {
+                assert_eq!(x.0, y.0);
+                assert!((x.1 - y.1).abs() < 1e-4);
+            }
+        }
+    }
+}
+
 /// A draft model that is the target itself: every draft stands (the drafter's own cache, rolled back and
 /// resynced each round, stays in step with the target's).
 #[test]

@@ -329,7 +329,7 @@ pub struct TierConfig {
 
 /// `[tiers.NAME.speculative]`: speculative decoding with a draft model on a local MLX tier. The draft
 /// proposes tokens that the tier's model verifies several at a time; the answer is the tier's model's own
-/// (greedy: token for token; sampling: the same distribution).
+/// (greedy: token for token up to rounding; sampling: the same distribution).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpeculativeTierConfig {
@@ -589,6 +589,10 @@ impl Config {
                     Some("max_draft_tokens must be 1 to 16")
                 } else if sp.max_batch == 0 {
                     Some("max_batch must be >= 1")
+                } else if sp.enabled && c.kv_bits.is_some() {
+                    Some(
+                        "a quantized KV cache (kv_bits) cannot roll rejected drafts back; remove one",
+                    )
                 } else {
                     None
                 };
@@ -777,6 +781,12 @@ mod tests {
             let e = Config::parse(&toml).unwrap_err().to_string();
             assert!(e.contains(why), "{extra}: {e}");
         }
+        let e = Config::parse(
+            "[tiers.primary]\nmodel = \"/m\"\nkv_bits = 8\n[tiers.primary.speculative]\ndraft_model = \"/d\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("cannot roll rejected drafts back"), "{e}");
         let e = Config::parse("[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\n")
             .unwrap_err()
             .to_string();

@@ -270,7 +270,24 @@ fn factory(
     let parallel = c.concurrency().clamp(1, 64) as u32;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
-        let key = path.clone();
+        if is_gguf && template.speculative.is_some() {
+            // Refused rather than ignored: the setting promises drafting this engine does not do.
+            return Err(format!(
+                "{}: speculative decoding runs on the MLX engine only; remove \
+                 [tiers.*.speculative] or serve an MLX model",
+                path.display()
+            ));
+        }
+        // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
+        // its draft (a tier without one must not get another tier's speculation, nor the reverse).
+        let key = match &template.speculative {
+            Some(sp) => PathBuf::from(format!(
+                "{}\u{0}draft={}",
+                path.display(),
+                sp.draft_model.display()
+            )),
+            None => path.clone(),
+        };
         if let Some(b) = shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -280,14 +297,6 @@ fn factory(
             return Ok(b);
         }
         let b: Arc<dyn Backend> = if is_gguf {
-            if template.speculative.is_some() {
-                // Refused rather than ignored: the setting promises drafting this engine does not do.
-                return Err(format!(
-                    "{}: speculative decoding runs on the MLX engine only; remove \
-                     [tiers.*.speculative] or serve an MLX model",
-                    path.display()
-                ));
-            }
             #[cfg(feature = "llama")]
             {
                 let mut lc = jemma_engine_llama::LlamaConfig::new(path);

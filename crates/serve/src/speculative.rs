@@ -93,7 +93,7 @@ pub fn accept_sampled<R: Rng + ?Sized>(
         let (pd, qd) = (p[i][d] as f64, q[i][d] as f64);
         // Accept with probability min(1, p/q). A draft the drafter could not have drawn (q = 0) is
         // rejected unless the target favours it at least as much; the draw is skipped when p >= q.
-        let keep = pd >= qd || (qd > 0.0 && rng.random::<f64>() * qd < pd);
+        let keep = (pd >= qd && pd > 0.0) || (qd > 0.0 && rng.random::<f64>() * qd < pd);
         if !keep {
             let residual: Vec<f64> = p[i]
                 .iter()

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use mlx_rs::{Array, Dtype, ops};
 
 pub use config::ModelConfig;
-pub use model::{Cache, Gemma4, KvQuant, Placed};
+pub use model::{Cache, Checkpoint, Gemma4, KvQuant, Placed};
 
 use crate::nn::WeightStore;
 use crate::{EngineError, Result};

@@ -500,6 +500,20 @@ pub struct Cache {
     pub layers: Vec<LayerCache>,
 }
 
+/// A rollback point of a [`Cache`] ([`Cache::checkpoint`]).
+#[derive(Debug, Clone)]
+pub struct Checkpoint {
+    offset: i32,
+    rotating: Vec<(usize, LayerCache)>,
+}
+
+impl Checkpoint {
+    /// Bytes its copies hold (shared with the cache until the cache's next write).
+    pub fn nbytes(&self) -> usize {
+        self.rotating.iter().map(|(_, c)| c.nbytes()).sum()
+    }
+}
+
 impl Cache {
     /// Positions processed so far.
     pub fn offset(&self) -> i32 {
@@ -549,6 +563,47 @@ impl Cache {
         }
         for c in &mut self.layers {
             c.trim(n);
+        }
+        true
+    }
+
+    /// A rollback point: copies of the sliding-window layers only (a window's worth each) and the offset, to
+    /// which [`Cache::rollback`] returns. Full-attention layers are not copied: they roll back by trimming,
+    /// and a copy would make MLX duplicate their whole buffer at the next write (the copy shares it).
+    pub fn checkpoint(&self) -> Checkpoint {
+        Checkpoint {
+            offset: self.offset(),
+            rotating: self
+                .layers
+                .iter()
+                .enumerate()
+                .filter(|(_, c)| matches!(c, LayerCache::Rotating(_)))
+                .map(|(i, c)| (i, c.clone()))
+                .collect(),
+        }
+    }
+
+    /// Returns to `cp`, taken from this cache when it held no more than it does now: full-attention layers
+    /// trimmed back, sliding-window layers restored from their copies. False, changing nothing, when a layer
+    /// cannot (a quantized cache, or a checkpoint from another cache).
+    pub fn rollback(&mut self, cp: &Checkpoint) -> bool {
+        let n = self.offset() - cp.offset;
+        let ok = n >= 0
+            && self.layers.iter().enumerate().all(|(i, c)| match c {
+                LayerCache::Full(_) => true,
+                LayerCache::Quantized(_) => n == 0,
+                LayerCache::Rotating(_) => cp.rotating.iter().any(|(j, _)| *j == i),
+            });
+        if !ok {
+            return false;
+        }
+        for c in &mut self.layers {
+            if let LayerCache::Full(f) = c {
+                f.trim(n);
+            }
+        }
+        for (i, c) in &cp.rotating {
+            self.layers[*i] = c.clone();
         }
         true
     }
