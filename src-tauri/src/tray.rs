@@ -75,7 +75,7 @@ pub fn tier_line(s: &TierStatus) -> String {
     };
     // Speculative decoding: the share of drafted tokens that stood, once a draft has been verified.
     let spec = &s.backend.details["speculative"];
-    if spec["drafted"].as_u64().unwrap_or(0) > 0
+    if spec["draft_tokens"].as_u64().unwrap_or(0) > 0
         && let Some(rate) = spec["acceptance_rate"].as_f64()
     {
         tps.push_str(&format!(" · {:.0}% drafts accepted", rate * 100.0));

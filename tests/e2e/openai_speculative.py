@@ -60,7 +60,7 @@ check("a seeded sampled request gives the plain server's tokens", c.choices[0].t
 h = json.load(urllib.request.urlopen(f"{spec_url}/health"))
 sp = h["tiers"]["fast"]["backend"]["details"].get("speculative") or {}
 check("/health shows the draft model and its rounds",
-      sp.get("rounds", 0) > 0 and sp.get("draft_model", "").endswith("tiny-q4")
+      sp.get("verify_steps", 0) > 0 and sp.get("draft_model", "").endswith("tiny-q4")
       and 0 <= sp.get("acceptance_rate", -1) <= 1, sp)
 metrics = urllib.request.urlopen(f"{spec_url}/metrics").read().decode()
 check("/metrics counts verifications and drafts",

@@ -1234,8 +1234,14 @@ impl ModelRunner for MlxRunner {
             let d = ModelBundle::load(&sp.draft_model, self.dtype).map_err(|e| {
                 LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
             })?;
-            crate::speculative::check_draft_vocabulary(&l.tokenizer, &d.tokenizer)
-                .map_err(|e| LoadError::Failed(e.to_string()))?;
+            crate::speculative::check_draft_vocabulary(&l.tokenizer, &d.tokenizer).map_err(
+                |e| {
+                    LoadError::Failed(format!(
+                        "draft model {}: {e}; use a model with the same tokenizer (E2B for E4B)",
+                        sp.draft_model.display()
+                    ))
+                },
+            )?;
             let (a, b) = (l.model.config().vocab_size, d.model.config().vocab_size);
             if a != b {
                 // Same tokens but padded embeddings: the laws would not line up.

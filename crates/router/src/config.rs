@@ -582,7 +582,9 @@ impl Config {
             }
             if let Some(sp) = &c.speculative {
                 let bad = if c.kind != TierKind::Local {
-                    Some("runs in the local engine (an upstream server speculates itself)")
+                    Some(
+                        "only a local MLX tier can speculate (an upstream server speculates itself); remove this section",
+                    )
                 } else if sp.draft_model.is_empty() {
                     Some("needs draft_model = \"<model dir>\"")
                 } else if !(1..=16).contains(&sp.max_draft_tokens) {
@@ -591,7 +593,8 @@ impl Config {
                     Some("max_batch must be >= 1")
                 } else if sp.enabled && c.kv_bits.is_some() {
                     Some(
-                        "a quantized KV cache (kv_bits) cannot roll rejected drafts back; remove one",
+                        "a quantized KV cache cannot roll rejected drafts back: remove kv_bits from the tier, or \
+                         set enabled = false here",
                     )
                 } else {
                     None
@@ -796,7 +799,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("local engine"), "{e}");
+        assert!(e.contains("only a local MLX tier"), "{e}");
     }
 
     #[test]

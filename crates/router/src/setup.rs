@@ -273,8 +273,8 @@ fn factory(
         if is_gguf && template.speculative.is_some() {
             // Refused rather than ignored: the setting promises drafting this engine does not do.
             return Err(format!(
-                "{}: speculative decoding runs on the MLX engine only; remove \
-                 [tiers.*.speculative] or serve an MLX model",
+                "{}: this model runs on the llama.cpp engine, which does not speculate yet; remove the \
+                 tier's [speculative] section or serve an MLX model",
                 path.display()
             ));
         }

@@ -354,11 +354,14 @@ impl Controller {
 /// Counts of speculative decoding, for one request or a whole model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct SpeculativeStats {
-    /// Verifications run.
+    /// Verifications run (serialised as `verify_steps`, as `_routing.speculative` and `/metrics` name it).
+    #[serde(rename = "verify_steps")]
     pub rounds: u64,
-    /// Tokens drafted.
+    /// Tokens drafted (`draft_tokens`).
+    #[serde(rename = "draft_tokens")]
     pub drafted: u64,
-    /// Drafts that stood.
+    /// Drafts that stood (`accepted_tokens`).
+    #[serde(rename = "accepted_tokens")]
     pub accepted: u64,
     /// Tokens decoded plainly (no draft) while speculation was on.
     pub plain_steps: u64,
