@@ -91,8 +91,10 @@ r = client.chat.completions.create(model="primary", messages=[{"role": "user", "
 lp = r.choices[0].logprobs.content
 check("logprobs", len(lp) >= 1 and len(lp[0].top_logprobs) == 3 and lp[0].logprob <= 0, lp)
 
+# Random weights end a JSON object within 48 tokens for about a third of seeds (measured over 40): 16 seeds
+# make "none ended" a 1-in-600 event on a machine whose float rounding picks other tokens.
 complete = 0
-for seed in range(6):
+for seed in range(16):
     r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "JSON please"}],
                                        response_format={"type": "json_object"}, max_tokens=48, temperature=1,
                                        seed=seed)
@@ -128,7 +130,7 @@ for label, schema in (("city", city), ("bounded city", bounded)):
 # Thinking on (a reasoning client asking for a record): the model may think first, and the schema holds for
 # the answer after the thought, which comes back as reasoning_content, not as part of the JSON.
 finished = 0
-for seed in range(10):
+for seed in range(20):
     r = client.chat.completions.create(
         model="primary", messages=[{"role": "user", "content": "A city, please"}], max_tokens=48,
         temperature=1, seed=seed, extra_body={"enable_thinking": True},
@@ -138,8 +140,9 @@ for seed in range(10):
     finished += 1
     text = r.choices[0].message.content
     check(f"json_schema after thinking (seed {seed}): answer validates", valid(json.loads(text), bounded), text)
-# (Random weights that start a thought ramble to max_tokens: only some answers finish.)
-check(f"json_schema after thinking: answers finish ({finished} of 10)", finished >= 1, finished)
+# (Random weights that start a thought ramble to max_tokens: about a third of seeds finish, measured over 40;
+# 20 seeds make "none finished" a 1-in-3000 event.)
+check(f"json_schema after thinking: answers finish ({finished} of 20)", finished >= 1, finished)
 
 # A coding agent that must get a tool call (tool_choice "required", or one function by name): always a call,
 # to an offered function, with arguments valid against its parameters.

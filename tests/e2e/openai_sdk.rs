@@ -3,7 +3,7 @@
 
 use std::process::Command;
 
-use crate::support::{Server, fixture, python, root};
+use crate::support::{Server, fixture, python};
 
 #[test]
 fn openai_python_sdk_drives_the_gateway() {
@@ -58,16 +58,7 @@ fn openai_python_sdk_sends_images_audio_and_video_to_a_model_that_takes_them() {
 
 /// Runs one of the SDK scripts in tests/e2e against `url`; fails on its first failed check.
 fn sdk_script(script: &str, url: &str) {
-    let out = crate::support::output_within(
-        Command::new(python())
-            .arg(root().join("tests/e2e").join(script))
-            .arg(url),
-        crate::support::CMD_DEADLINE,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{script}: checks failed");
-    assert!(stdout.contains(" passed, 0 failed"), "{script}");
+    crate::support::check_script(script, &[url]);
 }
 
 /// Continuous batching on the MLX engine end to end with the OpenAI Python SDK (tests/e2e/openai_batching.py
@@ -81,17 +72,7 @@ fn eight_concurrent_openai_streams_batch_on_the_mlx_engine() {
         fixture("tiny").display()
     );
     let s = Server::start(&[], Some(&config));
-    let out = crate::support::output_within(
-        Command::new(python())
-            .arg(root().join("tests/e2e/openai_batching.py"))
-            .arg(&s.url)
-            .arg("mlx"),
-        crate::support::CMD_DEADLINE,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "OpenAI SDK batching checks failed");
-    assert!(stdout.contains(" passed, 0 failed"));
+    crate::support::check_script("openai_batching.py", &[&s.url, "mlx"]);
 }
 
 /// Speculative decoding end to end with the OpenAI Python SDK (tests/e2e/openai_speculative.py): a gateway
@@ -111,20 +92,7 @@ fn speculative_decoding_answers_as_plain_decoding_through_the_sdk() {
     );
     let s = Server::start(&[], Some(&spec));
     let p = Server::start(&[], Some(&plain));
-    let out = crate::support::output_within(
-        Command::new(python())
-            .arg(root().join("tests/e2e/openai_speculative.py"))
-            .arg(&s.url)
-            .arg(&p.url),
-        crate::support::CMD_DEADLINE,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "speculative decoding SDK checks failed"
-    );
-    assert!(stdout.contains(" passed, 0 failed"));
+    crate::support::check_script("openai_speculative.py", &[&s.url, &p.url]);
 }
 
 /// Property-based fuzzing of the whole HTTP surface from its own description: schemathesis reads

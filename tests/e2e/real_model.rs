@@ -216,14 +216,5 @@ fn eight_concurrent_openai_streams_complete_batched() {
         model.display()
     );
     let s = Server::start(&[], Some(&config));
-    let out = crate::support::output_within(
-        std::process::Command::new(crate::support::python())
-            .arg(crate::support::root().join("tests/e2e/openai_batching.py"))
-            .arg(&s.url),
-        crate::support::CMD_DEADLINE,
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "OpenAI SDK batching checks failed");
-    assert!(stdout.contains(" passed, 0 failed"));
+    crate::support::check_script("openai_batching.py", &[&s.url]);
 }

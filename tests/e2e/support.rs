@@ -50,6 +50,32 @@ pub fn client() -> reqwest::Client {
         .expect("reqwest client")
 }
 
+/// Runs the Python check script `tests/e2e/<script>` with `args` (see tests/e2e/checks.py: one line per
+/// check, "N passed, 0 failed" at the end) and panics on a failed check, quoting the `FAIL` line and the end
+/// of stderr so that a CI summary that keeps only the panic still says which check failed.
+pub fn check_script(script: &str, args: &[&str]) {
+    let out = output_within(
+        Command::new(python())
+            .arg(root().join("tests/e2e").join(script))
+            .args(args),
+        CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("{stdout}{stderr}");
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    let tail: String = {
+        let lines: Vec<&str> = stderr.lines().collect();
+        lines[lines.len().saturating_sub(8)..].join("\n")
+    };
+    assert!(
+        out.status.success() && stdout.contains(" passed, 0 failed"),
+        "{script}: checks failed (exit {:?})\n{}\n{tail}",
+        out.status.code(),
+        failed.join("\n")
+    );
+}
+
 /// Runs `cmd` to completion like [`Command::output`], but kills it and panics, naming the command, when it
 /// runs past `limit`.
 pub fn output_within(cmd: &mut Command, limit: Duration) -> std::process::Output {
