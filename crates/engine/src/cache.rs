@@ -80,6 +80,17 @@ impl KvCache {
         self.state().iter().map(|a| a.nbytes()).sum()
     }
 
+    /// The keys and values held, (B, heads, offset, D) each; None when empty.
+    pub fn view(&self) -> Result<Option<(Array, Array)>> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.offset > 0 => Ok(Some((
+                slice_len(k, 0, self.offset)?,
+                slice_len(v, 0, self.offset)?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
     /// Forgets the last `n` positions (mlx-lm `KVCache.trim`): the buffer stays and the next update
     /// overwrites them. Returns how many were dropped (at most `offset`).
     pub fn trim(&mut self, n: i32) -> i32 {
@@ -367,6 +378,24 @@ impl RotatingKvCache {
         }
     }
 
+    /// The keys and values held, in temporal order (the oldest position first), with the absolute position
+    /// of the first: the last `min(offset, held)` positions, (B, heads, S, D) each. None when empty.
+    pub fn view(&self) -> Result<Option<(Array, Array, i32)>> {
+        match (&self.keys, &self.values) {
+            (Some(k), Some(v)) if self.offset > 0 => {
+                let (k, v) = (self.temporal_order(k)?, self.temporal_order(v)?);
+                let held = k.shape()[2].min(self.offset);
+                let from = k.shape()[2] - held;
+                Ok(Some((
+                    k.try_index((.., .., from.., ..))?,
+                    v.try_index((.., .., from.., ..))?,
+                    self.offset - held,
+                )))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// Whether [`RotatingKvCache::trim_end`] can drop positions: only while the window has never been
     /// full, since a full window has overwritten the positions a shorter history would still see
     /// (mlx-lm `RotatingKVCache.is_trimmable`: `offset < max_size`).
@@ -460,6 +489,19 @@ pub enum LayerCache {
 }
 
 impl LayerCache {
+    /// What this layer holds, as its next query would attend over it: full-precision keys and values
+    /// (B, heads, S, D) in temporal order and the absolute position of the first (0 unless a sliding
+    /// window has dropped older ones). None when empty or quantized (`kv_bits`).
+    ///
+    /// Errors: MLX failures.
+    pub fn view(&self) -> Result<Option<(Array, Array, i32)>> {
+        Ok(match self {
+            LayerCache::Full(c) => c.view()?.map(|(k, v)| (k, v, 0)),
+            LayerCache::Rotating(c) => c.view()?,
+            LayerCache::Quantized(_) => None,
+        })
+    }
+
     /// Positions seen so far.
     pub fn offset(&self) -> i32 {
         match self {

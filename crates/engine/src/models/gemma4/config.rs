@@ -371,7 +371,7 @@ pub(crate) fn ids_of(v: Option<&Value>) -> Vec<u32> {
     }
 }
 
-fn parse_quantization(v: Option<&Value>) -> Result<Quantization> {
+pub(crate) fn parse_quantization(v: Option<&Value>) -> Result<Quantization> {
     let Some(Value::Object(m)) = v else {
         return Ok(Quantization::default());
     };

@@ -1,5 +1,6 @@
 //! Gemma 4 (text): configuration, weights and the decoder.
 
+pub mod assistant;
 pub mod audio;
 pub mod config;
 pub mod model;
@@ -10,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use mlx_rs::{Array, Dtype, ops};
 
+pub use assistant::Gemma4Assistant;
 pub use config::ModelConfig;
 pub use model::{Cache, Checkpoint, Gemma4, KvQuant, Placed};
 

@@ -18,7 +18,7 @@ use crate::nn::{Embedding, Linear, SwitchLinear, WeightStore, scalar};
 use crate::{EngineError, Result};
 
 /// Constants of one activation dtype, built once.
-struct Consts {
+pub(crate) struct Consts {
     half: Array,
     one: Array,
     gelu_c: Array,
@@ -27,7 +27,7 @@ struct Consts {
 }
 
 impl Consts {
-    fn new(dt: Dtype) -> Result<Self> {
+    pub(crate) fn new(dt: Dtype) -> Result<Self> {
         Ok(Self {
             half: scalar(0.5, dt)?,
             one: scalar(1.0, dt)?,
@@ -118,9 +118,12 @@ struct Attention {
 
 /// Attention mask for one layer type.
 #[derive(Clone)]
-enum Mask {
+pub(crate) enum Mask {
+    /// Every key.
     None,
+    /// Causal over the chunk (mlx's "causal" SDPA mask).
     Causal,
+    /// An explicit boolean mask, broadcast to (B, heads, L, S): true where a query sees a key.
     Array(Array),
 }
 
@@ -397,8 +400,8 @@ struct PerLayerInput {
     post_norm: Array,
 }
 
-struct DecoderLayer {
-    spec: LayerSpec,
+pub(crate) struct DecoderLayer {
+    pub(crate) spec: LayerSpec,
     self_attn: Attention,
     mlp: Mlp,
     moe: Option<MoeBlock>,
@@ -411,9 +414,135 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Loads layer `i` (`layers.{i}.*`) of a text model with configuration `c`, as `spec` describes it:
+    /// K/V projections only when it owns a cache, the MoE block and per-layer input when `c` has them.
+    ///
+    /// Errors: a missing or misshapen tensor, an inconsistent MoE configuration ([`EngineError::InvalidModel`]).
+    pub(crate) fn load(
+        store: &mut WeightStore,
+        c: &TextConfig,
+        i: usize,
+        spec: &LayerSpec,
+    ) -> Result<Self> {
+        let h = c.hidden_size;
+        let hs = [h as i32];
+        let ple_dim = c.ple_dim();
+        let p = format!("layers.{i}");
+        let hd = spec.head_dim;
+        let nh = c.num_attention_heads;
+        let nkv = spec.n_kv_heads;
+        let (k_proj, v_proj, k_norm) = if spec.has_kv {
+            (
+                Some(store.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?),
+                if spec.k_eq_v {
+                    None
+                } else {
+                    Some(store.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?)
+                },
+                Some(store.take(&format!("{p}.self_attn.k_norm.weight"), &[hd as i32])?),
+            )
+        } else {
+            (None, None, None)
+        };
+        let self_attn = Attention {
+            q_proj: store.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
+            k_proj,
+            v_proj,
+            o_proj: store.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
+            q_norm: store.take(&format!("{p}.self_attn.q_norm.weight"), &[hd as i32])?,
+            k_norm,
+            rope: Rope::new(spec, c.rope_traditional)?,
+            n_heads: nh as i32,
+            n_kv_heads: nkv as i32,
+            head_dim: hd as i32,
+            eps: c.rms_norm_eps,
+        };
+        let im = spec.intermediate_size;
+        let mlp = Mlp {
+            gate_proj: store.linear(&format!("{p}.mlp.gate_proj"), im, h)?,
+            up_proj: store.linear(&format!("{p}.mlp.up_proj"), im, h)?,
+            down_proj: store.linear(&format!("{p}.mlp.down_proj"), h, im)?,
+        };
+        let moe = if c.enable_moe_block {
+            let e = c.num_experts.unwrap_or(0);
+            let mi = c.moe_intermediate_size.unwrap_or(0);
+            let top_k = c.top_k_experts.unwrap_or(0);
+            if top_k == 0 || top_k > e {
+                return Err(EngineError::InvalidModel(format!(
+                    "top_k_experts {top_k} must be in 1..={e}"
+                )));
+            }
+            let scale = store.take(&format!("{p}.router.scale"), &hs)?;
+            // mlx-lm: rms_norm weight = scale * H**-0.5 (a weak scalar, so in the weight's dtype).
+            let root = scalar((h as f64).powf(-0.5) as f32, scale.dtype())?;
+            Some(MoeBlock {
+                router: Router {
+                    proj: store.linear(&format!("{p}.router.proj"), e, h)?,
+                    norm_weight: ops::multiply(&scale, &root)?,
+                    per_expert_scale: store
+                        .take(&format!("{p}.router.per_expert_scale"), &[e as i32])?,
+                    top_k: top_k as i32,
+                    n_experts: e as i32,
+                },
+                experts: Experts {
+                    gate_proj: store.switch_linear(
+                        &format!("{p}.experts.switch_glu.gate_proj"),
+                        e,
+                        mi,
+                        h,
+                    )?,
+                    up_proj: store.switch_linear(
+                        &format!("{p}.experts.switch_glu.up_proj"),
+                        e,
+                        mi,
+                        h,
+                    )?,
+                    down_proj: store.switch_linear(
+                        &format!("{p}.experts.switch_glu.down_proj"),
+                        e,
+                        h,
+                        mi,
+                    )?,
+                },
+                post_feedforward_layernorm_1: store
+                    .take(&format!("{p}.post_feedforward_layernorm_1.weight"), &hs)?,
+                post_feedforward_layernorm_2: store
+                    .take(&format!("{p}.post_feedforward_layernorm_2.weight"), &hs)?,
+                pre_feedforward_layernorm_2: store
+                    .take(&format!("{p}.pre_feedforward_layernorm_2.weight"), &hs)?,
+            })
+        } else {
+            None
+        };
+        let per_layer = if ple_dim > 0 {
+            Some(PerLayerInput {
+                gate: store.linear(&format!("{p}.per_layer_input_gate"), ple_dim, h)?,
+                projection: store.linear(&format!("{p}.per_layer_projection"), h, ple_dim)?,
+                post_norm: store.take(&format!("{p}.post_per_layer_input_norm.weight"), &hs)?,
+            })
+        } else {
+            None
+        };
+        Ok(DecoderLayer {
+            spec: spec.clone(),
+            self_attn,
+            mlp,
+            moe,
+            input_layernorm: store.take(&format!("{p}.input_layernorm.weight"), &hs)?,
+            post_attention_layernorm: store
+                .take(&format!("{p}.post_attention_layernorm.weight"), &hs)?,
+            pre_feedforward_layernorm: store
+                .take(&format!("{p}.pre_feedforward_layernorm.weight"), &hs)?,
+            post_feedforward_layernorm: store
+                .take(&format!("{p}.post_feedforward_layernorm.weight"), &hs)?,
+            per_layer,
+            layer_scalar: store.take(&format!("{p}.layer_scalar"), &[1])?,
+        })
+    }
+
     // Mirrors mlx-lm's DecoderLayer.__call__ argument list one to one, which keeps review against it easy.
     #[allow(clippy::too_many_arguments)]
-    fn forward(
+    pub(crate) fn forward(
         &self,
         x: &Array,
         mask: &Mask,
@@ -665,117 +794,7 @@ impl Gemma4 {
         let hs = [h as i32];
         let mut layers = Vec::with_capacity(n);
         for (i, spec) in specs.iter().enumerate() {
-            let p = format!("layers.{i}");
-            let hd = spec.head_dim;
-            let nh = c.num_attention_heads;
-            let nkv = spec.n_kv_heads;
-            let (k_proj, v_proj, k_norm) = if spec.has_kv {
-                (
-                    Some(store.linear(&format!("{p}.self_attn.k_proj"), nkv * hd, h)?),
-                    if spec.k_eq_v {
-                        None
-                    } else {
-                        Some(store.linear(&format!("{p}.self_attn.v_proj"), nkv * hd, h)?)
-                    },
-                    Some(store.take(&format!("{p}.self_attn.k_norm.weight"), &[hd as i32])?),
-                )
-            } else {
-                (None, None, None)
-            };
-            let self_attn = Attention {
-                q_proj: store.linear(&format!("{p}.self_attn.q_proj"), nh * hd, h)?,
-                k_proj,
-                v_proj,
-                o_proj: store.linear(&format!("{p}.self_attn.o_proj"), h, nh * hd)?,
-                q_norm: store.take(&format!("{p}.self_attn.q_norm.weight"), &[hd as i32])?,
-                k_norm,
-                rope: Rope::new(spec, c.rope_traditional)?,
-                n_heads: nh as i32,
-                n_kv_heads: nkv as i32,
-                head_dim: hd as i32,
-                eps: c.rms_norm_eps,
-            };
-            let im = spec.intermediate_size;
-            let mlp = Mlp {
-                gate_proj: store.linear(&format!("{p}.mlp.gate_proj"), im, h)?,
-                up_proj: store.linear(&format!("{p}.mlp.up_proj"), im, h)?,
-                down_proj: store.linear(&format!("{p}.mlp.down_proj"), h, im)?,
-            };
-            let moe = if c.enable_moe_block {
-                let e = c.num_experts.unwrap_or(0);
-                let mi = c.moe_intermediate_size.unwrap_or(0);
-                let top_k = c.top_k_experts.unwrap_or(0);
-                if top_k == 0 || top_k > e {
-                    return Err(EngineError::InvalidModel(format!(
-                        "top_k_experts {top_k} must be in 1..={e}"
-                    )));
-                }
-                let scale = store.take(&format!("{p}.router.scale"), &hs)?;
-                // mlx-lm: rms_norm weight = scale * H**-0.5 (a weak scalar, so in the weight's dtype).
-                let root = scalar((h as f64).powf(-0.5) as f32, scale.dtype())?;
-                Some(MoeBlock {
-                    router: Router {
-                        proj: store.linear(&format!("{p}.router.proj"), e, h)?,
-                        norm_weight: ops::multiply(&scale, &root)?,
-                        per_expert_scale: store
-                            .take(&format!("{p}.router.per_expert_scale"), &[e as i32])?,
-                        top_k: top_k as i32,
-                        n_experts: e as i32,
-                    },
-                    experts: Experts {
-                        gate_proj: store.switch_linear(
-                            &format!("{p}.experts.switch_glu.gate_proj"),
-                            e,
-                            mi,
-                            h,
-                        )?,
-                        up_proj: store.switch_linear(
-                            &format!("{p}.experts.switch_glu.up_proj"),
-                            e,
-                            mi,
-                            h,
-                        )?,
-                        down_proj: store.switch_linear(
-                            &format!("{p}.experts.switch_glu.down_proj"),
-                            e,
-                            h,
-                            mi,
-                        )?,
-                    },
-                    post_feedforward_layernorm_1: store
-                        .take(&format!("{p}.post_feedforward_layernorm_1.weight"), &hs)?,
-                    post_feedforward_layernorm_2: store
-                        .take(&format!("{p}.post_feedforward_layernorm_2.weight"), &hs)?,
-                    pre_feedforward_layernorm_2: store
-                        .take(&format!("{p}.pre_feedforward_layernorm_2.weight"), &hs)?,
-                })
-            } else {
-                None
-            };
-            let per_layer = if ple_dim > 0 {
-                Some(PerLayerInput {
-                    gate: store.linear(&format!("{p}.per_layer_input_gate"), ple_dim, h)?,
-                    projection: store.linear(&format!("{p}.per_layer_projection"), h, ple_dim)?,
-                    post_norm: store.take(&format!("{p}.post_per_layer_input_norm.weight"), &hs)?,
-                })
-            } else {
-                None
-            };
-            layers.push(DecoderLayer {
-                spec: spec.clone(),
-                self_attn,
-                mlp,
-                moe,
-                input_layernorm: store.take(&format!("{p}.input_layernorm.weight"), &hs)?,
-                post_attention_layernorm: store
-                    .take(&format!("{p}.post_attention_layernorm.weight"), &hs)?,
-                pre_feedforward_layernorm: store
-                    .take(&format!("{p}.pre_feedforward_layernorm.weight"), &hs)?,
-                post_feedforward_layernorm: store
-                    .take(&format!("{p}.post_feedforward_layernorm.weight"), &hs)?,
-                per_layer,
-                layer_scalar: store.take(&format!("{p}.layer_scalar"), &[1])?,
-            });
+            layers.push(DecoderLayer::load(store, c, i, spec)?);
         }
         let norm = store.take("norm.weight", &hs)?;
         let lm_head = if c.tie_word_embeddings {
@@ -921,13 +940,7 @@ impl Gemma4 {
                 caches.len()
             )));
         }
-        let emb = self.embed_tokens.forward(ids)?;
-        let emb = if emb.dtype() != self.dtype {
-            emb.as_dtype(self.dtype)?
-        } else {
-            emb
-        };
-        let mut h = ops::multiply(&emb, &self.embed_scale)?;
+        let mut h = self.embed(ids)?;
         // Per-layer embeddings of media positions are the padding token's (id 0), as in mlx-vlm.
         let mut ple_ids = None;
         if !media.is_empty() {
@@ -1088,6 +1101,34 @@ impl Gemma4 {
         }
     }
 
+    /// The scaled input embedding of `ids` (…, H) in the activation dtype: what the first layer reads for
+    /// a text token (`embed_tokens(ids) * sqrt(hidden_size)`), and what the MTP assistant drafter reads of a
+    /// token ([`super::assistant`]).
+    ///
+    /// Errors: MLX failures.
+    pub fn embed(&self, ids: &Array) -> Result<Array> {
+        let emb = self.embed_tokens.forward(ids)?;
+        let emb = if emb.dtype() != self.dtype {
+            emb.as_dtype(self.dtype)?
+        } else {
+            emb
+        };
+        Ok(ops::multiply(&emb, &self.embed_scale)?)
+    }
+
+    /// For each layer type ([sliding, full]), the layer whose K/V the last layers of that type attend over
+    /// (the last layer of the type that owns a cache: what a KV-shared layer reads, and what the MTP
+    /// assistant drafter reads), as its spec and its index in [`Cache::layers`]. None for a type the model
+    /// does not have.
+    pub fn kv_producers(&self) -> [Option<(&LayerSpec, usize)>; 2] {
+        let mut out = [None, None];
+        let owners = self.layers.iter().filter(|l| l.spec.has_kv);
+        for (slot, l) in owners.enumerate() {
+            out[l.spec.layer_type as usize] = Some((&l.spec, slot));
+        }
+        out
+    }
+
     /// Logits of the last position only (1, V): the decoding step's output.
     pub fn forward_last_logits(&self, ids: &Array, cache: &mut Cache) -> Result<Array> {
         self.forward_last_logits_batch(ids, &mut [cache])
@@ -1101,9 +1142,23 @@ impl Gemma4 {
         ids: &Array,
         caches: &mut [&mut Cache],
     ) -> Result<Array> {
+        Ok(self.forward_last_batch(ids, caches)?.1)
+    }
+
+    /// Each row's last final hidden state (B, H, after the final norm) and its logits (B, V), for a batch
+    /// (see [`Gemma4::forward_hidden_batch`]): a decode step that also keeps what the MTP assistant drafter
+    /// reads.
+    ///
+    /// Errors: as [`Gemma4::forward_hidden_batch`].
+    pub fn forward_last_batch(
+        &self,
+        ids: &Array,
+        caches: &mut [&mut Cache],
+    ) -> Result<(Array, Array)> {
         let h = self.forward_hidden_batch(ids, caches)?;
         let l = h.shape()[1];
         let last = h.try_index((.., l - 1, ..))?;
-        self.logits(&last)
+        let logits = self.logits(&last)?;
+        Ok((last, logits))
     }
 }
