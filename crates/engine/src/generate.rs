@@ -208,6 +208,9 @@ impl GenerationStats {
 struct Pending {
     token: Array,
     logprobs: Array,
+    /// The target's final hidden state (1, 1, H) at the position whose logits gave `token`, kept only for
+    /// a drafter that reads it ([`Generation::keep_hidden`]: the MTP assistant).
+    hidden: Option<Array>,
 }
 
 /// What is already queued past the pending token when it is read back.
@@ -331,6 +334,8 @@ pub struct Generation {
     /// The grammar failed part-way (llguidance refused a token or found nothing allowed): this generation
     /// ended, and its caller must fail it, without touching the others decoded with it.
     failure: Option<String>,
+    /// Whether each step keeps the final hidden state its token came from ([`Generation::keep_hidden`]).
+    keep_hidden: bool,
 }
 
 impl Generation {
@@ -459,6 +464,7 @@ impl Generation {
             t_first: None,
             finished: false,
             failure: None,
+            keep_hidden: false,
         })
     }
 
@@ -540,8 +546,10 @@ impl Generation {
         history: &Array,
         mask: Option<Array>,
     ) -> Result<Pending> {
-        let logits = model.forward_last_logits(&input.reshape(&[1, -1])?, &mut self.cache)?;
-        let p = self.sample_from(model, &logits, history, mask)?;
+        let (hidden, logits) =
+            model.forward_last_batch(&input.reshape(&[1, -1])?, &mut [&mut self.cache])?;
+        let mut p = self.sample_from(model, &logits, history, mask)?;
+        p.hidden = self.kept(&hidden)?;
         async_eval([&p.token, &p.logprobs])?;
         Ok(p)
     }
@@ -562,7 +570,11 @@ impl Generation {
         self.cache.maybe_quantize(self.opts.kv_quant)?;
         let logprobs = log_softmax(&logits)?;
         let token = self.sampler.sample(&logprobs)?;
-        Ok(Pending { token, logprobs })
+        Ok(Pending {
+            token,
+            logprobs,
+            hidden: None,
+        })
     }
 
     /// The grammar's additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere (None when
@@ -603,8 +615,13 @@ impl Generation {
         let ahead = if self.pipelined() {
             // Queue step n+1 on the still-lazy token n: the host reads token n while the device runs.
             let (tok, history) = self.feed_lazy(&cur)?;
-            let logits = model.forward_last_logits(&tok.reshape(&[1, -1])?, &mut self.cache)?;
-            self.ahead(model, logits, history)?
+            let (hidden, logits) =
+                model.forward_last_batch(&tok.reshape(&[1, -1])?, &mut [&mut self.cache])?;
+            let mut ahead = self.ahead(model, logits, history)?;
+            if let Ahead::Sampled(p) = &mut ahead {
+                p.hidden = self.kept(&hidden)?;
+            }
+            ahead
         } else {
             Ahead::None
         };
@@ -662,14 +679,14 @@ impl Generation {
             curs.push(cur);
         }
         let ids = ops::concatenate(&inputs, 0)?.reshape(&[n as i32, 1])?;
-        let logits = {
+        let (hidden, logits) = {
             let mut caches: Vec<&mut Cache> = gens
                 .iter_mut()
                 .zip(&batched)
                 .filter(|(_, b)| **b)
                 .map(|(g, _)| &mut g.cache)
                 .collect();
-            model.forward_last_logits_batch(&ids, &mut caches)?
+            model.forward_last_batch(&ids, &mut caches)?
         };
         // Each row's sampling (with its own processors and, under a grammar, after its mask), queued
         // together where no mask is needed.
@@ -687,7 +704,9 @@ impl Generation {
                     history: histories[j].clone(),
                 }
             } else {
-                Ahead::Sampled(g.sample_from(model, &row, &histories[j], None)?)
+                let mut p = g.sample_from(model, &row, &histories[j], None)?;
+                p.hidden = g.kept(&hidden.try_index(j as i32..j as i32 + 1)?)?;
+                Ahead::Sampled(p)
             });
         }
         async_eval(nexts.iter().flat_map(|a| match a {
@@ -819,6 +838,22 @@ impl Generation {
             && self.opts.kv_quant.is_none()
     }
 
+    /// Makes each step keep the target's final hidden state at the position its token came from, which
+    /// the MTP assistant drafter reads ([`crate::speculative::TargetState::hidden`]); off by default, as
+    /// holding it keeps an array alive per step. Call before the prompt is read.
+    pub fn keep_hidden(&mut self, keep: bool) {
+        self.keep_hidden = keep;
+    }
+
+    /// `hidden` (B=1, …, H) as one position (1, 1, H), when this generation keeps it.
+    fn kept(&self, hidden: &Array) -> Result<Option<Array>> {
+        if !self.keep_hidden {
+            return Ok(None);
+        }
+        let h = *hidden.shape().last().unwrap_or(&0);
+        Ok(Some(hidden.reshape(&[1, 1, h])?))
+    }
+
     /// The options it runs with.
     pub fn options(&self) -> &GenerateOptions {
         &self.opts
@@ -867,7 +902,12 @@ impl Generation {
         }
         let started = Instant::now();
         let sampling = self.opts.sampling.clone();
-        let proposal = drafter.propose(&self.context, k.min(room), &sampling)?;
+        let target = crate::speculative::TargetState {
+            model,
+            cache: &self.cache,
+            hidden: cur.hidden.as_ref(),
+        };
+        let proposal = drafter.propose(&self.context, k.min(room), &sampling, &target)?;
         round.draft_time = started.elapsed().saturating_sub(proposal.catch_up);
         let drafts = proposal.tokens;
         let greedy = sampling.temperature == 0.0;
@@ -946,9 +986,11 @@ impl Generation {
         self.history = ops::concatenate(&[&self.history, &kept_arr], 0)?;
         self.fed.extend(fed[..kept].iter().map(|&t| t as u32));
         if !self.finished {
+            let at = verdict.accepted as i32;
             self.cur = Some(Pending {
                 token: Array::from_slice(&[verdict.next], &[1]),
                 logprobs: lps[verdict.accepted].clone(),
+                hidden: self.kept(&h.try_index((.., at..at + 1, ..))?)?,
             });
         }
         Ok(round)

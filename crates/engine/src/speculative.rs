@@ -4,6 +4,8 @@
 //!
 //! - [`ModelDrafter`]: a smaller model with the same tokenizer (E2B drafting for E4B), with a cache of its
 //!   own per sequence ([`DraftState`]) that it brings in line with the target's tokens before each round.
+//! - [`MtpDrafter`]: Gemma 4's multi-token-prediction assistant ([`Gemma4Assistant`]), which keeps no
+//!   cache: each round it reads the target's K/V and last hidden state ([`TargetState`]).
 //! - [`RecordedDrafter`]: proposes a continuation recorded from a plain run (the benchmark's oracle: every
 //!   draft stands and drafting costs nothing, which bounds what any drafter can gain).
 //! - [`RandomDrafter`]: uniform random tokens (almost none stand: the benchmark's worst case).
@@ -12,7 +14,7 @@ use mlx_rs::{Array, Dtype, ops, transforms::eval};
 use rand::Rng;
 
 use crate::generate::{DEFAULT_ATTENTION_BUDGET, DEFAULT_PREFILL_STEP, prefill_chunk};
-use crate::models::gemma4::{Cache, Checkpoint, Gemma4};
+use crate::models::gemma4::{Cache, Checkpoint, Gemma4, Gemma4Assistant};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
@@ -30,16 +32,34 @@ pub struct Proposal {
     pub catch_up: std::time::Duration,
 }
 
+/// What a drafter may read of the target as a round starts: the MTP assistant drafter reads the target's
+/// K/V and its last hidden state; a draft model reads only the tokens.
+pub struct TargetState<'a> {
+    /// The target model.
+    pub model: &'a Gemma4,
+    /// Its cache, holding every committed token but the pending one.
+    pub cache: &'a Cache,
+    /// Its final hidden state (1, 1, H) at the last position the cache holds: where the pending token's
+    /// logits came from. None unless the generation keeps it
+    /// ([`crate::generate::Generation::keep_hidden`]).
+    pub hidden: Option<&'a Array>,
+}
+
 /// What proposes draft tokens.
 pub trait Drafter {
     /// Proposes up to `k` tokens continuing `context`: every token the target has committed (the prompt
     /// and what was generated), the last of which the target has not read yet. `sampling`: the request's
     /// sampling, whose law the drafts are drawn from when its temperature is above 0 (with the laws
-    /// returned); greedy drafting otherwise.
+    /// returned); greedy drafting otherwise. `target`: the target's state, for a drafter that reads it.
     ///
     /// Errors: an MLX failure.
-    fn propose(&mut self, context: &[u32], k: usize, sampling: &SamplingParams)
-    -> Result<Proposal>;
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        target: &TargetState<'_>,
+    ) -> Result<Proposal>;
 }
 
 /// A sequence's draft-model state: the drafter's own cache, the tokens it holds, and a rollback point
@@ -119,6 +139,7 @@ impl Drafter for ModelDrafter<'_> {
         context: &[u32],
         k: usize,
         sampling: &SamplingParams,
+        _: &TargetState<'_>,
     ) -> Result<Proposal> {
         if k == 0 || context.is_empty() {
             return Ok(Proposal::default());
@@ -219,6 +240,89 @@ impl Drafter for ModelDrafter<'_> {
     }
 }
 
+/// Gemma 4's MTP assistant drafter for one sequence (mlx-vlm's `draft_block`): from the pending token and
+/// the target's final hidden state at the last position it read, k steps of the assistant, each reading
+/// the previous step's token and hidden state and the target's K/V as they stand (the same K/V and query
+/// position for every step). Greedy requests draft the head's argmax (the sparse head's without the full
+/// logits); sampled ones draw from the request's law over the head's logits. Proposes nothing when the
+/// generation keeps no hidden state ([`crate::generate::Generation::keep_hidden`]).
+pub struct MtpDrafter<'a> {
+    /// The drafter.
+    pub model: &'a Gemma4Assistant,
+    /// The sequence's drafting state (its sampler only: the drafter has no cache).
+    pub state: &'a mut DraftState,
+}
+
+impl Drafter for MtpDrafter<'_> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        target: &TargetState<'_>,
+    ) -> Result<Proposal> {
+        let vocab = self.model.config().text.vocab_size;
+        let (Some(hidden), Some(&last)) = (target.hidden, context.last()) else {
+            return Ok(Proposal::default());
+        };
+        let position = target.cache.offset() - 1;
+        if k == 0 || last as usize >= vocab || position < 0 {
+            return Ok(Proposal::default());
+        }
+        let Some(kv) = Gemma4Assistant::target_kv(target.model, target.cache)? else {
+            return Ok(Proposal::default());
+        };
+        let greedy = sampling.temperature == 0.0;
+        let st = &mut *self.state;
+        let sampler = match &mut st.sampler {
+            Some(s) => s,
+            None => {
+                let params = SamplingParams {
+                    seed: st.seed,
+                    ..sampling.clone()
+                };
+                st.sampler
+                    .insert(Sampler::new(params, vocab, Dtype::Float32)?)
+            }
+        };
+        // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
+        let mut token = Array::from_slice(&[last as i32], &[1, 1]);
+        let mut g = hidden.clone();
+        let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
+        for _ in 0..k {
+            let (next, hn) = self
+                .model
+                .step(&target.model.embed(&token)?, &g, &kv, position)?;
+            g = next;
+            token = if greedy {
+                self.model.argmax(&hn)?
+            } else {
+                let logits = self.model.logits(&hn)?.reshape(&[1, -1])?;
+                let lp = log_softmax(&sampler.process(&logits.as_dtype(Dtype::Float32)?, None)?)?;
+                let law = sampler.law(&lp)?;
+                let t = sampler.draw(&law)?;
+                laws.push(ops::exp(&law)?);
+                t.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?
+            };
+            tokens.push(token.clone());
+        }
+        eval(tokens.iter().chain(&laws))?;
+        let tokens = tokens
+            .iter()
+            .map(|t| t.item_exact::<i32>() as u32)
+            .collect();
+        let laws = laws
+            .iter()
+            .map(|l| l.reshape(&[-1]).map(|r| r.as_slice::<f32>().to_vec()))
+            .collect::<std::result::Result<_, _>>()?;
+        Ok(Proposal {
+            tokens,
+            laws,
+            ..Default::default()
+        })
+    }
+}
+
 /// Proposes the continuation of a recorded token sequence: the oracle of `scripts/bench-spec`, which
 /// records a plain greedy run and replays it, so that every draft stands at no drafting cost.
 #[derive(Debug, Clone)]
@@ -235,6 +339,7 @@ impl Drafter for RecordedDrafter {
         context: &[u32],
         k: usize,
         sampling: &SamplingParams,
+        _: &TargetState<'_>,
     ) -> Result<Proposal> {
         if !self.tokens.starts_with(context) {
             return Ok(Proposal::default());
@@ -274,7 +379,13 @@ pub struct RandomDrafter<R: Rng> {
 }
 
 impl<R: Rng> Drafter for RandomDrafter<R> {
-    fn propose(&mut self, _: &[u32], k: usize, sampling: &SamplingParams) -> Result<Proposal> {
+    fn propose(
+        &mut self,
+        _: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        _: &TargetState<'_>,
+    ) -> Result<Proposal> {
         let tokens: Vec<u32> = (0..k)
             .map(|_| self.rng.random_range(0..self.vocab as u32))
             .collect();

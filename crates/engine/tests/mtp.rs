@@ -1,14 +1,24 @@
 //! The Gemma 4 MTP assistant drafter (issue 15) against mlx-vlm: one draft step's next hidden state and
 //! logits, and its greedy token, on random-weight drafters (a centroid-routed sparse head and a tied one)
 //! over the K/V layouts a target's cache takes: a sliding window not yet full, exactly full, past it, and
-//! one short of it after a rejected round (scripts/fixtures/gen_mtp.py).
+//! one short of it after a rejected round (scripts/fixtures/gen_mtp.py); the first round's drafts bound to
+//! the tiny target against mlx-vlm's `draft_block`; and greedy speculation with it equal to plain decoding.
 
 mod common;
 
+use std::ops::ControlFlow;
+
 use jemma_engine::cache::Kv;
+use jemma_engine::generate::{GenerateOptions, Generation, generate};
 use jemma_engine::models::gemma4::Gemma4Assistant;
 use jemma_engine::models::gemma4::assistant::SharedKv;
+use jemma_engine::sample::SamplingParams;
+use jemma_engine::speculative::{
+    DraftState, Drafter, MtpDrafter, Proposal, RecordedDrafter, TargetState,
+};
 use mlx_rs::Array;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 #[test]
 fn a_draft_step_matches_mlx_vlm_on_every_kv_layout() {
@@ -47,4 +57,224 @@ fn a_draft_step_matches_mlx_vlm_on_every_kv_layout() {
             );
         }
     }
+}
+
+fn load_target() -> jemma_engine::models::gemma4::Gemma4 {
+    jemma_engine::models::gemma4::load(&common::fixture("tiny"), None)
+        .unwrap()
+        .0
+}
+
+/// Records what the drafter it wraps proposed.
+struct Recording<'a> {
+    inner: &'a mut dyn Drafter,
+    proposals: Vec<Vec<u32>>,
+}
+
+impl Drafter for Recording<'_> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        target: &TargetState<'_>,
+    ) -> jemma_engine::Result<Proposal> {
+        let p = self.inner.propose(context, k, sampling, target)?;
+        self.proposals.push(p.tokens.clone());
+        Ok(p)
+    }
+}
+
+fn opts(max_tokens: usize) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        stop_tokens: vec![],
+        ..Default::default()
+    }
+}
+
+/// Runs `prompt` on the tiny target, speculating with `drafter` at `k` every round; returns the tokens,
+/// the proposals, and how many drafts stood.
+fn speculate(
+    target: &jemma_engine::models::gemma4::Gemma4,
+    prompt: &[u32],
+    o: &GenerateOptions,
+    drafter: &mut dyn Drafter,
+    k: usize,
+) -> (Vec<u32>, Vec<Vec<u32>>, usize) {
+    let mut rec = Recording {
+        inner: drafter,
+        proposals: vec![],
+    };
+    let mut g = Generation::new(target, prompt, o.clone()).unwrap();
+    g.keep_hidden(true);
+    while !g.prefill(target).unwrap() {}
+    let mut rng = StdRng::seed_from_u64(5);
+    let (mut tokens, mut accepted) = (vec![], 0);
+    while !g.is_finished() {
+        let r = g.speculate(target, &mut rec, k, &mut rng).unwrap();
+        accepted += r.accepted;
+        tokens.extend(r.steps.iter().map(|s| s.token));
+    }
+    (tokens, rec.proposals, accepted)
+}
+
+/// Bound to the tiny target after it read a prompt, the drafter's first round proposes mlx-vlm's
+/// `draft_block` tokens: it reads the target's hidden state, K/V, embedding and position as mlx-vlm does.
+#[test]
+fn the_first_round_drafts_mlx_vlms_tokens() {
+    let target = load_target();
+    for name in ["mtp", "mtp-tied"] {
+        let dir = common::fixture(name);
+        let m = Gemma4Assistant::load(&dir, None).unwrap();
+        m.check_target(&target).unwrap();
+        let r = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+        for block in 0..2 {
+            let get = |k: &str| common::tokens(&r[&format!("block{block}.{k}")]);
+            let prompt = get("prompt");
+            let mut state = DraftState::default();
+            let mut d = MtpDrafter {
+                model: &m,
+                state: &mut state,
+            };
+            let (tokens, proposals, _) = speculate(&target, &prompt, &opts(4), &mut d, 3);
+            assert_eq!(tokens[0], get("pending")[0], "{name} block {block}");
+            assert_eq!(proposals[0], get("drafts"), "{name} block {block}");
+        }
+    }
+}
+
+/// Greedy speculation with the MTP drafter answers exactly as plain decoding, at every draft length and
+/// three times across the 16-token sliding window (the drafter reading the window's K/V as it rotates and
+/// as rejected drafts are trimmed from it); without a kept hidden state it proposes nothing.
+#[test]
+fn greedy_mtp_speculation_is_plain_decoding() {
+    let target = load_target();
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    for name in ["mtp", "mtp-tied"] {
+        let m = Gemma4Assistant::load(&common::fixture(name), None).unwrap();
+        for prompt in &prompts {
+            let o = opts(48);
+            let mut want = vec![];
+            generate(&target, prompt, &o, |s| {
+                want.push(s.token);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            for k in [1, 3, 5] {
+                let mut state = DraftState::default();
+                let mut d = MtpDrafter {
+                    model: &m,
+                    state: &mut state,
+                };
+                let (tokens, proposals, accepted) = speculate(&target, prompt, &o, &mut d, k);
+                assert_eq!(tokens, want, "{name}, k = {k}, prompt of {}", prompt.len());
+                assert!(proposals.iter().all(|p| p.len() <= k));
+                assert!(proposals.iter().any(|p| !p.is_empty()));
+                eprintln!(
+                    "{name}, k = {k}, prompt {}: {accepted} drafts stood in {} rounds",
+                    prompt.len(),
+                    proposals.len()
+                );
+            }
+        }
+        // A generation that keeps no hidden state gets no drafts, and decodes plainly.
+        let mut state = DraftState::default();
+        let mut d = MtpDrafter {
+            model: &m,
+            state: &mut state,
+        };
+        let mut g = Generation::new(&target, &prompts[0], opts(3)).unwrap();
+        while !g.prefill(&target).unwrap() {}
+        let r = g
+            .speculate(&target, &mut d, 3, &mut StdRng::seed_from_u64(0))
+            .unwrap();
+        assert_eq!((r.drafted, r.steps.len()), (0, 1));
+    }
+}
+
+/// A drafter whose width, vocabulary or head dimensions differ from the target's is refused, naming why.
+#[test]
+fn a_drafter_for_another_target_is_refused() {
+    let m = Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
+    let other =
+        jemma_engine::models::gemma4::load(&common::fixture("tiny").with_file_name("small"), None)
+            .unwrap()
+            .0;
+    let e = m.check_target(&other).unwrap_err().to_string();
+    assert!(e.contains("backbone_hidden_size 128"), "{e}");
+}
+
+/// Alternates rounds: `plain` rounds of another drafter (or, with `other` None, of no drafts: a plain step),
+/// then one of the MTP drafter, whose proposals it records.
+struct Alternating<'a, 'b> {
+    other: Option<&'a mut dyn Drafter>,
+    mtp: &'b mut dyn Drafter,
+    every: usize,
+    round: usize,
+    proposals: Vec<Vec<u32>>,
+}
+
+impl Drafter for Alternating<'_, '_> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        target: &TargetState<'_>,
+    ) -> jemma_engine::Result<Proposal> {
+        self.round += 1;
+        if self.round.is_multiple_of(self.every) {
+            let p = self.mtp.propose(context, k, sampling, target)?;
+            self.proposals.push(p.tokens.clone());
+            return Ok(p);
+        }
+        match &mut self.other {
+            Some(d) => d.propose(context, k, sampling, target),
+            None => Ok(Proposal::default()),
+        }
+    }
+}
+
+/// After a round whose drafts all stood, the drafter reads the hidden state of the last one and the K/V
+/// the verification wrote: it proposes what it proposes after plain steps to the same point (a recorded
+/// drafter's rounds of 4 tokens against 4 plain steps, across the sliding window).
+#[test]
+fn after_accepted_drafts_the_drafter_reads_the_verified_state() {
+    let target = load_target();
+    let m = Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
+    let prompt: Vec<u32> = vec![2, 10, 200, 33, 47];
+    let o = opts(40);
+    let mut want = vec![];
+    generate(&target, &prompt, &o, |s| {
+        want.push(s.token);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let run = |other: Option<&mut dyn Drafter>, every: usize| -> Vec<Vec<u32>> {
+        let mut state = DraftState::default();
+        let mut mtp = MtpDrafter {
+            model: &m,
+            state: &mut state,
+        };
+        let mut d = Alternating {
+            other,
+            mtp: &mut mtp,
+            every,
+            round: 0,
+            proposals: vec![],
+        };
+        let (tokens, _, _) = speculate(&target, &prompt, &o, &mut d, 3);
+        assert_eq!(tokens, want);
+        d.proposals
+    };
+    let mut recorded = RecordedDrafter {
+        tokens: prompt.iter().chain(&want).copied().collect(),
+        vocab: 1024,
+    };
+    let after_verify = run(Some(&mut recorded), 2);
+    let after_plain = run(None, 5);
+    assert!(after_verify.len() >= 6);
+    let n = after_verify.len().min(after_plain.len());
+    assert_eq!(after_verify[..n], after_plain[..n]);
 }

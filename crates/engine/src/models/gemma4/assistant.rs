@@ -364,8 +364,7 @@ impl Gemma4Assistant {
     /// `kv` and `position` (mlx-vlm `draft_block`). Returns the next hidden state (1, 1, B) and the
     /// normed output (1, 1, h) that [`Gemma4Assistant::logits`] and [`Gemma4Assistant::argmax`] read.
     ///
-    /// Sliding layers see the keys within the window of `position`, as mlx-vlm's drafter masks do: all of
-    /// the last `window` positions while none has been dropped, the last `window - 1` after.
+    /// Sliding layers see the last `window - 1` positions up to `position` (see `sliding_mask`).
     ///
     /// Errors: a layer type whose K/V is missing ([`EngineError::InvalidModel`]); MLX failures.
     pub fn step(
@@ -462,9 +461,12 @@ impl Gemma4Assistant {
     }
 }
 
-/// The sliding layers' mask for a query at `position` over `s`'s keys (mlx-vlm's drafter masks on a
-/// temporally ordered K/V): keys at `position - window + 1` and later while nothing has been dropped
-/// (`first == 0`), one fewer after. [`Mask::None`] when every key is seen.
+/// The sliding layers' mask for a query at `position` over `s`'s keys: the `window - 1` positions up to
+/// `position` (keys from `position - window + 2`). That is what transformers' drafter sees (its target's
+/// sliding cache holds `window - 1` positions) and what mlx-vlm's drafter masks allow once its buffer has
+/// rotated; mlx-vlm allows one more while its buffer still holds every position since the first, which
+/// would make a draft depend on how the target's cache was filled (a prompt read whole or step by step),
+/// so Jemma keeps one rule on every layout. [`Mask::None`] when every key is seen.
 fn sliding_mask(s: &SharedKv, position: i32, window: i32) -> Result<Mask> {
     let Kv::Plain(k, _) = &s.kv else {
         return Err(EngineError::InvalidModel(
@@ -472,7 +474,7 @@ fn sliding_mask(s: &SharedKv, position: i32, window: i32) -> Result<Mask> {
         ));
     };
     let n = k.shape()[2];
-    let lo = position - window + if s.first == 0 { 1 } else { 2 };
+    let lo = position - window + 2;
     if s.first >= lo {
         return Ok(Mask::None);
     }
