@@ -30,7 +30,7 @@ for m in tiny moe; do
 done
 # Gemma 4 MTP assistant drafters for the tiny model (a centroid-routed head and a tied one) with mlx-vlm's
 # outputs for one draft step over several K/V layouts.
-"$PY" scripts/fixtures/gen_mtp.py "$OUT/tiny" "$OUT" >/dev/null || die "generating the MTP drafters failed"
+"$PY" scripts/fixtures/gen_mtp.py fixtures "$OUT/tiny" "$OUT" >/dev/null || die "generating the MTP drafters failed"
 # A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images, and the tiny model with one and an
 # audio tower (mlx-vlm's logits for prompts holding an image, a clip, or both).
 "$PY" scripts/fixtures/gen_vision.py tower "$OUT/vision" >/dev/null

@@ -13,19 +13,21 @@ use std::time::Instant;
 use jemma_engine::generate::{GenerateOptions, Generation};
 use jemma_engine::models::gemma4::{self, Gemma4};
 use jemma_engine::speculative::{
-    DraftState, Drafter, ModelDrafter, RandomDrafter, RecordedDrafter,
+    DraftState, Drafter, ModelDrafter, MtpDrafter, RandomDrafter, RecordedDrafter,
 };
 use jemma_serve::speculative::{Controller, SpeculativeConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
 
-/// One timed greedy run of `n_gen` tokens; `drafter` None decodes plainly.
+/// One timed greedy run of `n_gen` tokens; `drafter` None decodes plainly; `keep_hidden` for a drafter that
+/// reads the target's hidden state (the MTP assistant).
 fn run(
     model: &Gemma4,
     prompt: &[u32],
     n_gen: usize,
     drafter: Option<(&mut dyn Drafter, SpeculativeConfig)>,
+    keep_hidden: bool,
 ) -> Result<(Vec<u32>, Value), Box<dyn std::error::Error>> {
     let opts = GenerateOptions {
         max_tokens: n_gen,
@@ -33,6 +35,7 @@ fn run(
         ..Default::default()
     };
     let mut g = Generation::new(model, prompt, opts)?;
+    g.keep_hidden(keep_hidden);
     while !g.prefill(model)? {}
     let mut tokens = Vec::with_capacity(n_gen);
     let mut rng = StdRng::seed_from_u64(0);
@@ -89,8 +92,10 @@ fn run(
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
-    let [_, target, draft, ids, n_gen, k] = &args[..] else {
-        return Err("usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K".into());
+    let [_, target, draft, ids, n_gen, k, rest @ ..] = &args[..] else {
+        return Err(
+            "usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K [ASSISTANT_DIR]".into(),
+        );
     };
     let (n_gen, k): (usize, usize) = (n_gen.parse()?, k.parse()?);
     let prompt: Vec<u32> = ids
@@ -110,8 +115,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         ..Default::default()
     };
     // A warm-up run (MLX compiles and allocates on first use), then the plain reference.
-    run(&model, &prompt, n_gen.min(8), None)?;
-    let (plain, plain_fig) = run(&model, &prompt, n_gen, None)?;
+    run(&model, &prompt, n_gen.min(8), None, false)?;
+    let (plain, plain_fig) = run(&model, &prompt, n_gen, None, false)?;
     let mut out = serde_json::Map::new();
     out.insert("plain".into(), plain_fig);
     let mut record = |name: &str, r: (Vec<u32>, Value)| {
@@ -126,7 +131,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     record(
         "oracle",
-        run(&model, &prompt, n_gen, Some((&mut oracle, fixed.clone())))?,
+        run(
+            &model,
+            &prompt,
+            n_gen,
+            Some((&mut oracle, fixed.clone())),
+            false,
+        )?,
     );
     for (name, config) in [("random_adaptive", &adaptive), ("random_fixed", &fixed)] {
         let mut random = RandomDrafter {
@@ -135,7 +146,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         };
         record(
             name,
-            run(&model, &prompt, n_gen, Some((&mut random, config.clone())))?,
+            run(
+                &model,
+                &prompt,
+                n_gen,
+                Some((&mut random, config.clone())),
+                false,
+            )?,
         );
     }
     if draft != "-" {
@@ -148,7 +165,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             };
             record(
                 name,
-                run(&model, &prompt, n_gen, Some((&mut drafter, config.clone())))?,
+                run(
+                    &model,
+                    &prompt,
+                    n_gen,
+                    Some((&mut drafter, config.clone())),
+                    false,
+                )?,
+            );
+        }
+    }
+    if let Some(dir) = rest.first() {
+        let m = gemma4::Gemma4Assistant::load(std::path::Path::new(dir), dtype)?;
+        m.check_target(&model)?;
+        for (name, config) in [("mtp_adaptive", &adaptive), ("mtp_fixed", &fixed)] {
+            let mut state = DraftState::default();
+            let mut drafter = MtpDrafter {
+                model: &m,
+                state: &mut state,
+            };
+            record(
+                name,
+                run(
+                    &model,
+                    &prompt,
+                    n_gen,
+                    Some((&mut drafter, config.clone())),
+                    true,
+                )?,
             );
         }
     }

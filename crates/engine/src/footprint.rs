@@ -156,6 +156,29 @@ pub(crate) fn read_header(path: &Path) -> Result<Vec<(String, String, u64)>> {
     Ok(out)
 }
 
+/// Bytes a Gemma 4 assistant (MTP) drafter's weights hold once loaded (floats at `compute_dtype_bytes`
+/// when given): all it holds, as it keeps no cache of its own.
+///
+/// Errors: unreadable weight files or an unknown safetensors dtype.
+pub fn assistant_bytes(dir: &Path, compute_dtype_bytes: Option<u64>) -> Result<u64> {
+    let mut weights = 0u64;
+    for f in weight_files(dir)? {
+        for (name, dtype, numel) in read_header(&f)? {
+            let size = dtype_size(&dtype).ok_or_else(|| {
+                EngineError::Unsupported(format!("{name}: safetensors dtype {dtype}"))
+            })?;
+            let is_float = matches!(dtype.as_str(), "F32" | "F16" | "BF16" | "F64");
+            let scales = name.ends_with(".scales") || name.ends_with(".biases");
+            weights += numel
+                * match compute_dtype_bytes {
+                    Some(c) if is_float && !scales => c,
+                    _ => size,
+                };
+        }
+    }
+    Ok(weights)
+}
+
 /// Estimates the footprint of the model in `dir` served with activations in `compute_dtype_bytes` (4 for
 /// float32, 2 for bf16/f16; None = the checkpoint's float dtype), a context of `context` tokens (None = the
 /// model's maximum) and prefill chunks of `prefill_step` tokens.

@@ -29,7 +29,9 @@ use jemma_serve::speculative::{Controller, SpeculativeConfig, SpeculativeStats};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-use crate::speculative::{DraftState, ModelDrafter};
+use crate::models::gemma4::Gemma4Assistant;
+use crate::models::gemma4::assistant::AssistantConfig;
+use crate::speculative::{DraftState, ModelDrafter, MtpDrafter};
 
 /// What to generate from (the same type for every engine).
 pub use jemma_chat::prompt::Prompt;
@@ -130,6 +132,9 @@ pub struct MlxInfo {
 pub struct SpeculativeInfo {
     /// The draft model's directory.
     pub draft_model: PathBuf,
+    /// What drafts: `draft_model` (a smaller model with the same tokenizer) or `mtp_assistant` (a Gemma 4
+    /// assistant drafter reading the target's K/V), known from the directory's config.
+    pub drafter: &'static str,
     /// Counts since the model loaded.
     #[serde(flatten)]
     pub stats: SpeculativeStats,
@@ -142,7 +147,8 @@ pub struct SpeculativeInfo {
 /// Speculative decoding for an MLX engine (`[tiers.X.speculative]`).
 #[derive(Debug, Clone)]
 pub struct SpeculativeSettings {
-    /// The draft model: a smaller Gemma with the same tokenizer (E2B for E4B).
+    /// The draft model: a smaller Gemma with the same tokenizer (E2B for E4B), or a Gemma 4 assistant
+    /// (MTP) drafter made for the target (`model_type: "gemma4_assistant"`, found by its config).
     pub draft_model: PathBuf,
     /// Draft length, batch limit and adaptivity.
     pub config: SpeculativeConfig,
@@ -250,6 +256,11 @@ impl Engine {
             },
             speculative: config.speculative.as_ref().map(|sp| SpeculativeInfo {
                 draft_model: sp.draft_model.clone(),
+                drafter: if AssistantConfig::is_assistant(&sp.draft_model) {
+                    "mtp_assistant"
+                } else {
+                    "draft_model"
+                },
                 stats: SpeculativeStats::default(),
                 acceptance_rate: 0.0,
                 tokens_per_step: 0.0,
@@ -343,11 +354,19 @@ pub struct ModelBundle {
     pub audio: Option<AudioTower>,
     /// Where audio goes in a prompt and how it is featurised, when the model hears.
     pub audio_spec: Option<AudioSpec>,
-    /// The draft model of speculative decoding, when one is configured (same tokenizer).
-    pub draft: Option<Gemma4>,
+    /// The drafter of speculative decoding, when one is configured.
+    pub draft: Option<Draft>,
     /// The model directory's `tokenizer.json`, for [`ModelBundle::vocabulary`].
     tokenizer_json: std::path::PathBuf,
     vocabulary: std::sync::OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
+}
+
+/// What drafts for a target in speculative decoding.
+pub enum Draft {
+    /// A smaller model with the same tokenizer, with a cache of its own per sequence.
+    Model(Gemma4),
+    /// A Gemma 4 assistant (MTP) drafter, reading the target's K/V and hidden state.
+    Assistant(Gemma4Assistant),
 }
 
 /// The image placeholders of a model that sees images (`config.json`'s `image_token_id`, `boi_token_id`,
@@ -1171,6 +1190,15 @@ impl MlxRunner {
         let Some(sp) = &self.config.speculative else {
             return Ok(0);
         };
+        if AssistantConfig::is_assistant(&sp.draft_model) {
+            return crate::footprint::assistant_bytes(
+                &sp.draft_model,
+                self.dtype.map(crate::footprint::dtype_bytes),
+            )
+            .map_err(|e| {
+                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+            });
+        }
         let fp = crate::footprint::estimate(
             &sp.draft_model,
             self.dtype.map(crate::footprint::dtype_bytes),
@@ -1230,7 +1258,20 @@ impl ModelRunner for MlxRunner {
         })?;
         tracing::info!(tensors = l.report.tensors, dtype = %l.report.dtype, "MLX model loaded");
         let mut l = l;
-        if let Some(sp) = &self.config.speculative {
+        if let Some(sp) = &self.config.speculative
+            && AssistantConfig::is_assistant(&sp.draft_model)
+        {
+            let d = Gemma4Assistant::load(&sp.draft_model, self.dtype)
+                .and_then(|d| d.check_target(&l.model).map(|()| d))
+                .map_err(|e| {
+                    LoadError::Failed(format!(
+                        "draft model {}: {e}; an assistant drafter drafts only for the model it was made for",
+                        sp.draft_model.display()
+                    ))
+                })?;
+            tracing::info!(draft = %sp.draft_model.display(), "MTP assistant drafter loaded");
+            l.draft = Some(Draft::Assistant(d));
+        } else if let Some(sp) = &self.config.speculative {
             let d = ModelBundle::load(&sp.draft_model, self.dtype).map_err(|e| {
                 LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
             })?;
@@ -1251,7 +1292,7 @@ impl ModelRunner for MlxRunner {
                 )));
             }
             tracing::info!(draft = %sp.draft_model.display(), "draft model loaded");
-            l.draft = Some(d.model);
+            l.draft = Some(Draft::Model(d.model));
         }
         info.load = Some(l.report.clone());
         let ctx = self
@@ -1292,6 +1333,9 @@ impl ModelRunner for MlxRunner {
             // promises the same tokens alone or batched.
             let sampling = &seq.generation.options().sampling;
             if sampling.temperature == 0.0 || sampling.seed.is_none() {
+                // The assistant drafter reads the hidden state each step ends on.
+                seq.generation
+                    .keep_hidden(matches!(model.draft, Some(Draft::Assistant(_))));
                 seq.spec = Some(SeqSpec {
                     controller: Controller::new(sp.config.clone()),
                     draft: DraftState::default(),
@@ -1634,19 +1678,30 @@ impl MlxSequence {
     fn speculate(
         &mut self,
         model: &Gemma4,
-        draft: &Gemma4,
+        draft: &Draft,
         k: usize,
     ) -> Result<Vec<crate::generate::Step>> {
         let Some(sp) = self.spec.as_mut() else {
             return Ok(vec![]);
         };
-        let mut drafter = ModelDrafter {
-            model: draft,
-            state: &mut sp.draft,
+        let round = match draft {
+            Draft::Model(d) => {
+                let mut drafter = ModelDrafter {
+                    model: d,
+                    state: &mut sp.draft,
+                };
+                self.generation
+                    .speculate(model, &mut drafter, k, &mut sp.rng)?
+            }
+            Draft::Assistant(d) => {
+                let mut drafter = MtpDrafter {
+                    model: d,
+                    state: &mut sp.draft,
+                };
+                self.generation
+                    .speculate(model, &mut drafter, k, &mut sp.rng)?
+            }
         };
-        let round = self
-            .generation
-            .speculate(model, &mut drafter, k, &mut sp.rng)?;
         sp.controller.record_round(
             round.drafted,
             round.accepted,

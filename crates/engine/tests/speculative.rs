@@ -425,6 +425,50 @@ fn follows_the_target_law(
 /// a draft model with another vocabulary is refused at load.
 #[test]
 fn the_engine_speculates_for_single_streams_and_answers_the_same() {
+    engine_answers_the_same_speculating_with(common::fixture("tiny-q4"), "draft_model");
+    // Another vocabulary: refused at load, naming the draft.
+    refused_at_load(
+        "tiny",
+        &common::fixture("tiny").join("../small"),
+        "vocabulary",
+    );
+}
+
+/// The same with the MTP assistant drafter (found by its config); an assistant made for another target is
+/// refused at load.
+#[test]
+fn the_engine_speculates_with_the_mtp_assistant_and_answers_the_same() {
+    engine_answers_the_same_speculating_with(common::fixture("mtp"), "mtp_assistant");
+    refused_at_load("small", &common::fixture("mtp"), "does not fit the target");
+}
+
+/// An engine serving `target` (a fixture directory's name) with `draft` fails to load, naming the draft
+/// and `why`.
+fn refused_at_load(target: &str, draft: &std::path::Path, why: &str) {
+    use jemma_engine::runtime::{Engine, EngineConfig, SpeculativeSettings};
+    let mut cfg = EngineConfig::new(common::fixture("tiny").join("..").join(target));
+    cfg.speculative = Some(SpeculativeSettings {
+        draft_model: draft.to_path_buf(),
+        config: Default::default(),
+    });
+    let bad = Engine::start(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = bad.status();
+        if let jemma_engine::runtime::EngineState::Failed { error } = &s.state {
+            assert!(error.contains("draft") && error.contains(why), "{error}");
+            break;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{:?}", s.state);
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(bad.shutdown(std::time::Duration::from_secs(30)));
+}
+
+/// Greedy answers of an engine speculating with `draft` (of the `drafter` kind its status reports) equal a
+/// plain engine's: alone, four at once, cut
+/// by a stop string inside a round, and continuing from the prefix cache that cut answer left.
+fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: &str) {
     use jemma_engine::runtime::{
         Engine, EngineConfig, Event, Prompt, SpeculativeSettings, Summary,
     };
@@ -452,7 +496,7 @@ fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     let plain = Engine::start(EngineConfig::new(common::fixture("tiny"))).unwrap();
     let mut cfg = EngineConfig::new(common::fixture("tiny"));
     cfg.speculative = Some(SpeculativeSettings {
-        draft_model: common::fixture("tiny-q4"),
+        draft_model: draft,
         config: SpeculativeConfig {
             adaptive: false,
             ..Default::default()
@@ -484,6 +528,7 @@ fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     }
     let status = spec.status();
     let info = status.info.speculative.clone().unwrap();
+    assert_eq!(info.drafter, drafter);
     assert!(info.stats.rounds > 0 && info.tokens_per_step >= 1.0);
     // Four at once: past max_batch (1) they decode plainly, and answer the same.
     let mut rxs: Vec<_> = texts
@@ -510,25 +555,4 @@ fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     assert_eq!(got.tokens, s.tokens);
     assert!(spec.shutdown(std::time::Duration::from_secs(30)));
     assert!(plain.shutdown(std::time::Duration::from_secs(30)));
-    // Another vocabulary: refused at load, naming the draft.
-    let mut cfg = EngineConfig::new(common::fixture("tiny"));
-    cfg.speculative = Some(SpeculativeSettings {
-        draft_model: common::fixture("tiny").join("../small"),
-        config: SpeculativeConfig::default(),
-    });
-    let bad = Engine::start(cfg).unwrap();
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = bad.status();
-        if let jemma_engine::runtime::EngineState::Failed { error } = &s.state {
-            assert!(
-                error.contains("draft") && error.contains("vocabulary"),
-                "{error}"
-            );
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 60, "{:?}", s.state);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    assert!(bad.shutdown(std::time::Duration::from_secs(30)));
 }

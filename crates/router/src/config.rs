@@ -333,7 +333,8 @@ pub struct TierConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpeculativeTierConfig {
-    /// The draft model's directory: a smaller Gemma with the same tokenizer (E2B for E4B).
+    /// The draft model's directory: a smaller Gemma with the same tokenizer (E2B for E4B), or the tier
+    /// model's Gemma 4 assistant (MTP) drafter (a `gemma4_assistant` checkpoint).
     pub draft_model: String,
     /// Whether to speculate (false keeps the settings and turns it off).
     pub enabled: bool,
