@@ -95,6 +95,27 @@ fn speculative_decoding_answers_as_plain_decoding_through_the_sdk() {
     crate::support::check_script("openai_speculative.py", &[&s.url, &p.url]);
 }
 
+/// The same on GGUF tiers (the llama.cpp engine): the tiny fixture's float32 GGUF drafted by its Q8_0
+/// conversion.
+#[test]
+fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk() {
+    let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
+    let target = gguf("tiny-f32.gguf");
+    let spec = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n[tiers.fast.speculative]\ndraft_model = \"{}\"\n\
+         adaptive = false\n",
+        target.display(),
+        gguf("tiny-q8_0.gguf").display()
+    );
+    let plain = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n",
+        target.display()
+    );
+    let s = Server::start(&[], Some(&spec));
+    let p = Server::start(&[], Some(&plain));
+    crate::support::check_script("openai_speculative.py", &[&s.url, &p.url, "tiny-q8_0.gguf"]);
+}
+
 /// Property-based fuzzing of the whole HTTP surface from its own description: schemathesis reads
 /// `/openapi.json` and sends what it describes (and what it does not) to every operation of a gateway on
 /// the tiny Gemma 4 fixture. No answer may be a 5xx, and every answer must match the description — its

@@ -13,6 +13,9 @@
 #![deny(missing_docs)]
 
 pub mod gguf;
+mod speculative;
+
+pub use speculative::{LlamaSpeculative, LlamaSpeculativeInfo};
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -26,6 +29,7 @@ use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{CacheSlot, PrefixSlot, choose_slot};
+use jemma_serve::speculative::{Controller, SpeculativeStats};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::llama_batch::LlamaBatch;
@@ -115,6 +119,8 @@ pub struct LlamaConfig {
     pub preload: bool,
     /// The process-wide memory budget the model's footprint is reserved from (None: no check).
     pub memory: Option<Arc<jemma_serve::memory::MemoryGovernor>>,
+    /// Speculative decoding with a draft GGUF (None: off).
+    pub speculative: Option<LlamaSpeculative>,
 }
 
 impl LlamaConfig {
@@ -134,6 +140,7 @@ impl LlamaConfig {
             keep_alive: None,
             preload: true,
             memory: None,
+            speculative: None,
         }
     }
 }
@@ -228,6 +235,8 @@ pub struct Summary {
     pub decode_tps: f64,
     /// Generated token ids.
     pub tokens: Vec<u32>,
+    /// What speculative decoding did for this request (None: it did not speculate).
+    pub speculative: Option<SpeculativeStats>,
 }
 
 /// What a request produces, in order (shared with the MLX engine).
@@ -247,8 +256,11 @@ pub struct LlamaInfo {
     pub threads: i32,
     /// Model size in bytes.
     pub model_bytes: u64,
-    /// Estimated footprint at the served context (weights + KV cache + compute buffers), bytes.
+    /// Estimated footprint at the served context (weights + KV cache + compute buffers), bytes; with a
+    /// draft model, its share included.
     pub footprint_bytes: Option<u64>,
+    /// Speculative decoding since the model loaded (None: no draft model configured).
+    pub speculative: Option<LlamaSpeculativeInfo>,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
@@ -277,6 +289,13 @@ impl LlamaEngine {
             threads,
             model_bytes: 0,
             footprint_bytes: None,
+            speculative: config.speculative.as_ref().map(|sp| LlamaSpeculativeInfo {
+                draft_model: sp.draft_model.clone(),
+                drafter: "draft_model",
+                stats: SpeculativeStats::default(),
+                acceptance_rate: 0.0,
+                tokens_per_step: 0.0,
+            }),
         };
         let host_config = HostConfig {
             name,
@@ -294,6 +313,7 @@ impl LlamaEngine {
                 planned: config.parallel,
                 config,
                 threads,
+                speculated: SpeculativeStats::default(),
             },
             info,
         )
@@ -479,6 +499,8 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
 /// prefix cache entry) and whether a request is using it.
 struct Serving {
     cell: SessionCell,
+    /// The draft model, when speculative decoding is configured.
+    drafts: Option<speculative::Drafts>,
     slots: Vec<Slot>,
     /// Advances at each admission; orders the slots by last use.
     clock: u64,
@@ -505,6 +527,8 @@ struct LlamaRunner {
     /// Sequences the next load serves: `config.parallel`, halved while the memory budget refuses that
     /// many ([`ModelRunner::shrink`]); set again from the configuration at each plan.
     planned: u32,
+    /// What speculative decoding did since the model loaded.
+    speculated: SpeculativeStats,
 }
 
 impl LlamaRunner {
@@ -513,13 +537,25 @@ impl LlamaRunner {
     }
 
     fn footprint(&self) -> Result<u64, LoadError> {
-        gguf::footprint(
+        let target = gguf::footprint(
             &self.config.model_path,
             self.config.context_length,
             self.config.batch_size,
             self.parallel(),
         )
-        .map_err(|e| LoadError::Failed(e.to_string()))
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        // The draft's weights and a context of the same shape (one sequence per slot).
+        let draft = match &self.config.speculative {
+            Some(sp) => gguf::footprint(
+                &sp.draft_model,
+                self.config.context_length,
+                self.config.batch_size,
+                self.parallel(),
+            )
+            .map_err(|e| LoadError::Failed(format!("draft model: {e}")))?,
+            None => 0,
+        };
+        Ok(target + draft)
     }
 }
 
@@ -594,20 +630,53 @@ impl ModelRunner for LlamaRunner {
             })
             .min(loaded.model.n_layer());
         let bytes = loaded.model.size();
-        let cell = SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params))
-            .map_err(|e| {
-                LoadError::Failed(format!(
-                    "creating the context ({n_ctx} tokens × {parallel} sequences): {e}"
-                ))
-            })?;
+        let cell =
+            SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params.clone()))
+                .map_err(|e| {
+                    LoadError::Failed(format!(
+                        "creating the context ({n_ctx} tokens × {parallel} sequences): {e}"
+                    ))
+                })?;
         tracing::info!(model = %self.config.model_path.display(), n_ctx, parallel, threads, gpu_layers = gpu, "GGUF loaded");
         info.gpu_layers = gpu;
         info.threads = threads;
         info.model_bytes = bytes;
+        let drafts = match &self.config.speculative {
+            None => None,
+            Some(sp) => {
+                let why = |e: String| {
+                    LoadError::Failed(format!(
+                        "draft model {}: {e}; use a GGUF with the same tokenizer (E2B for E4B)",
+                        sp.draft_model.display()
+                    ))
+                };
+                let draft_config = LlamaConfig {
+                    model_path: sp.draft_model.clone(),
+                    context_length: Some(n_ctx),
+                    speculative: None,
+                    ..self.config.clone()
+                };
+                let d = load(&draft_config, |_| true).map_err(|e| why(e.to_string()))?;
+                speculative::check_vocabulary(cell.borrow_owner(), &d)
+                    .map_err(|e| why(e.to_string()))?;
+                let cell = speculative::DraftCell::try_new(d, |l| {
+                    l.model.new_context(backend, ctx_params)
+                })
+                .map_err(|e| why(format!("creating its context: {e}")))?;
+                tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
+                Some(speculative::Drafts {
+                    cell,
+                    held: vec![vec![]; parallel as usize],
+                    config: sp.config.clone(),
+                    batch_size: self.config.batch_size as usize,
+                })
+            }
+        };
         let slots = (0..parallel).map(|_| Slot::default()).collect();
         Ok((
             Serving {
                 cell,
+                drafts,
                 slots,
                 clock: 0,
             },
@@ -625,13 +694,25 @@ impl ModelRunner for LlamaRunner {
         request: Request,
         _context_length: usize,
     ) -> Result<LlamaSequence, EngineFailure> {
-        let Serving { cell, slots, clock } = model;
+        let Serving {
+            cell,
+            slots,
+            clock,
+            drafts,
+        } = model;
         *clock += 1;
         let now = *clock;
-        cell.with_dependent_mut(|loaded, ctx| {
-            LlamaSequence::admit(loaded, ctx, slots, now, request)
-        })
-        .map_err(Into::into)
+        let mut seq = cell
+            .with_dependent_mut(|loaded, ctx| {
+                LlamaSequence::admit(loaded, ctx, slots, now, request)
+            })
+            .map_err(EngineFailure::from)?;
+        // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
+        // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
+        if !(seq.sampled && seq.seeded) {
+            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config.clone()));
+        }
+        Ok(seq)
     }
 
     fn prompt_tokens(
@@ -654,9 +735,11 @@ impl ModelRunner for LlamaRunner {
         out: &mut [SeqOutput<Summary>],
     ) -> Result<(), EngineFailure> {
         let chunk = self.config.batch_size as usize;
-        let result = model
-            .cell
-            .with_dependent_mut(|loaded, ctx| step(loaded, ctx, batch, out, chunk));
+        let Serving { cell, drafts, .. } = model;
+        let speculated = &mut self.speculated;
+        let result = cell.with_dependent_mut(|loaded, ctx| {
+            step(loaded, ctx, drafts.as_mut(), speculated, batch, out, chunk)
+        });
         if result.is_err() {
             // What the failed decode left in these sequences' KV is unknown: their slots start clean.
             for seq in batch.iter_mut() {
@@ -676,6 +759,14 @@ impl ModelRunner for LlamaRunner {
         } else {
             // Finished or cancelled cleanly: the record describes the sequence's KV again.
             slot.cached.commit(seq.kv);
+        }
+    }
+
+    fn refresh(&mut self, info: &mut LlamaInfo) {
+        if let Some(sp) = &mut info.speculative {
+            sp.stats = self.speculated;
+            sp.acceptance_rate = self.speculated.acceptance_rate();
+            sp.tokens_per_step = self.speculated.tokens_per_step();
         }
     }
 
@@ -928,6 +1019,12 @@ struct LlamaSequence {
     first_token_at: Option<Instant>,
     /// A failed decode left its KV unknown: the slot is cleared at release.
     poisoned: bool,
+    /// Speculative decoding's controller, when the engine has a draft model.
+    spec: Option<Controller>,
+    /// The request samples (temperature above 0).
+    sampled: bool,
+    /// The request names a seed.
+    seeded: bool,
 }
 
 impl LlamaSequence {
@@ -1011,6 +1108,9 @@ impl LlamaSequence {
             prefill_time: Duration::ZERO,
             first_token_at: None,
             poisoned: false,
+            spec: None,
+            sampled: req.sampling.temperature > 0.0,
+            seeded: req.sampling.seed.is_some(),
         })
     }
 
@@ -1121,6 +1221,7 @@ impl LlamaSequence {
                 0.0
             },
             tokens: std::mem::take(&mut self.tokens),
+            speculative: self.spec.as_ref().map(Controller::stats),
         });
     }
 }
@@ -1134,6 +1235,8 @@ impl LlamaSequence {
 fn step(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    drafts: Option<&mut speculative::Drafts>,
+    speculated: &mut SpeculativeStats,
     batch: &mut [&mut LlamaSequence],
     out: &mut [SeqOutput<Summary>],
     chunk: usize,
@@ -1141,6 +1244,39 @@ fn step(
     let mut decoding: Vec<usize> = (0..batch.len())
         .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
         .collect();
+    // Speculative rounds for the sequences whose controller asks for drafts now (single streams by default:
+    // a batch already reads the weights once for several tokens); the others decode plainly below.
+    let timed = drafts.is_some() && decoding.len() == 1;
+    if let Some(drafts) = drafts {
+        let n = decoding.len();
+        let mut plain = Vec::with_capacity(n);
+        for i in decoding {
+            let s = &mut *batch[i];
+            let room = s.max_tokens.saturating_sub(s.tokens.len());
+            let k = s.spec.as_mut().map_or(0, |c| c.next_k(n, room));
+            if k == 0 {
+                plain.push(i);
+                continue;
+            }
+            let r = speculative::round(loaded, ctx, drafts, s, k, &mut out[i])?;
+            if let Some(c) = s.spec.as_mut() {
+                c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
+                let round = SpeculativeStats {
+                    rounds: 1,
+                    drafted: r.drafted as u64,
+                    accepted: r.accepted as u64,
+                    ..Default::default()
+                };
+                speculated.add(&round);
+                // A round that ended the answer: its summary counts the round too.
+                if let Some(Ok(summary)) = &mut out[i].end {
+                    summary.speculative = Some(c.stats());
+                }
+            }
+        }
+        decoding = plain;
+    }
+    let started = Instant::now();
     // Increasing sequence ids: llama.cpp's per-stream split takes runs of consecutive ids into one ubatch.
     decoding.sort_by_key(|&i| batch[i].slot);
     if !decoding.is_empty() {
@@ -1159,6 +1295,13 @@ fn step(
             let last = *s.tokens.last().unwrap_or(&0);
             s.kv.extend([last]);
             s.accept(loaded, ctx, row as i32, &mut out[i]);
+        }
+        // A lone stream's plain step: the cost the controller weighs drafting against.
+        if timed && let [i] = decoding[..] {
+            if let Some(c) = batch[i].spec.as_mut() {
+                c.record_plain(started.elapsed());
+            }
+            speculated.plain_steps += 1;
         }
     }
     // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long

@@ -874,3 +874,127 @@ fn each_slot_keeps_its_conversation_and_the_least_recently_used_is_evicted() {
     assert_eq!(reused, 3, "A's slot was evicted: only the header is left");
     assert_eq!(a_again, a_cold, "the same answer from a trimmed slot");
 }
+
+/// An engine on `target` speculating with `draft` at a fixed k (adaptive off: every step a round), or
+/// plain with `draft` None.
+fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
+    let mut c = LlamaConfig::new(gguf(target));
+    c.context_length = Some(512);
+    c.speculative = draft.map(|d| jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf(d),
+        config: jemma_serve::speculative::SpeculativeConfig {
+            max_draft_tokens: k,
+            adaptive: false,
+            ..Default::default()
+        },
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    e
+}
+
+fn run_ids(
+    e: &LlamaEngine,
+    ids: &[u32],
+    max_tokens: usize,
+    sampling: Sampling,
+) -> jemma_engine_llama::Summary {
+    let mut r = request(Prompt::Ids(ids.to_vec()), max_tokens);
+    r.parse_output = false;
+    r.sampling = sampling;
+    collect(&mut e.submit(r).unwrap()).1
+}
+
+/// Speculative decoding on the llama.cpp engine (issue 15): with a Q8_0 draft of the same weights (drafts
+/// mostly stand, some are rejected and trimmed from the KV) and with the target drafting for itself, greedy
+/// answers equal plain decoding's token for token over 48 tokens (three times across the 16-token sliding
+/// window), at several draft lengths; a seeded sampled request decodes plainly and answers as plain
+/// decoding does (a seed promises the same tokens, and a verification's batch rounds its logits otherwise
+/// than a one-token step: measured here, up to 8e-4 in a logprob, which moves a draw near a boundary of the
+/// random fixture's flat laws); an unseeded one speculates; the rounds show in the summary and the status;
+/// the real Gemma 3 270M drafting for itself completes a prompt as plain decoding does; a draft with another
+/// vocabulary is refused at load.
+#[test]
+fn speculative_answers_are_plain_decodings() {
+    let _serial = serial();
+    let plain = speculating("tiny-f32", None, 0);
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    let seeded = Sampling {
+        temperature: 0.9,
+        top_k: 20,
+        seed: Some(11),
+        ..Default::default()
+    };
+    let want: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            (
+                run_ids(&plain, p, 48, Sampling::default()).tokens,
+                run_ids(&plain, p, 48, seeded.clone()).tokens,
+            )
+        })
+        .collect();
+    drop(plain);
+    for (draft, k) in [("tiny-q8_0", 3), ("tiny-q8_0", 6), ("tiny-f32", 4)] {
+        let e = speculating("tiny-f32", Some(draft), k);
+        let (mut drafted, mut accepted) = (0, 0);
+        for (p, (greedy, sampled)) in prompts.iter().zip(&want) {
+            let s = run_ids(&e, p, 48, Sampling::default());
+            assert_eq!(&s.tokens, greedy, "{draft}, k = {k}, prompt of {}", p.len());
+            let sp = s.speculative.expect("it speculated");
+            assert!(sp.rounds > 0);
+            drafted += sp.drafted;
+            accepted += sp.accepted;
+            let s = run_ids(&e, p, 48, seeded.clone());
+            assert_eq!(&s.tokens, sampled, "{draft}, k = {k}, seeded");
+            assert!(s.speculative.is_none(), "a seeded request speculated");
+            let unseeded = Sampling {
+                seed: None,
+                ..seeded.clone()
+            };
+            let s = run_ids(&e, p, 48, unseeded);
+            assert_eq!(s.tokens.len(), 48);
+            assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+        }
+        eprintln!("{draft}, k = {k}: {accepted}/{drafted} drafts stood");
+        assert!(accepted > 0, "{draft}: no draft stood");
+        if draft == "tiny-q8_0" {
+            assert!(
+                accepted < drafted,
+                "some drafts must be rejected to test the trim"
+            );
+        }
+        let info = e.status().info.speculative.unwrap();
+        assert!(info.stats.rounds > 0 && info.tokens_per_step > 1.0);
+    }
+    // Real weights (Gemma 3 270M, Q4_K_M, a base model) drafting for themselves: a completion's greedy
+    // tokens are plain decoding's, and nearly every draft stands.
+    let chat = Prompt::Text("A short poem about the sea:\n".into());
+    let real = |draft: Option<&str>| {
+        let e = speculating("gemma-3-270m-q4_k_m", draft, 4);
+        let mut r = request(chat.clone(), 64);
+        r.parse_output = false;
+        collect(&mut e.submit(r).unwrap()).1
+    };
+    let want = real(None).tokens;
+    let got = real(Some("gemma-3-270m-q4_k_m"));
+    assert_eq!(got.tokens, want);
+    let sp = got.speculative.unwrap();
+    eprintln!(
+        "Gemma 3 270M drafting for itself: {}/{} drafts stood",
+        sp.accepted, sp.drafted
+    );
+    assert!(sp.accepted * 10 >= sp.drafted * 9);
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("gemma-3-270m-q4_k_m"),
+        config: Default::default(),
+    });
+    let err = LlamaEngine::start(c)
+        .unwrap()
+        .wait_ready()
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("draft") && err.contains("vocabulary"), "{err}");
+}

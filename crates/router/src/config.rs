@@ -323,18 +323,20 @@ pub struct TierConfig {
     pub video_frames: Option<usize>,
     /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
     pub video_seconds: Option<f64>,
-    /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local MLX tiers).
+    /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     pub speculative: Option<SpeculativeTierConfig>,
 }
 
-/// `[tiers.NAME.speculative]`: speculative decoding with a draft model on a local MLX tier. The draft
+/// `[tiers.NAME.speculative]`: speculative decoding with a draft model on a local tier (MLX or llama.cpp;
+/// the draft runs on the tier model's engine). The draft
 /// proposes tokens that the tier's model verifies several at a time; the answer is the tier's model's own
 /// (greedy: token for token up to rounding; sampling: the same distribution).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpeculativeTierConfig {
-    /// The draft model's directory: a smaller Gemma with the same tokenizer (E2B for E4B), or the tier
-    /// model's Gemma 4 assistant (MTP) drafter (a `gemma4_assistant` checkpoint).
+    /// The draft model: a smaller Gemma with the same tokenizer (E2B for E4B) — an MLX directory for an
+    /// MLX tier, a `.gguf` for a GGUF tier — or, on MLX, the tier model's Gemma 4 assistant (MTP) drafter
+    /// (a `gemma4_assistant` checkpoint).
     pub draft_model: String,
     /// Whether to speculate (false keeps the settings and turns it off).
     pub enabled: bool,
@@ -584,7 +586,7 @@ impl Config {
             if let Some(sp) = &c.speculative {
                 let bad = if c.kind != TierKind::Local {
                     Some(
-                        "only a local MLX tier can speculate (an upstream server speculates itself); remove this section",
+                        "only a local tier can speculate (an upstream server speculates itself); remove this section",
                     )
                 } else if sp.draft_model.is_empty() {
                     Some("needs draft_model = \"<model dir>\"")
@@ -800,7 +802,7 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("only a local MLX tier"), "{e}");
+        assert!(e.contains("only a local tier"), "{e}");
     }
 
     #[test]

@@ -584,12 +584,16 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
             reasoning_tokens: s.reasoning_tokens as u64,
-            speculative: None,
+            speculative: s
+                .speculative
+                .filter(|sp| sp.rounds > 0)
+                .map(|sp| crate::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
         }
     }
 
     fn details(i: &Self::Info) -> Value {
         json!({
+            "speculative": i.speculative,
             "gpu_layers": i.gpu_layers,
             "threads": i.threads,
             "model_bytes": i.model_bytes,

@@ -270,13 +270,21 @@ fn factory(
     let parallel = c.concurrency().clamp(1, 64) as u32;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
-        if is_gguf && template.speculative.is_some() {
-            // Refused rather than ignored: the setting promises drafting this engine does not do.
-            return Err(format!(
-                "{}: this model runs on the llama.cpp engine, which does not speculate yet; remove the \
-                 tier's [speculative] section or serve an MLX model",
-                path.display()
-            ));
+        if let Some(sp) = &template.speculative {
+            // A draft runs on its target's engine: a GGUF drafts for a GGUF, an MLX directory for MLX.
+            let draft_gguf = sp.draft_model.extension().is_some_and(|e| e == "gguf");
+            if is_gguf != draft_gguf {
+                return Err(format!(
+                    "{}: the draft model {} must run on the same engine as the tier's model ({})",
+                    path.display(),
+                    sp.draft_model.display(),
+                    if is_gguf {
+                        "a .gguf file, for llama.cpp"
+                    } else {
+                        "an MLX model directory"
+                    }
+                ));
+            }
         }
         // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
@@ -308,6 +316,14 @@ fn factory(
                 lc.keep_alive = template.keep_alive;
                 lc.preload = template.preload;
                 lc.memory = template.memory.clone();
+                lc.speculative =
+                    template
+                        .speculative
+                        .as_ref()
+                        .map(|sp| jemma_engine_llama::LlamaSpeculative {
+                            draft_model: sp.draft_model.clone(),
+                            config: sp.config.clone(),
+                        });
                 let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
                 Arc::new(EngineBackend::new(e, default_max_tokens).with_limits(limits.clone()))
             }
@@ -484,6 +500,37 @@ fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<Hub
 
 #[cfg(test)]
 mod tests {
+    /// A draft runs on its target's engine: a GGUF tier drafting with an MLX directory, or the reverse, is
+    /// refused when the engine starts, naming both.
+    #[test]
+    fn a_draft_on_another_engine_than_its_target_is_refused() {
+        let cfg = crate::config::Config::default();
+        for (model, draft) in [
+            ("/m/tiny.gguf", "/m/draft-mlx"),
+            ("/m/tiny-mlx", "/m/draft.gguf"),
+        ] {
+            let tier = crate::config::TierConfig {
+                speculative: Some(crate::config::SpeculativeTierConfig {
+                    draft_model: draft.into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            };
+            let f = super::factory(
+                &tier,
+                64,
+                crate::api::Limits::default(),
+                &super::memory_governor(&cfg),
+                Default::default(),
+            );
+            let e = match f(model.into(), "t".into()) {
+                Err(e) => e,
+                Ok(_) => panic!("{model} with {draft} started"),
+            };
+            assert!(e.contains("same engine") && e.contains(draft), "{e}");
+        }
+    }
+
     /// `[tiers.X.speculative]`'s defaults are the serving core's (written twice: the router's configuration
     /// builds without the engines).
     #[test]

@@ -1,0 +1,251 @@
+//! Speculative decoding on the llama.cpp engine (issue 15): a draft GGUF with the same vocabulary, in a
+//! context of its own with one sequence per slot, proposes k tokens greedily; the target reads the pending
+//! token and the drafts in one `llama_decode` with logits at every position, and each position is sampled
+//! with the request's own sampler chain, in order, while the sample equals the draft before it (llama.cpp's
+//! `common_sampler_sample_and_accept_n`). The tokens are exactly those plain decoding samples, seeded
+//! sampling included: every committed token is drawn once, from the logits plain decoding would have read,
+//! with the same sampler state. The rejected tail is removed from the target's KV (`llama_memory_seq_rm`).
+//!
+//! How many tokens to draft, and whether to draft at all, is the serving core's [`Controller`] (the same
+//! adaptive rule as the MLX engine's); rounds run for single streams (`max_batch`).
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use jemma_serve::host::SeqOutput;
+use jemma_serve::speculative::{SpeculativeConfig, SpeculativeStats};
+use llama_cpp_2::llama_batch::LlamaBatch;
+use llama_cpp_2::token::LlamaToken;
+
+use crate::{Context, LlamaError, LlamaSequence, Loaded, Result, Summary, argmax, trim};
+
+/// `[tiers.X.speculative]` for a GGUF tier.
+#[derive(Debug, Clone)]
+pub struct LlamaSpeculative {
+    /// The draft GGUF: a smaller model with the same vocabulary (E2B for E4B).
+    pub draft_model: PathBuf,
+    /// Draft length, batch limit and adaptivity.
+    pub config: SpeculativeConfig,
+}
+
+/// Speculative decoding's figures in the engine's status (`/health`, `/metrics`, the tray).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LlamaSpeculativeInfo {
+    /// The draft GGUF.
+    pub draft_model: PathBuf,
+    /// What drafts (`draft_model`: llama.cpp has no MTP assistant path here).
+    pub drafter: &'static str,
+    /// Counts since the model loaded.
+    #[serde(flatten)]
+    pub stats: SpeculativeStats,
+    /// Share of drafted tokens that stood (0 to 1).
+    pub acceptance_rate: f64,
+    /// Tokens per verification (drafts that stood plus the one after them).
+    pub tokens_per_step: f64,
+}
+
+self_cell::self_cell!(
+    /// The draft model with its context (which borrows it).
+    pub(crate) struct DraftCell {
+        owner: Loaded,
+        #[covariant]
+        dependent: Context,
+    }
+);
+
+/// The draft model of a serving engine: its context, and per slot the tokens whose KV the slot's draft
+/// sequence holds (reused across rounds and requests by their common prefix).
+pub(crate) struct Drafts {
+    pub(crate) cell: DraftCell,
+    pub(crate) held: Vec<Vec<u32>>,
+    pub(crate) config: SpeculativeConfig,
+    pub(crate) batch_size: usize,
+}
+
+/// Checks that `draft` can draft for `target`: the same vocabulary, token for token.
+///
+/// Errors: [`LlamaError::InvalidModel`] naming the first difference.
+pub(crate) fn check_vocabulary(target: &Loaded, draft: &Loaded) -> Result<()> {
+    let (a, b) = (target.model.n_vocab(), draft.model.n_vocab());
+    if a != b {
+        return Err(LlamaError::InvalidModel(format!(
+            "the draft model's vocabulary has {b} tokens, the target's {a}"
+        )));
+    }
+    let (tv, dv) = (target.model.vocab(), draft.model.vocab());
+    if let Some(id) = (0..a).find(|&i| {
+        tv.token_to_piece(LlamaToken(i), true, None) != dv.token_to_piece(LlamaToken(i), true, None)
+    }) {
+        return Err(LlamaError::InvalidModel(format!(
+            "the draft model's tokenizer differs from the target's at token {id}"
+        )));
+    }
+    Ok(())
+}
+
+/// What one round did, for the controller.
+pub(crate) struct Round {
+    pub(crate) drafted: usize,
+    pub(crate) accepted: usize,
+    pub(crate) draft_time: Duration,
+    pub(crate) verify_time: Duration,
+}
+
+impl Drafts {
+    /// Up to `k` greedy drafts after `context` (every committed token; the last not yet read by the
+    /// target) from the draft's sequence `slot`, reading first what that sequence does not hold. Returns
+    /// the drafts and the time spent catching up on a long stretch (a prompt: a one-off the controller must
+    /// not count as drafting cost).
+    fn propose(&mut self, slot: usize, context: &[u32], k: usize) -> Result<(Vec<u32>, Duration)> {
+        let held = &mut self.held[slot];
+        let n_swa = self.cell.borrow_owner().n_swa;
+        let batch_size = self.batch_size.max(1);
+        self.cell.with_dependent_mut(|_, ctx| {
+            let common = held
+                .iter()
+                .zip(context)
+                .take_while(|(a, b)| a == b)
+                .count()
+                // The last context token is read with its logits, never taken from the cache.
+                .min(context.len().saturating_sub(1));
+            if common < held.len() {
+                // A sliding window that no longer holds the prefix's window cannot be cut back exactly.
+                let pos_min = ctx.kv_cache_seq_pos_min(slot as i32);
+                let lost =
+                    n_swa.is_some_and(|w| pos_min > (common as i64 - w as i64).max(0) as i32);
+                let keep = if lost { 0 } else { common };
+                let kept = trim(ctx, slot as u32, keep)?;
+                held.truncate(kept);
+            }
+            let started = Instant::now();
+            let from = held.len();
+            let mut batch = LlamaBatch::new(batch_size, 1);
+            let mut last_row = 0;
+            for (c, chunk) in context[from..].chunks(batch_size).enumerate() {
+                batch.clear();
+                for (i, &t) in chunk.iter().enumerate() {
+                    let pos = from + c * batch_size + i;
+                    batch
+                        .add(
+                            LlamaToken(t as i32),
+                            pos as i32,
+                            &[slot as i32],
+                            pos == context.len() - 1,
+                        )
+                        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    last_row = i as i32;
+                }
+                ctx.decode(&mut batch)
+                    .map_err(|e| LlamaError::Runtime(format!("draft decode: {e}")))?;
+            }
+            held.extend_from_slice(&context[from..]);
+            let catch_up = if context.len() - from > k + 1 {
+                started.elapsed()
+            } else {
+                Duration::ZERO
+            };
+            let mut drafts = Vec::with_capacity(k);
+            let mut row = last_row;
+            for i in 0..k {
+                let d = argmax(ctx.get_logits_ith(row));
+                drafts.push(d);
+                if i + 1 < k {
+                    batch.clear();
+                    batch
+                        .add(
+                            LlamaToken(d as i32),
+                            held.len() as i32,
+                            &[slot as i32],
+                            true,
+                        )
+                        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    ctx.decode(&mut batch)
+                        .map_err(|e| LlamaError::Runtime(format!("draft decode: {e}")))?;
+                    held.push(d);
+                    row = 0;
+                }
+            }
+            Ok((drafts, catch_up))
+        })
+    }
+}
+
+/// One speculative round for `s`, which is decoding: drafts up to `k` tokens, verifies them with the
+/// target in one decode, commits the tokens plain decoding would sample (streaming them through
+/// [`LlamaSequence::accept`], which ends the sequence where plain decoding would), and removes the rejected
+/// drafts' KV. Errors: a failed decode, or KV that cannot be trimmed (the sequence is then poisoned).
+pub(crate) fn round(
+    loaded: &Loaded,
+    ctx: &mut Context<'_>,
+    drafts: &mut Drafts,
+    s: &mut LlamaSequence,
+    k: usize,
+    out: &mut SeqOutput<Summary>,
+) -> Result<Round> {
+    let started = Instant::now();
+    let context: Vec<u32> = s
+        .ids
+        .iter()
+        .map(|t| t.0 as u32)
+        .chain(s.tokens.iter().copied())
+        .collect();
+    let (proposal, catch_up) = match drafts.propose(s.slot, &context, k) {
+        Ok(p) => p,
+        Err(e) => {
+            // The draft's sequence is in an unknown state: start it over next round.
+            drafts.held[s.slot].clear();
+            drafts
+                .cell
+                .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(s.slot as u32), None, None))
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+            return Err(e);
+        }
+    };
+    let draft_time = started.elapsed().saturating_sub(catch_up);
+    let started = Instant::now();
+    let last = *s.tokens.last().unwrap_or(&0);
+    let pos0 = s.ids.len() + s.tokens.len() - 1;
+    let mut batch = LlamaBatch::new(proposal.len() + 1, 1);
+    for (i, &t) in std::iter::once(&last).chain(&proposal).enumerate() {
+        batch
+            .add(
+                LlamaToken(t as i32),
+                (pos0 + i) as i32,
+                &[s.slot as i32],
+                true,
+            )
+            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+    }
+    ctx.decode(&mut batch)
+        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+    s.kv.extend([last]);
+    let mut accepted = 0;
+    for (i, &d) in proposal.iter().enumerate() {
+        let before = s.tokens.len();
+        s.accept(loaded, ctx, i as i32, out);
+        // Ended (an end-of-generation token, a stop string, max_tokens, a failure), or the sample is not
+        // the draft: the round ends here.
+        if out.end.is_some() || s.tokens.len() == before || s.tokens.last() != Some(&d) {
+            break;
+        }
+        accepted += 1;
+        s.kv.extend([d]);
+    }
+    if accepted == proposal.len() && out.end.is_none() {
+        // Every draft stood: the last row's sample is the token after them.
+        s.accept(loaded, ctx, proposal.len() as i32, out);
+    }
+    let kept = pos0 + 1 + accepted;
+    if trim(ctx, s.slot as u32, kept)? != kept {
+        s.poisoned = true;
+        return Err(LlamaError::Runtime(
+            "the KV cache could not drop the rejected drafts".into(),
+        ));
+    }
+    Ok(Round {
+        drafted: proposal.len(),
+        accepted,
+        draft_time,
+        verify_time: started.elapsed(),
+    })
+}
