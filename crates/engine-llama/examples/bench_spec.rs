@@ -83,7 +83,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         fig["same_tokens"] = json!(tokens == plain);
         // llama.cpp's quantized CPU kernels round a verification's batch otherwise than a one-token step:
         // a greedy answer may part from plain decoding's at a near-tie, from which on they differ.
-        fig["same_prefix"] = json!(tokens.iter().zip(&plain).take_while(|(a, b)| a == b).count());
+        fig["same_prefix"] = json!(
+            tokens
+                .iter()
+                .zip(&plain)
+                .take_while(|(a, b)| a == b)
+                .count()
+        );
         out.insert(name.into(), fig);
     }
     println!("{}", Value::Object(out));

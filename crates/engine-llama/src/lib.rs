@@ -15,7 +15,8 @@
 pub mod gguf;
 mod speculative;
 
-pub use speculative::{LlamaSpeculative, LlamaSpeculativeInfo};
+pub use jemma_serve::speculative::SpeculativeInfo;
+pub use speculative::LlamaSpeculative;
 
 use std::num::NonZeroU32;
 use std::path::PathBuf;
@@ -260,7 +261,7 @@ pub struct LlamaInfo {
     /// draft model, its share included.
     pub footprint_bytes: Option<u64>,
     /// Speculative decoding since the model loaded (None: no draft model configured).
-    pub speculative: Option<LlamaSpeculativeInfo>,
+    pub speculative: Option<SpeculativeInfo>,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
@@ -289,13 +290,10 @@ impl LlamaEngine {
             threads,
             model_bytes: 0,
             footprint_bytes: None,
-            speculative: config.speculative.as_ref().map(|sp| LlamaSpeculativeInfo {
-                draft_model: sp.draft_model.clone(),
-                drafter: "draft_model",
-                stats: SpeculativeStats::default(),
-                acceptance_rate: 0.0,
-                tokens_per_step: 0.0,
-            }),
+            speculative: config
+                .speculative
+                .as_ref()
+                .map(|sp| SpeculativeInfo::new(sp.draft_model.clone(), "draft_model")),
         };
         let host_config = HostConfig {
             name,
@@ -764,9 +762,7 @@ impl ModelRunner for LlamaRunner {
 
     fn refresh(&mut self, info: &mut LlamaInfo) {
         if let Some(sp) = &mut info.speculative {
-            sp.stats = self.speculated;
-            sp.acceptance_rate = self.speculated.acceptance_rate();
-            sp.tokens_per_step = self.speculated.tokens_per_step();
+            sp.update(self.speculated);
         }
     }
 

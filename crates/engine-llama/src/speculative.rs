@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use jemma_serve::host::SeqOutput;
-use jemma_serve::speculative::{SpeculativeConfig, SpeculativeStats};
+use jemma_serve::speculative::SpeculativeConfig;
 use llama_cpp_2::llama_batch::LlamaBatch;
 use llama_cpp_2::token::LlamaToken;
 
@@ -26,22 +26,6 @@ pub struct LlamaSpeculative {
     pub draft_model: PathBuf,
     /// Draft length, batch limit and adaptivity.
     pub config: SpeculativeConfig,
-}
-
-/// Speculative decoding's figures in the engine's status (`/health`, `/metrics`, the tray).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LlamaSpeculativeInfo {
-    /// The draft GGUF.
-    pub draft_model: PathBuf,
-    /// What drafts (`draft_model`: llama.cpp has no MTP assistant path here).
-    pub drafter: &'static str,
-    /// Counts since the model loaded.
-    #[serde(flatten)]
-    pub stats: SpeculativeStats,
-    /// Share of drafted tokens that stood (0 to 1).
-    pub acceptance_rate: f64,
-    /// Tokens per verification (drafts that stood plus the one after them).
-    pub tokens_per_step: f64,
 }
 
 self_cell::self_cell!(

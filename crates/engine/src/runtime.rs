@@ -25,6 +25,7 @@ use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{EntryKind, PrefixPool};
+pub use jemma_serve::speculative::SpeculativeInfo;
 use jemma_serve::speculative::{Controller, SpeculativeConfig, SpeculativeStats};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -125,23 +126,6 @@ pub struct MlxInfo {
     pub input_modalities: Vec<&'static str>,
     /// Speculative decoding since the model loaded (None: no draft model configured).
     pub speculative: Option<SpeculativeInfo>,
-}
-
-/// Speculative decoding's figures in an engine's status (`/health`, `/metrics`, the tray).
-#[derive(Debug, Clone, Serialize)]
-pub struct SpeculativeInfo {
-    /// The draft model's directory.
-    pub draft_model: PathBuf,
-    /// What drafts: `draft_model` (a smaller model with the same tokenizer) or `mtp_assistant` (a Gemma 4
-    /// assistant drafter reading the target's K/V), known from the directory's config.
-    pub drafter: &'static str,
-    /// Counts since the model loaded.
-    #[serde(flatten)]
-    pub stats: SpeculativeStats,
-    /// Share of drafted tokens that stood (0 to 1).
-    pub acceptance_rate: f64,
-    /// Tokens per verification (drafts that stood plus the one after them).
-    pub tokens_per_step: f64,
 }
 
 /// Speculative decoding for an MLX engine (`[tiers.X.speculative]`).
@@ -254,16 +238,13 @@ impl Engine {
                 }
                 m
             },
-            speculative: config.speculative.as_ref().map(|sp| SpeculativeInfo {
-                draft_model: sp.draft_model.clone(),
-                drafter: if AssistantConfig::is_assistant(&sp.draft_model) {
+            speculative: config.speculative.as_ref().map(|sp| {
+                let drafter = if AssistantConfig::is_assistant(&sp.draft_model) {
                     "mtp_assistant"
                 } else {
                     "draft_model"
-                },
-                stats: SpeculativeStats::default(),
-                acceptance_rate: 0.0,
-                tokens_per_step: 0.0,
+                };
+                SpeculativeInfo::new(sp.draft_model.clone(), drafter)
             }),
         };
         let host_config = HostConfig {
@@ -1526,9 +1507,7 @@ impl ModelRunner for MlxRunner {
         info.prefix_cache_bytes = self.pool.bytes();
         info.largest_decode_batch = self.largest_batch;
         if let Some(sp) = &mut info.speculative {
-            sp.stats = self.speculated;
-            sp.acceptance_rate = self.speculated.acceptance_rate();
-            sp.tokens_per_step = self.speculated.tokens_per_step();
+            sp.update(self.speculated);
         }
     }
 

@@ -45,6 +45,24 @@ pub struct TargetState<'a> {
     pub hidden: Option<&'a Array>,
 }
 
+impl Proposal {
+    /// A proposal from evaluated draft tokens (each a one-element int32 array) and laws (each V
+    /// probabilities).
+    fn read(tokens: &[Array], laws: &[Array], catch_up: std::time::Duration) -> Result<Self> {
+        Ok(Self {
+            tokens: tokens
+                .iter()
+                .map(|t| t.item_exact::<i32>() as u32)
+                .collect(),
+            laws: laws
+                .iter()
+                .map(|l| l.reshape(&[-1]).map(|r| r.as_slice::<f32>().to_vec()))
+                .collect::<std::result::Result<_, _>>()?,
+            catch_up,
+        })
+    }
+}
+
 /// What proposes draft tokens.
 pub trait Drafter {
     /// Proposes up to `k` tokens continuing `context`: every token the target has committed (the prompt
@@ -82,6 +100,19 @@ impl DraftState {
             seed: Some(seed),
             ..Self::default()
         }
+    }
+
+    /// The drafter's own sampler for this sequence, made on first use: the request's filters and
+    /// temperature, its own RNG (seeded when the state is).
+    fn sampler(&mut self, sampling: &SamplingParams, vocab: usize) -> Result<&mut Sampler> {
+        if self.sampler.is_none() {
+            let params = SamplingParams {
+                seed: self.seed,
+                ..sampling.clone()
+            };
+            self.sampler = Some(Sampler::new(params, vocab, Dtype::Float32)?);
+        }
+        Ok(self.sampler.as_mut().expect("set above"))
     }
 
     /// Bytes the drafter's caches hold for this sequence.
@@ -185,18 +216,7 @@ impl Drafter for ModelDrafter<'_> {
         // Where rejected drafts roll back to when the cache cannot be trimmed.
         st.snapshot = Some((cache.checkpoint(), at));
         let greedy = sampling.temperature == 0.0;
-        let sampler = match &mut st.sampler {
-            Some(s) => s,
-            None => {
-                // The drafter's own sampler: the request's filters and temperature, its own RNG.
-                let params = SamplingParams {
-                    seed: st.seed,
-                    ..sampling.clone()
-                };
-                st.sampler
-                    .insert(Sampler::new(params, vocab, Dtype::Float32)?)
-            }
-        };
+        let sampler = st.sampler(sampling, vocab)?;
         // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
         let mut input = Array::from_slice(&ids[at..], &[1, 1]);
         let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
@@ -220,23 +240,13 @@ impl Drafter for ModelDrafter<'_> {
             }
         }
         eval(tokens.iter().chain(&laws))?;
-        let tokens: Vec<u32> = tokens
-            .iter()
-            .map(|t| t.item_exact::<i32>() as u32)
-            .collect();
+        let proposal = Proposal::read(&tokens, &laws, catch_up)?;
         // The cache holds the last context token and every draft but the last.
         st.fed.push(context[at]);
-        st.fed.extend_from_slice(&tokens[..tokens.len() - 1]);
+        st.fed
+            .extend_from_slice(&proposal.tokens[..proposal.tokens.len() - 1]);
         st.cache = Some(cache);
-        let laws = laws
-            .iter()
-            .map(|l| l.reshape(&[-1]).map(|r| r.as_slice::<f32>().to_vec()))
-            .collect::<std::result::Result<_, _>>()?;
-        Ok(Proposal {
-            tokens,
-            laws,
-            catch_up,
-        })
+        Ok(proposal)
     }
 }
 
@@ -273,18 +283,7 @@ impl Drafter for MtpDrafter<'_> {
             return Ok(Proposal::default());
         };
         let greedy = sampling.temperature == 0.0;
-        let st = &mut *self.state;
-        let sampler = match &mut st.sampler {
-            Some(s) => s,
-            None => {
-                let params = SamplingParams {
-                    seed: st.seed,
-                    ..sampling.clone()
-                };
-                st.sampler
-                    .insert(Sampler::new(params, vocab, Dtype::Float32)?)
-            }
-        };
+        let sampler = self.state.sampler(sampling, vocab)?;
         // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
         let mut token = Array::from_slice(&[last as i32], &[1, 1]);
         let mut g = hidden.clone();
@@ -307,19 +306,7 @@ impl Drafter for MtpDrafter<'_> {
             tokens.push(token.clone());
         }
         eval(tokens.iter().chain(&laws))?;
-        let tokens = tokens
-            .iter()
-            .map(|t| t.item_exact::<i32>() as u32)
-            .collect();
-        let laws = laws
-            .iter()
-            .map(|l| l.reshape(&[-1]).map(|r| r.as_slice::<f32>().to_vec()))
-            .collect::<std::result::Result<_, _>>()?;
-        Ok(Proposal {
-            tokens,
-            laws,
-            ..Default::default()
-        })
+        Proposal::read(&tokens, &laws, std::time::Duration::ZERO)
     }
 }
 

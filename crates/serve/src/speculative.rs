@@ -351,6 +351,43 @@ impl Controller {
     }
 }
 
+/// Speculative decoding's figures in an engine's status (`/health`, `/metrics`, the tray), either engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpeculativeInfo {
+    /// The draft model (a directory or a GGUF file).
+    pub draft_model: std::path::PathBuf,
+    /// What drafts: `draft_model` (a smaller model with the same tokenizer) or `mtp_assistant` (a Gemma 4
+    /// assistant drafter reading the target's K/V).
+    pub drafter: &'static str,
+    /// Counts since the model loaded.
+    #[serde(flatten)]
+    pub stats: SpeculativeStats,
+    /// Share of drafted tokens that stood (0 to 1).
+    pub acceptance_rate: f64,
+    /// Tokens per verification (drafts that stood plus the one after them).
+    pub tokens_per_step: f64,
+}
+
+impl SpeculativeInfo {
+    /// Figures for a model that has not speculated yet.
+    pub fn new(draft_model: std::path::PathBuf, drafter: &'static str) -> Self {
+        Self {
+            draft_model,
+            drafter,
+            stats: SpeculativeStats::default(),
+            acceptance_rate: 0.0,
+            tokens_per_step: 0.0,
+        }
+    }
+
+    /// Sets the counts since the model loaded, and the rates derived from them.
+    pub fn update(&mut self, stats: SpeculativeStats) {
+        self.stats = stats;
+        self.acceptance_rate = stats.acceptance_rate();
+        self.tokens_per_step = stats.tokens_per_step();
+    }
+}
+
 /// Counts of speculative decoding, for one request or a whole model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct SpeculativeStats {
