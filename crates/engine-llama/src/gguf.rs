@@ -210,6 +210,21 @@ pub fn served_context(train: u32, configured: Option<u32>) -> u32 {
     configured.unwrap_or(train.min(32768)).min(train)
 }
 
+/// The context a GGUF is served at ([`served_context`] of its training context), from its metadata.
+///
+/// Errors: an unreadable GGUF.
+pub fn served_context_of(path: &Path, configured: Option<u32>) -> Result<u32> {
+    let meta = read_metadata(path)?;
+    let train = match meta.get("general.architecture") {
+        Some(Value::Str(arch)) => match meta.get(&format!("{arch}.context_length")) {
+            Some(Value::Int(v)) => *v as u32,
+            _ => 4096,
+        },
+        _ => 4096,
+    };
+    Ok(served_context(train, configured))
+}
+
 /// Estimated bytes a GGUF takes once loaded at its served context: the weights (the file, mmap'd), the KV
 /// cache and llama.cpp's compute buffers. Reserved from the memory budget before loading.
 ///

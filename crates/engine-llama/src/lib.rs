@@ -542,11 +542,14 @@ impl LlamaRunner {
             self.parallel(),
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
-        // The draft's weights and a context of the same shape (one sequence per slot).
+        // The draft's weights and a context of the target's shape (one sequence per slot).
         let draft = match &self.config.speculative {
             Some(sp) => gguf::footprint(
                 &sp.draft_model,
-                self.config.context_length,
+                Some(
+                    gguf::served_context_of(&self.config.model_path, self.config.context_length)
+                        .map_err(|e| LoadError::Failed(e.to_string()))?,
+                ),
                 self.config.batch_size,
                 self.parallel(),
             )
@@ -707,7 +710,9 @@ impl ModelRunner for LlamaRunner {
             .map_err(EngineFailure::from)?;
         // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
         // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
-        if !(seq.sampled && seq.seeded) {
+        // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
+        // position on the host).
+        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() {
             seq.spec = drafts.as_ref().map(|d| Controller::new(d.config.clone()));
         }
         Ok(seq)
@@ -1248,13 +1253,21 @@ fn step(
         let mut plain = Vec::with_capacity(n);
         for i in decoding {
             let s = &mut *batch[i];
-            let room = s.max_tokens.saturating_sub(s.tokens.len());
+            // Tokens still allowed after the pending one: a round yields its drafts that stand and one more.
+            let room = s.max_tokens.saturating_sub(s.tokens.len() + 1);
+            // A verification reads k + 1 positions in one batch, which must fit llama.cpp's.
+            let room = room.min(drafts.batch_size.saturating_sub(1));
             let k = s.spec.as_mut().map_or(0, |c| c.next_k(n, room));
             if k == 0 {
                 plain.push(i);
                 continue;
             }
-            let r = speculative::round(loaded, ctx, drafts, s, k, &mut out[i])?;
+            let Some(r) = speculative::round(loaded, ctx, drafts, s, k, &mut out[i])? else {
+                // The draft failed (logged): this sequence decodes plainly from now on.
+                s.spec = None;
+                plain.push(i);
+                continue;
+            };
             if let Some(c) = s.spec.as_mut() {
                 c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
                 let round = SpeculativeStats {

@@ -2,9 +2,12 @@
 //! context of its own with one sequence per slot, proposes k tokens greedily; the target reads the pending
 //! token and the drafts in one `llama_decode` with logits at every position, and each position is sampled
 //! with the request's own sampler chain, in order, while the sample equals the draft before it (llama.cpp's
-//! `common_sampler_sample_and_accept_n`). The tokens are exactly those plain decoding samples, seeded
-//! sampling included: every committed token is drawn once, from the logits plain decoding would have read,
-//! with the same sampler state. The rejected tail is removed from the target's KV (`llama_memory_seq_rm`).
+//! `common_sampler_sample_and_accept_n`): every committed token is drawn once, with the sampler state plain
+//! decoding would have, from logits of the same positions, so the answer follows plain decoding's law.
+//! The tokens equal plain decoding's only up to rounding: llama.cpp's kernels round a batch of positions
+//! otherwise than one (0.19 in a logprob on Q4_K, measured), which can tip a near-tie, or a seeded draw
+//! (so seeded sampled requests decode plainly). The rejected tail is removed from the target's KV
+//! (`llama_memory_seq_rm`).
 //!
 //! How many tokens to draft, and whether to draft at all, is the serving core's [`Controller`] (the same
 //! adaptive rule as the MLX engine's); rounds run for single streams (`max_batch`).
@@ -157,7 +160,9 @@ impl Drafts {
 /// One speculative round for `s`, which is decoding: drafts up to `k` tokens, verifies them with the
 /// target in one decode, commits the tokens plain decoding would sample (streaming them through
 /// [`LlamaSequence::accept`], which ends the sequence where plain decoding would), and removes the rejected
-/// drafts' KV. Errors: a failed decode, or KV that cannot be trimmed (the sequence is then poisoned).
+/// drafts' KV. None, with the target untouched, when the draft failed (logged; its sequence starts over):
+/// the caller decodes plainly. Errors: a failed target decode, or KV that cannot be trimmed (the sequence
+/// is then poisoned).
 pub(crate) fn round(
     loaded: &Loaded,
     ctx: &mut Context<'_>,
@@ -165,7 +170,7 @@ pub(crate) fn round(
     s: &mut LlamaSequence,
     k: usize,
     out: &mut SeqOutput<Summary>,
-) -> Result<Round> {
+) -> Result<Option<Round>> {
     let started = Instant::now();
     let context: Vec<u32> = s
         .ids
@@ -176,13 +181,13 @@ pub(crate) fn round(
     let (proposal, catch_up) = match drafts.propose(s.slot, &context, k) {
         Ok(p) => p,
         Err(e) => {
-            // The draft's sequence is in an unknown state: start it over next round.
+            // The draft's sequence is in an unknown state: it starts over; the target was not touched.
+            tracing::warn!(error = %e, "the draft model failed; decoding this request plainly");
             drafts.held[s.slot].clear();
-            drafts
+            let _ = drafts
                 .cell
-                .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(s.slot as u32), None, None))
-                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
-            return Err(e);
+                .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(s.slot as u32), None, None));
+            return Ok(None);
         }
     };
     let draft_time = started.elapsed().saturating_sub(catch_up);
@@ -203,33 +208,39 @@ pub(crate) fn round(
     ctx.decode(&mut batch)
         .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
     s.kv.extend([last]);
-    let mut accepted = 0;
+    // `accepted`: drafts whose sample matched (the figure); `fed`: those whose KV stays (a token that ended
+    // the answer is never read, as in plain decoding).
+    let (mut accepted, mut fed) = (0, 0);
     for (i, &d) in proposal.iter().enumerate() {
         let before = s.tokens.len();
         s.accept(loaded, ctx, i as i32, out);
-        // Ended (an end-of-generation token, a stop string, max_tokens, a failure), or the sample is not
-        // the draft: the round ends here.
-        if out.end.is_some() || s.tokens.len() == before || s.tokens.last() != Some(&d) {
+        if s.tokens.len() == before || s.tokens.last() != Some(&d) {
+            // An end-of-generation token or a failure, or the sample is not the draft.
             break;
         }
         accepted += 1;
+        if out.end.is_some() {
+            // A stop string or max_tokens ended the answer on it.
+            break;
+        }
+        fed += 1;
         s.kv.extend([d]);
     }
-    if accepted == proposal.len() && out.end.is_none() {
+    if fed == proposal.len() && out.end.is_none() {
         // Every draft stood: the last row's sample is the token after them.
         s.accept(loaded, ctx, proposal.len() as i32, out);
     }
-    let kept = pos0 + 1 + accepted;
+    let kept = pos0 + 1 + fed;
     if trim(ctx, s.slot as u32, kept)? != kept {
         s.poisoned = true;
         return Err(LlamaError::Runtime(
             "the KV cache could not drop the rejected drafts".into(),
         ));
     }
-    Ok(Round {
+    Ok(Some(Round {
         drafted: proposal.len(),
         accepted,
         draft_time,
         verify_time: started.elapsed(),
-    })
+    }))
 }

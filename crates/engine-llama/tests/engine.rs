@@ -935,6 +935,20 @@ fn speculative_answers_are_plain_decodings() {
             )
         })
         .collect();
+    // A stop string from the middle of a greedy answer, which a round ends inside; and an answer that ends
+    // on an end-of-generation token (not ignored) where plain decoding's does.
+    let with_stop = |e: &LlamaEngine, stop: Vec<String>, ignore_eos: bool| {
+        let mut r = request(Prompt::Ids(prompts[1].clone()), 48);
+        r.parse_output = false;
+        r.stop = stop;
+        r.ignore_eos = ignore_eos;
+        collect(&mut e.submit(r).unwrap())
+    };
+    let (full, _) = with_stop(&plain, vec![], true);
+    let cut: String = full.chars().skip(20).take(4).collect();
+    assert!(!cut.is_empty());
+    let stopped = with_stop(&plain, vec![cut.clone()], true);
+    let eos = with_stop(&plain, vec![], false);
     drop(plain);
     for (draft, k) in [("tiny-q8_0", 3), ("tiny-q8_0", 6), ("tiny-f32", 4)] {
         let e = speculating("tiny-f32", Some(draft), k);
@@ -957,6 +971,18 @@ fn speculative_answers_are_plain_decodings() {
             assert_eq!(s.tokens.len(), 48);
             assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
         }
+        let (text, s) = with_stop(&e, vec![cut.clone()], true);
+        assert_eq!(
+            (&text, &s.tokens),
+            (&stopped.0, &stopped.1.tokens),
+            "stop string"
+        );
+        assert_eq!(s.stop_sequence.as_deref(), Some(cut.as_str()));
+        let (text, s) = with_stop(&e, vec![], false);
+        assert_eq!(
+            (&text, &s.tokens, s.finish),
+            (&eos.0, &eos.1.tokens, eos.1.finish)
+        );
         eprintln!("{draft}, k = {k}: {accepted}/{drafted} drafts stood");
         assert!(accepted > 0, "{draft}: no draft stood");
         if draft == "tiny-q8_0" {

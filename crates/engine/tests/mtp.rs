@@ -213,6 +213,8 @@ struct Alternating<'a, 'b> {
     every: usize,
     round: usize,
     proposals: Vec<Vec<u32>>,
+    /// The context of each recorded proposal.
+    contexts: Vec<Vec<u32>>,
 }
 
 impl Drafter for Alternating<'_, '_> {
@@ -227,6 +229,7 @@ impl Drafter for Alternating<'_, '_> {
         if self.round.is_multiple_of(self.every) {
             let p = self.mtp.propose(context, k, sampling, target)?;
             self.proposals.push(p.tokens.clone());
+            self.contexts.push(context.to_vec());
             return Ok(p);
         }
         match &mut self.other {
@@ -263,6 +266,7 @@ fn after_accepted_drafts_the_drafter_reads_the_verified_state() {
             every,
             round: 0,
             proposals: vec![],
+            contexts: vec![],
         };
         let (tokens, _, _) = speculate(&target, &prompt, &o, &mut d, 3);
         assert_eq!(tokens, want);
@@ -277,4 +281,103 @@ fn after_accepted_drafts_the_drafter_reads_the_verified_state() {
     assert!(after_verify.len() >= 6);
     let n = after_verify.len().min(after_plain.len());
     assert_eq!(after_verify[..n], after_plain[..n]);
+}
+
+/// Proposes the true continuation with every token at a position divisible by 3 wrong (greedy only).
+struct Corrupted {
+    truth: Vec<u32>,
+}
+
+impl Drafter for Corrupted {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        _: &SamplingParams,
+        _: &TargetState<'_>,
+    ) -> jemma_engine::Result<Proposal> {
+        if !self.truth.starts_with(context) {
+            return Ok(Proposal::default());
+        }
+        let n = context.len();
+        let tokens = self.truth[n..]
+            .iter()
+            .take(k)
+            .enumerate()
+            .map(|(i, &t)| {
+                if (n + i).is_multiple_of(3) {
+                    (t + 1) % 1024
+                } else {
+                    t
+                }
+            })
+            .collect();
+        Ok(Proposal {
+            tokens,
+            ..Default::default()
+        })
+    }
+}
+
+/// After a round where only some drafts stood (the true continuation with every third token wrong), the
+/// drafter reads the hidden state of the last draft that stood and the K/V left after the trim: each of its
+/// proposals equals the one it makes, at the same context, on a generation that read that context as a
+/// prompt.
+#[test]
+fn after_partly_accepted_drafts_the_drafter_reads_the_kept_state() {
+    let target = load_target();
+    let m = Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
+    let prompt: Vec<u32> = vec![2, 10, 200, 33, 47];
+    let o = opts(40);
+    let mut want = vec![];
+    generate(&target, &prompt, &o, |s| {
+        want.push(s.token);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    let mut recorded = Corrupted {
+        truth: prompt.iter().chain(&want).copied().collect(),
+    };
+    let mut state = DraftState::default();
+    let mut mtp = MtpDrafter {
+        model: &m,
+        state: &mut state,
+    };
+    let mut d = Alternating {
+        other: Some(&mut recorded),
+        mtp: &mut mtp,
+        every: 2,
+        round: 0,
+        proposals: vec![],
+        contexts: vec![],
+    };
+    let mut g = Generation::new(&target, &prompt, o.clone()).unwrap();
+    g.keep_hidden(true);
+    while !g.prefill(&target).unwrap() {}
+    let mut rng = StdRng::seed_from_u64(5);
+    let (mut tokens, mut partial) = (vec![], 0);
+    while !g.is_finished() {
+        let r = g.speculate(&target, &mut d, 3, &mut rng).unwrap();
+        if d.round % 2 == 1 && r.drafted == 3 && (1..3).contains(&r.accepted) {
+            partial += 1;
+        }
+        tokens.extend(r.steps.iter().map(|s| s.token));
+    }
+    assert_eq!(tokens, want);
+    assert!(partial >= 2, "{partial} recorded rounds stood only in part");
+    let (proposals, contexts) = (d.proposals, d.contexts);
+    assert!(proposals.len() >= 6);
+    for (p, ctx) in proposals.iter().zip(&contexts) {
+        // A fresh generation whose prompt is the context without its pending token: it reads the
+        // prompt, and its pending token is the same greedy one.
+        let (head, pending) = ctx.split_at(ctx.len() - 1);
+        let mut state = DraftState::default();
+        let mut fresh = MtpDrafter {
+            model: &m,
+            state: &mut state,
+        };
+        let (t, got, _) = speculate(&target, head, &opts(4), &mut fresh, p.len());
+        assert_eq!(t[0], pending[0]);
+        assert_eq!(&got[0], p, "at context {}", ctx.len());
+    }
 }

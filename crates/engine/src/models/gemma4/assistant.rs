@@ -324,6 +324,12 @@ impl Gemma4Assistant {
                     l.spec.head_dim, p.n_kv_heads, p.head_dim
                 ));
             }
+            if l.spec.rope != p.rope {
+                return mismatch(format!(
+                    "{ty:?} RoPE {:?}, the target's {:?}",
+                    l.spec.rope, p.rope
+                ));
+            }
             if ty == LayerType::Sliding && c.sliding_window != t.sliding_window {
                 return mismatch(format!(
                     "a sliding window of {}, the target's {}",
@@ -462,11 +468,10 @@ impl Gemma4Assistant {
 }
 
 /// The sliding layers' mask for a query at `position` over `s`'s keys: the `window - 1` positions up to
-/// `position` (keys from `position - window + 2`). That is what transformers' drafter sees (its target's
-/// sliding cache holds `window - 1` positions) and what mlx-vlm's drafter masks allow once its buffer has
-/// rotated; mlx-vlm allows one more while its buffer still holds every position since the first, which
-/// would make a draft depend on how the target's cache was filled (a prompt read whole or step by step),
-/// so Jemma keeps one rule on every layout. [`Mask::None`] when every key is seen.
+/// `position` (keys from `position - window + 2`), what mlx-vlm's drafter masks allow once its buffer has
+/// rotated (its steady state). mlx-vlm allows one more while its buffer still holds every position since
+/// the first, which would make a draft depend on how the target's cache was filled (a prompt read whole or
+/// step by step), so Jemma keeps one rule on every layout. [`Mask::None`] when every key is seen.
 fn sliding_mask(s: &SharedKv, position: i32, window: i32) -> Result<Mask> {
     let Kv::Plain(k, _) = &s.kv else {
         return Err(EngineError::InvalidModel(
