@@ -553,7 +553,9 @@ impl LlamaRunner {
                 self.config.batch_size,
                 self.parallel(),
             )
-            .map_err(|e| LoadError::Failed(format!("draft model: {e}")))?,
+            .map_err(|e| {
+                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+            })?,
             None => 0,
         };
         Ok(target + draft)
@@ -646,10 +648,7 @@ impl ModelRunner for LlamaRunner {
             None => None,
             Some(sp) => {
                 let why = |e: String| {
-                    LoadError::Failed(format!(
-                        "draft model {}: {e}; use a GGUF with the same tokenizer (E2B for E4B)",
-                        sp.draft_model.display()
-                    ))
+                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
                 };
                 let draft_config = LlamaConfig {
                     model_path: sp.draft_model.clone(),

@@ -56,7 +56,8 @@ pub(crate) fn check_vocabulary(target: &Loaded, draft: &Loaded) -> Result<()> {
     let (a, b) = (target.model.n_vocab(), draft.model.n_vocab());
     if a != b {
         return Err(LlamaError::InvalidModel(format!(
-            "the draft model's vocabulary has {b} tokens, the target's {a}"
+            "the draft model's vocabulary has {b} tokens, the target's {a}: choose a draft from the \
+             target's model family (the same tokenizer: E2B for E4B)"
         )));
     }
     let (tv, dv) = (target.model.vocab(), draft.model.vocab());
@@ -64,7 +65,8 @@ pub(crate) fn check_vocabulary(target: &Loaded, draft: &Loaded) -> Result<()> {
         tv.token_to_piece(LlamaToken(i), true, None) != dv.token_to_piece(LlamaToken(i), true, None)
     }) {
         return Err(LlamaError::InvalidModel(format!(
-            "the draft model's tokenizer differs from the target's at token {id}"
+            "the draft model's tokenizer differs from the target's at token {id}: choose a draft from \
+             the target's model family (the same tokenizer: E2B for E4B)"
         )));
     }
     Ok(())

@@ -1245,10 +1245,7 @@ impl ModelRunner for MlxRunner {
             let d = Gemma4Assistant::load(&sp.draft_model, self.dtype)
                 .and_then(|d| d.check_target(&l.model).map(|()| d))
                 .map_err(|e| {
-                    LoadError::Failed(format!(
-                        "draft model {}: {e}; an assistant drafter drafts only for the model it was made for",
-                        sp.draft_model.display()
-                    ))
+                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
                 })?;
             tracing::info!(draft = %sp.draft_model.display(), "MTP assistant drafter loaded");
             l.draft = Some(Draft::Assistant(d));

@@ -342,9 +342,10 @@ pub struct SpeculativeTierConfig {
     pub enabled: bool,
     /// Most tokens drafted per verification (1 to 16; vLLM's `num_speculative_tokens`).
     pub max_draft_tokens: usize,
-    /// Speculate only while at most this many requests decode together (1: single streams).
+    /// Speculation pauses while more than this many requests decode together (1: single streams;
+    /// above 1 each request still verifies on its own).
     pub max_batch: usize,
-    /// Follow the acceptance rate: fewer drafts, or none, when they stop standing (false: always
+    /// Follow the acceptance rate: fewer drafts, or none, when few are accepted (false: always
     /// `max_draft_tokens`).
     pub adaptive: bool,
 }
@@ -589,7 +590,15 @@ impl Config {
                         "only a local tier can speculate (an upstream server speculates itself); remove this section",
                     )
                 } else if sp.draft_model.is_empty() {
-                    Some("needs draft_model = \"<model dir>\"")
+                    Some(
+                        "needs draft_model = \"<absolute path: an MLX model directory, or a .gguf file for a \
+                         GGUF tier>\"",
+                    )
+                } else if !std::path::Path::new(&sp.draft_model).is_absolute() {
+                    Some(
+                        "draft_model must be an absolute path (an MLX model directory, or a .gguf file for a \
+                         GGUF tier); catalog names are not resolved for it yet",
+                    )
                 } else if !(1..=16).contains(&sp.max_draft_tokens) {
                     Some("max_draft_tokens must be 1 to 16")
                 } else if sp.max_batch == 0 {
@@ -803,6 +812,12 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("only a local tier"), "{e}");
+        let e = Config::parse(
+            "[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\ndraft_model = \"gemma-4-e2b\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("absolute path"), "{e}");
     }
 
     #[test]

@@ -275,14 +275,15 @@ fn factory(
             let draft_gguf = sp.draft_model.extension().is_some_and(|e| e == "gguf");
             if is_gguf != draft_gguf {
                 return Err(format!(
-                    "{}: the draft model {} must run on the same engine as the tier's model ({})",
+                    "the tier's model {} is {}, so its draft model must be one too (the same engine runs \
+                     both); {} is not",
                     path.display(),
-                    sp.draft_model.display(),
                     if is_gguf {
-                        "a .gguf file, for llama.cpp"
+                        "a .gguf file (llama.cpp)"
                     } else {
                         "an MLX model directory"
-                    }
+                    },
+                    sp.draft_model.display(),
                 ));
             }
         }

@@ -296,7 +296,8 @@ impl Gemma4Assistant {
         let (t, c) = (target.config(), &self.cfg.text);
         let mismatch = |what: String| {
             Err(EngineError::InvalidModel(format!(
-                "the assistant drafter does not fit the target: {what}"
+                "the assistant drafter does not fit the target: {what} (an assistant (MTP) drafter \
+                 drafts only for the model it was made for)"
             )))
         };
         if self.cfg.backbone_hidden_size != t.hidden_size {
