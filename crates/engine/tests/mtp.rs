@@ -65,6 +65,21 @@ fn load_target() -> jemma_engine::models::gemma4::Gemma4 {
         .0
 }
 
+/// Plain greedy decoding's tokens for `prompt` under `o`.
+fn plain(
+    target: &jemma_engine::models::gemma4::Gemma4,
+    prompt: &[u32],
+    o: &GenerateOptions,
+) -> Vec<u32> {
+    let mut want = vec![];
+    generate(target, prompt, o, |s| {
+        want.push(s.token);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    want
+}
+
 /// Records what the drafter it wraps proposed.
 struct Recording<'a> {
     inner: &'a mut dyn Drafter,
@@ -155,12 +170,7 @@ fn greedy_mtp_speculation_is_plain_decoding() {
         let m = Gemma4Assistant::load(&common::fixture(name), None).unwrap();
         for prompt in &prompts {
             let o = opts(48);
-            let mut want = vec![];
-            generate(&target, prompt, &o, |s| {
-                want.push(s.token);
-                ControlFlow::Continue(())
-            })
-            .unwrap();
+            let want = plain(&target, prompt, &o);
             for k in [1, 3, 5] {
                 let mut state = DraftState::default();
                 let mut d = MtpDrafter {
@@ -248,12 +258,7 @@ fn after_accepted_drafts_the_drafter_reads_the_verified_state() {
     let m = Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
     let prompt: Vec<u32> = vec![2, 10, 200, 33, 47];
     let o = opts(40);
-    let mut want = vec![];
-    generate(&target, &prompt, &o, |s| {
-        want.push(s.token);
-        ControlFlow::Continue(())
-    })
-    .unwrap();
+    let want = plain(&target, &prompt, &o);
     let run = |other: Option<&mut dyn Drafter>, every: usize| -> Vec<Vec<u32>> {
         let mut state = DraftState::default();
         let mut mtp = MtpDrafter {
@@ -329,12 +334,7 @@ fn after_partly_accepted_drafts_the_drafter_reads_the_kept_state() {
     let m = Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
     let prompt: Vec<u32> = vec![2, 10, 200, 33, 47];
     let o = opts(40);
-    let mut want = vec![];
-    generate(&target, &prompt, &o, |s| {
-        want.push(s.token);
-        ControlFlow::Continue(())
-    })
-    .unwrap();
+    let want = plain(&target, &prompt, &o);
     let mut recorded = Corrupted {
         truth: prompt.iter().chain(&want).copied().collect(),
     };
