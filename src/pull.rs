@@ -35,6 +35,10 @@ pub struct Args {
     /// One JSON line per progress update instead of a bar (for scripts and the app).
     #[arg(long)]
     json: bool,
+    /// Skip the assistant (MTP) drafters the catalog pairs with the models (fetched by default: a tier
+    /// speculates with its model's drafter when it is on disk).
+    #[arg(long)]
+    no_drafters: bool,
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -103,6 +107,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     } else {
         args.models.clone()
     };
+    let wanted = if args.no_drafters {
+        wanted
+    } else {
+        with_drafters(&catalog, wanted)
+    };
     let mut failed = 0;
     for m in &wanted {
         match rt.block_on(pull_one(&hub, &catalog, m, args.json)) {
@@ -133,6 +142,28 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("{failed} of {} downloads failed", wanted.len());
     }
     Ok(())
+}
+
+/// `wanted` with, after each model the catalog pairs with an assistant drafter (by name or Hub repo), that
+/// drafter (once).
+fn with_drafters(catalog: &Catalog, wanted: Vec<String>) -> Vec<String> {
+    let mut out: Vec<String> = vec![];
+    for m in wanted {
+        let entry = match ModelRef::parse(&m, catalog) {
+            Ok(ModelRef::Catalog(n)) => Some(n),
+            Ok(ModelRef::Repo {
+                repo, file: None, ..
+            }) => catalog.by_repo(&repo).map(|(n, _)| n.clone()),
+            _ => None,
+        };
+        let drafter = entry.and_then(|n| catalog.drafter_of(&n).map(|(d, _)| d.clone()));
+        for x in std::iter::once(m).chain(drafter) {
+            if !out.contains(&x) {
+                out.push(x);
+            }
+        }
+    }
+    out
 }
 
 async fn pull_one(

@@ -22,7 +22,8 @@ async fn chat(client: &reqwest::Client, s: &Server, model: &str) -> (u16, Value)
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
-/// A fake Hub serving the `tiny` fixture as `jemma-test/gemma-4-tiny`, and a catalog naming it.
+/// A fake Hub serving the `tiny` fixture as `jemma-test/gemma-4-tiny` and its MTP drafter fixture as
+/// `jemma-test/gemma-4-tiny-it-assistant`, and a catalog naming both (the model paired with the drafter).
 fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile::TempDir) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -30,31 +31,44 @@ fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile
         .build()
         .unwrap();
     let (url, hub) = rt.block_on(fake_hub::start());
-    let mut repo = FakeRepo {
-        commit: "1111111111111111111111111111111111111111".into(),
-        ..Default::default()
-    };
-    for e in std::fs::read_dir(fixture("tiny")).unwrap().flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("reference") {
-            repo.files.insert(name, std::fs::read(e.path()).unwrap());
+    for (repo_id, dir) in [
+        ("jemma-test/gemma-4-tiny", "tiny"),
+        ("jemma-test/gemma-4-tiny-it-assistant", "mtp"),
+    ] {
+        let mut repo = FakeRepo {
+            commit: "1111111111111111111111111111111111111111".into(),
+            ..Default::default()
+        };
+        for e in std::fs::read_dir(fixture(dir)).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("reference") {
+                repo.files.insert(name, std::fs::read(e.path()).unwrap());
+            }
         }
+        repo.files
+            .insert("README.md".into(), b"not pulled".to_vec());
+        hub.repos.lock().unwrap().insert(repo_id.into(), repo);
     }
-    repo.files
-        .insert("README.md".into(), b"not pulled".to_vec());
-    hub.repos
-        .lock()
-        .unwrap()
-        .insert("jemma-test/gemma-4-tiny".into(), repo);
     *hub.throttle_ms.lock().unwrap() = throttle_ms;
     let home = tempfile::tempdir().unwrap();
     std::fs::write(
         home.path().join("models.toml"),
         "[models.test-tiny]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"jemma-test/gemma-4-tiny\"\n\
-         download_bytes = 6000000\nmemory_bytes = 10000000\nmin_free_bytes = 20000000\n",
+         drafter = \"test-tiny-assistant\"\n\
+         download_bytes = 6000000\nmemory_bytes = 10000000\nmin_free_bytes = 20000000\n\
+         [models.test-tiny-assistant]\ntier = \"draft\"\nformat = \"mlx\"\n\
+         repo = \"jemma-test/gemma-4-tiny-it-assistant\"\n\
+         download_bytes = 500000\nmemory_bytes = 1000000\nmin_free_bytes = 1000000\n",
     )
     .unwrap();
     (rt, url, home)
+}
+
+/// The drafter `/health` reports for a tier (None: it does not speculate).
+fn drafter(h: &Value, t: &str) -> Option<String> {
+    tier(h, t)["details"]["speculative"]["draft_model"]
+        .as_str()
+        .map(str::to_string)
 }
 
 fn hub_env<'a>(url: &'a str, home: &'a Path) -> Vec<(&'static str, String)> {
@@ -91,7 +105,7 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
         .collect();
     let progress: Vec<&Value> = lines
         .iter()
-        .filter(|l| l.get("done_bytes").is_some())
+        .filter(|l| l.get("done_bytes").is_some() && l["model"] == "test-tiny")
         .collect();
     assert!(progress.len() > 3, "{stdout}");
     let total = progress[0]["total_bytes"].as_u64().unwrap();
@@ -101,7 +115,20 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
             .all(|w| w[0]["done_bytes"].as_u64() <= w[1]["done_bytes"].as_u64())
     );
     assert_eq!(progress.last().unwrap()["done_bytes"].as_u64(), Some(total));
-    let path = lines.last().unwrap()["path"].as_str().unwrap().to_string();
+    // The model, then the drafter the catalog pairs it with.
+    let done: Vec<&Value> = lines.iter().filter(|l| l["done"] == true).collect();
+    assert_eq!(done.len(), 2, "{stdout}");
+    assert_eq!(done[1]["model"], "test-tiny-assistant");
+    assert!(
+        done[1]["path"].as_str().unwrap().starts_with(
+            home.path()
+                .join("hf/hub/models--jemma-test--gemma-4-tiny-it-assistant/snapshots")
+                .to_str()
+                .unwrap()
+        ),
+        "{stdout}"
+    );
+    let path = done[0]["path"].as_str().unwrap().to_string();
     assert!(
         path.starts_with(
             home.path()
@@ -174,16 +201,68 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
             .is_some_and(|p| p > 0 && p < 100)
     });
     assert!(partial, "saw a partial download percentage: {seen:?}");
+    // The catalog's drafter came with the model, and the tier speculates with it without being told.
+    let h = health(&s);
+    let d = drafter(&h, "fast").unwrap_or_else(|| panic!("no drafter: {h}"));
+    assert!(
+        d.contains("models--jemma-test--gemma-4-tiny-it-assistant"),
+        "{d}"
+    );
+    assert_eq!(
+        tier(&h, "fast")["details"]["speculative"]["drafter"],
+        "mtp_assistant"
+    );
     let client = crate::support::client();
     let (code, body) = rt.block_on(chat(&client, &s, "fast"));
     assert_eq!(code, 200, "{body}");
     assert_eq!(body["_routing"]["model"], "test-tiny");
-    // The model landed in the standard cache, where the next start finds it without the Hub.
+    // The model landed in the standard cache, where the next start finds it (and its drafter) without the
+    // Hub; `enabled = false` turns the found drafter off.
     drop(s);
     let offline = hub_env("http://127.0.0.1:9", home.path());
     let offline: Vec<(&str, &str)> = offline.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let s = Server::start_with(&[], Some(cfg), &offline, None);
-    assert_eq!(tier(&health(&s), "fast")["state"], "ready");
+    let h = health(&s);
+    assert_eq!(tier(&h, "fast")["state"], "ready");
+    assert_eq!(drafter(&h, "fast"), Some(d));
+    drop(s);
+    let off = format!("{cfg}[tiers.fast.speculative]\nenabled = false\n");
+    let s = Server::start_with(&[], Some(&off), &offline, None);
+    assert_eq!(drafter(&health(&s), "fast"), None);
+}
+
+/// A model directory outside the Hub cache finds the assistant drafter beside it by its name
+/// (`<model up to -it>-it-assistant…`) and its config (drafting for this model); other directories,
+/// and drafters for another model, are passed over.
+#[test]
+fn a_drafter_beside_a_model_directory_is_found_by_name_and_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let link = |from: &str, to: &str| {
+        std::os::unix::fs::symlink(fixture(from), dir.path().join(to)).unwrap();
+    };
+    link("tiny", "gemma-4-tiny-it-4bit");
+    link("tiny-q4", "gemma-4-tiny-it-8bit");
+    link("mtp", "gemma-4-tiny-it-assistant-bf16");
+    // Named as its drafter and sorted first, but made for a wider model.
+    let decoy = dir.path().join("gemma-4-tiny-it-assistant-a");
+    std::fs::create_dir(&decoy).unwrap();
+    let mut cfg: Value =
+        serde_json::from_slice(&std::fs::read(fixture("mtp").join("config.json")).unwrap())
+            .unwrap();
+    cfg["backbone_hidden_size"] = json!(512);
+    std::fs::write(decoy.join("config.json"), cfg.to_string()).unwrap();
+    let config = jemma_router::config::Config::parse(&format!(
+        "[models]\ncache_dir = \"{}\"\n",
+        dir.path().join("hf").display()
+    ))
+    .unwrap();
+    let r = jemma_router::setup::HubResolver::from_config(&config, &|_| None).unwrap();
+    assert_eq!(
+        r.drafter_for(&dir.path().join("gemma-4-tiny-it-4bit")),
+        Some(dir.path().join("gemma-4-tiny-it-assistant-bf16"))
+    );
+    // The fixtures directory itself pairs nothing: its drafter is not named after `tiny`.
+    assert_eq!(r.drafter_for(&fixture("tiny")), None);
 }
 
 #[test]

@@ -213,6 +213,18 @@ fn a_drafter_for_another_target_is_refused() {
             .0;
     let e = m.check_target(&other).unwrap_err().to_string();
     assert!(e.contains("backbone_hidden_size 128"), "{e}");
+    // The same verdict from the configs alone (how drafters found next to a model are vetted).
+    use jemma_engine::models::gemma4::assistant::AssistantConfig;
+    AssistantConfig::check_target_dir(&common::fixture("mtp"), &common::fixture("tiny")).unwrap();
+    let small = common::fixture("tiny").with_file_name("small");
+    let e = AssistantConfig::check_target_dir(&common::fixture("mtp"), &small)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("width is 128, the target's 512"), "{e}");
+    let e = AssistantConfig::check_target_dir(&common::fixture("tiny"), &common::fixture("tiny"))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not a Gemma 4 assistant"), "{e}");
 }
 
 /// Alternates rounds: `plain` rounds of another drafter (or, with `other` None, of no drafts: a plain step),

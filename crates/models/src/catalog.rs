@@ -27,7 +27,9 @@ pub struct Entry {
     /// One line for humans.
     #[serde(default)]
     pub description: String,
-    /// The tier it is meant for (`fast`, `primary`, `heavy`).
+    /// The tier it is meant for (`fast`, `primary`, `heavy`), or `draft` for a Gemma 4 assistant (MTP)
+    /// drafter, which serves no tier of its own: it is fetched with the models that name it in
+    /// [`Entry::drafter`] and drafts for them.
     pub tier: String,
     /// Format.
     pub format: Format,
@@ -51,7 +53,15 @@ pub struct Entry {
     /// Needs a discrete GPU (the heavy tier: Cloud Run).
     #[serde(default)]
     pub gpu_only: bool,
+    /// The catalog name of this model's assistant (MTP) drafter (an MLX `tier = "draft"` entry):
+    /// `jemma pull` fetches it with the model, and a local tier serving the model speculates with it
+    /// once it is downloaded (see [`Catalog::drafter_of`]).
+    #[serde(default)]
+    pub drafter: Option<String>,
 }
+
+/// [`Entry::tier`] of an assistant drafter.
+pub const DRAFT_TIER: &str = "draft";
 
 fn main() -> String {
     "main".into()
@@ -106,8 +116,52 @@ impl Catalog {
             let user = Self::parse(&s)
                 .map_err(|e| ModelsError::Catalog(format!("{}: {e}", p.display())))?;
             c.models.extend(user.models);
+            c.check_drafters()
+                .map_err(|e| ModelsError::Catalog(format!("{}: {e}", p.display())))?;
         }
         Ok(c)
+    }
+
+    /// Checks that every [`Entry::drafter`] names an MLX `draft` entry (a user file may name a built-in
+    /// one, so this runs on the merged catalog).
+    ///
+    /// Errors: [`ModelsError::Catalog`] naming the entry.
+    pub fn check_drafters(&self) -> Result<()> {
+        for (name, e) in &self.models {
+            let Some(d) = &e.drafter else { continue };
+            match self.models.get(d) {
+                Some(de) if de.tier == DRAFT_TIER && de.format == Format::Mlx => {}
+                _ => {
+                    return Err(ModelsError::Catalog(format!(
+                        "models.{name}: drafter = \"{d}\" must name an entry with tier = \"{DRAFT_TIER}\" \
+                         and format = \"mlx\""
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The drafter entry (name, entry) of the model `name`, if the catalog pairs it with one.
+    pub fn drafter_of(&self, name: &str) -> Option<(&String, &Entry)> {
+        let d = self.models.get(name)?.drafter.as_ref()?;
+        self.models.get_key_value(d)
+    }
+
+    /// The entry whose Hub repo is `repo` (compared without case, as the Hub does), preferring the one
+    /// that names a drafter when several share the repo.
+    pub fn by_repo(&self, repo: &str) -> Option<(&String, &Entry)> {
+        let mut found = self
+            .models
+            .iter()
+            .filter(|(_, e)| e.repo.eq_ignore_ascii_case(repo));
+        let first = found.next()?;
+        Some(
+            std::iter::once(first)
+                .chain(found)
+                .find(|(_, e)| e.drafter.is_some())
+                .unwrap_or(first),
+        )
     }
 
     /// The catalog a configuration names (`[models] catalog`), else the user's default one, on top of the
@@ -161,6 +215,25 @@ mod tests {
                 e.download_bytes > 0 && e.memory_bytes > 0 && e.min_free_bytes >= e.memory_bytes
             );
         }
+        c.check_drafters().unwrap();
+        // The MLX models of the local tiers come with their assistant drafters; a drafter is no tier's
+        // default.
+        for name in ["gemma-4-e2b", "gemma-4-e4b"] {
+            let (d, de) = c.drafter_of(name).unwrap();
+            assert!(
+                d.starts_with(name) && de.repo.contains("-it-assistant"),
+                "{d}"
+            );
+        }
+        assert!(
+            c.models
+                .values()
+                .all(|e| e.tier != "draft" || e.drafter.is_none())
+        );
+        assert_eq!(
+            c.by_repo("MLX-community/gemma-4-E4B-it-4bit").unwrap().0,
+            "gemma-4-e4b"
+        );
     }
 
     #[test]
@@ -194,5 +267,20 @@ mod tests {
         )
         .unwrap();
         assert!(Catalog::with_overrides(Some(&p)).is_err());
+        // A drafter must be a draft entry, possibly a built-in one.
+        std::fs::write(
+            &p,
+            "[models.mine]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"a/b\"\ndrafter = \"gemma-4-e2b-assistant\"\n",
+        )
+        .unwrap();
+        let c = Catalog::with_overrides(Some(&p)).unwrap();
+        assert_eq!(c.drafter_of("mine").unwrap().0, "gemma-4-e2b-assistant");
+        std::fs::write(
+            &p,
+            "[models.mine]\ntier = \"fast\"\nformat = \"mlx\"\nrepo = \"a/b\"\ndrafter = \"gemma-4-e4b\"\n",
+        )
+        .unwrap();
+        let e = Catalog::with_overrides(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("drafter") && e.contains("draft"), "{e}");
     }
 }

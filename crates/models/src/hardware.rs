@@ -117,7 +117,12 @@ pub fn recommend(
 ) -> Recommendation {
     let mlx_native = hw.apple_silicon && metal;
     let mut fits = vec![];
-    for (name, e) in &catalog.models {
+    // A drafter serves no tier: it comes with the model that names it.
+    for (name, e) in catalog
+        .models
+        .iter()
+        .filter(|(_, e)| e.tier != crate::catalog::DRAFT_TIER)
+    {
         let preferred = match e.format {
             Format::Mlx => mlx_native,
             Format::Gguf => !mlx_native || e.gpu_only,
@@ -249,6 +254,10 @@ mod tests {
         assert!(r.config_toml.contains("model = \"gemma-4-e2b\""));
         assert!(r.config_toml.contains("model = \"gemma-4-e4b\""));
         crate::Catalog::parse("").unwrap();
+        assert!(
+            r.fits.iter().all(|f| f.tier != "draft"),
+            "drafters are no tier's pick"
+        );
     }
 
     #[test]

@@ -261,6 +261,31 @@ impl Hub {
         self.cache.path()
     }
 
+    /// The Hub repo (`owner/name`) whose cached snapshot holds `path`, when `path` lies in this cache
+    /// (hf-hub's layout: `<cache>/models--<owner>--<name>/snapshots/<commit>/…`).
+    pub fn repo_of(&self, path: &Path) -> Option<String> {
+        let rel = path.strip_prefix(self.cache_dir()).ok()?;
+        let first = rel.components().next()?.as_os_str().to_str()?;
+        let (owner, name) = first.strip_prefix("models--")?.split_once("--")?;
+        Some(format!("{owner}/{name}"))
+    }
+
+    /// The model repos (`owner/name`) this cache holds something of, sorted.
+    pub fn cached_repos(&self) -> Vec<String> {
+        let mut out: Vec<String> = std::fs::read_dir(self.cache_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                let n = e.file_name().to_str()?.to_string();
+                let (owner, name) = n.strip_prefix("models--")?.split_once("--")?;
+                Some(format!("{owner}/{name}"))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     fn repo(repo: &str, revision: &str) -> Repo {
         Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string())
     }

@@ -90,6 +90,11 @@ async fn pulls_into_the_standard_cache_layout_and_reuses_it() {
     assert!(seen.len() > 10, "per-chunk progress, got {}", seen.len());
     // Found without the network, as mlx-lm would find it; a second pull transfers nothing.
     assert_eq!(h.cached(REPO, "main", &Selection::Mlx).unwrap(), dir);
+    // The repo a cached path belongs to, and the repos the cache holds (how drafters next to a model
+    // are found).
+    assert_eq!(h.repo_of(&dir.join("config.json")).as_deref(), Some(REPO));
+    assert_eq!(h.repo_of(Path::new("/elsewhere/models--a--b")), None);
+    assert_eq!(h.cached_repos(), vec![REPO.to_string()]);
     let before = server.log.lock().unwrap().len();
     let (_, sink) = recorder();
     assert_eq!(h.pull(&plan, sink).await.unwrap(), dir);

@@ -324,6 +324,8 @@ pub struct TierConfig {
     /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
     pub video_seconds: Option<f64>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
+    /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
+    /// if one is (see [`SpeculativeTierConfig::draft_model`]).
     pub speculative: Option<SpeculativeTierConfig>,
 }
 
@@ -334,9 +336,12 @@ pub struct TierConfig {
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct SpeculativeTierConfig {
-    /// The draft model: a smaller Gemma with the same tokenizer (E2B for E4B) — an MLX directory for an
+    /// The draft model, named as a tier's `model` is (a path, catalog name, Hub repo or URL; downloaded
+    /// with the model when missing): a smaller Gemma with the same tokenizer (E2B for E4B) — MLX for an
     /// MLX tier, a `.gguf` for a GGUF tier — or, on MLX, the tier model's Gemma 4 assistant (MTP) drafter
-    /// (a `gemma4_assistant` checkpoint).
+    /// (a `gemma4_assistant` checkpoint). Empty (the default): the assistant drafter found next to the
+    /// model, for MLX models — the one the catalog pairs it with (`jemma pull` fetches it), or a
+    /// directory beside it named `<model up to "-it">-it-assistant…`; none found, no speculation.
     pub draft_model: String,
     /// Whether to speculate (false keeps the settings and turns it off).
     pub enabled: bool,
@@ -589,16 +594,6 @@ impl Config {
                     Some(
                         "only a local tier can speculate (an upstream server speculates itself); remove this section",
                     )
-                } else if sp.draft_model.is_empty() {
-                    Some(
-                        "needs draft_model = \"<absolute path: an MLX model directory, or a .gguf file for a \
-                         GGUF tier>\"",
-                    )
-                } else if !std::path::Path::new(&sp.draft_model).is_absolute() {
-                    Some(
-                        "draft_model must be an absolute path (an MLX model directory, or a .gguf file for a \
-                         GGUF tier); catalog names are not resolved for it yet",
-                    )
                 } else if !(1..=16).contains(&sp.max_draft_tokens) {
                     Some("max_draft_tokens must be 1 to 16")
                 } else if sp.max_batch == 0 {
@@ -802,22 +797,28 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("cannot roll rejected drafts back"), "{e}");
-        let e = Config::parse("[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\n")
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("draft_model"), "{e}");
+        // No draft_model: the drafter found next to the model.
+        let c = Config::parse("[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\n")
+            .unwrap();
+        assert_eq!(
+            c.tiers[&Tier::Primary]
+                .speculative
+                .as_ref()
+                .unwrap()
+                .draft_model,
+            ""
+        );
         let e = Config::parse(
             "[tiers.heavy]\nkind = \"openai\"\nurl = \"http://x\"\n[tiers.heavy.speculative]\ndraft_model = \"/d\"\n",
         )
         .unwrap_err()
         .to_string();
         assert!(e.contains("only a local tier"), "{e}");
-        let e = Config::parse(
+        // Catalog names and Hub repos, as for a tier's model.
+        Config::parse(
             "[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\ndraft_model = \"gemma-4-e2b\"\n",
         )
-        .unwrap_err()
-        .to_string();
-        assert!(e.contains("absolute path"), "{e}");
+        .unwrap();
     }
 
     #[test]

@@ -151,6 +151,87 @@ impl HubResolver {
         let (repo, rev, sel) = r.hub_target(&self.catalog).ok_or("no hub target")?;
         Ok(self.hub.cached(&repo, &rev, &sel).map(|p| (p, name)))
     }
+
+    /// The Gemma 4 assistant (MTP) drafter on disk next to the MLX model in `model`, if one is: for a
+    /// model in the Hub cache, the drafter the catalog pairs it with ([`jemma_models::Entry::drafter`]),
+    /// then cached repos named as its drafter; for a directory elsewhere, directories beside it named so.
+    /// Named so means Google's and mlx-community's convention, `<model up to "-it">-it-assistant…`
+    /// (gemma-4-E4B-it-4bit → gemma-4-E4B-it-assistant-bf16), or `<model>-assistant…`. A candidate
+    /// counts only if its config says it drafts for this model
+    /// ([`AssistantConfig::check_target_dir`](jemma_engine::models::gemma4::assistant::AssistantConfig::check_target_dir)).
+    pub fn drafter_for(&self, model: &std::path::Path) -> Option<PathBuf> {
+        let mut candidates = vec![];
+        let name_of = |p: &std::path::Path| {
+            p.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        if let Some(repo) = self.hub.repo_of(model) {
+            if let Some((_, d)) = self
+                .catalog
+                .by_repo(&repo)
+                .and_then(|(n, _)| self.catalog.drafter_of(n))
+            {
+                let sel = jemma_models::hub::Selection::of(d);
+                candidates.extend(self.hub.cached(&d.repo, &d.revision, &sel));
+            }
+            let own = repo.rsplit('/').next().unwrap_or(&repo);
+            for r in self.hub.cached_repos() {
+                if named_as_drafter_of(own, r.rsplit('/').next().unwrap_or(&r)) {
+                    candidates.extend(self.hub.cached(
+                        &r,
+                        "main",
+                        &jemma_models::hub::Selection::Mlx,
+                    ));
+                }
+            }
+        } else if let Some(parent) = model.parent() {
+            let own = name_of(model);
+            let mut beside: Vec<PathBuf> = std::fs::read_dir(parent)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir() && named_as_drafter_of(&own, &name_of(p)))
+                .collect();
+            beside.sort();
+            candidates.extend(beside);
+        }
+        candidates.into_iter().find(|d| {
+            jemma_engine::models::gemma4::assistant::AssistantConfig::check_target_dir(d, model)
+                .inspect_err(|e| {
+                    tracing::info!(drafter = %d.display(), model = %model.display(), error = %e,
+                        "not using the drafter next to the model");
+                })
+                .is_ok()
+        })
+    }
+
+    /// The catalog name of the drafter paired with `model` (a catalog name, or the Hub repo of an entry).
+    fn paired_drafter(&self, model: &ModelRef) -> Option<String> {
+        let name = match model {
+            ModelRef::Catalog(n) => n.clone(),
+            ModelRef::Repo {
+                repo, file: None, ..
+            } => self.catalog.by_repo(repo)?.0.clone(),
+            _ => return None,
+        };
+        self.catalog.drafter_of(&name).map(|(d, _)| d.clone())
+    }
+}
+
+/// Whether the directory or repo named `candidate` is named as the assistant drafter of the model named
+/// `model` (see [`HubResolver::drafter_for`]); without case, as the Hub compares names.
+fn named_as_drafter_of(model: &str, candidate: &str) -> bool {
+    let (m, c) = (model.to_ascii_lowercase(), candidate.to_ascii_lowercase());
+    // The name up to its instruction-tuned marker: quantization suffixes differ between a model and its
+    // drafter (a 4-bit model, a bf16 drafter).
+    let base = m
+        .rfind("-it")
+        .filter(|&i| m[i + 3..].is_empty() || m[i + 3..].starts_with('-'))
+        .map_or(m.as_str(), |i| &m[..i + 3]);
+    c != m
+        && (c.starts_with(&format!("{base}-assistant")) || c.starts_with(&format!("{m}-assistant")))
 }
 
 fn display_name(r: &ModelRef) -> String {
@@ -195,6 +276,9 @@ impl ModelResolver for HubResolver {
                 .map_err(|e| e.to_string())?;
             return Ok((path, display_name(&r)));
         }
+        // The model's drafter comes with it, as `jemma pull` fetches it: a tier serving the model
+        // speculates with it. Its failure leaves the model to serve alone.
+        let drafter = self.paired_drafter(&r);
         let (repo, rev, sel) = r.hub_target(&self.catalog).ok_or("no hub target")?;
         let plan = self
             .hub
@@ -204,10 +288,17 @@ impl ModelResolver for HubResolver {
         tracing::info!(%model, %repo, bytes = plan.total_bytes(), "downloading model");
         let path = self
             .hub
-            .pull(&plan, logged(progress))
+            .pull(&plan, logged(progress.clone()))
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(%model, path = %path.display(), "model downloaded");
+        if let Some(d) = drafter.filter(|d| matches!(self.local(d), Ok(None))) {
+            match Box::pin(self.resolve(&d, progress)).await {
+                Ok((p, _)) => tracing::info!(%model, drafter = %p.display(), "drafter downloaded"),
+                Err(e) => tracing::warn!(%model, drafter = %d, error = %e,
+                    "the model's drafter did not download; serving without it"),
+            }
+        }
         Ok((path, display_name(&r)))
     }
 }
@@ -234,17 +325,32 @@ fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
     ec.preload = c.preload;
     ec.context_length = c.context_length;
     ec.memory = Some(memory.clone());
-    ec.speculative = c.speculative.as_ref().filter(|sp| sp.enabled).map(|sp| {
-        jemma_engine::runtime::SpeculativeSettings {
-            draft_model: PathBuf::from(&sp.draft_model),
-            config: jemma_serve::speculative::SpeculativeConfig {
-                max_draft_tokens: sp.max_draft_tokens,
-                max_batch: sp.max_batch,
-                adaptive: sp.adaptive,
-            },
-        }
-    });
     ec
+}
+
+/// Where a local tier's draft model comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum DraftSource {
+    /// No speculation: `enabled = false`, or a quantized KV cache (which cannot roll drafts back) on a
+    /// tier without a `[speculative]` section.
+    Off,
+    /// The assistant (MTP) drafter found next to the tier's model, if one is ([`HubResolver::drafter_for`]);
+    /// MLX models only, as the llama.cpp engine runs no MTP drafter.
+    Found,
+    /// `draft_model`: a path, catalog name, Hub repo or URL, resolved as a tier's `model` is.
+    Named(String),
+}
+
+impl DraftSource {
+    fn of(c: &TierConfig) -> Self {
+        match &c.speculative {
+            Some(sp) if !sp.enabled => Self::Off,
+            Some(sp) if !sp.draft_model.is_empty() => Self::Named(sp.draft_model.clone()),
+            Some(_) => Self::Found,
+            None if c.kv_bits.is_some() => Self::Off,
+            None => Self::Found,
+        }
+    }
 }
 
 /// The engine for a model path: llama.cpp for a `.gguf` file, else MLX. Engines started through one factory
@@ -258,8 +364,16 @@ fn factory(
     limits: crate::api::Limits,
     memory: &Arc<MemoryGovernor>,
     shared: SharedEngines,
+    resolver: Arc<HubResolver>,
 ) -> BackendFactory {
     let template = engine_config(c, memory);
+    let source = DraftSource::of(c);
+    let sp = c.speculative.clone().unwrap_or_default();
+    let spec_config = jemma_serve::speculative::SpeculativeConfig {
+        max_draft_tokens: sp.max_draft_tokens,
+        max_batch: sp.max_batch,
+        adaptive: sp.adaptive,
+    };
     let kv = c.kv_bits.map(|bits| jemma_engine::models::gemma4::KvQuant {
         bits,
         group_size: c.kv_group_size,
@@ -270,6 +384,28 @@ fn factory(
     let parallel = c.concurrency().clamp(1, 64) as u32;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
+        let draft = match &source {
+            DraftSource::Off => None,
+            DraftSource::Named(r) => Some(
+                resolver
+                    .local(r)
+                    .map_err(|e| format!("draft model {r}: {e}"))?
+                    .ok_or_else(|| {
+                        format!("draft model {r} is not downloaded yet: run `jemma pull {r}`")
+                    })?
+                    .0,
+            ),
+            DraftSource::Found if is_gguf => None,
+            DraftSource::Found => resolver.drafter_for(&path).inspect(|d| {
+                tracing::info!(model = %path.display(), drafter = %d.display(),
+                    "speculating with the assistant drafter found next to the model");
+            }),
+        };
+        let mut template = template.clone();
+        template.speculative = draft.map(|d| jemma_engine::runtime::SpeculativeSettings {
+            draft_model: d,
+            config: spec_config.clone(),
+        });
         if let Some(sp) = &template.speculative {
             // A draft runs on its target's engine: a GGUF drafts for a GGUF, an MLX directory for MLX.
             let draft_gguf = sp.draft_model.extension().is_some_and(|e| e == "gguf");
@@ -371,7 +507,8 @@ pub fn build_router(
     // Tiers naming the same model share one engine (one copy of the weights) at start; each tier still
     // gets its own wrapper so that swapping one tier's model leaves the other alone.
     let shared: SharedEngines = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-    let mut downloads: BTreeMap<String, Vec<Arc<LocalTier>>> = BTreeMap::new();
+    // What to download in the background: a model, and a named draft model not on disk yet.
+    let mut downloads: BTreeMap<(String, Option<String>), Vec<Arc<LocalTier>>> = BTreeMap::new();
     let mut tiers = vec![];
     // Within the tier's own ceiling: a default is never more than the tier would accept if asked.
     let default_max_tokens = |c: &TierConfig| {
@@ -387,27 +524,38 @@ pub fn build_router(
                 cfg.limits.clone(),
                 &memory,
                 shared.clone(),
+                resolver.clone(),
             );
             let on_disk = resolver
                 .local(&c.model)
                 .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
+            // A named draft model not on disk yet downloads with the model (without auto_download the
+            // engine's start says how to fetch it).
+            let missing_draft = match DraftSource::of(c) {
+                DraftSource::Named(r) => resolver
+                    .local(&r)
+                    .map_err(|e| RouterError::Config(format!("tier {tier}: draft model {r}: {e}")))?
+                    .is_none()
+                    .then_some(r),
+                _ => None,
+            };
             let t = match on_disk {
-                Some((path, name)) => {
+                Some((path, name)) if missing_draft.is_none() || !cfg.models.auto_download => {
                     let b = f(path, name)
                         .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?;
                     LocalTier::new(b)
                 }
-                None if cfg.models.auto_download => {
+                _ if cfg.models.auto_download => {
                     LocalTier::pending(BackendState::Downloading { progress: 0.0 }, &c.model)
                 }
                 // Waits for an explicit download (`jemma pull`, the tray's "Download models", or a
                 // model change through /admin); until then its requests fall back.
-                None => LocalTier::pending(BackendState::NotDownloaded, &c.model),
+                _ => LocalTier::pending(BackendState::NotDownloaded, &c.model),
             };
             let t = Arc::new(t.with_swapping(f, resolver.clone()));
             if t.model().is_empty() && cfg.models.auto_download {
                 downloads
-                    .entry(c.model.clone())
+                    .entry((c.model.clone(), missing_draft))
                     .or_default()
                     .push(t.clone());
             }
@@ -462,8 +610,8 @@ pub fn build_router(
             "no tiers configured: pass --model <dir> or a config with [tiers.*]".into(),
         ));
     }
-    for (model, waiting) in downloads {
-        spawn_download(model, waiting, resolver.clone());
+    for ((model, draft), waiting) in downloads {
+        spawn_download(model, draft, waiting, resolver.clone());
     }
     let status = move || serde_json::to_value(memory.status()).unwrap_or_default();
     Ok(Arc::new(
@@ -471,9 +619,14 @@ pub fn build_router(
     ))
 }
 
-/// Downloads `model` in the background, showing progress on every tier waiting for it, then starts its
-/// engine (shared by all of them).
-fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<HubResolver>) {
+/// Downloads `model` (then `draft`, a named draft model, when given) in the background, showing progress on
+/// every tier waiting for it, then starts its engine (shared by all of them).
+fn spawn_download(
+    model: String,
+    draft: Option<String>,
+    waiting: Vec<Arc<LocalTier>>,
+    resolver: Arc<HubResolver>,
+) {
     let shown = waiting.clone();
     tokio::spawn(async move {
         let progress: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(move |p| {
@@ -481,7 +634,13 @@ fn spawn_download(model: String, waiting: Vec<Arc<LocalTier>>, resolver: Arc<Hub
                 t.set_pending(BackendState::Downloading { progress: p }, None);
             }
         });
-        match resolver.resolve(&model, progress).await {
+        let mut resolved = resolver.resolve(&model, progress.clone()).await;
+        if let (Ok(_), Some(d)) = (&resolved, &draft)
+            && let Err(e) = resolver.resolve(d, progress).await
+        {
+            resolved = Err(format!("draft model {d}: {e}"));
+        }
+        match resolved {
             Ok((path, name)) => {
                 for t in &waiting {
                     if let Err(e) = t.start_engine(path.clone(), name.clone()) {
@@ -505,14 +664,17 @@ mod tests {
     /// refused when the engine starts, naming both.
     #[test]
     fn a_draft_on_another_engine_than_its_target_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("draft-mlx")).unwrap();
+        std::fs::write(dir.path().join("draft.gguf"), b"").unwrap();
         let cfg = crate::config::Config::default();
-        for (model, draft) in [
-            ("/m/tiny.gguf", "/m/draft-mlx"),
-            ("/m/tiny-mlx", "/m/draft.gguf"),
-        ] {
+        let resolver =
+            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap());
+        for (model, draft) in [("/m/tiny.gguf", "draft-mlx"), ("/m/tiny-mlx", "draft.gguf")] {
+            let draft = dir.path().join(draft).to_string_lossy().into_owned();
             let tier = crate::config::TierConfig {
                 speculative: Some(crate::config::SpeculativeTierConfig {
-                    draft_model: draft.into(),
+                    draft_model: draft.clone(),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -523,13 +685,87 @@ mod tests {
                 crate::api::Limits::default(),
                 &super::memory_governor(&cfg),
                 Default::default(),
+                resolver.clone(),
             );
             let e = match f(model.into(), "t".into()) {
                 Err(e) => e,
                 Ok(_) => panic!("{model} with {draft} started"),
             };
-            assert!(e.contains("same engine") && e.contains(draft), "{e}");
+            assert!(e.contains("same engine") && e.contains(&draft), "{e}");
         }
+        // A named draft that is not on disk says how to fetch it.
+        let tier = crate::config::TierConfig {
+            speculative: Some(crate::config::SpeculativeTierConfig {
+                draft_model: "gemma-4-e2b".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cfg = crate::config::Config::parse(&format!(
+            "[models]\ncache_dir = \"{}\"\n",
+            dir.path().join("hf").display()
+        ))
+        .unwrap();
+        let f = super::factory(
+            &tier,
+            64,
+            crate::api::Limits::default(),
+            &super::memory_governor(&cfg),
+            Default::default(),
+            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
+        );
+        let e = f("/m/tiny-mlx".into(), "t".into()).err().unwrap();
+        assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
+    }
+
+    /// Where a tier's draft comes from: the drafter found next to its model unless told otherwise, none
+    /// with `enabled = false` or (without a section) a quantized KV cache.
+    #[test]
+    fn draft_sources() {
+        use super::DraftSource;
+        use crate::config::{SpeculativeTierConfig, TierConfig};
+        let with = |sp: Option<SpeculativeTierConfig>, kv_bits: Option<i32>| TierConfig {
+            speculative: sp,
+            kv_bits,
+            ..Default::default()
+        };
+        let named = SpeculativeTierConfig {
+            draft_model: "gemma-4-e2b".into(),
+            ..Default::default()
+        };
+        assert_eq!(DraftSource::of(&with(None, None)), DraftSource::Found);
+        assert_eq!(DraftSource::of(&with(None, Some(8))), DraftSource::Off);
+        assert_eq!(
+            DraftSource::of(&with(Some(Default::default()), None)),
+            DraftSource::Found
+        );
+        assert_eq!(
+            DraftSource::of(&with(Some(named.clone()), None)),
+            DraftSource::Named("gemma-4-e2b".into())
+        );
+        let off = SpeculativeTierConfig {
+            enabled: false,
+            ..named
+        };
+        assert_eq!(DraftSource::of(&with(Some(off), None)), DraftSource::Off);
+    }
+
+    /// Drafters are named after their model up to its instruction-tuned marker (the quantization
+    /// differs), or after the whole name.
+    #[test]
+    fn drafter_names() {
+        use super::named_as_drafter_of as n;
+        assert!(n("gemma-4-E4B-it-4bit", "gemma-4-E4B-it-assistant-bf16"));
+        assert!(n(
+            "gemma-4-26b-a4b-it-4bit",
+            "gemma-4-26B-A4B-it-assistant-bf16"
+        ));
+        assert!(n("gemma-4-31B-it", "gemma-4-31B-it-assistant"));
+        assert!(n("tiny", "tiny-assistant"));
+        assert!(!n("gemma-4-E4B-it-4bit", "gemma-4-E2B-it-assistant-bf16"));
+        assert!(!n("gemma-4-E4B-it-4bit", "gemma-4-E4B-it-8bit"));
+        assert!(!n("tiny", "tiny-q4"));
+        assert!(!n("gemma-4-e4b-item", "gemma-4-e4b-it-assistant"));
     }
 
     /// `[tiers.X.speculative]`'s defaults are the serving core's (written twice: the router's configuration

@@ -115,6 +115,40 @@ impl AssistantConfig {
         Ok(cfg)
     }
 
+    /// Checks from the two `config.json` files alone that the assistant drafter in `draft` was made for
+    /// the model in `target`: its backbone width, vocabulary and sliding window are the target's. A
+    /// cheap test for drafters found next to a model; loading checks the rest
+    /// ([`Gemma4Assistant::check_target`]).
+    ///
+    /// Errors: unreadable configs, not a drafter, or the first mismatch ([`EngineError::InvalidModel`]).
+    pub fn check_target_dir(draft: &std::path::Path, target: &std::path::Path) -> Result<()> {
+        let path = draft.join("config.json");
+        let v: Value = std::fs::read_to_string(&path)
+            .map_err(|source| EngineError::Io {
+                path: path.clone(),
+                source,
+            })
+            .and_then(|s| {
+                serde_json::from_str(&s)
+                    .map_err(|e| EngineError::InvalidModel(format!("{}: {e}", path.display())))
+            })?;
+        let d = Self::from_value(&v)?;
+        let t = super::ModelConfig::load(target)?.text;
+        let mismatch = [
+            ("width", d.backbone_hidden_size, t.hidden_size),
+            ("vocabulary", d.text.vocab_size, t.vocab_size),
+            ("sliding window", d.text.sliding_window, t.sliding_window),
+        ]
+        .into_iter()
+        .find(|(_, a, b)| a != b);
+        match mismatch {
+            Some((what, a, b)) => Err(EngineError::InvalidModel(format!(
+                "a drafter for another model: its {what} is {a}, the target's {b}"
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `config.json` in `dir` is an assistant drafter's (false when unreadable).
     pub fn is_assistant(dir: &std::path::Path) -> bool {
         std::fs::read_to_string(dir.join("config.json"))
