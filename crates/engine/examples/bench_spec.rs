@@ -4,13 +4,17 @@
 //! drafter (almost no draft stands: the cost of speculating for nothing, with and without the adaptive
 //! controller), and a draft model, when one is given. Every run must yield the plain run's tokens.
 //!
-//! Usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K → one JSON object: per run, decode tokens/s
-//! (generated tokens over the time from the end of the prompt to the last token), drafts proposed and
-//! accepted, verifications, and whether the tokens equal the plain run's.
+//! With BATCH > 1, also B sequences at once, decoded plainly in batched steps and with B oracle drafters
+//! whose drafts are verified together in one forward per round (the serving core's batched verification).
+//!
+//! Usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K [ASSISTANT_DIR|-] [BATCH] → one JSON object:
+//! per run, decode tokens/s (generated tokens, all sequences', over the time from the end of the prompts to
+//! the last token), drafts proposed and accepted, verifications, and whether the tokens equal the plain
+//! run's.
 
 use std::time::Instant;
 
-use jemma_engine::generate::{GenerateOptions, Generation};
+use jemma_engine::generate::{GenerateOptions, Generation, RoundStart};
 use jemma_engine::models::gemma4::{self, Gemma4};
 use jemma_engine::speculative::{
     DraftState, Drafter, ModelDrafter, MtpDrafter, RandomDrafter, RecordedDrafter,
@@ -19,6 +23,8 @@ use jemma_serve::speculative::{Controller, SpeculativeConfig};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use serde_json::{Value, json};
+
+type Error = Box<dyn std::error::Error>;
 
 /// One timed greedy run of `n_gen` tokens; `drafter` None decodes plainly; `keep_hidden` for a drafter that
 /// reads the target's hidden state (the MTP assistant).
@@ -90,11 +96,88 @@ fn run(
     ))
 }
 
+/// `b` sequences of the same prompt at once, `n_gen` tokens each: plainly in batched decode steps
+/// (`oracle` None), or in rounds of `k` drafts replayed from `oracle` (the plain run's tokens) verified
+/// together. Returns each sequence's tokens and the figures.
+fn run_batch(
+    model: &Gemma4,
+    prompt: &[u32],
+    n_gen: usize,
+    b: usize,
+    oracle: Option<(&[u32], usize)>,
+) -> Result<(Vec<Vec<u32>>, Value), Error> {
+    let opts = GenerateOptions {
+        max_tokens: n_gen,
+        stop_tokens: vec![],
+        ..Default::default()
+    };
+    let mut gens = (0..b)
+        .map(|_| Generation::new(model, prompt, opts.clone()))
+        .collect::<Result<Vec<_>, _>>()?;
+    for g in &mut gens {
+        while !g.prefill(model)? {}
+    }
+    let mut tokens = vec![Vec::with_capacity(n_gen); b];
+    // Greedy rounds draw nothing; each sequence still owns the RNG a sampled round would draw from.
+    let mut rngs: Vec<StdRng> = (0..b).map(|i| StdRng::seed_from_u64(i as u64)).collect();
+    let (mut rounds, mut drafted, mut accepted) = (0u64, 0u64, 0u64);
+    let t0 = Instant::now();
+    while gens.iter().any(|g| !g.is_finished()) {
+        match oracle {
+            None => {
+                let mut live: Vec<&mut Generation> = gens.iter_mut().collect();
+                let (steps, _) = Generation::decode_batch(model, &mut live)?;
+                for (t, s) in tokens.iter_mut().zip(steps) {
+                    t.extend(s.map(|s| s.token));
+                }
+            }
+            Some((replay, k)) => {
+                let mut rows = vec![];
+                for ((g, t), r) in gens.iter_mut().zip(tokens.iter_mut()).zip(rngs.iter_mut()) {
+                    if g.is_finished() {
+                        continue;
+                    }
+                    let mut d = RecordedDrafter {
+                        tokens: replay.to_vec(),
+                        vocab: model.config().vocab_size,
+                    };
+                    let k = k.min(g.room());
+                    match g.draft_round(model, &mut d, k)? {
+                        RoundStart::Done(round) => t.extend(round.steps.iter().map(|s| s.token)),
+                        RoundStart::Drafted(dr) => rows.push((g, dr, r, t)),
+                    }
+                }
+                let (rows, outs): (Vec<_>, Vec<_>) =
+                    rows.into_iter().map(|(g, d, r, t)| ((g, d, r), t)).unzip();
+                for (round, t) in Generation::verify_rounds(model, rows)?
+                    .into_iter()
+                    .zip(outs)
+                {
+                    rounds += 1;
+                    drafted += round.drafted as u64;
+                    accepted += round.accepted as u64;
+                    t.extend(round.steps.iter().map(|s| s.token));
+                }
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let n: usize = tokens.iter().map(Vec::len).sum();
+    let mut fig = json!({ "decode_tps": n as f64 / secs, "batch": b });
+    if oracle.is_some() {
+        fig["verify_steps"] = json!(rounds);
+        fig["acceptance_rate"] = json!(accepted as f64 / drafted.max(1) as f64);
+        fig["tokens_per_step"] = json!((accepted + rounds) as f64 / rounds.max(1) as f64);
+    }
+    Ok((tokens, fig))
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, target, draft, ids, n_gen, k, rest @ ..] = &args[..] else {
         return Err(
-            "usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K [ASSISTANT_DIR]".into(),
+            "usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K [ASSISTANT_DIR|-] [BATCH]"
+                .into(),
         );
     };
     let (n_gen, k): (usize, usize) = (n_gen.parse()?, k.parse()?);
@@ -175,7 +258,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    if let Some(dir) = rest.first() {
+    if let Some(dir) = rest.first().filter(|d| *d != "-") {
         let m = gemma4::Gemma4Assistant::load(std::path::Path::new(dir), dtype)?;
         m.check_target(&model)?;
         for (name, config) in [("mtp_adaptive", &adaptive), ("mtp_fixed", &fixed)] {
@@ -194,6 +277,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     true,
                 )?,
             );
+        }
+    }
+    let b: usize = rest.get(1).map(|b| b.parse()).transpose()?.unwrap_or(1);
+    if b > 1 {
+        let replay: Vec<u32> = prompt.iter().chain(&plain).copied().collect();
+        let (lone, _) = run_batch(&model, &prompt, 8.min(n_gen), b, None)?;
+        drop(lone);
+        for (name, oracle) in [
+            ("plain_batch", None),
+            ("oracle_batch", Some((&replay[..], k))),
+        ] {
+            let (tokens, mut fig) = run_batch(&model, &prompt, n_gen, b, oracle)?;
+            fig["same_tokens"] = json!(tokens.iter().all(|t| *t == plain));
+            out.insert(name.into(), fig);
         }
     }
     println!("{}", Value::Object(out));

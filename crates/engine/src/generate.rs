@@ -254,6 +254,45 @@ pub struct Round {
     pub verify_time: Duration,
 }
 
+/// A speculative round drafted and waiting for its verification ([`Generation::draft_round`],
+/// [`Generation::verify_rounds`]).
+#[derive(Debug)]
+pub struct Drafted {
+    /// What the round did so far: the pending token's step, the draft time.
+    round: Round,
+    /// The pending token, then the drafts: the positions the verification feeds.
+    fed: Vec<i32>,
+    /// The drafts.
+    drafts: Vec<u32>,
+    /// The drafter's law of each draft (sampling only).
+    laws: Vec<Vec<f32>>,
+    /// Greedy decoding (the acceptance rule compares argmaxes).
+    greedy: bool,
+    /// Tokens generated before the round.
+    done_before: usize,
+}
+
+impl Drafted {
+    /// Positions the verification feeds: the pending token and the drafts.
+    pub fn len(&self) -> usize {
+        self.fed.len()
+    }
+
+    /// Always false: a drafted round feeds at least the pending token and one draft.
+    pub fn is_empty(&self) -> bool {
+        self.fed.is_empty()
+    }
+}
+
+/// How a speculative round started ([`Generation::draft_round`]).
+#[derive(Debug)]
+pub enum RoundStart {
+    /// Over already: nothing to verify.
+    Done(Round),
+    /// Drafts to verify with [`Generation::verify_rounds`].
+    Drafted(Drafted),
+}
+
 fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
     let flat = lp.reshape(&[-1])?.as_dtype(Dtype::Float32)?;
     let chosen = flat.try_index(token as i32)?.item_cast::<f32>();
@@ -873,32 +912,52 @@ impl Generation {
     /// one. Greedy: the tokens are those plain decoding yields, up to the rounding of a forward pass over
     /// several positions (a near-tie could flip, as in a batched decode step). Sampling: distributed as
     /// plain sampling's, with `rng` drawing the acceptance decisions. Falls back to a plain step when the
-    /// drafter proposes nothing. Call only when [`Generation::can_speculate`].
+    /// drafter proposes nothing. Call only when [`Generation::can_speculate`]. It is
+    /// [`Generation::draft_round`] then [`Generation::verify_rounds`] for this generation alone.
     ///
     /// Returns the tokens, in order (the pending one first; fewer when a stop token or `max_tokens` ends
     /// generation part-way), and what the round did. Errors: an MLX failure, after which the generation
     /// must be dropped.
-    pub fn speculate(
+    pub fn speculate<R: rand::Rng>(
         &mut self,
         model: &Gemma4,
         drafter: &mut dyn crate::speculative::Drafter,
         k: usize,
-        rng: &mut impl rand::Rng,
+        rng: &mut R,
     ) -> Result<Round> {
+        match self.draft_round(model, drafter, k)? {
+            RoundStart::Done(round) => Ok(round),
+            RoundStart::Drafted(d) => Ok(Self::verify_rounds(model, vec![(self, d, rng)])?
+                .pop()
+                .expect("one round per generation")),
+        }
+    }
+
+    /// The first half of a speculative round (see [`Generation::speculate`]): reads the pending token and
+    /// asks `drafter` for up to `k` tokens after it. Returns the drafts to verify, or a round already over:
+    /// the pending token ended generation, or the drafter proposed nothing (a plain step is then queued).
+    ///
+    /// Errors: an MLX failure, after which the generation must be dropped.
+    pub fn draft_round(
+        &mut self,
+        model: &Gemma4,
+        drafter: &mut dyn crate::speculative::Drafter,
+        k: usize,
+    ) -> Result<RoundStart> {
         let mut round = Round::default();
         let Some(cur) = self.take_current() else {
-            return Ok(round);
+            return Ok(RoundStart::Done(round));
         };
         let done_before = self.stats.completion_tokens;
         let t0 = read_token(&cur.token)?;
         let Some(first) = self.account(t0, &cur.logprobs)? else {
-            return Ok(round);
+            return Ok(RoundStart::Done(round));
         };
         round.steps.push(first);
         let room = self.room();
         if room == 0 {
             self.end(FinishReason::Length);
-            return Ok(round);
+            return Ok(RoundStart::Done(round));
         }
         let started = Instant::now();
         let sampling = self.opts.sampling.clone();
@@ -909,91 +968,158 @@ impl Generation {
         };
         let proposal = drafter.propose(&self.context, k.min(room), &sampling, &target)?;
         round.draft_time = started.elapsed().saturating_sub(proposal.catch_up);
-        let drafts = proposal.tokens;
         let greedy = sampling.temperature == 0.0;
-        if drafts.is_empty() || (!greedy && proposal.laws.len() != drafts.len()) {
+        if proposal.tokens.is_empty() || (!greedy && proposal.laws.len() != proposal.tokens.len()) {
             // Nothing to verify: the pending token's step, queued as next_token would have.
             let tok = Array::from_slice(&[t0 as i32], &[1]);
             self.history = ops::concatenate(&[&self.history, &tok], 0)?;
             self.fed.push(t0);
             let history = self.history.clone();
             self.cur = Some(self.queue(model, &tok, &history, None)?);
-            return Ok(round);
+            return Ok(RoundStart::Done(round));
         }
-        let started = Instant::now();
         let mut fed: Vec<i32> = vec![t0 as i32];
-        fed.extend(drafts.iter().map(|&d| d as i32));
-        let s = fed.len();
-        let input = Array::from_slice(&fed, &[1, s as i32]);
-        let h = model.forward_hidden(&input, &mut self.cache)?;
+        fed.extend(proposal.tokens.iter().map(|&d| d as i32));
+        Ok(RoundStart::Drafted(Drafted {
+            round,
+            fed,
+            drafts: proposal.tokens,
+            laws: proposal.laws,
+            greedy,
+            done_before,
+        }))
+    }
+
+    /// The second half of speculative rounds (see [`Generation::speculate`]): verifies the drafts of
+    /// several generations in one forward pass of the target (rows of B sequences × L positions, L the
+    /// longest round's pending token and drafts; a shorter round is padded with its last token, whose
+    /// positions are trimmed from its cache with its rejected drafts, and which the causal mask keeps
+    /// from every position that counts), then accepts and commits each round's drafts as
+    /// [`Generation::speculate`] does. Each row's result is its lone verification's up to the rounding of
+    /// a pass over more rows. Every generation must come from its own [`Generation::draft_round`].
+    ///
+    /// Returns the rounds in the order given. Their times are what the batch spent, as its wall clock
+    /// counts them: the verify time is the shared pass's, and the draft time all rows' drafting (the pass
+    /// waits for every row's drafts). Errors: an MLX failure, after which the generations must be dropped.
+    pub fn verify_rounds<R: rand::Rng>(
+        model: &Gemma4,
+        mut rows: Vec<(&mut Generation, Drafted, &mut R)>,
+    ) -> Result<Vec<Round>> {
+        let Some(s_max) = rows.iter().map(|(_, d, _)| d.fed.len()).max() else {
+            return Ok(vec![]);
+        };
+        let started = Instant::now();
+        let b = rows.len();
+        let draft_time: Duration = rows.iter().map(|(_, d, _)| d.round.draft_time).sum();
+        let mut ids = Vec::with_capacity(b * s_max);
+        for (_, d, _) in &rows {
+            let pad = *d.fed.last().expect("the pending token is fed");
+            ids.extend(
+                d.fed
+                    .iter()
+                    .copied()
+                    .chain(std::iter::repeat(pad))
+                    .take(s_max),
+            );
+        }
+        let input = Array::from_slice(&ids, &[b as i32, s_max as i32]);
+        let h = {
+            let mut caches: Vec<&mut Cache> =
+                rows.iter_mut().map(|(g, _, _)| &mut g.cache).collect();
+            model.forward_hidden_batch(&input, &mut caches)?
+        };
         let logits = model.logits(&h)?;
-        // Each position's logits through this request's processors, with the history it would have seen
+        // Each position's logits through its request's processors, with the history it would have seen
         // decoding plainly (penalties count the drafts before it).
-        let fed_arr = Array::from_slice(&fed, &[s as i32]);
-        let (mut lps, mut laws) = (Vec::with_capacity(s), Vec::with_capacity(s));
-        for i in 0..s {
-            let history =
-                ops::concatenate(&[&self.history, &fed_arr.try_index(..i as i32 + 1)?], 0)?;
-            let row = logits.try_index((.., i as i32, ..))?;
-            let lp = log_softmax(&self.sampler.process(&row, Some(&history))?)?;
-            if greedy {
-                laws.push(ops::indexing::argmax_axis(&lp, -1, None)?);
+        let mut per_row = Vec::with_capacity(b);
+        for (r, (g, d, _)) in rows.iter().enumerate() {
+            let s = d.fed.len();
+            let fed_arr = Array::from_slice(&d.fed, &[s as i32]);
+            let (mut lps, mut laws) = (Vec::with_capacity(s), Vec::with_capacity(s));
+            for i in 0..s {
+                let history =
+                    ops::concatenate(&[&g.history, &fed_arr.try_index(..i as i32 + 1)?], 0)?;
+                let row = logits.try_index((r as i32..r as i32 + 1, i as i32, ..))?;
+                let lp = log_softmax(&g.sampler.process(&row, Some(&history))?)?;
+                if d.greedy {
+                    laws.push(ops::indexing::argmax_axis(&lp, -1, None)?);
+                } else {
+                    // In float32, as the drafter's law is: the acceptance rule compares them.
+                    laws.push(ops::exp(g.sampler.law(&lp.as_dtype(Dtype::Float32)?)?)?);
+                }
+                lps.push(lp);
+            }
+            per_row.push((fed_arr, lps, laws));
+        }
+        eval(
+            per_row
+                .iter()
+                .flat_map(|(_, _, laws)| laws.iter())
+                .chain(rows.iter().flat_map(|(g, _, _)| g.cache.state())),
+        )?;
+        let verify_time = started.elapsed();
+        let mut out = Vec::with_capacity(b);
+        for (r, ((g, d, rng), (fed_arr, lps, laws))) in rows.into_iter().zip(per_row).enumerate() {
+            let Drafted {
+                mut round,
+                fed,
+                drafts,
+                laws: q_laws,
+                greedy,
+                done_before,
+            } = d;
+            let verdict = if greedy {
+                let target: Vec<u32> = laws.iter().map(read_token).collect::<Result<_>>()?;
+                jemma_serve::speculative::accept_greedy(&drafts, &target)
             } else {
-                // In float32, as the drafter's law is: the acceptance rule compares them.
-                laws.push(ops::exp(self.sampler.law(&lp.as_dtype(Dtype::Float32)?)?)?);
+                let p: Vec<&[f32]> = laws.iter().map(|l| l.as_slice::<f32>()).collect();
+                let q: Vec<&[f32]> = q_laws.iter().map(|l| l.as_slice()).collect();
+                jemma_serve::speculative::accept_sampled(&drafts, &q, &p, rng)
             }
-            lps.push(lp);
-        }
-        eval(laws.iter().chain(self.cache.state()))?;
-        let verdict = if greedy {
-            let target: Vec<u32> = laws.iter().map(read_token).collect::<Result<_>>()?;
-            jemma_serve::speculative::accept_greedy(&drafts, &target)
-        } else {
-            let p: Vec<&[f32]> = laws.iter().map(|l| l.as_slice::<f32>()).collect();
-            let q: Vec<&[f32]> = proposal.laws.iter().map(|l| l.as_slice()).collect();
-            jemma_serve::speculative::accept_sampled(&drafts, &q, &p, rng)
-        }
-        .map_err(|e| EngineError::Speculative(e.to_string()))?;
-        round.verify_time = started.elapsed();
-        round.drafted = drafts.len();
-        round.accepted = verdict.accepted;
-        // Commit the drafts that stand, as plain decoding would have, one at a time (a stop token or
-        // max_tokens may end generation part-way).
-        let mut kept = 1;
-        for (i, &d) in drafts[..verdict.accepted].iter().enumerate() {
-            if self.finished {
-                break;
+            .map_err(|e| EngineError::Speculative(e.to_string()))?;
+            round.verify_time = verify_time;
+            round.draft_time = draft_time;
+            round.drafted = drafts.len();
+            round.accepted = verdict.accepted;
+            // Commit the drafts that stand, as plain decoding would have, one at a time (a stop token or
+            // max_tokens may end generation part-way).
+            let mut kept = 1;
+            for (i, &dt) in drafts[..verdict.accepted].iter().enumerate() {
+                if g.finished {
+                    break;
+                }
+                kept += 1;
+                match g.account(dt, &lps[i])? {
+                    Some(step) => round.steps.push(step),
+                    None => break,
+                }
+                if g.room() == 0 {
+                    g.end(FinishReason::Length);
+                }
             }
-            kept += 1;
-            match self.account(d, &lps[i])? {
-                Some(step) => round.steps.push(step),
-                None => break,
+            if !g.cache.trim_end(s_max - kept) {
+                return Err(EngineError::Speculative(
+                    "the cache could not drop the rejected drafts".into(),
+                ));
             }
-            if self.room() == 0 {
-                self.end(FinishReason::Length);
+            if (done_before / 256) != (g.stats.completion_tokens / 256) {
+                // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
+                mlx_rs::memory::clear_cache()?;
             }
+            let kept_arr = fed_arr.try_index(..kept as i32)?;
+            g.history = ops::concatenate(&[&g.history, &kept_arr], 0)?;
+            g.fed.extend(fed[..kept].iter().map(|&t| t as u32));
+            if !g.finished {
+                let at = verdict.accepted as i32;
+                g.cur = Some(Pending {
+                    token: Array::from_slice(&[verdict.next], &[1]),
+                    logprobs: lps[verdict.accepted].clone(),
+                    hidden: g.kept(&h.try_index((r as i32..r as i32 + 1, at..at + 1, ..))?)?,
+                });
+            }
+            out.push(round);
         }
-        if !self.cache.trim_end(s - kept) {
-            return Err(EngineError::Speculative(
-                "the cache could not drop the rejected drafts".into(),
-            ));
-        }
-        if (done_before / 256) != (self.stats.completion_tokens / 256) {
-            // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
-            mlx_rs::memory::clear_cache()?;
-        }
-        let kept_arr = fed_arr.try_index(..kept as i32)?;
-        self.history = ops::concatenate(&[&self.history, &kept_arr], 0)?;
-        self.fed.extend(fed[..kept].iter().map(|&t| t as u32));
-        if !self.finished {
-            let at = verdict.accepted as i32;
-            self.cur = Some(Pending {
-                token: Array::from_slice(&[verdict.next], &[1]),
-                logprobs: lps[verdict.accepted].clone(),
-                hidden: self.kept(&h.try_index((.., at..at + 1, ..))?)?,
-            });
-        }
-        Ok(round)
+        Ok(out)
     }
 
     /// Gives back the last `n` tokens of a speculative round that its caller did not pass on (a stop

@@ -10,7 +10,9 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
-use crate::generate::{FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun};
+use crate::generate::{
+    FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun, RoundStart,
+};
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::audio::AudioTower;
 use crate::models::gemma4::vision::{VisionConfig, VisionTower, load_tower};
@@ -120,6 +122,9 @@ pub struct MlxInfo {
     pub prefix_cache_bytes: u64,
     /// The most sequences decoded in one batched forward since the model loaded.
     pub largest_decode_batch: usize,
+    /// The most sequences whose speculative drafts were verified in one batched forward since the model
+    /// loaded (0: none speculated; above 1 needs `max_batch` above 1).
+    pub largest_verify_batch: usize,
     /// What the model takes in: `text`, `image` when the checkpoint has a vision tower (and `video` when
     /// its config also names a video token), `audio` when it has an audio tower (known from the model
     /// directory before loading).
@@ -225,6 +230,7 @@ impl Engine {
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
             largest_decode_batch: 0,
+            largest_verify_batch: 0,
             input_modalities: {
                 let mut m = vec!["text"];
                 if crate::models::gemma4::vision::sees_images(&config.model_dir) {
@@ -264,6 +270,7 @@ impl Engine {
             kv_budget: config.prefix_cache_bytes.unwrap_or(u64::MAX),
             live_bytes: 0,
             largest_batch: 0,
+            largest_verify: 0,
             sequences: config.max_sequences.max(1),
             speculated: SpeculativeStats::default(),
             config,
@@ -1160,6 +1167,8 @@ struct MlxRunner {
     live_bytes: u64,
     /// The most sequences decoded in one forward since the model loaded.
     largest_batch: usize,
+    /// The most sequences verified in one forward since the model loaded.
+    largest_verify: usize,
     /// What speculative decoding did since the model loaded.
     speculated: SpeculativeStats,
 }
@@ -1193,6 +1202,39 @@ impl MlxRunner {
             .max_batch
             .clamp(1, self.config.max_sequences.max(1));
         Ok(fp.weights_bytes + fp.kv_cache_bytes * seqs as u64)
+    }
+}
+
+impl MlxRunner {
+    /// Counts a finished speculative round in the sequence's controller and the engine's figures, then
+    /// hands its tokens on; a failure ends the sequence.
+    fn round_done(
+        &mut self,
+        model: &ModelBundle,
+        seq: &mut MlxSequence,
+        round: crate::generate::Round,
+        out: &mut SeqOutput<Summary>,
+    ) {
+        if let Some(sp) = &mut seq.spec {
+            let before = sp.controller.stats();
+            sp.controller.record_round(
+                round.drafted,
+                round.accepted,
+                round.draft_time,
+                round.verify_time,
+            );
+            sp.after_round = true;
+            let mut d = sp.controller.stats();
+            d.rounds -= before.rounds;
+            d.drafted -= before.drafted;
+            d.accepted -= before.accepted;
+            d.plain_steps -= before.plain_steps;
+            self.speculated.add(&d);
+        }
+        if let Err(e) = seq.emit_round(model, round.steps, out) {
+            seq.poisoned = true;
+            out.fail(EngineFailure::from(e));
+        }
     }
 }
 
@@ -1385,10 +1427,12 @@ impl ModelRunner for MlxRunner {
         }
         // Speculative decoding for the sequences whose controller asks for drafts now (single streams by
         // default: a batch already reads the weights once for several tokens); the others decode plainly.
+        // Each drafts on its own; their drafts are verified together in one forward of the target.
         let mut ready = ready;
         if let Some(draft) = &model.draft {
             let n = ready.len();
             let mut plain = Vec::with_capacity(n);
+            let mut drafted = vec![];
             for i in ready {
                 let seq = &mut *batch[i];
                 let k = match &mut seq.spec {
@@ -1401,23 +1445,48 @@ impl ModelRunner for MlxRunner {
                     plain.push(i);
                     continue;
                 }
-                let before = seq.spec.as_ref().map(|sp| sp.controller.stats());
-                let result = seq.speculate(&model.model, draft, k);
-                if let (Some(b), Some(sp)) = (before, &seq.spec) {
-                    let mut d = sp.controller.stats();
-                    d.rounds -= b.rounds;
-                    d.drafted -= b.drafted;
-                    d.accepted -= b.accepted;
-                    d.plain_steps -= b.plain_steps;
-                    self.speculated.add(&d);
+                match seq.draft_round(&model.model, draft, k) {
+                    Ok(RoundStart::Drafted(d)) => drafted.push((i, d)),
+                    Ok(RoundStart::Done(round)) => {
+                        self.round_done(model, batch[i], round, &mut out[i])
+                    }
+                    Err(e) => {
+                        seq.poisoned = true;
+                        out[i].fail(EngineFailure::from(e));
+                    }
                 }
-                let failed = match result {
-                    Ok(steps) => batch[i].emit_round(model, steps, &mut out[i]).err(),
-                    Err(e) => Some(e),
+            }
+            if !drafted.is_empty() {
+                self.largest_verify = self.largest_verify.max(drafted.len());
+                let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
+                let verified = {
+                    let mut drafted = drafted.into_iter().peekable();
+                    let rows: Vec<_> = batch
+                        .iter_mut()
+                        .enumerate()
+                        .filter_map(|(i, s)| {
+                            let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
+                            let s = &mut **s;
+                            let sp = s.spec.as_mut().expect("a drafted sequence speculates");
+                            Some((&mut s.generation, d, &mut sp.rng))
+                        })
+                        .collect();
+                    Generation::verify_rounds(&model.model, rows)
                 };
-                if let Some(e) = failed {
-                    batch[i].poisoned = true;
-                    out[i].fail(EngineFailure::from(e));
+                match verified {
+                    Ok(rounds) => {
+                        for (i, round) in order.into_iter().zip(rounds) {
+                            self.round_done(model, batch[i], round, &mut out[i]);
+                        }
+                    }
+                    Err(e) => {
+                        // One forward failed for all of them: none of their caches can be trusted.
+                        let e = EngineFailure::from(e);
+                        for i in order {
+                            batch[i].poisoned = true;
+                            out[i].fail(e.clone());
+                        }
+                    }
                 }
             }
             if plain.is_empty() {
@@ -1425,7 +1494,6 @@ impl ModelRunner for MlxRunner {
             }
             ready = plain;
         }
-        let timed = ready.len() == 1 && batch[ready[0]].spec.is_some();
         let started = std::time::Instant::now();
         let steps = {
             let mut gens: Vec<&mut Generation> = batch
@@ -1436,15 +1504,18 @@ impl ModelRunner for MlxRunner {
                 .collect();
             Generation::decode_batch(&model.model, &mut gens)
         };
-        if timed
-            && steps.is_ok()
-            && let Some(sp) = &mut batch[ready[0]].spec
-        {
-            // A plain step's cost, which the controller weighs drafting against.
-            if !std::mem::take(&mut sp.after_round) {
-                sp.controller.record_plain(started.elapsed());
+        if steps.is_ok() {
+            // A plain step's cost at this batch size, which each speculating sequence's controller weighs
+            // a round (whose times are the batch's too) against.
+            let elapsed = started.elapsed();
+            for &i in &ready {
+                if let Some(sp) = &mut batch[i].spec {
+                    if !std::mem::take(&mut sp.after_round) {
+                        sp.controller.record_plain(elapsed);
+                    }
+                    self.speculated.plain_steps += 1;
+                }
             }
-            self.speculated.plain_steps += 1;
         }
         match steps {
             Ok((steps, rows)) => {
@@ -1503,6 +1574,7 @@ impl ModelRunner for MlxRunner {
         info.prefix_cache_entries = self.pool.len();
         info.prefix_cache_bytes = self.pool.bytes();
         info.largest_decode_batch = self.largest_batch;
+        info.largest_verify_batch = self.largest_verify;
         if let Some(sp) = &mut info.speculative {
             sp.update(self.speculated);
         }
@@ -1512,6 +1584,7 @@ impl ModelRunner for MlxRunner {
         self.pool.clear();
         self.live_bytes = 0;
         self.largest_batch = 0;
+        self.largest_verify = 0;
         self.speculated = SpeculativeStats::default();
         drop(model);
         // MLX keeps freed buffers in its cache: hand them back to the system.
@@ -1651,41 +1724,27 @@ impl MlxSequence {
     }
 
     /// One round of speculative decoding with `draft` drafting `k` tokens; the tokens it yields.
-    fn speculate(
-        &mut self,
-        model: &Gemma4,
-        draft: &Draft,
-        k: usize,
-    ) -> Result<Vec<crate::generate::Step>> {
+    /// Drafts up to `k` tokens for this sequence's next round ([`Generation::draft_round`]).
+    fn draft_round(&mut self, model: &Gemma4, draft: &Draft, k: usize) -> Result<RoundStart> {
         let Some(sp) = self.spec.as_mut() else {
-            return Ok(vec![]);
+            return Ok(RoundStart::Done(Default::default()));
         };
-        let round = match draft {
+        match draft {
             Draft::Model(d) => {
                 let mut drafter = ModelDrafter {
                     model: d,
                     state: &mut sp.draft,
                 };
-                self.generation
-                    .speculate(model, &mut drafter, k, &mut sp.rng)?
+                self.generation.draft_round(model, &mut drafter, k)
             }
             Draft::Assistant(d) => {
                 let mut drafter = MtpDrafter {
                     model: d,
                     state: &mut sp.draft,
                 };
-                self.generation
-                    .speculate(model, &mut drafter, k, &mut sp.rng)?
+                self.generation.draft_round(model, &mut drafter, k)
             }
-        };
-        sp.controller.record_round(
-            round.drafted,
-            round.accepted,
-            round.draft_time,
-            round.verify_time,
-        );
-        sp.after_round = true;
-        Ok(round.steps)
+        }
     }
 
     /// Hands on the tokens of one speculative round, as [`MlxSequence::emit`] hands on one step's; a stop

@@ -421,8 +421,8 @@ fn follows_the_target_law(
 
 /// Through the engine host: a tier with a draft model answers greedy requests with exactly the tokens of
 /// one without, alone (speculating: the summary and the status count its rounds) and four at once (a
-/// batch past `max_batch` decodes plainly), including a stop string that ends the answer inside a round;
-/// a draft model with another vocabulary is refused at load.
+/// batch past `max_batch` decodes plainly; with `max_batch` 4 the four verify together), including a stop
+/// string that ends the answer inside a round; a draft model with another vocabulary is refused at load.
 #[test]
 fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     engine_answers_the_same_speculating_with(common::fixture("tiny-q4"), "draft_model");
@@ -494,6 +494,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
         panic!("no answer")
     };
     let plain = Engine::start(EngineConfig::new(common::fixture("tiny"))).unwrap();
+    let draft_dir = draft.clone();
     let mut cfg = EngineConfig::new(common::fixture("tiny"));
     cfg.speculative = Some(SpeculativeSettings {
         draft_model: draft,
@@ -538,6 +539,37 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     for (rx, (tokens, _)) in rxs.iter_mut().zip(&want) {
         assert_eq!(&answer(rx).0.tokens, tokens);
     }
+    assert_eq!(spec.status().info.largest_verify_batch, 1);
+    // With max_batch 4 they speculate together, their drafts verified in one forward (rows of different
+    // lengths and cache offsets, both sides of the sliding window), and still answer the same.
+    let mut cfg = EngineConfig::new(common::fixture("tiny"));
+    cfg.max_sequences = 4;
+    cfg.speculative = Some(SpeculativeSettings {
+        draft_model: draft_dir.clone(),
+        config: SpeculativeConfig {
+            adaptive: false,
+            max_batch: 4,
+            ..Default::default()
+        },
+    });
+    let together = Engine::start(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    while together.status().state != jemma_engine::runtime::EngineState::Ready {
+        assert!(t0.elapsed().as_secs() < 60, "{:?}", together.status().state);
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let mut rxs: Vec<_> = texts
+        .iter()
+        .map(|t| together.submit(request(t, 40, vec![])).unwrap())
+        .collect();
+    for (rx, (tokens, text)) in rxs.iter_mut().zip(&want) {
+        let (got, got_text) = answer(rx);
+        assert_eq!((&got.tokens, &got_text), (tokens, text));
+        assert!(got.speculative.expect("it speculated").rounds > 0);
+    }
+    let batched = together.status().info.largest_verify_batch;
+    assert!(batched > 1, "verified {batched} at most at once");
+    assert!(together.shutdown(std::time::Duration::from_secs(30)));
     // A stop string inside a round: the answer ends where plain decoding ends it.
     let (full_tokens, full_text) = &want[1];
     let cut: String = full_text.chars().skip(12).take(6).collect();

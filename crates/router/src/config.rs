@@ -348,7 +348,7 @@ pub struct SpeculativeTierConfig {
     /// Most tokens drafted per verification (1 to 16; vLLM's `num_speculative_tokens`).
     pub max_draft_tokens: usize,
     /// Speculation pauses while more than this many requests decode together (1: single streams;
-    /// above 1 each request still verifies on its own).
+    /// above 1 the requests that speculate together are verified in one forward pass).
     pub max_batch: usize,
     /// Follow the acceptance rate: fewer drafts, or none, when few are accepted (false: always
     /// `max_draft_tokens`).

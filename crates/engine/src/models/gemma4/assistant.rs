@@ -442,7 +442,7 @@ impl Gemma4Assistant {
             };
             let shared = [(shared.kv.clone(), position)];
             h = l
-                .forward(&h, mask, &mut [], Some(&shared), None, eps, &self.consts)?
+                .forward(&h, &[mask], &mut [], Some(&shared), None, eps, &self.consts)?
                 .0;
         }
         let hn = fast::rms_norm(&h, Some(&self.norm), eps)?;

@@ -155,11 +155,17 @@ impl Attention {
     fn forward(
         &self,
         x: &Array,
-        mask: &Mask,
+        masks: &[&Mask],
         caches: &mut [&mut LayerCache],
         shared: Option<&[(Kv, i32)]>,
     ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
+        if masks.len() != 1 && masks.len() != b as usize {
+            return Err(EngineError::InvalidModel(format!(
+                "{} masks for a batch of {b}",
+                masks.len()
+            )));
+        }
         let q = self
             .q_proj
             .forward(x)?
@@ -214,7 +220,7 @@ impl Attention {
                 row(&q, i as i32)?
             };
             let qi = self.rope.apply(&qi, *offset)?;
-            outs.push(attend(&qi, kv, mask)?);
+            outs.push(attend(&qi, kv, masks[i.min(masks.len() - 1)])?);
         }
         let out = if b == 1 {
             outs.pop().expect("one row")
@@ -545,7 +551,7 @@ impl DecoderLayer {
     pub(crate) fn forward(
         &self,
         x: &Array,
-        mask: &Mask,
+        masks: &[&Mask],
         caches: &mut [&mut LayerCache],
         shared: Option<&[(Kv, i32)]>,
         per_layer_input: Option<&Array>,
@@ -553,7 +559,7 @@ impl DecoderLayer {
         c: &Consts,
     ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let h = fast::rms_norm(x, Some(&self.input_layernorm), eps)?;
-        let (h, kv) = self.self_attn.forward(&h, mask, caches, shared)?;
+        let (h, kv) = self.self_attn.forward(&h, masks, caches, shared)?;
         let h = fast::rms_norm(&h, Some(&self.post_attention_layernorm), eps)?;
         let h = ops::add(x, &h)?;
         let residual = h.clone();
@@ -898,13 +904,14 @@ impl Gemma4 {
     }
 
     /// Runs the decoder over a batch of sequences at once: `ids` is (B, L) int32, row `i` continuing
-    /// `caches[i]`; returns the final hidden states (B, L, H). Rows may hold different numbers of positions
-    /// (no padding: each row attends over its own cache), which is what continuous batching needs; the
-    /// weights are read once per step for the whole batch. With B > 1, L must be 1 (a decode step: prompts
-    /// are read one sequence at a time, where the causal and sliding-window masks apply).
+    /// `caches[i]` by L positions; returns the final hidden states (B, L, H). The caches may hold different
+    /// numbers of positions (no padding: each row attends over its own cache, under the causal and
+    /// sliding-window masks of its own offset), which is what continuous batching needs; the weights are
+    /// read once for the whole batch. L = 1 is a decode step; L > 1 verifies several sequences' drafts at
+    /// once in speculative decoding.
     ///
-    /// Errors: B > 1 with L > 1, or B ≠ the number of caches ([`EngineError::InvalidRequest`]); a cache
-    /// that does not belong to this model ([`EngineError::InvalidModel`]); MLX failures.
+    /// Errors: B ≠ the number of caches ([`EngineError::InvalidRequest`]); a cache that does not belong
+    /// to this model ([`EngineError::InvalidModel`]); MLX failures.
     pub fn forward_hidden_batch(&self, ids: &Array, caches: &mut [&mut Cache]) -> Result<Array> {
         self.forward_inner(ids, &[], caches)
     }
@@ -933,9 +940,9 @@ impl Gemma4 {
         caches: &mut [&mut Cache],
     ) -> Result<Array> {
         let (b, l) = (ids.shape()[0], ids.shape()[1]);
-        if b < 1 || b as usize != caches.len() || (b > 1 && l != 1) {
+        if b < 1 || b as usize != caches.len() || (b > 1 && !media.is_empty()) {
             return Err(EngineError::InvalidRequest(format!(
-                "a batched forward takes one token per sequence: ids {:?} for {} caches",
+                "a batched forward takes one row per cache and no media: ids {:?} for {} caches",
                 ids.shape(),
                 caches.len()
             )));
@@ -979,11 +986,19 @@ impl Gemma4 {
             }
             None => None,
         };
-        // One token per row needs no mask; a chunk (one row) gets the causal or windowed one.
-        let mut masks = [
-            self.mask_for(LayerType::Sliding, l, caches[0])?,
-            self.mask_for(LayerType::Full, l, caches[0])?,
-        ];
+        // One token per row needs no mask; a chunk gets the causal or windowed one of its row's cache
+        // (rows of a batch sit at different offsets, so their sliding windows cut at different keys).
+        let mut row_masks = caches
+            .iter()
+            .take(if l == 1 { 1 } else { caches.len() })
+            .map(|c| {
+                Ok([
+                    self.mask_for(LayerType::Sliding, l, c)?,
+                    self.mask_for(LayerType::Full, l, c)?,
+                ])
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let masks = &mut row_masks[0];
         if media.iter().any(|m| m.bidirectional)
             && l > 1
             && self.cfg.use_bidirectional_attention.as_deref() == Some("vision")
@@ -1021,7 +1036,10 @@ impl Gemma4 {
                 Some(p) => Some(p.try_index((.., .., i as i32, ..))?),
                 None => None,
             };
-            let mask = &masks[layer.spec.layer_type as usize];
+            let mask: Vec<&Mask> = row_masks
+                .iter()
+                .map(|m| &m[layer.spec.layer_type as usize])
+                .collect();
             let (mut own, shared) = if layer.spec.has_kv {
                 let own = rows
                     .iter_mut()
@@ -1036,7 +1054,7 @@ impl Gemma4 {
             };
             let (out, kv) = layer.forward(
                 &h,
-                mask,
+                &mask,
                 &mut own,
                 shared,
                 pli.as_ref(),
