@@ -262,6 +262,9 @@ pub struct LlamaInfo {
     pub footprint_bytes: Option<u64>,
     /// Speculative decoding since the model loaded (None: no draft model configured).
     pub speculative: Option<SpeculativeInfo>,
+    /// The most sequences whose drafts one step verified together since the model loaded (in one decode
+    /// when their positions fit `batch_size`; 0: none speculated; above 1 needs `max_batch` above 1).
+    pub largest_verify_batch: usize,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
@@ -294,6 +297,7 @@ impl LlamaEngine {
                 .speculative
                 .as_ref()
                 .map(|sp| SpeculativeInfo::new(sp.draft_model.clone(), "draft_model")),
+            largest_verify_batch: 0,
         };
         let host_config = HostConfig {
             name,
@@ -312,6 +316,7 @@ impl LlamaEngine {
                 config,
                 threads,
                 speculated: SpeculativeStats::default(),
+                largest_verify: 0,
             },
             info,
         )
@@ -527,6 +532,8 @@ struct LlamaRunner {
     planned: u32,
     /// What speculative decoding did since the model loaded.
     speculated: SpeculativeStats,
+    /// The most sequences verified together since the model loaded.
+    largest_verify: usize,
 }
 
 impl LlamaRunner {
@@ -738,9 +745,17 @@ impl ModelRunner for LlamaRunner {
     ) -> Result<(), EngineFailure> {
         let chunk = self.config.batch_size as usize;
         let Serving { cell, drafts, .. } = model;
-        let speculated = &mut self.speculated;
+        let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
         let result = cell.with_dependent_mut(|loaded, ctx| {
-            step(loaded, ctx, drafts.as_mut(), speculated, batch, out, chunk)
+            step(
+                loaded,
+                ctx,
+                drafts.as_mut(),
+                (speculated, largest_verify),
+                batch,
+                out,
+                chunk,
+            )
         });
         if result.is_err() {
             // What the failed decode left in these sequences' KV is unknown: their slots start clean.
@@ -768,6 +783,7 @@ impl ModelRunner for LlamaRunner {
         if let Some(sp) = &mut info.speculative {
             sp.update(self.speculated);
         }
+        info.largest_verify_batch = self.largest_verify;
     }
 
     fn tally(s: &Summary) -> Tally {
@@ -1236,7 +1252,7 @@ fn step(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
     drafts: Option<&mut speculative::Drafts>,
-    speculated: &mut SpeculativeStats,
+    (speculated, largest_verify): (&mut SpeculativeStats, &mut usize),
     batch: &mut [&mut LlamaSequence],
     out: &mut [SeqOutput<Summary>],
     chunk: usize,
@@ -1245,11 +1261,14 @@ fn step(
         .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
         .collect();
     // Speculative rounds for the sequences whose controller asks for drafts now (single streams by default:
-    // a batch already reads the weights once for several tokens); the others decode plainly below.
-    let timed = drafts.is_some() && decoding.len() == 1;
+    // a batch already reads the weights once for several tokens); the others decode plainly below. Each
+    // drafts on its own; their drafts are verified together.
     if let Some(drafts) = drafts {
         let n = decoding.len();
         let mut plain = Vec::with_capacity(n);
+        let mut drafted = vec![];
+        // By increasing slot, as the plain batch below (llama.cpp's per-stream split).
+        decoding.sort_by_key(|&i| batch[i].slot);
         for i in decoding {
             let s = &mut *batch[i];
             // Tokens still allowed after the pending one: a round yields its drafts that stand and one more.
@@ -1261,13 +1280,27 @@ fn step(
                 plain.push(i);
                 continue;
             }
-            let Some(r) = speculative::round(loaded, ctx, drafts, s, k, &mut out[i])? else {
-                // The draft failed (logged): this sequence decodes plainly from now on.
-                s.spec = None;
-                plain.push(i);
-                continue;
-            };
-            if let Some(c) = s.spec.as_mut() {
+            match speculative::draft(drafts, s, k) {
+                Some((tokens, draft_time)) if !tokens.is_empty() => {
+                    drafted.push(speculative::Drafted {
+                        seq: i,
+                        tokens,
+                        draft_time,
+                    });
+                }
+                Some(_) => plain.push(i),
+                None => {
+                    // The draft failed (logged): this sequence decodes plainly from now on.
+                    s.spec = None;
+                    plain.push(i);
+                }
+            }
+        }
+        *largest_verify = (*largest_verify).max(drafted.len());
+        let rounds = speculative::verify(loaded, ctx, batch, out, &drafted, drafts.batch_size)?;
+        for (d, r) in drafted.iter().zip(rounds) {
+            let i = d.seq;
+            if let Some(c) = batch[i].spec.as_mut() {
                 c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
                 let round = SpeculativeStats {
                     rounds: 1,
@@ -1304,12 +1337,14 @@ fn step(
             s.kv.extend([last]);
             s.accept(loaded, ctx, row as i32, &mut out[i]);
         }
-        // A lone stream's plain step: the cost the controller weighs drafting against.
-        if timed && let [i] = decoding[..] {
+        // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
+        // round (whose times are the batch's too) against.
+        let elapsed = started.elapsed();
+        for &i in &decoding {
             if let Some(c) = batch[i].spec.as_mut() {
-                c.record_plain(started.elapsed());
+                c.record_plain(elapsed);
+                speculated.plain_steps += 1;
             }
-            speculated.plain_steps += 1;
         }
     }
     // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long

@@ -10,7 +10,8 @@
 //! (`llama_memory_seq_rm`).
 //!
 //! How many tokens to draft, and whether to draft at all, is the serving core's [`Controller`] (the same
-//! adaptive rule as the MLX engine's); rounds run for single streams (`max_batch`).
+//! adaptive rule as the MLX engine's); rounds run for single streams by default (`max_batch`), and the
+//! sequences that speculate in one step are verified together, in as few decodes as `batch_size` allows.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -159,20 +160,24 @@ impl Drafts {
     }
 }
 
-/// One speculative round for `s`, which is decoding: drafts up to `k` tokens, verifies them with the
-/// target in one decode, commits the tokens plain decoding would sample (streaming them through
-/// [`LlamaSequence::accept`], which ends the sequence where plain decoding would), and removes the rejected
-/// drafts' KV. None, with the target untouched, when the draft failed (logged; its sequence starts over):
-/// the caller decodes plainly. Errors: a failed target decode, or KV that cannot be trimmed (the sequence
-/// is then poisoned).
-pub(crate) fn round(
-    loaded: &Loaded,
-    ctx: &mut Context<'_>,
+/// A sequence's drafts, waiting for their verification ([`draft`], [`verify`]).
+pub(crate) struct Drafted {
+    /// The sequence's index in the step's batch.
+    pub(crate) seq: usize,
+    /// The drafts.
+    pub(crate) tokens: Vec<u32>,
+    /// Time spent drafting them (catching up on a prompt excluded).
+    pub(crate) draft_time: Duration,
+}
+
+/// The first half of a speculative round for `s`, which is decoding: up to `k` drafts after its tokens.
+/// None when the draft failed (logged; the draft's sequence starts over, the target was not touched): the
+/// caller decodes plainly.
+pub(crate) fn draft(
     drafts: &mut Drafts,
-    s: &mut LlamaSequence,
+    s: &LlamaSequence,
     k: usize,
-    out: &mut SeqOutput<Summary>,
-) -> Result<Option<Round>> {
+) -> Option<(Vec<u32>, Duration)> {
     let started = Instant::now();
     let context: Vec<u32> = s
         .ids
@@ -180,69 +185,114 @@ pub(crate) fn round(
         .map(|t| t.0 as u32)
         .chain(s.tokens.iter().copied())
         .collect();
-    let (proposal, catch_up) = match drafts.propose(s.slot, &context, k) {
-        Ok(p) => p,
+    match drafts.propose(s.slot, &context, k) {
+        Ok((p, catch_up)) => Some((p, started.elapsed().saturating_sub(catch_up))),
         Err(e) => {
-            // The draft's sequence is in an unknown state: it starts over; the target was not touched.
             tracing::warn!(error = %e, "the draft model failed; decoding this request plainly");
             drafts.held[s.slot].clear();
             let _ = drafts
                 .cell
                 .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(s.slot as u32), None, None));
-            return Ok(None);
+            None
         }
-    };
-    let draft_time = started.elapsed().saturating_sub(catch_up);
-    let started = Instant::now();
-    let last = *s.tokens.last().unwrap_or(&0);
-    let pos0 = s.ids.len() + s.tokens.len() - 1;
-    let mut batch = LlamaBatch::new(proposal.len() + 1, 1);
-    for (i, &t) in std::iter::once(&last).chain(&proposal).enumerate() {
-        batch
-            .add(
-                LlamaToken(t as i32),
-                (pos0 + i) as i32,
-                &[s.slot as i32],
-                true,
-            )
-            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
     }
-    ctx.decode(&mut batch)
-        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
-    s.kv.extend([last]);
-    // `accepted`: drafts whose sample matched (the figure); `fed`: those whose KV stays (a token that ended
-    // the answer is never read, as in plain decoding).
-    let (mut accepted, mut fed) = (0, 0);
-    for (i, &d) in proposal.iter().enumerate() {
-        let before = s.tokens.len();
-        s.accept(loaded, ctx, i as i32, out);
-        if s.tokens.len() == before || s.tokens.last() != Some(&d) {
-            // An end-of-generation token or a failure, or the sample is not the draft.
-            break;
+}
+
+/// The second half of speculative rounds: verifies the drafts of several sequences (`rows`, by increasing
+/// slot) in as few target decodes as `batch_size` positions allow, each sequence's pending token and drafts
+/// at its own positions in its own KV stream with logits at every position. Then, per sequence, commits the
+/// tokens plain decoding would sample (streaming them through [`LlamaSequence::accept`], which ends the
+/// sequence where plain decoding would: llama.cpp's `common_sampler_sample_and_accept_n`), and removes the
+/// rejected drafts' KV. Each round's times are its decode's, as the batch's wall clock counts them: the
+/// verify time is the shared decode's, the draft time all its rows' drafting.
+///
+/// Returns the rounds in the order of `rows`. Errors: a failed target decode, or KV that cannot be
+/// trimmed (the sequence is then poisoned).
+pub(crate) fn verify(
+    loaded: &Loaded,
+    ctx: &mut Context<'_>,
+    batch: &mut [&mut LlamaSequence],
+    out: &mut [SeqOutput<Summary>],
+    rows: &[Drafted],
+    batch_size: usize,
+) -> Result<Vec<Round>> {
+    let mut rounds = Vec::with_capacity(rows.len());
+    let mut rest = rows;
+    while !rest.is_empty() {
+        // As many rows as fit one decode (each fits alone: k < batch_size).
+        let mut n = 0;
+        let mut positions = 0;
+        while n < rest.len() && (n == 0 || positions + rest[n].tokens.len() < batch_size) {
+            positions += rest[n].tokens.len() + 1;
+            n += 1;
         }
-        accepted += 1;
-        if out.end.is_some() {
-            // A stop string or max_tokens ended the answer on it.
-            break;
+        let (group, tail) = rest.split_at(n);
+        rest = tail;
+        let started = Instant::now();
+        let draft_time: Duration = group.iter().map(|r| r.draft_time).sum();
+        let mut b = LlamaBatch::new(positions, group.len() as i32);
+        let mut first_row = Vec::with_capacity(group.len());
+        for r in group {
+            let s = &batch[r.seq];
+            let last = *s.tokens.last().unwrap_or(&0);
+            let pos0 = s.ids.len() + s.tokens.len() - 1;
+            first_row.push(b.n_tokens());
+            for (i, &t) in std::iter::once(&last).chain(&r.tokens).enumerate() {
+                b.add(
+                    LlamaToken(t as i32),
+                    (pos0 + i) as i32,
+                    &[s.slot as i32],
+                    true,
+                )
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+            }
         }
-        fed += 1;
-        s.kv.extend([d]);
+        ctx.decode(&mut b)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        let mut accepted_all = Vec::with_capacity(group.len());
+        for (r, &row0) in group.iter().zip(&first_row) {
+            let (s, o) = (&mut *batch[r.seq], &mut out[r.seq]);
+            let last = *s.tokens.last().unwrap_or(&0);
+            let pos0 = s.ids.len() + s.tokens.len() - 1;
+            s.kv.extend([last]);
+            // `accepted`: drafts whose sample matched (the figure); `fed`: those whose KV stays (a token
+            // that ended the answer is never read, as in plain decoding).
+            let (mut accepted, mut fed) = (0, 0);
+            for (i, &d) in r.tokens.iter().enumerate() {
+                let before = s.tokens.len();
+                s.accept(loaded, ctx, row0 + i as i32, o);
+                if s.tokens.len() == before || s.tokens.last() != Some(&d) {
+                    // An end-of-generation token or a failure, or the sample is not the draft.
+                    break;
+                }
+                accepted += 1;
+                if o.end.is_some() {
+                    // A stop string or max_tokens ended the answer on it.
+                    break;
+                }
+                fed += 1;
+                s.kv.extend([d]);
+            }
+            if fed == r.tokens.len() && o.end.is_none() {
+                // Every draft stood: the last row's sample is the token after them.
+                s.accept(loaded, ctx, row0 + r.tokens.len() as i32, o);
+            }
+            let kept = pos0 + 1 + fed;
+            if trim(ctx, s.slot as u32, kept)? != kept {
+                s.poisoned = true;
+                return Err(LlamaError::Runtime(
+                    "the KV cache could not drop the rejected drafts".into(),
+                ));
+            }
+            accepted_all.push(accepted);
+        }
+        let verify_time = started.elapsed();
+        rounds.extend(group.iter().zip(accepted_all).map(|(r, accepted)| Round {
+            drafted: r.tokens.len(),
+            accepted,
+            draft_time,
+            verify_time,
+        }));
     }
-    if fed == proposal.len() && out.end.is_none() {
-        // Every draft stood: the last row's sample is the token after them.
-        s.accept(loaded, ctx, proposal.len() as i32, out);
-    }
-    let kept = pos0 + 1 + fed;
-    if trim(ctx, s.slot as u32, kept)? != kept {
-        s.poisoned = true;
-        return Err(LlamaError::Runtime(
-            "the KV cache could not drop the rejected drafts".into(),
-        ));
-    }
-    Ok(Some(Round {
-        drafted: proposal.len(),
-        accepted,
-        draft_time,
-        verify_time: started.elapsed(),
-    }))
+    Ok(rounds)
 }

@@ -912,9 +912,9 @@ fn run_ids(
 /// decoding does (a seed promises the same tokens, and a verification's batch rounds its logits otherwise
 /// than a one-token step: measured here, up to 8e-4 in a logprob, which moves a draw near a boundary of the
 /// random fixture's flat laws); an unseeded one speculates; the rounds show in the summary and the status;
-/// the real Gemma 3 270M drafting for itself completes a prompt as plain decoding does up to the first
-/// near-tie (llama.cpp's batch rounding); a draft with another
-/// vocabulary is refused at load.
+/// four requests at once with `max_batch` 4 verify together and answer the same; the real Gemma 3 270M
+/// drafting for itself completes a prompt as plain decoding does up to the first near-tie (llama.cpp's batch
+/// rounding); a draft with another vocabulary is refused at load.
 #[test]
 fn speculative_answers_are_plain_decodings() {
     let _serial = serial();
@@ -993,7 +993,40 @@ fn speculative_answers_are_plain_decodings() {
         }
         let info = e.status().info.speculative.unwrap();
         assert!(info.stats.rounds > 0 && info.tokens_per_step > 1.0);
+        assert_eq!(e.status().info.largest_verify_batch, 1);
     }
+    // max_batch 4: four requests at once speculate together, their drafts verified in one decode (each in
+    // its own KV stream, at its own positions), and answer as plain decoding does.
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.parallel = 4;
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("tiny-q8_0"),
+        config: jemma_serve::speculative::SpeculativeConfig {
+            max_draft_tokens: 4,
+            max_batch: 4,
+            adaptive: false,
+        },
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .chain(&prompts)
+        .map(|p| {
+            let mut r = request(Prompt::Ids(p.clone()), 48);
+            r.parse_output = false;
+            e.submit(r).unwrap()
+        })
+        .collect();
+    for (rx, (greedy, _)) in rxs.iter_mut().zip(want.iter().chain(&want)) {
+        let s = collect(rx).1;
+        assert_eq!(&s.tokens, greedy, "verified together");
+        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+    }
+    let together = e.status().info.largest_verify_batch;
+    assert!(together > 1, "verified {together} at most together");
+    drop(e);
     // Real weights (Gemma 3 270M, Q4_K_M, a base model) drafting for themselves. llama.cpp's quantized CPU
     // kernels round a batch of positions otherwise than one (measured: 0.19 in a logprob), so a greedy
     // answer may part from plain decoding's where its two best tokens are that close: the tokens must be
