@@ -161,6 +161,111 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
     }
 }
 
+/// Batched verification: several generations, each with its own drafter and draft length (every draft
+/// standing, random drafts, a draft model, and on the tiny target the MTP assistant), their rounds verified
+/// together in one forward (rows of different lengths and cache offsets, past the sliding window), each
+/// answer exactly its plain decoding, on dense, MoE and 4-bit targets. A stop token inside the last row's
+/// rounds ends that row alone.
+#[test]
+fn rounds_verified_together_are_each_rows_plain_decoding() {
+    for (target, draft) in [("tiny", "tiny-q4"), ("moe", "moe-q4"), ("moe-q4", "moe")] {
+        let t = load(target);
+        let d = load(draft);
+        let mtp = (target == "tiny").then(|| {
+            jemma_engine::models::gemma4::Gemma4Assistant::load(&common::fixture("mtp"), None)
+                .unwrap()
+        });
+        let ps = prompts(target);
+        let o = opts(40);
+        let mut rows: Vec<(Vec<u32>, usize, GenerateOptions)> = vec![
+            (ps[0].clone(), 4, o.clone()),
+            (ps[ps.len() - 1].clone(), 2, o.clone()),
+            (ps[0].clone(), 3, o.clone()),
+        ];
+        if mtp.is_some() {
+            rows.push((ps[ps.len() - 1].clone(), 3, o.clone()));
+        }
+        // A row whose answer ends on a stop token part-way (its 10th plain token).
+        let (ten, _) = plain(&t, &ps[0], &opts(10));
+        let stop = GenerateOptions {
+            stop_tokens: vec![ten[9]],
+            ..o.clone()
+        };
+        rows.push((ps[0].clone(), 4, stop));
+        let want: Vec<(Vec<u32>, String)> =
+            rows.iter().map(|(p, _, o)| plain(&t, p, o)).collect();
+        let mut gens: Vec<Generation> = rows
+            .iter()
+            .map(|(p, _, o)| {
+                let mut g = Generation::new(&t, p, o.clone()).unwrap();
+                g.keep_hidden(true);
+                while !g.prefill(&t).unwrap() {}
+                g
+            })
+            .collect();
+        let mut states: Vec<DraftState> = rows.iter().map(|_| DraftState::default()).collect();
+        let mut random = RandomDrafter {
+            vocab: t.config().vocab_size,
+            rng: StdRng::seed_from_u64(3),
+        };
+        let mut rngs: Vec<StdRng> = (0..rows.len())
+            .map(|i| StdRng::seed_from_u64(i as u64))
+            .collect();
+        let mut got: Vec<Vec<u32>> = vec![vec![]; rows.len()];
+        let mut most = 0;
+        while gens.iter().any(|g| !g.is_finished()) {
+            let mut drafted = vec![];
+            for (i, (g, state)) in gens.iter_mut().zip(states.iter_mut()).enumerate() {
+                if g.is_finished() {
+                    continue;
+                }
+                let mut recorded = RecordedDrafter {
+                    tokens: rows[i].0.iter().chain(&want[i].0).copied().collect(),
+                    vocab: t.config().vocab_size,
+                };
+                let mut model = ModelDrafter { model: &d, state };
+                let drafter: &mut dyn Drafter = match (i, &mtp) {
+                    (0 | 4, _) => &mut recorded,
+                    (1, _) => &mut random,
+                    (3, Some(m)) => &mut jemma_engine::speculative::MtpDrafter {
+                        model: m,
+                        state: model.state,
+                    },
+                    _ => &mut model,
+                };
+                match g.draft_round(&t, drafter, rows[i].1).unwrap() {
+                    jemma_engine::generate::RoundStart::Done(r) => {
+                        got[i].extend(r.steps.iter().map(|s| s.token))
+                    }
+                    jemma_engine::generate::RoundStart::Drafted(dr) => drafted.push((i, dr)),
+                }
+            }
+            most = most.max(drafted.len());
+            let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
+            let mut drafted = drafted.into_iter().peekable();
+            let batch: Vec<_> = gens
+                .iter_mut()
+                .zip(rngs.iter_mut())
+                .enumerate()
+                .filter_map(|(i, (g, r))| {
+                    let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
+                    Some((g, d, r))
+                })
+                .collect();
+            for (i, r) in order.into_iter().zip(Generation::verify_rounds(&t, batch).unwrap()) {
+                got[i].extend(r.steps.iter().map(|s| s.token));
+            }
+        }
+        assert!(most >= 3, "{target}: at most {most} rows verified together");
+        for (i, g) in gens.iter().enumerate() {
+            assert_eq!(got[i], want[i].0, "{target}, row {i}");
+            assert_eq!(format!("{:?}", g.stats().finish_reason), want[i].1);
+        }
+        let last = &want[want.len() - 1].0;
+        assert!(last.len() < 10, "the stop token ended the last row part-way");
+    }
+}
+
 /// Penalties, a logit bias and logprobs: each verified position sees the history plain decoding would
 /// (the drafts before it count for the penalties), and reports the same log-probabilities.
 #[test]
