@@ -192,8 +192,7 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
             ..o.clone()
         };
         rows.push((ps[0].clone(), 4, stop));
-        let want: Vec<(Vec<u32>, String)> =
-            rows.iter().map(|(p, _, o)| plain(&t, p, o)).collect();
+        let want: Vec<(Vec<u32>, String)> = rows.iter().map(|(p, _, o)| plain(&t, p, o)).collect();
         let mut gens: Vec<Generation> = rows
             .iter()
             .map(|(p, _, o)| {
@@ -252,7 +251,10 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
                     Some((g, d, r))
                 })
                 .collect();
-            for (i, r) in order.into_iter().zip(Generation::verify_rounds(&t, batch).unwrap()) {
+            for (i, r) in order
+                .into_iter()
+                .zip(Generation::verify_rounds(&t, batch).unwrap())
+            {
                 got[i].extend(r.steps.iter().map(|s| s.token));
             }
         }
@@ -262,7 +264,10 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
             assert_eq!(format!("{:?}", g.stats().finish_reason), want[i].1);
         }
         let last = &want[want.len() - 1].0;
-        assert!(last.len() < 10, "the stop token ended the last row part-way");
+        assert!(
+            last.len() < 10,
+            "the stop token ended the last row part-way"
+        );
     }
 }
 

@@ -31,12 +31,12 @@ impl ApiError {
                 "rate_limit_error",
                 "rate_limit_exceeded",
             ),
-            RouterError::TooLarge(_) => (
+            RouterError::TooLarge { .. } => (
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "invalid_request_error",
                 "request_too_large",
             ),
-            RouterError::UnsupportedMedia(_) => (
+            RouterError::UnsupportedMedia { .. } => (
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
                 "unsupported_media_type",
@@ -69,7 +69,9 @@ impl ApiError {
     pub fn body(&self) -> ErrorResponse {
         let (_, ty, code) = self.parts();
         let param = match &self.0 {
-            RouterError::InvalidRequest { param, .. } => param.clone(),
+            RouterError::InvalidRequest { param, .. }
+            | RouterError::TooLarge { param, .. }
+            | RouterError::UnsupportedMedia { param, .. } => param.clone(),
             RouterError::UnknownModel(_) => Some("model".into()),
             _ => None,
         };
@@ -133,5 +135,27 @@ mod tests {
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "4");
         assert!(down(None).headers().get(header::RETRY_AFTER).is_none());
+    }
+
+    /// A 413 or 415 about a media part names it in `param`, as a 400 does; a body too large names nothing.
+    #[test]
+    fn media_refusals_name_their_part() {
+        let part = "messages[0].content[1].input_audio.data";
+        for (e, status) in [
+            (
+                RouterError::too_large("too long", Some(part)),
+                StatusCode::PAYLOAD_TOO_LARGE,
+            ),
+            (
+                RouterError::unsupported_media("Opus", part),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ),
+        ] {
+            let e = ApiError(e);
+            assert_eq!(e.parts().0, status);
+            assert_eq!(e.body().error.param.as_deref(), Some(part));
+        }
+        let body = ApiError(RouterError::too_large("body", None)).body();
+        assert_eq!(body.error.param, None);
     }
 }

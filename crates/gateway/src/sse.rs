@@ -275,9 +275,9 @@ pub(crate) async fn read_json<T: serde::de::DeserializeOwned>(
     max_bytes: usize,
 ) -> Result<T, jemma_router::RouterError> {
     use jemma_router::RouterError;
-    let bytes = axum::body::to_bytes(body, max_bytes)
-        .await
-        .map_err(|_| RouterError::TooLarge(format!("request body exceeds {max_bytes} bytes")))?;
+    let bytes = axum::body::to_bytes(body, max_bytes).await.map_err(|_| {
+        RouterError::too_large(format!("request body exceeds {max_bytes} bytes"), None)
+    })?;
     parse_json(&bytes)
 }
 

@@ -835,8 +835,8 @@ impl EventStream {
 pub fn error_parts(e: &RouterError) -> (u16, &'static str) {
     match e {
         RouterError::InvalidRequest { .. } => (400, "invalid_request_error"),
-        RouterError::TooLarge(_) => (413, "request_too_large"),
-        RouterError::UnsupportedMedia(_) => (415, "invalid_request_error"),
+        RouterError::TooLarge { .. } => (413, "request_too_large"),
+        RouterError::UnsupportedMedia { .. } => (415, "invalid_request_error"),
         RouterError::UnknownModel(_) => (404, "not_found_error"),
         RouterError::RateLimited { .. } => (429, "rate_limit_error"),
         RouterError::Busy { .. } => (529, "overloaded_error"),

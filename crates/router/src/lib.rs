@@ -39,11 +39,21 @@ pub enum RouterError {
         param: Option<String>,
     },
     /// Request or part of it too large (HTTP 413).
-    #[error("{0}")]
-    TooLarge(String),
+    #[error("{message}")]
+    TooLarge {
+        /// What is too large, and the limit.
+        message: String,
+        /// The offending field (the media part), when one is.
+        param: Option<String>,
+    },
     /// Media in a format this build cannot read, such as HEIC off macOS (HTTP 415).
-    #[error("{0}")]
-    UnsupportedMedia(String),
+    #[error("{message}")]
+    UnsupportedMedia {
+        /// What cannot be read, and what can.
+        message: String,
+        /// The offending field (the media part).
+        param: Option<String>,
+    },
     /// `model` names nothing this gateway serves (HTTP 404).
     #[error("model {0:?} does not exist; use auto, fast, primary, heavy or a served model id")]
     UnknownModel(String),
@@ -74,4 +84,22 @@ pub enum RouterError {
     /// Bad configuration (startup error).
     #[error("configuration: {0}")]
     Config(String),
+}
+
+impl RouterError {
+    /// A 413 for `param` (None: the request as a whole).
+    pub fn too_large(message: impl Into<String>, param: Option<&str>) -> Self {
+        Self::TooLarge {
+            message: message.into(),
+            param: param.map(str::to_string),
+        }
+    }
+
+    /// A 415 for the media part `param`.
+    pub fn unsupported_media(message: impl Into<String>, param: &str) -> Self {
+        Self::UnsupportedMedia {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
 }

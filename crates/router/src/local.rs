@@ -185,14 +185,18 @@ impl<E: InProcess> EngineBackend<E> {
                 && E::input_modalities(&s.info).iter().any(|m| m == "video")
                 && jemma_media::video::Ffmpeg::find().is_none()
             {
-                return Err(BackendError::Refused(crate::RouterError::UnsupportedMedia(
-                    format!(
-                        "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, \
-                         or set JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)",
-                        req.first_part("video")
-                            .unwrap_or_else(|| "video_url".into())
+                let at = req
+                    .first_part("video")
+                    .unwrap_or_else(|| "video_url".into());
+                return Err(BackendError::Refused(
+                    crate::RouterError::unsupported_media(
+                        format!(
+                            "{at}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, \
+                         or set JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)"
+                        ),
+                        &at,
                     ),
-                )));
+                ));
             }
             if let Some(m) = needs.iter().find(|m| !takes.iter().any(|t| t == *m)) {
                 let (verb, tower, engine_can) = match *m {

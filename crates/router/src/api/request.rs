@@ -278,7 +278,7 @@ impl ChatRequest {
                     .map(Some)
                     .map_err(|e| match e {
                         crate::media::FetchError::TooLarge(_) => {
-                            RouterError::TooLarge(format!("{at}: {e}"))
+                            RouterError::too_large(format!("{at}: {e}"), Some(&at))
                         }
                         e => invalid(format!("{at}: {e}"), &at),
                     })
@@ -307,9 +307,10 @@ impl ChatRequest {
                 let img = encoded.decode(&limits).map_err(fail)?;
                 pixels += (img.rgb.width * img.rgb.height) as u64;
                 if pixels > max_pixels {
-                    return Err(RouterError::TooLarge(format!(
-                        "{at}: the request's images come to more than {max_pixels} pixels"
-                    )));
+                    return Err(RouterError::too_large(
+                        format!("{at}: the request's images come to more than {max_pixels} pixels"),
+                        Some(&at),
+                    ));
                 }
                 out.push(img);
             }
@@ -455,11 +456,14 @@ impl ChatRequest {
             }
         }
         let Some(ffmpeg) = jemma_media::video::Ffmpeg::find() else {
-            return Err(RouterError::UnsupportedMedia(format!(
-                "{}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, or set \
-                 JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)",
-                located.first().map_or("video_url", |l| l.0.as_str())
-            )));
+            let at = located.first().map_or("video_url", |l| l.0.as_str());
+            return Err(RouterError::unsupported_media(
+                format!(
+                    "{at}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, or \
+                     set JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)"
+                ),
+                at,
+            ));
         };
         let max_bytes = limits.max_video_bytes;
         let fetcher = crate::media::fetcher(
@@ -480,7 +484,7 @@ impl ChatRequest {
                     .await
                     .map_err(|e| match e {
                         crate::media::FetchError::TooLarge(_) => {
-                            RouterError::TooLarge(format!("{at}: {e}"))
+                            RouterError::too_large(format!("{at}: {e}"), Some(&at))
                         }
                         e => invalid(format!("{at}: {e}"), &at),
                     })?
@@ -537,14 +541,14 @@ fn positive_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D
 }
 
 /// A decoder's refusal of the media part at `at`, in the API's terms: over a limit 413, a format this build
-/// cannot read 415, anything else a 400 whose `param` is `param`.
+/// cannot read 415, anything else a 400; each with `param` as its `param`.
 fn media_refusal(at: &str, param: &str, e: jemma_media::MediaError) -> RouterError {
     use jemma_media::MediaError as M;
     let m = format!("{at}: {e}");
     match e {
-        M::TooLarge(_) => RouterError::TooLarge(m),
+        M::TooLarge(_) => RouterError::too_large(m, Some(param)),
         M::Unsupported(_) | M::AudioUnsupported(_) | M::VideoUnsupported(_) => {
-            RouterError::UnsupportedMedia(m)
+            RouterError::unsupported_media(m, param)
         }
         M::Corrupt(_) | M::AudioCorrupt(_) | M::VideoCorrupt(_) => invalid(m, param),
     }
@@ -581,9 +585,10 @@ fn validate_media_url(
         // base64 is 4 chars per 3 bytes
         let bytes = data.len() / 4 * 3;
         if bytes > max_bytes {
-            return Err(RouterError::TooLarge(format!(
-                "{param}: {kind} of ~{bytes} bytes exceeds the {max_bytes} byte limit"
-            )));
+            return Err(RouterError::too_large(
+                format!("{param}: {kind} of ~{bytes} bytes exceeds the {max_bytes} byte limit"),
+                Some(param),
+            ));
         }
         if data.bytes().any(|b| {
             !(b.is_ascii_alphanumeric()
@@ -609,9 +614,13 @@ fn validate_media_url(
 fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<(), RouterError> {
     let format = a.format.to_ascii_lowercase();
     if format == "opus" {
-        return Err(RouterError::UnsupportedMedia(format!(
-            "{param}.format: Opus is not decoded by this build; send WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis"
-        )));
+        return Err(RouterError::unsupported_media(
+            format!(
+                "{param}.format: Opus is not decoded by this build; send WAV, MP3, FLAC, M4A/AAC or Ogg \
+                 Vorbis"
+            ),
+            &format!("{param}.format"),
+        ));
     }
     if !jemma_media::audio::FORMATS.contains(&format.as_str()) {
         return Err(invalid(
@@ -625,10 +634,13 @@ fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<
     }
     let bytes = a.data.len() / 4 * 3;
     if bytes > limits.max_audio_bytes {
-        return Err(RouterError::TooLarge(format!(
-            "{param}: audio of ~{bytes} bytes exceeds the {} byte limit",
-            limits.max_audio_bytes
-        )));
+        return Err(RouterError::too_large(
+            format!(
+                "{param}: audio of ~{bytes} bytes exceeds the {} byte limit",
+                limits.max_audio_bytes
+            ),
+            Some(&format!("{param}.data")),
+        ));
     }
     if a.data.is_empty()
         || a.data.bytes().any(|b| {
@@ -1142,9 +1154,11 @@ mod tests {
             param(request(vec![text.clone(), audio("UklGRg==", "aiff")]).unwrap_err()).as_deref(),
             Some("messages[0].content[1].input_audio.format")
         );
+        // Refusals name the part in `param`, the 415 as the 400s do.
         assert!(matches!(
             request(vec![audio("UklGRg==", "opus")]).unwrap_err(),
-            RouterError::UnsupportedMedia(m) if m.contains("Opus")
+            RouterError::UnsupportedMedia { message, param: Some(p) }
+                if message.contains("Opus") && p == "messages[0].content[0].input_audio.format"
         ));
         assert_eq!(
             param(request(vec![audio("not base64!", "wav")]).unwrap_err()).as_deref(),
@@ -1176,6 +1190,9 @@ mod tests {
         // Longer than the model hears at once: a 413.
         let mut r = request(vec![audio(&wav(31.0, 8000), "wav")]).unwrap();
         let e = r.decode_audio(&Limits::default()).await.unwrap_err();
-        assert!(matches!(e, RouterError::TooLarge(m) if m.contains("30 s")));
+        assert!(
+            matches!(e, RouterError::TooLarge { message, param: Some(p) }
+            if message.contains("30 s") && p == "messages[0].content[0].input_audio.data")
+        );
     }
 }
