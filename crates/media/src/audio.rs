@@ -48,7 +48,8 @@ pub const FORMATS: &[&str] = &["wav", "mp3", "flac", "m4a", "aac", "ogg"];
 /// Bounds on what is decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct AudioLimits {
-    /// Largest encoded clip, bytes (default 50 MB, the original design's cap).
+    /// Largest encoded clip, bytes (default 20 MB: 30 s even of 96 kHz 24-bit stereo WAV, and what the
+    /// gateway's default body limit carries in base64).
     pub max_bytes: usize,
     /// Longest clip, seconds of audio (default 30: Gemma 4's audio window, 750 soft tokens of 40 ms; a
     /// longer clip would be cut by the processor, so it is refused rather than half heard).
@@ -58,7 +59,7 @@ pub struct AudioLimits {
 impl Default for AudioLimits {
     fn default() -> Self {
         Self {
-            max_bytes: 50 * 1000 * 1000,
+            max_bytes: 20 * 1000 * 1000,
             max_seconds: 30.0,
         }
     }

@@ -561,6 +561,16 @@ impl Config {
 
     /// Consistency checks that serde cannot express.
     pub fn check(&self) -> Result<(), RouterError> {
+        // Audio arrives only inline, as base64 in the JSON body (4 characters per 3 bytes): a clip the
+        // limits accept must fit the body the server reads, or the limit is a promise nobody can use.
+        let inline_audio = self.limits.max_audio_bytes.div_ceil(3) * 4;
+        if inline_audio > self.server.max_body_bytes {
+            return Err(RouterError::Config(format!(
+                "limits.max_audio_bytes = {} cannot arrive: in base64 that is {inline_audio} bytes, over \
+                 [server] max_body_bytes = {}; raise max_body_bytes or lower max_audio_bytes",
+                self.limits.max_audio_bytes, self.server.max_body_bytes
+            )));
+        }
         for (t, c) in &self.tiers {
             if !c.endpoints.is_empty() {
                 check_pool(*t, c)?;
@@ -817,6 +827,24 @@ mod tests {
         // Catalog names and Hub repos, as for a tier's model.
         Config::parse(
             "[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\ndraft_model = \"gemma-4-e2b\"\n",
+        )
+        .unwrap();
+    }
+
+    /// An audio limit the body limit cannot carry (audio arrives only inline, in base64) is refused.
+    #[test]
+    fn the_audio_limit_fits_the_body_limit() {
+        let d = Config::default();
+        assert!(d.limits.max_audio_bytes.div_ceil(3) * 4 <= d.server.max_body_bytes);
+        let e = Config::parse("[limits]\nmax_audio_bytes = 30000000\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_audio_bytes") && e.contains("max_body_bytes"),
+            "{e}"
+        );
+        Config::parse(
+            "[server]\nmax_body_bytes = 41000000\n[limits]\nmax_audio_bytes = 30000000\n",
         )
         .unwrap();
     }

@@ -680,7 +680,10 @@ pub struct Limits {
     pub image_fetch_timeout_secs: f64,
     /// Audio clips per request (each is decoded and held until the engine takes it).
     pub max_request_audio: usize,
-    /// Bytes per audio clip, encoded (default 50 MB, the original design's cap).
+    /// Bytes per audio clip, encoded (default 20 MB: with base64's third it fits the default
+    /// `[server] max_body_bytes` of 32 MiB, the only way a clip arrives, and holds 30 s even of 96 kHz
+    /// 24-bit stereo WAV; the original design's 50 MB could never arrive through that body limit, which
+    /// the configuration check now refuses).
     pub max_audio_bytes: usize,
     /// Seconds per audio clip (default 30: Gemma 4 hears 30 s at once; a longer clip would be cut, so it
     /// is refused with a 413 instead).
@@ -707,7 +710,7 @@ impl Default for Limits {
             fetch_private_image_urls: false,
             image_fetch_timeout_secs: 10.0,
             max_request_audio: 4,
-            max_audio_bytes: 50_000_000,
+            max_audio_bytes: 20_000_000,
             max_audio_seconds: 30.0,
             max_request_videos: 2,
             max_video_bytes: 100_000_000,
