@@ -19,6 +19,7 @@
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::audio::{AudioLimits, DecodedAudio};
@@ -130,6 +131,27 @@ impl Ffmpeg {
         limits: &Limits,
         max_total_pixels: u64,
     ) -> Result<DecodedVideo> {
+        self.decode_cancellable(
+            bytes,
+            params,
+            limits,
+            max_total_pixels,
+            &AtomicBool::new(false),
+        )
+    }
+
+    /// [`Ffmpeg::decode`], given up as soon as `cancelled` is set (the request's client went away): the
+    /// running tool is killed within a few milliseconds and no other starts.
+    ///
+    /// Errors: as [`Ffmpeg::decode`]; [`MediaError::VideoCorrupt`] saying it was cancelled.
+    pub fn decode_cancellable(
+        &self,
+        bytes: &[u8],
+        params: &VideoParams,
+        limits: &Limits,
+        max_total_pixels: u64,
+        cancelled: &AtomicBool,
+    ) -> Result<DecodedVideo> {
         if bytes.len() > limits.max_bytes {
             return Err(MediaError::TooLarge(format!(
                 "the video is {} bytes; the limit is {}",
@@ -139,7 +161,10 @@ impl Ffmpeg {
         }
         let digest = crate::digest(bytes);
         let _slot = Slot::take();
-        let deadline = Instant::now() + params.timeout;
+        let until = Until {
+            deadline: Instant::now() + params.timeout,
+            cancelled,
+        };
         // A file, not a pipe: MP4 and MOV keep their index at the end, which ffmpeg must seek to.
         let mut file = tempfile::Builder::new()
             .prefix("jemma-video-")
@@ -149,14 +174,14 @@ impl Ffmpeg {
             .and_then(|_| file.flush())
             .map_err(|e| MediaError::VideoUnsupported(format!("a temporary file: {e}")))?;
         let path = file.path();
-        let probe = self.probe(path, deadline)?;
+        let probe = self.probe(path, until)?;
         let span = probe.duration.min(params.max_seconds).max(0.0);
         let n = params.frames.max(1);
         let mut frames = Vec::with_capacity(n);
         let mut pixels = 0u64;
         for j in 0..n {
             let t = span * j as f64 / n as f64;
-            let png = self.frame_at(path, t, limits.max_pixels, deadline)?;
+            let png = self.frame_at(path, t, limits.max_pixels, until)?;
             if png.is_empty() {
                 // Past the last frame (a length that overstates the video track): no more frames.
                 break;
@@ -201,7 +226,7 @@ impl Ffmpeg {
             } else {
                 params.audio_seconds
             };
-            let wav = self.audio(path, seconds, deadline)?;
+            let wav = self.audio(path, seconds, until)?;
             let limits = AudioLimits {
                 max_bytes: usize::MAX,
                 max_seconds: params.audio_seconds + 1.0,
@@ -227,14 +252,14 @@ impl Ffmpeg {
         })
     }
 
-    fn probe(&self, path: &Path, deadline: Instant) -> Result<Probe> {
+    fn probe(&self, path: &Path, until: Until<'_>) -> Result<Probe> {
         let mut cmd = Command::new(&self.ffprobe);
         cmd.args(["-v", "error"])
             .args(confined())
             .args(["-print_format", "json", "-show_entries"])
             .arg("format=duration:stream=codec_type,duration")
             .arg(file_url(path));
-        let out = run(&mut cmd, deadline, 1 << 20)?;
+        let out = run(&mut cmd, until, 1 << 20)?;
         if !out.ok {
             return Err(MediaError::VideoCorrupt(first_line(
                 &out.stderr,
@@ -263,7 +288,7 @@ impl Ffmpeg {
         {
             Some(d) => d,
             // A stream that never says (a browser's MediaRecorder WebM): read to its end to find out.
-            None => self.measured_duration(path, deadline)?,
+            None => self.measured_duration(path, until)?,
         };
         Ok(Probe {
             duration,
@@ -273,7 +298,7 @@ impl Ffmpeg {
 
     /// The video track's length, seconds, by copying it to nowhere (no decoding) and reading where the
     /// copy ended; 0 when even that says nothing.
-    fn measured_duration(&self, path: &Path, deadline: Instant) -> Result<f64> {
+    fn measured_duration(&self, path: &Path, until: Until<'_>) -> Result<f64> {
         let mut cmd = Command::new(&self.ffmpeg);
         cmd.args(["-v", "error", "-nostdin"])
             .args(confined())
@@ -281,7 +306,7 @@ impl Ffmpeg {
             .arg(file_url(path))
             .args(["-map", "0:v:0", "-c", "copy", "-f", "null"])
             .args(["-progress", "pipe:1", "-"]);
-        let out = run(&mut cmd, deadline, 1 << 20)?;
+        let out = run(&mut cmd, until, 1 << 20)?;
         Ok(String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|l| l.strip_prefix("out_time_us="))
@@ -292,7 +317,7 @@ impl Ffmpeg {
 
     /// The frame shown at `t` seconds, as PNG (empty when there is none); no decoder may allocate a
     /// picture of more than `max_pixels`.
-    fn frame_at(&self, path: &Path, t: f64, max_pixels: u64, deadline: Instant) -> Result<Vec<u8>> {
+    fn frame_at(&self, path: &Path, t: f64, max_pixels: u64, until: Until<'_>) -> Result<Vec<u8>> {
         let mut cmd = Command::new(&self.ffmpeg);
         cmd.args(["-v", "error", "-nostdin"])
             .args(confined())
@@ -309,7 +334,7 @@ impl Ffmpeg {
                 "png",
                 "-",
             ]);
-        let out = run(&mut cmd, deadline, MAX_FRAME_BYTES)?;
+        let out = run(&mut cmd, until, MAX_FRAME_BYTES)?;
         if !out.ok {
             return Err(MediaError::VideoCorrupt(first_line(
                 &out.stderr,
@@ -321,7 +346,7 @@ impl Ffmpeg {
     }
 
     /// The first `seconds` of the audio track as a 16 kHz mono 16-bit WAV.
-    fn audio(&self, path: &Path, seconds: f64, deadline: Instant) -> Result<Vec<u8>> {
+    fn audio(&self, path: &Path, seconds: f64, until: Until<'_>) -> Result<Vec<u8>> {
         let mut cmd = Command::new(&self.ffmpeg);
         cmd.args(["-v", "error", "-nostdin"])
             .args(confined())
@@ -339,7 +364,7 @@ impl Ffmpeg {
             .args(["-c:a", "pcm_s16le", "-f", "wav", "-"]);
         // 16-bit mono at 16 kHz for `seconds`, with room for the header.
         let cap = (seconds.max(0.0) * 32_000.0) as u64 + (1 << 16);
-        let out = run(&mut cmd, deadline, cap)?;
+        let out = run(&mut cmd, until, cap)?;
         if !out.ok {
             return Err(MediaError::VideoCorrupt(first_line(
                 &out.stderr,
@@ -418,12 +443,35 @@ impl Drop for Slot {
     }
 }
 
-/// Runs `cmd` to completion, killing (and reaping) it past `deadline`; at most `max_output` bytes of its
-/// stdout are kept, more is an error.
-fn run(cmd: &mut Command, deadline: Instant, max_output: u64) -> Result<Output> {
-    let too_long = || MediaError::VideoCorrupt("sampling the video took too long".into());
-    if Instant::now() >= deadline {
-        return Err(too_long());
+/// How long the tools of one video may run: until its deadline, or until its request is cancelled.
+#[derive(Clone, Copy)]
+struct Until<'a> {
+    deadline: Instant,
+    cancelled: &'a AtomicBool,
+}
+
+impl Until<'_> {
+    /// Why the tools must stop now, if they must.
+    fn over(&self) -> Option<MediaError> {
+        if self.cancelled.load(Ordering::Relaxed) {
+            Some(MediaError::VideoCorrupt(
+                "sampling the video was cancelled: its request ended".into(),
+            ))
+        } else if Instant::now() >= self.deadline {
+            Some(MediaError::VideoCorrupt(
+                "sampling the video took too long".into(),
+            ))
+        } else {
+            None
+        }
+    }
+}
+
+/// Runs `cmd` to completion, killing (and reaping) it once `until` is over; at most `max_output` bytes of
+/// its stdout are kept, more is an error.
+fn run(cmd: &mut Command, until: Until<'_>, max_output: u64) -> Result<Output> {
+    if let Some(e) = until.over() {
+        return Err(e);
     }
     let mut child = cmd
         .stdin(Stdio::null())
@@ -460,16 +508,27 @@ fn run(cmd: &mut Command, deadline: Instant, max_output: u64) -> Result<Output> 
     );
     let status = loop {
         match child.try_wait() {
-            Ok(Some(s)) => break Some(s),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
-            _ => break None,
+            Ok(Some(s)) => break Ok(s),
+            Ok(None) => match until.over() {
+                None => std::thread::sleep(Duration::from_millis(5)),
+                Some(e) => break Err(e),
+            },
+            Err(e) => {
+                break Err(MediaError::VideoUnsupported(format!(
+                    "waiting for {:?}: {e}",
+                    cmd.get_program()
+                )));
+            }
         }
     };
-    let Some(status) = status else {
-        // No child outlives its deadline.
-        let _ = child.kill();
-        let _ = child.wait();
-        return Err(too_long());
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            // No child outlives its deadline or its request.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(e);
+        }
     };
     let stdout = out.join().unwrap_or_default();
     if stdout.len() as u64 > max_output {

@@ -184,6 +184,36 @@ fn ffmpeg_reads_the_one_file_and_nothing_else() {
     assert!(matches!(err, MediaError::TooLarge(_)), "{err}");
 }
 
+/// A request that goes away stops its sampling: with the flag set from another thread an eighth of the
+/// way through a decode that otherwise succeeds, the decode gives up (the running ffmpeg killed) and says
+/// why, instead of sampling its 16 frames for nobody.
+#[test]
+fn a_cancelled_request_stops_sampling() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let bytes = std::fs::read(fixtures().join("clip.mp4")).unwrap();
+    let f = ffmpeg();
+    let lone = std::time::Instant::now();
+    f.decode(&bytes, &params(16, 4.0), &Limits::default(), u64::MAX)
+        .unwrap();
+    let whole = lone.elapsed();
+    let cancelled = AtomicBool::new(false);
+    let err = std::thread::scope(|s| {
+        s.spawn(|| {
+            std::thread::sleep(whole / 8);
+            cancelled.store(true, Ordering::Relaxed);
+        });
+        f.decode_cancellable(
+            &bytes,
+            &params(16, 4.0),
+            &Limits::default(),
+            u64::MAX,
+            &cancelled,
+        )
+        .unwrap_err()
+    });
+    assert!(err.to_string().contains("cancelled"), "{err}");
+}
+
 #[test]
 fn a_stream_that_never_says_its_length_is_measured() {
     // A WebM written to a pipe (as a browser's MediaRecorder writes it) carries no duration.

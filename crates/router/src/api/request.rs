@@ -4,6 +4,8 @@
 //! with OpenAI's error shape. Unknown fields are accepted and ignored, as OpenAI does.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -496,12 +498,16 @@ impl ChatRequest {
             ..Default::default()
         };
         let max_pixels = limits.max_request_pixels;
+        // A client that goes away drops this future: the guard then stops the sampling (ffmpeg killed
+        // within milliseconds) instead of letting it run to its deadline for nobody.
+        let cancelled = Arc::new(AtomicBool::new(false));
+        let _stop_when_dropped = CancelOnDrop(cancelled.clone());
         let decoded = tokio::task::spawn_blocking(move || {
             inputs
                 .into_iter()
                 .map(|(at, bytes)| {
                     ffmpeg
-                        .decode(&bytes, &params, &media_limits, max_pixels)
+                        .decode_cancellable(&bytes, &params, &media_limits, max_pixels, &cancelled)
                         .map_err(|e| media_refusal(&at, &at, e))
                 })
                 .collect::<Result<Vec<_>, _>>()
@@ -538,6 +544,15 @@ fn positive_f32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f32>, D
             f
         }
     }))
+}
+
+/// Sets its flag when dropped: how a request's blocking media work learns that the request is gone.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
 }
 
 /// A decoder's refusal of the media part at `at`, in the API's terms: over a limit 413, a format this build
