@@ -58,7 +58,12 @@ fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile
          download_bytes = 6000000\nmemory_bytes = 10000000\nmin_free_bytes = 20000000\n\
          [models.test-tiny-assistant]\ntier = \"draft\"\nformat = \"mlx\"\n\
          repo = \"jemma-test/gemma-4-tiny-it-assistant\"\n\
-         download_bytes = 500000\nmemory_bytes = 1000000\nmin_free_bytes = 1000000\n",
+         download_bytes = 500000\nmemory_bytes = 1000000\nmin_free_bytes = 1000000\n\
+         [models.test-lonely]\ntier = \"fast\"\nformat = \"mlx\"\n\
+         repo = \"jemma-test/gemma-4-tiny-it-assistant\"\n\
+         drafter = \"test-missing-assistant\"\n\
+         [models.test-missing-assistant]\ntier = \"draft\"\nformat = \"mlx\"\n\
+         repo = \"jemma-test/not-on-the-hub\"\n",
     )
     .unwrap();
     (rt, url, home)
@@ -160,6 +165,19 @@ fn jemma_pull_downloads_into_the_hf_cache_with_progress() {
         list.lines()
             .any(|l| l.starts_with("test-tiny") && l.contains("[downloaded")),
         "{list}"
+    );
+    // A drafter the Hub lacks is a warning: its model downloaded, and serves without it.
+    let out = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["pull", "test-lonely", "--json"])
+            .envs(hub_env(&url, home.path())),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("\"warning\"") && stdout.contains("test-missing-assistant"),
+        "{stdout}"
     );
     // Unknown repos fail with the Hub's answer and a non-zero exit.
     let bad = crate::support::output_within(

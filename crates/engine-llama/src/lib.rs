@@ -1263,8 +1263,8 @@ fn step(
     // Speculative rounds for the sequences whose controller asks for drafts now (single streams by default:
     // a batch already reads the weights once for several tokens); the others decode plainly below. Each
     // drafts on its own; their drafts are verified together.
+    let n = decoding.len();
     if let Some(drafts) = drafts {
-        let n = decoding.len();
         let mut plain = Vec::with_capacity(n);
         let mut drafted = vec![];
         // By increasing slot, as the plain batch below (llama.cpp's per-stream split).
@@ -1338,10 +1338,12 @@ fn step(
             s.accept(loaded, ctx, row as i32, &mut out[i]);
         }
         // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
-        // round (whose times are the batch's too) against.
+        // round (whose times are the batch's too) against; not past `max_batch`, where speculation is off.
         let elapsed = started.elapsed();
         for &i in &decoding {
-            if let Some(c) = batch[i].spec.as_mut() {
+            if let Some(c) = batch[i].spec.as_mut()
+                && n <= c.config().max_batch
+            {
                 c.record_plain(elapsed);
                 speculated.plain_steps += 1;
             }

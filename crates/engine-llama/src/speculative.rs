@@ -203,11 +203,11 @@ pub(crate) fn draft(
 /// at its own positions in its own KV stream with logits at every position. Then, per sequence, commits the
 /// tokens plain decoding would sample (streaming them through [`LlamaSequence::accept`], which ends the
 /// sequence where plain decoding would: llama.cpp's `common_sampler_sample_and_accept_n`), and removes the
-/// rejected drafts' KV. Each round's times are its decode's, as the batch's wall clock counts them: the
-/// verify time is the shared decode's, the draft time all its rows' drafting.
+/// rejected drafts' KV. Each round's times add up to what the batch's wall clock spent on it: the draft
+/// time is the row's own drafting, the verify time the shared decode plus the other rows' drafting.
 ///
-/// Returns the rounds in the order of `rows`. Errors: a failed target decode, or KV that cannot be
-/// trimmed (the sequence is then poisoned).
+/// Returns the rounds in the order of `rows`; a sequence whose rejected drafts cannot be trimmed from its
+/// KV fails alone (poisoned, its request ended with the error). Errors: a failed target decode.
 pub(crate) fn verify(
     loaded: &Loaded,
     ctx: &mut Context<'_>,
@@ -218,31 +218,49 @@ pub(crate) fn verify(
 ) -> Result<Vec<Round>> {
     let mut rounds = Vec::with_capacity(rows.len());
     let mut rest = rows;
+    let capacity = loaded.n_ctx as usize;
     while !rest.is_empty() {
-        // As many rows as fit one decode (each fits alone: k < batch_size).
-        let mut n = 0;
-        let mut positions = 0;
-        while n < rest.len() && (n == 0 || positions + rest[n].tokens.len() < batch_size) {
-            positions += rest[n].tokens.len() + 1;
+        // As many rows as fit one decode, each padded to the longest (each fits alone: k < batch_size).
+        let (mut n, mut longest) = (0, 0);
+        while n < rest.len() {
+            let l = longest.max(rest[n].tokens.len() + 1);
+            if n > 0 && (n + 1) * l > batch_size {
+                break;
+            }
+            longest = l;
             n += 1;
         }
         let (group, tail) = rest.split_at(n);
         rest = tail;
         let started = Instant::now();
         let draft_time: Duration = group.iter().map(|r| r.draft_time).sum();
-        let mut b = LlamaBatch::new(positions, group.len() as i32);
+        let mut b = LlamaBatch::new(n * longest, 1);
         let mut first_row = Vec::with_capacity(group.len());
         for r in group {
             let s = &batch[r.seq];
             let last = *s.tokens.last().unwrap_or(&0);
             let pos0 = s.ids.len() + s.tokens.len() - 1;
             first_row.push(b.n_tokens());
-            for (i, &t) in std::iter::once(&last).chain(&r.tokens).enumerate() {
+            // With one KV stream per sequence, llama.cpp splits a batch into micro-batches of equal token
+            // counts per sequence: rows of one length run as one forward. The padding (the last draft
+            // again, at the positions after it, without logits) is trimmed with the rejected drafts; a row
+            // near the end of its context is not padded (it then runs in a micro-batch of its own).
+            let fed = r.tokens.len() + 1;
+            let pad = if pos0 + longest <= capacity {
+                longest - fed
+            } else {
+                0
+            };
+            let tail = *r.tokens.last().unwrap_or(&last);
+            let tokens = std::iter::once(&last)
+                .chain(&r.tokens)
+                .chain(std::iter::repeat_n(&tail, pad));
+            for (i, &t) in tokens.enumerate() {
                 b.add(
                     LlamaToken(t as i32),
                     (pos0 + i) as i32,
                     &[s.slot as i32],
-                    true,
+                    i < fed,
                 )
                 .map_err(|e| LlamaError::Runtime(e.to_string()))?;
             }
@@ -278,9 +296,11 @@ pub(crate) fn verify(
                 s.accept(loaded, ctx, row0 + r.tokens.len() as i32, o);
             }
             let kept = pos0 + 1 + fed;
-            if trim(ctx, s.slot as u32, kept)? != kept {
+            if !matches!(trim(ctx, s.slot as u32, kept), Ok(k) if k == kept) {
+                // This sequence's KV holds what its answer does not: it alone fails (its slot is
+                // cleared when released); the others' rounds stand.
                 s.poisoned = true;
-                return Err(LlamaError::Runtime(
+                o.fail(LlamaError::Runtime(
                     "the KV cache could not drop the rejected drafts".into(),
                 ));
             }
@@ -290,8 +310,8 @@ pub(crate) fn verify(
         rounds.extend(group.iter().zip(accepted_all).map(|(r, accepted)| Round {
             drafted: r.tokens.len(),
             accepted,
-            draft_time,
-            verify_time,
+            draft_time: r.draft_time,
+            verify_time: verify_time + draft_time.saturating_sub(r.draft_time),
         }));
     }
     Ok(rounds)

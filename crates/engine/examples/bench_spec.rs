@@ -153,6 +153,7 @@ fn run_batch(
                     .into_iter()
                     .zip(outs)
                 {
+                    let round = round?;
                     rounds += 1;
                     drafted += round.drafted as u64;
                     accepted += round.accepted as u64;

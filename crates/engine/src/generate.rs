@@ -927,9 +927,9 @@ impl Generation {
     ) -> Result<Round> {
         match self.draft_round(model, drafter, k)? {
             RoundStart::Done(round) => Ok(round),
-            RoundStart::Drafted(d) => Ok(Self::verify_rounds(model, vec![(self, d, rng)])?
+            RoundStart::Drafted(d) => Self::verify_rounds(model, vec![(self, d, rng)])?
                 .pop()
-                .expect("one round per generation")),
+                .expect("one round per generation"),
         }
     }
 
@@ -998,13 +998,15 @@ impl Generation {
     /// [`Generation::speculate`] does. Each row's result is its lone verification's up to the rounding of
     /// a pass over more rows. Every generation must come from its own [`Generation::draft_round`].
     ///
-    /// Returns the rounds in the order given. Their times are what the batch spent, as its wall clock
-    /// counts them: the verify time is the shared pass's, and the draft time all rows' drafting (the pass
-    /// waits for every row's drafts). Errors: an MLX failure, after which the generations must be dropped.
+    /// Returns the rounds in the order given, each its row's result: a row whose acceptance or trim failed
+    /// is an error alone, and its generation must be dropped. The rounds' times add up to what the batch's
+    /// wall clock spent on each row's round: the draft time is the row's own drafting (a cost per draft it
+    /// chose), the verify time the shared pass plus the other rows' drafting (which it waited on, whatever
+    /// its own `k`). Errors: the shared forward failed, after which every generation must be dropped.
     pub fn verify_rounds<R: rand::Rng>(
         model: &Gemma4,
         mut rows: Vec<(&mut Generation, Drafted, &mut R)>,
-    ) -> Result<Vec<Round>> {
+    ) -> Result<Vec<Result<Round>>> {
         let Some(s_max) = rows.iter().map(|(_, d, _)| d.fed.len()).max() else {
             return Ok(vec![]);
         };
@@ -1060,64 +1062,71 @@ impl Generation {
         let verify_time = started.elapsed();
         let mut out = Vec::with_capacity(b);
         for (r, ((g, d, rng), (fed_arr, lps, laws))) in rows.into_iter().zip(per_row).enumerate() {
-            let Drafted {
-                mut round,
-                fed,
-                drafts,
-                laws: q_laws,
-                greedy,
-                done_before,
-            } = d;
-            let verdict = if greedy {
-                let target: Vec<u32> = laws.iter().map(read_token).collect::<Result<_>>()?;
-                jemma_serve::speculative::accept_greedy(&drafts, &target)
-            } else {
-                let p: Vec<&[f32]> = laws.iter().map(|l| l.as_slice::<f32>()).collect();
-                let q: Vec<&[f32]> = q_laws.iter().map(|l| l.as_slice()).collect();
-                jemma_serve::speculative::accept_sampled(&drafts, &q, &p, rng)
-            }
-            .map_err(|e| EngineError::Speculative(e.to_string()))?;
-            round.verify_time = verify_time;
-            round.draft_time = draft_time;
-            round.drafted = drafts.len();
-            round.accepted = verdict.accepted;
-            // Commit the drafts that stand, as plain decoding would have, one at a time (a stop token or
-            // max_tokens may end generation part-way).
-            let mut kept = 1;
-            for (i, &dt) in drafts[..verdict.accepted].iter().enumerate() {
-                if g.finished {
-                    break;
+            // A row's own failure (its acceptance, its trim) fails that row alone: the others' rounds stand.
+            let commit = || -> Result<Round> {
+                let Drafted {
+                    mut round,
+                    fed,
+                    drafts,
+                    laws: q_laws,
+                    greedy,
+                    done_before,
+                } = d;
+                let verdict = if greedy {
+                    let target: Vec<u32> = laws.iter().map(read_token).collect::<Result<_>>()?;
+                    jemma_serve::speculative::accept_greedy(&drafts, &target)
+                } else {
+                    let p: Vec<&[f32]> = laws.iter().map(|l| l.as_slice::<f32>()).collect();
+                    let q: Vec<&[f32]> = q_laws.iter().map(|l| l.as_slice()).collect();
+                    jemma_serve::speculative::accept_sampled(&drafts, &q, &p, rng)
                 }
-                kept += 1;
-                match g.account(dt, &lps[i])? {
-                    Some(step) => round.steps.push(step),
-                    None => break,
+                .map_err(|e| EngineError::Speculative(e.to_string()))?;
+                round.verify_time = verify_time + draft_time.saturating_sub(round.draft_time);
+                round.drafted = drafts.len();
+                round.accepted = verdict.accepted;
+                // Commit the drafts that stand, as plain decoding would have, one at a time (a stop token or
+                // max_tokens may end generation part-way).
+                let mut kept = 1;
+                for (i, &dt) in drafts[..verdict.accepted].iter().enumerate() {
+                    if g.finished {
+                        break;
+                    }
+                    kept += 1;
+                    match g.account(dt, &lps[i])? {
+                        Some(step) => round.steps.push(step),
+                        None => break,
+                    }
+                    if g.room() == 0 {
+                        g.end(FinishReason::Length);
+                    }
                 }
-                if g.room() == 0 {
-                    g.end(FinishReason::Length);
+                if !g.cache.trim_end(s_max - kept) {
+                    return Err(EngineError::Speculative(
+                        "the cache could not drop the rejected drafts".into(),
+                    ));
                 }
-            }
-            if !g.cache.trim_end(s_max - kept) {
-                return Err(EngineError::Speculative(
-                    "the cache could not drop the rejected drafts".into(),
-                ));
-            }
-            if (done_before / 256) != (g.stats.completion_tokens / 256) {
-                // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
-                mlx_rs::memory::clear_cache()?;
-            }
-            let kept_arr = fed_arr.try_index(..kept as i32)?;
-            g.history = ops::concatenate(&[&g.history, &kept_arr], 0)?;
-            g.fed.extend(fed[..kept].iter().map(|&t| t as u32));
-            if !g.finished {
-                let at = verdict.accepted as i32;
-                g.cur = Some(Pending {
-                    token: Array::from_slice(&[verdict.next], &[1]),
-                    logprobs: lps[verdict.accepted].clone(),
-                    hidden: g.kept(&h.try_index((r as i32..r as i32 + 1, at..at + 1, ..))?)?,
-                });
-            }
-            out.push(round);
+                if (done_before / 256) != (g.stats.completion_tokens / 256) {
+                    // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
+                    mlx_rs::memory::clear_cache()?;
+                }
+                let kept_arr = fed_arr.try_index(..kept as i32)?;
+                g.history = ops::concatenate(&[&g.history, &kept_arr], 0)?;
+                g.fed.extend(fed[..kept].iter().map(|&t| t as u32));
+                if !g.finished {
+                    let at = verdict.accepted as i32;
+                    g.cur = Some(Pending {
+                        token: Array::from_slice(&[verdict.next], &[1]),
+                        logprobs: lps[verdict.accepted].clone(),
+                        hidden: g.kept(&h.try_index((
+                            r as i32..r as i32 + 1,
+                            at..at + 1,
+                            ..,
+                        ))?)?,
+                    });
+                }
+                Ok(round)
+            };
+            out.push(commit());
         }
         Ok(out)
     }

@@ -141,6 +141,19 @@ pub struct SpeculativeSettings {
     pub draft_model: PathBuf,
     /// Draft length, batch limit and adaptivity.
     pub config: SpeculativeConfig,
+    /// A drafter found next to the model rather than configured: when it cannot be used (a partial
+    /// download, a checkpoint that does not fit), the model serves without it, with a warning, instead of
+    /// failing to load.
+    pub optional: bool,
+}
+
+/// What drafts from `dir`, as `/health` names it: an MTP assistant or a draft model.
+fn drafter_kind(dir: &Path) -> &'static str {
+    if AssistantConfig::is_assistant(dir) {
+        "mtp_assistant"
+    } else {
+        "draft_model"
+    }
 }
 
 /// Live figures for `/health`, `/metrics` and the tray: the serving core's, with [`MlxInfo`] flattened in.
@@ -245,11 +258,7 @@ impl Engine {
                 m
             },
             speculative: config.speculative.as_ref().map(|sp| {
-                let drafter = if AssistantConfig::is_assistant(&sp.draft_model) {
-                    "mtp_assistant"
-                } else {
-                    "draft_model"
-                };
+                let drafter = drafter_kind(&sp.draft_model);
                 SpeculativeInfo::new(sp.draft_model.clone(), drafter)
             }),
         };
@@ -1176,10 +1185,59 @@ struct MlxRunner {
 impl MlxRunner {
     /// Bytes of the draft model, when speculative decoding is configured: its weights and a cache at the
     /// served context for each sequence that may speculate at once.
+    /// The draft of `sp` for the loaded `target`, checked against it. Errors: why it cannot draft,
+    /// naming it.
+    fn load_draft(
+        &self,
+        sp: &SpeculativeSettings,
+        target: &ModelBundle,
+    ) -> std::result::Result<Draft, String> {
+        let named =
+            |e: &dyn std::fmt::Display| format!("draft model {}: {e}", sp.draft_model.display());
+        if AssistantConfig::is_assistant(&sp.draft_model) {
+            let d = Gemma4Assistant::load(&sp.draft_model, self.dtype)
+                .and_then(|d| d.check_target(&target.model).map(|()| d))
+                .map_err(|e| named(&e))?;
+            tracing::info!(draft = %sp.draft_model.display(), "MTP assistant drafter loaded");
+            return Ok(Draft::Assistant(d));
+        }
+        let d = ModelBundle::load(&sp.draft_model, self.dtype).map_err(|e| named(&e))?;
+        crate::speculative::check_draft_vocabulary(&target.tokenizer, &d.tokenizer).map_err(
+            |e| {
+                named(&format!(
+                    "{e}; use a model with the same tokenizer (E2B for E4B)"
+                ))
+            },
+        )?;
+        let (a, b) = (
+            target.model.config().vocab_size,
+            d.model.config().vocab_size,
+        );
+        if a != b {
+            // Same tokens but padded embeddings: the laws would not line up.
+            return Err(named(&format!(
+                "its vocabulary has {b} entries, the target's {a}"
+            )));
+        }
+        tracing::info!(draft = %sp.draft_model.display(), "draft model loaded");
+        Ok(Draft::Model(d.model))
+    }
+
     fn draft_bytes(&self) -> std::result::Result<u64, LoadError> {
         let Some(sp) = &self.config.speculative else {
             return Ok(0);
         };
+        match self.draft_bytes_of(sp) {
+            Err(e) if sp.optional => {
+                // Found, not configured: the load will try it and do without it if it fails.
+                tracing::warn!(error = %e, "sizing the drafter found next to the model");
+                Ok(0)
+            }
+            r => r,
+        }
+    }
+
+    fn draft_bytes_of(&self, sp: &SpeculativeSettings) -> std::result::Result<u64, LoadError> {
         if AssistantConfig::is_assistant(&sp.draft_model) {
             return crate::footprint::assistant_bytes(
                 &sp.draft_model,
@@ -1281,38 +1339,20 @@ impl ModelRunner for MlxRunner {
         })?;
         tracing::info!(tensors = l.report.tensors, dtype = %l.report.dtype, "MLX model loaded");
         let mut l = l;
-        if let Some(sp) = &self.config.speculative
-            && AssistantConfig::is_assistant(&sp.draft_model)
-        {
-            let d = Gemma4Assistant::load(&sp.draft_model, self.dtype)
-                .and_then(|d| d.check_target(&l.model).map(|()| d))
-                .map_err(|e| {
-                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
-                })?;
-            tracing::info!(draft = %sp.draft_model.display(), "MTP assistant drafter loaded");
-            l.draft = Some(Draft::Assistant(d));
-        } else if let Some(sp) = &self.config.speculative {
-            let d = ModelBundle::load(&sp.draft_model, self.dtype).map_err(|e| {
-                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
-            })?;
-            crate::speculative::check_draft_vocabulary(&l.tokenizer, &d.tokenizer).map_err(
-                |e| {
-                    LoadError::Failed(format!(
-                        "draft model {}: {e}; use a model with the same tokenizer (E2B for E4B)",
-                        sp.draft_model.display()
-                    ))
-                },
-            )?;
-            let (a, b) = (l.model.config().vocab_size, d.model.config().vocab_size);
-            if a != b {
-                // Same tokens but padded embeddings: the laws would not line up.
-                return Err(LoadError::Failed(format!(
-                    "draft model {}: its vocabulary has {b} entries, the target's {a}",
-                    sp.draft_model.display()
-                )));
+        if let Some(sp) = &self.config.speculative {
+            match self.load_draft(sp, &l) {
+                Ok(d) => {
+                    l.draft = Some(d);
+                    info.speculative.get_or_insert_with(|| {
+                        SpeculativeInfo::new(sp.draft_model.clone(), drafter_kind(&sp.draft_model))
+                    });
+                }
+                Err(e) if sp.optional => {
+                    tracing::warn!(error = %e, "serving without the drafter found next to the model");
+                    info.speculative = None;
+                }
+                Err(e) => return Err(LoadError::Failed(e)),
             }
-            tracing::info!(draft = %sp.draft_model.display(), "draft model loaded");
-            l.draft = Some(Draft::Model(d.model));
         }
         info.load = Some(l.report.clone());
         let ctx = self
@@ -1429,6 +1469,7 @@ impl ModelRunner for MlxRunner {
         // default: a batch already reads the weights once for several tokens); the others decode plainly.
         // Each drafts on its own; their drafts are verified together in one forward of the target.
         let mut ready = ready;
+        let decoding = ready.len();
         if let Some(draft) = &model.draft {
             let n = ready.len();
             let mut plain = Vec::with_capacity(n);
@@ -1476,7 +1517,13 @@ impl ModelRunner for MlxRunner {
                 match verified {
                     Ok(rounds) => {
                         for (i, round) in order.into_iter().zip(rounds) {
-                            self.round_done(model, batch[i], round, &mut out[i]);
+                            match round {
+                                Ok(round) => self.round_done(model, batch[i], round, &mut out[i]),
+                                Err(e) => {
+                                    batch[i].poisoned = true;
+                                    out[i].fail(EngineFailure::from(e));
+                                }
+                            }
                         }
                     }
                     Err(e) => {
@@ -1506,10 +1553,13 @@ impl ModelRunner for MlxRunner {
         };
         if steps.is_ok() {
             // A plain step's cost at this batch size, which each speculating sequence's controller weighs
-            // a round (whose times are the batch's too) against.
+            // a round (whose times are the batch's too) against; not past `max_batch`, where speculation
+            // is off and a step's cost says nothing of the batches it runs in.
             let elapsed = started.elapsed();
             for &i in &ready {
-                if let Some(sp) = &mut batch[i].spec {
+                if let Some(sp) = &mut batch[i].spec
+                    && decoding <= sp.controller.config().max_batch
+                {
                     if !std::mem::take(&mut sp.after_round) {
                         sp.controller.record_plain(elapsed);
                     }

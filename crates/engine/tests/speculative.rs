@@ -255,7 +255,7 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
                 .into_iter()
                 .zip(Generation::verify_rounds(&t, batch).unwrap())
             {
-                got[i].extend(r.steps.iter().map(|s| s.token));
+                got[i].extend(r.unwrap().steps.iter().map(|s| s.token));
             }
         }
         assert!(most >= 3, "{target}: at most {most} rows verified together");
@@ -550,6 +550,26 @@ fn the_engine_speculates_for_single_streams_and_answers_the_same() {
 fn the_engine_speculates_with_the_mtp_assistant_and_answers_the_same() {
     engine_answers_the_same_speculating_with(common::fixture("mtp"), "mtp_assistant");
     refused_at_load("small", &common::fixture("mtp"), "does not fit the target");
+    // The same drafter found next to the model rather than configured: the model serves without it.
+    use jemma_engine::runtime::{Engine, EngineConfig, EngineState, SpeculativeSettings};
+    let mut cfg = EngineConfig::new(common::fixture("tiny").with_file_name("small"));
+    cfg.speculative = Some(SpeculativeSettings {
+        optional: true,
+        draft_model: common::fixture("mtp"),
+        config: Default::default(),
+    });
+    let e = Engine::start(cfg).unwrap();
+    let t0 = std::time::Instant::now();
+    while e.status().state != EngineState::Ready {
+        assert!(
+            t0.elapsed().as_secs() < 60 && !matches!(e.status().state, EngineState::Failed { .. }),
+            "{:?}",
+            e.status().state
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(e.status().info.speculative.is_none());
+    assert!(e.shutdown(std::time::Duration::from_secs(30)));
 }
 
 /// An engine serving `target` (a fixture directory's name) with `draft` fails to load, naming the draft
@@ -558,6 +578,7 @@ fn refused_at_load(target: &str, draft: &std::path::Path, why: &str) {
     use jemma_engine::runtime::{Engine, EngineConfig, SpeculativeSettings};
     let mut cfg = EngineConfig::new(common::fixture("tiny").join("..").join(target));
     cfg.speculative = Some(SpeculativeSettings {
+        optional: false,
         draft_model: draft.to_path_buf(),
         config: Default::default(),
     });
@@ -607,6 +628,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     let draft_dir = draft.clone();
     let mut cfg = EngineConfig::new(common::fixture("tiny"));
     cfg.speculative = Some(SpeculativeSettings {
+        optional: false,
         draft_model: draft,
         config: SpeculativeConfig {
             adaptive: false,
@@ -655,6 +677,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     let mut cfg = EngineConfig::new(common::fixture("tiny"));
     cfg.max_sequences = 4;
     cfg.speculative = Some(SpeculativeSettings {
+        optional: false,
         draft_model: draft_dir.clone(),
         config: SpeculativeConfig {
             adaptive: false,

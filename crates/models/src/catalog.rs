@@ -130,6 +130,11 @@ impl Catalog {
         for (name, e) in &self.models {
             let Some(d) = &e.drafter else { continue };
             match self.models.get(d) {
+                Some(_) if e.tier == DRAFT_TIER => {
+                    return Err(ModelsError::Catalog(format!(
+                        "models.{name}: a drafter names no drafter of its own"
+                    )));
+                }
                 Some(de) if de.tier == DRAFT_TIER && de.format == Format::Mlx => {}
                 _ => {
                     return Err(ModelsError::Catalog(format!(
@@ -282,5 +287,12 @@ mod tests {
         .unwrap();
         let e = Catalog::with_overrides(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("drafter") && e.contains("draft"), "{e}");
+        std::fs::write(
+            &p,
+            "[models.d2]\ntier = \"draft\"\nformat = \"mlx\"\nrepo = \"a/b\"\ndrafter = \"gemma-4-e2b-assistant\"\n",
+        )
+        .unwrap();
+        let e = Catalog::with_overrides(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("no drafter of its own"), "{e}");
     }
 }

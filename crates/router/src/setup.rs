@@ -293,7 +293,9 @@ impl ModelResolver for HubResolver {
             .map_err(|e| e.to_string())?;
         tracing::info!(%model, path = %path.display(), "model downloaded");
         if let Some(d) = drafter.filter(|d| matches!(self.local(d), Ok(None))) {
-            match Box::pin(self.resolve(&d, progress)).await {
+            // Logged, not shown: the tier's progress ended at the model's 100 %.
+            let quiet: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(|_| {});
+            match Box::pin(self.resolve(&d, quiet)).await {
                 Ok((p, _)) => tracing::info!(%model, drafter = %p.display(), "drafter downloaded"),
                 Err(e) => tracing::warn!(%model, drafter = %d, error = %e,
                     "the model's drafter did not download; serving without it"),
@@ -368,6 +370,7 @@ fn factory(
 ) -> BackendFactory {
     let template = engine_config(c, memory);
     let source = DraftSource::of(c);
+    let asked = c.speculative.is_some();
     let sp = c.speculative.clone().unwrap_or_default();
     let spec_config = jemma_serve::speculative::SpeculativeConfig {
         max_draft_tokens: sp.max_draft_tokens,
@@ -395,6 +398,16 @@ fn factory(
                     })?
                     .0,
             ),
+            // Asked for by a [speculative] section, but llama.cpp's engine runs no MTP drafter: a draft
+            // must be named (found drafters are MLX checkpoints).
+            DraftSource::Found if is_gguf && asked => {
+                return Err(format!(
+                    "{}: a GGUF tier speculates only with a named draft model: set draft_model to a \
+                     smaller .gguf with the same vocabulary (the llama.cpp engine runs no assistant \
+                     drafter), or remove [speculative]",
+                    path.display()
+                ));
+            }
             DraftSource::Found if is_gguf => None,
             DraftSource::Found => resolver.drafter_for(&path).inspect(|d| {
                 tracing::info!(model = %path.display(), drafter = %d.display(),
@@ -405,6 +418,7 @@ fn factory(
         template.speculative = draft.map(|d| jemma_engine::runtime::SpeculativeSettings {
             draft_model: d,
             config: spec_config.clone(),
+            optional: source == DraftSource::Found,
         });
         if let Some(sp) = &template.speculative {
             // A draft runs on its target's engine: a GGUF drafts for a GGUF, an MLX directory for MLX.
@@ -716,6 +730,22 @@ mod tests {
         );
         let e = f("/m/tiny-mlx".into(), "t".into()).err().unwrap();
         assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
+        // A [speculative] section without draft_model on a GGUF tier: the llama.cpp engine finds no
+        // drafter by itself, so the section cannot be honoured and is refused, naming what to set.
+        let tier = crate::config::TierConfig {
+            speculative: Some(Default::default()),
+            ..Default::default()
+        };
+        let f = super::factory(
+            &tier,
+            64,
+            crate::api::Limits::default(),
+            &super::memory_governor(&cfg),
+            Default::default(),
+            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
+        );
+        let e = f("/m/tiny.gguf".into(), "t".into()).err().unwrap();
+        assert!(e.contains("draft_model"), "{e}");
     }
 
     /// Where a tier's draft comes from: the drafter found next to its model unless told otherwise, none
