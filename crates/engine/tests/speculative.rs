@@ -411,6 +411,58 @@ fn sampled_speculation_follows_the_target_law() {
     });
 }
 
+/// The same with each round verified together with another sequence's (a greedy request of another
+/// length with random drafts, its row before or after this one's): sharing the forward leaves each row's
+/// law its own.
+#[test]
+fn sampled_speculation_verified_together_follows_the_target_law() {
+    use jemma_engine::generate::RoundStart;
+    let t = load("tiny");
+    let d = load("tiny-q4");
+    let other = prompts("tiny")[1].clone();
+    let mut other_cache = t.new_cache();
+    let ids: Vec<i32> = other[..other.len() - 1].iter().map(|&x| x as i32).collect();
+    t.forward_hidden(
+        &Array::from_slice(&ids, &[1, ids.len() as i32]),
+        &mut other_cache,
+    )
+    .unwrap();
+    mlx_rs::transforms::eval(other_cache.state()).unwrap();
+    follows_the_target_law(&t, false, Default::default(), &mut |g, trial, rng| {
+        let mut companion = Generation::resume(
+            &t,
+            &other,
+            opts(8),
+            Some((other_cache.clone(), other.len() - 1)),
+        )
+        .unwrap();
+        while !companion.prefill(&t).unwrap() {}
+        let mut state = DraftState::seeded(trial + 1_000_000);
+        let mut drafter = ModelDrafter {
+            model: &d,
+            state: &mut state,
+        };
+        let RoundStart::Drafted(mine) = g.draft_round(&t, &mut drafter, 1).unwrap() else {
+            panic!("a draft model always drafts")
+        };
+        let mut random = RandomDrafter {
+            vocab: t.config().vocab_size,
+            rng: StdRng::seed_from_u64(trial),
+        };
+        let RoundStart::Drafted(theirs) = companion.draft_round(&t, &mut random, 3).unwrap() else {
+            panic!("a random drafter always drafts")
+        };
+        let mut their_rng = StdRng::seed_from_u64(0);
+        let rows = if trial % 2 == 0 {
+            vec![(g, mine, rng), (&mut companion, theirs, &mut their_rng)]
+        } else {
+            vec![(&mut companion, theirs, &mut their_rng), (g, mine, rng)]
+        };
+        let mut rounds = Generation::verify_rounds(&t, rows).unwrap();
+        rounds.remove((trial % 2) as usize).unwrap()
+    });
+}
+
 /// The same with Gemma 4's MTP assistant drafter (scripts/fixtures/gen_mtp.py, its sparse head). Random
 /// drafter and target weights share no preferences, so a logit bias makes both favour the same two tokens
 /// (in other proportions): drafts stand often enough to test the rule on the drafter's reported law.
