@@ -128,25 +128,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                     println!("{m}: {}", path.display());
                 }
             }
-            Err(e) if optional => {
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"model": m, "warning": format!("{e:#}")})
-                    );
-                } else {
-                    eprintln!("{m} (the drafter of a model above; it serves without): {e:#}");
-                }
-            }
             Err(e) => {
-                failed += 1;
-                if args.json {
-                    println!(
-                        "{}",
-                        serde_json::json!({"model": m, "error": format!("{e:#}")})
-                    );
+                let (key, note) = if optional {
+                    (
+                        "warning",
+                        " (the drafter of a model above; it serves without)",
+                    )
                 } else {
-                    eprintln!("{m}: {e:#}");
+                    failed += 1;
+                    ("error", "")
+                };
+                if args.json {
+                    println!("{}", serde_json::json!({"model": m, key: format!("{e:#}")}));
+                } else {
+                    eprintln!("{m}{note}: {e:#}");
                 }
             }
         }

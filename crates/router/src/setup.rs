@@ -674,77 +674,56 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
+    /// Why the engine for `model` (a path) of a tier speculating with `sp`, under `cfg`, refused to start.
+    fn refusal(
+        cfg: &crate::config::Config,
+        sp: crate::config::SpeculativeTierConfig,
+        model: &str,
+    ) -> String {
+        let tier = crate::config::TierConfig {
+            speculative: Some(sp),
+            ..Default::default()
+        };
+        let f = super::factory(
+            &tier,
+            64,
+            crate::api::Limits::default(),
+            &super::memory_governor(cfg),
+            Default::default(),
+            std::sync::Arc::new(super::HubResolver::from_config(cfg, &|_| None).unwrap()),
+        );
+        match f(model.into(), "t".into()) {
+            Err(e) => e,
+            Ok(_) => panic!("{model} started"),
+        }
+    }
+
     /// A draft runs on its target's engine: a GGUF tier drafting with an MLX directory, or the reverse, is
-    /// refused when the engine starts, naming both.
+    /// refused when the engine starts, naming both; a named draft not on disk says how to fetch it; a
+    /// GGUF tier's section without a draft cannot be honoured.
     #[test]
     fn a_draft_on_another_engine_than_its_target_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("draft-mlx")).unwrap();
         std::fs::write(dir.path().join("draft.gguf"), b"").unwrap();
-        let cfg = crate::config::Config::default();
-        let resolver =
-            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap());
-        for (model, draft) in [("/m/tiny.gguf", "draft-mlx"), ("/m/tiny-mlx", "draft.gguf")] {
-            let draft = dir.path().join(draft).to_string_lossy().into_owned();
-            let tier = crate::config::TierConfig {
-                speculative: Some(crate::config::SpeculativeTierConfig {
-                    draft_model: draft.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            };
-            let f = super::factory(
-                &tier,
-                64,
-                crate::api::Limits::default(),
-                &super::memory_governor(&cfg),
-                Default::default(),
-                resolver.clone(),
-            );
-            let e = match f(model.into(), "t".into()) {
-                Err(e) => e,
-                Ok(_) => panic!("{model} with {draft} started"),
-            };
-            assert!(e.contains("same engine") && e.contains(&draft), "{e}");
-        }
-        // A named draft that is not on disk says how to fetch it.
-        let tier = crate::config::TierConfig {
-            speculative: Some(crate::config::SpeculativeTierConfig {
-                draft_model: "gemma-4-e2b".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
         let cfg = crate::config::Config::parse(&format!(
             "[models]\ncache_dir = \"{}\"\n",
             dir.path().join("hf").display()
         ))
         .unwrap();
-        let f = super::factory(
-            &tier,
-            64,
-            crate::api::Limits::default(),
-            &super::memory_governor(&cfg),
-            Default::default(),
-            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
-        );
-        let e = f("/m/tiny-mlx".into(), "t".into()).err().unwrap();
-        assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
-        // A [speculative] section without draft_model on a GGUF tier: the llama.cpp engine finds no
-        // drafter by itself, so the section cannot be honoured and is refused, naming what to set.
-        let tier = crate::config::TierConfig {
-            speculative: Some(Default::default()),
+        let named = |d: &str| crate::config::SpeculativeTierConfig {
+            draft_model: d.into(),
             ..Default::default()
         };
-        let f = super::factory(
-            &tier,
-            64,
-            crate::api::Limits::default(),
-            &super::memory_governor(&cfg),
-            Default::default(),
-            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
-        );
-        let e = f("/m/tiny.gguf".into(), "t".into()).err().unwrap();
+        for (model, draft) in [("/m/tiny.gguf", "draft-mlx"), ("/m/tiny-mlx", "draft.gguf")] {
+            let draft = dir.path().join(draft).to_string_lossy().into_owned();
+            let e = refusal(&cfg, named(&draft), model);
+            assert!(e.contains("same engine") && e.contains(&draft), "{e}");
+        }
+        let e = refusal(&cfg, named("gemma-4-e2b"), "/m/tiny-mlx");
+        assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
+        // The llama.cpp engine finds no drafter by itself: the section names what to set.
+        let e = refusal(&cfg, Default::default(), "/m/tiny.gguf");
         assert!(e.contains("draft_model"), "{e}");
     }
 
