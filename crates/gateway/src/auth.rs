@@ -23,6 +23,8 @@ use subtle::ConstantTimeEq;
 
 use crate::AppState;
 
+use crate::ids::now_secs;
+
 /// One stored key: never the key itself, only its SHA-256 (keys are 256 random bits, so a plain hash is as
 /// strong as a slow KDF would be, and verification stays cheap per request).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -52,7 +54,7 @@ pub struct KeyStore {
 
 fn sha256_hex(s: &str) -> String {
     let d = Sha256::digest(s.as_bytes());
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(d)
 }
 
 impl KeyStore {
@@ -103,13 +105,10 @@ impl KeyStore {
     pub fn create(&mut self, name: &str) -> std::io::Result<(String, String)> {
         let mut raw = [0u8; 32];
         getrandom::fill(&mut raw).map_err(|e| std::io::Error::other(e.to_string()))?;
-        let secret: String = raw.iter().map(|b| format!("{b:02x}")).collect();
+        let secret = hex::encode(raw);
         let key = format!("jm-{secret}");
         let id = key[3..11].to_string();
-        let created = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let created = now_secs();
         self.keys.push(StoredKey {
             id: id.clone(),
             name: name.to_string(),
@@ -269,13 +268,6 @@ struct QuotaFile {
     day: u64,
     /// Caller → (text, media) requests today.
     used: std::collections::BTreeMap<String, (u32, u32)>,
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 impl DailyQuota {

@@ -17,22 +17,8 @@ use jemma_router::route::{Output, model_entry};
 use serde_json::{Value, json};
 
 use crate::auth::Caller;
+use crate::ids::{call_id, completion_id, now_secs};
 use crate::{ApiError, AppState, sse};
-
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-pub(crate) fn completion_id() -> String {
-    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
-}
-
-pub(crate) fn call_id() -> String {
-    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
-}
 
 /// Reads and parses the body ourselves so that oversize and malformed bodies get OpenAI-shaped errors.
 async fn parse_body(state: &AppState, body: Body) -> Result<ChatCompletionRequest, ApiError> {

@@ -7,6 +7,7 @@ mod anthropic;
 pub mod auth;
 mod error;
 mod handlers;
+mod ids;
 pub mod openapi;
 mod responses;
 mod sse;

@@ -20,7 +20,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::ApiError;
-use crate::handlers::{call_id, completion_id, now_secs};
+use crate::ids::{call_id, completion_id, now_secs};
 
 struct Ctx {
     id: String,

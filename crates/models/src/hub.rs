@@ -488,7 +488,7 @@ pub fn verify(path: &Path, spec: &FileSpec) -> Result<()> {
     if let Some(want) = &spec.sha256 {
         let mut h = sha2::Sha256::new();
         feed(&mut |b| h.update(b))?;
-        let got = hex(&h.finalize());
+        let got = hex::encode(h.finalize());
         if !got.eq_ignore_ascii_case(want) {
             return Err(fail(format!("sha256 {got}, the Hub says {want}")));
         }
@@ -496,16 +496,12 @@ pub fn verify(path: &Path, spec: &FileSpec) -> Result<()> {
         let mut h = sha1::Sha1::new();
         h.update(format!("blob {len}\0").as_bytes());
         feed(&mut |b| h.update(b))?;
-        let got = hex(&h.finalize());
+        let got = hex::encode(h.finalize());
         if !got.eq_ignore_ascii_case(want) {
             return Err(fail(format!("git blob id {got}, the Hub says {want}")));
         }
     }
     Ok(())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// What a model reference in a config or on the command line names.

@@ -178,7 +178,7 @@ pub async fn download(
             let mut h = sha2::Sha256::new();
             let mut f = std::fs::File::open(&p)?;
             std::io::copy(&mut f, &mut h)?;
-            Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+            Ok(hex::encode(h.finalize()))
         })
         .await
         .map_err(|e| ModelsError::Download(e.to_string()))?

@@ -47,23 +47,19 @@ fn is_lfs(name: &str) -> bool {
     name.ends_with(".safetensors") || name.ends_with(".gguf")
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// Git blob id of content.
 pub fn git_blob_id(data: &[u8]) -> String {
     let mut h = sha1::Sha1::new();
     h.update(format!("blob {}\0", data.len()).as_bytes());
     h.update(data);
-    hex(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 /// SHA-256 of content.
 pub fn sha256(data: &[u8]) -> String {
     let mut h = sha2::Sha256::new();
     h.update(data);
-    hex(&h.finalize())
+    hex::encode(h.finalize())
 }
 
 fn authorized(repo: &FakeRepo, headers: &HeaderMap) -> bool {

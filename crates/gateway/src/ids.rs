@@ -1,0 +1,20 @@
+//! Identifiers and timestamps of answers, shared by the handlers and the SSE writer (kept apart from both so
+//! that neither module reaches into the other).
+
+/// Seconds since the Unix epoch: OpenAI's `created` (0 on a clock before 1970).
+pub(crate) fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// A chat completion's id, as OpenAI forms them: `chatcmpl-` and 32 hex digits.
+pub(crate) fn completion_id() -> String {
+    format!("chatcmpl-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A tool call's id: `call_` and 24 hex digits.
+pub(crate) fn call_id() -> String {
+    format!("call_{}", &uuid::Uuid::new_v4().simple().to_string()[..24])
+}
