@@ -99,16 +99,7 @@ impl Footprint {
 
 pub use jemma_serve::memory::gib;
 
-/// Bytes per element of an activation dtype.
-pub fn dtype_bytes(d: mlx_rs::Dtype) -> u64 {
-    use mlx_rs::Dtype::*;
-    match d {
-        Float64 | Int64 | Uint64 | Complex64 => 8,
-        Float32 | Int32 | Uint32 => 4,
-        Float16 | Bfloat16 | Int16 | Uint16 => 2,
-        _ => 1,
-    }
-}
+pub use crate::nn::dtype_bytes;
 
 fn dtype_size(name: &str) -> Option<u64> {
     Some(match name {

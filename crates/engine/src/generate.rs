@@ -517,7 +517,7 @@ impl Generation {
         let n_ids = self.ids.len();
         if n_ids - self.prefilled > 1 {
             let heads = model.config().num_attention_heads;
-            let elem = crate::footprint::dtype_bytes(model.dtype());
+            let elem = crate::nn::dtype_bytes(model.dtype());
             let mut n = prefill_chunk(
                 self.prefilled,
                 n_ids - self.prefilled - 1,

@@ -12,6 +12,17 @@ use mlx_rs::{Array, Dtype, ops};
 use crate::models::gemma4::config::{QuantParams, Quantization};
 use crate::{EngineError, Result};
 
+/// Bytes per element of an activation dtype.
+pub fn dtype_bytes(d: Dtype) -> u64 {
+    use Dtype::*;
+    match d {
+        Float64 | Int64 | Uint64 | Complex64 => 8,
+        Float32 | Int32 | Uint32 => 4,
+        Float16 | Bfloat16 | Int16 | Uint16 => 2,
+        _ => 1,
+    }
+}
+
 /// A scalar in the activation dtype. MLX's Python API rounds Python floats to the array's dtype ("weak"
 /// scalars); mlx-rs makes float32 scalars, which would silently promote bf16 activations to f32 and change
 /// every rounding. All model constants go through this.

@@ -95,27 +95,7 @@ impl PullPlan {
     }
 }
 
-/// Progress of a pull, over all files.
-#[derive(Debug, Clone, Serialize)]
-pub struct PullProgress {
-    /// File being transferred.
-    pub file: String,
-    /// Bytes done (cached files count as done).
-    pub done_bytes: u64,
-    /// Bytes in all.
-    pub total_bytes: u64,
-}
-
-impl PullProgress {
-    /// 0 to 1.
-    pub fn fraction(&self) -> f32 {
-        if self.total_bytes == 0 {
-            1.0
-        } else {
-            (self.done_bytes as f64 / self.total_bytes as f64).min(1.0) as f32
-        }
-    }
-}
+pub use crate::PullProgress;
 
 /// Which files of a repo a model needs.
 #[derive(Debug, Clone)]

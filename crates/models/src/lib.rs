@@ -9,7 +9,29 @@ pub mod hub;
 pub mod url;
 
 pub use catalog::{Catalog, Entry, Format};
-pub use hub::{Hub, HubConfig, PullPlan, PullProgress};
+pub use hub::{Hub, HubConfig, PullPlan};
+
+/// Progress of a pull (from the Hub or a URL), over all files.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PullProgress {
+    /// File being transferred.
+    pub file: String,
+    /// Bytes done (cached files count as done).
+    pub done_bytes: u64,
+    /// Bytes in all.
+    pub total_bytes: u64,
+}
+
+impl PullProgress {
+    /// Share done, 0 to 1 (1 when there is nothing to transfer).
+    pub fn fraction(&self) -> f32 {
+        if self.total_bytes == 0 {
+            1.0
+        } else {
+            (self.done_bytes as f64 / self.total_bytes as f64).min(1.0) as f32
+        }
+    }
+}
 
 /// Everything that can go wrong in this crate.
 #[derive(Debug, thiserror::Error)]

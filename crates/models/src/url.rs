@@ -10,7 +10,7 @@ use futures_util::StreamExt;
 use sha2::Digest;
 use tokio::io::AsyncWriteExt;
 
-use crate::hub::PullProgress;
+use crate::PullProgress;
 use crate::{ModelsError, Result};
 
 /// Where `gs://` objects are read from (overridable for tests with `JEMMA_GCS_ENDPOINT`).
