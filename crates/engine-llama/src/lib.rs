@@ -192,7 +192,8 @@ pub struct Request {
     /// `max_tokens` is a default, not the client's: lower it to the room the prompt leaves in the context
     /// (vLLM's default of `n_ctx - prompt_len`) instead of refusing the request.
     pub fit_context: bool,
-    /// Stop tokens besides the model's end-of-generation tokens (e.g. to ignore EOS: see `ignore_eos`).
+    /// Generate past the model's end-of-generation tokens, to `max_tokens` or a stop string (benchmarks,
+    /// and vLLM's `ignore_eos`); false stops at them, as every API request does.
     pub ignore_eos: bool,
     /// Report each generated token's log-probability (`Event::Logprobs`).
     pub logprobs: bool,

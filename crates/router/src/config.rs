@@ -189,7 +189,8 @@ impl Default for AuthConfig {
     }
 }
 
-/// `[rate_limits]`: per key (or IP) budgets, as the seed: 30 text and 10 media requests a minute.
+/// `[rate_limits]`: per key (or IP) budgets, by default the original design's 30 text and 10 media
+/// requests a minute.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimitConfig {
@@ -199,9 +200,9 @@ pub struct RateLimitConfig {
     pub media_per_minute: u32,
     /// Also limit loopback callers.
     pub limit_loopback: bool,
-    /// Text requests per caller per UTC day (0 = off; the seed used 100).
+    /// Text requests per caller per UTC day (0 = off; the original design used 100).
     pub daily_text: u32,
-    /// Media requests per caller per UTC day (0 = off; the seed used 20).
+    /// Media requests per caller per UTC day (0 = off; the original design used 20).
     pub daily_media: u32,
     /// Where daily counts persist (default: next to the key file, `quotas.json`).
     pub quota_file: Option<String>,
@@ -253,7 +254,7 @@ impl Default for ServerConfig {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TierKind {
-    /// In-process MLX engine.
+    /// An in-process engine: MLX for a model directory, llama.cpp for a `.gguf` file.
     #[default]
     Local,
     /// OpenAI-compatible HTTP upstream.
@@ -297,11 +298,12 @@ pub struct TierConfig {
     /// Local: release the model after this many idle seconds and reload it on the next request (Ollama's
     /// keep-alive; -1 = never).
     pub keep_alive_secs: i64,
-    /// Local: quantize the full-attention KV caches to this many bits (4 or 8; None = full precision).
+    /// Local, MLX: quantize the full-attention KV caches to this many bits (MLX's quantized widths: 2, 3,
+    /// 4, 5, 6 or 8; mlx-lm's `kv_bits`; None = full precision). Refused with `[speculative]`.
     pub kv_bits: Option<i32>,
-    /// Local: KV quantization group size.
+    /// Local, MLX: elements per KV quantization group (default 64; must divide the head dimensions).
     pub kv_group_size: i32,
-    /// Local: context length from which the KV cache is quantized.
+    /// Local, MLX: positions a cache holds before it is quantized (mlx-lm's `quantized_kv_start`).
     pub quantized_kv_start: usize,
     /// Local: longest context served (prompt + answer); also what the memory estimate is made for
     /// (None: the model's maximum).
@@ -599,6 +601,16 @@ impl Config {
                     "tiers.{t}: timeouts must be positive"
                 )));
             }
+            // Checked here rather than at each request's start, where a bad width used to surface.
+            if let Some(bits) = c.kv_bits
+                && (![2, 3, 4, 5, 6, 8].contains(&bits) || c.kv_group_size <= 0)
+            {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: kv_bits must be 2, 3, 4, 5, 6 or 8 (MLX's quantized widths) and kv_group_size \
+                     positive; got {bits} and {}",
+                    c.kv_group_size
+                )));
+            }
             if let Some(sp) = &c.speculative {
                 let bad = if c.kind != TierKind::Local {
                     Some(
@@ -847,6 +859,22 @@ mod tests {
             "[server]\nmax_body_bytes = 41000000\n[limits]\nmax_audio_bytes = 30000000\n",
         )
         .unwrap();
+    }
+
+    /// A KV width MLX cannot quantize to is refused at load, not at each request.
+    #[test]
+    fn kv_bits_are_mlx_widths() {
+        Config::parse("[tiers.fast]\nmodel = \"/m\"\nkv_bits = 4\n").unwrap();
+        for bad in [
+            "kv_bits = 7",
+            "kv_bits = 16",
+            "kv_bits = 4\nkv_group_size = 0",
+        ] {
+            let e = Config::parse(&format!("[tiers.fast]\nmodel = \"/m\"\n{bad}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("kv_bits must be"), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -619,7 +619,7 @@ pub struct Gemma4 {
 /// KV-cache quantization settings (mlx-lm's `kv_bits`, `kv_group_size`, `quantized_kv_start`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KvQuant {
-    /// 4 or 8.
+    /// Bits per element: 2, 3, 4, 5, 6 or 8 (MLX's quantized widths; checked when a generation starts).
     pub bits: i32,
     /// Elements per scale/bias group (must divide the head dimension).
     pub group_size: i32,
