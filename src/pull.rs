@@ -35,8 +35,8 @@ pub struct Args {
     /// One JSON line per progress update instead of a bar (for scripts and the app).
     #[arg(long)]
     json: bool,
-    /// Skip the assistant (MTP) drafters the catalog pairs with the models (fetched by default: a tier
-    /// speculates with its model's drafter when it is on disk).
+    /// Skip the assistant (MTP) drafters the catalog pairs with the models (fetched by default: an MLX
+    /// tier speculates with its model's drafter when it is on disk).
     #[arg(long)]
     no_drafters: bool,
 }
@@ -71,18 +71,31 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         })
     })?;
     if args.list {
+        let width = catalog.models.keys().map(String::len).max().unwrap_or(0);
         for (name, e) in &catalog.models {
             let sel = Selection::of(e);
             let here = hub.cached(&e.repo, &e.revision, &sel);
+            // A drafter serves no tier: say whose drafter it is.
+            let drafts_for: Vec<&str> = catalog
+                .models
+                .iter()
+                .filter(|(_, m)| m.drafter.as_deref() == Some(name.as_str()))
+                .map(|(n, _)| n.as_str())
+                .collect();
             println!(
-                "{name:<20} {:<8} {:<5} {:>7.1} GB  {}{}",
+                "{name:<width$} {:<8} {:<5} {:>7.1} GB  {}{}{}",
                 e.tier,
                 format!("{:?}", e.format).to_lowercase(),
                 e.download_bytes as f64 / 1e9,
                 e.repo,
+                if drafts_for.is_empty() {
+                    String::new()
+                } else {
+                    format!("  (drafter of {})", drafts_for.join(", "))
+                },
                 match here {
                     Some(p) => format!("  [downloaded: {}]", p.display()),
-                    None => String::new(),
+                    None => "  [not downloaded]".to_string(),
                 }
             );
         }

@@ -551,7 +551,11 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, RouterError> {
         let s = std::fs::read_to_string(path)
             .map_err(|e| RouterError::Config(format!("{}: {e}", path.display())))?;
-        Self::parse(&s).map_err(|e| RouterError::Config(format!("{}: {e}", path.display())))
+        Self::parse(&s).map_err(|e| match e {
+            // Already a configuration error: say where, without saying "configuration" twice.
+            RouterError::Config(m) => RouterError::Config(format!("{}: {m}", path.display())),
+            e => RouterError::Config(format!("{}: {e}", path.display())),
+        })
     }
 
     /// Parses TOML text.
@@ -602,14 +606,18 @@ impl Config {
                 )));
             }
             // Checked here rather than at each request's start, where a bad width used to surface.
-            if let Some(bits) = c.kv_bits
-                && (![2, 3, 4, 5, 6, 8].contains(&bits) || c.kv_group_size <= 0)
-            {
-                return Err(RouterError::Config(format!(
-                    "tiers.{t}: kv_bits must be 2, 3, 4, 5, 6 or 8 (MLX's quantized widths) and kv_group_size \
-                     positive; got {bits} and {}",
-                    c.kv_group_size
-                )));
+            if let Some(bits) = c.kv_bits {
+                if ![2, 3, 4, 5, 6, 8].contains(&bits) {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: kv_bits must be 2, 3, 4, 5, 6 or 8 (MLX's quantized widths), not {bits}"
+                    )));
+                }
+                if c.kv_group_size <= 0 {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: kv_group_size must be positive (64 by default), not {}",
+                        c.kv_group_size
+                    )));
+                }
             }
             if let Some(sp) = &c.speculative {
                 let bad = if c.kind != TierKind::Local {
@@ -865,15 +873,15 @@ mod tests {
     #[test]
     fn kv_bits_are_mlx_widths() {
         Config::parse("[tiers.fast]\nmodel = \"/m\"\nkv_bits = 4\n").unwrap();
-        for bad in [
-            "kv_bits = 7",
-            "kv_bits = 16",
-            "kv_bits = 4\nkv_group_size = 0",
+        for (bad, why) in [
+            ("kv_bits = 7", "kv_bits must be"),
+            ("kv_bits = 16", "kv_bits must be"),
+            ("kv_bits = 4\nkv_group_size = 0", "kv_group_size must be"),
         ] {
             let e = Config::parse(&format!("[tiers.fast]\nmodel = \"/m\"\n{bad}\n"))
                 .unwrap_err()
                 .to_string();
-            assert!(e.contains("kv_bits must be"), "{bad}: {e}");
+            assert!(e.contains(why), "{bad}: {e}");
         }
     }
 

@@ -200,7 +200,7 @@ impl HubResolver {
         candidates.into_iter().find(|d| {
             jemma_engine::models::gemma4::assistant::AssistantConfig::check_target_dir(d, model)
                 .inspect_err(|e| {
-                    tracing::info!(drafter = %d.display(), model = %model.display(), error = %e,
+                    tracing::warn!(drafter = %d.display(), model = %model.display(), error = %e,
                         "not using the drafter next to the model");
                 })
                 .is_ok()
@@ -402,9 +402,9 @@ fn factory(
             // must be named (found drafters are MLX checkpoints).
             DraftSource::Found if is_gguf && asked => {
                 return Err(format!(
-                    "{}: a GGUF tier speculates only with a named draft model: set draft_model to a \
-                     smaller .gguf with the same vocabulary (the llama.cpp engine runs no assistant \
-                     drafter), or remove [speculative]",
+                    "{}: a GGUF tier speculates only with a named draft model: set draft_model in the \
+                     tier's [tiers.<tier>.speculative] section to a smaller .gguf with the same vocabulary \
+                     (the llama.cpp engine runs no assistant drafter), or remove that section",
                     path.display()
                 ));
             }
@@ -652,7 +652,11 @@ fn spawn_download(
         if let (Ok(_), Some(d)) = (&resolved, &draft)
             && let Err(e) = resolver.resolve(d, progress).await
         {
-            resolved = Err(format!("draft model {d}: {e}"));
+            tracing::error!(%model, draft = %d, error = %e, "draft model download failed");
+            resolved = Err(format!(
+                "draft model {d} is not downloaded and could not be fetched ({e}): run `jemma pull {d}` \
+                 where the Hub is reachable, or remove draft_model (enabled = false turns speculation off)"
+            ));
         }
         match resolved {
             Ok((path, name)) => {
@@ -663,7 +667,7 @@ fn spawn_download(
                 }
             }
             Err(e) => {
-                tracing::error!(%model, error = %e, "model download failed");
+                tracing::error!(%model, error = %e, "the tier cannot start");
                 for t in &waiting {
                     t.set_pending(BackendState::Failed, Some(e.clone()));
                 }
