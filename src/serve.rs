@@ -61,7 +61,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             router,
             cfg.limits.clone(),
             cfg.server.max_body_bytes,
-            Duration::from_secs_f64(cfg.server.keep_alive_secs),
+            Duration::from_secs_f64(cfg.server.sse_keep_alive_secs),
         )
         .with_cors_origins(cfg.server.cors_origins.clone())
         .with_access(crate::keys::access_policy(&cfg)?)

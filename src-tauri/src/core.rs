@@ -290,7 +290,7 @@ impl Core {
             router.clone(),
             cfg.limits.clone(),
             cfg.server.max_body_bytes,
-            Duration::from_secs_f64(cfg.server.keep_alive_secs),
+            Duration::from_secs_f64(cfg.server.sse_keep_alive_secs),
         )
         .with_cors_origins(cfg.server.cors_origins.clone())
         .with_access(jemma_gateway::auth::AccessPolicy::from_config(&cfg)?)

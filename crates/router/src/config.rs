@@ -231,8 +231,11 @@ pub struct ServerConfig {
     pub port: u16,
     /// Largest request body in bytes (413 above).
     pub max_body_bytes: usize,
-    /// Interval of SSE keep-alive comments while waiting for a tier.
-    pub keep_alive_secs: f64,
+    /// Seconds between SSE comments sent while a stream waits for a tier, so proxies keep it open
+    /// (`sse_keep_alive_secs`; the old name `keep_alive_secs` is still read, but it was also a tier's
+    /// model-unload setting).
+    #[serde(alias = "keep_alive_secs")]
+    pub sse_keep_alive_secs: f64,
     /// Browser origins allowed to call the API (CORS): the app's own webview by default. Other local apps
     /// are not browsers and need no CORS.
     pub cors_origins: Vec<String>,
@@ -244,7 +247,7 @@ impl Default for ServerConfig {
             host: "127.0.0.1".into(),
             port: 8080,
             max_body_bytes: 32 << 20,
-            keep_alive_secs: 10.0,
+            sse_keep_alive_secs: 10.0,
             cors_origins: vec!["tauri://localhost".into(), "http://tauri.localhost".into()],
         }
     }
@@ -867,6 +870,15 @@ mod tests {
             "[server]\nmax_body_bytes = 41000000\n[limits]\nmax_audio_bytes = 30000000\n",
         )
         .unwrap();
+    }
+
+    /// The SSE comment interval has its own name; the old one, shared with tiers' model unload, still reads.
+    #[test]
+    fn sse_keep_alive_has_its_own_name() {
+        let c = Config::parse("[server]\nsse_keep_alive_secs = 2.0\n").unwrap();
+        assert_eq!(c.server.sse_keep_alive_secs, 2.0);
+        let c = Config::parse("[server]\nkeep_alive_secs = 3.0\n").unwrap();
+        assert_eq!(c.server.sse_keep_alive_secs, 3.0);
     }
 
     /// A KV width MLX cannot quantize to is refused at load, not at each request.

@@ -394,7 +394,11 @@ fn factory(
                     .local(r)
                     .map_err(|e| format!("draft model {r}: {e}"))?
                     .ok_or_else(|| {
-                        format!("draft model {r} is not downloaded yet: run `jemma pull {r}`")
+                        format!(
+                            "draft model {r} is not downloaded (the log says why a download failed): run \
+                             `jemma pull {r}` where the Hub is reachable, or remove draft_model \
+                             (enabled = false turns speculation off)"
+                        )
                     })?
                     .0,
             ),
@@ -521,8 +525,9 @@ pub fn build_router(
     // Tiers naming the same model share one engine (one copy of the weights) at start; each tier still
     // gets its own wrapper so that swapping one tier's model leaves the other alone.
     let shared: SharedEngines = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
-    // What to download in the background: a model, and a named draft model not on disk yet.
-    let mut downloads: BTreeMap<(String, Option<String>), Vec<Arc<LocalTier>>> = BTreeMap::new();
+    // What to download in the background: each model once, with the named draft models not on disk yet of
+    // the tiers waiting for it.
+    let mut downloads: BTreeMap<String, (Vec<Arc<LocalTier>>, Vec<String>)> = BTreeMap::new();
     let mut tiers = vec![];
     // Within the tier's own ceiling: a default is never more than the tier would accept if asked.
     let default_max_tokens = |c: &TierConfig| {
@@ -568,10 +573,9 @@ pub fn build_router(
             };
             let t = Arc::new(t.with_swapping(f, resolver.clone()));
             if t.model().is_empty() && cfg.models.auto_download {
-                downloads
-                    .entry((c.model.clone(), missing_draft))
-                    .or_default()
-                    .push(t.clone());
+                let (waiting, drafts) = downloads.entry(c.model.clone()).or_default();
+                waiting.push(t.clone());
+                drafts.extend(missing_draft.filter(|d| !drafts.contains(d)));
             }
             Ok(t)
         };
@@ -624,8 +628,8 @@ pub fn build_router(
             "no tiers configured: pass --model <dir> or a config with [tiers.*]".into(),
         ));
     }
-    for ((model, draft), waiting) in downloads {
-        spawn_download(model, draft, waiting, resolver.clone());
+    for (model, (waiting, drafts)) in downloads {
+        spawn_download(model, drafts, waiting, resolver.clone());
     }
     let status = move || serde_json::to_value(memory.status()).unwrap_or_default();
     Ok(Arc::new(
@@ -633,11 +637,12 @@ pub fn build_router(
     ))
 }
 
-/// Downloads `model` (then `draft`, a named draft model, when given) in the background, showing progress on
-/// every tier waiting for it, then starts its engine (shared by all of them).
+/// Downloads `model` (then `drafts`, named draft models of the tiers waiting for it) in the background,
+/// showing progress on every tier waiting for it, then starts its engine (shared by the tiers that agree on
+/// their draft).
 fn spawn_download(
     model: String,
-    draft: Option<String>,
+    drafts: Vec<String>,
     waiting: Vec<Arc<LocalTier>>,
     resolver: Arc<HubResolver>,
 ) {
@@ -648,15 +653,16 @@ fn spawn_download(
                 t.set_pending(BackendState::Downloading { progress: p }, None);
             }
         });
-        let mut resolved = resolver.resolve(&model, progress.clone()).await;
-        if let (Ok(_), Some(d)) = (&resolved, &draft)
-            && let Err(e) = resolver.resolve(d, progress).await
-        {
-            tracing::error!(%model, draft = %d, error = %e, "draft model download failed");
-            resolved = Err(format!(
-                "draft model {d} is not downloaded and could not be fetched ({e}): run `jemma pull {d}` \
-                 where the Hub is reachable, or remove draft_model (enabled = false turns speculation off)"
-            ));
+        let resolved = resolver.resolve(&model, progress.clone()).await;
+        if resolved.is_ok() {
+            for d in &drafts {
+                // A draft that did not come fails only the tiers naming it, when their engine starts
+                // (the factory says how to fetch it); the reason is logged here.
+                if let Err(e) = resolver.resolve(d, progress.clone()).await {
+                    tracing::error!(%model, draft = %d, error = %e,
+                        "draft model download failed: the tiers naming it cannot start until it is pulled");
+                }
+            }
         }
         match resolved {
             Ok((path, name)) => {
