@@ -294,12 +294,31 @@ pub struct ClassifierConfig {
     pub model_aliases: BTreeMap<String, Tier>,
 }
 
+/// The built-in word tables, data rather than code (`classifier.toml`, beside this crate's manifest).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Words {
+    primary_keywords: Vec<String>,
+    heavy_keywords: Vec<String>,
+    greeting_words: Vec<String>,
+    reasoning_words: Vec<String>,
+}
+
+fn builtin_words() -> &'static Words {
+    static WORDS: std::sync::OnceLock<Words> = std::sync::OnceLock::new();
+    WORDS.get_or_init(|| {
+        toml::from_str(include_str!("../classifier.toml"))
+            .expect("the built-in classifier tables parse (tested)")
+    })
+}
+
 fn strings(words: &[&str]) -> Vec<String> {
     words.iter().map(|w| (*w).to_owned()).collect()
 }
 
 impl Default for ClassifierConfig {
     fn default() -> Self {
+        let words = builtin_words();
         Self {
             fast_max_prompt_tokens: 8192,
             primary_max_prompt_tokens: 32768,
@@ -307,142 +326,10 @@ impl Default for ClassifierConfig {
             short_greeting_max_chars: 60,
             short_message_max_prompt_tokens: 1024,
             reserve_max_tokens: true,
-            primary_keywords: strings(&[
-                "summarize",
-                "summarise",
-                "summary",
-                "tldr",
-                "code",
-                "function",
-                "rewrite",
-                "rephrase",
-                "proofread",
-                "translate",
-                "translation",
-                "refactor",
-                "debug",
-                "explain",
-                "fix",
-                "bug",
-                "regex",
-                "sql",
-                "script",
-                "compile",
-                "python",
-                "javascript",
-                "typescript",
-                "json",
-                "yaml",
-                "unit test",
-                "stack trace",
-                "outline",
-            ]),
-            heavy_keywords: strings(&[
-                "analyze",
-                "analyse",
-                "analysis",
-                "complex",
-                "comprehensive",
-                "in-depth",
-                "long-form",
-                "essay",
-                "research",
-                "prove",
-                "proof",
-                "step-by-step plan",
-                "architecture",
-                "compare and contrast",
-                "thorough",
-                "rigorous",
-                "detailed report",
-                "whitepaper",
-                "dissertation",
-                "thesis",
-                "literature review",
-                "business plan",
-                "trade-offs",
-                "tradeoffs",
-            ]),
-            greeting_words: strings(&[
-                "hi",
-                "hello",
-                "hey",
-                "heya",
-                "hiya",
-                "yo",
-                "sup",
-                "howdy",
-                "greetings",
-                "good",
-                "morning",
-                "afternoon",
-                "evening",
-                "night",
-                "day",
-                "thanks",
-                "thank",
-                "thx",
-                "ty",
-                "you",
-                "very",
-                "so",
-                "much",
-                "a",
-                "lot",
-                "cheers",
-                "bye",
-                "goodbye",
-                "see",
-                "later",
-                "ok",
-                "okay",
-                "cool",
-                "great",
-                "nice",
-                "awesome",
-                "perfect",
-                "how",
-                "are",
-                "is",
-                "it",
-                "going",
-                "doing",
-                "today",
-                "what",
-                "whats",
-                "s",
-                "up",
-                "there",
-                "all",
-                "everyone",
-                "again",
-                "welcome",
-                "lol",
-                "haha",
-                "jemma",
-            ]),
-            reasoning_words: strings(&[
-                "why",
-                "how",
-                "which",
-                "should",
-                "calculate",
-                "compute",
-                "solve",
-                "derive",
-                "compare",
-                "difference",
-                "evaluate",
-                "estimate",
-                "optimize",
-                "optimise",
-                "design",
-                "implement",
-                "plan",
-                "reason",
-                "equation",
-                "math",
-            ]),
+            primary_keywords: words.primary_keywords.clone(),
+            heavy_keywords: words.heavy_keywords.clone(),
+            greeting_words: words.greeting_words.clone(),
+            reasoning_words: words.reasoning_words.clone(),
             vision_tier: Tier::Primary,
             audio_tier: Tier::Primary,
             default_tier: Tier::Primary,
@@ -884,6 +771,22 @@ fn code_signal(s: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The built-in tables are data (`classifier.toml`), parsed whole into the defaults.
+    #[test]
+    fn builtin_word_tables_are_data() {
+        let c = ClassifierConfig::default();
+        let w = super::builtin_words();
+        assert_eq!(c.primary_keywords, w.primary_keywords);
+        assert!(c.primary_keywords.contains(&"unit test".to_string()));
+        assert!(
+            c.greeting_words.contains(&"hello".to_string())
+                || c.greeting_words.contains(&"hi".to_string())
+        );
+        for t in [&c.heavy_keywords, &c.reasoning_words] {
+            assert!(!t.is_empty());
+        }
+    }
 
     fn classify(input: ClassifyInput<'_>) -> Decision {
         Classifier::default().classify(&input).unwrap()
