@@ -2,10 +2,10 @@
 //! panics, and streaming gives the same result as one shot.
 #![no_main]
 
-use jemma_chat::tools::{Event, OutputParser, parse_tool_calls};
+use jemma_chat::tools::{Parsed, OutputParser, parse_tool_calls};
 use libfuzzer_sys::fuzz_target;
 
-fn run(pieces: &[&str]) -> Vec<Event> {
+fn run(pieces: &[&str]) -> Vec<Parsed> {
     let mut p = OutputParser::new();
     let mut out = vec![];
     for piece in pieces {
@@ -16,16 +16,16 @@ fn run(pieces: &[&str]) -> Vec<Event> {
 }
 
 /// Merges adjacent text events so split points do not change the comparison.
-fn normalise(events: Vec<Event>) -> Vec<Event> {
-    let mut out: Vec<Event> = vec![];
+fn normalise(events: Vec<Parsed>) -> Vec<Parsed> {
+    let mut out: Vec<Parsed> = vec![];
     for e in events {
         match (out.last_mut(), e) {
-            (Some(Event::Content(a)), Event::Content(b)) => a.push_str(&b),
-            (Some(Event::Reasoning(a)), Event::Reasoning(b)) => a.push_str(&b),
+            (Some(Parsed::Content(a)), Parsed::Content(b)) => a.push_str(&b),
+            (Some(Parsed::Reasoning(a)), Parsed::Reasoning(b)) => a.push_str(&b),
             (_, e) => out.push(e),
         }
     }
-    out.retain(|e| !matches!(e, Event::Content(s) | Event::Reasoning(s) if s.is_empty()));
+    out.retain(|e| !matches!(e, Parsed::Content(s) | Parsed::Reasoning(s) if s.is_empty()));
     out
 }
 

@@ -4,7 +4,7 @@
 //! repairs is passed through as text rather than lost.
 
 use crate::stop::StopMatcher;
-use crate::tools::{Event, OutputParser};
+use crate::tools::{OutputParser, Parsed};
 
 /// One request's answer in the making.
 #[derive(Debug)]
@@ -47,7 +47,7 @@ impl Answer {
     /// and whether a stop string ended the answer.
     ///
     /// Engines push once per generated token, which is what [`Answer::reasoning_tokens`] counts.
-    pub fn push(&mut self, text: &str) -> (Vec<Event>, bool) {
+    pub fn push(&mut self, text: &str) -> (Vec<Parsed>, bool) {
         let before = self.parser.as_ref().is_some_and(OutputParser::in_reasoning);
         let (out, hit) = self.stops.push(text);
         let mut events = self.parse(&out);
@@ -59,12 +59,12 @@ impl Answer {
             let mut seen = self.calls
                 - events
                     .iter()
-                    .filter(|e| matches!(e, Event::ToolCall(_)))
+                    .filter(|e| matches!(e, Parsed::ToolCall(_)))
                     .count();
             let cut = events
                 .iter()
                 .position(|e| {
-                    if matches!(e, Event::ToolCall(_)) {
+                    if matches!(e, Parsed::ToolCall(_)) {
                         seen += 1;
                     }
                     seen >= max
@@ -79,7 +79,7 @@ impl Answer {
 
     /// The end of generation: `tail` is the decoder's remaining text; held-back text is released unless a
     /// stop string ended the answer (`stopped_by_string`). Returns the last pieces.
-    pub fn finish(&mut self, tail: &str, stopped_by_string: bool) -> Vec<Event> {
+    pub fn finish(&mut self, tail: &str, stopped_by_string: bool) -> Vec<Parsed> {
         let rest = if stopped_by_string {
             String::new()
         } else {
@@ -127,27 +127,27 @@ impl Answer {
         self.stops.matched()
     }
 
-    fn parse(&mut self, text: &str) -> Vec<Event> {
+    fn parse(&mut self, text: &str) -> Vec<Parsed> {
         if text.is_empty() {
             return vec![];
         }
         let events = match &mut self.parser {
             Some(p) => p.push(text),
-            None => vec![Event::Content(text.to_string())],
+            None => vec![Parsed::Content(text.to_string())],
         };
         events.into_iter().filter_map(|e| self.clean(e)).collect()
     }
 
-    fn clean(&mut self, e: Event) -> Option<Event> {
+    fn clean(&mut self, e: Parsed) -> Option<Parsed> {
         match e {
-            Event::Content(c) if c.is_empty() => None,
-            Event::ToolCall(tc) => {
+            Parsed::Content(c) if c.is_empty() => None,
+            Parsed::ToolCall(tc) => {
                 self.tool_calls = true;
                 self.calls += 1;
-                Some(Event::ToolCall(tc))
+                Some(Parsed::ToolCall(tc))
             }
             // jemma-chat has no logging of its own: the unparsed call reaches the client as text.
-            Event::ToolCallError(err) => Some(Event::Content(err.raw)),
+            Parsed::ToolCallError(err) => Some(Parsed::Content(err.raw)),
             other => Some(other),
         }
     }
@@ -157,10 +157,10 @@ impl Answer {
 mod tests {
     use super::*;
 
-    fn text(evs: &[Event]) -> String {
+    fn text(evs: &[Parsed]) -> String {
         evs.iter()
             .map(|e| match e {
-                Event::Content(c) => c.clone(),
+                Parsed::Content(c) => c.clone(),
                 _ => String::new(),
             })
             .collect()
@@ -226,7 +226,7 @@ mod tests {
         assert!(a.tool_calls());
         assert!(
             evs.iter()
-                .any(|e| matches!(e, Event::ToolCall(tc) if tc.name == "get_weather")),
+                .any(|e| matches!(e, Parsed::ToolCall(tc) if tc.name == "get_weather")),
             "{evs:?}"
         );
     }
@@ -235,10 +235,10 @@ mod tests {
     #[test]
     fn one_tool_call_at_most_when_asked() {
         let two = "<|tool_call>call:a{}<tool_call|><|tool_call>call:b{}<tool_call|>more";
-        let names = |evs: &[Event]| -> Vec<String> {
+        let names = |evs: &[Parsed]| -> Vec<String> {
             evs.iter()
                 .filter_map(|e| match e {
-                    Event::ToolCall(tc) => Some(tc.name.clone()),
+                    Parsed::ToolCall(tc) => Some(tc.name.clone()),
                     _ => None,
                 })
                 .collect()

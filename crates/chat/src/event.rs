@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::logprobs::TokenLogprob;
-use crate::tools::{Event as ParseEvent, ToolCall};
+use crate::tools::{Parsed, ToolCall};
 
 /// One request's events, in order: `Started`, then text, tool calls and logprobs, then `Done` or `Error`.
 #[derive(Debug, Clone)]
@@ -91,14 +91,14 @@ pub enum EngineFailure {
     Fault(String),
 }
 
-impl<S> From<ParseEvent> for Event<S> {
-    fn from(e: ParseEvent) -> Self {
+impl<S> From<Parsed> for Event<S> {
+    fn from(e: Parsed) -> Self {
         match e {
-            ParseEvent::Content(c) => Event::Content(c),
-            ParseEvent::Reasoning(r) => Event::Reasoning(r),
-            ParseEvent::ToolCall(tc) => Event::ToolCall(tc),
+            Parsed::Content(c) => Event::Content(c),
+            Parsed::Reasoning(r) => Event::Reasoning(r),
+            Parsed::ToolCall(tc) => Event::ToolCall(tc),
             // Answer passes unparseable calls on as text already; kept total for completeness.
-            ParseEvent::ToolCallError(e) => Event::Content(e.raw),
+            Parsed::ToolCallError(e) => Event::Content(e.raw),
         }
     }
 }

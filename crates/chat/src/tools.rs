@@ -383,9 +383,10 @@ fn bare_value(token: &str) -> Value {
     }
 }
 
-/// A piece of model output, as produced by [`OutputParser`].
+/// A piece of parsed model output, as [`OutputParser`] produces it (the engines turn it into
+/// [`crate::event::Event`]s).
 #[derive(Debug, Clone, PartialEq)]
-pub enum Event {
+pub enum Parsed {
     /// Text meant for the user.
     Content(String),
     /// Text from the thinking channel.
@@ -440,7 +441,7 @@ const TOOL: &[(&str, Action)] = &[
     ("<|tool_call>", Go(State::Tool)),
 ];
 
-/// Splits streamed Gemma 4 output into [`Event`]s, stripping the channel and tool-call markers.
+/// Splits streamed Gemma 4 output into [`Parsed`]s, stripping the channel and tool-call markers.
 ///
 /// Text is passed on as soon as it cannot be part of a marker: only a suffix that may still grow into one
 /// (such as a trailing `<|chan`) is held back until the next delta. Tool calls are emitted when their block
@@ -450,7 +451,7 @@ pub struct OutputParser {
     state: State,
     pending: String,
     tool_body: String,
-    events: Vec<Event>,
+    events: Vec<Parsed>,
     /// A thinking block or a tool call just closed: the line breaks that follow separate it from what
     /// comes next (the template's own newlines between blocks), so they are not answer text.
     after_block: bool,
@@ -482,7 +483,7 @@ impl OutputParser {
     }
 
     /// Feeds the next piece of decoded text and returns the events it completes.
-    pub fn push(&mut self, delta: &str) -> Vec<Event> {
+    pub fn push(&mut self, delta: &str) -> Vec<Parsed> {
         self.pending.push_str(delta);
         self.drain(false);
         std::mem::take(&mut self.events)
@@ -490,7 +491,7 @@ impl OutputParser {
 
     /// Ends the stream: flushes held-back text and parses an unterminated tool-call block with repairs.
     /// Unterminated reasoning has already been emitted as reasoning.
-    pub fn finish(mut self) -> Vec<Event> {
+    pub fn finish(mut self) -> Vec<Parsed> {
         self.drain(true);
         if self.state == State::Tool {
             self.flush_tool();
@@ -558,10 +559,10 @@ impl OutputParser {
         }
         match (self.state, self.events.last_mut()) {
             (State::Tool, _) => self.tool_body.push_str(text),
-            (State::Normal, Some(Event::Content(s)))
-            | (State::Reasoning, Some(Event::Reasoning(s))) => s.push_str(text),
-            (State::Normal, _) => self.events.push(Event::Content(text.to_owned())),
-            (State::Reasoning, _) => self.events.push(Event::Reasoning(text.to_owned())),
+            (State::Normal, Some(Parsed::Content(s)))
+            | (State::Reasoning, Some(Parsed::Reasoning(s))) => s.push_str(text),
+            (State::Normal, _) => self.events.push(Parsed::Content(text.to_owned())),
+            (State::Reasoning, _) => self.events.push(Parsed::Reasoning(text.to_owned())),
         }
     }
 
@@ -569,8 +570,8 @@ impl OutputParser {
         let body = std::mem::take(&mut self.tool_body);
         self.events
             .extend(parse_tool_block(&body).into_iter().map(|r| match r {
-                Ok(call) => Event::ToolCall(call),
-                Err(e) => Event::ToolCallError(e),
+                Ok(call) => Parsed::ToolCall(call),
+                Err(e) => Parsed::ToolCallError(e),
             }));
     }
 }
@@ -584,14 +585,14 @@ pub fn split_output(text: &str) -> (String, Option<String>, Vec<ToolCall>) {
     collect(events)
 }
 
-fn collect(events: Vec<Event>) -> (String, Option<String>, Vec<ToolCall>) {
+fn collect(events: Vec<Parsed>) -> (String, Option<String>, Vec<ToolCall>) {
     let (mut content, mut reasoning, mut calls) = (String::new(), None::<String>, Vec::new());
     for event in events {
         match event {
-            Event::Content(s) => content.push_str(&s),
-            Event::Reasoning(s) => reasoning.get_or_insert_default().push_str(&s),
-            Event::ToolCall(c) => calls.push(c),
-            Event::ToolCallError(_) => {}
+            Parsed::Content(s) => content.push_str(&s),
+            Parsed::Reasoning(s) => reasoning.get_or_insert_default().push_str(&s),
+            Parsed::ToolCall(c) => calls.push(c),
+            Parsed::ToolCallError(_) => {}
         }
     }
     (content, reasoning, calls)
@@ -685,13 +686,13 @@ call:f{:1} ⇒ ["error"]
 
     /// Feeds `¦`-separated deltas and renders each push's events, then finish's, separated by `/`.
     fn stream_with(mut parser: OutputParser, input: &str) -> String {
-        let mut batches: Vec<Vec<Event>> = input.split('¦').map(|d| parser.push(d)).collect();
+        let mut batches: Vec<Vec<Parsed>> = input.split('¦').map(|d| parser.push(d)).collect();
         batches.push(parser.finish());
-        let render = |e: &Event| match e {
-            Event::Content(s) => format!("C[{s}]"),
-            Event::Reasoning(s) => format!("R[{s}]"),
-            Event::ToolCall(c) => format!("T[{}{}]", c.name, c.arguments),
-            Event::ToolCallError(e) => format!("E[{}: {}]", e.raw, e.error),
+        let render = |e: &Parsed| match e {
+            Parsed::Content(s) => format!("C[{s}]"),
+            Parsed::Reasoning(s) => format!("R[{s}]"),
+            Parsed::ToolCall(c) => format!("T[{}{}]", c.name, c.arguments),
+            Parsed::ToolCallError(e) => format!("E[{}: {}]", e.raw, e.error),
         };
         let batches = batches
             .iter()
@@ -737,7 +738,7 @@ héllo 🌍 ¦世界 ⇒ C[héllo 🌍 ]/C[世界]/
 
     fn stream(pieces: &[&str]) -> (String, Option<String>, Vec<ToolCall>) {
         let mut parser = OutputParser::new();
-        let mut events: Vec<Event> = pieces.iter().flat_map(|p| parser.push(p)).collect();
+        let mut events: Vec<Parsed> = pieces.iter().flat_map(|p| parser.push(p)).collect();
         events.extend(parser.finish());
         collect(events)
     }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::Value;
+#[cfg(any(feature = "local", test))]
+use serde_json::json;
 use tokio::sync::mpsc;
 
 pub use jemma_chat::event::{EngineFailure, FinishReason};
