@@ -53,7 +53,7 @@ fn data(v: &impl serde::Serialize) -> Event {
 }
 
 /// What a stream's renderer makes of one router output.
-enum Step {
+enum Rendered {
     /// Send these events and go on.
     Send(Vec<Event>),
     /// Nothing to send for this output.
@@ -65,7 +65,7 @@ enum Step {
 /// The shared SSE loop: `prelude` first, then each router output through `render`; waiting becomes a
 /// keep-alive comment, errors (and an early end) an OpenAI error event; always closed by `[DONE]`. A client
 /// that goes away stops the loop, which drops `rx` and so cancels routing and the engine.
-fn pump<F>(
+fn sse_loop<F>(
     keep_alive: Duration,
     prelude: Vec<Event>,
     first: Output,
@@ -73,7 +73,7 @@ fn pump<F>(
     mut render: F,
 ) -> Response
 where
-    F: FnMut(Output) -> Step + Send + 'static,
+    F: FnMut(Output) -> Rendered + Send + 'static,
 {
     let (tx, out) = mpsc::channel::<Result<Event, Infallible>>(64);
     tokio::spawn(async move {
@@ -97,9 +97,9 @@ where
                 Output::Waiting => (vec![Event::default().comment("waiting for a tier")], false),
                 Output::Error(e) => (vec![data(&ApiError(e).body())], true),
                 other => match render(other) {
-                    Step::Send(v) => (v, false),
-                    Step::Skip => continue,
-                    Step::End(v) => (v, true),
+                    Rendered::Send(v) => (v, false),
+                    Rendered::Skip => continue,
+                    Rendered::End(v) => (v, true),
                 },
             };
             for ev in events {
@@ -140,15 +140,15 @@ pub fn stream_response(
         },
         None,
     ))];
-    pump(keep_alive, prelude, first, rx, move |o| match o {
-        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&ctx.chunk(
+    sse_loop(keep_alive, prelude, first, rx, move |o| match o {
+        Output::Chunk(Chunk::Content(c)) => Rendered::Send(vec![data(&ctx.chunk(
             Delta {
                 content: Some(c),
                 ..Default::default()
             },
             None,
         ))]),
-        Output::Chunk(Chunk::Reasoning(r)) => Step::Send(vec![data(&ctx.chunk(
+        Output::Chunk(Chunk::Reasoning(r)) => Rendered::Send(vec![data(&ctx.chunk(
             Delta {
                 reasoning_content: Some(r),
                 ..Default::default()
@@ -167,7 +167,7 @@ pub fn stream_response(
                     arguments: Some(arguments),
                 }),
             };
-            Step::Send(vec![data(&ctx.chunk(
+            Rendered::Send(vec![data(&ctx.chunk(
                 Delta {
                     tool_calls: Some(vec![call]),
                     ..Default::default()
@@ -178,7 +178,7 @@ pub fn stream_response(
         Output::Chunk(Chunk::Logprobs(l)) => {
             let mut c = ctx.chunk(Delta::default(), None);
             c.choices[0].logprobs = Some(ChoiceLogprobs { content: Some(l) });
-            Step::Send(vec![data(&c)])
+            Rendered::Send(vec![data(&c)])
         }
         Output::End {
             finish_reason,
@@ -197,9 +197,9 @@ pub fn stream_response(
                 u.usage = Some(usage);
                 v.push(data(&u));
             }
-            Step::End(v)
+            Rendered::End(v)
         }
-        _ => Step::Skip,
+        _ => Rendered::Skip,
     })
 }
 
@@ -241,8 +241,8 @@ pub fn completion_stream(
         usage: None,
         routing: None,
     };
-    pump(keep_alive, vec![], first, rx, move |o| match o {
-        Output::Chunk(Chunk::Content(c)) => Step::Send(vec![data(&chunk(&c, None, &model))]),
+    sse_loop(keep_alive, vec![], first, rx, move |o| match o {
+        Output::Chunk(Chunk::Content(c)) => Rendered::Send(vec![data(&chunk(&c, None, &model))]),
         Output::End {
             finish_reason,
             usage,
@@ -258,9 +258,9 @@ pub fn completion_stream(
                 u.usage = Some(usage);
                 v.push(data(&u));
             }
-            Step::End(v)
+            Rendered::End(v)
         }
-        _ => Step::Skip,
+        _ => Rendered::Skip,
     })
 }
 
