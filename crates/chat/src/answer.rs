@@ -6,23 +6,24 @@
 use crate::stop::StopMatcher;
 use crate::tools::{OutputParser, Parsed};
 
-/// One request's answer in the making.
+/// One request's output processor (vLLM's term): its decoded text becomes the answer's content, thinking and
+/// tool calls, cut at stop strings.
 #[derive(Debug)]
-pub struct Answer {
+pub struct OutputProcessor {
     parser: Option<OutputParser>,
     stops: StopMatcher,
     tool_calls: bool,
     /// Most tool calls the answer may make (`parallel_tool_calls: false`: one); None for no limit.
     max_tool_calls: Option<usize>,
     calls: usize,
-    /// Tokens spent thinking so far (see [`Answer::reasoning_tokens`]).
+    /// Tokens spent thinking so far (see [`OutputProcessor::reasoning_tokens`]).
     reasoning_tokens: usize,
     /// Tokens pushed since the last one that was visibly content, thinking or a call: their text is held
     /// back (a marker's start, a stop string's) and belongs to whatever comes next.
     undecided: usize,
 }
 
-impl Answer {
+impl OutputProcessor {
     /// `stop`: OpenAI stop strings; `parse`: split thinking and tool calls out (chat requests).
     pub fn new(stop: &[String], parse: bool) -> Self {
         Self {
@@ -46,7 +47,7 @@ impl Answer {
     /// Feeds decoded text; returns what to send now (never an empty content piece or a tool-call error)
     /// and whether a stop string ended the answer.
     ///
-    /// Engines push once per generated token, which is what [`Answer::reasoning_tokens`] counts.
+    /// Engines push once per generated token, which is what [`OutputProcessor::reasoning_tokens`] counts.
     pub fn push(&mut self, text: &str) -> (Vec<Parsed>, bool) {
         let before = self.parser.as_ref().is_some_and(OutputParser::in_reasoning);
         let (out, hit) = self.stops.push(text);
@@ -169,7 +170,7 @@ mod tests {
     #[test]
     fn thinking_tokens_are_counted_with_their_markers() {
         // Gemma 4's tokens: the opener is three (`<|channel>`, `thought`, `\n`), the closer one.
-        let mut a = Answer::new(&[], true);
+        let mut a = OutputProcessor::new(&[], true);
         for t in [
             "<|channel>",
             "thought",
@@ -186,19 +187,19 @@ mod tests {
         let evs = a.finish("", false);
         assert_eq!(a.reasoning_tokens(), 6, "{evs:?}");
         // Without thinking, none; an unparsed answer (JSON mode) counts none either.
-        let mut a = Answer::new(&[], true);
+        let mut a = OutputProcessor::new(&[], true);
         for t in ["<", "b", ">", "7"] {
             a.push(t);
         }
         assert_eq!(a.reasoning_tokens(), 0);
-        let mut a = Answer::new(&[], false);
+        let mut a = OutputProcessor::new(&[], false);
         a.push("<|channel>");
         assert_eq!(a.reasoning_tokens(), 0);
     }
 
     #[test]
     fn plain_text_with_a_stop_string() {
-        let mut a = Answer::new(&["END".into()], false);
+        let mut a = OutputProcessor::new(&["END".into()], false);
         let mut out = String::new();
         for p in ["Hello E", "N", "o wor", "ldEN", "D more"] {
             let (evs, hit) = a.push(p);
@@ -213,12 +214,12 @@ mod tests {
 
     #[test]
     fn held_text_is_released_at_the_end_and_tool_calls_are_counted() {
-        let mut a = Answer::new(&["STOP".into()], true);
+        let mut a = OutputProcessor::new(&["STOP".into()], true);
         let (evs, hit) = a.push("Sure ST");
         assert!(!hit);
         assert_eq!(text(&evs), "Sure ");
         assert_eq!(text(&a.finish("!", false)), "ST!");
-        let mut a = Answer::new(&[], true);
+        let mut a = OutputProcessor::new(&[], true);
         let mut evs = a
             .push("<|tool_call>call:get_weather{city:<|\"|>Paris<|\"|>}<tool_call|>")
             .0;
@@ -243,13 +244,13 @@ mod tests {
                 })
                 .collect()
         };
-        let mut a = Answer::new(&[], true).with_max_tool_calls(Some(1));
+        let mut a = OutputProcessor::new(&[], true).with_max_tool_calls(Some(1));
         let (evs, hit) = a.push(two);
         assert!(hit);
         assert_eq!(names(&evs), ["a"]);
         assert!(a.finish("", true).is_empty());
         // Split across pieces.
-        let mut a = Answer::new(&[], true).with_max_tool_calls(Some(1));
+        let mut a = OutputProcessor::new(&[], true).with_max_tool_calls(Some(1));
         let (mut evs, mut hit) = (vec![], false);
         for piece in two.as_bytes().chunks(7) {
             let (e, h) = a.push(std::str::from_utf8(piece).unwrap());
@@ -263,7 +264,7 @@ mod tests {
         evs.extend(a.finish("", true));
         assert_eq!(names(&evs), ["a"]);
         // No limit: both.
-        let mut a = Answer::new(&[], true);
+        let mut a = OutputProcessor::new(&[], true);
         let mut evs = a.push(two).0;
         evs.extend(a.finish("", false));
         assert_eq!(names(&evs), ["a", "b"]);

@@ -97,7 +97,7 @@ impl<S> From<Parsed> for Event<S> {
             Parsed::Content(c) => Event::Content(c),
             Parsed::Reasoning(r) => Event::Reasoning(r),
             Parsed::ToolCall(tc) => Event::ToolCall(tc),
-            // Answer passes unparseable calls on as text already; kept total for completeness.
+            // The output processor passes unparseable calls on as text already; kept total for completeness.
             Parsed::ToolCallError(e) => Event::Content(e.raw),
         }
     }

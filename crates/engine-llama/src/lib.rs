@@ -23,7 +23,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use jemma_chat::answer::Answer;
+use jemma_chat::answer::OutputProcessor;
 use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
@@ -229,7 +229,7 @@ pub struct Summary {
     pub tool_calls: bool,
     /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
     pub stop_sequence: Option<String>,
-    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::Answer::reasoning_tokens`]).
+    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::OutputProcessor::reasoning_tokens`]).
     pub reasoning_tokens: usize,
     /// Prompt tokens/s.
     pub prefill_tps: f64,
@@ -1025,7 +1025,7 @@ struct LlamaSequence {
     /// the logits directly.
     plain_greedy: bool,
     text: Utf8Stream,
-    answer: Answer,
+    answer: OutputProcessor,
     /// Generated tokens; the last one is decoded at the next step.
     tokens: Vec<u32>,
     max_tokens: usize,
@@ -1115,7 +1115,7 @@ impl LlamaSequence {
                 && req.sampling.frequency_penalty == 0.0,
             grammar,
             text: Utf8Stream { pending: vec![] },
-            answer: Answer::new(&req.stop, req.parse_output)
+            answer: OutputProcessor::new(&req.stop, req.parse_output)
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             tokens: vec![],
             max_tokens: req.max_tokens,

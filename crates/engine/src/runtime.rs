@@ -21,7 +21,7 @@ use crate::models::gemma4::{Cache, KvQuant};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{EngineError, Result};
-use jemma_chat::answer::Answer;
+use jemma_chat::answer::OutputProcessor;
 use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
@@ -86,7 +86,7 @@ pub struct Summary {
     pub tool_calls: bool,
     /// The stop string that ended the answer, if one did (Anthropic's `stop_sequence`).
     pub stop_sequence: Option<String>,
-    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::Answer::reasoning_tokens`]).
+    /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::OutputProcessor::reasoning_tokens`]).
     pub reasoning_tokens: usize,
     /// MLX memory after the request.
     pub memory: MlxMemory,
@@ -1661,7 +1661,7 @@ struct MlxSequence {
     /// A step failed: its cache is not kept.
     poisoned: bool,
     decoder: DecodeStream,
-    answer: Answer,
+    answer: OutputProcessor,
     started: bool,
     /// Speculative decoding's state, when the engine has a draft model and the request may speculate.
     spec: Option<SeqSpec>,
@@ -1766,7 +1766,7 @@ impl MlxSequence {
             tokens: vec![],
             poisoned: false,
             decoder: DecodeStream::default(),
-            answer: Answer::new(&req.stop, req.parse_output)
+            answer: OutputProcessor::new(&req.stop, req.parse_output)
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             started: false,
             spec: None,
