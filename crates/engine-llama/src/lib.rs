@@ -1303,13 +1303,7 @@ fn step(
             let i = d.seq;
             if let Some(c) = batch[i].spec.as_mut() {
                 c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
-                let round = SpeculativeStats {
-                    rounds: 1,
-                    drafted: r.drafted as u64,
-                    accepted: r.accepted as u64,
-                    ..Default::default()
-                };
-                speculated.add(&round);
+                speculated.add(&SpeculativeStats::round(r.drafted, r.accepted));
                 // A round that ended the answer: its summary counts the round too.
                 if let Some(Ok(summary)) = &mut out[i].end {
                     summary.speculative = Some(c.stats());

@@ -1274,7 +1274,6 @@ impl MlxRunner {
         out: &mut SeqOutput<Summary>,
     ) {
         if let Some(sp) = &mut seq.spec {
-            let before = sp.controller.stats();
             sp.controller.record_round(
                 round.drafted,
                 round.accepted,
@@ -1282,12 +1281,8 @@ impl MlxRunner {
                 round.verify_time,
             );
             sp.after_round = true;
-            let mut d = sp.controller.stats();
-            d.rounds -= before.rounds;
-            d.drafted -= before.drafted;
-            d.accepted -= before.accepted;
-            d.plain_steps -= before.plain_steps;
-            self.speculated.add(&d);
+            self.speculated
+                .add(&SpeculativeStats::round(round.drafted, round.accepted));
         }
         if let Err(e) = seq.emit_round(model, round.steps, out) {
             seq.poisoned = true;

@@ -340,9 +340,7 @@ impl Controller {
         let extra = ((v - plain) / k as f64).max(0.0);
         let (v0, v1) = self.verify.unwrap_or((plain, extra));
         self.verify = Some((v0 + EMA * (plain - v0), v1 + EMA * (extra - v1)));
-        self.stats.rounds += 1;
-        self.stats.drafted += k as u64;
-        self.stats.accepted += accepted as u64;
+        self.stats.add(&SpeculativeStats::round(k, accepted));
     }
 
     /// What the rounds so far did.
@@ -421,6 +419,17 @@ impl SpeculativeStats {
             0.0
         } else {
             (self.accepted + self.rounds) as f64 / self.rounds as f64
+        }
+    }
+
+    /// What one round adds to the counts: a verification of `drafted` tokens, `accepted` of which stood
+    /// (nothing when none were drafted, as [`Controller::record_round`] counts it).
+    pub fn round(drafted: usize, accepted: usize) -> Self {
+        Self {
+            rounds: u64::from(drafted > 0),
+            drafted: drafted as u64,
+            accepted: accepted.min(drafted) as u64,
+            plain_steps: 0,
         }
     }
 
