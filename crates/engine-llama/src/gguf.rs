@@ -244,6 +244,32 @@ pub fn footprint(
     n_ubatch: u32,
     n_seq: u32,
 ) -> Result<u64> {
+    let e = estimate(path, context_length, n_ubatch)?;
+    let n_seq = n_seq.max(1) as u64;
+    Ok(e.file_bytes + n_seq * (e.kv_per_sequence + e.logits_per_sequence) + e.compute)
+}
+
+/// Bytes of KV cache one sequence holds at the served context, as [`footprint`] counts them (the
+/// unit llama.cpp's per-sequence KV streams are sized in).
+///
+/// Errors: as [`footprint`].
+pub fn kv_bytes_per_sequence(
+    path: &Path,
+    context_length: Option<u32>,
+    n_ubatch: u32,
+) -> Result<u64> {
+    Ok(estimate(path, context_length, n_ubatch)?.kv_per_sequence)
+}
+
+/// What [`footprint`] adds up.
+struct Estimate {
+    file_bytes: u64,
+    kv_per_sequence: u64,
+    logits_per_sequence: u64,
+    compute: u64,
+}
+
+fn estimate(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<Estimate> {
     if !path.is_file() {
         return Err(LlamaError::InvalidModel(format!(
             "{}: no such GGUF file",
@@ -315,9 +341,12 @@ pub fn footprint(
         Some(Value::Array(t)) => t.len() as u64,
         _ => 0,
     };
-    let n_seq = n_seq.max(1) as u64;
-    let compute = n_ubatch as u64 * embd.max(ff) * 4 * 8 + n_seq * n_vocab * 4;
-    Ok(file_bytes + n_seq * kv + compute)
+    Ok(Estimate {
+        file_bytes,
+        kv_per_sequence: kv,
+        logits_per_sequence: n_vocab * 4,
+        compute: n_ubatch as u64 * embd.max(ff) * 4 * 8,
+    })
 }
 
 #[cfg(test)]

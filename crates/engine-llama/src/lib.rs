@@ -29,7 +29,7 @@ use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
-use jemma_serve::prefix::{CacheSlot, PrefixSlot, choose_slot};
+use jemma_serve::prefix::{CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot};
 use jemma_serve::speculative::{Controller, SpeculativeStats};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -41,6 +41,7 @@ use llama_cpp_2::token::LlamaToken;
 use llama_cpp_2::token::data::LlamaTokenData;
 use llama_cpp_2::token::data_array::LlamaTokenDataArray;
 use llama_cpp_2::token::logit_bias::LlamaLogitBias;
+use llama_cpp_2::{LlamaStateSeqFlags, SeqState};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -122,6 +123,11 @@ pub struct LlamaConfig {
     pub memory: Option<Arc<jemma_serve::memory::MemoryGovernor>>,
     /// Speculative decoding with a draft GGUF (None: off).
     pub speculative: Option<LlamaSpeculative>,
+    /// Host memory for sequence caches kept beyond the slots (llama-server's `--cache-ram`), bytes: when
+    /// a request takes over a slot, the conversation the slot held is saved here, and a later prompt that
+    /// continues it is restored from here instead of read again. Counted in the footprint the memory budget
+    /// governs. None: [`default_prefix_cache_bytes`]; 0: off.
+    pub prefix_cache_bytes: Option<u64>,
 }
 
 impl LlamaConfig {
@@ -142,8 +148,18 @@ impl LlamaConfig {
             preload: true,
             memory: None,
             speculative: None,
+            prefix_cache_bytes: None,
         }
     }
+}
+
+/// Host memory kept for saved sequence caches by default, bytes: as much KV as the slots themselves
+/// reserve (`kv_per_sequence` × `parallel`, so a conversation evicted from a slot still fits), at most
+/// 8 GiB (llama-server's `--cache-ram` default).
+pub fn default_prefix_cache_bytes(kv_per_sequence: u64, parallel: u32) -> u64 {
+    kv_per_sequence
+        .saturating_mul(parallel.max(1) as u64)
+        .min(8 << 30)
 }
 
 /// Decode threads by default: every core but one above 4 cores (the gateway and the OS keep one), all of
@@ -266,6 +282,10 @@ pub struct LlamaInfo {
     /// The most sequences whose drafts one step verified together since the model loaded (in one decode
     /// when their positions fit `batch_size`; 0: none speculated; above 1 needs `max_batch` above 1).
     pub largest_verify_batch: usize,
+    /// Sequence caches saved in host memory beyond the slots ([`LlamaConfig::prefix_cache_bytes`]).
+    pub prefix_cache_entries: usize,
+    /// Bytes those saved caches hold.
+    pub prefix_cache_bytes: u64,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
@@ -299,6 +319,8 @@ impl LlamaEngine {
                 .as_ref()
                 .map(|sp| SpeculativeInfo::new(sp.draft_model.clone(), "draft_model")),
             largest_verify_batch: 0,
+            prefix_cache_entries: 0,
+            prefix_cache_bytes: 0,
         };
         let host_config = HostConfig {
             name,
@@ -318,6 +340,8 @@ impl LlamaEngine {
                 threads,
                 speculated: SpeculativeStats::default(),
                 largest_verify: 0,
+                pool_budget: 0,
+                pool_held: (0, 0),
             },
             info,
         )
@@ -508,6 +532,42 @@ struct Serving {
     slots: Vec<Slot>,
     /// Advances at each admission; orders the slots by last use.
     clock: u64,
+    /// Sequence caches saved in host memory when their slot was taken over (llama-server's `--cache-ram`).
+    pool: PrefixPool<Saved>,
+    /// Bytes the pool may hold ([`LlamaConfig::prefix_cache_bytes`]).
+    pool_budget: u64,
+}
+
+/// A sequence's cache saved in host memory (the pool's entry): llama.cpp's serialised state of that
+/// sequence, which any slot can be restored from.
+#[derive(Clone)]
+struct Saved {
+    state: Arc<SeqState>,
+    /// The lowest position the restored sliding-window layers hold: llama.cpp serialises only the cells
+    /// inside the window of the sequence's last position, so a restored cache can be cut back only as far
+    /// as that window allows (see [`window_holds`]).
+    window_start: i32,
+}
+
+/// Entries the host-memory pool holds at most (it is bounded in bytes first).
+const POOL_ENTRIES: usize = 64;
+
+/// A slot's conversation is saved to the pool when a request takes the slot over only if it holds at
+/// least this many tokens that the request does not keep: a shorter one is cheaper to read again than to
+/// save and restore.
+const MIN_SAVED_TOKENS: usize = 64;
+
+/// A prefill takes another sequence's or the pool's cache only for at least this many more prompt tokens
+/// than its own slot keeps: a copy moves a whole KV stream, which for a few tokens costs more than reading
+/// them.
+const MIN_SHARED_GAIN: usize = 32;
+
+/// Whether a sequence whose sliding-window layers hold positions from `window_start` on can keep its
+/// first `keep` positions and go on from there: the next position's window must still be there
+/// (llama-server's check, `pos_min > max(0, n_past - n_swa)` refuses). Always for a model without
+/// sliding-window layers.
+fn window_holds(window_start: i32, keep: usize, n_swa: Option<u32>) -> bool {
+    n_swa.is_none_or(|w| window_start <= (keep as i64 - w as i64).max(0) as i32)
 }
 
 /// One llama.cpp sequence (its own KV stream, `kv_unified = false`) is one of the core's cache slots.
@@ -535,6 +595,10 @@ struct LlamaRunner {
     speculated: SpeculativeStats,
     /// The most sequences verified together since the model loaded.
     largest_verify: usize,
+    /// Host memory for saved sequence caches at the current plan, bytes.
+    pool_budget: u64,
+    /// The pool's entries and bytes after the last admission or step, for [`ModelRunner::refresh`].
+    pool_held: (usize, u64),
 }
 
 impl LlamaRunner {
@@ -566,7 +630,21 @@ impl LlamaRunner {
             })?,
             None => 0,
         };
-        Ok(target + draft)
+        Ok(target + draft + self.pool_budget()?)
+    }
+
+    /// Host memory for saved sequence caches at the current plan ([`LlamaConfig::prefix_cache_bytes`]).
+    fn pool_budget(&self) -> Result<u64, LoadError> {
+        match self.config.prefix_cache_bytes {
+            Some(b) => Ok(b),
+            None => gguf::kv_bytes_per_sequence(
+                &self.config.model_path,
+                self.config.context_length,
+                self.config.batch_size,
+            )
+            .map(|kv| default_prefix_cache_bytes(kv, self.parallel()))
+            .map_err(|e| LoadError::Failed(e.to_string())),
+        }
     }
 }
 
@@ -681,12 +759,15 @@ impl ModelRunner for LlamaRunner {
             }
         };
         let slots = (0..parallel).map(|_| Slot::default()).collect();
+        self.pool_budget = self.pool_budget()?;
         Ok((
             Serving {
                 cell,
                 drafts,
                 slots,
                 clock: 0,
+                pool: PrefixPool::new(POOL_ENTRIES),
+                pool_budget: self.pool_budget,
             },
             n_ctx as usize,
         ))
@@ -707,14 +788,17 @@ impl ModelRunner for LlamaRunner {
             slots,
             clock,
             drafts,
+            pool,
+            pool_budget,
         } = model;
         *clock += 1;
         let now = *clock;
-        let mut seq = cell
-            .with_dependent_mut(|loaded, ctx| {
-                LlamaSequence::admit(loaded, ctx, slots, now, request)
-            })
-            .map_err(EngineFailure::from)?;
+        let budget = *pool_budget;
+        let admitted = cell.with_dependent_mut(|loaded, ctx| {
+            LlamaSequence::admit(loaded, ctx, slots, (pool, budget), now, request)
+        });
+        self.pool_held = (pool.len(), pool.bytes());
+        let mut seq = admitted.map_err(EngineFailure::from)?;
         // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
         // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
         // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
@@ -745,19 +829,26 @@ impl ModelRunner for LlamaRunner {
         out: &mut [SeqOutput<Summary>],
     ) -> Result<(), EngineFailure> {
         let chunk = self.config.batch_size as usize;
-        let Serving { cell, drafts, .. } = model;
+        let Serving {
+            cell,
+            drafts,
+            slots,
+            pool,
+            ..
+        } = model;
         let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
         let result = cell.with_dependent_mut(|loaded, ctx| {
             step(
                 loaded,
                 ctx,
-                drafts.as_mut(),
-                (speculated, largest_verify),
+                (drafts.as_mut(), speculated, largest_verify),
+                Shared { slots, pool },
                 batch,
                 out,
                 chunk,
             )
         });
+        self.pool_held = (pool.len(), pool.bytes());
         if result.is_err() {
             // What the failed decode left in these sequences' KV is unknown: their slots start clean.
             for seq in batch.iter_mut() {
@@ -785,6 +876,7 @@ impl ModelRunner for LlamaRunner {
             sp.update(self.speculated);
         }
         info.largest_verify_batch = self.largest_verify;
+        (info.prefix_cache_entries, info.prefix_cache_bytes) = self.pool_held;
     }
 
     fn tally(s: &Summary) -> Tally {
@@ -969,6 +1061,165 @@ fn trim(ctx: &mut llama_cpp_2::context::LlamaContext<'_>, seq: u32, keep: usize)
     Ok(0)
 }
 
+/// Saves sequence `seq`'s cache, which holds the KV of `tokens`, in the pool as an owned entry, evicting
+/// the least recently used entries beyond `budget` bytes. Nothing is saved when the cache and `tokens`
+/// disagree, when the state alone exceeds the budget, or when llama.cpp cannot serialise it (logged).
+fn save(
+    ctx: &llama_cpp_2::context::LlamaContext<'_>,
+    seq: u32,
+    tokens: &[u32],
+    n_swa: Option<u32>,
+    pool: &mut PrefixPool<Saved>,
+    budget: u64,
+) {
+    let (pos_min, pos_max) = (
+        ctx.kv_cache_seq_pos_min(seq as i32),
+        ctx.kv_cache_seq_pos_max(seq as i32),
+    );
+    if pos_min < 0 || pos_max + 1 != tokens.len() as i32 {
+        return;
+    }
+    let state = match ctx.state_seq_get(seq as i32, LlamaStateSeqFlags::empty()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(seq, "cannot save a sequence's cache: {e}");
+            return;
+        }
+    };
+    let bytes = state.byte_len() as u64;
+    if bytes > budget {
+        return;
+    }
+    // llama.cpp writes a sliding-window layer's cells only inside the window of the last position
+    // (`is_masked_swa`: masked once `pos_max - pos >= n_swa`).
+    let window_start = n_swa.map_or(0, |w| pos_min.max(pos_max + 1 - w as i32));
+    pool.insert(
+        tokens.to_vec(),
+        Saved {
+            state: Arc::new(state),
+            window_start,
+        },
+        bytes,
+        EntryKind::Owned,
+    );
+    pool.evict_to(budget);
+}
+
+/// Where [`share_prefix`] looks besides the running sequences: the idle slots' caches and the
+/// host-memory pool.
+struct Shared<'a> {
+    slots: &'a mut [Slot],
+    pool: &'a mut PrefixPool<Saved>,
+}
+
+/// Where a longer prefix was found.
+enum Source {
+    /// In this llama.cpp sequence's KV (a running sequence or an idle slot).
+    Sequence(usize),
+    /// In the host-memory pool.
+    Pool,
+}
+
+/// Where `batch[i]` can find a longer prefix of its prompt than its own slot kept (by at least
+/// [`MIN_SHARED_GAIN`] tokens): another running sequence, an idle slot or the pool, with how many prompt
+/// tokens it holds; the longest wins. A cache whose sliding window has moved past the prefix cannot be
+/// cut back exactly and does not count. None: nowhere.
+fn find_prefix(
+    ctx: &llama_cpp_2::context::LlamaContext<'_>,
+    n_swa: Option<u32>,
+    shared: &Shared<'_>,
+    batch: &[&mut LlamaSequence],
+    i: usize,
+) -> Option<(usize, Source)> {
+    let s = &*batch[i];
+    let ids: Vec<u32> = s.ids.iter().map(|t| t.0 as u32).collect();
+    // The last prompt token is read for its logits, never taken from a cache.
+    let limit = ids.len().saturating_sub(1);
+    let common = |t: &[u32]| {
+        t.iter()
+            .zip(&ids)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(limit)
+    };
+    let holds = |seq: usize, keep: usize| {
+        keep > 0 && window_holds(ctx.kv_cache_seq_pos_min(seq as i32), keep, n_swa)
+    };
+    let running = batch
+        .iter()
+        .enumerate()
+        .filter(|(j, o)| *j != i && !o.poisoned)
+        .map(|(_, o)| (common(o.kv.tokens()), o.slot));
+    let idle = shared
+        .slots
+        .iter()
+        .enumerate()
+        .filter(|(_, slot)| !slot.busy)
+        .map(|(k, slot)| (common(slot.cached.tokens()), k));
+    let in_streams = running
+        .chain(idle)
+        .filter(|&(keep, seq)| holds(seq, keep))
+        .max_by_key(|&(keep, _)| keep)
+        .map(|(keep, seq)| (keep, Source::Sequence(seq)));
+    let in_pool = shared
+        .pool
+        .peek_nearest(
+            &ids,
+            |_| true,
+            |e, keep| window_holds(e.window_start, keep, n_swa),
+        )
+        .map(|keep| (keep, Source::Pool));
+    [in_streams, in_pool]
+        .into_iter()
+        .flatten()
+        .filter(|(keep, _)| *keep >= s.prefilled + MIN_SHARED_GAIN)
+        .max_by_key(|(keep, _)| *keep)
+}
+
+/// Copies what [`find_prefix`] found into `batch[i]`'s slot, cut back to the `keep` tokens it shares with
+/// the prompt, so the sequence reads only the rest. A sequence's KV moves as its whole stream
+/// (`llama_memory_seq_cp` between the per-sequence streams), which llama.cpp applies at the next decode:
+/// the caller must decode before anything else writes to the streams involved. A pool entry is llama.cpp's
+/// saved state of a sequence, restored at once (`llama_state_seq_set_data`). So concurrent requests that
+/// open with one system prompt read it once, and a conversation whose slot was taken over comes back
+/// without being read again (vLLM's and llama-server's prefix sharing). The copied KV is bit for bit the
+/// source's, so an answer from it is the one the source's batches would give. A failed restore leaves the
+/// sequence to read its whole prompt.
+fn share_prefix(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    n_swa: Option<u32>,
+    shared: &mut Shared<'_>,
+    s: &mut LlamaSequence,
+    (keep, source): (usize, Source),
+) -> Result<()> {
+    let ids: Vec<u32> = s.ids.iter().map(|t| t.0 as u32).collect();
+    let dst = s.slot as u32;
+    let copied = match source {
+        Source::Sequence(from) => ctx
+            .copy_kv_cache_seq(from as i32, dst as i32, None, None)
+            .is_ok(),
+        Source::Pool => {
+            let can_trim = |e: &Saved, keep: usize| window_holds(e.window_start, keep, n_swa);
+            match shared.pool.take_nearest(&ids, |_| true, can_trim) {
+                Some(hit) => match ctx.state_seq_set(&hit.cache.state, dst as i32) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(seq = dst, "cannot restore a saved cache: {e}");
+                        false
+                    }
+                },
+                None => false,
+            }
+        }
+    };
+    let kept = trim(ctx, dst, if copied { keep } else { 0 })?;
+    s.kv = PrefixSlot::new();
+    s.kv.extend(ids[..kept].iter().copied());
+    s.prefilled = kept;
+    s.reused = kept;
+    Ok(())
+}
+
 /// Token text decoding that keeps multi-byte UTF-8 characters split across tokens intact.
 struct Utf8Stream {
     pending: Vec<u8>,
@@ -1036,6 +1287,9 @@ struct LlamaSequence {
     first_token_at: Option<Instant>,
     /// A failed decode left its KV unknown: the slot is cleared at release.
     poisoned: bool,
+    /// Whether the sequence has looked for a longer cached prefix than its slot's, in the other
+    /// sequences and the pool (once, just before its prompt is first read: see [`share_prefix`]).
+    looked_up: bool,
     /// Speculative decoding's controller, when the engine has a draft model.
     spec: Option<Controller>,
     /// The request samples (temperature above 0).
@@ -1052,6 +1306,7 @@ impl LlamaSequence {
         loaded: &Loaded,
         ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
         slots: &mut [Slot],
+        (pool, budget): (&mut PrefixPool<Saved>, u64),
         now: u64,
         mut req: Request,
     ) -> Result<Self> {
@@ -1093,6 +1348,12 @@ impl LlamaSequence {
             reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
         })
         .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
+        // What the slot holds beyond what this request keeps is another conversation: kept in host memory,
+        // it can come back to any slot when that conversation does.
+        let held = &slots[slot].cached;
+        if held.len() >= keep + MIN_SAVED_TOKENS && budget > 0 {
+            save(ctx, slot as u32, held.tokens(), loaded.n_swa, pool, budget);
+        }
         // The KV is touched from here on: until this request ends cleanly the slot's record is empty, so a
         // failure leaves the next request a cleared sequence rather than a stale record.
         let keep = trim(ctx, slot as u32, keep)?;
@@ -1125,6 +1386,7 @@ impl LlamaSequence {
             prefill_time: Duration::ZERO,
             first_token_at: None,
             poisoned: false,
+            looked_up: false,
             spec: None,
             sampled: req.sampling.temperature > 0.0,
             seeded: req.sampling.seed.is_some(),
@@ -1252,8 +1514,12 @@ impl LlamaSequence {
 fn step(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    drafts: Option<&mut speculative::Drafts>,
-    (speculated, largest_verify): (&mut SpeculativeStats, &mut usize),
+    (drafts, speculated, largest_verify): (
+        Option<&mut speculative::Drafts>,
+        &mut SpeculativeStats,
+        &mut usize,
+    ),
+    mut shared: Shared<'_>,
     batch: &mut [&mut LlamaSequence],
     out: &mut [SeqOutput<Summary>],
     chunk: usize,
@@ -1348,10 +1614,24 @@ fn step(
     // prompt progresses): several short prompts start in one step, a long one takes a chunk per step.
     let mut budget = chunk.max(1);
     for i in 0..batch.len() {
-        let s = &mut *batch[i];
-        if s.decoding() {
+        if batch[i].decoding() {
             continue;
         }
+        if !batch[i].looked_up {
+            if let Some(found) = find_prefix(ctx, loaded.n_swa, &shared, batch, i) {
+                // A stream copy lands at the next decode, which must be this sequence's chunk (before any
+                // other write to the streams involved): a chunk the budget would put off waits, with its
+                // copy, for the next step.
+                let s = &*batch[i];
+                let n = chunk.max(1).min(s.ids.len() - found.0);
+                if n > budget && budget < chunk.max(1) {
+                    break;
+                }
+                share_prefix(ctx, loaded.n_swa, &mut shared, batch[i], found)?;
+            }
+            batch[i].looked_up = true;
+        }
+        let s = &mut *batch[i];
         let n = chunk.max(1).min(s.ids.len() - s.prefilled);
         if n > budget && budget < chunk.max(1) {
             break;

@@ -9,7 +9,7 @@ use std::time::Duration;
 use jemma_chat::event::EngineFailure;
 use jemma_engine_llama::{
     Event, Finish, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request, Sampling, Session,
-    default_threads,
+    default_threads, gguf,
 };
 use serde_json::{Value, json};
 
@@ -598,8 +598,10 @@ fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
     let mut c = LlamaConfig::new(&path);
     c.context_length = Some(2048);
     c.batch_size = 256;
-    // One slot, so that each request here reuses (or clears) the previous one's cache.
+    // One slot, so that each request here reuses (or clears) the previous one's cache, and no host-memory
+    // copies, which would bring back earlier prompts read in other batches (tested on their own below).
     c.parallel = 1;
+    c.prefix_cache_bytes = Some(0);
     let warm = LlamaEngine::start(c.clone()).unwrap();
     warm.wait_ready().unwrap();
     let cold = Session::load(&c).unwrap();
@@ -873,6 +875,116 @@ fn each_slot_keeps_its_conversation_and_the_least_recently_used_is_evicted() {
     let (a_again, reused) = run(&a);
     assert_eq!(reused, 3, "A's slot was evicted: only the header is left");
     assert_eq!(a_again, a_cold, "the same answer from a trimmed slot");
+}
+
+/// Prefixes are shared beyond a sequence's own slot, on the real Gemma 3 270M (sliding window 512, a
+/// 256-token prefill chunk), at odd lengths on both sides of the window:
+/// - a request whose prompt opens like a running request's takes a copy of that request's KV stream and
+///   reads only the rest (concurrent requests with one system prompt);
+/// - a conversation whose slot another request took over is saved in host memory and restored when it
+///   continues, in whichever slot is free;
+/// - with `prefix_cache_bytes = 0` nothing is saved.
+///
+/// Each answers bit for bit as a cold context that read the same batches ([`Session::replay`]).
+#[test]
+fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
+    let _serial = serial();
+    let path = gguf("gemma-3-270m-q4_k_m");
+    let mut c = LlamaConfig::new(&path);
+    c.context_length = Some(2048);
+    c.batch_size = 256;
+    c.parallel = 2;
+    let e = LlamaEngine::start(c.clone()).unwrap();
+    e.wait_ready().unwrap();
+    let cold = Session::load(&c).unwrap();
+    let threads = default_threads();
+    let top5 = |logits: &[f32]| -> Vec<f32> {
+        let best = logits
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+            )
+            .0;
+        jemma_chat::logprobs::log_softmax_top(logits, best, 5)
+            .1
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    };
+    let chunks = |toks: &[u32]| -> Vec<ReplayOp> {
+        toks.chunks(256)
+            .map(|c| ReplayOp::Decode(c.to_vec()))
+            .collect()
+    };
+    // A document per use, sharing no token with another at the same position (not even a <bos>: a slot
+    // keeps a common first token, which would move the next prompt's batches off the cold reference's).
+    let doc = |seed: u32, len: usize| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| 300 + (seed * 104_729 + i * 7919) % 200_000)
+            .collect()
+    };
+    // Across slots: A reads its prompt and keeps decoding in one slot while B, which opens with the same
+    // `shared` tokens, starts in the other.
+    for (seed, shared) in [(1u32, 301usize), (2, 777)] {
+        let d = doc(seed, shared);
+        let a: Vec<u32> = d.iter().copied().chain(5000..5029).collect();
+        let b: Vec<u32> = d.iter().copied().chain(7000..7023).collect();
+        let mut ra = request(Prompt::Ids(a.clone()), 40);
+        ra.parse_output = false;
+        let mut rx_a = e.submit(ra).unwrap();
+        loop {
+            match rx_a.blocking_recv().expect("A's events") {
+                Event::Started { .. } => break,
+                Event::Error(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+        let (tokens, lp, reused) = answer(&e, &b, 4);
+        let (_, a_done) = collect(&mut rx_a);
+        assert_eq!(a_done.tokens.len(), 40, "A ran to its length");
+        assert_eq!(reused, shared, "B took A's {shared} shared tokens");
+        let mut ops = chunks(&a);
+        ops.push(ReplayOp::Trim(shared));
+        ops.extend(chunks(&b[shared..]));
+        let reference = cold.replay(&ops, 2048, threads).unwrap();
+        assert_eq!(lp, top5(&reference), "shared {shared}: logprobs");
+        assert_eq!(tokens.len(), 4);
+    }
+    // Host memory: E is read alone (one token: its KV is exactly its prompt); two other conversations
+    // then take both slots, so E is saved; E's next turn finds no slot holding it.
+    let ev = doc(3, 777);
+    let (_, _, none) = answer(&e, &ev, 1);
+    assert_eq!(none, 0, "E is new");
+    answer(&e, &doc(4, 120), 1);
+    answer(&e, &doc(5, 130), 1);
+    let st = e.status();
+    assert!(st.info.prefix_cache_entries >= 1, "{:?}", st.info);
+    let budget = gguf::kv_bytes_per_sequence(&path, Some(2048), 256).unwrap() * 2;
+    assert!(
+        st.info.prefix_cache_bytes > 0 && st.info.prefix_cache_bytes <= budget,
+        "{} bytes saved, budget {budget}",
+        st.info.prefix_cache_bytes
+    );
+    let e2: Vec<u32> = ev.iter().copied().chain(9000..9041).collect();
+    let (_, lp, reused) = answer(&e, &e2, 3);
+    assert_eq!(reused, ev.len(), "E came back from host memory");
+    let mut ops = chunks(&ev);
+    ops.extend(chunks(&e2[ev.len()..]));
+    let reference = cold.replay(&ops, 2048, threads).unwrap();
+    assert_eq!(lp, top5(&reference), "restored E: logprobs");
+    drop(e);
+    // Off: the same turns read E again.
+    c.prefix_cache_bytes = Some(0);
+    let off = LlamaEngine::start(c).unwrap();
+    off.wait_ready().unwrap();
+    answer(&off, &ev, 1);
+    answer(&off, &doc(4, 120), 1);
+    answer(&off, &doc(5, 130), 1);
+    assert_eq!(off.status().info.prefix_cache_entries, 0);
+    let (_, _, reused) = answer(&off, &e2, 1);
+    assert_eq!(reused, 0, "nothing kept E");
 }
 
 /// An engine on `target` speculating with `draft` at a fixed k (adaptive off: every step a round), or

@@ -4,7 +4,9 @@
 //!   keep, which free slot a request takes, and the rule that a request which fails leaves nothing stale
 //!   behind (llama-server's `cache_prompt` per slot). The engine only trims and appends KV.
 //! - a pool ([`PrefixPool`]): an engine whose caches are separate objects (MLX) keeps whole caches, finished
-//!   conversations and shared checkpoints, in an LRU bounded in bytes (mlx_lm.server's `LRUPromptCache`).
+//!   conversations and shared checkpoints, in an LRU bounded in bytes (mlx_lm.server's `LRUPromptCache`);
+//!   the llama.cpp engine keeps there, in host memory, the saved state of conversations whose slot another
+//!   request took over (llama-server's `--cache-ram`).
 
 /// The tokens whose KV one sequence's cache holds, in order (position `i` holds `tokens[i]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -60,6 +62,11 @@ impl PrefixSlot {
     /// Whether the slot holds nothing.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
+    }
+
+    /// The tokens held, in position order.
+    pub fn tokens(&self) -> &[u32] {
+        &self.tokens
     }
 }
 
@@ -216,9 +223,44 @@ impl<C: Clone> PrefixPool<C> {
         can_trim: impl Fn(&C, usize) -> bool,
     ) -> Option<Hit<C>> {
         self.lookups += 1;
+        let (i, reused, exact) = self.nearest(prompt, fits, can_trim)?;
+        self.hits += 1;
+        self.clock += 1;
+        let e = &mut self.entries[i];
+        e.last_used = self.clock;
+        let excess = e.tokens.len() - reused;
+        let cache = match (e.kind, exact) {
+            (EntryKind::Owned, true) => self.entries.swap_remove(i).cache,
+            _ => e.cache.clone(),
+        };
+        Some(Hit {
+            cache,
+            reused,
+            excess,
+        })
+    }
+
+    /// How many of `prompt`'s tokens [`PrefixPool::take_nearest`] would reuse with the same arguments,
+    /// without taking anything (an engine weighing the pool against other sources first); None: no hit.
+    pub fn peek_nearest(
+        &self,
+        prompt: &[u32],
+        fits: impl Fn(&C) -> bool,
+        can_trim: impl Fn(&C, usize) -> bool,
+    ) -> Option<usize> {
+        self.nearest(prompt, fits, can_trim)
+            .map(|(_, reused, _)| reused)
+    }
+
+    /// The best entry for `prompt`: (index, tokens reused, whether the entry is used whole).
+    fn nearest(
+        &self,
+        prompt: &[u32],
+        fits: impl Fn(&C) -> bool,
+        can_trim: impl Fn(&C, usize) -> bool,
+    ) -> Option<(usize, usize, bool)> {
         let limit = prompt.len().saturating_sub(1);
-        let best = self
-            .entries
+        self.entries
             .iter()
             .enumerate()
             .filter_map(|(i, e)| {
@@ -235,22 +277,8 @@ impl<C: Clone> PrefixPool<C> {
                 let exact = reused == e.tokens.len();
                 (exact || can_trim(&e.cache, reused)).then_some((i, reused, exact, e.last_used))
             })
-            .max_by_key(|&(_, reused, exact, used)| (reused, exact, used))?;
-        let (i, reused, exact, _) = best;
-        self.hits += 1;
-        self.clock += 1;
-        let e = &mut self.entries[i];
-        e.last_used = self.clock;
-        let excess = e.tokens.len() - reused;
-        let cache = match (e.kind, exact) {
-            (EntryKind::Owned, true) => self.entries.swap_remove(i).cache,
-            _ => e.cache.clone(),
-        };
-        Some(Hit {
-            cache,
-            reused,
-            excess,
-        })
+            .max_by_key(|&(_, reused, exact, used)| (reused, exact, used))
+            .map(|(i, reused, exact, _)| (i, reused, exact))
     }
 
     /// Keeps `cache`, which holds the KV of `tokens` in `bytes` bytes. An entry for the same tokens is
@@ -513,6 +541,10 @@ mod slot_tests {
             .take_nearest(&[1, 2, 3, 4, 7], |_| true, |_, _| true)
             .unwrap();
         assert_eq!((h.cache, h.reused, h.excess), ("turn", 4, 1));
+        // A peek says what a take would reuse, and takes nothing.
+        let peeked = p.peek_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| true);
+        assert_eq!((peeked, p.len()), (Some(5), 2));
+        assert_eq!(p.peek_nearest(&[9, 9], |_| true, |_, _| true), None);
         // A continuation still moves the owned entry out, untrimmed.
         let h = p
             .take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| true)
