@@ -507,6 +507,38 @@ impl Generation {
         })
     }
 
+    /// The prompt's cache keys (token ids, with each image's or clip's soft tokens keyed by its digest):
+    /// what a prefix cache entry must match.
+    pub fn cache_keys(&self) -> &[u32] {
+        &self.keys
+    }
+
+    /// Whether none of the prompt has been read since the generation started (from its reused cache).
+    pub fn unread(&self) -> bool {
+        self.prefilled == self.reused && self.cur.is_none() && !self.finished
+    }
+
+    /// Before any of the prompt is read ([`Generation::unread`]): starts instead from `cache`, which holds
+    /// the KV of the prompt's first `reused` keys, when that is more than the generation started from: a
+    /// prefix cached after the request was admitted, such as the system-prompt checkpoint a request
+    /// admitted with it has just taken. Returns whether it did; false (nothing changed) once reading has
+    /// begun, for no gain, for the whole prompt (its last token is read for its logits) or for a cut inside
+    /// an image or clip.
+    pub fn adopt_cached(&mut self, cache: Cache, reused: usize) -> bool {
+        let inside_media = self
+            .media
+            .iter()
+            .any(|m| m.start < reused && reused < m.start + m.len());
+        if !self.unread() || reused <= self.reused || reused >= self.ids.len() || inside_media {
+            return false;
+        }
+        self.cache = cache;
+        self.fed = self.keys[..reused].to_vec();
+        self.prefilled = reused;
+        self.reused = reused;
+        true
+    }
+
     /// Reads the next chunk of the prompt (all but its last token, evaluating only the caches: the LM head
     /// never runs for them); once the prompt is read, queues the first token's step. True when the prompt
     /// is read (calling again is a no-op).

@@ -1430,6 +1430,25 @@ impl ModelRunner for MlxRunner {
             .zip(out.iter_mut())
             .find(|(s, _)| !s.generation.prefilled_all())
         {
+            if seq.generation.unread() {
+                // Requests admitted together all missed the prefix cache; the one before this may since
+                // have checkpointed the system prompt they share, which this one then reads no more.
+                let (kv, keys) = (seq.kv, seq.generation.cache_keys());
+                let fits = |c: &PoolCache| c.kv == kv;
+                let can_trim = |c: &PoolCache, _: usize| c.cache.is_trimmable();
+                let start = seq.generation.reused();
+                if self
+                    .pool
+                    .peek_nearest(keys, fits, can_trim)
+                    .is_some_and(|n| n > start)
+                    && let Some(hit) = self.pool.take_nearest(keys, fits, can_trim)
+                {
+                    let mut cache = hit.cache.cache;
+                    if hit.excess == 0 || cache.trim_to(hit.reused) {
+                        seq.generation.adopt_cached(cache, hit.reused);
+                    }
+                }
+            }
             match seq.generation.prefill(&model.model) {
                 Ok(_) => {
                     if let Some((cache, tokens)) = seq.generation.take_checkpoint() {

@@ -460,6 +460,47 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
 
+/// Requests admitted together with one new system prompt: each misses the prefix cache at admission,
+/// but the first checkpoints the system prompt while reading it, and the others, which read their prompts
+/// after it, start from that checkpoint instead — the system prompt is read once — and answer as a cold
+/// engine does.
+#[test]
+fn requests_admitted_together_read_their_shared_system_prompt_once() {
+    let _serial = serial();
+    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
+    warm.wait_ready().unwrap();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let cold = Engine::start(config).unwrap();
+    cold.wait_ready().unwrap();
+    let system = "river stone lantern copper falcon meadow ember velvet quiet signal window marble \
+                  harbor orchard thunder violet autumn canyon silver garden";
+    let questions = ["What is first?", "Which is last?", "Name one more, please."];
+    let handles: Vec<_> = questions
+        .iter()
+        .map(|q| {
+            let w = warm.clone();
+            let p = chat(system, q);
+            std::thread::spawn(move || answer_with(&w, p, 4))
+        })
+        .collect();
+    let got: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let reused: Vec<usize> = got.iter().map(|g| g.2).collect();
+    assert_eq!(
+        reused.iter().filter(|&&n| n > 0).count(),
+        2,
+        "all but the first start from the checkpoint: {reused:?}"
+    );
+    for (q, (wt, wl, _)) in questions.iter().zip(&got) {
+        let (ct, cl, _) = answer_with(&cold, chat(system, q), 4);
+        assert_eq!(wt, &ct, "{q}: tokens");
+        let d = max_diff(wl, &cl);
+        assert!(d <= 1e-4, "{q}: warm vs cold logprobs differ by {d}");
+    }
+    assert!(warm.shutdown(Duration::from_secs(20)));
+    assert!(cold.shutdown(Duration::from_secs(20)));
+}
+
 /// A cancelled request's cache is kept with exactly the tokens it holds: a prompt that continues what was
 /// streamed before the cancel reuses it and answers as cold. A prefix cache with no room keeps nothing
 /// (the byte budget holds): the same continuation is read in full.
