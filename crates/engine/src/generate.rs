@@ -362,10 +362,10 @@ pub struct Generation {
     /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
     /// allows, and each token read back advances it.
     grammar: Option<TokenMatcher>,
-    /// Where to copy the cache while reading the prompt ([`Generation::checkpoint_at`]).
-    checkpoint_at: Option<usize>,
-    /// The copy, once taken, with the tokens it holds.
-    checkpoint: Option<(Cache, Vec<u32>)>,
+    /// Where to copy the cache while reading the prompt, ascending ([`Generation::checkpoint_at`]).
+    checkpoint_at: Vec<usize>,
+    /// The copies taken and not yet handed out, each with the tokens it holds.
+    checkpoints: Vec<(Cache, Vec<u32>)>,
     stats: GenerationStats,
     t0: Instant,
     t_first: Option<Instant>,
@@ -488,8 +488,8 @@ impl Generation {
             reused,
             cur: None,
             grammar,
-            checkpoint_at: None,
-            checkpoint: None,
+            checkpoint_at: vec![],
+            checkpoints: vec![],
             stats: GenerationStats {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
@@ -533,6 +533,7 @@ impl Generation {
             return false;
         }
         self.cache = cache;
+        self.checkpoint_at.retain(|&c| c > reused);
         self.fed = self.keys[..reused].to_vec();
         self.prefilled = reused;
         self.reused = reused;
@@ -558,7 +559,7 @@ impl Generation {
                 elem,
                 self.opts.attention_budget,
             );
-            if let Some(c) = self.checkpoint_at.filter(|&c| c > self.prefilled) {
+            if let Some(&c) = self.checkpoint_at.iter().find(|&&c| c > self.prefilled) {
                 n = n.min(c - self.prefilled);
             }
             // An image or clip is read whole in one chunk (an image's tokens attend to one another; a
@@ -591,9 +592,10 @@ impl Generation {
             eval(self.cache.state())?;
             self.fed.extend_from_slice(&self.keys[at..at + n]);
             self.prefilled += n;
-            if self.checkpoint_at == Some(self.prefilled) {
-                self.checkpoint_at = None;
-                self.checkpoint = Some((self.cache.clone(), self.fed.clone()));
+            if self.checkpoint_at.contains(&self.prefilled) {
+                self.checkpoint_at.retain(|&c| c > self.prefilled);
+                self.checkpoints
+                    .push((self.cache.clone(), self.fed.clone()));
             }
             mlx_rs::memory::clear_cache()?;
             if n_ids - self.prefilled > 1 {
@@ -1212,23 +1214,30 @@ impl Generation {
     }
 
     /// Asks for a copy of the cache once it holds the prompt's first `tokens` tokens (a prefill chunk ends
-    /// there), such as the end of a chat's system prompt, which later conversations share; taken with
-    /// [`Generation::take_checkpoint`]. Ignored unless it falls inside the part of the prompt still to read
-    /// (after what a resumed cache holds, before the last prompt token). Call before reading the prompt.
+    /// there), such as the end of a chat's system prompt, which later conversations share, or the end of
+    /// its last user turn, which the next turn and a regenerated answer share; taken with
+    /// [`Generation::take_checkpoints`]. Ignored unless it falls inside the part of the prompt still to read
+    /// (after what a resumed cache holds, before the last prompt token). Call before reading the prompt;
+    /// several may be asked for.
     pub fn checkpoint_at(&mut self, tokens: usize) {
         let in_image = self
             .media
             .iter()
             .any(|m| m.start < tokens && tokens < m.start + m.len());
-        if tokens > self.prefilled && tokens < self.ids.len() && !in_image {
-            self.checkpoint_at = Some(tokens);
+        if tokens > self.prefilled
+            && tokens < self.ids.len()
+            && !in_image
+            && !self.checkpoint_at.contains(&tokens)
+        {
+            self.checkpoint_at.push(tokens);
+            self.checkpoint_at.sort_unstable();
         }
     }
 
-    /// The checkpoint asked for with [`Generation::checkpoint_at`], once taken: the copied cache and the
-    /// tokens whose KV it holds.
-    pub fn take_checkpoint(&mut self) -> Option<(Cache, Vec<u32>)> {
-        self.checkpoint.take()
+    /// The checkpoints asked for with [`Generation::checkpoint_at`] taken since the last call: each copied
+    /// cache with the tokens whose KV it holds.
+    pub fn take_checkpoints(&mut self) -> Vec<(Cache, Vec<u32>)> {
+        std::mem::take(&mut self.checkpoints)
     }
 
     /// Bytes the generation's cache holds.

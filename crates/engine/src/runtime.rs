@@ -718,6 +718,42 @@ impl ModelBundle {
         (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
     }
 
+    /// How many leading tokens of the chat prompt `ids` the conversation itself fills, without the
+    /// generation prompt that asks for the answer (mlx_lm.server's "user" segment): a checkpoint there
+    /// serves the conversation's next turn even when the answer is not rendered back as it was generated
+    /// (Gemma 4's template drops a turn's thinking from the history), and a regenerated answer, once the
+    /// sliding window has filled and the finished turn's cache can no longer be cut back. None for a prompt
+    /// that is not a chat ending with a user or tool turn, or where the rendering does not agree with
+    /// `ids`.
+    pub fn conversation_prefix_len(&self, prompt: &Prompt, ids: &[u32]) -> Option<usize> {
+        let Prompt::Chat {
+            messages,
+            tools,
+            enable_thinking,
+        } = prompt
+        else {
+            return None;
+        };
+        let last = messages.last()?.get("role").and_then(|r| r.as_str());
+        if !matches!(last, Some("user" | "tool")) {
+            return None;
+        }
+        let text = self
+            .template
+            .as_ref()?
+            .render(&jemma_chat::template::RenderRequest {
+                messages,
+                tools: tools.as_deref(),
+                add_generation_prompt: false,
+                enable_thinking: *enable_thinking,
+                extra: None,
+            })
+            .ok()?;
+        let head_ids = self.tokenizer.encode(&text, false).ok()?;
+        let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
+    }
+
     /// Token ids of a prompt: chat messages through the model's template (which writes `<bos>`), text with
     /// a BOS prepended unless it starts with one, ids as given.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>> {
@@ -1451,7 +1487,7 @@ impl ModelRunner for MlxRunner {
             }
             match seq.generation.prefill(&model.model) {
                 Ok(_) => {
-                    if let Some((cache, tokens)) = seq.generation.take_checkpoint() {
+                    for (cache, tokens) in seq.generation.take_checkpoints() {
                         let bytes = cache.nbytes() as u64;
                         let entry = PoolCache { cache, kv: seq.kv };
                         self.pool.insert(tokens, entry, bytes, EntryKind::Shared);
@@ -1725,6 +1761,7 @@ impl MlxSequence {
             opts.constraint = Some((l.vocabulary()?, c));
         }
         let system = l.system_prefix_len(&req.prompt, &ids);
+        let turns = l.conversation_prefix_len(&req.prompt, &ids);
         let kv = opts.kv_quant;
         // The soft tokens of each image and clip (the towers run here, on the model thread, once per
         // request).
@@ -1770,7 +1807,7 @@ impl MlxSequence {
             // The pool only offers a longer entry when the cache can be trimmed.
             (hit.excess == 0 || cache.trim_to(hit.reused)).then_some((cache, hit.reused))
         })?;
-        if let Some(n) = system {
+        for n in [system, turns].into_iter().flatten() {
             generation.checkpoint_at(n);
         }
         Ok(Self {

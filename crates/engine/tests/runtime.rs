@@ -460,6 +460,49 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
 
+/// The end of a conversation's last user turn is checkpointed (mlx_lm.server's "user" segment): once the
+/// sliding window (16) has filled, a finished turn's cache can no longer be cut back, yet the next turn
+/// whose history renders the answer otherwise than it was generated (Gemma 4's template drops a turn's
+/// thinking) and a regenerated answer both start from the checkpoint, and answer as a cold engine does.
+#[test]
+fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() {
+    let _serial = serial();
+    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
+    warm.wait_ready().unwrap();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let cold = Engine::start(config).unwrap();
+    cold.wait_ready().unwrap();
+    let user = |text: &str| serde_json::json!({"role": "user", "content": text});
+    let first = user(
+        "river stone lantern copper falcon meadow ember velvet quiet signal window marble harbor \
+         orchard thunder violet autumn canyon silver garden, which of these is heaviest?",
+    );
+    let prompt = |messages: Vec<serde_json::Value>| Prompt::Chat {
+        messages,
+        tools: None,
+        enable_thinking: None,
+    };
+    let (_, _, none) = answer_with(&warm, prompt(vec![first.clone()]), 6);
+    assert_eq!(none, 0, "nothing cached yet");
+    let next = vec![
+        first.clone(),
+        serde_json::json!({"role": "assistant", "content": "The stone, surely."}),
+        user("And the lightest?"),
+    ];
+    for (what, messages) in [("regenerated", vec![first.clone()]), ("next turn", next)] {
+        let (wt, wl, reused) = answer_with(&warm, prompt(messages.clone()), 4);
+        assert!(reused > 16, "{what}: reused {reused}, past the window");
+        let (ct, cl, _) = answer_with(&cold, prompt(messages), 4);
+        assert_eq!(wt, ct, "{what}: tokens");
+        let d = max_diff(&wl, &cl);
+        assert!(d <= 1e-4, "{what}: warm vs cold logprobs differ by {d}");
+        eprintln!("{what}: reused {reused}, max |Δlogprob| {d:e}");
+    }
+    assert!(warm.shutdown(Duration::from_secs(20)));
+    assert!(cold.shutdown(Duration::from_secs(20)));
+}
+
 /// Requests admitted together with one new system prompt: each misses the prefix cache at admission,
 /// but the first checkpoints the system prompt while reading it, and the others, which read their prompts
 /// after it, start from that checkpoint instead — the system prompt is read once — and answer as a cold
