@@ -315,6 +315,31 @@ impl ChatTemplate {
         &self.eos_token
     }
 
+    /// The conversation rendered without the generation prompt, for a chat whose last message is a user
+    /// or tool turn: the text up to where that turn ends in [`ChatTemplate::render_for_generation`]'s
+    /// prompt, which the conversation's next turn and a regenerated answer share (mlx_lm.server's "user"
+    /// segment), even when the template renders the answer back otherwise than it was generated (Gemma 4's
+    /// drops a turn's thinking). None for another last role or a rendering error.
+    pub fn render_turns(
+        &self,
+        messages: &[Json],
+        tools: Option<&[Json]>,
+        enable_thinking: Option<bool>,
+    ) -> Option<String> {
+        let last = messages.last()?.get("role").and_then(Json::as_str);
+        if !matches!(last, Some("user" | "tool")) {
+            return None;
+        }
+        self.render(&RenderRequest {
+            messages,
+            tools,
+            add_generation_prompt: false,
+            enable_thinking,
+            extra: None,
+        })
+        .ok()
+    }
+
     /// The prompt of a chat request for generation. A trailing assistant message is a prefix to continue (a
     /// gateway fallback resuming a stream another tier started): the conversation before it is rendered with
     /// the generation prompt and its text appended verbatim, so the model carries on from it.

@@ -228,12 +228,12 @@ pub fn served_context_of(path: &Path, configured: Option<u32>) -> Result<u32> {
 /// Estimated bytes a GGUF takes once loaded at its served context: the weights (the file, mmap'd), the KV
 /// cache and llama.cpp's compute buffers. Reserved from the memory budget before loading.
 ///
-/// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing with its defaults (F16 K and V, no
-/// `swa_full`): a full-attention layer holds `n_ctx` cells, a sliding-window layer `n_swa + n_ubatch`
-/// cells, and layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell holds
-/// `n_head_kv × (key_length + value_length)` F16 values. The sliding pattern is the GGUF's
-/// `sliding_window_pattern` where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`, and
-/// otherwise every layer full (an over- rather than under-estimate). The compute buffers are approximated as
+/// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing as the engine configures it (F16 K and
+/// V, `swa_full = true`): every attention layer holds `n_ctx` cells, sliding-window layers included, and
+/// layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell holds
+/// `n_head_kv × (key_length + value_length)` F16 values, which differ between full and sliding layers
+/// where the GGUF says so (`key_length_swa`): the sliding pattern is the GGUF's `sliding_window_pattern`
+/// where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`. The compute buffers are approximated as
 /// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus a row of logits per sequence. With `n_seq`
 /// sequences (one KV stream each, `kv_unified = false`) every stream holds the cells above.
 ///
@@ -327,10 +327,8 @@ fn estimate(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<E
         } else {
             (int("attention.key_length"), int("attention.value_length"))
         };
-        let cells = match (swa, n_swa) {
-            (true, Some(w)) => (w + n_ubatch as u64).min(n_ctx),
-            _ => n_ctx,
-        };
+        // `swa_full`: a sliding layer keeps every cell too (see `LlamaRunner::load` for why).
+        let cells = n_ctx;
         // llama.cpp's default for a missing head_count_kv is head_count (no grouped-query attention).
         let heads = int_at("attention.head_count_kv", il)
             .or(int_at("attention.head_count", il))

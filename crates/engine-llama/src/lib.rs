@@ -702,6 +702,12 @@ impl ModelRunner for LlamaRunner {
             .with_n_ctx(NonZeroU32::new(loaded.n_ctx * parallel))
             .with_n_seq_max(parallel)
             .with_kv_unified(false)
+            // Sliding-window layers keep every cell, not just their window and a batch (llama-server's
+            // `swa_full = false`): a saved sequence state (the prefix pool) or a trim must restore the
+            // window exactly, and measured on Gemma 3 270M, llama.cpp restores a state whose sliding ring
+            // has wrapped (a sequence longer than window + batch) with logprobs off by up to 0.3. The cost
+            // is KV memory, which the footprint counts (`gguf::footprint`).
+            .with_swa_full(true)
             // A decode step carries one token per sequence: the batch must hold them all.
             .with_n_batch(self.config.batch_size.max(parallel))
             .with_n_ubatch(self.config.batch_size.max(parallel))
@@ -1026,9 +1032,10 @@ fn decode_from(
 
 /// How many leading tokens of `ids` sequence `seq` can keep: what its [`PrefixSlot`] says is reusable (the
 /// longest prefix it holds, never the last prompt token, whose logits start the answer), or 0 when the
-/// sliding-window layers no longer hold that prefix's window. They keep only the last window of positions
-/// (llama.cpp's default `swa_full = false`), so such a prefix cannot be restored exactly and the whole
-/// prompt is prefilled again — the check llama-server makes (`pos_min > max(0, n_past - n_swa)`).
+/// sliding-window layers no longer hold that prefix's window, so that it cannot be restored exactly and
+/// the whole prompt is prefilled again — the check llama-server makes (`pos_min > max(0, n_past - n_swa)`).
+/// The engine's contexts keep every sliding cell (`swa_full`), where the check always passes; it stands
+/// for a cache that keeps only the last window.
 fn reusable(
     ctx: &llama_cpp_2::context::LlamaContext<'_>,
     seq: u32,

@@ -734,21 +734,10 @@ impl ModelBundle {
         else {
             return None;
         };
-        let last = messages.last()?.get("role").and_then(|r| r.as_str());
-        if !matches!(last, Some("user" | "tool")) {
-            return None;
-        }
-        let text = self
-            .template
-            .as_ref()?
-            .render(&jemma_chat::template::RenderRequest {
-                messages,
-                tools: tools.as_deref(),
-                add_generation_prompt: false,
-                enable_thinking: *enable_thinking,
-                extra: None,
-            })
-            .ok()?;
+        let text =
+            self.template
+                .as_ref()?
+                .render_turns(messages, tools.as_deref(), *enable_thinking)?;
         let head_ids = self.tokenizer.encode(&text, false).ok()?;
         let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
         (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
