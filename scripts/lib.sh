@@ -101,3 +101,36 @@ free_gib() {
   while [ ! -e "$d" ]; do d=$(dirname "$d"); done
   df -Pk "$d" | awk 'NR==2 {printf "%d", $4 / 1048576}'
 }
+
+# The GGML_* options llama.cpp is built with for the engine (.cargo/config.toml's [env], written by
+# scripts/mlx-linux/setup.sh), as CMake arguments, so that an anchor built from other llama.cpp sources
+# (llama-cpp-python) gets the same instruction sets and a comparison measures the code, not the compiler
+# flags. GGML_NATIVE stays off: -march=native enables whatever the CPU advertises, and a VM may advertise
+# what it does not allow (measured 2026-12-02: AMX's `tilezero` raised SIGILL in a GGML_NATIVE build).
+ggml_cmake_args() {
+  local args="-DGGML_NATIVE=OFF"
+  if [ -f "$JEMMA_ROOT/.cargo/config.toml" ]; then
+    args="$args $(sed -n 's/^\(GGML_[A-Z0-9_]*\) = "\(.*\)"$/-D\1=\2/p' "$JEMMA_ROOT/.cargo/config.toml" | tr '\n' ' ')"
+  fi
+  echo "${args% }"
+}
+
+# llama_cpp_python_venv [CMAKE_ARG...]: the benchmarks' llama-cpp-python anchor (0.3.36 with its OpenAI
+# server), built from source with ggml_cmake_args plus the given arguments (~10 min on 2 cores) and rebuilt
+# when they change; prints the venv's path.
+llama_cpp_python_venv() {
+  local venv=$JEMMA_DEPS/bench-llama-venv args
+  args="$(ggml_cmake_args)${*:+ $*}"
+  if [ "$(cat "$venv/.cmake-args" 2>/dev/null)" != "$args" ] ||
+    ! "$venv/bin/python" -c "import llama_cpp.server" 2>/dev/null; then
+    log "building llama-cpp-python[server] 0.3.36 ($args; ~10 min on 2 cores)"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q numpy >&2
+    # No wheel cache: a wheel built with other CMake arguments would be reused.
+    CMAKE_ARGS="$args" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) "$venv/bin/pip" install -q --no-cache-dir \
+      --no-binary llama-cpp-python 'llama-cpp-python[server]==0.3.36' >&2
+    echo "$args" >"$venv/.cmake-args"
+  fi
+  echo "$venv"
+}

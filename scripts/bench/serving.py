@@ -2,12 +2,18 @@
   - prefix reuse: TTFT of a request whose ~N-token system prompt is new (cold) and of the next request with
     the same system prompt and a new question (warm); several rounds, each with a fresh system prompt,
     medians and the warm/cold ratio;
+  - fan-out: 4 requests sent at once with one new ~N-token system prompt and different questions (parallel
+    agents starting from one instruction set): the last one's TTFT over the cold TTFT (1.0: the preamble
+    is read once; 4: once per request), and the cached tokens they report;
   - concurrency: aggregate decode tok/s of 1, 4 and 8 concurrent greedy streams, and the ratio to 1.
 Prints one JSON object. Client: the openai SDK (streaming), as a user's app would use it.
   With a fifth argument `chat`, the prefix part sends the preamble as a chat's system message and the
   question as its user message (/v1/chat/completions): the shape of an agent starting a new conversation.
+  With SERVING_FANOUT=0 in the environment the fan-out is skipped (llama-cpp-python's server, whose RAM
+  prompt cache grew past 24 GB under it on this 24 GB machine, 2026-12-02).
 Usage: serving.py BASE_URL MODEL SYSTEM_TOKENS ROUNDS [chat]   (ROUNDS 0: concurrency only)"""
 import json
+import os
 import statistics
 import sys
 import threading
@@ -87,7 +93,21 @@ def aggregate(k, n_tokens=48):
     return sum(r[0] for r in results) / wall
 
 
-cold, warm, prompt_tokens, cached = [], [], 0, []
+def fanout(system, k=4):
+    results = [None] * k
+
+    def one(i):
+        results[i] = ttft(system, f"What is word number {i + 2}?")
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return max(r[0] for r in results), statistics.mean(r[2] for r in results)
+
+
+cold, warm, prompt_tokens, cached, fan, fan_cached = [], [], 0, [], [], []
 if rounds > 0:
     ttft(system_prompt(999), "warm-up")
 else:
@@ -99,6 +119,10 @@ for r in range(rounds):
     cold.append(c)
     warm.append(w)
     cached.append(hit)
+    if os.environ.get("SERVING_FANOUT", "1") != "0":
+        f, fc = fanout(system_prompt(r + 500))
+        fan.append(f)
+        fan_cached.append(fc)
 one = aggregate(1)
 four = aggregate(4)
 eight = aggregate(8)
@@ -108,6 +132,8 @@ print(json.dumps({
     "ttft_cold_s": med(cold), "ttft_warm_s": med(warm),
     "warm_over_cold": med(warm) / med(cold) if cold else None,
     "cached_tokens": med(cached),
+    "fanout_ttft_s": med(fan), "fanout_over_cold": med(fan) / med(cold) if fan else None,
+    "fanout_cached_tokens": med(fan_cached),
     "tok_s_1": one, "tok_s_4": four, "tok_s_8": eight,
     "x4": four / one, "x8": eight / one,
 }))

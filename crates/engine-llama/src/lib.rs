@@ -153,13 +153,11 @@ impl LlamaConfig {
     }
 }
 
-/// Host memory kept for saved sequence caches by default, bytes: as much KV as the slots themselves
-/// reserve (`kv_per_sequence` × `parallel`, so a conversation evicted from a slot still fits), at most
-/// 8 GiB (llama-server's `--cache-ram` default).
-pub fn default_prefix_cache_bytes(kv_per_sequence: u64, parallel: u32) -> u64 {
-    kv_per_sequence
-        .saturating_mul(parallel.max(1) as u64)
-        .min(8 << 30)
+/// Host memory kept for saved sequence caches by default, bytes: one slot's KV (`kv_per_sequence`, as
+/// much as a full-context conversation or several shorter ones hold), at most 8 GiB (llama-server's
+/// `--cache-ram` default). It is reserved with the model, so more would cost slots on a tight budget.
+pub fn default_prefix_cache_bytes(kv_per_sequence: u64) -> u64 {
+    kv_per_sequence.min(8 << 30)
 }
 
 /// Decode threads by default: every core but one above 4 cores (the gateway and the OS keep one), all of
@@ -536,6 +534,11 @@ struct Serving {
     pool: PrefixPool<Saved>,
     /// Bytes the pool may hold ([`LlamaConfig::prefix_cache_bytes`]).
     pool_budget: u64,
+    /// A KV stream copy was queued (llama.cpp applies it at the next decode) and no step has decoded
+    /// since: set by [`share_prefix`], cleared by a step that succeeds. While set, nothing reads or writes
+    /// a stream's buffer outside a decode (saves to and restores from the pool), which the copy could
+    /// land on afterwards. Only a failed step leaves it set.
+    copy_pending: bool,
 }
 
 /// A sequence's cache saved in host memory (the pool's entry): llama.cpp's serialised state of that
@@ -558,9 +561,16 @@ const POOL_ENTRIES: usize = 64;
 const MIN_SAVED_TOKENS: usize = 64;
 
 /// A prefill takes another sequence's or the pool's cache only for at least this many more prompt tokens
-/// than its own slot keeps: a copy moves a whole KV stream, which for a few tokens costs more than reading
-/// them.
+/// than its own slot keeps, and for at least 1/64 of the context: a copy moves a whole KV stream (every
+/// cell of every layer, whatever the prefix's length), which for a few tokens costs more than reading
+/// them. A heuristic: memory copies at ~10 GB/s against prefill at a few hundred to a few thousand tokens
+/// per second.
 const MIN_SHARED_GAIN: usize = 32;
+
+/// [`MIN_SHARED_GAIN`] for a context of `n_ctx` tokens.
+fn min_shared_gain(n_ctx: u32) -> usize {
+    MIN_SHARED_GAIN.max(n_ctx as usize / 64)
+}
 
 /// Whether a sequence whose sliding-window layers hold positions from `window_start` on can keep its
 /// first `keep` positions and go on from there: the next position's window must still be there
@@ -642,7 +652,7 @@ impl LlamaRunner {
                 self.config.context_length,
                 self.config.batch_size,
             )
-            .map(|kv| default_prefix_cache_bytes(kv, self.parallel()))
+            .map(default_prefix_cache_bytes)
             .map_err(|e| LoadError::Failed(e.to_string())),
         }
     }
@@ -660,9 +670,10 @@ impl ModelRunner for LlamaRunner {
         let bytes = self.footprint()?;
         info.footprint_bytes = Some(bytes);
         // With layers on a discrete GPU (CUDA: the heavy tier) the weights and KV cache live in VRAM, which
-        // the host's budget does not govern; Metal shares the host's memory, so there it counts.
+        // the host's budget does not govern, while the saved caches stay in host memory; Metal shares the
+        // host's memory, so there everything counts.
         if cfg!(feature = "cuda") && self.config.gpu_layers != Some(0) {
-            return Ok(None);
+            return Ok(Some(self.pool_budget()?));
         }
         Ok(Some(bytes))
     }
@@ -702,11 +713,12 @@ impl ModelRunner for LlamaRunner {
             .with_n_ctx(NonZeroU32::new(loaded.n_ctx * parallel))
             .with_n_seq_max(parallel)
             .with_kv_unified(false)
-            // Sliding-window layers keep every cell, not just their window and a batch (llama-server's
-            // `swa_full = false`): a saved sequence state (the prefix pool) or a trim must restore the
-            // window exactly, and measured on Gemma 3 270M, llama.cpp restores a state whose sliding ring
-            // has wrapped (a sequence longer than window + batch) with logprobs off by up to 0.3. The cost
-            // is KV memory, which the footprint counts (`gguf::footprint`).
+            // Sliding-window layers keep every cell (the C API's default, made explicit), not just their
+            // window and a batch (llama-server's `swa_full = false`): then a trim back past the window
+            // stays exact, and a saved state restores exactly; with a ring, measured on Gemma 3 270M,
+            // llama.cpp restored a state whose ring had wrapped (a sequence longer than window + batch)
+            // with logprobs off by up to 0.3. The cost is KV memory, which the footprint counts
+            // (`gguf::footprint`).
             .with_swa_full(true)
             // A decode step carries one token per sequence: the batch must hold them all.
             .with_n_batch(self.config.batch_size.max(parallel))
@@ -774,6 +786,7 @@ impl ModelRunner for LlamaRunner {
                 clock: 0,
                 pool: PrefixPool::new(POOL_ENTRIES),
                 pool_budget: self.pool_budget,
+                copy_pending: false,
             },
             n_ctx as usize,
         ))
@@ -796,10 +809,12 @@ impl ModelRunner for LlamaRunner {
             drafts,
             pool,
             pool_budget,
+            copy_pending,
         } = model;
         *clock += 1;
         let now = *clock;
-        let budget = *pool_budget;
+        // No saves while a stream copy may still land on a slot (see `Serving::copy_pending`).
+        let budget = if *copy_pending { 0 } else { *pool_budget };
         let admitted = cell.with_dependent_mut(|loaded, ctx| {
             LlamaSequence::admit(loaded, ctx, slots, (pool, budget), now, request)
         });
@@ -840,6 +855,7 @@ impl ModelRunner for LlamaRunner {
             drafts,
             slots,
             pool,
+            copy_pending,
             ..
         } = model;
         let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
@@ -848,13 +864,20 @@ impl ModelRunner for LlamaRunner {
                 loaded,
                 ctx,
                 (drafts.as_mut(), speculated, largest_verify),
-                Shared { slots, pool },
+                Shared {
+                    slots,
+                    pool,
+                    copy_pending: &mut *copy_pending,
+                },
                 batch,
                 out,
                 chunk,
             )
         });
         self.pool_held = (pool.len(), pool.bytes());
+        if result.is_ok() {
+            *copy_pending = false;
+        }
         if result.is_err() {
             // What the failed decode left in these sequences' KV is unknown: their slots start clean.
             for seq in batch.iter_mut() {
@@ -875,6 +898,12 @@ impl ModelRunner for LlamaRunner {
             // Finished or cancelled cleanly: the record describes the sequence's KV again.
             slot.cached.commit(seq.kv);
         }
+    }
+
+    fn unload(&mut self, model: Serving) {
+        // The pool goes with the model: `/health` says so at the next refresh.
+        self.pool_held = (0, 0);
+        drop(model);
     }
 
     fn refresh(&mut self, info: &mut LlamaInfo) {
@@ -1034,8 +1063,9 @@ fn decode_from(
 /// longest prefix it holds, never the last prompt token, whose logits start the answer), or 0 when the
 /// sliding-window layers no longer hold that prefix's window, so that it cannot be restored exactly and
 /// the whole prompt is prefilled again — the check llama-server makes (`pos_min > max(0, n_past - n_swa)`).
-/// The engine's contexts keep every sliding cell (`swa_full`), where the check always passes; it stands
-/// for a cache that keeps only the last window.
+/// The engine's contexts keep every sliding cell (`swa_full`), so a sequence the engine decoded always
+/// passes; one restored from the pool holds only the window its state was saved with
+/// (`llama_state_seq_get_data` drops sliding cells outside it), and there the check decides.
 fn reusable(
     ctx: &llama_cpp_2::context::LlamaContext<'_>,
     seq: u32,
@@ -1084,6 +1114,13 @@ fn save(
         ctx.kv_cache_seq_pos_max(seq as i32),
     );
     if pos_min < 0 || pos_max + 1 != tokens.len() as i32 {
+        tracing::warn!(
+            seq,
+            pos_min,
+            pos_max,
+            tokens = tokens.len(),
+            "a slot's cache and its record disagree: not saved"
+        );
         return;
     }
     let state = match ctx.state_seq_get(seq as i32, LlamaStateSeqFlags::empty()) {
@@ -1117,6 +1154,8 @@ fn save(
 struct Shared<'a> {
     slots: &'a mut [Slot],
     pool: &'a mut PrefixPool<Saved>,
+    /// [`Serving::copy_pending`].
+    copy_pending: &'a mut bool,
 }
 
 /// Where a longer prefix was found.
@@ -1133,11 +1172,12 @@ enum Source {
 /// cut back exactly and does not count. None: nowhere.
 fn find_prefix(
     ctx: &llama_cpp_2::context::LlamaContext<'_>,
-    n_swa: Option<u32>,
+    loaded: &Loaded,
     shared: &Shared<'_>,
     batch: &[&mut LlamaSequence],
     i: usize,
 ) -> Option<(usize, Source)> {
+    let (n_swa, n_ctx) = (loaded.n_swa, loaded.n_ctx);
     let s = &*batch[i];
     let ids: Vec<u32> = s.ids.iter().map(|t| t.0 as u32).collect();
     // The last prompt token is read for its logits, never taken from a cache.
@@ -1168,18 +1208,16 @@ fn find_prefix(
         .filter(|&(keep, seq)| holds(seq, keep))
         .max_by_key(|&(keep, _)| keep)
         .map(|(keep, seq)| (keep, Source::Sequence(seq)));
-    let in_pool = shared
-        .pool
-        .peek_nearest(
-            &ids,
-            |_| true,
-            |e, keep| window_holds(e.window_start, keep, n_swa),
-        )
+    // Not while a stream copy may still be queued (after a failed step): it would land on the restore.
+    let can_trim = |e: &Saved, keep: usize| window_holds(e.window_start, keep, n_swa);
+    let in_pool = (!*shared.copy_pending)
+        .then(|| shared.pool.peek_nearest(&ids, |_| true, can_trim))
+        .flatten()
         .map(|keep| (keep, Source::Pool));
     [in_streams, in_pool]
         .into_iter()
         .flatten()
-        .filter(|(keep, _)| *keep >= s.prefilled + MIN_SHARED_GAIN)
+        .filter(|(keep, _)| *keep >= s.prefilled + min_shared_gain(n_ctx))
         .max_by_key(|(keep, _)| *keep)
 }
 
@@ -1202,9 +1240,11 @@ fn share_prefix(
     let ids: Vec<u32> = s.ids.iter().map(|t| t.0 as u32).collect();
     let dst = s.slot as u32;
     let copied = match source {
-        Source::Sequence(from) => ctx
-            .copy_kv_cache_seq(from as i32, dst as i32, None, None)
-            .is_ok(),
+        Source::Sequence(from) => {
+            *shared.copy_pending = true;
+            ctx.copy_kv_cache_seq(from as i32, dst as i32, None, None)
+                .is_ok()
+        }
         Source::Pool => {
             let can_trim = |e: &Saved, keep: usize| window_holds(e.window_start, keep, n_swa);
             match shared.pool.take_nearest(&ids, |_| true, can_trim) {
@@ -1625,7 +1665,7 @@ fn step(
             continue;
         }
         if !batch[i].looked_up {
-            if let Some(found) = find_prefix(ctx, loaded.n_swa, &shared, batch, i) {
+            if let Some(found) = find_prefix(ctx, loaded, &shared, batch, i) {
                 // A stream copy lands at the next decode, which must be this sequence's chunk (before any
                 // other write to the streams involved): a chunk the budget would put off waits, with its
                 // copy, for the next step.

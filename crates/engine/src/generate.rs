@@ -521,23 +521,24 @@ impl Generation {
     /// Before any of the prompt is read ([`Generation::unread`]): starts instead from `cache`, which holds
     /// the KV of the prompt's first `reused` keys, when that is more than the generation started from: a
     /// prefix cached after the request was admitted, such as the system-prompt checkpoint a request
-    /// admitted with it has just taken. Returns whether it did; false (nothing changed) once reading has
-    /// begun, for no gain, for the whole prompt (its last token is read for its logits) or for a cut inside
-    /// an image or clip.
-    pub fn adopt_cached(&mut self, cache: Cache, reused: usize) -> bool {
+    /// admitted with it has just taken.
+    ///
+    /// Errors: the cache, handed back with nothing changed, once reading has begun, for no gain, for the
+    /// whole prompt (its last token is read for its logits) or for a cut inside an image or clip.
+    pub fn adopt_cached(&mut self, cache: Cache, reused: usize) -> std::result::Result<(), Cache> {
         let inside_media = self
             .media
             .iter()
             .any(|m| m.start < reused && reused < m.start + m.len());
         if !self.unread() || reused <= self.reused || reused >= self.ids.len() || inside_media {
-            return false;
+            return Err(cache);
         }
         self.cache = cache;
         self.checkpoint_at.retain(|&c| c > reused);
         self.fed = self.keys[..reused].to_vec();
         self.prefilled = reused;
         self.reused = reused;
-        true
+        Ok(())
     }
 
     /// Reads the next chunk of the prompt (all but its last token, evaluating only the caches: the LM head

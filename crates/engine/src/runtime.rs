@@ -740,7 +740,7 @@ impl ModelBundle {
                 .render_turns(messages, tools.as_deref(), *enable_thinking)?;
         let head_ids = self.tokenizer.encode(&text, false).ok()?;
         let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
-        (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
+        (n == head_ids.len() && n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
     }
 
     /// Token ids of a prompt: chat messages through the model's template (which writes `<bos>`), text with
@@ -1175,7 +1175,7 @@ impl ModelBundle {
     }
 }
 
-/// Fewest tokens a system-prompt checkpoint holds.
+/// Fewest tokens a checkpoint (the end of a system prompt or of a user turn) holds.
 const MIN_CHECKPOINT_TOKENS: usize = 8;
 
 /// Most caches the MLX prefix cache keeps (mlx_lm.server's `--prompt-cache-size` default).
@@ -1469,8 +1469,14 @@ impl ModelRunner for MlxRunner {
                     && let Some(hit) = self.pool.take_nearest(keys, fits, can_trim)
                 {
                     let mut cache = hit.cache.cache;
-                    if hit.excess == 0 || cache.trim_to(hit.reused) {
-                        seq.generation.adopt_cached(cache, hit.reused);
+                    if (hit.excess == 0 || cache.trim_to(hit.reused))
+                        && let Err(cache) = seq.generation.adopt_cached(cache, hit.reused)
+                    {
+                        // Refused (a cut inside an image): an entry the take moved out goes back.
+                        let tokens = seq.generation.cache_keys()[..hit.reused].to_vec();
+                        let bytes = cache.nbytes() as u64;
+                        let entry = PoolCache { cache, kv: seq.kv };
+                        self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
                     }
                 }
             }
@@ -1478,8 +1484,13 @@ impl ModelRunner for MlxRunner {
                 Ok(_) => {
                     for (cache, tokens) in seq.generation.take_checkpoints() {
                         let bytes = cache.nbytes() as u64;
+                        let kind = if Some(tokens.len()) == seq.turn_end {
+                            EntryKind::Turn
+                        } else {
+                            EntryKind::Shared
+                        };
                         let entry = PoolCache { cache, kv: seq.kv };
-                        self.pool.insert(tokens, entry, bytes, EntryKind::Shared);
+                        self.pool.insert(tokens, entry, bytes, kind);
                     }
                 }
                 Err(e) => {
@@ -1704,6 +1715,8 @@ struct MlxSequence {
     started: bool,
     /// Speculative decoding's state, when the engine has a draft model and the request may speculate.
     spec: Option<SeqSpec>,
+    /// Where its last user turn ends, when a checkpoint is taken there (an [`EntryKind::Turn`] entry).
+    turn_end: Option<usize>,
 }
 
 /// A sequence's speculative decoding: how many tokens to draft, the draft model's cache, and the RNG of
@@ -1799,6 +1812,7 @@ impl MlxSequence {
         for n in [system, turns].into_iter().flatten() {
             generation.checkpoint_at(n);
         }
+        let turn_end = turns.filter(|&n| Some(n) != system);
         Ok(Self {
             generation,
             kv,
@@ -1810,6 +1824,7 @@ impl MlxSequence {
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             started: false,
             spec: None,
+            turn_end,
         })
     }
 

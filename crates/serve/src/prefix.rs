@@ -143,6 +143,10 @@ pub enum EntryKind {
     /// A checkpoint taken part-way through a prompt, such as the end of a chat's system prompt, which
     /// many conversations share: a hit gets a copy and the entry stays (mlx-lm's "system" entries).
     Shared,
+    /// A checkpoint at the end of a conversation's last user turn, which its next turn and a regenerated
+    /// answer share: a hit gets a copy and the entry stays; a later turn's checkpoint of the same
+    /// conversation replaces it (mlx-lm's "user" entries).
+    Turn,
 }
 
 /// What [`PrefixPool::take_nearest`] hands out.
@@ -282,21 +286,28 @@ impl<C: Clone> PrefixPool<C> {
     }
 
     /// Keeps `cache`, which holds the KV of `tokens` in `bytes` bytes. An entry for the same tokens is
-    /// replaced, except that a shared entry is never replaced by an owned one (a request that started
+    /// replaced, except that a checkpoint is never replaced by an owned entry (a request that started
     /// from a checkpoint and ended before adding anything hands back what the checkpoint holds: the
-    /// checkpoint stays shared); a shared entry for a prefix of an owned one stays (other conversations
-    /// start from it). Beyond `max_entries` an entry is evicted (see [`PrefixPool::evict_to`]).
+    /// checkpoint stays); a shared entry for a prefix of an owned one stays (other conversations start
+    /// from it); a turn checkpoint replaces the turn checkpoints for a prefix of it (the same
+    /// conversation's earlier turns: without that a conversation of K turns would hold K copies of its
+    /// history). Beyond `max_entries` an entry is evicted (see [`PrefixPool::evict_to`]).
     pub fn insert(&mut self, tokens: Vec<u32>, cache: C, bytes: u64, kind: EntryKind) {
         if tokens.is_empty()
             || (kind == EntryKind::Owned
                 && self
                     .entries
                     .iter()
-                    .any(|e| e.kind == EntryKind::Shared && e.tokens == tokens))
+                    .any(|e| e.kind != EntryKind::Owned && e.tokens == tokens))
         {
             return;
         }
-        self.entries.retain(|e| e.tokens != tokens);
+        self.entries.retain(|e| {
+            e.tokens != tokens
+                && !(kind == EntryKind::Turn
+                    && e.kind == EntryKind::Turn
+                    && tokens.starts_with(&e.tokens))
+        });
         self.clock += 1;
         self.entries.push(PoolEntry {
             tokens,
@@ -310,10 +321,11 @@ impl<C: Clone> PrefixPool<C> {
         }
     }
 
-    /// Evicts entries until the pool holds at most `budget` bytes; returns how many went. The least
-    /// recently used goes first, but while owned entries (one per finished turn) are at least as many as
-    /// shared ones, the least recently used owned entry goes (mlx-lm's `CacheOrder`: a busy stream of
-    /// conversations does not push out the system-prompt checkpoints they all start from).
+    /// Evicts entries until the pool holds at most `budget` bytes; returns how many went. Each goes by
+    /// mlx-lm's `CacheOrder`: the kinds in the order owned, turn, shared; the first kind that has entries
+    /// and at least as many as the next kind gives up its least recently used one, else the last kind
+    /// does. So a busy stream of conversations pushes out finished turns before the system-prompt
+    /// checkpoints they all start from.
     pub fn evict_to(&mut self, budget: u64) -> usize {
         let mut n = 0;
         while self.bytes() > budget && self.evict_one() {
@@ -323,17 +335,17 @@ impl<C: Clone> PrefixPool<C> {
     }
 
     fn evict_one(&mut self) -> bool {
-        let owned = self
-            .entries
-            .iter()
-            .filter(|e| e.kind == EntryKind::Owned)
-            .count();
-        let prefer_owned = owned > 0 && 2 * owned >= self.entries.len();
+        const ORDER: [EntryKind; 3] = [EntryKind::Owned, EntryKind::Turn, EntryKind::Shared];
+        let count = |k: EntryKind| self.entries.iter().filter(|e| e.kind == k).count();
+        let kind = ORDER
+            .windows(2)
+            .find(|w| count(w[0]) > 0 && count(w[0]) >= count(w[1]))
+            .map_or(EntryKind::Shared, |w| w[0]);
         let Some(i) = self
             .entries
             .iter()
             .enumerate()
-            .filter(|(_, e)| !prefer_owned || e.kind == EntryKind::Owned)
+            .filter(|(_, e)| e.kind == kind)
             .min_by_key(|(_, e)| e.last_used)
             .map(|(i, _)| i)
         else {
@@ -552,6 +564,27 @@ mod slot_tests {
         assert_eq!((h.cache, h.reused, h.excess), ("turn", 5, 0));
         assert_eq!(p.len(), 1);
         assert_eq!(p.hit_counts(), (5, 7));
+    }
+
+    #[test]
+    fn a_turn_checkpoint_replaces_its_earlier_turns_and_goes_before_system_checkpoints() {
+        let mut p: PrefixPool<&str> = PrefixPool::new(8);
+        p.insert(vec![1, 2], "system", 10, EntryKind::Shared);
+        p.insert(vec![1, 2, 3], "turn 1", 10, EntryKind::Turn);
+        // The next turn's checkpoint supersedes the first's; the system checkpoint stays.
+        p.insert(vec![1, 2, 3, 4, 5], "turn 2", 10, EntryKind::Turn);
+        assert_eq!(p.len(), 2);
+        // A regenerated answer gets a copy, and the checkpoint stays.
+        let h = p.take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| false);
+        assert_eq!(h.map(|h| (h.cache, h.reused)), Some(("turn 2", 5)));
+        assert_eq!(p.len(), 2);
+        // An owned entry for the same tokens does not replace it.
+        p.insert(vec![1, 2, 3, 4, 5], "handed back", 10, EntryKind::Owned);
+        assert_eq!(p.take_longest(&[1, 2, 3, 4, 5, 6]), Some(("turn 2", 5)));
+        // Another conversation's turn stays; over budget, turns go before the system checkpoint.
+        p.insert(vec![1, 2, 7], "other turn", 10, EntryKind::Turn);
+        assert_eq!(p.evict_to(10), 2);
+        assert_eq!(p.take_longest(&[1, 2, 9]), Some(("system", 2)));
     }
 
     #[test]
