@@ -583,6 +583,31 @@ fn answer(e: &LlamaEngine, ids: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32
     }
 }
 
+/// Top-5 logprobs of reference logits, as the engine computes them.
+fn top5(logits: &[f32]) -> Vec<f32> {
+    // The first largest, as llama.cpp's greedy sampler picks.
+    let best = logits
+        .iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &x)| if x > b.1 { (i, x) } else { b },
+        )
+        .0;
+    jemma_chat::logprobs::log_softmax_top(logits, best, 5)
+        .1
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect()
+}
+
+/// The engine's prompt batches for `toks` read after a kept prefix, with a 256-token prefill chunk.
+fn chunks(toks: &[u32]) -> Vec<ReplayOp> {
+    toks.chunks(256)
+        .map(|c| ReplayOp::Decode(c.to_vec()))
+        .collect()
+}
+
 /// Prefix reuse on the real Gemma 3 270M (sliding window 512, global every 6th layer) with a 256-token
 /// prefill chunk: a request that extends or diverges from the previous one gives bit for bit the logprobs
 /// of a cold context that splits the prompt into the same batches, and the same greedy tokens, at odd
@@ -606,28 +631,6 @@ fn prefix_reuse_is_exact_across_the_sliding_window_and_prefill_chunks() {
     warm.wait_ready().unwrap();
     let cold = Session::load(&c).unwrap();
     let threads = default_threads();
-    // Top-5 logprobs of reference logits, as the engine computes them.
-    let top5 = |logits: &[f32]| -> Vec<f32> {
-        let best = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-            )
-            .0;
-        jemma_chat::logprobs::log_softmax_top(logits, best, 5)
-            .1
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect()
-    };
-    // The engine's batches for `toks` decoded after `from` kept tokens.
-    let chunks = |toks: &[u32]| -> Vec<ReplayOp> {
-        toks.chunks(256)
-            .map(|c| ReplayOp::Decode(c.to_vec()))
-            .collect()
-    };
     // Deterministic token ids spread over the vocabulary (after <bos> = 2).
     let doc: Vec<u32> = std::iter::once(2)
         .chain((1..1400u32).map(|i| 300 + (i * 7919) % 200_000))
@@ -885,26 +888,6 @@ fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
     e.wait_ready().unwrap();
     let cold = Session::load(&c).unwrap();
     let threads = default_threads();
-    let top5 = |logits: &[f32]| -> Vec<f32> {
-        let best = logits
-            .iter()
-            .enumerate()
-            .fold(
-                (0, f32::NEG_INFINITY),
-                |b, (i, &x)| if x > b.1 { (i, x) } else { b },
-            )
-            .0;
-        jemma_chat::logprobs::log_softmax_top(logits, best, 5)
-            .1
-            .into_iter()
-            .map(|(_, p)| p)
-            .collect()
-    };
-    let chunks = |toks: &[u32]| -> Vec<ReplayOp> {
-        toks.chunks(256)
-            .map(|c| ReplayOp::Decode(c.to_vec()))
-            .collect()
-    };
     // A document per use, sharing no token with another at the same position (not even a <bos>: a slot
     // keeps a common first token, which would move the next prompt's batches off the cold reference's).
     let doc = |seed: u32, len: usize| -> Vec<u32> {

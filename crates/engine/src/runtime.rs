@@ -674,18 +674,28 @@ impl ModelBundle {
         self.model.config().max_position_embeddings
     }
 
-    /// For a chat that opens with system (or developer) messages, how many leading tokens of its prompt
-    /// `ids` render them: the prefix every conversation with the same system prompt (and tools) shares,
-    /// found as mlx_lm.server does, by rendering the system messages before an empty user turn. None for
-    /// other prompts, or when the rendering shares nothing usable with `ids`.
-    pub fn system_prefix_len(&self, prompt: &Prompt, ids: &[u32]) -> Option<usize> {
-        let Prompt::Chat {
-            messages,
-            tools,
-            enable_thinking,
-        } = prompt
+    /// Where a chat prompt `ids` is checkpointed while it is read, as (system, turn):
+    /// - system: for a chat that opens with system (or developer) messages, how many leading tokens render
+    ///   them: the prefix every conversation with the same system prompt (and tools) shares, found as
+    ///   mlx_lm.server does, by rendering the system messages before an empty user turn;
+    /// - turn: for a chat ending with a user or tool turn, how many leading tokens the conversation fills
+    ///   without the generation prompt that asks for the answer (mlx_lm.server's "user" segment): a
+    ///   checkpoint there serves the conversation's next turn even when the answer is not rendered back as
+    ///   it was generated (Gemma 4's template drops a turn's thinking), and a regenerated answer, once the
+    ///   sliding window has filled and the finished turn's cache can no longer be cut back.
+    ///
+    /// Each is None for other prompts, or when the rendering does not give a usable prefix of `ids`.
+    pub fn checkpoints_of(&self, prompt: &Prompt, ids: &[u32]) -> (Option<usize>, Option<usize>) {
+        let (
+            Prompt::Chat {
+                messages,
+                tools,
+                enable_thinking,
+            },
+            Some(template),
+        ) = (prompt, self.template.as_ref())
         else {
-            return None;
+            return (None, None);
         };
         let k = messages
             .iter()
@@ -696,26 +706,36 @@ impl ModelBundle {
                 )
             })
             .count();
-        if k == 0 || k == messages.len() {
-            return None;
-        }
-        let mut head = messages[..k].to_vec();
-        head.push(serde_json::json!({"role": "user", "content": ""}));
-        let text = self
-            .template
-            .as_ref()?
-            .render(&jemma_chat::template::RenderRequest {
-                messages: &head,
-                tools: tools.as_deref(),
-                add_generation_prompt: false,
-                enable_thinking: *enable_thinking,
-                extra: None,
+        let system = (k > 0 && k < messages.len())
+            .then(|| {
+                let mut head = messages[..k].to_vec();
+                head.push(serde_json::json!({"role": "user", "content": ""}));
+                template
+                    .render(&jemma_chat::template::RenderRequest {
+                        messages: &head,
+                        tools: tools.as_deref(),
+                        add_generation_prompt: false,
+                        enable_thinking: *enable_thinking,
+                        extra: None,
+                    })
+                    .ok()
             })
-            .ok()?;
-        let head_ids = self.tokenizer.encode(&text, false).ok()?;
+            .flatten()
+            .and_then(|text| self.checkpoint_len(&text, ids, false));
+        let turn = template
+            .render_turns(messages, tools.as_deref(), *enable_thinking)
+            .and_then(|text| self.checkpoint_len(&text, ids, true));
+        (system, turn)
+    }
+
+    /// How many leading tokens of `ids` the rendered `text` spells, as a checkpoint's length: None below
+    /// [`MIN_CHECKPOINT_TOKENS`] (a chat header alone is not worth a checkpoint and a short prefill chunk),
+    /// when no prompt token would follow it, or, with `whole`, when only part of `text` matches.
+    fn checkpoint_len(&self, text: &str, ids: &[u32], whole: bool) -> Option<usize> {
+        let head_ids = self.tokenizer.encode(text, false).ok()?;
         let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
-        // A few tokens (a chat header alone) are not worth a checkpoint and a short prefill chunk.
-        (n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
+        ((!whole || n == head_ids.len()) && n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len())
+            .then_some(n)
     }
 
     /// How many leading tokens of the chat prompt `ids` the conversation itself fills, without the
@@ -738,9 +758,7 @@ impl ModelBundle {
             self.template
                 .as_ref()?
                 .render_turns(messages, tools.as_deref(), *enable_thinking)?;
-        let head_ids = self.tokenizer.encode(&text, false).ok()?;
-        let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
-        (n == head_ids.len() && n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len()).then_some(n)
+        self.checkpoint_len(&text, ids, true)
     }
 
     /// Token ids of a prompt: chat messages through the model's template (which writes `<bos>`), text with
@@ -1762,8 +1780,7 @@ impl MlxSequence {
         if let Some(c) = req.constraint {
             opts.constraint = Some((l.vocabulary()?, c));
         }
-        let system = l.system_prefix_len(&req.prompt, &ids);
-        let turns = l.conversation_prefix_len(&req.prompt, &ids);
+        let (system, turns) = l.checkpoints_of(&req.prompt, &ids);
         let kv = opts.kv_quant;
         // The soft tokens of each image and clip (the towers run here, on the model thread, once per
         // request).

@@ -160,13 +160,7 @@ fn a_stop_string_on_the_last_allowed_token_is_a_stop() {
 #[test]
 fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
     let _serial = serial();
-    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
-    warm.wait_ready().unwrap();
-    // No room for a prefix cache: every prompt is read in full.
-    let mut config = EngineConfig::new(tiny());
-    config.prefix_cache_bytes = Some(0);
-    let cold = Engine::start(config).unwrap();
-    cold.wait_ready().unwrap();
+    let (warm, cold) = warm_and_cold();
     let answer = |engine: &Engine, ids: &[u32], max_tokens: usize| {
         answer_with(engine, Prompt::Ids(ids.to_vec()), max_tokens)
     };
@@ -209,12 +203,7 @@ fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
 #[test]
 fn a_repeated_or_edited_prompt_reuses_a_trimmed_copy_and_answers_as_cold() {
     let _serial = serial();
-    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
-    warm.wait_ready().unwrap();
-    let mut config = EngineConfig::new(tiny());
-    config.prefix_cache_bytes = Some(0);
-    let cold = Engine::start(config).unwrap();
-    cold.wait_ready().unwrap();
+    let (warm, cold) = warm_and_cold();
     let check = |ids: &[u32], expect_reused: usize, what: &str| {
         let (wt, wl, reused) = answer_with(&warm, Prompt::Ids(ids.to_vec()), 4);
         assert_eq!(reused, expect_reused, "{what}: cached tokens");
@@ -362,6 +351,18 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
     }
 }
 
+/// Two engines on the tiny model: one with the prefix cache, and one without room for it (every prompt
+/// read in full: the cold reference).
+fn warm_and_cold() -> (Engine, Engine) {
+    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
+    warm.wait_ready().unwrap();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let cold = Engine::start(config).unwrap();
+    cold.wait_ready().unwrap();
+    (warm, cold)
+}
+
 /// Greedy tokens, each token's top-5 logprobs and the cached prompt tokens of one request; `cancel_after`
 /// drops the receiver once that many tokens have arrived (the tokens so far are returned, cached 0).
 fn answer_with(
@@ -423,13 +424,7 @@ fn chat(system: &str, user: &str) -> Prompt {
 #[test]
 fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold() {
     let _serial = serial();
-    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
-    warm.wait_ready().unwrap();
-    // No room for a prefix cache: every prompt is read in full.
-    let mut config = EngineConfig::new(tiny());
-    config.prefix_cache_bytes = Some(0);
-    let cold = Engine::start(config).unwrap();
-    cold.wait_ready().unwrap();
+    let (warm, cold) = warm_and_cold();
     for words in [1usize, 3, 9, 23] {
         let system: String = (0..words)
             .map(|i| ["river", "stone", "lantern", "copper", "falcon"][i % 5])
@@ -467,12 +462,7 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
 #[test]
 fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() {
     let _serial = serial();
-    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
-    warm.wait_ready().unwrap();
-    let mut config = EngineConfig::new(tiny());
-    config.prefix_cache_bytes = Some(0);
-    let cold = Engine::start(config).unwrap();
-    cold.wait_ready().unwrap();
+    let (warm, cold) = warm_and_cold();
     let user = |text: &str| serde_json::json!({"role": "user", "content": text});
     let first = user(
         "river stone lantern copper falcon meadow ember velvet quiet signal window marble harbor \
@@ -510,12 +500,7 @@ fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() 
 #[test]
 fn requests_admitted_together_read_their_shared_system_prompt_once() {
     let _serial = serial();
-    let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
-    warm.wait_ready().unwrap();
-    let mut config = EngineConfig::new(tiny());
-    config.prefix_cache_bytes = Some(0);
-    let cold = Engine::start(config).unwrap();
-    cold.wait_ready().unwrap();
+    let (warm, cold) = warm_and_cold();
     let system = "river stone lantern copper falcon meadow ember velvet quiet signal window marble \
                   harbor orchard thunder violet autumn canyon silver garden";
     let questions = ["What is first?", "Which is last?", "Name one more, please."];
