@@ -36,7 +36,7 @@ first_token_timeout_secs = 60
 #[test]
 fn openai_python_sdk_sends_images_audio_and_video_to_a_model_that_takes_them() {
     let config = format!(
-        "[limits]\nfetch_private_image_urls = true\n\
+        "[limits]\nfetch_private_media_urls = true\n\
          [tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
         fixture("tiny-mm").display(),
         fixture("tiny").display()

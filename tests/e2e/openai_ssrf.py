@@ -1,5 +1,5 @@
 """No SSRF through the gateway, with the unmodified OpenAI Python SDK: under the default `[limits]`
-(`fetch_private_image_urls = false`) an image or video URL that points into this machine is refused with a
+(`fetch_private_media_urls = false`) an image or video URL that points into this machine is refused with a
 400 naming the part, before any byte is fetched from it.
 
 Usage: python openai_ssrf.py BASE_URL   (fast: a model that sees images and video, fixtures/tiny-mm)

@@ -803,6 +803,22 @@ mod tests {
     }
 
     #[test]
+    fn media_fetch_limits_keep_their_first_names_and_unknown_limits_are_refused() {
+        let c = Config::parse(
+            "[limits]\nfetch_private_image_urls = true\nimage_fetch_timeout_secs = 3.0\n",
+        )
+        .unwrap();
+        assert!(c.limits.fetch_private_media_urls);
+        assert_eq!(c.limits.media_fetch_timeout_secs, 3.0);
+        let c = Config::parse("[limits]\nfetch_private_media_urls = true\n").unwrap();
+        assert!(c.limits.fetch_private_media_urls);
+        let e = Config::parse("[limits]\nmax_video_seconds = 5\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
     fn speculative_settings_parse_and_are_checked() {
         let c = Config::parse(
             "[tiers.primary]\nmodel = \"/m/e4b\"\n[tiers.primary.speculative]\ndraft_model = \"/m/e2b\"\n",

@@ -2,7 +2,7 @@
 //! size cap read as the body arrives, an `image/*` content type, and no way into this machine's or its
 //! networks' private services (server-side request forgery through the gateway). Every address a name
 //! resolves to, and every literal address, on the first request and on each redirect, must be public
-//! unless `[limits] fetch_private_image_urls` allows private ones (a test's loopback file server, a LAN
+//! unless `[limits] fetch_private_media_urls` allows private ones (a test's loopback file server, a LAN
 //! image store).
 
 use std::net::{IpAddr, SocketAddr};

@@ -336,8 +336,10 @@ pub struct InputAudio {
 }
 
 /// An image reference. The bare-string form (`"image_url": "https://..."`), which some clients send and
-/// vLLM accepts, is read too.
+/// vLLM accepts, is read too. A key other than `url` and `detail` is refused.
 #[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+// For the schema (`additionalProperties: false`); the hand-written Deserialize below refuses them.
+#[serde(deny_unknown_fields)]
 pub struct ImageUrl {
     /// `http(s)://` or a base64 `data:image/*` URL.
     #[schema(pattern = "^(https?://|data:image/[^;,]+;base64,)")]
@@ -350,7 +352,10 @@ pub struct ImageUrl {
 
 impl<'de> Deserialize<'de> for ImageUrl {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Unknown keys are refused, naming the key, as inside `input_audio` and `video_url`: a setting
+        // sent there (a size, a crop) would otherwise be silently dropped.
         #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
         struct Object {
             url: String,
             #[serde(default)]

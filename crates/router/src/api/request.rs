@@ -232,7 +232,7 @@ pub struct ChatRequest {
 
 impl ChatRequest {
     /// Fetches the messages' http(s) image URLs ([`crate::media::ImageFetcher`]: public addresses only unless
-    /// `fetch_private_image_urls`, `image/*`, within `max_image_bytes` and the timeout) and decodes every
+    /// `fetch_private_media_urls`, `image/*`, within `max_image_bytes` and the timeout) and decodes every
     /// image (off the async runtime: a large JPEG takes a while), so that a bad image is refused before any
     /// tier is tried, in the API's own terms: corrupt bytes, an unreachable or private URL 400, over
     /// `max_image_bytes` or the pixel limit 413, a format this build cannot read (HEIC) 415.
@@ -260,8 +260,8 @@ impl ChatRequest {
         let max_bytes = limits.max_image_bytes;
         // http(s) images are fetched first (concurrently), then everything is decoded off the runtime.
         let fetcher = crate::media::fetcher(
-            std::time::Duration::from_secs_f64(limits.image_fetch_timeout_secs.max(0.1)),
-            limits.fetch_private_image_urls,
+            std::time::Duration::from_secs_f64(limits.media_fetch_timeout_secs.max(0.1)),
+            limits.fetch_private_media_urls,
         )
         .map_err(|e| RouterError::Config(format!("image fetcher: {e}")))?;
         // At most 4 fetches at once, in order.
@@ -469,8 +469,8 @@ impl ChatRequest {
         };
         let max_bytes = limits.max_video_bytes;
         let fetcher = crate::media::fetcher(
-            std::time::Duration::from_secs_f64(limits.image_fetch_timeout_secs.max(0.1)),
-            limits.fetch_private_image_urls,
+            std::time::Duration::from_secs_f64(limits.media_fetch_timeout_secs.max(0.1)),
+            limits.fetch_private_media_urls,
         )
         .map_err(|e| RouterError::Config(format!("media fetcher: {e}")))?;
         let mut inputs = vec![];
@@ -670,9 +670,9 @@ fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<
     Ok(())
 }
 
-/// Request limits (configurable in `[limits]`).
+/// Request limits (configurable in `[limits]`; an unknown key is refused, as in every other section).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, deny_unknown_fields)]
 pub struct Limits {
     /// Most messages in one request.
     pub max_messages: usize,
@@ -688,11 +688,15 @@ pub struct Limits {
     pub max_request_pixels: u64,
     /// Bytes per image (inline or fetched).
     pub max_image_bytes: usize,
-    /// Let `image_url`s given as http(s) URLs reach loopback, private and link-local addresses (default
-    /// false: the gateway must not become a way into this machine's or its networks' services).
-    pub fetch_private_image_urls: bool,
-    /// Seconds an image URL has to be fetched (default 10).
-    pub image_fetch_timeout_secs: f64,
+    /// Let image and video URLs given as http(s) reach loopback, private and link-local addresses
+    /// (default false: the gateway must not become a way into this machine's or its networks'
+    /// services). Also read under its first name, `fetch_private_image_urls`.
+    #[serde(alias = "fetch_private_image_urls")]
+    pub fetch_private_media_urls: bool,
+    /// Seconds an image or video URL has to be fetched (default 10). Also read under its first name,
+    /// `image_fetch_timeout_secs`.
+    #[serde(alias = "image_fetch_timeout_secs")]
+    pub media_fetch_timeout_secs: f64,
     /// Audio clips per request (each is decoded and held until the engine takes it).
     pub max_request_audio: usize,
     /// Bytes per audio clip, encoded (default 20 MB: with base64's third it fits the default
@@ -722,8 +726,8 @@ impl Default for Limits {
             max_request_images: 16,
             max_request_pixels: 128_000_000,
             max_image_bytes: 20 << 20,
-            fetch_private_image_urls: false,
-            image_fetch_timeout_secs: 10.0,
+            fetch_private_media_urls: false,
+            media_fetch_timeout_secs: 10.0,
             max_request_audio: 4,
             max_audio_bytes: 20_000_000,
             max_audio_seconds: 30.0,
@@ -1189,6 +1193,12 @@ mod tests {
             "input_audio": {"data": "UklGRg==", "format": "wav", "rate": 8000}});
         let body = serde_json::json!({"messages": [{"role": "user", "content": [extra]}]});
         assert!(serde_json::from_value::<ChatCompletionRequest>(body).is_err());
+        // Inside `image_url` too.
+        let extra = serde_json::json!({"type": "image_url",
+            "image_url": {"url": "https://example.com/a.png", "size": 512}});
+        let body = serde_json::json!({"messages": [{"role": "user", "content": [extra]}]});
+        let e = serde_json::from_value::<ChatCompletionRequest>(body).unwrap_err();
+        assert!(e.to_string().contains("unknown field `size`"), "{e}");
     }
 
     #[tokio::test]
