@@ -455,10 +455,11 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
 
-/// The end of a conversation's last user turn is checkpointed (mlx_lm.server's "user" segment): once the
-/// sliding window (16) has filled, a finished turn's cache can no longer be cut back, yet the next turn
-/// whose history renders the answer otherwise than it was generated (Gemma 4's template drops a turn's
-/// thinking) and a regenerated answer both start from the checkpoint, and answer as a cold engine does.
+/// With thinking on, the end of a conversation's last user turn is checkpointed (mlx_lm.server's "user"
+/// segment): once the sliding window (16) has filled, a finished turn's cache can no longer be cut back,
+/// yet the next turn whose history renders the answer otherwise than it was generated (Gemma 4's template
+/// drops a turn's thinking) and a regenerated answer both start from the checkpoint, and answer as a cold
+/// engine does.
 #[test]
 fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() {
     let _serial = serial();
@@ -468,10 +469,11 @@ fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() 
         "river stone lantern copper falcon meadow ember velvet quiet signal window marble harbor \
          orchard thunder violet autumn canyon silver garden, which of these is heaviest?",
     );
+    // With thinking on: the template then drops a turn's thinking from the history.
     let prompt = |messages: Vec<serde_json::Value>| Prompt::Chat {
         messages,
         tools: None,
-        enable_thinking: None,
+        enable_thinking: Some(true),
     };
     let (_, _, none) = answer_with(&warm, prompt(vec![first.clone()]), 6);
     assert_eq!(none, 0, "nothing cached yet");
