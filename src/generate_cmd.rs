@@ -280,6 +280,8 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
             logprobs: false,
             top_logprobs: 0,
             ignore_eos: args.ignore_eos,
+            images: vec![],
+            audio: vec![],
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut text = String::new();

@@ -116,6 +116,24 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
     crate::support::check_script("openai_speculative.py", &[&s.url, &p.url, "tiny-q8_0.gguf"]);
 }
 
+/// Images and audio on a GGUF tier with the OpenAI SDK (tests/e2e/openai_gguf_media.py): the multimodal
+/// fixture's GGUF with its towers as an mmproj GGUF (llama.cpp's libmtmd), checked against the same weights
+/// on the MLX engine in the same gateway; a GGUF tier without an mmproj refuses media.
+#[test]
+fn openai_python_sdk_sends_images_and_audio_to_a_gguf_tier_with_an_mmproj() {
+    let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
+    let config = format!(
+        "[tiers.fast]\nmodel = \"{}\"\nmmproj = \"{}\"\nimage_tokens = 16\ncontext_length = 1024\n\
+         [tiers.primary]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"local\"\nenabled = true\nmodel = \"{}\"\ncontext_length = 1024\n",
+        gguf("tiny-mm-f32.gguf").display(),
+        gguf("mmproj-tiny-mm-f32.gguf").display(),
+        fixture("tiny-mm").display(),
+        gguf("tiny-f32.gguf").display()
+    );
+    let gw = Server::start(&[], Some(&config));
+    sdk_script("openai_gguf_media.py", &gw.url);
+}
+
 /// Property-based fuzzing of the whole HTTP surface from its own description: schemathesis reads
 /// `/openapi.json` and sends what it describes (and what it does not) to every operation of a gateway on
 /// the tiny Gemma 4 fixture. No answer may be a 5xx, and every answer must match the description — its

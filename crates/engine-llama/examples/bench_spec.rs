@@ -37,6 +37,8 @@ fn run(
         fit_context: false,
         logprobs: false,
         top_logprobs: 0,
+        images: vec![],
+        audio: vec![],
         ignore_eos: true,
     };
     let answer = |n: usize| -> Result<jemma_engine_llama::Summary, Box<dyn std::error::Error>> {

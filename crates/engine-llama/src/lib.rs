@@ -13,9 +13,11 @@
 #![deny(missing_docs)]
 
 pub mod gguf;
+mod media;
 mod speculative;
 
 pub use jemma_serve::speculative::SpeculativeInfo;
+pub use media::{DEFAULT_IMAGE_SOFT_TOKENS, towers};
 pub use speculative::LlamaSpeculative;
 
 use std::num::NonZeroU32;
@@ -77,11 +79,13 @@ fn backend() -> Result<&'static LlamaBackend> {
     static BACKEND: OnceLock<std::result::Result<LlamaBackend, String>> = OnceLock::new();
     BACKEND
         .get_or_init(|| {
-            let mut b = LlamaBackend::init().map_err(|e| e.to_string())?;
-            // llama.cpp logs every tensor at load to stderr; keep the process's logs to tracing's.
-            if std::env::var_os("JEMMA_LLAMA_LOG").is_none() {
-                b.void_logs();
-            }
+            let b = LlamaBackend::init().map_err(|e| e.to_string())?;
+            // llama.cpp logs every tensor at load, and libmtmd every image it encodes, to stderr and
+            // stdout; keep the process's logs to tracing's (JEMMA_LLAMA_LOG: all of theirs too).
+            llama_cpp_2::send_logs_to_tracing(
+                llama_cpp_2::LogOptions::default()
+                    .with_logs_enabled(std::env::var_os("JEMMA_LLAMA_LOG").is_some()),
+            );
             Ok(b)
         })
         .as_ref()
@@ -128,6 +132,12 @@ pub struct LlamaConfig {
     /// continues it is restored from here instead of read again. Counted in the footprint the memory budget
     /// governs. None: [`default_prefix_cache_bytes`]; 0: off.
     pub prefix_cache_bytes: Option<u64>,
+    /// The model's multimodal projector GGUF (llama.cpp's mmproj: its vision and audio towers), through
+    /// which libmtmd puts images and audio before the model. None: text only.
+    pub mmproj_path: Option<PathBuf>,
+    /// Soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`; a quarter at
+    /// `detail: "low"`). Default: [`DEFAULT_IMAGE_SOFT_TOKENS`].
+    pub image_soft_tokens: usize,
 }
 
 impl LlamaConfig {
@@ -149,6 +159,8 @@ impl LlamaConfig {
             memory: None,
             speculative: None,
             prefix_cache_bytes: None,
+            mmproj_path: None,
+            image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
         }
     }
 }
@@ -214,6 +226,12 @@ pub struct Request {
     /// With `logprobs`, also this many most likely alternatives per token (at most
     /// [`jemma_chat::logprobs::MAX_TOP_LOGPROBS`]).
     pub top_logprobs: usize,
+    /// The prompt's images, in the order of their placeholders (`<|image|>`); they need an mmproj
+    /// ([`LlamaConfig::mmproj_path`]) with a vision tower.
+    pub images: Vec<jemma_media::DecodedImage>,
+    /// The prompt's audio clips (16 kHz mono), in the order of their placeholders (`<|audio|>`); they need
+    /// an mmproj with an audio tower.
+    pub audio: Vec<jemma_media::audio::DecodedAudio>,
 }
 
 /// Why generation ended.
@@ -284,6 +302,9 @@ pub struct LlamaInfo {
     pub prefix_cache_entries: usize,
     /// Bytes those saved caches hold.
     pub prefix_cache_bytes: u64,
+    /// What the model takes in: `text`, and `image` and `audio` as its mmproj's towers allow (read at
+    /// start, before the model loads).
+    pub input_modalities: Vec<String>,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.
@@ -306,7 +327,14 @@ impl LlamaEngine {
                 .unwrap_or_default()
         });
         let threads = config.threads.unwrap_or_else(default_threads);
+        let mut input_modalities = vec!["text".to_string()];
+        if let Some(mm) = &config.mmproj_path {
+            let (sees, hears) = towers(mm)?;
+            input_modalities.extend(sees.then(|| "image".to_string()));
+            input_modalities.extend(hears.then(|| "audio".to_string()));
+        }
         let info = LlamaInfo {
+            input_modalities,
             model_path: config.model_path.clone(),
             gpu_layers: 0,
             threads,
@@ -524,6 +552,8 @@ fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> Result<()> 
 /// slot per llama.cpp sequence: the serving core's record of the tokens whose KV that sequence holds (its
 /// prefix cache entry) and whether a request is using it.
 struct Serving {
+    /// The mmproj's towers; declared before `cell` so that it is dropped before the model it points to.
+    mtmd: Option<media::Mtmd>,
     cell: SessionCell,
     /// The draft model, when speculative decoding is configured.
     drafts: Option<speculative::Drafts>,
@@ -640,7 +670,14 @@ impl LlamaRunner {
             })?,
             None => 0,
         };
-        Ok(target + draft + self.pool_budget()?)
+        // The mmproj's towers: their weights (their compute buffers are small beside the KV cache).
+        let mmproj = match &self.config.mmproj_path {
+            Some(mm) => std::fs::metadata(mm)
+                .map_err(|e| LoadError::Failed(format!("{}: {e}", mm.display())))?
+                .len(),
+            None => 0,
+        };
+        Ok(target + draft + mmproj + self.pool_budget()?)
     }
 
     /// Host memory for saved sequence caches at the current plan ([`LlamaConfig::prefix_cache_bytes`]).
@@ -776,10 +813,24 @@ impl ModelRunner for LlamaRunner {
                 })
             }
         };
+        let mtmd = match &self.config.mmproj_path {
+            Some(mm) => Some(
+                media::Mtmd::load(
+                    mm,
+                    &cell.borrow_owner().model,
+                    batch_threads,
+                    self.config.image_soft_tokens,
+                    self.config.batch_size,
+                )
+                .map_err(|e| LoadError::Failed(e.to_string()))?,
+            ),
+            None => None,
+        };
         let slots = (0..parallel).map(|_| Slot::default()).collect();
         self.pool_budget = self.pool_budget()?;
         Ok((
             Serving {
+                mtmd,
                 cell,
                 drafts,
                 slots,
@@ -803,6 +854,7 @@ impl ModelRunner for LlamaRunner {
         _context_length: usize,
     ) -> Result<LlamaSequence, EngineFailure> {
         let Serving {
+            mtmd,
             cell,
             slots,
             clock,
@@ -816,7 +868,15 @@ impl ModelRunner for LlamaRunner {
         // No saves while a stream copy may still land on a slot (see `Serving::copy_pending`).
         let budget = if *copy_pending { 0 } else { *pool_budget };
         let admitted = cell.with_dependent_mut(|loaded, ctx| {
-            LlamaSequence::admit(loaded, ctx, slots, (pool, budget), now, request)
+            LlamaSequence::admit(
+                loaded,
+                mtmd.as_ref(),
+                ctx,
+                slots,
+                (pool, budget),
+                now,
+                request,
+            )
         });
         self.pool_held = (pool.len(), pool.bytes());
         let mut seq = admitted.map_err(EngineFailure::from)?;
@@ -824,7 +884,8 @@ impl ModelRunner for LlamaRunner {
         // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
         // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
         // position on the host).
-        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() {
+        // A prompt with media too: the draft model cannot see or hear it.
+        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
             seq.spec = drafts.as_ref().map(|d| Controller::new(d.config.clone()));
         }
         Ok(seq)
@@ -835,11 +896,8 @@ impl ModelRunner for LlamaRunner {
         model: &mut Serving,
         request: &Request,
     ) -> Result<usize, EngineFailure> {
-        model
-            .cell
-            .borrow_owner()
-            .prompt_ids(&request.prompt)
-            .map(|ids| ids.len())
+        placed_ids(model.cell.borrow_owner(), model.mtmd.as_ref(), request)
+            .map(|(ids, _)| ids.len())
             .map_err(Into::into)
     }
 
@@ -851,6 +909,7 @@ impl ModelRunner for LlamaRunner {
     ) -> Result<(), EngineFailure> {
         let chunk = self.config.batch_size as usize;
         let Serving {
+            mtmd,
             cell,
             drafts,
             slots,
@@ -862,7 +921,7 @@ impl ModelRunner for LlamaRunner {
         let result = cell.with_dependent_mut(|loaded, ctx| {
             step(
                 loaded,
-                ctx,
+                (ctx, mtmd.as_mut()),
                 (drafts.as_mut(), speculated, largest_verify),
                 Shared {
                     slots,
@@ -923,6 +982,56 @@ impl ModelRunner for LlamaRunner {
             decode_tps: s.decode_tps,
         }
     }
+}
+
+/// The prompt of `request` as the sequence holds it: its token ids with each image and clip in the place
+/// of its placeholder ([`media::Mtmd::place`]), and where they are.
+///
+/// Errors: a prompt that does not tokenize; media without an mmproj that takes it, or not matching the
+/// placeholders.
+fn placed_ids(
+    loaded: &Loaded,
+    mtmd: Option<&media::Mtmd>,
+    request: &Request,
+) -> Result<(Vec<LlamaToken>, Vec<media::MediaSpan>)> {
+    let ids = loaded.prompt_ids(&request.prompt)?;
+    let n_vocab = loaded.model.n_vocab();
+    if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
+        return Err(LlamaError::InvalidRequest(format!(
+            "token id {} is outside the vocabulary ({n_vocab})",
+            bad.0
+        )));
+    }
+    if request.images.is_empty() && request.audio.is_empty() {
+        return Ok((ids, vec![]));
+    }
+    let Some(mtmd) = mtmd else {
+        return Err(LlamaError::InvalidRequest(format!(
+            "this model cannot take {}: it is served without an mmproj GGUF (its vision and audio \
+             towers; set the tier's `mmproj`)",
+            if request.images.is_empty() {
+                "audio"
+            } else {
+                "images"
+            }
+        )));
+    };
+    let (sees, hears) = mtmd.modalities();
+    if (!request.images.is_empty() && !sees) || (!request.audio.is_empty() && !hears) {
+        return Err(LlamaError::InvalidRequest(format!(
+            "this model cannot take {}: its mmproj has no {} tower",
+            if sees { "audio" } else { "images" },
+            if sees { "audio" } else { "vision" }
+        )));
+    }
+    let (ids, spans) = mtmd.place(ids, &request.images, &request.audio)?;
+    if spans.last().is_some_and(|s| s.end() == ids.len()) {
+        return Err(LlamaError::InvalidRequest(
+            "the prompt ends with media: the model reads the next token from the text after it"
+                .into(),
+        ));
+    }
+    Ok((ids, spans))
 }
 
 impl Loaded {
@@ -1217,6 +1326,7 @@ fn find_prefix(
     [in_streams, in_pool]
         .into_iter()
         .flatten()
+        .map(|(keep, source)| (media::whole_spans(keep, &s.media), source))
         .filter(|(keep, _)| *keep >= s.prefilled + min_shared_gain(n_ctx))
         .max_by_key(|(keep, _)| *keep)
 }
@@ -1343,6 +1453,8 @@ struct LlamaSequence {
     sampled: bool,
     /// The request names a seed.
     seeded: bool,
+    /// The prompt's images and clips, in order: each is evaluated whole ([`media::MediaSpan::eval`]).
+    media: Vec<media::MediaSpan>,
 }
 
 impl LlamaSequence {
@@ -1351,23 +1463,18 @@ impl LlamaSequence {
     /// slot's KV to the reusable prefix.
     fn admit(
         loaded: &Loaded,
+        mtmd: Option<&media::Mtmd>,
         ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
         slots: &mut [Slot],
         (pool, budget): (&mut PrefixPool<Saved>, u64),
         now: u64,
         mut req: Request,
     ) -> Result<Self> {
-        let ids = loaded.prompt_ids(&req.prompt)?;
+        let (ids, media) = placed_ids(loaded, mtmd, &req)?;
         if ids.is_empty() {
             return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
         }
         let n_vocab = loaded.model.n_vocab();
-        if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
-            return Err(LlamaError::InvalidRequest(format!(
-                "token id {} is outside the vocabulary ({n_vocab})",
-                bad.0
-            )));
-        }
         req.sampling
             .validate(n_vocab as usize)
             .map_err(LlamaError::InvalidRequest)?;
@@ -1395,6 +1502,7 @@ impl LlamaSequence {
             reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
         })
         .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
+        let keep = media::whole_spans(keep, &media);
         // What the slot holds beyond what this request keeps is another conversation: kept in host memory,
         // it can come back to any slot when that conversation does.
         let held = &slots[slot].cached;
@@ -1437,6 +1545,7 @@ impl LlamaSequence {
             spec: None,
             sampled: req.sampling.temperature > 0.0,
             seeded: req.sampling.seed.is_some(),
+            media,
         })
     }
 
@@ -1560,7 +1669,11 @@ impl LlamaSequence {
 /// llama.cpp's CPU kernels depend on a batch's shape, so a prompt's KV is the same batched or alone.
 fn step(
     loaded: &Loaded,
-    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    // The context, and the mmproj's towers for the prompts' images and clips.
+    (ctx, mut mtmd): (
+        &mut llama_cpp_2::context::LlamaContext<'_>,
+        Option<&mut media::Mtmd>,
+    ),
     (drafts, speculated, largest_verify): (
         Option<&mut speculative::Drafts>,
         &mut SpeculativeStats,
@@ -1679,7 +1792,36 @@ fn step(
             batch[i].looked_up = true;
         }
         let s = &mut *batch[i];
-        let n = chunk.max(1).min(s.ids.len() - s.prefilled);
+        // An image or clip is read whole, and counts against the budget as its length; text is read up to
+        // the next one.
+        if let Some(k) = s.media.iter().position(|m| m.start == s.prefilled) {
+            let len = s.media[k].len;
+            if len > budget && budget < chunk.max(1) {
+                break;
+            }
+            budget = budget.saturating_sub(len);
+            let mtmd = mtmd
+                .as_deref_mut()
+                .ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
+            let t0 = Instant::now();
+            s.media[k].eval(mtmd, ctx, s.slot as i32)?;
+            let end = s.media[k].end();
+            s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
+            s.prefilled = end;
+            s.prefill_time += t0.elapsed();
+            if budget == 0 {
+                break;
+            }
+            continue;
+        }
+        let next_media = s
+            .media
+            .iter()
+            .map(|m| m.start)
+            .filter(|&start| start > s.prefilled)
+            .min()
+            .unwrap_or(s.ids.len());
+        let n = chunk.max(1).min(next_media - s.prefilled);
         if n > budget && budget < chunk.max(1) {
             break;
         }

@@ -328,6 +328,13 @@ pub struct TierConfig {
     pub video_frames: Option<usize>,
     /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
     pub video_seconds: Option<f64>,
+    /// Local, GGUF: the model's multimodal projector, llama.cpp's mmproj GGUF (its vision and audio
+    /// towers; llama-server's `--mmproj`), a path. None: the one `mmproj*.gguf` beside the model when
+    /// the model's directory holds just the two (a Hub download); else the tier serves text only.
+    pub mmproj: Option<std::path::PathBuf>,
+    /// Local, GGUF: soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`, 280 by
+    /// default; a quarter at `detail: "low"`). MLX tiers read theirs from the checkpoint.
+    pub image_tokens: Option<usize>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
     /// if one is (see [`SpeculativeTierConfig::draft_model`]).
@@ -544,6 +551,8 @@ impl Default for TierConfig {
             healthy_threshold: 1,
             video_frames: None,
             video_seconds: None,
+            mmproj: None,
+            image_tokens: None,
             speculative: None,
         }
     }

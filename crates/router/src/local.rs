@@ -560,9 +560,13 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     type Summary = jemma_engine_llama::Summary;
     type Info = jemma_engine_llama::LlamaInfo;
     const NAME: &'static str = "llama.cpp";
-    // libmtmd is not wired in yet (issue 14).
-    const SEES_IMAGES: bool = false;
-    const HEARS_AUDIO: bool = false;
+    // Through libmtmd, with the model's mmproj GGUF (`input_modalities` says which towers it has).
+    const SEES_IMAGES: bool = true;
+    const HEARS_AUDIO: bool = true;
+
+    fn input_modalities(info: &Self::Info) -> Vec<String> {
+        info.input_modalities.clone()
+    }
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         jemma_engine_llama::LlamaEngine::submit(self, llama_request(job))
@@ -621,5 +625,7 @@ fn llama_request(job: Job) -> jemma_engine_llama::Request {
         ignore_eos: false,
         logprobs: job.logprobs,
         top_logprobs: job.top_logprobs,
+        images: job.images,
+        audio: job.audio,
     }
 }

@@ -385,6 +385,7 @@ fn factory(
     let context = c.context_length;
     let queue = template.queue_capacity;
     let parallel = c.concurrency().clamp(1, 64) as u32;
+    let (mmproj, image_tokens) = (c.mmproj.clone(), c.image_tokens);
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let draft = match &source {
@@ -443,7 +444,12 @@ fn factory(
         }
         // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
-        let key = match &template.speculative {
+        let mmproj = if is_gguf {
+            mmproj.clone().or_else(|| mmproj_beside(&path))
+        } else {
+            None
+        };
+        let mut key = match &template.speculative {
             Some(sp) => PathBuf::from(format!(
                 "{}\u{0}draft={}",
                 path.display(),
@@ -451,6 +457,14 @@ fn factory(
             )),
             None => path.clone(),
         };
+        // Nor do tiers with other towers (or other image budgets) share one.
+        if mmproj.is_some() || image_tokens.is_some() {
+            key = PathBuf::from(format!(
+                "{}\u{0}mmproj={:?}\u{0}image_tokens={image_tokens:?}",
+                key.display(),
+                mmproj
+            ));
+        }
         if let Some(b) = shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -471,6 +485,12 @@ fn factory(
                 lc.keep_alive = template.keep_alive;
                 lc.preload = template.preload;
                 lc.memory = template.memory.clone();
+                if let Some(mm) = &mmproj {
+                    tracing::info!(model = %lc.model_path.display(), mmproj = %mm.display(), "GGUF with its mmproj");
+                }
+                lc.mmproj_path = mmproj;
+                lc.image_soft_tokens =
+                    image_tokens.unwrap_or(jemma_engine_llama::DEFAULT_IMAGE_SOFT_TOKENS);
                 lc.speculative =
                     template
                         .speculative
@@ -484,7 +504,7 @@ fn factory(
             }
             #[cfg(not(feature = "llama"))]
             {
-                let _ = (name, context, queue, parallel);
+                let _ = (name, context, queue, parallel, mmproj);
                 return Err(format!(
                     "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
                     path.display()
@@ -513,6 +533,34 @@ fn factory(
             .insert(key, Arc::downgrade(&b));
         Ok(b)
     })
+}
+
+/// The mmproj GGUF beside the GGUF `model` in a model's own directory (as a Hub download is): the
+/// directory holds that one model and exactly one `mmproj*.gguf` (as llama.cpp's converter names them).
+/// None otherwise — no mmproj, several, or a directory of several models, where which mmproj goes with
+/// which model cannot be told (then the tier's `mmproj` says).
+fn mmproj_beside(model: &std::path::Path) -> Option<PathBuf> {
+    let dir = model.parent()?;
+    let (mut mmproj, mut models) = (vec![], 0);
+    for e in std::fs::read_dir(dir).ok()? {
+        let p = e.ok()?.path();
+        let Some(name) = p
+            .file_name()
+            .and_then(|n| n.to_str())
+            .map(str::to_ascii_lowercase)
+        else {
+            continue;
+        };
+        if !name.ends_with(".gguf") {
+            continue;
+        }
+        if name.starts_with("mmproj") {
+            mmproj.push(p);
+        } else {
+            models += 1;
+        }
+    }
+    (models == 1 && mmproj.len() == 1).then(|| mmproj.remove(0))
 }
 
 /// Builds the tier backends of a configuration.
@@ -684,6 +732,28 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
+    /// An mmproj is paired with a GGUF found beside it only in the model's own folder: one model and one
+    /// mmproj; not among several models (which one it belongs to cannot be told), nor between two.
+    #[test]
+    fn an_mmproj_is_found_beside_its_model_only_in_the_models_own_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |n: &str| std::fs::write(dir.path().join(n), b"GGUF").unwrap();
+        let model = dir.path().join("gemma-4-e2b-it-Q4_K_M.gguf");
+        touch("gemma-4-e2b-it-Q4_K_M.gguf");
+        touch("README.md");
+        assert_eq!(super::mmproj_beside(&model), None, "no mmproj");
+        touch("mmproj-F16.gguf");
+        assert_eq!(
+            super::mmproj_beside(&model),
+            Some(dir.path().join("mmproj-F16.gguf"))
+        );
+        touch("mmproj-BF16.gguf");
+        assert_eq!(super::mmproj_beside(&model), None, "two to choose from");
+        std::fs::remove_file(dir.path().join("mmproj-BF16.gguf")).unwrap();
+        touch("gemma-4-e4b-it-Q4_K_M.gguf");
+        assert_eq!(super::mmproj_beside(&model), None, "two models");
+    }
+
     /// Why the engine for `model` (a path) of a tier speculating with `sp`, under `cfg`, refused to start.
     fn refusal(
         cfg: &crate::config::Config,

@@ -1,0 +1,327 @@
+//! Images and audio before a GGUF model, through llama.cpp's libmtmd and the model's mmproj GGUF (its
+//! vision and audio towers and their projections, as llama.cpp's converter writes them with `--mmproj`).
+//!
+//! A prompt names each image and clip with the model's placeholder token (`<|image|>`, `<|audio|>`: what
+//! Gemma 4's chat template writes for a media part). [`Mtmd::place`] puts each in its place as libmtmd
+//! tokenizes it — the opening marker (`<|image>`), the tower's soft tokens, the closing marker (`<image|>`)
+//! — and the engine evaluates each such span whole ([`MediaSpan::eval`]), in the sequence's own KV stream.
+//!
+//! Images are sized here, not by libmtmd: Gemma 4's processor (transformers, mlx-vlm) scales every image to
+//! fill its soft-token budget ([`jemma_media::target_size`], Pillow's bicubic), while libmtmd keeps any
+//! image whose size lies within its token limits. Handing libmtmd the processor's pixels with limits that
+//! keep them (1 to the budget) makes the tower read what it reads on the MLX engine and in transformers.
+
+use std::path::Path;
+
+use llama_cpp_2::context::LlamaContext;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::mtmd::{
+    MtmdBitmap, MtmdContext, MtmdContextParams, MtmdInputChunkType, MtmdInputChunks, MtmdInputText,
+    mtmd_default_marker,
+};
+use llama_cpp_2::token::LlamaToken;
+
+use crate::{LlamaError, Result, gguf};
+
+/// Soft tokens an image takes by default: Gemma 4's processor's `max_soft_tokens` (a quarter of it at
+/// OpenAI's `detail: "low"`, as on the MLX engine).
+pub const DEFAULT_IMAGE_SOFT_TOKENS: usize = 280;
+
+/// What the mmproj GGUF at `path` gives a model: (sees images, hears audio), read from its metadata
+/// (`clip.has_vision_encoder`, `clip.has_audio_encoder`) without loading it.
+///
+/// Errors: an unreadable GGUF, or one with neither tower.
+pub fn towers(path: &Path) -> Result<(bool, bool)> {
+    let meta = gguf::read_metadata(path)?;
+    let flag = |k: &str| matches!(meta.get(k), Some(gguf::Value::Bool(true)));
+    let (sees, hears) = (
+        flag("clip.has_vision_encoder"),
+        flag("clip.has_audio_encoder"),
+    );
+    if !sees && !hears {
+        return Err(LlamaError::InvalidModel(format!(
+            "{}: not an mmproj GGUF (it has neither a vision nor an audio encoder)",
+            path.display()
+        )));
+    }
+    Ok((sees, hears))
+}
+
+/// A model's towers through libmtmd.
+pub(crate) struct Mtmd {
+    ctx: MtmdContext,
+    /// How images are sized (the patch and pooling of the mmproj, the configured budget).
+    image: Option<jemma_media::ImageParams>,
+    /// The placeholder tokens a prompt names media with.
+    image_id: Option<LlamaToken>,
+    audio_id: Option<LlamaToken>,
+    /// The towers' batch: an image's soft tokens attend to each other (not causally), so one image must
+    /// be decoded in one batch.
+    batch: i32,
+}
+
+/// One image or clip in a prompt: its opening marker, soft tokens and closing marker from position
+/// `start`, as libmtmd tokenized them.
+pub(crate) struct MediaSpan {
+    /// First position (the opening marker).
+    pub start: usize,
+    /// Positions it takes, markers included.
+    pub len: usize,
+    chunks: MtmdInputChunks,
+}
+
+impl MediaSpan {
+    /// One past the last position.
+    pub fn end(&self) -> usize {
+        self.start + self.len
+    }
+
+    /// Encodes the media with its tower and decodes the span into sequence `seq` from its `start`
+    /// (libmtmd's `mtmd_helper_eval_chunks`: the soft tokens attend to each other, not causally).
+    ///
+    /// Errors: a failed encode or decode.
+    pub fn eval(&self, mtmd: &mut Mtmd, ctx: &mut LlamaContext<'_>, seq: i32) -> Result<()> {
+        let end = self
+            .chunks
+            .eval_chunks(
+                &mut mtmd.ctx,
+                ctx,
+                self.start as i32,
+                seq,
+                mtmd.batch,
+                false,
+            )
+            .map_err(|e| LlamaError::Runtime(format!("encoding media: {e}")))?;
+        if end as usize != self.end() {
+            return Err(LlamaError::Runtime(format!(
+                "libmtmd placed media at {}..{end}, not {}..{}",
+                self.start,
+                self.start,
+                self.end()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The largest prefix of `keep` positions that does not end inside a media span: a span is evaluated
+/// whole (its soft tokens attend to each other), so a cache kept up to its middle would be read on from
+/// there as text.
+pub(crate) fn whole_spans(keep: usize, spans: &[MediaSpan]) -> usize {
+    spans
+        .iter()
+        .find(|s| s.start < keep && keep < s.end())
+        .map_or(keep, |s| s.start)
+}
+
+/// The ids standing for a media item's soft tokens in the sequence's record of its cache (the prefix
+/// cache compares prompts by these): negative, so never a token, and derived from the media's digest, so a
+/// later prompt with the same image or clip at the same place reuses its cache, as llama-server keys
+/// media by hash.
+fn soft_ids(digest: u64, n: usize) -> impl Iterator<Item = LlamaToken> {
+    (0..n as u64).map(move |k| {
+        let h =
+            (digest ^ k.wrapping_mul(0x9e37_79b9_7f4a_7c15)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        LlamaToken(-1 - (h >> 34) as i32)
+    })
+}
+
+/// One image or clip of a request, in prompt order.
+pub(crate) enum Item<'a> {
+    Image(&'a jemma_media::DecodedImage),
+    Audio(&'a jemma_media::audio::DecodedAudio),
+}
+
+impl Mtmd {
+    /// Loads the mmproj GGUF at `path` for `model`, sizing images to `image_soft_tokens`.
+    ///
+    /// Errors: an mmproj libmtmd cannot load (or not for this model), an image budget the batch cannot
+    /// hold.
+    pub fn load(
+        path: &Path,
+        model: &LlamaModel,
+        threads: i32,
+        image_soft_tokens: usize,
+        batch: u32,
+    ) -> Result<Self> {
+        let meta = gguf::read_metadata(path)?;
+        let int = |k: &str| match meta.get(k) {
+            Some(gguf::Value::Int(v)) => Some(*v as usize),
+            _ => None,
+        };
+        let (sees, _) = towers(path)?;
+        let image = sees.then(|| jemma_media::ImageParams {
+            patch_size: int("clip.vision.patch_size").unwrap_or(16),
+            max_soft_tokens: image_soft_tokens.max(1),
+            // libmtmd's Gemma 4 default when the GGUF names none.
+            pooling_kernel_size: int("clip.vision.projector.scale_factor").unwrap_or(3),
+        });
+        if image_soft_tokens + 2 > batch as usize {
+            return Err(LlamaError::InvalidModel(format!(
+                "images of up to {image_soft_tokens} soft tokens do not fit one batch of {batch} \
+                 tokens, and an image is decoded in one (raise batch_size or lower the image budget)"
+            )));
+        }
+        let params = MtmdContextParams {
+            use_gpu: cfg!(any(feature = "cuda", feature = "metal")),
+            print_timings: false,
+            n_threads: threads,
+            media_marker: std::ffi::CString::new(mtmd_default_marker())
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?,
+            // Images arrive at the processor's size (see the module's docs): kept as they are.
+            image_min_tokens: 1,
+            image_max_tokens: image_soft_tokens as i32,
+        };
+        let path_str = path.to_str().ok_or_else(|| {
+            LlamaError::InvalidModel(format!("{}: not a UTF-8 path", path.display()))
+        })?;
+        let ctx = MtmdContext::init_from_file(path_str, model, &params).map_err(|e| {
+            LlamaError::InvalidModel(format!(
+                "{}: {e} (libmtmd could not load it as this model's mmproj)",
+                path.display()
+            ))
+        })?;
+        if ctx.support_audio()
+            && ctx.get_audio_sample_rate() != Some(jemma_media::audio::SAMPLE_RATE)
+        {
+            return Err(LlamaError::InvalidModel(format!(
+                "{}: its audio tower takes {:?} Hz, not the {} Hz clips are decoded to",
+                path.display(),
+                ctx.get_audio_sample_rate(),
+                jemma_media::audio::SAMPLE_RATE
+            )));
+        }
+        let vocab = model.vocab();
+        let single = |s: &str| {
+            let t = vocab.tokenize(s.as_bytes(), false, true);
+            (t.len() == 1).then(|| t[0])
+        };
+        Ok(Self {
+            image_id: ctx.support_vision().then(|| single("<|image|>")).flatten(),
+            audio_id: ctx.support_audio().then(|| single("<|audio|>")).flatten(),
+            image,
+            ctx,
+            batch: batch as i32,
+        })
+    }
+
+    /// Whether the towers see images and hear audio.
+    pub fn modalities(&self) -> (bool, bool) {
+        (self.image_id.is_some(), self.audio_id.is_some())
+    }
+
+    /// `ids` with each media placeholder replaced by its item's span (images and clips taken in the order
+    /// their placeholders come), and the spans. The spans' soft tokens are [`soft_ids`].
+    ///
+    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items, media this model
+    /// cannot take, an image or clip libmtmd refuses.
+    pub fn place(
+        &self,
+        ids: Vec<LlamaToken>,
+        images: &[jemma_media::DecodedImage],
+        audio: &[jemma_media::audio::DecodedAudio],
+    ) -> Result<(Vec<LlamaToken>, Vec<MediaSpan>)> {
+        let bad = |m: String| LlamaError::InvalidRequest(m);
+        let (mut next_image, mut next_audio) = (images.iter(), audio.iter());
+        let mut out = Vec::with_capacity(ids.len());
+        let mut spans = vec![];
+        for t in ids {
+            let item = if Some(t) == self.image_id {
+                match next_image.next() {
+                    Some(i) => Item::Image(i),
+                    None => {
+                        return Err(bad(
+                            "the prompt has more image placeholders than images".into()
+                        ));
+                    }
+                }
+            } else if Some(t) == self.audio_id {
+                match next_audio.next() {
+                    Some(a) => Item::Audio(a),
+                    None => {
+                        return Err(bad(
+                            "the prompt has more audio placeholders than clips".into()
+                        ));
+                    }
+                }
+            } else {
+                out.push(t);
+                continue;
+            };
+            let span = self.span(out.len(), &item)?;
+            let digest = match item {
+                Item::Image(i) => i.digest,
+                Item::Audio(a) => a.digest,
+            };
+            for k in 0..span.chunks.len() {
+                let Some(c) = span.chunks.get(k) else {
+                    continue;
+                };
+                match c.chunk_type() {
+                    MtmdInputChunkType::Text => {
+                        out.extend_from_slice(c.text_tokens().unwrap_or_default())
+                    }
+                    _ => out.extend(soft_ids(digest ^ out.len() as u64, c.n_tokens())),
+                }
+            }
+            debug_assert_eq!(out.len(), span.end());
+            spans.push(span);
+        }
+        if next_image.next().is_some() || next_audio.next().is_some() {
+            return Err(bad(
+                "the request has more images or clips than the prompt has places for".into(),
+            ));
+        }
+        Ok((out, spans))
+    }
+
+    /// One item tokenized by libmtmd on its own (markers and soft tokens) at position `start`.
+    fn span(&self, start: usize, item: &Item<'_>) -> Result<MediaSpan> {
+        let bad = |m: String| LlamaError::InvalidRequest(m);
+        let bitmap = match item {
+            Item::Image(img) => {
+                let p = self
+                    .image
+                    .ok_or_else(|| bad("this model's mmproj cannot see images".into()))?;
+                let p = if img.low_detail { p.low_detail() } else { p };
+                let (h, w) = jemma_media::target_size(img.rgb.height, img.rgb.width, &p)
+                    .map_err(|e| bad(e.to_string()))?;
+                let rgb = jemma_media::resize::resize_bicubic(
+                    &img.rgb.data,
+                    img.rgb.width,
+                    img.rgb.height,
+                    w,
+                    h,
+                );
+                MtmdBitmap::from_image_data(w as u32, h as u32, &rgb)
+                    .map_err(|e| bad(format!("image: {e}")))?
+            }
+            Item::Audio(a) => {
+                if self.audio_id.is_none() {
+                    return Err(bad("this model's mmproj cannot hear audio".into()));
+                }
+                MtmdBitmap::from_audio_data(&a.samples).map_err(|e| bad(format!("audio: {e}")))?
+            }
+        };
+        let chunks = self
+            .ctx
+            .tokenize(
+                MtmdInputText {
+                    text: mtmd_default_marker().to_string(),
+                    add_special: false,
+                    parse_special: true,
+                },
+                &[&bitmap],
+            )
+            .map_err(|e| bad(format!("libmtmd refused the media: {e}")))?;
+        let len = chunks.total_tokens();
+        if chunks.total_positions() as usize != len {
+            return Err(LlamaError::InvalidModel(
+                "this mmproj places media at other positions than tokens (M-RoPE), which the engine \
+                 does not support"
+                    .into(),
+            ));
+        }
+        Ok(MediaSpan { start, len, chunks })
+    }
+}

@@ -1,0 +1,114 @@
+"""Images and audio on a GGUF tier (the llama.cpp engine through libmtmd and the model's mmproj GGUF) with the
+unmodified OpenAI Python SDK, against the MLX engine on the same weights.
+
+Usage: python openai_gguf_media.py BASE_URL   (fast: fixtures/gguf/tiny-mm-f32.gguf with its mmproj,
+mmproj-tiny-mm-f32.gguf, and an image budget of 16 soft tokens; primary: the same weights on the MLX engine,
+fixtures/tiny-mm; heavy: the tiny model's GGUF, no mmproj)
+"""
+import base64
+import io
+import json
+import os
+import pathlib
+import sys
+import urllib.request
+
+import numpy as np
+import openai
+from openai import OpenAI
+from PIL import Image
+
+from checks import check, done
+
+base = sys.argv[1]
+client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
+fixtures = pathlib.Path(os.environ.get("JEMMA_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "fixtures"))
+
+
+def data_url(img, fmt="PNG"):
+    buf = io.BytesIO()
+    img.save(buf, fmt)
+    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
+
+
+rng = np.random.default_rng(3)
+picture = data_url(Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)))
+other = data_url(Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)), "JPEG")
+speech = base64.b64encode((fixtures / "tiny-mm" / "speech.wav").read_bytes()).decode()
+
+
+def ask(model, image=None, audio=None, detail=None, text="What is in this?"):
+    content = [{"type": "text", "text": text}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": image, **({"detail": detail} if detail else {})}})
+    if audio:
+        content.append({"type": "input_audio", "input_audio": {"data": audio, "format": "wav"}})
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+
+
+def first(r):
+    return [t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs]
+
+
+models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
+check("/v1/models: the GGUF tier takes what its mmproj's towers take (no video on llama.cpp)",
+      models["fast"] == ["text", "image", "audio"] and models["heavy"] == ["text"], models)
+with urllib.request.urlopen(f"{base}/health") as r:
+    health = json.loads(r.read())
+check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "audio"], health)
+
+plain = ask("fast")
+seen = ask("fast", picture)
+check("an image on the GGUF tier: answered", seen.choices[0].message.content is not None, seen)
+# <|image>, 12 soft tokens (56x40 resized to 32x24 in this tower's budget of 16), <image|>: as on MLX.
+added = seen.usage.prompt_tokens - plain.usage.prompt_tokens
+check("the image's soft tokens are in the prompt, as many as on the MLX engine", added == 14,
+      (seen.usage, plain.usage))
+mlx = ask("primary", picture)
+check("the same prompt length as the MLX engine's", mlx.usage.prompt_tokens == seen.usage.prompt_tokens,
+      (mlx.usage, seen.usage))
+gap = max(abs(a - b) for a, b in zip(first(seen), first(mlx)))
+# Within 0.02 (measured 0.007): ggml computes GELU through a float16 table, in the towers as in the text model.
+check("the first token's top logprobs agree with the MLX engine's on the same weights (0.02)", gap < 0.02,
+      (first(seen), first(mlx)))
+check("and so does the answer", seen.choices[0].message.content == mlx.choices[0].message.content,
+      (seen.choices[0].message.content, mlx.choices[0].message.content))
+check("an image answer is not the text-only answer", first(plain) != first(seen))
+again = ask("fast", picture)
+check("the same image again: the same answer, its prompt from the cache",
+      first(again) == first(seen) and again.usage.prompt_tokens_details.cached_tokens >= added,
+      again.usage)
+check("another image (a JPEG): the model saw something else", first(ask("fast", other)) != first(seen))
+low = ask("fast", picture, detail="low")
+check("detail low takes a quarter of the budget", low.usage.prompt_tokens < seen.usage.prompt_tokens,
+      (low.usage, seen.usage))
+
+heard = ask("fast", audio=speech)
+check("audio on the GGUF tier: answered, and heard", heard.choices[0].message.content is not None
+      and first(heard) != first(plain), heard)
+mlx_heard = ask("primary", audio=speech)
+check("audio: as many soft tokens as on the MLX engine (libmtmd's count is transformers')",
+      heard.usage.prompt_tokens == mlx_heard.usage.prompt_tokens, (heard.usage, mlx_heard.usage))
+# libmtmd computes the mel features itself; measured 0.010 against the MLX engine's (transformers' features).
+gap = max(abs(a - b) for a, b in zip(first(heard), first(mlx_heard)))
+check("audio: the first token's top logprobs agree with the MLX engine's (0.05)", gap < 0.05,
+      (first(heard), first(mlx_heard)))
+both = ask("fast", picture, speech)
+check("an image and a clip in one message", both.usage.prompt_tokens > heard.usage.prompt_tokens, both.usage)
+
+# Refusals, in the API's own shape.
+for model, kw, what in (("heavy", {"image": picture}, "see"), ("heavy", {"audio": speech}, "hear")):
+    try:
+        ask(model, **kw)
+        check(f"a GGUF tier without an mmproj refuses to {what}", False, "answered")
+    except openai.BadRequestError as e:
+        check(f"a GGUF tier without an mmproj refuses to {what} with a 400 naming the part",
+              f"cannot {what}" in str(e) and e.body.get("param") == "messages[0].content[1]", e.body)
+try:
+    client.chat.completions.create(model="fast", max_tokens=2, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "hi"}, {"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}}]}])
+    check("video on the GGUF tier is refused", False, "answered")
+except openai.BadRequestError as e:
+    check("video on the GGUF tier is refused with a 400 naming the part", "cannot see video" in str(e), e.body)
+done()
