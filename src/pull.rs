@@ -140,6 +140,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 } else {
                     println!("{m}: {}", path.display());
                 }
+                // A GGUF model's towers: without them it serves text, so their failure is a warning.
+                if let Some(mmproj) = mmproj_of(&catalog, m) {
+                    match rt.block_on(pull_one(&hub, &catalog, &mmproj, args.json)) {
+                        Ok(p) if args.json => println!(
+                            "{}",
+                            serde_json::json!({"model": m, "mmproj": p, "done": true})
+                        ),
+                        Ok(p) => println!("{m} (its mmproj): {}", p.display()),
+                        Err(e) if args.json => println!(
+                            "{}",
+                            serde_json::json!({"model": m, "warning": format!("mmproj: {e:#}")})
+                        ),
+                        Err(e) => eprintln!(
+                            "{m}: its mmproj {mmproj} (images and audio): {e:#}; the model serves text"
+                        ),
+                    }
+                }
             }
             Err(e) => {
                 let (key, note) = if optional {
@@ -163,6 +180,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         bail!("{failed} of {} downloads failed", asked.len());
     }
     Ok(())
+}
+
+/// The mmproj GGUF the catalog pairs with `model` (a catalog name), as a Hub file reference
+/// (`owner/name/file.gguf`, `@revision` when not main); None for other models.
+fn mmproj_of(catalog: &Catalog, model: &str) -> Option<String> {
+    let Ok(ModelRef::Catalog(name)) = ModelRef::parse(model, catalog) else {
+        return None;
+    };
+    let e = catalog.models.get(&name)?;
+    let file = e.mmproj.as_ref()?;
+    Some(if e.revision == "main" {
+        format!("{}/{file}", e.repo)
+    } else {
+        format!("{}/{file}@{}", e.repo, e.revision)
+    })
 }
 
 /// `wanted` with, after each model the catalog pairs with an assistant drafter (by name or Hub repo), that

@@ -249,6 +249,101 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
     assert_eq!(drafter(&health(&s), "fast"), None);
 }
 
+/// `jemma pull` fetches the mmproj the catalog pairs with a GGUF model (its vision and audio towers), and
+/// a tier serving that model takes images and audio through it without being told where it is: found
+/// through the catalog, since the snapshot also holds another model of the repo (so "the one mmproj beside
+/// the model" cannot say), whose tier stays text-only.
+#[test]
+fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_images_and_audio() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (url, hub) = rt.block_on(fake_hub::start());
+    let mut repo = FakeRepo {
+        commit: "2222222222222222222222222222222222222222".into(),
+        ..Default::default()
+    };
+    let gguf = fixture("tiny").join("../gguf");
+    for f in [
+        "tiny-mm-f32.gguf",
+        "mmproj-tiny-mm-f32.gguf",
+        "tiny-f32.gguf",
+    ] {
+        repo.files
+            .insert(f.into(), std::fs::read(gguf.join(f)).unwrap());
+    }
+    hub.repos
+        .lock()
+        .unwrap()
+        .insert("jemma-test/gemma-4-tiny-GGUF".into(), repo);
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("models.toml"),
+        "[models.test-mm-gguf]\ntier = \"fast\"\nformat = \"gguf\"\nrepo = \"jemma-test/gemma-4-tiny-GGUF\"\n\
+         file = \"tiny-mm-f32.gguf\"\nmmproj = \"mmproj-tiny-mm-f32.gguf\"\n\
+         [models.test-text-gguf]\ntier = \"primary\"\nformat = \"gguf\"\n\
+         repo = \"jemma-test/gemma-4-tiny-GGUF\"\nfile = \"tiny-f32.gguf\"\n",
+    )
+    .unwrap();
+    let out = crate::support::output_within(
+        Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["pull", "test-mm-gguf", "test-text-gguf", "--json"])
+            .envs(hub_env(&url, home.path()))
+            .env("JEMMA_LOG", "warn"),
+        crate::support::CMD_DEADLINE,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    let done: Vec<Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["done"] == true)
+        .collect();
+    assert_eq!(done.len(), 3, "the two models and one mmproj: {stdout}");
+    assert!(
+        done[1]["mmproj"].as_str().unwrap().ends_with(
+            "snapshots/2222222222222222222222222222222222222222/mmproj-tiny-mm-f32.gguf"
+        ),
+        "{stdout}"
+    );
+    let offline = hub_env("http://127.0.0.1:9", home.path());
+    let offline: Vec<(&str, &str)> = offline.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let cfg = "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"test-mm-gguf\"\nimage_tokens = 16\n\
+               context_length = 1024\n[tiers.primary]\nmodel = \"test-text-gguf\"\ncontext_length = 1024\n";
+    let s = Server::start_with(&[], Some(cfg), &offline, None);
+    let h = health(&s);
+    assert_eq!(
+        tier(&h, "fast")["input_modalities"],
+        json!(["text", "image", "audio"]),
+        "{h}"
+    );
+    assert_eq!(
+        tier(&h, "primary")["input_modalities"],
+        json!(["text"]),
+        "{h}"
+    );
+    drop(s);
+    // `jemma serve` downloading the missing model fetches its mmproj too.
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        home.path().join("models.toml"),
+        fresh.path().join("models.toml"),
+    )
+    .unwrap();
+    let env = hub_env(&url, fresh.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::spawn_with(&[], Some(cfg), &env, None);
+    wait_for("the download and the load", Duration::from_secs(90), || {
+        tier(&health(&s), "fast")["state"] == "ready"
+    });
+    assert_eq!(
+        tier(&health(&s), "fast")["input_modalities"],
+        json!(["text", "image", "audio"])
+    );
+}
+
 /// A model directory outside the Hub cache finds the assistant drafter beside it by its name
 /// (`<model up to -it>-it-assistant…`) and its config (drafting for this model); other directories,
 /// and drafters for another model, are passed over.

@@ -58,6 +58,11 @@ pub struct Entry {
     /// once it is downloaded (see [`Catalog::drafter_of`]).
     #[serde(default)]
     pub drafter: Option<String>,
+    /// GGUF: the repo's mmproj file (the model's vision and audio towers, llama.cpp's `--mmproj`):
+    /// `jemma pull` fetches it with the model, and a GGUF tier serving the model puts images and audio
+    /// before it through libmtmd once it is downloaded.
+    #[serde(default)]
+    pub mmproj: Option<String>,
 }
 
 /// [`Entry::tier`] of an assistant drafter.
@@ -94,6 +99,13 @@ impl Catalog {
             if e.format == Format::Gguf && e.file.is_none() {
                 return Err(ModelsError::Catalog(format!(
                     "models.{name}: a gguf entry needs file = \"….gguf\""
+                )));
+            }
+            if let Some(m) = &e.mmproj
+                && (e.format != Format::Gguf || !m.ends_with(".gguf"))
+            {
+                return Err(ModelsError::Catalog(format!(
+                    "models.{name}: mmproj names a .gguf file of a gguf entry's repo"
                 )));
             }
             if !e.repo.contains('/') {
@@ -265,6 +277,33 @@ mod tests {
                 .unwrap_err()
                 .to_string()
                 .contains("file")
+        );
+        // An mmproj belongs to a GGUF entry, and is a .gguf.
+        for bad in [
+            "format = \"mlx\"\nmmproj = \"mmproj-F16.gguf\"",
+            "format = \"gguf\"\nfile = \"x.gguf\"\nmmproj = \"mmproj.bin\"",
+        ] {
+            std::fs::write(
+                &p,
+                format!("[models.bad]\ntier = \"fast\"\nrepo = \"a/b\"\n{bad}\n"),
+            )
+            .unwrap();
+            assert!(
+                Catalog::with_overrides(Some(&p))
+                    .unwrap_err()
+                    .to_string()
+                    .contains("mmproj"),
+                "{bad}"
+            );
+        }
+        let builtin = Catalog::builtin();
+        assert!(
+            builtin
+                .models
+                .values()
+                .filter(|e| e.format == Format::Gguf)
+                .all(|e| e.mmproj.as_deref() == Some("mmproj-F16.gguf")),
+            "every built-in GGUF model comes with its towers"
         );
         std::fs::write(
             &p,

@@ -329,8 +329,9 @@ pub struct TierConfig {
     /// Seconds from a video's start its frames are spread over (default: fast 30, primary 60, heavy 120).
     pub video_seconds: Option<f64>,
     /// Local, GGUF: the model's multimodal projector, llama.cpp's mmproj GGUF (its vision and audio
-    /// towers; llama-server's `--mmproj`), a path. None: the one `mmproj*.gguf` beside the model when
-    /// the model's directory holds just the two (a Hub download); else the tier serves text only.
+    /// towers; llama-server's `--mmproj`), a path. None: for a catalog model, the mmproj the catalog
+    /// pairs with it once downloaded (`jemma pull` fetches it); else the one `mmproj*.gguf` beside the
+    /// model when the model's folder holds just the two; else the tier serves text only.
     pub mmproj: Option<std::path::PathBuf>,
     /// Local, GGUF: soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`, 280 by
     /// default; a quarter at `detail: "low"`). MLX tiers read theirs from the checkpoint.

@@ -152,6 +152,24 @@ impl HubResolver {
         Ok(self.hub.cached(&repo, &rev, &sel).map(|p| (p, name)))
     }
 
+    /// The mmproj GGUF the catalog pairs with the GGUF `model` (a file in the Hub cache), if it is
+    /// downloaded ([`jemma_models::Entry::mmproj`]): `jemma pull` fetches it beside the model.
+    pub fn mmproj_for(&self, model: &std::path::Path) -> Option<PathBuf> {
+        let repo = self.hub.repo_of(model)?;
+        let file = model.file_name()?.to_str()?;
+        let e = self
+            .catalog
+            .models
+            .values()
+            .find(|e| e.repo.eq_ignore_ascii_case(&repo) && e.file.as_deref() == Some(file))?;
+        let mmproj = e.mmproj.clone()?;
+        self.hub.cached(
+            &e.repo,
+            &e.revision,
+            &jemma_models::hub::Selection::File(mmproj),
+        )
+    }
+
     /// The Gemma 4 assistant (MTP) drafter on disk next to the MLX model in `model`, if one is: for a
     /// model in the Hub cache, the drafter the catalog pairs it with ([`jemma_models::Entry::drafter`]),
     /// then cached repos named as its drafter; for a directory elsewhere, directories beside it named so.
@@ -292,6 +310,24 @@ impl ModelResolver for HubResolver {
             .await
             .map_err(|e| e.to_string())?;
         tracing::info!(%model, path = %path.display(), "model downloaded");
+        // A GGUF model's towers come with it too (`jemma pull` fetches them): without them its tier
+        // serves text.
+        if let ModelRef::Catalog(n) = &r
+            && let Some(e) = self.catalog.models.get(n)
+            && let Some(mmproj) = &e.mmproj
+        {
+            let sel = jemma_models::hub::Selection::File(mmproj.clone());
+            let quiet: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(|_| {});
+            let fetched = match self.hub.plan(&e.repo, &e.revision, &sel).await {
+                Ok(plan) => self.hub.pull(&plan, logged(quiet)).await,
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(p) => tracing::info!(%model, mmproj = %p.display(), "mmproj downloaded"),
+                Err(e) => tracing::warn!(%model, %mmproj, error = %e,
+                    "the model's mmproj did not download; it serves text only"),
+            }
+        }
         if let Some(d) = drafter.filter(|d| matches!(self.local(d), Ok(None))) {
             // Logged, not shown: the tier's progress ended at the model's 100 %.
             let quiet: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(|_| {});
@@ -445,7 +481,10 @@ fn factory(
         // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
         let mmproj = if is_gguf {
-            mmproj.clone().or_else(|| mmproj_beside(&path))
+            mmproj
+                .clone()
+                .or_else(|| resolver.mmproj_for(&path))
+                .or_else(|| mmproj_beside(&path))
         } else {
             None
         };
