@@ -27,12 +27,13 @@
       'audio/wav': 'wav', 'audio/x-wav': 'wav', 'audio/wave': 'wav', 'audio/vnd.wave': 'wav',
       'audio/mpeg': 'mp3', 'audio/mp3': 'mp3', 'audio/flac': 'flac', 'audio/x-flac': 'flac',
       'audio/mp4': 'm4a', 'audio/x-m4a': 'm4a', 'audio/m4a': 'm4a', 'audio/aac': 'aac', 'audio/x-aac': 'aac',
-      'audio/ogg': 'ogg', 'audio/vorbis': 'ogg',
+      'audio/ogg': 'ogg', 'audio/vorbis': 'ogg', 'audio/opus': 'opus', 'audio/webm': 'webm',
     };
-    if (byType[file.type]) return byType[file.type];
+    // A MIME type may carry parameters (a recorder's "audio/webm;codecs=opus").
+    const type = String(file.type || '').split(';')[0].trim().toLowerCase();
+    if (byType[type]) return byType[type];
     const ext = (String(file.name || '').match(/\.([a-z0-9]+)$/i) || [])[1];
-    // Opus is not decoded by the gateway: refused here rather than sent to be refused.
-    const byExt = { wav: 'wav', mp3: 'mp3', flac: 'flac', m4a: 'm4a', aac: 'aac', ogg: 'ogg', oga: 'ogg' };
+    const byExt = { wav: 'wav', mp3: 'mp3', flac: 'flac', m4a: 'm4a', aac: 'aac', ogg: 'ogg', oga: 'ogg', opus: 'opus' };
     return ext ? byExt[ext.toLowerCase()] || null : null;
   }
   const POLL_MS = 15000;

@@ -107,11 +107,18 @@ try:
 except openai.BadRequestError as e:
     check("an unknown format is a 400 naming it", e.body.get("param") == "messages[0].content[1].input_audio.format",
           e.body)
+opus = ask("fast", b64(fixtures / "audio" / "formats" / "clip.opus"), fmt="opus")
+check("Ogg Opus is heard", opus.choices[0].message.content is not None and first(opus) != first(plain), opus)
+webm = ask("fast", b64(fixtures / "audio" / "formats" / "clip.webm"), fmt="webm")
+check("WebM Opus (a browser's recording) is heard", webm.choices[0].message.content is not None
+      and first(webm) != first(plain), webm)
+aiff = base64.b64encode(b"FORM" + (4 + 18).to_bytes(4, "big") + b"AIFFCOMM" + bytes(22)).decode()
 try:
-    ask("fast", b64(fixtures / "audio" / "formats" / "clip.opus"), fmt="opus")
-    check("Opus is a 415", False, "answered")
+    ask("fast", aiff, fmt="wav")
+    check("AIFF is a 415", False, "answered")
 except openai.APIStatusError as e:
-    check("Opus is a 415 that says what to send", e.status_code == 415 and "WAV" in str(e), (e.status_code, e))
+    check("AIFF (not decoded here) is a 415 that says what to send", e.status_code == 415 and "WAV" in str(e),
+          (e.status_code, e))
 try:
     ask("fast", wav(31.0))
     check("a clip longer than 30 s is a 413", False, "answered")

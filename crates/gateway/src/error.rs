@@ -147,7 +147,7 @@ mod tests {
                 StatusCode::PAYLOAD_TOO_LARGE,
             ),
             (
-                RouterError::unsupported_media("Opus", part),
+                RouterError::unsupported_media("AIFF", part),
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ),
         ] {

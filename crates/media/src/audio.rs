@@ -1,5 +1,5 @@
 //! Audio for Gemma 4's audio tower: decoding (WAV, FLAC, MP3, AAC in M4A/MP4 or ADTS, Ogg Vorbis, through
-//! `symphonia`), down-mixing to mono and resampling to 16 kHz (`rubato`'s FFT resampler), then the log-mel
+//! `symphonia`; Opus in Ogg or WebM, demuxed by `symphonia` and decoded by `opus-decoder`), down-mixing to mono and resampling to 16 kHz (`rubato`'s FFT resampler), then the log-mel
 //! features transformers' `Gemma4AudioFeatureExtractor` computes (the Universal Speech Model front end),
 //! value for value:
 //!
@@ -43,7 +43,7 @@ pub const MIN_SAMPLES: usize = 640;
 pub const RATES: std::ops::RangeInclusive<u32> = 4_000..=384_000;
 
 /// The formats [`decode_audio`] reads, as OpenAI's `input_audio.format` names them.
-pub const FORMATS: &[&str] = &["wav", "mp3", "flac", "m4a", "aac", "ogg"];
+pub const FORMATS: &[&str] = &["wav", "mp3", "flac", "m4a", "aac", "ogg", "opus", "webm"];
 
 /// Bounds on what is decoded.
 #[derive(Debug, Clone, Copy)]
@@ -95,8 +95,8 @@ impl DecodedAudio {
 /// Decodes a clip (`format`: OpenAI's `input_audio.format`, a hint only: the container is probed) into
 /// 16 kHz mono.
 ///
-/// Errors: [`MediaError::AudioUnsupported`] for a format or codec not decoded here (Opus, AIFF, CAF,
-/// WebM among them) or a sample rate outside [`RATES`]; [`MediaError::AudioCorrupt`] for unreadable bytes or
+/// Errors: [`MediaError::AudioUnsupported`] for a format or codec not decoded here (AIFF, CAF, Opus with
+/// more than two channels among them) or a sample rate outside [`RATES`]; [`MediaError::AudioCorrupt`] for unreadable bytes or
 /// a clip shorter than [`MIN_SAMPLES`]; [`MediaError::TooLarge`] over `limits`.
 pub fn decode_audio(
     bytes: &[u8],
@@ -137,11 +137,6 @@ pub fn decode_base64(data: &str) -> Result<Vec<u8>> {
         .map_err(|e| MediaError::AudioCorrupt(format!("invalid base64: {e}")))
 }
 
-/// Whether the bytes start like an Ogg stream whose first packet is an Opus header.
-fn is_ogg_opus(bytes: &[u8]) -> bool {
-    bytes.starts_with(b"OggS") && bytes.len() > 36 && &bytes[28..36] == b"OpusHead"
-}
-
 /// Mono samples (the channels' mean) and their rate.
 fn decode_mono(
     bytes: &[u8],
@@ -149,9 +144,6 @@ fn decode_mono(
     limits: &AudioLimits,
 ) -> Result<(Vec<f32>, u32)> {
     let unsupported = |what: String| MediaError::AudioUnsupported(what);
-    if is_ogg_opus(bytes) || matches!(format, Some("opus")) {
-        return Err(unsupported("Opus".into()));
-    }
     // Containers symphonia could read but this build does not: a clear 415 rather than "corrupt".
     let magic = |m: &[u8], at: usize| bytes.len() >= at + m.len() && &bytes[at..at + m.len()] == m;
     if magic(b"FORM", 0) && (magic(b"AIFF", 8) || magic(b"AIFC", 8)) {
@@ -159,9 +151,6 @@ fn decode_mono(
     }
     if magic(b"caff", 0) {
         return Err(unsupported("CAF".into()));
-    }
-    if magic(&[0x1a, 0x45, 0xdf, 0xa3], 0) {
-        return Err(unsupported("WebM/Matroska".into()));
     }
     let mut hint = Hint::new();
     if let Some(f) = format {
@@ -177,7 +166,7 @@ fn decode_mono(
         )
         .map_err(|e| match e {
             SymError::Unsupported(_) => MediaError::AudioCorrupt(
-                "not a recognised audio file (WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis)".into(),
+                "not a recognised audio file (WAV, MP3, FLAC, M4A/AAC, Ogg Vorbis or Opus)".into(),
             ),
             e => MediaError::AudioCorrupt(e.to_string()),
         })?;
@@ -193,6 +182,9 @@ fn decode_mono(
     let track_id = track.id;
     if let Some(r) = params.sample_rate.filter(|r| !RATES.contains(r)) {
         return Err(unsupported(format!("a sample rate of {r} Hz")));
+    }
+    if params.codec == symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS {
+        return decode_opus(reader.as_mut(), track_id, &params, limits);
     }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
@@ -239,6 +231,78 @@ fn decode_mono(
         )));
     }
     Ok((mono, rate))
+}
+
+/// The Opus track `track_id` of `reader` decoded to mono at [`SAMPLE_RATE`] (an Opus decoder decodes at
+/// any of its rates; no resampling), without the encoder's pre-skip (RFC 7845's `pre_skip`, 48 kHz
+/// samples, from the stream's OpusHead).
+///
+/// Errors: more than 2 channels (Opus's multistream mappings) as unsupported; a stream that yields no
+/// audio, or a decoder that fails on every packet, as corrupt; longer than `limits` as too large.
+fn decode_opus(
+    reader: &mut dyn symphonia::core::formats::FormatReader,
+    track_id: u32,
+    params: &symphonia::core::codecs::audio::AudioCodecParameters,
+    limits: &AudioLimits,
+) -> Result<(Vec<f32>, u32)> {
+    let head = params
+        .extra_data
+        .as_deref()
+        .filter(|h| h.starts_with(b"OpusHead"));
+    let channels = match head.and_then(|h| h.get(9)) {
+        Some(&c) => c as usize,
+        None => params.channels.as_ref().map_or(1, |c| c.count()),
+    };
+    if !(1..=2).contains(&channels) {
+        return Err(MediaError::AudioUnsupported(format!(
+            "Opus with {channels} channels (mono and stereo are decoded)"
+        )));
+    }
+    let pre_skip = head
+        .and_then(|h| h.get(10..12))
+        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let mut decoder = opus_decoder::OpusDecoder::new(SAMPLE_RATE, channels)
+        .map_err(|e| MediaError::AudioCorrupt(format!("Opus: {e}")))?;
+    // The longest packet: 120 ms.
+    let mut pcm = vec![0f32; SAMPLE_RATE as usize * 120 / 1000 * channels];
+    let mut mono = vec![];
+    let max = (limits.max_seconds + 1.0) * SAMPLE_RATE as f64;
+    loop {
+        let packet = match reader.next_packet() {
+            Ok(Some(p)) => p,
+            Ok(None) => break,
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(MediaError::AudioCorrupt(e.to_string())),
+        };
+        if packet.track_id != track_id {
+            continue;
+        }
+        // A damaged packet is skipped, as players do; a clip of nothing but is refused below.
+        let Ok(n) = decoder.decode_float(&packet.data, &mut pcm, false) else {
+            continue;
+        };
+        mono.extend(
+            pcm[..n * channels]
+                .chunks_exact(channels)
+                .map(|f| f.iter().sum::<f32>() / channels as f32),
+        );
+        if mono.len() as f64 > max {
+            break;
+        }
+    }
+    // Pre-skip counts 48 kHz samples.
+    let skip = (pre_skip * SAMPLE_RATE as usize / 48_000).min(mono.len());
+    mono.drain(..skip);
+    if mono.is_empty() {
+        return Err(MediaError::AudioCorrupt("the clip holds no audio".into()));
+    }
+    if mono.len() as f64 / SAMPLE_RATE as f64 > limits.max_seconds {
+        return Err(MediaError::TooLarge(format!(
+            "the audio is longer than {} s, the longest clip the model hears at once",
+            limits.max_seconds
+        )));
+    }
+    Ok((mono, SAMPLE_RATE))
 }
 
 /// `samples` at `rate` resampled to [`SAMPLE_RATE`] (rubato's synchronous FFT resampler, whose

@@ -24,12 +24,12 @@ pub enum MediaError {
     /// Over a size limit: HTTP 413.
     #[error("{0}")]
     TooLarge(String),
-    /// An audio format or codec this build does not decode (Opus, …): HTTP 415.
-    #[error("unsupported audio format {0}: send WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis")]
+    /// An audio format or codec this build does not decode (AIFF, CAF, …): HTTP 415.
+    #[error("unsupported audio format {0}: send WAV, MP3, FLAC, M4A/AAC, Ogg Vorbis or Opus")]
     AudioUnsupported(String),
     /// Bytes that are not a readable clip: HTTP 400.
     #[error(
-        "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC or Ogg Vorbis file"
+        "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC, Ogg Vorbis or Opus file"
     )]
     AudioCorrupt(String),
     /// Video this server cannot read (no ffmpeg, or it could not run): HTTP 415.

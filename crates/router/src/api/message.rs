@@ -329,8 +329,8 @@ pub struct VideoUrl {
 pub struct InputAudio {
     /// The encoded clip, base64.
     pub data: String,
-    /// Its format: `wav` or `mp3` (OpenAI's), or `flac`, `m4a`, `aac`, `ogg` (Ogg Vorbis). Opus is refused
-    /// with a 415.
+    /// Its format: `wav` or `mp3` (OpenAI's), or `flac`, `m4a`, `aac`, `ogg` (Ogg Vorbis), `opus` (Ogg
+    /// Opus) or `webm` (WebM Opus, what browsers record). A hint: the container is probed.
     #[schema(example = "wav")]
     pub format: String,
 }

@@ -334,7 +334,7 @@ impl ChatRequest {
     /// Decodes the messages' audio parts (base64, then the clip, off the async runtime) into 16 kHz mono,
     /// for a local engine that hears (an upstream tier is sent the parts as they came), before the engine
     /// is asked: corrupt bytes or a clip under 40 ms 400, over `max_audio_bytes` or `max_audio_seconds`
-    /// 413, a codec or container this build cannot decode (Opus, AIFF, CAF, WebM) 415. A no-op when the
+    /// 413, a codec or container this build cannot decode (AIFF, CAF, Opus beyond stereo) 415. A no-op when the
     /// audio is decoded already.
     ///
     /// Errors: as above, naming the message part.
@@ -628,15 +628,6 @@ fn validate_media_url(
 
 fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<(), RouterError> {
     let format = a.format.to_ascii_lowercase();
-    if format == "opus" {
-        return Err(RouterError::unsupported_media(
-            format!(
-                "{param}.format: Opus is not decoded by this build; send WAV, MP3, FLAC, M4A/AAC or Ogg \
-                 Vorbis"
-            ),
-            &format!("{param}.format"),
-        ));
-    }
     if !jemma_media::audio::FORMATS.contains(&format.as_str()) {
         return Err(invalid(
             format!(
@@ -1176,12 +1167,9 @@ mod tests {
             param(request(vec![text.clone(), audio("UklGRg==", "aiff")]).unwrap_err()).as_deref(),
             Some("messages[0].content[1].input_audio.format")
         );
-        // Refusals name the part in `param`, the 415 as the 400s do.
-        assert!(matches!(
-            request(vec![audio("UklGRg==", "opus")]).unwrap_err(),
-            RouterError::UnsupportedMedia { message, param: Some(p) }
-                if message.contains("Opus") && p == "messages[0].content[0].input_audio.format"
-        ));
+        // Opus (Ogg, or WebM as browsers record it) is a format like the others.
+        assert!(request(vec![audio("UklGRg==", "opus")]).is_ok());
+        assert!(request(vec![audio("UklGRg==", "webm")]).is_ok());
         assert_eq!(
             param(request(vec![audio("not base64!", "wav")]).unwrap_err()).as_deref(),
             Some("messages[0].content[0].input_audio.data")
