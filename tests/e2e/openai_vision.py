@@ -8,6 +8,9 @@ import base64
 import io
 import json
 import http.server
+import os
+import pathlib
+import platform
 import sys
 import threading
 import urllib.request
@@ -20,6 +23,7 @@ from PIL import Image
 from checks import check, done
 
 base = sys.argv[1]
+fixtures = pathlib.Path(os.environ.get("JEMMA_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "fixtures"))
 client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
 
 
@@ -96,12 +100,17 @@ try:
 except openai.BadRequestError as e:
     check("a corrupt image is a 400 naming the part", "could not be decoded" in str(e)
           and e.body.get("param") == "messages[0].content[1].image_url.url", e.body)
-heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(64)
-try:
-    ask("fast", "data:image/heic;base64," + base64.b64encode(heic).decode())
-    check("HEIC is a 415", False, "answered")
-except openai.APIStatusError as e:
-    check("HEIC is a 415 that says what to send", e.status_code == 415 and "JPEG" in str(e), (e.status_code, e))
+heic = (fixtures / "media" / "photo.heic").read_bytes()
+if platform.system() == "Darwin":
+    seen_heic = ask("fast", "data:image/heic;base64," + base64.b64encode(heic).decode())
+    check("HEIC is seen on a Mac (ImageIO)", seen_heic.choices[0].message.content is not None, seen_heic)
+else:
+    try:
+        ask("fast", "data:image/heic;base64," + base64.b64encode(heic).decode())
+        check("HEIC is a 415 off macOS", False, "answered")
+    except openai.APIStatusError as e:
+        check("HEIC off macOS is a 415 that says what to send", e.status_code == 415 and "JPEG" in str(e),
+              (e.status_code, e))
 # An http URL (a loopback file server: this gateway allows private addresses, as a test or a LAN must):
 # fetched, and seen as the same picture sent inline.
 red_png = base64.b64decode(red.split(",", 1)[1])

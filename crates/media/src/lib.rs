@@ -5,6 +5,8 @@
 #![deny(missing_docs)]
 
 pub mod audio;
+#[cfg(target_os = "macos")]
+mod heic;
 pub mod resize;
 pub mod video;
 
@@ -149,8 +151,10 @@ fn is_heif(bytes: &[u8]) -> bool {
 /// `ImageOps.exif_transpose`); alpha is dropped and grey or palette images expanded, as Pillow's
 /// `convert("RGB")`.
 ///
+/// HEIC/HEIF is decoded by macOS's ImageIO on a Mac (`heic`), and refused elsewhere.
+///
 /// Errors: [`MediaError::TooLarge`] over `limits`; [`MediaError::Unsupported`] for a format this build does
-/// not read (HEIC, TIFF, …); [`MediaError::Corrupt`] for anything else that does not decode.
+/// not read (HEIC off macOS, TIFF, …); [`MediaError::Corrupt`] for anything else that does not decode.
 pub fn decode_image(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
     if bytes.len() > limits.max_bytes {
         return Err(MediaError::TooLarge(format!(
@@ -161,6 +165,10 @@ pub fn decode_image(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
     }
     let format = match image::guess_format(bytes) {
         Ok(f) => f,
+        // Through macOS's ImageIO where there is one; elsewhere a 415 that says what to send.
+        #[cfg(target_os = "macos")]
+        Err(_) if is_heif(bytes) => return heic::decode(bytes, limits),
+        #[cfg(not(target_os = "macos"))]
         Err(_) if is_heif(bytes) => return Err(MediaError::Unsupported("HEIC/HEIF".into())),
         Err(_) => {
             return Err(MediaError::Corrupt(

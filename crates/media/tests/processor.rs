@@ -122,14 +122,61 @@ fn bad_images_are_refused_with_their_own_error() {
         decode_image(&png, &few_pixels),
         Err(MediaError::TooLarge(_))
     ));
-    // An ISO-BMFF file of the HEIC brand (what an iPhone sends).
-    let mut heic = vec![0, 0, 0, 24];
-    heic.extend_from_slice(b"ftypheic\0\0\0\0mif1heic");
-    heic.extend_from_slice(&[0u8; 64]);
+    // A real HEIC photo (what an iPhone sends): read by macOS's ImageIO (`heic_is_decoded_by_imageio`),
+    // refused elsewhere with the 415 that says what to send.
+    let heic = std::fs::read(dir.join("photo.heic")).unwrap();
+    #[cfg(not(target_os = "macos"))]
     match decode_image(&heic, &Limits::default()) {
         Err(MediaError::Unsupported(f)) => assert!(f.contains("HEIC"), "{f}"),
         other => panic!("HEIC: {other:?}"),
     }
+    // Bytes that only start like one: corrupt on a Mac (ImageIO cannot read them), refused elsewhere.
+    let mut fake = heic[..32].to_vec();
+    fake.extend_from_slice(&[0u8; 64]);
+    let got = decode_image(&fake, &Limits::default());
+    if cfg!(target_os = "macos") {
+        assert!(matches!(got, Err(MediaError::Corrupt(_))), "{got:?}");
+    } else {
+        assert!(matches!(got, Err(MediaError::Unsupported(_))), "{got:?}");
+    }
+}
+
+/// HEIC through macOS's ImageIO: the photo libheif encoded (stored landscape, EXIF orientation 6) decodes
+/// upright at its size, to within a few levels of libheif's own decoding (two HEVC decoders, and ImageIO
+/// converts the colour profile), and a pixel limit refuses it before it is decoded.
+#[cfg(target_os = "macos")]
+#[test]
+fn heic_is_decoded_by_imageio() {
+    let dir = fixtures();
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("heic.json")).unwrap()).unwrap();
+    let heic = std::fs::read(dir.join("photo.heic")).unwrap();
+    let img = decode_image(&heic, &Limits::default()).unwrap();
+    assert_eq!(
+        (img.width as u64, img.height as u64),
+        (
+            want["width"].as_u64().unwrap(),
+            want["height"].as_u64().unwrap()
+        ),
+        "upright"
+    );
+    let libheif = std::fs::read(dir.join("photo_heic.rgb")).unwrap();
+    let mean = img
+        .data
+        .iter()
+        .zip(&libheif)
+        .map(|(a, b)| a.abs_diff(*b) as f64)
+        .sum::<f64>()
+        / libheif.len() as f64;
+    assert!(mean < 4.0, "mean |Δ| {mean} levels against libheif");
+    let few = Limits {
+        max_pixels: 100,
+        ..Limits::default()
+    };
+    assert!(matches!(
+        decode_image(&heic, &few),
+        Err(MediaError::TooLarge(_))
+    ));
 }
 
 #[test]
