@@ -559,30 +559,8 @@ fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
 
 /// Greedy tokens and the first token's top-5 logprobs of `ids`, with how many prompt tokens were reused.
 fn answer(e: &LlamaEngine, ids: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32>, usize) {
-    let mut r = request(Prompt::Ids(ids.to_vec()), max_tokens);
-    r.parse_output = false;
-    r.logprobs = true;
-    r.top_logprobs = 5;
-    let mut rx = e.submit(r).unwrap();
-    let mut first = None;
-    loop {
-        match rx.blocking_recv().unwrap() {
-            Event::Logprobs(t) if first.is_none() => {
-                let v = serde_json::to_value(&t).unwrap();
-                first = Some(
-                    v["top_logprobs"]
-                        .as_array()
-                        .unwrap()
-                        .iter()
-                        .map(|x| x["logprob"].as_f64().unwrap() as f32)
-                        .collect(),
-                );
-            }
-            Event::Done(s) => return (s.tokens, first.unwrap_or_default(), s.cached_tokens),
-            Event::Error(e) => panic!("{e}"),
-            _ => {}
-        }
-    }
+    let (tokens, top, s) = answer_to(e, request(Prompt::Ids(ids.to_vec()), max_tokens));
+    (tokens, top, s.cached_tokens)
 }
 
 /// Top-5 logprobs of reference logits, as the engine computes them.

@@ -192,16 +192,7 @@ fn decode_mono(
     let mut mono: Vec<f32> = vec![];
     let mut rate = params.sample_rate.unwrap_or(0);
     let mut planes: Vec<Vec<f32>> = vec![];
-    loop {
-        let packet = match reader.next_packet() {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(MediaError::AudioCorrupt(e.to_string())),
-        };
-        if packet.track_id != track_id {
-            continue;
-        }
+    while let Some(packet) = next_packet(reader.as_mut(), track_id)? {
         let buf = match decoder.decode(&packet) {
             Ok(b) => b,
             // A damaged packet is skipped, as players do; a clip of nothing but is refused below.
@@ -231,6 +222,26 @@ fn decode_mono(
         )));
     }
     Ok((mono, rate))
+}
+
+/// The next packet of track `track_id` (None at the end of the stream, a truncated one included).
+///
+/// Errors: an unreadable container, as corrupt.
+fn next_packet(
+    reader: &mut dyn symphonia::core::formats::FormatReader,
+    track_id: u32,
+) -> Result<Option<symphonia::core::packet::Packet>> {
+    loop {
+        match reader.next_packet() {
+            Ok(Some(p)) if p.track_id == track_id => return Ok(Some(p)),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ok(None),
+            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok(None);
+            }
+            Err(e) => return Err(MediaError::AudioCorrupt(e.to_string())),
+        }
+    }
 }
 
 /// The Opus track `track_id` of `reader` decoded to mono at [`SAMPLE_RATE`] (an Opus decoder decodes at
@@ -267,16 +278,7 @@ fn decode_opus(
     let mut pcm = vec![0f32; SAMPLE_RATE as usize * 120 / 1000 * channels];
     let mut mono = vec![];
     let max = (limits.max_seconds + 1.0) * SAMPLE_RATE as f64;
-    loop {
-        let packet = match reader.next_packet() {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(SymError::IoError(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(MediaError::AudioCorrupt(e.to_string())),
-        };
-        if packet.track_id != track_id {
-            continue;
-        }
+    while let Some(packet) = next_packet(reader, track_id)? {
         // A damaged packet is skipped, as players do; a clip of nothing but is refused below.
         let Ok(n) = decoder.decode_float(&packet.data, &mut pcm, false) else {
             continue;

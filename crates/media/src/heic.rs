@@ -75,12 +75,8 @@ pub(crate) fn decode(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
         .unwrap_or(image::metadata::Orientation::NoTransforms);
     let buf = image::RgbImage::from_raw(w as u32, h as u32, rgb)
         .ok_or_else(|| corrupt("the bitmap is not the image's size"))?;
-    let mut img = image::DynamicImage::ImageRgb8(buf);
-    img.apply_orientation(orientation);
-    let rgb = img.to_rgb8();
-    Ok(Rgb {
-        width: rgb.width() as usize,
-        height: rgb.height() as usize,
-        data: rgb.into_raw(),
-    })
+    Ok(crate::upright_rgb(
+        image::DynamicImage::ImageRgb8(buf),
+        orientation,
+    ))
 }

@@ -206,14 +206,19 @@ pub fn decode_image(bytes: &[u8], limits: &Limits) -> Result<Rgb> {
         )));
     }
     let orientation = decoder.orientation().map_err(corrupt)?;
-    let mut img = image::DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    let img = image::DynamicImage::from_decoder(decoder).map_err(corrupt)?;
+    Ok(upright_rgb(img, orientation))
+}
+
+/// `img` turned by its EXIF `orientation`, as RGB (alpha dropped, grey and palette expanded).
+fn upright_rgb(mut img: image::DynamicImage, orientation: image::metadata::Orientation) -> Rgb {
     img.apply_orientation(orientation);
     let rgb = img.to_rgb8();
-    Ok(Rgb {
+    Rgb {
         width: rgb.width() as usize,
         height: rgb.height() as usize,
         data: rgb.into_raw(),
-    })
+    }
 }
 
 /// An image decoded for a request: its pixels and the digest of its encoded bytes (what the prefix cache

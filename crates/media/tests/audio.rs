@@ -62,6 +62,12 @@ fn features_match_the_reference_extractor_on_every_setting() {
     }
 }
 
+/// The rms of `a - b` over their common length (sample for sample, no alignment).
+fn rms_error(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    ((0..n).map(|i| (a[i] - b[i]).powi(2)).sum::<f32>() / n as f32).sqrt()
+}
+
 #[test]
 fn every_format_decodes_to_16_khz_mono_and_the_rest_are_refused() {
     let dir = fixtures().join("formats");
@@ -115,30 +121,20 @@ fn every_format_decodes_to_16_khz_mono_and_the_rest_are_refused() {
         if name == "opus" || name == "webm" {
             // Opus (decoded at 16 kHz directly): the clip itself, in place — the encoder's pre-skip
             // dropped, not played (measured: 5 % of the clip's rms; 6.5 ms off, it would be far more).
-            let n = reference.samples.len().min(got.samples.len());
-            let err: f32 = (0..n)
-                .map(|i| (got.samples[i] - reference.samples[i]).powi(2))
-                .sum::<f32>()
-                / n as f32;
+            let err = rms_error(&got.samples, &reference.samples);
             assert!(
-                err.sqrt() < 0.15 * want_rms,
-                "{name}: rms error {} of {want_rms}",
-                err.sqrt()
+                err < 0.15 * want_rms,
+                "{name}: rms error {err} of {want_rms}"
             );
         }
         if name == "wav44" {
             // Resampled from 44.1 kHz stereo (itself linearly interpolated from the 16 kHz clip): the same
             // clip, aligned (the resampler's delay is trimmed), within 20 dB: what differs is the clip's
             // noise near 8 kHz, which the resampler's anti-aliasing filter takes out.
-            let n = reference.samples.len().min(got.samples.len());
-            let err: f32 = (0..n)
-                .map(|i| (got.samples[i] - reference.samples[i]).powi(2))
-                .sum::<f32>()
-                / n as f32;
+            let err = rms_error(&got.samples, &reference.samples);
             assert!(
-                err.sqrt() < 0.1 * want_rms,
-                "{name}: rms error {} of {want_rms}",
-                err.sqrt()
+                err < 0.1 * want_rms,
+                "{name}: rms error {err} of {want_rms}"
             );
         }
     }
