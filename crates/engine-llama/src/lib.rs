@@ -135,6 +135,9 @@ pub struct LlamaConfig {
     /// The model's multimodal projector GGUF (llama.cpp's mmproj: its vision and audio towers), through
     /// which libmtmd puts images and audio before the model. None: text only.
     pub mmproj_path: Option<PathBuf>,
+    /// The mmproj was found beside the model or paired by a catalog rather than named: if it cannot be
+    /// read or loaded the model serves text (logged) instead of failing to load.
+    pub mmproj_optional: bool,
     /// Soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`; a quarter at
     /// `detail: "low"`). Default: [`DEFAULT_IMAGE_SOFT_TOKENS`].
     pub image_soft_tokens: usize,
@@ -160,6 +163,7 @@ impl LlamaConfig {
             speculative: None,
             prefix_cache_bytes: None,
             mmproj_path: None,
+            mmproj_optional: false,
             image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
         }
     }
@@ -329,9 +333,16 @@ impl LlamaEngine {
         let threads = config.threads.unwrap_or_else(default_threads);
         let mut input_modalities = vec!["text".to_string()];
         if let Some(mm) = &config.mmproj_path {
-            let (sees, hears) = towers(mm)?;
-            input_modalities.extend(sees.then(|| "image".to_string()));
-            input_modalities.extend(hears.then(|| "audio".to_string()));
+            match towers(mm) {
+                Ok((sees, hears)) => {
+                    input_modalities.extend(sees.then(|| "image".to_string()));
+                    input_modalities.extend(hears.then(|| "audio".to_string()));
+                }
+                Err(e) if config.mmproj_optional => {
+                    tracing::warn!(mmproj = %mm.display(), "the mmproj found for the model is unusable, so it serves text: {e}");
+                }
+                Err(e) => return Err(e),
+            }
         }
         let info = LlamaInfo {
             input_modalities,
@@ -646,11 +657,23 @@ impl LlamaRunner {
         self.planned.clamp(1, MAX_PARALLEL)
     }
 
+    /// Tokens one `llama_decode` takes: the prefill chunk, and at least one decode row per sequence and,
+    /// with an mmproj, one whole image and its two markers (an image is decoded in one batch: its soft
+    /// tokens attend to each other on the larger Gemma 4 models).
+    fn batch(&self) -> u32 {
+        let image = if self.config.mmproj_path.is_some() {
+            self.config.image_soft_tokens as u32 + 2
+        } else {
+            0
+        };
+        self.config.batch_size.max(self.parallel()).max(image)
+    }
+
     fn footprint(&self) -> Result<u64, LoadError> {
         let target = gguf::footprint(
             &self.config.model_path,
             self.config.context_length,
-            self.config.batch_size,
+            self.batch(),
             self.parallel(),
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
@@ -670,11 +693,13 @@ impl LlamaRunner {
             })?,
             None => 0,
         };
-        // The mmproj's towers: their weights (their compute buffers are small beside the KV cache).
+        // The mmproj's towers: their weights and what encoding one image takes.
         let mmproj = match &self.config.mmproj_path {
-            Some(mm) => std::fs::metadata(mm)
-                .map_err(|e| LoadError::Failed(format!("{}: {e}", mm.display())))?
-                .len(),
+            Some(mm) => match media::footprint(mm, self.config.image_soft_tokens) {
+                Ok(b) => b,
+                Err(_) if self.config.mmproj_optional => 0,
+                Err(e) => return Err(LoadError::Failed(e.to_string())),
+            },
             None => 0,
         };
         Ok(target + draft + mmproj + self.pool_budget()?)
@@ -758,8 +783,8 @@ impl ModelRunner for LlamaRunner {
             // (`gguf::footprint`).
             .with_swa_full(true)
             // A decode step carries one token per sequence: the batch must hold them all.
-            .with_n_batch(self.config.batch_size.max(parallel))
-            .with_n_ubatch(self.config.batch_size.max(parallel))
+            .with_n_batch(self.batch())
+            .with_n_ubatch(self.batch())
             .with_n_threads(threads)
             .with_n_threads_batch(batch_threads);
         let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
@@ -814,18 +839,33 @@ impl ModelRunner for LlamaRunner {
             }
         };
         let mtmd = match &self.config.mmproj_path {
-            Some(mm) => Some(
-                media::Mtmd::load(
-                    mm,
-                    &cell.borrow_owner().model,
-                    batch_threads,
-                    self.config.image_soft_tokens,
-                    self.config.batch_size,
-                )
-                .map_err(|e| LoadError::Failed(e.to_string()))?,
-            ),
+            Some(mm) => match media::Mtmd::load(
+                mm,
+                &cell.borrow_owner().model,
+                batch_threads,
+                self.config.image_soft_tokens,
+                self.batch(),
+            ) {
+                Ok(m) => Some(m),
+                Err(e) if self.config.mmproj_optional => {
+                    tracing::warn!(mmproj = %mm.display(), "the mmproj found for the model did not load, so it serves text: {e}");
+                    None
+                }
+                Err(e) => return Err(LoadError::Failed(e.to_string())),
+            },
             None => None,
         };
+        // What the loaded towers take (the metadata read at start may promise more than loaded).
+        info.input_modalities = std::iter::once("text")
+            .chain(mtmd.as_ref().map_or(vec![], |m| {
+                let (sees, hears) = m.modalities();
+                [sees.then_some("image"), hears.then_some("audio")]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }))
+            .map(String::from)
+            .collect();
         let slots = (0..parallel).map(|_| Slot::default()).collect();
         self.pool_budget = self.pool_budget()?;
         Ok((
@@ -1179,10 +1219,11 @@ fn reusable(
     ctx: &llama_cpp_2::context::LlamaContext<'_>,
     seq: u32,
     cached: &PrefixSlot,
-    ids: &[u32],
+    (ids, media): (&[u32], &[media::MediaSpan]),
     n_swa: Option<u32>,
 ) -> usize {
-    let keep = cached.reusable(ids);
+    // Never into an image or clip (read whole), and cut back before the window is checked.
+    let keep = media::whole_spans(cached.reusable(ids), media);
     if keep == 0 {
         return 0;
     }
@@ -1291,12 +1332,15 @@ fn find_prefix(
     let ids: Vec<u32> = s.ids.iter().map(|t| t.0 as u32).collect();
     // The last prompt token is read for its logits, never taken from a cache.
     let limit = ids.len().saturating_sub(1);
+    // Never into an image or clip (read whole): cut back before any window is checked.
     let common = |t: &[u32]| {
-        t.iter()
+        let n = t
+            .iter()
             .zip(&ids)
             .take_while(|(a, b)| a == b)
             .count()
-            .min(limit)
+            .min(limit);
+        media::whole_spans(n, &s.media)
     };
     let holds = |seq: usize, keep: usize| {
         keep > 0 && window_holds(ctx.kv_cache_seq_pos_min(seq as i32), keep, n_swa)
@@ -1318,15 +1362,16 @@ fn find_prefix(
         .max_by_key(|&(keep, _)| keep)
         .map(|(keep, seq)| (keep, Source::Sequence(seq)));
     // Not while a stream copy may still be queued (after a failed step): it would land on the restore.
-    let can_trim = |e: &Saved, keep: usize| window_holds(e.window_start, keep, n_swa);
+    let can_trim = |e: &Saved, keep: usize| {
+        window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa)
+    };
     let in_pool = (!*shared.copy_pending)
         .then(|| shared.pool.peek_nearest(&ids, |_| true, can_trim))
         .flatten()
-        .map(|keep| (keep, Source::Pool));
+        .map(|keep| (media::whole_spans(keep, &s.media), Source::Pool));
     [in_streams, in_pool]
         .into_iter()
         .flatten()
-        .map(|(keep, source)| (media::whole_spans(keep, &s.media), source))
         .filter(|(keep, _)| *keep >= s.prefilled + min_shared_gain(n_ctx))
         .max_by_key(|(keep, _)| *keep)
 }
@@ -1356,7 +1401,9 @@ fn share_prefix(
                 .is_ok()
         }
         Source::Pool => {
-            let can_trim = |e: &Saved, keep: usize| window_holds(e.window_start, keep, n_swa);
+            let can_trim = |e: &Saved, keep: usize| {
+                window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa)
+            };
             match shared.pool.take_nearest(&ids, |_| true, can_trim) {
                 Some(hit) => match ctx.state_seq_set(&hit.cache.state, dst as i32) {
                     Ok(()) => true,
@@ -1499,10 +1546,9 @@ impl LlamaSequence {
         };
         let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
         let (slot, keep) = choose_slot(slots, ids.len(), |i, s| {
-            reusable(ctx, i as u32, &s.cached, &as_u32, loaded.n_swa)
+            reusable(ctx, i as u32, &s.cached, (&as_u32, &media), loaded.n_swa)
         })
         .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
-        let keep = media::whole_spans(keep, &media);
         // What the slot holds beyond what this request keeps is another conversation: kept in host memory,
         // it can come back to any slot when that conversation does.
         let held = &slots[slot].cached;
@@ -1804,7 +1850,13 @@ fn step(
                 .as_deref_mut()
                 .ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
             let t0 = Instant::now();
-            s.media[k].eval(mtmd, ctx, s.slot as i32)?;
+            // A tower that fails on one request's media ends that request alone (its slot is cleared
+            // at release); the others' caches are untouched.
+            if let Err(e) = s.media[k].eval(mtmd, ctx, s.slot as i32) {
+                s.poisoned = true;
+                out[i].fail(e);
+                continue;
+            }
             let end = s.media[k].end();
             s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
             s.prefilled = end;

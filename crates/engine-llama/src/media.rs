@@ -4,7 +4,10 @@
 //! A prompt names each image and clip with the model's placeholder token (`<|image|>`, `<|audio|>`: what
 //! Gemma 4's chat template writes for a media part). [`Mtmd::place`] puts each in its place as libmtmd
 //! tokenizes it — the opening marker (`<|image>`), the tower's soft tokens, the closing marker (`<image|>`)
-//! — and the engine evaluates each such span whole ([`MediaSpan::eval`]), in the sequence's own KV stream.
+//! — and the engine evaluates each such span whole ([`MediaSpan::eval`]), in the sequence's own KV stream,
+//! in one batch: on the larger Gemma 4 models an image's soft tokens attend to each other (libmtmd decodes
+//! them non-causally; E2B's and E4B's causally), so an image is never split across batches, and a cached
+//! prefix is never resumed inside one.
 //!
 //! Images are sized here, not by libmtmd: Gemma 4's processor (transformers, mlx-vlm) scales every image to
 //! fill its soft-token budget ([`jemma_media::target_size`], Pillow's bicubic), while libmtmd keeps any
@@ -47,6 +50,33 @@ pub fn towers(path: &Path) -> Result<(bool, bool)> {
     Ok((sees, hears))
 }
 
+/// Host (or unified) memory the mmproj at `path` takes, bytes: its file (the towers' weights) and an
+/// estimate of encoding one image of `image_soft_tokens` soft tokens in float32 — `soft tokens ×
+/// pooling²` patches whose attention scores (patches² per head, and their softmax) and feed-forward
+/// activations dominate ggml's compute buffer. An estimate, as the KV cache's is: libmtmd reserves its
+/// buffer at load, sized by the same largest image.
+///
+/// Errors: an unreadable mmproj.
+pub fn footprint(path: &Path, image_soft_tokens: usize) -> Result<u64> {
+    let meta = gguf::read_metadata(path)?;
+    let weights = std::fs::metadata(path)
+        .map_err(|e| LlamaError::InvalidModel(format!("{}: {e}", path.display())))?
+        .len();
+    let int = |k: &str| match meta.get(k) {
+        Some(gguf::Value::Int(v)) => *v as u64,
+        _ => 0,
+    };
+    let pool = match meta.get("clip.vision.projector.scale_factor") {
+        Some(gguf::Value::Int(v)) => *v as u64,
+        _ => 3,
+    };
+    let patches = image_soft_tokens as u64 * pool * pool;
+    let heads = int("clip.vision.attention.head_count").max(1);
+    let ffn = int("clip.vision.feed_forward_length");
+    let compute = 4 * (2 * patches * patches * heads + 4 * patches * ffn);
+    Ok(weights + compute)
+}
+
 /// A model's towers through libmtmd.
 pub(crate) struct Mtmd {
     ctx: MtmdContext,
@@ -55,8 +85,7 @@ pub(crate) struct Mtmd {
     /// The placeholder tokens a prompt names media with.
     image_id: Option<LlamaToken>,
     audio_id: Option<LlamaToken>,
-    /// The towers' batch: an image's soft tokens attend to each other (not causally), so one image must
-    /// be decoded in one batch.
+    /// Tokens per `llama_decode` when a span is evaluated: the context's batch, which holds a whole image.
     batch: i32,
 }
 
@@ -67,7 +96,8 @@ pub(crate) struct MediaSpan {
     pub start: usize,
     /// Positions it takes, markers included.
     pub len: usize,
-    chunks: MtmdInputChunks,
+    /// libmtmd's chunks (the preprocessed pixels or audio), until the span is evaluated.
+    chunks: Option<MtmdInputChunks>,
 }
 
 impl MediaSpan {
@@ -77,12 +107,16 @@ impl MediaSpan {
     }
 
     /// Encodes the media with its tower and decodes the span into sequence `seq` from its `start`
-    /// (libmtmd's `mtmd_helper_eval_chunks`: the soft tokens attend to each other, not causally).
+    /// (libmtmd's `mtmd_helper_eval_chunks`, with the model's attention within the span), then frees the
+    /// preprocessed media.
     ///
-    /// Errors: a failed encode or decode.
-    pub fn eval(&self, mtmd: &mut Mtmd, ctx: &mut LlamaContext<'_>, seq: i32) -> Result<()> {
-        let end = self
+    /// Errors: a failed encode or decode; a span evaluated already.
+    pub fn eval(&mut self, mtmd: &mut Mtmd, ctx: &mut LlamaContext<'_>, seq: i32) -> Result<()> {
+        let chunks = self
             .chunks
+            .take()
+            .ok_or_else(|| LlamaError::Runtime("a media span evaluated twice".into()))?;
+        let end = chunks
             .eval_chunks(
                 &mut mtmd.ctx,
                 ctx,
@@ -133,10 +167,10 @@ pub(crate) enum Item<'a> {
 }
 
 impl Mtmd {
-    /// Loads the mmproj GGUF at `path` for `model`, sizing images to `image_soft_tokens`.
+    /// Loads the mmproj GGUF at `path` for `model`, sizing images to `image_soft_tokens`; `batch`: the
+    /// context's batch, which must hold an image and its markers.
     ///
-    /// Errors: an mmproj libmtmd cannot load (or not for this model), an image budget the batch cannot
-    /// hold.
+    /// Errors: an mmproj libmtmd cannot load (or not for this model).
     pub fn load(
         path: &Path,
         model: &LlamaModel,
@@ -156,12 +190,6 @@ impl Mtmd {
             // libmtmd's Gemma 4 default when the GGUF names none.
             pooling_kernel_size: int("clip.vision.projector.scale_factor").unwrap_or(3),
         });
-        if image_soft_tokens + 2 > batch as usize {
-            return Err(LlamaError::InvalidModel(format!(
-                "images of up to {image_soft_tokens} soft tokens do not fit one batch of {batch} \
-                 tokens, and an image is decoded in one (raise batch_size or lower the image budget)"
-            )));
-        }
         let params = MtmdContextParams {
             use_gpu: cfg!(any(feature = "cuda", feature = "metal")),
             print_timings: false,
@@ -253,8 +281,11 @@ impl Mtmd {
                 Item::Image(i) => i.digest,
                 Item::Audio(a) => a.digest,
             };
-            for k in 0..span.chunks.len() {
-                let Some(c) = span.chunks.get(k) else {
+            let Some(chunks) = span.chunks.as_ref() else {
+                continue;
+            };
+            for k in 0..chunks.len() {
+                let Some(c) = chunks.get(k) else {
                     continue;
                 };
                 match c.chunk_type() {
@@ -322,6 +353,10 @@ impl Mtmd {
                     .into(),
             ));
         }
-        Ok(MediaSpan { start, len, chunks })
+        Ok(MediaSpan {
+            start,
+            len,
+            chunks: Some(chunks),
+        })
     }
 }

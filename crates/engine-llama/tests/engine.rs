@@ -1220,8 +1220,9 @@ fn answer_to(e: &LlamaEngine, mut r: Request) -> (Vec<u32>, Vec<f32>, jemma_engi
 /// the prompt expands to mlx-vlm's tokens (markers and 16 soft tokens), the first token's top logprobs
 /// agree to 0.02 and the 32 greedy tokens are mlx-vlm's. Then the prefix cache across an image: the same
 /// prompt again reuses all of it, the same prompt with another image only what comes before that image;
-/// two image prompts sent at once give their lone answers; and an image without a placeholder, or for an
-/// engine without an mmproj, is refused.
+/// two image prompts sent at once give their lone answers; an image without a placeholder, or for an
+/// engine without an mmproj, is refused; and a found mmproj that does not load leaves the model serving
+/// text, where a named one fails the start.
 #[test]
 fn images_reach_the_model_through_its_mmproj() {
     let _serial = serial();
@@ -1351,6 +1352,26 @@ fn images_reach_the_model_through_its_mmproj() {
         ev => panic!("expected a refusal, got {ev:?}"),
     }
     drop(e);
+    // An mmproj that is not one: named, the engine refuses to start; found (a catalog's pairing, the one
+    // beside the model), the model serves text.
+    let mut c = LlamaConfig::new(gguf("tiny-mm-f32"));
+    c.mmproj_path = Some(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    assert!(
+        LlamaEngine::start(c.clone()).is_err(),
+        "a named mmproj must be one"
+    );
+    c.mmproj_optional = true;
+    let text_only = LlamaEngine::start(c).unwrap();
+    text_only.wait_ready().unwrap();
+    assert_eq!(text_only.status().info.input_modalities, ["text"]);
+    let (_, s) = collect(
+        &mut text_only
+            .submit(request(Prompt::Ids(ids[..at].to_vec()), 2))
+            .unwrap(),
+    );
+    assert_eq!(s.completion_tokens, 2, "text is served");
+    drop(text_only);
     let plain = engine();
     let mut r = request(Prompt::Ids(prompt.clone()), 4);
     r.images = vec![square];

@@ -256,6 +256,8 @@ fn decode_opus(
     params: &symphonia::core::codecs::audio::AudioCodecParameters,
     limits: &AudioLimits,
 ) -> Result<(Vec<f32>, u32)> {
+    // RFC 7845 §5.1's identification header: channels (byte 9), pre-skip (10-11), output gain (16-17, Q7.8
+    // dB) and the channel mapping family (18; then the stream count, 19).
     let head = params
         .extra_data
         .as_deref()
@@ -264,14 +266,22 @@ fn decode_opus(
         Some(&c) => c as usize,
         None => params.channels.as_ref().map_or(1, |c| c.count()),
     };
-    if !(1..=2).contains(&channels) {
+    if channels == 0 {
+        return Err(MediaError::AudioCorrupt(
+            "an Opus stream of no channels".into(),
+        ));
+    }
+    let family = head.and_then(|h| h.get(18)).copied().unwrap_or(0);
+    let streams = head.and_then(|h| h.get(19)).copied().unwrap_or(1);
+    if channels > 2 || (family != 0 && streams != 1) {
         return Err(MediaError::AudioUnsupported(format!(
-            "Opus with {channels} channels (mono and stereo are decoded)"
+            "Opus with {channels} channels in {streams} streams (one mono or stereo stream is decoded)"
         )));
     }
-    let pre_skip = head
-        .and_then(|h| h.get(10..12))
-        .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
+    let le16 = |at: usize| head.and_then(|h| h.get(at..at + 2)).map(|b| [b[0], b[1]]);
+    let pre_skip = le16(10).map_or(0, |b| u16::from_le_bytes(b) as usize);
+    // The gain a player applies by default (RFC 7845 §5.1): 10^(gain / (20 × 256)).
+    let gain = le16(16).map_or(1.0, |b| 10f32.powf(i16::from_le_bytes(b) as f32 / 5120.0));
     let mut decoder = opus_decoder::OpusDecoder::new(SAMPLE_RATE, channels)
         .map_err(|e| MediaError::AudioCorrupt(format!("Opus: {e}")))?;
     // The longest packet: 120 ms.
@@ -286,7 +296,7 @@ fn decode_opus(
         mono.extend(
             pcm[..n * channels]
                 .chunks_exact(channels)
-                .map(|f| f.iter().sum::<f32>() / channels as f32),
+                .map(|f| gain * f.iter().sum::<f32>() / channels as f32),
         );
         if mono.len() as f64 > max {
             break;

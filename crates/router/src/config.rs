@@ -618,6 +618,15 @@ impl Config {
                     "tiers.{t}: timeouts must be positive"
                 )));
             }
+            // libmtmd's range for Gemma 4 (its budgets run from 70 to 1120 soft tokens).
+            if let Some(n) = c.image_tokens
+                && !(1..=1120).contains(&n)
+            {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: image_tokens must be 1 to 1120 (Gemma 4's budgets: 70, 140, 280, 560, \
+                     1120), not {n}"
+                )));
+            }
             // Checked here rather than at each request's start, where a bad width used to surface.
             if let Some(bits) = c.kv_bits {
                 if ![2, 3, 4, 5, 6, 8].contains(&bits) {
@@ -961,6 +970,17 @@ first_token_timeout_secs = 600
             Config::parse("[tiers.huge]\nmodel = \"x\"\n").is_err(),
             "unknown tier names are errors"
         );
+        for n in [0, 1121] {
+            assert!(
+                Config::parse(&format!(
+                    "[tiers.fast]\nmodel = \"x.gguf\"\nimage_tokens = {n}\n"
+                ))
+                .unwrap_err()
+                .to_string()
+                .contains("image_tokens"),
+                "image_tokens = {n}"
+            );
+        }
     }
 
     #[test]

@@ -128,6 +128,12 @@ pub trait InProcess: Send + Sync + 'static {
         let _ = info;
         vec!["text".into()]
     }
+    /// Why the engine's model cannot take `modality` (`image`, `audio`, `video`) when its own words say
+    /// more than "it has no vision tower" (None: that default).
+    fn cannot_take(info: &Self::Info, modality: &str) -> Option<String> {
+        let _ = (info, modality);
+        None
+    }
     /// Queues a job (in the engine's own request type); dropping the receiver cancels it.
     ///
     /// Errors: the serving core's admission errors (queue full, not available).
@@ -208,7 +214,9 @@ impl<E: InProcess> EngineBackend<E> {
                     ),
                     _ => ("hear audio", "audio tower", E::HEARS_AUDIO),
                 };
-                let why = if engine_can {
+                let why = if let Some(why) = E::cannot_take(&s.info, m) {
+                    why
+                } else if engine_can {
                     format!("it has no {tower}")
                 } else {
                     format!("the {} engine serving it cannot show it {m}s yet", E::NAME)
@@ -566,6 +574,19 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
 
     fn input_modalities(info: &Self::Info) -> Vec<String> {
         info.input_modalities.clone()
+    }
+
+    fn cannot_take(info: &Self::Info, modality: &str) -> Option<String> {
+        Some(match modality {
+            "video" => "GGUF tiers take no video (the llama.cpp engine samples no frames)".into(),
+            _ if info.input_modalities.len() == 1 => {
+                "it is served without an mmproj GGUF (its vision and audio towers: set the tier's \
+                 `mmproj`)"
+                    .into()
+            }
+            "image" => "its mmproj has no vision tower".into(),
+            _ => "its mmproj has no audio tower".into(),
+        })
     }
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {

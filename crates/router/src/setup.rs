@@ -480,13 +480,14 @@ fn factory(
         }
         // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
-        let mmproj = if is_gguf {
-            mmproj
-                .clone()
-                .or_else(|| resolver.mmproj_for(&path))
-                .or_else(|| mmproj_beside(&path))
-        } else {
-            None
+        // A named mmproj must load; a found one that does not leaves the model serving text.
+        let (mmproj, mmproj_optional) = match &mmproj {
+            Some(m) if is_gguf => (Some(m.clone()), false),
+            _ if is_gguf => (
+                resolver.mmproj_for(&path).or_else(|| mmproj_beside(&path)),
+                true,
+            ),
+            _ => (None, false),
         };
         let mut key = match &template.speculative {
             Some(sp) => PathBuf::from(format!(
@@ -528,6 +529,7 @@ fn factory(
                     tracing::info!(model = %lc.model_path.display(), mmproj = %mm.display(), "GGUF with its mmproj");
                 }
                 lc.mmproj_path = mmproj;
+                lc.mmproj_optional = mmproj_optional;
                 lc.image_soft_tokens =
                     image_tokens.unwrap_or(jemma_engine_llama::DEFAULT_IMAGE_SOFT_TOKENS);
                 lc.speculative =
@@ -543,7 +545,7 @@ fn factory(
             }
             #[cfg(not(feature = "llama"))]
             {
-                let _ = (name, context, queue, parallel, mmproj);
+                let _ = (name, context, queue, parallel, mmproj, mmproj_optional);
                 return Err(format!(
                     "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
                     path.display()
