@@ -22,15 +22,26 @@ async fn chat(client: &reqwest::Client, s: &Server, model: &str) -> (u16, Value)
     (r.status().as_u16(), r.json().await.unwrap())
 }
 
-/// A fake Hub serving the `tiny` fixture as `jemma-test/gemma-4-tiny` and its MTP drafter fixture as
-/// `jemma-test/gemma-4-tiny-it-assistant`, and a catalog naming both (the model paired with the drafter).
-fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile::TempDir) {
+/// A fake Hub with no repos yet, on a runtime of its own (kept alive by the caller): the runtime, the Hub's
+/// URL and its repos.
+fn fake_hub_on_runtime() -> (
+    tokio::runtime::Runtime,
+    String,
+    std::sync::Arc<fake_hub::Hub>,
+) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
         .unwrap();
     let (url, hub) = rt.block_on(fake_hub::start());
+    (rt, url, hub)
+}
+
+/// A fake Hub serving the `tiny` fixture as `jemma-test/gemma-4-tiny` and its MTP drafter fixture as
+/// `jemma-test/gemma-4-tiny-it-assistant`, and a catalog naming both (the model paired with the drafter).
+fn hub_with_tiny(throttle_ms: u64) -> (tokio::runtime::Runtime, String, tempfile::TempDir) {
+    let (rt, url, hub) = fake_hub_on_runtime();
     for (repo_id, dir) in [
         ("jemma-test/gemma-4-tiny", "tiny"),
         ("jemma-test/gemma-4-tiny-it-assistant", "mtp"),
@@ -255,12 +266,7 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
 /// the model" cannot say), whose tier stays text-only.
 #[test]
 fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_images_and_audio() {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let (url, hub) = rt.block_on(fake_hub::start());
+    let (_rt, url, hub) = fake_hub_on_runtime();
     let mut repo = FakeRepo {
         commit: "2222222222222222222222222222222222222222".into(),
         ..Default::default()

@@ -6,7 +6,6 @@ mmproj-tiny-mm-f32.gguf, and an image budget of 16 soft tokens; primary: the sam
 fixtures/tiny-mm; heavy: the tiny model's GGUF, no mmproj)
 """
 import base64
-import io
 import json
 import os
 import pathlib
@@ -18,17 +17,11 @@ import openai
 from openai import OpenAI
 from PIL import Image
 
-from checks import check, done
+from checks import check, data_url, done
 
 base = sys.argv[1]
 client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
 fixtures = pathlib.Path(os.environ.get("JEMMA_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "fixtures"))
-
-
-def data_url(img, fmt="PNG"):
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
 rng = np.random.default_rng(3)

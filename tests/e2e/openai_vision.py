@@ -5,7 +5,6 @@ Usage: python openai_vision.py BASE_URL   (fast: the tiny model with vision and 
 model without)
 """
 import base64
-import io
 import json
 import http.server
 import os
@@ -20,17 +19,11 @@ import openai
 from openai import OpenAI
 from PIL import Image
 
-from checks import check, done
+from checks import check, data_url, done
 
 base = sys.argv[1]
 fixtures = pathlib.Path(os.environ.get("JEMMA_FIXTURES", pathlib.Path(__file__).resolve().parents[2] / "fixtures"))
 client = OpenAI(base_url=f"{base}/v1", api_key="not-needed-on-loopback", max_retries=0, timeout=120)
-
-
-def data_url(img, fmt="PNG"):
-    buf = io.BytesIO()
-    img.save(buf, fmt)
-    return f"data:image/{fmt.lower()};base64,{base64.b64encode(buf.getvalue()).decode()}"
 
 
 rng = np.random.default_rng(3)
