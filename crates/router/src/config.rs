@@ -334,7 +334,8 @@ pub struct TierConfig {
     /// model when the model's folder holds just the two; else the tier serves text only.
     pub mmproj: Option<std::path::PathBuf>,
     /// Local, GGUF: soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`, 280 by
-    /// default; a quarter at `detail: "low"`). MLX tiers read theirs from the checkpoint.
+    /// default; a quarter at `detail: "low"`). Refused on an MLX tier, which reads its own from the
+    /// checkpoint (as `mmproj` is).
     pub image_tokens: Option<usize>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,

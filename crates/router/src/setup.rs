@@ -480,6 +480,15 @@ fn factory(
         }
         // A draft model is the engine's, not a tier's: tiers share an engine only when they also agree on
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
+        // The GGUF engine's settings on an MLX tier would be silently ignored: refused instead (an MLX
+        // checkpoint carries its towers and its processor's image budget).
+        if !is_gguf && (mmproj.is_some() || image_tokens.is_some()) {
+            return Err(format!(
+                "{}: `mmproj` and `image_tokens` are settings of GGUF tiers (the llama.cpp engine); an MLX \
+                 model reads its towers and image budget from its own checkpoint: remove them",
+                path.display()
+            ));
+        }
         // A named mmproj must load; a found one that does not leaves the model serving text.
         let (mmproj, mmproj_optional) = match &mmproj {
             Some(m) if is_gguf => (Some(m.clone()), false),
@@ -773,6 +782,29 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
+    /// `mmproj` and `image_tokens` on an MLX tier are refused when its engine starts, naming them, rather
+    /// than ignored.
+    #[test]
+    fn gguf_media_settings_on_an_mlx_tier_are_refused() {
+        let cfg = crate::config::Config::default();
+        let tier = crate::config::TierConfig {
+            image_tokens: Some(70),
+            ..Default::default()
+        };
+        let f = super::factory(
+            &tier,
+            64,
+            crate::api::Limits::default(),
+            &super::memory_governor(&cfg),
+            Default::default(),
+            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
+        );
+        match f("/nonexistent/mlx-model".into(), "t".into()) {
+            Err(e) => assert!(e.contains("image_tokens") && e.contains("GGUF"), "{e}"),
+            Ok(_) => panic!("an MLX tier took image_tokens"),
+        }
+    }
+
     /// An mmproj is paired with a GGUF found beside it only in the model's own folder: one model and one
     /// mmproj; not among several models (which one it belongs to cannot be told), nor between two.
     #[test]
