@@ -44,7 +44,7 @@ expect() {
   if grep -qF -- "$2" "$OUT"; then ok "$1"; else bad "$1 (no line with: $2)"; fi
 }
 
-run_case "step deadline" 120 JEMMA_E2E_SESSION_TIMEOUT=10
+run_case "step deadline" 120 JEMMA_E2E_SESSION_TIMEOUT=6
 expect "step deadline: the first session attempt is retried, and the retry is logged" \
   "RETRY: FAIL step 'WebDriver session creation (attempt 1 of 2)' hung"
 expect "step deadline: the failure names the step" \

@@ -122,7 +122,10 @@ def new_session(app):
         name = f"WebDriver session creation (attempt {attempt} of 2)"
         try:
             with step(name, SESSION_TIMEOUT):
-                cfg = ClientConfig(remote_server_addr=f"http://127.0.0.1:{drv.port}", timeout=SESSION_TIMEOUT)
+                # The HTTP client's own timeout must outlast the step's deadline, so that a hang is always
+                # reported by the step (naming it) rather than by whichever of the two fires first.
+                cfg = ClientConfig(remote_server_addr=f"http://127.0.0.1:{drv.port}",
+                                   timeout=SESSION_TIMEOUT * SCALE + 30)
                 d = webdriver.Remote(command_executor=f"http://127.0.0.1:{drv.port}", options=opts,
                                      client_config=cfg)
                 # Every later WebDriver command is bounded by its own step; these make WebKit answer with
