@@ -64,7 +64,7 @@ chmod +x "$WORK/tailscale"
 # The test adds a peer (another Jemma node on 127.0.0.2) to this status.
 cp "$JEMMA_ROOT/crates/platform/tests/data/status-running.json" "$WORK/status.json"
 # Screenshots go to a temp dir; JEMMA_SHOTS=docs/screenshots refreshes the ones the README shows.
-export APP=$JEMMA_ROOT/target/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
+export APP=${CARGO_TARGET_DIR:-$JEMMA_ROOT/target}/debug/jemma-app SHOTS=${JEMMA_SHOTS:-$WORK/shots}
 if [ "${JEMMA_E2E_PLANT_HANG:-}" = window ]; then
   printf '#!/bin/sh\nsleep 3600\nexec "%s" "$@"\n' "$APP" >"$WORK/delayed-app"
   chmod +x "$WORK/delayed-app"
@@ -82,7 +82,7 @@ export JEMMA_E2E_STEP_FILE=$WORK/step
 echo "starting Xvfb, D-Bus and the keyring" >"$JEMMA_E2E_STEP_FILE"
 export JEMMA_CONFIG=$WORK/jemma.toml JEMMA_PORT=0 JEMMA_LOG=warn JEMMA_TAILSCALE_CLI=$WORK/tailscale
 export TAILSCALE_CALLS=$WORK/tailscale.calls JEMMA_CATALOG=$WORK/models.toml TAILSCALE_STATUS=$WORK/status.json
-export JEMMA_BIN=$JEMMA_ROOT/target/debug/jemma
+export JEMMA_BIN=${CARGO_TARGET_DIR:-$JEMMA_ROOT/target}/debug/jemma
 PY=$(venv_python)
 # HOME is isolated so the autostart entry and the keyring live in the temp dir.
 rc=0

@@ -452,7 +452,7 @@ pub async fn guard(State(st): State<AppState>, mut req: Request, next: Next) -> 
     let caller = if loopback && st.access.exempt_loopback {
         Caller::Loopback
     } else if matches!(req.uri().path(), "/health" | "/openapi.json")
-        || crate::web::PATHS.contains(&req.uri().path())
+        || crate::web::is_page(req.uri().path())
     {
         Caller::Ip(peer.unwrap_or(IpAddr::from([127, 0, 0, 1])))
     } else {

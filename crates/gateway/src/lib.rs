@@ -149,7 +149,11 @@ pub fn router(state: AppState) -> Router {
             header::RETRY_AFTER,
             header::HeaderName::from_static("x-jemma-tier"),
         ]);
-    Router::new()
+    // The chat page's files, each on its own path (a fixed list, so no path walks the disk).
+    let pages = web::FILES.iter().fold(Router::new(), |r, (path, _, _)| {
+        r.route(path, get(web::page))
+    });
+    pages
         .route("/v1/chat/completions", post(handlers::chat_completions))
         .route("/v1/completions", post(handlers::completions))
         .route("/v1/messages", post(anthropic::messages))
@@ -159,9 +163,6 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .route("/v1/models/{id}", get(handlers::model))
         .route("/health", get(handlers::health))
-        .route("/", get(web::index))
-        .route("/chat.js", get(web::chat_js))
-        .route("/style.css", get(web::style_css))
         .route("/metrics", get(handlers::metrics))
         .route("/admin/tiers/{tier}", post(handlers::set_tier))
         .route("/admin/tiers/{tier}/model", post(handlers::set_tier_model))

@@ -702,6 +702,7 @@ async fn the_chat_page_is_open_to_remote_browsers_and_its_api_calls_are_not() {
         ("/", "text/html", "id=\"api-key\""),
         ("/chat.js", "text/javascript", "Authorization"),
         ("/style.css", "text/css", "#key-form"),
+        ("/lib/sse.js", "text/javascript", "export class SSEParser"),
     ] {
         let mut req = Request::builder()
             .method("GET")
