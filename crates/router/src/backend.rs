@@ -630,37 +630,6 @@ pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<u64> {
     Some(d.as_secs() + u64::from(d.subsec_nanos() > 0))
 }
 
-/// Incremental server-sent-events parser: bytes in, `data:` payloads out.
-#[derive(Default)]
-pub struct SseParser {
-    buf: Vec<u8>,
-    data: String,
-}
-
-impl SseParser {
-    /// Feeds bytes; returns complete event payloads.
-    pub fn push(&mut self, bytes: &[u8]) -> Vec<String> {
-        self.buf.extend_from_slice(bytes);
-        let mut out = vec![];
-        while let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            let line = line.trim_end_matches(['\n', '\r']);
-            if line.is_empty() {
-                if !self.data.is_empty() {
-                    out.push(std::mem::take(&mut self.data));
-                }
-            } else if let Some(d) = line.strip_prefix("data:") {
-                if !self.data.is_empty() {
-                    self.data.push('\n');
-                }
-                self.data.push_str(d.strip_prefix(' ').unwrap_or(d));
-            }
-        }
-        out
-    }
-}
-
 #[async_trait]
 impl Backend for OpenAiBackend {
     fn model(&self) -> String {
@@ -742,9 +711,11 @@ impl Backend for OpenAiBackend {
         self.note(BackendState::Ready, None);
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
+            use eventsource_stream::Eventsource;
             use futures_util::StreamExt;
-            let mut body = resp.bytes_stream();
-            let mut sse = SseParser::default();
+            // Server-sent events as the WHATWG spec parses them: any line ending, events and UTF-8
+            // split across reads, comments (keep-alives), multi-line data.
+            let mut events = resp.bytes_stream().eventsource();
             // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
             let mut calls: Vec<(String, String)> = vec![];
             let mut finish: Option<FinishReason> = None;
@@ -756,8 +727,8 @@ impl Backend for OpenAiBackend {
             // What the upstream calls the model that answered.
             let mut upstream_model: Option<String> = None;
             loop {
-                let bytes = match body.next().await {
-                    Some(Ok(b)) => b,
+                let data = match events.next().await {
+                    Some(Ok(event)) => event.data,
                     Some(Err(e)) => {
                         let _ = tx.send(Err(BackendError::Broken(e.to_string()))).await;
                         return;
@@ -771,126 +742,124 @@ impl Backend for OpenAiBackend {
                         return;
                     }
                 };
-                for data in sse.push(&bytes) {
-                    if data.trim() == "[DONE]" {
-                        for (name, arguments) in calls.drain(..) {
-                            if tx
-                                .send(Ok(Chunk::ToolCall { name, arguments }))
-                                .await
-                                .is_err()
-                            {
-                                return;
-                            }
-                        }
-                        let decode_tps = None;
-                        let _ = tx
-                            .send(Ok(Chunk::Done {
-                                finish_reason: finish.unwrap_or(FinishReason::Stop),
-                                usage,
-                                decode_tps,
-                                stop_sequence: stop_sequence.take(),
-                                speculative: None,
-                                served_by: upstream_model.take().map(|model| ServedBy {
-                                    endpoint: None,
-                                    model,
-                                    retries: vec![],
-                                }),
-                            }))
-                            .await;
-                        return;
-                    }
-                    let Ok(v) = serde_json::from_str::<Value>(&data) else {
-                        let _ = tx
-                            .send(Err(BackendError::Broken(format!(
-                                "bad SSE payload: {data}"
-                            ))))
-                            .await;
-                        return;
-                    };
-                    if let Some(m) = v["model"].as_str().filter(|m| !m.is_empty()) {
-                        upstream_model = Some(m.to_string());
-                    }
-                    if let Some(err) = v.get("error") {
-                        let _ = tx
-                            .send(Err(BackendError::Upstream {
-                                status: 500,
-                                message: err
-                                    .get("message")
-                                    .and_then(Value::as_str)
-                                    .unwrap_or("error")
-                                    .to_string(),
-                                retry_after_secs: None,
-                            }))
-                            .await;
-                        return;
-                    }
-                    if !started {
-                        started = true;
+                if data.trim() == "[DONE]" {
+                    for (name, arguments) in calls.drain(..) {
                         if tx
-                            .send(Ok(Chunk::Started {
-                                prompt_tokens: 0,
-                                cached_tokens: 0,
-                            }))
+                            .send(Ok(Chunk::ToolCall { name, arguments }))
                             .await
                             .is_err()
                         {
                             return;
                         }
                     }
-                    let chunk = match serde_json::from_value::<ChatCompletionChunk>(v) {
-                        Ok(c) => c,
-                        Err(e) => {
-                            let _ = tx
-                                .send(Err(BackendError::Broken(format!(
-                                    "bad chunk from upstream: {e}: {data}"
-                                ))))
-                                .await;
-                            return;
-                        }
-                    };
-                    if let Some(u) = chunk.usage {
-                        usage = u;
-                    }
-                    let Some(choice) = chunk.choices.into_iter().next() else {
-                        continue;
-                    };
-                    if let Some(f) = choice.finish_reason {
-                        finish = Some(f);
-                    }
-                    if let Some(Value::String(s)) = choice.stop_reason {
-                        stop_sequence = Some(s);
-                    }
-                    let delta = choice.delta;
-                    let mut out = vec![];
-                    if let Some(r) = delta
-                        .reasoning_content
-                        .or(delta.reasoning)
-                        .filter(|s| !s.is_empty())
+                    let decode_tps = None;
+                    let _ = tx
+                        .send(Ok(Chunk::Done {
+                            finish_reason: finish.unwrap_or(FinishReason::Stop),
+                            usage,
+                            decode_tps,
+                            stop_sequence: stop_sequence.take(),
+                            speculative: None,
+                            served_by: upstream_model.take().map(|model| ServedBy {
+                                endpoint: None,
+                                model,
+                                retries: vec![],
+                            }),
+                        }))
+                        .await;
+                    return;
+                }
+                let Ok(v) = serde_json::from_str::<Value>(&data) else {
+                    let _ = tx
+                        .send(Err(BackendError::Broken(format!(
+                            "bad SSE payload: {data}"
+                        ))))
+                        .await;
+                    return;
+                };
+                if let Some(m) = v["model"].as_str().filter(|m| !m.is_empty()) {
+                    upstream_model = Some(m.to_string());
+                }
+                if let Some(err) = v.get("error") {
+                    let _ = tx
+                        .send(Err(BackendError::Upstream {
+                            status: 500,
+                            message: err
+                                .get("message")
+                                .and_then(Value::as_str)
+                                .unwrap_or("error")
+                                .to_string(),
+                            retry_after_secs: None,
+                        }))
+                        .await;
+                    return;
+                }
+                if !started {
+                    started = true;
+                    if tx
+                        .send(Ok(Chunk::Started {
+                            prompt_tokens: 0,
+                            cached_tokens: 0,
+                        }))
+                        .await
+                        .is_err()
                     {
-                        out.push(Chunk::Reasoning(r));
+                        return;
                     }
-                    if let Some(c) = delta.content.filter(|s| !s.is_empty()) {
-                        out.push(Chunk::Content(c));
+                }
+                let chunk = match serde_json::from_value::<ChatCompletionChunk>(v) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(BackendError::Broken(format!(
+                                "bad chunk from upstream: {e}: {data}"
+                            ))))
+                            .await;
+                        return;
                     }
-                    for tc in delta.tool_calls.into_iter().flatten() {
-                        let i = tc.index as usize;
-                        while calls.len() <= i {
-                            calls.push((String::new(), String::new()));
-                        }
-                        if let Some(f) = tc.function {
-                            calls[i].0.push_str(f.name.as_deref().unwrap_or_default());
-                            calls[i]
-                                .1
-                                .push_str(f.arguments.as_deref().unwrap_or_default());
-                        }
+                };
+                if let Some(u) = chunk.usage {
+                    usage = u;
+                }
+                let Some(choice) = chunk.choices.into_iter().next() else {
+                    continue;
+                };
+                if let Some(f) = choice.finish_reason {
+                    finish = Some(f);
+                }
+                if let Some(Value::String(s)) = choice.stop_reason {
+                    stop_sequence = Some(s);
+                }
+                let delta = choice.delta;
+                let mut out = vec![];
+                if let Some(r) = delta
+                    .reasoning_content
+                    .or(delta.reasoning)
+                    .filter(|s| !s.is_empty())
+                {
+                    out.push(Chunk::Reasoning(r));
+                }
+                if let Some(c) = delta.content.filter(|s| !s.is_empty()) {
+                    out.push(Chunk::Content(c));
+                }
+                for tc in delta.tool_calls.into_iter().flatten() {
+                    let i = tc.index as usize;
+                    while calls.len() <= i {
+                        calls.push((String::new(), String::new()));
                     }
-                    if let Some(lp) = choice.logprobs.and_then(|l| l.content) {
-                        out.push(Chunk::Logprobs(lp));
+                    if let Some(f) = tc.function {
+                        calls[i].0.push_str(f.name.as_deref().unwrap_or_default());
+                        calls[i]
+                            .1
+                            .push_str(f.arguments.as_deref().unwrap_or_default());
                     }
-                    for c in out {
-                        if tx.send(Ok(c)).await.is_err() {
-                            return;
-                        }
+                }
+                if let Some(lp) = choice.logprobs.and_then(|l| l.content) {
+                    out.push(Chunk::Logprobs(lp));
+                }
+                for c in out {
+                    if tx.send(Ok(c)).await.is_err() {
+                        return;
                     }
                 }
             }
@@ -1016,15 +985,100 @@ mod tests {
         assert_eq!(retry_after("soon", now), None);
     }
 
-    #[test]
-    fn sse_parser_handles_split_lines_and_multiline_data() {
-        let mut p = SseParser::default();
-        assert!(p.push(b"data: {\"a\"").is_empty());
-        assert_eq!(
-            p.push(b":1}\n\n: keep-alive\n\ndata: [DONE]\r\n\r\n"),
-            vec!["{\"a\":1}", "[DONE]"]
+    /// An upstream's stream over a real HTTP connection, in awkward pieces: a keep-alive comment, a
+    /// character and a CRLF split across reads, a tool call in two deltas, a payload on two `data:`
+    /// lines. The backend must see the events a browser's EventSource would.
+    #[tokio::test]
+    async fn an_upstream_stream_is_parsed_as_server_sent_events() {
+        use crate::api::{ChatCompletionRequest, Limits};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let pieces: Vec<Vec<u8>> = vec![
+            b": keep-alive\r\n\r\n".to_vec(),
+            [
+                br#"data: {"model":"up-7b","choices":[{"index":0,"delta":{"content":"H"#.as_slice(),
+                &"\u{e9}".as_bytes()[..1],
+            ]
+            .concat(),
+            [&"\u{e9}".as_bytes()[1..], br#""}}]}"#.as_slice(), b"\r"].concat(),
+            br#"
+
+data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"name":"f","arguments":"{\"a\""}}]}}]}
+
+data: {"choices":[{"index":0,"delta":{"tool_calls":[{"index":0,"function":{"arguments":":1}"}}]},
+data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}
+
+"#
+            .to_vec(),
+            b"data: [DONE]\n\n".to_vec(),
+        ];
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = vec![0u8; 65536];
+            let mut got = 0;
+            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                got += sock.read(&mut req[got..]).await.unwrap();
+            }
+            sock.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            )
+            .await
+            .unwrap();
+            for p in pieces {
+                sock.write_all(format!("{:x}\r\n", p.len()).as_bytes())
+                    .await
+                    .unwrap();
+                sock.write_all(&p).await.unwrap();
+                sock.write_all(b"\r\n").await.unwrap();
+                sock.flush().await.unwrap();
+            }
+            sock.write_all(b"0\r\n\r\n").await.unwrap();
+        });
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            url: format!("http://{addr}/v1"),
+            api_key: None,
+            model: "up".into(),
+            connect_timeout: Duration::from_secs(5),
+            default_max_tokens: 16,
+            probe: Probe::Models,
+        })
+        .unwrap();
+        let req = ChatCompletionRequest {
+            messages: vec![Message::user("hi")],
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap();
+        let mut rx = backend.start(&req, None).await.unwrap();
+        let mut chunks = vec![];
+        while let Some(c) = rx.recv().await {
+            chunks.push(c.unwrap());
+        }
+        server.await.unwrap();
+        assert!(matches!(chunks[0], Chunk::Started { .. }), "{chunks:?}");
+        assert!(
+            matches!(&chunks[1], Chunk::Content(c) if c == "H\u{e9}"),
+            "{chunks:?}"
         );
-        assert_eq!(p.push(b"data: x\ndata: y\n\n"), vec!["x\ny"]);
+        assert!(
+            matches!(&chunks[2], Chunk::ToolCall { name, arguments } if name == "f" && arguments == r#"{"a":1}"#),
+            "{chunks:?}"
+        );
+        let Chunk::Done {
+            finish_reason,
+            usage,
+            served_by,
+            ..
+        } = &chunks[3]
+        else {
+            panic!("{chunks:?}")
+        };
+        assert_eq!(*finish_reason, FinishReason::ToolCalls);
+        assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 4));
+        assert_eq!(served_by.as_ref().unwrap().model, "up-7b");
+        assert_eq!(chunks.len(), 4, "{chunks:?}");
     }
 
     #[test]

@@ -103,14 +103,22 @@ pub trait Clock: Send + Sync {
     fn now(&self) -> Instant;
 }
 
-/// The real monotonic clock ([`Instant::now`]).
+/// The real monotonic clock, read through tokio ([`now`]).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Instant {
-        Instant::now()
+        now()
     }
+}
+
+/// The router's "now": tokio's clock as a [`std::time::Instant`]. It is the OS's monotonic clock
+/// ([`Instant::now`]), except in a test whose runtime paused time (`#[tokio::test(start_paused = true)]`),
+/// where cooldowns, Retry-After waits and first-token deadlines then all move with the test's virtual
+/// sleeps instead of the wall clock. Needs no runtime.
+pub fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
 }
 
 /// A clock that only moves when told to; for tests of the breaker and of code that uses it.

@@ -321,7 +321,7 @@ impl Inner {
     /// `media`: the modalities it holds beyond text (`image`, `audio`), which go to members whose models
     /// may take them (those known not to are passed over while another may).
     fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool, media: &[&str]) -> Choice {
-        let now = Instant::now();
+        let now = crate::breaker::now();
         let eps = self.eps();
         let mut eligible: Vec<usize> = (0..eps.len())
             .filter(|&i| {
@@ -379,7 +379,7 @@ impl Inner {
     /// The soonest time any endpoint may take requests again (cooldowns and open breakers), in whole
     /// seconds.
     fn soonest_secs(&self) -> Option<u64> {
-        let now = Instant::now();
+        let now = crate::breaker::now();
         self.eps()
             .iter()
             .filter(|e| !e.removed.load(Ordering::Relaxed))
@@ -426,8 +426,10 @@ impl Inner {
             // Capped, as Envoy caps an ejection: a mistaken `Retry-After: 86400` must not take an
             // endpoint out for a day.
             let s = s.min(MAX_COOLDOWN_SECS);
-            *ep.cooldown.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some((Instant::now() + Duration::from_secs(s), e.is_throttle()));
+            *ep.cooldown.lock().unwrap_or_else(|p| p.into_inner()) = Some((
+                crate::breaker::now() + Duration::from_secs(s),
+                e.is_throttle(),
+            ));
         }
         // Taken out until a probe finds it answering; one that is never probed is judged by its breaker
         // alone.
@@ -532,7 +534,7 @@ impl Inner {
 
     /// The error when no endpoint is left: every attempt named, with the soonest time one may serve.
     fn exhausted(&self, att: &Attempts, peers: bool) -> BackendError {
-        let now = Instant::now();
+        let now = crate::breaker::now();
         // Every endpoint left untried is cooling down after a 429 (and every one tried throttled too):
         // the pool is rate limited, not failing, and says so (429) rather than 503.
         let eps = self.eps();
@@ -923,7 +925,7 @@ impl Backend for Pool {
     }
 
     fn health(&self) -> BackendHealth {
-        let now = Instant::now();
+        let now = crate::breaker::now();
         let all = self.inner.eps();
         let eps: Vec<&Arc<Endpoint>> = all
             .iter()
@@ -995,7 +997,7 @@ impl Backend for Pool {
     fn capacity(&self) -> Option<usize> {
         // What the endpoints that can take requests run together; at least one slot stays so that a
         // request can find out (and fall back) while all are out.
-        let now = Instant::now();
+        let now = crate::breaker::now();
         Some(
             self.inner
                 .eps()
@@ -1022,7 +1024,7 @@ impl Backend for Pool {
     }
 
     async fn probe(&self) -> Result<(), BackendError> {
-        let now = Instant::now();
+        let now = crate::breaker::now();
         if self.inner.eps().iter().any(|e| e.eligible(now)) {
             Ok(())
         } else {

@@ -731,7 +731,11 @@ impl TierRouter {
         }
     }
 
-    /// `named`: the client named the tier (or an alias of it), which a conversation does not remember.
+    /// Walks `chain` for one request: the first tier that can take it answers, and one that fails hands
+    /// over to the next (before its first token: from the start; after: continuing from the text sent).
+    /// Sends every chunk to `tx`, then exactly one [`Output::End`] or [`Output::Error`]; returns early,
+    /// dropping the tier's stream (which cancels its work), when the client goes away. `named`: the client
+    /// named the tier (or an alias of it), which a conversation does not remember.
     async fn drive(
         &self,
         req: ChatRequest,
@@ -740,97 +744,43 @@ impl TierRouter {
         chain: Vec<Tier>,
         tx: mpsc::Sender<Output>,
     ) {
-        let t0 = Instant::now();
-        let mut fallback: Vec<String> = vec![];
-        let mut sent = String::new();
-        let mut completion_tokens = 0u64;
-        let mut ttft: Option<u64> = None;
-        let mut busy_only = true;
-        // Whether every tier that failed was only throttling (429): then the client gets a 429 with the
-        // upstream's Retry-After rather than a 503.
-        let mut throttled_only = true;
-        let mut last_err: Option<BackendError> = None;
-        // The soonest any tried tier said it may serve again (an open breaker's cooldown, an upstream's
-        // Retry-After): what a 503 tells the client.
-        let mut retry_after: Option<u64> = None;
-        let mut soonest = |secs: u64| retry_after = Some(retry_after.map_or(secs, |r| r.min(secs)));
+        let mut walk = Walk::new();
         for (i, tier) in chain.iter().enumerate() {
             let slot = &self.tiers[tier];
             let next = chain.get(i + 1).map(|t| t.as_str()).unwrap_or("none");
             let hop = |why: &str| format!("{}→{}: {}", tier.as_str(), next, why);
             if !slot.enabled.load(Ordering::Relaxed) {
-                fallback.push(hop("disabled"));
+                walk.fallback.push(hop("disabled"));
                 continue;
             }
             let Ok(_queued) = slot.queue.clone().try_acquire_owned() else {
-                fallback.push(hop("queue full"));
+                walk.fallback.push(hop("queue full"));
                 continue;
             };
             let permit = match slot.breaker.try_acquire() {
                 Ok(p) => p,
                 Err(rejected) => {
-                    busy_only = false;
-                    throttled_only = false;
-                    soonest(rejected.retry_after_secs_ceil());
-                    fallback.push(hop("breaker open"));
+                    walk.busy_only = false;
+                    walk.throttled_only = false;
+                    walk.soonest(rejected.retry_after_secs_ceil());
+                    walk.fallback.push(hop("breaker open"));
                     continue;
                 }
             };
-            // Wait for a run slot, telling the client we are alive.
-            slot.fit_slots();
-            let run = loop {
-                tokio::select! {
-                    // A client that gave up while queued takes no slot (checked first: a slot freed at
-                    // the same moment goes to the next request instead).
-                    biased;
-                    _ = tx.closed() => return,
-                    p = slot.slots.clone().acquire_owned() => break p,
-                    _ = tokio::time::sleep(Duration::from_secs(5)) => {
-                        if tx.send(Output::Waiting).await.is_err() { return; }
-                    }
-                }
-            };
-            let Ok(run) = run else { return };
-            let _run = RunSlot {
-                permit: Some(run),
-                slot: slot.clone(),
-            };
-            if tx.is_closed() {
+            let Some(_run) = wait_for_run_slot(slot, &tx).await else {
                 return;
-            }
-            busy_only = false;
-            let started = Instant::now();
-            let cont = (!sent.is_empty()).then_some(sent.as_str());
+            };
+            walk.busy_only = false;
+            let cont = (!walk.sent.is_empty()).then_some(walk.sent.as_str());
             if cont.is_some() && req.is_constrained() {
                 // Another tier's grammar would start from the beginning, not where this answer broke
                 // off: the joined answer would not be what the constraint promised.
-                fallback.push(hop(
+                walk.fallback.push(hop(
                     "a constrained answer cannot be continued on another tier",
                 ));
                 break;
             }
-            let adjusted;
-            // A client's max_tokens above the tier's ceiling is lowered to it (on fallback: an explicit
-            // tier refuses it up front); none set leaves the tier's default, which is within the ceiling
-            // and shrinks to fit the context. Videos are sampled as this tier samples them.
-            let clamp = slot
-                .settings
-                .max_tokens
-                .filter(|c| req.max_tokens.is_some_and(|m| m > *c));
-            let req_t = if clamp.is_some() || req.has_videos {
-                adjusted = ChatRequest {
-                    max_tokens: clamp.or(req.max_tokens),
-                    video_sampling: req
-                        .has_videos
-                        .then(|| video_sampling(slot.tier, &slot.settings)),
-                    // Frames sampled for another tier are sampled again for this one.
-                    videos: vec![],
-                    ..req.clone()
-                };
-                &adjusted
-            } else {
-                &req
-            };
+            let req_t = request_for_tier(&req, slot);
             // A pool times out each of its endpoints itself and goes on to the next within the tier.
             let backend = slot.backend();
             let own_timeouts = backend.manages_timeouts();
@@ -839,270 +789,387 @@ impl TierRouter {
             } else {
                 slot.settings.first_token_timeout
             };
-            let stream = tokio::time::timeout(first_limit, backend.start(req_t, cont)).await;
-            let mut rx = match stream {
-                Ok(Ok(rx)) => rx,
-                Ok(Err(e)) => {
-                    if !e.is_tier_failure() {
-                        // The client's request, not the tier, is at fault: no fallback, no breaker count.
-                        permit.success();
-                        let _ = tx.send(Output::Error(client_error(&e))).await;
-                        return;
+            let started = tokio::time::timeout(first_limit, backend.start(&req_t, cont)).await;
+            let (run, relayed) = match started {
+                Ok(Ok(rx)) => relay(slot, rx, own_timeouts, &mut walk, &tx).await,
+                Ok(Err(e)) => (TierRun::default(), Relayed::Failed(e)),
+                Err(_) => (
+                    TierRun::default(),
+                    Relayed::Failed(BackendError::Timeout(
+                        "no response before the first-token timeout".into(),
+                    )),
+                ),
+            };
+            match relayed {
+                Relayed::ClientGone => return,
+                Relayed::Done(end) => {
+                    permit.success();
+                    if !named {
+                        self.remember(&req, &walk.sent, *tier);
                     }
+                    slot.served.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(walk.finish(slot, &reason, run, end)).await;
+                    return;
+                }
+                Relayed::Failed(e) if !e.is_tier_failure() => {
+                    // The client's request, not the tier, is at fault: no fallback, no breaker count.
+                    permit.success();
+                    let _ = tx.send(Output::Error(client_error(&e))).await;
+                    return;
+                }
+                Relayed::Failed(e) => {
                     if e.is_throttle() {
                         // Busy or rate limited: not a fault of the tier.
                         drop(permit);
                     } else {
                         permit.failure();
-                        throttled_only = false;
-                    }
-                    metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
-                        .increment(1);
-                    if let BackendError::Upstream {
-                        retry_after_secs: Some(secs),
-                        ..
-                    } = &e
-                    {
-                        soonest(*secs);
-                    }
-                    fallback.push(hop(&e.to_string()));
-                    last_err = Some(e);
-                    continue;
-                }
-                Err(_) => {
-                    permit.failure();
-                    throttled_only = false;
-                    metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
-                        .increment(1);
-                    let e =
-                        BackendError::Timeout("no response before the first-token timeout".into());
-                    fallback.push(hop(&e.to_string()));
-                    last_err = Some(e);
-                    continue;
-                }
-            };
-            let mut prompt_tokens = 0u64;
-            let mut cached_tokens = 0u64;
-            let mut speculative = None;
-            let mut got_token = false;
-            let mut tier_tokens = 0u64;
-            // (finish reason, usage, decode tok/s, the stop string that ended it)
-            type Ended = (
-                crate::backend::FinishReason,
-                Usage,
-                Option<f64>,
-                Option<String>,
-            );
-            let mut served_by = None;
-            let outcome: Result<Ended, BackendError> = loop {
-                let limit = if own_timeouts {
-                    UNBOUNDED
-                } else if got_token {
-                    slot.settings.idle_timeout
-                } else {
-                    slot.settings.first_token_timeout
-                };
-                let next = tokio::select! {
-                    r = tokio::time::timeout(limit, rx.recv()) => r,
-                    _ = tx.closed() => {
-                        // Client gone: drop the backend stream (cancels the engine) and the permit unresolved.
-                        return;
-                    }
-                };
-                let item = match next {
-                    Err(_) => {
-                        break Err(BackendError::Timeout(format!(
-                            "no data for {:.0} s",
-                            limit.as_secs_f64()
-                        )));
-                    }
-                    Ok(None) => {
-                        break Err(BackendError::Broken(
-                            "backend ended without finishing".into(),
-                        ));
-                    }
-                    Ok(Some(Err(e))) => break Err(e),
-                    Ok(Some(Ok(c))) => c,
-                };
-                match item {
-                    Chunk::Started {
-                        prompt_tokens: p,
-                        cached_tokens: c,
-                    } => {
-                        prompt_tokens = p;
-                        cached_tokens = c;
-                        // Before any answer went out, the client may show the prompt's size (Anthropic's
-                        // `message_start`); a continuing tier's prompt holds the continuation too.
-                        if p == 0 || !sent.is_empty() || ttft.is_some() {
-                            continue;
-                        }
-                    }
-                    Chunk::Done {
-                        finish_reason,
-                        usage,
-                        decode_tps,
-                        stop_sequence,
-                        served_by: by,
-                        speculative: spec,
-                    } => {
-                        served_by = by;
-                        speculative = spec;
-                        if usage.prompt_tokens > 0 {
-                            prompt_tokens = usage.prompt_tokens;
-                        }
-                        if let Some(d) = usage.prompt_tokens_details {
-                            cached_tokens = d.cached_tokens;
-                        }
-                        tier_tokens = usage.completion_tokens.max(tier_tokens);
-                        break Ok((finish_reason, usage, decode_tps, stop_sequence));
-                    }
-                    Chunk::Content(ref c) => {
-                        got_token = true;
-                        tier_tokens += 1;
-                        sent.push_str(c);
-                    }
-                    Chunk::Reasoning(_) | Chunk::ToolCall { .. } => {
-                        got_token = true;
-                    }
-                    Chunk::Logprobs(_) => {}
-                }
-                if ttft.is_none() && got_token {
-                    ttft = Some(elapsed_ms(t0));
-                }
-                if tx.send(Output::Chunk(item)).await.is_err() {
-                    return;
-                }
-            };
-            match outcome {
-                Ok((finish_reason, usage, tps, stop_sequence)) => {
-                    permit.success();
-                    if !named {
-                        self.remember(&req, &sent, *tier);
-                    }
-                    slot.served.fetch_add(1, Ordering::Relaxed);
-                    completion_tokens += usage.completion_tokens.max(tier_tokens);
-                    let latency = elapsed_ms(t0);
-                    metrics::counter!("jemma_requests_total", "tier" => tier.as_str(), "status" => "ok").increment(1);
-                    metrics::histogram!("jemma_request_duration_seconds", "tier" => tier.as_str())
-                        .record(latency as f64 / 1000.0);
-                    metrics::counter!("jemma_completion_tokens_total", "tier" => tier.as_str())
-                        .increment(usage.completion_tokens);
-                    metrics::counter!("jemma_prompt_tokens_total", "tier" => tier.as_str())
-                        .increment(prompt_tokens);
-                    if let Some(t) = tps {
-                        metrics::gauge!("jemma_tokens_per_second", "tier" => tier.as_str()).set(t);
-                    }
-                    if let Some(t) = ttft {
-                        metrics::histogram!("jemma_time_to_first_token_seconds", "tier" => tier.as_str()).record(t as f64 / 1000.0);
-                    }
-                    let _ = started;
-                    let mut model = slot.backend().model();
-                    let endpoint = served_by.and_then(|b: crate::backend::ServedBy| {
-                        for (name, why) in b.retries {
-                            fallback.push(format!("{tier}[{name}]: {why}"));
-                        }
-                        model = b.model;
-                        b.endpoint
-                    });
-                    let routing = Routing {
-                        tier: tier.to_string(),
-                        model,
-                        endpoint,
-                        reason: reason.clone(),
-                        latency_ms: latency,
-                        ttft_ms: ttft,
-                        prompt_tokens,
-                        cached_tokens,
-                        completion_tokens,
-                        fallback: fallback.clone(),
-                        tokens_per_second: tps,
-                        speculative,
-                    };
-                    if let Some(s) = &speculative {
-                        metrics::counter!("jemma_speculative_verify_steps_total", "tier" => tier.as_str())
-                            .increment(s.verify_steps);
-                        metrics::counter!("jemma_speculative_draft_tokens_total", "tier" => tier.as_str())
-                            .increment(s.draft_tokens);
-                        metrics::counter!("jemma_speculative_accepted_tokens_total", "tier" => tier.as_str())
-                            .increment(s.accepted_tokens);
-                    }
-                    metrics::counter!("jemma_prompt_cached_tokens_total", "tier" => tier.as_str())
-                        .increment(cached_tokens);
-                    // Thinking is counted by the tier that finished (an earlier tier's tokens were
-                    // continued, not re-counted); an upstream that does not say leaves it out.
-                    let usage = Usage {
-                        prompt_tokens,
-                        completion_tokens,
-                        total_tokens: prompt_tokens + completion_tokens,
-                        prompt_tokens_details: Some(crate::api::PromptTokensDetails {
-                            cached_tokens,
-                        }),
-                        completion_tokens_details: usage.completion_tokens_details,
-                    };
-                    let _ = tx
-                        .send(Output::End {
-                            finish_reason,
-                            usage,
-                            routing,
-                            stop_sequence,
-                        })
-                        .await;
-                    return;
-                }
-                Err(e) => {
-                    if !e.is_tier_failure() {
-                        // The client's request, not the tier, is at fault: no fallback, no breaker count.
-                        permit.success();
-                        let _ = tx.send(Output::Error(client_error(&e))).await;
-                        return;
-                    }
-                    if e.is_throttle() {
-                        drop(permit);
-                    } else {
-                        permit.failure();
-                        throttled_only = false;
+                        walk.throttled_only = false;
                     }
                     if let BackendError::Upstream {
                         retry_after_secs: Some(secs),
                         ..
                     } = &e
                     {
-                        soonest(*secs);
+                        walk.soonest(*secs);
                     }
-                    completion_tokens += tier_tokens;
+                    walk.completion_tokens += run.tier_tokens;
                     metrics::counter!("jemma_tier_errors_total", "tier" => tier.as_str())
                         .increment(1);
-                    let why = if sent.is_empty() {
+                    let why = if walk.sent.is_empty() || !run.streamed {
                         e.to_string()
                     } else {
-                        format!("{e} after {} chars; continued", sent.chars().count())
+                        format!("{e} after {} chars; continued", walk.sent.chars().count())
                     };
-                    tracing::warn!(%tier, error = %e, "tier failed, falling back");
-                    fallback.push(hop(&why));
-                    last_err = Some(e);
+                    if run.streamed {
+                        tracing::warn!(%tier, error = %e, "tier failed, falling back");
+                    }
+                    walk.fallback.push(hop(&why));
+                    walk.last_err = Some(e);
                 }
             }
         }
         metrics::counter!("jemma_requests_total", "tier" => "none", "status" => "error")
             .increment(1);
-        let err = if busy_only && last_err.is_none() {
+        let _ = tx.send(Output::Error(walk.error(chain.len()))).await;
+    }
+}
+
+/// Waits for one of the tier's run slots, telling the client every 5 s that it is still queued. None: the
+/// client went away while waiting (it takes no slot).
+async fn wait_for_run_slot(slot: &Arc<TierSlot>, tx: &mpsc::Sender<Output>) -> Option<RunSlot> {
+    slot.fit_slots();
+    let run = loop {
+        tokio::select! {
+            // A client that gave up while queued takes no slot (checked first: a slot freed at the same
+            // moment goes to the next request instead).
+            biased;
+            _ = tx.closed() => return None,
+            p = slot.slots.clone().acquire_owned() => break p,
+            _ = tokio::time::sleep(Duration::from_secs(5)) => {
+                if tx.send(Output::Waiting).await.is_err() { return None; }
+            }
+        }
+    };
+    let run = RunSlot {
+        permit: Some(run.ok()?),
+        slot: slot.clone(),
+    };
+    (!tx.is_closed()).then_some(run)
+}
+
+/// The request as this tier takes it. A client's max_tokens above the tier's ceiling is lowered to it (on
+/// fallback: an explicit tier refuses it up front); none set leaves the tier's default, which is within the
+/// ceiling and shrinks to fit the context. Videos are sampled as this tier samples them.
+fn request_for_tier<'a>(
+    req: &'a ChatRequest,
+    slot: &TierSlot,
+) -> std::borrow::Cow<'a, ChatRequest> {
+    let clamp = slot
+        .settings
+        .max_tokens
+        .filter(|c| req.max_tokens.is_some_and(|m| m > *c));
+    if clamp.is_none() && !req.has_videos {
+        return std::borrow::Cow::Borrowed(req);
+    }
+    std::borrow::Cow::Owned(ChatRequest {
+        max_tokens: clamp.or(req.max_tokens),
+        video_sampling: req
+            .has_videos
+            .then(|| video_sampling(slot.tier, &slot.settings)),
+        // Frames sampled for another tier are sampled again for this one.
+        videos: vec![],
+        ..req.clone()
+    })
+}
+
+/// What one request's walk down the fallback chain has gathered: the `_routing.fallback` notes, the
+/// answer text sent so far (what the next tier continues from), and what decides the final error.
+struct Walk {
+    t0: Instant,
+    fallback: Vec<String>,
+    sent: String,
+    /// Generated tokens over every tier tried, for `usage` and `_routing`.
+    completion_tokens: u64,
+    /// Milliseconds from the request to its first token, on whichever tier it came.
+    ttft: Option<u64>,
+    /// No tier was tried (each disabled or with a full queue): the client gets a 429, not a 503.
+    busy_only: bool,
+    /// Whether every tier that failed was only throttling (429): then the client gets a 429 with the
+    /// upstream's Retry-After rather than a 503.
+    throttled_only: bool,
+    last_err: Option<BackendError>,
+    /// The soonest any tried tier said it may serve again (an open breaker's cooldown, an upstream's
+    /// Retry-After), in whole seconds: what a 503 tells the client.
+    retry_after: Option<u64>,
+}
+
+impl Walk {
+    fn new() -> Self {
+        Self {
+            t0: Instant::now(),
+            fallback: vec![],
+            sent: String::new(),
+            completion_tokens: 0,
+            ttft: None,
+            busy_only: true,
+            throttled_only: true,
+            last_err: None,
+            retry_after: None,
+        }
+    }
+
+    fn soonest(&mut self, secs: u64) {
+        self.retry_after = Some(self.retry_after.map_or(secs, |r| r.min(secs)));
+    }
+
+    /// The answer's last message: `usage` and `_routing` over the whole walk, and the tier's metrics.
+    fn finish(mut self, slot: &TierSlot, reason: &str, run: TierRun, end: Ended) -> Output {
+        let tier = slot.tier;
+        let Ended {
+            finish_reason,
+            usage,
+            decode_tps,
+            stop_sequence,
+        } = end;
+        let TierRun {
+            prompt_tokens,
+            cached_tokens,
+            tier_tokens,
+            speculative,
+            served_by,
+            ..
+        } = run;
+        self.completion_tokens += usage.completion_tokens.max(tier_tokens);
+        let latency = elapsed_ms(self.t0);
+        metrics::counter!("jemma_requests_total", "tier" => tier.as_str(), "status" => "ok")
+            .increment(1);
+        metrics::histogram!("jemma_request_duration_seconds", "tier" => tier.as_str())
+            .record(latency as f64 / 1000.0);
+        metrics::counter!("jemma_completion_tokens_total", "tier" => tier.as_str())
+            .increment(usage.completion_tokens);
+        metrics::counter!("jemma_prompt_tokens_total", "tier" => tier.as_str())
+            .increment(prompt_tokens);
+        if let Some(t) = decode_tps {
+            metrics::gauge!("jemma_tokens_per_second", "tier" => tier.as_str()).set(t);
+        }
+        if let Some(t) = self.ttft {
+            metrics::histogram!("jemma_time_to_first_token_seconds", "tier" => tier.as_str())
+                .record(t as f64 / 1000.0);
+        }
+        if let Some(s) = &speculative {
+            metrics::counter!("jemma_speculative_verify_steps_total", "tier" => tier.as_str())
+                .increment(s.verify_steps);
+            metrics::counter!("jemma_speculative_draft_tokens_total", "tier" => tier.as_str())
+                .increment(s.draft_tokens);
+            metrics::counter!("jemma_speculative_accepted_tokens_total", "tier" => tier.as_str())
+                .increment(s.accepted_tokens);
+        }
+        metrics::counter!("jemma_prompt_cached_tokens_total", "tier" => tier.as_str())
+            .increment(cached_tokens);
+        let mut model = slot.backend().model();
+        let endpoint = served_by.and_then(|b| {
+            for (name, why) in b.retries {
+                self.fallback.push(format!("{tier}[{name}]: {why}"));
+            }
+            model = b.model;
+            b.endpoint
+        });
+        let routing = Routing {
+            tier: tier.to_string(),
+            model,
+            endpoint,
+            reason: reason.to_string(),
+            latency_ms: latency,
+            ttft_ms: self.ttft,
+            prompt_tokens,
+            cached_tokens,
+            completion_tokens: self.completion_tokens,
+            fallback: self.fallback,
+            tokens_per_second: decode_tps,
+            speculative,
+        };
+        // Thinking is counted by the tier that finished (an earlier tier's tokens were continued, not
+        // re-counted); an upstream that does not say leaves it out.
+        let usage = Usage {
+            prompt_tokens,
+            completion_tokens: self.completion_tokens,
+            total_tokens: prompt_tokens + self.completion_tokens,
+            prompt_tokens_details: Some(crate::api::PromptTokensDetails { cached_tokens }),
+            completion_tokens_details: usage.completion_tokens_details,
+        };
+        Output::End {
+            finish_reason,
+            usage,
+            routing,
+            stop_sequence,
+        }
+    }
+
+    /// The error for a walk that no tier finished.
+    fn error(self, chain_len: usize) -> RouterError {
+        if self.busy_only && self.last_err.is_none() {
             RouterError::Busy {
                 retry_after_secs: 1,
             }
-        } else if throttled_only && last_err.is_some() {
+        } else if self.throttled_only && self.last_err.is_some() {
             RouterError::Busy {
-                retry_after_secs: retry_after.unwrap_or(1),
+                retry_after_secs: self.retry_after.unwrap_or(1),
             }
         } else {
-            match last_err {
-                Some(BackendError::Timeout(m)) if chain.len() == 1 => RouterError::Timeout(m),
+            match self.last_err {
+                Some(BackendError::Timeout(m)) if chain_len == 1 => RouterError::Timeout(m),
                 _ => RouterError::AllTiersDown {
-                    fallback,
-                    retry_after_secs: retry_after,
+                    fallback: self.fallback,
+                    retry_after_secs: self.retry_after,
                 },
             }
+        }
+    }
+}
+
+/// What one tier's stream reported besides its chunks.
+#[derive(Default)]
+struct TierRun {
+    /// Whether the tier's stream started (a failure after that is logged as a fallback).
+    streamed: bool,
+    prompt_tokens: u64,
+    cached_tokens: u64,
+    /// Answer pieces this tier produced (what its `usage` says, when an upstream does not).
+    tier_tokens: u64,
+    speculative: Option<crate::api::Speculation>,
+    served_by: Option<crate::backend::ServedBy>,
+}
+
+/// How a tier's `Done` ended the answer.
+struct Ended {
+    finish_reason: crate::backend::FinishReason,
+    usage: Usage,
+    /// Decode tokens/s, when the backend knows it.
+    decode_tps: Option<f64>,
+    /// The stop string that ended it.
+    stop_sequence: Option<String>,
+}
+
+/// How relaying a tier's stream ended.
+enum Relayed {
+    Done(Ended),
+    Failed(BackendError),
+    ClientGone,
+}
+
+/// Relays one tier's stream to the client under the tier's first-token and idle deadlines (none for a
+/// pool, which keeps its own per endpoint), recording the answer text in `walk` so that a next tier can
+/// continue it.
+async fn relay(
+    slot: &TierSlot,
+    mut rx: crate::backend::ChunkStream,
+    own_timeouts: bool,
+    walk: &mut Walk,
+    tx: &mpsc::Sender<Output>,
+) -> (TierRun, Relayed) {
+    let mut run = TierRun {
+        streamed: true,
+        ..TierRun::default()
+    };
+    let mut got_token = false;
+    loop {
+        let limit = if own_timeouts {
+            UNBOUNDED
+        } else if got_token {
+            slot.settings.idle_timeout
+        } else {
+            slot.settings.first_token_timeout
         };
-        let _ = tx.send(Output::Error(err)).await;
+        let next = tokio::select! {
+            r = tokio::time::timeout(limit, rx.recv()) => r,
+            // Client gone: the caller drops the backend stream (cancelling the engine) and the breaker
+            // permit unresolved.
+            _ = tx.closed() => return (run, Relayed::ClientGone),
+        };
+        let item = match next {
+            Err(_) => {
+                let e = BackendError::Timeout(format!("no data for {:.0} s", limit.as_secs_f64()));
+                return (run, Relayed::Failed(e));
+            }
+            Ok(None) => {
+                let e = BackendError::Broken("backend ended without finishing".into());
+                return (run, Relayed::Failed(e));
+            }
+            Ok(Some(Err(e))) => return (run, Relayed::Failed(e)),
+            Ok(Some(Ok(c))) => c,
+        };
+        match item {
+            Chunk::Started {
+                prompt_tokens,
+                cached_tokens,
+            } => {
+                run.prompt_tokens = prompt_tokens;
+                run.cached_tokens = cached_tokens;
+                // Before any answer went out, the client may show the prompt's size (Anthropic's
+                // `message_start`); a continuing tier's prompt holds the continuation too.
+                if prompt_tokens == 0 || !walk.sent.is_empty() || walk.ttft.is_some() {
+                    continue;
+                }
+            }
+            Chunk::Done {
+                finish_reason,
+                usage,
+                decode_tps,
+                stop_sequence,
+                served_by,
+                speculative,
+            } => {
+                run.served_by = served_by;
+                run.speculative = speculative;
+                if usage.prompt_tokens > 0 {
+                    run.prompt_tokens = usage.prompt_tokens;
+                }
+                if let Some(d) = &usage.prompt_tokens_details {
+                    run.cached_tokens = d.cached_tokens;
+                }
+                run.tier_tokens = usage.completion_tokens.max(run.tier_tokens);
+                let end = Ended {
+                    finish_reason,
+                    usage,
+                    decode_tps,
+                    stop_sequence,
+                };
+                return (run, Relayed::Done(end));
+            }
+            Chunk::Content(ref c) => {
+                got_token = true;
+                run.tier_tokens += 1;
+                walk.sent.push_str(c);
+            }
+            Chunk::Reasoning(_) | Chunk::ToolCall { .. } => got_token = true,
+            Chunk::Logprobs(_) => {}
+        }
+        if walk.ttft.is_none() && got_token {
+            walk.ttft = Some(elapsed_ms(walk.t0));
+        }
+        if tx.send(Output::Chunk(item)).await.is_err() {
+            return (run, Relayed::ClientGone);
+        }
     }
 }
 

@@ -1,5 +1,9 @@
 //! Routing behaviour with scripted backends (the backends are not what these tests are about: the fallback
 //! chain, breakers, continuation and cancellation are).
+//!
+//! Every test runs on tokio's paused clock: a `sleep` here advances virtual time (as soon as every task is
+//! idle) and the router's deadlines and cooldowns read that clock (`jemma_router::breaker::now`), so the
+//! tests neither wait on nor race the wall clock.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -235,7 +239,7 @@ fn router(tiers: Vec<(Tier, Arc<Scripted>, TierSettings)>) -> Arc<TierRouter> {
     ))
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn explicit_tier_answers_with_routing_metadata() {
     let fast = Scripted::new("e2b", Script::Answer(vec!["Hi", "!"]));
     let r = router(vec![(Tier::Fast, fast.clone(), settings(1000))]);
@@ -250,7 +254,7 @@ async fn explicit_tier_answers_with_routing_metadata() {
     assert!(routing.fallback.is_empty());
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn heavy_failure_before_first_token_falls_back_transparently() {
     let heavy = Scripted::new("26b", Script::Fail);
     let primary = Scripted::new("e4b", Script::Answer(vec!["fine"]));
@@ -270,7 +274,7 @@ async fn heavy_failure_before_first_token_falls_back_transparently() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn mid_stream_failure_continues_on_the_next_tier_from_the_sent_text() {
     let primary = Scripted::new("e4b", Script::BreakAfter(vec!["The answer ", "is "]));
     let fast = Scripted::new("e2b", Script::Answer(vec!["42."]));
@@ -297,7 +301,7 @@ async fn mid_stream_failure_continues_on_the_next_tier_from_the_sent_text() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
     let heavy = Scripted::new("26b", Script::Fail);
     let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
@@ -333,7 +337,7 @@ async fn breaker_opens_after_three_failures_then_half_open_probe_closes_it() {
     assert_eq!(st.breaker.state.as_str(), "closed");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn disabled_tier_is_skipped_and_everything_down_is_503() {
     let heavy = Scripted::new("26b", Script::Answer(vec!["never"]));
     let primary = Scripted::new("e4b", Script::Fail);
@@ -355,7 +359,7 @@ async fn disabled_tier_is_skipped_and_everything_down_is_503() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn first_token_timeout_falls_back_and_cancels_the_hung_tier() {
     let heavy = Scripted::new("26b", Script::Hang);
     let primary = Scripted::new("e4b", Script::Answer(vec!["ok"]));
@@ -379,7 +383,7 @@ async fn first_token_timeout_falls_back_and_cancels_the_hung_tier() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn client_disconnect_cancels_without_tripping_the_breaker() {
     let fast = Scripted::new("e2b", Script::Hang);
     let r = router(vec![(Tier::Fast, fast.clone(), settings(60_000))]);
@@ -399,7 +403,7 @@ async fn client_disconnect_cancels_without_tripping_the_breaker() {
     assert_eq!(st.in_flight, 0);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn unknown_model_and_unconfigured_explicit_tier_are_404s() {
     let fast = Scripted::new("e2b", Script::Answer(vec!["x"]));
     let r = router(vec![(Tier::Fast, fast, settings(1000))]);
@@ -416,7 +420,7 @@ async fn unknown_model_and_unconfigured_explicit_tier_are_404s() {
     assert_eq!(a.routing.unwrap().tier, "fast");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
     struct Capture(Mutex<Vec<Option<u32>>>);
     #[async_trait]
@@ -488,7 +492,7 @@ async fn per_tier_max_tokens_ceiling_rejects_explicit_and_clamps_fallback() {
 /// A backend that runs fewer requests at once than the tier's `max_concurrency` (an engine whose memory
 /// budget shrank its batch) gets only that many; the rest wait in the router, and the slots come back when
 /// the backend can take more.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn run_slots_follow_what_the_backend_runs_at_once() {
     let fast = Scripted::new("e2b", Script::Hang);
     *fast.capacity.lock().unwrap() = Some(1);
@@ -524,7 +528,7 @@ async fn run_slots_follow_what_the_backend_runs_at_once() {
 /// A 503 tells the client when to come back: the soonest any tried tier may serve again, from an open
 /// breaker's remaining cooldown (rounded up to whole seconds) or an upstream's own Retry-After; nothing
 /// when no tier said.
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn everything_down_says_when_a_tier_may_serve_again() {
     let retry = |a: Answer| match a.error {
         Some(RouterError::AllTiersDown {
@@ -620,7 +624,7 @@ fn conversation(model: &str, turns: &[&str]) -> ChatRequest {
     .unwrap()
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_spreads_conversations_and_keeps_each_on_one_endpoint() {
     let eps: Vec<_> = (0..3)
         .map(|_| Scripted::new("e4b", Script::Answer(vec!["ok"])))
@@ -669,7 +673,7 @@ async fn pool_spreads_conversations_and_keeps_each_on_one_endpoint() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_retries_another_endpoint_before_the_next_tier() {
     let bad = Scripted::new("e4b", Script::Fail);
     let good = Scripted::new("e4b", Script::Answer(vec!["fine"]));
@@ -701,7 +705,7 @@ async fn pool_retries_another_endpoint_before_the_next_tier() {
     assert_eq!(eps[1]["status"], "up");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_continues_a_broken_stream_on_another_endpoint() {
     let broken = Scripted::new("e4b", Script::BreakAfter(vec!["Hel"]));
     let good = Scripted::new("e4b", Script::Answer(vec!["lo"]));
@@ -723,13 +727,13 @@ async fn pool_continues_a_broken_stream_on_another_endpoint() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_times_out_a_hung_endpoint_and_cancels_it() {
     let hung = Scripted::new("e4b", Script::Hang);
     let good = Scripted::new("e4b", Script::Answer(vec!["there"]));
     let p = pool(&[("hung", &hung, 1e6), ("good", &good, 1e-6)], 200);
     let r = pooled(&p);
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let a = collect(r.chat(request("primary", "x")).unwrap()).await;
     assert_eq!(a.text, "there");
     assert!(t0.elapsed() < Duration::from_secs(2));
@@ -737,7 +741,7 @@ async fn pool_times_out_a_hung_endpoint_and_cancels_it() {
     assert_eq!(hung.cancelled.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_honours_retry_after_and_passes_it_on() {
     let throttled = Scripted::new("e4b", Script::Throttle(1));
     let good = Scripted::new("e4b", Script::Answer(vec!["ok"]));
@@ -790,7 +794,7 @@ async fn pool_honours_retry_after_and_passes_it_on() {
     assert_eq!(r.status()[0].breaker.state.as_str(), "closed");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_request_forwarded_by_a_peer_is_not_sent_on_to_peers_or_other_tiers() {
     let peer = Scripted::new("e4b", Script::Answer(vec!["peer"]));
     peer.peer.store(true, Ordering::SeqCst);
@@ -823,7 +827,7 @@ async fn a_request_forwarded_by_a_peer_is_not_sent_on_to_peers_or_other_tiers() 
     assert_eq!(peer.calls.load(Ordering::SeqCst), 1);
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn pool_probes_take_an_endpoint_out_and_bring_it_back() {
     let a = Scripted::new("e4b", Script::Answer(vec!["a"]));
     let b = Scripted::new("e4b", Script::Answer(vec!["b"]));
@@ -872,7 +876,7 @@ async fn pool_probes_take_an_endpoint_out_and_bring_it_back() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_conversation_keeps_its_tier_and_never_moves_down() {
     let fast = Scripted::new("e2b", Script::Answer(vec!["hi"]));
     let primary = Scripted::new("e4b", Script::Answer(vec!["Compilers..."]));
@@ -926,7 +930,7 @@ async fn a_conversation_keeps_its_tier_and_never_moves_down() {
     assert_eq!(a.routing.unwrap().tier, "fast");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn an_endpoint_that_scales_to_zero_is_not_probed() {
     // `probe = false` (a Cloud Run service): its health says nothing the prober may act on, and it stays in
     // the pool while its answers are good.
@@ -956,7 +960,7 @@ async fn an_endpoint_that_scales_to_zero_is_not_probed() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_tier_becomes_a_pool_when_a_peer_joins_and_runs_more_at_once() {
     // One engine running one request at once, no queue: a second request at the same time is refused.
     let own = Scripted::new("e4b", Script::Hang);
@@ -1036,7 +1040,7 @@ async fn wait_until(f: impl Fn() -> bool) {
     }
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn images_go_to_a_tier_whose_model_can_see_them() {
     let text_only = |name| {
         let b = Scripted::new(name, Script::Answer(vec![name]));
@@ -1082,7 +1086,7 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
     assert_eq!(a.routing.unwrap().tier, "fast");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn a_pool_sends_images_to_members_that_can_see_them() {
     let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"]));
     *blind.modalities.lock().unwrap() = vec!["text".into()];
@@ -1111,7 +1115,7 @@ async fn a_pool_sends_images_to_members_that_can_see_them() {
     assert_eq!(a.text, "blind", "text goes by load and weight as before");
 }
 
-#[tokio::test]
+#[tokio::test(start_paused = true)]
 async fn audio_goes_to_a_tier_whose_model_hears_it() {
     // E2B and E4B hear; the 26B does not (it sees images only).
     let hears = |name: &'static str, answer: &'static str| {

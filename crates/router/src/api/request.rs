@@ -730,7 +730,9 @@ impl Default for Limits {
 }
 
 impl ChatCompletionRequest {
-    /// Checks every field and produces the normalised request.
+    /// Checks every field and produces the normalised request. Errors: the first field found out of range
+    /// or unsupported, as a 400 ([`RouterError::InvalidRequest`]) naming it in `param`, in the order the
+    /// fields are listed here (messages and their media first).
     pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
         if self.messages.is_empty() {
             return Err(invalid("messages must not be empty", "messages"));
@@ -746,110 +748,7 @@ impl ChatCompletionRequest {
         {
             return Err(invalid("only n=1 is supported", "n"));
         }
-        let mut has_images = false;
-        let mut total_images = 0;
-        let mut total_audio = 0;
-        let mut total_videos = 0;
-        let mut text = String::new();
-        let mut last_user = String::new();
-        let mut chars = 0;
-        for (i, m) in self.messages.iter().enumerate() {
-            if let Some(c) = m.content() {
-                let images = c.images().count();
-                if images > limits.max_images {
-                    return Err(invalid(
-                        format!("at most {} images per message", limits.max_images),
-                        &format!("messages[{i}].content"),
-                    ));
-                }
-                if let MessageContent::Parts(parts) = c {
-                    for (j, p) in parts.iter().enumerate() {
-                        if let super::message::ContentPart::VideoUrl { video_url } = p {
-                            let at = format!("messages[{i}].content[{j}].video_url.url");
-                            validate_media_url(
-                                &video_url.url,
-                                &at,
-                                "video",
-                                limits.max_video_bytes,
-                            )?;
-                            total_videos += 1;
-                            if total_videos > limits.max_request_videos {
-                                return Err(invalid(
-                                    format!(
-                                        "at most {} videos per request",
-                                        limits.max_request_videos
-                                    ),
-                                    &format!("messages[{i}].content[{j}]"),
-                                ));
-                            }
-                        }
-                        if let super::message::ContentPart::InputAudio { input_audio } = p {
-                            validate_input_audio(
-                                input_audio,
-                                &format!("messages[{i}].content[{j}].input_audio"),
-                                limits,
-                            )?;
-                            total_audio += 1;
-                            if total_audio > limits.max_request_audio {
-                                return Err(invalid(
-                                    format!(
-                                        "at most {} audio clips per request",
-                                        limits.max_request_audio
-                                    ),
-                                    &format!("messages[{i}].content[{j}]"),
-                                ));
-                            }
-                        }
-                        if let super::message::ContentPart::ImageUrl { image_url } = p {
-                            validate_image_url(
-                                &image_url.url,
-                                &format!("messages[{i}].content[{j}].image_url.url"),
-                                limits,
-                            )?;
-                            // OpenAI's resolution hint: low is a quarter of the soft-token budget.
-                            if let Some(d) = image_url
-                                .detail
-                                .as_deref()
-                                .filter(|d| !matches!(*d, "auto" | "low" | "high"))
-                            {
-                                return Err(invalid(
-                                    format!("detail must be auto, low or high, not {d:?}"),
-                                    &format!("messages[{i}].content[{j}].image_url.detail"),
-                                ));
-                            }
-                        }
-                    }
-                }
-                has_images |= images > 0;
-                total_images += images;
-                if total_images > limits.max_request_images {
-                    return Err(invalid(
-                        format!("at most {} images per request", limits.max_request_images),
-                        &format!("messages[{i}].content"),
-                    ));
-                }
-                let t = c.text();
-                chars += t.len();
-                if matches!(
-                    m,
-                    Message::System(_) | Message::Developer(_) | Message::User(_)
-                ) {
-                    if !text.is_empty() {
-                        text.push('\n');
-                    }
-                    text.push_str(&t);
-                }
-                if matches!(m, Message::User(_)) {
-                    last_user = t;
-                }
-            }
-            if let Message::Assistant(a) = m {
-                for c in a.tool_calls.iter().flatten() {
-                    chars += c.function.name.len() + c.function.arguments.len();
-                }
-            }
-        }
-        let messages = self.messages;
+        let seen = check_messages(&self.messages, limits)?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             if m == 0 {
@@ -862,6 +761,85 @@ impl ChatCompletionRequest {
                 ));
             }
         }
+        self.check_sampling()?;
+        let stop = self.stop.map(|s| s.to_vec()).unwrap_or_default();
+        if stop.len() > limits.max_stop {
+            return Err(invalid(
+                format!("at most {} stop sequences", limits.max_stop),
+                "stop",
+            ));
+        }
+        let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
+        let top_logprobs = self.top_logprobs.unwrap_or(0);
+        if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
+            return Err(invalid(
+                format!(
+                    "top_logprobs must be at most {}",
+                    jemma_chat::logprobs::MAX_TOP_LOGPROBS
+                ),
+                "top_logprobs",
+            ));
+        }
+        let tools = self.tools.unwrap_or_default();
+        check_tool_choice(&tools, self.tool_choice.as_ref())?;
+        let response_format = self.response_format.unwrap_or_default();
+        if let ResponseFormat::JsonSchema { json_schema } = &response_format
+            && json_schema.schema.as_ref().is_some_and(|s| !s.is_object())
+        {
+            return Err(invalid(
+                "response_format.json_schema.schema must be a JSON Schema object",
+                "response_format.json_schema.schema",
+            ));
+        }
+        let enable_thinking = self.enable_thinking.or_else(|| {
+            self.chat_template_kwargs
+                .as_ref()
+                .and_then(|k| k.get("enable_thinking"))
+                .and_then(Value::as_bool)
+        });
+        Ok(ChatRequest {
+            requested_model: self.model.unwrap_or_else(|| "auto".into()),
+            messages: self.messages,
+            tools: (!tools.is_empty()).then_some(tools),
+            tool_choice: self.tool_choice,
+            parallel_tool_calls: self.parallel_tool_calls,
+            max_tokens,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            min_p: self.min_p,
+            stop,
+            seed: self.seed,
+            presence_penalty: self.presence_penalty,
+            frequency_penalty: self.frequency_penalty,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias,
+            logprobs: self.logprobs.unwrap_or(false),
+            top_logprobs,
+            response_format,
+            enable_thinking,
+            stream: self.stream,
+            include_usage: self
+                .stream_options
+                .map(|o| o.include_usage)
+                .unwrap_or(false),
+            has_images: seen.images > 0,
+            images: vec![],
+            has_audio: seen.audio > 0,
+            audio: vec![],
+            has_videos: seen.videos > 0,
+            videos: vec![],
+            video_sampling: None,
+            text: seen.text,
+            last_user: seen.last_user,
+            prompt_tokens_estimate: seen.chars / 4 + 1,
+            raw_prompt: None,
+            forwarded: false,
+        })
+    }
+
+    /// The sampling fields' ranges (OpenAI's, and vLLM's for `top_k`, `min_p` and `repetition_penalty`).
+    fn check_sampling(&self) -> Result<(), RouterError> {
         if let Some(t) = self.temperature
             && !(t.is_finite() && (0.0..=2.0).contains(&t))
         {
@@ -903,116 +881,172 @@ impl ChatCompletionRequest {
                 "repetition_penalty",
             ));
         }
-        let stop = self.stop.map(|s| s.to_vec()).unwrap_or_default();
-        if stop.len() > limits.max_stop {
-            return Err(invalid(
-                format!("at most {} stop sequences", limits.max_stop),
-                "stop",
-            ));
-        }
-        let mut logit_bias = vec![];
-        for (k, v) in self.logit_bias.unwrap_or_default() {
-            let id: u32 = k.parse().map_err(|_| {
-                invalid(
-                    format!("logit_bias key {k:?} is not a token id"),
-                    "logit_bias",
-                )
-            })?;
-            if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+        Ok(())
+    }
+}
+
+/// What the messages hold, gathered while checking them.
+#[derive(Default)]
+struct Seen {
+    images: usize,
+    audio: usize,
+    videos: usize,
+    /// System, developer and user text, one message per line: what the classifier reads.
+    text: String,
+    last_user: String,
+    /// Bytes of text and tool-call arguments: the prompt-size estimate's base (about 4 per token).
+    chars: usize,
+}
+
+/// Checks the message list and every media part in it against `limits`: counts per message and per
+/// request, each part's URL or data, and `detail`.
+fn check_messages(messages: &[Message], limits: &Limits) -> Result<Seen, RouterError> {
+    let mut seen = Seen::default();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(c) = m.content() {
+            let images = c.images().count();
+            if images > limits.max_images {
                 return Err(invalid(
-                    "logit_bias values must be between -100 and 100",
-                    "logit_bias",
+                    format!("at most {} images per message", limits.max_images),
+                    &format!("messages[{i}].content"),
                 ));
             }
-            logit_bias.push((id, v));
+            if let MessageContent::Parts(parts) = c {
+                for (j, p) in parts.iter().enumerate() {
+                    check_media_part(p, &format!("messages[{i}].content[{j}]"), limits, &mut seen)?;
+                }
+            }
+            seen.images += images;
+            if seen.images > limits.max_request_images {
+                return Err(invalid(
+                    format!("at most {} images per request", limits.max_request_images),
+                    &format!("messages[{i}].content"),
+                ));
+            }
+            let t = c.text();
+            seen.chars += t.len();
+            if matches!(
+                m,
+                Message::System(_) | Message::Developer(_) | Message::User(_)
+            ) {
+                if !seen.text.is_empty() {
+                    seen.text.push('\n');
+                }
+                seen.text.push_str(&t);
+            }
+            if matches!(m, Message::User(_)) {
+                seen.last_user = t;
+            }
         }
-        let top_logprobs = self.top_logprobs.unwrap_or(0);
-        if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
-            return Err(invalid(
-                format!(
-                    "top_logprobs must be at most {}",
-                    jemma_chat::logprobs::MAX_TOP_LOGPROBS
-                ),
-                "top_logprobs",
-            ));
+        if let Message::Assistant(a) = m {
+            for c in a.tool_calls.iter().flatten() {
+                seen.chars += c.function.name.len() + c.function.arguments.len();
+            }
         }
-        let tools = self.tools.unwrap_or_default();
-        // `none` and `auto` without tools are accepted, as vLLM and llama.cpp do: no call is made either
-        // way; a call cannot be required when there is nothing to call.
-        if tools.is_empty()
-            && matches!(
-                self.tool_choice,
-                Some(ToolChoice::Required | ToolChoice::Function(_))
-            )
-        {
-            return Err(invalid(
-                "tool_choice requires a tool call, but no tools are specified",
-                "tool_choice",
-            ));
-        }
-        if let Some(ToolChoice::Function(name)) = &self.tool_choice
-            && !tools.iter().any(|t| &t.function.name == name)
-        {
-            return Err(invalid(
-                format!("tool_choice names function {name:?}, which is not in tools"),
-                "tool_choice.function.name",
-            ));
-        }
-        let response_format = self.response_format.unwrap_or_default();
-        if let ResponseFormat::JsonSchema { json_schema } = &response_format
-            && json_schema.schema.as_ref().is_some_and(|s| !s.is_object())
-        {
-            return Err(invalid(
-                "response_format.json_schema.schema must be a JSON Schema object",
-                "response_format.json_schema.schema",
-            ));
-        }
-        let enable_thinking = self.enable_thinking.or_else(|| {
-            self.chat_template_kwargs
-                .as_ref()
-                .and_then(|k| k.get("enable_thinking"))
-                .and_then(Value::as_bool)
-        });
-        Ok(ChatRequest {
-            requested_model: self.model.unwrap_or_else(|| "auto".into()),
-            messages,
-            tools: (!tools.is_empty()).then_some(tools),
-            tool_choice: self.tool_choice,
-            parallel_tool_calls: self.parallel_tool_calls,
-            max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            top_k: self.top_k,
-            min_p: self.min_p,
-            stop,
-            seed: self.seed,
-            presence_penalty: self.presence_penalty,
-            frequency_penalty: self.frequency_penalty,
-            repetition_penalty: self.repetition_penalty,
-            logit_bias,
-            logprobs: self.logprobs.unwrap_or(false),
-            top_logprobs,
-            response_format,
-            enable_thinking,
-            stream: self.stream,
-            include_usage: self
-                .stream_options
-                .map(|o| o.include_usage)
-                .unwrap_or(false),
-            has_images,
-            images: vec![],
-            has_audio: total_audio > 0,
-            audio: vec![],
-            has_videos: total_videos > 0,
-            videos: vec![],
-            video_sampling: None,
-            text,
-            last_user,
-            prompt_tokens_estimate: chars / 4 + 1,
-            raw_prompt: None,
-            forwarded: false,
-        })
     }
+    Ok(seen)
+}
+
+/// Checks one content part at `at` (`messages[i].content[j]`) if it is a video, audio clip or image;
+/// counts videos and clips against the request's limits (images are counted per message by the caller).
+fn check_media_part(
+    p: &super::message::ContentPart,
+    at: &str,
+    limits: &Limits,
+    seen: &mut Seen,
+) -> Result<(), RouterError> {
+    use super::message::ContentPart;
+    match p {
+        ContentPart::VideoUrl { video_url } => {
+            validate_media_url(
+                &video_url.url,
+                &format!("{at}.video_url.url"),
+                "video",
+                limits.max_video_bytes,
+            )?;
+            seen.videos += 1;
+            if seen.videos > limits.max_request_videos {
+                return Err(invalid(
+                    format!("at most {} videos per request", limits.max_request_videos),
+                    at,
+                ));
+            }
+        }
+        ContentPart::InputAudio { input_audio } => {
+            validate_input_audio(input_audio, &format!("{at}.input_audio"), limits)?;
+            seen.audio += 1;
+            if seen.audio > limits.max_request_audio {
+                return Err(invalid(
+                    format!(
+                        "at most {} audio clips per request",
+                        limits.max_request_audio
+                    ),
+                    at,
+                ));
+            }
+        }
+        ContentPart::ImageUrl { image_url } => {
+            validate_image_url(&image_url.url, &format!("{at}.image_url.url"), limits)?;
+            // OpenAI's resolution hint: low is a quarter of the soft-token budget.
+            if let Some(d) = image_url
+                .detail
+                .as_deref()
+                .filter(|d| !matches!(*d, "auto" | "low" | "high"))
+            {
+                return Err(invalid(
+                    format!("detail must be auto, low or high, not {d:?}"),
+                    &format!("{at}.image_url.detail"),
+                ));
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// `logit_bias` as (token id, bias) pairs; keys must be token ids and values within [-100, 100] (OpenAI's
+/// range).
+fn logit_bias(
+    map: impl IntoIterator<Item = (String, f32)>,
+) -> Result<Vec<(u32, f32)>, RouterError> {
+    let mut out = vec![];
+    for (k, v) in map {
+        let id: u32 = k.parse().map_err(|_| {
+            invalid(
+                format!("logit_bias key {k:?} is not a token id"),
+                "logit_bias",
+            )
+        })?;
+        if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
+            return Err(invalid(
+                "logit_bias values must be between -100 and 100",
+                "logit_bias",
+            ));
+        }
+        out.push((id, v));
+    }
+    Ok(out)
+}
+
+/// `tool_choice` against the offered tools. `none` and `auto` without tools are accepted, as vLLM and
+/// llama.cpp do (no call is made either way); a call cannot be required when there is nothing to call,
+/// nor a function named that is not offered.
+fn check_tool_choice(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<(), RouterError> {
+    if tools.is_empty() && matches!(choice, Some(ToolChoice::Required | ToolChoice::Function(_))) {
+        return Err(invalid(
+            "tool_choice requires a tool call, but no tools are specified",
+            "tool_choice",
+        ));
+    }
+    if let Some(ToolChoice::Function(name)) = choice
+        && !tools.iter().any(|t| &t.function.name == name)
+    {
+        return Err(invalid(
+            format!("tool_choice names function {name:?}, which is not in tools"),
+            "tool_choice.function.name",
+        ));
+    }
+    Ok(())
 }
 
 /// `POST /v1/completions` body (legacy plain-prompt API).
