@@ -135,7 +135,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 ))]
 fn mask_bench(gguf: &std::path::Path, runs: usize) -> anyhow::Result<()> {
     use jemma_constrain::{ToolSpec, Vocabulary};
-    use jemma_router::llama;
+    use jemma_node::llama;
     use std::time::Instant;
     let loaded = llama::load(&llama::LlamaConfig::new(gguf), |_| true)?;
     let (mut tokens, eos) = loaded.token_table();

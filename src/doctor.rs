@@ -123,7 +123,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let catalog = Catalog::with_overrides(Catalog::user_path().as_deref())?;
     let metal = mlx.as_ref().is_some_and(|m| m.metal_available);
-    let recommendation = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
+    let recommendation = recommend(&catalog, &hw, metal, jemma_node::setup::LOCAL_FORMATS);
     // The cache lookup needs no network; the client only reads the directory layout.
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -229,7 +229,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     not(all(target_os = "macos", target_arch = "aarch64"))
 ))]
 fn run_llama(args: &Args) -> anyhow::Result<()> {
-    use jemma_router::llama;
+    use jemma_node::llama;
     let mut cfg = llama::LlamaConfig::new(&args.model);
     cfg.threads = args.threads;
     cfg.batch_threads = args.threads;

@@ -50,9 +50,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let token = if args.list {
         None
     } else {
-        args.token.clone().or_else(|| {
-            jemma_router::setup::hf_token(&cfg, &|r| jemma_platform::secrets::resolve(r))
-        })
+        args.token
+            .clone()
+            .or_else(|| jemma_node::setup::hf_token(&cfg, &|r| jemma_platform::secrets::resolve(r)))
     };
     let cache_dir = args
         .cache_dir
@@ -106,7 +106,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         let metal = jemma_engine::device::mlx_info()
             .map(|i| i.metal_available)
             .unwrap_or(false);
-        let rec = recommend(&catalog, &hw, metal, jemma_router::setup::LOCAL_FORMATS);
+        let rec = recommend(&catalog, &hw, metal, jemma_node::setup::LOCAL_FORMATS);
         let mut picks: Vec<String> = ["fast", "primary"]
             .iter()
             .filter_map(|t| rec.pick(t))

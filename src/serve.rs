@@ -56,7 +56,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let router =
-            jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?;
+            jemma_node::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?;
         let state = AppState::new(
             router,
             cfg.limits.clone(),

@@ -157,7 +157,7 @@ pub fn effective_config(
             &catalog,
             &hw,
             metal,
-            jemma_router::setup::LOCAL_FORMATS,
+            jemma_node::setup::LOCAL_FORMATS,
         );
         tracing::info!(
             ?hw,
@@ -280,7 +280,7 @@ impl Core {
             // No models yet: the gateway still runs (and says so) so the UI can guide the user.
             Arc::new(TierRouter::new(cfg.classifier.clone(), vec![]))
         } else {
-            jemma_router::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?
+            jemma_node::setup::build_router(&cfg, &|r| jemma_platform::secrets::resolve(r))?
         };
         let membership = Arc::new(Membership::new(
             cfg.clone(),

@@ -375,7 +375,7 @@ fn a_drafter_beside_a_model_directory_is_found_by_name_and_config() {
         dir.path().join("hf").display()
     ))
     .unwrap();
-    let r = jemma_router::setup::HubResolver::from_config(&config, &|_| None).unwrap();
+    let r = jemma_node::setup::HubResolver::from_config(&config, &|_| None).unwrap();
     assert_eq!(
         r.drafter_for(&dir.path().join("gemma-4-tiny-it-4bit")),
         Some(dir.path().join("gemma-4-tiny-it-assistant-bf16"))

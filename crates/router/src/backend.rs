@@ -1,5 +1,6 @@
-//! The tier trait and its two kinds: `local` (the in-process MLX engine) and `openai` (any OpenAI-compatible
-//! upstream over HTTP: the Cloud Run heavy tier, a llama.cpp or vLLM server, another Jemma).
+//! The tier trait, [`Backend`], with the helpers every in-process engine's adapter shares (`jemma-node`'s
+//! `in_process`: events to chunks, sampling, errors), and the `openai` kind: any OpenAI-compatible upstream
+//! over HTTP (the Cloud Run heavy tier, a llama.cpp or vLLM server, another Jemma).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,8 +8,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Serialize;
 use serde_json::Value;
-#[cfg(any(feature = "local", test))]
-use serde_json::json;
 use tokio::sync::mpsc;
 
 pub use jemma_chat::event::{EngineFailure, FinishReason};
@@ -346,57 +345,6 @@ pub fn pump<E: Send + 'static>(
         }
     });
     rx
-}
-
-/// An in-process engine's health from the serving core's status: the lifecycle mapped to [`BackendState`]
-/// (an unloaded model still serves: the next request reloads it), with the engine's own figures in
-/// `details`.
-#[cfg(feature = "local")]
-pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> BackendHealth {
-    use jemma_serve::host::EngineState;
-    let (state, err) = match &s.state {
-        EngineState::Loading { progress } => (
-            BackendState::Loading {
-                progress: *progress,
-            },
-            None,
-        ),
-        EngineState::Ready => (BackendState::Ready, None),
-        EngineState::Unloaded => (BackendState::Unloaded, s.last_error.clone()),
-        EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
-    };
-    let mut details = details;
-    if let Some(d) = details.as_object_mut() {
-        d.insert("requests".into(), json!(s.requests));
-        d.insert("generated_tokens".into(), json!(s.generated_tokens));
-        d.insert("queued".into(), json!(s.queued));
-        // Continuous batching: requests in the running batch, and how many it may hold.
-        d.insert("running".into(), json!(s.running));
-        d.insert("max_sequences".into(), json!(s.max_sequences));
-        d.insert("prefill_tps".into(), json!(s.last_prefill_tps));
-        d.insert(
-            "prefix_cache".into(),
-            json!({
-                "prompt_tokens": s.prompt_tokens,
-                "cached_tokens": s.cached_prompt_tokens,
-                "hit_rate": if s.prompt_tokens > 0 {
-                    s.cached_prompt_tokens as f64 / s.prompt_tokens as f64
-                } else {
-                    0.0
-                },
-            }),
-        );
-    }
-    BackendHealth {
-        state,
-        model: s.model.clone(),
-        model_loaded: matches!(s.state, EngineState::Ready),
-        tokens_per_second: s.last_decode_tps,
-        last_error: err,
-        context_length: (s.context_length > 0).then_some(s.context_length),
-        input_modalities: vec![],
-        details,
-    }
 }
 
 /// How an in-process engine's request ended, read off its summary.
@@ -938,6 +886,7 @@ impl Backend for OpenAiBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn backend_state_serialises_to_the_health_strings() {

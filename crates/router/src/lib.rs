@@ -1,7 +1,10 @@
-//! Routing for Jemma's gateway: OpenAI request types and validation, the tier trait with its local and
-//! OpenAI-compatible backends, the classifier, per-tier circuit breakers and the fallback path.
+//! Routing for Jemma's gateway: OpenAI request types and validation, the [`backend::Backend`] trait with
+//! the OpenAI-compatible upstream backend, the classifier, per-tier circuit breakers, pools and the
+//! fallback path.
 //!
-//! Nothing here knows HTTP servers: the gateway crate maps [`RouterError`] to responses in one place.
+//! Nothing here knows HTTP servers or links an engine: the gateway crate maps [`RouterError`] to responses
+//! in one place, and `jemma-node` puts the in-process engines behind [`backend::Backend`] and builds a
+//! router from `jemma.toml`. This crate builds and tests without MLX or llama.cpp.
 #![deny(missing_docs)]
 
 pub mod anthropic;
@@ -11,20 +14,11 @@ pub mod breaker;
 pub mod classify;
 pub mod config;
 pub mod discovery;
-pub mod responses;
-/// The llama.cpp engine (feature `llama`), for callers that drive it directly (`jemma generate`).
-#[cfg(feature = "llama")]
-pub use jemma_engine_llama as llama;
-/// Whether this build includes the llama.cpp engine (GGUF tiers).
-pub const LLAMA: bool = cfg!(feature = "llama");
-#[cfg(feature = "local")]
-pub mod local;
 pub mod media;
 pub mod membership;
 pub mod pool;
+pub mod responses;
 pub mod route;
-#[cfg(feature = "local")]
-pub mod setup;
 pub mod tier;
 
 /// Everything routing can refuse or fail with.

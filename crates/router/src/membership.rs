@@ -14,8 +14,9 @@ use crate::pool::EndpointSpec;
 use crate::route::TierRouter;
 
 /// An OpenAI-compatible upstream of tier `tier` (a tier's one backend or a pool member); `api_key` a
-/// literal, `env:VAR` or `keyring:` reference.
-pub(crate) fn upstream_backend(
+/// literal, `env:VAR` or `keyring:` reference resolved through `keyring`. Errors: an unresolvable key or
+/// an invalid client configuration ([`RouterError::Config`]).
+pub fn upstream_backend(
     tier: Tier,
     url: &str,
     api_key: &Option<String>,

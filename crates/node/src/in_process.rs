@@ -1,6 +1,5 @@
-//! In-process engines as tiers (feature `local`, on by default; off for builds that must not link MLX, such
-//! as the fuzz targets): one adapter, [`EngineBackend`], for every engine on the serving core — MLX, and
-//! llama.cpp with feature `llama`. What differs per engine (its request type, how its summary reads, its
+//! In-process engines as tiers: one adapter, [`EngineBackend`], for every engine on the serving core — MLX,
+//! and llama.cpp with feature `llama`. What differs per engine (its request type, how its summary reads, its
 //! status figures) is the small [`InProcess`] trait; the prompt, the request's fields, admission errors, the
 //! event stream and `/health` are written once here.
 
@@ -15,9 +14,9 @@ use jemma_serve::host::{Status, SubmitError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
-use crate::api::{ChatRequest, Tool};
-use crate::backend::{
-    Backend, BackendError, BackendHealth, ChunkStream, Finished, engine_error, engine_health,
+use jemma_router::api::{ChatRequest, Tool};
+use jemma_router::backend::{
+    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, engine_error,
     pump_engine, sampling_of, with_continuation,
 };
 
@@ -67,8 +66,8 @@ pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
 }
 
 fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
-    use crate::api::{ResponseFormat, ToolChoice};
     use jemma_constrain::{Constraint, ToolSpec};
+    use jemma_router::api::{ResponseFormat, ToolChoice};
     let specs = |keep: &dyn Fn(&str) -> bool| -> Vec<ToolSpec> {
         req.tools
             .iter()
@@ -157,7 +156,7 @@ pub struct EngineBackend<E> {
     engine: E,
     default_max_tokens: u32,
     /// How images are fetched and bounded (`[limits]`).
-    limits: crate::api::Limits,
+    limits: jemma_router::api::Limits,
     /// This engine's number in the process, shown in `/health` so that the figures of tiers sharing one
     /// engine (the same model named twice) are read once, not added.
     id: u64,
@@ -167,7 +166,7 @@ static NEXT_ENGINE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU
 
 impl<E: InProcess> EngineBackend<E> {
     /// Fetches and bounds images as `limits` say (`[limits]`; the defaults otherwise).
-    pub fn with_limits(mut self, limits: crate::api::Limits) -> Self {
+    pub fn with_limits(mut self, limits: jemma_router::api::Limits) -> Self {
         self.limits = limits;
         self
     }
@@ -195,7 +194,7 @@ impl<E: InProcess> EngineBackend<E> {
                     .first_part("video")
                     .unwrap_or_else(|| "video_url".into());
                 return Err(BackendError::Refused(
-                    crate::RouterError::unsupported_media(
+                    jemma_router::RouterError::unsupported_media(
                         format!(
                             "{at}: video cannot be read on this server: ffmpeg was not found (install ffmpeg, \
                          or set JEMMA_FFMPEG_DIR to the folder that holds ffmpeg and ffprobe)"
@@ -222,17 +221,19 @@ impl<E: InProcess> EngineBackend<E> {
                     format!("the {} engine serving it cannot show it {m}s yet", E::NAME)
                 };
                 let part = req.first_part(m);
-                return Err(BackendError::Refused(crate::RouterError::InvalidRequest {
-                    message: format!(
-                        "{}the model {} cannot {verb}: {why} (/v1/models lists each model's \
+                return Err(BackendError::Refused(
+                    jemma_router::RouterError::InvalidRequest {
+                        message: format!(
+                            "{}the model {} cannot {verb}: {why} (/v1/models lists each model's \
                          input_modalities)",
-                        part.as_deref()
-                            .map(|p| format!("{p}: "))
-                            .unwrap_or_default(),
-                        s.model
-                    ),
-                    param: part,
-                }));
+                            part.as_deref()
+                                .map(|p| format!("{p}: "))
+                                .unwrap_or_default(),
+                            s.model
+                        ),
+                        param: part,
+                    },
+                ));
             }
         }
         let images = req.has_images && E::SEES_IMAGES && req.images.is_empty();
@@ -291,7 +292,7 @@ impl<E: InProcess> EngineBackend<E> {
         Self {
             engine,
             default_max_tokens,
-            limits: crate::api::Limits::default(),
+            limits: jemma_router::api::Limits::default(),
             id: NEXT_ENGINE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -357,6 +358,56 @@ impl<E: InProcess> Backend for EngineBackend<E> {
 }
 
 /// The serving core's admission errors as a backend's.
+/// An in-process engine's health from the serving core's status: the lifecycle mapped to [`BackendState`]
+/// (an unloaded model still serves: the next request reloads it), with the engine's own figures in
+/// `details`.
+pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> BackendHealth {
+    use jemma_serve::host::EngineState;
+    let (state, err) = match &s.state {
+        EngineState::Loading { progress } => (
+            BackendState::Loading {
+                progress: *progress,
+            },
+            None,
+        ),
+        EngineState::Ready => (BackendState::Ready, None),
+        EngineState::Unloaded => (BackendState::Unloaded, s.last_error.clone()),
+        EngineState::Failed { error } => (BackendState::Failed, Some(error.clone())),
+    };
+    let mut details = details;
+    if let Some(d) = details.as_object_mut() {
+        d.insert("requests".into(), json!(s.requests));
+        d.insert("generated_tokens".into(), json!(s.generated_tokens));
+        d.insert("queued".into(), json!(s.queued));
+        // Continuous batching: requests in the running batch, and how many it may hold.
+        d.insert("running".into(), json!(s.running));
+        d.insert("max_sequences".into(), json!(s.max_sequences));
+        d.insert("prefill_tps".into(), json!(s.last_prefill_tps));
+        d.insert(
+            "prefix_cache".into(),
+            json!({
+                "prompt_tokens": s.prompt_tokens,
+                "cached_tokens": s.cached_prompt_tokens,
+                "hit_rate": if s.prompt_tokens > 0 {
+                    s.cached_prompt_tokens as f64 / s.prompt_tokens as f64
+                } else {
+                    0.0
+                },
+            }),
+        );
+    }
+    BackendHealth {
+        state,
+        model: s.model.clone(),
+        model_loaded: matches!(s.state, EngineState::Ready),
+        tokens_per_second: s.last_decode_tps,
+        last_error: err,
+        context_length: (s.context_length > 0).then_some(s.context_length),
+        input_modalities: vec![],
+        details,
+    }
+}
+
 fn admission_error(e: SubmitError) -> BackendError {
     match e {
         SubmitError::QueueFull => BackendError::Busy(e.to_string()),
@@ -414,7 +465,7 @@ impl<E: InProcess> EngineBackend<E> {
                 tools: req
                     .tools
                     .as_ref()
-                    .filter(|_| req.tool_choice != Some(crate::api::ToolChoice::None))
+                    .filter(|_| req.tool_choice != Some(jemma_router::api::ToolChoice::None))
                     .map(|ts| ts.iter().map(Tool::to_value).collect()),
                 enable_thinking: req.enable_thinking,
             },
@@ -518,7 +569,7 @@ impl InProcess for Mlx {
             speculative: s
                 .speculative
                 .filter(|sp| sp.rounds > 0)
-                .map(|sp| crate::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
+                .map(|sp| jemma_router::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
         }
     }
 
@@ -616,7 +667,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             speculative: s
                 .speculative
                 .filter(|sp| sp.rounds > 0)
-                .map(|sp| crate::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
+                .map(|sp| jemma_router::api::Speculation::new(sp.rounds, sp.drafted, sp.accepted)),
         }
     }
 

@@ -14,15 +14,15 @@ use jemma_engine::runtime::{Engine, EngineConfig};
 use jemma_models::hub::{Hub, HubConfig, ModelRef, cli_token};
 use jemma_models::{Catalog, PullProgress};
 
-use crate::RouterError;
-use crate::backend::{Backend, BackendState, Probe};
-use crate::classify::Tier;
-use crate::config::{Config, EndpointKind, TierConfig, TierKind, resolve_secret};
-use crate::local::EngineBackend;
-use crate::membership::{remote_endpoint, upstream_backend};
-use crate::pool::{EndpointSpec, Pool, PoolConfig};
-use crate::route::{TierRouter, TierSettings};
-use crate::tier::{BackendFactory, LocalTier, ModelResolver};
+use crate::in_process::EngineBackend;
+use jemma_router::RouterError;
+use jemma_router::backend::{Backend, BackendState, Probe};
+use jemma_router::classify::Tier;
+use jemma_router::config::{Config, EndpointKind, TierConfig, TierKind, resolve_secret};
+use jemma_router::membership::{remote_endpoint, upstream_backend};
+use jemma_router::pool::{EndpointSpec, Pool, PoolConfig};
+use jemma_router::route::{TierRouter, TierSettings};
+use jemma_router::tier::{BackendFactory, LocalTier, ModelResolver};
 
 /// Checkpoint formats the local engines of this build serve.
 #[cfg(feature = "llama")]
@@ -399,7 +399,7 @@ type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<dyn 
 fn factory(
     c: &TierConfig,
     default_max_tokens: u32,
-    limits: crate::api::Limits,
+    limits: jemma_router::api::Limits,
     memory: &Arc<MemoryGovernor>,
     shared: SharedEngines,
     resolver: Arc<HubResolver>,
@@ -568,7 +568,7 @@ fn factory(
             let e = Engine::start(ec).map_err(|e| format!("starting the engine: {e}"))?;
             Arc::new(
                 EngineBackend::new(
-                    crate::local::Mlx {
+                    crate::in_process::Mlx {
                         engine: e,
                         kv_quant: kv,
                     },
@@ -786,15 +786,15 @@ mod tests {
     /// than ignored.
     #[test]
     fn gguf_media_settings_on_an_mlx_tier_are_refused() {
-        let cfg = crate::config::Config::default();
-        let tier = crate::config::TierConfig {
+        let cfg = jemma_router::config::Config::default();
+        let tier = jemma_router::config::TierConfig {
             image_tokens: Some(70),
             ..Default::default()
         };
         let f = super::factory(
             &tier,
             64,
-            crate::api::Limits::default(),
+            jemma_router::api::Limits::default(),
             &super::memory_governor(&cfg),
             Default::default(),
             std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
@@ -829,18 +829,18 @@ mod tests {
 
     /// Why the engine for `model` (a path) of a tier speculating with `sp`, under `cfg`, refused to start.
     fn refusal(
-        cfg: &crate::config::Config,
-        sp: crate::config::SpeculativeTierConfig,
+        cfg: &jemma_router::config::Config,
+        sp: jemma_router::config::SpeculativeTierConfig,
         model: &str,
     ) -> String {
-        let tier = crate::config::TierConfig {
+        let tier = jemma_router::config::TierConfig {
             speculative: Some(sp),
             ..Default::default()
         };
         let f = super::factory(
             &tier,
             64,
-            crate::api::Limits::default(),
+            jemma_router::api::Limits::default(),
             &super::memory_governor(cfg),
             Default::default(),
             std::sync::Arc::new(super::HubResolver::from_config(cfg, &|_| None).unwrap()),
@@ -859,12 +859,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir(dir.path().join("draft-mlx")).unwrap();
         std::fs::write(dir.path().join("draft.gguf"), b"").unwrap();
-        let cfg = crate::config::Config::parse(&format!(
+        let cfg = jemma_router::config::Config::parse(&format!(
             "[models]\ncache_dir = \"{}\"\n",
             dir.path().join("hf").display()
         ))
         .unwrap();
-        let named = |d: &str| crate::config::SpeculativeTierConfig {
+        let named = |d: &str| jemma_router::config::SpeculativeTierConfig {
             draft_model: d.into(),
             ..Default::default()
         };
@@ -885,7 +885,7 @@ mod tests {
     #[test]
     fn draft_sources() {
         use super::DraftSource;
-        use crate::config::{SpeculativeTierConfig, TierConfig};
+        use jemma_router::config::{SpeculativeTierConfig, TierConfig};
         let with = |sp: Option<SpeculativeTierConfig>, kv_bits: Option<i32>| TierConfig {
             speculative: sp,
             kv_bits,
@@ -934,7 +934,7 @@ mod tests {
     /// builds without the engines).
     #[test]
     fn speculative_defaults_are_the_serving_cores() {
-        let c = crate::config::SpeculativeTierConfig::default();
+        let c = jemma_router::config::SpeculativeTierConfig::default();
         let d = jemma_serve::speculative::SpeculativeConfig::default();
         assert_eq!(
             (c.max_draft_tokens, c.max_batch, c.adaptive),
