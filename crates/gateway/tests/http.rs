@@ -4,83 +4,21 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use axum::body::{Body, to_bytes};
 use axum::http::{Request, StatusCode};
 use jemma_gateway::{AppState, router};
-use jemma_router::api::{ChatRequest, Limits, Usage};
-use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream};
+use jemma_router::api::Limits;
+use jemma_router::backend::Backend;
 use jemma_router::breaker::BreakerConfig;
 use jemma_router::classify::{ClassifierConfig, Tier};
 use jemma_router::route::{TierRouter, TierSettings};
+use jemma_router::testing::{Script, Scripted};
 use serde_json::{Value, json};
-use tokio::sync::mpsc;
 use tower::ServiceExt;
 
-struct Echo {
-    hang: bool,
-}
-
-#[async_trait]
-impl Backend for Echo {
-    fn model(&self) -> String {
-        "echo".into()
-    }
-    async fn start(
-        &self,
-        req: &ChatRequest,
-        _c: Option<&str>,
-    ) -> Result<ChunkStream, BackendError> {
-        let (tx, rx) = mpsc::channel(8);
-        let text = req.last_user.clone();
-        let hang = self.hang;
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(Chunk::Started {
-                    prompt_tokens: 5,
-                    cached_tokens: 0,
-                }))
-                .await;
-            if hang {
-                tx.closed().await;
-                return;
-            }
-            for w in text.split_inclusive(' ') {
-                let _ = tx.send(Ok(Chunk::Content(w.to_string()))).await;
-            }
-            let _ = tx
-                .send(Ok(Chunk::ToolCall {
-                    name: "lookup".into(),
-                    arguments: "{\"q\":1}".into(),
-                }))
-                .await;
-            let _ = tx
-                .send(Ok(Chunk::Done {
-                    stop_sequence: None,
-                    served_by: None,
-                    speculative: None,
-                    finish_reason: jemma_router::backend::FinishReason::ToolCalls,
-                    usage: Usage {
-                        prompt_tokens: 5,
-                        completion_tokens: 2,
-                        total_tokens: 7,
-                        prompt_tokens_details: None,
-                        completion_tokens_details: None,
-                    },
-                    decode_tps: Some(99.0),
-                }))
-                .await;
-        });
-        Ok(rx)
-    }
-    fn health(&self) -> BackendHealth {
-        BackendHealth {
-            state: jemma_router::backend::BackendState::Ready,
-            model: "echo".into(),
-            model_loaded: true,
-            ..Default::default()
-        }
-    }
+/// The shared test double, echoing the question back with a tool call (or hanging after it starts).
+fn echo(hang: bool) -> Arc<dyn Backend> {
+    Scripted::new("echo", if hang { Script::Hang } else { Script::Echo })
 }
 
 fn settings(max_concurrency: usize, max_queue: usize) -> TierSettings {
@@ -100,13 +38,7 @@ fn settings(max_concurrency: usize, max_queue: usize) -> TierSettings {
 
 fn app(hang: bool, queue: usize) -> axum::Router {
     let tiers = [Tier::Fast, Tier::Primary]
-        .map(|t| {
-            (
-                t,
-                Arc::new(Echo { hang }) as Arc<dyn Backend>,
-                settings(1, queue),
-            )
-        })
+        .map(|t| (t, echo(hang), settings(1, queue)))
         .to_vec();
     let r = Arc::new(TierRouter::new(ClassifierConfig::default(), tiers));
     router(AppState::new(
@@ -483,11 +415,7 @@ async fn cors_allows_only_the_apps_origin() {
 }
 
 fn app_with_access(access: jemma_gateway::auth::AccessPolicy) -> axum::Router {
-    let tiers = vec![(
-        Tier::Fast,
-        Arc::new(Echo { hang: false }) as Arc<dyn Backend>,
-        settings(4, 4),
-    )];
+    let tiers = vec![(Tier::Fast, echo(false), settings(4, 4))];
     let r = Arc::new(TierRouter::new(ClassifierConfig::default(), tiers));
     router(
         AppState::new(r, Limits::default(), 64 * 1024, Duration::from_secs(1)).with_access(access),

@@ -19,6 +19,8 @@ pub mod membership;
 pub mod pool;
 pub mod responses;
 pub mod route;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod tier;
 
 /// Everything routing can refuse or fail with.

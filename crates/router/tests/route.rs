@@ -5,7 +5,7 @@
 //! idle) and the router's deadlines and cooldowns read that clock (`jemma_router::breaker::now`), so the
 //! tests neither wait on nor race the wall clock.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,166 +16,8 @@ use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkSt
 use jemma_router::breaker::BreakerConfig;
 use jemma_router::classify::{ClassifierConfig, Tier};
 use jemma_router::route::{Output, TierRouter, TierSettings};
+use jemma_router::testing::{Script, Scripted};
 use tokio::sync::mpsc;
-
-/// What a scripted backend does on each call.
-#[derive(Clone)]
-enum Script {
-    /// Answer with these pieces.
-    Answer(Vec<&'static str>),
-    /// Fail before any token.
-    Fail,
-    /// Fail before any token with a 503 that says when to come back (an upstream's `Retry-After`).
-    FailRetryAfter(u64),
-    /// Emit these pieces, then break.
-    BreakAfter(Vec<&'static str>),
-    /// Never answer.
-    Hang,
-    /// Refuse with a 429 that says when to come back.
-    Throttle(u64),
-}
-
-struct Scripted {
-    name: &'static str,
-    script: Mutex<Script>,
-    calls: AtomicUsize,
-    continuations: Mutex<Vec<Option<String>>>,
-    cancelled: Arc<AtomicUsize>,
-    /// What it says it runs at once (None: does not say).
-    capacity: Mutex<Option<usize>>,
-    /// Whether its health (and so a pool's probe of it) says it serves.
-    up: std::sync::atomic::AtomicBool,
-    /// Whether it stands for another Jemma node.
-    peer: std::sync::atomic::AtomicBool,
-    /// What its model takes in (empty: not known).
-    modalities: Mutex<Vec<String>>,
-}
-
-impl Scripted {
-    fn new(name: &'static str, script: Script) -> Arc<Self> {
-        Arc::new(Self {
-            name,
-            script: Mutex::new(script),
-            calls: AtomicUsize::new(0),
-            continuations: Mutex::new(vec![]),
-            cancelled: Arc::new(AtomicUsize::new(0)),
-            capacity: Mutex::new(None),
-            up: std::sync::atomic::AtomicBool::new(true),
-            peer: std::sync::atomic::AtomicBool::new(false),
-            modalities: Mutex::new(vec![]),
-        })
-    }
-    fn set(&self, s: Script) {
-        *self.script.lock().unwrap() = s;
-    }
-}
-
-#[async_trait]
-impl Backend for Scripted {
-    fn model(&self) -> String {
-        self.name.into()
-    }
-    async fn start(
-        &self,
-        _req: &ChatRequest,
-        continuation: Option<&str>,
-    ) -> Result<ChunkStream, BackendError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        self.continuations
-            .lock()
-            .unwrap()
-            .push(continuation.map(String::from));
-        let script = self.script.lock().unwrap().clone();
-        if let Script::Fail = script {
-            return Err(BackendError::Upstream {
-                status: 500,
-                message: "boom".into(),
-                retry_after_secs: None,
-            });
-        }
-        if let Script::FailRetryAfter(secs) = script {
-            return Err(BackendError::Upstream {
-                status: 503,
-                message: "overloaded".into(),
-                retry_after_secs: Some(secs),
-            });
-        }
-        if let Script::Throttle(secs) = script {
-            return Err(BackendError::Upstream {
-                status: 429,
-                message: "slow down".into(),
-                retry_after_secs: Some(secs),
-            });
-        }
-        let (tx, rx) = mpsc::channel(8);
-        let cancelled = self.cancelled.clone();
-        tokio::spawn(async move {
-            let _ = tx
-                .send(Ok(Chunk::Started {
-                    prompt_tokens: 3,
-                    cached_tokens: 0,
-                }))
-                .await;
-            match script {
-                Script::Answer(pieces) => {
-                    for p in &pieces {
-                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
-                    }
-                    let n = pieces.len() as u64;
-                    let _ = tx
-                        .send(Ok(Chunk::Done {
-                            stop_sequence: None,
-                            served_by: None,
-                            speculative: None,
-                            finish_reason: jemma_router::backend::FinishReason::Stop,
-                            usage: Usage {
-                                prompt_tokens: 3,
-                                completion_tokens: n,
-                                total_tokens: 3 + n,
-                                prompt_tokens_details: None,
-                                completion_tokens_details: None,
-                            },
-                            decode_tps: Some(10.0),
-                        }))
-                        .await;
-                }
-                Script::BreakAfter(pieces) => {
-                    for p in pieces {
-                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
-                    }
-                    let _ = tx
-                        .send(Err(BackendError::Broken("connection reset".into())))
-                        .await;
-                }
-                Script::Hang => {
-                    tx.closed().await;
-                    cancelled.fetch_add(1, Ordering::SeqCst);
-                }
-                Script::Fail | Script::FailRetryAfter(_) | Script::Throttle(_) => unreachable!(),
-            }
-        });
-        Ok(rx)
-    }
-    fn capacity(&self) -> Option<usize> {
-        *self.capacity.lock().unwrap()
-    }
-    fn is_peer(&self) -> bool {
-        self.peer.load(Ordering::SeqCst)
-    }
-    fn health(&self) -> BackendHealth {
-        BackendHealth {
-            state: if self.up.load(Ordering::SeqCst) {
-                jemma_router::backend::BackendState::Ready
-            } else {
-                jemma_router::backend::BackendState::Unreachable
-            },
-            model: self.name.into(),
-            model_loaded: true,
-            input_modalities: self.modalities.lock().unwrap().clone(),
-            ..Default::default()
-        }
-    }
-}
 
 fn settings(first_token_ms: u64) -> TierSettings {
     TierSettings {
@@ -1170,7 +1012,7 @@ async fn audio_goes_to_a_tier_whose_model_hears_it() {
     let a = collect(r.chat(clip("auto", true)).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "fast");
     // Heavy named, failing: its fallback skips primary, which cannot hear.
-    *heavy.script.lock().unwrap() = Script::Fail;
+    heavy.set(Script::Fail);
     let a = collect(r.chat(clip("heavy", false)).unwrap()).await;
     assert_eq!(a.text, "e2b");
 }

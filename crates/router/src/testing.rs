@@ -1,0 +1,197 @@
+//! The one test double for [`Backend`] (feature `testing`, for tests only): [`Scripted`], a backend that
+//! does what its [`Script`] says on each call and counts what it was asked. The router's tests script
+//! failures, hangs and throttling with it; the gateway's tests use [`Script::Echo`], an answer built from
+//! the request. Like tensorzero's dummy provider, one double serves every crate's tests, so a change to the
+//! [`Backend`] contract is made in one place.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+use crate::api::{ChatRequest, Usage};
+use crate::backend::{
+    Backend, BackendError, BackendHealth, BackendState, Chunk, ChunkStream, FinishReason,
+};
+
+/// What a [`Scripted`] backend does on each call.
+#[derive(Clone, Debug)]
+pub enum Script {
+    /// Answers with these pieces (3 prompt tokens, one completion token per piece, `stop`).
+    Answer(Vec<&'static str>),
+    /// Answers with the request's last user message, one piece per word, then a call of `lookup` with
+    /// `{"q":1}` (5 prompt tokens, 2 completion tokens, `tool_calls`, 99 tok/s): every kind of chunk a
+    /// front end renders.
+    Echo,
+    /// Fails before any token with a 500.
+    Fail,
+    /// Fails before any token with a 503 that says when to come back (an upstream's `Retry-After`, s).
+    FailRetryAfter(u64),
+    /// Sends these pieces, then breaks (a connection reset mid-stream).
+    BreakAfter(Vec<&'static str>),
+    /// Starts, then never answers; counts the stream's cancellation when the caller drops it.
+    Hang,
+    /// Refuses with a 429 that says when to come back (s).
+    Throttle(u64),
+}
+
+/// A backend that follows its [`Script`] and records its calls. Its fields are what tests read and set.
+pub struct Scripted {
+    /// The model name it reports (and answers as).
+    pub name: &'static str,
+    script: Mutex<Script>,
+    /// Calls of [`Backend::start`].
+    pub calls: AtomicUsize,
+    /// The continuation each call was given (None: a fresh answer).
+    pub continuations: Mutex<Vec<Option<String>>>,
+    /// Streams of [`Script::Hang`] that the caller dropped.
+    pub cancelled: Arc<AtomicUsize>,
+    /// What it says it runs at once ([`Backend::capacity`]; None: does not say).
+    pub capacity: Mutex<Option<usize>>,
+    /// Whether its health (and so a pool's probe of it) says it serves.
+    pub up: AtomicBool,
+    /// Whether it stands for another Jemma node ([`Backend::is_peer`]).
+    pub peer: AtomicBool,
+    /// What its model takes in, as `/health` lists it (empty: not known).
+    pub modalities: Mutex<Vec<String>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Scripted {
+    /// A backend named `name` that follows `script`, up and not a peer.
+    pub fn new(name: &'static str, script: Script) -> Arc<Self> {
+        Arc::new(Self {
+            name,
+            script: Mutex::new(script),
+            calls: AtomicUsize::new(0),
+            continuations: Mutex::new(vec![]),
+            cancelled: Arc::new(AtomicUsize::new(0)),
+            capacity: Mutex::new(None),
+            up: AtomicBool::new(true),
+            peer: AtomicBool::new(false),
+            modalities: Mutex::new(vec![]),
+        })
+    }
+
+    /// Replaces the script for the next calls.
+    pub fn set(&self, s: Script) {
+        *lock(&self.script) = s;
+    }
+}
+
+fn done(finish_reason: FinishReason, prompt: u64, completion: u64, tps: f64) -> Chunk {
+    Chunk::Done {
+        stop_sequence: None,
+        served_by: None,
+        speculative: None,
+        finish_reason,
+        usage: Usage {
+            prompt_tokens: prompt,
+            completion_tokens: completion,
+            total_tokens: prompt + completion,
+            prompt_tokens_details: None,
+            completion_tokens_details: None,
+        },
+        decode_tps: Some(tps),
+    }
+}
+
+#[async_trait]
+impl Backend for Scripted {
+    fn model(&self) -> String {
+        self.name.into()
+    }
+
+    async fn start(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+    ) -> Result<ChunkStream, BackendError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        lock(&self.continuations).push(continuation.map(String::from));
+        let script = lock(&self.script).clone();
+        let refusal = |status: u16, message: &str, retry_after_secs| BackendError::Upstream {
+            status,
+            message: message.into(),
+            retry_after_secs,
+        };
+        match script {
+            Script::Fail => return Err(refusal(500, "boom", None)),
+            Script::FailRetryAfter(secs) => return Err(refusal(503, "overloaded", Some(secs))),
+            Script::Throttle(secs) => return Err(refusal(429, "slow down", Some(secs))),
+            _ => {}
+        }
+        let (tx, rx) = mpsc::channel(8);
+        let cancelled = self.cancelled.clone();
+        let last_user = req.last_user.clone();
+        tokio::spawn(async move {
+            let prompt_tokens = if matches!(script, Script::Echo) { 5 } else { 3 };
+            let _ = tx
+                .send(Ok(Chunk::Started {
+                    prompt_tokens,
+                    cached_tokens: 0,
+                }))
+                .await;
+            match script {
+                Script::Answer(pieces) => {
+                    for p in &pieces {
+                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
+                    }
+                    let n = pieces.len() as u64;
+                    let _ = tx.send(Ok(done(FinishReason::Stop, 3, n, 10.0))).await;
+                }
+                Script::Echo => {
+                    for w in last_user.split_inclusive(' ') {
+                        let _ = tx.send(Ok(Chunk::Content(w.to_string()))).await;
+                    }
+                    let call = Chunk::ToolCall {
+                        name: "lookup".into(),
+                        arguments: "{\"q\":1}".into(),
+                    };
+                    let _ = tx.send(Ok(call)).await;
+                    let _ = tx.send(Ok(done(FinishReason::ToolCalls, 5, 2, 99.0))).await;
+                }
+                Script::BreakAfter(pieces) => {
+                    for p in pieces {
+                        let _ = tx.send(Ok(Chunk::Content(p.to_string()))).await;
+                    }
+                    let broken = BackendError::Broken("connection reset".into());
+                    let _ = tx.send(Err(broken)).await;
+                }
+                Script::Hang => {
+                    tx.closed().await;
+                    cancelled.fetch_add(1, Ordering::SeqCst);
+                }
+                // Refusals returned above.
+                Script::Fail | Script::FailRetryAfter(_) | Script::Throttle(_) => {}
+            }
+        });
+        Ok(rx)
+    }
+
+    fn capacity(&self) -> Option<usize> {
+        *lock(&self.capacity)
+    }
+
+    fn is_peer(&self) -> bool {
+        self.peer.load(Ordering::SeqCst)
+    }
+
+    fn health(&self) -> BackendHealth {
+        BackendHealth {
+            state: if self.up.load(Ordering::SeqCst) {
+                BackendState::Ready
+            } else {
+                BackendState::Unreachable
+            },
+            model: self.name.into(),
+            model_loaded: true,
+            input_modalities: lock(&self.modalities).clone(),
+            ..Default::default()
+        }
+    }
+}
