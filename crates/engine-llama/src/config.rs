@@ -1,0 +1,106 @@
+//! The engine's settings ([`LlamaConfig`]) and their defaults (threads, parallel sequences, prefix-cache
+//! bytes).
+
+use super::*;
+
+/// Whether this build offloads to a GPU (CUDA or Metal).
+pub const GPU_OFFLOAD: bool = cfg!(any(feature = "cuda", feature = "metal"));
+
+/// Settings of a llama.cpp engine.
+#[derive(Debug, Clone)]
+pub struct LlamaConfig {
+    /// The GGUF file.
+    pub model_path: PathBuf,
+    /// Name shown for the model (default: the file name without `.gguf`).
+    pub name: Option<String>,
+    /// Context length (None: the model's training context, capped at 32768 to bound the KV cache).
+    pub context_length: Option<u32>,
+    /// Threads for decoding (None: see [`default_threads`]).
+    pub threads: Option<i32>,
+    /// Threads for prompt processing (None: all cores).
+    pub batch_threads: Option<i32>,
+    /// Layers on the GPU (None: all when built with a GPU backend, else 0).
+    pub gpu_layers: Option<u32>,
+    /// Prompt tokens per decode call (the prefill chunk).
+    pub batch_size: u32,
+    /// Requests decoded together (llama.cpp sequences in one context, each with the whole served context;
+    /// the KV cache grows with it). Default: [`default_parallel`].
+    pub parallel: u32,
+    /// Requests that may wait before submissions are refused.
+    pub queue_capacity: usize,
+    /// Events buffered per request.
+    pub event_buffer: usize,
+    /// Release the model after this long without a request (None: keep it loaded).
+    pub keep_alive: Option<Duration>,
+    /// Load at start (true) or at the first request (false).
+    pub preload: bool,
+    /// The process-wide memory budget the model's footprint is reserved from (None: no check).
+    pub memory: Option<Arc<jemma_serve::memory::MemoryGovernor>>,
+    /// Speculative decoding with a draft GGUF (None: off).
+    pub speculative: Option<LlamaSpeculative>,
+    /// Host memory for sequence caches kept beyond the slots (llama-server's `--cache-ram`), bytes: when
+    /// a request takes over a slot, the conversation the slot held is saved here, and a later prompt that
+    /// continues it is restored from here instead of read again. Counted in the footprint the memory budget
+    /// governs. None: [`default_prefix_cache_bytes`]; 0: off.
+    pub prefix_cache_bytes: Option<u64>,
+    /// The model's multimodal projector GGUF (llama.cpp's mmproj: its vision and audio towers), through
+    /// which libmtmd puts images and audio before the model. None: text only.
+    pub mmproj_path: Option<PathBuf>,
+    /// The mmproj was found beside the model or paired by a catalog rather than named: if it cannot be
+    /// read or loaded the model serves text (logged) instead of failing to load.
+    pub mmproj_optional: bool,
+    /// Soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`; a quarter at
+    /// `detail: "low"`). Default: [`DEFAULT_IMAGE_SOFT_TOKENS`].
+    pub image_soft_tokens: usize,
+}
+
+impl LlamaConfig {
+    /// Defaults for a GGUF file.
+    pub fn new(model_path: impl Into<PathBuf>) -> Self {
+        Self {
+            model_path: model_path.into(),
+            name: None,
+            context_length: None,
+            threads: None,
+            batch_threads: None,
+            gpu_layers: None,
+            batch_size: 512,
+            parallel: default_parallel(),
+            queue_capacity: 16,
+            event_buffer: 64,
+            keep_alive: None,
+            preload: true,
+            memory: None,
+            speculative: None,
+            prefix_cache_bytes: None,
+            mmproj_path: None,
+            mmproj_optional: false,
+            image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
+        }
+    }
+}
+
+/// Host memory kept for saved sequence caches by default, bytes: one slot's KV (`kv_per_sequence`, as
+/// much as a full-context conversation or several shorter ones hold), at most 8 GiB (llama-server's
+/// `--cache-ram` default). It is reserved with the model, so more would cost slots on a tight budget.
+pub fn default_prefix_cache_bytes(kv_per_sequence: u64) -> u64 {
+    kv_per_sequence.min(8 << 30)
+}
+
+/// Decode threads by default: every core but one above 4 cores (the gateway and the OS keep one), all of
+/// them up to 4. Decoding is memory-bound, so more threads than cores only adds contention.
+pub fn default_threads() -> i32 {
+    let n = std::thread::available_parallelism().map_or(1, |n| n.get()) as i32;
+    if n > 4 { n - 1 } else { n }
+}
+
+/// The most sequences one context may decode together.
+pub const MAX_PARALLEL: u32 = 64;
+
+/// Requests decoded together by default: 8 with CUDA (the heavy tier: a data-centre GPU has the memory
+/// bandwidth and VRAM for more), else 4. Decoding one token reads every weight once, so a batch of `n`
+/// sequences costs little more than one until compute becomes the bound — on a CPU or an Apple GPU around 4
+/// to 8 rows — while each sequence's KV cache is reserved in full (llama-server's default is 4 slots).
+pub fn default_parallel() -> u32 {
+    if cfg!(feature = "cuda") { 8 } else { 4 }
+}

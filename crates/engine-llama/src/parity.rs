@@ -1,0 +1,181 @@
+//! Helpers for parity tests and tools (`jemma generate --logits-out`): a prompt's logits, and a bare
+//! session that replays token operations against llama.cpp without the serving core.
+
+use super::*;
+
+/// Runs the prompt through `ctx` (cleared first) and returns the logits of its last position; used by
+/// parity tests against mlx-lm.
+pub fn prompt_logits(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    batch_size: usize,
+) -> Result<Vec<f32>> {
+    prefill(ctx, ids, batch_size)?;
+    let _ = loaded;
+    Ok(ctx
+        .get_logits_ith(ids.len() as i32 - 1 - last_chunk_start(ids.len(), batch_size) as i32)
+        .to_vec())
+}
+
+/// A loaded model with a context, for one-shot use (`jemma generate --engine llama`, parity tests).
+pub struct Session {
+    pub(crate) loaded: Loaded,
+}
+
+impl Session {
+    /// Loads the GGUF.
+    pub fn load(config: &LlamaConfig) -> Result<Self> {
+        Ok(Self {
+            loaded: load(config, |_| true)?,
+        })
+    }
+
+    /// The loaded model.
+    pub fn loaded(&self) -> &Loaded {
+        &self.loaded
+    }
+
+    pub(crate) fn context(
+        &self,
+        n_ctx: usize,
+        n_batch: usize,
+        threads: i32,
+    ) -> Result<llama_cpp_2::context::LlamaContext<'_>> {
+        let params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+            .with_n_batch(n_batch as u32)
+            .with_n_ubatch(n_batch as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        self.loaded
+            .model
+            .new_context(backend()?, params)
+            .map_err(|e| LlamaError::Runtime(e.to_string()))
+    }
+
+    /// Logits of the last prompt position, and greedy continuation tokens, in one fresh context.
+    pub fn logits_and_greedy(
+        &self,
+        ids: &[u32],
+        steps: usize,
+        threads: i32,
+    ) -> Result<(Vec<f32>, Vec<u32>)> {
+        let mut ctx = self.context(ids.len() + steps + 8, 512, threads)?;
+        let toks: Vec<LlamaToken> = ids.iter().map(|&i| LlamaToken(i as i32)).collect();
+        let logits = prompt_logits(&self.loaded, &mut ctx, &toks, 512)?;
+        let mut out = vec![];
+        let mut last = argmax(&logits);
+        let mut batch = LlamaBatch::new(1, 1);
+        for pos in toks.len()..toks.len() + steps {
+            out.push(last);
+            batch.clear();
+            batch
+                .add(LlamaToken(last as i32), pos as i32, &[0], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+            ctx.decode(&mut batch)
+                .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+            last = argmax(ctx.get_logits_ith(0));
+        }
+        Ok((logits, out))
+    }
+}
+
+/// One step of [`Session::replay`].
+#[derive(Debug, Clone)]
+pub enum ReplayOp {
+    /// Decode these tokens as one batch, at the positions following the sequence's current end.
+    Decode(Vec<u32>),
+    /// Remove the positions from this one on (`llama_memory_seq_rm`).
+    Trim(usize),
+}
+
+impl Session {
+    /// The logits of the last decoded token after running `ops` in a fresh context of `n_ctx` tokens: a
+    /// cold reference with chosen batch boundaries. llama.cpp's CPU kernels depend on a batch's size (a
+    /// different split changes the low bits), so comparing the prefix cache with a cold run is exact only
+    /// when both split the prompt the same way.
+    ///
+    /// Errors: a decode or trim fails, or no token was decoded.
+    pub fn replay(&self, ops: &[ReplayOp], n_ctx: usize, threads: i32) -> Result<Vec<f32>> {
+        let widest = ops
+            .iter()
+            .map(|o| match o {
+                ReplayOp::Decode(t) => t.len(),
+                ReplayOp::Trim(_) => 0,
+            })
+            .max()
+            .unwrap_or(1)
+            .max(1);
+        let mut ctx = self.context(n_ctx, widest, threads)?;
+        let mut pos = 0usize;
+        let mut last = None;
+        for op in ops {
+            match op {
+                ReplayOp::Decode(toks) => {
+                    let mut batch = LlamaBatch::new(toks.len().max(1), 1);
+                    for (i, &t) in toks.iter().enumerate() {
+                        batch
+                            .add(
+                                LlamaToken(t as i32),
+                                (pos + i) as i32,
+                                &[0],
+                                i + 1 == toks.len(),
+                            )
+                            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    }
+                    ctx.decode(&mut batch)
+                        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+                    pos += toks.len();
+                    last = Some(ctx.get_logits_ith(batch.n_tokens() - 1).to_vec());
+                }
+                ReplayOp::Trim(at) => {
+                    ctx.clear_kv_cache_seq(Some(0), Some(*at as u32), None)
+                        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+                    pos = *at;
+                }
+            }
+        }
+        last.ok_or_else(|| LlamaError::InvalidRequest("nothing was decoded".into()))
+    }
+}
+
+impl Session {
+    /// For each position of `ids`, the argmax of the next-token logits and its margin over the runner-up
+    /// (one forward pass over the whole sequence, teacher-forced). Parity tests use the margin to tell a
+    /// real mismatch from a near-tie that float rounding may flip.
+    pub fn teacher_forced(&self, ids: &[u32], threads: i32) -> Result<Vec<(u32, f32)>> {
+        let n = ids.len();
+        let mut ctx = self.context(n + 8, n.max(1), threads)?;
+        let mut batch = LlamaBatch::new(n.max(1), 1);
+        for (i, &t) in ids.iter().enumerate() {
+            batch
+                .add(LlamaToken(t as i32), i as i32, &[0], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        Ok((0..n)
+            .map(|i| {
+                let l = ctx.get_logits_ith(i as i32);
+                let best = argmax(l);
+                let second = l
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, _)| *j as u32 != best)
+                    .map(|(_, v)| *v)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                (best, l[best as usize] - second)
+            })
+            .collect())
+    }
+}
+
+pub(crate) fn argmax(v: &[f32]) -> u32 {
+    v.iter()
+        .enumerate()
+        .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
+            if x > bv { (i, x) } else { (bi, bv) }
+        })
+        .0 as u32
+}

@@ -1,0 +1,1026 @@
+//! The llama.cpp runner the serving core drives: admission into a slot (llama.cpp sequence), chunked
+//! prefill, one batched decode step for every running sequence, and the sequences' decoding state.
+
+use super::*;
+
+/// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and one
+/// slot per llama.cpp sequence: the serving core's record of the tokens whose KV that sequence holds (its
+/// prefix cache entry) and whether a request is using it.
+pub(crate) struct Serving {
+    /// The mmproj's towers; declared before `cell` so that it is dropped before the model it points to.
+    pub(crate) mtmd: Option<media::Mtmd>,
+    pub(crate) cell: SessionCell,
+    /// The draft model, when speculative decoding is configured.
+    pub(crate) drafts: Option<speculative::Drafts>,
+    pub(crate) slots: Vec<Slot>,
+    /// Advances at each admission; orders the slots by last use.
+    pub(crate) clock: u64,
+    /// Sequence caches saved in host memory when their slot was taken over (llama-server's `--cache-ram`).
+    pub(crate) pool: PrefixPool<Saved>,
+    /// Bytes the pool may hold ([`LlamaConfig::prefix_cache_bytes`]).
+    pub(crate) pool_budget: u64,
+    /// A KV stream copy was queued (llama.cpp applies it at the next decode) and no step has decoded
+    /// since: set by [`share_prefix`], cleared by a step that succeeds. While set, nothing reads or writes
+    /// a stream's buffer outside a decode (saves to and restores from the pool), which the copy could
+    /// land on afterwards. Only a failed step leaves it set.
+    pub(crate) copy_pending: bool,
+}
+
+/// A sequence's cache saved in host memory (the pool's entry): llama.cpp's serialised state of that
+/// sequence, which any slot can be restored from.
+#[derive(Clone)]
+pub(crate) struct Saved {
+    pub(crate) state: Arc<SeqState>,
+    /// The lowest position the restored sliding-window layers hold: llama.cpp serialises only the cells
+    /// inside the window of the sequence's last position, so a restored cache can be cut back only as far
+    /// as that window allows (see [`window_holds`]).
+    pub(crate) window_start: i32,
+}
+
+/// Entries the host-memory pool holds at most (it is bounded in bytes first).
+pub(crate) const POOL_ENTRIES: usize = 64;
+
+/// A slot's conversation is saved to the pool when a request takes the slot over only if it holds at
+/// least this many tokens that the request does not keep: a shorter one is cheaper to read again than to
+/// save and restore.
+pub(crate) const MIN_SAVED_TOKENS: usize = 64;
+
+/// A prefill takes another sequence's or the pool's cache only for at least this many more prompt tokens
+/// than its own slot keeps, and for at least 1/64 of the context: a copy moves a whole KV stream (every
+/// cell of every layer, whatever the prefix's length), which for a few tokens costs more than reading
+/// them. A heuristic: memory copies at ~10 GB/s against prefill at a few hundred to a few thousand tokens
+/// per second.
+pub(crate) const MIN_SHARED_GAIN: usize = 32;
+
+/// [`MIN_SHARED_GAIN`] for a context of `n_ctx` tokens.
+pub(crate) fn min_shared_gain(n_ctx: u32) -> usize {
+    MIN_SHARED_GAIN.max(n_ctx as usize / 64)
+}
+
+/// Whether a sequence whose sliding-window layers hold positions from `window_start` on can keep its
+/// first `keep` positions and go on from there: the next position's window must still be there
+/// (llama-server's check, `pos_min > max(0, n_past - n_swa)` refuses). Always for a model without
+/// sliding-window layers.
+pub(crate) fn window_holds(window_start: i32, keep: usize, n_swa: Option<u32>) -> bool {
+    n_swa.is_none_or(|w| window_start <= (keep as i64 - w as i64).max(0) as i32)
+}
+
+/// One llama.cpp sequence (its own KV stream, `kv_unified = false`) is one of the core's cache slots.
+pub(crate) type Slot = CacheSlot;
+
+pub(crate) type Context<'a> = llama_cpp_2::context::LlamaContext<'a>;
+
+self_cell::self_cell!(
+    pub(crate) struct SessionCell {
+        owner: Loaded,
+        #[covariant]
+        dependent: Context,
+    }
+);
+
+/// The llama.cpp engine as the serving core drives it: up to `parallel` sequences in one context, decoded
+/// together.
+pub(crate) struct LlamaRunner {
+    pub(crate) config: LlamaConfig,
+    pub(crate) threads: i32,
+    /// Sequences the next load serves: `config.parallel`, halved while the memory budget refuses that
+    /// many ([`ModelRunner::shrink`]); set again from the configuration at each plan.
+    pub(crate) planned: u32,
+    /// What speculative decoding did since the model loaded.
+    pub(crate) speculated: SpeculativeStats,
+    /// The most sequences verified together since the model loaded.
+    pub(crate) largest_verify: usize,
+    /// Host memory for saved sequence caches at the current plan, bytes.
+    pub(crate) pool_budget: u64,
+    /// The pool's entries and bytes after the last admission or step, for [`ModelRunner::refresh`].
+    pub(crate) pool_held: (usize, u64),
+}
+
+impl LlamaRunner {
+    pub(crate) fn parallel(&self) -> u32 {
+        self.planned.clamp(1, MAX_PARALLEL)
+    }
+
+    /// Tokens one `llama_decode` takes: the prefill chunk, and at least one decode row per sequence and,
+    /// with an mmproj, one whole image and its two markers (an image is decoded in one batch: its soft
+    /// tokens attend to each other on the larger Gemma 4 models).
+    pub(crate) fn batch(&self) -> u32 {
+        let image = if self.config.mmproj_path.is_some() {
+            self.config.image_soft_tokens as u32 + 2
+        } else {
+            0
+        };
+        self.config.batch_size.max(self.parallel()).max(image)
+    }
+
+    pub(crate) fn footprint(&self) -> Result<u64, LoadError> {
+        let target = gguf::footprint(
+            &self.config.model_path,
+            self.config.context_length,
+            self.batch(),
+            self.parallel(),
+        )
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        // The draft's weights and a context of the target's shape (one sequence per slot).
+        let draft = match &self.config.speculative {
+            Some(sp) => gguf::footprint(
+                &sp.draft_model,
+                Some(
+                    gguf::served_context_of(&self.config.model_path, self.config.context_length)
+                        .map_err(|e| LoadError::Failed(e.to_string()))?,
+                ),
+                self.config.batch_size,
+                self.parallel(),
+            )
+            .map_err(|e| {
+                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+            })?,
+            None => 0,
+        };
+        // The mmproj's towers: their weights and what encoding one image takes.
+        let mmproj = match &self.config.mmproj_path {
+            Some(mm) => match media::footprint(mm, self.config.image_soft_tokens) {
+                Ok(b) => b,
+                Err(_) if self.config.mmproj_optional => 0,
+                Err(e) => return Err(LoadError::Failed(e.to_string())),
+            },
+            None => 0,
+        };
+        Ok(target + draft + mmproj + self.pool_budget()?)
+    }
+
+    /// Host memory for saved sequence caches at the current plan ([`LlamaConfig::prefix_cache_bytes`]).
+    pub(crate) fn pool_budget(&self) -> Result<u64, LoadError> {
+        match self.config.prefix_cache_bytes {
+            Some(b) => Ok(b),
+            None => gguf::kv_bytes_per_sequence(
+                &self.config.model_path,
+                self.config.context_length,
+                self.config.batch_size,
+            )
+            .map(default_prefix_cache_bytes)
+            .map_err(|e| LoadError::Failed(e.to_string())),
+        }
+    }
+}
+
+impl ModelRunner for LlamaRunner {
+    type Model = Serving;
+    type Request = Request;
+    type Summary = Summary;
+    type Info = LlamaInfo;
+    type Sequence = LlamaSequence;
+
+    fn plan(&mut self, info: &mut LlamaInfo) -> Result<Option<u64>, LoadError> {
+        self.planned = self.config.parallel;
+        let bytes = self.footprint()?;
+        info.footprint_bytes = Some(bytes);
+        // With layers on a discrete GPU (CUDA: the heavy tier) the weights and KV cache live in VRAM, which
+        // the host's budget does not govern, while the saved caches stay in host memory; Metal shares the
+        // host's memory, so there everything counts.
+        if cfg!(feature = "cuda") && self.config.gpu_layers != Some(0) {
+            return Ok(Some(self.pool_budget()?));
+        }
+        Ok(Some(bytes))
+    }
+
+    fn shrink(&mut self, info: &mut LlamaInfo) -> Option<u64> {
+        if self.parallel() <= 1 {
+            return None;
+        }
+        self.planned = self.parallel() / 2;
+        let bytes = self.footprint().ok()?;
+        info.footprint_bytes = Some(bytes);
+        Some(bytes)
+    }
+
+    fn load(
+        &mut self,
+        progress: &Progress,
+        info: &mut LlamaInfo,
+    ) -> Result<(Serving, usize), LoadError> {
+        let progress = progress.clone();
+        let loaded = load(&self.config, move |p| {
+            progress(p);
+            true
+        })
+        .map_err(|e| LoadError::Failed(e.to_string()))?;
+        let threads = self.threads;
+        let batch_threads = self
+            .config
+            .batch_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()) as i32);
+        let parallel = self.parallel();
+        // One KV stream per sequence (kv_unified = false), each holding the whole served context: a
+        // sequence's cells sit where they would if it ran alone, so batched answers equal lone ones, and
+        // attention reads only the sequence's own cells (llama.cpp's advice when sequences do not share a
+        // long prefix). llama.cpp divides n_ctx among the streams.
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(loaded.n_ctx * parallel))
+            .with_n_seq_max(parallel)
+            .with_kv_unified(false)
+            // Sliding-window layers keep every cell (the C API's default, made explicit), not just their
+            // window and a batch (llama-server's `swa_full = false`): then a trim back past the window
+            // stays exact, and a saved state restores exactly; with a ring, measured on Gemma 3 270M,
+            // llama.cpp restored a state whose ring had wrapped (a sequence longer than window + batch)
+            // with logprobs off by up to 0.3. The cost is KV memory, which the footprint counts
+            // (`gguf::footprint`).
+            .with_swa_full(true)
+            // A decode step carries one token per sequence: the batch must hold them all.
+            .with_n_batch(self.batch())
+            .with_n_ubatch(self.batch())
+            .with_n_threads(threads)
+            .with_n_threads_batch(batch_threads);
+        let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
+        let n_ctx = loaded.n_ctx;
+        let gpu = self
+            .config
+            .gpu_layers
+            .unwrap_or(if GPU_OFFLOAD {
+                loaded.model.n_layer()
+            } else {
+                0
+            })
+            .min(loaded.model.n_layer());
+        let bytes = loaded.model.size();
+        let cell =
+            SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params.clone()))
+                .map_err(|e| {
+                    LoadError::Failed(format!(
+                        "creating the context ({n_ctx} tokens × {parallel} sequences): {e}"
+                    ))
+                })?;
+        tracing::info!(model = %self.config.model_path.display(), n_ctx, parallel, threads, gpu_layers = gpu, "GGUF loaded");
+        info.gpu_layers = gpu;
+        info.threads = threads;
+        info.model_bytes = bytes;
+        let drafts = match &self.config.speculative {
+            None => None,
+            Some(sp) => {
+                let why = |e: String| {
+                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+                };
+                let draft_config = LlamaConfig {
+                    model_path: sp.draft_model.clone(),
+                    context_length: Some(n_ctx),
+                    speculative: None,
+                    ..self.config.clone()
+                };
+                let d = load(&draft_config, |_| true).map_err(|e| why(e.to_string()))?;
+                speculative::check_vocabulary(cell.borrow_owner(), &d)
+                    .map_err(|e| why(e.to_string()))?;
+                let cell = speculative::DraftCell::try_new(d, |l| {
+                    l.model.new_context(backend, ctx_params)
+                })
+                .map_err(|e| why(format!("creating its context: {e}")))?;
+                tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
+                Some(speculative::Drafts {
+                    cell,
+                    held: vec![vec![]; parallel as usize],
+                    config: sp.config.clone(),
+                    batch_size: self.config.batch_size as usize,
+                })
+            }
+        };
+        let mtmd = match &self.config.mmproj_path {
+            Some(mm) => match media::Mtmd::load(
+                mm,
+                &cell.borrow_owner().model,
+                batch_threads,
+                self.config.image_soft_tokens,
+                self.batch(),
+            ) {
+                Ok(m) => Some(m),
+                Err(e) if self.config.mmproj_optional => {
+                    tracing::warn!(mmproj = %mm.display(), "the mmproj found for the model did not load, so it serves text: {e}");
+                    None
+                }
+                Err(e) => return Err(LoadError::Failed(e.to_string())),
+            },
+            None => None,
+        };
+        // What the loaded towers take (the metadata read at start may promise more than loaded).
+        info.input_modalities = std::iter::once("text")
+            .chain(mtmd.as_ref().map_or(vec![], |m| {
+                let (sees, hears) = m.modalities();
+                [sees.then_some("image"), hears.then_some("audio")]
+                    .into_iter()
+                    .flatten()
+                    .collect()
+            }))
+            .map(String::from)
+            .collect();
+        let slots = (0..parallel).map(|_| Slot::default()).collect();
+        self.pool_budget = self.pool_budget()?;
+        Ok((
+            Serving {
+                mtmd,
+                cell,
+                drafts,
+                slots,
+                clock: 0,
+                pool: PrefixPool::new(POOL_ENTRIES),
+                pool_budget: self.pool_budget,
+                copy_pending: false,
+            },
+            n_ctx as usize,
+        ))
+    }
+
+    fn max_sequences(&self, model: &Serving) -> usize {
+        model.slots.len()
+    }
+
+    fn admit(
+        &mut self,
+        model: &mut Serving,
+        request: Request,
+        _context_length: usize,
+    ) -> Result<LlamaSequence, EngineFailure> {
+        let Serving {
+            mtmd,
+            cell,
+            slots,
+            clock,
+            drafts,
+            pool,
+            pool_budget,
+            copy_pending,
+        } = model;
+        *clock += 1;
+        let now = *clock;
+        // No saves while a stream copy may still land on a slot (see `Serving::copy_pending`).
+        let budget = if *copy_pending { 0 } else { *pool_budget };
+        let admitted = cell.with_dependent_mut(|loaded, ctx| {
+            LlamaSequence::admit(
+                loaded,
+                mtmd.as_ref(),
+                ctx,
+                slots,
+                (pool, budget),
+                now,
+                request,
+            )
+        });
+        self.pool_held = (pool.len(), pool.bytes());
+        let mut seq = admitted.map_err(EngineFailure::from)?;
+        // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
+        // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
+        // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
+        // position on the host).
+        // A prompt with media too: the draft model cannot see or hear it.
+        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
+            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config.clone()));
+        }
+        Ok(seq)
+    }
+
+    fn prompt_tokens(
+        &mut self,
+        model: &mut Serving,
+        request: &Request,
+    ) -> Result<usize, EngineFailure> {
+        placed_ids(model.cell.borrow_owner(), model.mtmd.as_ref(), request)
+            .map(|(ids, _)| ids.len())
+            .map_err(Into::into)
+    }
+
+    fn step(
+        &mut self,
+        model: &mut Serving,
+        batch: &mut [&mut LlamaSequence],
+        out: &mut [SeqOutput<Summary>],
+    ) -> Result<(), EngineFailure> {
+        let chunk = self.config.batch_size as usize;
+        let Serving {
+            mtmd,
+            cell,
+            drafts,
+            slots,
+            pool,
+            copy_pending,
+            ..
+        } = model;
+        let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
+        let result = cell.with_dependent_mut(|loaded, ctx| {
+            step(
+                loaded,
+                (ctx, mtmd.as_mut()),
+                (drafts.as_mut(), speculated, largest_verify),
+                Shared {
+                    slots,
+                    pool,
+                    copy_pending: &mut *copy_pending,
+                },
+                batch,
+                out,
+                chunk,
+            )
+        });
+        self.pool_held = (pool.len(), pool.bytes());
+        if result.is_ok() {
+            *copy_pending = false;
+        }
+        if result.is_err() {
+            // What the failed decode left in these sequences' KV is unknown: their slots start clean.
+            for seq in batch.iter_mut() {
+                seq.poisoned = true;
+            }
+        }
+        result.map_err(Into::into)
+    }
+
+    fn release(&mut self, model: &mut Serving, seq: LlamaSequence) {
+        let slot = &mut model.slots[seq.slot];
+        slot.busy = false;
+        if seq.poisoned {
+            model.cell.with_dependent_mut(|_, ctx| {
+                let _ = ctx.clear_kv_cache_seq(Some(seq.slot as u32), None, None);
+            });
+        } else {
+            // Finished or cancelled cleanly: the record describes the sequence's KV again.
+            slot.cached.commit(seq.kv);
+        }
+    }
+
+    fn unload(&mut self, model: Serving) {
+        // The pool goes with the model: `/health` says so at the next refresh.
+        self.pool_held = (0, 0);
+        drop(model);
+    }
+
+    fn refresh(&mut self, info: &mut LlamaInfo) {
+        if let Some(sp) = &mut info.speculative {
+            sp.update(self.speculated);
+        }
+        info.largest_verify_batch = self.largest_verify;
+        (info.prefix_cache_entries, info.prefix_cache_bytes) = self.pool_held;
+    }
+
+    fn tally(s: &Summary) -> Tally {
+        Tally {
+            prompt_tokens: s.prompt_tokens,
+            cached_tokens: s.cached_tokens,
+            completion_tokens: s.completion_tokens,
+            prefill_tps: s.prefill_tps,
+            decode_tps: s.decode_tps,
+        }
+    }
+}
+
+/// The prompt of `request` as the sequence holds it: its token ids with each image and clip in the place
+/// of its placeholder ([`media::Mtmd::place`]), and where they are.
+///
+/// Errors: a prompt that does not tokenize; media without an mmproj that takes it, or not matching the
+/// placeholders.
+pub(crate) fn placed_ids(
+    loaded: &Loaded,
+    mtmd: Option<&media::Mtmd>,
+    request: &Request,
+) -> Result<(Vec<LlamaToken>, Vec<media::MediaSpan>)> {
+    let ids = loaded.prompt_ids(&request.prompt)?;
+    let n_vocab = loaded.model.n_vocab();
+    if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
+        return Err(LlamaError::InvalidRequest(format!(
+            "token id {} is outside the vocabulary ({n_vocab})",
+            bad.0
+        )));
+    }
+    if request.images.is_empty() && request.audio.is_empty() {
+        return Ok((ids, vec![]));
+    }
+    let Some(mtmd) = mtmd else {
+        return Err(LlamaError::InvalidRequest(format!(
+            "this model cannot take {}: it is served without an mmproj GGUF (its vision and audio \
+             towers; set the tier's `mmproj`)",
+            if request.images.is_empty() {
+                "audio"
+            } else {
+                "images"
+            }
+        )));
+    };
+    let (sees, hears) = mtmd.modalities();
+    if (!request.images.is_empty() && !sees) || (!request.audio.is_empty() && !hears) {
+        return Err(LlamaError::InvalidRequest(format!(
+            "this model cannot take {}: its mmproj has no {} tower",
+            if sees { "audio" } else { "images" },
+            if sees { "audio" } else { "vision" }
+        )));
+    }
+    let (ids, spans) = mtmd.place(ids, &request.images, &request.audio)?;
+    if spans.last().is_some_and(|s| s.end() == ids.len()) {
+        return Err(LlamaError::InvalidRequest(
+            "the prompt ends with media: the model reads the next token from the text after it"
+                .into(),
+        ));
+    }
+    Ok((ids, spans))
+}
+
+pub(crate) fn last_chunk_start(n: usize, batch: usize) -> usize {
+    (n.saturating_sub(1) / batch.max(1)) * batch.max(1)
+}
+
+pub(crate) fn prefill(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    batch_size: usize,
+) -> Result<LlamaBatch<'static>> {
+    ctx.clear_kv_cache();
+    decode_from(ctx, ids, 0, batch_size)
+}
+
+/// Decodes `ids[from..]` into sequence 0 at their positions, in batches of `batch_size`, with logits for
+/// the last prompt token only (at the returned batch's last index).
+pub(crate) fn decode_from(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    ids: &[LlamaToken],
+    from: usize,
+    batch_size: usize,
+) -> Result<LlamaBatch<'static>> {
+    let mut batch = LlamaBatch::new(batch_size.max(1), 1);
+    for (c, chunk) in ids[from..].chunks(batch_size.max(1)).enumerate() {
+        batch.clear();
+        let base = from + c * batch_size;
+        for (i, &t) in chunk.iter().enumerate() {
+            let pos = base + i;
+            batch
+                .add(t, pos as i32, &[0], pos == ids.len() - 1)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut batch)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+    }
+    Ok(batch)
+}
+
+/// One request in the running batch: its llama.cpp sequence (slot), prompt, sampler chain and decoding
+/// state.
+pub(crate) struct LlamaSequence {
+    /// The llama.cpp sequence id (and index of its slot).
+    pub(crate) slot: usize,
+    pub(crate) ids: Vec<LlamaToken>,
+    /// Prompt tokens whose KV is in the sequence (reused or prefilled).
+    pub(crate) prefilled: usize,
+    /// Prompt tokens reused from the slot's previous request.
+    pub(crate) reused: usize,
+    /// The tokens whose KV the sequence holds (committed to the slot at release).
+    pub(crate) kv: PrefixSlot,
+    pub(crate) sampler: LlamaSampler,
+    /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
+    /// allows before the sampler runs, and each sampled token advances it.
+    pub(crate) grammar: Option<jemma_constrain::TokenMatcher>,
+    /// Greedy with nothing that changes the logits (no grammar, bias or penalty): the argmax is read off
+    /// the logits directly.
+    pub(crate) plain_greedy: bool,
+    pub(crate) text: Utf8Stream,
+    pub(crate) answer: OutputProcessor,
+    /// Generated tokens; the last one is decoded at the next step.
+    pub(crate) tokens: Vec<u32>,
+    pub(crate) max_tokens: usize,
+    pub(crate) ignore_eos: bool,
+    pub(crate) logprobs: bool,
+    pub(crate) top_logprobs: usize,
+    pub(crate) prefill_time: Duration,
+    pub(crate) first_token_at: Option<Instant>,
+    /// A failed decode left its KV unknown: the slot is cleared at release.
+    pub(crate) poisoned: bool,
+    /// Whether the sequence has looked for a longer cached prefix than its slot's, in the other
+    /// sequences and the pool (once, just before its prompt is first read: see [`share_prefix`]).
+    pub(crate) looked_up: bool,
+    /// Speculative decoding's controller, when the engine has a draft model.
+    pub(crate) spec: Option<Controller>,
+    /// The request samples (temperature above 0).
+    pub(crate) sampled: bool,
+    /// The request names a seed.
+    pub(crate) seeded: bool,
+    /// The prompt's images and clips, in order: each is evaluated whole ([`media::MediaSpan::eval`]).
+    pub(crate) media: Vec<media::MediaSpan>,
+}
+
+impl LlamaSequence {
+    /// Checks and tokenizes a request and gives it the free slot whose cache keeps the most of its prompt
+    /// (the least recently used one when none keeps anything: llama-server's slot choice), trimming that
+    /// slot's KV to the reusable prefix.
+    pub(crate) fn admit(
+        loaded: &Loaded,
+        mtmd: Option<&media::Mtmd>,
+        ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+        slots: &mut [Slot],
+        (pool, budget): (&mut PrefixPool<Saved>, u64),
+        now: u64,
+        mut req: Request,
+    ) -> Result<Self> {
+        let (ids, media) = placed_ids(loaded, mtmd, &req)?;
+        if ids.is_empty() {
+            return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
+        }
+        let n_vocab = loaded.model.n_vocab();
+        req.sampling
+            .validate(n_vocab as usize)
+            .map_err(LlamaError::InvalidRequest)?;
+        let n_ctx = loaded.n_ctx as usize;
+        if req.fit_context && ids.len() < n_ctx {
+            req.max_tokens = req.max_tokens.min(n_ctx - ids.len());
+        }
+        if ids.len() + req.max_tokens > n_ctx {
+            return Err(LlamaError::InvalidRequest(format!(
+                "prompt ({} tokens) + max_tokens ({}) exceeds the context of {n_ctx} tokens",
+                ids.len(),
+                req.max_tokens
+            )));
+        }
+        let sampler = sampler(loaded, &req.sampling)?;
+        let grammar = match &req.constraint {
+            None => None,
+            Some(c) => Some(loaded.vocabulary()?.matcher(c).map_err(|e| match e {
+                jemma_constrain::ConstrainError::Invalid(m) => LlamaError::InvalidRequest(m),
+                e => LlamaError::Runtime(e.to_string()),
+            })?),
+        };
+        let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
+        let (slot, keep) = choose_slot(slots, ids.len(), |i, s| {
+            reusable(ctx, i as u32, &s.cached, (&as_u32, &media), loaded.n_swa)
+        })
+        .ok_or_else(|| LlamaError::Runtime("no free sequence slot".into()))?;
+        // What the slot holds beyond what this request keeps is another conversation: kept in host memory,
+        // it can come back to any slot when that conversation does.
+        let held = &slots[slot].cached;
+        if held.len() >= keep + MIN_SAVED_TOKENS && budget > 0 {
+            save(ctx, slot as u32, held.tokens(), loaded.n_swa, pool, budget);
+        }
+        // The KV is touched from here on: until this request ends cleanly the slot's record is empty, so a
+        // failure leaves the next request a cleared sequence rather than a stale record.
+        let keep = trim(ctx, slot as u32, keep)?;
+        let mut kv = slots[slot].cached.begin();
+        kv.truncate(keep);
+        slots[slot].busy = true;
+        slots[slot].last_used = now;
+        Ok(Self {
+            slot,
+            ids,
+            prefilled: keep,
+            reused: keep,
+            kv,
+            sampler,
+            plain_greedy: req.sampling.temperature <= 0.0
+                && grammar.is_none()
+                && req.sampling.logit_bias.is_empty()
+                && req.sampling.repetition_penalty.unwrap_or(1.0) == 1.0
+                && req.sampling.presence_penalty == 0.0
+                && req.sampling.frequency_penalty == 0.0,
+            grammar,
+            text: Utf8Stream { pending: vec![] },
+            answer: OutputProcessor::new(&req.stop, req.parse_output)
+                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
+            tokens: vec![],
+            max_tokens: req.max_tokens,
+            ignore_eos: req.ignore_eos,
+            logprobs: req.logprobs,
+            top_logprobs: req.top_logprobs,
+            prefill_time: Duration::ZERO,
+            first_token_at: None,
+            poisoned: false,
+            looked_up: false,
+            spec: None,
+            sampled: req.sampling.temperature > 0.0,
+            seeded: req.sampling.seed.is_some(),
+            media,
+        })
+    }
+
+    pub(crate) fn decoding(&self) -> bool {
+        self.prefilled == self.ids.len()
+    }
+
+    /// Samples the next token from the logits at batch index `idx` and streams what it completes; ends the
+    /// sequence in `out` at an end-of-generation token, a stop string or `max_tokens`.
+    pub(crate) fn accept(
+        &mut self,
+        loaded: &Loaded,
+        ctx: &llama_cpp_2::context::LlamaContext<'_>,
+        idx: i32,
+        out: &mut SeqOutput<Summary>,
+    ) {
+        let vocab = loaded.model.vocab();
+        let tok = if let Some(g) = self.grammar.as_mut() {
+            // The grammar's mask on a copy of the logits, then the request's sampler chain on what is left.
+            let allowed = match g.allowed() {
+                Ok(a) => a,
+                Err(e) => {
+                    self.poisoned = true;
+                    return out.fail(LlamaError::Runtime(e.to_string()));
+                }
+            };
+            let mut logits = ctx.get_logits_ith(idx).to_vec();
+            allowed.apply(&mut logits);
+            let mut cands = LlamaTokenDataArray::from_iter(
+                logits
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &l)| LlamaTokenData::new(LlamaToken(i as i32), l, 0.0)),
+                false,
+            );
+            cands.apply_sampler(&mut self.sampler);
+            let Some(tok) = cands.selected_token() else {
+                self.poisoned = true;
+                return out.fail(LlamaError::Runtime(
+                    "the sampler selected no token under the grammar".into(),
+                ));
+            };
+            self.sampler.accept(tok);
+            tok
+        } else if self.plain_greedy {
+            // What llama.cpp's greedy sampler picks (the first largest logit), without its copy of the
+            // whole vocabulary into a candidate array: 262,144 entries per sequence per step on Gemma.
+            LlamaToken(argmax(ctx.get_logits_ith(idx)) as i32)
+        } else {
+            self.sampler.sample(ctx, idx)
+        };
+        if let Some(g) = self.grammar.as_mut()
+            && !vocab.is_eog(tok)
+            && let Err(e) = g.commit(tok.0 as u32)
+        {
+            self.poisoned = true;
+            return out.fail(LlamaError::Runtime(e.to_string()));
+        }
+        if self.first_token_at.is_none() {
+            self.first_token_at = Some(Instant::now());
+        }
+        if !self.ignore_eos && vocab.is_eog(tok) {
+            return self.finish(Finish::Stop, false, out);
+        }
+        self.tokens.push(tok.0 as u32);
+        let bytes = vocab.token_to_piece(tok, true, None);
+        if self.logprobs {
+            // The logits the sampler read: llama.cpp's samplers work on a copy, so these are the model's.
+            let (lp, top) = log_softmax_top(
+                ctx.get_logits_ith(idx),
+                tok.0 as usize,
+                self.top_logprobs.min(MAX_TOP_LOGPROBS),
+            );
+            let top = top
+                .into_iter()
+                .map(|(id, p)| (vocab.token_to_piece(LlamaToken(id as i32), true, None), p))
+                .collect();
+            out.send(Event::Logprobs(TokenLogprob::new(bytes.clone(), lp, top)));
+        }
+        let piece = self.text.push(&bytes);
+        let (evs, hit) = self.answer.push(&piece);
+        out.events.extend(evs.into_iter().map(Event::from));
+        if hit {
+            self.finish(Finish::Stop, true, out);
+        } else if self.tokens.len() >= self.max_tokens {
+            self.finish(Finish::Length, false, out);
+        }
+    }
+
+    pub(crate) fn finish(&mut self, finish: Finish, by_string: bool, out: &mut SeqOutput<Summary>) {
+        let evs = self.answer.finish(&self.text.finish(), by_string);
+        out.events.extend(evs.into_iter().map(Event::from));
+        let decode_time = self.first_token_at.map_or(Duration::ZERO, |t| t.elapsed());
+        let n = self.tokens.len();
+        let prefilled = self.ids.len() - self.reused;
+        out.finish(Summary {
+            prompt_tokens: self.ids.len(),
+            cached_tokens: self.reused,
+            completion_tokens: n,
+            finish,
+            tool_calls: self.answer.tool_calls(),
+            stop_sequence: self.answer.stop_sequence().map(String::from),
+            reasoning_tokens: self.answer.reasoning_tokens(),
+            prefill_tps: prefilled as f64 / self.prefill_time.as_secs_f64().max(1e-9),
+            decode_tps: if n > 1 {
+                (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)
+            } else {
+                0.0
+            },
+            tokens: std::mem::take(&mut self.tokens),
+            speculative: self.spec.as_ref().map(Controller::stats),
+        });
+    }
+}
+
+/// One scheduler step over the running batch: every decoding sequence's last token in one `llama_decode`
+/// (one ubatch, a row per sequence), each sampled from its own row; then prompt chunks of the sequences
+/// still reading their prompts, oldest first, up to one chunk's worth of tokens in all, so a newcomer's long
+/// prompt delays running streams by one chunk per token rather than by the whole prompt. Each chunk is its
+/// own `llama_decode` and starts where a lone request's would (at the reused prefix, every `chunk` tokens):
+/// llama.cpp's CPU kernels depend on a batch's shape, so a prompt's KV is the same batched or alone.
+pub(crate) fn step(
+    loaded: &Loaded,
+    // The context, and the mmproj's towers for the prompts' images and clips.
+    (ctx, mut mtmd): (
+        &mut llama_cpp_2::context::LlamaContext<'_>,
+        Option<&mut media::Mtmd>,
+    ),
+    (drafts, speculated, largest_verify): (
+        Option<&mut speculative::Drafts>,
+        &mut SpeculativeStats,
+        &mut usize,
+    ),
+    mut shared: Shared<'_>,
+    batch: &mut [&mut LlamaSequence],
+    out: &mut [SeqOutput<Summary>],
+    chunk: usize,
+) -> Result<()> {
+    let mut decoding: Vec<usize> = (0..batch.len())
+        .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
+        .collect();
+    // Speculative rounds for the sequences whose controller asks for drafts now (single streams by default:
+    // a batch already reads the weights once for several tokens); the others decode plainly below. Each
+    // drafts on its own; their drafts are verified together.
+    let n = decoding.len();
+    if let Some(drafts) = drafts {
+        let mut plain = Vec::with_capacity(n);
+        let mut drafted = vec![];
+        // By increasing slot, as the plain batch below (llama.cpp's per-stream split).
+        decoding.sort_by_key(|&i| batch[i].slot);
+        for i in decoding {
+            let s = &mut *batch[i];
+            // Tokens still allowed after the pending one: a round yields its drafts that stand and one more.
+            let room = s.max_tokens.saturating_sub(s.tokens.len() + 1);
+            // A verification reads k + 1 positions in one batch, which must fit llama.cpp's.
+            let room = room.min(drafts.batch_size.saturating_sub(1));
+            let k = s.spec.as_mut().map_or(0, |c| c.next_k(n, room));
+            if k == 0 {
+                plain.push(i);
+                continue;
+            }
+            match speculative::draft(drafts, s, k) {
+                Some((tokens, draft_time)) if !tokens.is_empty() => {
+                    drafted.push(speculative::Drafted {
+                        seq: i,
+                        tokens,
+                        draft_time,
+                    });
+                }
+                Some(_) => plain.push(i),
+                None => {
+                    // The draft failed (logged): this sequence decodes plainly from now on.
+                    s.spec = None;
+                    plain.push(i);
+                }
+            }
+        }
+        *largest_verify = (*largest_verify).max(drafted.len());
+        let rounds = speculative::verify(loaded, ctx, batch, out, &drafted, drafts.batch_size)?;
+        for (d, r) in drafted.iter().zip(rounds) {
+            let i = d.seq;
+            if let Some(c) = batch[i].spec.as_mut() {
+                c.record_round(r.drafted, r.accepted, r.draft_time, r.verify_time);
+                speculated.add(&SpeculativeStats::round(r.drafted, r.accepted));
+                // A round that ended the answer: its summary counts the round too.
+                if let Some(Ok(summary)) = &mut out[i].end {
+                    summary.speculative = Some(c.stats());
+                }
+            }
+        }
+        decoding = plain;
+    }
+    let started = Instant::now();
+    // Increasing sequence ids: llama.cpp's per-stream split takes runs of consecutive ids into one ubatch.
+    decoding.sort_by_key(|&i| batch[i].slot);
+    if !decoding.is_empty() {
+        let mut b = LlamaBatch::new(decoding.len(), 1);
+        for &i in &decoding {
+            let s = &batch[i];
+            let pos = s.ids.len() + s.tokens.len() - 1;
+            let tok = LlamaToken(*s.tokens.last().unwrap_or(&0) as i32);
+            b.add(tok, pos as i32, &[s.slot as i32], true)
+                .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        ctx.decode(&mut b)
+            .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        for (row, &i) in decoding.iter().enumerate() {
+            let s = &mut batch[i];
+            let last = *s.tokens.last().unwrap_or(&0);
+            s.kv.extend([last]);
+            s.accept(loaded, ctx, row as i32, &mut out[i]);
+        }
+        // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
+        // round (whose times are the batch's too) against; not past `max_batch`, where speculation is off.
+        let elapsed = started.elapsed();
+        for &i in &decoding {
+            if let Some(c) = batch[i].spec.as_mut()
+                && n <= c.config().max_batch
+            {
+                c.record_plain(elapsed);
+                speculated.plain_steps += 1;
+            }
+        }
+    }
+    // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long
+    // prompt progresses): several short prompts start in one step, a long one takes a chunk per step.
+    let mut budget = chunk.max(1);
+    for i in 0..batch.len() {
+        if batch[i].decoding() {
+            continue;
+        }
+        if !batch[i].looked_up {
+            if let Some(found) = find_prefix(ctx, loaded, &shared, batch, i) {
+                // A stream copy lands at the next decode, which must be this sequence's chunk (before any
+                // other write to the streams involved): a chunk the budget would put off waits, with its
+                // copy, for the next step.
+                let s = &*batch[i];
+                let n = chunk.max(1).min(s.ids.len() - found.0);
+                if n > budget && budget < chunk.max(1) {
+                    break;
+                }
+                share_prefix(ctx, loaded.n_swa, &mut shared, batch[i], found)?;
+            }
+            batch[i].looked_up = true;
+        }
+        let s = &mut *batch[i];
+        // An image or clip is read whole, and counts against the budget as its length; text is read up to
+        // the next one.
+        if let Some(k) = s.media.iter().position(|m| m.start == s.prefilled) {
+            let len = s.media[k].len;
+            if len > budget && budget < chunk.max(1) {
+                break;
+            }
+            budget = budget.saturating_sub(len);
+            let mtmd = mtmd
+                .as_deref_mut()
+                .ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
+            let t0 = Instant::now();
+            // A tower that fails on one request's media ends that request alone (its slot is cleared
+            // at release); the others' caches are untouched.
+            if let Err(e) = s.media[k].eval(mtmd, ctx, s.slot as i32) {
+                s.poisoned = true;
+                out[i].fail(e);
+                continue;
+            }
+            let end = s.media[k].end();
+            s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
+            s.prefilled = end;
+            s.prefill_time += t0.elapsed();
+            if budget == 0 {
+                break;
+            }
+            continue;
+        }
+        let next_media = s
+            .media
+            .iter()
+            .map(|m| m.start)
+            .filter(|&start| start > s.prefilled)
+            .min()
+            .unwrap_or(s.ids.len());
+        let n = chunk.max(1).min(next_media - s.prefilled);
+        if n > budget && budget < chunk.max(1) {
+            break;
+        }
+        budget = budget.saturating_sub(n);
+        prefill_chunk(loaded, ctx, s, n, &mut out[i])?;
+        if budget == 0 {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Decodes the next `n` prompt tokens of `s` on their own (the chunk a lone request would decode), and once
+/// the prompt is read samples the first token.
+pub(crate) fn prefill_chunk(
+    loaded: &Loaded,
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    s: &mut LlamaSequence,
+    n: usize,
+    out: &mut SeqOutput<Summary>,
+) -> Result<()> {
+    let t0 = Instant::now();
+    let mut b = LlamaBatch::new(n, 1);
+    for k in 0..n {
+        let pos = s.prefilled + k;
+        b.add(
+            s.ids[pos],
+            pos as i32,
+            &[s.slot as i32],
+            pos == s.ids.len() - 1,
+        )
+        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+    }
+    ctx.decode(&mut b)
+        .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+    s.kv.extend(
+        s.ids[s.prefilled..s.prefilled + n]
+            .iter()
+            .map(|t| t.0 as u32),
+    );
+    s.prefilled += n;
+    s.prefill_time += t0.elapsed();
+    if s.decoding() {
+        out.send(Event::Started {
+            prompt_tokens: s.ids.len(),
+            cached_tokens: s.reused,
+        });
+        if s.max_tokens == 0 {
+            s.finish(Finish::Length, false, out);
+        } else {
+            s.accept(loaded, ctx, n as i32 - 1, out);
+        }
+    }
+    Ok(())
+}
