@@ -251,6 +251,7 @@ async fn pull_one(
         })
     } else {
         let bar = ProgressBar::new(total);
+        #[expect(clippy::expect_used, reason = "the template is a constant")]
         bar.set_style(
             ProgressStyle::with_template(
                 "{msg:30!} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",

@@ -81,6 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let ctrl_c = tokio::signal::ctrl_c();
             #[cfg(unix)]
             {
+                #[expect(
+                    clippy::expect_used,
+                    reason = "registering SIGTERM fails only without a signal driver, which this runtime has"
+                )]
                 let mut term =
                     tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
                         .expect("SIGTERM handler");

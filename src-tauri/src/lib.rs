@@ -116,6 +116,10 @@ pub fn run() {
         .init();
     // Launched at login: start in the menu bar only.
     let hidden = std::env::args().any(|a| a == "--hidden");
+    #[expect(
+        clippy::expect_used,
+        reason = "an app that cannot build its window system has nothing to fall back to"
+    )]
     let app = tauri::Builder::default()
         .plugin(tauri_plugin_autostart::init(
             tauri_plugin_autostart::MacosLauncher::LaunchAgent,

@@ -1,6 +1,7 @@
 //! Workspace end-to-end tests: the real `jemma` binary serving the real MLX engine on the fixture models,
 //! a second `jemma serve` as the OpenAI-compatible upstream of the heavy tier, fault-injecting upstreams,
 //! and the unmodified OpenAI Python SDK as the client.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod chaos;
 mod cli;

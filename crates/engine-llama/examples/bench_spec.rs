@@ -4,6 +4,7 @@
 //! how many leading tokens do.
 //!
 //! Usage: bench_spec TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use jemma_engine_llama::{
     Event, LlamaConfig, LlamaEngine, LlamaSpeculative, Prompt, Request, Sampling,

@@ -1,6 +1,7 @@
 //! The llama.cpp engine on GGUF conversions of the random Gemma 4 fixtures (llama.cpp's own converter,
 //! scripts/fixtures.sh): logits and greedy tokens against mlx-lm on the same weights, the model thread
 //! (chat template, streaming, stop strings, cancellation, JSON mode), and the layout check.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -4,6 +4,7 @@
 //!
 //! Usage: bench_audio TOWER_DIR CLIP REPEATS → one JSON line: median seconds of each stage, the soft tokens
 //! and MLX's peak memory in bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use std::time::Instant;
 

@@ -11,6 +11,7 @@
 //! per run, decode tokens/s (generated tokens, all sequences', over the time from the end of the prompts to
 //! the last token), drafts proposed and accepted, verifications, and whether the tokens equal the plain
 //! run's.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use std::time::Instant;
 

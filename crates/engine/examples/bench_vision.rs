@@ -3,6 +3,7 @@
 //!
 //! Usage: bench_vision TOWER_DIR IMAGE REPEATS → one JSON line: median seconds of each stage and MLX's
 //! peak memory in bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use std::time::Instant;
 

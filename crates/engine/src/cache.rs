@@ -18,6 +18,20 @@ fn zeros_like_heads(like: &Array, len: i32) -> Result<Array> {
     Ok(ops::zeros_dtype(&[s[0], s[1], len, s[3]], like.dtype())?)
 }
 
+/// A cache's key and value buffers after the update that has just set them. Both are always there by then;
+/// a missing one is a bug, reported as an engine error rather than a panic on the model thread.
+fn buffers<'a, T>(
+    keys: &'a mut Option<T>,
+    values: &'a mut Option<T>,
+) -> Result<(&'a mut T, &'a mut T)> {
+    match (keys.as_mut(), values.as_mut()) {
+        (Some(k), Some(v)) => Ok((k, v)),
+        _ => {
+            Err(mlx_rs::error::Exception::custom("KV cache buffers missing after an update").into())
+        }
+    }
+}
+
 fn slice_len(a: &Array, start: i32, end: i32) -> Result<Array> {
     Ok(a.try_index((.., .., start..end, ..))?)
 }
@@ -61,7 +75,7 @@ impl KvCache {
             }
         }
         self.offset += l;
-        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        let (keys, values) = buffers(&mut self.keys, &mut self.values)?;
         keys.try_index_mut((.., .., prev..self.offset, ..), k)?;
         values.try_index_mut((.., .., prev..self.offset, ..), v)?;
         Ok((
@@ -217,7 +231,7 @@ impl QuantizedKvCache {
         self.offset += l;
         let kq = QTensor::quantize(k, self.group_size, self.bits)?;
         let vq = QTensor::quantize(v, self.group_size, self.bits)?;
-        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        let (keys, values) = buffers(&mut self.keys, &mut self.values)?;
         for (dst, src) in [
             (&mut keys.w, &kq.w),
             (&mut keys.scales, &kq.scales),
@@ -324,9 +338,10 @@ impl RotatingKvCache {
             }
         }
         self.offset += k.shape()[2];
-        let keys = self.keys.clone().unwrap();
+        let (keys, values) = buffers(&mut self.keys, &mut self.values)?;
+        let (keys, values) = (keys.clone(), values.clone());
         self.idx = keys.shape()[2];
-        Ok((keys, self.values.clone().unwrap()))
+        Ok((keys, values))
     }
 
     fn update_in_place(&mut self, k: &Array, v: &Array) -> Result<(Array, Array)> {
@@ -352,17 +367,21 @@ impl RotatingKvCache {
             }
             self.idx = prev;
         }
-        let len = self.keys.as_ref().unwrap().shape()[2];
+        let (keys, values) = buffers(&mut self.keys, &mut self.values)?;
+        let len = keys.shape()[2];
         let trim_size = len - self.max_size;
         if trim_size > 0 {
-            self.keys = Some(Self::trim(trim_size, self.keys.as_ref().unwrap(), None)?);
-            self.values = Some(Self::trim(trim_size, self.values.as_ref().unwrap(), None)?);
+            let (k, v) = (
+                Self::trim(trim_size, keys, None)?,
+                Self::trim(trim_size, values, None)?,
+            );
+            (self.keys, self.values) = (Some(k), Some(v));
             self.idx = self.max_size;
         }
         if self.idx == self.max_size {
             self.idx = 0;
         }
-        let (keys, values) = (self.keys.as_mut().unwrap(), self.values.as_mut().unwrap());
+        let (keys, values) = buffers(&mut self.keys, &mut self.values)?;
         keys.try_index_mut((.., .., self.idx..self.idx + s, ..), k)?;
         values.try_index_mut((.., .., self.idx..self.idx + s, ..), v)?;
         self.offset += s;

@@ -964,7 +964,11 @@ impl Generation {
             RoundStart::Done(round) => Ok(round),
             RoundStart::Drafted(d) => Self::verify_rounds(model, vec![(self, d, rng)])?
                 .pop()
-                .expect("one round per generation"),
+                .unwrap_or_else(|| {
+                    Err(EngineError::Speculative(
+                        "a verification returned no round".into(),
+                    ))
+                }),
         }
     }
 
@@ -1050,7 +1054,9 @@ impl Generation {
         let draft_time: Duration = rows.iter().map(|(_, d, _)| d.round.draft_time).sum();
         let mut ids = Vec::with_capacity(b * s_max);
         for (_, d, _) in &rows {
-            let pad = *d.fed.last().expect("the pending token is fed");
+            let pad = *d.fed.last().ok_or_else(|| {
+                EngineError::Speculative("a drafted round fed no pending token".into())
+            })?;
             ids.extend(
                 d.fed
                     .iter()

@@ -1063,7 +1063,7 @@ impl ModelBundle {
                 .images
                 .as_ref()
                 .and_then(|s| s.video_id)
-                .expect("checked");
+                .ok_or_else(|| bad("this model takes no video".into()))?;
             let mut runs = ModelBundle::runs(&ids, vid, true).into_iter();
             for (v, counts) in videos.iter().zip(&frame_counts) {
                 for (j, &n) in counts.iter().enumerate() {
@@ -1092,9 +1092,14 @@ impl ModelBundle {
             at = s;
             match event {
                 At::Frame(len) => {
-                    let f = frames.next().expect("one event per frame");
+                    let f = frames
+                        .next()
+                        .ok_or_else(|| bad("more video frames placed than sampled".into()))?;
                     if place {
-                        let spec = self.images.as_ref().expect("checked");
+                        let spec = self
+                            .images
+                            .as_ref()
+                            .ok_or_else(|| bad("this model takes no images".into()))?;
                         let pixels = jemma_media::preprocess(&f.image.rgb, &spec.video_params)
                             .map_err(|e| bad(e.to_string()))?;
                         placed_images.push(PromptImage {
@@ -1107,8 +1112,13 @@ impl ModelBundle {
                     at = s + len;
                 }
                 At::Track => {
-                    let clip = tracks.next().expect("one event per track");
-                    let a = self.audio_spec.as_ref().expect("the model hears");
+                    let clip = tracks
+                        .next()
+                        .ok_or_else(|| bad("more video sound tracks placed than decoded".into()))?;
+                    let a = self
+                        .audio_spec
+                        .as_ref()
+                        .ok_or_else(|| bad("this model takes no audio".into()))?;
                     let t = a.check(clip)?;
                     out.push(a.boa_id);
                     if place {
@@ -1126,7 +1136,10 @@ impl ModelBundle {
                     at = s + n;
                     let (open, id, close, tokens) = match run {
                         Run::Image(i) => {
-                            let spec = self.images.as_ref().expect("checked by media_runs");
+                            let spec = self
+                                .images
+                                .as_ref()
+                                .ok_or_else(|| bad("this model takes no images".into()))?;
                             let img = &images[i];
                             let p = spec.params_for(img);
                             let t = if place {
@@ -1146,7 +1159,10 @@ impl ModelBundle {
                             (spec.boi_id, spec.image_id, spec.eoi_id, t)
                         }
                         Run::Audio(i) => {
-                            let spec = self.audio_spec.as_ref().expect("checked by media_runs");
+                            let spec = self
+                                .audio_spec
+                                .as_ref()
+                                .ok_or_else(|| bad("this model takes no audio".into()))?;
                             let clip = &audio[i];
                             let t = spec.check(clip)?;
                             if place {
@@ -1580,6 +1596,10 @@ impl ModelRunner for MlxRunner {
                         .filter_map(|(i, s)| {
                             let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
                             let s = &mut **s;
+                            #[expect(
+                                clippy::expect_used,
+                                reason = "only a sequence with a drafter drafts"
+                            )]
                             let sp = s.spec.as_mut().expect("a drafted sequence speculates");
                             Some((&mut s.generation, d, &mut sp.rng))
                         })

@@ -105,14 +105,17 @@ impl DraftState {
     /// The drafter's own sampler for this sequence, made on first use: the request's filters and
     /// temperature, its own RNG (seeded when the state is).
     fn sampler(&mut self, sampling: &SamplingParams, vocab: usize) -> Result<&mut Sampler> {
-        if self.sampler.is_none() {
-            let params = SamplingParams {
-                seed: self.seed,
-                ..sampling.clone()
-            };
-            self.sampler = Some(Sampler::new(params, vocab, Dtype::Float32)?);
-        }
-        Ok(self.sampler.as_mut().expect("set above"))
+        let sampler = match self.sampler.take() {
+            Some(s) => s,
+            None => {
+                let params = SamplingParams {
+                    seed: self.seed,
+                    ..sampling.clone()
+                };
+                Sampler::new(params, vocab, Dtype::Float32)?
+            }
+        };
+        Ok(self.sampler.insert(sampler))
     }
 
     /// Bytes the drafter's caches hold for this sequence.

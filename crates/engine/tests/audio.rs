@@ -2,6 +2,7 @@
 //! random-weight tower: scripts/fixtures/gen_audio.py builds it with mlx-vlm's own classes and records what
 //! mlx-vlm computes for transformers' features of two generated clips. The features themselves are checked
 //! against transformers in crates/media/tests/audio.rs; here they also go through the tower end to end.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

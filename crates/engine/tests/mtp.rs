@@ -3,6 +3,7 @@
 //! over the K/V layouts a target's cache takes: a sliding window not yet full, exactly full, past it, and
 //! one short of it after a rejected round (scripts/fixtures/gen_mtp.py); the first round's drafts bound to
 //! the tiny target against mlx-vlm's `draft_block`; and greedy speculation with it equal to plain decoding.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

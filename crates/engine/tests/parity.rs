@@ -1,5 +1,6 @@
 //! Parity of the Rust Gemma 4 against mlx-lm on the project's fixture models (scripts/fixtures.sh makes
 //! them, with mlx-lm's logits and greedy continuations as the reference).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 

@@ -3,6 +3,7 @@
 //! continuation (every draft stands) and with random drafts (almost none stand), at every draft length,
 //! across the sliding window's edge, and when a stop token or `max_tokens` ends the answer inside a round;
 //! sampled output follows the target's law (a chi-square test on the fixture's own distributions).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Tokenizer and streaming detokenizer on the fixture tokenizer (SentencePiece-style BPE with byte fallback
 //! and Gemma 4's special tokens at their real ids).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 

@@ -2,6 +2,7 @@
 //! expanded in the prompt's text as Gemma 4's processor does (`mm:ss <|image>` + video tokens + `<image|>`),
 //! each frame through the vision tower with the video budget, bidirectional within a frame; the prompt's
 //! ids, logits at every position and 32 greedy tokens.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

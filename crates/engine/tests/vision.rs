@@ -1,6 +1,7 @@
 //! Parity of the Rust Gemma 4 vision tower (and its projection into the text model) with mlx-vlm on a
 //! random-weight tower: scripts/fixtures/gen_vision.py builds it with mlx-vlm's own classes and records the
 //! soft tokens mlx-vlm computes for fixed images.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod common;
 

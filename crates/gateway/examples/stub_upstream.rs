@@ -3,6 +3,7 @@
 //! Optionally it behaves like a server of fixed capacity: each answer takes `--delay-ms` and at most
 //! `--concurrency` are served at once (the rest wait their turn), as a model server with N slots does.
 //! Usage: cargo run --release -p jemma-gateway --example stub_upstream -- [PORT] [--delay-ms MS] [--concurrency N]
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use axum::body::Bytes;
 use axum::response::{IntoResponse, Response};

@@ -47,6 +47,10 @@ pub struct AppState {
 
 /// The process-wide Prometheus recorder (a `metrics` recorder can be installed once per process; tests
 /// start several gateways in one).
+#[expect(
+    clippy::expect_used,
+    reason = "the buckets are a constant, non-empty list"
+)]
 fn prometheus() -> PrometheusHandle {
     static H: OnceLock<PrometheusHandle> = OnceLock::new();
     H.get_or_init(|| {

@@ -1,5 +1,6 @@
 //! Handler tests with `oneshot`: status codes, OpenAI error shapes, SSE framing, models/health/metrics.
 //! A scripted backend stands in for the engines (they are not what these tests are about).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::Arc;
 use std::time::Duration;

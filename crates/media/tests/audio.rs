@@ -2,6 +2,7 @@
 //! gen_audio.py) on every branch of its settings, and decoding: every format decoded here (encoded by
 //! FFmpeg's libraries in the fixture run), resampling to 16 kHz, and the refusals (Opus, corrupt bytes,
 //! oversize, too long).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 

@@ -1,6 +1,7 @@
 //! Gemma 4's image preprocessing against the reference processor (mlx-vlm's `Gemma4ImageProcessor` after
 //! transformers' EXIF handling; scripts/fixtures/gen_media.py) on images of every format decoded here, and
 //! the refusals: corrupt bytes, oversize, HEIC.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 

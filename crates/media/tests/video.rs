@@ -1,6 +1,7 @@
 //! Video through the ffmpeg CLI (scripts/fixtures/gen_video.py makes the clips; scripts/setup installs
 //! ffmpeg): frames sampled at the right times (each second of the clip is one flat colour), the audio track
 //! as 16 kHz mono, containers with and without audio, and the refusals.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::time::Duration;

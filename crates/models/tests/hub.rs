@@ -1,4 +1,5 @@
 //! `jemma_models::Hub` against a loopback Hub: real HTTP, the real hf-hub client, the real cache layout.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod fake_hub;
 

@@ -1,4 +1,5 @@
 //! The LaunchAgent template, parsed as a plist both raw and rendered.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::path::Path;
 

@@ -1,5 +1,6 @@
 //! The keychain for real (no mock): a separate test binary, so the mock store the unit tests install never
 //! applies here.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use jemma_platform::secrets::{Secrets, resolve};
 

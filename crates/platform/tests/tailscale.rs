@@ -1,5 +1,6 @@
 //! Tailscale: parsing recorded `tailscale status --json` / `tailscale serve status --json` output, and the
 //! process layer against a scripted stand-in for the CLI (a `#!/bin/sh` script, hence Unix only).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 #![cfg(unix)]
 
 use std::net::IpAddr;

@@ -304,6 +304,10 @@ struct Words {
     reasoning_words: Vec<String>,
 }
 
+#[expect(
+    clippy::expect_used,
+    reason = "the built-in tables are compiled in, and a unit test parses them"
+)]
 fn builtin_words() -> &'static Words {
     static WORDS: std::sync::OnceLock<Words> = std::sync::OnceLock::new();
     WORDS.get_or_init(|| {

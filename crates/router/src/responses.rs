@@ -720,6 +720,10 @@ impl EventStream {
             }
             self.open = Some((index, kind, id, String::new()));
         }
+        #[expect(
+            clippy::expect_used,
+            reason = "the item was opened just above when none was"
+        )]
         let (index, _, id, acc) = self.open.as_mut().expect("opened above");
         acc.push_str(&text);
         let (index, id) = (*index, id.clone());

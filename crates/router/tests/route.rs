@@ -4,6 +4,7 @@
 //! Every test runs on tokio's paused clock: a `sleep` here advances virtual time (as soon as every task is
 //! idle) and the router's deadlines and cooldowns read that clock (`jemma_router::breaker::now`), so the
 //! tests neither wait on nor race the wall clock.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

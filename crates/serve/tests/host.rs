@@ -2,6 +2,7 @@
 //! inherits — preload and lazy load, a failed preload, a memory refusal retried at the next request, the
 //! idle keep-alive unload with a transparent reload, the bounded queue, and cancellation when a receiver
 //! is dropped. The real engines run the same code (crates/engine/tests/runtime.rs, tests/e2e).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};

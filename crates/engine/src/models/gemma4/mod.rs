@@ -127,9 +127,9 @@ fn sanitize(raw: HashMap<String, Array>, cfg: &ModelConfig, store: &mut WeightSt
             continue;
         }
         if let Some(base) = k.strip_suffix(".experts.gate_up_proj") {
-            let parts = ops::split_equal(&v, 2, -2)?;
-            let mut it = parts.into_iter();
-            let (gate, up) = (it.next().unwrap(), it.next().unwrap());
+            let Ok([gate, up]) = <[Array; 2]>::try_from(ops::split_equal(&v, 2, -2)?) else {
+                return Err(EngineError::InvalidModel(format!("{k}: not two halves")));
+            };
             store.insert(format!("{base}.experts.switch_glu.gate_proj.weight"), gate);
             store.insert(format!("{base}.experts.switch_glu.up_proj.weight"), up);
             continue;

@@ -222,10 +222,10 @@ impl Attention {
             let qi = self.rope.apply(&qi, *offset)?;
             outs.push(attend(&qi, kv, masks[i.min(masks.len() - 1)])?);
         }
-        let out = if b == 1 {
-            outs.pop().expect("one row")
-        } else {
-            ops::concatenate(&outs, 0)?
+        let out = match outs.as_slice() {
+            // One row: as it is (a clone shares the buffer).
+            [one] => one.clone(),
+            rows => ops::concatenate(rows, 0)?,
         };
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         Ok((self.o_proj.forward(&out)?, kvs))
