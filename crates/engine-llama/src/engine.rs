@@ -20,12 +20,12 @@ impl LlamaEngine {
                 .unwrap_or_default()
         });
         let threads = config.threads.unwrap_or_else(default_threads);
-        let mut input_modalities = vec!["text".to_string()];
+        let mut input_modalities = vec![Modality::Text];
         if let Some(mm) = &config.mmproj_path {
             match towers(mm) {
                 Ok((sees, hears)) => {
-                    input_modalities.extend(sees.then(|| "image".to_string()));
-                    input_modalities.extend(hears.then(|| "audio".to_string()));
+                    input_modalities.extend(sees.then_some(Modality::Image));
+                    input_modalities.extend(hears.then_some(Modality::Audio));
                 }
                 Err(e) if config.mmproj_optional => {
                     tracing::warn!(mmproj = %mm.display(), "the mmproj found for the model is unusable, so it serves text: {e}");

@@ -51,6 +51,7 @@ use jemma_chat::event::EngineFailure;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
+use jemma_media::Modality;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot};
 use jemma_serve::speculative::{Controller, SpeculativeStats};

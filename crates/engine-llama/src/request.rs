@@ -115,9 +115,9 @@ pub struct LlamaInfo {
     pub prefix_cache_entries: usize,
     /// Bytes those saved caches hold.
     pub prefix_cache_bytes: u64,
-    /// What the model takes in: `text`, and `image` and `audio` as its mmproj's towers allow (read at
-    /// start, before the model loads).
-    pub input_modalities: Vec<String>,
+    /// What the model takes in: text, and images and audio as its mmproj's towers allow (read at start,
+    /// before the model loads).
+    pub input_modalities: Vec<Modality>,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.

@@ -300,15 +300,17 @@ impl ModelRunner for LlamaRunner {
             None => None,
         };
         // What the loaded towers take (the metadata read at start may promise more than loaded).
-        info.input_modalities = std::iter::once("text")
+        info.input_modalities = std::iter::once(Modality::Text)
             .chain(mtmd.as_ref().map_or(vec![], |m| {
                 let (sees, hears) = m.modalities();
-                [sees.then_some("image"), hears.then_some("audio")]
-                    .into_iter()
-                    .flatten()
-                    .collect()
+                [
+                    sees.then_some(Modality::Image),
+                    hears.then_some(Modality::Audio),
+                ]
+                .into_iter()
+                .flatten()
+                .collect()
             }))
-            .map(String::from)
             .collect();
         let slots = (0..parallel).map(|_| Slot::default()).collect();
         self.pool_budget = self.pool_budget()?;

@@ -12,6 +12,7 @@ use jemma_engine_llama::{
     Event, Finish, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request, Sampling, Session,
     default_threads, gguf,
 };
+use jemma_media::Modality;
 use serde_json::{Value, json};
 
 /// One test at a time in this binary: each runs llama.cpp on every core, and ggml's worker threads spin while
@@ -1258,7 +1259,10 @@ fn images_reach_the_model_through_its_mmproj() {
     c.context_length = Some(512);
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();
-    assert_eq!(e.status().info.input_modalities, ["text", "image", "audio"]);
+    assert_eq!(
+        e.status().info.input_modalities,
+        [Modality::Text, Modality::Image, Modality::Audio]
+    );
     let with = |images: Vec<jemma_media::DecodedImage>| {
         let mut r = request(Prompt::Ids(prompt.clone()), 32);
         r.images = images;
@@ -1365,7 +1369,7 @@ fn images_reach_the_model_through_its_mmproj() {
     c.mmproj_optional = true;
     let text_only = LlamaEngine::start(c).unwrap();
     text_only.wait_ready().unwrap();
-    assert_eq!(text_only.status().info.input_modalities, ["text"]);
+    assert_eq!(text_only.status().info.input_modalities, [Modality::Text]);
     let (_, s) = collect(
         &mut text_only
             .submit(request(Prompt::Ids(ids[..at].to_vec()), 2))

@@ -151,9 +151,10 @@ pub struct TokenLogprobs {
     pub top: Vec<(u32, f32)>,
 }
 
-/// One generated token.
+/// One sampled token, with its log-probabilities when the request asked for them (not to be confused with
+/// a runner's `step`, one batched decode of every running sequence).
 #[derive(Debug, Clone)]
-pub struct Step {
+pub struct SampledToken {
     /// Token id.
     pub token: u32,
     /// Log-probabilities, when asked for.
@@ -241,7 +242,7 @@ fn read_token(t: &Array) -> Result<u32> {
 #[derive(Debug, Default)]
 pub struct Round {
     /// The tokens it produced, in order.
-    pub steps: Vec<Step>,
+    pub steps: Vec<SampledToken>,
     /// Tokens drafted (0: none were verified — the drafter proposed none and a plain step was queued, or
     /// the pending token ended generation).
     pub drafted: usize,
@@ -322,7 +323,7 @@ pub fn generate(
     model: &Gemma4,
     prompt: &[u32],
     opts: &GenerateOptions,
-    mut on_step: impl FnMut(&Step) -> ControlFlow<FinishReason>,
+    mut on_step: impl FnMut(&SampledToken) -> ControlFlow<FinishReason>,
 ) -> Result<GenerationStats> {
     let mut g = Generation::new(model, prompt, opts.clone())?;
     while !g.prefill(model)? {}
@@ -681,7 +682,7 @@ impl Generation {
     /// The next token, or None once generation has ended (a stop token, `max_tokens`, or
     /// [`Generation::stop`]; the reason is in [`Generation::stats`]). Reads the whole prompt first if
     /// [`Generation::prefill`] has not.
-    pub fn next_token(&mut self, model: &Gemma4) -> Result<Option<Step>> {
+    pub fn next_token(&mut self, model: &Gemma4) -> Result<Option<SampledToken>> {
         while !self.prefill(model)? {}
         let Some(cur) = self.take_current() else {
             return Ok(None);
@@ -728,7 +729,7 @@ impl Generation {
     pub fn decode_batch(
         model: &Gemma4,
         gens: &mut [&mut Generation],
-    ) -> Result<(Vec<Option<Step>>, usize)> {
+    ) -> Result<(Vec<Option<SampledToken>>, usize)> {
         let batched: Vec<bool> = gens
             .iter()
             .map(|g| g.prefilled_all() && g.cur.is_some() && !g.finished && g.pipelined())
@@ -835,12 +836,17 @@ impl Generation {
     /// Reads the pending token `cur` back and accounts for it (stop tokens, logprobs, counts); `ahead` is
     /// what is already queued on it (nothing: generation ends here; under a grammar, the next forward
     /// pass, whose sampling is queued once the token is committed and the mask computed).
-    fn complete(&mut self, model: &Gemma4, cur: Pending, ahead: Ahead) -> Result<Option<Step>> {
+    fn complete(
+        &mut self,
+        model: &Gemma4,
+        cur: Pending,
+        ahead: Ahead,
+    ) -> Result<Option<SampledToken>> {
         let token = read_token(&cur.token)?;
         if !matches!(ahead, Ahead::None) {
             self.fed.push(token);
         }
-        let Some(Step { token, logprobs }) = self.account(token, &cur.logprobs)? else {
+        let Some(SampledToken { token, logprobs }) = self.account(token, &cur.logprobs)? else {
             return Ok(None);
         };
         let n = self.stats.completion_tokens;
@@ -860,7 +866,7 @@ impl Generation {
                     // The token itself was allowed: it goes out, then the generation fails.
                     Err(e) => {
                         self.fail(e.to_string());
-                        return Ok(Some(Step { token, logprobs }));
+                        return Ok(Some(SampledToken { token, logprobs }));
                     }
                 };
                 let p = self.sample_from(model, &logits, &history, mask)?;
@@ -875,12 +881,12 @@ impl Generation {
             Some(p) => self.cur = Some(p),
             None => self.end(FinishReason::Length),
         }
-        Ok(Some(Step { token, logprobs }))
+        Ok(Some(SampledToken { token, logprobs }))
     }
 
     /// Accounts for a token read back, whose log-probabilities are `lp` (1, V): a stop token ends the
     /// generation (None); any other counts as generated, with its log-probabilities when asked for.
-    fn account(&mut self, token: u32, lp: &Array) -> Result<Option<Step>> {
+    fn account(&mut self, token: u32, lp: &Array) -> Result<Option<SampledToken>> {
         if self.t_first.is_none() {
             self.t_first = Some(Instant::now());
             self.stats.prefill_time = self.t0.elapsed();
@@ -897,7 +903,7 @@ impl Generation {
         };
         self.stats.completion_tokens += 1;
         self.context.push(token);
-        Ok(Some(Step { token, logprobs }))
+        Ok(Some(SampledToken { token, logprobs }))
     }
 
     /// Whether [`Generation::speculate`] may run now: the prompt is read, generation goes on, and nothing
@@ -1188,7 +1194,7 @@ impl Generation {
     }
 
     /// Ends this generation on a grammar failure (see [`Generation::take_failure`]).
-    fn fail(&mut self, why: String) -> Option<Step> {
+    fn fail(&mut self, why: String) -> Option<SampledToken> {
         self.failure = Some(why);
         self.end(FinishReason::Stop);
         None

@@ -125,10 +125,10 @@ pub struct MlxInfo {
     /// The most sequences whose speculative drafts were verified in one batched forward since the model
     /// loaded (0: none speculated; above 1 needs `max_batch` above 1).
     pub largest_verify_batch: usize,
-    /// What the model takes in: `text`, `image` when the checkpoint has a vision tower (and `video` when
-    /// its config also names a video token), `audio` when it has an audio tower (known from the model
-    /// directory before loading).
-    pub input_modalities: Vec<&'static str>,
+    /// What the model takes in: text, images when the checkpoint has a vision tower (and video when its
+    /// config also names a video token), audio when it has an audio tower (known from the model directory
+    /// before loading).
+    pub input_modalities: Vec<jemma_media::Modality>,
     /// Speculative decoding since the model loaded (None: no draft model configured).
     pub speculative: Option<SpeculativeInfo>,
 }
@@ -245,15 +245,16 @@ impl Engine {
             largest_decode_batch: 0,
             largest_verify_batch: 0,
             input_modalities: {
-                let mut m = vec!["text"];
+                use jemma_media::Modality;
+                let mut m = vec![Modality::Text];
                 if crate::models::gemma4::vision::sees_images(&config.model_dir) {
-                    m.push("image");
+                    m.push(Modality::Image);
                     if crate::models::gemma4::vision::sees_video(&config.model_dir) {
-                        m.push("video");
+                        m.push(Modality::Video);
                     }
                 }
                 if crate::models::gemma4::audio::hears_audio(&config.model_dir) {
-                    m.push("audio");
+                    m.push(Modality::Audio);
                 }
                 m
             },
@@ -1899,7 +1900,7 @@ impl MlxSequence {
     fn emit_round(
         &mut self,
         l: &ModelBundle,
-        steps: Vec<crate::generate::Step>,
+        steps: Vec<crate::generate::SampledToken>,
         out: &mut SeqOutput<Summary>,
     ) -> Result<()> {
         self.start(out);
@@ -1922,7 +1923,7 @@ impl MlxSequence {
     fn emit(
         &mut self,
         l: &ModelBundle,
-        step: Option<crate::generate::Step>,
+        step: Option<crate::generate::SampledToken>,
         out: &mut SeqOutput<Summary>,
     ) -> Result<()> {
         self.start(out);
@@ -1948,7 +1949,7 @@ impl MlxSequence {
     fn absorb(
         &mut self,
         l: &ModelBundle,
-        step: crate::generate::Step,
+        step: crate::generate::SampledToken,
         out: &mut SeqOutput<Summary>,
     ) -> Result<bool> {
         self.tokens.push(step.token);

@@ -14,6 +14,51 @@ use std::io::Cursor;
 
 use image::{ImageDecoder, ImageFormat, ImageReader};
 
+/// What a model takes in: the kinds in `/v1/models`' and `/health`'s `input_modalities` (serialised in
+/// lowercase, as vLLM and OpenRouter name them), and the kinds of media a request carries. The contract
+/// between the engines, which say what their towers take, and the router, which sends media only to a
+/// tier whose model takes it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Modality {
+    /// Text (every model).
+    Text,
+    /// Images (a vision tower).
+    Image,
+    /// Audio clips (an audio tower).
+    Audio,
+    /// Video: sampled frames, and its sound for a model that also hears.
+    Video,
+}
+
+impl Modality {
+    /// The wire name: `text`, `image`, `audio`, `video`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Image => "image",
+            Self::Audio => "audio",
+            Self::Video => "video",
+        }
+    }
+
+    /// The name in a sentence about a request's media: "images", "audio", "video".
+    pub fn words(self) -> &'static str {
+        match self {
+            Self::Image => "images",
+            other => other.as_str(),
+        }
+    }
+}
+
+impl std::fmt::Display for Modality {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Why an image was refused; each maps to one HTTP status.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum MediaError {

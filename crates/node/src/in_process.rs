@@ -14,6 +14,7 @@ use jemma_serve::host::{Status, SubmitError};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
 
+use jemma_media::Modality;
 use jemma_router::api::{ChatRequest, Tool};
 use jemma_router::backend::{
     Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, engine_error,
@@ -122,14 +123,14 @@ pub trait InProcess: Send + Sync + 'static {
     const SEES_IMAGES: bool;
     /// Whether the engine can put audio before a model (the model must also have an audio tower).
     const HEARS_AUDIO: bool;
-    /// What the engine's model takes in (`text`, `image`, `audio`).
-    fn input_modalities(info: &Self::Info) -> Vec<String> {
+    /// What the engine's model takes in.
+    fn input_modalities(info: &Self::Info) -> Vec<Modality> {
         let _ = info;
-        vec!["text".into()]
+        vec![Modality::Text]
     }
-    /// Why the engine's model cannot take `modality` (`image`, `audio`, `video`) when its own words say
-    /// more than "it has no vision tower" (None: that default).
-    fn cannot_take(info: &Self::Info, modality: &str) -> Option<String> {
+    /// Why the engine's model cannot take `modality` when its own words say more than "it has no vision
+    /// tower" (None: that default).
+    fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {
         let _ = (info, modality);
         None
     }
@@ -185,13 +186,13 @@ impl<E: InProcess> EngineBackend<E> {
             let s = self.engine.status();
             let takes = Self::takes(&s.info);
             // A model that sees video on a server without ffmpeg: the server, not the model, is short.
-            if needs.contains(&"video")
+            if needs.contains(&Modality::Video)
                 && E::SEES_IMAGES
-                && E::input_modalities(&s.info).iter().any(|m| m == "video")
+                && E::input_modalities(&s.info).contains(&Modality::Video)
                 && jemma_media::video::Ffmpeg::find().is_none()
             {
                 let at = req
-                    .first_part("video")
+                    .first_part(Modality::Video)
                     .unwrap_or_else(|| "video_url".into());
                 return Err(BackendError::Refused(
                     jemma_router::RouterError::unsupported_media(
@@ -203,10 +204,10 @@ impl<E: InProcess> EngineBackend<E> {
                     ),
                 ));
             }
-            if let Some(m) = needs.iter().find(|m| !takes.iter().any(|t| t == *m)) {
-                let (verb, tower, engine_can) = match *m {
-                    "image" => ("see images", "vision tower", E::SEES_IMAGES),
-                    "video" => (
+            if let Some(&m) = needs.iter().find(|m| !takes.contains(m)) {
+                let (verb, tower, engine_can) = match m {
+                    Modality::Image => ("see images", "vision tower", E::SEES_IMAGES),
+                    Modality::Video => (
                         "see video",
                         "vision tower or no video token",
                         E::SEES_IMAGES,
@@ -260,9 +261,7 @@ impl<E: InProcess> EngineBackend<E> {
             let mut params = req.video_sampling.unwrap_or_default();
             // A video's audio track is heard by a model that hears; for one that does not, it is not
             // decoded at all.
-            let hears = Self::takes(&self.engine.status().info)
-                .iter()
-                .any(|m| m == "audio");
+            let hears = Self::takes(&self.engine.status().info).contains(&Modality::Audio);
             if !hears {
                 params.audio_seconds = 0.0;
             }
@@ -276,13 +275,13 @@ impl<E: InProcess> EngineBackend<E> {
 
     /// What the engine's model takes in, less what the engine cannot put before it (and video, which is
     /// sampled through ffmpeg, where no ffmpeg is found).
-    fn takes(info: &E::Info) -> Vec<String> {
+    fn takes(info: &E::Info) -> Vec<Modality> {
         let mut m = E::input_modalities(info);
-        m.retain(|m| match m.as_str() {
-            "image" => E::SEES_IMAGES,
-            "audio" => E::HEARS_AUDIO,
-            "video" => E::SEES_IMAGES && jemma_media::video::Ffmpeg::find().is_some(),
-            _ => true,
+        m.retain(|m| match m {
+            Modality::Image => E::SEES_IMAGES,
+            Modality::Audio => E::HEARS_AUDIO,
+            Modality::Video => E::SEES_IMAGES && jemma_media::video::Ffmpeg::find().is_some(),
+            Modality::Text => true,
         });
         m
     }
@@ -535,11 +534,8 @@ impl InProcess for Mlx {
     const SEES_IMAGES: bool = true;
     const HEARS_AUDIO: bool = true;
 
-    fn input_modalities(info: &Self::Info) -> Vec<String> {
-        info.input_modalities
-            .iter()
-            .map(|m| m.to_string())
-            .collect()
+    fn input_modalities(info: &Self::Info) -> Vec<Modality> {
+        info.input_modalities.clone()
     }
 
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
@@ -623,19 +619,21 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     const SEES_IMAGES: bool = true;
     const HEARS_AUDIO: bool = true;
 
-    fn input_modalities(info: &Self::Info) -> Vec<String> {
+    fn input_modalities(info: &Self::Info) -> Vec<Modality> {
         info.input_modalities.clone()
     }
 
-    fn cannot_take(info: &Self::Info, modality: &str) -> Option<String> {
+    fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {
         Some(match modality {
-            "video" => "GGUF tiers take no video (the llama.cpp engine samples no frames)".into(),
+            Modality::Video => {
+                "GGUF tiers take no video (the llama.cpp engine samples no frames)".into()
+            }
             _ if info.input_modalities.len() == 1 => {
                 "it is served without an mmproj GGUF (its vision and audio towers: set the tier's \
                  `mmproj`)"
                     .into()
             }
-            "image" => "its mmproj has no vision tower".into(),
+            Modality::Image => "its mmproj has no vision tower".into(),
             _ => "its mmproj has no audio tower".into(),
         })
     }

@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 pub use jemma_chat::event::{EngineFailure, FinishReason};
+pub use jemma_media::Modality;
 
 use crate::api::{
     ChatCompletionChunk, ChatCompletionRequest, ChatRequest, Message, ResponseFormat, Stop,
@@ -220,10 +221,9 @@ pub struct BackendHealth {
     pub last_error: Option<String>,
     /// Context length, when known.
     pub context_length: Option<usize>,
-    /// What the model takes in (`text`, `image`, `audio`); empty when not known (an upstream says so only by
-    /// answering).
+    /// What the model takes in; empty when not known (an upstream says so only by answering).
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub input_modalities: Vec<String>,
+    pub input_modalities: Vec<Modality>,
     /// Extra figures (memory, queue).
     pub details: Value,
 }
@@ -231,16 +231,15 @@ pub struct BackendHealth {
 impl BackendHealth {
     /// Whether the model is known not to see images (an unknown model may).
     pub fn refuses_images(&self) -> bool {
-        self.refuses_any(&["image"])
+        self.refuses_any(&[Modality::Image])
     }
 
-    /// Whether the model is known not to take one of `modalities` (`image`, `audio`; an unknown model may
-    /// take them all).
-    pub fn refuses_any(&self, modalities: &[&str]) -> bool {
+    /// Whether the model is known not to take one of `modalities` (an unknown model may take them all).
+    pub fn refuses_any(&self, modalities: &[Modality]) -> bool {
         !self.input_modalities.is_empty()
             && modalities
                 .iter()
-                .any(|m| !self.input_modalities.iter().any(|have| have == m))
+                .any(|m| !self.input_modalities.contains(m))
     }
 }
 

@@ -320,7 +320,13 @@ impl Inner {
     /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here);
     /// `media`: the modalities it holds beyond text (`image`, `audio`), which go to members whose models
     /// may take them (those known not to are passed over while another may).
-    fn choose(&self, key: Option<u64>, tried: &[usize], peers: bool, media: &[&str]) -> Choice {
+    fn choose(
+        &self,
+        key: Option<u64>,
+        tried: &[usize],
+        peers: bool,
+        media: &[crate::backend::Modality],
+    ) -> Choice {
         let now = crate::breaker::now();
         let eps = self.eps();
         let mut eligible: Vec<usize> = (0..eps.len())

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::api::{ChatRequest, Usage};
 use crate::backend::{
-    Backend, BackendError, BackendHealth, BackendState, Chunk, ChunkStream, FinishReason,
+    Backend, BackendError, BackendHealth, BackendState, Chunk, ChunkStream, FinishReason, Modality,
 };
 
 /// What a [`Scripted`] backend does on each call.
@@ -54,7 +54,7 @@ pub struct Scripted {
     /// Whether it stands for another Jemma node ([`Backend::is_peer`]).
     pub peer: AtomicBool,
     /// What its model takes in, as `/health` lists it (empty: not known).
-    pub modalities: Mutex<Vec<String>>,
+    pub modalities: Mutex<Vec<Modality>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

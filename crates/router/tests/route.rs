@@ -13,7 +13,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jemma_router::RouterError;
 use jemma_router::api::{ChatCompletionRequest, ChatRequest, Limits, Usage};
-use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream};
+use jemma_router::backend::{Backend, BackendError, BackendHealth, Chunk, ChunkStream, Modality};
 use jemma_router::breaker::BreakerConfig;
 use jemma_router::classify::{ClassifierConfig, Tier};
 use jemma_router::route::{Output, TierRouter, TierSettings};
@@ -887,7 +887,7 @@ async fn wait_until(f: impl Fn() -> bool) {
 async fn images_go_to_a_tier_whose_model_can_see_them() {
     let text_only = |name| {
         let b = Scripted::new(name, Script::Answer(vec![name]));
-        *b.modalities.lock().unwrap() = vec!["text".into()];
+        *b.modalities.lock().unwrap() = vec![Modality::Text];
         b
     };
     let (fast, primary) = (text_only("e2b"), text_only("e4b"));
@@ -921,7 +921,7 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
     let a = collect(r.chat(image("primary")).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "primary");
     // Once primary's model sees images, auto keeps it.
-    *primary.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    *primary.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image];
     let a = collect(r.chat(image("auto")).unwrap()).await;
     assert_eq!(a.routing.unwrap().tier, "primary");
     // Text is routed as before.
@@ -932,9 +932,9 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
 #[tokio::test(start_paused = true)]
 async fn a_pool_sends_images_to_members_that_can_see_them() {
     let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"]));
-    *blind.modalities.lock().unwrap() = vec!["text".into()];
+    *blind.modalities.lock().unwrap() = vec![Modality::Text];
     let seeing = Scripted::new("e4b", Script::Answer(vec!["seeing"]));
-    *seeing.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    *seeing.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image];
     // The weights make the blind member every request's first choice.
     let p = pool(&[("blind", &blind, 1e6), ("seeing", &seeing, 1e-6)], 1000);
     let r = pooled(&p);
@@ -963,14 +963,14 @@ async fn audio_goes_to_a_tier_whose_model_hears_it() {
     // E2B and E4B hear; the 26B does not (it sees images only).
     let hears = |name: &'static str, answer: &'static str| {
         let b = Scripted::new(name, Script::Answer(vec![answer]));
-        *b.modalities.lock().unwrap() = vec!["text".into(), "image".into(), "audio".into()];
+        *b.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image, Modality::Audio];
         b
     };
     let fast = hears("e2b", "e2b");
     let primary = Scripted::new("e4b-text", Script::Answer(vec!["e4b"]));
-    *primary.modalities.lock().unwrap() = vec!["text".into()];
+    *primary.modalities.lock().unwrap() = vec![Modality::Text];
     let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]));
-    *heavy.modalities.lock().unwrap() = vec!["text".into(), "image".into()];
+    *heavy.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image];
     let r = router(vec![
         (Tier::Fast, fast.clone(), settings(1000)),
         (Tier::Primary, primary.clone(), settings(1000)),

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use super::message::{InputAudio, Message, MessageContent, ResponseFormat, Tool, ToolChoice};
 use crate::RouterError;
+use jemma_media::Modality;
 
 /// `stop`: one string or several.
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq, ToSchema)]
@@ -380,25 +381,23 @@ impl ChatRequest {
         Ok(())
     }
 
-    /// What the request needs a model to take in beyond text (`image`, `audio`, `video`), as `/v1/models`'
-    /// `input_modalities` names them.
-    pub fn media_modalities(&self) -> Vec<&'static str> {
+    /// What the request needs a model to take in beyond text, in [`Modality`]'s order.
+    pub fn media_modalities(&self) -> Vec<Modality> {
         let mut m = vec![];
         if self.has_images {
-            m.push("image");
+            m.push(Modality::Image);
         }
         if self.has_audio {
-            m.push("audio");
+            m.push(Modality::Audio);
         }
         if self.has_videos {
-            m.push("video");
+            m.push(Modality::Video);
         }
         m
     }
 
-    /// Where the first part of `modality` (`image`, `audio`) is, as an error's `param`:
-    /// `messages[i].content[j]`.
-    pub fn first_part(&self, modality: &str) -> Option<String> {
+    /// Where the first part of `modality` is, as an error's `param`: `messages[i].content[j]`.
+    pub fn first_part(&self, modality: Modality) -> Option<String> {
         self.messages.iter().enumerate().find_map(|(i, m)| {
             let Some(MessageContent::Parts(parts)) = m.content() else {
                 return None;
@@ -406,9 +405,9 @@ impl ChatRequest {
             parts
                 .iter()
                 .position(|p| match p {
-                    super::message::ContentPart::ImageUrl { .. } => modality == "image",
-                    super::message::ContentPart::InputAudio { .. } => modality == "audio",
-                    super::message::ContentPart::VideoUrl { .. } => modality == "video",
+                    super::message::ContentPart::ImageUrl { .. } => modality == Modality::Image,
+                    super::message::ContentPart::InputAudio { .. } => modality == Modality::Audio,
+                    super::message::ContentPart::VideoUrl { .. } => modality == Modality::Video,
                     super::message::ContentPart::Text { .. } => false,
                 })
                 .map(|j| format!("messages[{i}].content[{j}]"))
@@ -421,7 +420,7 @@ impl ChatRequest {
         let words: Vec<&str> = self
             .media_modalities()
             .into_iter()
-            .map(|m| if m == "image" { "images" } else { m })
+            .map(Modality::words)
             .collect();
         match words.as_slice() {
             [] => None,
@@ -1196,7 +1195,7 @@ mod tests {
         let text = serde_json::json!({"type": "text", "text": "what is said?"});
         let ok = request(vec![text.clone(), audio("UklGRg==", "wav")]).unwrap();
         assert!(ok.has_audio && !ok.has_images);
-        assert_eq!(ok.media_modalities(), ["audio"]);
+        assert_eq!(ok.media_modalities(), [Modality::Audio]);
         assert_eq!(
             param(request(vec![text.clone(), audio("UklGRg==", "aiff")]).unwrap_err()).as_deref(),
             Some("messages[0].content[1].input_audio.format")

@@ -434,7 +434,8 @@ pub struct Model {
     /// What the tier's model takes in (`text`, `image`), when known; absent for an upstream, which says
     /// what it takes only by answering.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub input_modalities: Vec<String>,
+    #[schema(value_type = Vec<String>, example = json!(["text", "image"]))]
+    pub input_modalities: Vec<jemma_media::Modality>,
 }
 
 /// OpenAI's error body: `{"error": {...}}`.
