@@ -1,6 +1,6 @@
 //! Jemma's menu-bar app: hosts the gateway and the local engines in its Rust backend (on Tauri's tokio
 //! runtime), shows live tier status in the tray, and offers a chat window and settings. Commands are thin:
-//! the work lives in jemma-router, jemma-gateway and jemma-platform.
+//! the work lives in jemma-node (which builds the router and its engines), jemma-gateway and jemma-platform.
 #![deny(missing_docs)]
 
 mod core;

@@ -19,16 +19,17 @@ fn zeros_like_heads(like: &Array, len: i32) -> Result<Array> {
 }
 
 /// A cache's key and value buffers after the update that has just set them. Both are always there by then;
-/// a missing one is a bug, reported as an engine error rather than a panic on the model thread.
+/// a missing one is a bug, reported as [`crate::EngineError::Internal`] rather than a panic on the model
+/// thread.
 fn buffers<'a, T>(
     keys: &'a mut Option<T>,
     values: &'a mut Option<T>,
 ) -> Result<(&'a mut T, &'a mut T)> {
     match (keys.as_mut(), values.as_mut()) {
         (Some(k), Some(v)) => Ok((k, v)),
-        _ => {
-            Err(mlx_rs::error::Exception::custom("KV cache buffers missing after an update").into())
-        }
+        _ => Err(crate::EngineError::Internal(
+            "KV cache buffers missing after an update".into(),
+        )),
     }
 }
 

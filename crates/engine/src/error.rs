@@ -33,6 +33,10 @@ pub enum EngineError {
     /// matcher refused a token it had allowed): an engine fault, not the request's.
     #[error("constrained decoding: {0}")]
     Constraint(String),
+    /// An invariant of the engine's own bookkeeping did not hold (a bug, never the request's fault): the
+    /// request fails instead of the model thread panicking.
+    #[error("internal: {0}")]
+    Internal(String),
     /// Speculative decoding went wrong part-way (a verification of the wrong shape, a cache that could not
     /// be rolled back): an engine fault.
     #[error("speculative decoding: {0}")]

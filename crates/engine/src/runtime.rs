@@ -1093,9 +1093,9 @@ impl ModelBundle {
             at = s;
             match event {
                 At::Frame(len) => {
-                    let f = frames
-                        .next()
-                        .ok_or_else(|| bad("more video frames placed than sampled".into()))?;
+                    let f = frames.next().ok_or_else(|| {
+                        EngineError::Internal("more video frames placed than sampled".into())
+                    })?;
                     if place {
                         let spec = self
                             .images
@@ -1113,9 +1113,9 @@ impl ModelBundle {
                     at = s + len;
                 }
                 At::Track => {
-                    let clip = tracks
-                        .next()
-                        .ok_or_else(|| bad("more video sound tracks placed than decoded".into()))?;
+                    let clip = tracks.next().ok_or_else(|| {
+                        EngineError::Internal("more video sound tracks placed than decoded".into())
+                    })?;
                     let a = self
                         .audio_spec
                         .as_ref()

@@ -356,7 +356,6 @@ impl<E: InProcess> Backend for EngineBackend<E> {
     }
 }
 
-/// The serving core's admission errors as a backend's.
 /// An in-process engine's health from the serving core's status: the lifecycle mapped to [`BackendState`]
 /// (an unloaded model still serves: the next request reloads it), with the engine's own figures in
 /// `details`.
@@ -407,6 +406,7 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
     }
 }
 
+/// The serving core's admission errors as a backend's.
 fn admission_error(e: SubmitError) -> BackendError {
     match e {
         SubmitError::QueueFull => BackendError::Busy(e.to_string()),

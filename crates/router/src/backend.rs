@@ -565,6 +565,50 @@ impl OpenAiBackend {
     }
 }
 
+/// An upstream's body with invalid UTF-8 replaced by U+FFFD (as a browser's EventSource decodes it), keeping
+/// a character split across reads whole. eventsource-stream would otherwise hold back everything after an
+/// invalid byte, waiting for it to complete, and stall the answer until the idle timeout.
+fn lossy_utf8<S, B, E>(body: S) -> impl futures_util::Stream<Item = Result<Vec<u8>, E>>
+where
+    S: futures_util::Stream<Item = Result<B, E>>,
+    B: AsRef<[u8]>,
+{
+    use futures_util::StreamExt;
+    let mut pending: Vec<u8> = vec![];
+    body.map(move |read| {
+        read.map(|bytes| {
+            pending.extend_from_slice(bytes.as_ref());
+            let mut out = String::with_capacity(pending.len());
+            loop {
+                match std::str::from_utf8(&pending) {
+                    Ok(s) => {
+                        out.push_str(s);
+                        pending.clear();
+                        break;
+                    }
+                    Err(e) => {
+                        let valid = e.valid_up_to();
+                        out.push_str(&String::from_utf8_lossy(&pending[..valid]));
+                        match e.error_len() {
+                            // An invalid sequence: one replacement character, then go on after it.
+                            Some(bad) => {
+                                out.push('\u{FFFD}');
+                                pending.drain(..valid + bad);
+                            }
+                            // A character cut off at the end of this read: wait for the rest.
+                            None => {
+                                pending.drain(..valid);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+            out.into_bytes()
+        })
+    })
+}
+
 /// A `Retry-After` value in seconds from `now`: its delay form (`120`) or its HTTP-date form
 /// (`Wed, 21 Oct 2026 07:28:00 GMT`, RFC 9110 §10.2.3), rounded up; a date already past is 0. None: neither.
 pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<u64> {
@@ -662,7 +706,7 @@ impl Backend for OpenAiBackend {
             use futures_util::StreamExt;
             // Server-sent events as the WHATWG spec parses them: any line ending, events and UTF-8
             // split across reads, comments (keep-alives), multi-line data.
-            let mut events = resp.bytes_stream().eventsource();
+            let mut events = lossy_utf8(resp.bytes_stream()).eventsource();
             // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
             let mut calls: Vec<(String, String)> = vec![];
             let mut finish: Option<FinishReason> = None;
@@ -689,6 +733,11 @@ impl Backend for OpenAiBackend {
                         return;
                     }
                 };
+                // An event with no data (a bare `data:` line, which some proxies send as a keep-alive)
+                // carries nothing to parse.
+                if data.trim().is_empty() {
+                    continue;
+                }
                 if data.trim() == "[DONE]" {
                     for (name, arguments) in calls.drain(..) {
                         if tx
@@ -935,7 +984,8 @@ mod tests {
 
     /// An upstream's stream over a real HTTP connection, in awkward pieces: a keep-alive comment, a
     /// character and a CRLF split across reads, a tool call in two deltas, a payload on two `data:`
-    /// lines. The backend must see the events a browser's EventSource would.
+    /// lines, an empty event and an invalid byte. The backend must see the events a browser's EventSource
+    /// would.
     #[tokio::test]
     async fn an_upstream_stream_is_parsed_as_server_sent_events() {
         use crate::api::{ChatCompletionRequest, Limits};
@@ -960,6 +1010,15 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
 
 "#
             .to_vec(),
+            // An empty event (a proxy's keep-alive), then an invalid byte inside a content delta.
+            b"data:\n\n".to_vec(),
+            [
+                br#"data: {"choices":[{"index":0,"delta":{"content":"x"#.as_slice(),
+                &[0xFF],
+                br#"y"}}]}"#.as_slice(),
+                b"\n\n",
+            ]
+            .concat(),
             b"data: [DONE]\n\n".to_vec(),
         ];
         let server = tokio::spawn(async move {
@@ -1010,8 +1069,13 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             matches!(&chunks[1], Chunk::Content(c) if c == "H\u{e9}"),
             "{chunks:?}"
         );
+        // The invalid byte became U+FFFD and the stream went on (it used to stall until the idle timeout).
         assert!(
-            matches!(&chunks[2], Chunk::ToolCall { name, arguments } if name == "f" && arguments == r#"{"a":1}"#),
+            matches!(&chunks[2], Chunk::Content(c) if c == "x\u{fffd}y"),
+            "{chunks:?}"
+        );
+        assert!(
+            matches!(&chunks[3], Chunk::ToolCall { name, arguments } if name == "f" && arguments == r#"{"a":1}"#),
             "{chunks:?}"
         );
         let Chunk::Done {
@@ -1019,14 +1083,14 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             usage,
             served_by,
             ..
-        } = &chunks[3]
+        } = &chunks[4]
         else {
             panic!("{chunks:?}")
         };
         assert_eq!(*finish_reason, FinishReason::ToolCalls);
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 4));
         assert_eq!(served_by.as_ref().unwrap().model, "up-7b");
-        assert_eq!(chunks.len(), 4, "{chunks:?}");
+        assert_eq!(chunks.len(), 5, "{chunks:?}");
     }
 
     #[test]

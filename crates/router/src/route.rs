@@ -230,8 +230,11 @@ fn tier_key(req: &ChatRequest, answer: Option<&str>) -> Option<u64> {
 /// Waits that a backend bounds itself ([`Backend::manages_timeouts`]).
 const UNBOUNDED: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// Milliseconds since `t`, on the router's clock ([`crate::breaker::now`], which a test may pause).
 fn elapsed_ms(t: Instant) -> u64 {
-    t.elapsed().as_millis() as u64
+    crate::breaker::now()
+        .saturating_duration_since(t)
+        .as_millis() as u64
 }
 
 impl TierRouter {
@@ -926,7 +929,7 @@ struct Walk {
 impl Walk {
     fn new() -> Self {
         Self {
-            t0: Instant::now(),
+            t0: crate::breaker::now(),
             fallback: vec![],
             sent: String::new(),
             completion_tokens: 0,
