@@ -89,16 +89,24 @@ class Driver:
         self.proc = subprocess.Popen(
             ["tauri-driver", "--port", str(self.port), "--native-port", str(native)],
             stdout=sys.stdout, stderr=sys.stderr, start_new_session=True)
+        # Both ports: tauri-driver starts WebKitWebDriver on the native port itself, and a session request
+        # that reaches tauri-driver before WebKitWebDriver listens is refused at once ("Connection
+        # aborted"), which is neither a hang nor the app's fault.
         deadline = time.monotonic() + 20
+        waiting = [self.port, native]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise SystemExit(f"FAIL tauri-driver exited with {self.proc.returncode}")
             with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", self.port)) == 0:
-                    return
+                if s.connect_ex(("127.0.0.1", waiting[0])) == 0:
+                    waiting.pop(0)
+                    if not waiting:
+                        return
+                    continue
             time.sleep(0.1)
         self.kill()
-        raise SystemExit("FAIL tauri-driver did not listen within 20 s")
+        which = "tauri-driver" if waiting[0] == self.port else "WebKitWebDriver (tauri-driver's native driver)"
+        raise SystemExit(f"FAIL {which} did not listen within 20 s")
 
     def kill(self):
         if self.proc.poll() is None:
