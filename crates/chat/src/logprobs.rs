@@ -1,7 +1,12 @@
 //! OpenAI `logprobs` entries, built the same way by both engines so a client sees one shape whichever engine
 //! served it: the token as text, its raw bytes (a token may hold part of a UTF-8 character), its
-//! log-probability under the model (before temperature and the other sampling transforms, as OpenAI and
-//! mlx-lm report it) and the most likely alternatives, best first.
+//! log-probability under the model and the most likely alternatives, best first.
+//!
+//! "Under the model" means the log-softmax of the model's raw logits: before `logit_bias`, the repetition,
+//! presence and frequency penalties, a `response_format` mask, temperature and top-k/p/min-p. That is
+//! vLLM's default (`logprobs_mode = "raw_logprobs"`) and what llama.cpp's logits give; mlx-lm reports
+//! after its logits processors instead. Both engines are held to it by a test that biases the runner-up
+//! (`logprobs_are_the_models_own_before_logit_bias` in each engine's tests).
 
 use serde::Serialize;
 

@@ -34,7 +34,8 @@ pub struct Request {
     /// Generate past the model's end-of-generation tokens, to `max_tokens` or a stop string (benchmarks,
     /// and vLLM's `ignore_eos`); false stops at them, as every API request does.
     pub ignore_eos: bool,
-    /// Report each generated token's log-probability (`Event::Logprobs`).
+    /// Report each generated token's log-probability under the model (`Event::Logprobs`; raw logits,
+    /// before bias, penalties, grammar and temperature: see `jemma_chat::logprobs`).
     pub logprobs: bool,
     /// With `logprobs`, also this many most likely alternatives per token (at most
     /// [`jemma_chat::logprobs::MAX_TOP_LOGPROBS`]).

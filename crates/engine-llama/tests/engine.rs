@@ -476,6 +476,62 @@ fn with_token_type(mut gguf: Vec<u8>, id: usize, ty: i32) -> Vec<u8> {
     gguf
 }
 
+/// `logprobs` report the model's own distribution, before `logit_bias` and penalties (the MLX engine's
+/// `logprobs_are_the_models_own_before_logit_bias` holds it to the same rule): a bias that forces the
+/// runner-up leaves the reported numbers as mlx-lm's logits give them.
+#[test]
+fn logprobs_are_the_models_own_before_logit_bias() {
+    let _serial = serial();
+    let r = reference("tiny");
+    let (name, ids, _) = &r.prompts[0];
+    let want_logits = &r.logits[&format!("{name}.logits")];
+    let (_, want_top) = jemma_chat::logprobs::log_softmax_top(want_logits, argmax(want_logits), 5);
+    let runner_up = want_top[1].0;
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    let mut req = request(Prompt::Ids(ids.clone()), 1);
+    req.parse_output = false;
+    req.logprobs = true;
+    req.top_logprobs = 5;
+    req.sampling.logit_bias = vec![(runner_up, 50.0)];
+    req.sampling.repetition_penalty = Some(1.5);
+    let mut rx = e.submit(req).unwrap();
+    let mut entries = vec![];
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            Event::Logprobs(l) => entries.push(l),
+            Event::Done(_) => break,
+            Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    let [got] = &entries[..] else {
+        panic!("one token, one entry: {entries:?}")
+    };
+    assert_eq!(
+        got.bytes, got.top_logprobs[1].bytes,
+        "the bias chose the runner-up"
+    );
+    // Under the bias the runner-up's probability would read ~1 (log p ≈ 0): it reads the model's.
+    assert!(
+        (got.logprob - want_top[1].1).abs() < 0.02,
+        "{} vs mlx-lm's {}",
+        got.logprob,
+        want_top[1].1
+    );
+    assert!(got.logprob < -1e-3, "the reported log p is the biased one");
+    assert_eq!(got.top_logprobs.len(), 5);
+    for (g, (id, lp)) in got.top_logprobs.iter().zip(&want_top) {
+        assert!(
+            (g.logprob - lp).abs() < 0.02,
+            "token {id}: {} vs {lp}",
+            g.logprob
+        );
+    }
+}
+
 #[test]
 fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
     let _serial = serial();

@@ -97,7 +97,8 @@ pub struct GenerateOptions {
     pub stop_tokens: Vec<u32>,
     /// Return this many top log-probabilities per token (0 = only the chosen token's when `logprobs`).
     pub top_logprobs: usize,
-    /// Return log-probabilities at all.
+    /// Return each token's log-probability under the model (raw logits, before bias, penalties, mask and
+    /// temperature: see `jemma_chat::logprobs`).
     pub logprobs: bool,
     /// Prefill chunk length.
     pub prefill_step: usize,
@@ -638,18 +639,33 @@ impl Generation {
         history: &Array,
         mask: Option<Array>,
     ) -> Result<Pending> {
-        let mut logits = self.sampler.process(logits, Some(history))?;
+        let raw = logits;
+        let mut logits = self.sampler.process(raw, Some(history))?;
         if let Some(m) = mask {
             logits = ops::add(&logits, m.as_dtype(model.dtype())?)?;
         }
         self.cache.maybe_quantize(self.opts.kv_quant)?;
-        let logprobs = log_softmax(&logits)?;
-        let token = self.sampler.sample(&logprobs)?;
+        let processed = log_softmax(&logits)?;
+        let token = self.sampler.sample(&processed)?;
+        let logprobs = self.reported(raw, processed)?;
         Ok(Pending {
             token,
             logprobs,
             hidden: None,
         })
+    }
+
+    /// The distribution a step's `logprobs` report: the model's own (log-softmax of its raw logits,
+    /// before `logit_bias`, penalties, the grammar mask and temperature, as vLLM's default
+    /// `raw_logprobs` and llama.cpp's engine report it), so one request reads the same numbers on either
+    /// engine. `processed` is what the sampler drew from; it is returned as is when logprobs are off,
+    /// which costs nothing as the caller evaluates it anyway.
+    fn reported(&self, raw: &Array, processed: Array) -> Result<Array> {
+        if self.opts.logprobs {
+            log_softmax(raw)
+        } else {
+            Ok(processed)
+        }
     }
 
     /// The grammar's additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere (None when
@@ -1090,13 +1106,14 @@ impl Generation {
                     ops::concatenate(&[&g.history, &fed_arr.try_index(..i as i32 + 1)?], 0)?;
                 let row = logits.try_index((r as i32..r as i32 + 1, i as i32, ..))?;
                 let lp = log_softmax(&g.sampler.process(&row, Some(&history))?)?;
+                let reported = g.reported(&row, lp.clone())?;
                 if d.greedy {
                     laws.push(ops::indexing::argmax_axis(&lp, -1, None)?);
                 } else {
                     // In float32, as the drafter's law is: the acceptance rule compares them.
                     laws.push(ops::exp(g.sampler.law(&lp.as_dtype(Dtype::Float32)?)?)?);
                 }
-                lps.push(lp);
+                lps.push(reported);
             }
             per_row.push((fed_arr, lps, laws));
         }

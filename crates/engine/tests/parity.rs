@@ -333,3 +333,65 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
         assert!(finished >= 3, "{what}: only {finished}/20 answers ended");
     }
 }
+
+/// `logprobs` report the model's own distribution (log-softmax of its raw logits, before `logit_bias`,
+/// penalties and temperature), as llama.cpp's engine and vLLM's default do: a bias that forces the
+/// runner-up leaves every reported number as mlx-lm's logits give it.
+#[test]
+fn logprobs_are_the_models_own_before_logit_bias() {
+    use jemma_engine::generate::TokenLogprobs;
+    use jemma_engine::sample::SamplingParams;
+    let dir = fixture("tiny");
+    let (model, _, _) = gemma4::load(&dir, None).unwrap();
+    let r = reference(&dir);
+    let (p, ids, _) = &r.prompts[0];
+    let prompt: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+    let first = |sampling: SamplingParams| -> (u32, TokenLogprobs) {
+        let opts = GenerateOptions {
+            max_tokens: 1,
+            logprobs: true,
+            top_logprobs: 5,
+            sampling,
+            ..Default::default()
+        };
+        let mut got = None;
+        generate(&model, &prompt, &opts, |s| {
+            got = Some((s.token, s.logprobs.clone().unwrap()));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        got.unwrap()
+    };
+    // mlx-lm's last-position logits of the prompt, log-softmaxed: the numbers to report.
+    let want_logits = r.logits[&format!("{p}.logits")].as_slice::<f32>().to_vec();
+    let best = (0..want_logits.len())
+        .max_by(|&a, &b| want_logits[a].total_cmp(&want_logits[b]))
+        .unwrap();
+    let (want_lp, want_top) = jemma_chat::logprobs::log_softmax_top(&want_logits, best, 5);
+    let (plain, plain_lp) = first(SamplingParams::default());
+    assert_eq!(plain as usize, best);
+    assert!((plain_lp.logprob - want_lp).abs() < 1e-4);
+    let runner_up = want_top[1].0;
+    let (biased, biased_lp) = first(SamplingParams {
+        logit_bias: vec![(runner_up, 50.0)],
+        repetition_penalty: Some(1.5),
+        ..Default::default()
+    });
+    assert_eq!(biased, runner_up, "the bias chose the runner-up");
+    // Under the bias the runner-up's own probability would read ~0 (log p ≈ 0): it reads the model's.
+    assert!(
+        (biased_lp.logprob - want_top[1].1).abs() < 1e-4,
+        "{} vs mlx-lm's {}",
+        biased_lp.logprob,
+        want_top[1].1
+    );
+    assert!(
+        biased_lp.logprob < -1e-3,
+        "the reported log p is the biased one"
+    );
+    assert_eq!(biased_lp.top.len(), 5);
+    for ((id, lp), (wid, wlp)) in biased_lp.top.iter().zip(&want_top) {
+        assert_eq!(id, wid);
+        assert!((lp - wlp).abs() < 1e-4, "token {id}: {lp} vs {wlp}");
+    }
+}

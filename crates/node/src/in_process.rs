@@ -17,8 +17,8 @@ use tokio::sync::mpsc;
 use jemma_media::Modality;
 use jemma_router::api::{ChatRequest, Tool};
 use jemma_router::backend::{
-    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, engine_error,
-    pump_engine, sampling_of, with_continuation,
+    Backend, BackendError, BackendHealth, BackendState, ChunkStream, Finished, engine_chunks,
+    engine_error, sampling_of, with_continuation,
 };
 
 /// One request in the terms every engine shares: built once from the OpenAI request.
@@ -316,7 +316,7 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         let req = self.with_media(req).await?;
         let job = self.job(&req, continuation)?;
         let events = self.engine.submit(job).map_err(admission_error)?;
-        Ok(pump_engine(events, |s| E::finished(&s)))
+        Ok(engine_chunks(events, |s| E::finished(&s)))
     }
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {

@@ -331,7 +331,7 @@ pub fn sampling_of(req: &ChatRequest) -> jemma_chat::sampling::SamplingParams {
 
 /// Forwards an in-process engine's events as chunks from a task. Dropping the returned stream ends the task
 /// at its next event, which drops `events` and so cancels the engine's work.
-pub fn pump<E: Send + 'static>(
+pub fn forward_events<E: Send + 'static>(
     mut events: mpsc::Receiver<E>,
     mut map: impl FnMut(E) -> Result<Chunk, BackendError> + Send + 'static,
 ) -> ChunkStream {
@@ -366,14 +366,14 @@ pub struct Finished {
 
 /// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
 /// in their summary, which `finished` reads.
-pub fn pump_engine<S: Send + 'static>(
+pub fn engine_chunks<S: Send + 'static>(
     events: mpsc::Receiver<jemma_chat::event::Event<S>>,
     finished: impl Fn(S) -> Finished + Send + 'static,
 ) -> ChunkStream {
     use jemma_chat::event::Event;
     let mut prompt_tokens = 0u64;
     let mut cached = 0u64;
-    pump(events, move |ev| match ev {
+    forward_events(events, move |ev| match ev {
         Event::Started {
             prompt_tokens: p,
             cached_tokens,

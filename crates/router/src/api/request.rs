@@ -105,10 +105,12 @@ pub struct ChatCompletionRequest {
     /// Token id (as string) → bias.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<BTreeMap<String, f32>>,
-    /// Return log-probabilities.
+    /// Return each generated token's log-probability under the model: the log-softmax of its raw logits,
+    /// before `logit_bias`, penalties, `response_format` and temperature (vLLM's default; see
+    /// `jemma_chat::logprobs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logprobs: Option<bool>,
-    /// How many alternatives per token.
+    /// How many most likely alternatives per token, best first (0–20; needs `logprobs`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(maximum = 20)]
     pub top_logprobs: Option<u32>,
