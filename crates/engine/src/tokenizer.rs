@@ -138,9 +138,10 @@ impl Tokenizer {
     }
 }
 
-/// Incremental detokenizer (the prefix/read-offset scheme of text-generation-inference): decodes a short
-/// window of recent ids and emits only the new, complete text; a token that ends inside a multi-byte
-/// character (byte-fallback tokens) is held until the character completes.
+/// Incremental detokenizer: each token's new, complete text; a token that ends inside a multi-byte
+/// character (byte-fallback tokens) is held until the character completes. The work is `tokenizers`'
+/// `DecodeStream` (the prefix/read-offset scheme of text-generation-inference), through its ownerless
+/// form so that a sequence can outlive any borrow of the model.
 pub struct StreamDecoder<'a> {
     tok: &'a Tokenizer,
     state: DecodeStream,
@@ -159,50 +160,62 @@ impl StreamDecoder<'_> {
 }
 
 /// The state of a [`StreamDecoder`] without the tokenizer it reads (given at each call), for a sequence
-/// that outlives any borrow of the model (a scheduler's running batch).
+/// that outlives any borrow of the model (a scheduler's running batch): the fields of
+/// `tokenizers::DecodeStream`, stepped by `tokenizers::step_decode_stream`.
 #[derive(Debug, Clone, Default)]
 pub struct DecodeStream {
+    /// The ids still needed to decode the next piece: the window around `prefix`, then what is held.
     ids: Vec<u32>,
-    prefix: usize,
-    read: usize,
+    /// The text of `ids[..prefix_index]` as last emitted, cut off the next decode of `ids`.
+    prefix: String,
+    prefix_index: usize,
 }
 
 impl DecodeStream {
     /// Adds a token; returns the text it completes (possibly empty).
+    ///
+    /// Errors: `EngineError::InvalidModel` when the tokenizer fails.
     pub fn push(&mut self, tok: &Tokenizer, id: u32) -> Result<String> {
-        self.ids.push(id);
-        let prefix_text = tok.decode(&self.ids[self.prefix..self.read])?;
-        let new_text = tok.decode(&self.ids[self.prefix..])?;
-        if new_text.len() > prefix_text.len() && !new_text.ends_with('\u{FFFD}') {
-            // Decoding a window can differ from the prefix in more than an append (e.g. a leading space
-            // rule); emit from the first differing char boundary of the longer text.
-            let start = if new_text.starts_with(&prefix_text) {
-                prefix_text.len()
-            } else {
-                let mut i = prefix_text.len().min(new_text.len());
-                while !new_text.is_char_boundary(i) {
-                    i -= 1;
-                }
-                i
-            };
-            let out = new_text[start..].to_string();
-            self.prefix = self.read;
-            self.read = self.ids.len();
-            Ok(out)
-        } else {
-            Ok(String::new())
+        match tokenizers::step_decode_stream(
+            &tok.inner,
+            vec![id],
+            false,
+            &mut self.ids,
+            &mut self.prefix,
+            &mut self.prefix_index,
+        ) {
+            Ok(piece) => Ok(piece.unwrap_or_default()),
+            Err(e) if e.downcast_ref::<tokenizers::DecodeStreamError>().is_some() => {
+                self.resync(tok)
+            }
+            Err(e) => Err(EngineError::InvalidModel(format!("tokenizer: {e}"))),
         }
     }
 
-    /// Flushes whatever is held back (an incomplete character becomes U+FFFD).
-    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
-        if self.read >= self.ids.len() {
-            return Ok(String::new());
+    /// Where `tokenizers` refuses the stream because the new token rewrote text already emitted. Byte
+    /// fallback decodes a run of byte tokens as one: a valid byte (`<0x6E>`, "n") followed by bytes that
+    /// make the run invalid UTF-8 turns back into U+FFFD, tokens a sampling model can produce. What was
+    /// emitted stays; the window's text is emitted from the first character boundary past it, and the
+    /// window restarts after this token.
+    fn resync(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids)?;
+        let mut start = self.prefix.len().min(text.len());
+        while !text.is_char_boundary(start) {
+            start -= 1;
         }
-        let prefix_text = tok.decode(&self.ids[self.prefix..self.read])?;
-        let new_text = tok.decode(&self.ids[self.prefix..])?;
-        self.prefix = self.ids.len();
-        self.read = self.ids.len();
-        Ok(new_text.get(prefix_text.len()..).unwrap_or("").to_string())
+        *self = Self::default();
+        Ok(text[start..].to_string())
+    }
+
+    /// Flushes whatever is held back (an incomplete character becomes U+FFFD). `tokenizers` has no flush:
+    /// the held ids decode past the last emitted text.
+    pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
+        let text = tok.decode(&self.ids)?;
+        let held = text
+            .strip_prefix(self.prefix.as_str())
+            .unwrap_or_default()
+            .to_string();
+        *self = Self::default();
+        Ok(held)
     }
 }

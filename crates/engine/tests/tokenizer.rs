@@ -47,4 +47,37 @@ fn streaming_decode_never_splits_characters() {
     assert_eq!(pieces.concat(), text);
     // the crab's four byte tokens produce output once, complete
     assert_eq!(pieces.iter().filter(|p| p.contains('🦀')).count(), 1);
+    // A generation cut inside a character: what was held comes out at the end, as U+FFFD.
+    let mut s = t.stream();
+    let mut out = String::new();
+    for id in t.encode("ok ", false).unwrap().iter().chain(&crab[..2]) {
+        out.push_str(&s.push(*id).unwrap());
+    }
+    assert_eq!(out, "ok ");
+    let held = s.finish().unwrap();
+    // (byte fallback writes one U+FFFD per byte it cannot place, as `tokenizers`' decode does)
+    assert!(
+        !held.is_empty() && held.chars().all(|c| c == '\u{FFFD}'),
+        "{held:?}"
+    );
+    assert_eq!(s.finish().unwrap(), "", "finish empties the decoder");
+}
+
+/// A sampled stream can rewrite its own text: byte fallback decodes a run of byte tokens as one, so "n"
+/// as a byte token followed by bytes that make the run invalid turns back into U+FFFD. `tokenizers`'
+/// `DecodeStream` refuses that stream; the decoder goes on, keeps what it emitted and loses no later
+/// text.
+#[test]
+fn streaming_decode_survives_a_byte_run_that_turns_invalid() {
+    let t = Tokenizer::from_model_dir(&tiny(), &[]).unwrap();
+    let byte = |b: u8| t.token_id(&format!("<0x{b:02X}>")).unwrap();
+    let mut ids = t.encode("Hi ", false).unwrap();
+    ids.extend([byte(b'n'), byte(0xE3), byte(0x81)]);
+    ids.extend(t.encode(" day.", false).unwrap());
+    let mut s = t.stream();
+    let pieces: Vec<String> = ids.iter().map(|id| s.push(*id).unwrap()).collect();
+    let text = pieces.concat() + &s.finish().unwrap();
+    assert!(text.starts_with("Hi n"), "{text:?}");
+    assert!(text.ends_with(" day."), "{text:?}");
+    assert!(text.contains('\u{FFFD}'), "{text:?}");
 }
