@@ -23,7 +23,10 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let ts = Tailscale::detect()?;
-    let status = ts.status()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = rt.block_on(ts.status())?;
     anyhow::ensure!(
         status.is_running(),
         "Tailscale is not connected ({})",
@@ -34,9 +37,6 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .into_iter()
         .map(|(name, url)| Candidate { name, url })
         .collect();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let nodes = rt.block_on(identify(
         &candidates,
         Duration::from_secs_f64(args.timeout.max(0.1)),

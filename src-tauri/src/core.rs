@@ -360,10 +360,9 @@ impl Core {
     /// `[peers] port`). Errors: no Tailscale CLI, or not connected.
     pub async fn find_peers(&self) -> anyhow::Result<Vec<PeerNode>> {
         let port = self.cfg.peers.port;
-        let status = tokio::task::spawn_blocking(|| {
-            jemma_platform::tailscale::Tailscale::detect().and_then(|t| t.status())
-        })
-        .await??;
+        let status = jemma_platform::tailscale::Tailscale::detect()?
+            .status()
+            .await?;
         anyhow::ensure!(
             status.is_running(),
             "Tailscale is not connected ({})",

@@ -4,8 +4,12 @@
 use jemma_platform::tailscale::Tailscale;
 
 /// The tray's Tailscale line (menu items must stay short: the full error goes to the log).
-pub fn status_line() -> String {
-    match Tailscale::detect().and_then(|t| t.status()) {
+pub async fn status_line() -> String {
+    let status = match Tailscale::detect() {
+        Ok(t) => t.status().await,
+        Err(e) => Err(e),
+    };
+    match status {
         Ok(s) => s.summary(),
         Err(e) => {
             tracing::info!(error = %e, "tailscale status");
@@ -15,13 +19,13 @@ pub fn status_line() -> String {
 }
 
 /// Exposes or withdraws the gateway; returns the new status line.
-pub fn set_exposed(on: bool, port: u16) -> Result<String, String> {
+pub async fn set_exposed(on: bool, port: u16) -> Result<String, String> {
     let t = Tailscale::detect().map_err(|e| e.to_string())?;
     if on {
-        let info = t.expose(port).map_err(|e| e.to_string())?;
+        let info = t.expose(port).await.map_err(|e| e.to_string())?;
         Ok(format!("Tailscale: serving {}", info.url))
     } else {
-        t.unexpose().map_err(|e| e.to_string())?;
-        Ok(status_line())
+        t.unexpose().await.map_err(|e| e.to_string())?;
+        Ok(status_line().await)
     }
 }

@@ -193,8 +193,8 @@ pub fn build(app: &AppHandle, core: Arc<Core>) -> tauri::Result<()> {
         peers,
     };
     let ts = handles.tailscale.clone();
-    tauri::async_runtime::spawn_blocking(move || {
-        let _ = ts.set_text(crate::tailnet::status_line());
+    tauri::async_runtime::spawn(async move {
+        let _ = ts.set_text(crate::tailnet::status_line().await);
     });
     let icon = if cfg!(target_os = "macos") {
         tauri::image::Image::from_bytes(include_bytes!("../../icons/tray-template.png"))?
@@ -458,9 +458,16 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
             let toggle = h.tailnet.clone();
             let port = core.port;
             let core = core.clone();
-            tauri::async_runtime::spawn_blocking(move || {
-                // Tailnet callers are remote callers: they need a key, so exposing provisions one.
-                let key_note = match want.then(|| core.ensure_remote_key()) {
+            tauri::async_runtime::spawn(async move {
+                // Tailnet callers are remote callers: they need a key, so exposing provisions one (the
+                // keychain blocks: off the async runtime).
+                let provisioned = tauri::async_runtime::spawn_blocking(move || {
+                    want.then(|| core.ensure_remote_key())
+                })
+                .await
+                .ok()
+                .flatten();
+                let key_note = match provisioned {
                     Some(Ok(true)) => " · API key in keychain (gateway_api_key)",
                     Some(Err(e)) => {
                         tracing::warn!(error = %e, "could not create an API key for tailnet callers");
@@ -468,7 +475,7 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
                     }
                     _ => "",
                 };
-                let text = match crate::tailnet::set_exposed(want, port) {
+                let text = match crate::tailnet::set_exposed(want, port).await {
                     Ok(t) => format!("{t}{key_note}"),
                     Err(e) => {
                         let _ = toggle.set_checked(!want);

@@ -5,18 +5,15 @@
 //! places), and every step Jemma takes is a command the user can read in an error, re-run or undo by hand
 //! (`tailscale serve --https=443 off`).
 //!
-//! Every command runs with stdin closed and a time limit ([`DEFAULT_TIMEOUT`]); a command that overruns is
-//! killed and reported as [`Error::Timeout`]. Failures are returned, never swallowed: a non-zero exit is
+//! Every command runs on `tokio::process` with stdin closed and a time limit ([`DEFAULT_TIMEOUT`]); a command
+//! that overruns is killed and reported as [`Error::Timeout`], with what it printed so far. Failures are returned, never swallowed: a non-zero exit is
 //! [`Error::Command`] with the CLI's own message, unreadable output is [`Error::Parse`].
 
 use std::ffi::OsString;
-use std::io::Read;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize, Serializer};
 use serde_json::Value;
@@ -515,8 +512,8 @@ impl Tailscale {
     }
 
     /// `tailscale status --json`, parsed.
-    pub fn status(&self) -> Result<Status> {
-        Status::from_json(&self.run(&["status", "--json"])?)
+    pub async fn status(&self) -> Result<Status> {
+        Status::from_json(&self.run(&["status", "--json"]).await?)
     }
 
     /// Serves `http://127.0.0.1:<port>` on the tailnet over HTTPS (443) with
@@ -526,8 +523,8 @@ impl Tailscale {
     /// The gateway must be bound to 127.0.0.1 (or all interfaces) for the proxy to reach it. Checks the
     /// status first so a disconnected or MagicDNS-less tailnet gives an actionable error instead of the
     /// CLI's.
-    pub fn expose(&self, port: u16) -> Result<ServeInfo> {
-        let status = self.status()?;
+    pub async fn expose(&self, port: u16) -> Result<ServeInfo> {
+        let status = self.status().await?;
         if !status.is_running() {
             return Err(Error::Unavailable(format!(
                 "Tailscale is {}: connect this Mac to a tailnet (Tailscale app, or `tailscale up`) before \
@@ -544,7 +541,7 @@ impl Tailscale {
         };
         let target = format!("http://127.0.0.1:{port}");
         let https = format!("--https={HTTPS_PORT}");
-        self.run(&["serve", "--bg", &https, &target])?;
+        self.run(&["serve", "--bg", &https, &target]).await?;
         Ok(ServeInfo {
             url: format!("https://{dns_name}"),
             dns_name,
@@ -553,28 +550,29 @@ impl Tailscale {
     }
 
     /// Stops serving HTTPS on 443: `tailscale serve --https=443 off`.
-    pub fn unexpose(&self) -> Result<()> {
+    pub async fn unexpose(&self) -> Result<()> {
         let https = format!("--https={HTTPS_PORT}");
-        self.run(&["serve", &https, "off"]).map(drop)
+        self.run(&["serve", &https, "off"]).await.map(drop)
     }
 
     /// Whether `tailscale serve status --json` shows a handler proxying to this port on localhost.
-    pub fn is_exposed(&self, port: u16) -> Result<bool> {
-        serve_status_exposes(&self.run(&["serve", "status", "--json"])?, port)
+    pub async fn is_exposed(&self, port: u16) -> Result<bool> {
+        serve_status_exposes(&self.run(&["serve", "status", "--json"]).await?, port)
     }
 
     /// Runs the CLI with `args` under the time limit; returns stdout on success.
-    fn run(&self, args: &[&str]) -> Result<String> {
+    async fn run(&self, args: &[&str]) -> Result<String> {
         let cmd = std::iter::once(self.cli.display().to_string())
             .chain(args.iter().map(|a| a.to_string()))
             .collect::<Vec<_>>()
             .join(" ");
-        let mut child = Command::new(&self.cli)
+        let mut child = tokio::process::Command::new(&self.cli)
             .args(args)
             // Never let the CLI wait on a prompt.
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            .kill_on_drop(true)
             .spawn()
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::NotFound => Error::NotInstalled(format!(
@@ -587,52 +585,57 @@ impl Tailscale {
                     source: e,
                 },
             })?;
-
-        // Pipes are drained on threads while we wait: a large `status --json` (many peers) would otherwise
-        // fill the pipe and block the CLI until it hit the timeout.
-        let (done_tx, done_rx) = mpsc::channel();
-        let stdout = capture(child.stdout.take(), done_tx.clone());
-        let stderr = capture(child.stderr.take(), done_tx);
-
-        let deadline = Instant::now() + self.timeout;
-        let status = match wait_until(&mut child, deadline) {
-            Ok(Some(status)) => status,
-            Ok(None) => {
-                // Reader threads are left to finish on their own: a grandchild may still hold the pipes.
-                let _ = child.kill();
-                let _ = child.wait();
-                let mut output = snapshot(&stderr);
-                if output.is_empty() {
-                    output = snapshot(&stdout);
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let waited = tokio::time::timeout(self.timeout, async {
+            // The pipes are drained while the CLI runs: a large `status --json` (many peers) would
+            // otherwise fill a pipe and block it until the time limit.
+            let reads = async {
+                tokio::join!(drain(stdout, &mut out), drain(stderr, &mut err));
+            };
+            tokio::pin!(reads);
+            let mut read_all = false;
+            let status = tokio::select! {
+                status = child.wait() => status,
+                () = &mut reads => {
+                    read_all = true;
+                    child.wait().await
                 }
+            }?;
+            // It has exited; its pipes close with it unless a grandchild still holds them.
+            if !read_all {
+                let _ = tokio::time::timeout(PIPE_GRACE, reads).await;
+            }
+            Ok::<_, std::io::Error>(status)
+        })
+        .await;
+        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+        let status = match waited {
+            Ok(Ok(status)) => status,
+            Err(_elapsed) => {
+                let _ = child.kill().await;
+                let output = [text(&err), text(&out)]
+                    .into_iter()
+                    .find(|o| !o.is_empty())
+                    .unwrap_or_default();
                 return Err(Error::Timeout {
                     cmd,
                     after: self.timeout,
                     output,
                 });
             }
-            Err(source) => {
-                let _ = child.kill();
-                let _ = child.wait();
+            Ok(Err(source)) => {
+                let _ = child.kill().await;
                 return Err(Error::Io { cmd, source });
             }
         };
-        // The process has exited; wait (within the same deadline, plus a moment) for its pipes to close.
-        let grace = deadline.max(Instant::now()) + Duration::from_millis(200);
-        for _ in 0..2 {
-            let left = grace.saturating_duration_since(Instant::now());
-            if done_rx.recv_timeout(left).is_err() {
-                break;
-            }
-        }
-        let out = String::from_utf8_lossy(&lock(&stdout)).into_owned();
         if status.success() {
-            return Ok(out);
+            return Ok(String::from_utf8_lossy(&out).into_owned());
         }
-        let mut message = snapshot(&stderr);
-        if message.is_empty() {
-            message = out.trim().to_string();
-        }
+        let message = [text(&err), text(&out)]
+            .into_iter()
+            .find(|o| !o.is_empty())
+            .unwrap_or_default();
         Err(Error::Command {
             cmd,
             code: status.code(),
@@ -641,54 +644,18 @@ impl Tailscale {
     }
 }
 
-type Buffer = Arc<Mutex<Vec<u8>>>;
+/// How long a CLI that has exited may keep its pipes open (a grandchild holding them) before its output
+/// is taken as it stands.
+const PIPE_GRACE: Duration = Duration::from_millis(200);
 
-fn capture<R: Read + Send + 'static>(pipe: Option<R>, done: mpsc::Sender<()>) -> Buffer {
-    let buf = Buffer::default();
-    let Some(mut pipe) = pipe else {
-        let _ = done.send(());
-        return buf;
-    };
-    let sink = buf.clone();
-    thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match pipe.read(&mut chunk) {
-                Ok(0) => break,
-                Ok(n) => lock(&sink).extend_from_slice(&chunk[..n]),
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(_) => break,
-            }
-        }
-        let _ = done.send(());
-    });
-    buf
-}
-
-fn lock(buf: &Buffer) -> std::sync::MutexGuard<'_, Vec<u8>> {
-    // A reader thread cannot panic while holding the lock, but a poisoned buffer is still usable bytes.
-    buf.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-fn snapshot(buf: &Buffer) -> String {
-    String::from_utf8_lossy(&lock(buf)).trim().to_string()
-}
-
-/// Polls for exit until `deadline`; `Ok(None)` when the process is still running then.
-fn wait_until(
-    child: &mut std::process::Child,
-    deadline: Instant,
-) -> std::io::Result<Option<ExitStatus>> {
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(Some(status));
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Ok(None);
-        }
-        // Short polls: status answers in a few milliseconds and a menu is waiting on it.
-        thread::sleep((deadline - now).min(Duration::from_millis(10)));
+/// Appends everything `pipe` yields to `buf` until it closes or fails. Cancel-safe: each read is appended
+/// before the next await, so a caller that gives up keeps what came.
+async fn drain(pipe: Option<impl tokio::io::AsyncRead + Unpin>, buf: &mut Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let Some(mut pipe) = pipe else { return };
+    let mut chunk = [0u8; 8192];
+    while let Ok(n @ 1..) = pipe.read(&mut chunk).await {
+        buf.extend_from_slice(&chunk[..n]);
     }
 }
 

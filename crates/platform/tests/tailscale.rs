@@ -5,8 +5,8 @@
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
+use tokio::sync::Mutex;
 
 use jemma_platform::Error;
 use jemma_platform::tailscale::{BackendState, Status, Tailscale, serve_status_exposes};
@@ -187,7 +187,7 @@ fn serve_status_shapes() {
 
 /// Test processes fork concurrently; a script still open for writing in one thread while another thread
 /// forks can make its exec fail with ETXTBSY. Scripted tests therefore run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
+static SERIAL: Mutex<()> = Mutex::const_new(());
 
 struct FakeCli {
     dir: tempfile::TempDir,
@@ -240,11 +240,11 @@ const CONNECTED: &str = r#"case "$1 $2" in
   *) echo "unexpected: $*" >&2; exit 2 ;;
 esac"#;
 
-#[test]
-fn expose_runs_serve_with_exact_arguments_and_returns_the_url() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn expose_runs_serve_with_exact_arguments_and_returns_the_url() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new(CONNECTED);
-    let info = cli.tailscale().expose(8080).unwrap();
+    let info = cli.tailscale().expose(8080).await.unwrap();
     assert_eq!(info.url, "https://mac-mini.tail1234.ts.net");
     assert_eq!(info.dns_name, "mac-mini.tail1234.ts.net");
     assert_eq!(info.port, 8080);
@@ -257,14 +257,14 @@ fn expose_runs_serve_with_exact_arguments_and_returns_the_url() {
     );
 }
 
-#[test]
-fn unexpose_and_is_exposed_arguments() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn unexpose_and_is_exposed_arguments() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new(CONNECTED);
     let ts = cli.tailscale();
-    ts.unexpose().unwrap();
-    assert!(ts.is_exposed(8080).unwrap());
-    assert!(!ts.is_exposed(9000).unwrap());
+    ts.unexpose().await.unwrap();
+    assert!(ts.is_exposed(8080).await.unwrap());
+    assert!(!ts.is_exposed(9000).await.unwrap());
     assert_eq!(
         cli.calls(),
         [
@@ -273,18 +273,18 @@ fn unexpose_and_is_exposed_arguments() {
             "[serve][status][--json]"
         ]
     );
-    let status = ts.status().unwrap();
+    let status = ts.status().await.unwrap();
     assert_eq!(
         status.summary(),
         "Tailscale: running · mac-mini.tail1234.ts.net (100.75.223.113)"
     );
 }
 
-#[test]
-fn expose_refuses_when_not_connected_without_running_serve() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn expose_refuses_when_not_connected_without_running_serve() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new(r#"cat "$D/status-needslogin.json""#);
-    let err = cli.tailscale().expose(8080).unwrap_err();
+    let err = cli.tailscale().expose(8080).await.unwrap_err();
     assert!(
         matches!(&err, Error::Unavailable(m) if m.contains("needs login")),
         "{err}"
@@ -292,16 +292,16 @@ fn expose_refuses_when_not_connected_without_running_serve() {
     assert_eq!(cli.calls(), ["[status][--json]"]);
 }
 
-#[test]
-fn non_zero_exit_surfaces_trimmed_stderr() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn non_zero_exit_surfaces_trimmed_stderr() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new(
         r#"case "$1" in
   status) cat "$D/status-running.json" ;;
   *) echo "ignored stdout"; printf '\n  serve: HTTPS is not enabled for this tailnet  \n\n' >&2; exit 1 ;;
 esac"#,
     );
-    let err = cli.tailscale().expose(8080).unwrap_err();
+    let err = cli.tailscale().expose(8080).await.unwrap_err();
     match &err {
         Error::Command { cmd, code, stderr } => {
             assert!(
@@ -316,11 +316,11 @@ esac"#,
     assert!(err.to_string().contains("exit code 1"), "{err}");
 }
 
-#[test]
-fn failure_with_only_stdout_reports_stdout_and_signals_have_no_code() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn failure_with_only_stdout_reports_stdout_and_signals_have_no_code() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new("echo 'failed to connect to local tailscaled'; exit 3");
-    match cli.tailscale().status().unwrap_err() {
+    match cli.tailscale().status().await.unwrap_err() {
         Error::Command { code, stderr, .. } => {
             assert_eq!(code, Some(3));
             assert_eq!(stderr, "failed to connect to local tailscaled");
@@ -329,30 +329,33 @@ fn failure_with_only_stdout_reports_stdout_and_signals_have_no_code() {
     }
 
     let cli = FakeCli::new("kill -9 $$");
-    let err = cli.tailscale().unexpose().unwrap_err();
+    let err = cli.tailscale().unexpose().await.unwrap_err();
     assert!(matches!(&err, Error::Command { code: None, .. }), "{err:?}");
     assert!(err.to_string().contains("killed by a signal"), "{err}");
 }
 
-#[test]
-fn unparseable_output_is_a_parse_error() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn unparseable_output_is_a_parse_error() {
+    let _serial = SERIAL.lock().await;
     let cli = FakeCli::new("echo 'Tailscale is starting...'");
     let ts = cli.tailscale();
-    assert!(matches!(ts.status(), Err(Error::Parse { .. })));
-    assert!(matches!(ts.is_exposed(8080), Err(Error::Parse { .. })));
+    assert!(matches!(ts.status().await, Err(Error::Parse { .. })));
+    assert!(matches!(
+        ts.is_exposed(8080).await,
+        Err(Error::Parse { .. })
+    ));
 }
 
-#[test]
-fn timeout_kills_the_command_and_keeps_its_output() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn timeout_kills_the_command_and_keeps_its_output() {
+    let _serial = SERIAL.lock().await;
     // What `tailscale serve` does on a tailnet without HTTPS: print a link and wait.
     let cli = FakeCli::new(
         "echo 'Serve is not enabled on your tailnet.'\necho 'To enable, visit: https://login.tailscale.com/f/serve?node=nXk4Lq7CNTRL'\nsleep 5",
     );
     let ts = cli.tailscale().with_timeout(Duration::from_millis(300));
     let start = Instant::now();
-    let err = ts.status().unwrap_err();
+    let err = ts.status().await.unwrap_err();
     let took = start.elapsed();
     assert!(took < Duration::from_secs(3), "returned after {took:?}");
     match &err {
@@ -368,9 +371,9 @@ fn timeout_kills_the_command_and_keeps_its_output() {
     }
 }
 
-#[test]
-fn large_output_does_not_block_the_cli() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+#[tokio::test]
+async fn large_output_does_not_block_the_cli() {
+    let _serial = SERIAL.lock().await;
     // ~1 MB on stdout and stderr each: well past a pipe buffer, so the CLI would stall if nothing drained.
     let cli = FakeCli::new(
         r#"printf '{"BackendState":"Running","Padding":"'
@@ -382,19 +385,20 @@ printf '"}'"#,
         .tailscale()
         .with_timeout(Duration::from_secs(30))
         .status()
+        .await
         .unwrap();
     assert_eq!(s.backend_state, BackendState::Running);
 }
 
-#[test]
-fn missing_cli_is_not_installed() {
+#[tokio::test]
+async fn missing_cli_is_not_installed() {
     let dir = tempfile::tempdir().unwrap();
     let ts = Tailscale::new(dir.path().join("no-such-tailscale"));
     for err in [
-        ts.status().unwrap_err(),
-        ts.expose(8080).unwrap_err(),
-        ts.unexpose().unwrap_err(),
-        ts.is_exposed(8080).unwrap_err(),
+        ts.status().await.unwrap_err(),
+        ts.expose(8080).await.unwrap_err(),
+        ts.unexpose().await.unwrap_err(),
+        ts.is_exposed(8080).await.unwrap_err(),
     ] {
         assert!(
             matches!(&err, Error::NotInstalled(m) if m.contains("no-such-tailscale")),
