@@ -78,6 +78,19 @@ pub struct Args {
     json: bool,
 }
 
+impl Args {
+    /// The sampling these flags ask for (the same type on both engines).
+    fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temp,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            seed: self.seed,
+            ..Default::default()
+        }
+    }
+}
+
 pub fn parse_dtype(s: &str) -> anyhow::Result<Option<Option<Dtype>>> {
     Ok(match s {
         "auto" => None,
@@ -144,13 +157,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     mlx_rs::memory::reset_peak_memory()?;
     let opts = GenerateOptions {
-        sampling: SamplingParams {
-            temperature: args.temp,
-            top_p: args.top_p,
-            top_k: args.top_k,
-            seed: args.seed,
-            ..Default::default()
-        },
+        sampling: args.sampling(),
         max_tokens: args.max_tokens,
         stop_tokens: if args.ignore_eos {
             vec![]
@@ -263,25 +270,9 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
     };
     let mut rx = engine
         .submit(llama::Request {
-            prompt,
-            sampling: llama::Sampling {
-                temperature: args.temp,
-                top_p: args.top_p,
-                top_k: args.top_k,
-                seed: args.seed,
-                ..Default::default()
-            },
-            max_tokens: args.max_tokens,
-            stop: vec![],
-            parse_output: false,
-            constraint: None,
-            parallel_tool_calls: true,
-            fit_context: false,
-            logprobs: false,
-            top_logprobs: 0,
+            sampling: args.sampling(),
             ignore_eos: args.ignore_eos,
-            images: vec![],
-            audio: vec![],
+            ..llama::Request::new(prompt, args.max_tokens)
         })
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut text = String::new();

@@ -6,9 +6,7 @@
 //! Usage: bench_spec TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
-use jemma_engine_llama::{
-    Event, LlamaConfig, LlamaEngine, LlamaSpeculative, Prompt, Request, Sampling,
-};
+use jemma_engine_llama::{Event, LlamaConfig, LlamaEngine, LlamaSpeculative, Prompt, Request};
 use jemma_serve::speculative::SpeculativeConfig;
 use serde_json::{Value, json};
 
@@ -28,19 +26,8 @@ fn run(
     let e = LlamaEngine::start(c)?;
     e.wait_ready()?;
     let request = |n: usize| Request {
-        prompt: Prompt::Text(prompt.into()),
-        sampling: Sampling::default(),
-        max_tokens: n,
-        stop: vec![],
-        parse_output: false,
-        constraint: None,
-        parallel_tool_calls: true,
-        fit_context: false,
-        logprobs: false,
-        top_logprobs: 0,
-        images: vec![],
-        audio: vec![],
         ignore_eos: true,
+        ..Request::new(Prompt::Text(prompt.into()), n)
     };
     let answer = |n: usize| -> Result<jemma_engine_llama::Summary, Box<dyn std::error::Error>> {
         let mut rx = e.submit(request(n))?;

@@ -48,6 +48,29 @@ pub struct Request {
     pub audio: Vec<jemma_media::audio::DecodedAudio>,
 }
 
+impl Request {
+    /// A plain completion of `prompt`: greedy, at most `max_tokens` tokens, stopping at the model's
+    /// end-of-generation tokens, no stop strings, output as raw text (no thinking or tool-call parsing),
+    /// no constraint, logprobs or media. Callers change what they need with struct update syntax.
+    pub fn new(prompt: Prompt, max_tokens: usize) -> Self {
+        Self {
+            prompt,
+            sampling: Sampling::default(),
+            max_tokens,
+            stop: vec![],
+            parse_output: false,
+            constraint: None,
+            parallel_tool_calls: true,
+            fit_context: false,
+            ignore_eos: false,
+            logprobs: false,
+            top_logprobs: 0,
+            images: vec![],
+            audio: vec![],
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -206,21 +206,12 @@ fn engine() -> LlamaEngine {
     e
 }
 
+/// A parsed chat answer that runs to `max_tokens` (the references ran that many steps whatever came).
 fn request(prompt: Prompt, max_tokens: usize) -> Request {
     Request {
-        prompt,
-        sampling: Sampling::default(),
-        max_tokens,
-        stop: vec![],
         parse_output: true,
-        constraint: None,
-        parallel_tool_calls: true,
-        fit_context: false,
-        logprobs: false,
-        top_logprobs: 0,
-        images: vec![],
-        audio: vec![],
         ignore_eos: true,
+        ..Request::new(prompt, max_tokens)
     }
 }
 

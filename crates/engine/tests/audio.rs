@@ -144,41 +144,8 @@ fn a_prompt_with_audio_matches_mlx_vlm_at_every_position() {
         let h = model
             .forward_hidden_with_media(ids, &placed, &mut cache)
             .unwrap();
-        let logits = model.logits(&h).unwrap();
-        let want = &refs[&format!("{case}.logits")];
-        let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
-        eprintln!(
-            "{case}: {} positions, {a_n} audio tokens, max |Δlogit| = {d:.3e}",
-            host.len()
-        );
-        assert!(d <= 1e-4, "{case}: max |Δlogit| = {d}");
-        // Read as plain text (placeholders only) the prompt gives other logits: the clip was heard.
-        let mut plain_cache = model.new_cache();
-        let plain = model
-            .logits(&model.forward_hidden(ids, &mut plain_cache).unwrap())
-            .unwrap();
-        assert!(max_abs_diff(&plain.as_dtype(Dtype::Float32).unwrap(), want) > 1e-2);
-        // 32 greedy tokens from the filled cache: mlx-vlm's, token for token.
-        let last = h.shape()[1] - 1;
-        let mut logits = model
-            .logits(&h.index((.., last..last + 1, ..)))
-            .unwrap()
-            .reshape(&[1, -1])
-            .unwrap();
-        let mut got = vec![];
-        for _ in 0..32 {
-            let t = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)
-                .unwrap()
-                .as_dtype(Dtype::Int32)
-                .unwrap()
-                .as_slice::<i32>()[0];
-            got.push(t);
-            logits = model
-                .forward_last_logits(&Array::from_slice(&[t], &[1, 1]), &mut cache)
-                .unwrap();
-        }
-        let greedy = refs[&format!("{case}.greedy")].as_slice::<i32>().to_vec();
-        assert_eq!(got, greedy, "{case}: greedy continuation after the clip");
+        let what = format!("{a_n} audio tokens");
+        common::assert_media_prompt_matches(&model, ids, &h, &mut cache, &refs, case, &what);
     }
 }
 

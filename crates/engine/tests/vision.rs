@@ -122,41 +122,8 @@ fn a_prompt_with_an_image_matches_mlx_vlm_at_every_position() {
                 &mut cache,
             )
             .unwrap();
-        let logits = model.logits(&h).unwrap();
-        let want = &refs[&format!("{case}.logits")];
-        let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
-        eprintln!(
-            "{case}: {} positions, {n} soft tokens, max |Δlogit| = {d:.3e}",
-            host.len()
-        );
-        assert!(d <= 1e-4, "{case}: max |Δlogit| = {d}");
-        // Without the image the same prompt reads differently: the soft tokens are what the model saw.
-        let mut plain_cache = model.new_cache();
-        let plain = model
-            .logits(&model.forward_hidden(ids, &mut plain_cache).unwrap())
-            .unwrap();
-        assert!(max_abs_diff(&plain.as_dtype(Dtype::Float32).unwrap(), want) > 1e-2);
-
-        // 32 greedy tokens decoded from the cache the image prompt filled: mlx-vlm's, token for token.
-        let last = h.shape()[1] - 1;
-        let mut logits = model
-            .logits(&h.index((.., last..last + 1, ..)))
-            .unwrap()
-            .reshape(&[1, -1])
-            .unwrap();
-        let mut got = vec![];
-        for _ in 0..32 {
-            let t = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)
-                .unwrap()
-                .as_dtype(Dtype::Int32)
-                .unwrap();
-            let t = t.as_slice::<i32>()[0];
-            got.push(t);
-            let next = Array::from_slice(&[t], &[1, 1]);
-            logits = model.forward_last_logits(&next, &mut cache).unwrap();
-        }
-        let greedy = refs[&format!("{case}.greedy")].as_slice::<i32>().to_vec();
-        assert_eq!(got, greedy, "{case}: greedy continuation after the image");
+        let what = format!("an image of {n} soft tokens");
+        common::assert_media_prompt_matches(&model, ids, &h, &mut cache, &refs, case, &what);
     }
 }
 

@@ -219,15 +219,18 @@ impl AccessPolicy {
 }
 
 impl Default for AccessPolicy {
+    /// No keys, and `[auth]`'s and `[rate_limits]`' defaults (kept in one place, the config's);
+    /// quotas kept in memory only.
     fn default() -> Self {
+        let r = jemma_router::config::RateLimitConfig::default();
         Self {
-            exempt_loopback: true,
+            exempt_loopback: jemma_router::config::AuthConfig::default().exempt_loopback,
             keys: Arc::new(Mutex::new(KeyStore::default())),
-            text_per_minute: 30,
-            media_per_minute: 10,
-            limit_loopback: false,
-            daily_text: 0,
-            daily_media: 0,
+            text_per_minute: r.text_per_minute,
+            media_per_minute: r.media_per_minute,
+            limit_loopback: r.limit_loopback,
+            daily_text: r.daily_text,
+            daily_media: r.daily_media,
             quota_file: None,
         }
     }

@@ -103,19 +103,15 @@ pub struct MessagesRequest {
     pub other: serde_json::Map<String, Value>,
 }
 
-fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
-    RouterError::InvalidRequest {
-        message: msg.into(),
-        param: Some(param.to_string()),
-    }
-}
-
 /// A block list or a string as text blocks.
 fn blocks(v: &Value, param: &str) -> Result<Vec<Value>, RouterError> {
     match v {
         Value::String(s) => Ok(vec![json!({"type": "text", "text": s})]),
         Value::Array(a) => Ok(a.clone()),
-        _ => Err(invalid("must be a string or a list of blocks", param)),
+        _ => Err(RouterError::invalid(
+            "must be a string or a list of blocks",
+            param,
+        )),
     }
 }
 
@@ -135,7 +131,7 @@ fn result_text(content: Option<&Value>, param: &str) -> Result<String, RouterErr
                         out.push_str(p.get("text").and_then(Value::as_str).unwrap_or(""))
                     }
                     other => {
-                        return Err(invalid(
+                        return Err(RouterError::invalid(
                             format!("a tool_result may hold text blocks only, got {other:?}"),
                             &format!("{param}.content[{k}]"),
                         ));
@@ -144,7 +140,7 @@ fn result_text(content: Option<&Value>, param: &str) -> Result<String, RouterErr
             }
             Ok(out)
         }
-        Some(_) => Err(invalid(
+        Some(_) => Err(RouterError::invalid(
             "tool_result content must be a string or text blocks",
             &format!("{param}.content"),
         )),
@@ -155,12 +151,12 @@ fn result_text(content: Option<&Value>, param: &str) -> Result<String, RouterErr
 fn image_part(b: &Value, param: &str) -> Result<Value, RouterError> {
     let src = b
         .get("source")
-        .ok_or_else(|| invalid("an image block needs a source", param))?;
+        .ok_or_else(|| RouterError::invalid("an image block needs a source", param))?;
     let url = match src.get("type").and_then(Value::as_str) {
         Some("base64") => {
             let field = |k: &str| {
                 src.get(k).and_then(Value::as_str).ok_or_else(|| {
-                    invalid(
+                    RouterError::invalid(
                         format!("a base64 image source needs {k}"),
                         &format!("{param}.source.{k}"),
                     )
@@ -174,7 +170,7 @@ fn image_part(b: &Value, param: &str) -> Result<Value, RouterError> {
             .unwrap_or("")
             .to_string(),
         other => {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("image source type {other:?} is not supported (base64 or url)"),
                 &format!("{param}.source.type"),
             ));
@@ -209,7 +205,7 @@ impl MessagesRequest {
     /// terms.
     pub fn to_chat(self, limits: &Limits) -> Result<(ChatRequest, ThinkingDisplay), RouterError> {
         if let Some((k, _)) = self.other.iter().find(|(_, v)| !v.is_null()) {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("{k} is not supported by this gateway"),
                 k.as_str(),
             ));
@@ -217,7 +213,7 @@ impl MessagesRequest {
         if let Some(s) = self.speed.as_deref()
             && s != "standard"
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("speed {s:?} is not available (standard)"),
                 "speed",
             ));
@@ -226,18 +222,18 @@ impl MessagesRequest {
             && t != "auto"
             && t != "standard_only"
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("service_tier {t:?} is not available (auto or standard_only)"),
                 "service_tier",
             ));
         }
         let max_tokens = self
             .max_tokens
-            .ok_or_else(|| invalid("max_tokens is required", "max_tokens"))?;
+            .ok_or_else(|| RouterError::invalid("max_tokens is required", "max_tokens"))?;
         if let Some(t) = self.temperature
             && !(t.is_finite() && (0.0..=1.0).contains(&t))
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "temperature must be between 0 and 1",
                 "temperature",
             ));
@@ -253,7 +249,7 @@ impl MessagesRequest {
                         .and_then(Value::as_str)
                         .unwrap_or("")
                         .to_string()),
-                    other => Err(invalid(
+                    other => Err(RouterError::invalid(
                         format!("system blocks must be text, got {other:?}"),
                         &format!("system[{k}]"),
                     )),
@@ -268,14 +264,14 @@ impl MessagesRequest {
             let param = format!("messages[{i}]");
             let role = m.get("role").and_then(Value::as_str).unwrap_or("");
             if role != "user" && role != "assistant" {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("role must be user or assistant, got {role:?}"),
                     &format!("{param}.role"),
                 ));
             }
-            let content = m
-                .get("content")
-                .ok_or_else(|| invalid("content is required", &format!("{param}.content")))?;
+            let content = m.get("content").ok_or_else(|| {
+                RouterError::invalid("content is required", &format!("{param}.content"))
+            })?;
             let mut parts: Vec<String> = vec![];
             let mut calls: Vec<ToolCall> = vec![];
             for (k, b) in blocks(content, &format!("{param}.content"))?
@@ -295,7 +291,7 @@ impl MessagesRequest {
                         // engine has a vision tower yet (issue 14), and an answer that never saw the
                         // image must not pretend it did.
                         image_part(b, &bp)?;
-                        return Err(invalid(
+                        return Err(RouterError::invalid(
                             "images are not supported yet: the served models cannot see them",
                             &format!("{bp}.type"),
                         ));
@@ -304,7 +300,7 @@ impl MessagesRequest {
                         let id = b
                             .get("tool_use_id")
                             .and_then(Value::as_str)
-                            .ok_or_else(|| invalid("tool_use_id is required", &bp))?;
+                            .ok_or_else(|| RouterError::invalid("tool_use_id is required", &bp))?;
                         let mut text = result_text(b.get("content"), &bp)?;
                         if b.get("is_error").and_then(Value::as_bool) == Some(true) {
                             text = format!("Error: {text}");
@@ -312,13 +308,15 @@ impl MessagesRequest {
                         messages.push(Message::tool(id, text));
                     }
                     ("assistant", Some("tool_use")) => {
-                        let name = b
-                            .get("name")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| invalid("a tool_use block needs a name", &bp))?;
+                        let name = b.get("name").and_then(Value::as_str).ok_or_else(|| {
+                            RouterError::invalid("a tool_use block needs a name", &bp)
+                        })?;
                         let input = b.get("input").cloned().unwrap_or_else(|| json!({}));
                         let id = b.get("id").and_then(Value::as_str).ok_or_else(|| {
-                            invalid("a tool_use block needs an id", &format!("{bp}.id"))
+                            RouterError::invalid(
+                                "a tool_use block needs an id",
+                                &format!("{bp}.id"),
+                            )
                         })?;
                         calls.push(ToolCall {
                             id: id.to_string(),
@@ -332,7 +330,7 @@ impl MessagesRequest {
                     // Earlier thoughts: Gemma's template drops them from the history anyway.
                     ("assistant", Some("thinking" | "redacted_thinking")) => {}
                     (_, other) => {
-                        return Err(invalid(
+                        return Err(RouterError::invalid(
                             format!("{role} content block type {other:?} is not supported"),
                             &format!("{bp}.type"),
                         ));
@@ -366,19 +364,19 @@ impl MessagesRequest {
                             .and_then(Value::as_str)
                             .is_some_and(|ty| ty != "custom")
                         {
-                            return Err(invalid(
+                            return Err(RouterError::invalid(
                                 "only client tools (name, input_schema) are supported",
                                 &format!("tools[{i}].type"),
                             ));
                         }
                         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                            invalid("a tool needs a name", &format!("tools[{i}].name"))
+                            RouterError::invalid("a tool needs a name", &format!("tools[{i}].name"))
                         })?;
                         // Strict input is enforced only when a call is forced (tool_choice any or tool);
                         // deferred loading needs a tool search this gateway does not have.
                         for k in ["strict", "defer_loading"] {
                             if t.get(k) == Some(&Value::Bool(true)) {
-                                return Err(invalid(
+                                return Err(RouterError::invalid(
                                     format!("{k}: true cannot be honoured here"),
                                     &format!("tools[{i}].{k}"),
                                 ));
@@ -410,12 +408,12 @@ impl MessagesRequest {
                     Some("none") => ToolChoice::None,
                     Some("tool") => {
                         let name = tc.get("name").and_then(Value::as_str).ok_or_else(|| {
-                            invalid("tool_choice.name is required", "tool_choice.name")
+                            RouterError::invalid("tool_choice.name is required", "tool_choice.name")
                         })?;
                         ToolChoice::Function(name.to_string())
                     }
                     other => {
-                        return Err(invalid(
+                        return Err(RouterError::invalid(
                             format!(
                                 "tool_choice.type must be auto, any, tool or none, got {other:?}"
                             ),
@@ -437,7 +435,7 @@ impl MessagesRequest {
                 Some("summarized") => ThinkingDisplay::Summarized,
                 Some("omitted") => ThinkingDisplay::Omitted,
                 _ => {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         "thinking.display must be summarized or omitted",
                         "thinking.display",
                     ));
@@ -452,13 +450,13 @@ impl MessagesRequest {
                         t.get("budget_tokens")
                             .and_then(Value::as_u64)
                             .ok_or_else(|| {
-                                invalid(
+                                RouterError::invalid(
                                     "thinking.budget_tokens is required",
                                     "thinking.budget_tokens",
                                 )
                             })?;
                     if budget < 1024 || budget >= u64::from(max_tokens) {
-                        return Err(invalid(
+                        return Err(RouterError::invalid(
                             "thinking.budget_tokens must be at least 1024 and less than max_tokens",
                             "thinking.budget_tokens",
                         ));
@@ -470,7 +468,7 @@ impl MessagesRequest {
                 Some("adaptive" | "between_tools") => Some(true),
                 Some("disabled") => Some(false),
                 other => {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         format!(
                             "thinking.type must be enabled, adaptive, between_tools or disabled, got \
                              {other:?}"
@@ -482,24 +480,24 @@ impl MessagesRequest {
         };
         let mut response_format = None;
         if let Some(oc) = self.output_config.as_ref().filter(|v| !v.is_null()) {
-            let o = oc
-                .as_object()
-                .ok_or_else(|| invalid("output_config must be an object", "output_config"))?;
+            let o = oc.as_object().ok_or_else(|| {
+                RouterError::invalid("output_config must be an object", "output_config")
+            })?;
             if let Some(k) = o.keys().find(|k| *k != "format" && *k != "effort") {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("output_config.{k} is not supported by this gateway"),
                     &format!("output_config.{k}"),
                 ));
             }
             if let Some(f) = o.get("format").filter(|v| !v.is_null()) {
                 if f.get("type").and_then(Value::as_str) != Some("json_schema") {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         "output_config.format.type must be json_schema",
                         "output_config.format.type",
                     ));
                 }
                 let schema = f.get("schema").cloned().ok_or_else(|| {
-                    invalid(
+                    RouterError::invalid(
                         "output_config.format.schema is required",
                         "output_config.format.schema",
                     )
@@ -517,7 +515,7 @@ impl MessagesRequest {
                     enable_thinking.get_or_insert(true);
                 }
                 Some(_) => {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         "output_config.effort must be low, medium, high, xhigh or max",
                         "output_config.effort",
                     ));

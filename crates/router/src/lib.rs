@@ -83,6 +83,16 @@ pub enum RouterError {
 }
 
 impl RouterError {
+    /// A 400 naming the offending field: `param` in OpenAI's dotted form (`messages[0].content[1].data`).
+    pub fn invalid(message: impl Into<String>, param: &str) -> Self {
+        Self::InvalidRequest {
+            message: message.into(),
+            param: Some(param.to_string()),
+        }
+    }
+}
+
+impl RouterError {
     /// A 413 for `param` (None: the request as a whole).
     pub fn too_large(message: impl Into<String>, param: Option<&str>) -> Self {
         Self::TooLarge {

@@ -101,13 +101,6 @@ pub struct ResponsesRequest {
     pub other: serde_json::Map<String, Value>,
 }
 
-fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
-    RouterError::InvalidRequest {
-        message: msg.into(),
-        param: Some(param.to_string()),
-    }
-}
-
 /// What the answer echoes of its request.
 #[derive(Debug, Clone, Default)]
 pub struct Echo {
@@ -156,18 +149,21 @@ fn parts(content: &Value, param: &str) -> Result<Vec<String>, RouterError> {
                         .to_string()),
                     // No tier's engine has a vision tower yet (issue 14): an image is refused, not
                     // silently unseen.
-                    Some("input_image") => Err(invalid(
+                    Some("input_image") => Err(RouterError::invalid(
                         "images are not supported yet: the served models cannot see them",
                         &format!("{pp}.type"),
                     )),
-                    other => Err(invalid(
+                    other => Err(RouterError::invalid(
                         format!("content part type {other:?} is not supported"),
                         &format!("{pp}.type"),
                     )),
                 }
             })
             .collect(),
-        _ => Err(invalid("content must be a string or parts", param)),
+        _ => Err(RouterError::invalid(
+            "content must be a string or parts",
+            param,
+        )),
     }
 }
 
@@ -180,13 +176,13 @@ impl ResponsesRequest {
     /// name the field.
     pub fn to_chat(self, limits: &Limits) -> Result<(ChatRequest, Echo), RouterError> {
         if let Some(k) = self.other.keys().next() {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("{k} is not supported by this gateway (it keeps no state)"),
                 k.as_str(),
             ));
         }
         if self.store == Some(true) {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "this gateway stores no responses: send store: false",
                 "store",
             ));
@@ -194,7 +190,7 @@ impl ResponsesRequest {
         if let Some(t) = self.truncation.as_deref()
             && t != "disabled"
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "truncation must be disabled: a prompt too long is an error here, never cut",
                 "truncation",
             ));
@@ -203,19 +199,22 @@ impl ResponsesRequest {
             && t != "auto"
             && t != "default"
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("service_tier {t:?} is not available (auto or default)"),
                 "service_tier",
             ));
         }
         if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
-            return Err(invalid("include: no extra output is available", "include"));
+            return Err(RouterError::invalid(
+                "include: no extra output is available",
+                "include",
+            ));
         }
         let parallel = match self.max_tool_calls {
             None => self.parallel_tool_calls,
             Some(1) => Some(false),
             Some(_) => {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     "max_tool_calls: only 1 can be enforced here",
                     "max_tool_calls",
                 ));
@@ -238,7 +237,7 @@ impl ResponsesRequest {
                         "message" => {
                             let role = item.get("role").and_then(Value::as_str).unwrap_or("");
                             if !["user", "system", "developer", "assistant"].contains(&role) {
-                                return Err(invalid(
+                                return Err(RouterError::invalid(
                                     format!(
                                         "role must be user, system, developer or assistant, got {role:?}"
                                     ),
@@ -246,7 +245,7 @@ impl ResponsesRequest {
                                 ));
                             }
                             let content = item.get("content").ok_or_else(|| {
-                                invalid("content is required", &format!("{p}.content"))
+                                RouterError::invalid("content is required", &format!("{p}.content"))
                             })?;
                             let ps = parts(content, &format!("{p}.content"))?;
                             let text = MessageContent::Text(text_of(&ps));
@@ -279,14 +278,17 @@ impl ResponsesRequest {
                         "function_call" => {
                             let name =
                                 item.get("name").and_then(Value::as_str).ok_or_else(|| {
-                                    invalid("a function_call needs a name", &format!("{p}.name"))
+                                    RouterError::invalid(
+                                        "a function_call needs a name",
+                                        &format!("{p}.name"),
+                                    )
                                 })?;
                             let arguments = item
                                 .get("arguments")
                                 .and_then(Value::as_str)
                                 .unwrap_or("{}");
                             if serde_json::from_str::<Value>(arguments).is_err() {
-                                return Err(invalid(
+                                return Err(RouterError::invalid(
                                     "arguments are not JSON",
                                     &format!("{p}.arguments"),
                                 ));
@@ -315,7 +317,10 @@ impl ResponsesRequest {
                         "function_call_output" => {
                             let id =
                                 item.get("call_id").and_then(Value::as_str).ok_or_else(|| {
-                                    invalid("call_id is required", &format!("{p}.call_id"))
+                                    RouterError::invalid(
+                                        "call_id is required",
+                                        &format!("{p}.call_id"),
+                                    )
                                 })?;
                             let output = match item.get("output") {
                                 Some(Value::String(s)) => s.clone(),
@@ -329,7 +334,7 @@ impl ResponsesRequest {
                         // Earlier thoughts: Gemma's template drops them from the history anyway.
                         "reasoning" => {}
                         other => {
-                            return Err(invalid(
+                            return Err(RouterError::invalid(
                                 format!("input item type {other:?} is not supported"),
                                 &format!("{p}.type"),
                             ));
@@ -338,7 +343,7 @@ impl ResponsesRequest {
                 }
             }
             _ => {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     "input must be a string or a list of items",
                     "input",
                 ));
@@ -352,13 +357,16 @@ impl ResponsesRequest {
                     .enumerate()
                     .map(|(i, t)| {
                         if t.get("type").and_then(Value::as_str) != Some("function") {
-                            return Err(invalid(
+                            return Err(RouterError::invalid(
                                 "only function tools are supported",
                                 &format!("tools[{i}].type"),
                             ));
                         }
                         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
-                            invalid("a function tool needs a name", &format!("tools[{i}].name"))
+                            RouterError::invalid(
+                                "a function tool needs a name",
+                                &format!("tools[{i}].name"),
+                            )
                         })?;
                         Ok(Tool::function(
                             name,
@@ -375,16 +383,15 @@ impl ResponsesRequest {
             .transpose()?;
         let tool_choice = match &self.tool_choice {
             Some(Value::Object(o)) if o.get("type").and_then(Value::as_str) == Some("function") => {
-                let name = o
-                    .get("name")
-                    .and_then(Value::as_str)
-                    .ok_or_else(|| invalid("tool_choice.name is required", "tool_choice.name"))?;
+                let name = o.get("name").and_then(Value::as_str).ok_or_else(|| {
+                    RouterError::invalid("tool_choice.name is required", "tool_choice.name")
+                })?;
                 Some(ToolChoice::Function(name.to_string()))
             }
             None => None,
             Some(other) => Some(
                 serde_json::from_value(other.clone())
-                    .map_err(|e| invalid(e.to_string(), "tool_choice"))?,
+                    .map_err(|e| RouterError::invalid(e.to_string(), "tool_choice"))?,
             ),
         };
         let response_format = match self.text.as_ref().and_then(|t| t.get("format")) {
@@ -398,7 +405,7 @@ impl ResponsesRequest {
                     f.get("strict").and_then(Value::as_bool).unwrap_or(false),
                 )),
                 other => {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         format!(
                             "text.format.type must be text, json_object or json_schema, got {other:?}"
                         ),
@@ -413,7 +420,7 @@ impl ResponsesRequest {
             .and_then(|t| t.get("verbosity"))
             .filter(|v| !v.is_null() && v.as_str() != Some("medium"))
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("text.verbosity {v} cannot be honoured (medium)"),
                 "text.verbosity",
             ));
@@ -429,7 +436,7 @@ impl ResponsesRequest {
                 Some("none" | "minimal" | "low") => Some(false),
                 Some("medium" | "high" | "xhigh") => Some(true),
                 _ => {
-                    return Err(invalid(
+                    return Err(RouterError::invalid(
                         "reasoning.effort must be none, minimal, low, medium, high or xhigh",
                         "reasoning.effort",
                     ));

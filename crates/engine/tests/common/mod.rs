@@ -84,3 +84,57 @@ pub fn greedy(engine: &Engine, prompt: Prompt, media: Media) -> Result<(Vec<u32>
     }
     Err("no answer".into())
 }
+
+/// Checks a prompt read with its media against mlx-vlm's reference `case` in `refs`: `h` (1, L, H) is
+/// the model's hidden states over the whole prompt `ids` (1, L) and `cache` the cache that read it. The
+/// logits match `{case}.logits` at every position to 1e-4; the placeholders read as plain text give
+/// other logits (the media was seen or heard); and 32 greedy tokens decoded from `cache` are
+/// `{case}.greedy`, token for token. `what` names the media in messages.
+pub fn assert_media_prompt_matches(
+    model: &jemma_engine::models::gemma4::Gemma4,
+    ids: &Array,
+    h: &Array,
+    cache: &mut jemma_engine::models::gemma4::Cache,
+    refs: &std::collections::HashMap<String, Array>,
+    case: &str,
+    what: &str,
+) {
+    use mlx_rs::Dtype;
+    use mlx_rs::ops::indexing::IndexOp;
+    let logits = model.logits(h).unwrap();
+    let want = &refs[&format!("{case}.logits")];
+    let d = max_abs_diff(&logits.as_dtype(Dtype::Float32).unwrap(), want);
+    eprintln!(
+        "{case}: {} positions with {what}, max |Δlogit| = {d:.3e}",
+        ids.shape()[1]
+    );
+    assert!(d <= 1e-4, "{case}: max |Δlogit| = {d}");
+    let mut plain_cache = model.new_cache();
+    let plain = model
+        .logits(&model.forward_hidden(ids, &mut plain_cache).unwrap())
+        .unwrap();
+    assert!(
+        max_abs_diff(&plain.as_dtype(Dtype::Float32).unwrap(), want) > 1e-2,
+        "{case}: the {what} changed nothing"
+    );
+    let last = h.shape()[1] - 1;
+    let mut logits = model
+        .logits(&h.index((.., last..last + 1, ..)))
+        .unwrap()
+        .reshape(&[1, -1])
+        .unwrap();
+    let mut got = vec![];
+    for _ in 0..32 {
+        let t = mlx_rs::ops::indexing::argmax_axis(&logits, -1, None)
+            .unwrap()
+            .as_dtype(Dtype::Int32)
+            .unwrap()
+            .as_slice::<i32>()[0];
+        got.push(t);
+        logits = model
+            .forward_last_logits(&Array::from_slice(&[t], &[1, 1]), cache)
+            .unwrap();
+    }
+    let greedy = refs[&format!("{case}.greedy")].as_slice::<i32>().to_vec();
+    assert_eq!(got, greedy, "{case}: greedy continuation after the {what}");
+}

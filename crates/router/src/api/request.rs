@@ -285,7 +285,7 @@ impl ChatRequest {
                         crate::media::FetchError::TooLarge(_) => {
                             RouterError::too_large(format!("{at}: {e}"), Some(&at))
                         }
-                        e => invalid(format!("{at}: {e}"), &at),
+                        e => RouterError::invalid(format!("{at}: {e}"), &at),
                     })
             }))
             .buffered(4)
@@ -366,8 +366,9 @@ impl ChatRequest {
         let decoded = tokio::task::spawn_blocking(move || {
             let mut out = vec![];
             for (at, a) in located {
-                let bytes = jemma_media::audio::decode_base64(&a.data)
-                    .map_err(|e| invalid(format!("{at}.data: {e}"), &format!("{at}.data")))?;
+                let bytes = jemma_media::audio::decode_base64(&a.data).map_err(|e| {
+                    RouterError::invalid(format!("{at}.data: {e}"), &format!("{at}.data"))
+                })?;
                 let clip = jemma_media::audio::decode_audio(&bytes, Some(&a.format), &audio_limits)
                     .map_err(|e| media_refusal(&at, &format!("{at}.data"), e))?;
                 out.push(clip);
@@ -489,7 +490,7 @@ impl ChatRequest {
                         crate::media::FetchError::TooLarge(_) => {
                             RouterError::too_large(format!("{at}: {e}"), Some(&at))
                         }
-                        e => invalid(format!("{at}: {e}"), &at),
+                        e => RouterError::invalid(format!("{at}: {e}"), &at),
                     })?
             };
             inputs.push((at, bytes));
@@ -566,14 +567,7 @@ fn media_refusal(at: &str, param: &str, e: jemma_media::MediaError) -> RouterErr
         M::Unsupported(_) | M::AudioUnsupported(_) | M::VideoUnsupported(_) => {
             RouterError::unsupported_media(m, param)
         }
-        M::Corrupt(_) | M::AudioCorrupt(_) | M::VideoCorrupt(_) => invalid(m, param),
-    }
-}
-
-fn invalid(msg: impl Into<String>, param: &str) -> RouterError {
-    RouterError::InvalidRequest {
-        message: msg.into(),
-        param: Some(param.to_string()),
+        M::Corrupt(_) | M::AudioCorrupt(_) | M::VideoCorrupt(_) => RouterError::invalid(m, param),
     }
 }
 
@@ -591,9 +585,9 @@ fn validate_media_url(
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
-            .ok_or_else(|| invalid("malformed data URL", param))?;
+            .ok_or_else(|| RouterError::invalid("malformed data URL", param))?;
         if !meta.starts_with(&format!("{kind}/")) || !meta.ends_with(";base64") {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("data URL must be base64 {kind}/* data"),
                 param,
             ));
@@ -614,13 +608,13 @@ fn validate_media_url(
                 || b == b'\n'
                 || b == b'\r')
         }) {
-            return Err(invalid("data URL is not valid base64", param));
+            return Err(RouterError::invalid("data URL is not valid base64", param));
         }
         Ok(())
     } else if url.starts_with("http://") || url.starts_with("https://") {
         Ok(())
     } else {
-        Err(invalid(
+        Err(RouterError::invalid(
             format!("{kind}_url.url must be an http(s) or data: URL"),
             param,
         ))
@@ -630,7 +624,7 @@ fn validate_media_url(
 fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<(), RouterError> {
     let format = a.format.to_ascii_lowercase();
     if !jemma_media::audio::FORMATS.contains(&format.as_str()) {
-        return Err(invalid(
+        return Err(RouterError::invalid(
             format!(
                 "format must be one of {}, not {:?}",
                 jemma_media::audio::FORMATS.join(", "),
@@ -654,7 +648,7 @@ fn validate_input_audio(a: &InputAudio, param: &str, limits: &Limits) -> Result<
             !(b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'\n' | b'\r'))
         })
     {
-        return Err(invalid(
+        return Err(RouterError::invalid(
             "data must be the clip's bytes in base64",
             &format!("{param}.data"),
         ));
@@ -736,10 +730,13 @@ impl ChatCompletionRequest {
     /// fields are listed here (messages and their media first).
     pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
         if self.messages.is_empty() {
-            return Err(invalid("messages must not be empty", "messages"));
+            return Err(RouterError::invalid(
+                "messages must not be empty",
+                "messages",
+            ));
         }
         if self.messages.len() > limits.max_messages {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("at most {} messages", limits.max_messages),
                 "messages",
             ));
@@ -747,16 +744,19 @@ impl ChatCompletionRequest {
         if let Some(n) = self.n
             && n != 1
         {
-            return Err(invalid("only n=1 is supported", "n"));
+            return Err(RouterError::invalid("only n=1 is supported", "n"));
         }
         let seen = check_messages(&self.messages, limits)?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
             if m == 0 {
-                return Err(invalid("max_tokens must be at least 1", "max_tokens"));
+                return Err(RouterError::invalid(
+                    "max_tokens must be at least 1",
+                    "max_tokens",
+                ));
             }
             if m > limits.max_tokens_ceiling {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("max_tokens must be at most {}", limits.max_tokens_ceiling),
                     "max_tokens",
                 ));
@@ -765,7 +765,7 @@ impl ChatCompletionRequest {
         self.check_sampling()?;
         let stop = self.stop.map(|s| s.to_vec()).unwrap_or_default();
         if stop.len() > limits.max_stop {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!("at most {} stop sequences", limits.max_stop),
                 "stop",
             ));
@@ -773,7 +773,7 @@ impl ChatCompletionRequest {
         let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
         let top_logprobs = self.top_logprobs.unwrap_or(0);
         if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 format!(
                     "top_logprobs must be at most {}",
                     jemma_chat::logprobs::MAX_TOP_LOGPROBS
@@ -787,7 +787,7 @@ impl ChatCompletionRequest {
         if let ResponseFormat::JsonSchema { json_schema } = &response_format
             && json_schema.schema.as_ref().is_some_and(|s| !s.is_object())
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "response_format.json_schema.schema must be a JSON Schema object",
                 "response_format.json_schema.schema",
             ));
@@ -844,7 +844,7 @@ impl ChatCompletionRequest {
         if let Some(t) = self.temperature
             && !(t.is_finite() && (0.0..=2.0).contains(&t))
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "temperature must be between 0 and 2",
                 "temperature",
             ));
@@ -852,17 +852,17 @@ impl ChatCompletionRequest {
         if let Some(p) = self.top_p
             && !(p.is_finite() && p > 0.0 && p <= 1.0)
         {
-            return Err(invalid("top_p must be in (0, 1]", "top_p"));
+            return Err(RouterError::invalid("top_p must be in (0, 1]", "top_p"));
         }
         if let Some(k) = self.top_k
             && k < 0
         {
-            return Err(invalid("top_k must be >= 0", "top_k"));
+            return Err(RouterError::invalid("top_k must be >= 0", "top_k"));
         }
         if let Some(p) = self.min_p
             && !(p.is_finite() && (0.0..=1.0).contains(&p))
         {
-            return Err(invalid("min_p must be in [0, 1]", "min_p"));
+            return Err(RouterError::invalid("min_p must be in [0, 1]", "min_p"));
         }
         for (name, v) in [
             ("presence_penalty", self.presence_penalty),
@@ -871,13 +871,16 @@ impl ChatCompletionRequest {
             if let Some(v) = v
                 && !(v.is_finite() && (-2.0..=2.0).contains(&v))
             {
-                return Err(invalid(format!("{name} must be between -2 and 2"), name));
+                return Err(RouterError::invalid(
+                    format!("{name} must be between -2 and 2"),
+                    name,
+                ));
             }
         }
         if let Some(r) = self.repetition_penalty
             && !(r.is_finite() && r > 0.0)
         {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "repetition_penalty must be a finite number > 0",
                 "repetition_penalty",
             ));
@@ -907,7 +910,7 @@ fn check_messages(messages: &[Message], limits: &Limits) -> Result<Seen, RouterE
         if let Some(c) = m.content() {
             let images = c.images().count();
             if images > limits.max_images {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("at most {} images per message", limits.max_images),
                     &format!("messages[{i}].content"),
                 ));
@@ -919,7 +922,7 @@ fn check_messages(messages: &[Message], limits: &Limits) -> Result<Seen, RouterE
             }
             seen.images += images;
             if seen.images > limits.max_request_images {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("at most {} images per request", limits.max_request_images),
                     &format!("messages[{i}].content"),
                 ));
@@ -967,7 +970,7 @@ fn check_media_part(
             )?;
             seen.videos += 1;
             if seen.videos > limits.max_request_videos {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("at most {} videos per request", limits.max_request_videos),
                     at,
                 ));
@@ -977,7 +980,7 @@ fn check_media_part(
             validate_input_audio(input_audio, &format!("{at}.input_audio"), limits)?;
             seen.audio += 1;
             if seen.audio > limits.max_request_audio {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!(
                         "at most {} audio clips per request",
                         limits.max_request_audio
@@ -994,7 +997,7 @@ fn check_media_part(
                 .as_deref()
                 .filter(|d| !matches!(*d, "auto" | "low" | "high"))
             {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     format!("detail must be auto, low or high, not {d:?}"),
                     &format!("{at}.image_url.detail"),
                 ));
@@ -1013,13 +1016,13 @@ fn logit_bias(
     let mut out = vec![];
     for (k, v) in map {
         let id: u32 = k.parse().map_err(|_| {
-            invalid(
+            RouterError::invalid(
                 format!("logit_bias key {k:?} is not a token id"),
                 "logit_bias",
             )
         })?;
         if !(v.is_finite() && (-100.0..=100.0).contains(&v)) {
-            return Err(invalid(
+            return Err(RouterError::invalid(
                 "logit_bias values must be between -100 and 100",
                 "logit_bias",
             ));
@@ -1034,7 +1037,7 @@ fn logit_bias(
 /// nor a function named that is not offered.
 fn check_tool_choice(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<(), RouterError> {
     if tools.is_empty() && matches!(choice, Some(ToolChoice::Required | ToolChoice::Function(_))) {
-        return Err(invalid(
+        return Err(RouterError::invalid(
             "tool_choice requires a tool call, but no tools are specified",
             "tool_choice",
         ));
@@ -1042,7 +1045,7 @@ fn check_tool_choice(tools: &[Tool], choice: Option<&ToolChoice>) -> Result<(), 
     if let Some(ToolChoice::Function(name)) = choice
         && !tools.iter().any(|t| &t.function.name == name)
     {
-        return Err(invalid(
+        return Err(RouterError::invalid(
             format!("tool_choice names function {name:?}, which is not in tools"),
             "tool_choice.function.name",
         ));
@@ -1114,15 +1117,15 @@ impl CompletionRequest {
                 a[0].as_str().unwrap_or_default().to_string()
             }
             Value::Array(_) => {
-                return Err(invalid(
+                return Err(RouterError::invalid(
                     "only one prompt per request is supported",
                     "prompt",
                 ));
             }
-            _ => return Err(invalid("prompt must be a string", "prompt")),
+            _ => return Err(RouterError::invalid("prompt must be a string", "prompt")),
         };
         if prompt.is_empty() {
-            return Err(invalid("prompt must not be empty", "prompt"));
+            return Err(RouterError::invalid("prompt must not be empty", "prompt"));
         }
         let chat = ChatCompletionRequest {
             model: self.model,
