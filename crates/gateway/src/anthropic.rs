@@ -10,7 +10,6 @@ use jemma_router::RouterError;
 use jemma_router::anthropic::{
     EventStream, MessageBuilder, MessagesRequest, error_body, error_parts,
 };
-use jemma_router::route::Output;
 
 use crate::auth::Caller;
 use crate::{AppState, sse};
@@ -69,26 +68,14 @@ async fn messages_inner(
         ));
     }
     let mut message = MessageBuilder::new(display);
-    while let Some(o) = rx.recv().await {
-        match o {
-            Output::Chunk(c) => message.push(c),
-            Output::Waiting => {}
-            Output::Error(e) => return Err(e),
-            Output::End {
-                finish_reason,
-                usage,
-                stop_sequence,
-                ..
-            } => {
-                let body = message.finish(&model, finish_reason, &usage, stop_sequence.as_deref());
-                return Ok((StatusCode::OK, axum::Json(body)).into_response());
-            }
-        }
-    }
-    Err(RouterError::AllTiersDown {
-        fallback: vec!["answer incomplete".into()],
-        retry_after_secs: None,
-    })
+    let end = sse::collect(&mut rx, |c| message.push(c)).await?;
+    let body = message.finish(
+        &model,
+        end.finish_reason,
+        &end.usage,
+        end.stop_sequence.as_deref(),
+    );
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
 }
 
 /// `POST /v1/messages/count_tokens`: `{"input_tokens": n}`, counted by the tier the request would go to

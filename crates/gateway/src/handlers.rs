@@ -7,13 +7,13 @@ use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
 use jemma_router::api::{
     ChatCompletion, ChatCompletionRequest, Choice, ChoiceLogprobs, CompletionRequest, ErrorObject,
-    ErrorResponse, FunctionCall, FunctionType, ModelList, ResponseMessage, Routing, TextChoice,
-    TextCompletion, ToolCall, Usage,
+    ErrorResponse, FunctionCall, FunctionType, ModelList, ResponseMessage, TextChoice,
+    TextCompletion, ToolCall,
 };
-use jemma_router::backend::{Chunk, FinishReason};
+use jemma_router::backend::Chunk;
 use jemma_router::breaker::BreakerState;
 use jemma_router::classify::Tier;
-use jemma_router::route::{Output, model_entry};
+use jemma_router::route::model_entry;
 use serde_json::{Value, json};
 
 use crate::auth::Caller;
@@ -76,36 +76,23 @@ async fn chat_inner(
     let mut reasoning = String::new();
     let mut tool_calls: Vec<ToolCall> = vec![];
     let mut logprobs: Vec<Value> = vec![];
-    let mut end: Option<(FinishReason, Usage, Routing)> = None;
-    while let Some(o) = rx.recv().await {
-        match o {
-            Output::Chunk(Chunk::Content(c)) => content.push_str(&c),
-            Output::Chunk(Chunk::Reasoning(r)) => reasoning.push_str(&r),
-            Output::Chunk(Chunk::ToolCall { name, arguments }) => tool_calls.push(ToolCall {
-                id: call_id(),
-                kind: FunctionType::Function,
-                function: FunctionCall { name, arguments },
-            }),
-            Output::Chunk(Chunk::Logprobs(l)) => logprobs.extend(l),
-            Output::Chunk(_) | Output::Waiting => {}
-            Output::End {
-                finish_reason,
-                usage,
-                routing,
-                ..
-            } => {
-                end = Some((finish_reason, usage, routing));
-                break;
-            }
-            Output::Error(e) => return Err(ApiError(e)),
-        }
-    }
-    let (finish_reason, usage, routing) = end.ok_or_else(|| {
-        ApiError(RouterError::AllTiersDown {
-            fallback: vec!["answer incomplete".into()],
-            retry_after_secs: None,
-        })
-    })?;
+    let sse::Ended {
+        finish_reason,
+        usage,
+        routing,
+        ..
+    } = sse::collect(&mut rx, |c| match c {
+        Chunk::Content(c) => content.push_str(&c),
+        Chunk::Reasoning(r) => reasoning.push_str(&r),
+        Chunk::ToolCall { name, arguments } => tool_calls.push(ToolCall {
+            id: call_id(),
+            kind: FunctionType::Function,
+            function: FunctionCall { name, arguments },
+        }),
+        Chunk::Logprobs(l) => logprobs.extend(l),
+        _ => {}
+    })
+    .await?;
     let finish_reason = sse::answer_finish(finish_reason, !tool_calls.is_empty());
     let message = ResponseMessage {
         role: "assistant".into(),
@@ -130,11 +117,7 @@ async fn chat_inner(
         usage,
         routing,
     };
-    let mut r = (StatusCode::OK, axum::Json(body)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&tier) {
-        r.headers_mut().insert("x-jemma-tier", v);
-    }
-    Ok(r)
+    Ok(with_tier_header(axum::Json(body), &tier))
 }
 
 /// `POST /v1/completions`: a plain prompt, no chat template.
@@ -175,44 +158,42 @@ async fn completions_inner(
         ));
     }
     let mut text = String::new();
-    while let Some(o) = rx.recv().await {
-        match o {
-            Output::Chunk(Chunk::Content(c)) => text.push_str(&c),
-            Output::End {
-                finish_reason,
-                usage,
-                routing,
-                ..
-            } => {
-                let tier = routing.tier.clone();
-                let body = TextCompletion {
-                    id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
-                    object: "text_completion".into(),
-                    created: now_secs(),
-                    model: routing.model.clone(),
-                    choices: vec![TextChoice {
-                        index: 0,
-                        text,
-                        finish_reason: Some(finish_reason),
-                        logprobs: None,
-                    }],
-                    usage: Some(usage),
-                    routing: Some(routing),
-                };
-                let mut r = (StatusCode::OK, axum::Json(body)).into_response();
-                if let Ok(v) = HeaderValue::from_str(&tier) {
-                    r.headers_mut().insert("x-jemma-tier", v);
-                }
-                return Ok(r);
-            }
-            Output::Error(e) => return Err(ApiError(e)),
-            _ => {}
+    let sse::Ended {
+        finish_reason,
+        usage,
+        routing,
+        ..
+    } = sse::collect(&mut rx, |c| {
+        if let Chunk::Content(c) = c {
+            text.push_str(&c);
         }
+    })
+    .await?;
+    let tier = routing.tier.clone();
+    let body = TextCompletion {
+        id: format!("cmpl-{}", uuid::Uuid::new_v4().simple()),
+        object: "text_completion".into(),
+        created: now_secs(),
+        model: routing.model.clone(),
+        choices: vec![TextChoice {
+            index: 0,
+            text,
+            finish_reason: Some(finish_reason),
+            logprobs: None,
+        }],
+        usage: Some(usage),
+        routing: Some(routing),
+    };
+    Ok(with_tier_header(axum::Json(body), &tier))
+}
+
+/// A 200 with `body` and the `x-jemma-tier` header naming the tier that answered.
+fn with_tier_header(body: impl IntoResponse, tier: &str) -> Response {
+    let mut r = (StatusCode::OK, body).into_response();
+    if let Ok(v) = HeaderValue::from_str(tier) {
+        r.headers_mut().insert("x-jemma-tier", v);
     }
-    Err(ApiError(RouterError::AllTiersDown {
-        fallback: vec!["answer incomplete".into()],
-        retry_after_secs: None,
-    }))
+    r
 }
 
 /// `GET /v1/models`.

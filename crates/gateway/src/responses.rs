@@ -8,7 +8,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
 use jemma_router::responses::{EventStream, ResponseBuilder, ResponsesRequest};
-use jemma_router::route::Output;
 
 use crate::auth::Caller;
 use crate::{ApiError, AppState, sse};
@@ -51,23 +50,7 @@ async fn inner(state: AppState, caller: Caller, body: Body) -> Result<Response, 
         ));
     }
     let mut b = ResponseBuilder::default();
-    while let Some(o) = rx.recv().await {
-        match o {
-            Output::Chunk(c) => b.push(c),
-            Output::Waiting => {}
-            Output::Error(e) => return Err(e),
-            Output::End {
-                finish_reason,
-                usage,
-                ..
-            } => {
-                let body = b.finish(&echo, finish_reason, &usage);
-                return Ok((StatusCode::OK, axum::Json(body)).into_response());
-            }
-        }
-    }
-    Err(RouterError::AllTiersDown {
-        fallback: vec!["answer incomplete".into()],
-        retry_after_secs: None,
-    })
+    let end = sse::collect(&mut rx, |c| b.push(c)).await?;
+    let body = b.finish(&echo, end.finish_reason, &end.usage);
+    Ok((StatusCode::OK, axum::Json(body)).into_response())
 }

@@ -84,15 +84,7 @@ where
         }
         let mut next = Some(first);
         loop {
-            let o = match next.take() {
-                Some(o) => o,
-                None => rx.recv().await.unwrap_or_else(|| {
-                    Output::Error(jemma_router::RouterError::AllTiersDown {
-                        fallback: vec!["stream ended early".into()],
-                        retry_after_secs: None,
-                    })
-                }),
-            };
+            let o = next_output(&mut next, &mut rx).await;
             let (events, end) = match o {
                 Output::Waiting => (vec![Event::default().comment("waiting for a tier")], false),
                 Output::Error(e) => (vec![data(&ApiError(e).body())], true),
@@ -349,6 +341,68 @@ pub(crate) async fn first_output(
     }
 }
 
+/// How a whole (not streamed) answer ended: `Output::End`'s fields.
+pub(crate) struct Ended {
+    /// Why it ended.
+    pub finish_reason: FinishReason,
+    /// Token usage.
+    pub usage: jemma_router::api::Usage,
+    /// Routing metadata.
+    pub routing: jemma_router::api::Routing,
+    /// The stop string that ended it, when one did.
+    pub stop_sequence: Option<String>,
+}
+
+/// Reads a whole answer for a non-streamed response: each chunk goes to `on_chunk`, in order, and the
+/// end comes back. Errors: the router's error; a stream that closes without an end is a 503
+/// ("answer incomplete"), never a short answer passed off as whole.
+pub(crate) async fn collect(
+    rx: &mut mpsc::Receiver<Output>,
+    mut on_chunk: impl FnMut(Chunk),
+) -> Result<Ended, jemma_router::RouterError> {
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(c) => on_chunk(c),
+            Output::Waiting => {}
+            Output::Error(e) => return Err(e),
+            Output::End {
+                finish_reason,
+                usage,
+                routing,
+                stop_sequence,
+            } => {
+                return Ok(Ended {
+                    finish_reason,
+                    usage,
+                    routing,
+                    stop_sequence,
+                });
+            }
+        }
+    }
+    Err(incomplete("answer incomplete"))
+}
+
+/// The output held back in `next` (the first, awaited before the 200), else the router's next one; a
+/// router stream that closes without an end is an error, never a short answer passed off as whole.
+async fn next_output(next: &mut Option<Output>, rx: &mut mpsc::Receiver<Output>) -> Output {
+    match next.take() {
+        Some(o) => o,
+        None => rx
+            .recv()
+            .await
+            .unwrap_or_else(|| Output::Error(incomplete("stream ended early"))),
+    }
+}
+
+/// The 503 of an answer whose router stream closed before its end (`why` says where).
+fn incomplete(why: &str) -> jemma_router::RouterError {
+    jemma_router::RouterError::AllTiersDown {
+        fallback: vec![why.into()],
+        retry_after_secs: None,
+    }
+}
+
 /// Server-sent events named by their type (Anthropic's Messages and OpenAI's Responses streams): `render`
 /// turns each router output into `(event name, data)` pairs and says when the stream is complete. An early
 /// end of the router's stream is rendered as the error it is. A client that goes away drops `rx`, which
@@ -367,15 +421,7 @@ where
     tokio::spawn(async move {
         let mut next = Some(first);
         loop {
-            let o = match next.take() {
-                Some(o) => o,
-                None => rx.recv().await.unwrap_or_else(|| {
-                    Output::Error(jemma_router::RouterError::AllTiersDown {
-                        fallback: vec!["stream ended early".into()],
-                        retry_after_secs: None,
-                    })
-                }),
-            };
+            let o = next_output(&mut next, &mut rx).await;
             let (events, done) = render(o);
             for (name, data) in events {
                 if tx
