@@ -469,17 +469,8 @@ async fn idle_unload_releases_memory_and_the_next_request_reloads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_model_over_the_memory_limit_is_refused_and_requests_fall_back() {
-    let cfg = format!(
-        "[memory]\nlimit = \"64MiB\"\npressure = \"off\"\n\
-         [tiers.primary]\nmodel = \"{}\"\ncontext_length = 512\n\
-         [tiers.fast]\nmodel = \"{}\"\ncontext_length = 512\n",
-        fixture("small").display(),
-        fixture("tiny").display()
-    );
-    let s = Server::start(&[], Some(&cfg));
-    let h = health(&s);
+    let (s, h) = crate::support::over_memory_limit(&fixture("small"), 512);
     let primary = tier(&h, "primary");
-    assert_eq!(primary["state"], "unloaded", "{h}");
     let err = primary["last_error"].as_str().unwrap();
     assert!(
         err.contains("insufficient memory") && err.contains("memory limit is 64 MiB"),

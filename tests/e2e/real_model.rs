@@ -119,18 +119,11 @@ async fn gguf_tiers_load_lazily_unload_when_idle_and_respect_the_memory_budget()
     drop(s);
 
     // Over the limit: refused (not failed), and its requests fall back to the tier that fits.
-    let cfg = format!(
-        "[memory]\nlimit = \"64MiB\"\npressure = \"off\"\n\
-         [tiers.primary]\nmodel = \"{}\"\ncontext_length = 2048\n\
-         [tiers.fast]\nmodel = \"{}\"\ncontext_length = 512\n",
-        model.display(),
-        fixture("tiny").display()
-    );
-    let s = Server::start(&[], Some(&cfg));
-    let h = health(&s);
-    let primary = tier(&h, "primary");
-    assert_eq!(primary["state"], "unloaded", "{h}");
-    let err = primary["last_error"].as_str().unwrap();
+    let (s, h) = crate::support::over_memory_limit(&model, 2048);
+    let err = tier(&h, "primary")["last_error"]
+        .as_str()
+        .unwrap()
+        .to_string();
     assert!(err.contains("insufficient memory"), "{err}");
     let v = paris(&client, &s, "primary").await;
     assert_eq!(v["_routing"]["tier"], "fast", "{v}");

@@ -1,7 +1,7 @@
 //! Process and fixture helpers shared by the end-to-end tests.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -348,6 +348,23 @@ pub async fn post_sse(
 /// GET a URL's body as text (test helper; panics on transport errors).
 pub async fn get_text(client: &reqwest::Client, url: &str) -> String {
     client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// A gateway under a 64 MiB memory limit whose primary tier is `primary` at `context_length` (too big
+/// to fit) and whose fast tier is the tiny fixture; checks that primary was refused (unloaded, not
+/// failed) and returns the server and its `/health`.
+pub fn over_memory_limit(primary: &Path, context_length: usize) -> (Server, serde_json::Value) {
+    let cfg = format!(
+        "[memory]\nlimit = \"64MiB\"\npressure = \"off\"\n\
+         [tiers.primary]\nmodel = \"{}\"\ncontext_length = {context_length}\n\
+         [tiers.fast]\nmodel = \"{}\"\ncontext_length = 512\n",
+        primary.display(),
+        fixture("tiny").display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let h = health(&s);
+    assert_eq!(tier(&h, "primary")["state"], "unloaded", "{h}");
+    (s, h)
 }
 
 /// A server's `/health` as JSON.

@@ -62,6 +62,14 @@ async fn call(
         .header("content-type", "application/json")
         .body(Body::from(body.to_string()))
         .unwrap();
+    send(app, req).await
+}
+
+/// Runs `req` through `app`: (status, headers, body as text).
+async fn send(
+    app: &axum::Router,
+    req: Request<Body>,
+) -> (StatusCode, axum::http::HeaderMap, String) {
     let resp = app.clone().oneshot(req).await.unwrap();
     let status = resp.status();
     let headers = resp.headers().clone();
@@ -450,15 +458,7 @@ async fn call_at(
     let addr: std::net::SocketAddr = peer.parse().unwrap();
     req.extensions_mut()
         .insert(axum::extract::ConnectInfo(addr));
-    let resp = app.clone().oneshot(req).await.unwrap();
-    let status = resp.status();
-    let headers = resp.headers().clone();
-    let bytes = to_bytes(resp.into_body(), usize::MAX).await.unwrap();
-    (
-        status,
-        headers,
-        String::from_utf8_lossy(&bytes).into_owned(),
-    )
+    send(app, req).await
 }
 
 const CHAT: &str = r#"{"model":"fast","messages":[{"role":"user","content":"hi"}]}"#;

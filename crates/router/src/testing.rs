@@ -77,6 +77,12 @@ impl Scripted {
         })
     }
 
+    /// Says its model takes `modalities` (as its `/health` would list them); returns it, for chaining.
+    pub fn taking(self: Arc<Self>, modalities: &[Modality]) -> Arc<Self> {
+        *lock(&self.modalities) = modalities.to_vec();
+        self
+    }
+
     /// Replaces the script for the next calls.
     pub fn set(&self, s: Script) {
         *lock(&self.script) = s;

@@ -72,6 +72,28 @@ async fn collect(mut rx: mpsc::Receiver<Output>) -> Answer {
     a
 }
 
+/// A validated one-message request to `model` whose user turn is `parts` (OpenAI content parts).
+fn with_parts(model: &str, parts: Vec<serde_json::Value>) -> ChatRequest {
+    ChatCompletionRequest {
+        model: Some(model.into()),
+        messages: vec![
+            serde_json::from_value(serde_json::json!({"role": "user", "content": parts})).unwrap(),
+        ],
+        ..Default::default()
+    }
+    .validate(&Limits::default())
+    .unwrap()
+}
+
+fn text_part(text: &str) -> serde_json::Value {
+    serde_json::json!({"type": "text", "text": text})
+}
+
+/// An image part by URL (never fetched: routing looks at the part only).
+fn cat() -> serde_json::Value {
+    serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}})
+}
+
 fn router(tiers: Vec<(Tier, Arc<Scripted>, TierSettings)>) -> Arc<TierRouter> {
     Arc::new(TierRouter::new(
         ClassifierConfig::default(),
@@ -885,11 +907,8 @@ async fn wait_until(f: impl Fn() -> bool) {
 
 #[tokio::test(start_paused = true)]
 async fn images_go_to_a_tier_whose_model_can_see_them() {
-    let text_only = |name| {
-        let b = Scripted::new(name, Script::Answer(vec![name]));
-        *b.modalities.lock().unwrap() = vec![Modality::Text];
-        b
-    };
+    let text_only =
+        |name| Scripted::new(name, Script::Answer(vec![name])).taking(&[Modality::Text]);
     let (fast, primary) = (text_only("e2b"), text_only("e4b"));
     let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]));
     let r = router(vec![
@@ -897,20 +916,7 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
         (Tier::Primary, primary.clone(), settings(1000)),
         (Tier::Heavy, heavy.clone(), settings(1000)),
     ]);
-    let image = |model: &str| {
-        ChatCompletionRequest {
-            model: Some(model.into()),
-            messages: vec![
-                serde_json::from_value(serde_json::json!({"role": "user", "content": [
-                {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}))
-                .unwrap(),
-            ],
-            ..Default::default()
-        }
-        .validate(&Limits::default())
-        .unwrap()
-    };
+    let image = |model: &str| with_parts(model, vec![text_part("what is this?"), cat()]);
     // auto: the vision tier (primary) is known not to see; heavy's model may.
     let a = collect(r.chat(image("auto")).unwrap()).await;
     let routing = a.routing.unwrap();
@@ -931,25 +937,13 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
 
 #[tokio::test(start_paused = true)]
 async fn a_pool_sends_images_to_members_that_can_see_them() {
-    let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"]));
-    *blind.modalities.lock().unwrap() = vec![Modality::Text];
-    let seeing = Scripted::new("e4b", Script::Answer(vec!["seeing"]));
-    *seeing.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image];
+    let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"])).taking(&[Modality::Text]);
+    let seeing = Scripted::new("e4b", Script::Answer(vec!["seeing"]))
+        .taking(&[Modality::Text, Modality::Image]);
     // The weights make the blind member every request's first choice.
     let p = pool(&[("blind", &blind, 1e6), ("seeing", &seeing, 1e-6)], 1000);
     let r = pooled(&p);
-    let image = ChatCompletionRequest {
-        model: Some("primary".into()),
-        messages: vec![
-            serde_json::from_value(serde_json::json!({"role": "user", "content": [
-                {"type": "text", "text": "what is this?"},
-                {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}]}))
-            .unwrap(),
-        ],
-        ..Default::default()
-    }
-    .validate(&Limits::default())
-    .unwrap();
+    let image = with_parts("primary", vec![text_part("what is this?"), cat()]);
     for _ in 0..4 {
         let a = collect(r.chat(image.clone()).unwrap()).await;
         assert_eq!(a.text, "seeing");
@@ -962,15 +956,16 @@ async fn a_pool_sends_images_to_members_that_can_see_them() {
 async fn audio_goes_to_a_tier_whose_model_hears_it() {
     // E2B and E4B hear; the 26B does not (it sees images only).
     let hears = |name: &'static str, answer: &'static str| {
-        let b = Scripted::new(name, Script::Answer(vec![answer]));
-        *b.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image, Modality::Audio];
-        b
+        Scripted::new(name, Script::Answer(vec![answer])).taking(&[
+            Modality::Text,
+            Modality::Image,
+            Modality::Audio,
+        ])
     };
     let fast = hears("e2b", "e2b");
-    let primary = Scripted::new("e4b-text", Script::Answer(vec!["e4b"]));
-    *primary.modalities.lock().unwrap() = vec![Modality::Text];
-    let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]));
-    *heavy.modalities.lock().unwrap() = vec![Modality::Text, Modality::Image];
+    let primary = Scripted::new("e4b-text", Script::Answer(vec!["e4b"])).taking(&[Modality::Text]);
+    let heavy = Scripted::new("26b", Script::Answer(vec!["26b"]))
+        .taking(&[Modality::Text, Modality::Image]);
     let r = router(vec![
         (Tier::Fast, fast.clone(), settings(1000)),
         (Tier::Primary, primary.clone(), settings(1000)),
@@ -978,22 +973,13 @@ async fn audio_goes_to_a_tier_whose_model_hears_it() {
     ]);
     let clip = |model: &str, image: bool| {
         let mut parts = vec![
-            serde_json::json!({"type": "text", "text": "what is said here?"}),
+            text_part("what is said here?"),
             serde_json::json!({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}),
         ];
         if image {
-            parts.push(serde_json::json!({"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}}));
+            parts.push(cat());
         }
-        ChatCompletionRequest {
-            model: Some(model.into()),
-            messages: vec![
-                serde_json::from_value(serde_json::json!({"role": "user", "content": parts}))
-                    .unwrap(),
-            ],
-            ..Default::default()
-        }
-        .validate(&Limits::default())
-        .unwrap()
+        with_parts(model, parts)
     };
     // auto: the audio tier (primary) is known not to hear; heavy's model neither; fast's does.
     let a = collect(r.chat(clip("auto", false)).unwrap()).await;
