@@ -134,3 +134,19 @@ llama_cpp_python_venv() {
   fi
   echo "$venv"
 }
+
+# The tiers of the app's test configs: fast on the tiny fixture, primary on $1, and a heavy tier that is
+# configured but off (the app lists it; nothing is contacted: port 9 is discard).
+app_tiers() {
+  cat <<TOML
+[tiers.fast]
+model = "$JEMMA_ROOT/fixtures/tiny"
+[tiers.primary]
+model = "$1"
+[tiers.heavy]
+kind = "openai"
+url = "http://127.0.0.1:9"
+model = "gemma-4-26b-a4b"
+enabled = false
+TOML
+}

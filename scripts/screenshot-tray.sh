@@ -10,19 +10,10 @@ bash scripts/fixtures.sh
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$WORK/home"
-cat >"$WORK/jemma.toml" <<TOML
-[server]
-port = 18731
-[tiers.fast]
-model = "$JEMMA_ROOT/fixtures/tiny"
-[tiers.primary]
-model = "$JEMMA_ROOT/fixtures/tiny"
-[tiers.heavy]
-kind = "openai"
-url = "http://127.0.0.1:9"
-model = "gemma-4-26b-a4b"
-enabled = false
-TOML
+{
+  printf '[server]\nport = 18731\n'
+  app_tiers "$JEMMA_ROOT/fixtures/tiny"
+} >"$WORK/jemma.toml"
 cat >"$WORK/run.sh" <<'SH'
 trayer --edge top --align right --widthtype pixel --width 120 --height 32 --SetDockType true --transparent false --tint 0xdddddd &
 sleep 2

@@ -35,20 +35,10 @@ download_bytes = 6000000
 memory_bytes = 10000000
 min_free_bytes = 20000000
 TOML
-cat >"$WORK/jemma.toml" <<TOML
-[models]
-auto_download = false
-cache_dir = "$WORK/hf"
-[tiers.fast]
-model = "$JEMMA_ROOT/fixtures/tiny"
-[tiers.primary]
-model = "test-tiny"
-[tiers.heavy]
-kind = "openai"
-url = "http://127.0.0.1:9"
-model = "gemma-4-26b-a4b"
-enabled = false
-TOML
+{
+  printf '[models]\nauto_download = false\ncache_dir = "%s"\n' "$WORK/hf"
+  app_tiers test-tiny
+} >"$WORK/jemma.toml"
 # A stand-in `tailscale` CLI (the real one cannot be installed here): answers `status --json` with a recorded
 # status and records the arguments of every call, so the test can check what "Expose on tailnet" ran.
 cat >"$WORK/tailscale" <<SH

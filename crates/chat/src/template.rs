@@ -779,6 +779,15 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// `messages` through `t` with every other input at its default.
+    fn render_messages(t: &ChatTemplate, messages: &[Json]) -> String {
+        let req = RenderRequest {
+            messages,
+            ..Default::default()
+        };
+        t.render(&req).unwrap()
+    }
+
     const E2B: &str = include_str!("../templates/gemma4-e2b-e4b.jinja");
     const BIG: &str = include_str!("../templates/gemma4-26b-31b.jinja");
     /// Requests and Jinja2 3.1.6 reference renders (transformers' settings) of the official Gemma 4 templates.
@@ -1141,11 +1150,7 @@ mod tests {
         )
         .unwrap();
         let messages = [json!("\u{1c}\u{3000} a b\t\u{1f}\n"), json!("xxaxx")];
-        let req = RenderRequest {
-            messages: &messages,
-            ..Default::default()
-        };
-        assert_eq!(t.render(&req).unwrap(), "[a b][a][None][]");
+        assert_eq!(render_messages(&t, &messages), "[a b][a][None][]");
     }
 
     #[test]
@@ -1345,11 +1350,7 @@ mod tests {
             .unwrap()
             .expect("template");
         let messages = hi();
-        let req = RenderRequest {
-            messages: &messages,
-            ..Default::default()
-        };
-        assert_eq!(t.render(&req).unwrap(), "<s>Hi</s>");
+        assert_eq!(render_messages(&t, &messages), "<s>Hi</s>");
     }
 
     #[test]

@@ -47,31 +47,61 @@ fn forwarded(headers: &axum::http::HeaderMap) -> bool {
     headers.contains_key(jemma_router::backend::FORWARDED_HEADER)
 }
 
+/// A request under way: a stream already answering, or the router's outputs for a whole answer.
+enum Started {
+    Streaming(Response),
+    Whole(tokio::sync::mpsc::Receiver<jemma_router::route::Output>),
+}
+
+/// How a stream's SSE response is rendered: keep-alive interval, the requested model, whether usage
+/// comes last, the first output, the rest.
+type StreamRenderer = fn(
+    std::time::Duration,
+    String,
+    bool,
+    jemma_router::route::Output,
+    tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
+) -> Response;
+
+/// Charges the caller and routes `req`. A stream waits for its first output before committing to a 200
+/// (failures before any token — no tier, busy, a bad request — keep their own status) and is rendered
+/// by `render`; otherwise the outputs come back to be read whole.
+async fn start(
+    state: &AppState,
+    caller: &Caller,
+    forwarded: bool,
+    mut req: jemma_router::api::ChatRequest,
+    render: StreamRenderer,
+) -> Result<Started, ApiError> {
+    req.forwarded = forwarded;
+    state.charge(caller, !req.media_modalities().is_empty())?;
+    let (stream, include_usage) = (req.stream, req.include_usage);
+    let model = req.requested_model.clone();
+    let mut rx = state.router.chat(req)?;
+    if !stream {
+        return Ok(Started::Whole(rx));
+    }
+    let first = sse::first_output(&mut rx).await?;
+    Ok(Started::Streaming(render(
+        state.keep_alive,
+        model,
+        include_usage,
+        first,
+        rx,
+    )))
+}
+
 async fn chat_inner(
     state: AppState,
     caller: Caller,
     forwarded: bool,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let mut req = parse_body(&state, body).await?.validate(&state.limits)?;
-    req.forwarded = forwarded;
-    state.charge(&caller, !req.media_modalities().is_empty())?;
-    let stream = req.stream;
-    let include_usage = req.include_usage;
-    let model = req.requested_model.clone();
-    let mut rx = state.router.chat(req)?;
-    if stream {
-        // Wait for the first output before committing to a 200: failures that happen before any token
-        // (no tier, busy, bad request) still get their proper status.
-        let first = sse::first_output(&mut rx).await?;
-        return Ok(sse::stream_response(
-            state.keep_alive,
-            model,
-            include_usage,
-            first,
-            rx,
-        ));
-    }
+    let req = parse_body(&state, body).await?.validate(&state.limits)?;
+    let mut rx = match start(&state, &caller, forwarded, req, sse::stream_response).await? {
+        Started::Streaming(r) => return Ok(r),
+        Started::Whole(rx) => rx,
+    };
     let mut content = String::new();
     let mut reasoning = String::new();
     let mut tool_calls: Vec<ToolCall> = vec![];
@@ -140,23 +170,11 @@ async fn completions_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = sse::read_json(body, state.max_body_bytes).await?;
-    let mut req = req.validate(&state.limits)?;
-    req.forwarded = forwarded;
-    state.charge(&caller, false)?;
-    let stream = req.stream;
-    let include_usage = req.include_usage;
-    let model = req.requested_model.clone();
-    let mut rx = state.router.chat(req)?;
-    if stream {
-        let first = sse::first_output(&mut rx).await?;
-        return Ok(sse::completion_stream(
-            state.keep_alive,
-            model,
-            include_usage,
-            first,
-            rx,
-        ));
-    }
+    let req = req.validate(&state.limits)?;
+    let mut rx = match start(&state, &caller, forwarded, req, sse::completion_stream).await? {
+        Started::Streaming(r) => return Ok(r),
+        Started::Whole(rx) => rx,
+    };
     let mut text = String::new();
     let sse::Ended {
         finish_reason,
