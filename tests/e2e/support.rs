@@ -10,16 +10,7 @@ pub fn root() -> PathBuf {
 }
 
 pub fn fixture(name: &str) -> PathBuf {
-    let dir = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join("fixtures"))
-        .join(name);
-    assert!(
-        dir.join("config.json").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture(name, "config.json")
 }
 
 pub fn python() -> PathBuf {

@@ -23,9 +23,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn fixtures() -> PathBuf {
-    std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"))
+    jemma_fixtures::root()
 }
 
 fn gguf(name: &str) -> PathBuf {

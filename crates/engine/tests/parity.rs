@@ -11,16 +11,7 @@ use jemma_engine::models::gemma4;
 use mlx_rs::{Array, Dtype};
 
 fn fixture(name: &str) -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("reference.json").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture(name, "reference.json")
 }
 
 struct Reference {

@@ -16,10 +16,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn tiny() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    root.join("tiny")
+    jemma_fixtures::fixture("tiny", "config.json")
 }
 
 fn request(max_tokens: usize) -> Request {

@@ -7,12 +7,7 @@ use std::path::PathBuf;
 use jemma_engine::tokenizer::Tokenizer;
 
 fn tiny() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let d = root.join("tiny");
-    assert!(d.join("tokenizer.json").exists(), "run scripts/fixtures.sh");
-    d
+    jemma_fixtures::fixture("tiny", "tokenizer.json")
 }
 
 #[test]

@@ -10,16 +10,7 @@ use jemma_media::MediaError;
 use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, SAMPLE_RATE, decode_audio};
 
 fn fixtures() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("audio");
-    assert!(
-        dir.join("extractor.json").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture("audio", "extractor.json")
 }
 
 fn json(path: PathBuf) -> serde_json::Value {

@@ -8,16 +8,7 @@ use std::path::PathBuf;
 use jemma_media::{ImageParams, Limits, MediaError, decode_image, preprocess, target_size};
 
 fn fixtures() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("media");
-    assert!(
-        dir.join("reference.json").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture("media", "reference.json")
 }
 
 #[test]

@@ -10,16 +10,7 @@ use jemma_media::video::{Ffmpeg, VideoParams, timestamp};
 use jemma_media::{Limits, MediaError};
 
 fn fixtures() -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join("video");
-    assert!(
-        dir.join("video.json").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture("video", "video.json")
 }
 
 fn ffmpeg() -> Ffmpeg {

@@ -10,16 +10,7 @@ use mlx_rs::Array;
 
 /// `fixtures/<name>` (or under `$JEMMA_FIXTURES`), which must hold `reference.safetensors`.
 pub fn fixture(name: &str) -> PathBuf {
-    let root = std::env::var("JEMMA_FIXTURES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../fixtures"));
-    let dir = root.join(name);
-    assert!(
-        dir.join("reference.safetensors").exists(),
-        "fixture {} missing: run scripts/fixtures.sh",
-        dir.display()
-    );
-    dir
+    jemma_fixtures::fixture(name, "reference.safetensors")
 }
 
 /// max |a − b| over two arrays of one shape.
