@@ -331,6 +331,18 @@ impl Engine {
     pub fn wait_ready(&self) -> Result<()> {
         self.host.wait_ready().map_err(EngineError::InvalidModel)
     }
+
+    /// Blocks until `done` holds of the engine's status as its model thread publishes it (state,
+    /// running sequences, token counts; woken by each change, never polling) or `limit` passes; true when
+    /// it held. For tests and CLIs that wait for an unload, a reload or a cancel. `done` runs under the
+    /// status lock: it must not call [`Engine::status`].
+    pub fn wait_until(
+        &self,
+        limit: std::time::Duration,
+        done: impl Fn(&EngineStatus) -> bool,
+    ) -> bool {
+        self.host.wait_until(limit, done)
+    }
 }
 
 /// A model with its tokenizer and chat template: everything needed to turn a [`Prompt`] into tokens and

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use jemma_engine::generate::GenerateOptions;
-use jemma_engine::runtime::{Engine, EngineConfig, EngineState, Event, Prompt, Request};
+use jemma_engine::runtime::{
+    Engine, EngineConfig, EngineState, EngineStatus, Event, Prompt, Request,
+};
 
 /// One test at a time: MLX's memory figures are the process's, so one test's engine would show in another's
 /// unload check.
@@ -50,16 +52,12 @@ fn run(engine: &Engine, max_tokens: usize) -> usize {
     done
 }
 
-fn wait_for(engine: &Engine, what: &str, f: impl Fn(&EngineState) -> bool) {
-    let t0 = Instant::now();
-    while !f(&engine.status().state) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}: {:?}",
-            engine.status().state
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+fn wait_for(engine: &Engine, what: &str, f: impl Fn(&EngineStatus) -> bool) {
+    assert!(
+        engine.wait_until(Duration::from_secs(20), f),
+        "timed out waiting for {what}: {:?}",
+        engine.status().state
+    );
 }
 
 #[test]
@@ -75,7 +73,7 @@ fn idle_keep_alive_unloads_and_the_next_request_reloads() {
         loaded_bytes > 1_000_000,
         "weights are in MLX memory: {loaded_bytes}"
     );
-    wait_for(&engine, "unload", |s| *s == EngineState::Unloaded);
+    wait_for(&engine, "unload", |s| s.state == EngineState::Unloaded);
     let unloaded = engine.status().info.memory.active_bytes;
     assert!(
         unloaded < loaded_bytes / 10,
@@ -582,7 +580,7 @@ fn a_cancelled_request_leaves_a_sound_entry_and_the_byte_budget_holds() {
         }
     }
     drop(rx);
-    wait_for(&warm, "the cancel", |_| warm.status().running == 0);
+    wait_for(&warm, "the cancel", |s| s.running == 0);
     // A prompt that continues the greedy answer further than the cancelled request got.
     let mut b = a.clone();
     b.extend(&greedy);

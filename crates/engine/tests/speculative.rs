@@ -612,15 +612,8 @@ fn the_engine_speculates_with_the_mtp_assistant_and_answers_the_same() {
         config: Default::default(),
     });
     let e = Engine::start(cfg).unwrap();
-    let t0 = std::time::Instant::now();
-    while e.status().state != EngineState::Ready {
-        assert!(
-            t0.elapsed().as_secs() < 60 && !matches!(e.status().state, EngineState::Failed { .. }),
-            "{:?}",
-            e.status().state
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    e.wait_ready().unwrap();
+    assert_eq!(e.status().state, EngineState::Ready);
     assert!(e.status().info.speculative.is_none());
     assert!(e.shutdown(std::time::Duration::from_secs(30)));
 }
@@ -636,16 +629,8 @@ fn refused_at_load(target: &str, draft: &std::path::Path, why: &str) {
         config: Default::default(),
     });
     let bad = Engine::start(cfg).unwrap();
-    let t0 = std::time::Instant::now();
-    loop {
-        let s = bad.status();
-        if let jemma_engine::runtime::EngineState::Failed { error } = &s.state {
-            assert!(error.contains("draft") && error.contains(why), "{error}");
-            break;
-        }
-        assert!(t0.elapsed().as_secs() < 60, "{:?}", s.state);
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let error = bad.wait_ready().unwrap_err().to_string();
+    assert!(error.contains("draft") && error.contains(why), "{error}");
     assert!(bad.shutdown(std::time::Duration::from_secs(30)));
 }
 
@@ -690,11 +675,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     });
     let spec = Engine::start(cfg).unwrap();
     for e in [&plain, &spec] {
-        let t0 = std::time::Instant::now();
-        while e.status().state != jemma_engine::runtime::EngineState::Ready {
-            assert!(t0.elapsed().as_secs() < 60, "{:?}", e.status().state);
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        e.wait_ready().unwrap();
     }
     let texts = [
         "The capital of France is",
@@ -739,11 +720,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
         },
     });
     let together = Engine::start(cfg).unwrap();
-    let t0 = std::time::Instant::now();
-    while together.status().state != jemma_engine::runtime::EngineState::Ready {
-        assert!(t0.elapsed().as_secs() < 60, "{:?}", together.status().state);
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    together.wait_ready().unwrap();
     let mut rxs: Vec<_> = texts
         .iter()
         .map(|t| together.submit(request(t, 40, vec![])).unwrap())

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::body::{Body, to_bytes};
@@ -38,9 +39,16 @@ fn settings(max_concurrency: usize, max_queue: usize) -> TierSettings {
 }
 
 fn app(hang: bool, queue: usize) -> axum::Router {
+    app_over([echo(hang), echo(hang)], queue)
+}
+
+/// The app over `[fast, primary]`, one request at a time each, `queue` waiting.
+fn app_over(backends: [Arc<dyn Backend>; 2], queue: usize) -> axum::Router {
     let tiers = [Tier::Fast, Tier::Primary]
-        .map(|t| (t, echo(hang), settings(1, queue)))
-        .to_vec();
+        .into_iter()
+        .zip(backends)
+        .map(|(t, b)| (t, b, settings(1, queue)))
+        .collect();
     let r = Arc::new(TierRouter::new(ClassifierConfig::default(), tiers));
     router(AppState::new(
         r,
@@ -285,7 +293,11 @@ async fn openapi_json_describes_the_typed_wire_format() {
 
 #[tokio::test]
 async fn full_queue_is_429_with_retry_after() {
-    let a = app(true, 0);
+    let hanging = [
+        Scripted::new("echo", Script::Hang),
+        Scripted::new("echo", Script::Hang),
+    ];
+    let a = app_over(hanging.clone().map(|b| b as Arc<dyn Backend>), 0);
     // One request occupies each tier's only slot (hanging); the next finds no room anywhere.
     let a1 = a.clone();
     let a2 = a.clone();
@@ -307,7 +319,14 @@ async fn full_queue_is_429_with_retry_after() {
         )
         .await
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Both slots are taken once both backends have started their request.
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while hanging.iter().any(|b| b.calls.load(Ordering::SeqCst) == 0) {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both tiers took their request");
     let (st, h, body) = call(
         &a,
         "POST",

@@ -6,7 +6,7 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use jemma_chat::event::{EngineFailure, Event};
@@ -296,11 +296,62 @@ enum Job<R: ModelRunner> {
 /// The answer to [`Host::count`]: the prompt's tokens, or why they could not be counted.
 pub type CountReply = oneshot::Receiver<Result<usize, EngineFailure>>;
 
+/// What the model thread publishes: its status, and whether it has ended. Every change rings `changed`, so
+/// a waiter ([`Host::wait_until`], [`Host::wait_ready`], [`Host::shutdown`]) wakes on the change it waits
+/// for instead of polling.
+struct Shared<I> {
+    published: Mutex<Published<I>>,
+    changed: Condvar,
+}
+
+struct Published<I> {
+    status: Status<I>,
+    ended: bool,
+}
+
+impl<I> Shared<I> {
+    fn lock(&self) -> MutexGuard<'_, Published<I>> {
+        // A panic while holding the lock leaves plain data behind: still readable.
+        self.published
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the status and wakes every waiter.
+    fn update(&self, f: impl FnOnce(&mut Status<I>)) {
+        f(&mut self.lock().status);
+        self.changed.notify_all();
+    }
+
+    /// Reads the status under the lock.
+    fn read<T>(&self, f: impl FnOnce(&Status<I>) -> T) -> T {
+        f(&self.lock().status)
+    }
+
+    /// Blocks until `done` holds of what is published or `limit` passes (None: no limit); true when it
+    /// held.
+    fn wait(&self, limit: Option<Duration>, mut done: impl FnMut(&Published<I>) -> bool) -> bool {
+        let guard = self.lock();
+        let waiting = |p: &mut Published<I>| !done(p);
+        match limit {
+            None => {
+                drop(self.changed.wait_while(guard, waiting));
+                true
+            }
+            Some(limit) => self
+                .changed
+                .wait_timeout_while(guard, limit, waiting)
+                .map(|(_, timeout)| !timeout.timed_out())
+                .unwrap_or(false),
+        }
+    }
+}
+
 /// A cheap, clonable handle to a model thread. The thread ends, releasing the model, when every handle is
 /// dropped and the requests it accepted are answered.
 pub struct Host<R: ModelRunner> {
     jobs: mpsc::Sender<Job<R>>,
-    status: Arc<Mutex<Status<R::Info>>>,
+    shared: Arc<Shared<R::Info>>,
     event_buffer: usize,
     stopped: watch::Receiver<bool>,
     /// True while the preload at start runs: requests are refused then (the router falls back), while
@@ -324,7 +375,7 @@ impl<R: ModelRunner> Clone for Host<R> {
     fn clone(&self) -> Self {
         Self {
             jobs: self.jobs.clone(),
-            status: self.status.clone(),
+            shared: self.shared.clone(),
             event_buffer: self.event_buffer,
             stopped: self.stopped.clone(),
             preloading: self.preloading.clone(),
@@ -339,7 +390,7 @@ impl<R: ModelRunner> Host<R> {
     ///
     /// Errors: the thread could not be spawned.
     pub fn start(config: HostConfig, runner: R, info: R::Info) -> std::io::Result<Self> {
-        let status = Arc::new(Mutex::new(Status {
+        let status = Status {
             state: if config.preload {
                 EngineState::Loading { progress: 0.0 }
             } else {
@@ -358,14 +409,21 @@ impl<R: ModelRunner> Host<R> {
             context_length: 0,
             last_error: None,
             info,
-        }));
+        };
+        let shared = Arc::new(Shared {
+            published: Mutex::new(Published {
+                status,
+                ended: false,
+            }),
+            changed: Condvar::new(),
+        });
         let queue_capacity = config.queue_capacity.max(1);
         let (tx, rx) = mpsc::channel(queue_capacity + COUNT_ROOM);
         let waiting = Arc::new(AtomicUsize::new(0));
         let w = waiting.clone();
         let (stopped_tx, stopped) = watch::channel(false);
         let event_buffer = config.event_buffer.max(1);
-        let st = status.clone();
+        let st = shared.clone();
         let preloading = Arc::new(AtomicBool::new(config.preload));
         let pre = preloading.clone();
         std::thread::Builder::new()
@@ -374,16 +432,19 @@ impl<R: ModelRunner> Host<R> {
                 Thread {
                     config,
                     runner,
-                    status: st,
+                    shared: st.clone(),
                     ever_loaded: false,
                     waiting: w,
                 }
                 .run(rx, &pre);
+                // The runner (and with it the model) is dropped by now.
+                st.lock().ended = true;
+                st.changed.notify_all();
                 let _ = stopped_tx.send(true);
             })?;
         Ok(Self {
             jobs: tx,
-            status,
+            shared,
             event_buffer,
             stopped,
             preloading,
@@ -394,13 +455,17 @@ impl<R: ModelRunner> Host<R> {
 
     /// A snapshot of the state and figures (never blocks on the model thread).
     pub fn status(&self) -> Status<R::Info> {
-        let mut s = self
-            .status
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_else(|e| e.into_inner().clone());
+        let mut s = self.shared.read(Status::clone);
         s.queued = self.waiting.load(Ordering::Acquire);
         s
+    }
+
+    /// Blocks until `done` holds of the status (woken by each change the model thread makes, never
+    /// polling) or `limit` passes; true when it held. `queued` is not kept current in what `done` sees
+    /// (it is counted by the handles, not the thread). `done` runs under the status lock: it must not call
+    /// [`Host::status`].
+    pub fn wait_until(&self, limit: Duration, done: impl Fn(&Status<R::Info>) -> bool) -> bool {
+        self.shared.wait(Some(limit), |p| done(&p.status))
     }
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver cancels it.
@@ -477,27 +542,21 @@ impl<R: ModelRunner> Host<R> {
     /// does not exit while that thread still frees the model (MLX's buffers freed during process exit can
     /// corrupt its allocator). True when it ended; it cannot while another handle lives.
     pub fn shutdown(self, limit: Duration) -> bool {
-        let stopped = self.stopped.clone();
+        let shared = self.shared.clone();
         drop(self);
-        let t0 = Instant::now();
-        while !*stopped.borrow() {
-            if t0.elapsed() >= limit {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        true
+        shared.wait(Some(limit), |p| p.ended)
     }
 
     /// Waits (blocking) until the model is loaded, unloaded-and-ready-to-load, or failed; for CLIs and
     /// tests. Errors with the failure's message.
     pub fn wait_ready(&self) -> Result<(), String> {
-        loop {
-            match self.status().state {
-                EngineState::Ready | EngineState::Unloaded => return Ok(()),
-                EngineState::Failed { error } => return Err(error),
-                EngineState::Loading { .. } => std::thread::sleep(Duration::from_millis(20)),
-            }
+        self.shared.wait(None, |p| {
+            !matches!(p.status.state, EngineState::Loading { .. }) || p.ended
+        });
+        match self.status().state {
+            EngineState::Failed { error } => Err(error),
+            EngineState::Loading { .. } => Err("the model thread ended while loading".into()),
+            EngineState::Ready | EngineState::Unloaded => Ok(()),
         }
     }
 }
@@ -506,7 +565,7 @@ impl<R: ModelRunner> Host<R> {
 struct Thread<R: ModelRunner> {
     config: HostConfig,
     runner: R,
-    status: Arc<Mutex<Status<R::Info>>>,
+    shared: Arc<Shared<R::Info>>,
     /// Whether a load ever succeeded: until one has, a hard failure is final (a broken model), after one
     /// a failed reload is retried at the next request.
     ever_loaded: bool,
@@ -517,16 +576,11 @@ struct Thread<R: ModelRunner> {
 
 impl<R: ModelRunner> Thread<R> {
     fn set(&self, f: impl FnOnce(&mut Status<R::Info>)) {
-        if let Ok(mut s) = self.status.lock() {
-            f(&mut s);
-        }
+        self.shared.update(f);
     }
 
     fn info(&self) -> R::Info {
-        self.status
-            .lock()
-            .map(|s| s.info.clone())
-            .unwrap_or_else(|e| e.into_inner().info.clone())
+        self.shared.read(|s| s.info.clone())
     }
 
     /// Reserves memory and loads. A refusal for memory leaves the host unloaded (the next request tries
@@ -564,11 +618,9 @@ impl<R: ModelRunner> Thread<R> {
                 s.info = published;
                 s.state = EngineState::Loading { progress: 0.0 };
             });
-            let status = self.status.clone();
+            let shared = self.shared.clone();
             let progress: Progress = Arc::new(move |p: f32| {
-                if let Ok(mut s) = status.lock() {
-                    s.state = EngineState::Loading { progress: p };
-                }
+                shared.update(|s| s.state = EngineState::Loading { progress: p });
             });
             let loaded = self.runner.load(&progress, &mut info);
             if loaded.is_err()
@@ -583,8 +635,11 @@ impl<R: ModelRunner> Thread<R> {
                 tracing::info!(model = %name, context_length, "model loaded");
                 self.ever_loaded = true;
                 self.runner.refresh(&mut info);
+                // Published with Ready, in one change: a waiter woken by Ready sees the batch size too.
+                let max = self.runner.max_sequences(&model).max(1);
                 self.set(|s| {
                     s.state = EngineState::Ready;
+                    s.max_sequences = max;
                     s.context_length = context_length;
                     s.info = info;
                     s.last_error = None;
@@ -685,17 +740,11 @@ impl<R: ModelRunner> Thread<R> {
         }
         if loaded.is_none() {
             *loaded = self.try_load(memory);
-            if let Some(m) = loaded.as_ref() {
-                let max = self.runner.max_sequences(m).max(1);
-                self.set(|s| s.max_sequences = max);
-            }
         }
         loaded.as_mut().ok_or_else(|| {
             EngineFailure::Fault(
-                self.status
-                    .lock()
-                    .ok()
-                    .and_then(|s| s.last_error.clone())
+                self.shared
+                    .read(|s| s.last_error.clone())
                     .unwrap_or_else(|| "the model failed to load".into()),
             )
         })
@@ -743,7 +792,7 @@ impl<R: ModelRunner> Thread<R> {
         let admitted = match self.ensure_loaded(loaded, memory) {
             Ok(model) => {
                 // Read after a lazy load, which sets it.
-                let ctx = self.status.lock().map(|s| s.context_length).unwrap_or(0);
+                let ctx = self.shared.read(|s| s.context_length);
                 self.runner.admit(model, request, ctx)
             }
             Err(e) => Err(e),
@@ -805,15 +854,10 @@ impl<R: ModelRunner> Thread<R> {
         if self.config.preload {
             loaded = self.try_load(memory);
             preloading.store(false, Ordering::Release);
-            if let Some(m) = loaded.as_ref() {
-                let max = self.runner.max_sequences(m).max(1);
-                self.set(|s| s.max_sequences = max);
-            }
             if loaded.is_none()
-                && matches!(
-                    self.status.lock().map(|s| s.state.clone()),
-                    Ok(EngineState::Failed { .. })
-                )
+                && self
+                    .shared
+                    .read(|s| matches!(s.state, EngineState::Failed { .. }))
             {
                 return;
             }

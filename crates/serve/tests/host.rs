@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use jemma_chat::event::{EngineFailure, Event};
 use jemma_serve::host::{
-    EngineState, Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, SubmitError, Tally,
+    EngineState, Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Status,
+    SubmitError, Tally,
 };
 use jemma_serve::memory::{MemoryConfig, MemoryGovernor, PressureSource};
 use serde::Serialize;
@@ -186,16 +187,19 @@ fn run(host: &Host<Fake>, n: usize) -> (Vec<String>, Result<usize, EngineFailure
     panic!("the stream ended without Done or Error");
 }
 
+/// Waits (woken by the host's status changes) until `f` holds of its state; fails the test after 10 s.
 fn wait_for(host: &Host<Fake>, what: &str, f: impl Fn(&EngineState) -> bool) {
-    let t0 = Instant::now();
-    while !f(&host.status().state) {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}: {:?}",
-            host.status().state
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    assert!(
+        host.wait_until(Duration::from_secs(10), |s| f(&s.state)),
+        "timed out waiting for {what}: {:?}",
+        host.status().state
+    );
+}
+
+/// Waits until `f` holds of the host's status (`running`, token counts: what the model thread
+/// publishes); fails the test with `what` after 10 s.
+fn wait_status(host: &Host<Fake>, what: &str, f: impl Fn(&Status<Info>) -> bool) {
+    assert!(host.wait_until(Duration::from_secs(10), f), "{what}");
 }
 
 #[test]
@@ -343,14 +347,9 @@ fn the_queue_is_bounded_and_a_dropped_receiver_cancels() {
     host.wait_ready().unwrap();
     // Admit the first request, then hold the model thread at its next step; the queue (capacity 2) fills.
     let first = host.submit(1000).unwrap();
-    let t0 = Instant::now();
-    while host.status().running == 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the thread never took the first job"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_status(&host, "the thread never took the first job", |s| {
+        s.running > 0
+    });
     let held = gate.lock().unwrap();
     let a = host.submit(1).unwrap();
     let b = host.submit(1).unwrap();
@@ -471,14 +470,7 @@ fn requests_share_steps_up_to_the_batch_size_and_newcomers_join_between_steps() 
     assert!(batches[0] == 1, "the first request ran alone: {batches:?}");
     // 40 + 5 + 6 + 7 = 58 tokens in far fewer steps than one request at a time would take.
     assert!(batches.len() < 58, "{} steps", batches.len());
-    let t0 = Instant::now();
-    while host.status().running != 0 {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the batch never emptied"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    wait_status(&host, "the batch never emptied", |s| s.running == 0);
 }
 
 #[test]
@@ -537,11 +529,7 @@ fn counts_are_answered_while_the_batch_is_full_and_load_a_lazy_model() {
     // One sequence at a time: a long request fills the batch and another waits for its slot, yet a
     // count sent after both is answered before either ends, and takes no slot.
     let long = host.submit(200).unwrap();
-    let t0 = Instant::now();
-    while host.status().running == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_status(&host, "the long request never ran", |s| s.running > 0);
     let queued = host.submit(3).unwrap();
     let counted = host.count(42).unwrap().blocking_recv().unwrap().unwrap();
     assert_eq!(counted, 42);
@@ -566,11 +554,7 @@ fn requests_waiting_for_a_slot_stay_within_the_queue_bound_while_counts_pass() {
     let host = Host::start(config(), r, Info::default()).unwrap();
     host.wait_ready().unwrap();
     let long = host.submit(500).unwrap();
-    let t0 = Instant::now();
-    while host.status().running == 0 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_status(&host, "the long request never ran", |s| s.running > 0);
     let a = host.submit(2).unwrap();
     let b = host.submit(2).unwrap();
     // A count behind them is answered, which means the thread has taken both out of the channel.
