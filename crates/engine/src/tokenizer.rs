@@ -195,26 +195,30 @@ impl DecodeStream {
     /// Where `tokenizers` refuses the stream because the new token rewrote text already emitted. Byte
     /// fallback decodes a run of byte tokens as one: a valid byte (`<0x6E>`, "n") followed by bytes that
     /// make the run invalid UTF-8 turns back into U+FFFD, tokens a sampling model can produce. What was
-    /// emitted stays; the window's text is emitted from the first character boundary past it, and the
-    /// window restarts after this token.
+    /// emitted stays as it was; the tokens not yet emitted (`ids[prefix_index..]`, the held ones and this
+    /// one) are decoded on their own, which Gemma's decoder (byte fallback and `▁` → space, no strip)
+    /// does piece by piece, and the window restarts after this token.
     fn resync(&mut self, tok: &Tokenizer) -> Result<String> {
-        let text = tok.decode(&self.ids)?;
-        let mut start = self.prefix.len().min(text.len());
-        while !text.is_char_boundary(start) {
-            start -= 1;
-        }
+        let text = self.unemitted(tok)?;
         *self = Self::default();
-        Ok(text[start..].to_string())
+        Ok(text)
+    }
+
+    /// The text of the tokens not emitted yet, decoded on their own.
+    fn unemitted(&self, tok: &Tokenizer) -> Result<String> {
+        tok.decode(self.ids.get(self.prefix_index..).unwrap_or_default())
     }
 
     /// Flushes whatever is held back (an incomplete character becomes U+FFFD). `tokenizers` has no flush:
     /// the held ids decode past the last emitted text.
     pub fn finish(&mut self, tok: &Tokenizer) -> Result<String> {
         let text = tok.decode(&self.ids)?;
-        let held = text
-            .strip_prefix(self.prefix.as_str())
-            .unwrap_or_default()
-            .to_string();
+        // In context where the emitted text still reads the same; else (held bytes that rewrote it, as
+        // in `resync`) on their own.
+        let held = match text.strip_prefix(self.prefix.as_str()) {
+            Some(held) => held.to_string(),
+            None => self.unemitted(tok)?,
+        };
         *self = Self::default();
         Ok(held)
     }
