@@ -328,22 +328,44 @@ impl<I> Shared<I> {
         f(&self.lock().status)
     }
 
-    /// Blocks until `done` holds of what is published or `limit` passes (None: no limit); true when it
-    /// held.
-    fn wait(&self, limit: Option<Duration>, mut done: impl FnMut(&Published<I>) -> bool) -> bool {
-        let guard = self.lock();
-        let waiting = |p: &mut Published<I>| !done(p);
-        match limit {
-            None => {
-                drop(self.changed.wait_while(guard, waiting));
-                true
-            }
-            Some(limit) => self
-                .changed
-                .wait_timeout_while(guard, limit, waiting)
-                .map(|(_, timeout)| !timeout.timed_out())
-                .unwrap_or(false),
-        }
+    /// Blocks until `done` holds of what is published or `limit` passes; true when it held.
+    fn wait(&self, limit: Duration, mut done: impl FnMut(&Published<I>) -> bool) -> bool {
+        let (guard, timeout) = self
+            .changed
+            .wait_timeout_while(self.lock(), limit, |p| !done(p))
+            .unwrap_or_else(PoisonError::into_inner);
+        drop(guard);
+        !timeout.timed_out()
+    }
+
+    /// Blocks (no limit) until `done` holds, then reads `then` of what is published under the same lock
+    /// (nothing can change between the two).
+    fn wait_then<T>(
+        &self,
+        mut done: impl FnMut(&Published<I>) -> bool,
+        then: impl FnOnce(&Published<I>) -> T,
+    ) -> T {
+        let guard = self
+            .changed
+            .wait_while(self.lock(), |p| !done(p))
+            .unwrap_or_else(PoisonError::into_inner);
+        then(&guard)
+    }
+
+    /// Marks the model thread ended and wakes every waiter.
+    fn end(&self) {
+        self.lock().ended = true;
+        self.changed.notify_all();
+    }
+}
+
+/// Marks the model thread ended when dropped: when it returns, and also when it unwinds from a panic (a
+/// runner that panics while loading must not leave [`Host::wait_ready`] waiting forever).
+struct EndOnDrop<I>(Arc<Shared<I>>);
+
+impl<I> Drop for EndOnDrop<I> {
+    fn drop(&mut self) {
+        self.0.end();
     }
 }
 
@@ -429,17 +451,16 @@ impl<R: ModelRunner> Host<R> {
         std::thread::Builder::new()
             .name(config.thread_name.clone())
             .spawn(move || {
+                // Dropped after the thread's state (runner and model) on return and on unwinding.
+                let _ended = EndOnDrop(st.clone());
                 Thread {
                     config,
                     runner,
-                    shared: st.clone(),
+                    shared: st,
                     ever_loaded: false,
                     waiting: w,
                 }
                 .run(rx, &pre);
-                // The runner (and with it the model) is dropped by now.
-                st.lock().ended = true;
-                st.changed.notify_all();
                 let _ = stopped_tx.send(true);
             })?;
         Ok(Self {
@@ -465,7 +486,7 @@ impl<R: ModelRunner> Host<R> {
     /// (it is counted by the handles, not the thread). `done` runs under the status lock: it must not call
     /// [`Host::status`].
     pub fn wait_until(&self, limit: Duration, done: impl Fn(&Status<R::Info>) -> bool) -> bool {
-        self.shared.wait(Some(limit), |p| done(&p.status))
+        self.shared.wait(limit, |p| done(&p.status))
     }
 
     /// Queues a request; its events arrive on the returned receiver. Dropping the receiver cancels it.
@@ -544,20 +565,20 @@ impl<R: ModelRunner> Host<R> {
     pub fn shutdown(self, limit: Duration) -> bool {
         let shared = self.shared.clone();
         drop(self);
-        shared.wait(Some(limit), |p| p.ended)
+        shared.wait(limit, |p| p.ended)
     }
 
     /// Waits (blocking) until the model is loaded, unloaded-and-ready-to-load, or failed; for CLIs and
     /// tests. Errors with the failure's message.
     pub fn wait_ready(&self) -> Result<(), String> {
-        self.shared.wait(None, |p| {
-            !matches!(p.status.state, EngineState::Loading { .. }) || p.ended
-        });
-        match self.status().state {
-            EngineState::Failed { error } => Err(error),
-            EngineState::Loading { .. } => Err("the model thread ended while loading".into()),
-            EngineState::Ready | EngineState::Unloaded => Ok(()),
-        }
+        self.shared.wait_then(
+            |p| !matches!(p.status.state, EngineState::Loading { .. }) || p.ended,
+            |p| match &p.status.state {
+                EngineState::Failed { error } => Err(error.clone()),
+                EngineState::Loading { .. } => Err("the model thread ended while loading".into()),
+                EngineState::Ready | EngineState::Unloaded => Ok(()),
+            },
+        )
     }
 }
 

@@ -33,6 +33,8 @@ struct Fake {
     /// Bytes each sequence adds to the footprint (0: the plan cannot shrink).
     per_sequence: u64,
     fail_load: bool,
+    /// Panic in `load` (a runner bug), instead of failing.
+    panic_load: bool,
     step: Duration,
     max_sequences: usize,
     /// Held by a test to stop the model thread at its next step.
@@ -75,6 +77,7 @@ impl ModelRunner for Fake {
         if self.fail_load {
             return Err(LoadError::Failed("broken weights".into()));
         }
+        assert!(!self.panic_load, "a runner bug while loading");
         progress(0.5);
         progress(1.0);
         let n = self.counters.loads.fetch_add(1, Ordering::SeqCst) + 1;
@@ -151,6 +154,7 @@ fn fake() -> (Fake, Arc<Counters>) {
             footprint: 100 << 20,
             per_sequence: 0,
             fail_load: false,
+            panic_load: false,
             step: Duration::ZERO,
             max_sequences: 1,
             gate: Arc::new(Mutex::new(())),
@@ -241,6 +245,18 @@ fn a_failed_preload_is_final_and_refuses_requests() {
         Err(SubmitError::Unavailable(m)) => assert_eq!(m, "broken weights"),
         other => panic!("{:?}", other.map(|_| ())),
     }
+}
+
+/// A runner that panics while loading ends its thread: a waiter is told so instead of waiting forever,
+/// and the host shuts down at once.
+#[test]
+fn a_panic_while_loading_ends_the_wait() {
+    let (mut r, _) = fake();
+    r.panic_load = true;
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    let err = host.wait_ready().unwrap_err();
+    assert!(err.contains("ended while loading"), "{err}");
+    assert!(host.shutdown(Duration::from_secs(10)));
 }
 
 #[test]
