@@ -465,8 +465,7 @@ fn on_menu(app: &AppHandle, id: &str, core: &Arc<Core>, h: &TrayItems) {
                     want.then(|| core.ensure_remote_key())
                 })
                 .await
-                .ok()
-                .flatten();
+                .unwrap_or_else(|e| Some(Err(anyhow::anyhow!("the keychain task failed: {e}"))));
                 let key_note = match provisioned {
                     Some(Ok(true)) => " · API key in keychain (gateway_api_key)",
                     Some(Err(e)) => {

@@ -335,7 +335,8 @@ impl Engine {
     /// Blocks until `done` holds of the engine's status as its model thread publishes it (state,
     /// running sequences, token counts; woken by each change, never polling) or `limit` passes; true when
     /// it held. For tests and CLIs that wait for an unload, a reload or a cancel. `done` runs under the
-    /// status lock: it must not call [`Engine::status`].
+    /// status lock: it must not call [`Engine::status`]; the figures that call adds on top (memory,
+    /// process RSS) are not current in what `done` sees.
     pub fn wait_until(
         &self,
         limit: std::time::Duration,

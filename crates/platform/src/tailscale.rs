@@ -587,7 +587,7 @@ impl Tailscale {
             })?;
         let (mut out, mut err) = (Vec::new(), Vec::new());
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        let waited = tokio::time::timeout(self.timeout, async {
+        let waited = {
             // The pipes are drained while the CLI runs: a large `status --json` (many peers) would
             // otherwise fill a pipe and block it until the time limit.
             let reads = async {
@@ -595,20 +595,23 @@ impl Tailscale {
             };
             tokio::pin!(reads);
             let mut read_all = false;
-            let status = tokio::select! {
-                status = child.wait() => status,
-                () = &mut reads => {
-                    read_all = true;
-                    child.wait().await
+            let waited = tokio::time::timeout(self.timeout, async {
+                tokio::select! {
+                    status = child.wait() => status,
+                    () = &mut reads => {
+                        read_all = true;
+                        child.wait().await
+                    }
                 }
-            }?;
-            // It has exited; its pipes close with it unless a grandchild still holds them.
-            if !read_all {
+            })
+            .await;
+            // It exited in time; its pipes close with it unless a grandchild still holds them, which
+            // gets a moment past the limit: the command itself did finish.
+            if matches!(waited, Ok(Ok(_))) && !read_all {
                 let _ = tokio::time::timeout(PIPE_GRACE, reads).await;
             }
-            Ok::<_, std::io::Error>(status)
-        })
-        .await;
+            waited
+        };
         let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
         let status = match waited {
             Ok(Ok(status)) => status,
