@@ -465,6 +465,26 @@ fn with_token_type(mut gguf: Vec<u8>, id: usize, ty: i32) -> Vec<u8> {
     gguf
 }
 
+/// The engine on the f32 conversion of the tiny fixture (512-token context), loaded: its logits are
+/// mlx-lm's to float precision.
+fn f32_engine() -> LlamaEngine {
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    e
+}
+
+/// A raw (unparsed) request of `max_tokens` from `ids` reporting each token's top-5 logprobs.
+fn top5_request(ids: &[u32], max_tokens: usize) -> Request {
+    Request {
+        parse_output: false,
+        logprobs: true,
+        top_logprobs: 5,
+        ..request(Prompt::Ids(ids.to_vec()), max_tokens)
+    }
+}
+
 /// `logprobs` report the model's own distribution, before `logit_bias` and penalties (the MLX engine's
 /// `logprobs_are_the_models_own_before_logit_bias` holds it to the same rule): a bias that forces the
 /// runner-up leaves the reported numbers as mlx-lm's logits give them.
@@ -476,14 +496,8 @@ fn logprobs_are_the_models_own_before_logit_bias() {
     let want_logits = &r.logits[&format!("{name}.logits")];
     let (_, want_top) = jemma_chat::logprobs::log_softmax_top(want_logits, argmax(want_logits), 5);
     let runner_up = want_top[1].0;
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
-    c.context_length = Some(512);
-    let e = LlamaEngine::start(c).unwrap();
-    e.wait_ready().unwrap();
-    let mut req = request(Prompt::Ids(ids.clone()), 1);
-    req.parse_output = false;
-    req.logprobs = true;
-    req.top_logprobs = 5;
+    let e = f32_engine();
+    let mut req = top5_request(ids, 1);
     req.sampling.logit_bias = vec![(runner_up, 50.0)];
     req.sampling.repetition_penalty = Some(1.5);
     let mut rx = e.submit(req).unwrap();
@@ -530,14 +544,8 @@ fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
     let (name, ids, _) = &r.prompts[0];
     let want_logits = &r.logits[&format!("{name}.logits")];
     let want = jemma_chat::logprobs::log_softmax_top(want_logits, argmax(want_logits), 5);
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
-    c.context_length = Some(512);
-    let e = LlamaEngine::start(c).unwrap();
-    e.wait_ready().unwrap();
-    let mut req = request(Prompt::Ids(ids.clone()), 6);
-    req.parse_output = false;
-    req.logprobs = true;
-    req.top_logprobs = 5;
+    let e = f32_engine();
+    let req = top5_request(ids, 6);
     let mut rx = e.submit(req).unwrap();
     let mut entries = vec![];
     let mut text = String::new();

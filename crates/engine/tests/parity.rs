@@ -386,3 +386,69 @@ fn logprobs_are_the_models_own_before_logit_bias() {
         assert!((lp - wlp).abs() < 1e-4, "token {id}: {lp} vs {wlp}");
     }
 }
+
+/// The same rule over a whole biased, penalised answer on the pipelined decode path: every entry is the
+/// log-softmax of the logits a fresh forward of its context gives, while the bias changes which tokens
+/// are chosen. (Speculative decoding reports what plain decoding does: `speculative.rs`.)
+#[test]
+fn logprobs_stay_the_models_own_over_a_biased_answer() {
+    use jemma_engine::sample::SamplingParams;
+    let dir = fixture("tiny");
+    let (model, _, _) = gemma4::load(&dir, None).unwrap();
+    let r = reference(&dir);
+    let (_, ids, _) = &r.prompts[0];
+    let prompt: Vec<u32> = ids.iter().map(|&t| t as u32).collect();
+    let opts = GenerateOptions {
+        max_tokens: 8,
+        stop_tokens: vec![],
+        logprobs: true,
+        top_logprobs: 5,
+        sampling: SamplingParams {
+            logit_bias: vec![(300, 6.0), (301, 6.0)],
+            repetition_penalty: Some(1.3),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let mut steps = vec![];
+    generate(&model, &prompt, &opts, |s| {
+        steps.push((s.token, s.logprobs.clone().unwrap()));
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(steps.len(), 8);
+    let mut off_argmax = 0;
+    for (i, (token, lp)) in steps.iter().enumerate() {
+        let context: Vec<i32> = prompt
+            .iter()
+            .chain(steps[..i].iter().map(|(t, _)| t))
+            .map(|&t| t as i32)
+            .collect();
+        let logits = model
+            .forward_last_logits(
+                &Array::from_slice(&context, &[1, context.len() as i32]),
+                &mut model.new_cache(),
+            )
+            .unwrap()
+            .reshape(&[-1])
+            .unwrap()
+            .as_dtype(Dtype::Float32)
+            .unwrap();
+        let raw = logits.as_slice::<f32>();
+        let (want, want_top) = jemma_chat::logprobs::log_softmax_top(raw, *token as usize, 5);
+        assert!(
+            (lp.logprob - want).abs() < 1e-4,
+            "token {i}: {} vs {want}",
+            lp.logprob
+        );
+        for ((id, got), (wid, w)) in lp.top.iter().zip(&want_top) {
+            assert_eq!(id, wid, "token {i}");
+            assert!((got - w).abs() < 1e-4, "token {i}");
+        }
+        off_argmax += usize::from(want_top[0].0 != *token);
+    }
+    assert!(
+        off_argmax > 0,
+        "the bias never changed a choice: the test proves nothing"
+    );
+}
