@@ -12,13 +12,14 @@ pub use jemma_chat::prompt::Prompt;
 /// One generation request.
 #[derive(Debug, Clone)]
 pub struct Request {
-    /// Prompt.
+    /// What to generate from: chat messages (rendered with the model's template), text, or token ids.
     pub prompt: Prompt,
-    /// Sampling.
+    /// Temperature, top-k/p, min-p, penalties, bias and seed (the same type and meaning as the MLX
+    /// engine's).
     pub sampling: Sampling,
-    /// Most tokens to generate.
+    /// Most tokens to generate (≥ 1; lowered to the context's room with `fit_context`).
     pub max_tokens: usize,
-    /// Stop strings.
+    /// Strings that end the answer where they first appear; the text stops before them.
     pub stop: Vec<String>,
     /// Split thinking and tool calls out of the text (chat requests).
     pub parse_output: bool,

@@ -44,8 +44,7 @@ pub(crate) fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
 }
 
 pub(crate) fn rand_seed() -> u32 {
-    // Seedless requests differ run to run, as OpenAI's do; the clock is random enough for sampling.
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos() ^ d.as_secs() as u32)
+    // Seedless requests differ run to run, as OpenAI's do: a fresh seed from the OS-seeded thread RNG
+    // (two requests in the same clock tick still differ).
+    rand::random()
 }

@@ -34,13 +34,9 @@ impl Sampler {
             .map_err(EngineError::InvalidRequest)?;
         let rng = match params.seed {
             Some(s) => RandomState::with_seed(s)?,
-            None => {
-                let t = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as u64)
-                    .unwrap_or(0);
-                RandomState::with_seed(t)?
-            }
+            // Seedless requests differ run to run, as OpenAI's do: a fresh seed from the OS-seeded
+            // thread RNG (two requests in the same clock tick still differ).
+            None => RandomState::with_seed(rand::random())?,
         };
         let bias = if params.logit_bias.is_empty() {
             None

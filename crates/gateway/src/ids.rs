@@ -1,13 +1,7 @@
 //! Identifiers and timestamps of answers, shared by the handlers and the SSE writer (kept apart from both so
 //! that neither module reaches into the other).
 
-/// Seconds since the Unix epoch: OpenAI's `created` (0 on a clock before 1970).
-pub(crate) fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub(crate) use jemma_router::api::unix_now_secs as now_secs;
 
 /// A chat completion's id, as OpenAI forms them: `chatcmpl-` and 32 hex digits.
 pub(crate) fn completion_id() -> String {

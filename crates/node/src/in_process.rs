@@ -24,13 +24,13 @@ use jemma_router::backend::{
 /// One request in the terms every engine shares: built once from the OpenAI request.
 #[derive(Debug, Clone)]
 pub struct Job {
-    /// Prompt.
+    /// The conversation (rendered by the engine with the model's template), or a raw completion prompt.
     pub prompt: Prompt,
-    /// Sampling.
+    /// The request's sampling ([`jemma_router::backend::sampling_of`]).
     pub sampling: SamplingParams,
-    /// Most tokens to generate.
+    /// Most tokens to generate (the client's, or the tier's default with `fit_context`).
     pub max_tokens: usize,
-    /// Stop strings.
+    /// Strings that end the answer where they first appear; the text stops before them.
     pub stop: Vec<String>,
     /// Split thinking and tool calls out of the text.
     pub parse_output: bool,

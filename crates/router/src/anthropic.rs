@@ -48,7 +48,7 @@ pub struct MessagesRequest {
     /// System prompt: a string or text blocks.
     #[serde(default)]
     pub system: Option<Value>,
-    /// Stop strings.
+    /// Strings that end the answer where they first appear (`stop_reason: stop_sequence` names which).
     #[serde(default)]
     pub stop_sequences: Option<Vec<String>>,
     /// Server-sent events.
@@ -57,7 +57,7 @@ pub struct MessagesRequest {
     /// Sampling temperature (0–1).
     #[serde(default)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling.
+    /// Nucleus mass, in (0, 1] (absent: off).
     #[serde(default)]
     pub top_p: Option<f32>,
     /// Top-k sampling.

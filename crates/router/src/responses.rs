@@ -42,7 +42,7 @@ pub struct ResponsesRequest {
     /// Sampling temperature.
     #[serde(default)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling.
+    /// Nucleus mass, in (0, 1] (absent: off).
     #[serde(default)]
     pub top_p: Option<f32>,
     /// Function tools: `{type: function, name, description, parameters, strict}`.
@@ -490,10 +490,7 @@ fn new_id(prefix: &str) -> String {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+    crate::api::unix_now_secs()
 }
 
 /// The Responses `usage` from the router's. Every prompt token read afresh is kept in the prefix cache,

@@ -25,3 +25,11 @@ pub use response::{
     ModelList, PromptTokensDetails, ResponseMessage, Routing, Speculation, TextChoice,
     TextCompletion, ToolCallDelta, Usage,
 };
+
+/// Seconds since the Unix epoch: the `created` of every answer, in each API (0 on a clock before 1970).
+pub fn unix_now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

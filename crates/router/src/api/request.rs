@@ -56,15 +56,18 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
-    /// Upper bound of generated tokens.
+    /// Most tokens to generate, thinking included (≥ 1; absent: the tier's default, lowered to what the
+    /// context leaves after the prompt).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub max_completion_tokens: Option<u32>,
-    /// Sampling temperature.
+    /// Sampling temperature, 0–2: 0 is greedy (the most likely token), higher flattens the distribution.
+    /// Absent: 0 on an in-process tier; an upstream applies its own default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling.
+    /// Nucleus sampling: draw from the smallest set of tokens whose probability reaches this mass,
+    /// in (0, 1] (absent or 1: off).
     #[serde(
         default,
         deserialize_with = "positive_f32",
@@ -72,29 +75,32 @@ pub struct ChatCompletionRequest {
     )]
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
-    /// Top-k sampling (extension).
+    /// Draw from the k most likely tokens only (≥ 0; absent or 0: off). An extension, as in vLLM.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub top_k: Option<i32>,
-    /// Min-p sampling (extension).
+    /// Drop tokens less likely than `min_p` × the most likely one's probability, in [0, 1] (absent or 0:
+    /// off). An extension, as in vLLM and mlx-lm.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 1)]
     pub min_p: Option<f32>,
-    /// Stop strings.
+    /// Strings that end the answer where they first appear, not included in it (one, or a list of at most
+    /// 8; `_routing` and Anthropic's `stop_sequence` name the one that matched).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
-    /// Sampling seed.
+    /// Seeds the sampler: the same seed, request and tier give the same answer (absent: a fresh draw).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Presence penalty.
+    /// Subtracted once from the logit of every token already in the recent context, −2 to 2 (absent: 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
+    /// Subtracted from a token's logit once per time it is in the recent context, −2 to 2 (absent: 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
-    /// Repetition penalty (extension).
+    /// Divides (or, for a negative logit, multiplies) the logits of tokens in the last 20 generated or
+    /// prompt tokens, > 0 (absent or 1: off). An extension, as mlx-lm's `repetition_penalty`.
     #[serde(
         default,
         deserialize_with = "positive_f32",
@@ -102,7 +108,8 @@ pub struct ChatCompletionRequest {
     )]
     #[schema(exclusive_minimum = 0)]
     pub repetition_penalty: Option<f32>,
-    /// Token id (as string) → bias.
+    /// Added to a token's logit before sampling: token id (as a string) → bias in [−100, 100]; −100 bans
+    /// the token, 100 all but forces it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logit_bias: Option<BTreeMap<String, f32>>,
     /// Return each generated token's log-probability under the model: the log-softmax of its raw logits,
@@ -162,31 +169,33 @@ pub struct ChatRequest {
     /// Whether several tool calls may come in one answer (None: the client did not say; OpenAI's default
     /// is true).
     pub parallel_tool_calls: Option<bool>,
-    /// Effective max tokens (None: the tier's default).
+    /// Most tokens to generate (`max_completion_tokens`, else `max_tokens`; None: the tier's default).
     pub max_tokens: Option<u32>,
-    /// Temperature (None: backend default).
+    /// Temperature, 0–2 (None: 0 in process, the upstream's default otherwise).
     pub temperature: Option<f32>,
-    /// top_p.
+    /// Nucleus mass, in (0, 1] (None: off).
     pub top_p: Option<f32>,
-    /// top_k.
+    /// Top-k, ≥ 0 (None or 0: off).
     pub top_k: Option<i32>,
-    /// min_p.
+    /// Min-p, in [0, 1] (None or 0: off).
     pub min_p: Option<f32>,
-    /// Stop strings.
+    /// Stop strings, at most [`Limits::max_stop`].
     pub stop: Vec<String>,
-    /// Seed.
+    /// Sampler seed (None: a fresh draw).
     pub seed: Option<u64>,
-    /// Presence penalty.
+    /// Presence penalty, −2 to 2 (None: 0).
     pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
+    /// Frequency penalty, −2 to 2 (None: 0).
     pub frequency_penalty: Option<f32>,
-    /// Repetition penalty.
+    /// Repetition penalty, > 0 (None or 1: off).
     pub repetition_penalty: Option<f32>,
-    /// Token bias.
+    /// (token id, bias in [−100, 100]) pairs, ids checked against the request's form only (the engine
+    /// checks them against its vocabulary).
     pub logit_bias: Vec<(u32, f32)>,
-    /// Log-probabilities wanted.
+    /// Whether each generated token's log-probability is reported (see `jemma_chat::logprobs` for which
+    /// distribution).
     pub logprobs: bool,
-    /// Alternatives per token.
+    /// Alternatives reported per token with `logprobs`, 0–20.
     pub top_logprobs: u32,
     /// What the answer must be (`response_format`).
     pub response_format: ResponseFormat,
@@ -1066,11 +1075,11 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1)]
     pub max_tokens: Option<u32>,
-    /// Sampling temperature.
+    /// Sampling temperature, 0–2 (as in chat completions; absent: 0 in process).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0, maximum = 2)]
     pub temperature: Option<f32>,
-    /// Nucleus sampling.
+    /// Nucleus mass, in (0, 1] (absent or 1: off).
     #[serde(
         default,
         deserialize_with = "positive_f32",
@@ -1078,21 +1087,21 @@ pub struct CompletionRequest {
     )]
     #[schema(exclusive_minimum = 0, maximum = 1)]
     pub top_p: Option<f32>,
-    /// Top-k.
+    /// Draw from the k most likely tokens only (absent or 0: off; an extension).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 0)]
     pub top_k: Option<i32>,
-    /// Stop strings.
+    /// Strings that end the text where they first appear, not included (one, or at most 8).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Stop>,
-    /// Seed.
+    /// Seeds the sampler (absent: a fresh draw).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seed: Option<u64>,
-    /// Presence penalty.
+    /// Subtracted once from every recent token's logit, −2 to 2 (absent: 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = -2, maximum = 2)]
     pub presence_penalty: Option<f32>,
-    /// Frequency penalty.
+    /// Subtracted per occurrence of a recent token, −2 to 2 (absent: 0).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = -2, maximum = 2)]
     pub frequency_penalty: Option<f32>,
