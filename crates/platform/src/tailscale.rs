@@ -612,19 +612,22 @@ impl Tailscale {
             }
             waited
         };
-        let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+        // What the CLI said: its stderr, trimmed, else its stdout.
+        let said = || {
+            [&err, &out]
+                .into_iter()
+                .map(|b| String::from_utf8_lossy(b).trim().to_string())
+                .find(|o| !o.is_empty())
+                .unwrap_or_default()
+        };
         let status = match waited {
             Ok(Ok(status)) => status,
             Err(_elapsed) => {
                 let _ = child.kill().await;
-                let output = [text(&err), text(&out)]
-                    .into_iter()
-                    .find(|o| !o.is_empty())
-                    .unwrap_or_default();
                 return Err(Error::Timeout {
                     cmd,
                     after: self.timeout,
-                    output,
+                    output: said(),
                 });
             }
             Ok(Err(source)) => {
@@ -635,14 +638,10 @@ impl Tailscale {
         if status.success() {
             return Ok(String::from_utf8_lossy(&out).into_owned());
         }
-        let message = [text(&err), text(&out)]
-            .into_iter()
-            .find(|o| !o.is_empty())
-            .unwrap_or_default();
         Err(Error::Command {
             cmd,
             code: status.code(),
-            stderr: message,
+            stderr: said(),
         })
     }
 }
