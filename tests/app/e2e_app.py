@@ -20,7 +20,7 @@ from selenium.common.exceptions import (NoSuchElementException, NoSuchFrameExcep
 from selenium.webdriver.support.ui import WebDriverWait
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import log, new_session, step  # noqa: E402
+from harness import log, new_session, routing_badges, step  # noqa: E402
 from sni import Tray  # noqa: E402
 import fake_hub  # noqa: E402
 
@@ -124,11 +124,11 @@ try:
         box = d.find_element(By.ID, "prompt")
         box.send_keys("Hello Jemma, write a short greeting.")
         d.find_element(By.ID, "send").click()
-        badge = WebDriverWait(d, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing-badge"))[0]
-        routing = json.loads(badge.get_attribute("data-routing"))
+        badge = WebDriverWait(d, 60).until(routing_badges)[0]
+        routing = badge["routing"]
         check("chat: reply streamed with a routing badge", routing["tier"] == "fast" and routing["completion_tokens"] >= 1, routing)
-        reply = d.find_elements(By.CSS_SELECTOR, ".msg.assistant")[-1].text
-        check("chat: badge shows tier and latency", "fast" in badge.text and "ms" in badge.text, badge.text)
+        reply = d.execute_script("return [...document.querySelectorAll('.msg.assistant')].pop().innerText")
+        check("chat: badge shows tier and latency", "fast" in badge["text"] and "ms" in badge["text"], badge["text"])
         check("chat: reply text present", len(reply.strip()) > 0, reply)
         SHOTS.mkdir(parents=True, exist_ok=True)
         d.save_screenshot(str(SHOTS / "chat-window.png"))

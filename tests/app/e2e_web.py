@@ -23,7 +23,7 @@ from selenium.webdriver.webkitgtk.options import Options
 from selenium.webdriver.webkitgtk.service import Service
 
 sys.path.insert(0, os.path.dirname(__file__))
-from harness import free_port, log, step  # noqa: E402
+from harness import free_port, log, routing_badges, step  # noqa: E402
 
 ROOT = pathlib.Path(os.environ.get("JEMMA_ROOT", pathlib.Path(__file__).resolve().parents[2]))
 BIN = os.environ.get("JEMMA_BIN", str(ROOT / "target/debug/jemma"))
@@ -114,9 +114,7 @@ def main():
             WebDriverWait(d, 30).until(lambda d: not d.find_element(By.ID, "key-form").is_displayed())
             d.find_element(By.ID, "prompt").send_keys("Hello from a phone")
             d.find_element(By.ID, "send").click()
-            badge = WebDriverWait(d, 90).until(
-                lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing-badge"))[0]
-            routing = json.loads(badge.get_attribute("data-routing"))
+            routing = WebDriverWait(d, 90).until(routing_badges)[0]["routing"]
             check("web: streamed reply with a routing badge",
                   routing["tier"] == "fast" and routing["completion_tokens"] >= 1, routing)
             stored = d.execute_script("return localStorage.getItem('jemma.chat.apiKey')")
@@ -136,15 +134,13 @@ def main():
                   and len(d.find_elements(By.CSS_SELECTOR, "#attachments .thumb.video")) == 1)
             d.find_element(By.ID, "prompt").send_keys("What is in these?")
             d.find_element(By.ID, "send").click()
-            badges = WebDriverWait(d, 90).until(
-                lambda d: (b := d.find_elements(By.CSS_SELECTOR, ".msg.assistant .routing-badge")) and len(b) >= 2
-                and b)
-            second = json.loads(badges[1].get_attribute("data-routing"))
-            last_user = d.find_elements(By.CSS_SELECTOR, ".msg.user")[-1]
-            check("web: the message shows its image, its clip and its video",
-                  len(last_user.find_elements(By.CSS_SELECTOR, "img.msg-image")) == 1
-                  and len(last_user.find_elements(By.CSS_SELECTOR, ".msg-audio audio")) == 1
-                  and len(last_user.find_elements(By.CSS_SELECTOR, "video.msg-video")) == 1)
+            second = WebDriverWait(d, 90).until(lambda d: (b := routing_badges(d)) and len(b) >= 2 and b)[1]["routing"]
+            shown = d.execute_script("""
+                const last = [...document.querySelectorAll('.msg.user')].pop();
+                return [last.querySelectorAll('img.msg-image').length,
+                        last.querySelectorAll('.msg-audio audio').length,
+                        last.querySelectorAll('video.msg-video').length];""")
+            check("web: the message shows its image, its clip and its video", shown == [1, 1, 1], shown)
             # The second prompt holds the first turn too; beyond it, the image's 12 + 2 tokens, the clip's
             # 23 + 2, the video's 4 frames of 2 + 2 and its sound's 100 + 2: the model was shown them all, not
             # their placeholders alone.

@@ -11,6 +11,7 @@ Env: JEMMA_E2E_STEP_FILE (where the current step's name is written), JEMMA_E2E_S
 session attempt, default 90), JEMMA_E2E_STEP_SCALE (multiplies every step's deadline, default 1).
 """
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -71,6 +72,16 @@ def step(name, seconds):
                 f.write(f"after {name}\n")
         if outer_left:
             signal.setitimer(signal.ITIMER_REAL, max(0.01, outer_left - (time.monotonic() - t0)))
+
+
+def routing_badges(d):
+    """Every answered turn's routing badge in the chat page, as `{"routing": <its _routing>, "text": <shown>}`,
+    read inside the page. While a reply streams the page rebuilds a message's meta line, and WebKitWebDriver fails
+    a find whose element is replaced under it ("Could not parse element info"), so no element reference crosses
+    the WebDriver boundary here."""
+    return [{"routing": json.loads(b["routing"]), "text": b["text"]} for b in d.execute_script(
+        "return [...document.querySelectorAll('.msg.assistant .routing-badge')]"
+        ".map(b => ({routing: b.dataset.routing, text: b.textContent}))")]
 
 
 def free_port():
