@@ -3,7 +3,7 @@
 //! JSON: decode tokens/s, rounds, drafts and acceptance, whether each run's tokens equal the plain run's, and
 //! how many leading tokens do.
 //!
-//! Usage: bench_spec TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K
+//! Usage: bench_spec_llama TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test tool: failing loudly is its job
 
 use jemma_engine_llama::{Event, LlamaConfig, LlamaEngine, LlamaSpeculative, Prompt, Request};
@@ -57,7 +57,7 @@ fn run(
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     let [_, target, draft, prompt, n_gen, k] = &args[..] else {
-        return Err("usage: bench_spec TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K".into());
+        return Err("usage: bench_spec_llama TARGET.gguf DRAFT.gguf PROMPT_TEXT GEN K".into());
     };
     let (n_gen, k): (usize, usize) = (n_gen.parse()?, k.parse()?);
     let (plain, fig) = run(target, None, prompt, n_gen)?;
