@@ -246,7 +246,9 @@ fn next_packet(
 
 /// The Opus track `track_id` of `reader` decoded to mono at [`SAMPLE_RATE`] (an Opus decoder decodes at
 /// any of its rates; no resampling), without the encoder's pre-skip (RFC 7845's `pre_skip`, 48 kHz
-/// samples, from the stream's OpusHead).
+/// samples, from the stream's OpusHead) nor, in Ogg, the padding past the stream's last granule position.
+/// (WebM's `DiscardPadding` is not read by symphonia's Matroska reader: a WebM clip keeps up to one
+/// frame, 20 ms, of padding at its end.)
 ///
 /// Errors: more than 2 channels (Opus's multistream mappings) as unsupported; a stream that yields no
 /// audio, or a decoder that fails on every packet, as corrupt; longer than `limits` as too large.
@@ -293,6 +295,11 @@ fn decode_opus(
         let Ok(n) = decoder.decode_float(&packet.data, &mut pcm, false) else {
             continue;
         };
+        // The last packet's end trim (RFC 7845 §4.5: the final page's granule position says where the
+        // stream ends, and an encoder pads the last frame past it; symphonia's Ogg reader turns that
+        // into `trim_end`, in 48 kHz samples). A decoder in symphonia applies it itself; this one is ours.
+        let trim = (packet.trim_end.get() as usize * SAMPLE_RATE as usize).div_ceil(48_000);
+        let n = n.saturating_sub(trim);
         mono.extend(
             pcm[..n * channels]
                 .chunks_exact(channels)
