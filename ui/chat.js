@@ -337,6 +337,13 @@ function badgeTitle(r) {
   if (isNum(r.ttft_ms)) t.push('first token: ' + r.ttft_ms + ' ms');
   if (isNum(r.prompt_tokens)) t.push('prompt: ' + r.prompt_tokens + ' tok');
   if (Array.isArray(r.fallback) && r.fallback.length) t.push('fallback: ' + r.fallback.join(', '));
+  // How much of each video the model was given (a tier samples at most its first `video_seconds`).
+  const secs = (x) => (isNum(x) ? Math.round(x * 10) / 10 : '?') + ' s';
+  (Array.isArray(r.videos) ? r.videos : []).forEach((v, i) => {
+    const sound = { heard: 'heard ' + secs(v.seconds_heard), no_track: 'no sound', not_heard: 'sound not heard' };
+    t.push('video ' + (i + 1) + ': ' + secs(v.seconds_seen) + ' of ' + secs(v.duration_seconds) + ' seen in '
+      + v.frames + ' frames, ' + (sound[v.sound] || 'sound: ' + v.sound));
+  });
   return t.join('\n');
 }
 

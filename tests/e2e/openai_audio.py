@@ -56,7 +56,7 @@ def ask(model, data=None, fmt="wav", text="What is said here?", **kw):
 
 models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
 check("/v1/models says which model hears",
-      models == {"fast": ["text", "image", "video", "audio"], "primary": ["text"]}, models)
+      models["fast"] == ["text", "image", "video", "audio"] and models["primary"] == ["text"], models)
 with urllib.request.urlopen(f"{base}/health") as r:
     health = json.loads(r.read())
 check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "video", "audio"],

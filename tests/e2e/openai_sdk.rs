@@ -32,14 +32,16 @@ first_token_timeout_secs = 60
 
 /// Images, audio and video with the OpenAI SDK (tests/e2e/openai_vision.py, openai_audio.py,
 /// openai_video.py): the fast tier is the tiny model with vision and audio towers on the MLX engine, the
-/// primary tier the tiny model without.
+/// primary tier the tiny model without; the heavy tier shares the fast tier's engine and looks at only the
+/// first 2 s of a video, in 2 frames.
 #[test]
 fn openai_python_sdk_sends_images_audio_and_video_to_a_model_that_takes_them() {
     let config = format!(
         "[limits]\nfetch_private_media_urls = true\n\
-         [tiers.fast]\nmodel = \"{}\"\n[tiers.primary]\nmodel = \"{}\"\n",
-        fixture("tiny-mm").display(),
-        fixture("tiny").display()
+         [tiers.fast]\nmodel = \"{mm}\"\n[tiers.primary]\nmodel = \"{}\"\n\
+         [tiers.heavy]\nkind = \"local\"\nenabled = true\nmodel = \"{mm}\"\nvideo_frames = 2\nvideo_seconds = 2.0\n",
+        fixture("tiny").display(),
+        mm = fixture("tiny-mm").display(),
     );
     let gw = Server::start(&[], Some(&config));
     sdk_script("openai_vision.py", &gw.url);

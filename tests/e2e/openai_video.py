@@ -3,7 +3,7 @@ local MLX tier whose model sees (and hears) samples the frames and the audio tra
 vision tower refuses it, and bad videos get the API's own errors.
 
 Usage: python openai_video.py BASE_URL   (fast: the tiny model with vision and audio towers, fixtures/tiny-mm;
-primary: the tiny model without)
+primary: the tiny model without; heavy: tiny-mm sampling 2 frames over the first 2 s)
 """
 import base64
 import http.server
@@ -50,6 +50,27 @@ check("a video to a model that sees: answered", seen.choices[0].message.content 
 added = seen.usage.prompt_tokens - plain.usage.prompt_tokens
 check("the frames' and the track's soft tokens are in the prompt", 4 * 4 + 102 <= added <= 4 * 12 + 102,
       (seen.usage, plain.usage))
+# `_routing.videos` says how much of each clip the model was given: all of this 4 s clip, and its sound.
+videos = seen.model_extra["_routing"].get("videos")
+check("_routing.videos: the whole clip seen in 4 frames and heard",
+      videos and len(videos) == 1 and videos[0]["part"] == "messages[0].content[1].video_url"
+      and videos[0]["frames"] == 4 and 3.8 <= videos[0]["duration_seconds"] <= 4.2
+      and videos[0]["seconds_seen"] == videos[0]["duration_seconds"] and videos[0]["sound"] == "heard"
+      and abs(videos[0]["seconds_heard"] - videos[0]["seconds_seen"]) < 0.15, videos)
+check("no videos, no _routing.videos", "videos" not in plain.model_extra["_routing"], plain.model_extra)
+# A tier that looks at the first 2 s says it saw 2 s of a 4 s clip, and heard the same 2 s.
+part = ask("heavy", mp4).model_extra["_routing"]
+short = (part.get("videos") or [{}])[0]
+check("a tier that samples less of the clip says how much", part["tier"] == "heavy"
+      and short.get("seconds_seen") == 2.0 and short.get("duration_seconds", 0) > 3.8 and short.get("frames") == 2
+      and short.get("sound") == "heard" and abs(short.get("seconds_heard", 0) - 2.0) < 0.05, part)
+# Streamed, the report comes with the last chunk's `_routing`.
+stream = client.chat.completions.create(
+    model="heavy", max_tokens=2, stream=True, stream_options={"include_usage": True},
+    messages=[{"role": "user", "content": [{"type": "video_url", "video_url": {"url": mp4}}]}])
+streamed = [c.model_extra.get("_routing") for c in stream if c.model_extra.get("_routing")]
+check("streamed: the same report", streamed and streamed[-1].get("videos", [{}])[0].get("seconds_seen") == 2.0,
+      streamed)
 again = ask("fast", mp4)
 check("the same video: the same answer", again.choices[0].message.content == seen.choices[0].message.content)
 first = lambda r: [t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs]  # noqa: E731

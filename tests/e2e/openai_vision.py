@@ -2,7 +2,7 @@
 has a vision tower sees them, one without refuses them, and bad images get the API's own errors.
 
 Usage: python openai_vision.py BASE_URL   (fast: the tiny model with vision and audio towers; primary: the tiny
-model without)
+model without; heavy: the first again, sampling videos otherwise)
 """
 import base64
 import json
@@ -41,7 +41,8 @@ def ask(model, image=None, text="What is in this picture?", **kw):
 
 models = {m.id: m.model_extra.get("input_modalities") for m in client.models.list().data}
 check("/v1/models lists what each model takes in",
-      models == {"fast": ["text", "image", "video", "audio"], "primary": ["text"]}, models)
+      models == {"fast": ["text", "image", "video", "audio"], "primary": ["text"],
+                 "heavy": ["text", "image", "video", "audio"]}, models)
 with urllib.request.urlopen(f"{base}/health") as r:
     health = json.loads(r.read())
 check("/health too", health["tiers"]["fast"]["backend"]["input_modalities"] == ["text", "image", "video", "audio"],

@@ -52,8 +52,10 @@ fn video(frames: &Array, audio: Option<jemma_media::audio::DecodedAudio>) -> Dec
         .collect();
     DecodedVideo {
         frames,
+        has_audio_track: audio.is_some(),
         audio,
         duration: t as f64,
+        span: t as f64,
     }
 }
 

@@ -73,10 +73,15 @@ pub struct VideoFrame {
 pub struct DecodedVideo {
     /// The sampled frames, in time order.
     pub frames: Vec<VideoFrame>,
-    /// The first seconds of its audio track (16 kHz mono), when it has one.
+    /// The first seconds of its audio track (16 kHz mono), when it has one and it was asked for
+    /// (`audio_seconds` > 0).
     pub audio: Option<DecodedAudio>,
+    /// Whether the clip has an audio track at all (taken or not).
+    pub has_audio_track: bool,
     /// The clip's length, seconds.
     pub duration: f64,
+    /// Seconds from the start the frames were spread over: the clip's length, capped at `max_seconds`.
+    pub span: f64,
 }
 
 /// `mm:ss` of a frame time, as Gemma 4's processor stamps frames (minutes and whole seconds).
@@ -248,7 +253,9 @@ impl Ffmpeg {
         Ok(DecodedVideo {
             frames,
             audio,
+            has_audio_track: probe.has_audio,
             duration: probe.duration,
+            span,
         })
     }
 

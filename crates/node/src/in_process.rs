@@ -315,8 +315,10 @@ impl<E: InProcess> Backend for EngineBackend<E> {
     ) -> Result<ChunkStream, BackendError> {
         let req = self.with_media(req).await?;
         let job = self.job(&req, continuation)?;
+        let hears = Self::takes(&self.engine.status().info).contains(&Modality::Audio);
+        let videos = req.videos_seen(hears);
         let events = self.engine.submit(job).map_err(admission_error)?;
-        Ok(engine_chunks(events, |s| E::finished(&s)))
+        Ok(engine_chunks(events, videos, |s| E::finished(&s)))
     }
 
     async fn count_tokens(&self, req: &ChatRequest) -> Option<Result<u64, BackendError>> {

@@ -796,6 +796,7 @@ impl EventStream {
             Output::Chunk(Chunk::Started {
                 prompt_tokens,
                 cached_tokens,
+                ..
             }) => {
                 self.input = Some(Usage::new(prompt_tokens, 0, cached_tokens, 0));
                 self.start(&mut out);

@@ -27,6 +27,9 @@ pub enum Chunk {
         prompt_tokens: u64,
         /// Of those, the ones served from the prefix cache.
         cached_tokens: u64,
+        /// How much of each video the model was given (`_routing.videos`); empty without videos, or
+        /// from a backend that does not sample them itself.
+        videos: Vec<crate::api::VideoSeen>,
     },
     /// Answer text.
     Content(String),
@@ -365,12 +368,15 @@ pub struct Finished {
 }
 
 /// The chunk stream of an in-process engine (MLX or llama.cpp): both send the same events and differ only
-/// in their summary, which `finished` reads.
+/// in their summary, which `finished` reads. `videos` (how much of each video the model was given) goes
+/// out with `Started`.
 pub fn engine_chunks<S: Send + 'static>(
     events: mpsc::Receiver<jemma_chat::event::Event<S>>,
+    videos: Vec<crate::api::VideoSeen>,
     finished: impl Fn(S) -> Finished + Send + 'static,
 ) -> ChunkStream {
     use jemma_chat::event::Event;
+    let mut videos = videos;
     let mut prompt_tokens = 0u64;
     let mut cached = 0u64;
     forward_events(events, move |ev| match ev {
@@ -383,6 +389,7 @@ pub fn engine_chunks<S: Send + 'static>(
             Ok(Chunk::Started {
                 prompt_tokens,
                 cached_tokens: cached,
+                videos: std::mem::take(&mut videos),
             })
         }
         Event::Content(c) => Ok(Chunk::Content(c)),
@@ -796,6 +803,7 @@ impl Backend for OpenAiBackend {
                         .send(Ok(Chunk::Started {
                             prompt_tokens: 0,
                             cached_tokens: 0,
+                            videos: vec![],
                         }))
                         .await
                         .is_err()

@@ -960,6 +960,7 @@ impl Walk {
             tier_tokens,
             speculative,
             served_by,
+            videos,
             ..
         } = run;
         self.completion_tokens += usage.completion_tokens.max(tier_tokens);
@@ -1010,6 +1011,7 @@ impl Walk {
             fallback: self.fallback,
             tokens_per_second: decode_tps,
             speculative,
+            videos,
         };
         // Thinking is counted by the tier that finished (an earlier tier's tokens were continued, not
         // re-counted); an upstream that does not say leaves it out.
@@ -1061,6 +1063,8 @@ struct TierRun {
     tier_tokens: u64,
     speculative: Option<crate::api::Speculation>,
     served_by: Option<crate::backend::ServedBy>,
+    /// How much of each video this tier's model was given.
+    videos: Vec<crate::api::VideoSeen>,
 }
 
 /// How a tier's `Done` ended the answer.
@@ -1125,9 +1129,11 @@ async fn relay(
             Chunk::Started {
                 prompt_tokens,
                 cached_tokens,
+                ref videos,
             } => {
                 run.prompt_tokens = prompt_tokens;
                 run.cached_tokens = cached_tokens;
+                run.videos = videos.clone();
                 // Before any answer went out, the client may show the prompt's size (Anthropic's
                 // `message_start`); a continuing tier's prompt holds the continuation too.
                 if prompt_tokens == 0 || !walk.sent.is_empty() || walk.ttft.is_some() {

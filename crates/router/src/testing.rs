@@ -140,6 +140,7 @@ impl Backend for Scripted {
                 .send(Ok(Chunk::Started {
                     prompt_tokens,
                     cached_tokens: 0,
+                    videos: vec![],
                 }))
                 .await;
             match script {

@@ -441,6 +441,52 @@ impl ChatRequest {
         }
     }
 
+    /// The messages' `video_url` parts in order, as (where, URL): `messages[i].content[j].video_url`.
+    pub fn video_parts(&self) -> Vec<(String, &str)> {
+        let mut located = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
+                for (j, p) in ps.iter().enumerate() {
+                    if let super::message::ContentPart::VideoUrl { video_url } = p {
+                        located.push((
+                            format!("messages[{i}].content[{j}].video_url"),
+                            video_url.url.as_str(),
+                        ));
+                    }
+                }
+            }
+        }
+        located
+    }
+
+    /// How much of each sampled video (`videos`, [`ChatRequest::decode_videos`]) a model is given: what
+    /// `_routing.videos` reports. `hears` says whether the model takes audio. Empty before sampling.
+    pub fn videos_seen(&self, hears: bool) -> Vec<super::VideoSeen> {
+        use super::VideoSound;
+        self.video_parts()
+            .into_iter()
+            .zip(&self.videos)
+            .map(|((part, _), v)| {
+                let (sound, seconds_heard) = match &v.audio {
+                    Some(a) => (
+                        VideoSound::Heard,
+                        a.samples.len() as f64 / jemma_media::audio::SAMPLE_RATE as f64,
+                    ),
+                    None if v.has_audio_track && !hears => (VideoSound::NotHeard, 0.0),
+                    None => (VideoSound::NoTrack, 0.0),
+                };
+                super::VideoSeen {
+                    part,
+                    duration_seconds: v.duration,
+                    seconds_seen: v.span,
+                    frames: v.frames.len(),
+                    sound,
+                    seconds_heard,
+                }
+            })
+            .collect()
+    }
+
     /// Samples the messages' videos (fetching http(s) URLs as images are fetched, `video/*`) through the
     /// ffmpeg CLI, off the async runtime, with `params` (the tier's frames and seconds; the audio track
     /// only when `audio_seconds` > 0): a video that cannot be read 400, over `max_video_bytes` 413, no
@@ -455,19 +501,11 @@ impl ChatRequest {
         if !self.has_videos || !self.videos.is_empty() {
             return Ok(());
         }
-        let mut located = vec![];
-        for (i, m) in self.messages.iter().enumerate() {
-            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
-                for (j, p) in ps.iter().enumerate() {
-                    if let super::message::ContentPart::VideoUrl { video_url } = p {
-                        located.push((
-                            format!("messages[{i}].content[{j}].video_url.url"),
-                            video_url.url.clone(),
-                        ));
-                    }
-                }
-            }
-        }
+        let located: Vec<(String, String)> = self
+            .video_parts()
+            .into_iter()
+            .map(|(at, url)| (format!("{at}.url"), url.to_string()))
+            .collect();
         let Some(ffmpeg) = jemma_media::video::Ffmpeg::find() else {
             let at = located.first().map_or("video_url", |l| l.0.as_str());
             return Err(RouterError::unsupported_media(
@@ -1161,6 +1199,8 @@ impl CompletionRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::VideoSound;
+    use jemma_media::video::DecodedVideo;
 
     /// A mono 16-bit PCM WAV of `seconds` of a 440 Hz tone at `rate`, base64.
     fn wav(seconds: f64, rate: u32) -> String {
@@ -1234,6 +1274,81 @@ mod tests {
         let body = serde_json::json!({"messages": [{"role": "user", "content": [extra]}]});
         let e = serde_json::from_value::<ChatCompletionRequest>(body).unwrap_err();
         assert!(e.to_string().contains("unknown field `size`"), "{e}");
+    }
+
+    /// A sampled clip of `duration` s seen over `span` s in `frames` frames, with `heard` s of its sound.
+    fn sampled(duration: f64, span: f64, frames: usize, track: bool, heard: f64) -> DecodedVideo {
+        use jemma_media::video::VideoFrame;
+        let frame = |j: usize| VideoFrame {
+            seconds: span * j as f64 / frames as f64,
+            image: jemma_media::DecodedImage {
+                rgb: std::sync::Arc::new(jemma_media::Rgb {
+                    width: 2,
+                    height: 2,
+                    data: vec![0; 12],
+                }),
+                digest: j as u64,
+                low_detail: false,
+            },
+        };
+        DecodedVideo {
+            frames: (0..frames).map(frame).collect(),
+            audio: (heard > 0.0).then(|| jemma_media::audio::DecodedAudio {
+                samples: vec![0.0; (heard * 16_000.0) as usize].into(),
+                digest: 7,
+            }),
+            has_audio_track: track,
+            duration,
+            span,
+        }
+    }
+
+    #[test]
+    fn videos_seen_says_how_much_of_each_clip_was_seen_and_what_became_of_its_sound() {
+        let video = |url: &str| serde_json::json!({"type": "video_url", "video_url": {"url": url}});
+        let text = serde_json::json!({"type": "text", "text": "what happens?"});
+        let mut r = request(vec![
+            text,
+            video("https://example.com/a.mp4"),
+            video("https://example.com/b.mp4"),
+        ])
+        .unwrap();
+        assert!(r.videos_seen(true).is_empty(), "nothing sampled yet");
+        r.videos = vec![
+            // 90 s, of which a tier that looks at 30 s heard 30.
+            sampled(90.0, 30.0, 4, true, 30.0),
+            // A silent clip, seen whole.
+            sampled(5.0, 5.0, 4, false, 0.0),
+        ];
+        let seen = r.videos_seen(true);
+        assert_eq!(seen.len(), 2);
+        assert_eq!(seen[0].part, "messages[0].content[1].video_url");
+        assert_eq!(seen[1].part, "messages[0].content[2].video_url");
+        assert_eq!(
+            (
+                seen[0].duration_seconds,
+                seen[0].seconds_seen,
+                seen[0].frames
+            ),
+            (90.0, 30.0, 4)
+        );
+        assert_eq!(
+            (seen[0].sound, seen[0].seconds_heard),
+            (VideoSound::Heard, 30.0)
+        );
+        assert_eq!(seen[1].sound, VideoSound::NoTrack);
+        assert_eq!(r.videos_seen(false)[1].sound, VideoSound::NoTrack);
+        // Sound that was not decoded: for a model that hears, none in the span that was seen; for one
+        // that does not, not heard.
+        r.videos[1] = sampled(5.0, 5.0, 4, true, 0.0);
+        assert_eq!(r.videos_seen(true)[1].sound, VideoSound::NoTrack);
+        let deaf = r.videos_seen(false);
+        assert_eq!(
+            (deaf[1].sound, deaf[1].seconds_heard),
+            (VideoSound::NotHeard, 0.0)
+        );
+        let wire = serde_json::to_value(&deaf[1]).unwrap();
+        assert_eq!(wire["sound"], "not_heard", "{wire}");
     }
 
     #[tokio::test]

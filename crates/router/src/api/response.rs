@@ -376,6 +376,43 @@ pub struct Routing {
     /// What speculative decoding did for this answer; absent when the tier did not speculate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculation>,
+    /// How much of each video the answering model was shown and heard, in the order of the request's
+    /// `video_url` parts; absent without videos, and for an upstream tier (sent the parts as they came).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub videos: Vec<VideoSeen>,
+}
+
+/// How much of one video the answering model was given (`_routing.videos`). A tier samples a clip into
+/// `video_frames` frames spread over at most its first `video_seconds` (fast 4 over 30 s, primary 8 over
+/// 60 s, heavy 16 over 120 s by default) and, for a model that hears, up to 30 s of its sound: a longer clip
+/// is seen in part, and that is said here rather than left for the client to guess.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct VideoSeen {
+    /// The request part the video came in, e.g. `messages[0].content[1].video_url`.
+    pub part: String,
+    /// The clip's length, seconds (as its container states it).
+    pub duration_seconds: f64,
+    /// Seconds from the clip's start its frames were taken over (≤ `duration_seconds`): frame `j` of `n`
+    /// shows `seconds_seen · j / n`.
+    pub seconds_seen: f64,
+    /// Frames the model was shown.
+    pub frames: usize,
+    /// What became of the clip's sound.
+    pub sound: VideoSound,
+    /// Seconds of the sound the model heard, from the clip's start (0 unless `sound` is `heard`).
+    pub seconds_heard: f64,
+}
+
+/// What became of a video's sound track ([`VideoSeen::sound`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum VideoSound {
+    /// The model heard it (its first `seconds_heard` seconds).
+    Heard,
+    /// The clip has no sound track, or none in the span that was seen.
+    NoTrack,
+    /// The clip has sound, but the answering model takes no audio: it saw the frames only.
+    NotHeard,
 }
 
 /// Speculative decoding's figures for one answer (`_routing.speculative`), in vLLM's terms.
