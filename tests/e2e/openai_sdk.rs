@@ -118,15 +118,17 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
     crate::support::check_script("openai_speculative.py", &[&s.url, &p.url, "tiny-q8_0.gguf"]);
 }
 
-/// Images and audio on a GGUF tier with the OpenAI SDK (tests/e2e/openai_gguf_media.py): the multimodal
-/// fixture's GGUF with its towers as an mmproj GGUF (llama.cpp's libmtmd), checked against the same weights
-/// on the MLX engine in the same gateway; a GGUF tier without an mmproj refuses media.
+/// Images, audio and video on a GGUF tier with the OpenAI SDK (tests/e2e/openai_gguf_media.py): the
+/// multimodal fixture's GGUF with its towers as an mmproj GGUF (llama.cpp's libmtmd), checked against the
+/// same weights on the MLX engine in the same gateway (which samples videos as the GGUF tier does); a GGUF
+/// tier without an mmproj refuses media.
 #[test]
-fn openai_python_sdk_sends_images_and_audio_to_a_gguf_tier_with_an_mmproj() {
+fn openai_python_sdk_sends_images_audio_and_video_to_a_gguf_tier_with_an_mmproj() {
     let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
     let config = format!(
         "[tiers.fast]\nmodel = \"{}\"\nmmproj = \"{}\"\nimage_tokens = 16\ncontext_length = 1024\n\
-         [tiers.primary]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"local\"\nenabled = true\nmodel = \"{}\"\ncontext_length = 1024\n",
+         [tiers.primary]\nmodel = \"{}\"\nvideo_frames = 4\nvideo_seconds = 30.0\n\
+         [tiers.heavy]\nkind = \"local\"\nenabled = true\nmodel = \"{}\"\ncontext_length = 1024\n",
         gguf("tiny-mm-f32.gguf").display(),
         gguf("mmproj-tiny-mm-f32.gguf").display(),
         fixture("tiny-mm").display(),

@@ -26,6 +26,11 @@ impl LlamaEngine {
                 Ok((sees, hears)) => {
                     input_modalities.extend(sees.then_some(Modality::Image));
                     input_modalities.extend(hears.then_some(Modality::Audio));
+                    // Before the model loads (what the loaded towers take replaces this): video where
+                    // the vocabulary spells Gemma 4's <|video|>.
+                    if sees && gguf::has_token(&config.model_path, "<|video|>") {
+                        input_modalities.push(Modality::Video);
+                    }
                 }
                 Err(e) if config.mmproj_optional => {
                     tracing::warn!(mmproj = %mm.display(), "the mmproj found for the model is unusable, so it serves text: {e}");

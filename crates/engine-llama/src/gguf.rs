@@ -112,6 +112,17 @@ pub fn read_metadata(path: &Path) -> Result<BTreeMap<String, Value>> {
     Ok(out)
 }
 
+/// Whether the vocabulary of the GGUF at `path` holds `token` (`tokenizer.ggml.tokens`); false for a file
+/// that cannot be read.
+pub fn has_token(path: &Path, token: &str) -> bool {
+    match read_metadata(path).map(|mut m| m.remove("tokenizer.ggml.tokens")) {
+        Ok(Some(Value::Array(tokens))) => tokens
+            .iter()
+            .any(|t| matches!(t, Value::Str(s) if s == token)),
+        _ => false,
+    }
+}
+
 /// Refuses Gemma 4 layouts llama.cpp cannot run: it requires the last layer with its own KV cache to be a
 /// full-attention layer and the one before it a sliding one (true of E2B/E4B/26B; a random or pruned model
 /// may differ, and llama.cpp aborts on it instead of returning an error).

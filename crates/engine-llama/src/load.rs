@@ -152,9 +152,24 @@ pub(crate) fn check_turn_markers(model: &LlamaModel, path: &std::path::Path) -> 
 impl Loaded {
     /// Token ids of a prompt (chat through the template, which writes `<bos>`).
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<LlamaToken>> {
-        let vocab = self.model.vocab();
+        if let Prompt::Ids(ids) = prompt {
+            return Ok(ids.iter().map(|&i| LlamaToken(i as i32)).collect());
+        }
+        Ok(self.tokenize(&self.prompt_text(prompt)?.unwrap_or_default()))
+    }
+
+    /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added.
+    pub fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(text.as_bytes(), false, true)
+    }
+
+    /// The text a prompt is read from: a chat rendered with the model's template (which writes `<bos>`), a
+    /// text prompt with `<bos>` before it; None for token ids.
+    ///
+    /// Errors: a chat for a model without a template, or one its template refuses.
+    pub fn prompt_text(&self, prompt: &Prompt) -> Result<Option<String>> {
         let text = match prompt {
-            Prompt::Ids(ids) => return Ok(ids.iter().map(|&i| LlamaToken(i as i32)).collect()),
+            Prompt::Ids(_) => return Ok(None),
             Prompt::Text(t) => match &self.bos {
                 Some(b) if !t.starts_with(b.as_str()) => format!("{b}{t}"),
                 _ => t.clone(),
@@ -178,7 +193,6 @@ impl Loaded {
                     })?
             }
         };
-        // Special tokens in the text (<bos>, <|turn>) are parsed as such; nothing is added.
-        Ok(vocab.tokenize(text.as_bytes(), false, true))
+        Ok(Some(text))
     }
 }

@@ -13,6 +13,13 @@
 //! fill its soft-token budget ([`jemma_media::target_size`], Pillow's bicubic), while libmtmd keeps any
 //! image whose size lies within its token limits. Handing libmtmd the processor's pixels with limits that
 //! keep them (1 to the budget) makes the tower read what it reads on the MLX engine and in transformers.
+//!
+//! Videos arrive sampled (frames and the sound track, `jemma_media::video`) and are shown as Gemma 4's
+//! processor shows them and the MLX engine places them ([`expand_videos`]): each `<|video|>` becomes, for
+//! every frame, its time `mm:ss` and an image at the video budget (a quarter of the image budget: Gemma 4's
+//! 70 of 280), frames apart by a space, and for a model that hears, the sound right after the last frame —
+//! expanded in the prompt's text before it is tokenized, so the text around the frames is read as the MLX
+//! engine reads it.
 
 use std::path::Path;
 
@@ -29,6 +36,18 @@ use crate::{LlamaError, Result, gguf};
 /// Soft tokens an image takes by default: Gemma 4's processor's `max_soft_tokens` (a quarter of it at
 /// OpenAI's `detail: "low"`, as on the MLX engine).
 pub const DEFAULT_IMAGE_SOFT_TOKENS: usize = 280;
+
+/// Soft tokens a video frame takes for an image budget of `image_soft_tokens`: a quarter of it, as Gemma 4's
+/// processors give (the video processor's `max_soft_tokens` 70 against the image processor's 280); at
+/// least 1.
+pub fn video_soft_tokens(image_soft_tokens: usize) -> usize {
+    (image_soft_tokens / 4).max(1)
+}
+
+/// The placeholders Gemma 4's chat template writes for a media part.
+const IMAGE: &str = "<|image|>";
+const AUDIO: &str = "<|audio|>";
+const VIDEO: &str = "<|video|>";
 
 /// What the mmproj GGUF at `path` gives a model: (sees images, hears audio), read from its metadata
 /// (`clip.has_vision_encoder`, `clip.has_audio_encoder`) without loading it.
@@ -82,9 +101,13 @@ pub(crate) struct Mtmd {
     ctx: MtmdContext,
     /// How images are sized (the patch and pooling of the mmproj, the configured budget).
     image: Option<jemma_media::ImageParams>,
+    /// How video frames are sized (the same, at [`video_soft_tokens`]).
+    video: Option<jemma_media::ImageParams>,
     /// The placeholder tokens a prompt names media with.
     image_id: Option<LlamaToken>,
     audio_id: Option<LlamaToken>,
+    /// Whether the vocabulary spells `<|video|>` as one token (Gemma 4's): the model takes video.
+    sees_video: bool,
     /// Tokens per `llama_decode` when a span is evaluated: the context's batch, which holds a whole image.
     batch: i32,
 }
@@ -161,9 +184,90 @@ fn soft_ids(digest: u64, n: usize) -> impl Iterator<Item = LlamaToken> {
 }
 
 /// One image or clip of a request, in prompt order.
+#[derive(Clone, Copy)]
 pub(crate) enum Item<'a> {
+    /// An image, sized with the image budget.
     Image(&'a jemma_media::DecodedImage),
+    /// A video frame, sized with the video budget.
+    Frame(&'a jemma_media::DecodedImage),
+    /// A clip, or a video's sound.
     Audio(&'a jemma_media::audio::DecodedAudio),
+}
+
+/// `text` (a rendered prompt) with each `<|video|>` expanded as Gemma 4's processor expands a video — for
+/// every frame `mm:ss <|image|>`, frames apart by a space — and, when `hears`, the video's sound as
+/// `<|audio|>` right after its last frame (where the MLX engine places it); with the media in the order
+/// their placeholders then come: (images and frames, clips and sounds).
+///
+/// Errors ([`LlamaError::InvalidRequest`]): placeholders and media that do not pair up.
+pub(crate) fn expand_videos<'a>(
+    text: &str,
+    images: &'a [jemma_media::DecodedImage],
+    audio: &'a [jemma_media::audio::DecodedAudio],
+    videos: &'a [jemma_media::video::DecodedVideo],
+    hears: bool,
+) -> Result<(String, Vec<Item<'a>>, Vec<Item<'a>>)> {
+    let bad = |m: String| LlamaError::InvalidRequest(m);
+    let (mut next_image, mut next_clip, mut next_video) =
+        (images.iter(), audio.iter(), videos.iter());
+    let (mut seen, mut heard) = (vec![], vec![]);
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    loop {
+        let next = [IMAGE, AUDIO, VIDEO]
+            .into_iter()
+            .filter_map(|p| rest.find(p).map(|at| (at, p)))
+            .min();
+        let Some((at, p)) = next else {
+            out.push_str(rest);
+            break;
+        };
+        out.push_str(&rest[..at]);
+        rest = &rest[at + p.len()..];
+        let missing = |what: &str| {
+            bad(format!(
+                "the prompt has more {what} placeholders than {what}s"
+            ))
+        };
+        match p {
+            IMAGE => {
+                seen.push(Item::Image(
+                    next_image.next().ok_or_else(|| missing("image"))?,
+                ));
+                out.push_str(IMAGE);
+            }
+            AUDIO => {
+                heard.push(Item::Audio(
+                    next_clip.next().ok_or_else(|| missing("audio"))?,
+                ));
+                out.push_str(AUDIO);
+            }
+            _ => {
+                let v = next_video.next().ok_or_else(|| missing("video"))?;
+                for (j, f) in v.frames.iter().enumerate() {
+                    if j > 0 {
+                        out.push(' ');
+                    }
+                    out.push_str(&jemma_media::video::timestamp(f.seconds));
+                    out.push(' ');
+                    out.push_str(IMAGE);
+                    seen.push(Item::Frame(&f.image));
+                }
+                if let Some(sound) = v.audio.as_ref().filter(|_| hears) {
+                    out.push_str(AUDIO);
+                    heard.push(Item::Audio(sound));
+                }
+            }
+        }
+    }
+    if next_image.next().is_some() || next_clip.next().is_some() || next_video.next().is_some() {
+        return Err(bad(
+            "the request has more images, clips or videos than the prompt has places for (the model's \
+             chat template shows no media in system messages)"
+                .into(),
+        ));
+    }
+    Ok((out, seen, heard))
 }
 
 impl Mtmd {
@@ -189,6 +293,10 @@ impl Mtmd {
             max_soft_tokens: image_soft_tokens.max(1),
             // libmtmd's Gemma 4 default when the GGUF names none.
             pooling_kernel_size: int("clip.vision.projector.scale_factor").unwrap_or(3),
+        });
+        let video = image.map(|p| jemma_media::ImageParams {
+            max_soft_tokens: video_soft_tokens(p.max_soft_tokens),
+            ..p
         });
         let params = MtmdContextParams {
             use_gpu: cfg!(any(feature = "cuda", feature = "metal")),
@@ -225,29 +333,37 @@ impl Mtmd {
             (t.len() == 1).then(|| t[0])
         };
         Ok(Self {
-            image_id: ctx.support_vision().then(|| single("<|image|>")).flatten(),
-            audio_id: ctx.support_audio().then(|| single("<|audio|>")).flatten(),
+            image_id: ctx.support_vision().then(|| single(IMAGE)).flatten(),
+            audio_id: ctx.support_audio().then(|| single(AUDIO)).flatten(),
+            sees_video: ctx.support_vision() && single(VIDEO).is_some(),
             image,
+            video,
             ctx,
             batch: batch as i32,
         })
     }
 
-    /// Whether the towers see images and hear audio.
-    pub fn modalities(&self) -> (bool, bool) {
-        (self.image_id.is_some(), self.audio_id.is_some())
+    /// Whether the towers see images and hear audio, and whether the model takes video (a vision tower
+    /// and a vocabulary that spells Gemma 4's `<|video|>`).
+    pub fn modalities(&self) -> (bool, bool, bool) {
+        (
+            self.image_id.is_some(),
+            self.audio_id.is_some(),
+            self.image_id.is_some() && self.sees_video,
+        )
     }
 
-    /// `ids` with each media placeholder replaced by its item's span (images and clips taken in the order
-    /// their placeholders come), and the spans. The spans' soft tokens are [`soft_ids`].
+    /// `ids` with each media placeholder replaced by its item's span (`images` — images and video
+    /// frames — and `audio` taken in the order their placeholders come), and the spans. The spans' soft
+    /// tokens are [`soft_ids`].
     ///
     /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items, media this model
     /// cannot take, an image or clip libmtmd refuses.
     pub fn place(
         &self,
         ids: Vec<LlamaToken>,
-        images: &[jemma_media::DecodedImage],
-        audio: &[jemma_media::audio::DecodedAudio],
+        images: &[Item<'_>],
+        audio: &[Item<'_>],
     ) -> Result<(Vec<LlamaToken>, Vec<MediaSpan>)> {
         let bad = |m: String| LlamaError::InvalidRequest(m);
         let (mut next_image, mut next_audio) = (images.iter(), audio.iter());
@@ -256,7 +372,7 @@ impl Mtmd {
         for t in ids {
             let item = if Some(t) == self.image_id {
                 match next_image.next() {
-                    Some(i) => Item::Image(i),
+                    Some(&i) => i,
                     None => {
                         return Err(bad(
                             "the prompt has more image placeholders than images".into()
@@ -265,7 +381,7 @@ impl Mtmd {
                 }
             } else if Some(t) == self.audio_id {
                 match next_audio.next() {
-                    Some(a) => Item::Audio(a),
+                    Some(&a) => a,
                     None => {
                         return Err(bad(
                             "the prompt has more audio placeholders than clips".into()
@@ -278,7 +394,7 @@ impl Mtmd {
             };
             let span = self.span(out.len(), &item)?;
             let digest = match item {
-                Item::Image(i) => i.digest,
+                Item::Image(i) | Item::Frame(i) => i.digest,
                 Item::Audio(a) => a.digest,
             };
             let Some(chunks) = span.chunks.as_ref() else {
@@ -309,11 +425,13 @@ impl Mtmd {
     /// One item tokenized by libmtmd on its own (markers and soft tokens) at position `start`.
     fn span(&self, start: usize, item: &Item<'_>) -> Result<MediaSpan> {
         let bad = |m: String| LlamaError::InvalidRequest(m);
-        let bitmap = match item {
-            Item::Image(img) => {
-                let p = self
-                    .image
-                    .ok_or_else(|| bad("this model's mmproj cannot see images".into()))?;
+        let bitmap = match *item {
+            Item::Image(img) | Item::Frame(img) => {
+                let p = match item {
+                    Item::Frame(_) => self.video,
+                    _ => self.image,
+                }
+                .ok_or_else(|| bad("this model's mmproj cannot see images".into()))?;
                 let p = if img.low_detail { p.low_detail() } else { p };
                 let (h, w) = jemma_media::target_size(img.rgb.height, img.rgb.width, &p)
                     .map_err(|e| bad(e.to_string()))?;
@@ -358,5 +476,86 @@ impl Mtmd {
             len,
             chunks: Some(chunks),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jemma_media::video::{DecodedVideo, VideoFrame};
+
+    fn image(digest: u64) -> jemma_media::DecodedImage {
+        jemma_media::DecodedImage {
+            rgb: std::sync::Arc::new(jemma_media::Rgb {
+                width: 2,
+                height: 2,
+                data: vec![0; 12],
+            }),
+            digest,
+            low_detail: false,
+        }
+    }
+
+    fn clip(digest: u64) -> jemma_media::audio::DecodedAudio {
+        jemma_media::audio::DecodedAudio {
+            samples: vec![0.0; 160].into(),
+            digest,
+        }
+    }
+
+    /// What each item is, by kind and digest.
+    fn kinds(items: &[Item<'_>]) -> Vec<(char, u64)> {
+        items
+            .iter()
+            .map(|i| match i {
+                Item::Image(x) => ('i', x.digest),
+                Item::Frame(x) => ('f', x.digest),
+                Item::Audio(x) => ('a', x.digest),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_video_expands_as_gemma_4_shows_one_and_keeps_every_item_in_prompt_order() {
+        let video = DecodedVideo {
+            frames: [(0.0, 10), (1.5, 11), (65.2, 12)]
+                .into_iter()
+                .map(|(seconds, d)| VideoFrame {
+                    seconds,
+                    image: image(d),
+                })
+                .collect(),
+            audio: Some(clip(20)),
+            has_audio_track: true,
+            duration: 70.0,
+            span: 70.0,
+        };
+        let (images, audio, videos) = ([image(1)], [clip(2)], [video]);
+        let text = "<bos>A <|image|> B <|video|> C <|audio|>";
+        let (out, seen, heard) = expand_videos(text, &images, &audio, &videos, true).unwrap();
+        assert_eq!(
+            out,
+            "<bos>A <|image|> B 00:00 <|image|> 00:01 <|image|> 01:05 <|image|><|audio|> C <|audio|>"
+        );
+        assert_eq!(kinds(&seen), [('i', 1), ('f', 10), ('f', 11), ('f', 12)]);
+        assert_eq!(kinds(&heard), [('a', 20), ('a', 2)]);
+        // A model that does not hear is shown the frames only.
+        let (out, _, heard) = expand_videos(text, &images, &audio, &videos, false).unwrap();
+        assert!(out.contains("01:05 <|image|> C"), "{out}");
+        assert_eq!(kinds(&heard), [('a', 2)]);
+        // Placeholders and media that do not pair up.
+        for (text, videos) in [
+            ("<|video|><|video|>", &videos[..]),
+            ("no places", &videos[..]),
+        ] {
+            let e = expand_videos(text, &[], &[], videos, true)
+                .map(|_| ())
+                .unwrap_err();
+            assert!(matches!(e, LlamaError::InvalidRequest(_)), "{e}");
+        }
+        let e = expand_videos("<|image|>", &[], &[], &[], true)
+            .map(|_| ())
+            .unwrap_err();
+        assert!(e.to_string().contains("more image placeholders"), "{e}");
     }
 }

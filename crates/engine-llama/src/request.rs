@@ -47,6 +47,10 @@ pub struct Request {
     /// The prompt's audio clips (16 kHz mono), in the order of their placeholders (`<|audio|>`); they need
     /// an mmproj with an audio tower.
     pub audio: Vec<jemma_media::audio::DecodedAudio>,
+    /// The prompt's videos, sampled (frames, and the sound track for a model that hears), in the order of
+    /// their placeholders (`<|video|>`, Gemma 4's); they need an mmproj with a vision tower. Each frame is
+    /// shown as Gemma 4's processor shows it, stamped with its time (see [`crate::media`]).
+    pub videos: Vec<jemma_media::video::DecodedVideo>,
 }
 
 impl Request {
@@ -68,6 +72,7 @@ impl Request {
             top_logprobs: 0,
             images: vec![],
             audio: vec![],
+            videos: vec![],
         }
     }
 }

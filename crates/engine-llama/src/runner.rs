@@ -302,10 +302,11 @@ impl ModelRunner for LlamaRunner {
         // What the loaded towers take (the metadata read at start may promise more than loaded).
         info.input_modalities = std::iter::once(Modality::Text)
             .chain(mtmd.as_ref().map_or(vec![], |m| {
-                let (sees, hears) = m.modalities();
+                let (sees, hears, sees_video) = m.modalities();
                 [
                     sees.then_some(Modality::Image),
                     hears.then_some(Modality::Audio),
+                    sees_video.then_some(Modality::Video),
                 ]
                 .into_iter()
                 .flatten()
@@ -470,17 +471,25 @@ impl ModelRunner for LlamaRunner {
     }
 }
 
-/// The prompt of `request` as the sequence holds it: its token ids with each image and clip in the place
-/// of its placeholder ([`media::Mtmd::place`]), and where they are.
+/// The prompt of `request` as the sequence holds it: its token ids with each image, clip and video frame
+/// in the place of its placeholder ([`media::Mtmd::place`]; videos expanded first,
+/// [`media::expand_videos`]), and where they are.
 ///
 /// Errors: a prompt that does not tokenize; media without an mmproj that takes it, or not matching the
-/// placeholders.
+/// placeholders; videos in a prompt of token ids (their frames are stamped with their times in text).
 pub(crate) fn placed_ids(
     loaded: &Loaded,
     mtmd: Option<&media::Mtmd>,
     request: &Request,
 ) -> Result<(Vec<LlamaToken>, Vec<media::MediaSpan>)> {
-    let ids = loaded.prompt_ids(&request.prompt)?;
+    let no_media =
+        request.images.is_empty() && request.audio.is_empty() && request.videos.is_empty();
+    let ids = if request.videos.is_empty() {
+        loaded.prompt_ids(&request.prompt)?
+    } else {
+        // Expanded below, from the text.
+        vec![]
+    };
     let n_vocab = loaded.model.n_vocab();
     if let Some(bad) = ids.iter().find(|t| t.0 < 0 || t.0 >= n_vocab) {
         return Err(LlamaError::InvalidRequest(format!(
@@ -488,21 +497,23 @@ pub(crate) fn placed_ids(
             bad.0
         )));
     }
-    if request.images.is_empty() && request.audio.is_empty() {
+    if no_media {
         return Ok((ids, vec![]));
     }
+    let what = if !request.images.is_empty() {
+        "images"
+    } else if !request.videos.is_empty() {
+        "video"
+    } else {
+        "audio"
+    };
     let Some(mtmd) = mtmd else {
         return Err(LlamaError::InvalidRequest(format!(
-            "this model cannot take {}: it is served without an mmproj GGUF (its vision and audio \
-             towers; set the tier's `mmproj`)",
-            if request.images.is_empty() {
-                "audio"
-            } else {
-                "images"
-            }
+            "this model cannot take {what}: it is served without an mmproj GGUF (its vision and audio \
+             towers; set the tier's `mmproj`)"
         )));
     };
-    let (sees, hears) = mtmd.modalities();
+    let (sees, hears, sees_video) = mtmd.modalities();
     if (!request.images.is_empty() && !sees) || (!request.audio.is_empty() && !hears) {
         return Err(LlamaError::InvalidRequest(format!(
             "this model cannot take {}: its mmproj has no {} tower",
@@ -510,7 +521,32 @@ pub(crate) fn placed_ids(
             if sees { "audio" } else { "vision" }
         )));
     }
-    let (ids, spans) = mtmd.place(ids, &request.images, &request.audio)?;
+    if !request.videos.is_empty() && !sees_video {
+        return Err(LlamaError::InvalidRequest(
+            "this model cannot see video: it needs a vision tower and Gemma 4's <|video|> token"
+                .into(),
+        ));
+    }
+    let (ids, spans) = if request.videos.is_empty() {
+        let images: Vec<media::Item<'_>> = request.images.iter().map(media::Item::Image).collect();
+        let audio: Vec<media::Item<'_>> = request.audio.iter().map(media::Item::Audio).collect();
+        mtmd.place(ids, &images, &audio)?
+    } else {
+        let text = loaded.prompt_text(&request.prompt)?.ok_or_else(|| {
+            LlamaError::InvalidRequest(
+                "videos need a chat or text prompt (their frames are stamped with their times in text)"
+                    .into(),
+            )
+        })?;
+        let (text, images, audio) = media::expand_videos(
+            &text,
+            &request.images,
+            &request.audio,
+            &request.videos,
+            hears,
+        )?;
+        mtmd.place(loaded.tokenize(&text), &images, &audio)?
+    };
     if spans.last().is_some_and(|s| s.end() == ids.len()) {
         return Err(LlamaError::InvalidRequest(
             "the prompt ends with media: the model reads the next token from the text after it"

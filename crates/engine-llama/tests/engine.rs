@@ -1312,9 +1312,10 @@ fn images_reach_the_model_through_its_mmproj() {
     c.context_length = Some(512);
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();
+    // Video too: the fixture's vocabulary spells Gemma 4's <|video|>.
     assert_eq!(
         e.status().info.input_modalities,
-        [Modality::Text, Modality::Image, Modality::Audio]
+        [Modality::Text, Modality::Image, Modality::Audio, Modality::Video]
     );
     let with = |images: Vec<jemma_media::DecodedImage>| {
         let mut r = request(Prompt::Ids(prompt.clone()), 32);

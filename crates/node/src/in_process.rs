@@ -627,15 +627,16 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
 
     fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {
         Some(match modality {
-            Modality::Video => {
-                "GGUF tiers take no video (the llama.cpp engine samples no frames)".into()
-            }
             _ if info.input_modalities.len() == 1 => {
                 "it is served without an mmproj GGUF (its vision and audio towers: set the tier's \
                  `mmproj`)"
                     .into()
             }
             Modality::Image => "its mmproj has no vision tower".into(),
+            Modality::Video if info.input_modalities.contains(&Modality::Image) => {
+                "its vocabulary has no <|video|> token (video is shown as Gemma 4 shows it)".into()
+            }
+            Modality::Video => "its mmproj has no vision tower".into(),
             _ => "its mmproj has no audio tower".into(),
         })
     }
@@ -699,5 +700,6 @@ fn llama_request(job: Job) -> jemma_engine_llama::Request {
         top_logprobs: job.top_logprobs,
         images: job.images,
         audio: job.audio,
+        videos: job.videos,
     }
 }
