@@ -96,6 +96,9 @@ pub struct Summary {
     pub decode_tps: f64,
     /// What speculative decoding did for this request (None: it did not speculate).
     pub speculative: Option<SpeculativeStats>,
+    /// Of its context when it first drafted, the tokens the draft model resumed from the prefix cache (the
+    /// draft's cache of the conversation it continues) instead of reading them; 0 without a draft model.
+    pub draft_cached_tokens: usize,
 }
 
 /// Life-cycle of the engine host (the serving core's).
@@ -1470,7 +1473,12 @@ impl ModelRunner for MlxRunner {
                     .keep_hidden(matches!(model.draft, Some(Draft::Assistant(_))));
                 seq.spec = Some(SeqSpec {
                     controller: Controller::new(sp.config.clone()),
-                    draft: DraftState::default(),
+                    // The draft model's cache of the conversation this request continues, when the
+                    // prefix cache kept one.
+                    draft: match seq.draft_hit.take() {
+                        Some((cache, fed)) => DraftState::resume(cache, fed),
+                        None => DraftState::default(),
+                    },
                     rng: StdRng::from_os_rng(),
                     after_round: false,
                 });
@@ -1520,15 +1528,25 @@ impl ModelRunner for MlxRunner {
                     .is_some_and(|n| n > start)
                     && let Some(hit) = self.pool.take_nearest(keys, fits, can_trim)
                 {
-                    let mut cache = hit.cache.cache;
-                    if (hit.excess == 0 || cache.trim_to(hit.reused))
-                        && let Err(cache) = seq.generation.adopt_cached(cache, hit.reused)
-                    {
-                        // Refused (a cut inside an image): an entry the take moved out goes back.
-                        let tokens = seq.generation.cache_keys()[..hit.reused].to_vec();
-                        let bytes = cache.nbytes() as u64;
-                        let entry = PoolCache { cache, kv: seq.kv };
-                        self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
+                    let PoolCache {
+                        mut cache, draft, ..
+                    } = hit.cache;
+                    if hit.excess == 0 || cache.trim_to(hit.reused) {
+                        match seq.generation.adopt_cached(cache, hit.reused) {
+                            Ok(()) => seq.adopt_draft(draft),
+                            Err(cache) => {
+                                // Refused (a cut inside an image): an entry the take moved out goes
+                                // back.
+                                let tokens = seq.generation.cache_keys()[..hit.reused].to_vec();
+                                let entry = PoolCache {
+                                    cache,
+                                    kv: seq.kv,
+                                    draft,
+                                };
+                                let bytes = entry.nbytes();
+                                self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
+                            }
+                        }
                     }
                 }
             }
@@ -1541,7 +1559,7 @@ impl ModelRunner for MlxRunner {
                         } else {
                             EntryKind::Shared
                         };
-                        let entry = PoolCache { cache, kv: seq.kv };
+                        let entry = PoolCache::target(cache, seq.kv);
                         self.pool.insert(tokens, entry, bytes, kind);
                     }
                 }
@@ -1707,9 +1725,14 @@ impl ModelRunner for MlxRunner {
         if !seq.poisoned
             && let Ok((cache, fed)) = seq.generation.into_cache()
         {
-            let bytes = cache.nbytes() as u64;
-            self.pool
-                .insert(fed, PoolCache { cache, kv }, bytes, EntryKind::Owned);
+            // The draft model's cache goes with it, holding what the target committed.
+            let draft = match seq.spec {
+                Some(sp) => sp.draft.into_cache(&fed),
+                None => seq.draft_hit,
+            };
+            let entry = PoolCache { cache, kv, draft };
+            let bytes = entry.nbytes();
+            self.pool.insert(fed, entry, bytes, EntryKind::Owned);
             self.pool
                 .evict_to(self.kv_budget.saturating_sub(self.live_bytes));
         }
@@ -1748,11 +1771,30 @@ impl ModelRunner for MlxRunner {
     }
 }
 
-/// A prefix-cache entry: a cache and the KV quantization it was built with.
+/// A prefix-cache entry: a cache and the KV quantization it was built with, and with speculative
+/// decoding, the draft model's cache of the same request and the tokens it holds (a later request that
+/// continues the conversation drafts from it instead of reading the conversation again).
 #[derive(Clone)]
 struct PoolCache {
     cache: Cache,
     kv: Option<KvQuant>,
+    draft: Option<(Cache, Vec<u32>)>,
+}
+
+impl PoolCache {
+    /// An entry of the target's cache alone.
+    fn target(cache: Cache, kv: Option<KvQuant>) -> Self {
+        Self {
+            cache,
+            kv,
+            draft: None,
+        }
+    }
+
+    /// Bytes the entry holds (the draft's cache included).
+    fn nbytes(&self) -> u64 {
+        (self.cache.nbytes() + self.draft.as_ref().map_or(0, |(c, _)| c.nbytes())) as u64
+    }
 }
 
 /// One request in the MLX engine: its generation (cache, sampler), detokenizer and answer parser.
@@ -1773,6 +1815,9 @@ struct MlxSequence {
     spec: Option<SeqSpec>,
     /// Where its last user turn ends, when a checkpoint is taken there (an [`EntryKind::Turn`] entry).
     turn_end: Option<usize>,
+    /// The draft model's cache that came with the prefix-cache entry it continues, until speculation
+    /// takes it (kept with its own cache when it does not speculate).
+    draft_hit: Option<(Cache, Vec<u32>)>,
 }
 
 /// A sequence's speculative decoding: how many tokens to draft, the draft model's cache, and the RNG of
@@ -1858,9 +1903,13 @@ impl MlxSequence {
         let keys = crate::generate::cache_keys(&ids, &media);
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.
+        let mut draft_hit = None;
         let mut generation = Generation::resume_with_media(&l.model, &ids, media, opts, || {
             let hit = pool.take_nearest(&keys, |c| c.kv == kv, |c, _| c.cache.is_trimmable())?;
-            let mut cache = hit.cache.cache;
+            let PoolCache {
+                mut cache, draft, ..
+            } = hit.cache;
+            draft_hit = draft;
             // The pool only offers a longer entry when the cache can be trimmed.
             (hit.excess == 0 || cache.trim_to(hit.reused)).then_some((cache, hit.reused))
         })?;
@@ -1880,7 +1929,22 @@ impl MlxSequence {
             started: false,
             spec: None,
             turn_end,
+            draft_hit,
         })
+    }
+
+    /// Takes the draft model's cache of the prefix-cache entry this sequence adopted after admission
+    /// (see `MlxRunner::step`): its drafter resumes from it when it has not drafted yet.
+    fn adopt_draft(&mut self, draft: Option<(Cache, Vec<u32>)>) {
+        match &mut self.spec {
+            Some(sp) if sp.draft.reused() == 0 && sp.draft.nbytes() == 0 => {
+                if let Some((cache, fed)) = draft {
+                    sp.draft = DraftState::resume(cache, fed);
+                }
+            }
+            Some(_) => {}
+            None => self.draft_hit = draft,
+        }
     }
 
     /// One round of speculative decoding with `draft` drafting `k` tokens; the tokens it yields.
@@ -2009,6 +2073,7 @@ impl MlxSequence {
                 reasoning_tokens: self.answer.reasoning_tokens(),
                 memory: mlx_memory(),
                 speculative: self.spec.as_ref().map(|sp| sp.controller.stats()),
+                draft_cached_tokens: self.spec.as_ref().map_or(0, |sp| sp.draft.reused()),
             });
         }
         Ok(())

@@ -90,9 +90,71 @@ pub struct DraftState {
     snapshot: Option<(Checkpoint, usize)>,
     sampler: Option<Sampler>,
     seed: Option<u64>,
+    /// Tokens of its first context the drafter found in its cache (a resumed cache's), once it drafted.
+    reused: Option<usize>,
 }
 
 impl DraftState {
+    /// A state that continues a draft cache holding `fed` (a prefix-cache entry's: the drafter's cache of
+    /// an earlier request): the first round reads only what follows the part of `fed` its context shares
+    /// (trimmed back to it, or read whole when the cache cannot be trimmed, as after rejected drafts).
+    pub fn resume(cache: Cache, fed: Vec<u32>) -> Self {
+        Self {
+            cache: Some(cache),
+            fed,
+            ..Self::default()
+        }
+    }
+
+    /// The drafter's cache holding a prefix of `committed` (what the target committed: drafts past it are
+    /// taken back, to the last round's rollback point where the cache cannot be trimmed) and the tokens
+    /// it holds, for the prefix cache; None before the first round, for a drafter without a cache of its
+    /// own, and when nothing of `committed` is left.
+    pub fn into_cache(mut self, committed: &[u32]) -> Option<(Cache, Vec<u32>)> {
+        self.keep_common(committed, committed.len());
+        match self.cache {
+            Some(c) if !self.fed.is_empty() => Some((c, self.fed)),
+            _ => None,
+        }
+    }
+
+    /// Brings the cache to hold the longest prefix of `context` it holds, at most `limit` tokens (trimmed,
+    /// or rolled back to the last round's start; emptied when neither can), and returns its length.
+    fn keep_common(&mut self, context: &[u32], limit: usize) -> usize {
+        let common = self
+            .fed
+            .iter()
+            .zip(context)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(limit);
+        if common < self.fed.len() {
+            let excess = self.fed.len() - common;
+            let snapshot = self.snapshot.take().filter(|(_, n)| *n <= common);
+            let back = self.cache.as_mut().and_then(|c| {
+                if c.trim_end(excess) {
+                    Some(common)
+                } else {
+                    snapshot.filter(|(cp, _)| c.rollback(cp)).map(|(_, n)| n)
+                }
+            });
+            match back {
+                Some(n) => self.fed.truncate(n),
+                None => {
+                    self.cache = None;
+                    self.fed.clear();
+                }
+            }
+        }
+        self.fed.len()
+    }
+
+    /// Tokens of the first context the drafter took from a resumed cache instead of reading them (0
+    /// before the first round, or when it read the context whole).
+    pub fn reused(&self) -> usize {
+        self.reused.unwrap_or(0)
+    }
+
     /// A state whose draws under sampling repeat from `seed` (tests; a server drafts unseeded: the
     /// acceptance rule keeps the output the target's whatever the drafts).
     pub fn seeded(seed: u64) -> Self {
@@ -136,34 +198,9 @@ pub struct ModelDrafter<'a> {
 impl ModelDrafter<'_> {
     /// Brings the draft cache to hold a prefix of `context` and returns how many tokens it holds.
     fn sync(&mut self, context: &[u32]) -> usize {
-        let st = &mut *self.state;
-        let common = st
-            .fed
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count()
-            // The last context token is read with its logits, never taken from the cache.
-            .min(context.len().saturating_sub(1));
-        if common < st.fed.len() {
-            let excess = st.fed.len() - common;
-            let snapshot = st.snapshot.take().filter(|(_, n)| *n <= common);
-            let back = st.cache.as_mut().and_then(|c| {
-                if c.trim_end(excess) {
-                    Some(common)
-                } else {
-                    snapshot.filter(|(cp, _)| c.rollback(cp)).map(|(_, n)| n)
-                }
-            });
-            match back {
-                Some(n) => st.fed.truncate(n),
-                None => {
-                    st.cache = None;
-                    st.fed.clear();
-                }
-            }
-        }
-        st.fed.len()
+        // The last context token is read with its logits, never taken from the cache.
+        self.state
+            .keep_common(context, context.len().saturating_sub(1))
     }
 }
 
@@ -185,6 +222,7 @@ impl Drafter for ModelDrafter<'_> {
         let held = self.sync(context);
         let model = self.model;
         let st = &mut *self.state;
+        st.reused.get_or_insert(held);
         let mut cache = st.cache.take().unwrap_or_else(|| model.new_cache());
         // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks
         // under the same attention budget as the target's prompt, evaluating only the cache.

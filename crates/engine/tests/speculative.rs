@@ -748,6 +748,36 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     let (s, _) = answer(&mut plain.submit(request(texts[1], 40, vec![])).unwrap());
     let (got, _) = answer(&mut spec.submit(request(texts[1], 40, vec![])).unwrap());
     assert_eq!(got.tokens, s.tokens);
+    // A conversation continued (the last answer's prompt, that answer, and more): the draft model resumes
+    // from its cache, kept with the prefix cache's entry, instead of reading the conversation again (past
+    // the sliding window of 16: its cache is settled to what the target committed when the answer ends,
+    // not trimmed later); the MTP assistant drafts from the target's cache and keeps none. The answers are
+    // plain decoding's.
+    let ids =
+        |ids: &[u32]| common::request(Prompt::Ids(ids.to_vec()), 24, vec![], Default::default());
+    let first = prompts("tiny").pop().unwrap();
+    let (s1, _) = answer(&mut spec.submit(ids(&first)).unwrap());
+    let mut next = first.clone();
+    next.extend(&s1.tokens);
+    next.extend(&first[1..4]);
+    let (s2, _) = answer(&mut spec.submit(ids(&next)).unwrap());
+    let (want2, _) = answer(&mut plain.submit(ids(&next)).unwrap());
+    assert_eq!(s2.tokens, want2.tokens, "the continued conversation");
+    assert!(
+        s2.cached_tokens >= first.len() + s1.tokens.len() - 1,
+        "{}",
+        s2.cached_tokens
+    );
+    if drafter == "draft_model" {
+        assert!(
+            s2.draft_cached_tokens >= first.len(),
+            "the draft resumed {} of {} tokens",
+            s2.draft_cached_tokens,
+            next.len()
+        );
+    } else {
+        assert_eq!(s2.draft_cached_tokens, 0);
+    }
     assert!(spec.shutdown(std::time::Duration::from_secs(30)));
     assert!(plain.shutdown(std::time::Duration::from_secs(30)));
 }
