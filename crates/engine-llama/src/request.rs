@@ -114,6 +114,9 @@ pub struct Summary {
     pub tokens: Vec<u32>,
     /// What speculative decoding did for this request (None: it did not speculate).
     pub speculative: Option<SpeculativeStats>,
+    /// Of its context at its first speculative round, the tokens the draft model did not read again: held
+    /// by its slot's draft sequence or copied from another slot's (0 without a draft model).
+    pub draft_cached_tokens: usize,
 }
 
 /// What a request produces, in order (shared with the MLX engine).

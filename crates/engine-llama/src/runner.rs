@@ -629,6 +629,9 @@ pub(crate) struct LlamaSequence {
     pub(crate) looked_up: bool,
     /// Speculative decoding's controller, when the engine has a draft model.
     pub(crate) spec: Option<Controller>,
+    /// Of its context at its first speculative round, the tokens the draft model already held or copied
+    /// from another slot's draft sequence (None before that round).
+    pub(crate) draft_reused: Option<usize>,
     /// The request samples (temperature above 0).
     pub(crate) sampled: bool,
     /// The request names a seed.
@@ -721,6 +724,7 @@ impl LlamaSequence {
             first_token_at: None,
             poisoned: false,
             looked_up: false,
+            draft_reused: None,
             spec: None,
             sampled: req.sampling.temperature > 0.0,
             seeded: req.sampling.seed.is_some(),
@@ -836,6 +840,7 @@ impl LlamaSequence {
             },
             tokens: std::mem::take(&mut self.tokens),
             speculative: self.spec.as_ref().map(Controller::stats),
+            draft_cached_tokens: self.draft_reused.unwrap_or(0),
         });
     }
 }

@@ -83,30 +83,60 @@ pub(crate) struct Round {
 
 impl Drafts {
     /// Up to `k` greedy drafts after `context` (every committed token; the last not yet read by the
-    /// target) from the draft's sequence `slot`, reading first what that sequence does not hold. Returns
-    /// the drafts and the time spent catching up on a long stretch (a prompt: a one-off the controller must
-    /// not count as drafting cost).
-    fn propose(&mut self, slot: usize, context: &[u32], k: usize) -> Result<(Vec<u32>, Duration)> {
-        let held = &mut self.held[slot];
+    /// target) from the draft's sequence `slot`, reading first what that sequence does not hold — or, when
+    /// another slot's draft sequence holds more of `context` (the conversation was served from another
+    /// slot, or requests open with one system prompt), copying that one's KV stream first, as the target's
+    /// prefix is shared (`kv::share_prefix`). Returns the drafts, the time spent catching up on a long
+    /// stretch (a prompt: a one-off the controller must not count as drafting cost), and how many tokens
+    /// of `context` the draft already held or copied.
+    fn propose(
+        &mut self,
+        slot: usize,
+        context: &[u32],
+        k: usize,
+    ) -> Result<(Vec<u32>, Duration, usize)> {
         let n_swa = self.cell.borrow_owner().n_swa;
         let batch_size = self.batch_size.max(1);
+        let all_held = &mut self.held;
         self.cell.with_dependent_mut(|_, ctx| {
-            let common = held
-                .iter()
-                .zip(context)
-                .take_while(|(a, b)| a == b)
-                .count()
-                // The last context token is read with its logits, never taken from the cache.
-                .min(context.len().saturating_sub(1));
-            if common < held.len() {
-                // A sliding window that no longer holds the prefix's window cannot be cut back exactly.
-                let pos_min = ctx.kv_cache_seq_pos_min(slot as i32);
-                let lost =
-                    n_swa.is_some_and(|w| pos_min > (common as i64 - w as i64).max(0) as i32);
-                let keep = if lost { 0 } else { common };
-                let kept = trim(ctx, slot as u32, keep)?;
-                held.truncate(kept);
+            // How much of `context` draft sequence `j` holds that it can be cut back to: a sliding window
+            // that no longer holds the prefix's window cannot be cut back exactly.
+            let usable = |ctx: &llama_cpp_2::context::LlamaContext<'_>, j: usize| {
+                let common = all_held[j]
+                    .iter()
+                    .zip(context)
+                    .take_while(|(a, b)| a == b)
+                    .count()
+                    // The last context token is read with its logits, never taken from the cache.
+                    .min(context.len().saturating_sub(1));
+                let pos_min = ctx.kv_cache_seq_pos_min(j as i32);
+                if crate::window_holds(pos_min, common, n_swa) {
+                    common
+                } else {
+                    0
+                }
+            };
+            let own = usable(ctx, slot);
+            let elsewhere = (0..all_held.len())
+                .filter(|&j| j != slot)
+                .map(|j| (usable(ctx, j), j))
+                .max();
+            if let Some((n, j)) = elsewhere
+                && n >= own + MIN_COPY_GAIN
+                && ctx
+                    .copy_kv_cache_seq(j as i32, slot as i32, None, None)
+                    .is_ok()
+            {
+                // The copy is applied at the next decode, which the catch-up below makes (at least the
+                // last context token is read).
+                let kept = trim(ctx, slot as u32, n)?;
+                all_held[slot] = all_held[j][..kept].to_vec();
+            } else if own < all_held[slot].len() {
+                let kept = trim(ctx, slot as u32, own)?;
+                all_held[slot].truncate(kept);
             }
+            let held = &mut all_held[slot];
+            let reused = held.len();
             let started = Instant::now();
             let from = held.len();
             let mut batch = LlamaBatch::new(batch_size, 1);
@@ -155,10 +185,14 @@ impl Drafts {
                     row = 0;
                 }
             }
-            Ok((drafts, catch_up))
+            Ok((drafts, catch_up, reused))
         })
     }
 }
+
+/// Fewest tokens another slot's draft sequence must hold beyond the slot's own for its stream to be
+/// copied rather than read (a copy moves a whole stream; reading a few tokens is cheaper).
+const MIN_COPY_GAIN: usize = 16;
 
 /// A sequence's drafts, waiting for their verification ([`draft`], [`verify`]).
 pub(crate) struct Drafted {
@@ -170,12 +204,12 @@ pub(crate) struct Drafted {
     pub(crate) draft_time: Duration,
 }
 
-/// The first half of a speculative round for `s`, which is decoding: up to `k` drafts after its tokens.
-/// None when the draft failed (logged; the draft's sequence starts over, the target was not touched): the
-/// caller decodes plainly.
+/// The first half of a speculative round for `s`, which is decoding: up to `k` drafts after its tokens
+/// (`s.draft_reused` is set at its first round). None when the draft failed (logged; the draft's
+/// sequence starts over, the target was not touched): the caller decodes plainly.
 pub(crate) fn draft(
     drafts: &mut Drafts,
-    s: &LlamaSequence,
+    s: &mut LlamaSequence,
     k: usize,
 ) -> Option<(Vec<u32>, Duration)> {
     let started = Instant::now();
@@ -186,7 +220,10 @@ pub(crate) fn draft(
         .chain(s.tokens.iter().copied())
         .collect();
     match drafts.propose(s.slot, &context, k) {
-        Ok((p, catch_up)) => Some((p, started.elapsed().saturating_sub(catch_up))),
+        Ok((p, catch_up, reused)) => {
+            s.draft_reused.get_or_insert(reused);
+            Some((p, started.elapsed().saturating_sub(catch_up)))
+        }
         Err(e) => {
             tracing::warn!(error = %e, "the draft model failed; decoding this request plainly");
             drafts.held[s.slot].clear();

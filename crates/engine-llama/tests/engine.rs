@@ -1315,7 +1315,12 @@ fn images_reach_the_model_through_its_mmproj() {
     // Video too: the fixture's vocabulary spells Gemma 4's <|video|>.
     assert_eq!(
         e.status().info.input_modalities,
-        [Modality::Text, Modality::Image, Modality::Audio, Modality::Video]
+        [
+            Modality::Text,
+            Modality::Image,
+            Modality::Audio,
+            Modality::Video
+        ]
     );
     let with = |images: Vec<jemma_media::DecodedImage>| {
         let mut r = request(Prompt::Ids(prompt.clone()), 32);
@@ -1438,5 +1443,69 @@ fn images_reach_the_model_through_its_mmproj() {
     match rx.blocking_recv().unwrap() {
         Event::Error(EngineFailure::InvalidRequest(m)) => assert!(m.contains("mmproj"), "{m}"),
         ev => panic!("expected a refusal, got {ev:?}"),
+    }
+}
+
+/// Two questions after one 61-token preamble, sent at once to a speculating engine of 4 slots: the target
+/// reads the preamble once (the second sequence shares the first one's prefix), and so does the draft
+/// model — the second draft sequence copies the first one's KV stream instead of reading the preamble
+/// itself (`draft_cached_tokens`) — and both answer as plain decoding does; twice, and alone after.
+#[test]
+fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
+    let _serial = serial();
+    let preamble: Vec<u32> = std::iter::once(2).chain(100..160).collect();
+    let questions: Vec<Vec<u32>> = [&[7u32, 8, 9][..], &[11, 12]]
+        .iter()
+        .map(|q| preamble.iter().chain(q.iter()).copied().collect())
+        .collect();
+    let plain = speculating("tiny-f32", None, 0);
+    let answers: Vec<Vec<u32>> = questions
+        .iter()
+        .map(|q| run_ids(&plain, q, 24, Sampling::default()).tokens)
+        .collect();
+    drop(plain);
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.parallel = 4;
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("tiny-q8_0"),
+        config: jemma_serve::speculative::SpeculativeConfig {
+            max_draft_tokens: 4,
+            max_batch: 4,
+            adaptive: false,
+        },
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    for round in 0..2 {
+        let mut rxs: Vec<_> = questions
+            .iter()
+            .map(|q| {
+                let mut r = request(Prompt::Ids(q.clone()), 24);
+                r.parse_output = false;
+                e.submit(r).unwrap()
+            })
+            .collect();
+        let got: Vec<_> = rxs.iter_mut().map(|rx| collect(rx).1).collect();
+        for (s, want) in got.iter().zip(&answers) {
+            assert_eq!(&s.tokens, want, "round {round}");
+            assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+        }
+        let cached: Vec<_> = got.iter().map(|s| s.draft_cached_tokens).collect();
+        eprintln!("round {round}: the draft model took {cached:?} tokens from its caches");
+        if round == 0 {
+            assert!(
+                cached.iter().max().unwrap() >= &preamble.len(),
+                "no draft sequence took the {}-token preamble from the other: {cached:?}",
+                preamble.len()
+            );
+        }
+    }
+    for (q, want) in questions.iter().zip(&answers) {
+        assert_eq!(
+            &run_ids(&e, q, 24, Sampling::default()).tokens,
+            want,
+            "alone"
+        );
     }
 }
