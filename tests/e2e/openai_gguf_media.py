@@ -2,7 +2,7 @@
 with the unmodified OpenAI Python SDK, against the MLX engine on the same weights.
 
 Usage: python openai_gguf_media.py BASE_URL   (fast: fixtures/gguf/tiny-mm-f32.gguf with its mmproj,
-mmproj-tiny-mm-f32.gguf, and an image budget of 16 soft tokens; primary: the same weights on the MLX engine,
+mmproj-tiny-mm-f32.gguf, and the fixture processor's budgets: 16 soft tokens an image, 4 a video frame; primary: the same weights on the MLX engine,
 fixtures/tiny-mm, sampling videos as fast does; heavy: the tiny model's GGUF, no mmproj)
 """
 import base64
@@ -94,8 +94,9 @@ check("audio: the first token's top logprobs agree with the MLX engine's (0.05)"
 both = ask("fast", picture, speech)
 check("an image and a clip in one message", both.usage.prompt_tokens > heard.usage.prompt_tokens, both.usage)
 
-# Video: 4 frames over the 4 s clip, each stamped with its time at the video budget (a quarter of the image
-# budget), and the clip's sound after the last frame — laid out as the MLX engine lays it out.
+# Video: 4 frames over the 4 s clip, each stamped with its time at the video budget (`video_tokens`, as the
+# MLX checkpoint's video processor), and the clip's sound after the last frame — laid out as the MLX engine
+# lays it out.
 watched = ask("fast", video=clip)
 mlx_watched = ask("primary", video=clip)
 check("video on the GGUF tier: answered, and seen", watched.choices[0].message.content is not None

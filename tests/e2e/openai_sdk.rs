@@ -126,7 +126,7 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
 fn openai_python_sdk_sends_images_audio_and_video_to_a_gguf_tier_with_an_mmproj() {
     let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
     let config = format!(
-        "[tiers.fast]\nmodel = \"{}\"\nmmproj = \"{}\"\nimage_tokens = 16\ncontext_length = 1024\n\
+        "[tiers.fast]\nmodel = \"{}\"\nmmproj = \"{}\"\nimage_tokens = 16\nvideo_tokens = 4\ncontext_length = 1024\n\
          [tiers.primary]\nmodel = \"{}\"\nvideo_frames = 4\nvideo_seconds = 30.0\n\
          [tiers.heavy]\nkind = \"local\"\nenabled = true\nmodel = \"{}\"\ncontext_length = 1024\n",
         gguf("tiny-mm-f32.gguf").display(),

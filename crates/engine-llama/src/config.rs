@@ -52,6 +52,9 @@ pub struct LlamaConfig {
     /// Soft tokens an image takes at most (Gemma 4's processor's `max_soft_tokens`; a quarter at
     /// `detail: "low"`). Default: [`DEFAULT_IMAGE_SOFT_TOKENS`].
     pub image_soft_tokens: usize,
+    /// Soft tokens a video frame takes at most (Gemma 4's video processor's `max_soft_tokens`), capped at
+    /// `image_soft_tokens`. Default: [`DEFAULT_VIDEO_SOFT_TOKENS`].
+    pub video_soft_tokens: usize,
 }
 
 impl LlamaConfig {
@@ -76,6 +79,7 @@ impl LlamaConfig {
             mmproj_path: None,
             mmproj_optional: false,
             image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
+            video_soft_tokens: DEFAULT_VIDEO_SOFT_TOKENS,
         }
     }
 }

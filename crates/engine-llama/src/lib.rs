@@ -38,7 +38,7 @@ use sampler::*;
 use utf8::*;
 
 pub use jemma_serve::speculative::SpeculativeInfo;
-pub use media::{DEFAULT_IMAGE_SOFT_TOKENS, towers};
+pub use media::{DEFAULT_IMAGE_SOFT_TOKENS, DEFAULT_VIDEO_SOFT_TOKENS, towers};
 pub use speculative::LlamaSpeculative;
 
 use std::num::NonZeroU32;

@@ -16,8 +16,8 @@
 //!
 //! Videos arrive sampled (frames and the sound track, `jemma_media::video`) and are shown as Gemma 4's
 //! processor shows them and the MLX engine places them ([`expand_videos`]): each `<|video|>` becomes, for
-//! every frame, its time `mm:ss` and an image at the video budget (a quarter of the image budget: Gemma 4's
-//! 70 of 280), frames apart by a space, and for a model that hears, the sound right after the last frame —
+//! every frame, its time `mm:ss` and an image at the video budget (Gemma 4's video processor's 70 soft
+//! tokens by default), frames apart by a space, and for a model that hears, the sound right after the last frame —
 //! expanded in the prompt's text before it is tokenized, so the text around the frames is read as the MLX
 //! engine reads it.
 
@@ -37,12 +37,9 @@ use crate::{LlamaError, Result, gguf};
 /// OpenAI's `detail: "low"`, as on the MLX engine).
 pub const DEFAULT_IMAGE_SOFT_TOKENS: usize = 280;
 
-/// Soft tokens a video frame takes for an image budget of `image_soft_tokens`: a quarter of it, as Gemma 4's
-/// processors give (the video processor's `max_soft_tokens` 70 against the image processor's 280); at
-/// least 1.
-pub fn video_soft_tokens(image_soft_tokens: usize) -> usize {
-    (image_soft_tokens / 4).max(1)
-}
+/// Soft tokens a video frame takes by default: Gemma 4's video processor's `max_soft_tokens` (never more
+/// than the image budget).
+pub const DEFAULT_VIDEO_SOFT_TOKENS: usize = 70;
 
 /// The placeholders Gemma 4's chat template writes for a media part.
 const IMAGE: &str = "<|image|>";
@@ -101,7 +98,7 @@ pub(crate) struct Mtmd {
     ctx: MtmdContext,
     /// How images are sized (the patch and pooling of the mmproj, the configured budget).
     image: Option<jemma_media::ImageParams>,
-    /// How video frames are sized (the same, at [`video_soft_tokens`]).
+    /// How video frames are sized (the same, at the video budget).
     video: Option<jemma_media::ImageParams>,
     /// The placeholder tokens a prompt names media with.
     image_id: Option<LlamaToken>,
@@ -224,26 +221,28 @@ pub(crate) fn expand_videos<'a>(
         };
         out.push_str(&rest[..at]);
         rest = &rest[at + p.len()..];
+        // A placeholder spelled in the text with nothing sent for it is refused, as `place` refuses it: the
+        // engine cannot tell it from one the template wrote.
         let missing = |what: &str| {
             bad(format!(
-                "the prompt has more {what} placeholders than {what}s"
+                "the prompt has more {p} placeholders than the request has {what}"
             ))
         };
         match p {
             IMAGE => {
                 seen.push(Item::Image(
-                    next_image.next().ok_or_else(|| missing("image"))?,
+                    next_image.next().ok_or_else(|| missing("images"))?,
                 ));
                 out.push_str(IMAGE);
             }
             AUDIO => {
                 heard.push(Item::Audio(
-                    next_clip.next().ok_or_else(|| missing("audio"))?,
+                    next_clip.next().ok_or_else(|| missing("audio clips"))?,
                 ));
                 out.push_str(AUDIO);
             }
             _ => {
-                let v = next_video.next().ok_or_else(|| missing("video"))?;
+                let v = next_video.next().ok_or_else(|| missing("videos"))?;
                 for (j, f) in v.frames.iter().enumerate() {
                     if j > 0 {
                         out.push(' ');
@@ -271,15 +270,16 @@ pub(crate) fn expand_videos<'a>(
 }
 
 impl Mtmd {
-    /// Loads the mmproj GGUF at `path` for `model`, sizing images to `image_soft_tokens`; `batch`: the
-    /// context's batch, which must hold an image and its markers.
+    /// Loads the mmproj GGUF at `path` for `model`, sizing images to `image_soft_tokens` and video frames
+    /// to `video_soft_tokens` (at most the image budget); `batch`: the context's batch, which must hold an
+    /// image and its markers.
     ///
     /// Errors: an mmproj libmtmd cannot load (or not for this model).
     pub fn load(
         path: &Path,
         model: &LlamaModel,
         threads: i32,
-        image_soft_tokens: usize,
+        (image_soft_tokens, video_soft_tokens): (usize, usize),
         batch: u32,
     ) -> Result<Self> {
         let meta = gguf::read_metadata(path)?;
@@ -295,7 +295,7 @@ impl Mtmd {
             pooling_kernel_size: int("clip.vision.projector.scale_factor").unwrap_or(3),
         });
         let video = image.map(|p| jemma_media::ImageParams {
-            max_soft_tokens: video_soft_tokens(p.max_soft_tokens),
+            max_soft_tokens: video_soft_tokens.clamp(1, p.max_soft_tokens),
             ..p
         });
         let params = MtmdContextParams {
@@ -556,6 +556,10 @@ mod tests {
         let e = expand_videos("<|image|>", &[], &[], &[], true)
             .map(|_| ())
             .unwrap_err();
-        assert!(e.to_string().contains("more image placeholders"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("more <|image|> placeholders than the request has images"),
+            "{e}"
+        );
     }
 }

@@ -287,7 +287,7 @@ impl ModelRunner for LlamaRunner {
                 mm,
                 &cell.borrow_owner().model,
                 batch_threads,
-                self.config.image_soft_tokens,
+                (self.config.image_soft_tokens, self.config.video_soft_tokens),
                 self.batch(),
             ) {
                 Ok(m) => Some(m),

@@ -86,7 +86,7 @@ impl Drafts {
     /// target) from the draft's sequence `slot`, reading first what that sequence does not hold — or, when
     /// another slot's draft sequence holds more of `context` (the conversation was served from another
     /// slot, or requests open with one system prompt), copying that one's KV stream first, as the target's
-    /// prefix is shared (`kv::share_prefix`). Returns the drafts, the time spent catching up on a long
+    /// prefix is shared (`kv::share_prefix`, with its threshold `min_shared_gain`). Returns the drafts, the time spent catching up on a long
     /// stretch (a prompt: a one-off the controller must not count as drafting cost), and how many tokens
     /// of `context` the draft already held or copied.
     fn propose(
@@ -96,6 +96,9 @@ impl Drafts {
         k: usize,
     ) -> Result<(Vec<u32>, Duration, usize)> {
         let n_swa = self.cell.borrow_owner().n_swa;
+        // A copy moves a whole stream (every cell: `swa_full`), so it must save more than reading a few
+        // tokens costs: the target's threshold for sharing a prefix.
+        let min_copy_gain = crate::min_shared_gain(self.cell.borrow_owner().n_ctx);
         let batch_size = self.batch_size.max(1);
         let all_held = &mut self.held;
         self.cell.with_dependent_mut(|_, ctx| {
@@ -122,7 +125,7 @@ impl Drafts {
                 .map(|j| (usable(ctx, j), j))
                 .max();
             if let Some((n, j)) = elsewhere
-                && n >= own + MIN_COPY_GAIN
+                && n >= own + min_copy_gain
                 && ctx
                     .copy_kv_cache_seq(j as i32, slot as i32, None, None)
                     .is_ok()
@@ -189,10 +192,6 @@ impl Drafts {
         })
     }
 }
-
-/// Fewest tokens another slot's draft sequence must hold beyond the slot's own for its stream to be
-/// copied rather than read (a copy moves a whole stream; reading a few tokens is cheaper).
-const MIN_COPY_GAIN: usize = 16;
 
 /// A sequence's drafts, waiting for their verification ([`draft`], [`verify`]).
 pub(crate) struct Drafted {

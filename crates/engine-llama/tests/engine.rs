@@ -1011,6 +1011,25 @@ fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
     e
 }
 
+/// An engine of 4 slots on tiny-f32 whose requests speculate together (k = 4, `max_batch` 4) with its
+/// Q8_0 conversion as the draft.
+fn speculating_in_four_slots() -> LlamaEngine {
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.parallel = 4;
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("tiny-q8_0"),
+        config: jemma_serve::speculative::SpeculativeConfig {
+            max_draft_tokens: 4,
+            max_batch: 4,
+            adaptive: false,
+        },
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    e
+}
+
 fn run_ids(
     e: &LlamaEngine,
     ids: &[u32],
@@ -1115,19 +1134,7 @@ fn speculative_answers_are_plain_decodings() {
     }
     // max_batch 4: four requests at once speculate together, their drafts verified in one decode (each in
     // its own KV stream, at its own positions), and answer as plain decoding does.
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
-    c.context_length = Some(512);
-    c.parallel = 4;
-    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
-        draft_model: gguf("tiny-q8_0"),
-        config: jemma_serve::speculative::SpeculativeConfig {
-            max_draft_tokens: 4,
-            max_batch: 4,
-            adaptive: false,
-        },
-    });
-    let e = LlamaEngine::start(c).unwrap();
-    e.wait_ready().unwrap();
+    let e = speculating_in_four_slots();
     let mut rxs: Vec<_> = prompts
         .iter()
         .chain(&prompts)
@@ -1464,19 +1471,7 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
         .map(|q| run_ids(&plain, q, 24, Sampling::default()).tokens)
         .collect();
     drop(plain);
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
-    c.context_length = Some(512);
-    c.parallel = 4;
-    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
-        draft_model: gguf("tiny-q8_0"),
-        config: jemma_serve::speculative::SpeculativeConfig {
-            max_draft_tokens: 4,
-            max_batch: 4,
-            adaptive: false,
-        },
-    });
-    let e = LlamaEngine::start(c).unwrap();
-    e.wait_ready().unwrap();
+    let e = speculating_in_four_slots();
     for round in 0..2 {
         let mut rxs: Vec<_> = questions
             .iter()

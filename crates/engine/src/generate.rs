@@ -1280,6 +1280,12 @@ impl Generation {
         self.reused
     }
 
+    /// The prompt's ids and every token generated so far, as the model reads them (media placeholders as
+    /// their token ids, not [`cache_keys`]): what a drafter continues.
+    pub fn context(&self) -> &[u32] {
+        &self.context
+    }
+
     /// Ends the generation, handing back its cache and the tokens whose KV it holds (the prompt read so far
     /// and every generated token fed back), for a later request that continues them.
     ///

@@ -1722,13 +1722,19 @@ impl ModelRunner for MlxRunner {
         // one is kept: its cache holds exactly the tokens it records.
         self.live_bytes = self.live_bytes.saturating_sub(seq.bytes);
         let kv = seq.kv;
+        // The draft model reads the placeholders of media as the ids they are, where the target's record
+        // names media by their digests (`cache_keys`): its cache is settled against the raw context.
+        let context = seq.generation.context().to_vec();
         if !seq.poisoned
             && let Ok((cache, fed)) = seq.generation.into_cache()
         {
             // The draft model's cache goes with it, holding what the target committed.
+            let committed = &context[..fed.len().min(context.len())];
             let draft = match seq.spec {
-                Some(sp) => sp.draft.into_cache(&fed),
-                None => seq.draft_hit,
+                Some(sp) => sp.draft.into_cache(committed),
+                None => seq
+                    .draft_hit
+                    .and_then(|(c, f)| DraftState::resume(c, f).into_cache(committed)),
             };
             let entry = PoolCache { cache, kv, draft };
             let bytes = entry.nbytes();
@@ -1934,16 +1940,14 @@ impl MlxSequence {
     }
 
     /// Takes the draft model's cache of the prefix-cache entry this sequence adopted after admission
-    /// (see `MlxRunner::step`): its drafter resumes from it when it has not drafted yet.
+    /// (see `MlxRunner::step`), which holds more of its prompt than what it was admitted with: its drafter
+    /// resumes from it when it has not drafted yet. An entry without one changes nothing.
     fn adopt_draft(&mut self, draft: Option<(Cache, Vec<u32>)>) {
+        let Some((cache, fed)) = draft else { return };
         match &mut self.spec {
-            Some(sp) if sp.draft.reused() == 0 && sp.draft.nbytes() == 0 => {
-                if let Some((cache, fed)) = draft {
-                    sp.draft = DraftState::resume(cache, fed);
-                }
-            }
+            Some(sp) if !sp.draft.started() => sp.draft = DraftState::resume(cache, fed),
             Some(_) => {}
-            None => self.draft_hit = draft,
+            None => self.draft_hit = Some((cache, fed)),
         }
     }
 

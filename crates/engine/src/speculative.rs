@@ -155,6 +155,11 @@ impl DraftState {
         self.reused.unwrap_or(0)
     }
 
+    /// Whether the drafter has drafted for this sequence (read its first context).
+    pub fn started(&self) -> bool {
+        self.reused.is_some()
+    }
+
     /// A state whose draws under sampling repeat from `seed` (tests; a server drafts unseeded: the
     /// acceptance rule keeps the output the target's whatever the drafts).
     pub fn seeded(seed: u64) -> Self {

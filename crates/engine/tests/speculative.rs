@@ -748,11 +748,10 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     let (s, _) = answer(&mut plain.submit(request(texts[1], 40, vec![])).unwrap());
     let (got, _) = answer(&mut spec.submit(request(texts[1], 40, vec![])).unwrap());
     assert_eq!(got.tokens, s.tokens);
-    // A conversation continued (the last answer's prompt, that answer, and more): the draft model resumes
+    // A conversation continued (the last answer's prompt, that answer, and more): a draft model resumes
     // from its cache, kept with the prefix cache's entry, instead of reading the conversation again (past
     // the sliding window of 16: its cache is settled to what the target committed when the answer ends,
-    // not trimmed later); the MTP assistant drafts from the target's cache and keeps none. The answers are
-    // plain decoding's.
+    // not trimmed later). The answers are plain decoding's, with either drafter.
     let ids =
         |ids: &[u32]| common::request(Prompt::Ids(ids.to_vec()), 24, vec![], Default::default());
     let first = prompts("tiny").pop().unwrap();
@@ -775,8 +774,6 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
             s2.draft_cached_tokens,
             next.len()
         );
-    } else {
-        assert_eq!(s2.draft_cached_tokens, 0);
     }
     assert!(spec.shutdown(std::time::Duration::from_secs(30)));
     assert!(plain.shutdown(std::time::Duration::from_secs(30)));

@@ -247,8 +247,8 @@ fn next_packet(
 /// The Opus track `track_id` of `reader` decoded to mono at [`SAMPLE_RATE`] (an Opus decoder decodes at
 /// any of its rates; no resampling), without the encoder's pre-skip (RFC 7845's `pre_skip`, 48 kHz
 /// samples, from the stream's OpusHead) nor, in Ogg, the padding past the stream's last granule position.
-/// (WebM's `DiscardPadding` is not read by symphonia's Matroska reader: a WebM clip keeps up to one
-/// frame, 20 ms, of padding at its end.)
+/// (WebM's `DiscardPadding` is parsed but not exposed by symphonia's Matroska reader: a WebM clip keeps
+/// the padding of its last packet, up to 120 ms.)
 ///
 /// Errors: more than 2 channels (Opus's multistream mappings) as unsupported; a stream that yields no
 /// audio, or a decoder that fails on every packet, as corrupt; longer than `limits` as too large.

@@ -421,7 +421,7 @@ fn factory(
     let context = c.context_length;
     let queue = template.queue_capacity;
     let parallel = c.concurrency().clamp(1, 64) as u32;
-    let (mmproj, image_tokens) = (c.mmproj.clone(), c.image_tokens);
+    let (mmproj, image_tokens, video_tokens) = (c.mmproj.clone(), c.image_tokens, c.video_tokens);
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let draft = match &source {
@@ -482,10 +482,10 @@ fn factory(
         // its draft (a tier without one must not get another tier's speculation, nor the reverse).
         // The GGUF engine's settings on an MLX tier would be silently ignored: refused instead (an MLX
         // checkpoint carries its towers and its processor's image budget).
-        if !is_gguf && (mmproj.is_some() || image_tokens.is_some()) {
+        if !is_gguf && (mmproj.is_some() || image_tokens.is_some() || video_tokens.is_some()) {
             return Err(format!(
-                "{}: `mmproj` and `image_tokens` are settings of GGUF tiers (the llama.cpp engine); an MLX \
-                 model reads its towers and image budget from its own checkpoint: remove them",
+                "{}: `mmproj`, `image_tokens` and `video_tokens` are settings of GGUF tiers (the llama.cpp \
+                 engine); an MLX model reads its towers and budgets from its own checkpoint: remove them",
                 path.display()
             ));
         }
@@ -507,9 +507,9 @@ fn factory(
             None => path.clone(),
         };
         // Nor do tiers with other towers (or other image budgets) share one.
-        if mmproj.is_some() || image_tokens.is_some() {
+        if mmproj.is_some() || image_tokens.is_some() || video_tokens.is_some() {
             key = PathBuf::from(format!(
-                "{}\u{0}mmproj={:?}\u{0}image_tokens={image_tokens:?}",
+                "{}\u{0}mmproj={:?}\u{0}image_tokens={image_tokens:?}\u{0}video_tokens={video_tokens:?}",
                 key.display(),
                 mmproj
             ));
@@ -541,6 +541,8 @@ fn factory(
                 lc.mmproj_optional = mmproj_optional;
                 lc.image_soft_tokens =
                     image_tokens.unwrap_or(jemma_engine_llama::DEFAULT_IMAGE_SOFT_TOKENS);
+                lc.video_soft_tokens =
+                    video_tokens.unwrap_or(jemma_engine_llama::DEFAULT_VIDEO_SOFT_TOKENS);
                 lc.speculative =
                     template
                         .speculative
@@ -782,26 +784,42 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
-    /// `mmproj` and `image_tokens` on an MLX tier are refused when its engine starts, naming them, rather
-    /// than ignored.
+    /// `mmproj`, `image_tokens` and `video_tokens` on an MLX tier are refused when its engine starts,
+    /// naming them, rather than ignored.
     #[test]
     fn gguf_media_settings_on_an_mlx_tier_are_refused() {
         let cfg = jemma_router::config::Config::default();
-        let tier = jemma_router::config::TierConfig {
-            image_tokens: Some(70),
-            ..Default::default()
-        };
+        for tier in [
+            jemma_router::config::TierConfig {
+                image_tokens: Some(70),
+                ..Default::default()
+            },
+            jemma_router::config::TierConfig {
+                video_tokens: Some(70),
+                ..Default::default()
+            },
+        ] {
+            refused_on_mlx(&cfg, &tier);
+        }
+    }
+
+    fn refused_on_mlx(cfg: &jemma_router::config::Config, tier: &jemma_router::config::TierConfig) {
         let f = super::factory(
-            &tier,
+            tier,
             64,
             jemma_router::api::Limits::default(),
-            &super::memory_governor(&cfg),
+            &super::memory_governor(cfg),
             Default::default(),
-            std::sync::Arc::new(super::HubResolver::from_config(&cfg, &|_| None).unwrap()),
+            std::sync::Arc::new(super::HubResolver::from_config(cfg, &|_| None).unwrap()),
         );
+        let key = if tier.image_tokens.is_some() {
+            "image_tokens"
+        } else {
+            "video_tokens"
+        };
         match f("/nonexistent/mlx-model".into(), "t".into()) {
-            Err(e) => assert!(e.contains("image_tokens") && e.contains("GGUF"), "{e}"),
-            Ok(_) => panic!("an MLX tier took image_tokens"),
+            Err(e) => assert!(e.contains(key) && e.contains("GGUF"), "{e}"),
+            Ok(_) => panic!("an MLX tier took {key}"),
         }
     }
 

@@ -337,6 +337,10 @@ pub struct TierConfig {
     /// default; a quarter at `detail: "low"`). Refused on an MLX tier, which reads its own from the
     /// checkpoint (as `mmproj` is).
     pub image_tokens: Option<usize>,
+    /// Local, GGUF: soft tokens a video frame takes at most (Gemma 4's video processor's
+    /// `max_soft_tokens`, 70 by default, never more than `image_tokens`). Refused on an MLX tier, which
+    /// reads its own from the checkpoint.
+    pub video_tokens: Option<usize>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
     /// if one is (see [`SpeculativeTierConfig::draft_model`]).
@@ -555,6 +559,7 @@ impl Default for TierConfig {
             video_seconds: None,
             mmproj: None,
             image_tokens: None,
+            video_tokens: None,
             speculative: None,
         }
     }
@@ -620,13 +625,18 @@ impl Config {
                 )));
             }
             // libmtmd's range for Gemma 4 (its budgets run from 70 to 1120 soft tokens).
-            if let Some(n) = c.image_tokens
-                && !(1..=1120).contains(&n)
-            {
-                return Err(RouterError::Config(format!(
-                    "tiers.{t}: image_tokens must be 1 to 1120 (Gemma 4's budgets: 70, 140, 280, 560, \
-                     1120), not {n}"
-                )));
+            for (key, n) in [
+                ("image_tokens", c.image_tokens),
+                ("video_tokens", c.video_tokens),
+            ] {
+                if let Some(n) = n
+                    && !(1..=1120).contains(&n)
+                {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: {key} must be 1 to 1120 (Gemma 4's budgets: 70, 140, 280, 560, \
+                         1120), not {n}"
+                    )));
+                }
             }
             // Checked here rather than at each request's start, where a bad width used to surface.
             if let Some(bits) = c.kv_bits {

@@ -256,17 +256,10 @@ impl ChatRequest {
         }
         let mut urls = vec![];
         let mut low = vec![];
-        for (i, m) in self.messages.iter().enumerate() {
-            if let Some(super::message::MessageContent::Parts(parts)) = m.content() {
-                for (j, p) in parts.iter().enumerate() {
-                    if let super::message::ContentPart::ImageUrl { image_url } = p {
-                        urls.push((
-                            format!("messages[{i}].content[{j}].image_url.url"),
-                            image_url.url.clone(),
-                        ));
-                        low.push(image_url.detail.as_deref() == Some("low"));
-                    }
-                }
+        for (at, p) in self.content_parts() {
+            if let super::message::ContentPart::ImageUrl { image_url } = p {
+                urls.push((format!("{at}.image_url.url"), image_url.url.clone()));
+                low.push(image_url.detail.as_deref() == Some("low"));
             }
         }
         let max_bytes = limits.max_image_bytes;
@@ -355,19 +348,15 @@ impl ChatRequest {
             return Ok(());
         }
         // Each part with where it is, for the error's `param`.
-        let mut located = vec![];
-        for (i, m) in self.messages.iter().enumerate() {
-            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
-                for (j, p) in ps.iter().enumerate() {
-                    if let super::message::ContentPart::InputAudio { input_audio } = p {
-                        located.push((
-                            format!("messages[{i}].content[{j}].input_audio"),
-                            input_audio.clone(),
-                        ));
-                    }
+        let located: Vec<_> = self
+            .content_parts()
+            .filter_map(|(at, p)| match p {
+                super::message::ContentPart::InputAudio { input_audio } => {
+                    Some((format!("{at}.input_audio"), input_audio.clone()))
                 }
-            }
-        }
+                _ => None,
+            })
+            .collect();
         let audio_limits = jemma_media::audio::AudioLimits {
             max_bytes: limits.max_audio_bytes,
             max_seconds: limits.max_audio_seconds,
@@ -410,19 +399,27 @@ impl ChatRequest {
 
     /// Where the first part of `modality` is, as an error's `param`: `messages[i].content[j]`.
     pub fn first_part(&self, modality: Modality) -> Option<String> {
-        self.messages.iter().enumerate().find_map(|(i, m)| {
-            let Some(MessageContent::Parts(parts)) = m.content() else {
-                return None;
+        self.content_parts()
+            .find(|(_, p)| match p {
+                super::message::ContentPart::ImageUrl { .. } => modality == Modality::Image,
+                super::message::ContentPart::InputAudio { .. } => modality == Modality::Audio,
+                super::message::ContentPart::VideoUrl { .. } => modality == Modality::Video,
+                super::message::ContentPart::Text { .. } => false,
+            })
+            .map(|(at, _)| at)
+    }
+
+    /// Every content part of the messages, in order, with where it is: `messages[i].content[j]`.
+    fn content_parts(&self) -> impl Iterator<Item = (String, &super::message::ContentPart)> {
+        self.messages.iter().enumerate().flat_map(|(i, m)| {
+            let parts = match m.content() {
+                Some(MessageContent::Parts(ps)) => ps.as_slice(),
+                _ => &[],
             };
             parts
                 .iter()
-                .position(|p| match p {
-                    super::message::ContentPart::ImageUrl { .. } => modality == Modality::Image,
-                    super::message::ContentPart::InputAudio { .. } => modality == Modality::Audio,
-                    super::message::ContentPart::VideoUrl { .. } => modality == Modality::Video,
-                    super::message::ContentPart::Text { .. } => false,
-                })
-                .map(|j| format!("messages[{i}].content[{j}]"))
+                .enumerate()
+                .map(move |(j, p)| (format!("messages[{i}].content[{j}]"), p))
         })
     }
 
@@ -443,20 +440,14 @@ impl ChatRequest {
 
     /// The messages' `video_url` parts in order, as (where, URL): `messages[i].content[j].video_url`.
     pub fn video_parts(&self) -> Vec<(String, &str)> {
-        let mut located = vec![];
-        for (i, m) in self.messages.iter().enumerate() {
-            if let Some(super::message::MessageContent::Parts(ps)) = m.content() {
-                for (j, p) in ps.iter().enumerate() {
-                    if let super::message::ContentPart::VideoUrl { video_url } = p {
-                        located.push((
-                            format!("messages[{i}].content[{j}].video_url"),
-                            video_url.url.as_str(),
-                        ));
-                    }
+        self.content_parts()
+            .filter_map(|(at, p)| match p {
+                super::message::ContentPart::VideoUrl { video_url } => {
+                    Some((format!("{at}.video_url"), video_url.url.as_str()))
                 }
-            }
-        }
-        located
+                _ => None,
+            })
+            .collect()
     }
 
     /// How much of each sampled video (`videos`, [`ChatRequest::decode_videos`]) a model is given: what

@@ -377,7 +377,8 @@ pub struct Routing {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speculative: Option<Speculation>,
     /// How much of each video the answering model was shown and heard, in the order of the request's
-    /// `video_url` parts; absent without videos, and for an upstream tier (sent the parts as they came).
+    /// `video_url` parts (the tier that finished the answer: each tier samples a video its own way);
+    /// absent without videos, and for an upstream tier (sent the parts as they came).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub videos: Vec<VideoSeen>,
 }
