@@ -265,7 +265,7 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
 /// through the catalog, since the snapshot also holds another model of the repo (so "the one mmproj beside
 /// the model" cannot say), whose tier stays text-only.
 #[test]
-fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_images_and_audio() {
+fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_media() {
     let (_rt, url, hub) = fake_hub_on_runtime();
     let mut repo = FakeRepo {
         commit: "2222222222222222222222222222222222222222".into(),
@@ -322,7 +322,7 @@ fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_images_and_audio()
     let h = health(&s);
     assert_eq!(
         tier(&h, "fast")["input_modalities"],
-        json!(["text", "image", "audio"]),
+        json!(["text", "image", "audio", "video"]),
         "{h}"
     );
     assert_eq!(
@@ -346,7 +346,7 @@ fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_images_and_audio()
     });
     assert_eq!(
         tier(&health(&s), "fast")["input_modalities"],
-        json!(["text", "image", "audio"])
+        json!(["text", "image", "audio", "video"])
     );
 }
 
