@@ -48,15 +48,18 @@ pub fn prefill_chunk(
     n
 }
 
-/// Soft tokens of one image or audio clip in a prompt: `features` (1, N, hidden) stand at positions
-/// `start..start + N`, whose tokens are its placeholders; `digest` tells it from another in the prefix
-/// cache.
+/// Soft tokens of one image or audio clip in a prompt: `len` of them stand at positions
+/// `start..start + len`, whose tokens are its placeholders; `digest` tells it from another in the prefix
+/// cache. Their `features` may come later ([`Generation::media_to_encode`]): a run the reused prefix
+/// holds is never read, so its tower need not run (vLLM skips the encoder of cached items the same way).
 #[derive(Clone)]
 pub struct MediaRun {
     /// First placeholder position in the prompt.
     pub start: usize,
-    /// A tower's soft tokens.
-    pub features: Array,
+    /// Soft tokens (placeholder positions).
+    pub len: usize,
+    /// A tower's soft tokens, (1, `len`, hidden); None until encoded.
+    pub features: Option<Array>,
     /// A digest of the media's bytes.
     pub digest: u64,
     /// Whether its tokens attend to one another both ways (an image; see [`Placed::bidirectional`]).
@@ -64,8 +67,19 @@ pub struct MediaRun {
 }
 
 impl MediaRun {
+    /// A run whose features are at hand: `len` is theirs.
+    pub fn encoded(start: usize, features: Array, digest: u64, bidirectional: bool) -> Self {
+        Self {
+            start,
+            len: features.shape()[1] as usize,
+            features: Some(features),
+            digest,
+            bidirectional,
+        }
+    }
+
     fn len(&self) -> usize {
-        self.features.shape()[1] as usize
+        self.len
     }
 }
 
@@ -515,6 +529,46 @@ impl Generation {
         &self.keys
     }
 
+    /// The media runs (indices in start order) the next [`Generation::prefill`] may read whose features
+    /// are not yet set: those starting before the next chunk's end, and ending past what is read. Runs the
+    /// reused prefix holds are never listed.
+    pub fn media_to_encode(&self) -> Vec<usize> {
+        let horizon = self.prefilled + self.opts.prefill_step.max(1);
+        (0..self.media.len())
+            .filter(|&i| {
+                let m = &self.media[i];
+                m.features.is_none() && m.start < horizon && m.start + m.len() > self.prefilled
+            })
+            .collect()
+    }
+
+    /// How many media runs end at or before position `n`.
+    pub fn media_within(&self, n: usize) -> usize {
+        self.media.iter().filter(|m| m.start + m.len() <= n).count()
+    }
+
+    /// Sets the features of media run `index` ([`Generation::media_to_encode`]).
+    ///
+    /// Errors ([`EngineError::InvalidModel`]): features of another length than the run's placeholders
+    /// (the processor's arithmetic and the tower disagree); an index out of range is
+    /// [`EngineError::Internal`].
+    pub fn set_media_features(&mut self, index: usize, features: Array) -> Result<()> {
+        let m = self
+            .media
+            .get_mut(index)
+            .ok_or_else(|| EngineError::Internal(format!("no media run {index}")))?;
+        let got = features.shape().get(1).copied().unwrap_or(0) as usize;
+        if got != m.len {
+            return Err(EngineError::InvalidModel(format!(
+                "a tower made {got} soft tokens of media the processor sized for {} \
+                 (processor_config.json and the tower's config disagree)",
+                m.len
+            )));
+        }
+        m.features = Some(features);
+        Ok(())
+    }
+
     /// Whether none of the prompt has been read since the generation started (from its reused cache).
     pub fn unread(&self) -> bool {
         self.prefilled == self.reused && self.cur.is_none() && !self.finished
@@ -580,12 +634,19 @@ impl Generation {
                 .media
                 .iter()
                 .filter(|m| m.start >= at && m.start + m.len() <= at + n)
-                .map(|m| Placed {
-                    start: m.start - at,
-                    features: &m.features,
-                    bidirectional: m.bidirectional,
+                .map(|m| {
+                    Ok(Placed {
+                        start: m.start - at,
+                        features: m.features.as_ref().ok_or_else(|| {
+                            EngineError::Internal(format!(
+                                "the media at {} was read before it was encoded",
+                                m.start
+                            ))
+                        })?,
+                        bidirectional: m.bidirectional,
+                    })
                 })
-                .collect();
+                .collect::<Result<_>>()?;
             if placed.is_empty() {
                 model.forward_hidden(&chunk, &mut self.cache)?;
             } else {

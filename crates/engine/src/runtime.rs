@@ -99,6 +99,11 @@ pub struct Summary {
     /// Of its context when it first drafted, the tokens the draft model resumed from the prefix cache (the
     /// draft's cache of the conversation it continues) instead of reading them; 0 without a draft model.
     pub draft_cached_tokens: usize,
+    /// Images, video frames and clips whose tower ran for this request.
+    pub encoded_media: usize,
+    /// Images, video frames and clips the reused prefix held (read from the prefix cache: neither
+    /// preprocessed nor encoded again).
+    pub cached_media: usize,
 }
 
 /// Life-cycle of the engine host (the serving core's).
@@ -505,6 +510,122 @@ pub struct PromptAudio {
     pub digest: u64,
 }
 
+/// An image, video frame or clip placed in a prompt, before preprocessing: the engine preprocesses and
+/// encodes it only when the prefill reaches it ([`Generation::media_to_encode`]), so media a cached
+/// prefix holds cost nothing again (as llama.cpp's engine evaluates a media span only when it reads it).
+#[derive(Clone)]
+struct Placement {
+    /// First soft-token position.
+    start: usize,
+    /// Soft tokens (placeholder positions), by the processor's arithmetic.
+    len: usize,
+    /// The digest of its bytes.
+    digest: u64,
+    /// What the tower takes, before preprocessing.
+    input: MediaInput,
+}
+
+/// What a placed medium's tower takes, before preprocessing.
+#[derive(Clone)]
+enum MediaInput {
+    /// An image or frame, sized with `params`.
+    Image {
+        rgb: Arc<jemma_media::Rgb>,
+        params: jemma_media::ImageParams,
+    },
+    /// A clip's 16 kHz mono samples.
+    Audio(Arc<[f32]>),
+}
+
+impl MediaInput {
+    /// Preprocessing: an image resized and rescaled ([`jemma_media::preprocess`]), a clip's features
+    /// (`extractor`: the model's; None for a model that does not hear).
+    ///
+    /// Errors ([`EngineError::InvalidRequest`]): an image that cannot be sized, a clip for a model that
+    /// does not hear.
+    fn preprocess(
+        &self,
+        extractor: Option<&jemma_media::audio::FeatureExtractor>,
+    ) -> Result<TowerInput> {
+        match self {
+            Self::Image { rgb, params } => jemma_media::preprocess(rgb, params)
+                .map(TowerInput::Pixels)
+                .map_err(|e| EngineError::InvalidRequest(e.to_string())),
+            Self::Audio(samples) => extractor
+                .map(|x| TowerInput::Audio(x.extract(samples)))
+                .ok_or_else(|| EngineError::InvalidRequest("this model takes no audio".into())),
+        }
+    }
+}
+
+/// What a tower takes, preprocessed.
+enum TowerInput {
+    /// An image's or frame's pixels.
+    Pixels(jemma_media::Pixels),
+    /// A clip's features.
+    Audio(jemma_media::audio::AudioFeatures),
+}
+
+/// Preprocessed results a sequence's media thread may hold ready ahead of the prefill (each an image's
+/// pixels or a clip's features: a few MB at most).
+const MEDIA_AHEAD: usize = 2;
+
+/// A sequence's media, preprocessed in prompt order on a thread of its own while the model thread reads
+/// the prompt before them, so that resizing an image or computing a clip's features (tens of ms each)
+/// holds up neither the batch's decoding nor the towers (vLLM and text-generation-inference also prepare
+/// inputs outside the engine loop). Results wait in a channel of [`MEDIA_AHEAD`]; the thread ends when
+/// its work is done or the sequence drops its receiver.
+struct MediaWorker {
+    rx: std::sync::mpsc::Receiver<(usize, Result<TowerInput>)>,
+    /// A result received past the one asked for, kept for its turn.
+    ahead: Option<(usize, Result<TowerInput>)>,
+}
+
+impl MediaWorker {
+    /// Starts preprocessing `work` (media run index, input), in that order; None when no thread could be
+    /// started (the model thread then preprocesses).
+    fn start(
+        work: Vec<(usize, MediaInput)>,
+        extractor: Option<Arc<jemma_media::audio::FeatureExtractor>>,
+    ) -> Option<Self> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(MEDIA_AHEAD);
+        std::thread::Builder::new()
+            .name("jemma-media".into())
+            .spawn(move || {
+                for (i, input) in work {
+                    if tx
+                        .send((i, input.preprocess(extractor.as_deref())))
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+            .ok()?;
+        Some(Self { rx, ahead: None })
+    }
+
+    /// The preprocessed input of media run `index`, waiting for it when it is not ready; results for
+    /// earlier runs (since read from the prefix cache) are dropped. None when the thread has no result
+    /// for it.
+    fn take(&mut self, index: usize) -> Option<Result<TowerInput>> {
+        loop {
+            let (j, r) = match self.ahead.take() {
+                Some(got) => got,
+                None => self.rx.recv().ok()?,
+            };
+            match j.cmp(&index) {
+                std::cmp::Ordering::Less => continue,
+                std::cmp::Ordering::Equal => return Some(r),
+                std::cmp::Ordering::Greater => {
+                    self.ahead = Some((j, r));
+                    return None;
+                }
+            }
+        }
+    }
+}
+
 /// The audio placeholders of a model that hears (`config.json`'s `audio_token_id`, `boa_token_id`,
 /// `eoa_token_id` or `eoa_token_index`), the most soft tokens a clip takes (`processor_config.json`'s
 /// `audio_seq_length`) and its feature extractor (the `feature_extractor` settings there, else
@@ -519,7 +640,7 @@ pub struct AudioSpec {
     /// Soft tokens a clip takes at most (750: 30 s).
     pub max_tokens: usize,
     /// Gemma 4's audio feature extractor.
-    pub extractor: jemma_media::audio::FeatureExtractor,
+    pub extractor: Arc<jemma_media::audio::FeatureExtractor>,
 }
 
 impl std::fmt::Debug for AudioSpec {
@@ -595,6 +716,7 @@ impl AudioSpec {
             )));
         }
         let extractor = jemma_media::audio::FeatureExtractor::new(params)
+            .map(Arc::new)
             .map_err(|e| EngineError::InvalidModel(e.to_string()))?;
         Ok(Self {
             // mlx-vlm's defaults: the real Gemma 4 tokenizer's ids.
@@ -1040,26 +1162,85 @@ impl ModelBundle {
         audio: &[jemma_media::audio::DecodedAudio],
         videos: &[jemma_media::video::DecodedVideo],
     ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
-        self.place_media(prompt, images, audio, videos, true)
+        let (ids, placed) = self.place_media(prompt, images, audio, videos)?;
+        let (mut placed_images, mut placed_audio) = (vec![], vec![]);
+        for p in placed {
+            match p.input {
+                MediaInput::Image { rgb, params } => placed_images.push(PromptImage {
+                    start: p.start,
+                    pixels: jemma_media::preprocess(&rgb, &params)
+                        .map_err(|e| EngineError::InvalidRequest(e.to_string()))?,
+                    digest: p.digest,
+                }),
+                MediaInput::Audio(samples) => placed_audio.push(PromptAudio {
+                    start: p.start,
+                    soft_tokens: p.len,
+                    features: self.audio_features(&samples)?,
+                    digest: p.digest,
+                }),
+            }
+        }
+        Ok((ids, placed_images, placed_audio))
     }
 
-    /// [`ModelBundle::prompt_with_media`]; with `place` false nothing is preprocessed (the placements come
-    /// back empty): the ids alone, for counting.
+    /// Gemma 4's audio features of `samples` (16 kHz mono), for the audio tower.
+    ///
+    /// Errors ([`EngineError::InvalidRequest`]): a model that does not hear.
+    fn audio_features(&self, samples: &[f32]) -> Result<jemma_media::audio::AudioFeatures> {
+        let spec = self
+            .audio_spec
+            .as_ref()
+            .ok_or_else(|| EngineError::InvalidRequest("this model takes no audio".into()))?;
+        Ok(spec.extractor.extract(samples))
+    }
+
+    /// The soft tokens of a placed image, frame or clip (1, `len`, hidden): preprocessing and its tower.
+    ///
+    /// Errors: a model without the tower ([`EngineError::InvalidRequest`]), an image that cannot be
+    /// sized, an MLX failure.
+    fn encode(&self, placed: &Placement) -> Result<mlx_rs::Array> {
+        let extractor = self.audio_spec.as_ref().map(|a| &*a.extractor);
+        self.encode_input(placed, placed.input.preprocess(extractor)?)
+    }
+
+    /// The soft tokens of a placed image, frame or clip whose input is preprocessed already (see
+    /// [`MediaWorker`]).
+    ///
+    /// Errors: a model without the tower ([`EngineError::InvalidRequest`]), an MLX failure.
+    fn encode_input(&self, placed: &Placement, input: TowerInput) -> Result<mlx_rs::Array> {
+        let bad = |m: &str| EngineError::InvalidRequest(m.into());
+        match input {
+            TowerInput::Pixels(pixels) => self
+                .vision
+                .as_ref()
+                .ok_or_else(|| bad("this model takes no images"))?
+                .encode_pixels(&pixels),
+            TowerInput::Audio(features) => self
+                .audio
+                .as_ref()
+                .ok_or_else(|| bad("this model takes no audio"))?
+                .encode_features(&features, placed.len),
+        }
+    }
+
+    /// The prompt's ids with its media in place, and each image, frame and clip's place and input (not
+    /// yet preprocessed: see [`ModelBundle::encode`]), in prompt order.
+    ///
+    /// Errors: as [`ModelBundle::prompt_with_media`].
     fn place_media(
         &self,
         prompt: &Prompt,
         images: &[jemma_media::DecodedImage],
         audio: &[jemma_media::audio::DecodedAudio],
         videos: &[jemma_media::video::DecodedVideo],
-        place: bool,
-    ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
+    ) -> Result<(Vec<u32>, Vec<Placement>)> {
         let (ids, frame_counts) = if videos.is_empty() {
             (self.prompt_ids(prompt)?, vec![])
         } else {
             self.ids_with_videos(prompt, videos)?
         };
         if images.is_empty() && audio.is_empty() && videos.is_empty() {
-            return Ok((ids, vec![], vec![]));
+            return Ok((ids, vec![]));
         }
         let bad = |m: String| EngineError::InvalidRequest(m);
         let pre = matches!(prompt, Prompt::Ids(_));
@@ -1098,7 +1279,7 @@ impl ModelBundle {
         }
         events.sort_by_key(|(s, e)| (*s, !matches!(e, At::Track)));
         let mut out = Vec::with_capacity(ids.len());
-        let (mut placed_images, mut placed_audio) = (vec![], vec![]);
+        let mut placed = vec![];
         let (mut frames, mut tracks) = (
             videos.iter().flat_map(|v| v.frames.iter()),
             videos.iter().filter_map(|v| v.audio.as_ref()),
@@ -1112,19 +1293,19 @@ impl ModelBundle {
                     let f = frames.next().ok_or_else(|| {
                         EngineError::Internal("more video frames placed than sampled".into())
                     })?;
-                    if place {
-                        let spec = self
-                            .images
-                            .as_ref()
-                            .ok_or_else(|| bad("this model takes no images".into()))?;
-                        let pixels = jemma_media::preprocess(&f.image.rgb, &spec.video_params)
-                            .map_err(|e| bad(e.to_string()))?;
-                        placed_images.push(PromptImage {
-                            start: out.len(),
-                            pixels,
-                            digest: f.image.digest,
-                        });
-                    }
+                    let spec = self
+                        .images
+                        .as_ref()
+                        .ok_or_else(|| bad("this model takes no images".into()))?;
+                    placed.push(Placement {
+                        start: out.len(),
+                        len,
+                        digest: f.image.digest,
+                        input: MediaInput::Image {
+                            rgb: f.image.rgb.clone(),
+                            params: spec.video_params,
+                        },
+                    });
                     out.extend_from_slice(&ids[s..s + len]);
                     at = s + len;
                 }
@@ -1138,14 +1319,12 @@ impl ModelBundle {
                         .ok_or_else(|| bad("this model takes no audio".into()))?;
                     let t = a.check(clip)?;
                     out.push(a.boa_id);
-                    if place {
-                        placed_audio.push(PromptAudio {
-                            start: out.len(),
-                            soft_tokens: t,
-                            features: a.extractor.extract(&clip.samples),
-                            digest: clip.digest,
-                        });
-                    }
+                    placed.push(Placement {
+                        start: out.len(),
+                        len: t,
+                        digest: clip.digest,
+                        input: MediaInput::Audio(clip.samples.clone()),
+                    });
                     out.extend(std::iter::repeat_n(a.audio_id, t));
                     out.push(a.eoa_id);
                 }
@@ -1158,21 +1337,19 @@ impl ModelBundle {
                                 .as_ref()
                                 .ok_or_else(|| bad("this model takes no images".into()))?;
                             let img = &images[i];
-                            let p = spec.params_for(img);
-                            let t = if place {
-                                let pixels = jemma_media::preprocess(&img.rgb, &p)
+                            let params = spec.params_for(img);
+                            let t =
+                                jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &params)
                                     .map_err(|e| bad(e.to_string()))?;
-                                let t = pixels.soft_tokens;
-                                placed_images.push(PromptImage {
-                                    start: out.len() + usize::from(!pre),
-                                    pixels,
-                                    digest: img.digest,
-                                });
-                                t
-                            } else {
-                                jemma_media::soft_tokens(img.rgb.height, img.rgb.width, &p)
-                                    .map_err(|e| bad(e.to_string()))?
-                            };
+                            placed.push(Placement {
+                                start: out.len() + usize::from(!pre),
+                                len: t,
+                                digest: img.digest,
+                                input: MediaInput::Image {
+                                    rgb: img.rgb.clone(),
+                                    params,
+                                },
+                            });
                             (spec.boi_id, spec.image_id, spec.eoi_id, t)
                         }
                         Run::Audio(i) => {
@@ -1182,14 +1359,12 @@ impl ModelBundle {
                                 .ok_or_else(|| bad("this model takes no audio".into()))?;
                             let clip = &audio[i];
                             let t = spec.check(clip)?;
-                            if place {
-                                placed_audio.push(PromptAudio {
-                                    start: out.len() + usize::from(!pre),
-                                    soft_tokens: t,
-                                    features: spec.extractor.extract(&clip.samples),
-                                    digest: clip.digest,
-                                });
-                            }
+                            placed.push(Placement {
+                                start: out.len() + usize::from(!pre),
+                                len: t,
+                                digest: clip.digest,
+                                input: MediaInput::Audio(clip.samples.clone()),
+                            });
                             (spec.boa_id, spec.audio_id, spec.eoa_id, t)
                         }
                     };
@@ -1209,7 +1384,7 @@ impl ModelBundle {
             }
         }
         out.extend_from_slice(&ids[at..]);
-        Ok((out, placed_images, placed_audio))
+        Ok((out, placed))
     }
 
     /// How many tokens `prompt` takes with `images`, `audio` and `videos` in place (without preprocessing
@@ -1223,10 +1398,7 @@ impl ModelBundle {
         audio: &[jemma_media::audio::DecodedAudio],
         videos: &[jemma_media::video::DecodedVideo],
     ) -> Result<usize> {
-        Ok(self
-            .place_media(prompt, images, audio, videos, false)?
-            .0
-            .len())
+        Ok(self.place_media(prompt, images, audio, videos)?.0.len())
     }
 }
 
@@ -1550,7 +1722,10 @@ impl ModelRunner for MlxRunner {
                     }
                 }
             }
-            match seq.generation.prefill(&model.model) {
+            let read = seq
+                .encode_media(model)
+                .and_then(|()| seq.generation.prefill(&model.model));
+            match read {
                 Ok(_) => {
                     for (cache, tokens) in seq.generation.take_checkpoints() {
                         let bytes = cache.nbytes() as u64;
@@ -1824,6 +1999,12 @@ struct MlxSequence {
     /// The draft model's cache that came with the prefix-cache entry it continues, until speculation
     /// takes it (kept with its own cache when it does not speculate).
     draft_hit: Option<(Cache, Vec<u32>)>,
+    /// The prompt's media in start order (as its generation's media runs), each until its tower runs.
+    media: Vec<Option<Placement>>,
+    /// Media whose tower ran.
+    encoded_media: usize,
+    /// Preprocesses the media ahead of the model thread (None: it preprocesses them itself).
+    media_worker: Option<MediaWorker>,
 }
 
 /// A sequence's speculative decoding: how many tokens to draft, the draft model's cache, and the RNG of
@@ -1848,8 +2029,7 @@ impl MlxSequence {
         ctx: usize,
         pool: &mut PrefixPool<PoolCache>,
     ) -> Result<Self> {
-        let (ids, images, audio) =
-            l.prompt_with_media(&req.prompt, &req.images, &req.audio, &req.videos)?;
+        let (ids, mut placed) = l.place_media(&req.prompt, &req.images, &req.audio, &req.videos)?;
         let ctx = if ctx == 0 { l.context_length() } else { ctx };
         let mut req = req;
         if req.fit_context && ids.len() < ctx {
@@ -1871,41 +2051,19 @@ impl MlxSequence {
         }
         let (system, turns) = l.checkpoints_of(&req.prompt, &ids);
         let kv = opts.kv_quant;
-        // The soft tokens of each image and clip (the towers run here, on the model thread, once per
-        // request).
-        let mut media = vec![];
-        if let Some(tower) = &l.vision {
-            for img in &images {
-                let features = tower.encode_pixels(&img.pixels)?;
-                // The placeholders were counted by the processor's arithmetic; the tower must agree, or
-                // soft tokens would land on the wrong positions.
-                if features.shape()[1] as usize != img.pixels.soft_tokens {
-                    return Err(EngineError::InvalidModel(format!(
-                        "the vision tower made {} soft tokens of an image the processor sized for {} \
-                         (processor_config.json and vision_config disagree)",
-                        features.shape()[1],
-                        img.pixels.soft_tokens
-                    )));
-                }
-                media.push(MediaRun {
-                    start: img.start,
-                    features,
-                    digest: img.digest,
-                    bidirectional: true,
-                });
-            }
-        }
-        if let Some(tower) = &l.audio {
-            for clip in &audio {
-                media.push(MediaRun {
-                    start: clip.start,
-                    features: tower.encode_features(&clip.features, clip.soft_tokens)?,
-                    digest: clip.digest,
-                    bidirectional: false,
-                });
-            }
-        }
-        media.sort_by_key(|m| m.start);
+        // Each image, frame and clip's place; their towers run when the prefill reaches them (never for
+        // those the reused prefix holds).
+        placed.sort_by_key(|p| p.start);
+        let media: Vec<MediaRun> = placed
+            .iter()
+            .map(|p| MediaRun {
+                start: p.start,
+                len: p.len,
+                features: None,
+                digest: p.digest,
+                bidirectional: matches!(p.input, MediaInput::Image { .. }),
+            })
+            .collect();
         let keys = crate::generate::cache_keys(&ids, &media);
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.
@@ -1922,6 +2080,20 @@ impl MlxSequence {
         for n in [system, turns].into_iter().flatten() {
             generation.checkpoint_at(n);
         }
+        // The media past what the cache holds are preprocessed off this thread, in the order the prefill
+        // reaches them.
+        let reused = generation.reused();
+        let work: Vec<(usize, MediaInput)> = placed
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| p.start + p.len > reused)
+            .map(|(i, p)| (i, p.input.clone()))
+            .collect();
+        let media_worker = if work.is_empty() {
+            None
+        } else {
+            MediaWorker::start(work, l.audio_spec.as_ref().map(|a| a.extractor.clone()))
+        };
         let turn_end = turns.filter(|&n| Some(n) != system);
         Ok(Self {
             generation,
@@ -1936,7 +2108,38 @@ impl MlxSequence {
             spec: None,
             turn_end,
             draft_hit,
+            media_worker,
+            media: placed.into_iter().map(Some).collect(),
+            encoded_media: 0,
         })
+    }
+
+    /// Runs the towers of the media the next prefill chunk reads (preprocessing included), once each.
+    ///
+    /// Errors: as [`ModelBundle::encode`]; a tower that disagrees with the processor on a medium's soft
+    /// tokens ([`EngineError::InvalidModel`]).
+    fn encode_media(&mut self, l: &ModelBundle) -> Result<()> {
+        for i in self.generation.media_to_encode() {
+            let placed = self
+                .media
+                .get_mut(i)
+                .and_then(Option::take)
+                .ok_or_else(|| {
+                    EngineError::Internal(format!("media run {i} encoded twice or never placed"))
+                })?;
+            let features = match self.media_worker.as_mut().and_then(|w| w.take(i)) {
+                Some(input) => l.encode_input(&placed, input?)?,
+                None => l.encode(&placed)?,
+            };
+            self.generation.set_media_features(i, features)?;
+            self.encoded_media += 1;
+        }
+        Ok(())
+    }
+
+    /// Media the reused prefix holds (never encoded for this sequence).
+    fn cached_media(&self) -> usize {
+        self.generation.media_within(self.generation.reused())
     }
 
     /// Takes the draft model's cache of the prefix-cache entry this sequence adopted after admission
@@ -2078,6 +2281,8 @@ impl MlxSequence {
                 memory: mlx_memory(),
                 speculative: self.spec.as_ref().map(|sp| sp.controller.stats()),
                 draft_cached_tokens: self.spec.as_ref().map_or(0, |sp| sp.draft.reused()),
+                encoded_media: self.encoded_media,
+                cached_media: self.cached_media(),
             });
         }
         Ok(())

@@ -246,6 +246,83 @@ fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
     assert!(engine.shutdown(limit) && text_only.shutdown(limit));
 }
 
+/// The summary of 32 greedy steps of `ids` with `images`, read in prefill chunks of `prefill_step`.
+fn summary(
+    engine: &jemma_engine::runtime::Engine,
+    ids: &[u32],
+    images: Vec<jemma_media::DecodedImage>,
+    prefill_step: usize,
+) -> jemma_engine::runtime::Summary {
+    let mut req = common::request(
+        jemma_engine::runtime::Prompt::Ids(ids.to_vec()),
+        32,
+        vec![],
+        Media {
+            images,
+            ..Media::default()
+        },
+    );
+    req.options.prefill_step = prefill_step;
+    let mut rx = engine.submit(req).unwrap();
+    while let Some(ev) = rx.blocking_recv() {
+        match ev {
+            jemma_engine::runtime::Event::Done(s) => return s,
+            jemma_engine::runtime::Event::Error(e) => panic!("{e}"),
+            _ => {}
+        }
+    }
+    panic!("no answer")
+}
+
+/// The vision tower runs when the prefill reaches an image, once, and never for an image the reused
+/// prefix holds: a conversation going on about a picture does not look at it again, and answers as an
+/// engine that never saw it before does. Read in chunks of 4 tokens, the image is encoded when its chunk
+/// comes, with the same answer.
+#[test]
+fn the_tower_runs_when_the_prefill_reaches_an_image_and_not_for_a_cached_one() {
+    let dir = fixture_named("tiny-mm");
+    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let ids = tokens(&refs["photo.ids"]);
+    let want = tokens(&refs["photo.greedy"]);
+    let png = std::fs::read(dir.join("photo.png")).unwrap();
+    let photo = jemma_media::EncodedImage(png.into())
+        .decode(&jemma_media::Limits::default())
+        .unwrap();
+    let start = || {
+        let e =
+            jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(&dir))
+                .unwrap();
+        e.wait_ready().unwrap();
+        e
+    };
+    let engine = start();
+    let step = jemma_engine::generate::GenerateOptions::default().prefill_step;
+    let first = summary(&engine, &ids, vec![photo.clone()], step);
+    assert_eq!(first.tokens, want);
+    assert_eq!((first.encoded_media, first.cached_media), (1, 0));
+    let mut next = ids.clone();
+    next.extend_from_slice(&first.tokens);
+    next.extend_from_slice(&[106, 105, 300, 301]);
+    let again = summary(&engine, &next, vec![photo.clone()], step);
+    assert!(again.cached_tokens > ids.len(), "{}", again.cached_tokens);
+    assert_eq!(
+        (again.encoded_media, again.cached_media),
+        (0, 1),
+        "the image the cache holds was encoded again"
+    );
+    // A fresh engine, reading the whole conversation in chunks of 4 (the image in a later one).
+    let fresh = start();
+    let whole = summary(&fresh, &next, vec![photo.clone()], 4);
+    assert_eq!((whole.cached_tokens, whole.encoded_media), (0, 1));
+    assert!(ids.iter().position(|&t| t == IMAGE as u32).unwrap() > 4);
+    assert_eq!(
+        whole.tokens, again.tokens,
+        "the answer read past the cached image is not the answer read from the start"
+    );
+    let limit = std::time::Duration::from_secs(20);
+    assert!(engine.shutdown(limit) && fresh.shutdown(limit));
+}
+
 #[test]
 fn the_memory_estimate_counts_the_vision_and_audio_towers() {
     use jemma_engine::footprint::estimate;
