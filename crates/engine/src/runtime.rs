@@ -1747,7 +1747,7 @@ impl ModelRunner for MlxRunner {
         // Keep the prefix cache inside what the running requests leave of the budget (those sitting this
         // step out count with what they held at their last one).
         for s in batch.iter_mut() {
-            let now = s.generation.cache_bytes();
+            let now = s.cache_bytes();
             self.live_bytes = (self.live_bytes + now).saturating_sub(s.bytes);
             s.bytes = now;
         }
@@ -2135,6 +2135,17 @@ impl MlxSequence {
             self.encoded_media += 1;
         }
         Ok(())
+    }
+
+    /// Bytes its caches hold against the prefix cache's budget: its own and a draft cache it took from the
+    /// prefix cache and holds without speculating (a speculating sequence's draft caches are the draft
+    /// model's share of the memory plan).
+    fn cache_bytes(&self) -> u64 {
+        self.generation.cache_bytes()
+            + self
+                .draft_hit
+                .as_ref()
+                .map_or(0, |(c, _)| c.nbytes() as u64)
     }
 
     /// Media the reused prefix holds (never encoded for this sequence).
