@@ -459,6 +459,7 @@ impl<R: ModelRunner> Host<R> {
                     shared: st,
                     ever_loaded: false,
                     waiting: w,
+                    idle_timer: None,
                 }
                 .run(rx, &pre);
                 let _ = stopped_tx.send(true);
@@ -593,7 +594,13 @@ struct Thread<R: ModelRunner> {
     /// The handles' count of requests waiting ([`Host`]'s `waiting`): the thread takes one off as it
     /// admits, refuses or drops a request.
     waiting: Arc<AtomicUsize>,
+    /// Waits for the queue while idle, a tick at a time (a current-thread runtime with a timer, built at
+    /// the first idle wait; None if it could not be).
+    idle_timer: Option<tokio::runtime::Runtime>,
 }
+
+/// How often an idle model thread looks at the keep-alive and the memory governor's unload requests.
+const IDLE_TICK: Duration = Duration::from_millis(25);
 
 impl<R: ModelRunner> Thread<R> {
     fn set(&self, f: impl FnOnce(&mut Status<R::Info>)) {
@@ -719,13 +726,33 @@ impl<R: ModelRunner> Thread<R> {
         if loaded.is_none() || !watch {
             return jobs.blocking_recv();
         }
-        // Idle: poll the queue so that the keep-alive and the governor's unload requests are noticed.
+        // Idle: wait for the queue a tick at a time, so that the keep-alive and the governor's unload
+        // requests are noticed. A job ends the wait at once: sleeping between polls instead delayed every
+        // request that found the engine idle by half a tick on average (12 ms of time to first token).
         let idle_since = Instant::now();
         if let Some(h) = memory {
             h.set_idle(true);
         }
+        if self.idle_timer.is_none() {
+            self.idle_timer = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .inspect_err(|e| tracing::warn!(error = %e, "no idle timer: polling the queue"))
+                .ok();
+        }
         loop {
-            match jobs.try_recv() {
+            let next = match &self.idle_timer {
+                // The timer is made inside the runtime (its context is entered by `block_on`).
+                Some(rt) => match rt
+                    .block_on(async { tokio::time::timeout(IDLE_TICK, jobs.recv()).await })
+                {
+                    Ok(Some(j)) => Ok(j),
+                    Ok(None) => Err(mpsc::error::TryRecvError::Disconnected),
+                    Err(_) => Err(mpsc::error::TryRecvError::Empty),
+                },
+                None => jobs.try_recv(),
+            };
+            match next {
                 Ok(j) => return Some(j),
                 Err(mpsc::error::TryRecvError::Disconnected) => return None,
                 Err(mpsc::error::TryRecvError::Empty) => {
@@ -743,7 +770,9 @@ impl<R: ModelRunner> Thread<R> {
                         self.unload(loaded, memory, why);
                         return jobs.blocking_recv();
                     }
-                    std::thread::sleep(Duration::from_millis(25))
+                    if self.idle_timer.is_none() {
+                        std::thread::sleep(IDLE_TICK)
+                    }
                 }
             }
         }
