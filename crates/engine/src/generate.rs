@@ -67,17 +67,6 @@ pub struct MediaRun {
 }
 
 impl MediaRun {
-    /// A run whose features are at hand: `len` is theirs.
-    pub fn encoded(start: usize, features: Array, digest: u64, bidirectional: bool) -> Self {
-        Self {
-            start,
-            len: features.shape()[1] as usize,
-            features: Some(features),
-            digest,
-            bidirectional,
-        }
-    }
-
     fn len(&self) -> usize {
         self.len
     }
@@ -446,10 +435,19 @@ impl Generation {
         media.sort_by_key(|m| m.start);
         let mut end = 0;
         for m in &media {
-            if m.start < end || m.start + m.len() >= prompt.len() {
+            if m.start < end || m.start + m.len() >= prompt.len() || m.len() == 0 {
                 return Err(EngineError::InvalidRequest(
-                    "image soft tokens overlap or run to the end of the prompt".into(),
+                    "image soft tokens overlap, are none, or run to the end of the prompt".into(),
                 ));
+            }
+            if let Some(f) = &m.features
+                && f.shape().get(1).is_none_or(|&n| n as usize != m.len())
+            {
+                return Err(EngineError::Internal(format!(
+                    "media features of shape {:?} for a run of {} soft tokens",
+                    f.shape(),
+                    m.len()
+                )));
             }
             end = m.start + m.len();
         }
@@ -540,6 +538,11 @@ impl Generation {
                 m.features.is_none() && m.start < horizon && m.start + m.len() > self.prefilled
             })
             .collect()
+    }
+
+    /// Prompt positions read so far (a reused cache's included).
+    pub fn prefilled(&self) -> usize {
+        self.prefilled
     }
 
     /// How many media runs end at or before position `n`.

@@ -1722,9 +1722,12 @@ impl ModelRunner for MlxRunner {
                     }
                 }
             }
-            let read = seq
-                .encode_media(model)
-                .and_then(|()| seq.generation.prefill(&model.model));
+            // A tower that fails leaves the cache as sound as it was: the request fails, and what it read
+            // is kept for the next one.
+            let read = match seq.encode_media(model) {
+                Err(e) => Err((e, false)),
+                Ok(()) => seq.generation.prefill(&model.model).map_err(|e| (e, true)),
+            };
             match read {
                 Ok(_) => {
                     for (cache, tokens) in seq.generation.take_checkpoints() {
@@ -1738,8 +1741,8 @@ impl ModelRunner for MlxRunner {
                         self.pool.insert(tokens, entry, bytes, kind);
                     }
                 }
-                Err(e) => {
-                    seq.poisoned = true;
+                Err((e, poisoned)) => {
+                    seq.poisoned = poisoned;
                     o.fail(EngineFailure::from(e));
                 }
             }
@@ -2119,6 +2122,18 @@ impl MlxSequence {
     /// Errors: as [`ModelBundle::encode`]; a tower that disagrees with the processor on a medium's soft
     /// tokens ([`EngineError::InvalidModel`]).
     fn encode_media(&mut self, l: &ModelBundle) -> Result<()> {
+        // Media the cache holds (at admission, or adopted since) are never encoded: their decoded pixels
+        // go, and the worker with them once nothing is left to preprocess.
+        let read = self.generation.prefilled();
+        for p in &mut self.media {
+            if p.as_ref().is_some_and(|p| p.start + p.len <= read) {
+                *p = None;
+            }
+        }
+        if self.media.iter().all(Option::is_none) {
+            self.media_worker = None;
+            return Ok(());
+        }
         for i in self.generation.media_to_encode() {
             let placed = self
                 .media
