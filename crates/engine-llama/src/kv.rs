@@ -161,11 +161,11 @@ pub(crate) fn find_prefix(
         .max_by_key(|&(keep, _)| keep)
         .map(|(keep, seq)| (keep, Source::Sequence(seq)));
     // Not while a stream copy may still be queued (after a failed step): it would land on the restore.
-    let can_trim = |e: &Saved, keep: usize| {
-        window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa)
+    let cut = |e: &Saved, keep: usize| {
+        window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa).then_some(keep)
     };
     let in_pool = (!*shared.copy_pending)
-        .then(|| shared.pool.peek_nearest(&ids, |_| true, can_trim))
+        .then(|| shared.pool.peek_nearest(&ids, |_| true, cut))
         .flatten()
         .map(|keep| (media::whole_spans(keep, &s.media), Source::Pool));
     [in_streams, in_pool]
@@ -200,10 +200,11 @@ pub(crate) fn share_prefix(
                 .is_ok()
         }
         Source::Pool => {
-            let can_trim = |e: &Saved, keep: usize| {
+            let cut = |e: &Saved, keep: usize| {
                 window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa)
+                    .then_some(keep)
             };
-            match shared.pool.take_nearest(&ids, |_| true, can_trim) {
+            match shared.pool.take_nearest(&ids, |_| true, cut) {
                 Some(hit) => match ctx.state_seq_set(&hit.cache.state, dst as i32) {
                     Ok(()) => true,
                     Err(e) => {

@@ -15,12 +15,16 @@ use serde::Serialize;
 
 use jemma_constrain::{Constraint, TokenMatcher, Vocabulary};
 
-use crate::models::gemma4::{Cache, Gemma4, KvQuant, Placed};
+use crate::models::gemma4::{Cache, Checkpoint, Gemma4, KvQuant, Placed};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
 /// mlx-lm's default prefill chunk.
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
+
+/// Most rollback points a generation keeps ([`Generation::rollback_points`]; llama-server keeps 3
+/// sliding-window checkpoints per slot by default).
+pub const ROLLBACK_POINTS: usize = 4;
 
 /// Default cap on one prefill chunk's attention scores (see [`prefill_chunk`]).
 pub const DEFAULT_ATTENTION_BUDGET: u64 = 512 << 20;
@@ -371,6 +375,9 @@ pub struct Generation {
     checkpoint_at: Vec<usize>,
     /// The copies taken and not yet handed out, each with the tokens it holds.
     checkpoints: Vec<(Cache, Vec<u32>)>,
+    /// Rollback points of the sliding-window layers taken at prefill chunk ends once their windows have
+    /// filled (at most [`ROLLBACK_POINTS`], the latest), ascending ([`Generation::rollback_points`]).
+    rollback_points: Vec<Checkpoint>,
     stats: GenerationStats,
     t0: Instant,
     t_first: Option<Instant>,
@@ -504,6 +511,7 @@ impl Generation {
             grammar,
             checkpoint_at: vec![],
             checkpoints: vec![],
+            rollback_points: vec![],
             stats: GenerationStats {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
@@ -663,6 +671,14 @@ impl Generation {
                 self.checkpoint_at.retain(|&c| c > self.prefilled);
                 self.checkpoints
                     .push((self.cache.clone(), self.fed.clone()));
+            }
+            // Once a sliding window has filled, its cache cannot be cut back: a copy of the windows here
+            // lets a later prompt that parts from this one past this point resume from it.
+            if !self.cache.is_trimmable() && self.opts.kv_quant.is_none() {
+                if self.rollback_points.len() == ROLLBACK_POINTS {
+                    self.rollback_points.remove(0);
+                }
+                self.rollback_points.push(self.cache.checkpoint());
             }
             mlx_rs::memory::clear_cache()?;
             if n_ids - self.prefilled > 1 {
@@ -1332,6 +1348,16 @@ impl Generation {
     /// cache with the tokens whose KV it holds.
     pub fn take_checkpoints(&mut self) -> Vec<(Cache, Vec<u32>)> {
         std::mem::take(&mut self.checkpoints)
+    }
+
+    /// Rollback points of the prompt's sliding-window layers ([`Cache::checkpoint`]: copies of the windows,
+    /// not of the full-attention layers), taken at prefill chunk ends once a window has filled: a cache
+    /// that holds this prompt can be returned to one ([`Cache::rollback`]) to serve a later prompt that
+    /// parts from it after that point, which trimming cannot do once a window has filled (llama-server's
+    /// sliding-window checkpoints). The latest [`ROLLBACK_POINTS`], ascending, each holding
+    /// [`Checkpoint::offset`] positions.
+    pub fn rollback_points(&self) -> &[Checkpoint] {
+        &self.rollback_points
     }
 
     /// Bytes the generation's cache holds.

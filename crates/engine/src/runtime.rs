@@ -11,13 +11,14 @@ use tokio::sync::mpsc;
 
 use crate::device::{DeviceKind, MlxMemory, mlx_memory, select_device};
 use crate::generate::{
-    FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun, RoundStart,
+    FinishReason, GenerateOptions, Generation, GenerationStats, MediaRun, ROLLBACK_POINTS,
+    RoundStart,
 };
 use crate::memory::MemoryGovernor;
 use crate::models::gemma4::audio::AudioTower;
 use crate::models::gemma4::vision::{VisionConfig, VisionTower, load_tower};
 use crate::models::gemma4::{self, Gemma4, LoadReport};
-use crate::models::gemma4::{Cache, KvQuant};
+use crate::models::gemma4::{Cache, Checkpoint, KvQuant};
 use crate::template::ChatTemplate;
 use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{EngineError, Result};
@@ -1692,20 +1693,27 @@ impl ModelRunner for MlxRunner {
                 // have checkpointed the system prompt they share, which this one then reads no more.
                 let (kv, keys) = (seq.kv, seq.generation.cache_keys());
                 let fits = |c: &PoolCache| c.kv == kv;
-                let can_trim = |c: &PoolCache, _: usize| c.cache.is_trimmable();
+                let cut = |c: &PoolCache, keep: usize| c.cut_to(keep);
                 let start = seq.generation.reused();
                 if self
                     .pool
-                    .peek_nearest(keys, fits, can_trim)
+                    .peek_nearest(keys, fits, cut)
                     .is_some_and(|n| n > start)
-                    && let Some(hit) = self.pool.take_nearest(keys, fits, can_trim)
+                    && let Some(hit) = self.pool.take_nearest(keys, fits, cut)
                 {
-                    let PoolCache {
-                        mut cache, draft, ..
-                    } = hit.cache;
-                    if hit.excess == 0 || cache.trim_to(hit.reused) {
+                    let mut entry = hit.cache;
+                    if hit.excess == 0 || entry.cut(hit.reused) {
+                        let PoolCache {
+                            cache,
+                            draft,
+                            rollback,
+                            ..
+                        } = entry;
                         match seq.generation.adopt_cached(cache, hit.reused) {
-                            Ok(()) => seq.adopt_draft(draft),
+                            Ok(()) => {
+                                seq.adopt_draft(draft);
+                                seq.inherited = PoolCache::inherited(rollback, hit.reused);
+                            }
                             Err(cache) => {
                                 // Refused (a cut inside an image): an entry the take moved out goes
                                 // back.
@@ -1714,6 +1722,7 @@ impl ModelRunner for MlxRunner {
                                     cache,
                                     kv: seq.kv,
                                     draft,
+                                    rollback: PoolCache::inherited(rollback, hit.reused),
                                 };
                                 let bytes = entry.nbytes();
                                 self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
@@ -1903,6 +1912,11 @@ impl ModelRunner for MlxRunner {
         // The draft model reads the placeholders of media as the ids they are, where the target's record
         // names media by their digests (`cache_keys`): its cache is settled against the raw context.
         let context = seq.generation.context().to_vec();
+        let mut rollback = seq.inherited;
+        rollback.extend(seq.generation.rollback_points().iter().cloned());
+        rollback.sort_by_key(Checkpoint::offset);
+        rollback.dedup_by_key(|cp| cp.offset());
+        let rollback = rollback.split_off(rollback.len().saturating_sub(ROLLBACK_POINTS));
         if !seq.poisoned
             && let Ok((cache, fed)) = seq.generation.into_cache()
         {
@@ -1914,7 +1928,12 @@ impl ModelRunner for MlxRunner {
                     .draft_hit
                     .and_then(|(c, f)| DraftState::resume(c, f).into_cache(committed)),
             };
-            let entry = PoolCache { cache, kv, draft };
+            let entry = PoolCache {
+                cache,
+                kv,
+                draft,
+                rollback,
+            };
             let bytes = entry.nbytes();
             self.pool.insert(fed, entry, bytes, EntryKind::Owned);
             self.pool
@@ -1963,6 +1982,9 @@ struct PoolCache {
     cache: Cache,
     kv: Option<KvQuant>,
     draft: Option<(Cache, Vec<u32>)>,
+    /// Rollback points of the cache's sliding-window layers, ascending ([`Generation::rollback_points`]):
+    /// where a prompt that parts from this entry can resume once the windows have filled.
+    rollback: Vec<Checkpoint>,
 }
 
 impl PoolCache {
@@ -1972,12 +1994,52 @@ impl PoolCache {
             cache,
             kv,
             draft: None,
+            rollback: vec![],
         }
     }
 
-    /// Bytes the entry holds (the draft's cache included).
+    /// Bytes the entry holds (the draft's cache and the rollback points' windows included).
     fn nbytes(&self) -> u64 {
-        (self.cache.nbytes() + self.draft.as_ref().map_or(0, |(c, _)| c.nbytes())) as u64
+        (self.cache.nbytes()
+            + self.draft.as_ref().map_or(0, |(c, _)| c.nbytes())
+            + self.rollback.iter().map(Checkpoint::nbytes).sum::<usize>()) as u64
+    }
+
+    /// The most positions, at most `keep`, the cache can be cut back to: `keep` while it can be trimmed,
+    /// else its latest rollback point at or before `keep` (the pool's `cut`).
+    fn cut_to(&self, keep: usize) -> Option<usize> {
+        if self.cache.is_trimmable() {
+            return Some(keep);
+        }
+        self.rollback
+            .iter()
+            .map(Checkpoint::offset)
+            .filter(|&o| o <= keep)
+            .max()
+    }
+
+    /// Cuts the cache back to `keep` positions, a length [`PoolCache::cut_to`] offered: trimmed, or
+    /// returned to the rollback point there. False, changing nothing, when it cannot.
+    fn cut(&mut self, keep: usize) -> bool {
+        if self.cache.is_trimmable() {
+            return self.cache.trim_to(keep);
+        }
+        let Self {
+            cache, rollback, ..
+        } = self;
+        rollback
+            .iter()
+            .find(|cp| cp.offset() == keep)
+            .is_some_and(|cp| cache.rollback(cp))
+    }
+
+    /// The rollback points a request continuing this entry from `reused` positions inherits: those at or
+    /// before it, which hold the same tokens.
+    fn inherited(rollback: Vec<Checkpoint>, reused: usize) -> Vec<Checkpoint> {
+        rollback
+            .into_iter()
+            .filter(|cp| cp.offset() <= reused)
+            .collect()
     }
 }
 
@@ -2008,6 +2070,9 @@ struct MlxSequence {
     encoded_media: usize,
     /// Preprocesses the media ahead of the model thread (None: it preprocesses them itself).
     media_worker: Option<MediaWorker>,
+    /// Rollback points of the prefix-cache entry it continues, at or before what it reused: its own
+    /// entry keeps them with those its prefill takes.
+    inherited: Vec<Checkpoint>,
 }
 
 /// A sequence's speculative decoding: how many tokens to draft, the draft model's cache, and the RNG of
@@ -2070,15 +2135,23 @@ impl MlxSequence {
         let keys = crate::generate::cache_keys(&ids, &media);
         // Only a cache built with the KV quantization this request asks for (tiers sharing an engine may
         // ask for different ones), and only once the request has been checked.
-        let mut draft_hit = None;
+        let (mut draft_hit, mut inherited) = (None, vec![]);
         let mut generation = Generation::resume_with_media(&l.model, &ids, media, opts, || {
-            let hit = pool.take_nearest(&keys, |c| c.kv == kv, |c, _| c.cache.is_trimmable())?;
+            let hit = pool.take_nearest(&keys, |c| c.kv == kv, |c, keep| c.cut_to(keep))?;
+            // The pool only offers a longer entry when the cache can be cut back to `reused`.
+            let mut entry = hit.cache;
+            if hit.excess > 0 && !entry.cut(hit.reused) {
+                return None;
+            }
             let PoolCache {
-                mut cache, draft, ..
-            } = hit.cache;
+                cache,
+                draft,
+                rollback,
+                ..
+            } = entry;
             draft_hit = draft;
-            // The pool only offers a longer entry when the cache can be trimmed.
-            (hit.excess == 0 || cache.trim_to(hit.reused)).then_some((cache, hit.reused))
+            inherited = PoolCache::inherited(rollback, hit.reused);
+            Some((cache, hit.reused))
         })?;
         for n in [system, turns].into_iter().flatten() {
             generation.checkpoint_at(n);
@@ -2112,6 +2185,7 @@ impl MlxSequence {
             turn_end,
             draft_hit,
             media_worker,
+            inherited,
             media: placed.into_iter().map(Some).collect(),
             encoded_media: 0,
         })
@@ -2152,15 +2226,20 @@ impl MlxSequence {
         Ok(())
     }
 
-    /// Bytes its caches hold against the prefix cache's budget: its own and a draft cache it took from the
-    /// prefix cache and holds without speculating (a speculating sequence's draft caches are the draft
-    /// model's share of the memory plan).
+    /// Bytes its caches hold against the prefix cache's budget: its own, its rollback points' windows, and
+    /// a draft cache it took from the prefix cache and holds without speculating (a speculating
+    /// sequence's draft caches are the draft model's share of the memory plan).
     fn cache_bytes(&self) -> u64 {
+        let windows: usize = (self.inherited.iter())
+            .chain(self.generation.rollback_points())
+            .map(Checkpoint::nbytes)
+            .sum();
         self.generation.cache_bytes()
             + self
                 .draft_hit
                 .as_ref()
                 .map_or(0, |(c, _)| c.nbytes() as u64)
+            + windows as u64
     }
 
     /// Media the reused prefix holds (never encoded for this sequence).

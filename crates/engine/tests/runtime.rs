@@ -195,7 +195,7 @@ fn a_continued_conversation_reuses_the_cache_and_answers_as_cold() {
 /// message shares a prefix with an entry that runs on past it; the engine copies that entry, drops the
 /// positions past the common part and answers as a cold engine does, while the entry stays for the
 /// conversation it came from. Sliding-window caches can be cut back only until their window (16) has
-/// filled: past that, the prompt is read afresh.
+/// filled: past that, to a rollback point the prefill took (llama-server's sliding-window checkpoints).
 #[test]
 fn a_repeated_or_edited_prompt_reuses_a_trimmed_copy_and_answers_as_cold() {
     let _serial = serial();
@@ -228,12 +228,27 @@ fn a_repeated_or_edited_prompt_reuses_a_trimmed_copy_and_answers_as_cold() {
         next.extend([700, 701]);
         check(&next, len + 3, &format!("len {len}, continued"));
     }
-    // A window that has filled cannot be cut back: 17 prompt tokens + 3 fed back.
+    // A window that has filled cannot be cut back, but it returns to a rollback point: one is taken at
+    // each prefill chunk end (every 8 tokens here) once the window (16) has filled, and kept with the
+    // entry. 17 prompt tokens: a point at 16, all but the last token.
     let long: Vec<u32> = std::iter::once(150)
         .chain((1..17u32).map(|k| 300 + (k * 43) % 400))
         .collect();
     check(&long, 0, "len 17, first");
-    check(&long, 0, "len 17, repeated");
+    check(&long, 16, "len 17, repeated");
+    // 29 tokens: points at 16, 24 and 28. Repeated, the one at 28 serves; edited after its 26th token,
+    // the one at 24; after its 20th, the one at 16 (each request passes the points at or before what it
+    // reused on to its own entry).
+    let long: Vec<u32> = std::iter::once(151)
+        .chain((1..29u32).map(|k| 300 + (k * 47) % 400))
+        .collect();
+    check(&long, 0, "len 29, first");
+    check(&long, 28, "len 29, repeated");
+    for (cut, reused) in [(26, 24), (20, 16)] {
+        let mut edited = long[..cut].to_vec();
+        edited.extend([600, 601, 602]);
+        check(&edited, reused, &format!("len 29, edited after {cut}"));
+    }
     assert!(warm.shutdown(Duration::from_secs(20)));
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
@@ -426,8 +441,16 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
             .map(|i| ["river", "stone", "lantern", "copper", "falcon"][i % 5])
             .collect::<Vec<_>>()
             .join(" ");
-        let (_, _, first) = answer_with(&warm, chat(&system, "What is first?"), 3);
-        assert_eq!(first, 0, "{words} words: nothing cached yet");
+        // A longer system prompt begins with a shorter one's words: past the window, a rollback point of
+        // an earlier conversation serves that part, and the answer is still a cold engine's.
+        let (ft, fl, first) = answer_with(&warm, chat(&system, "What is first?"), 3);
+        if words == 1 {
+            assert_eq!(first, 0, "{words} words: nothing cached yet");
+        }
+        let (ct, cl, _) = answer_with(&cold, chat(&system, "What is first?"), 3);
+        assert_eq!(ft, ct, "{words} words, first: tokens");
+        assert!(max_diff(&fl, &cl) <= 1e-4, "{words} words, first: logprobs");
+        eprintln!("{words} words, first: reused {first}");
         for question in ["Which is last?", "Name one more, please."] {
             let (wt, wl, reused) = answer_with(&warm, chat(&system, question), 4);
             assert!(

@@ -204,7 +204,7 @@ impl<C: Clone> PrefixPool<C> {
     /// copied (`C::clone`, which for MLX arrays shares the buffers until either side writes). None: no
     /// entry fits (an empty prompt never does).
     pub fn take_longest(&mut self, prompt: &[u32]) -> Option<(C, usize)> {
-        self.take_nearest(prompt, |_| true, |_, _| false)
+        self.take_nearest(prompt, |_| true, |_, _| None)
             .map(|h| (h.cache, h.reused))
     }
 
@@ -215,19 +215,21 @@ impl<C: Clone> PrefixPool<C> {
     /// its logits) is used as it is: an [`EntryKind::Owned`] entry leaves the pool, a
     /// [`EntryKind::Shared`] one is copied. An entry that runs on past where the prompt diverges from it,
     /// or past the prompt's last token (a regenerated answer, a repeated prompt, an edited last message),
-    /// can serve the common part if the caller can drop positions from the end of its cache:
-    /// `can_trim(cache, keep)` says whether it can keep just the first `keep`. Such a hit is always a
-    /// copy, the entry stays for the conversation it came from, and [`Hit::excess`] says how many
-    /// positions the caller must drop. Between equal reuse, an entry needing no trim wins, then the most
+    /// can serve the common part if the caller can cut its cache back: `cut(cache, keep)` is the most
+    /// positions, at most `keep`, the caller can cut the cache back to (`keep` itself where it can drop
+    /// positions from the end; the last rollback point before `keep` where it keeps those instead, as
+    /// llama-server's sliding-window checkpoints; None: not at all). Such a hit is always a copy, the entry
+    /// stays for the conversation it came from, and [`Hit::excess`] says how many positions the caller
+    /// must drop. Between equal reuse, an entry needing no trim wins, then the most
     /// recently used. None: no entry shares a token with the prompt, or none of those fits.
     pub fn take_nearest(
         &mut self,
         prompt: &[u32],
         fits: impl Fn(&C) -> bool,
-        can_trim: impl Fn(&C, usize) -> bool,
+        cut: impl Fn(&C, usize) -> Option<usize>,
     ) -> Option<Hit<C>> {
         self.lookups += 1;
-        let (i, reused, exact) = self.nearest(prompt, fits, can_trim)?;
+        let (i, reused, exact) = self.nearest(prompt, fits, cut)?;
         self.hits += 1;
         self.clock += 1;
         let e = &mut self.entries[i];
@@ -250,10 +252,9 @@ impl<C: Clone> PrefixPool<C> {
         &self,
         prompt: &[u32],
         fits: impl Fn(&C) -> bool,
-        can_trim: impl Fn(&C, usize) -> bool,
+        cut: impl Fn(&C, usize) -> Option<usize>,
     ) -> Option<usize> {
-        self.nearest(prompt, fits, can_trim)
-            .map(|(_, reused, _)| reused)
+        self.nearest(prompt, fits, cut).map(|(_, reused, _)| reused)
     }
 
     /// The best entry for `prompt`: (index, tokens reused, whether the entry is used whole).
@@ -261,7 +262,7 @@ impl<C: Clone> PrefixPool<C> {
         &self,
         prompt: &[u32],
         fits: impl Fn(&C) -> bool,
-        can_trim: impl Fn(&C, usize) -> bool,
+        cut: impl Fn(&C, usize) -> Option<usize>,
     ) -> Option<(usize, usize, bool)> {
         let limit = prompt.len().saturating_sub(1);
         self.entries
@@ -279,7 +280,12 @@ impl<C: Clone> PrefixPool<C> {
                     return None;
                 }
                 let exact = reused == e.tokens.len();
-                (exact || can_trim(&e.cache, reused)).then_some((i, reused, exact, e.last_used))
+                let reused = if exact {
+                    reused
+                } else {
+                    cut(&e.cache, reused).filter(|&n| n > 0 && n <= reused)?
+                };
+                Some((i, reused, exact, e.last_used))
             })
             .max_by_key(|&(_, reused, exact, used)| (reused, exact, used))
             .map(|(i, reused, exact, _)| (i, reused, exact))
@@ -520,7 +526,7 @@ mod slot_tests {
         assert_eq!(p.evict_to(20), 3);
         assert_eq!(p.take_longest(&[1, 2, 3]), Some(("system", 2)));
         assert_eq!(
-            p.take_nearest(&[1, 2, 13, 0], |c| *c != "turn", |_, _| false)
+            p.take_nearest(&[1, 2, 13, 0], |c| *c != "turn", |_, _| None)
                 .map(|h| (h.cache, h.reused)),
             Some(("system", 2))
         );
@@ -532,38 +538,50 @@ mod slot_tests {
         let mut p: PrefixPool<&str> = PrefixPool::new(4);
         p.insert(vec![1, 2, 3, 4, 5], "turn", 10, EntryKind::Owned);
         // Without trimming, a repeated prompt finds nothing.
-        assert!(p.take_nearest(&[1, 2, 3], |_| true, |_, _| false).is_none());
+        assert!(p.take_nearest(&[1, 2, 3], |_| true, |_, _| None).is_none());
         // A repeated prompt: all but its last token, and the entry stays for its conversation.
-        let h = p.take_nearest(&[1, 2, 3], |_| true, |_, _| true).unwrap();
+        let h = p
+            .take_nearest(&[1, 2, 3], |_| true, |_, keep| Some(keep))
+            .unwrap();
         assert_eq!((h.cache, h.reused, h.excess), ("turn", 2, 3));
         assert_eq!(p.len(), 1);
         // An edited message: the part before the edit.
-        let h = p.take_nearest(&[1, 2, 3, 9, 9, 9], |_| true, |_, _| true);
+        let h = p.take_nearest(&[1, 2, 3, 9, 9, 9], |_| true, |_, keep| Some(keep));
         assert_eq!(h.map(|h| (h.reused, h.excess)), Some((3, 2)));
         // The engine decides how far back it can cut.
-        let h = p.take_nearest(&[1, 2, 3, 9, 9], |_| true, |_, keep| keep < 3);
+        let h = p.take_nearest(
+            &[1, 2, 3, 9, 9],
+            |_| true,
+            |_, keep| (keep < 3).then_some(keep),
+        );
         assert!(h.is_none());
+        // Or back to a rollback point short of the common part (the rest is read again).
+        let h = p.take_nearest(&[1, 2, 3, 9, 9], |_| true, |_, keep| Some(keep.min(2)));
+        assert_eq!(h.map(|h| (h.reused, h.excess)), Some((2, 3)));
         // A shared checkpoint that holds as much needs no trim and wins; a longer trimmed reuse beats it.
         p.insert(vec![1, 2], "system", 10, EntryKind::Shared);
         let h = p
-            .take_nearest(&[1, 2, 7, 7], |_| true, |_, _| true)
+            .take_nearest(&[1, 2, 7, 7], |_| true, |_, keep| Some(keep))
             .unwrap();
         assert_eq!((h.cache, h.reused, h.excess), ("system", 2, 0));
         let h = p
-            .take_nearest(&[1, 2, 3, 4, 7], |_| true, |_, _| true)
+            .take_nearest(&[1, 2, 3, 4, 7], |_| true, |_, keep| Some(keep))
             .unwrap();
         assert_eq!((h.cache, h.reused, h.excess), ("turn", 4, 1));
         // A peek says what a take would reuse, and takes nothing.
-        let peeked = p.peek_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| true);
+        let peeked = p.peek_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, keep| Some(keep));
         assert_eq!((peeked, p.len()), (Some(5), 2));
-        assert_eq!(p.peek_nearest(&[9, 9], |_| true, |_, _| true), None);
+        assert_eq!(
+            p.peek_nearest(&[9, 9], |_| true, |_, keep| Some(keep)),
+            None
+        );
         // A continuation still moves the owned entry out, untrimmed.
         let h = p
-            .take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| true)
+            .take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, keep| Some(keep))
             .unwrap();
         assert_eq!((h.cache, h.reused, h.excess), ("turn", 5, 0));
         assert_eq!(p.len(), 1);
-        assert_eq!(p.hit_counts(), (5, 7));
+        assert_eq!(p.hit_counts(), (6, 8));
     }
 
     #[test]
@@ -575,7 +593,7 @@ mod slot_tests {
         p.insert(vec![1, 2, 3, 4, 5], "turn 2", 10, EntryKind::Turn);
         assert_eq!(p.len(), 2);
         // A regenerated answer gets a copy, and the checkpoint stays.
-        let h = p.take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| false);
+        let h = p.take_nearest(&[1, 2, 3, 4, 5, 6], |_| true, |_, _| None);
         assert_eq!(h.map(|h| (h.cache, h.reused)), Some(("turn 2", 5)));
         assert_eq!(p.len(), 2);
         // An owned entry for the same tokens does not replace it.

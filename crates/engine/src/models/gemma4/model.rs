@@ -643,6 +643,11 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Positions the cache held when it was taken.
+    pub fn offset(&self) -> usize {
+        self.offset.max(0) as usize
+    }
+
     /// Bytes its copies hold (shared with the cache until the cache's next write).
     pub fn nbytes(&self) -> usize {
         self.rotating.iter().map(|(_, c)| c.nbytes()).sum()
