@@ -416,6 +416,36 @@ impl RotatingKvCache {
         }
     }
 
+    /// The same cache holding its window alone, in buffers of its own. After a multi-position update the
+    /// buffer also holds the positions that update read (up to a prefill chunk past the window), and a
+    /// slice of it would keep all of it alive; what any later update leaves is the same either way (the
+    /// next multi-position update keeps `max_size - 1` old positions, a single one rotates from the oldest).
+    /// The copy is `× 1` in the cache's dtype, exact for every value, since MLX's `copy` shares buffers.
+    pub fn compacted(&self) -> Result<Self> {
+        let len = self.keys.as_ref().map_or(0, |k| k.shape()[2]);
+        if self.idx != len || len <= self.max_size {
+            return Ok(self.clone());
+        }
+        let own = |a: &Option<Array>| -> Result<Option<Array>> {
+            a.as_ref()
+                .map(|a| {
+                    let tail = a.try_index((.., .., len - self.max_size.., ..))?;
+                    let one = Array::from_f32(1.0).as_dtype(tail.dtype())?;
+                    let copy = ops::multiply(&tail, &one)?;
+                    mlx_rs::transforms::eval([&copy])?;
+                    Ok(copy)
+                })
+                .transpose()
+        };
+        Ok(Self {
+            keys: own(&self.keys)?,
+            values: own(&self.values)?,
+            offset: self.offset,
+            max_size: self.max_size,
+            idx: self.max_size,
+        })
+    }
+
     /// Whether [`RotatingKvCache::trim_end`] can drop positions: only while the window has never been
     /// full, since a full window has overwritten the positions a shorter history would still see
     /// (mlx-lm `RotatingKVCache.is_trimmable`: `offset < max_size`).

@@ -246,8 +246,16 @@ pub fn estimate(
     for s in specs.iter().filter(|s| s.has_kv) {
         let positions = match s.layer_type {
             LayerType::Full => full_len,
-            // A rotating cache keeps the window, plus one chunk while that chunk is being attended.
-            LayerType::Sliding => (t.sliding_window + chunk).min(full_len),
+            // A rotating cache keeps the window, plus one chunk while that chunk is being attended, and
+            // once the window has filled, a window per rollback point the prefill keeps.
+            LayerType::Sliding => {
+                (t.sliding_window + chunk).min(full_len)
+                    + if full_len > t.sliding_window {
+                        crate::generate::ROLLBACK_POINTS * t.sliding_window
+                    } else {
+                        0
+                    }
+            }
         };
         kv += (positions * s.n_kv_heads * s.head_dim * 2) as u64 * elem;
     }

@@ -22,9 +22,9 @@ use crate::{EngineError, Result};
 /// mlx-lm's default prefill chunk.
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
 
-/// Most rollback points a generation keeps ([`Generation::rollback_points`]; llama-server keeps 3
-/// sliding-window checkpoints per slot by default).
-pub const ROLLBACK_POINTS: usize = 4;
+/// Most rollback points a generation keeps, the latest ([`Generation::rollback_points`]; llama-server
+/// keeps 3 sliding-window checkpoints per slot by default). Each holds a window per sliding-window layer.
+pub const ROLLBACK_POINTS: usize = 3;
 
 /// Default cap on one prefill chunk's attention scores (see [`prefill_chunk`]).
 pub const DEFAULT_ATTENTION_BUDGET: u64 = 512 << 20;
@@ -378,6 +378,8 @@ pub struct Generation {
     /// Rollback points of the sliding-window layers taken at prefill chunk ends once their windows have
     /// filled (at most [`ROLLBACK_POINTS`], the latest), ascending ([`Generation::rollback_points`]).
     rollback_points: Vec<Checkpoint>,
+    /// Whether to take rollback points (off when nothing would keep them).
+    keep_rollback_points: bool,
     stats: GenerationStats,
     t0: Instant,
     t_first: Option<Instant>,
@@ -512,6 +514,7 @@ impl Generation {
             checkpoint_at: vec![],
             checkpoints: vec![],
             rollback_points: vec![],
+            keep_rollback_points: true,
             stats: GenerationStats {
                 prompt_tokens: prompt.len(),
                 completion_tokens: 0,
@@ -674,11 +677,14 @@ impl Generation {
             }
             // Once a sliding window has filled, its cache cannot be cut back: a copy of the windows here
             // lets a later prompt that parts from this one past this point resume from it.
-            if !self.cache.is_trimmable() && self.opts.kv_quant.is_none() {
+            if self.keep_rollback_points
+                && !self.cache.is_trimmable()
+                && self.opts.kv_quant.is_none()
+            {
                 if self.rollback_points.len() == ROLLBACK_POINTS {
                     self.rollback_points.remove(0);
                 }
-                self.rollback_points.push(self.cache.checkpoint());
+                self.rollback_points.push(self.cache.rollback_point()?);
             }
             mlx_rs::memory::clear_cache()?;
             if n_ids - self.prefilled > 1 {
@@ -1358,6 +1364,12 @@ impl Generation {
     /// [`Checkpoint::offset`] positions.
     pub fn rollback_points(&self) -> &[Checkpoint] {
         &self.rollback_points
+    }
+
+    /// Takes no rollback points from here on (an engine without a prefix cache keeps none).
+    pub fn without_rollback_points(&mut self) {
+        self.keep_rollback_points = false;
+        self.rollback_points.clear();
     }
 
     /// Bytes the generation's cache holds.

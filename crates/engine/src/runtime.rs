@@ -1634,6 +1634,9 @@ impl ModelRunner for MlxRunner {
         context_length: usize,
     ) -> std::result::Result<MlxSequence, EngineFailure> {
         let mut seq = MlxSequence::new(model, request, context_length, &mut self.pool)?;
+        if self.kv_budget == 0 {
+            seq.generation.without_rollback_points();
+        }
         if let Some(sp) = &self.config.speculative
             && model.draft.is_some()
         {
@@ -2230,8 +2233,8 @@ impl MlxSequence {
     /// a draft cache it took from the prefix cache and holds without speculating (a speculating
     /// sequence's draft caches are the draft model's share of the memory plan).
     fn cache_bytes(&self) -> u64 {
-        let windows: usize = (self.inherited.iter())
-            .chain(self.generation.rollback_points())
+        // Its own points: the inherited ones share their buffers with the entry they came from.
+        let windows: usize = (self.generation.rollback_points().iter())
             .map(Checkpoint::nbytes)
             .sum();
         self.generation.cache_bytes()

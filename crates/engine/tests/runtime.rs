@@ -442,7 +442,7 @@ fn a_new_conversation_starts_from_the_shared_system_prompt_and_answers_as_cold()
             .collect::<Vec<_>>()
             .join(" ");
         // A longer system prompt begins with a shorter one's words: past the window, a rollback point of
-        // an earlier conversation serves that part, and the answer is still a cold engine's.
+        // an earlier conversation may serve that part, and the answer is still a cold engine's.
         let (ft, fl, first) = answer_with(&warm, chat(&system, "What is first?"), 3);
         if words == 1 {
             assert_eq!(first, 0, "{words} words: nothing cached yet");

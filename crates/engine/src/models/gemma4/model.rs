@@ -723,6 +723,22 @@ impl Cache {
         }
     }
 
+    /// A rollback point kept for later requests ([`crate::generate::Generation::rollback_points`]): as
+    /// [`Cache::checkpoint`], with each window copied down to the window alone
+    /// ([`RotatingKvCache::compacted`]), so that it holds a window's worth per sliding-window layer and
+    /// not the buffer of the prefill chunk it was taken after.
+    ///
+    /// Errors: an MLX failure.
+    pub fn rollback_point(&self) -> Result<Checkpoint> {
+        let mut cp = self.checkpoint();
+        for (_, c) in &mut cp.rotating {
+            if let LayerCache::Rotating(r) = c {
+                *r = r.compacted()?;
+            }
+        }
+        Ok(cp)
+    }
+
     /// Returns to `cp`, taken from this cache when it held no more than it does now: full-attention layers
     /// trimmed back, sliding-window layers restored from their copies. False, changing nothing, when a layer
     /// cannot (a quantized cache, or a checkpoint from another cache).
