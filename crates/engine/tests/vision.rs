@@ -186,16 +186,26 @@ fn greedy(
     greedy_or_error(engine, ids, images).unwrap()
 }
 
-#[test]
-fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
+/// The tiny-mm fixture's PNG case: the model directory, the prompt ids with the image's placeholders,
+/// mlx-vlm's 32 greedy tokens, and the PNG decoded.
+fn photo_case() -> (PathBuf, Vec<u32>, Vec<u32>, jemma_media::DecodedImage) {
     let dir = fixture_named("tiny-mm");
     let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
-    let ids = tokens(&refs["photo.ids"]);
-    let want = tokens(&refs["photo.greedy"]);
     let png = std::fs::read(dir.join("photo.png")).unwrap();
     let photo = jemma_media::EncodedImage(png.into())
         .decode(&jemma_media::Limits::default())
         .unwrap();
+    (
+        dir,
+        tokens(&refs["photo.ids"]),
+        tokens(&refs["photo.greedy"]),
+        photo,
+    )
+}
+
+#[test]
+fn the_engine_sees_a_png_as_mlx_vlm_does_and_caches_by_image() {
+    let (dir, ids, want, photo) = photo_case();
     let engine =
         jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(&dir))
             .unwrap();
@@ -280,14 +290,7 @@ fn summary(
 /// comes, with the same answer.
 #[test]
 fn the_tower_runs_when_the_prefill_reaches_an_image_and_not_for_a_cached_one() {
-    let dir = fixture_named("tiny-mm");
-    let refs = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
-    let ids = tokens(&refs["photo.ids"]);
-    let want = tokens(&refs["photo.greedy"]);
-    let png = std::fs::read(dir.join("photo.png")).unwrap();
-    let photo = jemma_media::EncodedImage(png.into())
-        .decode(&jemma_media::Limits::default())
-        .unwrap();
+    let (dir, ids, want, photo) = photo_case();
     let start = || {
         let e =
             jemma_engine::runtime::Engine::start(jemma_engine::runtime::EngineConfig::new(&dir))
