@@ -1164,35 +1164,24 @@ impl ModelBundle {
         videos: &[jemma_media::video::DecodedVideo],
     ) -> Result<(Vec<u32>, Vec<PromptImage>, Vec<PromptAudio>)> {
         let (ids, placed) = self.place_media(prompt, images, audio, videos)?;
+        let extractor = self.audio_spec.as_ref().map(|a| &*a.extractor);
         let (mut placed_images, mut placed_audio) = (vec![], vec![]);
         for p in placed {
-            match p.input {
-                MediaInput::Image { rgb, params } => placed_images.push(PromptImage {
+            match p.input.preprocess(extractor)? {
+                TowerInput::Pixels(pixels) => placed_images.push(PromptImage {
                     start: p.start,
-                    pixels: jemma_media::preprocess(&rgb, &params)
-                        .map_err(|e| EngineError::InvalidRequest(e.to_string()))?,
+                    pixels,
                     digest: p.digest,
                 }),
-                MediaInput::Audio(samples) => placed_audio.push(PromptAudio {
+                TowerInput::Audio(features) => placed_audio.push(PromptAudio {
                     start: p.start,
                     soft_tokens: p.len,
-                    features: self.audio_features(&samples)?,
+                    features,
                     digest: p.digest,
                 }),
             }
         }
         Ok((ids, placed_images, placed_audio))
-    }
-
-    /// Gemma 4's audio features of `samples` (16 kHz mono), for the audio tower.
-    ///
-    /// Errors ([`EngineError::InvalidRequest`]): a model that does not hear.
-    fn audio_features(&self, samples: &[f32]) -> Result<jemma_media::audio::AudioFeatures> {
-        let spec = self
-            .audio_spec
-            .as_ref()
-            .ok_or_else(|| EngineError::InvalidRequest("this model takes no audio".into()))?;
-        Ok(spec.extractor.extract(samples))
     }
 
     /// The soft tokens of a placed image, frame or clip (1, `len`, hidden): preprocessing and its tower.
