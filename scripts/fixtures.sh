@@ -54,6 +54,16 @@ for m in tiny moe; do
       || die "converting $m to GGUF ($t) failed"
   done
 done
+# The MTP assistant drafters for the llama.cpp engine (its gemma4-assistant architecture), with the tiny
+# target's tokenizer beside them as a real assistant checkpoint ships one (the converter reads it).
+for m in mtp mtp-tied; do
+  stage=$(mktemp -d)
+  cp "$OUT/$m/config.json" "$OUT/$m/model.safetensors" "$OUT/tiny/tokenizer.json" "$OUT/tiny/tokenizer_config.json" "$stage/"
+  PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
+    "$stage" --outfile "$OUT/gguf/$m-f32.gguf" --outtype f32 >/dev/null 2>&1 \
+    || die "converting the $m drafter to GGUF failed"
+  rm -rf "$stage"
+done
 # The multimodal fixture for llama.cpp's libmtmd: its text model, and its vision and audio towers as an
 # mmproj GGUF (gguf_mmproj.py: the converter, with the pooling a real Gemma 4 mmproj would not need to name).
 PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \

@@ -45,10 +45,14 @@ impl LlamaEngine {
             threads,
             model_bytes: 0,
             footprint_bytes: None,
-            speculative: config
-                .speculative
-                .as_ref()
-                .map(|sp| SpeculativeInfo::new(sp.draft_model.clone(), "draft_model")),
+            speculative: config.speculative.as_ref().map(|sp| {
+                let drafter = if crate::mtp::is_assistant(&sp.draft_model).unwrap_or(false) {
+                    "mtp_assistant"
+                } else {
+                    "draft_model"
+                };
+                SpeculativeInfo::new(sp.draft_model.clone(), drafter)
+            }),
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,

@@ -20,6 +20,7 @@ pub mod gguf;
 mod kv;
 mod load;
 mod media;
+mod mtp;
 mod parity;
 mod request;
 mod runner;
@@ -39,6 +40,7 @@ use utf8::*;
 
 pub use jemma_serve::speculative::SpeculativeInfo;
 pub use media::{DEFAULT_IMAGE_SOFT_TOKENS, DEFAULT_VIDEO_SOFT_TOKENS, towers};
+pub use mtp::is_assistant;
 pub use speculative::LlamaSpeculative;
 
 use std::num::NonZeroU32;

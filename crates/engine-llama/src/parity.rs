@@ -36,18 +36,22 @@ impl Session {
         &self.loaded
     }
 
+    fn params(n_ctx: usize, n_batch: usize, threads: i32) -> LlamaContextParams {
+        LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(n_ctx as u32))
+            .with_n_batch(n_batch as u32)
+            .with_n_ubatch(n_batch as u32)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads)
+    }
+
     pub(crate) fn context(
         &self,
         n_ctx: usize,
         n_batch: usize,
         threads: i32,
     ) -> Result<llama_cpp_2::context::LlamaContext<'_>> {
-        let params = LlamaContextParams::default()
-            .with_n_ctx(NonZeroU32::new(n_ctx as u32))
-            .with_n_batch(n_batch as u32)
-            .with_n_ubatch(n_batch as u32)
-            .with_n_threads(threads)
-            .with_n_threads_batch(threads);
+        let params = Self::params(n_ctx, n_batch, threads);
         self.loaded
             .model
             .new_context(backend()?, params)
@@ -78,6 +82,42 @@ impl Session {
             last = argmax(ctx.get_logits_ith(0));
         }
         Ok((logits, out))
+    }
+}
+
+impl Session {
+    /// The first round of the Gemma 4 assistant drafter at `assistant` (a `gemma4-assistant` GGUF) after
+    /// this model read `ids` in a fresh context: the pending token (the prompt's greedy next token) and
+    /// `k` greedy drafts after it, as the engine's MTP rounds make them ([`crate::mtp`]). Parity tests
+    /// compare them with mlx-vlm's `draft_block`.
+    ///
+    /// Errors: the assistant does not load or does not fit this model; a decode fails.
+    pub fn mtp_first_round(
+        &self,
+        assistant: &std::path::Path,
+        ids: &[u32],
+        k: usize,
+        threads: i32,
+    ) -> Result<(u32, Vec<u32>)> {
+        let n_ctx = ids.len() + k + 8;
+        let mut ctx = self.context(n_ctx, ids.len().max(1), threads)?;
+        // Bound before the prompt is read, as the engine binds it at load: making the drafter's context
+        // clears the cache it shares with the target.
+        let drafter = load(&LlamaConfig::new(assistant.to_path_buf()), |_| true)?;
+        let mut m = mtp::Mtp::bind(
+            drafter,
+            &mut ctx,
+            Self::params(n_ctx, 1, threads),
+            jemma_serve::speculative::SpeculativeConfig::default(),
+            1,
+        )?;
+        let toks: Vec<LlamaToken> = ids.iter().map(|&i| LlamaToken(i as i32)).collect();
+        let logits = prompt_logits(&self.loaded, &mut ctx, &toks, ids.len().max(1))?;
+        let pending = argmax(&logits);
+        let h = mtp::hidden(&mut ctx, ids.len() as i32 - 1, m.n_embd)
+            .ok_or_else(|| LlamaError::Runtime("the target gave no hidden state".into()))?;
+        let drafts = m.propose(0, pending, ids.len() as i32, &h, k)?;
+        Ok((pending, drafts))
     }
 }
 

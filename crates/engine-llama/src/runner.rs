@@ -9,9 +9,10 @@ use super::*;
 pub(crate) struct Serving {
     /// The mmproj's towers; declared before `cell` so that it is dropped before the model it points to.
     pub(crate) mtmd: Option<media::Mtmd>,
+    /// What drafts, when speculative decoding is configured; declared before `cell` too, as an assistant
+    /// drafter's context views the target's.
+    pub(crate) drafts: Option<speculative::Drafter>,
     pub(crate) cell: SessionCell,
-    /// The draft model, when speculative decoding is configured.
-    pub(crate) drafts: Option<speculative::Drafts>,
     pub(crate) slots: Vec<Slot>,
     /// Advances at each admission; orders the slots by last use.
     pub(crate) clock: u64,
@@ -123,6 +124,13 @@ impl LlamaRunner {
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         // The draft's weights and a context of the target's shape (one sequence per slot).
         let draft = match &self.config.speculative {
+            // An assistant holds no KV (it reads the target's): its weights, and its compute buffers as a
+            // model of its size would need them for one token per sequence.
+            Some(sp) if mtp::is_assistant(&sp.draft_model).unwrap_or(false) => {
+                gguf::footprint(&sp.draft_model, Some(1), self.parallel(), 1).map_err(|e| {
+                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
+                })?
+            }
             Some(sp) => gguf::footprint(
                 &sp.draft_model,
                 Some(
@@ -243,7 +251,7 @@ impl ModelRunner for LlamaRunner {
             })
             .min(loaded.model.n_layer());
         let bytes = loaded.model.size();
-        let cell =
+        let mut cell =
             SessionCell::try_new(loaded, |l| l.model.new_context(backend, ctx_params.clone()))
                 .map_err(|e| {
                     LoadError::Failed(format!(
@@ -269,17 +277,35 @@ impl ModelRunner for LlamaRunner {
                 let d = load(&draft_config, |_| true).map_err(|e| why(e.to_string()))?;
                 speculative::check_vocabulary(cell.borrow_owner(), &d)
                     .map_err(|e| why(e.to_string()))?;
-                let cell = speculative::DraftCell::try_new(d, |l| {
-                    l.model.new_context(backend, ctx_params)
-                })
-                .map_err(|e| why(format!("creating its context: {e}")))?;
-                tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
-                Some(speculative::Drafts {
-                    cell,
-                    held: vec![vec![]; parallel as usize],
-                    config: sp.config.clone(),
-                    batch_size: self.config.batch_size as usize,
-                })
+                if mtp::is_assistant(&sp.draft_model).map_err(|e| why(e.to_string()))? {
+                    let m = cell
+                        .with_dependent_mut(|_, ctx| {
+                            mtp::Mtp::bind(
+                                d,
+                                ctx,
+                                // A draft step reads one token per drafting sequence: a batch of
+                                // `parallel` keeps its output buffer (a row of logits per token) small.
+                                ctx_params.with_n_batch(parallel).with_n_ubatch(parallel),
+                                sp.config.clone(),
+                                self.config.batch_size as usize,
+                            )
+                        })
+                        .map_err(|e| why(e.to_string()))?;
+                    tracing::info!(draft = %sp.draft_model.display(), "assistant (MTP) drafter loaded");
+                    Some(speculative::Drafter::Mtp(m))
+                } else {
+                    let cell = speculative::DraftCell::try_new(d, |l| {
+                        l.model.new_context(backend, ctx_params)
+                    })
+                    .map_err(|e| why(format!("creating its context: {e}")))?;
+                    tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
+                    Some(speculative::Drafter::Model(speculative::Drafts {
+                        cell,
+                        held: vec![vec![]; parallel as usize],
+                        config: sp.config.clone(),
+                        batch_size: self.config.batch_size as usize,
+                    }))
+                }
             }
         };
         let mtmd = match &self.config.mmproj_path {
@@ -318,8 +344,8 @@ impl ModelRunner for LlamaRunner {
         Ok((
             Serving {
                 mtmd,
-                cell,
                 drafts,
+                cell,
                 slots,
                 clock: 0,
                 pool: PrefixPool::new(POOL_ENTRIES),
@@ -373,7 +399,8 @@ impl ModelRunner for LlamaRunner {
         // position on the host).
         // A prompt with media too: the draft model cannot see or hear it.
         if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
-            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config.clone()));
+            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config().clone()));
+            seq.hidden_width = drafts.as_ref().map_or(0, |d| d.hidden_width());
         }
         Ok(seq)
     }
@@ -638,6 +665,12 @@ pub(crate) struct LlamaSequence {
     pub(crate) seeded: bool,
     /// The prompt's images and clips, in order: each is evaluated whole ([`media::MediaSpan::eval`]).
     pub(crate) media: Vec<media::MediaSpan>,
+    /// Floats per hidden state an assistant drafter reads (0: the engine has none, or this sequence does
+    /// not speculate).
+    pub(crate) hidden_width: usize,
+    /// The target's hidden state at the position whose logits gave the pending token (an assistant
+    /// drafter's input; [`mtp::keep_hidden`]).
+    pub(crate) hidden: Option<Vec<f32>>,
 }
 
 impl LlamaSequence {
@@ -729,6 +762,8 @@ impl LlamaSequence {
             sampled: req.sampling.temperature > 0.0,
             seeded: req.sampling.seed.is_some(),
             media,
+            hidden_width: 0,
+            hidden: None,
         })
     }
 
@@ -859,7 +894,7 @@ pub(crate) fn step(
         Option<&mut media::Mtmd>,
     ),
     (drafts, speculated, largest_verify): (
-        Option<&mut speculative::Drafts>,
+        Option<&mut speculative::Drafter>,
         &mut SpeculativeStats,
         &mut usize,
     ),
@@ -885,13 +920,13 @@ pub(crate) fn step(
             // Tokens still allowed after the pending one: a round yields its drafts that stand and one more.
             let room = s.max_tokens.saturating_sub(s.tokens.len() + 1);
             // A verification reads k + 1 positions in one batch, which must fit llama.cpp's.
-            let room = room.min(drafts.batch_size.saturating_sub(1));
+            let room = room.min(drafts.batch_size().saturating_sub(1));
             let k = s.spec.as_mut().map_or(0, |c| c.next_k(n, room));
             if k == 0 {
                 plain.push(i);
                 continue;
             }
-            match speculative::draft(drafts, s, k) {
+            match drafts.draft(s, k) {
                 Some((tokens, draft_time)) if !tokens.is_empty() => {
                     drafted.push(speculative::Drafted {
                         seq: i,
@@ -908,7 +943,7 @@ pub(crate) fn step(
             }
         }
         *largest_verify = (*largest_verify).max(drafted.len());
-        let rounds = speculative::verify(loaded, ctx, batch, out, &drafted, drafts.batch_size)?;
+        let rounds = speculative::verify(loaded, ctx, batch, out, &drafted, drafts.batch_size())?;
         for (d, r) in drafted.iter().zip(rounds) {
             let i = d.seq;
             if let Some(c) = batch[i].spec.as_mut() {
@@ -941,6 +976,7 @@ pub(crate) fn step(
             let last = *s.tokens.last().unwrap_or(&0);
             s.kv.extend([last]);
             s.accept(loaded, ctx, row as i32, &mut out[i]);
+            mtp::keep_hidden(ctx, s, row as i32);
         }
         // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
         // round (whose times are the batch's too) against; not past `max_batch`, where speculation is off.
@@ -1063,6 +1099,7 @@ pub(crate) fn prefill_chunk(
             s.finish(Finish::Length, false, out);
         } else {
             s.accept(loaded, ctx, n as i32 - 1, out);
+            mtp::keep_hidden(ctx, s, n as i32 - 1);
         }
     }
     Ok(())

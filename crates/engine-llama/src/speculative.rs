@@ -50,6 +50,52 @@ pub(crate) struct Drafts {
     pub(crate) batch_size: usize,
 }
 
+/// What drafts for a serving engine: a draft model, or a Gemma 4 assistant reading the target's cache.
+pub(crate) enum Drafter {
+    /// A smaller GGUF with the same vocabulary, in a context of its own.
+    Model(Drafts),
+    /// A Gemma 4 assistant (MTP) drafter ([`crate::mtp`]).
+    Mtp(crate::mtp::Mtp),
+}
+
+impl Drafter {
+    /// Draft length, batch limit and adaptivity.
+    pub(crate) fn config(&self) -> &SpeculativeConfig {
+        match self {
+            Self::Model(d) => &d.config,
+            Self::Mtp(m) => &m.config,
+        }
+    }
+
+    /// Positions one verification may read (the target's batch).
+    pub(crate) fn batch_size(&self) -> usize {
+        match self {
+            Self::Model(d) => d.batch_size,
+            Self::Mtp(m) => m.batch_size,
+        }
+    }
+
+    /// Floats per target hidden state a sequence keeps for the drafter (0: it keeps none).
+    pub(crate) fn hidden_width(&self) -> usize {
+        match self {
+            Self::Model(_) => 0,
+            Self::Mtp(m) => m.n_embd,
+        }
+    }
+
+    /// [`draft`] or [`crate::mtp::draft`].
+    pub(crate) fn draft(
+        &mut self,
+        s: &mut LlamaSequence,
+        k: usize,
+    ) -> Option<(Vec<u32>, Duration)> {
+        match self {
+            Self::Model(d) => draft(d, s, k),
+            Self::Mtp(m) => crate::mtp::draft(m, s, k),
+        }
+    }
+}
+
 /// Checks that `draft` can draft for `target`: the same vocabulary, token for token.
 ///
 /// Errors: [`LlamaError::InvalidModel`] naming the first difference.
@@ -312,9 +358,12 @@ pub(crate) fn verify(
             // `accepted`: drafts whose sample matched (the figure); `fed`: those whose KV stays (a token
             // that ended the answer is never read, as in plain decoding).
             let (mut accepted, mut fed) = (0, 0);
+            // The row whose logits gave the last token sampled: the MTP drafter's next hidden state.
+            let mut last_row = row0;
             for (i, &d) in r.tokens.iter().enumerate() {
                 let before = s.tokens.len();
-                s.accept(loaded, ctx, row0 + i as i32, o);
+                last_row = row0 + i as i32;
+                s.accept(loaded, ctx, last_row, o);
                 if s.tokens.len() == before || s.tokens.last() != Some(&d) {
                     // An end-of-generation token or a failure, or the sample is not the draft.
                     break;
@@ -329,8 +378,10 @@ pub(crate) fn verify(
             }
             if fed == r.tokens.len() && o.end.is_none() {
                 // Every draft stood: the last row's sample is the token after them.
-                s.accept(loaded, ctx, row0 + r.tokens.len() as i32, o);
+                last_row = row0 + r.tokens.len() as i32;
+                s.accept(loaded, ctx, last_row, o);
             }
+            crate::mtp::keep_hidden(ctx, s, last_row);
             let kept = pos0 + 1 + fed;
             if !matches!(trim(ctx, s.slot as u32, kept), Ok(k) if k == kept) {
                 // This sequence's KV holds what its answer does not: it alone fails (its slot is

@@ -1504,3 +1504,132 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
         );
     }
 }
+
+/// The I32 tensors of a safetensors file, by name.
+fn safetensors_i32(path: &std::path::Path) -> HashMap<String, Vec<i32>> {
+    let buf = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&buf[8..8 + n]).unwrap();
+    header
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(_, t)| t["dtype"] == "I32")
+        .map(|(k, t)| {
+            let off = t["data_offsets"].as_array().unwrap();
+            let (a, b) = (
+                off[0].as_u64().unwrap() as usize,
+                off[1].as_u64().unwrap() as usize,
+            );
+            let v = buf[8 + n + a..8 + n + b]
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (k.clone(), v)
+        })
+        .collect()
+}
+
+/// The Gemma 4 assistant (MTP) drafter on llama.cpp (issue 15), converted by llama.cpp's converter from
+/// the random drafters the MLX engine's tests check against mlx-vlm: after the tiny target read a prompt,
+/// the first round of the tied-head drafter (the 26B-A4B drafter's) proposes mlx-vlm's `draft_block`
+/// tokens with the query at the pending token's position, where llama.cpp puts it (mlx-vlm puts it one
+/// position earlier; moved there, it drafts these very tokens, which `gen_mtp.py` records). The
+/// centroid-routed drafter (E2B/E4B's) loses its routing in conversion (llama.cpp scores the whole head,
+/// whose argmax the routing approximates), so its drafts are not mlx-vlm's: it must load and draft.
+#[test]
+fn the_assistant_drafts_mlx_vlms_tokens() {
+    let _serial = serial();
+    let s = Session::load(&LlamaConfig::new(gguf("tiny-f32"))).unwrap();
+    for name in ["mtp-tied", "mtp"] {
+        let r = safetensors_i32(&fixtures().join(name).join("reference.safetensors"));
+        for block in 0..2 {
+            let get = |k: &str| -> Vec<u32> {
+                r[&format!("block{block}.{k}")]
+                    .iter()
+                    .map(|&x| x as u32)
+                    .collect()
+            };
+            let (pending, drafts) = s
+                .mtp_first_round(
+                    &gguf(&format!("{name}-f32")),
+                    &get("prompt"),
+                    3,
+                    default_threads(),
+                )
+                .unwrap();
+            eprintln!(
+                "{name} block {block}: pending {pending}, drafts {drafts:?}, mlx-vlm {:?}",
+                get("drafts_at_pending")
+            );
+            assert_eq!(pending, get("pending")[0], "{name} block {block}");
+            if name == "mtp-tied" {
+                assert_eq!(drafts, get("drafts_at_pending"), "{name} block {block}");
+            } else {
+                assert_eq!(drafts.len(), 3, "{name} block {block}");
+            }
+        }
+    }
+}
+
+/// The llama.cpp engine speculating with the assistant (MTP) drafters (issue 15): greedy answers equal
+/// plain decoding's token for token over 48 tokens (three times across the 16-token sliding window, the
+/// drafter reading the target's cache as it slides and as rejected drafts are trimmed from it), alone at
+/// two draft lengths and four at once in four slots (each drafting from its own KV stream, verified
+/// together); rounds run and show in the summary, and the status names the drafter `mtp_assistant`.
+#[test]
+fn mtp_speculation_answers_as_plain_decoding() {
+    let _serial = serial();
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    let plain = speculating("tiny-f32", None, 0);
+    let want: Vec<_> = prompts
+        .iter()
+        .map(|p| run_ids(&plain, p, 48, Sampling::default()).tokens)
+        .collect();
+    drop(plain);
+    for (drafter, k) in [("mtp-tied-f32", 3), ("mtp-f32", 5)] {
+        let e = speculating("tiny-f32", Some(drafter), k);
+        let info = e.status().info.speculative.unwrap();
+        assert_eq!(info.drafter, "mtp_assistant");
+        for (p, greedy) in prompts.iter().zip(&want) {
+            let s = run_ids(&e, p, 48, Sampling::default());
+            assert_eq!(
+                &s.tokens,
+                greedy,
+                "{drafter}, k = {k}, prompt of {}",
+                p.len()
+            );
+            let sp = s.speculative.expect("it speculated");
+            assert!(sp.rounds > 0 && sp.drafted > 0, "{drafter}: {sp:?}");
+        }
+        assert!(e.status().info.speculative.unwrap().stats.rounds > 0);
+    }
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.parallel = 4;
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("mtp-tied-f32"),
+        config: jemma_serve::speculative::SpeculativeConfig {
+            max_draft_tokens: 4,
+            max_batch: 4,
+            adaptive: false,
+        },
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .chain(&prompts)
+        .map(|p| {
+            let mut r = request(Prompt::Ids(p.clone()), 48);
+            r.parse_output = false;
+            e.submit(r).unwrap()
+        })
+        .collect();
+    for (rx, greedy) in rxs.iter_mut().zip(want.iter().chain(&want)) {
+        let s = collect(rx).1;
+        assert_eq!(&s.tokens, greedy, "four slots");
+        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+    }
+    assert!(e.status().info.largest_verify_batch > 1);
+}

@@ -373,7 +373,7 @@ enum DraftSource {
     /// tier without a `[speculative]` section.
     Off,
     /// The assistant (MTP) drafter found next to the tier's model, if one is ([`HubResolver::drafter_for`]);
-    /// MLX models only, as the llama.cpp engine runs no MTP drafter.
+    /// MLX models only: a GGUF tier's assistant (llama.cpp's `gemma4-assistant`) is named in `draft_model`.
     Found,
     /// `draft_model`: a path, catalog name, Hub repo or URL, resolved as a tier's `model` is.
     Named(String),
@@ -439,13 +439,13 @@ fn factory(
                     })?
                     .0,
             ),
-            // Asked for by a [speculative] section, but llama.cpp's engine runs no MTP drafter: a draft
-            // must be named (found drafters are MLX checkpoints).
+            // Asked for by a [speculative] section: a GGUF tier's draft must be named (found drafters are
+            // MLX checkpoints).
             DraftSource::Found if is_gguf && asked => {
                 return Err(format!(
                     "{}: a GGUF tier speculates only with a named draft model: set draft_model in the \
                      tier's [tiers.<tier>.speculative] section to a smaller .gguf with the same vocabulary \
-                     (the llama.cpp engine runs no assistant drafter), or remove that section",
+                     or to the model's Gemma 4 assistant (MTP) drafter as a .gguf, or remove that section",
                     path.display()
                 ));
             }
