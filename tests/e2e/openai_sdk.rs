@@ -118,6 +118,48 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
     crate::support::check_script("openai_speculative.py", &[&s.url, &p.url, "tiny-q8_0.gguf"]);
 }
 
+/// The same with the Gemma 4 assistant (MTP) drafter on a GGUF tier, found by itself: beside the model in
+/// its directory, named as its drafter (`tiny-it.gguf` → `tiny-it-assistant-f32.gguf`, the tied-head
+/// fixture converted by llama.cpp's converter), passing over a GGUF named so that is no assistant;
+/// `/health` names the drafter `mtp_assistant`.
+#[test]
+fn mtp_assistant_found_beside_a_gguf_answers_as_plain_decoding_through_the_sdk() {
+    let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("tiny-it.gguf");
+    std::os::unix::fs::symlink(gguf("tiny-f32.gguf"), &target).unwrap();
+    std::os::unix::fs::symlink(
+        gguf("mtp-tied-f32.gguf"),
+        dir.path().join("tiny-it-assistant-f32.gguf"),
+    )
+    .unwrap();
+    // A GGUF named as a drafter but not an assistant is passed over.
+    std::os::unix::fs::symlink(
+        gguf("tiny-q8_0.gguf"),
+        dir.path().join("tiny-it-assistant-0-not.gguf"),
+    )
+    .unwrap();
+    let spec = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n[tiers.fast.speculative]\nadaptive = false\n",
+        target.display()
+    );
+    let plain = format!(
+        "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n[tiers.fast.speculative]\nenabled = false\n",
+        target.display()
+    );
+    let s = Server::start(&[], Some(&spec));
+    let p = Server::start(&[], Some(&plain));
+    crate::support::check_script(
+        "openai_speculative.py",
+        &[
+            &s.url,
+            &p.url,
+            "tiny-it-assistant-f32.gguf",
+            "mtp_assistant",
+        ],
+    );
+}
+
 /// Images, audio and video on a GGUF tier with the OpenAI SDK (tests/e2e/openai_gguf_media.py): the
 /// multimodal fixture's GGUF with its towers as an mmproj GGUF (llama.cpp's libmtmd), checked against the
 /// same weights on the MLX engine in the same gateway (which samples videos as the GGUF tier does); a GGUF

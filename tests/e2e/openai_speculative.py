@@ -5,8 +5,9 @@ Greedy answers, chat and completions, streamed and not, are the plain server's t
 server's `_routing.speculative` reports its verifications (acceptance rate in 0..1, at least one token per
 verification), the plain server's has none; a seeded sampled request decodes plainly (a seed promises the same
 tokens alone or batched); `/health` and `/metrics` count the rounds.
-The same script runs against GGUF tiers on the llama.cpp engine (DRAFT: the draft's file name, `tiny-q8_0.gguf`).
-Usage: openai_speculative.py SPEC_URL PLAIN_URL [DRAFT]"""
+The same script runs against GGUF tiers on the llama.cpp engine (DRAFT: the draft's file name, `tiny-q8_0.gguf`;
+DRAFTER: the kind `/health` names, `mtp_assistant` for a Gemma 4 assistant).
+Usage: openai_speculative.py SPEC_URL PLAIN_URL [DRAFT [DRAFTER]]"""
 import json
 import sys
 import urllib.request
@@ -17,6 +18,7 @@ from checks import check, done
 
 spec_url, plain_url = sys.argv[1], sys.argv[2]
 draft = sys.argv[3] if len(sys.argv) > 3 else "tiny-q4"
+drafter = sys.argv[4] if len(sys.argv) > 4 else "draft_model"
 spec = OpenAI(base_url=f"{spec_url}/v1", api_key="none", timeout=300)
 plain = OpenAI(base_url=f"{plain_url}/v1", api_key="none", timeout=300)
 
@@ -62,7 +64,7 @@ check("a seeded sampled request gives the plain server's tokens", c.choices[0].t
 h = json.load(urllib.request.urlopen(f"{spec_url}/health"))
 sp = h["tiers"]["fast"]["backend"]["details"].get("speculative") or {}
 check("/health shows the draft model and its rounds",
-      sp.get("verify_steps", 0) > 0 and sp.get("draft_model", "").endswith(draft)
+      sp.get("verify_steps", 0) > 0 and sp.get("draft_model", "").endswith(draft) and sp.get("drafter") == drafter
       and 0 <= sp.get("acceptance_rate", -1) <= 1, sp)
 metrics = urllib.request.urlopen(f"{spec_url}/metrics").read().decode()
 check("/metrics counts verifications and drafts",

@@ -22,6 +22,7 @@ fn run(
     c.speculative = draft.map(|(d, config)| LlamaSpeculative {
         draft_model: d.into(),
         config,
+        optional: false,
     });
     let e = LlamaEngine::start(c)?;
     e.wait_ready()?;

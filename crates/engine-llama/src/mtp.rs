@@ -4,9 +4,9 @@
 //!
 //! This follows llama.cpp's own driver, `common_speculative_impl_draft_mtp` (common/speculative.cpp, its
 //! `is_mem_shared` mode for Gemma 4):
-//! - the target outputs, beside each row of logits, its last hidden state before the final norm
-//!   (`llama_set_embeddings_nextn`), and the sequence keeps the row of the position whose logits gave
-//!   its pending token;
+//! - the target outputs, beside each row of logits, its last hidden state after the final norm (the LM
+//!   head's input; `llama_set_embeddings_nextn`), and the sequence keeps the row of the position whose
+//!   logits gave its pending token;
 //! - a draft step reads one token with a hidden state (`llama_batch_ext_set_embd_token`) at the pending
 //!   token's position, and gives logits and the next hidden state; every step of a round stays at that
 //!   position (the drafter attends to the target's cache only, which holds the positions before it);
@@ -56,7 +56,8 @@ pub(crate) fn enable_target(ctx: &mut Context<'_>) {
 }
 
 /// The target's hidden state at batch index `idx` of its last decode (which output logits there): what
-/// the drafter reads beside the token those logits gave. None if llama.cpp has none (it logs why).
+/// the drafter reads beside the token those logits gave. None if llama.cpp has none (it logs why; a
+/// llama.cpp built without `NDEBUG` aborts instead, as for a bad logits index).
 pub(crate) fn hidden(ctx: &mut Context<'_>, idx: i32, n_embd: usize) -> Option<Vec<f32>> {
     // SAFETY: a live context; the row holds `n_embd` floats (llama_model_n_embd_out of the target, which
     // the drafter's input width was checked against).
@@ -160,64 +161,78 @@ impl Mtp {
         Ok(mtp)
     }
 
-    /// Up to `k` greedy drafts after `pending` (the sequence's last sampled token, at position `pos0`, not
-    /// yet read by the target), from the target's hidden state `h` at the position before it, for the
-    /// target's sequence `seq`, whose KV must hold exactly the positions before `pos0`.
+    /// Greedy drafts for several sequences at once, each draft step of all of them in one
+    /// `llama_process` (llama.cpp's driver batches them so): for each row, up to `k` drafts after
+    /// `pending` (the sequence's last sampled token, at position `pos0`, not yet read by the target), from
+    /// the target's hidden state `h` at the position before it, for the target's sequence `seq`, whose KV
+    /// must hold exactly the positions before `pos0`. Returns each row's drafts, in order.
     ///
-    /// Errors: a failed draft decode.
-    pub(crate) fn propose(
-        &mut self,
-        seq: i32,
-        pending: u32,
-        pos0: i32,
-        h: &[f32],
-        k: usize,
-    ) -> Result<Vec<u32>> {
+    /// Errors: a hidden state of another width than the target's; a failed draft decode (no row's drafts
+    /// are then returned; the target's cache is not touched either way).
+    pub(crate) fn propose_many(&mut self, rows: &[DraftRow<'_>]) -> Result<Vec<Vec<u32>>> {
         let (batch, n_embd) = (self.batch, self.n_embd);
+        if let Some(r) = rows.iter().find(|r| r.h.len() != n_embd) {
+            return Err(LlamaError::Runtime(format!(
+                "a hidden state of {} values for a drafter that reads {n_embd}",
+                r.h.len()
+            )));
+        }
         self.cell.with_dependent_mut(|_, d| {
             let ctx = d.as_mut_ptr();
-            // SAFETY: a live context and batch; `state` outlives each llama_process that reads it.
+            // SAFETY: a live context and batch; llama_batch_ext_set_embd_token copies the state it is
+            // given, and the logits and nextn rows read are those of the decode just made.
             unsafe {
                 let n_vocab = sys::llama_vocab_n_tokens(sys::llama_model_get_vocab(
                     sys::llama_get_model(ctx),
                 )) as usize;
-                let mut drafts = Vec::with_capacity(k);
-                let (mut tok, mut state) = (pending, h.to_vec());
-                for _ in 0..k {
+                let mut drafts: Vec<Vec<u32>> =
+                    rows.iter().map(|r| Vec::with_capacity(r.k)).collect();
+                let mut tok: Vec<u32> = rows.iter().map(|r| r.pending).collect();
+                let mut state: Vec<Vec<f32>> = rows.iter().map(|r| r.h.to_vec()).collect();
+                let steps = rows.iter().map(|r| r.k).max().unwrap_or(0);
+                for step in 0..steps {
                     sys::llama_batch_ext_clear(batch);
-                    let idx = sys::llama_batch_ext_add_token(batch, seq, tok as i32);
-                    if idx < 0 {
-                        return Err(LlamaError::Runtime(format!(
-                            "the drafter's batch refused a token ({idx})"
-                        )));
-                    }
-                    let embd = sys::llama_embd {
-                        data: state.as_ptr(),
-                        n_rows: 1,
-                        n_embd,
-                    };
-                    if !sys::llama_batch_ext_set_pos(batch, idx, &pos0)
-                        || !sys::llama_batch_ext_set_embd_token(batch, idx, embd)
-                        || !sys::llama_batch_ext_set_output_logits(batch, idx, true)
-                    {
-                        return Err(LlamaError::Runtime(
-                            "the drafter's batch refused the hidden state".into(),
-                        ));
+                    let mut at = Vec::with_capacity(rows.len());
+                    for (j, r) in rows.iter().enumerate().filter(|(_, r)| r.k > step) {
+                        let idx = sys::llama_batch_ext_add_token(batch, r.seq, tok[j] as i32);
+                        if idx < 0 {
+                            return Err(LlamaError::Runtime(format!(
+                                "the drafter's batch refused a token ({idx})"
+                            )));
+                        }
+                        let embd = sys::llama_embd {
+                            data: state[j].as_ptr(),
+                            n_rows: 1,
+                            n_embd,
+                        };
+                        // Every step of a round stays at the pending token's position (the drafter
+                        // attends to the target's cache only).
+                        if !sys::llama_batch_ext_set_pos(batch, idx, &r.pos0)
+                            || !sys::llama_batch_ext_set_embd_token(batch, idx, embd)
+                            || !sys::llama_batch_ext_set_output_logits(batch, idx, true)
+                        {
+                            return Err(LlamaError::Runtime(
+                                "the drafter's batch refused the hidden state".into(),
+                            ));
+                        }
+                        at.push((j, idx));
                     }
                     let rc = sys::llama_process(ctx, sys::LLAMA_PROCESS_TYPE_DECODE, batch);
                     if rc != 0 {
                         return Err(LlamaError::Runtime(format!("draft decode: {rc}")));
                     }
-                    let logits = sys::llama_get_logits_ith(ctx, idx);
-                    let next = llama_get_embeddings_nextn_ith(ctx, idx);
-                    if logits.is_null() || next.is_null() {
-                        return Err(LlamaError::Runtime(
-                            "the drafter gave no logits or hidden state".into(),
-                        ));
+                    for (j, idx) in at {
+                        let logits = sys::llama_get_logits_ith(ctx, idx);
+                        let next = llama_get_embeddings_nextn_ith(ctx, idx);
+                        if logits.is_null() || next.is_null() {
+                            return Err(LlamaError::Runtime(
+                                "the drafter gave no logits or hidden state".into(),
+                            ));
+                        }
+                        tok[j] = argmax(std::slice::from_raw_parts(logits, n_vocab));
+                        drafts[j].push(tok[j]);
+                        state[j].copy_from_slice(std::slice::from_raw_parts(next, n_embd));
                     }
-                    tok = argmax(std::slice::from_raw_parts(logits, n_vocab));
-                    drafts.push(tok);
-                    state.copy_from_slice(std::slice::from_raw_parts(next, n_embd));
                 }
                 Ok(drafts)
             }
@@ -225,31 +240,69 @@ impl Mtp {
     }
 }
 
-/// The first half of an MTP round for `s`, which is decoding: up to `k` drafts after its pending token,
-/// from the hidden state its last target decode kept (none yet: no drafts, it decodes plainly this step).
-/// None when the draft failed (logged; the target was not touched).
-pub(crate) fn draft(
+/// One sequence's part of a batched MTP round ([`Mtp::propose_many`]).
+pub(crate) struct DraftRow<'a> {
+    /// The target's sequence id (the slot).
+    pub(crate) seq: i32,
+    /// The last sampled token, not yet read by the target.
+    pub(crate) pending: u32,
+    /// Its position.
+    pub(crate) pos0: i32,
+    /// The target's hidden state at the position before it.
+    pub(crate) h: &'a [f32],
+    /// Drafts wanted.
+    pub(crate) k: usize,
+}
+
+/// The first half of MTP rounds for the sequences `wants` names (index in `batch`, drafts wanted), which
+/// are decoding: their drafts after their pending tokens, from the hidden states their last target
+/// decodes kept, drafted together ([`Mtp::propose_many`]). Per sequence, in order: no drafts when it has
+/// no hidden state yet (it decodes plainly this step and keeps one), or None when the drafting failed
+/// (logged; the target was not touched). The drafting time is shared evenly among the rows, so that a
+/// round's draft and verification times add up to the batch's wall clock ([`crate::speculative::verify`]).
+pub(crate) fn draft_many(
     mtp: &mut Mtp,
-    s: &mut LlamaSequence,
-    k: usize,
-) -> Option<(Vec<u32>, Duration)> {
-    let (Some(h), Some(&pending)) = (s.hidden.take(), s.tokens.last()) else {
-        // No hidden state yet: this step decodes plainly and keeps one.
-        return Some((vec![], Duration::ZERO));
-    };
+    batch: &mut [&mut LlamaSequence],
+    wants: &[(usize, usize)],
+) -> Vec<Option<(Vec<u32>, Duration)>> {
     let started = Instant::now();
-    let pos0 = (s.ids.len() + s.tokens.len() - 1) as i32;
-    let result = mtp.propose(s.slot as i32, pending, pos0, &h, k);
-    s.hidden = Some(h);
-    match result {
-        Ok(d) => {
-            // The assistant holds no cache of its own: nothing of the context is read again.
-            s.draft_reused.get_or_insert(0);
-            Some((d, started.elapsed()))
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the assistant drafter failed; decoding this request plainly");
-            None
+    let mut out: Vec<Option<(Vec<u32>, Duration)>> =
+        vec![Some((vec![], Duration::ZERO)); wants.len()];
+    let mut rows = Vec::with_capacity(wants.len());
+    let mut which = Vec::with_capacity(wants.len());
+    for (w, &(i, k)) in wants.iter().enumerate() {
+        let s = &*batch[i];
+        if let (Some(h), Some(&pending)) = (s.hidden.as_deref(), s.tokens.last()) {
+            rows.push(DraftRow {
+                seq: s.slot as i32,
+                pending,
+                pos0: (s.ids.len() + s.tokens.len() - 1) as i32,
+                h,
+                k,
+            });
+            which.push(w);
         }
     }
+    if rows.is_empty() {
+        return out;
+    }
+    let result = mtp.propose_many(&rows);
+    drop(rows);
+    let share = started.elapsed() / which.len() as u32;
+    match result {
+        Ok(drafts) => {
+            for (w, d) in which.into_iter().zip(drafts) {
+                // The assistant holds no cache of its own: nothing of the context is read again.
+                batch[wants[w].0].draft_reused.get_or_insert(0);
+                out[w] = Some((d, share));
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "the assistant drafter failed; decoding these requests plainly");
+            for w in which {
+                out[w] = None;
+            }
+        }
+    }
+    out
 }

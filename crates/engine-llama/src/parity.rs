@@ -116,7 +116,15 @@ impl Session {
         let pending = argmax(&logits);
         let h = mtp::hidden(&mut ctx, ids.len() as i32 - 1, m.n_embd)
             .ok_or_else(|| LlamaError::Runtime("the target gave no hidden state".into()))?;
-        let drafts = m.propose(0, pending, ids.len() as i32, &h, k)?;
+        let drafts = m
+            .propose_many(&[mtp::DraftRow {
+                seq: 0,
+                pending,
+                pos0: ids.len() as i32,
+                h: &h,
+                k,
+            }])?
+            .remove(0);
         Ok((pending, drafts))
     }
 }

@@ -124,25 +124,34 @@ impl LlamaRunner {
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         // The draft's weights and a context of the target's shape (one sequence per slot).
         let draft = match &self.config.speculative {
-            // An assistant holds no KV (it reads the target's): its weights, and its compute buffers as a
-            // model of its size would need them for one token per sequence.
-            Some(sp) if mtp::is_assistant(&sp.draft_model).unwrap_or(false) => {
-                gguf::footprint(&sp.draft_model, Some(1), self.parallel(), 1).map_err(|e| {
-                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
-                })?
-            }
-            Some(sp) => gguf::footprint(
-                &sp.draft_model,
-                Some(
+            Some(sp) => {
+                let bytes = if mtp::is_assistant(&sp.draft_model).unwrap_or(false) {
+                    // An assistant holds no KV (it reads the target's): its weights, and its compute and
+                    // output buffers as a model of its size would need them for one token per sequence.
+                    gguf::footprint(&sp.draft_model, Some(1), self.parallel(), self.parallel())
+                } else {
                     gguf::served_context_of(&self.config.model_path, self.config.context_length)
-                        .map_err(|e| LoadError::Failed(e.to_string()))?,
-                ),
-                self.config.batch_size,
-                self.parallel(),
-            )
-            .map_err(|e| {
-                LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
-            })?,
+                        .and_then(|n| {
+                            gguf::footprint(
+                                &sp.draft_model,
+                                Some(n),
+                                self.config.batch_size,
+                                self.parallel(),
+                            )
+                        })
+                };
+                match bytes {
+                    Ok(b) => b,
+                    // A found draft that cannot be read is left out at load ([`LlamaRunner::drafter`]).
+                    Err(_) if sp.optional => 0,
+                    Err(e) => {
+                        return Err(LoadError::Failed(format!(
+                            "draft model {}: {e}",
+                            sp.draft_model.display()
+                        )));
+                    }
+                }
+            }
             None => 0,
         };
         // The mmproj's towers: their weights and what encoding one image takes.
@@ -168,6 +177,61 @@ impl LlamaRunner {
             )
             .map(default_prefix_cache_bytes)
             .map_err(|e| LoadError::Failed(e.to_string())),
+        }
+    }
+}
+
+impl LlamaRunner {
+    /// Loads the draft of `sp` for the target in `cell` (whose context parameters are `ctx_params`,
+    /// serving `parallel` sequences): a Gemma 4 assistant bound to the target's context, or a draft
+    /// model in a context of its own.
+    ///
+    /// Errors: the draft does not load, has another vocabulary, or (an assistant) reads another width.
+    fn drafter(
+        &self,
+        sp: &LlamaSpeculative,
+        cell: &mut SessionCell,
+        ctx_params: LlamaContextParams,
+        parallel: u32,
+    ) -> Result<speculative::Drafter, LoadError> {
+        let why =
+            |e: String| LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()));
+        let backend = backend().map_err(|e| why(e.to_string()))?;
+        let draft_config = LlamaConfig {
+            model_path: sp.draft_model.clone(),
+            context_length: Some(cell.borrow_owner().n_ctx),
+            speculative: None,
+            ..self.config.clone()
+        };
+        let d = load(&draft_config, |_| true).map_err(|e| why(e.to_string()))?;
+        speculative::check_vocabulary(cell.borrow_owner(), &d).map_err(|e| why(e.to_string()))?;
+        if mtp::is_assistant(&sp.draft_model).map_err(|e| why(e.to_string()))? {
+            let m = cell
+                .with_dependent_mut(|_, ctx| {
+                    mtp::Mtp::bind(
+                        d,
+                        ctx,
+                        // A draft step reads one token per drafting sequence: a batch of `parallel`
+                        // keeps its output buffer (a row of logits per token) small.
+                        ctx_params.with_n_batch(parallel).with_n_ubatch(parallel),
+                        sp.config.clone(),
+                        self.config.batch_size as usize,
+                    )
+                })
+                .map_err(|e| why(e.to_string()))?;
+            tracing::info!(draft = %sp.draft_model.display(), "assistant (MTP) drafter loaded");
+            Ok(speculative::Drafter::Mtp(m))
+        } else {
+            let cell =
+                speculative::DraftCell::try_new(d, |l| l.model.new_context(backend, ctx_params))
+                    .map_err(|e| why(format!("creating its context: {e}")))?;
+            tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
+            Ok(speculative::Drafter::Model(speculative::Drafts {
+                cell,
+                held: vec![vec![]; parallel as usize],
+                config: sp.config.clone(),
+                batch_size: self.config.batch_size as usize,
+            }))
         }
     }
 }
@@ -264,49 +328,15 @@ impl ModelRunner for LlamaRunner {
         info.model_bytes = bytes;
         let drafts = match &self.config.speculative {
             None => None,
-            Some(sp) => {
-                let why = |e: String| {
-                    LoadError::Failed(format!("draft model {}: {e}", sp.draft_model.display()))
-                };
-                let draft_config = LlamaConfig {
-                    model_path: sp.draft_model.clone(),
-                    context_length: Some(n_ctx),
-                    speculative: None,
-                    ..self.config.clone()
-                };
-                let d = load(&draft_config, |_| true).map_err(|e| why(e.to_string()))?;
-                speculative::check_vocabulary(cell.borrow_owner(), &d)
-                    .map_err(|e| why(e.to_string()))?;
-                if mtp::is_assistant(&sp.draft_model).map_err(|e| why(e.to_string()))? {
-                    let m = cell
-                        .with_dependent_mut(|_, ctx| {
-                            mtp::Mtp::bind(
-                                d,
-                                ctx,
-                                // A draft step reads one token per drafting sequence: a batch of
-                                // `parallel` keeps its output buffer (a row of logits per token) small.
-                                ctx_params.with_n_batch(parallel).with_n_ubatch(parallel),
-                                sp.config.clone(),
-                                self.config.batch_size as usize,
-                            )
-                        })
-                        .map_err(|e| why(e.to_string()))?;
-                    tracing::info!(draft = %sp.draft_model.display(), "assistant (MTP) drafter loaded");
-                    Some(speculative::Drafter::Mtp(m))
-                } else {
-                    let cell = speculative::DraftCell::try_new(d, |l| {
-                        l.model.new_context(backend, ctx_params)
-                    })
-                    .map_err(|e| why(format!("creating its context: {e}")))?;
-                    tracing::info!(draft = %sp.draft_model.display(), "draft GGUF loaded");
-                    Some(speculative::Drafter::Model(speculative::Drafts {
-                        cell,
-                        held: vec![vec![]; parallel as usize],
-                        config: sp.config.clone(),
-                        batch_size: self.config.batch_size as usize,
-                    }))
+            Some(sp) => match self.drafter(sp, &mut cell, ctx_params, parallel) {
+                Ok(d) => Some(d),
+                Err(e) if sp.optional => {
+                    tracing::warn!(draft = %sp.draft_model.display(), "the drafter found next to the model did not load, so it decodes plainly: {e}");
+                    info.speculative = None;
+                    None
                 }
-            }
+                Err(e) => return Err(e),
+            },
         };
         let mtmd = match &self.config.mmproj_path {
             Some(mm) => match media::Mtmd::load(
@@ -397,7 +427,8 @@ impl ModelRunner for LlamaRunner {
         // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
         // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
         // position on the host).
-        // A prompt with media too: the draft model cannot see or hear it.
+        // A prompt with media too: a draft model cannot see or hear it, and an assistant drafts from the
+        // hidden state of a token, which a media decode does not give (llama.cpp's driver skips them too).
         if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
             seq.spec = drafts.as_ref().map(|d| Controller::new(d.config().clone()));
             seq.hidden_width = drafts.as_ref().map_or(0, |d| d.hidden_width());
@@ -915,6 +946,7 @@ pub(crate) fn step(
         let mut drafted = vec![];
         // By increasing slot, as the plain batch below (llama.cpp's per-stream split).
         decoding.sort_by_key(|&i| batch[i].slot);
+        let mut wants = Vec::with_capacity(n);
         for i in decoding {
             let s = &mut *batch[i];
             // Tokens still allowed after the pending one: a round yields its drafts that stand and one more.
@@ -924,9 +956,12 @@ pub(crate) fn step(
             let k = s.spec.as_mut().map_or(0, |c| c.next_k(n, room));
             if k == 0 {
                 plain.push(i);
-                continue;
+            } else {
+                wants.push((i, k));
             }
-            match drafts.draft(s, k) {
+        }
+        for (&(i, _), d) in wants.iter().zip(drafts.draft(batch, &wants)) {
+            match d {
                 Some((tokens, draft_time)) if !tokens.is_empty() => {
                     drafted.push(speculative::Drafted {
                         seq: i,
@@ -937,7 +972,7 @@ pub(crate) fn step(
                 Some(_) => plain.push(i),
                 None => {
                     // The draft failed (logged): this sequence decodes plainly from now on.
-                    s.spec = None;
+                    batch[i].spec = None;
                     plain.push(i);
                 }
             }

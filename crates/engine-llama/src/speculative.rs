@@ -1,5 +1,6 @@
 //! Speculative decoding on the llama.cpp engine (issue 15): a draft GGUF with the same vocabulary, in a
-//! context of its own with one sequence per slot, proposes k tokens greedily; the target reads the pending
+//! context of its own with one sequence per slot, or the model's Gemma 4 assistant reading the target's
+//! own cache ([`crate::mtp`]), proposes k tokens greedily; the target reads the pending
 //! token and the drafts in one `llama_decode` with logits at every position, and each position is sampled
 //! with the request's own sampler chain, in order, while the sample equals the draft before it (llama.cpp's
 //! `common_sampler_sample_and_accept_n`): every committed token is drawn once, with the sampler state plain
@@ -26,10 +27,14 @@ use crate::{Context, LlamaError, LlamaSequence, Loaded, Result, Summary, argmax,
 /// `[tiers.X.speculative]` for a GGUF tier.
 #[derive(Debug, Clone)]
 pub struct LlamaSpeculative {
-    /// The draft GGUF: a smaller model with the same vocabulary (E2B for E4B).
+    /// The draft GGUF: a smaller model with the same vocabulary (E2B for E4B), or the model's Gemma 4
+    /// assistant (architecture `gemma4-assistant`: [`crate::mtp`]), recognised by its metadata.
     pub draft_model: PathBuf,
     /// Draft length, batch limit and adaptivity.
     pub config: SpeculativeConfig,
+    /// Found rather than named: a draft that does not load (or does not fit the model) leaves the model
+    /// decoding plainly, with a warning, instead of failing its load.
+    pub optional: bool,
 }
 
 self_cell::self_cell!(
@@ -83,15 +88,17 @@ impl Drafter {
         }
     }
 
-    /// [`draft`] or [`crate::mtp::draft`].
+    /// Drafts for the sequences `wants` names (index in `batch`, drafts wanted), in order: a draft model's
+    /// one sequence after another ([`draft`]), an assistant's together ([`crate::mtp::draft_many`]). None
+    /// for a sequence whose drafting failed (it decodes plainly from now on).
     pub(crate) fn draft(
         &mut self,
-        s: &mut LlamaSequence,
-        k: usize,
-    ) -> Option<(Vec<u32>, Duration)> {
+        batch: &mut [&mut LlamaSequence],
+        wants: &[(usize, usize)],
+    ) -> Vec<Option<(Vec<u32>, Duration)>> {
         match self {
-            Self::Model(d) => draft(d, s, k),
-            Self::Mtp(m) => crate::mtp::draft(m, s, k),
+            Self::Model(d) => wants.iter().map(|&(i, k)| draft(d, batch[i], k)).collect(),
+            Self::Mtp(m) => crate::mtp::draft_many(m, batch, wants),
         }
     }
 }

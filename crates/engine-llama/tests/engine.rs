@@ -1005,6 +1005,7 @@ fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
             adaptive: false,
             ..Default::default()
         },
+        optional: false,
     });
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();
@@ -1024,6 +1025,7 @@ fn speculating_in_four_slots() -> LlamaEngine {
             max_batch: 4,
             adaptive: false,
         },
+        optional: false,
     });
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();
@@ -1206,6 +1208,7 @@ fn speculative_answers_are_plain_decodings() {
     c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
         draft_model: gguf("gemma-3-270m-q4_k_m"),
         config: Default::default(),
+        optional: false,
     });
     let err = LlamaEngine::start(c)
         .unwrap()
@@ -1614,6 +1617,7 @@ fn mtp_speculation_answers_as_plain_decoding() {
             max_batch: 4,
             adaptive: false,
         },
+        optional: false,
     });
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();

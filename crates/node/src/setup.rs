@@ -372,8 +372,8 @@ enum DraftSource {
     /// No speculation: `enabled = false`, or a quantized KV cache (which cannot roll drafts back) on a
     /// tier without a `[speculative]` section.
     Off,
-    /// The assistant (MTP) drafter found next to the tier's model, if one is ([`HubResolver::drafter_for`]);
-    /// MLX models only: a GGUF tier's assistant (llama.cpp's `gemma4-assistant`) is named in `draft_model`.
+    /// The assistant (MTP) drafter found next to the tier's model, if one is: for an MLX model
+    /// [`HubResolver::drafter_for`], for a GGUF [`assistant_beside`].
     Found,
     /// `draft_model`: a path, catalog name, Hub repo or URL, resolved as a tier's `model` is.
     Named(String),
@@ -439,17 +439,24 @@ fn factory(
                     })?
                     .0,
             ),
-            // Asked for by a [speculative] section: a GGUF tier's draft must be named (found drafters are
-            // MLX checkpoints).
-            DraftSource::Found if is_gguf && asked => {
-                return Err(format!(
-                    "{}: a GGUF tier speculates only with a named draft model: set draft_model in the \
-                     tier's [tiers.<tier>.speculative] section to a smaller .gguf with the same vocabulary \
-                     or to the model's Gemma 4 assistant (MTP) drafter as a .gguf, or remove that section",
-                    path.display()
-                ));
-            }
-            DraftSource::Found if is_gguf => None,
+            DraftSource::Found if is_gguf => match assistant_beside(&path) {
+                Some(d) => {
+                    tracing::info!(model = %path.display(), drafter = %d.display(),
+                        "speculating with the assistant drafter found next to the model");
+                    Some(d)
+                }
+                // Asked for by a [speculative] section: a draft must then be found or named.
+                None if asked => {
+                    return Err(format!(
+                        "{}: no assistant drafter beside this GGUF (a gemma4-assistant .gguf named \
+                         `<model up to \"-it\">-it-assistant…`): set draft_model in the tier's \
+                         [tiers.<tier>.speculative] section to the model's Gemma 4 assistant as a .gguf or \
+                         to a smaller .gguf with the same vocabulary, or remove that section",
+                        path.display()
+                    ));
+                }
+                None => None,
+            },
             DraftSource::Found => resolver.drafter_for(&path).inspect(|d| {
                 tracing::info!(model = %path.display(), drafter = %d.display(),
                     "speculating with the assistant drafter found next to the model");
@@ -550,6 +557,7 @@ fn factory(
                         .map(|sp| jemma_engine_llama::LlamaSpeculative {
                             draft_model: sp.draft_model.clone(),
                             config: sp.config.clone(),
+                            optional: sp.optional,
                         });
                 let e = jemma_engine_llama::LlamaEngine::start(lc).map_err(|e| e.to_string())?;
                 Arc::new(EngineBackend::new(e, default_max_tokens).with_limits(limits.clone()))
@@ -587,10 +595,47 @@ fn factory(
     })
 }
 
+/// The Gemma 4 assistant (MTP) drafter beside a GGUF model: a `.gguf` in its directory named as its
+/// drafter (the MLX convention of [`HubResolver::drafter_for`] on file stems: `gemma-4-E4B-it-Q4_K_M.gguf`
+/// → `gemma-4-E4B-it-assistant-Q8_0.gguf`) whose architecture is llama.cpp's `gemma4-assistant`; the
+/// first by name when several are. Whether it drafts for this model (the hidden size it reads) is checked
+/// when it loads; one that does not leaves the model decoding plainly.
+fn assistant_beside(model: &std::path::Path) -> Option<PathBuf> {
+    #[cfg(feature = "llama")]
+    {
+        let stem = |p: &std::path::Path| {
+            p.file_stem()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        };
+        let own = stem(model);
+        let mut beside: Vec<PathBuf> = std::fs::read_dir(model.parent()?)
+            .ok()?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+                    && named_as_drafter_of(&own, &stem(p))
+            })
+            .collect();
+        beside.sort();
+        beside
+            .into_iter()
+            .find(|p| jemma_engine_llama::is_assistant(p).unwrap_or(false))
+    }
+    #[cfg(not(feature = "llama"))]
+    {
+        let _ = model;
+        None
+    }
+}
+
 /// The mmproj GGUF beside the GGUF `model` in a model's own directory (as a Hub download is): the
 /// directory holds that one model and exactly one `mmproj*.gguf` (as llama.cpp's converter names them).
 /// None otherwise — no mmproj, several, or a directory of several models, where which mmproj goes with
-/// which model cannot be told (then the tier's `mmproj` says).
+/// which model cannot be told (then the tier's `mmproj` says). An assistant drafter beside it
+/// (`…-assistant…`) does not count as another model.
 fn mmproj_beside(model: &std::path::Path) -> Option<PathBuf> {
     let dir = model.parent()?;
     let (mut mmproj, mut models) = (vec![], 0);
@@ -608,7 +653,8 @@ fn mmproj_beside(model: &std::path::Path) -> Option<PathBuf> {
         }
         if name.starts_with("mmproj") {
             mmproj.push(p);
-        } else {
+        } else if !name.contains("-assistant") {
+            // An assistant drafter beside the model is not another model the mmproj could be for.
             models += 1;
         }
     }
@@ -824,7 +870,8 @@ mod tests {
     }
 
     /// An mmproj is paired with a GGUF found beside it only in the model's own folder: one model and one
-    /// mmproj; not among several models (which one it belongs to cannot be told), nor between two.
+    /// mmproj (an assistant drafter beside them aside); not among several models (which one it belongs to
+    /// cannot be told), nor between two.
     #[test]
     fn an_mmproj_is_found_beside_its_model_only_in_the_models_own_folder() {
         let dir = tempfile::tempdir().unwrap();
@@ -834,6 +881,12 @@ mod tests {
         touch("README.md");
         assert_eq!(super::mmproj_beside(&model), None, "no mmproj");
         touch("mmproj-F16.gguf");
+        assert_eq!(
+            super::mmproj_beside(&model),
+            Some(dir.path().join("mmproj-F16.gguf"))
+        );
+        // An assistant drafter beside the model is not another model.
+        touch("gemma-4-e2b-it-assistant-Q8_0.gguf");
         assert_eq!(
             super::mmproj_beside(&model),
             Some(dir.path().join("mmproj-F16.gguf"))
@@ -893,9 +946,12 @@ mod tests {
         }
         let e = refusal(&cfg, named("gemma-4-e2b"), "/m/tiny-mlx");
         assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
-        // The llama.cpp engine finds no drafter by itself: the section names what to set.
+        // A GGUF tier with none beside it: the section names what to set.
         let e = refusal(&cfg, Default::default(), "/m/tiny.gguf");
-        assert!(e.contains("draft_model"), "{e}");
+        assert!(
+            e.contains("no assistant drafter beside") && e.contains("draft_model"),
+            "{e}"
+        );
     }
 
     /// Where a tier's draft comes from: the drafter found next to its model unless told otherwise, none
