@@ -29,8 +29,12 @@ for m in tiny moe; do
   gen reference "$OUT/$m" --kv-bits 4
 done
 # Gemma 4 MTP assistant drafters for the tiny model (a centroid-routed head and a tied one) with mlx-vlm's
-# outputs for one draft step over several K/V layouts.
+# outputs for one draft step over several K/V layouts, and the echo drafter (its drafts stand exactly where
+# plain decoding repeats a token).
 "$PY" scripts/fixtures/gen_mtp.py fixtures "$OUT/tiny" "$OUT" >/dev/null || die "generating the MTP drafters failed"
+# And one (tied head, as the 26B-A4B's) for the MoE fixture, whose full layers have K/V heads of their own.
+"$PY" scripts/fixtures/gen_mtp.py drafter "$OUT/moe" "$OUT/mtp-moe" --hidden 64 --tied >/dev/null \
+  || die "generating the MoE fixture's MTP drafter failed"
 # A random Gemma 4 vision tower with mlx-vlm's outputs for fixed images, and the tiny model with one and an
 # audio tower (mlx-vlm's logits for prompts holding an image, a clip, or both).
 "$PY" scripts/fixtures/gen_vision.py tower "$OUT/vision" >/dev/null
@@ -54,11 +58,13 @@ for m in tiny moe; do
       || die "converting $m to GGUF ($t) failed"
   done
 done
-# The MTP assistant drafters for the llama.cpp engine (its gemma4-assistant architecture), with the tiny
-# target's tokenizer beside them as a real assistant checkpoint ships one (the converter reads it).
-for m in mtp mtp-tied; do
+# The MTP assistant drafters for the llama.cpp engine (its gemma4-assistant architecture), each with its
+# target's tokenizer beside it as a real assistant checkpoint ships one (the converter reads it).
+for pair in mtp:tiny mtp-tied:tiny mtp-echo:tiny mtp-moe:moe; do
+  m=${pair%%:*} target=${pair#*:}
   stage=$(mktemp -d)
-  cp "$OUT/$m/config.json" "$OUT/$m/model.safetensors" "$OUT/tiny/tokenizer.json" "$OUT/tiny/tokenizer_config.json" "$stage/"
+  cp "$OUT/$m/config.json" "$OUT/$m/model.safetensors" "$OUT/$target/tokenizer.json" \
+    "$OUT/$target/tokenizer_config.json" "$stage/"
   PYTHONPATH="$CONVERTER/gguf-py" "$JEMMA_CACHE/gguf-venv/bin/python" "$CONVERTER/convert_hf_to_gguf.py" \
     "$stage" --outfile "$OUT/gguf/$m-f32.gguf" --outtype f32 >/dev/null 2>&1 \
     || die "converting the $m drafter to GGUF failed"

@@ -61,26 +61,10 @@ fn reference(model: &str) -> Reference {
         .map(|(k, v)| (k.clone(), ids(&v["ids"]), ids(&v["greedy"])))
         .collect();
     prompts.sort();
-    let buf = std::fs::read(dir.join("reference.safetensors")).unwrap();
-    let n = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&buf[8..8 + n]).unwrap();
-    let mut logits = HashMap::new();
-    for (k, t) in header.as_object().unwrap() {
-        if k == "__metadata__" {
-            continue;
-        }
-        assert_eq!(t["dtype"], "F32");
-        let off = t["data_offsets"].as_array().unwrap();
-        let (a, b) = (
-            off[0].as_u64().unwrap() as usize,
-            off[1].as_u64().unwrap() as usize,
-        );
-        let v = buf[8 + n + a..8 + n + b]
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        logits.insert(k.clone(), v);
-    }
+    let logits = safetensors_4(&dir.join("reference.safetensors"), "F32")
+        .into_iter()
+        .map(|(k, v)| (k, v.into_iter().map(f32::from_le_bytes).collect()))
+        .collect();
     Reference { prompts, logits }
 }
 
@@ -1012,14 +996,14 @@ fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
     e
 }
 
-/// An engine of 4 slots on tiny-f32 whose requests speculate together (k = 4, `max_batch` 4) with its
-/// Q8_0 conversion as the draft.
-fn speculating_in_four_slots() -> LlamaEngine {
+/// An engine of 4 slots on tiny-f32 whose requests speculate together (k = 4, `max_batch` 4) with the
+/// fixture GGUF `draft` (its Q8_0 conversion, or an assistant).
+fn speculating_in_four_slots(draft: &str) -> LlamaEngine {
     let mut c = LlamaConfig::new(gguf("tiny-f32"));
     c.context_length = Some(512);
     c.parallel = 4;
     c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
-        draft_model: gguf("tiny-q8_0"),
+        draft_model: gguf(draft),
         config: jemma_serve::speculative::SpeculativeConfig {
             max_draft_tokens: 4,
             max_batch: 4,
@@ -1030,6 +1014,31 @@ fn speculating_in_four_slots() -> LlamaEngine {
     let e = LlamaEngine::start(c).unwrap();
     e.wait_ready().unwrap();
     e
+}
+
+/// Each prompt twice at once on [`speculating_in_four_slots`] with `draft`: every answer is `greedy`'s for
+/// its prompt (plain decoding's), every request speculated, and some were verified together.
+fn four_verified_together(draft: &str, prompts: &[Vec<u32>], greedy: &[Vec<u32>]) {
+    let e = speculating_in_four_slots(draft);
+    let mut rxs: Vec<_> = prompts
+        .iter()
+        .chain(prompts)
+        .map(|p| {
+            let mut r = request(Prompt::Ids(p.clone()), 48);
+            r.parse_output = false;
+            e.submit(r).unwrap()
+        })
+        .collect();
+    for (rx, want) in rxs.iter_mut().zip(greedy.iter().chain(greedy)) {
+        let s = collect(rx).1;
+        assert_eq!(&s.tokens, want, "{draft}: verified together");
+        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+    }
+    let together = e.status().info.largest_verify_batch;
+    assert!(
+        together > 1,
+        "{draft}: verified {together} at most together"
+    );
 }
 
 fn run_ids(
@@ -1136,24 +1145,8 @@ fn speculative_answers_are_plain_decodings() {
     }
     // max_batch 4: four requests at once speculate together, their drafts verified in one decode (each in
     // its own KV stream, at its own positions), and answer as plain decoding does.
-    let e = speculating_in_four_slots();
-    let mut rxs: Vec<_> = prompts
-        .iter()
-        .chain(&prompts)
-        .map(|p| {
-            let mut r = request(Prompt::Ids(p.clone()), 48);
-            r.parse_output = false;
-            e.submit(r).unwrap()
-        })
-        .collect();
-    for (rx, (greedy, _)) in rxs.iter_mut().zip(want.iter().chain(&want)) {
-        let s = collect(rx).1;
-        assert_eq!(&s.tokens, greedy, "verified together");
-        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
-    }
-    let together = e.status().info.largest_verify_batch;
-    assert!(together > 1, "verified {together} at most together");
-    drop(e);
+    let greedy: Vec<Vec<u32>> = want.iter().map(|(g, _)| g.clone()).collect();
+    four_verified_together("tiny-q8_0", &prompts, &greedy);
     // Real weights (Gemma 3 270M, Q4_K_M, a base model) drafting for themselves. llama.cpp's quantized CPU
     // kernels round a batch of positions otherwise than one (measured: 0.19 in a logprob), so a greedy
     // answer may part from plain decoding's where its two best tokens are that close: the tokens must be
@@ -1474,7 +1467,7 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
         .map(|q| run_ids(&plain, q, 24, Sampling::default()).tokens)
         .collect();
     drop(plain);
-    let e = speculating_in_four_slots();
+    let e = speculating_in_four_slots("tiny-q8_0");
     for round in 0..2 {
         let mut rxs: Vec<_> = questions
             .iter()
@@ -1508,8 +1501,9 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
     }
 }
 
-/// The I32 tensors of a safetensors file, by name.
-fn safetensors_i32(path: &std::path::Path) -> HashMap<String, Vec<i32>> {
+/// The tensors of a safetensors file whose dtype is `dtype` (4 bytes per element), by name, as the
+/// elements' little-endian bytes.
+fn safetensors_4(path: &std::path::Path, dtype: &str) -> HashMap<String, Vec<[u8; 4]>> {
     let buf = std::fs::read(path).unwrap();
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap()) as usize;
     let header: Value = serde_json::from_slice(&buf[8..8 + n]).unwrap();
@@ -1517,7 +1511,7 @@ fn safetensors_i32(path: &std::path::Path) -> HashMap<String, Vec<i32>> {
         .as_object()
         .unwrap()
         .iter()
-        .filter(|(_, t)| t["dtype"] == "I32")
+        .filter(|(_, t)| t["dtype"] == dtype)
         .map(|(k, t)| {
             let off = t["data_offsets"].as_array().unwrap();
             let (a, b) = (
@@ -1526,7 +1520,7 @@ fn safetensors_i32(path: &std::path::Path) -> HashMap<String, Vec<i32>> {
             );
             let v = buf[8 + n + a..8 + n + b]
                 .chunks_exact(4)
-                .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+                .map(|c| c.try_into().unwrap())
                 .collect();
             (k.clone(), v)
         })
@@ -1545,12 +1539,12 @@ fn the_assistant_drafts_mlx_vlms_tokens() {
     let _serial = serial();
     let s = Session::load(&LlamaConfig::new(gguf("tiny-f32"))).unwrap();
     for name in ["mtp-tied", "mtp"] {
-        let r = safetensors_i32(&fixtures().join(name).join("reference.safetensors"));
+        let r = safetensors_4(&fixtures().join(name).join("reference.safetensors"), "I32");
         for block in 0..2 {
             let get = |k: &str| -> Vec<u32> {
                 r[&format!("block{block}.{k}")]
                     .iter()
-                    .map(|&x| x as u32)
+                    .map(|&x| i32::from_le_bytes(x) as u32)
                     .collect()
             };
             let (pending, drafts) = s
@@ -1577,29 +1571,39 @@ fn the_assistant_drafts_mlx_vlms_tokens() {
 
 /// The llama.cpp engine speculating with the assistant (MTP) drafters (issue 15): greedy answers equal
 /// plain decoding's token for token over 48 tokens (three times across the 16-token sliding window, the
-/// drafter reading the target's cache as it slides and as rejected drafts are trimmed from it), alone at
-/// two draft lengths and four at once in four slots (each drafting from its own KV stream, verified
-/// together); rounds run and show in the summary, and the status names the drafter `mtp_assistant`.
+/// drafter reading the target's cache as it slides and as rejected drafts are trimmed from it) on the
+/// dense target with both drafters, its Q8_0 conversion, and the MoE target with its own drafter (whose
+/// full layers' K/V heads differ from its sliding ones'); alone at several draft lengths, and four at once
+/// in four slots (drafting together, each from its own KV stream, verified together); rounds run and show
+/// in the summary, and the status names the drafter `mtp_assistant`.
 #[test]
 fn mtp_speculation_answers_as_plain_decoding() {
     let _serial = serial();
     let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
-    let plain = speculating("tiny-f32", None, 0);
-    let want: Vec<_> = prompts
-        .iter()
-        .map(|p| run_ids(&plain, p, 48, Sampling::default()).tokens)
-        .collect();
-    drop(plain);
-    for (drafter, k) in [("mtp-tied-f32", 3), ("mtp-f32", 5)] {
-        let e = speculating("tiny-f32", Some(drafter), k);
+    let mut wants: HashMap<&str, Vec<Vec<u32>>> = HashMap::new();
+    for target in ["tiny-f32", "tiny-q8_0", "moe-f32"] {
+        let plain = speculating(target, None, 0);
+        let want = prompts
+            .iter()
+            .map(|p| run_ids(&plain, p, 48, Sampling::default()).tokens)
+            .collect();
+        wants.insert(target, want);
+    }
+    for (target, drafter, k) in [
+        ("tiny-f32", "mtp-tied-f32", 3),
+        ("tiny-f32", "mtp-f32", 5),
+        ("tiny-q8_0", "mtp-tied-f32", 4),
+        ("moe-f32", "mtp-moe-f32", 4),
+    ] {
+        let e = speculating(target, Some(drafter), k);
         let info = e.status().info.speculative.unwrap();
         assert_eq!(info.drafter, "mtp_assistant");
-        for (p, greedy) in prompts.iter().zip(&want) {
+        for (p, greedy) in prompts.iter().zip(&wants[target]) {
             let s = run_ids(&e, p, 48, Sampling::default());
             assert_eq!(
                 &s.tokens,
                 greedy,
-                "{drafter}, k = {k}, prompt of {}",
+                "{target} with {drafter}, k = {k}, prompt of {}",
                 p.len()
             );
             let sp = s.speculative.expect("it speculated");
@@ -1607,33 +1611,66 @@ fn mtp_speculation_answers_as_plain_decoding() {
         }
         assert!(e.status().info.speculative.unwrap().stats.rounds > 0);
     }
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
-    c.context_length = Some(512);
-    c.parallel = 4;
-    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
-        draft_model: gguf("mtp-tied-f32"),
-        config: jemma_serve::speculative::SpeculativeConfig {
-            max_draft_tokens: 4,
-            max_batch: 4,
-            adaptive: false,
-        },
-        optional: false,
-    });
-    let e = LlamaEngine::start(c).unwrap();
-    e.wait_ready().unwrap();
-    let mut rxs: Vec<_> = prompts
-        .iter()
-        .chain(&prompts)
-        .map(|p| {
-            let mut r = request(Prompt::Ids(p.clone()), 48);
-            r.parse_output = false;
-            e.submit(r).unwrap()
-        })
-        .collect();
-    for (rx, greedy) in rxs.iter_mut().zip(want.iter().chain(&want)) {
-        let s = collect(rx).1;
-        assert_eq!(&s.tokens, greedy, "four slots");
-        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+    four_verified_together("mtp-tied-f32", &prompts, &wants["tiny-f32"]);
+}
+
+/// Drafts that stand, and drafts made, when a drafter proposes the pending token `k` times at every round
+/// of a greedy answer of `max_tokens` (the engine's rule: a round drafts at most what still fits after the
+/// pending token) whose plain decoding is `plain`: the echo drafter's, whose drafts stand exactly where
+/// plain decoding repeats a token.
+fn echo_rounds(plain: &[u32], max_tokens: usize, k: usize) -> (u64, u64) {
+    let (mut i, mut accepted, mut drafted) = (0, 0, 0);
+    while i + 1 < plain.len() {
+        let k = k.min(max_tokens.saturating_sub(i + 2));
+        if k == 0 {
+            i += 1;
+            continue;
+        }
+        let a = (1..=k)
+            .take_while(|&j| plain.get(i + j) == Some(&plain[i]))
+            .count();
+        accepted += a as u64;
+        drafted += k as u64;
+        i += a + 1;
     }
-    assert!(e.status().info.largest_verify_batch > 1);
+    (accepted, drafted)
+}
+
+/// The echo drafter (gen_mtp.py: each draft is the token its hidden state predicts through the target's
+/// head, so the pending token again when that state is the target's at the position before it) on the
+/// llama.cpp engine: its drafts stand exactly where plain decoding repeats a token, so the drafts made and
+/// those that stood equal what rounds proposing the pending token every time give, after rounds whose
+/// drafts all stood, some stood or none. A hidden state kept from another row would draft other tokens:
+/// at k = 2 and 4 these prompts have rounds whose drafts partly stand and whose next round's drafts then
+/// stand only if drafted from the replacement's row (checked: keeping the round's first row fails here).
+/// Alone at k = 1, 2 and 4, and four at once drafting together.
+#[test]
+fn the_echo_drafter_proposes_the_pending_token_every_round() {
+    let _serial = serial();
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    let plain = speculating("tiny-f32", None, 0);
+    let want: Vec<Vec<u32>> = prompts
+        .iter()
+        .map(|p| run_ids(&plain, p, 48, Sampling::default()).tokens)
+        .collect();
+    drop(plain);
+    let mut stood = 0;
+    for k in [1, 2, 4] {
+        let e = speculating("tiny-f32", Some("mtp-echo-f32"), k);
+        for (p, greedy) in prompts.iter().zip(&want) {
+            let s = run_ids(&e, p, 48, Sampling::default());
+            assert_eq!(&s.tokens, greedy, "k = {k}, prompt of {}", p.len());
+            let sp = s.speculative.expect("it speculated");
+            let (accepted, drafted) = echo_rounds(greedy, 48, k);
+            assert_eq!(
+                (sp.accepted, sp.drafted),
+                (accepted, drafted),
+                "k = {k}, prompt of {}: {greedy:?}",
+                p.len()
+            );
+            stood += sp.accepted;
+        }
+    }
+    assert!(stood > 0, "plain decoding repeats tokens on these prompts");
+    four_verified_together("mtp-echo-f32", &prompts, &want);
 }

@@ -81,10 +81,11 @@ fn plain(
     want
 }
 
-/// Records what the drafter it wraps proposed.
+/// Records what the drafter it wraps proposed, after which pending token (the context's last).
 struct Recording<'a> {
     inner: &'a mut dyn Drafter,
     proposals: Vec<Vec<u32>>,
+    pending: Vec<u32>,
 }
 
 impl Drafter for Recording<'_> {
@@ -97,6 +98,7 @@ impl Drafter for Recording<'_> {
     ) -> jemma_engine::Result<Proposal> {
         let p = self.inner.propose(context, k, sampling, target)?;
         self.proposals.push(p.tokens.clone());
+        self.pending.extend(context.last());
         Ok(p)
     }
 }
@@ -118,9 +120,22 @@ fn speculate(
     drafter: &mut dyn Drafter,
     k: usize,
 ) -> (Vec<u32>, Vec<Vec<u32>>, usize) {
+    let (tokens, proposals, _, accepted) = speculate_recording(target, prompt, o, drafter, k);
+    (tokens, proposals, accepted)
+}
+
+/// [`speculate`], with the pending token each proposal followed.
+fn speculate_recording(
+    target: &jemma_engine::models::gemma4::Gemma4,
+    prompt: &[u32],
+    o: &GenerateOptions,
+    drafter: &mut dyn Drafter,
+    k: usize,
+) -> (Vec<u32>, Vec<Vec<u32>>, Vec<u32>, usize) {
     let mut rec = Recording {
         inner: drafter,
         proposals: vec![],
+        pending: vec![],
     };
     let mut g = Generation::new(target, prompt, o.clone()).unwrap();
     g.keep_hidden(true);
@@ -132,7 +147,7 @@ fn speculate(
         accepted += r.accepted;
         tokens.extend(r.steps.iter().map(|s| s.token));
     }
-    (tokens, rec.proposals, accepted)
+    (tokens, rec.proposals, rec.pending, accepted)
 }
 
 /// Bound to the tiny target after it read a prompt, the drafter's first round proposes mlx-vlm's
@@ -162,28 +177,53 @@ fn the_first_round_drafts_mlx_vlms_tokens() {
 
 /// Greedy speculation with the MTP drafter answers exactly as plain decoding, at every draft length and
 /// three times across the 16-token sliding window (the drafter reading the window's K/V as it rotates and
-/// as rejected drafts are trimmed from it); without a kept hidden state it proposes nothing.
+/// as rejected drafts are trimmed from it), on every target fixture: dense (both drafters), 4-bit, MoE
+/// (its own drafter: its full layers' K/V heads differ from its sliding ones') and 4-bit MoE; without a
+/// kept hidden state it proposes nothing.
 #[test]
 fn greedy_mtp_speculation_is_plain_decoding() {
-    let target = load_target();
+    let tiny = load_target();
     let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
-    for name in ["mtp", "mtp-tied"] {
-        let m = Gemma4Assistant::load(&common::fixture(name), None).unwrap();
+    for (target_name, name) in [
+        ("tiny", "mtp"),
+        ("tiny", "mtp-tied"),
+        ("tiny-q4", "mtp"),
+        ("moe", "mtp-moe"),
+        ("moe-q4", "mtp-moe"),
+    ] {
+        let loaded;
+        let target = if target_name == "tiny" {
+            &tiny
+        } else {
+            loaded = jemma_engine::models::gemma4::load(&common::fixture(target_name), None)
+                .unwrap()
+                .0;
+            &loaded
+        };
+        // The MoE fixture's drafter has no references (gen_mtp.py `drafter`).
+        let dir = jemma_fixtures::fixture(name, "config.json");
+        let m = Gemma4Assistant::load(&dir, None).unwrap();
+        m.check_target(target).unwrap();
         for prompt in &prompts {
             let o = opts(48);
-            let want = plain(&target, prompt, &o);
+            let want = plain(target, prompt, &o);
             for k in [1, 3, 5] {
                 let mut state = DraftState::default();
                 let mut d = MtpDrafter {
                     model: &m,
                     state: &mut state,
                 };
-                let (tokens, proposals, accepted) = speculate(&target, prompt, &o, &mut d, k);
-                assert_eq!(tokens, want, "{name}, k = {k}, prompt of {}", prompt.len());
+                let (tokens, proposals, accepted) = speculate(target, prompt, &o, &mut d, k);
+                assert_eq!(
+                    tokens,
+                    want,
+                    "{target_name} with {name}, k = {k}, prompt of {}",
+                    prompt.len()
+                );
                 assert!(proposals.iter().all(|p| p.len() <= k));
                 assert!(proposals.iter().any(|p| !p.is_empty()));
                 eprintln!(
-                    "{name}, k = {k}, prompt {}: {accepted} drafts stood in {} rounds",
+                    "{target_name} with {name}, k = {k}, prompt {}: {accepted} drafts stood in {} rounds",
                     prompt.len(),
                     proposals.len()
                 );
@@ -195,13 +235,47 @@ fn greedy_mtp_speculation_is_plain_decoding() {
             model: &m,
             state: &mut state,
         };
-        let mut g = Generation::new(&target, &prompts[0], opts(3)).unwrap();
-        while !g.prefill(&target).unwrap() {}
+        let mut g = Generation::new(target, &prompts[0], opts(3)).unwrap();
+        while !g.prefill(target).unwrap() {}
         let r = g
-            .speculate(&target, &mut d, 3, &mut StdRng::seed_from_u64(0))
+            .speculate(target, &mut d, 3, &mut StdRng::seed_from_u64(0))
             .unwrap();
         assert_eq!((r.drafted, r.steps.len()), (0, 1));
     }
+}
+
+/// The echo drafter (gen_mtp.py: each draft is the token its hidden state predicts through the target's
+/// head, so the pending token again when that state is the target's at the position before it) proposes
+/// the pending token at every round, after rounds whose drafts all stood, some stood or none: the drafter
+/// read the right hidden state each time. Its drafts stand exactly where plain decoding repeats a token,
+/// and the answer is plain decoding's.
+#[test]
+fn the_echo_drafter_proposes_the_pending_token_every_round() {
+    let target = load_target();
+    let m =
+        Gemma4Assistant::load(&jemma_fixtures::fixture("mtp-echo", "config.json"), None).unwrap();
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    let mut stood = 0;
+    for prompt in &prompts {
+        let o = opts(48);
+        let want = plain(&target, prompt, &o);
+        for k in [1, 3] {
+            let mut state = DraftState::default();
+            let mut d = MtpDrafter {
+                model: &m,
+                state: &mut state,
+            };
+            let (tokens, proposals, pending, accepted) =
+                speculate_recording(&target, prompt, &o, &mut d, k);
+            assert_eq!(tokens, want, "k = {k}, prompt of {}", prompt.len());
+            for (p, t) in proposals.iter().zip(&pending) {
+                assert!(p.iter().all(|x| x == t), "k = {k}: {p:?} after {t}");
+            }
+            assert!(proposals.iter().any(|p| !p.is_empty()));
+            stood += accepted;
+        }
+    }
+    assert!(stood > 0, "plain decoding repeats tokens on these prompts");
 }
 
 /// A drafter whose width, vocabulary or head dimensions differ from the target's is refused, naming why.
