@@ -1,5 +1,5 @@
 //! Gemma 4's MTP assistant drafter on the llama.cpp engine (issue 15): llama.cpp's `gemma4-assistant`
-//! architecture, a 4-layer model with no K/V projections of its own whose attention reads the target's KV
+//! architecture, a few layers with no K/V projections of their own whose attention reads the target's KV
 //! cache (its context is created with `ctx_other` = the target's, and its cells are the target's).
 //!
 //! This follows llama.cpp's own driver, `common_speculative_impl_draft_mtp` (common/speculative.cpp, its

@@ -996,10 +996,10 @@ fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
     e
 }
 
-/// An engine of 4 slots on tiny-f32 whose requests speculate together (k = 4, `max_batch` 4) with the
-/// fixture GGUF `draft` (its Q8_0 conversion, or an assistant).
-fn speculating_in_four_slots(draft: &str) -> LlamaEngine {
-    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+/// An engine of 4 slots on the fixture GGUF `target` whose requests speculate together (k = 4,
+/// `max_batch` 4) with the fixture GGUF `draft` (a conversion of the same weights, or an assistant).
+fn speculating_in_four_slots(target: &str, draft: &str) -> LlamaEngine {
+    let mut c = LlamaConfig::new(gguf(target));
     c.context_length = Some(512);
     c.parallel = 4;
     c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
@@ -1016,10 +1016,11 @@ fn speculating_in_four_slots(draft: &str) -> LlamaEngine {
     e
 }
 
-/// Each prompt twice at once on [`speculating_in_four_slots`] with `draft`: every answer is `greedy`'s for
-/// its prompt (plain decoding's), every request speculated, and some were verified together.
-fn four_verified_together(draft: &str, prompts: &[Vec<u32>], greedy: &[Vec<u32>]) {
-    let e = speculating_in_four_slots(draft);
+/// Each prompt twice at once on [`speculating_in_four_slots`] with `target` and `draft`: every answer is
+/// `greedy`'s for its prompt (plain decoding's), every request speculated, and some were verified
+/// together.
+fn four_verified_together(target: &str, draft: &str, prompts: &[Vec<u32>], greedy: &[Vec<u32>]) {
+    let e = speculating_in_four_slots(target, draft);
     let mut rxs: Vec<_> = prompts
         .iter()
         .chain(prompts)
@@ -1146,7 +1147,7 @@ fn speculative_answers_are_plain_decodings() {
     // max_batch 4: four requests at once speculate together, their drafts verified in one decode (each in
     // its own KV stream, at its own positions), and answer as plain decoding does.
     let greedy: Vec<Vec<u32>> = want.iter().map(|(g, _)| g.clone()).collect();
-    four_verified_together("tiny-q8_0", &prompts, &greedy);
+    four_verified_together("tiny-f32", "tiny-q8_0", &prompts, &greedy);
     // Real weights (Gemma 3 270M, Q4_K_M, a base model) drafting for themselves. llama.cpp's quantized CPU
     // kernels round a batch of positions otherwise than one (measured: 0.19 in a logprob), so a greedy
     // answer may part from plain decoding's where its two best tokens are that close: the tokens must be
@@ -1467,7 +1468,7 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
         .map(|q| run_ids(&plain, q, 24, Sampling::default()).tokens)
         .collect();
     drop(plain);
-    let e = speculating_in_four_slots("tiny-q8_0");
+    let e = speculating_in_four_slots("tiny-f32", "tiny-q8_0");
     for round in 0..2 {
         let mut rxs: Vec<_> = questions
             .iter()
@@ -1530,8 +1531,9 @@ fn safetensors_4(path: &std::path::Path, dtype: &str) -> HashMap<String, Vec<[u8
 /// The Gemma 4 assistant (MTP) drafter on llama.cpp (issue 15), converted by llama.cpp's converter from
 /// the random drafters the MLX engine's tests check against mlx-vlm: after the tiny target read a prompt,
 /// the first round of the tied-head drafter (the 26B-A4B drafter's) proposes mlx-vlm's `draft_block`
-/// tokens with the query at the pending token's position, where llama.cpp puts it (mlx-vlm puts it one
-/// position earlier; moved there, it drafts these very tokens, which `gen_mtp.py` records). The
+/// tokens with the query at the pending token's position, where llama.cpp and transformers' candidate
+/// generator put it (mlx-vlm puts it one position earlier; moved there, it drafts these very tokens,
+/// which `gen_mtp.py` records, and which transformers' `Gemma4AssistantForCausalLM` drafts too). The
 /// centroid-routed drafter (E2B/E4B's) loses its routing in conversion (llama.cpp scores the whole head,
 /// whose argmax the routing approximates), so its drafts are not mlx-vlm's: it must load and draft.
 #[test]
@@ -1574,7 +1576,8 @@ fn the_assistant_drafts_mlx_vlms_tokens() {
 /// drafter reading the target's cache as it slides and as rejected drafts are trimmed from it) on the
 /// dense target with both drafters, its Q8_0 conversion, and the MoE target with its own drafter (whose
 /// full layers' K/V heads differ from its sliding ones'); alone at several draft lengths, and four at once
-/// in four slots (drafting together, each from its own KV stream, verified together); rounds run and show
+/// in four slots on the dense and MoE targets (drafting together, each from its own KV stream, verified
+/// together); rounds run and show
 /// in the summary, and the status names the drafter `mtp_assistant`.
 #[test]
 fn mtp_speculation_answers_as_plain_decoding() {
@@ -1611,7 +1614,8 @@ fn mtp_speculation_answers_as_plain_decoding() {
         }
         assert!(e.status().info.speculative.unwrap().stats.rounds > 0);
     }
-    four_verified_together("mtp-tied-f32", &prompts, &wants["tiny-f32"]);
+    four_verified_together("tiny-f32", "mtp-tied-f32", &prompts, &wants["tiny-f32"]);
+    four_verified_together("moe-f32", "mtp-moe-f32", &prompts, &wants["moe-f32"]);
 }
 
 /// Drafts that stand, and drafts made, when a drafter proposes the pending token `k` times at every round
@@ -1672,5 +1676,5 @@ fn the_echo_drafter_proposes_the_pending_token_every_round() {
         }
     }
     assert!(stood > 0, "plain decoding repeats tokens on these prompts");
-    four_verified_together("mtp-echo-f32", &prompts, &want);
+    four_verified_together("tiny-f32", "mtp-echo-f32", &prompts, &want);
 }

@@ -299,7 +299,9 @@ impl Drafter for ModelDrafter<'_> {
 /// Gemma 4's MTP assistant drafter for one sequence (mlx-vlm's `draft_block`): from the pending token and
 /// the target's final hidden state at the last position it read, k steps of the assistant, each reading
 /// the previous step's token and hidden state and the target's K/V as they stand (the same K/V and query
-/// position for every step). Greedy requests draft the head's argmax (the sparse head's without the full
+/// position for every step). The query sits at the pending token's position, as in transformers'
+/// `SinglePositionMultiTokenCandidateGenerator` (the checkpoints' reference; one past mlx-vlm's, which
+/// drafts other tokens: checked on the fixtures' drafters) and llama.cpp. Greedy requests draft the head's argmax (the sparse head's without the full
 /// logits); sampled ones draw from the request's law over the head's logits. Proposes nothing when the
 /// generation keeps no hidden state ([`crate::generate::Generation::keep_hidden`]).
 pub struct MtpDrafter<'a> {
@@ -321,6 +323,7 @@ impl Drafter for MtpDrafter<'_> {
         let (Some(hidden), Some(&last)) = (target.hidden, context.last()) else {
             return Ok(Proposal::default());
         };
+        // The last position the target read; the query is at the next, the pending token's.
         let position = target.cache.offset() - 1;
         if k == 0 || last as usize >= vocab || position < 0 {
             return Ok(Proposal::default());
@@ -335,9 +338,13 @@ impl Drafter for MtpDrafter<'_> {
         let mut g = hidden.clone();
         let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
         for _ in 0..k {
-            let (next, hn) = self
-                .model
-                .step(&target.model.embed(&token)?, &g, &kv, position)?;
+            let (next, hn) = self.model.step_at(
+                &target.model.embed(&token)?,
+                &g,
+                &kv,
+                position,
+                position + 1,
+            )?;
             g = next;
             token = if greedy {
                 self.model.argmax(&hn)?

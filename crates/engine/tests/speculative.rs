@@ -588,7 +588,7 @@ fn follows_the_target_law(
 /// string that ends the answer inside a round; a draft model with another vocabulary is refused at load.
 #[test]
 fn the_engine_speculates_for_single_streams_and_answers_the_same() {
-    engine_answers_the_same_speculating_with(common::fixture("tiny-q4"), "draft_model");
+    engine_answers_the_same_speculating_with("tiny", common::fixture("tiny-q4"), "draft_model");
     // Another vocabulary: refused at load, naming the draft.
     refused_at_load(
         "tiny",
@@ -597,11 +597,17 @@ fn the_engine_speculates_for_single_streams_and_answers_the_same() {
     );
 }
 
-/// The same with the MTP assistant drafter (found by its config); an assistant made for another target is
-/// refused at load.
+/// The same with the MTP assistant drafter (found by its config), on the dense target and on the MoE one
+/// with its own drafter; an assistant made for another target is refused at load.
 #[test]
 fn the_engine_speculates_with_the_mtp_assistant_and_answers_the_same() {
-    engine_answers_the_same_speculating_with(common::fixture("mtp"), "mtp_assistant");
+    engine_answers_the_same_speculating_with("tiny", common::fixture("mtp"), "mtp_assistant");
+    // The MoE target with its own drafter (its full layers' K/V heads differ from its sliding ones').
+    engine_answers_the_same_speculating_with(
+        "moe",
+        jemma_fixtures::fixture("mtp-moe", "config.json"),
+        "mtp_assistant",
+    );
     refused_at_load("small", &common::fixture("mtp"), "does not fit the target");
     // The same drafter found next to the model rather than configured: the model serves without it.
     use jemma_engine::runtime::{Engine, EngineConfig, EngineState, SpeculativeSettings};
@@ -634,10 +640,14 @@ fn refused_at_load(target: &str, draft: &std::path::Path, why: &str) {
     assert!(bad.shutdown(std::time::Duration::from_secs(30)));
 }
 
-/// Greedy answers of an engine speculating with `draft` (of the `drafter` kind its status reports) equal a
-/// plain engine's: alone, four at once, cut
+/// Greedy answers of an engine on `target` (a fixture's name) speculating with `draft` (of the `drafter`
+/// kind its status reports) equal a plain engine's: alone, four at once, cut
 /// by a stop string inside a round, and continuing from the prefix cache that cut answer left.
-fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: &str) {
+fn engine_answers_the_same_speculating_with(
+    target: &str,
+    draft: std::path::PathBuf,
+    drafter: &str,
+) {
     use jemma_engine::runtime::{
         Engine, EngineConfig, Event, Prompt, SpeculativeSettings, Summary,
     };
@@ -662,9 +672,9 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
         }
         panic!("no answer")
     };
-    let plain = Engine::start(EngineConfig::new(common::fixture("tiny"))).unwrap();
+    let plain = Engine::start(EngineConfig::new(common::fixture(target))).unwrap();
     let draft_dir = draft.clone();
-    let mut cfg = EngineConfig::new(common::fixture("tiny"));
+    let mut cfg = EngineConfig::new(common::fixture(target));
     cfg.speculative = Some(SpeculativeSettings {
         optional: false,
         draft_model: draft,
@@ -708,7 +718,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     assert_eq!(spec.status().info.largest_verify_batch, 1);
     // With max_batch 4 they speculate together, their drafts verified in one forward (rows of different
     // lengths and cache offsets, both sides of the sliding window), and still answer the same.
-    let mut cfg = EngineConfig::new(common::fixture("tiny"));
+    let mut cfg = EngineConfig::new(common::fixture(target));
     cfg.max_sequences = 4;
     cfg.speculative = Some(SpeculativeSettings {
         optional: false,
@@ -754,7 +764,7 @@ fn engine_answers_the_same_speculating_with(draft: std::path::PathBuf, drafter: 
     // not trimmed later). The answers are plain decoding's, with either drafter.
     let ids =
         |ids: &[u32]| common::request(Prompt::Ids(ids.to_vec()), 24, vec![], Default::default());
-    let first = prompts("tiny").pop().unwrap();
+    let first = prompts(target).pop().unwrap();
     let (s1, _) = answer(&mut spec.submit(ids(&first)).unwrap());
     let mut next = first.clone();
     next.extend(&s1.tokens);

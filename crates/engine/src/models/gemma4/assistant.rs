@@ -9,7 +9,7 @@
 //!
 //! ```text
 //! x  = pre_projection([embed_target(t) · √H_target ; g])      (1, 1, 2B) → (1, 1, h)
-//! hn = norm(layers(x, K/V of the target, query position P))
+//! hn = norm(layers(x, K/V of the target, query at the pending token's position P))
 //! g' = post_projection(hn)                                     (1, 1, B)
 //! logits = head(hn)                                            (1, 1, V), no soft cap
 //! ```
@@ -17,6 +17,9 @@
 //! The head is the tied embedding, an untied `lm_head`, or (E2B/E4B drafters, `use_ordered_embeddings`) a
 //! centroid-routed sparse head: the `top_k` best of `num_centroids` token clusters are scored exactly and
 //! every other token gets the smallest selected logit minus one (mlx-vlm `MaskedEmbedder`).
+//!
+//! P is where transformers' candidate generator (the checkpoints' reference) and llama.cpp put the query;
+//! mlx-vlm puts it one position earlier, and so drafts other tokens ([`Gemma4Assistant::step_at`]).
 
 use mlx_rs::{
     Array, Dtype, fast,
@@ -399,21 +402,38 @@ impl Gemma4Assistant {
         Ok(Some(out))
     }
 
-    /// One draft step: `embedding` (1, 1, B) is the target's scaled embedding of the token drafted from
-    /// ([`Gemma4::embed`]), `hidden` (1, 1, B) the target's final hidden state at position `position`
-    /// (the last the target read) or the previous step's output; every step of a round reads the same
-    /// `kv` and `position` (mlx-vlm `draft_block`). Returns the next hidden state (1, 1, B) and the
-    /// normed output (1, 1, h) that [`Gemma4Assistant::logits`] and [`Gemma4Assistant::argmax`] read.
+    /// One draft step with the query at `position`, mlx-vlm's (`draft_block`); see [`Self::step_at`].
     ///
-    /// Sliding layers see the last `window - 1` positions up to `position` (see `sliding_mask`).
-    ///
-    /// Errors: a layer type whose K/V is missing ([`EngineError::InvalidModel`]); MLX failures.
+    /// Errors: as [`Self::step_at`].
     pub fn step(
         &self,
         embedding: &Array,
         hidden: &Array,
         kv: &TargetKv,
         position: i32,
+    ) -> Result<(Array, Array)> {
+        self.step_at(embedding, hidden, kv, position, position)
+    }
+
+    /// One draft step: `embedding` (1, 1, B) is the target's scaled embedding of the token drafted from
+    /// ([`Gemma4::embed`]), `hidden` (1, 1, B) the target's final hidden state at position `position`
+    /// (the last the target read) or the previous step's output; every step of a round reads the same
+    /// `kv`, `position` and `query` (mlx-vlm `draft_block`). The query is rotated as at `query`:
+    /// transformers' `SinglePositionMultiTokenCandidateGenerator` (`position_ids = input_ids.shape[1] - 1`,
+    /// the pending token's) and llama.cpp's driver put it at `position + 1`, mlx-vlm at `position`. Returns
+    /// the next hidden state (1, 1, B) and the normed output (1, 1, h) that [`Gemma4Assistant::logits`]
+    /// and [`Gemma4Assistant::argmax`] read.
+    ///
+    /// Sliding layers see the last `window - 1` positions up to `position` (see `sliding_mask`).
+    ///
+    /// Errors: a layer type whose K/V is missing ([`EngineError::InvalidModel`]); MLX failures.
+    pub fn step_at(
+        &self,
+        embedding: &Array,
+        hidden: &Array,
+        kv: &TargetKv,
+        position: i32,
+        query: i32,
     ) -> Result<(Array, Array)> {
         let x = ops::concatenate(
             &[
@@ -440,7 +460,7 @@ impl Gemma4Assistant {
                     l.spec.layer_type
                 )));
             };
-            let shared = [(shared.kv.clone(), position)];
+            let shared = [(shared.kv.clone(), query)];
             h = l
                 .forward(&h, &[mask], &mut [], Some(&shared), None, eps, &self.consts)?
                 .0;
