@@ -257,8 +257,9 @@ pub(crate) struct DraftRow<'a> {
 /// The first half of MTP rounds for the sequences `wants` names (index in `batch`, drafts wanted), which
 /// are decoding: their drafts after their pending tokens, from the hidden states their last target
 /// decodes kept, drafted together ([`Mtp::propose_many`]). Per sequence, in order: no drafts when it has
-/// no hidden state yet (it decodes plainly this step and keeps one), or None when the drafting failed
-/// (logged; the target was not touched). The drafting time is shared evenly among the rows, so that a
+/// no hidden state yet (it decodes plainly this step and keeps one), or None when its drafting failed
+/// (logged; the target was not touched; a failed batch is drafted again one sequence at a time, so that
+/// one sequence's failure does not stop the others' speculation). The drafting time is shared evenly among the rows, so that a
 /// round's draft and verification times add up to the batch's wall clock ([`crate::speculative::verify`]).
 pub(crate) fn draft_many(
     mtp: &mut Mtp,
@@ -286,20 +287,30 @@ pub(crate) fn draft_many(
     if rows.is_empty() {
         return out;
     }
-    let result = mtp.propose_many(&rows);
+    // Together; when that fails and there were several, one by one, so that only a sequence whose own
+    // drafting fails stops speculating.
+    let results: Vec<Result<Vec<u32>>> = match mtp.propose_many(&rows) {
+        Ok(drafts) => drafts.into_iter().map(Ok).collect(),
+        Err(e) if rows.len() == 1 => vec![Err(e)],
+        Err(_) => rows
+            .iter()
+            .map(|r| {
+                mtp.propose_many(std::slice::from_ref(r))
+                    .map(|mut d| d.remove(0))
+            })
+            .collect(),
+    };
     drop(rows);
     let share = started.elapsed() / which.len() as u32;
-    match result {
-        Ok(drafts) => {
-            for (w, d) in which.into_iter().zip(drafts) {
+    for (w, r) in which.into_iter().zip(results) {
+        match r {
+            Ok(d) => {
                 // The assistant holds no cache of its own: nothing of the context is read again.
                 batch[wants[w].0].draft_reused.get_or_insert(0);
                 out[w] = Some((d, share));
             }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "the assistant drafter failed; decoding these requests plainly");
-            for w in which {
+            Err(e) => {
+                tracing::warn!(error = %e, "the assistant drafter failed; decoding this request plainly");
                 out[w] = None;
             }
         }

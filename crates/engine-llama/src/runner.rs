@@ -329,7 +329,17 @@ impl ModelRunner for LlamaRunner {
         let drafts = match &self.config.speculative {
             None => None,
             Some(sp) => match self.drafter(sp, &mut cell, ctx_params, parallel) {
-                Ok(d) => Some(d),
+                Ok(d) => {
+                    // A load after one whose found drafter failed (a reload after keep-alive) reports it
+                    // again.
+                    let kind = match &d {
+                        speculative::Drafter::Mtp(_) => "mtp_assistant",
+                        speculative::Drafter::Model(_) => "draft_model",
+                    };
+                    info.speculative
+                        .get_or_insert_with(|| SpeculativeInfo::new(sp.draft_model.clone(), kind));
+                    Some(d)
+                }
                 Err(e) if sp.optional => {
                     tracing::warn!(draft = %sp.draft_model.display(), "the drafter found next to the model did not load, so it decodes plainly: {e}");
                     info.speculative = None;

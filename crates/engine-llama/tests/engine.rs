@@ -1063,7 +1063,7 @@ fn run_ids(
 /// random fixture's flat laws); an unseeded one speculates; the rounds show in the summary and the status;
 /// four requests at once with `max_batch` 4 verify together and answer the same; the real Gemma 3 270M
 /// drafting for itself completes a prompt as plain decoding does up to the first near-tie (llama.cpp's batch
-/// rounding); a draft with another vocabulary is refused at load.
+/// rounding); a draft with another vocabulary is refused at load, or, found rather than named, left out.
 #[test]
 fn speculative_answers_are_plain_decodings() {
     let _serial = serial();
@@ -1210,6 +1210,23 @@ fn speculative_answers_are_plain_decodings() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("draft") && err.contains("vocabulary"), "{err}");
+    // The same draft found next to the model rather than named (optional): the model serves without it,
+    // and its status names no drafter.
+    let mut c = LlamaConfig::new(gguf("tiny-f32"));
+    c.context_length = Some(512);
+    c.speculative = Some(jemma_engine_llama::LlamaSpeculative {
+        draft_model: gguf("gemma-3-270m-q4_k_m"),
+        config: Default::default(),
+        optional: true,
+    });
+    let e = LlamaEngine::start(c).unwrap();
+    e.wait_ready().unwrap();
+    assert!(e.status().info.speculative.is_none());
+    assert!(
+        run_ids(&e, &[2, 10, 200], 4, Sampling::default())
+            .speculative
+            .is_none()
+    );
 }
 
 /// Every tensor of a safetensors file as f64 (F32, I32 and I64 tensors).

@@ -253,9 +253,9 @@ fn greedy_mtp_speculation_is_plain_decoding() {
 
 /// The echo drafter (gen_mtp.py: each draft is the token its hidden state predicts through the target's
 /// head, so the pending token again when that state is the target's at the position before it) proposes
-/// the pending token at every round, after rounds whose drafts all stood, some stood or none: the drafter
-/// read the right hidden state each time. Its drafts stand exactly where plain decoding repeats a token,
-/// and the answer is plain decoding's.
+/// the pending token at every round: the drafter read the right hidden state each time, whatever the
+/// round before it left (these prompts repeat tokens, so some drafts stand). The answer is plain
+/// decoding's.
 #[test]
 fn the_echo_drafter_proposes_the_pending_token_every_round() {
     let target = load_target();
