@@ -948,8 +948,8 @@ pub(crate) fn step(
         .filter(|&i| batch[i].decoding() && !batch[i].tokens.is_empty())
         .collect();
     // Speculative rounds for the sequences whose controller asks for drafts now (single streams by default:
-    // a batch already reads the weights once for several tokens); the others decode plainly below. Each
-    // drafts on its own; their drafts are verified together.
+    // a batch already reads the weights once for several tokens); the others decode plainly below. They
+    // draft together (one drafter decode per draft step), and their drafts are verified together.
     let n = decoding.len();
     if let Some(drafts) = drafts {
         let mut plain = Vec::with_capacity(n);

@@ -1,6 +1,7 @@
 //! Speculative decoding on the llama.cpp engine (issue 15): a draft GGUF with the same vocabulary, in a
 //! context of its own with one sequence per slot, or the model's Gemma 4 assistant reading the target's
-//! own cache ([`crate::mtp`]), proposes k tokens greedily; the target reads the pending
+//! own cache ([`crate::mtp`]), proposes k tokens greedily, for every speculating sequence at once (one
+//! drafter decode per draft step); the target reads the pending
 //! token and the drafts in one `llama_decode` with logits at every position, and each position is sampled
 //! with the request's own sampler chain, in order, while the sample equals the draft before it (llama.cpp's
 //! `common_sampler_sample_and_accept_n`): every committed token is drawn once, with the sampler state plain
@@ -88,8 +89,8 @@ impl Drafter {
         }
     }
 
-    /// Drafts for the sequences `wants` names (index in `batch`, drafts wanted), in order: a draft model's
-    /// one sequence after another ([`draft`]), an assistant's together ([`crate::mtp::draft_many`]). None
+    /// Drafts for the sequences `wants` names (index in `batch`, drafts wanted), in order, drafted
+    /// together: a draft model's ([`draft_many`]) or an assistant's ([`crate::mtp::draft_many`]). None
     /// for a sequence whose drafting failed (it decodes plainly from now on).
     pub(crate) fn draft(
         &mut self,
@@ -97,7 +98,7 @@ impl Drafter {
         wants: &[(usize, usize)],
     ) -> Vec<Option<(Vec<u32>, Duration)>> {
         match self {
-            Self::Model(d) => wants.iter().map(|&(i, k)| draft(d, batch[i], k)).collect(),
+            Self::Model(d) => draft_many(d, batch, wants),
             Self::Mtp(m) => crate::mtp::draft_many(m, batch, wants),
         }
     }
@@ -135,19 +136,20 @@ pub(crate) struct Round {
 }
 
 impl Drafts {
-    /// Up to `k` greedy drafts after `context` (every committed token; the last not yet read by the
+    /// The first greedy draft after `context` (every committed token; the last not yet read by the
     /// target) from the draft's sequence `slot`, reading first what that sequence does not hold — or, when
     /// another slot's draft sequence holds more of `context` (the conversation was served from another
     /// slot, or requests open with one system prompt), copying that one's KV stream first, as the target's
-    /// prefix is shared (`kv::share_prefix`, with its threshold `min_shared_gain`). Returns the drafts, the time spent catching up on a long
-    /// stretch (a prompt: a one-off the controller must not count as drafting cost), and how many tokens
-    /// of `context` the draft already held or copied.
-    fn propose(
+    /// prefix is shared (`kv::share_prefix`, with its threshold `min_shared_gain`). The drafts after it
+    /// are [`Drafts::step`]'s. Returns the draft, the time spent catching up on a long stretch (more than
+    /// `k + 1` tokens: a prompt, a one-off the controller must not count as drafting cost), and how many
+    /// tokens of `context` the draft already held or copied.
+    fn catch_up(
         &mut self,
         slot: usize,
         context: &[u32],
         k: usize,
-    ) -> Result<(Vec<u32>, Duration, usize)> {
+    ) -> Result<(u32, Duration, usize)> {
         let n_swa = self.cell.borrow_owner().n_swa;
         // A copy moves a whole stream (every cell: `swa_full`), so it must save more than reading a few
         // tokens costs: the target's threshold for sharing a prefix.
@@ -220,32 +222,50 @@ impl Drafts {
             } else {
                 Duration::ZERO
             };
-            let mut drafts = Vec::with_capacity(k);
-            let mut row = last_row;
-            for i in 0..k {
-                let d = argmax(ctx.get_logits_ith(row));
-                drafts.push(d);
-                if i + 1 < k {
-                    batch.clear();
-                    batch
-                        .add(
-                            LlamaToken(d as i32),
-                            held.len() as i32,
-                            &[slot as i32],
-                            true,
-                        )
-                        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
-                    ctx.decode(&mut batch)
-                        .map_err(|e| LlamaError::Runtime(format!("draft decode: {e}")))?;
-                    held.push(d);
-                    row = 0;
-                }
-            }
-            Ok((drafts, catch_up, reused))
+            Ok((argmax(ctx.get_logits_ith(last_row)), catch_up, reused))
         })
     }
-}
 
+    /// One draft step for several draft sequences at once (one decode: a token per sequence, each at the
+    /// next position of its own sequence): `rows` holds each sequence's slot and the draft it reads, which
+    /// the slot's held tokens gain. Returns each sequence's next greedy draft, in order.
+    ///
+    /// Errors: a failed decode (the sequences' draft KV must then be dropped).
+    fn step(&mut self, rows: &[(usize, u32)]) -> Result<Vec<u32>> {
+        let all_held = &mut self.held;
+        self.cell.with_dependent_mut(|_, ctx| {
+            let mut batch = LlamaBatch::new(rows.len().max(1), 1);
+            for &(slot, d) in rows {
+                batch
+                    .add(
+                        LlamaToken(d as i32),
+                        all_held[slot].len() as i32,
+                        &[slot as i32],
+                        true,
+                    )
+                    .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+            }
+            ctx.decode(&mut batch)
+                .map_err(|e| LlamaError::Runtime(format!("draft decode: {e}")))?;
+            Ok(rows
+                .iter()
+                .enumerate()
+                .map(|(i, &(slot, d))| {
+                    all_held[slot].push(d);
+                    argmax(ctx.get_logits_ith(i as i32))
+                })
+                .collect())
+        })
+    }
+
+    /// Drops what draft sequence `slot` holds, after a failure: it reads its context again next time.
+    fn forget(&mut self, slot: usize) {
+        self.held[slot].clear();
+        let _ = self
+            .cell
+            .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(slot as u32), None, None));
+    }
+}
 /// A sequence's drafts, waiting for their verification ([`draft`], [`verify`]).
 pub(crate) struct Drafted {
     /// The sequence's index in the step's batch.
@@ -256,35 +276,78 @@ pub(crate) struct Drafted {
     pub(crate) draft_time: Duration,
 }
 
-/// The first half of a speculative round for `s`, which is decoding: up to `k` drafts after its tokens
-/// (`s.draft_reused` is set at its first round). None when the draft failed (logged; the draft's
-/// sequence starts over, the target was not touched): the caller decodes plainly.
-pub(crate) fn draft(
+/// The first half of speculative rounds for the sequences `wants` names (index in `batch`, drafts wanted),
+/// which are decoding: up to `k` greedy drafts each after its tokens, from its slot's draft sequence. Each
+/// catches its draft sequence up alone ([`Drafts::catch_up`]: its first draft), then the drafts after it
+/// are drafted together, one decode of the draft model per step for every sequence still drafting
+/// (`s.draft_reused` is set at a sequence's first round). Per sequence, in order: its drafts and its
+/// share of the drafting time (the time less the catching up, shared evenly, so that a round's draft and
+/// verification times add up to the batch's wall clock), or None when its drafting failed (logged; its
+/// draft sequence starts over, the target was not touched): it decodes plainly.
+pub(crate) fn draft_many(
     drafts: &mut Drafts,
-    s: &mut LlamaSequence,
-    k: usize,
-) -> Option<(Vec<u32>, Duration)> {
+    batch: &mut [&mut LlamaSequence],
+    wants: &[(usize, usize)],
+) -> Vec<Option<(Vec<u32>, Duration)>> {
     let started = Instant::now();
-    let context: Vec<u32> = s
-        .ids
-        .iter()
-        .map(|t| t.0 as u32)
-        .chain(s.tokens.iter().copied())
-        .collect();
-    match drafts.propose(s.slot, &context, k) {
-        Ok((p, catch_up, reused)) => {
-            s.draft_reused.get_or_insert(reused);
-            Some((p, started.elapsed().saturating_sub(catch_up)))
+    let mut out: Vec<Option<Vec<u32>>> = vec![None; wants.len()];
+    let mut caught_up = Duration::ZERO;
+    for (w, &(i, k)) in wants.iter().enumerate() {
+        let s = &mut *batch[i];
+        let context: Vec<u32> = s
+            .ids
+            .iter()
+            .map(|t| t.0 as u32)
+            .chain(s.tokens.iter().copied())
+            .collect();
+        if k == 0 {
+            out[w] = Some(vec![]);
+            continue;
         }
-        Err(e) => {
-            tracing::warn!(error = %e, "the draft model failed; decoding this request plainly");
-            drafts.held[s.slot].clear();
-            let _ = drafts
-                .cell
-                .with_dependent_mut(|_, c| c.clear_kv_cache_seq(Some(s.slot as u32), None, None));
-            None
+        match drafts.catch_up(s.slot, &context, k) {
+            Ok((first, catch_up, reused)) => {
+                s.draft_reused.get_or_insert(reused);
+                caught_up += catch_up;
+                out[w] = Some(vec![first]);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the draft model failed; decoding this request plainly");
+                drafts.forget(s.slot);
+            }
         }
     }
+    loop {
+        // The sequences that want another draft: each reads its last one.
+        let rows: Vec<(usize, usize, u32)> = (out.iter().enumerate())
+            .filter_map(|(w, d)| {
+                let d = d.as_ref()?;
+                (d.len() < wants[w].1).then(|| (w, batch[wants[w].0].slot, d[d.len() - 1]))
+            })
+            .collect();
+        if rows.is_empty() {
+            break;
+        }
+        let step: Vec<(usize, u32)> = rows.iter().map(|&(_, slot, d)| (slot, d)).collect();
+        match drafts.step(&step) {
+            Ok(next) => {
+                for (&(w, _, _), d) in rows.iter().zip(next) {
+                    if let Some(ds) = out[w].as_mut() {
+                        ds.push(d);
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the draft model failed; decoding these requests plainly");
+                for &(w, slot, _) in &rows {
+                    drafts.forget(slot);
+                    out[w] = None;
+                }
+            }
+        }
+    }
+    let drafting = started.elapsed().saturating_sub(caught_up);
+    let share = drafting / out.iter().flatten().count().max(1) as u32;
+    out.into_iter().map(|d| d.map(|d| (d, share))).collect()
 }
 
 /// The second half of speculative rounds: verifies the drafts of several sequences (`rows`, by increasing

@@ -1018,9 +1018,15 @@ fn speculating_in_four_slots(target: &str, draft: &str) -> LlamaEngine {
 
 /// Each prompt twice at once on [`speculating_in_four_slots`] with `target` and `draft`: every answer is
 /// `greedy`'s for its prompt (plain decoding's), every request speculated, and some were verified
-/// together.
-fn four_verified_together(target: &str, draft: &str, prompts: &[Vec<u32>], greedy: &[Vec<u32>]) {
+/// together. Returns the drafts proposed and those that stood, over every request.
+fn four_verified_together(
+    target: &str,
+    draft: &str,
+    prompts: &[Vec<u32>],
+    greedy: &[Vec<u32>],
+) -> (u64, u64) {
     let e = speculating_in_four_slots(target, draft);
+    let (mut drafted, mut accepted) = (0, 0);
     let mut rxs: Vec<_> = prompts
         .iter()
         .chain(prompts)
@@ -1033,13 +1039,17 @@ fn four_verified_together(target: &str, draft: &str, prompts: &[Vec<u32>], greed
     for (rx, want) in rxs.iter_mut().zip(greedy.iter().chain(greedy)) {
         let s = collect(rx).1;
         assert_eq!(&s.tokens, want, "{draft}: verified together");
-        assert!(s.speculative.is_some_and(|sp| sp.rounds > 0));
+        let sp = s.speculative.expect("it speculated");
+        assert!(sp.rounds > 0);
+        drafted += sp.drafted;
+        accepted += sp.accepted;
     }
     let together = e.status().info.largest_verify_batch;
     assert!(
         together > 1,
         "{draft}: verified {together} at most together"
     );
+    (drafted, accepted)
 }
 
 fn run_ids(
@@ -1148,6 +1158,12 @@ fn speculative_answers_are_plain_decodings() {
     // its own KV stream, at its own positions), and answer as plain decoding does.
     let greedy: Vec<Vec<u32>> = want.iter().map(|(g, _)| g.clone()).collect();
     four_verified_together("tiny-f32", "tiny-q8_0", &prompts, &greedy);
+    // The target drafting for itself, its drafts drafted together (one draft decode per step for the
+    // four): every draft stands, as every one did drafting alone above — a draft read from another
+    // sequence's logits or position would not.
+    let (drafted, accepted) = four_verified_together("tiny-f32", "tiny-f32", &prompts, &greedy);
+    eprintln!("tiny-f32 drafting for itself, four together: {accepted}/{drafted} drafts stood");
+    assert!(drafted > 0 && accepted == drafted);
     // Real weights (Gemma 3 270M, Q4_K_M, a base model) drafting for themselves. llama.cpp's quantized CPU
     // kernels round a batch of positions otherwise than one (measured: 0.19 in a logprob), so a greedy
     // answer may part from plain decoding's where its two best tokens are that close: the tokens must be

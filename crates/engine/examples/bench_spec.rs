@@ -5,7 +5,9 @@
 //! controller), and a draft model, when one is given. Every run must yield the plain run's tokens.
 //!
 //! With BATCH > 1, also B sequences at once, decoded plainly in batched steps and with B oracle drafters
-//! whose drafts are verified together in one forward per round (the serving core's batched verification).
+//! whose drafts are verified together in one forward per round (the serving core's batched verification);
+//! with an assistant, also B sequences drafted by it at fixed K, each alone and all together (one pass of
+//! the assistant per draft step), verified together.
 //!
 //! Usage: bench_spec TARGET_DIR [DRAFT_DIR|-] PROMPT_IDS GEN K [ASSISTANT_DIR|-] [BATCH] → one JSON object:
 //! per run, decode tokens/s (generated tokens, all sequences', over the time from the end of the prompts to
@@ -18,7 +20,7 @@ use std::time::Instant;
 use jemma_engine::generate::{GenerateOptions, Generation, RoundStart};
 use jemma_engine::models::gemma4::{self, Gemma4};
 use jemma_engine::speculative::{
-    DraftState, Drafter, ModelDrafter, MtpDrafter, RandomDrafter, RecordedDrafter,
+    DraftState, Drafter, ModelDrafter, MtpBatchDrafter, MtpDrafter, RandomDrafter, RecordedDrafter,
 };
 use jemma_serve::speculative::{Controller, SpeculativeConfig};
 use rand::SeedableRng;
@@ -97,15 +99,27 @@ fn run(
     ))
 }
 
-/// `b` sequences of the same prompt at once, `n_gen` tokens each: plainly in batched decode steps
-/// (`oracle` None), or in rounds of `k` drafts replayed from `oracle` (the plain run's tokens) verified
-/// together. Returns each sequence's tokens and the figures.
+/// What drafts for the sequences of [`run_batch`].
+#[derive(Clone, Copy)]
+enum BatchDrafts<'a> {
+    /// Nothing: plain batched decode steps.
+    Plain,
+    /// Rounds of `k` drafts replayed from the plain run's tokens.
+    Oracle(&'a [u32], usize),
+    /// Rounds of `k` drafts of the MTP assistant, proposed for every sequence in one batched pass per
+    /// draft step (`together`) or for each sequence alone.
+    Mtp(&'a gemma4::Gemma4Assistant, usize, bool),
+}
+
+/// `b` sequences of the same prompt at once, `n_gen` tokens each: plainly in batched decode steps, or in
+/// speculative rounds verified together, drafted as `drafts` says. Returns each sequence's tokens and the
+/// figures.
 fn run_batch(
     model: &Gemma4,
     prompt: &[u32],
     n_gen: usize,
     b: usize,
-    oracle: Option<(&[u32], usize)>,
+    drafts: BatchDrafts<'_>,
 ) -> Result<(Vec<Vec<u32>>, Value), Error> {
     let opts = GenerateOptions {
         max_tokens: n_gen,
@@ -116,57 +130,93 @@ fn run_batch(
         .map(|_| Generation::new(model, prompt, opts.clone()))
         .collect::<Result<Vec<_>, _>>()?;
     for g in &mut gens {
+        g.keep_hidden(matches!(drafts, BatchDrafts::Mtp(..)));
         while !g.prefill(model)? {}
     }
     let mut tokens = vec![Vec::with_capacity(n_gen); b];
     // Greedy rounds draw nothing; each sequence still owns the RNG a sampled round would draw from.
     let mut rngs: Vec<StdRng> = (0..b).map(|i| StdRng::seed_from_u64(i as u64)).collect();
+    let mut states: Vec<DraftState> = (0..b).map(|_| DraftState::default()).collect();
     let (mut rounds, mut drafted, mut accepted) = (0u64, 0u64, 0u64);
     let t0 = Instant::now();
     while gens.iter().any(|g| !g.is_finished()) {
-        match oracle {
-            None => {
+        let starts: Vec<RoundStart> = match drafts {
+            BatchDrafts::Plain => {
                 let mut live: Vec<&mut Generation> = gens.iter_mut().collect();
                 let (steps, _) = Generation::decode_batch(model, &mut live)?;
                 for (t, s) in tokens.iter_mut().zip(steps) {
                     t.extend(s.map(|s| s.token));
                 }
+                continue;
             }
-            Some((replay, k)) => {
-                let mut rows = vec![];
-                for ((g, t), r) in gens.iter_mut().zip(tokens.iter_mut()).zip(rngs.iter_mut()) {
-                    if g.is_finished() {
-                        continue;
-                    }
-                    let mut d = RecordedDrafter {
-                        tokens: replay.to_vec(),
-                        vocab: model.config().vocab_size,
+            BatchDrafts::Mtp(m, k, true) => {
+                let (rows, states): (Vec<_>, Vec<_>) = gens
+                    .iter_mut()
+                    .zip(states.iter_mut())
+                    .map(|(g, s)| {
+                        let k = k.min(g.room());
+                        ((g, k), s)
+                    })
+                    .unzip();
+                let mut d = MtpBatchDrafter { model: m, states };
+                Generation::draft_rounds(model, rows, &mut d)
+                    .into_iter()
+                    .collect::<Result<_, _>>()?
+            }
+            _ => gens
+                .iter_mut()
+                .zip(states.iter_mut())
+                .map(|(g, state)| {
+                    let mut oracle;
+                    let mut mtp;
+                    let (d, k): (&mut dyn Drafter, usize) = match drafts {
+                        BatchDrafts::Oracle(replay, k) => {
+                            oracle = RecordedDrafter {
+                                tokens: replay.to_vec(),
+                                vocab: model.config().vocab_size,
+                            };
+                            (&mut oracle, k)
+                        }
+                        BatchDrafts::Mtp(m, k, _) => {
+                            mtp = MtpDrafter { model: m, state };
+                            (&mut mtp, k)
+                        }
+                        BatchDrafts::Plain => unreachable!("plain steps draft nothing"),
                     };
                     let k = k.min(g.room());
-                    match g.draft_round(model, &mut d, k)? {
-                        RoundStart::Done(round) => t.extend(round.steps.iter().map(|s| s.token)),
-                        RoundStart::Drafted(dr) => rows.push((g, dr, r, t)),
-                    }
-                }
-                let (rows, outs): (Vec<_>, Vec<_>) =
-                    rows.into_iter().map(|(g, d, r, t)| ((g, d, r), t)).unzip();
-                for (round, t) in Generation::verify_rounds(model, rows)?
-                    .into_iter()
-                    .zip(outs)
-                {
-                    let round = round?;
-                    rounds += 1;
-                    drafted += round.drafted as u64;
-                    accepted += round.accepted as u64;
-                    t.extend(round.steps.iter().map(|s| s.token));
-                }
+                    g.draft_round(model, d, k)
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let mut rows = vec![];
+        for (((g, t), r), start) in gens
+            .iter_mut()
+            .zip(tokens.iter_mut())
+            .zip(rngs.iter_mut())
+            .zip(starts)
+        {
+            match start {
+                RoundStart::Done(round) => t.extend(round.steps.iter().map(|s| s.token)),
+                RoundStart::Drafted(dr) => rows.push((g, dr, r, t)),
             }
+        }
+        let (rows, outs): (Vec<_>, Vec<_>) =
+            rows.into_iter().map(|(g, d, r, t)| ((g, d, r), t)).unzip();
+        for (round, t) in Generation::verify_rounds(model, rows)?
+            .into_iter()
+            .zip(outs)
+        {
+            let round = round?;
+            rounds += 1;
+            drafted += round.drafted as u64;
+            accepted += round.accepted as u64;
+            t.extend(round.steps.iter().map(|s| s.token));
         }
     }
     let secs = t0.elapsed().as_secs_f64();
     let n: usize = tokens.iter().map(Vec::len).sum();
     let mut fig = json!({ "decode_tps": n as f64 / secs, "batch": b });
-    if oracle.is_some() {
+    if !matches!(drafts, BatchDrafts::Plain) {
         fig["verify_steps"] = json!(rounds);
         fig["acceptance_rate"] = json!(accepted as f64 / drafted.max(1) as f64);
         fig["tokens_per_step"] = json!((accepted + rounds) as f64 / rounds.max(1) as f64);
@@ -260,13 +310,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             );
         }
     }
-    if let Some(dir) = rest.first().filter(|d| *d != "-") {
-        let m = gemma4::Gemma4Assistant::load(std::path::Path::new(dir), dtype)?;
-        m.check_target(&model)?;
+    let assistant = match rest.first().filter(|d| *d != "-") {
+        Some(dir) => {
+            let m = gemma4::Gemma4Assistant::load(std::path::Path::new(dir), dtype)?;
+            m.check_target(&model)?;
+            Some(m)
+        }
+        None => None,
+    };
+    if let Some(m) = &assistant {
         for (name, config) in [("mtp_adaptive", &adaptive), ("mtp_fixed", &fixed)] {
             let mut state = DraftState::default();
             let mut drafter = MtpDrafter {
-                model: &m,
+                model: m,
                 state: &mut state,
             };
             record(
@@ -284,13 +340,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let b: usize = rest.get(1).map(|b| b.parse()).transpose()?.unwrap_or(1);
     if b > 1 {
         let replay: Vec<u32> = prompt.iter().chain(&plain).copied().collect();
-        let (lone, _) = run_batch(&model, &prompt, 8.min(n_gen), b, None)?;
+        let (lone, _) = run_batch(&model, &prompt, 8.min(n_gen), b, BatchDrafts::Plain)?;
         drop(lone);
-        for (name, oracle) in [
-            ("plain_batch", None),
-            ("oracle_batch", Some((&replay[..], k))),
-        ] {
-            let (tokens, mut fig) = run_batch(&model, &prompt, n_gen, b, oracle)?;
+        let mut runs = vec![
+            ("plain_batch", BatchDrafts::Plain),
+            ("oracle_batch", BatchDrafts::Oracle(&replay[..], k)),
+        ];
+        if let Some(m) = &assistant {
+            runs.push(("mtp_alone_batch", BatchDrafts::Mtp(m, k, false)));
+            runs.push(("mtp_batch", BatchDrafts::Mtp(m, k, true)));
+        }
+        for (name, drafts) in runs {
+            let (tokens, mut fig) = run_batch(&model, &prompt, n_gen, b, drafts)?;
             fig["same_tokens"] = json!(tokens.iter().all(|t| *t == plain));
             out.insert(name.into(), fig);
         }

@@ -302,6 +302,28 @@ pub enum RoundStart {
     Drafted(Drafted),
 }
 
+/// How a round's first half began ([`Generation::begin_round`]).
+enum Begin {
+    /// Over already: nothing to draft.
+    Done(Round),
+    /// Drafts to ask for.
+    Draft(Begun),
+}
+
+/// A round whose pending token is read, waiting for its drafts.
+struct Begun {
+    /// The pending token's step.
+    round: Round,
+    /// The pending token.
+    t0: u32,
+    /// Drafts to ask for (at most what `max_tokens` leaves).
+    k: usize,
+    /// The target's final hidden state where the pending token's logits came from (see [`Pending`]).
+    hidden: Option<Array>,
+    /// Tokens generated before the round.
+    done_before: usize,
+}
+
 fn read_logprobs(lp: &Array, token: u32, top: usize) -> Result<TokenLogprobs> {
     let flat = lp.reshape(&[-1])?.as_dtype(Dtype::Float32)?;
     let chosen = flat.try_index(token as i32)?.item_cast::<f32>();
@@ -1091,31 +1113,163 @@ impl Generation {
         drafter: &mut dyn crate::speculative::Drafter,
         k: usize,
     ) -> Result<RoundStart> {
+        let begun = match self.begin_round(k)? {
+            Begin::Done(round) => return Ok(RoundStart::Done(round)),
+            Begin::Draft(b) => b,
+        };
+        let started = Instant::now();
+        let proposal = drafter.propose(
+            &self.context,
+            begun.k,
+            &self.opts.sampling,
+            &self.target(model, &begun),
+        )?;
+        let draft_time = started.elapsed().saturating_sub(proposal.catch_up);
+        self.end_round(model, begun, proposal, draft_time)
+    }
+
+    /// [`Generation::draft_round`] for several generations at once, their drafts proposed together by
+    /// `drafter` (one batched pass of the drafter per draft step); `rows` pairs each generation with its
+    /// `k`. The drafting's wall-clock time is shared among the rows in proportion to the drafts each
+    /// asked for, so that the rounds' times add up to what the batch spent (as
+    /// [`Generation::verify_rounds`] shares its pass).
+    ///
+    /// Returns each row's start, in the order given: an error alone is that row's (its generation must be
+    /// dropped). When the shared drafting fails, each row that asked for drafts is drafted again alone, so
+    /// that only a row that fails on its own fails.
+    pub fn draft_rounds(
+        model: &Gemma4,
+        mut rows: Vec<(&mut Generation, usize)>,
+        drafter: &mut dyn crate::speculative::BatchDrafter,
+    ) -> Vec<Result<RoundStart>> {
+        let mut out: Vec<Option<Result<RoundStart>>> = Vec::with_capacity(rows.len());
+        let mut begun: Vec<Option<Begun>> = Vec::with_capacity(rows.len());
+        for (g, k) in &mut rows {
+            match g.begin_round(*k) {
+                Ok(Begin::Draft(b)) => {
+                    out.push(None);
+                    begun.push(Some(b));
+                }
+                Ok(Begin::Done(round)) => {
+                    out.push(Some(Ok(RoundStart::Done(round))));
+                    begun.push(None);
+                }
+                Err(e) => {
+                    out.push(Some(Err(e)));
+                    begun.push(None);
+                }
+            }
+        }
+        let live: Vec<usize> = (0..rows.len()).filter(|&i| begun[i].is_some()).collect();
+        let started = Instant::now();
+        let proposals = {
+            let requests = |which: &[usize]| -> Vec<crate::speculative::DraftRequest<'_>> {
+                which
+                    .iter()
+                    .filter_map(|&i| {
+                        let (g, b) = (&*rows[i].0, begun[i].as_ref()?);
+                        Some(crate::speculative::DraftRequest {
+                            row: i,
+                            context: &g.context,
+                            k: b.k,
+                            sampling: &g.opts.sampling,
+                            target: g.target(model, b),
+                        })
+                    })
+                    .collect()
+            };
+            match drafter.propose_many(&requests(&live)) {
+                Ok(p) if p.len() == live.len() => p.into_iter().map(Ok).collect(),
+                _ => live
+                    .iter()
+                    .map(|&i| {
+                        let mut p = drafter.propose_many(&requests(&[i]))?;
+                        p.pop().ok_or_else(|| {
+                            EngineError::Speculative("a drafter proposed for no row".into())
+                        })
+                    })
+                    .collect::<Vec<_>>(),
+            }
+        };
+        // The draft steps' time, less the one-off reads of context (each row's own, not a cost per draft).
+        let catch_up: Duration = (proposals.iter().flatten()).map(|p| p.catch_up).sum();
+        let spent = started.elapsed().saturating_sub(catch_up);
+        let asked: usize = live
+            .iter()
+            .filter_map(|&i| begun[i].as_ref())
+            .map(|b| b.k)
+            .sum();
+        for (&i, proposal) in live.iter().zip(proposals) {
+            let Some(b) = begun[i].take() else { continue };
+            out[i] = Some(proposal.and_then(|p| {
+                let share = spent.mul_f64(b.k as f64 / asked.max(1) as f64);
+                rows[i].0.end_round(model, b, p, share)
+            }));
+        }
+        out.into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(EngineError::Speculative("a round never started".into())))
+            })
+            .collect()
+    }
+
+    /// Reads the pending token of a round asking for `k` drafts: the round is over when it ends generation
+    /// (or none is pending), otherwise drafting begins.
+    fn begin_round(&mut self, k: usize) -> Result<Begin> {
         let mut round = Round::default();
         let Some(cur) = self.take_current() else {
-            return Ok(RoundStart::Done(round));
+            return Ok(Begin::Done(round));
         };
         let done_before = self.stats.completion_tokens;
         let t0 = read_token(&cur.token)?;
         let Some(first) = self.account(t0, &cur.logprobs)? else {
-            return Ok(RoundStart::Done(round));
+            return Ok(Begin::Done(round));
         };
         round.steps.push(first);
         let room = self.room();
         if room == 0 {
             self.end(FinishReason::Length);
-            return Ok(RoundStart::Done(round));
+            return Ok(Begin::Done(round));
         }
-        let started = Instant::now();
-        let sampling = self.opts.sampling.clone();
-        let target = crate::speculative::TargetState {
+        Ok(Begin::Draft(Begun {
+            round,
+            t0,
+            k: k.min(room),
+            hidden: cur.hidden,
+            done_before,
+        }))
+    }
+
+    /// What a drafter may read of this generation's target during the round `begun`.
+    fn target<'a>(
+        &'a self,
+        model: &'a Gemma4,
+        begun: &'a Begun,
+    ) -> crate::speculative::TargetState<'a> {
+        crate::speculative::TargetState {
             model,
             cache: &self.cache,
-            hidden: cur.hidden.as_ref(),
-        };
-        let proposal = drafter.propose(&self.context, k.min(room), &sampling, &target)?;
-        round.draft_time = started.elapsed().saturating_sub(proposal.catch_up);
-        let greedy = sampling.temperature == 0.0;
+            hidden: begun.hidden.as_ref(),
+        }
+    }
+
+    /// Ends the drafting of the round `begun` with `proposal`, drafted in `draft_time`: the drafts to
+    /// verify, or, when there are none, the pending token's plain step queued.
+    fn end_round(
+        &mut self,
+        model: &Gemma4,
+        begun: Begun,
+        proposal: crate::speculative::Proposal,
+        draft_time: Duration,
+    ) -> Result<RoundStart> {
+        let Begun {
+            mut round,
+            t0,
+            done_before,
+            ..
+        } = begun;
+        round.draft_time = draft_time;
+        let greedy = self.opts.sampling.temperature == 0.0;
         if proposal.tokens.is_empty() || (!greedy && proposal.laws.len() != proposal.tokens.len()) {
             // Nothing to verify: the pending token's step, queued as next_token would have.
             let tok = Array::from_slice(&[t0 as i32], &[1]);

@@ -35,7 +35,7 @@ use rand::rngs::StdRng;
 
 use crate::models::gemma4::Gemma4Assistant;
 use crate::models::gemma4::assistant::AssistantConfig;
-use crate::speculative::{DraftState, ModelDrafter, MtpDrafter};
+use crate::speculative::{DraftState, ModelBatchDrafter, MtpBatchDrafter};
 
 /// What to generate from (the same type for every engine).
 pub use jemma_chat::prompt::Prompt;
@@ -1766,13 +1766,14 @@ impl ModelRunner for MlxRunner {
         }
         // Speculative decoding for the sequences whose controller asks for drafts now (single streams by
         // default: a batch already reads the weights once for several tokens); the others decode plainly.
-        // Each drafts on its own; their drafts are verified together in one forward of the target.
+        // They draft together (one pass of the drafter per draft step), and their drafts are verified
+        // together in one forward of the target.
         let mut ready = ready;
         let decoding = ready.len();
         if let Some(draft) = &model.draft {
             let n = ready.len();
             let mut plain = Vec::with_capacity(n);
-            let mut drafted = vec![];
+            let mut wants = Vec::with_capacity(n);
             for i in ready {
                 let seq = &mut *batch[i];
                 let k = match &mut seq.spec {
@@ -1783,9 +1784,43 @@ impl ModelRunner for MlxRunner {
                 };
                 if k == 0 {
                     plain.push(i);
-                    continue;
+                } else {
+                    wants.push((i, k));
                 }
-                match seq.draft_round(&model.model, draft, k) {
+            }
+            // The drafter drafts for every speculating sequence at once: one pass of its weights per
+            // draft step.
+            let starts: Vec<(usize, Result<RoundStart>)> = {
+                let (mut rows, mut states) = (vec![], vec![]);
+                let mut wanted = wants.iter().peekable();
+                for (i, s) in batch.iter_mut().enumerate() {
+                    let Some(&(_, k)) = wanted.next_if(|(j, _)| *j == i) else {
+                        continue;
+                    };
+                    let s = &mut **s;
+                    if let Some(sp) = s.spec.as_mut() {
+                        rows.push((&mut s.generation, k));
+                        states.push(&mut sp.draft);
+                    }
+                }
+                let started = match draft {
+                    Draft::Assistant(d) => Generation::draft_rounds(
+                        &model.model,
+                        rows,
+                        &mut MtpBatchDrafter { model: d, states },
+                    ),
+                    Draft::Model(d) => Generation::draft_rounds(
+                        &model.model,
+                        rows,
+                        &mut ModelBatchDrafter { model: d, states },
+                    ),
+                };
+                wants.iter().map(|w| w.0).zip(started).collect()
+            };
+            let mut drafted = vec![];
+            for (i, start) in starts {
+                let seq = &mut *batch[i];
+                match start {
                     Ok(RoundStart::Drafted(d)) => drafted.push((i, d)),
                     Ok(RoundStart::Done(round)) => {
                         self.round_done(model, batch[i], round, &mut out[i])
@@ -2248,30 +2283,6 @@ impl MlxSequence {
             Some(sp) if !sp.draft.started() => sp.draft = DraftState::resume(cache, fed),
             Some(_) => {}
             None => self.draft_hit = Some((cache, fed)),
-        }
-    }
-
-    /// One round of speculative decoding with `draft` drafting `k` tokens; the tokens it yields.
-    /// Drafts up to `k` tokens for this sequence's next round ([`Generation::draft_round`]).
-    fn draft_round(&mut self, model: &Gemma4, draft: &Draft, k: usize) -> Result<RoundStart> {
-        let Some(sp) = self.spec.as_mut() else {
-            return Ok(RoundStart::Done(Default::default()));
-        };
-        match draft {
-            Draft::Model(d) => {
-                let mut drafter = ModelDrafter {
-                    model: d,
-                    state: &mut sp.draft,
-                };
-                self.generation.draft_round(model, &mut drafter, k)
-            }
-            Draft::Assistant(d) => {
-                let mut drafter = MtpDrafter {
-                    model: d,
-                    state: &mut sp.draft,
-                };
-                self.generation.draft_round(model, &mut drafter, k)
-            }
         }
     }
 

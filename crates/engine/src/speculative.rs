@@ -9,12 +9,16 @@
 //! - [`RecordedDrafter`]: proposes a continuation recorded from a plain run (the benchmark's oracle: every
 //!   draft stands and drafting costs nothing, which bounds what any drafter can gain).
 //! - [`RandomDrafter`]: uniform random tokens (almost none stand: the benchmark's worst case).
+//!
+//! The serving engine drafts for every speculating sequence of a step at once ([`BatchDrafter`]:
+//! [`ModelBatchDrafter`], [`MtpBatchDrafter`]): one pass of the drafter per draft step over all of them,
+//! as the target verifies them in one forward.
 
-use mlx_rs::{Array, Dtype, ops, transforms::eval};
+use mlx_rs::{Array, Dtype, ops, ops::indexing::TryIndexOp, transforms::eval};
 use rand::Rng;
 
 use crate::generate::{DEFAULT_ATTENTION_BUDGET, DEFAULT_PREFILL_STEP, prefill_chunk};
-use crate::models::gemma4::{Cache, Checkpoint, Gemma4, Gemma4Assistant};
+use crate::models::gemma4::{Cache, Checkpoint, DraftRow, Gemma4, Gemma4Assistant};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
 use crate::{EngineError, Result};
 
@@ -34,6 +38,7 @@ pub struct Proposal {
 
 /// What a drafter may read of the target as a round starts: the MTP assistant drafter reads the target's
 /// K/V and its last hidden state; a draft model reads only the tokens.
+#[derive(Clone, Copy)]
 pub struct TargetState<'a> {
     /// The target model.
     pub model: &'a Gemma4,
@@ -78,6 +83,31 @@ pub trait Drafter {
         sampling: &SamplingParams,
         target: &TargetState<'_>,
     ) -> Result<Proposal>;
+}
+
+/// One sequence's part of a batched draft ([`BatchDrafter::propose_many`]): what [`Drafter::propose`]
+/// takes, and the sequence's row in the batch the drafter was built for (which drafting state is its).
+pub struct DraftRequest<'a> {
+    /// The sequence's row.
+    pub row: usize,
+    /// Every token the target has committed, the last of which it has not read yet.
+    pub context: &'a [u32],
+    /// Most tokens to propose.
+    pub k: usize,
+    /// The request's sampling.
+    pub sampling: &'a SamplingParams,
+    /// The target's state.
+    pub target: TargetState<'a>,
+}
+
+/// What proposes draft tokens for several sequences at once, reading its weights once per draft step for
+/// all of them.
+pub trait BatchDrafter {
+    /// A proposal for each request, in order, each what [`Drafter::propose`] proposes for it alone up to
+    /// the rounding of a pass over more rows.
+    ///
+    /// Errors: an MLX failure; a row outside the batch ([`EngineError::Speculative`]).
+    fn propose_many(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Proposal>>;
 }
 
 /// A sequence's draft-model state: the drafter's own cache, the tokens it holds, and a rollback point
@@ -200,33 +230,80 @@ pub struct ModelDrafter<'a> {
     pub state: &'a mut DraftState,
 }
 
-impl ModelDrafter<'_> {
-    /// Brings the draft cache to hold a prefix of `context` and returns how many tokens it holds.
-    fn sync(&mut self, context: &[u32]) -> usize {
-        // The last context token is read with its logits, never taken from the cache.
-        self.state
-            .keep_common(context, context.len().saturating_sub(1))
-    }
-}
-
 impl Drafter for ModelDrafter<'_> {
     fn propose(
         &mut self,
         context: &[u32],
         k: usize,
         sampling: &SamplingParams,
-        _: &TargetState<'_>,
+        target: &TargetState<'_>,
     ) -> Result<Proposal> {
-        if k == 0 || context.is_empty() {
-            return Ok(Proposal::default());
+        let request = DraftRequest {
+            row: 0,
+            context,
+            k,
+            sampling,
+            target: *target,
+        };
+        let mut proposals = model_propose(self.model, &mut [&mut *self.state], &[request])?;
+        Ok(proposals.pop().unwrap_or_default())
+    }
+}
+
+/// [`ModelDrafter`] for a batch of sequences: each reads what its draft cache lacks alone, then each draft
+/// step runs the draft model once over every sequence still drafting, each row over its own draft cache
+/// ([`Gemma4::forward_last_logits_batch`]).
+pub struct ModelBatchDrafter<'a> {
+    /// The draft model.
+    pub model: &'a Gemma4,
+    /// Each row's drafting state.
+    pub states: Vec<&'a mut DraftState>,
+}
+
+impl BatchDrafter for ModelBatchDrafter<'_> {
+    fn propose_many(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Proposal>> {
+        model_propose(self.model, &mut self.states, requests)
+    }
+}
+
+/// The draft model's proposals for `requests`, their draft steps batched; `states[r.row]` is request
+/// `r`'s state.
+fn model_propose(
+    model: &Gemma4,
+    states: &mut [&mut DraftState],
+    requests: &[DraftRequest<'_>],
+) -> Result<Vec<Proposal>> {
+    /// A request that drafts, its cache caught up.
+    struct Live<'a> {
+        at: usize,
+        state: usize,
+        k: usize,
+        cache: Cache,
+        /// The token the next step reads (1, 1).
+        token: Array,
+        sampling: &'a SamplingParams,
+        catch_up: std::time::Duration,
+        tokens: Vec<Array>,
+        laws: Vec<Array>,
+    }
+    let vocab = model.config().vocab_size;
+    let heads = model.config().num_attention_heads;
+    let elem = crate::footprint::dtype_bytes(model.dtype());
+    let mut proposals = vec![Proposal::default(); requests.len()];
+    let mut live = Vec::with_capacity(requests.len());
+    for (at_row, r) in requests.iter().enumerate() {
+        let context = r.context;
+        if r.k == 0 || context.is_empty() || context.iter().any(|&t| t as usize >= vocab) {
+            continue;
         }
-        let vocab = self.model.config().vocab_size;
-        if context.iter().any(|&t| t as usize >= vocab) {
-            return Ok(Proposal::default());
-        }
-        let held = self.sync(context);
-        let model = self.model;
-        let st = &mut *self.state;
+        let st = states.get_mut(r.row).ok_or_else(|| {
+            EngineError::Speculative(format!(
+                "a draft request for row {} of a smaller batch",
+                r.row
+            ))
+        })?;
+        // The last context token is read with its logits, never taken from the cache.
+        let held = st.keep_common(context, context.len() - 1);
         st.reused.get_or_insert(held);
         let mut cache = st.cache.take().unwrap_or_else(|| model.new_cache());
         // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks
@@ -234,8 +311,6 @@ impl Drafter for ModelDrafter<'_> {
         let ids: Vec<i32> = context.iter().map(|&t| t as i32).collect();
         let mut at = held;
         let started = std::time::Instant::now();
-        let heads = model.config().num_attention_heads;
-        let elem = crate::footprint::dtype_bytes(model.dtype());
         while ids.len() - at > 1 {
             let n = prefill_chunk(
                 at,
@@ -252,7 +327,7 @@ impl Drafter for ModelDrafter<'_> {
         }
         // Only a long read is a one-off (the prompt, or a stretch decoded plainly); re-reading the last
         // round's drafts is part of what each round costs.
-        let catch_up = if at - held > k + 1 {
+        let catch_up = if at - held > r.k + 1 {
             started.elapsed()
         } else {
             std::time::Duration::ZERO
@@ -261,39 +336,66 @@ impl Drafter for ModelDrafter<'_> {
         st.fed.extend_from_slice(&context[held..at]);
         // Where rejected drafts roll back to when the cache cannot be trimmed.
         st.snapshot = Some((cache.checkpoint(), at));
-        let greedy = sampling.temperature == 0.0;
-        let sampler = st.sampler(sampling, vocab)?;
-        // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
-        let mut input = Array::from_slice(&ids[at..], &[1, 1]);
-        let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
-        for i in 0..k {
-            let logits = model.forward_last_logits(&input, &mut cache)?;
-            // In float32: the law reported must be the one drawn from, to the rounding of a bf16 model.
-            let logits = logits.as_dtype(Dtype::Float32)?;
-            let lp = log_softmax(&sampler.process(&logits, None)?)?;
-            let token = if greedy {
+        live.push(Live {
+            at: at_row,
+            state: r.row,
+            k: r.k,
+            cache,
+            token: Array::from_slice(&ids[at..], &[1, 1]),
+            sampling: r.sampling,
+            catch_up,
+            tokens: Vec::with_capacity(r.k),
+            laws: vec![],
+        });
+    }
+    let steps = live.iter().map(|l| l.k).max().unwrap_or(0);
+    // All steps are queued lazily, each on the previous one's still-lazy tokens, and read back once.
+    for step in 0..steps {
+        let mut active: Vec<&mut Live<'_>> = live.iter_mut().filter(|l| l.k > step).collect();
+        let input = match active.as_slice() {
+            [one] => one.token.clone(),
+            many => ops::concatenate(&many.iter().map(|l| &l.token).collect::<Vec<_>>(), 0)?,
+        };
+        let logits = {
+            let mut caches: Vec<&mut Cache> = active.iter_mut().map(|l| &mut l.cache).collect();
+            model.forward_last_logits_batch(&input, &mut caches)?
+        };
+        // In float32: the law reported must be the one drawn from, to the rounding of a bf16 model.
+        let logits = logits.as_dtype(Dtype::Float32)?;
+        let b = active.len() as i32;
+        for (r, l) in active.into_iter().enumerate() {
+            let row = if b == 1 {
+                logits.clone()
+            } else {
+                logits.try_index(r as i32..r as i32 + 1)?
+            };
+            let sampler = states[l.state].sampler(l.sampling, vocab)?;
+            let lp = log_softmax(&sampler.process(&row, None)?)?;
+            let token = if l.sampling.temperature == 0.0 {
                 ops::indexing::argmax_axis(&lp, -1, None)?
             } else {
                 let law = sampler.law(&lp)?;
                 let t = sampler.draw(&law)?;
-                laws.push(ops::exp(&law)?);
+                l.laws.push(ops::exp(&law)?);
                 t
             };
-            let token = token.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
-            tokens.push(token.clone());
-            if i + 1 < k {
-                input = token;
-            }
+            l.token = token.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?;
+            l.tokens.push(l.token.clone());
         }
-        eval(tokens.iter().chain(&laws))?;
-        let proposal = Proposal::read(&tokens, &laws, catch_up)?;
+    }
+    eval(live.iter().flat_map(|l| l.tokens.iter().chain(&l.laws)))?;
+    for l in live {
+        let proposal = Proposal::read(&l.tokens, &l.laws, l.catch_up)?;
+        let st = &mut states[l.state];
         // The cache holds the last context token and every draft but the last.
-        st.fed.push(context[at]);
+        let context = requests[l.at].context;
+        st.fed.push(context[context.len() - 1]);
         st.fed
             .extend_from_slice(&proposal.tokens[..proposal.tokens.len() - 1]);
-        st.cache = Some(cache);
-        Ok(proposal)
+        st.cache = Some(l.cache);
+        proposals[l.at] = proposal;
     }
+    Ok(proposals)
 }
 
 /// Gemma 4's MTP assistant drafter for one sequence (mlx-vlm's `draft_block`): from the pending token and
@@ -319,48 +421,151 @@ impl Drafter for MtpDrafter<'_> {
         sampling: &SamplingParams,
         target: &TargetState<'_>,
     ) -> Result<Proposal> {
-        let vocab = self.model.config().text.vocab_size;
-        let (Some(hidden), Some(&last)) = (target.hidden, context.last()) else {
-            return Ok(Proposal::default());
+        let request = DraftRequest {
+            row: 0,
+            context,
+            k,
+            sampling,
+            target: *target,
+        };
+        let mut proposals = mtp_propose(self.model, &mut [&mut *self.state], &[request])?;
+        Ok(proposals.pop().unwrap_or_default())
+    }
+}
+
+/// [`MtpDrafter`] for a batch of sequences: each draft step runs the assistant once over every sequence
+/// still drafting ([`Gemma4Assistant::step_rows`]).
+pub struct MtpBatchDrafter<'a> {
+    /// The drafter.
+    pub model: &'a Gemma4Assistant,
+    /// Each row's drafting state (its sampler).
+    pub states: Vec<&'a mut DraftState>,
+}
+
+impl BatchDrafter for MtpBatchDrafter<'_> {
+    fn propose_many(&mut self, requests: &[DraftRequest<'_>]) -> Result<Vec<Proposal>> {
+        mtp_propose(self.model, &mut self.states, requests)
+    }
+}
+
+/// The MTP drafter's proposals for `requests`, drafted together; `states[r.row]` is request `r`'s state.
+fn mtp_propose(
+    model: &Gemma4Assistant,
+    states: &mut [&mut DraftState],
+    requests: &[DraftRequest<'_>],
+) -> Result<Vec<Proposal>> {
+    /// A request that drafts.
+    struct Live<'a> {
+        at: usize,
+        k: usize,
+        kv: crate::models::gemma4::assistant::TargetKv,
+        position: i32,
+        /// The token the next step reads (1, 1) and the hidden state it reads (1, 1, H).
+        token: Array,
+        hidden: Array,
+        sampling: &'a SamplingParams,
+        tokens: Vec<Array>,
+        laws: Vec<Array>,
+    }
+    let vocab = model.config().text.vocab_size;
+    let mut proposals = vec![Proposal::default(); requests.len()];
+    let mut live = Vec::with_capacity(requests.len());
+    for (at, r) in requests.iter().enumerate() {
+        if r.row >= states.len() {
+            return Err(EngineError::Speculative(format!(
+                "a draft request for row {} of a batch of {}",
+                r.row,
+                states.len()
+            )));
+        }
+        let (Some(hidden), Some(&last)) = (r.target.hidden, r.context.last()) else {
+            continue;
         };
         // The last position the target read; the query is at the next, the pending token's.
-        let position = target.cache.offset() - 1;
-        if k == 0 || last as usize >= vocab || position < 0 {
-            return Ok(Proposal::default());
+        let position = r.target.cache.offset() - 1;
+        if r.k == 0 || last as usize >= vocab || position < 0 {
+            continue;
         }
-        let Some(kv) = Gemma4Assistant::target_kv(target.model, target.cache)? else {
-            return Ok(Proposal::default());
+        let Some(kv) = Gemma4Assistant::target_kv(r.target.model, r.target.cache)? else {
+            continue;
         };
-        let greedy = sampling.temperature == 0.0;
-        let sampler = self.state.sampler(sampling, vocab)?;
-        // All k steps are queued lazily, each on the previous one's still-lazy token, and read back once.
-        let mut token = Array::from_slice(&[last as i32], &[1, 1]);
-        let mut g = hidden.clone();
-        let (mut tokens, mut laws) = (Vec::with_capacity(k), Vec::with_capacity(k));
-        for _ in 0..k {
-            let (next, hn) = self.model.step_at(
-                &target.model.embed(&token)?,
-                &g,
-                &kv,
-                position,
-                position + 1,
-            )?;
-            g = next;
-            token = if greedy {
-                self.model.argmax(&hn)?
-            } else {
-                let logits = self.model.logits(&hn)?.reshape(&[1, -1])?;
-                let lp = log_softmax(&sampler.process(&logits.as_dtype(Dtype::Float32)?, None)?)?;
-                let law = sampler.law(&lp)?;
-                let t = sampler.draw(&law)?;
-                laws.push(ops::exp(&law)?);
-                t.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?
-            };
-            tokens.push(token.clone());
-        }
-        eval(tokens.iter().chain(&laws))?;
-        Proposal::read(&tokens, &laws, std::time::Duration::ZERO)
+        live.push(Live {
+            at,
+            k: r.k,
+            kv,
+            position,
+            token: Array::from_slice(&[last as i32], &[1, 1]),
+            hidden: hidden.clone(),
+            sampling: r.sampling,
+            tokens: Vec::with_capacity(r.k),
+            laws: vec![],
+        });
     }
+    let Some(first) = live.first() else {
+        return Ok(proposals);
+    };
+    let target = requests[first.at].target.model;
+    let steps = live.iter().map(|l| l.k).max().unwrap_or(0);
+    // All steps are queued lazily, each on the previous one's still-lazy tokens, and read back once.
+    for step in 0..steps {
+        let active: Vec<usize> = (0..live.len()).filter(|&j| live[j].k > step).collect();
+        let stack = |parts: Vec<&Array>| -> Result<Array> {
+            Ok(match parts.as_slice() {
+                [one] => (*one).clone(),
+                many => ops::concatenate(many, 0)?,
+            })
+        };
+        let tokens = stack(active.iter().map(|&j| &live[j].token).collect())?;
+        let hidden = stack(active.iter().map(|&j| &live[j].hidden).collect())?;
+        let rows: Vec<DraftRow<'_>> = active
+            .iter()
+            .map(|&j| DraftRow {
+                kv: &live[j].kv,
+                position: live[j].position,
+                query: live[j].position + 1,
+            })
+            .collect();
+        let (next, hn) = model.step_rows(&target.embed(&tokens)?, &hidden, &rows)?;
+        drop(rows);
+        let b = active.len() as i32;
+        let row = |a: &Array, r: i32| -> Result<Array> {
+            Ok(if b == 1 {
+                a.clone()
+            } else {
+                a.try_index(r..r + 1)?
+            })
+        };
+        let any_greedy = active.iter().any(|&j| live[j].sampling.temperature == 0.0);
+        let greedy = if any_greedy {
+            Some(model.argmax(&hn)?)
+        } else {
+            None
+        };
+        for (r, &j) in active.iter().enumerate() {
+            let r = r as i32;
+            let l = &mut live[j];
+            l.hidden = row(&next, r)?;
+            l.token = match &greedy {
+                Some(g) if l.sampling.temperature == 0.0 => row(g, r)?,
+                _ => {
+                    let sampler = states[requests[l.at].row].sampler(l.sampling, vocab)?;
+                    let logits = model.logits(&row(&hn, r)?)?.reshape(&[1, -1])?;
+                    let lp =
+                        log_softmax(&sampler.process(&logits.as_dtype(Dtype::Float32)?, None)?)?;
+                    let law = sampler.law(&lp)?;
+                    let t = sampler.draw(&law)?;
+                    l.laws.push(ops::exp(&law)?);
+                    t.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?
+                }
+            };
+            l.tokens.push(l.token.clone());
+        }
+    }
+    eval(live.iter().flat_map(|l| l.tokens.iter().chain(&l.laws)))?;
+    for l in &live {
+        proposals[l.at] = Proposal::read(&l.tokens, &l.laws, std::time::Duration::ZERO)?;
+    }
+    Ok(proposals)
 }
 
 /// Proposes the continuation of a recorded token sequence: the oracle of `scripts/bench-spec`, which

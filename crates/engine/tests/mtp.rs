@@ -251,6 +251,76 @@ fn greedy_mtp_speculation_is_plain_decoding() {
     }
 }
 
+/// Drafting for several sequences at once (one pass of the assistant per draft step over every sequence
+/// still drafting) proposes for each what it proposes drafting alone: rows of different prompt lengths
+/// (both sides of the 16-token sliding window), different `k` (rows drop out of the batch part-way
+/// through a round) and a sampled row (seeded: its draws, and the laws they come from, are its lone
+/// ones) beside greedy ones, on both heads (sparse and tied) and on the MoE target; the greedy rows
+/// answer as plain decoding.
+#[test]
+fn drafts_proposed_together_are_each_rows_alone() {
+    let tiny = load_target();
+    for (target_name, name) in [("tiny", "mtp"), ("tiny", "mtp-tied"), ("moe", "mtp-moe")] {
+        let loaded;
+        let target = if target_name == "tiny" {
+            &tiny
+        } else {
+            loaded = jemma_engine::models::gemma4::load(&common::fixture(target_name), None)
+                .unwrap()
+                .0;
+            &loaded
+        };
+        let m = Gemma4Assistant::load(&jemma_fixtures::fixture(name, "config.json"), None).unwrap();
+        let sampled = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed: Some(9),
+                ..Default::default()
+            },
+            ..opts(24)
+        };
+        let rows = vec![
+            (vec![2, 10, 200, 33, 47], 4, opts(24)),
+            ((2..40).collect::<Vec<u32>>(), 2, opts(20)),
+            ((5..17).collect(), 3, sampled),
+            ((3..60).rev().collect(), 4, opts(28)),
+        ];
+        let source = common::DraftSource::Mtp(&m);
+        let (got, together, widest) = common::run_rows(target, source, &rows, true);
+        let (alone_got, alone, _) = common::run_rows(target, source, &rows, false);
+        assert!(
+            widest >= 3,
+            "{name}: at most {widest} rows drafted together"
+        );
+        for (i, (p, _, o)) in rows.iter().enumerate() {
+            let what = format!("{target_name} with {name}, row {i}");
+            assert_eq!(got[i], alone_got[i], "{what}");
+            let want: Vec<Vec<u32>> = alone[i].iter().map(|p| p.tokens.clone()).collect();
+            let have: Vec<Vec<u32>> = together[i].iter().map(|p| p.tokens.clone()).collect();
+            assert_eq!(have, want, "{what}: drafts");
+            assert!(
+                have.iter().any(|d| !d.is_empty()),
+                "{what}: drafted nothing"
+            );
+            if o.sampling.temperature == 0.0 {
+                assert_eq!(got[i], plain(target, p, o), "{what}");
+            } else {
+                for (a, b) in together[i].iter().zip(&alone[i]) {
+                    assert_eq!(a.laws.len(), a.tokens.len());
+                    for (x, y) in a.laws.iter().zip(&b.laws) {
+                        let diff = x
+                            .iter()
+                            .zip(y)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0.0, f32::max);
+                        assert!(diff <= 1e-5, "{what}: laws differ by {diff}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The echo drafter (gen_mtp.py: each draft is the token its hidden state predicts through the target's
 /// head, so the pending token again when that state is the target's at the position before it) proposes
 /// the pending token at every round: the drafter read the right hidden state each time, whatever the

@@ -272,6 +272,67 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
     }
 }
 
+/// A draft model drafting for several sequences at once (each catching its cache up alone, then one pass
+/// of the draft model per draft step over every sequence still drafting, each over its own cache)
+/// proposes for each what it proposes drafting alone: rows of different prompt lengths (their draft
+/// caches both sides of the sliding window, rolled back after rejected drafts), different `k`, and a
+/// seeded sampled row beside greedy ones, on the dense and MoE targets and a 4-bit draft; the greedy rows
+/// answer as plain decoding.
+#[test]
+fn model_drafts_proposed_together_are_each_rows_alone() {
+    for (target, draft) in [("tiny", "tiny-q4"), ("moe", "moe-q4")] {
+        let (t, d) = (load(target), load(draft));
+        let ps = prompts(target);
+        let sampled = GenerateOptions {
+            sampling: SamplingParams {
+                temperature: 0.8,
+                seed: Some(9),
+                ..Default::default()
+            },
+            ..opts(24)
+        };
+        let rows = vec![
+            (ps[0].clone(), 4, opts(24)),
+            ((2..40).collect::<Vec<u32>>(), 2, opts(20)),
+            (ps[ps.len() - 1].clone(), 3, sampled),
+            ((3..60).rev().collect(), 4, opts(28)),
+        ];
+        let source = common::DraftSource::Model(&d);
+        let (got, together, widest) = common::run_rows(&t, source, &rows, true);
+        let (alone_got, alone, _) = common::run_rows(&t, source, &rows, false);
+        assert!(
+            widest >= 3,
+            "{target}: at most {widest} rows drafted together"
+        );
+        for (i, (p, _, o)) in rows.iter().enumerate() {
+            let what = format!("{target} with {draft}, row {i}");
+            assert_eq!(got[i], alone_got[i], "{what}");
+            let want: Vec<&Vec<u32>> = alone[i].iter().map(|p| &p.tokens).collect();
+            let have: Vec<&Vec<u32>> = together[i].iter().map(|p| &p.tokens).collect();
+            assert_eq!(have, want, "{what}: drafts");
+            assert!(
+                have.iter().any(|d| !d.is_empty()),
+                "{what}: drafted nothing"
+            );
+            if o.sampling.temperature == 0.0 {
+                assert_eq!(got[i], plain(&t, p, o).0, "{what}");
+            } else {
+                for (a, b) in together[i].iter().zip(&alone[i]) {
+                    assert_eq!(a.laws.len(), a.tokens.len());
+                    for (x, y) in a.laws.iter().zip(&b.laws) {
+                        let diff = x
+                            .iter()
+                            .zip(y)
+                            .map(|(x, y)| (x - y).abs())
+                            .fold(0.0, f32::max);
+                        assert!(diff <= 1e-5, "{what}: laws differ by {diff}");
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Penalties, a logit bias and logprobs: each verified position sees the history plain decoding would
 /// (the drafts before it count for the penalties), and reports the same log-probabilities.
 #[test]

@@ -1,12 +1,21 @@
-//! What the engine's media tests share: the fixtures, comparing arrays, and running greedy requests with
-//! media on an engine.
+//! What the engine's tests share: the fixtures, comparing arrays, running greedy requests with media on an
+//! engine, and running speculative rounds for several sequences with their drafts proposed together or
+//! each alone.
 #![allow(dead_code)]
 
 use std::path::PathBuf;
 
-use jemma_engine::generate::GenerateOptions;
+use jemma_engine::generate::{GenerateOptions, Generation, RoundStart};
+use jemma_engine::models::gemma4::{Gemma4, Gemma4Assistant};
 use jemma_engine::runtime::{Engine, Event, Prompt, Request};
+use jemma_engine::sample::SamplingParams;
+use jemma_engine::speculative::{
+    BatchDrafter, DraftRequest, DraftState, Drafter, ModelBatchDrafter, ModelDrafter,
+    MtpBatchDrafter, MtpDrafter, Proposal, TargetState,
+};
 use mlx_rs::Array;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 /// `fixtures/<name>` (or under `$JEMMA_FIXTURES`), which must hold `reference.safetensors`.
 pub fn fixture(name: &str) -> PathBuf {
@@ -128,4 +137,160 @@ pub fn assert_media_prompt_matches(
     }
     let greedy = refs[&format!("{case}.greedy")].as_slice::<i32>().to_vec();
     assert_eq!(got, greedy, "{case}: greedy continuation after the {what}");
+}
+
+/// What drafts in [`run_rows`].
+#[derive(Clone, Copy)]
+pub enum DraftSource<'a> {
+    /// The MTP assistant.
+    Mtp(&'a Gemma4Assistant),
+    /// A draft model.
+    Model(&'a Gemma4),
+}
+
+/// Records what the drafter it wraps proposed.
+struct Recording<'a> {
+    inner: &'a mut dyn Drafter,
+    proposals: Vec<Proposal>,
+}
+
+impl Drafter for Recording<'_> {
+    fn propose(
+        &mut self,
+        context: &[u32],
+        k: usize,
+        sampling: &SamplingParams,
+        target: &TargetState<'_>,
+    ) -> jemma_engine::Result<Proposal> {
+        let p = self.inner.propose(context, k, sampling, target)?;
+        self.proposals.push(p.clone());
+        Ok(p)
+    }
+}
+
+/// Records what the batched drafter it wraps proposed for each of its rows, and how many rows drafted
+/// together.
+struct RecordingMany<'a> {
+    inner: Box<dyn BatchDrafter + 'a>,
+    proposals: Vec<Vec<Proposal>>,
+    widest: usize,
+}
+
+impl BatchDrafter for RecordingMany<'_> {
+    fn propose_many(
+        &mut self,
+        requests: &[DraftRequest<'_>],
+    ) -> jemma_engine::Result<Vec<Proposal>> {
+        let ps = self.inner.propose_many(requests)?;
+        self.widest = self.widest.max(requests.len());
+        for (r, p) in requests.iter().zip(&ps) {
+            self.proposals[r.row].push(p.clone());
+        }
+        Ok(ps)
+    }
+}
+
+/// Runs `rows` (prompt, k, options) on `target` together to the end, rounds verified together, drafts
+/// proposed by `source` either together (one batched drafter pass per draft step) or each alone; returns
+/// each row's tokens, each row's proposals round by round, and the most rows drafted together.
+pub fn run_rows(
+    target: &Gemma4,
+    source: DraftSource<'_>,
+    rows: &[(Vec<u32>, usize, GenerateOptions)],
+    together: bool,
+) -> (Vec<Vec<u32>>, Vec<Vec<Proposal>>, usize) {
+    let mut gens: Vec<Generation> = rows
+        .iter()
+        .map(|(p, _, o)| {
+            let mut g = Generation::new(target, p, o.clone()).unwrap();
+            g.keep_hidden(true);
+            while !g.prefill(target).unwrap() {}
+            g
+        })
+        .collect();
+    let mut states: Vec<DraftState> = (0..rows.len() as u64).map(DraftState::seeded).collect();
+    let mut rngs: Vec<StdRng> = (0..rows.len() as u64).map(StdRng::seed_from_u64).collect();
+    let mut got = vec![vec![]; rows.len()];
+    let mut proposals = vec![vec![]; rows.len()];
+    let mut widest = 0;
+    while gens.iter().any(|g| !g.is_finished()) {
+        let live: Vec<usize> = (0..rows.len())
+            .filter(|&i| !gens[i].is_finished())
+            .collect();
+        let starts: Vec<RoundStart> = if together {
+            let states: Vec<&mut DraftState> = (states.iter_mut().enumerate())
+                .filter(|(i, _)| live.contains(i))
+                .map(|(_, s)| s)
+                .collect();
+            let mut rec = RecordingMany {
+                inner: match source {
+                    DraftSource::Mtp(model) => Box::new(MtpBatchDrafter { model, states }),
+                    DraftSource::Model(model) => Box::new(ModelBatchDrafter { model, states }),
+                },
+                proposals: vec![vec![]; live.len()],
+                widest: 0,
+            };
+            let batch: Vec<(&mut Generation, usize)> = gens
+                .iter_mut()
+                .enumerate()
+                .filter(|(i, _)| live.contains(i))
+                .map(|(i, g)| (g, rows[i].1))
+                .collect();
+            let starts = Generation::draft_rounds(target, batch, &mut rec);
+            widest = widest.max(rec.widest);
+            for (j, ps) in rec.proposals.into_iter().enumerate() {
+                proposals[live[j]].extend(ps);
+            }
+            starts.into_iter().map(Result::unwrap).collect()
+        } else {
+            live.iter()
+                .map(|&i| {
+                    let state = &mut states[i];
+                    let (mut mtp, mut model);
+                    let inner: &mut dyn Drafter = match source {
+                        DraftSource::Mtp(m) => {
+                            mtp = MtpDrafter { model: m, state };
+                            &mut mtp
+                        }
+                        DraftSource::Model(m) => {
+                            model = ModelDrafter { model: m, state };
+                            &mut model
+                        }
+                    };
+                    let mut rec = Recording {
+                        inner,
+                        proposals: vec![],
+                    };
+                    let start = gens[i].draft_round(target, &mut rec, rows[i].1).unwrap();
+                    proposals[i].extend(rec.proposals);
+                    start
+                })
+                .collect()
+        };
+        let mut drafted = vec![];
+        for (&i, start) in live.iter().zip(starts) {
+            match start {
+                RoundStart::Done(r) => got[i].extend(r.steps.iter().map(|s| s.token)),
+                RoundStart::Drafted(d) => drafted.push((i, d)),
+            }
+        }
+        let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
+        let mut drafted = drafted.into_iter().peekable();
+        let batch: Vec<_> = gens
+            .iter_mut()
+            .zip(rngs.iter_mut())
+            .enumerate()
+            .filter_map(|(i, (g, r))| {
+                let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
+                Some((g, d, r))
+            })
+            .collect();
+        for (i, r) in order
+            .into_iter()
+            .zip(Generation::verify_rounds(target, batch).unwrap())
+        {
+            got[i].extend(r.unwrap().steps.iter().map(|s| s.token));
+        }
+    }
+    (got, proposals, widest)
 }

@@ -435,6 +435,41 @@ impl Gemma4Assistant {
         position: i32,
         query: i32,
     ) -> Result<(Array, Array)> {
+        self.step_rows(
+            embedding,
+            hidden,
+            &[DraftRow {
+                kv,
+                position,
+                query,
+            }],
+        )
+    }
+
+    /// [`Self::step_at`] for B sequences at once: `embedding` (B, 1, B_e) and `hidden` (B, 1, B_h) hold
+    /// row `i`'s inputs, `rows[i]` its target's K/V and positions. The projections and MLPs read the
+    /// weights once for the whole batch; attention runs row by row over each row's own target K/V (as the
+    /// target's batched forward does), so a row's result is its lone step's up to the rounding of a
+    /// matrix product over more rows. Returns the next hidden states (B, 1, B_h) and the normed outputs
+    /// (B, 1, h).
+    ///
+    /// Errors: `rows` not one per batch row ([`EngineError::InvalidRequest`]); a layer type whose K/V is
+    /// missing for a row ([`EngineError::InvalidModel`]); MLX failures.
+    pub fn step_rows(
+        &self,
+        embedding: &Array,
+        hidden: &Array,
+        rows: &[DraftRow<'_>],
+    ) -> Result<(Array, Array)> {
+        let b = embedding.shape()[0];
+        if rows.is_empty() || b as usize != rows.len() || hidden.shape()[0] != b {
+            return Err(EngineError::InvalidRequest(format!(
+                "a batched draft step takes one row per sequence: embedding {:?}, hidden {:?} for {} rows",
+                embedding.shape(),
+                hidden.shape(),
+                rows.len()
+            )));
+        }
         let x = ops::concatenate(
             &[
                 embedding.as_dtype(self.dtype)?,
@@ -444,33 +479,48 @@ impl Gemma4Assistant {
         )?;
         let mut h = self.pre_projection.forward(&x)?;
         let window = self.cfg.text.sliding_window as i32;
-        let masks = [
-            kv[0]
-                .as_ref()
-                .map(|s| sliding_mask(s, position, window))
-                .transpose()?,
-            Some(Mask::None),
-        ];
+        // Per layer type, each row's mask and the K/V it attends over with its query position.
+        let mut masks: [Vec<Mask>; 2] = [vec![], vec![]];
+        let mut shared: [Vec<(Kv, i32)>; 2] = [vec![], vec![]];
+        for r in rows {
+            for ty in 0..2 {
+                let Some(s) = &r.kv[ty] else { continue };
+                masks[ty].push(if ty == LayerType::Sliding as usize {
+                    sliding_mask(s, r.position, window)?
+                } else {
+                    Mask::None
+                });
+                shared[ty].push((s.kv.clone(), r.query));
+            }
+        }
         let eps = self.cfg.text.rms_norm_eps;
         for l in &self.layers {
             let ty = l.spec.layer_type as usize;
-            let (Some(shared), Some(mask)) = (&kv[ty], &masks[ty]) else {
+            if shared[ty].len() != rows.len() {
                 return Err(EngineError::InvalidModel(format!(
                     "no target K/V for the drafter's {:?} layers",
                     l.spec.layer_type
                 )));
-            };
-            let shared = [(shared.kv.clone(), query)];
+            }
+            let mask: Vec<&Mask> = masks[ty].iter().collect();
             h = l
-                .forward(&h, &[mask], &mut [], Some(&shared), None, eps, &self.consts)?
+                .forward(
+                    &h,
+                    &mask,
+                    &mut [],
+                    Some(&shared[ty]),
+                    None,
+                    eps,
+                    &self.consts,
+                )?
                 .0;
         }
         let hn = fast::rms_norm(&h, Some(&self.norm), eps)?;
         Ok((self.post_projection.forward(&hn)?, hn))
     }
 
-    /// Logits (1, 1, V) of a step's normed output: the dense head, or the sparse head with every token
-    /// outside the selected clusters at the smallest selected logit minus one.
+    /// Logits (B, 1, V) of a step's normed outputs `hn` (B, 1, h): the dense head, or the sparse head
+    /// with every token outside a row's selected clusters at that row's smallest selected logit minus one.
     ///
     /// Errors: MLX failures.
     pub fn logits(&self, hn: &Array) -> Result<Array> {
@@ -480,46 +530,59 @@ impl Gemma4Assistant {
                 None => self.embed_tokens.as_linear(hn),
             };
         };
+        let b = hn.shape()[0];
         let (ids, scores) = self.selected(m, hn)?;
         let floor = ops::subtract(
-            scores.min(None)?,
+            scores.min_axis(-1, true)?,
             Array::from_f32(1.0).as_dtype(scores.dtype())?,
         )?;
         let v = self.cfg.text.vocab_size as i32;
-        let full = ops::broadcast_to(&floor, &[1, 1, v])?;
-        Ok(full.put_along_axis(ids.reshape(&[1, 1, -1])?, scores.reshape(&[1, 1, -1])?, -1)?)
+        let full = ops::broadcast_to(&floor, &[b, 1, v])?;
+        Ok(full.put_along_axis(ids.reshape(&[b, 1, -1])?, &scores, -1)?)
     }
 
-    /// The greedy token (1, 1) int32 of a step's normed output, without the full logits under the sparse
-    /// head (mlx-vlm `MaskedEmbedder.argmax`).
+    /// The greedy tokens (B, 1) int32 of a step's normed outputs `hn` (B, 1, h), without the full logits
+    /// under the sparse head (mlx-vlm `MaskedEmbedder.argmax`).
     ///
     /// Errors: MLX failures.
     pub fn argmax(&self, hn: &Array) -> Result<Array> {
+        let b = hn.shape()[0];
         let Some(m) = &self.masked else {
             return Ok(ops::indexing::argmax_axis(&self.logits(hn)?, -1, None)?
                 .as_dtype(Dtype::Int32)?
-                .reshape(&[1, 1])?);
+                .reshape(&[b, 1])?);
         };
         let (ids, scores) = self.selected(m, hn)?;
-        let best = ops::indexing::argmax_axis(&scores, -1, None)?.reshape(&[1])?;
+        let best = ops::indexing::argmax_axis(&scores, -1, true)?.reshape(&[b, 1])?;
         Ok(ids
-            .reshape(&[-1])?
-            .take_axis(&best, 0)?
+            .take_along_axis(&best, -1)?
             .as_dtype(Dtype::Int32)?
-            .reshape(&[1, 1])?)
+            .reshape(&[b, 1])?)
     }
 
-    /// The sparse head's candidate ids (top_k · V/C,) int32 and their exact logits (1, top_k · V/C).
+    /// The sparse head's candidate ids (B, top_k · V/C) int32 of each row of `hn` (B, 1, h) and their
+    /// exact logits (B, 1, top_k · V/C).
     fn selected(&self, m: &MaskedHead, hn: &Array) -> Result<(Array, Array)> {
-        let c = m.centroids.forward(hn)?.reshape(&[-1])?;
+        let b = hn.shape()[0];
+        let c = m.centroids.forward(hn)?.reshape(&[b, -1])?;
         let k = m.top_k;
-        let top =
-            ops::argpartition_axis(&c, m.n_centroids - k, -1)?.try_index((m.n_centroids - k)..)?;
-        let ids = m.ordering.take_axis(&top, 0)?.reshape(&[-1])?;
+        let top = ops::argpartition_axis(&c, m.n_centroids - k, -1)?
+            .try_index((.., (m.n_centroids - k)..))?;
+        let ids = m.ordering.take_axis(&top, 0)?.reshape(&[b, -1])?;
         let rows = self.embed_tokens.forward(&ids)?.as_dtype(self.dtype)?;
-        let scores = ops::matmul(hn.reshape(&[1, -1])?, rows.t())?;
+        let scores = ops::matmul(hn, rows.transpose_axes(&[0, 2, 1])?)?;
         Ok((ids, scores))
     }
+}
+
+/// One sequence of a batched draft step ([`Gemma4Assistant::step_rows`]).
+pub struct DraftRow<'a> {
+    /// Its target's K/V ([`Gemma4Assistant::target_kv`]).
+    pub kv: &'a TargetKv,
+    /// The last position its target read.
+    pub position: i32,
+    /// The position its query is rotated as at (see [`Gemma4Assistant::step_at`]).
+    pub query: i32,
 }
 
 /// The sliding layers' mask for a query at `position` over `s`'s keys: the `window - 1` positions up to

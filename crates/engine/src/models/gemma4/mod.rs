@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use mlx_rs::{Array, Dtype, ops};
 
-pub use assistant::Gemma4Assistant;
+pub use assistant::{DraftRow, Gemma4Assistant};
 pub use config::ModelConfig;
 pub use model::{Cache, Checkpoint, Gemma4, KvQuant, Placed};
 
