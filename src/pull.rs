@@ -35,8 +35,9 @@ pub struct Args {
     /// One JSON line per progress update instead of a bar (for scripts and the app).
     #[arg(long)]
     json: bool,
-    /// Skip the assistant (MTP) drafters the catalog pairs with the models (fetched by default: an MLX
-    /// tier speculates with its model's drafter when it is on disk).
+    /// Skip the models' assistant (MTP) drafters: those the catalog pairs with them, and a GGUF repo's
+    /// `mtp-…gguf` sidecar (llama.cpp's convention). Fetched by default: a tier speculates with its
+    /// model's drafter when it is on disk.
     #[arg(long)]
     no_drafters: bool,
 }
@@ -157,6 +158,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                         ),
                     }
                 }
+                // A GGUF repo's assistant drafter, by llama.cpp's sidecar convention (`mtp-…gguf`, what
+                // `llama-server -hf` fetches): a tier serving the model finds it beside the model.
+                if !args.no_drafters
+                    && let Some((repo, rev, file)) = gguf_of(&catalog, m)
+                {
+                    let label = format!("{m} (its drafter)");
+                    let side = rt.block_on(async {
+                        match hub.mtp_sidecar(&repo, &rev, &file).await? {
+                            Some(f) => {
+                                let sel = Selection::File(f);
+                                pull_target(&hub, &repo, &rev, &sel, &label, args.json)
+                                    .await
+                                    .map(Some)
+                            }
+                            None => Ok(None),
+                        }
+                    });
+                    match side {
+                        Ok(None) => {}
+                        Ok(Some(p)) if args.json => println!(
+                            "{}",
+                            serde_json::json!({"model": m, "drafter": p, "done": true})
+                        ),
+                        Ok(Some(p)) => println!("{label}: {}", p.display()),
+                        Err(e) if args.json => println!(
+                            "{}",
+                            serde_json::json!({"model": m, "warning": format!("drafter: {e:#}")})
+                        ),
+                        Err(e) => eprintln!("{label}: {e:#}; the model serves without it"),
+                    }
+                }
             }
             Err(e) => {
                 let (key, note) = if optional {
@@ -197,6 +229,17 @@ fn mmproj_of(catalog: &Catalog, model: &str) -> Option<String> {
     })
 }
 
+/// The Hub repo, revision and file of `model` when it is a GGUF model (a catalog entry or
+/// `owner/name/file.gguf`); None for other models.
+fn gguf_of(catalog: &Catalog, model: &str) -> Option<(String, String, String)> {
+    match ModelRef::parse(model, catalog).ok()?.hub_target(catalog)? {
+        (repo, rev, Selection::File(f)) if jemma_models::hub::gguf_is_model(&f) => {
+            Some((repo, rev, f))
+        }
+        _ => None,
+    }
+}
+
 /// `wanted` with, after each model the catalog pairs with an assistant drafter (by name or Hub repo), that
 /// drafter (once).
 fn with_drafters(catalog: &Catalog, wanted: Vec<String>) -> Vec<String> {
@@ -229,8 +272,21 @@ async fn pull_one(
     let Some((repo, rev, sel)) = r.hub_target(catalog) else {
         bail!("{model} is a local path; nothing to download");
     };
+    pull_target(hub, &repo, &rev, &sel, model, json).await
+}
+
+/// Downloads `sel` of `repo@rev`, showing progress under `label`.
+async fn pull_target(
+    hub: &Hub,
+    repo: &str,
+    rev: &str,
+    sel: &Selection,
+    label: &str,
+    json: bool,
+) -> anyhow::Result<PathBuf> {
+    let model = label;
     let plan = hub
-        .plan(&repo, &rev, &sel)
+        .plan(repo, rev, sel)
         .await
         .with_context(|| format!("asking the Hub about {repo}"))?;
     let total = plan.total_bytes();

@@ -350,6 +350,103 @@ fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_media() {
     );
 }
 
+/// A GGUF repo's assistant drafter comes with its model by llama.cpp's sidecar convention (`mtp-…gguf`,
+/// what `llama-server -hf` fetches): `jemma pull` fetches the sidecar llama.cpp would pick (beside the
+/// model, the quantization closest to the model's: not the Q8_0 one, nor one in another directory), and a
+/// tier serving the model speculates with it without being told, offline; `jemma serve` downloading the
+/// model fetches it too; `--no-drafters` leaves it.
+#[test]
+fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
+    let (_rt, url, hub) = fake_hub_on_runtime();
+    let mut repo = FakeRepo {
+        commit: "3333333333333333333333333333333333333333".into(),
+        ..Default::default()
+    };
+    let gguf = fixture("tiny").join("../gguf");
+    for (name, f) in [
+        ("gemma-4-tiny-it-F32.gguf", "tiny-f32.gguf"),
+        ("mtp-gemma-4-tiny-it-F32.gguf", "mtp-tied-f32.gguf"),
+        ("mtp-gemma-4-tiny-it-Q8_0.gguf", "mtp-echo-f32.gguf"),
+        ("Q8_0/mtp-gemma-4-tiny-it-F32.gguf", "mtp-echo-f32.gguf"),
+    ] {
+        repo.files
+            .insert(name.into(), std::fs::read(gguf.join(f)).unwrap());
+    }
+    hub.repos
+        .lock()
+        .unwrap()
+        .insert("jemma-test/gemma-4-tiny-it-GGUF".into(), repo);
+    let catalog = "[models.test-gguf]\ntier = \"fast\"\nformat = \"gguf\"\n\
+                   repo = \"jemma-test/gemma-4-tiny-it-GGUF\"\nfile = \"gemma-4-tiny-it-F32.gguf\"\n";
+    let pull = |home: &Path, extra: &[&str]| {
+        let out = crate::support::output_within(
+            Command::new(env!("CARGO_BIN_EXE_jemma"))
+                .args(["pull", "test-gguf", "--json"])
+                .args(extra)
+                .envs(hub_env(&url, home))
+                .env("JEMMA_LOG", "warn"),
+            crate::support::CMD_DEADLINE,
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{stdout}");
+        stdout
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|l| l["done"] == true)
+            .collect::<Vec<Value>>()
+    };
+    let snapshot = "snapshots/3333333333333333333333333333333333333333";
+    // --no-drafters: the model alone.
+    let bare = tempfile::tempdir().unwrap();
+    std::fs::write(bare.path().join("models.toml"), catalog).unwrap();
+    let done = pull(bare.path(), &["--no-drafters"]);
+    assert_eq!(done.len(), 1, "{done:?}");
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(home.path().join("models.toml"), catalog).unwrap();
+    let done = pull(home.path(), &[]);
+    assert_eq!(done.len(), 2, "the model and its drafter: {done:?}");
+    let side = done[1]["drafter"].as_str().unwrap().to_string();
+    assert!(
+        side.ends_with(&format!("{snapshot}/mtp-gemma-4-tiny-it-F32.gguf")),
+        "{side}"
+    );
+    let model_dir = Path::new(&side).parent().unwrap().to_path_buf();
+    assert!(!model_dir.join("mtp-gemma-4-tiny-it-Q8_0.gguf").exists());
+    assert!(!model_dir.join("Q8_0").exists());
+    let cfg =
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"test-gguf\"\ncontext_length = 512\n";
+    let offline = hub_env("http://127.0.0.1:9", home.path());
+    let offline: Vec<(&str, &str)> = offline.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start_with(&[], Some(cfg), &offline, None);
+    let h = health(&s);
+    assert_eq!(drafter(&h, "fast").as_deref(), Some(side.as_str()), "{h}");
+    assert_eq!(
+        tier(&h, "fast")["details"]["speculative"]["drafter"],
+        "mtp_assistant"
+    );
+    drop(s);
+    // Without the sidecar on disk, the same tier decodes plainly.
+    let offline = hub_env("http://127.0.0.1:9", bare.path());
+    let offline: Vec<(&str, &str)> = offline.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::start_with(&[], Some(cfg), &offline, None);
+    assert_eq!(drafter(&health(&s), "fast"), None);
+    drop(s);
+    // `jemma serve` downloading the missing model fetches its sidecar too.
+    let fresh = tempfile::tempdir().unwrap();
+    std::fs::write(fresh.path().join("models.toml"), catalog).unwrap();
+    let env = hub_env(&url, fresh.path());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = Server::spawn_with(&[], Some(cfg), &env, None);
+    wait_for("the download and the load", Duration::from_secs(90), || {
+        tier(&health(&s), "fast")["state"] == "ready"
+    });
+    let d = drafter(&health(&s), "fast").unwrap_or_default();
+    assert!(
+        d.ends_with(&format!("{snapshot}/mtp-gemma-4-tiny-it-F32.gguf")),
+        "{d}"
+    );
+}
+
 /// A model directory outside the Hub cache finds the assistant drafter beside it by its name
 /// (`<model up to -it>-it-assistant…`) and its config (drafting for this model); other directories,
 /// and drafters for another model, are passed over.

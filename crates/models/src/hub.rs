@@ -154,6 +154,96 @@ struct ApiLfs {
     size: u64,
 }
 
+/// The keyword of llama.cpp's Gemma 4 assistant (MTP) drafter sidecars in GGUF repos (`mtp-…gguf`).
+pub const MTP_SIDECAR: &str = "mtp-";
+
+/// The names llama.cpp's downloader does not take for a model (`gguf_filename_is_model` in
+/// `common/download.cpp`): projectors, importance matrices and speculative-decoding sidecars.
+const NOT_MODELS: [&str; 6] = ["mmproj", "imatrix", "mtp-", "eagle3-", "dflash-", "dspark-"];
+
+/// Whether the GGUF file `name` (a path or a file name) is a model by llama.cpp's naming, not a projector,
+/// an importance matrix or a speculative-decoding sidecar.
+pub fn gguf_is_model(name: &str) -> bool {
+    let file = name.rsplit('/').next().unwrap_or(name);
+    file.ends_with(".gguf") && !NOT_MODELS.iter().any(|k| file.contains(k))
+}
+
+/// The quantization's bits in a GGUF name's tag, as llama.cpp reads them (`extract_quant_bits`): the
+/// number in the last `-`/`.`-separated tag of the stem, split suffix (`-00001-of-00002`) removed —
+/// `Q4_K_M` → 4, `F16` → 16, `Q8_0` → 8; 0 without one.
+pub fn quant_bits(name: &str) -> u32 {
+    let Some(stem) = name.strip_suffix(".gguf") else {
+        return 0;
+    };
+    // `-00001-of-00003`: a split's part, not its tag.
+    let split = |tail: &[u8]| {
+        tail.len() == 15
+            && tail[0] == b'-'
+            && tail[1..6].iter().all(u8::is_ascii_digit)
+            && tail[6..10].eq_ignore_ascii_case(b"-of-")
+            && tail[10..].iter().all(u8::is_ascii_digit)
+    };
+    let stem = match stem.len().checked_sub(15) {
+        // An ASCII tail: the cut is a character boundary.
+        Some(i) if split(&stem.as_bytes()[i..]) => &stem[..i],
+        _ => stem,
+    };
+    let tag = stem
+        .rsplit(['-', '.'])
+        .next()
+        .filter(|t| {
+            t.len() < stem.len() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        })
+        .unwrap_or("");
+    let digits: String = tag
+        .chars()
+        .skip_while(|c| !c.is_ascii_digit())
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().unwrap_or(0)
+}
+
+/// The sibling GGUF of the GGUF `model` among a repo's `files` (paths) whose path contains `keyword`
+/// (`mmproj`, [`MTP_SIDECAR`]), as llama.cpp's downloader picks one (`find_best_sibling` in
+/// `common/download.cpp`): only a file in the model's directory or one above it; the deepest such
+/// directory first, then one named with the exact `tag` (`-Q8_0.`; "" for none), then the quantization
+/// closest to the tag's (to the model's without one). None when no file qualifies.
+pub fn best_sibling(files: &[String], model: &str, keyword: &str, tag: &str) -> Option<String> {
+    let tag = tag.to_ascii_uppercase();
+    let wanted_bits = if tag.is_empty() {
+        quant_bits(model)
+    } else {
+        quant_bits(&format!("x-{tag}.gguf"))
+    };
+    let model_dirs: Vec<&str> = model.split('/').collect();
+    let model_dirs = &model_dirs[..model_dirs.len() - 1];
+    let mut best: Option<(usize, bool, u32, &String)> = None;
+    for f in files {
+        if !f.ends_with(".gguf") || !f.contains(keyword) {
+            continue;
+        }
+        let dirs: Vec<&str> = f.split('/').collect();
+        let dirs = &dirs[..dirs.len() - 1];
+        // Only the model's own directory or one above it.
+        if dirs.len() > model_dirs.len() || dirs != &model_dirs[..dirs.len()] {
+            continue;
+        }
+        let depth = dirs.len();
+        let exact = !tag.is_empty() && f.to_ascii_uppercase().contains(&format!("-{tag}."));
+        let diff = quant_bits(f).abs_diff(wanted_bits);
+        let better = match best {
+            None => true,
+            Some((d, e, df, _)) => {
+                depth > d || (depth == d && exact && !e) || (depth == d && exact == e && diff < df)
+            }
+        };
+        if better {
+            best = Some((depth, exact, diff, f));
+        }
+    }
+    best.map(|(.., f)| f.clone())
+}
+
 /// A Hub client.
 pub struct Hub {
     api: Api,
@@ -250,6 +340,17 @@ impl Hub {
         Some(format!("{owner}/{name}"))
     }
 
+    /// The root of the snapshot `path` lies in (`<cache>/models--owner--name/snapshots/<commit>`), if it
+    /// lies in one of this cache.
+    pub fn snapshot_of(&self, path: &Path) -> Option<PathBuf> {
+        let rel = path.strip_prefix(self.cache_dir()).ok()?;
+        let mut c = rel.components();
+        let repo = c.next()?.as_os_str().to_str()?;
+        (repo.starts_with("models--") && c.next()?.as_os_str() == "snapshots").then_some(())?;
+        let commit = c.next()?;
+        Some(self.cache_dir().join(repo).join("snapshots").join(commit))
+    }
+
     /// The model repos (`owner/name`) this cache holds something of, sorted.
     pub fn cached_repos(&self) -> Vec<String> {
         let mut out: Vec<String> = std::fs::read_dir(self.cache_dir())
@@ -277,6 +378,66 @@ impl Hub {
         revision: &str,
         selection: &Selection,
     ) -> Result<PullPlan> {
+        let info = self.info(repo, revision).await?;
+        let files: Vec<FileSpec> = info
+            .siblings
+            .into_iter()
+            .filter(|s| selection.wants(&s.rfilename))
+            .map(|s| FileSpec {
+                size: s.lfs.as_ref().map(|l| l.size).or(s.size).unwrap_or(0),
+                sha256: s.lfs.map(|l| l.sha256),
+                blob_id: s.blob_id,
+                name: s.rfilename,
+            })
+            .collect();
+        if files.is_empty() {
+            return Err(ModelsError::NotFound(match selection {
+                Selection::File(f) => format!("{repo}/{f}"),
+                Selection::Mlx => format!("{repo}: no model files"),
+            }));
+        }
+        if matches!(selection, Selection::Mlx) && !files.iter().any(|f| f.name == "config.json") {
+            return Err(ModelsError::NotFound(format!(
+                "{repo}: no config.json (not an MLX/HF model repo)"
+            )));
+        }
+        Ok(PullPlan {
+            repo: repo.into(),
+            revision: revision.into(),
+            commit: info.sha,
+            files,
+        })
+    }
+
+    /// The paths of every file of `repo@revision`, as the Hub lists them.
+    ///
+    /// Errors: as [`Hub::plan`] (denied, not found, the Hub unreachable or answering otherwise).
+    pub async fn files(&self, repo: &str, revision: &str) -> Result<Vec<String>> {
+        let info = self.info(repo, revision).await?;
+        Ok(info.siblings.into_iter().map(|s| s.rfilename).collect())
+    }
+
+    /// The Gemma 4 assistant (MTP) drafter `repo@revision` ships for its GGUF `model` (a path in the
+    /// repo), by llama.cpp's sidecar convention ([`best_sibling`] with `mtp-`): what `llama-server -hf`
+    /// fetches with the model. None when the repo has none.
+    ///
+    /// Errors: as [`Hub::files`].
+    pub async fn mtp_sidecar(
+        &self,
+        repo: &str,
+        revision: &str,
+        model: &str,
+    ) -> Result<Option<String>> {
+        Ok(best_sibling(
+            &self.files(repo, revision).await?,
+            model,
+            MTP_SIDECAR,
+            "",
+        ))
+    }
+
+    /// The repo's info with its files (`GET /api/models/{repo}/revision/{revision}?blobs=true`).
+    async fn info(&self, repo: &str, revision: &str) -> Result<ApiInfo> {
         let resp = self
             .api
             .repo(Self::repo(repo, revision))
@@ -306,36 +467,8 @@ impl Hub {
                 text.chars().take(200).collect::<String>()
             )));
         }
-        let info: ApiInfo = serde_json::from_str(&text)
-            .map_err(|e| ModelsError::Download(format!("{repo}: unexpected Hub answer: {e}")))?;
-        let files: Vec<FileSpec> = info
-            .siblings
-            .into_iter()
-            .filter(|s| selection.wants(&s.rfilename))
-            .map(|s| FileSpec {
-                size: s.lfs.as_ref().map(|l| l.size).or(s.size).unwrap_or(0),
-                sha256: s.lfs.map(|l| l.sha256),
-                blob_id: s.blob_id,
-                name: s.rfilename,
-            })
-            .collect();
-        if files.is_empty() {
-            return Err(ModelsError::NotFound(match selection {
-                Selection::File(f) => format!("{repo}/{f}"),
-                Selection::Mlx => format!("{repo}: no model files"),
-            }));
-        }
-        if matches!(selection, Selection::Mlx) && !files.iter().any(|f| f.name == "config.json") {
-            return Err(ModelsError::NotFound(format!(
-                "{repo}: no config.json (not an MLX/HF model repo)"
-            )));
-        }
-        Ok(PullPlan {
-            repo: repo.into(),
-            revision: revision.into(),
-            commit: info.sha,
-            files,
-        })
+        serde_json::from_str(&text)
+            .map_err(|e| ModelsError::Download(format!("{repo}: unexpected Hub answer: {e}")))
     }
 
     /// The snapshot directory of `repo@revision` if the cache already holds the files of `selection`
@@ -575,6 +708,83 @@ impl ModelRef {
 mod tests {
     use super::*;
     use crate::Catalog;
+
+    /// llama.cpp's sidecar rule (`find_best_sibling`, `extract_quant_bits`, `gguf_filename_is_model`), on
+    /// the layouts GGUF repos use: a sidecar beside the model or above it, never in another directory;
+    /// the deepest first, then the exact tag, then the closest quantization.
+    #[test]
+    fn sidecars_are_picked_as_llama_cpp_picks_them() {
+        assert_eq!(quant_bits("gemma-4-E4B-it-Q4_K_M.gguf"), 4);
+        assert_eq!(quant_bits("gemma-4-26B-A4B-it-UD-Q4_K_XL.gguf"), 4);
+        assert_eq!(quant_bits("mtp-gemma-4-E4B-it-F16.gguf"), 16);
+        assert_eq!(
+            quant_bits("BF16/gemma-4-31B-it-BF16-00002-of-00003.gguf"),
+            16
+        );
+        assert_eq!(quant_bits("mtp-gemma-4-12B-it.gguf"), 0);
+        assert_eq!(quant_bits("mtp-gemma-4-12B-it.Q8_0.gguf"), 8);
+        assert_eq!(quant_bits("not-a-gguf.bin"), 0);
+        assert_eq!(quant_bits("é-00001-of-00002.gguf"), 0);
+        let files = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let repo = files(&[
+            "README.md",
+            "gemma-4-E4B-it-Q4_K_M.gguf",
+            "gemma-4-E4B-it-Q8_0.gguf",
+            "mmproj-F16.gguf",
+            "mtp-gemma-4-E4B-it-F16.gguf",
+            "mtp-gemma-4-E4B-it-Q8_0.gguf",
+            "mtp-gemma-4-E4B-it-Q4_0.gguf",
+            "MTP/gemma-4-E4B-it-MTP-F16.gguf",
+            "other/mtp-gemma-4-E4B-it-Q4_K_M.gguf",
+        ]);
+        let mtp = |model: &str, tag: &str| best_sibling(&repo, model, MTP_SIDECAR, tag);
+        // The quantization closest to the model's, beside it; another directory's never.
+        assert_eq!(
+            mtp("gemma-4-E4B-it-Q4_K_M.gguf", "").as_deref(),
+            Some("mtp-gemma-4-E4B-it-Q4_0.gguf")
+        );
+        assert_eq!(
+            mtp("gemma-4-E4B-it-Q8_0.gguf", "").as_deref(),
+            Some("mtp-gemma-4-E4B-it-Q8_0.gguf")
+        );
+        // The exact tag over the closest bits.
+        assert_eq!(
+            mtp("gemma-4-E4B-it-Q4_K_M.gguf", "f16").as_deref(),
+            Some("mtp-gemma-4-E4B-it-F16.gguf")
+        );
+        // A model in a subdirectory takes its own directory's sidecar first, else the root's.
+        assert_eq!(
+            mtp("other/gemma-4-E4B-it-Q4_K_M.gguf", "").as_deref(),
+            Some("other/mtp-gemma-4-E4B-it-Q4_K_M.gguf")
+        );
+        assert_eq!(
+            mtp("BF16/gemma-4-E4B-it-BF16-00001-of-00002.gguf", "").as_deref(),
+            Some("mtp-gemma-4-E4B-it-F16.gguf")
+        );
+        // Unsloth's `MTP/…-MTP-…` files are not llama.cpp sidecars (no lowercase `mtp-`).
+        assert_eq!(
+            best_sibling(
+                &files(&["m-Q4_0.gguf", "MTP/m-MTP-F16.gguf"]),
+                "m-Q4_0.gguf",
+                MTP_SIDECAR,
+                ""
+            ),
+            None
+        );
+        assert_eq!(
+            best_sibling(&repo, "gemma-4-E4B-it-Q4_K_M.gguf", "mmproj", "").as_deref(),
+            Some("mmproj-F16.gguf")
+        );
+        assert!(gguf_is_model("gemma-4-E4B-it-Q4_K_M.gguf"));
+        for not in [
+            "mmproj-F16.gguf",
+            "sub/mtp-x-Q8_0.gguf",
+            "imatrix.gguf",
+            "x-Q4_0.bin",
+        ] {
+            assert!(!gguf_is_model(not), "{not}");
+        }
+    }
 
     #[test]
     fn references() {

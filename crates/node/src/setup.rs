@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use jemma_engine::memory::{MemoryConfig, MemoryGovernor, PressureSource};
 use jemma_engine::runtime::{Engine, EngineConfig};
-use jemma_models::hub::{Hub, HubConfig, ModelRef, cli_token};
+use jemma_models::hub::{Hub, HubConfig, ModelRef, Selection, cli_token};
 use jemma_models::{Catalog, PullProgress};
 
 use crate::in_process::EngineBackend;
@@ -168,6 +168,12 @@ impl HubResolver {
             &e.revision,
             &jemma_models::hub::Selection::File(mmproj),
         )
+    }
+
+    /// The Gemma 4 assistant (MTP) drafter beside the GGUF `model` ([`assistant_beside`]), looking above
+    /// the model's directory up to its snapshot's root when it is in the Hub cache.
+    pub fn assistant_for(&self, model: &std::path::Path) -> Option<PathBuf> {
+        assistant_beside(model, self.hub.snapshot_of(model).as_deref())
     }
 
     /// The Gemma 4 assistant (MTP) drafter on disk next to the MLX model in `model`, if one is: for a
@@ -328,6 +334,30 @@ impl ModelResolver for HubResolver {
                     "the model's mmproj did not download; it serves text only"),
             }
         }
+        // So does a GGUF repo's assistant drafter, by llama.cpp's sidecar convention (`mtp-…gguf`), as
+        // `jemma pull` fetches it: a tier serving the model finds it beside the model.
+        if let Selection::File(file) = &sel
+            && jemma_models::hub::gguf_is_model(file)
+        {
+            let quiet: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(|_| {});
+            let fetched = match self.hub.mtp_sidecar(&repo, &rev, file).await {
+                Ok(Some(side)) => {
+                    let sel = Selection::File(side);
+                    match self.hub.plan(&repo, &rev, &sel).await {
+                        Ok(plan) => self.hub.pull(&plan, logged(quiet)).await.map(Some),
+                        Err(e) => Err(e),
+                    }
+                }
+                Ok(None) => Ok(None),
+                Err(e) => Err(e),
+            };
+            match fetched {
+                Ok(Some(p)) => tracing::info!(%model, drafter = %p.display(), "drafter downloaded"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(%model, error = %e,
+                    "the model's drafter did not download; serving without it"),
+            }
+        }
         if let Some(d) = drafter.filter(|d| matches!(self.local(d), Ok(None))) {
             // Logged, not shown: the tier's progress ended at the model's 100 %.
             let quiet: Arc<dyn Fn(f32) + Send + Sync> = Arc::new(|_| {});
@@ -439,7 +469,7 @@ fn factory(
                     })?
                     .0,
             ),
-            DraftSource::Found if is_gguf => match assistant_beside(&path) {
+            DraftSource::Found if is_gguf => match resolver.assistant_for(&path) {
                 Some(d) => {
                     tracing::info!(model = %path.display(), drafter = %d.display(),
                         "speculating with the assistant drafter found next to the model");
@@ -449,7 +479,7 @@ fn factory(
                 None if asked => {
                     return Err(format!(
                         "{}: no assistant drafter beside this GGUF (a gemma4-assistant .gguf named \
-                         `<model up to \"-it\">-it-assistant…`): set draft_model in the tier's \
+                         `mtp-…` or `<model up to \"-it\">-it-assistant…`): set draft_model in the tier's \
                          [tiers.<tier>.speculative] section to the model's Gemma 4 assistant as a .gguf or \
                          to a smaller .gguf with the same vocabulary, or remove that section",
                         path.display()
@@ -595,12 +625,22 @@ fn factory(
     })
 }
 
-/// The Gemma 4 assistant (MTP) drafter beside a GGUF model: a `.gguf` in its directory named as its
-/// drafter (the MLX convention of [`HubResolver::drafter_for`] on file stems: `gemma-4-E4B-it-Q4_K_M.gguf`
-/// → `gemma-4-E4B-it-assistant-Q8_0.gguf`) whose architecture is llama.cpp's `gemma4-assistant`; the
-/// first by name when several are. Whether it drafts for this model (the hidden size it reads) is checked
-/// when it loads; one that does not leaves the model decoding plainly.
-fn assistant_beside(model: &std::path::Path) -> Option<PathBuf> {
+/// The Gemma 4 assistant (MTP) drafter beside a GGUF model, whose architecture is llama.cpp's
+/// `gemma4-assistant`:
+/// - llama.cpp's sidecar (`mtp-…gguf`, what `llama-server -hf` and `jemma pull` fetch with a model) in the
+///   model's directory, or, for a model inside a Hub snapshot (`snapshot`: that snapshot's root), in a
+///   directory above it up to the snapshot's root, picked as llama.cpp picks it
+///   ([`jemma_models::hub::best_sibling`]: the deepest, then the quantization closest to the model's);
+/// - else a `.gguf` in its directory named as its drafter (the MLX convention of
+///   [`HubResolver::drafter_for`] on file stems: `gemma-4-E4B-it-Q4_K_M.gguf` →
+///   `gemma-4-E4B-it-assistant-Q8_0.gguf`), the first by name when several are.
+///
+/// Whether it drafts for this model (the hidden size it reads) is checked when it loads; one that does
+/// not leaves the model decoding plainly.
+fn assistant_beside(
+    model: &std::path::Path,
+    snapshot: Option<&std::path::Path>,
+) -> Option<PathBuf> {
     #[cfg(feature = "llama")]
     {
         let stem = |p: &std::path::Path| {
@@ -608,8 +648,42 @@ fn assistant_beside(model: &std::path::Path) -> Option<PathBuf> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default()
         };
+        let dir = model.parent()?;
+        // The directories a sidecar may sit in, relative to the top one: the model's own, and those above
+        // it inside its snapshot.
+        let top = snapshot.filter(|s| dir.starts_with(s)).unwrap_or(dir);
+        let mut files = vec![];
+        let mut d = Some(dir);
+        while let Some(here) = d.filter(|h| h.starts_with(top)) {
+            for e in std::fs::read_dir(here).into_iter().flatten().flatten() {
+                let p = e.path();
+                if let Ok(rel) = p.strip_prefix(top)
+                    && p.is_file()
+                {
+                    files.push(rel.to_string_lossy().into_owned());
+                }
+            }
+            d = here.parent();
+        }
+        let own = model.strip_prefix(top).ok()?.to_string_lossy().into_owned();
+        let is_assistant =
+            |p: &std::path::Path| jemma_engine_llama::is_assistant(p).unwrap_or(false);
+        // Sidecars best first: a sidecar that is no assistant (an Eagle head) is passed over.
+        let mut sidecars: Vec<String> = files
+            .iter()
+            .filter(|f| f.contains(jemma_models::hub::MTP_SIDECAR) && f.ends_with(".gguf"))
+            .cloned()
+            .collect();
+        while let Some(best) =
+            jemma_models::hub::best_sibling(&sidecars, &own, jemma_models::hub::MTP_SIDECAR, "")
+        {
+            if is_assistant(&top.join(&best)) {
+                return Some(top.join(best));
+            }
+            sidecars.retain(|f| *f != best);
+        }
         let own = stem(model);
-        let mut beside: Vec<PathBuf> = std::fs::read_dir(model.parent()?)
+        let mut beside: Vec<PathBuf> = std::fs::read_dir(dir)
             .ok()?
             .flatten()
             .map(|e| e.path())
@@ -620,13 +694,11 @@ fn assistant_beside(model: &std::path::Path) -> Option<PathBuf> {
             })
             .collect();
         beside.sort();
-        beside
-            .into_iter()
-            .find(|p| jemma_engine_llama::is_assistant(p).unwrap_or(false))
+        beside.into_iter().find(|p| is_assistant(p))
     }
     #[cfg(not(feature = "llama"))]
     {
-        let _ = model;
+        let _ = (model, snapshot);
         None
     }
 }
@@ -635,7 +707,7 @@ fn assistant_beside(model: &std::path::Path) -> Option<PathBuf> {
 /// directory holds that one model and exactly one `mmproj*.gguf` (as llama.cpp's converter names them).
 /// None otherwise — no mmproj, several, or a directory of several models, where which mmproj goes with
 /// which model cannot be told (then the tier's `mmproj` says). An assistant drafter beside it
-/// (`…-assistant…`) does not count as another model.
+/// (`mtp-…`, `…-assistant…`) does not count as another model.
 fn mmproj_beside(model: &std::path::Path) -> Option<PathBuf> {
     let dir = model.parent()?;
     let (mut mmproj, mut models) = (vec![], 0);
@@ -653,8 +725,9 @@ fn mmproj_beside(model: &std::path::Path) -> Option<PathBuf> {
         }
         if name.starts_with("mmproj") {
             mmproj.push(p);
-        } else if !name.contains("-assistant") {
-            // An assistant drafter beside the model is not another model the mmproj could be for.
+        } else if jemma_models::hub::gguf_is_model(&name) && !name.contains("-assistant") {
+            // An assistant drafter beside the model (`mtp-…`, `…-assistant…`) is not another model the
+            // mmproj could be for.
             models += 1;
         }
     }
