@@ -163,7 +163,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 if !args.no_drafters
                     && let Some((repo, rev, file)) = gguf_of(&catalog, m)
                 {
-                    let label = format!("{m} (its drafter)");
+                    // JSON progress lines name the model (their `file` says which), a bar the drafter.
+                    let label = if args.json {
+                        m.clone()
+                    } else {
+                        format!("{m} (its drafter)")
+                    };
                     let side = rt.block_on(async {
                         match hub.mtp_sidecar(&repo, &rev, &file).await? {
                             Some(f) => {
@@ -181,12 +186,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                             "{}",
                             serde_json::json!({"model": m, "drafter": p, "done": true})
                         ),
-                        Ok(Some(p)) => println!("{label}: {}", p.display()),
+                        Ok(Some(p)) => println!("{m} (its drafter): {}", p.display()),
                         Err(e) if args.json => println!(
                             "{}",
                             serde_json::json!({"model": m, "warning": format!("drafter: {e:#}")})
                         ),
-                        Err(e) => eprintln!("{label}: {e:#}; the model serves without it"),
+                        Err(e) => {
+                            eprintln!("{m} (its drafter): {e:#}; the model serves without it")
+                        }
                     }
                 }
             }

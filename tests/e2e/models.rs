@@ -353,8 +353,9 @@ fn jemma_pull_fetches_a_gguf_models_mmproj_and_its_tier_takes_media() {
 /// A GGUF repo's assistant drafter comes with its model by llama.cpp's sidecar convention (`mtp-…gguf`,
 /// what `llama-server -hf` fetches): `jemma pull` fetches the sidecar llama.cpp would pick (beside the
 /// model, the quantization closest to the model's: not the Q8_0 one, nor one in another directory), and a
-/// tier serving the model speculates with it without being told, offline; `jemma serve` downloading the
-/// model fetches it too; `--no-drafters` leaves it.
+/// tier serving the model speculates with it without being told, offline; a model in a subdirectory whose
+/// own sidecar is no assistant finds the one at its snapshot's root; `jemma serve` downloading the model
+/// fetches it too; `--no-drafters` leaves it.
 #[test]
 fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
     let (_rt, url, hub) = fake_hub_on_runtime();
@@ -368,6 +369,9 @@ fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
         ("mtp-gemma-4-tiny-it-F32.gguf", "mtp-tied-f32.gguf"),
         ("mtp-gemma-4-tiny-it-Q8_0.gguf", "mtp-echo-f32.gguf"),
         ("Q8_0/mtp-gemma-4-tiny-it-F32.gguf", "mtp-echo-f32.gguf"),
+        // A model in a subdirectory, whose nearest sidecar (its own tag) is no assistant.
+        ("Q8_0/gemma-4-tiny-it-Q8_0.gguf", "tiny-q8_0.gguf"),
+        ("Q8_0/mtp-gemma-4-tiny-it-Q8_0.gguf", "tiny-f32.gguf"),
     ] {
         repo.files
             .insert(name.into(), std::fs::read(gguf.join(f)).unwrap());
@@ -378,10 +382,10 @@ fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
         .insert("jemma-test/gemma-4-tiny-it-GGUF".into(), repo);
     let catalog = "[models.test-gguf]\ntier = \"fast\"\nformat = \"gguf\"\n\
                    repo = \"jemma-test/gemma-4-tiny-it-GGUF\"\nfile = \"gemma-4-tiny-it-F32.gguf\"\n";
-    let pull = |home: &Path, extra: &[&str]| {
+    let pull = |home: &Path, model: &str, extra: &[&str]| {
         let out = crate::support::output_within(
             Command::new(env!("CARGO_BIN_EXE_jemma"))
-                .args(["pull", "test-gguf", "--json"])
+                .args(["pull", model, "--json"])
                 .args(extra)
                 .envs(hub_env(&url, home))
                 .env("JEMMA_LOG", "warn"),
@@ -399,11 +403,11 @@ fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
     // --no-drafters: the model alone.
     let bare = tempfile::tempdir().unwrap();
     std::fs::write(bare.path().join("models.toml"), catalog).unwrap();
-    let done = pull(bare.path(), &["--no-drafters"]);
+    let done = pull(bare.path(), "test-gguf", &["--no-drafters"]);
     assert_eq!(done.len(), 1, "{done:?}");
     let home = tempfile::tempdir().unwrap();
     std::fs::write(home.path().join("models.toml"), catalog).unwrap();
-    let done = pull(home.path(), &[]);
+    let done = pull(home.path(), "test-gguf", &[]);
     assert_eq!(done.len(), 2, "the model and its drafter: {done:?}");
     let side = done[1]["drafter"].as_str().unwrap().to_string();
     assert!(
@@ -424,6 +428,28 @@ fn jemma_pull_fetches_a_gguf_repos_mtp_sidecar_and_its_tier_speculates() {
         tier(&h, "fast")["details"]["speculative"]["drafter"],
         "mtp_assistant"
     );
+    drop(s);
+    // The model in the subdirectory: its own sidecar comes down (llama.cpp's pick: the nearest, with its
+    // tag), but it is no assistant, so its tier passes it over for the one at the snapshot's root.
+    let sub = format!(
+        "{catalog}[models.test-gguf-sub]\ntier = \"fast\"\nformat = \"gguf\"\n\
+         repo = \"jemma-test/gemma-4-tiny-it-GGUF\"\nfile = \"Q8_0/gemma-4-tiny-it-Q8_0.gguf\"\n"
+    );
+    std::fs::write(home.path().join("models.toml"), &sub).unwrap();
+    let done = pull(home.path(), "test-gguf-sub", &[]);
+    assert_eq!(
+        done.len(),
+        2,
+        "the model in Q8_0/ and its sidecar: {done:?}"
+    );
+    assert!(
+        model_dir
+            .join("Q8_0/mtp-gemma-4-tiny-it-Q8_0.gguf")
+            .exists()
+    );
+    let sub_cfg = cfg.replace("\"test-gguf\"", "\"test-gguf-sub\"");
+    let s = Server::start_with(&[], Some(&sub_cfg), &offline, None);
+    assert_eq!(drafter(&health(&s), "fast").as_deref(), Some(side.as_str()));
     drop(s);
     // Without the sidecar on disk, the same tier decodes plainly.
     let offline = hub_env("http://127.0.0.1:9", bare.path());

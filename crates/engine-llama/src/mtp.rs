@@ -259,8 +259,9 @@ pub(crate) struct DraftRow<'a> {
 /// decodes kept, drafted together ([`Mtp::propose_many`]). Per sequence, in order: no drafts when it has
 /// no hidden state yet (it decodes plainly this step and keeps one), or None when its drafting failed
 /// (logged; the target was not touched; a failed batch is drafted again one sequence at a time, so that
-/// one sequence's failure does not stop the others' speculation). The drafting time is shared evenly among the rows, so that a
-/// round's draft and verification times add up to the batch's wall clock ([`crate::speculative::verify`]).
+/// one sequence's failure does not stop the others' speculation). The drafting time is shared among
+/// the rows in proportion to the drafts each asked for, so that a round's draft and verification times add
+/// up to the batch's wall clock ([`crate::speculative::verify`]).
 pub(crate) fn draft_many(
     mtp: &mut Mtp,
     batch: &mut [&mut LlamaSequence],
@@ -301,13 +302,15 @@ pub(crate) fn draft_many(
             .collect(),
     };
     drop(rows);
-    let share = started.elapsed() / which.len() as u32;
+    // Shared in proportion to the drafts each asked for, as the draft model's and the MLX engine's.
+    let asked: usize = which.iter().map(|&w| wants[w].1).sum();
+    let spent = started.elapsed();
     for (w, r) in which.into_iter().zip(results) {
         match r {
             Ok(d) => {
                 // The assistant holds no cache of its own: nothing of the context is read again.
                 batch[wants[w].0].draft_reused.get_or_insert(0);
-                out[w] = Some((d, share));
+                out[w] = Some((d, spent.mul_f64(wants[w].1 as f64 / asked.max(1) as f64)));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "the assistant drafter failed; decoding this request plainly");

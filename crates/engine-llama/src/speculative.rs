@@ -281,9 +281,11 @@ pub(crate) struct Drafted {
 /// catches its draft sequence up alone ([`Drafts::catch_up`]: its first draft), then the drafts after it
 /// are drafted together, one decode of the draft model per step for every sequence still drafting
 /// (`s.draft_reused` is set at a sequence's first round). Per sequence, in order: its drafts and its
-/// share of the drafting time (the time less the catching up, shared evenly, so that a round's draft and
-/// verification times add up to the batch's wall clock), or None when its drafting failed (logged; its
-/// draft sequence starts over, the target was not touched): it decodes plainly.
+/// share of the drafting time (the time less the long catch-ups, shared in proportion to the drafts each
+/// asked for, as on the MLX engine, so that a round's draft and verification times add up to the batch's
+/// wall clock), or None when its catching up failed (logged; its draft sequence starts over, the target
+/// was not touched): it decodes plainly. A failed shared step ends the drafting of the sequences in it with
+/// the drafts they have (their draft sequences start over next round).
 pub(crate) fn draft_many(
     drafts: &mut Drafts,
     batch: &mut [&mut LlamaSequence],
@@ -291,6 +293,8 @@ pub(crate) fn draft_many(
 ) -> Vec<Option<(Vec<u32>, Duration)>> {
     let started = Instant::now();
     let mut out: Vec<Option<Vec<u32>>> = vec![None; wants.len()];
+    // Sequences whose drafting a failed step ended.
+    let mut stopped = vec![false; wants.len()];
     let mut caught_up = Duration::ZERO;
     for (w, &(i, k)) in wants.iter().enumerate() {
         let s = &mut *batch[i];
@@ -321,7 +325,8 @@ pub(crate) fn draft_many(
         let rows: Vec<(usize, usize, u32)> = (out.iter().enumerate())
             .filter_map(|(w, d)| {
                 let d = d.as_ref()?;
-                (d.len() < wants[w].1).then(|| (w, batch[wants[w].0].slot, d[d.len() - 1]))
+                (d.len() < wants[w].1 && !stopped[w])
+                    .then(|| (w, batch[wants[w].0].slot, d[d.len() - 1]))
             })
             .collect();
         if rows.is_empty() {
@@ -337,17 +342,24 @@ pub(crate) fn draft_many(
                 }
             }
             Err(e) => {
-                tracing::warn!(error = %e, "the draft model failed; decoding these requests plainly");
+                // The drafts so far stand as drafted; what the failed decode left in the draft KV is
+                // dropped, and the next round reads the context again.
+                tracing::warn!(error = %e, "a draft model step failed; verifying the drafts so far");
                 for &(w, slot, _) in &rows {
                     drafts.forget(slot);
-                    out[w] = None;
+                    stopped[w] = true;
                 }
             }
         }
     }
     let drafting = started.elapsed().saturating_sub(caught_up);
-    let share = drafting / out.iter().flatten().count().max(1) as u32;
-    out.into_iter().map(|d| d.map(|d| (d, share))).collect()
+    let asked: usize = (wants.iter().zip(&out))
+        .filter(|(_, d)| d.is_some())
+        .map(|((_, k), _)| k)
+        .sum();
+    (wants.iter().zip(out))
+        .map(|((_, k), d)| d.map(|d| (d, drafting.mul_f64(*k as f64 / asked.max(1) as f64))))
+        .collect()
 }
 
 /// The second half of speculative rounds: verifies the drafts of several sequences (`rows`, by increasing

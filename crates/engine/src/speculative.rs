@@ -151,6 +151,13 @@ impl DraftState {
     /// Brings the cache to hold the longest prefix of `context` it holds, at most `limit` tokens (trimmed,
     /// or rolled back to the last round's start; emptied when neither can), and returns its length.
     fn keep_common(&mut self, context: &[u32], limit: usize) -> usize {
+        if self.cache.is_none() {
+            // Nothing is held without a cache (a failed round dropped it): its tokens must go too, or a
+            // fresh cache would be taken for one holding them.
+            self.fed.clear();
+            self.snapshot = None;
+            return 0;
+        }
         let common = self
             .fed
             .iter()
@@ -273,6 +280,40 @@ fn model_propose(
     states: &mut [&mut DraftState],
     requests: &[DraftRequest<'_>],
 ) -> Result<Vec<Proposal>> {
+    check_rows(states.len(), requests)?;
+    let mut taken = vec![];
+    let proposed = model_propose_rows(model, states, requests, &mut taken);
+    if proposed.is_err() {
+        // The caches the failed pass took are gone (their last arrays may not evaluate): what their states
+        // say they hold goes with them, so that the next round reads its context afresh.
+        for i in taken {
+            let st = &mut *states[i];
+            st.cache = None;
+            st.fed.clear();
+            st.snapshot = None;
+        }
+    }
+    proposed
+}
+
+/// Fails unless every request's row is one of `rows` states'.
+fn check_rows(rows: usize, requests: &[DraftRequest<'_>]) -> Result<()> {
+    match requests.iter().find(|r| r.row >= rows) {
+        Some(r) => Err(EngineError::Speculative(format!(
+            "a draft request for row {} of a batch of {rows}",
+            r.row
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// [`model_propose`]'s work; `taken` gains the row of each state whose cache it takes.
+fn model_propose_rows(
+    model: &Gemma4,
+    states: &mut [&mut DraftState],
+    requests: &[DraftRequest<'_>],
+    taken: &mut Vec<usize>,
+) -> Result<Vec<Proposal>> {
     /// A request that drafts, its cache caught up.
     struct Live<'a> {
         at: usize,
@@ -296,15 +337,11 @@ fn model_propose(
         if r.k == 0 || context.is_empty() || context.iter().any(|&t| t as usize >= vocab) {
             continue;
         }
-        let st = states.get_mut(r.row).ok_or_else(|| {
-            EngineError::Speculative(format!(
-                "a draft request for row {} of a smaller batch",
-                r.row
-            ))
-        })?;
+        let st = &mut *states[r.row];
         // The last context token is read with its logits, never taken from the cache.
         let held = st.keep_common(context, context.len() - 1);
         st.reused.get_or_insert(held);
+        taken.push(r.row);
         let mut cache = st.cache.take().unwrap_or_else(|| model.new_cache());
         // Read what the draft has not (the whole prompt at a sequence's first round) in prefill chunks
         // under the same attention budget as the target's prompt, evaluating only the cache.
@@ -470,14 +507,8 @@ fn mtp_propose(
     let vocab = model.config().text.vocab_size;
     let mut proposals = vec![Proposal::default(); requests.len()];
     let mut live = Vec::with_capacity(requests.len());
+    check_rows(states.len(), requests)?;
     for (at, r) in requests.iter().enumerate() {
-        if r.row >= states.len() {
-            return Err(EngineError::Speculative(format!(
-                "a draft request for row {} of a batch of {}",
-                r.row,
-                states.len()
-            )));
-        }
         let (Some(hidden), Some(&last)) = (r.target.hidden, r.context.last()) else {
             continue;
         };
@@ -535,27 +566,52 @@ fn mtp_propose(
                 a.try_index(r..r + 1)?
             })
         };
-        let any_greedy = active.iter().any(|&j| live[j].sampling.temperature == 0.0);
-        let greedy = if any_greedy {
-            Some(model.argmax(&hn)?)
-        } else {
-            None
+        // Each head runs once per step: the greedy rows' argmax over them alone, the sampled rows' logits
+        // over them alone (the dense head reads the whole embedding once, whatever the number of rows).
+        let (greedy_rows, sampled_rows): (Vec<usize>, Vec<usize>) =
+            (0..active.len()).partition(|&r| live[active[r]].sampling.temperature == 0.0);
+        let over = |rows: &[usize]| -> Result<Option<Array>> {
+            Ok(match rows {
+                [] => None,
+                all if all.len() == active.len() => Some(hn.clone()),
+                some => {
+                    let idx: Vec<i32> = some.iter().map(|&r| r as i32).collect();
+                    let idx = Array::from_slice(&idx, &[idx.len() as i32]);
+                    Some(hn.take_axis(&idx, 0)?)
+                }
+            })
+        };
+        let greedy = over(&greedy_rows)?.map(|h| model.argmax(&h)).transpose()?;
+        let sampled = over(&sampled_rows)?.map(|h| model.logits(&h)).transpose()?;
+        let nth = |a: &Array, n: usize, of: usize| -> Result<Array> {
+            Ok(if of == 1 {
+                a.clone()
+            } else {
+                a.try_index(n as i32..n as i32 + 1)?
+            })
         };
         for (r, &j) in active.iter().enumerate() {
-            let r = r as i32;
             let l = &mut live[j];
-            l.hidden = row(&next, r)?;
-            l.token = match &greedy {
-                Some(g) if l.sampling.temperature == 0.0 => row(g, r)?,
-                _ => {
+            l.hidden = row(&next, r as i32)?;
+            l.token = match (greedy_rows.binary_search(&r), &greedy, &sampled) {
+                (Ok(n), Some(g), _) => nth(g, n, greedy_rows.len())?,
+                (Err(_), _, Some(all)) => {
+                    let n = sampled_rows.binary_search(&r).map_err(|_| {
+                        EngineError::Speculative("a draft row neither greedy nor sampled".into())
+                    })?;
                     let sampler = states[requests[l.at].row].sampler(l.sampling, vocab)?;
-                    let logits = model.logits(&row(&hn, r)?)?.reshape(&[1, -1])?;
+                    let logits = nth(all, n, sampled_rows.len())?.reshape(&[1, -1])?;
                     let lp =
                         log_softmax(&sampler.process(&logits.as_dtype(Dtype::Float32)?, None)?)?;
                     let law = sampler.law(&lp)?;
                     let t = sampler.draw(&law)?;
                     l.laws.push(ops::exp(&law)?);
                     t.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?
+                }
+                _ => {
+                    return Err(EngineError::Speculative(
+                        "a draft row without its head's output".into(),
+                    ));
                 }
             };
             l.tokens.push(l.token.clone());
@@ -667,4 +723,22 @@ pub fn check_draft_vocabulary(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A state whose cache a failed pass dropped holds nothing: the next round reads its whole context
+    /// into a fresh cache rather than taking that cache for one holding the tokens the state lists.
+    #[test]
+    fn a_state_without_its_cache_holds_nothing() {
+        let mut st = DraftState {
+            fed: vec![2, 7, 9],
+            ..DraftState::default()
+        };
+        assert_eq!(st.keep_common(&[2, 7, 9, 4], 3), 0);
+        assert!(st.fed.is_empty() && st.snapshot.is_none());
+        assert!(st.into_cache(&[2, 7, 9]).is_none());
+    }
 }

@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::Drafting;
+
 use std::ops::ControlFlow;
 
 use jemma_engine::cache::Kv;
@@ -286,8 +288,12 @@ fn drafts_proposed_together_are_each_rows_alone() {
             ((3..60).rev().collect(), 4, opts(28)),
         ];
         let source = common::DraftSource::Mtp(&m);
-        let (got, together, widest) = common::run_rows(target, source, &rows, true);
-        let (alone_got, alone, _) = common::run_rows(target, source, &rows, false);
+        let (got, together, widest) = common::run_rows(target, source, &rows, Drafting::Together);
+        let (alone_got, alone, _) = common::run_rows(target, source, &rows, Drafting::Alone);
+        // A batched pass that fails after drafting: its rows are drafted again alone, from states the
+        // failed pass left, and propose what they propose alone (the sampled row's drafter drew in the
+        // failed pass, so only the greedy rows are compared).
+        let (_, retried, _) = common::run_rows(target, source, &rows, Drafting::FailingOnce);
         assert!(
             widest >= 3,
             "{name}: at most {widest} rows drafted together"
@@ -298,6 +304,10 @@ fn drafts_proposed_together_are_each_rows_alone() {
             let want: Vec<Vec<u32>> = alone[i].iter().map(|p| p.tokens.clone()).collect();
             let have: Vec<Vec<u32>> = together[i].iter().map(|p| p.tokens.clone()).collect();
             assert_eq!(have, want, "{what}: drafts");
+            if o.sampling.temperature == 0.0 {
+                let again: Vec<Vec<u32>> = retried[i].iter().map(|p| p.tokens.clone()).collect();
+                assert_eq!(again, want, "{what}: drafts after a failed batch");
+            }
             assert!(
                 have.iter().any(|d| !d.is_empty()),
                 "{what}: drafted nothing"

@@ -168,14 +168,13 @@ pub fn gguf_is_model(name: &str) -> bool {
     file.ends_with(".gguf") && !NOT_MODELS.iter().any(|k| file.contains(k))
 }
 
-/// The quantization's bits in a GGUF name's tag, as llama.cpp reads them (`extract_quant_bits`): the
-/// number in the last `-`/`.`-separated tag of the stem, split suffix (`-00001-of-00002`) removed —
-/// `Q4_K_M` → 4, `F16` → 16, `Q8_0` → 8; 0 without one.
-pub fn quant_bits(name: &str) -> u32 {
+/// The tag of a GGUF name, upper-cased, as llama.cpp reads it (`get_gguf_split_info`): the last
+/// `-`/`.`-separated run of letters, digits and `_` of the stem, a split's suffix (`-00001-of-00002`)
+/// removed — `gemma-4-E4B-it-Q4_K_M.gguf` → `Q4_K_M`; "" for a name that is no GGUF or has none.
+pub fn gguf_tag(name: &str) -> String {
     let Some(stem) = name.strip_suffix(".gguf") else {
-        return 0;
+        return String::new();
     };
-    // `-00001-of-00003`: a split's part, not its tag.
     let split = |tail: &[u8]| {
         tail.len() == 15
             && tail[0] == b'-'
@@ -188,19 +187,32 @@ pub fn quant_bits(name: &str) -> u32 {
         Some(i) if split(&stem.as_bytes()[i..]) => &stem[..i],
         _ => stem,
     };
-    let tag = stem
-        .rsplit(['-', '.'])
+    stem.rsplit(['-', '.'])
         .next()
         .filter(|t| {
-            t.len() < stem.len() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            !t.is_empty()
+                && t.len() < stem.len()
+                && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
         })
-        .unwrap_or("");
+        .unwrap_or("")
+        .to_ascii_uppercase()
+}
+
+/// The bits a tag names, as llama.cpp reads them: the number its first digit starts (`Q4_K_M` → 4,
+/// `F16` → 16, `UD-Q4_K_XL` → 4); 0 without a digit.
+fn tag_bits(tag: &str) -> u32 {
     let digits: String = tag
         .chars()
         .skip_while(|c| !c.is_ascii_digit())
         .take_while(char::is_ascii_digit)
         .collect();
     digits.parse().unwrap_or(0)
+}
+
+/// The quantization's bits in a GGUF name's tag, as llama.cpp reads them (`extract_quant_bits`):
+/// `…-Q4_K_M.gguf` → 4, `…-F16.gguf` → 16, `…-Q8_0.gguf` → 8; 0 without a tag or a digit in it.
+pub fn quant_bits(name: &str) -> u32 {
+    tag_bits(&gguf_tag(name))
 }
 
 /// The sibling GGUF of the GGUF `model` among a repo's `files` (paths) whose path contains `keyword`
@@ -213,7 +225,7 @@ pub fn best_sibling(files: &[String], model: &str, keyword: &str, tag: &str) -> 
     let wanted_bits = if tag.is_empty() {
         quant_bits(model)
     } else {
-        quant_bits(&format!("x-{tag}.gguf"))
+        tag_bits(&tag)
     };
     let model_dirs: Vec<&str> = model.split('/').collect();
     let model_dirs = &model_dirs[..model_dirs.len() - 1];
@@ -343,12 +355,27 @@ impl Hub {
     /// The root of the snapshot `path` lies in (`<cache>/models--owner--name/snapshots/<commit>`), if it
     /// lies in one of this cache.
     pub fn snapshot_of(&self, path: &Path) -> Option<PathBuf> {
-        let rel = path.strip_prefix(self.cache_dir()).ok()?;
-        let mut c = rel.components();
-        let repo = c.next()?.as_os_str().to_str()?;
-        (repo.starts_with("models--") && c.next()?.as_os_str() == "snapshots").then_some(())?;
-        let commit = c.next()?;
-        Some(self.cache_dir().join(repo).join("snapshots").join(commit))
+        if let Ok(rel) = path.strip_prefix(self.cache_dir()) {
+            let mut c = rel.components();
+            let repo = c.next()?.as_os_str().to_str()?;
+            (repo.starts_with("models--") && c.next()?.as_os_str() == "snapshots").then_some(())?;
+            let commit = c.next()?;
+            return Some(self.cache_dir().join(repo).join("snapshots").join(commit));
+        }
+        // The cache's layout under another spelling of its path (a symlinked or canonicalized one):
+        // `…/models--owner--name/snapshots/<commit>/…`.
+        path.ancestors()
+            .find(|a| {
+                let up = a.parent();
+                up.and_then(Path::file_name)
+                    .is_some_and(|n| n == "snapshots")
+                    && up
+                        .and_then(Path::parent)
+                        .and_then(Path::file_name)
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with("models--"))
+            })
+            .map(Path::to_path_buf)
     }
 
     /// The model repos (`owner/name`) this cache holds something of, sorted.
@@ -418,8 +445,8 @@ impl Hub {
     }
 
     /// The Gemma 4 assistant (MTP) drafter `repo@revision` ships for its GGUF `model` (a path in the
-    /// repo), by llama.cpp's sidecar convention ([`best_sibling`] with `mtp-`): what `llama-server -hf`
-    /// fetches with the model. None when the repo has none.
+    /// repo), by llama.cpp's sidecar convention ([`best_sibling`] with `mtp-` and the model's own tag):
+    /// what `llama-server -hf <repo>:<the model's tag>` fetches with it. None when the repo has none.
     ///
     /// Errors: as [`Hub::files`].
     pub async fn mtp_sidecar(
@@ -428,12 +455,8 @@ impl Hub {
         revision: &str,
         model: &str,
     ) -> Result<Option<String>> {
-        Ok(best_sibling(
-            &self.files(repo, revision).await?,
-            model,
-            MTP_SIDECAR,
-            "",
-        ))
+        let files = self.files(repo, revision).await?;
+        Ok(best_sibling(&files, model, MTP_SIDECAR, &gguf_tag(model)))
     }
 
     /// The repo's info with its files (`GET /api/models/{repo}/revision/{revision}?blobs=true`).
@@ -725,6 +748,15 @@ mod tests {
         assert_eq!(quant_bits("mtp-gemma-4-12B-it.Q8_0.gguf"), 8);
         assert_eq!(quant_bits("not-a-gguf.bin"), 0);
         assert_eq!(quant_bits("é-00001-of-00002.gguf"), 0);
+        assert_eq!(gguf_tag("gemma-4-E4B-it-q4_k_m.gguf"), "Q4_K_M");
+        assert_eq!(
+            gguf_tag("BF16/gemma-4-31B-it-BF16-00002-of-00003.gguf"),
+            "BF16"
+        );
+        assert_eq!(gguf_tag("mtp-gemma-4-12B-it.gguf"), "IT");
+        assert_eq!(gguf_tag("model.bin"), "");
+        assert_eq!(tag_bits("UD-Q4_K_XL"), 4);
+        assert_eq!(tag_bits("Q4-UD"), 4);
         let files = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         let repo = files(&[
             "README.md",
@@ -746,6 +778,18 @@ mod tests {
         assert_eq!(
             mtp("gemma-4-E4B-it-Q8_0.gguf", "").as_deref(),
             Some("mtp-gemma-4-E4B-it-Q8_0.gguf")
+        );
+        // The model's own tag, as `-hf repo:TAG` passes it: the exact quantization over one as close.
+        let both = files(&["m-Q4_K_M.gguf", "mtp-m-Q4_0.gguf", "mtp-m-Q4_K_M.gguf"]);
+        assert_eq!(
+            best_sibling(
+                &both,
+                "m-Q4_K_M.gguf",
+                MTP_SIDECAR,
+                &gguf_tag("m-Q4_K_M.gguf")
+            )
+            .as_deref(),
+            Some("mtp-m-Q4_K_M.gguf")
         );
         // The exact tag over the closest bits.
         assert_eq!(

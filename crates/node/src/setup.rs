@@ -629,8 +629,10 @@ fn factory(
 /// `gemma4-assistant`:
 /// - llama.cpp's sidecar (`mtp-…gguf`, what `llama-server -hf` and `jemma pull` fetch with a model) in the
 ///   model's directory, or, for a model inside a Hub snapshot (`snapshot`: that snapshot's root), in a
-///   directory above it up to the snapshot's root, picked as llama.cpp picks it
-///   ([`jemma_models::hub::best_sibling`]: the deepest, then the quantization closest to the model's);
+///   directory above it up to the snapshot's root (outside a snapshot, only in a directory that holds no
+///   other model: whose sidecar it is cannot be told otherwise), picked as llama.cpp picks it
+///   ([`jemma_models::hub::best_sibling`] with the model's tag: the deepest, then the model's own
+///   quantization, then the closest);
 /// - else a `.gguf` in its directory named as its drafter (the MLX convention of
 ///   [`HubResolver::drafter_for`] on file stems: `gemma-4-E4B-it-Q4_K_M.gguf` →
 ///   `gemma-4-E4B-it-assistant-Q8_0.gguf`), the first by name when several are.
@@ -665,17 +667,29 @@ fn assistant_beside(
             }
             d = here.parent();
         }
+        // In one order whatever the filesystem's: of equal candidates, the first by name wins.
+        files.sort();
         let own = model.strip_prefix(top).ok()?.to_string_lossy().into_owned();
+        let tag = jemma_models::hub::gguf_tag(&own);
         let is_assistant =
             |p: &std::path::Path| jemma_engine_llama::is_assistant(p).unwrap_or(false);
+        // A repo's sidecar belongs to the repo's model. Outside a Hub snapshot, a directory of several
+        // models cannot say whose a sidecar is (as `mmproj_beside`): only the naming below can.
+        let models = (files.iter())
+            .filter(|f| !f.contains('/') && jemma_models::hub::gguf_is_model(f))
+            .filter(|f| !f.to_ascii_lowercase().contains("-assistant"))
+            .count();
+        let repo_like = snapshot.is_some_and(|s| dir.starts_with(s)) || models <= 1;
         // Sidecars best first: a sidecar that is no assistant (an Eagle head) is passed over.
         let mut sidecars: Vec<String> = files
             .iter()
-            .filter(|f| f.contains(jemma_models::hub::MTP_SIDECAR) && f.ends_with(".gguf"))
+            .filter(|f| {
+                repo_like && f.contains(jemma_models::hub::MTP_SIDECAR) && f.ends_with(".gguf")
+            })
             .cloned()
             .collect();
         while let Some(best) =
-            jemma_models::hub::best_sibling(&sidecars, &own, jemma_models::hub::MTP_SIDECAR, "")
+            jemma_models::hub::best_sibling(&sidecars, &own, jemma_models::hub::MTP_SIDECAR, &tag)
         {
             if is_assistant(&top.join(&best)) {
                 return Some(top.join(best));

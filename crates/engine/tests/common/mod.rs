@@ -174,6 +174,9 @@ struct RecordingMany<'a> {
     inner: Box<dyn BatchDrafter + 'a>,
     proposals: Vec<Vec<Proposal>>,
     widest: usize,
+    /// Fail the next call for several rows, after the drafter ran (its states changed as by a pass that
+    /// failed late).
+    fail: bool,
 }
 
 impl BatchDrafter for RecordingMany<'_> {
@@ -182,6 +185,12 @@ impl BatchDrafter for RecordingMany<'_> {
         requests: &[DraftRequest<'_>],
     ) -> jemma_engine::Result<Vec<Proposal>> {
         let ps = self.inner.propose_many(requests)?;
+        if self.fail && requests.len() > 1 {
+            self.fail = false;
+            return Err(jemma_engine::EngineError::Speculative(
+                "a failure for the test".into(),
+            ));
+        }
         self.widest = self.widest.max(requests.len());
         for (r, p) in requests.iter().zip(&ps) {
             self.proposals[r.row].push(p.clone());
@@ -190,15 +199,29 @@ impl BatchDrafter for RecordingMany<'_> {
     }
 }
 
+/// How [`run_rows`] drafts.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Drafting {
+    /// Each row alone.
+    Alone,
+    /// Every row together (one batched drafter pass per draft step).
+    Together,
+    /// Together, but the first pass for several rows fails once the drafter has run, so that
+    /// `Generation::draft_rounds` drafts that round's rows again, each alone.
+    FailingOnce,
+}
+
 /// Runs `rows` (prompt, k, options) on `target` together to the end, rounds verified together, drafts
-/// proposed by `source` either together (one batched drafter pass per draft step) or each alone; returns
-/// each row's tokens, each row's proposals round by round, and the most rows drafted together.
+/// proposed by `source` as `drafting` says; returns each row's tokens, each row's proposals round by round
+/// (those of a failed pass left out), and the most rows drafted together.
 pub fn run_rows(
     target: &Gemma4,
     source: DraftSource<'_>,
     rows: &[(Vec<u32>, usize, GenerateOptions)],
-    together: bool,
+    drafting: Drafting,
 ) -> (Vec<Vec<u32>>, Vec<Vec<Proposal>>, usize) {
+    let together = drafting != Drafting::Alone;
+    let mut fail = drafting == Drafting::FailingOnce;
     let mut gens: Vec<Generation> = rows
         .iter()
         .map(|(p, _, o)| {
@@ -229,6 +252,7 @@ pub fn run_rows(
                 },
                 proposals: vec![vec![]; live.len()],
                 widest: 0,
+                fail,
             };
             let batch: Vec<(&mut Generation, usize)> = gens
                 .iter_mut()
@@ -237,6 +261,7 @@ pub fn run_rows(
                 .map(|(i, g)| (g, rows[i].1))
                 .collect();
             let starts = Generation::draft_rounds(target, batch, &mut rec);
+            fail = rec.fail;
             widest = widest.max(rec.widest);
             for (j, ps) in rec.proposals.into_iter().enumerate() {
                 proposals[live[j]].extend(ps);

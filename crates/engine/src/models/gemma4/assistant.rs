@@ -426,7 +426,8 @@ impl Gemma4Assistant {
     ///
     /// Sliding layers see the last `window - 1` positions up to `position` (see `sliding_mask`).
     ///
-    /// Errors: a layer type whose K/V is missing ([`EngineError::InvalidModel`]); MLX failures.
+    /// Errors: inputs that are not one row each ([`EngineError::InvalidRequest`]); a layer type whose K/V
+    /// is missing ([`EngineError::InvalidModel`]); MLX failures.
     pub fn step_at(
         &self,
         embedding: &Array,
@@ -446,11 +447,12 @@ impl Gemma4Assistant {
         )
     }
 
-    /// [`Self::step_at`] for B sequences at once: `embedding` (B, 1, B_e) and `hidden` (B, 1, B_h) hold
-    /// row `i`'s inputs, `rows[i]` its target's K/V and positions. The projections and MLPs read the
+    /// [`Self::step_at`] for B sequences at once: `embedding` (B, 1, H_e) and `hidden` (B, 1, H_t) hold
+    /// row `i`'s inputs (H_e the target's embedding width, H_t its hidden width), `rows[i]` its target's
+    /// K/V and positions. The projections and MLPs read the
     /// weights once for the whole batch; attention runs row by row over each row's own target K/V (as the
     /// target's batched forward does), so a row's result is its lone step's up to the rounding of a
-    /// matrix product over more rows. Returns the next hidden states (B, 1, B_h) and the normed outputs
+    /// matrix product over more rows. Returns the next hidden states (B, 1, H_t) and the normed outputs
     /// (B, 1, h).
     ///
     /// Errors: `rows` not one per batch row ([`EngineError::InvalidRequest`]); a layer type whose K/V is
@@ -461,8 +463,8 @@ impl Gemma4Assistant {
         hidden: &Array,
         rows: &[DraftRow<'_>],
     ) -> Result<(Array, Array)> {
-        let b = embedding.shape()[0];
-        if rows.is_empty() || b as usize != rows.len() || hidden.shape()[0] != b {
+        let b = batch_of(embedding)?;
+        if rows.is_empty() || b as usize != rows.len() || batch_of(hidden)? != b {
             return Err(EngineError::InvalidRequest(format!(
                 "a batched draft step takes one row per sequence: embedding {:?}, hidden {:?} for {} rows",
                 embedding.shape(),
@@ -530,7 +532,7 @@ impl Gemma4Assistant {
                 None => self.embed_tokens.as_linear(hn),
             };
         };
-        let b = hn.shape()[0];
+        let b = batch_of(hn)?;
         let (ids, scores) = self.selected(m, hn)?;
         let floor = ops::subtract(
             scores.min_axis(-1, true)?,
@@ -546,7 +548,7 @@ impl Gemma4Assistant {
     ///
     /// Errors: MLX failures.
     pub fn argmax(&self, hn: &Array) -> Result<Array> {
-        let b = hn.shape()[0];
+        let b = batch_of(hn)?;
         let Some(m) = &self.masked else {
             return Ok(ops::indexing::argmax_axis(&self.logits(hn)?, -1, None)?
                 .as_dtype(Dtype::Int32)?
@@ -563,7 +565,7 @@ impl Gemma4Assistant {
     /// The sparse head's candidate ids (B, top_k · V/C) int32 of each row of `hn` (B, 1, h) and their
     /// exact logits (B, 1, top_k · V/C).
     fn selected(&self, m: &MaskedHead, hn: &Array) -> Result<(Array, Array)> {
-        let b = hn.shape()[0];
+        let b = batch_of(hn)?;
         let c = m.centroids.forward(hn)?.reshape(&[b, -1])?;
         let k = m.top_k;
         let top = ops::argpartition_axis(&c, m.n_centroids - k, -1)?
@@ -573,6 +575,16 @@ impl Gemma4Assistant {
         let scores = ops::matmul(hn, rows.transpose_axes(&[0, 2, 1])?)?;
         Ok((ids, scores))
     }
+}
+
+/// The batch size of a batch-first array (its first axis).
+///
+/// Errors: a 0-d array ([`EngineError::InvalidRequest`]).
+fn batch_of(a: &Array) -> Result<i32> {
+    a.shape()
+        .first()
+        .copied()
+        .ok_or_else(|| EngineError::InvalidRequest("a drafter input without a batch axis".into()))
 }
 
 /// One sequence of a batched draft step ([`Gemma4Assistant::step_rows`]).
