@@ -7,8 +7,6 @@
 
 mod common;
 
-use common::Drafting;
-
 use std::ops::ControlFlow;
 
 use jemma_engine::cache::Kv;
@@ -83,28 +81,6 @@ fn plain(
     want
 }
 
-/// Records what the drafter it wraps proposed, after which pending token (the context's last).
-struct Recording<'a> {
-    inner: &'a mut dyn Drafter,
-    proposals: Vec<Vec<u32>>,
-    pending: Vec<u32>,
-}
-
-impl Drafter for Recording<'_> {
-    fn propose(
-        &mut self,
-        context: &[u32],
-        k: usize,
-        sampling: &SamplingParams,
-        target: &TargetState<'_>,
-    ) -> jemma_engine::Result<Proposal> {
-        let p = self.inner.propose(context, k, sampling, target)?;
-        self.proposals.push(p.tokens.clone());
-        self.pending.extend(context.last());
-        Ok(p)
-    }
-}
-
 fn opts(max_tokens: usize) -> GenerateOptions {
     GenerateOptions {
         max_tokens,
@@ -134,11 +110,7 @@ fn speculate_recording(
     drafter: &mut dyn Drafter,
     k: usize,
 ) -> (Vec<u32>, Vec<Vec<u32>>, Vec<u32>, usize) {
-    let mut rec = Recording {
-        inner: drafter,
-        proposals: vec![],
-        pending: vec![],
-    };
+    let mut rec = common::Recording::new(drafter);
     let mut g = Generation::new(target, prompt, o.clone()).unwrap();
     g.keep_hidden(true);
     while !g.prefill(target).unwrap() {}
@@ -149,7 +121,8 @@ fn speculate_recording(
         accepted += r.accepted;
         tokens.extend(r.steps.iter().map(|s| s.token));
     }
-    (tokens, rec.proposals, rec.pending, accepted)
+    let proposals = rec.proposals.iter().map(|p| p.tokens.clone()).collect();
+    (tokens, proposals, rec.pending, accepted)
 }
 
 /// Bound to the tiny target after it read a prompt, the drafter's first round proposes mlx-vlm's
@@ -254,80 +227,21 @@ fn greedy_mtp_speculation_is_plain_decoding() {
 }
 
 /// Drafting for several sequences at once (one pass of the assistant per draft step over every sequence
-/// still drafting) proposes for each what it proposes drafting alone: rows of different prompt lengths
-/// (both sides of the 16-token sliding window), different `k` (rows drop out of the batch part-way
-/// through a round) and a sampled row (seeded: its draws, and the laws they come from, are its lone
-/// ones) beside greedy ones, on both heads (sparse and tied) and on the MoE target; the greedy rows
-/// answer as plain decoding.
+/// still drafting) proposes for each what it proposes drafting alone
+/// ([`common::drafting_together_is_drafting_alone`]), on both heads (sparse and tied) and on the MoE
+/// target with its own assistant.
 #[test]
 fn drafts_proposed_together_are_each_rows_alone() {
-    let tiny = load_target();
-    for (target_name, name) in [("tiny", "mtp"), ("tiny", "mtp-tied"), ("moe", "mtp-moe")] {
-        let loaded;
-        let target = if target_name == "tiny" {
-            &tiny
-        } else {
-            loaded = jemma_engine::models::gemma4::load(&common::fixture(target_name), None)
-                .unwrap()
-                .0;
-            &loaded
-        };
+    for (target, name) in [("tiny", "mtp"), ("tiny", "mtp-tied"), ("moe", "mtp-moe")] {
+        let t = jemma_engine::models::gemma4::load(&common::fixture(target), None)
+            .unwrap()
+            .0;
         let m = Gemma4Assistant::load(&jemma_fixtures::fixture(name, "config.json"), None).unwrap();
-        let sampled = GenerateOptions {
-            sampling: SamplingParams {
-                temperature: 0.8,
-                seed: Some(9),
-                ..Default::default()
-            },
-            ..opts(24)
-        };
-        let rows = vec![
-            (vec![2, 10, 200, 33, 47], 4, opts(24)),
-            ((2..40).collect::<Vec<u32>>(), 2, opts(20)),
-            ((5..17).collect(), 3, sampled),
-            ((3..60).rev().collect(), 4, opts(28)),
-        ];
-        let source = common::DraftSource::Mtp(&m);
-        let (got, together, widest) = common::run_rows(target, source, &rows, Drafting::Together);
-        let (alone_got, alone, _) = common::run_rows(target, source, &rows, Drafting::Alone);
-        // A batched pass that fails after drafting: its rows are drafted again alone, from states the
-        // failed pass left, and propose what they propose alone (the sampled row's drafter drew in the
-        // failed pass, so only the greedy rows are compared).
-        let (_, retried, _) = common::run_rows(target, source, &rows, Drafting::FailingOnce);
-        assert!(
-            widest >= 3,
-            "{name}: at most {widest} rows drafted together"
+        common::drafting_together_is_drafting_alone(
+            &t,
+            common::DraftSource::Mtp(&m),
+            &format!("{target} with {name}"),
         );
-        for (i, (p, _, o)) in rows.iter().enumerate() {
-            let what = format!("{target_name} with {name}, row {i}");
-            assert_eq!(got[i], alone_got[i], "{what}");
-            let want: Vec<Vec<u32>> = alone[i].iter().map(|p| p.tokens.clone()).collect();
-            let have: Vec<Vec<u32>> = together[i].iter().map(|p| p.tokens.clone()).collect();
-            assert_eq!(have, want, "{what}: drafts");
-            if o.sampling.temperature == 0.0 {
-                let again: Vec<Vec<u32>> = retried[i].iter().map(|p| p.tokens.clone()).collect();
-                assert_eq!(again, want, "{what}: drafts after a failed batch");
-            }
-            assert!(
-                have.iter().any(|d| !d.is_empty()),
-                "{what}: drafted nothing"
-            );
-            if o.sampling.temperature == 0.0 {
-                assert_eq!(got[i], plain(target, p, o), "{what}");
-            } else {
-                for (a, b) in together[i].iter().zip(&alone[i]) {
-                    assert_eq!(a.laws.len(), a.tokens.len());
-                    for (x, y) in a.laws.iter().zip(&b.laws) {
-                        let diff = x
-                            .iter()
-                            .zip(y)
-                            .map(|(x, y)| (x - y).abs())
-                            .fold(0.0, f32::max);
-                        assert!(diff <= 1e-5, "{what}: laws differ by {diff}");
-                    }
-                }
-            }
-        }
     }
 }
 

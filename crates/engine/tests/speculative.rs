@@ -7,8 +7,6 @@
 
 mod common;
 
-use common::Drafting;
-
 use std::ops::ControlFlow;
 
 use jemma_engine::generate::{GenerateOptions, Generation, generate};
@@ -243,23 +241,7 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
                 }
             }
             most = most.max(drafted.len());
-            let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
-            let mut drafted = drafted.into_iter().peekable();
-            let batch: Vec<_> = gens
-                .iter_mut()
-                .zip(rngs.iter_mut())
-                .enumerate()
-                .filter_map(|(i, (g, r))| {
-                    let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
-                    Some((g, d, r))
-                })
-                .collect();
-            for (i, r) in order
-                .into_iter()
-                .zip(Generation::verify_rounds(&t, batch).unwrap())
-            {
-                got[i].extend(r.unwrap().steps.iter().map(|s| s.token));
-            }
+            common::verify_together(&t, &mut gens, &mut rngs, drafted, &mut got);
         }
         assert!(most >= 3, "{target}: at most {most} rows verified together");
         for (i, g) in gens.iter().enumerate() {
@@ -275,71 +257,18 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
 }
 
 /// A draft model drafting for several sequences at once (each catching its cache up alone, then one pass
-/// of the draft model per draft step over every sequence still drafting, each over its own cache)
-/// proposes for each what it proposes drafting alone: rows of different prompt lengths (their draft
-/// caches both sides of the sliding window, rolled back after rejected drafts), different `k`, and a
-/// seeded sampled row beside greedy ones, on the dense and MoE targets and a 4-bit draft; the greedy rows
-/// answer as plain decoding.
+/// of the draft model per draft step over every sequence still drafting, each over its own cache, rolled
+/// back after rejected drafts) proposes for each what it proposes drafting alone
+/// ([`common::drafting_together_is_drafting_alone`]), on the dense and MoE targets with 4-bit drafts.
 #[test]
 fn model_drafts_proposed_together_are_each_rows_alone() {
     for (target, draft) in [("tiny", "tiny-q4"), ("moe", "moe-q4")] {
         let (t, d) = (load(target), load(draft));
-        let ps = prompts(target);
-        let sampled = GenerateOptions {
-            sampling: SamplingParams {
-                temperature: 0.8,
-                seed: Some(9),
-                ..Default::default()
-            },
-            ..opts(24)
-        };
-        let rows = vec![
-            (ps[0].clone(), 4, opts(24)),
-            ((2..40).collect::<Vec<u32>>(), 2, opts(20)),
-            (ps[ps.len() - 1].clone(), 3, sampled),
-            ((3..60).rev().collect(), 4, opts(28)),
-        ];
-        let source = common::DraftSource::Model(&d);
-        let (got, together, widest) = common::run_rows(&t, source, &rows, Drafting::Together);
-        let (alone_got, alone, _) = common::run_rows(&t, source, &rows, Drafting::Alone);
-        // A batched pass that fails after drafting: its rows are drafted again alone, from states the
-        // failed pass left, and propose what they propose alone (the sampled row's drafter drew in the
-        // failed pass, so only the greedy rows are compared).
-        let (_, retried, _) = common::run_rows(&t, source, &rows, Drafting::FailingOnce);
-        assert!(
-            widest >= 3,
-            "{target}: at most {widest} rows drafted together"
+        common::drafting_together_is_drafting_alone(
+            &t,
+            common::DraftSource::Model(&d),
+            &format!("{target} with {draft}"),
         );
-        for (i, (p, _, o)) in rows.iter().enumerate() {
-            let what = format!("{target} with {draft}, row {i}");
-            assert_eq!(got[i], alone_got[i], "{what}");
-            let want: Vec<&Vec<u32>> = alone[i].iter().map(|p| &p.tokens).collect();
-            let have: Vec<&Vec<u32>> = together[i].iter().map(|p| &p.tokens).collect();
-            assert_eq!(have, want, "{what}: drafts");
-            if o.sampling.temperature == 0.0 {
-                let again: Vec<&Vec<u32>> = retried[i].iter().map(|p| &p.tokens).collect();
-                assert_eq!(again, want, "{what}: drafts after a failed batch");
-            }
-            assert!(
-                have.iter().any(|d| !d.is_empty()),
-                "{what}: drafted nothing"
-            );
-            if o.sampling.temperature == 0.0 {
-                assert_eq!(got[i], plain(&t, p, o).0, "{what}");
-            } else {
-                for (a, b) in together[i].iter().zip(&alone[i]) {
-                    assert_eq!(a.laws.len(), a.tokens.len());
-                    for (x, y) in a.laws.iter().zip(&b.laws) {
-                        let diff = x
-                            .iter()
-                            .zip(y)
-                            .map(|(x, y)| (x - y).abs())
-                            .fold(0.0, f32::max);
-                        assert!(diff <= 1e-5, "{what}: laws differ by {diff}");
-                    }
-                }
-            }
-        }
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use jemma_engine::generate::{GenerateOptions, Generation, RoundStart};
+use jemma_engine::generate::{Drafted, GenerateOptions, Generation, RoundStart};
 use jemma_engine::models::gemma4::{Gemma4, Gemma4Assistant};
 use jemma_engine::runtime::{Engine, Event, Prompt, Request};
 use jemma_engine::sample::SamplingParams;
@@ -148,10 +148,25 @@ pub enum DraftSource<'a> {
     Model(&'a Gemma4),
 }
 
-/// Records what the drafter it wraps proposed.
-struct Recording<'a> {
-    inner: &'a mut dyn Drafter,
-    proposals: Vec<Proposal>,
+/// Records what the drafter it wraps proposed, and after which pending token (the context's last).
+pub struct Recording<'a> {
+    /// The drafter.
+    pub inner: &'a mut dyn Drafter,
+    /// Its proposals, in order.
+    pub proposals: Vec<Proposal>,
+    /// The pending token each followed.
+    pub pending: Vec<u32>,
+}
+
+impl<'a> Recording<'a> {
+    /// Records `inner`.
+    pub fn new(inner: &'a mut dyn Drafter) -> Self {
+        Self {
+            inner,
+            proposals: vec![],
+            pending: vec![],
+        }
+    }
 }
 
 impl Drafter for Recording<'_> {
@@ -164,6 +179,7 @@ impl Drafter for Recording<'_> {
     ) -> jemma_engine::Result<Proposal> {
         let p = self.inner.propose(context, k, sampling, target)?;
         self.proposals.push(p.clone());
+        self.pending.extend(context.last());
         Ok(p)
     }
 }
@@ -282,10 +298,7 @@ pub fn run_rows(
                             &mut model
                         }
                     };
-                    let mut rec = Recording {
-                        inner,
-                        proposals: vec![],
-                    };
+                    let mut rec = Recording::new(inner);
                     let start = gens[i].draft_round(target, &mut rec, rows[i].1).unwrap();
                     proposals[i].extend(rec.proposals);
                     start
@@ -299,23 +312,107 @@ pub fn run_rows(
                 RoundStart::Drafted(d) => drafted.push((i, d)),
             }
         }
-        let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
-        let mut drafted = drafted.into_iter().peekable();
-        let batch: Vec<_> = gens
-            .iter_mut()
-            .zip(rngs.iter_mut())
-            .enumerate()
-            .filter_map(|(i, (g, r))| {
-                let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
-                Some((g, d, r))
-            })
-            .collect();
-        for (i, r) in order
-            .into_iter()
-            .zip(Generation::verify_rounds(target, batch).unwrap())
-        {
-            got[i].extend(r.unwrap().steps.iter().map(|s| s.token));
-        }
+        verify_together(target, &mut gens, &mut rngs, drafted, &mut got);
     }
     (got, proposals, widest)
+}
+
+/// Verifies the `drafted` rounds (generation index, drafts; by increasing index) of `gens` together in one
+/// forward of `target`, each accepting with its own RNG of `rngs`, and hands each round's tokens to its
+/// generation's entry of `got`.
+pub fn verify_together(
+    target: &Gemma4,
+    gens: &mut [Generation],
+    rngs: &mut [StdRng],
+    drafted: Vec<(usize, Drafted)>,
+    got: &mut [Vec<u32>],
+) {
+    let order: Vec<usize> = drafted.iter().map(|(i, _)| *i).collect();
+    let mut drafted = drafted.into_iter().peekable();
+    let batch: Vec<_> = gens
+        .iter_mut()
+        .zip(rngs.iter_mut())
+        .enumerate()
+        .filter_map(|(i, (g, r))| {
+            let (_, d) = drafted.next_if(|(j, _)| *j == i)?;
+            Some((g, d, r))
+        })
+        .collect();
+    for (i, r) in order
+        .into_iter()
+        .zip(Generation::verify_rounds(target, batch).unwrap())
+    {
+        got[i].extend(r.unwrap().steps.iter().map(|s| s.token));
+    }
+}
+
+/// Drafting for several sequences at once proposes for each what it proposes drafting alone, on `target`
+/// with `source`: four rows of different prompt lengths (both sides of the fixtures' 16-token sliding
+/// window), different `k` (rows leave the batch part-way through a round) and a sampled row (seeded: its
+/// draws, and its laws within 1e-5, are its lone ones) beside greedy ones, run to the end with rounds
+/// verified together. A batched pass that fails after drafting has its rows drafted again alone, from the
+/// states the failed pass left, and the greedy ones propose what they propose alone (the sampled row's
+/// drafter drew in the failed pass). Greedy rows answer as plain decoding. `what` names the case.
+pub fn drafting_together_is_drafting_alone(target: &Gemma4, source: DraftSource<'_>, what: &str) {
+    let opts = |max_tokens| GenerateOptions {
+        max_tokens,
+        stop_tokens: vec![],
+        ..Default::default()
+    };
+    let sampled = GenerateOptions {
+        sampling: SamplingParams {
+            temperature: 0.8,
+            seed: Some(9),
+            ..Default::default()
+        },
+        ..opts(24)
+    };
+    let rows = vec![
+        (vec![2, 10, 200, 33, 47], 4, opts(24)),
+        ((2..40).collect::<Vec<u32>>(), 2, opts(20)),
+        ((5..17).collect(), 3, sampled),
+        ((3..60).rev().collect(), 4, opts(28)),
+    ];
+    let (got, together, widest) = run_rows(target, source, &rows, Drafting::Together);
+    let (alone_got, alone, _) = run_rows(target, source, &rows, Drafting::Alone);
+    let (_, retried, _) = run_rows(target, source, &rows, Drafting::FailingOnce);
+    assert!(
+        widest >= 3,
+        "{what}: at most {widest} rows drafted together"
+    );
+    let tokens = |ps: &[Proposal]| ps.iter().map(|p| p.tokens.clone()).collect::<Vec<_>>();
+    for (i, (p, _, o)) in rows.iter().enumerate() {
+        let what = format!("{what}, row {i}");
+        assert_eq!(got[i], alone_got[i], "{what}");
+        let want = tokens(&alone[i]);
+        assert_eq!(tokens(&together[i]), want, "{what}: drafts");
+        assert!(
+            want.iter().any(|d| !d.is_empty()),
+            "{what}: drafted nothing"
+        );
+        if o.sampling.temperature == 0.0 {
+            assert_eq!(
+                tokens(&retried[i]),
+                want,
+                "{what}: drafts after a failed batch"
+            );
+            let mut plain = vec![];
+            jemma_engine::generate::generate(target, p, o, |s| {
+                plain.push(s.token);
+                std::ops::ControlFlow::Continue(())
+            })
+            .unwrap();
+            assert_eq!(got[i], plain, "{what}");
+        } else {
+            for (a, b) in together[i].iter().zip(&alone[i]) {
+                assert_eq!(a.laws.len(), a.tokens.len());
+                for (x, y) in a.laws.iter().zip(&b.laws) {
+                    let diff = (x.iter().zip(y))
+                        .map(|(x, y)| (x - y).abs())
+                        .fold(0.0, f32::max);
+                    assert!(diff <= 1e-5, "{what}: laws differ by {diff}");
+                }
+            }
+        }
+    }
 }
