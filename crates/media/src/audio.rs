@@ -184,7 +184,11 @@ fn decode_mono(
         return Err(unsupported(format!("a sample rate of {r} Hz")));
     }
     if params.codec == symphonia::core::codecs::audio::well_known::CODEC_ID_OPUS {
-        return decode_opus(reader.as_mut(), track_id, &params, limits);
+        // WebM: the encoder's padding past the end, which the demuxer does not hand on.
+        let end_padding = crate::matroska::is_matroska(bytes)
+            .then(|| crate::matroska::end_padding_ns(bytes, u64::from(track_id)))
+            .flatten();
+        return decode_opus(reader.as_mut(), track_id, &params, limits, end_padding);
     }
     let mut decoder = symphonia::default::get_codecs()
         .make_audio_decoder(&params, &AudioDecoderOptions::default())
@@ -246,9 +250,9 @@ fn next_packet(
 
 /// The Opus track `track_id` of `reader` decoded to mono at [`SAMPLE_RATE`] (an Opus decoder decodes at
 /// any of its rates; no resampling), without the encoder's pre-skip (RFC 7845's `pre_skip`, 48 kHz
-/// samples, from the stream's OpusHead) nor, in Ogg, the padding past the stream's last granule position.
-/// (WebM's `DiscardPadding` is parsed but not exposed by symphonia's Matroska reader: a WebM clip keeps
-/// the padding of its last packet, up to 120 ms.)
+/// samples, from the stream's OpusHead) nor the padding past the stream's end: in Ogg past the last
+/// granule position, in WebM the last block's `DiscardPadding` (`end_padding`, nanoseconds, read from the
+/// file by [`crate::matroska::end_padding_ns`]: symphonia's Matroska reader does not hand it on).
 ///
 /// Errors: more than 2 channels (Opus's multistream mappings) as unsupported; a stream that yields no
 /// audio, or a decoder that fails on every packet, as corrupt; longer than `limits` as too large.
@@ -257,6 +261,7 @@ fn decode_opus(
     track_id: u32,
     params: &symphonia::core::codecs::audio::AudioCodecParameters,
     limits: &AudioLimits,
+    end_padding: Option<u64>,
 ) -> Result<(Vec<f32>, u32)> {
     // RFC 7845 §5.1's identification header: channels (byte 9), pre-skip (10-11), output gain (16-17, Q7.8
     // dB) and the channel mapping family (18; then the stream count, 19).
@@ -312,6 +317,12 @@ fn decode_opus(
     // Pre-skip counts 48 kHz samples.
     let skip = (pre_skip * SAMPLE_RATE as usize / 48_000).min(mono.len());
     mono.drain(..skip);
+    if let Some(ns) = end_padding {
+        // Whole samples only (what is left of one is kept), and never more than a packet: 120 ms.
+        let n = (u128::from(ns) * u128::from(SAMPLE_RATE) / 1_000_000_000) as usize;
+        let n = n.min(SAMPLE_RATE as usize * 120 / 1000).min(mono.len());
+        mono.truncate(mono.len() - n);
+    }
     if mono.is_empty() {
         return Err(MediaError::AudioCorrupt("the clip holds no audio".into()));
     }

@@ -7,6 +7,7 @@
 pub mod audio;
 #[cfg(target_os = "macos")]
 mod heic;
+mod matroska;
 pub mod resize;
 pub mod video;
 
