@@ -1,5 +1,7 @@
 //! `jemma bench`: prefill and decode speed of the in-process engine on a model directory (random prompt ids,
-//! fixed seed, exactly --gen tokens), median over --runs. scripts/bench-engine compares against mlx-lm.
+//! fixed seed, exactly --gen tokens), median over --runs after one warm-up run. scripts/bench-engine compares
+//! against mlx-lm. On a GGUF it times the llama.cpp engine as `jemma serve` runs it (scripts/bench-heavy
+//! compares against llama.cpp's C API and llama-cpp-python).
 //! With `--constraint`, decode runs under a grammar (constrained decoding), and `--mask-gguf` times
 //! llguidance's per-token mask on a real Gemma vocabulary instead (scripts/bench-constrain).
 
@@ -15,9 +17,15 @@ use jemma_engine::runtime::{ModelBundle, default_dtype};
 /// Arguments of `jemma bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory (MLX engine).
+    /// Model directory (MLX engine), or a GGUF file (llama.cpp engine; needs --prompt-ids).
     #[arg(long, required_unless_present = "mask_gguf")]
     model: Option<PathBuf>,
+    /// The prompt as comma-separated token ids (no BOS added) instead of --prompt-tokens random ones.
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    /// llama.cpp: threads (default: as `jemma serve`).
+    #[arg(long)]
+    threads: Option<i32>,
     /// Decode under a grammar: `json` (any JSON object) or `schema` (an object with one free-text field,
     /// so that random weights keep writing).
     #[arg(long)]
@@ -56,6 +64,12 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let Some(model) = args.model.clone() else {
         anyhow::bail!("--model is required");
     };
+    if model
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    {
+        return gguf_bench(&args, &model);
+    }
     let device = select_device()?;
     mlx_rs::Device::set_default(&device.device());
     let dtype = match crate::generate_cmd::parse_dtype(&args.dtype)? {
@@ -67,14 +81,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let vocab = bundle.model.config().vocab_size as u64;
     // A fixed linear-congruential sequence: the same prompt on every machine, no rand dependency.
     let mut x = 0x9E3779B97F4A7C15u64;
-    let prompt: Vec<u32> = (0..args.prompt_tokens.max(1))
-        .map(|_| {
-            x = x
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            ((x >> 33) % (vocab - 200) + 200) as u32
-        })
-        .collect();
+    let prompt: Vec<u32> = args.prompt_ids.clone().unwrap_or_else(|| {
+        (0..args.prompt_tokens.max(1))
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 33) % (vocab - 200) + 200) as u32
+            })
+            .collect()
+    });
     let mut opts = GenerateOptions {
         max_tokens: args.gen_tokens.max(1),
         ..Default::default()
@@ -123,6 +139,96 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The llama.cpp engine on a GGUF, started as `jemma serve` starts it (its context, slots and threads):
+/// one warm-up request with the prompt as given, then `--runs` timed requests, each with the prompt's ids
+/// after the first rotated by the run's number, so that no run finds its prompt in a slot or the prefix
+/// cache and each reads it whole (but its first token). Prints the medians of the engine's own prefill and
+/// decode rates (tokens/s; prefill over the time spent in `llama_decode`), the warm-up's tokens and the most
+/// prompt tokens a timed run found cached.
+///
+/// Errors: no --prompt-ids, or the engine fails to load or to answer.
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
+    use jemma_node::llama;
+    let ids = args
+        .prompt_ids
+        .clone()
+        .filter(|ids| !ids.is_empty())
+        .context("a GGUF's bench needs --prompt-ids")?;
+    let mut cfg = llama::LlamaConfig::new(model);
+    cfg.threads = args.threads;
+    cfg.batch_threads = args.threads;
+    let engine = llama::LlamaEngine::start(cfg)?;
+    engine.wait_ready()?;
+    let run = |prompt: Vec<u32>| -> anyhow::Result<llama::Summary> {
+        let mut rx = engine
+            .submit(llama::Request {
+                ignore_eos: true,
+                ..llama::Request::new(llama::Prompt::Ids(prompt), args.gen_tokens.max(1))
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        loop {
+            match rx.blocking_recv() {
+                Some(llama::Event::Done(s)) => return Ok(s),
+                Some(llama::Event::Error(e)) => anyhow::bail!("{e}"),
+                Some(_) => {}
+                None => anyhow::bail!("the engine stopped"),
+            }
+        }
+    };
+    let warm_up = run(ids.clone())?;
+    let (mut pre, mut dec, mut cached) = (vec![], vec![], 0);
+    for r in 1..=args.runs.max(1) {
+        let mut prompt = ids.clone();
+        let n = prompt.len() - 1;
+        if n > 0 {
+            prompt[1..].rotate_left(r % n);
+        }
+        let s = run(prompt)?;
+        pre.push(s.prefill_tps);
+        dec.push(s.decode_tps);
+        cached = cached.max(s.cached_tokens);
+    }
+    let status = engine.status();
+    let out = serde_json::json!({
+        "model": model, "engine": "llama.cpp", "threads": status.info.threads,
+        "gpu_layers": status.info.gpu_layers, "prompt_tokens": ids.len(),
+        "generated_tokens": args.gen_tokens.max(1), "runs": pre.len(),
+        "prefill_tps": median(pre), "decode_tps": median(dec), "tokens": warm_up.tokens,
+        "max_cached_tokens": cached,
+        "peak_rss_bytes": crate::generate_cmd::peak_rss_bytes(),
+    });
+    if args.json {
+        println!("{out}");
+    } else {
+        println!(
+            "{}: prefill {:.1} tok/s, decode {:.1} tok/s ({} prompt tokens, {} generated, median of {}, llama.cpp, {} threads)",
+            model.display(),
+            out["prefill_tps"].as_f64().unwrap_or(0.0),
+            out["decode_tps"].as_f64().unwrap_or(0.0),
+            ids.len(),
+            args.gen_tokens.max(1),
+            args.runs.max(1),
+            status.info.threads
+        );
+    }
+    Ok(())
+}
+
+#[cfg(not(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+)))]
+fn gguf_bench(_: &Args, model: &std::path::Path) -> anyhow::Result<()> {
+    anyhow::bail!(
+        "{}: this build has no llama.cpp engine (build with --features llama)",
+        model.display()
+    )
 }
 
 /// Per-token cost of constrained decoding on a real vocabulary: for a JSON object, a JSON Schema and a

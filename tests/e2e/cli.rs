@@ -266,3 +266,51 @@ fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
     });
     assert_eq!(code, 200);
 }
+
+/// `jemma bench` on a GGUF times the llama.cpp engine as `jemma serve` runs it: its warm-up answers as
+/// `jemma generate` does on the same ids, and each timed run reads its prompt (a rotation of the ids, not
+/// found in a slot), so the prefill rate is a real one. Without ids it says what it needs.
+#[test]
+fn bench_on_a_gguf_times_the_llama_engine() {
+    let model = fixture("tiny").parent().unwrap().join("gguf/tiny-f32.gguf");
+    let m = model.to_str().unwrap();
+    let ids = "2,105,300,301,302,303,304,305,306,307";
+    let (ok, stdout, stderr) = jemma(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-ids",
+        ids,
+        "--gen",
+        "6",
+        "--runs",
+        "2",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let b: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(b["engine"], "llama.cpp");
+    assert_eq!(b["runs"], 2);
+    assert_eq!(b["prompt_tokens"], 10);
+    assert!(b["prefill_tps"].as_f64().unwrap() > 0.0, "{b}");
+    assert!(b["decode_tps"].as_f64().unwrap() > 0.0, "{b}");
+    assert!(b["max_cached_tokens"].as_u64().unwrap() <= 1, "{b}");
+    let (ok, stdout, stderr) = jemma(&[
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        ids,
+        "--max-tokens",
+        "6",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let g: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(b["tokens"], g["tokens"], "the warm-up's tokens");
+    assert_eq!(b["tokens"].as_array().unwrap().len(), 6);
+    let (ok, _, stderr) = jemma(&["bench", "--model", m]);
+    assert!(!ok);
+    assert!(stderr.contains("--prompt-ids"), "{stderr}");
+}
