@@ -1180,6 +1180,8 @@ impl Generation {
             };
             match drafter.propose_many(&requests(&live)) {
                 Ok(p) if p.len() == live.len() => p.into_iter().map(Ok).collect(),
+                // A lone row's failure is its own: asking again alone would only repeat it.
+                Err(e) if live.len() == 1 => vec![Err(e)],
                 _ => live
                     .iter()
                     .map(|&i| {
@@ -1302,8 +1304,8 @@ impl Generation {
     /// Returns the rounds in the order given, each its row's result: a row whose acceptance or trim failed
     /// is an error alone, and its generation must be dropped. The rounds' times add up to what the batch's
     /// wall clock spent on each row's round: the draft time is the row's own drafting (a cost per draft it
-    /// chose), the verify time the shared pass plus the other rows' drafting (which it waited on, whatever
-    /// its own `k`). Errors: the shared forward failed, after which every generation must be dropped.
+    /// chose), the verify time the shared pass and every row's commit plus the other rows' drafting (which
+    /// it waited on, whatever its own `k`). Errors: the shared forward failed, after which every generation must be dropped.
     pub fn verify_rounds<R: rand::Rng>(
         model: &Gemma4,
         mut rows: Vec<(&mut Generation, Drafted, &mut R)>,
@@ -1364,6 +1366,7 @@ impl Generation {
                 .chain(rows.iter().flat_map(|(g, _, _)| g.cache.state())),
         )?;
         let verify_time = started.elapsed();
+        let committing = Instant::now();
         let mut out = Vec::with_capacity(b);
         for (r, ((g, d, rng), (fed_arr, lps, laws))) in rows.into_iter().zip(per_row).enumerate() {
             // A row's own failure (its acceptance, its trim) fails that row alone: the others' rounds stand.
@@ -1431,6 +1434,13 @@ impl Generation {
                 Ok(round)
             };
             out.push(commit());
+        }
+        // The commits (acceptance, the answer's bookkeeping, the trim) are the round's too, as a plain
+        // step's timing includes its own: a round timed without them looked cheaper than it was, and the
+        // controller kept drafting where plain decoding was faster.
+        let committed = committing.elapsed();
+        for round in out.iter_mut().flatten() {
+            round.verify_time += committed;
         }
         Ok(out)
     }

@@ -186,16 +186,19 @@ pub const MAX_PROBE_INTERVAL: usize = 512;
 /// `k` draft steps plus one verification, all measured against a plain decode step. It drafts the `k` that
 /// maximises yield per cost, and nothing (plain decoding) when no `k` beats a plain step; then it probes
 /// with one draft after [`PROBE_INTERVAL`] plain steps (then less often while probes find nothing). `α` is
-/// estimated from decaying counts of drafts that stood and fell (a uniform prior: 0.5 before any round),
-/// the draft step's and the verification's costs are exponential moving averages, so the choice follows
-/// the text as it changes.
+/// estimated from decaying counts of drafts that stood and fell, which start from a uniform prior (one
+/// draft stood, one fell: 0.5 before any round) that decays with them: a prior kept whole (Laplace's rule)
+/// never lets α fall below 1/12 at this decay, and with drafts that cost next to nothing that floor alone
+/// kept k = 1 rounds going at no acceptance, each slower than the plain step it replaced. The draft step's
+/// and the verification's costs are exponential moving averages, so the choice follows the text as it
+/// changes.
 #[derive(Debug, Clone)]
 pub struct Controller {
     config: SpeculativeConfig,
-    /// Drafts that stood, decayed by [`DECAY`] per round.
+    /// Drafts that stood, decayed by [`DECAY`] per round, from the prior's one.
     stood: f64,
     /// Drafts judged (those that stood, and the one that fell in a round that stopped early), decayed
-    /// alike.
+    /// alike, from the prior's two.
     judged: f64,
     /// Plain steps to wait before the next probe.
     probe_after: usize,
@@ -230,8 +233,8 @@ impl Controller {
     pub fn new(config: SpeculativeConfig) -> Self {
         Self {
             config,
-            stood: 0.0,
-            judged: 0.0,
+            stood: 1.0,
+            judged: 2.0,
             probe_after: PROBE_INTERVAL,
             probing: false,
             plain: None,
@@ -273,9 +276,9 @@ impl Controller {
         0
     }
 
-    /// The estimated chance that a draft stands: Laplace's rule on the decayed counts.
+    /// The estimated chance that a draft stands: the decayed counts' share, prior included.
     fn alpha(&self) -> f64 {
-        (self.stood + 1.0) / (self.judged + 2.0)
+        self.stood / self.judged
     }
 
     /// The `k` in `1..=cap` with the best expected tokens per unit of time, if it beats plain decoding.
@@ -678,6 +681,32 @@ mod tests {
         let s = c.stats();
         assert!(s.acceptance_rate() > 0.0 && s.acceptance_rate() < 0.5);
         assert!(s.tokens_per_step() >= 1.0);
+    }
+
+    /// A drafter that costs next to nothing, whose drafts never stand, and a verification of two positions
+    /// that costs a little more than a plain step (a CPU): rounds stop, as each yields one token for more
+    /// than a plain step's time. (Under Laplace's rule, α never fell below 1/12, and k = 1 looked 4 %
+    /// better than plain decoding for ever.)
+    #[test]
+    fn controller_stops_a_nearly_free_drafter_whose_drafts_never_stand() {
+        let us = Duration::from_micros;
+        let mut c = Controller::new(SpeculativeConfig::default());
+        c.record_plain(us(10_000));
+        c.record_plain(us(10_000));
+        let mut rounds = 0;
+        while rounds < 200 {
+            let k = c.next_k(1, 1000);
+            if k == 0 {
+                break;
+            }
+            rounds += 1;
+            c.record_round(k, 0, us(100) * k as u32, us(10_000 + 300 * k as u64));
+        }
+        assert!(
+            (1..=40).contains(&rounds),
+            "{rounds} rounds before it stopped"
+        );
+        assert_eq!(c.next_k(1, 1000), 0);
     }
 
     #[test]
