@@ -374,19 +374,31 @@ fn warm_and_cold() -> (Engine, Engine) {
     (warm, cold)
 }
 
-/// Greedy tokens, each token's top-5 logprobs and the cached prompt tokens of one request; `cancel_after`
-/// drops the receiver once that many tokens have arrived (the tokens so far are returned, cached 0).
+/// Greedy tokens, each token's top-5 logprobs and the cached prompt tokens of one request.
 fn answer_with(
     engine: &Engine,
     prompt: Prompt,
     max_tokens: usize,
 ) -> (Vec<u32>, Vec<Vec<f64>>, usize) {
+    answer_of(submit_for_answer(engine, prompt, max_tokens))
+}
+
+/// Submits the request [`answer_with`] sends.
+fn submit_for_answer(
+    engine: &Engine,
+    prompt: Prompt,
+    max_tokens: usize,
+) -> tokio::sync::mpsc::Receiver<Event> {
     let mut r = request(max_tokens);
     r.prompt = prompt;
     r.options.prefill_step = 8;
     r.options.logprobs = true;
     r.options.top_logprobs = 5;
-    let mut rx = engine.submit(r).unwrap();
+    engine.submit(r).unwrap()
+}
+
+/// What [`answer_with`] returns, read off a submitted request's events.
+fn answer_of(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Vec<Vec<f64>>, usize) {
     let mut lps: Vec<Vec<f64>> = vec![];
     loop {
         match rx.blocking_recv().unwrap() {
@@ -517,23 +529,44 @@ fn the_next_turn_and_a_regenerated_answer_start_from_the_end_of_the_user_turn() 
 /// Requests admitted together with one new system prompt: each misses the prefix cache at admission,
 /// but the first checkpoints the system prompt while reading it, and the others, which read their prompts
 /// after it, start from that checkpoint instead — the system prompt is read once — and answer as a cold
-/// engine does.
+/// engine does. They are forced together: queued while the engine loads its model lazily, they join the
+/// first step at once.
 #[test]
 fn requests_admitted_together_read_their_shared_system_prompt_once() {
     let _serial = serial();
-    let (warm, cold) = warm_and_cold();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let cold = Engine::start(config).unwrap();
+    cold.wait_ready().unwrap();
     let system = "river stone lantern copper falcon meadow ember velvet quiet signal window marble \
                   harbor orchard thunder violet autumn canyon silver garden";
     let questions = ["What is first?", "Which is last?", "Name one more, please."];
-    let handles: Vec<_> = questions
-        .iter()
-        .map(|q| {
-            let w = warm.clone();
-            let p = chat(system, q);
-            std::thread::spawn(move || answer_with(&w, p, 4))
-        })
-        .collect();
-    let got: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let mut attempts = 0;
+    let got = loop {
+        attempts += 1;
+        let mut config = EngineConfig::new(tiny());
+        config.preload = false;
+        let warm = Engine::start(config).unwrap();
+        let rxs: Vec<_> = questions
+            .iter()
+            .map(|q| submit_for_answer(&warm, chat(system, q), 4))
+            .collect();
+        // Not loaded yet, with all three queued: once the model is in, the scheduler takes every queued
+        // request before its first step. (Otherwise the load beat the submissions: try again.)
+        let together = matches!(
+            warm.status().state,
+            EngineState::Unloaded | EngineState::Loading { .. }
+        );
+        let got: Vec<_> = rxs.into_iter().map(answer_of).collect();
+        assert!(warm.shutdown(Duration::from_secs(20)));
+        if together {
+            break got;
+        }
+        assert!(
+            attempts < 5,
+            "the model loaded before three submissions, 5 times"
+        );
+    };
     let reused: Vec<usize> = got.iter().map(|g| g.2).collect();
     assert_eq!(
         reused.iter().filter(|&&n| n > 0).count(),
@@ -546,7 +579,6 @@ fn requests_admitted_together_read_their_shared_system_prompt_once() {
         let d = max_diff(wl, &cl);
         assert!(d <= 1e-4, "{q}: warm vs cold logprobs differ by {d}");
     }
-    assert!(warm.shutdown(Duration::from_secs(20)));
     assert!(cold.shutdown(Duration::from_secs(20)));
 }
 
