@@ -160,6 +160,18 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
         .clone()
         .filter(|ids| !ids.is_empty())
         .context("a GGUF's bench needs --prompt-ids")?;
+    // Each timed run rotates the ids after the first by its number: past len - 1 runs a rotation would
+    // repeat, and a run would time a prompt already in a slot.
+    anyhow::ensure!(
+        ids.len() == 1 || args.runs.max(1) < ids.len() - 1,
+        "--runs {} needs more than {} prompt ids (each timed run reads a prompt no earlier run read)",
+        args.runs,
+        args.runs.max(1) + 1
+    );
+    anyhow::ensure!(
+        args.constraint.is_none(),
+        "--constraint times the MLX engine; a GGUF's bench decodes freely"
+    );
     let mut cfg = llama::LlamaConfig::new(model);
     cfg.threads = args.threads;
     cfg.batch_threads = args.threads;

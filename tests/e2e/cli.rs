@@ -269,7 +269,8 @@ fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
 
 /// `jemma bench` on a GGUF times the llama.cpp engine as `jemma serve` runs it: its warm-up answers as
 /// `jemma generate` does on the same ids, and each timed run reads its prompt (a rotation of the ids, not
-/// found in a slot), so the prefill rate is a real one. Without ids it says what it needs.
+/// found in a slot), so the prefill rate is a real one. Without ids, or with too few to rotate, it says
+/// what it needs.
 #[test]
 fn bench_on_a_gguf_times_the_llama_engine() {
     let model = fixture("tiny").parent().unwrap().join("gguf/tiny-f32.gguf");
@@ -313,4 +314,19 @@ fn bench_on_a_gguf_times_the_llama_engine() {
     let (ok, _, stderr) = jemma(&["bench", "--model", m]);
     assert!(!ok);
     assert!(stderr.contains("--prompt-ids"), "{stderr}");
+    // Three ids rotate two ways only: a third timed run would read the warm-up's prompt again.
+    let (ok, _, stderr) = jemma(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-ids",
+        "2,105,300",
+        "--runs",
+        "2",
+    ]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("--runs 2 needs more than 3 prompt ids"),
+        "{stderr}"
+    );
 }

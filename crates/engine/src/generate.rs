@@ -1180,8 +1180,6 @@ impl Generation {
             };
             match drafter.propose_many(&requests(&live)) {
                 Ok(p) if p.len() == live.len() => p.into_iter().map(Ok).collect(),
-                // A lone row's failure is its own: asking again alone would only repeat it.
-                Err(e) if live.len() == 1 => vec![Err(e)],
                 _ => live
                     .iter()
                     .map(|&i| {
