@@ -22,6 +22,10 @@
 //! engine reads it.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, TryRecvError};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use llama_cpp_2::context::LlamaContext;
 use llama_cpp_2::model::LlamaModel;
@@ -95,11 +99,8 @@ pub fn footprint(path: &Path, image_soft_tokens: usize) -> Result<u64> {
 
 /// A model's towers through libmtmd.
 pub(crate) struct Mtmd {
-    ctx: MtmdContext,
-    /// How images are sized (the patch and pooling of the mmproj, the configured budget).
-    image: Option<jemma_media::ImageParams>,
-    /// How video frames are sized (the same, at the video budget).
-    video: Option<jemma_media::ImageParams>,
+    /// What preparing media needs, shared with the threads that prepare a request's media.
+    towers: Arc<Towers>,
     /// The placeholder tokens a prompt names media with.
     image_id: Option<LlamaToken>,
     audio_id: Option<LlamaToken>,
@@ -107,6 +108,20 @@ pub(crate) struct Mtmd {
     sees_video: bool,
     /// Tokens per `llama_decode` when a span is evaluated: the context's batch, which holds a whole image.
     batch: i32,
+}
+
+/// libmtmd's context and how media are sized for it: what a preparation thread ([`Preparation`]) reads.
+/// libmtmd tokenizes (and so preprocesses) from any thread but encodes from one at a time, so the
+/// context sits behind a lock that preparation takes to read and evaluation ([`MediaSpan::eval`]) to
+/// write.
+pub(crate) struct Towers {
+    ctx: RwLock<MtmdContext>,
+    /// How images are sized (the patch and pooling of the mmproj, the configured budget).
+    image: Option<jemma_media::ImageParams>,
+    /// How video frames are sized (the same, at the video budget).
+    video: Option<jemma_media::ImageParams>,
+    /// Whether the mmproj hears audio.
+    hears: bool,
 }
 
 /// One image or clip in a prompt: its opening marker, soft tokens and closing marker from position
@@ -131,20 +146,18 @@ impl MediaSpan {
     /// preprocessed media.
     ///
     /// Errors: a failed encode or decode; a span evaluated already.
-    pub fn eval(&mut self, mtmd: &mut Mtmd, ctx: &mut LlamaContext<'_>, seq: i32) -> Result<()> {
+    pub fn eval(&mut self, mtmd: &Mtmd, ctx: &mut LlamaContext<'_>, seq: i32) -> Result<()> {
         let chunks = self
             .chunks
             .take()
             .ok_or_else(|| LlamaError::Runtime("a media span evaluated twice".into()))?;
+        let mut towers = mtmd
+            .towers
+            .ctx
+            .write()
+            .map_err(|_| LlamaError::Runtime("libmtmd's context lock is poisoned".into()))?;
         let end = chunks
-            .eval_chunks(
-                &mut mtmd.ctx,
-                ctx,
-                self.start as i32,
-                seq,
-                mtmd.batch,
-                false,
-            )
+            .eval_chunks(&mut towers, ctx, self.start as i32, seq, mtmd.batch, false)
             .map_err(|e| LlamaError::Runtime(format!("encoding media: {e}")))?;
         if end as usize != self.end() {
             return Err(LlamaError::Runtime(format!(
@@ -180,15 +193,25 @@ fn soft_ids(digest: u64, n: usize) -> impl Iterator<Item = LlamaToken> {
     })
 }
 
-/// One image or clip of a request, in prompt order.
-#[derive(Clone, Copy)]
-pub(crate) enum Item<'a> {
+/// One image or clip of a request, in prompt order (its pixels and samples shared, not copied).
+#[derive(Clone)]
+pub(crate) enum Item {
     /// An image, sized with the image budget.
-    Image(&'a jemma_media::DecodedImage),
+    Image(jemma_media::DecodedImage),
     /// A video frame, sized with the video budget.
-    Frame(&'a jemma_media::DecodedImage),
+    Frame(jemma_media::DecodedImage),
     /// A clip, or a video's sound.
-    Audio(&'a jemma_media::audio::DecodedAudio),
+    Audio(jemma_media::audio::DecodedAudio),
+}
+
+impl Item {
+    /// What the prefix cache tells this item apart by.
+    fn digest(&self) -> u64 {
+        match self {
+            Item::Image(i) | Item::Frame(i) => i.digest,
+            Item::Audio(a) => a.digest,
+        }
+    }
 }
 
 /// `text` (a rendered prompt) with each `<|video|>` expanded as Gemma 4's processor expands a video — for
@@ -197,13 +220,13 @@ pub(crate) enum Item<'a> {
 /// their placeholders then come: (images and frames, clips and sounds).
 ///
 /// Errors ([`LlamaError::InvalidRequest`]): placeholders and media that do not pair up.
-pub(crate) fn expand_videos<'a>(
+pub(crate) fn expand_videos(
     text: &str,
-    images: &'a [jemma_media::DecodedImage],
-    audio: &'a [jemma_media::audio::DecodedAudio],
-    videos: &'a [jemma_media::video::DecodedVideo],
+    images: &[jemma_media::DecodedImage],
+    audio: &[jemma_media::audio::DecodedAudio],
+    videos: &[jemma_media::video::DecodedVideo],
     hears: bool,
-) -> Result<(String, Vec<Item<'a>>, Vec<Item<'a>>)> {
+) -> Result<(String, Vec<Item>, Vec<Item>)> {
     let bad = |m: String| LlamaError::InvalidRequest(m);
     let (mut next_image, mut next_clip, mut next_video) =
         (images.iter(), audio.iter(), videos.iter());
@@ -231,13 +254,16 @@ pub(crate) fn expand_videos<'a>(
         match p {
             IMAGE => {
                 seen.push(Item::Image(
-                    next_image.next().ok_or_else(|| missing("images"))?,
+                    next_image.next().ok_or_else(|| missing("images"))?.clone(),
                 ));
                 out.push_str(IMAGE);
             }
             AUDIO => {
                 heard.push(Item::Audio(
-                    next_clip.next().ok_or_else(|| missing("audio clips"))?,
+                    next_clip
+                        .next()
+                        .ok_or_else(|| missing("audio clips"))?
+                        .clone(),
                 ));
                 out.push_str(AUDIO);
             }
@@ -250,11 +276,11 @@ pub(crate) fn expand_videos<'a>(
                     out.push_str(&jemma_media::video::timestamp(f.seconds));
                     out.push(' ');
                     out.push_str(IMAGE);
-                    seen.push(Item::Frame(&f.image));
+                    seen.push(Item::Frame(f.image.clone()));
                 }
                 if let Some(sound) = v.audio.as_ref().filter(|_| hears) {
                     out.push_str(AUDIO);
-                    heard.push(Item::Audio(sound));
+                    heard.push(Item::Audio(sound.clone()));
                 }
             }
         }
@@ -336,9 +362,12 @@ impl Mtmd {
             image_id: ctx.support_vision().then(|| single(IMAGE)).flatten(),
             audio_id: ctx.support_audio().then(|| single(AUDIO)).flatten(),
             sees_video: ctx.support_vision() && single(VIDEO).is_some(),
-            image,
-            video,
-            ctx,
+            towers: Arc::new(Towers {
+                hears: ctx.support_audio(),
+                image,
+                video,
+                ctx: RwLock::new(ctx),
+            }),
             batch: batch as i32,
         })
     }
@@ -353,53 +382,72 @@ impl Mtmd {
         )
     }
 
-    /// `ids` with each media placeholder replaced by its item's span (`images` — images and video
-    /// frames — and `audio` taken in the order their placeholders come), and the spans. The spans' soft
-    /// tokens are [`soft_ids`].
+    /// Whether `t` is an image's or a clip's placeholder.
+    pub fn is_placeholder(&self, t: LlamaToken) -> bool {
+        Some(t) == self.image_id || Some(t) == self.audio_id
+    }
+
+    /// Checks that `ids` name as many images (and video frames) and clips with their placeholders as
+    /// `images` and `audio` hold — cheap, so a request whose media do not pair up is refused before any
+    /// is prepared.
     ///
-    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items, media this model
-    /// cannot take, an image or clip libmtmd refuses.
+    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items.
+    pub fn check_places(&self, ids: &[LlamaToken], images: usize, audio: usize) -> Result<()> {
+        let count =
+            |id: Option<LlamaToken>| id.map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
+        let (places, hears) = (count(self.image_id), count(self.audio_id));
+        if places > images {
+            return Err(LlamaError::InvalidRequest(
+                "the prompt has more image placeholders than images".into(),
+            ));
+        }
+        if hears > audio {
+            return Err(LlamaError::InvalidRequest(
+                "the prompt has more audio placeholders than clips".into(),
+            ));
+        }
+        if places < images || hears < audio {
+            return Err(LlamaError::InvalidRequest(
+                "the request has more images or clips than the prompt has places for".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// What a thread preparing media needs ([`Preparation::start`]).
+    pub fn towers(&self) -> Arc<Towers> {
+        self.towers.clone()
+    }
+
+    /// `ids` with each media placeholder replaced by its item's span (`images` — images and video
+    /// frames — and `audio`, prepared by [`Towers::prepare`], taken in the order their placeholders come),
+    /// and the spans. The spans' soft tokens are [`soft_ids`].
+    ///
+    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items.
     pub fn place(
         &self,
         ids: Vec<LlamaToken>,
-        images: &[Item<'_>],
-        audio: &[Item<'_>],
+        images: Vec<Prepared>,
+        audio: Vec<Prepared>,
     ) -> Result<(Vec<LlamaToken>, Vec<MediaSpan>)> {
-        let bad = |m: String| LlamaError::InvalidRequest(m);
-        let (mut next_image, mut next_audio) = (images.iter(), audio.iter());
+        self.check_places(&ids, images.len(), audio.len())?;
+        let (mut next_image, mut next_audio) = (images.into_iter(), audio.into_iter());
         let mut out = Vec::with_capacity(ids.len());
         let mut spans = vec![];
         for t in ids {
             let item = if Some(t) == self.image_id {
-                match next_image.next() {
-                    Some(&i) => i,
-                    None => {
-                        return Err(bad(
-                            "the prompt has more image placeholders than images".into()
-                        ));
-                    }
-                }
+                next_image.next()
             } else if Some(t) == self.audio_id {
-                match next_audio.next() {
-                    Some(&a) => a,
-                    None => {
-                        return Err(bad(
-                            "the prompt has more audio placeholders than clips".into()
-                        ));
-                    }
-                }
+                next_audio.next()
             } else {
                 out.push(t);
                 continue;
             };
-            let span = self.span(out.len(), &item)?;
-            let digest = match item {
-                Item::Image(i) | Item::Frame(i) => i.digest,
-                Item::Audio(a) => a.digest,
-            };
-            let Some(chunks) = span.chunks.as_ref() else {
+            // `check_places` counted them.
+            let Some(Prepared { chunks, digest }) = item else {
                 continue;
             };
+            let start = out.len();
             for k in 0..chunks.len() {
                 let Some(c) = chunks.get(k) else {
                     continue;
@@ -411,21 +459,34 @@ impl Mtmd {
                     _ => out.extend(soft_ids(digest ^ out.len() as u64, c.n_tokens())),
                 }
             }
-            debug_assert_eq!(out.len(), span.end());
-            spans.push(span);
-        }
-        if next_image.next().is_some() || next_audio.next().is_some() {
-            return Err(bad(
-                "the request has more images or clips than the prompt has places for".into(),
-            ));
+            debug_assert_eq!(out.len() - start, chunks.total_tokens());
+            spans.push(MediaSpan {
+                start,
+                len: out.len() - start,
+                chunks: Some(chunks),
+            });
         }
         Ok((out, spans))
     }
+}
 
-    /// One item tokenized by libmtmd on its own (markers and soft tokens) at position `start`.
-    fn span(&self, start: usize, item: &Item<'_>) -> Result<MediaSpan> {
+/// An image or clip as libmtmd prepared it (resized, preprocessed and tokenized: its markers and soft
+/// tokens), ready to be placed in a prompt ([`Mtmd::place`]).
+pub(crate) struct Prepared {
+    chunks: MtmdInputChunks,
+    digest: u64,
+}
+
+impl Towers {
+    /// Prepares `item`: an image or frame resized as Gemma 4's processor sizes it (see the module's
+    /// docs), then preprocessed and tokenized by libmtmd on its own; a clip handed to libmtmd as it is.
+    /// Tens of milliseconds for a large image: run on a request's preparation thread ([`Preparation`]).
+    ///
+    /// Errors ([`LlamaError::InvalidRequest`]): media this model cannot take, an image or clip libmtmd
+    /// refuses.
+    pub fn prepare(&self, item: &Item) -> Result<Prepared> {
         let bad = |m: String| LlamaError::InvalidRequest(m);
-        let bitmap = match *item {
+        let bitmap = match item {
             Item::Image(img) | Item::Frame(img) => {
                 let p = match item {
                     Item::Frame(_) => self.video,
@@ -446,7 +507,7 @@ impl Mtmd {
                     .map_err(|e| bad(format!("image: {e}")))?
             }
             Item::Audio(a) => {
-                if self.audio_id.is_none() {
+                if !self.hears {
                     return Err(bad("this model's mmproj cannot hear audio".into()));
                 }
                 MtmdBitmap::from_audio_data(&a.samples).map_err(|e| bad(format!("audio: {e}")))?
@@ -454,6 +515,8 @@ impl Mtmd {
         };
         let chunks = self
             .ctx
+            .read()
+            .map_err(|_| LlamaError::Runtime("libmtmd's context lock is poisoned".into()))?
             .tokenize(
                 MtmdInputText {
                     text: mtmd_default_marker().to_string(),
@@ -463,19 +526,136 @@ impl Mtmd {
                 &[&bitmap],
             )
             .map_err(|e| bad(format!("libmtmd refused the media: {e}")))?;
-        let len = chunks.total_tokens();
-        if chunks.total_positions() as usize != len {
+        if chunks.total_positions() as usize != chunks.total_tokens() {
             return Err(LlamaError::InvalidModel(
                 "this mmproj places media at other positions than tokens (M-RoPE), which the engine \
                  does not support"
                     .into(),
             ));
         }
-        Ok(MediaSpan {
-            start,
-            len,
-            chunks: Some(chunks),
+        Ok(Prepared {
+            chunks,
+            digest: item.digest(),
         })
+    }
+
+    /// Holds libmtmd's context as evaluation does, so that no preparation can finish meanwhile (a test's
+    /// stand-in for a slow one).
+    #[cfg(test)]
+    pub fn hold(&self) -> std::sync::RwLockWriteGuard<'_, MtmdContext> {
+        self.ctx.write().unwrap()
+    }
+
+    /// Prepares every item of `images` then `audio`, in order, stopping at the first refusal or when
+    /// `cancel` is set (then `None`).
+    pub fn prepare_all(
+        &self,
+        (images, audio): (&[Item], &[Item]),
+        cancel: &AtomicBool,
+    ) -> Option<Result<(Vec<Prepared>, Vec<Prepared>)>> {
+        let run = |items: &[Item]| -> Option<Result<Vec<Prepared>>> {
+            let mut done = Vec::with_capacity(items.len());
+            for item in items {
+                if cancel.load(Ordering::Relaxed) {
+                    return None;
+                }
+                match self.prepare(item) {
+                    Ok(p) => done.push(p),
+                    Err(e) => return Some(Err(e)),
+                }
+            }
+            Some(Ok(done))
+        };
+        let seen = match run(images)? {
+            Ok(s) => s,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(run(audio)?.map(|heard| (seen, heard)))
+    }
+}
+
+/// What a preparation thread hands back: a request's images (and frames) and clips, prepared.
+type PreparedMedia = Result<(Vec<Prepared>, Vec<Prepared>)>;
+
+/// A request's media being prepared on a thread of its own ([`Towers::prepare_all`]), so that resizing
+/// an image or a video's frames and libmtmd's preprocessing (tens of ms per image) hold up neither the
+/// running batch's decoding nor the admission of others: the request joins the batch once they are ready,
+/// as vLLM and text-generation-inference prepare inputs outside the engine loop (and as the MLX engine's
+/// media thread does). Dropping it cancels what is left and waits for the thread, which reads the model
+/// through libmtmd and so must end before the model is freed.
+pub(crate) struct Preparation {
+    rx: Receiver<PreparedMedia>,
+    cancel: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Preparation {
+    /// Starts preparing `images` and `audio` (in prompt order) with `towers`; Err gives them back when no
+    /// thread could be started (the caller then prepares them itself).
+    pub fn start(
+        towers: Arc<Towers>,
+        images: Vec<Item>,
+        audio: Vec<Item>,
+    ) -> std::result::Result<Self, (Vec<Item>, Vec<Item>)> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let cancel = Arc::new(AtomicBool::new(false));
+        let stop = cancel.clone();
+        // The items go to the thread through a slot it empties, so they come back if it cannot start.
+        let work = Arc::new(std::sync::Mutex::new(Some((images, audio))));
+        let mine = work.clone();
+        let spawned = std::thread::Builder::new()
+            .name("jemma-media".into())
+            .spawn(move || {
+                let Some((images, audio)) = mine.lock().ok().and_then(|mut w| w.take()) else {
+                    return;
+                };
+                if let Some(done) = towers.prepare_all((&images, &audio), &stop) {
+                    let _ = tx.send(done);
+                }
+            });
+        match spawned {
+            Ok(thread) => Ok(Self {
+                rx,
+                cancel,
+                thread: Some(thread),
+            }),
+            Err(e) => {
+                tracing::warn!(
+                    "no thread to prepare a request's media on, so the model thread does: {e}"
+                );
+                let items = work.lock().ok().and_then(|mut w| w.take());
+                Err(items.unwrap_or_default())
+            }
+        }
+    }
+
+    /// The prepared media, waiting at most `wait` for them; None when they are not ready yet.
+    pub fn take(&mut self, wait: Duration) -> Option<PreparedMedia> {
+        let got = if wait.is_zero() {
+            self.rx.try_recv().map_err(|e| match e {
+                TryRecvError::Empty => RecvTimeoutError::Timeout,
+                TryRecvError::Disconnected => RecvTimeoutError::Disconnected,
+            })
+        } else {
+            self.rx.recv_timeout(wait)
+        };
+        match got {
+            Ok(done) => Some(done),
+            Err(RecvTimeoutError::Timeout) => None,
+            // The thread ended without an answer: it panicked.
+            Err(RecvTimeoutError::Disconnected) => Some(Err(LlamaError::Runtime(
+                "preparing the request's media failed".into(),
+            ))),
+        }
+    }
+}
+
+impl Drop for Preparation {
+    fn drop(&mut self) {
+        self.cancel.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -504,7 +684,7 @@ mod tests {
     }
 
     /// What each item is, by kind and digest.
-    fn kinds(items: &[Item<'_>]) -> Vec<(char, u64)> {
+    fn kinds(items: &[Item]) -> Vec<(char, u64)> {
         items
             .iter()
             .map(|i| match i {

@@ -236,12 +236,35 @@ impl LlamaRunner {
     }
 }
 
+/// A request in the running batch: its media still being prepared, or admitted to a slot.
+pub(crate) enum Admission {
+    /// Its images and clips are being prepared on a thread of their own ([`media::Preparation`]); it
+    /// holds no slot yet (the host runs at most one request per slot, so one is free when they are ready).
+    Preparing(Box<Pending>),
+    /// Admitted: reading its prompt or decoding.
+    Running(Box<LlamaSequence>),
+    /// Refused once its media were prepared (its failure is in its step's output).
+    Refused,
+}
+
+/// A request waiting for its media ([`Admission::Preparing`]).
+pub(crate) struct Pending {
+    pub(crate) request: Request,
+    /// Its prompt's ids, one placeholder per image, frame and clip ([`plan`]).
+    pub(crate) ids: Vec<LlamaToken>,
+    pub(crate) preparation: media::Preparation,
+}
+
+/// How long a step with no admitted sequence waits for a request's media before handing back to the host
+/// (which admits newcomers between steps): short enough not to delay them, long enough not to spin.
+pub(crate) const PREPARING_WAIT: Duration = Duration::from_millis(5);
+
 impl ModelRunner for LlamaRunner {
     type Model = Serving;
     type Request = Request;
     type Summary = Summary;
     type Info = LlamaInfo;
-    type Sequence = LlamaSequence;
+    type Sequence = Admission;
 
     fn plan(&mut self, info: &mut LlamaInfo) -> Result<Option<u64>, LoadError> {
         self.planned = self.config.parallel;
@@ -405,45 +428,41 @@ impl ModelRunner for LlamaRunner {
         model: &mut Serving,
         request: Request,
         _context_length: usize,
-    ) -> Result<LlamaSequence, EngineFailure> {
-        let Serving {
-            mtmd,
-            cell,
-            slots,
-            clock,
-            drafts,
-            pool,
-            pool_budget,
-            copy_pending,
-        } = model;
-        *clock += 1;
-        let now = *clock;
-        // No saves while a stream copy may still land on a slot (see `Serving::copy_pending`).
-        let budget = if *copy_pending { 0 } else { *pool_budget };
-        let admitted = cell.with_dependent_mut(|loaded, ctx| {
-            LlamaSequence::admit(
-                loaded,
-                mtmd.as_ref(),
-                ctx,
-                slots,
-                (pool, budget),
-                now,
+    ) -> Result<Admission, EngineFailure> {
+        let loaded = model.cell.borrow_owner();
+        let plan = plan(loaded, model.mtmd.as_ref(), &request)?;
+        let Some(mtmd) = model.mtmd.as_ref().filter(|_| plan.has_media()) else {
+            let placed = (plan.ids, vec![]);
+            return self
+                .admit_placed(model, request, placed)
+                .map(Admission::Running);
+        };
+        // Refused now rather than after its media are prepared.
+        request
+            .sampling
+            .validate(loaded.model.n_vocab() as usize)
+            .map_err(LlamaError::InvalidRequest)?;
+        match media::Preparation::start(mtmd.towers(), plan.images, plan.audio) {
+            Ok(preparation) => Ok(Admission::Preparing(Box::new(Pending {
                 request,
-            )
-        });
-        self.pool_held = (pool.len(), pool.bytes());
-        let mut seq = admitted.map_err(EngineFailure::from)?;
-        // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
-        // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
-        // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
-        // position on the host).
-        // A prompt with media too: a draft model cannot see or hear it, and an assistant drafts from the
-        // hidden state of a token, which a media decode does not give (llama.cpp's driver skips them too).
-        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
-            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config().clone()));
-            seq.hidden_width = drafts.as_ref().map_or(0, |d| d.hidden_width());
+                ids: plan.ids,
+                preparation,
+            }))),
+            Err((images, audio)) => {
+                let placed = mtmd
+                    .towers()
+                    .prepare_all(
+                        (&images, &audio),
+                        &std::sync::atomic::AtomicBool::new(false),
+                    )
+                    .unwrap_or_else(|| {
+                        Err(LlamaError::Runtime("media preparation cancelled".into()))
+                    })
+                    .and_then(|(images, audio)| mtmd.place(plan.ids, images, audio))?;
+                self.admit_placed(model, request, placed)
+                    .map(Admission::Running)
+            }
         }
-        Ok(seq)
     }
 
     fn prompt_tokens(
@@ -459,49 +478,44 @@ impl ModelRunner for LlamaRunner {
     fn step(
         &mut self,
         model: &mut Serving,
-        batch: &mut [&mut LlamaSequence],
+        batch: &mut [&mut Admission],
         out: &mut [SeqOutput<Summary>],
     ) -> Result<(), EngineFailure> {
-        let chunk = self.config.batch_size as usize;
-        let Serving {
-            mtmd,
-            cell,
-            drafts,
-            slots,
-            pool,
-            copy_pending,
-            ..
-        } = model;
-        let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
-        let result = cell.with_dependent_mut(|loaded, ctx| {
-            step(
-                loaded,
-                (ctx, mtmd.as_mut()),
-                (drafts.as_mut(), speculated, largest_verify),
-                Shared {
-                    slots,
-                    pool,
-                    copy_pending: &mut *copy_pending,
-                },
-                batch,
-                out,
-                chunk,
-            )
-        });
-        self.pool_held = (pool.len(), pool.bytes());
-        if result.is_ok() {
-            *copy_pending = false;
+        self.admit_prepared(model, batch, out);
+        // The admitted sequences step; those still preparing sit it out (their outputs stay empty).
+        let at: Vec<usize> = (0..batch.len())
+            .filter(|&i| matches!(*batch[i], Admission::Running(_)))
+            .collect();
+        if at.is_empty() {
+            return Ok(());
         }
-        if result.is_err() {
-            // What the failed decode left in these sequences' KV is unknown: their slots start clean.
-            for seq in batch.iter_mut() {
-                seq.poisoned = true;
+        let mut running: Vec<&mut LlamaSequence> = batch
+            .iter_mut()
+            .filter_map(|a| match &mut **a {
+                Admission::Running(s) => Some(&mut **s),
+                _ => None,
+            })
+            .collect();
+        let mut outs: Vec<SeqOutput<Summary>> =
+            at.iter().map(|&i| std::mem::take(&mut out[i])).collect();
+        if let Err(e) = self.step_running(model, &mut running, &mut outs) {
+            // The failure ends the sequences that took part in the step, not those still preparing.
+            tracing::warn!(error = %e, sequences = at.len(), "step failed");
+            for o in outs.iter_mut() {
+                o.fail(e.clone());
             }
         }
-        result.map_err(Into::into)
+        for (i, o) in at.into_iter().zip(outs) {
+            out[i] = o;
+        }
+        Ok(())
     }
 
-    fn release(&mut self, model: &mut Serving, seq: LlamaSequence) {
+    fn release(&mut self, model: &mut Serving, seq: Admission) {
+        // A request still preparing holds no slot: dropping it cancels what is left of its preparation.
+        let Admission::Running(seq) = seq else {
+            return;
+        };
         let slot = &mut model.slots[seq.slot];
         slot.busy = false;
         if seq.poisoned {
@@ -539,17 +553,186 @@ impl ModelRunner for LlamaRunner {
     }
 }
 
+impl LlamaRunner {
+    /// Admits a request whose prompt has its media placed ([`placed_ids`]) into a slot.
+    fn admit_placed(
+        &mut self,
+        model: &mut Serving,
+        request: Request,
+        placed: (Vec<LlamaToken>, Vec<media::MediaSpan>),
+    ) -> Result<Box<LlamaSequence>, EngineFailure> {
+        let Serving {
+            cell,
+            slots,
+            clock,
+            drafts,
+            pool,
+            pool_budget,
+            copy_pending,
+            ..
+        } = model;
+        *clock += 1;
+        let now = *clock;
+        // No saves while a stream copy may still land on a slot (see `Serving::copy_pending`).
+        let budget = if *copy_pending { 0 } else { *pool_budget };
+        let admitted = cell.with_dependent_mut(|loaded, ctx| {
+            LlamaSequence::admit(loaded, ctx, slots, (pool, budget), now, request, placed)
+        });
+        self.pool_held = (pool.len(), pool.bytes());
+        let mut seq = admitted.map_err(EngineFailure::from)?;
+        // A seeded sampled request decodes plainly: a verification's batch rounds the logits otherwise than
+        // a one-token step, which can move a seeded draw, and a seed promises the same tokens every time.
+        // A grammar-constrained request decodes plainly too, as on the MLX engine (its mask is built per
+        // position on the host).
+        // A prompt with media too: a draft model cannot see or hear it, and an assistant drafts from the
+        // hidden state of a token, which a media decode does not give (llama.cpp's driver skips them too).
+        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
+            seq.spec = drafts.as_ref().map(|d| Controller::new(d.config().clone()));
+            seq.hidden_width = drafts.as_ref().map_or(0, |d| d.hidden_width());
+        }
+        Ok(Box::new(seq))
+    }
+
+    /// Admits the requests of `batch` whose media are now prepared; a refusal ends its request in its
+    /// `out` entry. When no request of the batch runs, waits a little ([`PREPARING_WAIT`]) for the first
+    /// one preparing rather than have the host spin.
+    fn admit_prepared(
+        &mut self,
+        model: &mut Serving,
+        batch: &mut [&mut Admission],
+        out: &mut [SeqOutput<Summary>],
+    ) {
+        let mut wait = if batch.iter().any(|a| matches!(**a, Admission::Running(_))) {
+            Duration::ZERO
+        } else {
+            PREPARING_WAIT
+        };
+        for (a, o) in batch.iter_mut().zip(out.iter_mut()) {
+            let Admission::Preparing(p) = &mut **a else {
+                continue;
+            };
+            let Some(prepared) = p.preparation.take(std::mem::take(&mut wait)) else {
+                continue;
+            };
+            let Admission::Preparing(p) = std::mem::replace(&mut **a, Admission::Refused) else {
+                continue;
+            };
+            let Pending { request, ids, .. } = *p;
+            let placed = prepared.and_then(|(images, audio)| match model.mtmd.as_ref() {
+                Some(m) => m.place(ids, images, audio),
+                None => Err(LlamaError::Runtime("the mmproj is gone".into())),
+            });
+            match placed
+                .map_err(EngineFailure::from)
+                .and_then(|placed| self.admit_placed(model, request, placed))
+            {
+                Ok(seq) => **a = Admission::Running(seq),
+                Err(e) => {
+                    tracing::warn!(error = %e, "request refused");
+                    o.fail(e);
+                }
+            }
+        }
+    }
+
+    /// One step of the admitted sequences (see [`step`]).
+    fn step_running(
+        &mut self,
+        model: &mut Serving,
+        batch: &mut [&mut LlamaSequence],
+        out: &mut [SeqOutput<Summary>],
+    ) -> Result<(), EngineFailure> {
+        let chunk = self.config.batch_size as usize;
+        let Serving {
+            mtmd,
+            cell,
+            drafts,
+            slots,
+            pool,
+            copy_pending,
+            ..
+        } = model;
+        let (speculated, largest_verify) = (&mut self.speculated, &mut self.largest_verify);
+        let result = cell.with_dependent_mut(|loaded, ctx| {
+            step(
+                loaded,
+                (ctx, mtmd.as_ref()),
+                (drafts.as_mut(), speculated, largest_verify),
+                Shared {
+                    slots,
+                    pool,
+                    copy_pending: &mut *copy_pending,
+                },
+                batch,
+                out,
+                chunk,
+            )
+        });
+        self.pool_held = (pool.len(), pool.bytes());
+        if result.is_ok() {
+            *copy_pending = false;
+        }
+        if result.is_err() {
+            // What the failed decode left in these sequences' KV is unknown: their slots start clean.
+            for seq in batch.iter_mut() {
+                seq.poisoned = true;
+            }
+        }
+        result.map_err(Into::into)
+    }
+}
+
+/// A request's prompt before its media are placed: its token ids (videos expanded, each image, frame and
+/// clip still one placeholder) and its images (and video frames) and clips, in prompt order.
+pub(crate) struct Plan {
+    pub(crate) ids: Vec<LlamaToken>,
+    pub(crate) images: Vec<media::Item>,
+    pub(crate) audio: Vec<media::Item>,
+}
+
+impl Plan {
+    pub(crate) fn has_media(&self) -> bool {
+        !self.images.is_empty() || !self.audio.is_empty()
+    }
+}
+
 /// The prompt of `request` as the sequence holds it: its token ids with each image, clip and video frame
-/// in the place of its placeholder ([`media::Mtmd::place`]; videos expanded first,
-/// [`media::expand_videos`]), and where they are.
+/// in the place of its placeholder ([`plan`], then [`media::Mtmd::place`]), and where they are. Prepares
+/// the media on the calling thread: admission prepares them on a thread of their own
+/// ([`media::Preparation`]).
 ///
-/// Errors: a prompt that does not tokenize; media without an mmproj that takes it, or not matching the
-/// placeholders; videos in a prompt of token ids (their frames are stamped with their times in text).
+/// Errors: those of [`plan`]; an image or clip libmtmd refuses.
 pub(crate) fn placed_ids(
     loaded: &Loaded,
     mtmd: Option<&media::Mtmd>,
     request: &Request,
 ) -> Result<(Vec<LlamaToken>, Vec<media::MediaSpan>)> {
+    let plan = plan(loaded, mtmd, request)?;
+    match mtmd {
+        Some(m) if plan.has_media() => {
+            let prepared = m
+                .towers()
+                .prepare_all(
+                    (&plan.images, &plan.audio),
+                    &std::sync::atomic::AtomicBool::new(false),
+                )
+                .unwrap_or_else(|| {
+                    Err(LlamaError::Runtime("media preparation cancelled".into()))
+                })?;
+            m.place(plan.ids, prepared.0, prepared.1)
+        }
+        _ => Ok((plan.ids, vec![])),
+    }
+}
+
+/// `request`'s prompt tokenized, checked and ready for its media to be prepared and placed: the token ids
+/// with one placeholder per image, clip and video frame (videos expanded first,
+/// [`media::expand_videos`]), and the items in their order. Cheap: tokenizing only.
+///
+/// Errors: a prompt that does not tokenize; media without an mmproj that takes it, or not matching the
+/// placeholders; a prompt that ends with media; videos in a prompt of token ids (their frames are stamped
+/// with their times in text).
+pub(crate) fn plan(loaded: &Loaded, mtmd: Option<&media::Mtmd>, request: &Request) -> Result<Plan> {
     let no_media =
         request.images.is_empty() && request.audio.is_empty() && request.videos.is_empty();
     let ids = if request.videos.is_empty() {
@@ -566,7 +749,11 @@ pub(crate) fn placed_ids(
         )));
     }
     if no_media {
-        return Ok((ids, vec![]));
+        return Ok(Plan {
+            ids,
+            images: vec![],
+            audio: vec![],
+        });
     }
     let what = if !request.images.is_empty() {
         "images"
@@ -595,10 +782,10 @@ pub(crate) fn placed_ids(
                 .into(),
         ));
     }
-    let (ids, spans) = if request.videos.is_empty() {
-        let images: Vec<media::Item<'_>> = request.images.iter().map(media::Item::Image).collect();
-        let audio: Vec<media::Item<'_>> = request.audio.iter().map(media::Item::Audio).collect();
-        mtmd.place(ids, &images, &audio)?
+    let (ids, images, audio) = if request.videos.is_empty() {
+        let images = request.images.iter().cloned().map(media::Item::Image);
+        let audio = request.audio.iter().cloned().map(media::Item::Audio);
+        (ids, images.collect(), audio.collect())
     } else {
         let text = loaded.prompt_text(&request.prompt)?.ok_or_else(|| {
             LlamaError::InvalidRequest(
@@ -613,15 +800,16 @@ pub(crate) fn placed_ids(
             &request.videos,
             hears,
         )?;
-        mtmd.place(loaded.tokenize(&text), &images, &audio)?
+        (loaded.tokenize(&text), images, audio)
     };
-    if spans.last().is_some_and(|s| s.end() == ids.len()) {
+    mtmd.check_places(&ids, images.len(), audio.len())?;
+    if ids.last().is_some_and(|&t| mtmd.is_placeholder(t)) {
         return Err(LlamaError::InvalidRequest(
             "the prompt ends with media: the model reads the next token from the text after it"
                 .into(),
         ));
     }
-    Ok((ids, spans))
+    Ok(Plan { ids, images, audio })
 }
 
 pub(crate) fn last_chunk_start(n: usize, batch: usize) -> usize {
@@ -718,16 +906,16 @@ impl LlamaSequence {
     /// Checks and tokenizes a request and gives it the free slot whose cache keeps the most of its prompt
     /// (the least recently used one when none keeps anything: llama-server's slot choice), trimming that
     /// slot's KV to the reusable prefix.
+    /// `placed`: the request's prompt with its media placed ([`placed_ids`]).
     pub(crate) fn admit(
         loaded: &Loaded,
-        mtmd: Option<&media::Mtmd>,
         ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
         slots: &mut [Slot],
         (pool, budget): (&mut PrefixPool<Saved>, u64),
         now: u64,
         mut req: Request,
+        (ids, media): (Vec<LlamaToken>, Vec<media::MediaSpan>),
     ) -> Result<Self> {
-        let (ids, media) = placed_ids(loaded, mtmd, &req)?;
         if ids.is_empty() {
             return Err(LlamaError::InvalidRequest("the prompt is empty".into()));
         }
@@ -930,9 +1118,9 @@ impl LlamaSequence {
 pub(crate) fn step(
     loaded: &Loaded,
     // The context, and the mmproj's towers for the prompts' images and clips.
-    (ctx, mut mtmd): (
+    (ctx, mtmd): (
         &mut llama_cpp_2::context::LlamaContext<'_>,
-        Option<&mut media::Mtmd>,
+        Option<&media::Mtmd>,
     ),
     (drafts, speculated, largest_verify): (
         Option<&mut speculative::Drafter>,
@@ -1066,7 +1254,6 @@ pub(crate) fn step(
             }
             budget = budget.saturating_sub(len);
             let mtmd = mtmd
-                .as_deref_mut()
                 .ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
             let t0 = Instant::now();
             // A tower that fails on one request's media ends that request alone (its slot is cleared
@@ -1148,4 +1335,175 @@ pub(crate) fn prefill_chunk(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gguf(name: &str) -> std::path::PathBuf {
+        let p = jemma_fixtures::root()
+            .join("gguf")
+            .join(format!("{name}.gguf"));
+        assert!(
+            p.exists(),
+            "{} missing: run scripts/fixtures.sh",
+            p.display()
+        );
+        p
+    }
+
+    /// Steps `batch` once; the outputs, in its order.
+    fn step(
+        runner: &mut LlamaRunner,
+        model: &mut Serving,
+        batch: &mut [Admission],
+    ) -> Vec<SeqOutput<Summary>> {
+        let mut out: Vec<_> = batch.iter().map(|_| SeqOutput::default()).collect();
+        let mut refs: Vec<&mut Admission> = batch.iter_mut().collect();
+        runner.step(model, &mut refs, &mut out).unwrap();
+        out
+    }
+
+    /// Steps `seq` alone to its end; its generated tokens.
+    fn finish(runner: &mut LlamaRunner, model: &mut Serving, seq: Admission) -> Vec<u32> {
+        let mut batch = [seq];
+        for _ in 0..1000 {
+            let out = step(runner, model, &mut batch).pop().unwrap();
+            if let Some(end) = out.end {
+                let [seq] = batch;
+                runner.release(model, seq);
+                return end.unwrap().tokens;
+            }
+        }
+        panic!("no end in 1000 steps");
+    }
+
+    /// A request's images are prepared off the model thread, and the batch does not wait for them. While
+    /// its preparation cannot finish (libmtmd's context held here, as a large image or a video's frames
+    /// hold a preparation thread for tens of ms each), a running request decodes at every step and the
+    /// image request sits outside the batch, holding no slot; once its image is ready it joins and answers
+    /// as it does alone. A request refused once prepared (an image libmtmd cannot take) ends alone, and
+    /// one dropped while preparing frees nothing it did not hold.
+    #[test]
+    fn media_are_prepared_while_the_batch_decodes() {
+        let dir = jemma_fixtures::root().join("tiny-mm");
+        let mut c = LlamaConfig::new(gguf("tiny-mm-f32"));
+        c.mmproj_path = Some(gguf("mmproj-tiny-mm-f32"));
+        c.image_soft_tokens = 16;
+        c.context_length = Some(512);
+        c.parallel = 2;
+        let mut runner = LlamaRunner {
+            planned: c.parallel,
+            threads: 2,
+            speculated: SpeculativeStats::default(),
+            largest_verify: 0,
+            pool_budget: 0,
+            pool_held: (0, 0),
+            config: c,
+        };
+        let mut info = LlamaInfo {
+            input_modalities: vec![],
+            model_path: runner.config.model_path.clone(),
+            gpu_layers: 0,
+            threads: 2,
+            model_bytes: 0,
+            footprint_bytes: None,
+            speculative: None,
+            largest_verify_batch: 0,
+            prefix_cache_entries: 0,
+            prefix_cache_bytes: 0,
+        };
+        runner.plan(&mut info).unwrap();
+        let progress: Progress = Arc::new(|_| {});
+        let (mut model, _) = runner.load(&progress, &mut info).unwrap();
+        let square =
+            jemma_media::EncodedImage(std::fs::read(dir.join("square.png")).unwrap().into())
+                .decode(&Default::default())
+                .unwrap();
+        // The fixture's placeholder is token 20 (`<|image|>`).
+        let ids: Vec<u32> = [2, 105]
+            .into_iter()
+            .chain((0..20).map(|k| 107 + 13 * k))
+            .chain([20, 106, 105])
+            .collect();
+        let image_request = |image: &jemma_media::DecodedImage| Request {
+            images: vec![image.clone()],
+            ignore_eos: true,
+            ..Request::new(Prompt::Ids(ids.clone()), 6)
+        };
+        let text = Request {
+            ignore_eos: true,
+            ..Request::new(Prompt::Ids(vec![2, 105, 300, 301, 302]), 40)
+        };
+
+        let alone = runner
+            .admit(&mut model, image_request(&square), 512)
+            .unwrap();
+        assert!(matches!(alone, Admission::Preparing(_)));
+        let want = finish(&mut runner, &mut model, alone);
+        assert_eq!(want.len(), 6);
+        // The same pixels under another digest: the cache keeps the text before the image, not the
+        // image, so the image below is prepared and read afresh.
+        let mut again = square.clone();
+        again.digest ^= 1;
+
+        let towers = model.mtmd.as_ref().unwrap().towers();
+        let held = towers.hold();
+        let running = runner.admit(&mut model, text, 512).unwrap();
+        let waiting = runner
+            .admit(&mut model, image_request(&again), 512)
+            .unwrap();
+        let mut batch = [running, waiting];
+        for _ in 0..5 {
+            let out = step(&mut runner, &mut model, &mut batch);
+            assert!(
+                !out[0].events.is_empty() || out[0].end.is_some(),
+                "the running request steps"
+            );
+            assert!(out[1].events.is_empty() && out[1].end.is_none());
+            assert!(matches!(batch[1], Admission::Preparing(_)));
+            assert_eq!(
+                model.slots.iter().filter(|s| s.busy).count(),
+                1,
+                "a request preparing holds no slot"
+            );
+        }
+        drop(held);
+        let [running, waiting] = batch;
+        runner.release(&mut model, running);
+        assert_eq!(finish(&mut runner, &mut model, waiting), want);
+
+        // Refused once prepared: an image with no pixels.
+        let mut empty = square.clone();
+        empty.rgb = Arc::new(jemma_media::Rgb {
+            width: 0,
+            height: 0,
+            data: vec![],
+        });
+        empty.digest ^= 7;
+        let refused = runner
+            .admit(&mut model, image_request(&empty), 512)
+            .unwrap();
+        let mut batch = [refused];
+        let mut failure = None;
+        for _ in 0..1000 {
+            if let Some(end) = step(&mut runner, &mut model, &mut batch).pop().unwrap().end {
+                failure = Some(end.map(|_| ()).unwrap_err());
+                break;
+            }
+        }
+        assert!(
+            matches!(failure, Some(EngineFailure::InvalidRequest(_))),
+            "{failure:?}"
+        );
+        let [refused] = batch;
+        runner.release(&mut model, refused);
+        // Dropped while preparing: nothing held, nothing left busy.
+        let dropped = runner
+            .admit(&mut model, image_request(&square), 512)
+            .unwrap();
+        runner.release(&mut model, dropped);
+        assert!(model.slots.iter().all(|s| !s.busy));
+    }
 }
