@@ -231,3 +231,44 @@ fn a_stream_that_never_says_its_length_is_measured() {
     let times: Vec<f64> = v.frames.iter().map(|f| f.seconds.round()).collect();
     assert_eq!(times, [0.0, 1.0, 2.0, 3.0]);
 }
+
+/// A video as a browser's MediaRecorder writes it, recorded by Chromium (crates/media/tests/data,
+/// scripts/fixtures/record_mediarecorder.py): a live WebM of VP8 and Opus with no duration, 2.5 s of a
+/// canvas whose left half is grey level 0, 100 and 200 in seconds 0, 1 and 2, and a 440 Hz sine. Its length
+/// is measured, each frame shows its second's level, and the sound is the whole clip's.
+#[test]
+fn a_browsers_mediarecorder_webm_video_is_sampled() {
+    let path =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/mediarecorder-video.webm");
+    let v = ffmpeg()
+        .decode(
+            &std::fs::read(path).unwrap(),
+            &params(4, 30.0),
+            &Limits::default(),
+            u64::MAX,
+        )
+        .unwrap();
+    assert!((v.duration - 2.5).abs() < 0.15, "measured {} s", v.duration);
+    assert_eq!(v.frames.len(), 4);
+    for f in &v.frames {
+        let rgb = &f.image.rgb;
+        // The left half's mean, away from its edge.
+        let (mut sum, mut n) = (0f64, 0usize);
+        for y in 0..rgb.height {
+            for x in 0..rgb.width * 2 / 5 {
+                sum += rgb.data[(y * rgb.width + x) * 3] as f64;
+                n += 1;
+            }
+        }
+        let level = sum / n as f64;
+        let want = (f.seconds.floor() * 100.0).min(255.0);
+        assert!(
+            (level - want).abs() < 20.0,
+            "frame at {} s: level {level}, not {want}",
+            f.seconds
+        );
+    }
+    let sound = v.audio.expect("the recording's sound");
+    let secs = sound.samples.len() as f64 / jemma_media::audio::SAMPLE_RATE as f64;
+    assert!((secs - 2.5).abs() < 0.15, "sound of {secs} s");
+}
