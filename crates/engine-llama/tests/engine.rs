@@ -891,7 +891,8 @@ fn each_slot_keeps_its_conversation_and_the_least_recently_used_is_evicted() {
 /// - a request whose prompt opens like a running request's takes a copy of that request's KV stream and
 ///   reads only the rest (concurrent requests with one system prompt);
 /// - a conversation whose slot another request took over is saved in host memory and restored when it
-///   continues, in whichever slot is free;
+///   continues, in whichever slot is free, while the sliding window holds all of it; one past the
+///   window is read again (llama.cpp's restore of a window's cells does not read as a cold read does);
 /// - with `prefix_cache_bytes = 0` nothing is saved.
 ///
 /// Each answers bit for bit as a cold context that read the same batches ([`Session::replay`]).
@@ -942,39 +943,54 @@ fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
         assert_eq!(lp, top5(&reference), "shared {shared}: logprobs");
         assert_eq!(tokens.len(), 4);
     }
-    // Host memory: E is read alone (one token: its KV is exactly its prompt); two other conversations
-    // then take both slots, so E is saved; E's next turn finds no slot holding it.
-    let ev = doc(3, 777);
-    let (_, _, none) = answer(&e, &ev, 1);
-    assert_eq!(none, 0, "E is new");
+    // Host memory: F and G (inside the 512-token window) are read alone (one token: the KV is exactly the
+    // prompt); two other conversations then take both slots, so F and G are saved; each next turn finds
+    // no slot holding it and comes back from host memory, continued by 1 and by 64 tokens (continuations
+    // that read other logits than a cold replay when a state past the window is restored: see `save`).
+    let (f, g) = (doc(3, 301), doc(6, 457));
+    for conv in [&f, &g] {
+        let (_, _, none) = answer(&e, conv, 1);
+        assert_eq!(none, 0, "a new conversation");
+    }
     answer(&e, &doc(4, 120), 1);
     answer(&e, &doc(5, 130), 1);
     let st = e.status();
-    assert!(st.info.prefix_cache_entries >= 1, "{:?}", st.info);
+    assert!(st.info.prefix_cache_entries >= 2, "{:?}", st.info);
     let budget = gguf::kv_bytes_per_sequence(&path, Some(2048), 256).unwrap() * 2;
     assert!(
         st.info.prefix_cache_bytes > 0 && st.info.prefix_cache_bytes <= budget,
         "{} bytes saved, budget {budget}",
         st.info.prefix_cache_bytes
     );
-    let e2: Vec<u32> = ev.iter().copied().chain(9000..9041).collect();
-    let (_, lp, reused) = answer(&e, &e2, 3);
-    assert_eq!(reused, ev.len(), "E came back from host memory");
-    let mut ops = chunks(&ev);
-    ops.extend(chunks(&e2[ev.len()..]));
-    let reference = cold.replay(&ops, 2048, threads).unwrap();
-    assert_eq!(lp, top5(&reference), "restored E: logprobs");
+    for (conv, more) in [(&f, 1u32), (&g, 64)] {
+        let next: Vec<u32> = conv.iter().copied().chain(9000..9000 + more).collect();
+        let (_, lp, reused) = answer(&e, &next, 3);
+        assert_eq!(reused, conv.len(), "it came back from host memory");
+        let mut ops = chunks(conv);
+        ops.extend(chunks(&next[conv.len()..]));
+        let reference = cold.replay(&ops, 2048, threads).unwrap();
+        assert_eq!(lp, top5(&reference), "restored + {more}: logprobs");
+    }
+    // E, past the window, is not saved when its slot is taken over: its next turn reads it again.
+    let ev = doc(7, 777);
+    answer(&e, &ev, 1);
+    answer(&e, &doc(8, 140), 1);
+    answer(&e, &doc(9, 150), 1);
+    let e2: Vec<u32> = ev.iter().copied().chain(9100..9164).collect();
+    let (_, _, reused) = answer(&e, &e2, 1);
+    assert_eq!(reused, 0, "E was read again");
     drop(e);
-    // Off: the same turns read E again.
+    // Off: the same turns read F again.
     c.prefix_cache_bytes = Some(0);
     let off = LlamaEngine::start(c).unwrap();
     off.wait_ready().unwrap();
-    answer(&off, &ev, 1);
+    answer(&off, &f, 1);
     answer(&off, &doc(4, 120), 1);
     answer(&off, &doc(5, 130), 1);
     assert_eq!(off.status().info.prefix_cache_entries, 0);
-    let (_, _, reused) = answer(&off, &e2, 1);
-    assert_eq!(reused, 0, "nothing kept E");
+    let f2: Vec<u32> = f.iter().copied().chain(9000..9001).collect();
+    let (_, _, reused) = answer(&off, &f2, 1);
+    assert_eq!(reused, 0, "nothing kept F");
 }
 
 /// An engine on `target` speculating with `draft` at a fixed k (adaptive off: every step a round), or
