@@ -124,6 +124,17 @@ check("the same video again: the same answer, its prompt from the cache",
       and again.usage.prompt_tokens_details.cached_tokens
       >= watched.usage.prompt_tokens - plain.usage.prompt_tokens, again.usage)
 
+# A placeholder typed beside a video (no image sent) is text on both engines, not a 400 on this one.
+typed = "What is <|image|> here?"
+typed_gguf, typed_mlx = ask("fast", video=clip, text=typed), ask("primary", video=clip, text=typed)
+check("a typed <|image|> beside a video: read as its token, the prompt as long as on the MLX engine",
+      typed_gguf.usage.prompt_tokens == typed_mlx.usage.prompt_tokens
+      and typed_gguf.usage.prompt_tokens != watched.usage.prompt_tokens, (typed_gguf.usage, typed_mlx.usage))
+# Logprobs are not compared: the MLX engine, as mlx-vlm, reads a placeholder token's per-layer embedding as
+# the padding token's wherever it stands, llama.cpp reads the token's own (measured 0.13 apart here).
+check("and the typed token is read: another answer than the video's alone", first(typed_gguf) != first(watched),
+      (first(typed_gguf), first(watched)))
+
 # Refusals, in the API's own shape.
 for model, kw, what in (("heavy", {"image": picture}, "see"), ("heavy", {"audio": speech}, "hear")):
     try:

@@ -214,10 +214,21 @@ impl Item {
     }
 }
 
+/// Which of a prompt's `<|image|>` and `<|audio|>` tokens, in order, stand for media (true) and which are
+/// text a client typed (false): a request that sends no images reads every `<|image|>` as the token it
+/// is, as the MLX engine does, and likewise for clips.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Places {
+    pub image: Vec<bool>,
+    pub audio: Vec<bool>,
+}
+
 /// `text` (a rendered prompt) with each `<|video|>` expanded as Gemma 4's processor expands a video — for
 /// every frame `mm:ss <|image|>`, frames apart by a space — and, when `hears`, the video's sound as
 /// `<|audio|>` right after its last frame (where the MLX engine places it); with the media in the order
-/// their placeholders then come: (images and frames, clips and sounds).
+/// their placeholders then come: (images and frames, clips and sounds), and which `<|image|>` and
+/// `<|audio|>` of the text they are ([`Places`]: one the client typed beside a video, with no image sent,
+/// stays text).
 ///
 /// Errors ([`LlamaError::InvalidRequest`]): placeholders and media that do not pair up.
 pub(crate) fn expand_videos(
@@ -226,11 +237,12 @@ pub(crate) fn expand_videos(
     audio: &[jemma_media::audio::DecodedAudio],
     videos: &[jemma_media::video::DecodedVideo],
     hears: bool,
-) -> Result<(String, Vec<Item>, Vec<Item>)> {
+) -> Result<(String, Vec<Item>, Vec<Item>, Places)> {
     let bad = |m: String| LlamaError::InvalidRequest(m);
     let (mut next_image, mut next_clip, mut next_video) =
         (images.iter(), audio.iter(), videos.iter());
     let (mut seen, mut heard) = (vec![], vec![]);
+    let mut places = Places::default();
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     loop {
@@ -253,18 +265,25 @@ pub(crate) fn expand_videos(
         };
         match p {
             IMAGE => {
-                seen.push(Item::Image(
-                    next_image.next().ok_or_else(|| missing("images"))?.clone(),
-                ));
+                // Typed text when no image was sent.
+                if !images.is_empty() {
+                    seen.push(Item::Image(
+                        next_image.next().ok_or_else(|| missing("images"))?.clone(),
+                    ));
+                }
+                places.image.push(!images.is_empty());
                 out.push_str(IMAGE);
             }
             AUDIO => {
-                heard.push(Item::Audio(
-                    next_clip
-                        .next()
-                        .ok_or_else(|| missing("audio clips"))?
-                        .clone(),
-                ));
+                if !audio.is_empty() {
+                    heard.push(Item::Audio(
+                        next_clip
+                            .next()
+                            .ok_or_else(|| missing("audio clips"))?
+                            .clone(),
+                    ));
+                }
+                places.audio.push(!audio.is_empty());
                 out.push_str(AUDIO);
             }
             _ => {
@@ -276,10 +295,12 @@ pub(crate) fn expand_videos(
                     out.push_str(&jemma_media::video::timestamp(f.seconds));
                     out.push(' ');
                     out.push_str(IMAGE);
+                    places.image.push(true);
                     seen.push(Item::Frame(f.image.clone()));
                 }
                 if let Some(sound) = v.audio.as_ref().filter(|_| hears) {
                     out.push_str(AUDIO);
+                    places.audio.push(true);
                     heard.push(Item::Audio(sound.clone()));
                 }
             }
@@ -292,7 +313,7 @@ pub(crate) fn expand_videos(
                 .into(),
         ));
     }
-    Ok((out, seen, heard))
+    Ok((out, seen, heard, places))
 }
 
 impl Mtmd {
@@ -382,20 +403,65 @@ impl Mtmd {
         )
     }
 
-    /// Whether `t` is an image's or a clip's placeholder.
-    pub fn is_placeholder(&self, t: LlamaToken) -> bool {
-        Some(t) == self.image_id || Some(t) == self.audio_id
-    }
-
-    /// Checks that `ids` name as many images (and video frames) and clips with their placeholders as
-    /// `images` and `audio` hold — cheap, so a request whose media do not pair up is refused before any
-    /// is prepared.
-    ///
-    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items.
-    pub fn check_places(&self, ids: &[LlamaToken], images: usize, audio: usize) -> Result<()> {
+    /// [`Places`] for `ids` when every `<|image|>` stands for an image if the request sent any
+    /// (`images`), and every `<|audio|>` for a clip if it sent any (`audio`).
+    pub fn places(&self, ids: &[LlamaToken], images: bool, audio: bool) -> Places {
         let count =
             |id: Option<LlamaToken>| id.map_or(0, |id| ids.iter().filter(|&&t| t == id).count());
-        let (places, hears) = (count(self.image_id), count(self.audio_id));
+        Places {
+            image: vec![images; count(self.image_id)],
+            audio: vec![audio; count(self.audio_id)],
+        }
+    }
+
+    /// What each token of `ids` stands for, in order: Some(true) for an image or frame, Some(false) for a
+    /// clip, None for a token read as text (per `places`).
+    ///
+    /// Errors ([`LlamaError::Runtime`]): `places` that do not describe `ids`.
+    fn kinds(&self, ids: &[LlamaToken], places: &Places) -> Result<Vec<Option<bool>>> {
+        let all = self.places(ids, true, true);
+        if (all.image.len(), all.audio.len()) != (places.image.len(), places.audio.len()) {
+            return Err(LlamaError::Runtime(
+                "the prompt's media placeholders and their record disagree".into(),
+            ));
+        }
+        let (mut image, mut audio) = (places.image.iter(), places.audio.iter());
+        Ok(ids
+            .iter()
+            .map(|&t| {
+                if Some(t) == self.image_id {
+                    image.next().copied().unwrap_or(false).then_some(true)
+                } else if Some(t) == self.audio_id {
+                    audio.next().copied().unwrap_or(false).then_some(false)
+                } else {
+                    None
+                }
+            })
+            .collect())
+    }
+
+    /// Whether `ids` end with an image's or a clip's placeholder (per `places`).
+    ///
+    /// Errors: those of [`Mtmd::kinds`].
+    pub fn ends_with_media(&self, ids: &[LlamaToken], places: &Places) -> Result<bool> {
+        Ok(self.kinds(ids, places)?.last().copied().flatten().is_some())
+    }
+
+    /// Checks that `ids` name as many images (and video frames) and clips with their placeholders (per
+    /// `places`) as `images` and `audio` hold — cheap, so a request whose media do not pair up is refused
+    /// before any is prepared.
+    ///
+    /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items.
+    pub fn check_places(
+        &self,
+        ids: &[LlamaToken],
+        places: &Places,
+        images: usize,
+        audio: usize,
+    ) -> Result<()> {
+        let kinds = self.kinds(ids, places)?;
+        let places = kinds.iter().filter(|&&k| k == Some(true)).count();
+        let hears = kinds.iter().filter(|&&k| k == Some(false)).count();
         if places > images {
             return Err(LlamaError::InvalidRequest(
                 "the prompt has more image placeholders than images".into(),
@@ -419,29 +485,31 @@ impl Mtmd {
         self.towers.clone()
     }
 
-    /// `ids` with each media placeholder replaced by its item's span (`images` — images and video
-    /// frames — and `audio`, prepared by [`Towers::prepare`], taken in the order their placeholders come),
-    /// and the spans. The spans' soft tokens are [`soft_ids`].
+    /// `ids` with each media placeholder (per `places`) replaced by its item's span (`images` — images and
+    /// video frames — and `audio`, prepared by [`Towers::prepare`], taken in the order their placeholders
+    /// come), and the spans. The spans' soft tokens are [`soft_ids`].
     ///
     /// Errors ([`LlamaError::InvalidRequest`]): more or fewer placeholders than items.
     pub fn place(
         &self,
         ids: Vec<LlamaToken>,
+        places: &Places,
         images: Vec<Prepared>,
         audio: Vec<Prepared>,
     ) -> Result<(Vec<LlamaToken>, Vec<MediaSpan>)> {
-        self.check_places(&ids, images.len(), audio.len())?;
+        self.check_places(&ids, places, images.len(), audio.len())?;
+        let kinds = self.kinds(&ids, places)?;
         let (mut next_image, mut next_audio) = (images.into_iter(), audio.into_iter());
         let mut out = Vec::with_capacity(ids.len());
         let mut spans = vec![];
-        for t in ids {
-            let item = if Some(t) == self.image_id {
-                next_image.next()
-            } else if Some(t) == self.audio_id {
-                next_audio.next()
-            } else {
-                out.push(t);
-                continue;
+        for (t, kind) in ids.into_iter().zip(kinds) {
+            let item = match kind {
+                Some(true) => next_image.next(),
+                Some(false) => next_audio.next(),
+                None => {
+                    out.push(t);
+                    continue;
+                }
             };
             // `check_places` counted them.
             let Some(Prepared { chunks, digest }) = item else {
@@ -712,15 +780,23 @@ mod tests {
         };
         let (images, audio, videos) = ([image(1)], [clip(2)], [video]);
         let text = "<bos>A <|image|> B <|video|> C <|audio|>";
-        let (out, seen, heard) = expand_videos(text, &images, &audio, &videos, true).unwrap();
+        let (out, seen, heard, places) =
+            expand_videos(text, &images, &audio, &videos, true).unwrap();
         assert_eq!(
             out,
             "<bos>A <|image|> B 00:00 <|image|> 00:01 <|image|> 01:05 <|image|><|audio|> C <|audio|>"
         );
         assert_eq!(kinds(&seen), [('i', 1), ('f', 10), ('f', 11), ('f', 12)]);
         assert_eq!(kinds(&heard), [('a', 20), ('a', 2)]);
+        assert_eq!(
+            places,
+            Places {
+                image: vec![true; 4],
+                audio: vec![true; 2]
+            }
+        );
         // A model that does not hear is shown the frames only.
-        let (out, _, heard) = expand_videos(text, &images, &audio, &videos, false).unwrap();
+        let (out, _, heard, _) = expand_videos(text, &images, &audio, &videos, false).unwrap();
         assert!(out.contains("01:05 <|image|> C"), "{out}");
         assert_eq!(kinds(&heard), [('a', 2)]);
         // Placeholders and media that do not pair up.
@@ -733,13 +809,30 @@ mod tests {
                 .unwrap_err();
             assert!(matches!(e, LlamaError::InvalidRequest(_)), "{e}");
         }
-        let e = expand_videos("<|image|>", &[], &[], &[], true)
+        let e = expand_videos("<|image|><|image|>", &images, &[], &[], true)
             .map(|_| ())
             .unwrap_err();
         assert!(
             e.to_string()
                 .contains("more <|image|> placeholders than the request has images"),
             "{e}"
+        );
+        // Typed beside a video with no image or clip sent, `<|image|>` and `<|audio|>` stay text (as on
+        // the MLX engine): only the frames and the sound are media.
+        let typed = "<bos>what is <|image|> or <|audio|>? <|video|>";
+        let (out, seen, heard, places) = expand_videos(typed, &[], &[], &videos, true).unwrap();
+        assert!(
+            out.starts_with("<bos>what is <|image|> or <|audio|>? 00:00 <|image|>"),
+            "{out}"
+        );
+        assert_eq!(kinds(&seen), [('f', 10), ('f', 11), ('f', 12)]);
+        assert_eq!(kinds(&heard), [('a', 20)]);
+        assert_eq!(
+            places,
+            Places {
+                image: vec![false, true, true, true],
+                audio: vec![false, true]
+            }
         );
     }
 }

@@ -252,6 +252,8 @@ pub(crate) struct Pending {
     pub(crate) request: Request,
     /// Its prompt's ids, one placeholder per image, frame and clip ([`plan`]).
     pub(crate) ids: Vec<LlamaToken>,
+    /// Which placeholder tokens of `ids` stand for media ([`Plan::places`]).
+    pub(crate) places: media::Places,
     pub(crate) preparation: media::Preparation,
 }
 
@@ -315,11 +317,10 @@ impl ModelRunner for LlamaRunner {
             .with_n_seq_max(parallel)
             .with_kv_unified(false)
             // Sliding-window layers keep every cell (the C API's default, made explicit), not just their
-            // window and a batch (llama-server's `swa_full = false`): then a trim back past the window
-            // stays exact, and a saved state restores exactly; with a ring, measured on Gemma 3 270M,
-            // llama.cpp restored a state whose ring had wrapped (a sequence longer than window + batch)
-            // with logprobs off by up to 0.3. The cost is KV memory, which the footprint counts
-            // (`gguf::footprint`).
+            // window and a batch (llama-server's `swa_full = false`): then a slot cut back past the window
+            // still holds the window it resumes with. (Host-memory saves are no help there: llama.cpp
+            // restores a state past the window inexactly, so none is kept; see `save`.) The cost is KV
+            // memory, which the footprint counts (`gguf::footprint`).
             .with_swa_full(true)
             // A decode step carries one token per sequence: the batch must hold them all.
             .with_n_batch(self.batch())
@@ -446,6 +447,7 @@ impl ModelRunner for LlamaRunner {
             Ok(preparation) => Ok(Admission::Preparing(Box::new(Pending {
                 request,
                 ids: plan.ids,
+                places: plan.places,
                 preparation,
             }))),
             Err((images, audio)) => {
@@ -458,7 +460,9 @@ impl ModelRunner for LlamaRunner {
                     .unwrap_or_else(|| {
                         Err(LlamaError::Runtime("media preparation cancelled".into()))
                     })
-                    .and_then(|(images, audio)| mtmd.place(plan.ids, images, audio))?;
+                    .and_then(|(images, audio)| {
+                        mtmd.place(plan.ids, &plan.places, images, audio)
+                    })?;
                 self.admit_placed(model, request, placed)
                     .map(Admission::Running)
             }
@@ -617,9 +621,14 @@ impl LlamaRunner {
             let Admission::Preparing(p) = std::mem::replace(&mut **a, Admission::Refused) else {
                 continue;
             };
-            let Pending { request, ids, .. } = *p;
+            let Pending {
+                request,
+                ids,
+                places,
+                ..
+            } = *p;
             let placed = prepared.and_then(|(images, audio)| match model.mtmd.as_ref() {
-                Some(m) => m.place(ids, images, audio),
+                Some(m) => m.place(ids, &places, images, audio),
                 None => Err(LlamaError::Runtime("the mmproj is gone".into())),
             });
             match placed
@@ -688,6 +697,8 @@ pub(crate) struct Plan {
     pub(crate) ids: Vec<LlamaToken>,
     pub(crate) images: Vec<media::Item>,
     pub(crate) audio: Vec<media::Item>,
+    /// Which placeholder tokens of `ids` stand for the items (the others are text).
+    pub(crate) places: media::Places,
 }
 
 impl Plan {
@@ -719,7 +730,7 @@ pub(crate) fn placed_ids(
                 .unwrap_or_else(|| {
                     Err(LlamaError::Runtime("media preparation cancelled".into()))
                 })?;
-            m.place(plan.ids, prepared.0, prepared.1)
+            m.place(plan.ids, &plan.places, prepared.0, prepared.1)
         }
         _ => Ok((plan.ids, vec![])),
     }
@@ -753,6 +764,7 @@ pub(crate) fn plan(loaded: &Loaded, mtmd: Option<&media::Mtmd>, request: &Reques
             ids,
             images: vec![],
             audio: vec![],
+            places: media::Places::default(),
         });
     }
     let what = if !request.images.is_empty() {
@@ -782,10 +794,11 @@ pub(crate) fn plan(loaded: &Loaded, mtmd: Option<&media::Mtmd>, request: &Reques
                 .into(),
         ));
     }
-    let (ids, images, audio) = if request.videos.is_empty() {
+    let (ids, images, audio, places) = if request.videos.is_empty() {
         let images = request.images.iter().cloned().map(media::Item::Image);
         let audio = request.audio.iter().cloned().map(media::Item::Audio);
-        (ids, images.collect(), audio.collect())
+        let places = mtmd.places(&ids, !request.images.is_empty(), !request.audio.is_empty());
+        (ids, images.collect(), audio.collect(), places)
     } else {
         let text = loaded.prompt_text(&request.prompt)?.ok_or_else(|| {
             LlamaError::InvalidRequest(
@@ -793,23 +806,28 @@ pub(crate) fn plan(loaded: &Loaded, mtmd: Option<&media::Mtmd>, request: &Reques
                     .into(),
             )
         })?;
-        let (text, images, audio) = media::expand_videos(
+        let (text, images, audio, places) = media::expand_videos(
             &text,
             &request.images,
             &request.audio,
             &request.videos,
             hears,
         )?;
-        (loaded.tokenize(&text), images, audio)
+        (loaded.tokenize(&text), images, audio, places)
     };
-    mtmd.check_places(&ids, images.len(), audio.len())?;
-    if ids.last().is_some_and(|&t| mtmd.is_placeholder(t)) {
+    mtmd.check_places(&ids, &places, images.len(), audio.len())?;
+    if mtmd.ends_with_media(&ids, &places)? {
         return Err(LlamaError::InvalidRequest(
             "the prompt ends with media: the model reads the next token from the text after it"
                 .into(),
         ));
     }
-    Ok(Plan { ids, images, audio })
+    Ok(Plan {
+        ids,
+        images,
+        audio,
+        places,
+    })
 }
 
 pub(crate) fn last_chunk_start(n: usize, batch: usize) -> usize {
