@@ -709,6 +709,53 @@ mod tests {
         assert_eq!(c.next_k(1, 1000), 0);
     }
 
+    /// After rounds whose drafts never stood have stopped speculation, text that drafts well again is found
+    /// by the next probe (within [`PROBE_INTERVAL`] plain steps) and drafted at full `k` within a few
+    /// rounds: the decaying counts forget the bad stretch in about as many rounds as it took to learn it
+    /// (counts that never decayed would hold `k` down for as long as the bad stretch lasted).
+    #[test]
+    fn controller_recovers_once_drafts_stand_again() {
+        let ms = Duration::from_millis;
+        let mut c = Controller::new(SpeculativeConfig::default());
+        c.record_plain(ms(10));
+        c.record_plain(ms(10));
+        // A hard stretch: every draft falls until the controller stops.
+        let mut rounds = 0;
+        loop {
+            let k = c.next_k(1, 1000);
+            if k == 0 {
+                break;
+            }
+            rounds += 1;
+            assert!(rounds < 100, "it never stopped");
+            c.record_round(k, 0, ms(2) * k as u32, ms(11));
+        }
+        // Easy text from here: every draft stands. Plain steps until the probe, then rounds up to full k.
+        let (mut plain, mut rounds) = (0, 0);
+        loop {
+            match c.next_k(1, 1000) {
+                0 => {
+                    plain += 1;
+                    assert!(
+                        plain <= PROBE_INTERVAL,
+                        "no probe after {plain} plain steps"
+                    );
+                    c.record_plain(ms(10));
+                }
+                k => {
+                    rounds += 1;
+                    if k == DEFAULT_DRAFT_TOKENS {
+                        break;
+                    }
+                    assert!(rounds < 8, "k still {k} after {rounds} rounds");
+                    c.record_round(k, k, ms(2) * k as u32, ms(11));
+                }
+            }
+        }
+        // Measured: k = 1, 1, 1, 2, 3, 3, then 4 (α from 0.32 to 0.87 as the bad stretch decays away).
+        assert!(rounds <= 8, "{rounds} rounds to full k");
+    }
+
     #[test]
     fn fixed_k_when_not_adaptive() {
         let mut c = Controller::new(SpeculativeConfig {
