@@ -39,7 +39,8 @@ pub struct LlamaConfig {
     /// Speculative decoding with a draft GGUF (None: off).
     pub speculative: Option<LlamaSpeculative>,
     /// Host memory for sequence caches kept beyond the slots (llama-server's `--cache-ram`), bytes: when
-    /// a request takes over a slot, the conversation the slot held is saved here, and a later prompt that
+    /// a request takes over a slot, the conversation the slot held is saved here (if the model's sliding
+    /// window holds all of it: llama.cpp restores a longer one inexactly), and a later prompt that
     /// continues it is restored from here instead of read again. Counted in the footprint the memory budget
     /// governs. None: [`default_prefix_cache_bytes`]; 0: off.
     pub prefix_cache_bytes: Option<u64>,
@@ -86,9 +87,12 @@ impl LlamaConfig {
 
 /// Host memory kept for saved sequence caches by default, bytes: one slot's KV (`kv_per_sequence`, as
 /// much as a full-context conversation or several shorter ones hold), at most 8 GiB (llama-server's
-/// `--cache-ram` default). It is reserved with the model, so more would cost slots on a tight budget.
-pub fn default_prefix_cache_bytes(kv_per_sequence: u64) -> u64 {
-    kv_per_sequence.min(8 << 30)
+/// `--cache-ram` default), and for a model with a sliding window at most what the pool can hold of the
+/// conversations it keeps (`kv_per_window`: one window's KV, times the pool's entries). It is reserved
+/// with the model, so more would cost slots on a tight budget.
+pub fn default_prefix_cache_bytes(kv_per_sequence: u64, kv_per_window: Option<u64>) -> u64 {
+    let pool = kv_per_window.map_or(u64::MAX, |w| w.saturating_mul(crate::POOL_ENTRIES as u64));
+    kv_per_sequence.min(pool).min(8 << 30)
 }
 
 /// Decode threads by default: every core but one above 4 cores (the gateway and the OS keep one), all of

@@ -260,6 +260,24 @@ pub fn footprint(
     Ok(e.file_bytes + n_seq * (e.kv_per_sequence + e.logits_per_sequence) + e.compute)
 }
 
+/// The model's sliding window (`<arch>.attention.sliding_window`), tokens; None for a model without one.
+///
+/// Errors: the file cannot be read, or it lacks `general.architecture`.
+pub fn sliding_window(path: &Path) -> Result<Option<u32>> {
+    let meta = read_metadata(path)?;
+    let Some(Value::Str(arch)) = meta.get("general.architecture") else {
+        return Err(LlamaError::InvalidModel(
+            "GGUF has no general.architecture".into(),
+        ));
+    };
+    Ok(
+        match meta.get(&format!("{arch}.attention.sliding_window")) {
+            Some(Value::Int(w)) if *w > 0 => Some(*w as u32),
+            _ => None,
+        },
+    )
+}
+
 /// Bytes of KV cache one sequence holds at the served context, as [`footprint`] counts them (the
 /// unit llama.cpp's per-sequence KV streams are sized in).
 ///
@@ -368,5 +386,23 @@ mod footprint_tests {
         assert_eq!(served_context(2048, None), 2048);
         assert_eq!(served_context(2048, Some(4096)), 2048);
         assert_eq!(served_context(131072, Some(1000)), 1000);
+    }
+
+    /// The default pool holds one slot's KV, but no more than the pool's entries of one window each for a
+    /// model with a sliding window (the pool keeps only conversations within the window), and at most
+    /// 8 GiB. The window is the GGUF's: 512 for the real Gemma 3 270M.
+    #[test]
+    fn the_default_pool_holds_what_the_window_lets_it_keep() {
+        let path = jemma_fixtures::root().join("gguf/gemma-3-270m-q4_k_m.gguf");
+        assert_eq!(sliding_window(&path).unwrap(), Some(512));
+        let window = kv_bytes_per_sequence(&path, Some(512), 256).unwrap();
+        let pool = |kv| crate::default_prefix_cache_bytes(kv, Some(window));
+        assert_eq!(pool(10 * window), 10 * window);
+        assert_eq!(pool(100 * window), 64 * window);
+        assert_eq!(
+            crate::default_prefix_cache_bytes(100 * window, None),
+            100 * window
+        );
+        assert_eq!(crate::default_prefix_cache_bytes(u64::MAX, None), 8 << 30);
     }
 }

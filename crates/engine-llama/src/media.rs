@@ -122,6 +122,9 @@ pub(crate) struct Towers {
     video: Option<jemma_media::ImageParams>,
     /// Whether the mmproj hears audio.
     hears: bool,
+    /// Preparation threads whose requests went away before their media were ready: joined when the
+    /// towers go ([`Mtmd`]'s drop), not on the model thread when the request is dropped.
+    orphans: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 /// One image or clip in a prompt: its opening marker, soft tokens and closing marker from position
@@ -283,7 +286,10 @@ pub(crate) fn expand_videos(
                             .clone(),
                     ));
                 }
-                places.audio.push(!audio.is_empty());
+                // A model that does not hear has no placeholder id to count: the token is plain text.
+                if hears {
+                    places.audio.push(!audio.is_empty());
+                }
                 out.push_str(AUDIO);
             }
             _ => {
@@ -388,6 +394,7 @@ impl Mtmd {
                 image,
                 video,
                 ctx: RwLock::new(ctx),
+                orphans: std::sync::Mutex::new(vec![]),
             }),
             batch: batch as i32,
         })
@@ -649,12 +656,13 @@ type PreparedMedia = Result<(Vec<Prepared>, Vec<Prepared>)>;
 /// an image or a video's frames and libmtmd's preprocessing (tens of ms per image) hold up neither the
 /// running batch's decoding nor the admission of others: the request joins the batch once they are ready,
 /// as vLLM and text-generation-inference prepare inputs outside the engine loop (and as the MLX engine's
-/// media thread does). Dropping it cancels what is left and waits for the thread, which reads the model
-/// through libmtmd and so must end before the model is freed.
+/// media thread does). Dropping it cancels what is left (checked between items) without waiting: the
+/// thread, which reads the model through libmtmd, is joined when the towers go, before the model.
 pub(crate) struct Preparation {
     rx: Receiver<PreparedMedia>,
     cancel: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
+    towers: Arc<Towers>,
 }
 
 impl Preparation {
@@ -668,6 +676,7 @@ impl Preparation {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let cancel = Arc::new(AtomicBool::new(false));
         let stop = cancel.clone();
+        let mine_towers = towers.clone();
         // The items go to the thread through a slot it empties, so they come back if it cannot start.
         let work = Arc::new(std::sync::Mutex::new(Some((images, audio))));
         let mine = work.clone();
@@ -677,7 +686,7 @@ impl Preparation {
                 let Some((images, audio)) = mine.lock().ok().and_then(|mut w| w.take()) else {
                     return;
                 };
-                if let Some(done) = towers.prepare_all((&images, &audio), &stop) {
+                if let Some(done) = mine_towers.prepare_all((&images, &audio), &stop) {
                     let _ = tx.send(done);
                 }
             });
@@ -686,6 +695,7 @@ impl Preparation {
                 rx,
                 cancel,
                 thread: Some(thread),
+                towers,
             }),
             Err(e) => {
                 tracing::warn!(
@@ -721,7 +731,38 @@ impl Preparation {
 impl Drop for Preparation {
     fn drop(&mut self) {
         self.cancel.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
+        let Some(t) = self.thread.take() else {
+            return;
+        };
+        if t.is_finished() {
+            let _ = t.join();
+            return;
+        }
+        if let Ok(mut orphans) = self.towers.orphans.lock() {
+            // Those that have ended since are joined now, so the list stays short.
+            let (done, running): (Vec<_>, Vec<_>) =
+                orphans.drain(..).partition(|t| t.is_finished());
+            *orphans = running;
+            orphans.push(t);
+            drop(orphans);
+            for t in done {
+                let _ = t.join();
+            }
+        } else {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Mtmd {
+    /// Waits for the preparation threads of requests that went away: they read the model through
+    /// libmtmd, and the model goes right after the towers (`Serving` declares them first).
+    fn drop(&mut self) {
+        let orphans = match self.towers.orphans.lock() {
+            Ok(mut o) => std::mem::take(&mut *o),
+            Err(_) => return,
+        };
+        for t in orphans {
             let _ = t.join();
         }
     }
@@ -832,6 +873,16 @@ mod tests {
             Places {
                 image: vec![false, true, true, true],
                 audio: vec![false, true]
+            }
+        );
+        // A model that does not hear has no audio placeholder to count: the typed one is plain text.
+        let (_, _, heard, places) = expand_videos(typed, &[], &[], &videos, false).unwrap();
+        assert!(heard.is_empty());
+        assert_eq!(
+            places,
+            Places {
+                image: vec![false, true, true, true],
+                audio: vec![]
             }
         );
     }

@@ -170,13 +170,17 @@ impl LlamaRunner {
     pub(crate) fn pool_budget(&self) -> Result<u64, LoadError> {
         match self.config.prefix_cache_bytes {
             Some(b) => Ok(b),
-            None => gguf::kv_bytes_per_sequence(
-                &self.config.model_path,
-                self.config.context_length,
-                self.config.batch_size,
-            )
-            .map(default_prefix_cache_bytes)
-            .map_err(|e| LoadError::Failed(e.to_string())),
+            None => {
+                let path = &self.config.model_path;
+                let kv =
+                    |context| gguf::kv_bytes_per_sequence(path, context, self.config.batch_size);
+                // The pool keeps only conversations within the sliding window (`save`).
+                let window =
+                    gguf::sliding_window(path).and_then(|w| w.map(|w| kv(Some(w))).transpose());
+                kv(self.config.context_length)
+                    .and_then(|all| Ok(default_prefix_cache_bytes(all, window?)))
+                    .map_err(|e| LoadError::Failed(e.to_string()))
+            }
         }
     }
 }
