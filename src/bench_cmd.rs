@@ -14,13 +14,28 @@ use jemma_engine::device::select_device;
 use jemma_engine::generate::{GenerateOptions, generate};
 use jemma_engine::runtime::{ModelBundle, default_dtype};
 
+/// `n` token ids in `200..vocab`: a fixed linear-congruential sequence, the same prompt on every machine
+/// (no rand dependency).
+fn random_ids(vocab: u64, n: usize) -> Vec<u32> {
+    let mut x = 0x9E3779B97F4A7C15u64;
+    (0..n)
+        .map(|_| {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((x >> 33) % vocab.saturating_sub(200).max(1) + 200) as u32
+        })
+        .collect()
+}
+
 /// Arguments of `jemma bench`.
 #[derive(clap::Args)]
 pub struct Args {
-    /// Model directory (MLX engine), or a GGUF file (llama.cpp engine; needs --prompt-ids).
+    /// Model directory (MLX engine), or a GGUF file (llama.cpp engine).
     #[arg(long, required_unless_present = "mask_gguf")]
     model: Option<PathBuf>,
-    /// The prompt as comma-separated token ids (no BOS added) instead of --prompt-tokens random ones.
+    /// The prompt as comma-separated token ids (no BOS added) instead of --prompt-tokens random ones (a
+    /// GGUF's: its BOS, then random ids).
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<u32>>,
     /// llama.cpp: threads (default: as `jemma serve`).
@@ -58,6 +73,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    if cfg!(debug_assertions) {
+        // The engines' own code is optimised either way (MLX and llama.cpp build as Release), the host's
+        // Rust is not: rates read several times lower than a release build's.
+        eprintln!(
+            "note: a debug build of jemma: its rates are not representative (cargo build --release)"
+        );
+    }
     if let Some(gguf) = &args.mask_gguf {
         return mask_bench(gguf, args.runs.max(1));
     }
@@ -79,18 +101,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let bundle =
         ModelBundle::load(&model, dtype).with_context(|| format!("loading {}", model.display()))?;
     let vocab = bundle.model.config().vocab_size as u64;
-    // A fixed linear-congruential sequence: the same prompt on every machine, no rand dependency.
-    let mut x = 0x9E3779B97F4A7C15u64;
-    let prompt: Vec<u32> = args.prompt_ids.clone().unwrap_or_else(|| {
-        (0..args.prompt_tokens.max(1))
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 33) % (vocab - 200) + 200) as u32
-            })
-            .collect()
-    });
+    let prompt: Vec<u32> = args
+        .prompt_ids
+        .clone()
+        .unwrap_or_else(|| random_ids(vocab, args.prompt_tokens.max(1)));
     let mut opts = GenerateOptions {
         max_tokens: args.gen_tokens.max(1),
         ..Default::default()
@@ -155,18 +169,37 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 ))]
 fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
     use jemma_node::llama;
-    let ids = args
-        .prompt_ids
-        .clone()
-        .filter(|ids| !ids.is_empty())
-        .context("a GGUF's bench needs --prompt-ids")?;
+    let ids = match args.prompt_ids.clone() {
+        Some(ids) => ids,
+        None => {
+            // The GGUF's BOS, then random ids from its vocabulary.
+            let meta = llama::gguf::read_metadata(model)?;
+            let vocab = match meta.get("tokenizer.ggml.tokens") {
+                Some(llama::gguf::Value::Array(t)) => t.len() as u64,
+                _ => anyhow::bail!(
+                    "{}: the GGUF lists no vocabulary; pass --prompt-ids",
+                    model.display()
+                ),
+            };
+            let bos = match meta.get("tokenizer.ggml.bos_token_id") {
+                Some(llama::gguf::Value::Int(b)) => Some(*b as u32),
+                _ => None,
+            };
+            let n = args.prompt_tokens.max(2);
+            bos.into_iter()
+                .chain(random_ids(vocab, n - usize::from(bos.is_some())))
+                .collect()
+        }
+    };
+    anyhow::ensure!(!ids.is_empty(), "--prompt-ids names no token");
     // Each timed run rotates the ids after the first by its number: past len - 1 runs a rotation would
     // repeat, and a run would time a prompt already in a slot.
     anyhow::ensure!(
         ids.len() == 1 || args.runs.max(1) < ids.len() - 1,
-        "--runs {} needs more than {} prompt ids (each timed run reads a prompt no earlier run read)",
+        "--runs {} needs at least {} prompt ids: each timed run reads the ids after the first rotated by \
+         its number, so that no run finds its prompt cached",
         args.runs,
-        args.runs.max(1) + 1
+        args.runs.max(1) + 2
     );
     anyhow::ensure!(
         args.constraint.is_none(),

@@ -269,8 +269,8 @@ fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
 
 /// `jemma bench` on a GGUF times the llama.cpp engine as `jemma serve` runs it: its warm-up answers as
 /// `jemma generate` does on the same ids, and each timed run reads its prompt (a rotation of the ids, not
-/// found in a slot), so the prefill rate is a real one. Without ids, or with too few to rotate, it says
-/// what it needs.
+/// found in a slot), so the prefill rate is a real one. Without ids it reads the GGUF's BOS and random ids;
+/// with too few to rotate, it says what it needs.
 #[test]
 fn bench_on_a_gguf_times_the_llama_engine() {
     let model = fixture("tiny").parent().unwrap().join("gguf/tiny-f32.gguf");
@@ -311,9 +311,23 @@ fn bench_on_a_gguf_times_the_llama_engine() {
     let g: Value = serde_json::from_str(&stdout).unwrap();
     assert_eq!(b["tokens"], g["tokens"], "the warm-up's tokens");
     assert_eq!(b["tokens"].as_array().unwrap().len(), 6);
-    let (ok, _, stderr) = jemma(&["bench", "--model", m]);
-    assert!(!ok);
-    assert!(stderr.contains("--prompt-ids"), "{stderr}");
+    // Without ids: the GGUF's BOS and random ids from its vocabulary, --prompt-tokens of them.
+    let (ok, stdout, stderr) = jemma(&[
+        "bench",
+        "--model",
+        m,
+        "--prompt-tokens",
+        "12",
+        "--gen",
+        "2",
+        "--runs",
+        "1",
+        "--json",
+    ]);
+    assert!(ok, "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["prompt_tokens"], 12, "{r}");
+    assert!(r["max_cached_tokens"].as_u64().unwrap() <= 1, "{r}");
     // Three ids rotate two ways only: a third timed run would read the warm-up's prompt again.
     let (ok, _, stderr) = jemma(&[
         "bench",
@@ -326,7 +340,7 @@ fn bench_on_a_gguf_times_the_llama_engine() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("--runs 2 needs more than 3 prompt ids"),
+        stderr.contains("--runs 2 needs at least 4 prompt ids"),
         "{stderr}"
     );
 }

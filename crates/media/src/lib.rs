@@ -77,7 +77,7 @@ pub enum MediaError {
     AudioUnsupported(String),
     /// Bytes that are not a readable clip: HTTP 400.
     #[error(
-        "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC, Ogg Vorbis or Opus file"
+        "the audio could not be decoded ({0}); send a valid WAV, MP3, FLAC, M4A/AAC, Ogg Vorbis, Opus or WebM file"
     )]
     AudioCorrupt(String),
     /// Video this server cannot read (no ffmpeg, or it could not run): HTTP 415.

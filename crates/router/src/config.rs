@@ -604,7 +604,8 @@ impl Config {
             match c.kind {
                 TierKind::Local if c.model.is_empty() => {
                     return Err(RouterError::Config(format!(
-                        "tiers.{t}: a local tier needs model = \"<model dir>\""
+                        "tiers.{t}: a local tier needs model = \"<model directory or .gguf file>\" (a \
+                         disabled one too: it can be switched on while serving)"
                     )));
                 }
                 TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {

@@ -623,10 +623,10 @@ fn validate_media_url(
     if let Some(rest) = url.strip_prefix("data:") {
         let (meta, data) = rest
             .split_once(',')
-            .ok_or_else(|| RouterError::invalid("malformed data URL", param))?;
+            .ok_or_else(|| RouterError::invalid(format!("{param}: malformed data URL"), param))?;
         if !meta.starts_with(&format!("{kind}/")) || !meta.ends_with(";base64") {
             return Err(RouterError::invalid(
-                format!("data URL must be base64 {kind}/* data"),
+                format!("{param}: data URL must be base64 {kind}/* data"),
                 param,
             ));
         }
@@ -646,14 +646,17 @@ fn validate_media_url(
                 || b == b'\n'
                 || b == b'\r')
         }) {
-            return Err(RouterError::invalid("data URL is not valid base64", param));
+            return Err(RouterError::invalid(
+                format!("{param}: data URL is not valid base64"),
+                param,
+            ));
         }
         Ok(())
     } else if url.starts_with("http://") || url.starts_with("https://") {
         Ok(())
     } else {
         Err(RouterError::invalid(
-            format!("{kind}_url.url must be an http(s) or data: URL"),
+            format!("{param}: {kind}_url.url must be an http(s) or data: URL"),
             param,
         ))
     }
