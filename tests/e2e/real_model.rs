@@ -60,6 +60,17 @@ async fn gemma3_270m_knows_the_capital_of_france() {
             .contains("no chat template"),
         "{v}"
     );
+    // `/health` says so, which `model: auto` routes by (a chat goes to a tier whose model chats, where
+    // there is one: here none is, so it is refused as above).
+    let h: serde_json::Value = client
+        .get(format!("{}/health", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(h["tiers"]["fast"]["backend"]["chat"], false, "{h}");
 }
 
 fn assert_paris(v: &serde_json::Value) {

@@ -56,6 +56,8 @@ impl LlamaEngine {
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
+            chat_template: gguf::read_metadata(&config.model_path)
+                .is_ok_and(|m| m.contains_key("tokenizer.chat_template")),
         };
         let host_config = HostConfig {
             name,

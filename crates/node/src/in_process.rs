@@ -128,6 +128,12 @@ pub trait InProcess: Send + Sync + 'static {
         let _ = info;
         vec![Modality::Text]
     }
+    /// Whether the engine's model has a chat template (None: not known, taken to chat). A base model
+    /// answers `/v1/completions` only; the router sends `model: auto` chats elsewhere.
+    fn chats(info: &Self::Info) -> Option<bool> {
+        let _ = info;
+        None
+    }
     /// Why the engine's model cannot take `modality` when its own words say more than "it has no vision
     /// tower" (None: that default).
     fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {
@@ -354,6 +360,7 @@ impl<E: InProcess> Backend for EngineBackend<E> {
         }
         let mut h = engine_health(&s, details);
         h.input_modalities = Self::takes(&s.info);
+        h.chat = E::chats(&s.info);
         h
     }
 }
@@ -404,6 +411,7 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
         last_error: err,
         context_length: (s.context_length > 0).then_some(s.context_length),
         input_modalities: vec![],
+        chat: None,
         details,
     }
 }
@@ -623,6 +631,10 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
 
     fn input_modalities(info: &Self::Info) -> Vec<Modality> {
         info.input_modalities.clone()
+    }
+
+    fn chats(info: &Self::Info) -> Option<bool> {
+        Some(info.chat_template)
     }
 
     fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {

@@ -227,6 +227,10 @@ pub struct BackendHealth {
     /// What the model takes in; empty when not known (an upstream says so only by answering).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub input_modalities: Vec<Modality>,
+    /// Whether the model has a chat template, when known (false: a base model, which answers
+    /// `/v1/completions` only; None: not known, as of an upstream, and taken to chat).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub chat: Option<bool>,
     /// Extra figures (memory, queue).
     pub details: Value,
 }
@@ -235,6 +239,11 @@ impl BackendHealth {
     /// Whether the model is known not to see images (an unknown model may).
     pub fn refuses_images(&self) -> bool {
         self.refuses_any(&[Modality::Image])
+    }
+
+    /// Whether the model is known to have no chat template (a base model).
+    pub fn refuses_chat(&self) -> bool {
+        self.chat == Some(false)
     }
 
     /// Whether the model is known not to take one of `modalities` (an unknown model may take them all).

@@ -996,6 +996,14 @@ impl Backend for Pool {
             } else {
                 vec![]
             },
+            // A base model only if every member says so (a request may go to any).
+            chat: if !healths.is_empty() && healths.iter().all(|h| h.chat == Some(false)) {
+                Some(false)
+            } else if !healths.is_empty() && healths.iter().all(|h| h.chat == Some(true)) {
+                Some(true)
+            } else {
+                None
+            },
             details: json!({"endpoints": endpoints}),
         }
     }

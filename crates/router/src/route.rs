@@ -677,6 +677,31 @@ impl TierRouter {
                 rule: decision.rule,
             };
         }
+        // A chat goes where a model can render it: an automatic choice whose tier serves a base model (no
+        // chat template: it answers /v1/completions only) is moved to one that chats and takes its media.
+        let chats = |t: &Tier| {
+            self.tiers
+                .get(t)
+                .is_some_and(|s| !s.backend().health().refuses_chat())
+        };
+        if req.raw_prompt.is_none()
+            && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
+            && self.tiers.contains_key(&decision.tier)
+            && !chats(&decision.tier)
+            && let Some(t) = fallback_chain(decision.tier)
+                .into_iter()
+                .chain(self.tiers.keys().rev().copied())
+                .find(|t| chats(t) && sees(t) && self.tiers[t].enabled.load(Ordering::Relaxed))
+        {
+            decision = Decision {
+                reason: format!(
+                    "chat → {t}: the {} tier's model has no chat template (a base model; {})",
+                    decision.tier, decision.reason
+                ),
+                tier: t,
+                rule: decision.rule,
+            };
+        }
         // An explicitly named tier that is not configured is a client error; an automatic choice walks down
         // to what exists.
         let explicit = decision.rule == Rule::ExplicitTier;

@@ -55,6 +55,8 @@ pub struct Scripted {
     pub peer: AtomicBool,
     /// What its model takes in, as `/health` lists it (empty: not known).
     pub modalities: Mutex<Vec<Modality>>,
+    /// Whether its model has a chat template, as `/health` says (None: not known).
+    pub chat: Mutex<Option<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,7 +76,14 @@ impl Scripted {
             up: AtomicBool::new(true),
             peer: AtomicBool::new(false),
             modalities: Mutex::new(vec![]),
+            chat: Mutex::new(None),
         })
+    }
+
+    /// Says its model is a base model, with no chat template (as its `/health` would); returns it.
+    pub fn base_model(self: Arc<Self>) -> Arc<Self> {
+        *lock(&self.chat) = Some(false);
+        self
     }
 
     /// Says its model takes `modalities` (as its `/health` would list them); returns it, for chaining.
@@ -198,6 +207,7 @@ impl Backend for Scripted {
             model: self.name.into(),
             model_loaded: true,
             input_modalities: lock(&self.modalities).clone(),
+            chat: *lock(&self.chat),
             ..Default::default()
         }
     }

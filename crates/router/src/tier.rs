@@ -287,6 +287,7 @@ impl Backend for LocalTier {
                     last_error: error,
                     context_length: None,
                     input_modalities: vec![],
+                    chat: None,
                     details: json!({"swap": swap_json}),
                 }
             }

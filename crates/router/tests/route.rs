@@ -1003,3 +1003,39 @@ async fn audio_goes_to_a_tier_whose_model_hears_it() {
     let a = collect(r.chat(clip("heavy", false)).unwrap()).await;
     assert_eq!(a.text, "e2b");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_chat_goes_past_a_tier_that_serves_a_base_model() {
+    // A base model (no chat template: /v1/completions only) on primary, the default tier for a longer
+    // message; a chat model on fast.
+    let fast = Scripted::new("e2b", Script::Answer(vec!["e2b"]));
+    let primary = Scripted::new("gemma-3-270m", Script::Answer(vec!["base"])).base_model();
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
+    let long = "Tell me about the history of the printing press, the people who built the first \
+                presses and how the craft spread across the cities of Europe in its first century.";
+    let a = collect(r.chat(request("auto", long)).unwrap()).await;
+    let routing = a.routing.unwrap();
+    assert_eq!((a.text.as_str(), routing.tier.as_str()), ("e2b", "fast"));
+    assert!(
+        routing
+            .reason
+            .starts_with("chat → fast: the primary tier's model has no chat template"),
+        "{}",
+        routing.reason
+    );
+    // Named, a tier is taken as named (its engine refuses the chat itself).
+    let a = collect(r.chat(request("primary", long)).unwrap()).await;
+    assert_eq!(a.text, "base");
+    // A completion (a raw prompt) needs no template: it stays where the rules put it.
+    let mut completion = request("auto", long);
+    completion.raw_prompt = Some(long.into());
+    let a = collect(r.chat(completion).unwrap()).await;
+    assert_eq!(a.text, "base");
+    // With the tier's model unknown (an upstream), a chat goes where the rules put it.
+    *primary.chat.lock().unwrap() = None;
+    let a = collect(r.chat(request("auto", long)).unwrap()).await;
+    assert_eq!(a.text, "base");
+}
