@@ -15,7 +15,8 @@ pub struct Args {
     /// Configuration file (jemma.toml); every key has a default.
     #[arg(long, env = "JEMMA_CONFIG")]
     config: Option<PathBuf>,
-    /// Serve this model directory as the fast and primary tiers (one engine), overriding the config's tiers.
+    /// Serve this model (a Gemma 4 checkpoint directory for MLX, or a GGUF file for llama.cpp) as the fast and
+    /// primary tiers (one engine), overriding the config's tiers.
     #[arg(long)]
     model: Option<PathBuf>,
     /// Bind address (default 127.0.0.1; anything else exposes the gateway).
