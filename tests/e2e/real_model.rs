@@ -62,15 +62,8 @@ async fn gemma3_270m_knows_the_capital_of_france() {
     );
     // `/health` says so, which `model: auto` routes by (a chat goes to a tier whose model chats, where
     // there is one: here none is, so it is refused as above).
-    let h: serde_json::Value = client
-        .get(format!("{}/health", s.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(h["tiers"]["fast"]["backend"]["chat"], false, "{h}");
+    let h = health(&s);
+    assert_eq!(tier(&h, "fast")["chat"], false, "{h}");
 }
 
 fn assert_paris(v: &serde_json::Value) {

@@ -606,6 +606,21 @@ impl TierRouter {
         })
     }
 
+    /// The first configured, enabled tier that is `able`, down `from`'s fallback chain and then any other
+    /// (largest first): where an automatic choice moves when its tier's model cannot serve the request.
+    fn first_able(&self, from: Tier, able: impl Fn(&Tier) -> bool) -> Option<Tier> {
+        fallback_chain(from)
+            .into_iter()
+            .chain(self.tiers.keys().rev().copied())
+            .find(|t| {
+                able(t)
+                    && self
+                        .tiers
+                        .get(t)
+                        .is_some_and(|s| s.enabled.load(Ordering::Relaxed))
+            })
+    }
+
     /// The tier the classifier chooses for `req` and the fallback chain from it, over configured tiers.
     fn plan(&self, req: &ChatRequest) -> Result<(Decision, Vec<Tier>), RouterError> {
         let mut decision = self
@@ -657,10 +672,7 @@ impl TierRouter {
             && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
             && self.tiers.contains_key(&decision.tier)
             && !sees(&decision.tier)
-            && let Some(t) = fallback_chain(decision.tier)
-                .into_iter()
-                .chain(self.tiers.keys().rev().copied())
-                .find(|t| sees(t) && self.tiers[t].enabled.load(Ordering::Relaxed))
+            && let Some(t) = self.first_able(decision.tier, sees)
         {
             decision = Decision {
                 reason: format!(
@@ -688,10 +700,7 @@ impl TierRouter {
             && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
             && self.tiers.contains_key(&decision.tier)
             && !chats(&decision.tier)
-            && let Some(t) = fallback_chain(decision.tier)
-                .into_iter()
-                .chain(self.tiers.keys().rev().copied())
-                .find(|t| chats(t) && sees(t) && self.tiers[t].enabled.load(Ordering::Relaxed))
+            && let Some(t) = self.first_able(decision.tier, |t| chats(t) && sees(t))
         {
             decision = Decision {
                 reason: format!(
