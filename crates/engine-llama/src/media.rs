@@ -623,6 +623,15 @@ impl Towers {
         self.ctx.write().unwrap()
     }
 
+    /// [`Towers::prepare_all`] on the calling thread, never cancelled: a count's media, or a request's
+    /// when no preparation thread could start.
+    ///
+    /// Errors: the first refusal.
+    pub fn prepare_now(&self, items: (&[Item], &[Item])) -> Result<(Vec<Prepared>, Vec<Prepared>)> {
+        self.prepare_all(items, &AtomicBool::new(false))
+            .unwrap_or_else(|| Err(LlamaError::Runtime("media preparation cancelled".into())))
+    }
+
     /// Prepares every item of `images` then `audio`, in order, stopping at the first refusal or when
     /// `cancel` is set (then `None`).
     pub fn prepare_all(

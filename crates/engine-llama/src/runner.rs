@@ -455,18 +455,12 @@ impl ModelRunner for LlamaRunner {
                 preparation,
             }))),
             Err((images, audio)) => {
-                let placed = mtmd
-                    .towers()
-                    .prepare_all(
-                        (&images, &audio),
-                        &std::sync::atomic::AtomicBool::new(false),
-                    )
-                    .unwrap_or_else(|| {
-                        Err(LlamaError::Runtime("media preparation cancelled".into()))
-                    })
-                    .and_then(|(images, audio)| {
-                        mtmd.place(plan.ids, &plan.places, images, audio)
-                    })?;
+                let placed =
+                    mtmd.towers()
+                        .prepare_now((&images, &audio))
+                        .and_then(|(images, audio)| {
+                            mtmd.place(plan.ids, &plan.places, images, audio)
+                        })?;
                 self.admit_placed(model, request, placed)
                     .map(Admission::Running)
             }
@@ -725,15 +719,7 @@ pub(crate) fn placed_ids(
     let plan = plan(loaded, mtmd, request)?;
     match mtmd {
         Some(m) if plan.has_media() => {
-            let prepared = m
-                .towers()
-                .prepare_all(
-                    (&plan.images, &plan.audio),
-                    &std::sync::atomic::AtomicBool::new(false),
-                )
-                .unwrap_or_else(|| {
-                    Err(LlamaError::Runtime("media preparation cancelled".into()))
-                })?;
+            let prepared = m.towers().prepare_now((&plan.images, &plan.audio))?;
             m.place(plan.ids, &plan.places, prepared.0, prepared.1)
         }
         _ => Ok((plan.ids, vec![])),
