@@ -958,7 +958,23 @@ fn check_messages(messages: &[Message], limits: &Limits) -> Result<Seen, RouterE
             }
             if let MessageContent::Parts(parts) = c {
                 for (j, p) in parts.iter().enumerate() {
-                    check_media_part(p, &format!("messages[{i}].content[{j}]"), limits, &mut seen)?;
+                    let at = format!("messages[{i}].content[{j}]");
+                    // OpenAI's API takes text only in system and developer messages, and Gemma's chat
+                    // template shows no media there: refused here, naming the part, rather than by the
+                    // engine after it has decoded the media.
+                    if matches!(m, Message::System(_) | Message::Developer(_))
+                        && !matches!(p, super::message::ContentPart::Text { .. })
+                    {
+                        return Err(RouterError::invalid(
+                            format!(
+                                "{at}: a {} message takes text only; send images, audio and video in a \
+                                 user message",
+                                m.role()
+                            ),
+                            &at,
+                        ));
+                    }
+                    check_media_part(p, &at, limits, &mut seen)?;
                 }
             }
             seen.images += images;
@@ -1268,6 +1284,46 @@ mod tests {
         let body = serde_json::json!({"messages": [{"role": "user", "content": [extra]}]});
         let e = serde_json::from_value::<ChatCompletionRequest>(body).unwrap_err();
         assert!(e.to_string().contains("unknown field `size`"), "{e}");
+    }
+
+    /// OpenAI's system and developer messages take text parts only: media there is a 400 naming the
+    /// part, before anything is decoded; text parts are fine, and so is media in the user's message.
+    #[test]
+    fn media_in_a_system_message_is_refused_naming_the_part() {
+        let text = serde_json::json!({"type": "text", "text": "be brief"});
+        let image = serde_json::json!({"type": "image_url",
+            "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}});
+        for (role, media) in [
+            ("system", image.clone()),
+            ("developer", audio("UklGRg==", "wav")),
+            (
+                "system",
+                serde_json::json!({"type": "video_url",
+                "video_url": {"url": "data:video/mp4;base64,AAAA"}}),
+            ),
+        ] {
+            let body = serde_json::json!({"messages": [
+                {"role": role, "content": [text.clone(), media]},
+                {"role": "user", "content": "hi"}]});
+            let e = serde_json::from_value::<ChatCompletionRequest>(body)
+                .unwrap()
+                .validate(&Limits::default())
+                .unwrap_err();
+            assert!(e.to_string().contains("takes text only"), "{e}");
+            assert_eq!(
+                param(e).as_deref(),
+                Some("messages[0].content[1]"),
+                "{role}"
+            );
+        }
+        let body = serde_json::json!({"messages": [
+            {"role": "system", "content": [text.clone(), text.clone()]},
+            {"role": "user", "content": [text, image]}]});
+        let ok = serde_json::from_value::<ChatCompletionRequest>(body)
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap();
+        assert!(ok.has_images);
     }
 
     /// A sampled clip of `duration` s seen over `span` s in `frames` frames, with `heard` s of its sound.
