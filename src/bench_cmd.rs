@@ -14,16 +14,17 @@ use jemma_engine::device::select_device;
 use jemma_engine::generate::{GenerateOptions, generate};
 use jemma_engine::runtime::{ModelBundle, default_dtype};
 
-/// `n` token ids in `200..vocab`: a fixed linear-congruential sequence, the same prompt on every machine
-/// (no rand dependency).
+/// `n` token ids in `skip..vocab`, past the first `skip = min(200, vocab / 2)` (where control tokens
+/// sit): a fixed linear-congruential sequence, the same prompt on every machine (no rand dependency).
 fn random_ids(vocab: u64, n: usize) -> Vec<u32> {
+    let skip = 200.min(vocab / 2);
     let mut x = 0x9E3779B97F4A7C15u64;
     (0..n)
         .map(|_| {
             x = x
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((x >> 33) % vocab.saturating_sub(200).max(1) + 200) as u32
+            ((x >> 33) % (vocab - skip).max(1) + skip) as u32
         })
         .collect()
 }
@@ -162,7 +163,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 /// decode rates (tokens/s; prefill over the time spent in `llama_decode`), the warm-up's tokens and the most
 /// prompt tokens a timed run found cached.
 ///
-/// Errors: no --prompt-ids, or the engine fails to load or to answer.
+/// Errors: too few prompt tokens to time `--runs` fresh prompts, a GGUF without a vocabulary, or the
+/// engine fails to load or to answer.
 #[cfg(any(
     feature = "llama",
     not(all(target_os = "macos", target_arch = "aarch64"))
@@ -196,8 +198,8 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
     // repeat, and a run would time a prompt already in a slot.
     anyhow::ensure!(
         ids.len() == 1 || args.runs.max(1) < ids.len() - 1,
-        "--runs {} needs at least {} prompt ids: each timed run reads the ids after the first rotated by \
-         its number, so that no run finds its prompt cached",
+        "--runs {} needs at least {} prompt tokens (--prompt-ids or --prompt-tokens): each timed run \
+         reads the tokens after the first rotated by its number, so that no run finds its prompt cached",
         args.runs,
         args.runs.max(1) + 2
     );

@@ -340,7 +340,7 @@ fn bench_on_a_gguf_times_the_llama_engine() {
     ]);
     assert!(!ok);
     assert!(
-        stderr.contains("--runs 2 needs at least 4 prompt ids"),
+        stderr.contains("--runs 2 needs at least 4 prompt tokens"),
         "{stderr}"
     );
 }

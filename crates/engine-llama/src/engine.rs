@@ -56,8 +56,10 @@ impl LlamaEngine {
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
+            // Unknown when the GGUF cannot be read (its load fails then, and says why).
             chat_template: gguf::read_metadata(&config.model_path)
-                .is_ok_and(|m| m.contains_key("tokenizer.chat_template")),
+                .ok()
+                .map(|m| m.contains_key("tokenizer.chat_template")),
         };
         let host_config = HostConfig {
             name,

@@ -481,9 +481,7 @@ impl Mtmd {
         }
         if places < images || hears < audio {
             return Err(LlamaError::InvalidRequest(
-                "the request has more images or clips than the prompt has places for (the model's chat \
-                 template shows no media in system messages)"
-                    .into(),
+                "the request has more images or clips than the prompt has places for".into(),
             ));
         }
         Ok(())

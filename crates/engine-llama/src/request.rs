@@ -151,9 +151,9 @@ pub struct LlamaInfo {
     /// What the model takes in: text, and images and audio as its mmproj's towers allow (read at start,
     /// before the model loads).
     pub input_modalities: Vec<Modality>,
-    /// Whether the GGUF carries a chat template (`tokenizer.chat_template`, read at start): a base model
-    /// has none and answers `/v1/completions` only.
-    pub chat_template: bool,
+    /// Whether the GGUF carries a chat template (`tokenizer.chat_template`, read at start; None: the file
+    /// could not be read): a base model has none and answers `/v1/completions` only.
+    pub chat_template: Option<bool>,
 }
 
 /// Figures for `/health` and the tray: the serving core's, with [`LlamaInfo`] flattened in.

@@ -1421,7 +1421,7 @@ mod tests {
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
-            chat_template: true,
+            chat_template: Some(true),
         };
         runner.plan(&mut info).unwrap();
         let progress: Progress = Arc::new(|_| {});

@@ -634,7 +634,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
     }
 
     fn chats(info: &Self::Info) -> Option<bool> {
-        Some(info.chat_template)
+        info.chat_template
     }
 
     fn cannot_take(info: &Self::Info, modality: Modality) -> Option<String> {

@@ -319,13 +319,14 @@ impl Inner {
 
     /// `peers`: whether other Jemma nodes may take it (not for a request a peer forwarded here);
     /// `media`: the modalities it holds beyond text (`image`, `audio`), which go to members whose models
-    /// may take them (those known not to are passed over while another may).
+    /// may take them (those known not to are passed over while another may); `chat`: it is a chat, which
+    /// goes to members whose models have a chat template (base models are passed over while another may).
     fn choose(
         &self,
         key: Option<u64>,
         tried: &[usize],
         peers: bool,
-        media: &[crate::backend::Modality],
+        (media, chat): (&[crate::backend::Modality], bool),
     ) -> Choice {
         let now = crate::breaker::now();
         let eps = self.eps();
@@ -335,14 +336,17 @@ impl Inner {
                 !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
             })
             .collect();
-        if !media.is_empty() {
-            let seeing: Vec<usize> = eligible
+        if !media.is_empty() || chat {
+            let able: Vec<usize> = eligible
                 .iter()
                 .copied()
-                .filter(|&i| !eps[i].backend.health().refuses_any(media))
+                .filter(|&i| {
+                    let h = eps[i].backend.health();
+                    !(h.refuses_any(media) || (chat && h.refuses_chat()))
+                })
                 .collect();
-            if !seeing.is_empty() {
-                eligible = seeing;
+            if !able.is_empty() {
+                eligible = able;
             }
         }
         if eligible.is_empty() {
@@ -461,7 +465,8 @@ impl Inner {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let i = match self.choose(key, &att.tried, !req.forwarded, &req.media_modalities()) {
+            let needs = (&req.media_modalities()[..], req.raw_prompt.is_none());
+            let i = match self.choose(key, &att.tried, !req.forwarded, needs) {
                 Choice::Go(i) => i,
                 Choice::Wait => {
                     if tokio::time::timeout_at(deadline, freed).await.is_err() {
@@ -996,11 +1001,12 @@ impl Backend for Pool {
             } else {
                 vec![]
             },
-            // A base model only if every member says so (a request may go to any).
-            chat: if !healths.is_empty() && healths.iter().all(|h| h.chat == Some(false)) {
-                Some(false)
-            } else if !healths.is_empty() && healths.iter().all(|h| h.chat == Some(true)) {
+            // A chat goes to a member that chats (`choose` passes over base models): the pool chats if one
+            // member does, and is a base model only if every member is.
+            chat: if healths.iter().any(|h| h.chat == Some(true)) {
                 Some(true)
+            } else if !healths.is_empty() && healths.iter().all(|h| h.chat == Some(false)) {
+                Some(false)
             } else {
                 None
             },

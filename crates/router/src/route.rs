@@ -606,12 +606,15 @@ impl TierRouter {
         })
     }
 
-    /// The first configured, enabled tier that is `able`, down `from`'s fallback chain and then any other
-    /// (largest first): where an automatic choice moves when its tier's model cannot serve the request.
+    /// The first configured, enabled tier that is `able`, down `from`'s fallback chain and then up from it
+    /// (the nearest larger first, so a small request is not sent to the largest model, which a conversation
+    /// would then keep): where an automatic choice moves when its tier's model cannot serve the request.
     fn first_able(&self, from: Tier, able: impl Fn(&Tier) -> bool) -> Option<Tier> {
         fallback_chain(from)
             .into_iter()
-            .chain(self.tiers.keys().rev().copied())
+            .chain(std::iter::successors(from.next_larger(), |t| {
+                t.next_larger()
+            }))
             .find(|t| {
                 able(t)
                     && self
@@ -740,6 +743,11 @@ impl TierRouter {
         // 400, or worse, blind or deaf), unless no tier left can.
         if !media.is_empty() && chain.iter().any(sees) {
             chain.retain(|t| *t == decision.tier || sees(t));
+        }
+        // Nor does a chat fall back to a base model (a 400 that would end the walk), unless none left chats:
+        // the chosen tier may be disabled, or fail, with a base model below it.
+        if req.raw_prompt.is_none() && chain.iter().any(chats) {
+            chain.retain(|t| *t == decision.tier || chats(t));
         }
         // A request another Jemma node forwarded is served by the tier it named or not at all: that node
         // falls back itself.

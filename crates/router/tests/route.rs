@@ -1038,4 +1038,51 @@ async fn a_chat_goes_past_a_tier_that_serves_a_base_model() {
     *primary.chat.lock().unwrap() = None;
     let a = collect(r.chat(request("auto", long)).unwrap()).await;
     assert_eq!(a.text, "base");
+
+    // Falling back, a chat passes over a base model: heavy (disabled) then fast, not primary's 400.
+    let heavy = Scripted::new("26b", Script::Answer(vec!["never"]));
+    let primary = Scripted::new("gemma-3-270m", Script::Answer(vec!["base"])).base_model();
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+        (Tier::Heavy, heavy.clone(), settings(1000)),
+    ]);
+    r.set_enabled(Tier::Heavy, false).unwrap();
+    let a = collect(r.chat(request("heavy", long)).unwrap()).await;
+    assert_eq!(a.text, "e2b");
+    assert_eq!(primary.calls.load(Ordering::SeqCst), 0);
+
+    // Moving up, the nearest larger tier: a greeting classified fast, where a base model serves, goes to
+    // primary, not to heavy.
+    let fast = Scripted::new("gemma-3-270m", Script::Answer(vec!["base"])).base_model();
+    let primary = Scripted::new("e4b", Script::Answer(vec!["e4b"]));
+    let r = router(vec![
+        (Tier::Fast, fast, settings(1000)),
+        (Tier::Primary, primary, settings(1000)),
+        (Tier::Heavy, heavy, settings(1000)),
+    ]);
+    let a = collect(r.chat(request("auto", "hi")).unwrap()).await;
+    assert_eq!(a.text, "e4b");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pool_sends_chats_to_members_that_chat() {
+    // The base member weighs the most, so it would take every request by weight.
+    let base = Scripted::new("gemma-3-270m", Script::Answer(vec!["base"])).base_model();
+    let chat = Scripted::new("e4b", Script::Answer(vec!["e4b"]));
+    let p = pool(&[("base", &base, 1e6), ("chat", &chat, 1e-6)], 1000);
+    let r = pooled(&p);
+    for _ in 0..4 {
+        let a = collect(r.chat(request("primary", "a question")).unwrap()).await;
+        assert_eq!(a.text, "e4b");
+    }
+    // A completion needs no template: it goes by weight as before.
+    let mut completion = request("primary", "a question");
+    completion.raw_prompt = Some("a question".into());
+    let a = collect(r.chat(completion).unwrap()).await;
+    assert_eq!(a.text, "base");
+    // `/health`: unknown while no member says; chatting once one says it has a template.
+    assert_eq!(p.health().chat, None);
+    *chat.chat.lock().unwrap() = Some(true);
+    assert_eq!(p.health().chat, Some(true));
 }
