@@ -241,6 +241,8 @@ fn serve_downloads_a_missing_model_showing_progress_then_serves_it() {
         tier(&h, "fast")["details"]["speculative"]["drafter"],
         "mtp_assistant"
     );
+    // An instruction-tuned checkpoint with its chat template: the tier chats (`model: auto` routes by it).
+    assert_eq!(tier(&h, "fast")["chat"], true, "{h}");
     let client = crate::support::client();
     let (code, body) = rt.block_on(chat(&client, &s, "fast"));
     assert_eq!(code, 200, "{body}");

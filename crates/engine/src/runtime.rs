@@ -138,6 +138,9 @@ pub struct MlxInfo {
     /// config also names a video token), audio when it has an audio tower (known from the model directory
     /// before loading).
     pub input_modalities: Vec<jemma_media::Modality>,
+    /// Whether the checkpoint ships a chat template (read from the model directory at start; None: it
+    /// could not be read): a base model has none and answers `/v1/completions` only.
+    pub chat_template: Option<bool>,
     /// Speculative decoding since the model loaded (None: no draft model configured).
     pub speculative: Option<SpeculativeInfo>,
 }
@@ -267,6 +270,14 @@ impl Engine {
                 }
                 m
             },
+            // Unknown until the checkpoint is there to read (a model still downloading is not a base model).
+            chat_template: config
+                .model_dir
+                .join("config.json")
+                .is_file()
+                .then(|| ChatTemplate::from_model_dir(&config.model_dir).ok())
+                .flatten()
+                .map(|t| t.is_some()),
             speculative: config.speculative.as_ref().map(|sp| {
                 let drafter = drafter_kind(&sp.draft_model);
                 SpeculativeInfo::new(sp.draft_model.clone(), drafter)

@@ -548,6 +548,10 @@ impl InProcess for Mlx {
         info.input_modalities.clone()
     }
 
+    fn chats(info: &Self::Info) -> Option<bool> {
+        info.chat_template
+    }
+
     fn submit(&self, job: Job) -> Result<mpsc::Receiver<Event<Self::Summary>>, SubmitError> {
         self.engine.submit(self.request(job))
     }
