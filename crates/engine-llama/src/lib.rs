@@ -50,6 +50,7 @@ use std::time::{Duration, Instant};
 
 use jemma_chat::answer::OutputProcessor;
 use jemma_chat::event::EngineFailure;
+use jemma_chat::guard::ControlTokens;
 use jemma_chat::logprobs::{MAX_TOP_LOGPROBS, TokenLogprob, log_softmax_top};
 use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;

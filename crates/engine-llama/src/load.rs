@@ -30,14 +30,8 @@ impl Loaded {
         let n = self.model.n_vocab();
         let tokens = (0..n)
             .map(|i| {
-                let t = LlamaToken(i);
-                let piece = vocab.token_to_piece(t, true, None);
-                let marker = piece.starts_with(b"<|") || piece.ends_with(b"|>");
-                let special = vocab.is_control(t)
-                    || (marker
-                        && vocab
-                            .attr(t)
-                            .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined));
+                let piece = vocab.token_to_piece(LlamaToken(i), true, None);
+                let special = is_special(&self.model, LlamaToken(i), &piece);
                 (piece, special)
             })
             .collect();
@@ -64,6 +58,30 @@ impl Loaded {
             .clone()
             .map_err(|e| LlamaError::Runtime(format!("constrained decoding: {e}")))
     }
+}
+
+/// Whether token `t` (whose text is `piece`) is special: a control token, or a user-defined one shaped like
+/// Gemma's markers (`<|tool_call>`, `<tool_call|>`, `<|"|>`, which tokenizer.json marks special).
+fn is_special(model: &LlamaModel, t: LlamaToken, piece: &[u8]) -> bool {
+    let vocab = model.vocab();
+    let marker = piece.starts_with(b"<|") || piece.ends_with(b"|>");
+    vocab.is_control(t)
+        || (marker
+            && vocab
+                .attr(t)
+                .contains(llama_cpp_2::token_type::LlamaTokenAttr::UserDefined))
+}
+
+/// The texts of a model's special tokens ([`is_special`]): what its chat template keeps out of client
+/// text ([`ControlTokens`]). Reads the whole vocabulary (tens of milliseconds for Gemma's 262,144 tokens).
+fn control_tokens(model: &LlamaModel) -> ControlTokens {
+    let vocab = model.vocab();
+    ControlTokens::new((0..model.n_vocab()).filter_map(|i| {
+        let piece = vocab.token_to_piece(LlamaToken(i), true, None);
+        is_special(model, LlamaToken(i), &piece)
+            .then(|| String::from_utf8(piece).ok())
+            .flatten()
+    }))
 }
 
 /// Loads a GGUF with all layers on the GPU when one is built in.
@@ -102,7 +120,8 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
     let template = match model.meta_val_str("tokenizer.chat_template") {
         Ok(src) => Some(
             ChatTemplate::from_source(&src, bos.as_deref().unwrap_or(""), &eos)
-                .map_err(|e| LlamaError::InvalidModel(format!("chat template: {e}")))?,
+                .map_err(|e| LlamaError::InvalidModel(format!("chat template: {e}")))?
+                .with_control_tokens(control_tokens(&model)),
         ),
         Err(_) => None,
     };
@@ -158,9 +177,14 @@ impl Loaded {
         Ok(self.tokenize(&self.prompt_text(prompt)?.unwrap_or_default()))
     }
 
-    /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added.
+    /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added. The
+    /// text's [`jemma_chat::guard::pieces`] are read one after another, so that a control token a client
+    /// spelled (cut by the chat template's guard) is read as text.
     pub fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
-        self.model.vocab().tokenize(text.as_bytes(), false, true)
+        let vocab = self.model.vocab();
+        jemma_chat::guard::pieces(text)
+            .flat_map(|piece| vocab.tokenize(piece.as_bytes(), false, true))
+            .collect()
     }
 
     /// The text a prompt is read from: a chat rendered with the model's template (which writes `<bos>`), a

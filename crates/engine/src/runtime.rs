@@ -24,6 +24,7 @@ use crate::tokenizer::{DecodeStream, Tokenizer};
 use crate::{EngineError, Result};
 use jemma_chat::answer::OutputProcessor;
 use jemma_chat::event::EngineFailure;
+use jemma_chat::guard::ControlTokens;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
@@ -780,7 +781,8 @@ impl ModelBundle {
             .transpose()?;
         let tokenizer = Tokenizer::from_model_dir(dir, &cfg.eos_token_ids)?;
         let template = ChatTemplate::from_model_dir(dir)
-            .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?;
+            .map_err(|e| EngineError::InvalidModel(format!("chat template: {e}")))?
+            .map(|t| t.with_control_tokens(ControlTokens::new(tokenizer.special_texts())));
         Ok(Self {
             model,
             tokenizer,
@@ -887,7 +889,7 @@ impl ModelBundle {
     /// [`MIN_CHECKPOINT_TOKENS`] (a chat header alone is not worth a checkpoint and a short prefill chunk),
     /// when no prompt token would follow it, or, with `whole`, when only part of `text` matches.
     fn checkpoint_len(&self, text: &str, ids: &[u32], whole: bool) -> Option<usize> {
-        let head_ids = self.tokenizer.encode(text, false).ok()?;
+        let head_ids = self.tokenizer.encode_prompt(text).ok()?;
         let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
         ((!whole || n == head_ids.len()) && n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len())
             .then_some(n)
@@ -923,7 +925,7 @@ impl ModelBundle {
             Prompt::Ids(ids) => ids.clone(),
             Prompt::Text(t) => {
                 let bos = self.tokenizer.bos_token.as_deref();
-                let mut ids = self.tokenizer.encode(t, false)?;
+                let mut ids = self.tokenizer.encode_prompt(t)?;
                 if let Some(b) = bos.filter(|b| !t.starts_with(b))
                     && let Some(id) = self.tokenizer.token_id(b)
                 {
@@ -937,7 +939,7 @@ impl ModelBundle {
                 enable_thinking,
             } => {
                 let text = self.render_chat(messages, tools.as_deref(), *enable_thinking)?;
-                self.tokenizer.encode(&text, false)?
+                self.tokenizer.encode_prompt(&text)?
             }
         })
     }
@@ -1153,7 +1155,7 @@ impl ModelBundle {
             }
             counts.push(frames);
         }
-        Ok((self.tokenizer.encode(&expanded, false)?, counts))
+        Ok((self.tokenizer.encode_prompt(&expanded)?, counts))
     }
 
     /// The prompt's token ids with its images, audio and videos in place: for a chat or text prompt each

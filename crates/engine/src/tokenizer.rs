@@ -88,6 +88,26 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// Token ids of a prompt (special tokens parsed, nothing added): the ids of its
+    /// [`jemma_chat::guard::pieces`] one after another, so that a control token a client spelled (cut by the
+    /// chat template's guard) is read as text. A prompt without cuts gives [`Tokenizer::encode`]'s ids.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = vec![];
+        for piece in jemma_chat::guard::pieces(prompt) {
+            ids.extend(self.encode(piece, false)?);
+        }
+        Ok(ids)
+    }
+
+    /// The texts of the special tokens (`<bos>`, `<|turn>`, `<|image|>`, …): what the chat template keeps
+    /// out of client text ([`jemma_chat::guard::ControlTokens`]).
+    pub fn special_texts(&self) -> Vec<String> {
+        self.special
+            .iter()
+            .filter_map(|&id| self.inner.id_to_token(id))
+            .collect()
+    }
+
     /// Text of `ids`, special tokens kept (the output parser needs them).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
