@@ -125,6 +125,19 @@ pub(crate) struct Towers {
     /// Preparation threads whose requests went away before their media were ready: joined when the
     /// towers go ([`Mtmd`]'s drop), not on the model thread when the request is dropped.
     orphans: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The thread that counts the positions of media in prompts that are only counted
+    /// ([`Towers::count_later`]), started on the first such count; stopped and joined with the towers.
+    counter: std::sync::Mutex<Option<Counter>>,
+}
+
+/// A count waiting for its media to be prepared: the images (and frames) and clips, and what to do with
+/// the positions they take.
+type CountJob = (Vec<Item>, Vec<Item>, Box<dyn FnOnce(Result<usize>) + Send>);
+
+/// The counting thread ([`Towers::count_later`]) and its queue.
+struct Counter {
+    jobs: std::sync::mpsc::Sender<CountJob>,
+    thread: std::thread::JoinHandle<()>,
 }
 
 /// One image or clip in a prompt: its opening marker, soft tokens and closing marker from position
@@ -395,6 +408,7 @@ impl Mtmd {
                 video,
                 ctx: RwLock::new(ctx),
                 orphans: std::sync::Mutex::new(vec![]),
+                counter: std::sync::Mutex::new(None),
             }),
             batch: batch as i32,
         })
@@ -658,6 +672,58 @@ impl Towers {
     }
 }
 
+impl Towers {
+    /// Counts the positions `images` and `audio` (in prompt order) take once prepared, off the calling
+    /// (model) thread: on one counting thread, in the order counts come, so that a burst of counts with
+    /// media neither holds up the running streams nor takes every core. `done` gets the total, or why an
+    /// item was refused; it runs here when no thread can be started.
+    pub fn count_later(
+        self: &Arc<Self>,
+        images: Vec<Item>,
+        audio: Vec<Item>,
+        done: impl FnOnce(Result<usize>) + Send + 'static,
+    ) {
+        let mut job: CountJob = (images, audio, Box::new(done));
+        if let Ok(mut counter) = self.counter.lock() {
+            if counter.is_none() {
+                let (tx, rx) = std::sync::mpsc::channel::<CountJob>();
+                let towers = self.clone();
+                let spawned = std::thread::Builder::new()
+                    .name("jemma-count".into())
+                    .spawn(move || {
+                        for (images, audio, done) in rx {
+                            done(towers.positions(&images, &audio));
+                        }
+                    });
+                match spawned {
+                    Ok(thread) => *counter = Some(Counter { jobs: tx, thread }),
+                    Err(e) => {
+                        tracing::warn!("no thread to count media on, so the model thread does: {e}")
+                    }
+                }
+            }
+            if let Some(c) = counter.as_ref() {
+                match c.jobs.send(job) {
+                    Ok(()) => return,
+                    Err(std::sync::mpsc::SendError(back)) => job = back,
+                }
+            }
+        }
+        let (images, audio, done) = job;
+        done(self.positions(&images, &audio));
+    }
+
+    /// The positions `images` and `audio` take in a prompt once prepared (markers and soft tokens).
+    fn positions(&self, images: &[Item], audio: &[Item]) -> Result<usize> {
+        let (seen, heard) = self.prepare_now((images, audio))?;
+        Ok(seen
+            .iter()
+            .chain(&heard)
+            .map(|p| p.chunks.total_tokens())
+            .sum())
+    }
+}
+
 /// What a preparation thread hands back: a request's images (and frames) and clips, prepared.
 type PreparedMedia = Result<(Vec<Prepared>, Vec<Prepared>)>;
 
@@ -767,6 +833,12 @@ impl Drop for Mtmd {
     /// Waits for the preparation threads of requests that went away: they read the model through
     /// libmtmd, and the model goes right after the towers (`Serving` declares them first).
     fn drop(&mut self) {
+        // The counting thread ends when its queue closes, after the counts it holds.
+        let counter = self.towers.counter.lock().ok().and_then(|mut c| c.take());
+        if let Some(Counter { jobs, thread }) = counter {
+            drop(jobs);
+            let _ = thread.join();
+        }
         let orphans = match self.towers.orphans.lock() {
             Ok(mut o) => std::mem::take(&mut *o),
             Err(_) => return,

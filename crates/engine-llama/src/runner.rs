@@ -477,6 +477,37 @@ impl ModelRunner for LlamaRunner {
             .map_err(Into::into)
     }
 
+    /// Counts as [`ModelRunner::prompt_tokens`] does, but prepares a prompt's media (to learn how many
+    /// positions each takes) on the towers' counting thread, not on the model thread.
+    fn count(
+        &mut self,
+        model: &mut Serving,
+        request: Request,
+        reply: tokio::sync::oneshot::Sender<std::result::Result<usize, EngineFailure>>,
+    ) {
+        let mtmd = model.mtmd.as_ref();
+        let plan = match plan(model.cell.borrow_owner(), mtmd, &request) {
+            Ok(plan) => plan,
+            Err(e) => {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+        };
+        match mtmd {
+            Some(m) if plan.has_media() => {
+                // `plan` checked that each item has its placeholder: each becomes its positions.
+                let text = (plan.ids.len()).saturating_sub(plan.images.len() + plan.audio.len());
+                m.towers()
+                    .count_later(plan.images, plan.audio, move |media| {
+                        let _ = reply.send(media.map(|n| text + n).map_err(Into::into));
+                    });
+            }
+            _ => {
+                let _ = reply.send(Ok(plan.ids.len()));
+            }
+        }
+    }
+
     fn step(
         &mut self,
         model: &mut Serving,
@@ -1514,5 +1545,39 @@ mod tests {
             .unwrap();
         runner.release(&mut model, dropped);
         assert!(model.slots.iter().all(|s| !s.busy));
+
+        // A count with an image (Anthropic's count_tokens) is answered off the model thread: while
+        // preparation is held the call returns and the reply waits, then it says what the model thread
+        // would have counted. A refused image is refused there too.
+        let held = towers.hold();
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        runner.count(&mut model, image_request(&square), tx);
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            matches!(
+                rx.try_recv(),
+                Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+            ),
+            "the count waits for its image, not the model thread for the count"
+        );
+        drop(held);
+        let counted = rx.blocking_recv().unwrap().unwrap();
+        let on_thread = runner
+            .prompt_tokens(&mut model, &image_request(&square))
+            .unwrap();
+        assert_eq!(counted, on_thread);
+        assert!(counted > ids.len(), "the image's positions are counted");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        runner.count(&mut model, image_request(&empty), tx);
+        assert!(matches!(
+            rx.blocking_recv().unwrap(),
+            Err(EngineFailure::InvalidRequest(_))
+        ));
+        // Text alone is counted at once.
+        let (tx, mut rx) = tokio::sync::oneshot::channel();
+        runner.count(&mut model, Request::new(Prompt::Ids(ids.clone()), 1), tx);
+        assert_eq!(rx.try_recv().unwrap().unwrap(), ids.len());
+        // The towers go with the model: the counting thread ends and is joined (this returns).
+        drop(model);
     }
 }

@@ -255,6 +255,19 @@ pub trait ModelRunner: Send + 'static {
         ))
     }
 
+    /// Answers a count ([`Host::count`]) on `reply`. By default with [`ModelRunner::prompt_tokens`], here on
+    /// the model thread between two steps; an engine whose count needs slow work (preparing media to learn
+    /// how many positions they take) overrides it to do that work off the model thread and reply when done,
+    /// so that the running streams do not wait for a count.
+    fn count(
+        &mut self,
+        model: &mut Self::Model,
+        request: Self::Request,
+        reply: oneshot::Sender<Result<usize, EngineFailure>>,
+    ) {
+        let _ = reply.send(self.prompt_tokens(model, &request));
+    }
+
     /// Releases a model (dropping it by default; engines with caches of their own clear them too).
     fn unload(&mut self, model: Self::Model) {
         drop(model);
@@ -817,10 +830,12 @@ impl<R: ModelRunner> Thread<R> {
                 if reply.is_closed() {
                     return;
                 }
-                let counted = self
-                    .ensure_loaded(loaded, memory)
-                    .and_then(|model| self.runner.prompt_tokens(model, &request));
-                let _ = reply.send(counted);
+                match self.ensure_loaded(loaded, memory) {
+                    Ok(model) => self.runner.count(model, request, reply),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
             }
         }
     }
