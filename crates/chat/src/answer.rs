@@ -37,6 +37,15 @@ impl OutputProcessor {
         }
     }
 
+    /// For a request that declares no tools (`tools` false): tool-call markup the model writes is passed on
+    /// as text ([`OutputParser::without_tools`]), and the answer never ends with `tool_calls`.
+    pub fn with_tools(mut self, tools: bool) -> Self {
+        if !tools {
+            self.parser = self.parser.take().map(OutputParser::without_tools);
+        }
+        self
+    }
+
     /// Ends the answer after its `n`-th tool call, as a stop string would (`parallel_tool_calls: false` is
     /// `Some(1)`): what the model writes after it is not sent.
     pub fn with_max_tool_calls(mut self, n: Option<usize>) -> Self {
@@ -268,5 +277,25 @@ mod tests {
         let mut evs = a.push(two).0;
         evs.extend(a.finish("", false));
         assert_eq!(names(&evs), ["a", "b"]);
+    }
+
+    #[test]
+    fn without_tools_a_tool_call_is_text() {
+        let written =
+            "<|channel>thought\nhm<channel|>Sure <|tool_call>call:f{a:1}<tool_call|> done";
+        let mut p = OutputProcessor::new(&[], true).with_tools(false);
+        let mut evs = p.push(written).0;
+        evs.extend(p.finish("", false));
+        assert_eq!(text(&evs), "Sure <|tool_call>call:f{a:1}<tool_call|> done");
+        assert!(
+            evs.iter()
+                .any(|e| matches!(e, Parsed::Reasoning(r) if r == "hm"))
+        );
+        assert!(!p.tool_calls());
+        // With tools, the same output is a call.
+        let mut p = OutputProcessor::new(&[], true).with_tools(true);
+        let mut evs = p.push(written).0;
+        evs.extend(p.finish("", false));
+        assert!(p.tool_calls() && evs.iter().any(|e| matches!(e, Parsed::ToolCall(_))));
     }
 }

@@ -20,3 +20,15 @@ pub enum Prompt {
     /// Token ids as given.
     Ids(Vec<u32>),
 }
+
+impl Prompt {
+    /// Whether the model may call tools in its answer: a chat that declares some (`tools` not empty), or a
+    /// raw prompt (text or ids), which declares them in its own text if at all. A chat without tools gets
+    /// tool-call markup back as text ([`crate::answer::OutputProcessor::with_tools`]).
+    pub fn declares_tools(&self) -> bool {
+        match self {
+            Prompt::Chat { tools, .. } => tools.as_ref().is_some_and(|t| !t.is_empty()),
+            Prompt::Text(_) | Prompt::Ids(_) => true,
+        }
+    }
+}

@@ -434,6 +434,23 @@ const REASONING: &[(&str, Action)] = &[
     ("<tool_call|>", Skip),
     ("<|tool_response>", Skip),
 ];
+// A request that declares no tools: the tool-call markers are text like any other (the model cannot call a
+// tool the client does not have, so what it writes is passed on as written).
+const NORMAL_NO_TOOLS: &[(&str, Action)] = &[
+    ("<|channel>thought\n", Go(State::Reasoning)),
+    ("<|channel>thought", Go(State::Reasoning)),
+    ("<|channel>", Skip),
+    ("<channel|>", Skip),
+    ("<|tool_response>", Skip),
+];
+const REASONING_NO_TOOLS: &[(&str, Action)] = &[
+    ("\n<channel|>", Go(State::Normal)),
+    ("<channel|>", Go(State::Normal)),
+    ("<|channel>thought\n", Skip),
+    ("<|channel>thought", Skip),
+    ("<|channel>", Skip),
+    ("<|tool_response>", Skip),
+];
 // A new `<|tool_call>` or `<|tool_response>` also ends a call whose closer the model forgot.
 const TOOL: &[(&str, Action)] = &[
     ("<tool_call|>", Go(State::Normal)),
@@ -455,6 +472,8 @@ pub struct OutputParser {
     /// A thinking block or a tool call just closed: the line breaks that follow separate it from what
     /// comes next (the template's own newlines between blocks), so they are not answer text.
     after_block: bool,
+    /// The request declared no tools: tool-call markers are text ([`OutputParser::without_tools`]).
+    no_tools: bool,
 }
 
 impl OutputParser {
@@ -470,6 +489,14 @@ impl OutputParser {
             state: State::Reasoning,
             ..Self::new()
         }
+    }
+
+    /// This parser for a request that declares no tools: a tool call the model writes anyway is passed on
+    /// as the text it is (markers included), not as a call the client has no tool for. Thinking is parsed
+    /// as always.
+    pub fn without_tools(mut self) -> Self {
+        self.no_tools = true;
+        self
     }
 
     /// Whether the text fed so far ends inside a thinking block.
@@ -523,10 +550,12 @@ impl OutputParser {
     /// The first position where a marker starts, with the longest marker matching there, or `None` in place
     /// of the marker when more input could still change which one (or whether one) matches.
     fn find_marker(&self, at_end: bool) -> Option<(usize, Option<(usize, Action)>)> {
-        let markers = match self.state {
-            State::Normal => NORMAL,
-            State::Reasoning => REASONING,
-            State::Tool => TOOL,
+        let markers = match (self.state, self.no_tools) {
+            (State::Normal, false) => NORMAL,
+            (State::Reasoning, false) => REASONING,
+            (State::Normal, true) => NORMAL_NO_TOOLS,
+            (State::Reasoning, true) => REASONING_NO_TOOLS,
+            (State::Tool, _) => TOOL,
         };
         self.pending.match_indices(['<', '\n']).find_map(|(at, _)| {
             let tail = &self.pending[at..];

@@ -1015,6 +1015,7 @@ impl LlamaSequence {
             grammar,
             text: Utf8Stream { pending: vec![] },
             answer: OutputProcessor::new(&req.stop, req.parse_output)
+                .with_tools(req.prompt.declares_tools())
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             tokens: vec![],
             max_tokens: req.max_tokens,

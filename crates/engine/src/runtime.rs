@@ -2219,6 +2219,7 @@ impl MlxSequence {
             poisoned: false,
             decoder: DecodeStream::default(),
             answer: OutputProcessor::new(&req.stop, req.parse_output)
+                .with_tools(req.prompt.declares_tools())
                 .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
             started: false,
             spec: None,
