@@ -74,6 +74,9 @@ check("a clip to a model that hears: answered", heard.choices[0].message.content
 # The placeholder became <|audio>, 23 soft tokens (0.9 s at 40 ms each), <audio|>.
 added = heard.usage.prompt_tokens - plain.usage.prompt_tokens
 check("the clip's soft tokens are in the prompt", added == 25, (heard.usage, plain.usage))
+check("usage.prompt_tokens_details.audio_tokens: the clip's 23 soft tokens, none without a clip",
+      heard.usage.prompt_tokens_details.audio_tokens == 23 and plain.usage.prompt_tokens_details.audio_tokens == 0,
+      (heard.usage, plain.usage))
 again = ask("fast", speech)
 check("the same clip: the same answer", again.choices[0].message.content == heard.choices[0].message.content)
 first = lambda r: [t.logprob for t in r.choices[0].logprobs.content[0].top_logprobs]  # noqa: E731
@@ -87,6 +90,7 @@ chunks = list(client.chat.completions.create(
                                             {"type": "input_audio", "input_audio": {"data": speech, "format": "wav"}}]}]))
 streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 check("streamed, the same answer", streamed == heard.choices[0].message.content, streamed)
+check("streamed usage counts the audio too", chunks[-1].usage.prompt_tokens_details.audio_tokens == 23, chunks[-1])
 
 # Refusals, in the API's own shape.
 try:

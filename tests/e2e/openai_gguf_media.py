@@ -87,6 +87,9 @@ check("audio on the GGUF tier: answered, and heard", heard.choices[0].message.co
 mlx_heard = ask("primary", audio=speech)
 check("audio: as many soft tokens as on the MLX engine (libmtmd's count is transformers')",
       heard.usage.prompt_tokens == mlx_heard.usage.prompt_tokens, (heard.usage, mlx_heard.usage))
+check("audio: usage.prompt_tokens_details.audio_tokens is the clip's soft tokens on both engines",
+      heard.usage.prompt_tokens_details.audio_tokens == mlx_heard.usage.prompt_tokens_details.audio_tokens
+      == heard.usage.prompt_tokens - plain.usage.prompt_tokens - 2 > 0, (heard.usage, mlx_heard.usage))
 # libmtmd computes the mel features itself; measured 0.010 against the MLX engine's (transformers' features).
 gap = max(abs(a - b) for a, b in zip(first(heard), first(mlx_heard)))
 check("audio: the first token's top logprobs agree with the MLX engine's (0.05)", gap < 0.05,
@@ -116,6 +119,9 @@ check("video: and so does the first token", watched.choices[0].logprobs.content[
 seen_video = watched.model_extra["_routing"].get("videos") or [{}]
 check("video: _routing.videos says 4 frames and the sound heard",
       seen_video[0].get("frames") == 4 and seen_video[0].get("sound") == "heard", seen_video)
+check("video: its sound's soft tokens are audio_tokens, as on the MLX engine",
+      watched.usage.prompt_tokens_details.audio_tokens == mlx_watched.usage.prompt_tokens_details.audio_tokens > 0,
+      (watched.usage, mlx_watched.usage))
 again = ask("fast", video=clip)
 # The last prompt token is read alone now, not in the prompt's batch: the same answer, logprobs to ~1e-5.
 check("the same video again: the same answer, its prompt from the cache",

@@ -147,6 +147,10 @@ pub(crate) struct MediaSpan {
     pub start: usize,
     /// Positions it takes, markers included.
     pub len: usize,
+    /// Whether it is a clip (or a video's sound) rather than an image or frame.
+    pub audio: bool,
+    /// Of `len`, the soft tokens (the tower's output; the rest are its markers).
+    pub soft_tokens: usize,
     /// libmtmd's chunks (the preprocessed pixels or audio), until the span is evaluated.
     chunks: Option<MtmdInputChunks>,
 }
@@ -537,6 +541,7 @@ impl Mtmd {
                 continue;
             };
             let start = out.len();
+            let mut soft_tokens = 0;
             for k in 0..chunks.len() {
                 let Some(c) = chunks.get(k) else {
                     continue;
@@ -545,13 +550,18 @@ impl Mtmd {
                     MtmdInputChunkType::Text => {
                         out.extend_from_slice(c.text_tokens().unwrap_or_default())
                     }
-                    _ => out.extend(soft_ids(digest ^ out.len() as u64, c.n_tokens())),
+                    _ => {
+                        soft_tokens += c.n_tokens();
+                        out.extend(soft_ids(digest ^ out.len() as u64, c.n_tokens()))
+                    }
                 }
             }
             debug_assert_eq!(out.len() - start, chunks.total_tokens());
             spans.push(MediaSpan {
                 start,
                 len: out.len() - start,
+                audio: kind == Some(false),
+                soft_tokens,
                 chunks: Some(chunks),
             });
         }

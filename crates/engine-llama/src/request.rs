@@ -106,6 +106,8 @@ pub struct Summary {
     pub stop_sequence: Option<String>,
     /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::OutputProcessor::reasoning_tokens`]).
     pub reasoning_tokens: usize,
+    /// Of the prompt tokens, the soft tokens of its clips and videos' sound (markers excluded).
+    pub audio_tokens: usize,
     /// Prompt tokens/s.
     pub prefill_tps: f64,
     /// Generated tokens/s (after the first).

@@ -894,6 +894,8 @@ pub(crate) struct LlamaSequence {
     /// The llama.cpp sequence id (and index of its slot).
     pub(crate) slot: usize,
     pub(crate) ids: Vec<LlamaToken>,
+    /// Of `ids`, the soft tokens of its clips and videos' sound (`usage.prompt_tokens_details.audio_tokens`).
+    pub(crate) audio_tokens: usize,
     /// Prompt tokens whose KV is in the sequence (reused or prefilled).
     pub(crate) prefilled: usize,
     /// Prompt tokens reused from the slot's previous request.
@@ -981,6 +983,10 @@ impl LlamaSequence {
                 e => LlamaError::Runtime(e.to_string()),
             })?),
         };
+        let audio_tokens = (media.iter())
+            .filter(|m| m.audio)
+            .map(|m| m.soft_tokens)
+            .sum();
         let as_u32: Vec<u32> = ids.iter().map(|t| t.0 as u32).collect();
         let (slot, keep) = choose_slot(slots, ids.len(), |i, s| {
             reusable(ctx, i as u32, &s.cached, (&as_u32, &media), loaded.n_swa)
@@ -1000,6 +1006,7 @@ impl LlamaSequence {
         slots[slot].busy = true;
         slots[slot].last_used = now;
         Ok(Self {
+            audio_tokens,
             slot,
             ids,
             prefilled: keep,
@@ -1136,6 +1143,7 @@ impl LlamaSequence {
             tool_calls: self.answer.tool_calls(),
             stop_sequence: self.answer.stop_sequence().map(String::from),
             reasoning_tokens: self.answer.reasoning_tokens(),
+            audio_tokens: self.audio_tokens,
             prefill_tps: prefilled as f64 / self.prefill_time.as_secs_f64().max(1e-9),
             decode_tps: if n > 1 {
                 (n - 1) as f64 / decode_time.as_secs_f64().max(1e-9)

@@ -90,6 +90,8 @@ pub struct Summary {
     pub stop_sequence: Option<String>,
     /// Of the generated tokens, those spent thinking ([`jemma_chat::answer::OutputProcessor::reasoning_tokens`]).
     pub reasoning_tokens: usize,
+    /// Of the prompt tokens, the soft tokens of its clips and videos' sound (markers excluded).
+    pub audio_tokens: usize,
     /// MLX memory after the request.
     pub memory: MlxMemory,
     /// Prefill tokens/s.
@@ -2108,6 +2110,8 @@ struct MlxSequence {
     media: Vec<Option<Placement>>,
     /// Media whose tower ran.
     encoded_media: usize,
+    /// Of its prompt, the soft tokens of its clips and videos' sound.
+    audio_tokens: usize,
     /// Preprocesses the media ahead of the model thread (None: it preprocesses them itself).
     media_worker: Option<MediaWorker>,
     /// Rollback points of the prefix-cache entry it continues, at or before what it reused: its own
@@ -2162,6 +2166,10 @@ impl MlxSequence {
         // Each image, frame and clip's place; their towers run when the prefill reaches them (never for
         // those the reused prefix holds).
         placed.sort_by_key(|p| p.start);
+        let audio_tokens = (placed.iter())
+            .filter(|p| matches!(p.input, MediaInput::Audio(_)))
+            .map(|p| p.len)
+            .sum();
         let media: Vec<MediaRun> = placed
             .iter()
             .map(|p| MediaRun {
@@ -2229,6 +2237,7 @@ impl MlxSequence {
             inherited,
             media: placed.into_iter().map(Some).collect(),
             encoded_media: 0,
+            audio_tokens,
         })
     }
 
@@ -2400,6 +2409,7 @@ impl MlxSequence {
                 tool_calls: self.answer.tool_calls(),
                 stop_sequence: self.answer.stop_sequence().map(String::from),
                 reasoning_tokens: self.answer.reasoning_tokens(),
+                audio_tokens: self.audio_tokens,
                 memory: mlx_memory(),
                 speculative: self.spec.as_ref().map(|sp| sp.controller.stats()),
                 draft_cached_tokens: self.spec.as_ref().map_or(0, |sp| sp.draft.reused()),

@@ -576,6 +576,7 @@ impl InProcess for Mlx {
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
             reasoning_tokens: s.reasoning_tokens as u64,
+            audio_tokens: s.audio_tokens as u64,
             speculative: s
                 .speculative
                 .filter(|sp| sp.rounds > 0)
@@ -681,6 +682,7 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             decode_tps: s.decode_tps,
             stop_sequence: s.stop_sequence.clone(),
             reasoning_tokens: s.reasoning_tokens as u64,
+            audio_tokens: s.audio_tokens as u64,
             speculative: s
                 .speculative
                 .filter(|sp| sp.rounds > 0)

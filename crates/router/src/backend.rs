@@ -372,6 +372,8 @@ pub struct Finished {
     pub stop_sequence: Option<String>,
     /// Of the generated tokens, those spent thinking.
     pub reasoning_tokens: u64,
+    /// Of the prompt's tokens, those holding audio (`prompt_tokens_details.audio_tokens`).
+    pub audio_tokens: u64,
     /// What speculative decoding did (None: the engine did not speculate).
     pub speculative: Option<crate::api::Speculation>,
 }
@@ -429,7 +431,8 @@ fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
             f.completion_tokens,
             cached_tokens,
             f.reasoning_tokens,
-        ),
+        )
+        .with_audio_tokens(f.audio_tokens),
         decode_tps: Some(f.decode_tps),
         stop_sequence: f.stop_sequence,
         served_by: None,

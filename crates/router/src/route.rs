@@ -1061,7 +1061,10 @@ impl Walk {
             prompt_tokens,
             completion_tokens: self.completion_tokens,
             total_tokens: prompt_tokens + self.completion_tokens,
-            prompt_tokens_details: Some(crate::api::PromptTokensDetails { cached_tokens }),
+            prompt_tokens_details: Some(crate::api::PromptTokensDetails {
+                cached_tokens,
+                audio_tokens: usage.audio_tokens(),
+            }),
             completion_tokens_details: usage.completion_tokens_details,
         };
         Output::End {

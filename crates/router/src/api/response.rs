@@ -304,6 +304,10 @@ pub struct PromptTokensDetails {
     /// Prompt tokens whose KV cache was reused from an earlier request instead of being prefilled.
     #[serde(default, deserialize_with = "lenient")]
     pub cached_tokens: u64,
+    /// Prompt tokens that hold audio: the soft tokens of the request's clips and of its videos' sound, as
+    /// the answering model's audio tower produced them (one per 40 ms for Gemma 4), markers excluded.
+    #[serde(default, deserialize_with = "lenient")]
+    pub audio_tokens: u64,
 }
 
 /// OpenAI's `usage.completion_tokens_details`.
@@ -324,11 +328,26 @@ impl Usage {
             total_tokens: prompt + completion,
             prompt_tokens_details: Some(PromptTokensDetails {
                 cached_tokens: cached,
+                audio_tokens: 0,
             }),
             completion_tokens_details: Some(CompletionTokensDetails {
                 reasoning_tokens: reasoning,
             }),
         }
+    }
+
+    /// This usage with `audio` of its prompt tokens holding audio
+    /// (`prompt_tokens_details.audio_tokens`).
+    pub fn with_audio_tokens(mut self, audio: u64) -> Self {
+        self.prompt_tokens_details
+            .get_or_insert_with(Default::default)
+            .audio_tokens = audio;
+        self
+    }
+
+    /// Prompt tokens that hold audio (0 when the backend did not say).
+    pub fn audio_tokens(&self) -> u64 {
+        self.prompt_tokens_details.map_or(0, |d| d.audio_tokens)
     }
 
     /// Prompt tokens served from the prefix cache (0 when the backend did not say).
