@@ -130,14 +130,52 @@ pub(crate) struct Towers {
     counter: std::sync::Mutex<Option<Counter>>,
 }
 
-/// A count waiting for its media to be prepared: the images (and frames) and clips, and what to do with
-/// the positions they take.
-type CountJob = (Vec<Item>, Vec<Item>, Box<dyn FnOnce(Result<usize>) + Send>);
+/// Counts the counting thread holds at most ([`Towers::count_later`]): beyond them a count prepares its
+/// media on the calling (model) thread, as before the thread existed, so a burst of counts costs the
+/// running streams a bounded stall rather than memory without bound (the host lets at most two counts
+/// through between two steps).
+const COUNT_QUEUE: usize = 8;
 
-/// The counting thread ([`Towers::count_later`]) and its queue.
+/// A count waiting for its media to be prepared: the images (and frames) and clips, the prompt's other
+/// tokens, and where the total goes.
+struct CountJob {
+    images: Vec<Item>,
+    audio: Vec<Item>,
+    text: usize,
+    reply: CountSender,
+}
+
+/// Where a count's answer goes ([`jemma_serve::host::ModelRunner::count`]).
+pub(crate) type CountSender =
+    tokio::sync::oneshot::Sender<std::result::Result<usize, jemma_chat::event::EngineFailure>>;
+
+/// The counting thread ([`Towers::count_later`]), its bounded queue, and the flag that stops it.
 struct Counter {
-    jobs: std::sync::mpsc::Sender<CountJob>,
+    jobs: std::sync::mpsc::SyncSender<CountJob>,
     thread: std::thread::JoinHandle<()>,
+    stop: Arc<AtomicBool>,
+}
+
+impl CountJob {
+    /// Counts with `towers` and replies, unless the caller has gone; `stop` cancels a preparation between
+    /// items (the model is going).
+    fn run(self, towers: &Towers, stop: &AtomicBool) {
+        if self.reply.is_closed() {
+            return;
+        }
+        let counted = match towers.prepare_all((&self.images, &self.audio), stop) {
+            Some(prepared) => prepared.map(|(seen, heard)| {
+                self.text
+                    + (seen.iter().chain(&heard))
+                        .map(|p| p.chunks.total_tokens())
+                        .sum::<usize>()
+            }),
+            None => Err(LlamaError::Runtime(
+                "the model was unloaded before the count was done".into(),
+            )),
+        };
+        let _ = self.reply.send(counted.map_err(Into::into));
+    }
 }
 
 /// One image or clip in a prompt: its opening marker, soft tokens and closing marker from position
@@ -683,54 +721,66 @@ impl Towers {
 }
 
 impl Towers {
-    /// Counts the positions `images` and `audio` (in prompt order) take once prepared, off the calling
-    /// (model) thread: on one counting thread, in the order counts come, so that a burst of counts with
-    /// media neither holds up the running streams nor takes every core. `done` gets the total, or why an
-    /// item was refused; it runs here when no thread can be started.
+    /// Answers on `reply` how many positions a prompt takes: `text` tokens, and `images` and `audio` (in
+    /// prompt order) once prepared. Off the calling (model) thread: on one counting thread, in the order
+    /// counts come, so that counts with media hold up neither the running streams' decoding nor more than
+    /// one core (their preparation still shares libmtmd's lock with media evaluation). Here instead when the
+    /// thread's queue is full ([`COUNT_QUEUE`]) or no thread can be started; a counting thread that ended
+    /// (a panic) is replaced. A count whose caller has gone is skipped.
     pub fn count_later(
         self: &Arc<Self>,
         images: Vec<Item>,
         audio: Vec<Item>,
-        done: impl FnOnce(Result<usize>) + Send + 'static,
+        text: usize,
+        reply: CountSender,
     ) {
-        let mut job: CountJob = (images, audio, Box::new(done));
+        let mut job = CountJob {
+            images,
+            audio,
+            text,
+            reply,
+        };
         if let Ok(mut counter) = self.counter.lock() {
+            if counter.as_ref().is_some_and(|c| c.thread.is_finished())
+                && let Some(dead) = counter.take()
+            {
+                let _ = dead.thread.join();
+            }
             if counter.is_none() {
-                let (tx, rx) = std::sync::mpsc::channel::<CountJob>();
-                let towers = self.clone();
+                let (tx, rx) = std::sync::mpsc::sync_channel::<CountJob>(COUNT_QUEUE);
+                let stop = Arc::new(AtomicBool::new(false));
+                let (towers, stopped) = (self.clone(), stop.clone());
                 let spawned = std::thread::Builder::new()
                     .name("jemma-count".into())
                     .spawn(move || {
-                        for (images, audio, done) in rx {
-                            done(towers.positions(&images, &audio));
+                        for job in rx {
+                            job.run(&towers, &stopped);
                         }
                     });
                 match spawned {
-                    Ok(thread) => *counter = Some(Counter { jobs: tx, thread }),
+                    Ok(thread) => {
+                        *counter = Some(Counter {
+                            jobs: tx,
+                            thread,
+                            stop,
+                        })
+                    }
                     Err(e) => {
                         tracing::warn!("no thread to count media on, so the model thread does: {e}")
                     }
                 }
             }
             if let Some(c) = counter.as_ref() {
-                match c.jobs.send(job) {
+                match c.jobs.try_send(job) {
                     Ok(()) => return,
-                    Err(std::sync::mpsc::SendError(back)) => job = back,
+                    Err(
+                        std::sync::mpsc::TrySendError::Full(back)
+                        | std::sync::mpsc::TrySendError::Disconnected(back),
+                    ) => job = back,
                 }
             }
         }
-        let (images, audio, done) = job;
-        done(self.positions(&images, &audio));
-    }
-
-    /// The positions `images` and `audio` take in a prompt once prepared (markers and soft tokens).
-    fn positions(&self, images: &[Item], audio: &[Item]) -> Result<usize> {
-        let (seen, heard) = self.prepare_now((images, audio))?;
-        Ok(seen
-            .iter()
-            .chain(&heard)
-            .map(|p| p.chunks.total_tokens())
-            .sum())
+        job.run(self, &AtomicBool::new(false));
     }
 }
 
@@ -843,9 +893,11 @@ impl Drop for Mtmd {
     /// Waits for the preparation threads of requests that went away: they read the model through
     /// libmtmd, and the model goes right after the towers (`Serving` declares them first).
     fn drop(&mut self) {
-        // The counting thread ends when its queue closes, after the counts it holds.
+        // The counting thread stops preparing, answers the counts it holds with an error, and ends when
+        // its queue closes.
         let counter = self.towers.counter.lock().ok().and_then(|mut c| c.take());
-        if let Some(Counter { jobs, thread }) = counter {
+        if let Some(Counter { jobs, thread, stop }) = counter {
+            stop.store(true, Ordering::Relaxed);
             drop(jobs);
             let _ = thread.join();
         }

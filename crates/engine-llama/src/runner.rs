@@ -497,10 +497,7 @@ impl ModelRunner for LlamaRunner {
             Some(m) if plan.has_media() => {
                 // `plan` checked that each item has its placeholder: each becomes its positions.
                 let text = (plan.ids.len()).saturating_sub(plan.images.len() + plan.audio.len());
-                m.towers()
-                    .count_later(plan.images, plan.audio, move |media| {
-                        let _ = reply.send(media.map(|n| text + n).map_err(Into::into));
-                    });
+                m.towers().count_later(plan.images, plan.audio, text, reply);
             }
             _ => {
                 let _ = reply.send(Ok(plan.ids.len()));
