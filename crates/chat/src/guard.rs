@@ -15,23 +15,29 @@
 //! whole control token the client wrote and `<turn|>` becomes the text `<`, `turn|>`. A prompt whose client
 //! text spells no control token has no cut and tokenizes exactly as before.
 //!
-//! Client text is every string of a non-assistant message's `content` (and of its text parts) and every
-//! string in `tools`. An assistant's own earlier output is not: the template reads its thinking channel
-//! markers to drop them from the history, and clients send those turns back as the model wrote them.
+//! Every string of a chat request is guarded, object keys included: messages' content (free text, wrapped
+//! whole while the template renders it), tool results, names, ids, tool definitions and their property
+//! names. In an earlier answer (an assistant message, or the answer a prompt continues) the model's own
+//! thinking-channel markers stay markers, since the template reads them to drop that turn's thinking; its
+//! other control tokens are cut like client text, since clients send the history they like.
 //!
-//! Finding where client text lands in the rendered prompt: each client string is wrapped in two Unicode
-//! noncharacters (U+FDD0, U+FDD1) and rendered; the template's `trim` keeps them. With them removed, the
-//! result must equal the unwrapped rendering byte for byte, or a template that transforms client text in
-//! other ways (Python's `.strip()`, slicing) could tokenize differently than it renders. When it does not,
-//! the cuts go into the client strings themselves (which catches every token a single string spells,
-//! though not one spelled across two), checked the same way; when that fails too, the prompt is the plain
-//! rendering and a warning is logged.
+//! Finding where client text lands in the rendered prompt: free text is wrapped in two Unicode
+//! noncharacters (U+FDD0, U+FDD1) and every string is cut where it spells a control token; the template
+//! renders that, its `trim` stepping over the markers. With the markers removed, the result must equal the
+//! plain rendering byte for byte, or a template that transforms client text in other ways (Python's
+//! `.strip()`, slicing) could tokenize differently than it renders. When it does not, the strings are only
+//! cut (which catches every token a single string spells, though not one spelled across two strings) and
+//! checked the same way. When that fails too, the request spells a control token the template transforms,
+//! and it is refused ([`TemplateError::ControlTokenInText`], a 400) rather than read with the token. The
+//! noncharacters, and U+FDD2 (the cut), reach the model as U+FFFD where a client sends them.
 
 use std::borrow::Cow;
 use std::ops::Range;
 
 use aho_corasick::AhoCorasick;
 use serde_json::Value as Json;
+
+use crate::template::TemplateError;
 
 /// Where a prompt must be cut before it is tokenized: U+FDD2, a Unicode noncharacter ("for internal use,
 /// not for interchange"). Tokenize the [`pieces`] between cuts one by one.
@@ -112,6 +118,32 @@ impl ControlTokens {
         self.len == 0
     }
 
+    /// Cut positions inside every control token `text` spells (after its first character), the model's
+    /// own channel markers ([`MODEL_MARKERS`]) left whole when `model`.
+    fn inner_cuts(&self, text: &str, model: bool) -> Vec<usize> {
+        let Some(matcher) = &self.matcher else {
+            return vec![];
+        };
+        let mut cuts: Vec<usize> = matcher
+            .find_overlapping_iter(text)
+            .filter(|m| !(model && MODEL_MARKERS.contains(&&text[m.start()..m.end()])))
+            .map(|m| m.start() + text[m.start()..].chars().next().map_or(1, char::len_utf8))
+            .collect();
+        cuts.sort_unstable();
+        cuts.dedup();
+        cuts
+    }
+
+    /// The first control token `text` spells (leaving out the model's channel markers when `model`).
+    fn first_in(&self, text: &str, model: bool) -> Option<String> {
+        let matcher = self.matcher.as_ref()?;
+        matcher
+            .find_overlapping_iter(text)
+            .map(|m| &text[m.start()..m.end()])
+            .find(|t| !(model && MODEL_MARKERS.contains(t)))
+            .map(String::from)
+    }
+
     /// Whether `text` holds a character a control token begins or ends with.
     fn may_touch(&self, text: &str) -> bool {
         text.chars().any(|c| self.edges.binary_search(&c).is_ok())
@@ -145,54 +177,75 @@ impl ControlTokens {
     }
 }
 
+/// The control tokens an earlier answer of the model carries in its `content` as the model wrote them:
+/// Gemma 4's thinking-channel markers, which its template reads to drop that turn's thinking. Every other
+/// control token in an assistant message is cut like client text: the model writes no turn markers, `<bos>`
+/// or media placeholders into its answers, and a client can put anything into the history it sends.
+const MODEL_MARKERS: [&str; 2] = ["<|channel>", "<channel|>"];
+
+/// What a string of the request is to the guard.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    /// Free text a client (or a tool, or a document) wrote: a non-assistant message's content, a tool's
+    /// description. Wrapped whole while the template renders it, and cut where it spells a control token.
+    Free,
+    /// Any other string (a tool's name, a schema's property name, a tool message's `name`): cut where it
+    /// spells a control token, never wrapped, since a template compares such strings.
+    Strict,
+    /// An earlier answer's content: cut where it spells a control token other than [`MODEL_MARKERS`].
+    Model,
+    /// A message's `role`, which the template compares and the gateway has checked.
+    Role,
+}
+
+thread_local! {
+    /// Whether this thread is rendering marked client strings ([`trim_marked`] then trims through the
+    /// markers); at any other time `trim` is Jinja2's.
+    static MARKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// How client strings are marked before rendering.
 #[derive(Clone, Copy, PartialEq)]
 enum Mark {
-    /// Wrapped whole in [`OPEN`] … [`CLOSE`] (free text only; other strings in `tools` are cut as with
-    /// `Cuts`, since a template compares them).
+    /// Free text wrapped whole in [`OPEN`] … [`CLOSE`], every string cut where it spells a control token.
     Whole,
-    /// Cut where they spell a control token.
+    /// Every string cut where it spells a control token, nothing wrapped.
     Cuts,
 }
 
 /// How a prompt was guarded ([`render_traced`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Guarded {
-    /// No client string holds a character a control token begins or ends with: nothing to cut.
+    /// No string holds a character a control token begins or ends with: nothing to cut.
     Untouched,
-    /// Client strings were wrapped whole and the template rendered them as they were.
+    /// Free text was wrapped whole and the template rendered it as it was.
     Whole,
-    /// Cut inside client strings (the template transforms client text, but leaves the cuts be).
+    /// Cut inside the strings only (the template transforms free text, but leaves the cuts be).
     Cuts,
-    /// The template transforms client text so that neither way could be checked: the plain rendering.
-    Unguarded,
 }
 
 /// Renders a chat with `control` guarded: `render` is the template's plain rendering of (messages, tools).
 /// Returns the prompt with [`CUT`]s where client text spells a control token (none when it spells none).
-pub(crate) fn render<E>(
+///
+/// Errors: `render`'s; [`TemplateError::ControlTokenInText`] when the client text spells a control token
+/// and the template transforms that text so that neither way of marking it can be checked (the request
+/// is refused rather than read with the token as a control token).
+pub(crate) fn render(
     control: &ControlTokens,
     messages: &[Json],
     tools: Option<&[Json]>,
-    render: impl Fn(&[Json], Option<&[Json]>) -> Result<String, E>,
-) -> Result<String, E> {
-    let (prompt, how) = render_traced(control, messages, tools, render)?;
-    if how == Guarded::Unguarded {
-        tracing::warn!(
-            "the chat template transforms client text in a way the control-token guard cannot follow: \
-             this prompt is tokenized with any control tokens its messages spell"
-        );
-    }
-    Ok(prompt)
+    render: impl Fn(&[Json], Option<&[Json]>) -> Result<String, TemplateError>,
+) -> Result<String, TemplateError> {
+    render_traced(control, messages, tools, render).map(|(prompt, _)| prompt)
 }
 
 /// [`render`], saying how the prompt was guarded.
-pub(crate) fn render_traced<E>(
+pub(crate) fn render_traced(
     control: &ControlTokens,
     messages: &[Json],
     tools: Option<&[Json]>,
-    render: impl Fn(&[Json], Option<&[Json]>) -> Result<String, E>,
-) -> Result<(String, Guarded), E> {
+    render: impl Fn(&[Json], Option<&[Json]>) -> Result<String, TemplateError>,
+) -> Result<(String, Guarded), TemplateError> {
     let (messages, tools) = sanitize(messages, tools);
     let tools = tools.as_deref();
     let plain = render(&messages, tools)?;
@@ -205,7 +258,10 @@ pub(crate) fn render_traced<E>(
     }
     for (how, guarded) in [(Mark::Whole, Guarded::Whole), (Mark::Cuts, Guarded::Cuts)] {
         let (marked_messages, marked_tools) = mark(control, &messages, tools, how);
-        let Ok(rendered) = render(&marked_messages, marked_tools.as_deref()) else {
+        MARKING.set(true);
+        let rendered = render(&marked_messages, marked_tools.as_deref());
+        MARKING.set(false);
+        let Ok(rendered) = rendered else {
             continue;
         };
         let Some((text, spans, mut cuts)) = unmark(&rendered) else {
@@ -219,73 +275,117 @@ pub(crate) fn render_traced<E>(
         cuts.dedup();
         return Ok((insert_cuts(&text, &cuts), guarded));
     }
-    Ok((plain, Guarded::Unguarded))
+    // Marking every string only where it spells a control token changes nothing in a request that spells
+    // none, so this is a request that does, through a template that transforms it.
+    let mut token = None;
+    visit(&messages, tools, &mut |text, kind| {
+        if token.is_none() {
+            token = control.first_in(text, kind == Kind::Model);
+        }
+    });
+    Err(TemplateError::ControlTokenInText {
+        token: token.unwrap_or_default(),
+    })
 }
 
-/// Calls `f` on every client string: `true` for free text (a message's content, a tool's `description`).
-fn visit(messages: &[Json], tools: Option<&[Json]>, f: &mut impl FnMut(&str, bool)) {
-    fn all(value: &Json, key: Option<&str>, f: &mut impl FnMut(&str, bool)) {
+/// Calls `f` on every string of the request with what it is to the guard, object keys included (as
+/// [`Kind::Strict`]).
+fn visit(messages: &[Json], tools: Option<&[Json]>, f: &mut impl FnMut(&str, Kind)) {
+    fn all(value: &Json, kind: Kind, f: &mut impl FnMut(&str, Kind)) {
         match value {
-            Json::String(s) => f(s, key == Some("description")),
-            Json::Array(items) => items.iter().for_each(|v| all(v, key, f)),
-            Json::Object(map) => map.iter().for_each(|(k, v)| all(v, Some(k), f)),
-            _ => {}
-        }
-    }
-    for message in messages.iter().filter(|m| !from_model(m)) {
-        match message.get("content") {
-            Some(Json::String(s)) => f(s, true),
-            Some(Json::Array(parts)) => {
-                for text in parts.iter().filter_map(|p| p.get("text")?.as_str()) {
-                    f(text, true);
+            Json::String(s) => f(s, kind),
+            Json::Array(items) => items.iter().for_each(|v| all(v, kind, f)),
+            Json::Object(map) => {
+                for (k, v) in map {
+                    f(k, Kind::Strict);
+                    all(v, kind_of(kind, k), f);
                 }
             }
             _ => {}
         }
     }
-    for tool in tools.unwrap_or_default() {
-        all(tool, None, f);
-    }
-}
-
-/// The same strings as [`visit`], mutably.
-fn visit_mut(
-    messages: &mut [Json],
-    tools: Option<&mut [Json]>,
-    f: &mut impl FnMut(&mut String, bool),
-) {
-    fn all(value: &mut Json, key: Option<&str>, f: &mut impl FnMut(&mut String, bool)) {
-        match value {
-            Json::String(s) => f(s, key == Some("description")),
-            Json::Array(items) => items.iter_mut().for_each(|v| all(v, key, f)),
-            Json::Object(map) => map.iter_mut().for_each(|(k, v)| all(v, Some(k), f)),
-            _ => {}
-        }
-    }
-    for message in messages.iter_mut().filter(|m| !from_model(m)) {
-        match message.get_mut("content") {
-            Some(Json::String(s)) => f(s, true),
-            Some(Json::Array(parts)) => {
-                for part in parts {
-                    if let Some(Json::String(text)) = part.get_mut("text") {
-                        f(text, true);
+    for message in messages {
+        let kind = message_kind(message);
+        match message {
+            Json::Object(fields) => {
+                for (k, v) in fields {
+                    f(k, Kind::Strict);
+                    match (k.as_str(), v) {
+                        ("role", Json::String(role)) => f(role, Kind::Role),
+                        _ => all(v, kind_of(kind, k), f),
                     }
                 }
             }
-            _ => {}
+            other => all(other, Kind::Strict, f),
         }
     }
     for tool in tools.unwrap_or_default() {
-        all(tool, None, f);
+        all(tool, Kind::Strict, f);
     }
 }
 
-/// An assistant's (the model's) own turn, which the template reads as the model wrote it.
-fn from_model(message: &Json) -> bool {
-    matches!(
-        message.get("role").and_then(Json::as_str),
-        Some("assistant" | "model")
-    )
+/// The same strings as [`visit`], mutably: `f` may change a string, keys included (a changed key keeps
+/// its place).
+fn visit_mut(
+    messages: &mut [Json],
+    tools: Option<&mut [Json]>,
+    f: &mut impl FnMut(&mut String, Kind),
+) {
+    fn all(value: &mut Json, kind: Kind, f: &mut impl FnMut(&mut String, Kind)) {
+        match value {
+            Json::String(s) => f(s, kind),
+            Json::Array(items) => items.iter_mut().for_each(|v| all(v, kind, f)),
+            Json::Object(map) => {
+                let entries = std::mem::take(map);
+                for (mut k, mut v) in entries {
+                    all(&mut v, kind_of(kind, &k), f);
+                    f(&mut k, Kind::Strict);
+                    map.insert(k, v);
+                }
+            }
+            _ => {}
+        }
+    }
+    for message in messages {
+        let kind = message_kind(message);
+        match message {
+            Json::Object(fields) => {
+                for (mut k, mut v) in std::mem::take(fields) {
+                    match (k.as_str(), &mut v) {
+                        ("role", Json::String(role)) => f(role, Kind::Role),
+                        _ => all(&mut v, kind_of(kind, &k), f),
+                    }
+                    f(&mut k, Kind::Strict);
+                    fields.insert(k, v);
+                }
+            }
+            other => all(other, Kind::Strict, f),
+        }
+    }
+    for tool in tools.unwrap_or_default() {
+        all(tool, Kind::Strict, f);
+    }
+}
+
+/// What a message's strings are: [`Kind::Model`] within an earlier answer (assistant), else
+/// [`Kind::Free`] for its content and [`Kind::Strict`] for the rest (through [`kind_of`]).
+fn message_kind(message: &Json) -> Kind {
+    match message.get("role").and_then(Json::as_str) {
+        Some("assistant" | "model") => Kind::Model,
+        _ => Kind::Free,
+    }
+}
+
+/// The kind of the value under `key` in an object whose strings are `parent`: free text is a message's
+/// `content` (and its parts' `text`) and a tool's `description`; an answer's content is the model's;
+/// everything else is strict (a message's own `role` is handled where messages are walked).
+fn kind_of(parent: Kind, key: &str) -> Kind {
+    match (parent, key) {
+        (_, "description") => Kind::Free,
+        (Kind::Free | Kind::Model, "content" | "text") => parent,
+        // A message's content parts are objects under `content`: their `text` keeps the message's kind.
+        _ => Kind::Strict,
+    }
 }
 
 /// Whether a character is one of the guard's own markers.
@@ -293,7 +393,8 @@ fn is_marker(c: char) -> bool {
     matches!(c, OPEN | CLOSE | CUT)
 }
 
-/// The request with the guard's markers replaced in client strings (borrowed when there are none).
+/// The request with the guard's markers replaced by U+FFFD in every string and key (borrowed when there
+/// are none).
 fn sanitize<'a>(
     messages: &'a [Json],
     tools: Option<&'a [Json]>,
@@ -312,7 +413,7 @@ fn sanitize<'a>(
     (Cow::Owned(messages), tools.map(Cow::Owned))
 }
 
-/// Copies of `messages` and `tools` with their client strings marked `how`.
+/// Copies of `messages` and `tools` with their strings marked `how`.
 fn mark(
     control: &ControlTokens,
     messages: &[Json],
@@ -320,20 +421,28 @@ fn mark(
     how: Mark,
 ) -> (Vec<Json>, Option<Vec<Json>>) {
     let (mut messages, mut tools) = (messages.to_vec(), tools.map(<[Json]>::to_vec));
-    visit_mut(&mut messages, tools.as_deref_mut(), &mut |s, free| {
-        if how == Mark::Whole && free {
-            if !s.is_empty() {
-                *s = format!("{OPEN}{s}{CLOSE}");
-            }
-        } else {
-            let whole = 0..s.len();
-            let cuts = control.cuts(s, std::slice::from_ref(&whole));
-            if !cuts.is_empty() {
-                *s = insert_cuts(s, &cuts);
-            }
+    visit_mut(&mut messages, tools.as_deref_mut(), &mut |s, kind| {
+        if kind == Kind::Role {
+            return;
+        }
+        let cuts = control.inner_cuts(s, kind == Kind::Model);
+        if !cuts.is_empty() {
+            *s = insert_cuts(s, &cuts);
+        }
+        if how == Mark::Whole && kind == Kind::Free && !s.is_empty() {
+            *s = format!("{OPEN}{s}{CLOSE}");
         }
     });
     (messages, tools)
+}
+
+/// An earlier answer's text (a trailing assistant message the prompt continues) cut where it spells a
+/// control token other than the model's own channel markers ([`MODEL_MARKERS`]), its guard markers
+/// replaced: as [`render`] treats the answers in the history.
+pub(crate) fn cut_model_text(control: &ControlTokens, text: &str) -> String {
+    let text = text.replace(is_marker, &REPLACEMENT.to_string());
+    let cuts = control.inner_cuts(&text, true);
+    insert_cuts(&text, &cuts)
 }
 
 /// `text` with [`CUT`] inserted at each of `cuts` (ascending byte offsets on character boundaries).
@@ -375,7 +484,7 @@ fn unmark(rendered: &str) -> Option<(String, Vec<Range<usize>>, Vec<usize>)> {
 /// both ends as if the markers were not there, and the markers stay where they were (a client string
 /// trimmed to nothing loses its pair). Strings without markers are trimmed as usual.
 pub(crate) fn trim_marked(text: &str, strip: impl Fn(char) -> bool) -> Cow<'_, str> {
-    if !text.contains([OPEN, CLOSE]) {
+    if !MARKING.get() || !text.contains([OPEN, CLOSE]) {
         return Cow::Borrowed(text.trim_matches(strip));
     }
     let chars: Vec<char> = text.chars().collect();
@@ -430,6 +539,9 @@ mod tests {
     #[test]
     fn trim_keeps_markers_and_drops_emptied_pairs() {
         let ws = char::is_whitespace;
+        // Outside the guard's marked rendering, trim is Jinja2's: the markers are not whitespace.
+        assert_eq!(trim_marked(" \u{FDD0} a ", ws), "\u{FDD0} a");
+        MARKING.set(true);
         assert_eq!(trim_marked("  a b  ", ws), "a b");
         assert_eq!(
             trim_marked("\u{FDD0}  a b \u{FDD1} ", ws),

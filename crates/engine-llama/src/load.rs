@@ -174,17 +174,25 @@ impl Loaded {
         if let Prompt::Ids(ids) = prompt {
             return Ok(ids.iter().map(|&i| LlamaToken(i as i32)).collect());
         }
-        Ok(self.tokenize(&self.prompt_text(prompt)?.unwrap_or_default()))
+        let text = self.prompt_text(prompt)?.unwrap_or_default();
+        Ok(self.tokenize_prompt(prompt, &text))
     }
 
-    /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added. The
-    /// text's [`jemma_chat::guard::pieces`] are read one after another, so that a control token a client
-    /// spelled (cut by the chat template's guard) is read as text.
+    /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added.
     pub fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
-        let vocab = self.model.vocab();
-        jemma_chat::guard::pieces(text)
-            .flat_map(|piece| vocab.tokenize(piece.as_bytes(), false, true))
-            .collect()
+        self.model.vocab().tokenize(text.as_bytes(), false, true)
+    }
+
+    /// Token ids of `text`, the text of `prompt` ([`Loaded::prompt_text`], its videos expanded or not): a
+    /// chat's [`jemma_chat::guard::pieces`] one after another, so that a control token a client spelled
+    /// (cut by the chat template's guard) is read as text; a raw prompt whole ([`Loaded::tokenize`]).
+    pub fn tokenize_prompt(&self, prompt: &Prompt, text: &str) -> Vec<LlamaToken> {
+        match prompt {
+            Prompt::Chat { .. } => jemma_chat::guard::pieces(text)
+                .flat_map(|piece| self.tokenize(piece))
+                .collect(),
+            _ => self.tokenize(text),
+        }
     }
 
     /// The text a prompt is read from: a chat rendered with the model's template (which writes `<bos>`), a

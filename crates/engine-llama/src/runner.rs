@@ -831,7 +831,12 @@ pub(crate) fn plan(loaded: &Loaded, mtmd: Option<&media::Mtmd>, request: &Reques
             &request.videos,
             hears,
         )?;
-        (loaded.tokenize(&text), images, audio, places)
+        (
+            loaded.tokenize_prompt(&request.prompt, &text),
+            images,
+            audio,
+            places,
+        )
     };
     mtmd.check_places(&ids, &places, images.len(), audio.len())?;
     if mtmd.ends_with_media(&ids, &places)? {

@@ -1775,4 +1775,16 @@ fn control_tokens_a_client_types_are_read_as_text() {
         );
     }
     assert!(text(&injected).contains(typed), "{:?}", text(&injected));
+    // A raw prompt (/v1/completions) is read whole, its special tokens parsed, as the anchors read it.
+    let raw = Prompt::Text("a\u{FDD2}b <turn|>".into());
+    let rendered = loaded.prompt_text(&raw).unwrap().unwrap();
+    let whole: Vec<u32> = (loaded
+        .model
+        .vocab()
+        .tokenize(rendered.as_bytes(), false, true)
+        .iter())
+    .map(|t| t.0 as u32)
+    .collect();
+    assert_eq!(ids(&raw), whole);
+    assert_eq!(count(&whole, 106), 1);
 }

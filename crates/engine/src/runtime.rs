@@ -927,7 +927,7 @@ impl ModelBundle {
             Prompt::Ids(ids) => ids.clone(),
             Prompt::Text(t) => {
                 let bos = self.tokenizer.bos_token.as_deref();
-                let mut ids = self.tokenizer.encode_prompt(t)?;
+                let mut ids = self.tokenizer.encode(t, false)?;
                 if let Some(b) = bos.filter(|b| !t.starts_with(b))
                     && let Some(id) = self.tokenizer.token_id(b)
                 {
@@ -1157,7 +1157,12 @@ impl ModelBundle {
             }
             counts.push(frames);
         }
-        Ok((self.tokenizer.encode_prompt(&expanded)?, counts))
+        // A chat's text may hold the guard's cuts; a raw prompt is read whole, as given.
+        let ids = match prompt {
+            Prompt::Chat { .. } => self.tokenizer.encode_prompt(&expanded)?,
+            _ => self.tokenizer.encode(&expanded, false)?,
+        };
+        Ok((ids, counts))
     }
 
     /// The prompt's token ids with its images, audio and videos in place: for a chat or text prompt each

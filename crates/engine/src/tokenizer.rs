@@ -88,9 +88,10 @@ impl Tokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Token ids of a prompt (special tokens parsed, nothing added): the ids of its
-    /// [`jemma_chat::guard::pieces`] one after another, so that a control token a client spelled (cut by the
-    /// chat template's guard) is read as text. A prompt without cuts gives [`Tokenizer::encode`]'s ids.
+    /// Token ids of a chat prompt rendered by the template (special tokens parsed, nothing added): the ids
+    /// of its [`jemma_chat::guard::pieces`] one after another, so that a control token a client spelled (cut
+    /// by the chat template's guard) is read as text. A prompt without cuts gives [`Tokenizer::encode`]'s
+    /// ids; a raw prompt (`/v1/completions`) goes through [`Tokenizer::encode`] whole.
     pub fn encode_prompt(&self, prompt: &str) -> Result<Vec<u32>> {
         let mut ids = vec![];
         for piece in jemma_chat::guard::pieces(prompt) {
