@@ -434,23 +434,9 @@ const REASONING: &[(&str, Action)] = &[
     ("<tool_call|>", Skip),
     ("<|tool_response>", Skip),
 ];
-// A request that declares no tools: the tool-call markers are text like any other (the model cannot call a
-// tool the client does not have, so what it writes is passed on as written).
-const NORMAL_NO_TOOLS: &[(&str, Action)] = &[
-    ("<|channel>thought\n", Go(State::Reasoning)),
-    ("<|channel>thought", Go(State::Reasoning)),
-    ("<|channel>", Skip),
-    ("<channel|>", Skip),
-    ("<|tool_response>", Skip),
-];
-const REASONING_NO_TOOLS: &[(&str, Action)] = &[
-    ("\n<channel|>", Go(State::Normal)),
-    ("<channel|>", Go(State::Normal)),
-    ("<|channel>thought\n", Skip),
-    ("<|channel>thought", Skip),
-    ("<|channel>", Skip),
-    ("<|tool_response>", Skip),
-];
+// A request that declares no tools reads these two as text like any other (the model cannot call a tool the
+// client does not have, so what it writes is passed on as written).
+const TOOL_CALL_MARKERS: [&str; 2] = ["<|tool_call>", "<tool_call|>"];
 // A new `<|tool_call>` or `<|tool_response>` also ends a call whose closer the model forgot.
 const TOOL: &[(&str, Action)] = &[
     ("<tool_call|>", Go(State::Normal)),
@@ -550,24 +536,24 @@ impl OutputParser {
     /// The first position where a marker starts, with the longest marker matching there, or `None` in place
     /// of the marker when more input could still change which one (or whether one) matches.
     fn find_marker(&self, at_end: bool) -> Option<(usize, Option<(usize, Action)>)> {
-        let markers = match (self.state, self.no_tools) {
-            (State::Normal, false) => NORMAL,
-            (State::Reasoning, false) => REASONING,
-            (State::Normal, true) => NORMAL_NO_TOOLS,
-            (State::Reasoning, true) => REASONING_NO_TOOLS,
-            (State::Tool, _) => TOOL,
-        };
+        let markers = match self.state {
+            State::Normal => NORMAL,
+            State::Reasoning => REASONING,
+            State::Tool => TOOL,
+        }
+        .iter()
+        .filter(|(m, _)| !(self.no_tools && TOOL_CALL_MARKERS.contains(m)));
         self.pending.match_indices(['<', '\n']).find_map(|(at, _)| {
             let tail = &self.pending[at..];
             if !at_end
                 && markers
-                    .iter()
+                    .clone()
                     .any(|(m, _)| m.len() > tail.len() && m.starts_with(tail))
             {
                 return Some((at, None));
             }
             let best = markers
-                .iter()
+                .clone()
                 .filter(|(m, _)| tail.starts_with(m))
                 .max_by_key(|(m, _)| m.len());
             best.map(|&(m, action)| (at, Some((m.len(), action))))
