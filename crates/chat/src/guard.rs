@@ -63,6 +63,12 @@ pub struct ControlTokens {
     matcher: Option<AhoCorasick>,
     /// The first and last characters of the tokens: text without any of them spells none.
     edges: Vec<char>,
+    /// Every proper prefix and every proper suffix of the tokens: what a string may end or begin with
+    /// that a neighbouring string could complete into a token ([`ControlTokens::edge_cuts`]).
+    prefixes: std::collections::HashSet<String>,
+    suffixes: std::collections::HashSet<String>,
+    /// The longest token, bytes.
+    longest: usize,
     /// How many tokens.
     len: usize,
 }
@@ -97,14 +103,27 @@ impl ControlTokens {
             .collect();
         edges.sort_unstable();
         edges.dedup();
+        let (mut prefixes, mut suffixes) = (
+            std::collections::HashSet::new(),
+            std::collections::HashSet::new(),
+        );
+        for t in &texts {
+            for (i, _) in t.char_indices().skip(1) {
+                prefixes.insert(t[..i].to_owned());
+                suffixes.insert(t[i..].to_owned());
+            }
+        }
         // The automaton's default (standard) semantics report overlapping matches, which the cuts need.
         let matcher = (!texts.is_empty())
             .then(|| AhoCorasick::new(&texts).ok())
             .flatten();
         Self {
             len: if matcher.is_some() { texts.len() } else { 0 },
+            longest: texts.iter().map(String::len).max().unwrap_or(0),
             matcher,
             edges,
+            prefixes,
+            suffixes,
         }
     }
 
@@ -131,6 +150,31 @@ impl ControlTokens {
             .collect();
         cuts.sort_unstable();
         cuts.dedup();
+        cuts
+    }
+
+    /// Cut positions that keep `text` from completing a control token with the strings rendered beside it:
+    /// at its end (trailing whitespace aside) when that end begins a token, and at its start (leading
+    /// whitespace aside) when that start ends one. For the guard's fallback, which cannot see where strings
+    /// meet.
+    fn edge_cuts(&self, text: &str) -> Vec<usize> {
+        let mut cuts = vec![];
+        let head = text.trim_end();
+        if head
+            .char_indices()
+            .map(|(i, _)| i)
+            .filter(|&i| head.len() - i < self.longest)
+            .any(|i| self.prefixes.contains(&head[i..]))
+        {
+            cuts.push(head.len());
+        }
+        let tail = text.trim_start();
+        if (tail.char_indices().map(|(i, c)| i + c.len_utf8()))
+            .take_while(|&len| len < self.longest)
+            .any(|len| self.suffixes.contains(&tail[..len]))
+        {
+            cuts.push(text.len() - tail.len());
+        }
         cuts
     }
 
@@ -422,18 +466,77 @@ fn mark(
 ) -> (Vec<Json>, Option<Vec<Json>>) {
     let (mut messages, mut tools) = (messages.to_vec(), tools.map(<[Json]>::to_vec));
     visit_mut(&mut messages, tools.as_deref_mut(), &mut |s, kind| {
-        if kind == Kind::Role {
+        // A string with neither end of any token in it can start, end or hold none (the markers begin
+        // with one too).
+        if kind == Kind::Role || !control.may_touch(s) {
             return;
         }
-        let cuts = control.inner_cuts(s, kind == Kind::Model);
-        if !cuts.is_empty() {
-            *s = insert_cuts(s, &cuts);
+        let mut cuts = control.inner_cuts(s, kind == Kind::Model);
+        if how == Mark::Cuts {
+            // Nothing shows where strings meet: each string's ends (and an answer's stretches between its
+            // channel markers, which the template joins when it drops the thinking) are cut where they
+            // could complete a token with what comes next.
+            for (at, stretch) in between_model_markers(s, kind == Kind::Model) {
+                cuts.extend(control.edge_cuts(stretch).into_iter().map(|c| at + c));
+            }
         }
-        if how == Mark::Whole && kind == Kind::Free && !s.is_empty() {
-            *s = format!("{OPEN}{s}{CLOSE}");
-        }
+        cuts.sort_unstable();
+        cuts.dedup();
+        let cut = insert_cuts(s, &cuts);
+        *s = match (how, kind) {
+            (Mark::Whole, Kind::Free) => format!("{OPEN}{cut}{CLOSE}"),
+            (Mark::Whole, Kind::Model) => wrap_between_model_markers(&cut),
+            _ => cut,
+        };
     });
     (messages, tools)
+}
+
+/// The stretches of `text` between its channel markers ([`MODEL_MARKERS`]) with their offsets, when
+/// `model`; else the whole text.
+fn between_model_markers(text: &str, model: bool) -> Vec<(usize, &str)> {
+    if !model {
+        return vec![(0, text)];
+    }
+    let mut bounds: Vec<(usize, usize)> = MODEL_MARKERS
+        .iter()
+        .flat_map(|m| text.match_indices(m).map(|(at, m)| (at, at + m.len())))
+        .collect();
+    bounds.sort_unstable();
+    let mut out = vec![];
+    let mut from = 0;
+    for (start, end) in bounds.into_iter().chain([(text.len(), text.len())]) {
+        if start >= from {
+            out.push((from, &text[from..start]));
+            from = end;
+        }
+    }
+    out
+}
+
+/// An answer's (already cut) text with each stretch between its channel markers wrapped in [`OPEN`] …
+/// [`CLOSE`]: the markers stay outside, so the template can split the text at them and drop a turn's
+/// thinking without leaving a marker unpaired, and a token the join spells is seen to touch client text.
+fn wrap_between_model_markers(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 8);
+    let mut rest = text;
+    loop {
+        let next = MODEL_MARKERS
+            .iter()
+            .filter_map(|m| rest.find(m).map(|at| (at, m.len())))
+            .min();
+        let (at, len) = next.unwrap_or((rest.len(), 0));
+        if at > 0 {
+            out.push(OPEN);
+            out.push_str(&rest[..at]);
+            out.push(CLOSE);
+        }
+        out.push_str(&rest[at..at + len]);
+        if len == 0 {
+            return out;
+        }
+        rest = &rest[at + len..];
+    }
 }
 
 /// An earlier answer's text (a trailing assistant message the prompt continues) cut where it spells a
@@ -484,23 +587,18 @@ fn unmark(rendered: &str) -> Option<(String, Vec<Range<usize>>, Vec<usize>)> {
 /// both ends as if the markers were not there, and the markers stay where they were (a client string
 /// trimmed to nothing loses its pair). Strings without markers are trimmed as usual.
 pub(crate) fn trim_marked(text: &str, strip: impl Fn(char) -> bool) -> Cow<'_, str> {
-    if !MARKING.get() || !text.contains([OPEN, CLOSE]) {
+    if !MARKING.get() || !text.contains([OPEN, CLOSE, CUT]) {
         return Cow::Borrowed(text.trim_matches(strip));
     }
     let chars: Vec<char> = text.chars().collect();
-    let skip = |c: &char| strip(*c) || matches!(*c, OPEN | CLOSE);
+    let skip = |c: &char| strip(*c) || is_marker(*c);
     let head = chars.iter().take_while(|c| skip(c)).count();
     let tail = if head == chars.len() {
         0
     } else {
         chars.iter().rev().take_while(|c| skip(c)).count()
     };
-    let kept = |range: &[char]| -> String {
-        range
-            .iter()
-            .filter(|c| matches!(**c, OPEN | CLOSE))
-            .collect()
-    };
+    let kept = |range: &[char]| -> String { range.iter().filter(|c| is_marker(**c)).collect() };
     let mut out = kept(&chars[..head]);
     out.extend(&chars[head..chars.len() - tail]);
     out.push_str(&kept(&chars[chars.len() - tail..]));
