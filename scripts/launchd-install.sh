@@ -52,7 +52,7 @@ CONFIG_DIR=$(dirname "$CONFIG")
 
 if [ -z "$BIN" ]; then
   BIN=$(command -v jemma || true)
-  [ -n "$BIN" ] || BIN=$JEMMA_ROOT/target/release/jemma
+  [ -n "$BIN" ] || BIN=${CARGO_TARGET_DIR:-$JEMMA_ROOT/target}/release/jemma
 fi
 [ -x "$BIN" ] || die "jemma binary not found or not executable: $BIN (build it with: cargo build --release --bin jemma)"
 BIN=$(abs_path "$BIN")

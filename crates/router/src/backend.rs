@@ -419,9 +419,11 @@ pub fn engine_chunks<S: Send + 'static>(
 }
 
 fn done_chunk(prompt_tokens: u64, cached_tokens: u64, f: Finished) -> Chunk {
+    // `max_tokens` cutting the answer is `length` even inside a tool call, as OpenAI reports it: the call
+    // the parser closed with repairs was not finished by the model.
     let finish = match (f.tool_calls, f.hit_length) {
-        (true, _) => FinishReason::ToolCalls,
-        (false, true) => FinishReason::Length,
+        (_, true) => FinishReason::Length,
+        (true, false) => FinishReason::ToolCalls,
         (false, false) => FinishReason::Stop,
     };
     Chunk::Done {
@@ -953,6 +955,28 @@ impl Backend for OpenAiBackend {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn max_tokens_cutting_a_tool_call_is_length() {
+        let finished = |tool_calls, hit_length| Finished {
+            completion_tokens: 10,
+            tool_calls,
+            hit_length,
+            decode_tps: 1.0,
+            stop_sequence: None,
+            reasoning_tokens: 0,
+            audio_tokens: 0,
+            speculative: None,
+        };
+        let reason = |f| match done_chunk(5, 0, f) {
+            Chunk::Done { finish_reason, .. } => finish_reason,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(reason(finished(true, true)), FinishReason::Length);
+        assert_eq!(reason(finished(true, false)), FinishReason::ToolCalls);
+        assert_eq!(reason(finished(false, true)), FinishReason::Length);
+        assert_eq!(reason(finished(false, false)), FinishReason::Stop);
+    }
+
     use super::*;
     use serde_json::json;
 
