@@ -134,4 +134,38 @@ try:
     check("a URL that is not an image is a 400", False, "answered")
 except openai.BadRequestError as e:
     check("a URL that is not an image is a 400", "not an image" in str(e), e)
+
+# The same picture through Anthropic's Messages API (an image block) and OpenAI's Responses API (an
+# input_image part): seen, the prompt as long as through chat completions, counted alike.
+import anthropic  # noqa: E402
+
+claude = anthropic.Anthropic(base_url=base, api_key="not-needed-on-loopback", max_retries=0)
+question = "What is in this picture?"
+image_block = {"type": "image", "source": {"type": "base64", "media_type": "image/png",
+                                           "data": red.split(",", 1)[1]}}
+m = claude.messages.create(model="fast", max_tokens=6, extra_body={"temperature": 0},
+                           messages=[{"role": "user", "content": [{"type": "text", "text": question}, image_block]}])
+took = m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)
+check("anthropic: an image block is seen, the prompt as long as through chat completions",
+      took == seen.usage.prompt_tokens, (m.usage, seen.usage))
+counted = claude.messages.count_tokens(
+    model="fast", messages=[{"role": "user", "content": [{"type": "text", "text": question}, image_block]}])
+check("anthropic count_tokens counts the image", counted.input_tokens == seen.usage.prompt_tokens,
+      (counted, seen.usage))
+try:
+    claude.messages.create(model="primary", max_tokens=6,
+                           messages=[{"role": "user", "content": [{"type": "text", "text": question}, image_block]}])
+    check("anthropic: a model that cannot see refuses the image", False, "answered")
+except anthropic.BadRequestError as e:
+    check("anthropic: a model that cannot see refuses the image with a 400", "cannot see" in str(e), e)
+r = client.responses.create(model="fast", max_output_tokens=6, temperature=0, store=False, input=[
+    {"role": "user", "content": [{"type": "input_text", "text": question}, {"type": "input_image", "image_url": red}]}])
+check("responses: an input_image is seen, the prompt as long as through chat completions",
+      r.usage.input_tokens == seen.usage.prompt_tokens, (r.usage, seen.usage))
+try:
+    client.responses.create(model="fast", max_output_tokens=6, store=False, input=[
+        {"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}])
+    check("responses: a file_id is refused", False, "answered")
+except openai.BadRequestError as e:
+    check("responses: a file_id is refused with a 400 naming it", "file_id" in str(e), e)
 done()

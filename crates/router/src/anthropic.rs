@@ -6,7 +6,7 @@
 //!
 //! What maps to what (Anthropic → the OpenAI shape the tiers take):
 //! - `system` (a string or text blocks) → a system message;
-//! - `text` blocks → content parts (an `image` block is a 400 until the engines can see images); `tool_use` blocks (assistant) → `tool_calls`;
+//! - `text` and `image` blocks (user) → content parts (an image as an `image_url` part); `tool_use` blocks (assistant) → `tool_calls`;
 //!   `tool_result` blocks (user) → `tool` messages, before the user's own text; `thinking` blocks in the
 //!   history are dropped (Gemma's template strips earlier thoughts);
 //! - `tools[].input_schema` → `parameters`; `tool_choice` `auto` / `any` / `tool` / `none` → `auto` /
@@ -272,7 +272,7 @@ impl MessagesRequest {
             let content = m.get("content").ok_or_else(|| {
                 RouterError::invalid("content is required", &format!("{param}.content"))
             })?;
-            let mut parts: Vec<String> = vec![];
+            let mut parts: Vec<ContentPart> = vec![];
             let mut calls: Vec<ToolCall> = vec![];
             for (k, b) in blocks(content, &format!("{param}.content"))?
                 .iter()
@@ -280,21 +280,19 @@ impl MessagesRequest {
             {
                 let bp = format!("{param}.content[{k}]");
                 match (role, b.get("type").and_then(Value::as_str)) {
-                    (_, Some("text")) => parts.push(
-                        b.get("text")
+                    (_, Some("text")) => parts.push(ContentPart::Text {
+                        text: b
+                            .get("text")
                             .and_then(Value::as_str)
                             .unwrap_or("")
                             .to_string(),
-                    ),
+                    }),
+                    // An image block becomes OpenAI's image_url part: the chat request's checks (size,
+                    // SSRF, a model that cannot see it: a 400 naming the part) apply to it as to any.
                     ("user", Some("image")) => {
-                        // Checked first, so a malformed block gets its own error; then refused: no tier's
-                        // engine has a vision tower yet (issue 14), and an answer that never saw the
-                        // image must not pretend it did.
-                        image_part(b, &bp)?;
-                        return Err(RouterError::invalid(
-                            "images are not supported yet: the served models cannot see them",
-                            &format!("{bp}.type"),
-                        ));
+                        parts.push(serde_json::from_value(image_part(b, &bp)?).map_err(|e| {
+                            RouterError::invalid(format!("image: {e}"), &format!("{bp}.source"))
+                        })?)
                     }
                     ("user", Some("tool_result")) => {
                         let id = b
@@ -338,17 +336,18 @@ impl MessagesRequest {
                 }
             }
             if role == "assistant" {
-                let text = parts.join("\n");
+                let text = (parts.iter())
+                    .filter_map(|p| match p {
+                        ContentPart::Text { text } => Some(text.as_str()),
+                        _ => None,
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n");
                 let text = (!text.is_empty() || calls.is_empty()).then_some(text);
                 messages.push(Message::assistant(text, calls));
             } else if !parts.is_empty() {
                 messages.push(Message::User(UserMessage {
-                    content: MessageContent::Parts(
-                        parts
-                            .into_iter()
-                            .map(|text| ContentPart::Text { text })
-                            .collect(),
-                    ),
+                    content: MessageContent::Parts(parts),
                     name: None,
                 }));
             }
@@ -947,10 +946,20 @@ mod tests {
         let mut v = base();
         v["temperature"] = json!(1.5);
         assert_eq!(param(v), "temperature");
+        // An image block is an image_url part; a source it cannot take and an image from the assistant are
+        // refused by name.
         let mut v = base();
         v["messages"][0]["content"] = json!([{"type": "image", "source": {"type": "base64",
             "media_type": "image/png", "data": "iVBORw0KGgo="}}]);
-        assert_eq!(param(v), "messages[0].content[0].type");
+        assert!(req(v).unwrap().has_images);
+        let mut v = base();
+        v["messages"][0]["content"] = json!([{"type": "image", "source": {"type": "file",
+            "file_id": "f"}}]);
+        assert_eq!(param(v), "messages[0].content[0].source.type");
+        let mut v = base();
+        v["messages"] = json!([{"role": "user", "content": "x"}, {"role": "assistant", "content": [
+            {"type": "image", "source": {"type": "url", "url": "https://example.com/a.png"}}]}]);
+        assert_eq!(param(v), "messages[1].content[0].type");
         let mut v = base();
         v["inference_geo"] = json!("eu");
         assert_eq!(param(v), "inference_geo");

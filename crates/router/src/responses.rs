@@ -4,7 +4,7 @@
 //! which newer OpenAI clients use by default.
 //!
 //! Input: a string, or items — messages (`user`, `system`, `developer`, `assistant`; `input_text` and
-//! `output_text` parts; `input_image` is refused until the engines can see images), `function_call` and `function_call_output` items (a tool round
+//! `output_text` parts, and `input_image` parts as `image_url` parts in user messages), `function_call` and `function_call_output` items (a tool round
 //! trip), `reasoning` items (dropped: Gemma's template strips earlier thoughts). `instructions` is the
 //! system prompt; `tools` are function tools; `tool_choice`, `parallel_tool_calls`, `max_tool_calls: 1`,
 //! `text.format` (`text`, `json_object`, `json_schema`: enforced by the grammar), `reasoning.effort` (`none`,
@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 use crate::RouterError;
 use crate::api::{
     AssistantMessage, ChatCompletionRequest, ChatRequest, ContentPart, FunctionCall, FunctionType,
-    InstructionMessage, Limits, Message, MessageContent, ResponseFormat, StreamOptions, Tool,
-    ToolCall, ToolChoice, Usage, UserMessage,
+    ImageUrl, InstructionMessage, Limits, Message, MessageContent, ResponseFormat, StreamOptions,
+    Tool, ToolCall, ToolChoice, Usage, UserMessage,
 };
 use crate::backend::{Chunk, FinishReason};
 use crate::route::Output;
@@ -126,33 +126,31 @@ pub struct Echo {
     pub text: Value,
 }
 
-/// The text of message content: a string, or `input_text` / `output_text` parts (an `input_image` is a
-/// 400 until the engines can see images).
-fn parts(content: &Value, param: &str) -> Result<Vec<String>, RouterError> {
+/// The parts of message content: a string, or `input_text` / `output_text` parts and `input_image` parts
+/// (OpenAI's `image_url` parts, checked as any: size, SSRF, a model that cannot see).
+fn parts(content: &Value, param: &str) -> Result<Vec<ContentPart>, RouterError> {
+    let text = |text: String| ContentPart::Text { text };
     match content {
-        Value::String(s) => Ok(vec![s.clone()]),
+        Value::String(s) => Ok(vec![text(s.clone())]),
         Value::Array(ps) => ps
             .iter()
             .enumerate()
             .map(|(k, p)| {
                 let pp = format!("{param}[{k}]");
                 match p.get("type").and_then(Value::as_str) {
-                    Some("input_text" | "output_text" | "text") => Ok(p
-                        .get("text")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()),
-                    Some("refusal") => Ok(p
-                        .get("refusal")
-                        .and_then(Value::as_str)
-                        .unwrap_or("")
-                        .to_string()),
-                    // No tier's engine has a vision tower yet (issue 14): an image is refused, not
-                    // silently unseen.
-                    Some("input_image") => Err(RouterError::invalid(
-                        "images are not supported yet: the served models cannot see them",
-                        &format!("{pp}.type"),
+                    Some("input_text" | "output_text" | "text") => Ok(text(
+                        p.get("text")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
                     )),
+                    Some("refusal") => Ok(text(
+                        p.get("refusal")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                            .to_string(),
+                    )),
+                    Some("input_image") => input_image(p, &pp),
                     other => Err(RouterError::invalid(
                         format!("content part type {other:?} is not supported"),
                         &format!("{pp}.type"),
@@ -167,8 +165,56 @@ fn parts(content: &Value, param: &str) -> Result<Vec<String>, RouterError> {
     }
 }
 
-fn text_of(parts: &[String]) -> String {
-    parts.concat()
+/// An `input_image` part as OpenAI's `image_url` part: `image_url` (an http(s) or data URL) and an
+/// optional `detail`; a `file_id` is refused, since this gateway keeps no files.
+fn input_image(p: &Value, param: &str) -> Result<ContentPart, RouterError> {
+    if p.get("file_id").is_some_and(|f| !f.is_null()) {
+        return Err(RouterError::invalid(
+            "file_id is not supported (this gateway keeps no files): send the image as image_url, an \
+             http(s) or data: URL",
+            &format!("{param}.file_id"),
+        ));
+    }
+    let url = p.get("image_url").and_then(Value::as_str).ok_or_else(|| {
+        RouterError::invalid(
+            "an input_image needs image_url",
+            &format!("{param}.image_url"),
+        )
+    })?;
+    let detail = match p.get("detail") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(d)) => Some(d.clone()),
+        Some(_) => {
+            return Err(RouterError::invalid(
+                "detail must be a string",
+                &format!("{param}.detail"),
+            ));
+        }
+    };
+    Ok(ContentPart::ImageUrl {
+        image_url: ImageUrl {
+            url: url.to_string(),
+            detail,
+        },
+    })
+}
+
+/// The text of `parts` (of a message that takes text only: an instruction, an answer, a tool's output);
+/// an image among them is a 400 naming it, not silently left out.
+fn text_of(parts: &[ContentPart], param: &str) -> Result<String, RouterError> {
+    let mut out = String::new();
+    for (k, part) in parts.iter().enumerate() {
+        match part {
+            ContentPart::Text { text } => out.push_str(text),
+            _ => {
+                return Err(RouterError::invalid(
+                    "only user messages may hold images",
+                    &format!("{param}[{k}]"),
+                ));
+            }
+        }
+    }
+    Ok(out)
 }
 
 impl ResponsesRequest {
@@ -248,23 +294,20 @@ impl ResponsesRequest {
                                 RouterError::invalid("content is required", &format!("{p}.content"))
                             })?;
                             let ps = parts(content, &format!("{p}.content"))?;
-                            let text = MessageContent::Text(text_of(&ps));
+                            let text =
+                                || text_of(&ps, &format!("{p}.content")).map(MessageContent::Text);
                             messages.push(match role {
                                 "user" => Message::User(UserMessage {
-                                    content: MessageContent::Parts(
-                                        ps.into_iter()
-                                            .map(|text| ContentPart::Text { text })
-                                            .collect(),
-                                    ),
+                                    content: MessageContent::Parts(ps),
                                     name: None,
                                 }),
                                 "assistant" => Message::Assistant(AssistantMessage {
-                                    content: Some(text),
+                                    content: Some(text()?),
                                     ..Default::default()
                                 }),
                                 r => {
                                     let m = InstructionMessage {
-                                        content: text,
+                                        content: text()?,
                                         name: None,
                                     };
                                     if r == "system" {
@@ -324,9 +367,10 @@ impl ResponsesRequest {
                                 })?;
                             let output = match item.get("output") {
                                 Some(Value::String(s)) => s.clone(),
-                                Some(v @ Value::Array(_)) => {
-                                    text_of(&parts(v, &format!("{p}.output"))?)
-                                }
+                                Some(v @ Value::Array(_)) => text_of(
+                                    &parts(v, &format!("{p}.output"))?,
+                                    &format!("{p}.output"),
+                                )?,
                                 _ => String::new(),
                             };
                             messages.push(Message::tool(id, output));
@@ -869,12 +913,20 @@ mod tests {
             }
         };
         assert_eq!(param(json!({"store": true})), "store");
+        // Images: a file_id (no files kept here), and an image where only text goes.
         assert_eq!(
             param(
                 json!({"input": [{"role": "user", "content": [{"type": "input_image",
+                "file_id": "file-1"}]}]})
+            ),
+            "input[0].content[0].file_id"
+        );
+        assert_eq!(
+            param(
+                json!({"input": [{"role": "system", "content": [{"type": "input_image",
                 "image_url": "data:image/png;base64,iVBORw0KGgo="}]}]})
             ),
-            "input[0].content[0].type"
+            "input[0].content[0]"
         );
         assert_eq!(
             param(json!({"previous_response_id": "resp_1"})),
