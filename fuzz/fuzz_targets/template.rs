@@ -3,7 +3,7 @@
 //! the request is refused.
 #![no_main]
 
-use jemma_chat::guard::{CUT, ControlTokens};
+use jemma_chat::guard::{CUT, ControlTokens, GEMMA4_NAMED_CONTROL_TOKENS};
 use jemma_chat::template::{ChatTemplate, RenderRequest};
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -15,10 +15,7 @@ fuzz_target!(|data: &[u8]| {
         static T: ChatTemplate = ChatTemplate::from_source(TEMPLATE, "<bos>", "<eos>").expect("template compiles");
         static G: ChatTemplate = ChatTemplate::from_source(TEMPLATE, "<bos>", "<eos>")
             .expect("template compiles")
-            .with_control_tokens(ControlTokens::new([
-                "<bos>", "<eos>", "<|turn>", "<turn|>", "<|channel>", "<channel|>", "<|tool_call>",
-                "<tool_call|>", "<|tool>", "<tool|>", "<|\"|>", "<|image|>", "<|audio|>", "<|video|>",
-            ]));
+            .with_control_tokens(ControlTokens::new(GEMMA4_NAMED_CONTROL_TOKENS));
     }
     let Ok(v) = serde_json::from_slice::<Value>(data) else { return };
     let messages: Vec<Value> = match v.get("messages") {

@@ -8,7 +8,7 @@
 
 use std::time::Instant;
 
-use jemma_chat::guard::ControlTokens;
+use jemma_chat::guard::{ControlTokens, GEMMA4_NAMED_CONTROL_TOKENS};
 use jemma_chat::template::{ChatTemplate, RenderRequest};
 use serde_json::{Value, json};
 
@@ -49,34 +49,7 @@ fn main() {
         .nth(1)
         .map_or(20, |r| r.parse().expect("reps"));
     // Gemma's named control tokens and its thousands of unused ones, as a real tokenizer lists them.
-    let mut specials: Vec<String> = [
-        "<pad>",
-        "<eos>",
-        "<bos>",
-        "<unk>",
-        "<mask>",
-        "<|tool>",
-        "<tool|>",
-        "<|tool_call>",
-        "<tool_call|>",
-        "<|tool_response>",
-        "<tool_response|>",
-        "<|\"|>",
-        "<|think|>",
-        "<|channel>",
-        "<channel|>",
-        "<|turn>",
-        "<turn|>",
-        "<|image|>",
-        "<|audio|>",
-        "<|video|>",
-        "<|image>",
-        "<image|>",
-        "<|audio>",
-        "<audio|>",
-    ]
-    .map(String::from)
-    .to_vec();
+    let mut specials: Vec<String> = GEMMA4_NAMED_CONTROL_TOKENS.map(String::from).to_vec();
     specials.extend((0..6000).map(|i| format!("<unused{i}>")));
     let t0 = Instant::now();
     let control = ControlTokens::new(&specials);

@@ -50,6 +50,36 @@ const CLOSE: char = '\u{FDD1}';
 /// would confuse where client text begins and ends.
 const REPLACEMENT: char = '\u{FFFD}';
 
+/// Gemma 4's named control tokens as its tokenizer spells them (the real tokenizer's ids 0–4 and 46–106,
+/// and the media placeholders), for tests, fuzzing and benchmarks: an engine reads its control tokens from
+/// its own tokenizer, which also lists the thousands of `<unusedN>` ones.
+pub const GEMMA4_NAMED_CONTROL_TOKENS: [&str; 24] = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<|tool>",
+    "<tool|>",
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    "<|\"|>",
+    "<|think|>",
+    "<|channel>",
+    "<channel|>",
+    "<|turn>",
+    "<turn|>",
+    "<|image|>",
+    "<|audio|>",
+    "<|video|>",
+    "<|image>",
+    "<image|>",
+    "<|audio>",
+    "<audio|>",
+];
+
 /// The pieces of a rendered prompt between its [`CUT`]s, in order: tokenize each with special tokens parsed
 /// and concatenate the ids. A prompt without cuts is one piece, itself.
 pub fn pieces(prompt: &str) -> impl Iterator<Item = &str> {

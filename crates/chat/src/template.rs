@@ -1499,32 +1499,7 @@ mod tests {
     /// Gemma 4's control tokens as its tokenizer spells them (those the fixtures' tokenizer has, and the
     /// media placeholders).
     fn gemma_control() -> ControlTokens {
-        ControlTokens::new([
-            "<pad>",
-            "<eos>",
-            "<bos>",
-            "<unk>",
-            "<mask>",
-            "<|tool>",
-            "<tool|>",
-            "<|tool_call>",
-            "<tool_call|>",
-            "<|tool_response>",
-            "<tool_response|>",
-            "<|\"|>",
-            "<|think|>",
-            "<|channel>",
-            "<channel|>",
-            "<|turn>",
-            "<turn|>",
-            "<|image|>",
-            "<|audio|>",
-            "<|video|>",
-            "<|image>",
-            "<image|>",
-            "<|audio>",
-            "<audio|>",
-        ])
+        ControlTokens::new(guard::GEMMA4_NAMED_CONTROL_TOKENS)
     }
 
     /// `req` rendered with `control` guarded, and how.
