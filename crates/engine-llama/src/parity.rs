@@ -218,12 +218,3 @@ impl Session {
             .collect())
     }
 }
-
-pub(crate) fn argmax(v: &[f32]) -> u32 {
-    v.iter()
-        .enumerate()
-        .fold((0usize, f32::NEG_INFINITY), |(bi, bv), (i, &x)| {
-            if x > bv { (i, x) } else { (bi, bv) }
-        })
-        .0 as u32
-}
