@@ -1429,6 +1429,108 @@ mod tests {
         panic!("no end in 1000 steps");
     }
 
+    /// A runner on the `tiny-q8_0` fixture with `parallel` slots and nothing saved in host memory.
+    fn text_runner(parallel: u32) -> (LlamaRunner, Serving) {
+        let mut c = LlamaConfig::new(gguf("tiny-q8_0"));
+        c.context_length = Some(512);
+        c.parallel = parallel;
+        c.prefix_cache_bytes = Some(0);
+        let mut runner = LlamaRunner {
+            planned: c.parallel,
+            threads: 2,
+            speculated: SpeculativeStats::default(),
+            largest_verify: 0,
+            pool_budget: 0,
+            pool_held: (0, 0),
+            config: c,
+        };
+        let mut info = LlamaInfo {
+            input_modalities: vec![],
+            model_path: runner.config.model_path.clone(),
+            gpu_layers: 0,
+            threads: 2,
+            model_bytes: 0,
+            footprint_bytes: None,
+            speculative: None,
+            largest_verify_batch: 0,
+            prefix_cache_entries: 0,
+            prefix_cache_bytes: 0,
+            chat_template: Some(true),
+        };
+        runner.plan(&mut info).unwrap();
+        let progress: Progress = Arc::new(|_| {});
+        let (model, _) = runner.load(&progress, &mut info).unwrap();
+        (runner, model)
+    }
+
+    fn slot_of(seq: &Admission) -> usize {
+        match seq {
+            Admission::Running(s) => s.slot,
+            _ => panic!("not running"),
+        }
+    }
+
+    /// Steps `batch` until every sequence ended; each one's summary, in its order.
+    fn finish_all(
+        runner: &mut LlamaRunner,
+        model: &mut Serving,
+        mut batch: Vec<Admission>,
+    ) -> Vec<Summary> {
+        let mut ends: Vec<Option<Summary>> = batch.iter().map(|_| None).collect();
+        for _ in 0..1000 {
+            let out = step(runner, model, &mut batch);
+            for (end, o) in ends.iter_mut().zip(out) {
+                if let Some(e) = o.end {
+                    *end = Some(e.unwrap());
+                }
+            }
+            if ends.iter().all(Option::is_some) {
+                for seq in batch {
+                    runner.release(model, seq);
+                }
+                return ends.into_iter().map(Option::unwrap).collect();
+            }
+        }
+        panic!("no end in 1000 steps");
+    }
+
+    /// Running sequences keep contiguous ids (one ubatch per decode step in llama.cpp) even when a
+    /// newcomer's prefix is cached in a slot beside none of them: it takes the free slot next to them and
+    /// its prefix is copied from the slot that holds it, so it still reads only the rest, and answers as
+    /// it does alone.
+    #[test]
+    fn a_cached_prefix_far_from_the_batch_is_copied_next_to_it() {
+        let (mut runner, mut model) = text_runner(4);
+        let conv = |seed: u32| -> Vec<u32> { (0..48).map(|i| 300 + seed * 50 + i).collect() };
+        let req = |ids: Vec<u32>, n: usize| Request {
+            ignore_eos: true,
+            ..Request::new(Prompt::Ids(ids), n)
+        };
+        // Four conversations, one after another: each takes the least recently used slot, 0 to 3.
+        for seed in 0..4 {
+            let seq = runner.admit(&mut model, req(conv(seed), 2), 512).unwrap();
+            assert_eq!(slot_of(&seq), seed as usize);
+            finish_all(&mut runner, &mut model, vec![seq]);
+        }
+        let next = |seed: u32| -> Vec<u32> { conv(seed).into_iter().chain([7, 8, 9]).collect() };
+        // Conversation 0 continues alone: its own slot.
+        let first = runner.admit(&mut model, req(next(0), 30), 512).unwrap();
+        assert_eq!(slot_of(&first), 0);
+        // Conversation 2 continues while 0 runs: slot 1, not its own slot 2, which would split each step.
+        let second = runner.admit(&mut model, req(next(2), 8), 512).unwrap();
+        assert_eq!(slot_of(&second), 1, "beside the running sequence");
+        let ends = finish_all(&mut runner, &mut model, vec![first, second]);
+        assert_eq!(
+            ends[1].cached_tokens,
+            conv(2).len(),
+            "conversation 2's prompt copied from slot 2"
+        );
+        // Alone, from its cache again: the same answer.
+        let alone = runner.admit(&mut model, req(next(2), 8), 512).unwrap();
+        let alone = finish_all(&mut runner, &mut model, vec![alone]);
+        assert_eq!(alone[0].tokens, ends[1].tokens);
+    }
+
     /// A request's images are prepared off the model thread, and the batch does not wait for them. While
     /// its preparation cannot finish (libmtmd's context held here, as a large image or a video's frames
     /// hold a preparation thread for tens of ms each), a running request decodes at every step and the

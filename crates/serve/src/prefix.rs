@@ -85,53 +85,61 @@ pub struct CacheSlot {
 /// The slot a new request takes, with how many prompt tokens it keeps (`reuse(index, slot)`: what the
 /// engine can keep of the prompt in that slot, e.g. 0 when its sliding-window layers lost the prefix).
 ///
-/// A free slot whose kept prefix is at least half of the `prompt_len`-token prompt (llama-server's slot choice
-/// with its default `--slot-prompt-similarity` of 0.5) or at least half of what the slot holds (the prompt
-/// continues that slot's conversation, however much longer it grew) wins, the longest such. A shorter match — every chat
-/// prompt shares its first few tokens (`<bos><|turn>user`) with every cached conversation — is not worth
-/// wrecking that slot's cache for (whatever the slot chosen below holds in common with the prompt is still
-/// kept). Otherwise the choice keeps the running sequences' ids contiguous: with one KV stream per sequence, llama.cpp puts only consecutive sequence ids
-/// in one ubatch (`split_equal`), so a decode step over sequences 0, 1, 2 is one pass over the weights while
-/// one over 0, 2, 5 is three. So: a free slot inside the span of busy ones (a hole), else one just beside
-/// the span, else any; among those, the least recently used (an empty slot first: it was never used). None:
-/// every slot is busy.
+/// First the running sequences' ids stay contiguous: with one KV stream per sequence, llama.cpp puts only
+/// consecutive sequence ids in one ubatch (`split_equal`), so a decode step over sequences 0, 1, 2 is one
+/// pass over the weights while one over 0, 2, 5 is three, at every step for as long as they run together.
+/// So the candidates are the free slots inside the span of busy ones (holes), else those just beside it,
+/// else any; every free slot when none is busy.
+///
+/// Among the candidates, one whose kept prefix is at least half of the `prompt_len`-token prompt
+/// (llama-server's slot choice with its default `--slot-prompt-similarity` of 0.5) or at least half of what
+/// the slot holds (the prompt continues that slot's conversation, however much longer it grew) wins, the
+/// longest such. A shorter match — every chat prompt shares its first few tokens (`<bos><|turn>user`) with
+/// every cached conversation — is not worth wrecking that slot's cache for (whatever the slot chosen holds
+/// in common with the prompt is still kept). Otherwise the least recently used candidate (an empty slot
+/// first: it was never used). None: every slot is busy.
+///
+/// A hit in a slot that is no candidate is not lost: the engine copies that prefix into the chosen slot when
+/// the request's prefill starts (the llama.cpp engine's `find_prefix`, which reads idle slots too), as long as
+/// it is worth a copy; one copy costs less than splitting every decode step of the batch.
 pub fn choose_slot(
     slots: &[CacheSlot],
     prompt_len: usize,
     reuse: impl Fn(usize, &CacheSlot) -> usize,
 ) -> Option<(usize, usize)> {
-    let free: Vec<(usize, usize)> = slots
-        .iter()
-        .enumerate()
-        .filter(|(_, s)| !s.busy)
-        .map(|(i, s)| (i, reuse(i, s)))
+    let free: Vec<usize> = (0..slots.len()).filter(|&i| !slots[i].busy).collect();
+    let busy = || (0..slots.len()).filter(|&i| slots[i].busy);
+    let candidates: Vec<usize> = match (busy().min(), busy().max()) {
+        (Some(lo), Some(hi)) => {
+            let holes: Vec<usize> = free
+                .iter()
+                .copied()
+                .filter(|i| (lo..=hi).contains(i))
+                .collect();
+            let beside = || free.iter().copied().filter(|&i| i + 1 == lo || i == hi + 1);
+            if !holes.is_empty() {
+                holes
+            } else if beside().next().is_some() {
+                beside().collect()
+            } else {
+                free
+            }
+        }
+        _ => free,
+    };
+    let kept: Vec<(usize, usize)> = candidates
+        .into_iter()
+        .map(|i| (i, reuse(i, &slots[i])))
         .collect();
-    if let Some(best) = free
+    let hit = kept
         .iter()
         .filter(|(i, k)| *k > 0 && (2 * *k >= prompt_len || 2 * *k >= slots[*i].cached.len()))
         .max_by(|a, b| {
             a.1.cmp(&b.1)
                 .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
-        })
-    {
-        return Some(*best);
-    }
-    let lru = |c: &mut dyn Iterator<Item = &(usize, usize)>| {
-        c.min_by_key(|(i, _)| slots[*i].last_used).copied()
-    };
-    let busy = || {
-        slots
-            .iter()
-            .enumerate()
-            .filter(|(_, s)| s.busy)
-            .map(|(i, _)| i)
-    };
-    let (Some(lo), Some(hi)) = (busy().min(), busy().max()) else {
-        return lru(&mut free.iter());
-    };
-    lru(&mut free.iter().filter(|(i, _)| (lo..=hi).contains(i)))
-        .or_else(|| lru(&mut free.iter().filter(|(i, _)| *i + 1 == lo || *i == hi + 1)))
-        .or_else(|| lru(&mut free.iter()))
+        });
+    hit.or_else(|| kept.iter().min_by_key(|(i, _)| slots[*i].last_used))
+        .copied()
 }
 
 /// How a [`PrefixPool`] entry is handed out on a hit.
@@ -443,11 +451,11 @@ mod slot_tests {
     }
 
     #[test]
-    fn a_prefix_hit_wins_then_holes_then_neighbours_then_the_least_recently_used() {
+    fn holes_then_neighbours_then_a_prefix_hit_then_the_least_recently_used() {
         // Nothing busy, no hit: the least recently used slot.
         let s = slots(&[false; 4], &[5, 2, 9, 7]);
         assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((1, 0)));
-        // A prefix hit (here of a 40-token prompt) wins wherever it is.
+        // With nothing busy, a prefix hit (here of a 40-token prompt) wins wherever it is.
         assert_eq!(
             choose_slot(&s, 40, |i, _| if i == 3 { 40 } else { 0 }),
             Some((3, 40))
@@ -481,6 +489,26 @@ mod slot_tests {
             &[4, 0, 0, 6, 9, 1],
         );
         assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((0, 0)));
+        // Busy 0 and 1: a hit in slot 5 does not split the batch; the neighbour 2 is taken (the engine
+        // copies the prefix from 5 at the prefill), unless a neighbour has a hit of its own.
+        let s = slots(
+            &[true, true, false, false, false, false],
+            &[0, 0, 4, 3, 2, 1],
+        );
+        assert_eq!(
+            choose_slot(&s, 40, |i, _| if i == 5 { 39 } else { 0 }),
+            Some((2, 0))
+        );
+        assert_eq!(
+            choose_slot(&s, 40, |i, _| [0, 0, 20, 0, 0, 39][i]),
+            Some((2, 20))
+        );
+        // Busy 0 and 3: a hit in the neighbour 4 waits for the holes 1 and 2.
+        let s = slots(&[true, false, false, true, false], &[0, 2, 1, 0, 3]);
+        assert_eq!(
+            choose_slot(&s, 40, |i, _| if i == 4 { 39 } else { 0 }),
+            Some((2, 0))
+        );
         // Every slot busy: none.
         let s = slots(&[true; 3], &[0; 3]);
         assert_eq!(choose_slot(&s, 40, |_, _| 0), None);
