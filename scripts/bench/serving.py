@@ -5,7 +5,11 @@
   - fan-out: 4 requests sent at once with one new ~N-token system prompt and different questions (parallel
     agents starting from one instruction set): the last one's TTFT over the cold TTFT (1.0: the preamble
     is read once; 4: once per request), and the cached tokens they report;
-  - concurrency: aggregate decode tok/s of 1, 4 and 8 concurrent greedy streams, and the ratio to 1.
+  - concurrency: aggregate tok/s of 1, 4 and 8 concurrent greedy streams, and the ratio to 1, in two
+    ways: over the wall time of each run (requests sent, prompts read, the ramp and the tail included), and
+    over its decode phase, from the moment the last stream got its first token to the moment the first one
+    got its last, when every stream decodes (what llama-batched-bench's S_TG times). Each level runs
+    CONCURRENCY_RUNS times (default 3), the levels interleaved, and the medians are printed.
 Prints one JSON object. Client: the openai SDK (streaming), as a user's app would use it.
   With a fifth argument `chat`, the prefix part sends the preamble as a chat's system message and the
   question as its user message (/v1/chat/completions): the shape of an agent starting a new conversation.
@@ -60,9 +64,8 @@ def ttft(system, question):
 
 
 def stream_tokens(results, i, n_tokens):
-    t0 = time.perf_counter()
     n = 0
-    first = None
+    arrivals = []
     usage = None
     stream = client.completions.create(
         model=model, prompt=f"Story {i}: once upon a time", max_tokens=n_tokens, temperature=0, stream=True,
@@ -70,18 +73,18 @@ def stream_tokens(results, i, n_tokens):
     for chunk in stream:
         if chunk.choices and chunk.choices[0].text:
             n += 1
-            if first is None:
-                first = time.perf_counter()
+            arrivals.append(time.perf_counter())
         if chunk.usage:
             usage = chunk.usage
     # Tokens, not chunks: a server may hold back a token's text (an incomplete UTF-8 sequence, a possible
     # stop string) and send it with the next, which random-weight models do often.
     if usage is not None and usage.completion_tokens:
         n = usage.completion_tokens
-    results[i] = (n, t0, time.perf_counter())
+    results[i] = (n, arrivals)
 
 
 def aggregate(k, n_tokens=48):
+    """(tok/s over the run's wall time, tok/s over its decode phase)."""
     results = [None] * k
     threads = [threading.Thread(target=stream_tokens, args=(results, i, n_tokens)) for i in range(k)]
     t0 = time.perf_counter()
@@ -90,7 +93,13 @@ def aggregate(k, n_tokens=48):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return sum(r[0] for r in results) / wall
+    # The decode phase: every stream has had its first token and none has had its last. Chunks that arrive
+    # in it, over its length (chunks, not tokens: within the phase a chunk is one token on the real model).
+    start = max(r[1][0] for r in results if r[1])
+    end = min(r[1][-1] for r in results if r[1])
+    inside = sum(sum(1 for t in r[1] if start <= t <= end) for r in results)
+    decode = inside / (end - start) if end > start else float("nan")
+    return sum(r[0] for r in results) / wall, decode
 
 
 def fanout(system, k=4):
@@ -123,10 +132,13 @@ for r in range(rounds):
         f, fc = fanout(system_prompt(r + 500))
         fan.append(f)
         fan_cached.append(fc)
-one = aggregate(1)
-four = aggregate(4)
-eight = aggregate(8)
+runs = {1: [], 4: [], 8: []}
+for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3"))):
+    for k in runs:
+        runs[k].append(aggregate(k))
 med = lambda v: statistics.median(v) if v else None
+one, four, eight = (med([w for w, _ in runs[k]]) for k in (1, 4, 8))
+d_one, d_four, d_eight = (med([d for _, d in runs[k]]) for k in (1, 4, 8))
 print(json.dumps({
     "prompt_tokens": prompt_tokens,
     "ttft_cold_s": med(cold), "ttft_warm_s": med(warm),
@@ -136,4 +148,6 @@ print(json.dumps({
     "fanout_cached_tokens": med(fan_cached),
     "tok_s_1": one, "tok_s_4": four, "tok_s_8": eight,
     "x4": four / one, "x8": eight / one,
+    "decode_tok_s_1": d_one, "decode_tok_s_4": d_four, "decode_tok_s_8": d_eight,
+    "decode_x4": d_four / d_one, "decode_x8": d_eight / d_one,
 }))
