@@ -93,12 +93,21 @@ def aggregate(k, n_tokens=48):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    # The decode phase: every stream has had its first token and none has had its last. Chunks that arrive
-    # in it, over its length (chunks, not tokens: within the phase a chunk is one token on the real model).
-    start = max(r[1][0] for r in results if r[1])
-    end = min(r[1][-1] for r in results if r[1])
-    inside = sum(sum(1 for t in r[1] if start <= t <= end) for r in results)
-    decode = inside / (end - start) if end > start else float("nan")
+    # The decode phase: every stream has had its first token and none has had its last. Each stream's rate
+    # in it, the intervals between its chunks there over their span (n chunks, n - 1 intervals: counting
+    # the chunks would overstate a stream by n / (n - 1)), summed over the streams. Chunks, not tokens:
+    # within the phase a chunk is one token on the real model.
+    decode = float("nan")
+    if all(r[1] for r in results):
+        start = max(r[1][0] for r in results)
+        end = min(r[1][-1] for r in results)
+        rates = []
+        for _, arrivals in results:
+            inside = [t for t in arrivals if start <= t <= end]
+            if len(inside) > 1 and inside[-1] > inside[0]:
+                rates.append((len(inside) - 1) / (inside[-1] - inside[0]))
+        if len(rates) == len(results):
+            decode = sum(rates)
     return sum(r[0] for r in results) / wall, decode
 
 
@@ -138,7 +147,9 @@ for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3"))):
         runs[k].append(aggregate(k))
 med = lambda v: statistics.median(v) if v else None
 one, four, eight = (med([w for w, _ in runs[k]]) for k in (1, 4, 8))
-d_one, d_four, d_eight = (med([d for _, d in runs[k]]) for k in (1, 4, 8))
+# A server that runs requests one at a time has no phase where all decode (NaN): no figure.
+d_one, d_four, d_eight = (med([d for _, d in runs[k] if d == d]) for k in (1, 4, 8))
+ratio = lambda a, b: a / b if a and b else None
 print(json.dumps({
     "prompt_tokens": prompt_tokens,
     "ttft_cold_s": med(cold), "ttft_warm_s": med(warm),
@@ -149,5 +160,5 @@ print(json.dumps({
     "tok_s_1": one, "tok_s_4": four, "tok_s_8": eight,
     "x4": four / one, "x8": eight / one,
     "decode_tok_s_1": d_one, "decode_tok_s_4": d_four, "decode_tok_s_8": d_eight,
-    "decode_x4": d_four / d_one, "decode_x8": d_eight / d_one,
+    "decode_x4": ratio(d_four, d_one), "decode_x8": ratio(d_eight, d_one),
 }))

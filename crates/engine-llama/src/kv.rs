@@ -116,8 +116,53 @@ pub(crate) fn save(
 pub(crate) struct Shared<'a> {
     pub(crate) slots: &'a mut [Slot],
     pub(crate) pool: &'a mut PrefixPool<Saved>,
+    /// Bytes the pool may hold ([`Serving::pool_budget`]).
+    pub(crate) pool_budget: u64,
     /// [`Serving::copy_pending`].
     pub(crate) copy_pending: &'a mut bool,
+}
+
+/// Moves decoding sequence `s` to the free slot `to` ([`compaction_move`]), so that a decode step's rows
+/// are consecutive sequence ids (one ubatch). Its KV stream is copied whole (`llama_memory_seq_cp` between
+/// streams, applied at the next decode, which the caller must make before anything else writes to either
+/// stream); the slot it leaves keeps its copy as an idle slot's cache of the conversation. What `to` held is
+/// saved to the pool first when it is worth it, as an admission that takes a slot over saves it.
+///
+/// Errors: the copy could not be queued (nothing has changed then).
+pub(crate) fn migrate(
+    ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
+    n_swa: Option<u32>,
+    shared: &mut Shared<'_>,
+    s: &mut LlamaSequence,
+    to: usize,
+) -> Result<()> {
+    let from = s.slot;
+    let held = &shared.slots[to].cached;
+    // No saves while an earlier copy may still land (see `Serving::copy_pending`).
+    if held.len() >= MIN_SAVED_TOKENS && shared.pool_budget > 0 && !*shared.copy_pending {
+        save(
+            ctx,
+            to as u32,
+            held.tokens(),
+            n_swa,
+            shared.pool,
+            shared.pool_budget,
+        );
+    }
+    ctx.copy_kv_cache_seq(from as i32, to as i32, None, None)
+        .map_err(|e| LlamaError::Runtime(format!("moving a sequence's cache: {e}")))?;
+    *shared.copy_pending = true;
+    // A busy slot's record is held by its sequence (`PrefixSlot::begin`) until the sequence ends.
+    let last_used = shared.slots[from].last_used;
+    let dst = &mut shared.slots[to];
+    dst.cached = PrefixSlot::new();
+    dst.busy = true;
+    dst.last_used = last_used;
+    let src = &mut shared.slots[from];
+    src.busy = false;
+    src.cached = s.kv.clone();
+    s.slot = to;
+    Ok(())
 }
 
 /// Where a longer prefix was found.

@@ -56,7 +56,9 @@ use jemma_chat::template::ChatTemplate;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_media::Modality;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
-use jemma_serve::prefix::{CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot};
+use jemma_serve::prefix::{
+    CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot, compaction_move,
+};
 use jemma_serve::speculative::{Controller, SpeculativeStats};
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;

@@ -684,6 +684,7 @@ impl LlamaRunner {
             drafts,
             slots,
             pool,
+            pool_budget,
             copy_pending,
             ..
         } = model;
@@ -696,6 +697,7 @@ impl LlamaRunner {
                 Shared {
                     slots,
                     pool,
+                    pool_budget: *pool_budget,
                     copy_pending: &mut *copy_pending,
                 },
                 batch,
@@ -946,9 +948,10 @@ pub(crate) struct LlamaSequence {
 }
 
 impl LlamaSequence {
-    /// Checks and tokenizes a request and gives it the free slot whose cache keeps the most of its prompt
-    /// (the least recently used one when none keeps anything: llama-server's slot choice), trimming that
-    /// slot's KV to the reusable prefix.
+    /// Checks and tokenizes a request and gives it a free slot ([`choose_slot`]: one that keeps the running
+    /// sequences' ids contiguous, among those the one whose cache keeps the most of its prompt, else the
+    /// least recently used), trimming that slot's KV to the reusable prefix. A longer prefix held elsewhere
+    /// is copied in at the first prefill step ([`find_prefix`]).
     /// `placed`: the request's prompt with its media placed ([`placed_ids`]).
     pub(crate) fn admit(
         loaded: &Loaded,
@@ -1240,6 +1243,16 @@ pub(crate) fn step(
         }
         decoding = plain;
     }
+    // A sequence that a prefix hit put apart from the others moves next to them, one a step: every step
+    // over ids that are not consecutive is one pass over the weights per run of them.
+    if decoding.len() > 1 && !*shared.copy_pending {
+        let ids: Vec<usize> = decoding.iter().map(|&i| batch[i].slot).collect();
+        if let Some((from, to)) = compaction_move(shared.slots, &ids)
+            && let Some(&i) = decoding.iter().find(|&&i| batch[i].slot == from)
+        {
+            migrate(ctx, loaded.n_swa, &mut shared, batch[i], to)?;
+        }
+    }
     let started = Instant::now();
     // Increasing sequence ids: llama.cpp's per-stream split takes runs of consecutive ids into one ubatch.
     decoding.sort_by_key(|&i| batch[i].slot);
@@ -1254,6 +1267,8 @@ pub(crate) fn step(
         }
         ctx.decode(&mut b)
             .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
+        // Any queued stream copy landed in that decode.
+        *shared.copy_pending = false;
         for (row, &i) in decoding.iter().enumerate() {
             let s = &mut batch[i];
             let last = *s.tokens.last().unwrap_or(&0);
@@ -1335,6 +1350,9 @@ pub(crate) fn step(
         }
         budget = budget.saturating_sub(n);
         prefill_chunk(loaded, ctx, s, n, &mut out[i])?;
+        // A copy `share_prefix` queued landed in that chunk's decode: the pool may be read again by the
+        // next newcomer's lookup.
+        *shared.copy_pending = false;
         if budget == 0 {
             break;
         }
@@ -1494,41 +1512,52 @@ mod tests {
         panic!("no end in 1000 steps");
     }
 
-    /// Running sequences keep contiguous ids (one ubatch per decode step in llama.cpp) even when a
-    /// newcomer's prefix is cached in a slot beside none of them: it takes the free slot next to them and
-    /// its prefix is copied from the slot that holds it, so it still reads only the rest, and answers as
-    /// it does alone.
+    /// A request whose prefix is cached in a slot beside none of the running ones takes that slot (its
+    /// cache is used at once), and the decoding sequences are then gathered into consecutive ids (one
+    /// ubatch per decode step in llama.cpp) by moving one to a free slot next to the other; each answers
+    /// as it does alone, read in the same chunks by a runner of its own.
     #[test]
-    fn a_cached_prefix_far_from_the_batch_is_copied_next_to_it() {
-        let (mut runner, mut model) = text_runner(4);
+    fn a_sequence_apart_from_the_batch_is_moved_next_to_it() {
         let conv = |seed: u32| -> Vec<u32> { (0..48).map(|i| 300 + seed * 50 + i).collect() };
+        let next = |seed: u32| -> Vec<u32> { conv(seed).into_iter().chain([7, 8, 9]).collect() };
         let req = |ids: Vec<u32>, n: usize| Request {
             ignore_eos: true,
             ..Request::new(Prompt::Ids(ids), n)
         };
+        // Each conversation alone: its first turn, then its next one from the same slot.
+        let alone = |seed: u32, n: usize| {
+            let (mut runner, mut model) = text_runner(1);
+            let seq = runner.admit(&mut model, req(conv(seed), 2), 512).unwrap();
+            finish_all(&mut runner, &mut model, vec![seq]);
+            let seq = runner.admit(&mut model, req(next(seed), n), 512).unwrap();
+            finish_all(&mut runner, &mut model, vec![seq]).remove(0)
+        };
+        let (mut runner, mut model) = text_runner(4);
         // Four conversations, one after another: each takes the least recently used slot, 0 to 3.
         for seed in 0..4 {
             let seq = runner.admit(&mut model, req(conv(seed), 2), 512).unwrap();
             assert_eq!(slot_of(&seq), seed as usize);
             finish_all(&mut runner, &mut model, vec![seq]);
         }
-        let next = |seed: u32| -> Vec<u32> { conv(seed).into_iter().chain([7, 8, 9]).collect() };
-        // Conversation 0 continues alone: its own slot.
+        // Conversation 0 continues in its slot; conversation 2 continues in its own slot while 0 runs.
         let first = runner.admit(&mut model, req(next(0), 30), 512).unwrap();
         assert_eq!(slot_of(&first), 0);
-        // Conversation 2 continues while 0 runs: slot 1, not its own slot 2, which would split each step.
-        let second = runner.admit(&mut model, req(next(2), 8), 512).unwrap();
-        assert_eq!(slot_of(&second), 1, "beside the running sequence");
-        let ends = finish_all(&mut runner, &mut model, vec![first, second]);
-        assert_eq!(
-            ends[1].cached_tokens,
-            conv(2).len(),
-            "conversation 2's prompt copied from slot 2"
-        );
-        // Alone, from its cache again: the same answer.
-        let alone = runner.admit(&mut model, req(next(2), 8), 512).unwrap();
-        let alone = finish_all(&mut runner, &mut model, vec![alone]);
-        assert_eq!(alone[0].tokens, ends[1].tokens);
+        let mut batch = vec![first];
+        step(&mut runner, &mut model, &mut batch);
+        batch.push(runner.admit(&mut model, req(next(2), 8), 512).unwrap());
+        assert_eq!(slot_of(&batch[1]), 2, "its cache is used at once");
+        // Its prompt's rest is read in one step; from the next, both decode and one of them moves.
+        step(&mut runner, &mut model, &mut batch);
+        step(&mut runner, &mut model, &mut batch);
+        let mut slots: Vec<usize> = batch.iter().map(slot_of).collect();
+        slots.sort_unstable();
+        assert_eq!(slots[1], slots[0] + 1, "consecutive ids: {slots:?}");
+        let ends = finish_all(&mut runner, &mut model, batch);
+        let (a, b) = (alone(0, 30), alone(2, 8));
+        assert_eq!(ends[1].cached_tokens, conv(2).len());
+        assert_eq!(ends[1].cached_tokens, b.cached_tokens);
+        assert_eq!(ends[0].tokens, a.tokens, "the conversation that ran first");
+        assert_eq!(ends[1].tokens, b.tokens, "the conversation that joined");
     }
 
     /// A request's images are prepared off the model thread, and the batch does not wait for them. While

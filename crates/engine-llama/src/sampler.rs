@@ -54,7 +54,8 @@ pub(crate) fn rand_seed() -> u32 {
 const LANES: usize = 16;
 
 /// The index of the first largest value of `v` (logits: `n_vocab` floats), as llama.cpp's greedy sampler
-/// picks it; NaNs are never the largest, and a row with nothing above negative infinity gives 0.
+/// picks it, except that a NaN is never the largest (llama.cpp's keeps index 0 when its logit is NaN); a
+/// row with nothing above negative infinity gives 0.
 ///
 /// Two passes the compiler vectorises: the maximum over [`LANES`] independent lanes, then the first index
 /// holding it. A fold carrying its index is one long chain of dependent compares (~1 ns a logit); on Gemma's
@@ -96,7 +97,7 @@ mod tests {
     }
 
     #[test]
-    fn argmax_is_the_first_largest_as_llama_cpp_picks_it() {
+    fn argmax_is_the_first_largest_and_never_a_nan() {
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
         let mut next = || {
             state ^= state << 13;

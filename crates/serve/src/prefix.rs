@@ -85,61 +85,95 @@ pub struct CacheSlot {
 /// The slot a new request takes, with how many prompt tokens it keeps (`reuse(index, slot)`: what the
 /// engine can keep of the prompt in that slot, e.g. 0 when its sliding-window layers lost the prefix).
 ///
-/// First the running sequences' ids stay contiguous: with one KV stream per sequence, llama.cpp puts only
-/// consecutive sequence ids in one ubatch (`split_equal`), so a decode step over sequences 0, 1, 2 is one
-/// pass over the weights while one over 0, 2, 5 is three, at every step for as long as they run together.
-/// So the candidates are the free slots inside the span of busy ones (holes), else those just beside it,
-/// else any; every free slot when none is busy.
+/// A free slot whose kept prefix is at least half of the `prompt_len`-token prompt (llama-server's slot choice
+/// with its default `--slot-prompt-similarity` of 0.5) or at least half of what the slot holds (the prompt
+/// continues that slot's conversation, however much longer it grew) wins, the longest such, wherever it is:
+/// the request takes it at once, so no other request admitted before its prefill can take it over. A
+/// shorter match — every chat prompt shares its first few tokens (`<bos><|turn>user`) with every cached
+/// conversation — is not worth wrecking that slot's cache for (whatever the slot chosen below holds in common
+/// with the prompt is still kept).
 ///
-/// Among the candidates, one whose kept prefix is at least half of the `prompt_len`-token prompt
-/// (llama-server's slot choice with its default `--slot-prompt-similarity` of 0.5) or at least half of what
-/// the slot holds (the prompt continues that slot's conversation, however much longer it grew) wins, the
-/// longest such. A shorter match — every chat prompt shares its first few tokens (`<bos><|turn>user`) with
-/// every cached conversation — is not worth wrecking that slot's cache for (whatever the slot chosen holds
-/// in common with the prompt is still kept). Otherwise the least recently used candidate (an empty slot
-/// first: it was never used). None: every slot is busy.
-///
-/// A hit in a slot that is no candidate is not lost: the engine copies that prefix into the chosen slot when
-/// the request's prefill starts (the llama.cpp engine's `find_prefix`, which reads idle slots too), as long as
-/// it is worth a copy; one copy costs less than splitting every decode step of the batch.
+/// Otherwise the slot that splits the running sequences' ids least ([`split_cost`]): with one KV stream per
+/// sequence, llama.cpp puts only consecutive sequence ids in one ubatch (`split_equal`), so a decode step over
+/// sequences 0, 1, 2 is one pass over the weights while one over 0, 2, 5 is three. Among equal ones, a slot
+/// inside the span of busy ones (a hole, which a later request may close), then the least recently used (an
+/// empty slot first: it was never used). A running sequence that a hit put apart is moved next to the others
+/// later ([`compaction_move`]). None: every slot is busy.
 pub fn choose_slot(
     slots: &[CacheSlot],
     prompt_len: usize,
     reuse: impl Fn(usize, &CacheSlot) -> usize,
 ) -> Option<(usize, usize)> {
-    let free: Vec<usize> = (0..slots.len()).filter(|&i| !slots[i].busy).collect();
-    let busy = || (0..slots.len()).filter(|&i| slots[i].busy);
-    let candidates: Vec<usize> = match (busy().min(), busy().max()) {
-        (Some(lo), Some(hi)) => {
-            let holes: Vec<usize> = free
-                .iter()
-                .copied()
-                .filter(|i| (lo..=hi).contains(i))
-                .collect();
-            let beside = || free.iter().copied().filter(|&i| i + 1 == lo || i == hi + 1);
-            if !holes.is_empty() {
-                holes
-            } else if beside().next().is_some() {
-                beside().collect()
-            } else {
-                free
-            }
-        }
-        _ => free,
-    };
-    let kept: Vec<(usize, usize)> = candidates
-        .into_iter()
-        .map(|i| (i, reuse(i, &slots[i])))
+    let free: Vec<(usize, usize)> = slots
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| !s.busy)
+        .map(|(i, s)| (i, reuse(i, s)))
         .collect();
-    let hit = kept
+    if let Some(best) = free
         .iter()
         .filter(|(i, k)| *k > 0 && (2 * *k >= prompt_len || 2 * *k >= slots[*i].cached.len()))
         .max_by(|a, b| {
             a.1.cmp(&b.1)
                 .then(slots[b.0].last_used.cmp(&slots[a.0].last_used))
-        });
-    hit.or_else(|| kept.iter().min_by_key(|(i, _)| slots[*i].last_used))
-        .copied()
+        })
+    {
+        return Some(*best);
+    }
+    let busy: Vec<usize> = (0..slots.len()).filter(|&i| slots[i].busy).collect();
+    let span = busy.first().zip(busy.last());
+    free.into_iter().min_by_key(|&(i, _)| {
+        let inside = span.is_some_and(|(&lo, &hi)| (lo..=hi).contains(&i));
+        (split_cost(slots, i), !inside, slots[i].last_used)
+    })
+}
+
+/// How much taking free slot `i` splits the busy slots' ids into more runs of consecutive ids: 0 when it
+/// joins two runs (a one-slot hole), 1 when it extends one, 2 when it starts a run of its own.
+pub fn split_cost(slots: &[CacheSlot], i: usize) -> u8 {
+    let busy = |j: Option<usize>| j.and_then(|j| slots.get(j)).is_some_and(|s| s.busy);
+    2 - u8::from(busy(i.checked_sub(1))) - u8::from(busy(i.checked_add(1)))
+}
+
+/// Runs of consecutive values in the sorted, deduplicated `ids`: the ubatches llama.cpp splits a decode step
+/// over those sequence ids into when each sequence has its own KV stream.
+pub fn id_runs(ids: &[usize]) -> usize {
+    usize::from(!ids.is_empty()) + ids.windows(2).filter(|w| w[1] != w[0] + 1).count()
+}
+
+/// A move that makes a decode step over the sequences in slots `decoding` one ubatch fewer: `(from, to)`,
+/// a decoding sequence's slot and a free slot to move it to (the engine copies its KV stream there; the
+/// slot it leaves keeps the copy it had, as an idle slot's cache). Of the moves that leave the fewest runs of
+/// consecutive ids ([`id_runs`]), one into an empty slot first (nothing is lost), then into the least
+/// recently used. None: the ids are one run already, or no free slot joins them. One move a step is enough
+/// to gather a batch within a few steps, and each costs one stream copy.
+pub fn compaction_move(slots: &[CacheSlot], decoding: &[usize]) -> Option<(usize, usize)> {
+    let mut ids = decoding.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let before = id_runs(&ids);
+    if before <= 1 {
+        return None;
+    }
+    // (runs after, `to` holds a conversation, `to`'s last use) and the move.
+    type Ranked = ((usize, bool, u64), (usize, usize));
+    let mut best: Option<Ranked> = None;
+    for &from in &ids {
+        for to in (0..slots.len()).filter(|&t| !slots[t].busy) {
+            let mut after: Vec<usize> = ids.iter().copied().filter(|&i| i != from).collect();
+            after.push(to);
+            after.sort_unstable();
+            let runs = id_runs(&after);
+            if runs >= before {
+                continue;
+            }
+            let key = (runs, !slots[to].cached.is_empty(), slots[to].last_used);
+            if best.is_none_or(|(k, _)| key < k) {
+                best = Some((key, (from, to)));
+            }
+        }
+    }
+    best.map(|(_, m)| m)
 }
 
 /// How a [`PrefixPool`] entry is handed out on a hit.
@@ -451,11 +485,11 @@ mod slot_tests {
     }
 
     #[test]
-    fn holes_then_neighbours_then_a_prefix_hit_then_the_least_recently_used() {
+    fn a_prefix_hit_wins_then_the_slot_that_splits_the_batch_least() {
         // Nothing busy, no hit: the least recently used slot.
         let s = slots(&[false; 4], &[5, 2, 9, 7]);
         assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((1, 0)));
-        // With nothing busy, a prefix hit (here of a 40-token prompt) wins wherever it is.
+        // A prefix hit (here of a 40-token prompt) wins wherever it is.
         assert_eq!(
             choose_slot(&s, 40, |i, _| if i == 3 { 40 } else { 0 }),
             Some((3, 40))
@@ -489,29 +523,55 @@ mod slot_tests {
             &[4, 0, 0, 6, 9, 1],
         );
         assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((0, 0)));
-        // Busy 0 and 1: a hit in slot 5 does not split the batch; the neighbour 2 is taken (the engine
-        // copies the prefix from 5 at the prefill), unless a neighbour has a hit of its own.
-        let s = slots(
-            &[true, true, false, false, false, false],
-            &[0, 0, 4, 3, 2, 1],
-        );
-        assert_eq!(
-            choose_slot(&s, 40, |i, _| if i == 5 { 39 } else { 0 }),
-            Some((2, 0))
-        );
-        assert_eq!(
-            choose_slot(&s, 40, |i, _| [0, 0, 20, 0, 0, 39][i]),
-            Some((2, 20))
-        );
-        // Busy 0 and 3: a hit in the neighbour 4 waits for the holes 1 and 2.
-        let s = slots(&[true, false, false, true, false], &[0, 2, 1, 0, 3]);
+        // Busy 0 and 3, no hit: a slot beside a busy one (1, 2 or 4), inside the span first (the holes 1
+        // and 2), the older of them; with slot 1 taken too, 2 closes the hole.
+        let mut s = slots(&[true, false, false, true, false], &[0, 8, 3, 0, 1]);
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((2, 0)));
+        s[1].busy = true;
+        s[2].last_used = 9;
+        assert_eq!(choose_slot(&s, 40, |_, _| 0), Some((2, 0)));
+        // A hit still wins wherever it is (a running sequence is moved next to the others later).
         assert_eq!(
             choose_slot(&s, 40, |i, _| if i == 4 { 39 } else { 0 }),
-            Some((2, 0))
+            Some((4, 39))
         );
         // Every slot busy: none.
         let s = slots(&[true; 3], &[0; 3]);
         assert_eq!(choose_slot(&s, 40, |_, _| 0), None);
+    }
+
+    #[test]
+    fn compaction_gathers_the_decoding_slots_into_one_run() {
+        assert_eq!(id_runs(&[]), 0);
+        assert_eq!(id_runs(&[3]), 1);
+        assert_eq!(id_runs(&[0, 1, 2]), 1);
+        assert_eq!(id_runs(&[0, 2, 5, 7]), 4);
+        // 0, 1 and 5 decode; 2 holds a conversation, 3 is empty: 5 moves into the hole at 2 (one run),
+        // not into the empty 3 (still two).
+        let mut s = slots(
+            &[true, true, false, false, false, true],
+            &[1, 2, 3, 0, 9, 4],
+        );
+        s[2].cached.extend(0..10);
+        s[4].cached.extend(0..10);
+        assert_eq!(compaction_move(&s, &[0, 1, 5]), Some((5, 2)));
+        // 0 and 5 decode: 5 into 1 or 0 into 4 both make one run; the empty slot wins over the older one.
+        s[1].busy = false;
+        s[1].cached.extend(0..10);
+        s[4].cached = PrefixSlot::new();
+        assert_eq!(compaction_move(&s, &[0, 5]), Some((0, 4)));
+        // Slots 2 to 4 busy reading prompts (not decoding): nothing free to move into.
+        s[1].busy = true;
+        s[2].busy = true;
+        s[3].busy = true;
+        s[4].busy = true;
+        assert_eq!(compaction_move(&s, &[0, 1, 5]), None);
+        // One run already, or nothing free beside them: no move.
+        assert_eq!(compaction_move(&s, &[0, 1]), None);
+        let full = slots(&[true, true, true], &[0; 3]);
+        assert_eq!(compaction_move(&full, &[0, 2]), None);
+        // A lone sequence needs no company.
+        assert_eq!(compaction_move(&s, &[5]), None);
     }
 
     #[test]
