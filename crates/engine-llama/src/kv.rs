@@ -218,7 +218,8 @@ pub(crate) fn find_prefix(
         .filter(|&(keep, seq)| holds(seq, keep))
         .max_by_key(|&(keep, _)| keep)
         .map(|(keep, seq)| (keep, Source::Sequence(seq)));
-    // Not while a stream copy may still be queued (after a failed step): it would land on the restore.
+    // Not while a stream copy may still be queued (see `Serving::copy_pending`): it would land on the
+    // restore.
     let cut = |e: &Saved, keep: usize| {
         window_holds(e.window_start, media::whole_spans(keep, &s.media), n_swa).then_some(keep)
     };

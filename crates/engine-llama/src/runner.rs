@@ -20,10 +20,11 @@ pub(crate) struct Serving {
     pub(crate) pool: PrefixPool<Saved>,
     /// Bytes the pool may hold ([`LlamaConfig::prefix_cache_bytes`]).
     pub(crate) pool_budget: u64,
-    /// A KV stream copy was queued (llama.cpp applies it at the next decode) and no step has decoded
-    /// since: set by [`share_prefix`], cleared by a step that succeeds. While set, nothing reads or writes
-    /// a stream's buffer outside a decode (saves to and restores from the pool), which the copy could
-    /// land on afterwards. Only a failed step leaves it set.
+    /// A KV stream copy was queued (llama.cpp applies it at the next decode) and nothing has decoded
+    /// since: set by [`share_prefix`] and [`migrate`], cleared by the decode that applies it (a plain step,
+    /// a prompt chunk or a media read). While set, nothing reads or writes a stream's buffer outside a
+    /// decode (saves to and restores from the pool), which the copy could land on afterwards. A failed
+    /// decode leaves it set, as does a copy whose chunk the step's budget put off.
     pub(crate) copy_pending: bool,
 }
 
@@ -52,6 +53,12 @@ pub(crate) const MIN_SAVED_TOKENS: usize = 64;
 /// them. A heuristic: memory copies at ~10 GB/s against prefill at a few hundred to a few thousand tokens
 /// per second.
 pub(crate) const MIN_SHARED_GAIN: usize = 32;
+
+/// A decoding sequence moves next to the others ([`compaction_move`]) only if it may still decode at least
+/// this many tokens: the move copies its whole KV stream (about what one more pass over the weights costs
+/// on a small model: tens of MB at ~10 GB/s), and gains one pass a step from then on, so a sequence about to
+/// end would pay more than it saves.
+pub(crate) const MIN_STEPS_TO_MOVE: usize = 4;
 
 /// [`MIN_SHARED_GAIN`] for a context of `n_ctx` tokens.
 pub(crate) fn min_shared_gain(n_ctx: u32) -> usize {
@@ -706,9 +713,6 @@ impl LlamaRunner {
             )
         });
         self.pool_held = (pool.len(), pool.bytes());
-        if result.is_ok() {
-            *copy_pending = false;
-        }
         if result.is_err() {
             // What the failed decode left in these sequences' KV is unknown: their slots start clean.
             for seq in batch.iter_mut() {
@@ -948,10 +952,11 @@ pub(crate) struct LlamaSequence {
 }
 
 impl LlamaSequence {
-    /// Checks and tokenizes a request and gives it a free slot ([`choose_slot`]: one that keeps the running
-    /// sequences' ids contiguous, among those the one whose cache keeps the most of its prompt, else the
-    /// least recently used), trimming that slot's KV to the reusable prefix. A longer prefix held elsewhere
-    /// is copied in at the first prefill step ([`find_prefix`]).
+    /// Checks and tokenizes a request and gives it a free slot ([`choose_slot`]: the one whose cache keeps the
+    /// most of its prompt, wherever it is; without a hit, the one that splits the running sequences' ids
+    /// least, then the least recently used), trimming that slot's KV to the reusable prefix. A longer
+    /// prefix held elsewhere is copied in at the first prefill step ([`find_prefix`]); a sequence left apart
+    /// from the others is gathered to them later ([`compaction_move`]).
     /// `placed`: the request's prompt with its media placed ([`placed_ids`]).
     pub(crate) fn admit(
         loaded: &Loaded,
@@ -1243,14 +1248,30 @@ pub(crate) fn step(
         }
         decoding = plain;
     }
-    // A sequence that a prefix hit put apart from the others moves next to them, one a step: every step
-    // over ids that are not consecutive is one pass over the weights per run of them.
+    // A decoding sequence apart from the others moves next to them, one a step: every step over ids that
+    // are not consecutive is one pass over the weights per run of them. Runs count every running sequence
+    // (one reading its prompt or speculating joins the plain batch later); one with few tokens left is not
+    // worth its copy.
+    let mut moved = false;
     if decoding.len() > 1 && !*shared.copy_pending {
-        let ids: Vec<usize> = decoding.iter().map(|&i| batch[i].slot).collect();
-        if let Some((from, to)) = compaction_move(shared.slots, &ids)
+        let running: Vec<usize> = batch
+            .iter()
+            .filter(|s| !s.poisoned)
+            .map(|s| s.slot)
+            .collect();
+        let movable: Vec<usize> = (decoding.iter())
+            .map(|&i| &*batch[i])
+            .filter(|s| s.max_tokens.saturating_sub(s.tokens.len()) >= MIN_STEPS_TO_MOVE)
+            .map(|s| s.slot)
+            .collect();
+        if let Some((from, to)) = compaction_move(shared.slots, &running, &movable)
             && let Some(&i) = decoding.iter().find(|&&i| batch[i].slot == from)
         {
-            migrate(ctx, loaded.n_swa, &mut shared, batch[i], to)?;
+            // A move that cannot be queued changes nothing: the batch decodes where it is.
+            match migrate(ctx, loaded.n_swa, &mut shared, batch[i], to) {
+                Ok(()) => moved = true,
+                Err(e) => tracing::warn!(from, to, "cannot move a sequence: {e}"),
+            }
         }
     }
     let started = Instant::now();
@@ -1278,8 +1299,9 @@ pub(crate) fn step(
         }
         // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
         // round (whose times are the batch's too) against; not past `max_batch`, where speculation is off.
+        // A step that applied a move's copy is not a plain step's cost.
         let elapsed = started.elapsed();
-        for &i in &decoding {
+        for &i in decoding.iter().filter(|_| !moved) {
             if let Some(c) = batch[i].spec.as_mut()
                 && n <= c.config().max_batch
             {
@@ -1300,8 +1322,7 @@ pub(crate) fn step(
                 // A stream copy lands at the next decode, which must be this sequence's chunk (before any
                 // other write to the streams involved): a chunk the budget would put off waits, with its
                 // copy, for the next step.
-                let s = &*batch[i];
-                let n = chunk.max(1).min(s.ids.len() - found.0);
+                let n = next_read(batch[i], found.0, chunk);
                 if n > budget && budget < chunk.max(1) {
                     break;
                 }
@@ -1328,6 +1349,8 @@ pub(crate) fn step(
                 out[i].fail(e);
                 continue;
             }
+            // Its decode applied any queued copy.
+            *shared.copy_pending = false;
             let end = s.media[k].end();
             s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
             s.prefilled = end;
@@ -1337,14 +1360,7 @@ pub(crate) fn step(
             }
             continue;
         }
-        let next_media = s
-            .media
-            .iter()
-            .map(|m| m.start)
-            .filter(|&start| start > s.prefilled)
-            .min()
-            .unwrap_or(s.ids.len());
-        let n = chunk.max(1).min(next_media - s.prefilled);
+        let n = next_read(s, s.prefilled, chunk);
         if n > budget && budget < chunk.max(1) {
             break;
         }
@@ -1358,6 +1374,20 @@ pub(crate) fn step(
         }
     }
     Ok(())
+}
+
+/// How many prompt tokens of `s` the next read from position `at` takes: an image or clip starting there
+/// whole, else text up to `chunk` tokens (at least 1) and never into the next image or clip.
+fn next_read(s: &LlamaSequence, at: usize, chunk: usize) -> usize {
+    if let Some(m) = s.media.iter().find(|m| m.start == at) {
+        return m.len;
+    }
+    let next_media = (s.media.iter())
+        .map(|m| m.start)
+        .filter(|&start| start > at)
+        .min()
+        .unwrap_or(s.ids.len());
+    chunk.max(1).min(next_media - at)
 }
 
 /// Decodes the next `n` prompt tokens of `s` on their own (the chunk a lone request would decode), and once
@@ -1548,8 +1578,20 @@ mod tests {
         assert_eq!(slot_of(&batch[1]), 2, "its cache is used at once");
         // Its prompt's rest is read in one step; from the next, both decode and one of them moves.
         step(&mut runner, &mut model, &mut batch);
+        let before: Vec<usize> = batch.iter().map(slot_of).collect();
         step(&mut runner, &mut model, &mut batch);
         let mut slots: Vec<usize> = batch.iter().map(slot_of).collect();
+        let moved = (0..2).find(|&k| slots[k] != before[k]).expect("one moved");
+        // The slot it left keeps its cache as it was at the move (the step then decoded one more token).
+        let Admission::Running(seq) = &batch[moved] else {
+            unreachable!()
+        };
+        let kv = seq.kv.tokens();
+        assert_eq!(
+            model.slots[before[moved]].cached.tokens(),
+            &kv[..kv.len() - 1]
+        );
+        assert!(!model.slots[before[moved]].busy);
         slots.sort_unstable();
         assert_eq!(slots[1], slots[0] + 1, "consecutive ids: {slots:?}");
         let ends = finish_all(&mut runner, &mut model, batch);

@@ -141,14 +141,21 @@ pub fn id_runs(ids: &[usize]) -> usize {
     usize::from(!ids.is_empty()) + ids.windows(2).filter(|w| w[1] != w[0] + 1).count()
 }
 
-/// A move that makes a decode step over the sequences in slots `decoding` one ubatch fewer: `(from, to)`,
-/// a decoding sequence's slot and a free slot to move it to (the engine copies its KV stream there; the
-/// slot it leaves keeps the copy it had, as an idle slot's cache). Of the moves that leave the fewest runs of
-/// consecutive ids ([`id_runs`]), one into an empty slot first (nothing is lost), then into the least
-/// recently used. None: the ids are one run already, or no free slot joins them. One move a step is enough
-/// to gather a batch within a few steps, and each costs one stream copy.
-pub fn compaction_move(slots: &[CacheSlot], decoding: &[usize]) -> Option<(usize, usize)> {
-    let mut ids = decoding.to_vec();
+/// A move that gathers the running sequences, in slots `running`, into fewer runs of consecutive ids: `(from,
+/// to)`, the slot of one of the sequences in `movable` (those that may move now: the plain decoders, not
+/// one reading its prompt or nearly done) and a free slot to move it to (the engine copies its KV stream
+/// there; the slot it leaves keeps the copy it had, as an idle slot's cache). Runs are counted over every
+/// running sequence, not just the movable ones, so a hole that a sequence still reading its prompt fills is
+/// not "closed" by a move it makes pointless. Of the moves that leave the fewest runs ([`id_runs`]), one into
+/// an empty slot first (nothing is lost), then into the least recently used. None: the ids are one run
+/// already, or no free slot joins them. One move a step is enough to gather a batch within a few steps,
+/// and each costs one stream copy.
+pub fn compaction_move(
+    slots: &[CacheSlot],
+    running: &[usize],
+    movable: &[usize],
+) -> Option<(usize, usize)> {
+    let mut ids = running.to_vec();
     ids.sort_unstable();
     ids.dedup();
     let before = id_runs(&ids);
@@ -158,7 +165,7 @@ pub fn compaction_move(slots: &[CacheSlot], decoding: &[usize]) -> Option<(usize
     // (runs after, `to` holds a conversation, `to`'s last use) and the move.
     type Ranked = ((usize, bool, u64), (usize, usize));
     let mut best: Option<Ranked> = None;
-    for &from in &ids {
+    for &from in movable.iter().filter(|f| ids.binary_search(f).is_ok()) {
         for to in (0..slots.len()).filter(|&t| !slots[t].busy) {
             let mut after: Vec<usize> = ids.iter().copied().filter(|&i| i != from).collect();
             after.push(to);
@@ -554,24 +561,44 @@ mod slot_tests {
         );
         s[2].cached.extend(0..10);
         s[4].cached.extend(0..10);
-        assert_eq!(compaction_move(&s, &[0, 1, 5]), Some((5, 2)));
+        let all = |s: &[CacheSlot], ids: &[usize]| compaction_move(s, ids, ids);
+        assert_eq!(all(&s, &[0, 1, 5]), Some((5, 2)));
+        // Only 5 may move, as above; only 0 may move (5 is nearly done): no move of 0 makes fewer runs.
+        assert_eq!(compaction_move(&s, &[0, 1, 5], &[5]), Some((5, 2)));
+        assert_eq!(compaction_move(&s, &[0, 1, 5], &[0]), None);
+        // Nothing may move.
+        assert_eq!(compaction_move(&s, &[0, 1, 5], &[]), None);
         // 0 and 5 decode: 5 into 1 or 0 into 4 both make one run; the empty slot wins over the older one.
         s[1].busy = false;
         s[1].cached.extend(0..10);
         s[4].cached = PrefixSlot::new();
-        assert_eq!(compaction_move(&s, &[0, 5]), Some((0, 4)));
-        // Slots 2 to 4 busy reading prompts (not decoding): nothing free to move into.
+        assert_eq!(compaction_move(&s, &[0, 5], &[0, 5]), Some((0, 4)));
+        // Two slots both holding conversations: the least recently used is taken.
+        s[4].cached.extend(0..10);
+        s[4].last_used = 0;
+        assert_eq!(compaction_move(&s, &[0, 5], &[0, 5]), Some((0, 4)));
+        s[4].last_used = 9;
+        assert_eq!(compaction_move(&s, &[0, 5], &[0, 5]), Some((5, 1)));
+        // 0 and 5 decode while 1 to 4 read prompts: the batch is one run already, nothing moves (moving 0
+        // to a free slot would only split the runs once the readers decode).
+        let mut busy = slots(&[true; 6], &[0; 6]);
+        assert_eq!(compaction_move(&busy, &[0, 1, 2, 3, 4, 5], &[0, 5]), None);
+        // 0 and 5 decode, 2 and 3 free, 1 and 4 busy outside the batch: 0 to 2 or 3 leaves two runs, as
+        // now; nothing is gained.
+        busy[2].busy = false;
+        busy[3].busy = false;
+        assert_eq!(compaction_move(&busy, &[0, 5], &[0, 5]), None);
+        // One run already, or nothing free beside them: no move.
         s[1].busy = true;
         s[2].busy = true;
         s[3].busy = true;
         s[4].busy = true;
-        assert_eq!(compaction_move(&s, &[0, 1, 5]), None);
-        // One run already, or nothing free beside them: no move.
-        assert_eq!(compaction_move(&s, &[0, 1]), None);
+        assert_eq!(all(&s, &[0, 1, 5]), None);
+        assert_eq!(all(&s, &[0, 1]), None);
         let full = slots(&[true, true, true], &[0; 3]);
-        assert_eq!(compaction_move(&full, &[0, 2]), None);
+        assert_eq!(compaction_move(&full, &[0, 2], &[0, 2]), None);
         // A lone sequence needs no company.
-        assert_eq!(compaction_move(&s, &[5]), None);
+        assert_eq!(all(&s, &[5]), None);
     }
 
     #[test]
