@@ -22,7 +22,7 @@ pub(crate) struct Serving {
     pub(crate) pool_budget: u64,
     /// A KV stream copy was queued (llama.cpp applies it at the next decode) and nothing has decoded
     /// since: set by [`share_prefix`] and [`migrate`], cleared by the decode that applies it (a plain step,
-    /// a prompt chunk or a media read). While set, nothing reads or writes a stream's buffer outside a
+    /// a speculative verification, a prompt chunk or a media read). While set, nothing reads or writes a stream's buffer outside a
     /// decode (saves to and restores from the pool), which the copy could land on afterwards. A failed
     /// decode leaves it set, as does a copy whose chunk the step's budget put off.
     pub(crate) copy_pending: bool,
@@ -1235,6 +1235,10 @@ pub(crate) fn step(
         }
         *largest_verify = (*largest_verify).max(drafted.len());
         let rounds = speculative::verify(loaded, ctx, batch, out, &drafted, drafts.batch_size())?;
+        if !drafted.is_empty() {
+            // Its decode applied any queued copy.
+            *shared.copy_pending = false;
+        }
         for (d, r) in drafted.iter().zip(rounds) {
             let i = d.seq;
             if let Some(c) = batch[i].spec.as_mut() {
@@ -1250,14 +1254,14 @@ pub(crate) fn step(
     }
     // A decoding sequence apart from the others moves next to them, one a step: every step over ids that
     // are not consecutive is one pass over the weights per run of them. Runs count every running sequence
-    // (one reading its prompt or speculating joins the plain batch later); one with few tokens left is not
-    // worth its copy.
-    let mut moved = false;
-    if decoding.len() > 1 && !*shared.copy_pending {
-        let running: Vec<usize> = batch
-            .iter()
-            .filter(|s| !s.poisoned)
-            .map(|s| s.slot)
+    // (one reading its prompt or speculating joins the plain batch later), so even a lone plain decoder
+    // moves next to them; one with few tokens left is not worth its copy. The plain decode just below
+    // applies the copy.
+    if !decoding.is_empty() && !*shared.copy_pending {
+        // Not the sequences this step's verification ended: their slots are freed at once.
+        let running: Vec<usize> = (0..batch.len())
+            .filter(|&i| !batch[i].poisoned && out[i].end.is_none())
+            .map(|i| batch[i].slot)
             .collect();
         let movable: Vec<usize> = (decoding.iter())
             .map(|&i| &*batch[i])
@@ -1268,9 +1272,8 @@ pub(crate) fn step(
             && let Some(&i) = decoding.iter().find(|&&i| batch[i].slot == from)
         {
             // A move that cannot be queued changes nothing: the batch decodes where it is.
-            match migrate(ctx, loaded.n_swa, &mut shared, batch[i], to) {
-                Ok(()) => moved = true,
-                Err(e) => tracing::warn!(from, to, "cannot move a sequence: {e}"),
+            if let Err(e) = migrate(ctx, loaded.n_swa, &mut shared, batch[i], to) {
+                tracing::warn!(from, to, "cannot move a sequence: {e}");
             }
         }
     }
@@ -1286,6 +1289,8 @@ pub(crate) fn step(
             b.add(tok, pos as i32, &[s.slot as i32], true)
                 .map_err(|e| LlamaError::Runtime(e.to_string()))?;
         }
+        // A step that applies a stream copy (a move's or a prefix's) is not a plain step's cost.
+        let copied = *shared.copy_pending;
         ctx.decode(&mut b)
             .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
         // Any queued stream copy landed in that decode.
@@ -1299,14 +1304,15 @@ pub(crate) fn step(
         }
         // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
         // round (whose times are the batch's too) against; not past `max_batch`, where speculation is off.
-        // A step that applied a move's copy is not a plain step's cost.
         let elapsed = started.elapsed();
-        for &i in decoding.iter().filter(|_| !moved) {
-            if let Some(c) = batch[i].spec.as_mut()
-                && n <= c.config().max_batch
-            {
-                c.record_plain(elapsed);
-                speculated.plain_steps += 1;
+        if !copied {
+            for &i in &decoding {
+                if let Some(c) = batch[i].spec.as_mut()
+                    && n <= c.config().max_batch
+                {
+                    c.record_plain(elapsed);
+                    speculated.plain_steps += 1;
+                }
             }
         }
     }
@@ -1576,11 +1582,16 @@ mod tests {
         step(&mut runner, &mut model, &mut batch);
         batch.push(runner.admit(&mut model, req(next(2), 8), 512).unwrap());
         assert_eq!(slot_of(&batch[1]), 2, "its cache is used at once");
-        // Its prompt's rest is read in one step; from the next, both decode and one of them moves.
-        step(&mut runner, &mut model, &mut batch);
+        // In the step that reads its prompt's rest, the one decoding moves next to it (runs count the
+        // whole batch).
         let before: Vec<usize> = batch.iter().map(slot_of).collect();
         step(&mut runner, &mut model, &mut batch);
+        assert!(
+            !model.copy_pending,
+            "the step's decode applied the move's copy"
+        );
         let mut slots: Vec<usize> = batch.iter().map(slot_of).collect();
+        assert_eq!(slots[1], 2, "the newcomer stays in the slot that held its cache");
         let moved = (0..2).find(|&k| slots[k] != before[k]).expect("one moved");
         // The slot it left keeps its cache as it was at the move (the step then decoded one more token).
         let Admission::Running(seq) = &batch[moved] else {

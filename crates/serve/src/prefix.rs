@@ -579,14 +579,17 @@ mod slot_tests {
         assert_eq!(compaction_move(&s, &[0, 5], &[0, 5]), Some((0, 4)));
         s[4].last_used = 9;
         assert_eq!(compaction_move(&s, &[0, 5], &[0, 5]), Some((5, 1)));
-        // 0 and 5 decode while 1 to 4 read prompts: the batch is one run already, nothing moves (moving 0
-        // to a free slot would only split the runs once the readers decode).
-        let mut busy = slots(&[true; 6], &[0; 6]);
+        // 0 and 5 decode while 1 to 4 read prompts, 6 is free: the batch is one run already, nothing
+        // moves; counted over the decoders alone, 0 would move to 6 and split the batch once the readers
+        // decode.
+        let mut busy = slots(&[true, true, true, true, true, true, false], &[0; 7]);
         assert_eq!(compaction_move(&busy, &[0, 1, 2, 3, 4, 5], &[0, 5]), None);
-        // 0 and 5 decode, 2 and 3 free, 1 and 4 busy outside the batch: 0 to 2 or 3 leaves two runs, as
-        // now; nothing is gained.
+        assert_eq!(compaction_move(&busy, &[0, 5], &[0, 5]), Some((0, 6)));
+        // 0 and 5 decode, 2 and 3 free, 1 and 4 busy outside the batch, 6 busy: 0 to 2 or 3 leaves two
+        // runs, as now; nothing is gained.
         busy[2].busy = false;
         busy[3].busy = false;
+        busy[6].busy = true;
         assert_eq!(compaction_move(&busy, &[0, 5], &[0, 5]), None);
         // One run already, or nothing free beside them: no move.
         s[1].busy = true;
