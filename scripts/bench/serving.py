@@ -5,6 +5,7 @@
   - fan-out: 4 requests sent at once with one new ~N-token system prompt and different questions (parallel
     agents starting from one instruction set): the last one's TTFT over the cold TTFT (1.0: the preamble
     is read once; 4: once per request), and the cached tokens they report;
+  - burst: 8 requests with new short prompts released at once: the time to the last answer (medians);
   - concurrency: aggregate tok/s of 1, 4 and 8 concurrent greedy streams, and the ratio to 1, in two
     ways: over the wall time of each run (requests sent, prompts read, the ramp and the tail included), and
     over its decode phase, from the moment the last stream got its first token to the moment the first one
@@ -111,6 +112,29 @@ def aggregate(k, n_tokens=48):
     return sum(r[0] for r in results) / wall, decode
 
 
+def burst(k=8, words=8):
+    """Seconds from releasing k requests at once (distinct ~16-token prompts, one token each; the threads
+    wait at a barrier) to the last answer: how a server reads a burst of new short prompts (one pass over
+    the weights for all of them, or one each)."""
+    done = [None] * k
+    barrier = threading.Barrier(k + 1)
+
+    def one(i):
+        prompt = f"Burst client {i}: " + " ".join(WORDS[(i * 5 + j * 7) % len(WORDS)] for j in range(words))
+        barrier.wait()
+        client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
+        done[i] = time.perf_counter()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    return max(done) - t0
+
+
 def fanout(system, k=4):
     results = [None] * k
 
@@ -141,6 +165,7 @@ for r in range(rounds):
         f, fc = fanout(system_prompt(r + 500))
         fan.append(f)
         fan_cached.append(fc)
+bursts = [burst() for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3")))]
 runs = {1: [], 4: [], 8: []}
 for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3"))):
     for k in runs:
@@ -161,4 +186,5 @@ print(json.dumps({
     "x4": four / one, "x8": eight / one,
     "decode_tok_s_1": d_one, "decode_tok_s_4": d_four, "decode_tok_s_8": d_eight,
     "decode_x4": ratio(d_four, d_one), "decode_x8": ratio(d_eight, d_one),
+    "burst_last_s": med(bursts),
 }))

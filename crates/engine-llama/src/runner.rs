@@ -1317,17 +1317,43 @@ pub(crate) fn step(
         }
     }
     // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long
-    // prompt progresses): several short prompts start in one step, a long one takes a chunk per step.
+    // prompt progresses): several short prompts start in one step, a long one takes a chunk per step. The
+    // text chunks are read together in one decode (llama-server's and vLLM's batched prefill: a burst of
+    // newcomers costs one pass over the weights, not one each); an image or clip is read on its own.
     let mut budget = chunk.max(1);
+    let mut planned: Vec<(usize, usize)> = Vec::new();
     for i in 0..batch.len() {
         if batch[i].decoding() {
             continue;
         }
         if !batch[i].looked_up {
-            if let Some(found) = find_prefix(ctx, loaded, &shared, batch, i) {
-                // A stream copy lands at the next decode, which must be this sequence's chunk (before any
-                // other write to the streams involved): a chunk the budget would put off waits, with its
-                // copy, for the next step.
+            // A copy queued this step shuts the pool until a decode applies it: the chunks planned so far
+            // are read first, so this lookup sees the pool (a burst of returning conversations).
+            if *shared.copy_pending && !planned.is_empty() {
+                prefill_chunks(loaded, ctx, batch, out, &std::mem::take(&mut planned))?;
+                *shared.copy_pending = false;
+            }
+            let found = find_prefix(ctx, loaded, &shared, batch, i);
+            // A prompt that shares more with a chunk planned this step than it can take now waits for
+            // that chunk to be read and copies it then (SGLang's in-batch prefix sharing): requests sent
+            // together with one preamble read it once, and each answers as it would alone.
+            let s = &*batch[i];
+            let have = found.as_ref().map_or(s.prefilled, |f| f.0);
+            let ahead = (planned.iter())
+                .map(|&(p, n)| {
+                    let o = &batch[p].ids[..batch[p].prefilled + n];
+                    o.iter().zip(&s.ids).take_while(|(a, b)| a == b).count()
+                })
+                .max()
+                .unwrap_or(0);
+            let ahead = media::whole_spans(ahead.min(s.ids.len() - 1), &s.media);
+            if ahead >= have + min_shared_gain(loaded.n_ctx) {
+                continue;
+            }
+            if let Some(found) = found {
+                // A stream copy lands at the next decode, which must come before any other write to the
+                // streams involved (this sequence's read is the first): a read the budget would put off
+                // waits, with its copy, for the next step.
                 let n = next_read(batch[i], found.0, chunk);
                 if n > budget && budget < chunk.max(1) {
                     break;
@@ -1371,13 +1397,15 @@ pub(crate) fn step(
             break;
         }
         budget = budget.saturating_sub(n);
-        prefill_chunk(loaded, ctx, s, n, &mut out[i])?;
-        // A copy `share_prefix` queued landed in that chunk's decode: the pool may be read again by the
-        // next newcomer's lookup.
-        *shared.copy_pending = false;
+        planned.push((i, n));
         if budget == 0 {
             break;
         }
+    }
+    if !planned.is_empty() {
+        prefill_chunks(loaded, ctx, batch, out, &planned)?;
+        // Any copy `share_prefix` queued landed in that decode: the pool may be read again.
+        *shared.copy_pending = false;
     }
     Ok(())
 }
@@ -1396,46 +1424,63 @@ fn next_read(s: &LlamaSequence, at: usize, chunk: usize) -> usize {
     chunk.max(1).min(next_media - at)
 }
 
-/// Decodes the next `n` prompt tokens of `s` on their own (the chunk a lone request would decode), and once
-/// the prompt is read samples the first token.
-pub(crate) fn prefill_chunk(
+/// Decodes the prompt chunks `planned` (`(index in batch, tokens)`: the next that many prompt tokens of
+/// each, at most llama.cpp's batch size in all) in one batch, and samples the first token of each sequence
+/// whose prompt that completes. The rows go by increasing sequence id, so that llama.cpp's per-stream
+/// split reads chunks of consecutive ids together (as many tokens of each as the shortest has, then the
+/// rest); each row's logits are its own, as alone. Each sequence's prefill time counts the whole decode,
+/// the wall time it spent being read.
+///
+/// Errors: a failed decode (what it left in these sequences' KV is unknown; the caller poisons them).
+pub(crate) fn prefill_chunks(
     loaded: &Loaded,
     ctx: &mut llama_cpp_2::context::LlamaContext<'_>,
-    s: &mut LlamaSequence,
-    n: usize,
-    out: &mut SeqOutput<Summary>,
+    batch: &mut [&mut LlamaSequence],
+    out: &mut [SeqOutput<Summary>],
+    planned: &[(usize, usize)],
 ) -> Result<()> {
     let t0 = Instant::now();
-    let mut b = LlamaBatch::new(n, 1);
-    for k in 0..n {
-        let pos = s.prefilled + k;
-        b.add(
-            s.ids[pos],
-            pos as i32,
-            &[s.slot as i32],
-            pos == s.ids.len() - 1,
-        )
-        .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+    let mut order = planned.to_vec();
+    order.sort_by_key(|&(i, _)| batch[i].slot);
+    let total = order.iter().map(|&(_, n)| n).sum();
+    let mut b = LlamaBatch::new(total, 1);
+    // The batch row of each sequence's last token in this read.
+    let mut last_row = Vec::with_capacity(order.len());
+    for &(i, n) in &order {
+        let s = &batch[i];
+        for k in 0..n {
+            let pos = s.prefilled + k;
+            b.add(
+                s.ids[pos],
+                pos as i32,
+                &[s.slot as i32],
+                pos == s.ids.len() - 1,
+            )
+            .map_err(|e| LlamaError::Runtime(e.to_string()))?;
+        }
+        last_row.push(b.n_tokens() - 1);
     }
     ctx.decode(&mut b)
         .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
-    s.kv.extend(
-        s.ids[s.prefilled..s.prefilled + n]
-            .iter()
-            .map(|t| t.0 as u32),
-    );
-    s.prefilled += n;
-    s.prefill_time += t0.elapsed();
-    if s.decoding() {
-        out.send(Event::Started {
-            prompt_tokens: s.ids.len(),
-            cached_tokens: s.reused,
-        });
-        if s.max_tokens == 0 {
-            s.finish(Finish::Length, false, out);
-        } else {
-            s.accept(loaded, ctx, n as i32 - 1, out);
-            mtp::keep_hidden(ctx, s, n as i32 - 1);
+    let elapsed = t0.elapsed();
+    for (&(i, n), row) in order.iter().zip(last_row) {
+        let s = &mut *batch[i];
+        let read = &s.ids[s.prefilled..s.prefilled + n];
+        s.kv.extend(read.iter().map(|t| t.0 as u32));
+        s.prefilled += n;
+        s.prefill_time += elapsed;
+        let out = &mut out[i];
+        if s.decoding() {
+            out.send(Event::Started {
+                prompt_tokens: s.ids.len(),
+                cached_tokens: s.reused,
+            });
+            if s.max_tokens == 0 {
+                s.finish(Finish::Length, false, out);
+            } else {
+                s.accept(loaded, ctx, row, out);
+                mtp::keep_hidden(ctx, s, row);
+            }
         }
     }
     Ok(())
@@ -1591,7 +1636,10 @@ mod tests {
             "the step's decode applied the move's copy"
         );
         let mut slots: Vec<usize> = batch.iter().map(slot_of).collect();
-        assert_eq!(slots[1], 2, "the newcomer stays in the slot that held its cache");
+        assert_eq!(
+            slots[1], 2,
+            "the newcomer stays in the slot that held its cache"
+        );
         let moved = (0..2).find(|&k| slots[k] != before[k]).expect("one moved");
         // The slot it left keeps its cache as it was at the move (the step then decoded one more token).
         let Admission::Running(seq) = &batch[moved] else {
@@ -1611,6 +1659,49 @@ mod tests {
         assert_eq!(ends[1].cached_tokens, b.cached_tokens);
         assert_eq!(ends[0].tokens, a.tokens, "the conversation that ran first");
         assert_eq!(ends[1].tokens, b.tokens, "the conversation that joined");
+    }
+
+    /// Prompts admitted together are read in one step (one decode for all their chunks), except one that
+    /// shares a preamble with a prompt being read: it waits that step and then copies the preamble, so the
+    /// preamble is read once. Each answers as it does alone.
+    #[test]
+    fn prompts_sent_together_are_read_at_once_and_a_shared_preamble_once() {
+        let preamble: Vec<u32> = (300..348).collect();
+        let with = |q: &[u32]| -> Vec<u32> { preamble.iter().chain(q).copied().collect() };
+        let prompts = [with(&[7, 8, 9]), with(&[11, 12]), (500..520).collect()];
+        let req = |ids: &Vec<u32>| Request {
+            ignore_eos: true,
+            ..Request::new(Prompt::Ids(ids.clone()), 6)
+        };
+        let alone: Vec<Summary> = (prompts.iter())
+            .map(|p| {
+                let (mut runner, mut model) = text_runner(1);
+                let seq = runner.admit(&mut model, req(p), 512).unwrap();
+                finish_all(&mut runner, &mut model, vec![seq]).remove(0)
+            })
+            .collect();
+        let (mut runner, mut model) = text_runner(4);
+        let mut batch: Vec<Admission> = (prompts.iter())
+            .map(|p| runner.admit(&mut model, req(p), 512).unwrap())
+            .collect();
+        step(&mut runner, &mut model, &mut batch);
+        let read: Vec<usize> = (batch.iter())
+            .map(|a| match a {
+                Admission::Running(s) => s.prefilled,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            read,
+            [51, 0, 20],
+            "the first and the third read, the second waits"
+        );
+        let ends = finish_all(&mut runner, &mut model, batch);
+        assert_eq!(ends[1].cached_tokens, preamble.len(), "the preamble copied");
+        assert_eq!(ends[0].cached_tokens, 0);
+        for (k, (got, want)) in ends.iter().zip(&alone).enumerate() {
+            assert_eq!(got.tokens, want.tokens, "prompt {k}");
+        }
     }
 
     /// A request's images are prepared off the model thread, and the batch does not wait for them. While

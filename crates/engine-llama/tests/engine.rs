@@ -1535,6 +1535,13 @@ fn concurrent_requests_share_a_preamble_in_the_draft_model_too() {
         let cached: Vec<_> = got.iter().map(|s| s.draft_cached_tokens).collect();
         eprintln!("round {round}: the draft model took {cached:?} tokens from its caches");
         if round == 0 {
+            // Sent together, the second waits for the first's chunk and copies it, not read beside it.
+            let target: Vec<_> = got.iter().map(|s| s.cached_tokens).collect();
+            assert!(
+                target.iter().max().unwrap() >= &preamble.len(),
+                "the target read the {}-token preamble twice: {target:?}",
+                preamble.len()
+            );
             assert!(
                 cached.iter().max().unwrap() >= &preamble.len(),
                 "no draft sequence took the {}-token preamble from the other: {cached:?}",
