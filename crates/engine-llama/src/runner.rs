@@ -1534,6 +1534,11 @@ mod tests {
         c.context_length = Some(512);
         c.parallel = parallel;
         c.prefix_cache_bytes = Some(0);
+        runner_for(c)
+    }
+
+    /// A runner planned and loaded for `c`, on 2 threads.
+    fn runner_for(c: LlamaConfig) -> (LlamaRunner, Serving) {
         let mut runner = LlamaRunner {
             planned: c.parallel,
             threads: 2,
@@ -1718,31 +1723,7 @@ mod tests {
         c.image_soft_tokens = 16;
         c.context_length = Some(512);
         c.parallel = 2;
-        let mut runner = LlamaRunner {
-            planned: c.parallel,
-            threads: 2,
-            speculated: SpeculativeStats::default(),
-            largest_verify: 0,
-            pool_budget: 0,
-            pool_held: (0, 0),
-            config: c,
-        };
-        let mut info = LlamaInfo {
-            input_modalities: vec![],
-            model_path: runner.config.model_path.clone(),
-            gpu_layers: 0,
-            threads: 2,
-            model_bytes: 0,
-            footprint_bytes: None,
-            speculative: None,
-            largest_verify_batch: 0,
-            prefix_cache_entries: 0,
-            prefix_cache_bytes: 0,
-            chat_template: Some(true),
-        };
-        runner.plan(&mut info).unwrap();
-        let progress: Progress = Arc::new(|_| {});
-        let (mut model, _) = runner.load(&progress, &mut info).unwrap();
+        let (mut runner, mut model) = runner_for(c);
         let square =
             jemma_media::EncodedImage(std::fs::read(dir.join("square.png")).unwrap().into())
                 .decode(&Default::default())
