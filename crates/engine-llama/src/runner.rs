@@ -22,9 +22,10 @@ pub(crate) struct Serving {
     pub(crate) pool_budget: u64,
     /// A KV stream copy was queued (llama.cpp applies it at the next decode) and nothing has decoded
     /// since: set by [`share_prefix`] and [`migrate`], cleared by the decode that applies it (a plain step,
-    /// a speculative verification, a prompt chunk or a media read). While set, nothing reads or writes a stream's buffer outside a
-    /// decode (saves to and restores from the pool), which the copy could land on afterwards. A failed
-    /// decode leaves it set, as does a copy whose chunk the step's budget put off.
+    /// a speculative verification, the step's batched prompt read or a media read). While set, nothing
+    /// reads or writes a stream's buffer outside a decode (saves to and restores from the pool), which the
+    /// copy could land on afterwards. A failed decode leaves it set, as does a step that queued a copy and
+    /// then decoded nothing.
     pub(crate) copy_pending: bool,
 }
 
@@ -1168,11 +1169,17 @@ impl LlamaSequence {
 }
 
 /// One scheduler step over the running batch: every decoding sequence's last token in one `llama_decode`
-/// (one ubatch, a row per sequence), each sampled from its own row; then prompt chunks of the sequences
-/// still reading their prompts, oldest first, up to one chunk's worth of tokens in all, so a newcomer's long
-/// prompt delays running streams by one chunk per token rather than by the whole prompt. Each chunk is its
-/// own `llama_decode` and starts where a lone request's would (at the reused prefix, every `chunk` tokens):
-/// llama.cpp's CPU kernels depend on a batch's shape, so a prompt's KV is the same batched or alone.
+/// (one ubatch per run of consecutive sequence ids, a row per sequence), each sampled from its own row;
+/// then prompt chunks of the sequences still reading their prompts, oldest first, up to one chunk's worth
+/// of tokens in all, so a newcomer's long prompt delays running streams by one chunk per token rather than
+/// by the whole prompt. The text chunks are read in one `llama_decode` ([`prefill_chunks`]), then any image
+/// or clip, each on its own.
+///
+/// How exactly a batched answer matches a lone one depends on the weights, as for the decode rows: on
+/// Q8_0 llama.cpp takes the same per-row dot products whatever the batch, so tokens and logprobs are the
+/// same to the bit; on F32 and Q4_K a row's rounding depends on the ubatch it is in (which chunks share
+/// it, and where `split_equal` cuts them), so answers agree until a near-tie, as in llama-server and vLLM
+/// without a batch-invariant mode.
 pub(crate) fn step(
     loaded: &Loaded,
     // The context, and the mmproj's towers for the prompts' images and clips.
@@ -1321,17 +1328,23 @@ pub(crate) fn step(
     // text chunks are read together in one decode (llama-server's and vLLM's batched prefill: a burst of
     // newcomers costs one pass over the weights, not one each); an image or clip is read on its own.
     let mut budget = chunk.max(1);
-    let mut planned: Vec<(usize, usize)> = Vec::new();
+    let mut reads = Reads::default();
     for i in 0..batch.len() {
         if batch[i].decoding() {
             continue;
         }
         if !batch[i].looked_up {
-            // A copy queued this step shuts the pool until a decode applies it: the chunks planned so far
-            // are read first, so this lookup sees the pool (a burst of returning conversations).
-            if *shared.copy_pending && !planned.is_empty() {
-                prefill_chunks(loaded, ctx, batch, out, &std::mem::take(&mut planned))?;
-                *shared.copy_pending = false;
+            // A copy queued this step shuts the pool until a decode applies it: what is planned so far is
+            // read first, so this lookup sees the pool (a burst of returning conversations).
+            if *shared.copy_pending && !(reads.text.is_empty() && reads.media.is_empty()) {
+                read_planned(
+                    loaded,
+                    (ctx, mtmd),
+                    batch,
+                    out,
+                    &mut reads,
+                    shared.copy_pending,
+                )?;
             }
             let found = find_prefix(ctx, loaded, &shared, batch, i);
             // A prompt that shares more with a chunk planned this step than it can take now waits for
@@ -1339,7 +1352,7 @@ pub(crate) fn step(
             // together with one preamble read it once, and each answers as it would alone.
             let s = &*batch[i];
             let have = found.as_ref().map_or(s.prefilled, |f| f.0);
-            let ahead = (planned.iter())
+            let ahead = (reads.text.iter())
                 .map(|&(p, n)| {
                     let o = &batch[p].ids[..batch[p].prefilled + n];
                     o.iter().zip(&s.ids).take_while(|(a, b)| a == b).count()
@@ -1351,9 +1364,11 @@ pub(crate) fn step(
                 continue;
             }
             if let Some(found) = found {
-                // A stream copy lands at the next decode, which must come before any other write to the
-                // streams involved (this sequence's read is the first): a read the budget would put off
-                // waits, with its copy, for the next step.
+                // A stream copy's cells are recorded at once and its data lands at the start of the next
+                // decode (whichever: the flush above, a media read, the step's batched read), before that
+                // decode writes anything; the copy must not wait behind a write to this sequence's stream
+                // outside a decode, so a read the budget would put off waits, with its copy, for the next
+                // step.
                 let n = next_read(batch[i], found.0, chunk);
                 if n > budget && budget < chunk.max(1) {
                     break;
@@ -1364,29 +1379,14 @@ pub(crate) fn step(
         }
         let s = &mut *batch[i];
         // An image or clip is read whole, and counts against the budget as its length; text is read up to
-        // the next one.
+        // the next one. Media are read after the text chunks, whose first tokens need not wait for a tower.
         if let Some(k) = s.media.iter().position(|m| m.start == s.prefilled) {
             let len = s.media[k].len;
             if len > budget && budget < chunk.max(1) {
                 break;
             }
             budget = budget.saturating_sub(len);
-            let mtmd = mtmd
-                .ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
-            let t0 = Instant::now();
-            // A tower that fails on one request's media ends that request alone (its slot is cleared
-            // at release); the others' caches are untouched.
-            if let Err(e) = s.media[k].eval(mtmd, ctx, s.slot as i32) {
-                s.poisoned = true;
-                out[i].fail(e);
-                continue;
-            }
-            // Its decode applied any queued copy.
-            *shared.copy_pending = false;
-            let end = s.media[k].end();
-            s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
-            s.prefilled = end;
-            s.prefill_time += t0.elapsed();
+            reads.media.push((i, k));
             if budget == 0 {
                 break;
             }
@@ -1397,15 +1397,65 @@ pub(crate) fn step(
             break;
         }
         budget = budget.saturating_sub(n);
-        planned.push((i, n));
+        reads.text.push((i, n));
         if budget == 0 {
             break;
         }
     }
-    if !planned.is_empty() {
-        prefill_chunks(loaded, ctx, batch, out, &planned)?;
-        // Any copy `share_prefix` queued landed in that decode: the pool may be read again.
-        *shared.copy_pending = false;
+    read_planned(
+        loaded,
+        (ctx, mtmd),
+        batch,
+        out,
+        &mut reads,
+        shared.copy_pending,
+    )
+}
+
+/// What a step reads of the prompts ([`step`]).
+#[derive(Default)]
+struct Reads {
+    /// Text chunks: (index in batch, tokens), read together in one decode.
+    text: Vec<(usize, usize)>,
+    /// Images and clips: (index in batch, which of its media), each read whole after the text.
+    media: Vec<(usize, usize)>,
+}
+
+/// Reads what a step planned ([`step`]): the text chunks in one decode ([`prefill_chunks`]), then the
+/// images and clips, each whole; `reads` is emptied. Any decode here applies a queued stream copy, which clears `copy_pending`. A tower that
+/// fails on one request's media ends that request alone (its slot is cleared at release).
+///
+/// Errors: a failed text decode (the caller poisons the batch).
+fn read_planned(
+    loaded: &Loaded,
+    (ctx, mtmd): (
+        &mut llama_cpp_2::context::LlamaContext<'_>,
+        Option<&media::Mtmd>,
+    ),
+    batch: &mut [&mut LlamaSequence],
+    out: &mut [SeqOutput<Summary>],
+    reads: &mut Reads,
+    copy_pending: &mut bool,
+) -> Result<()> {
+    if !reads.text.is_empty() {
+        prefill_chunks(loaded, ctx, batch, out, &std::mem::take(&mut reads.text))?;
+        *copy_pending = false;
+    }
+    for (i, k) in std::mem::take(&mut reads.media) {
+        let s = &mut *batch[i];
+        let mtmd =
+            mtmd.ok_or_else(|| LlamaError::Runtime("media in a prompt without an mmproj".into()))?;
+        let t0 = Instant::now();
+        if let Err(e) = s.media[k].eval(mtmd, ctx, s.slot as i32) {
+            s.poisoned = true;
+            out[i].fail(e);
+            continue;
+        }
+        *copy_pending = false;
+        let end = s.media[k].end();
+        s.kv.extend(s.ids[s.prefilled..end].iter().map(|t| t.0 as u32));
+        s.prefilled = end;
+        s.prefill_time += t0.elapsed();
     }
     Ok(())
 }
@@ -1428,8 +1478,8 @@ fn next_read(s: &LlamaSequence, at: usize, chunk: usize) -> usize {
 /// each, at most llama.cpp's batch size in all) in one batch, and samples the first token of each sequence
 /// whose prompt that completes. The rows go by increasing sequence id, so that llama.cpp's per-stream
 /// split reads chunks of consecutive ids together (as many tokens of each as the shortest has, then the
-/// rest); each row's logits are its own, as alone. Each sequence's prefill time counts the whole decode,
-/// the wall time it spent being read.
+/// rest); each sequence samples from its own last row (see [`step`] for how exactly that matches a lone
+/// read). Each sequence's prefill time counts the whole decode, the wall time it spent being read.
 ///
 /// Errors: a failed decode (what it left in these sequences' KV is unknown; the caller poisons them).
 pub(crate) fn prefill_chunks(
@@ -1666,14 +1716,21 @@ mod tests {
         assert_eq!(ends[1].tokens, b.tokens, "the conversation that joined");
     }
 
-    /// Prompts admitted together are read in one step (one decode for all their chunks), except one that
-    /// shares a preamble with a prompt being read: it waits that step and then copies the preamble, so the
-    /// preamble is read once. Each answers as it does alone.
+    /// Prompts admitted together are read in one step (one decode for all their chunks, two of them in
+    /// consecutive slots, so in one ubatch), except one that shares a preamble with a prompt being read: it
+    /// waits that step and then copies the preamble, so the preamble is read once. Each answers exactly as
+    /// it does alone (Q8_0: a row's numbers do not depend on its batch).
     #[test]
     fn prompts_sent_together_are_read_at_once_and_a_shared_preamble_once() {
         let preamble: Vec<u32> = (300..348).collect();
         let with = |q: &[u32]| -> Vec<u32> { preamble.iter().chain(q).copied().collect() };
-        let prompts = [with(&[7, 8, 9]), with(&[11, 12]), (500..520).collect()];
+        // Slots 0 to 3 in this order: the preamble twice, in slots 0 and 2.
+        let prompts = [
+            with(&[7, 8, 9]),
+            (500..520).collect(),
+            with(&[11, 12]),
+            (600..625).collect(),
+        ];
         let req = |ids: &Vec<u32>| Request {
             ignore_eos: true,
             ..Request::new(Prompt::Ids(ids.clone()), 6)
@@ -1689,6 +1746,7 @@ mod tests {
         let mut batch: Vec<Admission> = (prompts.iter())
             .map(|p| runner.admit(&mut model, req(p), 512).unwrap())
             .collect();
+        assert_eq!(batch.iter().map(slot_of).collect::<Vec<_>>(), [0, 1, 2, 3]);
         step(&mut runner, &mut model, &mut batch);
         let read: Vec<usize> = (batch.iter())
             .map(|a| match a {
@@ -1696,14 +1754,10 @@ mod tests {
                 _ => unreachable!(),
             })
             .collect();
-        assert_eq!(
-            read,
-            [51, 0, 20],
-            "the first and the third read, the second waits"
-        );
+        assert_eq!(read, [51, 20, 0, 25], "all read but the third, which waits");
         let ends = finish_all(&mut runner, &mut model, batch);
-        assert_eq!(ends[1].cached_tokens, preamble.len(), "the preamble copied");
-        assert_eq!(ends[0].cached_tokens, 0);
+        let cached: Vec<usize> = ends.iter().map(|e| e.cached_tokens).collect();
+        assert_eq!(cached, [0, 0, preamble.len(), 0], "the preamble copied");
         for (k, (got, want)) in ends.iter().zip(&alone).enumerate() {
             assert_eq!(got.tokens, want.tokens, "prompt {k}");
         }
