@@ -1365,10 +1365,9 @@ pub(crate) fn step(
             }
             if let Some(found) = found {
                 // A stream copy's cells are recorded at once and its data lands at the start of the next
-                // decode (whichever: the flush above, a media read, the step's batched read), before that
-                // decode writes anything; the copy must not wait behind a write to this sequence's stream
-                // outside a decode, so a read the budget would put off waits, with its copy, for the next
-                // step.
+                // decode (whichever: the flush above, the step's batched read, a media read), before that
+                // decode writes anything. A read the budget would put off waits, with its copy, for the
+                // next step: a copy with no read behind it would keep the pool shut until some decode.
                 let n = next_read(batch[i], found.0, chunk);
                 if n > budget && budget < chunk.max(1) {
                     break;
