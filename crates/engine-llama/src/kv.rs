@@ -191,12 +191,7 @@ pub(crate) fn find_prefix(
     let limit = ids.len().saturating_sub(1);
     // Never into an image or clip (read whole): cut back before any window is checked.
     let common = |t: &[u32]| {
-        let n = t
-            .iter()
-            .zip(&ids)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(limit);
+        let n = common_prefix_len(t, &ids).min(limit);
         media::whole_spans(n, &s.media)
     };
     let holds = |seq: usize, keep: usize| {

@@ -57,7 +57,8 @@ use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_media::Modality;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{
-    CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot, compaction_move,
+    CacheSlot, EntryKind, PrefixPool, PrefixSlot, choose_slot, common_prefix_len, compaction_move,
+    waits_for_shared_read,
 };
 use jemma_serve::speculative::{Controller, SpeculativeStats};
 use llama_cpp_2::context::params::LlamaContextParams;

@@ -1348,19 +1348,15 @@ pub(crate) fn step(
             }
             let found = find_prefix(ctx, loaded, &shared, batch, i);
             // A prompt that shares more with a chunk planned this step than it can take now waits for
-            // that chunk to be read and copies it then (SGLang's in-batch prefix sharing): requests sent
-            // together with one preamble read it once, and each answers as it would alone.
+            // that chunk to be read and copies it then (the core's `waits_for_shared_read`).
             let s = &*batch[i];
             let have = found.as_ref().map_or(s.prefilled, |f| f.0);
             let ahead = (reads.text.iter())
-                .map(|&(p, n)| {
-                    let o = &batch[p].ids[..batch[p].prefilled + n];
-                    o.iter().zip(&s.ids).take_while(|(a, b)| a == b).count()
-                })
+                .map(|&(p, n)| common_prefix_len(&batch[p].ids[..batch[p].prefilled + n], &s.ids))
                 .max()
                 .unwrap_or(0);
             let ahead = media::whole_spans(ahead.min(s.ids.len() - 1), &s.media);
-            if ahead >= have + min_shared_gain(loaded.n_ctx) {
+            if waits_for_shared_read(have, ahead, min_shared_gain(loaded.n_ctx)) {
                 continue;
             }
             if let Some(found) = found {

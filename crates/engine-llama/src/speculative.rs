@@ -160,11 +160,7 @@ impl Drafts {
             // How much of `context` draft sequence `j` holds that it can be cut back to: a sliding window
             // that no longer holds the prefix's window cannot be cut back exactly.
             let usable = |ctx: &llama_cpp_2::context::LlamaContext<'_>, j: usize| {
-                let common = all_held[j]
-                    .iter()
-                    .zip(context)
-                    .take_while(|(a, b)| a == b)
-                    .count()
+                let common = jemma_serve::prefix::common_prefix_len(&all_held[j], context)
                     // The last context token is read with its logits, never taken from the cache.
                     .min(context.len().saturating_sub(1));
                 let pos_min = ctx.kv_cache_seq_pos_min(j as i32);

@@ -222,6 +222,23 @@ struct Pending {
     hidden: Option<Array>,
 }
 
+/// What [`Generation::prefill_batch`] did.
+#[derive(Debug, Default)]
+pub struct PrefillBatch {
+    /// Text chunks read in its packed forward (0: none).
+    pub packed: usize,
+    /// Generations, by index, that failed on their own, with why.
+    pub failed: Vec<(usize, EngineError)>,
+}
+
+/// A generation's first step, once its prompt is read but for the last token.
+struct FirstStep {
+    /// The prompt's last token, (1,).
+    input: Array,
+    /// The grammar's mask before anything is generated.
+    mask: Option<Array>,
+}
+
 /// What is already queued past the pending token when it is read back.
 enum Ahead {
     /// Nothing: generation ends with this token (its last allowed one).
@@ -633,6 +650,57 @@ impl Generation {
         Ok(())
     }
 
+    /// Length of the next prompt chunk [`Generation::prefill`] reads: up to the prefill step, fewer under
+    /// the attention budget, none past the next checkpoint, and never cutting an image or clip (one that
+    /// starts the chunk is read whole). 0 when all but the prompt's last token is read (what is left is
+    /// the first step) or the prompt is read.
+    pub fn next_chunk(&self, model: &Gemma4) -> usize {
+        let n_ids = self.ids.len();
+        if self.cur.is_some() || self.finished || n_ids - self.prefilled <= 1 {
+            return 0;
+        }
+        let heads = model.config().num_attention_heads;
+        let elem = crate::nn::dtype_bytes(model.dtype());
+        let mut n = prefill_chunk(
+            self.prefilled,
+            n_ids - self.prefilled - 1,
+            self.opts.prefill_step,
+            heads,
+            elem,
+            self.opts.attention_budget,
+        );
+        if let Some(&c) = self.checkpoint_at.iter().find(|&&c| c > self.prefilled) {
+            n = n.min(c - self.prefilled);
+        }
+        // An image or clip is read whole in one chunk (an image's tokens attend to one another; a clip's
+        // soft tokens are placed as one run): a chunk that would cut one stops before it, or, starting at
+        // it, takes all of it.
+        let at = self.prefilled;
+        for m in &self.media {
+            let (s, e) = (m.start, m.start + m.len());
+            if s < at + n && at + n < e {
+                n = if s > at { s - at } else { e - at };
+            }
+        }
+        n
+    }
+
+    /// Whether the next chunk ([`Generation::next_chunk`]) holds an image or clip.
+    pub fn next_chunk_has_media(&self, model: &Gemma4) -> bool {
+        let (at, n) = (self.prefilled, self.next_chunk(model));
+        n > 0
+            && self
+                .media
+                .iter()
+                .any(|m| m.start >= at && m.start + m.len() <= at + n)
+    }
+
+    /// Positions where the prompt's cache will be copied for the prefix cache and are not read yet,
+    /// ascending ([`Generation::checkpoint_at`]).
+    pub fn pending_checkpoints(&self) -> &[usize] {
+        &self.checkpoint_at
+    }
+
     /// Reads the next chunk of the prompt (all but its last token, evaluating only the caches: the LM head
     /// never runs for them); once the prompt is read, queues the first token's step. True when the prompt
     /// is read (calling again is a no-op).
@@ -640,31 +708,9 @@ impl Generation {
         if self.cur.is_some() || self.finished {
             return Ok(true);
         }
-        let n_ids = self.ids.len();
-        if n_ids - self.prefilled > 1 {
-            let heads = model.config().num_attention_heads;
-            let elem = crate::nn::dtype_bytes(model.dtype());
-            let mut n = prefill_chunk(
-                self.prefilled,
-                n_ids - self.prefilled - 1,
-                self.opts.prefill_step,
-                heads,
-                elem,
-                self.opts.attention_budget,
-            );
-            if let Some(&c) = self.checkpoint_at.iter().find(|&&c| c > self.prefilled) {
-                n = n.min(c - self.prefilled);
-            }
-            // An image or clip is read whole in one chunk (an image's tokens attend to one another; a
-            // clip's soft tokens are placed as one run): a chunk that would cut one stops before it, or,
-            // starting at it, takes all of it.
+        let n = self.next_chunk(model);
+        if n > 0 {
             let at = self.prefilled;
-            for m in &self.media {
-                let (s, e) = (m.start, m.start + m.len());
-                if s < at + n && at + n < e {
-                    n = if s > at { s - at } else { e - at };
-                }
-            }
             let chunk = Array::from_slice(&self.ids[at..at + n], &[1, n as i32]);
             let placed: Vec<Placed<'_>> = self
                 .media
@@ -690,36 +736,165 @@ impl Generation {
             }
             self.cache.maybe_quantize(self.opts.kv_quant)?;
             eval(self.cache.state())?;
-            self.fed.extend_from_slice(&self.keys[at..at + n]);
-            self.prefilled += n;
-            if self.checkpoint_at.contains(&self.prefilled) {
-                self.checkpoint_at.retain(|&c| c > self.prefilled);
-                self.checkpoints
-                    .push((self.cache.clone(), self.fed.clone()));
-            }
-            // Once a sliding window has filled, its cache cannot be cut back: a copy of the windows here
-            // lets a later prompt that parts from this one past this point resume from it.
-            if self.keep_rollback_points
-                && !self.cache.is_trimmable()
-                && self.opts.kv_quant.is_none()
-            {
-                if self.rollback_points.len() == ROLLBACK_POINTS {
-                    self.rollback_points.remove(0);
-                }
-                self.rollback_points.push(self.cache.rollback_point()?);
-            }
+            self.chunk_read(n)?;
             mlx_rs::memory::clear_cache()?;
-            if n_ids - self.prefilled > 1 {
+            if self.ids.len() - self.prefilled > 1 {
                 return Ok(false);
             }
         }
-        let last = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
-        self.fed.push(self.ids[n_ids - 1] as u32);
-        let mask = self.grammar_mask(model)?;
-        let history = self.history.clone();
-        let p = self.queue(model, &last, &history, mask)?;
+        let (last, history) = self.first_step_input(model)?;
+        let p = self.queue(model, &last.input, &history, last.mask)?;
         self.cur = Some(p);
         Ok(true)
+    }
+
+    /// Reads the next prompt chunk of every generation in `gens` (see [`Generation::prefill`]) with as
+    /// few passes over the weights as it can: their text chunks packed into one forward
+    /// ([`Gemma4::forward_hidden_packed`]), then the first steps of those whose prompt is then read in
+    /// one batched forward, as [`Generation::decode_batch`] decodes them. A chunk holding an image or clip
+    /// is read alone ([`Generation::prefill`]), and that generation reads nothing more in this call. One
+    /// generation alone reads exactly as [`Generation::prefill`]; several read what they would alone, up
+    /// to the rounding of the larger matrix products.
+    ///
+    /// Returns how many text chunks the packed forward read, and the generations (by index in `gens`)
+    /// that failed on their own (a media chunk's read, a grammar refusing to start): each must be failed
+    /// and dropped, the others go on. Errors: an MLX failure of a forward that read several of them,
+    /// after which every generation in `gens` is in an unknown state and must be dropped.
+    pub fn prefill_batch(model: &Gemma4, gens: &mut [&mut Generation]) -> Result<PrefillBatch> {
+        let mut report = PrefillBatch::default();
+        let mut alone = vec![false; gens.len()];
+        for (i, g) in gens.iter_mut().enumerate() {
+            if g.next_chunk_has_media(model) {
+                alone[i] = true;
+                if let Err(e) = g.prefill(model) {
+                    report.failed.push((i, e));
+                }
+            }
+        }
+        let lens: Vec<usize> = (0..gens.len())
+            .map(|i| {
+                if alone[i] {
+                    0
+                } else {
+                    gens[i].next_chunk(model)
+                }
+            })
+            .collect();
+        let reading: Vec<usize> = (0..gens.len()).filter(|&i| lens[i] > 0).collect();
+        if !reading.is_empty() {
+            let ids: Vec<i32> = reading
+                .iter()
+                .flat_map(|&i| {
+                    let at = gens[i].prefilled;
+                    gens[i].ids[at..at + lens[i]].iter().copied()
+                })
+                .collect();
+            let runs: Vec<usize> = reading.iter().map(|&i| lens[i]).collect();
+            let ids = Array::from_slice(&ids, &[1, ids.len() as i32]);
+            {
+                let mut caches: Vec<&mut Cache> = gens
+                    .iter_mut()
+                    .zip(&lens)
+                    .filter(|(_, n)| **n > 0)
+                    .map(|(g, _)| &mut g.cache)
+                    .collect();
+                model.forward_hidden_packed(&ids, &runs, &mut caches)?;
+            }
+            for &i in &reading {
+                gens[i].cache.maybe_quantize(gens[i].opts.kv_quant)?;
+            }
+            eval(reading.iter().flat_map(|&i| gens[i].cache.state()))?;
+            for &i in &reading {
+                gens[i].chunk_read(lens[i])?;
+            }
+            mlx_rs::memory::clear_cache()?;
+            report.packed = reading.len();
+        }
+        // Those whose prompt is now read (all but its last token) start their first step together.
+        let mut starting = Vec::with_capacity(gens.len());
+        let mut firsts = Vec::with_capacity(gens.len());
+        for (i, g) in gens.iter_mut().enumerate() {
+            if alone[i] || g.cur.is_some() || g.finished || g.ids.len() - g.prefilled != 1 {
+                continue;
+            }
+            match g.first_step_input(model) {
+                Ok(first) => {
+                    starting.push(&mut **g);
+                    firsts.push(first);
+                }
+                Err(e) => report.failed.push((i, e)),
+            }
+        }
+        Generation::start_batch(model, &mut starting, firsts)?;
+        Ok(report)
+    }
+
+    /// Queues the first step of each generation in `gens`, whose prompts are read but for their last
+    /// tokens (each with its [`Generation::first_step_input`]), in one batched forward; one alone runs
+    /// exactly [`Generation::prefill`]'s own step.
+    fn start_batch(
+        model: &Gemma4,
+        gens: &mut [&mut Generation],
+        firsts: Vec<(FirstStep, Array)>,
+    ) -> Result<()> {
+        if let ([g], [(first, history)]) = (&mut *gens, firsts.as_slice()) {
+            let p = g.queue(model, &first.input, history, first.mask.clone())?;
+            g.cur = Some(p);
+            return Ok(());
+        }
+        if gens.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<Array> = firsts.iter().map(|(f, _)| f.input.clone()).collect();
+        let ids = ops::concatenate(&ids, 0)?.reshape(&[gens.len() as i32, 1])?;
+        let (hidden, logits) = {
+            let mut caches: Vec<&mut Cache> = gens.iter_mut().map(|g| &mut g.cache).collect();
+            model.forward_last_batch(&ids, &mut caches)?
+        };
+        let mut pending = Vec::with_capacity(gens.len());
+        for (j, (g, (first, history))) in gens.iter_mut().zip(firsts).enumerate() {
+            let j = j as i32;
+            let mut p = g.sample_from(model, &logits.try_index(j..j + 1)?, &history, first.mask)?;
+            p.hidden = g.kept(&hidden.try_index(j..j + 1)?)?;
+            pending.push(p);
+        }
+        async_eval(pending.iter().flat_map(|p| [&p.token, &p.logprobs]))?;
+        for (g, p) in gens.iter_mut().zip(pending) {
+            g.cur = Some(p);
+        }
+        Ok(())
+    }
+
+    /// What the first step reads once the prompt is read but for its last token: that token (now fed), the
+    /// grammar's mask before anything is generated, and the sampling history.
+    fn first_step_input(&mut self, model: &Gemma4) -> Result<(FirstStep, Array)> {
+        let n_ids = self.ids.len();
+        let input = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
+        self.fed.push(self.ids[n_ids - 1] as u32);
+        let mask = self.grammar_mask(model)?;
+        Ok((FirstStep { input, mask }, self.history.clone()))
+    }
+
+    /// Records a chunk of `n` prompt positions just read into the cache (and evaluated): the checkpoint
+    /// due there, and a rollback point once a sliding window has filled.
+    fn chunk_read(&mut self, n: usize) -> Result<()> {
+        let at = self.prefilled;
+        self.fed.extend_from_slice(&self.keys[at..at + n]);
+        self.prefilled += n;
+        if self.checkpoint_at.contains(&self.prefilled) {
+            self.checkpoint_at.retain(|&c| c > self.prefilled);
+            self.checkpoints
+                .push((self.cache.clone(), self.fed.clone()));
+        }
+        // Once a sliding window has filled, its cache cannot be cut back: a copy of the windows here
+        // lets a later prompt that parts from this one past this point resume from it.
+        if self.keep_rollback_points && !self.cache.is_trimmable() && self.opts.kv_quant.is_none() {
+            if self.rollback_points.len() == ROLLBACK_POINTS {
+                self.rollback_points.remove(0);
+            }
+            self.rollback_points.push(self.cache.rollback_point()?);
+        }
+        Ok(())
     }
 
     /// Builds and queues one decode step on `input`.

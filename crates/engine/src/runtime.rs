@@ -28,7 +28,7 @@ use jemma_chat::guard::ControlTokens;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
-use jemma_serve::prefix::{EntryKind, PrefixPool};
+use jemma_serve::prefix::{EntryKind, PrefixPool, common_prefix_len, waits_for_shared_read};
 pub use jemma_serve::speculative::SpeculativeInfo;
 use jemma_serve::speculative::{Controller, SpeculativeConfig, SpeculativeStats};
 use rand::SeedableRng;
@@ -137,6 +137,8 @@ pub struct MlxInfo {
     /// The most sequences whose speculative drafts were verified in one batched forward since the model
     /// loaded (0: none speculated; above 1 needs `max_batch` above 1).
     pub largest_verify_batch: usize,
+    /// The most prompts read in one forward (one chunk each, packed) since the model loaded.
+    pub largest_prefill_batch: usize,
     /// What the model takes in: text, images when the checkpoint has a vision tower (and video when its
     /// config also names a video token), audio when it has an audio tower (known from the model directory
     /// before loading).
@@ -259,6 +261,7 @@ impl Engine {
             prefix_cache_bytes: 0,
             largest_decode_batch: 0,
             largest_verify_batch: 0,
+            largest_prefill_batch: 0,
             input_modalities: {
                 use jemma_media::Modality;
                 let mut m = vec![Modality::Text];
@@ -304,6 +307,7 @@ impl Engine {
             live_bytes: 0,
             largest_batch: 0,
             largest_verify: 0,
+            largest_prefill: 0,
             sequences: config.max_sequences.max(1),
             speculated: SpeculativeStats::default(),
             config,
@@ -892,7 +896,7 @@ impl ModelBundle {
     /// when no prompt token would follow it, or, with `whole`, when only part of `text` matches.
     fn checkpoint_len(&self, text: &str, ids: &[u32], whole: bool) -> Option<usize> {
         let head_ids = self.tokenizer.encode_prompt(text).ok()?;
-        let n = head_ids.iter().zip(ids).take_while(|(a, b)| a == b).count();
+        let n = jemma_serve::prefix::common_prefix_len(&head_ids, ids);
         ((!whole || n == head_ids.len()) && n >= MIN_CHECKPOINT_TOKENS && n + 1 < ids.len())
             .then_some(n)
     }
@@ -1415,6 +1419,11 @@ impl ModelBundle {
 /// Fewest tokens a checkpoint (the end of a system prompt or of a user turn) holds.
 const MIN_CHECKPOINT_TOKENS: usize = 8;
 
+/// Fewest tokens a new prompt must gain by waiting a step for a checkpoint that a prompt read before it is
+/// about to take ([`waits_for_shared_read`]): any checkpoint worth taking. Starting from one costs nothing
+/// here (a copy shares the arrays until written), unlike llama.cpp's stream copies.
+const MIN_WAIT_GAIN: usize = MIN_CHECKPOINT_TOKENS;
+
 /// Most caches the MLX prefix cache keeps (mlx_lm.server's `--prompt-cache-size` default).
 pub const PREFIX_CACHE_ENTRIES: usize = 10;
 
@@ -1440,11 +1449,62 @@ struct MlxRunner {
     largest_batch: usize,
     /// The most sequences verified in one forward since the model loaded.
     largest_verify: usize,
+    /// The most prompts read in one forward since the model loaded.
+    largest_prefill: usize,
     /// What speculative decoding did since the model loaded.
     speculated: SpeculativeStats,
 }
 
 impl MlxRunner {
+    /// Before `seq` reads any of its prompt: starts it from the pool's longest entry for its prompt when
+    /// that holds more than it started from. Requests admitted together all missed the prefix cache; one
+    /// read before this may since have checkpointed the system prompt they share, which this one then
+    /// reads no more.
+    fn adopt_pooled(&mut self, seq: &mut MlxSequence) {
+        let (kv, keys) = (seq.kv, seq.generation.cache_keys());
+        let fits = |c: &PoolCache| c.kv == kv;
+        let cut = |c: &PoolCache, keep: usize| c.cut_to(keep);
+        let start = seq.generation.reused();
+        if self
+            .pool
+            .peek_nearest(keys, fits, cut)
+            .is_none_or(|n| n <= start)
+        {
+            return;
+        }
+        let Some(hit) = self.pool.take_nearest(keys, fits, cut) else {
+            return;
+        };
+        let mut entry = hit.cache;
+        if hit.excess != 0 && !entry.cut(hit.reused) {
+            return;
+        }
+        let PoolCache {
+            cache,
+            draft,
+            rollback,
+            ..
+        } = entry;
+        match seq.generation.adopt_cached(cache, hit.reused) {
+            Ok(()) => {
+                seq.adopt_draft(draft);
+                seq.inherited = PoolCache::inherited(rollback, hit.reused);
+            }
+            Err(cache) => {
+                // Refused (a cut inside an image): an entry the take moved out goes back.
+                let tokens = seq.generation.cache_keys()[..hit.reused].to_vec();
+                let entry = PoolCache {
+                    cache,
+                    kv: seq.kv,
+                    draft,
+                    rollback: PoolCache::inherited(rollback, hit.reused),
+                };
+                let bytes = entry.nbytes();
+                self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
+            }
+        }
+    }
+
     /// Bytes of the draft model, when speculative decoding is configured: its weights and a cache at the
     /// served context for each sequence that may speculate at once.
     /// The draft of `sp` for the loaded `target`, checked against it. Errors: why it cannot draft,
@@ -1693,79 +1753,114 @@ impl ModelRunner for MlxRunner {
         batch: &mut [&mut MlxSequence],
         out: &mut [SeqOutput<Summary>],
     ) -> std::result::Result<(), EngineFailure> {
-        // One prompt chunk, for the oldest sequence still reading its prompt: a long prompt delays the
-        // running streams by one chunk per token rather than by its whole length.
-        if let Some((seq, o)) = batch
-            .iter_mut()
-            .zip(out.iter_mut())
-            .find(|(s, _)| !s.generation.prefilled_all())
-        {
-            if seq.generation.unread() {
-                // Requests admitted together all missed the prefix cache; the one before this may since
-                // have checkpointed the system prompt they share, which this one then reads no more.
-                let (kv, keys) = (seq.kv, seq.generation.cache_keys());
-                let fits = |c: &PoolCache| c.kv == kv;
-                let cut = |c: &PoolCache, keep: usize| c.cut_to(keep);
-                let start = seq.generation.reused();
-                if self
-                    .pool
-                    .peek_nearest(keys, fits, cut)
-                    .is_some_and(|n| n > start)
-                    && let Some(hit) = self.pool.take_nearest(keys, fits, cut)
+        // Prompt chunks, oldest sequence first, up to one prefill step of tokens in all (the first always
+        // runs, so a long prompt progresses): a burst of short prompts is read in one packed forward (one
+        // pass over the weights, not one each, as llama-server and vLLM read a step's prompts), a long one a
+        // chunk a step, and the running streams wait for at most one step's chunk.
+        let mut planned: Vec<usize> = vec![];
+        let mut budget: Option<usize> = None;
+        for i in 0..batch.len() {
+            if batch[i].poisoned || batch[i].generation.prefilled_all() {
+                continue;
+            }
+            if batch[i].generation.unread() {
+                self.adopt_pooled(&mut *batch[i]);
+                // A prompt that shares a checkpointed preamble with a prompt read before it this step
+                // waits until that checkpoint is in the pool and starts from it (the core's
+                // `waits_for_shared_read`): requests sent together with one system prompt read it once.
+                let s = &*batch[i];
+                let keys = s.generation.cache_keys();
+                let ahead = (planned.iter())
+                    .filter(|&&j| batch[j].kv == s.kv)
+                    .flat_map(|&j| {
+                        let other = batch[j].generation.cache_keys();
+                        let common = common_prefix_len(other, keys);
+                        (batch[j].generation.pending_checkpoints().iter())
+                            .copied()
+                            .filter(move |&c| c <= common && c < keys.len())
+                    })
+                    .max()
+                    .unwrap_or(0);
+                if self.kv_budget > 0
+                    && waits_for_shared_read(s.generation.reused(), ahead, MIN_WAIT_GAIN)
                 {
-                    let mut entry = hit.cache;
-                    if hit.excess == 0 || entry.cut(hit.reused) {
-                        let PoolCache {
-                            cache,
-                            draft,
-                            rollback,
-                            ..
-                        } = entry;
-                        match seq.generation.adopt_cached(cache, hit.reused) {
-                            Ok(()) => {
-                                seq.adopt_draft(draft);
-                                seq.inherited = PoolCache::inherited(rollback, hit.reused);
-                            }
-                            Err(cache) => {
-                                // Refused (a cut inside an image): an entry the take moved out goes
-                                // back.
-                                let tokens = seq.generation.cache_keys()[..hit.reused].to_vec();
-                                let entry = PoolCache {
-                                    cache,
-                                    kv: seq.kv,
-                                    draft,
-                                    rollback: PoolCache::inherited(rollback, hit.reused),
-                                };
-                                let bytes = entry.nbytes();
-                                self.pool.insert(tokens, entry, bytes, EntryKind::Owned);
-                            }
-                        }
+                    continue;
+                }
+            }
+            // Once a chunk does not fit, only those with nothing left to read but their first step
+            // (which costs no prompt tokens) join this step: the older ones keep their turn.
+            let n = batch[i].generation.next_chunk(&model.model);
+            let left = budget.get_or_insert(batch[i].generation.options().prefill_step.max(1));
+            if n > *left && !planned.is_empty() {
+                *left = 0;
+                continue;
+            }
+            *left = left.saturating_sub(n);
+            planned.push(i);
+        }
+        // A tower that fails leaves the cache as sound as it was: the request fails, and what it read is
+        // kept for the next one. A chunk holding an image or clip is read alone.
+        let mut text = Vec::with_capacity(planned.len());
+        for &i in &planned {
+            let seq = &mut *batch[i];
+            let read = match seq.encode_media(model) {
+                Err(e) => Err((e, false)),
+                Ok(()) if seq.generation.next_chunk_has_media(&model.model) => {
+                    seq.generation.prefill(&model.model).map_err(|e| (e, true))
+                }
+                Ok(()) => {
+                    text.push(i);
+                    continue;
+                }
+            };
+            if let Err((e, poisoned)) = read {
+                seq.poisoned = poisoned;
+                out[i].fail(EngineFailure::from(e));
+            }
+        }
+        if !text.is_empty() {
+            let read = {
+                let mut gens: Vec<&mut Generation> = batch
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(i, _)| text.contains(i))
+                    .map(|(_, s)| &mut s.generation)
+                    .collect();
+                Generation::prefill_batch(&model.model, &mut gens)
+            };
+            match read {
+                Ok(report) => {
+                    self.largest_prefill = self.largest_prefill.max(report.packed);
+                    for (k, e) in report.failed {
+                        let i = text[k];
+                        batch[i].poisoned = true;
+                        out[i].fail(EngineFailure::from(e));
+                    }
+                }
+                Err(e) => {
+                    // One forward read them all: none of their caches can be trusted.
+                    let failure = EngineFailure::from(e);
+                    for &i in &text {
+                        batch[i].poisoned = true;
+                        out[i].fail(failure.clone());
                     }
                 }
             }
-            // A tower that fails leaves the cache as sound as it was: the request fails, and what it read
-            // is kept for the next one.
-            let read = match seq.encode_media(model) {
-                Err(e) => Err((e, false)),
-                Ok(()) => seq.generation.prefill(&model.model).map_err(|e| (e, true)),
-            };
-            match read {
-                Ok(_) => {
-                    for (cache, tokens) in seq.generation.take_checkpoints() {
-                        let bytes = cache.nbytes() as u64;
-                        let kind = if Some(tokens.len()) == seq.turn_end {
-                            EntryKind::Turn
-                        } else {
-                            EntryKind::Shared
-                        };
-                        let entry = PoolCache::target(cache, seq.kv);
-                        self.pool.insert(tokens, entry, bytes, kind);
-                    }
-                }
-                Err((e, poisoned)) => {
-                    seq.poisoned = poisoned;
-                    o.fail(EngineFailure::from(e));
-                }
+        }
+        for &i in &planned {
+            let seq = &mut *batch[i];
+            if seq.poisoned {
+                continue;
+            }
+            for (cache, tokens) in seq.generation.take_checkpoints() {
+                let bytes = cache.nbytes() as u64;
+                let kind = if Some(tokens.len()) == seq.turn_end {
+                    EntryKind::Turn
+                } else {
+                    EntryKind::Shared
+                };
+                let entry = PoolCache::target(cache, seq.kv);
+                self.pool.insert(tokens, entry, bytes, kind);
             }
         }
         // Keep the prefix cache inside what the running requests leave of the budget (those sitting this
@@ -2004,6 +2099,7 @@ impl ModelRunner for MlxRunner {
         info.prefix_cache_bytes = self.pool.bytes();
         info.largest_decode_batch = self.largest_batch;
         info.largest_verify_batch = self.largest_verify;
+        info.largest_prefill_batch = self.largest_prefill;
         if let Some(sp) = &mut info.speculative {
             sp.update(self.speculated);
         }
@@ -2014,6 +2110,7 @@ impl ModelRunner for MlxRunner {
         self.live_bytes = 0;
         self.largest_batch = 0;
         self.largest_verify = 0;
+        self.largest_prefill = 0;
         self.speculated = SpeculativeStats::default();
         drop(model);
         // MLX keeps freed buffers in its cache: hand them back to the system.

@@ -158,13 +158,7 @@ impl DraftState {
             self.snapshot = None;
             return 0;
         }
-        let common = self
-            .fed
-            .iter()
-            .zip(context)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(limit);
+        let common = jemma_serve::prefix::common_prefix_len(&self.fed, context).min(limit);
         if common < self.fed.len() {
             let excess = self.fed.len() - common;
             let snapshot = self.snapshot.take().filter(|(_, n)| *n <= common);

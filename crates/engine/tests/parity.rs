@@ -452,3 +452,85 @@ fn logprobs_stay_the_models_own_over_a_biased_answer() {
         "the bias never changed a choice: the test proves nothing"
     );
 }
+
+/// A packed prefill (`forward_hidden_packed`: several sequences' chunks end to end in one forward) reads
+/// what each sequence reads alone. Three caches at offsets 0, 9 and 20 read chunks of 7, 13 and 30 tokens
+/// (the tiny models' sliding window is 16: the chunks cross it at different offsets, so each needs its own
+/// masks); on each fixture the hidden states agree with the lone reads to 1e-4 (to the rounding of the
+/// larger matrix products), and so do the next step's logits, which read what the packed forward left in
+/// each cache. A chunk read at another offset is off by far more.
+#[test]
+fn a_packed_prefill_reads_what_each_sequence_reads_alone() {
+    use mlx_rs::ops::indexing::TryIndexOp;
+    let tok = |seed: i32, n: i32| -> Vec<i32> {
+        (0..n).map(|k| 300 + (k * 37 + seed * 11) % 700).collect()
+    };
+    for name in ["tiny", "tiny-q4", "moe", "moe-q4"] {
+        let (model, _, _) = gemma4::load(&fixture(name), None).unwrap();
+        let (offsets, lens) = ([0, 9, 20], [7usize, 13, 30]);
+        let mut caches: Vec<gemma4::Cache> = (0..3).map(|_| model.new_cache()).collect();
+        for (i, (&off, c)) in offsets.iter().zip(&mut caches).enumerate() {
+            if off > 0 {
+                let ids = Array::from_slice(&tok(i as i32, off), &[1, off]);
+                model.forward_hidden(&ids, c).unwrap();
+                mlx_rs::transforms::eval(c.state()).unwrap();
+            }
+        }
+        let chunks: Vec<Vec<i32>> = (0..3).map(|i| tok(10 + i as i32, lens[i] as i32)).collect();
+        // Alone: each on a copy of its cache.
+        let mut alone_caches: Vec<gemma4::Cache> = caches.clone();
+        let alone: Vec<Array> = chunks
+            .iter()
+            .zip(&mut alone_caches)
+            .map(|(c, cache)| {
+                let ids = Array::from_slice(c, &[1, c.len() as i32]);
+                model.forward_hidden(&ids, cache).unwrap()
+            })
+            .collect();
+        let all: Vec<i32> = chunks.concat();
+        let ids = Array::from_slice(&all, &[1, all.len() as i32]);
+        let packed = {
+            let mut refs: Vec<&mut gemma4::Cache> = caches.iter_mut().collect();
+            model.forward_hidden_packed(&ids, &lens, &mut refs).unwrap()
+        };
+        assert_eq!(packed.shape()[1] as usize, lens.iter().sum::<usize>());
+        let mut at = 0i32;
+        for (i, a) in alone.iter().enumerate() {
+            let n = lens[i] as i32;
+            let p = packed.try_index((.., at..at + n, ..)).unwrap();
+            at += n;
+            let d = max_abs_diff(&p, a);
+            eprintln!("{name}: sequence {i}: max |Δhidden| {d:e}");
+            assert!(
+                d <= 1e-4,
+                "{name}: sequence {i}: hidden states differ by {d}"
+            );
+            // The next step reads each cache: what the packed forward left there is what a lone read
+            // leaves.
+            let next = Array::from_slice(&[500 + i as i32], &[1, 1]);
+            let want = model
+                .forward_last_logits(&next, &mut alone_caches[i])
+                .unwrap();
+            let got = model.forward_last_logits(&next, &mut caches[i]).unwrap();
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= 1e-4, "{name}: sequence {i}: next logits differ by {d}");
+            if offsets[i] > 0 {
+                // The comparison can fail: the same chunk read from the start of a sequence (another
+                // offset, another cache) is far off.
+                let ids = Array::from_slice(&chunks[i], &[1, lens[i] as i32]);
+                let fresh = model.forward_hidden(&ids, &mut model.new_cache()).unwrap();
+                assert!(
+                    max_abs_diff(&p, &fresh) > 1e-2,
+                    "{name}: offsets make no difference"
+                );
+            }
+        }
+        // A packing that does not add up is refused, not read.
+        let mut refs: Vec<&mut gemma4::Cache> = caches.iter_mut().collect();
+        assert!(
+            model
+                .forward_hidden_packed(&ids, &[7, 13, 29], &mut refs)
+                .is_err()
+        );
+    }
+}

@@ -8,6 +8,21 @@
 //!   the llama.cpp engine keeps there, in host memory, the saved state of conversations whose slot another
 //!   request took over (llama-server's `--cache-ram`).
 
+/// Length of the longest common prefix of `a` and `b`.
+pub fn common_prefix_len<T: PartialEq>(a: &[T], b: &[T]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// In-batch prefix sharing (SGLang's): whether a new prompt, which can start from `have` cached tokens
+/// now, should wait while a prompt read before it in the same step leaves a cache it can start from
+/// holding `ahead` of its tokens. Requests sent together with one preamble (a system prompt, an agent's
+/// tool list) then read it once, not once each, and each answers as it would alone. Only when that saves
+/// at least `min_gain` tokens: the wait costs the prompt a step. It cannot starve: the prompts read first
+/// progress every step, and once they are past the shared part there is nothing left to wait for.
+pub fn waits_for_shared_read(have: usize, ahead: usize, min_gain: usize) -> bool {
+    ahead >= have + min_gain.max(1)
+}
+
 /// The tokens whose KV one sequence's cache holds, in order (position `i` holds `tokens[i]`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PrefixSlot {
@@ -23,13 +38,7 @@ impl PrefixSlot {
     /// How many leading tokens of `prompt` the cache can keep: the common prefix, but never the whole
     /// prompt, since the last prompt token must be evaluated for its logits. 0 for an empty prompt.
     pub fn reusable(&self, prompt: &[u32]) -> usize {
-        let common = self
-            .tokens
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count();
-        common.min(prompt.len().saturating_sub(1))
+        common_prefix_len(&self.tokens, prompt).min(prompt.len().saturating_sub(1))
     }
 
     /// Starts a request: hands the slot's contents to it and leaves the slot empty, so that a request which
@@ -318,13 +327,7 @@ impl<C: Clone> PrefixPool<C> {
             .iter()
             .enumerate()
             .filter_map(|(i, e)| {
-                let common = e
-                    .tokens
-                    .iter()
-                    .zip(prompt)
-                    .take_while(|(a, b)| a == b)
-                    .count();
-                let reused = common.min(limit);
+                let reused = common_prefix_len(&e.tokens, prompt).min(limit);
                 if reused == 0 || !fits(&e.cache) {
                     return None;
                 }
@@ -439,6 +442,20 @@ impl<C: Clone> PrefixPool<C> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_prompt_waits_only_for_a_shared_read_worth_a_step() {
+        assert_eq!(common_prefix_len(&[1, 2, 3, 4], &[1, 2, 9]), 2);
+        assert_eq!(common_prefix_len::<u32>(&[], &[1]), 0);
+        assert_eq!(common_prefix_len(&[5, 6], &[5, 6, 7]), 2);
+        // 40 shared tokens ahead, 8 cached now: waiting saves 32.
+        assert!(waits_for_shared_read(8, 40, 32));
+        assert!(!waits_for_shared_read(9, 40, 32));
+        // Nothing ahead, or nothing more than it has: never waits, whatever the threshold.
+        assert!(!waits_for_shared_read(0, 0, 0));
+        assert!(!waits_for_shared_read(12, 12, 0));
+        assert!(waits_for_shared_read(12, 13, 0));
+    }
 
     #[test]
     fn keeps_the_common_prefix_but_always_evaluates_the_last_prompt_token() {

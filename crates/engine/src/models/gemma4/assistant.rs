@@ -30,7 +30,7 @@ use serde_json::Value;
 
 use super::Gemma4;
 use super::config::{LayerSpec, LayerType, TextConfig};
-use super::model::{Consts, DecoderLayer, Mask};
+use super::model::{Consts, DecoderLayer, Mask, Rows};
 use crate::cache::Kv;
 use crate::nn::{Embedding, Linear, WeightStore};
 use crate::{EngineError, Result};
@@ -508,6 +508,7 @@ impl Gemma4Assistant {
             h = l
                 .forward(
                     &h,
+                    Rows::Batch,
                     &mask,
                     &mut [],
                     Some(&shared[ty]),

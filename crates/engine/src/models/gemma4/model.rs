@@ -144,6 +144,48 @@ fn row(a: &Array, i: i32) -> Result<Array> {
     Ok(a.try_index(i..i + 1)?)
 }
 
+/// How a forward's input (B, L, H) is cut into sequences, each with its own cache.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Rows<'a> {
+    /// Each of the B rows is one sequence of L positions.
+    Batch,
+    /// B = 1, and the L positions are consecutive runs of these lengths, one sequence each: a packed
+    /// prefill, as vLLM's and llama.cpp's ragged batches (no padding). Position-wise layers read the
+    /// weights once for all of them; attention runs run by run.
+    Packed(&'a [i32]),
+}
+
+impl Rows<'_> {
+    /// Sequences in an input of `b` rows.
+    fn count(self, b: i32) -> usize {
+        match self {
+            Rows::Batch => b as usize,
+            Rows::Packed(lens) => lens.len(),
+        }
+    }
+
+    /// Sequence `i`'s part of a (B, heads, L, D) array (all of it when there is one sequence).
+    fn part(self, a: &Array, i: usize) -> Result<Array> {
+        match self {
+            _ if self.count(a.shape()[0]) == 1 => Ok(a.clone()),
+            Rows::Batch => row(a, i as i32),
+            Rows::Packed(lens) => {
+                let start: i32 = lens[..i].iter().sum();
+                Ok(a.try_index((.., .., start..start + lens[i], ..))?)
+            }
+        }
+    }
+
+    /// The sequences' parts put back together (the inverse of [`Rows::part`]).
+    fn join(self, parts: &[Array]) -> Result<Array> {
+        Ok(match (self, parts) {
+            (_, [one]) => one.clone(),
+            (Rows::Batch, parts) => ops::concatenate(parts, 0)?,
+            (Rows::Packed(_), parts) => ops::concatenate(parts, 2)?,
+        })
+    }
+}
+
 impl Attention {
     /// Attention for a batch of rows (B, L, H). Each row is its own sequence with its own cache
     /// (`caches`, one per row) or the KV a shared layer borrows (`shared`, one per row); rows may sit at
@@ -155,14 +197,16 @@ impl Attention {
     fn forward(
         &self,
         x: &Array,
+        rows: Rows<'_>,
         masks: &[&Mask],
         caches: &mut [&mut LayerCache],
         shared: Option<&[(Kv, i32)]>,
     ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let (b, l) = (x.shape()[0], x.shape()[1]);
-        if masks.len() != 1 && masks.len() != b as usize {
+        let n = rows.count(b);
+        if masks.len() != 1 && masks.len() != n {
             return Err(EngineError::InvalidModel(format!(
-                "{} masks for a batch of {b}",
+                "{} masks for {n} sequences",
                 masks.len()
             )));
         }
@@ -187,46 +231,34 @@ impl Attention {
             let k = fast::rms_norm(&k, self.k_norm.as_ref(), self.eps)?
                 .transpose_axes(&[0, 2, 1, 3])?;
             let v = fast::rms_norm(&v, None, self.eps)?.transpose_axes(&[0, 2, 1, 3])?;
-            if caches.len() != b as usize {
+            if caches.len() != n {
                 return Err(EngineError::InvalidModel(format!(
-                    "{} caches for a batch of {b}",
+                    "{} caches for {n} sequences",
                     caches.len()
                 )));
             }
             let mut kvs = Vec::with_capacity(caches.len());
             for (i, c) in caches.iter_mut().enumerate() {
-                let (ki, vi) = if b == 1 {
-                    (k.clone(), v.clone())
-                } else {
-                    (row(&k, i as i32)?, row(&v, i as i32)?)
-                };
+                let (ki, vi) = (rows.part(&k, i)?, rows.part(&v, i)?);
                 let offset = c.offset();
                 let ki = self.rope.apply(&ki, offset)?;
                 kvs.push((c.update_and_fetch(&ki, &vi)?, offset));
             }
             kvs
         };
-        if kvs.len() != b as usize {
+        if kvs.len() != n {
             return Err(EngineError::InvalidModel(format!(
-                "{} shared caches for a batch of {b}",
+                "{} shared caches for {n} sequences",
                 kvs.len()
             )));
         }
         let mut outs = Vec::with_capacity(kvs.len());
         for (i, (kv, offset)) in kvs.iter().enumerate() {
-            let qi = if b == 1 {
-                q.clone()
-            } else {
-                row(&q, i as i32)?
-            };
-            let qi = self.rope.apply(&qi, *offset)?;
+            let qi = self.rope.apply(&rows.part(&q, i)?, *offset)?;
             outs.push(attend(&qi, kv, masks[i.min(masks.len() - 1)])?);
         }
-        let out = match outs.as_slice() {
-            // One row: as it is (a clone shares the buffer).
-            [one] => one.clone(),
-            rows => ops::concatenate(rows, 0)?,
-        };
+        // One sequence: as it is (a clone shares the buffer).
+        let out = rows.join(&outs)?;
         let out = out.transpose_axes(&[0, 2, 1, 3])?.reshape(&[b, l, -1])?;
         Ok((self.o_proj.forward(&out)?, kvs))
     }
@@ -551,6 +583,7 @@ impl DecoderLayer {
     pub(crate) fn forward(
         &self,
         x: &Array,
+        rows: Rows<'_>,
         masks: &[&Mask],
         caches: &mut [&mut LayerCache],
         shared: Option<&[(Kv, i32)]>,
@@ -559,7 +592,7 @@ impl DecoderLayer {
         c: &Consts,
     ) -> Result<(Array, Vec<(Kv, i32)>)> {
         let h = fast::rms_norm(x, Some(&self.input_layernorm), eps)?;
-        let (h, kv) = self.self_attn.forward(&h, masks, caches, shared)?;
+        let (h, kv) = self.self_attn.forward(&h, rows, masks, caches, shared)?;
         let h = fast::rms_norm(&h, Some(&self.post_attention_layernorm), eps)?;
         let h = ops::add(x, &h)?;
         let residual = h.clone();
@@ -934,7 +967,41 @@ impl Gemma4 {
     /// Errors: B ≠ the number of caches ([`EngineError::InvalidRequest`]); a cache that does not belong
     /// to this model ([`EngineError::InvalidModel`]); MLX failures.
     pub fn forward_hidden_batch(&self, ids: &Array, caches: &mut [&mut Cache]) -> Result<Array> {
-        self.forward_inner(ids, &[], caches)
+        self.forward_inner(ids, Rows::Batch, &[], caches)
+    }
+
+    /// Runs the decoder over several sequences' chunks of different lengths at once, packed end to end
+    /// with no padding: `ids` is (1, T) int32 with T = Σ `lens`, its first `lens[0]` positions continuing
+    /// `caches[0]`, the next `lens[1]` continuing `caches[1]`, and so on; returns the final hidden states
+    /// (1, T, H). Everything but attention reads the weights once for all of them (a batched prefill, as
+    /// vLLM's and llama-server's: a burst of new prompts costs one pass over the weights, not one each);
+    /// each sequence attends over its own cache under its own masks, so it reads what it would alone, up
+    /// to the rounding of the larger matrix products.
+    ///
+    /// Errors: `lens` that do not add up to T, a zero length, or not one length per cache
+    /// ([`EngineError::InvalidRequest`]); as [`Gemma4::forward_hidden_batch`].
+    pub fn forward_hidden_packed(
+        &self,
+        ids: &Array,
+        lens: &[usize],
+        caches: &mut [&mut Cache],
+    ) -> Result<Array> {
+        let lens: Vec<i32> = lens.iter().map(|&n| n as i32).collect();
+        let total: i64 = lens.iter().map(|&n| n as i64).sum();
+        let shape = ids.shape();
+        if shape.len() != 2
+            || shape[0] != 1
+            || total != shape[1] as i64
+            || lens.contains(&0)
+            || lens.len() != caches.len()
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "a packed forward takes (1, T) ids cut into one run per cache: ids {shape:?}, runs \
+                 {lens:?}, {} caches",
+                caches.len()
+            )));
+        }
+        self.forward_inner(ids, Rows::Packed(&lens), &[], caches)
     }
 
     /// [`Gemma4::forward_hidden`] over a prompt chunk that holds media: each [`Placed`] soft-token run
@@ -951,17 +1018,19 @@ impl Gemma4 {
         media: &[Placed<'_>],
         cache: &mut Cache,
     ) -> Result<Array> {
-        self.forward_inner(ids, media, &mut [cache])
+        self.forward_inner(ids, Rows::Batch, media, &mut [cache])
     }
 
     fn forward_inner(
         &self,
         ids: &Array,
+        rows: Rows<'_>,
         media: &[Placed<'_>],
         caches: &mut [&mut Cache],
     ) -> Result<Array> {
         let (b, l) = (ids.shape()[0], ids.shape()[1]);
-        if b < 1 || b as usize != caches.len() || (b > 1 && !media.is_empty()) {
+        let n = rows.count(b);
+        if b < 1 || n != caches.len() || (n > 1 && !media.is_empty()) {
             return Err(EngineError::InvalidRequest(format!(
                 "a batched forward takes one row per cache and no media: ids {:?} for {} caches",
                 ids.shape(),
@@ -1011,11 +1080,19 @@ impl Gemma4 {
         // (rows of a batch sit at different offsets, so their sliding windows cut at different keys).
         let mut row_masks = caches
             .iter()
-            .take(if l == 1 { 1 } else { caches.len() })
-            .map(|c| {
+            .enumerate()
+            .take(match rows {
+                Rows::Batch if l == 1 => 1,
+                _ => caches.len(),
+            })
+            .map(|(i, c)| {
+                let len = match rows {
+                    Rows::Batch => l,
+                    Rows::Packed(lens) => lens[i],
+                };
                 Ok([
-                    self.mask_for(LayerType::Sliding, l, c)?,
-                    self.mask_for(LayerType::Full, l, c)?,
+                    self.mask_for(LayerType::Sliding, len, c)?,
+                    self.mask_for(LayerType::Full, len, c)?,
                 ])
             })
             .collect::<Result<Vec<_>>>()?;
@@ -1051,7 +1128,7 @@ impl Gemma4 {
             }
         }
         let mut kvs: Vec<Option<Vec<(Kv, i32)>>> = vec![None; self.layers.len()];
-        let mut rows: Vec<_> = caches.iter_mut().map(|c| c.layers.iter_mut()).collect();
+        let mut layer_caches: Vec<_> = caches.iter_mut().map(|c| c.layers.iter_mut()).collect();
         for (i, layer) in self.layers.iter().enumerate() {
             let pli = match &per_layer_inputs {
                 Some(p) => Some(p.try_index((.., .., i as i32, ..))?),
@@ -1062,7 +1139,7 @@ impl Gemma4 {
                 .map(|m| &m[layer.spec.layer_type as usize])
                 .collect();
             let (mut own, shared) = if layer.spec.has_kv {
-                let own = rows
+                let own = layer_caches
                     .iter_mut()
                     .map(|r| r.next())
                     .collect::<Option<Vec<_>>>()
@@ -1075,6 +1152,7 @@ impl Gemma4 {
             };
             let (out, kv) = layer.forward(
                 &h,
+                rows,
                 &mask,
                 &mut own,
                 shared,
