@@ -112,15 +112,18 @@ def aggregate(k, n_tokens=48):
     return sum(r[0] for r in results) / wall, decode
 
 
-def burst(k=8, words=8):
+def burst(run, k=8, words=8):
     """Seconds from releasing k requests at once (distinct ~16-token prompts, one token each; the threads
     wait at a barrier) to the last answer: how a server reads a burst of new short prompts (one pass over
-    the weights for all of them, or one each)."""
+    the weights for all of them, or one each). Each run's prompts are new from their first token: a
+    repeated prompt would be a prefix-cache hit, not a read."""
     done = [None] * k
     barrier = threading.Barrier(k + 1)
 
     def one(i):
-        prompt = f"Burst client {i}: " + " ".join(WORDS[(i * 5 + j * 7) % len(WORDS)] for j in range(words))
+        prompt = f"{run * k + i} burst client: " + " ".join(
+            WORDS[(i * 5 + j * 7 + run) % len(WORDS)] for j in range(words)
+        )
         barrier.wait()
         client.completions.create(model=model, prompt=prompt, max_tokens=1, temperature=0)
         done[i] = time.perf_counter()
@@ -165,7 +168,7 @@ for r in range(rounds):
         f, fc = fanout(system_prompt(r + 500))
         fan.append(f)
         fan_cached.append(fc)
-bursts = [burst() for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3")))]
+bursts = [burst(run) for run in range(int(os.environ.get("CONCURRENCY_RUNS", "3")))]
 runs = {1: [], 4: [], 8: []}
 for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3"))):
     for k in runs:

@@ -1416,6 +1416,29 @@ impl ModelBundle {
     }
 }
 
+/// The generations of the sequences at `rows` (indices into `batch`), in batch order.
+fn generations<'a>(batch: &'a mut [&mut MlxSequence], rows: &[usize]) -> Vec<&'a mut Generation> {
+    (batch.iter_mut().enumerate())
+        .filter(|(i, _)| rows.contains(i))
+        .map(|(_, s)| &mut s.generation)
+        .collect()
+}
+
+/// Ends the sequences at `rows` with `e`, a failure of a forward that read them all: their caches are in
+/// an unknown state, so none is kept.
+fn fail_rows(
+    batch: &mut [&mut MlxSequence],
+    out: &mut [SeqOutput<Summary>],
+    rows: &[usize],
+    e: EngineError,
+) {
+    let failure = EngineFailure::from(e);
+    for &i in rows {
+        batch[i].poisoned = true;
+        out[i].fail(failure.clone());
+    }
+}
+
 /// Fewest tokens a checkpoint (the end of a system prompt or of a user turn) holds.
 const MIN_CHECKPOINT_TOKENS: usize = 8;
 
@@ -1819,15 +1842,7 @@ impl ModelRunner for MlxRunner {
             }
         }
         if !text.is_empty() {
-            let read = {
-                let mut gens: Vec<&mut Generation> = batch
-                    .iter_mut()
-                    .enumerate()
-                    .filter(|(i, _)| text.contains(i))
-                    .map(|(_, s)| &mut s.generation)
-                    .collect();
-                Generation::prefill_batch(&model.model, &mut gens)
-            };
+            let read = Generation::prefill_batch(&model.model, &mut generations(batch, &text));
             match read {
                 Ok(report) => {
                     self.largest_prefill = self.largest_prefill.max(report.packed);
@@ -1837,14 +1852,8 @@ impl ModelRunner for MlxRunner {
                         out[i].fail(EngineFailure::from(e));
                     }
                 }
-                Err(e) => {
-                    // One forward read them all: none of their caches can be trusted.
-                    let failure = EngineFailure::from(e);
-                    for &i in &text {
-                        batch[i].poisoned = true;
-                        out[i].fail(failure.clone());
-                    }
-                }
+                // One forward read them all: none of their caches can be trusted.
+                Err(e) => fail_rows(batch, out, &text, e),
             }
         }
         for &i in &planned {
@@ -1979,14 +1988,8 @@ impl ModelRunner for MlxRunner {
                             }
                         }
                     }
-                    Err(e) => {
-                        // One forward failed for all of them: none of their caches can be trusted.
-                        let e = EngineFailure::from(e);
-                        for i in order {
-                            batch[i].poisoned = true;
-                            out[i].fail(e.clone());
-                        }
-                    }
+                    // One forward failed for all of them: none of their caches can be trusted.
+                    Err(e) => fail_rows(batch, out, &order, e),
                 }
             }
             if plain.is_empty() {
@@ -1995,15 +1998,7 @@ impl ModelRunner for MlxRunner {
             ready = plain;
         }
         let started = std::time::Instant::now();
-        let steps = {
-            let mut gens: Vec<&mut Generation> = batch
-                .iter_mut()
-                .enumerate()
-                .filter(|(i, _)| ready.contains(i))
-                .map(|(_, s)| &mut s.generation)
-                .collect();
-            Generation::decode_batch(&model.model, &mut gens)
-        };
+        let steps = Generation::decode_batch(&model.model, &mut generations(batch, &ready));
         if steps.is_ok() {
             // A plain step's cost at this batch size, which each speculating sequence's controller weighs
             // a round (whose times are the batch's too) against; not past `max_batch`, where speculation
@@ -2034,14 +2029,8 @@ impl ModelRunner for MlxRunner {
                     }
                 }
             }
-            Err(e) => {
-                // The batch's caches are in an unknown state: every sequence in it ends.
-                let failure: EngineFailure = e.into();
-                for i in ready {
-                    batch[i].poisoned = true;
-                    out[i].fail(failure.clone());
-                }
-            }
+            // The batch's caches are in an unknown state: every sequence in it ends.
+            Err(e) => fail_rows(batch, out, &ready, e),
         }
         Ok(())
     }
