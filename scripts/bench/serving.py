@@ -115,8 +115,8 @@ def aggregate(k, n_tokens=48):
 def burst(run, k=8, words=8):
     """Seconds from releasing k requests at once (distinct ~16-token prompts, one token each; the threads
     wait at a barrier) to the last answer: how a server reads a burst of new short prompts (one pass over
-    the weights for all of them, or one each). Each run's prompts are new from their first token: a
-    repeated prompt would be a prefix-cache hit, not a read."""
+    the weights for all of them, or one each). Each run's prompts are new: they share at most BOS and a
+    leading digit with an earlier run's (a repeated prompt would be a prefix-cache hit, not a read)."""
     done = [None] * k
     barrier = threading.Barrier(k + 1)
 
