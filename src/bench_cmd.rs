@@ -242,6 +242,8 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
         cached = cached.max(s.cached_tokens);
     }
     let status = engine.status();
+    // Free the model before `main` returns (see `LlamaEngine::shutdown`).
+    engine.shutdown(std::time::Duration::from_secs(30));
     let out = serde_json::json!({
         "model": model, "engine": "llama.cpp", "threads": status.info.threads,
         "gpu_layers": status.info.gpu_layers, "prompt_tokens": ids.len(),

@@ -293,6 +293,8 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
         }
     };
     let status = engine.status();
+    // Free the model before `main` returns (see `LlamaEngine::shutdown`).
+    engine.shutdown(std::time::Duration::from_secs(30));
     if args.json {
         println!(
             "{}",

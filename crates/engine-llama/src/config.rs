@@ -3,8 +3,21 @@
 
 use super::*;
 
-/// Whether this build offloads to a GPU (CUDA or Metal).
-pub const GPU_OFFLOAD: bool = cfg!(any(feature = "cuda", feature = "metal"));
+/// Whether llama.cpp as linked offloads layers to a GPU, as llama-server decides
+/// (`llama_supports_gpu_offload`): a GPU backend built in (the `cuda` and `metal` features) or, where
+/// llama.cpp is linked as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`), one found in the libraries loaded at
+/// run time — so one host binary serves on a CUDA build of those libraries. False if the backend cannot start
+/// (the load then fails on its own error).
+pub fn gpu_offload() -> bool {
+    cfg!(any(feature = "cuda", feature = "metal"))
+        || backend().is_ok_and(|b| b.supports_gpu_offload())
+}
+
+/// Whether offloaded layers live in a discrete GPU's own memory (CUDA: the heavy tier), which the host's
+/// memory budget does not govern. Apple Silicon's GPU shares the host's memory, so there everything counts.
+pub fn discrete_gpu() -> bool {
+    !cfg!(target_os = "macos") && gpu_offload()
+}
 
 /// Settings of a llama.cpp engine.
 #[derive(Debug, Clone)]
@@ -19,7 +32,7 @@ pub struct LlamaConfig {
     pub threads: Option<i32>,
     /// Threads for prompt processing (None: all cores).
     pub batch_threads: Option<i32>,
-    /// Layers on the GPU (None: all when built with a GPU backend, else 0).
+    /// Layers on the GPU (None: all when llama.cpp offloads, see [`gpu_offload`]; else 0).
     pub gpu_layers: Option<u32>,
     /// Prompt tokens per decode call (the prefill chunk).
     pub batch_size: u32,
@@ -105,10 +118,10 @@ pub fn default_threads() -> i32 {
 /// The most sequences one context may decode together.
 pub const MAX_PARALLEL: u32 = 64;
 
-/// Requests decoded together by default: 8 with CUDA (the heavy tier: a data-centre GPU has the memory
+/// Requests decoded together by default: 8 on a discrete GPU (CUDA, the heavy tier: a data-centre GPU has the memory
 /// bandwidth and VRAM for more), else 4. Decoding one token reads every weight once, so a batch of `n`
 /// sequences costs little more than one until compute becomes the bound — on a CPU or an Apple GPU around 4
 /// to 8 rows — while each sequence's KV cache is reserved in full (llama-server's default is 4 slots).
 pub fn default_parallel() -> u32 {
-    if cfg!(feature = "cuda") { 8 } else { 4 }
+    if discrete_gpu() { 8 } else { 4 }
 }

@@ -109,6 +109,15 @@ impl LlamaEngine {
         self.host.stopped()
     }
 
+    /// Drops this handle and waits (at most `limit`) for the model thread to end and free the model; see
+    /// [`jemma_serve::host::Host::shutdown`]. True when it ended. A CLI calls it before returning from
+    /// `main`: with CUDA, a context the model thread frees while the process exits meets a CUDA runtime
+    /// already torn down, and ggml aborts (seen on an H200: `jemma generate` exited with SIGABRT after
+    /// printing its answer).
+    pub fn shutdown(self, limit: Duration) -> bool {
+        self.host.shutdown(limit)
+    }
+
     /// Waits (blocking) until loaded (or ready to load lazily) or failed; for CLIs and tests.
     pub fn wait_ready(&self) -> Result<()> {
         self.host.wait_ready().map_err(LlamaError::InvalidModel)

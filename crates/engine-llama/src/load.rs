@@ -15,6 +15,8 @@ pub struct Loaded {
     pub n_ctx: u32,
     /// The sliding window of the model's sliding-attention layers, tokens (None: no such layers).
     pub n_swa: Option<u32>,
+    /// Whether layers run on a GPU ([`gpu_offload`] and at least one layer asked for).
+    pub offloaded: bool,
     /// The vocabulary as llguidance reads it (constrained decoding), built on first use.
     pub(crate) vocabulary: OnceLock<std::result::Result<Arc<jemma_constrain::Vocabulary>, String>>,
 }
@@ -96,7 +98,7 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
     gguf::check_layout(&gguf::read_metadata(&config.model_path)?)?;
     let gpu_layers = config
         .gpu_layers
-        .unwrap_or(if GPU_OFFLOAD { u32::MAX } else { 0 });
+        .unwrap_or(if gpu_offload() { u32::MAX } else { 0 });
     let params = LlamaModelParams::default()
         .with_n_gpu_layers(gpu_layers)
         .with_progress_callback(progress);
@@ -138,6 +140,7 @@ pub fn load(config: &LlamaConfig, progress: impl FnMut(f32) -> bool + 'static) -
         bos,
         n_ctx,
         n_swa,
+        offloaded: gpu_layers > 0 && gpu_offload(),
         vocabulary: OnceLock::new(),
     })
 }

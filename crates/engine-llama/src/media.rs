@@ -407,7 +407,7 @@ impl Mtmd {
             ..p
         });
         let params = MtmdContextParams {
-            use_gpu: cfg!(any(feature = "cuda", feature = "metal")),
+            use_gpu: crate::gpu_offload(),
             print_timings: false,
             n_threads: threads,
             media_marker: std::ffi::CString::new(mtmd_default_marker())

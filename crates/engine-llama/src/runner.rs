@@ -287,7 +287,7 @@ impl ModelRunner for LlamaRunner {
         // With layers on a discrete GPU (CUDA: the heavy tier) the weights and KV cache live in VRAM, which
         // the host's budget does not govern, while the saved caches stay in host memory; Metal shares the
         // host's memory, so there everything counts.
-        if cfg!(feature = "cuda") && self.config.gpu_layers != Some(0) {
+        if discrete_gpu() && self.config.gpu_layers != Some(0) {
             return Ok(Some(self.pool_budget()?));
         }
         Ok(Some(bytes))
@@ -344,7 +344,7 @@ impl ModelRunner for LlamaRunner {
         let gpu = self
             .config
             .gpu_layers
-            .unwrap_or(if GPU_OFFLOAD {
+            .unwrap_or(if gpu_offload() {
                 loaded.model.n_layer()
             } else {
                 0
@@ -1067,6 +1067,25 @@ impl LlamaSequence {
         idx: i32,
         out: &mut SeqOutput<Summary>,
     ) {
+        self.accept_picked(loaded, ctx, idx, None, out)
+    }
+
+    /// Whether [`LlamaSequence::accept`] reads the argmax of the logits and nothing else: what a step may
+    /// compute for several sequences at once ([`argmax_rows`]).
+    pub(crate) fn takes_argmax(&self) -> bool {
+        self.plain_greedy && self.grammar.is_none()
+    }
+
+    /// [`LlamaSequence::accept`], with the argmax of the logits at `idx` already read (`picked`) for a
+    /// sequence that [`LlamaSequence::takes_argmax`].
+    pub(crate) fn accept_picked(
+        &mut self,
+        loaded: &Loaded,
+        ctx: &llama_cpp_2::context::LlamaContext<'_>,
+        idx: i32,
+        picked: Option<u32>,
+        out: &mut SeqOutput<Summary>,
+    ) {
         let vocab = loaded.model.vocab();
         let tok = if let Some(g) = self.grammar.as_mut() {
             // The grammar's mask on a copy of the logits, then the request's sampler chain on what is left.
@@ -1098,7 +1117,7 @@ impl LlamaSequence {
         } else if self.plain_greedy {
             // What llama.cpp's greedy sampler picks (the first largest logit), without its copy of the
             // whole vocabulary into a candidate array: 262,144 entries per sequence per step on Gemma.
-            LlamaToken(argmax(ctx.get_logits_ith(idx)) as i32)
+            LlamaToken(picked.unwrap_or_else(|| argmax(ctx.get_logits_ith(idx))) as i32)
         } else {
             self.sampler.sample(ctx, idx)
         };
@@ -1175,9 +1194,10 @@ impl LlamaSequence {
 /// by the whole prompt. The text chunks are read in one `llama_decode` ([`prefill_chunks`]), then any image
 /// or clip, each on its own.
 ///
-/// How exactly a batched answer matches a lone one depends on the weights, as for the decode rows: on
-/// Q8_0 llama.cpp takes the same per-row dot products whatever the batch, so tokens and logprobs are the
-/// same to the bit; on F32 and Q4_K a row's rounding depends on the ubatch it is in (which chunks share
+/// How exactly a batched answer matches a lone one depends on the weights and the device, as for the
+/// decode rows: on a CPU with Q8_0 weights llama.cpp takes the same per-row dot products whatever the
+/// batch, so tokens and logprobs are the same to the bit (on CUDA it multiplies one row and several with
+/// different kernels: docs/BENCHMARKS.md, "The heavy tier on CUDA"); on F32 and Q4_K a row's rounding depends on the ubatch it is in (which chunks share
 /// it, and where `split_equal` cuts them), so answers agree until a near-tie, as in llama-server and vLLM
 /// without a batch-invariant mode.
 pub(crate) fn step(
@@ -1302,11 +1322,28 @@ pub(crate) fn step(
             .map_err(|e| LlamaError::Runtime(format!("decode: {e}")))?;
         // Any queued stream copy landed in that decode.
         *shared.copy_pending = false;
+        // The greedy rows' argmax, read on several cores when the layers run on a GPU: there the host's
+        // read of every row's logits is the step's serial tail (on a CPU the cores are the model's, and
+        // the read is ~0.5 % of a step).
+        let greedy: Vec<(usize, &[f32])> = (decoding.iter().enumerate())
+            .filter(|&(_, &i)| batch[i].takes_argmax())
+            .map(|(row, _)| (row, ctx.get_logits_ith(row as i32)))
+            .collect();
+        let threads = if loaded.offloaded {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            1
+        };
+        let rows: Vec<&[f32]> = greedy.iter().map(|&(_, l)| l).collect();
+        let mut picked = vec![None; decoding.len()];
+        for (&(row, _), t) in greedy.iter().zip(argmax_rows(&rows, threads)) {
+            picked[row] = Some(t);
+        }
         for (row, &i) in decoding.iter().enumerate() {
             let s = &mut batch[i];
             let last = *s.tokens.last().unwrap_or(&0);
             s.kv.extend([last]);
-            s.accept(loaded, ctx, row as i32, &mut out[i]);
+            s.accept_picked(loaded, ctx, row as i32, picked[row], &mut out[i]);
             mtp::keep_hidden(ctx, s, row as i32);
         }
         // A plain step's cost at this batch size, which each speculating sequence's controller weighs a
