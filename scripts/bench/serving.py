@@ -15,7 +15,9 @@ Prints one JSON object. Client: the openai SDK (streaming), as a user's app woul
   With a fifth argument `chat`, the prefix part sends the preamble as a chat's system message and the
   question as its user message (/v1/chat/completions): the shape of an agent starting a new conversation.
   With SERVING_FANOUT=0 in the environment the fan-out is skipped (llama-cpp-python's server, whose RAM
-  prompt cache grew past 24 GB under it on this 24 GB machine, 2026-12-02).
+  prompt cache grew past 24 GB under it on this 24 GB machine, 2026-12-02). SERVING_LEVELS (default
+  "1,4,8"; 1, 4 and 8 always run) adds concurrency levels, e.g. "1,4,8,16,32" on a GPU; SERVING_TOKENS
+  (default 48) sets each stream's length: a GPU decodes 48 tokens in a fraction of a second.
 Usage: serving.py BASE_URL MODEL SYSTEM_TOKENS ROUNDS [chat]   (ROUNDS 0: concurrency only)"""
 import json
 import os
@@ -84,7 +86,7 @@ def stream_tokens(results, i, n_tokens):
     results[i] = (n, arrivals)
 
 
-def aggregate(k, n_tokens=48):
+def aggregate(k, n_tokens=int(os.environ.get("SERVING_TOKENS", "48"))):
     """(tok/s over the run's wall time, tok/s over its decode phase)."""
     results = [None] * k
     threads = [threading.Thread(target=stream_tokens, args=(results, i, n_tokens)) for i in range(k)]
@@ -169,7 +171,8 @@ for r in range(rounds):
         fan.append(f)
         fan_cached.append(fc)
 bursts = [burst(run) for run in range(int(os.environ.get("CONCURRENCY_RUNS", "3")))]
-runs = {1: [], 4: [], 8: []}
+levels = sorted({1, 4, 8} | {int(x) for x in os.environ.get("SERVING_LEVELS", "1,4,8").split(",")})
+runs = {k: [] for k in levels}
 for _ in range(int(os.environ.get("CONCURRENCY_RUNS", "3"))):
     for k in runs:
         runs[k].append(aggregate(k))
@@ -190,4 +193,8 @@ print(json.dumps({
     "decode_tok_s_1": d_one, "decode_tok_s_4": d_four, "decode_tok_s_8": d_eight,
     "decode_x4": ratio(d_four, d_one), "decode_x8": ratio(d_eight, d_one),
     "burst_last_s": med(bursts),
+    # Every level, 1, 4 and 8 included: wall-time and decode-phase tok/s, their ratios to one stream.
+    "levels": {k: {"tok_s": med([w for w, _ in runs[k]]), "x": med([w for w, _ in runs[k]]) / one,
+                   "decode_tok_s": med([d for _, d in runs[k] if d == d]),
+                   "decode_x": ratio(med([d for _, d in runs[k] if d == d]), d_one)} for k in levels},
 }))
