@@ -194,17 +194,48 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves; in-flight requests (and streams) drain first.
+/// Every accepted connection is set `TCP_NODELAY` ([`no_delay`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use axum::serve::ListenerExt;
     // The peer address decides who is a loopback caller (exempt from keys by default): without it every
     // caller would look local.
     axum::serve(
-        listener,
+        listener.tap_io(no_delay),
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown)
     .await
+}
+
+/// Turns off Nagle's algorithm on an accepted connection, as llama-server, uvicorn (vLLM) and TGI do. With
+/// it on, a small write waits until the peer acknowledges the previous one, and a peer delays its
+/// acknowledgement by up to 40 ms: a stream's first token, written just after the response headers, waited
+/// for it whenever it came sooner (on loopback, a warm prompt's first token arrived at 76-91 ms instead of
+/// ~33 ms, together with the next two), and so did every token of a fast stream after a pause.
+fn no_delay(tcp: &mut tokio::net::TcpStream) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY on a connection: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Accepted connections answer small writes at once.
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut tcp, _) = listener.accept().await.unwrap();
+        // The default, so that the test can fail.
+        assert!(!tcp.nodelay().unwrap());
+        no_delay(&mut tcp);
+        assert!(tcp.nodelay().unwrap());
+    }
 }
