@@ -210,7 +210,7 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
     let mut cfg = llama::LlamaConfig::new(model);
     cfg.threads = args.threads;
     cfg.batch_threads = args.threads;
-    let engine = llama::LlamaEngine::start(cfg)?;
+    let engine = crate::generate_cmd::StopOnExit(Some(llama::LlamaEngine::start(cfg)?));
     engine.wait_ready()?;
     let run = |prompt: Vec<u32>| -> anyhow::Result<llama::Summary> {
         let mut rx = engine
@@ -242,8 +242,6 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
         cached = cached.max(s.cached_tokens);
     }
     let status = engine.status();
-    // Free the model before `main` returns (see `LlamaEngine::shutdown`).
-    engine.shutdown(std::time::Duration::from_secs(30));
     let out = serde_json::json!({
         "model": model, "engine": "llama.cpp", "threads": status.info.threads,
         "gpu_layers": status.info.gpu_layers, "prompt_tokens": ids.len(),

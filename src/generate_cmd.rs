@@ -231,6 +231,45 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A llama.cpp engine that the CLI shuts down on every way out of the function holding it, errors
+/// included: with CUDA, a model thread that frees its context while the process exits meets a torn-down
+/// runtime and ggml aborts (see `LlamaEngine::shutdown`).
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+pub(crate) struct StopOnExit(pub(crate) Option<jemma_node::llama::LlamaEngine>);
+
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+impl std::ops::Deref for StopOnExit {
+    type Target = jemma_node::llama::LlamaEngine;
+
+    #[expect(
+        clippy::expect_used,
+        reason = "the engine is taken only in drop, after which nothing can deref"
+    )]
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("held until dropped")
+    }
+}
+
+#[cfg(any(
+    feature = "llama",
+    not(all(target_os = "macos", target_arch = "aarch64"))
+))]
+impl Drop for StopOnExit {
+    fn drop(&mut self) {
+        if let Some(engine) = self.0.take()
+            && !engine.shutdown(std::time::Duration::from_secs(30))
+        {
+            eprintln!("warning: the llama.cpp engine did not stop within 30 s");
+        }
+    }
+}
+
 #[cfg(any(
     feature = "llama",
     not(all(target_os = "macos", target_arch = "aarch64"))
@@ -256,7 +295,7 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
         Array::save_safetensors([("logits", &Array::from_slice(&logits, &[n]))], None, path)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let engine = llama::LlamaEngine::start(cfg)?;
+    let engine = StopOnExit(Some(llama::LlamaEngine::start(cfg)?));
     engine.wait_ready()?;
     let prompt = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => llama::Prompt::Ids(ids.clone()),
@@ -293,8 +332,6 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
         }
     };
     let status = engine.status();
-    // Free the model before `main` returns (see `LlamaEngine::shutdown`).
-    engine.shutdown(std::time::Duration::from_secs(30));
     if args.json {
         println!(
             "{}",

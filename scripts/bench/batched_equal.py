@@ -27,11 +27,23 @@ def tokens(prompt):
 cold = [tokens(p) for p in prompts]
 alone = [tokens(p) for p in prompts]
 together = [None] * k
-threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, tokens(prompts[i]))) for i in range(k)]
+errors = []
+
+
+def one(i):
+    try:
+        together[i] = tokens(prompts[i])
+    except Exception as e:  # re-raised below: a failed request must not read as a difference
+        errors.append(e)
+
+
+threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
 for t in threads:
     t.start()
 for t in threads:
     t.join()
+if errors:
+    raise errors[0]
 
 
 def first_difference(a, b):
@@ -44,8 +56,10 @@ def first_difference(a, b):
 
 diffs = [first_difference(a, b) for a, b in zip(alone, together)]
 warm = [first_difference(a, b) for a, b in zip(cold, alone)]
+against_cold = [first_difference(a, b) for a, b in zip(cold, together)]
 # The check compares something only if the prompts' answers differ from one another.
 print(json.dumps({"k": k, "max_tokens": max_tokens, "distinct_answers": len(set(cold)),
                   "identical": sum(d is None for d in diffs),
                   "first_difference_char": diffs, "warm_identical_to_cold": sum(d is None for d in warm),
-                  "warm_first_difference_char": warm, "tokens": [n for _, n in alone]}))
+                  "warm_first_difference_char": warm, "together_first_difference_from_cold_char": against_cold,
+                  "tokens": [n for _, n in alone]}))

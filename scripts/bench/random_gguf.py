@@ -7,7 +7,7 @@ Hugging Face configs of google/gemma-3-*-pt) and Q8_0 weights drawn at random (i
 block's scale chosen so the weights' standard deviation is 0.02, the checkpoints' initialiser), pre-norms at
 1.0 (llama.cpp's Gemma 3 converter stores 1 + w), post-norms at --post-norm (see main). The tokenizer
 (every `tokenizer.*` key) is copied from TOKENIZER_GGUF, any Gemma 3 GGUF: the real Gemma 3 270M of fixtures/gguf (262,144 entries). The tensors are
-views of one random buffer, so a 4B model (4.1 GB) is written in seconds; its answers are noise, its cost per
+views of one random buffer at random offsets, so a 4B model (4.1 GB) is written in seconds; its answers are noise, its cost per
 token is the real model's. `--shape tokenizer` writes the tokenizer alone (no tensors, ~6 MB): what a machine
 without the fixtures needs to make the model there.
 
@@ -104,10 +104,15 @@ def main():
             (b + "ffn_up.weight", hidden, ff),
             (b + "ffn_down.weight", ff, hidden),
         ]
-    base = q8_0_buffer(max(n0 * n1 for _, n0, n1 in mats), rng)
+    # Each matrix starts at its own random block of a buffer one spare block per 2 of the largest longer, so
+    # that no two matrices (a layer's gate and up, one layer and the next) are the same weights.
+    largest = max(n0 * n1 for _, n0, n1 in mats) // Q8_0_BLOCK
+    spare = largest // 2
+    base = q8_0_buffer((largest + spare) * Q8_0_BLOCK, rng)
     for name, n0, n1 in mats:
         assert n0 % Q8_0_BLOCK == 0, name
-        view = base[: n0 * n1 // Q8_0_BLOCK].reshape(n1, n0 // Q8_0_BLOCK * (2 + Q8_0_BLOCK))
+        at = int(rng.integers(0, spare + 1))
+        view = base[at : at + n0 * n1 // Q8_0_BLOCK].reshape(n1, n0 // Q8_0_BLOCK * (2 + Q8_0_BLOCK))
         w.add_tensor(name, view, raw_dtype=GGMLQuantizationType.Q8_0)
     ones = {n: np.ones(n, dtype=np.float32) for n in (hidden, head_dim)}
     # Gemma's post-norms give every sublayer's output unit RMS. At 1.0 the random sublayers drown the

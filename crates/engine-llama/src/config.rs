@@ -4,19 +4,28 @@
 use super::*;
 
 /// Whether llama.cpp as linked offloads layers to a GPU, as llama-server decides
-/// (`llama_supports_gpu_offload`): a GPU backend built in (the `cuda` and `metal` features) or, where
-/// llama.cpp is linked as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`), one found in the libraries loaded at
-/// run time — so one host binary serves on a CUDA build of those libraries. False if the backend cannot start
-/// (the load then fails on its own error).
+/// (`llama_supports_gpu_offload`): a GPU backend built in (the `cuda` and `metal` features) or, off macOS,
+/// where llama.cpp is linked as shared libraries (`LLAMA_BUILD_SHARED_LIBS=1`), one found in the libraries
+/// loaded at run time — so one host binary serves on a CUDA build of those libraries (scripts/bench-cuda).
+/// On macOS llama-cpp-sys-2 compiles Metal into every build, so there only the `metal` feature turns it on
+/// (MLX is the engine on a Mac's GPU). False if the backend cannot start (the load then fails on its own
+/// error).
 pub fn gpu_offload() -> bool {
     cfg!(any(feature = "cuda", feature = "metal"))
-        || backend().is_ok_and(|b| b.supports_gpu_offload())
+        || (!cfg!(target_os = "macos") && backend().is_ok_and(|b| b.supports_gpu_offload()))
 }
 
-/// Whether offloaded layers live in a discrete GPU's own memory (CUDA: the heavy tier), which the host's
-/// memory budget does not govern. Apple Silicon's GPU shares the host's memory, so there everything counts.
+/// Whether offloaded layers live in a discrete GPU's own memory (the heavy tier's CUDA GPU), which the
+/// host's memory budget does not govern: built with CUDA, or offloading where llama.cpp lists a discrete GPU
+/// device (not an integrated one, nor an RPC server, which `llama_supports_gpu_offload` also counts). Apple
+/// Silicon's GPU shares the host's memory, so there everything counts.
 pub fn discrete_gpu() -> bool {
-    !cfg!(target_os = "macos") && gpu_offload()
+    cfg!(feature = "cuda")
+        || (!cfg!(target_os = "macos")
+            && gpu_offload()
+            && llama_cpp_2::list_llama_ggml_backend_devices()
+                .iter()
+                .any(|d| d.device_type == llama_cpp_2::LlamaBackendDeviceType::Gpu))
 }
 
 /// Settings of a llama.cpp engine.

@@ -1195,11 +1195,11 @@ impl LlamaSequence {
 /// or clip, each on its own.
 ///
 /// How exactly a batched answer matches a lone one depends on the weights and the device, as for the
-/// decode rows: on a CPU with Q8_0 weights llama.cpp takes the same per-row dot products whatever the
-/// batch, so tokens and logprobs are the same to the bit (on CUDA it multiplies one row and several with
-/// different kernels: docs/BENCHMARKS.md, "The heavy tier on CUDA"); on F32 and Q4_K a row's rounding depends on the ubatch it is in (which chunks share
-/// it, and where `split_equal` cuts them), so answers agree until a near-tie, as in llama-server and vLLM
-/// without a batch-invariant mode.
+/// decode rows: on a CPU with Q8_0 weights llama.cpp takes the same per-row dot products for the fixtures'
+/// batches, so tokens and logprobs are the same to the bit (not so on CUDA, nor on every shape: see
+/// docs/BENCHMARKS.md, "The heavy tier on CUDA"); on F32 and Q4_K a row's rounding depends on the ubatch
+/// it is in (which chunks share it, and where `split_equal` cuts them), so answers agree until a
+/// near-tie, as in llama-server and vLLM without a batch-invariant mode.
 pub(crate) fn step(
     loaded: &Loaded,
     // The context, and the mmproj's towers for the prompts' images and clips.
@@ -1329,11 +1329,7 @@ pub(crate) fn step(
             .filter(|&(_, &i)| batch[i].takes_argmax())
             .map(|(row, _)| (row, ctx.get_logits_ith(row as i32)))
             .collect();
-        let threads = if loaded.offloaded {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        } else {
-            1
-        };
+        let threads = if loaded.offloaded { cores() } else { 1 };
         let rows: Vec<&[f32]> = greedy.iter().map(|&(_, l)| l).collect();
         let mut picked = vec![None; decoding.len()];
         for (&(row, _), t) in greedy.iter().zip(argmax_rows(&rows, threads)) {

@@ -82,23 +82,23 @@ pub(crate) fn argmax(v: &[f32]) -> u32 {
     v.iter().position(|&x| x == best).unwrap_or(0) as u32
 }
 
-/// Logits below which [`argmax_rows`] stays on the calling thread: a scoped thread costs ~20-50 µs to
-/// start, about what [`argmax`] takes over half a million logits.
-const PARALLEL_MIN_LOGITS: usize = 1 << 19;
+/// Logits each thread of [`argmax_rows`] reads at least: one Gemma row (262,144), which one core reads in
+/// longer than a scoped thread takes to start (tens of µs), so fewer logits are read where they are.
+const LOGITS_PER_THREAD: usize = 1 << 18;
 
-/// [`argmax`] of each row (one sequence's logits each), spread over at most `threads` scoped threads, each
-/// taking a run of rows, when there are enough logits to repay starting them (see [`PARALLEL_MIN_LOGITS`]);
-/// the result is the same as row by row.
+/// [`argmax`] of each row (one sequence's logits each), the rows split into runs over at most `threads`
+/// threads, [`LOGITS_PER_THREAD`] logits or more each; the calling thread reads the first run. The result is
+/// the same as row by row.
 ///
-/// Why: with every layer on a GPU the host reads each greedy sequence's 262,144 logits (1 MiB on Gemma)
-/// while the GPU waits for the next step; one thread doing it for 32 sequences took ~6 ms of a 14.5 ms step
-/// on an H200 (Jemma at 0.59x llama-batched-bench's decode there, which samples nothing; docs/BENCHMARKS.md,
-/// "CUDA").
+/// Why: with every layer on a GPU the host reads each greedy sequence's logits (1 MiB on Gemma) while the
+/// GPU waits for the next step. Read one row after another on the serving thread, they cost an H200 run of
+/// 32 streams ~6 ms of a 14.5 ms step (Jemma at 0.59x llama-batched-bench's decode, which samples nothing;
+/// docs/BENCHMARKS.md, "The heavy tier on CUDA").
 pub(crate) fn argmax_rows(rows: &[&[f32]], threads: usize) -> Vec<u32> {
     let total: usize = rows.iter().map(|r| r.len()).sum();
     let threads = threads
         .min(rows.len())
-        .min(total / PARALLEL_MIN_LOGITS * 2)
+        .min(total / LOGITS_PER_THREAD)
         .max(1);
     if threads <= 1 {
         return rows.iter().map(|r| argmax(r)).collect();
@@ -106,15 +106,27 @@ pub(crate) fn argmax_rows(rows: &[&[f32]], threads: usize) -> Vec<u32> {
     let mut out = vec![0u32; rows.len()];
     let per = rows.len().div_ceil(threads);
     std::thread::scope(|scope| {
-        for (rows, out) in rows.chunks(per).zip(out.chunks_mut(per)) {
-            scope.spawn(move || {
-                for (o, r) in out.iter_mut().zip(rows) {
-                    *o = argmax(r);
-                }
-            });
+        let mut runs = rows.chunks(per).zip(out.chunks_mut(per));
+        let read = |(rows, out): (&[&[f32]], &mut [u32])| {
+            for (o, r) in out.iter_mut().zip(rows) {
+                *o = argmax(r);
+            }
+        };
+        let first = runs.next();
+        for run in runs {
+            scope.spawn(move || read(run));
+        }
+        if let Some(run) = first {
+            read(run);
         }
     });
     out
+}
+
+/// The cores, read once: `available_parallelism` reads cgroup files on Linux at every call.
+pub(crate) fn cores() -> usize {
+    static CORES: OnceLock<usize> = OnceLock::new();
+    *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
 #[cfg(test)]
