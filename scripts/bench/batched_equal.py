@@ -8,7 +8,7 @@ the server runs on (a CUDA build: scripts/bench-cuda), through the OpenAI SDK. P
 Usage: batched_equal.py BASE_URL MODEL K MAX_TOKENS"""
 import json
 import sys
-import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from openai import OpenAI
 
@@ -26,24 +26,9 @@ def tokens(prompt):
 
 cold = [tokens(p) for p in prompts]
 alone = [tokens(p) for p in prompts]
-together = [None] * k
-errors = []
-
-
-def one(i):
-    try:
-        together[i] = tokens(prompts[i])
-    except Exception as e:  # re-raised below: a failed request must not read as a difference
-        errors.append(e)
-
-
-threads = [threading.Thread(target=one, args=(i,)) for i in range(k)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-if errors:
-    raise errors[0]
+# All at once; a failed request raises here (it must not read as a difference).
+with ThreadPoolExecutor(k) as pool:
+    together = list(pool.map(tokens, prompts))
 
 
 def first_difference(a, b):

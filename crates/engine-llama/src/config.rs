@@ -78,6 +78,44 @@ pub struct LlamaConfig {
     /// Soft tokens a video frame takes at most (Gemma 4's video processor's `max_soft_tokens`), capped at
     /// `image_soft_tokens`. Default: [`DEFAULT_VIDEO_SOFT_TOKENS`].
     pub video_soft_tokens: usize,
+    /// llama.cpp's flash attention (llama-server's `--flash-attn`). On a CPU, `Off` makes batched answers
+    /// equal lone ones to the bit where the weights allow it (see [`FlashAttention`]).
+    pub flash_attention: FlashAttention,
+}
+
+/// llama.cpp's flash attention policy (`llama_flash_attn_type`; llama-server's `--flash-attn
+/// on|off|auto`).
+///
+/// On a CPU, flash attention decodes a ubatch that holds one row of one sequence over a KV view of 512 cells
+/// or more by splitting the view across the threads (`use_split_kv_path` in ggml-cpu's
+/// `ggml_compute_forward_flash_attn_ext_f16`); a ubatch of several sequences takes the per-row kernel. So a
+/// sequence past 256 cells (views are padded to 256) sums its attention in other pieces when it decodes
+/// alone than beside another, and its answer can leave its lone twin at a near-tie. Without flash attention
+/// each decode row's attention is a dot product over the view, the masked cells adding exactly 0, whatever
+/// else the ubatch holds: batched answers then equal lone ones to the bit where the weights' kernels do not
+/// depend on the rows in a step either (on x86-64, Q8_0; docs/BENCHMARKS.md, "Batch invariance"). The
+/// cost, measured on the real Gemma 3 270M on 2 cores: 1-4 % of prefill and decode at a 256-token prompt,
+/// 9-12 % at 2,048.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum FlashAttention {
+    /// llama.cpp decides (on wherever its backend runs it, CPUs included).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
+impl FlashAttention {
+    /// The `llama_flash_attn_type` value.
+    pub fn llama_type(self) -> llama_cpp_sys_2::llama_flash_attn_type {
+        match self {
+            Self::Auto => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_AUTO,
+            Self::On => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_ENABLED,
+            Self::Off => llama_cpp_sys_2::LLAMA_FLASH_ATTN_TYPE_DISABLED,
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -103,6 +141,7 @@ impl LlamaConfig {
             mmproj_optional: false,
             image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
             video_soft_tokens: DEFAULT_VIDEO_SOFT_TOKENS,
+            flash_attention: FlashAttention::Auto,
         }
     }
 }

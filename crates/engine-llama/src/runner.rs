@@ -338,7 +338,8 @@ impl ModelRunner for LlamaRunner {
             .with_n_batch(self.batch())
             .with_n_ubatch(self.batch())
             .with_n_threads(threads)
-            .with_n_threads_batch(batch_threads);
+            .with_n_threads_batch(batch_threads)
+            .with_flash_attention_policy(self.config.flash_attention.llama_type());
         let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
         let n_ctx = loaded.n_ctx;
         let gpu = self
@@ -1789,6 +1790,84 @@ mod tests {
         for (k, (got, want)) in ends.iter().zip(&alone).enumerate() {
             assert_eq!(got.tokens, want.tokens, "prompt {k}");
         }
+    }
+
+    /// A runner on the Q8_0 fixture with 2 slots, a context of `context` tokens and this flash attention
+    /// policy.
+    fn runner_with(context: u32, fa: FlashAttention) -> (LlamaRunner, Serving) {
+        let mut c = LlamaConfig::new(gguf("tiny-q8_0"));
+        c.context_length = Some(context);
+        c.parallel = 2;
+        c.prefix_cache_bytes = Some(0);
+        c.flash_attention = fa;
+        runner_for(c)
+    }
+
+    /// Each request's tokens and logprobs, its sequences stepped together to their ends.
+    fn run_logprobs(
+        runner: &mut LlamaRunner,
+        model: &mut Serving,
+        mut batch: Vec<Admission>,
+    ) -> Vec<(Vec<u32>, Vec<jemma_chat::logprobs::TokenLogprob>)> {
+        let mut got: Vec<Vec<_>> = batch.iter().map(|_| vec![]).collect();
+        let mut ends: Vec<Option<Vec<u32>>> = batch.iter().map(|_| None).collect();
+        for _ in 0..1000 {
+            if ends.iter().all(Option::is_some) {
+                break;
+            }
+            let out = step(runner, model, &mut batch);
+            for ((g, end), o) in got.iter_mut().zip(ends.iter_mut()).zip(out) {
+                g.extend(o.events.into_iter().filter_map(|e| match e {
+                    Event::Logprobs(t) => Some(t),
+                    _ => None,
+                }));
+                if let Some(e) = o.end {
+                    *end = Some(e.unwrap().tokens);
+                }
+            }
+        }
+        for seq in batch {
+            runner.release(model, seq);
+        }
+        ends.into_iter()
+            .map(|e| e.expect("an end"))
+            .zip(got)
+            .collect()
+    }
+
+    fn logprob_request(ids: Vec<u32>, max_tokens: usize) -> Request {
+        Request {
+            ignore_eos: true,
+            logprobs: true,
+            top_logprobs: 3,
+            ..Request::new(Prompt::Ids(ids), max_tokens)
+        }
+    }
+
+    /// Without flash attention a sequence decoded beside another gives every token and logprob of its lone
+    /// decode, to the bit: each row's attention is a dot product over the KV view, the masked cells adding
+    /// exactly 0, whatever the view's length (768 cells here, beside a 600-token sequence, against 512
+    /// alone) and whatever else the ubatch holds. (With flash attention a lone decode over 512 cells or
+    /// more is split across the threads, a ubatch of several sequences is not: this fails under `Auto`.)
+    #[test]
+    fn without_flash_attention_a_short_sequence_decodes_beside_a_long_one_as_alone() {
+        let fa = FlashAttention::Off;
+        let short: Vec<u32> = (0..300).map(|k| 40 + (k * 37) % 900).collect();
+        let long: Vec<u32> = (0..600).map(|k| 60 + (k * 53) % 900).collect();
+        let req = |ids: &Vec<u32>| logprob_request(ids.clone(), 12);
+        let alone = {
+            let (mut runner, mut model) = runner_with(1024, fa);
+            let s = runner.admit(&mut model, req(&short), 1024).unwrap();
+            run_logprobs(&mut runner, &mut model, vec![s]).remove(0)
+        };
+        let (mut runner, mut model) = runner_with(1024, fa);
+        let batch = vec![
+            runner.admit(&mut model, req(&short), 1024).unwrap(),
+            runner.admit(&mut model, req(&long), 1024).unwrap(),
+        ];
+        let got = run_logprobs(&mut runner, &mut model, batch);
+        assert_eq!(got[0].1.len(), 12);
+        assert_eq!(got[0], alone, "the short sequence, batched vs alone");
     }
 
     /// A request's images are prepared off the model thread, and the batch does not wait for them. While

@@ -735,10 +735,12 @@ fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>,
 /// between the others' decode steps — give the answers they give alone on a one-sequence engine.
 ///
 /// How exactly: on Q8_0 weights, every token and logprob to the bit, greedy and seeded sampling alike
-/// (llama.cpp takes the same per-row dot products for one row and for several). For other weight types it
-/// multiplies a lone decode row and a batch's rows with different kernels — F32's matrix kernel; Q4_K
-/// repacked for its GEMM, where the first batched step moved a logprob of the real model by 0.045 — and
-/// which rows share a step depends on timing. There the tokens agree until a near-tie: a greedy answer may
+/// (llama.cpp takes the same per-row dot products for one row and for several; these prompts and answers
+/// stay under 256 tokens, past which flash attention splits a lone decode across the threads, see
+/// `FlashAttention`). For other weight types it multiplies a lone decode row and a batch's rows with
+/// different kernels (scripts/bench-invariance: f32 and f16 from 2 rows; Q4_K repacked at load for its
+/// GEMM, where the first batched step moved a logprob of the real model by 0.045), and which rows share a
+/// step depends on timing. There the tokens agree until a near-tie: a greedy answer may
 /// leave its lone twin only where the lone run's two best tokens were within 0.5 nats, and until then the
 /// logprobs agree to 0.25 (measured: 3.5e-4 on f32, 0.17 on Q4_K after drifting over a few tokens; a mixed-up
 /// row or cache moves them by whole units).

@@ -18,7 +18,9 @@ use crate::in_process::EngineBackend;
 use jemma_router::RouterError;
 use jemma_router::backend::{Backend, BackendState, Probe};
 use jemma_router::classify::Tier;
-use jemma_router::config::{Config, EndpointKind, TierConfig, TierKind, resolve_secret};
+use jemma_router::config::{
+    Config, EndpointKind, FlashAttention, TierConfig, TierKind, resolve_secret,
+};
 use jemma_router::membership::{remote_endpoint, upstream_backend};
 use jemma_router::pool::{EndpointSpec, Pool, PoolConfig};
 use jemma_router::route::{TierRouter, TierSettings};
@@ -452,6 +454,7 @@ fn factory(
     let queue = template.queue_capacity;
     let parallel = c.concurrency().clamp(1, 64) as u32;
     let (mmproj, image_tokens, video_tokens) = (c.mmproj.clone(), c.image_tokens, c.video_tokens);
+    let flash_attention = c.flash_attention;
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let draft = match &source {
@@ -526,6 +529,13 @@ fn factory(
                 path.display()
             ));
         }
+        if !is_gguf && flash_attention.is_some() {
+            return Err(format!(
+                "{}: `flash_attention` is a setting of GGUF tiers (llama.cpp's); MLX runs its own \
+                 attention: remove it",
+                path.display()
+            ));
+        }
         // A named mmproj must load; a found one that does not leaves the model serving text.
         let (mmproj, mmproj_optional) = match &mmproj {
             Some(m) if is_gguf => (Some(m.clone()), false),
@@ -543,7 +553,11 @@ fn factory(
             )),
             None => path.clone(),
         };
-        // Nor do tiers with other towers (or other image budgets) share one.
+        // Nor do tiers with another attention policy (an explicit `auto` is the default's)...
+        if let Some(fa) = flash_attention.filter(|&fa| fa != FlashAttention::Auto) {
+            key = PathBuf::from(format!("{}\u{0}flash_attention={fa:?}", key.display()));
+        }
+        // ...nor tiers with other towers (or other image budgets).
         if mmproj.is_some() || image_tokens.is_some() || video_tokens.is_some() {
             key = PathBuf::from(format!(
                 "{}\u{0}mmproj={:?}\u{0}image_tokens={image_tokens:?}\u{0}video_tokens={video_tokens:?}",
@@ -580,6 +594,11 @@ fn factory(
                     image_tokens.unwrap_or(jemma_engine_llama::DEFAULT_IMAGE_SOFT_TOKENS);
                 lc.video_soft_tokens =
                     video_tokens.unwrap_or(jemma_engine_llama::DEFAULT_VIDEO_SOFT_TOKENS);
+                lc.flash_attention = match flash_attention.unwrap_or_default() {
+                    FlashAttention::Auto => jemma_engine_llama::FlashAttention::Auto,
+                    FlashAttention::On => jemma_engine_llama::FlashAttention::On,
+                    FlashAttention::Off => jemma_engine_llama::FlashAttention::Off,
+                };
                 lc.speculative =
                     template
                         .speculative
@@ -594,7 +613,15 @@ fn factory(
             }
             #[cfg(not(feature = "llama"))]
             {
-                let _ = (name, context, queue, parallel, mmproj, mmproj_optional);
+                let _ = (
+                    name,
+                    context,
+                    queue,
+                    parallel,
+                    mmproj,
+                    mmproj_optional,
+                    flash_attention,
+                );
                 return Err(format!(
                     "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
                     path.display()
@@ -917,8 +944,8 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
-    /// `mmproj`, `image_tokens` and `video_tokens` on an MLX tier are refused when its engine starts,
-    /// naming them, rather than ignored.
+    /// `mmproj`, `image_tokens`, `video_tokens` and `flash_attention` on an MLX tier are refused when its
+    /// engine starts, naming them, rather than ignored.
     #[test]
     fn gguf_media_settings_on_an_mlx_tier_are_refused() {
         let cfg = jemma_router::config::Config::default();
@@ -929,6 +956,10 @@ mod tests {
             },
             jemma_router::config::TierConfig {
                 video_tokens: Some(70),
+                ..Default::default()
+            },
+            jemma_router::config::TierConfig {
+                flash_attention: Some(jemma_router::config::FlashAttention::Off),
                 ..Default::default()
             },
         ] {
@@ -947,8 +978,10 @@ mod tests {
         );
         let key = if tier.image_tokens.is_some() {
             "image_tokens"
-        } else {
+        } else if tier.video_tokens.is_some() {
             "video_tokens"
+        } else {
+            "flash_attention"
         };
         match f("/nonexistent/mlx-model".into(), "t".into()) {
             Err(e) => assert!(e.contains(key) && e.contains("GGUF"), "{e}"),

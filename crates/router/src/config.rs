@@ -264,6 +264,19 @@ pub enum TierKind {
     Openai,
 }
 
+/// llama.cpp's flash attention policy on a GGUF tier (llama-server's `--flash-attn on|off|auto`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FlashAttention {
+    /// llama.cpp decides (on where its backend runs it, CPUs included).
+    #[default]
+    Auto,
+    /// Always.
+    On,
+    /// Never.
+    Off,
+}
+
 /// `[tiers.NAME]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -341,6 +354,11 @@ pub struct TierConfig {
     /// `max_soft_tokens`, 70 by default, never more than `image_tokens`). Refused on an MLX tier, which
     /// reads its own from the checkpoint.
     pub video_tokens: Option<usize>,
+    /// Local, GGUF: llama.cpp's flash attention, `auto` (llama.cpp decides; the default), `on` or `off`
+    /// (llama-server's `--flash-attn`). On a CPU, `off` makes a request decoded beside others answer to the
+    /// bit as it does alone, for weights whose kernels do not depend on the batch (on x86-64: Q8_0, Q4_1,
+    /// Q5_0, Q5_1), at 1-12 % of speed (docs/BENCHMARKS.md, "Batch invariance"). Refused on an MLX tier.
+    pub flash_attention: Option<FlashAttention>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
     /// if one is (see [`SpeculativeTierConfig::draft_model`]).
@@ -560,6 +578,7 @@ impl Default for TierConfig {
             mmproj: None,
             image_tokens: None,
             video_tokens: None,
+            flash_attention: None,
             speculative: None,
         }
     }
@@ -993,6 +1012,20 @@ first_token_timeout_secs = 600
                 "image_tokens = {n}"
             );
         }
+        let fa = |v: &str| {
+            Config::parse(&format!(
+                "[tiers.fast]\nmodel = \"x.gguf\"\nflash_attention = {v}\n"
+            ))
+        };
+        assert_eq!(
+            fa("\"off\"").unwrap().tiers[&Tier::Fast].flash_attention,
+            Some(FlashAttention::Off)
+        );
+        assert!(
+            fa("\"sometimes\"").is_err(),
+            "llama.cpp's three policies only"
+        );
+        assert!(fa("false").is_err(), "a policy, not a boolean");
     }
 
     #[test]
