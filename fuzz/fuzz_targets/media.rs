@@ -6,6 +6,11 @@ use jemma_media::audio::{AudioLimits, FeatureExtractor, FeatureParams, decode_au
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // libfuzzer-sys's panic hook aborts on every panic, even one the code catches on purpose (the Opus
+    // decoder's, `decode_audio`): the default hook instead, so that only a panic that escapes counts
+    // (libfuzzer-sys aborts on those itself).
+    static DEFAULT_HOOK: std::sync::Once = std::sync::Once::new();
+    DEFAULT_HOOK.call_once(|| drop(std::panic::take_hook()));
     let _ = jemma_media::decode_image(data, &jemma_media::Limits::default());
     let limits = AudioLimits {
         max_seconds: 2.0,

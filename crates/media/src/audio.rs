@@ -296,9 +296,22 @@ fn decode_opus(
     let mut mono = vec![];
     let max = (limits.max_seconds + 1.0) * SAMPLE_RATE as f64;
     while let Some(packet) = next_packet(reader, track_id)? {
-        // A damaged packet is skipped, as players do; a clip of nothing but is refused below.
-        let Ok(n) = decoder.decode_float(&packet.data, &mut pcm, false) else {
-            continue;
+        // A damaged packet is skipped, as players do; a clip of nothing but is refused below. opus-decoder
+        // 0.1.1 (the latest) panics on some damaged packets rather than refusing them (a CELT redundancy
+        // longer than its frame: tests/data/opus-redundancy-past-frame.webm, found by the media fuzz
+        // target): such a packet is skipped too, and the decoder, which the panic left half-updated,
+        // starts afresh.
+        let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            decoder.decode_float(&packet.data, &mut pcm, false)
+        }));
+        let n = match decoded {
+            Ok(Ok(n)) => n,
+            Ok(Err(_)) => continue,
+            Err(_) => {
+                decoder = opus_decoder::OpusDecoder::new(SAMPLE_RATE, channels)
+                    .map_err(|e| MediaError::AudioCorrupt(format!("Opus: {e}")))?;
+                continue;
+            }
         };
         // The last packet's end trim (RFC 7845 §4.5: the final page's granule position says where the
         // stream ends, and an encoder pads the last frame past it; symphonia's Ogg reader turns that

@@ -251,3 +251,21 @@ fn a_browsers_mediarecorder_webm_decodes_whole() {
         );
     }
 }
+
+/// A WebM whose Opus packet carries a CELT redundancy longer than its frame (found by the media fuzz
+/// target): opus-decoder 0.1.1 panics on it; the packet is skipped as damaged, so the clip decodes to what
+/// its other packets hold or is refused as corrupt, with no panic either way.
+#[test]
+fn an_opus_packet_the_decoder_panics_on_is_skipped() {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data/opus-redundancy-past-frame.webm");
+    let bytes = std::fs::read(path).unwrap();
+    let limits = AudioLimits {
+        max_seconds: 2.0,
+        ..AudioLimits::default()
+    };
+    match decode_audio(&bytes, None, &limits) {
+        Ok(clip) => assert!(clip.seconds() <= 2.0),
+        Err(e) => assert!(matches!(e, MediaError::AudioCorrupt(_)), "{e:?}"),
+    }
+}
