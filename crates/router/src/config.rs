@@ -357,7 +357,8 @@ pub struct TierConfig {
     /// Local, GGUF: llama.cpp's flash attention, `auto` (llama.cpp decides; the default), `on` or `off`
     /// (llama-server's `--flash-attn`). On a CPU, `off` makes a request decoded beside others answer to the
     /// bit as it does alone, for weights whose kernels do not depend on the batch (on x86-64: Q8_0, Q4_1,
-    /// Q5_0, Q5_1), at 1-12 % of speed (docs/BENCHMARKS.md, "Batch invariance"). Refused on an MLX tier.
+    /// Q5_0, Q5_1), at 1-12 % of speed (docs/BENCHMARKS.md, "Batch invariance"). Refused on MLX and openai
+    /// tiers.
     pub flash_attention: Option<FlashAttention>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
@@ -630,6 +631,13 @@ impl Config {
                 TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {
                     return Err(RouterError::Config(format!(
                         "tiers.{t}: an openai tier needs url"
+                    )));
+                }
+                // The upstream runs its own attention: the setting would be silently ignored.
+                TierKind::Openai if c.flash_attention.is_some() => {
+                    return Err(RouterError::Config(format!(
+                        "tiers.{t}: flash_attention is a setting of local GGUF tiers (llama.cpp's); an \
+                         openai tier's upstream chooses its own: remove it"
                     )));
                 }
                 _ => {}
@@ -1026,6 +1034,16 @@ first_token_timeout_secs = 600
             "llama.cpp's three policies only"
         );
         assert!(fa("false").is_err(), "a policy, not a boolean");
+        let upstream = Config::parse(
+            "[tiers.heavy]\nkind = \"openai\"\nmodel = \"m\"\nurl = \"http://x\"\nflash_attention = \"off\"\n",
+        );
+        assert!(
+            upstream
+                .unwrap_err()
+                .to_string()
+                .contains("flash_attention"),
+            "refused on an openai tier"
+        );
     }
 
     #[test]
