@@ -585,6 +585,33 @@ impl Default for TierConfig {
     }
 }
 
+impl TierConfig {
+    /// The settings of an in-process engine this tier sets away from their defaults, by their TOML
+    /// names (empty for a tier that sets none). An openai tier may set none of them: its upstream
+    /// server loads the model, sizes its cache and encodes media itself.
+    pub fn local_only_settings(&self) -> Vec<&'static str> {
+        let d = Self::default();
+        [
+            ("keep_alive_secs", self.keep_alive_secs != d.keep_alive_secs),
+            ("kv_bits", self.kv_bits.is_some()),
+            ("kv_group_size", self.kv_group_size != d.kv_group_size),
+            (
+                "quantized_kv_start",
+                self.quantized_kv_start != d.quantized_kv_start,
+            ),
+            ("context_length", self.context_length.is_some()),
+            ("preload", self.preload != d.preload),
+            ("mmproj", self.mmproj.is_some()),
+            ("image_tokens", self.image_tokens.is_some()),
+            ("video_tokens", self.video_tokens.is_some()),
+            ("flash_attention", self.flash_attention.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(k, set)| set.then_some(k))
+        .collect()
+    }
+}
+
 impl Config {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<Self, RouterError> {
@@ -633,12 +660,15 @@ impl Config {
                         "tiers.{t}: an openai tier needs url"
                     )));
                 }
-                // The upstream runs its own attention: the setting would be silently ignored.
-                TierKind::Openai if c.flash_attention.is_some() => {
-                    return Err(RouterError::Config(format!(
-                        "tiers.{t}: flash_attention is a setting of local GGUF tiers (llama.cpp's); an \
-                         openai tier's upstream chooses its own: remove it"
-                    )));
+                // The upstream loads, caches and encodes on its own terms: these settings of the
+                // in-process engines would be silently ignored on it.
+                TierKind::Openai => {
+                    if let Some(key) = c.local_only_settings().first() {
+                        return Err(RouterError::Config(format!(
+                            "tiers.{t}: {key} is a setting of local tiers (the in-process engine's); an \
+                             openai tier's upstream chooses its own: remove it"
+                        )));
+                    }
                 }
                 _ => {}
             }
@@ -1043,6 +1073,38 @@ first_token_timeout_secs = 600
                 .to_string()
                 .contains("flash_attention"),
             "refused on an openai tier"
+        );
+    }
+
+    #[test]
+    fn an_openai_tier_refuses_every_setting_of_the_local_engines() {
+        let upstream = |extra: &str| {
+            Config::parse(&format!(
+                "[tiers.heavy]\nkind = \"openai\"\nmodel = \"m\"\nurl = \"http://x\"\n{extra}\n"
+            ))
+        };
+        assert!(upstream("").is_ok());
+        // Written at its default value, a setting changes nothing and is let through.
+        assert!(upstream("keep_alive_secs = 300\npreload = true").is_ok());
+        for (key, line) in [
+            ("keep_alive_secs", "keep_alive_secs = 60"),
+            ("kv_bits", "kv_bits = 8"),
+            ("kv_group_size", "kv_group_size = 32"),
+            ("quantized_kv_start", "quantized_kv_start = 0"),
+            ("context_length", "context_length = 4096"),
+            ("preload", "preload = false"),
+            ("mmproj", "mmproj = \"/m/mmproj.gguf\""),
+            ("image_tokens", "image_tokens = 280"),
+            ("video_tokens", "video_tokens = 70"),
+            ("flash_attention", "flash_attention = \"on\""),
+        ] {
+            let e = upstream(line).unwrap_err().to_string();
+            assert!(e.contains(key) && e.contains("tiers.heavy"), "{line}: {e}");
+        }
+        // The same lines stay a local tier's.
+        assert!(
+            Config::parse("[tiers.fast]\nmodel = \"x.gguf\"\nkv_bits = 8\ncontext_length = 4096\n")
+                .is_ok()
         );
     }
 
