@@ -428,6 +428,9 @@ pub struct Generation {
     failure: Option<String>,
     /// Whether each step keeps the final hidden state its token came from ([`Generation::keep_hidden`]).
     keep_hidden: bool,
+    /// Most prompt tokens the next chunk may hold, set by a scheduler fitting it into a step's budget
+    /// ([`Generation::cap_next_chunk`]); cleared once a chunk is read.
+    chunk_cap: Option<usize>,
 }
 
 impl Generation {
@@ -568,6 +571,7 @@ impl Generation {
             finished: false,
             failure: None,
             keep_hidden: false,
+            chunk_cap: None,
         })
     }
 
@@ -577,17 +581,28 @@ impl Generation {
         &self.keys
     }
 
-    /// The media runs (indices in start order) the next [`Generation::prefill`] may read whose features
-    /// are not yet set: those starting before the next chunk's end, and ending past what is read. Runs the
-    /// reused prefix holds are never listed.
-    pub fn media_to_encode(&self) -> Vec<usize> {
-        let horizon = self.prefilled + self.opts.prefill_step.max(1);
+    /// The media runs (indices in start order) the next [`Generation::prefill`] reads whose features are
+    /// not yet set: those inside the next chunk ([`Generation::next_chunk`], which never cuts one). A
+    /// tower runs in the step that reads its run and no earlier, so its time falls in the step whose
+    /// budget counts it ([`Generation::media_tokens_to_encode`]; vLLM schedules an item's encoder with
+    /// the chunk that reads it). Runs the reused prefix holds are never listed.
+    pub fn media_to_encode(&self, model: &Gemma4) -> Vec<usize> {
+        let (at, end) = (self.prefilled, self.prefilled + self.next_chunk(model));
         (0..self.media.len())
             .filter(|&i| {
                 let m = &self.media[i];
-                m.features.is_none() && m.start < horizon && m.start + m.len() > self.prefilled
+                m.features.is_none() && m.start < end && m.start + m.len() > at
             })
             .collect()
+    }
+
+    /// Soft tokens of the runs [`Generation::media_to_encode`] lists: the towers' share of the next
+    /// chunk's work, in the chunk's own unit (vLLM's encoder budget counts an item by its placeholder
+    /// tokens the same way).
+    pub fn media_tokens_to_encode(&self, model: &Gemma4) -> usize {
+        (self.media_to_encode(model).iter())
+            .map(|&i| self.media[i].len())
+            .sum()
     }
 
     /// Prompt positions read so far (a reused cache's included).
@@ -672,6 +687,9 @@ impl Generation {
         if let Some(&c) = self.checkpoint_at.iter().find(|&&c| c > self.prefilled) {
             n = n.min(c - self.prefilled);
         }
+        if let Some(cap) = self.chunk_cap {
+            n = n.min(cap.max(1));
+        }
         // An image or clip is read whole in one chunk (an image's tokens attend to one another; a clip's
         // soft tokens are placed as one run): a chunk that would cut one stops before it, or, starting at
         // it, takes all of it.
@@ -683,6 +701,15 @@ impl Generation {
             }
         }
         n
+    }
+
+    /// Caps the next chunk at `cap` prompt tokens (None: no cap), as a scheduler does to fit the last
+    /// of a step's chunks into what its budget has left (vLLM's chunked prefill cuts the last request
+    /// scheduled the same way). The cap holds until a chunk is read. A chunk still never cuts an image or
+    /// clip: one capped inside a run stops before it, and one starting at a run takes all of it, over
+    /// the cap ([`Generation::next_chunk`] tells what the chunk is now).
+    pub fn cap_next_chunk(&mut self, cap: Option<usize>) {
+        self.chunk_cap = cap;
     }
 
     /// Whether the next chunk ([`Generation::next_chunk`]) holds an image or clip.
@@ -881,6 +908,7 @@ impl Generation {
         let at = self.prefilled;
         self.fed.extend_from_slice(&self.keys[at..at + n]);
         self.prefilled += n;
+        self.chunk_cap = None;
         if self.checkpoint_at.contains(&self.prefilled) {
             self.checkpoint_at.retain(|&c| c > self.prefilled);
             self.checkpoints

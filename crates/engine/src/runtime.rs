@@ -1447,6 +1447,11 @@ const MIN_CHECKPOINT_TOKENS: usize = 8;
 /// here (a copy shares the arrays until written), unlike llama.cpp's stream copies.
 const MIN_WAIT_GAIN: usize = MIN_CHECKPOINT_TOKENS;
 
+/// Fewest prompt tokens a chunk cut to fit what a step's budget has left holds (the floor of
+/// [`crate::generate::prefill_chunk`]'s chunks): below it the sequence waits for the next step, whose
+/// budget it starts.
+const MIN_CUT_CHUNK: usize = 16;
+
 /// Most caches the MLX prefix cache keeps (mlx_lm.server's `--prompt-cache-size` default).
 pub const PREFIX_CACHE_ENTRIES: usize = 10;
 
@@ -1779,7 +1784,10 @@ impl ModelRunner for MlxRunner {
         // Prompt chunks, oldest sequence first, up to one prefill step of tokens in all (the first always
         // runs, so a long prompt progresses): a burst of short prompts is read in one packed forward (one
         // pass over the weights, not one each, as llama-server and vLLM read a step's prompts), a long one a
-        // chunk a step, and the running streams wait for at most one step's chunk.
+        // chunk a step, and the running streams wait for at most one step's chunk. A chunk's images and
+        // clips count twice: their soft tokens are read like any, and their towers run this step too
+        // (encoded with the chunk that reads them), which would otherwise stall the running streams
+        // beyond the budget.
         let mut planned: Vec<usize> = vec![];
         let mut budget: Option<usize> = None;
         for i in 0..batch.len() {
@@ -1810,11 +1818,27 @@ impl ModelRunner for MlxRunner {
                     continue;
                 }
             }
-            // Once a chunk does not fit, only those with nothing left to read but their first step
+            // Once a chunk does not fit, it is cut to what is left (vLLM's chunked prefill cuts the last
+            // request it schedules the same way), unless that is too little to be worth a chunk or the cut
+            // would fall in an image; then only those with nothing left to read but their first step
             // (which costs no prompt tokens) join this step: the older ones keep their turn.
-            let n = batch[i].generation.next_chunk(&model.model);
-            let left = budget.get_or_insert(batch[i].generation.options().prefill_step.max(1));
+            let g = &mut batch[i].generation;
+            g.cap_next_chunk(None);
+            let cost = |g: &Generation| {
+                g.next_chunk(&model.model) + g.media_tokens_to_encode(&model.model)
+            };
+            let n = cost(g);
+            let left = budget.get_or_insert(g.options().prefill_step.max(1));
             if n > *left && !planned.is_empty() {
+                if *left >= MIN_CUT_CHUNK {
+                    g.cap_next_chunk(Some(*left));
+                    let cut = cost(g);
+                    if cut <= *left {
+                        planned.push(i);
+                    } else {
+                        g.cap_next_chunk(None);
+                    }
+                }
                 *left = 0;
                 continue;
             }
@@ -2349,7 +2373,7 @@ impl MlxSequence {
             self.media_worker = None;
             return Ok(());
         }
-        for i in self.generation.media_to_encode() {
+        for i in self.generation.media_to_encode(&l.model) {
             let placed = self
                 .media
                 .get_mut(i)

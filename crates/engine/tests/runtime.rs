@@ -2,7 +2,7 @@
 //! them transparently; a dropped receiver cancels the request.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use jemma_engine::generate::GenerateOptions;
@@ -397,8 +397,11 @@ fn submit_for_answer(
     engine.submit(r).unwrap()
 }
 
+/// A request's tokens, each token's logprobs (its own, then the top ones') and its cached prompt tokens.
+type Answer = (Vec<u32>, Vec<Vec<f64>>, usize);
+
 /// What [`answer_with`] returns, read off a submitted request's events.
-fn answer_of(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>, Vec<Vec<f64>>, usize) {
+fn answer_of(mut rx: tokio::sync::mpsc::Receiver<Event>) -> Answer {
     let mut lps: Vec<Vec<f64>> = vec![];
     loop {
         match rx.blocking_recv().unwrap() {
@@ -667,73 +670,110 @@ fn a_cancelled_request_leaves_a_sound_entry_and_the_byte_budget_holds() {
     }
 }
 
-/// Prompts that arrive together are read together: four prompts of 5 to 70 tokens (on both sides of the
-/// sliding window of 16), queued while the engine loads its model, are read in one packed forward
-/// (`largest_prefill_batch`: one pass over the weights, not four) and each answers exactly as it does on
-/// an engine that reads one prompt at a time: the same tokens, top-5 logprobs within 1e-4. On the dense
-/// and the MoE fixture, in f32 and 4-bit.
+/// Prompts of 5, 23, 40 and 70 tokens (on both sides of the tiny models' sliding window of 16).
+fn four_prompts() -> Vec<Prompt> {
+    [5u32, 23, 40, 70]
+        .iter()
+        .enumerate()
+        .map(|(i, &len)| {
+            Prompt::Ids(
+                std::iter::once(2)
+                    .chain((1..len).map(|k| 300 + (k * 29 + i as u32 * 13) % 600))
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The answers (tokens, top-5 logprobs) of `prompts`, read in prefill steps of `prefill_step`, on an
+/// engine that reads one prompt at a time and on one that takes them all at once (queued while it
+/// loads its model, so that its first step sees them all), and the most prompts the second read in one
+/// forward.
+fn alone_and_together(
+    dir: &Path,
+    prompts: &[Prompt],
+    prefill_step: usize,
+) -> (Vec<Answer>, Vec<Answer>, usize) {
+    let submit = |engine: &Engine, p: &Prompt| {
+        let mut r = request(12);
+        r.prompt = p.clone();
+        r.options.logprobs = true;
+        r.options.top_logprobs = 5;
+        r.options.prefill_step = prefill_step;
+        engine.submit(r).unwrap()
+    };
+    let mut config = EngineConfig::new(dir);
+    config.max_sequences = 1;
+    let lone = Engine::start(config).unwrap();
+    lone.wait_ready().unwrap();
+    let alone: Vec<_> = prompts
+        .iter()
+        .map(|p| answer_of(submit(&lone, p)))
+        .collect();
+    assert_eq!(lone.status().info.largest_prefill_batch, 1);
+    assert!(lone.shutdown(Duration::from_secs(20)));
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let mut config = EngineConfig::new(dir);
+        config.max_sequences = prompts.len();
+        config.preload = false;
+        let batched = Engine::start(config).unwrap();
+        let rxs: Vec<_> = prompts.iter().map(|p| submit(&batched, p)).collect();
+        // Not loaded yet, with all of them queued: the first step takes them all.
+        let queued = matches!(
+            batched.status().state,
+            EngineState::Unloaded | EngineState::Loading { .. }
+        );
+        let got: Vec<_> = rxs.into_iter().map(answer_of).collect();
+        let largest = batched.status().info.largest_prefill_batch;
+        assert!(batched.shutdown(Duration::from_secs(20)));
+        if queued {
+            return (alone, got, largest);
+        }
+        assert!(
+            attempts < 5,
+            "the model loaded before the submissions, 5 times"
+        );
+    }
+}
+
+/// Prompts that arrive together are read together: four prompts of 5 to 70 tokens, queued while the
+/// engine loads its model, are read in one packed forward (`largest_prefill_batch`: one pass over the
+/// weights, not four) and each answers exactly as it does on an engine that reads one prompt at a time:
+/// the same tokens, top-5 logprobs within 1e-4. On the dense and the MoE fixture, in f32 and 4-bit.
 #[test]
 fn prompts_sent_together_are_read_in_one_forward_and_answer_as_alone() {
     let _serial = serial();
     let root = tiny().parent().unwrap().to_path_buf();
+    let step = jemma_engine::generate::GenerateOptions::default().prefill_step;
     for name in ["tiny", "tiny-q4", "moe", "moe-q4"] {
-        let dir = root.join(name);
-        let prompts: Vec<Prompt> = [5u32, 23, 40, 70]
-            .iter()
-            .enumerate()
-            .map(|(i, &len)| {
-                Prompt::Ids(
-                    std::iter::once(2)
-                        .chain((1..len).map(|k| 300 + (k * 29 + i as u32 * 13) % 600))
-                        .collect(),
-                )
-            })
-            .collect();
-        let submit = |engine: &Engine, p: &Prompt| {
-            let mut r = request(12);
-            r.prompt = p.clone();
-            r.options.logprobs = true;
-            r.options.top_logprobs = 5;
-            engine.submit(r).unwrap()
-        };
-        let mut config = EngineConfig::new(&dir);
-        config.max_sequences = 1;
-        let lone = Engine::start(config).unwrap();
-        lone.wait_ready().unwrap();
-        let alone: Vec<_> = prompts
-            .iter()
-            .map(|p| answer_of(submit(&lone, p)))
-            .collect();
-        assert_eq!(lone.status().info.largest_prefill_batch, 1, "{name}");
-        assert!(lone.shutdown(Duration::from_secs(20)));
-        let mut attempts = 0;
-        let (together, largest) = loop {
-            attempts += 1;
-            let mut config = EngineConfig::new(&dir);
-            config.max_sequences = 4;
-            config.preload = false;
-            let batched = Engine::start(config).unwrap();
-            let rxs: Vec<_> = prompts.iter().map(|p| submit(&batched, p)).collect();
-            // Not loaded yet, with all four queued: the first step takes them all.
-            let queued = matches!(
-                batched.status().state,
-                EngineState::Unloaded | EngineState::Loading { .. }
-            );
-            let got: Vec<_> = rxs.into_iter().map(answer_of).collect();
-            let largest = batched.status().info.largest_prefill_batch;
-            assert!(batched.shutdown(Duration::from_secs(20)));
-            if queued {
-                break (got, largest);
-            }
-            assert!(
-                attempts < 5,
-                "the model loaded before four submissions, 5 times"
-            );
-        };
+        let (alone, together, largest) =
+            alone_and_together(&root.join(name), &four_prompts(), step);
         assert_eq!(
             largest, 4,
             "{name}: the four prompts were not read in one forward"
         );
+        for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+            assert_eq!(a.0, t.0, "{name}: prompt {i}: tokens");
+            let d = max_diff(&a.1, &t.1);
+            assert!(d <= 1e-4, "{name}: prompt {i}: logprobs differ by {d}");
+        }
+    }
+}
+
+/// The last chunk a step's budget cannot hold whole is cut to what is left, as vLLM cuts it, and read in
+/// the same forward: in steps of 48 tokens, the prompts of 5 and 23 tokens leave 22 (4 and 22 are read,
+/// each prompt's last token is the first step's), so the third prompt's 39 are cut to 22 and read beside
+/// them (3 in one forward; without the cut it waited for the next step and the forward read 2). Each
+/// answer, its prompt read in other chunks than alone, is the same: tokens, top-5 logprobs within 1e-4.
+#[test]
+fn a_chunk_the_step_cannot_hold_is_cut_to_what_is_left() {
+    let _serial = serial();
+    let root = tiny().parent().unwrap().to_path_buf();
+    for name in ["tiny", "moe-q4"] {
+        let (alone, together, largest) = alone_and_together(&root.join(name), &four_prompts(), 48);
+        assert_eq!(largest, 3, "{name}: the third prompt was not cut to fit");
         for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
             assert_eq!(a.0, t.0, "{name}: prompt {i}: tokens");
             let d = max_diff(&a.1, &t.1);

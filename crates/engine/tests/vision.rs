@@ -409,3 +409,64 @@ fn control_tokens_a_client_types_are_read_as_text() {
             .contains("What is <|image|>?")
     );
 }
+
+/// A tower runs in the step that reads its image and not before: with chunks of 8, the chunk at 8 stops
+/// before the image at 12 (a chunk never cuts one), so the image is not encoded yet (it used to be, a
+/// step early, by a horizon of one prefill step: its tower time fell in a step whose budget did not count
+/// it); the chunk at 12 holds the image whole, and lists its soft tokens as the tower's share of that
+/// step's work.
+#[test]
+fn an_image_is_encoded_with_the_chunk_that_reads_it() {
+    let (model, _, _) = gemma4::load(&fixture_named("tiny-mm"), None).unwrap();
+    let hidden = model.config().hidden_size as i32;
+    let (start, len) = (12usize, 8usize);
+    let mut prompt: Vec<u32> = (0..40).map(|k| 300 + k).collect();
+    prompt[start..start + len].fill(IMAGE as u32);
+    let run = jemma_engine::generate::MediaRun {
+        start,
+        len,
+        features: None,
+        digest: 7,
+        bidirectional: true,
+    };
+    let opts = jemma_engine::generate::GenerateOptions {
+        max_tokens: 1,
+        prefill_step: 8,
+        ..Default::default()
+    };
+    let mut g = jemma_engine::generate::Generation::resume_with_media(
+        &model,
+        &prompt,
+        vec![run],
+        opts,
+        || None,
+    )
+    .unwrap();
+    let mut seen = vec![];
+    while g.prefilled() < start {
+        seen.push((
+            g.prefilled(),
+            g.next_chunk(&model),
+            g.media_to_encode(&model),
+            g.media_tokens_to_encode(&model),
+        ));
+        g.prefill(&model).unwrap();
+    }
+    assert_eq!(
+        seen,
+        [(0, 8, vec![], 0), (8, 4, vec![], 0)],
+        "(read, chunk, runs to encode, their soft tokens) before the image"
+    );
+    assert_eq!(
+        (g.next_chunk(&model), g.media_to_encode(&model)),
+        (len, vec![0])
+    );
+    assert_eq!(g.media_tokens_to_encode(&model), len);
+    // Encoded, it is no longer owed, and the chunk reads it.
+    let features =
+        mlx_rs::random::normal::<f32>(&[1, len as i32, hidden], None, None, None).unwrap();
+    g.set_media_features(0, features).unwrap();
+    assert_eq!(g.media_tokens_to_encode(&model), 0);
+    g.prefill(&model).unwrap();
+    assert_eq!(g.prefilled(), start + len);
+}
