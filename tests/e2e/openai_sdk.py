@@ -278,6 +278,20 @@ for seed in range(5):
         check(f"responses text.format (seed {seed}): the answer validates", valid(json.loads(r.output_text), shape),
               r.output_text)
 check(f"responses text.format json_schema: answers validate ({ended}/5 ended)", ended >= 3, ended)
+# Chat completions: a field the API does not define is a 400 naming it (as OpenAI answers), and OpenAI's
+# reasoning_effort is honoured as thinking on or off.
+for label, kwargs, param in (("an unknown field", {"extra_body": {"cache_prompt": True}}, "cache_prompt"),
+                             ("functions (deprecated)", {"extra_body": {"functions": [{"name": "f"}]}}, "functions"),
+                             ("top_logprobs without logprobs", {"top_logprobs": 2}, "top_logprobs")):
+    try:
+        client.chat.completions.create(model="primary", max_tokens=4,
+                                       messages=[{"role": "user", "content": "x"}], **kwargs)
+        check(f"chat: {label} rejected", False)
+    except openai.BadRequestError as e:
+        check(f"chat: {label} → 400 naming {param}", e.body["param"] == param, e.body)
+r = client.chat.completions.create(model="primary", max_tokens=4, reasoning_effort="low",
+                                   messages=[{"role": "user", "content": "x"}])
+check("chat: reasoning_effort low is taken (thinking off)", r.choices[0].finish_reason in ("stop", "length"), r)
 for label, kwargs, param in (("store: true", {"store": True}, "store"),
                              ("previous_response_id", {"previous_response_id": "resp_x"}, "previous_response_id"),
                              ("a hosted tool", {"tools": [{"type": "web_search"}]}, "tools[0].type")):

@@ -326,10 +326,18 @@ impl ResponsesRequest {
                                         &format!("{p}.name"),
                                     )
                                 })?;
-                            let arguments = item
-                                .get("arguments")
-                                .and_then(Value::as_str)
-                                .unwrap_or("{}");
+                            // OpenAI's arguments are a JSON string; another value is refused, not
+                            // replaced by an empty call.
+                            let arguments = match item.get("arguments") {
+                                None | Some(Value::Null) => "{}",
+                                Some(Value::String(a)) => a.as_str(),
+                                Some(_) => {
+                                    return Err(RouterError::invalid(
+                                        "arguments must be a string of JSON",
+                                        &format!("{p}.arguments"),
+                                    ));
+                                }
+                            };
                             if serde_json::from_str::<Value>(arguments).is_err() {
                                 return Err(RouterError::invalid(
                                     "arguments are not JSON",
@@ -371,7 +379,13 @@ impl ResponsesRequest {
                                     &parts(v, &format!("{p}.output"))?,
                                     &format!("{p}.output"),
                                 )?,
-                                _ => String::new(),
+                                None | Some(Value::Null) => String::new(),
+                                Some(_) => {
+                                    return Err(RouterError::invalid(
+                                        "output must be a string or a list of content parts",
+                                        &format!("{p}.output"),
+                                    ));
+                                }
                             };
                             messages.push(Message::tool(id, output));
                         }
@@ -476,16 +490,10 @@ impl ResponsesRequest {
             .filter(|v| !v.is_null())
         {
             None => None,
-            Some(e) => match e.as_str() {
-                Some("none" | "minimal" | "low") => Some(false),
-                Some("medium" | "high" | "xhigh") => Some(true),
-                _ => {
-                    return Err(RouterError::invalid(
-                        "reasoning.effort must be none, minimal, low, medium, high or xhigh",
-                        "reasoning.effort",
-                    ));
-                }
-            },
+            Some(e) => Some(crate::api::request::thinking_for_effort(
+                e.as_str().unwrap_or_default(),
+                "reasoning.effort",
+            )?),
         };
         let echo = Echo {
             model: self.model.clone().unwrap_or_else(|| "auto".into()),
@@ -938,6 +946,20 @@ mod tests {
         assert_eq!(
             param(json!({"tools": [{"type": "web_search"}]})),
             "tools[0].type"
+        );
+        // A call's arguments and its output are refused when malformed, not replaced by empty ones.
+        assert_eq!(
+            param(
+                json!({"input": [{"type": "function_call", "call_id": "c", "name": "f",
+                "arguments": {"city": "Paris"}}]})
+            ),
+            "input[0].arguments"
+        );
+        assert_eq!(
+            param(
+                json!({"input": [{"type": "function_call_output", "call_id": "c", "output": 21}]})
+            ),
+            "input[0].output"
         );
     }
 }

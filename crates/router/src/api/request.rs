@@ -1,7 +1,8 @@
 //! The OpenAI request bodies and their validation into the [`ChatRequest`] every backend receives.
 //!
 //! Validation happens here, once, and reports the offending field (`param`) so the HTTP layer can answer
-//! with OpenAI's error shape. Unknown fields are accepted and ignored, as OpenAI does.
+//! with OpenAI's error shape. A field the API does not define is refused by name, as OpenAI refuses an
+//! unrecognized argument ([`refuse_extra`]): a field accepted is a field honoured.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -153,6 +154,93 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<BTreeMap<String, Value>>,
+    /// How hard the model thinks: `none`, `minimal` or `low` answer without thinking, `medium`, `high`
+    /// or `xhigh` think first (Gemma 4 thinks or not; as the Responses API's `reasoning.effort`).
+    /// `enable_thinking` wins when both are sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reasoning_effort: Option<String>,
+    /// The fields this API does not define, kept to be refused by name ([`refuse_extra`]).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(ignore)]
+    pub extra: BTreeMap<String, Value>,
+}
+
+/// Which body [`refuse_extra`] checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    Chat,
+    Completion,
+}
+
+/// Refuses the fields of a body that its type does not define (400, `param` naming the field), as OpenAI
+/// refuses an unrecognized argument, except those of OpenAI's that ask for nothing Jemma leaves undone:
+/// `store: false`, `metadata` (kept only with a stored completion), `service_tier` `auto` or `default`,
+/// the hints `prompt_cache_key` and `safety_identifier` (the prefix cache works without a key),
+/// `modalities: ["text"]` and `verbosity: "medium"`; and on `/v1/completions` `echo: false`,
+/// `best_of: 1` and an empty `suffix`. A null stands for an absent field. Those OpenAI defines that
+/// Jemma cannot honour are refused with the reason (`functions`: send `tools`; audio output, predicted
+/// outputs, web search; completion `logprobs`, `echo`, `suffix`, `best_of` above 1).
+fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), RouterError> {
+    for (k, v) in extra.iter().filter(|(_, v)| !v.is_null()) {
+        let fine = match (k.as_str(), body) {
+            ("store", _) => v == &Value::Bool(false),
+            ("metadata", _) => v.is_object(),
+            ("service_tier", _) => matches!(v.as_str(), Some("auto" | "default")),
+            ("prompt_cache_key" | "safety_identifier", _) => v.is_string(),
+            ("modalities", Body::Chat) => v == &serde_json::json!(["text"]),
+            ("verbosity", Body::Chat) => v.as_str() == Some("medium"),
+            ("echo", Body::Completion) => v == &Value::Bool(false),
+            ("best_of", Body::Completion) => v.as_u64() == Some(1),
+            ("suffix", Body::Completion) => v.as_str() == Some(""),
+            _ => false,
+        };
+        if fine {
+            continue;
+        }
+        let why = match (k.as_str(), body) {
+            ("store", _) => "store: Jemma keeps no completions (store must be false)".into(),
+            ("metadata", _) => "metadata must be an object".into(),
+            ("service_tier", _) => {
+                "service_tier: this server has one service tier (auto or default)".into()
+            }
+            ("prompt_cache_key" | "safety_identifier", _) => format!("{k} must be a string"),
+            ("functions" | "function_call", Body::Chat) => {
+                format!("{k} (deprecated) is not supported: send tools and tool_choice")
+            }
+            ("modalities" | "audio", Body::Chat) => {
+                format!("{k}: Gemma answers in text only (modalities [\"text\"])")
+            }
+            ("verbosity", Body::Chat) => "verbosity cannot be honoured (only medium)".into(),
+            ("prediction", Body::Chat) => "prediction (predicted outputs) is not supported".into(),
+            ("web_search_options", Body::Chat) => {
+                "web_search_options: this server has no web search".into()
+            }
+            ("logprobs", Body::Completion) => {
+                "logprobs is not supported on /v1/completions (chat completions return logprobs)"
+                    .into()
+            }
+            ("echo", Body::Completion) => "echo is not supported (echo must be false)".into(),
+            ("best_of", Body::Completion) => "only best_of=1 is supported".into(),
+            ("suffix", Body::Completion) => "suffix (insertion) is not supported".into(),
+            _ => format!("Unrecognized request argument supplied: {k}"),
+        };
+        return Err(RouterError::invalid(why, k.as_str()));
+    }
+    Ok(())
+}
+
+/// Thinking asked for with OpenAI's `reasoning_effort` (or the Responses API's `reasoning.effort`):
+/// Gemma 4 thinks or not, so the lower efforts answer without it. Errors: another value, as a 400 on
+/// `param`.
+pub(crate) fn thinking_for_effort(effort: &str, param: &str) -> Result<bool, RouterError> {
+    match effort {
+        "none" | "minimal" | "low" => Ok(false),
+        "medium" | "high" | "xhigh" => Ok(true),
+        _ => Err(RouterError::invalid(
+            format!("{param} must be none, minimal, low, medium, high or xhigh"),
+            param,
+        )),
+    }
 }
 
 /// A validated, normalised request as backends receive it.
@@ -787,6 +875,7 @@ impl ChatCompletionRequest {
         {
             return Err(RouterError::invalid("only n=1 is supported", "n"));
         }
+        refuse_extra(&self.extra, Body::Chat)?;
         let seen = check_messages(&self.messages, limits)?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
@@ -813,6 +902,13 @@ impl ChatCompletionRequest {
         }
         let logit_bias = logit_bias(self.logit_bias.unwrap_or_default())?;
         let top_logprobs = self.top_logprobs.unwrap_or(0);
+        // OpenAI's rule: the top ones come with the chosen token's, which only logprobs asks for.
+        if top_logprobs > 0 && self.logprobs != Some(true) {
+            return Err(RouterError::invalid(
+                "top_logprobs needs logprobs: true",
+                "top_logprobs",
+            ));
+        }
         if top_logprobs as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS {
             return Err(RouterError::invalid(
                 format!(
@@ -833,12 +929,19 @@ impl ChatCompletionRequest {
                 "response_format.json_schema.schema",
             ));
         }
-        let enable_thinking = self.enable_thinking.or_else(|| {
-            self.chat_template_kwargs
-                .as_ref()
-                .and_then(|k| k.get("enable_thinking"))
-                .and_then(Value::as_bool)
-        });
+        let effort = match &self.reasoning_effort {
+            Some(e) => Some(thinking_for_effort(e, "reasoning_effort")?),
+            None => None,
+        };
+        let enable_thinking = self
+            .enable_thinking
+            .or_else(|| {
+                self.chat_template_kwargs
+                    .as_ref()
+                    .and_then(|k| k.get("enable_thinking"))
+                    .and_then(Value::as_bool)
+            })
+            .or(effort);
         Ok(ChatRequest {
             requested_model: self.model.unwrap_or_else(|| "auto".into()),
             messages: self.messages,
@@ -1163,11 +1266,35 @@ pub struct CompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(minimum = 1, maximum = 1)]
     pub n: Option<u32>,
+    /// Drop tokens below this fraction of the top token's probability, 0–1 (as in chat completions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 1)]
+    pub min_p: Option<f32>,
+    /// Divides (or, for a negative logit, multiplies) the logits of tokens in the last 20 generated or
+    /// prompt tokens, > 0 (absent or 1: off; as in chat completions).
+    #[serde(
+        default,
+        deserialize_with = "positive_f32",
+        skip_serializing_if = "Option::is_none"
+    )]
+    #[schema(exclusive_minimum = 0)]
+    pub repetition_penalty: Option<f32>,
+    /// Token id (as a string) → bias added to its logit, −100 to 100 (as in chat completions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_bias: Option<BTreeMap<String, f32>>,
+    /// End-user id (accepted as OpenAI's; not used).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// The fields this API does not define, kept to be refused by name ([`refuse_extra`]).
+    #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schema(ignore)]
+    pub extra: BTreeMap<String, Value>,
 }
 
 impl CompletionRequest {
     /// Validates through the chat path (same limits and checks) and marks the prompt as raw.
     pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
+        refuse_extra(&self.extra, Body::Completion)?;
         let prompt = match &self.prompt {
             Value::String(s) => s.clone(),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => {
@@ -1198,6 +1325,10 @@ impl CompletionRequest {
             stream: self.stream,
             stream_options: self.stream_options,
             n: self.n,
+            min_p: self.min_p,
+            repetition_penalty: self.repetition_penalty,
+            logit_bias: self.logit_bias,
+            user: self.user,
             ..Default::default()
         };
         let mut r = chat.validate(limits)?;
@@ -1251,6 +1382,117 @@ mod tests {
         match e {
             RouterError::InvalidRequest { param, .. } => param,
             e => panic!("not a 400: {e:?}"),
+        }
+    }
+
+    /// A field the API does not define is a 400 naming it, as OpenAI answers; OpenAI's own fields that
+    /// ask for nothing undone pass, and those that cannot be honoured say why.
+    #[test]
+    fn fields_the_api_does_not_define_are_refused_by_name() {
+        let chat = |extra: Value| {
+            let mut body = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<ChatCompletionRequest>(body)
+                .unwrap()
+                .validate(&Limits::default())
+        };
+        for ok in [
+            serde_json::json!({"store": false, "metadata": {"k": "v"}, "service_tier": "auto"}),
+            serde_json::json!({"prompt_cache_key": "c1", "safety_identifier": "u", "user": "u"}),
+            serde_json::json!({"modalities": ["text"], "verbosity": "medium", "functions": null}),
+        ] {
+            assert!(chat(ok.clone()).is_ok(), "{ok}");
+        }
+        for (bad, name, says) in [
+            (
+                serde_json::json!({"cache_prompt": true}),
+                "cache_prompt",
+                "Unrecognized",
+            ),
+            (
+                serde_json::json!({"store": true}),
+                "store",
+                "keeps no completions",
+            ),
+            (
+                serde_json::json!({"functions": [{"name": "f"}]}),
+                "functions",
+                "send tools",
+            ),
+            (
+                serde_json::json!({"modalities": ["text", "audio"]}),
+                "modalities",
+                "text only",
+            ),
+            (
+                serde_json::json!({"service_tier": "flex"}),
+                "service_tier",
+                "one service tier",
+            ),
+            (
+                serde_json::json!({"prediction": {"type": "content"}}),
+                "prediction",
+                "predicted",
+            ),
+            (
+                serde_json::json!({"reasoning_effort": "max"}),
+                "reasoning_effort",
+                "none, minimal",
+            ),
+            (
+                serde_json::json!({"top_logprobs": 3}),
+                "top_logprobs",
+                "logprobs: true",
+            ),
+        ] {
+            let e = chat(bad.clone()).unwrap_err();
+            assert!(e.to_string().contains(says), "{bad}: {e}");
+            assert_eq!(param(e).as_deref(), Some(name), "{bad}");
+        }
+        // OpenAI's reasoning_effort is Gemma 4's thinking, on or off; enable_thinking wins.
+        let think = |extra: Value| chat(extra).unwrap().enable_thinking;
+        assert_eq!(
+            think(serde_json::json!({"reasoning_effort": "low"})),
+            Some(false)
+        );
+        assert_eq!(
+            think(serde_json::json!({"reasoning_effort": "high"})),
+            Some(true)
+        );
+        assert_eq!(
+            think(serde_json::json!({"reasoning_effort": "high", "enable_thinking": false})),
+            Some(false)
+        );
+        let completion = |extra: Value| {
+            let mut body = serde_json::json!({"prompt": "Once"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            serde_json::from_value::<CompletionRequest>(body)
+                .unwrap()
+                .validate(&Limits::default())
+        };
+        let r = completion(serde_json::json!({
+            "echo": false, "best_of": 1, "suffix": "", "logprobs": null, "user": "u",
+            "min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"7": -100}
+        }))
+        .unwrap();
+        assert_eq!(
+            (r.min_p, r.repetition_penalty, r.logit_bias),
+            (Some(0.1), Some(1.2), vec![(7, -100.0)]),
+            "the sampling fields chat takes are honoured on completions too"
+        );
+        for (bad, name) in [
+            (serde_json::json!({"logprobs": 5}), "logprobs"),
+            (serde_json::json!({"echo": true}), "echo"),
+            (serde_json::json!({"best_of": 3}), "best_of"),
+            (serde_json::json!({"suffix": "end"}), "suffix"),
+            (serde_json::json!({"messages": []}), "messages"),
+        ] {
+            let e = completion(bad.clone()).unwrap_err();
+            assert_eq!(param(e).as_deref(), Some(name), "{bad}");
         }
     }
 
