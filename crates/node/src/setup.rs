@@ -445,6 +445,20 @@ fn factory(
         max_batch: sp.max_batch,
         adaptive: sp.adaptive,
     };
+    // The MLX engine's KV quantization, as the tier writes it (for the refusal on a GGUF tier).
+    let kv_settings = {
+        let d = TierConfig::default();
+        [
+            ("kv_bits", c.kv_bits.is_some()),
+            ("kv_group_size", c.kv_group_size != d.kv_group_size),
+            (
+                "quantized_kv_start",
+                c.quantized_kv_start != d.quantized_kv_start,
+            ),
+        ]
+        .into_iter()
+        .find_map(|(k, set)| set.then_some(k))
+    };
     let kv = c.kv_bits.map(|bits| jemma_engine::models::gemma4::KvQuant {
         bits,
         group_size: c.kv_group_size,
@@ -526,6 +540,15 @@ fn factory(
             return Err(format!(
                 "{}: `mmproj`, `image_tokens` and `video_tokens` are settings of GGUF tiers (the llama.cpp \
                  engine); an MLX model reads its towers and budgets from its own checkpoint: remove them",
+                path.display()
+            ));
+        }
+        // llama.cpp quantizes its cache by type (llama-server's --cache-type-k), not by MLX's bits and
+        // groups: the settings would be silently ignored on a GGUF tier.
+        if let Some(key) = kv_settings.filter(|_| is_gguf) {
+            return Err(format!(
+                "{}: `{key}` is a setting of MLX tiers (mlx-lm's quantized KV cache); the llama.cpp \
+                 engine keeps its cache in 16 bits: remove it",
                 path.display()
             ));
         }
@@ -967,15 +990,49 @@ mod tests {
         }
     }
 
-    fn refused_on_mlx(cfg: &jemma_router::config::Config, tier: &jemma_router::config::TierConfig) {
-        let f = super::factory(
+    /// MLX's KV quantization on a GGUF tier is refused, naming the setting, rather than ignored.
+    #[test]
+    fn mlx_kv_settings_on_a_gguf_tier_are_refused() {
+        let cfg = jemma_router::config::Config::default();
+        for (key, tier) in [
+            (
+                "kv_bits",
+                jemma_router::config::TierConfig {
+                    kv_bits: Some(8),
+                    ..Default::default()
+                },
+            ),
+            (
+                "quantized_kv_start",
+                jemma_router::config::TierConfig {
+                    quantized_kv_start: 0,
+                    ..Default::default()
+                },
+            ),
+        ] {
+            match factory_for(&cfg, &tier)("/nonexistent/model.gguf".into(), "t".into()) {
+                Err(e) => assert!(e.contains(key) && e.contains("MLX tiers"), "{e}"),
+                Ok(_) => panic!("a GGUF tier took {key}"),
+            }
+        }
+    }
+
+    fn factory_for(
+        cfg: &jemma_router::config::Config,
+        tier: &jemma_router::config::TierConfig,
+    ) -> super::BackendFactory {
+        super::factory(
             tier,
             64,
             jemma_router::api::Limits::default(),
             &super::memory_governor(cfg),
             Default::default(),
             std::sync::Arc::new(super::HubResolver::from_config(cfg, &|_| None).unwrap()),
-        );
+        )
+    }
+
+    fn refused_on_mlx(cfg: &jemma_router::config::Config, tier: &jemma_router::config::TierConfig) {
+        let f = factory_for(cfg, tier);
         let key = if tier.image_tokens.is_some() {
             "image_tokens"
         } else if tier.video_tokens.is_some() {

@@ -587,8 +587,9 @@ impl Default for TierConfig {
 
 impl TierConfig {
     /// The settings of an in-process engine this tier sets away from their defaults, by their TOML
-    /// names (empty for a tier that sets none). An openai tier may set none of them: its upstream
-    /// server loads the model, sizes its cache and encodes media itself.
+    /// names (empty for a tier that sets none). An openai tier, or a pool without a local endpoint, may
+    /// set none of them: its upstream servers load the model, size their caches and sample and encode
+    /// media themselves.
     pub fn local_only_settings(&self) -> Vec<&'static str> {
         let d = Self::default();
         [
@@ -605,6 +606,8 @@ impl TierConfig {
             ("image_tokens", self.image_tokens.is_some()),
             ("video_tokens", self.video_tokens.is_some()),
             ("flash_attention", self.flash_attention.is_some()),
+            ("video_frames", self.video_frames.is_some()),
+            ("video_seconds", self.video_seconds.is_some()),
         ]
         .into_iter()
         .filter_map(|(k, set)| set.then_some(k))
@@ -644,33 +647,40 @@ impl Config {
             )));
         }
         for (t, c) in &self.tiers {
-            if !c.endpoints.is_empty() {
+            // Whether this node's engine serves the tier (or one endpoint of its pool).
+            let local = if !c.endpoints.is_empty() {
                 check_pool(*t, c)?;
-                continue;
-            }
-            match c.kind {
-                TierKind::Local if c.model.is_empty() => {
-                    return Err(RouterError::Config(format!(
-                        "tiers.{t}: a local tier needs model = \"<model directory or .gguf file>\" (a \
-                         disabled one too: it can be switched on while serving)"
-                    )));
-                }
-                TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {
-                    return Err(RouterError::Config(format!(
-                        "tiers.{t}: an openai tier needs url"
-                    )));
-                }
-                // The upstream loads, caches and encodes on its own terms: these settings of the
-                // in-process engines would be silently ignored on it.
-                TierKind::Openai => {
-                    if let Some(key) = c.local_only_settings().first() {
+                c.endpoints.iter().any(|e| e.kind() == EndpointKind::Local)
+            } else {
+                match c.kind {
+                    TierKind::Local if c.model.is_empty() => {
                         return Err(RouterError::Config(format!(
-                            "tiers.{t}: {key} is a setting of local tiers (the in-process engine's); an \
-                             openai tier's upstream chooses its own: remove it"
+                            "tiers.{t}: a local tier needs model = \"<model directory or .gguf file>\" \
+                             (a disabled one too: it can be switched on while serving)"
                         )));
                     }
+                    TierKind::Local if c.url.is_some() || c.api_key.is_some() => {
+                        return Err(RouterError::Config(format!(
+                            "tiers.{t}: url and api_key are an openai tier's; a local tier serves its \
+                             model on this machine: remove them, or set kind = \"openai\""
+                        )));
+                    }
+                    TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {
+                        return Err(RouterError::Config(format!(
+                            "tiers.{t}: an openai tier needs url"
+                        )));
+                    }
+                    _ => {}
                 }
-                _ => {}
+                c.kind == TierKind::Local
+            };
+            // An upstream loads, caches, samples video and encodes media on its own terms: these
+            // settings of the in-process engines would be silently ignored on it.
+            if !local && let Some(key) = c.local_only_settings().first() {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: {key} is a setting of local tiers (the in-process engine's); an \
+                     upstream chooses its own: remove it"
+                )));
             }
             if c.max_concurrency == Some(0) {
                 return Err(RouterError::Config(format!(
@@ -711,7 +721,7 @@ impl Config {
                 }
             }
             if let Some(sp) = &c.speculative {
-                let bad = if c.kind != TierKind::Local {
+                let bad = if !local {
                     Some(
                         "only a local tier can speculate (an upstream server speculates itself); remove this section",
                     )
@@ -1097,10 +1107,28 @@ first_token_timeout_secs = 600
             ("image_tokens", "image_tokens = 280"),
             ("video_tokens", "video_tokens = 70"),
             ("flash_attention", "flash_attention = \"on\""),
+            ("video_frames", "video_frames = 4"),
+            ("video_seconds", "video_seconds = 10.0"),
         ] {
             let e = upstream(line).unwrap_err().to_string();
             assert!(e.contains(key) && e.contains("tiers.heavy"), "{line}: {e}");
         }
+        // A pool of upstreams likewise; one with this node's engine among them keeps them.
+        let pool = |endpoint: &str| {
+            Config::parse(&format!(
+                "[tiers.heavy]\nmodel = \"x.gguf\"\nkv_bits = 8\n[[tiers.heavy.endpoints]]\n{endpoint}\n"
+            ))
+        };
+        let e = pool("kind = \"openai\"\nurl = \"http://x\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kv_bits"), "{e}");
+        assert!(pool("kind = \"local\"").is_ok());
+        // A local tier has no upstream to send a key to.
+        let e = Config::parse("[tiers.fast]\nmodel = \"x.gguf\"\napi_key = \"k\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("api_key"), "{e}");
         // The same lines stay a local tier's.
         assert!(
             Config::parse("[tiers.fast]\nmodel = \"x.gguf\"\nkv_bits = 8\ncontext_length = 4096\n")
