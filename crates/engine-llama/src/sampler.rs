@@ -37,10 +37,16 @@ pub(crate) fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
             chain.push(LlamaSampler::min_p(s.min_p, 1));
         }
         chain.push(LlamaSampler::temp(s.temperature));
-        let seed = s.seed.map_or_else(rand_seed, |v| v as u32);
+        let seed = s.seed.map_or_else(rand_seed, seed32);
         chain.push(LlamaSampler::dist(seed));
     }
     Ok(LlamaSampler::chain_simple(chain))
+}
+
+/// llama.cpp's samplers take a 32-bit seed: the high half of the request's 64 bits is folded in, so that
+/// seeds 2^32 apart draw differently (as they do on the MLX engine), and a seed below 2^32 is itself.
+pub(crate) fn seed32(seed: u64) -> u32 {
+    (seed ^ (seed >> 32)) as u32
 }
 
 pub(crate) fn rand_seed() -> u32 {
@@ -131,7 +137,15 @@ pub(crate) fn cores() -> usize {
 
 #[cfg(test)]
 mod tests {
-    use super::{argmax, argmax_rows};
+    use super::{argmax, argmax_rows, seed32};
+
+    /// Seeds 2^32 apart are different seeds to llama.cpp too; a small seed is passed as it is.
+    #[test]
+    fn every_bit_of_a_seed_counts() {
+        assert_eq!(seed32(7), 7);
+        assert_ne!(seed32(7), seed32(7 + (1 << 32)));
+        assert_ne!(seed32(1 << 40), seed32(0));
+    }
 
     /// Spread over threads or not, every row's argmax is its own, in order.
     #[test]
