@@ -59,6 +59,13 @@ pub fn described(limits: &Limits) -> Value {
             p.insert("maximum".into(), limits.max_tokens_ceiling.into());
         }
     }
+    // A field these bodies do not define is refused (400): the description says so, so that a client
+    // or a fuzzer does not take an extra field for one that is read.
+    for schema in ["ChatCompletionRequest", "CompletionRequest"] {
+        if let Some(s) = schemas[schema].as_object_mut() {
+            s.insert("additionalProperties".into(), false.into());
+        }
+    }
     if let Some(p) = schemas["ChatCompletionRequest"]["properties"]["messages"].as_object_mut() {
         p.insert("maxItems".into(), limits.max_messages.into());
     }
@@ -283,6 +290,16 @@ mod tests {
         assert_eq!(
             doc["components"]["schemas"]["ChatCompletionRequest"]["properties"]["max_tokens"]["maximum"],
             64
+        );
+        // The bodies refuse fields they do not define, and say so; the catch-all that finds them is not
+        // a field.
+        let chat = &doc["components"]["schemas"]["ChatCompletionRequest"];
+        assert_eq!(chat["additionalProperties"], false);
+        assert!(chat["properties"]["reasoning_effort"].is_object());
+        assert!(chat["properties"].get("extra").is_none());
+        assert_eq!(
+            doc["components"]["schemas"]["CompletionRequest"]["additionalProperties"],
+            false
         );
         for p in [
             "/v1/chat/completions",
