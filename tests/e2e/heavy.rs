@@ -188,6 +188,27 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
         text.contains("\"tier\":\"heavy\"") && text.trim_end().ends_with("data: [DONE]"),
         "{text}"
     );
+    // A plain prompt (/v1/completions) is read upstream as it is, by the upstream's own /v1/completions:
+    // the same greedy text as asking the heavy server directly (as a chat, its template would wrap it).
+    let complete = |url: String, key: Option<&'static str>| {
+        let client = client.clone();
+        async move {
+            let mut rb = client.post(format!("{url}/v1/completions")).json(&json!({
+                "model": "heavy", "prompt": "The capital of France is", "max_tokens": 8,
+                "temperature": 0
+            }));
+            if let Some(k) = key {
+                rb = rb.bearer_auth(k);
+            }
+            let r = rb.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let v: Value = r.json().await.unwrap();
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        }
+    };
+    let direct = complete(heavy.url.clone(), Some("sk-heavy-test")).await;
+    assert!(!direct.is_empty());
+    assert_eq!(complete(gw.url.clone(), None).await, direct);
     // A gateway with the wrong key falls back to its local tier and says why.
     drop(gw);
     let gw = Server::start_with(&[], Some(&mac), &[("JEMMA_TEST_HEAVY_KEY", "nope")], None);

@@ -14,8 +14,8 @@ pub use jemma_chat::event::{EngineFailure, FinishReason};
 pub use jemma_media::Modality;
 
 use crate::api::{
-    ChatCompletionChunk, ChatCompletionRequest, ChatRequest, Message, ResponseFormat, Stop,
-    StreamOptions, Usage,
+    ChatCompletionChunk, ChatCompletionRequest, ChatRequest, CompletionRequest, Message,
+    ResponseFormat, Stop, StreamOptions, Usage,
 };
 
 /// One piece of an answer, in order.
@@ -524,6 +524,16 @@ impl OpenAiBackend {
         format!("{}/chat/completions", self.v1())
     }
 
+    /// Where `req` goes upstream: a raw prompt (`/v1/completions`) to the upstream's own
+    /// `/v1/completions`, which reads it as it is (as a chat, the upstream's template would wrap it).
+    fn endpoint_for(&self, req: &ChatRequest) -> String {
+        if req.raw_prompt.is_some() {
+            format!("{}/completions", self.v1())
+        } else {
+            self.endpoint()
+        }
+    }
+
     /// The base URL ending in `/v1`.
     fn v1(&self) -> String {
         let base = self.cfg.url.trim_end_matches('/');
@@ -573,6 +583,36 @@ impl OpenAiBackend {
             }),
             ..Default::default()
         }
+    }
+
+    /// The upstream request for a raw prompt, `/v1/completions`' body: the prompt (with what an earlier
+    /// tier already answered appended, for a continuation), and the sampling fields the client set.
+    fn completion_body(
+        &self,
+        req: &ChatRequest,
+        prompt: &str,
+        continuation: Option<&str>,
+    ) -> Value {
+        let chat = self.body(req, None);
+        let body = CompletionRequest {
+            model: chat.model,
+            prompt: Value::String(format!("{prompt}{}", continuation.unwrap_or_default())),
+            max_tokens: chat.max_tokens,
+            temperature: chat.temperature,
+            top_p: chat.top_p,
+            top_k: chat.top_k,
+            stop: chat.stop,
+            seed: chat.seed,
+            presence_penalty: chat.presence_penalty,
+            frequency_penalty: chat.frequency_penalty,
+            stream: true,
+            stream_options: chat.stream_options,
+            min_p: chat.min_p,
+            repetition_penalty: chat.repetition_penalty,
+            logit_bias: chat.logit_bias,
+            ..Default::default()
+        };
+        serde_json::to_value(body).unwrap_or_default()
     }
 
     fn note(&self, state: BackendState, err: Option<String>) {
@@ -630,6 +670,20 @@ where
     })
 }
 
+/// A `/v1/completions` stream chunk (`choices[].text`, `text_completion`) as the chat chunk it stands for
+/// (`choices[].delta.content`); the legacy `logprobs` object, never asked for, is dropped.
+fn completion_as_chat_chunk(mut v: Value) -> Value {
+    for choice in v["choices"].as_array_mut().into_iter().flatten() {
+        if let Some(c) = choice.as_object_mut() {
+            c.remove("logprobs");
+            if let Some(text) = c.remove("text") {
+                c.insert("delta".into(), serde_json::json!({ "content": text }));
+            }
+        }
+    }
+    v
+}
+
 /// A `Retry-After` value in seconds from `now`: its delay form (`120`) or its HTTP-date form
 /// (`Wed, 21 Oct 2026 07:28:00 GMT`, RFC 9110 §10.2.3), rounded up; a date already past is 0. None: neither.
 pub fn retry_after(value: &str, now: std::time::SystemTime) -> Option<u64> {
@@ -653,10 +707,12 @@ impl Backend for OpenAiBackend {
         req: &ChatRequest,
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
-        let mut rb = self
-            .client
-            .post(self.endpoint())
-            .json(&self.body(req, continuation));
+        let raw = req.raw_prompt.is_some();
+        let body = match &req.raw_prompt {
+            Some(p) => self.completion_body(req, p, continuation),
+            None => serde_json::to_value(self.body(req, continuation)).unwrap_or_default(),
+        };
+        let mut rb = self.client.post(self.endpoint_for(req)).json(&body);
         if let Some(k) = &self.cfg.api_key {
             rb = rb.bearer_auth(k);
         }
@@ -697,7 +753,7 @@ impl Backend for OpenAiBackend {
                     message: format!(
                         "the upstream does not serve model {:?} at {}: {message}",
                         self.cfg.model,
-                        self.endpoint()
+                        self.endpoint_for(req)
                     ),
                     retry_after_secs: None,
                 },
@@ -825,6 +881,8 @@ impl Backend for OpenAiBackend {
                         return;
                     }
                 }
+                // A completion's chunk carries its text where a chat's carries its delta.
+                let v = if raw { completion_as_chat_chunk(v) } else { v };
                 let chunk = match serde_json::from_value::<ChatCompletionChunk>(v) {
                     Ok(c) => c,
                     Err(e) => {

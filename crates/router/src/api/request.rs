@@ -321,8 +321,8 @@ pub struct ChatRequest {
     pub last_user: String,
     /// Rough prompt length in tokens (4 chars/token) for routing before the tokenizer runs.
     pub prompt_tokens_estimate: usize,
-    /// `/v1/completions`: a plain prompt, no chat template (messages then hold it as one user turn for
-    /// backends that only speak chat).
+    /// `/v1/completions`: a plain prompt, read with no chat template, by the local engines and by an
+    /// upstream's own `/v1/completions` (messages also hold it as one user turn, for the classifier).
     pub raw_prompt: Option<String>,
     /// Sent here by another Jemma node's pool (`x-jemma-forwarded`): served by this node's own tier
     /// only, with no fallback and no forwarding to further peers, so that nodes pooling each other
