@@ -240,6 +240,40 @@ fn heavy_server_refuses_to_start_without_its_key() {
     assert!(err.contains("HEAVY_API_KEY"), "{err}");
 }
 
+/// Tiers naming one model share its engine, started with the first tier's settings: a second tier that
+/// sets them otherwise is refused at start, naming the settings, rather than silently served with the
+/// first tier's (the other tests serve fast and primary from one model with the same settings).
+#[test]
+fn tiers_sharing_a_model_must_agree_on_its_engine_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = dir.path().join("jemma.toml");
+    let m = gguf("tiny-q8_0.gguf");
+    std::fs::write(
+        &f,
+        format!(
+            "[tiers.fast]\nmodel = \"{m}\"\npreload = false\n\
+             [tiers.primary]\nmodel = \"{m}\"\npreload = false\ncontext_length = 256\n\
+             default_max_tokens = 32\n",
+            m = m.display()
+        ),
+    )
+    .unwrap();
+    let out = crate::support::output_within(
+        std::process::Command::new(env!("CARGO_BIN_EXE_jemma"))
+            .args(["serve", "--port", "0", "--config"])
+            .arg(&f),
+        crate::support::CMD_DEADLINE,
+    );
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("tier primary")
+            && err.contains("context_length, default_max_tokens")
+            && err.contains("share its engine"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gguf_models_serve_as_local_tiers_through_llama_cpp() {
     let s = Server::start(&["--model", gguf("tiny-q8_0.gguf").to_str().unwrap()], None);

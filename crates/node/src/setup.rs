@@ -426,7 +426,37 @@ impl DraftSource {
 /// The engine for a model path: llama.cpp for a `.gguf` file, else MLX. Engines started through one factory
 /// call for the same path are shared by the tiers that name it (`shared` holds weak references, so an engine
 /// no tier uses any more stops and frees its memory).
-type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, std::sync::Weak<dyn Backend>>>>;
+/// The engines started, by model (and draft, attention and towers), each with the engine settings of the
+/// tier that started it ([`engine_settings`]).
+type SharedEngines = Arc<std::sync::Mutex<BTreeMap<PathBuf, SharedEngine>>>;
+
+/// One started engine that tiers naming its model share, and the settings it was started with.
+type SharedEngine = (std::sync::Weak<dyn Backend>, Vec<(&'static str, String)>);
+
+/// A tier's settings that its engine, once started, holds for every tier sharing it, by TOML name, with
+/// their values as written (defaults included).
+fn engine_settings(c: &TierConfig, default_max_tokens: u32) -> Vec<(&'static str, String)> {
+    let sp = c.speculative.clone().unwrap_or_default();
+    [
+        ("context_length", format!("{:?}", c.context_length)),
+        ("kv_bits", format!("{:?}", c.kv_bits)),
+        ("kv_group_size", c.kv_group_size.to_string()),
+        ("quantized_kv_start", c.quantized_kv_start.to_string()),
+        ("keep_alive_secs", c.keep_alive_secs.to_string()),
+        ("preload", c.preload.to_string()),
+        ("max_queue", c.max_queue.to_string()),
+        ("max_concurrency", c.concurrency().to_string()),
+        ("default_max_tokens", default_max_tokens.to_string()),
+        ("speculative.enabled", sp.enabled.to_string()),
+        (
+            "speculative.max_draft_tokens",
+            sp.max_draft_tokens.to_string(),
+        ),
+        ("speculative.max_batch", sp.max_batch.to_string()),
+        ("speculative.adaptive", sp.adaptive.to_string()),
+    ]
+    .into()
+}
 
 fn factory(
     c: &TierConfig,
@@ -469,6 +499,7 @@ fn factory(
     let parallel = c.concurrency().clamp(1, 64) as u32;
     let (mmproj, image_tokens, video_tokens) = (c.mmproj.clone(), c.image_tokens, c.video_tokens);
     let flash_attention = c.flash_attention;
+    let settings = engine_settings(c, default_max_tokens);
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
         let draft = match &source {
@@ -588,12 +619,24 @@ fn factory(
                 mmproj
             ));
         }
-        if let Some(b) = shared
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        if let Some((b, theirs)) = (shared.lock().unwrap_or_else(|e| e.into_inner()))
             .get(&key)
-            .and_then(std::sync::Weak::upgrade)
+            .and_then(|(b, s)| Some((b.upgrade()?, s.clone())))
         {
+            // The engine is the first tier's: another tier's settings for it would be silently dropped.
+            let differ: Vec<&str> = (theirs.iter().zip(&settings))
+                .filter(|(a, b)| a != b)
+                .map(|(a, _)| a.0)
+                .collect();
+            if !differ.is_empty() {
+                return Err(format!(
+                    "{}: another tier serves this model, and tiers naming one model share its engine, \
+                     whose settings are the first tier's; set {} alike on both (or serve a copy of the \
+                     model under another path)",
+                    path.display(),
+                    differ.join(", ")
+                ));
+            }
             return Ok(b);
         }
         let b: Arc<dyn Backend> = if is_gguf {
@@ -670,7 +713,7 @@ fn factory(
         shared
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(key, Arc::downgrade(&b));
+            .insert(key, (Arc::downgrade(&b), settings.clone()));
         Ok(b)
     })
 }
