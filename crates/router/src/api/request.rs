@@ -134,7 +134,7 @@ pub struct ChatCompletionRequest {
     /// What the answer must be: text, any JSON object, or JSON valid against a schema.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_format: Option<ResponseFormat>,
-    /// End-user id (logged, not used).
+    /// End-user id (accepted as OpenAI's, which uses it for abuse monitoring; not used here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     /// Server-sent events.
@@ -929,6 +929,23 @@ impl ChatCompletionRequest {
                 "response_format.json_schema.schema",
             ));
         }
+        // Gemma 4's template reads one argument; another would be silently dropped.
+        for (k, v) in self.chat_template_kwargs.iter().flatten() {
+            if k != "enable_thinking" {
+                return Err(RouterError::invalid(
+                    format!(
+                        "chat_template_kwargs.{k}: Gemma 4's template takes enable_thinking only"
+                    ),
+                    &format!("chat_template_kwargs.{k}"),
+                ));
+            }
+            if !v.is_boolean() && !v.is_null() {
+                return Err(RouterError::invalid(
+                    "chat_template_kwargs.enable_thinking must be true or false",
+                    "chat_template_kwargs.enable_thinking",
+                ));
+            }
+        }
         let effort = match &self.reasoning_effort {
             Some(e) => Some(thinking_for_effort(e, "reasoning_effort")?),
             None => None,
@@ -1445,6 +1462,16 @@ mod tests {
                 serde_json::json!({"top_logprobs": 3}),
                 "top_logprobs",
                 "logprobs: true",
+            ),
+            (
+                serde_json::json!({"chat_template_kwargs": {"thinking": true}}),
+                "chat_template_kwargs.thinking",
+                "enable_thinking only",
+            ),
+            (
+                serde_json::json!({"chat_template_kwargs": {"enable_thinking": "false"}}),
+                "chat_template_kwargs.enable_thinking",
+                "true or false",
             ),
         ] {
             let e = chat(bad.clone()).unwrap_err();
