@@ -195,7 +195,7 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
         async move {
             let mut rb = client.post(format!("{url}/v1/completions")).json(&json!({
                 "model": "heavy", "prompt": "The capital of France is", "max_tokens": 8,
-                "temperature": 0
+                "temperature": 0, "logprobs": 2
             }));
             if let Some(k) = key {
                 rb = rb.bearer_auth(k);
@@ -203,12 +203,50 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
             let r = rb.send().await.unwrap();
             assert_eq!(r.status(), 200);
             let v: Value = r.json().await.unwrap();
-            v["choices"][0]["text"].as_str().unwrap().to_string()
+            (
+                v["choices"][0]["text"].as_str().unwrap().to_string(),
+                v["choices"][0]["logprobs"].clone(),
+            )
         }
     };
     let direct = complete(heavy.url.clone(), Some("sk-heavy-test")).await;
-    assert!(!direct.is_empty());
-    assert_eq!(complete(gw.url.clone(), None).await, direct);
+    assert!(!direct.0.is_empty());
+    assert_eq!(
+        direct.1["tokens"].as_array().map(Vec::len),
+        Some(8),
+        "{}",
+        direct.1
+    );
+    // The text, and its logprobs in this API's shape, read back from the upstream's (the second read
+    // of the prompt is a warm one, its numbers within rounding of the cold one's).
+    let through = complete(gw.url.clone(), None).await;
+    assert_eq!(through.0, direct.0);
+    for key in ["tokens", "text_offset"] {
+        assert_eq!(through.1[key], direct.1[key], "{key}");
+    }
+    let numbers = |v: &Value| -> Vec<f64> {
+        let mut n: Vec<f64> = v["token_logprobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect();
+        for top in v["top_logprobs"].as_array().unwrap() {
+            n.extend(
+                top.as_object()
+                    .unwrap()
+                    .values()
+                    .map(|x| x.as_f64().unwrap()),
+            );
+        }
+        n
+    };
+    let (a, b) = (numbers(&through.1), numbers(&direct.1));
+    assert_eq!(a.len(), b.len());
+    assert!(
+        a.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-3),
+        "{a:?} vs {b:?}"
+    );
     // A gateway with the wrong key falls back to its local tier and says why.
     drop(gw);
     let gw = Server::start_with(&[], Some(&mac), &[("JEMMA_TEST_HEAVY_KEY", "nope")], None);

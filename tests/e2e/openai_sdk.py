@@ -205,6 +205,36 @@ with_usage = [c for c in chunks if c.usage]
 check("completions: usage only in one last chunk with no choices",
       len(with_usage) == 1 and with_usage[0] is chunks[-1] and chunks[-1].choices == []
       and chunks[-1].usage.completion_tokens >= 1, [c.usage for c in chunks])
+# logprobs in /v1/completions' own shape, and echo, whole and streamed.
+lc = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=2)
+lp = lc.choices[0].logprobs
+check("completions logprobs: one entry per token", lp is not None and len(lp.tokens) == len(lp.token_logprobs)
+      == len(lp.top_logprobs) == len(lp.text_offset) == lc.usage.completion_tokens, lp)
+check("completions logprobs: same text as without", lc.choices[0].text == c.choices[0].text, lc)
+check("completions logprobs: the top ones hold the chosen token, at most 2 others",
+      all(t in top and 1 <= len(top) <= 3 and top[t] == l
+          for t, l, top in zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)), lp)
+check("completions logprobs: offsets start at 0 and follow the tokens",
+      lp.text_offset == [sum(len(t) for t in lp.tokens[:i]) for i in range(len(lp.tokens))], lp)
+streamed = [ch.choices[0].logprobs for ch in client.completions.create(
+    model="fast", prompt="Once upon a time", max_tokens=5, temperature=0, logprobs=2, stream=True)
+    if ch.choices and ch.choices[0].logprobs]
+check("completions logprobs: streamed as whole",
+      [t for l in streamed for t in l.tokens] == lp.tokens
+      and [o for l in streamed for o in l.text_offset] == lp.text_offset
+      and [x for l in streamed for x in l.token_logprobs] == lp.token_logprobs, streamed)
+e = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0, echo=True)
+check("completions echo: the prompt, then the same completion",
+      e.choices[0].text == "Once upon a time" + c.choices[0].text, e)
+es = list(client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0,
+                                    echo=True, stream=True))
+check("completions echo: streamed the same", "".join(ch.choices[0].text for ch in es if ch.choices)
+      == e.choices[0].text, es)
+try:
+    client.completions.create(model="fast", prompt="x", max_tokens=1, echo=True, logprobs=1)
+    check("completions echo with logprobs rejected", False)
+except openai.BadRequestError as err:
+    check("completions echo with logprobs → 400 naming echo", err.body["param"] == "echo", err.body)
 
 try:
     client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "x"}], temperature=7)

@@ -6,9 +6,9 @@ use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use jemma_router::RouterError;
 use jemma_router::api::{
-    ChatCompletion, ChatCompletionRequest, Choice, ChoiceLogprobs, CompletionRequest, ErrorObject,
-    ErrorResponse, FunctionCall, FunctionType, ModelList, ResponseMessage, TextChoice,
-    TextCompletion, ToolCall,
+    ChatCompletion, ChatCompletionRequest, Choice, ChoiceLogprobs, CompletionLogprobs,
+    CompletionRequest, ErrorObject, ErrorResponse, FunctionCall, FunctionType, ModelList,
+    ResponseMessage, TextChoice, TextCompletion, ToolCall,
 };
 use jemma_router::backend::Chunk;
 use jemma_router::breaker::BreakerState;
@@ -55,13 +55,27 @@ enum Started {
 
 /// How a stream's SSE response is rendered: keep-alive interval, the requested model, whether usage
 /// comes last, the first output, the rest.
-type StreamRenderer = fn(
+trait StreamRenderer:
+    FnOnce(
     std::time::Duration,
     String,
     bool,
     jemma_router::route::Output,
     tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
-) -> Response;
+) -> Response
+{
+}
+
+impl<F> StreamRenderer for F where
+    F: FnOnce(
+        std::time::Duration,
+        String,
+        bool,
+        jemma_router::route::Output,
+        tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
+    ) -> Response
+{
+}
 
 /// Charges the caller and routes `req`. A stream waits for its first output before committing to a 200
 /// (failures before any token — no tier, busy, a bad request — keep their own status) and is rendered
@@ -71,7 +85,7 @@ async fn start(
     caller: &Caller,
     forwarded: bool,
     mut req: jemma_router::api::ChatRequest,
-    render: StreamRenderer,
+    render: impl StreamRenderer,
 ) -> Result<Started, ApiError> {
     req.forwarded = forwarded;
     state.charge(caller, !req.media_modalities().is_empty())?;
@@ -170,21 +184,35 @@ async fn completions_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = sse::read_json(body, state.max_body_bytes).await?;
+    let top = req.logprobs.map(|n| n as usize);
+    let echo = req.echo == Some(true);
     let req = req.validate(&state.limits)?;
-    let mut rx = match start(&state, &caller, forwarded, req, sse::completion_stream).await? {
+    // `echo` puts the prompt before the completion, in the text and in the logprobs' offsets.
+    let prompt = echo
+        .then(|| req.raw_prompt.clone())
+        .flatten()
+        .unwrap_or_default();
+    let render = {
+        let prompt = prompt.clone();
+        move |keep_alive, model, usage, first, rx| {
+            sse::completion_stream(keep_alive, model, usage, first, rx, prompt, top)
+        }
+    };
+    let mut rx = match start(&state, &caller, forwarded, req, render).await? {
         Started::Streaming(r) => return Ok(r),
         Started::Whole(rx) => rx,
     };
-    let mut text = String::new();
+    let mut text = prompt.clone();
+    let mut logprobs: Vec<Value> = vec![];
     let sse::Ended {
         finish_reason,
         usage,
         routing,
         ..
-    } = sse::collect(&mut rx, |c| {
-        if let Chunk::Content(c) = c {
-            text.push_str(&c);
-        }
+    } = sse::collect(&mut rx, |c| match c {
+        Chunk::Content(c) => text.push_str(&c),
+        Chunk::Logprobs(l) => logprobs.extend(l),
+        _ => {}
     })
     .await?;
     let tier = routing.tier.clone();
@@ -197,7 +225,8 @@ async fn completions_inner(
             index: 0,
             text,
             finish_reason: Some(finish_reason),
-            logprobs: None,
+            logprobs: top
+                .map(|n| CompletionLogprobs::from_chat(&logprobs, n, prompt.chars().count())),
         }],
         usage: Some(usage),
         routing: Some(routing),

@@ -11,8 +11,8 @@ use std::time::Duration;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use jemma_router::api::{
-    ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, Delta, FunctionCallDelta, FunctionType,
-    TextChoice, TextCompletion, ToolCallDelta,
+    ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, CompletionLogprobs, Delta, FunctionCallDelta,
+    FunctionType, TextChoice, TextCompletion, ToolCallDelta,
 };
 use jemma_router::backend::{Chunk, FinishReason};
 use jemma_router::route::Output;
@@ -216,6 +216,8 @@ pub fn completion_stream(
     include_usage: bool,
     first: Output,
     rx: mpsc::Receiver<Output>,
+    echo: String,
+    top_logprobs: Option<usize>,
 ) -> Response {
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
@@ -233,8 +235,26 @@ pub fn completion_stream(
         usage: None,
         routing: None,
     };
-    sse_loop(keep_alive, vec![], first, rx, move |o| match o {
+    // `echo`: the prompt comes first, in a chunk of its own, and the tokens' offsets count it.
+    let prelude = if echo.is_empty() {
+        vec![]
+    } else {
+        vec![data(&chunk(&echo, None, &model))]
+    };
+    let mut offset = echo.chars().count();
+    sse_loop(keep_alive, prelude, first, rx, move |o| match o {
         Output::Chunk(Chunk::Content(c)) => Rendered::Send(vec![data(&chunk(&c, None, &model))]),
+        // The tokens' log-probabilities in a chunk of their own, as chat streams send them.
+        Output::Chunk(Chunk::Logprobs(l)) => match top_logprobs {
+            Some(n) => {
+                let lp = CompletionLogprobs::from_chat(&l, n, offset);
+                offset += lp.tokens.iter().map(|t| t.chars().count()).sum::<usize>();
+                let mut c = chunk("", None, &model);
+                c.choices[0].logprobs = Some(lp);
+                Rendered::Send(vec![data(&c)])
+            }
+            None => Rendered::Skip,
+        },
         Output::End {
             finish_reason,
             usage,

@@ -610,6 +610,7 @@ impl OpenAiBackend {
             min_p: chat.min_p,
             repetition_penalty: chat.repetition_penalty,
             logit_bias: chat.logit_bias,
+            logprobs: req.logprobs.then_some(req.top_logprobs),
             ..Default::default()
         };
         serde_json::to_value(body).unwrap_or_default()
@@ -670,12 +671,19 @@ where
     })
 }
 
-/// A `/v1/completions` stream chunk (`choices[].text`, `text_completion`) as the chat chunk it stands for
-/// (`choices[].delta.content`); the legacy `logprobs` object, never asked for, is dropped.
+/// A `/v1/completions` stream chunk (`choices[].text`, `text_completion`, the legacy `logprobs`) as the
+/// chat chunk it stands for (`choices[].delta.content`, `logprobs.content`).
 fn completion_as_chat_chunk(mut v: Value) -> Value {
     for choice in v["choices"].as_array_mut().into_iter().flatten() {
         if let Some(c) = choice.as_object_mut() {
-            c.remove("logprobs");
+            if let Some(lp) = c.remove("logprobs") {
+                let entries = serde_json::from_value::<crate::api::CompletionLogprobs>(lp)
+                    .map(|l| l.to_chat())
+                    .unwrap_or_default();
+                if !entries.is_empty() {
+                    c.insert("logprobs".into(), serde_json::json!({ "content": entries }));
+                }
+            }
             if let Some(text) = c.remove("text") {
                 c.insert("delta".into(), serde_json::json!({ "content": text }));
             }

@@ -20,7 +20,7 @@ pub use request::{
     ChatCompletionRequest, ChatRequest, CompletionRequest, Limits, Stop, StreamOptions,
 };
 pub use response::{
-    ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice,
+    ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice, CompletionLogprobs,
     CompletionTokensDetails, Delta, ErrorObject, ErrorResponse, FunctionCallDelta, Model,
     ModelList, PromptTokensDetails, ResponseMessage, Routing, Speculation, TextChoice,
     TextCompletion, ToolCallDelta, Usage, VideoSeen, VideoSound,

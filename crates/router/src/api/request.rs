@@ -176,10 +176,10 @@ enum Body {
 /// refuses an unrecognized argument, except those of OpenAI's that ask for nothing Jemma leaves undone:
 /// `store: false`, `metadata` (kept only with a stored completion), `service_tier` `auto` or `default`,
 /// the hints `prompt_cache_key` and `safety_identifier` (the prefix cache works without a key),
-/// `modalities: ["text"]` and `verbosity: "medium"`; and on `/v1/completions` `echo: false`,
-/// `best_of: 1` and an empty `suffix`. A null stands for an absent field. Those OpenAI defines that
-/// Jemma cannot honour are refused with the reason (`functions`: send `tools`; audio output, predicted
-/// outputs, web search; completion `logprobs`, `echo`, `suffix`, `best_of` above 1).
+/// `modalities: ["text"]` and `verbosity: "medium"`; and on `/v1/completions` `best_of: 1` and an
+/// empty `suffix`. A null stands for an absent field. Those OpenAI defines that Jemma cannot honour are
+/// refused with the reason (`functions`: send `tools`; audio output, predicted outputs, web search;
+/// completion `suffix` and `best_of` above 1).
 fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), RouterError> {
     for (k, v) in extra.iter().filter(|(_, v)| !v.is_null()) {
         let fine = match (k.as_str(), body) {
@@ -189,7 +189,6 @@ fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), Route
             ("prompt_cache_key" | "safety_identifier", _) => v.is_string(),
             ("modalities", Body::Chat) => v == &serde_json::json!(["text"]),
             ("verbosity", Body::Chat) => v.as_str() == Some("medium"),
-            ("echo", Body::Completion) => v == &Value::Bool(false),
             ("best_of", Body::Completion) => v.as_u64() == Some(1),
             ("suffix", Body::Completion) => v.as_str() == Some(""),
             _ => false,
@@ -215,11 +214,6 @@ fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), Route
             ("web_search_options", Body::Chat) => {
                 "web_search_options: this server has no web search".into()
             }
-            ("logprobs", Body::Completion) => {
-                "logprobs is not supported on /v1/completions (chat completions return logprobs)"
-                    .into()
-            }
-            ("echo", Body::Completion) => "echo is not supported (echo must be false)".into(),
             ("best_of", Body::Completion) => "only best_of=1 is supported".into(),
             ("suffix", Body::Completion) => "suffix (insertion) is not supported".into(),
             _ => format!("Unrecognized request argument supplied: {k}"),
@@ -1302,6 +1296,15 @@ pub struct CompletionRequest {
     /// End-user id (accepted as OpenAI's; not used).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
+    /// Return each generated token's log-probability and this many most likely alternatives, 0 to 20
+    /// (in this API's own shape, [`crate::api::CompletionLogprobs`]; absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 0, maximum = 20)]
+    pub logprobs: Option<u32>,
+    /// Return the prompt before the completion in `text` (not with `logprobs`: the prompt's own
+    /// log-probabilities are not computed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub echo: Option<bool>,
     /// The fields this API does not define, kept to be refused by name ([`refuse_extra`]).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(ignore)]
@@ -1312,6 +1315,24 @@ impl CompletionRequest {
     /// Validates through the chat path (same limits and checks) and marks the prompt as raw.
     pub fn validate(self, limits: &Limits) -> Result<ChatRequest, RouterError> {
         refuse_extra(&self.extra, Body::Completion)?;
+        if let Some(n) = self.logprobs
+            && n as usize > jemma_chat::logprobs::MAX_TOP_LOGPROBS
+        {
+            return Err(RouterError::invalid(
+                format!(
+                    "logprobs must be at most {}",
+                    jemma_chat::logprobs::MAX_TOP_LOGPROBS
+                ),
+                "logprobs",
+            ));
+        }
+        if self.echo == Some(true) && self.logprobs.is_some() {
+            return Err(RouterError::invalid(
+                "echo with logprobs asks for the prompt's log-probabilities, which are not computed: \
+                 send one of them",
+                "echo",
+            ));
+        }
         let prompt = match &self.prompt {
             Value::String(s) => s.clone(),
             Value::Array(a) if a.len() == 1 && a[0].is_string() => {
@@ -1346,6 +1367,8 @@ impl CompletionRequest {
             repetition_penalty: self.repetition_penalty,
             logit_bias: self.logit_bias,
             user: self.user,
+            logprobs: self.logprobs.map(|_| true),
+            top_logprobs: self.logprobs.filter(|&n| n > 0),
             ..Default::default()
         };
         let mut r = chat.validate(limits)?;
@@ -1502,7 +1525,7 @@ mod tests {
                 .validate(&Limits::default())
         };
         let r = completion(serde_json::json!({
-            "echo": false, "best_of": 1, "suffix": "", "logprobs": null, "user": "u",
+            "echo": false, "best_of": 1, "suffix": "", "logprobs": 3, "user": "u",
             "min_p": 0.1, "repetition_penalty": 1.2, "logit_bias": {"7": -100}
         }))
         .unwrap();
@@ -1511,9 +1534,12 @@ mod tests {
             (Some(0.1), Some(1.2), vec![(7, -100.0)]),
             "the sampling fields chat takes are honoured on completions too"
         );
+        assert_eq!((r.logprobs, r.top_logprobs), (true, 3));
+        let r = completion(serde_json::json!({"logprobs": 0})).unwrap();
+        assert_eq!((r.logprobs, r.top_logprobs), (true, 0));
         for (bad, name) in [
-            (serde_json::json!({"logprobs": 5}), "logprobs"),
-            (serde_json::json!({"echo": true}), "echo"),
+            (serde_json::json!({"logprobs": 21}), "logprobs"),
+            (serde_json::json!({"echo": true, "logprobs": 1}), "echo"),
             (serde_json::json!({"best_of": 3}), "best_of"),
             (serde_json::json!({"suffix": "end"}), "suffix"),
             (serde_json::json!({"messages": []}), "messages"),

@@ -268,9 +268,77 @@ pub struct TextChoice {
     /// Set when the answer ended.
     #[schema(value_type = Option<FinishReasonSchema>)]
     pub finish_reason: Option<FinishReason>,
-    /// Always null: this endpoint does not return log-probabilities.
-    #[schema(value_type = Option<Object>)]
-    pub logprobs: Option<Value>,
+    /// The generated tokens' log-probabilities, when the request's `logprobs` asked for them (null
+    /// otherwise).
+    pub logprobs: Option<CompletionLogprobs>,
+}
+
+/// `/v1/completions`' `logprobs`, in that API's own shape (OpenAI's legacy one, as vLLM returns it): for
+/// each generated token, its text, its log-probability, the most likely tokens at its position with
+/// theirs, and where its text starts in the choice's text (in characters; after the prompt when `echo`
+/// puts it there). The numbers are those chat completions return (see `jemma_chat::logprobs`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
+pub struct CompletionLogprobs {
+    /// Each token's text.
+    pub tokens: Vec<String>,
+    /// Each token's log-probability.
+    pub token_logprobs: Vec<f64>,
+    /// Per token: the `logprobs` most likely tokens → their log-probabilities, and the chosen token (as
+    /// vLLM adds it), so `logprobs: 0` gives the chosen token alone.
+    pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
+    /// Each token's first character in the choice's text.
+    pub text_offset: Vec<usize>,
+}
+
+impl CompletionLogprobs {
+    /// From chat completions' entries (`{token, logprob, top_logprobs: [{token, logprob}]}`, as the
+    /// backends send them), keeping `top` alternatives each, the first token's text starting at
+    /// character `offset`.
+    pub fn from_chat(entries: &[Value], top: usize, offset: usize) -> Self {
+        let mut out = Self::default();
+        let mut at = offset;
+        for e in entries {
+            let token = e["token"].as_str().unwrap_or_default().to_string();
+            let logprob = e["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY);
+            let mut alternatives: std::collections::BTreeMap<String, f64> =
+                (e["top_logprobs"].as_array().into_iter().flatten().take(top))
+                    .filter_map(|t| {
+                        Some((t["token"].as_str()?.to_string(), t["logprob"].as_f64()?))
+                    })
+                    .collect();
+            alternatives.insert(token.clone(), logprob);
+            out.text_offset.push(at);
+            at += token.chars().count();
+            out.tokens.push(token);
+            out.token_logprobs.push(logprob);
+            out.top_logprobs.push(alternatives);
+        }
+        out
+    }
+
+    /// Back into chat completions' entries (what an upstream's `/v1/completions` answered, as the
+    /// backends pass it on), the alternatives most likely first.
+    pub fn to_chat(&self) -> Vec<Value> {
+        (0..self.tokens.len())
+            .map(|i| {
+                let mut top: Vec<(&String, &f64)> = self
+                    .top_logprobs
+                    .get(i)
+                    .map(|m| m.iter().collect())
+                    .unwrap_or_default();
+                top.sort_by(|a, b| b.1.total_cmp(a.1));
+                serde_json::json!({
+                    "token": self.tokens[i],
+                    "logprob": self.token_logprobs.get(i).copied().unwrap_or(f64::NEG_INFINITY),
+                    "bytes": Value::Null,
+                    "top_logprobs": top
+                        .into_iter()
+                        .map(|(t, l)| serde_json::json!({"token": t, "logprob": l, "bytes": Value::Null}))
+                        .collect::<Vec<_>>(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// Token usage (OpenAI's `usage` object).
