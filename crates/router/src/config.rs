@@ -843,6 +843,13 @@ fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
                 if e.url.is_some() {
                     return err(format!("{at}: a local endpoint has no url"));
                 }
+                // It serves the tier's own model on this machine: these would be silently ignored.
+                if e.model.is_some() || e.api_key.is_some() {
+                    return err(format!(
+                        "{at}: a local endpoint serves the tier's model, with no key: remove its \
+                         model and api_key"
+                    ));
+                }
             }
             EndpointKind::Jemma | EndpointKind::Openai => {
                 if e.url.as_deref().unwrap_or("").is_empty() {
@@ -1124,6 +1131,10 @@ first_token_timeout_secs = 600
             .to_string();
         assert!(e.contains("kv_bits"), "{e}");
         assert!(pool("kind = \"local\"").is_ok());
+        let e = pool("kind = \"local\"\nmodel = \"other\"")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("endpoints[0]") && e.contains("model"), "{e}");
         // A local tier has no upstream to send a key to.
         let e = Config::parse("[tiers.fast]\nmodel = \"x.gguf\"\napi_key = \"k\"\n")
             .unwrap_err()
