@@ -674,12 +674,19 @@ where
 /// A `/v1/completions` stream chunk (`choices[].text`, `text_completion`, the legacy `logprobs`) as the
 /// chat chunk it stands for (`choices[].delta.content`, `logprobs.content`).
 fn completion_as_chat_chunk(mut v: Value) -> Value {
-    for choice in v["choices"].as_array_mut().into_iter().flatten() {
+    // `get_mut`, not indexing: indexing a payload that is not an object (`data: 1`) would panic.
+    let choices = v.get_mut("choices").and_then(Value::as_array_mut);
+    for choice in choices.into_iter().flatten() {
         if let Some(c) = choice.as_object_mut() {
             if let Some(lp) = c.remove("logprobs") {
-                let entries = serde_json::from_value::<crate::api::CompletionLogprobs>(lp)
-                    .map(|l| l.to_chat())
-                    .unwrap_or_default();
+                // llama-server answers /v1/completions with chat's shape (`content`); OpenAI, vLLM and
+                // Jemma with the legacy one.
+                let entries = match lp.get("content") {
+                    Some(Value::Array(e)) => e.clone(),
+                    _ => serde_json::from_value::<crate::api::CompletionLogprobs>(lp)
+                        .map(|l| l.to_chat())
+                        .unwrap_or_default(),
+                };
                 if !entries.is_empty() {
                     c.insert("logprobs".into(), serde_json::json!({ "content": entries }));
                 }
@@ -754,6 +761,16 @@ impl Backend for OpenAiBackend {
                 .unwrap_or(text);
             let err = match status.as_u16() {
                 400 | 413 | 422 => BackendError::BadRequest(message),
+                // A chat-only server (exo, Gemini's or Groq's OpenAI-compatible API) has no
+                // /v1/completions: a plain prompt cannot be read there untemplated. That is the
+                // request's limit on this tier, not the tier failing (its chats go on).
+                404 if raw => BackendError::BadRequest(format!(
+                    "this tier's upstream answered 404 at {} for model {:?} ({message}): it has no \
+                     /v1/completions, so a plain prompt cannot be read there untemplated; send it as a \
+                     chat, or to a local tier",
+                    self.endpoint_for(req),
+                    self.cfg.model
+                )),
                 // The client never names the upstream's model or path (the tier's configuration
                 // does): a 404 is this upstream's fault, and a pool tries another endpoint.
                 404 => BackendError::Upstream {
@@ -781,7 +798,9 @@ impl Backend for OpenAiBackend {
                     retry_after_secs,
                 },
             };
-            self.note(BackendState::Error, Some(err.to_string()));
+            if err.is_tier_failure() {
+                self.note(BackendState::Error, Some(err.to_string()));
+            }
             return Err(err);
         }
         self.note(BackendState::Ready, None);
@@ -1201,6 +1220,89 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 4));
         assert_eq!(served_by.as_ref().unwrap().model, "up-7b");
         assert_eq!(chunks.len(), 5, "{chunks:?}");
+    }
+
+    /// A completion's chunk reads as the chat chunk it stands for, its logprobs in either shape
+    /// upstreams send (the legacy one; llama-server's chat-shaped `content`); a payload that is not an
+    /// object passes through untouched rather than panicking.
+    #[test]
+    fn completion_chunks_read_as_chat_chunks() {
+        let legacy = completion_as_chat_chunk(
+            serde_json::json!({"choices": [{"index": 0, "text": "Hi",
+            "logprobs": {"tokens": ["Hi"], "token_logprobs": [-0.5], "top_logprobs": [{"Hi": -0.5, "Ho": -1.5}],
+                "text_offset": [3]}}]}),
+        );
+        let c: ChatCompletionChunk = serde_json::from_value(legacy).unwrap();
+        assert_eq!(c.choices[0].delta.content.as_deref(), Some("Hi"));
+        let lp = c.choices[0].logprobs.clone().unwrap().content.unwrap();
+        assert_eq!(lp[0]["logprob"], -0.5);
+        assert_eq!(lp[0]["top_logprobs"][1]["token"], "Ho", "most likely first");
+        let llama = completion_as_chat_chunk(serde_json::json!({"choices": [{"text": "x",
+            "logprobs": {"content": [{"token": "x", "logprob": -0.25, "top_logprobs": []}]}}]}));
+        assert_eq!(
+            llama["choices"][0]["logprobs"]["content"][0]["logprob"],
+            -0.25
+        );
+        for odd in [
+            serde_json::json!(1),
+            serde_json::json!([]),
+            serde_json::json!({"choices": 3}),
+        ] {
+            assert_eq!(completion_as_chat_chunk(odd.clone()), odd);
+        }
+    }
+
+    /// A plain prompt to an upstream without /v1/completions (a chat-only server: 404) is the request's
+    /// limit there, not the tier failing: a 400 that says why, and the upstream's health unmarked.
+    #[tokio::test]
+    async fn a_plain_prompt_to_a_chat_only_upstream_is_refused_not_failed() {
+        use crate::api::{CompletionRequest, Limits};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = vec![0u8; 65536];
+            let mut got = 0;
+            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                got += sock.read(&mut req[got..]).await.unwrap();
+            }
+            let body = br#"{"error":{"message":"Not Found"}}"#;
+            sock.write_all(
+                format!(
+                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+            sock.write_all(body).await.unwrap();
+            String::from_utf8_lossy(&req[..got]).to_string()
+        });
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            url: format!("http://{addr}/v1"),
+            api_key: None,
+            model: "chat-only".into(),
+            connect_timeout: Duration::from_secs(5),
+            default_max_tokens: 16,
+            probe: Probe::Models,
+        })
+        .unwrap();
+        let req =
+            serde_json::from_value::<CompletionRequest>(serde_json::json!({"prompt": "Once"}))
+                .unwrap()
+                .validate(&Limits::default())
+                .unwrap();
+        let err = backend.start(&req, None).await.unwrap_err();
+        let head = server.await.unwrap();
+        assert!(head.starts_with("POST /v1/completions "), "{head}");
+        assert!(
+            matches!(&err, BackendError::BadRequest(m) if m.contains("no /v1/completions")),
+            "{err:?}"
+        );
+        assert!(!err.is_tier_failure());
+        assert_ne!(backend.health().state, BackendState::Error);
     }
 
     #[test]
