@@ -8,7 +8,7 @@ use jemma_router::RouterError;
 use jemma_router::api::{
     ChatCompletion, ChatCompletionRequest, Choice, ChoiceLogprobs, CompletionLogprobs,
     CompletionRequest, ErrorObject, ErrorResponse, FunctionCall, FunctionType, ModelList,
-    ResponseMessage, TextChoice, TextCompletion, ToolCall,
+    ResponseMessage, TextChoice, TextCompletion, TextOffsets, ToolCall,
 };
 use jemma_router::backend::Chunk;
 use jemma_router::breaker::BreakerState;
@@ -184,25 +184,32 @@ async fn completions_inner(
     body: Body,
 ) -> Result<Response, ApiError> {
     let req: CompletionRequest = sse::read_json(body, state.max_body_bytes).await?;
-    let top = req.logprobs.map(|n| n as usize);
-    let echo = req.echo == Some(true);
+    let shape = sse::CompletionShape {
+        top_logprobs: req.logprobs.map(|n| n as usize),
+        echo: req.echo == Some(true),
+        prompt: String::new(),
+    };
     let req = req.validate(&state.limits)?;
-    // `echo` puts the prompt before the completion, in the text and in the logprobs' offsets.
-    let prompt = echo
-        .then(|| req.raw_prompt.clone())
-        .flatten()
-        .unwrap_or_default();
+    let shape = sse::CompletionShape {
+        prompt: req.raw_prompt.clone().unwrap_or_default(),
+        ..shape
+    };
     let render = {
-        let prompt = prompt.clone();
+        let shape = shape.clone();
         move |keep_alive, model, usage, first, rx| {
-            sse::completion_stream(keep_alive, model, usage, first, rx, prompt, top)
+            sse::completion_stream(keep_alive, model, usage, first, rx, shape)
         }
     };
     let mut rx = match start(&state, &caller, forwarded, req, render).await? {
         Started::Streaming(r) => return Ok(r),
         Started::Whole(rx) => rx,
     };
-    let mut text = prompt.clone();
+    // `echo` puts the prompt before the completion.
+    let mut text = if shape.echo {
+        shape.prompt.clone()
+    } else {
+        String::new()
+    };
     let mut logprobs: Vec<Value> = vec![];
     let sse::Ended {
         finish_reason,
@@ -225,8 +232,9 @@ async fn completions_inner(
             index: 0,
             text,
             finish_reason: Some(finish_reason),
-            logprobs: top
-                .map(|n| CompletionLogprobs::from_chat(&logprobs, n, prompt.chars().count())),
+            logprobs: shape.top_logprobs.map(|n| {
+                CompletionLogprobs::from_chat(&logprobs, n, &mut TextOffsets::after(&shape.prompt))
+            }),
         }],
         usage: Some(usage),
         routing: Some(routing),

@@ -12,7 +12,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use jemma_router::api::{
     ChatCompletionChunk, ChoiceLogprobs, ChunkChoice, CompletionLogprobs, Delta, FunctionCallDelta,
-    FunctionType, TextChoice, TextCompletion, ToolCallDelta,
+    FunctionType, TextChoice, TextCompletion, TextOffsets, ToolCallDelta,
 };
 use jemma_router::backend::{Chunk, FinishReason};
 use jemma_router::route::Output;
@@ -206,6 +206,18 @@ pub fn answer_finish(reason: FinishReason, has_calls: bool) -> FinishReason {
     }
 }
 
+/// What a `/v1/completions` answer holds besides its text: the prompt first (`echo`), and each token's
+/// log-probabilities with this many alternatives (`logprobs`), offsets counted from the prompt's start.
+#[derive(Debug, Clone)]
+pub struct CompletionShape {
+    /// The request's prompt.
+    pub prompt: String,
+    /// Whether the text starts with the prompt.
+    pub echo: bool,
+    /// `logprobs`: alternatives per token (None: no log-probabilities).
+    pub top_logprobs: Option<usize>,
+}
+
 /// SSE for `/v1/completions`: `text_completion` chunks, a final chunk with `finish_reason` and `_routing`,
 /// then, when `stream_options.include_usage` asks for it, one chunk with `"choices": []` and `usage` (as
 /// OpenAI sends it: usage nowhere else), then `[DONE]`. Chunks carry `model` (the requested name, as chat
@@ -216,8 +228,7 @@ pub fn completion_stream(
     include_usage: bool,
     first: Output,
     rx: mpsc::Receiver<Output>,
-    echo: String,
-    top_logprobs: Option<usize>,
+    shape: CompletionShape,
 ) -> Response {
     let id = format!("cmpl-{}", uuid::Uuid::new_v4().simple());
     let created = now_secs();
@@ -235,20 +246,19 @@ pub fn completion_stream(
         usage: None,
         routing: None,
     };
-    // `echo`: the prompt comes first, in a chunk of its own, and the tokens' offsets count it.
-    let prelude = if echo.is_empty() {
-        vec![]
+    // `echo`: the prompt comes first, in a chunk of its own.
+    let prelude = if shape.echo {
+        vec![data(&chunk(&shape.prompt, None, &model))]
     } else {
-        vec![data(&chunk(&echo, None, &model))]
+        vec![]
     };
-    let mut offset = echo.chars().count();
+    let mut offsets = TextOffsets::after(&shape.prompt);
     sse_loop(keep_alive, prelude, first, rx, move |o| match o {
         Output::Chunk(Chunk::Content(c)) => Rendered::Send(vec![data(&chunk(&c, None, &model))]),
         // The tokens' log-probabilities in a chunk of their own, as chat streams send them.
-        Output::Chunk(Chunk::Logprobs(l)) => match top_logprobs {
+        Output::Chunk(Chunk::Logprobs(l)) => match shape.top_logprobs {
             Some(n) => {
-                let lp = CompletionLogprobs::from_chat(&l, n, offset);
-                offset += lp.tokens.iter().map(|t| t.chars().count()).sum::<usize>();
+                let lp = CompletionLogprobs::from_chat(&l, n, &mut offsets);
                 let mut c = chunk("", None, &model);
                 c.choices[0].logprobs = Some(lp);
                 Rendered::Send(vec![data(&c)])

@@ -23,7 +23,7 @@ pub use response::{
     ChatCompletion, ChatCompletionChunk, Choice, ChoiceLogprobs, ChunkChoice, CompletionLogprobs,
     CompletionTokensDetails, Delta, ErrorObject, ErrorResponse, FunctionCallDelta, Model,
     ModelList, PromptTokensDetails, ResponseMessage, Routing, Speculation, TextChoice,
-    TextCompletion, ToolCallDelta, Usage, VideoSeen, VideoSound,
+    TextCompletion, TextOffsets, ToolCallDelta, Usage, VideoSeen, VideoSound,
 };
 
 /// Seconds since the Unix epoch: the `created` of every answer, in each API (0 on a clock before 1970).

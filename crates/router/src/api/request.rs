@@ -175,7 +175,8 @@ enum Body {
 /// Refuses the fields of a body that its type does not define (400, `param` naming the field), as OpenAI
 /// refuses an unrecognized argument, except those of OpenAI's that ask for nothing Jemma leaves undone:
 /// `store: false`, `metadata` (kept only with a stored completion), `service_tier` `auto` or `default`,
-/// the hints `prompt_cache_key` and `safety_identifier` (the prefix cache works without a key),
+/// the hints `prompt_cache_key`, `prompt_cache_retention` and `safety_identifier` (the prefix cache
+/// works without them), `functions: []` and `function_call` `none` or `auto` with no functions,
 /// `modalities: ["text"]` and `verbosity: "medium"`; and on `/v1/completions` `best_of: 1` and an
 /// empty `suffix`. A null stands for an absent field. Those OpenAI defines that Jemma cannot honour are
 /// refused with the reason (`functions`: send `tools`; audio output, predicted outputs, web search;
@@ -186,7 +187,17 @@ fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), Route
             ("store", _) => v == &Value::Bool(false),
             ("metadata", _) => v.is_object(),
             ("service_tier", _) => matches!(v.as_str(), Some("auto" | "default")),
-            ("prompt_cache_key" | "safety_identifier", _) => v.is_string(),
+            ("prompt_cache_key" | "prompt_cache_retention" | "safety_identifier", _) => {
+                v.is_string()
+            }
+            // No functions offered, none called: nothing asked.
+            ("functions", Body::Chat) => v.as_array().is_some_and(Vec::is_empty),
+            ("function_call", Body::Chat) => {
+                matches!(v.as_str(), Some("none" | "auto"))
+                    && extra
+                        .get("functions")
+                        .is_none_or(|f| f.is_null() || f.as_array().is_some_and(Vec::is_empty))
+            }
             ("modalities", Body::Chat) => v == &serde_json::json!(["text"]),
             ("verbosity", Body::Chat) => v.as_str() == Some("medium"),
             ("best_of", Body::Completion) => v.as_u64() == Some(1),
@@ -202,7 +213,9 @@ fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), Route
             ("service_tier", _) => {
                 "service_tier: this server has one service tier (auto or default)".into()
             }
-            ("prompt_cache_key" | "safety_identifier", _) => format!("{k} must be a string"),
+            ("prompt_cache_key" | "prompt_cache_retention" | "safety_identifier", _) => {
+                format!("{k} must be a string")
+            }
             ("functions" | "function_call", Body::Chat) => {
                 format!("{k} (deprecated) is not supported: send tools and tool_choice")
             }
@@ -1442,6 +1455,7 @@ mod tests {
             serde_json::json!({"store": false, "metadata": {"k": "v"}, "service_tier": "auto"}),
             serde_json::json!({"prompt_cache_key": "c1", "safety_identifier": "u", "user": "u"}),
             serde_json::json!({"modalities": ["text"], "verbosity": "medium", "functions": null}),
+            serde_json::json!({"functions": [], "function_call": "auto", "prompt_cache_retention": "24h"}),
         ] {
             assert!(chat(ok.clone()).is_ok(), "{ok}");
         }

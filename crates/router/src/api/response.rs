@@ -273,33 +273,85 @@ pub struct TextChoice {
     pub logprobs: Option<CompletionLogprobs>,
 }
 
-/// `/v1/completions`' `logprobs`, in that API's own shape (OpenAI's legacy one, as vLLM returns it): for
-/// each generated token, its text, its log-probability, the most likely tokens at its position with
-/// theirs, and where its text starts in the choice's text (in characters; after the prompt when `echo`
-/// puts it there). The numbers are those chat completions return (see `jemma_chat::logprobs`).
+/// `/v1/completions`' `logprobs`, in that API's own shape (OpenAI's legacy one, as vLLM and
+/// llama-cpp-python return it): for each generated token, its text, its log-probability, the most likely
+/// tokens at its position with theirs, and where its text starts. The numbers are those chat completions
+/// return (see `jemma_chat::logprobs`).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, ToSchema)]
 pub struct CompletionLogprobs {
     /// Each token's text.
     pub tokens: Vec<String>,
-    /// Each token's log-probability.
-    pub token_logprobs: Vec<f64>,
+    /// Each token's log-probability (null where an upstream sent none).
+    pub token_logprobs: Vec<Option<f64>>,
     /// Per token: the `logprobs` most likely tokens → their log-probabilities, and the chosen token (as
     /// vLLM adds it), so `logprobs: 0` gives the chosen token alone.
     pub top_logprobs: Vec<std::collections::BTreeMap<String, f64>>,
-    /// Each token's first character in the choice's text.
+    /// Each token's first character in the prompt followed by the completion, as OpenAI counts it
+    /// (with or without `echo`; [`TextOffsets`]).
     pub text_offset: Vec<usize>,
 }
 
+/// OpenAI's log-probability for "no chance" (its answers use it rather than −∞, which JSON cannot carry).
+const NO_CHANCE: f64 = -9999.0;
+
+/// Counts [`CompletionLogprobs::text_offset`]: characters of the prompt, then of the tokens' UTF-8 bytes
+/// so far. A character split across tokens counts once, when whole (counting each token's text would
+/// count a U+FFFD per piece); an invalid byte counts as the one U+FFFD it decodes to.
+#[derive(Debug, Clone, Default)]
+pub struct TextOffsets {
+    chars: usize,
+    pending: Vec<u8>,
+}
+
+impl TextOffsets {
+    /// Offsets after `prompt`.
+    pub fn after(prompt: &str) -> Self {
+        Self {
+            chars: prompt.chars().count(),
+            pending: vec![],
+        }
+    }
+
+    /// The offset of a token whose bytes are `token`, and the count moved past it.
+    fn next(&mut self, token: &[u8]) -> usize {
+        let at = self.chars;
+        self.pending.extend_from_slice(token);
+        loop {
+            match std::str::from_utf8(&self.pending) {
+                Ok(s) => {
+                    self.chars += s.chars().count();
+                    self.pending.clear();
+                    return at;
+                }
+                Err(e) => {
+                    let good = e.valid_up_to();
+                    self.chars +=
+                        std::str::from_utf8(&self.pending[..good]).map_or(0, |s| s.chars().count());
+                    match e.error_len() {
+                        Some(bad) => {
+                            self.chars += 1;
+                            self.pending.drain(..good + bad);
+                        }
+                        // A character not whole yet: the next token completes it.
+                        None => {
+                            self.pending.drain(..good);
+                            return at;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 impl CompletionLogprobs {
-    /// From chat completions' entries (`{token, logprob, top_logprobs: [{token, logprob}]}`, as the
-    /// backends send them), keeping `top` alternatives each, the first token's text starting at
-    /// character `offset`.
-    pub fn from_chat(entries: &[Value], top: usize, offset: usize) -> Self {
+    /// From chat completions' entries (`{token, logprob, bytes, top_logprobs: [{token, logprob}]}`, as
+    /// the backends send them), keeping `top` alternatives each, the offsets counted on by `offsets`.
+    pub fn from_chat(entries: &[Value], top: usize, offsets: &mut TextOffsets) -> Self {
         let mut out = Self::default();
-        let mut at = offset;
         for e in entries {
             let token = e["token"].as_str().unwrap_or_default().to_string();
-            let logprob = e["logprob"].as_f64().unwrap_or(f64::NEG_INFINITY);
+            let logprob = e["logprob"].as_f64().unwrap_or(NO_CHANCE);
             let mut alternatives: std::collections::BTreeMap<String, f64> =
                 (e["top_logprobs"].as_array().into_iter().flatten().take(top))
                     .filter_map(|t| {
@@ -307,10 +359,17 @@ impl CompletionLogprobs {
                     })
                     .collect();
             alternatives.insert(token.clone(), logprob);
-            out.text_offset.push(at);
-            at += token.chars().count();
+            let bytes: Vec<u8> = match e["bytes"].as_array() {
+                Some(b) => b
+                    .iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as u8)
+                    .collect(),
+                None => token.as_bytes().to_vec(),
+            };
+            out.text_offset.push(offsets.next(&bytes));
             out.tokens.push(token);
-            out.token_logprobs.push(logprob);
+            out.token_logprobs.push(Some(logprob));
             out.top_logprobs.push(alternatives);
         }
         out
@@ -329,7 +388,7 @@ impl CompletionLogprobs {
                 top.sort_by(|a, b| b.1.total_cmp(a.1));
                 serde_json::json!({
                     "token": self.tokens[i],
-                    "logprob": self.token_logprobs.get(i).copied().unwrap_or(f64::NEG_INFINITY),
+                    "logprob": self.token_logprobs.get(i).copied().flatten().unwrap_or(NO_CHANCE),
                     "bytes": Value::Null,
                     "top_logprobs": top
                         .into_iter()
@@ -338,6 +397,45 @@ impl CompletionLogprobs {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod completion_logprobs_tests {
+    use super::*;
+
+    /// Offsets count characters after the prompt; a character split across two tokens counts once
+    /// (é is 0xC3 0xA9), and the chosen token joins its alternatives.
+    #[test]
+    fn offsets_count_whole_characters_after_the_prompt() {
+        let entry = |t: &str, b: &[u8], lp: f64| {
+            serde_json::json!({"token": t, "logprob": lp, "bytes": b,
+                "top_logprobs": [{"token": "x", "logprob": -1.0}, {"token": "y", "logprob": -2.0}]})
+        };
+        let entries = [
+            entry("ab", b"ab", -0.5),
+            entry("\u{fffd}", &[0xC3], -0.1),
+            entry("\u{fffd}", &[0xA9], -0.2),
+            entry("c", b"c", -0.3),
+        ];
+        let mut offsets = TextOffsets::after("Héllo");
+        let lp = CompletionLogprobs::from_chat(&entries[..2], 1, &mut offsets);
+        let rest = CompletionLogprobs::from_chat(&entries[2..], 1, &mut offsets);
+        assert_eq!(lp.text_offset, [5, 7]);
+        assert_eq!(rest.text_offset, [7, 8], "é counted once, when whole");
+        assert_eq!(
+            lp.top_logprobs[0].len(),
+            2,
+            "one alternative and the chosen token"
+        );
+        assert_eq!(lp.top_logprobs[0]["ab"], -0.5);
+        // An invalid byte is one character, and the count goes on.
+        let mut offsets = TextOffsets::after("");
+        let bad = [entry("?", &[0xFF], -1.0), entry("z", b"z", -1.0)];
+        assert_eq!(
+            CompletionLogprobs::from_chat(&bad, 0, &mut offsets).text_offset,
+            [0, 1]
+        );
     }
 }
 
