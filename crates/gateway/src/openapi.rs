@@ -60,10 +60,84 @@ pub fn described(limits: &Limits) -> Value {
         }
     }
     // A field these bodies do not define is refused (400): the description says so, so that a client
-    // or a fuzzer does not take an extra field for one that is read.
-    for schema in ["ChatCompletionRequest", "CompletionRequest"] {
+    // or a fuzzer does not take an extra field for one that is read. OpenAI's fields that ask for nothing
+    // left undone are accepted with the values that ask for nothing (`refuse_extra` in
+    // jemma_router::api::request), and described with those values only.
+    let nothing_asked = |values: Value, what: &str| serde_json::json!({"enum": values, "description": format!("Accepted as OpenAI's: {what}.")});
+    let string = |what: &str| serde_json::json!({"type": ["string", "null"], "description": format!("Accepted as OpenAI's: {what}.")});
+    let accepted = [
+        (
+            "ChatCompletionRequest",
+            vec![
+                (
+                    "store",
+                    nothing_asked(serde_json::json!([false, null]), "no completion is kept"),
+                ),
+                (
+                    "metadata",
+                    serde_json::json!({"type": ["object", "null"],
+                        "description": "Accepted as OpenAI's: kept only with a stored completion, and none is."}),
+                ),
+                (
+                    "service_tier",
+                    nothing_asked(
+                        serde_json::json!(["auto", "default", null]),
+                        "one service tier",
+                    ),
+                ),
+                (
+                    "prompt_cache_key",
+                    string("a hint; the prefix cache needs no key"),
+                ),
+                (
+                    "prompt_cache_retention",
+                    string("a hint; the prefix cache keeps what fits"),
+                ),
+                ("safety_identifier", string("not used")),
+                (
+                    "modalities",
+                    nothing_asked(serde_json::json!([["text"], null]), "the answer is text"),
+                ),
+                (
+                    "verbosity",
+                    nothing_asked(serde_json::json!(["medium", null]), "the model's own"),
+                ),
+                (
+                    "functions",
+                    serde_json::json!({"type": ["array", "null"], "maxItems": 0,
+                    "description": "Deprecated; accepted empty only: send tools."}),
+                ),
+                (
+                    "function_call",
+                    nothing_asked(
+                        serde_json::json!(["none", "auto", null]),
+                        "with no functions",
+                    ),
+                ),
+            ],
+        ),
+        (
+            "CompletionRequest",
+            vec![
+                (
+                    "best_of",
+                    nothing_asked(serde_json::json!([1, null]), "one completion"),
+                ),
+                (
+                    "suffix",
+                    nothing_asked(serde_json::json!(["", null]), "no insertion"),
+                ),
+            ],
+        ),
+    ];
+    for (schema, fields) in accepted {
         if let Some(s) = schemas[schema].as_object_mut() {
             s.insert("additionalProperties".into(), false.into());
+        }
+        if let Some(p) = schemas[schema]["properties"].as_object_mut() {
+            for (name, v) in fields {
+                p.insert(name.into(), v);
+            }
         }
     }
     if let Some(p) = schemas["ChatCompletionRequest"]["properties"]["messages"].as_object_mut() {
@@ -297,6 +371,10 @@ mod tests {
         assert_eq!(chat["additionalProperties"], false);
         assert!(chat["properties"]["reasoning_effort"].is_object());
         assert!(chat["properties"].get("extra").is_none());
+        assert_eq!(
+            chat["properties"]["store"]["enum"],
+            serde_json::json!([false, null])
+        );
         assert_eq!(
             doc["components"]["schemas"]["CompletionRequest"]["additionalProperties"],
             false
