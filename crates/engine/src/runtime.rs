@@ -1832,8 +1832,10 @@ impl ModelRunner for MlxRunner {
             if n > *left && !planned.is_empty() {
                 if *left >= MIN_CUT_CHUNK {
                     g.cap_next_chunk(Some(*left));
-                    let cut = cost(g);
-                    if cut <= *left {
+                    // The cut may stop short of an image (a chunk never cuts one): then it must still
+                    // be worth a chunk, and a rollback point.
+                    let (cut, read) = (cost(g), g.next_chunk(&model.model));
+                    if cut <= *left && read >= MIN_CUT_CHUNK {
                         planned.push(i);
                     } else {
                         g.cap_next_chunk(None);
