@@ -44,9 +44,14 @@ pub(crate) fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
 }
 
 /// llama.cpp's samplers take a 32-bit seed: the high half of the request's 64 bits is folded in, so that
-/// seeds 2^32 apart draw differently (as they do on the MLX engine), and a seed below 2^32 is itself.
+/// seeds 2^32 apart draw differently (as they do on the MLX engine), and a seed below 2^32 is itself,
+/// except the one value llama.cpp reads as "no seed, draw one" (`LLAMA_DEFAULT_SEED`, 0xFFFFFFFF), which
+/// would leave a seeded request unseeded: it becomes 0xFFFFFFFE.
 pub(crate) fn seed32(seed: u64) -> u32 {
-    (seed ^ (seed >> 32)) as u32
+    match (seed ^ (seed >> 32)) as u32 {
+        u32::MAX => u32::MAX - 1,
+        s => s,
+    }
 }
 
 pub(crate) fn rand_seed() -> u32 {
@@ -145,6 +150,9 @@ mod tests {
         assert_eq!(seed32(7), 7);
         assert_ne!(seed32(7), seed32(7 + (1 << 32)));
         assert_ne!(seed32(1 << 40), seed32(0));
+        // llama.cpp would draw a random seed for this one (llama.h's LLAMA_DEFAULT_SEED, a macro bindgen
+        // leaves out).
+        assert_ne!(seed32(u64::from(u32::MAX)), 0xFFFF_FFFF);
     }
 
     /// Spread over threads or not, every row's argmax is its own, in order.
