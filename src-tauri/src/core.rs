@@ -177,9 +177,15 @@ pub fn effective_config(
         }
         cfg.models.auto_download = false;
     }
-    // The Settings window's keep-alive applies to every local tier (0 means "use the config's").
+    // The Settings window's keep-alive applies to every tier this node's engine serves (0 means "use the
+    // config's"); a pool of other nodes only has none to keep (and refuses the setting).
     if settings.keep_alive != 0 {
-        for t in cfg.tiers.values_mut().filter(|t| t.kind == TierKind::Local) {
+        let engine_serves = |t: &TierConfig| {
+            t.kind == TierKind::Local
+                && (t.endpoints.is_empty()
+                    || t.endpoints.iter().any(|e| e.kind() == EndpointKind::Local))
+        };
+        for t in cfg.tiers.values_mut().filter(|t| engine_serves(t)) {
             t.keep_alive_secs = settings.keep_alive;
         }
     }
