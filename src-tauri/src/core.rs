@@ -125,7 +125,10 @@ pub fn effective_config(
         }
         match cfg.tiers.get_mut(&tier) {
             // A pool from jemma.toml keeps its endpoints: the model is what its local endpoint serves.
-            Some(t) if !t.endpoints.is_empty() => t.model = model.clone(),
+            // A local tier keeps its settings (context, keep-alive, …): only the model is chosen here.
+            Some(t) if !t.endpoints.is_empty() || t.kind == TierKind::Local => {
+                t.model = model.clone()
+            }
             _ => {
                 cfg.tiers.insert(
                     tier,
@@ -440,6 +443,44 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The Settings window's choices go on top of jemma.toml without dropping its settings or making it
+    /// refused: a chosen model keeps the tier's context, and the keep-alive reaches the tiers this node's
+    /// engine serves but not a pool of other nodes (which refuses it).
+    #[test]
+    fn settings_apply_on_top_of_the_config_file() {
+        let dir = std::env::temp_dir().join(format!("jemma-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("jemma.toml"),
+            "[tiers.fast]\nmodel = \"/m/a\"\ncontext_length = 1024\n\
+             [tiers.heavy]\n[[tiers.heavy.endpoints]]\nkind = \"openai\"\nurl = \"http://x\"\n",
+        )
+        .unwrap();
+        let settings = Settings {
+            keep_alive: 60,
+            models: Models {
+                fast: "/m/b".into(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let cfg = effective_config(&dir, &settings).unwrap();
+        let fast = &cfg.tiers[&Tier::Fast];
+        assert_eq!(
+            (
+                fast.model.as_str(),
+                fast.context_length,
+                fast.keep_alive_secs
+            ),
+            ("/m/b", Some(1024), 60)
+        );
+        assert_eq!(
+            cfg.tiers[&Tier::Heavy].keep_alive_secs,
+            TierConfig::default().keep_alive_secs
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn inspector_port_parses_host_and_port() {
