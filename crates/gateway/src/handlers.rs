@@ -53,39 +53,22 @@ enum Started {
     Whole(tokio::sync::mpsc::Receiver<jemma_router::route::Output>),
 }
 
-/// How a stream's SSE response is rendered: keep-alive interval, the requested model, whether usage
-/// comes last, the first output, the rest.
-trait StreamRenderer:
-    FnOnce(
-    std::time::Duration,
-    String,
-    bool,
-    jemma_router::route::Output,
-    tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
-) -> Response
-{
-}
-
-impl<F> StreamRenderer for F where
-    F: FnOnce(
-        std::time::Duration,
-        String,
-        bool,
-        jemma_router::route::Output,
-        tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
-    ) -> Response
-{
-}
-
 /// Charges the caller and routes `req`. A stream waits for its first output before committing to a 200
 /// (failures before any token — no tier, busy, a bad request — keep their own status) and is rendered
-/// by `render`; otherwise the outputs come back to be read whole.
+/// by `render` (from the keep-alive interval, the requested model, whether usage comes last, the first
+/// output and the rest); otherwise the outputs come back to be read whole.
 async fn start(
     state: &AppState,
     caller: &Caller,
     forwarded: bool,
     mut req: jemma_router::api::ChatRequest,
-    render: impl StreamRenderer,
+    render: impl FnOnce(
+        std::time::Duration,
+        String,
+        bool,
+        jemma_router::route::Output,
+        tokio::sync::mpsc::Receiver<jemma_router::route::Output>,
+    ) -> Response,
 ) -> Result<Started, ApiError> {
     req.forwarded = forwarded;
     state.charge(caller, !req.media_modalities().is_empty())?;

@@ -1111,6 +1111,44 @@ mod tests {
         assert_eq!(retry_after("soon", now), None);
     }
 
+    /// An upstream on loopback that answers one request: `head` (status line and headers), then
+    /// `pieces`, as HTTP chunks when `chunked`. Its task returns the request's head as text.
+    async fn upstream_once(
+        head: &'static [u8],
+        pieces: Vec<Vec<u8>>,
+        chunked: bool,
+    ) -> (std::net::SocketAddr, tokio::task::JoinHandle<String>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move {
+            let (mut sock, _) = listener.accept().await.unwrap();
+            let mut req = vec![0u8; 65536];
+            let mut got = 0;
+            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
+                got += sock.read(&mut req[got..]).await.unwrap();
+            }
+            sock.write_all(head).await.unwrap();
+            for p in pieces {
+                if chunked {
+                    sock.write_all(format!("{:x}\r\n", p.len()).as_bytes())
+                        .await
+                        .unwrap();
+                }
+                sock.write_all(&p).await.unwrap();
+                if chunked {
+                    sock.write_all(b"\r\n").await.unwrap();
+                }
+                sock.flush().await.unwrap();
+            }
+            if chunked {
+                sock.write_all(b"0\r\n\r\n").await.unwrap();
+            }
+            String::from_utf8_lossy(&req[..got]).to_string()
+        });
+        (addr, server)
+    }
+
     /// An upstream's stream over a real HTTP connection, in awkward pieces: a keep-alive comment, a
     /// character and a CRLF split across reads, a tool call in two deltas, a payload on two `data:`
     /// lines, an empty event and an invalid byte. The backend must see the events a browser's EventSource
@@ -1118,10 +1156,7 @@ mod tests {
     #[tokio::test]
     async fn an_upstream_stream_is_parsed_as_server_sent_events() {
         use crate::api::{ChatCompletionRequest, Limits};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
         let pieces: Vec<Vec<u8>> = vec![
             b": keep-alive\r\n\r\n".to_vec(),
             [
@@ -1150,28 +1185,12 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             .concat(),
             b"data: [DONE]\n\n".to_vec(),
         ];
-        let server = tokio::spawn(async move {
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut req = vec![0u8; 65536];
-            let mut got = 0;
-            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                got += sock.read(&mut req[got..]).await.unwrap();
-            }
-            sock.write_all(
-                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
-            )
-            .await
-            .unwrap();
-            for p in pieces {
-                sock.write_all(format!("{:x}\r\n", p.len()).as_bytes())
-                    .await
-                    .unwrap();
-                sock.write_all(&p).await.unwrap();
-                sock.write_all(b"\r\n").await.unwrap();
-                sock.flush().await.unwrap();
-            }
-            sock.write_all(b"0\r\n\r\n").await.unwrap();
-        });
+        let (addr, server) = upstream_once(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
+            pieces,
+            true,
+        )
+        .await;
         let backend = OpenAiBackend::new(OpenAiConfig {
             url: format!("http://{addr}/v1"),
             api_key: None,
@@ -1257,29 +1276,13 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
     #[tokio::test]
     async fn a_plain_prompt_to_a_chat_only_upstream_is_refused_not_failed() {
         use crate::api::{CompletionRequest, Limits};
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let server = tokio::spawn(async move {
-            let (mut sock, _) = listener.accept().await.unwrap();
-            let mut req = vec![0u8; 65536];
-            let mut got = 0;
-            while !req[..got].windows(4).any(|w| w == b"\r\n\r\n") {
-                got += sock.read(&mut req[got..]).await.unwrap();
-            }
-            let body = br#"{"error":{"message":"Not Found"}}"#;
-            sock.write_all(
-                format!(
-                    "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-                    body.len()
-                )
-                .as_bytes(),
-            )
-            .await
-            .unwrap();
-            sock.write_all(body).await.unwrap();
-            String::from_utf8_lossy(&req[..got]).to_string()
-        });
+        let body = br#"{"error":{"message":"Not Found"}}"#;
+        let head = format!(
+            "HTTP/1.1 404 Not Found\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let (addr, server) =
+            upstream_once(head.into_bytes().leak(), vec![body.to_vec()], false).await;
         let backend = OpenAiBackend::new(OpenAiConfig {
             url: format!("http://{addr}/v1"),
             api_key: None,
