@@ -2,6 +2,13 @@
 //! prefill, one batched decode step for every running sequence, and the sequences' decoding state.
 
 use super::*;
+use jemma_serve::budget::prompt_read;
+
+/// Whether a prompt read that does not fit a step's budget is cut to what is left
+/// ([`jemma_serve::budget::prompt_read`]): no. llama.cpp's CPU kernels switch by row count, so a prompt
+/// read at other chunk boundaries than alone gives other numbers (a seeded Q8_0 answer in
+/// `batched_answers_equal_lone_answers_on_every_fixture` left its lone twin when it was tried).
+const CUT_READS: bool = false;
 
 /// A loaded GGUF with its llama.cpp context (which borrows the model: one self-referential cell), and one
 /// slot per llama.cpp sequence: the serving core's record of the tokens whose KV that sequence holds (its
@@ -1358,7 +1365,8 @@ pub(crate) fn step(
         }
     }
     // Prompt chunks, oldest sequence first, up to `chunk` tokens in all (the first always runs, so a long
-    // prompt progresses): several short prompts start in one step, a long one takes a chunk per step. The
+    // prompt progresses; one that does not fit waits, whole: `jemma_serve::budget`, [`CUT_READS`]):
+    // several short prompts start in one step, a long one takes a chunk per step. The
     // text chunks are read together in one decode (llama-server's and vLLM's batched prefill: a burst of
     // newcomers costs one pass over the weights, not one each); an image or clip is read on its own.
     let mut budget = chunk.max(1);
@@ -1399,7 +1407,9 @@ pub(crate) fn step(
                 // decode writes anything. A read the budget would put off waits, with its copy, for the
                 // next step: a copy with no read behind it would keep the pool shut until some decode.
                 let n = next_read(batch[i], found.0, chunk);
-                if n > budget && budget < chunk.max(1) {
+                let whole = batch[i].media.iter().any(|m| m.start == found.0);
+                let take = prompt_read(n, budget, budget >= chunk.max(1), CUT_READS);
+                if take == 0 || (whole && take < n) {
                     break;
                 }
                 share_prefix(ctx, loaded.n_swa, &mut shared, batch[i], found)?;
@@ -1421,8 +1431,14 @@ pub(crate) fn step(
             }
             continue;
         }
-        let n = next_read(s, s.prefilled, chunk);
-        if n > budget && budget < chunk.max(1) {
+        // Text that does not fit what is left waits, whole (the core's `prompt_read`, [`CUT_READS`]).
+        let n = prompt_read(
+            next_read(s, s.prefilled, chunk),
+            budget,
+            budget >= chunk.max(1),
+            CUT_READS,
+        );
+        if n == 0 {
             break;
         }
         budget = budget.saturating_sub(n);

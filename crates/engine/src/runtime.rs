@@ -27,6 +27,7 @@ use jemma_chat::event::EngineFailure;
 use jemma_chat::guard::ControlTokens;
 use jemma_chat::logprobs::TokenLogprob;
 use jemma_chat::template::NO_CHAT_TEMPLATE;
+use jemma_serve::budget::{MIN_CUT_READ, prompt_read};
 use jemma_serve::host::{Host, HostConfig, LoadError, ModelRunner, Progress, SeqOutput, Tally};
 use jemma_serve::prefix::{EntryKind, PrefixPool, common_prefix_len, waits_for_shared_read};
 pub use jemma_serve::speculative::SpeculativeInfo;
@@ -1447,11 +1448,6 @@ const MIN_CHECKPOINT_TOKENS: usize = 8;
 /// here (a copy shares the arrays until written), unlike llama.cpp's stream copies.
 const MIN_WAIT_GAIN: usize = MIN_CHECKPOINT_TOKENS;
 
-/// Fewest prompt tokens a chunk cut to fit what a step's budget has left holds (the floor of
-/// [`crate::generate::prefill_chunk`]'s chunks): below it the sequence waits for the next step, whose
-/// budget it starts.
-const MIN_CUT_CHUNK: usize = 16;
-
 /// Most caches the MLX prefix cache keeps (mlx_lm.server's `--prompt-cache-size` default).
 pub const PREFIX_CACHE_ENTRIES: usize = 10;
 
@@ -1818,10 +1814,9 @@ impl ModelRunner for MlxRunner {
                     continue;
                 }
             }
-            // Once a chunk does not fit, it is cut to what is left (vLLM's chunked prefill cuts the last
-            // request it schedules the same way), unless that is too little to be worth a chunk or the cut
-            // would fall in an image; then only those with nothing left to read but their first step
-            // (which costs no prompt tokens) join this step: the older ones keep their turn.
+            // Once a chunk does not fit, it is cut to what is left, unless that is too little to be worth
+            // a read or the cut would fall in an image (the core's `prompt_read`); then only those with
+            // nothing left to read but their first step (which costs no prompt tokens) join this step.
             let g = &mut batch[i].generation;
             g.cap_next_chunk(None);
             let cost = |g: &Generation| {
@@ -1829,13 +1824,14 @@ impl ModelRunner for MlxRunner {
             };
             let n = cost(g);
             let left = budget.get_or_insert(g.options().prefill_step.max(1));
-            if n > *left && !planned.is_empty() {
-                if *left >= MIN_CUT_CHUNK {
-                    g.cap_next_chunk(Some(*left));
+            let take = prompt_read(n, *left, planned.is_empty(), true);
+            if take < n {
+                if take > 0 {
+                    g.cap_next_chunk(Some(take));
                     // The cut may stop short of an image (a chunk never cuts one): then it must still
-                    // be worth a chunk, and a rollback point.
+                    // be worth a read, and a rollback point.
                     let (cut, read) = (cost(g), g.next_chunk(&model.model));
-                    if cut <= *left && read >= MIN_CUT_CHUNK {
+                    if cut <= *left && read >= MIN_CUT_READ {
                         planned.push(i);
                     } else {
                         g.cap_next_chunk(None);
