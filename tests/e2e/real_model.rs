@@ -81,6 +81,37 @@ async fn paris(client: &reqwest::Client, s: &Server, model: &str) -> serde_json:
     .await
 }
 
+/// llama.cpp's quantized KV cache on a GGUF tier (llama-server's `--cache-type-k q8_0 --cache-type-v
+/// q4_0`): the tier says which types it holds, reserves less memory than with F16, and the real model still
+/// answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gguf_tier_serves_from_a_quantized_kv_cache() {
+    let model = gemma3();
+    let client = crate::support::client();
+    let mut footprints = vec![];
+    for types in ["", "cache_type_k = \"q8_0\"\ncache_type_v = \"q4_0\"\n"] {
+        let cfg = format!(
+            "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n{types}",
+            model.display()
+        );
+        let s = Server::start(&[], Some(&cfg));
+        assert_paris(&paris(&client, &s, "fast").await);
+        let h = health(&s);
+        let d = &tier(&h, "fast")["details"];
+        let want = if types.is_empty() {
+            ["f16", "f16"]
+        } else {
+            ["q8_0", "q4_0"]
+        };
+        assert_eq!([&d["cache_type_k"], &d["cache_type_v"]], want, "{h}");
+        footprints.push(d["footprint_bytes"].as_u64().unwrap());
+    }
+    assert!(
+        footprints[1] < footprints[0],
+        "a quantized cache reserves less: {footprints:?}"
+    );
+}
+
 /// GGUF tiers have the MLX tiers' lifecycle (both run on the serving core's host): lazy load, the memory
 /// budget's reservation, idle keep-alive unload and a transparent reload; a model over the memory limit is
 /// refused before a byte is read and its requests fall back.

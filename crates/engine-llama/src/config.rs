@@ -81,6 +81,45 @@ pub struct LlamaConfig {
     /// llama.cpp's flash attention (llama-server's `--flash-attn`). On a CPU, `Off` makes batched answers
     /// equal lone ones to the bit where the weights allow it (see [`FlashAttention`]).
     pub flash_attention: FlashAttention,
+    /// The element types of the KV cache (llama-server's `--cache-type-k` and `--cache-type-v`; F16
+    /// both by default). A quantized V type needs flash attention (`Auto` turns it on for one; `Off`
+    /// fails the load); the draft model's context takes the same types.
+    pub cache: CacheTypes,
+}
+
+pub use llama_cpp_2::context::params::KvCacheType;
+
+/// The element types of a context's K and V caches (llama.cpp's `type_k` and `type_v`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTypes {
+    /// The K cache's type.
+    pub k: KvCacheType,
+    /// The V cache's type.
+    pub v: KvCacheType,
+}
+
+impl Default for CacheTypes {
+    /// llama.cpp's default: F16 both.
+    fn default() -> Self {
+        Self {
+            k: KvCacheType::F16,
+            v: KvCacheType::F16,
+        }
+    }
+}
+
+/// ggml's name of a cache type (`q8_0`), as llama-server's `--cache-type-k` takes it.
+pub fn cache_type_name(t: KvCacheType) -> String {
+    let t: llama_cpp_sys_2::ggml_type = t.into();
+    // SAFETY: ggml_type_name returns a static NUL-terminated name for every type, or NULL past its table.
+    let name = unsafe { llama_cpp_sys_2::ggml_type_name(t) };
+    if name.is_null() {
+        return format!("ggml type {t}");
+    }
+    // SAFETY: non-null, static and NUL-terminated (above).
+    unsafe { std::ffi::CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// llama.cpp's flash attention policy (`llama_flash_attn_type`; llama-server's `--flash-attn
@@ -142,6 +181,7 @@ impl LlamaConfig {
             image_soft_tokens: DEFAULT_IMAGE_SOFT_TOKENS,
             video_soft_tokens: DEFAULT_VIDEO_SOFT_TOKENS,
             flash_attention: FlashAttention::Auto,
+            cache: CacheTypes::default(),
         }
     }
 }

@@ -56,6 +56,8 @@ impl LlamaEngine {
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
+            cache_type_k: cache_type_name(config.cache.k),
+            cache_type_v: cache_type_name(config.cache.v),
             // Unknown when the GGUF cannot be read (its load fails then, and says why).
             chat_template: gguf::read_metadata(&config.model_path)
                 .ok()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use crate::{LlamaError, Result};
+use crate::{CacheTypes, KvCacheType, LlamaError, Result, cache_type_name};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -239,23 +239,27 @@ pub fn served_context_of(path: &Path, configured: Option<u32>) -> Result<u32> {
 /// Estimated bytes a GGUF takes once loaded at its served context: the weights (the file, mmap'd), the KV
 /// cache and llama.cpp's compute buffers. Reserved from the memory budget before loading.
 ///
-/// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing as the engine configures it (F16 K and
-/// V, `swa_full = true`): every attention layer holds `n_ctx` cells, sliding-window layers included, and
-/// layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell holds
-/// `n_head_kv × (key_length + value_length)` F16 values, which differ between full and sliding layers
+/// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing as the engine configures it (K and V of
+/// the `cache` types, `swa_full = true`): every attention layer holds `n_ctx` cells, sliding-window layers
+/// included, and layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell
+/// holds `n_head_kv × key_length` values of the K type and `n_head_kv × value_length` of the V type (ggml's
+/// `ggml_row_size`: whole blocks of `ggml_blck_size` values, `ggml_type_size` bytes each), which differ between full and sliding layers
 /// where the GGUF says so (`key_length_swa`): the sliding pattern is the GGUF's `sliding_window_pattern`
 /// where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`. The compute buffers are approximated as
 /// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus a row of logits per sequence. With `n_seq`
 /// sequences (one KV stream each, `kv_unified = false`) every stream holds the cells above.
 ///
-/// Errors: the file cannot be read, or it lacks `general.architecture` / `<arch>.block_count`.
+/// Errors: the file cannot be read, it lacks `general.architecture` / `<arch>.block_count`, or a
+/// quantized cache type's blocks do not divide a layer's key or value length (llama.cpp cannot store
+/// such rows: its kernels assert it).
 pub fn footprint(
     path: &Path,
     context_length: Option<u32>,
     n_ubatch: u32,
     n_seq: u32,
+    cache: CacheTypes,
 ) -> Result<u64> {
-    let e = estimate(path, context_length, n_ubatch)?;
+    let e = estimate(path, context_length, n_ubatch, cache)?;
     let n_seq = n_seq.max(1) as u64;
     Ok(e.file_bytes + n_seq * (e.kv_per_sequence + e.logits_per_sequence) + e.compute)
 }
@@ -286,8 +290,23 @@ pub fn kv_bytes_per_sequence(
     path: &Path,
     context_length: Option<u32>,
     n_ubatch: u32,
+    cache: CacheTypes,
 ) -> Result<u64> {
-    Ok(estimate(path, context_length, n_ubatch)?.kv_per_sequence)
+    Ok(estimate(path, context_length, n_ubatch, cache)?.kv_per_sequence)
+}
+
+/// Bytes `n` values of `t` take (ggml's `ggml_row_size`), or None where `t`'s blocks do not divide `n`
+/// (where `ggml_row_size` asserts).
+fn row_bytes(t: KvCacheType, n: u64) -> Option<u64> {
+    let t: llama_cpp_sys_2::ggml_type = t.into();
+    // SAFETY: both read ggml's static type table; `t` is one of its types (`KvCacheType`'s named values).
+    let (block, size) = unsafe {
+        (
+            llama_cpp_sys_2::ggml_blck_size(t).max(1) as u64,
+            llama_cpp_sys_2::ggml_type_size(t) as u64,
+        )
+    };
+    n.is_multiple_of(block).then(|| n / block * size)
 }
 
 /// What [`footprint`] adds up.
@@ -298,7 +317,12 @@ struct Estimate {
     compute: u64,
 }
 
-fn estimate(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<Estimate> {
+fn estimate(
+    path: &Path,
+    context_length: Option<u32>,
+    n_ubatch: u32,
+    cache: CacheTypes,
+) -> Result<Estimate> {
     if !path.is_file() {
         return Err(LlamaError::InvalidModel(format!(
             "{}: no such GGUF file",
@@ -362,7 +386,19 @@ fn estimate(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<E
         let heads = int_at("attention.head_count_kv", il)
             .or(int_at("attention.head_count", il))
             .unwrap_or(1);
-        kv += cells * heads * (k_len.unwrap_or(head_dim) + v_len.unwrap_or(head_dim)) * 2;
+        let row = |t: KvCacheType, n: u64, which: &str| {
+            row_bytes(t, n).ok_or_else(|| {
+                LlamaError::InvalidModel(format!(
+                    "a {which} cache of {} cannot hold layer {il}'s rows of {n} values (its blocks do not \
+                     divide them): choose another cache_type_{}",
+                    cache_type_name(t),
+                    which.to_lowercase()
+                ))
+            })
+        };
+        let k = row(cache.k, k_len.unwrap_or(head_dim), "K")?;
+        let v = row(cache.v, v_len.unwrap_or(head_dim), "V")?;
+        kv += cells * heads * (k + v);
     }
     let n_vocab = match meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(t)) => t.len() as u64,
@@ -380,6 +416,26 @@ fn estimate(path: &Path, context_length: Option<u32>, n_ubatch: u32) -> Result<E
 mod footprint_tests {
     use super::*;
 
+    /// Rows take ggml's sizes, and a row that the type's blocks do not divide (which llama.cpp's kernels
+    /// assert on) is refused, naming the setting.
+    #[test]
+    fn cache_rows_take_ggmls_sizes() {
+        assert_eq!(row_bytes(KvCacheType::F16, 256), Some(512));
+        assert_eq!(row_bytes(KvCacheType::F32, 80), Some(320));
+        assert_eq!(row_bytes(KvCacheType::Q8_0, 256), Some(272));
+        assert_eq!(row_bytes(KvCacheType::Q4_0, 64), Some(36));
+        assert_eq!(row_bytes(KvCacheType::Q5_1, 32), Some(24));
+        assert_eq!(row_bytes(KvCacheType::Q8_0, 80), None);
+        let path = jemma_fixtures::root().join("gguf/gemma-3-270m-q4_k_m.gguf");
+        let q = |k, v| footprint(&path, Some(512), 64, 1, CacheTypes { k, v });
+        let f16 = q(KvCacheType::F16, KvCacheType::F16).unwrap();
+        let q4 = q(KvCacheType::F16, KvCacheType::Q4_0).unwrap();
+        // 18 bytes per 32 values instead of 64: only V's half shrinks.
+        let kv16 = kv_bytes_per_sequence(&path, Some(512), 64, CacheTypes::default()).unwrap();
+        assert_eq!(f16 - q4, kv16 / 2 - kv16 / 2 * 18 / 64);
+        assert_eq!(cache_type_name(KvCacheType::Q4_0), "q4_0");
+    }
+
     #[test]
     fn served_context_caps_at_32k_and_the_training_context() {
         assert_eq!(served_context(131072, None), 32768);
@@ -395,7 +451,7 @@ mod footprint_tests {
     fn the_default_pool_holds_what_the_window_lets_it_keep() {
         let path = jemma_fixtures::root().join("gguf/gemma-3-270m-q4_k_m.gguf");
         assert_eq!(sliding_window(&path).unwrap(), Some(512));
-        let window = kv_bytes_per_sequence(&path, Some(512), 256).unwrap();
+        let window = kv_bytes_per_sequence(&path, Some(512), 256, CacheTypes::default()).unwrap();
         let pool = |kv| crate::default_prefix_cache_bytes(kv, Some(window));
         assert_eq!(pool(10 * window), 10 * window);
         assert_eq!(pool(100 * window), 64 * window);

@@ -21,6 +21,9 @@ pub fn prompt_logits(
 /// A loaded model with a context, for one-shot use (`jemma generate --engine llama`, parity tests).
 pub struct Session {
     pub(crate) loaded: Loaded,
+    /// The KV cache types and attention policy its contexts take (the config's, as the engine's).
+    cache: CacheTypes,
+    flash_attention: FlashAttention,
 }
 
 impl Session {
@@ -28,6 +31,8 @@ impl Session {
     pub fn load(config: &LlamaConfig) -> Result<Self> {
         Ok(Self {
             loaded: load(config, |_| true)?,
+            cache: config.cache,
+            flash_attention: config.flash_attention,
         })
     }
 
@@ -36,8 +41,11 @@ impl Session {
         &self.loaded
     }
 
-    fn params(n_ctx: usize, n_batch: usize, threads: i32) -> LlamaContextParams {
+    fn params(&self, n_ctx: usize, n_batch: usize, threads: i32) -> LlamaContextParams {
         LlamaContextParams::default()
+            .with_type_k(self.cache.k)
+            .with_type_v(self.cache.v)
+            .with_flash_attention_policy(self.flash_attention.llama_type())
             .with_n_ctx(NonZeroU32::new(n_ctx as u32))
             .with_n_batch(n_batch as u32)
             .with_n_ubatch(n_batch as u32)
@@ -51,7 +59,7 @@ impl Session {
         n_batch: usize,
         threads: i32,
     ) -> Result<llama_cpp_2::context::LlamaContext<'_>> {
-        let params = Self::params(n_ctx, n_batch, threads);
+        let params = self.params(n_ctx, n_batch, threads);
         self.loaded
             .model
             .new_context(backend()?, params)
@@ -107,7 +115,7 @@ impl Session {
         let mut m = mtp::Mtp::bind(
             drafter,
             &mut ctx,
-            Self::params(n_ctx, 1, threads),
+            self.params(n_ctx, 1, threads),
             jemma_serve::speculative::SpeculativeConfig::default(),
             1,
         )?;

@@ -150,6 +150,10 @@ pub struct LlamaInfo {
     pub prefix_cache_entries: usize,
     /// Bytes those saved caches hold.
     pub prefix_cache_bytes: u64,
+    /// The K cache's element type, by ggml's name (`f16`, `q8_0`; [`LlamaConfig::cache`]).
+    pub cache_type_k: String,
+    /// The V cache's element type, likewise.
+    pub cache_type_v: String,
     /// What the model takes in: text, and images and audio as its mmproj's towers allow (read at start,
     /// before the model loads).
     pub input_modalities: Vec<Modality>,

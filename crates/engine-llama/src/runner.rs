@@ -135,6 +135,7 @@ impl LlamaRunner {
             self.config.context_length,
             self.batch(),
             self.parallel(),
+            self.config.cache,
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         // The draft's weights and a context of the target's shape (one sequence per slot).
@@ -143,15 +144,23 @@ impl LlamaRunner {
                 let bytes = if mtp::is_assistant(&sp.draft_model).unwrap_or(false) {
                     // An assistant holds no KV (it reads the target's): its weights, and its compute and
                     // output buffers as a model of its size would need them for one token per sequence.
-                    gguf::footprint(&sp.draft_model, Some(1), self.parallel(), self.parallel())
+                    gguf::footprint(
+                        &sp.draft_model,
+                        Some(1),
+                        self.parallel(),
+                        self.parallel(),
+                        CacheTypes::default(),
+                    )
                 } else {
                     gguf::served_context_of(&self.config.model_path, self.config.context_length)
                         .and_then(|n| {
+                            // Its context takes the target's parameters, cache types included.
                             gguf::footprint(
                                 &sp.draft_model,
                                 Some(n),
                                 self.config.batch_size,
                                 self.parallel(),
+                                self.config.cache,
                             )
                         })
                 };
@@ -187,8 +196,14 @@ impl LlamaRunner {
             Some(b) => Ok(b),
             None => {
                 let path = &self.config.model_path;
-                let kv =
-                    |context| gguf::kv_bytes_per_sequence(path, context, self.config.batch_size);
+                let kv = |context| {
+                    gguf::kv_bytes_per_sequence(
+                        path,
+                        context,
+                        self.config.batch_size,
+                        self.config.cache,
+                    )
+                };
                 // The pool keeps only conversations within the sliding window (`save`).
                 let window =
                     gguf::sliding_window(path).and_then(|w| w.map(|w| kv(Some(w))).transpose());
@@ -346,7 +361,9 @@ impl ModelRunner for LlamaRunner {
             .with_n_ubatch(self.batch())
             .with_n_threads(threads)
             .with_n_threads_batch(batch_threads)
-            .with_flash_attention_policy(self.config.flash_attention.llama_type());
+            .with_flash_attention_policy(self.config.flash_attention.llama_type())
+            .with_type_k(self.config.cache.k)
+            .with_type_v(self.config.cache.v);
         let backend = backend().map_err(|e| LoadError::Failed(e.to_string()))?;
         let n_ctx = loaded.n_ctx;
         let gpu = self
@@ -1654,6 +1671,8 @@ mod tests {
             largest_verify_batch: 0,
             prefix_cache_entries: 0,
             prefix_cache_bytes: 0,
+            cache_type_k: "f16".into(),
+            cache_type_v: "f16".into(),
             chat_template: Some(true),
         };
         runner.plan(&mut info).unwrap();

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use jemma_chat::event::EngineFailure;
 use jemma_engine_llama::{
-    Event, Finish, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request, Sampling, Session,
-    default_threads, gguf,
+    CacheTypes, Event, Finish, KvCacheType, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request,
+    Sampling, Session, default_threads, gguf,
 };
 use jemma_media::Modality;
 use serde_json::{Value, json};
@@ -730,31 +730,41 @@ fn tokens_and_logprobs(mut rx: tokio::sync::mpsc::Receiver<Event>) -> (Vec<u32>,
 }
 
 /// Continuous batching on every GGUF fixture (dense and MoE, f32 and Q8_0, and the real Gemma 3 270M in
-/// Q4_K_M): six requests of different prompt and answer lengths sent at once to an engine that decodes 4
-/// together — the last two join mid-way as places free up, and the long prompts are prefilled in chunks
-/// between the others' decode steps — give the answers they give alone on a one-sequence engine.
+/// Q4_K_M; the dense Q8_0 also with a Q8_0 K cache, and with Q8_0 K and V caches): six requests of
+/// different prompt and answer lengths sent at once to an engine that decodes 4 together — the last two
+/// join mid-way as places free up, and the long prompts are prefilled in chunks between the others'
+/// decode steps — give the answers they give alone on a one-sequence engine.
 ///
 /// How exactly: on Q8_0 weights, every token and logprob to the bit, greedy and seeded sampling alike
 /// (llama.cpp takes the same per-row dot products for one row and for several; these prompts and answers
 /// stay under 256 tokens, past which flash attention splits a lone decode across the threads, see
-/// `FlashAttention`). For other weight types it multiplies a lone decode row and a batch's rows with
-/// different kernels (scripts/bench-invariance: f32 and f16 from 2 rows; Q4_K repacked at load for its
-/// GEMM, where the first batched step moved a logprob of the real model by 0.045), and which rows share a
-/// step depends on timing. There the tokens agree until a near-tie: a greedy answer may
-/// leave its lone twin only where the lone run's two best tokens were within 0.5 nats, and until then the
-/// logprobs agree to 0.25 (measured: 3.5e-4 on f32, 0.17 on Q4_K after drifting over a few tokens; a mixed-up
-/// row or cache moves them by whole units).
+/// `FlashAttention`). A Q8_0 K cache keeps that; a Q8_0 V cache does not (measured: logprobs moved by up
+/// to 1e-2, no token), so it is held to the rule below. For other weight types it multiplies a lone
+/// decode row and a batch's rows with different kernels (scripts/bench-invariance: f32 and f16 from 2
+/// rows; Q4_K repacked at load for its GEMM, where the first batched step moved a logprob of the real
+/// model by 0.045), and which rows share a step depends on timing. There the tokens agree until a
+/// near-tie: a greedy answer may leave its lone twin only where the lone run's two best tokens were within
+/// 0.5 nats, and until then the logprobs agree to 0.25 (measured: 3.5e-4 on f32, 0.17 on Q4_K after
+/// drifting over a few tokens; a mixed-up row or cache moves them by whole units).
 #[test]
 fn batched_answers_equal_lone_answers_on_every_fixture() {
     let _serial = serial();
-    for name in [
-        "tiny-f32",
-        "moe-f32",
-        "tiny-q8_0",
-        "moe-q8_0",
-        "gemma-3-270m-q4_k_m",
+    let q8_0 = |v| CacheTypes {
+        k: KvCacheType::Q8_0,
+        v,
+    };
+    for (name, cache) in [
+        ("tiny-f32", CacheTypes::default()),
+        ("moe-f32", CacheTypes::default()),
+        ("tiny-q8_0", CacheTypes::default()),
+        ("moe-q8_0", CacheTypes::default()),
+        ("tiny-q8_0", q8_0(KvCacheType::F16)),
+        ("tiny-q8_0", q8_0(KvCacheType::Q8_0)),
+        ("gemma-3-270m-q4_k_m", CacheTypes::default()),
     ] {
         let mut c = LlamaConfig::new(gguf(name));
+        c.cache = cache;
+        let name = format!("{name} (KV {:?}/{:?})", cache.k, cache.v);
         c.context_length = Some(512);
         // A small chunk, so that prompts take several steps to read.
         c.batch_size = 64;
@@ -797,7 +807,8 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
             })
             .collect();
         let got: Vec<_> = readers.into_iter().map(|h| h.join().unwrap()).collect();
-        let exact = name.contains("q8_0");
+        let exact = name.starts_with("tiny-q8_0") && cache.v == KvCacheType::F16
+            || name.starts_with("moe-q8_0");
         let (mut worst, mut ties) = (0f32, 0);
         for (i, (g, w)) in got.iter().zip(&want).enumerate() {
             let what = format!("{name} request {i}");
@@ -839,6 +850,81 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
             }
         );
     }
+}
+
+/// A quantized KV cache (llama-server's `--cache-type-k/-v q8_0`) on the real Gemma 3 270M:
+/// - the memory estimate counts it: 34 bytes per 32 values against F16's 64, in the slots and in the
+///   host-memory pool the footprint reserves;
+/// - it is honoured: the answer's logprobs move off the F16 cache's, and equal to the bit those of a cold
+///   context with the same cache types that read the same batches ([`Session::replay`]);
+/// - a conversation saved in host memory comes back exactly, in fewer bytes than F16's.
+#[test]
+fn a_quantized_kv_cache_is_honoured_counted_and_restored_exactly() {
+    let _serial = serial();
+    let path = gguf("gemma-3-270m-q4_k_m");
+    let q8_0 = CacheTypes {
+        k: KvCacheType::Q8_0,
+        v: KvCacheType::Q8_0,
+    };
+    let kv = |cache| gguf::kv_bytes_per_sequence(&path, Some(2048), 256, cache).unwrap();
+    let (kv16, kv8) = (kv(CacheTypes::default()), kv(q8_0));
+    assert_eq!(kv8 * 64, kv16 * 34, "Q8_0 rows against F16's");
+    let doc = |seed: u32, len: usize| -> Vec<u32> {
+        (0..len as u32)
+            .map(|i| 300 + (seed * 104_729 + i * 7919) % 200_000)
+            .collect()
+    };
+    let (f, g) = (doc(3, 301), doc(6, 457));
+    // The same turns on each cache: F and G read, two others take both slots (saving F and G), F
+    // continues from host memory.
+    let run = |cache: CacheTypes| {
+        let mut c = LlamaConfig::new(&path);
+        c.context_length = Some(2048);
+        c.batch_size = 256;
+        c.parallel = 2;
+        c.cache = cache;
+        let e = LlamaEngine::start(c.clone()).unwrap();
+        e.wait_ready().unwrap();
+        let footprint = e.status().info.footprint_bytes.unwrap();
+        let (_, first, _) = answer(&e, &f, 1);
+        answer(&e, &g, 1);
+        answer(&e, &doc(4, 120), 1);
+        answer(&e, &doc(5, 130), 1);
+        let saved = e.status().info.prefix_cache_bytes;
+        let next: Vec<u32> = f.iter().copied().chain(9000..9037).collect();
+        let (_, lp, reused) = answer(&e, &next, 3);
+        assert_eq!(reused, f.len(), "{cache:?}: F came back from host memory");
+        (c, footprint, first, saved, next, lp)
+    };
+    let (_, footprint16, first16, saved16, _, _) = run(CacheTypes::default());
+    let (c, footprint8, first8, saved8, next, lp) = run(q8_0);
+    // Two slots' KV and the pool's (one slot's, at most the window's 64 entries) shrink alike.
+    let window = |cache| gguf::kv_bytes_per_sequence(&path, Some(512), 256, cache).unwrap();
+    let pool =
+        |all, cache| jemma_engine_llama::default_prefix_cache_bytes(all, Some(window(cache)));
+    assert_eq!(
+        footprint16 - footprint8,
+        2 * (kv16 - kv8) + pool(kv16, CacheTypes::default()) - pool(kv8, q8_0),
+        "the footprint counts the cache's type"
+    );
+    assert!(
+        saved8 > 0 && saved8 < saved16,
+        "saved {saved8} vs F16's {saved16}"
+    );
+    assert_ne!(first8, first16, "the cache type reaches llama.cpp");
+    let cold = Session::load(&c).unwrap();
+    let threads = default_threads();
+    let reference = cold.replay(&chunks(&f), 2048, threads).unwrap();
+    assert_eq!(first8, top5(&reference), "F read on a Q8_0 cache");
+    let mut ops = chunks(&f);
+    ops.extend(chunks(&next[f.len()..]));
+    let reference = cold.replay(&ops, 2048, threads).unwrap();
+    assert_eq!(
+        lp,
+        top5(&reference),
+        "F restored from host memory and continued"
+    );
+    eprintln!("q8_0 KV: {kv8} bytes per sequence against {kv16}; saved {saved8} against {saved16}");
 }
 
 /// Each sequence slot keeps its own prefix: with 2 slots, two conversations that alternate both reuse their
@@ -958,7 +1044,8 @@ fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
     answer(&e, &doc(5, 130), 1);
     let st = e.status();
     assert!(st.info.prefix_cache_entries >= 2, "{:?}", st.info);
-    let budget = gguf::kv_bytes_per_sequence(&path, Some(2048), 256).unwrap() * 2;
+    let budget =
+        gguf::kv_bytes_per_sequence(&path, Some(2048), 256, CacheTypes::default()).unwrap() * 2;
     assert!(
         st.info.prefix_cache_bytes > 0 && st.info.prefix_cache_bytes <= budget,
         "{} bytes saved, budget {budget}",

@@ -697,6 +697,8 @@ impl InProcess for jemma_engine_llama::LlamaEngine {
             "threads": i.threads,
             "model_bytes": i.model_bytes,
             "footprint_bytes": i.footprint_bytes,
+            "cache_type_k": i.cache_type_k,
+            "cache_type_v": i.cache_type_v,
         })
     }
 }

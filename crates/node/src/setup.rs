@@ -19,7 +19,7 @@ use jemma_router::RouterError;
 use jemma_router::backend::{Backend, BackendState, Probe};
 use jemma_router::classify::Tier;
 use jemma_router::config::{
-    Config, EndpointKind, FlashAttention, TierConfig, TierKind, resolve_secret,
+    CacheType, Config, EndpointKind, FlashAttention, TierConfig, TierKind, resolve_secret,
 };
 use jemma_router::membership::{remote_endpoint, upstream_backend};
 use jemma_router::pool::{EndpointSpec, Pool, PoolConfig};
@@ -442,6 +442,14 @@ fn engine_settings(c: &TierConfig, default_max_tokens: u32) -> Vec<(&'static str
         ("kv_bits", format!("{:?}", c.kv_bits)),
         ("kv_group_size", c.kv_group_size.to_string()),
         ("quantized_kv_start", c.quantized_kv_start.to_string()),
+        (
+            "cache_type_k",
+            format!("{:?}", c.cache_type_k.unwrap_or_default()),
+        ),
+        (
+            "cache_type_v",
+            format!("{:?}", c.cache_type_v.unwrap_or_default()),
+        ),
         ("keep_alive_secs", c.keep_alive_secs.to_string()),
         ("preload", c.preload.to_string()),
         ("max_queue", c.max_queue.to_string()),
@@ -499,6 +507,7 @@ fn factory(
     let parallel = c.concurrency().clamp(1, 64) as u32;
     let (mmproj, image_tokens, video_tokens) = (c.mmproj.clone(), c.image_tokens, c.video_tokens);
     let flash_attention = c.flash_attention;
+    let cache_types = (c.cache_type_k, c.cache_type_v);
     let settings = engine_settings(c, default_max_tokens);
     Arc::new(move |path: PathBuf, name: String| {
         let is_gguf = path.extension().is_some_and(|e| e == "gguf");
@@ -575,11 +584,20 @@ fn factory(
             ));
         }
         // llama.cpp quantizes its cache by type (llama-server's --cache-type-k), not by MLX's bits and
-        // groups: the settings would be silently ignored on a GGUF tier.
+        // groups, and MLX by bits: either's settings would be silently ignored on the other's tier.
         if let Some(key) = kv_settings.filter(|_| is_gguf) {
             return Err(format!(
                 "{}: `{key}` is a setting of MLX tiers (mlx-lm's quantized KV cache); the llama.cpp \
-                 engine keeps its cache in 16 bits: remove it",
+                 engine's cache is quantized by type: set cache_type_k and cache_type_v (q8_0, q4_0, …) \
+                 instead",
+                path.display()
+            ));
+        }
+        if !is_gguf && (cache_types.0.is_some() || cache_types.1.is_some()) {
+            return Err(format!(
+                "{}: `cache_type_k` and `cache_type_v` are settings of GGUF tiers (llama.cpp's cache \
+                 types); an MLX tier's KV cache is quantized by kv_bits (and kv_group_size): set those \
+                 instead",
                 path.display()
             ));
         }
@@ -665,6 +683,22 @@ fn factory(
                     FlashAttention::On => jemma_engine_llama::FlashAttention::On,
                     FlashAttention::Off => jemma_engine_llama::FlashAttention::Off,
                 };
+                use jemma_engine_llama::KvCacheType;
+                let cache_type = |t: Option<CacheType>| match t.unwrap_or_default() {
+                    CacheType::F32 => KvCacheType::F32,
+                    CacheType::F16 => KvCacheType::F16,
+                    CacheType::Bf16 => KvCacheType::BF16,
+                    CacheType::Q8_0 => KvCacheType::Q8_0,
+                    CacheType::Q4_0 => KvCacheType::Q4_0,
+                    CacheType::Q4_1 => KvCacheType::Q4_1,
+                    CacheType::Iq4_nl => KvCacheType::IQ4_NL,
+                    CacheType::Q5_0 => KvCacheType::Q5_0,
+                    CacheType::Q5_1 => KvCacheType::Q5_1,
+                };
+                lc.cache = jemma_engine_llama::CacheTypes {
+                    k: cache_type(cache_types.0),
+                    v: cache_type(cache_types.1),
+                };
                 lc.speculative =
                     template
                         .speculative
@@ -687,6 +721,7 @@ fn factory(
                     mmproj,
                     mmproj_optional,
                     flash_attention,
+                    cache_types,
                 );
                 return Err(format!(
                     "{}: a GGUF model needs the llama.cpp engine, which this build does not include",
@@ -1010,8 +1045,8 @@ fn spawn_download(
 
 #[cfg(test)]
 mod tests {
-    /// `mmproj`, `image_tokens`, `video_tokens` and `flash_attention` on an MLX tier are refused when its
-    /// engine starts, naming them, rather than ignored.
+    /// `mmproj`, `image_tokens`, `video_tokens`, `flash_attention` and the cache types on an MLX tier are
+    /// refused when its engine starts, naming them, rather than ignored.
     #[test]
     fn gguf_media_settings_on_an_mlx_tier_are_refused() {
         let cfg = jemma_router::config::Config::default();
@@ -1026,6 +1061,14 @@ mod tests {
             },
             jemma_router::config::TierConfig {
                 flash_attention: Some(jemma_router::config::FlashAttention::Off),
+                ..Default::default()
+            },
+            jemma_router::config::TierConfig {
+                cache_type_k: Some(jemma_router::config::CacheType::Q8_0),
+                ..Default::default()
+            },
+            jemma_router::config::TierConfig {
+                cache_type_v: Some(jemma_router::config::CacheType::F32),
                 ..Default::default()
             },
         ] {
@@ -1054,7 +1097,10 @@ mod tests {
             ),
         ] {
             match factory_for(&cfg, &tier)("/nonexistent/model.gguf".into(), "t".into()) {
-                Err(e) => assert!(e.contains(key) && e.contains("MLX tiers"), "{e}"),
+                Err(e) => assert!(
+                    e.contains(key) && e.contains("MLX tiers") && e.contains("cache_type_k"),
+                    "{e}"
+                ),
                 Ok(_) => panic!("a GGUF tier took {key}"),
             }
         }
@@ -1080,6 +1126,8 @@ mod tests {
             "image_tokens"
         } else if tier.video_tokens.is_some() {
             "video_tokens"
+        } else if tier.cache_type_k.is_some() || tier.cache_type_v.is_some() {
+            "cache_type_k` and `cache_type_v"
         } else {
             "flash_attention"
         };

@@ -277,6 +277,57 @@ pub enum FlashAttention {
     Off,
 }
 
+/// The element type of llama.cpp's K or V cache on a GGUF tier: the values llama-server's
+/// `--cache-type-k`/`--cache-type-v` take (`kv_cache_types` in llama.cpp's common/arg.cpp), by ggml's type
+/// names.
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheType {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats (llama.cpp's default).
+    #[default]
+    F16,
+    /// bfloat16.
+    Bf16,
+    /// 8-bit blocks of 32 with one scale (34 bytes per 32 values).
+    Q8_0,
+    /// 4-bit blocks of 32 with one scale (18 bytes per 32).
+    Q4_0,
+    /// 4-bit blocks of 32 with a scale and a minimum (20 bytes per 32).
+    Q4_1,
+    /// 4-bit non-linear blocks of 32 (18 bytes per 32).
+    Iq4_nl,
+    /// 5-bit blocks of 32 with one scale (22 bytes per 32).
+    Q5_0,
+    /// 5-bit blocks of 32 with a scale and a minimum (24 bytes per 32).
+    Q5_1,
+}
+
+impl CacheType {
+    /// ggml's name of the type, as the TOML writes it (`q8_0`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Bf16 => "bf16",
+            Self::Q8_0 => "q8_0",
+            Self::Q4_0 => "q4_0",
+            Self::Q4_1 => "q4_1",
+            Self::Iq4_nl => "iq4_nl",
+            Self::Q5_0 => "q5_0",
+            Self::Q5_1 => "q5_1",
+        }
+    }
+
+    /// Whether the type is block-quantized (not a float type): llama.cpp then reads a V cache of it only
+    /// with flash attention.
+    pub fn is_quantized(self) -> bool {
+        !matches!(self, Self::F32 | Self::F16 | Self::Bf16)
+    }
+}
+
 /// `[tiers.NAME]`.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
@@ -360,6 +411,16 @@ pub struct TierConfig {
     /// Q5_0, Q5_1), at 1-12 % of speed (docs/BENCHMARKS.md, "Batch invariance"). Refused on MLX and openai
     /// tiers.
     pub flash_attention: Option<FlashAttention>,
+    /// Local, GGUF: the element type of llama.cpp's K cache (llama-server's `--cache-type-k`): `f16` (the
+    /// default), `f32`, `bf16`, `q8_0`, `q4_0`, `q4_1`, `iq4_nl`, `q5_0` or `q5_1`. A quantized cache
+    /// holds more context, or more sequences, in the same memory (`q8_0`: 34 bytes per 32 values against
+    /// 64) at some precision; the memory estimate counts it. Refused on MLX tiers (whose KV cache is
+    /// quantized by `kv_bits`) and openai tiers.
+    pub cache_type_k: Option<CacheType>,
+    /// Local, GGUF: the element type of llama.cpp's V cache (llama-server's `--cache-type-v`), as
+    /// `cache_type_k`. llama.cpp reads a quantized V cache only with flash attention, so a quantized type
+    /// is refused with `flash_attention = "off"`.
+    pub cache_type_v: Option<CacheType>,
     /// `[tiers.NAME.speculative]`: speculative decoding with a draft model (local tiers, either engine).
     /// Without this section an MLX tier speculates with the assistant drafter found next to its model,
     /// if one is (see [`SpeculativeTierConfig::draft_model`]).
@@ -580,6 +641,8 @@ impl Default for TierConfig {
             image_tokens: None,
             video_tokens: None,
             flash_attention: None,
+            cache_type_k: None,
+            cache_type_v: None,
             speculative: None,
         }
     }
@@ -606,6 +669,8 @@ impl TierConfig {
             ("image_tokens", self.image_tokens.is_some()),
             ("video_tokens", self.video_tokens.is_some()),
             ("flash_attention", self.flash_attention.is_some()),
+            ("cache_type_k", self.cache_type_k.is_some()),
+            ("cache_type_v", self.cache_type_v.is_some()),
             ("video_frames", self.video_frames.is_some()),
             ("video_seconds", self.video_seconds.is_some()),
         ]
@@ -719,6 +784,15 @@ impl Config {
                         c.kv_group_size
                     )));
                 }
+            }
+            if let Some(v) = c.cache_type_v.filter(|v| v.is_quantized())
+                && c.flash_attention == Some(FlashAttention::Off)
+            {
+                return Err(RouterError::Config(format!(
+                    "tiers.{t}: llama.cpp reads a quantized V cache (cache_type_v = \"{}\") only with \
+                     flash attention: remove flash_attention = \"off\" or set cache_type_v to f16",
+                    v.name()
+                )));
             }
             if let Some(sp) = &c.speculative {
                 let bad = if !local {
@@ -1018,6 +1092,47 @@ mod tests {
         }
     }
 
+    /// llama.cpp's KV cache types go by ggml's names (llama-server's `--cache-type-k`); another name is
+    /// refused naming the ones there are, and a quantized V cache with flash attention off (which
+    /// llama.cpp cannot read) is refused naming both settings.
+    #[test]
+    fn cache_types_are_llama_cpps() {
+        let gguf =
+            |extra: &str| Config::parse(&format!("[tiers.fast]\nmodel = \"x.gguf\"\n{extra}\n"));
+        let c = gguf("cache_type_k = \"q8_0\"\ncache_type_v = \"iq4_nl\"").unwrap();
+        let t = &c.tiers[&Tier::Fast];
+        assert_eq!(
+            (t.cache_type_k, t.cache_type_v),
+            (Some(CacheType::Q8_0), Some(CacheType::Iq4_nl))
+        );
+        assert_eq!(CacheType::Iq4_nl.name(), "iq4_nl");
+        for (name, quantized) in [
+            ("f32", false),
+            ("bf16", false),
+            ("q5_1", true),
+            ("q4_1", true),
+        ] {
+            let t = gguf(&format!("cache_type_k = \"{name}\"")).unwrap().tiers[&Tier::Fast]
+                .cache_type_k;
+            assert_eq!(t.map(CacheType::name), Some(name));
+            assert_eq!(t.unwrap().is_quantized(), quantized, "{name}");
+        }
+        let e = gguf("cache_type_k = \"q4_k\"").unwrap_err().to_string();
+        assert!(e.contains("q4_k") && e.contains("q8_0"), "{e}");
+        // K may be quantized without flash attention; V may not.
+        gguf("cache_type_k = \"q8_0\"\nflash_attention = \"off\"").unwrap();
+        gguf("cache_type_v = \"f32\"\nflash_attention = \"off\"").unwrap();
+        let e = gguf("cache_type_v = \"q8_0\"\nflash_attention = \"off\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("cache_type_v = \"q8_0\"")
+                && e.contains("flash_attention")
+                && e.contains("tiers.fast"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn tiers_parse_and_are_checked() {
         let c = Config::parse(
@@ -1114,6 +1229,8 @@ first_token_timeout_secs = 600
             ("image_tokens", "image_tokens = 280"),
             ("video_tokens", "video_tokens = 70"),
             ("flash_attention", "flash_attention = \"on\""),
+            ("cache_type_k", "cache_type_k = \"q8_0\""),
+            ("cache_type_v", "cache_type_v = \"q4_0\""),
             ("video_frames", "video_frames = 4"),
             ("video_seconds", "video_seconds = 10.0"),
         ] {
