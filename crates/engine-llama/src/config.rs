@@ -111,7 +111,11 @@ impl Default for CacheTypes {
 /// ggml's name of a cache type (`q8_0`), as llama-server's `--cache-type-k` takes it.
 pub fn cache_type_name(t: KvCacheType) -> String {
     let t: llama_cpp_sys_2::ggml_type = t.into();
-    // SAFETY: ggml_type_name returns a static NUL-terminated name for every type, or NULL past its table.
+    if t >= llama_cpp_sys_2::GGML_TYPE_COUNT {
+        return format!("ggml type {t}");
+    }
+    // SAFETY: `t` is within ggml's type table (checked above), whose names are static C strings (NULL
+    // for the slots of removed types).
     let name = unsafe { llama_cpp_sys_2::ggml_type_name(t) };
     if name.is_null() {
         return format!("ggml type {t}");

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use crate::{CacheTypes, KvCacheType, LlamaError, Result, cache_type_name};
+use crate::{CacheTypes, FlashAttention, KvCacheType, LlamaError, Result, cache_type_name};
 
 /// A metadata value.
 #[derive(Debug, Clone, PartialEq)]
@@ -242,24 +242,28 @@ pub fn served_context_of(path: &Path, configured: Option<u32>) -> Result<u32> {
 /// The KV cache follows llama.cpp's `llama_kv_cache_iswa` sizing as the engine configures it (K and V of
 /// the `cache` types, `swa_full = true`): every attention layer holds `n_ctx` cells, sliding-window layers
 /// included, and layers that share another layer's cache (Gemma 4's `shared_kv_layers`) none. Each cell
-/// holds `n_head_kv × key_length` values of the K type and `n_head_kv × value_length` of the V type (ggml's
-/// `ggml_row_size`: whole blocks of `ggml_blck_size` values, `ggml_type_size` bytes each), which differ between full and sliding layers
-/// where the GGUF says so (`key_length_swa`): the sliding pattern is the GGUF's `sliding_window_pattern`
-/// where present, Gemma 3's fixed one (every 6th layer global) for `gemma3`. The compute buffers are approximated as
+/// holds `n_head_kv × key_length` values of the K type and `n_head_kv × value_length` of the V type
+/// (ggml's `ggml_row_size`: whole blocks of `ggml_blck_size` values, `ggml_type_size` bytes each), which
+/// differ between full and sliding layers where the GGUF says so (`key_length_swa`); with
+/// `flash_attention` off, V is stored transposed and every layer's V row is as wide as the widest layer's
+/// (`n_embd_v_gqa_max`). The sliding pattern is the GGUF's `sliding_window_pattern` where present, Gemma
+/// 3's fixed one (every 6th layer global) for `gemma3`. The compute buffers are approximated as
 /// `n_ubatch × max(embedding, feed-forward) × 4 B × 8` plus a row of logits per sequence. With `n_seq`
 /// sequences (one KV stream each, `kv_unified = false`) every stream holds the cells above.
 ///
-/// Errors: the file cannot be read, it lacks `general.architecture` / `<arch>.block_count`, or a
-/// quantized cache type's blocks do not divide a layer's key or value length (llama.cpp cannot store
-/// such rows: its kernels assert it).
+/// Errors: the file cannot be read, it lacks `general.architecture` / `<arch>.block_count`, a quantized
+/// cache type's blocks do not divide a layer's key or value length (llama.cpp cannot store such rows:
+/// a debug ggml asserts, a release one reads across blocks), or an MLA model is given different K and V
+/// types.
 pub fn footprint(
     path: &Path,
     context_length: Option<u32>,
     n_ubatch: u32,
     n_seq: u32,
     cache: CacheTypes,
+    flash_attention: FlashAttention,
 ) -> Result<u64> {
-    let e = estimate(path, context_length, n_ubatch, cache)?;
+    let e = estimate(path, context_length, n_ubatch, cache, flash_attention)?;
     let n_seq = n_seq.max(1) as u64;
     Ok(e.file_bytes + n_seq * (e.kv_per_sequence + e.logits_per_sequence) + e.compute)
 }
@@ -291,15 +295,28 @@ pub fn kv_bytes_per_sequence(
     context_length: Option<u32>,
     n_ubatch: u32,
     cache: CacheTypes,
+    flash_attention: FlashAttention,
 ) -> Result<u64> {
-    Ok(estimate(path, context_length, n_ubatch, cache)?.kv_per_sequence)
+    Ok(estimate(path, context_length, n_ubatch, cache, flash_attention)?.kv_per_sequence)
+}
+
+/// Checks that the model's caches can take the `cache` types, before llama.cpp is asked to: a quantized
+/// type's blocks must divide every layer's K (and V) head width, and an MLA model's K and V must have one
+/// type.
+///
+/// Errors: as [`footprint`], naming the setting.
+pub fn check_cache_types(path: &Path, cache: CacheTypes) -> Result<()> {
+    estimate(path, Some(1), 1, cache, FlashAttention::Auto).map(|_| ())
 }
 
 /// Bytes `n` values of `t` take (ggml's `ggml_row_size`), or None where `t`'s blocks do not divide `n`
-/// (where `ggml_row_size` asserts).
+/// (where a debug ggml asserts) or `t` is not one of ggml's types.
 fn row_bytes(t: KvCacheType, n: u64) -> Option<u64> {
     let t: llama_cpp_sys_2::ggml_type = t.into();
-    // SAFETY: both read ggml's static type table; `t` is one of its types (`KvCacheType`'s named values).
+    if t >= llama_cpp_sys_2::GGML_TYPE_COUNT {
+        return None;
+    }
+    // SAFETY: both index ggml's static type table, which `t` (checked above) is within.
     let (block, size) = unsafe {
         (
             llama_cpp_sys_2::ggml_blck_size(t).max(1) as u64,
@@ -322,6 +339,7 @@ fn estimate(
     context_length: Option<u32>,
     n_ubatch: u32,
     cache: CacheTypes,
+    flash_attention: FlashAttention,
 ) -> Result<Estimate> {
     if !path.is_file() {
         return Err(LlamaError::InvalidModel(format!(
@@ -364,28 +382,47 @@ fn estimate(
         Some(Value::Array(p)) => matches!(p.get(il), Some(Value::Bool(true))),
         _ => n_swa.is_some() && arch == "gemma3" && !(il + 1).is_multiple_of(6),
     };
+    // Each layer's K and V widths and KV heads.
+    let layers: Vec<(u64, u64, u64)> = (0..n_layer)
+        .map(|il| {
+            let (k_len, v_len) = if is_swa(il) {
+                (
+                    int("attention.key_length_swa").or(int("attention.key_length")),
+                    int("attention.value_length_swa").or(int("attention.value_length")),
+                )
+            } else {
+                (int("attention.key_length"), int("attention.value_length"))
+            };
+            // llama.cpp's default for a missing head_count_kv is head_count (no grouped-query attention).
+            let heads = int_at("attention.head_count_kv", il)
+                .or(int_at("attention.head_count", il))
+                .unwrap_or(1);
+            (k_len.unwrap_or(head_dim), v_len.unwrap_or(head_dim), heads)
+        })
+        .collect();
+    // Without flash attention llama.cpp stores V transposed, every layer as wide as the widest
+    // (`n_embd_v_gqa_max`, its TAG_V_CACHE_VARIABLE).
+    let v_transposed = flash_attention == FlashAttention::Off;
+    let v_max = layers.iter().map(|&(_, v, h)| v * h).max().unwrap_or(0);
+    // MLA models (DeepSeek's latent attention) keep K and V in one latent row: llama.cpp refuses
+    // different types there, with no more than a null context to show for it.
+    if get("attention.key_length_mla").is_some() && cache.k != cache.v {
+        return Err(LlamaError::InvalidModel(format!(
+            "this {arch} model keeps K and V in one latent cache (MLA): cache_type_k ({}) and \
+             cache_type_v ({}) must be the same",
+            cache_type_name(cache.k),
+            cache_type_name(cache.v)
+        )));
+    }
     let mut kv = 0u64;
-    let mut ff = 0u64;
-    for il in 0..n_layer {
-        ff = ff.max(int_at("feed_forward_length", il).unwrap_or(0));
+    for (il, &(k_len, v_len, heads)) in layers.iter().enumerate() {
         if il >= n_layer.saturating_sub(shared) {
             continue;
         }
-        let swa = is_swa(il);
-        let (k_len, v_len) = if swa {
-            (
-                int("attention.key_length_swa").or(int("attention.key_length")),
-                int("attention.value_length_swa").or(int("attention.value_length")),
-            )
-        } else {
-            (int("attention.key_length"), int("attention.value_length"))
-        };
         // `swa_full`: a sliding layer keeps every cell too (see `LlamaRunner::load` for why).
         let cells = n_ctx;
-        // llama.cpp's default for a missing head_count_kv is head_count (no grouped-query attention).
-        let heads = int_at("attention.head_count_kv", il)
-            .or(int_at("attention.head_count", il))
-            .unwrap_or(1);
+        // A quantized row is stored per head, in whole blocks: llama.cpp's views of a head would cut
+        // through a block otherwise (an assert in a debug build of ggml, wrong reads in a release one).
         let row = |t: KvCacheType, n: u64, which: &str| {
             row_bytes(t, n).ok_or_else(|| {
                 LlamaError::InvalidModel(format!(
@@ -396,10 +433,18 @@ fn estimate(
                 ))
             })
         };
-        let k = row(cache.k, k_len.unwrap_or(head_dim), "K")?;
-        let v = row(cache.v, v_len.unwrap_or(head_dim), "V")?;
-        kv += cells * heads * (k + v);
+        let k = heads * row(cache.k, k_len, "K")?;
+        let v = if v_transposed {
+            row(cache.v, v_max, "V")?
+        } else {
+            heads * row(cache.v, v_len, "V")?
+        };
+        kv += cells * (k + v);
     }
+    let ff = (0..n_layer)
+        .map(|il| int_at("feed_forward_length", il).unwrap_or(0))
+        .max()
+        .unwrap_or(0);
     let n_vocab = match meta.get("tokenizer.ggml.tokens") {
         Some(Value::Array(t)) => t.len() as u64,
         _ => 0,
@@ -427,13 +472,53 @@ mod footprint_tests {
         assert_eq!(row_bytes(KvCacheType::Q5_1, 32), Some(24));
         assert_eq!(row_bytes(KvCacheType::Q8_0, 80), None);
         let path = jemma_fixtures::root().join("gguf/gemma-3-270m-q4_k_m.gguf");
-        let q = |k, v| footprint(&path, Some(512), 64, 1, CacheTypes { k, v });
+        let q = |k, v| {
+            footprint(
+                &path,
+                Some(512),
+                64,
+                1,
+                CacheTypes { k, v },
+                FlashAttention::Auto,
+            )
+        };
         let f16 = q(KvCacheType::F16, KvCacheType::F16).unwrap();
         let q4 = q(KvCacheType::F16, KvCacheType::Q4_0).unwrap();
         // 18 bytes per 32 values instead of 64: only V's half shrinks.
-        let kv16 = kv_bytes_per_sequence(&path, Some(512), 64, CacheTypes::default()).unwrap();
+        let kv16 = kv_bytes_per_sequence(
+            &path,
+            Some(512),
+            64,
+            CacheTypes::default(),
+            FlashAttention::Auto,
+        )
+        .unwrap();
         assert_eq!(f16 - q4, kv16 / 2 - kv16 / 2 * 18 / 64);
         assert_eq!(cache_type_name(KvCacheType::Q4_0), "q4_0");
+        assert_eq!(row_bytes(KvCacheType::Unknown(10_000), 32), None);
+        assert_eq!(
+            cache_type_name(KvCacheType::Unknown(10_000)),
+            "ggml type 10000"
+        );
+    }
+
+    /// Without flash attention llama.cpp pads every layer's V to the widest layer's (it stores V
+    /// transposed): more KV for the Gemma 4 fixture, whose full layers' heads are twice its sliding
+    /// layers', and the same for Gemma 3, whose layers are all alike.
+    #[test]
+    fn without_flash_attention_v_rows_are_as_wide_as_the_widest() {
+        let kv = |name: &str, fa| {
+            let path = jemma_fixtures::root().join(format!("gguf/{name}.gguf"));
+            kv_bytes_per_sequence(&path, Some(64), 64, CacheTypes::default(), fa).unwrap()
+        };
+        for name in ["tiny-f32", "gemma-3-270m-q4_k_m"] {
+            assert_eq!(kv(name, FlashAttention::On), kv(name, FlashAttention::Auto));
+        }
+        assert!(kv("tiny-f32", FlashAttention::Off) > kv("tiny-f32", FlashAttention::Auto));
+        assert_eq!(
+            kv("gemma-3-270m-q4_k_m", FlashAttention::Off),
+            kv("gemma-3-270m-q4_k_m", FlashAttention::Auto)
+        );
     }
 
     #[test]
@@ -451,7 +536,14 @@ mod footprint_tests {
     fn the_default_pool_holds_what_the_window_lets_it_keep() {
         let path = jemma_fixtures::root().join("gguf/gemma-3-270m-q4_k_m.gguf");
         assert_eq!(sliding_window(&path).unwrap(), Some(512));
-        let window = kv_bytes_per_sequence(&path, Some(512), 256, CacheTypes::default()).unwrap();
+        let window = kv_bytes_per_sequence(
+            &path,
+            Some(512),
+            256,
+            CacheTypes::default(),
+            FlashAttention::Auto,
+        )
+        .unwrap();
         let pool = |kv| crate::default_prefix_cache_bytes(kv, Some(window));
         assert_eq!(pool(10 * window), 10 * window);
         assert_eq!(pool(100 * window), 64 * window);

@@ -28,7 +28,11 @@ pub struct Session {
 
 impl Session {
     /// Loads the GGUF.
+    ///
+    /// Errors: the GGUF does not load, or its caches cannot take the config's types
+    /// ([`gguf::check_cache_types`]).
     pub fn load(config: &LlamaConfig) -> Result<Self> {
+        gguf::check_cache_types(&config.model_path, config.cache)?;
         Ok(Self {
             loaded: load(config, |_| true)?,
             cache: config.cache,

@@ -136,6 +136,7 @@ impl LlamaRunner {
             self.batch(),
             self.parallel(),
             self.config.cache,
+            self.config.flash_attention,
         )
         .map_err(|e| LoadError::Failed(e.to_string()))?;
         // The draft's weights and a context of the target's shape (one sequence per slot).
@@ -150,6 +151,7 @@ impl LlamaRunner {
                         self.parallel(),
                         self.parallel(),
                         CacheTypes::default(),
+                        self.config.flash_attention,
                     )
                 } else {
                     gguf::served_context_of(&self.config.model_path, self.config.context_length)
@@ -161,6 +163,7 @@ impl LlamaRunner {
                                 self.config.batch_size,
                                 self.parallel(),
                                 self.config.cache,
+                                self.config.flash_attention,
                             )
                         })
                 };
@@ -202,6 +205,7 @@ impl LlamaRunner {
                         context,
                         self.config.batch_size,
                         self.config.cache,
+                        self.config.flash_attention,
                     )
                 };
                 // The pool keeps only conversations within the sliding window (`save`).

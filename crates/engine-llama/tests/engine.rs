@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use jemma_chat::event::EngineFailure;
 use jemma_engine_llama::{
-    CacheTypes, Event, Finish, KvCacheType, LlamaConfig, LlamaEngine, Prompt, ReplayOp, Request,
-    Sampling, Session, default_threads, gguf,
+    CacheTypes, Event, Finish, FlashAttention, KvCacheType, LlamaConfig, LlamaEngine, Prompt,
+    ReplayOp, Request, Sampling, Session, default_threads, gguf,
 };
 use jemma_media::Modality;
 use serde_json::{Value, json};
@@ -866,7 +866,9 @@ fn a_quantized_kv_cache_is_honoured_counted_and_restored_exactly() {
         k: KvCacheType::Q8_0,
         v: KvCacheType::Q8_0,
     };
-    let kv = |cache| gguf::kv_bytes_per_sequence(&path, Some(2048), 256, cache).unwrap();
+    let kv = |cache| {
+        gguf::kv_bytes_per_sequence(&path, Some(2048), 256, cache, FlashAttention::Auto).unwrap()
+    };
     let (kv16, kv8) = (kv(CacheTypes::default()), kv(q8_0));
     assert_eq!(kv8 * 64, kv16 * 34, "Q8_0 rows against F16's");
     let doc = |seed: u32, len: usize| -> Vec<u32> {
@@ -899,7 +901,9 @@ fn a_quantized_kv_cache_is_honoured_counted_and_restored_exactly() {
     let (_, footprint16, first16, saved16, _, _) = run(CacheTypes::default());
     let (c, footprint8, first8, saved8, next, lp) = run(q8_0);
     // Two slots' KV and the pool's (one slot's, at most the window's 64 entries) shrink alike.
-    let window = |cache| gguf::kv_bytes_per_sequence(&path, Some(512), 256, cache).unwrap();
+    let window = |cache| {
+        gguf::kv_bytes_per_sequence(&path, Some(512), 256, cache, FlashAttention::Auto).unwrap()
+    };
     let pool =
         |all, cache| jemma_engine_llama::default_prefix_cache_bytes(all, Some(window(cache)));
     assert_eq!(
@@ -1044,8 +1048,15 @@ fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
     answer(&e, &doc(5, 130), 1);
     let st = e.status();
     assert!(st.info.prefix_cache_entries >= 2, "{:?}", st.info);
-    let budget =
-        gguf::kv_bytes_per_sequence(&path, Some(2048), 256, CacheTypes::default()).unwrap() * 2;
+    let budget = gguf::kv_bytes_per_sequence(
+        &path,
+        Some(2048),
+        256,
+        CacheTypes::default(),
+        FlashAttention::Auto,
+    )
+    .unwrap()
+        * 2;
     assert!(
         st.info.prefix_cache_bytes > 0 && st.info.prefix_cache_bytes <= budget,
         "{} bytes saved, budget {budget}",
@@ -1085,8 +1096,14 @@ fn prefixes_are_shared_across_slots_and_kept_in_host_memory() {
 /// An engine on `target` speculating with `draft` at a fixed k (adaptive off: every step a round), or
 /// plain with `draft` None.
 fn speculating(target: &str, draft: Option<&str>, k: usize) -> LlamaEngine {
+    speculating_on(target, draft, k, CacheTypes::default())
+}
+
+/// [`speculating`] with KV caches of the `cache` types (the draft model's context takes them too).
+fn speculating_on(target: &str, draft: Option<&str>, k: usize, cache: CacheTypes) -> LlamaEngine {
     let mut c = LlamaConfig::new(gguf(target));
     c.context_length = Some(512);
+    c.cache = cache;
     c.speculative = draft.map(|d| jemma_engine_llama::LlamaSpeculative {
         draft_model: gguf(d),
         config: jemma_serve::speculative::SpeculativeConfig {
@@ -1761,6 +1778,47 @@ fn mtp_speculation_answers_as_plain_decoding() {
     }
     four_verified_together("tiny-f32", "mtp-tied-f32", &prompts, &wants["tiny-f32"]);
     four_verified_together("moe-f32", "mtp-moe-f32", &prompts, &wants["moe-f32"]);
+}
+
+/// Speculation over a quantized KV cache (Q8_0 K, which llama.cpp reads alike for one row and for a
+/// verification's several, on the Q8_0 target whose matrices it also multiplies alike; and Q8_0 K and V),
+/// with a draft model and with an assistant that reads the target's cache: rejected drafts are removed
+/// from the quantized cells (llama.cpp's `seq_rm`), and greedy answers equal plain decoding's on that
+/// cache token for token.
+#[test]
+fn speculation_reads_a_quantized_kv_cache() {
+    let _serial = serial();
+    let prompts: [Vec<u32>; 2] = [vec![2, 10, 200, 33, 47], (2..40).collect()];
+    for v in [KvCacheType::F16, KvCacheType::Q8_0] {
+        let cache = CacheTypes {
+            k: KvCacheType::Q8_0,
+            v,
+        };
+        let plain = speculating_on("tiny-q8_0", None, 0, cache);
+        let want: Vec<_> = prompts
+            .iter()
+            .map(|p| run_ids(&plain, p, 48, Sampling::default()).tokens)
+            .collect();
+        drop(plain);
+        // The echo assistant proposes the pending token: its drafts stand where plain decoding repeats one.
+        for draft in ["tiny-f32", "mtp-echo-f32"] {
+            let e = speculating_on("tiny-q8_0", Some(draft), 4, cache);
+            let (mut drafted, mut accepted) = (0, 0);
+            for (p, greedy) in prompts.iter().zip(&want) {
+                let s = run_ids(&e, p, 48, Sampling::default());
+                let what = format!("{draft} on a {cache:?} cache, prompt of {}", p.len());
+                assert_eq!(&s.tokens, greedy, "{what}");
+                let sp = s.speculative.expect("it speculated");
+                drafted += sp.drafted;
+                accepted += sp.accepted;
+            }
+            eprintln!("{draft} on a {cache:?} cache: {accepted}/{drafted} drafts stood");
+            assert!(
+                accepted > 0 && accepted < drafted,
+                "drafts stood and were trimmed"
+            );
+        }
+    }
 }
 
 /// Drafts that stand, and drafts made, when a drafter proposes the pending token `k` times at every round
