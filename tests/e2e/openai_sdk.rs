@@ -118,6 +118,43 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
     crate::support::check_script("openai_speculative.py", &[&s.url, &p.url, "tiny-q8_0.gguf"]);
 }
 
+/// The same over quantized KV caches, on both engines: an MLX tier with `kv_bits = 8` from the first
+/// position, and a GGUF tier with `cache_type_k`/`cache_type_v = "q8_0"`, each against a plain tier with
+/// the same cache.
+#[test]
+fn speculation_over_quantized_kv_caches_answers_as_plain_decoding_through_the_sdk() {
+    let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
+    for (target, draft, cache) in [
+        (
+            fixture("tiny"),
+            fixture("tiny-q4"),
+            "kv_bits = 8\nquantized_kv_start = 0\n",
+        ),
+        (
+            gguf("tiny-q8_0.gguf"),
+            gguf("tiny-f32.gguf"),
+            "cache_type_k = \"q8_0\"\ncache_type_v = \"q8_0\"\n",
+        ),
+    ] {
+        let plain = format!(
+            "[tiers.fast]\nmodel = \"{}\"\ncontext_length = 2048\n{cache}",
+            target.display()
+        );
+        let spec = format!(
+            "{plain}[tiers.fast.speculative]\ndraft_model = \"{}\"\nadaptive = false\n",
+            draft.display()
+        );
+        let s = Server::start(&[], Some(&spec));
+        let p = Server::start(&[], Some(&plain));
+        let name = draft.file_name().unwrap().to_string_lossy().into_owned();
+        let mut args = vec![s.url.as_str(), p.url.as_str()];
+        if name.ends_with(".gguf") {
+            args.push(&name);
+        }
+        crate::support::check_script("openai_speculative.py", &args);
+    }
+}
+
 /// The same with the Gemma 4 assistant (MTP) drafter on a GGUF tier, found by itself: beside the model in
 /// its directory, named as its drafter (`tiny-it.gguf` → `tiny-it-assistant-f32.gguf`, the tied-head
 /// fixture converted by llama.cpp's converter), passing over a GGUF named so that is no assistant;

@@ -158,6 +158,9 @@ pub struct QuantizedKvCache {
     pub group_size: i32,
     /// Bits per element.
     pub bits: i32,
+    /// The offset it was quantized at ([`QuantizedKvCache::from_full`]): positions from here on were
+    /// written quantized, as they are read.
+    pub quantized_at: i32,
 }
 
 impl QuantizedKvCache {
@@ -177,7 +180,19 @@ impl QuantizedKvCache {
             offset: c.offset,
             group_size,
             bits,
+            quantized_at: c.offset,
         })
+    }
+
+    /// Forgets the last `n` positions (clamped to what was written quantized, from
+    /// [`QuantizedKvCache::quantized_at`]); returns how many were dropped (mlx-lm's
+    /// `QuantizedKVCache.trim`). Their slots are overwritten by the next write. Each position is quantized
+    /// on its own (groups run along the head dimension), so what is kept is what writing only those
+    /// positions left.
+    pub fn trim(&mut self, n: i32) -> i32 {
+        let n = n.clamp(0, self.offset - self.quantized_at);
+        self.offset -= n;
+        n
     }
 
     /// Appends (B, heads, L, D) keys/values; returns the quantized contents.
@@ -591,11 +606,13 @@ impl LayerCache {
         }
     }
 
-    /// Forgets the last `n` positions (clamped to what is held); returns how many were dropped, 0 for a
-    /// cache that is not [`LayerCache::is_trimmable`].
+    /// Forgets the last `n` positions (clamped to what is held); returns how many were dropped: 0 for a
+    /// cache that is not [`LayerCache::is_trimmable`], except a quantized one, which drops what
+    /// [`LayerCache::can_trim`] allows (or nothing).
     pub fn trim(&mut self, n: i32) -> i32 {
         match self {
             LayerCache::Full(c) => c.trim(n),
+            LayerCache::Quantized(c) if n <= c.offset - c.quantized_at => c.trim(n),
             LayerCache::Quantized(_) => 0,
             LayerCache::Rotating(c) => c.trim_end(n),
         }
@@ -603,11 +620,13 @@ impl LayerCache {
 
     /// Whether [`LayerCache::trim`] can drop the last `n` positions exactly now: a full-precision
     /// full-attention cache always, a sliding-window one as [`RotatingKvCache::can_trim`] says, a quantized
-    /// one never.
+    /// one back to where it was quantized (positions before were written in full precision, which
+    /// trimming cannot give back: speculative decoding's rollback, which trims only what its round
+    /// wrote, quantizes after the trim).
     pub fn can_trim(&self, n: i32) -> bool {
         match self {
             LayerCache::Full(_) => true,
-            LayerCache::Quantized(_) => n <= 0,
+            LayerCache::Quantized(c) => n <= c.offset - c.quantized_at,
             LayerCache::Rotating(c) => c.can_trim(n),
         }
     }

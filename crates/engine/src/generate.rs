@@ -1235,14 +1235,12 @@ impl Generation {
 
     /// Whether [`Generation::speculate`] may run now: the prompt is read, generation goes on, and nothing
     /// in the request ties it to one token per step: a grammar (its mask needs each token on the host
-    /// before the next) or a quantized KV cache (not trimmable). A server also keeps seeded sampling
-    /// plain (speculation draws other random numbers, so the same seed would give other tokens alone and
-    /// batched): that choice is the caller's.
+    /// before the next). A quantized KV cache speculates: a round trims what it wrote, and quantizes
+    /// after (the assistant drafter, which reads the cache in full precision, drafts nothing from a
+    /// quantized one). A server also keeps seeded sampling plain (speculation draws other random
+    /// numbers, so the same seed would give other tokens alone and batched): that choice is the caller's.
     pub fn can_speculate(&self) -> bool {
-        self.cur.is_some()
-            && !self.finished
-            && self.grammar.is_none()
-            && self.opts.kv_quant.is_none()
+        self.cur.is_some() && !self.finished && self.grammar.is_none()
     }
 
     /// Makes each step keep the target's final hidden state at the position its token came from, which
@@ -1416,6 +1414,19 @@ impl Generation {
             .collect()
     }
 
+    /// Drafts a round may verify while `kv_bits`' quantization is still to come: plain decoding reads
+    /// the positions before `quantized_kv_start` over a full-precision cache and those from it on over a
+    /// quantized one, so a round that crossed it would read some over the wrong one. The round writes the
+    /// pending token at the cache's offset and its drafts after: all of them stay before the start, and
+    /// the plain step that reaches it quantizes as plain decoding does. Unbounded once it has passed.
+    fn drafts_before_quantizing(&self) -> usize {
+        let offset = self.cache.offset().max(0) as usize;
+        match self.opts.kv_quant {
+            Some(q) if offset < q.start => q.start - offset - 1,
+            _ => usize::MAX,
+        }
+    }
+
     /// Reads the pending token of a round asking for `k` drafts: the round is over when it ends generation
     /// (or none is pending), otherwise drafting begins.
     fn begin_round(&mut self, k: usize) -> Result<Begin> {
@@ -1437,7 +1448,7 @@ impl Generation {
         Ok(Begin::Draft(Begun {
             round,
             t0,
-            k: k.min(room),
+            k: k.min(room).min(self.drafts_before_quantizing()),
             hidden: cur.hidden,
             done_before,
         }))
@@ -1613,6 +1624,10 @@ impl Generation {
                         "the cache could not drop the rejected drafts".into(),
                     ));
                 }
+                // `kv_bits`: quantized once the kept tokens reach the start, as plain decoding's step
+                // does after its forward; after the trim, so that the round's rejected drafts are never
+                // written quantized (a quantized cache keeps what it was quantized at).
+                g.cache.maybe_quantize(g.opts.kv_quant)?;
                 if (done_before / 256) != (g.stats.completion_tokens / 256) {
                     // As plain decoding does every 256 tokens: hand MLX's freed buffers back.
                     mlx_rs::memory::clear_cache()?;

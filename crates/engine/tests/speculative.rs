@@ -162,6 +162,63 @@ fn greedy_speculation_is_plain_decoding_token_for_token() {
     }
 }
 
+/// Speculation over a quantized KV cache (`kv_bits`): rejected drafts are trimmed from the quantized
+/// full-attention caches (each position is quantized on its own, so what is kept is what plain decoding
+/// wrote). Quantized from the first position (`quantized_kv_start = 0`), greedy answers equal plain
+/// decoding's on the same cache token for token, with a draft model and with random drafts (nearly all
+/// trimmed), at 4 and 8 bits. Quantized from a position reached while decoding, rounds stop short of it
+/// (plain decoding reads the positions before it in full precision and those after over the quantized
+/// cache) and the answer is plain decoding's too.
+#[test]
+fn speculation_over_a_quantized_kv_cache_is_plain_decoding() {
+    let t = load("tiny");
+    let d = load("tiny-q4");
+    for prompt in prompts("tiny") {
+        for bits in [4, 8] {
+            let mut o = opts(48);
+            o.kv_quant = Some(gemma4::KvQuant {
+                bits,
+                group_size: 64,
+                start: 0,
+            });
+            let (want, _) = plain(&t, &prompt, &o);
+            let mut state = DraftState::default();
+            let mut drafter = ModelDrafter {
+                model: &d,
+                state: &mut state,
+            };
+            let run = speculative(&t, &prompt, &o, &mut drafter, 4);
+            let what = format!("{bits}-bit KV, prompt of {}", prompt.len());
+            assert_eq!(run.tokens, want, "{what}, drafted by tiny-q4");
+            assert!(run.accepted > 0 && run.accepted < run.drafted, "{what}");
+            let mut random = RandomDrafter {
+                vocab: t.config().vocab_size,
+                rng: StdRng::seed_from_u64(3),
+            };
+            let run = speculative(&t, &prompt, &o, &mut random, 3);
+            assert_eq!(run.tokens, want, "{what}, random drafts");
+            // Whether the quantized cache changed the answer, for the log.
+            let (full, _) = plain(&t, &prompt, &opts(48));
+            eprintln!("{what}: same answer as full precision: {}", full == want);
+        }
+        let mut o = opts(48);
+        o.kv_quant = Some(gemma4::KvQuant {
+            bits: 4,
+            group_size: 64,
+            start: prompt.len() + 10,
+        });
+        let mut state = DraftState::default();
+        let mut drafter = ModelDrafter {
+            model: &d,
+            state: &mut state,
+        };
+        let run = speculative(&t, &prompt, &o, &mut drafter, 4);
+        let (want, _) = plain(&t, &prompt, &o);
+        assert_eq!(run.tokens, want, "quantized from {}", prompt.len() + 10);
+        assert!(run.accepted > 0);
+    }
+}
+
 /// Batched verification: several generations, each with its own drafter and draft length (every draft
 /// standing, random drafts, a draft model, and on the tiny target the MTP assistant), their rounds verified
 /// together in one forward (rows of different lengths and cache offsets, past the sliding window), each

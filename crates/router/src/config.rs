@@ -366,7 +366,8 @@ pub struct TierConfig {
     /// keep-alive; -1 = never).
     pub keep_alive_secs: i64,
     /// Local, MLX: quantize the full-attention KV caches to this many bits (MLX's quantized widths: 2, 3,
-    /// 4, 5, 6 or 8; mlx-lm's `kv_bits`; None = full precision). Refused with `[speculative]`.
+    /// 4, 5, 6 or 8; mlx-lm's `kv_bits`; None = full precision). Speculates only with a named draft model
+    /// (the assistant drafter reads the cache in full precision).
     pub kv_bits: Option<i32>,
     /// Local, MLX: elements per KV quantization group (default 64; must divide the head dimensions).
     pub kv_group_size: i32,
@@ -803,10 +804,11 @@ impl Config {
                     Some("max_draft_tokens must be 1 to 16")
                 } else if sp.max_batch == 0 {
                     Some("max_batch must be >= 1")
-                } else if sp.enabled && c.kv_bits.is_some() {
+                } else if sp.enabled && c.kv_bits.is_some() && sp.draft_model.is_empty() {
                     Some(
-                        "a quantized KV cache cannot roll rejected drafts back: remove kv_bits from the tier, or \
-                         set enabled = false here",
+                        "with kv_bits a draft model must be named: the assistant drafter found beside a model \
+                         reads the model's KV cache in full precision, which kv_bits quantizes; set draft_model \
+                         (a smaller Gemma with the same tokenizer), remove kv_bits, or set enabled = false",
                     )
                 } else {
                     None
@@ -1019,12 +1021,17 @@ mod tests {
             let e = Config::parse(&toml).unwrap_err().to_string();
             assert!(e.contains(why), "{extra}: {e}");
         }
-        let e = Config::parse(
+        // kv_bits speculates with a named draft model, not with the assistant found beside the model.
+        Config::parse(
             "[tiers.primary]\nmodel = \"/m\"\nkv_bits = 8\n[tiers.primary.speculative]\ndraft_model = \"/d\"\n",
+        )
+        .unwrap();
+        let e = Config::parse(
+            "[tiers.primary]\nmodel = \"/m\"\nkv_bits = 8\n[tiers.primary.speculative]\n",
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("cannot roll rejected drafts back"), "{e}");
+        assert!(e.contains("draft model must be named"), "{e}");
         // No draft_model: the drafter found next to the model.
         let c = Config::parse("[tiers.primary]\nmodel = \"/m\"\n[tiers.primary.speculative]\n")
             .unwrap();

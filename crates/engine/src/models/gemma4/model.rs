@@ -727,8 +727,8 @@ impl Cache {
     /// Forgets the last `n` positions of every layer — speculative decoding's rollback of rejected
     /// drafts, right after their verification — so that the cache holds what reading only the kept tokens
     /// would have left. Returns false, changing nothing, when a layer cannot
-    /// ([`crate::cache::LayerCache::can_trim`]: a quantized cache, or a full sliding window after a
-    /// single-position step).
+    /// ([`crate::cache::LayerCache::can_trim`]: a quantized cache past the positions written quantized, or
+    /// a full sliding window after a single-position step).
     pub fn trim_end(&mut self, n: usize) -> bool {
         let n = n.min(self.offset().max(0) as usize) as i32;
         if !self.layers.iter().all(|c| c.can_trim(n)) {
