@@ -60,9 +60,15 @@ pub struct Args {
     /// Timed runs (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     runs: usize,
-    /// Activation dtype (as `jemma generate --dtype`).
+    /// Activation dtype (as `jemma generate --dtype`; the MLX engine's).
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// llama.cpp (a GGUF): the K cache's element type, as `jemma generate --cache-type-k`.
+    #[arg(long)]
+    cache_type_k: Option<jemma_router::config::CacheType>,
+    /// llama.cpp: the V cache's element type, as `jemma generate --cache-type-v`.
+    #[arg(long)]
+    cache_type_v: Option<jemma_router::config::CacheType>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -91,8 +97,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
     {
+        anyhow::ensure!(
+            args.dtype == "auto",
+            "--dtype is the MLX engine's; a GGUF computes in the types its file holds"
+        );
         return gguf_bench(&args, &model);
     }
+    anyhow::ensure!(
+        args.cache_type_k.is_none() && args.cache_type_v.is_none(),
+        "--cache-type-k and --cache-type-v are llama.cpp's (a GGUF model)"
+    );
     let device = select_device()?;
     mlx_rs::Device::set_default(&device.device());
     let dtype = match crate::generate_cmd::parse_dtype(&args.dtype)? {
@@ -210,6 +224,7 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
     let mut cfg = llama::LlamaConfig::new(model);
     cfg.threads = args.threads;
     cfg.batch_threads = args.threads;
+    cfg.cache = jemma_node::setup::llama_cache_types(args.cache_type_k, args.cache_type_v);
     let engine = crate::generate_cmd::StopOnExit(Some(llama::LlamaEngine::start(cfg)?));
     engine.wait_ready()?;
     let run = |prompt: Vec<u32>| -> anyhow::Result<llama::Summary> {
@@ -245,6 +260,7 @@ fn gguf_bench(args: &Args, model: &std::path::Path) -> anyhow::Result<()> {
     let out = serde_json::json!({
         "model": model, "engine": "llama.cpp", "threads": status.info.threads,
         "gpu_layers": status.info.gpu_layers, "prompt_tokens": ids.len(),
+        "cache_type_k": status.info.cache_type_k, "cache_type_v": status.info.cache_type_v,
         "generated_tokens": args.gen_tokens.max(1), "runs": pre.len(),
         "prefill_tps": median(pre), "decode_tps": median(dec), "tokens": warm_up.tokens,
         "max_cached_tokens": cached,

@@ -54,9 +54,9 @@ pub struct Args {
     /// float32, bfloat16, float16.
     #[arg(long, default_value = "auto")]
     dtype: String,
-    /// Prefill chunk length (mlx-lm's prefill_step_size).
-    #[arg(long, default_value_t = jemma_engine::generate::DEFAULT_PREFILL_STEP)]
-    prefill_step: usize,
+    /// Prefill chunk length (mlx-lm's prefill_step_size; for a GGUF, llama.cpp's batch size).
+    #[arg(long)]
+    prefill_step: Option<usize>,
     /// Write the prompt's last-position logits (float32, tensor `logits`) to this safetensors file.
     #[arg(long)]
     logits_out: Option<PathBuf>,
@@ -70,6 +70,13 @@ pub struct Args {
     /// Context length from which the KV cache is quantized.
     #[arg(long, default_value_t = 5000)]
     quantized_kv_start: usize,
+    /// llama.cpp (a .gguf model): the K cache's element type, as llama-server's --cache-type-k: f16 (the
+    /// default), f32, bf16, q8_0, q4_0, q4_1, iq4_nl, q5_0 or q5_1.
+    #[arg(long)]
+    cache_type_k: Option<jemma_router::config::CacheType>,
+    /// llama.cpp: the V cache's element type (--cache-type-v), as --cache-type-k.
+    #[arg(long)]
+    cache_type_v: Option<jemma_router::config::CacheType>,
     /// Keep going past end-of-sequence tokens (benchmarks want exactly --max-tokens).
     #[arg(long)]
     ignore_eos: bool,
@@ -119,8 +126,26 @@ pub fn peak_rss_bytes() -> u64 {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     if args.model.extension().is_some_and(|e| e == "gguf") {
+        // The MLX engine's settings, which llama.cpp has no use for: refused rather than ignored.
+        anyhow::ensure!(
+            args.kv_bits.is_none(),
+            "--kv-bits is the MLX engine's; a GGUF's KV cache is quantized with --cache-type-k and \
+             --cache-type-v"
+        );
+        anyhow::ensure!(
+            args.dtype == "auto",
+            "--dtype is the MLX engine's; a GGUF computes in the types its file holds"
+        );
         return run_llama(&args);
     }
+    anyhow::ensure!(
+        args.cache_type_k.is_none() && args.cache_type_v.is_none(),
+        "--cache-type-k and --cache-type-v are llama.cpp's (a .gguf model); the MLX engine quantizes its \
+         KV cache with --kv-bits"
+    );
+    let prefill_step = args
+        .prefill_step
+        .unwrap_or(jemma_engine::generate::DEFAULT_PREFILL_STEP);
     let device = select_device()?;
     mlx_rs::Device::set_default(&device.device());
     let dtype = match parse_dtype(&args.dtype)? {
@@ -164,7 +189,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             bundle.tokenizer.eos_ids.clone()
         },
-        prefill_step: args.prefill_step,
+        prefill_step,
         kv_quant: args
             .kv_bits
             .map(|bits| jemma_engine::models::gemma4::KvQuant {
@@ -211,7 +236,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 &args.model,
                 dtype.map(jemma_engine::footprint::dtype_bytes),
                 Some(stats.prompt_tokens + stats.completion_tokens),
-                args.prefill_step,
+                prefill_step,
                 Some(jemma_engine::generate::DEFAULT_ATTENTION_BUDGET),
             )?,
         });
@@ -279,6 +304,10 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
     let mut cfg = llama::LlamaConfig::new(&args.model);
     cfg.threads = args.threads;
     cfg.batch_threads = args.threads;
+    cfg.cache = jemma_node::setup::llama_cache_types(args.cache_type_k, args.cache_type_v);
+    if let Some(n) = args.prefill_step {
+        cfg.batch_size = n.clamp(1, u32::MAX as usize) as u32;
+    }
     if let Some(path) = &args.logits_out {
         // Last-position logits of the prompt (ids only), float32, like the MLX path.
         let ids = args
@@ -344,6 +373,8 @@ fn run_llama(args: &Args) -> anyhow::Result<()> {
                 "finish_reason": summary.finish,
                 "peak_rss_bytes": peak_rss_bytes(),
                 "engine": "llama.cpp",
+                "cache_type_k": status.info.cache_type_k,
+                "cache_type_v": status.info.cache_type_v,
                 "threads": status.info.threads,
                 "gpu_layers": status.info.gpu_layers,
             })

@@ -267,6 +267,121 @@ fn callers_from_the_network_need_a_key_loopback_callers_do_not() {
     assert_eq!(code, 200);
 }
 
+/// Each engine's KV settings on the command line: `--cache-type-k/-v` reach llama.cpp (`jemma bench` and
+/// `jemma generate` on a GGUF report the types, and a Q8_0 cache answers the same ids as `generate`'s
+/// warm-up in `bench`); MLX's `--kv-bits` and `--dtype` on a GGUF, the cache types on an MLX model, and
+/// a type llama.cpp does not have are refused, naming the flag, rather than ignored.
+#[test]
+fn kv_cache_flags_reach_their_engine_or_are_refused() {
+    let gguf = fixture("tiny")
+        .parent()
+        .unwrap()
+        .join("gguf/tiny-q8_0.gguf");
+    let g = gguf.to_str().unwrap();
+    let ids = "2,105,300,301,302,303,304,305,306,307";
+    let q8 = ["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"];
+    let mut args = vec![
+        "bench",
+        "--model",
+        g,
+        "--prompt-ids",
+        ids,
+        "--gen",
+        "4",
+        "--runs",
+        "1",
+    ];
+    args.extend(q8);
+    args.push("--json");
+    let (ok, stdout, stderr) = jemma(&args);
+    assert!(ok, "{stderr}");
+    let b: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(
+        [&b["cache_type_k"], &b["cache_type_v"]],
+        ["q8_0", "q8_0"],
+        "{b}"
+    );
+    let mut args = vec![
+        "generate",
+        "--model",
+        g,
+        "--prompt-ids",
+        ids,
+        "--max-tokens",
+        "4",
+    ];
+    args.extend(["--ignore-eos", "--json"]);
+    args.extend(q8);
+    let (ok, stdout, stderr) = jemma(&args);
+    assert!(ok, "{stderr}");
+    let r: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(r["cache_type_v"], "q8_0", "{r}");
+    assert_eq!(
+        r["tokens"], b["tokens"],
+        "one engine, one cache, one answer"
+    );
+    let tiny = fixture("tiny");
+    let t = tiny.to_str().unwrap();
+    for (args, flag) in [
+        (
+            vec![
+                "generate",
+                "--model",
+                g,
+                "--prompt-ids",
+                ids,
+                "--kv-bits",
+                "8",
+            ],
+            "--kv-bits",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                g,
+                "--prompt-ids",
+                ids,
+                "--dtype",
+                "float16",
+            ],
+            "--dtype",
+        ),
+        (vec!["bench", "--model", g, "--dtype", "float16"], "--dtype"),
+        (
+            vec![
+                "generate",
+                "--model",
+                t,
+                "--prompt-ids",
+                ids,
+                "--cache-type-k",
+                "q8_0",
+            ],
+            "--cache-type-k",
+        ),
+        (
+            vec!["bench", "--model", t, "--cache-type-v", "q8_0"],
+            "--cache-type-v",
+        ),
+        (
+            vec![
+                "generate",
+                "--model",
+                g,
+                "--prompt-ids",
+                ids,
+                "--cache-type-k",
+                "q4_k",
+            ],
+            "q4_k",
+        ),
+    ] {
+        let (ok, _, stderr) = jemma(&args);
+        assert!(!ok && stderr.contains(flag), "{args:?}: {stderr}");
+    }
+}
+
 /// `jemma bench` on a GGUF times the llama.cpp engine as `jemma serve` runs it: its warm-up answers as
 /// `jemma generate` does on the same ids, and each timed run reads its prompt (a rotation of the ids, not
 /// found in a slot), so the prefill rate is a real one. Without ids it reads the GGUF's BOS and random ids;

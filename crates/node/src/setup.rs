@@ -423,6 +423,29 @@ impl DraftSource {
     }
 }
 
+/// The llama.cpp cache types a GGUF tier's `cache_type_k` and `cache_type_v` (or `jemma generate`'s and
+/// `jemma bench`'s flags) name, F16 where unset.
+#[cfg(feature = "llama")]
+pub fn llama_cache_types(
+    k: Option<jemma_router::config::CacheType>,
+    v: Option<jemma_router::config::CacheType>,
+) -> jemma_engine_llama::CacheTypes {
+    use jemma_engine_llama::KvCacheType;
+    use jemma_router::config::CacheType;
+    let of = |t: Option<CacheType>| match t.unwrap_or_default() {
+        CacheType::F32 => KvCacheType::F32,
+        CacheType::F16 => KvCacheType::F16,
+        CacheType::Bf16 => KvCacheType::BF16,
+        CacheType::Q8_0 => KvCacheType::Q8_0,
+        CacheType::Q4_0 => KvCacheType::Q4_0,
+        CacheType::Q4_1 => KvCacheType::Q4_1,
+        CacheType::Iq4_nl => KvCacheType::IQ4_NL,
+        CacheType::Q5_0 => KvCacheType::Q5_0,
+        CacheType::Q5_1 => KvCacheType::Q5_1,
+    };
+    jemma_engine_llama::CacheTypes { k: of(k), v: of(v) }
+}
+
 /// The engine for a model path: llama.cpp for a `.gguf` file, else MLX. Engines started through one factory
 /// call for the same path are shared by the tiers that name it (`shared` holds weak references, so an engine
 /// no tier uses any more stops and frees its memory).
@@ -698,23 +721,7 @@ fn factory(
                     FlashAttention::On => jemma_engine_llama::FlashAttention::On,
                     FlashAttention::Off => jemma_engine_llama::FlashAttention::Off,
                 };
-                use jemma_engine_llama::KvCacheType;
-                use jemma_router::config::CacheType;
-                let cache_type = |t: Option<CacheType>| match t.unwrap_or_default() {
-                    CacheType::F32 => KvCacheType::F32,
-                    CacheType::F16 => KvCacheType::F16,
-                    CacheType::Bf16 => KvCacheType::BF16,
-                    CacheType::Q8_0 => KvCacheType::Q8_0,
-                    CacheType::Q4_0 => KvCacheType::Q4_0,
-                    CacheType::Q4_1 => KvCacheType::Q4_1,
-                    CacheType::Iq4_nl => KvCacheType::IQ4_NL,
-                    CacheType::Q5_0 => KvCacheType::Q5_0,
-                    CacheType::Q5_1 => KvCacheType::Q5_1,
-                };
-                lc.cache = jemma_engine_llama::CacheTypes {
-                    k: cache_type(cache_types.0),
-                    v: cache_type(cache_types.1),
-                };
+                lc.cache = llama_cache_types(cache_types.0, cache_types.1);
                 lc.speculative =
                     template
                         .speculative

@@ -306,6 +306,19 @@ pub enum CacheType {
 }
 
 impl CacheType {
+    /// Every type, in llama-server's order.
+    pub const ALL: [CacheType; 9] = [
+        Self::F32,
+        Self::F16,
+        Self::Bf16,
+        Self::Q8_0,
+        Self::Q4_0,
+        Self::Q4_1,
+        Self::Iq4_nl,
+        Self::Q5_0,
+        Self::Q5_1,
+    ];
+
     /// ggml's name of the type, as the TOML writes it (`q8_0`).
     pub fn name(self) -> &'static str {
         match self {
@@ -325,6 +338,22 @@ impl CacheType {
     /// with flash attention.
     pub fn is_quantized(self) -> bool {
         !matches!(self, Self::F32 | Self::F16 | Self::Bf16)
+    }
+}
+
+impl std::str::FromStr for CacheType {
+    type Err = String;
+
+    /// A type by ggml's name (`q8_0`), as llama-server's `--cache-type-k` reads it. Errors: another
+    /// name, with the names there are.
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|t| t.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|t| t.name()).collect();
+                format!("unknown KV cache type {s:?}: one of {}", names.join(", "))
+            })
     }
 }
 
@@ -1113,6 +1142,14 @@ mod tests {
             (Some(CacheType::Q8_0), Some(CacheType::Iq4_nl))
         );
         assert_eq!(CacheType::Iq4_nl.name(), "iq4_nl");
+        // The command line's names are the TOML's.
+        for t in CacheType::ALL {
+            let toml = gguf(&format!("cache_type_k = \"{}\"", t.name())).unwrap();
+            assert_eq!(toml.tiers[&Tier::Fast].cache_type_k, Some(t));
+            assert_eq!(t.name().parse::<CacheType>(), Ok(t));
+        }
+        let e = "q4_k".parse::<CacheType>().unwrap_err();
+        assert!(e.contains("q4_k") && e.contains("iq4_nl"), "{e}");
         for (name, quantized) in [
             ("f32", false),
             ("bf16", false),
