@@ -184,11 +184,11 @@ impl QuantizedKvCache {
         })
     }
 
-    /// Forgets the last `n` positions (clamped to what was written quantized, from
-    /// [`QuantizedKvCache::quantized_at`]); returns how many were dropped (mlx-lm's
-    /// `QuantizedKVCache.trim`). Their slots are overwritten by the next write. Each position is quantized
-    /// on its own (groups run along the head dimension), so what is kept is what writing only those
-    /// positions left.
+    /// Forgets the last `n` positions, clamped to those written quantized (from
+    /// [`QuantizedKvCache::quantized_at`]; mlx-lm's `QuantizedKVCache.trim` clamps only to what is held);
+    /// returns how many were dropped. Their slots are overwritten by the next write. Each position is
+    /// quantized on its own (groups run along the head dimension), so what is kept is what writing only
+    /// those positions left.
     pub fn trim(&mut self, n: i32) -> i32 {
         let n = n.clamp(0, self.offset - self.quantized_at);
         self.offset -= n;
@@ -613,6 +613,7 @@ impl LayerCache {
         match self {
             LayerCache::Full(c) => c.trim(n),
             LayerCache::Quantized(c) if n <= c.offset - c.quantized_at => c.trim(n),
+            // A partial trim would leave a cache no history wrote: nothing, as `can_trim` says.
             LayerCache::Quantized(_) => 0,
             LayerCache::Rotating(c) => c.trim_end(n),
         }
@@ -669,6 +670,66 @@ mod tests {
 
     fn read(a: &Array) -> Vec<f32> {
         a.as_slice::<f32>().to_vec()
+    }
+
+    /// A quantized cache trimmed of what a speculative round wrote and written again holds, bit for bit,
+    /// what writing only the kept positions leaves (each position is quantized on its own), across a
+    /// buffer step; it never trims below where it was quantized.
+    #[test]
+    fn a_trimmed_quantized_cache_holds_what_the_kept_writes_left() {
+        let rows = |start: i32, len: i32| -> Array {
+            // (1, 2, len, 64): a value for each head, absolute position and element.
+            let mut v = Vec::with_capacity((2 * len * 64) as usize);
+            for h in 0..2 {
+                for p in start..start + len {
+                    v.extend((0..64).map(|d| (((h * 1000 + p) * 64 + d) as f32 * 0.37).sin()));
+                }
+            }
+            Array::from_slice(&v, &[1, 2, len, 64])
+        };
+        let quantized = |first: i32| {
+            let mut full = KvCache::default();
+            full.update_and_fetch(&rows(0, first), &rows(0, first))
+                .unwrap();
+            QuantizedKvCache::from_full(&full, 64, 4).unwrap()
+        };
+        let flat = |q: &QTensor| -> (Vec<u32>, Vec<u32>, Vec<u32>) {
+            // A contiguous copy of what may be a slice of the buffer.
+            let c = |a: &Array| a.contiguous().unwrap();
+            let bits = |a: &Array| c(a).as_slice::<f32>().iter().map(|x| x.to_bits()).collect();
+            (
+                c(&q.w).as_slice::<u32>().to_vec(),
+                bits(&q.scales),
+                bits(&q.biases),
+            )
+        };
+        // Kept: 250 positions, then 9 written, 6 of them rejected, then 20 more (past the 256-step buffer).
+        let mut spec = quantized(250);
+        spec.update_and_fetch(&rows(250, 9), &rows(250, 9)).unwrap();
+        assert_eq!(spec.trim(6), 6);
+        let (k, v) = spec
+            .update_and_fetch(&rows(253, 20), &rows(253, 20))
+            .unwrap();
+        let mut plain = quantized(250);
+        plain
+            .update_and_fetch(&rows(250, 3), &rows(250, 3))
+            .unwrap();
+        let (pk, pv) = plain
+            .update_and_fetch(&rows(253, 20), &rows(253, 20))
+            .unwrap();
+        assert_eq!(spec.offset, 273);
+        assert!(
+            (flat(&k), flat(&v)) == (flat(&pk), flat(&pv)),
+            "the trimmed cache differs from the plain one"
+        );
+        // Positions written in full precision before the quantization cannot be trimmed back.
+        let mut q = quantized(100);
+        q.update_and_fetch(&rows(100, 4), &rows(100, 4)).unwrap();
+        assert_eq!(q.trim(10), 4);
+        assert_eq!((q.offset, q.quantized_at), (100, 100));
+        let mut layer = LayerCache::Quantized(quantized(100));
+        assert!(layer.can_trim(0) && !layer.can_trim(1));
+        assert_eq!(layer.trim(1), 0);
     }
 
     #[test]

@@ -1663,8 +1663,9 @@ impl Generation {
 
     /// Gives back the last `n` tokens of a speculative round that its caller did not pass on (a stop
     /// string ended the answer inside the round): forgets their KV, so that the cache kept for the prefix
-    /// cache holds exactly the tokens the answer has. False when the cache cannot be trimmed; it must then
-    /// not be kept.
+    /// cache holds exactly the tokens the answer has. False when the cache cannot be trimmed (a sliding
+    /// window past its edge, or a `kv_bits` cache quantized by that very round, which holds its last
+    /// positions only quantized); it must then not be kept.
     pub fn unsend(&mut self, n: usize) -> bool {
         if n == 0 {
             return true;

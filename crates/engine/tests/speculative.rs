@@ -70,6 +70,8 @@ struct Run {
     drafted: usize,
     accepted: usize,
     cache_offset: usize,
+    /// Where each quantized layer of the final cache was quantized (`kv_bits`).
+    quantized_at: Vec<i32>,
 }
 
 fn speculative(
@@ -98,12 +100,19 @@ fn speculative(
         fed.len(),
         "the cache holds what it says"
     );
+    let quantized_at = (cache.layers.iter())
+        .filter_map(|l| match l {
+            jemma_engine::cache::LayerCache::Quantized(q) => Some(q.quantized_at),
+            _ => None,
+        })
+        .collect();
     Run {
         tokens,
         finish,
         drafted,
         accepted,
         cache_offset: fed.len(),
+        quantized_at,
     }
 }
 
@@ -197,9 +206,12 @@ fn speculation_over_a_quantized_kv_cache_is_plain_decoding() {
             };
             let run = speculative(&t, &prompt, &o, &mut random, 3);
             assert_eq!(run.tokens, want, "{what}, random drafts");
-            // Whether the quantized cache changed the answer, for the log.
+            // The quantized cache is read: at 4 bits the random fixture answers otherwise.
             let (full, _) = plain(&t, &prompt, &opts(48));
             eprintln!("{what}: same answer as full precision: {}", full == want);
+            if bits == 4 {
+                assert_ne!(full, want, "{what}: as in full precision");
+            }
         }
         let mut o = opts(48);
         o.kv_quant = Some(gemma4::KvQuant {
@@ -216,14 +228,24 @@ fn speculation_over_a_quantized_kv_cache_is_plain_decoding() {
         let (want, _) = plain(&t, &prompt, &o);
         assert_eq!(run.tokens, want, "quantized from {}", prompt.len() + 10);
         assert!(run.accepted > 0);
+        // Quantized where plain decoding quantizes: no round read past the start in full precision.
+        assert!(!run.quantized_at.is_empty());
+        assert!(
+            run.quantized_at
+                .iter()
+                .all(|&q| q as usize == prompt.len() + 10),
+            "quantized at {:?}",
+            run.quantized_at
+        );
     }
 }
 
 /// Batched verification: several generations, each with its own drafter and draft length (every draft
 /// standing, random drafts, a draft model, and on the tiny target the MTP assistant), their rounds verified
 /// together in one forward (rows of different lengths and cache offsets, past the sliding window), each
-/// answer exactly its plain decoding, on dense, MoE and 4-bit targets. A stop token inside the last row's
-/// rounds ends that row alone.
+/// answer exactly its plain decoding, on dense, MoE and 4-bit targets. A stop token inside one row's
+/// rounds ends that row alone. On the tiny target two rows quantize their KV cache (`kv_bits`), from the
+/// start and from a position reached part-way, beside full-precision rows.
 #[test]
 fn rounds_verified_together_are_each_rows_plain_decoding() {
     for (target, draft) in [("tiny", "tiny-q4"), ("moe", "moe-q4"), ("moe-q4", "moe")] {
@@ -249,7 +271,24 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
             stop_tokens: vec![ten[9]],
             ..o.clone()
         };
+        let stop_at = rows.len();
         rows.push((ps[0].clone(), 4, stop));
+        if mtp.is_some() {
+            // `kv_bits` rows beside full-precision ones: quantized from the start, and from a position
+            // reached part-way, where this row's rounds stop short while the others draft on.
+            let kv = |start| GenerateOptions {
+                kv_quant: Some(gemma4::KvQuant {
+                    bits: 4,
+                    group_size: 64,
+                    start,
+                }),
+                ..o.clone()
+            };
+            rows.push((ps[0].clone(), 4, kv(0)));
+            let last = ps[ps.len() - 1].clone();
+            let start = last.len() + 7;
+            rows.push((last, 4, kv(start)));
+        }
         let want: Vec<(Vec<u32>, String)> = rows.iter().map(|(p, _, o)| plain(&t, p, o)).collect();
         let mut gens: Vec<Generation> = rows
             .iter()
@@ -282,7 +321,7 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
                 };
                 let mut model = ModelDrafter { model: &d, state };
                 let drafter: &mut dyn Drafter = match (i, &mtp) {
-                    (0 | 4, _) => &mut recorded,
+                    (i, _) if i == 0 || i == stop_at => &mut recorded,
                     (1, _) => &mut random,
                     (3, Some(m)) => &mut jemma_engine::speculative::MtpDrafter {
                         model: m,
@@ -305,7 +344,7 @@ fn rounds_verified_together_are_each_rows_plain_decoding() {
             assert_eq!(got[i], want[i].0, "{target}, row {i}");
             assert_eq!(format!("{:?}", g.stats().finish_reason), want[i].1);
         }
-        let last = &want[want.len() - 1].0;
+        let last = &want[stop_at].0;
         assert!(
             last.len() < 10,
             "the stop token ended the last row part-way"

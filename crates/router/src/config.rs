@@ -833,7 +833,12 @@ impl Config {
                     Some("max_draft_tokens must be 1 to 16")
                 } else if sp.max_batch == 0 {
                     Some("max_batch must be >= 1")
-                } else if sp.enabled && c.kv_bits.is_some() && sp.draft_model.is_empty() {
+                } else if sp.enabled
+                    && c.kv_bits.is_some()
+                    && sp.draft_model.is_empty()
+                    // A GGUF tier is told at start that kv_bits is not its setting at all.
+                    && !c.model.ends_with(".gguf")
+                {
                     Some(
                         "with kv_bits a draft model must be named: the assistant drafter found beside a model \
                          reads the model's KV cache in full precision, which kv_bits quantizes; set draft_model \
