@@ -8,14 +8,17 @@
 //! sampling, and tells the matcher which token was sampled ([`TokenMatcher::commit`]). Once the grammar is
 //! complete only the model's end-of-sequence tokens are allowed, so the answer ends there.
 //!
-//! Three constraints ([`Constraint`]):
+//! The constraints ([`Constraint`]):
 //! - `response_format: {"type": "json_object"}`: one JSON object;
 //! - `response_format: {"type": "json_schema"}`: JSON valid against the schema (llguidance's JSON Schema
 //!   compiler; a keyword it does not support is a client error naming it);
 //! - `tool_choice: "required"` or a named function: Gemma 4 tool calls in the model's own format
 //!   (`<|tool_call>call:NAME{key:value,…}<tool_call|>`, strings between `<|"|>` tokens), only to the
 //!   allowed functions, with arguments that satisfy each function's `parameters` schema (the subset of JSON
-//!   Schema that OpenAI's function calling documents; other keywords are refused by name).
+//!   Schema that OpenAI's function calling documents; other keywords are refused by name);
+//! - `tool_choice: "auto"` with `strict` functions: free text until the model opens a call, then calls as
+//!   above (a lazy grammar, as llama.cpp's `grammar_lazy`; [`TokenMatcher::is_free`] says when no mask is
+//!   needed).
 //!
 //! JSON is generated compactly with OpenAI's separators (`", "`, `": "`), no free whitespace: a weak model
 //! cannot pad its answer with blank lines until `max_tokens`.
@@ -47,6 +50,18 @@ pub enum Constraint {
     /// and nothing else (`tool_choice: "required"`, or a named function with `tools` holding just it). At
     /// most one call when `parallel` is false (`parallel_tool_calls: false`).
     ToolCalls {
+        /// The functions that may be called.
+        tools: Vec<ToolSpec>,
+        /// Whether several calls may follow one another.
+        parallel: bool,
+    },
+    /// `tool_choice: "auto"` with `strict` functions (OpenAI's promise that a call's arguments follow its
+    /// schema): the answer is free until the model opens a call with Gemma 4's `<|tool_call>` token, then
+    /// only calls as [`Constraint::ToolCalls`] allows, to the end of the answer. This is llama.cpp's lazy
+    /// grammar (`grammar_lazy` with a trigger token): text and thinking cost no mask, and nothing but the
+    /// call is constrained. `tools` holds every function offered; one that is not strict takes any object
+    /// as its arguments (`{"type": "object"}`).
+    LazyToolCalls {
         /// The functions that may be called.
         tools: Vec<ToolSpec>,
         /// Whether several calls may follow one another.
@@ -184,11 +199,19 @@ impl Vocabulary {
         })
     }
 
+    /// The id of the special (control) token spelled `name` (such as `<|tool_call>`), if the vocabulary
+    /// has one.
+    pub fn special_token(&self, name: &str) -> Option<u32> {
+        self.factory.tok_env().tok_trie().get_special_token(name)
+    }
+
     /// Compiles `constraint` for one answer.
     ///
     /// Errors: [`ConstrainError::Invalid`] when the schema or tools cannot be enforced (an unsupported
-    /// keyword, an unsatisfiable schema), naming what.
+    /// keyword, an unsatisfiable schema), naming what, or for [`Constraint::LazyToolCalls`] on a model
+    /// without Gemma 4's `<|tool_call>` token.
     pub fn matcher(&self, constraint: &Constraint) -> Result<TokenMatcher, ConstrainError> {
+        let mut trigger = None;
         let grammar = match constraint {
             Constraint::JsonObject | Constraint::JsonSchema { .. } => {
                 TopLevelGrammar::from_json_schema(json_schema(constraint)?)
@@ -196,11 +219,22 @@ impl Vocabulary {
             Constraint::ToolCalls { tools, parallel } => {
                 TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
             }
+            // Thinking is free text before the trigger, so a lazy grammar needs no thinking rule.
+            Constraint::LazyToolCalls { tools, parallel } => {
+                trigger = Some(self.special_token(TOOL_CALL).ok_or_else(|| {
+                    ConstrainError::Invalid(format!(
+                        "tools: strict function calling needs the model's {TOOL_CALL} token, which this \
+                         model's vocabulary does not have"
+                    ))
+                })?);
+                TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
+            }
             Constraint::AfterThinking(inner) => {
                 let body = match &**inner {
                     Constraint::ToolCalls { tools, parallel } => {
                         tool_call_grammar(tools, *parallel)?.replacen("start:", "body:", 1)
                     }
+                    Constraint::LazyToolCalls { .. } => return self.matcher(inner),
                     Constraint::AfterThinking(_) => {
                         return Err(ConstrainError::Invalid(
                             "a constraint cannot follow thinking twice".into(),
@@ -212,7 +246,7 @@ impl Vocabulary {
             }
         };
         let what = match constraint {
-            Constraint::ToolCalls { .. } => "tools",
+            Constraint::ToolCalls { .. } | Constraint::LazyToolCalls { .. } => "tools",
             Constraint::AfterThinking(inner) if matches!(**inner, Constraint::ToolCalls { .. }) => {
                 "tools"
             }
@@ -226,9 +260,16 @@ impl Vocabulary {
         if let Some(e) = matcher.get_error() {
             return Err(ConstrainError::Invalid(format!("{what}: {e}")));
         }
-        Ok(TokenMatcher { matcher })
+        Ok(TokenMatcher {
+            matcher,
+            trigger,
+            vocab_size: self.factory.tok_env().tok_trie().vocab_size(),
+        })
     }
 }
+
+/// Gemma 4's token that opens a tool call: the trigger of [`Constraint::LazyToolCalls`].
+const TOOL_CALL: &str = "<|tool_call>";
 
 /// Gemma 4's thinking block as a Lark rule: its channel markers are special tokens, so no thought can
 /// spell the closing one.
@@ -271,40 +312,60 @@ fn compact(schema: Value, strict: bool) -> Value {
 /// One answer's place in its grammar.
 pub struct TokenMatcher {
     matcher: Matcher,
+    /// A lazy grammar's trigger token while it has not been sampled: until then every token is allowed.
+    trigger: Option<u32>,
+    vocab_size: usize,
 }
 
 impl std::fmt::Debug for TokenMatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenMatcher")
             .field("stopped", &self.matcher.is_stopped())
+            .field("free", &self.is_free())
             .finish()
     }
 }
 
 impl TokenMatcher {
+    /// Whether the next token is unconstrained: a lazy grammar ([`Constraint::LazyToolCalls`]) before its
+    /// trigger. An engine then samples as it would without a grammar (no mask to build), and still
+    /// commits each token, so that the grammar starts at the trigger.
+    pub fn is_free(&self) -> bool {
+        self.trigger.is_some()
+    }
+
     /// The tokens allowed next: what continues the grammar, and the end-of-sequence tokens where it may
-    /// end (only those once it is complete).
+    /// end (only those once it is complete); every token while [`TokenMatcher::is_free`].
     ///
     /// Errors: [`ConstrainError::Engine`] when the matcher has failed.
     pub fn allowed(&mut self) -> Result<Allowed, ConstrainError> {
+        if self.is_free() {
+            return Ok(Allowed(SimpleVob::alloc_ones(self.vocab_size)));
+        }
         self.matcher
             .compute_mask_or_eos()
             .map(Allowed)
             .map_err(|e| ConstrainError::Engine(e.to_string()))
     }
 
-    /// Advances past the sampled `token` (which [`TokenMatcher::allowed`] allowed).
+    /// Advances past the sampled `token` (which [`TokenMatcher::allowed`] allowed). While the grammar is
+    /// free only its trigger moves it: the trigger is the grammar's first token.
     ///
     /// Errors: [`ConstrainError::Engine`] for a token the grammar does not allow.
     pub fn commit(&mut self, token: u32) -> Result<(), ConstrainError> {
+        match self.trigger {
+            Some(t) if t != token => return Ok(()),
+            Some(_) => self.trigger = None,
+            None => {}
+        }
         self.matcher
             .consume_token(token)
             .map_err(|e| ConstrainError::Engine(e.to_string()))
     }
 
-    /// Whether what was committed so far is a complete answer.
+    /// Whether what was committed so far is a complete answer (any answer while free).
     pub fn is_complete(&mut self) -> bool {
-        self.matcher.is_accepting().unwrap_or(false)
+        self.is_free() || self.matcher.is_accepting().unwrap_or(false)
     }
 }
 
@@ -895,6 +956,73 @@ mod thinking_tests {
             !run(&v, &c, "«thought\nok»‹call:g{").0,
             "only an offered function"
         );
+    }
+
+    /// A lazy grammar lets anything through (thinking, text, other special tokens) until the model opens a
+    /// call; from there only a valid call to an offered function, and the end.
+    #[test]
+    fn a_lazy_tool_grammar_is_free_until_the_call_opens() {
+        let v = vocab();
+        let tools = vec![
+            ToolSpec {
+                name: "f".into(),
+                parameters: json!({"type": "object", "properties": {"x": {"type": "integer"}},
+                    "required": ["x"]}),
+            },
+            // Not strict: any object.
+            ToolSpec {
+                name: "g".into(),
+                parameters: json!({"type": "object"}),
+            },
+        ];
+        let c = Constraint::LazyToolCalls {
+            tools: tools.clone(),
+            parallel: false,
+        };
+        assert_eq!(v.special_token("<|tool_call>"), Some(259));
+        let mut m = v.matcher(&c).unwrap();
+        assert!(m.is_free() && m.is_complete());
+        assert_eq!(m.allowed().unwrap().count(), 262, "everything while free");
+        for t in [b'H' as u32, 256, 257, 260] {
+            m.commit(t).unwrap();
+        }
+        assert!(m.is_free(), "only the trigger ends the free part");
+        m.commit(259).unwrap();
+        assert!(!m.is_free() && !m.is_complete());
+        assert!(m.allowed().unwrap().contains(b'c' as u32));
+        assert!(!m.allowed().unwrap().contains(b'H' as u32));
+
+        assert_eq!(
+            run(&v, &c, "«thought\nCall f.»Sure.‹call:f{x:12}›"),
+            (true, true)
+        );
+        assert_eq!(run(&v, &c, "Just text, no call."), (true, true));
+        assert_eq!(run(&v, &c, "‹call:g{a:¦b¦,c:[1]}›"), (true, true));
+        assert!(!run(&v, &c, "‹call:f{x:¦a¦}›").0, "f's x is an integer");
+        assert!(!run(&v, &c, "‹call:h{").0, "only an offered function");
+        assert!(!run(&v, &c, "‹call:f{x:1}›‹").0, "one call unless parallel");
+        let par = Constraint::LazyToolCalls {
+            tools,
+            parallel: true,
+        };
+        assert_eq!(run(&v, &par, "‹call:f{x:1}›‹call:g{}›"), (true, true));
+        assert!(
+            !run(&v, &par, "‹call:f{x:1}›more").0,
+            "calls end the answer"
+        );
+        // Thinking on changes nothing: the thought is free text before the trigger.
+        let after = Constraint::AfterThinking(Box::new(par));
+        assert_eq!(run(&v, &after, "«thought\nhm»x‹call:g{}›"), (true, true));
+        // A vocabulary without the trigger cannot keep the promise: refused, naming the field.
+        let plain: Vec<(Vec<u8>, bool)> = (0..=255u8)
+            .map(|b| (vec![b], false))
+            .chain([(b"<eos>".to_vec(), true)])
+            .collect();
+        let e = Vocabulary::from_tokens(plain, &[256])
+            .unwrap()
+            .matcher(&c)
+            .unwrap_err();
+        assert!(matches!(e, ConstrainError::Invalid(_)) && e.to_string().contains("tools"));
     }
 
     #[test]

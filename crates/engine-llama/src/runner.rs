@@ -944,8 +944,8 @@ pub(crate) struct LlamaSequence {
     /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
     /// allows before the sampler runs, and each sampled token advances it.
     pub(crate) grammar: Option<jemma_constrain::TokenMatcher>,
-    /// Greedy with nothing that changes the logits (no grammar, bias or penalty): the argmax is read off
-    /// the logits directly.
+    /// Greedy with nothing that changes the logits (no bias or penalty): the argmax is read off the
+    /// logits directly while no grammar masks them.
     pub(crate) plain_greedy: bool,
     pub(crate) text: Utf8Stream,
     pub(crate) answer: OutputProcessor,
@@ -1054,7 +1054,6 @@ impl LlamaSequence {
             kv,
             sampler,
             plain_greedy: req.sampling.temperature <= 0.0
-                && grammar.is_none()
                 && req.sampling.logit_bias.is_empty()
                 && req.sampling.repetition_penalty.unwrap_or(1.0) == 1.0
                 && req.sampling.presence_penalty == 0.0
@@ -1102,7 +1101,12 @@ impl LlamaSequence {
     /// Whether [`LlamaSequence::accept`] reads the argmax of the logits and nothing else: what a step may
     /// compute for several sequences at once ([`argmax_rows`]).
     pub(crate) fn takes_argmax(&self) -> bool {
-        self.plain_greedy && self.grammar.is_none()
+        self.plain_greedy && !self.masked()
+    }
+
+    /// Whether the next token is drawn under a grammar's mask (a lazy grammar once its trigger came).
+    fn masked(&self) -> bool {
+        self.grammar.as_ref().is_some_and(|g| !g.is_free())
     }
 
     /// [`LlamaSequence::accept`], with the argmax of the logits at `idx` already read (`picked`) for a
@@ -1116,7 +1120,7 @@ impl LlamaSequence {
         out: &mut SeqOutput<Summary>,
     ) {
         let vocab = loaded.model.vocab();
-        let tok = if let Some(g) = self.grammar.as_mut() {
+        let tok = if let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) {
             // The grammar's mask on a copy of the logits, then the request's sampler chain on what is left.
             let allowed = match g.allowed() {
                 Ok(a) => a,

@@ -396,6 +396,91 @@ fn constrained_answers_follow_their_grammar() {
     }
 }
 
+/// `tool_choice: "auto"` with a strict function (a lazy grammar), as on the MLX engine: before the model
+/// opens a call an answer is exactly the unconstrained one (same seed), and once it opens one the call is
+/// valid against the schema and ends the answer. A bias on `<|tool_call>` (id 48) opens calls at the first
+/// token (a large bias) or mid-answer (a small one, about one chance in nine per token over the fixture's
+/// 1,024 tokens).
+#[test]
+fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
+    use jemma_constrain::{Constraint, ToolSpec};
+    let _serial = serial();
+    let e = engine();
+    let constraint = Constraint::LazyToolCalls {
+        tools: vec![ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+                "additionalProperties": false}),
+        }],
+        parallel: false,
+    };
+    let run = |c: Option<Constraint>, bias: f32, seed: u64| {
+        let mut r = request(Prompt::Text("Reply:".into()), 96);
+        r.constraint = c;
+        r.parse_output = false;
+        r.ignore_eos = false;
+        r.sampling = Sampling {
+            temperature: 1.0,
+            seed: Some(seed),
+            logit_bias: vec![(48, bias)],
+            ..Default::default()
+        };
+        let mut rx = e.submit(r).unwrap();
+        let (text, s) = collect(&mut rx);
+        (text, s.finish == Finish::Stop)
+    };
+    let (mut opened_first, mut opened_later, mut valid) = (0, 0, 0);
+    for (bias, seeds) in [(100.0, 0..4u64), ((1024f32 / 8.0).ln(), 0..16u64)] {
+        for seed in seeds {
+            let (free, _) = run(None, bias, seed);
+            let (lazy, ended) = run(Some(constraint.clone()), bias, seed);
+            let Some(at) = lazy.find("<|tool_call>") else {
+                assert_eq!(
+                    lazy, free,
+                    "seed {seed}: no call opened, so nothing constrained"
+                );
+                continue;
+            };
+            let upto = at + "<|tool_call>".len();
+            assert_eq!(
+                free.get(..upto),
+                Some(&lazy[..upto]),
+                "seed {seed}: the answer is free up to the call"
+            );
+            if at == 0 {
+                opened_first += 1;
+            } else {
+                opened_later += 1;
+            }
+            if !ended {
+                continue;
+            }
+            let (_, _, calls) = jemma_chat::tools::split_output(&lazy);
+            assert_eq!(calls.len(), 1, "seed {seed}: {lazy:?}");
+            assert_eq!(calls[0].name, "get_weather");
+            let args = calls[0].arguments.as_object().unwrap();
+            assert!(
+                args["city"].as_str().unwrap().chars().count() <= 10,
+                "{lazy:?}"
+            );
+            assert!(
+                ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+                "{lazy:?}"
+            );
+            assert_eq!(args.len(), 2, "{lazy:?}");
+            assert!(
+                lazy.ends_with("<tool_call|>"),
+                "the answer ends at the call: {lazy:?}"
+            );
+            valid += 1;
+        }
+    }
+    eprintln!("calls opened first {opened_first}, later {opened_later}; {valid} ended, all valid");
+    assert!(opened_first >= 2 && opened_later >= 2 && valid >= 3);
+}
+
 #[test]
 fn bad_files_are_clear_errors() {
     let _serial = serial();

@@ -220,6 +220,18 @@ struct Pending {
     /// The target's final hidden state (1, 1, H) at the position whose logits gave `token`, kept only for
     /// a drafter that reads it ([`Generation::keep_hidden`]: the MTP assistant).
     hidden: Option<Array>,
+    /// For a step sampled ahead while a lazy grammar is free: what drawing it again under the mask needs.
+    redo: Option<Redo>,
+}
+
+/// A step sampled ahead of the token before it while a lazy grammar ([`Constraint::LazyToolCalls`]) was
+/// free. Should that token be the grammar's trigger, the step was drawn without the mask it now needs: it
+/// is drawn again from the same logits and history with the same random key, so the answer is what a
+/// step sampled after the trigger would give (alone, batched, or pipelined alike).
+struct Redo {
+    logits: Array,
+    history: Array,
+    rng: mlx_rs::random::RandomState,
 }
 
 /// What [`Generation::prefill_batch`] did.
@@ -963,6 +975,7 @@ impl Generation {
             token,
             logprobs,
             hidden: None,
+            redo: None,
         })
     }
 
@@ -982,7 +995,7 @@ impl Generation {
     /// The grammar's additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere (None when
     /// the answer is not constrained).
     fn grammar_mask(&mut self, model: &Gemma4) -> Result<Option<Array>> {
-        let Some(g) = self.grammar.as_mut() else {
+        let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) else {
             return Ok(None);
         };
         let v = model.config().vocab_size;
@@ -1033,13 +1046,31 @@ impl Generation {
     /// Queues what can be queued of the step whose forward pass gave `logits`: all of it, or under a
     /// grammar the forward pass alone (see [`Ahead::Logits`]).
     fn ahead(&mut self, model: &Gemma4, logits: Array, history: Array) -> Result<Ahead> {
-        if self.grammar.is_some() {
+        if self.masked() {
             async_eval([&logits])?;
             return Ok(Ahead::Logits { logits, history });
         }
-        let p = self.sample_from(model, &logits, &history, None)?;
+        let p = self.sample_ahead(model, &logits, &history)?;
         async_eval([&p.token, &p.logprobs])?;
         Ok(Ahead::Sampled(p))
+    }
+
+    /// Whether the next token is drawn under a grammar's mask (a lazy grammar once triggered).
+    fn masked(&self) -> bool {
+        self.grammar.as_ref().is_some_and(|g| !g.is_free())
+    }
+
+    /// [`Generation::sample_from`] without a mask, for a step queued ahead of the token before it; while a
+    /// lazy grammar is free, with what drawing it again under the mask needs ([`Redo`]).
+    fn sample_ahead(&mut self, model: &Gemma4, logits: &Array, history: &Array) -> Result<Pending> {
+        let redo = self.grammar.is_some().then(|| Redo {
+            logits: logits.clone(),
+            history: history.clone(),
+            rng: self.sampler.rng_state(),
+        });
+        let mut p = self.sample_from(model, logits, history, None)?;
+        p.redo = redo;
+        Ok(p)
     }
 
     /// Advances every generation in `gens` by one token, as [`Generation::next_token`] does for each, but
@@ -1100,13 +1131,13 @@ impl Generation {
             .enumerate()
         {
             let row = logits.try_index(j as i32..j as i32 + 1)?;
-            nexts.push(if g.grammar.is_some() {
+            nexts.push(if g.masked() {
                 Ahead::Logits {
                     logits: row,
                     history: histories[j].clone(),
                 }
             } else {
-                let mut p = g.sample_from(model, &row, &histories[j], None)?;
+                let mut p = g.sample_ahead(model, &row, &histories[j])?;
                 p.hidden = g.kept(&hidden.try_index(j as i32..j as i32 + 1)?)?;
                 Ahead::Sampled(p)
             });
@@ -1186,7 +1217,25 @@ impl Generation {
         }
         let next = match ahead {
             Ahead::None => None,
-            Ahead::Sampled(p) => Some(p),
+            Ahead::Sampled(mut p) => match p.redo.take() {
+                // This token opened the lazy grammar: the step sampled ahead of it is drawn again under
+                // the mask (see [`Redo`]).
+                Some(r) if self.masked() => {
+                    let mask = match self.grammar_mask(model) {
+                        Ok(m) => m,
+                        Err(e) => {
+                            self.fail(e.to_string());
+                            return Ok(Some(SampledToken { token, logprobs }));
+                        }
+                    };
+                    self.sampler.set_rng_state(r.rng);
+                    let mut q = self.sample_from(model, &r.logits, &r.history, mask)?;
+                    q.hidden = p.hidden;
+                    async_eval([&q.token, &q.logprobs])?;
+                    Some(q)
+                }
+                _ => Some(p),
+            },
             Ahead::Logits { logits, history } => {
                 let mask = match self.grammar_mask(model) {
                     Ok(m) => m,
@@ -1645,6 +1694,8 @@ impl Generation {
                             at..at + 1,
                             ..,
                         ))?)?,
+                        // Speculation runs without a grammar.
+                        redo: None,
                     });
                 }
                 Ok(round)

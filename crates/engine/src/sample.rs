@@ -108,6 +108,16 @@ impl Sampler {
         Ok(logits)
     }
 
+    /// The RNG's state now: [`Sampler::set_rng_state`] with it draws the next keys again.
+    pub fn rng_state(&self) -> RandomState {
+        self.rng.clone()
+    }
+
+    /// Puts the RNG back to a state [`Sampler::rng_state`] returned.
+    pub fn set_rng_state(&mut self, rng: RandomState) {
+        self.rng = rng;
+    }
+
     /// Picks the next token from log-probabilities (1, V): greedy, or filtered (top_p, min_p, top_k, in
     /// mlx-lm's order on the untempered values) then categorical at the temperature.
     pub fn sample(&mut self, logprobs: &Array) -> Result<Array> {

@@ -325,6 +325,110 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
     }
 }
 
+/// `tool_choice: "auto"` with a strict function (a lazy grammar): before the model opens a call, an answer
+/// is token for token what it is with no constraint (same seed, same draws); once it opens one, the call is
+/// valid against the function's schema and the answer ends after it. A bias on `<|tool_call>` makes the
+/// random model open calls at varied points: at the first token with a large bias (the step sampled ahead
+/// of it, unmasked, must be drawn again under the mask), mid-answer with a small one.
+#[test]
+fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
+    use jemma_constrain::{Constraint, ToolSpec, Vocabulary};
+    use jemma_engine::tokenizer::Tokenizer;
+    use serde_json::json;
+    let dir = fixture("tiny");
+    let (model, cfg, _) = gemma4::load(&dir, None).unwrap();
+    let tok = Tokenizer::from_model_dir(&dir, &cfg.eos_token_ids).unwrap();
+    let tj: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer.json")).unwrap())
+            .unwrap();
+    let vocab = std::sync::Arc::new(
+        Vocabulary::from_tokenizer_json(&tj, cfg.text.vocab_size, &tok.eos_ids).unwrap(),
+    );
+    let trigger = vocab.special_token("<|tool_call>").unwrap();
+    let constraint = Constraint::LazyToolCalls {
+        tools: vec![ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+                "additionalProperties": false}),
+        }],
+        parallel: false,
+    };
+    // About one chance in nine per token to open a call, on a random model's near-uniform logits.
+    let mid = (cfg.text.vocab_size as f32 / 8.0).ln();
+    let (mut opened_first, mut opened_later, mut valid) = (0, 0, 0);
+    for (bias, seeds) in [(100.0, 0..4u64), (mid, 0..16u64)] {
+        for seed in seeds {
+            let run = |c: Option<Constraint>| {
+                let opts = GenerateOptions {
+                    max_tokens: 96,
+                    stop_tokens: tok.eos_ids.clone(),
+                    constraint: c.map(|c| (vocab.clone(), c)),
+                    sampling: jemma_engine::sample::SamplingParams {
+                        temperature: 1.0,
+                        seed: Some(seed),
+                        logit_bias: vec![(trigger, bias)],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let mut ids = vec![];
+                let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
+                    ids.push(s.token);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+                (ids, stats.stop_token.is_some())
+            };
+            let (free, _) = run(None);
+            let (lazy, ended) = run(Some(constraint.clone()));
+            let Some(at) = lazy.iter().position(|&t| t == trigger) else {
+                assert_eq!(
+                    lazy, free,
+                    "seed {seed}: no call opened, so nothing constrained"
+                );
+                continue;
+            };
+            assert_eq!(
+                free.get(..=at),
+                Some(&lazy[..=at]),
+                "seed {seed}: the answer is free up to the call"
+            );
+            if at == 0 {
+                opened_first += 1;
+            } else {
+                opened_later += 1;
+            }
+            if !ended {
+                continue;
+            }
+            let text: Vec<u8> = lazy.iter().flat_map(|&t| tok.token_bytes(t)).collect();
+            let text = String::from_utf8_lossy(&text).into_owned();
+            let (_, _, calls) = jemma_chat::tools::split_output(&text);
+            assert_eq!(calls.len(), 1, "seed {seed}: {text}");
+            assert_eq!(calls[0].name, "get_weather");
+            let args = calls[0].arguments.as_object().unwrap();
+            assert!(
+                args["city"].as_str().unwrap().chars().count() <= 10,
+                "{text}"
+            );
+            assert!(
+                ["celsius", "fahrenheit"].contains(&args["unit"].as_str().unwrap()),
+                "{text}"
+            );
+            assert_eq!(args.len(), 2, "{text}");
+            assert!(
+                text.ends_with("<tool_call|>"),
+                "the answer ends at the call: {text}"
+            );
+            valid += 1;
+        }
+    }
+    eprintln!("calls opened first {opened_first}, later {opened_later}; {valid} ended, all valid");
+    assert!(opened_first >= 2 && opened_later >= 2 && valid >= 3);
+}
+
 /// `logprobs` report the model's own distribution (log-softmax of its raw logits, before `logit_bias`,
 /// penalties and temperature), as llama.cpp's engine and vLLM's default do: a bias that forces the
 /// runner-up leaves every reported number as mlx-lm's logits give it.
