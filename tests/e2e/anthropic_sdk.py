@@ -96,6 +96,17 @@ for choice in ({"type": "any"}, {"type": "tool", "name": "get_time"}):
     check(f"tool_choice {choice['type']}: the tool result is read and answered", follow.type == "message"
           and follow.stop_reason in ("end_turn", "max_tokens", "tool_use"), follow)
 
+# Strict tool use (`strict: true` on a tool) under auto: accepted, and any call the model makes follows the
+# tool's schema (the engines' lazy grammar; tests/e2e/openai_sdk.py forces calls to open with a logit bias).
+strict_tools = [dict(t, strict=True) for t in tools]
+for seed in range(3):
+    m = client.messages.create(model="primary", max_tokens=24, tools=strict_tools,
+                               extra_body={"temperature": 1},
+                               messages=[{"role": "user", "content": "What time is it in Paris?"}])
+    uses = [b for b in m.content if b.type == "tool_use"]
+    check(f"strict tools under auto ({seed}): accepted, any call valid", m.type == "message"
+          and all(u.name in schemas and valid(u.input, schemas[u.name]) for u in uses), m)
+
 with client.messages.stream(model="primary", max_tokens=48, extra_body={"temperature": 1}, tools=tools,
                             tool_choice={"type": "any", "disable_parallel_tool_use": True},
                             messages=[{"role": "user", "content": "Weather?"}]) as s:

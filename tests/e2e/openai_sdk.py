@@ -179,6 +179,35 @@ for seed in range(3):
                                        temperature=1)
     check(f"tool_choice none (seed {seed}): no call", not r.choices[0].message.tool_calls
           and r.choices[0].finish_reason != "tool_calls", r.choices[0])
+# tool_choice "auto" with strict functions (the Agents SDK's default): the answer is free, and whatever call
+# the model opens follows its function's schema. A bias on `<|tool_call>` (id 48, as in Gemma 4's vocabulary)
+# makes the random model open one at once; the control without strict shows the bias alone gives no valid
+# calls, so the grammar is what makes them valid.
+strict_tools = [dict(t, function=dict(t["function"], strict=True)) for t in agent_tools]
+for label, tools_sent in (("strict", strict_tools), ("not strict", agent_tools)):
+    finished, good = 0, 0
+    for seed in range(8):
+        r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Use a tool"}],
+                                           tools=tools_sent, tool_choice="auto", parallel_tool_calls=False,
+                                           max_tokens=48, temperature=1, seed=seed, logit_bias={"48": 100})
+        c = r.choices[0]
+        if c.finish_reason == "length":
+            continue
+        finished += 1
+        calls = c.message.tool_calls or []
+        try:
+            ok = (c.finish_reason == "tool_calls" and len(calls) == 1 and calls[0].function.name in params
+                  and valid(json.loads(calls[0].function.arguments), params[calls[0].function.name]))
+        except json.JSONDecodeError:
+            ok = False
+        good += ok
+        if label == "strict":
+            check(f"tool_choice auto, strict (seed {seed}): one valid call", ok, c)
+    if label == "strict":
+        check(f"tool_choice auto, strict: calls valid ({finished}/8 finished)", finished >= 4, finished)
+    else:
+        check(f"tool_choice auto, not strict: the bias alone gives no valid call ({good}/{finished})", good == 0,
+              good)
 for label, kwargs, param in (
         ("a function not in tools", {"tools": agent_tools, "tool_choice": {"type": "function",
                                      "function": {"name": "send_mail"}}}, "tool_choice.function.name"),

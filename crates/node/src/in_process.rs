@@ -55,15 +55,21 @@ pub struct Job {
 
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
 /// named function: calls to the offered functions, or to that one, with schema-valid arguments), else the
-/// `response_format`'s JSON; None for free text. With `tool_choice` "none" the tools are not shown at all.
-/// With thinking on, the model may think first: the grammar starts after its thinking block.
+/// `response_format`'s JSON, else, when a function is `strict` under `tool_choice` "auto", any call the
+/// model opens (a lazy grammar: the rest of the answer is free); None for free text. With `tool_choice`
+/// "none" the tools are not shown at all. With thinking on, the model may think first: the grammar starts
+/// after its thinking block.
 pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     let c = answer_constraint(req)?;
-    Some(if req.enable_thinking == Some(true) {
-        jemma_constrain::Constraint::AfterThinking(Box::new(c))
-    } else {
-        c
-    })
+    Some(
+        if req.enable_thinking == Some(true)
+            && !matches!(c, jemma_constrain::Constraint::LazyToolCalls { .. })
+        {
+            jemma_constrain::Constraint::AfterThinking(Box::new(c))
+        } else {
+            c
+        },
+    )
 }
 
 fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
@@ -98,6 +104,35 @@ fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
         _ => {}
     }
     match &req.response_format {
+        // OpenAI's `strict` under "auto": whatever call the model makes has arguments its schema allows
+        // (the other functions' arguments are any object, as without strict).
+        ResponseFormat::Text
+            if req
+                .tool_choice
+                .as_ref()
+                .is_none_or(|c| *c == ToolChoice::Auto)
+                && req
+                    .tools
+                    .iter()
+                    .flatten()
+                    .any(|t| t.function.strict == Some(true)) =>
+        {
+            Some(Constraint::LazyToolCalls {
+                tools: req
+                    .tools
+                    .iter()
+                    .flatten()
+                    .map(|t| ToolSpec {
+                        name: t.function.name.clone(),
+                        parameters: match t.function.strict {
+                            Some(true) => t.function.parameters.clone().unwrap_or(Value::Null),
+                            _ => serde_json::json!({"type": "object"}),
+                        },
+                    })
+                    .collect(),
+                parallel,
+            })
+        }
         ResponseFormat::Text => None,
         ResponseFormat::JsonObject => Some(Constraint::JsonObject),
         ResponseFormat::JsonSchema { json_schema } => Some(Constraint::JsonSchema {
@@ -721,5 +756,65 @@ fn llama_request(job: Job) -> jemma_engine_llama::Request {
         images: job.images,
         audio: job.audio,
         videos: job.videos,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // a test: a failed unwrap is a failed test
+    use jemma_constrain::Constraint;
+    use jemma_router::api::{ChatCompletionRequest, Limits};
+    use serde_json::{Value, json};
+
+    fn constraint(extra: Value) -> Option<Constraint> {
+        let mut body = json!({"messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "strict": true, "parameters": {"type": "object",
+                "properties": {"a": {"type": "integer"}}, "required": ["a"]}}},
+            {"type": "function", "function": {"name": "g", "parameters": {"type": "object",
+                "properties": {"b": {"type": "string"}}}}}]});
+        for (k, v) in extra.as_object().unwrap() {
+            body[k] = v.clone();
+        }
+        let req = serde_json::from_value::<ChatCompletionRequest>(body)
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap();
+        super::constraint_of(&req)
+    }
+
+    /// A strict function under "auto" (given or implied) makes a lazy grammar over every function: the
+    /// strict one with its schema, the other with any object; thinking does not wrap it (the thought is
+    /// free text before the call). "none" and a JSON response format keep their own meaning.
+    #[test]
+    fn a_strict_function_under_auto_is_enforced_lazily() {
+        for extra in [
+            json!({}),
+            json!({"tool_choice": "auto"}),
+            json!({"reasoning_effort": "high"}),
+        ] {
+            let Some(Constraint::LazyToolCalls { tools, parallel }) = constraint(extra.clone())
+            else {
+                panic!("{extra}: {:?}", constraint(extra.clone()));
+            };
+            assert!(parallel);
+            assert_eq!(tools[0].parameters["required"], json!(["a"]));
+            assert_eq!(tools[1].parameters, json!({"type": "object"}));
+        }
+        assert_eq!(constraint(json!({"tool_choice": "none"})), None);
+        assert!(matches!(
+            constraint(json!({"tool_choice": "required"})),
+            Some(Constraint::ToolCalls { .. })
+        ));
+        assert_eq!(
+            constraint(json!({"response_format": {"type": "json_object"}})),
+            Some(Constraint::JsonObject)
+        );
+        assert!(matches!(
+            constraint(json!({"parallel_tool_calls": false})),
+            Some(Constraint::LazyToolCalls {
+                parallel: false,
+                ..
+            })
+        ));
     }
 }

@@ -371,16 +371,24 @@ impl MessagesRequest {
                         let name = t.get("name").and_then(Value::as_str).ok_or_else(|| {
                             RouterError::invalid("a tool needs a name", &format!("tools[{i}].name"))
                         })?;
-                        // Strict input is enforced only when a call is forced (tool_choice any or tool);
-                        // deferred loading needs a tool search this gateway does not have.
-                        for k in ["strict", "defer_loading"] {
-                            if t.get(k) == Some(&Value::Bool(true)) {
+                        // Deferred loading needs a tool search this gateway does not have. `strict`
+                        // is enforced as OpenAI's is: any call to the tool follows its input_schema.
+                        if t.get("defer_loading") == Some(&Value::Bool(true)) {
+                            return Err(RouterError::invalid(
+                                "defer_loading: true cannot be honoured here",
+                                &format!("tools[{i}].defer_loading"),
+                            ));
+                        }
+                        let strict = match t.get("strict") {
+                            None | Some(Value::Null) => None,
+                            Some(Value::Bool(b)) => Some(*b),
+                            Some(_) => {
                                 return Err(RouterError::invalid(
-                                    format!("{k}: true cannot be honoured here"),
-                                    &format!("tools[{i}].{k}"),
+                                    "strict must be a boolean",
+                                    &format!("tools[{i}].strict"),
                                 ));
                             }
-                        }
+                        };
                         Ok(Tool::function(
                             name,
                             t.get("description")
@@ -389,7 +397,8 @@ impl MessagesRequest {
                             t.get("input_schema")
                                 .cloned()
                                 .unwrap_or_else(|| json!({"type": "object"})),
-                        ))
+                        )
+                        .with_strict(strict))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -922,6 +931,30 @@ mod tests {
         assert_eq!(r.tool_choice, Some(crate::api::ToolChoice::Required));
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert_eq!(r.max_tokens, Some(64));
+        assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, None);
+    }
+
+    /// A strict tool (Anthropic's strict tool use) carries its flag to the engines, which enforce any call
+    /// to it; a flag that is not a boolean and deferred loading are refused by name.
+    #[test]
+    fn a_strict_tool_keeps_its_flag() {
+        let with = |tool: Value| {
+            req(json!({"model": "fast", "max_tokens": 8, "tools": [tool],
+                "messages": [{"role": "user", "content": "x"}]}))
+        };
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}});
+        let r = with(json!({"name": "f", "input_schema": schema, "strict": true})).unwrap();
+        assert_eq!(r.tools.unwrap()[0].function.strict, Some(true));
+        for (k, v) in [("strict", json!("yes")), ("defer_loading", json!(true))] {
+            let mut t = json!({"name": "f", "input_schema": schema});
+            t[k] = v;
+            match with(t) {
+                Err(RouterError::InvalidRequest { param, .. }) => {
+                    assert_eq!(param.as_deref(), Some(&*format!("tools[0].{k}")))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -434,7 +434,8 @@ impl ResponsesRequest {
                             t.get("parameters")
                                 .cloned()
                                 .unwrap_or_else(|| json!({"type": "object"})),
-                        ))
+                        )
+                        .with_strict(t.get("strict").and_then(Value::as_bool)))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -906,6 +907,14 @@ mod tests {
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert!(r.response_format.is_json());
         assert_eq!(r.enable_thinking, Some(false));
+        assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, None);
+        // A strict function keeps its flag: the engines enforce any call to it.
+        let r = req(
+            json!({"model": "fast", "input": "x", "tools": [{"type": "function",
+            "name": "f", "parameters": {"type": "object"}, "strict": true}]}),
+        )
+        .unwrap();
+        assert_eq!(r.tools.unwrap()[0].function.strict, Some(true));
     }
 
     #[test]

@@ -448,11 +448,13 @@ pub struct FunctionDefinition {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// Its arguments as a JSON Schema object; enforced when a call is forced (`tool_choice` `required`
-    /// or named).
+    /// or named), or when the function is `strict`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parameters: Option<Value>,
-    /// OpenAI's strict flag (arguments follow `parameters` exactly). Forced calls are enforced either
-    /// way; a call the model chooses to make under `auto` is not.
+    /// OpenAI's strict flag: a call's arguments follow `parameters`. Forced calls are enforced either
+    /// way; under `tool_choice` `auto` a strict function's call is enforced from the moment the model
+    /// opens it (a lazy grammar; the answer is free until then). A keyword the grammar cannot enforce is
+    /// a 400 naming it, as OpenAI refuses schemas strict mode does not support.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strict: Option<bool>,
 }
@@ -473,6 +475,12 @@ impl Tool {
                 strict: None,
             },
         }
+    }
+
+    /// This tool with OpenAI's `strict` flag set to `strict` (None: not given).
+    pub fn with_strict(mut self, strict: Option<bool>) -> Self {
+        self.function.strict = strict;
+        self
     }
 
     /// As the JSON object the chat template reads.
