@@ -181,6 +181,16 @@ impl Loaded {
         Ok(self.tokenize_prompt(prompt, &text))
     }
 
+    /// The id of the special token spelled `text` (such as `<|channel>`), if the vocabulary has one.
+    pub fn special_id(&self, text: &str) -> Option<u32> {
+        match self.tokenize(text).as_slice() {
+            [t] if self.model.vocab().token_to_piece(*t, true, None) == text.as_bytes() => {
+                Some(t.0 as u32)
+            }
+            _ => None,
+        }
+    }
+
     /// Token ids of `text`: special tokens in it (<bos>, <|turn>) are parsed as such; nothing is added.
     pub fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
         self.model.vocab().tokenize(text.as_bytes(), false, true)

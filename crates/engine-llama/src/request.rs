@@ -26,6 +26,10 @@ pub struct Request {
     /// What the answer must be (JSON, a schema, forced tool calls), enforced token by token with
     /// llguidance; None: free text.
     pub constraint: Option<jemma_constrain::Constraint>,
+    /// The most tokens the answer may spend thinking (`thinking_token_budget`): past it the engine ends
+    /// the thought (Gemma 4's `<channel|>`). A model without Gemma 4's thought markers never thinks in
+    /// them, so the budget holds without a check.
+    pub thinking_token_budget: Option<usize>,
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when false the answer
     /// ends after its first call.
     pub parallel_tool_calls: bool,
@@ -65,6 +69,7 @@ impl Request {
             stop: vec![],
             parse_output: false,
             constraint: None,
+            thinking_token_budget: None,
             parallel_tool_calls: true,
             fit_context: false,
             ignore_eos: false,

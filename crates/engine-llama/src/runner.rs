@@ -653,7 +653,12 @@ impl LlamaRunner {
         // position on the host).
         // A prompt with media too: a draft model cannot see or hear it, and an assistant drafts from the
         // hidden state of a token, which a media decode does not give (llama.cpp's driver skips them too).
-        if !(seq.sampled && seq.seeded) && seq.grammar.is_none() && seq.media.is_empty() {
+        // A thinking budget too: a round could run past it.
+        if !(seq.sampled && seq.seeded)
+            && seq.grammar.is_none()
+            && seq.thinking.is_none()
+            && seq.media.is_empty()
+        {
             seq.spec = drafts.as_ref().map(|d| Controller::new(d.config().clone()));
             seq.hidden_width = drafts.as_ref().map_or(0, |d| d.hidden_width());
         }
@@ -944,6 +949,9 @@ pub(crate) struct LlamaSequence {
     /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
     /// allows before the sampler runs, and each sampled token advances it.
     pub(crate) grammar: Option<jemma_constrain::TokenMatcher>,
+    /// The answer's thinking budget, fed every token: when spent inside a thought, the next token is the
+    /// thought's end.
+    pub(crate) thinking: Option<jemma_serve::thinking::ThinkingBudget>,
     /// Greedy with nothing that changes the logits (no bias or penalty): the argmax is read off the
     /// logits directly while no grammar masks them.
     pub(crate) plain_greedy: bool,
@@ -1023,6 +1031,20 @@ impl LlamaSequence {
                 e => LlamaError::Runtime(e.to_string()),
             })?),
         };
+        let (open, close) = jemma_serve::thinking::GEMMA4_THOUGHT_MARKERS;
+        let thinking = match (
+            req.thinking_token_budget,
+            loaded.special_id(open),
+            loaded.special_id(close),
+        ) {
+            (Some(budget), Some(open), Some(close)) => {
+                Some(jemma_serve::thinking::ThinkingBudget::new(
+                    budget,
+                    jemma_serve::thinking::ThoughtMarkers { open, close },
+                ))
+            }
+            _ => None,
+        };
         let audio_tokens = (media.iter())
             .filter(|m| m.audio)
             .map(|m| m.soft_tokens)
@@ -1059,6 +1081,7 @@ impl LlamaSequence {
                 && req.sampling.presence_penalty == 0.0
                 && req.sampling.frequency_penalty == 0.0,
             grammar,
+            thinking,
             text: Utf8Stream { pending: vec![] },
             answer: OutputProcessor::new(&req.stop, req.parse_output)
                 .with_tools(req.prompt.declares_tools())
@@ -1104,9 +1127,18 @@ impl LlamaSequence {
         self.plain_greedy && !self.masked()
     }
 
-    /// Whether the next token is drawn under a grammar's mask (a lazy grammar once its trigger came).
+    /// Whether the next token is drawn under a mask: a grammar's (a lazy grammar once its trigger came),
+    /// or a spent thinking budget's (the token is then the thought's end).
     fn masked(&self) -> bool {
-        self.grammar.as_ref().is_some_and(|g| !g.is_free())
+        self.grammar.as_ref().is_some_and(|g| !g.is_free()) || self.forced().is_some()
+    }
+
+    /// The token a spent thinking budget makes the next one.
+    fn forced(&self) -> Option<LlamaToken> {
+        self.thinking
+            .as_ref()
+            .and_then(jemma_serve::thinking::ThinkingBudget::forced)
+            .map(|t| LlamaToken(t as i32))
     }
 
     /// [`LlamaSequence::accept`], with the argmax of the logits at `idx` already read (`picked`) for a
@@ -1120,7 +1152,12 @@ impl LlamaSequence {
         out: &mut SeqOutput<Summary>,
     ) {
         let vocab = loaded.model.vocab();
-        let tok = if let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) {
+        let tok = if let Some(close) = self.forced() {
+            // The thinking budget is spent: the thought ends here, whatever the logits say (as vLLM's
+            // thinking-budget processor forces its end token). The sampler chain sees it as the token.
+            self.sampler.accept(close);
+            close
+        } else if let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) {
             // The grammar's mask on a copy of the logits, then the request's sampler chain on what is left.
             let allowed = match g.allowed() {
                 Ok(a) => a,
@@ -1160,6 +1197,9 @@ impl LlamaSequence {
         {
             self.poisoned = true;
             return out.fail(LlamaError::Runtime(e.to_string()));
+        }
+        if let Some(t) = self.thinking.as_mut() {
+            t.push(tok.0 as u32);
         }
         if self.first_token_at.is_none() {
             self.first_token_at = Some(Instant::now());

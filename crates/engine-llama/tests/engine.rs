@@ -481,6 +481,81 @@ fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
     assert!(opened_first >= 2 && opened_later >= 2 && valid >= 3);
 }
 
+/// A thinking budget (`thinking_token_budget`), as on the MLX engine: an answer is the unbudgeted one (same
+/// seed) up to the token where its thought has spent the budget, that token is the thought's end, and the
+/// answer's thoughts never hold more than the budget. A bias on `<|channel>` (id 100) opens thoughts.
+#[test]
+fn a_thinking_budget_ends_the_thought_where_it_is_spent() {
+    use jemma_serve::thinking::{ThinkingBudget, ThoughtMarkers};
+    let _serial = serial();
+    let e = engine();
+    let markers = ThoughtMarkers {
+        open: 100,
+        close: 101,
+    };
+    let budget = 3;
+    // Each generated token's text, from its logprob event.
+    let run = |thinking: Option<usize>, bias: f32, seed: u64| -> Vec<String> {
+        let mut r = request(Prompt::Text("Reply:".into()), 48);
+        r.thinking_token_budget = thinking;
+        r.parse_output = false;
+        r.ignore_eos = false;
+        r.logprobs = true;
+        r.sampling = Sampling {
+            temperature: 1.0,
+            seed: Some(seed),
+            logit_bias: vec![(markers.open, bias)],
+            ..Default::default()
+        };
+        let mut rx = e.submit(r).unwrap();
+        let mut pieces = vec![];
+        loop {
+            match rx.blocking_recv().expect("events until Done") {
+                Event::Logprobs(l) => pieces.push(l.token),
+                Event::Done(_) => return pieces,
+                Event::Error(e) => panic!("{e}"),
+                _ => {}
+            }
+        }
+    };
+    let id = |p: &str| match p {
+        "<|channel>" => markers.open,
+        "<channel|>" => markers.close,
+        _ => u32::MAX,
+    };
+    let mut forced = 0;
+    for (bias, seeds) in [(100.0, 0..2u64), ((1024f32 / 8.0).ln(), 0..12u64)] {
+        for seed in seeds {
+            let free = run(None, bias, seed);
+            let capped = run(Some(budget), bias, seed);
+            let mut b = ThinkingBudget::new(budget, markers);
+            let mut first_forced = None;
+            for (i, p) in capped.iter().enumerate() {
+                if b.forced().is_some() {
+                    assert_eq!(
+                        p, "<channel|>",
+                        "seed {seed}: token {i} must end the thought: {capped:?}"
+                    );
+                    first_forced.get_or_insert(i);
+                }
+                b.push(id(p));
+            }
+            assert!(b.used() <= budget, "seed {seed}: {capped:?}");
+            let same = first_forced.unwrap_or(capped.len());
+            assert_eq!(
+                free.get(..same),
+                Some(&capped[..same]),
+                "seed {seed}: free up to the budget"
+            );
+            if first_forced.is_some_and(|i| free.get(i).map(String::as_str) != Some("<channel|>")) {
+                forced += 1;
+            }
+        }
+    }
+    eprintln!("{forced} of 14 answers had a thought ended by the budget");
+    assert!(forced >= 4, "{forced}");
+}
+
 #[test]
 fn bad_files_are_clear_errors() {
     let _serial = serial();

@@ -14,6 +14,7 @@ use mlx_rs::{
 use serde::Serialize;
 
 use jemma_constrain::{Constraint, TokenMatcher, Vocabulary};
+use jemma_serve::thinking::ThinkingBudget;
 
 use crate::models::gemma4::{Cache, Checkpoint, Gemma4, KvQuant, Placed};
 use crate::sample::{Sampler, SamplingParams, log_softmax};
@@ -116,6 +117,9 @@ pub struct GenerateOptions {
     /// Constrained decoding: what the answer must be (JSON, a schema, tool calls), with the model's
     /// vocabulary as llguidance reads it.
     pub constraint: Option<(Arc<Vocabulary>, Constraint)>,
+    /// The most tokens the answer's thoughts may hold (`thinking_token_budget`), with the model's thought
+    /// markers: past it the next token is the thought's end.
+    pub thinking: Option<ThinkingBudget>,
 }
 
 impl std::fmt::Debug for GenerateOptions {
@@ -130,6 +134,7 @@ impl std::fmt::Debug for GenerateOptions {
             .field("attention_budget", &self.attention_budget)
             .field("kv_quant", &self.kv_quant)
             .field("constraint", &self.constraint.as_ref().map(|c| &c.1))
+            .field("thinking", &self.thinking)
             .finish()
     }
 }
@@ -146,6 +151,7 @@ impl Default for GenerateOptions {
             attention_budget: Some(DEFAULT_ATTENTION_BUDGET),
             kv_quant: None,
             constraint: None,
+            thinking: None,
         }
     }
 }
@@ -422,6 +428,9 @@ pub struct Generation {
     /// The grammar the answer follows (constrained decoding): each step's logits are masked to what it
     /// allows, and each token read back advances it.
     grammar: Option<TokenMatcher>,
+    /// The answer's thinking budget, fed every token read back: when spent inside a thought, the next
+    /// step's mask allows only the thought's end.
+    thinking: Option<ThinkingBudget>,
     /// Where to copy the cache while reading the prompt, ascending ([`Generation::checkpoint_at`]).
     checkpoint_at: Vec<usize>,
     /// The copies taken and not yet handed out, each with the tokens it holds.
@@ -565,6 +574,7 @@ impl Generation {
             reused,
             cur: None,
             grammar,
+            thinking: opts.thinking.clone(),
             checkpoint_at: vec![],
             checkpoints: vec![],
             rollback_points: vec![],
@@ -910,7 +920,7 @@ impl Generation {
         let n_ids = self.ids.len();
         let input = Array::from_slice(&self.ids[n_ids - 1..], &[1]);
         self.fed.push(self.ids[n_ids - 1] as u32);
-        let mask = self.grammar_mask(model)?;
+        let mask = self.next_mask(model)?;
         Ok((FirstStep { input, mask }, self.history.clone()))
     }
 
@@ -992,13 +1002,20 @@ impl Generation {
         }
     }
 
-    /// The grammar's additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere (None when
-    /// the answer is not constrained).
-    fn grammar_mask(&mut self, model: &Gemma4) -> Result<Option<Array>> {
+    /// The additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere; None when nothing
+    /// constrains it. A spent thinking budget allows only the thought's end; otherwise the grammar says.
+    fn next_mask(&mut self, model: &Gemma4) -> Result<Option<Array>> {
+        let v = model.config().vocab_size;
+        if let Some(close) = self.thinking.as_ref().and_then(ThinkingBudget::forced) {
+            let mut mask = vec![f32::NEG_INFINITY; v];
+            if let Some(m) = mask.get_mut(close as usize) {
+                *m = 0.0;
+            }
+            return Ok(Some(Array::from_slice(&mask, &[1, v as i32])));
+        }
         let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) else {
             return Ok(None);
         };
-        let v = model.config().vocab_size;
         let allowed = g
             .allowed()
             .map_err(|e| EngineError::Constraint(e.to_string()))?;
@@ -1055,15 +1072,18 @@ impl Generation {
         Ok(Ahead::Sampled(p))
     }
 
-    /// Whether the next token is drawn under a grammar's mask (a lazy grammar once triggered).
+    /// Whether the next token is drawn under a mask: a grammar's (a lazy grammar once triggered), or a
+    /// spent thinking budget's.
     fn masked(&self) -> bool {
         self.grammar.as_ref().is_some_and(|g| !g.is_free())
+            || self.thinking.as_ref().is_some_and(|t| t.forced().is_some())
     }
 
     /// [`Generation::sample_from`] without a mask, for a step queued ahead of the token before it; while a
-    /// lazy grammar is free, with what drawing it again under the mask needs ([`Redo`]).
+    /// lazy grammar is free or a thinking budget may yet be spent, with what drawing it again under the
+    /// mask needs ([`Redo`]).
     fn sample_ahead(&mut self, model: &Gemma4, logits: &Array, history: &Array) -> Result<Pending> {
-        let redo = self.grammar.is_some().then(|| Redo {
+        let redo = (self.grammar.is_some() || self.thinking.is_some()).then(|| Redo {
             logits: logits.clone(),
             history: history.clone(),
             rng: self.sampler.rng_state(),
@@ -1215,13 +1235,16 @@ impl Generation {
         {
             return Ok(self.fail(e.to_string()));
         }
+        if let Some(t) = self.thinking.as_mut() {
+            t.push(token);
+        }
         let next = match ahead {
             Ahead::None => None,
             Ahead::Sampled(mut p) => match p.redo.take() {
-                // This token opened the lazy grammar: the step sampled ahead of it is drawn again under
-                // the mask (see [`Redo`]).
+                // This token opened the lazy grammar or spent the thinking budget: the step sampled
+                // ahead of it is drawn again under the mask (see [`Redo`]).
                 Some(r) if self.masked() => {
-                    let mask = match self.grammar_mask(model) {
+                    let mask = match self.next_mask(model) {
                         Ok(m) => m,
                         Err(e) => {
                             self.fail(e.to_string());
@@ -1237,7 +1260,7 @@ impl Generation {
                 _ => Some(p),
             },
             Ahead::Logits { logits, history } => {
-                let mask = match self.grammar_mask(model) {
+                let mask = match self.next_mask(model) {
                     Ok(m) => m,
                     // The token itself was allowed: it goes out, then the generation fails.
                     Err(e) => {
@@ -1286,10 +1309,11 @@ impl Generation {
     /// in the request ties it to one token per step: a grammar (its mask needs each token on the host
     /// before the next). A quantized KV cache speculates: a round trims what it wrote, and quantizes
     /// after (the assistant drafter, which reads the cache in full precision, drafts nothing from a
-    /// quantized one). A server also keeps seeded sampling plain (speculation draws other random
+    /// quantized one). A thinking budget keeps decoding plain too (a round could run past it). A server
+    /// also keeps seeded sampling plain (speculation draws other random
     /// numbers, so the same seed would give other tokens alone and batched): that choice is the caller's.
     pub fn can_speculate(&self) -> bool {
-        self.cur.is_some() && !self.finished && self.grammar.is_none()
+        self.cur.is_some() && !self.finished && self.grammar.is_none() && self.thinking.is_none()
     }
 
     /// Makes each step keep the target's final hidden state at the position its token came from, which

@@ -56,6 +56,10 @@ pub struct Request {
     /// What the answer must be (`response_format` JSON or a schema, forced tool calls), enforced token by
     /// token; None: free text.
     pub constraint: Option<jemma_constrain::Constraint>,
+    /// The most tokens the answer may spend thinking (`thinking_token_budget`): past it the engine ends
+    /// the thought (Gemma 4's `<channel|>`). A model without Gemma 4's thought markers never thinks in
+    /// them, so the budget holds without a check.
+    pub thinking_token_budget: Option<usize>,
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when false the answer
     /// ends after its first call.
     pub parallel_tool_calls: bool,
@@ -2273,6 +2277,17 @@ impl MlxSequence {
         }
         if let Some(c) = req.constraint {
             opts.constraint = Some((l.vocabulary()?, c));
+        }
+        let (open, close) = jemma_serve::thinking::GEMMA4_THOUGHT_MARKERS;
+        if let (Some(budget), Some(open), Some(close)) = (
+            req.thinking_token_budget,
+            l.tokenizer.token_id(open),
+            l.tokenizer.token_id(close),
+        ) {
+            opts.thinking = Some(jemma_serve::thinking::ThinkingBudget::new(
+                budget,
+                jemma_serve::thinking::ThoughtMarkers { open, close },
+            ));
         }
         let (system, turns) = l.checkpoints_of(&req.prompt, &ids);
         let kv = opts.kv_quant;

@@ -429,6 +429,80 @@ fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
     assert!(opened_first >= 2 && opened_later >= 2 && valid >= 3);
 }
 
+/// A thinking budget (`thinking_token_budget`): an answer is the unbudgeted one (same seed, same draws) up
+/// to the token where its thought has spent the budget; that token is the thought's end (`<channel|>`), and
+/// the answer's thoughts never hold more than the budget. A bias on `<|channel>` makes the random model
+/// open thoughts, at once (a large bias: it reopens them at once too, each closed at once) or mid-answer.
+#[test]
+fn a_thinking_budget_ends_the_thought_where_it_is_spent() {
+    use jemma_engine::tokenizer::Tokenizer;
+    use jemma_serve::thinking::{ThinkingBudget, ThoughtMarkers};
+    let dir = fixture("tiny");
+    let (model, cfg, _) = gemma4::load(&dir, None).unwrap();
+    let tok = Tokenizer::from_model_dir(&dir, &cfg.eos_token_ids).unwrap();
+    let markers = ThoughtMarkers {
+        open: tok.token_id("<|channel>").unwrap(),
+        close: tok.token_id("<channel|>").unwrap(),
+    };
+    let budget = 3;
+    let mid = (cfg.text.vocab_size as f32 / 8.0).ln();
+    let mut forced = 0;
+    for (bias, seeds) in [(100.0, 0..2u64), (mid, 0..12u64)] {
+        for seed in seeds {
+            let run = |thinking: Option<ThinkingBudget>| {
+                let opts = GenerateOptions {
+                    max_tokens: 48,
+                    stop_tokens: tok.eos_ids.clone(),
+                    thinking,
+                    sampling: jemma_engine::sample::SamplingParams {
+                        temperature: 1.0,
+                        seed: Some(seed),
+                        logit_bias: vec![(markers.open, bias)],
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                };
+                let mut ids = vec![];
+                generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
+                    ids.push(s.token);
+                    ControlFlow::Continue(())
+                })
+                .unwrap();
+                ids
+            };
+            let free = run(None);
+            let capped = run(Some(ThinkingBudget::new(budget, markers)));
+            // Replays the answer: where the budget forces a token it must be the thought's end, and up to
+            // the first such token the answer is the free one.
+            let mut b = ThinkingBudget::new(budget, markers);
+            let mut first_forced = None;
+            for (i, &t) in capped.iter().enumerate() {
+                if let Some(close) = b.forced() {
+                    assert_eq!(
+                        t, close,
+                        "seed {seed}: token {i} must end the thought: {capped:?}"
+                    );
+                    first_forced.get_or_insert(i);
+                }
+                b.push(t);
+            }
+            assert!(b.used() <= budget, "seed {seed}: {capped:?}");
+            let same = first_forced.unwrap_or(capped.len());
+            assert_eq!(
+                free.get(..same),
+                Some(&capped[..same]),
+                "seed {seed}: free up to the budget"
+            );
+            // Counted where the budget changed the answer (the free one went on thinking there).
+            if first_forced.is_some_and(|i| free.get(i) != Some(&markers.close)) {
+                forced += 1;
+            }
+        }
+    }
+    eprintln!("{forced} of 14 answers had a thought ended by the budget");
+    assert!(forced >= 4, "{forced}");
+}
+
 /// `logprobs` report the model's own distribution (log-softmax of its raw logits, before `logit_bias`,
 /// penalties and temperature), as llama.cpp's engine and vLLM's default do: a bias that forces the
 /// runner-up leaves every reported number as mlx-lm's logits give it.

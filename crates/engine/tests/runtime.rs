@@ -31,6 +31,7 @@ fn request(max_tokens: usize) -> Request {
         stop: vec![],
         parse_output: false,
         constraint: None,
+        thinking_token_budget: None,
         parallel_tool_calls: true,
         fit_context: false,
         images: vec![],

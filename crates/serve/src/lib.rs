@@ -6,7 +6,7 @@
 //! without stalling the others), cancellation when a receiver is dropped, the model's lifecycle (preload or
 //! lazy load, keep-alive unload, memory-pressure unload, transparent reload) and live status; from [`memory`]
 //! the process-wide memory budget; from [`budget`] the rule a step's prompt reads are planned by; from [`prefix`] the prefix cache's bookkeeping; from [`speculative`] speculative decoding's acceptance rule and
-//! draft-length controller.
+//! draft-length controller; from [`thinking`] the thinking budget each sequence keeps.
 //!
 //! The split follows text-generation-inference (router vs backends), vLLM (scheduler vs model runner) and
 //! mistral.rs (engine loop vs pipelines). Knows nothing of HTTP, UI, MLX or llama.cpp.
@@ -17,3 +17,4 @@ pub mod host;
 pub mod memory;
 pub mod prefix;
 pub mod speculative;
+pub mod thinking;

@@ -61,6 +61,7 @@ pub fn request(prompt: Prompt, max_tokens: usize, stop: Vec<String>, media: Medi
         stop,
         parse_output: false,
         constraint: None,
+        thinking_token_budget: None,
         parallel_tool_calls: true,
         fit_context: false,
         images: media.images,
