@@ -219,6 +219,32 @@ for label, kwargs, param in (
     except openai.BadRequestError as e:
         check(f"{label} → 400 naming {param}", e.body["param"] == param, e.body)
 
+# thinking_token_budget (vLLM's field; Anthropic's budget_tokens arrives as it): a bias on `<|channel>` (id 100)
+# makes the random model open a thought and keep thinking in it; with a budget of 3, the thought's fourth token
+# is `<channel|>`. Replayed over the answer's tokens (its logprobs), on a local tier and through the heavy tier's
+# upstream (which gets the field).
+def thinking_spent(tokens):
+    inside, used, overrun = False, 0, False
+    for t in tokens:
+        if not inside and t == "<|channel>":
+            inside = True
+        elif inside and t == "<channel|>":
+            inside = False
+        elif inside:
+            overrun |= used >= 3
+            used += 1
+    return used, overrun
+for model in ("primary", "heavy"):
+    for budget in (None, 3):
+        extra = {"enable_thinking": True} | ({"thinking_token_budget": budget} if budget is not None else {})
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Think"}], max_tokens=24,
+                                           temperature=0, logit_bias={"100": 100}, logprobs=True, extra_body=extra)
+        used, overrun = thinking_spent([t.token for t in r.choices[0].logprobs.content])
+        if budget is None:
+            check(f"{model}: without a budget the biased thought runs on ({used} tokens)", used > 3, used)
+        else:
+            check(f"{model}: thinking_token_budget 3 ends the thought at 3 tokens", used == 3 and not overrun, used)
+
 c = client.completions.create(model="fast", prompt="Once upon a time", max_tokens=5, temperature=0)
 check("completions: plain prompt", isinstance(c.choices[0].text, str) and c.usage.completion_tokens >= 1
       and c.model_extra["_routing"]["tier"] == "fast", c)

@@ -36,6 +36,8 @@ pub struct Job {
     pub parse_output: bool,
     /// What the answer must be (JSON, a schema, forced tool calls), enforced token by token.
     pub constraint: Option<jemma_constrain::Constraint>,
+    /// The most tokens the answer may spend thinking (`thinking_token_budget`), enforced by the engine.
+    pub thinking_token_budget: Option<usize>,
     /// Whether several tool calls may come in one answer (`parallel_tool_calls`); when not, the answer ends
     /// after its first call.
     pub parallel_tool_calls: bool,
@@ -531,6 +533,7 @@ impl<E: InProcess> EngineBackend<E> {
             stop: req.stop.clone(),
             parse_output: req.raw_prompt.is_none() && !json,
             constraint,
+            thinking_token_budget: req.thinking_token_budget.map(|b| b as usize),
             parallel_tool_calls: req.parallel_tool_calls.unwrap_or(true),
             fit_context: req.max_tokens.is_none(),
             logprobs: req.logprobs,
@@ -649,6 +652,7 @@ impl Mlx {
             stop: job.stop,
             parse_output: job.parse_output,
             constraint: job.constraint,
+            thinking_token_budget: job.thinking_token_budget,
             parallel_tool_calls: job.parallel_tool_calls,
             fit_context: job.fit_context,
             images: job.images,
@@ -748,6 +752,7 @@ fn llama_request(job: Job) -> jemma_engine_llama::Request {
         stop: job.stop,
         parse_output: job.parse_output,
         constraint: job.constraint,
+        thinking_token_budget: job.thinking_token_budget,
         parallel_tool_calls: job.parallel_tool_calls,
         fit_context: job.fit_context,
         ignore_eos: false,

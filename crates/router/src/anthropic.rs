@@ -11,8 +11,8 @@
 //!   history are dropped (Gemma's template strips earlier thoughts);
 //! - `tools[].input_schema` → `parameters`; `tool_choice` `auto` / `any` / `tool` / `none` → `auto` /
 //!   `required` / the named function / `none`, `disable_parallel_tool_use` → `parallel_tool_calls: false`;
-//! - `thinking: {"type": "enabled"}` → Gemma 4 thinking on (`budget_tokens` is checked as Anthropic checks
-//!   it and bounds nothing more than `max_tokens` does), `{"type": "disabled"}` → off;
+//! - `thinking: {"type": "enabled"}` → Gemma 4 thinking on, `budget_tokens` (checked as Anthropic checks
+//!   it) → `thinking_token_budget`, which the engines enforce; `{"type": "disabled"}` → off;
 //! - `stop_sequences` → `stop`; `max_tokens` (required), `temperature`, `top_p`, `top_k` as they are.
 //!
 //! - `output_config.format` (`json_schema`) → `response_format` `json_schema`, enforced by the grammar;
@@ -450,6 +450,7 @@ impl MessagesRequest {
                 }
             };
         }
+        let mut thinking_token_budget = None;
         let mut enable_thinking = match &self.thinking {
             None => None,
             Some(t) => match t.get("type").and_then(Value::as_str) {
@@ -469,6 +470,8 @@ impl MessagesRequest {
                             "thinking.budget_tokens",
                         ));
                     }
+                    // Below max_tokens, itself a u32: the cast keeps it.
+                    thinking_token_budget = Some(budget as u32);
                     Some(true)
                 }
                 // Gemma 4 thinks or not per turn: letting it think is the nearest it has to deciding
@@ -546,6 +549,7 @@ impl MessagesRequest {
                 include_usage: true,
             }),
             enable_thinking,
+            thinking_token_budget,
             response_format,
             ..Default::default()
         };
@@ -932,6 +936,18 @@ mod tests {
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert_eq!(r.max_tokens, Some(64));
         assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, None);
+    }
+
+    /// `thinking.budget_tokens` becomes the engines' thinking budget.
+    #[test]
+    fn a_thinking_budget_reaches_the_engines() {
+        let r = req(json!({"model": "fast", "max_tokens": 2048, "messages": [{"role": "user", "content": "x"}],
+            "thinking": {"type": "enabled", "budget_tokens": 1500}}))
+        .unwrap();
+        assert_eq!(
+            (r.enable_thinking, r.thinking_token_budget),
+            (Some(true), Some(1500))
+        );
     }
 
     /// A strict tool (Anthropic's strict tool use) carries its flag to the engines, which enforce any call

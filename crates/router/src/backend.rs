@@ -577,6 +577,7 @@ impl OpenAiBackend {
             chat_template_kwargs: req
                 .enable_thinking
                 .map(|t| [("enable_thinking".to_string(), Value::Bool(t))].into()),
+            thinking_token_budget: req.thinking_token_budget,
             stream: true,
             stream_options: Some(StreamOptions {
                 include_usage: true,

@@ -516,6 +516,7 @@ impl TierRouter {
             top_logprobs: 0,
             response_format: Default::default(),
             enable_thinking: Some(false),
+            thinking_token_budget: None,
             stream: true,
             include_usage: false,
             has_images: false,

@@ -159,6 +159,12 @@ pub struct ChatCompletionRequest {
     /// `enable_thinking` wins when both are sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_effort: Option<String>,
+    /// Most tokens the answer may spend thinking (vLLM's `thinking_token_budget`; Anthropic's
+    /// `thinking.budget_tokens` arrives here too). Once a thought holds this many tokens the engine
+    /// makes the next one Gemma 4's end of thinking (`<channel|>`), so the model answers; a thought
+    /// opened after that closes at once. 0: no thought has any tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thinking_token_budget: Option<u32>,
     /// The fields this API does not define, kept to be refused by name ([`refuse_extra`]).
     #[serde(flatten, default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schema(ignore)]
@@ -296,6 +302,8 @@ pub struct ChatRequest {
     pub response_format: ResponseFormat,
     /// Thinking on/off.
     pub enable_thinking: Option<bool>,
+    /// Most tokens the answer may spend thinking (`thinking_token_budget`), enforced by the engines.
+    pub thinking_token_budget: Option<u32>,
     /// Streaming.
     pub stream: bool,
     /// Usage chunk in streams.
@@ -987,6 +995,7 @@ impl ChatCompletionRequest {
             top_logprobs,
             response_format,
             enable_thinking,
+            thinking_token_budget: self.thinking_token_budget,
             stream: self.stream,
             include_usage: self
                 .stream_options
