@@ -272,8 +272,9 @@ impl Vocabulary {
 const TOOL_CALL: &str = "<|tool_call>";
 
 /// Gemma 4's thinking block as a Lark rule: its channel markers are special tokens, so no thought can
-/// spell the closing one.
-const THINK: &str = "think: <|channel> \"thought\\n\" THOUGHT? <channel|> BREAKS?\n\
+/// spell the closing one. The channel's name (`thought\n`) is part of the thought's text rather than a
+/// literal, so that a thinking budget may close a thought at any token, even before its name.
+const THINK: &str = "think: <|channel> THOUGHT? <channel|> BREAKS?\n\
                      THOUGHT: /(.|\\n)+/\n\
                      BREAKS: /\\n+/\n";
 
@@ -599,7 +600,7 @@ impl Lark {
             !TOOL_KEYWORDS.contains(&k.as_str()) && !TOOL_KEYWORDS_UNENFORCED.contains(&k.as_str())
         }) {
             return Err(ConstrainError::Invalid(format!(
-                "{path}: JSON Schema keyword {k:?} is not supported in a forced tool call"
+                "{path}: JSON Schema keyword {k:?} is not supported in an enforced tool call"
             )));
         }
         if o.get("nullable") == Some(&Value::Bool(true)) {
@@ -633,7 +634,7 @@ impl Lark {
             return match all.as_array().map(Vec::as_slice) {
                 Some([one]) => self.value(one, &format!("{path}.allOf[0]")),
                 _ => Err(ConstrainError::Invalid(format!(
-                    "{path}.allOf: only a single member is supported in a forced tool call"
+                    "{path}.allOf: only a single member is supported in an enforced tool call"
                 ))),
             };
         }
@@ -1042,6 +1043,8 @@ mod thinking_tests {
             (true, true),
             "thinking is optional"
         );
+        // A thinking budget may close a thought at once, before its name.
+        assert_eq!(run(&v, &c, "«»{\"a\": 1}"), (true, true));
         assert!(
             !run(&v, &c, "Sure: {").0,
             "no free text outside the thought"

@@ -1038,10 +1038,12 @@ impl LlamaSequence {
             loaded.special_id(close),
         ) {
             (Some(budget), Some(open), Some(close)) => {
-                Some(jemma_serve::thinking::ThinkingBudget::new(
+                let mut b = jemma_serve::thinking::ThinkingBudget::new(
                     budget,
                     jemma_serve::thinking::ThoughtMarkers { open, close },
-                ))
+                );
+                b.read_prompt(&ids.iter().map(|t| t.0 as u32).collect::<Vec<_>>());
+                Some(b)
             }
             _ => None,
         };
@@ -1127,18 +1129,33 @@ impl LlamaSequence {
         self.plain_greedy && !self.masked()
     }
 
-    /// Whether the next token is drawn under a mask: a grammar's (a lazy grammar once its trigger came),
-    /// or a spent thinking budget's (the token is then the thought's end).
+    /// Whether the next token may be drawn under a mask: a grammar's (a lazy grammar once its trigger
+    /// came), or a spent thinking budget's (the token is then the thought's end).
     fn masked(&self) -> bool {
-        self.grammar.as_ref().is_some_and(|g| !g.is_free()) || self.forced().is_some()
+        self.grammar.as_ref().is_some_and(|g| !g.is_free())
+            || self.thinking.as_ref().is_some_and(|t| t.forced().is_some())
     }
 
-    /// The token a spent thinking budget makes the next one.
-    fn forced(&self) -> Option<LlamaToken> {
-        self.thinking
+    /// The token a spent thinking budget makes the next one (the thought's end), unless the grammar
+    /// forbids it there (a call opened inside the thought: the thought ends once the grammar allows).
+    ///
+    /// Errors: the grammar's, when its mask cannot be computed.
+    fn forced(
+        &mut self,
+    ) -> std::result::Result<Option<LlamaToken>, jemma_constrain::ConstrainError> {
+        let Some(close) = self
+            .thinking
             .as_ref()
             .and_then(jemma_serve::thinking::ThinkingBudget::forced)
-            .map(|t| LlamaToken(t as i32))
+        else {
+            return Ok(None);
+        };
+        if let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free())
+            && !g.allowed()?.contains(close)
+        {
+            return Ok(None);
+        }
+        Ok(Some(LlamaToken(close as i32)))
     }
 
     /// [`LlamaSequence::accept`], with the argmax of the logits at `idx` already read (`picked`) for a
@@ -1152,7 +1169,14 @@ impl LlamaSequence {
         out: &mut SeqOutput<Summary>,
     ) {
         let vocab = loaded.model.vocab();
-        let tok = if let Some(close) = self.forced() {
+        let forced = match self.forced() {
+            Ok(f) => f,
+            Err(e) => {
+                self.poisoned = true;
+                return out.fail(LlamaError::Runtime(e.to_string()));
+            }
+        };
+        let tok = if let Some(close) = forced {
             // The thinking budget is spent: the thought ends here, whatever the logits say (as vLLM's
             // thinking-budget processor forces its end token). The sampler chain sees it as the token.
             self.sampler.accept(close);

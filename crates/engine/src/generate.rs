@@ -574,7 +574,10 @@ impl Generation {
             reused,
             cur: None,
             grammar,
-            thinking: opts.thinking.clone(),
+            thinking: opts.thinking.clone().map(|mut t| {
+                t.read_prompt(prompt);
+                t
+            }),
             checkpoint_at: vec![],
             checkpoints: vec![],
             rollback_points: vec![],
@@ -1003,15 +1006,26 @@ impl Generation {
     }
 
     /// The additive mask for the next token, (1, V): 0 where allowed, -inf elsewhere; None when nothing
-    /// constrains it. A spent thinking budget allows only the thought's end; otherwise the grammar says.
+    /// constrains it. A spent thinking budget allows only the thought's end, unless the grammar forbids
+    /// it there (a call opened inside the thought: the thought ends once the grammar allows); otherwise
+    /// the grammar says.
     fn next_mask(&mut self, model: &Gemma4) -> Result<Option<Array>> {
         let v = model.config().vocab_size;
         if let Some(close) = self.thinking.as_ref().and_then(ThinkingBudget::forced) {
-            let mut mask = vec![f32::NEG_INFINITY; v];
-            if let Some(m) = mask.get_mut(close as usize) {
-                *m = 0.0;
+            let allowed = match self.grammar.as_mut().filter(|g| !g.is_free()) {
+                Some(g) => g
+                    .allowed()
+                    .map_err(|e| EngineError::Constraint(e.to_string()))?
+                    .contains(close),
+                None => true,
+            };
+            if allowed {
+                let mut mask = vec![f32::NEG_INFINITY; v];
+                if let Some(m) = mask.get_mut(close as usize) {
+                    *m = 0.0;
+                }
+                return Ok(Some(Array::from_slice(&mask, &[1, v as i32])));
             }
-            return Ok(Some(Array::from_slice(&mask, &[1, v as i32])));
         }
         let Some(g) = self.grammar.as_mut().filter(|g| !g.is_free()) else {
             return Ok(None);

@@ -459,6 +459,77 @@ fn a_thinking_budget_ends_the_thought_where_it_is_spent() {
     assert!(forced >= 4, "{forced}");
 }
 
+/// A thinking budget under a grammar that lets the model think first (JSON after thinking): the budget may
+/// end a thought at any token, even before its name (`thought`), and the JSON follows. Budgets 0 and 1 with
+/// thoughts opened at once (a bias on `<|channel>`): every answer's thought ends at the budget (or once the
+/// character it is in is whole), then a JSON object.
+#[test]
+fn a_thinking_budget_ends_a_thought_before_a_json_answer() {
+    use jemma_constrain::Constraint;
+    use jemma_serve::thinking::{ThinkingBudget, ThoughtMarkers};
+    let (model, _, tok, vocab) = tiny_constrained();
+    let markers = ThoughtMarkers {
+        open: tok.token_id("<|channel>").unwrap(),
+        close: tok.token_id("<channel|>").unwrap(),
+    };
+    for budget in [0, 1] {
+        let mut ended = 0;
+        for seed in 0..6u64 {
+            let opts = GenerateOptions {
+                max_tokens: 64,
+                stop_tokens: tok.eos_ids.clone(),
+                constraint: Some((
+                    vocab.clone(),
+                    Constraint::AfterThinking(Box::new(Constraint::JsonObject)),
+                )),
+                thinking: Some(ThinkingBudget::new(budget, markers)),
+                sampling: jemma_engine::sample::SamplingParams {
+                    temperature: 1.0,
+                    seed: Some(seed),
+                    logit_bias: vec![(markers.open, 100.0)],
+                    ..Default::default()
+                },
+                ..Default::default()
+            };
+            let mut ids = vec![];
+            let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
+                ids.push(s.token);
+                ControlFlow::Continue(())
+            })
+            .unwrap();
+            assert_eq!(ids[0], markers.open, "seed {seed}: {ids:?}");
+            // The thought ends at the budget, or as soon as the grammar allows after it: a byte-level
+            // token that starts a character leaves the thought's text mid-character until the character
+            // is whole (at most 3 more bytes).
+            let close = ids.iter().position(|&t| t == markers.close).unwrap();
+            assert!(
+                (1 + budget..=4 + budget).contains(&close),
+                "budget {budget}, seed {seed}: {ids:?}"
+            );
+            if stats.stop_token.is_some() {
+                let json: Vec<u8> = ids[close + 1..]
+                    .iter()
+                    .flat_map(|&t| tok.token_bytes(t))
+                    .collect();
+                let json = String::from_utf8(json).unwrap();
+                let v: serde_json::Value = serde_json::from_str(json.trim_start())
+                    .or_else(|e| {
+                        // Valid JSON that serde_json cannot hold in an f64 (such as 1e999).
+                        if e.to_string().starts_with("number out of range") {
+                            Ok(serde_json::json!({}))
+                        } else {
+                            Err(e)
+                        }
+                    })
+                    .unwrap();
+                assert!(v.is_object(), "{json}");
+                ended += 1;
+            }
+        }
+        assert!(ended >= 2, "budget {budget}: {ended} of 6 ended");
+    }
+}
+
 /// `logprobs` report the model's own distribution (log-softmax of its raw logits, before `logit_bias`,
 /// penalties and temperature), as llama.cpp's engine and vLLM's default do: a bias that forces the
 /// runner-up leaves every reported number as mlx-lm's logits give it.

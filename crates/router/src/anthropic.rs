@@ -63,7 +63,7 @@ pub struct MessagesRequest {
     /// Top-k sampling.
     #[serde(default)]
     pub top_k: Option<i32>,
-    /// Tools: `{name, description, input_schema}`.
+    /// Tools: `{name, description, input_schema, strict}` (`strict`: any call follows `input_schema`).
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     /// `{type: auto | any | tool | none, name, disable_parallel_tool_use}`.

@@ -45,7 +45,8 @@ pub struct ResponsesRequest {
     /// Nucleus mass, in (0, 1] (absent: off).
     #[serde(default)]
     pub top_p: Option<f32>,
-    /// Function tools: `{type: function, name, description, parameters, strict}`.
+    /// Function tools: `{type: function, name, description, parameters, strict}` (`strict`, true unless
+    /// given false as on OpenAI: any call follows `parameters`).
     #[serde(default)]
     pub tools: Option<Vec<Value>>,
     /// `none`, `auto`, `required` or `{type: function, name}`.
@@ -426,6 +427,18 @@ impl ResponsesRequest {
                                 &format!("tools[{i}].name"),
                             )
                         })?;
+                        // The Responses API's functions are strict unless they say otherwise (OpenAI:
+                        // "Default true").
+                        let strict = match t.get("strict") {
+                            None | Some(Value::Null) => true,
+                            Some(Value::Bool(b)) => *b,
+                            Some(_) => {
+                                return Err(RouterError::invalid(
+                                    "strict must be a boolean",
+                                    &format!("tools[{i}].strict"),
+                                ));
+                            }
+                        };
                         Ok(Tool::function(
                             name,
                             t.get("description")
@@ -435,7 +448,7 @@ impl ResponsesRequest {
                                 .cloned()
                                 .unwrap_or_else(|| json!({"type": "object"})),
                         )
-                        .with_strict(t.get("strict").and_then(Value::as_bool)))
+                        .with_strict(Some(strict)))
                     })
                     .collect::<Result<Vec<_>, _>>()
             })
@@ -907,14 +920,31 @@ mod tests {
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert!(r.response_format.is_json());
         assert_eq!(r.enable_thinking, Some(false));
-        assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, None);
-        // A strict function keeps its flag: the engines enforce any call to it.
-        let r = req(
-            json!({"model": "fast", "input": "x", "tools": [{"type": "function",
-            "name": "f", "parameters": {"type": "object"}, "strict": true}]}),
-        )
-        .unwrap();
-        assert_eq!(r.tools.unwrap()[0].function.strict, Some(true));
+        // A function is strict unless it says otherwise, as OpenAI's Responses API has it: the engines
+        // enforce any call to it. A flag that is not a boolean is refused by name.
+        assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, Some(true));
+        let with = |strict: Value| {
+            req(
+                json!({"model": "fast", "input": "x", "tools": [{"type": "function",
+                "name": "f", "parameters": {"type": "object"}, "strict": strict}]}),
+            )
+        };
+        assert_eq!(
+            with(json!(false)).unwrap().tools.unwrap()[0]
+                .function
+                .strict,
+            Some(false)
+        );
+        assert_eq!(
+            with(Value::Null).unwrap().tools.unwrap()[0].function.strict,
+            Some(true)
+        );
+        match with(json!("yes")) {
+            Err(RouterError::InvalidRequest { param, .. }) => {
+                assert_eq!(param.as_deref(), Some("tools[0].strict"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

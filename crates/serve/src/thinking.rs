@@ -19,7 +19,9 @@ pub struct ThoughtMarkers {
 pub const GEMMA4_THOUGHT_MARKERS: (&str, &str) = ("<|channel>", "<channel|>");
 
 /// One answer's thinking budget: how many tokens its thoughts hold so far, and whether the next token must
-/// close the open thought.
+/// close the open thought. The budget is the answer's, across its thoughts, as Anthropic's `budget_tokens`
+/// is (vLLM's processor counts each thought afresh; Gemma 4 thinks once per answer, where the two agree):
+/// a thought opened after the budget is spent closes at once.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ThinkingBudget {
     markers: ThoughtMarkers,
@@ -37,6 +39,21 @@ impl ThinkingBudget {
             budget,
             inside: false,
             used: 0,
+        }
+    }
+
+    /// Reads the prompt the answer follows: a prompt that ends inside a thought (an answer being
+    /// continued, after a mid-stream fallback or from an assistant prefill) has spent the tokens after its
+    /// last opener, as vLLM's processor reads a prompt. A closed thought (the history's, or the empty one
+    /// a template writes when thinking is off) spends nothing.
+    pub fn read_prompt(&mut self, prompt: &[u32]) {
+        let open = prompt.iter().rposition(|&t| t == self.markers.open);
+        let close = prompt.iter().rposition(|&t| t == self.markers.close);
+        if let Some(o) = open
+            && close.is_none_or(|c| c < o)
+        {
+            self.inside = true;
+            self.used = prompt.len() - o - 1;
         }
     }
 
@@ -97,5 +114,21 @@ mod tests {
         let mut b = ThinkingBudget::new(0, M);
         b.push(1);
         assert_eq!(b.forced(), Some(2));
+    }
+
+    #[test]
+    fn a_prompt_that_ends_inside_a_thought_has_spent_it() {
+        let mut b = ThinkingBudget::new(3, M);
+        b.read_prompt(&[5, 1, 8, 2, 6, 1, 8, 9]);
+        assert_eq!((b.used(), b.forced()), (2, None));
+        b.push(9);
+        assert_eq!(b.forced(), Some(2));
+        let mut b = ThinkingBudget::new(3, M);
+        b.read_prompt(&[5, 1, 8, 9, 9, 2, 6]);
+        assert_eq!(
+            (b.used(), b.forced()),
+            (0, None),
+            "a closed thought spends nothing"
+        );
     }
 }

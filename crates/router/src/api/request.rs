@@ -664,14 +664,24 @@ impl ChatRequest {
         Ok(())
     }
 
-    /// Whether the answer is held to a grammar: JSON (`response_format`) or forced tool calls
-    /// (`tool_choice` `required` or a named function).
+    /// Whether the answer is held to a grammar: JSON (`response_format`), forced tool calls
+    /// (`tool_choice` `required` or a named function), or a strict function's calls under `auto` (a
+    /// continuation on another tier would not know where the first left its call).
     pub fn is_constrained(&self) -> bool {
         self.response_format.is_json()
             || matches!(
                 self.tool_choice,
                 Some(ToolChoice::Required | ToolChoice::Function(_))
             )
+            || (self
+                .tool_choice
+                .as_ref()
+                .is_none_or(|c| *c == ToolChoice::Auto)
+                && self
+                    .tools
+                    .iter()
+                    .flatten()
+                    .any(|t| t.function.strict == Some(true)))
     }
 }
 
