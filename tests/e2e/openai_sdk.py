@@ -208,6 +208,29 @@ for label, tools_sent in (("strict", strict_tools), ("not strict", agent_tools))
     else:
         check(f"tool_choice auto, not strict: the bias alone gives no valid call ({good}/{finished})", good == 0,
               good)
+# A JSON response format with tools under auto: the answer is the JSON or a call, as on OpenAI. A bias for
+# `<|tool_call>` (id 48) gives a valid call; a bias against it gives JSON valid against the schema.
+n_schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"],
+            "additionalProperties": False}
+for bias in (100, -100):
+    finished = 0
+    for seed in range(4):
+        r = client.chat.completions.create(
+            model="primary", messages=[{"role": "user", "content": "A number, or the weather"}], tools=strict_tools,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "strict": True, "schema": n_schema}},
+            parallel_tool_calls=False, max_tokens=48, temperature=1, seed=seed, logit_bias={"48": bias})
+        c = r.choices[0]
+        if c.finish_reason == "length":
+            continue
+        finished += 1
+        if bias > 0:
+            calls = c.message.tool_calls or []
+            check(f"json_schema with tools, a call (seed {seed})", c.finish_reason == "tool_calls" and len(calls) == 1
+                  and valid(json.loads(calls[0].function.arguments), params[calls[0].function.name]), c)
+        else:
+            check(f"json_schema with tools, the JSON (seed {seed})", not c.message.tool_calls
+                  and valid(json.loads(c.message.content), n_schema), c)
+    check(f"json_schema with tools (bias {bias}): answers finish ({finished}/4)", finished >= 2, finished)
 for label, kwargs, param in (
         ("a function not in tools", {"tools": agent_tools, "tool_choice": {"type": "function",
                                      "function": {"name": "send_mail"}}}, "tool_choice.function.name"),

@@ -18,7 +18,8 @@
 //!   Schema that OpenAI's function calling documents; other keywords are refused by name);
 //! - `tool_choice: "auto"` with `strict` functions: free text until the model opens a call, then calls as
 //!   above (a lazy grammar, as llama.cpp's `grammar_lazy`; [`TokenMatcher::is_free`] says when no mask is
-//!   needed).
+//!   needed);
+//! - a JSON `response_format` with tools under `auto`: the JSON answer or calls.
 //!
 //! JSON is generated compactly with OpenAI's separators (`", "`, `": "`), no free whitespace: a weak model
 //! cannot pad its answer with blank lines until `max_tokens`.
@@ -62,6 +63,18 @@ pub enum Constraint {
     /// call is constrained. `tools` holds every function offered; one that is not strict takes any object
     /// as its arguments (`{"type": "object"}`).
     LazyToolCalls {
+        /// The functions that may be called.
+        tools: Vec<ToolSpec>,
+        /// Whether several calls may follow one another.
+        parallel: bool,
+    },
+    /// `response_format` JSON together with tools under `tool_choice: "auto"`: either the JSON answer
+    /// (`json`: [`Constraint::JsonObject`] or [`Constraint::JsonSchema`]) or tool calls as
+    /// [`Constraint::ToolCalls`] allows, as OpenAI lets a model answer in the format or call a tool.
+    /// `tools` holds every function offered; one that is not strict takes any object.
+    JsonOrToolCalls {
+        /// The JSON answer's constraint.
+        json: Box<Constraint>,
         /// The functions that may be called.
         tools: Vec<ToolSpec>,
         /// Whether several calls may follow one another.
@@ -229,26 +242,32 @@ impl Vocabulary {
                 })?);
                 TopLevelGrammar::from_lark(tool_call_grammar(tools, *parallel)?)
             }
-            Constraint::AfterThinking(inner) => {
-                let body = match &**inner {
-                    Constraint::ToolCalls { tools, parallel } => {
-                        tool_call_grammar(tools, *parallel)?.replacen("start:", "body:", 1)
-                    }
-                    Constraint::LazyToolCalls { .. } => return self.matcher(inner),
-                    Constraint::AfterThinking(_) => {
-                        return Err(ConstrainError::Invalid(
-                            "a constraint cannot follow thinking twice".into(),
-                        ));
-                    }
-                    json => format!("body: %json {}\n", json_schema(json)?),
-                };
-                TopLevelGrammar::from_lark(format!("start: think? body\n{THINK}{body}"))
+            Constraint::JsonOrToolCalls { .. } => {
+                TopLevelGrammar::from_lark(format!("start: body\n{}", body_rule(constraint)?))
             }
+            Constraint::AfterThinking(inner) => match &**inner {
+                Constraint::LazyToolCalls { .. } => return self.matcher(inner),
+                Constraint::AfterThinking(_) => {
+                    return Err(ConstrainError::Invalid(
+                        "a constraint cannot follow thinking twice".into(),
+                    ));
+                }
+                inner => TopLevelGrammar::from_lark(format!(
+                    "start: think? body\n{THINK}{}",
+                    body_rule(inner)?
+                )),
+            },
         };
         let what = match constraint {
             Constraint::ToolCalls { .. } | Constraint::LazyToolCalls { .. } => "tools",
             Constraint::AfterThinking(inner) if matches!(**inner, Constraint::ToolCalls { .. }) => {
                 "tools"
+            }
+            Constraint::JsonOrToolCalls { .. } => "response_format.json_schema or tools",
+            Constraint::AfterThinking(inner)
+                if matches!(**inner, Constraint::JsonOrToolCalls { .. }) =>
+            {
+                "response_format.json_schema or tools"
             }
             _ => "response_format.json_schema",
         };
@@ -266,6 +285,33 @@ impl Vocabulary {
             vocab_size: self.factory.tok_env().tok_trie().vocab_size(),
         })
     }
+}
+
+/// A Lark grammar whose rule `body` is `c` (JSON, tool calls, or either), for a grammar that starts with
+/// it or after a thinking block.
+fn body_rule(c: &Constraint) -> Result<String, ConstrainError> {
+    Ok(match c {
+        Constraint::ToolCalls { tools, parallel } => {
+            tool_call_grammar(tools, *parallel)?.replacen("start:", "body:", 1)
+        }
+        Constraint::JsonOrToolCalls {
+            json,
+            tools,
+            parallel,
+        } => format!(
+            "body: answer | calls\nanswer: %json {}\n{}",
+            json_schema(json)?,
+            tool_call_grammar(tools, *parallel)?.replacen("start:", "calls:", 1)
+        ),
+        Constraint::JsonObject | Constraint::JsonSchema { .. } => {
+            format!("body: %json {}\n", json_schema(c)?)
+        }
+        Constraint::LazyToolCalls { .. } | Constraint::AfterThinking(_) => {
+            return Err(ConstrainError::Invalid(
+                "this constraint cannot be a grammar's body".into(),
+            ));
+        }
+    })
 }
 
 /// Gemma 4's token that opens a tool call: the trigger of [`Constraint::LazyToolCalls`].
@@ -1024,6 +1070,34 @@ mod thinking_tests {
             .matcher(&c)
             .unwrap_err();
         assert!(matches!(e, ConstrainError::Invalid(_)) && e.to_string().contains("tools"));
+    }
+
+    /// A JSON response format with tools under auto: the JSON answer or calls, nothing else, after an
+    /// optional thought.
+    #[test]
+    fn an_answer_may_be_the_json_or_calls() {
+        let v = vocab();
+        let c = Constraint::JsonOrToolCalls {
+            json: Box::new(Constraint::JsonSchema {
+                schema: json!({"type": "object", "properties": {"a": {"type": "integer"}},
+                    "required": ["a"], "additionalProperties": false}),
+                strict: true,
+            }),
+            tools: vec![ToolSpec {
+                name: "f".into(),
+                parameters: json!({"type": "object", "properties": {"x": {"type": "integer"}},
+                    "required": ["x"]}),
+            }],
+            parallel: false,
+        };
+        assert_eq!(run(&v, &c, "{\"a\": 1}"), (true, true));
+        assert_eq!(run(&v, &c, "‹call:f{x:3}›"), (true, true));
+        assert!(!run(&v, &c, "Sure").0, "no free text");
+        assert!(!run(&v, &c, "{\"a\": 1}‹").0, "not both");
+        assert!(!run(&v, &c, "‹call:f{x:¦a¦}›").0, "the call's schema holds");
+        let after = Constraint::AfterThinking(Box::new(c));
+        assert_eq!(run(&v, &after, "«thought\nhm»‹call:f{x:3}›"), (true, true));
+        assert_eq!(run(&v, &after, "«thought\nhm»{\"a\": 2}"), (true, true));
     }
 
     #[test]

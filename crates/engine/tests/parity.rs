@@ -401,6 +401,75 @@ fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
     assert!(opened_first >= 2 && opened_later >= 2 && valid >= 3);
 }
 
+/// A JSON response format with tools under auto: every answer that ends is the JSON (valid against its
+/// schema) or one valid call, never text (the grammar leaves the random model `{` or `<|tool_call>` to
+/// start with, and it takes either).
+#[test]
+fn an_answer_is_the_json_or_a_call() {
+    use jemma_constrain::{Constraint, ToolSpec};
+    use serde_json::json;
+    let (model, _, tok, vocab) = tiny_constrained();
+    let trigger = vocab.special_token("<|tool_call>").unwrap();
+    let constraint = Constraint::JsonOrToolCalls {
+        json: Box::new(Constraint::JsonSchema {
+            schema: json!({"type": "object", "properties": {"n": {"type": "integer"}},
+                "required": ["n"], "additionalProperties": false}),
+            strict: true,
+        }),
+        tools: vec![ToolSpec {
+            name: "get_weather".into(),
+            parameters: json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 10},
+                "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city", "unit"],
+                "additionalProperties": false}),
+        }],
+        parallel: false,
+    };
+    let (mut answers, mut calls) = (0, 0);
+    for seed in 0..12u64 {
+        let opts = GenerateOptions {
+            max_tokens: 64,
+            stop_tokens: tok.eos_ids.clone(),
+            constraint: Some((vocab.clone(), constraint.clone())),
+            sampling: jemma_engine::sample::SamplingParams {
+                temperature: 1.0,
+                seed: Some(seed),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let mut ids = vec![];
+        let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
+            ids.push(s.token);
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+        if stats.stop_token.is_none() {
+            continue;
+        }
+        let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t)).collect();
+        let text = String::from_utf8(bytes).unwrap();
+        if ids[0] == trigger {
+            jemma_fixtures::checks::lazy_call_answer(&text, &text, true, &format!("seed {seed}"));
+            calls += 1;
+        } else {
+            // `{"n": <an integer of any size>}` (serde_json holds a huge one as a float, so read the text).
+            let n = text
+                .strip_prefix("{\"n\": ")
+                .and_then(|t| t.strip_suffix('}'));
+            let n = n.unwrap_or_else(|| panic!("{text}"));
+            let digits = n.strip_prefix('-').unwrap_or(n);
+            assert!(
+                !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()),
+                "{text}"
+            );
+            answers += 1;
+        }
+    }
+    eprintln!("{answers} JSON answers, {calls} calls");
+    assert!(answers >= 1 && calls >= 1);
+}
+
 /// A thinking budget (`thinking_token_budget`): an answer is the unbudgeted one (same seed, same draws) up
 /// to the token where its thought has spent the budget; that token is the thought's end (`<channel|>`), and
 /// the answer's thoughts never hold more than the budget. A bias on `<|channel>` makes the random model

@@ -57,10 +57,10 @@ pub struct Job {
 
 /// What an in-process engine must enforce for `req`: forced tool calls (`tool_choice` "required" or a
 /// named function: calls to the offered functions, or to that one, with schema-valid arguments), else the
-/// `response_format`'s JSON, else, when a function is `strict` under `tool_choice` "auto", any call the
-/// model opens (a lazy grammar: the rest of the answer is free); None for free text. With `tool_choice`
-/// "none" the tools are not shown at all. With thinking on, the model may think first: the grammar starts
-/// after its thinking block.
+/// `response_format`'s JSON (or, with tools under "auto", that JSON or calls), else, when a function is
+/// `strict` under `tool_choice` "auto", any call the model opens (a lazy grammar: the rest of the answer
+/// is free); None for free text. With `tool_choice` "none" the tools are not shown at all. With thinking
+/// on, the model may think first: the grammar starts after its thinking block.
 pub fn constraint_of(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
     let c = answer_constraint(req)?;
     Some(
@@ -105,36 +105,25 @@ fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
         }
         _ => {}
     }
-    match &req.response_format {
-        // OpenAI's `strict` under "auto": whatever call the model makes has arguments its schema allows
-        // (the other functions' arguments are any object, as without strict).
-        ResponseFormat::Text
-            if req
-                .tool_choice
-                .as_ref()
-                .is_none_or(|c| *c == ToolChoice::Auto)
-                && req
-                    .tools
-                    .iter()
-                    .flatten()
-                    .any(|t| t.function.strict == Some(true)) =>
-        {
-            Some(Constraint::LazyToolCalls {
-                tools: req
-                    .tools
-                    .iter()
-                    .flatten()
-                    .map(|t| ToolSpec {
-                        name: t.function.name.clone(),
-                        parameters: match t.function.strict {
-                            Some(true) => t.function.parameters.clone().unwrap_or(Value::Null),
-                            _ => serde_json::json!({"type": "object"}),
-                        },
-                    })
-                    .collect(),
-                parallel,
-            })
-        }
+    // Under "auto" (given or implied) the model may call any function: a strict one's arguments follow
+    // its schema, another's are any object (OpenAI's non-strict calling promises no more).
+    let auto_tools = req
+        .tool_choice
+        .as_ref()
+        .is_none_or(|c| *c == ToolChoice::Auto);
+    let callable: Vec<ToolSpec> = req
+        .tools
+        .iter()
+        .flatten()
+        .map(|t| ToolSpec {
+            name: t.function.name.clone(),
+            parameters: match t.function.strict {
+                Some(true) => t.function.parameters.clone().unwrap_or(Value::Null),
+                _ => serde_json::json!({"type": "object"}),
+            },
+        })
+        .collect();
+    let json = match &req.response_format {
         ResponseFormat::Text => None,
         ResponseFormat::JsonObject => Some(Constraint::JsonObject),
         ResponseFormat::JsonSchema { json_schema } => Some(Constraint::JsonSchema {
@@ -144,6 +133,29 @@ fn answer_constraint(req: &ChatRequest) -> Option<jemma_constrain::Constraint> {
                 .unwrap_or_else(|| Value::Object(Default::default())),
             strict: json_schema.strict.unwrap_or(false),
         }),
+    };
+    match json {
+        // The format or a call, as OpenAI lets a model answer in the format or call a tool.
+        Some(json) if auto_tools && !callable.is_empty() => Some(Constraint::JsonOrToolCalls {
+            json: Box::new(json),
+            tools: callable,
+            parallel,
+        }),
+        Some(json) => Some(json),
+        // OpenAI's `strict` under "auto": whatever call the model makes has arguments its schema allows.
+        None if auto_tools
+            && req
+                .tools
+                .iter()
+                .flatten()
+                .any(|t| t.function.strict == Some(true)) =>
+        {
+            Some(Constraint::LazyToolCalls {
+                tools: callable,
+                parallel,
+            })
+        }
+        None => None,
     }
 }
 
@@ -518,7 +530,8 @@ impl<E: InProcess> EngineBackend<E> {
         };
         let constraint = constraint_of(req);
         // A JSON answer is not parsed for thinking or tool calls (its text could spell a marker); forced
-        // tool calls are, and so is an answer that may think before its JSON (the thought is split out).
+        // tool calls are, and so is an answer that may think before its JSON (the thought is split out) or
+        // call a tool instead of it.
         let json = matches!(
             constraint,
             Some(
@@ -810,8 +823,15 @@ mod tests {
             constraint(json!({"tool_choice": "required"})),
             Some(Constraint::ToolCalls { .. })
         ));
+        // A JSON format with tools under auto: the format or a call.
+        let Some(Constraint::JsonOrToolCalls { json, tools, .. }) =
+            constraint(json!({"response_format": {"type": "json_object"}}))
+        else {
+            panic!("JSON or calls")
+        };
+        assert_eq!((*json, tools.len()), (Constraint::JsonObject, 2));
         assert_eq!(
-            constraint(json!({"response_format": {"type": "json_object"}})),
+            constraint(json!({"response_format": {"type": "json_object"}, "tool_choice": "none"})),
             Some(Constraint::JsonObject)
         );
         assert!(matches!(
