@@ -226,14 +226,16 @@ struct Pending {
     /// The target's final hidden state (1, 1, H) at the position whose logits gave `token`, kept only for
     /// a drafter that reads it ([`Generation::keep_hidden`]: the MTP assistant).
     hidden: Option<Array>,
-    /// For a step sampled ahead while a lazy grammar is free: what drawing it again under the mask needs.
+    /// For a step sampled ahead while a lazy grammar is free or a thinking budget unspent: what drawing it
+    /// again under a mask needs.
     redo: Option<Redo>,
 }
 
 /// A step sampled ahead of the token before it while a lazy grammar ([`Constraint::LazyToolCalls`]) was
-/// free. Should that token be the grammar's trigger, the step was drawn without the mask it now needs: it
-/// is drawn again from the same logits and history with the same random key, so the answer is what a
-/// step sampled after the trigger would give (alone, batched, or pipelined alike).
+/// free or a thinking budget unspent. Should that token be the grammar's trigger, or spend the budget, the
+/// step was drawn without the mask it now needs: it is drawn again from the same logits and history with
+/// the same random key, so the answer is what a step sampled after that token would give (alone, batched,
+/// or pipelined alike).
 struct Redo {
     logits: Array,
     history: Array,
@@ -1324,8 +1326,8 @@ impl Generation {
     /// before the next). A quantized KV cache speculates: a round trims what it wrote, and quantizes
     /// after (the assistant drafter, which reads the cache in full precision, drafts nothing from a
     /// quantized one). A thinking budget keeps decoding plain too (a round could run past it). A server
-    /// also keeps seeded sampling plain (speculation draws other random
-    /// numbers, so the same seed would give other tokens alone and batched): that choice is the caller's.
+    /// also keeps seeded sampling plain (speculation draws other random numbers, so the same seed would
+    /// give other tokens alone and batched): that choice is the caller's.
     pub fn can_speculate(&self) -> bool {
         self.cur.is_some() && !self.finished && self.grammar.is_none() && self.thinking.is_none()
     }
