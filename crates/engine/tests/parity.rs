@@ -212,6 +212,18 @@ fn tiny_constrained() -> (
     (model, cfg, tok, std::sync::Arc::new(vocab.unwrap()))
 }
 
+/// The tokens `model` generates after a short chat prompt under `opts`, and whether a stop token (not
+/// `max_tokens`) ended them.
+fn answer(model: &gemma4::Gemma4, opts: &GenerateOptions) -> (Vec<u32>, bool) {
+    let mut ids = vec![];
+    let stats = generate(model, &[2, 105, 300, 301, 106, 105], opts, |s| {
+        ids.push(s.token);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    (ids, stats.stop_token.is_some())
+}
+
 /// Constrained decoding (llguidance) on random weights, where only the mask can make output valid: over 20
 /// seeds at temperature 1, every answer that ends is what its constraint says — a JSON object; an object
 /// with the schema's required keys and types (OpenAI's `json_schema` example); exactly one Gemma 4 tool call
@@ -271,16 +283,12 @@ fn constrained_answers_follow_their_grammar_on_random_weights() {
                 },
                 ..Default::default()
             };
-            let mut out = vec![];
-            let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
-                out.extend(tok.token_bytes(s.token));
-                ControlFlow::Continue(())
-            })
-            .unwrap();
-            if stats.stop_token.is_none() {
+            let (ids, ended) = answer(&model, &opts);
+            if !ended {
                 continue;
             }
             finished += 1;
+            let out: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t)).collect();
             let text = String::from_utf8(out).unwrap();
             match what {
                 "json_object" => match serde_json::from_str::<serde_json::Value>(&text) {
@@ -373,13 +381,7 @@ fn a_lazy_tool_grammar_is_free_until_the_call_opens_then_holds() {
                     },
                     ..Default::default()
                 };
-                let mut ids = vec![];
-                let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
-                    ids.push(s.token);
-                    ControlFlow::Continue(())
-                })
-                .unwrap();
-                (ids, stats.stop_token.is_some())
+                answer(&model, &opts)
             };
             let text = |ids: &[u32]| {
                 let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t)).collect();
@@ -438,13 +440,8 @@ fn an_answer_is_the_json_or_a_call() {
             },
             ..Default::default()
         };
-        let mut ids = vec![];
-        let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
-            ids.push(s.token);
-            ControlFlow::Continue(())
-        })
-        .unwrap();
-        if stats.stop_token.is_none() {
+        let (ids, ended) = answer(&model, &opts);
+        if !ended {
             continue;
         }
         let bytes: Vec<u8> = ids.iter().flat_map(|&t| tok.token_bytes(t)).collect();
@@ -503,13 +500,7 @@ fn a_thinking_budget_ends_the_thought_where_it_is_spent() {
                     },
                     ..Default::default()
                 };
-                let mut ids = vec![];
-                generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
-                    ids.push(s.token);
-                    ControlFlow::Continue(())
-                })
-                .unwrap();
-                ids
+                answer(&model, &opts).0
             };
             let texts = |ids: Vec<u32>| -> Vec<String> {
                 (ids.iter())
@@ -542,7 +533,7 @@ fn a_thinking_budget_ends_a_thought_before_a_json_answer() {
         close: tok.token_id("<channel|>").unwrap(),
     };
     for budget in [0, 1] {
-        let mut ended = 0;
+        let mut finished = 0;
         for seed in 0..6u64 {
             let opts = GenerateOptions {
                 max_tokens: 64,
@@ -560,12 +551,7 @@ fn a_thinking_budget_ends_a_thought_before_a_json_answer() {
                 },
                 ..Default::default()
             };
-            let mut ids = vec![];
-            let stats = generate(&model, &[2, 105, 300, 301, 106, 105], &opts, |s| {
-                ids.push(s.token);
-                ControlFlow::Continue(())
-            })
-            .unwrap();
+            let (ids, ended) = answer(&model, &opts);
             assert_eq!(ids[0], markers.open, "seed {seed}: {ids:?}");
             // The thought ends at the budget, or as soon as the grammar allows after it: a byte-level
             // token that starts a character leaves the thought's text mid-character until the character
@@ -575,7 +561,7 @@ fn a_thinking_budget_ends_a_thought_before_a_json_answer() {
                 (1 + budget..=4 + budget).contains(&close),
                 "budget {budget}, seed {seed}: {ids:?}"
             );
-            if stats.stop_token.is_some() {
+            if ended {
                 let json: Vec<u8> = ids[close + 1..]
                     .iter()
                     .flat_map(|&t| tok.token_bytes(t))
@@ -592,10 +578,10 @@ fn a_thinking_budget_ends_a_thought_before_a_json_answer() {
                     })
                     .unwrap();
                 assert!(v.is_object(), "{json}");
-                ended += 1;
+                finished += 1;
             }
         }
-        assert!(ended >= 2, "budget {budget}: {ended} of 6 ended");
+        assert!(finished >= 2, "budget {budget}: {finished} of 6 ended");
     }
 }
 
