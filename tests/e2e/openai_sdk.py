@@ -173,6 +173,23 @@ for choice in ("required", {"type": "function", "function": {"name": "get_time"}
         check(f"tool_choice {choice} (seed {seed}): arguments valid",
               valid(json.loads(calls[0].function.arguments), params[name]), calls[0].function.arguments)
     check(f"tool_choice {choice}: calls valid ({finished}/10 finished)", finished >= 5, finished)
+# A forced call cut off by max_tokens is not "repaired" into one that looks finished (its schema's required
+# argument missing): what was written comes back as text, with finish_reason "length", as a cut answer.
+cut_as_text = 0
+for max_tokens in range(4, 16):
+    r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Use a tool"}],
+                                       tools=agent_tools, tool_choice={"type": "function",
+                                                                       "function": {"name": "get_time"}},
+                                       max_tokens=max_tokens, temperature=1, seed=0)
+    c = r.choices[0]
+    calls = c.message.tool_calls or []
+    if c.finish_reason == "length":
+        check(f"a forced call cut at {max_tokens} tokens: not sent as a call", not calls, c)
+        cut_as_text += "call:get_time{" in (c.message.content or "")
+    else:
+        check(f"a forced call within {max_tokens} tokens: valid", c.finish_reason == "tool_calls" and len(calls) == 1
+              and valid(json.loads(calls[0].function.arguments), params["get_time"]), c)
+check(f"forced calls cut inside their arguments come back as text ({cut_as_text})", cut_as_text >= 2, cut_as_text)
 for seed in range(3):
     r = client.chat.completions.create(model="primary", messages=[{"role": "user", "content": "Hi"}],
                                        tools=agent_tools, tool_choice="none", max_tokens=8, seed=seed,

@@ -46,6 +46,15 @@ impl OutputProcessor {
         self
     }
 
+    /// For an answer whose tool calls a grammar enforces (`constrained`): a call cut off by the end of the
+    /// answer is passed on as text, not completed ([`OutputParser::unrepaired_cut_calls`]).
+    pub fn with_constrained_calls(mut self, constrained: bool) -> Self {
+        if constrained {
+            self.parser = self.parser.take().map(OutputParser::unrepaired_cut_calls);
+        }
+        self
+    }
+
     /// Ends the answer after its `n`-th tool call, as a stop string would (`parallel_tool_calls: false` is
     /// `Some(1)`): what the model writes after it is not sent.
     pub fn with_max_tool_calls(mut self, n: Option<usize>) -> Self {

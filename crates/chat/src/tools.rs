@@ -66,12 +66,18 @@ pub fn parse_tool_calls(text: &str) -> Vec<ToolCall> {
 /// as in mlx-lm. A body that is a JSON call object (`{"name":…,"arguments":…}`) or an array of them is
 /// accepted too; a non-blank body without any call is an error.
 pub fn parse_tool_block(text: &str) -> Vec<Result<ToolCall, ToolCallError>> {
+    parse_block(text).into_iter().map(|(r, _)| r).collect()
+}
+
+/// [`parse_tool_block`], with, for each call that parsed only after a repair that may have changed where
+/// it ends (a guessed closer or string end: the call may have been cut off), the call's text as written.
+fn parse_block(text: &str) -> Vec<(Result<ToolCall, ToolCallError>, Option<String>)> {
     let next_call = |from: usize| text[from..].find("call:").map(|i| from + i);
     let clean = |at: usize| matches!(parse_call(text, at), (Ok(_), _, false));
     if text.trim_start().starts_with(['{', '['])
         && let Some(calls) = json_calls(text.trim())
     {
-        return calls;
+        return calls.into_iter().map(|r| (r, None)).collect();
     }
     let mut out = Vec::new();
     // Where the next clean (repair-free) call starts. A repaired call is parsed only up to there, so a
@@ -89,18 +95,27 @@ pub fn parse_tool_block(text: &str) -> Vec<Result<ToolCall, ToolCallError>> {
         }
         pos = match parsed.0 {
             Ok(call) => {
-                out.push(Ok(call));
+                let raw = parsed
+                    .2
+                    .then(|| text[start..limit.max(start)].trim_end().to_owned());
+                out.push((Ok(call), raw));
                 parsed.1
             }
             Err(error) => {
                 let next = next_call(start + 1).unwrap_or(text.len());
-                out.push(Err(ToolCallError::new(text[start..next].trim_end(), error)));
+                out.push((
+                    Err(ToolCallError::new(text[start..next].trim_end(), error)),
+                    None,
+                ));
                 next
             }
         };
     }
     if out.is_empty() && !text.trim().is_empty() {
-        out.push(Err(ToolCallError::new(text, "no `call:NAME{…}` found")));
+        out.push((
+            Err(ToolCallError::new(text, "no `call:NAME{…}` found")),
+            None,
+        ));
     }
     out
 }
@@ -460,6 +475,8 @@ pub struct OutputParser {
     after_block: bool,
     /// The request declared no tools: tool-call markers are text ([`OutputParser::without_tools`]).
     no_tools: bool,
+    /// A call cut off at the end is not completed ([`OutputParser::unrepaired_cut_calls`]).
+    no_cut_repairs: bool,
 }
 
 impl OutputParser {
@@ -485,6 +502,15 @@ impl OutputParser {
         self
     }
 
+    /// This parser for an answer whose calls a grammar enforced: a call the end of the answer cut off
+    /// (`max_tokens`) is passed on as text ([`Parsed::ToolCallError`]) rather than completed by a repair,
+    /// which would invent a call its schema may refuse (required arguments missing) that looks finished.
+    /// Under a grammar nothing else can need a repair.
+    pub fn unrepaired_cut_calls(mut self) -> Self {
+        self.no_cut_repairs = true;
+        self
+    }
+
     /// Whether the text fed so far ends inside a thinking block.
     pub fn in_reasoning(&self) -> bool {
         self.state == State::Reasoning
@@ -507,7 +533,7 @@ impl OutputParser {
     pub fn finish(mut self) -> Vec<Parsed> {
         self.drain(true);
         if self.state == State::Tool {
-            self.flush_tool();
+            self.flush_tool(self.no_cut_repairs);
         }
         self.events
     }
@@ -525,7 +551,7 @@ impl OutputParser {
             self.pending.drain(..len);
             if let Go(next) = action {
                 if self.state == State::Tool {
-                    self.flush_tool();
+                    self.flush_tool(false);
                 }
                 self.after_block = next == State::Normal && self.state != State::Normal;
                 self.state = next;
@@ -581,12 +607,18 @@ impl OutputParser {
         }
     }
 
-    fn flush_tool(&mut self) {
+    /// Parses the tool-call block read so far; `cut`: it was cut off, and a call that needs a repair to
+    /// end is refused instead.
+    fn flush_tool(&mut self, cut: bool) {
         let body = std::mem::take(&mut self.tool_body);
         self.events
-            .extend(parse_tool_block(&body).into_iter().map(|r| match r {
-                Ok(call) => Parsed::ToolCall(call),
-                Err(e) => Parsed::ToolCallError(e),
+            .extend(parse_block(&body).into_iter().map(|r| match r {
+                (Ok(_), Some(raw)) if cut => Parsed::ToolCallError(ToolCallError::new(
+                    &raw,
+                    "cut off before its end (a call under a grammar is not completed)",
+                )),
+                (Ok(call), _) => Parsed::ToolCall(call),
+                (Err(e), _) => Parsed::ToolCallError(e),
             }));
     }
 }
@@ -801,6 +833,51 @@ héllo 🌍 ¦世界 ⇒ C[héllo 🌍 ]/C[世界]/
             state ^= state << 17;
             (state % n as u64) as usize
         }
+    }
+
+    #[test]
+    fn a_cut_call_under_a_grammar_is_text_not_a_repaired_call() {
+        let run = |text: &str, grammar: bool| {
+            let mut p = OutputParser::new();
+            if grammar {
+                p = p.unrepaired_cut_calls();
+            }
+            let mut evs = p.push(text);
+            evs.extend(p.finish());
+            evs
+        };
+        // Cut inside the arguments: repaired into a call that looks finished, unless a grammar made it.
+        let cut = "<|tool_call>call:f{a:1}call:get_time{zone:<|\"|>Eur";
+        assert_eq!(
+            run(cut, false),
+            [
+                Parsed::ToolCall(ToolCall {
+                    name: "f".into(),
+                    arguments: json!({"a": 1})
+                }),
+                Parsed::ToolCall(ToolCall {
+                    name: "get_time".into(),
+                    arguments: json!({"zone": "Eur"})
+                }),
+            ]
+        );
+        let evs = run(cut, true);
+        assert!(
+            matches!(&evs[0], Parsed::ToolCall(c) if c.name == "f"),
+            "{evs:?}"
+        );
+        assert!(
+            matches!(&evs[1], Parsed::ToolCallError(e) if e.raw == "call:get_time{zone:<|\"|>Eur"),
+            "{evs:?}"
+        );
+        assert_eq!(evs.len(), 2);
+        // A call that is whole but for the block's closer is a call either way.
+        let whole = "<|tool_call>call:get_time{zone:<|\"|>UTC<|\"|>}";
+        assert_eq!(run(whole, true), run(whole, false));
+        assert!(matches!(&run(whole, true)[..], [Parsed::ToolCall(_)]));
+        // A block closed by its marker is never "cut", whatever the flag.
+        let closed = "<|tool_call>call:f{a:1,}<tool_call|>";
+        assert_eq!(run(closed, true), run(closed, false));
     }
 
     #[test]

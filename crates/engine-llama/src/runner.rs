@@ -1087,7 +1087,8 @@ impl LlamaSequence {
             text: Utf8Stream { pending: vec![] },
             answer: OutputProcessor::new(&req.stop, req.parse_output)
                 .with_tools(req.prompt.declares_tools())
-                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
+                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1))
+                .with_constrained_calls(req.constraint.is_some()),
             tokens: vec![],
             max_tokens: req.max_tokens,
             ignore_eos: req.ignore_eos,

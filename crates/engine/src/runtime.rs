@@ -2275,6 +2275,7 @@ impl MlxSequence {
         if opts.stop_tokens.is_empty() {
             opts.stop_tokens = l.tokenizer.eos_ids.clone();
         }
+        let constrained = req.constraint.is_some();
         if let Some(c) = req.constraint {
             opts.constraint = Some((l.vocabulary()?, c));
         }
@@ -2356,7 +2357,8 @@ impl MlxSequence {
             decoder: DecodeStream::default(),
             answer: OutputProcessor::new(&req.stop, req.parse_output)
                 .with_tools(req.prompt.declares_tools())
-                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1)),
+                .with_max_tool_calls((!req.parallel_tool_calls).then_some(1))
+                .with_constrained_calls(constrained),
             started: false,
             spec: None,
             turn_end,
