@@ -395,6 +395,11 @@ back = client.responses.create(model="primary", tools=rt, max_output_tokens=8, s
     {"type": "function_call", "call_id": calls[0].call_id, "name": "get_weather", "arguments": calls[0].arguments},
     {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21 C"}])
 check("responses: a function_call_output is read and answered", back.status in ("completed", "incomplete"), back)
+# A reasoning summary (Codex asks for "auto"): the thought itself, Gemma writing none; echoed as honoured.
+r = client.responses.create(model="primary", input="Why?", max_output_tokens=8, store=False,
+                            reasoning={"effort": "high", "summary": "auto"})
+check("responses: reasoning.summary auto is taken and echoed", r.reasoning.summary == "auto"
+      and r.reasoning.effort == "high", r)
 ended = 0
 for seed in range(5):
     r = client.responses.create(model="primary", input=f"A number ({seed})", max_output_tokens=24, store=False,
@@ -420,7 +425,9 @@ r = client.chat.completions.create(model="primary", max_tokens=4, reasoning_effo
 check("chat: reasoning_effort low is taken (thinking off)", r.choices[0].finish_reason in ("stop", "length"), r)
 for label, kwargs, param in (("store: true", {"store": True}, "store"),
                              ("previous_response_id", {"previous_response_id": "resp_x"}, "previous_response_id"),
-                             ("a hosted tool", {"tools": [{"type": "web_search"}]}, "tools[0].type")):
+                             ("a hosted tool", {"tools": [{"type": "web_search"}]}, "tools[0].type"),
+                             ("a concise summary", {"reasoning": {"summary": "concise"}}, "reasoning.summary"),
+                             ("all turns' reasoning", {"reasoning": {"context": "all_turns"}}, "reasoning.context")):
     try:
         client.responses.create(model="primary", input="x", max_output_tokens=4, **kwargs)
         check(f"responses: {label} rejected", False)

@@ -8,7 +8,10 @@
 //! trip), `reasoning` items (dropped: Gemma's template strips earlier thoughts). `instructions` is the
 //! system prompt; `tools` are function tools; `tool_choice`, `parallel_tool_calls`, `max_tool_calls: 1`,
 //! `text.format` (`text`, `json_object`, `json_schema`: enforced by the grammar), `reasoning.effort` (`none`,
-//! `minimal` and `low` answer without thinking, higher think), `max_output_tokens`, `temperature`, `top_p`.
+//! `minimal` and `low` answer without thinking, higher think), `reasoning.summary` (`auto` or `detailed`:
+//! Gemma writes no summary, so each reasoning item's one summary part is the thought itself, streamed with
+//! the `response.reasoning_summary_*` events; `concise` is refused), `reasoning.context` (`current_turn`:
+//! earlier thoughts are not shown again), `max_output_tokens`, `temperature`, `top_p`.
 //!
 //! Nothing is stored: `store: true`, `previous_response_id`, `conversation`, `background` and the other
 //! fields this gateway cannot honour are refused by name (HTTP 400), never dropped.
@@ -125,6 +128,10 @@ pub struct Echo {
     pub max_output_tokens: Option<u32>,
     /// `text` as sent.
     pub text: Value,
+    /// `reasoning` as honoured: `{effort, summary}`.
+    pub reasoning: Value,
+    /// `reasoning.summary` asked for one: each reasoning item also carries the thought as its summary.
+    pub summary: bool,
 }
 
 /// The parts of message content: a string, or `input_text` / `output_text` parts and `input_image` parts
@@ -497,15 +504,11 @@ impl ResponsesRequest {
                 "text.verbosity",
             ));
         }
-        let enable_thinking = match self
-            .reasoning
-            .as_ref()
-            .and_then(|r| r.get("effort"))
-            .filter(|v| !v.is_null())
-        {
+        let reasoning = Reasoning::read(self.reasoning.as_ref())?;
+        let enable_thinking = match reasoning.effort.as_deref() {
             None => None,
             Some(e) => Some(crate::api::request::thinking_for_effort(
-                e.as_str().unwrap_or_default(),
+                e,
                 "reasoning.effort",
             )?),
         };
@@ -523,6 +526,8 @@ impl ResponsesRequest {
                 .text
                 .clone()
                 .unwrap_or_else(|| json!({"format": {"type": "text"}})),
+            reasoning: json!({"effort": reasoning.effort, "summary": reasoning.summary}),
+            summary: reasoning.summary.is_some(),
         };
         let _ = (
             self.user,
@@ -548,6 +553,83 @@ impl ResponsesRequest {
             ..Default::default()
         };
         Ok((chat.validate(limits)?, echo))
+    }
+}
+
+/// The `reasoning` object, read field by field: what cannot be honoured is refused by name.
+#[derive(Debug, Default)]
+struct Reasoning {
+    effort: Option<String>,
+    /// `auto` or `detailed`: the thought itself is the summary.
+    summary: Option<String>,
+}
+
+impl Reasoning {
+    fn read(v: Option<&Value>) -> Result<Self, RouterError> {
+        let mut out = Self::default();
+        let Some(v) = v.filter(|v| !v.is_null()) else {
+            return Ok(out);
+        };
+        let Some(fields) = v.as_object() else {
+            return Err(RouterError::invalid(
+                "reasoning must be an object",
+                "reasoning",
+            ));
+        };
+        let text = |key: &str, v: &Value| -> Result<Option<String>, RouterError> {
+            match v {
+                Value::Null => Ok(None),
+                Value::String(s) => Ok(Some(s.clone())),
+                _ => Err(RouterError::invalid(
+                    format!("reasoning.{key} must be a string"),
+                    &format!("reasoning.{key}"),
+                )),
+            }
+        };
+        for (key, v) in fields {
+            let param = format!("reasoning.{key}");
+            let value = text(key, v)?;
+            match (key.as_str(), value.as_deref()) {
+                (_, None) => {}
+                ("effort", Some(_)) => out.effort = value,
+                // Gemma writes no summary of its thought: the thought itself is the most detailed one,
+                // and `auto` leaves the choice to the server. A concise one cannot be promised.
+                ("summary" | "generate_summary", Some("auto" | "detailed")) => out.summary = value,
+                ("summary" | "generate_summary", Some("concise")) => {
+                    return Err(RouterError::invalid(
+                        format!(
+                            "{param} \"concise\" cannot be honoured: Gemma writes no summary, so the \
+                             summary is the thought itself (\"auto\" or \"detailed\")"
+                        ),
+                        &param,
+                    ));
+                }
+                ("summary" | "generate_summary", Some(_)) => {
+                    return Err(RouterError::invalid(
+                        format!("{param} must be auto, concise or detailed"),
+                        &param,
+                    ));
+                }
+                // Earlier thoughts are never shown to the model again (Gemma's template drops them).
+                ("context", Some("auto" | "current_turn")) | ("mode", Some("standard")) => {}
+                ("context", Some(c)) => {
+                    return Err(RouterError::invalid(
+                        format!(
+                            "{param} {c:?} cannot be honoured: earlier turns' reasoning is not shown to \
+                             Gemma (its template drops it); use \"current_turn\""
+                        ),
+                        &param,
+                    ));
+                }
+                _ => {
+                    return Err(RouterError::invalid(
+                        format!("{param} cannot be honoured by this gateway"),
+                        &param,
+                    ));
+                }
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -599,7 +681,9 @@ fn response(
            "error": null, "incomplete_details": incomplete, "instructions": echo.instructions,
            "max_output_tokens": echo.max_output_tokens, "model": echo.model, "output": output,
            "parallel_tool_calls": echo.parallel_tool_calls, "previous_response_id": null,
-           "reasoning": {"effort": null, "summary": null}, "store": false,
+           "reasoning": if echo.reasoning.is_null() { json!({"effort": null, "summary": null}) }
+                        else { echo.reasoning.clone() },
+           "store": false,
            "temperature": echo.temperature, "text": echo.text, "tool_choice": echo.tool_choice,
            "tools": echo.tools, "top_p": echo.top_p, "truncation": "disabled", "usage": usage_,
            "metadata": echo.metadata})
@@ -616,10 +700,10 @@ struct Items {
 }
 
 impl Items {
-    fn done(&self) -> Vec<Value> {
+    fn done(&self, summary: bool) -> Vec<Value> {
         let mut out = vec![];
         if let Some((id, text)) = &self.reasoning {
-            out.push(reasoning_item(id, text, "completed"));
+            out.push(reasoning_item(id, text, "completed", summary));
         }
         if let Some((id, text)) = &self.message {
             out.push(message_item(id, text, "completed"));
@@ -629,9 +713,15 @@ impl Items {
     }
 }
 
-fn reasoning_item(id: &str, text: &str, status: &str) -> Value {
-    json!({"type": "reasoning", "id": id, "summary": [], "status": status,
+/// A reasoning item: the thought as its `content`, and as its one summary part when one was asked for.
+fn reasoning_item(id: &str, text: &str, status: &str, summary: bool) -> Value {
+    json!({"type": "reasoning", "id": id, "status": status,
+           "summary": if summary { json!([summary_text(text)]) } else { json!([]) },
            "content": [{"type": "reasoning_text", "text": text}]})
+}
+
+fn summary_text(text: &str) -> Value {
+    json!({"type": "summary_text", "text": text})
 }
 
 fn message_item(id: &str, text: &str, status: &str) -> Value {
@@ -687,7 +777,7 @@ impl ResponseBuilder {
             &new_id("resp"),
             now(),
             echo,
-            self.items.done(),
+            self.items.done(echo.summary),
             Some((finish, usage_, self.items.reasoning_pieces)),
         )
     }
@@ -752,7 +842,19 @@ impl EventStream {
                 "content_index": 0, "text": text}),
                 out,
             );
-            reasoning_item(&id, &text, "completed")
+            if self.echo.summary {
+                self.ev(
+                    json!({"type": "response.reasoning_summary_text.done", "item_id": id,
+                    "output_index": index, "summary_index": 0, "text": text}),
+                    out,
+                );
+                self.ev(
+                    json!({"type": "response.reasoning_summary_part.done", "item_id": id,
+                    "output_index": index, "summary_index": 0, "part": summary_text(&text)}),
+                    out,
+                );
+            }
+            reasoning_item(&id, &text, "completed", self.echo.summary)
         } else {
             self.ev(
                 json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
@@ -787,6 +889,12 @@ impl EventStream {
             if kind == "message" {
                 self.ev(json!({"type": "response.content_part.added", "item_id": id, "output_index": index,
                     "content_index": 0, "part": output_text("")}), out);
+            } else if self.echo.summary {
+                self.ev(
+                    json!({"type": "response.reasoning_summary_part.added", "item_id": id,
+                    "output_index": index, "summary_index": 0, "part": summary_text("")}),
+                    out,
+                );
             }
             self.open = Some((index, kind, id, String::new()));
         }
@@ -808,6 +916,13 @@ impl EventStream {
             d["logprobs"] = json!([]);
         }
         self.ev(d, out);
+        if kind == "reasoning" && self.echo.summary {
+            self.ev(
+                json!({"type": "response.reasoning_summary_text.delta", "item_id": id,
+                "output_index": index, "summary_index": 0, "delta": text}),
+                out,
+            );
+        }
     }
 
     /// The events for one router output; `done` is true once the stream is complete.
@@ -945,6 +1060,162 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    fn to_echo(v: Value) -> Result<Echo, RouterError> {
+        serde_json::from_value::<ResponsesRequest>(v)
+            .unwrap()
+            .to_chat(&Limits::default())
+            .map(|(_, e)| e)
+    }
+
+    #[test]
+    fn the_reasoning_object_is_read_field_by_field() {
+        let refused =
+            |reasoning: Value| match to_echo(json!({"input": "x", "reasoning": reasoning})) {
+                Err(RouterError::InvalidRequest { param, .. }) => param.unwrap(),
+                other => panic!("{other:?}"),
+            };
+        assert_eq!(refused(json!({"summary": "concise"})), "reasoning.summary");
+        assert_eq!(refused(json!({"summary": "brief"})), "reasoning.summary");
+        assert_eq!(
+            refused(json!({"generate_summary": "concise"})),
+            "reasoning.generate_summary"
+        );
+        assert_eq!(
+            refused(json!({"context": "all_turns"})),
+            "reasoning.context"
+        );
+        assert_eq!(refused(json!({"mode": "pro"})), "reasoning.mode");
+        assert_eq!(refused(json!({"effort": 3})), "reasoning.effort");
+        assert_eq!(refused(json!({"budget": "high"})), "reasoning.budget");
+        assert_eq!(refused(json!("high")), "reasoning");
+        // What is kept is echoed back as honoured; `max` thinks, as `high` does.
+        let e = to_echo(
+            json!({"input": "x", "reasoning": {"effort": "max", "summary": "auto",
+            "context": "current_turn", "mode": "standard"}}),
+        )
+        .unwrap();
+        assert!(e.summary);
+        assert_eq!(e.reasoning, json!({"effort": "max", "summary": "auto"}));
+        assert_eq!(
+            req(json!({"input": "x", "reasoning": {"effort": "max"}}))
+                .unwrap()
+                .enable_thinking,
+            Some(true)
+        );
+        let e = to_echo(json!({"input": "x", "reasoning": {"summary": null}})).unwrap();
+        assert!(!e.summary);
+    }
+
+    /// Events and the final response for a thought, then an answer, under `echo`.
+    fn answer(echo: Echo) -> (Vec<Value>, Value) {
+        let mut s = EventStream::new(echo.clone());
+        let mut events = vec![];
+        let usage = Usage {
+            prompt_tokens: 3,
+            completion_tokens: 4,
+            total_tokens: 7,
+            ..Default::default()
+        };
+        let mut whole = ResponseBuilder::default();
+        for c in [
+            Chunk::Reasoning("Two ".into()),
+            Chunk::Reasoning("and two.".into()),
+            Chunk::Content("Four".into()),
+            Chunk::Content(".".into()),
+        ] {
+            whole.push(c.clone());
+            events.extend(s.on(Output::Chunk(c)).0);
+        }
+        let end = Output::End {
+            finish_reason: FinishReason::Stop,
+            usage,
+            routing: Default::default(),
+            stop_sequence: None,
+        };
+        let (last, done) = s.on(end);
+        assert!(done);
+        events.extend(last);
+        (events, whole.finish(&echo, FinishReason::Stop, &usage))
+    }
+
+    #[test]
+    fn a_summary_asked_for_is_the_thought_in_both_shapes() {
+        let echo =
+            to_echo(json!({"input": "x", "reasoning": {"effort": "high", "summary": "detailed"}}))
+                .unwrap();
+        let (events, whole) = answer(echo);
+        let types: Vec<&str> = events.iter().map(|e| e["type"].as_str().unwrap()).collect();
+        // OpenAI's order: the part opens after its item, its text streams, closes before its item does.
+        let at = |t: &str| {
+            types
+                .iter()
+                .position(|&x| x == t)
+                .unwrap_or_else(|| panic!("{t} in {types:?}"))
+        };
+        assert!(at("response.output_item.added") < at("response.reasoning_summary_part.added"));
+        assert!(
+            at("response.reasoning_summary_part.added")
+                < at("response.reasoning_summary_text.delta")
+        );
+        assert!(
+            at("response.reasoning_summary_text.done") < at("response.reasoning_summary_part.done")
+        );
+        let item_done = types
+            .iter()
+            .position(|&x| x == "response.output_item.done")
+            .unwrap();
+        assert!(at("response.reasoning_summary_part.done") < item_done);
+        let deltas: String = events
+            .iter()
+            .filter(|e| e["type"] == "response.reasoning_summary_text.delta")
+            .map(|e| e["delta"].as_str().unwrap())
+            .collect();
+        assert_eq!(deltas, "Two and two.");
+        for e in events.iter().filter(|e| {
+            e["type"]
+                .as_str()
+                .unwrap()
+                .starts_with("response.reasoning_summary")
+        }) {
+            assert_eq!(e["summary_index"], 0, "{e}");
+            assert_eq!(e["output_index"], 0, "{e}");
+            assert!(e["item_id"].as_str().unwrap().starts_with("rs_"), "{e}");
+        }
+        let done = &events[at("response.reasoning_summary_part.done")];
+        assert_eq!(
+            done["part"],
+            json!({"type": "summary_text", "text": "Two and two."})
+        );
+        let completed = &events.last().unwrap()["response"];
+        for r in [completed, &whole] {
+            let item = &r["output"][0];
+            assert_eq!(
+                item["summary"],
+                json!([{"type": "summary_text", "text": "Two and two."}]),
+                "{r}"
+            );
+            assert_eq!(item["content"][0]["text"], "Two and two.");
+            assert_eq!(
+                r["reasoning"],
+                json!({"effort": "high", "summary": "detailed"})
+            );
+            assert_eq!(r["output"][1]["content"][0]["text"], "Four.");
+        }
+        // Without one, no summary events and an empty summary.
+        let (events, whole) =
+            answer(to_echo(json!({"input": "x", "reasoning": {"effort": "high"}})).unwrap());
+        assert!(
+            !events
+                .iter()
+                .any(|e| e["type"].as_str().unwrap().contains("summary"))
+        );
+        assert_eq!(whole["output"][0]["summary"], json!([]));
+        assert_eq!(
+            whole["reasoning"],
+            json!({"effort": "high", "summary": null})
+        );
     }
 
     #[test]

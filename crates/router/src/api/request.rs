@@ -248,9 +248,9 @@ fn refuse_extra(extra: &BTreeMap<String, Value>, body: Body) -> Result<(), Route
 pub(crate) fn thinking_for_effort(effort: &str, param: &str) -> Result<bool, RouterError> {
     match effort {
         "none" | "minimal" | "low" => Ok(false),
-        "medium" | "high" | "xhigh" => Ok(true),
+        "medium" | "high" | "xhigh" | "max" => Ok(true),
         _ => Err(RouterError::invalid(
-            format!("{param} must be none, minimal, low, medium, high or xhigh"),
+            format!("{param} must be none, minimal, low, medium, high, xhigh or max"),
             param,
         )),
     }
