@@ -154,8 +154,8 @@ pub struct ChatCompletionRequest {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub chat_template_kwargs: Option<BTreeMap<String, Value>>,
-    /// How hard the model thinks: `none`, `minimal` or `low` answer without thinking, `medium`, `high`
-    /// or `xhigh` think first (Gemma 4 thinks or not; as the Responses API's `reasoning.effort`).
+    /// How hard the model thinks: `none`, `minimal` or `low` answer without thinking, `medium`, `high`,
+    /// `xhigh` or `max` think first (Gemma 4 thinks or not; as the Responses API's `reasoning.effort`).
     /// `enable_thinking` wins when both are sent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reasoning_effort: Option<String>,
