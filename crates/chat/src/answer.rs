@@ -47,7 +47,7 @@ impl OutputProcessor {
     }
 
     /// For an answer whose tool calls a grammar enforces (`constrained`): a call cut off by the end of the
-    /// answer is passed on as text, not completed ([`OutputParser::unrepaired_cut_calls`]).
+    /// answer (`max_tokens`, a stop string) is passed on as text, not completed ([`OutputParser::unrepaired_cut_calls`]).
     pub fn with_constrained_calls(mut self, constrained: bool) -> Self {
         if constrained {
             self.parser = self.parser.take().map(OutputParser::unrepaired_cut_calls);

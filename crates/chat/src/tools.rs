@@ -26,7 +26,8 @@ pub struct ToolCall {
     pub arguments: Value,
 }
 
-/// A tool call that could not be parsed even with repairs, kept so that it is not silently lost.
+/// A tool call that could not be parsed even with repairs, or that was cut off where a repair is not
+/// wanted ([`OutputParser::unrepaired_cut_calls`]), kept so that it is not silently lost.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ToolCallError {
     /// The text of the failed call as the model wrote it.
@@ -70,8 +71,8 @@ pub fn parse_tool_block(text: &str) -> Vec<Result<ToolCall, ToolCallError>> {
 }
 
 /// [`parse_tool_block`], with, for each call that parsed only after a repair that may have changed where
-/// it ends (a guessed closer or string end: the call may have been cut off), the call's text as written.
-fn parse_block(text: &str) -> Vec<(Result<ToolCall, ToolCallError>, Option<String>)> {
+/// it ends (a guessed closer or string end: the call may have been cut off), where its text starts.
+fn parse_block(text: &str) -> Vec<(Result<ToolCall, ToolCallError>, Option<usize>)> {
     let next_call = |from: usize| text[from..].find("call:").map(|i| from + i);
     let clean = |at: usize| matches!(parse_call(text, at), (Ok(_), _, false));
     if text.trim_start().starts_with(['{', '['])
@@ -95,10 +96,7 @@ fn parse_block(text: &str) -> Vec<(Result<ToolCall, ToolCallError>, Option<Strin
         }
         pos = match parsed.0 {
             Ok(call) => {
-                let raw = parsed
-                    .2
-                    .then(|| text[start..limit.max(start)].trim_end().to_owned());
-                out.push((Ok(call), raw));
+                out.push((Ok(call), parsed.2.then_some(start)));
                 parsed.1
             }
             Err(error) => {
@@ -408,7 +406,7 @@ pub enum Parsed {
     Reasoning(String),
     /// A parsed tool call.
     ToolCall(ToolCall),
-    /// A tool call that could not be parsed.
+    /// A tool call that could not be parsed (or was cut off, under a grammar).
     ToolCallError(ToolCallError),
 }
 
@@ -503,7 +501,7 @@ impl OutputParser {
     }
 
     /// This parser for an answer whose calls a grammar enforced: a call the end of the answer cut off
-    /// (`max_tokens`) is passed on as text ([`Parsed::ToolCallError`]) rather than completed by a repair,
+    /// (`max_tokens`, a stop string) is passed on as text ([`Parsed::ToolCallError`]) rather than completed by a repair,
     /// which would invent a call its schema may refuse (required arguments missing) that looks finished.
     /// Under a grammar nothing else can need a repair.
     pub fn unrepaired_cut_calls(mut self) -> Self {
@@ -607,19 +605,25 @@ impl OutputParser {
         }
     }
 
-    /// Parses the tool-call block read so far; `cut`: it was cut off, and a call that needs a repair to
-    /// end is refused instead.
+    /// Parses the tool-call block read so far; `cut`: it was cut off, and the first call that needs a
+    /// repair to end is refused instead, with everything after it: under a grammar only the last call can
+    /// be unfinished, so what follows its start (even text that looks like a call, inside a string) is its.
     fn flush_tool(&mut self, cut: bool) {
         let body = std::mem::take(&mut self.tool_body);
-        self.events
-            .extend(parse_block(&body).into_iter().map(|r| match r {
-                (Ok(_), Some(raw)) if cut => Parsed::ToolCallError(ToolCallError::new(
-                    &raw,
-                    "cut off before its end (a call under a grammar is not completed)",
-                )),
+        for r in parse_block(&body) {
+            let event = match r {
+                (Ok(_), Some(start)) if cut => {
+                    self.events.push(Parsed::ToolCallError(ToolCallError::new(
+                        body[start..].trim_end(),
+                        "cut off before its end (a call under a grammar is not completed)",
+                    )));
+                    return;
+                }
                 (Ok(call), _) => Parsed::ToolCall(call),
                 (Err(e), _) => Parsed::ToolCallError(e),
-            }));
+            };
+            self.events.push(event);
+        }
     }
 }
 
@@ -871,6 +875,15 @@ héllo 🌍 ¦世界 ⇒ C[héllo 🌍 ]/C[世界]/
             "{evs:?}"
         );
         assert_eq!(evs.len(), 2);
+        // Text that looks like a call inside the cut call's string is the cut call's, not a call.
+        let inside = "<|tool_call>call:f{a:<|\"|>see call:g{}";
+        assert_eq!(
+            run(inside, true),
+            [Parsed::ToolCallError(ToolCallError::new(
+                "call:f{a:<|\"|>see call:g{}",
+                "cut off before its end (a call under a grammar is not completed)"
+            ))]
+        );
         // A call that is whole but for the block's closer is a call either way.
         let whole = "<|tool_call>call:get_time{zone:<|\"|>UTC<|\"|>}";
         assert_eq!(run(whole, true), run(whole, false));

@@ -11,7 +11,9 @@
 //! `minimal` and `low` answer without thinking, higher think), `reasoning.summary` (`auto` or `detailed`:
 //! Gemma writes no summary, so each reasoning item's one summary part is the thought itself, streamed with
 //! the `response.reasoning_summary_*` events; `concise` is refused), `reasoning.context` (`current_turn`:
-//! earlier thoughts are not shown again), `max_output_tokens`, `temperature`, `top_p`.
+//! earlier thoughts are not shown again), `include: ["reasoning.encrypted_content"]` (the thought, base64,
+//! as an opaque field a stateless client passes back), `max_output_tokens`, `temperature`, `top_p`. An item
+//! `max_output_tokens` cut is `incomplete`, as the response is.
 //!
 //! Nothing is stored: `store: true`, `previous_response_id`, `conversation`, `background` and the other
 //! fields this gateway cannot honour are refused by name (HTTP 400), never dropped.
@@ -64,7 +66,7 @@ pub struct ResponsesRequest {
     /// `{format: {type: text | json_object | json_schema}}`.
     #[serde(default)]
     pub text: Option<Value>,
-    /// `{effort, summary}`.
+    /// `{effort, summary, context, mode}` (`generate_summary`: `summary`'s old name).
     #[serde(default)]
     pub reasoning: Option<Value>,
     /// Server-sent events.
@@ -96,7 +98,7 @@ pub struct ResponsesRequest {
     #[serde(default)]
     #[schema(pattern = "^(auto|default)$")]
     pub service_tier: Option<String>,
-    /// Extra output to include: none is supported.
+    /// Extra output to include: `reasoning.encrypted_content` (each reasoning item's thought, opaque).
     #[serde(default)]
     pub include: Option<Vec<String>>,
     /// Anything else: refused by name.
@@ -132,6 +134,9 @@ pub struct Echo {
     pub reasoning: Value,
     /// `reasoning.summary` asked for one: each reasoning item also carries the thought as its summary.
     pub summary: bool,
+    /// `include: ["reasoning.encrypted_content"]`: each reasoning item carries its thought as that opaque
+    /// field (base64, not encrypted: the thought is the client's to read anyway).
+    pub encrypted_content: bool,
 }
 
 /// The parts of message content: a string, or `input_text` / `output_text` parts and `input_image` parts
@@ -258,11 +263,19 @@ impl ResponsesRequest {
                 "service_tier",
             ));
         }
-        if self.include.as_ref().is_some_and(|i| !i.is_empty()) {
-            return Err(RouterError::invalid(
-                "include: no extra output is available",
-                "include",
-            ));
+        // `reasoning.encrypted_content` is what a stateless client (Codex, with `store: false`) asks for to
+        // pass a turn's reasoning back with the next one: each reasoning item carries its thought as that
+        // opaque field, and reading it back is dropping it, as Gemma's template drops earlier thoughts.
+        let mut encrypted = false;
+        for (i, what) in self.include.iter().flatten().enumerate() {
+            if what == "reasoning.encrypted_content" {
+                encrypted = true;
+            } else {
+                return Err(RouterError::invalid(
+                    format!("include {what:?}: only reasoning.encrypted_content is available"),
+                    &format!("include[{i}]"),
+                ));
+            }
         }
         let parallel = match self.max_tool_calls {
             None => self.parallel_tool_calls,
@@ -528,6 +541,7 @@ impl ResponsesRequest {
                 .unwrap_or_else(|| json!({"format": {"type": "text"}})),
             reasoning: json!({"effort": reasoning.effort, "summary": reasoning.summary}),
             summary: reasoning.summary.is_some(),
+            encrypted_content: encrypted,
         };
         let _ = (
             self.user,
@@ -588,13 +602,24 @@ impl Reasoning {
         };
         for (key, v) in fields {
             let param = format!("reasoning.{key}");
+            if !matches!(
+                key.as_str(),
+                "effort" | "summary" | "generate_summary" | "context" | "mode"
+            ) {
+                return Err(RouterError::invalid(
+                    format!("{param} cannot be honoured by this gateway"),
+                    &param,
+                ));
+            }
             let value = text(key, v)?;
             match (key.as_str(), value.as_deref()) {
                 (_, None) => {}
                 ("effort", Some(_)) => out.effort = value,
                 // Gemma writes no summary of its thought: the thought itself is the most detailed one,
-                // and `auto` leaves the choice to the server. A concise one cannot be promised.
+                // and `auto` leaves the choice to the server. A concise one cannot be promised (OpenAI
+                // refuses it for models that cannot give one too). `none`: older clients' "no summary".
                 ("summary" | "generate_summary", Some("auto" | "detailed")) => out.summary = value,
+                ("summary" | "generate_summary", Some("none")) => out.summary = None,
                 ("summary" | "generate_summary", Some("concise")) => {
                     return Err(RouterError::invalid(
                         format!(
@@ -621,9 +646,9 @@ impl Reasoning {
                         &param,
                     ));
                 }
-                _ => {
+                (_, Some(m)) => {
                     return Err(RouterError::invalid(
-                        format!("{param} cannot be honoured by this gateway"),
+                        format!("{param} {m:?} cannot be honoured (standard)"),
                         &param,
                     ));
                 }
@@ -700,24 +725,45 @@ struct Items {
 }
 
 impl Items {
-    fn done(&self, summary: bool) -> Vec<Value> {
+    /// The items; `cut`: `max_output_tokens` ended the answer, so the text item written last (the message,
+    /// else the thought, when no call follows) is `incomplete`.
+    fn done(&self, echo: &Echo, cut: bool) -> Vec<Value> {
+        let cut = cut && self.calls.is_empty();
+        let status = |last: bool| {
+            if cut && last {
+                "incomplete"
+            } else {
+                "completed"
+            }
+        };
         let mut out = vec![];
         if let Some((id, text)) = &self.reasoning {
-            out.push(reasoning_item(id, text, "completed", summary));
+            out.push(reasoning_item(
+                id,
+                text,
+                status(self.message.is_none()),
+                echo,
+            ));
         }
         if let Some((id, text)) = &self.message {
-            out.push(message_item(id, text, "completed"));
+            out.push(message_item(id, text, status(true)));
         }
         out.extend(self.calls.iter().cloned());
         out
     }
 }
 
-/// A reasoning item: the thought as its `content`, and as its one summary part when one was asked for.
-fn reasoning_item(id: &str, text: &str, status: &str, summary: bool) -> Value {
-    json!({"type": "reasoning", "id": id, "status": status,
-           "summary": if summary { json!([summary_text(text)]) } else { json!([]) },
-           "content": [{"type": "reasoning_text", "text": text}]})
+/// A reasoning item: the thought as its `content`, as its one summary part when one was asked for, and
+/// as its `encrypted_content` (base64) when that was.
+fn reasoning_item(id: &str, text: &str, status: &str, echo: &Echo) -> Value {
+    use base64::Engine as _;
+    let mut item = json!({"type": "reasoning", "id": id, "status": status,
+           "summary": if echo.summary { json!([summary_text(text)]) } else { json!([]) },
+           "content": [{"type": "reasoning_text", "text": text}]});
+    if echo.encrypted_content {
+        item["encrypted_content"] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+    }
+    item
 }
 
 fn summary_text(text: &str) -> Value {
@@ -777,7 +823,7 @@ impl ResponseBuilder {
             &new_id("resp"),
             now(),
             echo,
-            self.items.done(echo.summary),
+            self.items.done(echo, finish == FinishReason::Length),
             Some((finish, usage_, self.items.reasoning_pieces)),
         )
     }
@@ -832,10 +878,12 @@ impl EventStream {
         }
     }
 
-    fn close(&mut self, out: &mut Vec<Value>) {
+    /// Closes the open item; `cut`: `max_output_tokens` ended it (status `incomplete`).
+    fn close(&mut self, out: &mut Vec<Value>, cut: bool) {
         let Some((index, kind, id, text)) = self.open.take() else {
             return;
         };
+        let status = if cut { "incomplete" } else { "completed" };
         let item = if kind == "reasoning" {
             self.ev(
                 json!({"type": "response.reasoning_text.done", "item_id": id, "output_index": index,
@@ -848,13 +896,14 @@ impl EventStream {
                     "output_index": index, "summary_index": 0, "text": text}),
                     out,
                 );
-                self.ev(
-                    json!({"type": "response.reasoning_summary_part.done", "item_id": id,
-                    "output_index": index, "summary_index": 0, "part": summary_text(&text)}),
-                    out,
-                );
+                let mut done = json!({"type": "response.reasoning_summary_part.done", "item_id": id,
+                    "output_index": index, "summary_index": 0, "part": summary_text(&text)});
+                if cut {
+                    done["status"] = json!("incomplete");
+                }
+                self.ev(done, out);
             }
-            reasoning_item(&id, &text, "completed", self.echo.summary)
+            reasoning_item(&id, &text, status, &self.echo)
         } else {
             self.ev(
                 json!({"type": "response.output_text.done", "item_id": id, "output_index": index,
@@ -866,7 +915,7 @@ impl EventStream {
                 "content_index": 0, "part": output_text(&text)}),
                 out,
             );
-            message_item(&id, &text, "completed")
+            message_item(&id, &text, status)
         };
         self.ev(json!({"type": "response.output_item.done", "output_index": index, "item": item.clone()}), out);
         self.done.push(item);
@@ -874,7 +923,7 @@ impl EventStream {
 
     fn delta(&mut self, kind: &'static str, text: String, out: &mut Vec<Value>) {
         if self.open.as_ref().map(|o| o.1) != Some(kind) {
-            self.close(out);
+            self.close(out, false);
             let index = self.done.len();
             let id = new_id(if kind == "reasoning" { "rs" } else { "msg" });
             let item = if kind == "reasoning" {
@@ -941,7 +990,7 @@ impl EventStream {
             }
             Output::Chunk(Chunk::ToolCall { name, arguments }) => {
                 self.start(&mut out);
-                self.close(&mut out);
+                self.close(&mut out, false);
                 let index = self.done.len();
                 let item = call_item(&name, &arguments);
                 let id = item["id"].clone();
@@ -969,7 +1018,7 @@ impl EventStream {
                 ..
             } => {
                 self.start(&mut out);
-                self.close(&mut out);
+                self.close(&mut out, finish_reason == FinishReason::Length);
                 let r = response(
                     &self.id,
                     self.created,
@@ -1089,6 +1138,14 @@ mod tests {
         assert_eq!(refused(json!({"mode": "pro"})), "reasoning.mode");
         assert_eq!(refused(json!({"effort": 3})), "reasoning.effort");
         assert_eq!(refused(json!({"budget": "high"})), "reasoning.budget");
+        assert_eq!(
+            refused(json!({"budget_tokens": 1000})),
+            "reasoning.budget_tokens"
+        );
+        assert_eq!(
+            refused(json!({"budget_tokens": null})),
+            "reasoning.budget_tokens"
+        );
         assert_eq!(refused(json!("high")), "reasoning");
         // What is kept is echoed back as honoured; `max` thinks, as `high` does.
         let e = to_echo(
@@ -1104,12 +1161,26 @@ mod tests {
                 .enable_thinking,
             Some(true)
         );
-        let e = to_echo(json!({"input": "x", "reasoning": {"summary": null}})).unwrap();
-        assert!(!e.summary);
+        for none in [json!(null), json!("none")] {
+            let e = to_echo(json!({"input": "x", "reasoning": {"summary": none}})).unwrap();
+            assert!(!e.summary);
+        }
+        // Codex's stateless turns ask for the reasoning's encrypted_content; nothing else can be included.
+        let e = to_echo(json!({"input": "x", "include": ["reasoning.encrypted_content"]})).unwrap();
+        assert!(e.encrypted_content);
+        match to_echo(
+            json!({"input": "x", "include": ["reasoning.encrypted_content",
+            "message.output_text.logprobs"]}),
+        ) {
+            Err(RouterError::InvalidRequest { param, .. }) => {
+                assert_eq!(param.as_deref(), Some("include[1]"))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
-    /// Events and the final response for a thought, then an answer, under `echo`.
-    fn answer(echo: Echo) -> (Vec<Value>, Value) {
+    /// Events and the final response for a thought, then an answer, under `echo`, ended by `finish`.
+    fn answer_ending(echo: Echo, finish: FinishReason) -> (Vec<Value>, Value) {
         let mut s = EventStream::new(echo.clone());
         let mut events = vec![];
         let usage = Usage {
@@ -1129,7 +1200,7 @@ mod tests {
             events.extend(s.on(Output::Chunk(c)).0);
         }
         let end = Output::End {
-            finish_reason: FinishReason::Stop,
+            finish_reason: finish,
             usage,
             routing: Default::default(),
             stop_sequence: None,
@@ -1137,7 +1208,11 @@ mod tests {
         let (last, done) = s.on(end);
         assert!(done);
         events.extend(last);
-        (events, whole.finish(&echo, FinishReason::Stop, &usage))
+        (events, whole.finish(&echo, finish, &usage))
+    }
+
+    fn answer(echo: Echo) -> (Vec<Value>, Value) {
+        answer_ending(echo, FinishReason::Stop)
     }
 
     #[test]
@@ -1215,6 +1290,49 @@ mod tests {
         assert_eq!(
             whole["reasoning"],
             json!({"effort": "high", "summary": null})
+        );
+        assert!(whole["output"][0].get("encrypted_content").is_none());
+    }
+
+    #[test]
+    fn the_thought_passes_back_opaque_and_a_cut_item_is_incomplete() {
+        use base64::Engine as _;
+        let echo = to_echo(json!({"input": "x", "reasoning": {"summary": "auto"},
+            "include": ["reasoning.encrypted_content"]}))
+        .unwrap();
+        let (events, whole) = answer_ending(echo.clone(), FinishReason::Length);
+        let completed = &events.last().unwrap()["response"];
+        assert_eq!(events.last().unwrap()["type"], "response.incomplete");
+        for r in [completed, &whole] {
+            let blob = r["output"][0]["encrypted_content"].as_str().unwrap();
+            let thought = base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .unwrap();
+            assert_eq!(thought, b"Two and two.");
+            // The thought closed before the answer began; the answer is what max_output_tokens cut.
+            assert_eq!(r["output"][0]["status"], "completed", "{r}");
+            assert_eq!(r["output"][1]["status"], "incomplete", "{r}");
+        }
+        // A thought cut before any answer: its item and its summary part say so.
+        let mut s = EventStream::new(echo);
+        let mut events = s.on(Output::Chunk(Chunk::Reasoning("Hmm".into()))).0;
+        events.extend(
+            s.on(Output::End {
+                finish_reason: FinishReason::Length,
+                usage: Usage::default(),
+                routing: Default::default(),
+                stop_sequence: None,
+            })
+            .0,
+        );
+        let part = events
+            .iter()
+            .find(|e| e["type"] == "response.reasoning_summary_part.done")
+            .unwrap();
+        assert_eq!(part["status"], "incomplete");
+        assert_eq!(
+            events.last().unwrap()["response"]["output"][0]["status"],
+            "incomplete"
         );
     }
 
