@@ -15,13 +15,16 @@ pub struct SamplingParams {
     pub top_k: i32,
     /// Drop tokens below `min_p` × the top probability; 0 disables.
     pub min_p: f32,
-    /// Multiplicative penalty on tokens seen in the last `penalty_context` tokens (1 or None disables).
+    /// Multiplicative penalty on tokens seen in the last `penalty_context` tokens of the prompt and the
+    /// answer together (1 or None disables).
     pub repetition_penalty: Option<f32>,
-    /// Subtracted once from every token seen in the context window (OpenAI presence_penalty).
+    /// Subtracted once from every token seen in the same window (OpenAI presence_penalty; OpenAI counts the
+    /// whole answer, mlx-lm and llama-server a window that reaches into the prompt, as here).
     pub presence_penalty: f32,
-    /// Subtracted per occurrence in the context window (OpenAI frequency_penalty).
+    /// Subtracted per occurrence in the same window (OpenAI frequency_penalty).
     pub frequency_penalty: f32,
-    /// How many recent tokens the penalties look at (mlx-lm: 20).
+    /// How many recent tokens, prompt and answer together, the penalties look at (mlx-lm's
+    /// `repetition_context_size`, 20; llama-server's `repeat_last_n`, which also reads the prompt).
     pub penalty_context: usize,
     /// Additive bias per token id.
     pub logit_bias: Vec<(u32, f32)>,

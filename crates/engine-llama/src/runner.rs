@@ -1023,7 +1023,14 @@ impl LlamaSequence {
                 req.max_tokens
             )));
         }
-        let sampler = sampler(loaded, &req.sampling)?;
+        let mut sampler = sampler(loaded, &req.sampling)?;
+        // The penalties' window reaches back into the prompt, as on the MLX engine (mlx-lm's processors
+        // see prompt and answer) and in llama-server (which feeds the prompt to its sampler): the first
+        // tokens of an answer are penalised for what the prompt just said.
+        let window = req.sampling.penalty_context.min(ids.len());
+        for &t in &ids[ids.len() - window..] {
+            sampler.accept(t);
+        }
         let grammar = match &req.constraint {
             None => None,
             Some(c) => Some(loaded.vocabulary()?.matcher(c).map_err(|e| match e {

@@ -15,7 +15,8 @@ pub(crate) fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
     }
     let rep = s.repetition_penalty.unwrap_or(1.0);
     if rep != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
-        // The same window as the MLX engine (mlx-lm's 20 tokens by default).
+        // The same window as the MLX engine (mlx-lm's 20 tokens by default), over the prompt's tail and
+        // the answer: the runner accepts the prompt's last tokens into the chain before the first step.
         chain.push(LlamaSampler::penalties(
             n_vocab,
             s.penalty_context as i32,

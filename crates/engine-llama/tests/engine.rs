@@ -696,6 +696,37 @@ fn logprobs_are_the_models_log_softmax_as_mlx_lm_computes_it() {
     }
 }
 
+/// Penalties look back over the prompt's tail as well as the answer, as on the MLX engine (mlx-lm's
+/// processors) and in llama-server: the tiny model's greedy answer soon repeats itself; cut where its next
+/// token already appears in the last 20 tokens, that prefix as a prompt answers the repeat plainly and
+/// something else under a repetition penalty from the first token on.
+#[test]
+fn penalties_see_the_prompts_tail_from_the_first_token() {
+    let _serial = serial();
+    let r = reference("tiny");
+    let (_, base, _) = &r.prompts[0];
+    let e = f32_engine();
+    let (plain, _, _) = answer(&e, base, 48);
+    let window = jemma_engine_llama::Sampling::default().penalty_context;
+    let cut = (1..plain.len())
+        .find(|&j| {
+            let seen: Vec<u32> = base.iter().chain(&plain[..j]).copied().collect();
+            seen[seen.len().saturating_sub(window)..].contains(&plain[j])
+        })
+        .expect("the tiny model's greedy answer repeats a recent token within 48");
+    let prompt: Vec<u32> = base.iter().chain(&plain[..cut]).copied().collect();
+    let (again, _, _) = answer(&e, &prompt, 1);
+    assert_eq!(again, [plain[cut]], "the plain answer goes on as before");
+    let mut r = request(Prompt::Ids(prompt), 1);
+    r.sampling.repetition_penalty = Some(100.0);
+    let (penalised, _, _) = answer_to(&e, r);
+    assert_ne!(
+        penalised,
+        [plain[cut]],
+        "the penalty saw the prompt's last {window} tokens"
+    );
+}
+
 /// Greedy tokens and the first token's top-5 logprobs of `ids`, with how many prompt tokens were reused.
 fn answer(e: &LlamaEngine, ids: &[u32], max_tokens: usize) -> (Vec<u32>, Vec<f32>, usize) {
     let (tokens, top, s) = answer_to(e, request(Prompt::Ids(ids.to_vec()), max_tokens));

@@ -365,6 +365,43 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
 
 /// Two engines on the tiny model: one with the prefix cache, and one without room for it (every prompt
 /// read in full: the cold reference).
+/// Penalties look back over the prompt's tail as well as the answer (mlx-lm's processors; the llama.cpp
+/// engine's `penalties_see_the_prompts_tail_from_the_first_token` holds it to the same rule): the tiny
+/// model's greedy answer soon repeats itself; cut where its next token already appears in the last 20
+/// tokens, that prefix as a prompt answers the repeat plainly and something else under a repetition
+/// penalty from the first token on.
+#[test]
+fn penalties_see_the_prompts_tail_from_the_first_token() {
+    let _serial = serial();
+    let mut config = EngineConfig::new(tiny());
+    config.prefix_cache_bytes = Some(0);
+    let e = Engine::start(config).unwrap();
+    e.wait_ready().unwrap();
+    let base: Vec<u32> = std::iter::once(2)
+        .chain((1..30u32).map(|k| 300 + (k * 37) % 400))
+        .collect();
+    let (plain, _, _) = answer_with(&e, Prompt::Ids(base.clone()), 48);
+    let window = jemma_engine::sample::SamplingParams::default().penalty_context;
+    let cut = (1..plain.len())
+        .find(|&j| {
+            let seen: Vec<u32> = base.iter().chain(&plain[..j]).copied().collect();
+            seen[seen.len().saturating_sub(window)..].contains(&plain[j])
+        })
+        .expect("the tiny model's greedy answer repeats a recent token within 48");
+    let prompt: Vec<u32> = base.iter().chain(&plain[..cut]).copied().collect();
+    let (again, _, _) = answer_with(&e, Prompt::Ids(prompt.clone()), 1);
+    assert_eq!(again, [plain[cut]], "the plain answer goes on as before");
+    let mut r = request(1);
+    r.prompt = Prompt::Ids(prompt);
+    r.options.sampling.repetition_penalty = Some(100.0);
+    let (penalised, _, _) = answer_of(e.submit(r).unwrap());
+    assert_ne!(
+        penalised,
+        [plain[cut]],
+        "the penalty saw the prompt's last {window} tokens"
+    );
+}
+
 fn warm_and_cold() -> (Engine, Engine) {
     let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
     warm.wait_ready().unwrap();
