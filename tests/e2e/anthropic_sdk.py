@@ -32,6 +32,23 @@ with_tools = client.messages.count_tokens(model="primary", system="You are terse
     {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}],
     messages=[{"role": "user", "content": "Hello!"}])
 check("count_tokens: tools take tokens too", with_tools.input_tokens > n.input_tokens, (with_tools, n))
+# A tool loop passes its thinking block back, as Anthropic asks: the template shows the thought in the turn
+# under way (more tokens than the same loop without it) and drops it once a new user message starts a turn.
+weather = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
+def loop_tokens(thinking, then_user=False):
+    turn = ([{"type": "thinking", "thinking": "The user wants the weather in Paris.", "signature": ""}]
+            if thinking else []) + [{"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                     "input": {"city": "Paris"}}]
+    result = [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "21 C"}]
+    if then_user:
+        result.append({"type": "text", "text": "And tomorrow?"})
+    return client.messages.count_tokens(model="primary", tools=weather, messages=[
+        {"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": turn},
+        {"role": "user", "content": result}]).input_tokens
+check("thinking passed back: shown in the tool loop under way", loop_tokens(True) > loop_tokens(False),
+      (loop_tokens(True), loop_tokens(False)))
+check("thinking passed back: dropped from a finished turn", loop_tokens(True, True) == loop_tokens(False, True),
+      (loop_tokens(True, True), loop_tokens(False, True)))
 try:
     client.messages.count_tokens(model="primary", messages=[{"role": "robot", "content": "x"}])
     check("count_tokens: a bad request is a 400", False, "counted")

@@ -7,8 +7,10 @@
 //! What maps to what (Anthropic → the OpenAI shape the tiers take):
 //! - `system` (a string or text blocks) → a system message;
 //! - `text` and `image` blocks (user) → content parts (an image as an `image_url` part); `tool_use` blocks (assistant) → `tool_calls`;
-//!   `tool_result` blocks (user) → `tool` messages, before the user's own text; `thinking` blocks in the
-//!   history are dropped (Gemma's template strips earlier thoughts);
+//!   `tool_result` blocks (user) → `tool` messages, before the user's own text; `thinking` blocks
+//!   (assistant) → the turn's `reasoning_content`, which Gemma's template shows in the turn under way (a
+//!   tool loop, as Anthropic asks thinking blocks to be passed back there) and drops from earlier turns;
+//!   `redacted_thinking` (another model's encrypted thought, which nothing here can read) is left out;
 //! - `tools[].input_schema` → `parameters`; `tool_choice` `auto` / `any` / `tool` / `none` → `auto` /
 //!   `required` / the named function / `none`, `disable_parallel_tool_use` → `parallel_tool_calls: false`;
 //! - `thinking: {"type": "enabled"}` → Gemma 4 thinking on, `budget_tokens` (checked as Anthropic checks
@@ -274,6 +276,7 @@ impl MessagesRequest {
             })?;
             let mut parts: Vec<ContentPart> = vec![];
             let mut calls: Vec<ToolCall> = vec![];
+            let mut thoughts: Vec<String> = vec![];
             for (k, b) in blocks(content, &format!("{param}.content"))?
                 .iter()
                 .enumerate()
@@ -325,8 +328,23 @@ impl MessagesRequest {
                             },
                         });
                     }
-                    // Earlier thoughts: Gemma's template drops them from the history anyway.
-                    ("assistant", Some("thinking" | "redacted_thinking")) => {}
+                    // The turn's thought: the template shows it while the turn is under way (a tool
+                    // loop), so the prompt is what the model wrote and its cached prefix still serves.
+                    ("assistant", Some("thinking")) => {
+                        let thought =
+                            b.get("thinking").and_then(Value::as_str).ok_or_else(|| {
+                                RouterError::invalid(
+                                    "a thinking block needs its thinking text",
+                                    &format!("{bp}.thinking"),
+                                )
+                            })?;
+                        // An omitted thought (`display: omitted`) comes back empty: nothing to show.
+                        if !thought.is_empty() {
+                            thoughts.push(thought.to_string());
+                        }
+                    }
+                    // Encrypted by the model that wrote it: there is nothing here to read.
+                    ("assistant", Some("redacted_thinking")) => {}
                     (_, other) => {
                         return Err(RouterError::invalid(
                             format!("{role} content block type {other:?} is not supported"),
@@ -344,7 +362,13 @@ impl MessagesRequest {
                     .collect::<Vec<_>>()
                     .join("\n");
                 let text = (!text.is_empty() || calls.is_empty()).then_some(text);
-                messages.push(Message::assistant(text, calls));
+                let mut turn = Message::assistant(text, calls);
+                if let Message::Assistant(a) = &mut turn
+                    && !thoughts.is_empty()
+                {
+                    a.reasoning_content = Some(thoughts.join("\n"));
+                }
+                messages.push(turn);
             } else if !parts.is_empty() {
                 messages.push(Message::User(UserMessage {
                     content: MessageContent::Parts(parts),
@@ -936,6 +960,8 @@ mod tests {
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert_eq!(r.max_tokens, Some(64));
         assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, None);
+        // The turn's thinking block is its reasoning, which the template shows while the turn is under way.
+        assert_eq!(r.messages[2].to_value()["reasoning_content"], "…");
     }
 
     /// `thinking.budget_tokens` becomes the engines' thinking budget.

@@ -5,7 +5,9 @@
 //!
 //! Input: a string, or items — messages (`user`, `system`, `developer`, `assistant`; `input_text` and
 //! `output_text` parts, and `input_image` parts as `image_url` parts in user messages), `function_call` and `function_call_output` items (a tool round
-//! trip), `reasoning` items (dropped: Gemma's template strips earlier thoughts). `instructions` is the
+//! trip), `reasoning` items (the thought of the assistant turn after them — its `reasoning_text`, or the
+//! `encrypted_content` this gateway gave, or its summary —, which Gemma's template shows while that turn is
+//! under way and drops from earlier turns). `instructions` is the
 //! system prompt; `tools` are function tools; `tool_choice`, `parallel_tool_calls`, `max_tool_calls: 1`,
 //! `text.format` (`text`, `json_object`, `json_schema`: enforced by the grammar), `reasoning.effort` (`none`,
 //! `minimal` and `low` answer without thinking, higher think), `reasoning.summary` (`auto` or `detailed`:
@@ -294,8 +296,11 @@ impl ResponsesRequest {
         match &self.input {
             Value::String(s) => messages.push(Message::user(s.clone())),
             Value::Array(items) => {
+                // A reasoning item's thought, for the assistant turn that follows it.
+                let mut thought: Option<String> = None;
                 for (i, item) in items.iter().enumerate() {
                     let p = format!("input[{i}]");
+                    let before = messages.len();
                     let ty = item
                         .get("type")
                         .and_then(Value::as_str)
@@ -410,13 +415,26 @@ impl ResponsesRequest {
                             };
                             messages.push(Message::tool(id, output));
                         }
-                        // Earlier thoughts: Gemma's template drops them from the history anyway.
-                        "reasoning" => {}
+                        // The thought of the assistant turn that follows: the template shows it while
+                        // that turn is under way (a tool loop) and drops it from earlier turns.
+                        "reasoning" => {
+                            if let Some(t) = reasoning_text(item) {
+                                thought.get_or_insert_with(String::new).push_str(&t);
+                            }
+                        }
                         other => {
                             return Err(RouterError::invalid(
                                 format!("input item type {other:?} is not supported"),
                                 &format!("{p}.type"),
                             ));
+                        }
+                    }
+                    // The first assistant turn after a reasoning item takes its thought; any other
+                    // message in between (a user's) ends that turn, and the thought with it.
+                    if messages.len() > before {
+                        let t = thought.take();
+                        if let (Some(Message::Assistant(a)), Some(t)) = (messages.last_mut(), t) {
+                            a.reasoning_content = Some(t);
                         }
                     }
                 }
@@ -656,6 +674,28 @@ impl Reasoning {
         }
         Ok(out)
     }
+}
+
+/// A reasoning item's thought: its `reasoning_text` content, else its `encrypted_content` as this gateway
+/// writes it (the thought, base64), else its summary's text (none: a thought from elsewhere, sealed).
+fn reasoning_text(item: &Value) -> Option<String> {
+    use base64::Engine as _;
+    let texts = |key: &str, ty: &str| -> Option<String> {
+        let t: String = (item.get(key)?.as_array()?.iter())
+            .filter(|p| p.get("type").and_then(Value::as_str) == Some(ty))
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect();
+        (!t.is_empty()).then_some(t)
+    };
+    texts("content", "reasoning_text")
+        .or_else(|| {
+            let blob = item.get("encrypted_content")?.as_str()?;
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(blob)
+                .ok()?;
+            String::from_utf8(bytes).ok().filter(|t| !t.is_empty())
+        })
+        .or_else(|| texts("summary", "summary_text"))
 }
 
 fn new_id(prefix: &str) -> String {
@@ -1109,6 +1149,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// A reasoning item passed back is the thought of the assistant turn after it, read from its text, or
+    /// from the `encrypted_content` this gateway gave, or from its summary; before a user's message it
+    /// belongs to no turn.
+    #[test]
+    fn a_reasoning_item_passed_back_is_the_next_turns_thought() {
+        use base64::Engine as _;
+        let blob = base64::engine::general_purpose::STANDARD.encode("Look it up.");
+        for (reasoning, want) in [
+            (
+                json!({"type": "reasoning", "content": [{"type": "reasoning_text", "text": "Look it up."}],
+                    "summary": []}),
+                "Look it up.",
+            ),
+            (
+                json!({"type": "reasoning", "summary": [], "encrypted_content": blob}),
+                "Look it up.",
+            ),
+            (
+                json!({"type": "reasoning", "summary": [{"type": "summary_text", "text": "Lookup."}],
+                    "encrypted_content": "sealed elsewhere"}),
+                "Lookup.",
+            ),
+        ] {
+            let r = req(json!({"model": "fast", "input": [
+                {"role": "user", "content": "Weather in Paris?"},
+                reasoning,
+                {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c1", "output": "21 C"}],
+                "tools": [{"type": "function", "name": "get_weather", "parameters": {"type": "object"}}]}))
+            .unwrap();
+            let turn = r.messages[1].to_value();
+            assert_eq!(turn["reasoning_content"], want, "{turn}");
+            assert_eq!(turn["tool_calls"][0]["function"]["name"], "get_weather");
+        }
+        let r = req(json!({"model": "fast", "input": [
+            {"type": "reasoning", "summary": [{"type": "summary_text", "text": "Hm."}]},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello."}]}))
+        .unwrap();
+        assert!(
+            r.messages
+                .iter()
+                .all(|m| m.to_value().get("reasoning_content").is_none())
+        );
     }
 
     fn to_echo(v: Value) -> Result<Echo, RouterError> {
