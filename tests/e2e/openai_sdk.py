@@ -424,6 +424,37 @@ for label, kwargs, param in (("an unknown field", {"extra_body": {"cache_prompt"
         check(f"chat: {label} rejected", False)
     except openai.BadRequestError as e:
         check(f"chat: {label} → 400 naming {param}", e.body["param"] == param, e.body)
+# A client that appends the response's message to its history (the SDK sends its every field: refusal,
+# annotations, audio and function_call as null or empty) goes on; a field no message has is a 400 naming it.
+first = client.chat.completions.create(model="primary", max_tokens=4, messages=[{"role": "user", "content": "x"}])
+again = client.chat.completions.create(model="primary", max_tokens=4, messages=[
+    {"role": "user", "content": "x"}, first.choices[0].message.model_dump(), {"role": "user", "content": "y"}])
+check("chat: a response's message appended to the history is taken", again.choices[0].finish_reason in
+      ("stop", "length"), first.choices[0].message.model_dump())
+for label, kwargs, param in (
+        ("a misspelt field in a message", {"messages": [{"role": "user", "content": "x", "nmae": "u"}]},
+         "messages[0].nmae"),
+        ("a misspelt function field", {"messages": [{"role": "user", "content": "x"}], "tools": [
+            {"type": "function", "function": {"name": "f", "paramters": {"type": "object"}}}]},
+         "tools[0].function.paramters"),
+        ("stream_options without stream", {"messages": [{"role": "user", "content": "x"}],
+                                           "stream_options": {"include_usage": True}}, "stream_options")):
+    try:
+        client.chat.completions.create(model="primary", max_tokens=4, **kwargs)
+        check(f"chat: {label} rejected", False)
+    except openai.BadRequestError as e:
+        check(f"chat: {label} → 400 naming {param}", e.body["param"] == param, e.body)
+# llama-server's json_object with a schema: the schema holds.
+finished = 0
+for seed in range(4):
+    r = client.chat.completions.create(
+        model="primary", messages=[{"role": "user", "content": "A number"}], max_tokens=24, temperature=1,
+        seed=seed, response_format={"type": "json_object", "schema": n_schema})
+    if r.choices[0].finish_reason == "stop":
+        finished += 1
+        check(f"json_object with a schema (seed {seed}): valid against it",
+              valid(json.loads(r.choices[0].message.content), n_schema), r.choices[0].message.content)
+check(f"json_object with a schema: answers finish ({finished}/4)", finished >= 2, finished)
 r = client.chat.completions.create(model="primary", max_tokens=4, reasoning_effort="low",
                                    messages=[{"role": "user", "content": "x"}])
 check("chat: reasoning_effort low is taken (thinking off)", r.choices[0].finish_reason in ("stop", "length"), r)

@@ -571,6 +571,7 @@ impl MessagesRequest {
             stream: self.stream,
             stream_options: self.stream.then_some(StreamOptions {
                 include_usage: true,
+                include_obfuscation: None,
             }),
             enable_thinking,
             thinking_token_budget,

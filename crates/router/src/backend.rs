@@ -581,6 +581,7 @@ impl OpenAiBackend {
             stream: true,
             stream_options: Some(StreamOptions {
                 include_usage: true,
+                include_obfuscation: None,
             }),
             ..Default::default()
         }

@@ -74,7 +74,7 @@ pub struct ResponsesRequest {
     /// Server-sent events.
     #[serde(default)]
     pub stream: bool,
-    /// Streaming options (accepted).
+    /// Streaming options: `include_obfuscation: false` (nothing here pads chunks).
     #[serde(default)]
     pub stream_options: Option<Value>,
     /// `false` (or absent): nothing is stored here either way.
@@ -561,12 +561,22 @@ impl ResponsesRequest {
             summary: reasoning.summary.is_some(),
             encrypted_content: encrypted,
         };
-        let _ = (
-            self.user,
-            self.safety_identifier,
-            self.prompt_cache_key,
-            self.stream_options,
-        );
+        let _ = (self.user, self.safety_identifier, self.prompt_cache_key);
+        // Its one option is chunk padding, which nothing here does.
+        match &self.stream_options {
+            None | Some(Value::Null) => {}
+            Some(Value::Object(o))
+                if o.iter().all(|(k, v)| {
+                    k == "include_obfuscation" && matches!(v, Value::Bool(false) | Value::Null)
+                }) => {}
+            Some(_) => {
+                return Err(RouterError::invalid(
+                    "stream_options: only include_obfuscation: false can be honoured (chunks are not \
+                     padded)",
+                    "stream_options",
+                ));
+            }
+        }
         let chat = ChatCompletionRequest {
             model: self.model,
             messages,
@@ -580,6 +590,7 @@ impl ResponsesRequest {
             stream: self.stream,
             stream_options: self.stream.then_some(StreamOptions {
                 include_usage: true,
+                include_obfuscation: None,
             }),
             enable_thinking,
             ..Default::default()

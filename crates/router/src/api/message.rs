@@ -34,12 +34,18 @@ impl<'de> Deserialize<'de> for Message {
     /// Routes on `role` by hand (instead of serde's internally tagged enum, which buffers the body and so
     /// loses the path of an error inside it) and names the offending field relative to the message.
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = Value::deserialize(d)?;
-        if !v.is_object() {
+        let mut v = Value::deserialize(d)?;
+        let Some(fields) = v.as_object_mut() else {
             return Err(D::Error::custom("each message must be an object"));
+        };
+        let role = match fields.remove("role") {
+            Some(Value::String(r)) => r,
+            _ => String::new(),
+        };
+        if role == "assistant" {
+            replayed_answer(fields).map_err(D::Error::custom)?;
         }
-        let role = v.get("role").and_then(Value::as_str).unwrap_or_default();
-        let m = match role {
+        let m = match role.as_str() {
             "system" => body(v).map(Message::System),
             "developer" => body(v).map(Message::Developer),
             "user" => body(v).map(Message::User),
@@ -49,6 +55,58 @@ impl<'de> Deserialize<'de> for Message {
         };
         m.map_err(D::Error::custom)
     }
+}
+
+/// An assistant message as the OpenAI SDK appends a response to the history carries the response message's
+/// other fields: those that say nothing (`refusal`, `audio` and `function_call` null, `annotations`, a
+/// streamed call's `index`) are taken out; a refusal's text is the turn's text (what the model said); an
+/// earlier spoken answer or a deprecated `function_call` cannot be replayed and is refused by name.
+fn replayed_answer(fields: &mut serde_json::Map<String, Value>) -> Result<(), String> {
+    for key in ["audio", "function_call"] {
+        match fields.remove(key) {
+            None | Some(Value::Null) => {}
+            Some(_) if key == "audio" => {
+                return Err(
+                    "audio: an earlier spoken answer cannot be replayed here (send its transcript as \
+                     content)"
+                        .into(),
+                );
+            }
+            Some(_) => {
+                return Err(
+                    "function_call: the deprecated single call is not supported (send tool_calls)"
+                        .into(),
+                );
+            }
+        }
+    }
+    match fields.remove("annotations") {
+        None | Some(Value::Null | Value::Array(_)) => {}
+        Some(_) => return Err("annotations: must be an array".into()),
+    }
+    match fields.remove("refusal") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(r)) => {
+            let text = match fields.get("content") {
+                None | Some(Value::Null) => r,
+                Some(Value::String(c)) if c.is_empty() => r,
+                Some(Value::String(c)) => format!("{c}\n{r}"),
+                Some(_) => {
+                    return Err("refusal: comes with a string content or none".into());
+                }
+            };
+            if !text.is_empty() {
+                fields.insert("content".into(), Value::String(text));
+            }
+        }
+        Some(_) => return Err("refusal: must be a string".into()),
+    }
+    if let Some(Value::Array(calls)) = fields.get_mut("tool_calls") {
+        for call in calls.iter_mut().filter_map(Value::as_object_mut) {
+            call.remove("index");
+        }
+    }
+    Ok(())
 }
 
 /// Deserialises `v` as `T`; an error reads `<path relative to v>: <what is wrong>`.
@@ -90,6 +148,7 @@ pub fn split_path(message: &str) -> Option<(&str, &str)> {
 
 /// A `system` or `developer` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct InstructionMessage {
     /// The instruction: a string or text parts.
     pub content: MessageContent,
@@ -100,6 +159,7 @@ pub struct InstructionMessage {
 
 /// A `user` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct UserMessage {
     /// A string, or text and image parts.
     pub content: MessageContent,
@@ -110,6 +170,7 @@ pub struct UserMessage {
 
 /// An `assistant` message: an earlier answer, replayed as history.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct AssistantMessage {
     /// The answer's text; null when the turn only called tools.
     #[serde(default)]
@@ -135,6 +196,7 @@ pub struct AssistantMessage {
 
 /// A `tool` message: one call's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ToolMessage {
     /// The result: a string or text parts.
     pub content: MessageContent,
@@ -375,6 +437,7 @@ impl<'de> Deserialize<'de> for ImageUrl {
 
 /// A tool call in an assistant message (OpenAI's `ChatCompletionMessageToolCall`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct ToolCall {
     /// The call's id (tool messages answer it by `tool_call_id`; empty when the client sent none, and then
     /// left out when sent on).
@@ -402,6 +465,7 @@ fn function_type() -> FunctionType {
 
 /// A function's name and its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FunctionCall {
     /// Function name.
     pub name: String,
@@ -431,6 +495,7 @@ fn arguments<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
 
 /// A tool the model may call (OpenAI's `ChatCompletionTool`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct Tool {
     /// Always `function`: the only kind there is.
     #[serde(rename = "type")]
@@ -441,6 +506,7 @@ pub struct Tool {
 
 /// A function tool's description.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct FunctionDefinition {
     /// Name the model calls it by.
     pub name: String,
@@ -602,7 +668,7 @@ impl<'de> Deserialize<'de> for ToolChoice {
 }
 
 /// `response_format`: what the answer must be.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Default, Serialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ResponseFormat {
     /// Free text (also what no `response_format` means).
@@ -617,8 +683,50 @@ pub enum ResponseFormat {
     },
 }
 
+impl<'de> Deserialize<'de> for ResponseFormat {
+    /// By hand: serde's internally tagged unit variant would ignore what else `json_object` carries. A
+    /// `schema` there (llama-server's form) is honoured as a `json_schema` format; any other field is
+    /// refused by name, as is one beside `json_schema`.
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Value::Object(mut fields) = Value::deserialize(d)? else {
+            return Err(D::Error::custom("response_format must be an object"));
+        };
+        let ty = match fields.remove("type") {
+            Some(Value::String(t)) => t,
+            _ => return Err(D::Error::custom("type: is required")),
+        };
+        let format = match ty.as_str() {
+            "text" => Self::Text,
+            "json_object" => match fields.remove("schema") {
+                None | Some(Value::Null) => Self::JsonObject,
+                Some(schema) => Self::json_schema("json_object", schema, false),
+            },
+            "json_schema" => {
+                let spec = fields
+                    .remove("json_schema")
+                    .ok_or_else(|| D::Error::custom("json_schema: is required"))?;
+                let json_schema = body::<JsonSchemaFormat>(spec)
+                    .map_err(|e| D::Error::custom(join_path("json_schema", &e)))?;
+                Self::JsonSchema { json_schema }
+            }
+            other => {
+                return Err(D::Error::custom(format!(
+                    "type: must be text, json_object or json_schema, got {other:?}"
+                )));
+            }
+        };
+        match fields.keys().next() {
+            Some(k) => Err(D::Error::custom(format!(
+                "{k}: unknown field for a {ty} response_format"
+            ))),
+            None => Ok(format),
+        }
+    }
+}
+
 /// `response_format.json_schema`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct JsonSchemaFormat {
     /// The schema's name.
     pub name: String,
@@ -658,6 +766,83 @@ impl ResponseFormat {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn message(v: Value) -> Result<Message, String> {
+        serde_json::from_value::<Message>(v).map_err(|e| e.to_string())
+    }
+
+    /// What the OpenAI SDK sends when a client appends a response's message to its history passes; a
+    /// field no message has is refused by name, at any depth, instead of silently dropped.
+    #[test]
+    fn nested_fields_are_kept_or_refused_by_name() {
+        let m = message(
+            json!({"role": "assistant", "content": "Hi.", "refusal": null, "audio": null,
+            "function_call": null, "annotations": [], "tool_calls": [{"index": 0, "id": "c1",
+            "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+        )
+        .unwrap();
+        let Message::Assistant(a) = m else { panic!() };
+        assert_eq!(a.tool_calls.unwrap()[0].function.name, "f");
+        // A refusal is what the model said: the turn's text.
+        let m =
+            message(json!({"role": "assistant", "content": null, "refusal": "I can't."})).unwrap();
+        assert_eq!(m.to_value()["content"], "I can't.");
+        for (bad, says) in [
+            (json!({"role": "user", "content": "x", "nmae": "u"}), "nmae"),
+            (
+                json!({"role": "assistant", "content": "x", "audio": {"id": "a1"}}),
+                "audio:",
+            ),
+            (
+                json!({"role": "assistant", "function_call": {"name": "f", "arguments": "{}"}}),
+                "function_call:",
+            ),
+            (
+                json!({"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                "function": {"name": "f", "arguments": "{}", "strict": true}}]}),
+                "tool_calls[0].function",
+            ),
+            (
+                json!({"role": "tool", "content": "21", "tool_call_id": "c", "is_error": true}),
+                "is_error",
+            ),
+        ] {
+            let e = message(bad.clone()).unwrap_err();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+        let tool =
+            |f: Value| serde_json::from_value::<Tool>(json!({"type": "function", "function": f}));
+        assert!(
+            tool(json!({"name": "f", "paramters": {}}))
+                .unwrap_err()
+                .to_string()
+                .contains("paramters")
+        );
+    }
+
+    /// A `schema` beside `json_object` (llama-server's form) is a schema to follow; anything else beside a
+    /// format is refused by name.
+    #[test]
+    fn response_formats_keep_what_they_carry() {
+        let rf = |v: Value| serde_json::from_value::<ResponseFormat>(v).map_err(|e| e.to_string());
+        let schema = json!({"type": "object", "properties": {"n": {"type": "integer"}}});
+        assert_eq!(
+            rf(json!({"type": "json_object", "schema": schema})).unwrap(),
+            ResponseFormat::json_schema("json_object", schema.clone(), false)
+        );
+        assert_eq!(
+            rf(json!({"type": "json_object"})).unwrap(),
+            ResponseFormat::JsonObject
+        );
+        assert_eq!(rf(json!({"type": "text"})).unwrap(), ResponseFormat::Text);
+        let e = rf(json!({"type": "json_schema", "json_schema": {"name": "n", "shema": schema}}))
+            .unwrap_err();
+        assert!(e.starts_with("json_schema.shema: "), "{e}");
+        let e = rf(json!({"type": "text", "strict": true})).unwrap_err();
+        assert!(e.starts_with("strict: "), "{e}");
+        let e = rf(json!({"type": "yaml"})).unwrap_err();
+        assert!(e.starts_with("type: "), "{e}");
+    }
 
     #[test]
     fn paths_join_into_one_field_name() {

@@ -36,12 +36,36 @@ impl Stop {
     }
 }
 
-/// `stream_options`.
+/// `stream_options` (with `stream: true` only, as on OpenAI).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 pub struct StreamOptions {
     /// Send a final chunk with `usage`.
     #[serde(default)]
     pub include_usage: bool,
+    /// OpenAI's padding of each chunk against length side channels: `false` is honoured (none is sent);
+    /// `true` is refused (nothing here pads).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_obfuscation: Option<bool>,
+}
+
+impl StreamOptions {
+    /// The options checked against the request's `stream`: without it they are refused, as on OpenAI.
+    fn check(&self, stream: bool) -> Result<(), RouterError> {
+        if !stream {
+            return Err(RouterError::invalid(
+                "stream_options is only allowed with stream: true",
+                "stream_options",
+            ));
+        }
+        if self.include_obfuscation == Some(true) {
+            return Err(RouterError::invalid(
+                "stream_options.include_obfuscation: true cannot be honoured (chunks are not padded)",
+                "stream_options.include_obfuscation",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `POST /v1/chat/completions` body.
@@ -901,6 +925,9 @@ impl ChatCompletionRequest {
             return Err(RouterError::invalid("only n=1 is supported", "n"));
         }
         refuse_extra(&self.extra, Body::Chat)?;
+        if let Some(o) = &self.stream_options {
+            o.check(self.stream)?;
+        }
         let seen = check_messages(&self.messages, limits)?;
         let max_tokens = self.max_completion_tokens.or(self.max_tokens);
         if let Some(m) = max_tokens {
@@ -1510,9 +1537,19 @@ mod tests {
                 "predicted",
             ),
             (
-                serde_json::json!({"reasoning_effort": "max"}),
+                serde_json::json!({"reasoning_effort": "extreme"}),
                 "reasoning_effort",
                 "none, minimal",
+            ),
+            (
+                serde_json::json!({"stream_options": {"include_usage": true}}),
+                "stream_options",
+                "stream: true",
+            ),
+            (
+                serde_json::json!({"stream": true, "stream_options": {"include_obfuscation": true}}),
+                "stream_options.include_obfuscation",
+                "not padded",
             ),
             (
                 serde_json::json!({"top_logprobs": 3}),
