@@ -11,7 +11,10 @@
     over its decode phase, from the moment the last stream got its first token to the moment the first one
     got its last, when every stream decodes (what llama-batched-bench's S_TG times). Each level runs
     CONCURRENCY_RUNS times (default 3), the levels interleaved, and the medians are printed.
-Prints one JSON object. Client: the openai SDK (streaming), as a user's app would use it.
+Prints one JSON object. Client: the openai SDK (streaming), as a user's app would use it. With
+SERVING_CLIENT=raw the concurrency streams are read by a minimal SSE reader instead (http.client, one JSON
+parse per event, no models built): on a 2-core machine the clients share the cores with the server, and the
+SDK's per-chunk parsing is part of what the decode phase then times; the raw reader takes less of them.
   With a fifth argument `chat`, the prefix part sends the preamble as a chat's system message and the
   question as its user message (/v1/chat/completions): the shape of an agent starting a new conversation.
   With SERVING_FANOUT=0 in the environment the fan-out is skipped (llama-cpp-python's server, whose RAM
@@ -19,8 +22,10 @@ Prints one JSON object. Client: the openai SDK (streaming), as a user's app woul
   "1,4,8"; 1, 4 and 8 always run) adds concurrency levels, e.g. "1,4,8,16,32" on a GPU; SERVING_TOKENS
   (default 48) sets each stream's length: a GPU decodes 48 tokens in a fraction of a second.
 Usage: serving.py BASE_URL MODEL SYSTEM_TOKENS ROUNDS [chat]   (ROUNDS 0: concurrency only)"""
+import http.client
 import json
 import os
+import urllib.parse
 import statistics
 import sys
 import threading
@@ -31,6 +36,7 @@ from openai import OpenAI
 base, model, sys_tokens, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 chat = len(sys.argv) > 5 and sys.argv[5] == "chat"
 client = OpenAI(base_url=f"{base}/v1", api_key="none", timeout=600)
+RAW = os.environ.get("SERVING_CLIENT", "sdk") == "raw"
 WORDS = ("river stone garden lantern harbor meadow copper violet thunder orchard quiet signal "
          "window marble falcon silver autumn canyon ember velvet").split()
 
@@ -66,7 +72,39 @@ def ttft(system, question):
     return first if first is not None else time.perf_counter() - t0, usage.prompt_tokens if usage else 0, cached
 
 
+def raw_stream(i, n_tokens):
+    """(tokens, arrival times) of one streamed completion read with http.client: the same request as the
+    SDK's, each `data:` event parsed with json alone."""
+    url = urllib.parse.urlsplit(base)
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=600)
+    body = json.dumps({"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": n_tokens,
+                       "temperature": 0, "stream": True, "stream_options": {"include_usage": True}})
+    conn.request("POST", f"{url.path.rstrip('/')}/v1/completions", body,
+                 {"Content-Type": "application/json", "Authorization": "Bearer none"})
+    resp = conn.getresponse()
+    if resp.status != 200:
+        raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
+    n, arrivals, usage = 0, [], None
+    for line in resp:
+        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+            continue
+        event = json.loads(line[6:])
+        choices = event.get("choices")
+        if choices and choices[0].get("text"):
+            n += 1
+            arrivals.append(time.perf_counter())
+        if event.get("usage"):
+            usage = event["usage"]
+    conn.close()
+    if usage and usage.get("completion_tokens"):
+        n = usage["completion_tokens"]
+    return n, arrivals
+
+
 def stream_tokens(results, i, n_tokens):
+    if RAW:
+        results[i] = raw_stream(i, n_tokens)
+        return
     n = 0
     arrivals = []
     usage = None
@@ -182,6 +220,7 @@ one, four, eight = (med([w for w, _ in runs[k]]) for k in (1, 4, 8))
 d_one, d_four, d_eight = (med([d for _, d in runs[k] if d == d]) for k in (1, 4, 8))
 ratio = lambda a, b: a / b if a and b else None
 print(json.dumps({
+    "client": "raw" if RAW else "sdk",
     "prompt_tokens": prompt_tokens,
     "ttft_cold_s": med(cold), "ttft_warm_s": med(warm),
     "warm_over_cold": med(warm) / med(cold) if cold else None,
