@@ -86,9 +86,14 @@ def raw_stream(i, n_tokens):
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
     n, arrivals, usage = 0, [], None
     for line in resp:
-        if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        if not line.startswith(b"data:"):
             continue
-        event = json.loads(line[6:])
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            break
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"stream error: {event['error']}")
         choices = event.get("choices")
         if choices and choices[0].get("text"):
             n += 1

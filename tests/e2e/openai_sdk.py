@@ -425,20 +425,20 @@ for label, kwargs, param in (("an unknown field", {"extra_body": {"cache_prompt"
     except openai.BadRequestError as e:
         check(f"chat: {label} → 400 naming {param}", e.body["param"] == param, e.body)
 # A client that appends the response's message to its history (the SDK sends its every field: refusal,
-# annotations, audio and function_call as null or empty) goes on; a field no message has is a 400 naming it.
+# annotations, audio and function_call as null or empty) goes on; a misspelt field of a tool or a format,
+# which would drop a constraint, is a 400 naming it.
 first = client.chat.completions.create(model="primary", max_tokens=4, messages=[{"role": "user", "content": "x"}])
 again = client.chat.completions.create(model="primary", max_tokens=4, messages=[
     {"role": "user", "content": "x"}, first.choices[0].message.model_dump(), {"role": "user", "content": "y"}])
 check("chat: a response's message appended to the history is taken", again.choices[0].finish_reason in
       ("stop", "length"), first.choices[0].message.model_dump())
 for label, kwargs, param in (
-        ("a misspelt field in a message", {"messages": [{"role": "user", "content": "x", "nmae": "u"}]},
-         "messages[0].nmae"),
         ("a misspelt function field", {"messages": [{"role": "user", "content": "x"}], "tools": [
             {"type": "function", "function": {"name": "f", "paramters": {"type": "object"}}}]},
          "tools[0].function.paramters"),
-        ("stream_options without stream", {"messages": [{"role": "user", "content": "x"}],
-                                           "stream_options": {"include_usage": True}}, "stream_options")):
+        ("a misspelt json_schema field", {"messages": [{"role": "user", "content": "x"}], "response_format": {
+            "type": "json_schema", "json_schema": {"name": "n", "shema": n_schema}}},
+         "response_format.json_schema.shema")):
     try:
         client.chat.completions.create(model="primary", max_tokens=4, **kwargs)
         check(f"chat: {label} rejected", False)

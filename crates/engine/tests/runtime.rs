@@ -363,8 +363,6 @@ fn batched_answers_equal_lone_answers_on_every_fixture() {
     }
 }
 
-/// Two engines on the tiny model: one with the prefix cache, and one without room for it (every prompt
-/// read in full: the cold reference).
 /// Penalties look back over the prompt's tail as well as the answer (mlx-lm's processors; the llama.cpp
 /// engine's `penalties_see_the_prompts_tail_from_the_first_token` holds it to the same rule): the tiny
 /// model's greedy answer soon repeats itself; cut where its next token already appears in the last 20
@@ -402,6 +400,8 @@ fn penalties_see_the_prompts_tail_from_the_first_token() {
     );
 }
 
+/// Two engines on the tiny model: one with the prefix cache, and one without room for it (every prompt
+/// read in full: the cold reference).
 fn warm_and_cold() -> (Engine, Engine) {
     let warm = Engine::start(EngineConfig::new(tiny())).unwrap();
     warm.wait_ready().unwrap();

@@ -419,7 +419,11 @@ impl ResponsesRequest {
                         // that turn is under way (a tool loop) and drops it from earlier turns.
                         "reasoning" => {
                             if let Some(t) = reasoning_text(item) {
-                                thought.get_or_insert_with(String::new).push_str(&t);
+                                let all = thought.get_or_insert_with(String::new);
+                                if !all.is_empty() {
+                                    all.push('\n');
+                                }
+                                all.push_str(&t);
                             }
                         }
                         other => {

@@ -57,9 +57,10 @@ impl<'de> Deserialize<'de> for Message {
     }
 }
 
-/// An assistant message as the OpenAI SDK appends a response to the history carries the response message's
-/// other fields: those that say nothing (`refusal`, `audio` and `function_call` null, `annotations`, a
-/// streamed call's `index`) are taken out; a refusal's text is the turn's text (what the model said); an
+/// An assistant message as a client appends a response to its history carries the response message's
+/// other fields. Fields no message has are ignored, as OpenAI and vLLM ignore them in messages (SDKs and
+/// agent frameworks add their own: `parsed`, `provider_specific_fields`, ids); but those that would carry
+/// part of the turn are not lost: a refusal's text is the turn's text (what the model said), and an
 /// earlier spoken answer or a deprecated `function_call` cannot be replayed and is refused by name.
 fn replayed_answer(fields: &mut serde_json::Map<String, Value>) -> Result<(), String> {
     for key in ["audio", "function_call"] {
@@ -100,11 +101,6 @@ fn replayed_answer(fields: &mut serde_json::Map<String, Value>) -> Result<(), St
             }
         }
         Some(_) => return Err("refusal: must be a string".into()),
-    }
-    if let Some(Value::Array(calls)) = fields.get_mut("tool_calls") {
-        for call in calls.iter_mut().filter_map(Value::as_object_mut) {
-            call.remove("index");
-        }
     }
     Ok(())
 }
@@ -148,7 +144,6 @@ pub fn split_path(message: &str) -> Option<(&str, &str)> {
 
 /// A `system` or `developer` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct InstructionMessage {
     /// The instruction: a string or text parts.
     pub content: MessageContent,
@@ -159,7 +154,6 @@ pub struct InstructionMessage {
 
 /// A `user` message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct UserMessage {
     /// A string, or text and image parts.
     pub content: MessageContent,
@@ -170,7 +164,6 @@ pub struct UserMessage {
 
 /// An `assistant` message: an earlier answer, replayed as history.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct AssistantMessage {
     /// The answer's text; null when the turn only called tools.
     #[serde(default)]
@@ -196,7 +189,6 @@ pub struct AssistantMessage {
 
 /// A `tool` message: one call's result.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ToolMessage {
     /// The result: a string or text parts.
     pub content: MessageContent,
@@ -437,7 +429,6 @@ impl<'de> Deserialize<'de> for ImageUrl {
 
 /// A tool call in an assistant message (OpenAI's `ChatCompletionMessageToolCall`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ToolCall {
     /// The call's id (tool messages answer it by `tool_call_id`; empty when the client sent none, and then
     /// left out when sent on).
@@ -465,7 +456,6 @@ fn function_type() -> FunctionType {
 
 /// A function's name and its arguments.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct FunctionCall {
     /// Function name.
     pub name: String,
@@ -771,14 +761,16 @@ mod tests {
         serde_json::from_value::<Message>(v).map_err(|e| e.to_string())
     }
 
-    /// What the OpenAI SDK sends when a client appends a response's message to its history passes; a
-    /// field no message has is refused by name, at any depth, instead of silently dropped.
+    /// What the OpenAI SDK sends when a client appends a response's message to its history passes (fields
+    /// no message has are ignored, as OpenAI does in messages), keeping what carries the turn; a field no
+    /// tool has is refused by name: there a misspelling would drop a constraint.
     #[test]
     fn nested_fields_are_kept_or_refused_by_name() {
         let m = message(
             json!({"role": "assistant", "content": "Hi.", "refusal": null, "audio": null,
-            "function_call": null, "annotations": [], "tool_calls": [{"index": 0, "id": "c1",
-            "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+            "function_call": null, "annotations": [], "parsed": null, "tool_calls": [{"index": 0,
+            "id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}",
+            "parsed_arguments": {}}}]}),
         )
         .unwrap();
         let Message::Assistant(a) = m else { panic!() };
@@ -788,7 +780,6 @@ mod tests {
             message(json!({"role": "assistant", "content": null, "refusal": "I can't."})).unwrap();
         assert_eq!(m.to_value()["content"], "I can't.");
         for (bad, says) in [
-            (json!({"role": "user", "content": "x", "nmae": "u"}), "nmae"),
             (
                 json!({"role": "assistant", "content": "x", "audio": {"id": "a1"}}),
                 "audio:",
@@ -798,13 +789,8 @@ mod tests {
                 "function_call:",
             ),
             (
-                json!({"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
-                "function": {"name": "f", "arguments": "{}", "strict": true}}]}),
-                "tool_calls[0].function",
-            ),
-            (
-                json!({"role": "tool", "content": "21", "tool_call_id": "c", "is_error": true}),
-                "is_error",
+                json!({"role": "assistant", "content": "x", "refusal": 3}),
+                "refusal:",
             ),
         ] {
             let e = message(bad.clone()).unwrap_err();

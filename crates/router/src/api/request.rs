@@ -36,7 +36,8 @@ impl Stop {
     }
 }
 
-/// `stream_options` (with `stream: true` only, as on OpenAI).
+/// `stream_options` (read with `stream: true`; without it there is nothing they could change, and they
+/// are ignored, as vLLM and llama-server ignore them).
 #[derive(Debug, Clone, Default, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct StreamOptions {
@@ -50,15 +51,9 @@ pub struct StreamOptions {
 }
 
 impl StreamOptions {
-    /// The options checked against the request's `stream`: without it they are refused, as on OpenAI.
+    /// The options checked against the request's `stream`.
     fn check(&self, stream: bool) -> Result<(), RouterError> {
-        if !stream {
-            return Err(RouterError::invalid(
-                "stream_options is only allowed with stream: true",
-                "stream_options",
-            ));
-        }
-        if self.include_obfuscation == Some(true) {
+        if stream && self.include_obfuscation == Some(true) {
             return Err(RouterError::invalid(
                 "stream_options.include_obfuscation: true cannot be honoured (chunks are not padded)",
                 "stream_options.include_obfuscation",
@@ -1540,11 +1535,6 @@ mod tests {
                 serde_json::json!({"reasoning_effort": "extreme"}),
                 "reasoning_effort",
                 "none, minimal",
-            ),
-            (
-                serde_json::json!({"stream_options": {"include_usage": true}}),
-                "stream_options",
-                "stream: true",
             ),
             (
                 serde_json::json!({"stream": true, "stream_options": {"include_obfuscation": true}}),
