@@ -708,21 +708,15 @@ fn penalties_see_the_prompts_tail_from_the_first_token() {
     let e = f32_engine();
     let (plain, _, _) = answer(&e, base, 48);
     let window = jemma_engine_llama::Sampling::default().penalty_context;
-    let cut = (1..plain.len())
-        .find(|&j| {
-            let seen: Vec<u32> = base.iter().chain(&plain[..j]).copied().collect();
-            seen[seen.len().saturating_sub(window)..].contains(&plain[j])
-        })
-        .expect("the tiny model's greedy answer repeats a recent token within 48");
-    let prompt: Vec<u32> = base.iter().chain(&plain[..cut]).copied().collect();
+    let (prompt, repeat) = jemma_fixtures::checks::repeat_prompt(base, &plain, window);
     let (again, _, _) = answer(&e, &prompt, 1);
-    assert_eq!(again, [plain[cut]], "the plain answer goes on as before");
+    assert_eq!(again, [repeat], "the plain answer goes on as before");
     let mut r = request(Prompt::Ids(prompt), 1);
     r.sampling.repetition_penalty = Some(100.0);
     let (penalised, _, _) = answer_to(&e, r);
     assert_ne!(
         penalised,
-        [plain[cut]],
+        [repeat],
         "the penalty saw the prompt's last {window} tokens"
     );
 }

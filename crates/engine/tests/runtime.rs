@@ -380,22 +380,16 @@ fn penalties_see_the_prompts_tail_from_the_first_token() {
         .collect();
     let (plain, _, _) = answer_with(&e, Prompt::Ids(base.clone()), 48);
     let window = jemma_engine::sample::SamplingParams::default().penalty_context;
-    let cut = (1..plain.len())
-        .find(|&j| {
-            let seen: Vec<u32> = base.iter().chain(&plain[..j]).copied().collect();
-            seen[seen.len().saturating_sub(window)..].contains(&plain[j])
-        })
-        .expect("the tiny model's greedy answer repeats a recent token within 48");
-    let prompt: Vec<u32> = base.iter().chain(&plain[..cut]).copied().collect();
+    let (prompt, repeat) = jemma_fixtures::checks::repeat_prompt(&base, &plain, window);
     let (again, _, _) = answer_with(&e, Prompt::Ids(prompt.clone()), 1);
-    assert_eq!(again, [plain[cut]], "the plain answer goes on as before");
+    assert_eq!(again, [repeat], "the plain answer goes on as before");
     let mut r = request(1);
     r.prompt = Prompt::Ids(prompt);
     r.options.sampling.repetition_penalty = Some(100.0);
     let (penalised, _, _) = answer_of(e.submit(r).unwrap());
     assert_ne!(
         penalised,
-        [plain[cut]],
+        [repeat],
         "the penalty saw the prompt's last {window} tokens"
     );
 }
