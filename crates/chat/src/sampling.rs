@@ -50,6 +50,13 @@ impl Default for SamplingParams {
 }
 
 impl SamplingParams {
+    /// Whether any penalty changes the logits (repetition not 1, presence or frequency not 0).
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty.is_some_and(|r| r != 1.0)
+            || self.presence_penalty != 0.0
+            || self.frequency_penalty != 0.0
+    }
+
     /// Rejects values that would make sampling meaningless or crash a kernel (the message is for the client).
     pub fn validate(&self, vocab: usize) -> Result<(), String> {
         let bad = |m: String| Err(m);

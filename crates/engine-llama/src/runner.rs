@@ -1027,9 +1027,11 @@ impl LlamaSequence {
         // The penalties' window reaches back into the prompt, as on the MLX engine (mlx-lm's processors
         // see prompt and answer) and in llama-server (which feeds the prompt to its sampler): the first
         // tokens of an answer are penalised for what the prompt just said.
-        let window = req.sampling.penalty_context.min(ids.len());
-        for &t in &ids[ids.len() - window..] {
-            sampler.accept(t);
+        if req.sampling.has_penalties() {
+            let window = req.sampling.penalty_context.min(ids.len());
+            for &t in &ids[ids.len() - window..] {
+                sampler.accept(t);
+            }
         }
         let grammar = match &req.constraint {
             None => None,
@@ -1086,9 +1088,7 @@ impl LlamaSequence {
             sampler,
             plain_greedy: req.sampling.temperature <= 0.0
                 && req.sampling.logit_bias.is_empty()
-                && req.sampling.repetition_penalty.unwrap_or(1.0) == 1.0
-                && req.sampling.presence_penalty == 0.0
-                && req.sampling.frequency_penalty == 0.0,
+                && !req.sampling.has_penalties(),
             grammar,
             thinking,
             text: Utf8Stream { pending: vec![] },

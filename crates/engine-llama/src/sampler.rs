@@ -13,14 +13,13 @@ pub(crate) fn sampler(loaded: &Loaded, s: &Sampling) -> Result<LlamaSampler> {
             .collect();
         chain.push(LlamaSampler::logit_bias(n_vocab, &biases));
     }
-    let rep = s.repetition_penalty.unwrap_or(1.0);
-    if rep != 1.0 || s.presence_penalty != 0.0 || s.frequency_penalty != 0.0 {
+    if s.has_penalties() {
         // The same window as the MLX engine (mlx-lm's 20 tokens by default), over the prompt's tail and
         // the answer: the runner accepts the prompt's last tokens into the chain before the first step.
         chain.push(LlamaSampler::penalties(
             n_vocab,
             s.penalty_context as i32,
-            rep,
+            s.repetition_penalty.unwrap_or(1.0),
             s.frequency_penalty,
             s.presence_penalty,
         ));

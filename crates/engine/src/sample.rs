@@ -57,12 +57,6 @@ impl Sampler {
         })
     }
 
-    fn has_penalties(&self) -> bool {
-        self.params.repetition_penalty.is_some_and(|r| r != 1.0)
-            || self.params.presence_penalty != 0.0
-            || self.params.frequency_penalty != 0.0
-    }
-
     /// Applies logit bias and penalties (mlx-lm `make_logits_processors` order). `history` is the lazy
     /// int32 array of prompt + generated tokens.
     pub fn process(&self, logits: &Array, history: Option<&Array>) -> Result<Array> {
@@ -70,7 +64,7 @@ impl Sampler {
         if let Some(b) = &self.bias {
             logits = ops::add(&logits, b)?;
         }
-        let Some(hist) = history.filter(|_| self.has_penalties()) else {
+        let Some(hist) = history.filter(|_| self.params.has_penalties()) else {
             return Ok(logits);
         };
         let n = hist.shape()[0];
