@@ -64,6 +64,7 @@ async fn probe_endpoint(
         connect_timeout: std::time::Duration::from_secs(5),
         default_max_tokens: 1,
         probe,
+        dialect: e.dialect,
     })?;
     Ok(b.probe().await?)
 }

@@ -188,6 +188,38 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
         text.contains("\"tier\":\"heavy\"") && text.trim_end().ends_with("data: [DONE]"),
         "{text}"
     );
+    // Fields OpenAI's API lacks reach the heavy server under the names it reads: the gateway learns from
+    // its /v1/models (owned_by "jemma") that it speaks Jemma's own, so a sampled answer with top_k and a
+    // repetition penalty is the one the heavy server gives to the same request asked directly.
+    let sampled =
+        |url: String, key: Option<&'static str>| {
+            let client = client.clone();
+            async move {
+                let mut rb = client.post(format!("{url}/v1/chat/completions")).json(&json!({
+                "model": "heavy", "max_tokens": 8, "temperature": 1.0, "seed": 7, "top_k": 3,
+                "min_p": 0.05, "repetition_penalty": 1.5, "enable_thinking": false,
+                "messages": [{"role": "user", "content": "Count with me"}]
+            }));
+                if let Some(k) = key {
+                    rb = rb.bearer_auth(k);
+                }
+                let v: Value = rb.send().await.unwrap().json().await.unwrap();
+                v["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{v}"))
+                    .to_string()
+            }
+        };
+    assert_eq!(
+        sampled(gw.url.clone(), None).await,
+        sampled(heavy.url.clone(), Some("sk-heavy-test")).await
+    );
+    let (_, health) = ureq_get(&format!("{}/health", gw.url)).unwrap();
+    let health: Value = serde_json::from_str(&health).unwrap();
+    assert_eq!(
+        health["tiers"]["heavy"]["backend"]["dialect"], "vllm",
+        "{health}"
+    );
     // A plain prompt (/v1/completions) is read upstream as it is, by the upstream's own /v1/completions:
     // the same greedy text as asking the heavy server directly (as a chat, its template would wrap it).
     let complete = |url: String, key: Option<&'static str>| {

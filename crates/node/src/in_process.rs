@@ -461,6 +461,7 @@ pub fn engine_health<I>(s: &jemma_serve::host::Status<I>, details: Value) -> Bac
         context_length: (s.context_length > 0).then_some(s.context_length),
         input_modalities: vec![],
         chat: None,
+        dialect: None,
         details,
     }
 }

@@ -16,7 +16,7 @@ use jemma_models::{Catalog, PullProgress};
 
 use crate::in_process::EngineBackend;
 use jemma_router::RouterError;
-use jemma_router::backend::{Backend, BackendState, Probe};
+use jemma_router::backend::{Backend, BackendState, OpenAiConfig, Probe};
 use jemma_router::classify::Tier;
 use jemma_router::config::{
     Config, EndpointKind, FlashAttention, TierConfig, TierKind, resolve_secret,
@@ -966,19 +966,23 @@ pub fn build_router(
         let backend: Arc<dyn Backend> = if c.endpoints.is_empty() {
             match c.kind {
                 TierKind::Local => local(c)?,
-                TierKind::Openai => upstream_backend(
-                    *tier,
-                    c.url.as_deref().unwrap_or_default(),
-                    &c.api_key,
-                    if c.model.is_empty() {
+                TierKind::Openai => {
+                    let model = if c.model.is_empty() {
                         tier.to_string()
                     } else {
                         c.model.clone()
-                    },
-                    Probe::Models,
-                    default_max_tokens(c),
-                    keyring,
-                )?,
+                    };
+                    let url = c.url.as_deref().unwrap_or_default();
+                    upstream_backend(
+                        *tier,
+                        OpenAiConfig {
+                            api_key: c.api_key.clone(),
+                            dialect: c.dialect,
+                            ..OpenAiConfig::new(url, model, Probe::Models, default_max_tokens(c))
+                        },
+                        keyring,
+                    )?
+                }
             }
         } else {
             let mut specs = vec![];

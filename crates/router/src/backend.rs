@@ -17,6 +17,7 @@ use crate::api::{
     ChatCompletionChunk, ChatCompletionRequest, ChatRequest, CompletionRequest, Message,
     ResponseFormat, Stop, StreamOptions, Usage,
 };
+use crate::dialect::Dialect;
 
 /// One piece of an answer, in order.
 #[derive(Debug, Clone, PartialEq)]
@@ -231,6 +232,10 @@ pub struct BackendHealth {
     /// `/v1/completions` only; None: not known, as of an upstream, and taken to chat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat: Option<bool>,
+    /// An upstream's dialect ([`crate::dialect`]), once configured or learned (None: an in-process
+    /// engine, which reads every field, or not learned yet).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<Dialect>,
     /// Extra figures (memory, queue).
     pub details: Value,
 }
@@ -244,6 +249,13 @@ impl BackendHealth {
     /// Whether the model is known to have no chat template (a base model).
     pub fn refuses_chat(&self) -> bool {
         self.chat == Some(false)
+    }
+
+    /// Whether the backend is known to have no name for one of `fields` (an upstream that speaks only
+    /// OpenAI's API, [`Dialect::Openai`], given what [`crate::dialect::extension_fields`] lists; an
+    /// in-process engine or an upstream not learned yet may take them).
+    pub fn refuses_fields(&self, fields: &[&str]) -> bool {
+        !fields.is_empty() && self.dialect == Some(Dialect::Openai)
     }
 
     /// Whether the model is known not to take one of `modalities` (an unknown model may take them all).
@@ -479,6 +491,25 @@ pub struct OpenAiConfig {
     pub default_max_tokens: u32,
     /// How [`Backend::probe`] checks it.
     pub probe: Probe,
+    /// What it calls the fields OpenAI's API lacks ([`Dialect::Auto`]: learned from its `/v1/models`;
+    /// a Jemma node, [`Probe::Jemma`], speaks [`Dialect::Vllm`] whatever this says).
+    pub dialect: Dialect,
+}
+
+impl OpenAiConfig {
+    /// An upstream at `url` asked for `model`, probed as `probe`, with no key, a 10 s connect timeout
+    /// and its dialect learned ([`Dialect::Auto`]); `default_max_tokens` when a request sets none.
+    pub fn new(url: &str, model: String, probe: Probe, default_max_tokens: u32) -> Self {
+        Self {
+            url: url.to_string(),
+            api_key: None,
+            model,
+            connect_timeout: Duration::from_secs(10),
+            default_max_tokens,
+            probe,
+            dialect: Dialect::Auto,
+        }
+    }
 }
 
 /// How an OpenAI-compatible upstream is health-checked.
@@ -499,6 +530,8 @@ pub struct OpenAiBackend {
     cfg: OpenAiConfig,
     client: reqwest::Client,
     health: Arc<std::sync::Mutex<BackendHealth>>,
+    /// The dialect it speaks: the configured one, or [`Dialect::Auto`] until learned.
+    dialect: std::sync::Mutex<Dialect>,
 }
 
 impl OpenAiBackend {
@@ -513,11 +546,83 @@ impl OpenAiBackend {
             model: cfg.model.clone(),
             ..Default::default()
         };
+        let dialect = match cfg.probe {
+            Probe::Jemma { .. } => Dialect::Vllm,
+            Probe::Models => cfg.dialect,
+        };
         Ok(Self {
             cfg,
             client,
             health: Arc::new(std::sync::Mutex::new(health)),
+            dialect: std::sync::Mutex::new(dialect),
         })
+    }
+
+    /// The dialect it speaks, once configured or learned ([`Dialect::Auto`]: not yet).
+    fn known_dialect(&self) -> Dialect {
+        *self
+            .dialect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Learns the dialect from a `/v1/models` answer: the `owned_by` of the entry for this tier's model,
+    /// else of the first entry ([`Dialect::from_owned_by`]; none, or not a model list: OpenAI's).
+    fn learn_dialect(&self, models: &str) -> Dialect {
+        let v: Value = serde_json::from_str(models).unwrap_or_default();
+        let entries = v["data"].as_array().map(Vec::as_slice).unwrap_or_default();
+        let owned_by = entries
+            .iter()
+            .find(|m| m["id"].as_str() == Some(self.cfg.model.as_str()))
+            .or(entries.first())
+            .and_then(|m| m["owned_by"].as_str())
+            .unwrap_or_default();
+        let d = Dialect::from_owned_by(owned_by);
+        tracing::info!(
+            "the upstream at {} speaks the {} dialect (its /v1/models says owned_by {owned_by:?})",
+            self.cfg.url,
+            d.as_str()
+        );
+        *self
+            .dialect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = d;
+        d
+    }
+
+    /// The dialect `req` is sent in: the known one; when `req` sets something dialects name differently
+    /// and none is known yet, learned now from `GET /v1/models` (a 404 there: OpenAI's). A request
+    /// that sets nothing of the kind is sent as it is, without asking.
+    ///
+    /// Errors: the upstream cannot be reached, or answers `/v1/models` with an error other than 404.
+    async fn dialect_for(&self, req: &ChatRequest) -> Result<Dialect, BackendError> {
+        let known = self.known_dialect();
+        let dependent = req.enable_thinking.is_some()
+            || req.has_penalties()
+            || !crate::dialect::extension_fields(req).is_empty();
+        if known != Dialect::Auto || !dependent {
+            return Ok(known);
+        }
+        let url = format!("{}/models", self.v1());
+        let mut rb = self.client.get(&url);
+        if let Some(k) = &self.cfg.api_key {
+            rb = rb.bearer_auth(k);
+        }
+        let resp = rb.send().await.map_err(|e| {
+            BackendError::Unavailable(format!(
+                "cannot reach {url} to learn which fields the upstream reads: {e}"
+            ))
+        })?;
+        let status = resp.status();
+        if status.is_success() {
+            Ok(self.learn_dialect(&resp.text().await.unwrap_or_default()))
+        } else if status == reqwest::StatusCode::NOT_FOUND {
+            Ok(self.learn_dialect(""))
+        } else {
+            Err(BackendError::Unavailable(format!(
+                "{url} answered {status}: cannot learn which fields the upstream reads"
+            )))
+        }
     }
 
     fn endpoint(&self) -> String {
@@ -725,10 +830,14 @@ impl Backend for OpenAiBackend {
         continuation: Option<&str>,
     ) -> Result<ChunkStream, BackendError> {
         let raw = req.raw_prompt.is_some();
-        let body = match &req.raw_prompt {
+        let dialect = self.dialect_for(req).await?;
+        let mut body = match &req.raw_prompt {
             Some(p) => self.completion_body(req, p, continuation),
             None => serde_json::to_value(self.body(req, continuation)).unwrap_or_default(),
         };
+        if let Value::Object(fields) = &mut body {
+            dialect.adapt(req, fields).map_err(BackendError::Refused)?;
+        }
         let mut rb = self.client.post(self.endpoint_for(req)).json(&body);
         if let Some(k) = &self.cfg.api_key {
             rb = rb.bearer_auth(k);
@@ -973,7 +1082,9 @@ impl Backend for OpenAiBackend {
     }
 
     fn health(&self) -> BackendHealth {
-        self.health.lock().map(|h| h.clone()).unwrap_or_default()
+        let mut h = self.health.lock().map(|h| h.clone()).unwrap_or_default();
+        h.dialect = Some(self.known_dialect()).filter(|d| *d != Dialect::Auto);
+        h
     }
 
     fn is_peer(&self) -> bool {
@@ -1031,6 +1142,9 @@ impl Backend for OpenAiBackend {
             };
         }
         if status.is_success() {
+            if self.known_dialect() == Dialect::Auto {
+                self.learn_dialect(&body);
+            }
             Ok(())
         } else {
             Err(BackendError::Unavailable(format!(
@@ -1200,6 +1314,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             connect_timeout: Duration::from_secs(5),
             default_max_tokens: 16,
             probe: Probe::Models,
+            dialect: Dialect::Auto,
         })
         .unwrap();
         let req = ChatCompletionRequest {
@@ -1292,6 +1407,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             connect_timeout: Duration::from_secs(5),
             default_max_tokens: 16,
             probe: Probe::Models,
+            dialect: Dialect::Auto,
         })
         .unwrap();
         let req =
@@ -1319,5 +1435,246 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             c[1].to_value(),
             json!({"role": "assistant", "content": "Hel"})
         );
+    }
+
+    /// An OpenAI-compatible server on loopback whose `/v1/models` lists one model `owned_by` as given
+    /// (None: it has no `/v1/models`, 404), and whose chat and completions answer "ok"; it records each
+    /// request as (method and path, JSON body). One request per connection (`connection: close`).
+    async fn upstream_recording(
+        owned_by: Option<&'static str>,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+    ) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(vec![]));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let mut buf = vec![];
+                let mut chunk = [0u8; 4096];
+                let head_end = loop {
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        break i + 4;
+                    }
+                };
+                let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                let length = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap())
+                    })
+                    .unwrap_or(0);
+                while buf.len() < head_end + length {
+                    let n = sock.read(&mut chunk).await.unwrap();
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+                let line = head.lines().next().unwrap_or_default();
+                let path = line
+                    .rsplit_once(' ')
+                    .map(|(p, _)| p)
+                    .unwrap_or(line)
+                    .to_string();
+                log.lock().unwrap().push((path.clone(), body));
+                let reply = if path.starts_with("GET /v1/models") {
+                    match owned_by {
+                        Some(o) => format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n{}",
+                            json!({"object": "list", "data": [{"id": "up", "object": "model", "owned_by": o}]})
+                        ),
+                        None => "HTTP/1.1 404 Not Found\r\nconnection: close\r\n\r\n".into(),
+                    }
+                } else {
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
+                     data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"text\":\"ok\",\
+                     \"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n"
+                        .into()
+                };
+                sock.write_all(reply.as_bytes()).await.unwrap();
+                let _ = sock.shutdown().await;
+            }
+        });
+        (addr, seen)
+    }
+
+    fn upstream(addr: std::net::SocketAddr, dialect: Dialect) -> OpenAiBackend {
+        OpenAiBackend::new(OpenAiConfig {
+            url: format!("http://{addr}"),
+            api_key: None,
+            model: "up".into(),
+            connect_timeout: Duration::from_secs(5),
+            default_max_tokens: 16,
+            probe: Probe::Models,
+            dialect,
+        })
+        .unwrap()
+    }
+
+    fn chat(extra: Value) -> ChatRequest {
+        let mut v = json!({"messages": [{"role": "user", "content": "hi"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<crate::api::ChatCompletionRequest>(v)
+            .unwrap()
+            .validate(&crate::api::Limits::default())
+            .unwrap()
+    }
+
+    /// Sends `req` and reads the answer to its end; the error if it was refused before any token.
+    async fn send(b: &OpenAiBackend, req: &ChatRequest) -> Result<(), BackendError> {
+        let mut rx = b.start(req, None).await?;
+        while let Some(c) = rx.recv().await {
+            c?;
+        }
+        Ok(())
+    }
+
+    /// llama-server reads `repeat_penalty` (over its `repeat_last_n`) and `thinking_budget_tokens`:
+    /// learned from its `/v1/models` (`owned_by: llamacpp`), the fields go under those names, with
+    /// Jemma's penalty window, and the others (`top_k`, `min_p`, the thinking switch) as they are.
+    #[tokio::test]
+    async fn a_llama_server_upstream_is_sent_its_own_names() {
+        let (addr, seen) = upstream_recording(Some("llamacpp")).await;
+        let b = upstream(addr, Dialect::Auto);
+        assert_eq!(b.health().dialect, None);
+        let req = chat(json!({
+            "repetition_penalty": 1.3, "thinking_token_budget": 32, "enable_thinking": true,
+            "top_k": 5, "min_p": 0.1
+        }));
+        send(&b, &req).await.unwrap();
+        // Learned once: the second request goes straight to the chat.
+        send(&b, &req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "GET /v1/models",
+                "POST /v1/chat/completions",
+                "POST /v1/chat/completions"
+            ]
+        );
+        let body = &seen[1].1;
+        assert_eq!(body["repeat_penalty"], json!(1.3f32));
+        assert_eq!(body["repeat_last_n"], 20);
+        assert_eq!(body["thinking_budget_tokens"], 32);
+        assert!(body.get("repetition_penalty").is_none(), "{body}");
+        assert!(body.get("thinking_token_budget").is_none(), "{body}");
+        assert_eq!(body["top_k"], 5);
+        assert_eq!(body["chat_template_kwargs"]["enable_thinking"], true);
+        assert_eq!(b.health().dialect, Some(Dialect::LlamaServer));
+        assert_eq!(
+            serde_json::to_value(b.health()).unwrap()["dialect"],
+            "llama-server"
+        );
+    }
+
+    /// A server not known to read more than OpenAI's fields (Ollama's `owned_by: library`) is not sent a
+    /// field it would drop: the request is refused, naming it, and nothing is sent. OpenAI's own fields
+    /// go, `reasoning_effort` as given, and extensions at their neutral value are left out.
+    #[tokio::test]
+    async fn an_openai_dialect_upstream_refuses_what_it_has_no_name_for() {
+        let (addr, seen) = upstream_recording(Some("library")).await;
+        let b = upstream(addr, Dialect::Auto);
+        for (field, value) in [
+            ("top_k", json!(5)),
+            ("min_p", json!(0.1)),
+            ("repetition_penalty", json!(1.2)),
+            ("thinking_token_budget", json!(64)),
+            ("enable_thinking", json!(true)),
+        ] {
+            let err = send(&b, &chat(json!({ field: value }))).await.unwrap_err();
+            match err {
+                BackendError::Refused(crate::RouterError::InvalidRequest { param, message }) => {
+                    assert_eq!(param.as_deref(), Some(field), "{message}");
+                    assert!(message.contains("dialect"), "{message}");
+                }
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        let req = chat(json!({
+            "reasoning_effort": "high", "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+            "presence_penalty": 0.5
+        }));
+        assert_eq!(req.enable_thinking, Some(true));
+        send(&b, &req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(paths, ["GET /v1/models", "POST /v1/chat/completions"]);
+        let body = seen[1].1.as_object().unwrap();
+        assert_eq!(body["reasoning_effort"], "high");
+        assert_eq!(body["presence_penalty"], json!(0.5f32));
+        for k in [
+            "top_k",
+            "min_p",
+            "repetition_penalty",
+            "chat_template_kwargs",
+            "repeat_last_n",
+        ] {
+            assert!(!body.contains_key(k), "{k} in {body:?}");
+        }
+    }
+
+    /// vLLM (and another Jemma node) read Jemma's names: sent as they are. A server with no
+    /// `/v1/models` (404) is taken as OpenAI's. A configured dialect is not asked for; nor is any when
+    /// the request sets nothing dialects name differently.
+    #[tokio::test]
+    async fn the_dialect_is_asked_for_only_when_it_matters() {
+        let req = chat(json!({"repetition_penalty": 1.2, "thinking_token_budget": 16}));
+        let (addr, seen) = upstream_recording(Some("vllm")).await;
+        let b = upstream(addr, Dialect::Auto);
+        send(
+            &b,
+            &chat(json!({"temperature": 0.5, "logit_bias": {"5": 1}})),
+        )
+        .await
+        .unwrap();
+        assert_eq!(b.health().dialect, None);
+        send(&b, &req).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "POST /v1/chat/completions",
+                "GET /v1/models",
+                "POST /v1/chat/completions"
+            ]
+        );
+        assert_eq!(seen[2].1["repetition_penalty"], json!(1.2f32));
+        assert_eq!(seen[2].1["thinking_token_budget"], 16);
+
+        let (addr, seen) = upstream_recording(None).await;
+        let b = upstream(addr, Dialect::Auto);
+        assert!(matches!(
+            send(&b, &req).await,
+            Err(BackendError::Refused(_))
+        ));
+        assert_eq!(b.health().dialect, Some(Dialect::Openai));
+        assert_eq!(seen.lock().unwrap().len(), 1);
+
+        // Configured: llama-server's names without asking; also on /v1/completions.
+        let (addr, seen) = upstream_recording(Some("vllm")).await;
+        let b = upstream(addr, Dialect::LlamaServer);
+        let completion = serde_json::from_value::<crate::api::CompletionRequest>(
+            json!({"prompt": "Once", "repetition_penalty": 1.2}),
+        )
+        .unwrap()
+        .validate(&crate::api::Limits::default())
+        .unwrap();
+        send(&b, &completion).await.unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].0, "POST /v1/completions");
+        assert_eq!(seen[0].1["repeat_penalty"], json!(1.2f32));
+        assert_eq!(seen[0].1["repeat_last_n"], 20);
     }
 }

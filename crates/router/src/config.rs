@@ -10,6 +10,7 @@ use crate::RouterError;
 use crate::api::Limits;
 use crate::breaker::BreakerConfig;
 use crate::classify::{ClassifierConfig, Tier};
+use crate::dialect::Dialect;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
@@ -370,6 +371,10 @@ pub struct TierConfig {
     pub url: Option<String>,
     /// OpenAI: bearer key: a literal, `env:VAR`, or `keyring:SERVICE/ACCOUNT` (resolved by the host app).
     pub api_key: Option<String>,
+    /// OpenAI: what the upstream calls `top_k`, `min_p`, `repetition_penalty` and the thinking fields
+    /// (`auto`, `vllm`, `llama-server`, `openai`; see [`crate::dialect`]). Default `auto`: learned from its
+    /// `/v1/models`.
+    pub dialect: Dialect,
     /// Whether the tier takes requests (the heavy toggle).
     pub enabled: bool,
     /// Requests running at once on this tier; for a local tier also the engine's batch (sequences decoded
@@ -525,6 +530,10 @@ pub struct EndpointConfig {
     /// Model name sent to the endpoint (default: the tier's `model` for `openai`, the tier's name for
     /// `jemma`).
     pub model: Option<String>,
+    /// `openai`: what the server calls the fields OpenAI's API lacks ([`crate::dialect`]; default `auto`,
+    /// learned from its `/v1/models`). A Jemma node speaks Jemma's own (vLLM's).
+    #[serde(default)]
+    pub dialect: Dialect,
     /// Share of the load relative to the other endpoints (default 1).
     #[serde(default = "one")]
     pub weight: f64,
@@ -549,6 +558,7 @@ impl Default for EndpointConfig {
             url: None,
             api_key: None,
             model: None,
+            dialect: Dialect::Auto,
             weight: 1.0,
             max_concurrency: None,
             probe: true,
@@ -646,6 +656,7 @@ impl Default for TierConfig {
             model: String::new(),
             url: None,
             api_key: None,
+            dialect: Dialect::Auto,
             enabled: true,
             max_concurrency: None,
             max_queue: 16,
@@ -758,6 +769,12 @@ impl Config {
                         return Err(RouterError::Config(format!(
                             "tiers.{t}: url and api_key are an openai tier's; a local tier serves its \
                              model on this machine: remove them, or set kind = \"openai\""
+                        )));
+                    }
+                    TierKind::Local if c.dialect != Dialect::Auto => {
+                        return Err(RouterError::Config(format!(
+                            "tiers.{t}: dialect is an openai tier's (what its upstream calls the fields \
+                             OpenAI lacks); a local tier's engine reads them all: remove it"
                         )));
                     }
                     TierKind::Openai if c.url.as_deref().unwrap_or("").is_empty() => {
@@ -922,6 +939,11 @@ fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
             "a pool's endpoints say their own kind; remove the tier's kind = \"openai\"".into(),
         );
     }
+    if c.dialect != Dialect::Auto {
+        return err(
+            "a pool's endpoints each speak their own; set dialect on each [[endpoints]]".into(),
+        );
+    }
     if c.max_concurrency.is_some() {
         return err(
             "a pool runs what its endpoints run together; set max_concurrency on each [[endpoints]]"
@@ -954,16 +976,21 @@ fn check_pool(t: Tier, c: &TierConfig) -> Result<(), RouterError> {
                     return err(format!("{at}: a local endpoint has no url"));
                 }
                 // It serves the tier's own model on this machine: these would be silently ignored.
-                if e.model.is_some() || e.api_key.is_some() {
+                if e.model.is_some() || e.api_key.is_some() || e.dialect != Dialect::Auto {
                     return err(format!(
                         "{at}: a local endpoint serves the tier's model, with no key: remove its \
-                         model and api_key"
+                         model, api_key and dialect"
                     ));
                 }
             }
             EndpointKind::Jemma | EndpointKind::Openai => {
                 if e.url.as_deref().unwrap_or("").is_empty() {
                     return err(format!("{at}: needs url"));
+                }
+                if e.kind() == EndpointKind::Jemma && e.dialect != Dialect::Auto {
+                    return err(format!(
+                        "{at}: a Jemma node speaks Jemma's own dialect; remove dialect (or set kind = \"openai\")"
+                    ));
                 }
             }
         }
@@ -1255,6 +1282,49 @@ first_token_timeout_secs = 600
                 .contains("flash_attention"),
             "refused on an openai tier"
         );
+    }
+
+    #[test]
+    fn a_dialect_is_an_upstreams_setting() {
+        let c = Config::parse(
+            "[tiers.heavy]\nkind = \"openai\"\nmodel = \"m\"\nurl = \"http://x\"\ndialect = \"llama-server\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tiers[&Tier::Heavy].dialect, Dialect::LlamaServer);
+        let e = Config::parse(
+            "[tiers.heavy]\nkind = \"openai\"\nmodel = \"m\"\nurl = \"http://x\"\ndialect = \"tgi\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("dialect") && e.contains("llama-server"), "{e}");
+        // A local engine reads every field; a pool's endpoints each say their own; a Jemma node speaks
+        // Jemma's.
+        for (toml, word) in [
+            (
+                "[tiers.fast]\nmodel = \"x.gguf\"\ndialect = \"openai\"\n",
+                "local tier",
+            ),
+            (
+                "[tiers.fast]\ndialect = \"vllm\"\n[[tiers.fast.endpoints]]\nurl = \"http://x\"\n",
+                "each [[endpoints]]",
+            ),
+            (
+                "[tiers.fast]\n[[tiers.fast.endpoints]]\nkind = \"jemma\"\nurl = \"http://x\"\ndialect = \"vllm\"\n",
+                "Jemma node",
+            ),
+            (
+                "[tiers.fast]\nmodel = \"x.gguf\"\n[[tiers.fast.endpoints]]\nkind = \"local\"\ndialect = \"vllm\"\n",
+                "dialect",
+            ),
+        ] {
+            let e = Config::parse(toml).unwrap_err().to_string();
+            assert!(e.contains(word), "{toml}: {e}");
+        }
+        let c = Config::parse(
+            "[tiers.fast]\n[[tiers.fast.endpoints]]\nurl = \"http://x\"\ndialect = \"openai\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.tiers[&Tier::Fast].endpoints[0].dialect, Dialect::Openai);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod backend;
 pub mod breaker;
 pub mod classify;
 pub mod config;
+pub mod dialect;
 pub mod discovery;
 pub mod media;
 pub mod membership;

@@ -4,7 +4,6 @@
 //! so the gateway and the app use it whatever the build links.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use crate::RouterError;
 use crate::backend::{Backend, OpenAiBackend, OpenAiConfig, Probe};
@@ -13,36 +12,24 @@ use crate::config::{Config, EndpointConfig, EndpointKind, TierConfig, TierKind, 
 use crate::pool::EndpointSpec;
 use crate::route::TierRouter;
 
-/// An OpenAI-compatible upstream of tier `tier` (a tier's one backend or a pool member); `api_key` a
-/// literal, `env:VAR` or `keyring:` reference resolved through `keyring`. Errors: an unresolvable key or
-/// an invalid client configuration ([`RouterError::Config`]).
+/// An OpenAI-compatible upstream of tier `tier` (a tier's one backend or a pool member) as `cfg` says,
+/// its `api_key` a literal, `env:VAR` or `keyring:` reference, resolved here through `keyring`.
+///
+/// Errors: an unresolvable key or an invalid client configuration ([`RouterError::Config`]).
 pub fn upstream_backend(
     tier: Tier,
-    url: &str,
-    api_key: &Option<String>,
-    model: String,
-    probe: Probe,
-    default_max_tokens: u32,
+    mut cfg: OpenAiConfig,
     keyring: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Arc<dyn Backend>, RouterError> {
-    let key = match api_key {
-        Some(k) => Some(
+    if let Some(k) = &cfg.api_key {
+        cfg.api_key = Some(
             resolve_secret(k, keyring)
                 .map_err(|e| RouterError::Config(format!("tier {tier}: api_key: {e}")))?,
-        ),
-        None => None,
-    };
-    Ok(Arc::new(
-        OpenAiBackend::new(OpenAiConfig {
-            url: url.to_string(),
-            api_key: key,
-            model,
-            connect_timeout: Duration::from_secs(10),
-            default_max_tokens,
-            probe,
-        })
-        .map_err(|e| RouterError::Config(format!("tier {tier}: {e}")))?,
-    ))
+        );
+    }
+    Ok(Arc::new(OpenAiBackend::new(cfg).map_err(|e| {
+        RouterError::Config(format!("tier {tier}: {e}"))
+    })?))
 }
 
 /// The backend of a remote member (`jemma` or `openai`) of tier `tier`'s pool, configured as `c`: a
@@ -71,25 +58,30 @@ pub fn remote_endpoint(
         ))),
         EndpointKind::Jemma => {
             let peer_tier = e.model.clone().unwrap_or_else(|| tier.to_string());
+            let probe = Probe::Jemma {
+                tier: peer_tier.clone(),
+            };
             upstream_backend(
                 tier,
-                url,
-                &e.api_key,
-                peer_tier.clone(),
-                Probe::Jemma { tier: peer_tier },
-                default_max_tokens,
+                OpenAiConfig {
+                    api_key: e.api_key.clone(),
+                    ..OpenAiConfig::new(url, peer_tier, probe, default_max_tokens)
+                },
                 keyring,
             )
         }
-        EndpointKind::Openai => upstream_backend(
-            tier,
-            url,
-            &e.api_key,
-            e.model.clone().unwrap_or_else(|| or_tier(&c.model)),
-            Probe::Models,
-            default_max_tokens,
-            keyring,
-        ),
+        EndpointKind::Openai => {
+            let model = e.model.clone().unwrap_or_else(|| or_tier(&c.model));
+            upstream_backend(
+                tier,
+                OpenAiConfig {
+                    api_key: e.api_key.clone(),
+                    dialect: e.dialect,
+                    ..OpenAiConfig::new(url, model, Probe::Models, default_max_tokens)
+                },
+                keyring,
+            )
+        }
     }
 }
 
@@ -141,6 +133,13 @@ impl Membership {
         let url = e.url.as_deref().unwrap_or("");
         if !(url.starts_with("http://") || url.starts_with("https://")) {
             return Err(bad("url must be an http(s) URL".into(), "url"));
+        }
+        if e.kind() == EndpointKind::Jemma && e.dialect != crate::dialect::Dialect::Auto {
+            return Err(bad(
+                "a Jemma node speaks Jemma's own dialect; remove dialect (or give kind openai)"
+                    .into(),
+                "dialect",
+            ));
         }
         if !(e.weight > 0.0 && e.weight.is_finite()) {
             return Err(bad("weight must be positive".into(), "weight"));

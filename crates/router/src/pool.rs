@@ -1010,6 +1010,8 @@ impl Backend for Pool {
             } else {
                 None
             },
+            // Each member speaks its own; `endpoints[].backend.dialect` says which.
+            dialect: None,
             details: json!({"endpoints": endpoints}),
         }
     }

@@ -599,7 +599,10 @@ impl ResponsesRequest {
             enable_thinking,
             ..Default::default()
         };
-        Ok((chat.validate(limits)?, echo))
+        let mut chat = chat.validate(limits)?;
+        // The effort as given, for an upstream that speaks only OpenAI's API (`crate::dialect`).
+        chat.reasoning_effort = reasoning.effort.clone();
+        Ok((chat, echo))
     }
 }
 
@@ -1139,6 +1142,8 @@ mod tests {
         assert_eq!(r.parallel_tool_calls, Some(false));
         assert!(r.response_format.is_json());
         assert_eq!(r.enable_thinking, Some(false));
+        // Kept as given, for an upstream that reads only OpenAI's fields.
+        assert_eq!(r.reasoning_effort.as_deref(), Some("low"));
         // A function is strict unless it says otherwise, as OpenAI's Responses API has it: the engines
         // enforce any call to it. A flag that is not a boolean is refused by name.
         assert_eq!(r.tools.as_ref().unwrap()[0].function.strict, Some(true));

@@ -515,7 +515,10 @@ impl TierRouter {
             logprobs: false,
             top_logprobs: 0,
             response_format: Default::default(),
-            enable_thinking: Some(false),
+            // Not set: an upstream that reads only OpenAI's fields would refuse a thinking switch, and
+            // Gemma 4's template does not think unless asked.
+            enable_thinking: None,
+            reasoning_effort: None,
             thinking_token_budget: None,
             stream: true,
             include_usage: false,
@@ -715,6 +718,35 @@ impl TierRouter {
                 rule: decision.rule,
             };
         }
+        // Fields OpenAI's API has no name for go where they are read: an automatic choice whose tier's
+        // upstream is known to speak only OpenAI's API (it would refuse them, `crate::dialect`) is moved to
+        // one that takes them, its media and its chat.
+        let extensions = crate::dialect::extension_fields(req);
+        let reads = |t: &Tier| {
+            self.tiers
+                .get(t)
+                .is_some_and(|s| !s.backend().health().refuses_fields(&extensions))
+        };
+        if !extensions.is_empty()
+            && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
+            && self.tiers.contains_key(&decision.tier)
+            && !reads(&decision.tier)
+            && let Some(t) = self.first_able(decision.tier, |t| {
+                reads(t) && sees(t) && (req.raw_prompt.is_some() || chats(t))
+            })
+        {
+            decision = Decision {
+                reason: format!(
+                    "{} → {t}: the {} tier's upstream has no name for {} ({})",
+                    extensions.join(", "),
+                    decision.tier,
+                    if extensions.len() == 1 { "it" } else { "them" },
+                    decision.reason
+                ),
+                tier: t,
+                rule: decision.rule,
+            };
+        }
         // An explicitly named tier that is not configured is a client error; an automatic choice walks down
         // to what exists.
         let explicit = decision.rule == Rule::ExplicitTier;
@@ -749,6 +781,10 @@ impl TierRouter {
         // the chosen tier may be disabled, or fail, with a base model below it.
         if req.raw_prompt.is_none() && chain.iter().any(chats) {
             chain.retain(|t| *t == decision.tier || chats(t));
+        }
+        // Nor to a tier whose upstream would refuse its fields (a 400 that would end the walk).
+        if !extensions.is_empty() && chain.iter().any(reads) {
+            chain.retain(|t| *t == decision.tier || reads(t));
         }
         // A request another Jemma node forwarded is served by the tier it named or not at all: that node
         // falls back itself.

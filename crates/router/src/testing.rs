@@ -14,6 +14,7 @@ use crate::api::{ChatRequest, Usage};
 use crate::backend::{
     Backend, BackendError, BackendHealth, BackendState, Chunk, ChunkStream, FinishReason, Modality,
 };
+use crate::dialect::Dialect;
 
 /// What a [`Scripted`] backend does on each call.
 #[derive(Clone, Debug)]
@@ -57,6 +58,8 @@ pub struct Scripted {
     pub modalities: Mutex<Vec<Modality>>,
     /// Whether its model has a chat template, as `/health` says (None: not known).
     pub chat: Mutex<Option<bool>>,
+    /// The upstream dialect its health reports (None: not known, or an in-process engine).
+    pub dialect: Mutex<Option<Dialect>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -77,7 +80,14 @@ impl Scripted {
             peer: AtomicBool::new(false),
             modalities: Mutex::new(vec![]),
             chat: Mutex::new(None),
+            dialect: Mutex::new(None),
         })
+    }
+
+    /// Says it is an upstream speaking `dialect` (as its `/health` would); returns it.
+    pub fn speaking(self: Arc<Self>, dialect: Dialect) -> Arc<Self> {
+        *lock(&self.dialect) = Some(dialect);
+        self
     }
 
     /// Says its model is a base model, with no chat template (as its `/health` would); returns it.
@@ -208,6 +218,7 @@ impl Backend for Scripted {
             model_loaded: true,
             input_modalities: lock(&self.modalities).clone(),
             chat: *lock(&self.chat),
+            dialect: *lock(&self.dialect),
             ..Default::default()
         }
     }

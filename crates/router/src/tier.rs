@@ -288,6 +288,7 @@ impl Backend for LocalTier {
                     context_length: None,
                     input_modalities: vec![],
                     chat: None,
+                    dialect: None,
                     details: json!({"swap": swap_json}),
                 }
             }

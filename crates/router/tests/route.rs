@@ -936,6 +936,55 @@ async fn images_go_to_a_tier_whose_model_can_see_them() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn fields_openai_lacks_go_to_a_tier_that_reads_them() {
+    use jemma_router::dialect::Dialect;
+    // Fast's upstream speaks only OpenAI's API (Ollama, say): it would refuse top_k.
+    let fast = Scripted::new("ollama", Script::Answer(vec!["fast"])).speaking(Dialect::Openai);
+    let primary = Scripted::new("e4b", Script::Answer(vec!["primary"]));
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
+    let with = |model: &str, extra: serde_json::Value| {
+        let mut v =
+            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<ChatCompletionRequest>(v)
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap()
+    };
+    let a = collect(
+        r.chat(with("auto", serde_json::json!({"top_k": 5})))
+            .unwrap(),
+    )
+    .await;
+    let routing = a.routing.unwrap();
+    assert_eq!(
+        (a.text.as_str(), routing.tier.as_str()),
+        ("primary", "primary")
+    );
+    assert!(
+        routing.reason.starts_with("top_k → primary"),
+        "{}",
+        routing.reason
+    );
+    // OpenAI's own fields (reasoning_effort among them) and neutral values stay where the rules send them.
+    let plain = serde_json::json!({"top_k": 0, "reasoning_effort": "low", "temperature": 0.3});
+    let a = collect(r.chat(with("auto", plain)).unwrap()).await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+    // A named tier is taken as named (its upstream refuses the field itself).
+    let a = collect(
+        r.chat(with("fast", serde_json::json!({"min_p": 0.1})))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(a.routing.unwrap().tier, "fast");
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_pool_sends_images_to_members_that_can_see_them() {
     let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"])).taking(&[Modality::Text]);
     let seeing = Scripted::new("e4b", Script::Answer(vec!["seeing"]))

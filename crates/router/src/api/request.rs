@@ -321,6 +321,10 @@ pub struct ChatRequest {
     pub response_format: ResponseFormat,
     /// Thinking on/off.
     pub enable_thinking: Option<bool>,
+    /// OpenAI's `reasoning_effort` (or the Responses API's `reasoning.effort`) as the client gave it,
+    /// when `enable_thinking` came from it (None: it did not, or none was given). An upstream that
+    /// speaks only OpenAI's API is sent this rather than the thinking switch (see [`crate::dialect`]).
+    pub reasoning_effort: Option<String>,
     /// Most tokens the answer may spend thinking (`thinking_token_budget`), enforced by the engines.
     pub thinking_token_budget: Option<u32>,
     /// Streaming.
@@ -365,6 +369,14 @@ pub struct ChatRequest {
 }
 
 impl ChatRequest {
+    /// Whether a penalty is set past its neutral value (`presence_penalty` or `frequency_penalty` other
+    /// than 0, `repetition_penalty` other than 1), as [`jemma_chat::sampling::SamplingParams::has_penalties`].
+    pub fn has_penalties(&self) -> bool {
+        self.repetition_penalty.is_some_and(|r| r != 1.0)
+            || self.presence_penalty.is_some_and(|p| p != 0.0)
+            || self.frequency_penalty.is_some_and(|f| f != 0.0)
+    }
+
     /// Fetches the messages' http(s) image URLs ([`crate::media::ImageFetcher`]: public addresses only unless
     /// `fetch_private_media_urls`, `image/*`, within `max_image_bytes` and the timeout) and decodes every
     /// image (off the async runtime: a large JPEG takes a while), so that a bad image is refused before any
@@ -997,15 +1009,14 @@ impl ChatCompletionRequest {
             Some(e) => Some(thinking_for_effort(e, "reasoning_effort")?),
             None => None,
         };
-        let enable_thinking = self
-            .enable_thinking
-            .or_else(|| {
-                self.chat_template_kwargs
-                    .as_ref()
-                    .and_then(|k| k.get("enable_thinking"))
-                    .and_then(Value::as_bool)
-            })
-            .or(effort);
+        let switch = self.enable_thinking.or_else(|| {
+            self.chat_template_kwargs
+                .as_ref()
+                .and_then(|k| k.get("enable_thinking"))
+                .and_then(Value::as_bool)
+        });
+        let reasoning_effort = self.reasoning_effort.filter(|_| switch.is_none());
+        let enable_thinking = switch.or(effort);
         Ok(ChatRequest {
             requested_model: self.model.unwrap_or_else(|| "auto".into()),
             messages: self.messages,
@@ -1027,6 +1038,7 @@ impl ChatCompletionRequest {
             top_logprobs,
             response_format,
             enable_thinking,
+            reasoning_effort,
             thinking_token_budget: self.thinking_token_budget,
             stream: self.stream,
             include_usage: self
