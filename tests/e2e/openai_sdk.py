@@ -127,6 +127,23 @@ for label, schema in (("city", city), ("bounded city", bounded)):
     check(f"json_schema {label}: every finished answer of 20 validates ({finished} finished)",
           label == "city" or finished >= 5, finished)
 
+# The format's description says what the JSON is for; OpenAI's model is shown it, and so is Gemma 4: it ends
+# the system instruction, so the prompt is longer by it, with or without a system message.
+def prompt_tokens(description, system):
+    fmt = {"name": "city", "strict": True, "schema": city}
+    if description:
+        fmt["description"] = description
+    messages = [{"role": "user", "content": "A city, please"}]
+    if system:
+        messages.insert(0, {"role": "system", "content": "Be brief."})
+    return client.chat.completions.create(model="primary", messages=messages, max_tokens=1,
+                                          response_format={"type": "json_schema", "json_schema": fmt}
+                                          ).usage.prompt_tokens
+for system in (False, True):
+    bare, described = prompt_tokens(None, system), prompt_tokens("The largest city of France.", system)
+    check(f"json_schema description reaches the prompt (system message: {system})", described > bare + 5,
+          (bare, described))
+
 # Thinking on (a reasoning client asking for a record): the model may think first, and the schema holds for
 # the answer after the thought, which comes back as reasoning_content, not as part of the JSON.
 finished = 0

@@ -516,10 +516,17 @@ impl<E: InProcess> EngineBackend<E> {
         let prompt = match &req.raw_prompt {
             Some(p) => Prompt::Text(format!("{p}{}", continuation.unwrap_or(""))),
             None => Prompt::Chat {
-                messages: with_continuation(&req.messages, continuation)
-                    .iter()
-                    .map(|m| without_payloads(m.to_value()))
-                    .collect(),
+                // What the answer's JSON is for, when the format says (OpenAI shows it to its model).
+                messages: match req.response_format.instruction() {
+                    Some(note) => jemma_router::api::with_system_note(
+                        with_continuation(&req.messages, continuation),
+                        &note,
+                    ),
+                    None => with_continuation(&req.messages, continuation),
+                }
+                .iter()
+                .map(|m| without_payloads(m.to_value()))
+                .collect(),
                 // tool_choice "none": the model is not shown the tools, so it has nothing to call.
                 tools: req
                     .tools

@@ -513,11 +513,24 @@ impl ResponsesRequest {
             Some(f) => match f.get("type").and_then(Value::as_str) {
                 Some("text") => None,
                 Some("json_object") => Some(ResponseFormat::JsonObject),
-                Some("json_schema") => Some(ResponseFormat::json_schema(
-                    f.get("name").and_then(Value::as_str).unwrap_or("output"),
-                    f.get("schema").cloned().unwrap_or_else(|| json!({})),
-                    f.get("strict").and_then(Value::as_bool).unwrap_or(false),
-                )),
+                // The same fields as chat's `json_schema` (`name`, `description`, `schema`, `strict`),
+                // flattened beside `type`; any other is a 400 naming it.
+                Some("json_schema") => {
+                    let mut fields = f.as_object().cloned().unwrap_or_default();
+                    fields.remove("type");
+                    fields
+                        .entry("name")
+                        .or_insert_with(|| Value::String("output".into()));
+                    fields.entry("schema").or_insert_with(|| json!({}));
+                    fields.entry("strict").or_insert(Value::Bool(false));
+                    let json_schema = serde_json::from_value::<crate::api::JsonSchemaFormat>(
+                        Value::Object(fields),
+                    )
+                    .map_err(|e| {
+                        RouterError::invalid(format!("text.format: {e}"), "text.format")
+                    })?;
+                    Some(ResponseFormat::JsonSchema { json_schema })
+                }
                 other => {
                     return Err(RouterError::invalid(
                         format!(
@@ -1119,6 +1132,33 @@ mod tests {
             .unwrap()
             .to_chat(&Limits::default())
             .map(|(c, _)| c)
+    }
+
+    /// `text.format`'s `description` is shown to the model as chat's is; a field it does not have is a
+    /// 400 naming the format (a misspelt `schema` would drop the constraint).
+    #[test]
+    fn a_json_schema_formats_fields_are_read_or_refused() {
+        let r = req(
+            json!({"input": "hi", "text": {"format": {"type": "json_schema", "name": "city",
+            "description": "A city.", "schema": {"type": "object"}, "strict": true}}}),
+        )
+        .unwrap();
+        assert_eq!(
+            r.response_format.instruction().as_deref(),
+            Some("Answer in the JSON format \"city\": A city.")
+        );
+        let e = req(
+            json!({"input": "hi", "text": {"format": {"type": "json_schema", "name": "city",
+            "schmea": {"type": "object"}}}}),
+        )
+        .unwrap_err();
+        match e {
+            RouterError::InvalidRequest { param, message } => {
+                assert_eq!(param.as_deref(), Some("text.format"));
+                assert!(message.contains("schmea"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -341,6 +341,24 @@ impl MessageContent {
     }
 }
 
+/// `messages` with `note` at the end of the system instruction: appended, after a blank line, to a
+/// first `system` or `developer` message (as a last text part where its content is parts), else as a
+/// `system` message before them all. Gemma 4's template renders one system turn, first.
+pub fn with_system_note(mut messages: Vec<Message>, note: &str) -> Vec<Message> {
+    match messages.first_mut() {
+        Some(Message::System(m) | Message::Developer(m)) => match &mut m.content {
+            MessageContent::Text(t) if t.trim().is_empty() => *t = note.to_string(),
+            MessageContent::Text(t) => *t = format!("{}\n\n{note}", t.trim_end()),
+            // Gemma 4's template trims each text part of the system turn and joins them with a space.
+            MessageContent::Parts(parts) => parts.push(ContentPart::Text {
+                text: note.to_string(),
+            }),
+        },
+        _ => messages.insert(0, Message::system(note)),
+    }
+    messages
+}
+
 /// One part of a message's content, tagged by `type`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -720,7 +738,8 @@ impl<'de> Deserialize<'de> for ResponseFormat {
 pub struct JsonSchemaFormat {
     /// The schema's name.
     pub name: String,
-    /// What the schema is for (not shown to the model).
+    /// What the schema is for: shown to the model at the end of the system instruction
+    /// ([`ResponseFormat::instruction`]), as OpenAI's model is shown it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
     /// The JSON Schema (absent: any JSON value). Enforced token by token: keywords that cannot be enforced
@@ -734,6 +753,22 @@ pub struct JsonSchemaFormat {
 }
 
 impl ResponseFormat {
+    /// What the model is told of the format: a `json_schema` format's `description` (OpenAI's reference:
+    /// "used by the model to determine how to respond in the format"), as a sentence for the end of the
+    /// system instruction ([`with_system_note`]); None for a format without one. The schema itself is
+    /// not shown: the grammar enforces it token by token (as vLLM, llama-server and mlx-lm do).
+    pub fn instruction(&self) -> Option<String> {
+        match self {
+            Self::JsonSchema { json_schema } => json_schema
+                .description
+                .as_deref()
+                .map(str::trim)
+                .filter(|d| !d.is_empty())
+                .map(|d| format!("Answer in the JSON format \"{}\": {d}", json_schema.name)),
+            _ => None,
+        }
+    }
+
     /// Whether the answer is JSON (its text is not parsed for tool calls or thinking).
     pub fn is_json(&self) -> bool {
         !matches!(self, Self::Text)
@@ -754,6 +789,57 @@ impl ResponseFormat {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_formats_description_ends_the_system_instruction() {
+        let format = |description: Option<&str>| ResponseFormat::JsonSchema {
+            json_schema: JsonSchemaFormat {
+                name: "city".into(),
+                description: description.map(String::from),
+                schema: None,
+                strict: None,
+            },
+        };
+        assert_eq!(format(None).instruction(), None);
+        assert_eq!(format(Some("  ")).instruction(), None);
+        assert_eq!(ResponseFormat::JsonObject.instruction(), None);
+        let note = format(Some("A city and its population."))
+            .instruction()
+            .unwrap();
+        assert_eq!(
+            note,
+            "Answer in the JSON format \"city\": A city and its population."
+        );
+        let user = Message::user("hi");
+        // No instruction: one is added, first.
+        let m = with_system_note(vec![user.clone()], &note);
+        assert_eq!(m, [Message::system(note.as_str()), user.clone()]);
+        // A system (or developer) message keeps its text, the note after a blank line.
+        let m = with_system_note(vec![Message::system("Be brief.\n"), user.clone()], &note);
+        assert_eq!(m[0], Message::system(format!("Be brief.\n\n{note}")));
+        assert_eq!(m.len(), 2);
+        let dev: Message = serde_json::from_value(serde_json::json!(
+            {"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}
+        ))
+        .unwrap();
+        let m = with_system_note(vec![dev, user.clone()], &note);
+        let Message::Developer(d) = &m[0] else {
+            panic!("{m:?}")
+        };
+        assert_eq!(
+            d.content,
+            MessageContent::Parts(vec![
+                ContentPart::Text {
+                    text: "Be brief.".into()
+                },
+                ContentPart::Text { text: note.clone() }
+            ])
+        );
+        // A system message later in the conversation is not the instruction.
+        let m = with_system_note(vec![user.clone(), Message::system("later")], &note);
+        assert_eq!(m[0], Message::system(note.as_str()));
+        assert_eq!(m.len(), 3);
+    }
+
     use super::*;
     use serde_json::json;
 

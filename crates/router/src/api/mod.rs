@@ -14,7 +14,7 @@ pub mod response;
 pub use message::{
     AssistantMessage, ContentPart, FunctionCall, FunctionDefinition, FunctionType, ImageUrl,
     InputAudio, InstructionMessage, JsonSchemaFormat, Message, MessageContent, ResponseFormat,
-    Tool, ToolCall, ToolChoice, ToolMessage, UserMessage, VideoUrl,
+    Tool, ToolCall, ToolChoice, ToolMessage, UserMessage, VideoUrl, with_system_note,
 };
 pub use request::{
     ChatCompletionRequest, ChatRequest, CompletionRequest, Limits, Stop, StreamOptions,
