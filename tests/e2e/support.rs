@@ -113,12 +113,35 @@ pub struct Server {
     pub child: Child,
     pub url: String,
     pub _config: Option<tempfile::NamedTempFile>,
+    /// Its stderr (warnings and errors), unless sent to a file: written out when it is dropped, from the
+    /// test's thread, where the test harness captures it and shows it only if the test fails. Tests that
+    /// inject faults make a server warn on purpose; a passing run's log should not read as a failure.
+    log: Option<ServerLog>,
+}
+
+/// A child's stderr, read into `buf` by `drain` until the child closes it.
+struct ServerLog {
+    buf: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    drain: std::thread::JoinHandle<()>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(ServerLog { buf, drain }) = self.log.take() {
+            let _ = drain.join();
+            let buf = buf
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if !buf.is_empty() {
+                eprintln!(
+                    "--- the log of jemma serve {} ---\n{}",
+                    self.url,
+                    String::from_utf8_lossy(&buf)
+                );
+            }
+        }
     }
 }
 
@@ -169,13 +192,30 @@ impl Server {
         }
         let stderr = match stderr_to {
             Some(p) => Stdio::from(std::fs::File::create(p).unwrap()),
-            None => Stdio::inherit(),
+            None => Stdio::piped(),
         };
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(stderr)
             .spawn()
             .expect("spawn jemma serve");
+        let log = child.stderr.take().map(|mut err| {
+            let buf = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+            let sink = buf.clone();
+            let drain = std::thread::spawn(move || {
+                use std::io::Read;
+                let mut chunk = [0u8; 4096];
+                while let Ok(n) = err.read(&mut chunk) {
+                    if n == 0 {
+                        break;
+                    }
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend_from_slice(&chunk[..n]);
+                }
+            });
+            ServerLog { buf, drain }
+        });
         let stdout = child.stdout.take().unwrap();
         // The first line names the address; a server that never prints it must fail the test, not hang it.
         let (tx, rx) = std::sync::mpsc::channel();
@@ -187,26 +227,27 @@ impl Server {
             // Keep draining so the child never blocks on a full pipe.
             let _ = std::io::copy(&mut r, &mut std::io::sink());
         });
-        let line = match rx.recv_timeout(SPAWN_DEADLINE) {
-            Ok(l) => l,
-            Err(_) => {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("jemma serve printed no address within {SPAWN_DEADLINE:?}");
-            }
-        };
+        let line = rx.recv_timeout(SPAWN_DEADLINE).unwrap_or_default();
         let url = line
             .trim()
             .rsplit(' ')
             .next()
             .filter(|u| u.starts_with("http://"))
-            .unwrap_or_else(|| panic!("unexpected first line from jemma serve: {line:?}"))
+            .unwrap_or_default()
             .to_string();
-        Server {
+        let server = Server {
             child,
             url,
             _config: cfg,
-        }
+            log,
+        };
+        // Dropped while panicking, the server writes its log out: why it did not start.
+        assert!(
+            !server.url.is_empty(),
+            "jemma serve printed no address: it exited, or took over {SPAWN_DEADLINE:?} (first line: \
+             {line:?})"
+        );
+        server
     }
 
     pub fn wait_ready(&self, limit: Duration) {
