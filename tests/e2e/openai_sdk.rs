@@ -119,8 +119,9 @@ fn speculative_decoding_on_a_gguf_tier_answers_as_plain_decoding_through_the_sdk
 }
 
 /// The same over quantized KV caches, on both engines: an MLX tier with `kv_bits = 8` from the first
-/// position, and a GGUF tier with `cache_type_k`/`cache_type_v = "q8_0"`, each against a plain tier with
-/// the same cache.
+/// position (drafting with a draft model, and with the MTP assistant, which reads the quantized cache),
+/// and a GGUF tier with `cache_type_k`/`cache_type_v = "q8_0"`, each against a plain tier with the same
+/// cache.
 #[test]
 fn speculation_over_quantized_kv_caches_answers_as_plain_decoding_through_the_sdk() {
     let gguf = |n: &str| fixture("tiny").join("../gguf").join(n);
@@ -128,6 +129,11 @@ fn speculation_over_quantized_kv_caches_answers_as_plain_decoding_through_the_sd
         (
             fixture("tiny"),
             fixture("tiny-q4"),
+            "kv_bits = 8\nquantized_kv_start = 0\n",
+        ),
+        (
+            fixture("tiny"),
+            fixture("mtp"),
             "kv_bits = 8\nquantized_kv_start = 0\n",
         ),
         (
@@ -148,8 +154,11 @@ fn speculation_over_quantized_kv_caches_answers_as_plain_decoding_through_the_sd
         let p = Server::start(&[], Some(&plain));
         let name = draft.file_name().unwrap().to_string_lossy().into_owned();
         let mut args = vec![s.url.as_str(), p.url.as_str()];
-        if name.ends_with(".gguf") {
+        if name.ends_with(".gguf") || name == "mtp" {
             args.push(&name);
+        }
+        if name == "mtp" {
+            args.push("mtp_assistant");
         }
         crate::support::check_script("openai_speculative.py", &args);
     }

@@ -273,6 +273,24 @@ impl QuantizedKvCache {
         }
     }
 
+    /// What it holds, as its next query would attend over it: the quantized keys and values (B, heads, S,
+    /// D / (32 / bits) packed, with their scales and biases), S its positions. None when empty.
+    ///
+    /// Errors: MLX failures.
+    pub fn view(&self) -> Result<Option<(QTensor, QTensor)>> {
+        let (Some(k), Some(v)) = (&self.keys, &self.values) else {
+            return Ok(None);
+        };
+        if self.offset == 0 {
+            return Ok(None);
+        }
+        let off = self.offset;
+        Ok(Some((
+            k.map(|x| slice_len(x, 0, off))?,
+            v.map(|x| slice_len(x, 0, off))?,
+        )))
+    }
+
     /// Arrays to evaluate.
     pub fn state(&self) -> Vec<&Array> {
         self.keys
@@ -564,6 +582,20 @@ impl LayerCache {
             LayerCache::Full(c) => c.view()?.map(|(k, v)| (k, v, 0)),
             LayerCache::Rotating(c) => c.view()?,
             LayerCache::Quantized(_) => None,
+        })
+    }
+
+    /// What this layer holds, as its next query attends over it, in the form it is held: full-precision
+    /// keys and values ([`LayerCache::view`]) or, `kv_bits`' quantized ones, with the absolute position of
+    /// the first. None when empty.
+    ///
+    /// Errors: MLX failures.
+    pub fn kv(&self) -> Result<Option<(Kv, i32)>> {
+        Ok(match self {
+            LayerCache::Quantized(c) => c
+                .view()?
+                .map(|(k, v)| (Kv::Quantized(k, v, c.group_size, c.bits), 0)),
+            _ => self.view()?.map(|(k, v, first)| (Kv::Plain(k, v), first)),
         })
     }
 

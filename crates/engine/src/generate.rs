@@ -1324,8 +1324,7 @@ impl Generation {
     /// Whether [`Generation::speculate`] may run now: the prompt is read, generation goes on, and nothing
     /// in the request ties it to one token per step: a grammar (its mask needs each token on the host
     /// before the next). A quantized KV cache speculates: a round trims what it wrote, and quantizes
-    /// after (the assistant drafter, which reads the cache in full precision, drafts nothing from a
-    /// quantized one). A thinking budget keeps decoding plain too (a round could run past it). A server
+    /// after (the assistant drafter reads the quantized cache as the target does). A thinking budget keeps decoding plain too (a round could run past it). A server
     /// also keeps seeded sampling plain (speculation draws other random numbers, so the same seed would
     /// give other tokens alone and batched): that choice is the caller's.
     pub fn can_speculate(&self) -> bool {

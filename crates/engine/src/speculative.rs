@@ -435,7 +435,8 @@ fn model_propose_rows(
 /// position for every step). The query sits at the pending token's position, as in transformers'
 /// `SinglePositionMultiTokenCandidateGenerator` (the checkpoints' reference; one past mlx-vlm's, which
 /// drafts other tokens: checked on the fixtures' drafters) and llama.cpp. Greedy requests draft the head's argmax (the sparse head's without the full
-/// logits); sampled ones draw from the request's law over the head's logits. Proposes nothing when the
+/// logits; after the request's `logit_bias`, as the draft model's drafts, when it has one); sampled ones
+/// draw from the request's law over the head's logits. Proposes nothing when the
 /// generation keeps no hidden state ([`crate::generate::Generation::keep_hidden`]).
 pub struct MtpDrafter<'a> {
     /// The drafter.
@@ -560,10 +561,14 @@ fn mtp_propose(
                 a.try_index(r..r + 1)?
             })
         };
-        // Each head runs once per step: the greedy rows' argmax over them alone, the sampled rows' logits
-        // over them alone (the dense head reads the whole embedding once, whatever the number of rows).
+        // Each head runs once per step: the greedy rows' argmax over them alone, the logits of the others
+        // (sampled, or greedy after a `logit_bias`, which moves the argmax the target takes) over them
+        // alone (the dense head reads the whole embedding once, whatever the number of rows).
         let (greedy_rows, sampled_rows): (Vec<usize>, Vec<usize>) =
-            (0..active.len()).partition(|&r| live[active[r]].sampling.temperature == 0.0);
+            (0..active.len()).partition(|&r| {
+                let s = live[active[r]].sampling;
+                s.temperature == 0.0 && s.logit_bias.is_empty()
+            });
         let over = |rows: &[usize]| -> Result<Option<Array>> {
             Ok(match rows {
                 [] => None,
@@ -597,9 +602,13 @@ fn mtp_propose(
                     let logits = nth(all, n, sampled_rows.len())?.reshape(&[1, -1])?;
                     let lp =
                         log_softmax(&sampler.process(&logits.as_dtype(Dtype::Float32)?, None)?)?;
-                    let law = sampler.law(&lp)?;
-                    let t = sampler.draw(&law)?;
-                    l.laws.push(ops::exp(&law)?);
+                    let t = if l.sampling.temperature == 0.0 {
+                        ops::indexing::argmax_axis(&lp, -1, None)?
+                    } else {
+                        let law = sampler.law(&lp)?;
+                        l.laws.push(ops::exp(&law)?);
+                        sampler.draw(&law)?
+                    };
                     t.as_dtype(Dtype::Int32)?.reshape(&[1, 1])?
                 }
                 _ => {

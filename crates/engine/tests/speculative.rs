@@ -240,6 +240,108 @@ fn speculation_over_a_quantized_kv_cache_is_plain_decoding() {
     }
 }
 
+/// The MTP assistant drafts over a target cache that `kv_bits` quantized, reading it quantized as the
+/// target does: a draft step over the quantized K/V gives what one over the same K/V dequantized gives
+/// (up to float rounding), and greedy speculation with it, quantized from the start and from a position
+/// reached part-way, at 4 and 8 bits, drafts and answers exactly as plain decoding on the same cache.
+#[test]
+fn the_mtp_assistant_drafts_over_a_quantized_kv_cache() {
+    use jemma_engine::cache::Kv;
+    use jemma_engine::models::gemma4::assistant::{SharedKv, TargetKv};
+    let t = load("tiny");
+    let m = gemma4::Gemma4Assistant::load(&common::fixture("mtp"), None).unwrap();
+    let prompt = prompts("tiny").pop().unwrap();
+    let kv = |bits, start| GenerateOptions {
+        kv_quant: Some(gemma4::KvQuant {
+            bits,
+            group_size: 64,
+            start,
+        }),
+        ..opts(40)
+    };
+
+    // One step, quantized and dequantized.
+    let mut g = Generation::new(&t, &prompt, kv(4, 0)).unwrap();
+    while !g.prefill(&t).unwrap() {}
+    let (cache, fed) = g.into_cache().unwrap();
+    let quantized = gemma4::Gemma4Assistant::target_kv(&t, &cache)
+        .unwrap()
+        .unwrap();
+    let dequantized: TargetKv = quantized.clone().map(|s| {
+        s.map(|s| SharedKv {
+            kv: match s.kv {
+                Kv::Quantized(k, v, gs, bits) => {
+                    let d = |q: &jemma_engine::cache::QTensor| {
+                        mlx_rs::ops::dequantize(&q.w, &q.scales, &q.biases, gs, bits).unwrap()
+                    };
+                    Kv::Plain(d(&k), d(&v))
+                }
+                plain => plain,
+            },
+            first: s.first,
+        })
+    });
+    assert!(
+        quantized
+            .iter()
+            .flatten()
+            .any(|s| matches!(s.kv, Kv::Quantized(..))),
+        "the full-attention K/V is read quantized"
+    );
+    let e = t
+        .embed(&Array::from_slice(&[*fed.last().unwrap()], &[1, 1]))
+        .unwrap();
+    let position = fed.len() as i32 - 1;
+    let (a, an) = m.step(&e, &e, &quantized, position).unwrap();
+    let (b, bn) = m.step(&e, &e, &dequantized, position).unwrap();
+    for (x, y) in [(a, b), (an, bn)] {
+        let gap = (x.as_dtype(Dtype::Float32).unwrap() - y.as_dtype(Dtype::Float32).unwrap())
+            .abs()
+            .unwrap()
+            .max(None)
+            .unwrap()
+            .item_cast::<f32>();
+        assert!(gap < 1e-3, "quantized vs dequantized draft step: {gap}");
+    }
+
+    // Greedy speculation over the quantized cache; random drafter and target weights share no preferences,
+    // so a logit bias on two tokens (as in `sampled_mtp_speculation_follows_the_target_law`) makes some
+    // drafts stand.
+    for bits in [4, 8] {
+        for (start, bias) in [(0, false), (prompt.len() + 7, false), (0, true)] {
+            let mut o = kv(bits, start);
+            if bias {
+                o.sampling.logit_bias = [(300u32, 30.0f32)].into_iter().collect();
+            }
+            let (want, _) = plain(&t, &prompt, &o);
+            let mut g = Generation::new(&t, &prompt, o).unwrap();
+            g.keep_hidden(true);
+            while !g.prefill(&t).unwrap() {}
+            let mut state = DraftState::default();
+            let mut drafter = jemma_engine::speculative::MtpDrafter {
+                model: &m,
+                state: &mut state,
+            };
+            let mut rng = StdRng::seed_from_u64(7);
+            let (mut got, mut drafted, mut accepted) = (vec![], 0, 0);
+            while !g.is_finished() {
+                let r = g.speculate(&t, &mut drafter, 3, &mut rng).unwrap();
+                drafted += r.drafted;
+                accepted += r.accepted;
+                got.extend(r.steps.iter().map(|s| s.token));
+            }
+            let what = format!("{bits}-bit KV from {start}, logit bias {bias}");
+            assert_eq!(got, want, "{what}");
+            eprintln!("{what}: {accepted}/{drafted} MTP drafts stood");
+            // Quantized from the start, every draft read the quantized cache.
+            assert!(drafted > 0, "{what}: no drafts");
+            if bias {
+                assert!(accepted > 0, "{what}: no draft stood");
+            }
+        }
+    }
+}
+
 /// Batched verification: several generations, each with its own drafter and draft length (every draft
 /// standing, random drafts, a draft model, and on the tiny target the MTP assistant), their rounds verified
 /// together in one forward (rows of different lengths and cache offsets, past the sliding window), each

@@ -401,8 +401,7 @@ fn engine_config(c: &TierConfig, memory: &Arc<MemoryGovernor>) -> EngineConfig {
 /// Where a local tier's draft model comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum DraftSource {
-    /// No speculation: `enabled = false`, or an MLX quantized KV cache (`kv_bits`, which the drafter
-    /// found next to a model, an assistant, cannot read) on a tier without a `[speculative]` section.
+    /// No speculation: `enabled = false`.
     Off,
     /// The assistant (MTP) drafter found next to the tier's model, if one is: for an MLX model
     /// [`HubResolver::drafter_for`], for a GGUF [`assistant_beside`].
@@ -416,9 +415,7 @@ impl DraftSource {
         match &c.speculative {
             Some(sp) if !sp.enabled => Self::Off,
             Some(sp) if !sp.draft_model.is_empty() => Self::Named(sp.draft_model.clone()),
-            Some(_) => Self::Found,
-            None if c.kv_bits.is_some() => Self::Off,
-            None => Self::Found,
+            Some(_) | None => Self::Found,
         }
     }
 }
@@ -581,21 +578,6 @@ fn factory(
         if let Some(sp) = &template.speculative {
             // A draft runs on its target's engine: a GGUF drafts for a GGUF, an MLX directory for MLX.
             let draft_gguf = sp.draft_model.extension().is_some_and(|e| e == "gguf");
-            // MLX's assistant drafter reads the target's KV in full precision, which kv_bits quantizes:
-            // it would draft nothing once the cache is quantized.
-            if !is_gguf
-                && kv.is_some()
-                && jemma_engine::models::gemma4::assistant::AssistantConfig::is_assistant(
-                    &sp.draft_model,
-                )
-            {
-                return Err(format!(
-                    "the draft model {} is an assistant (MTP) drafter, which reads the model's KV cache in \
-                     full precision, and the tier quantizes that cache (kv_bits): name a draft model that \
-                     keeps its own cache (a smaller Gemma with the same tokenizer), or remove kv_bits",
-                    sp.draft_model.display()
-                ));
-            }
             if is_gguf != draft_gguf {
                 return Err(format!(
                     "the tier's model {} is {}, so its draft model must be one too (the same engine runs \
@@ -1219,8 +1201,7 @@ mod tests {
 
     /// A draft runs on its target's engine: a GGUF tier drafting with an MLX directory, or the reverse, is
     /// refused when the engine starts, naming both; a named draft not on disk says how to fetch it; a
-    /// GGUF tier's section without a draft cannot be honoured; an MLX assistant over a `kv_bits` cache is
-    /// refused.
+    /// GGUF tier's section without a draft cannot be honoured.
     #[test]
     fn a_draft_on_another_engine_than_its_target_is_refused() {
         let dir = tempfile::tempdir().unwrap();
@@ -1242,26 +1223,6 @@ mod tests {
         }
         let e = refusal(&cfg, named("gemma-4-e2b"), "/m/tiny-mlx");
         assert!(e.contains("jemma pull gemma-4-e2b"), "{e}");
-        // kv_bits with an MLX assistant, which reads the target's cache in full precision.
-        let assistant = dir.path().join("assistant-mlx");
-        std::fs::create_dir(&assistant).unwrap();
-        std::fs::write(
-            assistant.join("config.json"),
-            r#"{"model_type": "gemma4_assistant"}"#,
-        )
-        .unwrap();
-        let tier = jemma_router::config::TierConfig {
-            speculative: Some(named(&assistant.to_string_lossy())),
-            kv_bits: Some(8),
-            ..Default::default()
-        };
-        match factory_for(&cfg, &tier)("/m/tiny-mlx".into(), "t".into()) {
-            Err(e) => assert!(
-                e.contains("assistant (MTP)") && e.contains("kv_bits"),
-                "{e}"
-            ),
-            Ok(_) => panic!("an assistant drafted over a quantized cache"),
-        }
         // A GGUF tier with none beside it: the section names what to set.
         let e = refusal(&cfg, Default::default(), "/m/tiny.gguf");
         assert!(
@@ -1271,7 +1232,7 @@ mod tests {
     }
 
     /// Where a tier's draft comes from: the drafter found next to its model unless told otherwise, none
-    /// with `enabled = false` or (without a section) a quantized KV cache.
+    /// with `enabled = false`.
     #[test]
     fn draft_sources() {
         use super::DraftSource;
@@ -1286,7 +1247,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(DraftSource::of(&with(None, None)), DraftSource::Found);
-        assert_eq!(DraftSource::of(&with(None, Some(8))), DraftSource::Off);
+        // The assistant reads a `kv_bits` cache as the target does.
+        assert_eq!(DraftSource::of(&with(None, Some(8))), DraftSource::Found);
         assert_eq!(
             DraftSource::of(&with(Some(Default::default()), None)),
             DraftSource::Found

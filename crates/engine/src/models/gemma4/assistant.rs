@@ -379,7 +379,9 @@ impl Gemma4Assistant {
     }
 
     /// The target's K/V that a draft step reads, from the target's `cache` (see
-    /// [`Gemma4::kv_producers`]). None when the cache is empty or quantized.
+    /// [`Gemma4::kv_producers`]), in the form the target holds it: a full-attention cache that `kv_bits`
+    /// quantized is read quantized, as the target's own attention reads it (mlx-lm's
+    /// `quantized_scaled_dot_product_attention`). None when the cache is empty.
     ///
     /// Errors: MLX failures.
     pub fn target_kv(target: &Gemma4, cache: &super::Cache) -> Result<Option<TargetKv>> {
@@ -389,13 +391,8 @@ impl Gemma4Assistant {
             let Some(layer) = cache.layers.get(*i) else {
                 return Ok(None);
             };
-            match layer.view()? {
-                Some((k, v, first)) => {
-                    out[slot] = Some(SharedKv {
-                        kv: Kv::Plain(k, v),
-                        first,
-                    })
-                }
+            match layer.kv()? {
+                Some((kv, first)) => out[slot] = Some(SharedKv { kv, first }),
                 None => return Ok(None),
             }
         }
