@@ -34,15 +34,17 @@ struct PoolEndpoint {
     url: Option<String>,
     weight: f64,
     max_concurrency: usize,
-    /// `up`, `down: <why>`, or `local` (this node's engine; `jemma serve` loads it).
+    /// `up` (with the dialect an OpenAI-compatible server reads, `up (reads the llama-server dialect)`),
+    /// `down: <why>`, or `local` (this node's engine; `jemma serve` loads it).
     status: String,
 }
 
-/// Probes one remote endpoint as its pool would.
+/// Probes one remote endpoint as its pool would; returns the dialect it speaks, once known (configured,
+/// or learned from its `/v1/models`: see `jemma_router::dialect`).
 async fn probe_endpoint(
     tier: jemma_router::classify::Tier,
     e: &jemma_router::config::EndpointConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Option<jemma_router::dialect::Dialect>> {
     use jemma_router::backend::{Backend, OpenAiBackend, OpenAiConfig, Probe};
     use jemma_router::config::{EndpointKind, resolve_secret};
     let api_key = match &e.api_key {
@@ -66,7 +68,8 @@ async fn probe_endpoint(
         probe,
         dialect: e.dialect,
     })?;
-    Ok(b.probe().await?)
+    b.probe().await?;
+    Ok(b.health().dialect)
 }
 
 /// Probes every endpoint of the configuration's pools.
@@ -82,7 +85,8 @@ async fn probe_pools(cfg: &jemma_router::config::Config) -> Vec<PoolEndpoint> {
                 _ if !e.probe => "not probed (probe = false)".to_string(),
                 EndpointKind::Jemma | EndpointKind::Openai => {
                     match probe_endpoint(*tier, e).await {
-                        Ok(()) => "up".to_string(),
+                        Ok(Some(d)) => format!("up (reads the {} dialect)", d.as_str()),
+                        Ok(None) => "up".to_string(),
                         Err(err) => format!("down: {err}"),
                     }
                 }

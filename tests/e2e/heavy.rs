@@ -217,7 +217,7 @@ async fn heavy_server_mode_cold_start_auth_and_the_gateway_in_front() {
     let (_, health) = ureq_get(&format!("{}/health", gw.url)).unwrap();
     let health: Value = serde_json::from_str(&health).unwrap();
     assert_eq!(
-        health["tiers"]["heavy"]["backend"]["dialect"], "vllm",
+        health["tiers"]["heavy"]["backend"]["dialect"], "jemma",
         "{health}"
     );
     // A plain prompt (/v1/completions) is read upstream as it is, by the upstream's own /v1/completions:

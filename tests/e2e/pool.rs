@@ -504,7 +504,8 @@ async fn an_openai_pool_rides_out_500s_hangs_cut_streams_and_429s() {
     let v: Value = r.json().await.unwrap();
     assert!(v["error"]["message"].is_string(), "{v}");
 
-    // `jemma doctor --config` probes each endpoint as the gateway does.
+    // `jemma doctor --config` probes each endpoint as the gateway does, and says which dialect an OpenAI
+    // server reads.
     let good_url = format!("http://{}", {
         let (u, _) = upstream("good").await;
         u.trim_start_matches("http://").to_string()
@@ -531,7 +532,11 @@ async fn an_openai_pool_rides_out_500s_hangs_cut_streams_and_429s() {
     .await;
     let pools = report["pools"].as_array().unwrap();
     assert_eq!(pools[0]["name"], "gpu");
-    assert_eq!(pools[0]["status"], "up", "{pools:?}");
+    // Up, and (its model list names no owner) taken to read only OpenAI's fields.
+    assert_eq!(
+        pools[0]["status"], "up (reads the openai dialect)",
+        "{pools:?}"
+    );
     assert_eq!(pools[1]["kind"], "jemma");
     assert!(
         pools[1]["status"].as_str().unwrap().starts_with("down: "),

@@ -475,6 +475,7 @@ impl MessagesRequest {
             };
         }
         let mut thinking_token_budget = None;
+        let mut reasoning_effort = None;
         let mut enable_thinking = match &self.thinking {
             None => None,
             Some(t) => match t.get("type").and_then(Value::as_str) {
@@ -540,8 +541,16 @@ impl MessagesRequest {
                 response_format = Some(ResponseFormat::json_schema("output", schema, true));
             }
             // Effort is how much the model thinks: Gemma 4 either thinks or not, so low effort answers
-            // without thinking and the others think, unless `thinking` said otherwise.
-            match o.get("effort").filter(|v| !v.is_null()).map(Value::as_str) {
+            // without thinking and the others think, unless `thinking` said otherwise. Where it decides,
+            // it is also OpenAI's `reasoning_effort` for an upstream that reads only that (`max` is
+            // OpenAI's `xhigh`).
+            let effort = o.get("effort").filter(|v| !v.is_null()).map(Value::as_str);
+            if enable_thinking.is_none()
+                && let Some(Some(e)) = effort
+            {
+                reasoning_effort = Some(if e == "max" { "xhigh" } else { e }.to_string());
+            }
+            match effort {
                 None => {}
                 Some(Some("low")) => {
                     enable_thinking.get_or_insert(false);
@@ -584,7 +593,9 @@ impl MessagesRequest {
             self.user_profile_id,
             self.workspace_id,
         );
-        Ok((chat.validate(limits)?, display))
+        let mut chat = chat.validate(limits)?;
+        chat.reasoning_effort = reasoning_effort;
+        Ok((chat, display))
     }
 }
 
@@ -1053,5 +1064,15 @@ mod tests {
             crate::api::ResponseFormat::JsonSchema { .. }
         ));
         assert_eq!(r.enable_thinking, Some(false));
+        // The effort is also OpenAI's, for an upstream that reads only that; `thinking` overrides it.
+        assert_eq!(r.reasoning_effort.as_deref(), Some("low"));
+        let mut v = base();
+        v["output_config"] = json!({"effort": "max"});
+        assert_eq!(req(v).unwrap().reasoning_effort.as_deref(), Some("xhigh"));
+        let mut v = base();
+        v["output_config"] = json!({"effort": "high"});
+        v["thinking"] = json!({"type": "disabled"});
+        let r = req(v).unwrap();
+        assert_eq!((r.enable_thinking, r.reasoning_effort), (Some(false), None));
     }
 }

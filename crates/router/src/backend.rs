@@ -90,6 +90,11 @@ pub enum BackendError {
     /// a format this build cannot read, 415).
     #[error("{0}")]
     Refused(crate::RouterError),
+    /// The upstream would not read a field the request sets (its dialect has no name for it,
+    /// [`crate::dialect`]); nothing was sent. Refused (400) on a tier the client named; an automatic
+    /// choice, and a pool, go on to one that reads it (no breaker counts it).
+    #[error("{0}")]
+    Unread(crate::RouterError),
     /// The tier is busy (queue full).
     #[error("tier busy: {0}")]
     Busy(String),
@@ -118,7 +123,10 @@ pub enum BackendError {
 impl BackendError {
     /// Whether the failure is the tier's (counts against its breaker, tries the next tier).
     pub fn is_tier_failure(&self) -> bool {
-        !matches!(self, BackendError::BadRequest(_) | BackendError::Refused(_))
+        !matches!(
+            self,
+            BackendError::BadRequest(_) | BackendError::Refused(_) | BackendError::Unread(_)
+        )
     }
 
     /// Whether the backend turned the request away as busy or rate limited (429): not failing, so no
@@ -251,11 +259,11 @@ impl BackendHealth {
         self.chat == Some(false)
     }
 
-    /// Whether the backend is known to have no name for one of `fields` (an upstream that speaks only
-    /// OpenAI's API, [`Dialect::Openai`], given what [`crate::dialect::extension_fields`] lists; an
-    /// in-process engine or an upstream not learned yet may take them).
-    pub fn refuses_fields(&self, fields: &[&str]) -> bool {
-        !fields.is_empty() && self.dialect == Some(Dialect::Openai)
+    /// Whether the backend is known not to read a field `req` sets (an upstream whose dialect has no name
+    /// for it, [`Dialect::unread_fields`]; an in-process engine or an upstream not learned yet may).
+    pub fn refuses_fields_of(&self, req: &ChatRequest) -> bool {
+        self.dialect
+            .is_some_and(|d| !d.unread_fields(req).is_empty())
     }
 
     /// Whether the model is known not to take one of `modalities` (an unknown model may take them all).
@@ -567,7 +575,8 @@ impl OpenAiBackend {
     }
 
     /// Learns the dialect from a `/v1/models` answer: the `owned_by` of the entry for this tier's model,
-    /// else of the first entry ([`Dialect::from_owned_by`]; none, or not a model list: OpenAI's).
+    /// else of the first entry ([`Dialect::from_owned_by`]; none, or not a model list: OpenAI's). Each
+    /// probe learns it again (the server behind a URL may change); a change is logged.
     fn learn_dialect(&self, models: &str) -> Dialect {
         let v: Value = serde_json::from_str(models).unwrap_or_default();
         let entries = v["data"].as_array().map(Vec::as_slice).unwrap_or_default();
@@ -578,29 +587,33 @@ impl OpenAiBackend {
             .and_then(|m| m["owned_by"].as_str())
             .unwrap_or_default();
         let d = Dialect::from_owned_by(owned_by);
-        tracing::info!(
-            "the upstream at {} speaks the {} dialect (its /v1/models says owned_by {owned_by:?})",
-            self.cfg.url,
-            d.as_str()
+        let was = std::mem::replace(
+            &mut *self
+                .dialect
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            d,
         );
-        *self
-            .dialect
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = d;
+        if was != d {
+            tracing::info!(
+                "the upstream at {} speaks the {} dialect (its /v1/models says owned_by {owned_by:?})",
+                self.cfg.url,
+                d.as_str()
+            );
+        }
         d
     }
 
-    /// The dialect `req` is sent in: the known one; when `req` sets something dialects name differently
-    /// and none is known yet, learned now from `GET /v1/models` (a 404 there: OpenAI's). A request
-    /// that sets nothing of the kind is sent as it is, without asking.
+    /// The dialect `req` is sent in: the known one; when `req` sets something dialects name or read
+    /// differently ([`crate::dialect::depends_on_dialect`]) and none is known yet, learned now from `GET
+    /// /v1/models` (a client error there, such as a 404 from a server without the route: OpenAI's). A
+    /// request that sets nothing of the kind is sent as it is, without asking.
     ///
-    /// Errors: the upstream cannot be reached, or answers `/v1/models` with an error other than 404.
+    /// Errors: the upstream cannot be reached, rejects the key (401, 403) or fails (5xx) on
+    /// `/v1/models`.
     async fn dialect_for(&self, req: &ChatRequest) -> Result<Dialect, BackendError> {
         let known = self.known_dialect();
-        let dependent = req.enable_thinking.is_some()
-            || req.has_penalties()
-            || !crate::dialect::extension_fields(req).is_empty();
-        if known != Dialect::Auto || !dependent {
+        if known != Dialect::Auto || !crate::dialect::depends_on_dialect(req) {
             return Ok(known);
         }
         let url = format!("{}/models", self.v1());
@@ -616,7 +629,10 @@ impl OpenAiBackend {
         let status = resp.status();
         if status.is_success() {
             Ok(self.learn_dialect(&resp.text().await.unwrap_or_default()))
-        } else if status == reqwest::StatusCode::NOT_FOUND {
+        } else if status.is_client_error()
+            && status != reqwest::StatusCode::UNAUTHORIZED
+            && status != reqwest::StatusCode::FORBIDDEN
+        {
             Ok(self.learn_dialect(""))
         } else {
             Err(BackendError::Unavailable(format!(
@@ -652,10 +668,27 @@ impl OpenAiBackend {
     /// The upstream request: the client's, validated, in the same wire types, with the upstream's model
     /// name, the tier's default `max_tokens`, and a stream that ends with usage. Absent options are left
     /// out (OpenAI refuses parameters it does not know, such as `top_k`, even as null).
-    fn body(&self, req: &ChatRequest, continuation: Option<&str>) -> ChatCompletionRequest {
+    fn body(
+        &self,
+        req: &ChatRequest,
+        continuation: Option<&str>,
+        dialect: Dialect,
+    ) -> ChatCompletionRequest {
+        let mut messages = with_continuation(&req.messages, continuation);
+        let mut response_format = req.response_format.clone();
+        // A server that would not show the format's description to its model is sent it in the system
+        // instruction instead, as the in-process engines show it.
+        if !dialect.shows_format_description()
+            && let Some(note) = req.response_format.instruction()
+        {
+            messages = crate::api::with_system_note(messages, &note);
+            if let ResponseFormat::JsonSchema { json_schema } = &mut response_format {
+                json_schema.description = None;
+            }
+        }
         ChatCompletionRequest {
             model: Some(self.cfg.model.clone()),
-            messages: with_continuation(&req.messages, continuation),
+            messages,
             max_tokens: Some(req.max_tokens.unwrap_or(self.cfg.default_max_tokens)),
             temperature: req.temperature,
             top_p: req.top_p,
@@ -677,8 +710,7 @@ impl OpenAiBackend {
             tools: req.tools.clone(),
             tool_choice: req.tool_choice.clone(),
             parallel_tool_calls: req.parallel_tool_calls,
-            response_format: (req.response_format != ResponseFormat::Text)
-                .then(|| req.response_format.clone()),
+            response_format: (response_format != ResponseFormat::Text).then_some(response_format),
             chat_template_kwargs: req
                 .enable_thinking
                 .map(|t| [("enable_thinking".to_string(), Value::Bool(t))].into()),
@@ -700,7 +732,8 @@ impl OpenAiBackend {
         prompt: &str,
         continuation: Option<&str>,
     ) -> Value {
-        let chat = self.body(req, None);
+        // A plain prompt has no messages or format: the dialect changes nothing here.
+        let chat = self.body(req, None, Dialect::Auto);
         let body = CompletionRequest {
             model: chat.model,
             prompt: Value::String(format!("{prompt}{}", continuation.unwrap_or_default())),
@@ -833,10 +866,10 @@ impl Backend for OpenAiBackend {
         let dialect = self.dialect_for(req).await?;
         let mut body = match &req.raw_prompt {
             Some(p) => self.completion_body(req, p, continuation),
-            None => serde_json::to_value(self.body(req, continuation)).unwrap_or_default(),
+            None => serde_json::to_value(self.body(req, continuation, dialect)).unwrap_or_default(),
         };
         if let Value::Object(fields) = &mut body {
-            dialect.adapt(req, fields).map_err(BackendError::Refused)?;
+            dialect.adapt(req, fields).map_err(BackendError::Unread)?;
         }
         let mut rb = self.client.post(self.endpoint_for(req)).json(&body);
         if let Some(k) = &self.cfg.api_key {
@@ -1142,7 +1175,7 @@ impl Backend for OpenAiBackend {
             };
         }
         if status.is_success() {
-            if self.known_dialect() == Dialect::Auto {
+            if self.cfg.dialect == Dialect::Auto && self.cfg.probe == Probe::Models {
                 self.learn_dialect(&body);
             }
             Ok(())
@@ -1577,12 +1610,13 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         );
     }
 
-    /// A server not known to read more than OpenAI's fields (Ollama's `owned_by: library`) is not sent a
-    /// field it would drop: the request is refused, naming it, and nothing is sent. OpenAI's own fields
-    /// go, `reasoning_effort` as given, and extensions at their neutral value are left out.
+    /// A server not known to read more than OpenAI's fields (`owned_by: system`) is not sent a field it
+    /// would drop or refuse: the request is refused, naming it, and nothing is sent. OpenAI's own fields
+    /// go, `reasoning_effort` as given, and extensions at their neutral value are left out. Ollama
+    /// (`owned_by: library`) does not read `logit_bias` either.
     #[tokio::test]
-    async fn an_openai_dialect_upstream_refuses_what_it_has_no_name_for() {
-        let (addr, seen) = upstream_recording(Some("library")).await;
+    async fn an_openai_dialect_upstream_refuses_what_it_does_not_read() {
+        let (addr, seen) = upstream_recording(Some("system")).await;
         let b = upstream(addr, Dialect::Auto);
         for (field, value) in [
             ("top_k", json!(5)),
@@ -1593,7 +1627,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         ] {
             let err = send(&b, &chat(json!({ field: value }))).await.unwrap_err();
             match err {
-                BackendError::Refused(crate::RouterError::InvalidRequest { param, message }) => {
+                BackendError::Unread(crate::RouterError::InvalidRequest { param, message }) => {
                     assert_eq!(param.as_deref(), Some(field), "{message}");
                     assert!(message.contains("dialect"), "{message}");
                 }
@@ -1621,22 +1655,66 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         ] {
             assert!(!body.contains_key(k), "{k} in {body:?}");
         }
+
+        let (addr, seen) = upstream_recording(Some("library")).await;
+        let b = upstream(addr, Dialect::Auto);
+        let err = send(&b, &chat(json!({"logit_bias": {"5": 2}})))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BackendError::Unread(crate::RouterError::InvalidRequest { param, .. })
+                if param.as_deref() == Some("logit_bias")),
+            "{err:?}"
+        );
+        assert_eq!(b.health().dialect, Some(Dialect::Ollama));
+        assert_eq!(seen.lock().unwrap().len(), 1, "only /v1/models was asked");
+    }
+
+    /// A `json_schema` format's description reaches the upstream's model: in the system instruction for
+    /// a server that would not show it (vLLM, llama-server, Ollama), as it came for one that does (a
+    /// Jemma node, OpenAI).
+    #[tokio::test]
+    async fn a_formats_description_is_shown_where_the_server_would_not() {
+        let req = chat(
+            json!({"response_format": {"type": "json_schema", "json_schema": {
+            "name": "city", "description": "A city.", "schema": {"type": "object"}}}}),
+        );
+        for (owned_by, shows) in [
+            ("vllm", false),
+            ("llamacpp", false),
+            ("jemma", true),
+            ("system", true),
+        ] {
+            let (addr, seen) = upstream_recording(Some(owned_by)).await;
+            send(&upstream(addr, Dialect::Auto), &req).await.unwrap();
+            let body = seen.lock().unwrap().last().unwrap().1.clone();
+            let format = &body["response_format"]["json_schema"];
+            let first = &body["messages"][0];
+            if shows {
+                assert_eq!(format["description"], "A city.", "{owned_by}");
+                assert_eq!(first["role"], "user", "{owned_by}");
+            } else {
+                assert!(format.get("description").is_none(), "{owned_by}: {body}");
+                assert_eq!(first["role"], "system", "{owned_by}");
+                assert_eq!(
+                    first["content"], "Answer in the JSON format \"city\": A city.",
+                    "{owned_by}"
+                );
+            }
+        }
     }
 
     /// vLLM (and another Jemma node) read Jemma's names: sent as they are. A server with no
-    /// `/v1/models` (404) is taken as OpenAI's. A configured dialect is not asked for; nor is any when
+    /// `/v1/models` (404) is taken as OpenAI's, and so is one whose list names no owner. A configured dialect is not asked for; nor is any when
     /// the request sets nothing dialects name differently.
     #[tokio::test]
     async fn the_dialect_is_asked_for_only_when_it_matters() {
         let req = chat(json!({"repetition_penalty": 1.2, "thinking_token_budget": 16}));
         let (addr, seen) = upstream_recording(Some("vllm")).await;
         let b = upstream(addr, Dialect::Auto);
-        send(
-            &b,
-            &chat(json!({"temperature": 0.5, "logit_bias": {"5": 1}})),
-        )
-        .await
-        .unwrap();
+        send(&b, &chat(json!({"temperature": 0.5, "seed": 3})))
+            .await
+            .unwrap();
         assert_eq!(b.health().dialect, None);
         send(&b, &req).await.unwrap();
         let seen = seen.lock().unwrap().clone();
@@ -1654,10 +1732,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
 
         let (addr, seen) = upstream_recording(None).await;
         let b = upstream(addr, Dialect::Auto);
-        assert!(matches!(
-            send(&b, &req).await,
-            Err(BackendError::Refused(_))
-        ));
+        assert!(matches!(send(&b, &req).await, Err(BackendError::Unread(_))));
         assert_eq!(b.health().dialect, Some(Dialect::Openai));
         assert_eq!(seen.lock().unwrap().len(), 1);
 

@@ -1,30 +1,37 @@
-//! What an OpenAI-compatible upstream calls the fields OpenAI's API has no name for.
+//! What an OpenAI-compatible upstream calls the fields OpenAI's API has no name for, and which fields it
+//! reads at all.
 //!
 //! Jemma takes, besides OpenAI's own fields, `top_k`, `min_p`, `repetition_penalty`, Gemma 4's thinking
 //! switch (`enable_thinking`, `chat_template_kwargs.enable_thinking`) and `thinking_token_budget`, under
 //! vLLM's names. Upstream servers differ in what they read:
 //!
-//! - vLLM, SGLang and another Jemma node read those names as they are.
-//! - llama-server (and LM Studio) read `repeat_penalty` for `repetition_penalty`, over their last
-//!   `repeat_last_n` tokens (64 by default; Jemma's engines use mlx-lm's 20), and llama-server reads
-//!   `thinking_budget_tokens` for the budget (`tools/server/server-common.cpp`); they ignore keys they do
-//!   not know.
-//! - OpenAI refuses keys it does not know; Ollama's and most other OpenAI-compatible endpoints ignore
-//!   them.
+//! - another Jemma node reads everything Jemma reads;
+//! - vLLM reads those names as they are (`protocol.py`), SGLang all but the budget;
+//! - llama-server reads `repeat_penalty` for `repetition_penalty`, over its last `repeat_last_n` tokens (64
+//!   unless its command line says otherwise; Jemma's engines use mlx-lm's 20), and `thinking_budget_tokens`
+//!   for the budget (`tools/server/server-common.cpp`, `server-task.cpp`);
+//! - OpenAI refuses keys it does not know;
+//! - Ollama's OpenAI endpoint reads neither those nor `logit_bias`, `tool_choice` or
+//!   `parallel_tool_calls` (`openai/openai.go`), and ignores what it does not read.
+//!
+//! None of them but a Jemma node shows a `json_schema` format's `description` to its model except OpenAI.
 //!
 //! An upstream that ignores a field the client set would break the API's promise that a field accepted
 //! is a field honoured. So each upstream tier speaks a [`Dialect`]: the fields are sent under its names,
-//! and a field it has no name for is refused with a 400 naming it before anything is sent. `auto` (the
-//! default) learns the dialect from the upstream's `GET /v1/models` (`owned_by`: `llamacpp`, `vllm`,
-//! `sglang`, `jemma`; anything else is taken as OpenAI's, which refuses rather than drops).
+//! a format's description goes into the system instruction where the server would not show it
+//! ([`Dialect::shows_format_description`]), and a field it does not read is refused with a 400 naming it
+//! before anything is sent ([`Dialect::unread_fields`]; an automatic route moves on to a tier that reads
+//! it). `auto` (the default) learns the dialect from the upstream's `GET /v1/models` (`owned_by`:
+//! [`Dialect::from_owned_by`]); a server it does not know is taken as OpenAI's, which refuses rather than
+//! drops.
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::RouterError;
-use crate::api::ChatRequest;
+use crate::api::{ChatRequest, ToolChoice};
 
-/// Which names an OpenAI-compatible upstream reads for the fields OpenAI's API lacks.
+/// Which fields an OpenAI-compatible upstream reads, and under which names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Dialect {
@@ -32,51 +39,117 @@ pub enum Dialect {
     /// matters.
     #[default]
     Auto,
-    /// vLLM's names (vLLM, SGLang, another Jemma node): every field sent as Jemma took it.
+    /// Another Jemma node: every field as Jemma took it.
+    Jemma,
+    /// vLLM: every field as Jemma took it (Jemma's names are vLLM's).
     Vllm,
-    /// llama-server's names (also LM Studio's): `repeat_penalty` and `repeat_last_n`,
-    /// `thinking_budget_tokens`.
+    /// SGLang: as vLLM, but it has no thinking budget.
+    Sglang,
+    /// llama-server: `repeat_penalty` and `repeat_last_n`, `thinking_budget_tokens`.
     LlamaServer,
-    /// OpenAI's fields only (OpenAI, Ollama, and any server not known to read more): `reasoning_effort`
-    /// goes as it came; `top_k`, `min_p`, `repetition_penalty`, a thinking switch set without
-    /// `reasoning_effort`, and `thinking_token_budget` are refused.
+    /// Ollama's OpenAI endpoint: OpenAI's fields but `logit_bias`, `tool_choice` (other than `auto` or
+    /// `none`) and `parallel_tool_calls: false`.
+    Ollama,
+    /// OpenAI's fields only (OpenAI, and any server not known to read more): `reasoning_effort` goes as it
+    /// came.
     Openai,
 }
 
 impl Dialect {
-    /// The dialect of a server whose `/v1/models` entries say `owned_by` (llama-server: `llamacpp`; vLLM:
-    /// `vllm`; SGLang: `sglang`; Jemma: `jemma`); anything else is OpenAI's, which refuses a field it
-    /// cannot honour rather than dropping it. Never [`Dialect::Auto`].
+    /// The dialect of a server whose `/v1/models` entries say `owned_by`: llama-server `llamacpp`, vLLM
+    /// `vllm`, SGLang `sglang`, Jemma `jemma`, Ollama `library` (its own models' namespace) or `ollama`;
+    /// anything else is OpenAI's, which refuses a field it cannot honour rather than dropping it. Never
+    /// [`Dialect::Auto`].
     pub fn from_owned_by(owned_by: &str) -> Dialect {
         match owned_by.to_ascii_lowercase().as_str() {
             "llamacpp" | "llama.cpp" | "llama-cpp" => Dialect::LlamaServer,
-            "vllm" | "sglang" | "jemma" => Dialect::Vllm,
+            "vllm" => Dialect::Vllm,
+            "sglang" => Dialect::Sglang,
+            "jemma" => Dialect::Jemma,
+            "library" | "ollama" => Dialect::Ollama,
             _ => Dialect::Openai,
         }
     }
 
-    /// The name the configuration and `/health` use (`auto`, `vllm`, `llama-server`, `openai`).
+    /// The name the configuration and `/health` use (`auto`, `jemma`, `vllm`, `sglang`, `llama-server`,
+    /// `ollama`, `openai`).
     pub fn as_str(self) -> &'static str {
         match self {
             Dialect::Auto => "auto",
+            Dialect::Jemma => "jemma",
             Dialect::Vllm => "vllm",
+            Dialect::Sglang => "sglang",
             Dialect::LlamaServer => "llama-server",
+            Dialect::Ollama => "ollama",
             Dialect::Openai => "openai",
         }
     }
 
+    /// Whether the server shows a `json_schema` format's `description` to its model itself (a Jemma node,
+    /// OpenAI, and a dialect not learned yet, which is sent the request as it came); where it does not,
+    /// the gateway puts it into the system instruction ([`crate::api::ResponseFormat::instruction`]).
+    pub fn shows_format_description(self) -> bool {
+        matches!(self, Dialect::Auto | Dialect::Jemma | Dialect::Openai)
+    }
+
+    /// The fields `req` sets that this dialect's server does not read, by the name the client used (empty
+    /// for [`Dialect::Auto`], not learned yet).
+    pub fn unread_fields(self, req: &ChatRequest) -> Vec<&'static str> {
+        match self {
+            Dialect::Auto | Dialect::Jemma | Dialect::Vllm | Dialect::LlamaServer => vec![],
+            Dialect::Sglang => req
+                .thinking_token_budget
+                .map(|_| vec!["thinking_token_budget"])
+                .unwrap_or_default(),
+            Dialect::Openai => extension_fields(req),
+            Dialect::Ollama => {
+                let mut out = extension_fields(req);
+                if !req.logit_bias.is_empty() {
+                    out.push("logit_bias");
+                }
+                if matches!(
+                    req.tool_choice,
+                    Some(ToolChoice::Required | ToolChoice::Function(_))
+                ) {
+                    out.push("tool_choice");
+                }
+                if req.parallel_tool_calls == Some(false) {
+                    out.push("parallel_tool_calls");
+                }
+                out
+            }
+        }
+    }
+
     /// Rewrites `body`, the upstream request built from `req` under Jemma's (vLLM's) names, into this
-    /// dialect's names. [`Dialect::Auto`] (not resolved yet) leaves it as it is.
+    /// dialect's names. [`Dialect::Auto`] (not learned yet) leaves it as it is.
     ///
-    /// Errors: a field `req` sets that this dialect has no name for, as a 400 naming it (the first, in
-    /// the order of [`extension_fields`]).
+    /// Errors: a field `req` sets that this dialect's server does not read, as a 400 naming it (the first,
+    /// in the order of [`Dialect::unread_fields`]).
     pub fn adapt(
         self,
         req: &ChatRequest,
         body: &mut Map<String, Value>,
     ) -> Result<(), RouterError> {
+        if let Some(param) = self.unread_fields(req).first() {
+            return Err(RouterError::invalid(
+                format!(
+                    "{param}: this tier's upstream ({} dialect) does not read it, so it would not be \
+                     honoured there; leave it out, name a tier that reads it (a local one), or set the \
+                     tier's `dialect` if its server does read it{}",
+                    self.as_str(),
+                    match *param {
+                        "enable_thinking" =>
+                            " (set by enable_thinking, chat_template_kwargs, or Anthropic's thinking or effort; OpenAI's own is reasoning_effort)",
+                        "thinking_token_budget" => " (also Anthropic's thinking.budget_tokens)",
+                        _ => "",
+                    }
+                ),
+                param,
+            ));
+        }
         match self {
-            Dialect::Auto | Dialect::Vllm => {}
+            Dialect::Auto | Dialect::Jemma | Dialect::Vllm | Dialect::Sglang => {}
             Dialect::LlamaServer => {
                 if let Some(p) = body.remove("repetition_penalty") {
                     body.insert("repeat_penalty".into(), p);
@@ -95,17 +168,7 @@ impl Dialect {
                     );
                 }
             }
-            Dialect::Openai => {
-                if let Some(param) = extension_fields(req).first() {
-                    return Err(RouterError::invalid(
-                        format!(
-                            "{param}: this tier's upstream speaks OpenAI's API, which has no such field, so \
-                             it would not be honoured there; leave it out, name a tier that takes it (a \
-                             local one), or set the tier's `dialect` if its server reads it"
-                        ),
-                        param,
-                    ));
-                }
+            Dialect::Openai | Dialect::Ollama => {
                 // What OpenAI has no name for, at its neutral value, is left out (OpenAI refuses an
                 // unknown key even as 0 or null); the thinking switch goes as the effort it came as.
                 for k in [
@@ -123,6 +186,21 @@ impl Dialect {
         }
         Ok(())
     }
+}
+
+/// Whether `req` sets anything dialects name or read differently (so that an upstream's dialect must be
+/// known before it is sent): one of the fields OpenAI lacks (even at its neutral value: OpenAI refuses the
+/// key), a penalty (llama-server's window differs), a thinking switch, a format description, or one of
+/// the fields Ollama does not read.
+pub fn depends_on_dialect(req: &ChatRequest) -> bool {
+    req.top_k.is_some()
+        || req.min_p.is_some()
+        || req.repetition_penalty.is_some()
+        || req.thinking_token_budget.is_some()
+        || req.enable_thinking.is_some()
+        || req.has_penalties()
+        || req.response_format.instruction().is_some()
+        || !Dialect::Ollama.unread_fields(req).is_empty()
 }
 
 /// The fields `req` sets, to other than their neutral value, that OpenAI's API has no name for, by the
@@ -169,10 +247,11 @@ mod tests {
     fn owned_by_names_the_server() {
         assert_eq!(Dialect::from_owned_by("llamacpp"), Dialect::LlamaServer);
         assert_eq!(Dialect::from_owned_by("vllm"), Dialect::Vllm);
-        assert_eq!(Dialect::from_owned_by("sglang"), Dialect::Vllm);
-        assert_eq!(Dialect::from_owned_by("jemma"), Dialect::Vllm);
-        // OpenAI's, Ollama's (`library`), LM Studio's: not known to read more than OpenAI's fields.
-        for o in ["openai", "system", "library", "organization_owner", ""] {
+        assert_eq!(Dialect::from_owned_by("sglang"), Dialect::Sglang);
+        assert_eq!(Dialect::from_owned_by("jemma"), Dialect::Jemma);
+        assert_eq!(Dialect::from_owned_by("library"), Dialect::Ollama);
+        // OpenAI's, LM Studio's, none: not known to read more than OpenAI's fields.
+        for o in ["openai", "system", "organization_owner", ""] {
             assert_eq!(Dialect::from_owned_by(o), Dialect::Openai, "{o}");
         }
     }
@@ -184,6 +263,11 @@ mod tests {
             "temperature": 0.5, "presence_penalty": 0.5
         }));
         assert!(extension_fields(&none).is_empty());
+        // Neutral values still need the dialect known: OpenAI refuses the keys themselves.
+        assert!(depends_on_dialect(&none));
+        assert!(!depends_on_dialect(&req(
+            serde_json::json!({"temperature": 0.5})
+        )));
         let all = req(serde_json::json!({
             "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.2, "thinking_token_budget": 64,
             "chat_template_kwargs": {"enable_thinking": true}
@@ -198,5 +282,27 @@ mod tests {
                 "enable_thinking"
             ]
         );
+        assert!(Dialect::Vllm.unread_fields(&all).is_empty());
+        assert!(Dialect::LlamaServer.unread_fields(&all).is_empty());
+        assert_eq!(
+            Dialect::Sglang.unread_fields(&all),
+            ["thinking_token_budget"]
+        );
+    }
+
+    #[test]
+    fn ollama_reads_neither_the_bias_nor_the_tool_choice() {
+        let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
+        let r = req(serde_json::json!({
+            "logit_bias": {"5": 1}, "tools": tools, "tool_choice": "required",
+            "parallel_tool_calls": false
+        }));
+        assert_eq!(
+            Dialect::Ollama.unread_fields(&r),
+            ["logit_bias", "tool_choice", "parallel_tool_calls"]
+        );
+        assert!(Dialect::Openai.unread_fields(&r).is_empty());
+        let auto = req(serde_json::json!({"tools": tools, "tool_choice": "auto"}));
+        assert!(Dialect::Ollama.unread_fields(&auto).is_empty());
     }
 }

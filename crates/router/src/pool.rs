@@ -276,6 +276,10 @@ struct Attempts {
     /// Whether every failure so far was a 429 (throttling, not a fault).
     throttled_only: bool,
     last: Option<BackendError>,
+    /// The first refusal of a field an endpoint's server would not read ([`BackendError::Unread`]), and
+    /// how many endpoints refused so: the pool's answer when every endpoint it tried did.
+    unread: Option<crate::RouterError>,
+    unread_count: usize,
 }
 
 /// Whether an endpoint with `busy` requests outstanding is too far ahead of the least busy one (`least`)
@@ -326,7 +330,7 @@ impl Inner {
         key: Option<u64>,
         tried: &[usize],
         peers: bool,
-        (media, chat): (&[crate::backend::Modality], bool),
+        (media, chat, req): (&[crate::backend::Modality], bool, Option<&ChatRequest>),
     ) -> Choice {
         let now = crate::breaker::now();
         let eps = self.eps();
@@ -336,13 +340,15 @@ impl Inner {
                 !tried.contains(&i) && e.eligible(now) && (peers || !e.backend.is_peer())
             })
             .collect();
-        if !media.is_empty() || chat {
+        if !media.is_empty() || chat || req.is_some() {
             let able: Vec<usize> = eligible
                 .iter()
                 .copied()
                 .filter(|&i| {
                     let h = eps[i].backend.health();
-                    !(h.refuses_any(media) || (chat && h.refuses_chat()))
+                    !(h.refuses_any(media)
+                        || (chat && h.refuses_chat())
+                        || req.is_some_and(|r| h.refuses_fields_of(r)))
                 })
                 .collect();
             if !able.is_empty() {
@@ -465,7 +471,11 @@ impl Inner {
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let needs = (&req.media_modalities()[..], req.raw_prompt.is_none());
+            let needs = (
+                &req.media_modalities()[..],
+                req.raw_prompt.is_none(),
+                Some(req),
+            );
             let i = match self.choose(key, &att.tried, !req.forwarded, needs) {
                 Choice::Go(i) => i,
                 Choice::Wait => {
@@ -512,6 +522,16 @@ impl Inner {
                         },
                     ));
                 }
+                // Its server would not read a field the request sets: another member's may (nothing
+                // was sent; not the endpoint's fault).
+                Err(BackendError::Unread(r)) => {
+                    drop(permit);
+                    att.retries
+                        .push((self.eps()[i].name.clone(), r.to_string()));
+                    att.tried.push(i);
+                    att.unread.get_or_insert(r);
+                    att.unread_count += 1;
+                }
                 Err(e) if !e.is_tier_failure() => {
                     permit.success();
                     return Err(e);
@@ -545,6 +565,11 @@ impl Inner {
 
     /// The error when no endpoint is left: every attempt named, with the soonest time one may serve.
     fn exhausted(&self, att: &Attempts, peers: bool) -> BackendError {
+        if let Some(r) = &att.unread
+            && att.unread_count == att.retries.len()
+        {
+            return BackendError::Unread(r.clone());
+        }
         let now = crate::breaker::now();
         // Every endpoint left untried is cooling down after a 429 (and every one tried throttled too):
         // the pool is rate limited, not failing, and says so (429) rather than 503.

@@ -195,7 +195,7 @@ pub type MemoryStatusFn = Arc<dyn Fn() -> Value + Send + Sync>;
 
 fn client_error(e: &BackendError) -> RouterError {
     match e {
-        BackendError::Refused(r) => r.clone(),
+        BackendError::Refused(r) | BackendError::Unread(r) => r.clone(),
         e => RouterError::InvalidRequest {
             message: e.to_string(),
             param: None,
@@ -718,29 +718,31 @@ impl TierRouter {
                 rule: decision.rule,
             };
         }
-        // Fields OpenAI's API has no name for go where they are read: an automatic choice whose tier's
-        // upstream is known to speak only OpenAI's API (it would refuse them, `crate::dialect`) is moved to
-        // one that takes them, its media and its chat.
-        let extensions = crate::dialect::extension_fields(req);
-        let reads = |t: &Tier| {
+        // Fields go where they are read: an automatic choice whose tier's upstream is known not to read
+        // one the request sets (it would refuse it, `crate::dialect`) is moved to one that reads them, its
+        // media and its chat. (One not learned yet refuses when asked, and the walk goes on from it.)
+        let unread = |t: &Tier| {
             self.tiers
                 .get(t)
-                .is_some_and(|s| !s.backend().health().refuses_fields(&extensions))
+                .and_then(|s| s.backend().health().dialect)
+                .map(|d| d.unread_fields(req))
+                .unwrap_or_default()
         };
-        if !extensions.is_empty()
+        let reads = |t: &Tier| unread(t).is_empty();
+        let moved_off = unread(&decision.tier);
+        if !moved_off.is_empty()
             && !matches!(decision.rule, Rule::ExplicitTier | Rule::ModelAlias)
             && self.tiers.contains_key(&decision.tier)
-            && !reads(&decision.tier)
             && let Some(t) = self.first_able(decision.tier, |t| {
                 reads(t) && sees(t) && (req.raw_prompt.is_some() || chats(t))
             })
         {
             decision = Decision {
                 reason: format!(
-                    "{} → {t}: the {} tier's upstream has no name for {} ({})",
-                    extensions.join(", "),
+                    "{} → {t}: the {} tier's upstream does not read {} ({})",
+                    moved_off.join(", "),
                     decision.tier,
-                    if extensions.len() == 1 { "it" } else { "them" },
+                    if moved_off.len() == 1 { "it" } else { "them" },
                     decision.reason
                 ),
                 tier: t,
@@ -782,8 +784,8 @@ impl TierRouter {
         if req.raw_prompt.is_none() && chain.iter().any(chats) {
             chain.retain(|t| *t == decision.tier || chats(t));
         }
-        // Nor to a tier whose upstream would refuse its fields (a 400 that would end the walk).
-        if !extensions.is_empty() && chain.iter().any(reads) {
+        // Nor to a tier whose upstream is known not to read its fields.
+        if chain.iter().any(|t| !reads(t)) && chain.iter().any(reads) {
             chain.retain(|t| *t == decision.tier || reads(t));
         }
         // A request another Jemma node forwarded is served by the tier it named or not at all: that node
@@ -893,6 +895,13 @@ impl TierRouter {
                     let _ = tx.send(walk.finish(slot, &reason, run, end)).await;
                     return;
                 }
+                // This tier's upstream would not read a field the request sets: an automatic choice goes
+                // on to a tier that may (nothing was sent; no breaker count). A named tier refuses it.
+                Relayed::Failed(BackendError::Unread(r)) if !named && walk.sent.is_empty() => {
+                    drop(permit);
+                    walk.fallback.push(hop(&r.to_string()));
+                    walk.unread.get_or_insert(r);
+                }
                 Relayed::Failed(e) if !e.is_tier_failure() => {
                     // The client's request, not the tier, is at fault: no fallback, no breaker count.
                     permit.success();
@@ -1000,6 +1009,9 @@ struct Walk {
     /// upstream's Retry-After rather than a 503.
     throttled_only: bool,
     last_err: Option<BackendError>,
+    /// The first tier's refusal of a field its upstream would not read ([`BackendError::Unread`]): the
+    /// answer (a 400) when no tier was left that failed otherwise.
+    unread: Option<RouterError>,
     /// The soonest any tried tier said it may serve again (an open breaker's cooldown, an upstream's
     /// Retry-After), in whole seconds: what a 503 tells the client.
     retry_after: Option<u64>,
@@ -1016,6 +1028,7 @@ impl Walk {
             busy_only: true,
             throttled_only: true,
             last_err: None,
+            unread: None,
             retry_after: None,
         }
     }
@@ -1114,7 +1127,9 @@ impl Walk {
 
     /// The error for a walk that no tier finished.
     fn error(self, chain_len: usize) -> RouterError {
-        if self.busy_only && self.last_err.is_none() {
+        if let Some(r) = self.unread.filter(|_| self.last_err.is_none()) {
+            r
+        } else if self.busy_only && self.last_err.is_none() {
             RouterError::Busy {
                 retry_after_secs: 1,
             }

@@ -35,6 +35,9 @@ pub enum Script {
     Hang,
     /// Refuses with a 429 that says when to come back (s).
     Throttle(u64),
+    /// Refuses before anything is sent, as an upstream whose dialect does not read the request's first
+    /// field that OpenAI lacks ([`BackendError::Unread`]); answers a request with none with its name.
+    Unread,
 }
 
 /// A backend that follows its [`Script`] and records its calls. Its fields are what tests read and set.
@@ -148,11 +151,20 @@ impl Backend for Scripted {
             Script::Fail => return Err(refusal(500, "boom", None)),
             Script::FailRetryAfter(secs) => return Err(refusal(503, "overloaded", Some(secs))),
             Script::Throttle(secs) => return Err(refusal(429, "slow down", Some(secs))),
+            Script::Unread => {
+                if let Some(field) = crate::dialect::extension_fields(req).first() {
+                    return Err(BackendError::Unread(crate::RouterError::invalid(
+                        format!("{field}: this tier's upstream does not read it"),
+                        field,
+                    )));
+                }
+            }
             _ => {}
         }
         let (tx, rx) = mpsc::channel(8);
         let cancelled = self.cancelled.clone();
         let last_user = req.last_user.clone();
+        let name = self.name;
         tokio::spawn(async move {
             let prompt_tokens = if matches!(script, Script::Echo) { 5 } else { 3 };
             let _ = tx
@@ -191,6 +203,10 @@ impl Backend for Scripted {
                 Script::Hang => {
                     tx.closed().await;
                     cancelled.fetch_add(1, Ordering::SeqCst);
+                }
+                Script::Unread => {
+                    let _ = tx.send(Ok(Chunk::Content(name.to_string()))).await;
+                    let _ = tx.send(Ok(done(FinishReason::Stop, 3, 1, 10.0))).await;
                 }
                 // Refusals returned above.
                 Script::Fail | Script::FailRetryAfter(_) | Script::Throttle(_) => {}

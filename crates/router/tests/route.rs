@@ -984,6 +984,105 @@ async fn fields_openai_lacks_go_to_a_tier_that_reads_them() {
     assert_eq!(a.routing.unwrap().tier, "fast");
 }
 
+/// An upstream whose dialect is not learned yet refuses a field it does not read when asked: an automatic
+/// choice goes on down its fallback chain (no breaker count, the refusal in `_routing.fallback`), a named
+/// tier answers the refusal (400 naming the field), and so does a walk where every tier refused.
+#[tokio::test(start_paused = true)]
+async fn a_field_an_upstream_does_not_read_moves_an_automatic_choice_on() {
+    let fast = Scripted::new("e2b", Script::Answer(vec!["fast"]));
+    let primary = Scripted::new("ollama", Script::Unread);
+    let r = router(vec![
+        (Tier::Fast, fast.clone(), settings(1000)),
+        (Tier::Primary, primary.clone(), settings(1000)),
+    ]);
+    let with = |model: &str, extra: serde_json::Value| {
+        let mut v = serde_json::json!({"model": model,
+            "messages": [{"role": "user", "content": "Write code for a loop"}]});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value::<ChatCompletionRequest>(v)
+            .unwrap()
+            .validate(&Limits::default())
+            .unwrap()
+    };
+    for _ in 0..4 {
+        let a = collect(
+            r.chat(with("auto", serde_json::json!({"top_k": 5})))
+                .unwrap(),
+        )
+        .await;
+        let routing = a.routing.unwrap_or_else(|| panic!("{:?}", a.error));
+        assert_eq!((a.text.as_str(), routing.tier.as_str()), ("fast", "fast"));
+        assert!(
+            routing.fallback.iter().any(|f| f.contains("top_k")),
+            "{:?}",
+            routing.fallback
+        );
+    }
+    // No breaker counted it: primary still answers what it reads.
+    let a = collect(r.chat(with("auto", serde_json::json!({}))).unwrap()).await;
+    assert_eq!(
+        (a.text.as_str(), a.routing.unwrap().tier.as_str()),
+        ("ollama", "primary")
+    );
+    // Named: the refusal, naming the field.
+    let a = collect(
+        r.chat(with("primary", serde_json::json!({"min_p": 0.2})))
+            .unwrap(),
+    )
+    .await;
+    match a.error {
+        Some(RouterError::InvalidRequest { param, .. }) => {
+            assert_eq!(param.as_deref(), Some("min_p"))
+        }
+        other => panic!("{other:?}"),
+    }
+    // Every tier refusing: the refusal, not a 503.
+    let only = router(vec![(Tier::Primary, primary.clone(), settings(1000))]);
+    let a = collect(
+        only.chat(with("auto", serde_json::json!({"top_k": 5})))
+            .unwrap(),
+    )
+    .await;
+    assert!(
+        matches!(a.error, Some(RouterError::InvalidRequest { ref param, .. }) if param.as_deref() == Some("top_k")),
+        "{:?}",
+        a.error
+    );
+}
+
+/// A pool passes a request over to a member whose server reads its fields: one known not to (its dialect
+/// learned) is not chosen, one not learned yet refuses and another is tried.
+#[tokio::test(start_paused = true)]
+async fn a_pool_sends_fields_to_members_that_read_them() {
+    use jemma_router::dialect::Dialect;
+    let top_k = ChatCompletionRequest {
+        model: Some("primary".into()),
+        messages: vec![jemma_router::api::Message::user("hi")],
+        top_k: Some(5),
+        ..Default::default()
+    }
+    .validate(&Limits::default())
+    .unwrap();
+    for learned in [true, false] {
+        let ollama = Scripted::new("ollama", Script::Unread);
+        if learned {
+            *ollama.dialect.lock().unwrap() = Some(Dialect::Ollama);
+        }
+        let vllm = Scripted::new("vllm", Script::Answer(vec!["vllm"]));
+        // The weights make the member that does not read top_k every request's first choice.
+        let p = pool(&[("ollama", &ollama, 1e6), ("vllm", &vllm, 1e-6)], 1000);
+        let r = pooled(&p);
+        for _ in 0..3 {
+            let a = collect(r.chat(top_k.clone()).unwrap()).await;
+            assert_eq!(a.text, "vllm", "learned: {learned}: {:?}", a.error);
+        }
+        let a = collect(r.chat(request("primary", "no extension")).unwrap()).await;
+        assert_eq!(a.text, "ollama", "others go by load and weight as before");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_pool_sends_images_to_members_that_can_see_them() {
     let blind = Scripted::new("e4b-text", Script::Answer(vec!["blind"])).taking(&[Modality::Text]);
