@@ -518,6 +518,8 @@ impl ResponsesRequest {
                 Some("json_schema") => {
                     let mut fields = f.as_object().cloned().unwrap_or_default();
                     fields.remove("type");
+                    // A null is the field left out (SDKs send `name: null`), as elsewhere.
+                    fields.retain(|_, v| !v.is_null());
                     fields
                         .entry("name")
                         .or_insert_with(|| Value::String("output".into()));
@@ -1147,6 +1149,11 @@ mod tests {
             r.response_format.instruction().as_deref(),
             Some("Answer in the JSON format \"city\": A city.")
         );
+        let r = req(
+            json!({"input": "hi", "text": {"format": {"type": "json_schema", "name": null,
+            "description": null, "schema": {"type": "object"}, "strict": null}}}),
+        );
+        assert!(r.unwrap().response_format.is_json());
         let e = req(
             json!({"input": "hi", "text": {"format": {"type": "json_schema", "name": "city",
             "schmea": {"type": "object"}}}}),
