@@ -1551,14 +1551,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
     }
 
     fn chat(extra: Value) -> ChatRequest {
-        let mut v = json!({"messages": [{"role": "user", "content": "hi"}]});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value::<crate::api::ChatCompletionRequest>(v)
-            .unwrap()
-            .validate(&crate::api::Limits::default())
-            .unwrap()
+        crate::testing::chat_request("auto", "hi", extra).unwrap()
     }
 
     /// Sends `req` and reads the answer to its end; the error if it was refused before any token.

@@ -230,17 +230,9 @@ pub fn extension_fields(req: &ChatRequest) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ChatCompletionRequest, Limits};
 
     fn req(extra: Value) -> ChatRequest {
-        let mut v = serde_json::json!({"messages": [{"role": "user", "content": "hi"}]});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value::<ChatCompletionRequest>(v)
-            .unwrap()
-            .validate(&Limits::default())
-            .unwrap()
+        crate::testing::chat_request("auto", "hi", extra).unwrap()
     }
 
     #[test]

@@ -20,7 +20,7 @@ pub mod membership;
 pub mod pool;
 pub mod responses;
 pub mod route;
-#[cfg(feature = "testing")]
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod tier;
 

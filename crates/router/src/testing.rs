@@ -65,6 +65,25 @@ pub struct Scripted {
     pub dialect: Mutex<Option<Dialect>>,
 }
 
+/// A validated chat request to `model` whose one user message is `text`, with `extra` (a JSON object)
+/// added to the body as a client would send it.
+///
+/// Errors: a body the API refuses, as the gateway would answer it.
+pub fn chat_request(
+    model: &str,
+    text: &str,
+    extra: serde_json::Value,
+) -> Result<ChatRequest, crate::RouterError> {
+    let mut body =
+        serde_json::json!({"model": model, "messages": [{"role": "user", "content": text}]});
+    if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+        b.extend(e.clone());
+    }
+    serde_json::from_value::<crate::api::ChatCompletionRequest>(body)
+        .map_err(|e| crate::RouterError::invalid(e.to_string(), "body"))?
+        .validate(&crate::api::Limits::default())
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }

@@ -946,15 +946,7 @@ async fn fields_openai_lacks_go_to_a_tier_that_reads_them() {
         (Tier::Primary, primary.clone(), settings(1000)),
     ]);
     let with = |model: &str, extra: serde_json::Value| {
-        let mut v =
-            serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value::<ChatCompletionRequest>(v)
-            .unwrap()
-            .validate(&Limits::default())
-            .unwrap()
+        jemma_router::testing::chat_request(model, "hi", extra).unwrap()
     };
     let a = collect(
         r.chat(with("auto", serde_json::json!({"top_k": 5})))
@@ -996,15 +988,7 @@ async fn a_field_an_upstream_does_not_read_moves_an_automatic_choice_on() {
         (Tier::Primary, primary.clone(), settings(1000)),
     ]);
     let with = |model: &str, extra: serde_json::Value| {
-        let mut v = serde_json::json!({"model": model,
-            "messages": [{"role": "user", "content": "Write code for a loop"}]});
-        v.as_object_mut()
-            .unwrap()
-            .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value::<ChatCompletionRequest>(v)
-            .unwrap()
-            .validate(&Limits::default())
-            .unwrap()
+        jemma_router::testing::chat_request(model, "Write code for a loop", extra).unwrap()
     };
     for _ in 0..4 {
         let a = collect(
