@@ -240,8 +240,8 @@ pub struct BackendHealth {
     /// `/v1/completions` only; None: not known, as of an upstream, and taken to chat).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub chat: Option<bool>,
-    /// An upstream's dialect ([`crate::dialect`]), once configured or learned (None: an in-process
-    /// engine, which reads every field, or not learned yet).
+    /// An upstream's dialect ([`crate::dialect`]): configured, learned, or `auto` until learned (None: an
+    /// in-process engine, which reads every field).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dialect: Option<Dialect>,
     /// Extra figures (memory, queue).
@@ -753,7 +753,7 @@ impl OpenAiBackend {
             logprobs: req.logprobs.then_some(req.top_logprobs),
             ..Default::default()
         };
-        serde_json::to_value(body).unwrap_or_default()
+        wire_json(&body)
     }
 
     fn note(&self, state: BackendState, err: Option<String>) {
@@ -765,6 +765,16 @@ impl OpenAiBackend {
             }
         }
     }
+}
+
+/// `body` as the JSON value it is sent as. Through its text rather than `serde_json::to_value`, which would
+/// widen an `f32` to the nearest `f64` (a `repetition_penalty` of 1.3 sent as 1.2999999523162842); the text
+/// holds the shortest form that reads back as the same `f32`.
+fn wire_json<T: Serialize>(body: &T) -> Value {
+    serde_json::to_string(body)
+        .ok()
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default()
 }
 
 /// An upstream's body with invalid UTF-8 replaced by U+FFFD (as a browser's EventSource decodes it), keeping
@@ -866,7 +876,7 @@ impl Backend for OpenAiBackend {
         let dialect = self.dialect_for(req).await?;
         let mut body = match &req.raw_prompt {
             Some(p) => self.completion_body(req, p, continuation),
-            None => serde_json::to_value(self.body(req, continuation, dialect)).unwrap_or_default(),
+            None => wire_json(&self.body(req, continuation, dialect)),
         };
         if let Value::Object(fields) = &mut body {
             dialect.adapt(req, fields).map_err(BackendError::Unread)?;
@@ -1116,7 +1126,8 @@ impl Backend for OpenAiBackend {
 
     fn health(&self) -> BackendHealth {
         let mut h = self.health.lock().map(|h| h.clone()).unwrap_or_default();
-        h.dialect = Some(self.known_dialect()).filter(|d| *d != Dialect::Auto);
+        // `auto` until learned: the key is there from the start.
+        h.dialect = Some(self.known_dialect());
         h
     }
 
@@ -1570,7 +1581,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
     async fn a_llama_server_upstream_is_sent_its_own_names() {
         let (addr, seen) = upstream_recording(Some("llamacpp")).await;
         let b = upstream(addr, Dialect::Auto);
-        assert_eq!(b.health().dialect, None);
+        assert_eq!(b.health().dialect, Some(Dialect::Auto));
         let req = chat(json!({
             "repetition_penalty": 1.3, "thinking_token_budget": 32, "enable_thinking": true,
             "top_k": 5, "min_p": 0.1
@@ -1589,7 +1600,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             ]
         );
         let body = &seen[1].1;
-        assert_eq!(body["repeat_penalty"], json!(1.3f32));
+        assert_eq!(body["repeat_penalty"], json!(1.3));
         assert_eq!(body["repeat_last_n"], 20);
         assert_eq!(body["thinking_budget_tokens"], 32);
         assert!(body.get("repetition_penalty").is_none(), "{body}");
@@ -1638,7 +1649,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         assert_eq!(paths, ["GET /v1/models", "POST /v1/chat/completions"]);
         let body = seen[1].1.as_object().unwrap();
         assert_eq!(body["reasoning_effort"], "high");
-        assert_eq!(body["presence_penalty"], json!(0.5f32));
+        assert_eq!(body["presence_penalty"], json!(0.5));
         for k in [
             "top_k",
             "min_p",
@@ -1708,7 +1719,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         send(&b, &chat(json!({"temperature": 0.5, "seed": 3})))
             .await
             .unwrap();
-        assert_eq!(b.health().dialect, None);
+        assert_eq!(b.health().dialect, Some(Dialect::Auto));
         send(&b, &req).await.unwrap();
         let seen = seen.lock().unwrap().clone();
         let paths: Vec<&str> = seen.iter().map(|(p, _)| p.as_str()).collect();
@@ -1720,7 +1731,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
                 "POST /v1/chat/completions"
             ]
         );
-        assert_eq!(seen[2].1["repetition_penalty"], json!(1.2f32));
+        assert_eq!(seen[2].1["repetition_penalty"], json!(1.2));
         assert_eq!(seen[2].1["thinking_token_budget"], 16);
 
         let (addr, seen) = upstream_recording(None).await;
@@ -1742,7 +1753,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 1);
         assert_eq!(seen[0].0, "POST /v1/completions");
-        assert_eq!(seen[0].1["repeat_penalty"], json!(1.2f32));
+        assert_eq!(seen[0].1["repeat_penalty"], json!(1.2));
         assert_eq!(seen[0].1["repeat_last_n"], 20);
     }
 }
