@@ -500,7 +500,7 @@ pub struct OpenAiConfig {
     /// How [`Backend::probe`] checks it.
     pub probe: Probe,
     /// What it calls the fields OpenAI's API lacks ([`Dialect::Auto`]: learned from its `/v1/models`;
-    /// a Jemma node, [`Probe::Jemma`], speaks [`Dialect::Vllm`] whatever this says).
+    /// a Jemma node, [`Probe::Jemma`], speaks [`Dialect::Jemma`] whatever this says).
     pub dialect: Dialect,
 }
 
@@ -555,7 +555,7 @@ impl OpenAiBackend {
             ..Default::default()
         };
         let dialect = match cfg.probe {
-            Probe::Jemma { .. } => Dialect::Vllm,
+            Probe::Jemma { .. } => Dialect::Jemma,
             Probe::Models => cfg.dialect,
         };
         Ok(Self {
@@ -1582,6 +1582,18 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         let (addr, seen) = upstream_recording(Some("llamacpp")).await;
         let b = upstream(addr, Dialect::Auto);
         assert_eq!(b.health().dialect, Some(Dialect::Auto));
+        // A Jemma node (a pool's `kind = "jemma"`) speaks Jemma's own without asking: it shows a format's
+        // description itself, so the gateway must not add it too.
+        let peer = OpenAiBackend::new(OpenAiConfig::new(
+            "http://127.0.0.1:1",
+            "fast".into(),
+            Probe::Jemma {
+                tier: "fast".into(),
+            },
+            16,
+        ))
+        .unwrap();
+        assert_eq!(peer.health().dialect, Some(Dialect::Jemma));
         let req = chat(json!({
             "repetition_penalty": 1.3, "thinking_token_budget": 32, "enable_thinking": true,
             "top_k": 5, "min_p": 0.1
