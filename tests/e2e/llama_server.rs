@@ -1,0 +1,199 @@
+//! The heavy tier in front of a real llama-server: llama.cpp's own OpenAI-compatible server (built by
+//! scripts/setup-llama-server.sh from the llama.cpp that the llama-cpp-python 0.3.36 sdist vendors) serving
+//! the real Gemma 3 270M. The recorded upstreams of the router's unit tests say what Jemma sends; only the
+//! real server says whether it reads it: the dialect is learned from its `/v1/models`, and each field OpenAI
+//! has no name for (`repetition_penalty`, as llama-server's `repeat_penalty` over Jemma's 20-token window)
+//! or that Ollama would not read (`logit_bias`) changes the answer as the server's own names do.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::support::{Server, health, post_json, root, tier};
+
+/// The llama-server binary scripts/setup-llama-server.sh builds (under `JEMMA_DEPS`, `.deps` by default).
+fn llama_server_bin() -> PathBuf {
+    let deps = std::env::var("JEMMA_DEPS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| root().join(".deps"));
+    let bin = deps.join("llama-server-0.3.36/bin/llama-server");
+    assert!(
+        bin.exists(),
+        "{} missing: run scripts/setup-llama-server.sh (or scripts/fixtures.sh)",
+        bin.display()
+    );
+    bin
+}
+
+/// A llama-server child on a loopback port, killed when dropped (its log printed if the test failed).
+struct LlamaServer {
+    child: Child,
+    url: String,
+    log: tempfile::NamedTempFile,
+}
+
+impl Drop for LlamaServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(self.log.path()).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- the log of llama-server {} ---\n{}",
+                self.url,
+                tail.join("\n")
+            );
+        }
+    }
+}
+
+impl LlamaServer {
+    /// Starts llama-server on `model` with one slot and waits until its `/health` answers 200 (the model
+    /// loaded).
+    fn start(model: &std::path::Path) -> LlamaServer {
+        // llama-server takes a fixed port: a free one, taken from the OS and released just before.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = Command::new(llama_server_bin())
+            .args(["-m", model.to_str().unwrap()])
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-c", "2048", "-np", "1", "-t", "2", "--no-webui"])
+            .stdout(Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .spawn()
+            .expect("spawn llama-server");
+        let s = LlamaServer {
+            child,
+            url: format!("http://127.0.0.1:{port}"),
+            log,
+        };
+        let t0 = Instant::now();
+        loop {
+            if let Ok((200, _)) = crate::support::ureq_get(&format!("{}/health", s.url)) {
+                break;
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(60),
+                "llama-server did not become ready in 60 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        s
+    }
+}
+
+/// A greedy `/v1/completions` of `prompt` (24 tokens) at `base` (the gateway, or llama-server itself), with
+/// `extra` merged into the body; its text.
+async fn complete(client: &reqwest::Client, base: &str, prompt: &str, extra: Value) -> String {
+    let mut body = json!({"prompt": prompt, "max_tokens": 24, "temperature": 0});
+    if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+        b.extend(e);
+    }
+    let v = post_json(client, &format!("{base}/v1/completions"), &body).await;
+    match v["choices"][0]["text"].as_str() {
+        Some(t) => t.to_string(),
+        None => panic!("{v}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_llama_server_upstream_reads_the_fields_jemma_sends_it() {
+    let model = crate::real_model::gemma3();
+    let upstream = LlamaServer::start(&model);
+    // The same weights on the local llama.cpp engine (fast) and behind llama-server (heavy), whose dialect
+    // is left to be learned (`auto`, the default).
+    let cfg = format!(
+        "[tiers.fast]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{}/v1\"\n\
+         model = \"gemma-3-270m\"\n",
+        model.display(),
+        upstream.url
+    );
+    let gw = Server::start(&[], Some(&cfg));
+    let client = crate::support::client();
+    assert_eq!(
+        tier(&health(&gw), "heavy")["dialect"],
+        "auto",
+        "not learned before a request needs it"
+    );
+    let paris = "Question: What is the capital of France?\nAnswer:";
+    for m in ["heavy", "fast"] {
+        let v = post_json(
+            &client,
+            &format!("{}/v1/completions", gw.url),
+            &json!({"model": m, "prompt": paris, "max_tokens": 2, "temperature": 0}),
+        )
+        .await;
+        assert!(
+            v["choices"][0]["text"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with(" Paris"),
+            "{v}"
+        );
+        assert_eq!(v["_routing"]["tier"], m, "{v}");
+    }
+
+    // A prompt the model goes on repeating. Each field through the gateway gives what llama-server gives
+    // when asked directly under its own names, with Jemma's 20-token penalty window (the local engine's,
+    // mlx-lm's); and a different answer than without it. (Not compared with the local engine's answers:
+    // two llama.cpp builds' Q4_K kernels differ by up to ~0.1 in a logprob, as llama-server's own
+    // weight repacking or flash attention switched off do, and this prompt has near ties.)
+    let prompt = "red, red, red, red, red, red, red, red, red, red, red,";
+    let heavy = |extra: Value| {
+        let mut body = json!({"model": "heavy"});
+        if let (Value::Object(b), Value::Object(e)) = (&mut body, extra) {
+            b.extend(e);
+        }
+        complete(&client, &gw.url, prompt, body)
+    };
+    let direct = |extra: Value| complete(&client, &upstream.url, prompt, extra);
+    let plain = heavy(json!({})).await;
+    assert_eq!(plain, direct(json!({})).await);
+
+    let penalised = heavy(json!({"repetition_penalty": 1.5})).await;
+    assert_ne!(penalised, plain, "the penalty reached the server");
+    assert_eq!(
+        penalised,
+        direct(json!({"repeat_penalty": 1.5, "repeat_last_n": 20})).await,
+        "sent as repeat_penalty over Jemma's window"
+    );
+    assert_ne!(
+        penalised,
+        direct(json!({"repeat_penalty": 1.5})).await,
+        "the window matters here: llama-server's own (64) gives another answer"
+    );
+    // The request that needed it taught the gateway the server's dialect, from its /v1/models.
+    assert_eq!(tier(&health(&gw), "heavy")["dialect"], "llama-server");
+
+    // OpenAI's frequency and presence penalties keep their names, over the same window.
+    let alpha = json!({"frequency_penalty": 1.0, "presence_penalty": 0.5});
+    let penalised = heavy(alpha.clone()).await;
+    assert_ne!(penalised, plain);
+    let mut alpha20 = alpha;
+    alpha20["repeat_last_n"] = json!(20);
+    assert_eq!(penalised, direct(alpha20).await);
+
+    // `logit_bias` by token id (those of " red", from the server's own tokenizer): banned there.
+    let ids = post_json(
+        &client,
+        &format!("{}/tokenize", upstream.url),
+        &json!({"content": " red"}),
+    )
+    .await;
+    let ids = ids["tokens"].as_array().cloned().unwrap_or_default();
+    assert!(!ids.is_empty(), "no tokens for \" red\"");
+    let bias: serde_json::Map<String, Value> =
+        ids.iter().map(|t| (t.to_string(), json!(-100))).collect();
+    let ban = json!({ "logit_bias": bias });
+    let banned = heavy(ban.clone()).await;
+    assert!(!banned.contains(" red"), "{banned}");
+    assert_eq!(banned, direct(ban).await);
+}
