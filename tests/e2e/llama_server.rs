@@ -3,7 +3,9 @@
 //! the real Gemma 3 270M. The recorded upstreams of the router's unit tests say what Jemma sends; only the
 //! real server says whether it reads it: the dialect is learned from its `/v1/models`, and each field OpenAI
 //! has no name for (`repetition_penalty`, as llama-server's `repeat_penalty` over Jemma's 20-token window)
-//! or that Ollama would not read (`logit_bias`) changes the answer as the server's own names do.
+//! or that Ollama would not read (`logit_bias`) changes the answer as the server's own names do. And a Gemma 4
+//! chat (system prompt, tools, an earlier call and its result, the thinking switch) is rendered by its
+//! Jinja engine into the very prompt Jemma's own template renders.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -196,4 +198,70 @@ async fn a_real_llama_server_upstream_reads_the_fields_jemma_sends_it() {
     let banned = heavy(ban.clone()).await;
     assert!(!banned.contains(" red"), "{banned}");
     assert_eq!(banned, direct(ban).await);
+}
+
+/// A chat through the gateway: `body` with `model` set; the answer's prompt tokens and message.
+async fn chat(client: &reqwest::Client, gw: &Server, model: &str, body: &Value) -> (u64, Value) {
+    let mut body = body.clone();
+    body["model"] = json!(model);
+    let v = post_json(client, &format!("{}/v1/chat/completions", gw.url), &body).await;
+    assert_eq!(v["_routing"]["tier"], model, "{v}");
+    (
+        v["usage"]["prompt_tokens"].as_u64().unwrap_or_default(),
+        v["choices"][0]["message"].clone(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_llama_server_renders_gemma_4_chats_as_the_local_engine_does() {
+    // The random-weight Gemma 4 fixture in float32 with its chat template: llama-server renders a chat with
+    // its own Jinja engine, Jemma with minijinja; the same prompt gives the same greedy answer from the
+    // same weights (float32: here the two llama.cpp builds agree).
+    let model = crate::support::fixture("tiny")
+        .parent()
+        .unwrap()
+        .join("gguf/tiny-f32.gguf");
+    let upstream = LlamaServer::start(&model);
+    let cfg = format!(
+        "[tiers.fast]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{}/v1\"\n\
+         model = \"gemma-4-tiny\"\n",
+        model.display(),
+        upstream.url
+    );
+    let gw = Server::start(&[], Some(&cfg));
+    let client = crate::support::client();
+    // A system prompt, a tool, an earlier call and its result, and a new question, thinking off.
+    let conversation = json!({
+        "messages": [
+            {"role": "system", "content": "You are helpful."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function",
+                "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"days\":2}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "{\"temp\":21,\"sky\":\"clear\"}"},
+            {"role": "assistant", "content": "It is 21 and clear."},
+            {"role": "user", "content": "And tomorrow?"}
+        ],
+        "tools": [{"type": "function", "function": {"name": "get_weather",
+            "description": "Get the weather", "parameters": {"type": "object",
+            "properties": {"city": {"type": "string", "description": "City name"},
+                           "days": {"type": "integer"}}, "required": ["city"]}}}],
+        "max_tokens": 12, "temperature": 0, "reasoning_effort": "none"
+    });
+    let (heavy_tokens, heavy) = chat(&client, &gw, "heavy", &conversation).await;
+    let (local_tokens, local) = chat(&client, &gw, "fast", &conversation).await;
+    assert!(heavy_tokens > 200, "{heavy_tokens}");
+    assert_eq!(heavy_tokens, local_tokens, "the same prompt");
+    assert_eq!(heavy["content"], local["content"], "{heavy}\n{local}");
+    assert_eq!(tier(&health(&gw), "heavy")["dialect"], "llama-server");
+
+    // Thinking on (OpenAI's switch): the template's thinking turn, on both.
+    let think = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                       "reasoning_effort": "high"});
+    let off = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                     "reasoning_effort": "none"});
+    let (heavy_on, _) = chat(&client, &gw, "heavy", &think).await;
+    let (local_on, _) = chat(&client, &gw, "fast", &think).await;
+    let (heavy_off, _) = chat(&client, &gw, "heavy", &off).await;
+    assert_eq!(heavy_on, local_on);
+    assert!(heavy_on > heavy_off, "{heavy_on} {heavy_off}");
 }
