@@ -115,6 +115,25 @@ ggml_cmake_args() {
   echo "${args% }"
 }
 
+# llama_cpp_sdist: the llama-cpp-python 0.3.36 sdist from PyPI, unpacked once into .deps (its vendored
+# llama.cpp is complete: the GGUF converter for the fixtures, llama-server's sources); prints its llama.cpp
+# directory. Needs only pip.
+llama_cpp_sdist() {
+  local version=0.3.36 src tmp
+  src=$JEMMA_DEPS/llama-cpp-python-$version
+  if ! [ -f "$src/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
+    log "llama-cpp-python $version sdist (llama.cpp's sources)"
+    tmp=$(mktemp -d)
+    python3 -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$version" -d "$tmp" >&2
+    mkdir -p "$JEMMA_DEPS"
+    rm -rf "$src"
+    tar xzf "$tmp/llama_cpp_python-$version.tar.gz" -C "$tmp"
+    mv "$tmp/llama_cpp_python-$version" "$src"
+    rm -rf "$tmp"
+  fi
+  echo "$src/vendor/llama.cpp"
+}
+
 # llama_cpp_python_venv [CMAKE_ARG...]: the benchmarks' llama-cpp-python anchor (0.3.36 with its OpenAI
 # server), built from source with ggml_cmake_args plus the given arguments (~10 min on 2 cores) and rebuilt
 # when they change; prints the venv's path.

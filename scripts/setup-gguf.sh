@@ -4,10 +4,8 @@
 # too old for Gemma 4), in its own venv with torch. Prints the converter's directory; sets nothing else.
 # Idempotent. The venv's python is "$JEMMA_CACHE/gguf-venv/bin/python".
 . "$(dirname "$0")/lib.sh"
-LCP_VERSION=0.3.36
 # The venv is shared by every clone (JEMMA_CACHE): it depends only on gguf-requirements.txt, checked below.
 VENV=$JEMMA_CACHE/gguf-venv
-SRC=$JEMMA_DEPS/llama-cpp-python-$LCP_VERSION
 REQ=$JEMMA_ROOT/scripts/gguf-requirements.txt
 want=$(sha256sum "$REQ" | cut -d' ' -f1)
 mkdir -p "$JEMMA_CACHE"
@@ -23,13 +21,4 @@ if ! [ -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/n
   "$VENV/bin/python" -m pip install -q --no-cache-dir -r "$REQ" >&2
   echo "$want" >"$VENV/.requirements.sha256"
 fi
-if ! [ -f "$SRC/vendor/llama.cpp/convert_hf_to_gguf.py" ]; then
-  log "llama-cpp-python $LCP_VERSION sdist (for convert_hf_to_gguf.py)"
-  tmp=$(mktemp -d)
-  "$VENV/bin/python" -m pip download -q --no-deps --no-binary :all: "llama-cpp-python==$LCP_VERSION" -d "$tmp" >&2
-  mkdir -p "$JEMMA_DEPS"
-  tar xzf "$tmp/llama_cpp_python-$LCP_VERSION.tar.gz" -C "$JEMMA_DEPS"
-  mv "$JEMMA_DEPS/llama_cpp_python-$LCP_VERSION" "$SRC"
-  rm -rf "$tmp"
-fi
-echo "$SRC/vendor/llama.cpp"
+llama_cpp_sdist

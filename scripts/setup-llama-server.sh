@@ -8,8 +8,7 @@
 # from the Hub otherwise) or TLS. ~4 min on 2 cores the first time; rebuilt when the flags change.
 # Prints the binary's path. Idempotent.
 . "$(dirname "$0")/lib.sh"
-LCP_VERSION=0.3.36
-OUT=$JEMMA_DEPS/llama-server-$LCP_VERSION
+OUT=$JEMMA_DEPS/llama-server-0.3.36
 BIN=$OUT/bin/llama-server
 args="$(ggml_cmake_args) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
 -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
@@ -18,13 +17,12 @@ mkdir -p "$JEMMA_DEPS"
 # Two clones or stages building at once must not write one build directory together.
 exec 8>"$JEMMA_DEPS/llama-server.lock"
 flock 8
-if [ -x "$BIN" ] && [ "$(cat "$OUT/.cmake-args" 2>/dev/null)" = "$args" ]; then
+if [ -x "$BIN" ] && [ "$(cat "$OUT/.cmake-args" 2>/dev/null)" = "$args" ] && "$BIN" --version >/dev/null 2>&1; then
   echo "$BIN"
   exit 0
 fi
-# The sdist (also the GGUF converter's source): fetched and unpacked once.
-SRC=$(bash "$JEMMA_ROOT/scripts/setup-gguf.sh")
-log "building llama-server from llama-cpp-python $LCP_VERSION's llama.cpp (~4 min on 2 cores)"
+SRC=$(llama_cpp_sdist)
+log "building llama-server from llama-cpp-python 0.3.36's llama.cpp (~4 min on 2 cores)"
 rm -rf "$OUT"
 mkdir -p "$OUT/bin"
 # shellcheck disable=SC2086 # $args is a list of -D flags

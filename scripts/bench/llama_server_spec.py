@@ -2,12 +2,16 @@
 then GEN tokens from PROMPT (end of sequence ignored, the prompt reused from the warm-up's slot, as the
 engine's bench does). Prints JSON: decode tok/s (llama-server's own `timings.predicted_per_second`), the
 tokens, and when it speculated, drafted and accepted tokens, acceptance and tokens per verify step.
-Usage: llama_server_spec.py BASE_URL PROMPT GEN"""
+With K (the server drafts exactly K tokens a round: --spec-draft-n-min = -n-max = K), a run that did not
+speculate is an error, and the verify steps are the rounds that drafted (drafts / K), as the engine counts
+them (a step near the end with no room for K drafts is a plain one, as in the engine).
+Usage: llama_server_spec.py BASE_URL PROMPT GEN [K]"""
 import json
 import sys
 import urllib.request
 
 base, prompt, gen = sys.argv[1], sys.argv[2], int(sys.argv[3])
+k = int(sys.argv[4]) if len(sys.argv) > 4 else None
 
 
 def complete(n):
@@ -23,11 +27,13 @@ complete(8)
 v = complete(gen)
 t = v["timings"]
 out = {"decode_tps": t["predicted_per_second"], "tokens": v.get("tokens", [])}
-if t.get("draft_n"):
+if k:
+    if not t.get("draft_n"):
+        sys.exit(f"llama-server did not speculate: {json.dumps(t)}")
     drafted, accepted = t["draft_n"], t["draft_n_accepted"]
-    # After the prompt's own first token, each verify step yields its accepted drafts and one token of the
-    # target's (the engine's tokens_per_step counts so too).
-    rounds = max(t["predicted_n"] - 1 - accepted, 1)
+    # Each round yields its drafts that stood and one token of the target's own (the engine's
+    # tokens_per_step: (accepted + rounds) / rounds).
+    rounds = max(drafted // k, 1)
     out.update(drafted=drafted, accepted=accepted, acceptance_rate=accepted / drafted,
                tokens_per_step=(accepted + rounds) / rounds)
 print(json.dumps(out))

@@ -54,42 +54,59 @@ impl Drop for LlamaServer {
 }
 
 impl LlamaServer {
-    /// Starts llama-server on `model` with one slot and waits until its `/health` answers 200 (the model
-    /// loaded).
-    fn start(model: &std::path::Path) -> LlamaServer {
-        // llama-server takes a fixed port: a free one, taken from the OS and released just before.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// Starts llama-server on `model` with one slot and `args`, on a port the OS picks, and waits until it
+    /// has loaded the model (it names its address then) and its `/health` answers 200. Fails at once if it
+    /// exits, and after 180 s (two busy cores).
+    fn start(model: &std::path::Path, args: &[&str]) -> LlamaServer {
         let log = tempfile::NamedTempFile::new().unwrap();
-        let child = Command::new(llama_server_bin())
+        let mut child = Command::new(llama_server_bin())
             .args(["-m", model.to_str().unwrap()])
-            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["--host", "127.0.0.1", "--port", "0"])
             .args(["-c", "2048", "-np", "1", "-t", "2", "--no-webui"])
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log.reopen().unwrap())
             .spawn()
             .expect("spawn llama-server");
-        let s = LlamaServer {
-            child,
-            url: format!("http://127.0.0.1:{port}"),
-            log,
-        };
         let t0 = Instant::now();
-        loop {
-            if let Ok((200, _)) = crate::support::ureq_get(&format!("{}/health", s.url)) {
-                break;
+        let url = loop {
+            let text = std::fs::read_to_string(log.path()).unwrap_or_default();
+            if let Some(url) = text
+                .lines()
+                .find_map(|l| l.split("listening on ").nth(1))
+                .map(|u| u.trim().trim_end_matches('/').to_string())
+            {
+                break url;
             }
-            assert!(
-                t0.elapsed() < Duration::from_secs(60),
-                "llama-server did not become ready in 60 s"
-            );
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("llama-server exited ({status}):\n{text}");
+            }
+            if t0.elapsed() > Duration::from_secs(180) {
+                let _ = child.kill();
+                panic!("llama-server did not listen within 180 s:\n{text}");
+            }
             std::thread::sleep(Duration::from_millis(100));
-        }
+        };
+        let s = LlamaServer { child, url, log };
+        let health = crate::support::ureq_get(&format!("{}/health", s.url));
+        assert!(matches!(health, Ok((200, _))), "{health:?}");
         s
     }
+}
+
+/// llama-server on `model`, and a gateway with the same weights twice: on the local llama.cpp engine (tier
+/// fast) and behind that llama-server (tier heavy, started with `args`), whose dialect is left to be
+/// learned (`auto`, the default).
+fn gateway_over(model: &std::path::Path, args: &[&str]) -> (LlamaServer, Server) {
+    let upstream = LlamaServer::start(model, args);
+    let cfg = format!(
+        "[tiers.fast]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{}/v1\"\n\
+         model = \"upstream\"\n",
+        model.display(),
+        upstream.url
+    );
+    let gw = Server::start(&[], Some(&cfg));
+    (upstream, gw)
 }
 
 /// A greedy `/v1/completions` of `prompt` (24 tokens) at `base` (the gateway, or llama-server itself), with
@@ -108,17 +125,7 @@ async fn complete(client: &reqwest::Client, base: &str, prompt: &str, extra: Val
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_real_llama_server_upstream_reads_the_fields_jemma_sends_it() {
-    let model = crate::real_model::gemma3();
-    let upstream = LlamaServer::start(&model);
-    // The same weights on the local llama.cpp engine (fast) and behind llama-server (heavy), whose dialect
-    // is left to be learned (`auto`, the default).
-    let cfg = format!(
-        "[tiers.fast]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{}/v1\"\n\
-         model = \"gemma-3-270m\"\n",
-        model.display(),
-        upstream.url
-    );
-    let gw = Server::start(&[], Some(&cfg));
+    let (upstream, gw) = gateway_over(&crate::real_model::gemma3(), &[]);
     let client = crate::support::client();
     assert_eq!(
         tier(&health(&gw), "heavy")["dialect"],
@@ -157,6 +164,9 @@ async fn a_real_llama_server_upstream_reads_the_fields_jemma_sends_it() {
         complete(&client, &gw.url, prompt, body)
     };
     let direct = |extra: Value| complete(&client, &upstream.url, prompt, extra);
+    // Once first, so that every answer compared below reads the prompt from the slot's cache alike (the
+    // first reading is a batch of its tokens, a cached one the last token alone: other kernel shapes).
+    direct(json!({"max_tokens": 1})).await;
     let plain = heavy(json!({})).await;
     assert_eq!(plain, direct(json!({})).await);
 
@@ -175,7 +185,8 @@ async fn a_real_llama_server_upstream_reads_the_fields_jemma_sends_it() {
     // The request that needed it taught the gateway the server's dialect, from its /v1/models.
     assert_eq!(tier(&health(&gw), "heavy")["dialect"], "llama-server");
 
-    // OpenAI's frequency and presence penalties keep their names, over the same window.
+    // OpenAI's frequency and presence penalties keep their names, over the same window (that the window
+    // is sent for them alone is the router's unit test: on this prompt the two windows answer alike).
     let alpha = json!({"frequency_penalty": 1.0, "presence_penalty": 0.5});
     let penalised = heavy(alpha.clone()).await;
     assert_ne!(penalised, plain);
@@ -221,14 +232,8 @@ async fn a_real_llama_server_renders_gemma_4_chats_as_the_local_engine_does() {
         .parent()
         .unwrap()
         .join("gguf/tiny-f32.gguf");
-    let upstream = LlamaServer::start(&model);
-    let cfg = format!(
-        "[tiers.fast]\nmodel = \"{}\"\n[tiers.heavy]\nkind = \"openai\"\nurl = \"{}/v1\"\n\
-         model = \"gemma-4-tiny\"\n",
-        model.display(),
-        upstream.url
-    );
-    let gw = Server::start(&[], Some(&cfg));
+    // Thinking off unless a request turns it on: what the gateway sends is then what turns it on.
+    let (_upstream, gw) = gateway_over(&model, &["--reasoning", "off"]);
     let client = crate::support::client();
     // A system prompt, a tool, an earlier call and its result, and a new question, thinking off.
     let conversation = json!({

@@ -282,6 +282,31 @@ mod tests {
         );
     }
 
+    /// Every penalty is counted over Jemma's window on llama-server, OpenAI's alone too (its default
+    /// window, 64, would penalise more: tests/e2e/llama_server.rs shows the answer changes).
+    #[test]
+    fn llama_server_is_sent_jemmas_window_for_every_penalty() {
+        for extra in [
+            serde_json::json!({"repetition_penalty": 1.5}),
+            serde_json::json!({"frequency_penalty": 0.5}),
+            serde_json::json!({"presence_penalty": 0.5}),
+        ] {
+            let mut body = Map::new();
+            Dialect::LlamaServer
+                .adapt(&req(extra.clone()), &mut body)
+                .unwrap();
+            assert_eq!(body["repeat_last_n"], 20, "{extra}");
+        }
+        let mut body = Map::new();
+        Dialect::LlamaServer
+            .adapt(
+                &req(serde_json::json!({"presence_penalty": 0.0})),
+                &mut body,
+            )
+            .unwrap();
+        assert!(body.get("repeat_last_n").is_none(), "no penalty: {body:?}");
+    }
+
     #[test]
     fn ollama_reads_neither_the_bias_nor_the_tool_choice() {
         let tools = serde_json::json!([{"type": "function", "function": {"name": "f"}}]);
