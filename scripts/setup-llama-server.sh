@@ -5,24 +5,25 @@
 # runs). Built from the llama.cpp that the llama-cpp-python 0.3.36 sdist on PyPI vendors (the
 # llama-cpp-sys-2 crate vendors llama.cpp without the server's sources; no other registry this project
 # reaches has llama-server), with the engine's GGML flags (ggml_cmake_args), without its web UI (fetched
-# from the Hub otherwise) or TLS. ~4 min on 2 cores the first time; rebuilt when the flags change.
-# Prints the binary's path. Idempotent.
+# from the Hub otherwise) or TLS. 3-7 min on 2 cores the first time on a machine: like the GGUF converter's
+# venv it lives in the user's cache (JEMMA_CACHE), shared by every clone (the flags are the machine's);
+# rebuilt when the flags change. Prints the binary's path. Idempotent.
 . "$(dirname "$0")/lib.sh"
-OUT=$JEMMA_DEPS/llama-server-0.3.36
+OUT=$JEMMA_CACHE/llama-server-0.3.36
 BIN=$OUT/bin/llama-server
 args="$(ggml_cmake_args) -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DLLAMA_BUILD_SERVER=ON \
 -DLLAMA_BUILD_TOOLS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_UI=OFF \
 -DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_OPENSSL=OFF"
-mkdir -p "$JEMMA_DEPS"
+mkdir -p "$JEMMA_CACHE"
 # Two clones or stages building at once must not write one build directory together.
-exec 8>"$JEMMA_DEPS/llama-server.lock"
+exec 8>"$JEMMA_CACHE/llama-server.lock"
 flock 8
 if [ -x "$BIN" ] && [ "$(cat "$OUT/.cmake-args" 2>/dev/null)" = "$args" ] && "$BIN" --version >/dev/null 2>&1; then
   echo "$BIN"
   exit 0
 fi
 SRC=$(llama_cpp_sdist)
-log "building llama-server from llama-cpp-python 0.3.36's llama.cpp (~4 min on 2 cores)"
+log "building llama-server from llama-cpp-python 0.3.36's llama.cpp (3-7 min on 2 cores)"
 rm -rf "$OUT"
 mkdir -p "$OUT/bin"
 # shellcheck disable=SC2086 # $args is a list of -D flags

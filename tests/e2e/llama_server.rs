@@ -13,14 +13,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::support::{Server, health, post_json, root, tier};
+use crate::support::{Server, health, post_json, tier};
 
-/// The llama-server binary scripts/setup-llama-server.sh builds (under `JEMMA_DEPS`, `.deps` by default).
+/// The llama-server binary scripts/setup-llama-server.sh builds, in the user's cache as lib.sh names it
+/// (`JEMMA_CACHE`, else `$XDG_CACHE_HOME/jemma`, else `~/.cache/jemma`).
 fn llama_server_bin() -> PathBuf {
-    let deps = std::env::var("JEMMA_DEPS")
+    let cache = std::env::var_os("JEMMA_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|_| root().join(".deps"));
-    let bin = deps.join("llama-server-0.3.36/bin/llama-server");
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("jemma")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/jemma")))
+        .expect("JEMMA_CACHE, XDG_CACHE_HOME or HOME");
+    let bin = cache.join("llama-server-0.3.36/bin/llama-server");
     assert!(
         bin.exists(),
         "{} missing: run scripts/setup-llama-server.sh (or scripts/fixtures.sh)",
