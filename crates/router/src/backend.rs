@@ -881,6 +881,11 @@ impl Backend for OpenAiBackend {
         if let Value::Object(fields) = &mut body {
             dialect.adapt(req, fields).map_err(BackendError::Unread)?;
         }
+        // A call the upstream is asked for as JSON: its content is read back into the call at the end.
+        let forced = match raw {
+            true => None,
+            false => dialect.forced_call(req).map_err(BackendError::Unread)?,
+        };
         let mut rb = self.client.post(self.endpoint_for(req)).json(&body);
         if let Some(k) = &self.cfg.api_key {
             rb = rb.bearer_auth(k);
@@ -967,6 +972,8 @@ impl Backend for OpenAiBackend {
             let mut events = lossy_utf8(resp.bytes_stream()).eventsource();
             // Tool-call deltas arrive in pieces keyed by index; they are emitted whole at the end.
             let mut calls: Vec<(String, String)> = vec![];
+            // The answer of a forced call asked for as JSON ([`crate::dialect::ForcedCall`]).
+            let mut forced_text = String::new();
             let mut finish: Option<FinishReason> = None;
             // vLLM and SGLang say which stop string ended the answer (`stop_reason`, a string; a token id
             // when a stop token did); OpenAI does not.
@@ -997,6 +1004,23 @@ impl Backend for OpenAiBackend {
                     continue;
                 }
                 if data.trim() == "[DONE]" {
+                    if let Some(f) = &forced {
+                        match f.calls(&forced_text) {
+                            Some(c) => {
+                                calls.extend(c);
+                                if finish != Some(FinishReason::Length) {
+                                    finish = Some(FinishReason::ToolCalls);
+                                }
+                            }
+                            None if !forced_text.is_empty() => {
+                                let text = std::mem::take(&mut forced_text);
+                                if tx.send(Ok(Chunk::Content(text))).await.is_err() {
+                                    return;
+                                }
+                            }
+                            None => {}
+                        }
+                    }
                     for (name, arguments) in calls.drain(..) {
                         if tx
                             .send(Ok(Chunk::ToolCall { name, arguments }))
@@ -1097,7 +1121,10 @@ impl Backend for OpenAiBackend {
                     out.push(Chunk::Reasoning(r));
                 }
                 if let Some(c) = delta.content.filter(|s| !s.is_empty()) {
-                    out.push(Chunk::Content(c));
+                    match forced {
+                        Some(_) => forced_text.push_str(&c),
+                        None => out.push(Chunk::Content(c)),
+                    }
                 }
                 for tc in delta.tool_calls.into_iter().flatten() {
                     let i = tc.index as usize;
@@ -1490,6 +1517,17 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         std::net::SocketAddr,
         Arc<std::sync::Mutex<Vec<(String, Value)>>>,
     ) {
+        upstream_answering(owned_by, "ok").await
+    }
+
+    /// [`upstream_recording`] whose every answer is `content`.
+    async fn upstream_answering(
+        owned_by: Option<&'static str>,
+        content: &'static str,
+    ) -> (
+        std::net::SocketAddr,
+        Arc<std::sync::Mutex<Vec<(String, Value)>>>,
+    ) {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -1536,10 +1574,12 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
                         None => "HTTP/1.1 404 Not Found\r\nconnection: close\r\n\r\n".into(),
                     }
                 } else {
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
-                     data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"ok\"},\"text\":\"ok\",\
-                     \"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n"
-                        .into()
+                    let chunk = json!({"choices": [{"index": 0, "delta": {"content": content},
+                        "text": content, "finish_reason": "stop"}]});
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
+                         data: {chunk}\n\ndata: [DONE]\n\n"
+                    )
                 };
                 sock.write_all(reply.as_bytes()).await.unwrap();
                 let _ = sock.shutdown().await;
@@ -1767,5 +1807,71 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         assert_eq!(seen[0].0, "POST /v1/completions");
         assert_eq!(seen[0].1["repeat_penalty"], json!(1.2));
         assert_eq!(seen[0].1["repeat_last_n"], 20);
+    }
+
+    /// vLLM does not force a call itself with Gemma 4's tool parser: a forced `tool_choice` goes as `none`
+    /// with the call's JSON Schema as the response format, and the JSON it answers comes back as the call.
+    #[tokio::test]
+    async fn a_forced_call_is_asked_of_vllm_as_json() {
+        let tools = json!([{"type": "function", "function": {"name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
+        let (addr, seen) = upstream_answering(Some("vllm"), " {\"city\" : \"Paris\"}").await;
+        let b = upstream(addr, Dialect::Auto);
+        let req = chat(json!({"tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
+        let mut rx = b.start(&req, None).await.unwrap();
+        let mut got = vec![];
+        while let Some(c) = rx.recv().await {
+            got.push(c.unwrap());
+        }
+        let body = seen.lock().unwrap().last().unwrap().1.clone();
+        assert_eq!(body["tool_choice"], "none", "{body}");
+        assert_eq!(body["response_format"]["type"], "json_schema", "{body}");
+        assert_eq!(
+            body["response_format"]["json_schema"]["schema"],
+            tools[0]["function"]["parameters"]
+        );
+        assert!(
+            !got.iter().any(|c| matches!(c, Chunk::Content(_))),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|c| matches!(c, Chunk::ToolCall { name, arguments }
+                if name == "get_weather" && arguments == r#"{"city":"Paris"}"#)),
+            "{got:?}"
+        );
+        assert!(
+            got.iter().any(|c| matches!(
+                c,
+                Chunk::Done {
+                    finish_reason: FinishReason::ToolCalls,
+                    ..
+                }
+            )),
+            "{got:?}"
+        );
+
+        // Not JSON (cut short): the text, as content; a llama-server is sent the choice as it came.
+        let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa").await;
+        let mut rx = upstream(addr, Dialect::Auto)
+            .start(&req, None)
+            .await
+            .unwrap();
+        let mut got = vec![];
+        while let Some(c) = rx.recv().await {
+            got.push(c.unwrap());
+        }
+        assert!(
+            got.iter()
+                .any(|c| matches!(c, Chunk::Content(t) if t == "{\"city\": \"Pa")),
+            "{got:?}"
+        );
+        assert!(!got.iter().any(|c| matches!(c, Chunk::ToolCall { .. })));
+        let (addr, seen) = upstream_recording(Some("llamacpp")).await;
+        send(&upstream(addr, Dialect::Auto), &req).await.unwrap();
+        let body = seen.lock().unwrap().last().unwrap().1.clone();
+        assert_eq!(body["tool_choice"]["function"]["name"], "get_weather");
+        assert!(body.get("response_format").is_none(), "{body}");
     }
 }

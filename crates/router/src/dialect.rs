@@ -16,6 +16,12 @@
 //!
 //! None of them but a Jemma node shows a `json_schema` format's `description` to its model except OpenAI.
 //!
+//! vLLM does not constrain a call that `tool_choice` forces (`required`, or a named function) when its tool
+//! parser reads a model's own call syntax, as Gemma 4's does (`supports_required_and_named = False`,
+//! `tool_parsers/gemma4_engine_tool_parser.py`, 0.32): the model may answer without the call. So a vLLM
+//! upstream is asked for the call as JSON under its structured outputs, as vLLM itself asks parsers that
+//! read JSON ([`ForcedCall`]), and the gateway turns that JSON back into the call.
+//!
 //! An upstream that ignores a field the client set would break the API's promise that a field accepted
 //! is a field honoured. So each upstream tier speaks a [`Dialect`]: the fields are sent under its names,
 //! a format's description goes into the system instruction where the server would not show it
@@ -149,7 +155,20 @@ impl Dialect {
             ));
         }
         match self {
-            Dialect::Auto | Dialect::Jemma | Dialect::Vllm | Dialect::Sglang => {}
+            Dialect::Auto | Dialect::Jemma | Dialect::Sglang => {}
+            Dialect::Vllm => {
+                if let Some(forced) = self.forced_call(req)? {
+                    // The tools stay in the prompt (vLLM renders them under `none` too); the call comes as
+                    // the answer's JSON.
+                    body.insert("tool_choice".into(), Value::String("none".into()));
+                    body.insert(
+                        "response_format".into(),
+                        serde_json::json!({"type": "json_schema", "json_schema": {
+                            "name": forced.function.as_deref().unwrap_or("tool_calls"),
+                            "schema": forced.schema, "strict": true}}),
+                    );
+                }
+            }
             Dialect::LlamaServer => {
                 if let Some(p) = body.remove("repetition_penalty") {
                     body.insert("repeat_penalty".into(), p);
@@ -185,6 +204,142 @@ impl Dialect {
             }
         }
         Ok(())
+    }
+}
+
+/// A call `tool_choice` forces, asked of a server as JSON under its structured outputs (a `json_schema`
+/// response format) where the server would not force it itself ([`Dialect::forced_call`]); the answer's
+/// JSON is read back into the call by [`ForcedCall::calls`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ForcedCall {
+    /// The function `tool_choice` names (the answer is its arguments); None: `required` (the answer is
+    /// `[{"name": ..., "parameters": {...}}, ...]`, one item or more: any of the tools).
+    pub function: Option<String>,
+    /// The JSON Schema the answer follows: the named function's `parameters`, or for `required` vLLM's
+    /// own (`_get_json_schema_from_tools`, `vllm/tool_parsers/utils.py`): an array of at least one (at most
+    /// one under `parallel_tool_calls: false`) of the tools' `{name, parameters}`, their `$defs` merged at
+    /// the top.
+    pub schema: Value,
+}
+
+impl ForcedCall {
+    /// The calls in `text`, the upstream's answer, as (name, arguments as compact JSON); None when it is
+    /// not such JSON (cut by `max_tokens`): then it goes to the client as content, as an in-process
+    /// engine's cut call does.
+    pub fn calls(&self, text: &str) -> Option<Vec<(String, String)>> {
+        match &self.function {
+            Some(name) => match serde_json::from_str::<Value>(text.trim()) {
+                Ok(args @ Value::Object(_)) => Some(vec![(name.clone(), args.to_string())]),
+                _ => None,
+            },
+            None => {
+                #[derive(Deserialize)]
+                struct Call {
+                    name: String,
+                    #[serde(default)]
+                    parameters: Value,
+                }
+                let calls: Vec<Call> = serde_json::from_str(text.trim()).ok()?;
+                (!calls.is_empty()).then(|| {
+                    calls
+                        .into_iter()
+                        .map(|c| {
+                            let args = match c.parameters {
+                                Value::Null => Value::Object(Map::new()),
+                                v => v,
+                            };
+                            (c.name, args.to_string())
+                        })
+                        .collect()
+                })
+            }
+        }
+    }
+}
+
+impl Dialect {
+    /// The call `req`'s `tool_choice` forces, where this dialect's server is asked for it as JSON (vLLM:
+    /// see the module's docs); None where the server is sent `tool_choice` as it came, or nothing is
+    /// forced.
+    ///
+    /// Errors (400, naming the field): a forced call with a `response_format` too (the call is that
+    /// format here); `required` with tools whose `$defs` give one name two schemas.
+    pub fn forced_call(self, req: &ChatRequest) -> Result<Option<ForcedCall>, RouterError> {
+        if self != Dialect::Vllm {
+            return Ok(None);
+        }
+        let tools = req.tools.as_deref().unwrap_or_default();
+        let parameters = |t: &crate::api::Tool| {
+            t.function
+                .parameters
+                .clone()
+                .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
+        };
+        let function = match &req.tool_choice {
+            Some(ToolChoice::Function(name)) => Some(name.clone()),
+            Some(ToolChoice::Required) => None,
+            _ => return Ok(None),
+        };
+        if tools.is_empty() {
+            return Ok(None);
+        }
+        if req.response_format != crate::api::ResponseFormat::Text {
+            return Err(RouterError::invalid(
+                "tool_choice: this tier's upstream (vllm dialect) is asked for a forced call as its \
+                 response format, so it cannot follow response_format as well; leave one out, or name a \
+                 tier that reads both (a local one)",
+                "tool_choice",
+            ));
+        }
+        let schema = match &function {
+            Some(name) => match tools.iter().find(|t| &t.function.name == name) {
+                Some(t) => parameters(t),
+                None => return Ok(None),
+            },
+            None => {
+                let mut defs = Map::new();
+                let mut items = vec![];
+                for t in tools {
+                    let mut params = parameters(t);
+                    if let Some(Value::Object(d)) =
+                        params.as_object_mut().and_then(|p| p.remove("$defs"))
+                    {
+                        for (k, v) in d {
+                            if defs.get(&k).is_some_and(|old| old != &v) {
+                                return Err(RouterError::invalid(
+                                    format!(
+                                        "tools: two tools define ${{defs}}/{k} differently; a forced \
+                                         call on this tier's upstream (vllm dialect) needs one schema \
+                                         for all"
+                                    ),
+                                    "tools",
+                                ));
+                            }
+                            defs.insert(k, v);
+                        }
+                    }
+                    items.push(serde_json::json!({
+                        "type": "object",
+                        "properties": {
+                            "name": {"type": "string", "enum": [t.function.name]},
+                            "parameters": params
+                        },
+                        "required": ["name", "parameters"]
+                    }));
+                }
+                let mut schema = serde_json::json!({
+                    "type": "array", "minItems": 1, "items": {"type": "object", "anyOf": items}
+                });
+                if req.parallel_tool_calls == Some(false) {
+                    schema["maxItems"] = 1.into();
+                }
+                if !defs.is_empty() {
+                    schema["$defs"] = Value::Object(defs);
+                }
+                schema
+            }
+        };
+        Ok(Some(ForcedCall { function, schema }))
     }
 }
 
@@ -321,5 +476,91 @@ mod tests {
         assert!(Dialect::Openai.unread_fields(&r).is_empty());
         let auto = req(serde_json::json!({"tools": tools, "tool_choice": "auto"}));
         assert!(Dialect::Ollama.unread_fields(&auto).is_empty());
+    }
+
+    /// A forced call on vLLM: the named function's parameters, or for `required` vLLM's own array of
+    /// `{name, parameters}` (one at most without parallel calls, `$defs` at the top); read back from JSON.
+    #[test]
+    fn a_forced_call_is_asked_of_vllm_as_json() {
+        let tools = serde_json::json!([
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object",
+                "properties": {"a": {"$ref": "#/$defs/A"}}, "$defs": {"A": {"type": "integer"}}}}},
+            {"type": "function", "function": {"name": "g"}}
+        ]);
+        let named = req(serde_json::json!({"tools": tools,
+            "tool_choice": {"type": "function", "function": {"name": "g"}}}));
+        let f = Dialect::Vllm.forced_call(&named).unwrap().unwrap();
+        assert_eq!(f.function.as_deref(), Some("g"));
+        assert_eq!(
+            f.schema,
+            serde_json::json!({"type": "object", "properties": {}})
+        );
+        assert_eq!(
+            f.calls(" {\"x\": [1, 2]} "),
+            Some(vec![("g".into(), r#"{"x":[1,2]}"#.into())])
+        );
+        assert_eq!(f.calls("[1]"), None, "arguments are an object");
+        assert_eq!(f.calls("{\"x\": "), None);
+        let mut body = Map::new();
+        Dialect::Vllm.adapt(&named, &mut body).unwrap();
+        assert_eq!(body["tool_choice"], "none");
+        assert_eq!(body["response_format"]["json_schema"]["name"], "g");
+        for d in [
+            Dialect::Jemma,
+            Dialect::Sglang,
+            Dialect::LlamaServer,
+            Dialect::Openai,
+            Dialect::Auto,
+        ] {
+            assert_eq!(d.forced_call(&named).unwrap(), None, "{d:?}");
+        }
+
+        let required = req(
+            serde_json::json!({"tools": tools, "tool_choice": "required",
+            "parallel_tool_calls": false}),
+        );
+        let f = Dialect::Vllm.forced_call(&required).unwrap().unwrap();
+        assert_eq!(f.function, None);
+        assert_eq!(f.schema["maxItems"], 1);
+        assert_eq!(f.schema["$defs"]["A"]["type"], "integer");
+        let items = f.schema["items"]["anyOf"].as_array().unwrap();
+        assert_eq!(items.len(), 2);
+        assert_eq!(items[0]["properties"]["name"]["enum"][0], "f");
+        assert!(items[0]["properties"]["parameters"].get("$defs").is_none());
+        assert_eq!(
+            f.calls(r#"[{"name": "f", "parameters": {"a": 1}}, {"name": "g"}]"#),
+            Some(vec![
+                ("f".into(), r#"{"a":1}"#.into()),
+                ("g".into(), "{}".into())
+            ])
+        );
+        assert_eq!(f.calls("[]"), None);
+        let parallel = req(serde_json::json!({"tools": tools, "tool_choice": "required"}));
+        let f = Dialect::Vllm.forced_call(&parallel).unwrap().unwrap();
+        assert!(f.schema.get("maxItems").is_none());
+
+        // Nothing forced: as it came.
+        let auto = req(serde_json::json!({"tools": tools, "tool_choice": "auto"}));
+        assert_eq!(Dialect::Vllm.forced_call(&auto).unwrap(), None);
+        // A format as well: refused, naming tool_choice.
+        let both = req(
+            serde_json::json!({"tools": tools, "tool_choice": "required",
+            "response_format": {"type": "json_object"}}),
+        );
+        let err = Dialect::Vllm.forced_call(&both).unwrap_err();
+        assert!(
+            matches!(&err, RouterError::InvalidRequest { param, .. } if param.as_deref() == Some("tool_choice")),
+            "{err:?}"
+        );
+        // One name, two schemas.
+        let clash = req(serde_json::json!({"tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"$defs": {"A": {"type": "integer"}}}}},
+            {"type": "function", "function": {"name": "g", "parameters": {"$defs": {"A": {"type": "string"}}}}}
+        ]}));
+        let err = Dialect::Vllm.forced_call(&clash).unwrap_err();
+        assert!(
+            matches!(&err, RouterError::InvalidRequest { param, .. } if param.as_deref() == Some("tools")),
+            "{err:?}"
+        );
     }
 }
