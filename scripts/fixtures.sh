@@ -8,6 +8,8 @@ PY=$(venv_python)
 bash scripts/setup-python.sh
 # llama.cpp's own server, the heavy tier's real upstream in tests/e2e/llama_server.rs (a no-op once built).
 bash scripts/setup-llama-server.sh >/dev/null
+# vLLM's CPU build, the heavy tier's vLLM variant in tests/e2e/vllm.rs (a no-op once installed).
+bash scripts/setup-vllm.sh >/dev/null
 OUT=${JEMMA_FIXTURES:-$JEMMA_ROOT/fixtures}
 want=$(cat scripts/fixtures/*.py scripts/fixtures.sh scripts/requirements.txt scripts/requirements-nodeps.txt \
   scripts/gguf-requirements.txt scripts/setup-gguf.sh | sha256sum | cut -d' ' -f1)

@@ -15,15 +15,10 @@ use serde_json::{Value, json};
 
 use crate::support::{Server, health, post_json, tier};
 
-/// The llama-server binary scripts/setup-llama-server.sh builds, in the user's cache as lib.sh names it
-/// (`JEMMA_CACHE`, else `$XDG_CACHE_HOME/jemma`, else `~/.cache/jemma`).
+/// The llama-server binary scripts/setup-llama-server.sh builds, in the user's cache
+/// ([`crate::support::jemma_cache`]).
 fn llama_server_bin() -> PathBuf {
-    let cache = std::env::var_os("JEMMA_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("jemma")))
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/jemma")))
-        .expect("JEMMA_CACHE, XDG_CACHE_HOME or HOME");
-    let bin = cache.join("llama-server-0.3.36/bin/llama-server");
+    let bin = crate::support::jemma_cache().join("llama-server-0.3.36/bin/llama-server");
     assert!(
         bin.exists(),
         "{} missing: run scripts/setup-llama-server.sh (or scripts/fixtures.sh)",

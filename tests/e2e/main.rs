@@ -1,6 +1,7 @@
 //! Workspace end-to-end tests: the real `jemma` binary serving the real MLX engine on the fixture models,
-//! a second `jemma serve` and llama.cpp's own llama-server as OpenAI-compatible upstreams of the heavy
-//! tier, fault-injecting upstreams, and the unmodified OpenAI Python SDK as the client.
+//! a second `jemma serve`, llama.cpp's own llama-server and vLLM (the heavy tier's vLLM variant) as
+//! OpenAI-compatible upstreams of the heavy tier, fault-injecting upstreams, and the unmodified OpenAI
+//! Python SDK as the client.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a test: a failed unwrap is a failed test
 
 mod chaos;
@@ -15,3 +16,4 @@ mod openai_sdk;
 mod pool;
 mod real_model;
 mod support;
+mod vllm;

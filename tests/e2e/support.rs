@@ -22,6 +22,16 @@ pub fn python() -> PathBuf {
     py
 }
 
+/// The user's cache that scripts/lib.sh names `JEMMA_CACHE` (else `$XDG_CACHE_HOME/jemma`, else
+/// `~/.cache/jemma`): what the setup scripts build once a machine (llama-server, the vLLM venv).
+pub fn jemma_cache() -> PathBuf {
+    std::env::var_os("JEMMA_CACHE")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|c| PathBuf::from(c).join("jemma")))
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/jemma")))
+        .expect("JEMMA_CACHE, XDG_CACHE_HOME or HOME")
+}
+
 /// How long `jemma serve` may take to print its address (it binds before loading any model).
 const SPAWN_DEADLINE: Duration = Duration::from_secs(60);
 
