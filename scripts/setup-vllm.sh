@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM 0.32.0 on this machine's CPUs, for the end-to-end test of the heavy tier's vLLM variant
 # (tests/e2e/vllm.rs runs cloud/heavy/vllm/entrypoint.sh itself with this vLLM, and a gateway in front of it).
-# A venv in the user's cache (JEMMA_CACHE, like the GGUF converter's: shared by every clone; ~6.5 GB, ~3 min
+# A venv in the user's cache (JEMMA_CACHE, like the GGUF converter's: shared by every clone; ~6.5 GB, 3-5 min
 # the first time), installed from scripts/vllm-requirements.txt (every package pinned, --no-deps) and rebuilt
 # when that file changes. Prints the venv's path. Idempotent.
 . "$(dirname "$0")/lib.sh"
@@ -18,7 +18,7 @@ if ! [ -x "$VENV/bin/vllm" ] || [ "$(cat "$VENV/.requirements.sha256" 2>/dev/nul
   # later stages with less clear errors.
   [ "$(free_gib "$JEMMA_CACHE")" -ge 10 ] ||
     die "the vLLM venv needs ~7 GB and $JEMMA_CACHE has $(free_gib "$JEMMA_CACHE") GiB free"
-  log "vLLM 0.32.0 (CPU) venv for the heavy tier's vLLM test (first time: ~3 min, ~6.5 GB)"
+  log "vLLM 0.32.0 (CPU) venv for the heavy tier's vLLM test (first time: 3-5 min, ~6.5 GB)"
   python3 -m venv "$VENV"
   # --no-cache-dir: pip's wheel cache would keep a second copy of torch and its CUDA libraries.
   "$VENV/bin/python" -m pip install -q --no-cache-dir --upgrade pip >&2

@@ -17,6 +17,7 @@ import sys
 import urllib.error
 import urllib.request
 
+import openai
 from openai import OpenAI
 from tokenizers import Tokenizer
 
@@ -156,9 +157,9 @@ check("enable_thinking through the gateway", g.usage.prompt_tokens == d_on.usage
 g = ask(gw, "heavy", **base, reasoning_effort="high")
 check("reasoning_effort through the gateway", g.usage.prompt_tokens == d_on.usage.prompt_tokens, g.usage)
 
-# --- The thinking budget (the entrypoint's --reasoning-config): the model is nudged into its thinking
-# channel (a bias on the token that opens it); on a seed where vLLM's budget ends a thought early, the
-# gateway's answer has the tokens of vLLM's (streamed, compared as `streamed_parts` says).
+# --- The thinking budget (vLLM derives its reasoning config from --reasoning-parser): the model is nudged
+# into its thinking channel (a bias on the token that opens it); on a seed where vLLM's budget ends a thought
+# early, the gateway's answer has the tokens of vLLM's (streamed, compared as `streamed_parts` says).
 tokenizer = json.load(open(os.path.join(model_dir, "tokenizer.json")))
 channel = next(t["id"] for t in tokenizer["added_tokens"] if t["content"] == "<|channel>")
 nudged = dict(messages=SEA, max_tokens=16, temperature=1.0, logit_bias={str(channel): 4})
@@ -226,6 +227,31 @@ for choice in [named, "required"]:
             "type": "json_schema", "json_schema": {"name": "get_weather", "schema": schema, "strict": True}})
         check("  the arguments vLLM answers as JSON", args == json.loads(d.choices[0].message.content),
               (args, d.choices[0].message.content))
+        # Streamed: the call in tool_calls deltas, no content.
+        parts, content, finish = {}, [], None
+        for chunk in gw.chat.completions.create(model="heavy", **call, tool_choice=choice, stream=True):
+            if not chunk.choices:
+                continue
+            c = chunk.choices[0]
+            content.append(c.delta.content or "")
+            for tc in c.delta.tool_calls or []:
+                name, arguments = parts.get(tc.index, ("", ""))
+                parts[tc.index] = (name + (tc.function.name or ""), arguments + (tc.function.arguments or ""))
+            finish = c.finish_reason or finish
+        check("  streamed: the same call in tool_calls deltas",
+              list(parts.values()) == [("get_weather", calls[0].function.arguments)] and not "".join(content)
+              and finish == "tool_calls", (parts, content, finish))
+g = ask(gw, "heavy", **call, tool_choice="required", parallel_tool_calls=False).choices[0]
+check("tool_choice required without parallel calls: one call", len(g.message.tool_calls or []) == 1, g.message)
+# A strict function the model may call (tool_choice auto): vLLM's Gemma 4 tool parser would not constrain the
+# call, so the gateway refuses it on this tier rather than drop `strict`.
+strict_tools = [{"type": "function", "function": {**tools[0]["function"], "strict": True}}]
+try:
+    gw.chat.completions.create(model="heavy", messages=SEA, max_tokens=8, tools=strict_tools)
+    check("a strict function under tool_choice auto is refused on this tier", False, "answered")
+except openai.BadRequestError as e:
+    check("a strict function under tool_choice auto is refused on this tier (400 naming it)",
+          (e.body or {}).get("param") == "tools.function.strict", e.body)
 
 # --- Streaming, with usage ---
 warm(**base)

@@ -1012,13 +1012,27 @@ impl Backend for OpenAiBackend {
                                     finish = Some(FinishReason::ToolCalls);
                                 }
                             }
-                            None if !forced_text.is_empty() => {
+                            // Cut by max_tokens: the text, as an in-process engine's cut call.
+                            None if finish == Some(FinishReason::Length) => {
                                 let text = std::mem::take(&mut forced_text);
-                                if tx.send(Ok(Chunk::Content(text))).await.is_err() {
+                                if !text.is_empty()
+                                    && tx.send(Ok(Chunk::Content(text))).await.is_err()
+                                {
                                     return;
                                 }
                             }
-                            None => {}
+                            // Anything else is a call the upstream did not make: a failure, not an
+                            // answer (nothing was sent yet, so a route can fall back).
+                            None => {
+                                let _ = tx
+                                    .send(Err(BackendError::Broken(format!(
+                                        "the upstream's answer to a forced tool call is not the call's \
+                                         JSON: {:?}",
+                                        forced_text.chars().take(200).collect::<String>()
+                                    ))))
+                                    .await;
+                                return;
+                            }
                         }
                     }
                     for (name, arguments) in calls.drain(..) {
@@ -1517,13 +1531,14 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         std::net::SocketAddr,
         Arc<std::sync::Mutex<Vec<(String, Value)>>>,
     ) {
-        upstream_answering(owned_by, "ok").await
+        upstream_answering(owned_by, "ok", "stop").await
     }
 
-    /// [`upstream_recording`] whose every answer is `content`.
+    /// [`upstream_recording`] whose every answer is `content`, ended for `finish`.
     async fn upstream_answering(
         owned_by: Option<&'static str>,
         content: &'static str,
+        finish: &'static str,
     ) -> (
         std::net::SocketAddr,
         Arc<std::sync::Mutex<Vec<(String, Value)>>>,
@@ -1575,7 +1590,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
                     }
                 } else {
                     let chunk = json!({"choices": [{"index": 0, "delta": {"content": content},
-                        "text": content, "finish_reason": "stop"}]});
+                        "text": content, "finish_reason": finish}]});
                     format!(
                         "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n\
                          data: {chunk}\n\ndata: [DONE]\n\n"
@@ -1815,7 +1830,8 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
     async fn a_forced_call_is_asked_of_vllm_as_json() {
         let tools = json!([{"type": "function", "function": {"name": "get_weather",
             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]);
-        let (addr, seen) = upstream_answering(Some("vllm"), " {\"city\" : \"Paris\"}").await;
+        let (addr, seen) =
+            upstream_answering(Some("vllm"), " {\"city\" : \"Paris\"}", "stop").await;
         let b = upstream(addr, Dialect::Auto);
         let req = chat(json!({"tools": tools,
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
@@ -1852,8 +1868,27 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             "{got:?}"
         );
 
-        // Not JSON (cut short): the text, as content; a llama-server is sent the choice as it came.
-        let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa").await;
+        // Not the call's JSON, and not cut by max_tokens: the upstream did not make the call, a failure
+        // (not an answer without it); a llama-server is sent the choice as it came.
+        let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa", "stop").await;
+        let mut rx = upstream(addr, Dialect::Auto)
+            .start(&req, None)
+            .await
+            .unwrap();
+        let mut got = vec![];
+        while let Some(c) = rx.recv().await {
+            got.push(c);
+        }
+        assert!(
+            matches!(got.last(), Some(Err(BackendError::Broken(m))) if m.contains("forced tool call")),
+            "{got:?}"
+        );
+        assert!(
+            !got.iter()
+                .any(|c| matches!(c, Ok(Chunk::ToolCall { .. }) | Ok(Chunk::Content(_))))
+        );
+        // Cut by max_tokens: the text, as content, as an in-process engine's cut call.
+        let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa", "length").await;
         let mut rx = upstream(addr, Dialect::Auto)
             .start(&req, None)
             .await

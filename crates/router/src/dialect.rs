@@ -102,7 +102,11 @@ impl Dialect {
     /// for [`Dialect::Auto`], not learned yet).
     pub fn unread_fields(self, req: &ChatRequest) -> Vec<&'static str> {
         match self {
-            Dialect::Auto | Dialect::Jemma | Dialect::Vllm | Dialect::LlamaServer => vec![],
+            Dialect::Auto | Dialect::Jemma | Dialect::LlamaServer => vec![],
+            // A forced call is asked for as JSON ([`ForcedCall`]); a strict function's call the model
+            // opens itself is not constrained by vLLM's Gemma 4 tool parser (it has no structural tag).
+            Dialect::Vllm if strict_unforced(req) => vec!["tools.function.strict"],
+            Dialect::Vllm => vec![],
             Dialect::Sglang => req
                 .thinking_token_budget
                 .map(|_| vec!["thinking_token_budget"])
@@ -148,6 +152,8 @@ impl Dialect {
                         "enable_thinking" =>
                             " (set by enable_thinking, chat_template_kwargs, or Anthropic's thinking or effort; OpenAI's own is reasoning_effort)",
                         "thinking_token_budget" => " (also Anthropic's thinking.budget_tokens)",
+                        "tools.function.strict" =>
+                            " (a call the model opens itself is not constrained there; a call tool_choice forces is)",
                         _ => "",
                     }
                 ),
@@ -158,8 +164,8 @@ impl Dialect {
             Dialect::Auto | Dialect::Jemma | Dialect::Sglang => {}
             Dialect::Vllm => {
                 if let Some(forced) = self.forced_call(req)? {
-                    // The tools stay in the prompt (vLLM renders them under `none` too); the call comes as
-                    // the answer's JSON.
+                    // The tools stay in the prompt (vLLM renders them under `none` too, unless started
+                    // with --exclude-tools-when-tool-choice-none); the call comes as the answer's JSON.
                     body.insert("tool_choice".into(), Value::String("none".into()));
                     body.insert(
                         "response_format".into(),
@@ -224,8 +230,8 @@ pub struct ForcedCall {
 
 impl ForcedCall {
     /// The calls in `text`, the upstream's answer, as (name, arguments as compact JSON); None when it is
-    /// not such JSON (cut by `max_tokens`): then it goes to the client as content, as an in-process
-    /// engine's cut call does.
+    /// not such JSON (cut short: by `max_tokens`, the answer then goes to the client as content, as an
+    /// in-process engine's cut call does; otherwise the upstream did not honour the call).
     pub fn calls(&self, text: &str) -> Option<Vec<(String, String)>> {
         match &self.function {
             Some(name) => match serde_json::from_str::<Value>(text.trim()) {
@@ -269,11 +275,10 @@ impl Dialect {
             return Ok(None);
         }
         let tools = req.tools.as_deref().unwrap_or_default();
-        let parameters = |t: &crate::api::Tool| {
-            t.function
-                .parameters
-                .clone()
-                .unwrap_or_else(|| serde_json::json!({"type": "object", "properties": {}}))
+        // No parameters, or `{}`, is a function without arguments (as vLLM reads it): an empty object.
+        let parameters = |t: &crate::api::Tool| match &t.function.parameters {
+            Some(Value::Object(p)) if !p.is_empty() => Value::Object(p.clone()),
+            _ => serde_json::json!({"type": "object", "properties": {}}),
         };
         let function = match &req.tool_choice {
             Some(ToolChoice::Function(name)) => Some(name.clone()),
@@ -301,21 +306,31 @@ impl Dialect {
                 let mut items = vec![];
                 for t in tools {
                     let mut params = parameters(t);
-                    if let Some(Value::Object(d)) =
-                        params.as_object_mut().and_then(|p| p.remove("$defs"))
-                    {
-                        for (k, v) in d {
-                            if defs.get(&k).is_some_and(|old| old != &v) {
-                                return Err(RouterError::invalid(
-                                    format!(
-                                        "tools: two tools define ${{defs}}/{k} differently; a forced \
+                    match params.as_object_mut().and_then(|p| p.remove("$defs")) {
+                        None => {}
+                        Some(Value::Object(d)) => {
+                            for (k, v) in d {
+                                if defs.get(&k).is_some_and(|old| old != &v) {
+                                    return Err(RouterError::invalid(
+                                        format!(
+                                            "tools: two tools define ${{defs}}/{k} differently; a forced \
                                          call on this tier's upstream (vllm dialect) needs one schema \
                                          for all"
-                                    ),
-                                    "tools",
-                                ));
+                                        ),
+                                        "tools",
+                                    ));
+                                }
+                                defs.insert(k, v);
                             }
-                            defs.insert(k, v);
+                        }
+                        Some(_) => {
+                            return Err(RouterError::invalid(
+                                format!(
+                                    "tools: {}'s parameters have a $defs that is not an object",
+                                    t.function.name
+                                ),
+                                "tools",
+                            ));
                         }
                     }
                     items.push(serde_json::json!({
@@ -348,7 +363,8 @@ impl Dialect {
 /// key), a penalty (llama-server's window differs), a thinking switch, a format description, or one of
 /// the fields Ollama does not read.
 pub fn depends_on_dialect(req: &ChatRequest) -> bool {
-    req.top_k.is_some()
+    strict_unforced(req)
+        || req.top_k.is_some()
         || req.min_p.is_some()
         || req.repetition_penalty.is_some()
         || req.thinking_token_budget.is_some()
@@ -356,6 +372,19 @@ pub fn depends_on_dialect(req: &ChatRequest) -> bool {
         || req.has_penalties()
         || req.response_format.instruction().is_some()
         || !Dialect::Ollama.unread_fields(req).is_empty()
+}
+
+/// Whether `req` offers a `strict` function under a `tool_choice` that does not force a call (`auto`, or
+/// none given): the call's arguments are enforced from the moment the model opens it.
+fn strict_unforced(req: &ChatRequest) -> bool {
+    !matches!(
+        req.tool_choice,
+        Some(ToolChoice::None | ToolChoice::Required | ToolChoice::Function(_))
+    ) && req
+        .tools
+        .iter()
+        .flatten()
+        .any(|t| t.function.strict == Some(true))
 }
 
 /// The fields `req` sets, to other than their neutral value, that OpenAI's API has no name for, by the
@@ -552,6 +581,27 @@ mod tests {
             matches!(&err, RouterError::InvalidRequest { param, .. } if param.as_deref() == Some("tool_choice")),
             "{err:?}"
         );
+        // `{}` is a function without arguments, as no parameters are.
+        let empty = req(serde_json::json!({"tool_choice": "required", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {}}}]}));
+        let f = Dialect::Vllm.forced_call(&empty).unwrap().unwrap();
+        assert_eq!(
+            f.schema["items"]["anyOf"][0]["properties"]["parameters"],
+            serde_json::json!({"type": "object", "properties": {}})
+        );
+        // A strict function under `auto`: its call is not constrained there, so refused (learned first);
+        // forced, it is asked for as JSON.
+        let strict = serde_json::json!([{"type": "function", "function": {"name": "f", "strict": true,
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}}]);
+        let auto = req(serde_json::json!({"tools": strict}));
+        assert_eq!(
+            Dialect::Vllm.unread_fields(&auto),
+            ["tools.function.strict"]
+        );
+        assert!(depends_on_dialect(&auto));
+        assert!(Dialect::Jemma.unread_fields(&auto).is_empty());
+        let forced = req(serde_json::json!({"tools": strict, "tool_choice": "required"}));
+        assert!(Dialect::Vllm.unread_fields(&forced).is_empty());
         // One name, two schemas.
         let clash = req(serde_json::json!({"tool_choice": "required", "tools": [
             {"type": "function", "function": {"name": "f", "parameters": {"$defs": {"A": {"type": "integer"}}}}},
