@@ -115,6 +115,38 @@ ggml_cmake_args() {
   echo "${args% }"
 }
 
+# cached_venv NAME REQ GIB WHAT [PIP_ARG...]: the venv $JEMMA_CACHE/NAME, shared by every clone (a tool's
+# own environment, too big to keep once a clone: torch and its CUDA libraries), with the requirements file
+# REQ installed (`pip install -r REQ PIP_ARG...`, no wheel cache: it would keep a second copy of torch).
+# Rebuilt when REQ changes (its sha256 is kept in the venv), under a lock (two clones or stages must not
+# build it over each other); GIB: the free GiB it needs to be built, checked
+# first (a disk filled half-way would fail later stages less clearly); WHAT: the log line. A function named
+# cached_venv_post, if the caller defines one, runs with the venv's path after the install, before the
+# venv counts as built. Prints the venv's path.
+cached_venv() {
+  local venv=$JEMMA_CACHE/$1 req=$2 gib=$3 what=$4 want lock
+  shift 4
+  want=$(sha256sum "$req" | cut -d' ' -f1)
+  mkdir -p "$JEMMA_CACHE"
+  exec {lock}>"$venv.lock"
+  flock "$lock"
+  if ! [ -x "$venv/bin/python" ] || [ "$(cat "$venv/.requirements.sha256" 2>/dev/null)" != "$want" ]; then
+    rm -rf "$venv"
+    [ "$(free_gib "$JEMMA_CACHE")" -ge "$gib" ] ||
+      die "$what needs $gib GiB free to be built, and $JEMMA_CACHE has $(free_gib "$JEMMA_CACHE")"
+    log "$what"
+    python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --no-cache-dir --upgrade pip >&2
+    "$venv/bin/python" -m pip install -q --no-cache-dir -r "$req" "$@" >&2
+    if declare -F cached_venv_post >/dev/null; then
+      cached_venv_post "$venv"
+    fi
+    echo "$want" >"$venv/.requirements.sha256"
+  fi
+  exec {lock}>&-
+  echo "$venv"
+}
+
 # llama_cpp_sdist: the llama-cpp-python 0.3.36 sdist from PyPI, unpacked once into .deps (its vendored
 # llama.cpp is complete: the GGUF converter for the fixtures, llama-server's sources); prints its llama.cpp
 # directory. Needs only pip.

@@ -1629,6 +1629,16 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         Ok(())
     }
 
+    /// Sends `req` (it must be accepted) and reads every chunk of the answer, errors included.
+    async fn answer(b: &OpenAiBackend, req: &ChatRequest) -> Vec<Result<Chunk, BackendError>> {
+        let mut rx = b.start(req, None).await.unwrap();
+        let mut got = vec![];
+        while let Some(c) = rx.recv().await {
+            got.push(c);
+        }
+        got
+    }
+
     /// llama-server reads `repeat_penalty` (over its `repeat_last_n`) and `thinking_budget_tokens`:
     /// learned from its `/v1/models` (`owned_by: llamacpp`), the fields go under those names, with
     /// Jemma's penalty window, and the others (`top_k`, `min_p`, the thinking switch) as they are.
@@ -1835,11 +1845,11 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         let b = upstream(addr, Dialect::Auto);
         let req = chat(json!({"tools": tools,
             "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}));
-        let mut rx = b.start(&req, None).await.unwrap();
-        let mut got = vec![];
-        while let Some(c) = rx.recv().await {
-            got.push(c.unwrap());
-        }
+        let got: Vec<Chunk> = answer(&b, &req)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         let body = seen.lock().unwrap().last().unwrap().1.clone();
         assert_eq!(body["tool_choice"], "none", "{body}");
         assert_eq!(body["response_format"]["type"], "json_schema", "{body}");
@@ -1871,14 +1881,7 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         // Not the call's JSON, and not cut by max_tokens: the upstream did not make the call, a failure
         // (not an answer without it); a llama-server is sent the choice as it came.
         let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa", "stop").await;
-        let mut rx = upstream(addr, Dialect::Auto)
-            .start(&req, None)
-            .await
-            .unwrap();
-        let mut got = vec![];
-        while let Some(c) = rx.recv().await {
-            got.push(c);
-        }
+        let got = answer(&upstream(addr, Dialect::Auto), &req).await;
         assert!(
             matches!(got.last(), Some(Err(BackendError::Broken(m))) if m.contains("forced tool call")),
             "{got:?}"
@@ -1889,14 +1892,11 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         );
         // Cut by max_tokens: the text, as content, as an in-process engine's cut call.
         let (addr, _) = upstream_answering(Some("vllm"), "{\"city\": \"Pa", "length").await;
-        let mut rx = upstream(addr, Dialect::Auto)
-            .start(&req, None)
+        let got: Vec<Chunk> = answer(&upstream(addr, Dialect::Auto), &req)
             .await
-            .unwrap();
-        let mut got = vec![];
-        while let Some(c) = rx.recv().await {
-            got.push(c.unwrap());
-        }
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
         assert!(
             got.iter()
                 .any(|c| matches!(c, Chunk::Content(t) if t == "{\"city\": \"Pa")),
