@@ -252,6 +252,14 @@ try:
 except openai.BadRequestError as e:
     check("a strict function under tool_choice auto is refused on this tier (400 naming it)",
           (e.body or {}).get("param") == "tools.function.strict", e.body)
+# A forced call and a response format: the call is that format on this tier, so the pair is refused.
+try:
+    gw.chat.completions.create(model="heavy", messages=SEA, max_tokens=8, tools=tools, tool_choice="required",
+                               response_format={"type": "json_object"})
+    check("a forced call with a response_format is refused on this tier", False, "answered")
+except openai.BadRequestError as e:
+    check("a forced call with a response_format is refused on this tier (400 naming tool_choice)",
+          (e.body or {}).get("param") == "tool_choice", e.body)
 
 # --- Streaming, with usage ---
 warm(**base)

@@ -878,13 +878,10 @@ impl Backend for OpenAiBackend {
             Some(p) => self.completion_body(req, p, continuation),
             None => wire_json(&self.body(req, continuation, dialect)),
         };
-        if let Value::Object(fields) = &mut body {
-            dialect.adapt(req, fields).map_err(BackendError::Unread)?;
-        }
         // A call the upstream is asked for as JSON: its content is read back into the call at the end.
-        let forced = match raw {
-            true => None,
-            false => dialect.forced_call(req).map_err(BackendError::Unread)?,
+        let forced = match &mut body {
+            Value::Object(fields) => dialect.adapt(req, fields).map_err(BackendError::Unread)?,
+            _ => None,
         };
         let mut rb = self.client.post(self.endpoint_for(req)).json(&body);
         if let Some(k) = &self.cfg.api_key {

@@ -132,15 +132,17 @@ impl Dialect {
     }
 
     /// Rewrites `body`, the upstream request built from `req` under Jemma's (vLLM's) names, into this
-    /// dialect's names. [`Dialect::Auto`] (not learned yet) leaves it as it is.
+    /// dialect's names. [`Dialect::Auto`] (not learned yet) leaves it as it is. Returns the call that
+    /// `tool_choice` forces where the server is asked for it as JSON ([`Dialect::forced_call`]): its answer
+    /// is to be read back with [`ForcedCall::calls`].
     ///
     /// Errors: a field `req` sets that this dialect's server does not read, as a 400 naming it (the first,
-    /// in the order of [`Dialect::unread_fields`]).
+    /// in the order of [`Dialect::unread_fields`]); those of [`Dialect::forced_call`].
     pub fn adapt(
         self,
         req: &ChatRequest,
         body: &mut Map<String, Value>,
-    ) -> Result<(), RouterError> {
+    ) -> Result<Option<ForcedCall>, RouterError> {
         if let Some(param) = self.unread_fields(req).first() {
             return Err(RouterError::invalid(
                 format!(
@@ -163,7 +165,8 @@ impl Dialect {
         match self {
             Dialect::Auto | Dialect::Jemma | Dialect::Sglang => {}
             Dialect::Vllm => {
-                if let Some(forced) = self.forced_call(req)? {
+                let forced = self.forced_call(req)?;
+                if let Some(forced) = &forced {
                     // The tools stay in the prompt (vLLM renders them under `none` too, unless started
                     // with --exclude-tools-when-tool-choice-none); the call comes as the answer's JSON.
                     body.insert("tool_choice".into(), Value::String("none".into()));
@@ -174,6 +177,7 @@ impl Dialect {
                             "schema": forced.schema, "strict": true}}),
                     );
                 }
+                return Ok(forced);
             }
             Dialect::LlamaServer => {
                 if let Some(p) = body.remove("repetition_penalty") {
@@ -209,7 +213,7 @@ impl Dialect {
                 }
             }
         }
-        Ok(())
+        Ok(None)
     }
 }
 
@@ -313,7 +317,7 @@ impl Dialect {
                                 if defs.get(&k).is_some_and(|old| old != &v) {
                                     return Err(RouterError::invalid(
                                         format!(
-                                            "tools: two tools define ${{defs}}/{k} differently; a forced \
+                                            "tools: two tools define $defs/{k} differently; a forced \
                                          call on this tier's upstream (vllm dialect) needs one schema \
                                          for all"
                                         ),
