@@ -355,15 +355,30 @@ fn constrained_answers_follow_their_grammar() {
             };
             let mut rx = e.submit(r).unwrap();
             let (mut text, mut calls) = (String::new(), vec![]);
+            // Events other than Started and Done: every generated token sends at least one, the
+            // tokens of a call held until it closes included (Progress).
+            let (mut sent, mut progress) = (0, 0);
             let s = loop {
-                match rx.blocking_recv().expect("events until Done") {
+                let ev = rx.blocking_recv().expect("events until Done");
+                if !matches!(ev, Event::Started { .. } | Event::Done(_)) {
+                    sent += 1;
+                }
+                match ev {
                     Event::Content(c) => text.push_str(&c),
                     Event::ToolCall(c) => calls.push(c),
+                    Event::Progress => progress += 1,
                     Event::Done(s) => break s,
                     Event::Error(e) => panic!("{what}: {e}"),
                     _ => {}
                 }
             };
+            assert!(
+                sent >= s.completion_tokens,
+                "{what}: {sent} events for {s:?}"
+            );
+            if !calls.is_empty() {
+                assert!(progress + 1 >= s.completion_tokens, "{progress} {s:?}");
+            }
             if s.finish != Finish::Stop {
                 continue;
             }

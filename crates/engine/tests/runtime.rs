@@ -109,6 +109,46 @@ fn dropping_the_receiver_cancels_generation() {
     assert!(engine.shutdown(Duration::from_secs(20)));
 }
 
+/// A tool call is sent whole once it closes; every token written before that sends `Progress`, so that
+/// the router's idle deadline sees a model writing a long call as working, not stalled.
+#[test]
+fn each_token_of_a_call_being_written_is_progress() {
+    let _serial = serial();
+    let engine = Engine::start(EngineConfig::new(tiny())).unwrap();
+    engine.wait_ready().unwrap();
+    let mut r = request(64);
+    r.parse_output = true;
+    r.parallel_tool_calls = false;
+    r.constraint = Some(jemma_constrain::Constraint::ToolCalls {
+        tools: vec![jemma_constrain::ToolSpec {
+            name: "get_weather".into(),
+            parameters: serde_json::json!({"type": "object", "properties": {
+                "city": {"type": "string", "maxLength": 6}}, "required": ["city"]}),
+        }],
+        parallel: false,
+    });
+    let mut rx = engine.submit(r).unwrap();
+    let (mut progress, mut calls, mut other) = (0, 0, 0);
+    let s = loop {
+        match rx.blocking_recv().unwrap() {
+            Event::Progress => progress += 1,
+            Event::ToolCall(c) => {
+                assert_eq!(c.name, "get_weather");
+                calls += 1;
+            }
+            Event::Started { .. } => {}
+            Event::Done(s) => break s,
+            Event::Error(e) => panic!("{e}"),
+            _ => other += 1,
+        }
+    };
+    assert_eq!((calls, other), (1, 0), "{s:?}");
+    assert!(s.tool_calls);
+    // Every token but the one that closed the call was held.
+    assert_eq!(progress + 1, s.stats.completion_tokens, "{s:?}");
+    assert!(engine.shutdown(Duration::from_secs(20)));
+}
+
 /// A stop string that completes on the last token `max_tokens` allows ends the request as `stop` (its text
 /// held back), not `length`; one that completes earlier cuts the answer there.
 #[test]

@@ -45,6 +45,9 @@ pub enum Chunk {
     },
     /// OpenAI `logprobs.content` entries for the tokens just sent.
     Logprobs(Vec<Value>),
+    /// Tokens arrived whose text is held back (a tool call is sent whole once it closes): nothing for the
+    /// client, but the answer is advancing, so the tier's idle deadline starts over. Never sent to a client.
+    Progress,
     /// The end.
     Done {
         /// Why it ended.
@@ -433,6 +436,7 @@ pub fn engine_chunks<S: Send + 'static>(
         Event::Logprobs(t) => Ok(Chunk::Logprobs(
             serde_json::to_value(&t).into_iter().collect(),
         )),
+        Event::Progress => Ok(Chunk::Progress),
         Event::Done(s) => Ok(done_chunk(prompt_tokens, cached, finished(s))),
         Event::Error(e) => Err(engine_error(e)),
     })
@@ -1124,6 +1128,8 @@ impl Backend for OpenAiBackend {
                 }
                 let delta = choice.delta;
                 let mut out = vec![];
+                // Whether this event added to a call held until it is whole.
+                let mut held = false;
                 if let Some(r) = delta
                     .reasoning_content
                     .or(delta.reasoning)
@@ -1133,11 +1139,15 @@ impl Backend for OpenAiBackend {
                 }
                 if let Some(c) = delta.content.filter(|s| !s.is_empty()) {
                     match forced {
-                        Some(_) => forced_text.push_str(&c),
+                        Some(_) => {
+                            forced_text.push_str(&c);
+                            held = true;
+                        }
                         None => out.push(Chunk::Content(c)),
                     }
                 }
                 for tc in delta.tool_calls.into_iter().flatten() {
+                    held = true;
                     let i = tc.index as usize;
                     while calls.len() <= i {
                         calls.push((String::new(), String::new()));
@@ -1151,6 +1161,10 @@ impl Backend for OpenAiBackend {
                 }
                 if let Some(lp) = choice.logprobs.and_then(|l| l.content) {
                     out.push(Chunk::Logprobs(lp));
+                }
+                if held && out.is_empty() {
+                    // A long call streams for longer than the idle deadline without a visible token.
+                    out.push(Chunk::Progress);
                 }
                 for c in out {
                     if tx.send(Ok(c)).await.is_err() {
@@ -1416,13 +1430,18 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             matches!(&chunks[1], Chunk::Content(c) if c == "H\u{e9}"),
             "{chunks:?}"
         );
+        // Each delta of the call, held until it is whole, still says the answer is advancing.
+        assert!(
+            matches!(&chunks[2..4], [Chunk::Progress, Chunk::Progress]),
+            "{chunks:?}"
+        );
         // The invalid byte became U+FFFD and the stream went on (it used to stall until the idle timeout).
         assert!(
-            matches!(&chunks[2], Chunk::Content(c) if c == "x\u{fffd}y"),
+            matches!(&chunks[4], Chunk::Content(c) if c == "x\u{fffd}y"),
             "{chunks:?}"
         );
         assert!(
-            matches!(&chunks[3], Chunk::ToolCall { name, arguments } if name == "f" && arguments == r#"{"a":1}"#),
+            matches!(&chunks[5], Chunk::ToolCall { name, arguments } if name == "f" && arguments == r#"{"a":1}"#),
             "{chunks:?}"
         );
         let Chunk::Done {
@@ -1430,14 +1449,14 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             usage,
             served_by,
             ..
-        } = &chunks[4]
+        } = &chunks[6]
         else {
             panic!("{chunks:?}")
         };
         assert_eq!(*finish_reason, FinishReason::ToolCalls);
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 4));
         assert_eq!(served_by.as_ref().unwrap().model, "up-7b");
-        assert_eq!(chunks.len(), 5, "{chunks:?}");
+        assert_eq!(chunks.len(), 7, "{chunks:?}");
     }
 
     /// A completion's chunk reads as the chat chunk it stands for, its logprobs in either shape
@@ -1858,6 +1877,8 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             !got.iter().any(|c| matches!(c, Chunk::Content(_))),
             "{got:?}"
         );
+        // The JSON held until it is whole still counts as progress for the idle deadline.
+        assert!(got.iter().any(|c| matches!(c, Chunk::Progress)), "{got:?}");
         assert!(
             got.iter()
                 .any(|c| matches!(c, Chunk::ToolCall { name, arguments }

@@ -385,7 +385,8 @@ pub struct TierConfig {
     pub max_queue: usize,
     /// Time allowed until the first token (long for a cold cloud tier).
     pub first_token_timeout_secs: f64,
-    /// Time allowed between two chunks once streaming.
+    /// Time allowed between two tokens once streaming. The tokens of a tool call being written count,
+    /// though the call reaches the client whole when it closes ([`crate::backend::Chunk::Progress`]).
     pub idle_timeout_secs: f64,
     /// `max_tokens` when the client sets none (None: `[limits] default_max_tokens`); lowered to the room
     /// the prompt leaves in the context.

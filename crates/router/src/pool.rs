@@ -688,7 +688,7 @@ impl Inner {
                             sent.push_str(&c);
                             Chunk::Content(c)
                         }
-                        c @ (Chunk::Reasoning(_) | Chunk::ToolCall { .. }) => {
+                        c @ (Chunk::Reasoning(_) | Chunk::ToolCall { .. } | Chunk::Progress) => {
                             got_token = true;
                             c
                         }

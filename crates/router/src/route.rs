@@ -1269,6 +1269,12 @@ async fn relay(
             }
             Chunk::Reasoning(_) | Chunk::ToolCall { .. } => got_token = true,
             Chunk::Logprobs(_) => {}
+            // The model is writing something held back (a tool call): the idle deadline starts over, and
+            // the client, which has nothing to see yet, gets the gateway's keep-alives meanwhile.
+            Chunk::Progress => {
+                got_token = true;
+                continue;
+            }
         }
         if walk.ttft.is_none() && got_token {
             walk.ttft = Some(elapsed_ms(walk.t0));

@@ -33,6 +33,14 @@ pub enum Script {
     BreakAfter(Vec<&'static str>),
     /// Starts, then never answers; counts the stream's cancellation when the caller drops it.
     Hang,
+    /// Writes a call of `lookup` with `{"q":1}` slowly, as a model writing a long call: `held` tokens whose
+    /// text is held back ([`Chunk::Progress`]) `every_ms` apart, then the call (`tool_calls`).
+    HeldCall {
+        /// Tokens before the call closes.
+        held: u64,
+        /// Milliseconds between two of them.
+        every_ms: u64,
+    },
     /// Refuses with a 429 that says when to come back (s).
     Throttle(u64),
     /// Refuses before anything is sent, as an upstream whose dialect does not read the request's first
@@ -218,6 +226,22 @@ impl Backend for Scripted {
                     }
                     let broken = BackendError::Broken("connection reset".into());
                     let _ = tx.send(Err(broken)).await;
+                }
+                Script::HeldCall { held, every_ms } => {
+                    for _ in 0..held {
+                        tokio::time::sleep(std::time::Duration::from_millis(every_ms)).await;
+                        if tx.send(Ok(Chunk::Progress)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let call = Chunk::ToolCall {
+                        name: "lookup".into(),
+                        arguments: "{\"q\":1}".into(),
+                    };
+                    let _ = tx.send(Ok(call)).await;
+                    let _ = tx
+                        .send(Ok(done(FinishReason::ToolCalls, 3, held + 1, 10.0)))
+                        .await;
                 }
                 Script::Hang => {
                     tx.closed().await;

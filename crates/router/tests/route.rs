@@ -248,6 +248,49 @@ async fn first_token_timeout_falls_back_and_cancels_the_hung_tier() {
     );
 }
 
+/// A model writing a long tool call sends nothing the client sees until the call closes (it is sent
+/// whole), for longer than the tier's deadlines: the held tokens keep it alive, so neither the first-token
+/// nor the idle deadline fails it over, and none of them reaches the client.
+#[tokio::test(start_paused = true)]
+async fn a_long_tool_call_is_not_a_stall() {
+    let primary = Scripted::new(
+        "e4b",
+        Script::HeldCall {
+            held: 20,
+            every_ms: 100,
+        },
+    );
+    let fast = Scripted::new("e2b", Script::Answer(vec!["short"]));
+    let r = router(vec![
+        (Tier::Primary, primary.clone(), settings(250)),
+        (Tier::Fast, fast.clone(), settings(250)),
+    ]);
+    let mut rx = r.chat(request("primary", "write the file")).unwrap();
+    let (mut calls, mut routing) = (vec![], None);
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(Chunk::ToolCall { name, .. }) => calls.push(name),
+            Output::Chunk(Chunk::Progress) => panic!("progress is not for the client"),
+            Output::End { routing: r, .. } => routing = Some(r),
+            Output::Error(e) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(calls, ["lookup"]);
+    let routing = routing.unwrap();
+    assert!(routing.fallback.is_empty(), "{:?}", routing.fallback);
+    assert_eq!(fast.calls.load(Ordering::SeqCst), 0);
+
+    // Silence is still a stall: the same tier going quiet for longer than its deadline fails over.
+    primary.set(Script::HeldCall {
+        held: 2,
+        every_ms: 400,
+    });
+    let a = collect(r.chat(request("primary", "write the file")).unwrap()).await;
+    assert_eq!(a.text, "short");
+    assert!(a.routing.unwrap().fallback[0].contains("timed out"));
+}
+
 #[tokio::test(start_paused = true)]
 async fn client_disconnect_cancels_without_tripping_the_breaker() {
     let fast = Scripted::new("e2b", Script::Hang);
@@ -456,6 +499,35 @@ fn pool(endpoints: &[(&str, &Arc<Scripted>, f64)], first_token_ms: u64) -> Arc<P
             })
             .collect(),
     ))
+}
+
+/// A pool's first-token deadline counts from the try's start: a call written slowly from the first token
+/// on keeps its endpoint (held tokens are tokens), where silence fails over to the next one.
+#[tokio::test(start_paused = true)]
+async fn a_pool_keeps_an_endpoint_writing_a_long_call() {
+    let a = Scripted::new(
+        "e4b-a",
+        Script::HeldCall {
+            held: 20,
+            every_ms: 100,
+        },
+    );
+    let b = Scripted::new("e4b-b", Script::Answer(vec!["other"]));
+    let p = pool(&[("a", &a, 1.0), ("b", &b, 0.0)], 250);
+    let mut rx = pooled(&p)
+        .chat(request("primary", "write the file"))
+        .unwrap();
+    let mut calls = vec![];
+    while let Some(o) = rx.recv().await {
+        match o {
+            Output::Chunk(Chunk::ToolCall { name, .. }) => calls.push(name),
+            Output::Chunk(Chunk::Progress) => panic!("progress is not for the client"),
+            Output::Error(e) => panic!("{e:?}"),
+            _ => {}
+        }
+    }
+    assert_eq!(calls, ["lookup"]);
+    assert_eq!(b.calls.load(Ordering::SeqCst), 0);
 }
 
 fn pooled(p: &Arc<Pool>) -> Arc<TierRouter> {
