@@ -260,6 +260,28 @@ try:
 except openai.BadRequestError as e:
     check("a forced call with a response_format is refused on this tier (400 naming tool_choice)",
           (e.body or {}).get("param") == "tool_choice", e.body)
+# A JSON format with tools the model may call: vLLM holds the whole answer to the format, so no call can
+# start even where the model is pushed to one (the call marker's logit raised, which without the format makes
+# it the first token): the gateway refuses the pair on this tier rather than offer tools nothing can call.
+marker = vocab.token_to_id("<|tool_call>")
+pushed = dict(messages=SEA, max_tokens=48, temperature=1.0, seed=7, tools=tools,
+              logit_bias={**no_space, str(marker): 100})
+first = ask(direct, MODEL, **{**pushed, "max_tokens": 1}, logprobs=True).choices[0]
+check("vLLM alone, pushed to a call: its first token is the call marker", marker is not None
+      and [t.token for t in first.logprobs.content] == ["<|tool_call>"], first.logprobs)
+d = ask(direct, MODEL, **pushed, response_format=fmt).choices[0]
+try:
+    answer = json.loads(d.message.content or "")
+except ValueError:
+    answer = None
+check("  with a JSON format as well: no call, the format's JSON", not d.message.tool_calls and answer is not None
+      and valid(answer, schema), d.message)
+try:
+    gw.chat.completions.create(model="heavy", **pushed, response_format=fmt)
+    check("a JSON format with tools under auto is refused on this tier", False, "answered")
+except openai.BadRequestError as e:
+    check("a JSON format with tools under auto is refused on this tier (400 naming response_format)",
+          (e.body or {}).get("param") == "response_format", e.body)
 
 # --- Streaming, with usage ---
 warm(**base)

@@ -165,6 +165,17 @@ impl Dialect {
         match self {
             Dialect::Auto | Dialect::Jemma | Dialect::Sglang => {}
             Dialect::Vllm => {
+                if format_over_unforced_tools(req) {
+                    // vLLM's structured output covers the whole answer, and Gemma 4's call syntax is not
+                    // JSON: the tools would be offered but never callable.
+                    return Err(RouterError::invalid(
+                        "response_format: with tools the model may call (tool_choice auto), this tier's \
+                         upstream (vllm dialect) applies the format to the whole answer, so none of them \
+                         could be called; send tool_choice \"none\" to answer in the format, force the \
+                         call with tool_choice, or name a tier that reads both (a local one)",
+                        "response_format",
+                    ));
+                }
                 let forced = self.forced_call(req)?;
                 if let Some(forced) = &forced {
                     // The tools stay in the prompt (vLLM renders them under `none` too, unless started
@@ -368,6 +379,7 @@ impl Dialect {
 /// the fields Ollama does not read.
 pub fn depends_on_dialect(req: &ChatRequest) -> bool {
     strict_unforced(req)
+        || format_over_unforced_tools(req)
         || req.top_k.is_some()
         || req.min_p.is_some()
         || req.repetition_penalty.is_some()
@@ -378,17 +390,27 @@ pub fn depends_on_dialect(req: &ChatRequest) -> bool {
         || !Dialect::Ollama.unread_fields(req).is_empty()
 }
 
+/// Whether `req`'s tools are the model's to call or not: a `tool_choice` of `auto`, or none given.
+fn unforced_tools(req: &ChatRequest) -> &[crate::api::Tool] {
+    match req.tool_choice {
+        Some(ToolChoice::None | ToolChoice::Required | ToolChoice::Function(_)) => &[],
+        _ => req.tools.as_deref().unwrap_or_default(),
+    }
+}
+
 /// Whether `req` offers a `strict` function under a `tool_choice` that does not force a call (`auto`, or
 /// none given): the call's arguments are enforced from the moment the model opens it.
 fn strict_unforced(req: &ChatRequest) -> bool {
-    !matches!(
-        req.tool_choice,
-        Some(ToolChoice::None | ToolChoice::Required | ToolChoice::Function(_))
-    ) && req
-        .tools
+    unforced_tools(req)
         .iter()
-        .flatten()
         .any(|t| t.function.strict == Some(true))
+}
+
+/// Whether `req` asks for a JSON answer (`response_format` `json_object` or `json_schema`) while offering
+/// tools the model may call instead (OpenAI's Structured Outputs with function calling: the format holds
+/// for the answer, not for a call).
+fn format_over_unforced_tools(req: &ChatRequest) -> bool {
+    req.response_format != crate::api::ResponseFormat::Text && !unforced_tools(req).is_empty()
 }
 
 /// The fields `req` sets, to other than their neutral value, that OpenAI's API has no name for, by the
@@ -606,6 +628,33 @@ mod tests {
         assert!(Dialect::Jemma.unread_fields(&auto).is_empty());
         let forced = req(serde_json::json!({"tools": strict, "tool_choice": "required"}));
         assert!(Dialect::Vllm.unread_fields(&forced).is_empty());
+        // A JSON format with tools the model may call: vLLM would hold the whole answer to the format
+        // (no call possible), so refused, naming response_format (learned first); under `none`, or with
+        // no tools, the format is the answer's.
+        let format = serde_json::json!({"type": "json_schema", "json_schema": {"name": "a",
+            "schema": {"type": "object"}}});
+        let both = req(serde_json::json!({"tools": tools, "response_format": format}));
+        assert!(depends_on_dialect(&both));
+        let err = Dialect::Vllm
+            .adapt(&both, &mut serde_json::Map::new())
+            .unwrap_err();
+        assert!(
+            matches!(&err, RouterError::InvalidRequest { param, .. } if param.as_deref() == Some("response_format")),
+            "{err:?}"
+        );
+        for ok in [
+            serde_json::json!({"tools": tools, "tool_choice": "none", "response_format": format}),
+            serde_json::json!({"response_format": {"type": "json_object"}}),
+        ] {
+            let r = req(ok);
+            assert_eq!(
+                Dialect::Vllm.adapt(&r, &mut serde_json::Map::new()),
+                Ok(None)
+            );
+        }
+        for other in [Dialect::Jemma, Dialect::LlamaServer, Dialect::Auto] {
+            assert_eq!(other.adapt(&both, &mut serde_json::Map::new()), Ok(None));
+        }
         // One name, two schemas.
         let clash = req(serde_json::json!({"tool_choice": "required", "tools": [
             {"type": "function", "function": {"name": "f", "parameters": {"$defs": {"A": {"type": "integer"}}}}},
