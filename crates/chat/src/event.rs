@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 use crate::logprobs::TokenLogprob;
 use crate::tools::{Parsed, ToolCall};
 
-/// One request's events, in order: `Started`, then text, tool calls, logprobs and progress, then `Done` or
-/// `Error`.
+/// One request's events, in order: `Started` (after `Progress` for each step of a prompt read in several),
+/// then text, tool calls, logprobs and progress, then `Done` or `Error`.
 #[derive(Debug, Clone)]
 pub enum Event<S> {
     /// The prompt was accepted (after template and tokenizer) and processed.
@@ -25,10 +25,12 @@ pub enum Event<S> {
     Reasoning(String),
     /// A complete tool call.
     ToolCall(ToolCall),
-    /// A token was generated whose text is held back (most often a tool call being written, which is sent
-    /// whole once it closes) and that sent nothing else (no logprobs): nothing to show yet, but the answer
-    /// is advancing. One per such token, so that a consumer's idle deadline (the router's
-    /// `idle_timeout_secs`) sees a model writing a long call as alive rather than stalled.
+    /// The request advanced a step that sent nothing else: a chunk of its prompt was read, or a token was
+    /// generated whose text is held back (most often a tool call being written, which is sent whole once
+    /// it closes). Nothing to show yet, but the answer is advancing: the serving core's host sends one per
+    /// such step (before `Started` while the prompt is read), so that a consumer's stall deadlines (the
+    /// router's `first_token_timeout_secs` and `idle_timeout_secs`) tell a long prompt or a long call from
+    /// a stalled engine.
     Progress,
     /// The token just generated with its log-probabilities (only when asked for); sent before the text it
     /// completes.

@@ -1256,10 +1256,6 @@ impl LlamaSequence {
         }
         let piece = self.text.push(&bytes);
         let (evs, hit) = self.answer.push(&piece);
-        if evs.is_empty() && !self.logprobs {
-            // A held token (a tool call being written) still shows the answer is advancing.
-            out.send(Event::Progress);
-        }
         out.events.extend(evs.into_iter().map(Event::from));
         if hit {
             self.finish(Finish::Stop, true, out);

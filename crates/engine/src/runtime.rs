@@ -2511,10 +2511,6 @@ impl MlxSequence {
             )));
         }
         let (evs, hit) = self.answer.push(&piece);
-        if evs.is_empty() && step.logprobs.is_none() {
-            // A held token (a tool call being written) still shows the answer is advancing.
-            out.send(Event::Progress);
-        }
         out.events.extend(evs.into_iter().map(Event::from));
         if hit {
             self.generation.stop(FinishReason::Stop);

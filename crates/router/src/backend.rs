@@ -45,8 +45,9 @@ pub enum Chunk {
     },
     /// OpenAI `logprobs.content` entries for the tokens just sent.
     Logprobs(Vec<Value>),
-    /// Tokens arrived whose text is held back (a tool call is sent whole once it closes): nothing for the
-    /// client, but the answer is advancing, so the tier's idle deadline starts over. Never sent to a client.
+    /// The answer advanced without anything for the client: tokens whose text is held back (a tool call is
+    /// sent whole once it closes), or a local engine's prompt chunk read. The tier's stall deadline starts
+    /// over ([`crate::config::TierConfig::idle_timeout_secs`]). Never sent to a client.
     Progress,
     /// The end.
     Done {

@@ -383,10 +383,13 @@ pub struct TierConfig {
     pub max_concurrency: Option<usize>,
     /// Requests waiting for a slot before the tier reports busy (429 / fallback).
     pub max_queue: usize,
-    /// Time allowed until the first token (long for a cold cloud tier).
+    /// Time allowed until the answer moves: an upstream's first token, a local engine's first step (the
+    /// model loaded and the request admitted; a long prompt is read in chunks, each counting as progress).
+    /// Long for a cold cloud tier.
     pub first_token_timeout_secs: f64,
-    /// Time allowed between two tokens once streaming. The tokens of a tool call being written count,
-    /// though the call reaches the client whole when it closes ([`crate::backend::Chunk::Progress`]).
+    /// Time allowed between two steps once it moves: tokens, prompt chunks, and the tokens of a tool call
+    /// being written, though the call reaches the client whole when it closes
+    /// ([`crate::backend::Chunk::Progress`]).
     pub idle_timeout_secs: f64,
     /// `max_tokens` when the client sets none (None: `[limits] default_max_tokens`); lowered to the room
     /// the prompt leaves in the context.

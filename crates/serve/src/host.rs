@@ -1032,6 +1032,11 @@ impl<R: ModelRunner> Thread<R> {
             }
             for (o, i) in out.into_iter().zip(ready.drain(..)) {
                 let l = &mut live[i];
+                if o.events.is_empty() && o.end.is_none() {
+                    // A step that sent nothing (a prompt chunk read, a token held back inside a tool
+                    // call) still moved the answer on: a consumer's stall deadline must see that.
+                    l.outbox.push_back(Event::Progress);
+                }
                 l.outbox.extend(o.events);
                 let Some(end) = o.end else { continue };
                 if let Some(seq) = l.seq.take() {

@@ -36,6 +36,8 @@ struct Fake {
     /// Panic in `load` (a runner bug), instead of failing.
     panic_load: bool,
     step: Duration,
+    /// Steps each request takes before its first piece, sending nothing (a prompt read in chunks).
+    silent: usize,
     max_sequences: usize,
     /// Held by a test to stop the model thread at its next step.
     gate: Arc<Mutex<()>>,
@@ -50,6 +52,8 @@ struct Seq {
     model: usize,
     n: usize,
     done: usize,
+    /// Silent steps left.
+    silent: usize,
 }
 
 impl ModelRunner for Fake {
@@ -97,6 +101,7 @@ impl ModelRunner for Fake {
             model: *model,
             n,
             done: 0,
+            silent: self.silent,
         })
     }
 
@@ -111,6 +116,10 @@ impl ModelRunner for Fake {
         self.counters.batches.lock().unwrap().push(batch.len());
         std::thread::sleep(self.step);
         for (seq, o) in batch.iter_mut().zip(out.iter_mut()) {
+            if seq.silent > 0 {
+                seq.silent -= 1;
+                continue;
+            }
             o.send(Event::Content(format!("{}:{}", seq.model, seq.done)));
             seq.done += 1;
             if seq.done == seq.n {
@@ -156,6 +165,7 @@ fn fake() -> (Fake, Arc<Counters>) {
             fail_load: false,
             panic_load: false,
             step: Duration::ZERO,
+            silent: 0,
             max_sequences: 1,
             gate: Arc::new(Mutex::new(())),
         },
@@ -487,6 +497,30 @@ fn requests_share_steps_up_to_the_batch_size_and_newcomers_join_between_steps() 
     // 40 + 5 + 6 + 7 = 58 tokens in far fewer steps than one request at a time would take.
     assert!(batches.len() < 58, "{} steps", batches.len());
     wait_status(&host, "the batch never emptied", |s| s.running == 0);
+}
+
+/// A step that sends nothing (a prompt chunk read, a token held back) is reported as progress, so a
+/// consumer's stall deadline can tell a long prompt or a long tool call from a stalled engine.
+#[test]
+fn a_step_that_sends_nothing_is_progress() {
+    let (mut r, _) = fake();
+    r.silent = 3;
+    let host = Host::start(config(), r, Info::default()).unwrap();
+    host.wait_ready().unwrap();
+    let mut rx = host.submit(2).unwrap();
+    let mut got = vec![];
+    while let Some(ev) = rx.blocking_recv() {
+        got.push(match ev {
+            Event::Progress => "progress".to_string(),
+            Event::Content(c) => c,
+            Event::Done(n) => format!("done {n}"),
+            other => panic!("{other:?}"),
+        });
+    }
+    assert_eq!(
+        got,
+        ["progress", "progress", "progress", "1:0", "1:1", "done 2"]
+    );
 }
 
 #[test]
