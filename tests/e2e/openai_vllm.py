@@ -269,19 +269,21 @@ pushed = dict(messages=SEA, max_tokens=48, temperature=1.0, seed=7, tools=tools,
 first = ask(direct, MODEL, **{**pushed, "max_tokens": 1}, logprobs=True).choices[0]
 check("vLLM alone, pushed to a call: its first token is the call marker", marker is not None
       and [t.token for t in first.logprobs.content] == ["<|tool_call>"], first.logprobs)
-d = ask(direct, MODEL, **pushed, response_format=fmt).choices[0]
-try:
-    answer = json.loads(d.message.content or "")
-except ValueError:
-    answer = None
-check("  with a JSON format as well: no call, the format's JSON", not d.message.tool_calls and answer is not None
-      and valid(answer, schema), d.message)
-try:
-    gw.chat.completions.create(model="heavy", **pushed, response_format=fmt)
-    check("a JSON format with tools under auto is refused on this tier", False, "answered")
-except openai.BadRequestError as e:
-    check("a JSON format with tools under auto is refused on this tier (400 naming response_format)",
-          (e.body or {}).get("param") == "response_format", e.body)
+for kind, f in [("json_schema", fmt), ("json_object", {"type": "json_object"})]:
+    d = ask(direct, MODEL, **pushed, response_format=f).choices[0]
+    try:
+        answer = json.loads(d.message.content or "")
+    except ValueError:
+        answer = None
+    fits = valid(answer, schema) if kind == "json_schema" else isinstance(answer, dict)
+    check(f"  with a {kind} format as well: no call, the format's JSON",
+          not d.message.tool_calls and answer is not None and fits, d.message)
+    try:
+        gw.chat.completions.create(model="heavy", **pushed, response_format=f)
+        check(f"a {kind} format with tools under auto is refused on this tier", False, "answered")
+    except openai.BadRequestError as e:
+        check(f"a {kind} format with tools under auto is refused on this tier (400 naming response_format)",
+              (e.body or {}).get("param") == "response_format", e.body)
 
 # --- Streaming, with usage ---
 warm(**base)

@@ -167,6 +167,11 @@ pub fn stream_response(
                 None,
             ))])
         }
+        // Only to another Jemma node (the router passes it on to no one else): a chunk with nothing in
+        // it, which that node reads as progress for its deadlines.
+        Output::Chunk(Chunk::Progress) => {
+            Rendered::Send(vec![data(&ctx.chunk(Delta::default(), None))])
+        }
         Output::Chunk(Chunk::Logprobs(l)) => {
             let mut c = ctx.chunk(Delta::default(), None);
             c.choices[0].logprobs = Some(ChoiceLogprobs { content: Some(l) });
@@ -255,6 +260,8 @@ pub fn completion_stream(
     let mut offsets = TextOffsets::after(&shape.prompt);
     sse_loop(keep_alive, prelude, first, rx, move |o| match o {
         Output::Chunk(Chunk::Content(c)) => Rendered::Send(vec![data(&chunk(&c, None, &model))]),
+        // Only to another Jemma node: an empty piece, read there as progress.
+        Output::Chunk(Chunk::Progress) => Rendered::Send(vec![data(&chunk("", None, &model))]),
         // The tokens' log-probabilities in a chunk of their own, as chat streams send them.
         Output::Chunk(Chunk::Logprobs(l)) => match shape.top_logprobs {
             Some(n) => {

@@ -123,6 +123,44 @@ async fn chat_json_has_message_tool_calls_usage_and_routing() {
     assert_eq!(v["_routing"]["reason"], "explicit tier");
 }
 
+/// A step with nothing to show (here a tool call being written) goes to another Jemma node as an empty
+/// chunk, which that node's deadlines read as progress; a client gets nothing for it.
+#[tokio::test]
+async fn progress_reaches_a_peer_as_empty_chunks_and_a_client_not_at_all() {
+    let held: Arc<dyn Backend> = Scripted::new(
+        "held",
+        Script::HeldCall {
+            held: 3,
+            every_ms: 1,
+        },
+    );
+    let a = app_over([held, echo(false)], 4);
+    let body = r#"{"model":"fast","stream":true,"messages":[{"role":"user","content":"write"}]}"#;
+    for (headers, empty) in [(vec![("x-jemma-forwarded", "1")], 3), (vec![], 0)] {
+        let (st, _, text) =
+            call_at(&a, "127.0.0.1:5000", "/v1/chat/completions", &headers, body).await;
+        assert_eq!(st, StatusCode::OK);
+        let chunks: Vec<Value> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("data: "))
+            .filter(|e| *e != "[DONE]")
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect();
+        let n = chunks
+            .iter()
+            .filter(|c| {
+                c["choices"][0]["delta"] == json!({}) && c["choices"][0]["finish_reason"].is_null()
+            })
+            .count();
+        assert_eq!(n, empty, "{headers:?}: {chunks:?}");
+        assert!(
+            chunks
+                .iter()
+                .any(|c| c["choices"][0]["delta"]["tool_calls"][0]["function"]["name"] == "lookup")
+        );
+    }
+}
+
 #[tokio::test]
 async fn chat_stream_is_openai_sse() {
     let a = app(false, 4);

@@ -965,6 +965,7 @@ impl Backend for OpenAiBackend {
             return Err(err);
         }
         self.note(BackendState::Ready, None);
+        let peer = self.is_peer();
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
             use eventsource_stream::Eventsource;
@@ -1121,6 +1122,10 @@ impl Backend for OpenAiBackend {
                 let Some(choice) = chunk.choices.into_iter().next() else {
                     continue;
                 };
+                // Another Jemma node's progress: a chunk with nothing in it (not its opening chunk, which
+                // names the role, nor its last).
+                let peer_progress =
+                    peer && choice.delta.role.is_none() && choice.finish_reason.is_none();
                 if let Some(f) = choice.finish_reason {
                     finish = Some(f);
                 }
@@ -1163,7 +1168,7 @@ impl Backend for OpenAiBackend {
                 if let Some(lp) = choice.logprobs.and_then(|l| l.content) {
                     out.push(Chunk::Logprobs(lp));
                 }
-                if held && out.is_empty() {
+                if (held || peer_progress) && out.is_empty() {
                     // A long call streams for longer than the idle deadline without a visible token.
                     out.push(Chunk::Progress);
                 }
@@ -1458,6 +1463,73 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
         assert_eq!((usage.prompt_tokens, usage.completion_tokens), (3, 4));
         assert_eq!(served_by.as_ref().unwrap().model, "up-7b");
         assert_eq!(chunks.len(), 7, "{chunks:?}");
+    }
+
+    /// Another Jemma node sends an empty chunk for a step that had nothing to show (a prompt chunk read, a
+    /// call being written): read as progress from a peer, so this node's deadlines see it working; its
+    /// opening chunk (the role) is not progress, and from any other server an empty chunk means nothing.
+    #[tokio::test]
+    async fn a_peers_empty_chunks_are_progress() {
+        use crate::api::{ChatCompletionRequest, Limits};
+        let stream = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let req = ChatCompletionRequest {
+            messages: vec![Message::user("hi")],
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap();
+        for (probe, progress) in [
+            (
+                Probe::Jemma {
+                    tier: "primary".into(),
+                },
+                2,
+            ),
+            (Probe::Models, 0),
+        ] {
+            let (addr, server) = upstream_once(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
+                vec![stream.as_bytes().to_vec()],
+                false,
+            )
+            .await;
+            let backend = OpenAiBackend::new(OpenAiConfig {
+                url: format!("http://{addr}/v1"),
+                api_key: None,
+                model: "up".into(),
+                connect_timeout: Duration::from_secs(5),
+                default_max_tokens: 16,
+                probe,
+                dialect: Dialect::Jemma,
+            })
+            .unwrap();
+            let mut rx = backend.start(&req, None).await.unwrap();
+            let mut chunks = vec![];
+            while let Some(c) = rx.recv().await {
+                chunks.push(c.unwrap());
+            }
+            server.await.unwrap();
+            assert_eq!(
+                chunks
+                    .iter()
+                    .filter(|c| matches!(c, Chunk::Progress))
+                    .count(),
+                progress,
+                "{chunks:?}"
+            );
+            assert!(
+                chunks
+                    .iter()
+                    .any(|c| matches!(c, Chunk::Content(t) if t == "Hi"))
+            );
+        }
     }
 
     /// A completion's chunk reads as the chat chunk it stands for, its logprobs in either shape

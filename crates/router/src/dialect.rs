@@ -105,8 +105,22 @@ impl Dialect {
             Dialect::Auto | Dialect::Jemma | Dialect::LlamaServer => vec![],
             // A forced call is asked for as JSON ([`ForcedCall`]); a strict function's call the model
             // opens itself is not constrained by vLLM's Gemma 4 tool parser (it has no structural tag).
-            Dialect::Vllm if strict_unforced(req) => vec!["tools.function.strict"],
-            Dialect::Vllm => vec![],
+            // A JSON format holds the whole answer there: with tools under `auto` no call could start,
+            // and a forced call is itself asked for as the format.
+            Dialect::Vllm => {
+                let mut out = vec![];
+                if strict_unforced(req) {
+                    out.push("tools.function.strict");
+                }
+                if req.response_format != crate::api::ResponseFormat::Text {
+                    if !unforced_tools(req).is_empty() {
+                        out.push("response_format");
+                    } else if forces_a_call(req) {
+                        out.push("tool_choice");
+                    }
+                }
+                out
+            }
             Dialect::Sglang => req
                 .thinking_token_budget
                 .map(|_| vec!["thinking_token_budget"])
@@ -144,11 +158,21 @@ impl Dialect {
         body: &mut Map<String, Value>,
     ) -> Result<Option<ForcedCall>, RouterError> {
         if let Some(param) = self.unread_fields(req).first() {
+            let why = match (self, *param) {
+                (Dialect::Vllm, "response_format") => {
+                    "applies it to the whole answer, so none of the tools offered under tool_choice \
+                     auto could be called"
+                }
+                (Dialect::Vllm, "tool_choice") => {
+                    "is asked for a forced call as its response format, so it cannot follow \
+                     response_format as well"
+                }
+                _ => "does not read it, so it would not be honoured there",
+            };
             return Err(RouterError::invalid(
                 format!(
-                    "{param}: this tier's upstream ({} dialect) does not read it, so it would not be \
-                     honoured there; leave it out, name a tier that reads it (a local one), or set the \
-                     tier's `dialect` if its server does read it{}",
+                    "{param}: this tier's upstream ({} dialect) {why}; leave it out, name a tier that \
+                     reads it (a local one), or set the tier's `dialect` if its server does read it{}",
                     self.as_str(),
                     match *param {
                         "enable_thinking" =>
@@ -156,6 +180,8 @@ impl Dialect {
                         "thinking_token_budget" => " (also Anthropic's thinking.budget_tokens)",
                         "tools.function.strict" =>
                             " (a call the model opens itself is not constrained there; a call tool_choice forces is)",
+                        "response_format" =>
+                            " (or send tool_choice \"none\" to answer in the format, or force the call)",
                         _ => "",
                     }
                 ),
@@ -165,17 +191,6 @@ impl Dialect {
         match self {
             Dialect::Auto | Dialect::Jemma | Dialect::Sglang => {}
             Dialect::Vllm => {
-                if format_over_unforced_tools(req) {
-                    // vLLM's structured output covers the whole answer, and Gemma 4's call syntax is not
-                    // JSON: the tools would be offered but never callable.
-                    return Err(RouterError::invalid(
-                        "response_format: with tools the model may call (tool_choice auto), this tier's \
-                         upstream (vllm dialect) applies the format to the whole answer, so none of them \
-                         could be called; send tool_choice \"none\" to answer in the format, force the \
-                         call with tool_choice, or name a tier that reads both (a local one)",
-                        "response_format",
-                    ));
-                }
                 let forced = self.forced_call(req)?;
                 if let Some(forced) = &forced {
                     // The tools stay in the prompt (vLLM renders them under `none` too, unless started
@@ -376,10 +391,9 @@ impl Dialect {
 /// Whether `req` sets anything dialects name or read differently (so that an upstream's dialect must be
 /// known before it is sent): one of the fields OpenAI lacks (even at its neutral value: OpenAI refuses the
 /// key), a penalty (llama-server's window differs), a thinking switch, a format description, or one of
-/// the fields Ollama does not read.
+/// the fields vLLM or Ollama does not read.
 pub fn depends_on_dialect(req: &ChatRequest) -> bool {
-    strict_unforced(req)
-        || format_over_unforced_tools(req)
+    !Dialect::Vllm.unread_fields(req).is_empty()
         || req.top_k.is_some()
         || req.min_p.is_some()
         || req.repetition_penalty.is_some()
@@ -406,11 +420,12 @@ fn strict_unforced(req: &ChatRequest) -> bool {
         .any(|t| t.function.strict == Some(true))
 }
 
-/// Whether `req` asks for a JSON answer (`response_format` `json_object` or `json_schema`) while offering
-/// tools the model may call instead (OpenAI's Structured Outputs with function calling: the format holds
-/// for the answer, not for a call).
-fn format_over_unforced_tools(req: &ChatRequest) -> bool {
-    req.response_format != crate::api::ResponseFormat::Text && !unforced_tools(req).is_empty()
+/// Whether `tool_choice` forces a call (`required` or a named function) of tools `req` offers.
+fn forces_a_call(req: &ChatRequest) -> bool {
+    matches!(
+        req.tool_choice,
+        Some(ToolChoice::Required | ToolChoice::Function(_))
+    ) && req.tools.as_deref().is_some_and(|t| !t.is_empty())
 }
 
 /// The fields `req` sets, to other than their neutral value, that OpenAI's API has no name for, by the
@@ -635,6 +650,13 @@ mod tests {
             "schema": {"type": "object"}}});
         let both = req(serde_json::json!({"tools": tools, "response_format": format}));
         assert!(depends_on_dialect(&both));
+        // Known before a run slot is taken, so an automatic route goes elsewhere at once.
+        assert_eq!(Dialect::Vllm.unread_fields(&both), ["response_format"]);
+        let forced = req(
+            serde_json::json!({"tools": tools, "tool_choice": "required",
+            "response_format": format}),
+        );
+        assert_eq!(Dialect::Vllm.unread_fields(&forced), ["tool_choice"]);
         let err = Dialect::Vllm
             .adapt(&both, &mut serde_json::Map::new())
             .unwrap_err();

@@ -688,7 +688,10 @@ impl Inner {
                             sent.push_str(&c);
                             Chunk::Content(c)
                         }
-                        c @ (Chunk::Reasoning(_) | Chunk::ToolCall { .. } | Chunk::Progress) => {
+                        c @ (Chunk::Reasoning(_)
+                        | Chunk::ToolCall { .. }
+                        | Chunk::Logprobs(_)
+                        | Chunk::Progress) => {
                             got_token = true;
                             c
                         }

@@ -875,7 +875,7 @@ impl TierRouter {
             };
             let started = tokio::time::timeout(first_limit, backend.start(&req_t, cont)).await;
             let (run, relayed) = match started {
-                Ok(Ok(rx)) => relay(slot, rx, own_timeouts, &mut walk, &tx).await,
+                Ok(Ok(rx)) => relay(slot, rx, own_timeouts, req.forwarded, &mut walk, &tx).await,
                 Ok(Err(e)) => (TierRun::default(), Relayed::Failed(e)),
                 Err(_) => (
                     TierRun::default(),
@@ -1183,11 +1183,13 @@ enum Relayed {
 
 /// Relays one tier's stream to the client under the tier's first-token and idle deadlines (none for a
 /// pool, which keeps its own per endpoint), recording the answer text in `walk` so that a next tier can
-/// continue it.
+/// continue it. [`Chunk::Progress`] goes on only to another Jemma node (`to_peer`), whose own deadlines
+/// need it; a client has nothing to see in it.
 async fn relay(
     slot: &TierSlot,
     mut rx: crate::backend::ChunkStream,
     own_timeouts: bool,
+    to_peer: bool,
     walk: &mut Walk,
     tx: &mpsc::Sender<Output>,
 ) -> (TierRun, Relayed) {
@@ -1273,10 +1275,12 @@ async fn relay(
             // the client, which has nothing to see yet, gets the gateway's keep-alives meanwhile.
             Chunk::Progress => {
                 got_token = true;
-                continue;
+                if !to_peer {
+                    continue;
+                }
             }
         }
-        if walk.ttft.is_none() && got_token {
+        if walk.ttft.is_none() && got_token && !matches!(item, Chunk::Progress) {
             walk.ttft = Some(elapsed_ms(walk.t0));
         }
         if tx.send(Output::Chunk(item)).await.is_err() {
