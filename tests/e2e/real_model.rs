@@ -81,6 +81,49 @@ async fn paris(client: &reqwest::Client, s: &Server, model: &str) -> serde_json:
     .await
 }
 
+/// A prompt that takes longer to read than the tier's first-token deadline is not a stall: the engine
+/// reads it in chunks (512 tokens here), each reported as progress, so the deadline sees the model working
+/// (it used to fail over mid-read, to a tier that would read it all again). Silence still fails: the
+/// deadline between two chunks stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_longer_to_read_than_the_first_token_deadline_is_answered() {
+    let model = gemma3();
+    let cfg = format!(
+        "[memory]\npressure = \"off\"\n[tiers.fast]\nmodel = \"{}\"\ncontext_length = 8192\n\
+         first_token_timeout_secs = 2.0\nidle_timeout_secs = 6.0\n",
+        model.display()
+    );
+    let s = Server::start(&[], Some(&cfg));
+    let client = crate::support::client();
+    // ~6,000 tokens: several seconds of prefill on this machine, well past the 2 s deadline.
+    let prompt = format!(
+        "{}Question: What is the capital of France?\nAnswer:",
+        "The quick brown fox jumps over the lazy dog. ".repeat(600)
+    );
+    let t0 = std::time::Instant::now();
+    let r = client
+        .post(format!("{}/v1/completions", s.url))
+        .json(&json!({"model": "fast", "prompt": prompt, "max_tokens": 2, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let v: serde_json::Value = r.json().await.unwrap();
+    let took = t0.elapsed();
+    assert_eq!(status, 200, "{v}");
+    let prompt_tokens = v["usage"]["prompt_tokens"].as_u64().unwrap();
+    assert!(prompt_tokens > 5_000, "{v}");
+    assert_eq!(v["_routing"]["tier"], "fast", "{v}");
+    assert_eq!(v["_routing"]["fallback"], json!([]), "{v}");
+    eprintln!(
+        "{prompt_tokens} prompt tokens answered in {took:?} under a 2 s first-token deadline"
+    );
+    assert!(
+        took > Duration::from_secs(2),
+        "the read must outlast the deadline for this to test anything: {took:?}"
+    );
+}
+
 /// llama.cpp's quantized KV cache on a GGUF tier (llama-server's `--cache-type-k q8_0 --cache-type-v
 /// q4_0`): the tier says which types it holds, reserves less memory than with F16, and the real model still
 /// answers.
