@@ -1367,14 +1367,47 @@ mod tests {
         (addr, server)
     }
 
+    /// What the backend reads (every chunk; an error fails the test) when it sends a one-message chat to
+    /// [`upstream_once`] answering `head` and `pieces`, the upstream probed as `probe`.
+    async fn read_upstream(
+        head: &'static [u8],
+        pieces: Vec<Vec<u8>>,
+        chunked: bool,
+        probe: Probe,
+    ) -> Vec<Chunk> {
+        use crate::api::{ChatCompletionRequest, Limits};
+        let (addr, server) = upstream_once(head, pieces, chunked).await;
+        let backend = OpenAiBackend::new(OpenAiConfig {
+            url: format!("http://{addr}/v1"),
+            api_key: None,
+            model: "up".into(),
+            connect_timeout: Duration::from_secs(5),
+            default_max_tokens: 16,
+            probe,
+            dialect: Dialect::Auto,
+        })
+        .unwrap();
+        let req = ChatCompletionRequest {
+            messages: vec![Message::user("hi")],
+            ..Default::default()
+        }
+        .validate(&Limits::default())
+        .unwrap();
+        let mut rx = backend.start(&req, None).await.unwrap();
+        let mut chunks = vec![];
+        while let Some(c) = rx.recv().await {
+            chunks.push(c.unwrap());
+        }
+        server.await.unwrap();
+        chunks
+    }
+
     /// An upstream's stream over a real HTTP connection, in awkward pieces: a keep-alive comment, a
     /// character and a CRLF split across reads, a tool call in two deltas, a payload on two `data:`
     /// lines, an empty event and an invalid byte. The backend must see the events a browser's EventSource
     /// would.
     #[tokio::test]
     async fn an_upstream_stream_is_parsed_as_server_sent_events() {
-        use crate::api::{ChatCompletionRequest, Limits};
-
         let pieces: Vec<Vec<u8>> = vec![
             b": keep-alive\r\n\r\n".to_vec(),
             [
@@ -1403,34 +1436,13 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             .concat(),
             b"data: [DONE]\n\n".to_vec(),
         ];
-        let (addr, server) = upstream_once(
+        let chunks = read_upstream(
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n",
             pieces,
             true,
+            Probe::Models,
         )
         .await;
-        let backend = OpenAiBackend::new(OpenAiConfig {
-            url: format!("http://{addr}/v1"),
-            api_key: None,
-            model: "up".into(),
-            connect_timeout: Duration::from_secs(5),
-            default_max_tokens: 16,
-            probe: Probe::Models,
-            dialect: Dialect::Auto,
-        })
-        .unwrap();
-        let req = ChatCompletionRequest {
-            messages: vec![Message::user("hi")],
-            ..Default::default()
-        }
-        .validate(&Limits::default())
-        .unwrap();
-        let mut rx = backend.start(&req, None).await.unwrap();
-        let mut chunks = vec![];
-        while let Some(c) = rx.recv().await {
-            chunks.push(c.unwrap());
-        }
-        server.await.unwrap();
         assert!(matches!(chunks[0], Chunk::Started { .. }), "{chunks:?}");
         assert!(
             matches!(&chunks[1], Chunk::Content(c) if c == "H\u{e9}"),
@@ -1470,7 +1482,6 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
     /// opening chunk (the role) is not progress, and from any other server an empty chunk means nothing.
     #[tokio::test]
     async fn a_peers_empty_chunks_are_progress() {
-        use crate::api::{ChatCompletionRequest, Limits};
         let stream = concat!(
             "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
             "data: {\"choices\":[{\"index\":0,\"delta\":{}}]}\n\n",
@@ -1479,12 +1490,6 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             "data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
             "data: [DONE]\n\n",
         );
-        let req = ChatCompletionRequest {
-            messages: vec![Message::user("hi")],
-            ..Default::default()
-        }
-        .validate(&Limits::default())
-        .unwrap();
         for (probe, progress) in [
             (
                 Probe::Jemma {
@@ -1494,28 +1499,13 @@ data: "finish_reason":"tool_calls"}],"usage":{"prompt_tokens":3,"completion_toke
             ),
             (Probe::Models, 0),
         ] {
-            let (addr, server) = upstream_once(
+            let chunks = read_upstream(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n",
                 vec![stream.as_bytes().to_vec()],
                 false,
+                probe,
             )
             .await;
-            let backend = OpenAiBackend::new(OpenAiConfig {
-                url: format!("http://{addr}/v1"),
-                api_key: None,
-                model: "up".into(),
-                connect_timeout: Duration::from_secs(5),
-                default_max_tokens: 16,
-                probe,
-                dialect: Dialect::Jemma,
-            })
-            .unwrap();
-            let mut rx = backend.start(&req, None).await.unwrap();
-            let mut chunks = vec![];
-            while let Some(c) = rx.recv().await {
-                chunks.push(c.unwrap());
-            }
-            server.await.unwrap();
             assert_eq!(
                 chunks
                     .iter()
