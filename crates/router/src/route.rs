@@ -1271,8 +1271,9 @@ async fn relay(
             }
             Chunk::Reasoning(_) | Chunk::ToolCall { .. } => got_token = true,
             Chunk::Logprobs(_) => {}
-            // The model is writing something held back (a tool call): the idle deadline starts over, and
-            // the client, which has nothing to see yet, gets the gateway's keep-alives meanwhile.
+            // The answer moved without anything to show (a prompt chunk read, a tool call being written):
+            // the idle deadline starts over, and the client, which has nothing to see yet, gets the
+            // gateway's keep-alives meanwhile.
             Chunk::Progress => {
                 got_token = true;
                 if !to_peer {
