@@ -383,13 +383,16 @@ pub struct TierConfig {
     pub max_concurrency: Option<usize>,
     /// Requests waiting for a slot before the tier reports busy (429 / fallback).
     pub max_queue: usize,
-    /// Time allowed until the answer moves: an upstream's first token, a local engine's first step (the
-    /// model loaded and the request admitted; a long prompt is read in chunks, each counting as progress).
-    /// Long for a cold cloud tier.
+    /// Longest silence before the answer first moves, counted once the tier has taken the request (the
+    /// wait for a place in its queue, `max_queue`, is not counted): until an upstream's first token, or a
+    /// local engine's first step (loading the model and waiting for a place in its batch count; the first
+    /// chunk of a long prompt read is a step). Each chunk before then (such as a stream's opening one)
+    /// starts it over; a pool counts it from each endpoint try's start. Long for a cold cloud tier.
     pub first_token_timeout_secs: f64,
-    /// Time allowed between two steps once it moves: tokens, prompt chunks, and the tokens of a tool call
-    /// being written, though the call reaches the client whole when it closes
-    /// ([`crate::backend::Chunk::Progress`]).
+    /// Longest silence once the answer moves: between two tokens, two chunks of a prompt read, or two
+    /// tokens of a tool call being written (the call reaches the client whole when it closes;
+    /// [`crate::backend::Chunk::Progress`]). So a long prompt read in chunks is held to this, not to
+    /// `first_token_timeout_secs`, after its first chunk.
     pub idle_timeout_secs: f64,
     /// `max_tokens` when the client sets none (None: `[limits] default_max_tokens`); lowered to the room
     /// the prompt leaves in the context.
